@@ -1,0 +1,104 @@
+// Zeroth-order family, CUDA kernel: one grid over a batch of tensors, 16-byte accesses, the math
+// of zo_math.h (bit-identical to the CPU kernel). Light headers only: no torch includes here.
+#include <cuda_runtime.h>
+
+#include "fusedtune/zo_cuda.h"
+
+namespace fusedtune {
+namespace zo {
+
+__device__ const float kTableDev[FT_ZO_TABLE_N + 1] = {FT_ZO_TABLE_VALUES};
+
+template <int DT>
+__device__ __forceinline__ void vec_load(const void* base, int64_t e, uint32_t a[4], uint32_t b[4]) {
+  if (DT == FT_F32) {
+    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint32_t*>(base) + e);
+    uint4 v0 = p[0], v1 = p[1];
+    a[0] = v0.x; a[1] = v0.y; a[2] = v0.z; a[3] = v0.w;
+    b[0] = v1.x; b[1] = v1.y; b[2] = v1.z; b[3] = v1.w;
+  } else {
+    uint4 v = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + e);
+    a[0] = v.x & 0xFFFFu; a[1] = v.x >> 16; a[2] = v.y & 0xFFFFu; a[3] = v.y >> 16;
+    b[0] = v.z & 0xFFFFu; b[1] = v.z >> 16; b[2] = v.w & 0xFFFFu; b[3] = v.w >> 16;
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void vec_store(void* base, int64_t e, const uint32_t a[4], const uint32_t b[4]) {
+  if (DT == FT_F32) {
+    uint4* p = reinterpret_cast<uint4*>(static_cast<uint32_t*>(base) + e);
+    p[0] = make_uint4(a[0], a[1], a[2], a[3]);
+    p[1] = make_uint4(b[0], b[1], b[2], b[3]);
+  } else {
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + e) =
+        make_uint4(a[0] | (a[1] << 16), a[2] | (a[3] << 16), b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void scalar_group(const Params& p, const float* table, void* base, int64_t numel,
+                                             uint64_t g, uint32_t tid) {
+  const int64_t e0 = (int64_t)g * 4;
+  if (e0 >= numel) return;
+  const int cnt = (int)min((int64_t)4, numel - e0);
+  uint32_t bits[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int k = 0; k < 4; ++k)
+    if (k < cnt) bits[k] = DT == FT_F32 ? static_cast<uint32_t*>(base)[e0 + k] : static_cast<uint16_t*>(base)[e0 + k];
+  update_group(p, table, g, tid, DT, bits, cnt);
+#pragma unroll
+  for (int k = 0; k < 4; ++k) {
+    if (k < cnt) {
+      if (DT == FT_F32)
+        static_cast<uint32_t*>(base)[e0 + k] = bits[k];
+      else
+        static_cast<uint16_t*>(base)[e0 + k] = (uint16_t)bits[k];
+    }
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void run_chunk(const Params& p, const float* table, const TensorMeta& m, int64_t chunk0) {
+  const int64_t end = min(m.numel, chunk0 + kChunk);
+  const bool aligned = (reinterpret_cast<uintptr_t>(m.ptr) & 15u) == 0;
+  for (int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread; e < end; e += (int64_t)kThreads * kElemsPerThread) {
+    const uint64_t g = (uint64_t)(e >> 2);
+    if (aligned && e + kElemsPerThread <= end) {
+      uint32_t a[4], b[4];
+      vec_load<DT>(m.ptr, e, a, b);
+      update_group(p, table, g, m.tensor_id, DT, a, 4);
+      update_group(p, table, g + 1, m.tensor_id, DT, b, 4);
+      vec_store<DT>(m.ptr, e, a, b);
+    } else {
+      scalar_group<DT>(p, table, m.ptr, end, g, m.tensor_id);
+      scalar_group<DT>(p, table, m.ptr, end, g + 1, m.tensor_id);
+    }
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
+  __shared__ float table[FT_ZO_TABLE_N + 1];
+  for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
+  __syncthreads();
+  const int64_t b = blockIdx.x;
+  int ti = 0;
+  while (ti + 1 < launch.count && b >= launch.block_start[ti + 1]) ++ti;
+  const TensorMeta& m = launch.t[ti];
+  const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
+  if (m.dtype == FT_F32)
+    run_chunk<FT_F32>(p, table, m, chunk0);
+  else if (m.dtype == FT_BF16)
+    run_chunk<FT_BF16>(p, table, m, chunk0);
+  else
+    run_chunk<FT_F16>(p, table, m, chunk0);
+}
+
+cudaError_t launch_apply(const Launch& launch, const Params& p, cudaStream_t stream) {
+  const int64_t blocks = launch.block_start[launch.count];
+  if (blocks == 0) return cudaSuccess;
+  zo_apply_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(launch, p);
+  return cudaGetLastError();
+}
+
+}  // namespace zo
+}  // namespace fusedtune

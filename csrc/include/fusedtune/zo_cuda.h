@@ -1,0 +1,34 @@
+// Launch interface of the zo CUDA kernel; plain C++ so that the .cu file needs no torch headers.
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "fusedtune/zo_math.h"
+
+namespace fusedtune {
+namespace zo {
+
+constexpr int kMaxTensorsPerLaunch = 48;  // keeps the by-value launch struct under 4 KB
+constexpr int kThreads = 256;
+constexpr int kElemsPerThread = 8;                                   // 16 bytes of bf16/fp16
+constexpr int64_t kChunk = (int64_t)kThreads * kElemsPerThread * 4;  // elements per block
+
+struct TensorMeta {
+  void* ptr;
+  int64_t numel;
+  uint32_t tensor_id;
+  int32_t dtype;
+};
+
+struct Launch {
+  TensorMeta t[kMaxTensorsPerLaunch];
+  int64_t block_start[kMaxTensorsPerLaunch + 1];  // prefix sums of blocks per tensor
+  int32_t count;
+};
+
+inline int64_t blocks_for(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+// Returns cudaSuccess or the launch error.
+cudaError_t launch_apply(const Launch& launch, const Params& p, cudaStream_t stream);
+
+}  // namespace zo
+}  // namespace fusedtune

@@ -1,0 +1,143 @@
+// Zeroth-order family: counter-based noise and the per-element update rule (docs/zo_noise.md).
+// Shared by the C++ CPU kernel and the CUDA kernel; the Triton kernel and the PyTorch reference
+// implement the same steps in the same order, and tests hold all four to bit equality.
+#pragma once
+#include "fusedtune/common.h"
+#include "fusedtune/zo_table.h"
+
+namespace fusedtune {
+namespace zo {
+
+enum Noise : int32_t { NOISE_NORMAL = 0, NOISE_RADEMACHER = 1 };
+enum Rounding : int32_t { ROUND_NEAREST = 0, ROUND_STOCHASTIC = 1 };
+// Philox counter word 3 separates independent streams drawn from one key.
+enum Stream : uint32_t { STREAM_NOISE = 0, STREAM_ROUNDING = 1 };
+
+struct U4 {
+  uint32_t x, y, z, w;
+};
+
+FT_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  lo = a * b;
+  hi = __umulhi(a, b);
+#else
+  uint64_t p = (uint64_t)a * (uint64_t)b;
+  lo = (uint32_t)p;
+  hi = (uint32_t)(p >> 32);
+#endif
+}
+
+// Philox4x32-10 (Salmon et al., SC'11), the Random123 variant.
+FT_HD U4 philox4x32_10(uint32_t k0, uint32_t k1, uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3) {
+#if defined(__CUDA_ARCH__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mulhilo(0xD2511F53u, c0, hi0, lo0);
+    mulhilo(0xCD9E8D57u, c2, hi1, lo1);
+    uint32_t n0 = hi1 ^ c1 ^ k0, n2 = hi0 ^ c3 ^ k1;
+    c0 = n0;
+    c1 = lo1;
+    c2 = n2;
+    c3 = lo0;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return U4{c0, c1, c2, c3};
+}
+
+// Four random words for element group g (elements 4g..4g+3) of tensor `tid` under a 64-bit seed.
+FT_HD U4 draw4(uint64_t seed, uint64_t g, uint32_t tid, uint32_t stream) {
+  return philox4x32_10((uint32_t)seed, (uint32_t)(seed >> 32), (uint32_t)g, (uint32_t)(g >> 32), tid, stream);
+}
+
+// One random word -> noise value. Normal: sign bit, then a 10-bit interval index and a 21-bit
+// fraction into the quantile table, linear interpolation with two exactly rounded operations.
+FT_HD float noise_value(uint32_t u, int noise, const float* table) {
+  if (noise == NOISE_RADEMACHER) return (u >> 31) ? -1.0f : 1.0f;
+  uint32_t r = u & 0x7FFFFFFFu;
+  uint32_t j = r >> 21;
+  float f = ft_mul((float)(r & 0x1FFFFFu), 4.76837158203125e-07f);  // * 2^-21, exact
+  float a = table[j];
+  float v = ft_add(a, ft_mul(ft_sub(table[j + 1], a), f));
+  return (u >> 31) ? -v : v;
+}
+
+FT_HD uint32_t word(const U4& q, int k) { return k == 0 ? q.x : (k == 1 ? q.y : (k == 2 ? q.z : q.w)); }
+
+// Stochastic rounding of an fp32 value to bf16 with 16 random bits (ties impossible; unbiased).
+FT_HD uint32_t f32_to_bf16_sr(float v, uint32_t rnd16) {
+  if (!f32_isfinite(v)) return f32_to_bf16_rne(v);
+  return (f32_bits(v) + (rnd16 & 0xFFFFu)) >> 16;
+}
+
+// Undo one earlier application: the stored bits x were written as round_rne(w + dp). Returns the
+// bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
+// its two neighbours. Exact whenever the preimage is unique (same-binade moves); otherwise one of
+// the valid preimages, at most one step of x's format away.
+FT_HD uint32_t invert(uint32_t x, float dp, int dt) {
+  float xv = load_as_f32(x, dt);
+  if (!f32_isfinite(xv)) return x;
+  uint32_t b0 = round_rne(ft_sub(xv, dp), dt);
+  if (round_rne(ft_add(load_as_f32(b0, dt), dp), dt) == x) return b0;
+  int64_t o = bits_to_ord(b0, dt);
+  uint32_t bm = ord_to_bits(o - 1, dt);
+  if (round_rne(ft_add(load_as_f32(bm, dt), dp), dt) == x) return bm;
+  uint32_t bp = ord_to_bits(o + 1, dt);
+  if (round_rne(ft_add(load_as_f32(bp, dt), dp), dt) == x) return bp;
+  return b0;
+}
+
+// The new value of one element: (alpha * w + delta) rounded once to the storage format.
+FT_HD uint32_t finish(float w, float delta, float alpha, bool scale, int dt, int rounding, uint32_t rnd) {
+  float v = ft_add(scale ? ft_mul(w, alpha) : w, delta);
+  if (rounding == ROUND_STOCHASTIC && dt == FT_BF16) return f32_to_bf16_sr(v, rnd);
+  return round_rne(v, dt);
+}
+
+// Launch-independent description of one zo_apply_ call.
+struct Params {
+  const int64_t* seeds;        // n
+  const float* coeffs;         // n
+  const int64_t* prev_seeds;   // n_prev (the application to undo first), may be null if 0
+  const float* prev_coeffs;    // n_prev
+  int32_t n, n_prev;
+  int32_t noise, rounding;
+  uint64_t rounding_seed;
+  float alpha;                 // multiplies the (restored) weight when scale != 0
+  int32_t scale;
+};
+
+// Sum_j coeff_j * z_j for the four elements of group g, accumulated in pair order.
+FT_HD void delta4(const int64_t* seeds, const float* coeffs, int n, int noise, const float* table, uint64_t g,
+                  uint32_t tid, float d[4]) {
+  d[0] = d[1] = d[2] = d[3] = 0.0f;
+  for (int j = 0; j < n; ++j) {
+    U4 q = draw4((uint64_t)seeds[j], g, tid, STREAM_NOISE);
+    float c = coeffs[j];
+    d[0] = ft_add(d[0], ft_mul(c, noise_value(q.x, noise, table)));
+    d[1] = ft_add(d[1], ft_mul(c, noise_value(q.y, noise, table)));
+    d[2] = ft_add(d[2], ft_mul(c, noise_value(q.z, noise, table)));
+    d[3] = ft_add(d[3], ft_mul(c, noise_value(q.w, noise, table)));
+  }
+}
+
+// Update the elements [4g, 4g + cnt) held in bits[0..cnt) (cnt <= 4) in place.
+FT_HD void update_group(const Params& p, const float* table, uint64_t g, uint32_t tid, int dt, uint32_t bits[4],
+                        int cnt) {
+  float d[4], dp[4];
+  delta4(p.seeds, p.coeffs, p.n, p.noise, table, g, tid, d);
+  if (p.n_prev > 0) delta4(p.prev_seeds, p.prev_coeffs, p.n_prev, p.noise, table, g, tid, dp);
+  U4 r = {0, 0, 0, 0};
+  if (p.rounding == ROUND_STOCHASTIC && dt == FT_BF16) r = draw4(p.rounding_seed, g, tid, STREAM_ROUNDING);
+  for (int k = 0; k < 4; ++k) {
+    if (k >= cnt) break;
+    uint32_t x = p.n_prev > 0 ? invert(bits[k], dp[k], dt) : bits[k];
+    bits[k] = finish(load_as_f32(x, dt), d[k], p.alpha, p.scale != 0, dt, p.rounding, word(r, k));
+  }
+}
+
+}  // namespace zo
+}  // namespace fusedtune

@@ -1,0 +1,32 @@
+// Every C++ schema of fusedtune, in one TORCH_LIBRARY block. Kernels register per dispatch key in
+// csrc/cpu/<family>.cpp and csrc/cuda/<family>_dispatch.cpp.
+#include <torch/library.h>
+
+#include <string>
+
+#ifndef FT_CUDA_ARCHS
+#define FT_CUDA_ARCHS ""
+#endif
+#ifndef FT_TORCH_VERSION
+#define FT_TORCH_VERSION ""
+#endif
+
+namespace {
+std::string build_info() {
+  std::string s = "{\"torch\": \"" FT_TORCH_VERSION "\", \"cuda_archs\": \"" FT_CUDA_ARCHS "\", \"with_cuda\": ";
+#ifdef FT_WITH_CUDA
+  s += "true, \"cuda_version\": " + std::to_string(FT_CUDA_VERSION);
+#else
+  s += "false, \"cuda_version\": null";
+#endif
+  return s + "}";
+}
+}  // namespace
+
+TORCH_LIBRARY(fusedtune, m) {
+  m.def("build_info() -> str", &build_info);
+  // zo: t <- round(alpha * undo(t) + sum_j coeffs[j] * z(seeds[j], tensor_ids[i])); see zo_math.h.
+  m.def(
+      "zo_apply_kernel_(Tensor(a!)[] tensors, int[] tensor_ids, Tensor seeds, Tensor coeffs, "
+      "Tensor prev_seeds, Tensor prev_coeffs, float alpha, int noise, int rounding, int rounding_seed) -> ()");
+}

@@ -1,0 +1,68 @@
+"""Loading the compiled extension fusedtune._C. Import never fails: what went wrong is recorded
+and shown by fusedtune.doctor()."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import torch
+
+_state = {"loaded": False, "error": None, "path": None, "info": {}}
+
+
+def _load():
+    here = os.path.dirname(os.path.abspath(__file__))
+    paths = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
+    if not paths:
+        _state["error"] = "fusedtune._C is not built (pure-Python install, or FUSEDTUNE_SKIP_CUDA=1)"
+        return
+    _state["path"] = paths[0]
+    try:
+        torch.ops.load_library(paths[0])
+        _state["info"] = json.loads(torch.ops.fusedtune.build_info())
+        _state["loaded"] = True
+    except Exception as e:  # noqa: BLE001 - recorded for doctor()
+        _state["error"] = f"fusedtune._C at {paths[0]} did not load: {type(e).__name__}: {e}"
+
+
+if os.environ.get("FUSEDTUNE_DISABLE_EXTENSION") != "1":
+    _load()
+else:
+    _state["error"] = "disabled by FUSEDTUNE_DISABLE_EXTENSION=1"
+
+
+def loaded() -> bool:
+    return _state["loaded"]
+
+
+def with_cuda() -> bool:
+    return _state["loaded"] and bool(_state["info"].get("with_cuda"))
+
+
+def cuda_archs() -> list[str]:
+    return [a for a in _state["info"].get("cuda_archs", "").split(";") if a] if with_cuda() else []
+
+
+def error() -> str | None:
+    return _state["error"]
+
+
+def info() -> dict:
+    return dict(_state["info"], path=_state["path"], loaded=_state["loaded"], error=_state["error"])
+
+
+def serves_device(device: torch.device) -> tuple[bool, str]:
+    """Can the extension's CUDA kernels run on this GPU? (built for a matching arch)"""
+    if not with_cuda():
+        return False, "fusedtune._C was built without CUDA kernels" if loaded() else (error() or "not built")
+    major, minor = torch.cuda.get_device_capability(device)
+    for a in cuda_archs():
+        ptx = a.endswith("+PTX")
+        base = a[:-4] if ptx else a
+        specific = base[-1] in "af"  # arch-specific cubins (sm_90a) run on that exact chip only
+        am, an = (int(v) for v in base.rstrip("af").split("."))
+        ok = (am, an) == (major, minor) if specific else (am == major and an <= minor)
+        if ok or (ptx and (am, an) <= (major, minor)):
+            return True, ""
+    return False, f"fusedtune._C has no code for sm_{major}{minor} (built for {';'.join(cuda_archs())})"

@@ -1,0 +1,148 @@
+"""Backend selection: per call (backend=...), per scope (use_backend) or per process
+(FUSEDTUNE_BACKEND). 'auto' takes the CUDA extension for GPU tensors when it is built for the GPU,
+else Triton on a GPU, else the reference; on CPU tensors the C++ CPU kernels when built, else the
+reference. A fused path that cannot serve an input says why, once; nothing falls back silently."""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import os
+import warnings
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("reference", "cpu", "cuda", "triton")
+CHOICES = ("auto",) + BACKENDS
+_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtune_backend", default=None)
+_warned: set = set()
+
+
+class BackendError(RuntimeError):
+    """A backend was asked for that cannot serve this call."""
+
+
+def _check_name(name: str, what: str) -> str:
+    if name not in CHOICES:
+        raise ValueError(f"{what}: unknown backend {name!r}; choose one of {', '.join(CHOICES)}")
+    return name
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """with fusedtune.use_backend("triton"): ... -- every op in the scope uses that backend."""
+    token = _scope.set(_check_name(name, "use_backend"))
+    try:
+        yield
+    finally:
+        _scope.reset(token)
+
+
+def requested(backend: str | None = None) -> str:
+    if backend is not None:
+        return _check_name(backend, "backend=")
+    if _scope.get() is not None:
+        return _scope.get()
+    return _check_name(os.environ.get("FUSEDTUNE_BACKEND", "auto"), "FUSEDTUNE_BACKEND")
+
+
+def triton_status() -> tuple[bool, str]:
+    try:
+        import triton  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        return False, f"triton is not importable ({e})"
+    if interpreting():
+        return True, "TRITON_INTERPRET=1: kernels run in the interpreter on CPU tensors"
+    if not torch.cuda.is_available():
+        return False, "no CUDA GPU (Triton kernels need one, or TRITON_INTERPRET=1)"
+    return True, ""
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def backends() -> dict[str, dict]:
+    """What is available in this process, and why not where it is not."""
+    gpu = torch.cuda.is_available()
+    out = {"reference": {"available": True, "why": "pure PyTorch, any device"}}
+    out["cpu"] = {"available": _ext.loaded(), "why": "C++ CPU kernels" if _ext.loaded() else _ext.error()}
+    if not _ext.with_cuda():
+        why = _ext.error() if not _ext.loaded() else "fusedtune._C was built without CUDA kernels"
+        out["cuda"] = {"available": False, "why": why}
+    elif not gpu:
+        out["cuda"] = {"available": False, "why": f"built for {';'.join(_ext.cuda_archs())}, but no CUDA GPU"}
+    else:
+        ok, why = _ext.serves_device(torch.device("cuda"))
+        out["cuda"] = {"available": ok, "why": why or f"built for {';'.join(_ext.cuda_archs())}"}
+    ok, why = triton_status()
+    out["triton"] = {"available": ok, "why": why}
+    return out
+
+
+def warn_once(key, message: str):
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, stacklevel=3)
+
+
+def can_serve(name: str, device: torch.device, has: frozenset) -> tuple[bool, str]:
+    """Can backend `name` run an op (which implements the backends in `has`) on `device`?"""
+    if name not in has:
+        return False, f"the op has no {name} implementation"
+    if name == "reference":
+        return True, ""
+    if name == "cpu":
+        if device.type != "cpu":
+            return False, f"the cpu backend runs on CPU tensors, got {device.type}"
+        return (True, "") if _ext.loaded() else (False, _ext.error())
+    if name == "cuda":
+        if device.type != "cuda":
+            return False, f"the cuda backend needs CUDA tensors, got {device.type}"
+        return _ext.serves_device(device)
+    ok, why = triton_status()
+    if not ok:
+        return False, why
+    if device.type == "cpu" and not interpreting():
+        return False, "Triton kernels need CUDA tensors (or TRITON_INTERPRET=1 for CPU tensors)"
+    if device.type not in ("cpu", "cuda"):
+        return False, f"Triton kernels do not run on {device.type}"
+    return True, ""
+
+
+def resolve(op: str, device: torch.device, has, backend: str | None = None) -> str:
+    """The backend an op call takes. An explicit request that cannot be served raises; 'auto'
+    falls back in DESIGN.md's order and says why, once per (op, reason)."""
+    has = frozenset(has)
+    want = requested(backend)
+    if want != "auto":
+        ok, why = can_serve(want, device, has)
+        if not ok:
+            raise BackendError(f"{op}: backend {want!r} cannot run here: {why}")
+        return want
+    order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
+    reasons = []
+    for name in order:
+        ok, why = can_serve(name, device, has)
+        if ok:
+            if reasons and name == "reference":
+                warn_once((op, device.type, tuple(reasons)),
+                          f"fusedtune: {op} on {device.type} runs the PyTorch reference: " + "; ".join(reasons))
+            return name
+        reasons.append(f"{name}: {why}")
+    raise BackendError(f"{op}: no backend can run on {device}: " + "; ".join(reasons))
+
+
+def explain(op: str, device: torch.device, has, backend: str | None = None) -> dict:
+    """What resolve() would pick, without warnings: {'backend': ..., 'why_not': {...}}."""
+    has = frozenset(has)
+    want = requested(backend)
+    order = [want] if want != "auto" else (["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"])
+    why_not = {}
+    for name in order:
+        ok, why = can_serve(name, device, has)
+        if ok:
+            return {"backend": name, "why_not": why_not}
+        why_not[name] = why
+    return {"backend": None, "why_not": why_not}

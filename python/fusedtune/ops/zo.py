@@ -1,0 +1,179 @@
+"""Zeroth-order family ops: in-place multi-tensor perturbation with counter-based noise.
+
+    zo_apply_(tensors, seeds, coeffs)   t <- round(alpha * undo(t) + sum_j coeffs[j] * z(seeds[j], id(t)))
+    zo_noise(shape, seed, tensor_id)    materialise z for tests and users
+
+The noise spec (Philox4x32-10, the quantile-table normal, stochastic rounding, the undo rule) is in
+docs/zo_noise.md; every backend is bit-identical to fusedtune.reference.zo.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from .. import _ext
+from .. import backend as _backend
+from ..reference import zo as ref
+
+NOISES = ref.NOISES
+ROUNDINGS = ref.ROUNDINGS
+_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_U64 = 1 << 64
+_HAS = ("reference", "cpu", "cuda", "triton")
+
+
+@torch.library.custom_op("fusedtune::zo_apply_", mutates_args=("tensors",))
+def _zo_apply_op(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
+                 prev_seeds: torch.Tensor, prev_coeffs: torch.Tensor, tensor_ids: list[int], alpha: float,
+                 noise: int, rounding: int, rounding_seed: int, backend: str) -> None:
+    if backend == "reference":
+        names = {v: k for k, v in NOISES.items()}, {v: k for k, v in ROUNDINGS.items()}
+        ref.zo_apply_(tensors, seeds, coeffs, prev_seeds, prev_coeffs, tensor_ids, alpha,
+                      names[0][noise], names[1][rounding], rounding_seed)
+    elif backend in ("cpu", "cuda"):
+        torch.ops.fusedtune.zo_apply_kernel_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs,
+                                             alpha, noise, rounding, rounding_seed)
+    elif backend == "triton":
+        from ..triton_kernels import zo as tk
+        tk.zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha, noise, rounding,
+                     rounding_seed)
+    else:
+        raise _backend.BackendError(f"zo_apply_: unknown backend {backend!r}")
+
+
+@_zo_apply_op.register_fake
+def _(tensors, seeds, coeffs, prev_seeds, prev_coeffs, tensor_ids, alpha, noise, rounding, rounding_seed, backend):
+    return None
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fusedtune::zo_apply_kernel_")
+    def _(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha, noise, rounding, rounding_seed):
+        return None
+
+
+def _as_seeds(seeds, name: str, device) -> torch.Tensor:
+    if torch.is_tensor(seeds):
+        if seeds.dtype != torch.int64 or seeds.dim() != 1:
+            raise TypeError(f"zo_apply_: {name} must be a 1-D int64 tensor, got {seeds.dtype} with shape "
+                            f"{tuple(seeds.shape)}")
+        if seeds.device.type != "cpu" and seeds.device != device:
+            raise ValueError(f"zo_apply_: {name} is on {seeds.device}, the tensors on {device}")
+        return seeds.to(device, non_blocking=True)
+    out = []
+    for s in seeds:
+        if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s < _U64:
+            raise ValueError(f"zo_apply_: {name} must be integers in [-2**63, 2**64), got {s!r}")
+        out.append(s - _U64 if s >= 1 << 63 else s)
+    return torch.tensor(out, dtype=torch.int64, device=device)
+
+
+def _as_coeffs(coeffs, name: str, device) -> torch.Tensor:
+    if torch.is_tensor(coeffs):
+        if not coeffs.is_floating_point() or coeffs.dim() != 1:
+            raise TypeError(f"zo_apply_: {name} must be a 1-D floating tensor, got {coeffs.dtype} with shape "
+                            f"{tuple(coeffs.shape)}")
+        if coeffs.device.type != "cpu" and coeffs.device != device:
+            raise ValueError(f"zo_apply_: {name} is on {coeffs.device}, the tensors on {device}")
+        return coeffs.to(device=device, dtype=torch.float32, non_blocking=True)
+    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device)
+
+
+def _check_tensors(tensors) -> list[torch.Tensor]:
+    if torch.is_tensor(tensors):
+        tensors = [tensors]
+    tensors = list(tensors)
+    if not tensors:
+        raise ValueError("zo_apply_: tensors is empty")
+    seen = {}
+    for i, t in enumerate(tensors):
+        if not torch.is_tensor(t):
+            raise TypeError(f"zo_apply_: tensors[{i}] is a {type(t).__name__}, not a tensor")
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"zo_apply_: tensors[{i}] has dtype {t.dtype}; needs float32, bfloat16 or float16")
+        if not t.is_contiguous():
+            raise ValueError(f"zo_apply_: tensors[{i}] (shape {tuple(t.shape)}) is not contiguous; "
+                             "pass .contiguous() storage (a copy would not be updated in place)")
+        if t.device != tensors[0].device:
+            raise ValueError(f"zo_apply_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
+                             "one call takes tensors of one device")
+        if t.numel() and t.data_ptr() in seen:
+            raise ValueError(f"zo_apply_: tensors[{i}] shares storage with tensors[{seen[t.data_ptr()]}]")
+        if t.numel():
+            seen[t.data_ptr()] = i
+    return tensors
+
+
+def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noise: str = "normal",
+              rounding: str = "nearest", *, undo=None, alpha: float = 1.0,
+              tensor_ids: Sequence[int] | None = None, rounding_seed: int | None = None,
+              backend: str | None = None) -> None:
+    """Add sum_j coeffs[j] * z(seeds[j]) to every tensor in place, in one pass with one rounding.
+
+    tensors: float32/bfloat16/float16 contiguous tensors of one device (parameters are fine).
+    seeds: ints (64-bit) or an int64 tensor; coeffs: floats or a float tensor (a device tensor
+        needs no host sync, so the call is CUDA-graph capturable).
+    noise: "normal" (unit-variance, table-based, bit-identical on every backend) or "rademacher".
+    rounding: "nearest" or "stochastic" (bfloat16 tensors; float32 needs no rounding; the random
+        bits come from rounding_seed, default derived from seeds[0]).
+    undo: (seeds, coeffs) of the call that last wrote these tensors with rounding="nearest": the
+        tensors are first returned to their exact preimage (see docs/zo_noise.md), so
+        perturb -> undo+update does not drift.
+    alpha: multiplies the (restored) weights before the noise is added (decoupled weight decay).
+    tensor_ids: the id that selects each tensor's noise stream (default 0..n-1).
+    """
+    tensors = _check_tensors(tensors)
+    device = tensors[0].device
+    if noise not in NOISES:
+        raise ValueError(f"zo_apply_: noise={noise!r}; choose one of {', '.join(NOISES)}")
+    if rounding not in ROUNDINGS:
+        raise ValueError(f"zo_apply_: rounding={rounding!r}; choose one of {', '.join(ROUNDINGS)}")
+    if rounding == "stochastic":
+        bad = [i for i, t in enumerate(tensors) if t.dtype == torch.float16]
+        if bad:
+            raise ValueError(f"zo_apply_: rounding='stochastic' supports bfloat16 (and float32, which needs no "
+                             f"rounding); tensors[{bad[0]}] is float16")
+    s = _as_seeds(seeds, "seeds", device)
+    c = _as_coeffs(coeffs, "coeffs", device)
+    if s.numel() != c.numel() or s.numel() == 0:
+        raise ValueError(f"zo_apply_: need as many seeds as coeffs (at least one), got {s.numel()} and {c.numel()}")
+    if undo is not None:
+        if not isinstance(undo, (tuple, list)) or len(undo) != 2:
+            raise TypeError("zo_apply_: undo must be a (seeds, coeffs) pair")
+        ps, pc = _as_seeds(undo[0], "undo seeds", device), _as_coeffs(undo[1], "undo coeffs", device)
+        if ps.numel() != pc.numel() or ps.numel() == 0:
+            raise ValueError(f"zo_apply_: undo needs as many seeds as coeffs, got {ps.numel()} and {pc.numel()}")
+    else:
+        ps = torch.empty(0, dtype=torch.int64, device=device)
+        pc = torch.empty(0, dtype=torch.float32, device=device)
+    ids = list(range(len(tensors))) if tensor_ids is None else [int(i) for i in tensor_ids]
+    if len(ids) != len(tensors):
+        raise ValueError(f"zo_apply_: {len(tensors)} tensors but {len(ids)} tensor_ids")
+    if any(not 0 <= i < 1 << 32 for i in ids):
+        raise ValueError(f"zo_apply_: tensor_ids must be in [0, 2**32), got {ids}")
+    if rounding_seed is None:
+        if rounding == "stochastic" and torch.is_tensor(seeds):
+            raise ValueError("zo_apply_: with seeds given as a tensor, pass rounding_seed for stochastic rounding")
+        first = int(seeds[0]) if not torch.is_tensor(seeds) else 0
+        rounding_seed = (first ^ 0x5851F42D4C957F2D) % _U64
+    if not -(1 << 63) <= int(rounding_seed) < _U64:
+        raise ValueError(f"zo_apply_: rounding_seed must be a 64-bit integer, got {rounding_seed}")
+    rs = int(rounding_seed) % _U64
+    rs = rs - _U64 if rs >= 1 << 63 else rs
+    name = _backend.resolve("zo_apply_", device, _HAS, backend)
+    with torch.no_grad():
+        _zo_apply_op(tensors, s, c, ps, pc, ids, float(alpha), NOISES[noise], ROUNDINGS[rounding], rs, name)
+
+
+def zo_noise(shape, seed: int, tensor_id: int = 0, noise: str = "normal", dtype=torch.float32, device="cpu",
+             backend: str | None = None) -> torch.Tensor:
+    """The noise tensor z(seed, tensor_id) that zo_apply_ adds (rounded to dtype)."""
+    out = torch.zeros(shape, dtype=dtype, device=device)
+    zo_apply_([out], [seed], [1.0], noise=noise, tensor_ids=[tensor_id], backend=backend)
+    return out
+
+
+def zo_backend(device, backend: str | None = None) -> dict:
+    """Which backend zo_apply_ takes on `device` and why the others were not taken."""
+    return _backend.explain("zo_apply_", torch.device(device), _HAS, backend)

@@ -1,0 +1,96 @@
+"""Build fusedtune: pure Python package + the fusedtune._C extension (C++ CPU kernels, and CUDA
+kernels whenever a CUDA toolkit is found -- a GPU is not needed to build).
+
+Environment:
+  FUSEDTUNE_CUDA_ARCHS  ';'-separated targets, default "8.0;8.9;9.0a" ("X.Y+PTX" adds PTX)
+  FUSEDTUNE_SKIP_CUDA=1 pure-Python install (no extension at all)
+  FUSEDTUNE_NO_CUDA=1   build only the C++ CPU kernels even if a toolkit is present
+  MAX_JOBS              parallel compile jobs (ninja)
+"""
+import glob
+import os
+import re
+import shutil
+import subprocess
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_ARCHS = "8.0;8.9;9.0a"
+
+
+def _gencode(archs):
+    flags = []
+    for a in [x.strip() for x in archs.split(";") if x.strip()]:
+        m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", a)
+        if not m:
+            raise SystemExit(f"FUSEDTUNE_CUDA_ARCHS: cannot read {a!r}; expected e.g. 8.0;8.9;9.0a")
+        cc = m.group(1) + m.group(2) + m.group(3)
+        flags.append(f"-gencode=arch=compute_{cc},code=sm_{cc}")
+        if m.group(4):
+            flags.append(f"-gencode=arch=compute_{cc},code=compute_{cc}")
+    return flags
+
+
+def _nvcc_version(cuda_home):
+    try:
+        out = subprocess.check_output([os.path.join(cuda_home, "bin", "nvcc"), "--version"], text=True)
+        major, minor = re.search(r"release (\d+)\.(\d+)", out).groups()
+        return int(major) * 1000 + int(minor) * 10
+    except Exception:  # noqa: BLE001 - only informational
+        return 0
+
+
+def _find_cuda_home():
+    """torch guesses CUDA_HOME from `which nvcc`; a symlinked nvcc (/usr/local/bin) misleads it."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    for home in candidates + ["/usr/local/cuda"]:
+        if os.path.exists(os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+def extensions():
+    if os.environ.get("FUSEDTUNE_SKIP_CUDA") == "1":
+        print("fusedtune: FUSEDTUNE_SKIP_CUDA=1 -> pure-Python install, no extension")
+        return [], {}
+    _find_cuda_home()
+    import torch
+    from torch.utils import cpp_extension
+
+    cuda_home = cpp_extension.CUDA_HOME
+    with_cuda = cuda_home is not None and os.environ.get("FUSEDTUNE_NO_CUDA") != "1"
+    archs = os.environ.get("FUSEDTUNE_CUDA_ARCHS", DEFAULT_ARCHS)
+    cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
+    defines = [f'-DFT_TORCH_VERSION="{torch.__version__}"']
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")])
+    if with_cuda:
+        # torch derives arch flags from the visible GPUs unless told; our -gencode flags take over,
+        # and the variable keeps torch from querying a GPU that a build machine does not have.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs.replace("a", ""))
+        defines += [f'-DFT_CUDA_ARCHS="{archs}"', "-DFT_WITH_CUDA", f"-DFT_CUDA_VERSION={_nvcc_version(cuda_home)}"]
+        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_dispatch.cpp"))
+        nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + _gencode(archs) + defines
+        ext = cpp_extension.CUDAExtension(
+            "fusedtune._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, **kwargs)
+        print(f"fusedtune: building CUDA + CPU kernels for {archs} with {cuda_home}")
+    else:
+        ext = cpp_extension.CppExtension("fusedtune._C", sources, extra_compile_args={"cxx": cxx + defines}, **kwargs)
+        print("fusedtune: no CUDA toolkit found (or FUSEDTUNE_NO_CUDA=1) -> C++ CPU kernels only")
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = extensions()
+
+setup(
+    package_dir={"fusedtune": "python/fusedtune", "fusedtune.triton_kernels": "triton_kernels"},
+    packages=["fusedtune", "fusedtune.ops", "fusedtune.reference", "fusedtune.nn", "fusedtune.optim",
+              "fusedtune.triton_kernels", "fusedtune.bench"],
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+)
