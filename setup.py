@@ -13,7 +13,7 @@ import re
 import shutil
 import subprocess
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.9;9.0a"
@@ -89,8 +89,8 @@ ext_modules, cmdclass = extensions()
 
 setup(
     package_dir={"fusedtune": "python/fusedtune", "fusedtune.triton_kernels": "triton_kernels"},
-    packages=["fusedtune", "fusedtune.ops", "fusedtune.reference", "fusedtune.nn", "fusedtune.optim",
-              "fusedtune.triton_kernels", "fusedtune.bench"],
+    packages=["fusedtune"] + ["fusedtune." + p for p in find_packages("python/fusedtune")]
+    + ["fusedtune.triton_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
 )
