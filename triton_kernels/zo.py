@@ -1,0 +1,250 @@
+"""Zeroth-order family, Triton kernel: the per-element rule of csrc/include/fusedtune/zo_math.h.
+
+Every value is handled as integer bits and float32 (bf16/fp16 are loaded as int16 and converted by
+integer ops), so the kernel is bit-identical to the reference on the GPU and in the interpreter;
+launches pass enable_fp_fusion=False so that no multiply-add is contracted into an FMA.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelSpec, register
+
+BLOCK_G = 256  # groups of 4 elements per program
+NUM_WARPS = 4
+
+
+@triton.jit
+def _philox(k0, k1, c0, c1, c2, c3):
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, 0xCD9E8D57) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, 0xD2511F53) ^ c3 ^ k1
+        c1 = a2 * 0xCD9E8D57
+        c3 = a0 * 0xD2511F53
+        k0 = k0 + 0x9E3779B9
+        k1 = k1 + 0xBB67AE85
+    return c0, c1, c2, c3
+
+
+@triton.jit
+def _draw4(seed, c0, c1, c2, stream: tl.constexpr):
+    k0 = (seed & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((seed >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c3 = tl.full(c0.shape, stream, tl.uint32)
+    return _philox(k0, k1, c0, c1, c2, c3)
+
+
+@triton.jit
+def _noise(u, table_ptr, NOISE: tl.constexpr):
+    neg = (u >> 31) != 0
+    if NOISE == 1:
+        v = tl.full(u.shape, 1.0, tl.float32)
+    else:
+        r = u & 0x7FFFFFFF
+        j = (r >> 21).to(tl.int32)
+        f = (r & 0x1FFFFF).to(tl.float32) * 4.76837158203125e-07
+        a = tl.load(table_ptr + j)
+        b = tl.load(table_ptr + j + 1)
+        v = a + (b - a) * f
+    return tl.where(neg, -v, v)
+
+
+@triton.jit
+def _f32_to_bf16(v):
+    x = v.to(tl.uint32, bitcast=True)
+    nan = (x & 0x7FFFFFFF) > 0x7F800000
+    r = (x + 0x7FFF + ((x >> 16) & 1)) >> 16
+    return tl.where(nan, ((x >> 16) & 0x8000) | 0x7FC0, r)
+
+
+@triton.jit
+def _f32_to_f16(v):
+    x = v.to(tl.uint32, bitcast=True)
+    sign = (x >> 16) & 0x8000
+    ax = x & 0x7FFFFFFF
+    special = tl.where(ax > 0x7F800000, 0x7E00, 0x7C00).to(tl.uint32)
+    sub = ((ax.to(tl.float32, bitcast=True) + 0.5).to(tl.uint32, bitcast=True) - 0x3F000000)
+    norm = (ax + 0xC8000FFF + ((ax >> 13) & 1)) >> 13
+    out = tl.where(ax >= 0x477FF000, special, tl.where(ax < 0x38800000, sub, norm))
+    return sign | out
+
+
+@triton.jit
+def _f16_to_f32(h):
+    sign = (h & 0x8000) << 16
+    e = (h >> 10) & 0x1F
+    m = h & 0x3FF
+    sub = (m.to(tl.float32) * 5.9604644775390625e-08).to(tl.uint32, bitcast=True)
+    bits = tl.where(e == 0x1F, 0x7F800000 | (m << 13), tl.where(e == 0, sub, ((e + 112) << 23) | (m << 13)))
+    return (sign | bits).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load_f32(bits, DT: tl.constexpr):
+    if DT == 0:
+        return bits.to(tl.float32, bitcast=True)
+    elif DT == 1:
+        return (bits << 16).to(tl.float32, bitcast=True)
+    else:
+        return _f16_to_f32(bits)
+
+
+@triton.jit
+def _round(v, DT: tl.constexpr):
+    if DT == 0:
+        return v.to(tl.uint32, bitcast=True)
+    elif DT == 1:
+        return _f32_to_bf16(v)
+    else:
+        return _f32_to_f16(v)
+
+
+@triton.jit
+def _step(b, delta, DT: tl.constexpr):
+    """Bits one position up (delta=1) or down (delta=-1) in the format's monotone order."""
+    SIGN: tl.constexpr = 0x80000000 if DT == 0 else 0x8000
+    mag = (b & (SIGN - 1)).to(tl.int64)
+    o = tl.where((b & SIGN) != 0, -mag, mag) + delta
+    return tl.where(o >= 0, o, (-o) | SIGN).to(tl.uint32)
+
+
+@triton.jit
+def _invert(x, dp, DT: tl.constexpr):
+    xv = _load_f32(x, DT)
+    finite = (xv.to(tl.uint32, bitcast=True) & 0x7F800000) != 0x7F800000
+    b0 = _round(xv - dp, DT)
+    bm = _step(b0, -1, DT)
+    bp = _step(b0, 1, DT)
+    out = tl.where(_round(_load_f32(bp, DT) + dp, DT) == x, bp, b0)
+    out = tl.where(_round(_load_f32(bm, DT) + dp, DT) == x, bm, out)
+    out = tl.where(_round(_load_f32(b0, DT) + dp, DT) == x, b0, out)
+    return tl.where(finite, out, x)
+
+
+@triton.jit
+def _finish(x, d, alpha, rnd, DT: tl.constexpr, SCALE: tl.constexpr, SR: tl.constexpr):
+    w = _load_f32(x, DT)
+    if SCALE:
+        w = w * alpha
+    v = w + d
+    if SR and DT == 1:
+        vb = v.to(tl.uint32, bitcast=True)
+        finite = (vb & 0x7F800000) != 0x7F800000
+        return tl.where(finite, (vb + (rnd & 0xFFFF)) >> 16, _f32_to_bf16(v))
+    else:
+        return _round(v, DT)
+
+
+@triton.jit
+def _delta4(seeds_ptr, coeffs_ptr, n, c0, c1, c2, table_ptr, NOISE: tl.constexpr):
+    d0 = tl.zeros(c0.shape, tl.float32)
+    d1 = tl.zeros(c0.shape, tl.float32)
+    d2 = tl.zeros(c0.shape, tl.float32)
+    d3 = tl.zeros(c0.shape, tl.float32)
+    for j in range(0, n):
+        s = tl.load(seeds_ptr + j)
+        c = tl.load(coeffs_ptr + j)
+        u0, u1, u2, u3 = _draw4(s, c0, c1, c2, 0)
+        d0 = d0 + c * _noise(u0, table_ptr, NOISE)
+        d1 = d1 + c * _noise(u1, table_ptr, NOISE)
+        d2 = d2 + c * _noise(u2, table_ptr, NOISE)
+        d3 = d3 + c * _noise(u3, table_ptr, NOISE)
+    return d0, d1, d2, d3
+
+
+@triton.jit
+def _lane(x_ptr, e, numel, d, dp, alpha, rnd, DT: tl.constexpr, HAS_PREV: tl.constexpr, SCALE: tl.constexpr,
+          SR: tl.constexpr):
+    m = e < numel
+    if DT == 0:
+        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    if HAS_PREV:
+        x = _invert(x, dp, DT)
+    y = _finish(x, d, alpha, rnd, DT, SCALE, SR)
+    if DT == 0:
+        tl.store(x_ptr + e, y.to(tl.int32, bitcast=True), mask=m)
+    else:
+        tl.store(x_ptr + e, y.to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+
+
+@triton.jit
+def zo_apply_kernel(x_ptr, numel, tid, seeds_ptr, coeffs_ptr, n, prev_seeds_ptr, prev_coeffs_ptr, n_prev,
+                    table_ptr, alpha, rseed_ptr, DT: tl.constexpr, NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
+                    SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
+    g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    c0 = (g & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (g >> 32).to(tl.uint32)
+    c2 = tl.full(c0.shape, tid, tl.uint32)
+    d0, d1, d2, d3 = _delta4(seeds_ptr, coeffs_ptr, n, c0, c1, c2, table_ptr, NOISE)
+    if HAS_PREV:
+        p0, p1, p2, p3 = _delta4(prev_seeds_ptr, prev_coeffs_ptr, n_prev, c0, c1, c2, table_ptr, NOISE)
+    else:
+        p0 = d0
+        p1 = d1
+        p2 = d2
+        p3 = d3
+    if SR:
+        r0, r1, r2, r3 = _draw4(tl.load(rseed_ptr), c0, c1, c2, 1)
+    else:
+        r0 = c0
+        r1 = c0
+        r2 = c0
+        r3 = c0
+    e = g * 4
+    _lane(x_ptr, e, numel, d0, p0, alpha, r0, DT, HAS_PREV, SCALE, SR)
+    _lane(x_ptr, e + 1, numel, d1, p1, alpha, r1, DT, HAS_PREV, SCALE, SR)
+    _lane(x_ptr, e + 2, numel, d2, p2, alpha, r2, DT, HAS_PREV, SCALE, SR)
+    _lane(x_ptr, e + 3, numel, d3, p3, alpha, r3, DT, HAS_PREV, SCALE, SR)
+
+
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_tables: dict = {}
+
+
+def _table(device):
+    if device not in _tables:
+        from fusedtune.reference.zo import normal_table
+        _tables[device] = normal_table(device)
+    return _tables[device]
+
+
+def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha, noise, rounding, rounding_seed):
+    """Launch the kernel once per tensor (arguments already validated by fusedtune.ops.zo)."""
+    if not tensors:
+        return
+    dev = tensors[0].device
+    table = _table(dev)
+    rseed = torch.tensor([rounding_seed], dtype=torch.int64, device=dev)
+    alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
+    has_prev = prev_seeds.numel() > 0
+    for t, tid in zip(tensors, tensor_ids):
+        if t.numel() == 0:
+            continue
+        dt = _DT[t.dtype]
+        x = t.view(torch.int32) if dt == 0 else t.view(torch.int16)
+        groups = (t.numel() + 3) // 4
+        grid = (triton.cdiv(groups, BLOCK_G),)
+        zo_apply_kernel[grid](
+            x, t.numel(), tid, seeds, coeffs, seeds.numel(), prev_seeds if has_prev else seeds,
+            prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed,
+            DT=dt, NOISE=noise, HAS_PREV=has_prev, SCALE=alpha32 != 1.0, SR=(rounding == 1 and dt == 1),
+            BLOCK=BLOCK_G, num_warps=NUM_WARPS, enable_fp_fusion=False)
+
+
+_SIG = {"x_ptr": "*i16", "numel": "i64", "tid": "i32", "seeds_ptr": "*i64", "coeffs_ptr": "*fp32", "n": "i32",
+        "prev_seeds_ptr": "*i64", "prev_coeffs_ptr": "*fp32", "n_prev": "i32", "table_ptr": "*fp32",
+        "alpha": "fp32", "rseed_ptr": "*i64"}
+register(KernelSpec(
+    family="zo", name="zo_apply_kernel", fn=zo_apply_kernel, signature=_SIG,
+    configs=[{"constexprs": dict(DT=dt, NOISE=0, HAS_PREV=hp, SCALE=False, SR=sr, BLOCK=BLOCK_G),
+              "num_warps": NUM_WARPS, "num_stages": 1,
+              "signature": dict(_SIG, x_ptr="*i32" if dt == 0 else "*i16")}
+             for dt, hp, sr in [(1, False, False), (1, True, False), (1, False, True), (0, True, False),
+                                (2, True, False)]],
+    options={"enable_fp_fusion": False}))
