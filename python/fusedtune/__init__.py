@@ -1,6 +1,6 @@
 """fusedtune: fused CUDA and Triton kernels for fine-tuning large language models."""
 from . import _ext  # noqa: F401  (loads fusedtune._C when built; never raises)
 from .backend import BackendError, backends, use_backend  # noqa: F401
-from . import ops  # noqa: F401
+from . import ops, optim  # noqa: F401
 
 __version__ = "0.1.0"

@@ -1,0 +1,506 @@
+"""Kernel report: what each GPU kernel costs on every target, read from the machine code, no GPU needed.
+
+    python -m fusedtune kernels [--json PATH] [--no-triton] [--no-cuda] [--family F]
+
+Two sources:
+
+* Triton: every kernel registered in fusedtune.triton_kernels.registry is compiled ahead of time,
+  once per config it ships and per compute capability it claims (spec.targets), with
+  triton.compile(ASTSource(...), target=GPUTarget("cuda", cc, 32)). Pointer arguments are compiled
+  as 16-byte aligned (what a launch on fresh torch tensors specializes to); a config may list the
+  arguments that get that hint under "aligned" to override it.
+* CUDA: the cubins embedded in the built extension fusedtune._C.
+
+For each kernel x target the report reads, with cuobjdump (the one in the Triton wheel, else the
+CUDA toolkit's): registers, stack/local bytes (spills live there), shared memory (static from the
+cubin, plus the dynamic amount Triton launches with), local-memory instructions (LDL/STL) and
+tensor-core instructions in the SASS (HMMA, HGMMA, QGMMA, IMMA).
+
+Defects, which make main() return 1: a compile failure, any stack/local memory (spills), and a GEMM
+kernel (spec.gemm) without tensor-core instructions on a target it claims; for the extension, a
+target it was built for that has no cubin.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import inspect
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+TC_OPS = ("HMMA", "HGMMA", "QGMMA", "IMMA")
+_INSN = re.compile(r"/\*[0-9a-fA-F]{4,}\*/\s+(.*?)\s*;")
+_RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+
+
+# ----------------------------------------------------------------------------- tools
+
+@functools.lru_cache(maxsize=None)
+def find_cuobjdump() -> str | None:
+    """cuobjdump from the Triton wheel (always matches its ptxas), else CUDA_HOME's, else PATH."""
+    cands = []
+    try:
+        from triton import knobs
+        cands.append(knobs.nvidia.cuobjdump.path)
+    except Exception:  # noqa: BLE001 - older Triton has no knobs
+        pass
+    try:
+        import triton
+        cands.append(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump"))
+    except Exception:  # noqa: BLE001
+        pass
+    for home in (os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"):
+        if home:
+            cands.append(os.path.join(home, "bin", "cuobjdump"))
+    cands.append(shutil.which("cuobjdump"))
+    for c in cands:
+        if c and os.path.isfile(c) and os.access(c, os.X_OK):
+            return c
+    return None
+
+
+def _cuobjdump(*args: str) -> str:
+    tool = find_cuobjdump()
+    if tool is None:
+        raise RuntimeError("cuobjdump not found (looked in the Triton wheel, $CUDA_HOME/bin, /usr/local/cuda/bin, PATH)")
+    proc = subprocess.run([tool, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"cuobjdump {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()[:500]}")
+    return proc.stdout
+
+
+def parse_res_usage(text: str) -> dict:
+    """cuobjdump -res-usage output -> {(arch or None, mangled function): {regs, stack, smem_static, local}}."""
+    out, arch, fn = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"arch = (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function (\S+?):?\s*$", line)
+        if m:
+            fn = m.group(1)
+            continue
+        m = _RES.search(line)
+        if m and fn is not None:
+            regs, stack, shared, local = (int(v) for v in m.groups())
+            out[(arch, fn)] = {"regs": regs, "stack": stack, "smem_static": shared, "local": local}
+            fn = None
+    return out
+
+
+def parse_sass(text: str) -> dict:
+    """cuobjdump -sass output -> {(arch or None, mangled function): {HMMA: n, ..., LDL: n, STL: n, insts: n}}."""
+    out, arch, fn = {}, None, None
+    for line in text.splitlines():
+        m = re.search(r"code for (sm_\w+)", line)
+        if m:
+            arch = m.group(1)
+            continue
+        m = re.match(r"\s*Function : (\S+)", line)
+        if m:
+            fn = m.group(1)
+            out[(arch, fn)] = dict.fromkeys(TC_OPS + ("LDL", "STL", "insts"), 0)
+            continue
+        if fn is None:
+            continue
+        m = _INSN.search(line)
+        if not m:
+            continue
+        toks = m.group(1).split()
+        if toks and toks[0].startswith("@"):  # predicate
+            toks = toks[1:]
+        if not toks:
+            continue
+        op = toks[0].split(".")[0]
+        c = out[(arch, fn)]
+        c["insts"] += 1
+        if op in c:
+            c[op] += 1
+    return out
+
+
+def _demangle_fallback(name: str) -> str:
+    """Itanium nested/simple names only (_ZN3foo3barE..., _Z3foo...), arguments dropped."""
+    m = re.match(r"_Z(N?)(.*)", name)
+    if not m:
+        return name
+    s, parts = m.group(2), []
+    while s and s[0].isdigit():
+        n = re.match(r"\d+", s).group(0)
+        parts.append(s[len(n):len(n) + int(n)])
+        s = s[len(n) + int(n):]
+        if not m.group(1):
+            break
+    return "::".join(parts) if parts else name
+
+
+def _strip_signature(s: str) -> str:
+    """'void ns::k<float, 4>(ns::Args, int)' -> 'ns::k<float, 4>'."""
+    s = s.strip()
+    if s.endswith(")"):
+        depth = 0
+        for i in range(len(s) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(s[i], 0)
+            if depth == 0:
+                s = s[:i]
+                break
+    depth, cut = 0, 0
+    for i, ch in enumerate(s):  # drop a return type: the last top-level space
+        if ch in "<(":
+            depth += 1
+        elif ch in ">)":
+            depth -= 1
+        elif ch == " " and depth == 0:
+            cut = i + 1
+    return s[cut:]
+
+
+def demangle(names) -> dict:
+    """{mangled: short readable name} (c++filt when present, else a small fallback)."""
+    names = list(dict.fromkeys(names))
+    full = {}
+    tool = shutil.which("c++filt") or shutil.which("llvm-cxxfilt")
+    if tool and names:
+        try:
+            proc = subprocess.run([tool], input="\n".join(names) + "\n", capture_output=True, text=True, timeout=30)
+            lines = proc.stdout.splitlines()
+            if proc.returncode == 0 and len(lines) == len(names):
+                full = dict(zip(names, lines))
+        except Exception:  # noqa: BLE001
+            full = {}
+    out = {}
+    for n in names:
+        d = full.get(n)
+        out[n] = _strip_signature(d) if d and d != n else _demangle_fallback(n)
+    return out
+
+
+# ----------------------------------------------------------------------------- Triton
+
+def _row(**kw) -> dict:
+    row = {"source": None, "family": None, "kernel": None, "config": "", "target": None, "cc": None,
+           "gemm": False, "regs": None, "spill_bytes": None, "stack_bytes": None, "local_bytes": None,
+           "local_insts": None, "smem": None, "smem_static": None, "smem_dynamic": None,
+           **dict.fromkeys(TC_OPS), "tc_insts": None, "insts": None, "mangled": None, "error": None,
+           "notes": []}
+    row.update(kw)
+    return row
+
+
+def _fill_from_cubin_stats(row: dict, res: dict | None, sass: dict | None):
+    if res is not None:
+        row.update(regs=res["regs"], stack_bytes=res["stack"], local_bytes=res["local"],
+                   spill_bytes=res["stack"] + res["local"], smem_static=res["smem_static"])
+        row["smem"] = res["smem_static"] + (row["smem_dynamic"] or 0)
+    if sass is not None:
+        for op in TC_OPS:
+            row[op] = sass[op]
+        row["tc_insts"] = sum(sass[op] for op in TC_OPS)
+        row["local_insts"] = sass["LDL"] + sass["STL"]
+        row["insts"] = sass["insts"]
+
+
+# config keys that describe the launch rather than being triton.compile options
+_NOT_OPTIONS = ("constexprs", "aligned", "signature")
+
+
+def config_label(config: dict, spec=None) -> str:
+    parts = [f"{k}={v}" for k, v in (config.get("constexprs") or {}).items()]
+    base = getattr(spec, "signature", {}) or {}
+    parts += [f"{k}:{v}" for k, v in (config.get("signature") or {}).items() if base.get(k) != v]
+    parts += [f"w{config['num_warps']}"] if "num_warps" in config else []
+    parts += [f"s{config['num_stages']}"] if "num_stages" in config else []
+    parts += [f"{k}={v}" for k, v in config.items() if k not in _NOT_OPTIONS + ("num_warps", "num_stages")]
+    return " ".join(parts)
+
+
+def _param_names(fn) -> list[str]:
+    names = getattr(fn, "arg_names", None)
+    if names is None:
+        names = list(inspect.signature(getattr(fn, "fn", fn)).parameters)
+    return list(names)
+
+
+def _ast_source(spec, config: dict, target):
+    """The ASTSource for one config, for the installed Triton (constexprs listed in the signature)."""
+    from triton.compiler import ASTSource
+
+    fn = spec.fn
+    names = _param_names(fn)
+    types = dict(spec.signature, **(config.get("signature") or {}))
+    consts = dict(config.get("constexprs") or {})
+    for p in getattr(fn, "params", []):  # constexpr parameters with defaults that a config leaves out
+        if getattr(p, "is_constexpr", False) and p.name not in consts and p.name not in types:
+            default = getattr(p, "default", inspect.Parameter.empty)
+            if default is not inspect.Parameter.empty:
+                consts[p.name] = default
+    unknown = [k for k in list(types) + list(consts) if k not in names]
+    if unknown:
+        raise ValueError(f"{spec.name}: {unknown} are not parameters of {getattr(fn, '__name__', fn)} ({names})")
+    missing = [n for n in names if n not in types and n not in consts]
+    if missing:
+        raise ValueError(f"{spec.name}: parameters {missing} have neither a type in the spec's signature nor a "
+                         "constexpr value in the config")
+    signature = {n: (types[n] if n in types else "constexpr") for n in names}
+    aligned = config.get("aligned")
+    if aligned is None:
+        aligned = [n for n, t in types.items() if str(t).startswith("*")]
+    try:
+        from triton.compiler.compiler import make_backend
+        hint = make_backend(target).parse_attr("D")
+    except Exception:  # noqa: BLE001
+        hint = [["tt.divisibility", 16]]
+    attrs = {(names.index(n),): hint for n in aligned}
+    params = inspect.signature(ASTSource.__init__).parameters
+    if "constexprs" in params:
+        return ASTSource(fn, signature=signature, constexprs=consts, attrs=attrs)
+    # Triton < 3.3: constants by name, signature without the constexprs, no attrs dict
+    sig = {n: t for n, t in signature.items() if t != "constexpr"}
+    return ASTSource(fn, signature=sig, constants=consts)
+
+
+def compile_triton(spec, config: dict, cc: int):
+    """triton.compile one spec/config for compute capability cc; returns the CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    target = GPUTarget("cuda", int(cc), 32)
+    options = dict(spec.options or {})
+    options.update({k: v for k, v in config.items() if k not in _NOT_OPTIONS})
+    src = _ast_source(spec, config, target)
+    return triton.compile(src, target=target, options=options)
+
+
+def report_triton_kernel(spec, config: dict, cc: int) -> dict:
+    row = _row(source="triton", family=spec.family, kernel=spec.name, config=config_label(config, spec),
+               target=f"sm_{cc}", cc=int(cc), gemm=bool(spec.gemm))
+    try:
+        k = compile_triton(spec, config, cc)
+    except Exception as e:  # noqa: BLE001 - a failed compile is a reported defect
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip().strip("^~").strip()]
+        row["error"] = f"compile failed: {type(e).__name__}: {lines[-1] if lines else ''}"[:400]
+        row["error_detail"] = str(e)[-4000:]
+        return row
+    row["smem_dynamic"] = int(getattr(k.metadata, "shared", 0) or 0)
+    row["mangled"] = k.metadata.name
+    fd, path = tempfile.mkstemp(suffix=".cubin")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(k.asm["cubin"])
+        res = parse_res_usage(_cuobjdump("-res-usage", path))
+        sass = parse_sass(_cuobjdump("-sass", path))
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"cannot read the cubin: {e}"
+        return row
+    finally:
+        os.remove(path)
+    r = next((v for (a, f), v in res.items() if f == k.metadata.name), None)
+    s_key = next(((a, f) for (a, f) in sass if f == k.metadata.name), None)
+    if s_key and s_key[0]:
+        row["target"] = s_key[0]  # the real cubin arch, e.g. sm_90a
+    _fill_from_cubin_stats(row, r, sass.get(s_key) if s_key else None)
+    if r is None or s_key is None:
+        row["error"] = f"function {k.metadata.name} not found in the cubin's res-usage/SASS"
+    return row
+
+
+def collect_triton(specs=None) -> list[dict]:
+    if specs is None:
+        from fusedtune.triton_kernels.registry import all_kernels
+        specs = all_kernels()
+    rows = []
+    for spec in specs:
+        for config in spec.configs:
+            for cc in spec.targets:
+                rows.append(report_triton_kernel(spec, config, cc))
+    return rows
+
+
+# ----------------------------------------------------------------------------- CUDA extension
+
+def extension_path() -> str | None:
+    try:
+        from fusedtune import _ext
+        p = _ext.info().get("path")
+    except Exception:  # noqa: BLE001
+        p = None
+    return p if p and os.path.exists(p) else None
+
+
+def list_elfs(path: str) -> list[str]:
+    """Names of the cubins embedded in a binary (cuobjdump -lelf), e.g. ['zo.sm_80.cubin', ...]."""
+    return re.findall(r"ELF file\s+\d+:\s*(\S+)", _cuobjdump("-lelf", path))
+
+
+def cubin_archs(path: str) -> list[str]:
+    """Distinct SASS targets embedded in a binary, e.g. ['sm_80', 'sm_89', 'sm_90a']."""
+    archs = []
+    for name in list_elfs(path):
+        m = re.search(r"\.(sm_\w+?)\.cubin$", name) or re.search(r"(sm_\d+[af]?)", name)
+        if m and m.group(1) not in archs:
+            archs.append(m.group(1))
+    return archs
+
+
+def _claimed_archs() -> list[str]:
+    try:
+        from fusedtune import _ext
+        return ["sm_" + a.replace("+PTX", "").replace(".", "") for a in _ext.cuda_archs()]
+    except Exception:  # noqa: BLE001
+        return []
+
+
+def collect_cuda(path: str | None = None, notes: list | None = None) -> list[dict]:
+    """One row per kernel x embedded cubin arch of the extension (default: the built fusedtune._C)."""
+    notes = notes if notes is not None else []
+    path = path or extension_path()
+    if path is None:
+        notes.append("fusedtune._C is not built: the report covers the Triton kernels only")
+        return []
+    try:
+        archs = cubin_archs(path)
+    except Exception as e:  # noqa: BLE001
+        notes.append(f"cannot read the cubins of {path}: {e}")
+        return [_row(source="cuda", kernel="(extension)", error=str(e))]
+    if not archs:
+        notes.append(f"{path} holds no cubins (built without CUDA kernels)")
+        return []
+    rows = []
+    for arch in archs:
+        res = parse_res_usage(_cuobjdump("-arch", arch, "-res-usage", path))
+        sass = parse_sass(_cuobjdump("-arch", arch, "-sass", path))
+        names = demangle([f for (_, f) in res])
+        for (a, fn), r in sorted(res.items(), key=lambda kv: names[kv[0][1]]):
+            row = _row(source="cuda", family=_family_of(names[fn]), kernel=names[fn], config="-", target=arch,
+                       cc=int(re.sub(r"\D", "", arch)), mangled=fn)
+            s = sass.get((a, fn)) or next((v for (sa, sf), v in sass.items() if sf == fn), None)
+            _fill_from_cubin_stats(row, r, s)
+            rows.append(row)
+    for want in _claimed_archs():
+        if want not in archs:
+            rows.append(_row(source="cuda", kernel="(extension)", target=want,
+                             error=f"built for {want} but {os.path.basename(path)} has no cubin for it"))
+    return rows
+
+
+def _family_of(name: str) -> str | None:
+    parts = name.split("<")[0].split("::")
+    return parts[1] if len(parts) > 2 and parts[0] == "fusedtune" else None
+
+
+# ----------------------------------------------------------------------------- checks and output
+
+def defects(row: dict) -> list[str]:
+    """What is wrong with one row (empty when nothing)."""
+    out = []
+    where = f"{row['source']} {row['kernel']} [{row['config']}] on {row['target']}"
+    if row.get("error"):
+        return [f"{where}: {row['error']}"]
+    if (row.get("spill_bytes") or 0) > 0 or (row.get("local_insts") or 0) > 0:
+        out.append(f"{where}: spills / local memory: {row['stack_bytes']} B stack, {row['local_bytes']} B local, "
+                   f"{row['local_insts']} LDL/STL instructions")
+    if row.get("gemm") and not row.get("tc_insts"):
+        out.append(f"{where}: GEMM kernel without tensor-core instructions (no {'/'.join(TC_OPS)} in SASS)")
+    return out
+
+
+def check(rows) -> list[str]:
+    return [d for r in rows for d in defects(r)]
+
+
+def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, ext_path: str | None = None,
+            notes: list | None = None) -> list[dict]:
+    """Rows for every Triton kernel config x target (specs default to the registry) and every cubin kernel
+    of the extension. Each row's "defects" lists what check() would flag."""
+    notes = notes if notes is not None else []
+    rows = []
+    if include_triton:
+        try:
+            import triton  # noqa: F401
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"triton is not importable ({e}): no Triton kernels reported")
+        else:
+            rows += collect_triton(specs)
+    if include_cuda:
+        rows += collect_cuda(ext_path, notes)
+    for r in rows:
+        r["defects"] = defects(r)
+        if (r.get("gemm") and r.get("cc", 0) >= 90 and not r.get("HGMMA") and not r.get("QGMMA")
+                and r.get("tc_insts")):
+            r["notes"].append("HMMA on sm_90 (no wgmma)")
+    return rows
+
+
+def _fmt(v) -> str:
+    return "-" if v is None else str(v)
+
+
+def format_table(rows) -> str:
+    cols = [("source", "source"), ("family", "family"), ("kernel", "kernel"), ("config", "config"),
+            ("target", "target"), ("regs", "regs"), ("spill_bytes", "spill B"), ("smem", "smem B"),
+            ("HMMA", "HMMA"), ("HGMMA", "HGMMA"), ("QGMMA", "QGMMA"), ("status", "status")]
+    body = []
+    for r in rows:
+        status = "DEFECT" if r.get("defects") else ("GEMM ok" if r.get("gemm") else "ok")
+        if r.get("error"):
+            status = "ERROR"
+        if r.get("notes"):
+            status += " (" + "; ".join(r["notes"]) + ")"
+        body.append([status if k == "status" else _fmt(r.get(k)) for k, _ in cols])
+    widths = [max([len(h)] + [len(b[i]) for b in body]) for i, (_, h) in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    out = [line([h for _, h in cols]), line(["-" * w for w in widths])]
+    out += [line(b) for b in body]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fusedtune kernels", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+    ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
+    ap.add_argument("--no-cuda", action="store_true", help="skip the extension's cubins")
+    ap.add_argument("--family", help="only kernels of this family")
+    args = ap.parse_args(argv)
+
+    notes: list[str] = []
+    specs = None
+    if not args.no_triton and args.family:
+        try:
+            from fusedtune.triton_kernels.registry import all_kernels
+            specs = [s for s in all_kernels() if s.family == args.family]
+        except Exception as e:  # noqa: BLE001
+            notes.append(f"cannot load the Triton kernel registry: {e}")
+            specs = []
+    rows = collect(include_triton=not args.no_triton, include_cuda=not args.no_cuda, specs=specs, notes=notes)
+    if args.family:
+        rows = [r for r in rows if r["family"] == args.family or r["source"] == "triton"]
+    tool = find_cuobjdump()
+    print(f"fusedtune kernel report (cuobjdump: {tool or 'not found'})")
+    for n in notes:
+        print(f"note: {n}")
+    if rows:
+        print(format_table(rows))
+    else:
+        print("no kernels to report")
+    bad = check(rows)
+    n_triton = sum(r["source"] == "triton" for r in rows)
+    print(f"\n{len(rows)} kernel x target rows ({n_triton} Triton, {len(rows) - n_triton} CUDA); "
+          f"{len(bad)} defect(s)")
+    for d in bad:
+        print(f"DEFECT: {d}")
+    if args.json:
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump({"rows": rows, "notes": notes, "defects": bad, "cuobjdump": tool}, f, indent=1)
+        print(f"wrote {args.json}")
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

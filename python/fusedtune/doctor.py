@@ -1,0 +1,166 @@
+"""fusedtune.doctor(): what is installed, what was built, which backends run here and why not.
+
+Ops are found by convention: every module fusedtune/ops/<family>.py that defines
+`<family>_backend(device, backend=None) -> {'backend': ..., 'why_not': {...}}` is asked which backend
+its op takes on cpu and on cuda.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import pkgutil
+import platform
+import sys
+
+import torch
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _versions() -> dict:
+    import fusedtune
+    try:
+        import triton
+        triton_v = triton.__version__
+    except Exception as e:  # noqa: BLE001 - reported, not raised
+        triton_v = f"not importable ({type(e).__name__}: {e})"
+    return {"fusedtune": fusedtune.__version__, "torch": torch.__version__, "triton": triton_v,
+            "transformers": _version("transformers"), "python": platform.python_version(),
+            "torch_cuda": torch.version.cuda}
+
+
+def _extension() -> dict:
+    from . import _ext
+    info = _ext.info()
+    built_for = info.get("torch")
+    out = {"built": info.get("path") is not None, "loaded": info.get("loaded", False), "path": info.get("path"),
+           "error": info.get("error"), "built_for_torch": built_for, "with_cuda": bool(info.get("with_cuda")),
+           "cuda_archs": _ext.cuda_archs(), "cuda_version": _cuda_version(info.get("cuda_version"))}
+    if built_for and built_for != torch.__version__:
+        out["warning"] = f"built for torch {built_for}, running torch {torch.__version__}"
+    return out
+
+
+def _cuda_version(v) -> str | None:
+    """13000 -> '13.0' (nvcc's version as the build recorded it)."""
+    if not v:
+        return None
+    v = int(v)
+    return f"{v // 1000}.{(v % 1000) // 10}"
+
+
+def _gpu() -> dict:
+    if not torch.cuda.is_available():
+        return {"present": False, "why": "torch.cuda.is_available() is False (no GPU or no driver)"}
+    devs = []
+    for i in range(torch.cuda.device_count()):
+        p = torch.cuda.get_device_properties(i)
+        devs.append({"index": i, "name": p.name, "capability": f"{p.major}.{p.minor}",
+                     "memory_gib": round(p.total_memory / 2**30, 1)})
+    return {"present": True, "count": len(devs), "devices": devs, "name": devs[0]["name"],
+            "capability": devs[0]["capability"]}
+
+
+def _op_probes() -> dict:
+    """{'zo': <zo_backend>, ...} from fusedtune.ops.<family>."""
+    from . import ops
+    probes = {}
+    for mod in pkgutil.iter_modules(ops.__path__):
+        try:
+            m = importlib.import_module(f"{ops.__name__}.{mod.name}")
+        except Exception as e:  # noqa: BLE001 - a broken family is reported, not fatal
+            probes[mod.name] = e
+            continue
+        fn = getattr(m, f"{mod.name}_backend", None)
+        if callable(fn):
+            probes[mod.name] = fn
+    return probes
+
+
+def _ops() -> dict:
+    out = {}
+    gpu = torch.cuda.is_available()
+    for family, fn in _op_probes().items():
+        if isinstance(fn, Exception):
+            out[family] = {"error": f"fusedtune.ops.{family} did not import: {type(fn).__name__}: {fn}"}
+            continue
+        row = {}
+        for dev in ("cpu", "cuda"):
+            if dev == "cuda" and not gpu:
+                row[dev] = {"backend": None, "why_not": {"cuda": "no CUDA GPU", "triton": "no CUDA GPU"}}
+                continue
+            try:
+                row[dev] = fn(dev)
+            except Exception as e:  # noqa: BLE001
+                row[dev] = {"backend": None, "why_not": {"error": f"{type(e).__name__}: {e}"}}
+        out[family] = row
+    return out
+
+
+def collect() -> dict:
+    from .backend import backends
+    return {"versions": _versions(), "extension": _extension(), "gpu": _gpu(), "backends": backends(),
+            "ops": _ops(), "platform": {"system": platform.platform(), "executable": sys.executable}}
+
+
+def _why(d) -> str:
+    return "; ".join(f"{k}: {v}" for k, v in d.items()) if isinstance(d, dict) else str(d or "")
+
+
+def format_report(d: dict) -> str:
+    v, e, g = d["versions"], d["extension"], d["gpu"]
+    lines = ["fusedtune doctor", ""]
+    lines += [f"  {k:<13}{val}" for k, val in v.items()]
+    lines += ["", "extension fusedtune._C"]
+    if e["loaded"]:
+        lines += [f"  loaded       {e['path']}",
+                  f"  built for    torch {e['built_for_torch']}",
+                  f"  CUDA kernels {'yes, archs ' + ';'.join(e['cuda_archs']) + ', nvcc ' + str(e['cuda_version']) if e['with_cuda'] else 'no (C++ CPU kernels only)'}"]
+        if e.get("warning"):
+            lines.append(f"  WARNING      {e['warning']}")
+    else:
+        lines.append(f"  not loaded   {e['error']}")
+    lines += ["", "GPU"]
+    if g["present"]:
+        lines += [f"  {x['index']}: {x['name']} (sm {x['capability']}, {x['memory_gib']} GiB)" for x in g["devices"]]
+    else:
+        lines.append(f"  none: {g['why']}")
+    lines += ["", "backends"]
+    for name, b in d["backends"].items():
+        lines.append(f"  {name:<10} {'yes' if b['available'] else 'no ':<4} {b['why']}")
+    lines += ["", "ops (backend taken by default, and why faster ones are not)"]
+    for family, row in d["ops"].items():
+        if "error" in row:
+            lines.append(f"  {family:<6} {row['error']}")
+            continue
+        for dev, r in row.items():
+            why = _why(r.get("why_not"))
+            lines.append((f"  {family:<6} {dev:<5} -> {str(r.get('backend')):<10}" + (f" ({why})" if why else "")).rstrip())
+    return "\n".join(lines)
+
+
+def doctor(print_report: bool = True) -> dict:
+    """Print (unless print_report=False) and return what fusedtune finds in this environment:
+    versions, the compiled extension, GPU, available backends and the backend each op takes."""
+    d = collect()
+    if print_report:
+        print(format_report(d))
+    return d
+
+
+def main(argv=None) -> int:
+    import argparse
+    import json
+    ap = argparse.ArgumentParser(prog="python -m fusedtune doctor", description=doctor.__doc__)
+    ap.add_argument("--json", action="store_true", help="print the report as JSON")
+    args = ap.parse_args(argv)
+    if args.json:
+        print(json.dumps(doctor(print_report=False), indent=2, default=str))
+    else:
+        doctor()
+    return 0

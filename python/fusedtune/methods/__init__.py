@@ -1,0 +1,4 @@
+"""Fine-tuning methods for fusedtune.patch, one module per family; importing this package registers
+them all. A family adds `from . import <family>  # noqa: F401` here."""
+from . import full  # noqa: F401
+from . import zo  # noqa: F401

@@ -1,0 +1,160 @@
+"""MeZO (Malladi et al., 2023) on fusedtune's in-place zo kernels, plus seed-replay and ES updates.
+
+One step is three passes over the weights, each one fused multi-tensor kernel:
+  1. w1 = round(w + eps*z)                       -> loss_plus = closure()
+  2. w2 = round(undo(w1) - eps*z)                -> loss_minus = closure()
+  3. w' = round((1 - lr*wd) * undo(w2) - lr*g*z)  with g = (loss_plus - loss_minus) / (2 eps)
+undo() returns the exact bf16/fp16/fp32 preimage (docs/zo_noise.md), so the second forward sees
+exactly round(w - eps*z) and the update lands on the unperturbed weights: no drift from the
+perturbation round trip, where MeZO's +eps, -2eps, +eps, update loop rounds four times.
+We keep three passes rather than folding the update into the next step's +eps: the exact undo
+needs the updated weights to be stored once, otherwise every later undo would have to replay
+all past updates. g stays a device tensor: a step never synchronises with the host.
+"""
+from __future__ import annotations
+
+import torch
+
+from ..ops.zo import zo_apply_
+
+_MASK64 = (1 << 64) - 1
+
+
+def splitmix64(x: int) -> int:
+    x = (x + 0x9E3779B97F4A7C15) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
+
+
+class MeZO(torch.optim.Optimizer):
+    """Zeroth-order SGD with in-place seeded perturbations (no gradients, inference memory).
+
+    opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
+    loss = opt.step(lambda: model(**batch).loss)   # closure: a forward pass, no backward
+
+    Parameter groups may set their own lr and weight_decay (e.g. 0 for biases and norms).
+    After each step, `opt.last` holds 'loss_plus', 'loss_minus', 'projected_grad' (tensors) and
+    'seed'; `opt.seed_for(step)` gives the seed of any step for replay.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, noise: str = "normal",
+                 rounding: str = "nearest", seed: int = 0, backend: str | None = None):
+        if not lr > 0:
+            raise ValueError(f"MeZO: lr must be > 0, got {lr}")
+        if not eps > 0:
+            raise ValueError(f"MeZO: eps must be > 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"MeZO: weight_decay must be >= 0, got {weight_decay}")
+        if noise not in ("normal", "rademacher"):
+            raise ValueError(f"MeZO: noise={noise!r}; choose 'normal' or 'rademacher'")
+        if rounding not in ("nearest", "stochastic"):
+            raise ValueError(f"MeZO: rounding={rounding!r}; choose 'nearest' or 'stochastic'")
+        super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
+        self.eps, self.noise, self.rounding, self.backend = float(eps), noise, rounding, backend
+        self.seed, self.steps = int(seed) & _MASK64, 0
+        self.last: dict = {}
+        self._buckets = self._make_buckets()
+
+    def _make_buckets(self):
+        """(group, device) -> tensors and their stable tensor ids (position in the param list)."""
+        buckets, tid = [], 0
+        for group in self.param_groups:
+            by_dev: dict = {}
+            for p in group["params"]:
+                by_dev.setdefault(p.device, ([], []))
+                by_dev[p.device][0].append(p)
+                by_dev[p.device][1].append(tid)
+                tid += 1
+            buckets += [(group, dev, ts, ids) for dev, (ts, ids) in by_dev.items()]
+        return buckets
+
+    def add_param_group(self, param_group):
+        super().add_param_group(param_group)
+        if hasattr(self, "_buckets"):
+            self._buckets = self._make_buckets()
+
+    def seed_for(self, step: int) -> int:
+        return splitmix64(self.seed ^ splitmix64(step))
+
+    def _apply(self, seeds, coeffs_for, undo=None, final=False, rounding_seed=None):
+        for group, dev, ts, ids in self._buckets:
+            coeffs = coeffs_for(group, dev)
+            alpha = 1.0 - group["lr"] * group["weight_decay"] if final else 1.0
+            zo_apply_(ts, seeds, coeffs, self.noise, self.rounding if final else "nearest", undo=undo,
+                      alpha=alpha, tensor_ids=ids, rounding_seed=rounding_seed, backend=self.backend)
+
+    @torch.no_grad()
+    def step(self, closure):
+        if closure is None:
+            raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
+        s = self.seed_for(self.steps)
+        eps = self.eps
+        self._apply([s], lambda g, d: [eps])
+        loss_plus = torch.as_tensor(closure()).detach()
+        self._apply([s], lambda g, d: [-eps], undo=([s], [eps]))
+        loss_minus = torch.as_tensor(closure()).detach()
+        pg = ((loss_plus.float() - loss_minus.float()) / (2 * eps)).reshape(1)
+        self._apply([s], lambda g, d: (-g["lr"] * pg).to(d), undo=([s], [-eps]), final=True,
+                    rounding_seed=splitmix64(s ^ 0x726F756E64))
+        self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": pg[0], "seed": s}
+        self.steps += 1
+        return loss_plus
+
+    def backend_report(self) -> list[dict]:
+        from ..ops.zo import zo_backend
+        rows = []
+        for _, dev, ts, ids in self._buckets:
+            choice = zo_backend(dev, self.backend)
+            for p, i in zip(ts, ids):
+                rows.append({"param_index": i, "shape": tuple(p.shape), "dtype": str(p.dtype), "device": str(dev),
+                             "backend": choice["backend"], "why_not": choice["why_not"]})
+        return rows
+
+    def state_dict(self):
+        sd = super().state_dict()
+        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps}
+        return sd
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        m = state_dict.pop("mezo", None)
+        super().load_state_dict(state_dict)
+        if m is not None:
+            self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
+
+
+def _params(params) -> list[torch.Tensor]:
+    params = [params] if torch.is_tensor(params) else list(params)
+    if not params:
+        raise ValueError("zo update: params is empty")
+    return params
+
+
+def zo_replay_(params, seeds, coeffs, noise: str = "normal", rounding: str = "nearest", backend=None,
+               rounding_seed: int | None = None) -> None:
+    """Apply a list of (seed, coeff) pairs to params in one pass per device (seed replay: e.g.
+    MeZO steps `coeff = -lr * projected_grad`, FedKSeed's K pairs). Tensor ids follow the order of
+    params, as in MeZO. One rounding for all pairs, so it differs from replaying step by step only
+    by that rounding."""
+    params = _params(params)
+    by_dev: dict = {}
+    for i, p in enumerate(params):
+        by_dev.setdefault(p.device, ([], []))
+        by_dev[p.device][0].append(p)
+        by_dev[p.device][1].append(i)
+    for dev, (ts, ids) in by_dev.items():
+        zo_apply_(ts, seeds, coeffs, noise, rounding, tensor_ids=ids, backend=backend, rounding_seed=rounding_seed)
+
+
+def es_step_(params, seeds, rewards, lr: float, sigma: float, normalize: bool = True, **kw) -> torch.Tensor:
+    """Evolution-strategies update from a population's seeds and rewards, in one pass:
+    w += lr / (n * sigma) * sum_j r_j z_j, with r standardised when normalize. Returns the coefficients."""
+    r = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
+    if r.numel() != len(seeds):
+        raise ValueError(f"es_step_: {len(seeds)} seeds but {r.numel()} rewards")
+    if normalize and r.numel() > 1:
+        r = (r - r.mean()) / (r.std() + 1e-12)
+    coeffs = (lr / (r.numel() * sigma)) * r
+    zo_replay_(params, list(seeds), coeffs.tolist(), **kw)
+    return coeffs

@@ -1,0 +1,511 @@
+"""fusedtune.patch / unpatch / report: apply a fine-tuning method to a (Hugging Face) model.
+
+    rep = fusedtune.patch(model, "mezo", lr=1e-3)          # or "full", "lora", ... (fusedtune.methods)
+    print(rep)                                              # which backend and path every part takes
+    loss = rep.step(lambda: model(**batch).loss)            # one training step, whatever the method
+    fusedtune.unpatch(model)                                # plain nn.Linear / Conv1D, weights merged
+
+Methods register with `register_method(name, cls)`. A method is a `Method` subclass; layer-swapping
+methods subclass `SwapMethod` and implement `make` (nn.Linear -> the method's layer) and `merge`
+(the method's layer -> nn.Linear). This module owns the shared machinery: finding the target
+linear layers (peft-like names, "all-linear", per-architecture defaults, lm_head excluded),
+GPT-2's transposed Conv1D (the method always sees nn.Linear semantics; unpatch converts back),
+swapping in place, freezing and restoring requires_grad, and the report.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import nn
+
+_ATTR = "_fusedtune_patch"
+_METHODS: dict[str, type] = {}
+
+# Default target_modules per transformers model_type (lm_head is never a default target).
+DEFAULT_TARGETS: dict[str, list[str]] = {
+    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+       for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")},
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+class PatchError(ValueError):
+    """fusedtune.patch / unpatch cannot do what was asked; the message says why and what would work."""
+
+
+# ----------------------------------------------------------------------------------------- registry
+
+def register_method(name: str, cls: type) -> type:
+    """Register a fine-tuning method (a Method subclass) under `name`; returns cls (usable as decorator
+    factory: register_method("x", Cls))."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"register_method: name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, Method)):
+        raise TypeError(f"register_method: {cls!r} is not a subclass of fusedtune.patch.Method")
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise PatchError(f"register_method: a method named {name!r} is already registered ({_METHODS[name].__name__})")
+    _METHODS[name] = cls
+    cls.name = name
+    return cls
+
+
+def methods() -> dict[str, type]:
+    """Every registered method, by name (loads fusedtune.methods, where the families register)."""
+    from . import methods as _m  # noqa: F401  (registers the built-in methods)
+    return dict(_METHODS)
+
+
+def _method_class(method) -> type:
+    known = methods()
+    if not isinstance(method, str) or method not in known:
+        raise PatchError(f"unknown method {method!r}; registered methods: {', '.join(sorted(known))}")
+    return known[method]
+
+
+# ----------------------------------------------------------------------------------------- report
+
+@dataclass
+class ReportRow:
+    name: str           # layer name, or a description of a parameter group
+    method: str
+    backend: str        # the backend the fused op takes ("cpu", "cuda", "triton", "reference", "torch")
+    path: str           # what runs, in words
+    why_not: str = ""   # why a faster path was not taken ("" when the fastest path runs)
+    params: int = 0     # trainable elements in this row
+
+
+@dataclass
+class PatchReport:
+    method: str | None
+    rows: list[ReportRow] = field(default_factory=list)
+    optimizer: Any = None
+    trainable_params: int = 0
+    total_params: int = 0
+    notes: list[str] = field(default_factory=list)
+    _impl: Any = field(default=None, repr=False)
+
+    def step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+        """One training step of the method: loss_fn() runs the forward pass and returns the loss
+        (the method decides about gradients: AdamW backpropagates, MeZO runs two forwards)."""
+        if self._impl is None:
+            raise PatchError("this report has no method attached (the model is not patched)")
+        return self._impl.train_step(self.optimizer, loss_fn)
+
+    def as_dicts(self) -> list[dict]:
+        return [dict(vars(r)) for r in self.rows]
+
+    def table(self) -> str:
+        head = ("name", "method", "backend", "path", "why not fused", "params")
+        body = [(r.name, r.method, r.backend, r.path, r.why_not or "-", f"{r.params:,}") for r in self.rows]
+        return format_table(head, body)
+
+    def __str__(self) -> str:
+        if self.method is None:
+            return "fusedtune: model is not patched"
+        top = (f"fusedtune.patch: method={self.method!r}, trainable {self.trainable_params:,} of "
+               f"{self.total_params:,} parameters")
+        return "\n".join([top, self.table()] + [f"note: {n}" for n in self.notes])
+
+
+def format_table(head: Iterable[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A plain-text table with aligned columns."""
+    head = [str(h) for h in head]
+    rows = [[str(c) for c in r] for r in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in rows]) for i, h in enumerate(head)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(head), line(["-" * w for w in widths])] + [line(r) for r in rows])
+
+
+def why_not_text(why_not) -> str:
+    """{'cuda': 'no GPU', ...} -> 'cuda: no GPU; ...'."""
+    if not why_not:
+        return ""
+    if isinstance(why_not, dict):
+        return "; ".join(f"{k}: {v}" for k, v in why_not.items())
+    return str(why_not)
+
+
+# ----------------------------------------------------------------------------------------- targets
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
+def is_linear(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    return [n for n, m in model.named_modules() if n and is_linear(m)]
+
+
+def _output_embedding_names(model: nn.Module) -> set[str]:
+    names = {n for n in linear_names(model) if n == "lm_head" or n.endswith(".lm_head")}
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        try:
+            out = get()
+        except Exception:  # noqa: BLE001 - a model without output embeddings
+            out = None
+        names |= {n for n, m in model.named_modules() if out is not None and m is out}
+    return names
+
+
+def _matches(name: str, target: str) -> bool:
+    return name == target or name.endswith("." + target)
+
+
+def _names_list(names: str) -> str:
+    shown = names[:40] if isinstance(names, list) else names
+    more = f" ... ({len(names) - 40} more)" if isinstance(names, list) and len(names) > 40 else ""
+    return ", ".join(shown) + more if shown else "(none)"
+
+
+def find_targets(model: nn.Module, target_modules=None, linear_only: bool = True) -> list[str]:
+    """Names of the modules a method applies to.
+
+    target_modules: None (the architecture's default, from model.config.model_type), "all-linear"
+    (every linear layer but the output embedding), a list of name suffixes (["q_proj", "v_proj"]:
+    a module matches when its name equals an entry or ends with "." + entry; lm_head only when
+    named), or any other string: a regular expression that must match the whole module name.
+    linear_only: only nn.Linear / Conv1D modules are candidates (layer-swapping methods); else any
+    module with parameters may match (parameter-selecting methods).
+    """
+    lin = linear_names(model)
+    pool = lin if linear_only else [n for n, m in model.named_modules() if n and any(True for _ in m.parameters())]
+    what = "linear layers" if linear_only else "modules with parameters"
+    if target_modules is None:
+        mt = getattr(getattr(model, "config", None), "model_type", None)
+        if mt not in DEFAULT_TARGETS:
+            raise PatchError(
+                f"no default target_modules for model type {mt!r} (defaults exist for "
+                f"{', '.join(sorted(DEFAULT_TARGETS))}); pass target_modules=[...] or 'all-linear'. "
+                f"Linear layers here: {_names_list(lin)}")
+        target_modules = DEFAULT_TARGETS[mt]
+    if target_modules == "all-linear":
+        skip = _output_embedding_names(model)
+        found = [n for n in lin if n not in skip]
+    elif isinstance(target_modules, str):
+        try:
+            rx = re.compile(target_modules)
+        except re.error as e:
+            raise PatchError(f"target_modules={target_modules!r} is not a valid regular expression: {e}") from e
+        found = [n for n in pool if rx.fullmatch(n)]
+    else:
+        if not isinstance(target_modules, (list, tuple, set)) or not all(isinstance(t, str) for t in target_modules):
+            raise PatchError(f"target_modules must be None, 'all-linear', a regex string or a list of names, "
+                             f"got {target_modules!r}")
+        wanted = list(target_modules)
+        if not wanted:
+            raise PatchError("target_modules is an empty list")
+        unmatched = [t for t in wanted if not any(_matches(n, t) for n in pool)]
+        if unmatched and len(unmatched) < len(wanted):
+            raise PatchError(f"target_modules entries {unmatched} match none of the model's {what}: "
+                             f"{_names_list(pool)}")
+        found = [n for n in pool if any(_matches(n, t) for t in wanted)]
+    if not found:
+        raise PatchError(f"target_modules={target_modules!r} matches none of the model's {what}: "
+                         f"{_names_list(pool)}")
+    return found
+
+
+# ----------------------------------------------------------------------------------------- helpers
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def as_linear(module: nn.Module) -> nn.Linear:
+    """The nn.Linear that computes what `module` (nn.Linear or Conv1D) computes, sharing nothing."""
+    if is_conv1d(module):
+        w = module.weight.detach().t()
+        bias = module.bias
+    else:
+        w = module.weight.detach()
+        bias = module.bias
+    lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(w)
+        if bias is not None:
+            lin.bias.copy_(bias.detach())
+    lin.weight.requires_grad_(module.weight.requires_grad)
+    if bias is not None:
+        lin.bias.requires_grad_(bias.requires_grad)
+    return lin
+
+
+def to_conv1d(linear: nn.Linear, like: nn.Module) -> nn.Module:
+    """Convert an nn.Linear back to a module of Conv1D's class (weight stored as (in, out))."""
+    conv = type(like)(linear.out_features, linear.in_features)
+    conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
+    with torch.no_grad():
+        conv.weight.copy_(linear.weight.detach().t())
+        if linear.bias is not None:
+            conv.bias.copy_(linear.bias.detach())
+        else:
+            conv.bias.zero_()
+    return conv
+
+
+def count(params) -> int:
+    return sum(p.numel() for p in params)
+
+
+def unique_params(params) -> list[nn.Parameter]:
+    seen, out = set(), []
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            out.append(p)
+    return out
+
+
+# ----------------------------------------------------------------------------------------- methods
+
+class Method:
+    """A fine-tuning method. Subclasses set `options` (name -> default), and implement
+    apply(model, targets, **options) -> PatchReport rows and remove(model, merge).
+
+    swaps_layers: True when the method replaces linear layers (targets are linear names, defaults
+    per architecture); False when it selects parameters (targets None = the whole model).
+    zeroth_order: train_step runs forward passes only (no backward).
+    demo: hyperparameters the demo uses for this method (lr, step_multiplier, ...).
+    """
+    name = "?"
+    options: dict[str, Any] = {}
+    swaps_layers = False
+    zeroth_order = False
+    demo: dict[str, Any] = {}
+
+    def __init__(self):
+        self._requires_grad: dict[int, tuple[nn.Parameter, bool]] = {}
+
+    # -- to implement
+    def apply(self, model: nn.Module, targets: list[str] | None, **options) -> PatchReport:
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module, merge: bool) -> None:
+        raise NotImplementedError
+
+    def report(self, model: nn.Module) -> PatchReport:
+        raise NotImplementedError
+
+    # -- shared
+    def train_step(self, optimizer, loss_fn):
+        if self.zeroth_order:
+            def closure():
+                with torch.no_grad():
+                    return loss_fn()
+            return optimizer.step(closure)
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        optimizer.step()
+        return loss.detach()
+
+    def freeze_except(self, model: nn.Module, trainable) -> None:
+        """requires_grad=True for `trainable`, False for every other parameter; remembered for restore."""
+        keep = {id(p) for p in trainable}
+        for p in model.parameters():
+            self._requires_grad.setdefault(id(p), (p, p.requires_grad))
+            p.requires_grad_(id(p) in keep)
+
+    def restore_requires_grad(self) -> None:
+        for p, flag in self._requires_grad.values():
+            p.requires_grad_(flag)
+        self._requires_grad.clear()
+
+    @classmethod
+    def check_options(cls, options: dict) -> dict:
+        unknown = sorted(set(options) - set(cls.options))
+        if unknown:
+            raise PatchError(f"method {cls.name!r} does not take option(s) {unknown}; it takes "
+                             f"{', '.join(sorted(cls.options)) or 'no options'}")
+        return {**cls.options, **options}
+
+
+class SwapMethod(Method):
+    """A method that replaces target linear layers by its own modules.
+
+    Implement make(linear, name, **options) -> module, merge(module) -> nn.Linear with the method's
+    update merged, base(module) -> nn.Linear with the original weights (for unpatch(merge=False)),
+    and describe(module) -> (backend, path, why_not). The method always sees nn.Linear semantics:
+    GPT-2's Conv1D is converted on the way in and back on the way out. After swapping, parameters
+    of the new modules that have requires_grad set are trained with torch.optim.AdamW (override
+    make_optimizer for anything else); every other parameter is frozen.
+    """
+    swaps_layers = True
+    options = {"lr": 1e-3, "weight_decay": 0.0}
+
+    def make(self, linear: nn.Linear, name: str, **options) -> nn.Module:
+        raise NotImplementedError
+
+    def merge(self, module: nn.Module) -> nn.Linear:
+        raise NotImplementedError
+
+    def base(self, module: nn.Module) -> nn.Linear:
+        raise PatchError(f"method {self.name!r} cannot unpatch without merging (merge=False)")
+
+    def describe(self, module: nn.Module) -> tuple[str, str, str]:
+        return "torch", type(module).__name__, ""
+
+    def make_optimizer(self, params, **options):
+        return torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
+
+    def apply(self, model, targets, **options):
+        self.swapped: dict[str, nn.Module] = {}   # name -> the original module (Linear or Conv1D)
+        made = []
+        try:
+            for name in targets:
+                orig = model.get_submodule(name)
+                new = self.make(as_linear(orig), name, **options)
+                set_module(model, name, new)
+                self.swapped[name] = orig
+                made.append(new)
+        except Exception:
+            for name, orig in self.swapped.items():   # leave the model as it was
+                set_module(model, name, orig)
+            raise
+        trainable = unique_params(p for m in made for p in m.parameters() if p.requires_grad)
+        self.freeze_except(model, trainable)
+        rep = self.report(model)
+        rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None
+        return rep
+
+    def remove(self, model, merge):
+        outs = {}
+        for name, orig in self.swapped.items():
+            mod = model.get_submodule(name)
+            lin = self.merge(mod) if merge else self.base(mod)
+            outs[name] = to_conv1d(lin, orig) if is_conv1d(orig) else lin
+        self.restore_requires_grad()
+        for name, new in outs.items():
+            orig = self.swapped[name]
+            new.weight.requires_grad_(orig.weight.requires_grad)
+            if new.bias is not None and orig.bias is not None:
+                new.bias.requires_grad_(orig.bias.requires_grad)
+            set_module(model, name, new)
+        self.swapped = {}
+
+    def report(self, model):
+        rows = []
+        for name in self.swapped:
+            mod = model.get_submodule(name)
+            backend, path, why = self.describe(mod)
+            rows.append(ReportRow(name, self.name, backend, path, why_not_text(why),
+                                  count(p for p in mod.parameters() if p.requires_grad)))
+        return PatchReport(self.name, rows, trainable_params=sum(r.params for r in rows),
+                           total_params=count(unique_params(model.parameters())), _impl=self)
+
+
+class ParamMethod(Method):
+    """A method that trains (a subset of) the model's own parameters in place, swapping nothing.
+
+    targets None: every parameter; else the parameters of the target modules. The rest are frozen.
+    Implement make_optimizer(params, **options) and rows(model) -> list[ReportRow].
+    unpatch(merge=False) is refused: the weights were trained in place, nothing is kept to unmerge.
+    """
+    def make_optimizer(self, params, **options):
+        raise NotImplementedError
+
+    def rows(self, model) -> list[ReportRow]:
+        raise NotImplementedError
+
+    def apply(self, model, targets, **options):
+        if targets is None:
+            named = list(model.named_parameters())
+            self.scope = "all parameters"
+        else:
+            named = [(f"{t}.{n}", p) for t in targets for n, p in model.get_submodule(t).named_parameters()]
+            self.scope = f"parameters of {len(targets)} modules"
+        names, params = {}, []
+        for n, p in named:
+            if id(p) not in names:
+                names[id(p)] = n
+                params.append(p)
+        if not params:
+            raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
+        self.params, self.param_names = params, [names[id(p)] for p in params]
+        self.options_used = options
+        optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes
+        self.freeze_except(model, params)
+        self.optimizer = optimizer
+        rep = self.report(model)
+        rep.optimizer = optimizer
+        return rep
+
+    def remove(self, model, merge):
+        if not merge:
+            raise PatchError(f"method {self.name!r} trains the weights in place: there is no separate update "
+                             "to drop, so unpatch(merge=False) cannot restore the old weights (keep a copy "
+                             "of the state_dict for that); use unpatch(model) to end the method")
+        self.restore_requires_grad()
+
+    def report(self, model):
+        return PatchReport(self.name, self.rows(model), trainable_params=count(self.params),
+                           total_params=count(unique_params(model.parameters())), _impl=self)
+
+
+# ----------------------------------------------------------------------------------------- API
+
+def _state(model) -> dict | None:
+    return model.__dict__.get(_ATTR)
+
+
+def patch(model: nn.Module, method: str, target_modules=None, **options) -> PatchReport:
+    """Apply fine-tuning `method` to `model` in place; returns a PatchReport (print it for the table;
+    .optimizer trains it; .step(loss_fn) does one training step). See fusedtune.patch.find_targets
+    for target_modules and fusedtune.patch.methods() for the registered methods and their options."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedtune.patch: model must be a torch.nn.Module, got {type(model).__name__}")
+    cls = _method_class(method)
+    st = _state(model)
+    if st is not None:
+        raise PatchError(f"model is already patched with method {st['method']!r}; "
+                         "call fusedtune.unpatch(model) first")
+    opts = cls.check_options(options)
+    if cls.swaps_layers:
+        targets = find_targets(model, target_modules, linear_only=True)
+    else:
+        targets = None if target_modules is None else find_targets(model, target_modules, linear_only=False)
+    impl = cls()
+    rep = impl.apply(model, targets, **opts)
+    rep._impl = impl
+    model.__dict__[_ATTR] = {"method": method, "impl": impl, "targets": targets, "options": opts,
+                             "optimizer": rep.optimizer}
+    return rep
+
+
+def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
+    """Undo fusedtune.patch: swapped layers become plain nn.Linear (Conv1D for GPT-2) again, with the
+    method's update merged into the weights (merge=True) or the original weights (merge=False, where
+    the method keeps them); requires_grad flags are restored. Returns the model."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedtune.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
+    st = _state(model)
+    if st is None:
+        raise PatchError("fusedtune.unpatch: the model is not patched (nothing to undo)")
+    st["impl"].remove(model, merge)
+    del model.__dict__[_ATTR]
+    return model
+
+
+def report(model: nn.Module) -> PatchReport:
+    """The current report of a patched model: backend and path of every swapped layer or
+    method-managed parameter group, and why a fused path is not taken (computed now, so it follows
+    model.to(device)). An unpatched model gives an empty report (method None)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fusedtune.report: model must be a torch.nn.Module, got {type(model).__name__}")
+    st = _state(model)
+    if st is None:
+        return PatchReport(None, total_params=count(unique_params(model.parameters())))
+    rep = st["impl"].report(model)
+    rep._impl = st["impl"]
+    rep.optimizer = st["optimizer"]
+    return rep

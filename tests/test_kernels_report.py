@@ -1,0 +1,182 @@
+"""The kernel report (python -m fusedtune kernels): Triton kernels compiled ahead of time for every
+target they claim, and the cubins of the built extension -- no GPU needed (DESIGN.md step 4)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+triton = pytest.importorskip("triton")
+import triton.language as tl  # noqa: E402
+
+from fusedtune import _ext  # noqa: E402
+from fusedtune.bench import kernels as K  # noqa: E402
+from fusedtune.triton_kernels.registry import KernelSpec, all_kernels  # noqa: E402
+
+pytestmark = pytest.mark.skipif(K.find_cuobjdump() is None, reason="no cuobjdump (Triton wheel or CUDA toolkit)")
+
+
+# Test-local kernels: a tensor-core GEMM and an elementwise kernel (never registered globally).
+@triton.jit
+def _t_gemm(a_ptr, b_ptr, c_ptr, M, N, K, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
+    rm = tl.program_id(0) * BM + tl.arange(0, BM)
+    rn = tl.program_id(1) * BN + tl.arange(0, BN)
+    rk = tl.arange(0, BK)
+    acc = tl.zeros((BM, BN), dtype=tl.float32)
+    for k0 in range(0, K, BK):
+        a = tl.load(a_ptr + rm[:, None] * K + (k0 + rk)[None, :])
+        b = tl.load(b_ptr + (k0 + rk)[:, None] * N + rn[None, :])
+        acc += tl.dot(a, b)
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc.to(tl.float16))
+
+
+@triton.jit
+def _t_scale(x_ptr, y_ptr, n, s, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    tl.store(y_ptr + offs, tl.load(x_ptr + offs, mask=m) * s, mask=m)
+
+
+GEMM = KernelSpec(family="test", name="t_gemm", fn=_t_gemm, gemm=True,
+                  signature={"a_ptr": "*fp16", "b_ptr": "*fp16", "c_ptr": "*fp16", "M": "i32", "N": "i32", "K": "i32"},
+                  configs=[{"constexprs": {"BM": 64, "BN": 64, "BK": 32}, "num_warps": 4, "num_stages": 3}])
+# an elementwise kernel wrongly claiming to be a GEMM: the checker must flag it
+FAKE_GEMM = KernelSpec(family="test", name="t_scale_as_gemm", fn=_t_scale, gemm=True,
+                       signature={"x_ptr": "*fp32", "y_ptr": "*fp32", "n": "i32", "s": "fp32"},
+                       configs=[{"constexprs": {"BLOCK": 1024}, "num_warps": 4}], options={"enable_fp_fusion": False})
+SCALE = KernelSpec(family="test", name="t_scale", fn=_t_scale, targets=(80,),
+                   signature=FAKE_GEMM.signature, configs=FAKE_GEMM.configs, options=FAKE_GEMM.options)
+
+
+@pytest.fixture(scope="module")
+def registered_rows():
+    specs = all_kernels()
+    return specs, K.collect(include_cuda=False)
+
+
+@pytest.fixture(scope="module")
+def local_rows():
+    rows = K.collect(include_cuda=False, specs=[GEMM, FAKE_GEMM, SCALE])
+    return {(r["kernel"], r["cc"]): r for r in rows}
+
+
+@pytest.fixture(scope="module")
+def cuda_rows():
+    if not _ext.with_cuda():
+        pytest.skip(f"fusedtune._C has no CUDA kernels here ({_ext.error() or 'built without CUDA'})")
+    notes = []
+    return K.collect(include_triton=False, notes=notes), notes
+
+
+def test_every_registered_kernel_compiles_for_its_targets_without_spills(registered_rows):
+    specs, rows = registered_rows
+    assert any(s.family == "zo" and s.name == "zo_apply_kernel" for s in specs), "zo kernel is not registered"
+    expected = {(s.family, s.name, K.config_label(c, s), cc) for s in specs for c in s.configs for cc in s.targets}
+    got = {(r["family"], r["kernel"], r["config"], r["cc"]) for r in rows}
+    assert got == expected
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert r["regs"] and r["regs"] > 0
+        assert r["spill_bytes"] == 0 and r["local_insts"] == 0, r
+        assert r["defects"] == [], r["defects"]
+        if r["cc"] >= 90:
+            assert r["target"] == f"sm_{r['cc']}a"  # Triton compiles sm_90 as sm_90a
+    assert K.check(rows) == []
+
+
+def test_gemm_shows_tensor_core_instructions(local_rows):
+    for cc in (80, 89, 90):
+        r = local_rows[("t_gemm", cc)]
+        assert r["error"] is None, r["error"]
+        assert r["tc_insts"] > 0, r
+        assert r["spill_bytes"] == 0
+        assert r["smem"] > 0  # operands staged through shared memory
+        assert r["defects"] == []
+    assert local_rows[("t_gemm", 80)]["HMMA"] > 0
+    assert local_rows[("t_gemm", 89)]["HMMA"] > 0
+    r90 = local_rows[("t_gemm", 90)]
+    assert r90["HGMMA"] + r90["HMMA"] > 0
+
+
+def test_gemm_without_tensor_cores_is_a_defect(local_rows):
+    bad = [local_rows[("t_scale_as_gemm", cc)] for cc in (80, 89, 90)]
+    for r in bad:
+        assert r["error"] is None and r["tc_insts"] == 0
+        assert any("without tensor-core" in d for d in r["defects"])
+    assert len([d for d in K.check(bad) if "t_scale_as_gemm" in d]) == 3
+    ok = local_rows[("t_scale", 80)]
+    assert ok["defects"] == [] and ok["tc_insts"] == 0  # the same kernel, not claimed as a GEMM, is fine
+    assert ("t_scale", 89) not in local_rows  # only the targets a spec claims are compiled
+
+
+def test_spills_and_errors_are_defects():
+    row = K._row(source="cuda", kernel="k", target="sm_80", regs=255, spill_bytes=64, stack_bytes=64,
+                 local_bytes=0, local_insts=12, tc_insts=0)
+    assert any("spills" in d for d in K.defects(row))
+    row = K._row(source="triton", kernel="k", target="sm_80", error="compile failed: boom")
+    assert K.defects(row) == ["triton k [] on sm_80: compile failed: boom"]
+
+
+def test_sass_and_res_usage_parsers():
+    res = """
+Fatbin elf code:
+================
+arch = sm_90a
+Resource usage:
+ Function _ZN9fusedtune3fam6kernelEv:
+  REG:168 STACK:16 SHARED:5124 LOCAL:0 CONSTANT[0]:600 TEXTURE:0 SURFACE:0 SAMPLER:0
+"""
+    assert K.parse_res_usage(res) == {("sm_90a", "_ZN9fusedtune3fam6kernelEv"):
+                                      {"regs": 168, "stack": 16, "smem_static": 5124, "local": 0}}
+    sass = """
+\tcode for sm_90a
+\t\tFunction : _ZN9fusedtune3fam6kernelEv
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                 /* 0x00000a00ff017b82 */
+        /*0010*/              @P0  HGMMA.64x64x16.F32 R24, gdesc[UR16].tnspB, R24 ; /* 0x40e00000101879f0 */
+        /*0020*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ; /* 0x0 */
+        /*0030*/                   STL [R1], R2 ;                         /* 0x0 */
+        /*0040*/                   HMMA.16816.F32 R64, R32, R24, R64 ;    /* 0x0 */
+"""
+    c = K.parse_sass(sass)[("sm_90a", "_ZN9fusedtune3fam6kernelEv")]
+    assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 5)
+    assert K.demangle(["_ZN9fusedtune3fam6kernelEv"]) == {"_ZN9fusedtune3fam6kernelEv": "fusedtune::fam::kernel"}
+    assert K._demangle_fallback("_ZN9fusedtune2zo15zo_apply_kernelENS0_6LaunchE") == "fusedtune::zo::zo_apply_kernel"
+    assert K._strip_signature("void ns::k<float, 4>(ns::A, int)") == "ns::k<float, 4>"
+
+
+def test_extension_has_all_targets_and_the_zo_kernel(cuda_rows):
+    rows, notes = cuda_rows
+    archs = K.cubin_archs(_ext.info()["path"])
+    for want in ("sm_80", "sm_89", "sm_90a"):
+        assert want in archs, f"no {want} cubin in the extension (has {archs})"
+    zo = [r for r in rows if "zo_apply_kernel" in r["kernel"]]
+    assert {r["target"] for r in zo} >= {"sm_80", "sm_89", "sm_90a"}
+    for r in rows:
+        assert r["error"] is None, r["error"]
+        assert r["spill_bytes"] == 0 and r["local_insts"] == 0, r
+        assert r["regs"] > 0
+    assert K.check(rows) == []
+
+
+def test_main_prints_table_and_writes_json(tmp_path, capsys, monkeypatch):
+    # the registry is compiled by the module fixture already; this exercises the CLI on the local specs
+    monkeypatch.setattr("fusedtune.triton_kernels.registry.all_kernels", lambda: [GEMM, FAKE_GEMM])
+    out = tmp_path / "k.json"
+    rc = K.main(["--json", str(out), "--no-cuda", "--family", "test"])
+    text = capsys.readouterr().out
+    assert rc == 1  # the fake GEMM is a defect
+    assert "t_gemm" in text and "HGMMA" in text and "DEFECT" in text
+    data = json.loads(out.read_text())
+    assert {r["kernel"] for r in data["rows"]} == {"t_gemm", "t_scale_as_gemm"}
+    assert len(data["defects"]) == 3
+    monkeypatch.setattr("fusedtune.triton_kernels.registry.all_kernels", lambda: [GEMM])
+    assert K.main(["--no-cuda", "--family", "test"]) == 0
+
+
+def test_report_without_extension(monkeypatch, capsys):
+    monkeypatch.setattr(K, "extension_path", lambda: None)
+    monkeypatch.setattr("fusedtune.triton_kernels.registry.all_kernels", lambda: [SCALE])
+    assert K.main(["--family", "test"]) == 0
+    text = capsys.readouterr().out
+    assert "fusedtune._C is not built: the report covers the Triton kernels only" in text
+    assert "t_scale" in text and "cuda " not in text

@@ -1,0 +1,193 @@
+"""zo_apply_: bit equality across backends, undo exactness and drift, stochastic rounding,
+no parameter-sized buffers, opcheck and torch.compile."""
+import pytest
+import torch
+
+import fusedtune
+from fusedtune.ops import zo_apply_
+from fusedtune.testing import check_backends
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1,), (7,), (4, 33), (3, 5, 129), (1000, 3)]
+
+
+def _tensors(dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ts = [(torch.randn(s, generator=g) * 0.05).to(dtype) for s in SHAPES]
+    ts.append(torch.empty(0, dtype=dtype))
+    return ts
+
+
+CASES = [
+    dict(seeds=[3], coeffs=[1e-3]),
+    dict(seeds=[1, (1 << 64) - 1, 42], coeffs=[1e-3, -2.5e-4, 0.75], noise="rademacher"),
+    dict(seeds=[9], coeffs=[-1e-3], undo=([9], [1e-3])),
+    dict(seeds=[9, 10], coeffs=[-1e-6, 1e-3], undo=([9, 4], [-1e-3, 2e-3]), alpha=0.999),
+    dict(seeds=[5], coeffs=[3e-3], rounding="stochastic", rounding_seed=77),
+    dict(seeds=[5], coeffs=[3e-3], rounding="stochastic", undo=([6], [1e-3]), alpha=0.9, tensor_ids=[9, 8, 7, 6, 5, 4]),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_bit_identical_across_backends(dtype, case):
+    kw = dict(CASES[case])
+    if dtype == torch.float16 and kw.get("rounding") == "stochastic":
+        pytest.skip("stochastic rounding is for bfloat16/float32")
+
+    def run(b):
+        ts = _tensors(dtype)
+        zo_apply_(ts, backend=b, **kw)
+        return ts
+    before = _tensors(dtype)
+    after = run("reference")
+    assert any(not torch.equal(a, b) for a, b in zip(after, before)), "the op changed nothing"
+    check_backends(run, "cpu", exact=True)
+
+
+def test_reference_matches_first_principles():
+    # t + c * z computed by hand from zo_noise, rounded once
+    w = (torch.randn(4097) * 0.1).to(torch.bfloat16)
+    z1 = fusedtune.ops.zo_noise(w.shape, 11, tensor_id=0)
+    z2 = fusedtune.ops.zo_noise(w.shape, 12, tensor_id=0)
+    c1, c2 = torch.tensor(1e-2), torch.tensor(-3e-3)
+    want = (w.float() + (c1 * z1 + c2 * z2)).to(torch.bfloat16)
+    for b in ["reference"] + (["cpu"] if fusedtune._ext.loaded() else []):
+        got = w.clone()
+        zo_apply_(got, [11, 12], [1e-2, -3e-3], backend=b)
+        assert torch.equal(got, want), b
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_undo_restores_where_naive_mezo_drifts(dtype):
+    w0 = (torch.randn(1 << 18) * 0.02).to(dtype)
+    eps = 1e-3
+    ours, naive = w0.clone(), w0.clone()
+    zo_apply_(ours, [5], [eps])
+    zo_apply_(ours, [5], [-eps], undo=([5], [eps]))
+    minus = ours.clone()
+    zo_apply_(ours, [5], [0.0], undo=([5], [-eps]))
+    for c in (eps, -2 * eps, eps):  # MeZO: +eps, -2eps, +eps, each rounded
+        zo_apply_(naive, [5], [c])
+    exact_ours = (ours == w0).float().mean().item()
+    exact_naive = (naive == w0).float().mean().item()
+    assert exact_ours > 0.85 and exact_naive < 0.65 and exact_ours > exact_naive + 0.25, (exact_ours, exact_naive)
+    # where the preimage is not unique (a move into a coarser binade), the restore is off by at
+    # most one step of the format at the perturbed magnitude
+    ulp_rel = {torch.float32: 2.0**-23, torch.bfloat16: 2.0**-7, torch.float16: 2.0**-10}[dtype]
+    bound = ulp_rel * (w0.float().abs() + eps * 4)
+    assert ((ours.float() - w0.float()).abs() <= bound).all()
+    # the second forward sees round(w - eps z) from the unperturbed weights (exact where unique)
+    direct = w0.clone()
+    zo_apply_(direct, [5], [-eps])
+    assert (minus == direct).float().mean().item() > 0.85
+
+
+def test_drift_over_many_steps_bf16():
+    w0 = (torch.randn(1 << 16) * 0.02).to(torch.bfloat16)
+    eps = 1e-3
+    ours, naive = w0.clone(), w0.clone()
+    for k in range(20):
+        zo_apply_(ours, [k], [eps])
+        zo_apply_(ours, [k], [-eps], undo=([k], [eps]))
+        zo_apply_(ours, [k], [0.0], undo=([k], [-eps]))
+        for c in (eps, -2 * eps, eps):
+            zo_apply_(naive, [k], [c])
+    drift = lambda t: (t.float() - w0.float()).abs().mean().item()  # noqa: E731
+    assert drift(ours) * 5 < drift(naive), (drift(ours), drift(naive))
+
+
+def test_stochastic_rounding_is_unbiased_and_seeded():
+    w = torch.ones(1 << 18, dtype=torch.bfloat16)  # ulp(1) = 2^-7: a 1e-3 update is under half an ulp
+    z = fusedtune.ops.zo_noise(w.shape, 3, noise="rademacher")
+    nearest, sr, sr2, sr3 = w.clone(), w.clone(), w.clone(), w.clone()
+    zo_apply_(nearest, [3], [1e-3], noise="rademacher")
+    zo_apply_(sr, [3], [1e-3], noise="rademacher", rounding="stochastic", rounding_seed=1)
+    zo_apply_(sr2, [3], [1e-3], noise="rademacher", rounding="stochastic", rounding_seed=1)
+    zo_apply_(sr3, [3], [1e-3], noise="rademacher", rounding="stochastic", rounding_seed=2)
+    assert torch.equal(nearest, w)  # nearest loses the whole update
+    moved = sr.float() - 1
+    for sign in (1.0, -1.0):
+        mean = moved[z == sign].mean().item()
+        assert abs(mean - sign * 1e-3) < 1e-4, mean
+    assert torch.equal(sr, sr2) and not torch.equal(sr, sr3)
+
+
+def test_float32_stochastic_is_plain_float32():
+    a = torch.randn(1000)
+    b = a.clone()
+    zo_apply_(a, [1], [1e-3], rounding="stochastic", rounding_seed=3)
+    zo_apply_(b, [1], [1e-3])
+    assert torch.equal(a, b)
+
+
+def test_only_given_tensors_change():
+    a, b = torch.randn(100), torch.randn(100)
+    b0 = b.clone()
+    zo_apply_([a], [1], [1.0])
+    assert torch.equal(b, b0)
+
+
+@pytest.mark.skipif(not fusedtune._ext.loaded(), reason="needs the C++ CPU kernels")
+def test_cpu_kernel_allocates_nothing_parameter_sized():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class Record(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.numels = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for o in (out if isinstance(out, (tuple, list)) else [out]):
+                if torch.is_tensor(o) and o.untyped_storage().data_ptr() not in self.known:
+                    self.numels.append((str(func), o.numel()))
+            return out
+
+    params = [torch.randn(4096, 64), torch.randn(100_000).bfloat16()]
+    opt = fusedtune.optim.MeZO(params, lr=1e-3, backend="cpu")
+    rec = Record()
+    rec.known = {p.untyped_storage().data_ptr() for p in params}
+    with rec:
+        opt.step(lambda: params[0][0, 0] * 2.0)
+    assert rec.numels and max(n for _, n in rec.numels) <= 16, rec.numels
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    if backend == "cpu" and not fusedtune._ext.loaded():
+        pytest.skip("needs the C++ CPU kernels")
+    ts = [torch.randn(33), torch.randn(5, 7).bfloat16()]
+    s, c = torch.tensor([1, 2]), torch.tensor([1e-3, 2e-3])
+    ps, pc = torch.tensor([1]), torch.tensor([1e-3])
+    torch.library.opcheck(torch.ops.fusedtune.zo_apply_.default,
+                          (ts, s, c, ps, pc, [0, 1], 0.999, 0, 0, 5, backend))
+    if backend == "cpu":
+        torch.library.opcheck(torch.ops.fusedtune.zo_apply_kernel_.default,
+                              (ts, [0, 1], s, c, ps, pc, 1.0, 1, 0, 5))
+
+
+def test_torch_compile_fullgraph():
+    def step(ts, coeff):
+        torch.ops.fusedtune.zo_apply_(ts, torch.tensor([4]), coeff, torch.tensor([4]), torch.tensor([1e-3]),
+                                      [0, 1], 1.0, 0, 0, 0, "cpu" if fusedtune._ext.loaded() else "reference")
+        return ts[0].sum()
+
+    a = [torch.randn(64), torch.randn(8, 8).bfloat16()]
+    b = [t.clone() for t in a]
+    coeff = torch.tensor([-1e-3])
+    step(a, coeff)
+    torch.compile(step, fullgraph=True, backend="aot_eager")(b, coeff)
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_public_wrapper_compiles_fullgraph():
+    def perturb(t):
+        zo_apply_([t], [7], [1e-3])
+        return t * 2
+
+    a, b = torch.randn(100), None
+    b = a.clone()
+    ra = perturb(a)
+    rb = torch.compile(perturb, fullgraph=True, backend="aot_eager")(b)
+    assert torch.equal(ra, rb) and torch.equal(a, b)
