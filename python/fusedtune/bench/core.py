@@ -1,0 +1,253 @@
+"""Benchmark framework: timers, the H100 roofline, CSV rows and plots.
+
+A family module fusedtune/bench/<family>.py exposes `run(timer, quick) -> list[dict]`; each dict is
+one measurement made with `timer` (a GpuTimer or a CpuTimer), built with `row(...)`: our kernel's
+time and the baseline's, timed in the same run. main() adds the environment columns, appends to
+<out>/<family>.csv and plots the ratios to <out>/<family>.png.
+"""
+from __future__ import annotations
+
+import csv
+import datetime
+import os
+import statistics
+import subprocess
+import time
+from typing import Callable, Sequence
+
+import torch
+
+# H100 SXM dense peaks (DESIGN.md, Conventions/Benchmarks)
+H100_BF16_FLOPS = 989e12
+H100_FP8_FLOPS = 1979e12
+H100_HBM_BYTES_PER_S = 3.35e12
+
+COLUMNS = ["kernel", "shape", "dtype", "backend", "baseline", "time_ms", "p20_ms", "p80_ms", "baseline_ms",
+           "ratio", "roofline_pct", "gpu_name", "torch", "triton", "commit", "date", "note"]
+QUANTILES = [0.5, 0.2, 0.8]
+
+
+# ----------------------------------------------------------------------------- roofline
+
+def roofline_ms(bytes_moved: float = 0.0, flops: float = 0.0, precision: str = "bf16") -> float:
+    """The H100 lower bound on the time of a kernel that moves `bytes_moved` through HBM and does
+    `flops` dense tensor-core flops of `precision` ("bf16"/"fp16" or "fp8")."""
+    peak = H100_FP8_FLOPS if precision.startswith("fp8") else H100_BF16_FLOPS
+    return max(bytes_moved / H100_HBM_BYTES_PER_S, flops / peak) * 1e3
+
+
+def roofline_pct(time_ms: float, bytes_moved: float = 0.0, flops: float = 0.0, precision: str = "bf16") -> float:
+    """Percent of the H100 roofline reached: 100 * roofline time / measured time."""
+    if not time_ms or time_ms <= 0:
+        return float("nan")
+    return 100.0 * roofline_ms(bytes_moved, flops, precision) / time_ms
+
+
+# ----------------------------------------------------------------------------- timers
+
+def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
+    s = sorted(samples)
+    if len(s) == 1:
+        return s[0], s[0], s[0]
+
+    def q(p):  # linear interpolation, as numpy's default and torch.quantile
+        x = p * (len(s) - 1)
+        lo = int(x)
+        hi = min(lo + 1, len(s) - 1)
+        return s[lo] + (s[hi] - s[lo]) * (x - lo)
+    return q(0.5), q(0.2), q(0.8)
+
+
+class Timer:
+    """timer(fn) -> (median_ms, p20_ms, p80_ms). `device` is where the family allocates its tensors."""
+
+    device: torch.device
+    name: str
+
+    def __init__(self, quick: bool = False):
+        self.quick = quick
+
+    def __call__(self, fn: Callable[[], object]) -> tuple[float, float, float]:
+        raise NotImplementedError
+
+    def sync(self):
+        pass
+
+
+class CpuTimer(Timer):
+    """time.perf_counter over repeats: a warm-up call, then at least `min_reps` calls and about
+    `budget_s` seconds. For testing the framework on machines without a GPU (tiny shapes)."""
+
+    def __init__(self, quick: bool = False, min_reps: int | None = None, budget_s: float | None = None):
+        super().__init__(quick)
+        self.device = torch.device("cpu")
+        self.name = "cpu"
+        self.min_reps = min_reps or (5 if quick else 10)
+        self.budget_s = budget_s if budget_s is not None else (0.05 if quick else 0.5)
+
+    def __call__(self, fn):
+        fn()  # warm-up
+        samples, start = [], time.perf_counter()
+        while len(samples) < self.min_reps or (time.perf_counter() - start < self.budget_s and len(samples) < 1000):
+            t0 = time.perf_counter()
+            fn()
+            samples.append((time.perf_counter() - t0) * 1e3)
+        return _quantiles(samples)
+
+
+class GpuTimer(Timer):
+    """triton.testing.do_bench (L2 flushed between calls) with quantiles [0.5, 0.2, 0.8]; the
+    repetition time grows with the kernel so that slow baselines are still timed several times.
+    Falls back to CUDA events when Triton is not importable."""
+
+    def __init__(self, quick: bool = False, device=None):
+        super().__init__(quick)
+        self.device = torch.device(device or "cuda")
+        self.name = torch.cuda.get_device_name(self.device)
+        self.min_reps = 3 if quick else 8
+
+    def sync(self):
+        torch.cuda.synchronize(self.device)
+
+    def _estimate_ms(self, fn) -> float:
+        fn()
+        self.sync()
+        t0 = time.perf_counter()
+        fn()
+        self.sync()
+        return (time.perf_counter() - t0) * 1e3
+
+    def __call__(self, fn):
+        est = self._estimate_ms(fn)
+        rep = min(max(50.0 if self.quick else 100.0, self.min_reps * est), 20000.0)
+        warmup = min(max(10.0, est), 1000.0)
+        try:
+            from triton.testing import do_bench
+        except Exception:  # noqa: BLE001 - no Triton: time with CUDA events
+            return self._events(fn, max(self.min_reps, int(rep / max(est, 1e-3))))
+        try:
+            r = do_bench(fn, warmup=warmup, rep=rep, quantiles=QUANTILES)
+        except TypeError:  # an older/newer signature: keep to the arguments every version has
+            r = do_bench(fn, quantiles=QUANTILES)
+        if isinstance(r, (list, tuple)) and len(r) == 3:
+            return float(r[0]), float(r[1]), float(r[2])
+        r = float(r[0] if isinstance(r, (list, tuple)) else r)
+        return r, r, r
+
+    def _events(self, fn, reps):
+        samples = []
+        for _ in range(max(1, min(reps, 1000))):
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            samples.append(a.elapsed_time(b))
+        return _quantiles(samples)
+
+
+# ----------------------------------------------------------------------------- rows
+
+def row(kernel: str, shape: str, dtype: str, backend: str, baseline: str, times: Sequence[float],
+        baseline_ms: float | None, roofline: float | None = None, note: str = "") -> dict:
+    """One CSV row: `times` = (median, p20, p80) of ours; ratio = baseline_ms / median (> 1: faster
+    than the baseline)."""
+    med, p20, p80 = (float(t) for t in times)
+    ratio = (baseline_ms / med) if baseline_ms and med > 0 else float("nan")
+    return {"kernel": kernel, "shape": shape, "dtype": dtype, "backend": backend, "baseline": baseline,
+            "time_ms": med, "p20_ms": p20, "p80_ms": p80,
+            "baseline_ms": float("nan") if baseline_ms is None else float(baseline_ms),
+            "ratio": ratio, "roofline_pct": float("nan") if roofline is None else float(roofline), "note": note}
+
+
+def git_commit() -> str:
+    here = os.path.dirname(os.path.abspath(__file__))
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
+                             timeout=10)
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except Exception:  # noqa: BLE001
+        return "unknown"
+
+
+def environment(timer: Timer) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except Exception:  # noqa: BLE001
+        tv = "none"
+    return {"gpu_name": timer.name, "torch": torch.__version__, "triton": tv, "commit": git_commit(),
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")}
+
+
+def _cell(v):
+    if isinstance(v, float):
+        return "nan" if v != v else f"{v:.6g}"
+    return v
+
+
+def append_csv(rows: list[dict], path: str) -> None:
+    """Append rows to a CSV (header written once). An existing file with other columns is rewritten
+    with the union of columns, so older results are kept."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    cols = list(COLUMNS) + [k for r in rows for k in r if k not in COLUMNS]
+    cols = list(dict.fromkeys(cols))
+    old = []
+    if os.path.exists(path) and os.path.getsize(path) > 0:
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            header = reader.fieldnames or []
+            if header == cols:
+                with open(path, "a", newline="") as fa:
+                    w = csv.DictWriter(fa, fieldnames=cols, extrasaction="ignore")
+                    for r in rows:
+                        w.writerow({k: _cell(r.get(k, "")) for k in cols})
+                return
+            old = list(reader)
+            cols = list(dict.fromkeys(cols + header))
+    with open(path, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=cols, extrasaction="ignore")
+        w.writeheader()
+        for r in old:
+            w.writerow({k: r.get(k, "") for k in cols})
+        for r in rows:
+            w.writerow({k: _cell(r.get(k, "")) for k in cols})
+
+
+def plot(rows: list[dict], path: str, title: str) -> str | None:
+    """Horizontal bars of ratio (baseline / ours) per kernel row; None when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # noqa: BLE001
+        return None
+    rows = [r for r in rows if r["ratio"] == r["ratio"]]
+    if not rows:
+        return None
+    labels = [f"{r['kernel']} [{r['backend']}] {r['shape']}\nvs {r['baseline']}" for r in rows]
+    ratios = [r["ratio"] for r in rows]
+    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    y = list(range(len(rows)))[::-1]
+    ax.barh(y, ratios, color=["tab:green" if v >= 1 else "tab:red" for v in ratios])
+    ax.axvline(1.0, color="black", lw=1)
+    ax.set_yticks(y)
+    ax.set_yticklabels(labels, fontsize=7)
+    ax.set_xlabel("speed-up over the baseline (baseline time / our time)")
+    for yi, v in zip(y, ratios):
+        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=7)
+    ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def format_rows(rows: list[dict]) -> str:
+    cols = ["kernel", "shape", "dtype", "backend", "baseline", "time_ms", "p20_ms", "p80_ms", "baseline_ms", "ratio",
+            "roofline_pct", "note"]
+    body = [[str(_cell(r.get(c, ""))) for c in cols] for r in rows]
+    widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
+    line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
+    return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(b) for b in body])

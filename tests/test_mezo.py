@@ -1,0 +1,113 @@
+"""MeZO: three fused passes per step, loss falls, subsets, weight decay, replay, ES, state."""
+import pytest
+import torch
+
+import fusedtune
+from fusedtune.ops import zo_apply_, zo_noise
+from fusedtune.optim import MeZO, es_step_, zo_replay_
+
+
+def _regression(dtype=torch.float32):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(256, 16, generator=g)
+    y = x @ torch.randn(16, 1, generator=g)
+    m = torch.nn.Linear(16, 1).to(dtype)
+    return m, (lambda: ((m(x.to(dtype)).float() - y) ** 2).mean())
+
+
+@pytest.mark.parametrize("dtype,noise", [(torch.float32, "normal"), (torch.bfloat16, "normal"),
+                                         (torch.float32, "rademacher")])
+def test_loss_falls(dtype, noise):
+    m, loss = _regression(dtype)
+    opt = MeZO(m.parameters(), lr=1e-2, eps=1e-2 if dtype == torch.bfloat16 else 1e-3, noise=noise)
+    l0 = loss().item()
+    for _ in range(300):
+        opt.step(loss)
+    assert loss().item() < 0.2 * l0
+
+
+def test_step_equals_direct_update_from_unperturbed_weights():
+    # after a step the weights are round(w - lr*g*z) of the original weights (exact where the
+    # perturbation is invertible), with g from the two perturbed losses
+    w = torch.nn.Parameter((torch.randn(4096) * 0.02).to(torch.bfloat16))
+    w0 = w.detach().clone()
+    target = torch.randn(4096)
+    opt = MeZO([w], lr=1e-2, eps=1e-3)
+    opt.step(lambda: ((w.float() - target) ** 2).mean())
+    s, g = opt.last["seed"], opt.last["projected_grad"]
+    direct = w0.clone()
+    zo_apply_(direct, [s], [-1e-2 * g.item()])
+    assert (w.detach() == direct).float().mean().item() > 0.85
+    # and the losses are those of round(w0 + eps z) and round(w0 - eps z)
+    plus, minus = w0.clone(), w0.clone()
+    zo_apply_(plus, [s], [1e-3])
+    zo_apply_(minus, [s], [-1e-3])
+    assert opt.last["loss_plus"].item() == ((plus.float() - target) ** 2).mean().item()
+    assert abs(opt.last["loss_minus"].item() - ((minus.float() - target) ** 2).mean().item()) < 1e-6
+
+
+def test_subset_of_parameters_and_weight_decay():
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    b0 = b.detach().clone()
+    a0 = a.detach().clone()
+    opt = MeZO([{"params": [a], "weight_decay": 0.5}], lr=0.1, eps=1e-3)
+    opt.step(lambda: (a * 0).sum())  # zero projected gradient: only the decay acts
+    assert torch.equal(b.detach(), b0)
+    assert torch.allclose(a.detach(), a0 * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-6)
+
+
+def test_backends_agree_on_a_step():
+    if not fusedtune._ext.loaded():
+        pytest.skip("needs the C++ CPU kernels")
+    outs = []
+    for b in ("reference", "cpu"):
+        torch.manual_seed(0)
+        m = torch.nn.Linear(33, 7).to(torch.bfloat16)
+        x = torch.randn(5, 33).to(torch.bfloat16)
+        opt = MeZO(m.parameters(), lr=1e-2, rounding="stochastic", seed=9, backend=b)
+        for _ in range(3):
+            opt.step(lambda: m(x).float().pow(2).mean())
+        outs.append([p.detach().clone() for p in m.parameters()])
+    assert all(torch.equal(x, y) for x, y in zip(*outs))
+
+
+def test_replay_reproduces_steps_from_seeds():
+    # a second machine replays the (seed, projected grad) history in one pass
+    w = torch.nn.Parameter(torch.randn(1000))
+    w0 = w.detach().clone()
+    opt = MeZO([w], lr=1e-3, eps=1e-3, seed=3)
+    hist = []
+    for _ in range(5):
+        opt.step(lambda: (w ** 2).sum())
+        hist.append((opt.last["seed"], -1e-3 * opt.last["projected_grad"].item()))
+    replica = w0.clone()
+    zo_replay_([replica], [s for s, _ in hist], [c for _, c in hist])
+    assert torch.allclose(replica, w.detach(), atol=1e-6)
+    assert [opt.seed_for(i) for i in range(5)] == [s for s, _ in hist]
+
+
+def test_es_step_matches_formula():
+    w = torch.zeros(2000)
+    seeds, rewards = [11, 12, 13], [1.0, -2.0, 4.0]
+    coeffs = es_step_([w], seeds, rewards, lr=0.1, sigma=0.01)
+    r = torch.tensor(rewards, dtype=torch.float64)
+    r = (r - r.mean()) / r.std()
+    want = sum((0.1 / (3 * 0.01) * r[j]).float() * zo_noise((2000,), s) for j, s in enumerate(seeds))
+    assert torch.allclose(coeffs, 0.1 / 0.03 * r)
+    assert torch.allclose(w, want, atol=1e-5)
+
+
+def test_state_dict_round_trip():
+    w = torch.nn.Parameter(torch.randn(10))
+    opt = MeZO([w], lr=1e-3, seed=5)
+    opt.step(lambda: w.sum())
+    sd = opt.state_dict()
+    opt2 = MeZO([w], lr=1e-3, seed=0)
+    opt2.load_state_dict(sd)
+    assert (opt2.seed, opt2.steps) == (5, 1) and opt2.seed_for(1) == opt.seed_for(1)
+
+
+def test_backend_report():
+    w = torch.nn.Parameter(torch.randn(10))
+    rows = MeZO([w], lr=1e-3).backend_report()
+    assert rows[0]["backend"] == ("cpu" if fusedtune._ext.loaded() else "reference")
