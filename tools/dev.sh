@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Developer entry point; the README's two quick-start commands are `bash tools/dev.sh demo` and
+# `bash tools/dev.sh test`. Installs what is missing (pinned torch, the package in editable mode with
+# fusedtune._C built for FUSEDTUNE_CUDA_ARCHS, default 8.0;8.9;9.0a), then:
+#   demo   python -m fusedtune demo (extra arguments are passed on)
+#   test   the test suite: normal run, Triton interpreter run, kernel report
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+export MAX_JOBS=${MAX_JOBS:-2}
+# torch picks CUDA archs from the GPUs unless told; a GPU-less build machine must tell it.
+export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.9;9.0}
+
+setup() {
+  if ! $PY -c "import torch, pytest, transformers, scipy, ninja" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+    $PY -m pip install -q -r requirements-dev.txt
+  fi
+  if ! $PY -m pip show -q fusedtune >/dev/null 2>&1 || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+    $PY -m pip install -q --no-build-isolation --no-deps -e .
+  elif [ "${FUSEDTUNE_SKIP_CUDA:-0}" != 1 ]; then
+    $PY setup.py -q build_ext --inplace   # incremental rebuild of fusedtune._C
+  fi
+}
+
+cmd=${1:-test}
+shift || true
+setup
+case "$cmd" in
+  demo)
+    exec $PY -m fusedtune demo "$@" ;;
+  test)
+    $PY -m fusedtune doctor
+    echo "== tests (normal run)"
+    $PY -m pytest -q "$@"
+    echo "== tests (Triton interpreter run)"
+    TRITON_INTERPRET=1 $PY -m pytest -q -m interp "$@"
+    echo "== kernel report"
+    $PY -m fusedtune kernels ;;
+  *)
+    echo "usage: bash tools/dev.sh demo|test [args]" >&2; exit 2 ;;
+esac
