@@ -14,7 +14,7 @@ pytestmark = pytest.mark.gpu
 def _mixed(device, n=60):
     g = torch.Generator().manual_seed(2)
     ts = []
-    for i in range(n):  # > 48 tensors: several launches; odd sizes; all three dtypes
+    for i in range(n):  # many tensors in one grid; odd sizes; all three dtypes
         dt = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
         ts.append((torch.randn(1 + 977 * i, generator=g) * 0.05).to(dt).to(device))
     big = torch.randn(3 * 8192 * 4 + 13, generator=g).bfloat16().to(device)

@@ -81,9 +81,13 @@ __global__ void __launch_bounds__(kThreads) zo_apply_kernel(const __grid_constan
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
   const int64_t b = blockIdx.x;
-  int ti = 0;
-  while (ti + 1 < launch.count && b >= launch.block_start[ti + 1]) ++ti;
-  const TensorMeta& m = launch.t[ti];
+  int lo = 0, hi = launch.count - 1;  // last tensor whose first block is <= b
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (launch.block_start[mid] <= b) lo = mid; else hi = mid - 1;
+  }
+  const int ti = lo;
+  const TensorMeta m = launch.t[ti];
   const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
   if (m.dtype == FT_F32)
     run_chunk<FT_F32>(p, table, m, chunk0);

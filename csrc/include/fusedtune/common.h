@@ -8,8 +8,10 @@
 
 #if defined(__CUDACC__)
 #define FT_HD __host__ __device__ __forceinline__
+#define FT_UNROLL _Pragma("unroll")
 #else
 #define FT_HD inline
+#define FT_UNROLL
 #endif
 
 namespace fusedtune {

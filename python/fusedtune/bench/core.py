@@ -161,6 +161,10 @@ def row(kernel: str, shape: str, dtype: str, backend: str, baseline: str, times:
 
 
 def git_commit() -> str:
+    """FUSEDTUNE_COMMIT when set (a staged copy of the package), else git rev-parse --short HEAD of
+    the source tree, else "unknown"."""
+    if os.environ.get("FUSEDTUNE_COMMIT"):
+        return os.environ["FUSEDTUNE_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
@@ -225,17 +229,24 @@ def plot(rows: list[dict], path: str, title: str) -> str | None:
     rows = [r for r in rows if r["ratio"] == r["ratio"]]
     if not rows:
         return None
-    labels = [f"{r['kernel']} [{r['backend']}] {r['shape']}\nvs {r['baseline']}" for r in rows]
+    shapes = list(dict.fromkeys(r["shape"] for r in rows))
+    one_shape = len(shapes) == 1
+    labels = [f"{r['kernel']} [{r['backend']}]" + ("" if one_shape else f" {r['shape']}") + f"\nvs {r['baseline']}"
+              for r in rows]
     ratios = [r["ratio"] for r in rows]
-    fig, ax = plt.subplots(figsize=(10, 0.6 * len(rows) + 1.5))
+    fig, ax = plt.subplots(figsize=(11, 0.55 * len(rows) + 1.6))
     y = list(range(len(rows)))[::-1]
     ax.barh(y, ratios, color=["tab:green" if v >= 1 else "tab:red" for v in ratios])
     ax.axvline(1.0, color="black", lw=1)
+    if max(ratios) / max(min(ratios), 1e-12) > 50:
+        ax.set_xscale("log")
     ax.set_yticks(y)
     ax.set_yticklabels(labels, fontsize=7)
     ax.set_xlabel("speed-up over the baseline (baseline time / our time)")
     for yi, v in zip(y, ratios):
-        ax.text(v, yi, f" {v:.2f}x", va="center", fontsize=7)
+        ax.text(v, yi, f" {v:.3g}x", va="center", fontsize=7)
+    if one_shape:
+        title += "\n" + shapes[0]
     ax.set_title(title, fontsize=9)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)) or ".", exist_ok=True)

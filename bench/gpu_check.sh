@@ -1,0 +1,147 @@
+#!/usr/bin/env bash
+# One command for a machine with an NVIDIA GPU and no network:
+#
+#   bash bench/gpu_check.sh OUTDIR
+#
+# Uses the python/torch/triton already installed there (no pip download): prints the environment,
+# builds fusedtune._C in place for the local GPU plus sm_90a, runs the GPU tests, the kernel report
+# and every benchmark, and writes logs, kernels.json and the benchmark CSV/PNG files to OUTDIR.
+# Every step has a time limit (all of them together < 8 minutes); a failed step is logged and the
+# script goes on; it exits non-zero at the end if any step failed. Copy OUTDIR/*.csv to bench/results/.
+#
+# Environment: PYTHON (interpreter), FUSEDTUNE_CUDA_ARCHS (default: local arch + 9.0a), MAX_JOBS
+# (default 16), GPU_CHECK_SKIP_BUILD=1 (keep the extension as built).
+set -euo pipefail
+
+if [ $# -lt 1 ]; then
+  echo "usage: bash bench/gpu_check.sh OUTDIR" >&2
+  exit 2
+fi
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$1"
+OUT=$(cd "$1" && pwd)
+cd "$REPO"
+PY=${PYTHON:-$(command -v python || command -v python3)}
+SUMMARY="$OUT/summary.txt"
+: > "$SUMMARY"
+FAILED=()
+T0=$SECONDS
+
+# run_step NAME TIMEOUT_S CMD...  -> output on the terminal and in OUT/NAME.log; never stops the script
+run_step() {
+  local name=$1 limit=$2 rc start=$SECONDS status
+  shift 2
+  echo
+  echo "=== $name (limit ${limit}s): $*"
+  set +e
+  timeout --kill-after=15 "$limit" "$@" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  set -e
+  case $rc in
+    0) status=ok ;;
+    124|137) status="TIMED OUT after ${limit}s" ;;
+    *) status="FAILED (exit $rc)" ;;
+  esac
+  [ "$rc" = 0 ] || FAILED+=("$name")
+  printf '%-10s %-28s %4ss  %s\n' "$name" "$status" "$((SECONDS - start))" "$*" | tee -a "$SUMMARY"
+  return "$rc"
+}
+
+# ---------------------------------------------------------------- environment
+{
+  echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
+  echo "repo: $REPO  commit: $(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)"
+  command -v nvidia-smi >/dev/null && nvidia-smi || echo "nvidia-smi: not found"
+  command -v nvcc >/dev/null && nvcc --version | tail -n 2 || echo "nvcc: not on PATH (CUDA_HOME=${CUDA_HOME:-unset})"
+  "$PY" - <<'EOF'
+import sys, platform
+print("python", sys.version.split()[0], platform.platform())
+try:
+    import torch
+    print("torch", torch.__version__, "cuda", torch.version.cuda, "gpu available", torch.cuda.is_available())
+    if torch.cuda.is_available():
+        print("gpu", torch.cuda.get_device_name(), "capability %d.%d" % torch.cuda.get_device_capability())
+except Exception as e:
+    print("torch: not importable:", e)
+try:
+    import triton
+    print("triton", triton.__version__)
+except Exception as e:
+    print("triton: not importable:", e)
+for m in ("pytest", "ninja", "matplotlib", "numpy"):
+    try:
+        mod = __import__(m)
+        print(m, getattr(mod, "__version__", "?"))
+    except Exception:
+        print(m, "MISSING")
+EOF
+} 2>&1 | tee "$OUT/env.log"
+
+CAP=${GPU_CHECK_CAP:-}   # (set only to test this script on a machine without a GPU)
+[ -n "$CAP" ] || CAP=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability()) if torch.cuda.is_available() else print('')" 2>/dev/null || true)
+if [ -z "$CAP" ]; then
+  echo "gpu_check: torch sees no CUDA GPU here; this script is for a GPU machine" | tee -a "$SUMMARY"
+  exit 1
+fi
+# the local arch plus sm_90a (an H100 needs only 9.0a: its sm_90a cubin is the fast one)
+if [ "$CAP" = "9.0" ]; then ARCHS="9.0a"; else ARCHS="$CAP;9.0a"; fi
+export FUSEDTUNE_CUDA_ARCHS=${FUSEDTUNE_CUDA_ARCHS:-$ARCHS}
+export MAX_JOBS=${MAX_JOBS:-16}
+export FUSEDTUNE_COMMIT=${FUSEDTUNE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+export MPLBACKEND=Agg
+
+# ---------------------------------------------------------------- build (limit 130 s in all)
+BUILD_T0=$SECONDS
+if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
+  echo "gpu_check: GPU_CHECK_SKIP_BUILD=1: using the extension as it is" | tee -a "$SUMMARY"
+elif ! run_step build 130 "$PY" setup.py build_ext --inplace; then
+  left=$((130 - (SECONDS - BUILD_T0)))
+  [ "$left" -lt 30 ] && left=30
+  echo "gpu_check: in-place build failed; trying pip install --no-build-isolation --no-deps -e ."
+  if run_step build_pip "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
+    FAILED=()   # the fallback worked: the in-place failure stays in build.log only
+  fi
+fi
+
+# How to import this checkout: PYTHONPATH=python when it resolves fusedtune.triton_kernels, an
+# editable install of this checkout, else a staged copy laid out as a wheel installs it.
+CHECK='import os, sys, fusedtune, fusedtune.triton_kernels.registry as r; sys.exit(0 if os.path.realpath(fusedtune.__file__).startswith(os.path.realpath(sys.argv[1])) else 3)'
+if PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "$CHECK" "$REPO" 2>/dev/null; then
+  export PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_check: importing fusedtune from $REPO/python"
+elif "$PY" -c "$CHECK" "$REPO" 2>/dev/null; then
+  echo "gpu_check: importing fusedtune from the editable install of $REPO"
+else
+  STAGE="$OUT/.stage"
+  rm -rf "$STAGE" && mkdir -p "$STAGE"
+  cp -r "$REPO/python/fusedtune" "$STAGE/fusedtune"
+  rm -rf "$STAGE/fusedtune/triton_kernels" && cp -r "$REPO/triton_kernels" "$STAGE/fusedtune/triton_kernels"
+  export PYTHONPATH="$STAGE${PYTHONPATH:+:$PYTHONPATH}"
+  echo "gpu_check: importing fusedtune from a staged copy in $STAGE (python/fusedtune + triton_kernels)"
+fi
+"$PY" -c "import fusedtune, json; from fusedtune import _ext; print('fusedtune', fusedtune.__file__); print(json.dumps(_ext.info(), indent=1))" 2>&1 | tee -a "$OUT/build.log" || true
+
+run_step doctor 30 "$PY" -m fusedtune doctor || true
+
+# ---------------------------------------------------------------- GPU tests
+if "$PY" -c "import pytest" 2>/dev/null; then
+  run_step pytest_gpu 120 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests || true
+else
+  echo "pytest_gpu  FAILED: pytest is not installed here, the GPU tests were NOT run" | tee -a "$SUMMARY" "$OUT/pytest_gpu.log"
+  FAILED+=("pytest_gpu")
+fi
+
+# ---------------------------------------------------------------- kernel report and benchmarks
+run_step kernels 60 "$PY" -m fusedtune kernels --json "$OUT/kernels.json" || true
+run_step bench 110 "$PY" -m fusedtune bench all --out "$OUT" || true
+
+# ---------------------------------------------------------------- summary
+echo
+echo "=== gpu_check summary ($((SECONDS - T0)) s; outputs in $OUT)"
+cat "$SUMMARY"
+ls -1 "$OUT" | sed 's/^/  /'
+if [ "${#FAILED[@]}" -gt 0 ] && [ -n "${FAILED[*]}" ]; then
+  echo "gpu_check: FAILED steps: ${FAILED[*]}"
+  exit 1
+fi
+echo "gpu_check: all steps passed"
