@@ -140,37 +140,21 @@ def _finish(x, d, alpha, rnd, DT: tl.constexpr, SCALE: tl.constexpr, SR: tl.cons
 
 
 @triton.jit
-def _delta4(seeds_ptr, coeffs_ptr, n, c0, c1, c2, table_ptr, NOISE: tl.constexpr):
-    d0 = tl.zeros(c0.shape, tl.float32)
-    d1 = tl.zeros(c0.shape, tl.float32)
-    d2 = tl.zeros(c0.shape, tl.float32)
-    d3 = tl.zeros(c0.shape, tl.float32)
-    for j in range(0, n):
-        s = tl.load(seeds_ptr + j)
-        c = tl.load(coeffs_ptr + j)
-        u0, u1, u2, u3 = _draw4(s, c0, c1, c2, 0)
-        d0 = d0 + c * _noise(u0, table_ptr, NOISE)
-        d1 = d1 + c * _noise(u1, table_ptr, NOISE)
-        d2 = d2 + c * _noise(u2, table_ptr, NOISE)
-        d3 = d3 + c * _noise(u3, table_ptr, NOISE)
-    return d0, d1, d2, d3
+def _words(seed, c0, c1, c2, col, stream: tl.constexpr):
+    """[BLOCK, 4] random words: element (g, k) takes word k of group g's Philox output."""
+    u0, u1, u2, u3 = _draw4(seed, c0, c1, c2, stream)
+    return tl.where(col == 0, u0[:, None], tl.where(col == 1, u1[:, None], tl.where(col == 2, u2[:, None],
+                                                                                    u3[:, None])))
 
 
 @triton.jit
-def _lane(x_ptr, e, numel, d, dp, alpha, rnd, DT: tl.constexpr, HAS_PREV: tl.constexpr, SCALE: tl.constexpr,
-          SR: tl.constexpr):
-    m = e < numel
-    if DT == 0:
-        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint32, bitcast=True)
-    else:
-        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
-    if HAS_PREV:
-        x = _invert(x, dp, DT)
-    y = _finish(x, d, alpha, rnd, DT, SCALE, SR)
-    if DT == 0:
-        tl.store(x_ptr + e, y.to(tl.int32, bitcast=True), mask=m)
-    else:
-        tl.store(x_ptr + e, y.to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
+def _delta(seeds_ptr, coeffs_ptr, n, c0, c1, c2, col, table_ptr, NOISE: tl.constexpr):
+    d = tl.zeros((c0.shape[0], 4), tl.float32)
+    for j in range(0, n):
+        s = tl.load(seeds_ptr + j)
+        c = tl.load(coeffs_ptr + j)
+        d = d + c * _noise(_words(s, c0, c1, c2, col, 0), table_ptr, NOISE)
+    return d
 
 
 @triton.jit
@@ -178,29 +162,28 @@ def zo_apply_kernel(x_ptr, numel, tid, seeds_ptr, coeffs_ptr, n, prev_seeds_ptr,
                     table_ptr, alpha, rseed_ptr, DT: tl.constexpr, NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
                     SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    col = tl.arange(0, 4)[None, :]
     c0 = (g & 0xFFFFFFFF).to(tl.uint32)
     c1 = (g >> 32).to(tl.uint32)
     c2 = tl.full(c0.shape, tid, tl.uint32)
-    d0, d1, d2, d3 = _delta4(seeds_ptr, coeffs_ptr, n, c0, c1, c2, table_ptr, NOISE)
+    e = g[:, None] * 4 + col  # [BLOCK, 4] contiguous elements: coalesced, vectorisable accesses
+    m = e < numel
+    if DT == 0:
+        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint32, bitcast=True)
+    else:
+        x = tl.load(x_ptr + e, mask=m, other=0).to(tl.uint16, bitcast=True).to(tl.uint32)
+    d = _delta(seeds_ptr, coeffs_ptr, n, c0, c1, c2, col, table_ptr, NOISE)
     if HAS_PREV:
-        p0, p1, p2, p3 = _delta4(prev_seeds_ptr, prev_coeffs_ptr, n_prev, c0, c1, c2, table_ptr, NOISE)
-    else:
-        p0 = d0
-        p1 = d1
-        p2 = d2
-        p3 = d3
+        x = _invert(x, _delta(prev_seeds_ptr, prev_coeffs_ptr, n_prev, c0, c1, c2, col, table_ptr, NOISE), DT)
     if SR:
-        r0, r1, r2, r3 = _draw4(tl.load(rseed_ptr), c0, c1, c2, 1)
+        rnd = _words(tl.load(rseed_ptr), c0, c1, c2, col, 1)
     else:
-        r0 = c0
-        r1 = c0
-        r2 = c0
-        r3 = c0
-    e = g * 4
-    _lane(x_ptr, e, numel, d0, p0, alpha, r0, DT, HAS_PREV, SCALE, SR)
-    _lane(x_ptr, e + 1, numel, d1, p1, alpha, r1, DT, HAS_PREV, SCALE, SR)
-    _lane(x_ptr, e + 2, numel, d2, p2, alpha, r2, DT, HAS_PREV, SCALE, SR)
-    _lane(x_ptr, e + 3, numel, d3, p3, alpha, r3, DT, HAS_PREV, SCALE, SR)
+        rnd = x
+    y = _finish(x, d, alpha, rnd, DT, SCALE, SR)
+    if DT == 0:
+        tl.store(x_ptr + e, y.to(tl.int32, bitcast=True), mask=m)
+    else:
+        tl.store(x_ptr + e, y.to(tl.uint16).to(tl.int16, bitcast=True), mask=m)
 
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
