@@ -13,7 +13,7 @@ import triton.language as tl
 from .registry import KernelSpec, register
 
 BLOCK_G = 256  # groups of 4 elements per program
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 
 @triton.jit

@@ -10,7 +10,6 @@ from __future__ import annotations
 import csv
 import datetime
 import os
-import statistics
 import subprocess
 import time
 from typing import Callable, Sequence

@@ -431,7 +431,7 @@ def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, 
         rows += collect_cuda(ext_path, notes)
     for r in rows:
         r["defects"] = defects(r)
-        if (r.get("gemm") and r.get("cc", 0) >= 90 and not r.get("HGMMA") and not r.get("QGMMA")
+        if (r.get("gemm") and (r.get("cc") or 0) >= 90 and not r.get("HGMMA") and not r.get("QGMMA")
                 and r.get("tc_insts")):
             r["notes"].append("HMMA on sm_90 (no wgmma)")
     return rows
