@@ -29,4 +29,8 @@ TORCH_LIBRARY(fusedtune, m) {
   m.def(
       "zo_apply_kernel_(Tensor(a!)[] tensors, int[] tensor_ids, Tensor seeds, Tensor coeffs, "
       "Tensor prev_seeds, Tensor prev_coeffs, float alpha, int noise, int rounding, int rounding_seed) -> ()");
+  // hft: one AdamW step over many tensors; a row master also writes its rows into targets[i].
+  m.def(
+      "masked_adamw_kernel_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] targets, Tensor[] rows, float[] consts) -> ()");
 }

@@ -2,6 +2,7 @@
 // of zo_math.h (bit-identical to the CPU kernel). Light headers only: no torch includes here.
 #include <cuda_runtime.h>
 
+#include "fusedtune/multi_tensor.h"
 #include "fusedtune/zo_cuda.h"
 
 namespace fusedtune {
@@ -81,12 +82,7 @@ __global__ void __launch_bounds__(kThreads) zo_apply_kernel(const __grid_constan
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
   const int64_t b = blockIdx.x;
-  int lo = 0, hi = launch.count - 1;  // last tensor whose first block is <= b
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (launch.block_start[mid] <= b) lo = mid; else hi = mid - 1;
-  }
-  const int ti = lo;
+  const int ti = find_segment(launch.block_start, launch.count, b);
   const TensorMeta m = launch.t[ti];
   const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
   if (m.dtype == FT_F32)

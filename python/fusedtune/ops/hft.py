@@ -1,0 +1,160 @@
+"""Half-fine-tuning family ops.
+
+    hft_row_linear(x, weight, weight_rows, rows, bias)  y = x W^T + b with W frozen; the backward
+        gives dX (full) and the gradient of weight_rows, the master copy of W's selected rows,
+        computed only for those rows (row_grad: one GEMM over gathered dy columns, no dense dW).
+    row_grad(dy, x, rows)                               that compact gradient, float32 [R, in]
+    masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, ...)
+        one fused multi-tensor AdamW pass; a row master also writes its rows into its full weight.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .. import backend as _backend
+from ..reference import hft as ref
+
+_ROW_GRAD_HAS = ("reference", "triton")
+_ADAMW_HAS = ("reference", "cpu", "cuda")
+
+
+@torch.library.custom_op("fusedtune::hft_row_grad", mutates_args=())
+def _row_grad_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton_kernels import hft as tk
+        return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows)
+    return ref.row_grad(dy, x, rows)
+
+
+@_row_grad_op.register_fake
+def _(dy, x, rows, backend):
+    return x.new_empty((rows.shape[0], x.shape[-1]), dtype=torch.float32)
+
+
+def _check_rows(rows: torch.Tensor, n: int, what: str):
+    if not torch.is_tensor(rows) or rows.dtype != torch.int64 or rows.dim() != 1:
+        raise TypeError(f"{what}: rows must be a 1-D int64 tensor")
+    if torch.compiler.is_compiling() or rows.numel() == 0:
+        return
+    if int(rows.min()) < 0 or int(rows.max()) >= n:
+        raise ValueError(f"{what}: rows must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
+    if rows.numel() > 1 and not bool((rows[1:] > rows[:-1]).all()):
+        raise ValueError(f"{what}: rows must be sorted and unique")
+
+
+def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str | None = None) -> torch.Tensor:
+    """G[r, :] = sum over tokens of dy[t, rows[r]] * x[t, :], float32 [len(rows), in_features]."""
+    if dy.shape[:-1] != x.shape[:-1]:
+        raise ValueError(f"row_grad: dy {tuple(dy.shape)} and x {tuple(x.shape)} differ in leading dims")
+    if dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"row_grad: dy ({dy.dtype}, {dy.device}) and x ({x.dtype}, {x.device}) must match")
+    _check_rows(rows, dy.shape[-1], "row_grad")
+    name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
+    return _row_grad_op(dy, x, rows.to(x.device), name)
+
+
+@torch.library.custom_op("fusedtune::hft_row_linear", mutates_args=())
+def _row_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_rows: torch.Tensor, rows: torch.Tensor,
+                   bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+@_row_linear_op.register_fake
+def _(x, weight, weight_rows, rows, bias, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _row_linear_setup(ctx, inputs, output):
+    x, weight, weight_rows, rows, bias, backend = inputs
+    ctx.save_for_backward(x, weight, rows)
+    ctx.backend = backend
+    ctx.master_dtype = weight_rows.dtype
+
+
+def _row_linear_backward(ctx, dy):
+    x, weight, rows = ctx.saved_tensors
+    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw = _row_grad_op(dy, x, rows, ctx.backend).to(ctx.master_dtype) if ctx.needs_input_grad[2] else None
+    return dx, None, dw, None, None, None
+
+
+torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
+
+
+def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None = None) -> torch.Tensor:
+    """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode)."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hft_row_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    if weight_rows.dim() != 2 or weight_rows.shape != (rows.shape[0], weight.shape[1]):
+        raise ValueError(f"hft_row_linear: weight_rows must be [{rows.shape[0]}, {weight.shape[1]}], "
+                         f"got {tuple(weight_rows.shape)}")
+    _check_rows(rows, weight.shape[0], "hft_row_linear")
+    name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
+    return _row_linear_op(x, weight, weight_rows, rows, bias, name)
+
+
+@torch.library.custom_op("fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))
+def _masked_adamw_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+                     exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
+                     consts: list[float], backend: str) -> None:
+    if backend == "reference":
+        keys = ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")
+        ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dict(zip(keys, consts)))
+    else:
+        torch.ops.fusedtune.masked_adamw_kernel_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts)
+
+
+@_masked_adamw_op.register_fake
+def _(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts, backend):
+    return None
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fusedtune::masked_adamw_kernel_")
+    def _(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts):
+        return None
+
+
+def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: float, beta1: float, beta2: float,
+                  eps: float, weight_decay: float, step: int, backend: str | None = None) -> None:
+    """One AdamW step in place over lists of tensors (all on one device). targets[i] is an empty
+    tensor, or the full weight [out, in] that params[i] (a [len(rows[i]), in] row master) writes to."""
+    n = len(params)
+    if not n:
+        return
+    if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, targets, rows)):
+        raise ValueError("masked_adamw_: params, grads, exp_avgs, exp_avg_sqs, targets and rows differ in length")
+    dev = params[0].device
+    for i, (p, g, m, v, t, r) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets, rows)):
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.dtype != p.dtype:
+            raise TypeError(f"masked_adamw_: params[{i}] is {p.dtype} with grad {g.dtype}; need a float dtype, "
+                            "grad of the same dtype")
+        if m.dtype != torch.float32 or v.dtype != torch.float32 or m.shape != p.shape or v.shape != p.shape:
+            raise TypeError(f"masked_adamw_: moments of params[{i}] must be float32 of shape {tuple(p.shape)}")
+        if g.shape != p.shape:
+            raise ValueError(f"masked_adamw_: grads[{i}] has shape {tuple(g.shape)}, params[{i}] {tuple(p.shape)}")
+        if any(x.device != dev for x in (p, g, m, v)) or (t.numel() and (t.device != dev or r.device != dev)):
+            raise ValueError(f"masked_adamw_: tensors of params[{i}] are not all on {dev}")
+        if not all(x.is_contiguous() for x in (p, g, m, v, t)):
+            raise ValueError(f"masked_adamw_: tensors of params[{i}] must be contiguous")
+        if t.numel():
+            if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):
+                raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "
+                                 f"{tuple(t.shape)} with {r.numel()} rows")
+            _check_rows(r, t.shape[0], "masked_adamw_")
+    c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
+    consts = [c[k] for k in ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")]
+    name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
+    with torch.no_grad():
+        _masked_adamw_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets),
+                         [r if r.numel() else torch.empty(0, dtype=torch.int64, device=dev) for r in rows],
+                         consts, name)
+
+
+def hft_backend(device, backend: str | None = None) -> dict:
+    """Which backends the HFT ops take on `device` and why the others were not taken."""
+    d = torch.device(device)
+    return {"row_grad": _backend.explain("hft_row_grad", d, _ROW_GRAD_HAS, backend),
+            "masked_adamw_": _backend.explain("masked_adamw_", d, _ADAMW_HAS, backend)}
