@@ -1,0 +1,2 @@
+"""fusedtune.nn: drop-in layers of every family."""
+from .hft import RowMaskedLinear  # noqa: F401

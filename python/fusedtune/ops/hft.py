@@ -16,7 +16,7 @@ from .. import _ext
 from .. import backend as _backend
 from ..reference import hft as ref
 
-_ROW_GRAD_HAS = ("reference", "triton")
+_ROW_GRAD_HAS = ("reference", "cpu", "triton")  # "cpu": torch's own CPU GEMM is the CPU kernel
 _ADAMW_HAS = ("reference", "cpu", "cuda")
 
 

@@ -1,0 +1,85 @@
+"""RowMaskedLinear: a linear layer whose trainable part is a set of output rows (HFT row mode)."""
+from __future__ import annotations
+
+import weakref
+
+import torch
+from torch import nn
+
+from ..ops.hft import hft_row_linear
+
+
+class RowMaskedLinear(nn.Module):
+    """y = x W^T + b with W frozen except the rows `rows`.
+
+    weight       the full weight, frozen (requires_grad False); the selected rows are kept equal to
+                 the master copy rounded to W's dtype (MaskedAdamW writes them in its fused pass)
+    weight_rows  trainable float32 master copy of the selected rows [len(rows), in_features]; its
+                 gradient is computed for those rows only (one GEMM, no dense dW)
+    rows         sorted int64 buffer of the selected output rows; frozen rows stay bit-identical
+    bias         frozen
+    """
+
+    def __init__(self, in_features: int, out_features: int, rows: torch.Tensor, bias: bool = True,
+                 device=None, dtype=None):
+        super().__init__()
+        kw = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
+        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.register_buffer("rows", torch.empty(0, dtype=torch.int64, device=device))
+        self.weight_rows = nn.Parameter(torch.empty(0, in_features, device=device, dtype=torch.float32))
+        self.backend = None
+        self.set_rows(rows)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rows: torch.Tensor, backend: str | None = None) -> "RowMaskedLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"RowMaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        m.register_buffer("rows", torch.empty(0, dtype=torch.int64, device=linear.weight.device))
+        m.weight_rows = nn.Parameter(torch.empty(0, linear.in_features, device=linear.weight.device))
+        m.backend = backend
+        m.set_rows(rows)
+        return m
+
+    def set_rows(self, rows) -> None:
+        """Select new rows (in place): the master copy is re-gathered from the current weight."""
+        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.weight.device).reshape(-1)
+        rows = torch.unique(rows)  # sorted
+        if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.out_features):
+            raise ValueError(f"RowMaskedLinear: rows must lie in [0, {self.out_features}), "
+                             f"got [{int(rows[0])}, {int(rows[-1])}]")
+        self.rows = rows
+        with torch.no_grad():
+            master = self.weight.index_select(0, rows).float()
+        self.weight_rows = nn.Parameter(master)
+        self.weight_rows._fusedtune_row_layer = weakref.ref(self)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, backend=self.backend)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"trainable_rows={self.rows.numel()}, bias={self.bias is not None}")
+
+    def _fusedtune_report(self) -> dict:
+        from ..ops.hft import hft_backend
+        b = hft_backend(self.weight.device, self.backend)
+        return {"method": "hft-row", "backend": b["row_grad"]["backend"],
+                "path": f"forward F.linear; dW only for {self.rows.numel()}/{self.out_features} rows "
+                        f"({b['row_grad']['backend']}); MaskedAdamW {b['masked_adamw_']['backend']}",
+                "why_not": {**b["row_grad"]["why_not"], **b["masked_adamw_"]["why_not"]}}

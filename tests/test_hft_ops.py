@@ -1,0 +1,154 @@
+"""hft ops: compact row gradients equal the dense gradient's rows, MaskedAdamW bit-identical across
+backends and close to torch.optim.AdamW, frozen rows untouched, opcheck, compile, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedtune
+from fusedtune.nn import RowMaskedLinear
+from fusedtune.ops.hft import hft_row_linear, masked_adamw_, row_grad
+from fusedtune.optim import MaskedAdamW
+from fusedtune.testing import check_backends
+
+
+@pytest.mark.parametrize("shape", [(7, 13, 11), (2, 5, 33, 17)])
+def test_row_grad_is_dense_grad_rows(shape):
+    *lead, out, inp = shape
+    x = torch.randn(*lead, inp, dtype=torch.float64)
+    w = torch.randn(out, inp, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(*lead, out, dtype=torch.float64)
+    F.linear(x, w).backward(dy)
+    rows = torch.tensor(sorted({0, out - 1, out // 2, 3}))
+    got = row_grad(dy.float(), x.float(), rows, backend="reference")
+    torch.testing.assert_close(got.double(), w.grad[rows], rtol=1e-5, atol=1e-5)
+
+
+def test_row_linear_gradients_match_dense_reference():
+    lin = torch.nn.Linear(33, 21)
+    rows = torch.tensor([0, 4, 5, 20])
+    m = RowMaskedLinear.from_linear(lin, rows)
+    x = torch.randn(3, 9, 33, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn(3, 9, 21)
+    m(x).backward(dy)
+    lin(x2).backward(dy)
+    assert m.weight.grad is None and m.bias.grad is None
+    torch.testing.assert_close(m.weight_rows.grad, lin.weight.grad[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad)
+
+
+def test_training_touches_only_selected_rows():
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(16, 10).to(torch.bfloat16)
+    w0 = lin.weight.detach().clone()
+    m = RowMaskedLinear.from_linear(lin, torch.tensor([2, 3, 8]))
+    opt = MaskedAdamW(m.parameters(), lr=1e-2)
+    x, target = torch.randn(64, 16).bfloat16(), torch.randn(64, 10)
+    losses = []
+    for _ in range(30):
+        opt.zero_grad()
+        loss = (m(x).float() - target).pow(2).mean()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    changed = (m.weight != w0).any(1).nonzero().flatten().tolist()
+    assert changed == [2, 3, 8]
+    frozen = torch.ones(10, dtype=torch.bool)
+    frozen[[2, 3, 8]] = False
+    assert torch.equal(m.weight[frozen].view(torch.int16), w0[frozen].view(torch.int16))
+    assert torch.equal(m.weight[[2, 3, 8]], m.weight_rows.detach().to(torch.bfloat16))
+    assert losses[-1] < losses[0]
+    assert opt.state_bytes() == 2 * 3 * 16 * 4  # moments for the selected rows only
+    assert isinstance(m.to_linear(), torch.nn.Linear)
+
+
+def _adam_inputs():
+    g = torch.Generator().manual_seed(3)
+    ps = [torch.randn(37, 5, generator=g), torch.randn(101, generator=g).bfloat16(),
+          torch.randn(3, 5, generator=g), torch.randn(17, generator=g).half()]
+    gs = [torch.randn(p.shape, generator=g).to(p.dtype) for p in ps]
+    tg = [torch.empty(0), torch.empty(0), torch.randn(11, 5, generator=g).bfloat16(), torch.empty(0)]
+    rows = [torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), torch.tensor([0, 6, 10]),
+            torch.empty(0, dtype=torch.long)]
+    return ps, gs, tg, rows
+
+
+def test_masked_adamw_bit_identical_across_backends():
+    def run(b):
+        ps, gs, tg, rows = _adam_inputs()
+        ms = [torch.zeros(p.shape) for p in ps]
+        vs = [torch.zeros(p.shape) for p in ps]
+        for step in range(1, 6):
+            masked_adamw_(ps, gs, ms, vs, tg, rows, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                          step=step, backend=b)
+        return ps + ms + vs + tg
+    checked = check_backends(run, "cpu", exact=True, has=("reference", "cpu", "cuda"))
+    assert ("cpu" in checked) == fusedtune._ext.loaded()
+
+
+def test_masked_adamw_matches_torch_adamw():
+    p = torch.nn.Parameter(torch.randn(200))
+    q = torch.nn.Parameter(p.detach().clone())
+    a = torch.optim.AdamW([p], lr=1e-2, weight_decay=0.05)
+    b = MaskedAdamW([q], lr=1e-2, weight_decay=0.05)
+    for i in range(20):
+        g = torch.randn(200)
+        p.grad, q.grad = g.clone(), g.clone()
+        a.step()
+        b.step()
+    torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(4, 8, requires_grad=True)
+    w = torch.randn(6, 8)
+    wr = torch.randn(2, 8, requires_grad=True)
+    rows = torch.tensor([1, 4])
+    torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default, (x, w, wr, rows, None, "reference"))
+    torch.library.opcheck(torch.ops.fusedtune.hft_row_grad.default, (torch.randn(4, 6), x.detach(), rows, "reference"))
+    ps, gs, tg, rs = _adam_inputs()
+    consts = [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01]
+    torch.library.opcheck(torch.ops.fusedtune.masked_adamw_.default,
+                          (ps, gs, [torch.zeros(p.shape) for p in ps], [torch.zeros(p.shape) for p in ps], tg, rs,
+                           consts, "reference"))
+
+    m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), rows)
+    f = lambda x: m(x).pow(2).sum()  # noqa: E731
+    f(x).backward()
+    g_eager = m.weight_rows.grad.clone()
+    m.weight_rows.grad = None
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x).backward()
+    torch.testing.assert_close(m.weight_rows.grad, g_eager)
+
+
+@pytest.mark.parametrize("call,msg", [
+    (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([4])), "rows must lie in \\[0, 4\\)"),
+    (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([2, 1])), "sorted and unique"),
+    (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([1.0])), "1-D int64"),
+    (lambda: row_grad(torch.randn(3, 4), torch.randn(2, 5), torch.tensor([1])), "differ in leading dims"),
+    (lambda: hft_row_linear(torch.randn(3, 5), torch.randn(4, 6), torch.randn(1, 6), torch.tensor([1])),
+     "x has 5 features"),
+    (lambda: hft_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(2, 6), torch.tensor([1])),
+     "weight_rows must be \\[1, 6\\]"),
+    (lambda: RowMaskedLinear.from_linear(torch.nn.Linear(3, 4), torch.tensor([4])), "rows must lie in \\[0, 4\\)"),
+    (lambda: RowMaskedLinear.from_linear(torch.nn.Conv1d(3, 4, 1), torch.tensor([1])), "expected nn.Linear"),
+    (lambda: MaskedAdamW([torch.zeros(2)], lr=-1), "lr must be >= 0"),
+    (lambda: masked_adamw_([torch.zeros(2)], [torch.zeros(3)], [torch.zeros(2)], [torch.zeros(2)], [torch.empty(0)],
+                           [torch.empty(0, dtype=torch.long)], lr=1, beta1=0.9, beta2=0.9, eps=1e-8,
+                           weight_decay=0, step=1), "grads\\[0\\] has shape"),
+    (lambda: masked_adamw_([torch.zeros(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)],
+                           [torch.zeros(5, 3)], [torch.tensor([1, 7])], lr=1, beta1=0.9, beta2=0.9, eps=1e-8,
+                           weight_decay=0, step=1), "rows must lie in \\[0, 5\\)"),
+])
+def test_bad_inputs(call, msg):
+    with pytest.raises((ValueError, TypeError), match=msg):
+        call()
+
+
+def test_refused_update_leaves_tensors_untouched():
+    p, t = torch.randn(2, 3), torch.randn(5, 3)
+    p0, t0 = p.clone(), t.clone()
+    with pytest.raises(ValueError):
+        masked_adamw_([p], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [t], [torch.tensor([1, 9])],
+                      lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, step=1)
+    assert torch.equal(p, p0) and torch.equal(t, t0)
