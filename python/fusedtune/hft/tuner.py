@@ -1,0 +1,450 @@
+"""HalfFineTuner: HFT's half-of-each-category selection applied to a model in place."""
+from __future__ import annotations
+
+import warnings
+from typing import Iterable
+
+import torch
+from torch import nn
+
+from ..patch import format_table, set_module
+from .selection import (ATTN, GRANULARITIES, MLP, HFTError, ModelMap, check_ratio, choose_members,
+                        choose_rows, map_model)
+
+_ATTR = "_fusedtune_hft"
+PARTS = ("frozen", "selected", "all")
+
+
+def _row_linear_class():
+    """fusedtune.nn.RowMaskedLinear, or the reason it cannot be had."""
+    try:
+        from ..nn import RowMaskedLinear  # noqa: PLC0415
+        return RowMaskedLinear, ""
+    except Exception as e:  # noqa: BLE001 - ImportError, or an error while the module loads
+        return None, f"{type(e).__name__}: {e}"
+
+
+def _masked_adamw_class():
+    try:
+        from ..optim import MaskedAdamW  # noqa: PLC0415
+        return MaskedAdamW, ""
+    except Exception as e:  # noqa: BLE001
+        return None, f"{type(e).__name__}: {e}"
+
+
+def describe_row_layer(module: nn.Module) -> tuple[str, str, str]:
+    """(backend, path, why_not) of a RowMaskedLinear, from the layer's own report."""
+    rep = getattr(module, "_fusedtune_report", None)
+    if callable(rep):
+        try:
+            out = rep()
+            why = out.get("why_not", "")
+            if isinstance(why, dict):
+                why = "; ".join(f"{k}: {v}" for k, v in why.items())
+            return str(out.get("backend")), str(out.get("path", type(module).__name__)), str(why or "")
+        except Exception as e:  # noqa: BLE001 - a report must not fail
+            return "?", type(module).__name__, f"the layer's report failed: {type(e).__name__}: {e}"
+    return "?", type(module).__name__, "the layer does not report its backend"
+
+
+class HalfFineTuner:
+    """Half fine-tuning (HFT) of a Llama-style causal LM, in place.
+
+        hft = HalfFineTuner(model, ratio=0.5, granularity="matrix", seed=0)
+        opt = hft.make_optimizer(lr=2e-5)       # MaskedAdamW over hft.trainable_parameters()
+        ... train stage 0 ...
+        hft.next_stage()                        # new selection (seed, stage 1); build a new optimizer
+        hft.reset("frozen")                     # optional: frozen part back to its pretrained values
+        hft.remove()                            # plain nn.Linear again, requires_grad flags as before
+
+    granularity="matrix" is the HFT paper's category-level selection (see fusedtune.hft.selection for
+    the exact rule): per layer round(ratio * 4) of q/k/v/o, ratio * 3 of gate/up/down balanced over the
+    layers (at 0.5: 2 in half the layers, 1 in the others; with an odd layer count floor(L/2) layers
+    get 2, so (3L - 1) / 2 of the 3L MLP matrices train), half of each layer's norms; embeddings and
+    lm_head always train; the final norm trains unless train_final_norm=False. Frozen parameters get
+    requires_grad=False: no gradient, no dW GEMM, no optimizer state.
+
+    granularity="row": every q/k/v/o/gate/up/down linear is replaced (in place) by
+    fusedtune.nn.RowMaskedLinear training a seeded random set of round(ratio * out_features) output
+    rows (ties down, at least 1): its weight gradient is computed for those rows only and the optimizer
+    (fusedtune.optim.MaskedAdamW) keeps moments only for them. Norms, embeddings, lm_head and the final
+    norm follow the matrix rule. next_stage() re-selects rows in place (RowMaskedLinear.set_rows).
+
+    ratio: any number in (0, 1]; the category counts generalize as described in
+    fusedtune.hft.selection (each layer trains floor(r*n) or ceil(r*n) of a category's n members and
+    round(r*n*L) in all).
+
+    snapshot=True keeps a CPU copy of every parameter as it was at construction, for reset() and
+    remove(restore=True): host memory equal to the model's parameter bytes (e.g. ~16 GB for an 8B
+    model in bf16). snapshot=False saves that memory; reset() then refuses.
+
+    backend: the fusedtune backend of the row layers' ops and of make_optimizer's MaskedAdamW
+    (None: per scope / FUSEDTUNE_BACKEND / auto, see fusedtune.backend).
+
+    Deterministic: the selection is a pure function of (seed, stage) and the model's module names.
+    """
+
+    def __init__(self, model: nn.Module, ratio: float = 0.5, granularity: str = "matrix", seed: int = 0, *,
+                 train_final_norm: bool = True, snapshot: bool = True, backend: str | None = None):
+        if not isinstance(model, nn.Module):
+            raise HFTError(f"HalfFineTuner: model must be a torch.nn.Module, got {type(model).__name__}")
+        if granularity not in GRANULARITIES:
+            raise HFTError(f"HalfFineTuner: granularity must be one of {', '.join(map(repr, GRANULARITIES))}, "
+                           f"got {granularity!r}")
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise HFTError(f"HalfFineTuner: seed must be an int, got {seed!r}")
+        if model.__dict__.get(_ATTR) is not None:
+            raise HFTError("HalfFineTuner: this model already has a HalfFineTuner attached; call .remove() on it "
+                           "first (or next_stage() to change the selection)")
+        self.ratio = check_ratio(ratio)
+        self.granularity = granularity
+        self.seed = seed
+        self.train_final_norm = bool(train_final_norm)
+        self.backend = backend
+        self.model = model
+        self.map: ModelMap = map_model(model)
+        self._row_cls = None
+        if granularity == "row":
+            self._row_cls, why = _row_linear_class()
+            if self._row_cls is None:
+                raise HFTError(f"HalfFineTuner(granularity='row') needs fusedtune.nn.RowMaskedLinear, which is not "
+                               f"available here ({why}); use granularity='matrix'")
+        # names as they are before any swap; tied parameters appear under every name
+        self._names = [(n, n.rpartition(".")[0], n.rpartition(".")[2], tuple(p.shape))
+                       for n, p in model.named_parameters(remove_duplicate=False)]
+        canon: dict[int, str] = {}
+        self._alias: dict[str, str] = {}
+        for n, p in model.named_parameters(remove_duplicate=False):
+            self._alias[n] = canon.setdefault(id(p), n)
+        self._flags = [(p, p.requires_grad) for p in model.parameters()]
+        self._flag_by_name = {n: p.requires_grad for n, p in model.named_parameters(remove_duplicate=False)}
+        self._snapshot: dict[str, torch.Tensor] | None = None
+        if snapshot:
+            with torch.no_grad():
+                self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
+        self.stage = 0
+        self._rows: dict[str, nn.Module] = {}      # module name -> RowMaskedLinear (row granularity)
+        self._restored = False
+        self._apply()
+        model.__dict__[_ATTR] = self
+
+    # ------------------------------------------------------------------------------ selection
+
+    def _plan(self, stage: int):
+        """(per-layer members, set of module names trained whole) for a stage."""
+        members = choose_members(self.map, self.ratio, self.seed, stage)
+        whole = set(self.map.embeddings)
+        if self.map.lm_head:
+            whole.add(self.map.lm_head)
+        if self.train_final_norm:
+            whole |= set(self.map.final_norms)
+        for lay, m in zip(self.map.layers, members):
+            whole |= {lay.norms[s] for s in m["norm"]}
+            if self.granularity == "matrix":
+                whole |= {lay.attn[s] for s in m["attn"]} | {lay.mlp[s] for s in m["mlp"]}
+        return members, whole
+
+    def _owned_modules(self) -> list[str]:
+        names = list(self.map.embeddings) + list(self.map.final_norms)
+        names += [self.map.lm_head] if self.map.lm_head else []
+        for lay in self.map.layers:
+            names += list(lay.norms.values())
+            if self.granularity == "matrix" or self._restored:
+                names += list(lay.attn.values()) + list(lay.mlp.values())
+        return names
+
+    def _apply(self) -> None:
+        _, whole = self._plan(self.stage)
+        model = self.model
+        if self.granularity == "row" and not self._restored:
+            self._apply_rows()
+        owned = self._owned_modules()
+        with torch.no_grad():
+            for name in owned:                      # frozen first, so that a tied parameter that is
+                for p in model.get_submodule(name).parameters():   # trained anywhere trains
+                    p.requires_grad_(False)
+            for name in owned:
+                if name in whole:
+                    for p in model.get_submodule(name).parameters():
+                        p.requires_grad_(True)
+
+    def _apply_rows(self) -> None:
+        model, made = self.model, []
+        try:
+            for name in self.map.linear_names():
+                mod = model.get_submodule(name)
+                rows = choose_rows(name, mod.out_features, self.ratio, self.seed, self.stage)
+                if isinstance(mod, self._row_cls):
+                    mod.set_rows(rows.to(mod.weight.device))
+                else:
+                    new = self._row_cls.from_linear(mod, rows.to(mod.weight.device), backend=self.backend)
+                    set_module(model, name, new)
+                    self._rows[name] = new
+                    made.append((name, mod))
+                    mod = new
+                mod.weight.requires_grad_(False)
+                if mod.bias is not None:
+                    mod.bias.requires_grad_(False)
+                mod.weight_rows.requires_grad_(True)
+        except Exception:
+            for name, orig in made:                 # leave the model as it was
+                set_module(model, name, orig)
+                self._rows.pop(name, None)
+            raise
+
+    def next_stage(self) -> int:
+        """Choose the selection of the next stage (seed, stage + 1) and apply it; returns the new stage.
+        An optimizer built before holds the old parameters and moments: build a new one (HFTCallback
+        does this for a Trainer's optimizer)."""
+        return self.set_stage(self.stage + 1)
+
+    def set_stage(self, stage: int) -> int:
+        """Apply the selection of any stage (e.g. when resuming); returns it."""
+        self._check_attached()
+        if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
+            raise HFTError(f"HalfFineTuner.set_stage: stage must be an int >= 0, got {stage!r}")
+        if self.granularity == "row" and self._restored:
+            raise HFTError("HalfFineTuner: the row-masked layers were restored to nn.Linear "
+                           "(restore_modules/merge); build a new HalfFineTuner to change the stage")
+        self.stage = stage
+        self._apply()
+        return self.stage
+
+    def selection(self, stage: int | None = None) -> dict[str, object]:
+        """Parameter name (as before any swap; tied parameters under each name) -> True / False, or for
+        the weight of a row-masked linear a bool tensor over its output rows. stage: default the current
+        one; any other stage is computed without applying it."""
+        stage = self.stage if stage is None else int(stage)
+        _, whole = self._plan(stage)
+        rowwise = self.granularity == "row" and not self._restored
+        row_mods = set(self.map.linear_names()) if rowwise else set()
+        out: dict[str, object] = {}
+        for pname, mname, leaf, shape in self._names:
+            if mname in row_mods:
+                if leaf == "weight":
+                    mask = torch.zeros(shape[0], dtype=torch.bool)
+                    mask[choose_rows(mname, shape[0], self.ratio, self.seed, stage)] = True
+                    out[pname] = mask
+                else:
+                    out[pname] = False
+            else:
+                out[pname] = any(mname == w or mname.startswith(w + ".") for w in whole)
+        return out
+
+    def members(self, stage: int | None = None) -> list[dict[str, list[str]]]:
+        """Per layer, the short names that train: {'attn': ['q_proj', 'v_proj'], 'mlp': [...], 'norm': [...]}.
+        (In row granularity 'attn' and 'mlp' are what matrix granularity would pick; the rows are in
+        selection().)"""
+        return choose_members(self.map, self.ratio, self.seed, self.stage if stage is None else int(stage))
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """The parameters to give the optimizer (requires_grad=True), each once, in model order."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def make_optimizer(self, lr: float = 1e-3, **kwargs):
+        """fusedtune.optim.MaskedAdamW over trainable_parameters(). Without MaskedAdamW (not built in
+        this install) matrix granularity falls back to torch.optim.AdamW with a warning; row granularity
+        refuses (plain AdamW would not write the trained rows into the full weights)."""
+        cls, why = _masked_adamw_class()
+        params = self.trainable_parameters()
+        if cls is not None:
+            kwargs.setdefault("backend", self.backend)
+            return cls(params, lr=lr, **kwargs)
+        if self.granularity == "row" and not self._restored:
+            raise HFTError(f"HalfFineTuner.make_optimizer: row granularity needs fusedtune.optim.MaskedAdamW, "
+                           f"which is not available ({why})")
+        warnings.warn(f"HalfFineTuner.make_optimizer: fusedtune.optim.MaskedAdamW is not available ({why}); "
+                      "using torch.optim.AdamW (same math for whole matrices)", stacklevel=2)
+        return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+    # ------------------------------------------------------------------------------ rows
+
+    def row_layers(self) -> dict[str, nn.Module]:
+        """Module name -> RowMaskedLinear (row granularity; empty otherwise)."""
+        return dict(self._rows)
+
+    @torch.no_grad()
+    def write_back_rows(self) -> None:
+        """Copy every row layer's trained master rows (weight_rows) into its full weight. MaskedAdamW does
+        this inside its step; call it after the step of any other optimizer."""
+        for mod in self._rows.values():
+            mod.weight.index_copy_(0, mod.rows.to(mod.weight.device), mod.weight_rows.detach().to(mod.weight.dtype))
+
+    # ------------------------------------------------------------------------------ reset / restore
+
+    @property
+    def snapshot_bytes(self) -> int:
+        """Host memory held by the pretrained snapshot (0 with snapshot=False)."""
+        if not self._snapshot:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._snapshot.values())
+
+    def _match(self, names) -> set[str] | None:
+        if names is None:
+            return None
+        if isinstance(names, str):
+            names = [names]
+        names = list(names)
+        if not all(isinstance(n, str) for n in names):
+            raise HFTError(f"HalfFineTuner.reset: names must be parameter or module names (strings), got {names!r}")
+        out, unknown = set(), []
+        for n in names:
+            hit = {c for a, c in self._alias.items() if a == n or a.startswith(n + ".")}
+            if not hit and n.endswith(".weight_rows"):       # the master of a row layer: its weight
+                hit = {c for a, c in self._alias.items() if a == n[: -len("_rows")]}
+            if not hit:
+                unknown.append(n)
+            out |= hit
+        if unknown:
+            raise HFTError(f"HalfFineTuner.reset: {unknown} name no parameter or module of the model "
+                           f"(parameters are named like {next(iter(self._alias), '?')!r})")
+        return out
+
+    @torch.no_grad()
+    def reset(self, part: str = "frozen", names: Iterable[str] | str | None = None) -> list[str]:
+        """Restore parameters to their values at construction, in place, bit-exactly.
+
+        part: "frozen" (what does not train at the current stage; for a row-masked layer its unselected
+        rows and its bias), "selected" (what trains now; for a row layer its selected rows, in the full
+        weight and in the fp32 master), or "all". names: restrict to these parameter or module names
+        (names as before any swap; a module name covers its parameters). Returns the names of the
+        parameters touched. Moments already in an optimizer are not reset: reset before building the
+        optimizer, or build a new one.
+        """
+        self._check_attached()
+        if part not in PARTS:
+            raise HFTError(f"HalfFineTuner.reset: part must be one of {', '.join(map(repr, PARTS))}, got {part!r}")
+        if self._snapshot is None:
+            raise HFTError("HalfFineTuner.reset: no snapshot of the pretrained weights was kept "
+                           "(HalfFineTuner(..., snapshot=False))")
+        wanted = self._match(names)
+        touched = []
+        for name, snap in self._snapshot.items():
+            if wanted is not None and name not in wanted:
+                continue
+            mname, _, leaf = name.rpartition(".")
+            row = self._rows.get(mname)
+            if row is not None and leaf == "weight":
+                w, rows = row.weight, row.rows.to(row.weight.device)
+                src = snap.to(w.device)
+                if part == "all":
+                    w.copy_(src)
+                elif part == "frozen":
+                    keep = torch.ones(w.shape[0], dtype=torch.bool, device=w.device)
+                    keep[rows] = False
+                    w[keep] = src[keep]
+                else:
+                    w.index_copy_(0, rows, src.index_select(0, rows))
+                if part != "frozen":
+                    row.weight_rows.copy_(src.index_select(0, rows).to(row.weight_rows.dtype))
+                touched.append(name)
+                continue
+            if row is not None:                                   # bias of a row layer: frozen
+                p, trains = getattr(row, leaf), False
+            else:
+                p = self.model.get_parameter(name)
+                trains = p.requires_grad
+            if part == "all" or (part == "selected") == trains:
+                p.copy_(snap.to(p.device))
+                touched.append(name)
+        return touched
+
+    def restore_modules(self) -> nn.Module:
+        """Replace every RowMaskedLinear by an nn.Linear holding its current weights (to_linear());
+        their requires_grad flags become what the original layers had. Ends row granularity for this
+        tuner (next_stage refuses). Returns the model."""
+        for name, mod in list(self._rows.items()):
+            lin = mod.to_linear()
+            lin.weight.requires_grad_(self._flag_by_name.get(name + ".weight", True))
+            if lin.bias is not None:
+                lin.bias.requires_grad_(self._flag_by_name.get(name + ".bias", True))
+            set_module(self.model, name, lin)
+        if self._rows:
+            self._restored = True
+        self._rows = {}
+        return self.model
+
+    merge = restore_modules
+
+    def remove(self, restore: bool = False) -> nn.Module:
+        """End HFT: restore_modules(), every requires_grad flag as it was before, drop the snapshot and
+        detach from the model. restore=True first resets every parameter to its pretrained value."""
+        self._check_attached()
+        if restore:
+            self.reset("all")
+        self.restore_modules()
+        for p, flag in self._flags:
+            p.requires_grad_(flag)
+        self._snapshot = None
+        self.model.__dict__.pop(_ATTR, None)
+        return self.model
+
+    def _check_attached(self):
+        if self.model.__dict__.get(_ATTR) is not self:
+            raise HFTError("HalfFineTuner: this tuner was removed from its model (remove()); build a new one")
+
+    # ------------------------------------------------------------------------------ reports
+
+    def summary_rows(self) -> list[dict]:
+        """Per layer (then 'embeddings', 'final norm', 'lm_head'): what trains and how many elements."""
+        members, whole = self._plan(self.stage)
+        rowwise = bool(self._rows)
+        out = []
+        for lay, m in zip(self.map.layers, members):
+            r = {"layer": str(lay.index), "norm": m["norm"], "norm_of": len(lay.norms)}
+            for cat, names in (("attn", ATTN), ("mlp", MLP)):
+                mods = lay.attn if cat == "attn" else lay.mlp
+                if rowwise:
+                    r[cat] = {s: (int(self._rows[mods[s]].rows.numel()), self._rows[mods[s]].out_features)
+                              for s in names}
+                else:
+                    r[cat] = m[cat]
+            r["trainable"] = sum(p.numel() for p in self.model.get_submodule(lay.prefix[:-1]).parameters()
+                                 if p.requires_grad)
+            out.append(r)
+        seen = {id(p) for lay in self.map.layers for p in self.model.get_submodule(lay.prefix[:-1]).parameters()}
+        for label, names in (("embeddings", self.map.embeddings), ("final norm", self.map.final_norms),
+                             ("lm_head", [self.map.lm_head] if self.map.lm_head else [])):
+            if not names:
+                continue
+            params = [p for mn in names for p in self.model.get_submodule(mn).parameters()]
+            if params and all(id(p) in seen for p in params):
+                label += " (tied)"
+            n = 0
+            for p in params:
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    n += p.numel() if p.requires_grad else 0
+            out.append({"layer": label, "trains": all(mn in whole for mn in names), "trainable": n})
+        return out
+
+    def summary(self) -> str:
+        """A per-layer table of what trains at the current stage."""
+        rows = []
+        short = lambda s: s.replace("_proj", "")  # noqa: E731
+        for r in self.summary_rows():
+            if "attn" not in r:
+                rows.append((r["layer"], "-", "-", "trains" if r["trains"] else "frozen", f"{r['trainable']:,}"))
+                continue
+            cells = []
+            for cat, n_of in (("attn", 4), ("mlp", 3)):
+                v = r[cat]
+                if isinstance(v, dict):
+                    k, tot = sum(a for a, _ in v.values()), sum(b for _, b in v.values())
+                    cells.append(f"{k}/{tot} rows")
+                else:
+                    cells.append(f"{len(v)}/{n_of} " + (",".join(map(short, v)) or "-"))
+            cells.append(f"{len(r['norm'])}/{r['norm_of']} " + (",".join(r["norm"]) or "-"))
+            rows.append((r["layer"], *cells, f"{r['trainable']:,}"))
+        total = sum(p.numel() for p in self.trainable_parameters())
+        masters = {id(m.weight_rows) for m in self._rows.values()}
+        every = sum(p.numel() for p in self.model.parameters() if id(p) not in masters)
+        rows.append(("total", "", "", "", f"{total:,} of {every:,} ({100 * total / max(every, 1):.1f}%)"))
+        head = ("layer", "attention (q/k/v/o)", "mlp (gate/up/down)", "norms", "trainable")
+        top = (f"HalfFineTuner: granularity={self.granularity!r}, ratio={self.ratio}, seed={self.seed}, "
+               f"stage={self.stage}")
+        return top + "\n" + format_table(head, rows)
+
+    def __repr__(self) -> str:
+        return (f"HalfFineTuner(granularity={self.granularity!r}, ratio={self.ratio}, seed={self.seed}, "
+                f"stage={self.stage}, layers={len(self.map.layers)})")
