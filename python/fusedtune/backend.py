@@ -100,6 +100,8 @@ def can_serve(name: str, device: torch.device, has: frozenset) -> tuple[bool, st
     if name == "cuda":
         if device.type != "cuda":
             return False, f"the cuda backend needs CUDA tensors, got {device.type}"
+        if not torch.cuda.is_available():
+            return False, "no CUDA GPU"
         return _ext.serves_device(device)
     ok, why = triton_status()
     if not ok:

@@ -118,9 +118,10 @@ def format_report(d: dict) -> str:
     lines += [f"  {k:<13}{val}" for k, val in v.items()]
     lines += ["", "extension fusedtune._C"]
     if e["loaded"]:
-        lines += [f"  loaded       {e['path']}",
-                  f"  built for    torch {e['built_for_torch']}",
-                  f"  CUDA kernels {'yes, archs ' + ';'.join(e['cuda_archs']) + ', nvcc ' + str(e['cuda_version']) if e['with_cuda'] else 'no (C++ CPU kernels only)'}"]
+        cuda = (f"yes, archs {';'.join(e['cuda_archs'])}, nvcc {e['cuda_version']}" if e["with_cuda"]
+                else "no (C++ CPU kernels only)")
+        lines += [f"  loaded       {e['path']}", f"  built for    torch {e['built_for_torch']}",
+                  f"  CUDA kernels {cuda}"]
         if e.get("warning"):
             lines.append(f"  WARNING      {e['warning']}")
     else:
@@ -140,7 +141,8 @@ def format_report(d: dict) -> str:
             continue
         for dev, r in row.items():
             why = _why(r.get("why_not"))
-            lines.append((f"  {family:<6} {dev:<5} -> {str(r.get('backend')):<10}" + (f" ({why})" if why else "")).rstrip())
+            line = f"  {family:<6} {dev:<5} -> {str(r.get('backend')):<10}" + (f" ({why})" if why else "")
+            lines.append(line.rstrip())
     return "\n".join(lines)
 
 

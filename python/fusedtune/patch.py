@@ -39,8 +39,7 @@ class PatchError(ValueError):
 # ----------------------------------------------------------------------------------------- registry
 
 def register_method(name: str, cls: type) -> type:
-    """Register a fine-tuning method (a Method subclass) under `name`; returns cls (usable as decorator
-    factory: register_method("x", Cls))."""
+    """Register a fine-tuning method (a Method subclass) under `name`; returns cls."""
     if not isinstance(name, str) or not name:
         raise TypeError(f"register_method: name must be a non-empty string, got {name!r}")
     if not (isinstance(cls, type) and issubclass(cls, Method)):
@@ -50,6 +49,12 @@ def register_method(name: str, cls: type) -> type:
     _METHODS[name] = cls
     cls.name = name
     return cls
+
+
+def unregister_method(name: str) -> None:
+    """Remove a registered method (for tests and plugins that register temporary methods)."""
+    if _METHODS.pop(name, None) is None:
+        raise PatchError(f"unregister_method: no method named {name!r}; registered: {', '.join(sorted(_METHODS))}")
 
 
 def methods() -> dict[str, type]:

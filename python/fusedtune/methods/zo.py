@@ -20,7 +20,7 @@ class MeZOMethod(ParamMethod):
     options = {"lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0, "noise": "normal", "rounding": "nearest",
                "seed": 0, "backend": None}
     zeroth_order = True
-    demo = {"lr": 2e-3, "eps": 1e-3, "step_multiplier": 10}
+    demo = {"lr": 1e-4, "eps": 1e-3, "step_multiplier": 10}
 
     def make_optimizer(self, params, **options):
         from ..optim.mezo import MeZO

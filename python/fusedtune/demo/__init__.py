@@ -1,0 +1,112 @@
+"""python -m fusedtune demo: pre-train a tiny Llama on task A, fine-tune it on task B with every
+registered fusedtune method (fusedtune.patch), and compare them in one table.
+
+    python -m fusedtune demo [--method NAME ...] [--steps N] [--out DIR] [--device cpu|cuda]
+
+Results: the table on stdout, OUT/results.md, OUT/results.csv, OUT/loss_curves.png.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import time
+
+import torch
+
+from .tasks import Tasks
+from .train import DemoConfig, agreement, evaluate, finetune, pretrain
+from . import output
+
+
+def _overrides(items: list[str]) -> dict:
+    """['mezo.lr=1e-4', ...] -> {'mezo': {'lr': 1e-4}}"""
+    out: dict = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        method, dot, opt = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(f"--set {item!r}: expected METHOD.OPTION=VALUE, e.g. mezo.lr=1e-4")
+        try:
+            v = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            v = value
+        out.setdefault(method, {})[opt] = v
+    return out
+
+
+def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "demo_out",
+        overrides: dict | None = None) -> dict:
+    """Run the demo; returns {'rows': [...], 'table': str, 'paths': {...}, 'seconds': float}."""
+    from ..patch import methods as registry
+    t0 = time.perf_counter()
+    known = registry()
+    names = list(methods) if methods else sorted(known, key=lambda n: (n != "full", n))
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"--method {unknown[0]!r} is not registered; choose from {', '.join(sorted(known))}")
+    overrides = overrides or {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(cfg.threads)
+    try:
+        return _run(cfg, names, known, out, overrides, t0)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run(cfg, names, known, out, overrides, t0) -> dict:
+    tasks = Tasks(vocab_size=cfg.vocab, seq_len=cfg.seq_len)
+    g = torch.Generator().manual_seed(cfg.seed + 100)   # held-out evaluation sets
+    evals = {t: tasks.batch(t, cfg.eval_size, g, cfg.device) for t in ("A", "B")}
+    model, pre_curve = pretrain(cfg, tasks)
+    evals["a_acc_before"] = evaluate(model, tasks, evals["A"])[1]
+    ckpt = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    del model
+    rows = []
+    for name in names:
+        r = finetune(name, known[name], ckpt, cfg, tasks, evals, overrides.get(name, {}))
+        r["agreement"] = agreement(name, known[name], ckpt, cfg, tasks, overrides.get(name, {}))
+        rows.append(r)
+    header = {"model": f"Llama, hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, "
+                       f"seq {cfg.seq_len}, {rows[0]['total']:,} parameters" if rows else "",
+              "device": cfg.device, "dtype": cfg.dtype, "pretrain_steps": cfg.pretrain_steps,
+              "a_acc_before": evals["a_acc_before"],
+              "task_a": f"x[t] = x[t-{tasks.period}]",
+              "task_b": f"x[t] = sigma(x[t-{tasks.period}]), sigma shifts the first {tasks.remapped} tokens by one"}
+    paths = output.write(out, rows, header, pre_curve) if out else {}
+    return {"rows": rows, "table": output.table(rows), "notes": output.notes(rows, header), "paths": paths,
+            "seconds": time.perf_counter() - t0}
+
+
+def main(argv=None) -> int:
+    d = DemoConfig()
+    ap = argparse.ArgumentParser(prog="python -m fusedtune demo", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--method", action="append", help="a registered method (repeatable; default: all)")
+    ap.add_argument("--steps", type=int, default=d.steps,
+                    help=f"fine-tuning steps of a gradient method (zeroth-order methods take a multiple, "
+                         f"see the steps column); default {d.steps}")
+    ap.add_argument("--pretrain-steps", type=int, default=d.pretrain_steps)
+    ap.add_argument("--out", default="demo_out", help="output folder (default demo_out)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--dtype", default=d.dtype, choices=["float32", "bfloat16"])
+    ap.add_argument("--hidden", type=int, default=d.hidden)
+    ap.add_argument("--layers", type=int, default=d.layers)
+    ap.add_argument("--batch", type=int, default=d.batch)
+    ap.add_argument("--seed", type=int, default=d.seed)
+    ap.add_argument("--threads", type=int, default=d.threads, help=f"CPU threads (default {d.threads})")
+    ap.add_argument("--set", action="append", metavar="METHOD.OPTION=VALUE",
+                    help="override a method's demo option, e.g. --set mezo.lr=2e-4")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    a = ap.parse_args(argv)
+    if a.device == "cuda" and not torch.cuda.is_available():
+        ap.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
+    for k in ("steps", "pretrain_steps", "hidden", "layers", "batch", "threads"):
+        if getattr(a, k) < (0 if k == "pretrain_steps" else 1):
+            ap.error(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
+    cfg = DemoConfig(hidden=a.hidden, layers=a.layers, batch=a.batch, pretrain_steps=a.pretrain_steps,
+                     steps=a.steps, seed=a.seed, device=a.device, dtype=a.dtype, progress=not a.no_progress,
+                     threads=a.threads)
+    res = run(cfg, a.method, a.out, _overrides(a.set))
+    print(res["table"])
+    print("\n".join(f"  {n}" for n in res["notes"]))
+    print(f"wrote {', '.join(res['paths'].values())} in {res['seconds']:.0f} s")
+    return 0

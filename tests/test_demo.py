@@ -1,0 +1,68 @@
+"""python -m fusedtune demo, with tiny settings: the table has a row per method and every column,
+the files are written, and full fine-tuning learns task B."""
+import csv
+import time
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from fusedtune.demo import main, run  # noqa: E402
+from fusedtune.demo.output import COLUMNS  # noqa: E402
+from fusedtune.demo.tasks import Tasks  # noqa: E402
+from fusedtune.demo.train import DemoConfig  # noqa: E402
+from fusedtune.patch import methods  # noqa: E402
+
+TINY = ["--hidden", "32", "--layers", "2", "--batch", "16", "--pretrain-steps", "150", "--steps", "30",
+        "--no-progress"]
+
+
+def test_demo_tiny(tmp_path, capsys):
+    t0 = time.perf_counter()
+    assert main(TINY + ["--out", str(tmp_path)]) == 0
+    seconds = time.perf_counter() - t0
+    assert seconds < 60, f"tiny demo took {seconds:.0f} s"
+    out = capsys.readouterr().out.splitlines()
+    registered = sorted(methods())
+    head = out[0]
+    assert all(c in head for c in COLUMNS)
+    body = out[2:2 + len(registered)]
+    assert sorted(line.split()[0] for line in body) == registered
+    for name in ("results.md", "results.csv", "loss_curves.png"):
+        assert (tmp_path / name).stat().st_size > 0
+    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "results.csv"))}
+    assert sorted(rows) == registered
+    full = rows["full"]
+    assert float(full["b_loss"]) < 0.5 * float(full["b_loss_before"])
+    assert float(full["b_acc"]) > float(full["b_acc_before"]) + 0.1
+    assert int(full["steps"]) == 30 and int(rows["mezo"]["steps"]) == 300
+    assert rows["mezo"]["agreement"].endswith("bit-identical")
+    assert rows["full"]["agreement"].startswith("n/a")
+    assert int(rows["mezo"]["memory"]) < int(full["memory"])   # no gradients, no optimizer state
+    md = (tmp_path / "results.md").read_text()
+    assert md.count("\n| ") == 1 + len(registered)
+
+
+def test_demo_is_deterministic():
+    cfg = DemoConfig(hidden=16, layers=1, batch=8, pretrain_steps=10, steps=3, eval_size=16, progress=False)
+    a = run(cfg, ["mezo"], out=None)["rows"][0]
+    b = run(cfg, ["mezo"], out=None)["rows"][0]
+    assert a["curve"] == b["curve"] and a["b_loss"] == b["b_loss"]
+
+
+def test_demo_refuses_unknown_method():
+    with pytest.raises(SystemExit, match="not registered"):
+        main(["--method", "nope", "--no-progress"])
+
+
+def test_tasks_follow_their_rules():
+    import torch
+    t = Tasks(vocab_size=64, seq_len=24, period=4, remapped=16)
+    g = torch.Generator().manual_seed(0)
+    a, b = t.batch("A", 64, g), t.batch("B", 64, g)
+    assert a.shape == b.shape == (64, 24) and (a[:, 0] == 0).all() and (b[:, 0] == 1).all()
+    assert torch.equal(a[:, 5:], a[:, 1:-4])
+    prev, nxt = b[:, 1:-4] - 2, b[:, 5:] - 2
+    assert torch.equal(nxt, torch.where(prev < 16, (prev + 1) % 16, prev))
+    assert (a >= 0).all() and (a < 64).all()

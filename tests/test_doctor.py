@@ -1,0 +1,59 @@
+"""fusedtune.doctor() and the CLI entry point."""
+import json
+import subprocess
+import sys
+
+import torch
+
+import fusedtune
+from fusedtune import _ext
+from fusedtune.__main__ import main
+from fusedtune.doctor import doctor
+
+
+def test_doctor_reports_every_key(capsys):
+    d = doctor()
+    assert set(d) >= {"versions", "extension", "gpu", "backends", "ops"}
+    assert d["versions"]["torch"] == torch.__version__ and d["versions"]["fusedtune"] == fusedtune.__version__
+    assert {"triton", "python"} <= set(d["versions"])
+    ext = d["extension"]
+    assert ext["loaded"] == _ext.loaded()
+    if ext["loaded"]:
+        assert ext["path"] and ext["built_for_torch"] and ext["error"] is None
+        assert ext["cuda_archs"] == _ext.cuda_archs()
+    else:
+        assert ext["error"]
+    assert d["gpu"]["present"] == torch.cuda.is_available()
+    assert set(d["backends"]) == {"reference", "cpu", "cuda", "triton"}
+    assert all(set(b) == {"available", "why"} for b in d["backends"].values())
+    assert all(b["why"] for b in d["backends"].values() if not b["available"])
+    zo = d["ops"]["zo"]
+    assert zo["cpu"]["backend"] == ("cpu" if _ext.loaded() else "reference")
+    if not torch.cuda.is_available():
+        assert zo["cuda"]["backend"] is None and zo["cuda"]["why_not"]
+    out = capsys.readouterr().out
+    for section in ("fusedtune doctor", "extension fusedtune._C", "GPU", "backends", "ops"):
+        assert section in out
+
+
+def test_doctor_quiet(capsys):
+    doctor(print_report=False)
+    assert capsys.readouterr().out == ""
+
+
+def test_cli_doctor_subprocess():
+    r = subprocess.run([sys.executable, "-m", "fusedtune", "doctor"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "fusedtune doctor" in r.stdout and "backends" in r.stdout
+    r = subprocess.run([sys.executable, "-m", "fusedtune", "doctor", "--json"], capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["versions"]["torch"] == torch.__version__
+
+
+def test_cli_usage_and_unknown_command(capsys):
+    assert main(["--help"]) == 0
+    assert "doctor" in capsys.readouterr().out
+    assert main([]) == 2
+    assert main(["frobnicate"]) == 2
+    assert "unknown command 'frobnicate'" in capsys.readouterr().err

@@ -1,0 +1,367 @@
+"""fusedtune.patch / unpatch / report: layer swapping on tiny transformers models, the built-in
+methods "full" and "mezo", and every refusal."""
+import pytest
+import torch
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+from transformers.pytorch_utils import Conv1D  # noqa: E402
+
+from fusedtune.patch import (PatchError, SwapMethod, _state, is_linear, methods, patch, register_method,  # noqa: E402
+                             report, unpatch, unregister_method)
+
+transformers.logging.set_verbosity_error()
+
+
+def _llama_like(name):
+    cfg_cls = getattr(transformers, f"{name}Config")
+    model_cls = getattr(transformers, f"{name}ForCausalLM")
+    cfg = cfg_cls(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, head_dim=8, max_position_embeddings=32, tie_word_embeddings=False,
+                  bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    return model_cls(cfg)
+
+
+def _gpt2():
+    cfg = transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=2, n_head=4, n_positions=32,
+                                  bos_token_id=0, eos_token_id=0)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+ARCHS = {"llama": lambda: _llama_like("Llama"), "qwen2": lambda: _llama_like("Qwen2"),
+         "mistral": lambda: _llama_like("Mistral"), "gemma": lambda: _llama_like("Gemma"), "gpt2": _gpt2}
+PER_LAYER = {"llama": 7, "qwen2": 7, "mistral": 7, "gemma": 7, "gpt2": 4}
+
+
+def make(arch, seed=0):
+    torch.manual_seed(seed)
+    m = ARCHS[arch]().eval()
+    with torch.no_grad():   # non-zero biases so that a lost or transposed bias shows
+        for mod in m.modules():
+            if is_linear(mod) and getattr(mod, "bias", None) is not None:
+                mod.bias.normal_(0, 0.1)
+    return m
+
+
+IDS = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [6, 6, 0, 13, 21, 8, 1, 30]])
+
+
+def logits(m):
+    with torch.no_grad():
+        return m(input_ids=IDS).logits
+
+
+# ------------------------------------------------------------------------------ a test-only method
+
+class TaggedLinear(nn.Linear):
+    """nn.Linear plus a trainable additive weight delta (zero at first): merge adds it."""
+    def __init__(self, base: nn.Linear):
+        super().__init__(base.in_features, base.out_features, bias=base.bias is not None,
+                         device=base.weight.device, dtype=base.weight.dtype)
+        with torch.no_grad():
+            self.weight.copy_(base.weight)
+            if base.bias is not None:
+                self.bias.copy_(base.bias)
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.delta = nn.Parameter(torch.zeros_like(self.weight))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.weight + self.delta, self.bias)
+
+
+def _plain(mod, weight):
+    lin = nn.Linear(mod.in_features, mod.out_features, bias=mod.bias is not None)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if mod.bias is not None:
+            lin.bias.copy_(mod.bias)
+    return lin
+
+
+class SwapTest(SwapMethod):
+    def make(self, linear, name, **options):
+        return TaggedLinear(linear)
+
+    def merge(self, module):
+        return _plain(module, module.weight + module.delta)
+
+    def base(self, module):
+        return _plain(module, module.weight)
+
+    def describe(self, module):
+        return "reference", "TaggedLinear", {"cuda": "test method"}
+
+
+@pytest.fixture
+def swap():
+    register_method("test-swap", SwapTest)
+    yield "test-swap"
+    unregister_method("test-swap")
+
+
+# ------------------------------------------------------------------------------ swapping
+
+@pytest.mark.parametrize("arch", list(ARCHS))
+def test_swap_default_targets_forward_and_unpatch(arch, swap):
+    m = make(arch)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    kinds = {n: type(mod) for n, mod in m.named_modules() if is_linear(mod)}
+    ref = logits(m)
+    rep = patch(m, swap)
+    n_expected = PER_LAYER[arch] * 2
+    swapped = [n for n, mod in m.named_modules() if isinstance(mod, TaggedLinear)]
+    assert len(swapped) == n_expected == len(rep.rows)
+    assert "lm_head" not in swapped and sorted(r.name for r in rep.rows) == sorted(swapped)
+    out = logits(m)
+    if arch == "gpt2":   # Conv1D's addmm and linear sum in a different order
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    else:
+        assert torch.equal(out, ref)
+    assert rep.trainable_params == sum(mod.delta.numel() for mod in m.modules() if isinstance(mod, TaggedLinear))
+    assert all(not p.requires_grad for n, p in m.named_parameters() if not n.endswith(".delta"))
+    unpatch(m, merge=True)
+    now = {n: type(mod) for n, mod in m.named_modules() if is_linear(mod)}
+    assert now == kinds   # exactly nn.Linear / Conv1D again, nothing left over
+    assert not any(isinstance(mod, TaggedLinear) for mod in m.modules())
+    after = m.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k], before[k]) for k in before)
+    assert all(p.requires_grad for p in m.parameters())
+    assert torch.equal(logits(m), ref)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_unpatch_merges_the_update_with_the_right_orientation(arch, swap):
+    m = make(arch)
+    rep = patch(m, swap)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, TaggedLinear):
+                mod.delta.copy_(0.05 * torch.randn(mod.delta.shape, generator=g))
+    patched = logits(m)
+    assert rep.rows and not torch.allclose(patched, logits(make(arch)))
+    unpatch(m, merge=True)
+    if arch == "gpt2":
+        assert all(isinstance(mod, Conv1D) for n, mod in m.named_modules() if n.endswith(("c_attn", "c_fc")))
+    torch.testing.assert_close(logits(m), patched, rtol=1e-5, atol=1e-5)
+
+
+def test_unpatch_without_merge_restores_base_weights(swap):
+    m = make("gpt2")
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    patch(m, swap)
+    with torch.no_grad():
+        for mod in m.modules():
+            if isinstance(mod, TaggedLinear):
+                mod.delta.fill_(0.5)
+    unpatch(m, merge=False)
+    assert all(torch.equal(m.state_dict()[k], before[k]) for k in before)
+
+
+def test_target_modules_forms(swap):
+    m = make("llama")
+    rep = patch(m, swap, target_modules=["q_proj", "v_proj"])
+    assert sorted(r.name.rsplit(".", 1)[1] for r in rep.rows) == ["q_proj"] * 2 + ["v_proj"] * 2
+    unpatch(m)
+    rep = patch(m, swap, target_modules="all-linear")
+    assert len(rep.rows) == 14 and "lm_head" not in [r.name for r in rep.rows]
+    unpatch(m)
+    rep = patch(m, swap, target_modules=["lm_head"])   # only when named
+    assert [r.name for r in rep.rows] == ["lm_head"]
+    unpatch(m)
+    rep = patch(m, swap, target_modules=r"model\.layers\.1\.mlp\..*")
+    assert [r.name.rsplit(".", 1)[1] for r in rep.rows] == ["gate_proj", "up_proj", "down_proj"]
+    unpatch(m)
+
+
+def test_gpt2_all_linear_skips_tied_lm_head(swap):
+    m = make("gpt2")
+    rep = patch(m, swap, target_modules="all-linear")
+    assert len(rep.rows) == 8 and all("lm_head" not in r.name for r in rep.rows)
+    unpatch(m)
+
+
+def test_swap_training_step_trains_only_the_method_parameters(swap):
+    m = make("llama")
+    rep = patch(m, swap, target_modules=["q_proj"])
+    frozen = {n: p.clone() for n, p in m.named_parameters() if not n.endswith(".delta")}
+    loss = rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
+    assert torch.isfinite(loss)
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    assert any(mod.delta.abs().sum() > 0 for mod in m.modules() if isinstance(mod, TaggedLinear))
+    unpatch(m)
+
+
+def test_report_table(swap):
+    m = make("llama")
+    assert report(m).method is None and "not patched" in str(report(m))
+    patch(m, swap, target_modules=["o_proj"])
+    rep = report(m)
+    assert [r.backend for r in rep.rows] == ["reference", "reference"]
+    assert rep.rows[0].why_not == "cuda: test method"
+    text = str(rep)
+    for col in ("name", "method", "backend", "path", "why not fused", "params"):
+        assert col in text.splitlines()[1]
+    assert "model.layers.0.self_attn.o_proj" in text
+    unpatch(m)
+
+
+# ------------------------------------------------------------------------------ refusals
+
+def test_unknown_method_lists_registered():
+    with pytest.raises(PatchError, match=r"unknown method 'nope'.*full.*mezo"):
+        patch(make("llama"), "nope")
+
+
+def test_no_match_lists_linear_names(swap):
+    m = make("llama")
+    with pytest.raises(PatchError, match=r"matches none.*model\.layers\.0\.self_attn\.q_proj"):
+        patch(m, swap, target_modules=["qkv"])
+    with pytest.raises(PatchError, match=r"\['v_prj'\] match none"):
+        patch(m, swap, target_modules=["q_proj", "v_prj"])
+    assert _state(m) is None and not any(isinstance(x, TaggedLinear) for x in m.modules())
+
+
+def test_bad_target_modules(swap):
+    m = make("llama")
+    with pytest.raises(PatchError, match="empty list"):
+        patch(m, swap, target_modules=[])
+    with pytest.raises(PatchError, match="regular expression"):
+        patch(m, swap, target_modules="q_proj(")
+    with pytest.raises(PatchError, match="target_modules must be"):
+        patch(m, swap, target_modules=[1, 2])
+
+
+def test_unknown_architecture_needs_targets(swap):
+    m = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(PatchError, match=r"no default target_modules.*Linear layers here: 0, 2"):
+        patch(m, swap)
+    rep = patch(m, swap, target_modules=["0"])
+    assert [r.name for r in rep.rows] == ["0"]
+    unpatch(m)
+
+
+def test_patch_twice_and_unpatch_unpatched(swap):
+    m = make("llama")
+    with pytest.raises(PatchError, match="not patched"):
+        unpatch(m)
+    patch(m, swap)
+    with pytest.raises(PatchError, match="already patched with method 'test-swap'"):
+        patch(m, "mezo")
+    unpatch(m)
+    with pytest.raises(PatchError, match="not patched"):
+        unpatch(m)
+
+
+@pytest.mark.parametrize("fn", [lambda x: patch(x, "full"), unpatch, report])
+def test_not_a_module(fn):
+    with pytest.raises(TypeError, match="must be a torch.nn.Module"):
+        fn({"weight": torch.zeros(2)})
+
+
+def test_unknown_option_is_refused_before_anything_changes():
+    m = make("llama")
+    with pytest.raises(PatchError, match=r"does not take option\(s\) \['rank'\].*eps.*lr"):
+        patch(m, "mezo", rank=4)
+    assert _state(m) is None and all(p.requires_grad for p in m.parameters())
+
+
+def test_bad_option_value_leaves_model_unpatched():
+    m = make("llama")
+    with pytest.raises(ValueError, match="lr must be > 0"):
+        patch(m, "mezo", lr=-1.0)
+    assert _state(m) is None and all(p.requires_grad for p in m.parameters())
+
+
+def test_failing_swap_restores_the_model(swap):
+    class Boom(SwapTest):
+        def make(self, linear, name, **options):
+            if name.endswith("v_proj"):
+                raise RuntimeError("cannot swap this one")
+            return super().make(linear, name)
+    register_method("test-boom", Boom)
+    try:
+        m = make("llama")
+        kinds = [type(x) for x in m.modules()]
+        with pytest.raises(RuntimeError, match="cannot swap"):
+            patch(m, "test-boom")
+        assert [type(x) for x in m.modules()] == kinds and _state(m) is None
+    finally:
+        unregister_method("test-boom")
+
+
+def test_register_method_refusals():
+    with pytest.raises(TypeError, match="not a subclass"):
+        register_method("x", object)
+    with pytest.raises(PatchError, match="already registered"):
+        register_method("mezo", SwapTest)
+    with pytest.raises(PatchError, match="no method named"):
+        unregister_method("never-registered")
+
+
+# ------------------------------------------------------------------------------ mezo and full
+
+def test_mezo_selects_parameters_and_restores_requires_grad():
+    m = make("llama")
+    m.model.norm.weight.requires_grad_(False)     # a user's own choice, restored by unpatch
+    rep = patch(m, "mezo", target_modules=["q_proj", "v_proj"], lr=1e-3, seed=3)
+    from fusedtune.optim import MeZO
+    assert isinstance(rep.optimizer, MeZO)
+    trainable = {n for n, p in m.named_parameters() if p.requires_grad}
+    assert trainable == {f"model.layers.{i}.self_attn.{k}_proj.weight" for i in (0, 1) for k in "qv"}
+    assert rep.trainable_params == sum(p.numel() for n, p in m.named_parameters() if n in trainable)
+    assert rep.rows and all(r.method == "mezo" for r in rep.rows)
+    assert sum(r.params for r in rep.rows) == rep.trainable_params
+    from fusedtune.ops.zo import zo_backend
+    assert {r.backend for r in rep.rows} == {zo_backend("cpu")["backend"]}
+    frozen = {n: p.clone() for n, p in m.named_parameters() if n not in trainable}
+    w = m.model.layers[0].self_attn.q_proj.weight.clone()
+    rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
+    assert set(rep.optimizer.last) >= {"loss_plus", "loss_minus", "projected_grad"}
+    assert not torch.equal(m.model.layers[0].self_attn.q_proj.weight, w)
+    assert all(torch.equal(p, frozen[n]) for n, p in m.named_parameters() if n in frozen)
+    with pytest.raises(PatchError, match="in place"):
+        unpatch(m, merge=False)
+    assert report(m).method == "mezo"   # a refused unpatch leaves the model patched
+    unpatch(m)
+    assert not m.model.norm.weight.requires_grad
+    assert all(p.requires_grad for n, p in m.named_parameters() if n != "model.norm.weight")
+
+
+def test_mezo_all_parameters_loss_falls():
+    m = make("llama")
+    rep = patch(m, "mezo", lr=3e-3, eps=1e-3)
+    assert rep.trainable_params == rep.total_params == sum(p.numel() for p in m.parameters())
+    start = m(input_ids=IDS, labels=IDS).loss.item()
+    for _ in range(60):
+        rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
+    assert m(input_ids=IDS, labels=IDS).loss.item() < start - 0.05
+    unpatch(m)
+
+
+def test_mezo_reference_backend_is_reported():
+    m = make("llama")
+    rep = patch(m, "mezo", backend="reference")
+    assert {r.backend for r in rep.rows} == {"reference"}
+    assert "reference" in rep.rows[0].path
+    unpatch(m)
+
+
+def test_full_fine_tuning_trains_and_reports():
+    m = make("gpt2")
+    rep = patch(m, "full", lr=1e-2)
+    assert isinstance(rep.optimizer, torch.optim.AdamW)
+    assert [r.backend for r in rep.rows] == ["torch"] and rep.rows[0].why_not
+    losses = [rep.step(lambda: m(input_ids=IDS, labels=IDS).loss).item() for _ in range(10)]
+    assert losses[-1] < losses[0]
+    unpatch(m)
+    assert _state(m) is None
+
+
+def test_methods_registry_has_builtins():
+    ms = methods()
+    assert {"full", "mezo"} <= set(ms)
+    assert ms["mezo"].zeroth_order and not ms["full"].zeroth_order
