@@ -173,7 +173,7 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "peak": peak,
            "moments": moment_dtype(opt), "flops": flops,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "total": sum(p.numel() for p in model.parameters()),
+           "total": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".weight_rows")),
            "master_bytes": info.get("master_bytes", 0)}
     if method == "row":
         from ..ops.hft import hft_backend

@@ -61,7 +61,8 @@ class RowMaskedLinear(nn.Module):
         self.weight_rows._fusedtune_row_layer = weakref.ref(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, backend=self.backend)
+        return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, backend=self.backend,
+                              check_rows=False)  # checked in set_rows: no host sync per call
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,

@@ -33,10 +33,12 @@ def _(dy, x, rows, backend):
     return x.new_empty((rows.shape[0], x.shape[-1]), dtype=torch.float32)
 
 
-def _check_rows(rows: torch.Tensor, n: int, what: str):
+def _check_rows(rows: torch.Tensor, n: int, what: str, values: bool = True):
+    """values=False skips the range/order check, which reads the rows on the host (a GPU sync);
+    RowMaskedLinear checks its rows once, when they are set, and passes values=False."""
     if not torch.is_tensor(rows) or rows.dtype != torch.int64 or rows.dim() != 1:
         raise TypeError(f"{what}: rows must be a 1-D int64 tensor")
-    if torch.compiler.is_compiling() or rows.numel() == 0:
+    if not values or torch.compiler.is_compiling() or rows.numel() == 0:
         return
     if int(rows.min()) < 0 or int(rows.max()) >= n:
         raise ValueError(f"{what}: rows must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")
@@ -83,14 +85,16 @@ def _row_linear_backward(ctx, dy):
 torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
 
 
-def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None = None) -> torch.Tensor:
-    """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode)."""
+def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None = None,
+                   check_rows: bool = True) -> torch.Tensor:
+    """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode).
+    check_rows=False skips the host-side check of the row values (callers that checked them once)."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"hft_row_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     if weight_rows.dim() != 2 or weight_rows.shape != (rows.shape[0], weight.shape[1]):
         raise ValueError(f"hft_row_linear: weight_rows must be [{rows.shape[0]}, {weight.shape[1]}], "
                          f"got {tuple(weight_rows.shape)}")
-    _check_rows(rows, weight.shape[0], "hft_row_linear")
+    _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
     return _row_linear_op(x, weight, weight_rows, rows, bias, name)
 
@@ -118,9 +122,11 @@ if _ext.loaded():
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: float, beta1: float, beta2: float,
-                  eps: float, weight_decay: float, step: int, backend: str | None = None) -> None:
+                  eps: float, weight_decay: float, step: int, backend: str | None = None,
+                  check_rows: bool = True) -> None:
     """One AdamW step in place over lists of tensors (all on one device). targets[i] is an empty
-    tensor, or the full weight [out, in] that params[i] (a [len(rows[i]), in] row master) writes to."""
+    tensor, or the full weight [out, in] that params[i] (a [len(rows[i]), in] row master) writes to.
+    check_rows=False skips the host-side check of the row values (MaskedAdamW: the layers checked)."""
     n = len(params)
     if not n:
         return
@@ -143,7 +149,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
             if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):
                 raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "
                                  f"{tuple(t.shape)} with {r.numel()} rows")
-            _check_rows(r, t.shape[0], "masked_adamw_")
+            _check_rows(r, t.shape[0], "masked_adamw_", check_rows)
     c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
     consts = [c[k] for k in ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")]
     name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)

@@ -1,0 +1,113 @@
+"""The hft benchmark family (python -m fusedtune bench hft) on the CPU: tiny shapes, so this tests the
+framework and the accounting (optimizer state, trainable elements), not performance."""
+from __future__ import annotations
+
+import csv
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from fusedtune import bench  # noqa: E402
+from fusedtune.bench import core  # noqa: E402
+from fusedtune.bench import hft as hft_bench  # noqa: E402
+
+STEP_KERNELS = {"hft step (matrix)", "hft step (row)"}
+ROW_GRAD = "hft row_grad (compact dW rows)"
+ADAMW_KERNELS = {"MaskedAdamW step (fp32 params, fp32 moments)", "MaskedAdamW step (bf16 params, fp32 moments)",
+                 "MaskedAdamW step (fp32 row masters -> bf16 weight)"}
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_hft")
+    rc = bench.main(["hft", "--cpu", "--quick", "--out", str(out)])
+    with open(out / "hft.csv", newline="") as f:
+        r = csv.DictReader(f)
+        header, rows = r.fieldnames, list(r)
+    return rc, out, header, rows
+
+
+def _tiny_counts():
+    """Elements of the tiny Llama, and what row-level HFT at ratio 0.5 trains, from the shapes alone."""
+    c = hft_bench.TINY
+    h, f, L, V = c["hidden"], c["intermediate"], c["layers"], c["vocab"]
+    kv = c["kv_heads"] * (h // c["heads"])
+    mats = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]          # (out, in): q k v o gate up down
+    total = 2 * V * h + h + L * (sum(o * i for o, i in mats) + 2 * h)
+    # half the output rows of every matrix, 1 of the 2 norms per layer, embeddings, lm_head, final norm
+    row_level = 2 * V * h + h + L * (sum((o // 2) * i for o, i in mats) + h)
+    n_tensors = 3 + L * 9
+    return total, row_level, n_tensors
+
+
+def test_family_is_discovered():
+    assert "hft" in bench.families()
+
+
+def test_cpu_run_writes_the_rows_and_columns(cpu_run):
+    rc, out, header, rows = cpu_run
+    assert rc == 0
+    assert header[: len(core.COLUMNS)] == core.COLUMNS
+    assert {"peak_mem_bytes", "opt_state_bytes", "baseline_opt_state_bytes", "trainable_elems"} <= set(header)
+    kernels = [r["kernel"] for r in rows]
+    assert set(kernels) == STEP_KERNELS | {ROW_GRAD} | ADAMW_KERNELS
+    assert kernels.count(ROW_GRAD) == 3 and all(kernels.count(k) == 1 for k in STEP_KERNELS | ADAMW_KERNELS)
+    for r in rows:
+        assert r["gpu_name"] == "cpu" and r["torch"] == torch.__version__ and r["date"].endswith("Z")
+        med, p20, p80, base = (float(r[k]) for k in ("time_ms", "p20_ms", "p80_ms", "baseline_ms"))
+        assert 0 < p20 <= med <= p80 < 60_000 and base > 0
+        assert math.isclose(float(r["ratio"]), base / med, rel_tol=1e-3)
+        assert hft_bench.CPU_NOTE in r["note"]
+        assert r["baseline"] and r["baseline"] != "-"
+    assert (out / "hft.png").stat().st_size > 1000
+
+
+def test_step_rows_compare_against_full_fine_tuning(cpu_run):
+    _, _, _, rows = cpu_run
+    step = {r["kernel"]: r for r in rows if r["kernel"] in STEP_KERNELS}
+    for r in step.values():
+        assert r["baseline"].startswith(hft_bench.FULL_NAME)
+        assert r["dtype"] == "fp32" and "tiny-llama" in r["shape"]
+        assert "optimizer state" in r["note"] and "goal" not in r["note"]   # no verdicts on CPU
+        assert math.isnan(float(r["peak_mem_bytes"]))                        # no CUDA peak on CPU
+        assert float(r["roofline_pct"]) > 0
+    assert step["hft step (row)"]["backend"] == "cpu+cpu"
+    assert step["hft step (matrix)"]["backend"] == "torch"
+
+
+def test_row_level_optimizer_state_is_about_half_of_full_adamw(cpu_run):
+    _, _, _, rows = cpu_run
+    total, row_level, n_tensors = _tiny_counts()
+    r = next(r for r in rows if r["kernel"] == "hft step (row)")
+    full_state, row_state = float(r["baseline_opt_state_bytes"]), float(r["opt_state_bytes"])
+    assert int(float(r["baseline_trainable_elems"])) == total
+    assert int(float(r["trainable_elems"])) == row_level
+    # MaskedAdamW: two fp32 moments per trainable element and nothing else
+    assert row_state == 8 * row_level
+    # fused AdamW: two fp32 moments per element (+ at most a step counter per tensor)
+    assert 8 * total <= full_state <= 8 * total + 8 * n_tensors
+    assert 0.45 <= row_state / full_state <= 0.6
+    assert float(r["master_bytes"]) == 4 * (row_level - (2 * hft_bench.TINY["vocab"] + 3) * hft_bench.TINY["hidden"])
+    # matmul flops: forward + dX over every linear weight, dW over the trained rows (and lm_head)
+    c = hft_bench.TINY
+    T = c["batch"] * c["seq"]
+    lin_total = total - c["vocab"] * c["hidden"] - (2 * c["layers"] + 1) * c["hidden"]   # no embeddings, norms
+    lin_rows = row_level - c["vocab"] * c["hidden"] - (c["layers"] + 1) * c["hidden"]
+    attn = 6 * c["batch"] * c["seq"] ** 2 * c["hidden"] * c["layers"]
+    assert float(r["baseline_step_flops"]) == 6 * lin_total * T + attn
+    assert float(r["step_flops"]) == 4 * lin_total * T + 2 * lin_rows * T + attn
+    m = next(r for r in rows if r["kernel"] == "hft step (matrix)")
+    assert 0.45 <= float(m["opt_state_bytes"]) / float(m["baseline_opt_state_bytes"]) <= 0.6
+
+
+def test_state_bytes_counts_every_state_tensor():
+    p = torch.nn.Parameter(torch.zeros(3, 5))
+    p.grad = torch.ones(3, 5)
+    opt = torch.optim.AdamW([p], lr=1e-3, foreach=False)
+    assert hft_bench.state_bytes(opt) == 0
+    opt.step()
+    assert hft_bench.state_bytes(opt) == 2 * 15 * 4 + opt.state[p]["step"].numel() * opt.state[p]["step"].element_size()
+    assert hft_bench.moment_dtype(opt) == "fp32"
