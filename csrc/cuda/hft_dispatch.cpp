@@ -5,6 +5,7 @@
 
 #include "fusedtune/hft_checks.h"
 #include "fusedtune/hft_cuda.h"
+#include "fusedtune/multi_tensor.h"
 
 namespace fusedtune {
 namespace {
@@ -20,26 +21,22 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   hft::Launch launch;
   launch.count = 0;
   launch.block_start[0] = 0;
-  auto flush = [&]() {
-    if (launch.count == 0) return;
-    cudaError_t err = hft::launch_masked_adamw(launch, c, stream);
+  auto fire = [&](const hft::Launch& l) {
+    cudaError_t err = hft::launch_masked_adamw(l, c, stream);
     TORCH_CHECK(err == cudaSuccess, "masked_adamw: CUDA launch failed: ", cudaGetErrorString(err));
-    launch.count = 0;
   };
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
     const bool row = targets[i].numel() > 0;
-    const int k = launch.count;
-    launch.t[k] = hft::TensorMeta{p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(),
-                                  exp_avg_sqs[i].data_ptr<float>(), row ? targets[i].data_ptr() : nullptr,
-                                  row ? rows[i].data_ptr<int64_t>() : nullptr, p.numel(), row ? p.size(1) : 1,
-                                  hft_dtype_code(p, "params"), row ? hft_dtype_code(targets[i], "targets") : 0};
-    launch.block_start[k + 1] = launch.block_start[k] + hft::blocks_for(p.numel());
-    launch.count = k + 1;
-    if (launch.count == hft::kMaxTensorsPerLaunch || launch.block_start[launch.count] > (1LL << 30)) flush();
+    batch_add(launch,
+              hft::TensorMeta{p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(),
+                              exp_avg_sqs[i].data_ptr<float>(), row ? targets[i].data_ptr() : nullptr,
+                              row ? rows[i].data_ptr<int64_t>() : nullptr, p.numel(), row ? p.size(1) : 1,
+                              hft_dtype_code(p, "params"), row ? hft_dtype_code(targets[i], "targets") : 0},
+              hft::blocks_for(p.numel()), hft::kMaxTensorsPerLaunch, fire);
   }
-  flush();
+  batch_flush(launch, fire);
 }
 
 }  // namespace

@@ -3,6 +3,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include "fusedtune/multi_tensor.h"
 #include "fusedtune/zo_checks.h"
 #include "fusedtune/zo_cuda.h"
 
@@ -21,22 +22,17 @@ void zo_apply_cuda(at::TensorList tensors, at::IntArrayRef tensor_ids, const at:
   zo::Launch launch;
   launch.count = 0;
   launch.block_start[0] = 0;
-  auto flush = [&]() {
-    if (launch.count == 0) return;
-    cudaError_t err = zo::launch_apply(launch, p, stream);
+  auto fire = [&](const zo::Launch& l) {
+    cudaError_t err = zo::launch_apply(l, p, stream);
     TORCH_CHECK(err == cudaSuccess, "zo_apply_: CUDA launch failed: ", cudaGetErrorString(err));
-    launch.count = 0;
   };
   for (size_t i = 0; i < tensors.size(); ++i) {
     const at::Tensor& t = tensors[i];
     if (t.numel() == 0) continue;
-    int k = launch.count;
-    launch.t[k] = zo::TensorMeta{t.data_ptr(), t.numel(), (uint32_t)tensor_ids[i], zo_dtype_code(t)};
-    launch.block_start[k + 1] = launch.block_start[k] + zo::blocks_for(t.numel());
-    launch.count = k + 1;
-    if (launch.count == zo::kMaxTensorsPerLaunch || launch.block_start[launch.count] > (1LL << 30)) flush();
+    batch_add(launch, zo::TensorMeta{t.data_ptr(), t.numel(), (uint32_t)tensor_ids[i], zo_dtype_code(t)},
+              zo::blocks_for(t.numel()), zo::kMaxTensorsPerLaunch, fire);
   }
-  flush();
+  batch_flush(launch, fire);
 }
 
 }  // namespace

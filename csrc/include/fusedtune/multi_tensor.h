@@ -16,3 +16,27 @@ FT_HD int find_segment(const int64_t* starts, int count, int64_t b) {
 }
 
 }  // namespace fusedtune
+
+namespace fusedtune {
+
+// Host side: append one tensor's meta to a by-value launch struct (fields t[], block_start[],
+// count); when the struct is full (or the grid would pass 2^30 blocks), launch it with fire(launch).
+template <typename LaunchT, typename MetaT, typename Fire>
+inline void batch_add(LaunchT& launch, const MetaT& meta, int64_t blocks, int max_tensors, Fire&& fire) {
+  const int k = launch.count;
+  launch.t[k] = meta;
+  launch.block_start[k + 1] = launch.block_start[k] + blocks;
+  launch.count = k + 1;
+  if (launch.count == max_tensors || launch.block_start[launch.count] > (int64_t(1) << 30)) {
+    fire(launch);
+    launch.count = 0;
+  }
+}
+
+template <typename LaunchT, typename Fire>
+inline void batch_flush(LaunchT& launch, Fire&& fire) {
+  if (launch.count) fire(launch);
+  launch.count = 0;
+}
+
+}  // namespace fusedtune
