@@ -12,10 +12,12 @@ export MAX_JOBS=${MAX_JOBS:-2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.9;9.0}
 
 setup() {
-  if ! $PY -c "import torch, pytest, transformers, scipy, ninja" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+  if ! $PY -c "import torch, pytest, transformers, scipy, ninja, accelerate" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
     $PY -m pip install -q -r requirements-dev.txt
   fi
-  if ! $PY -m pip show -q fusedtune >/dev/null 2>&1 || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+  # (re)install in editable mode unless fusedtune already imports from this checkout
+  if ! (cd /tmp && $PY -c "import os, sys, fusedtune; sys.exit(os.path.realpath(fusedtune.__file__) != os.path.realpath(sys.argv[1]))" \
+        "$PWD/python/fusedtune/__init__.py") 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
     $PY -m pip install -q --no-build-isolation --no-deps -e .
   elif [ "${FUSEDTUNE_SKIP_CUDA:-0}" != 1 ]; then
     $PY setup.py -q build_ext --inplace   # incremental rebuild of fusedtune._C

@@ -203,7 +203,8 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         return
     dev = tensors[0].device
     table = _table(dev)
-    rseed = torch.tensor([rounding_seed], dtype=torch.int64, device=dev)
+    rseed = torch.tensor([rounding_seed], dtype=torch.int64)
+    rseed = rseed.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else rseed  # no host sync
     alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
     has_prev = prev_seeds.numel() > 0
     for t, tid in zip(tensors, tensor_ids):

@@ -53,6 +53,15 @@ if _ext.loaded():
         return None
 
 
+def _to_device(t: torch.Tensor, device) -> torch.Tensor:
+    """Host values to the device without a host sync: a pinned staging copy, copied asynchronously
+    (a plain .to('cuda') of pageable memory synchronises the stream). Under CUDA-graph capture pass
+    seeds/coeffs as device tensors instead: a captured copy would re-read the staging buffer."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _as_seeds(seeds, name: str, device) -> torch.Tensor:
     if torch.is_tensor(seeds):
         if seeds.dtype != torch.int64 or seeds.dim() != 1:
@@ -60,13 +69,13 @@ def _as_seeds(seeds, name: str, device) -> torch.Tensor:
                             f"{tuple(seeds.shape)}")
         if seeds.device.type != "cpu" and seeds.device != device:
             raise ValueError(f"zo_apply_: {name} is on {seeds.device}, the tensors on {device}")
-        return seeds.to(device, non_blocking=True)
+        return seeds if seeds.device == device else _to_device(seeds, device)
     out = []
     for s in seeds:
         if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s < _U64:
             raise ValueError(f"zo_apply_: {name} must be integers in [-2**63, 2**64), got {s!r}")
         out.append(s - _U64 if s >= 1 << 63 else s)
-    return torch.tensor(out, dtype=torch.int64, device=device)
+    return _to_device(torch.tensor(out, dtype=torch.int64), device)
 
 
 def _as_coeffs(coeffs, name: str, device) -> torch.Tensor:
@@ -76,8 +85,9 @@ def _as_coeffs(coeffs, name: str, device) -> torch.Tensor:
                             f"{tuple(coeffs.shape)}")
         if coeffs.device.type != "cpu" and coeffs.device != device:
             raise ValueError(f"zo_apply_: {name} is on {coeffs.device}, the tensors on {device}")
-        return coeffs.to(device=device, dtype=torch.float32, non_blocking=True)
-    return torch.tensor([float(c) for c in coeffs], dtype=torch.float32, device=device)
+        coeffs = coeffs.to(torch.float32)
+        return coeffs if coeffs.device == device else _to_device(coeffs, device)
+    return _to_device(torch.tensor([float(c) for c in coeffs], dtype=torch.float32), device)
 
 
 def _check_tensors(tensors) -> list[torch.Tensor]:
