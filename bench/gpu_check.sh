@@ -90,12 +90,13 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FUSEDTUNE_COMMIT=${FUSEDTUNE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export MPLBACKEND=Agg
 
-# ---------------------------------------------------------------- build (limit 130 s in all)
+# ---------------------------------------------------------------- build (limit 100 s in all)
+export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 BUILD_T0=$SECONDS
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
   echo "gpu_check: GPU_CHECK_SKIP_BUILD=1: using the extension as it is" | tee -a "$SUMMARY"
-elif ! run_step build 130 "$PY" setup.py build_ext --inplace; then
-  left=$((130 - (SECONDS - BUILD_T0)))
+elif ! run_step build 100 "$PY" setup.py build_ext --inplace; then
+  left=$((100 - (SECONDS - BUILD_T0)))
   [ "$left" -lt 30 ] && left=30
   echo "gpu_check: in-place build failed; trying pip install --no-build-isolation --no-deps -e ."
   if run_step build_pip "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
@@ -112,7 +113,7 @@ if PYTHONPATH="$REPO/python${PYTHONPATH:+:$PYTHONPATH}" "$PY" -c "$CHECK" "$REPO
 elif "$PY" -c "$CHECK" "$REPO" 2>/dev/null; then
   echo "gpu_check: importing fusedtune from the editable install of $REPO"
 else
-  STAGE="$OUT/.stage"
+  STAGE=$(mktemp -d)/stage
   rm -rf "$STAGE" && mkdir -p "$STAGE"
   cp -r "$REPO/python/fusedtune" "$STAGE/fusedtune"
   rm -rf "$STAGE/fusedtune/triton_kernels" && cp -r "$REPO/triton_kernels" "$STAGE/fusedtune/triton_kernels"
@@ -121,27 +122,33 @@ else
 fi
 "$PY" -c "import fusedtune, json; from fusedtune import _ext; print('fusedtune', fusedtune.__file__); print(json.dumps(_ext.info(), indent=1))" 2>&1 | tee -a "$OUT/build.log" || true
 
-run_step doctor 30 "$PY" -m fusedtune doctor || true
+if ! "$PY" -c "import sys, fusedtune._ext as e; sys.exit(0 if e.with_cuda() else 1)"; then
+  echo "build  FAILED: fusedtune._C has no CUDA kernels (CPU-only build or not loadable; see build.log)" | tee -a "$SUMMARY"
+  FAILED+=("build_cuda")
+fi
+run_step doctor 20 "$PY" -m fusedtune doctor || true
 
 # ---------------------------------------------------------------- GPU tests
 if "$PY" -c "import pytest" 2>/dev/null; then
-  run_step pytest_gpu 100 "$PY" -m pytest -m gpu -x -q -p no:cacheprovider tests || true
+  run_step pytest_gpu 150 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests || true
 else
   echo "pytest_gpu  FAILED: pytest is not installed here, the GPU tests were NOT run" | tee -a "$SUMMARY" "$OUT/pytest_gpu.log"
   FAILED+=("pytest_gpu")
 fi
 
 # ---------------------------------------------------------------- kernel report and benchmarks
-run_step kernels 50 "$PY" -m fusedtune kernels --json "$OUT/kernels.json" || true
+run_step kernels 70 "$PY" -m fusedtune kernels --json "$OUT/kernels.json" || true
 # one step per family, so that a slow family cannot starve the next one
-run_step bench_zo 80 "$PY" -m fusedtune bench zo --out "$OUT" || true
-run_step bench_hft 90 "$PY" -m fusedtune bench hft --out "$OUT" || true
+run_step bench_zo 70 "$PY" -m fusedtune bench zo --out "$OUT" || true
+run_step bench_hft 80 "$PY" -m fusedtune bench hft --out "$OUT" || true
 
 # ---------------------------------------------------------------- summary
 echo
 echo "=== gpu_check summary ($((SECONDS - T0)) s; outputs in $OUT)"
 cat "$SUMMARY"
 ls -1 "$OUT" | sed 's/^/  /'
+# one archive of everything, for tools that bring back only a few files
+tar czf "$OUT/../gpu_check_all.tgz" -C "$OUT" . 2>/dev/null && mv "$OUT/../gpu_check_all.tgz" "$OUT/all.tgz" || true
 if [ "${#FAILED[@]}" -gt 0 ] && [ -n "${FAILED[*]}" ]; then
   echo "gpu_check: FAILED steps: ${FAILED[*]}"
   exit 1

@@ -18,11 +18,13 @@ def _mixed(device, n=60):
         dt = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
         ts.append((torch.randn(1 + 977 * i, generator=g) * 0.05).to(dt).to(device))
     big = torch.randn(3 * 8192 * 4 + 13, generator=g).bfloat16().to(device)
-    base = torch.randn(4099, generator=g).bfloat16().to(device)
-    return ts + [big, base[1:], base[1:4099 - 8]]  # unaligned views (contiguous, offset storage)
+    base = torch.randn(2 * 4099, generator=g).bfloat16().to(device)
+    # two disjoint unaligned views (byte offsets 2 and 8204); zo_apply_ refuses views sharing a data_ptr
+    return ts + [big, base[1:4099], base[4099 + 3:2 * 4099 - 8]]
 
 
 @pytest.mark.parametrize("kw", [dict(seeds=[3], coeffs=[1e-3]),
+                                dict(seeds=[3], coeffs=[-1e-3], undo=([3], [1e-3])),  # MeZO's one-draw path
                                 dict(seeds=[3, 4], coeffs=[1e-3, -1e-5], undo=([3], [2e-3]), alpha=0.99),
                                 dict(seeds=[8], coeffs=[1e-4], rounding="stochastic", rounding_seed=5,
                                      noise="rademacher")])
@@ -43,6 +45,16 @@ def test_gpu_backends_and_cpu_bit_identical(kw):
     assert_same_bits([t.cpu() for t in run("cuda")], cpu, "cuda vs cpu")
 
 
+def test_more_tensors_than_one_launch_holds():
+    def mk(d):
+        g = torch.Generator().manual_seed(4)
+        return [torch.randn(5 + i % 7, generator=g).bfloat16().to(d) for i in range(700)]
+    gpu, cpu = mk("cuda"), mk("cpu")
+    zo_apply_(gpu, [1, 2], [1e-3, -2e-3], backend="cuda", undo=([1], [5e-4]))
+    zo_apply_(cpu, [1, 2], [1e-3, -2e-3], undo=([1], [5e-4]))
+    assert_same_bits([t.cpu() for t in gpu], cpu, "700 tensors, cuda vs cpu")
+
+
 def test_cuda_graph_capture_with_device_coeffs():
     w = (torch.randn(1 << 20, device="cuda") * 0.02).bfloat16()
     ref = w.clone()
@@ -58,6 +70,16 @@ def test_cuda_graph_capture_with_device_coeffs():
     torch.cuda.synchronize()
     zo_apply_(ref, [7], [-2e-3], backend="reference")
     assert torch.equal(w, ref)
+
+
+def test_capture_refuses_host_values():
+    w = torch.zeros(1024, device="cuda")
+    zo_apply_(w, torch.tensor([1], device="cuda"), torch.tensor([1.0], device="cuda"), backend="cuda")
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with pytest.raises(ValueError, match="under CUDA-graph capture pass seeds, coeffs"):
+        with torch.cuda.graph(graph):
+            zo_apply_(w, [1], [1.0], backend="cuda")
 
 
 def test_mezo_step_has_no_host_sync():

@@ -157,7 +157,7 @@ def _delta(seeds_ptr, coeffs_ptr, n, c0, c1, c2, col, table_ptr, NOISE: tl.const
     return d
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["numel", "tid", "n", "n_prev"])  # one compile per dtype/flag set, not per size
 def zo_apply_kernel(x_ptr, numel, tid, seeds_ptr, coeffs_ptr, n, prev_seeds_ptr, prev_coeffs_ptr, n_prev,
                     table_ptr, alpha, rseed_ptr, DT: tl.constexpr, NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
                     SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):

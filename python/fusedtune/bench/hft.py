@@ -276,7 +276,7 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
         x = torch.randn(T, in_f, device=dev, dtype=torch.bfloat16, generator=g)
         sel = _half_rows(out_f, dev)
         R = sel.numel()
-        ours = timer(lambda: ops.row_grad(dy, x, sel, backend=b))
+        ours = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False))
         dense = timer(lambda: (dy.t() @ x).index_select(0, sel))
         gather = timer(lambda: dy.index_select(1, sel).t() @ x)
         flops = 2.0 * T * R * in_f

@@ -62,6 +62,15 @@ def _to_device(t: torch.Tensor, device) -> torch.Tensor:
     return t.to(device)
 
 
+def _refuse_host_values_in_capture(seeds, coeffs, undo, device):
+    if torch.device(device).type != "cuda" or not torch.cuda.is_current_stream_capturing():
+        return
+    vals = [seeds, coeffs] + (list(undo) if isinstance(undo, (tuple, list)) else [])
+    if not all(torch.is_tensor(v) and v.device.type == "cuda" for v in vals):
+        raise ValueError("zo_apply_: under CUDA-graph capture pass seeds, coeffs (and undo) as CUDA tensors; "
+                         "host values would be copied from a staging buffer that replays do not refresh")
+
+
 def _as_seeds(seeds, name: str, device) -> torch.Tensor:
     if torch.is_tensor(seeds):
         if seeds.dtype != torch.int64 or seeds.dim() != 1:
@@ -144,6 +153,7 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
         if bad:
             raise ValueError(f"zo_apply_: rounding='stochastic' supports bfloat16 (and float32, which needs no "
                              f"rounding); tensors[{bad[0]}] is float16")
+    _refuse_host_values_in_capture(seeds, coeffs, undo, device)
     s = _as_seeds(seeds, "seeds", device)
     c = _as_coeffs(coeffs, "coeffs", device)
     if s.numel() != c.numel() or s.numel() == 0:
