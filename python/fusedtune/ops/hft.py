@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from .. import _ext
 from .. import backend as _backend
 from ..reference import hft as ref
+from ..reference.adamw import CONST_KEYS
 
 _ROW_GRAD_HAS = ("reference", "cpu", "triton")  # "cpu": torch's own CPU GEMM is the CPU kernel
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -106,8 +107,7 @@ def _masked_adamw_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_
                      exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
                      consts: list[float], backend: str) -> None:
     if backend == "reference":
-        keys = ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")
-        ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dict(zip(keys, consts)))
+        ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dict(zip(CONST_KEYS, consts)))
     else:
         torch.ops.fusedtune.masked_adamw_kernel_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts)
 
@@ -153,7 +153,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
                                  f"{tuple(t.shape)} with {r.numel()} rows")
             _check_rows(r, t.shape[0], "masked_adamw_", check_rows)
     c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
-    consts = [c[k] for k in ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")]
+    consts = [c[k] for k in CONST_KEYS]
     name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
     with torch.no_grad():
         _masked_adamw_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets),

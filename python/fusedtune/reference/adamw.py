@@ -1,0 +1,28 @@
+"""The AdamW element rule shared by every family's fused optimizer (csrc/include/fusedtune/adamw_math.h),
+written operation for operation so that the C++ CPU and CUDA kernels are bit-identical to it."""
+from __future__ import annotations
+
+import torch
+
+CONST_KEYS = ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")
+
+
+def adamw_constants(lr, beta1, beta2, eps, weight_decay, step) -> dict:
+    """Host-side constants, rounded to float32 once, shared by every backend."""
+    f = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
+    bc1 = 1.0 - beta1 ** step
+    bc2 = 1.0 - beta2 ** step
+    return dict(decay=f(1.0 - lr * weight_decay), beta1=f(beta1), omb1=f(1.0 - beta1), beta2=f(beta2),
+                omb2=f(1.0 - beta2), sbc2=f(bc2 ** 0.5), eps=f(eps), step_size=f(lr / bc1))
+
+
+def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, c: dict) -> torch.Tensor:
+    """Update the float32 moments m, v in place and return the new float32 parameter values."""
+    f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=p.device)  # noqa: E731
+    pf, gf = p.float() * f32(c["decay"]), g.float()
+    m.copy_(f32(c["beta1"]) * m + f32(c["omb1"]) * gf)
+    v.copy_(f32(c["beta2"]) * v + f32(c["omb2"]) * (gf * gf))
+    # torch.sqrt on float32 CPU tensors is not correctly rounded; via float64 it is (53 >= 2*24+2).
+    # A full-tensor divisor: ATen turns division by a scalar into a reciprocal multiply.
+    denom = torch.sqrt(v.double()).float() / torch.full_like(v, c["sbc2"]) + f32(c["eps"])
+    return pf - f32(c["step_size"]) * (m / denom)
