@@ -33,4 +33,8 @@ TORCH_LIBRARY(fusedtune, m) {
   m.def(
       "masked_adamw_kernel_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] targets, Tensor[] rows, float[] consts) -> ()");
+  // sparse_delta: AdamW on float32 deltas; weights[i].flat[indices[i]] <- round(bases[i] + delta).
+  m.def(
+      "sparse_adamw_kernel_(Tensor(a!)[] values, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
+      "Tensor(d!)[] weights, Tensor[] bases, Tensor[] indices, float[] consts) -> ()");
 }

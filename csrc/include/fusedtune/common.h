@@ -99,6 +99,17 @@ FT_HD uint32_t round_rne(float v, int dt) {
   return dt == FT_F32 ? f32_bits(v) : (dt == FT_BF16 ? f32_to_bf16_rne(v) : f32_to_f16_rne(v));
 }
 
+// Element i of a storage array of format dt, as bits.
+FT_HD uint32_t load_bits(const void* base, int64_t i, int dt) {
+  return dt == FT_F32 ? static_cast<const uint32_t*>(base)[i] : static_cast<const uint16_t*>(base)[i];
+}
+FT_HD void store_bits(void* base, int64_t i, int dt, uint32_t b) {
+  if (dt == FT_F32)
+    static_cast<uint32_t*>(base)[i] = b;
+  else
+    static_cast<uint16_t*>(base)[i] = (uint16_t)b;
+}
+
 // Monotone integer order of a format's bit patterns (both zeros map to 0), and its inverse.
 FT_HD int64_t bits_to_ord(uint32_t b, int dt) {
   uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u;

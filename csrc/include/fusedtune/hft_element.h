@@ -5,16 +5,6 @@
 namespace fusedtune {
 namespace hft {
 
-FT_HD uint32_t load_bits(const void* base, int64_t i, int dt) {
-  return dt == FT_F32 ? static_cast<const uint32_t*>(base)[i] : static_cast<const uint16_t*>(base)[i];
-}
-FT_HD void store_bits(void* base, int64_t i, int dt, uint32_t b) {
-  if (dt == FT_F32)
-    static_cast<uint32_t*>(base)[i] = b;
-  else
-    static_cast<uint16_t*>(base)[i] = (uint16_t)b;
-}
-
 // p/g share p_dt; m, v are fp32; a row master (target != null) also writes target[rows[e / cols]].
 FT_HD void masked_adamw_element(void* p, const void* g, float* m, float* v, void* target, const int64_t* rows,
                                 int64_t cols, int p_dt, int target_dt, int64_t e, const AdamConsts& c) {

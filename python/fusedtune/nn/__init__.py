@@ -1,2 +1,3 @@
 """fusedtune.nn: drop-in layers of every family."""
 from .hft import RowMaskedLinear  # noqa: F401
+from .sparse_delta import SparseDeltaLinear  # noqa: F401

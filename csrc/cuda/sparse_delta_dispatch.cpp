@@ -1,0 +1,43 @@
+// Sparse-delta family: CUDA dispatch-key registration of SparseDeltaAdamW.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include "fusedtune/multi_tensor.h"
+#include "fusedtune/sparse_delta_checks.h"
+#include "fusedtune/sparse_delta_cuda.h"
+
+namespace fusedtune {
+namespace {
+
+void sparse_adamw_cuda(at::TensorList values, at::TensorList grads, at::TensorList exp_avgs,
+                       at::TensorList exp_avg_sqs, at::TensorList weights, at::TensorList bases,
+                       at::TensorList indices, at::ArrayRef<double> consts) {
+  sparse_delta_check(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices);
+  if (values.empty()) return;
+  const AdamConsts c = sparse_delta_consts(consts);
+  c10::cuda::CUDAGuard guard(values[0].device());
+  cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  sparse_delta::Launch launch;
+  launch.count = 0;
+  launch.block_start[0] = 0;
+  auto fire = [&](const sparse_delta::Launch& l) {
+    cudaError_t err = sparse_delta::launch_sparse_adamw(l, c, stream);
+    TORCH_CHECK(err == cudaSuccess, "sparse_adamw: CUDA launch failed: ", cudaGetErrorString(err));
+  };
+  for (size_t i = 0; i < values.size(); ++i) {
+    if (values[i].numel() == 0) continue;
+    batch_add(launch,
+              sparse_delta::TensorMeta{values[i].data_ptr<float>(), grads[i].data_ptr<float>(),
+                                       exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
+                                       weights[i].data_ptr(), bases[i].data_ptr(), indices[i].data_ptr<int32_t>(),
+                                       values[i].numel(), sparse_delta_weight_dtype(weights[i])},
+              sparse_delta::blocks_for(values[i].numel()), sparse_delta::kMaxTensorsPerLaunch, fire);
+  }
+  batch_flush(launch, fire);
+}
+
+}  // namespace
+}  // namespace fusedtune
+
+TORCH_LIBRARY_IMPL(fusedtune, CUDA, m) { m.impl("sparse_adamw_kernel_", &fusedtune::sparse_adamw_cuda); }

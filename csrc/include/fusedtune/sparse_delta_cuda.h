@@ -1,0 +1,37 @@
+// Launch interface of the SparseDeltaAdamW CUDA kernel (plain C++; the .cu needs no torch headers).
+#pragma once
+#include <cuda_runtime_api.h>
+
+#include "fusedtune/adamw_math.h"
+
+namespace fusedtune {
+namespace sparse_delta {
+
+constexpr int kMaxTensorsPerLaunch = 96;
+constexpr int kThreads = 256;
+constexpr int64_t kChunk = (int64_t)kThreads * 16;
+
+struct TensorMeta {
+  float* values;
+  const float* grads;
+  float* m;
+  float* v;
+  void* weight;
+  const void* base;
+  const int32_t* indices;
+  int64_t numel;
+  int32_t weight_dtype;
+};
+
+struct Launch {
+  TensorMeta t[kMaxTensorsPerLaunch];
+  int64_t block_start[kMaxTensorsPerLaunch + 1];
+  int32_t count;
+};
+
+inline int64_t blocks_for(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
+
+cudaError_t launch_sparse_adamw(const Launch& launch, const AdamConsts& c, cudaStream_t stream);
+
+}  // namespace sparse_delta
+}  // namespace fusedtune

@@ -1,0 +1,117 @@
+"""SparseDeltaLinear: a frozen base weight plus k trainable float32 deltas (sparse fine-tuning)."""
+from __future__ import annotations
+
+import contextlib
+import weakref
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..ops.sparse_delta import check_indices, sparse_delta_linear
+
+
+class SparseDeltaLinear(nn.Module):
+    """y = x W^T + b with W = W0 + scatter(delta) kept merged in place.
+
+    weight       the merged weight (frozen Parameter): W0 everywhere except at `indices`, where it
+                 holds round(base_values + values); forward is one dense GEMM over it
+    indices      int32 buffer [k]: flat row-major positions r * in_features + c, sorted, unique
+    base_values  buffer [k]: W0 at those positions (W's dtype), so revert_() restores W0 exactly
+    values       trainable float32 Parameter [k]: the deltas, the truth (bf16 rounding of the merged
+                 weight never loses an update); their gradient comes from an SDDMM at the k
+                 positions, never from a dense dW
+    """
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, density: float = 0.01, seed: int = 0, indices=None,
+                    backend: str | None = None) -> "SparseDeltaLinear":
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"SparseDeltaLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        numel = linear.weight.numel()
+        if indices is None:
+            if not 0 < density <= 1:
+                raise ValueError(f"SparseDeltaLinear.from_linear: density must be in (0, 1], got {density}")
+            k = max(1, round(density * numel))
+            g = torch.Generator().manual_seed(int(seed))
+            indices = torch.randperm(numel, generator=g)[:k].sort().values.to(torch.int32)
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
+        m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
+        m.backend = backend
+        dev = linear.weight.device
+        m.register_buffer("indices", torch.empty(0, dtype=torch.int32, device=dev))
+        m.register_buffer("base_values", torch.empty(0, dtype=linear.weight.dtype, device=dev))
+        m.values = nn.Parameter(torch.empty(0, device=dev))
+        m.set_indices(torch.as_tensor(indices))
+        return m
+
+    def set_indices(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+        """Revert the current deltas, select new positions (base re-read from W0), set the deltas
+        (default 0) and merge. The float32 deltas become a new Parameter (optimizer state resets)."""
+        indices = indices.to(device=self.weight.device)
+        check_indices(indices, self.weight.numel(), "SparseDeltaLinear")
+        if values is not None and (values.shape != indices.shape):
+            raise ValueError(f"SparseDeltaLinear: values {tuple(values.shape)} do not match indices "
+                             f"{tuple(indices.shape)}")
+        if self.indices.numel():
+            self.revert_()
+        with torch.no_grad():
+            self.indices = indices.contiguous()
+            self.base_values = self.weight.view(-1).index_select(0, self.indices.long()).clone()
+            v = torch.zeros(indices.shape, dtype=torch.float32, device=self.weight.device) if values is None \
+                else values.detach().to(device=self.weight.device, dtype=torch.float32).clone()
+        self.values = nn.Parameter(v)
+        self.values._fusedtune_sparse_layer = weakref.ref(self)
+        self.merge_()
+
+    @torch.no_grad()
+    def merge_(self) -> None:
+        """W[idx] = round(base + delta)."""
+        merged = (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
+        self.weight.view(-1).index_copy_(0, self.indices.long(), merged)
+
+    @torch.no_grad()
+    def revert_(self) -> None:
+        """W[idx] = base: the weight becomes exactly W0 (the deltas are kept in `values`)."""
+        self.weight.view(-1).index_copy_(0, self.indices.long(), self.base_values)
+
+    @contextlib.contextmanager
+    def dense_grad(self, enabled: bool = True):
+        """Inside, the forward is a plain F.linear whose weight gets a dense .grad (selection steps
+        of regrowth only); the deltas get no gradient there."""
+        prev = self.weight.requires_grad
+        self.weight.requires_grad_(enabled)
+        try:
+            yield self
+        finally:
+            self.weight.requires_grad_(prev)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.weight.requires_grad:
+            return F.linear(x, self.weight, self.bias)
+        return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,
+                                   check=False)  # indices checked in set_indices: no host sync per call
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
+                        device=self.weight.device, dtype=self.weight.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.indices.numel()} "
+                f"({self.indices.numel() / max(1, self.weight.numel()):.2%}), bias={self.bias is not None}")
+
+    def _fusedtune_report(self) -> dict:
+        from ..ops.sparse_delta import sparse_delta_backend
+        b = sparse_delta_backend(self.weight.device, self.backend)
+        return {"method": "sparse_delta", "backend": b["sddmm"]["backend"],
+                "path": f"forward F.linear on the merged weight; delta grad by SDDMM at {self.indices.numel()} "
+                        f"positions ({b['sddmm']['backend']}); SparseDeltaAdamW {b['sparse_adamw_']['backend']}",
+                "why_not": {**b["sddmm"]["why_not"], **b["sparse_adamw_"]["why_not"]}}

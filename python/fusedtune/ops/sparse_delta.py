@@ -1,0 +1,166 @@
+"""Sparse-delta family ops.
+
+    sparse_delta_linear(x, weight, values, indices, bias)  y = x W^T + b with W the merged weight
+        (frozen); the backward gives dX (full) and the gradient of the float32 deltas `values` at
+        the k indices only (sddmm), never a dense dW.
+    sddmm(dy, x, indices)                                   that gradient, float32 [k]
+    sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, ...)
+        one fused multi-tensor AdamW pass over the deltas that also writes round(base + delta)
+        into the merged weights.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .. import _ext
+from .. import backend as _backend
+from ..reference import sparse_delta as ref
+from ..reference.adamw import CONST_KEYS, adamw_constants
+
+_SDDMM_HAS = ("reference", "cpu", "triton")  # "cpu": the reference's torch gather-multiply-sum
+_ADAMW_HAS = ("reference", "cpu", "cuda")
+
+
+def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:
+    """Flat indices must be a 1-D int32 tensor, sorted, unique and inside the weight (host check)."""
+    if not torch.is_tensor(indices) or indices.dtype != torch.int32 or indices.dim() != 1:
+        got = f"{indices.dtype} with shape {tuple(indices.shape)}" if torch.is_tensor(indices) else type(indices)
+        raise TypeError(f"{what}: indices must be a 1-D int32 tensor, got {got}")
+    if indices.numel() == 0 or torch.compiler.is_compiling():
+        return
+    lo, hi = int(indices.min()), int(indices.max())
+    if lo < 0 or hi >= numel:
+        raise ValueError(f"{what}: indices must lie in [0, {numel}), got [{lo}, {hi}]")
+    if indices.numel() > 1:
+        d = indices[1:] - indices[:-1]
+        if bool((d == 0).any()):
+            raise ValueError(f"{what}: indices contain duplicates")
+        if bool((d < 0).any()):
+            raise ValueError(f"{what}: indices must be sorted (row-major order)")
+
+
+@torch.library.custom_op("fusedtune::sddmm", mutates_args=())
+def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton_kernels import sparse_delta as tk
+        return tk.sddmm(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), indices)
+    return ref.sddmm(dy, x, indices)
+
+
+@_sddmm_op.register_fake
+def _(dy, x, indices, backend):
+    return x.new_empty((indices.shape[0],), dtype=torch.float32)
+
+
+def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str | None = None,
+          check: bool = True) -> torch.Tensor:
+    """g[i] = sum over tokens of dy[t, r_i] * x[t, c_i] for flat indices r_i * in + c_i."""
+    if dy.shape[:-1] != x.shape[:-1] or dy.dtype != x.dtype or dy.device != x.device:
+        raise ValueError(f"sddmm: dy {tuple(dy.shape)} {dy.dtype} and x {tuple(x.shape)} {x.dtype} must share "
+                         "leading dims, dtype and device")
+    if check:
+        check_indices(indices, dy.shape[-1] * x.shape[-1], "sddmm")
+    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    return _sddmm_op(dy, x, indices, name)
+
+
+@torch.library.custom_op("fusedtune::sparse_delta_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+               bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+@_linear_op.register_fake
+def _(x, weight, values, indices, bias, backend):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, values, indices, bias, backend = inputs
+    ctx.save_for_backward(x, weight, indices)
+    ctx.backend = backend
+
+
+def _backward(ctx, dy):
+    x, weight, indices = ctx.saved_tensors
+    dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dv = _sddmm_op(dy, x, indices, ctx.backend) if ctx.needs_input_grad[2] else None
+    return dx, None, dv, None, None, None
+
+
+torch.library.register_autograd("fusedtune::sparse_delta_linear", _backward, setup_context=_setup)
+
+
+def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | None = None,
+                        check: bool = True) -> torch.Tensor:
+    """Linear layer over a merged weight whose trainable part is k float32 deltas at `indices`.
+    check=False skips the host-side check of the index values (callers that checked them once)."""
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"sparse_delta_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    if values.dtype != torch.float32 or values.shape != indices.shape:
+        raise ValueError(f"sparse_delta_linear: values must be float32 of shape {tuple(indices.shape)}, got "
+                         f"{values.dtype} {tuple(values.shape)}")
+    if check:
+        check_indices(indices, weight.numel(), "sparse_delta_linear")
+    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    return _linear_op(x, weight, values, indices, bias, name)
+
+
+@torch.library.custom_op("fusedtune::sparse_adamw_",
+                         mutates_args=("values", "exp_avgs", "exp_avg_sqs", "weights"))
+def _adamw_op(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+              exp_avg_sqs: list[torch.Tensor], weights: list[torch.Tensor], bases: list[torch.Tensor],
+              indices: list[torch.Tensor], consts: list[float], backend: str) -> None:
+    if backend == "reference":
+        ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, dict(zip(CONST_KEYS, consts)))
+    else:
+        torch.ops.fusedtune.sparse_adamw_kernel_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts)
+
+
+@_adamw_op.register_fake
+def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts, backend):
+    return None
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fusedtune::sparse_adamw_kernel_")
+    def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts):
+        return None
+
+
+def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, *, lr: float, beta1: float,
+                  beta2: float, eps: float, weight_decay: float, step: int, backend: str | None = None,
+                  check: bool = True) -> None:
+    """One AdamW step on float32 deltas (in place) and the scatter of round(base + delta) into the
+    merged weights. check=False skips the host-side index check (SparseDeltaAdamW: layers checked)."""
+    n = len(values)
+    if not n:
+        return
+    if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
+        raise ValueError("sparse_adamw_: the lists differ in length")
+    dev = values[0].device
+    for i, (val, g, m, v, w, b, idx) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
+        for name, t in (("values", val), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if t.dtype != torch.float32 or t.shape != idx.shape or not t.is_contiguous() or t.device != dev:
+                raise ValueError(f"sparse_adamw_: {name}[{i}] must be contiguous float32 of shape "
+                                 f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
+            raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
+                             f"{tuple(b.shape)}) must share a float dtype, bases one value per index")
+        if not (w.is_contiguous() and b.is_contiguous()) or w.device != dev or b.device != dev:
+            raise ValueError(f"sparse_adamw_: weights[{i}] and bases[{i}] must be contiguous, on {dev}")
+        if check:
+            check_indices(idx, w.numel(), "sparse_adamw_")
+    c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
+    name = _backend.resolve("sparse_adamw_", dev, _ADAMW_HAS, backend)
+    with torch.no_grad():
+        _adamw_op(list(values), list(grads), list(exp_avgs), list(exp_avg_sqs), list(weights), list(bases),
+                  list(indices), [c[k] for k in CONST_KEYS], name)
+
+
+def sparse_delta_backend(device, backend: str | None = None) -> dict:
+    """Which backends the sparse-delta ops take on `device` and why the others were not taken."""
+    d = torch.device(device)
+    return {"sddmm": _backend.explain("sddmm", d, _SDDMM_HAS, backend),
+            "sparse_adamw_": _backend.explain("sparse_adamw_", d, _ADAMW_HAS, backend)}

@@ -1,0 +1,159 @@
+"""sparse_delta core: SDDMM delta gradients equal the dense gradient at the indices, the fused
+optimizer matches a dense masked AdamW and is bit-identical across backends, exact revert,
+opcheck, compile, bad inputs."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedtune
+from fusedtune.nn import SparseDeltaLinear
+from fusedtune.ops.sparse_delta import sddmm, sparse_adamw_, sparse_delta_linear
+from fusedtune.optim import SparseDeltaAdamW
+from fusedtune.testing import check_backends
+
+
+def _idx(numel, k, seed=0):
+    return torch.randperm(numel, generator=torch.Generator().manual_seed(seed))[:k].sort().values.to(torch.int32)
+
+
+@pytest.mark.parametrize("lead,out,inp", [((37,), 13, 11), ((2, 9), 33, 17)])
+def test_sddmm_is_dense_grad_at_indices(lead, out, inp):
+    x = torch.randn(*lead, inp, dtype=torch.float64)
+    w = torch.randn(out, inp, dtype=torch.float64, requires_grad=True)
+    dy = torch.randn(*lead, out, dtype=torch.float64)
+    F.linear(x, w).backward(dy)
+    idx = _idx(out * inp, 29)
+    got = sddmm(dy.float(), x.float(), idx, backend="reference")
+    torch.testing.assert_close(got.double(), w.grad.reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_delta_gradient_and_input_gradient():
+    lin = torch.nn.Linear(40, 24)
+    m = SparseDeltaLinear.from_linear(lin, density=0.03, seed=1)
+    x = torch.randn(5, 7, 40, requires_grad=True)
+    x2 = x.detach().clone().requires_grad_()
+    dy = torch.randn(5, 7, 24)
+    m(x).backward(dy)
+    lin.weight.requires_grad_(True)
+    F.linear(x2, lin.weight.detach().requires_grad_(), lin.bias).backward(dy)
+    dense = torch.einsum("...o,...i->oi", dy, x2.detach())
+    torch.testing.assert_close(m.values.grad, dense.reshape(-1)[m.indices.long()], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad)
+    assert m.weight.grad is None
+
+
+def test_matches_dense_masked_adamw_and_reverts_exactly():
+    torch.manual_seed(2)
+    lin = torch.nn.Linear(20, 12)
+    w0 = lin.weight.detach().clone()
+    m = SparseDeltaLinear.from_linear(lin, density=0.1, seed=3)
+    mask = torch.zeros(12 * 20, dtype=torch.bool)
+    mask[m.indices.long()] = True
+    mask = mask.view(12, 20)
+    delta = torch.nn.Parameter(torch.zeros(12, 20))
+    opt_ref = torch.optim.AdamW([delta], lr=1e-2, weight_decay=0.1)
+    opt = SparseDeltaAdamW(m.parameters(), lr=1e-2, weight_decay=0.1)
+    x, t = torch.randn(64, 20), torch.randn(64, 12)
+    for _ in range(10):
+        opt.zero_grad()
+        (m(x) - t).pow(2).mean().backward()
+        opt.step()
+        opt_ref.zero_grad()
+        (F.linear(x, w0 + delta, lin.bias) - t).pow(2).mean().backward()
+        delta.grad *= mask
+        opt_ref.step()
+    torch.testing.assert_close(m.weight, w0 + delta.detach(), rtol=1e-5, atol=1e-6)
+    assert torch.equal(m.weight[~mask], w0[~mask])
+    m.revert_()
+    assert torch.equal(m.weight, w0)
+    m.merge_()
+    torch.testing.assert_close(m.weight, w0 + delta.detach(), rtol=1e-5, atol=1e-6)
+
+
+def test_bf16_updates_are_not_lost():
+    lin = torch.nn.Linear(64, 64).bfloat16()
+    with torch.no_grad():
+        lin.weight.fill_(1.0)  # ulp(1) = 2^-7: updates of 1e-3 vanish in a bf16 weight
+    m = SparseDeltaLinear.from_linear(lin, density=0.05)
+    m.values.grad = torch.ones_like(m.values)
+    opt = SparseDeltaAdamW(m.parameters(), lr=1e-3)
+    for _ in range(10):
+        opt.step()
+    assert torch.allclose(m.values, torch.full_like(m.values, -1e-2), rtol=1e-3)
+    assert (m.weight.view(-1)[m.indices.long()] < 1.0).all()  # 10 steps of 1e-3 crossed an ulp
+
+
+def _adam_inputs():
+    g = torch.Generator().manual_seed(4)
+    ws = [torch.randn(30, 17, generator=g).bfloat16(), torch.randn(9, 5, generator=g), torch.randn(40, generator=g).half()]
+    idx = [_idx(w.numel(), max(1, w.numel() // 7), i) for i, w in enumerate(ws)]
+    vals = [torch.randn(i.shape, generator=g) * 1e-2 for i in idx]
+    grads = [torch.randn(i.shape, generator=g) for i in idx]
+    bases = [w.view(-1)[i.long()].clone() for w, i in zip(ws, idx)]
+    return vals, grads, ws, bases, idx
+
+
+def test_sparse_adamw_bit_identical_across_backends():
+    def run(b):
+        vals, grads, ws, bases, idx = _adam_inputs()
+        ms, vs = [torch.zeros_like(v) for v in vals], [torch.zeros_like(v) for v in vals]
+        for step in range(1, 5):
+            sparse_adamw_(vals, grads, ms, vs, ws, bases, idx, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                          weight_decay=0.05, step=step, backend=b)
+        return vals + ms + vs + ws
+    checked = check_backends(run, "cpu", exact=True, has=("reference", "cpu", "cuda"))
+    assert ("cpu" in checked) == fusedtune._ext.loaded()
+
+
+def test_opcheck_and_compile():
+    x = torch.randn(6, 10, requires_grad=True)
+    w = torch.randn(8, 10)
+    idx = _idx(80, 9)
+    v = torch.zeros(9, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedtune.sparse_delta_linear.default, (x, w, v, idx, None, "reference"))
+    torch.library.opcheck(torch.ops.fusedtune.sddmm.default, (torch.randn(6, 8), x.detach(), idx, "reference"))
+    vals, grads, ws, bases, ids = _adam_inputs()
+    torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_.default,
+                          (vals, grads, [torch.zeros_like(t) for t in vals], [torch.zeros_like(t) for t in vals],
+                           ws, bases, ids, [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01], "reference"))
+    m = SparseDeltaLinear.from_linear(torch.nn.Linear(10, 8), density=0.2)
+    f = lambda x: m(x).pow(2).sum()  # noqa: E731
+    f(x).backward()
+    g = m.values.grad.clone()
+    m.values.grad = None
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x).backward()
+    torch.testing.assert_close(m.values.grad, g)
+
+
+@pytest.mark.parametrize("idx,msg", [
+    (torch.tensor([1, 1, 5], dtype=torch.int32), "duplicates"),
+    (torch.tensor([5, 1], dtype=torch.int32), "must be sorted"),
+    (torch.tensor([0, 80], dtype=torch.int32), "must lie in \\[0, 80\\)"),
+    (torch.tensor([-1, 3], dtype=torch.int32), "must lie in"),
+    (torch.tensor([1, 2]), "1-D int32"),
+])
+def test_bad_indices_refused_and_untouched(idx, msg):
+    lin = torch.nn.Linear(10, 8)
+    w0 = lin.weight.detach().clone()
+    with pytest.raises((ValueError, TypeError), match=msg):
+        SparseDeltaLinear.from_linear(lin, indices=idx)
+    assert torch.equal(lin.weight, w0)
+    m = SparseDeltaLinear.from_linear(lin, density=0.1)
+    before = m.weight.detach().clone()
+    with pytest.raises((ValueError, TypeError), match=msg):
+        m.set_indices(idx)
+    assert torch.equal(m.weight, before)
+    with pytest.raises((ValueError, TypeError), match=msg):
+        sddmm(torch.randn(3, 8), torch.randn(3, 10), idx)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="density must be in"):
+        SparseDeltaLinear.from_linear(torch.nn.Linear(4, 4), density=0)
+    with pytest.raises(TypeError, match="expected nn.Linear"):
+        SparseDeltaLinear.from_linear(torch.nn.Conv1d(4, 4, 1))
+    with pytest.raises(ValueError, match="`values` of SparseDeltaLinear layers only"):
+        SparseDeltaAdamW([torch.nn.Parameter(torch.zeros(3))])
+    with pytest.raises(ValueError, match="values must be float32"):
+        sparse_delta_linear(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2).half(), torch.tensor([0, 1],
+                            dtype=torch.int32))
