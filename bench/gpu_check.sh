@@ -141,7 +141,7 @@ run_step kernels 60 "$PY" -m fusedtune kernels --json "$OUT/kernels.json" || tru
 # one step per family, so that a slow family cannot starve the next one
 run_step bench_zo 70 "$PY" -m fusedtune bench zo --out "$OUT" || true
 run_step bench_hft 70 "$PY" -m fusedtune bench hft --out "$OUT" || true
-run_step bench_sparse_delta 50 "$PY" -m fusedtune bench sparse_delta --out "$OUT" || true
+run_step bench_sparse_delta 50 "$PY" -m fusedtune bench sparse_delta --quick --out "$OUT" || true  # the SDDMM rows may be slow: --quick
 
 # ---------------------------------------------------------------- summary
 echo

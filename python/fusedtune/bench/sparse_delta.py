@@ -1,0 +1,407 @@
+"""Sparse-delta family benchmark (python -m fusedtune bench sparse_delta).
+
+1. The delta gradient: fusedtune.ops.sparse_delta.sddmm (Triton) against the dense weight-gradient
+   GEMM (dy.t() @ x, bf16 out) followed by a gather at the k indices, on the Llama-3-8B linear shapes
+   (4096x4096, 14336x4096, 4096x14336) at 8192 tokens (--quick: 4096), bf16, densities 0.3%, 1%
+   and 2.4%. Reported: both times, ratio = dense / ours, the bandwidth of the gathered reads (every
+   index reads a column of dy and one of x: gathered_bytes = 2 * T * k * 2 B; served largely from
+   the caches, so its "% of HBM" may exceed 100), the TFLOP/s of the useful flops 2*T*k, and in
+   roofline_pct the H100 roofline of the compulsory traffic (dy and x once, indices, fp32 output) and
+   the useful flops. Goal on an H100: >= 5x faster than dense dW + gather at 1% density.
+2. SparseDeltaAdamW (cuda backend) on the deltas of 2 Llama-3-8B decoder layers (q, k, v, o, gate,
+   up, down; bf16 weights) at 1% density, against torch.optim.AdamW(fused=True) on the same float32
+   deltas followed by index_copy_ of round(base + delta) into each weight. Bytes touched per delta
+   (BYTES_PER_DELTA = 36): delta r/w 8, grad 4, two moments r/w 16, base read 2 (bf16), index read 4,
+   merged-weight write 2. Bandwidth = bytes / time, % of 3.35 TB/s; goal >= 80%. The baseline's
+   bandwidth is over the same 36 B/delta (what it has to do), not over its temporaries. A second row
+   times the op sparse_adamw_ on prebuilt lists, to separate the optimizer's host overhead.
+3. One training step (zero_grad, forward with labels, backward, optimizer step) of a small Llama
+   (4 layers of TinyLlama-1.1B shapes: hidden 2048, intermediate 5632, 32/4 heads, vocab 32000;
+   random init, bf16, sdpa; batch 4 x 1024; --quick: 2 layers, batch 2 x 1024): every q/k/v/o/
+   gate/up/down becomes a SparseDeltaLinear at 1% density (embeddings, norms and lm_head frozen)
+   with SparseDeltaAdamW, against full fine-tuning (every parameter, torch.optim.AdamW(fused=True)).
+   Reported: step time, peak GPU memory of a steady-state step, optimizer state, trainable elements,
+   the matmul flops of the step. The comparison with LoRA at the same trainable-parameter budget
+   (the equal-budget rank is printed) awaits the lora family, which is not implemented yet: it is
+   not measured here.
+
+--cpu: tiny shapes (a 2-layer hidden-64 Llama in fp32, 64/176-wide GEMMs at 256 tokens, 2 tiny
+layers of deltas); the rows check the framework, not performance, and carry no goal verdicts.
+"""
+from __future__ import annotations
+
+import gc
+
+import torch
+
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, roofline_pct, row
+
+# Llama-3-8B linear shapes (out_features, in_features)
+LLAMA3_8B_GEMMS = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+TINY_GEMMS = [("q/o_proj", 64, 64), ("gate/up_proj", 176, 64), ("down_proj", 64, 176)]
+GEMM_TOKENS, QUICK_GEMM_TOKENS, TINY_GEMM_TOKENS = 8192, 4096, 256
+DENSITIES = (0.003, 0.01, 0.024)
+GOAL_DENSITY = 0.01
+GOAL_SPEEDUP = 5.0
+
+# the 7 linears of one decoder layer, (out, in): q, k, v, o, gate, up, down
+LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
+                   (14336, 4096), (14336, 4096), (4096, 14336)]
+TINY_LAYER = [(64, 64), (32, 64), (32, 64), (64, 64), (176, 64), (176, 64), (64, 176)]
+OPT_LAYERS = 2
+OPT_DENSITY = 0.01
+# bytes an AdamW step on one delta touches: delta r/w, grad, 2 moments r/w, base (bf16), index (int32),
+# merged-weight write (bf16)
+BYTES_PER_DELTA = 4 + 4 + 4 + 16 + 2 + 4 + 2
+GOAL_HBM_PCT = 80.0
+
+TINYLLAMA = {"name": "tinyllama-1.1b", "vocab": 32000, "hidden": 2048, "intermediate": 5632, "layers": 22,
+             "heads": 32, "kv_heads": 4, "batch": 4, "seq": 1024}
+STEP_LAYERS = 4
+TINY = {"name": "tiny-llama", "vocab": 32, "hidden": 64, "intermediate": 176, "layers": 2,
+        "heads": 4, "kv_heads": 2, "batch": 2, "seq": 32}
+STEP_DENSITY = 0.01
+PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+LR = 1e-5
+CPU_NOTE = "CPU framework check, not performance"
+FULL_NAME = "full fine-tuning"
+LORA_NOTE = ("LoRA at the same trainable-parameter budget: not measured, awaits the lora family "
+             "(not implemented yet)")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.3g} GB"
+
+
+def n_deltas(numel: int, density: float) -> int:
+    """k for a weight of `numel` elements, as SparseDeltaLinear.from_linear counts it."""
+    return max(1, round(density * numel))
+
+
+def make_indices(numel: int, density: float, device, seed: int = 0) -> torch.Tensor:
+    """k = n_deltas(numel, density) sorted unique int32 flat indices, drawn on `device` (a CPU
+    randperm of a 58.7M-element weight would cost about a second per matrix)."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    perm = torch.randperm(numel, generator=g, device=device)
+    return perm[: n_deltas(numel, density)].sort().values.to(torch.int32)
+
+
+def _usable(op_has, name: str, device) -> bool:
+    from .. import backend as B
+    ok, why = B.can_serve(name, device, frozenset(op_has))
+    if not ok:
+        print(f"sparse_delta bench: backend {name} skipped: {why}")
+    return ok
+
+
+def _on_gpu(device) -> bool:
+    return torch.device(device).type == "cuda"
+
+
+def _backends(on_gpu: bool) -> tuple[str, str]:
+    """(sddmm backend, optimizer backend) timed: Triton SDDMM and the CUDA optimizer kernel on a GPU."""
+    return ("triton", "cuda") if on_gpu else ("cpu", "cpu")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.3g}%"
+
+
+# ----------------------------------------------------------------------------- 1. SDDMM
+
+def sddmm_bytes(T: int, out_f: int, in_f: int, k: int, elem: int = 2) -> dict:
+    """gathered: every index reads T elements of dy and T of x; compulsory: dy and x once, the int32
+    indices, the fp32 output; useful flops 2*T*k."""
+    return {"gathered": 2 * T * k * elem, "compulsory": T * (out_f + in_f) * elem + 4 * k + 4 * k,
+            "flops": 2 * T * k}
+
+
+def bench_sddmm(timer, quick: bool) -> list[dict]:
+    from ..ops import sparse_delta as ops
+
+    dev = timer.device
+    on_gpu = _on_gpu(dev)
+    gemms = LLAMA3_8B_GEMMS if on_gpu else TINY_GEMMS
+    T = (QUICK_GEMM_TOKENS if quick else GEMM_TOKENS) if on_gpu else TINY_GEMM_TOKENS
+    b = _backends(on_gpu)[0]
+    if not _usable(ops._SDDMM_HAS, b, dev):
+        return []
+    rows = []
+    g = torch.Generator(device=dev).manual_seed(0)
+    for label, out_f, in_f in gemms:
+        dy = torch.randn(T, out_f, device=dev, dtype=torch.bfloat16, generator=g)
+        x = torch.randn(T, in_f, device=dev, dtype=torch.bfloat16, generator=g)
+        for j, dens in enumerate(DENSITIES):
+            idx = make_indices(out_f * in_f, dens, dev, seed=j)
+            idx64 = idx.long()  # the baseline's gather index, made once (not timed)
+            k = idx.numel()
+            ours = timer(lambda: ops.sddmm(dy, x, idx, backend=b, check=False))
+            dense = timer(lambda: (dy.t() @ x).view(-1).index_select(0, idx64))
+            nb = sddmm_bytes(T, out_f, in_f, k)
+            s = ours[0] * 1e-3
+            gbps = nb["gathered"] / s / 1e9
+            tflops = nb["flops"] / s / 1e12
+            ratio = dense[0] / ours[0]
+            shape = f"llama3-8b {label}: W {out_f}x{in_f}, {T} tokens, density {_pct(dens)} (k={k})"
+            if on_gpu:
+                note = (f"gathered reads {gbps:.0f} GB/s = {100 * nb['gathered'] / s / H100_HBM_BYTES_PER_S:.1f}% of "
+                        f"H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s; useful 2*T*k flops {tflops:.3g} TFLOP/s = "
+                        f"{100 * nb['flops'] / s / H100_BF16_FLOPS:.2f}% of {H100_BF16_FLOPS / 1e12:.0f}; dense dW "
+                        f"{2.0 * T * out_f * in_f / (dense[0] * 1e-3) / 1e12:.0f} TFLOP/s; ours writes fp32")
+                if dens == GOAL_DENSITY:
+                    note += (f"; goal >= {GOAL_SPEEDUP:.0f}x faster than dense dW + gather at {_pct(GOAL_DENSITY)}: "
+                             f"{ratio:.3g}x, {'met' if ratio >= GOAL_SPEEDUP else 'NOT met'}")
+            else:
+                shape = shape.replace("llama3-8b", "tiny")
+                note = f"{CPU_NOTE}; gathered reads {gbps:.3g} GB/s; useful {tflops * 1e3:.3g} GFLOP/s"
+            r = row("sddmm delta gradient", shape, "bf16", b, "dense dW GEMM (dy.t() @ x) + gather at the indices",
+                    ours, dense[0], roofline_pct(ours[0], nb["compulsory"], nb["flops"]), note=note)
+            r.update(density=dens, k=k, tokens=T, gathered_bytes=nb["gathered"], gathered_gbps=gbps,
+                     useful_flops=nb["flops"], useful_tflops=tflops)
+            rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 2. SparseDeltaAdamW
+
+def opt_layers(shapes, density: float, device, dtype=torch.bfloat16) -> list:
+    """SparseDeltaLinear layers of `shapes` (random weights) with random deltas and gradients."""
+    from ..nn import SparseDeltaLinear
+
+    g = torch.Generator(device=device).manual_seed(0)
+    layers = []
+    for i, (out_f, in_f) in enumerate(shapes):
+        lin = torch.nn.Linear(in_f, out_f, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            lin.weight.normal_(0, 0.02, generator=g)
+        m = SparseDeltaLinear.from_linear(lin, indices=make_indices(out_f * in_f, density, device, seed=100 + i))
+        with torch.no_grad():
+            m.values.normal_(0, 1e-3, generator=g)
+        m.values.grad = torch.empty_like(m.values).normal_(0, 1e-3, generator=g)
+        layers.append(m)
+    return layers
+
+
+def bench_adamw(timer, quick: bool) -> list[dict]:
+    from ..ops import sparse_delta as ops
+    from ..optim import SparseDeltaAdamW
+    from .hft import torch_adamw
+
+    dev = timer.device
+    on_gpu = _on_gpu(dev)
+    b = _backends(on_gpu)[1]
+    if not _usable(ops._ADAMW_HAS, b, dev):
+        return []
+    shapes = (LLAMA3_8B_LAYER if on_gpu else TINY_LAYER) * OPT_LAYERS
+    layers = opt_layers(shapes, OPT_DENSITY, dev)
+    vals = [m.values for m in layers]
+    k = sum(v.numel() for v in vals)
+    nbytes = BYTES_PER_DELTA * k
+    where = (f"{'llama3-8b' if on_gpu else 'tiny'} {OPT_LAYERS} layers x 7 linears, bf16 weights, "
+             f"density {_pct(OPT_DENSITY)}: {len(vals)} tensors, {k} deltas")
+
+    ours_opt = SparseDeltaAdamW(vals, lr=LR, backend=b)
+    base_opt, base_name = torch_adamw(vals, lr=LR)
+    idx64 = [m.indices.long() for m in layers]  # the baseline's scatter index, made once (not timed)
+
+    def base_step():
+        base_opt.step()
+        with torch.no_grad():                   # SparseDeltaLinear.merge_ with a prebuilt long index
+            for m, i in zip(layers, idx64):
+                m.weight.view(-1).index_copy_(0, i, (m.base_values.float() + m.values).to(m.weight.dtype))
+
+    ours = timer(ours_opt.step)
+    base = timer(base_step)
+
+    # the op alone on prebuilt lists: the same kernel without the optimizer's per-step Python work
+    ms = [torch.zeros_like(v) for v in vals]
+    vs = [torch.zeros_like(v) for v in vals]
+    lists = (vals, [v.grad for v in vals], ms, vs, [m.weight for m in layers], [m.base_values for m in layers],
+             [m.indices for m in layers])
+    op = timer(lambda: ops.sparse_adamw_(*lists, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
+                                         step=1, backend=b, check=False))
+
+    def note(ms_, goal: bool) -> str:
+        gbps = nbytes / (ms_ * 1e-3) / 1e9
+        if not on_gpu:
+            return f"{CPU_NOTE}; {gbps:.3g} GB/s over {BYTES_PER_DELTA} B/delta"
+        pct = roofline_pct(ms_, nbytes)
+        base_pct = roofline_pct(base[0], nbytes)
+        txt = (f"{gbps:.0f} GB/s = {pct:.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s over "
+               f"{BYTES_PER_DELTA} B/delta ({_gb(nbytes)}); baseline {nbytes / (base[0] * 1e-3) / 1e9:.0f} GB/s = "
+               f"{base_pct:.1f}% over the same bytes")
+        if goal:
+            txt += f"; goal >= {GOAL_HBM_PCT:.0f}%: {'met' if pct >= GOAL_HBM_PCT else 'NOT met'}"
+        return txt
+
+    baseline = f"{base_name} on the fp32 deltas + index_copy_ of round(base + delta)"
+    rows = []
+    for kernel, t, goal in (("SparseDeltaAdamW step", ours, True),
+                            ("sparse_adamw_ op (prebuilt lists)", op, False)):
+        r = row(kernel, where, "fp32 deltas, bf16 weights", b, baseline, t, base[0], roofline_pct(t[0], nbytes),
+                note=note(t[0], goal))
+        r.update(k=k, bytes_per_delta=BYTES_PER_DELTA, bytes_touched=nbytes,
+                 achieved_gbps=nbytes / (t[0] * 1e-3) / 1e9, baseline_gbps=nbytes / (base[0] * 1e-3) / 1e9)
+        rows.append(r)
+    return rows
+
+
+# ----------------------------------------------------------------------------- 3. training step
+
+def sparsify(model, density: float, seed: int = 0) -> list:
+    """Freeze the model; every q/k/v/o/gate/up/down Linear of the decoder layers becomes a
+    SparseDeltaLinear at `density` (indices drawn on the weight's device). Returns the new layers."""
+    from ..nn import SparseDeltaLinear
+
+    model.requires_grad_(False)
+    targets = [(name, mod) for name, mod in model.named_modules()
+               if isinstance(mod, torch.nn.Linear) and name.rsplit(".", 1)[-1] in PROJ]
+    new = []
+    for i, (name, lin) in enumerate(targets):
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        idx = make_indices(lin.weight.numel(), density, lin.weight.device, seed=seed + i)
+        m = SparseDeltaLinear.from_linear(lin, indices=idx)
+        setattr(parent, name.rsplit(".", 1)[-1], m)
+        new.append(m)
+    return new
+
+
+def step_flops(model, cfg: dict) -> int:
+    """Matmul flops of one training step: forward 2*W*T and dX 2*W*T over every linear weight W
+    (lm_head included), dW 2*W*T over the dense weights that train and 2*k*T (the SDDMM's useful
+    flops) over the deltas, causal attention 2*B*S^2*hidden per layer forward and twice that backward."""
+    from ..nn import SparseDeltaLinear
+
+    T = cfg["batch"] * cfg["seq"]
+    w = trained = 0
+    for mod in model.modules():
+        if isinstance(mod, SparseDeltaLinear):
+            w += mod.weight.numel()
+            trained += mod.values.numel() if mod.values.requires_grad else 0
+        elif isinstance(mod, torch.nn.Linear):
+            w += mod.weight.numel()
+            trained += mod.weight.numel() if mod.weight.requires_grad else 0
+    attn = 3 * 2 * cfg["batch"] * cfg["seq"] ** 2 * cfg["hidden"] * cfg["layers"]
+    return 4 * w * T + 2 * trained * T + attn
+
+
+def lora_rank_same_budget(cfg: dict, density: float) -> float:
+    """The LoRA rank r with r * (in + out) summed over the 7 linears of every layer equal to the
+    sparse deltas' count (density * out * in summed)."""
+    h, f = cfg["hidden"], cfg["intermediate"]
+    kv = cfg["kv_heads"] * (h // cfg["heads"])
+    mats = [(h, h), (kv, h), (kv, h), (h, h), (f, h), (f, h), (h, f)]
+    k = sum(n_deltas(o * i, density) for o, i in mats)
+    return k / sum(o + i for o, i in mats)
+
+
+def measure(timer, cfg: dict, method: str, dtype) -> dict:
+    from ..ops.sparse_delta import sparse_delta_backend
+    from ..optim import SparseDeltaAdamW
+    from .hft import build_llama, make_step, moment_dtype, state_bytes, torch_adamw
+
+    dev = timer.device
+    on_gpu = _on_gpu(dev)
+    model = build_llama(cfg, dev, dtype)
+    backend = "torch"
+    if method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        opt, opt_name = torch_adamw(model.parameters(), lr=LR)
+    else:
+        sparsify(model, STEP_DENSITY)
+        ob = _backends(on_gpu)[1]
+        opt = SparseDeltaAdamW([p for p in model.parameters() if p.requires_grad], lr=LR, backend=ob)
+        opt_name = "SparseDeltaAdamW"
+        backend = f"{sparse_delta_backend(dev)['sddmm']['backend']}+{ob}"
+    g = torch.Generator(device="cpu").manual_seed(1)
+    ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(dev)
+    flops = step_flops(model, cfg)
+    step = make_step(model, opt, ids)
+    step()                                  # optimizer state, autotuning, allocator warm-up
+    peak = float("nan")
+    if on_gpu:
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        peak = float(torch.cuda.max_memory_allocated(dev))
+    times = timer(step)
+    out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "moments": moment_dtype(opt),
+           "peak": peak, "flops": flops, "backend": backend,
+           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    del step, opt, model
+    _free()
+    return out
+
+
+def bench_step(timer, quick: bool) -> list[dict]:
+    dev = timer.device
+    on_gpu = _on_gpu(dev)
+    try:
+        import transformers  # noqa: F401, PLC0415 - only to say plainly that it is missing
+    except Exception as e:  # noqa: BLE001
+        print(f"sparse_delta bench: transformers is not importable ({e}); the training-step row is SKIPPED")
+        return []
+    cfg = dict(TINYLLAMA, layers=STEP_LAYERS) if on_gpu else dict(TINY)
+    if quick and on_gpu:
+        cfg.update(layers=2, batch=2)
+    dtype = torch.bfloat16 if on_gpu else torch.float32
+    dname = "bf16" if on_gpu else "fp32"
+    full_layers = (TINYLLAMA if on_gpu else TINY)["layers"]
+    layers = f"{cfg['layers']} layers" if cfg["layers"] == full_layers else f"{cfg['layers']} of {full_layers} layers"
+    shape = (f"{cfg['name']} ({layers}, h{cfg['hidden']}, ffn{cfg['intermediate']}, {cfg['heads']}/{cfg['kv_heads']} "
+             f"heads, vocab {cfg['vocab']}); batch {cfg['batch']}x{cfg['seq']}; density {_pct(STEP_DENSITY)}")
+    print(f"sparse_delta bench: training step of {shape}, {dname}, on {timer.name}")
+    res = {m: measure(timer, cfg, m, dtype) for m in ("full", "sparse")}
+    for m, r in res.items():
+        print(f"  {m:6s}: {r['times'][0]:.4g} ms, trainable {r['trainable']:,}, optimizer state {_gb(r['state_bytes'])}"
+              + (f", peak {_gb(r['peak'])}" if on_gpu else ""))
+    full, sp = res["full"], res["sparse"]
+    rank = lora_rank_same_budget(cfg, STEP_DENSITY)
+    tf = lambda x: x["flops"] / (x["times"][0] * 1e-3) / 1e12  # noqa: E731
+    parts = [f"time {sp['times'][0] / full['times'][0]:.3g}x full FT; {tf(sp):.3g} vs {tf(full):.3g} TFLOP/s of "
+             f"step matmul flops ({sp['flops'] / full['flops']:.3g}x full FT's)"]
+    if on_gpu:
+        parts.append(f"peak mem {_gb(sp['peak'])} vs {_gb(full['peak'])} = {sp['peak'] / full['peak']:.3g}x")
+    else:
+        parts.insert(0, CPU_NOTE)
+    parts.append(f"optimizer state (SparseDeltaAdamW, {sp['moments']} moments) {_gb(sp['state_bytes'])} vs "
+                 f"{_gb(full['state_bytes'])} ({full['opt_name']}, {full['moments']} moments)")
+    parts.append(f"trainable elems {sp['trainable']:,} vs {full['trainable']:,} = "
+                 f"{sp['trainable'] / full['trainable']:.3g}x")
+    parts.append(f"{LORA_NOTE}; equal-budget LoRA rank on the same 7 linears ~ {rank:.3g}")
+    r = row(f"sparse_delta training step ({_pct(STEP_DENSITY)} deltas)", shape, dname, sp["backend"],
+            f"{FULL_NAME} ({full['opt_name']})", sp["times"], full["times"][0],
+            roofline_pct(sp["times"][0], flops=sp["flops"]), note="; ".join(parts))
+    r.update(peak_mem_bytes=sp["peak"], baseline_peak_mem_bytes=full["peak"], opt_state_bytes=sp["state_bytes"],
+             baseline_opt_state_bytes=full["state_bytes"], trainable_elems=sp["trainable"],
+             baseline_trainable_elems=full["trainable"], step_flops=sp["flops"], baseline_step_flops=full["flops"],
+             lora_same_budget_rank=rank)
+    return [r]
+
+
+def run(timer, quick: bool) -> list[dict]:
+    # --cpu: one intra-op thread; the tiny shapes gain nothing from more, and OpenMP threads waiting
+    # on each other on a loaded machine make tiny runs slow (see hft.py)
+    threads = torch.get_num_threads()
+    if timer.device.type == "cpu":
+        torch.set_num_threads(1)
+    try:
+        rows = bench_sddmm(timer, quick)
+        _free()                             # each section's tensors die with its frame
+        rows += bench_adamw(timer, quick)
+        _free()
+        rows += bench_step(timer, quick)
+    finally:
+        torch.set_num_threads(threads)
+    return rows
