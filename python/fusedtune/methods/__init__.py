@@ -3,3 +3,4 @@ them all. A family adds `from . import <family>  # noqa: F401` here."""
 from . import full  # noqa: F401
 from . import zo  # noqa: F401
 from . import hft  # noqa: F401
+from . import sparse_delta  # noqa: F401

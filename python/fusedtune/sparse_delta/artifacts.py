@@ -342,6 +342,14 @@ class AppliedDelta:
     def names(self) -> list[str]:
         return [e.name for e in self.entries]
 
+    def __getstate__(self):          # picklable / deep-copyable: the model reference is not kept
+        return {**self.__dict__, "_model": None}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        if self._model is None:
+            self._model = lambda: None
+
     def revert(self, force: bool = False) -> None:
         model = self._model()
         if model is None:
@@ -509,23 +517,28 @@ def revert(model: nn.Module, delta, force: bool = False) -> None:
                                    "originals into the current layer")
         if mod is None:
             raise SparseDeltaError(f"revert: the model no longer has layer {e.name!r}")
-        kind = "sdl" if _is_sdl(mod) else e.kind
-        if mod is not e.module:   # force: the new layer must take the same positions
-            kind, mod, _ = _target(model, e.name, handle.delta[e.name])
+        kind, pos = e.kind, e.pos
+        if mod is not e.module:   # force: write into the layer now there (same shape, its own layout)
+            kind, mod, w = _target(model, e.name, handle.delta[e.name])
+            pos = _positions(kind, mod, handle.delta[e.name], w.device)
+            if w.dtype != e.orig.dtype:
+                raise SparseDeltaError(f"revert: layer {e.name!r} now has dtype {w.dtype}, the saved originals "
+                                       f"are {e.orig.dtype}")
         if not force:
-            cur = _base_at(mod, e.pos) if kind == "sdl" else mod.weight.detach().view(-1)[e.pos]
+            cur = _base_at(mod, pos) if kind == "sdl" else mod.weight.detach().view(-1)[pos]
             changed = int((~_same_bits(cur, e.new)).sum())
             if changed:
-                raise SparseDeltaError(f"revert: layer {e.name!r} changed at {changed} of {e.pos.numel()} of the "
+                raise SparseDeltaError(f"revert: layer {e.name!r} changed at {changed} of {pos.numel()} of the "
                                        "delta's positions since apply; reverting would discard those changes "
                                        "(force=True restores the saved originals anyway)")
-        targets.append((e, kind, mod))
+        targets.append((e, kind, mod, pos))
     with torch.no_grad():
-        for e, kind, mod in targets:
+        for e, kind, mod, pos in targets:
+            orig = e.orig.to(mod.weight.device)
             if kind == "sdl":
-                _write_base(mod, e.pos, e.orig)
+                _write_base(mod, pos, orig)
             else:
-                mod.weight.view(-1)[e.pos] = e.orig
+                mod.weight.view(-1)[pos] = orig
     stack.pop(i)
     handle.reverted = True
 

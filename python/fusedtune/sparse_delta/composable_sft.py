@@ -52,11 +52,15 @@ def _load_bin(path, trust_pickle: bool) -> dict:
 
 
 def _as_index_steps(steps, what) -> torch.Tensor:
+    import numpy as np  # noqa: PLC0415
     if torch.is_tensor(steps):
         t = steps.detach().cpu()
     else:
         try:
-            t = torch.as_tensor([int(s) for s in steps], dtype=torch.int64)
+            arr = np.asarray(steps)
+            if arr.size and arr.dtype.kind not in "iu":
+                raise TypeError(f"got {arr.dtype} entries")
+            t = torch.from_numpy(arr.astype(np.int64, copy=False).reshape(arr.shape))
         except (TypeError, ValueError) as e:
             raise SparseDeltaError(f"{what}: index_steps must be a list of integers ({e})") from None
     if t.is_floating_point() or t.dim() != 1:
@@ -100,7 +104,12 @@ def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = 
         src = _load_bin(src, trust_pickle)
     if not isinstance(src, dict):
         raise TypeError(f"from_composable_sft: expected a path or a dict, got {type(src).__name__}")
-    body = src.get("body", src) if "body" in src or "head" in src else src
+    if "body" in src:
+        body = src["body"]
+    elif "head" in src:
+        raise SparseDeltaError("from_composable_sft: the SFT has a 'head' but no 'body' (nothing to import)")
+    else:
+        body = src
     if not isinstance(body, dict):
         raise SparseDeltaError("from_composable_sft: 'body' must map parameter names to encoded diffs")
     out = SparseDelta(metadata={"source": "composable-sft"})
@@ -108,8 +117,9 @@ def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = 
     for pname, enc in body.items():
         what = f"from_composable_sft: parameter {pname!r}"
         if not isinstance(enc, dict) or not {"size", "index_steps", "values"} <= set(enc):
-            raise SparseDeltaError(f"{what}: expected an encoded diff with 'size', 'index_steps' and 'values', got "
-                                   f"{type(enc).__name__}" + (f" with keys {sorted(enc)}" if isinstance(enc, dict) else ""))
+            got = f"dict with keys {sorted(enc)}" if isinstance(enc, dict) else type(enc).__name__
+            raise SparseDeltaError(f"{what}: expected an encoded diff with 'size', 'index_steps' and 'values', "
+                                   f"got a {got}")
         target = _layer_for(model, pname)
         if target is None:
             skipped.append(pname)
@@ -123,8 +133,7 @@ def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = 
         values = enc["values"]
         if not torch.is_tensor(values):
             values = torch.as_tensor(values)
-        values = check_values(values.detach().cpu().reshape(-1) if values.dim() == 1 else values,
-                              steps.numel(), f"{what}: values")
+        values = check_values(values.detach().cpu(), steps.numel(), f"{what}: values")
         if steps.numel() > 1 and bool((steps[1:] <= 0).any()):
             p = int((steps[1:] <= 0).nonzero()[0]) + 1
             raise SparseDeltaError(f"{what}: index_steps[{p}] = {int(steps[p])}; steps after the first must be "
@@ -164,7 +173,11 @@ def to_composable_sft(delta: SparseDelta, path=None, model: nn.Module | None = N
     body = {}
     for name, ld in delta.items():
         n_out, n_in = ld.shape
-        conv = model is not None and is_conv1d(model.get_submodule(name))
+        try:
+            conv = model is not None and is_conv1d(model.get_submodule(name))
+        except AttributeError:
+            raise SparseDeltaError(f"to_composable_sft: the delta has layer {name!r}, which the model does not "
+                                   "have") from None
         idx = ld.indices.cpu().to(torch.int64)
         r, c = idx // n_in, idx % n_in
         if conv:
@@ -174,7 +187,7 @@ def to_composable_sft(delta: SparseDelta, path=None, model: nn.Module | None = N
         order = torch.argsort(colmajor, stable=True)
         colmajor = colmajor[order]
         steps = torch.diff(colmajor, prepend=torch.zeros(1, dtype=torch.int64)) if colmajor.numel() else colmajor
-        body[f"{name}.weight"] = {"size": torch.Size(size), "index_steps": [int(s) for s in steps],
+        body[f"{name}.weight"] = {"size": torch.Size(size), "index_steps": steps.tolist(),
                                   "values": ld.values.cpu()[order].clone()}
     out = {"body": body}
     if path is not None:

@@ -1,0 +1,352 @@
+"""Prune and regrow the delta positions of SparseDeltaLinear layers during training (SpIEL).
+
+    opt = SparseDeltaAdamW(params, lr=1e-4)
+    rg = Regrower(model, opt, every=20, rate=0.2, decay="cosine", total_steps=1000, variant="ag")
+    for batch in data:
+        opt.zero_grad(); model(**batch).loss.backward(); opt.step()
+        rg.step()                              # or rg.attach() once: runs after every opt.step()
+
+Schedule. Steps are counted by step() calls (one per optimizer step), from 1. Every `every` steps
+(t = every, 2*every, ...) is a selection step. At selection step t, each layer with k deltas drops
+n = floor(rate(t) * k) of them and grows n new ones, so k stays constant:
+    rate(t) = rate * (1 + cos(pi * min(t / total_steps, 1))) / 2     decay="cosine"
+            = rate * max(0, 1 - t / total_steps)                      decay="linear"
+            = rate                                                     decay="constant"
+Drop: the n entries with the smallest |delta| (their weights return exactly to W0). Grow: the n
+best-scoring positions outside the current indices, with delta 0, age 0, and seeded Adam moments
+(seed_moments="zero": zero moments, through optimizer.reset_state; "grad": exp_avg 0 and exp_avg_sq
+the mean squared gradient the score saw). Kept entries keep their delta, moments and age.
+Ties (equal scores or equal |delta|) are broken by a seeded random draw: runs are deterministic.
+
+Scores come from the dense weight gradient, which is formed only on the `accumulate_steps` steps
+that end at a selection step (the "window"), and only if that selection moves something. On window
+steps every layer runs in layer.dense_grad() mode (a plain F.linear whose weight gets a dense
+gradient); a hook on each weight consumes that gradient as soon as backward has accumulated it:
+it adds the gathered gradient at the layer's k indices to `values.grad` (so the deltas keep
+training on window steps) and updates the score accumulator, then frees the dense gradient.
+    variant="ag"  (SpIEL-AG, accumulated gradients) score = sum over the window of |dW|.
+                  candidates=None: a dense float32 accumulator per layer during the window (exact).
+                  candidates=c (float): memory-light; on the first window step the top ceil(c*k)
+                  positions by |dW| outside the current indices become the candidates, and |dW| is
+                  accumulated at those only (SpIEL's accumulate-at-top-k-candidates scheme).
+    variant="ma"  (SpIEL-MA, SM3-style accumulators): per layer a row accumulator R [out] and a
+                  column accumulator C [in]; each window step, with G = dW,
+                      nu[r, c] = min(R[r], C[c]) + G[r, c]^2,  R[r] = max_c nu[r, c],  C[c] = max_r nu[r, c]
+                  (SM3-II), and score[r, c] = min(R[r], C[c]), an upper bound of the squared
+                  gradient summed over the window at (r, c), from out + in floats of state.
+                  Accumulators restart at each window. Many positions share a score (it is
+                  piecewise constant over rows/columns); ties are broken by the seeded draw.
+With gradient accumulation (several backward passes per optimizer step) the score adds each
+micro-batch's |dW| (AG) or dW^2 (MA) rather than the step's summed dW. On window steps the deltas'
+gradient is the dense dW gathered at the k indices: autograd's dW in the weight's dtype (bf16 for a
+bf16 model), where the SDDMM path of the other steps accumulates in float32.
+
+Per-element age: steps since the entry was grown (ages of the initial entries count from 0 at
+construction); `ages[name]` (int32 [k], aligned with the layer's indices).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from .artifacts import sparse_layers
+
+_DECAYS = ("cosine", "linear", "constant")
+_VARIANTS = ("ag", "ma")
+
+
+def _seeded_pick(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """n entries of `pool` (1-D), chosen by a seeded draw (deterministic, device independent)."""
+    if n >= pool.numel():
+        return pool
+    perm = torch.randperm(pool.numel(), generator=gen)[:n].to(pool.device)
+    return pool[perm]
+
+
+def top_n(score: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Sorted positions of the n largest entries of a 1-D `score`; ties at the threshold broken by a
+    seeded draw. Entries equal to -inf are never chosen (fewer than n may come back)."""
+    valid = int((score > float("-inf")).sum()) if n else 0
+    n = min(n, valid)
+    if n == 0:
+        return torch.empty(0, dtype=torch.int64, device=score.device)
+    thr = torch.topk(score, n, sorted=False).values.min()
+    above = (score > thr).nonzero().flatten()
+    ties = (score == thr).nonzero().flatten()
+    return torch.cat([above, _seeded_pick(ties, n - above.numel(), gen)]).sort().values
+
+
+class Regrower:
+    def __init__(self, model: nn.Module, optimizer, every: int = 20, rate: float = 0.2, decay: str = "cosine",
+                 variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
+                 candidates: float | None = None, seed_moments: str = "zero", seed: int = 0, attach: bool = False):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"Regrower: every must be a positive int, got {every!r}")
+        if not 0 <= rate <= 1:
+            raise ValueError(f"Regrower: rate must be in [0, 1], got {rate!r}")
+        if decay not in _DECAYS:
+            raise ValueError(f"Regrower: decay must be one of {_DECAYS}, got {decay!r}")
+        if decay != "constant" and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"Regrower: decay={decay!r} needs total_steps (a positive int: the step at which "
+                             f"the regrowth rate reaches 0), got {total_steps!r}; or pass decay='constant'")
+        if variant not in _VARIANTS:
+            raise ValueError(f"Regrower: variant must be 'ag' (accumulated gradients) or 'ma' (SM3 row/column "
+                             f"accumulators), got {variant!r}")
+        if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+            raise ValueError(f"Regrower: accumulate_steps must be a positive int, got {accumulate_steps!r}")
+        if candidates is not None and (variant != "ag" or not candidates > 0):
+            raise ValueError(f"Regrower: candidates (a positive factor of k) applies to variant='ag' only, got "
+                             f"candidates={candidates!r} with variant={variant!r}")
+        if seed_moments not in ("zero", "grad"):
+            raise ValueError(f"Regrower: seed_moments must be 'zero' or 'grad', got {seed_moments!r}")
+        self.layers = sparse_layers(model)
+        if not self.layers:
+            raise ValueError("Regrower: the model has no fusedtune.nn.SparseDeltaLinear layer")
+        owned = {id(p) for g in optimizer.param_groups for p in g["params"]}
+        missing = [n for n, m in self.layers if id(m.values) not in owned]
+        if missing:
+            raise ValueError(f"Regrower: the optimizer does not hold the deltas (`values`) of {missing[:4]}"
+                             + (" ..." if len(missing) > 4 else ""))
+        for hook in ("reset_state",):
+            if not callable(getattr(optimizer, hook, None)):
+                raise TypeError(f"Regrower: the optimizer has no {hook}() (use fusedtune.optim.SparseDeltaAdamW)")
+        self.optimizer = optimizer
+        self.every, self.rate, self.decay, self.variant = every, float(rate), decay, variant
+        self.accumulate_steps = min(accumulate_steps, every)
+        self.total_steps, self.candidates, self.seed_moments, self.seed = total_steps, candidates, seed_moments, seed
+        self.t = 0
+        self.ages = {n: torch.zeros(m.indices.numel(), dtype=torch.int32, device=m.indices.device)
+                     for n, m in self.layers}
+        self.history: list[dict] = []       # one dict per selection step
+        self._acc: dict = {}                # name -> accumulator state of the current window
+        self._seen: dict = {}               # name -> number of dense gradients accumulated in the window
+        self._dense: list = []              # (context manager, hook handle) per layer while in a window
+        self._post_hook = None
+        self.dense_grad_steps: list[int] = []   # steps on which dense gradients were formed
+        if attach:
+            self.attach()
+        self._update_mode()
+
+    # ------------------------------------------------------------------ schedule
+    def rate_at(self, t: int) -> float:
+        if self.decay == "constant":
+            return self.rate
+        f = min(t / self.total_steps, 1.0)
+        if self.decay == "linear":
+            return self.rate * (1.0 - f)
+        return self.rate * 0.5 * (1.0 + math.cos(math.pi * f))
+
+    def n_regrow(self, t: int, k: int, numel: int) -> int:
+        """How many entries of a layer with k deltas (of numel weights) move at selection step t."""
+        return max(0, min(int(self.rate_at(t) * k), numel - k))
+
+    def _moves(self, t: int) -> bool:
+        return any(self.n_regrow(t, m.indices.numel(), m.weight.numel()) > 0 for _, m in self.layers)
+
+    def in_window(self, t: int) -> bool:
+        """Is step t (1-based) a step on which dense gradients are formed?"""
+        sel = -(-t // self.every) * self.every
+        return sel - t < self.accumulate_steps and self._moves(sel)
+
+    # ------------------------------------------------------------------ hooks / mode
+    def attach(self) -> "Regrower":
+        """Run step() automatically after every optimizer.step()."""
+        if self._post_hook is None:
+            self._post_hook = self.optimizer.register_step_post_hook(lambda *_: self.step())
+        return self
+
+    def detach(self) -> None:
+        """Stop: remove the optimizer hook and leave dense-gradient mode (accumulators dropped)."""
+        if self._post_hook is not None:
+            self._post_hook.remove()
+            self._post_hook = None
+        self._leave_dense()
+        self._acc.clear()
+        self._seen.clear()
+
+    def _update_mode(self) -> None:
+        want = self.in_window(self.t + 1)
+        if want and not self._dense:
+            self._enter_dense()
+        elif not want and self._dense:
+            self._leave_dense()
+
+    def _enter_dense(self) -> None:
+        for name, layer in self.layers:
+            cm = layer.dense_grad(True)
+            cm.__enter__()
+            h = layer.weight.register_post_accumulate_grad_hook(self._make_hook(name, layer))
+            self._dense.append((cm, h))
+
+    def _leave_dense(self) -> None:
+        for cm, h in self._dense:
+            h.remove()
+            cm.__exit__(None, None, None)
+        self._dense = []
+
+    def _make_hook(self, name, layer):
+        def hook(weight):
+            g = weight.grad
+            weight.grad = None                      # the dense gradient lives only inside this hook
+            if g is None:
+                return
+            with torch.no_grad():
+                gv = g.reshape(-1)
+                lg = gv.index_select(0, layer.indices.long()).float()
+                if layer.values.grad is None:
+                    layer.values.grad = lg
+                else:
+                    layer.values.grad.add_(lg)
+                self._accumulate(name, layer, g)
+        return hook
+
+    # ------------------------------------------------------------------ scores
+    def _accumulate(self, name, layer, g: torch.Tensor) -> None:
+        self._seen[name] = self._seen.get(name, 0) + 1
+        if self.variant == "ma":
+            g2 = g.float().square()
+            if name not in self._acc:
+                self._acc[name] = (torch.zeros(g.shape[0], device=g.device), torch.zeros(g.shape[1], device=g.device))
+            row, col = self._acc[name]
+            nu = torch.minimum(row[:, None], col[None, :]).add_(g2)
+            torch.amax(nu, dim=1, out=row)
+            torch.amax(nu, dim=0, out=col)
+            return
+        a = g.float().abs().reshape(-1)
+        if self.candidates is None:
+            if name in self._acc:
+                self._acc[name].add_(a)
+            else:
+                self._acc[name] = a.clone()
+            return
+        if name not in self._acc:                   # first window step: choose the candidates
+            k = layer.indices.numel()
+            c = min(math.ceil(self.candidates * k), a.numel() - k)
+            a = a.clone()
+            a[layer.indices.long()] = float("-inf")
+            cand = top_n(a, c, self._gen(name, 1))
+            self._acc[name] = (cand, a[cand].clone())
+        else:
+            cand, acc = self._acc[name]
+            acc.add_(a[cand])
+
+    def _score(self, name, layer) -> tuple[torch.Tensor, torch.Tensor]:
+        """(score over all numel positions, -inf at the current indices; mean squared-gradient estimate)."""
+        numel = layer.weight.numel()
+        seen = max(1, self._seen.get(name, 0))
+        if self.variant == "ma":
+            row, col = self._acc[name]
+            score = torch.minimum(row[:, None], col[None, :]).reshape(-1)
+            v2 = score / seen
+        elif self.candidates is None:
+            score = self._acc[name]
+            v2 = (score / seen).square()
+        else:
+            cand, acc = self._acc[name]
+            score = torch.full((numel,), float("-inf"), device=acc.device)
+            score[cand] = acc
+            v2 = (score / seen).square()
+        score = torch.nan_to_num(score, nan=float("-inf"))
+        score[layer.indices.long()] = float("-inf")
+        return score, v2
+
+    def _gen(self, name, salt) -> torch.Generator:
+        i = next(j for j, (n, _) in enumerate(self.layers) if n == name)
+        return torch.Generator().manual_seed((((self.seed * 1_000_003 + self.t) * 8191 + i) * 4 + salt) % 2 ** 63)
+
+    # ------------------------------------------------------------------ step
+    def step(self) -> dict | None:
+        """Advance one step (call after optimizer.step()); on selection steps, prune and regrow.
+        Returns the selection's summary on selection steps ({"step", "rate", "moved", "layers": {name:
+        {"moved", "dropped", "grown"}}}, the flat indices that left and came), else None. `history`
+        keeps the counts of every selection (not the indices)."""
+        self.t += 1
+        for a in self.ages.values():
+            a.add_(1)
+        if self._dense:
+            self.dense_grad_steps.append(self.t)
+        out = None
+        if self.t % self.every == 0 and self._moves(self.t):
+            out = self._select()
+        if self.t % self.every == 0:
+            self._acc.clear()
+            self._seen.clear()
+        self._update_mode()
+        return out
+
+    @torch.no_grad()
+    def _select(self) -> dict:
+        summary = {"step": self.t, "rate": self.rate_at(self.t), "moved": 0, "layers": {}}
+        for name, layer in self.layers:
+            k, numel = layer.indices.numel(), layer.weight.numel()
+            n = self.n_regrow(self.t, k, numel)
+            if n == 0:
+                continue
+            if not self._seen.get(name):
+                summary["layers"][name] = {"moved": 0, "why": "no dense gradient reached this layer in the window"}
+                continue
+            score, v2 = self._score(name, layer)
+            grow = top_n(score, n, self._gen(name, 2))
+            n = grow.numel()
+            if n == 0:
+                continue
+            old = layer.values
+            absval = old.detach().abs().nan_to_num(nan=-1.0)      # a NaN delta is dropped first
+            drop = top_n(-absval, n, self._gen(name, 3))
+            keep = torch.ones(k, dtype=torch.bool, device=absval.device)
+            keep[drop] = False
+            idx = torch.cat([layer.indices.long()[keep], grow])
+            order = torch.argsort(idx)
+            new_idx = idx[order]
+            zeros = torch.zeros(n, dtype=torch.float32, device=absval.device)
+            new_vals = torch.cat([old.detach()[keep], zeros])[order]
+            grown_pos = (order >= k - n).nonzero().flatten()
+            age = self.ages[name]
+            self.ages[name] = torch.cat([age[keep], torch.zeros(n, dtype=age.dtype, device=age.device)])[order]
+            st = self.optimizer.state.get(old)
+            dropped_idx = layer.indices.long()[drop].cpu()
+            layer.set_indices(new_idx.to(torch.int32), new_vals)
+            new = layer.values
+            self._rebind(old, new)
+            if st:   # permute the kept moments with their entries; grown entries are seeded below
+                for key in ("exp_avg", "exp_avg_sq"):
+                    if key in st and torch.is_tensor(st[key]) and st[key].shape == (k,):
+                        st[key].copy_(torch.cat([st[key][keep], zeros.to(st[key].dtype)])[order])
+            if st is not None:
+                self.optimizer.state[new] = st
+            seed_v = v2[new_idx[grown_pos]] if self.seed_moments == "grad" else None
+            self.optimizer.reset_state(new, grown_pos, exp_avg=None, exp_avg_sq=seed_v)
+            summary["layers"][name] = {"moved": n, "dropped": dropped_idx, "grown": grow.cpu()}
+            summary["moved"] += n
+        self.history.append({**summary, "layers": {n: {"moved": v["moved"]} for n, v in summary["layers"].items()}})
+        return summary
+
+    def _rebind(self, old: torch.Tensor, new: torch.Tensor) -> None:
+        """Put the layer's new `values` Parameter in the optimizer in place of the old one."""
+        if new is old:
+            return
+        for g in self.optimizer.param_groups:
+            g["params"] = [new if p is old else p for p in g["params"]]
+        self.optimizer.state.pop(old, None)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict:
+        """Step count, ages and the current window's accumulators (for an exact resume)."""
+        return {"t": self.t, "ages": {n: a.clone() for n, a in self.ages.items()},
+                "acc": {n: (tuple(x.clone() for x in v) if isinstance(v, tuple) else v.clone())
+                        for n, v in self._acc.items()},
+                "seen": dict(self._seen), "history": list(self.history)}
+
+    def load_state_dict(self, sd: dict) -> None:
+        names = {n for n, _ in self.layers}
+        if set(sd["ages"]) != names:
+            raise ValueError("Regrower.load_state_dict: the state is for other layers "
+                             f"({sorted(set(sd['ages']) ^ names)[:4]} differ)")
+        self.t = int(sd["t"])
+        self.ages = {n: a.clone() for n, a in sd["ages"].items()}
+        self._acc = dict(sd.get("acc", {}))
+        self._seen = dict(sd.get("seen", {}))
+        self.history = list(sd.get("history", []))
+        self._update_mode()
