@@ -6,6 +6,8 @@ import weakref
 import torch
 from torch import nn
 
+from .plain import plain_linear
+
 from ..ops.hft import hft_row_linear
 
 
@@ -65,13 +67,7 @@ class RowMaskedLinear(nn.Module):
                               check_rows=False)  # checked in set_rows: no host sync per call
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .plain import plain_linear
+
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
 
 
@@ -96,13 +98,7 @@ class SparseDeltaLinear(nn.Module):
                                    check=False)  # indices checked in set_indices: no host sync per call
 
     def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None,
-                        device=self.weight.device, dtype=self.weight.dtype)
-        with torch.no_grad():
-            lin.weight.copy_(self.weight)
-            if self.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
+        return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.indices.numel()} "

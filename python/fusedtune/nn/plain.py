@@ -1,0 +1,16 @@
+"""Turning a fusedtune layer back into a plain nn.Linear (shared by every family's layers)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
+    """An nn.Linear holding copies of `weight` [out, in] and `bias`, on their device and dtype."""
+    lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
+                    dtype=weight.dtype)
+    with torch.no_grad():
+        lin.weight.copy_(weight)
+        if bias is not None:
+            lin.bias.copy_(bias)
+    return lin

@@ -1,0 +1,66 @@
+"""The shared skeleton of the families' fused AdamW optimizers (MaskedAdamW, SparseDeltaAdamW):
+argument checks, float32 moments per parameter, and a step that gathers every parameter with a
+gradient into one list per (device, step count) and hands each list to the family's fused op."""
+from __future__ import annotations
+
+import torch
+
+
+class FusedAdamW(torch.optim.Optimizer):
+    """Subclasses implement `_entries(p, state) -> tuple` (what the fused op takes for p) and
+    `_run(lists, group, step)` (one fused op call over the transposed entries)."""
+
+    def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, backend: str | None):
+        name = type(self).__name__
+        if not lr >= 0:
+            raise ValueError(f"{name}: lr must be >= 0, got {lr}")
+        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
+        if not eps > 0:
+            raise ValueError(f"{name}: eps must be > 0, got {eps}")
+        if weight_decay < 0:
+            raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        self.backend = backend
+
+    def _state(self, p) -> dict:
+        st = self.state[p]
+        if not st:
+            st["step"] = 0
+            st["exp_avg"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+            st["exp_avg_sq"] = torch.zeros(p.shape, dtype=torch.float32, device=p.device)
+        return st
+
+    def _entries(self, p, state) -> tuple:
+        raise NotImplementedError
+
+    def _run(self, lists, group, step) -> None:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            buckets: dict = {}
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not take sparse gradients")
+                st = self._state(p)
+                st["step"] += 1
+                entries = self._entries(p, st)
+                lists = buckets.setdefault((p.device, st["step"]), [[] for _ in entries])
+                for lst, val in zip(lists, entries):
+                    lst.append(val)
+            for (_, step), lists in buckets.items():
+                self._run(lists, group, step)
+        return loss
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state (the moments)."""
+        return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()
+                   if torch.is_tensor(t))
