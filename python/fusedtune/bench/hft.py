@@ -151,25 +151,31 @@ def make_step(model, opt, ids):
     return step
 
 
+def time_step(timer, step):
+    """Warm a training step up (optimizer state, autotuning, allocator), read the peak memory of a
+    steady-state step on a GPU (nan on CPU), then time it: (times, peak_bytes)."""
+    dev = timer.device
+    step()
+    peak = float("nan")
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        step()
+        torch.cuda.synchronize(dev)
+        peak = float(torch.cuda.max_memory_allocated(dev))
+    return timer(step), peak
+
+
 def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     """Build the model, apply the method, time steps; peak memory of a steady-state step."""
     dev = timer.device
-    on_gpu = dev.type == "cuda"
     model = build_llama(cfg, dev, dtype)
     opt, opt_name, info = setup_method(model, method)
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(dev)
     flops = step_flops(model, cfg)
     step = make_step(model, opt, ids)
-    step()                                  # optimizer state, autotuning, allocator warm-up
-    peak = float("nan")
-    if on_gpu:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        step()
-        torch.cuda.synchronize(dev)
-        peak = float(torch.cuda.max_memory_allocated(dev))
-    times = timer(step)
+    times, peak = time_step(timer, step)
     out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "peak": peak,
            "moments": moment_dtype(opt), "flops": flops,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),

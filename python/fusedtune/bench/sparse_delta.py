@@ -307,7 +307,7 @@ def lora_rank_same_budget(cfg: dict, density: float) -> float:
 def measure(timer, cfg: dict, method: str, dtype) -> dict:
     from ..ops.sparse_delta import sparse_delta_backend
     from ..optim import SparseDeltaAdamW
-    from .hft import build_llama, make_step, moment_dtype, state_bytes, torch_adamw
+    from .hft import build_llama, make_step, moment_dtype, state_bytes, time_step, torch_adamw
 
     dev = timer.device
     on_gpu = _on_gpu(dev)
@@ -327,15 +327,7 @@ def measure(timer, cfg: dict, method: str, dtype) -> dict:
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(dev)
     flops = step_flops(model, cfg)
     step = make_step(model, opt, ids)
-    step()                                  # optimizer state, autotuning, allocator warm-up
-    peak = float("nan")
-    if on_gpu:
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        step()
-        torch.cuda.synchronize(dev)
-        peak = float(torch.cuda.max_memory_allocated(dev))
-    times = timer(step)
+    times, peak = time_step(timer, step)
     out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "moments": moment_dtype(opt),
            "peak": peak, "flops": flops, "backend": backend,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
