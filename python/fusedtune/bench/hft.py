@@ -129,17 +129,25 @@ def step_flops(model, cfg: dict) -> int:
     selected rows), causal attention 2*B*S^2*hidden per layer forward and twice that backward."""
     from ..nn import RowMaskedLinear
 
+    return linear_step_flops(model, cfg, RowMaskedLinear, "weight_rows")
+
+
+def linear_step_flops(model, cfg: dict, layer_cls, trained_attr: str) -> int:
+    """Matmul FLOPs of one training step: forward 2*W*T and dX 2*W*T over every linear weight,
+    dW 2*T per trained element (layers of `layer_cls` train their `trained_attr` tensor, plain
+    nn.Linear their weight when it requires grad), causal attention 3 * 2*B*S^2*hidden per layer."""
     T = cfg["batch"] * cfg["seq"]
-    w = w_trained = 0
+    w = trained = 0
     for mod in model.modules():
-        if isinstance(mod, RowMaskedLinear):
+        if isinstance(mod, layer_cls):
             w += mod.weight.numel()
-            w_trained += mod.weight_rows.numel() if mod.weight_rows.requires_grad else 0
+            t = getattr(mod, trained_attr)
+            trained += t.numel() if t.requires_grad else 0
         elif isinstance(mod, torch.nn.Linear):
             w += mod.weight.numel()
-            w_trained += mod.weight.numel() if mod.weight.requires_grad else 0
+            trained += mod.weight.numel() if mod.weight.requires_grad else 0
     attn = 3 * 2 * cfg["batch"] * cfg["seq"] ** 2 * cfg["hidden"] * cfg["layers"]
-    return 4 * w * T + 2 * w_trained * T + attn
+    return 4 * w * T + 2 * trained * T + attn
 
 
 def make_step(model, opt, ids):

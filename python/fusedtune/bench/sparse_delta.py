@@ -280,18 +280,9 @@ def step_flops(model, cfg: dict) -> int:
     (lm_head included), dW 2*W*T over the dense weights that train and 2*k*T (the SDDMM's useful
     flops) over the deltas, causal attention 2*B*S^2*hidden per layer forward and twice that backward."""
     from ..nn import SparseDeltaLinear
+    from .hft import linear_step_flops
 
-    T = cfg["batch"] * cfg["seq"]
-    w = trained = 0
-    for mod in model.modules():
-        if isinstance(mod, SparseDeltaLinear):
-            w += mod.weight.numel()
-            trained += mod.values.numel() if mod.values.requires_grad else 0
-        elif isinstance(mod, torch.nn.Linear):
-            w += mod.weight.numel()
-            trained += mod.weight.numel() if mod.weight.requires_grad else 0
-    attn = 3 * 2 * cfg["batch"] * cfg["seq"] ** 2 * cfg["hidden"] * cfg["layers"]
-    return 4 * w * T + 2 * trained * T + attn
+    return linear_step_flops(model, cfg, SparseDeltaLinear, "values")
 
 
 def lora_rank_same_budget(cfg: dict, density: float) -> float:
