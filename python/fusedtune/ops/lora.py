@@ -1,0 +1,269 @@
+"""LoRA family ops (docs/lora.md; the math is python/fusedtune/reference/lora.py).
+
+    lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None)
+        y = x W^T + scale * (dropout(x) A^T) B^T + bias, with autograd (dX, dA, dB; dW and dbias
+        only when they require grad). One adapter.
+    lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropout_p=0.0, seed=None)
+        several adapters [(A, B, scale), ...] of any ranks: every row uses the adapter that
+        adapter_index names (-1: none; one index per row, or per sequence of a [batch, seq, in] x),
+        or, with adapter_index None, the sum of all of them (peft's several active adapters).
+    lora_linear_grouped(x, weight, A, B, scale_table, row_group=None, ...)
+        the general form both build on: A [R, K] and B [N, R] stacked along the rank, and a float32
+        scale table [G, R] giving each row group's factor for each rank column.
+
+The weight may be a bitsandbytes NF4 weight (nf4=Nf4Weight.from_bnb(...)): it is dequantized inside
+the GEMM's tile load when there are few rows (nf4_path "fused") and into a 16-bit buffer followed by
+the GEMM otherwise ("buffer"); see nf4_path().
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from ..reference import lora as ref
+from ..reference import nf4 as nf4_ref
+
+_HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the reference math
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+NF4_FUSED_MAX_ROWS = 256   # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above
+
+
+def _impl(backend: str):
+    if backend == "triton":
+        from . import lora_triton
+        return lora_triton
+    return None
+
+
+def _nf4_dict(nf4_tensors: list[torch.Tensor], nf4_meta: list[float]) -> dict | None:
+    if not nf4_tensors:
+        return None
+    return nf4_ref.state_dict_from_lists(nf4_tensors, nf4_meta)
+
+
+@torch.library.custom_op("fusedtune::lora_linear", mutates_args=())
+def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
+             seed: torch.Tensor, nf4_tensors: list[torch.Tensor], nf4_meta: list[float], nf4_path: str,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    nf4 = _nf4_dict(nf4_tensors, nf4_meta)
+    k = _impl(backend)
+    if k is not None:
+        return k.forward(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4, nf4_path)
+    w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
+    return ref.forward(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed))
+
+
+@_lora_op.register_fake
+def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path, backend):
+    n = int(nf4_meta[0]) if nf4_tensors else weight.shape[0]
+    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+
+
+@torch.library.custom_op("fusedtune::lora_linear_backward", mutates_args=())
+def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                 lora_B: torch.Tensor, t: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor | None,
+                 dropout_p: float, seed: torch.Tensor, nf4_tensors: list[torch.Tensor], nf4_meta: list[float],
+                 nf4_path: str, need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nf4 = _nf4_dict(nf4_tensors, nf4_meta)
+    k = _impl(backend)
+    if k is not None:
+        dx, dA, dB = k.backward(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), nf4,
+                                nf4_path, *need)
+    else:
+        w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
+        dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need)
+    e = x.new_empty(0)
+    return (e if dx is None else dx), (e.float() if dA is None else dA), (e.float() if dB is None else dB)
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path,
+      need, backend):
+    R = lora_A.shape[0]
+    f32 = torch.float32
+    return (x.new_empty(x.shape) if need[0] else x.new_empty(0),
+            x.new_empty((R, x.shape[1]), dtype=f32) if need[1] else x.new_empty(0, dtype=f32),
+            x.new_empty((dy.shape[1], R), dtype=f32) if need[2] else x.new_empty(0, dtype=f32))
+
+
+def _setup(ctx, inputs, output):
+    (x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path,
+     backend) = inputs
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scales, row_group, seed, *nf4_tensors)
+    ctx.args = (dropout_p, list(nf4_meta), nf4_path, backend, bias is not None)
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward(ctx, dy, _dt):
+    x, weight, lora_A, lora_B, t, scales, row_group, seed, *nf4_tensors = ctx.saved_tensors
+    dropout_p, nf4_meta, nf4_path, backend, has_bias = ctx.args
+    g = ctx.needs_input_grad
+    need = [bool(g[0]), bool(g[2]), bool(g[3])]
+    dy = dy.contiguous()
+    dx = dA = dB = dW = db = None
+    if any(need):
+        dx, dA, dB = _lora_bwd_op(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed,
+                                  nf4_tensors, nf4_meta, nf4_path, need, backend)
+        dx = dx if need[0] else None
+        dA = dA.to(lora_A.dtype) if need[1] else None
+        dB = dB.to(lora_B.dtype) if need[2] else None
+    if g[1]:   # the base trains (dense weight only): dW = dy^T x
+        dW = (dy.t().float() @ x.float()).to(weight.dtype)
+    if has_bias and g[4]:
+        db = dy.float().sum(0).to(dy.dtype)
+    return (dx, dW, dA, dB, db, None, None, None, None, [None] * len(nf4_tensors), [None] * len(nf4_meta), None,
+            None)
+
+
+torch.library.register_autograd("fusedtune::lora_linear", _backward, setup_context=_setup)
+
+
+# ----------------------------------------------------------------------------------------- public API
+
+def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
+    if seed is None:
+        if dropout_p > 0.0:   # drawn from torch's CPU generator: reproducible under torch.manual_seed
+            return torch.randint(0, 2**62, (), dtype=torch.int64)
+        return torch.zeros((), dtype=torch.int64)
+    if torch.is_tensor(seed):
+        if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
+            raise TypeError(f"lora: seed must be an int or a one-element integer tensor, got {seed.dtype} "
+                            f"{tuple(seed.shape)}")
+        return seed.reshape(()).to(device="cpu", dtype=torch.int64)
+    return torch.tensor(int(seed) % 2**64 - (2**64 if int(seed) % 2**64 >= 2**63 else 0), dtype=torch.int64)
+
+
+def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
+    if not torch.is_tensor(x) or x.dtype not in _FLOATS:
+        raise TypeError(f"lora: x must be a float32/bfloat16/float16 tensor, got "
+                        f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError("lora: x must have at least one dimension (the features)")
+    if nf4 is None:
+        if weight.dim() != 2:
+            raise ValueError(f"lora: weight must be 2-D [out, in], got {tuple(weight.shape)}")
+        if weight.dtype != x.dtype:
+            raise TypeError(f"lora: x is {x.dtype} but the base weight is {weight.dtype}; cast x (autocast is not "
+                            "applied inside the fused op)")
+        N, K = weight.shape
+    else:
+        N, K = nf4.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"lora: x has {x.shape[-1]} features, the base weight expects {K}")
+    if A.dim() != 2 or A.shape[1] != K:
+        raise ValueError(f"lora: lora_A must be [r, {K}], got {tuple(A.shape)}")
+    R = A.shape[0]
+    if B.dim() != 2 or B.shape != (N, R):
+        raise ValueError(f"lora: lora_B must be [{N}, {R}] (out_features, r), got {tuple(B.shape)}")
+    for name, v in (("lora_A", A), ("lora_B", B)):
+        if v.dtype not in _FLOATS:
+            raise TypeError(f"lora: {name} must be a float tensor, got {v.dtype}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOATS):
+        raise ValueError(f"lora: bias must be a float tensor of shape [{N}], got {bias.dtype} {tuple(bias.shape)}")
+    if scale_table.dim() != 2 or scale_table.shape[1] != R or scale_table.dtype != torch.float32:
+        raise ValueError(f"lora: the scale table must be float32 [groups, {R}], got {scale_table.dtype} "
+                         f"{tuple(scale_table.shape)}")
+    devs = {t.device for t in (x, A, B, scale_table) + ((weight,) if nf4 is None else (nf4.q,))
+            + (() if bias is None else (bias,)) + (() if row_group is None else (row_group,))}
+    if len(devs) != 1:
+        raise ValueError(f"lora: all tensors must be on one device, got {sorted(map(str, devs))}")
+    if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
+        raise ValueError(f"lora: dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    return N, K
+
+
+def nf4_path(M: int, nf4) -> str:
+    """Which NF4 schedule a call with M rows takes: 'fused' (dequantized in the GEMM's tile load; weight
+    traffic 0.5 byte/element) for M <= NF4_FUSED_MAX_ROWS, else 'buffer' (dequantize once into a 16-bit
+    buffer, then the GEMM: the dequant cost is amortized over many rows)."""
+    if nf4 is None:
+        return ""
+    return "fused" if M <= NF4_FUSED_MAX_ROWS else "buffer"
+
+
+def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, bias=None, dropout_p=0.0,
+                        seed=None, nf4=None, backend: str | None = None) -> torch.Tensor:
+    """The general fused LoRA linear (module docstring). weight is ignored (may be None) when nf4 is given.
+    row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None."""
+    N, K = _check(x, weight, lora_A, lora_B, bias, scale_table, row_group, dropout_p, nf4)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
+        x2 = x2.contiguous()
+    M = x2.shape[0]
+    if row_group is not None:
+        if row_group.shape != (M,):
+            raise ValueError(f"lora: row_group must have one entry per row ({M}), got {tuple(row_group.shape)}")
+        row_group = row_group.to(torch.int32)
+    name = _backend.resolve("lora_linear", x.device, _HAS, backend)
+    if weight is None and nf4 is None:
+        raise ValueError("lora: weight is None and no nf4 weight was given")
+    nt, nm = ([], []) if nf4 is None else nf4.as_lists()
+    w = weight if nf4 is None else nf4.q
+    y, _t = _lora_op(x2, w, lora_A.contiguous(), lora_B.contiguous(), bias, scale_table, row_group,
+                     float(dropout_p), _seed_tensor(seed, float(dropout_p)), nt, nm, nf4_path(M, nf4), name)
+    return y.reshape(*lead, N)
+
+
+def _table(values: list[tuple[int, float]], R: int, device) -> torch.Tensor:
+    """float32 [1, R]: each (rank, scale) fills its columns, in order."""
+    row = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in values]) if values else \
+        torch.zeros(0)
+    return row.reshape(1, R).to(device)
+
+
+def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, nf4=None,
+                backend: str | None = None) -> torch.Tensor:
+    """y = x W^T + scale * (dropout(x) A^T) B^T + bias (one adapter; module docstring)."""
+    if torch.is_tensor(scale):
+        S = scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).expand(1, lora_A.shape[0]).contiguous()
+    else:
+        S = _table([(lora_A.shape[0], scale)], lora_A.shape[0], x.device)
+    return lora_linear_grouped(x, weight, lora_A, lora_B, S, None, bias, dropout_p, seed, nf4, backend)
+
+
+def stack_adapters(adapters, device):
+    """[(A, B, scale), ...] -> (A [R, K], B [N, R], scale table [n, R]) with row a of the table holding
+    adapter a's scale on its own rank columns."""
+    if not adapters:
+        raise ValueError("lora: no adapters given")
+    ranks = [a[0].shape[0] for a in adapters]
+    R = sum(ranks)
+    S = torch.zeros((len(adapters), R), dtype=torch.float32)
+    lo = 0
+    for i, ((_, _, s), r) in enumerate(zip(adapters, ranks)):
+        S[i, lo:lo + r] = float(s)
+        lo += r
+    A = adapters[0][0] if len(adapters) == 1 else torch.cat([a[0] for a in adapters], 0)
+    B = adapters[0][1] if len(adapters) == 1 else torch.cat([a[1] for a in adapters], 1)
+    return A, B, S.to(device)
+
+
+def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropout_p=0.0, seed=None, nf4=None,
+                      backend: str | None = None) -> torch.Tensor:
+    """Several adapters in one call (module docstring). adapter_index: per row of x flattened to 2-D, or
+    per sequence (x [batch, seq, in], adapter_index [batch]); -1 = no adapter."""
+    A, B, S = stack_adapters(list(adapters), x.device)
+    if adapter_index is None:
+        table, gid = S.sum(0, keepdim=True), None
+    else:
+        idx = torch.as_tensor(adapter_index, device=x.device).reshape(-1)
+        rows = x.numel() // max(x.shape[-1], 1)
+        if idx.numel() != rows:
+            per = rows // max(idx.numel(), 1)
+            if x.dim() < 3 or idx.numel() != x.shape[0]:
+                raise ValueError(f"lora: adapter_index must have one entry per row ({rows}) or per sequence "
+                                 f"(x.shape[0]={x.shape[0] if x.dim() else 0}), got {idx.numel()}")
+            idx = idx.repeat_interleave(per)
+        if idx.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(idx.min()), int(idx.max())
+            if lo < -1 or hi >= len(S):
+                raise ValueError(f"lora: adapter_index values must lie in [-1, {len(S)}), got [{lo}, {hi}]")
+        table, gid = S, idx.to(torch.int32)
+    return lora_linear_grouped(x, weight, A, B, table, gid, bias, dropout_p, seed, nf4, backend)
+
+
+def lora_backend(device, backend: str | None = None) -> dict:
+    """Which backend the LoRA op takes on `device`, and why the others were not taken."""
+    return _backend.explain("lora_linear", torch.device(device), _HAS, backend)

@@ -1,0 +1,41 @@
+"""The Triton schedule of the LoRA ops (fusedtune.triton_kernels.lora), same math as the reference."""
+from __future__ import annotations
+
+from ..triton_kernels import lora as tk
+
+_NO_DROPOUT = tk.Dropout(0.0, 0)
+
+
+def _base(weight, nf4, path: str, N: int, K: int, dtype, transpose: bool):
+    """(q, q_strides, nf4 state for the kernel) of the base weight, as Q[n, k] of C = P . Q^T:
+    W itself (forward) or W^T (transpose, for dX = dy . W)."""
+    if nf4 is not None and path == "buffer":
+        weight, nf4 = tk.nf4_dequant(nf4, (N, K), dtype), None
+    if nf4 is not None:
+        return nf4["q"], ((1, K) if transpose else (K, 1)), nf4
+    s0, s1 = weight.stride()
+    return weight, ((s1, s0) if transpose else (s0, s1)), None
+
+
+def forward(x, weight, A, B, bias, S, gid, p, seed, nf4, path):
+    N, K = B.shape[0], x.shape[1]
+    t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
+    q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
+    y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf)
+    return y, t
+
+
+def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB):
+    N, K = dy.shape[1], x.shape[1]
+    drop = tk.Dropout(p, seed)
+    dx = dA = dB = None
+    if need_dx or need_dA:
+        u = tk.shrink(dy, B, True, S, gid, _NO_DROPOUT)          # (dy . B) * S[gid]
+        if need_dx:
+            q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
+            dx = tk.gemm(dy, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype, drop, nf)
+        if need_dA:
+            dA = tk.wgrad(x, u, drop).t()
+    if need_dB:
+        dB = tk.wgrad(dy, t, _NO_DROPOUT)
+    return dx, dA, dB

@@ -1,0 +1,92 @@
+"""Pure-PyTorch reference of the LoRA family: the specification (docs/lora.md).
+
+One general form covers a single adapter, several active adapters and mixed-adapter batches: the
+adapters' A matrices are stacked along the rank, A [R, K], their B matrices along the rank,
+B [N, R], and a scale table S [G, R] says, for each row group g, the factor of every rank column
+(the adapter's scale on its own columns, 0 elsewhere). Row m of the batch belongs to group gid[m]
+(-1: no adapter; gid None: every row is group 0).
+
+    t  = (dropout(x) . A^T) * S[gid]                     float32 [M, R]  ("shrink")
+    y  = x . W^T + t . B^T + bias                        one rounding to x's dtype
+    u  = (dy . B) * S[gid]                               float32 [M, R]
+    dX = dy . W + keep/(1-p) * (u . A)                   dW = dy^T . x only when W trains
+    dB = dy^T . t        dA = u^T . dropout(x)
+
+Dropout acts on the LoRA branch only and is regenerated from a seed, never stored: element i = m*K + k
+of x is kept iff word 0 of Philox4x32-10(key=seed, counter=(i mod 2^32, i div 2^32, 0, 2)) >= thresh,
+thresh = floor(p * 2^32); kept values are multiplied by 1/(1-p) (float32).
+"""
+from __future__ import annotations
+
+import torch
+
+from .zo import MASK32, philox4x32_10
+
+DROPOUT_STREAM = 2
+
+
+def dropout_threshold(p: float) -> int:
+    if not 0.0 <= p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {p!r}")
+    return min(int(p * 2.0**32), 2**32 - 1)
+
+
+def keep_scale(p: float) -> float:
+    return float(torch.tensor(1.0 / (1.0 - p), dtype=torch.float32))
+
+
+def dropout_mask(rows: int, cols: int, seed: int, p: float, device="cpu") -> torch.Tensor:
+    """bool [rows, cols]: which elements of a row-major [rows, cols] input the LoRA branch keeps."""
+    i = torch.arange(rows * cols, dtype=torch.int64, device=device)
+    zero = torch.zeros_like(i)
+    u0, _, _, _ = philox4x32_10(int(seed) & ((1 << 64) - 1), i & MASK32, i >> 32, zero, zero + DROPOUT_STREAM)
+    return (u0 >= dropout_threshold(p)).reshape(rows, cols)
+
+
+def dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
+    """float32 copy of the 2-D input with the LoRA dropout applied (p = 0: just the float32 copy)."""
+    xf = x2.float()
+    if p == 0.0:
+        return xf
+    keep = dropout_mask(x2.shape[0], x2.shape[1], seed, p, x2.device)
+    return torch.where(keep, xf * keep_scale(p), torch.zeros((), dtype=torch.float32, device=x2.device))
+
+
+def row_scales(S: torch.Tensor, gid: torch.Tensor | None, M: int) -> torch.Tensor:
+    """float32 [M, R]: the scale of every rank column for every row."""
+    if gid is None:
+        return S[0].float().expand(M, -1)
+    g = gid.long()
+    out = S.float()[g.clamp_min(0)]
+    return torch.where((g >= 0)[:, None], out, torch.zeros((), dtype=torch.float32, device=S.device))
+
+
+def shrink(x2, A, S, gid, p: float, seed: int) -> torch.Tensor:
+    return (dropout(x2, p, seed) @ A.float().t()) * row_scales(S, gid, x2.shape[0])
+
+
+def forward(x2, weight, A, B, bias, S, gid, p: float, seed: int):
+    """(y [M, N] in x's dtype, t float32 [M, R])."""
+    t = shrink(x2, A, S, gid, p, seed)
+    y = x2.float() @ weight.float().t() + t @ B.float().t()
+    if bias is not None:
+        y = y + bias.float()
+    return y.to(x2.dtype), t
+
+
+def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True, need_dA=True, need_dB=True):
+    """(dX [M, K] in x's dtype, dA float32 [R, K], dB float32 [N, R]); None where not needed."""
+    dyf = dy2.float()
+    u = (dyf @ B.float()) * row_scales(S, gid, dy2.shape[0])
+    dx = dA = dB = None
+    if need_dx:
+        lora = u @ A.float()
+        if p != 0.0:
+            keep = dropout_mask(x2.shape[0], x2.shape[1], seed, p, x2.device)
+            lora = torch.where(keep, lora * keep_scale(p), torch.zeros((), dtype=torch.float32, device=x2.device))
+        dx = (dyf @ weight.float() + lora).to(x2.dtype)
+    if need_dA:
+        dA = u.t() @ dropout(x2, p, seed)
+    if need_dB:
+        dB = dyf.t() @ t
+    return dx, dA, dB

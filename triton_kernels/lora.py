@@ -1,0 +1,357 @@
+"""LoRA family, Triton kernels (the math of python/fusedtune/reference/lora.py).
+
+lora_shrink_kernel   T[M, R] = (dropout(P) . Q^T) * S[gid]      the skinny x.A^T (and dy.B) GEMM, fp32 out
+lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
+                     forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
+                     the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
+                     x and W are read once and y written once; Q may be NF4 (dequantized in the tile load)
+lora_wgrad_kernel    O[s, C, R] = sum over rows m of split s of dropout(P)[m, C]^T . T[m, R]
+                     dB (P=dy, T=t) and dA^T (P=x with dropout, T=u); splits summed on the host
+nf4_dequant_kernel   bitsandbytes NF4 (double-quantized absmax) -> a 16-bit weight buffer
+
+All accumulate in fp32. Operands of the skinny products are promoted to fp32 and multiplied with
+PREC ("tf32x3" on a GPU: products of 16-bit inputs exact, fp32 inputs to about 2^-22; "ieee" in the
+interpreter), so the adapter path keeps float32 accuracy as peft's fp32 adapters do.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelSpec, register
+from .zo import _philox
+
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
+]
+if _INTERP:
+    _GEMM_CONFIGS = [(32, 32, 32, 4, 1)]
+
+
+@triton.jit
+def _keep(seed, rows, cols, width, thresh):
+    """Dropout keep mask for the elements (rows[:, None], cols[None, :]) of a row-major input of `width`
+    columns: word 0 of Philox4x32-10(seed; i lo, i hi, 0, 2) >= thresh, i = row * width + col."""
+    i = rows.to(tl.int64)[:, None] * width + cols.to(tl.int64)[None, :]
+    c0 = (i & 0xFFFFFFFF).to(tl.uint32)
+    c1 = (i >> 32).to(tl.uint32)
+    z = tl.zeros(c0.shape, tl.uint32)
+    s = seed.to(tl.int64)
+    k0 = (s & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    u0, _, _, _ = _philox(k0, k1, c0, c1, z, z + 2)
+    return u0 >= thresh.to(tl.int64).to(tl.uint32)
+
+
+@triton.jit
+def _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset, BLOCKSIZE: tl.constexpr,
+              BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr):
+    """NF4 values at flat weight indices `flat` (bitsandbytes layout: byte i//2, high nibble first)."""
+    byte = tl.load(q_ptr + (flat >> 1)).to(tl.int32)
+    nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    v = tl.load(code_ptr + nib)
+    blk = flat // BLOCKSIZE
+    if DOUBLE:
+        a8 = tl.load(absmax_ptr + blk).to(tl.int32)
+        amax = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // BLOCKSIZE2) + offset
+    else:
+        amax = tl.load(absmax_ptr + blk)
+    return v * amax
+
+
+@triton.jit
+def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, stride_qr, stride_qk,
+                       seed, thresh, keep_scale,
+                       HAS_GID: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        kk = k0 + offs_k
+        k_ok = kk < K
+        a = tl.load(p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + kk[None, :],
+                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            a = tl.where(_keep(seed, offs_m, kk, K, thresh), a * keep_scale, 0.0)
+        b = tl.load(q_ptr + offs_r[None, :] * stride_qr + kk[:, None].to(tl.int64) * stride_qk,
+                    mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    if HAS_GID:
+        g = tl.load(gid_ptr + offs_m, mask=m_ok, other=-1)
+    else:
+        g = tl.zeros((BLOCK_M,), tl.int32)
+    s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
+    tl.store(t_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                          for m, n, k, w, s in _GEMM_CONFIGS], key=["M", "N", "K", "R"])
+@triton.jit
+def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
+                     M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
+                     seed, thresh, keep_scale, nf4_offset,
+                     HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NF4: tl.constexpr,
+                     NF4_DOUBLE: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_BLOCK2: tl.constexpr,
+                     BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_k[None, :]
+    q_off = offs_n.to(tl.int64)[None, :] * stride_qn + offs_k.to(tl.int64)[:, None] * stride_qk   # [BK, BN]
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        qm = k_ok[:, None] & n_ok[None, :]
+        if NF4:
+            flat = tl.where(qm, q_off, 0)
+            b = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, nf4_offset, NF4_BLOCK,
+                          NF4_BLOCK2, NF4_DOUBLE).to(a.dtype)
+            b = tl.where(qm, b, 0.0)
+        else:
+            b = tl.load(q_ptr + q_off, mask=qm, other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=BASE_PREC)
+        p_ptrs += BLOCK_K
+        q_off += BLOCK_K * stride_qk
+    if HAS_LORA:
+        offs_r = tl.arange(0, BLOCK_R)
+        if DROPOUT:
+            lo = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        else:
+            lo = acc
+        for r0 in range(0, R, BLOCK_R):
+            rr = r0 + offs_r
+            r_ok = rr < R
+            t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                        other=0.0)
+            e = tl.load(e_ptr + offs_n.to(tl.int64)[None, :] * stride_en + rr[:, None] * stride_er,
+                        mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+            lo = tl.dot(t, e, lo, input_precision=EPI_PREC)
+        if DROPOUT:
+            acc += tl.where(_keep(seed, offs_m, offs_n, N, thresh), lo * keep_scale, 0.0)
+        else:
+            acc = lo
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+@triton.jit
+def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, seed, thresh, keep_scale,
+                      DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
+    pid_c = tl.program_id(0)
+    pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_m = tl.arange(0, BLOCK_M)
+    c_ok = offs_c < C
+    r_ok = offs_r < R
+    m_lo = pid_s * rows_per_split
+    m_hi = min(M, m_lo + rows_per_split)
+    acc = tl.zeros((BLOCK_C, BLOCK_R), dtype=tl.float32)
+    for m0 in range(m_lo, m_hi, BLOCK_M):
+        mm = m0 + offs_m
+        m_ok = mm < m_hi
+        p = tl.load(p_ptr + mm.to(tl.int64)[:, None] * stride_pm + offs_c[None, :],
+                    mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        if DROPOUT:
+            p = tl.where(_keep(seed, mm, offs_c, C, thresh), p * keep_scale, 0.0)
+        t = tl.load(t_ptr + mm.to(tl.int64)[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
+                    other=0.0)
+        acc = tl.dot(tl.trans(p), t, acc, input_precision=PREC)
+    o = o_ptr + pid_s.to(tl.int64) * C * R + offs_c[:, None] * R + offs_r[None, :]
+    tl.store(o, acc, mask=c_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
+def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_ptr, numel, offset,
+                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < numel
+    flat = tl.where(ok, offs, 0)
+    v = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset, BLOCKSIZE, BLOCKSIZE2, DOUBLE)
+    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+def _prec(*tensors) -> str:
+    """input_precision of a dot over these tensors promoted to fp32 (see the module docstring)."""
+    return "ieee" if _INTERP else "tf32x3"
+
+
+def _base_prec(dtype) -> str:
+    if dtype != torch.float32 or _INTERP:
+        return "ieee" if _INTERP else "tf32"
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _block_r(R: int) -> int:
+    return min(64, max(16, triton.next_power_of_2(max(R, 1))))
+
+
+def _check32(what: str, *sizes):
+    """Offsets within a tile row stay 32-bit; row offsets are 64-bit. Refuse a row longer than 2^31."""
+    if max(sizes) >= 2**31:
+        raise ValueError(f"lora {what}: a dimension of {max(sizes)} is too large for the Triton kernels")
+
+
+class Dropout:
+    """The LoRA dropout as the kernels take it (p = 0: off)."""
+
+    def __init__(self, p: float, seed: int):
+        from fusedtune.reference.lora import dropout_threshold, keep_scale
+        self.on = p > 0.0
+        self.seed = int(seed) & ((1 << 64) - 1)
+        if self.seed >= 2**63:
+            self.seed -= 2**64      # the kernel argument is int64; the bits are what matter
+        self.thresh = dropout_threshold(p) if self.on else 0
+        self.scale = keep_scale(p) if self.on else 1.0
+
+
+def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor, gid, drop: Dropout):
+    """T = (dropout(p) . Q^T) * S[gid], float32 [M, R]. p [M, K] row-major; Q is q [R, K], or q^T when
+    transpose_q (q [K, R] row-major, as B [N, R] for u = dy . B)."""
+    M, K = p.shape
+    R = q.shape[1] if transpose_q else q.shape[0]
+    _check32("shrink", M, K, R)
+    t = torch.empty((M, R), dtype=torch.float32, device=p.device)
+    if M == 0 or R == 0:
+        return t
+    sqr, sqk = (1, q.stride(0)) if transpose_q else (q.stride(0), 1)
+    BR = _block_r(R)
+    BM = 32 if _INTERP else 64
+    BK = 32 if _INTERP else 128
+    grid = (triton.cdiv(M, BM), triton.cdiv(R, BR))
+    lora_shrink_kernel[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
+                             drop.seed, drop.thresh, drop.scale, HAS_GID=gid is not None, DROPOUT=drop.on,
+                             PREC=_prec(), BLOCK_M=BM, BLOCK_R=BR, BLOCK_K=BK, num_warps=4)
+    return t
+
+
+def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_strides: tuple, bias, out_dtype,
+         drop: Dropout, nf4=None) -> torch.Tensor:
+    """C [M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias. Q[n, k] sits at q + n*q_strides[0] + k*q_strides[1]
+    (nf4: q is the packed weight and nf4 the dict of its quantization state); E[n, r] likewise."""
+    M, K = p.shape
+    R = 0 if t is None else t.shape[1]
+    _check32("gemm", M, N, K)
+    c = torch.empty((M, N), dtype=out_dtype, device=p.device)
+    if M == 0 or N == 0:
+        return c
+    dummy = c
+    nf = nf4 or {}
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    lora_gemm_kernel[grid](
+        p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
+        nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
+        M, N, K, R, p.stride(0), q_strides[0], q_strides[1], e_strides[0], e_strides[1], c.stride(0),
+        drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
+        HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
+        NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
+        BASE_PREC=_base_prec(p.dtype), EPI_PREC=_prec(), BLOCK_R=_block_r(R), GROUP_M=8)
+    return c
+
+
+def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
+    """O [C, R] = dropout(p)^T . t, float32; p [M, C] row-major, t float32 [M, R]."""
+    M, C = p.shape
+    R = t.shape[1]
+    _check32("wgrad", M, C, R)
+    if M == 0 or C == 0 or R == 0:
+        return torch.zeros((C, R), dtype=torch.float32, device=p.device)
+    BR = _block_r(R)
+    BC = 32 if _INTERP else 128
+    BM = 32 if _INTERP else 64
+    tiles = triton.cdiv(C, BC) * triton.cdiv(R, BR)
+    want = 1 if _INTERP else max(1, min(triton.cdiv(M, 4 * BM), triton.cdiv(4 * 132, tiles)))
+    rows = triton.cdiv(triton.cdiv(M, want), BM) * BM
+    splits = triton.cdiv(M, rows)
+    o = torch.empty((splits, C, R), dtype=torch.float32, device=p.device)
+    lora_wgrad_kernel[(triton.cdiv(C, BC), triton.cdiv(R, BR), splits)](
+        p, t, o, M, C, R, p.stride(0), rows, drop.seed, drop.thresh, drop.scale, DROPOUT=drop.on, PREC=_prec(),
+        BLOCK_M=BM, BLOCK_C=BC, BLOCK_R=BR, num_warps=4)
+    return o[0] if splits == 1 else o.sum(0)
+
+
+def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
+    out = torch.empty(shape, dtype=dtype, device=nf4["q"].device)
+    n = out.numel()
+    if n == 0:
+        return out
+    BLOCK = 1024
+    nf4_dequant_kernel[(triton.cdiv(n, BLOCK),)](
+        nf4["q"], nf4["absmax"], nf4.get("absmax2", out), nf4["code"], nf4.get("code2", out), out, n,
+        float(nf4.get("offset", 0.0)), BLOCKSIZE=nf4["blocksize"], BLOCKSIZE2=nf4.get("blocksize2", 256),
+        DOUBLE="absmax2" in nf4, BLOCK=BLOCK, num_warps=4)
+    return out
+
+
+# ---------------------------------------------------------------------------------------- kernel report
+
+_GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", "bias_ptr": "*bf16",
+             "c_ptr": "*bf16", "absmax_ptr": "*fp32", "absmax2_ptr": "*fp32", "code_ptr": "*fp32",
+             "code2_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_pm": "i32",
+             "stride_qn": "i32", "stride_qk": "i32", "stride_en": "i32", "stride_er": "i32", "stride_cm": "i32",
+             "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
+_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256, BASE_PREC="tf32",
+                  EPI_PREC="tf32x3", BLOCK_R=16, GROUP_M=8)
+
+
+def _gemm_cfg(m, n, k, w, s, dt, **over):
+    return {"constexprs": {**_GEMM_BASE, "HAS_LORA": True, "DROPOUT": False, "BLOCK_M": m, "BLOCK_N": n,
+                           "BLOCK_K": k, **over},
+            "num_warps": w, "num_stages": s,
+            "signature": dict(_GEMM_SIG, p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}")}
+
+
+register(KernelSpec(
+    family="lora", name="lora_gemm_kernel", fn=lora_gemm_kernel.fn, signature=_GEMM_SIG, gemm=True,
+    configs=[_gemm_cfg(*c, dt) for c in _GEMM_CONFIGS for dt in ("bf16", "fp16")]
+    + [_gemm_cfg(128, 128, 64, 8, 4, "bf16", DROPOUT=True), _gemm_cfg(64, 128, 64, 4, 4, "bf16", BLOCK_R=64),
+       dict(_gemm_cfg(64, 128, 64, 4, 4, "bf16", NF4=True, NF4_DOUBLE=True),
+            signature=dict(_GEMM_SIG, q_ptr="*u8", absmax_ptr="*u8"))]))
+_SHRINK_SIG = {"p_ptr": "*bf16", "q_ptr": "*fp32", "t_ptr": "*fp32", "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32",
+               "K": "i32", "R": "i32", "stride_pm": "i32", "stride_qr": "i32", "stride_qk": "i32", "seed": "i64",
+               "thresh": "i64", "keep_scale": "fp32"}
+register(KernelSpec(
+    family="lora", name="lora_shrink_kernel", fn=lora_shrink_kernel.fn, signature=_SHRINK_SIG, gemm=True,
+    configs=[{"constexprs": dict(HAS_GID=g, DROPOUT=d, PREC="tf32x3", BLOCK_M=64, BLOCK_R=br, BLOCK_K=128),
+              "num_warps": 4, "num_stages": 1} for g, d, br in ((False, False, 16), (True, True, 64))]))
+_WGRAD_SIG = {"p_ptr": "*bf16", "t_ptr": "*fp32", "o_ptr": "*fp32", "M": "i32", "C": "i32", "R": "i32",
+              "stride_pm": "i32", "rows_per_split": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32"}
+register(KernelSpec(
+    family="lora", name="lora_wgrad_kernel", fn=lora_wgrad_kernel.fn, signature=_WGRAD_SIG, gemm=True,
+    configs=[{"constexprs": dict(DROPOUT=d, PREC="tf32x3", BLOCK_M=64, BLOCK_C=128, BLOCK_R=br),
+              "num_warps": 4, "num_stages": 1} for d, br in ((False, 16), (True, 64))]))
+register(KernelSpec(
+    family="lora", name="nf4_dequant_kernel", fn=nf4_dequant_kernel.fn,
+    signature={"q_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code_ptr": "*fp32", "code2_ptr": "*fp32",
+               "out_ptr": "*bf16", "numel": "i64", "offset": "fp32"},
+    configs=[{"constexprs": dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE=True, BLOCK=1024), "num_warps": 4,
+              "num_stages": 1}]))
