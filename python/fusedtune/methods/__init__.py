@@ -4,3 +4,4 @@ from . import full  # noqa: F401
 from . import zo  # noqa: F401
 from . import hft  # noqa: F401
 from . import sparse_delta  # noqa: F401
+from . import lora  # noqa: F401

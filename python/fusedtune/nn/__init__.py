@@ -1,3 +1,4 @@
 """fusedtune.nn: drop-in layers of every family."""
 from .hft import RowMaskedLinear  # noqa: F401
 from .sparse_delta import SparseDeltaLinear  # noqa: F401
+from .lora import LoRALinear  # noqa: F401

@@ -35,18 +35,22 @@ def _impl(backend: str):
     return None
 
 
-def _nf4_dict(nf4_tensors: list[torch.Tensor], nf4_meta: list[float]) -> dict | None:
-    if not nf4_tensors:
+def _nf4_dict(q, x, B, absmax, code, absmax2, code2, blocksize, blocksize2, offset) -> dict | None:
+    if blocksize == 0:
         return None
-    return nf4_ref.state_dict_from_lists(nf4_tensors, nf4_meta)
+    return nf4_ref.nf4_state(q, absmax, code, absmax2, code2, blocksize, blocksize2, offset,
+                             (B.shape[0], x.shape[1]))
 
 
 @torch.library.custom_op("fusedtune::lora_linear", mutates_args=())
 def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
              bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
-             seed: torch.Tensor, nf4_tensors: list[torch.Tensor], nf4_meta: list[float], nf4_path: str,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    nf4 = _nf4_dict(nf4_tensors, nf4_meta)
+             seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+             nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+             nf4_blocksize2: int, nf4_offset: float, nf4_path: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0."""
+    nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
+                    nf4_blocksize2, nf4_offset)
     k = _impl(backend)
     if k is not None:
         return k.forward(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4, nf4_path)
@@ -55,17 +59,20 @@ def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B
 
 
 @_lora_op.register_fake
-def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path, backend):
-    n = int(nf4_meta[0]) if nf4_tensors else weight.shape[0]
-    return x.new_empty((x.shape[0], n)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32)
+def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4_and_backend):
+    return (x.new_empty((x.shape[0], lora_B.shape[0])),
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
 
 
 @torch.library.custom_op("fusedtune::lora_linear_backward", mutates_args=())
 def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
                  lora_B: torch.Tensor, t: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor | None,
-                 dropout_p: float, seed: torch.Tensor, nf4_tensors: list[torch.Tensor], nf4_meta: list[float],
-                 nf4_path: str, need: list[bool], backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    nf4 = _nf4_dict(nf4_tensors, nf4_meta)
+                 dropout_p: float, seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+                 nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+                 nf4_blocksize2: int, nf4_offset: float, nf4_path: str, need: list[bool],
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
+                    nf4_blocksize2, nf4_offset)
     k = _impl(backend)
     if k is not None:
         dx, dA, dB = k.backward(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), nf4,
@@ -78,8 +85,8 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 
 @_lora_bwd_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path,
-      need, backend):
+def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, *rest):
+    need = rest[-2]
     R = lora_A.shape[0]
     f32 = torch.float32
     return (x.new_empty(x.shape) if need[0] else x.new_empty(0),
@@ -88,23 +95,23 @@ def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, nf4_
 
 
 def _setup(ctx, inputs, output):
-    (x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, nf4_tensors, nf4_meta, nf4_path,
-     backend) = inputs
-    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scales, row_group, seed, *nf4_tensors)
-    ctx.args = (dropout_p, list(nf4_meta), nf4_path, backend, bias is not None)
+    x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4 = inputs
+    absmax, code, absmax2, code2, bs, bs2, offset, path, backend = nf4
+    ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scales, row_group, seed, absmax, code, absmax2, code2)
+    ctx.args = (dropout_p, bs, bs2, offset, path, backend, bias is not None)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dt):
-    x, weight, lora_A, lora_B, t, scales, row_group, seed, *nf4_tensors = ctx.saved_tensors
-    dropout_p, nf4_meta, nf4_path, backend, has_bias = ctx.args
+    x, weight, lora_A, lora_B, t, scales, row_group, seed, absmax, code, absmax2, code2 = ctx.saved_tensors
+    dropout_p, bs, bs2, offset, path, backend, has_bias = ctx.args
     g = ctx.needs_input_grad
     need = [bool(g[0]), bool(g[2]), bool(g[3])]
     dy = dy.contiguous()
     dx = dA = dB = dW = db = None
     if any(need):
-        dx, dA, dB = _lora_bwd_op(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed,
-                                  nf4_tensors, nf4_meta, nf4_path, need, backend)
+        dx, dA, dB = _lora_bwd_op(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
+                                  absmax2, code2, bs, bs2, offset, path, need, backend)
         dx = dx if need[0] else None
         dA = dA.to(lora_A.dtype) if need[1] else None
         dB = dB.to(lora_B.dtype) if need[2] else None
@@ -112,8 +119,7 @@ def _backward(ctx, dy, _dt):
         dW = (dy.t().float() @ x.float()).to(weight.dtype)
     if has_bias and g[4]:
         db = dy.float().sum(0).to(dy.dtype)
-    return (dx, dW, dA, dB, db, None, None, None, None, [None] * len(nf4_tensors), [None] * len(nf4_meta), None,
-            None)
+    return (dx, dW, dA, dB, db) + (None,) * 13
 
 
 torch.library.register_autograd("fusedtune::lora_linear", _backward, setup_context=_setup)
@@ -199,18 +205,11 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     name = _backend.resolve("lora_linear", x.device, _HAS, backend)
     if weight is None and nf4 is None:
         raise ValueError("lora: weight is None and no nf4 weight was given")
-    nt, nm = ([], []) if nf4 is None else nf4.as_lists()
+    nf4_args = (None, None, None, None, 0, 0, 0.0) if nf4 is None else nf4.op_args()
     w = weight if nf4 is None else nf4.q
     y, _t = _lora_op(x2, w, lora_A.contiguous(), lora_B.contiguous(), bias, scale_table, row_group,
-                     float(dropout_p), _seed_tensor(seed, float(dropout_p)), nt, nm, nf4_path(M, nf4), name)
+                     float(dropout_p), _seed_tensor(seed, float(dropout_p)), *nf4_args, nf4_path(M, nf4), name)
     return y.reshape(*lead, N)
-
-
-def _table(values: list[tuple[int, float]], R: int, device) -> torch.Tensor:
-    """float32 [1, R]: each (rank, scale) fills its columns, in order."""
-    row = torch.cat([torch.full((r,), float(s), dtype=torch.float32) for r, s in values]) if values else \
-        torch.zeros(0)
-    return row.reshape(1, R).to(device)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, nf4=None,
@@ -219,25 +218,27 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
     if torch.is_tensor(scale):
         S = scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).expand(1, lora_A.shape[0]).contiguous()
     else:
-        S = _table([(lora_A.shape[0], scale)], lora_A.shape[0], x.device)
+        S = scale_table([lora_A.shape[0]], [scale], x.device)
     return lora_linear_grouped(x, weight, lora_A, lora_B, S, None, bias, dropout_p, seed, nf4, backend)
 
 
-def stack_adapters(adapters, device):
-    """[(A, B, scale), ...] -> (A [R, K], B [N, R], scale table [n, R]) with row a of the table holding
-    adapter a's scale on its own rank columns."""
-    if not adapters:
-        raise ValueError("lora: no adapters given")
-    ranks = [a[0].shape[0] for a in adapters]
-    R = sum(ranks)
-    S = torch.zeros((len(adapters), R), dtype=torch.float32)
+def scale_table(ranks: list[int], scales: list[float], device) -> torch.Tensor:
+    """float32 [n, sum(ranks)]: row a holds adapter a's scale on its own rank columns, 0 elsewhere."""
+    S = torch.zeros((len(ranks), sum(ranks)), dtype=torch.float32)
     lo = 0
-    for i, ((_, _, s), r) in enumerate(zip(adapters, ranks)):
+    for i, (r, s) in enumerate(zip(ranks, scales)):
         S[i, lo:lo + r] = float(s)
         lo += r
+    return S.to(device)
+
+
+def stack_adapters(adapters, device):
+    """[(A, B, scale), ...] -> (A [R, K], B [N, R], scale table [n, R]) stacked along the rank."""
+    if not adapters:
+        raise ValueError("lora: no adapters given")
     A = adapters[0][0] if len(adapters) == 1 else torch.cat([a[0] for a in adapters], 0)
     B = adapters[0][1] if len(adapters) == 1 else torch.cat([a[1] for a in adapters], 1)
-    return A, B, S.to(device)
+    return A, B, scale_table([a[0].shape[0] for a in adapters], [a[2] for a in adapters], device)
 
 
 def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropout_p=0.0, seed=None, nf4=None,

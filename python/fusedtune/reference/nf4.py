@@ -54,22 +54,24 @@ class Nf4Weight:
     def double(self) -> bool:
         return self.absmax2 is not None
 
-    def as_lists(self) -> tuple[list[torch.Tensor], list[float]]:
-        """(tensors, numbers) as the custom op carries them."""
-        t = [self.q, self.absmax, self.code] + ([self.absmax2, self.code2] if self.double else [])
-        return t, [float(self.shape[0]), float(self.shape[1]), float(self.blocksize), float(self.blocksize2),
-                   float(self.offset)]
+    def op_args(self) -> tuple:
+        """(absmax, code, absmax2, code2, blocksize, blocksize2, offset) as the custom op takes them."""
+        return self.absmax, self.code, self.absmax2, self.code2, self.blocksize, self.blocksize2, self.offset
+
+    def state(self) -> dict:
+        return nf4_state(self.q, *self.op_args(), shape=self.shape)
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.as_lists()[0])
+        ts = (self.q, self.absmax, self.code, self.absmax2, self.code2)
+        return sum(t.numel() * t.element_size() for t in ts if t is not None)
 
 
-def state_dict_from_lists(tensors: list[torch.Tensor], meta: list[float]) -> dict:
-    """The op's lists -> the dict the kernels and dequantize() read."""
-    d = {"q": tensors[0], "absmax": tensors[1], "code": tensors[2], "shape": (int(meta[0]), int(meta[1])),
-         "blocksize": int(meta[2]), "blocksize2": int(meta[3]), "offset": float(meta[4])}
-    if len(tensors) == 5:
-        d["absmax2"], d["code2"] = tensors[3], tensors[4]
+def nf4_state(q, absmax, code, absmax2, code2, blocksize, blocksize2, offset, shape) -> dict:
+    """The dict the kernels and dequantize() read."""
+    d = {"q": q, "absmax": absmax, "code": code, "shape": tuple(shape), "blocksize": int(blocksize),
+         "blocksize2": int(blocksize2), "offset": float(offset)}
+    if absmax2 is not None:
+        d["absmax2"], d["code2"] = absmax2, code2
     return d
 
 
@@ -82,9 +84,9 @@ def absmax_f32(d: dict) -> torch.Tensor:
 
 
 def dequantize(d, dtype=torch.float32) -> torch.Tensor:
-    """The [N, K] weight in `dtype` (d: a state dict from state_dict_from_lists, or an Nf4Weight)."""
+    """The [N, K] weight in `dtype` (d: a dict from nf4_state, or an Nf4Weight)."""
     if isinstance(d, Nf4Weight):
-        d = state_dict_from_lists(*d.as_lists())
+        d = d.state()
     N, K = d["shape"]
     q = d["q"].reshape(-1).long()
     nib = torch.stack([q >> 4, q & 0xF], dim=1).reshape(-1)[: N * K]

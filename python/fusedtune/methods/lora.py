@@ -1,0 +1,79 @@
+"""method="lora" and method="qlora": LoRA adapters on the target linears, fused (fusedtune.nn.LoRALinear).
+
+    rep = fusedtune.patch(model, "lora", r=16, alpha=32, dropout=0.05, lr=2e-4)
+    rep = fusedtune.patch(model, "qlora", r=16, alpha=32)     # base weights quantized to NF4 first
+    fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
+    fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
+
+Every target linear becomes a LoRALinear with one adapter ("default"; peft's init: A kaiming-uniform,
+B zero, so the model is unchanged at step 0); the adapters train with torch.optim.AdamW, everything
+else is frozen. qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, double
+quantization by default) into a bnb.nn.Linear4bit whose compute dtype is the weight's dtype.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..patch import PatchError, SwapMethod, register_method
+
+
+class LoRAMethod(SwapMethod):
+    options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "adapter_dtype": torch.float32,
+               "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None}
+    demo = {"lr": 1e-2, "r": 8, "alpha": 16, "step_multiplier": 1}
+
+    def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
+        return linear
+
+    def make(self, linear, name, r, alpha, dropout, use_rslora, adapter_dtype, backend, **options):
+        from ..nn import LoRALinear  # noqa: PLC0415
+        return LoRALinear.from_linear(self.base_layer(linear, **options), r=int(r), alpha=alpha, dropout=dropout,
+                                      use_rslora=use_rslora, adapter_dtype=adapter_dtype, backend=backend)
+
+    def merge(self, module) -> nn.Linear:
+        return module.to_linear(merge=True)
+
+    def base(self, module) -> nn.Linear:
+        return module.to_linear(merge=False)
+
+    def describe(self, module) -> tuple[str, str, str]:
+        from ..hft.tuner import describe_row_layer  # noqa: PLC0415  (any layer with _fusedtune_report)
+        return describe_row_layer(module)
+
+    def make_optimizer(self, params, lr, weight_decay, betas, eps, **_):
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+    def apply(self, model, targets, **options):
+        if not isinstance(options["r"], int) or options["r"] <= 0:
+            raise PatchError(f"method {self.name!r}: r must be a positive int, got {options['r']!r}")
+        if not 0.0 <= float(options["dropout"]) < 1.0:
+            raise PatchError(f"method {self.name!r}: dropout must be in [0, 1), got {options['dropout']!r}")
+        return super().apply(model, targets, **options)
+
+
+class QLoRAMethod(LoRAMethod):
+    options = {**LoRAMethod.options, "blocksize": 64, "double_quant": True}
+    demo = dict(LoRAMethod.demo)
+
+    def apply(self, model, targets, **options):
+        try:
+            import bitsandbytes  # noqa: F401,PLC0415
+        except Exception as e:  # noqa: BLE001
+            raise PatchError(f"method 'qlora' needs bitsandbytes (pip install bitsandbytes): {e}") from e
+        return super().apply(model, targets, **options)
+
+    def base_layer(self, linear: nn.Linear, blocksize, double_quant, **_) -> nn.Module:
+        import bitsandbytes as bnb  # noqa: PLC0415
+        dev, dt = linear.weight.device, linear.weight.dtype
+        q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                              compute_dtype=dt, compress_statistics=double_quant, quant_type="nf4", device="meta")
+        q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu", copy=True), requires_grad=False,
+                                     blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+        if linear.bias is not None:
+            q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
+        return q.to(dev)
+
+
+register_method("lora", LoRAMethod)
+register_method("qlora", QLoRAMethod)

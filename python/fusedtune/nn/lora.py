@@ -1,0 +1,393 @@
+"""LoRALinear: a peft-compatible LoRA layer whose forward and backward run the fused LoRA ops.
+
+Layout and state-dict keys are peft's (`base_layer.weight`, `lora_A.<name>.weight`, `lora_B.<name>.weight`),
+so a peft model's state dict loads as it is. What peft's LoRA does that users rely on works here:
+scale alpha/r or alpha/sqrt(r) (rslora), set_scale at run time, dropout on the LoRA branch only and in
+training only, several named adapters with several active (set_adapter), mixed batches
+(forward(x, adapter_names=[...]), "__base__" = no adapter), merge/unmerge (safe_merge), a
+bitsandbytes NF4 base (Linear4bit). What it does not support (DoRA, lora_bias, independent dropout
+masks for several adapters summed in one forward, merging into an NF4 base) raises a clear error.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..ops import lora as lora_ops
+from ..reference.nf4 import Nf4Weight
+from .plain import plain_linear
+
+BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
+
+
+class LoRAUnsupported(NotImplementedError):
+    """A peft LoRA feature that the fused layer does not implement."""
+
+
+def _is_bnb_4bit(module) -> bool:
+    w = getattr(module, "weight", None)
+    return type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None
+
+
+def _features(base) -> tuple[int, int]:
+    if isinstance(base, nn.Linear):
+        return base.in_features, base.out_features
+    if _is_bnb_4bit(base):
+        n, k = base.weight.quant_state.shape
+        return int(k), int(n)
+    raise TypeError(f"LoRALinear: the base layer must be nn.Linear or a quantized bitsandbytes Linear4bit, got "
+                    f"{type(base).__name__}")
+
+
+class LoRALinear(nn.Module):
+    """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
+
+    def __init__(self, base_layer: nn.Module, backend: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = _features(base_layer)
+        self.base_layer = base_layer
+        for p in base_layer.parameters():
+            p.requires_grad_(False)
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout_p: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.active_adapters: list[str] = []
+        self.merged_adapters: list[str] = []
+        self.disable_adapters = False
+        self.backend = backend
+        self._tables: dict = {}
+        self._nf4 = None
+        self._stash: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
+                    use_rslora: bool = False, adapter_name: str = "default", init_lora_weights=True,
+                    adapter_dtype: torch.dtype | None = torch.float32, backend: str | None = None) -> "LoRALinear":
+        """Wrap nn.Linear or bnb.nn.Linear4bit (NF4). adapter_dtype float32 is peft's default for 16-bit
+        bases (autocast_adapter_dtype); None keeps the base's dtype."""
+        m = cls(linear, backend=backend)
+        m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype)
+        return m
+
+    def _base_device_dtype(self):
+        w = self.base_layer.weight
+        if _is_bnb_4bit(self.base_layer):
+            return w.device, getattr(self.base_layer, "compute_dtype", None) or w.quant_state.dtype
+        return w.device, w.dtype
+
+    def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
+                    init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32) -> None:
+        """Add a named adapter and make it the active one (peft's update_layer + set_adapter)."""
+        if not isinstance(name, str) or not name or name == BASE:
+            raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
+        if name in self.r:
+            raise ValueError(f"LoRALinear: an adapter named {name!r} exists already")
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
+        if not 0.0 <= float(dropout) < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
+        device, base_dtype = self._base_device_dtype()
+        dtype = adapter_dtype or base_dtype
+        A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        with torch.no_grad():
+            if init_lora_weights is True:        # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+                B.weight.zero_()
+            elif init_lora_weights == "gaussian":
+                nn.init.normal_(A.weight, std=1.0 / r)
+                B.weight.zero_()
+            elif init_lora_weights is False:     # random B too: a non-identity adapter (tests)
+                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+                nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+            else:
+                raise LoRAUnsupported(f"LoRALinear: init_lora_weights={init_lora_weights!r} is not supported "
+                                      "(True, False or 'gaussian')")
+        self.lora_A[name], self.lora_B[name] = A, B
+        self.r[name], self.lora_alpha[name] = r, float(alpha)
+        self.use_rslora[name] = bool(use_rslora)
+        self.lora_dropout_p[name] = float(dropout)
+        self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self.set_adapter(name)
+
+    def delete_adapter(self, name: str) -> None:
+        self._require(name)
+        if name in self.merged_adapters:
+            raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
+        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.use_rslora):
+            d.pop(name)
+        del self.lora_A[name], self.lora_B[name]
+        self.active_adapters = [a for a in self.active_adapters if a != name]
+        self._tables.clear()
+
+    # ------------------------------------------------------------------ peft-style controls
+    def _require(self, name: str) -> None:
+        if name not in self.r:
+            raise KeyError(f"LoRALinear: no adapter named {name!r}; adapters: {sorted(self.r)}")
+
+    def set_adapter(self, names) -> None:
+        """Make `names` (a name or a list) the active adapters; they train, the others are frozen."""
+        names = [names] if isinstance(names, str) else list(names)
+        for n in names:
+            self._require(n)
+        for n in self.r:
+            for p in (self.lora_A[n].weight, self.lora_B[n].weight):
+                p.requires_grad_(n in names)
+        self.active_adapters = names
+
+    @property
+    def active_adapter(self) -> list[str]:
+        return list(self.active_adapters)
+
+    def set_scale(self, adapter: str, scale: float) -> None:
+        """peft's set_scale: scaling = scale * alpha / r (alpha / sqrt(r) with rslora)."""
+        if adapter not in self.r:
+            return
+        r = self.r[adapter]
+        self.scaling[adapter] = float(scale) * self.lora_alpha[adapter] / (math.sqrt(r) if self.use_rslora[adapter]
+                                                                            else r)
+        self._tables.clear()
+
+    def scale_layer(self, scale: float) -> None:
+        for a in self.active_adapters:
+            self.scaling[a] *= float(scale)
+        self._tables.clear()
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    # ------------------------------------------------------------------ forward
+    def _nf4_weight(self):
+        if not _is_bnb_4bit(self.base_layer):
+            return None
+        w = self.base_layer.weight
+        key = (w.data_ptr(), w.device)
+        if self._nf4 is None or self._nf4[0] != key:
+            self._nf4 = (key, Nf4Weight.from_bnb(w))
+        return self._nf4[1]
+
+    def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
+        """The scale table of `names` (one row per adapter; summed: one row, all of them), cached."""
+        key = (names, tuple(self.scaling[n] for n in names), device, summed)
+        t = self._tables.get(key)
+        if t is None:
+            if len(self._tables) > 8:
+                self._tables.clear()
+            S = lora_ops.scale_table([self.r[n] for n in names], [self.scaling[n] for n in names], device)
+            t = self._tables[key] = S.sum(0, keepdim=True) if summed else S
+        return t
+
+    def _stacked(self, names):
+        if len(names) == 1:
+            return self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
+        return (torch.cat([self.lora_A[n].weight for n in names], 0),
+                torch.cat([self.lora_B[n].weight for n in names], 1))
+
+    def _dropout(self, names) -> float:
+        if not self.training:
+            return 0.0
+        ps = {self.lora_dropout_p[n] for n in names}
+        if len(ps) > 1:
+            raise LoRAUnsupported(f"LoRALinear: adapters {list(names)} in one forward have different dropout "
+                                  f"probabilities {sorted(ps)}; the fused op draws one mask per input element")
+        return ps.pop() if ps else 0.0
+
+    def _base_args(self, x):
+        nf4 = self._nf4_weight()
+        if nf4 is not None:
+            self._last_rows = x.numel() // max(x.shape[-1], 1)
+            dt = self._base_device_dtype()[1]
+            if x.dtype != dt:
+                x = x.to(dt)
+            return x, None, nf4
+        return x, self.base_layer.weight, None
+
+    def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        if self.disable_adapters or (adapter_names is None and (self.merged or not self.active_adapters)):
+            if self.disable_adapters and self.merged:
+                self.unmerge()
+            return self.base_layer(x)
+        if adapter_names is not None:
+            if self.merged:
+                raise ValueError("LoRALinear: mixed-batch inference (adapter_names) needs unmerged adapters")
+            return self._mixed_forward(x, adapter_names)
+        names = tuple(self.active_adapters)
+        p = self._dropout(names)
+        if p > 0.0 and len(names) > 1:
+            raise LoRAUnsupported(f"LoRALinear: {len(names)} active adapters with dropout {p} in training: peft "
+                                  "draws an independent mask per adapter, one fused call cannot; use dropout=0 or "
+                                  "one active adapter")
+        out_dtype = x.dtype
+        x, w, nf4 = self._base_args(x)
+        A, B = self._stacked(names)
+        y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
+                                         self.base_layer.bias, p, None, nf4, self.backend)
+        return y.to(out_dtype)
+
+    def _mixed_forward(self, x, adapter_names):
+        if x.dim() < 2 or len(adapter_names) != x.shape[0]:
+            raise ValueError(f"LoRALinear: adapter_names needs one name per sample ({x.shape[0] if x.dim() else 0}),"
+                             f" got {len(adapter_names)}")
+        unknown = sorted({n for n in adapter_names if n != BASE and n not in self.r})
+        if unknown:
+            raise KeyError(f"LoRALinear: adapter_names has unknown adapters {unknown}; adapters: {sorted(self.r)}")
+        names = tuple(sorted({n for n in adapter_names if n != BASE}))
+        if not names:
+            return self.base_layer(x)
+        p = self._dropout(names)
+        idx = torch.tensor([names.index(n) if n != BASE else -1 for n in adapter_names], dtype=torch.int32)
+        per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
+        gid = idx.repeat_interleave(per).to(x.device)
+        out_dtype = x.dtype
+        x, w, nf4 = self._base_args(x)
+        A, B = self._stacked(names)
+        y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device), gid, self.base_layer.bias, p,
+                                         None, nf4, self.backend)
+        return y.to(out_dtype)
+
+    # ------------------------------------------------------------------ merge / unmerge
+    def delta_weight(self, name: str) -> torch.Tensor:
+        """scaling * B @ A, float32 [out, in]."""
+        self._require(name)
+        return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
+
+    def merge(self, adapter_names=None, safe_merge: bool = False, exact_unmerge: bool = True) -> None:
+        """W <- round(W + sum of the adapters' deltas), one rounding. exact_unmerge keeps a CPU copy of the
+        weight as it was before the first merge, so unmerge() restores it bit-exactly; without it unmerge
+        subtracts the deltas (peft's way; off by the rounding of the merge). safe_merge refuses (and leaves
+        the weight untouched) when the merged weight is not finite."""
+        if _is_bnb_4bit(self.base_layer):
+            raise LoRAUnsupported("LoRALinear.merge: merging into an NF4 base re-quantizes it (lossy); convert the "
+                                  "base to a 16-bit nn.Linear first, or use to_linear()")
+        names = self.active_adapters if adapter_names is None else \
+            ([adapter_names] if isinstance(adapter_names, str) else list(adapter_names))
+        names = [n for n in names if n not in self.merged_adapters]
+        for n in names:
+            self._require(n)
+        if not names:
+            return
+        W = self.base_layer.weight
+        with torch.no_grad():
+            new = W.float() + sum(self.delta_weight(n) for n in names)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(f"LoRALinear.merge: merging {names} gives non-finite weights; nothing was changed")
+            if exact_unmerge and self._stash is None:
+                self._stash = W.detach().to("cpu", copy=True)
+            W.copy_(new.to(W.dtype))
+        self.merged_adapters += names
+
+    def unmerge(self) -> None:
+        if not self.merged_adapters:
+            return
+        W = self.base_layer.weight
+        with torch.no_grad():
+            if self._stash is not None:
+                W.copy_(self._stash.to(W.device))
+            else:
+                W.copy_((W.float() - sum(self.delta_weight(n) for n in self.merged_adapters)).to(W.dtype))
+        self._stash = None
+        self.merged_adapters = []
+
+    def to_linear(self, merge: bool = True) -> nn.Linear:
+        """A plain nn.Linear: the base with the active adapters merged (merge=False: the base alone).
+        An NF4 base is dequantized to its compute dtype."""
+        nf4 = self._nf4_weight()
+        if nf4 is not None:
+            from ..reference.nf4 import dequantize
+            W = dequantize(nf4, self._base_device_dtype()[1])
+        else:
+            W = self._stash.to(self.base_layer.weight.device) if self._stash is not None else self.base_layer.weight
+        with torch.no_grad():
+            names = [n for n in self.active_adapters] if merge else []
+            if names:
+                W = (W.float() + sum(self.delta_weight(n) for n in names)).to(W.dtype)
+        return plain_linear(W.detach(), self.base_layer.bias)
+
+    # ------------------------------------------------------------------ peft interop
+    @classmethod
+    def from_peft(cls, layer, backend: str | None = None) -> "LoRALinear":
+        """Take over a peft LoRA Linear layer (its base layer and adapter parameters are shared, not copied)."""
+        for attr in ("base_layer", "lora_A", "lora_B", "scaling", "r"):
+            if not hasattr(layer, attr):
+                raise TypeError(f"LoRALinear.from_peft: {type(layer).__name__} is not a peft LoRA layer (no {attr})")
+        if getattr(layer, "merged_adapters", None):
+            raise ValueError("LoRALinear.from_peft: the peft layer has merged adapters; unmerge() it first")
+        if getattr(layer, "fan_in_fan_out", False):
+            raise LoRAUnsupported("LoRALinear.from_peft: fan_in_fan_out (Conv1D) layers are not supported; "
+                                  "fusedtune.patch converts GPT-2's Conv1D itself")
+        m = cls(layer.get_base_layer(), backend=backend)
+        for name in layer.lora_A:
+            if getattr(layer, "use_dora", {}).get(name) or name in getattr(layer, "lora_variant", {}):
+                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} is a DoRA/variant adapter; not "
+                                      "supported by the fused layer")
+            if getattr(layer, "lora_bias", {}).get(name) or layer.lora_B[name].bias is not None:
+                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has lora_bias; not supported")
+            drop = layer.lora_dropout[name]
+            m.lora_A[name], m.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
+            m.r[name], m.lora_alpha[name] = int(layer.r[name]), float(layer.lora_alpha[name])
+            m.use_rslora[name] = bool(getattr(layer, "use_rslora", {}).get(name, False))
+            m.lora_dropout_p[name] = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+            m.scaling[name] = float(layer.scaling[name])
+        m.active_adapters = [a for a in layer.active_adapters if a in m.r]
+        m.disable_adapters = bool(getattr(layer, "disable_adapters", False))
+        return m
+
+    def to_peft(self):
+        """A peft LoRA Linear layer holding the same base layer and adapters (parameters shared)."""
+        from peft import LoraConfig
+        from peft.tuners.lora import layer as peft_layer
+        if self.merged:
+            raise ValueError("LoRALinear.to_peft: unmerge() first")
+        names = list(self.r)
+        out = None
+        for n in names:
+            cfg = LoraConfig(r=self.r[n], lora_alpha=self.lora_alpha[n], lora_dropout=self.lora_dropout_p[n],
+                             use_rslora=self.use_rslora[n])
+            if out is None:
+                cls = peft_layer.Linear
+                if _is_bnb_4bit(self.base_layer):
+                    from peft.tuners.lora.bnb import Linear4bit as cls  # noqa: N813
+                out = cls(self.base_layer, n, config=cfg, r=self.r[n], lora_alpha=self.lora_alpha[n])
+            else:
+                out.update_layer(n, self.r[n], self.lora_alpha[n], cfg)
+            out.lora_A[n], out.lora_B[n] = self.lora_A[n], self.lora_B[n]
+            out.scaling[n] = self.scaling[n]
+        out.set_adapter(self.active_adapters)
+        for n in names:     # peft's set_adapter freezes the others and trains the active ones, as here
+            for p in (self.lora_A[n].weight, self.lora_B[n].weight):
+                p.requires_grad_(n in self.active_adapters)
+        return out
+
+    # ------------------------------------------------------------------ report
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"adapters={{{', '.join(f'{n}: r={r}' for n, r in self.r.items())}}}, active={self.active_adapters}")
+
+    def _fusedtune_report(self) -> dict:
+        device = self.base_layer.weight.device
+        b = lora_ops.lora_backend(device, self.backend)
+        nf4 = _is_bnb_4bit(self.base_layer)
+        if b["backend"] == "triton":
+            path = "Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r"
+        else:
+            path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
+        if nf4 and b["backend"] == "triton":
+            last = getattr(self, "_last_rows", None)
+            path += (f"; NF4 base dequantized in the GEMM tile load for <= {lora_ops.NF4_FUSED_MAX_ROWS} rows, "
+                     "into a 16-bit buffer + GEMM above" + ("" if last is None else
+                                                          f" (last call: {last} rows, "
+                                                          f"{lora_ops.nf4_path(last, True)})"))
+        elif nf4:
+            path += "; NF4 base dequantized by the reference on every call"
+        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" for n in self.active_adapters)
+        return {"method": "qlora" if nf4 else "lora", "backend": b["backend"],
+                "path": f"{path}; active {ranks or 'none'}" + ("; merged" if self.merged else ""),
+                "why_not": b["why_not"]}
