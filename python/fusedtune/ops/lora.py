@@ -25,6 +25,7 @@ from ..reference import nf4 as nf4_ref
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the reference math
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gradcheck)
 NF4_FUSED_MAX_ROWS = 256   # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above
 
 
@@ -61,7 +62,7 @@ def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B
 @_lora_op.register_fake
 def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4_and_backend):
     return (x.new_empty((x.shape[0], lora_B.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=torch.float32))
+            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ref.compute_dtype(x)))
 
 
 @torch.library.custom_op("fusedtune::lora_linear_backward", mutates_args=())
@@ -81,14 +82,15 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
         w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
         dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need)
     e = x.new_empty(0)
-    return (e if dx is None else dx), (e.float() if dA is None else dA), (e.float() if dB is None else dB)
+    f = e.to(ref.compute_dtype(x))
+    return (e if dx is None else dx), (f if dA is None else dA), (f if dB is None else dB)
 
 
 @_lora_bwd_op.register_fake
 def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, *rest):
     need = rest[-2]
     R = lora_A.shape[0]
-    f32 = torch.float32
+    f32 = ref.compute_dtype(x)
     return (x.new_empty(x.shape) if need[0] else x.new_empty(0),
             x.new_empty((R, x.shape[1]), dtype=f32) if need[1] else x.new_empty(0, dtype=f32),
             x.new_empty((dy.shape[1], R), dtype=f32) if need[2] else x.new_empty(0, dtype=f32))
@@ -116,9 +118,10 @@ def _backward(ctx, dy, _dt):
         dA = dA.to(lora_A.dtype) if need[1] else None
         dB = dB.to(lora_B.dtype) if need[2] else None
     if g[1]:   # the base trains (dense weight only): dW = dy^T x
-        dW = (dy.t().float() @ x.float()).to(weight.dtype)
+        ct = ref.compute_dtype(x)
+        dW = (dy.t().to(ct) @ x.to(ct)).to(weight.dtype)
     if has_bias and g[4]:
-        db = dy.float().sum(0).to(dy.dtype)
+        db = dy.to(ref.compute_dtype(x)).sum(0).to(dy.dtype)
     return (dx, dW, dA, dB, db) + (None,) * 13
 
 
@@ -141,7 +144,7 @@ def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
 
 
 def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
-    if not torch.is_tensor(x) or x.dtype not in _FLOATS:
+    if not torch.is_tensor(x) or x.dtype not in _REF_FLOATS:
         raise TypeError(f"lora: x must be a float32/bfloat16/float16 tensor, got "
                         f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
     if x.dim() < 1:
@@ -163,9 +166,9 @@ def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
     if B.dim() != 2 or B.shape != (N, R):
         raise ValueError(f"lora: lora_B must be [{N}, {R}] (out_features, r), got {tuple(B.shape)}")
     for name, v in (("lora_A", A), ("lora_B", B)):
-        if v.dtype not in _FLOATS:
+        if v.dtype not in _REF_FLOATS:
             raise TypeError(f"lora: {name} must be a float tensor, got {v.dtype}")
-    if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOATS):
+    if bias is not None and (bias.shape != (N,) or bias.dtype not in _REF_FLOATS):
         raise ValueError(f"lora: bias must be a float tensor of shape [{N}], got {bias.dtype} {tuple(bias.shape)}")
     if scale_table.dim() != 2 or scale_table.shape[1] != R or scale_table.dtype != torch.float32:
         raise ValueError(f"lora: the scale table must be float32 [groups, {R}], got {scale_table.dtype} "
@@ -203,6 +206,9 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
             raise ValueError(f"lora: row_group must have one entry per row ({M}), got {tuple(row_group.shape)}")
         row_group = row_group.to(torch.int32)
     name = _backend.resolve("lora_linear", x.device, _HAS, backend)
+    if name == "triton" and any(t.dtype == torch.float64 for t in (x, lora_A, lora_B)):
+        raise TypeError("lora: the Triton kernels take float32/bfloat16/float16 tensors, not float64 (float64 runs "
+                        "on backend='reference')")
     if weight is None and nf4 is None:
         raise ValueError("lora: weight is None and no nf4 weight was given")
     nf4_args = (None, None, None, None, 0, 0, 0.0) if nf4 is None else nf4.op_args()

@@ -43,48 +43,57 @@ def dropout_mask(rows: int, cols: int, seed: int, p: float, device="cpu") -> tor
     return (u0 >= dropout_threshold(p)).reshape(rows, cols)
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32, or float64 for float64 inputs (gradcheck)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
 def dropout(x2: torch.Tensor, p: float, seed: int) -> torch.Tensor:
     """float32 copy of the 2-D input with the LoRA dropout applied (p = 0: just the float32 copy)."""
-    xf = x2.float()
+    ct = compute_dtype(x2)
+    xf = x2.to(ct)
     if p == 0.0:
         return xf
     keep = dropout_mask(x2.shape[0], x2.shape[1], seed, p, x2.device)
-    return torch.where(keep, xf * keep_scale(p), torch.zeros((), dtype=torch.float32, device=x2.device))
+    return torch.where(keep, xf * keep_scale(p), torch.zeros((), dtype=ct, device=x2.device))
 
 
-def row_scales(S: torch.Tensor, gid: torch.Tensor | None, M: int) -> torch.Tensor:
+def row_scales(S: torch.Tensor, gid: torch.Tensor | None, M: int, ct=torch.float32) -> torch.Tensor:
     """float32 [M, R]: the scale of every rank column for every row."""
     if gid is None:
-        return S[0].float().expand(M, -1)
+        return S[0].to(ct).expand(M, -1)
     g = gid.long()
-    out = S.float()[g.clamp_min(0)]
-    return torch.where((g >= 0)[:, None], out, torch.zeros((), dtype=torch.float32, device=S.device))
+    out = S.to(ct)[g.clamp_min(0)]
+    return torch.where((g >= 0)[:, None], out, torch.zeros((), dtype=ct, device=S.device))
 
 
 def shrink(x2, A, S, gid, p: float, seed: int) -> torch.Tensor:
-    return (dropout(x2, p, seed) @ A.float().t()) * row_scales(S, gid, x2.shape[0])
+    ct = compute_dtype(x2)
+    return (dropout(x2, p, seed) @ A.to(ct).t()) * row_scales(S, gid, x2.shape[0], ct)
 
 
 def forward(x2, weight, A, B, bias, S, gid, p: float, seed: int):
-    """(y [M, N] in x's dtype, t float32 [M, R])."""
+    """(y [M, N] in x's dtype, t float32 [M, R]; float64 throughout for float64 x)."""
+    ct = compute_dtype(x2)
     t = shrink(x2, A, S, gid, p, seed)
-    y = x2.float() @ weight.float().t() + t @ B.float().t()
+    y = x2.to(ct) @ weight.to(ct).t() + t @ B.to(ct).t()
     if bias is not None:
-        y = y + bias.float()
+        y = y + bias.to(ct)
     return y.to(x2.dtype), t
 
 
 def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True, need_dA=True, need_dB=True):
     """(dX [M, K] in x's dtype, dA float32 [R, K], dB float32 [N, R]); None where not needed."""
-    dyf = dy2.float()
-    u = (dyf @ B.float()) * row_scales(S, gid, dy2.shape[0])
+    ct = compute_dtype(x2)
+    dyf = dy2.to(ct)
+    u = (dyf @ B.to(ct)) * row_scales(S, gid, dy2.shape[0], ct)
     dx = dA = dB = None
     if need_dx:
-        lora = u @ A.float()
+        lora = u @ A.to(ct)
         if p != 0.0:
             keep = dropout_mask(x2.shape[0], x2.shape[1], seed, p, x2.device)
-            lora = torch.where(keep, lora * keep_scale(p), torch.zeros((), dtype=torch.float32, device=x2.device))
-        dx = (dyf @ weight.float() + lora).to(x2.dtype)
+            lora = torch.where(keep, lora * keep_scale(p), torch.zeros((), dtype=ct, device=x2.device))
+        dx = (dyf @ weight.to(ct) + lora).to(x2.dtype)
     if need_dA:
         dA = u.t() @ dropout(x2, p, seed)
     if need_dB:

@@ -1,0 +1,31 @@
+"""Shared LoRA test cases: an fp64 computation of the LoRA linear straight from its definition (not from
+fusedtune's reference), used by the CPU, interpreter and GPU tests."""
+from __future__ import annotations
+
+import torch
+
+
+def exact64(x, W, As, Bs, scales, bias=None, keep=None, p=0.0, rows_adapter=None, dy=None):
+    """fp64 y (and, with dy, the grads of x and every A and B) of
+    y = x W^T + sum_a s_a (drop(x) A_a^T) B_a^T + b, row m using only adapter rows_adapter[m] when given
+    (-1: none), else all adapters. keep: bool mask [M, K] of the dropout (kept elements scaled 1/(1-p))."""
+    x2 = x.reshape(-1, x.shape[-1]).double().detach().requires_grad_(dy is not None)
+    A64 = [a.double().detach().requires_grad_(dy is not None) for a in As]
+    B64 = [b.double().detach().requires_grad_(dy is not None) for b in Bs]
+    xd = x2 if keep is None else torch.where(keep, x2 / (1.0 - p), torch.zeros((), dtype=torch.float64))
+    y = x2 @ W.double().t()
+    for i, (a, b, s) in enumerate(zip(A64, B64, scales)):
+        term = s * (xd @ a.t()) @ b.t()
+        if rows_adapter is not None:
+            term = term * (rows_adapter.reshape(-1, 1) == i).double()
+        y = y + term
+    if bias is not None:
+        y = y + bias.double()
+    if dy is None:
+        return y.detach()
+    grads = torch.autograd.grad(y, [x2] + A64 + B64, dy.reshape(y.shape).double())
+    return y.detach(), [g.detach() for g in grads]
+
+
+def rand_adapter(r, K, N, gen, scale_b=0.1):
+    return (torch.randn(r, K, generator=gen) / K ** 0.5, torch.randn(N, r, generator=gen) * scale_b)
