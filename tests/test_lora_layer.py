@@ -1,0 +1,230 @@
+"""LoRALinear against peft's LoRA layer: forward and gradients for random configurations, several
+adapters, mixed batches, set_scale, merge/unmerge, state-dict keys, peft round trips, what is refused,
+and the 'lora' patch method on a transformers model."""
+import copy
+import math
+import random
+
+import pytest
+import torch
+from torch import nn
+
+peft = pytest.importorskip("peft")
+from peft import LoraConfig  # noqa: E402
+from peft.tuners.lora import layer as peft_layer  # noqa: E402
+
+import fusedtune  # noqa: E402
+from fusedtune.nn import LoRALinear  # noqa: E402
+from fusedtune.nn.lora import LoRAUnsupported  # noqa: E402
+from fusedtune.testing import assert_within_rule  # noqa: E402
+from lora_cases import exact64  # noqa: E402
+
+
+def _peft(lin, name="default", r=4, alpha=8, dropout=0.0, rslora=False, **kw):
+    cfg = LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout, use_rslora=rslora, init_lora_weights=False, **kw)
+    return peft_layer.Linear(lin, name, config=cfg, r=r, lora_alpha=alpha)
+
+
+def _rand_config(i):
+    rnd = random.Random(i)
+    return dict(K=rnd.choice([1, 17, 64, 129]), N=rnd.choice([3, 31, 96]), r=rnd.choice([1, 2, 8, 33, 256]),
+                alpha=rnd.choice([1, 8, 32]), bias=rnd.random() < 0.5, rslora=rnd.random() < 0.5,
+                dtype=rnd.choice([torch.float32, torch.bfloat16]))
+
+
+@pytest.mark.parametrize("i", range(10))
+def test_forward_and_grads_match_peft(i):
+    c = _rand_config(i)
+    torch.manual_seed(i)
+    lin = nn.Linear(c["K"], c["N"], bias=c["bias"]).to(c["dtype"])
+    pe = _peft(lin, r=c["r"], alpha=c["alpha"], rslora=c["rslora"])
+    pe.lora_A["default"].float()
+    pe.lora_B["default"].float()
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    x = torch.randn(2, 13, c["K"]).to(c["dtype"])
+    dy = torch.randn(2, 13, c["N"]).to(c["dtype"])
+    res = {}
+    for key, layer in (("peft", pe), ("ours", ours)):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        res[key] = [y] + list(torch.autograd.grad(y, [xi, A, B], dy))
+    s = pe.scaling["default"]
+    assert s == pytest.approx(c["alpha"] / (math.sqrt(c["r"]) if c["rslora"] else c["r"]))
+    y64, g64 = exact64(x, lin.weight, [pe.lora_A["default"].weight], [pe.lora_B["default"].weight], [s],
+                       lin.bias, dy=dy)
+    atol = 1e-5 if c["dtype"] == torch.float32 else 2e-2
+    for j, (a, p, e) in enumerate(zip(res["ours"], res["peft"], [y64] + g64)):
+        assert a.dtype == p.dtype and a.shape == p.shape
+        assert_within_rule(a.reshape(e.shape), e, p.reshape(e.shape), f"config {c} output {j}", atol=atol)
+
+
+def test_state_dict_keys_are_peft_keys_and_load_both_ways():
+    lin = nn.Linear(20, 12)
+    pe = _peft(copy.deepcopy(lin))
+    ours = LoRALinear.from_linear(copy.deepcopy(lin), r=4, alpha=8)
+    assert sorted(ours.state_dict()) == sorted(pe.state_dict())
+    ours.load_state_dict(pe.state_dict())
+    x = torch.randn(3, 20)
+    torch.testing.assert_close(ours(x), pe(x))
+
+
+def test_several_adapters_active_and_mixed_batches_match_peft():
+    torch.manual_seed(1)
+    lin = nn.Linear(24, 16)
+    pe = _peft(lin, "a", r=3, alpha=6)
+    pe.update_layer("b", 7, 3.0, LoraConfig(r=7, lora_alpha=3.0, init_lora_weights=False))
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    x = torch.randn(4, 5, 24)
+    for active in (["a"], ["b"], ["a", "b"]):
+        pe.set_adapter(active)
+        ours.set_adapter(active)
+        torch.testing.assert_close(ours(x), pe(x), atol=1e-5, rtol=1e-5)
+    names = ["b", "__base__", "a", "b"]
+    pe.eval()
+    ours.eval()
+    torch.testing.assert_close(ours(x, adapter_names=names), pe(x, adapter_names=names), atol=1e-5, rtol=1e-5)
+    assert ours.lora_A["a"].weight.requires_grad and ours.lora_A["b"].weight.requires_grad
+    ours.set_adapter("a")
+    assert not ours.lora_A["b"].weight.requires_grad
+
+
+def test_set_scale_and_scale_layer_follow_peft():
+    lin = nn.Linear(10, 6)
+    pe = _peft(lin, r=2, alpha=4, rslora=True)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    x = torch.randn(3, 10)
+    pe.set_scale("default", 0.3)
+    ours.set_scale("default", 0.3)
+    assert ours.scaling["default"] == pytest.approx(pe.scaling["default"])
+    torch.testing.assert_close(ours(x), pe(x))
+    ours.scale_layer(2.0)
+    pe.scale_layer(2.0)
+    torch.testing.assert_close(ours(x), pe(x))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_merge_unmerge_round_trip_is_exact(dtype):
+    torch.manual_seed(2)
+    ours = LoRALinear.from_linear(nn.Linear(32, 16).to(dtype), r=4, alpha=8, init_lora_weights=False)
+    w0 = ours.base_layer.weight.detach().clone()
+    x = torch.randn(5, 32).to(dtype)
+    y = ours(x)
+    ours.merge()
+    assert ours.merged and not torch.equal(ours.base_layer.weight, w0)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours(x), y, **tol)       # merged forward = adapter forward (one rounding of W)
+    ours.unmerge()
+    assert torch.equal(ours.base_layer.weight, w0)      # bit-exact restore
+    torch.testing.assert_close(ours(x), y)
+
+
+def test_unmerge_without_stash_is_within_merge_rounding_and_safe_merge_refuses():
+    torch.manual_seed(3)
+    ours = LoRALinear.from_linear(nn.Linear(32, 16).bfloat16(), r=4, alpha=8, init_lora_weights=False)
+    w0 = ours.base_layer.weight.detach().clone()
+    ours.merge(exact_unmerge=False)
+    ours.unmerge()
+    # subtracting the delta again: off by at most the two roundings (1 ulp of the merged and the result)
+    err = (ours.base_layer.weight.float() - w0.float()).abs()
+    ulp = w0.float().abs().clamp_min(1e-30) * 2.0 ** -8
+    delta = ours.delta_weight("default").abs()
+    assert bool((err <= 2 * ulp + delta * 2.0 ** -7).all())
+    with torch.no_grad():
+        ours.lora_B["default"].weight[0, 0] = float("inf")
+    w1 = ours.base_layer.weight.detach().clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        ours.merge(safe_merge=True)
+    assert torch.equal(ours.base_layer.weight, w1) and not ours.merged
+
+
+def test_to_peft_round_trip_shares_parameters():
+    ours = LoRALinear.from_linear(nn.Linear(12, 8), r=2, alpha=4, dropout=0.1, init_lora_weights=False)
+    ours.add_adapter("second", 3, 6)
+    ours.set_adapter(["default", "second"])
+    pe = ours.to_peft()
+    assert pe.lora_A["default"].weight is ours.lora_A["default"].weight
+    ours.eval()
+    pe.eval()
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(ours(x), pe(x))
+    back = LoRALinear.from_peft(pe)
+    assert back.r == ours.r and back.lora_dropout_p == ours.lora_dropout_p
+
+
+def test_unsupported_peft_features_are_refused():
+    lin = nn.Linear(12, 8)
+    with pytest.raises(LoRAUnsupported, match="DoRA"):
+        LoRALinear.from_peft(_peft(copy.deepcopy(lin), use_dora=True))
+    with pytest.raises(LoRAUnsupported, match="lora_bias"):
+        LoRALinear.from_peft(_peft(copy.deepcopy(lin), lora_bias=True))
+    two = LoRALinear.from_linear(copy.deepcopy(lin), r=2, dropout=0.1)
+    two.add_adapter("b", 2, dropout=0.1)
+    two.set_adapter(["default", "b"])
+    with pytest.raises(LoRAUnsupported, match="independent mask per adapter"):
+        two(torch.randn(2, 12))
+    two.eval()
+    two(torch.randn(2, 12))                 # no dropout in eval: fine
+    with pytest.raises(KeyError, match="unknown adapters"):
+        two(torch.randn(2, 3, 12), adapter_names=["default", "nope"])
+    with pytest.raises(KeyError, match="no adapter named"):
+        two.set_adapter("nope")
+    with pytest.raises(TypeError, match="nn.Linear or a quantized bitsandbytes"):
+        LoRALinear(nn.Conv1d(3, 3, 1))
+
+
+def test_dropout_only_in_training():
+    torch.manual_seed(4)
+    ours = LoRALinear.from_linear(nn.Linear(16, 8), r=4, dropout=0.5, init_lora_weights=False)
+    x = torch.randn(6, 16)
+    ours.eval()
+    y_eval = ours(x)
+    ours.dropout_free = None
+    ours.train()
+    assert not torch.equal(ours(x), y_eval)
+    ours.lora_dropout_p["default"] = 0.0
+    torch.testing.assert_close(ours(x), y_eval)
+
+
+def _tiny_llama():
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def test_patch_lora_trains_and_unpatches_merged_or_exact_base():
+    model = _tiny_llama()
+    ids = torch.randint(0, 64, (2, 12))
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    y0 = model(ids).logits
+    rep = fusedtune.patch(model, "lora", r=4, alpha=8, lr=1e-2)
+    assert len(rep.rows) == 14 and all(r.method == "lora" for r in rep.rows)
+    torch.testing.assert_close(model(ids).logits, y0)          # B = 0 at init: the model is unchanged
+    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    model.eval()
+    y_trained = model(ids).logits
+    fusedtune.unpatch(model)
+    assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
+    torch.testing.assert_close(model(ids).logits, y_trained, atol=1e-5, rtol=1e-5)
+    model2 = _tiny_llama()
+    fusedtune.patch(model2, "lora", r=4)
+    fusedtune.unpatch(model2, merge=False)
+    assert all(torch.equal(v, w0[k]) for k, v in model2.state_dict().items())
+
+
+def test_patched_model_matches_peft_model():
+    model = _tiny_llama()
+    pm = peft.get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                                               target_modules=["q_proj", "v_proj"]))
+    fusedtune.patch(model, "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8)
+    own = model.state_dict()
+    for k, v in pm.state_dict().items():       # peft's keys carry base_model.model. in front
+        own_key = k.removeprefix("base_model.model.")
+        assert own_key in own, own_key
+        with torch.no_grad():
+            own[own_key].copy_(v)
+    ids = torch.randint(0, 64, (2, 10))
+    torch.testing.assert_close(model(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
