@@ -1,0 +1,84 @@
+"""LoRA Triton kernels in the interpreter against the reference (fp32/fp16: the interpreter's bf16 is
+wrong): the fused forward and backward, seeded dropout (bit-identical masks), several adapters, rank
+loops past one BLOCK_R, and the NF4 base on both schedules."""
+import pytest
+import torch
+
+from fusedtune.ops import lora as lora_ops
+from fusedtune.ops import lora_linear, lora_linear_multi
+from fusedtune.reference.nf4 import Nf4Weight, dequantize
+from fusedtune.testing import assert_within_rule
+from lora_cases import exact64, rand_adapter
+
+pytestmark = pytest.mark.interp
+
+
+def _run(backend, x, *args, **kw):
+    xi = x.clone().requires_grad_()
+    A, B = (t.clone().requires_grad_() for t in args[1:3])
+    y = lora_linear(xi, args[0], A, B, *args[3:], backend=backend, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y.dtype)
+    return [y] + list(torch.autograd.grad(y, [xi, A, B], dy)), dy
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("M,K,N,r", [(37, 70, 50, 5), (65, 33, 97, 80)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_triton_matches_reference(dtype, M, K, N, r, p):
+    g = torch.Generator().manual_seed(M + r)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    A, B = rand_adapter(r, K, N, g)
+    bias = torch.randn(N, generator=g).to(dtype)
+    got, dy = _run("triton", x, W, A, B, 1.5, bias=bias, dropout_p=p, seed=99)
+    want, _ = _run("reference", x, W, A, B, 1.5, bias=bias, dropout_p=p, seed=99)
+    from fusedtune.reference.lora import dropout_mask
+    keep = dropout_mask(M, K, 99, p) if p else None
+    y64, g64 = exact64(x, W, [A], [B], [1.5], bias, keep=keep, p=p, dy=dy)
+    atol = 1e-5 if dtype == torch.float32 else 2e-3
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"output {i}", atol=atol)   # the reference is the unfused computation here
+
+
+def test_triton_multi_adapter_matches_reference():
+    g = torch.Generator().manual_seed(2)
+    K, N = 40, 36
+    ad = [(*rand_adapter(r, K, N, g), s) for r, s in ((1, 2.0), (17, 0.5), (64, 0.25))]
+    W = torch.randn(N, K, generator=g) / K ** 0.5
+    x = torch.randn(70, K, generator=g)
+    idx = torch.tensor([2] * 50 + [0] + [-1] * 10 + [1] * 9)[torch.randperm(70, generator=g)]
+    outs = [lora_linear_multi(x, W, ad, idx, backend=b) for b in ("triton", "reference")]
+    torch.testing.assert_close(outs[0], outs[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [5, 40])
+@pytest.mark.parametrize("double", [True, False])
+def test_triton_nf4_paths_match_reference(rows, double, monkeypatch):
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 16)      # 5 rows: in-GEMM dequant; 40: buffer
+    assert lora_ops.nf4_path(rows, True) == ("fused" if rows <= 16 else "buffer")
+    g = torch.Generator().manual_seed(rows)
+    N, K, r = 48, 192, 4
+    w = torch.randn(N, K, generator=g) * 0.05
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double, blocksize=64)
+    st.dtype = torch.float32
+    nf4 = Nf4Weight.from_bnb(q, st)
+    x = torch.randn(rows, K, generator=g)
+    A, B = rand_adapter(r, K, N, g)
+    got, dy = _run("triton", x, None, A, B, 2.0, nf4=nf4)
+    want, _ = _run("reference", x, None, A, B, 2.0, nf4=nf4)
+    Wd = dequantize(nf4, torch.float32)
+    y64, g64 = exact64(x, Wd, [A], [B], [2.0], dy=dy)
+    for i, (a, w_, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w_, f"output {i}", atol=1e-5)
+
+
+def test_triton_nf4_dequant_kernel_bit_exact():
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from fusedtune.triton_kernels import lora as tk
+    w = torch.randn(33, 130) * 0.1
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+    st.dtype = torch.float32
+    nf4 = Nf4Weight.from_bnb(q, st)
+    got = tk.nf4_dequant(nf4.state(), (33, 130), torch.float32)
+    assert torch.equal(got, bnbf.dequantize_4bit(q, st))
