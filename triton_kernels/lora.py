@@ -11,7 +11,10 @@ nf4_dequant_kernel   bitsandbytes NF4 (double-quantized absmax) -> a 16-bit weig
 
 All accumulate in fp32. Operands of the skinny products are promoted to fp32 and multiplied with
 PREC ("tf32x3" on a GPU: products of 16-bit inputs exact, fp32 inputs to about 2^-22; "ieee" in the
-interpreter), so the adapter path keeps float32 accuracy as peft's fp32 adapters do.
+interpreter), so the adapter path keeps float32 accuracy as peft's fp32 adapters do. Inside the big
+GEMM the LoRA term t.B^T uses tf32 for a 16-bit model (relative error ~2^-11 of the LoRA term, below
+the 2^-9 rounding of the bf16 output) and follows torch's allow_tf32 for a float32 model.
+Offsets are 32-bit (tensors of 2^31 elements or more are refused: split the tokens).
 """
 from __future__ import annotations
 
@@ -26,26 +29,37 @@ from .zo import _philox
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 _GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
-    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4),
+    (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),
 ]
+_NF4_CONFIGS = [  # the in-GEMM NF4 dequant gathers bytes, codes and scales: fewer stages fit shared memory
+    (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 8, 2),
+]  # (64, 64) with 4 warps and (32, 128) spill or overflow sm_89's shared memory (python -m fusedtune kernels)
 if _INTERP:
-    _GEMM_CONFIGS = [(32, 32, 32, 4, 1)]
+    _GEMM_CONFIGS = _NF4_CONFIGS = [(32, 32, 32, 4, 1)]
+
+
+def _autotuned(configs):
+    return triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                                  num_stages=s) for m, n, k, w, s in configs],
+                           key=["M", "N", "K", "R"])
 
 
 @triton.jit
-def _keep(seed, rows, cols, width, thresh):
-    """Dropout keep mask for the elements (rows[:, None], cols[None, :]) of a row-major input of `width`
-    columns: word 0 of Philox4x32-10(seed; i lo, i hi, 0, 2) >= thresh, i = row * width + col."""
-    i = rows.to(tl.int64)[:, None] * width + cols.to(tl.int64)[None, :]
-    c0 = (i & 0xFFFFFFFF).to(tl.uint32)
-    c1 = (i >> 32).to(tl.uint32)
-    z = tl.zeros(c0.shape, tl.uint32)
+def _keep(seed, rows, col0, thresh, BM: tl.constexpr, BN: tl.constexpr):
+    """Dropout keep mask [BM, BN] for rows `rows` and columns col0 .. col0+BN-1 (col0 a multiple of 4):
+    word k % 4 of Philox4x32-10(seed; k // 4, m, 0, 2) >= thresh (one Philox call per 4 columns)."""
+    g = (col0 // 4 + tl.arange(0, BN // 4)).to(tl.uint32)
+    c0 = tl.broadcast_to(g[None, :], (BM, BN // 4))
+    c1 = tl.broadcast_to(rows.to(tl.uint32)[:, None], (BM, BN // 4))
+    z = tl.zeros((BM, BN // 4), tl.uint32)
     s = seed.to(tl.int64)
     k0 = (s & 0xFFFFFFFF).to(tl.uint32)
     k1 = ((s >> 32) & 0xFFFFFFFF).to(tl.uint32)
-    u0, _, _, _ = _philox(k0, k1, c0, c1, z, z + 2)
-    return u0 >= thresh.to(tl.int64).to(tl.uint32)
+    u0, u1, u2, u3 = _philox(k0, k1, c0, c1, z, z + 2)
+    # join appends a trailing axis: x[m, j, a, b] = (b ? (u1, u3) : (u0, u2))[a] = word 2a + b at column 4j + 2a + b
+    u = tl.reshape(tl.join(tl.join(u0, u2), tl.join(u1, u3)), (BM, BN))
+    return u >= thresh.to(tl.int64).to(tl.uint32)
 
 
 @triton.jit
@@ -53,7 +67,7 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset,
               BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr):
     """NF4 values at flat weight indices `flat` (bitsandbytes layout: byte i//2, high nibble first)."""
     byte = tl.load(q_ptr + (flat >> 1)).to(tl.int32)
-    nib = (byte >> ((1 - (flat & 1)) * 4).to(tl.int32)) & 0xF
+    nib = (byte >> ((1 - (flat & 1)) * 4)) & 0xF
     v = tl.load(code_ptr + nib)
     blk = flat // BLOCKSIZE
     if DOUBLE:
@@ -76,27 +90,27 @@ def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, 
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     r_ok = offs_r < R
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
+    q_ptrs = q_ptr + offs_r[None, :] * stride_qr + offs_k[:, None] * stride_qk
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        kk = k0 + offs_k
-        k_ok = kk < K
-        a = tl.load(p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + kk[None, :],
-                    mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
+        k_ok = (k0 + offs_k) < K
+        a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
-            a = tl.where(_keep(seed, offs_m, kk, K, thresh), a * keep_scale, 0.0)
-        b = tl.load(q_ptr + offs_r[None, :] * stride_qr + kk[:, None].to(tl.int64) * stride_qk,
-                    mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
+            a = tl.where(_keep(seed, offs_m, k0, thresh, BLOCK_M, BLOCK_K), a * keep_scale, 0.0)
+        b = tl.load(q_ptrs, mask=k_ok[:, None] & r_ok[None, :], other=0.0).to(tl.float32)
         acc = tl.dot(a, b, acc, input_precision=PREC)
+        p_ptrs += BLOCK_K
+        q_ptrs += BLOCK_K * stride_qk
     if HAS_GID:
         g = tl.load(gid_ptr + offs_m, mask=m_ok, other=-1)
     else:
         g = tl.zeros((BLOCK_M,), tl.int32)
     s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
-    tl.store(t_ptr + offs_m.to(tl.int64)[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+    tl.store(t_ptr + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                          for m, n, k, w, s in _GEMM_CONFIGS], key=["M", "N", "K", "R"])
+@_autotuned(_GEMM_CONFIGS)
 @triton.jit
 def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
                      M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
@@ -118,23 +132,22 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    p_ptrs = p_ptr + offs_m.to(tl.int64)[:, None] * stride_pm + offs_k[None, :]
-    q_off = offs_n.to(tl.int64)[None, :] * stride_qn + offs_k.to(tl.int64)[:, None] * stride_qk   # [BK, BN]
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
+    q_ptrs = q_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk      # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
         qm = k_ok[:, None] & n_ok[None, :]
         if NF4:
-            flat = tl.where(qm, q_off, 0)
+            flat = tl.where(qm, offs_n[None, :] * stride_qn + (k0 + offs_k)[:, None] * stride_qk, 0)
             b = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, nf4_offset, NF4_BLOCK,
                           NF4_BLOCK2, NF4_DOUBLE).to(a.dtype)
-            b = tl.where(qm, b, 0.0)
         else:
-            b = tl.load(q_ptr + q_off, mask=qm, other=0.0)
+            b = tl.load(q_ptrs, mask=qm, other=0.0)
         acc = tl.dot(a, b, acc, input_precision=BASE_PREC)
         p_ptrs += BLOCK_K
-        q_off += BLOCK_K * stride_qk
+        q_ptrs += BLOCK_K * stride_qk
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         if DROPOUT:
@@ -144,19 +157,21 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
         for r0 in range(0, R, BLOCK_R):
             rr = r0 + offs_r
             r_ok = rr < R
-            t = tl.load(t_ptr + offs_m.to(tl.int64)[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                        other=0.0)
-            e = tl.load(e_ptr + offs_n.to(tl.int64)[None, :] * stride_en + rr[:, None] * stride_er,
+            t = tl.load(t_ptr + offs_m[:, None] * R + rr[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+            e = tl.load(e_ptr + offs_n[None, :] * stride_en + rr[:, None] * stride_er,
                         mask=r_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
             lo = tl.dot(t, e, lo, input_precision=EPI_PREC)
         if DROPOUT:
-            acc += tl.where(_keep(seed, offs_m, offs_n, N, thresh), lo * keep_scale, 0.0)
+            acc += tl.where(_keep(seed, offs_m, pid_n * BLOCK_N, thresh, BLOCK_M, BLOCK_N), lo * keep_scale, 0.0)
         else:
             acc = lo
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m.to(tl.int64)[:, None] * stride_cm + offs_n[None, :]
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+lora_gemm_nf4_kernel = _autotuned(_NF4_CONFIGS)(lora_gemm_kernel.fn)   # same kernel, NF4 configs
 
 
 @triton.jit
@@ -177,21 +192,20 @@ def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, s
     for m0 in range(m_lo, m_hi, BLOCK_M):
         mm = m0 + offs_m
         m_ok = mm < m_hi
-        p = tl.load(p_ptr + mm.to(tl.int64)[:, None] * stride_pm + offs_c[None, :],
-                    mask=m_ok[:, None] & c_ok[None, :], other=0.0).to(tl.float32)
+        p = tl.load(p_ptr + mm[:, None] * stride_pm + offs_c[None, :], mask=m_ok[:, None] & c_ok[None, :],
+                    other=0.0).to(tl.float32)
         if DROPOUT:
-            p = tl.where(_keep(seed, mm, offs_c, C, thresh), p * keep_scale, 0.0)
-        t = tl.load(t_ptr + mm.to(tl.int64)[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :],
-                    other=0.0)
+            p = tl.where(_keep(seed, mm, pid_c * BLOCK_C, thresh, BLOCK_M, BLOCK_C), p * keep_scale, 0.0)
+        t = tl.load(t_ptr + mm[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(p), t, acc, input_precision=PREC)
-    o = o_ptr + pid_s.to(tl.int64) * C * R + offs_c[:, None] * R + offs_r[None, :]
+    o = o_ptr + pid_s * C * R + offs_c[:, None] * R + offs_r[None, :]
     tl.store(o, acc, mask=c_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
 def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_ptr, numel, offset,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < numel
     flat = tl.where(ok, offs, 0)
     v = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset, BLOCKSIZE, BLOCKSIZE2, DOUBLE)
@@ -200,25 +214,31 @@ def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_
 
 # ---------------------------------------------------------------------------------------- launchers
 
-def _prec(*tensors) -> str:
-    """input_precision of a dot over these tensors promoted to fp32 (see the module docstring)."""
+def _prec() -> str:
+    """input_precision of the skinny products (operands promoted to fp32; see the module docstring)."""
     return "ieee" if _INTERP else "tf32x3"
 
 
 def _base_prec(dtype) -> str:
-    if dtype != torch.float32 or _INTERP:
-        return "ieee" if _INTERP else "tf32"
+    """input_precision of the base GEMM and of the LoRA term inside it: 16-bit operands multiply exactly
+    (the setting is moot); fp32 operands follow torch.backends.cuda.matmul.allow_tf32, as torch's GEMM."""
+    if _INTERP:
+        return "ieee"
+    if dtype != torch.float32:
+        return "tf32"
     return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
-def _block_r(R: int) -> int:
-    return min(64, max(16, triton.next_power_of_2(max(R, 1))))
+def _block_r(R: int, cap: int = 64) -> int:
+    return min(cap, max(16, triton.next_power_of_2(max(R, 1))))
 
 
-def _check32(what: str, *sizes):
-    """Offsets within a tile row stay 32-bit; row offsets are 64-bit. Refuse a row longer than 2^31."""
-    if max(sizes) >= 2**31:
-        raise ValueError(f"lora {what}: a dimension of {max(sizes)} is too large for the Triton kernels")
+def _check32(what: str, *tensors):
+    """The kernels index with 32 bits (fewer registers): refuse tensors of 2^31 elements or more."""
+    big = [tuple(t.shape) for t in tensors if t is not None and t.numel() >= 2**31]
+    if big:
+        raise ValueError(f"lora {what}: the Triton kernels index with 32 bits; got tensors of shape {big} "
+                         "(split the tokens into chunks below 2**31 elements)")
 
 
 class Dropout:
@@ -239,14 +259,16 @@ def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor,
     transpose_q (q [K, R] row-major, as B [N, R] for u = dy . B)."""
     M, K = p.shape
     R = q.shape[1] if transpose_q else q.shape[0]
-    _check32("shrink", M, K, R)
+    _check32("shrink", p, q)
+    if M * R >= 2**31:
+        raise ValueError(f"lora shrink: an output of {M}x{R} needs 64-bit indexing")
     t = torch.empty((M, R), dtype=torch.float32, device=p.device)
     if M == 0 or R == 0:
         return t
     sqr, sqk = (1, q.stride(0)) if transpose_q else (q.stride(0), 1)
     BR = _block_r(R)
-    BM = 32 if _INTERP else 64
-    BK = 32 if _INTERP else 128
+    BM = 32 if _INTERP or BR > 32 else 64     # BLOCK_R 64 with BLOCK_M 64 spills (kernel report)
+    BK = 32
     grid = (triton.cdiv(M, BM), triton.cdiv(R, BR))
     lora_shrink_kernel[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
                              drop.seed, drop.thresh, drop.scale, HAS_GID=gid is not None, DROPOUT=drop.on,
@@ -260,21 +282,24 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     (nf4: q is the packed weight and nf4 the dict of its quantization state); E[n, r] likewise."""
     M, K = p.shape
     R = 0 if t is None else t.shape[1]
-    _check32("gemm", M, N, K)
+    _check32("gemm", p, q, t, e)
+    if M * N >= 2**31:
+        raise ValueError(f"lora gemm: an output of {M}x{N} needs 64-bit indexing (split the tokens)")
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     if M == 0 or N == 0:
         return c
     dummy = c
     nf = nf4 or {}
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    lora_gemm_kernel[grid](
+    kernel = lora_gemm_kernel if nf4 is None else lora_gemm_nf4_kernel
+    kernel[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
         M, N, K, R, p.stride(0), q_strides[0], q_strides[1], e_strides[0], e_strides[1], c.stride(0),
         drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
         HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
         NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
-        BASE_PREC=_base_prec(p.dtype), EPI_PREC=_prec(), BLOCK_R=_block_r(R), GROUP_M=8)
+        BASE_PREC=_base_prec(p.dtype), EPI_PREC=_base_prec(p.dtype), BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
 
 
@@ -282,12 +307,12 @@ def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
     """O [C, R] = dropout(p)^T . t, float32; p [M, C] row-major, t float32 [M, R]."""
     M, C = p.shape
     R = t.shape[1]
-    _check32("wgrad", M, C, R)
+    _check32("wgrad", p, t)
     if M == 0 or C == 0 or R == 0:
         return torch.zeros((C, R), dtype=torch.float32, device=p.device)
-    BR = _block_r(R)
-    BC = 32 if _INTERP else 128
-    BM = 32 if _INTERP else 64
+    BR = _block_r(R, 32)
+    BC = 32 if _INTERP else 64
+    BM = 32
     tiles = triton.cdiv(C, BC) * triton.cdiv(R, BR)
     want = 1 if _INTERP else max(1, min(triton.cdiv(M, 4 * BM), triton.cdiv(4 * 132, tiles)))
     rows = triton.cdiv(triton.cdiv(M, want), BM) * BM
@@ -313,45 +338,58 @@ def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------- kernel report
+# As the runtime specializes them: integer arguments equal to 1 become constants (the unit strides of the
+# forward and dgrad orientations), and pointers and LLM-sized dimensions are 16-aligned.
 
 _GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", "bias_ptr": "*bf16",
              "c_ptr": "*bf16", "absmax_ptr": "*fp32", "absmax2_ptr": "*fp32", "code_ptr": "*fp32",
              "code2_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_pm": "i32",
-             "stride_qn": "i32", "stride_qk": "i32", "stride_en": "i32", "stride_er": "i32", "stride_cm": "i32",
-             "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
+             "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
 _GEMM_BASE = dict(HAS_BIAS=True, NF4=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256, BASE_PREC="tf32",
-                  EPI_PREC="tf32x3", BLOCK_R=16, GROUP_M=8)
+                  EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
+_ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "stride_en": "i32"}),
+           "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"})}
+_ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm"]
 
 
-def _gemm_cfg(m, n, k, w, s, dt, **over):
-    return {"constexprs": {**_GEMM_BASE, "HAS_LORA": True, "DROPOUT": False, "BLOCK_M": m, "BLOCK_N": n,
-                           "BLOCK_K": k, **over},
-            "num_warps": w, "num_stages": s,
-            "signature": dict(_GEMM_SIG, p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}")}
+def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", **over):
+    consts, strides = _ORIENT[orient]
+    sig = dict(strides)
+    if dt != "bf16":
+        sig.update(p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}")
+    if over.get("NF4"):
+        sig.update(q_ptr="*u8", absmax_ptr="*u8")
+    return {"constexprs": {**_GEMM_BASE, **consts, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **over},
+            "num_warps": w, "num_stages": s, "signature": sig, "aligned": _ALIGNED + list(strides)}
 
 
 register(KernelSpec(
     family="lora", name="lora_gemm_kernel", fn=lora_gemm_kernel.fn, signature=_GEMM_SIG, gemm=True,
-    configs=[_gemm_cfg(*c, dt) for c in _GEMM_CONFIGS for dt in ("bf16", "fp16")]
-    + [_gemm_cfg(128, 128, 64, 8, 4, "bf16", DROPOUT=True), _gemm_cfg(64, 128, 64, 4, 4, "bf16", BLOCK_R=64),
-       dict(_gemm_cfg(64, 128, 64, 4, 4, "bf16", NF4=True, NF4_DOUBLE=True),
-            signature=dict(_GEMM_SIG, q_ptr="*u8", absmax_ptr="*u8"))]))
+    configs=[_gemm_cfg(*c) for c in _GEMM_CONFIGS]
+    + [_gemm_cfg(128, 128, 64, 8, 4, "fp16"), _gemm_cfg(64, 128, 64, 4, 4, BLOCK_R=32),
+       _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
+       _gemm_cfg(64, 64, 64, 4, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
+       _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False)]
+    + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]))
 _SHRINK_SIG = {"p_ptr": "*bf16", "q_ptr": "*fp32", "t_ptr": "*fp32", "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32",
-               "K": "i32", "R": "i32", "stride_pm": "i32", "stride_qr": "i32", "stride_qk": "i32", "seed": "i64",
-               "thresh": "i64", "keep_scale": "fp32"}
-register(KernelSpec(
-    family="lora", name="lora_shrink_kernel", fn=lora_shrink_kernel.fn, signature=_SHRINK_SIG, gemm=True,
-    configs=[{"constexprs": dict(HAS_GID=g, DROPOUT=d, PREC="tf32x3", BLOCK_M=64, BLOCK_R=br, BLOCK_K=128),
-              "num_warps": 4, "num_stages": 1} for g, d, br in ((False, False, 16), (True, True, 64))]))
+               "K": "i32", "R": "i32", "stride_pm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32"}
+register(KernelSpec(   # x.A^T (A [R, K]: stride_qk 1) and dy.B (B [N, R]: stride_qr 1)
+    family="lora", name="lora_shrink_kernel", fn=lora_shrink_kernel, signature=_SHRINK_SIG, gemm=True,
+    configs=[{"constexprs": dict(HAS_GID=False, DROPOUT=True, PREC="tf32x3", BLOCK_M=64, BLOCK_R=16, BLOCK_K=32,
+                                 stride_qk=1),
+              "signature": {"stride_qr": "i32"}, "num_warps": 4, "num_stages": 1},
+             {"constexprs": dict(HAS_GID=True, DROPOUT=False, PREC="tf32x3", BLOCK_M=32, BLOCK_R=64, BLOCK_K=32,
+                                 stride_qr=1),
+              "signature": {"stride_qk": "i32"}, "num_warps": 4, "num_stages": 1}]))
 _WGRAD_SIG = {"p_ptr": "*bf16", "t_ptr": "*fp32", "o_ptr": "*fp32", "M": "i32", "C": "i32", "R": "i32",
               "stride_pm": "i32", "rows_per_split": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32"}
 register(KernelSpec(
-    family="lora", name="lora_wgrad_kernel", fn=lora_wgrad_kernel.fn, signature=_WGRAD_SIG, gemm=True,
-    configs=[{"constexprs": dict(DROPOUT=d, PREC="tf32x3", BLOCK_M=64, BLOCK_C=128, BLOCK_R=br),
-              "num_warps": 4, "num_stages": 1} for d, br in ((False, 16), (True, 64))]))
+    family="lora", name="lora_wgrad_kernel", fn=lora_wgrad_kernel, signature=_WGRAD_SIG, gemm=True,
+    configs=[{"constexprs": dict(DROPOUT=d, PREC="tf32x3", BLOCK_M=32, BLOCK_C=64, BLOCK_R=br),
+              "num_warps": 4, "num_stages": 1} for d, br in ((False, 16), (True, 32))]))
 register(KernelSpec(
-    family="lora", name="nf4_dequant_kernel", fn=nf4_dequant_kernel.fn,
+    family="lora", name="nf4_dequant_kernel", fn=nf4_dequant_kernel,
     signature={"q_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code_ptr": "*fp32", "code2_ptr": "*fp32",
-               "out_ptr": "*bf16", "numel": "i64", "offset": "fp32"},
+               "out_ptr": "*bf16", "numel": "i32", "offset": "fp32"},
     configs=[{"constexprs": dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE=True, BLOCK=1024), "num_warps": 4,
               "num_stages": 1}]))

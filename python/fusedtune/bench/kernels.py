@@ -397,6 +397,11 @@ def _family_of(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- checks and output
 
+# The most shared memory one block may use (static + dynamic), per target (CUDA programming guide).
+SMEM_MAX = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,
+            "sm_90a": 227 * 1024}
+
+
 def defects(row: dict) -> list[str]:
     """What is wrong with one row (empty when nothing)."""
     out = []
@@ -406,6 +411,10 @@ def defects(row: dict) -> list[str]:
     if (row.get("spill_bytes") or 0) > 0 or (row.get("local_insts") or 0) > 0:
         out.append(f"{where}: spills / local memory: {row['stack_bytes']} B stack, {row['local_bytes']} B local, "
                    f"{row['local_insts']} LDL/STL instructions")
+    cap = SMEM_MAX.get(str(row.get("target")))
+    if cap is not None and (row.get("smem") or 0) > cap:
+        out.append(f"{where}: needs {row['smem']} B of shared memory, the target allows {cap} B per block "
+                   "(the launch fails)")
     if row.get("gemm") and not row.get("tc_insts"):
         out.append(f"{where}: GEMM kernel without tensor-core instructions (no {'/'.join(TC_OPS)} in SASS)")
     return out

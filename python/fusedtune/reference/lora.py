@@ -12,9 +12,10 @@ B [N, R], and a scale table S [G, R] says, for each row group g, the factor of e
     dX = dy . W + keep/(1-p) * (u . A)                   dW = dy^T . x only when W trains
     dB = dy^T . t        dA = u^T . dropout(x)
 
-Dropout acts on the LoRA branch only and is regenerated from a seed, never stored: element i = m*K + k
-of x is kept iff word 0 of Philox4x32-10(key=seed, counter=(i mod 2^32, i div 2^32, 0, 2)) >= thresh,
-thresh = floor(p * 2^32); kept values are multiplied by 1/(1-p) (float32).
+Dropout acts on the LoRA branch only and is regenerated from a seed, never stored: element (m, k) of x
+is kept iff word k mod 4 of Philox4x32-10(key=seed, counter=(k div 4, m, 0, 2)) >= thresh,
+thresh = floor(p * 2^32); kept values are multiplied by 1/(1-p) (float32). One Philox call serves four
+neighbouring columns, and the mask of a row does not depend on the other rows or on the tiling.
 """
 from __future__ import annotations
 
@@ -36,11 +37,14 @@ def keep_scale(p: float) -> float:
 
 
 def dropout_mask(rows: int, cols: int, seed: int, p: float, device="cpu") -> torch.Tensor:
-    """bool [rows, cols]: which elements of a row-major [rows, cols] input the LoRA branch keeps."""
-    i = torch.arange(rows * cols, dtype=torch.int64, device=device)
-    zero = torch.zeros_like(i)
-    u0, _, _, _ = philox4x32_10(int(seed) & ((1 << 64) - 1), i & MASK32, i >> 32, zero, zero + DROPOUT_STREAM)
-    return (u0 >= dropout_threshold(p)).reshape(rows, cols)
+    """bool [rows, cols]: which elements of a [rows, cols] input the LoRA branch keeps."""
+    groups = (cols + 3) // 4
+    j = torch.arange(groups, dtype=torch.int64, device=device).repeat(rows)
+    m = torch.arange(rows, dtype=torch.int64, device=device).repeat_interleave(groups)
+    zero = torch.zeros_like(j)
+    u = philox4x32_10(int(seed) & ((1 << 64) - 1), j & MASK32, m & MASK32, zero, zero + DROPOUT_STREAM)
+    words = torch.stack(u, dim=1).reshape(rows, groups * 4)[:, :cols]
+    return words >= dropout_threshold(p)
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
