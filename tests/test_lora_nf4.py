@@ -1,0 +1,113 @@
+"""LoRA over a bitsandbytes NF4 base (QLoRA) on the CPU: the NF4 reading bit-exact against
+bitsandbytes' own dequantize, LoRALinear over bnb.nn.Linear4bit against peft's QLoRA layer, the path
+choice, and the 'qlora' patch method."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+bnb = pytest.importorskip("bitsandbytes")
+import bitsandbytes.functional as bnbf  # noqa: E402
+
+import fusedtune  # noqa: E402
+from fusedtune.nn import LoRALinear  # noqa: E402
+from fusedtune.ops import lora as lora_ops  # noqa: E402
+from fusedtune.reference.nf4 import Nf4Weight, dequantize  # noqa: E402
+from fusedtune.testing import assert_within_rule  # noqa: E402
+from lora_cases import exact64  # noqa: E402
+
+
+@pytest.mark.parametrize("double", [True, False])
+@pytest.mark.parametrize("shape,blocksize", [((64, 130), 64), ((33, 64), 64), ((96, 256), 128), ((40, 96), 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_dequantize_bit_exact_with_bitsandbytes(double, shape, blocksize, dtype):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(shape[0])) * 0.05
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double, blocksize=blocksize)
+    st.dtype = dtype
+    ours = dequantize(Nf4Weight.from_bnb(q, st), dtype)
+    if shape[1] % blocksize == 0 or shape[1] % 2:
+        assert torch.equal(ours, bnbf.dequantize_4bit(q, st))
+    # bitsandbytes' generic dequantization (its reference, what its CUDA kernels compute). Its native CPU
+    # kernel disagrees with it for even rows that are not a multiple of the block size ((40, 96) here)
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+    absmax = st.absmax if not double else bnbf.dequantize_blockwise(st.absmax, st.state2) + st.offset
+    generic = _dequantize_4bit_compute(q.reshape(-1), absmax, st.code, blocksize, shape, dtype)
+    assert torch.equal(ours, generic)
+
+
+def _linear4bit(lin, dtype=torch.float32, double=True):
+    q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=lin.bias is not None, compute_dtype=dtype,
+                          compress_statistics=double, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, compress_statistics=double,
+                                 quant_type="nf4")
+    if lin.bias is not None:
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+    return q.to("cpu")
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_lora_over_linear4bit_matches_peft_qlora(double):
+    from peft import LoraConfig
+    from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    torch.manual_seed(0)
+    base = _linear4bit(nn.Linear(128, 40), double=double)  # in % 64 == 0 (bnb's CPU kernel: see above)
+    pe = PeftLinear4bit(copy.deepcopy(base), "default", config=LoraConfig(r=8, lora_alpha=16, init_lora_weights=False),
+                        r=8, lora_alpha=16)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    assert ours._fusedtune_report()["method"] == "qlora"
+    x = torch.randn(3, 11, 128)
+    dy = torch.randn(3, 11, 40)
+    res = {}
+    for key, layer in (("peft", pe), ("ours", ours)):
+        xi = x.clone().requires_grad_()
+        y = layer(xi)
+        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+        res[key] = [y] + list(torch.autograd.grad(y, [xi, A, B], dy))
+    Wd = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
+    y64, g64 = exact64(x, Wd, [pe.lora_A["default"].weight], [pe.lora_B["default"].weight], [2.0], base.bias, dy=dy)
+    for j, (a, p, e) in enumerate(zip(res["ours"], res["peft"], [y64] + g64)):
+        assert_within_rule(a.reshape(e.shape), e, p.reshape(e.shape), f"output {j}", atol=1e-5)
+
+
+def test_nf4_path_is_chosen_by_rows_and_reported():
+    assert lora_ops.nf4_path(1, True) == "fused"
+    assert lora_ops.nf4_path(lora_ops.NF4_FUSED_MAX_ROWS, True) == "fused"
+    assert lora_ops.nf4_path(lora_ops.NF4_FUSED_MAX_ROWS + 1, True) == "buffer"
+    assert lora_ops.nf4_path(10**6, None) == ""
+    ours = LoRALinear.from_linear(_linear4bit(nn.Linear(64, 32)), r=4)
+    ours(torch.randn(2, 5, 64))
+    rep = ours._fusedtune_report()
+    assert rep["method"] == "qlora" and "NF4" in rep["path"]
+
+
+def test_merge_into_nf4_is_refused_and_to_linear_dequantizes():
+    from fusedtune.nn.lora import LoRAUnsupported
+    lin = nn.Linear(64, 32)
+    ours = LoRALinear.from_linear(_linear4bit(lin), r=4, init_lora_weights=False)
+    with pytest.raises(LoRAUnsupported, match="NF4"):
+        ours.merge()
+    plain = ours.to_linear()
+    x = torch.randn(4, 64)
+    torch.testing.assert_close(plain(x), ours(x), atol=1e-5, rtol=1e-5)
+    base = ours.to_linear(merge=False)
+    assert torch.equal(base.weight, dequantize(Nf4Weight.from_bnb(ours.base_layer.weight), torch.float32))
+
+
+def test_patch_qlora_trains_and_unpatches():
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 12))
+    rep = fusedtune.patch(model, "qlora", r=4, alpha=8, lr=1e-2)
+    assert all(r.method == "qlora" for r in rep.rows) and len(rep.rows) == 14
+    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
+    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(8)]
+    assert losses[-1] < losses[0]
+    model.eval()
+    y = model(ids).logits
+    fusedtune.unpatch(model)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    torch.testing.assert_close(model(ids).logits, y, atol=1e-4, rtol=1e-4)
