@@ -1,0 +1,225 @@
+"""LoRA family benchmark (python -m fusedtune bench lora).
+
+On Llama-3-8B layer shapes (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, down 4096x14336),
+bf16 base and input, fp32 adapters (peft's default), at 4096 and 16384 tokens and r in {8, 16, 64}
+(--quick: 4096 tokens, r=16, q/gate/down), each in the same run:
+
+  lora fwd        fusedtune.ops.lora_linear (Triton: shrink + one GEMM with the LoRA inner loop)
+  lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen)
+against
+  base GEMM       the frozen base alone (F.linear; + the dX GEMM for fwd+bwd): the goal is LoRA
+                  costing <= 10% over it (ratio >= 0.909)
+  peft            peft's LoRA Linear layer (its own forward and autograd), when peft is installed,
+                  else a line-for-line re-implementation of its forward (noted in the row)
+  cuBLAS+addmm_   unsloth's method: y = x W^T, then y.addmm_(x A^T, B^T, alpha=s) with adapters cast
+                  to bf16, and its hand-derived backward (dX = dy W + s (dy B) A, dA, dB, no dW)
+Goal on an H100: ratio vs peft >= 1.25 for fwd+bwd.
+
+NF4 (bitsandbytes installed with CUDA): forward+backward of a QLoRA layer, ours (in-GEMM dequant at
+<= 256 rows, dequant buffer + GEMM above) vs peft's bnb Linear4bit LoRA layer, at 16, 256, 4096 tokens.
+Goal: >= 1.3x.
+Several adapters: a mixed batch of 4 adapters (ranks 8, 16, 32, 64) in one call vs peft's mixed-batch
+forward (a loop over adapters with index masks).
+
+--cpu: tiny shapes on the CPU backend (the reference math); the rows check the framework only.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .core import roofline_pct, row
+
+LLAMA3_8B = [("q_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("o_proj", 4096, 4096),
+             ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+QUICK = [("q_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
+TINY = [("q_proj", 64, 64), ("down_proj", 64, 176)]
+GOAL_OVER_BASE = 1.10     # LoRA time / base GEMM time
+GOAL_VS_PEFT = 1.25
+GOAL_NF4 = 1.3
+CPU_NOTE = "CPU framework check, not performance"
+
+
+def _peft_layer(W, bias, A, B, r, alpha):
+    """peft's LoRA Linear around W (sharing A and B), or None when peft is not installed."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import layer as pl
+    except Exception:  # noqa: BLE001
+        return None
+    lin = torch.nn.Linear(W.shape[1], W.shape[0], bias=bias is not None, device=W.device, dtype=W.dtype)
+    lin.weight = torch.nn.Parameter(W, requires_grad=False)
+    if bias is not None:
+        lin.bias = torch.nn.Parameter(bias, requires_grad=False)
+    pe = pl.Linear(lin, "default", config=LoraConfig(r=r, lora_alpha=alpha), r=r, lora_alpha=alpha)
+    pe.lora_A["default"].weight = A
+    pe.lora_B["default"].weight = B
+    return pe
+
+
+def _peft_like(x, W, A, B, s):
+    """peft's forward, line for line: base layer, x cast to the adapter dtype, lora_B(lora_A(x)) * s."""
+    result = F.linear(x, W)
+    xa = x.to(A.dtype)
+    return (result + F.linear(F.linear(xa, A), B) * s).to(result.dtype)
+
+
+def _unsloth_fwd(x, W, A16, B16, s):
+    y = F.linear(x, W)
+    return y.addmm_(x @ A16.t(), B16.t(), alpha=s)
+
+
+def _unsloth_bwd(dy, x, W, A16, B16, s):
+    dyB = dy @ B16
+    dx = (dy @ W).addmm_(dyB, A16, alpha=s)
+    dA = s * (dyB.t() @ x)
+    dB = s * (dy.t() @ (x @ A16.t()))
+    return dx, dA, dB
+
+
+def _flops(T, N, K, r, backward):
+    f = 2 * T * N * K + 2 * T * r * (K + N)
+    return f * (2 if backward else 1) + (4 * T * r * (K + N) if backward else 0)
+
+
+def _note(ratio, goal, what, on_gpu):
+    if not on_gpu:
+        return CPU_NOTE
+    return f"{what}: goal {goal:g}x, {'met' if ratio >= goal else 'NOT met'}"
+
+
+def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
+    rows = []
+    from ..ops import lora_linear
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    backend = None
+    for T in tokens:
+        for name, N, K in shapes:
+            g = torch.Generator(device=device).manual_seed(0)
+            x = torch.randn(T, K, device=device, generator=g).to(dt)
+            W = (torch.randn(N, K, device=device, generator=g) / math.sqrt(K)).to(dt)
+            dy = torch.randn(T, N, device=device, generator=g).to(dt)
+            base_f = timer(lambda: F.linear(x, W))
+            base_fb = timer(lambda: (F.linear(x, W), dy @ W))
+            for r in ranks:
+                s = 2.0
+                A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
+                B = torch.nn.Parameter(torch.randn(N, r, device=device, generator=g) * 0.01)
+                A16, B16 = A.detach().to(dt), B.detach().to(dt)
+                xg = x.detach().requires_grad_()
+                shape = f"{name} T={T} N={N} K={K} r={r}"
+                ours_f = timer(lambda: lora_linear(x, W, A, B, s, backend=backend))
+
+                def ours_fb():
+                    y = lora_linear(xg, W, A, B, s, backend=backend)
+                    return torch.autograd.grad(y, [xg, A, B], dy)
+                ours_t = timer(ours_fb)
+                pe = _peft_layer(W, None, A, B, r, int(s * r))
+                peft_name = "peft LoRA Linear" if pe is not None else "peft forward (re-implemented; peft missing)"
+
+                def peft_f():
+                    return pe(x) if pe is not None else _peft_like(x, W, A, B, s)
+
+                def peft_fb():
+                    y = pe(xg) if pe is not None else _peft_like(xg, W, A, B, s)
+                    return torch.autograd.grad(y, [xg, A, B], dy)
+                pf, pfb = timer(peft_f), timer(peft_fb)
+                uf = timer(lambda: _unsloth_fwd(x, W, A16, B16, s))
+                ufb = timer(lambda: (_unsloth_fwd(x, W, A16, B16, s), _unsloth_bwd(dy, x, W, A16, B16, s)))
+                for kind, ours, base, peft_t, uns in (("fwd", ours_f, base_f, pf, uf),
+                                                       ("fwd+bwd", ours_t, base_fb, pfb, ufb)):
+                    fl = _flops(T, N, K, r, kind != "fwd")
+                    rl = roofline_pct(ours[0], flops=fl)
+                    over = ours[0] / base[0]
+                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
+                                    "cpu", "base GEMM alone (frozen W)", ours, base[0], rl,
+                                    note=(f"LoRA costs {100 * (over - 1):+.1f}% over the base; "
+                                          + _note(1 / over, 1 / GOAL_OVER_BASE, "<= +10%", on_gpu))))
+                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
+                                    "cpu", peft_name, ours, peft_t[0], rl,
+                                    note=_note(peft_t[0] / ours[0], GOAL_VS_PEFT, "vs peft", on_gpu)
+                                    if kind != "fwd" else (CPU_NOTE if not on_gpu else "")))
+                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
+                                    "cpu", "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours, uns[0], rl,
+                                    note=CPU_NOTE if not on_gpu else ""))
+    return rows
+
+
+def nf4_rows(timer, on_gpu, device, quick):
+    try:
+        import bitsandbytes as bnb
+        from peft import LoraConfig
+        from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
+    except Exception as e:  # noqa: BLE001
+        return [row("qlora fwd+bwd", "-", "bf16", "-", "bitsandbytes + peft", (float("nan"),) * 3, None,
+                    note=f"skipped: bitsandbytes/peft not usable here ({type(e).__name__}: {e})")]
+    from ..nn import LoRALinear
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    N, K = (14336, 4096) if on_gpu else (64, 128)
+    r = 16
+    lin = torch.nn.Linear(K, N, bias=False, dtype=dt)
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=dt, compress_statistics=True, quant_type="nf4",
+                          device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, compress_statistics=True,
+                                 quant_type="nf4")
+    q = q.to(device)
+    pe = PeftLinear4bit(q, "default", config=LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False), r=r,
+                        lora_alpha=2 * r)
+    ours = LoRALinear.from_peft(pe)
+    rows = []
+    for T in ((16, 4096) if quick else (16, 256, 4096)) if on_gpu else (4, 64):
+        x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
+        dy = torch.randn(T, N, device=device, dtype=dt)
+        params = [x, ours.lora_A["default"].weight, ours.lora_B["default"].weight]
+
+        def fb(layer):
+            return torch.autograd.grad(layer(x), params, dy)
+        base = timer(lambda: fb(pe))
+        t = timer(lambda: fb(ours))
+        from ..ops.lora import nf4_path
+        rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
+                        "triton" if on_gpu else "cpu", "bitsandbytes Linear4bit + peft LoRA", t, base[0],
+                        roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
+                        note=f"path {nf4_path(T, True)}; " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft", on_gpu)))
+    return rows
+
+
+def multi_rows(timer, on_gpu, device):
+    from ..ops import lora_linear_multi
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    N, K, T = (4096, 4096, 8192) if on_gpu else (64, 64, 64)
+    ranks = (8, 16, 32, 64)
+    x = torch.randn(T, K, device=device, dtype=dt)
+    W = (torch.randn(N, K, device=device) / math.sqrt(K)).to(dt)
+    ads = [(torch.randn(r, K, device=device) / math.sqrt(K), torch.randn(N, r, device=device) * 0.01, 2.0)
+           for r in ranks]
+    idx = torch.arange(T, device=device) * len(ranks) // T        # 4 equal segments
+    ours = timer(lambda: lora_linear_multi(x, W, ads, idx))
+
+    def loop():      # peft's _mixed_batch_forward: the base, then each adapter on its rows
+        y = F.linear(x, W)
+        for a, (A, B, s) in enumerate(ads):
+            rows_a = (idx == a).nonzero().squeeze(1)
+            xa = x[rows_a].to(A.dtype)
+            y[rows_a] += (F.linear(F.linear(xa, A), B) * s).to(y.dtype)
+        return y
+    base = timer(loop)
+    return [row("lora fwd, 4 adapters in one batch", f"T={T} N={N} K={K} r={ranks}", str(dt)[6:],
+                "triton" if on_gpu else "cpu", "peft mixed-batch loop", ours, base[0],
+                roofline_pct(ours[0], flops=2 * T * N * K + 2 * T * sum(ranks) * (N + K)),
+                note=CPU_NOTE if not on_gpu else "")]
+
+
+def run(timer, quick: bool) -> list[dict]:
+    on_gpu = timer.name != "cpu"
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu:
+        shapes, tokens, ranks = (QUICK, (4096,), (16,)) if quick else (LLAMA3_8B, (4096, 16384), (8, 16, 64))
+    else:
+        shapes, tokens, ranks = TINY, (32,), (8,)
+    rows = gemm_rows(timer, shapes, tokens, ranks, on_gpu, device)
+    rows += nf4_rows(timer, on_gpu, device, quick)
+    rows += multi_rows(timer, on_gpu, device)
+    return rows

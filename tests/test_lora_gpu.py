@@ -1,0 +1,82 @@
+"""LoRA on a GPU: the Triton kernels (autotuned GEMM, shrink, wgrad, NF4) against the fp64 definition
+within DESIGN.md's rule, with peft's unfused same-precision computation as the yardstick."""
+import math
+
+import pytest
+import torch
+
+from fusedtune.ops import lora_linear, lora_linear_multi
+from fusedtune.reference.lora import dropout_mask
+from fusedtune.testing import assert_within_rule
+from lora_cases import exact64
+
+pytestmark = pytest.mark.gpu
+
+
+def _case(M, K, N, r, dtype, seed=0):
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    x = torch.randn(M, K, device="cuda", generator=g).to(dtype)
+    W = (torch.randn(N, K, device="cuda", generator=g) / math.sqrt(K)).to(dtype)
+    A = torch.randn(r, K, device="cuda", generator=g) / math.sqrt(K)
+    B = torch.randn(N, r, device="cuda", generator=g) * 0.1
+    dy = torch.randn(M, N, device="cuda", generator=g).to(dtype)
+    return x, W, A, B, dy
+
+
+def _fb(fn, x, A, B, dy):
+    xi, Ai, Bi = (t.clone().requires_grad_() for t in (x, A, B))
+    y = fn(xi, Ai, Bi)
+    return [y] + list(torch.autograd.grad(y, [xi, Ai, Bi], dy))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K,N,r", [(4096, 4096, 4096, 16), (1000, 333, 1029, 7), (300, 4096, 1024, 64)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_triton_within_rule(dtype, M, K, N, r, p):
+    x, W, A, B, dy = _case(M, K, N, r, dtype)
+    bias = torch.randn(N, device="cuda").to(dtype)
+    s = 2.0
+    got = _fb(lambda xi, Ai, Bi: lora_linear(xi, W, Ai, Bi, s, bias=bias, dropout_p=p, seed=5, backend="triton"),
+              x, A, B, dy)
+    keep = dropout_mask(M, K, 5, p, "cuda") if p else None
+
+    def unfused(xi, Ai, Bi):   # peft: base GEMM in dtype, fp32 adapters on the dropped-out input, one add
+        xd = xi.float() if keep is None else torch.where(keep, xi.float() / (1 - p), 0.0)
+        return (torch.nn.functional.linear(xi, W, bias).float() + (xd @ Ai.t()) @ Bi.t() * s).to(dtype)
+    unf = _fb(unfused, x, A, B, dy)
+    y64, g64 = exact64(x.cpu(), W.cpu(), [A.cpu()], [B.cpu()], [s], bias.cpu(), keep=None if keep is None else
+                       keep.cpu(), p=p, dy=dy.cpu())
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    for i, (a, e, u) in enumerate(zip(got, [y64] + g64, unf)):
+        assert_within_rule(a, e, u, f"{dtype} output {i}", atol=atol)
+
+
+def test_triton_multi_adapter_matches_reference():
+    x, W, _, _, _ = _case(2048, 1024, 768, 1, torch.bfloat16)
+    g = torch.Generator(device="cuda").manual_seed(1)
+    ads = [(torch.randn(r, 1024, device="cuda", generator=g) / 32, torch.randn(768, r, device="cuda", generator=g)
+            * 0.1, s) for r, s in ((8, 1.0), (16, 2.0), (64, 0.5))]
+    idx = torch.randint(-1, 3, (2048,), device="cuda", generator=g)
+    got = lora_linear_multi(x, W, ads, idx, backend="triton")
+    want = lora_linear_multi(x, W, ads, idx, backend="reference")
+    torch.testing.assert_close(got.float(), want.float(), atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.parametrize("M", [16, 4096])
+def test_triton_nf4_both_paths_within_rule(M):
+    bnb = pytest.importorskip("bitsandbytes")
+    from fusedtune.nn import LoRALinear
+    from fusedtune.ops.lora import nf4_path
+    lin = torch.nn.Linear(4096, 1024, bias=False, dtype=torch.bfloat16)
+    q = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, quant_type="nf4")
+    q = q.cuda()
+    layer = LoRALinear.from_linear(q, r=16, init_lora_weights=False, backend="triton")
+    x = torch.randn(M, 4096, device="cuda", dtype=torch.bfloat16)
+    y = layer(x)
+    import bitsandbytes.functional as bnbf
+    Wd = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    y64 = exact64(x.cpu(), Wd.cpu(), [A.detach().cpu()], [B.detach().cpu()], [layer.scaling["default"]])
+    unf = (x @ Wd.t()).float() + (x.float() @ A.t()) @ B.t() * layer.scaling["default"]
+    assert_within_rule(y, y64, unf.bfloat16(), f"nf4 {nf4_path(M, True)}", atol=2e-2)
