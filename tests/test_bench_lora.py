@@ -1,0 +1,49 @@
+"""The lora benchmark family (python -m fusedtune bench lora) on the CPU: tiny shapes, so this tests the
+framework (rows, baselines in the same run, ratios, flop counts), not performance."""
+import csv
+import math
+
+import pytest
+
+from fusedtune import bench
+from fusedtune.bench import core
+from fusedtune.bench import lora as lora_bench
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_lora")
+    rc = bench.main(["lora", "--cpu", "--quick", "--out", str(out)])
+    with open(out / "lora.csv", newline="") as f:
+        r = csv.DictReader(f)
+        return rc, r.fieldnames, list(r)
+
+
+def test_family_is_discovered():
+    assert "lora" in bench.families()
+
+
+def test_cpu_run_rows(cpu_run):
+    rc, header, rows = cpu_run
+    assert rc == 0 and header[: len(core.COLUMNS)] == core.COLUMNS
+    gemm = [r for r in rows if r["kernel"] in ("lora fwd", "lora fwd+bwd")]
+    assert len(gemm) == len(lora_bench.TINY) * 2 * 3
+    assert {r["baseline"] for r in gemm} >= {"base GEMM alone (frozen W)",
+                                            "cuBLAS + addmm_ (unsloth's method, bf16 adapters)"}
+    assert any(r["baseline"].startswith("peft") for r in gemm)
+    kinds = {r["kernel"] for r in rows}
+    assert "lora fwd, 4 adapters in one batch" in kinds and "qlora fwd+bwd" in kinds
+    for r in rows:
+        if r["time_ms"] in ("nan", ""):
+            continue
+        med, base = float(r["time_ms"]), float(r["baseline_ms"])
+        assert med > 0 and math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)  # CSV keeps 6 digits
+        assert "CPU framework check" in r["note"]
+
+
+def test_flop_count():
+    T, N, K, r = 8, 5, 3, 2
+    fwd = 2 * T * N * K + 2 * T * r * (K + N)
+    assert lora_bench._flops(T, N, K, r, False) == fwd
+    # backward: the dX GEMM (2TNK), u = dy.B and u.A (2Tr(N+K)), dA and dB (2Tr(K+N))
+    assert lora_bench._flops(T, N, K, r, True) == 2 * fwd + 4 * T * r * (K + N)
