@@ -12,7 +12,7 @@ export MAX_JOBS=${MAX_JOBS:-2}
 export TORCH_CUDA_ARCH_LIST=${TORCH_CUDA_ARCH_LIST:-8.0;8.9;9.0}
 
 setup() {
-  if ! $PY -c "import torch, pytest, transformers, scipy, ninja, accelerate" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+  if ! $PY -c "import torch, pytest, transformers, scipy, ninja, accelerate, peft, bitsandbytes" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
     $PY -m pip install -q -r requirements-dev.txt
   fi
   # (re)install in editable mode unless fusedtune already imports from this checkout

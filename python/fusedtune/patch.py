@@ -63,6 +63,12 @@ def methods() -> dict[str, type]:
     return dict(_METHODS)
 
 
+def missing_requirements(cls) -> list[str]:
+    """The modules of cls.requires that cannot be imported here."""
+    import importlib.util
+    return [m for m in getattr(cls, "requires", ()) if importlib.util.find_spec(m) is None]
+
+
 def _method_class(method) -> type:
     known = methods()
     if not isinstance(method, str) or method not in known:
@@ -281,9 +287,11 @@ class Method:
     per architecture); False when it selects parameters (targets None = the whole model).
     zeroth_order: train_step runs forward passes only (no backward).
     demo: hyperparameters the demo uses for this method (lr, step_multiplier, ...).
+    requires: modules the method imports (the demo skips a method whose modules are missing).
     """
     name = "?"
     options: dict[str, Any] = {}
+    requires: tuple[str, ...] = ()
     swaps_layers = False
     zeroth_order = False
     demo: dict[str, Any] = {}

@@ -37,13 +37,20 @@ def _overrides(items: list[str]) -> dict:
 def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "demo_out",
         overrides: dict | None = None) -> dict:
     """Run the demo; returns {'rows': [...], 'table': str, 'paths': {...}, 'seconds': float}."""
-    from ..patch import methods as registry
+    from ..patch import methods as registry, missing_requirements
     t0 = time.perf_counter()
     known = registry()
     names = list(methods) if methods else sorted(known, key=lambda n: (n != "full", n))
     unknown = [n for n in names if n not in known]
     if unknown:
         raise SystemExit(f"--method {unknown[0]!r} is not registered; choose from {', '.join(sorted(known))}")
+    for n in list(names):
+        miss = missing_requirements(known[n])
+        if miss and methods:
+            raise SystemExit(f"--method {n!r} needs {', '.join(miss)} (pip install {' '.join(miss)})")
+        if miss:
+            print(f"demo: skipping method {n!r}: needs {', '.join(miss)} (pip install {' '.join(miss)})")
+            names.remove(n)
     overrides = overrides or {}
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)

@@ -54,6 +54,7 @@ class LoRAMethod(SwapMethod):
 
 class QLoRAMethod(LoRAMethod):
     options = {**LoRAMethod.options, "blocksize": 64, "double_quant": True}
+    requires = ("bitsandbytes",)
     demo = dict(LoRAMethod.demo)
 
     def apply(self, model, targets, **options):
