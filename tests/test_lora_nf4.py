@@ -1,6 +1,6 @@
 """LoRA over a bitsandbytes NF4 base (QLoRA) on the CPU: the NF4 reading bit-exact against
 bitsandbytes' own dequantize, LoRALinear over bnb.nn.Linear4bit against peft's QLoRA layer, the path
-choice, and the 'qlora' patch method."""
+choice (the 'qlora' patch method is tested with 'lora' in test_lora_layer.py)."""
 import copy
 
 import pytest
@@ -10,7 +10,6 @@ from torch import nn
 bnb = pytest.importorskip("bitsandbytes")
 import bitsandbytes.functional as bnbf  # noqa: E402
 
-import fusedtune  # noqa: E402
 from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.ops import lora as lora_ops  # noqa: E402
 from fusedtune.reference.nf4 import Nf4Weight, dequantize  # noqa: E402
@@ -48,6 +47,7 @@ def _linear4bit(lin, dtype=torch.float32, double=True):
 
 @pytest.mark.parametrize("double", [True, False])
 def test_lora_over_linear4bit_matches_peft_qlora(double):
+    pytest.importorskip("peft")
     from peft import LoraConfig
     from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
     torch.manual_seed(0)
@@ -92,22 +92,3 @@ def test_merge_into_nf4_is_refused_and_to_linear_dequantizes():
     torch.testing.assert_close(plain(x), ours(x), atol=1e-5, rtol=1e-5)
     base = ours.to_linear(merge=False)
     assert torch.equal(base.weight, dequantize(Nf4Weight.from_bnb(ours.base_layer.weight), torch.float32))
-
-
-def test_patch_qlora_trains_and_unpatches():
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    ids = torch.randint(0, 64, (2, 12))
-    rep = fusedtune.patch(model, "qlora", r=4, alpha=8, lr=1e-2)
-    assert all(r.method == "qlora" for r in rep.rows) and len(rep.rows) == 14
-    assert type(model.model.layers[0].self_attn.q_proj.base_layer).__name__ == "Linear4bit"
-    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(8)]
-    assert losses[-1] < losses[0]
-    model.eval()
-    y = model(ids).logits
-    fusedtune.unpatch(model)
-    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
-    torch.testing.assert_close(model(ids).logits, y, atol=1e-4, rtol=1e-4)
