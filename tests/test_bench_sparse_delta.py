@@ -53,8 +53,8 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
             "peak_mem_bytes", "opt_state_bytes", "trainable_elems", "lora_same_budget_rank"} <= set(header)
     kernels = [r["kernel"] for r in rows]
     assert kernels.count(SDDMM) == 9                                     # 3 shapes x 3 densities
-    assert kernels.count(OPT) == kernels.count(OP) == kernels.count(STEP) == 1
-    assert len(rows) == 12
+    assert kernels.count(OPT) == kernels.count(OP) == 1 and kernels.count(STEP) == 2   # vs full FT, vs LoRA
+    assert len(rows) == 13
     for r in rows:
         assert r["gpu_name"] == "cpu" and r["torch"] == torch.__version__ and r["date"].endswith("Z")
         med, p20, p80, base = (float(r[k]) for k in ("time_ms", "p20_ms", "p80_ms", "baseline_ms"))
@@ -120,7 +120,7 @@ def test_optimizer_rows_match_the_independent_byte_count(cpu_run):
 
 def test_step_row_against_full_fine_tuning(cpu_run):
     _, _, _, rows = cpu_run
-    r = next(r for r in rows if r["kernel"] == STEP)
+    r = next(r for r in rows if r["kernel"] == STEP and r["baseline"].startswith(sd_bench.FULL_NAME))
     c = sd_bench.TINY
     h, f, L, V = c["hidden"], c["intermediate"], c["layers"], c["vocab"]
     kv = c["kv_heads"] * (h // c["heads"])
@@ -134,7 +134,6 @@ def test_step_row_against_full_fine_tuning(cpu_run):
     assert 8 * total <= float(r["baseline_opt_state_bytes"]) <= 8 * total + 8 * (3 + 9 * L)
     assert math.isnan(float(r["peak_mem_bytes"]))                        # no CUDA peak on the CPU
     assert r["baseline"].startswith(sd_bench.FULL_NAME) and r["dtype"] == "fp32" and r["backend"] == "cpu+cpu"
-    assert "awaits the lora family" in r["note"]
     assert math.isclose(float(r["lora_same_budget_rank"]), (k / L) / sum(o + i for o, i in mats), rel_tol=1e-4)
     # matmul flops: forward + dX over every linear (lm_head included), dW = the SDDMM's 2*k*T
     T = c["batch"] * c["seq"]
@@ -142,3 +141,19 @@ def test_step_row_against_full_fine_tuning(cpu_run):
     attn = 6 * c["batch"] * c["seq"] ** 2 * h * L
     assert float(r["step_flops"]) == 4 * lin * T + 2 * k * T + attn
     assert float(r["baseline_step_flops"]) == 6 * lin * T + attn
+
+
+def test_step_row_against_lora_at_the_same_budget(cpu_run):
+    _, _, _, rows = cpu_run
+    r = next(r for r in rows if r["kernel"] == STEP and r["baseline"].startswith("LoRA, same budget"))
+    c = sd_bench.TINY
+    L = c["layers"]
+    rank = round(float(r["lora_same_budget_rank"]))
+    assert f"r={rank}" in r["baseline"]
+    # LoRA trains r * (in + out) per linear: the equal budget within the rounding of the rank
+    lora = L * rank * sum(o + i for o, i in TINY_LAYER)
+    assert int(float(r["baseline_trainable_elems"])) == lora
+    assert abs(lora - int(float(r["trainable_elems"]))) <= L * 0.5 * sum(o + i for o, i in TINY_LAYER)
+    assert float(r["baseline_opt_state_bytes"]) >= 8 * lora
+    med, base = float(r["time_ms"]), float(r["baseline_ms"])
+    assert math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)

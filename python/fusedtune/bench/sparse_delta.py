@@ -21,9 +21,9 @@
    gate/up/down becomes a SparseDeltaLinear at 1% density (embeddings, norms and lm_head frozen)
    with SparseDeltaAdamW, against full fine-tuning (every parameter, torch.optim.AdamW(fused=True)).
    Reported: step time, peak GPU memory of a steady-state step, optimizer state, trainable elements,
-   the matmul flops of the step. The comparison with LoRA at the same trainable-parameter budget
-   (the equal-budget rank is printed) awaits the lora family, which is not implemented yet: it is
-   not measured here.
+   the matmul flops of the step. A second row compares the same sparse step with LoRA at the same
+   trainable-parameter budget (fusedtune.patch(model, "lora") on the same 7 linears, rank r =
+   round(k / sum(in + out)), alpha 2r, fp32 adapters, torch.optim.AdamW(fused=True)), same run.
 
 --cpu: tiny shapes (a 2-layer hidden-64 Llama in fp32, 64/176-wide GEMMs at 256 tokens, 2 tiny
 layers of deltas); the rows check the framework, not performance, and carry no goal verdicts.
@@ -66,8 +66,6 @@ PROJ = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_pr
 LR = 1e-5
 CPU_NOTE = "CPU framework check, not performance"
 FULL_NAME = "full fine-tuning"
-LORA_NOTE = ("LoRA at the same trainable-parameter budget: not measured, awaits the lora family "
-             "(not implemented yet)")
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -308,6 +306,13 @@ def measure(timer, cfg: dict, method: str, dtype) -> dict:
         for p in model.parameters():
             p.requires_grad_(True)
         opt, opt_name = torch_adamw(model.parameters(), lr=LR)
+    elif method == "lora":
+        from ..patch import patch
+        r = max(1, round(lora_rank_same_budget(cfg, STEP_DENSITY)))
+        rep = patch(model, "lora", target_modules=list(PROJ), r=r, alpha=2 * r)
+        opt, opt_name = torch_adamw([p for p in model.parameters() if p.requires_grad], lr=LR)
+        opt_name = f"LoRA r={r} ({opt_name})"
+        backend = ",".join(sorted({row.backend for row in rep.rows}))
     else:
         sparsify(model, STEP_DENSITY)
         ob = _backends(on_gpu)[1]
@@ -345,11 +350,11 @@ def bench_step(timer, quick: bool) -> list[dict]:
     shape = (f"{cfg['name']} ({layers}, h{cfg['hidden']}, ffn{cfg['intermediate']}, {cfg['heads']}/{cfg['kv_heads']} "
              f"heads, vocab {cfg['vocab']}); batch {cfg['batch']}x{cfg['seq']}; density {_pct(STEP_DENSITY)}")
     print(f"sparse_delta bench: training step of {shape}, {dname}, on {timer.name}")
-    res = {m: measure(timer, cfg, m, dtype) for m in ("full", "sparse")}
+    res = {m: measure(timer, cfg, m, dtype) for m in ("full", "sparse", "lora")}
     for m, r in res.items():
         print(f"  {m:6s}: {r['times'][0]:.4g} ms, trainable {r['trainable']:,}, optimizer state {_gb(r['state_bytes'])}"
               + (f", peak {_gb(r['peak'])}" if on_gpu else ""))
-    full, sp = res["full"], res["sparse"]
+    full, sp, lo = res["full"], res["sparse"], res["lora"]
     rank = lora_rank_same_budget(cfg, STEP_DENSITY)
     tf = lambda x: x["flops"] / (x["times"][0] * 1e-3) / 1e12  # noqa: E731
     parts = [f"time {sp['times'][0] / full['times'][0]:.3g}x full FT; {tf(sp):.3g} vs {tf(full):.3g} TFLOP/s of "
@@ -362,7 +367,7 @@ def bench_step(timer, quick: bool) -> list[dict]:
                  f"{_gb(full['state_bytes'])} ({full['opt_name']}, {full['moments']} moments)")
     parts.append(f"trainable elems {sp['trainable']:,} vs {full['trainable']:,} = "
                  f"{sp['trainable'] / full['trainable']:.3g}x")
-    parts.append(f"{LORA_NOTE}; equal-budget LoRA rank on the same 7 linears ~ {rank:.3g}")
+    parts.append(f"equal-budget LoRA rank on the same 7 linears ~ {rank:.3g} (second row)")
     r = row(f"sparse_delta training step ({_pct(STEP_DENSITY)} deltas)", shape, dname, sp["backend"],
             f"{FULL_NAME} ({full['opt_name']})", sp["times"], full["times"][0],
             roofline_pct(sp["times"][0], flops=sp["flops"]), note="; ".join(parts))
@@ -370,7 +375,18 @@ def bench_step(timer, quick: bool) -> list[dict]:
              baseline_opt_state_bytes=full["state_bytes"], trainable_elems=sp["trainable"],
              baseline_trainable_elems=full["trainable"], step_flops=sp["flops"], baseline_step_flops=full["flops"],
              lora_same_budget_rank=rank)
-    return [r]
+    vs = [CPU_NOTE] if not on_gpu else [f"peak mem {_gb(sp['peak'])} vs {_gb(lo['peak'])} = "
+                                        f"{sp['peak'] / lo['peak']:.3g}x"]
+    vs.append(f"trainable elems {sp['trainable']:,} vs {lo['trainable']:,} (LoRA, rank rounded from {rank:.3g})")
+    vs.append(f"optimizer state {_gb(sp['state_bytes'])} vs {_gb(lo['state_bytes'])}")
+    r2 = row(f"sparse_delta training step ({_pct(STEP_DENSITY)} deltas)", shape, dname, sp["backend"],
+             f"LoRA, same budget: {lo['opt_name']}, layers on {lo['backend']}", sp["times"], lo["times"][0],
+             roofline_pct(sp["times"][0], flops=sp["flops"]), note="; ".join(vs))
+    r2.update(peak_mem_bytes=sp["peak"], baseline_peak_mem_bytes=lo["peak"], opt_state_bytes=sp["state_bytes"],
+              baseline_opt_state_bytes=lo["state_bytes"], trainable_elems=sp["trainable"],
+              baseline_trainable_elems=lo["trainable"], step_flops=sp["flops"], baseline_step_flops=float("nan"),
+              lora_same_budget_rank=rank)
+    return [r, r2]
 
 
 def run(timer, quick: bool) -> list[dict]:

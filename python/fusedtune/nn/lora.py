@@ -169,6 +169,8 @@ class LoRALinear(nn.Module):
         if not _is_bnb_4bit(self.base_layer):
             return None
         w = self.base_layer.weight
+        if torch.compiler.is_compiling():
+            return Nf4Weight.from_bnb(w)
         key = (w.data_ptr(), w.device)
         if self._nf4 is None or self._nf4[0] != key:
             self._nf4 = (key, Nf4Weight.from_bnb(w))

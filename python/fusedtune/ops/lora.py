@@ -145,7 +145,7 @@ def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
 
 def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
     if not torch.is_tensor(x) or x.dtype not in _REF_FLOATS:
-        raise TypeError(f"lora: x must be a float32/bfloat16/float16 tensor, got "
+        raise TypeError(f"lora: x must be a float32/bfloat16/float16 tensor (float64: reference only), got "
                         f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
     if x.dim() < 1:
         raise ValueError("lora: x must have at least one dimension (the features)")
@@ -195,6 +195,8 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
                         seed=None, nf4=None, backend: str | None = None) -> torch.Tensor:
     """The general fused LoRA linear (module docstring). weight is ignored (may be None) when nf4 is given.
     row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None."""
+    if weight is None and nf4 is None:
+        raise ValueError("lora: weight is None and no nf4 weight was given")
     N, K = _check(x, weight, lora_A, lora_B, bias, scale_table, row_group, dropout_p, nf4)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
@@ -209,8 +211,6 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     if name == "triton" and any(t.dtype == torch.float64 for t in (x, lora_A, lora_B)):
         raise TypeError("lora: the Triton kernels take float32/bfloat16/float16 tensors, not float64 (float64 runs "
                         "on backend='reference')")
-    if weight is None and nf4 is None:
-        raise ValueError("lora: weight is None and no nf4 weight was given")
     nf4_args = (None, None, None, None, 0, 0, 0.0) if nf4 is None else nf4.op_args()
     w = weight if nf4 is None else nf4.q
     y, _t = _lora_op(x2, w, lora_A.contiguous(), lora_B.contiguous(), bias, scale_table, row_group,

@@ -1,0 +1,84 @@
+"""FP8Linear: a linear layer trained in E4M3 with 1x128 activation/gradient scales and 128x128 weight
+scales (the DeepSeek-V3 / InfiR2 recipe), and fusedtune.fp8.convert for a whole model."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.fp8 import fp8_backend, fp8_linear, fp8_quantize_128x128
+from .plain import plain_linear
+
+
+class FP8Linear(nn.Module):
+    """y = x W^T + b with both GEMMs of the backward in FP8 too. The weight stays a high-precision
+    parameter (the master the optimizer updates); its 128x128 FP8 copy is made per forward, or once
+    and cached while the weight is frozen and unchanged (an FP8 base under LoRA). Backward keeps the
+    FP8 column-wise copy of x and its scales, not a 16-bit x. Any shape works: partial 128-tiles at the
+    edges have their own scales."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, device=None, dtype=None,
+                 pow2: bool = False, backend: str | None = None):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.pow2, self.backend = pow2, backend
+        self._cache = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, pow2: bool = False, backend: str | None = None) -> "FP8Linear":
+        """Shares linear's weight and bias (their requires_grad is kept)."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"FP8Linear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        m = cls.__new__(cls)
+        nn.Module.__init__(m)
+        m.in_features, m.out_features = linear.in_features, linear.out_features
+        m.weight, m.bias = linear.weight, linear.bias
+        m.pow2, m.backend, m._cache = pow2, backend, None
+        return m
+
+    def quantized_weight(self):
+        w = self.weight
+        if w.requires_grad or torch.compiler.is_compiling():   # (compile: no data-pointer cache in the graph)
+            self._cache = None
+            with torch.no_grad():
+                return fp8_quantize_128x128(w.detach(), self.pow2, self.backend)
+        key = (w.data_ptr(), w._version, w.device, self.pow2)
+        if self._cache is None or self._cache[0] != key:
+            with torch.no_grad():
+                self._cache = (key, fp8_quantize_128x128(w.detach(), self.pow2, self.backend))
+        return self._cache[1]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w_q, w_s = self.quantized_weight()
+        return fp8_linear(x, self.weight, self.bias, w_q, w_s, self.pow2, self.backend)
+
+    def to_linear(self) -> nn.Linear:
+        return plain_linear(self.weight.detach(), None if self.bias is None else self.bias.detach())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"scales=1x128 (x, dy) / 128x128 (W){', pow2' if self.pow2 else ''}")
+
+    def _fusedtune_report(self) -> dict:
+        b = fp8_backend(self.weight.device, self.backend)
+        path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX, dW"
+                if b["backend"] == "triton" else f"{b['backend']}: float32 emulation of the FP8 GEMMs")
+        if self.weight.is_cuda and torch.cuda.get_device_capability(self.weight.device) < (8, 9):
+            path += "; this GPU has no FP8 tensor cores (sm_89+ needed): the op refuses to run"
+        return {"method": "fp8", "backend": b["backend"], "path": path, "why_not": b["why_not"]}
+
+
+def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend: str | None = None) -> nn.Module:
+    """Replace every nn.Linear for which module_filter_fn(module, fqn) is true (default: all but the
+    output embedding, lm_head) by an FP8Linear sharing its parameters; returns the model."""
+    from ..patch import _output_embedding_names, set_module
+    skip = _output_embedding_names(model) if module_filter_fn is None else set()
+    for name, mod in list(model.named_modules()):
+        if type(mod) is not nn.Linear or name in skip:
+            continue
+        if module_filter_fn is not None and not module_filter_fn(mod, name):
+            continue
+        set_module(model, name, FP8Linear.from_linear(mod, pow2=pow2, backend=backend))
+    return model

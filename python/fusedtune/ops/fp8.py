@@ -1,0 +1,217 @@
+"""FP8 family ops (docs/fp8.md; the math is python/fusedtune/reference/fp8.py).
+
+    fp8_quantize_1x128(x, pow2=False, transpose=True) -> (q_row, s_row, q_col, s_col)
+        1x128 row-wise E4M3 copy of x [M, K] and its column-wise copy [K, M], from one read
+    fp8_quantize_128x128(w, pow2=False) -> (q, s)        128x128 blocks (transposable with s)
+    fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows=128, out_dtype=torch.bfloat16, b_transposed=False)
+        C = A . B^T, each 128-wide K block's FP8 partial sum promoted into fp32 with both scales;
+        b_transposed: b_q is stored [K, N] (e.g. W for dX = dy . W); b_s is always [N rows or blocks, K blocks]
+    fp8_linear(x, weight, bias, w_q, w_s)                y = x W^T + b in FP8, with autograd: saves the
+        FP8 column-wise copy of x and its scales (not a 16-bit x); dX = dy W and dW = dy^T x in FP8
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from ..reference import fp8 as ref
+
+_HAS = ("reference", "cpu", "triton")   # "cpu": the reference emulation in torch
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _tk():
+    from ..triton_kernels import fp8 as tk
+    return tk
+
+
+def _empty(dev):
+    return torch.empty(0, dtype=torch.float8_e4m3fn, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
+
+
+@torch.library.custom_op("fusedtune::fp8_quantize_1x128", mutates_args=())
+def _q1_op(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                   torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        qr, sr, qc, sc = _tk().quantize_rows(x, transpose, pow2)
+    else:
+        qr, sr = ref.quantize_rows(x, pow2)
+        qc, sc = ref.quantize_rows(x.t(), pow2) if transpose else (None, None)
+    if qc is None:
+        qc, sc = _empty(x.device)
+    return qr, sr, qc, sc
+
+
+@_q1_op.register_fake
+def _(x, pow2, transpose, backend):
+    M, K = x.shape
+    f8, f32 = torch.float8_e4m3fn, torch.float32
+    qc = x.new_empty((K, M) if transpose else (0,), dtype=f8)
+    sc = x.new_empty((K, -(-M // ref.TILE)) if transpose else (0,), dtype=f32)
+    return x.new_empty((M, K), dtype=f8), x.new_empty((M, -(-K // ref.TILE)), dtype=f32), qc, sc
+
+
+@torch.library.custom_op("fusedtune::fp8_quantize_128x128", mutates_args=())
+def _q128_op(w: torch.Tensor, pow2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    if backend == "triton":
+        return _tk().quantize_blocks(w, pow2)
+    return ref.quantize_128x128(w, pow2)
+
+
+@_q128_op.register_fake
+def _(w, pow2, backend):
+    N, K = w.shape
+    return (w.new_empty((N, K), dtype=torch.float8_e4m3fn),
+            w.new_empty((-(-N // ref.TILE), -(-K // ref.TILE)), dtype=torch.float32))
+
+
+@torch.library.custom_op("fusedtune::fp8_gemm", mutates_args=())
+def _gemm_op(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, b_block_rows: int,
+             b_transposed: bool, out_dtype: str, backend: str) -> torch.Tensor:
+    dt = _DTYPES[out_dtype]
+    if backend == "triton":
+        return _tk().gemm(a_q, a_s, b_q, b_s, b_block_rows, dt, b_transposed)
+    if b_transposed:
+        b_q = b_q.t()
+    return ref.gemm(a_q, a_s, b_q, b_s, b_block_rows, dt)
+
+
+@_gemm_op.register_fake
+def _(a_q, a_s, b_q, b_s, b_block_rows, b_transposed, out_dtype, backend):
+    return a_q.new_empty((a_q.shape[0], b_q.shape[1] if b_transposed else b_q.shape[0]), dtype=_DTYPES[out_dtype])
+
+
+def _name(dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _check_2d(t, what):
+    if not torch.is_tensor(t) or t.dim() != 2:
+        raise ValueError(f"fp8: {what} must be a 2-D tensor, got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
+
+
+def _resolve(op, t, backend):
+    name = _backend.resolve(op, t.device, _HAS, backend)
+    if name == "triton" and t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 9):
+        cap = "%d.%d" % torch.cuda.get_device_capability(t.device)
+        raise _backend.BackendError(f"fp8: FP8 tensor cores need sm_89 or newer; this GPU is sm_{cap.replace('.', '')}"
+                                    " (use bf16 nn.Linear there; fusedtune.report states it)")
+    return name
+
+
+def fp8_quantize_1x128(x, pow2: bool = False, transpose: bool = True, backend: str | None = None):
+    _check_2d(x, "x")
+    if x.dtype not in _FLOATS:
+        raise TypeError(f"fp8_quantize_1x128: x must be float32/bfloat16/float16, got {x.dtype}")
+    if x.stride(-1) != 1:
+        x = x.contiguous()
+    return _q1_op(x, bool(pow2), bool(transpose), _resolve("fp8_quantize", x, backend))
+
+
+def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None):
+    _check_2d(w, "w")
+    if w.dtype not in _FLOATS:
+        raise TypeError(f"fp8_quantize_128x128: w must be float32/bfloat16/float16, got {w.dtype}")
+    if w.stride(-1) != 1:
+        w = w.contiguous()
+    return _q128_op(w, bool(pow2), _resolve("fp8_quantize", w, backend))
+
+
+def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat16, b_transposed: bool = False,
+             backend: str | None = None) -> torch.Tensor:
+    for t, n in ((a_q, "a_q"), (b_q, "b_q"), (a_s, "a_s"), (b_s, "b_s")):
+        _check_2d(t, n)
+    if a_q.dtype != torch.float8_e4m3fn or b_q.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8_gemm: a_q and b_q must be float8_e4m3fn, got {a_q.dtype} and {b_q.dtype}")
+    if a_s.dtype != torch.float32 or b_s.dtype != torch.float32:
+        raise TypeError("fp8_gemm: scales must be float32")
+    if b_block_rows not in (1, ref.TILE):
+        raise ValueError(f"fp8_gemm: b_block_rows must be 1 (1x128 scales) or 128 (128x128), got {b_block_rows}")
+    M, K = a_q.shape
+    N, Kb = (b_q.shape[1], b_q.shape[0]) if b_transposed else b_q.shape
+    if Kb != K:
+        raise ValueError(f"fp8_gemm: A has K={K}, B has K={Kb}")
+    KB = -(-K // ref.TILE)
+    bs_shape = (-(-N // b_block_rows), KB)      # always [output rows or blocks, K blocks]
+    if a_s.shape != (M, KB) or b_s.shape != bs_shape:
+        raise ValueError(f"fp8_gemm: scales must be a_s {(M, KB)} and b_s {bs_shape}, got {tuple(a_s.shape)} and "
+                         f"{tuple(b_s.shape)}")
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"fp8_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
+    return _gemm_op(a_q, a_s.contiguous(), b_q, b_s.contiguous(), int(b_block_rows), bool(b_transposed),
+                    _name(out_dtype), _resolve("fp8_gemm", a_q, backend))
+
+
+# ----------------------------------------------------------------------------------------- FP8 linear
+
+@torch.library.custom_op("fusedtune::fp8_linear", mutates_args=())
+def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
+               w_s: torch.Tensor, pow2: bool, need_wgrad: bool,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """weight is the high-precision master (for the gradient only); w_q, w_s its 128x128 quantization.
+    need_wgrad: also quantize x column-wise (saved for dW = dy^T x)."""
+    qr, sr, qc, sc = _q1_op(x, pow2, need_wgrad, backend)
+    y = _gemm_op(qr, sr, w_q, w_s, ref.TILE, False, _name(x.dtype), backend)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y, qc, sc
+
+
+@_linear_op.register_fake
+def _(x, weight, bias, w_q, w_s, pow2, need_wgrad, backend):
+    M, K = x.shape
+    if not need_wgrad:
+        return (x.new_empty((M, weight.shape[0])), x.new_empty((0,), dtype=torch.float8_e4m3fn),
+                x.new_empty((0,), dtype=torch.float32))
+    return (x.new_empty((M, weight.shape[0])), x.new_empty((K, M), dtype=torch.float8_e4m3fn),
+            x.new_empty((K, -(-M // ref.TILE)), dtype=torch.float32))
+
+
+def _lin_setup(ctx, inputs, output):
+    x, weight, bias, w_q, w_s, pow2, need_wgrad, backend = inputs
+    ctx.save_for_backward(output[1], output[2], w_q, w_s)   # FP8 x^T and its scales, not a 16-bit x
+    ctx.args = (pow2, backend, x.dtype, weight.dtype, bias is not None)
+    ctx.mark_non_differentiable(output[1], output[2])
+
+
+def _lin_backward(ctx, dy, _dq, _ds):
+    xq_c, xs_c, w_q, w_s = ctx.saved_tensors
+    pow2, backend, x_dtype, w_dtype, has_bias = ctx.args
+    g = ctx.needs_input_grad
+    dq_r, ds_r, dq_c, ds_c = _q1_op(dy.contiguous(), pow2, bool(g[1]), backend)
+    dx = dW = db = None
+    if g[0]:   # dX = dy . W: B = W^T [K, N], its 128x128 scales transposed
+        dx = _gemm_op(dq_r, ds_r, w_q, w_s.t().contiguous(), ref.TILE, True, _name(x_dtype), backend)
+    if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
+        dW = _gemm_op(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
+    if has_bias and g[2]:
+        db = dy.float().sum(0).to(dy.dtype)
+    return dx, dW, db, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedtune::fp8_linear", _lin_backward, setup_context=_lin_setup)
+
+
+def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, backend: str | None = None):
+    """y = x W^T + b with x in 1x128 FP8 and W in 128x128 FP8 (quantized here unless w_q, w_s are given)."""
+    if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
+        raise TypeError(f"fp8_linear: x and weight must be float32/bfloat16/float16, got {x.dtype}, {weight.dtype}")
+    _check_2d(weight, "weight")
+    N, K = weight.shape
+    if x.shape[-1] != K:
+        raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, the weight expects {K}")
+    if w_q is None:
+        with torch.no_grad():
+            w_q, w_s = fp8_quantize_128x128(weight.detach(), pow2, backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, K)
+    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
+        x2 = x2.contiguous()
+    name = _resolve("fp8_linear", x, backend)
+    y, _, _ = _linear_op(x2, weight, bias, w_q, w_s, bool(pow2), bool(weight.requires_grad), name)
+    return y.reshape(*lead, N)
+
+
+def fp8_backend(device, backend: str | None = None) -> dict:
+    return _backend.explain("fp8_linear", torch.device(device), _HAS, backend)

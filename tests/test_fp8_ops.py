@@ -1,0 +1,190 @@
+"""FP8 family on the CPU: the quantizers against first principles (torch's own float8 cast, per-tile
+maxima), the scale rules (zero, inf, NaN, powers of two), the block-scaled GEMM against an fp64
+product of the dequantized operands, SQNR targets and the outlier-channel comparison with tensorwise
+scaling, FP8Linear training, opcheck, compile and bad input."""
+import pytest
+import torch
+
+import fusedtune
+from fusedtune.ops import fp8 as F8
+from fusedtune.ops.fp8 import _gemm_op, _linear_op, _q1_op
+from fusedtune.reference import fp8 as ref
+
+E4M3 = torch.float8_e4m3fn
+
+
+def _x(M, K, seed=0, scale=1.0):
+    return torch.randn(M, K, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 130), (200, 300), (128, 256)])
+def test_quantize_1x128_from_first_principles(M, K):
+    x = _x(M, K) * torch.logspace(-3, 3, K)[None, :]
+    qr, sr, qc, sc = F8.fp8_quantize_1x128(x, backend="reference")
+    assert qr.dtype == E4M3 and sr.shape == (M, (K + 127) // 128) and qc.shape == (K, M)
+    for m in range(0, M, max(1, M // 7)):
+        for kb in range(sr.shape[1]):
+            tile = x[m, kb * 128:(kb + 1) * 128]
+            s = tile.abs().max() / 448.0
+            assert sr[m, kb].item() == pytest.approx(s.item(), rel=1e-7)
+            assert torch.equal(qr[m, kb * 128:(kb + 1) * 128].view(torch.uint8), (tile / s).to(E4M3).view(torch.uint8))
+    assert torch.equal(qc.view(torch.uint8), F8.fp8_quantize_1x128(x.t().contiguous(), backend="reference")[0]
+                       .view(torch.uint8))
+    assert ref.dequantize_rows(qr, sr).abs().max() <= x.abs().max() * (1 + 2 ** -4)
+
+
+def test_quantize_128x128_transposes_with_its_scales():
+    w = _x(300, 260, 1) * 0.02
+    q, s = F8.fp8_quantize_128x128(w, backend="reference")
+    assert s.shape == (3, 3)
+    assert s[1, 2].item() == pytest.approx((w[128:256, 256:].abs().max() / 448).item(), rel=1e-7)
+    qt, st = F8.fp8_quantize_128x128(w.t().contiguous(), backend="reference")
+    assert torch.equal(qt.view(torch.uint8), q.t().contiguous().view(torch.uint8)) and torch.equal(st, s.t())
+
+
+def test_scale_rules_zero_inf_nan_and_pow2():
+    x = _x(4, 384, 2)
+    x[0, :128] = 0.0
+    x[1, 130] = float("inf")
+    x[2, 300] = float("nan")
+    qr, sr, _, _ = F8.fp8_quantize_1x128(x, backend="reference")
+    assert sr[0, 0].item() == 1.0 and (qr[0, :128].float() == 0).all()
+    assert torch.isnan(sr[1, 1]) and torch.isnan(qr[1, 128:256].float()).all()      # the whole tile
+    assert torch.isnan(sr[2, 2]) and torch.isnan(ref.dequantize_rows(qr, sr)[2, 256:]).all()
+    assert torch.isfinite(sr[1, 0]) and torch.isfinite(sr[1, 2])                      # neighbours unharmed
+    _, sp, _, _ = F8.fp8_quantize_1x128(x, pow2=True, backend="reference")
+    fin = torch.isfinite(sp)
+    m, _ = torch.frexp(sp[fin])
+    assert (m == 0.5).all() and (sp[fin] >= sr[fin]).all() and (sp[fin] < 2 * sr[fin]).all()
+    # pow2 scales make x / s exact: dequantizing then re-quantizing reproduces the bytes
+    q2, _ = ref.quantize_rows(torch.nan_to_num(ref.dequantize_rows(*ref.quantize_rows(_x(3, 256), True))), True)
+    q1, _ = ref.quantize_rows(_x(3, 256), True)
+    assert torch.equal(q1.view(torch.uint8), q2.view(torch.uint8))
+
+
+@pytest.mark.parametrize("M,N,K", [(64, 48, 256), (33, 70, 200)])
+@pytest.mark.parametrize("b_rows", [1, 128])
+def test_gemm_equals_fp64_product_of_dequantized_blocks(M, N, K, b_rows):
+    a_q, a_s = ref.quantize_rows(_x(M, K, 3))
+    b = _x(N, K, 4)
+    b_q, b_s = ref.quantize_rows(b) if b_rows == 1 else ref.quantize_128x128(b)
+    got = F8.fp8_gemm(a_q, a_s, b_q, b_s, b_rows, torch.float32, backend="reference")
+    bd = ref.dequantize_rows(b_q, b_s) if b_rows == 1 else ref.dequantize_blocks(b_q, b_s)
+    exact = ref.dequantize_rows(a_q, a_s).double() @ bd.double().t()
+    torch.testing.assert_close(got.double(), exact, atol=1e-4, rtol=1e-5)
+
+
+def test_sqnr_targets_and_outlier_channels_beat_tensorwise():
+    x = _x(512, 1024, 5)
+    w = _x(768, 1024, 6) * 0.02
+    dy = _x(512, 768, 7)
+    y = F8.fp8_linear(x, w, backend="reference")
+    assert ref.sqnr_db(y, x @ w.t()) >= 25
+    xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F8.fp8_linear(xg, wg, backend="reference").backward(dy)
+    assert ref.sqnr_db(xg.grad, dy @ w) >= 18 and ref.sqnr_db(wg.grad, dy.t() @ x) >= 18
+    # outlier channels (two input features 100x larger): tiles without them keep their resolution, where a
+    # tensorwise scale pushes the ordinary values down toward E4M3's subnormals
+    xo = x.clone()
+    xo[:, :2] *= 100
+    s_t = xo.abs().max() / 448
+    x_tw = (xo / s_t).to(E4M3).float() * s_t
+    assert ref.sqnr_db(ref.dequantize_rows(*ref.quantize_rows(xo)), xo) > ref.sqnr_db(x_tw, xo) + 3
+    s_w = w.abs().max() / 448
+    y_tw = x_tw @ ((w / s_w).to(E4M3).float() * s_w).t()
+    assert ref.sqnr_db(F8.fp8_linear(xo, w, backend="reference"), xo @ w.t()) > ref.sqnr_db(y_tw, xo @ w.t()) + 1
+
+
+def test_fp8_linear_training_follows_bf16():
+    from fusedtune.nn import FP8Linear
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.GELU(), torch.nn.Linear(256, 10))
+    net8 = torch.nn.Sequential(FP8Linear.from_linear(torch.nn.Linear(64, 256)), torch.nn.GELU(),
+                               FP8Linear.from_linear(torch.nn.Linear(256, 10)))
+    net8.load_state_dict(net.state_dict())
+    data = torch.randn(256, 64, generator=torch.Generator().manual_seed(1))
+    target = (data[:, :10] * 2).argmax(1)
+    losses = {}
+    for name, m in (("fp32", net), ("fp8", net8)):
+        opt = torch.optim.AdamW(m.parameters(), lr=3e-3)
+        cur = []
+        for i in range(60):
+            b = slice((i * 32) % 256, (i * 32) % 256 + 32)
+            loss = torch.nn.functional.cross_entropy(m(data[b]), target[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            cur.append(loss.item())
+        losses[name] = cur
+    a, b = sum(losses["fp32"][-10:]) / 10, sum(losses["fp8"][-10:]) / 10
+    assert b < losses["fp8"][0] * 0.5 and abs(a - b) < 0.1 * max(a, 0.1) + 0.05
+
+
+def test_saves_fp8_activations_not_16bit_copies():
+    x = torch.randn(300, 256, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(128, 256, dtype=torch.bfloat16, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        F8.fp8_linear(x, w, backend="reference")
+    assert saved and all(t.dtype in (torch.float8_e4m3fn, torch.float32) for t in saved)
+    assert not any(t.dtype == torch.bfloat16 and t.shape == x.shape for t in saved)
+
+
+def test_opcheck():
+    x = _x(40, 300, 8)
+    torch.library.opcheck(_q1_op, (x, False, True, "reference"))
+    a_q, a_s = ref.quantize_rows(x)
+    b_q, b_s = ref.quantize_128x128(_x(70, 300, 9))
+    torch.library.opcheck(_gemm_op, (a_q, a_s, b_q, b_s, 128, False, "float32", "reference"),
+                          test_utils=("test_faketensor", "test_aot_dispatch_static"))  # test_schema multiplies fp8 inputs
+    w = _x(70, 300, 9).requires_grad_()
+    torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, False, True, "reference"),
+                          test_utils=("test_faketensor", "test_autograd_registration"))
+
+
+def test_compile_fullgraph():
+    from fusedtune.nn import FP8Linear
+    layer = FP8Linear(96, 40, backend="reference")
+    layer.weight.requires_grad_(False)
+    x = torch.randn(3, 7, 96, requires_grad=True)
+    eager = layer(x)
+    comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(comp, eager)
+    assert torch.autograd.grad(comp.sum(), x)[0].shape == x.shape
+
+
+def test_convert_and_patch_method():
+    import transformers
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    m2 = fusedtune.fp8.convert(transformers.LlamaForCausalLM(cfg))
+    from fusedtune.nn import FP8Linear
+    assert sum(isinstance(m, FP8Linear) for m in m2.modules()) == 14 and type(m2.lm_head) is torch.nn.Linear
+    rep = fusedtune.patch(model, "fp8", lr=3e-3)
+    assert rep.trainable_params == sum(p.numel() for p in model.parameters())
+    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(6)]
+    assert losses[-1] < losses[0]
+    fusedtune.unpatch(model)
+    assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+def test_bad_inputs():
+    with pytest.raises(TypeError, match="must be float32/bfloat16/float16"):
+        F8.fp8_quantize_1x128(torch.zeros(4, 4, dtype=torch.int32))
+    with pytest.raises(ValueError, match="2-D"):
+        F8.fp8_quantize_128x128(torch.zeros(4))
+    a_q, a_s = ref.quantize_rows(_x(8, 256))
+    b_q, b_s = ref.quantize_128x128(_x(16, 256))
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        F8.fp8_gemm(a_q.float(), a_s, b_q, b_s)
+    with pytest.raises(ValueError, match="b_block_rows must be 1"):
+        F8.fp8_gemm(a_q, a_s, b_q, b_s, 64)
+    with pytest.raises(ValueError, match="scales must be"):
+        F8.fp8_gemm(a_q, a_s, b_q, b_s, 1)
+    with pytest.raises(ValueError, match="A has K=256, B has K=128"):
+        F8.fp8_gemm(a_q, a_s, b_q[:, :128], b_s[:, :1])
+    with pytest.raises(ValueError, match="x has 5 features"):
+        F8.fp8_linear(torch.randn(2, 5), torch.randn(3, 4))

@@ -1,0 +1,221 @@
+"""FP8 family, Triton kernels (the math of python/fusedtune/reference/fp8.py).
+
+fp8_quant_rows_kernel   one read of a [128, 128] tile of x [M, K]: the 1x128 row-wise copy (scales per
+                        row and 128 columns) and, with COL, the column-wise copy written transposed
+                        [K, M] (scales per column and 128 rows)
+fp8_quant_blocks_kernel 128x128 blocks of a weight, one scale per block
+fp8_gemm_kernel         C = sum over 128-wide K blocks of (A_kb . B_kb^T) * a_scale * b_scale: each
+                        block's FP8 tensor-core partial sum is promoted into the fp32 accumulator with
+                        both scales (DeepGEMM's promotion); B's scales per row (1x128) or per 128 rows
+
+The E4M3 conversion is done with integer operations (round to nearest even, saturation at 448, NaN,
+subnormals), not with the hardware/interpreter cast, so that the bytes are identical on every target
+and in the interpreter (whose fp8 cast drops subnormals and mangles NaN); the division x / s is
+IEEE (div_rn). Quantized tensors are written through a uint8 view.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .registry import KernelSpec, register
+
+_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+TILE = 128
+_GEMM_CONFIGS = [(128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
+if _INTERP:
+    _GEMM_CONFIGS = [(32, 32, 4, 1)]
+
+
+@triton.jit
+def _scale(amax, has_nan, POW2: tl.constexpr):
+    """Dequantization multiplier of a block: amax / 448 (pow2: rounded up to a power of two); 1 for an
+    all-zero block; NaN when the block holds inf or NaN."""
+    s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
+    if POW2:
+        b = s.to(tl.int32, bitcast=True)
+        up = (b & 0x7FFFFF) != 0
+        b = tl.where(up, ((b >> 23) + 1) << 23, b)
+        s = b.to(tl.float32, bitcast=True)
+    s = tl.where(amax == 0.0, 1.0, s)
+    bad = has_nan | (amax == float("inf"))
+    return tl.where(bad, float("nan"), s)
+
+
+@triton.jit
+def _e4m3_bits(v):
+    """float32 -> E4M3 (fn) bits as int32: round to nearest even, saturate at 448, NaN -> 0x7F."""
+    bits = v.to(tl.int32, bitcast=True)
+    sign = (bits >> 24) & 0x80
+    a_bits = bits & 0x7FFFFFFF
+    a = a_bits.to(tl.float32, bitcast=True)
+    b = a_bits - (120 << 23)                              # rebias the exponent: 127 -> 7
+    normal = (b + 0x7FFFF + ((b >> 20) & 1)) >> 20        # drop 20 mantissa bits, ties to even
+    t = a * 512.0                                          # subnormals: m * 2^-9, m = rne(a * 2^9)
+    sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
+    code = tl.where(a < 0.015625, sub, normal)
+    code = tl.minimum(code, 0x7E)                          # saturate at 448 (also inf)
+    code = tl.where(a_bits > 0x7F800000, 0x7F, code)       # NaN
+    return code | sign
+
+
+@triton.jit
+def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm, KB, MB,
+                          COL: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    m_ok = offs_m < M
+    k_ok = offs_k < K
+    ok = m_ok[:, None] & k_ok[None, :]
+    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+    ax = tl.abs(x)
+    isnan = (x != x).to(tl.int32)
+    s_r = _scale(tl.max(ax, axis=1), tl.max(isnan, axis=1) > 0, POW2)
+    q_r = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (BLOCK, BLOCK))))
+    tl.store(qr_ptr + offs_m[:, None] * K + offs_k[None, :], q_r.to(tl.uint8), mask=ok)
+    tl.store(sr_ptr + offs_m * KB + pid_k, s_r, mask=m_ok)
+    if COL:
+        s_c = _scale(tl.max(ax, axis=0), tl.max(isnan, axis=0) > 0, POW2)
+        q_c = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_c[None, :], (BLOCK, BLOCK))))
+        tl.store(qc_ptr + offs_k[None, :] * M + offs_m[:, None], q_c.to(tl.uint8), mask=ok)
+        tl.store(sc_ptr + offs_k * MB + pid_m, s_c, mask=k_ok)
+
+
+@triton.jit
+def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, BLOCK: tl.constexpr):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
+    offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
+    ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
+    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
+    has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0
+    s = _scale(amax, has_nan, POW2)
+    q = _e4m3_bits(tl.math.div_rn(w, tl.full((BLOCK, BLOCK), 1.0, tl.float32) * s))
+    tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(tl.uint8), mask=ok)
+    tl.store(s_ptr + pid_n * KB + pid_k, s)
+
+
+@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                          for m, n, w, s in _GEMM_CONFIGS], key=["M", "N", "K"])
+@triton.jit
+def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am, stride_bn, stride_bk, stride_cm,
+                    B_ROWS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    b_rows = offs_n // B_ROWS
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for kb in range(0, KB):
+        k_ok = (kb * BLOCK_K + offs_k) < K
+        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        part = tl.dot(a, b)
+        sa = tl.load(as_ptr + offs_m * KB + kb, mask=m_ok, other=0.0)
+        sb = tl.load(bs_ptr + b_rows * KB + kb, mask=n_ok, other=0.0)
+        acc += part * sa[:, None] * sb[None, :]
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
+
+
+# ---------------------------------------------------------------------------------------- launchers
+
+def _cdiv(a, b):
+    return (a + b - 1) // b
+
+
+def _check32(what, *tensors):
+    if any(t.numel() >= 2**31 for t in tensors):
+        raise ValueError(f"fp8 {what}: the Triton kernels index with 32 bits; split tensors of 2^31 elements or more")
+
+
+def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
+    """x [M, K] (last dim contiguous) -> (q_row, s_row, q_col or None, s_col or None)."""
+    M, K = x.shape
+    _check32("quantize", x)
+    KB, MB = _cdiv(K, TILE), _cdiv(M, TILE)
+    dev = x.device
+    q_r = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=dev)
+    s_r = torch.empty((M, KB), dtype=torch.float32, device=dev)
+    q_c = torch.empty((K, M), dtype=torch.float8_e4m3fn, device=dev) if col else None
+    s_c = torch.empty((K, MB), dtype=torch.float32, device=dev) if col else None
+    if M and K:
+        fp8_quant_rows_kernel[(MB, KB)](x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r,
+                                        s_c if col else s_r, M, K, x.stride(0), KB, MB, COL=col, POW2=pow2,
+                                        BLOCK=TILE, num_warps=8)
+    return q_r, s_r, q_c, s_c
+
+
+def quantize_blocks(w: torch.Tensor, pow2: bool):
+    N, K = w.shape
+    _check32("quantize", w)
+    NB, KB = _cdiv(N, TILE), _cdiv(K, TILE)
+    q = torch.empty((N, K), dtype=torch.float8_e4m3fn, device=w.device)
+    s = torch.empty((NB, KB), dtype=torch.float32, device=w.device)
+    if N and K:
+        fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, N, K, w.stride(0), KB, POW2=pow2, BLOCK=TILE,
+                                          num_warps=8)
+    return q, s
+
+
+def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False):
+    """C [M, N] = A . B^T with block promotion. b_q is [N, K] (b_transposed: stored [K, N]); b_s is
+    [N rows or N/128 blocks, K/128] either way."""
+    M, K = a_q.shape
+    N = b_q.shape[1] if b_transposed else b_q.shape[0]
+    _check32("gemm", a_q, b_q)
+    c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
+    if M == 0 or N == 0:
+        return c
+    if K == 0:
+        return c.zero_()
+    sbn, sbk = (1, b_q.stride(0)) if b_transposed else (b_q.stride(0), 1)
+    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, _cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
+                          B_ROWS=b_rows, GROUP_M=8, BLOCK_K=TILE)
+    return c
+
+
+# ---------------------------------------------------------------------------------------- kernel report
+
+_Q_SIG = {"x_ptr": "*bf16", "qr_ptr": "*u8", "sr_ptr": "*fp32", "qc_ptr": "*u8", "sc_ptr": "*fp32", "M": "i32",
+          "K": "i32", "stride_xm": "i32", "KB": "i32", "MB": "i32"}
+register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_rows_kernel, signature=_Q_SIG,
+                    configs=[{"constexprs": dict(COL=c, POW2=p, BLOCK=TILE), "num_warps": 8, "num_stages": 1}
+                             for c, p in ((True, False), (False, True))]))
+register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel,
+                    signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "N": "i32", "K": "i32",
+                               "stride_wn": "i32", "KB": "i32"},
+                    configs=[{"constexprs": dict(POW2=False, BLOCK=TILE), "num_warps": 8, "num_stages": 1}]))
+_G_SIG = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
+          "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_am": "i32", "stride_cm": "i32"}
+register(KernelSpec(
+    family="fp8", name="fp8_gemm_kernel", fn=fp8_gemm_kernel.fn, signature=_G_SIG, gemm=True, targets=(89, 90),
+    configs=[{"constexprs": dict(B_ROWS=br, GROUP_M=8, BLOCK_K=TILE, BLOCK_M=m, BLOCK_N=n, **consts),
+              "signature": sig, "num_warps": w, "num_stages": s,
+              "aligned": [k for k, t in _G_SIG.items() if t.startswith("*")] + ["N", "K", "stride_am", "stride_cm"]}
+             for m, n, w, s in _GEMM_CONFIGS
+             for br, consts, sig in ((128, {"stride_bk": 1}, {"stride_bn": "i32"}),
+                                     (1, {"stride_bk": 1}, {"stride_bn": "i32"}),
+                                     (128, {"stride_bn": 1}, {"stride_bk": "i32"}))][: 3 * len(_GEMM_CONFIGS)]))
