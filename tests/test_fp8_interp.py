@@ -1,0 +1,85 @@
+"""FP8 Triton kernels in the interpreter: the quantizers byte-identical to the reference (torch's
+float8 cast), the integer E4M3 conversion over edge values, the block-scaled GEMM (the interpreter
+runs fp8 dots exactly) against the reference emulation, and FP8Linear's backward."""
+import pytest
+import torch
+
+from fusedtune.ops import fp8 as F8
+from fusedtune.reference import fp8 as ref
+
+pytestmark = pytest.mark.interp
+
+
+def _u8(t):
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t
+
+
+def _same(a, b):
+    """Bytes equal, NaN bytes compared as NaN (torch writes 0x7F or 0xFF)."""
+    if a.dtype == torch.float8_e4m3fn:
+        na, nb = torch.isnan(a.float()), torch.isnan(b.float())
+        return torch.equal(na, nb) and torch.equal(_u8(a)[~na], _u8(b)[~nb])
+    return torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0))
+
+
+@pytest.mark.parametrize("M,K", [(5, 130), (200, 300), (128, 128)])
+@pytest.mark.parametrize("pow2", [False, True])
+def test_quantize_1x128_bytes_equal_reference(M, K, pow2):
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(K)) * torch.logspace(-4, 3, K)[None, :]
+    x[0, :3] = torch.tensor([1e-9, -3e-5, 0.0])
+    if M > 3:
+        x[1, 7] = float("inf")
+        x[2, K - 1] = float("nan")
+        x[3, :] = 0.0
+    got = F8.fp8_quantize_1x128(x, pow2=pow2, backend="triton")
+    want = F8.fp8_quantize_1x128(x, pow2=pow2, backend="reference")
+    for i, (a, b) in enumerate(zip(got, want)):
+        assert a.shape == b.shape and _same(a, b), f"output {i}"
+
+
+def test_quantize_128x128_bytes_equal_reference():
+    w = torch.randn(300, 260, generator=torch.Generator().manual_seed(1)) * 0.02
+    w[5, 5] = float("nan")
+    got = F8.fp8_quantize_128x128(w, backend="triton")
+    want = F8.fp8_quantize_128x128(w, backend="reference")
+    assert all(_same(a, b) for a, b in zip(got, want))
+
+
+def test_integer_e4m3_conversion_matches_torch_cast_on_edges():
+    # every E4M3 value, the midpoints between neighbours (ties to even), just above/below, saturation
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (vals[1:] + vals[:-1]) / 2
+    near = torch.cat([vals, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20),
+                      torch.tensor([448., 447.9, 2 ** -10, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 1e-30])])
+    x = torch.cat([near, -near]).reshape(1, -1)
+    x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
+    x[:, 0] = 448.0            # every row's amax is 448: scale 1, so the kernel casts the values themselves
+    got = F8.fp8_quantize_1x128(x, transpose=False, backend="triton")
+    assert (got[1] == 1.0).all()
+    assert _same(got[0], x.to(torch.float8_e4m3fn))
+
+
+@pytest.mark.parametrize("b_rows,transposed", [(1, False), (128, False), (128, True)])  # (128, True): dX = dy W
+def test_gemm_matches_reference(b_rows, transposed):
+    a_q, a_s = ref.quantize_rows(torch.randn(70, 300, generator=torch.Generator().manual_seed(2)))
+    b = torch.randn(90, 300, generator=torch.Generator().manual_seed(3))
+    b_q, b_s = ref.quantize_rows(b) if b_rows == 1 else ref.quantize_128x128(b)
+    if transposed:
+        b_q = b_q.t().contiguous()       # stored [K, N]
+    got = F8.fp8_gemm(a_q, a_s, b_q, b_s, b_rows, torch.float32, transposed, backend="triton")
+    want = F8.fp8_gemm(a_q, a_s, b_q, b_s, b_rows, torch.float32, transposed, backend="reference")
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)
+
+
+def test_fp8_linear_forward_backward_matches_reference():
+    x = torch.randn(150, 260, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(140, 260, generator=torch.Generator().manual_seed(5)) * 0.05
+    dy = torch.randn(150, 140, generator=torch.Generator().manual_seed(6))
+    res = {}
+    for be in ("triton", "reference"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F8.fp8_linear(xi, wi, backend=be)
+        y.backward(dy)
+        res[be] = (y, xi.grad, wi.grad)
+    for a, b in zip(res["triton"], res["reference"]):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)
