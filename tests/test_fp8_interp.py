@@ -60,9 +60,10 @@ def test_integer_e4m3_conversion_matches_torch_cast_on_edges():
 
 
 @pytest.mark.parametrize("b_rows,transposed", [(1, False), (128, False), (128, True)])  # (128, True): dX = dy W
-def test_gemm_matches_reference(b_rows, transposed):
-    a_q, a_s = ref.quantize_rows(torch.randn(70, 300, generator=torch.Generator().manual_seed(2)))
-    b = torch.randn(90, 300, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("K", [300, 256])
+def test_gemm_matches_reference(b_rows, transposed, K):
+    a_q, a_s = ref.quantize_rows(torch.randn(70, K, generator=torch.Generator().manual_seed(2)))
+    b = torch.randn(90, K, generator=torch.Generator().manual_seed(3))
     b_q, b_s = ref.quantize_rows(b) if b_rows == 1 else ref.quantize_128x128(b)
     if transposed:
         b_q = b_q.t().contiguous()       # stored [K, N]

@@ -25,7 +25,8 @@ from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 TILE = 128
-_GEMM_CONFIGS = [(128, 128, 8, 4), (128, 128, 4, 3), (64, 128, 4, 4), (128, 64, 4, 4), (64, 64, 4, 3)]
+_CHUNK = 16 if _INTERP else 32   # rows of a quantizer tile converted at once
+_GEMM_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)]
 if _INTERP:
     _GEMM_CONFIGS = [(32, 32, 4, 1)]
 
@@ -64,49 +65,69 @@ def _e4m3_bits(v):
 
 @triton.jit
 def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm, KB, MB,
-                          COL: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr):
+                          COL: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One [BLOCK, BLOCK] tile, walked in row chunks of CHUNK (the E4M3 conversion of a whole tile at once
+    does not fit in registers): with COL, a first pass takes the column maxima, a second pass (the
+    tile is in L2 by then) writes both copies."""
     pid_m = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_m = pid_m * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
-    m_ok = offs_m < M
     k_ok = offs_k < K
-    ok = m_ok[:, None] & k_ok[None, :]
-    x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-    ax = tl.abs(x)
-    isnan = (x != x).to(tl.int32)
-    s_r = _scale(tl.max(ax, axis=1), tl.max(isnan, axis=1) > 0, POW2)
-    q_r = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (BLOCK, BLOCK))))
-    tl.store(qr_ptr + offs_m[:, None] * K + offs_k[None, :], q_r.to(tl.uint8), mask=ok)
-    tl.store(sr_ptr + offs_m * KB + pid_k, s_r, mask=m_ok)
     if COL:
-        s_c = _scale(tl.max(ax, axis=0), tl.max(isnan, axis=0) > 0, POW2)
-        q_c = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_c[None, :], (BLOCK, BLOCK))))
-        tl.store(qc_ptr + offs_k[None, :] * M + offs_m[:, None], q_c.to(tl.uint8), mask=ok)
+        amax_c = tl.zeros((BLOCK,), tl.float32)
+        nan_c = tl.zeros((BLOCK,), tl.int32)
+        for c0 in tl.static_range(0, BLOCK, CHUNK):
+            offs_m = pid_m * BLOCK + c0 + tl.arange(0, CHUNK)
+            ok = (offs_m < M)[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+            amax_c = tl.maximum(amax_c, tl.max(tl.abs(x), axis=0))
+            nan_c = tl.maximum(nan_c, tl.max((x != x).to(tl.int32), axis=0))
+        s_c = _scale(amax_c, nan_c > 0, POW2)
         tl.store(sc_ptr + offs_k * MB + pid_m, s_c, mask=k_ok)
+    for c0 in tl.static_range(0, BLOCK, CHUNK):
+        offs_m = pid_m * BLOCK + c0 + tl.arange(0, CHUNK)
+        m_ok = offs_m < M
+        ok = m_ok[:, None] & k_ok[None, :]
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        s_r = _scale(tl.max(tl.abs(x), axis=1), tl.max((x != x).to(tl.int32), axis=1) > 0, POW2)
+        q_r = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (CHUNK, BLOCK))))
+        tl.store(qr_ptr + offs_m[:, None] * K + offs_k[None, :], q_r.to(tl.uint8), mask=ok)
+        tl.store(sr_ptr + offs_m * KB + pid_k, s_r, mask=m_ok)
+        if COL:
+            q_c = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_c[None, :], (CHUNK, BLOCK))))
+            tl.store(qc_ptr + offs_k[None, :] * M + offs_m[:, None], q_c.to(tl.uint8), mask=ok)
 
 
 @triton.jit
-def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, BLOCK: tl.constexpr):
+def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, BLOCK: tl.constexpr,
+                            CHUNK: tl.constexpr):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
-    offs_n = pid_n * BLOCK + tl.arange(0, BLOCK)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
-    ok = (offs_n < N)[:, None] & (offs_k < K)[None, :]
-    w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-    amax = tl.max(tl.max(tl.abs(w), axis=1), axis=0)
-    has_nan = tl.max(tl.max((w != w).to(tl.int32), axis=1), axis=0) > 0
-    s = _scale(amax, has_nan, POW2)
-    q = _e4m3_bits(tl.math.div_rn(w, tl.full((BLOCK, BLOCK), 1.0, tl.float32) * s))
-    tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(tl.uint8), mask=ok)
+    k_ok = offs_k < K
+    amax = tl.zeros((BLOCK,), tl.float32)
+    nan = tl.zeros((BLOCK,), tl.int32)
+    for c0 in tl.static_range(0, BLOCK, CHUNK):
+        offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
+        ok = (offs_n < N)[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        amax = tl.maximum(amax, tl.max(tl.abs(w), axis=0))
+        nan = tl.maximum(nan, tl.max((w != w).to(tl.int32), axis=0))
+    s = _scale(tl.max(amax, axis=0), tl.max(nan, axis=0) > 0, POW2)
     tl.store(s_ptr + pid_n * KB + pid_k, s)
+    for c0 in tl.static_range(0, BLOCK, CHUNK):
+        offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
+        ok = (offs_n < N)[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
+        q = _e4m3_bits(tl.math.div_rn(w, tl.full((CHUNK, BLOCK), 1.0, tl.float32) * s))
+        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(tl.uint8), mask=ok)
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
                           for m, n, w, s in _GEMM_CONFIGS], key=["M", "N", "K"])
 @triton.jit
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am, stride_bn, stride_bk, stride_cm,
-                    B_ROWS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                    B_ROWS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
@@ -121,18 +142,24 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am,
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     n_ok = offs_n < N
-    a_ptrs = a_ptr + offs_m[:, None] * stride_am + offs_k[None, :]
-    b_ptrs = b_ptr + offs_n[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    b_rows = offs_n // B_ROWS
+    # rows past the edge read row (m mod M): no load masks; they are discarded at the store
+    am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
+    bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
+    a_ptrs = a_ptr + am[:, None] * stride_am + offs_k[None, :]
+    b_ptrs = b_ptr + bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
+    as_ptrs = as_ptr + am * KB
+    bs_ptrs = bs_ptr + (bn // B_ROWS) * KB
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
-        k_ok = (kb * BLOCK_K + offs_k) < K
-        a = tl.load(a_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(b_ptrs, mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+        if EVEN_K:
+            a = tl.load(a_ptrs)
+            b = tl.load(b_ptrs)
+        else:
+            k_ok = (kb * BLOCK_K + offs_k) < K
+            a = tl.load(a_ptrs, mask=k_ok[None, :], other=0.0)
+            b = tl.load(b_ptrs, mask=k_ok[:, None], other=0.0)
         part = tl.dot(a, b)
-        sa = tl.load(as_ptr + offs_m * KB + kb, mask=m_ok, other=0.0)
-        sb = tl.load(bs_ptr + b_rows * KB + kb, mask=n_ok, other=0.0)
-        acc += part * sa[:, None] * sb[None, :]
+        acc += part * tl.load(as_ptrs + kb)[:, None] * tl.load(bs_ptrs + kb)[None, :]
         a_ptrs += BLOCK_K
         b_ptrs += BLOCK_K * stride_bk
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
@@ -163,7 +190,7 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     if M and K:
         fp8_quant_rows_kernel[(MB, KB)](x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r,
                                         s_c if col else s_r, M, K, x.stride(0), KB, MB, COL=col, POW2=pow2,
-                                        BLOCK=TILE, num_warps=8)
+                                        BLOCK=TILE, CHUNK=_CHUNK, num_warps=4)
     return q_r, s_r, q_c, s_c
 
 
@@ -175,7 +202,7 @@ def quantize_blocks(w: torch.Tensor, pow2: bool):
     s = torch.empty((NB, KB), dtype=torch.float32, device=w.device)
     if N and K:
         fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, N, K, w.stride(0), KB, POW2=pow2, BLOCK=TILE,
-                                          num_warps=8)
+                                          CHUNK=_CHUNK, num_warps=4)
     return q, s
 
 
@@ -193,7 +220,7 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
     sbn, sbk = (1, b_q.stride(0)) if b_transposed else (b_q.stride(0), 1)
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, _cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
-                          B_ROWS=b_rows, GROUP_M=8, BLOCK_K=TILE)
+                          B_ROWS=b_rows, GROUP_M=8, BLOCK_K=TILE, EVEN_K=K % TILE == 0)
     return c
 
 
@@ -201,20 +228,24 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
 
 _Q_SIG = {"x_ptr": "*bf16", "qr_ptr": "*u8", "sr_ptr": "*fp32", "qc_ptr": "*u8", "sc_ptr": "*fp32", "M": "i32",
           "K": "i32", "stride_xm": "i32", "KB": "i32", "MB": "i32"}
+_Q_ALIGNED = [k for k, t in _Q_SIG.items() if t.startswith("*")] + ["M", "K", "stride_xm"]
 register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_rows_kernel, signature=_Q_SIG,
-                    configs=[{"constexprs": dict(COL=c, POW2=p, BLOCK=TILE), "num_warps": 8, "num_stages": 1}
+                    configs=[{"constexprs": dict(COL=c, POW2=p, BLOCK=TILE, CHUNK=32), "num_warps": 4, "num_stages": 1,
+                              "aligned": _Q_ALIGNED}
                              for c, p in ((True, False), (False, True))]))
 register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel,
                     signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "N": "i32", "K": "i32",
                                "stride_wn": "i32", "KB": "i32"},
-                    configs=[{"constexprs": dict(POW2=False, BLOCK=TILE), "num_warps": 8, "num_stages": 1}]))
+                    configs=[{"constexprs": dict(POW2=False, BLOCK=TILE, CHUNK=32), "num_warps": 4, "num_stages": 1,
+                              "aligned": ["w_ptr", "q_ptr", "s_ptr", "N", "K", "stride_wn"]}]))
 _G_SIG = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
           "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_am": "i32", "stride_cm": "i32"}
 register(KernelSpec(
     family="fp8", name="fp8_gemm_kernel", fn=fp8_gemm_kernel.fn, signature=_G_SIG, gemm=True, targets=(89, 90),
-    configs=[{"constexprs": dict(B_ROWS=br, GROUP_M=8, BLOCK_K=TILE, BLOCK_M=m, BLOCK_N=n, **consts),
-              "signature": sig, "num_warps": w, "num_stages": s,
-              "aligned": [k for k, t in _G_SIG.items() if t.startswith("*")] + ["N", "K", "stride_am", "stride_cm"]}
+    configs=[{"constexprs": dict(B_ROWS=br, GROUP_M=8, BLOCK_K=TILE, EVEN_K=True, BLOCK_M=m, BLOCK_N=n, **consts),
+              "signature": sig, "num_warps": w, "num_stages": s,   # runtime strides of LLM shapes are 16-aligned
+              "aligned": [k for k, t in _G_SIG.items() if t.startswith("*")] + ["N", "K", "stride_am", "stride_cm"]
+              + list(sig)}
              for m, n, w, s in _GEMM_CONFIGS
              for br, consts, sig in ((128, {"stride_bk": 1}, {"stride_bn": "i32"}),
                                      (1, {"stride_bk": 1}, {"stride_bn": "i32"}),
