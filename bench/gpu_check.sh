@@ -140,9 +140,10 @@ fi
 # the extension's cubins as built here (the Triton AOT report for every target runs in CI, no GPU needed)
 run_step kernels 20 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
 # one step per family, so that a slow family cannot starve the next one
-run_step bench_zo 50 "$PY" -m fusedtune bench zo --out "$OUT" || true
-run_step bench_hft 60 "$PY" -m fusedtune bench hft --out "$OUT" || true
-run_step bench_lora 60 "$PY" -m fusedtune bench lora --quick --out "$OUT" || true
+run_step bench_zo 40 "$PY" -m fusedtune bench zo --out "$OUT" || true
+run_step bench_hft 50 "$PY" -m fusedtune bench hft --out "$OUT" || true
+run_step bench_lora 50 "$PY" -m fusedtune bench lora --quick --out "$OUT" || true
+run_step bench_fp8 30 "$PY" -m fusedtune bench fp8 --quick --out "$OUT" || true
 run_step bench_sparse_delta 50 "$PY" -m fusedtune bench sparse_delta --quick --out "$OUT" || true  # the SDDMM rows may be slow: --quick
 
 # ---------------------------------------------------------------- summary

@@ -1,0 +1,123 @@
+"""FP8 family benchmark (python -m fusedtune bench fp8).
+
+1. The block-scaled FP8 GEMM (fusedtune.ops.fp8.fp8_gemm, x 1x128 / W 128x128 scales, bf16 out) at
+   M = N = K in {4096, 8192, 16384} (--quick: 8192), against torch's bf16 matmul and
+   torch._scaled_mm with rowwise scales (where this torch and GPU run it), same run. TFLOP/s and % of
+   the H100's 1979 dense FP8 TFLOP/s. Goal on an H100: >= 1000 TFLOP/s at 8192^3.
+2. The 1x128 quantizer with its transposed copy: bandwidth over the bytes it must move (read bf16,
+   write two FP8 copies and their scales) against a bf16 copy of the same tensor.
+3. FP8Linear forward+backward (dX, dW) at 8192 x 8192 x 8192 against bf16 nn.Linear, and against
+   torchao's Float8Linear (rowwise) when torchao is installed. Goal on an H100: >= 1.4x bf16.
+
+--cpu: tiny shapes with the float32 emulation; the rows check the framework, not performance.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import H100_HBM_BYTES_PER_S, roofline_pct, row
+
+SIZES, QUICK_SIZES, TINY_SIZES = (4096, 8192, 16384), (8192,), (256,)
+GOAL_TFLOPS = 1000.0
+GOAL_LINEAR = 1.4
+CPU_NOTE = "CPU framework check, not performance"
+
+
+def _tflops(flops, ms):
+    return flops / (ms * 1e-3) / 1e12
+
+
+def _scaled_mm_rowwise(a16, b16):
+    """torch._scaled_mm with rowwise scales (fp8 copies and scales made outside the timed call)."""
+    sa = a16.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+    sb = b16.abs().amax(1, keepdim=True).float().clamp_min(1e-12) / 448
+    aq = (a16.float() / sa).to(torch.float8_e4m3fn)
+    bq = (b16.float() / sb).to(torch.float8_e4m3fn)
+    return lambda: torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
+
+
+def gemm_rows(timer, sizes, on_gpu, device):
+    from ..ops.fp8 import fp8_gemm, fp8_quantize_1x128, fp8_quantize_128x128
+    rows = []
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    for n in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, generator=g).to(dt)
+        b = torch.randn(n, n, device=device, generator=g).to(dt)
+        aq, as_, _, _ = fp8_quantize_1x128(a, transpose=False)
+        bq, bs = fp8_quantize_128x128(b)
+        flops = 2 * n ** 3
+        ours = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
+        bf16 = timer(lambda: a @ b.t())
+        tf = _tflops(flops, ours[0])
+        note = CPU_NOTE if not on_gpu else (f"{tf:.0f} TFLOP/s; goal >= {GOAL_TFLOPS:.0f} at 8192^3: "
+                                            f"{'met' if tf >= GOAL_TFLOPS else 'NOT met'}" if n == 8192 else
+                                            f"{tf:.0f} TFLOP/s")
+        shape = f"M=N=K={n}"
+        rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton" if on_gpu else "cpu",
+                        "torch bf16 matmul", ours, bf16[0], roofline_pct(ours[0], flops=flops, precision="fp8"),
+                        note=note))
+        if on_gpu:
+            try:
+                sm = timer(_scaled_mm_rowwise(a, b))
+                rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
+                                "torch._scaled_mm rowwise", ours, sm[0],
+                                roofline_pct(ours[0], flops=flops, precision="fp8"), note=note))
+            except Exception as e:  # noqa: BLE001 - report, do not hide the other rows
+                rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
+                                "torch._scaled_mm rowwise", ours, None, None,
+                                note=f"_scaled_mm not runnable here ({type(e).__name__}: {e})"))
+        # the quantizer: read bf16, write q_row, q_col (1 B each) and scales
+        qt = timer(lambda: fp8_quantize_1x128(a))
+        cp = timer(lambda: a.clone())
+        moved = a.numel() * (a.element_size() + 2) + 2 * a.numel() // 128 * 4
+        rows.append(row("fp8_quantize_1x128 (+ transposed copy)", shape, str(dt)[6:], "triton" if on_gpu else "cpu",
+                        "bf16 clone (same tensor)", qt, cp[0], roofline_pct(qt[0], moved),
+                        note=CPU_NOTE if not on_gpu else
+                        f"{moved / (qt[0] * 1e-3) / 1e9:.0f} GB/s = "
+                        f"{100 * moved / (qt[0] * 1e-3) / H100_HBM_BYTES_PER_S:.0f}% of H100 HBM"))
+    return rows
+
+
+def linear_rows(timer, n, on_gpu, device):
+    from ..nn import FP8Linear
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
+    f8 = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
+    x = torch.randn(n, n, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(n, n, device=device, dtype=dt)
+
+    def fb(layer):
+        return lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy)
+    ours = timer(fb(f8))
+    base = timer(fb(lin))
+    flops = 6 * n ** 3
+    ratio = base[0] / ours[0]
+    note = CPU_NOTE if not on_gpu else f"goal >= {GOAL_LINEAR}x bf16: {'met' if ratio >= GOAL_LINEAR else 'NOT met'}"
+    shape = f"{n}x{n}x{n}"
+    rows = [row("FP8Linear fwd+bwd", shape, "e4m3", "triton" if on_gpu else "cpu", "bf16 nn.Linear", ours,
+                base[0], roofline_pct(ours[0], flops=flops, precision="fp8"), note=note)]
+    if on_gpu:
+        try:
+            from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+            m = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
+            convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name("rowwise"))
+            ao = timer(fb(m[0]))
+            rows.append(row("FP8Linear fwd+bwd", shape, "e4m3", "triton", "torchao Float8Linear (rowwise, eager)",
+                            ours, ao[0], roofline_pct(ours[0], flops=flops, precision="fp8")))
+        except Exception as e:  # noqa: BLE001
+            rows.append(row("FP8Linear fwd+bwd", shape, "e4m3", "triton", "torchao Float8Linear (rowwise, eager)",
+                            ours, None, None, note=f"torchao not usable here ({type(e).__name__}: {e})"))
+    return rows
+
+
+def run(timer, quick: bool) -> list[dict]:
+    on_gpu = timer.name != "cpu"
+    device = "cuda" if on_gpu else "cpu"
+    if on_gpu and torch.cuda.get_device_capability() < (8, 9):
+        return [row("fp8_gemm", "-", "e4m3", "-", "-", (float("nan"),) * 3, None,
+                    note="skipped: FP8 tensor cores need sm_89 or newer")]
+    sizes = TINY_SIZES if not on_gpu else (QUICK_SIZES if quick else SIZES)
+    rows = gemm_rows(timer, sizes, on_gpu, device)
+    rows += linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device)
+    return rows
