@@ -188,3 +188,22 @@ def test_bad_inputs():
         F8.fp8_gemm(a_q, a_s, b_q[:, :128], b_s[:, :1])
     with pytest.raises(ValueError, match="x has 5 features"):
         F8.fp8_linear(torch.randn(2, 5), torch.randn(3, 4))
+
+
+def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input():
+    from fusedtune.nn import FP8Linear, LoRALinear
+    torch.manual_seed(0)
+    base = FP8Linear.from_linear(torch.nn.Linear(256, 192), backend="reference")
+    layer = LoRALinear.from_linear(base, r=8, alpha=16, init_lora_weights=False)
+    assert not base.weight.requires_grad and layer._fusedtune_report()["path"].startswith("FP8Linear base")
+    x = torch.randn(3, 40, 256, requires_grad=True)
+    y = layer(x)
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    dy = torch.randn_like(y)
+    gx, gA, gB = torch.autograd.grad(y, [x, A, B], dy)
+    # against the same FP8 base output plus an fp64 LoRA branch
+    want = base(x).double() + 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    torch.testing.assert_close(y.double(), want, atol=1e-4, rtol=1e-4)
+    assert ref.sqnr_db(gx, dy @ (base.weight + 2.0 * B @ A).detach()) >= 18
+    torch.testing.assert_close(gB.double(), 2.0 * dy.reshape(-1, 192).double().t() @ (x.reshape(-1, 256).double()
+                               @ A.double().t()), atol=1e-3, rtol=1e-4)

@@ -31,14 +31,19 @@ def _is_bnb_4bit(module) -> bool:
     return type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None
 
 
+def _is_fp8(module) -> bool:
+    from .fp8 import FP8Linear
+    return isinstance(module, FP8Linear)
+
+
 def _features(base) -> tuple[int, int]:
-    if isinstance(base, nn.Linear):
+    if isinstance(base, nn.Linear) or _is_fp8(base):
         return base.in_features, base.out_features
     if _is_bnb_4bit(base):
         n, k = base.weight.quant_state.shape
         return int(k), int(n)
-    raise TypeError(f"LoRALinear: the base layer must be nn.Linear or a quantized bitsandbytes Linear4bit, got "
-                    f"{type(base).__name__}")
+    raise TypeError(f"LoRALinear: the base layer must be nn.Linear, fusedtune.nn.FP8Linear or a quantized "
+                    f"bitsandbytes Linear4bit, got {type(base).__name__}")
 
 
 class LoRALinear(nn.Module):
@@ -228,11 +233,24 @@ class LoRALinear(nn.Module):
                                   "draws an independent mask per adapter, one fused call cannot; use dropout=0 or "
                                   "one active adapter")
         out_dtype = x.dtype
+        if _is_fp8(self.base_layer):
+            return self._fp8_base_forward(x, names, p).to(out_dtype)
         x, w, nf4 = self._base_args(x)
         A, B = self._stacked(names)
         y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
                                          self.base_layer.bias, p, None, nf4, self.backend)
         return y.to(out_dtype)
+
+    def _fp8_base_forward(self, x, names, p):
+        """An FP8Linear base: its FP8 GEMM, plus the LoRA branch as separate torch GEMMs (not fused into the
+        FP8 kernel), dropout from the same seeded rule as the fused op."""
+        from ..reference.lora import dropout
+        A, B = self._stacked(names)
+        S = self._table(names, x.device, summed=True)[0]
+        x2 = x.reshape(-1, x.shape[-1])
+        xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
+        lora = ((xd.to(A.dtype) @ A.t()) * S) @ B.t()
+        return self.base_layer(x) + lora.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def _mixed_forward(self, x, adapter_names):
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
@@ -377,7 +395,9 @@ class LoRALinear(nn.Module):
         device = self.base_layer.weight.device
         b = lora_ops.lora_backend(device, self.backend)
         nf4 = _is_bnb_4bit(self.base_layer)
-        if b["backend"] == "triton":
+        if _is_fp8(self.base_layer):
+            path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
+        elif b["backend"] == "triton":
             path = "Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r"
         else:
             path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
