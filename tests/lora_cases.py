@@ -29,3 +29,11 @@ def exact64(x, W, As, Bs, scales, bias=None, keep=None, p=0.0, rows_adapter=None
 
 def rand_adapter(r, K, N, gen, scale_b=0.1):
     return (torch.randn(r, K, generator=gen) / K ** 0.5, torch.randn(N, r, generator=gen) * scale_b)
+
+
+def layer_outputs(layer, x, dy, adapter="default"):
+    """[y, dx, dA, dB] of one forward+backward of a LoRA layer (peft's or ours) at x with upstream dy."""
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
+    return [y] + list(torch.autograd.grad(y, [xi, A, B], dy))

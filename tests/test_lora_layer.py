@@ -17,7 +17,7 @@ import fusedtune  # noqa: E402
 from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.nn.lora import LoRAUnsupported  # noqa: E402
 from fusedtune.testing import assert_within_rule  # noqa: E402
-from lora_cases import exact64  # noqa: E402
+from lora_cases import exact64, layer_outputs  # noqa: E402
 
 
 def _peft(lin, name="default", r=4, alpha=8, dropout=0.0, rslora=False, **kw):
@@ -43,12 +43,7 @@ def test_forward_and_grads_match_peft(i):
     ours = LoRALinear.from_peft(copy.deepcopy(pe))
     x = torch.randn(2, 13, c["K"]).to(c["dtype"])
     dy = torch.randn(2, 13, c["N"]).to(c["dtype"])
-    res = {}
-    for key, layer in (("peft", pe), ("ours", ours)):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        res[key] = [y] + list(torch.autograd.grad(y, [xi, A, B], dy))
+    res = {"peft": layer_outputs(pe, x, dy), "ours": layer_outputs(ours, x, dy)}
     s = pe.scaling["default"]
     assert s == pytest.approx(c["alpha"] / (math.sqrt(c["r"]) if c["rslora"] else c["r"]))
     y64, g64 = exact64(x, lin.weight, [pe.lora_A["default"].weight], [pe.lora_B["default"].weight], [s],

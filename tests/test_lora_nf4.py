@@ -14,7 +14,7 @@ from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.ops import lora as lora_ops  # noqa: E402
 from fusedtune.reference.nf4 import Nf4Weight, dequantize  # noqa: E402
 from fusedtune.testing import assert_within_rule  # noqa: E402
-from lora_cases import exact64  # noqa: E402
+from lora_cases import exact64, layer_outputs  # noqa: E402
 
 
 @pytest.mark.parametrize("double", [True, False])
@@ -58,12 +58,7 @@ def test_lora_over_linear4bit_matches_peft_qlora(double):
     assert ours._fusedtune_report()["method"] == "qlora"
     x = torch.randn(3, 11, 128)
     dy = torch.randn(3, 11, 40)
-    res = {}
-    for key, layer in (("peft", pe), ("ours", ours)):
-        xi = x.clone().requires_grad_()
-        y = layer(xi)
-        A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
-        res[key] = [y] + list(torch.autograd.grad(y, [xi, A, B], dy))
+    res = {"peft": layer_outputs(pe, x, dy), "ours": layer_outputs(ours, x, dy)}
     Wd = bnbf.dequantize_4bit(base.weight.data, base.weight.quant_state)
     y64, g64 = exact64(x, Wd, [pe.lora_A["default"].weight], [pe.lora_B["default"].weight], [2.0], base.bias, dy=dy)
     for j, (a, p, e) in enumerate(zip(res["ours"], res["peft"], [y64] + g64)):
