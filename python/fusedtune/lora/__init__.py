@@ -1,0 +1,110 @@
+"""fusedtune.lora: LoRA adapters as files, in peft's format.
+
+    fusedtune.lora.save_adapter(model, "out_dir", adapter_name="default")   # adapter_model.safetensors
+                                                                         # + adapter_config.json
+    fusedtune.lora.load_adapter(model, "out_dir", adapter_name="default")   # into the model's LoRALinear layers
+
+The directory is what peft's save_pretrained writes (keys base_model.model.<module>.lora_A.weight, a
+LoraConfig JSON), so peft's PeftModel.from_pretrained reads ours and load_adapter reads peft's. The
+tensors are written as they are (float32 adapters stay float32): bit-exact round trips. Per-module
+ranks and alphas that differ from the most common one go to rank_pattern / alpha_pattern, as peft does.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import torch
+
+from ..nn.lora import LoRALinear
+
+WEIGHTS = "adapter_model.safetensors"
+CONFIG = "adapter_config.json"
+PREFIX = "base_model.model."
+
+
+def lora_layers(model: torch.nn.Module) -> dict[str, LoRALinear]:
+    return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _common(values: dict):
+    return collections.Counter(values.values()).most_common(1)[0][0]
+
+
+def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> dict:
+    """Write the adapter `adapter_name` of every LoRALinear in `model` to the directory `path`
+    (created if needed) in peft's format; returns the config written."""
+    from safetensors.torch import save_file
+    layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.r}
+    if not layers:
+        raise ValueError(f"save_adapter: the model has no LoRALinear layer with an adapter named {adapter_name!r}")
+    tensors = {}
+    for name, m in layers.items():
+        if adapter_name in m.merged_adapters:
+            raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().contiguous().cpu()
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().contiguous().cpu()
+    ranks = {n: m.r[adapter_name] for n, m in layers.items()}
+    alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
+    drops = {m.lora_dropout_p[adapter_name] for m in layers.values()}
+    rslora = {m.use_rslora[adapter_name] for m in layers.values()}
+    if len(drops) > 1 or len(rslora) > 1:
+        raise ValueError("save_adapter: peft's config holds one dropout and one use_rslora per adapter; the layers "
+                         f"differ ({sorted(drops)}, {sorted(rslora)})")
+    r, alpha = _common(ranks), _common(alphas)
+    config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
+              "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "rank_pattern": {n: v for n, v in ranks.items() if v != r},
+              "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+              "lora_bias": False, "modules_to_save": None, "inference_mode": True, "task_type": None,
+              "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
+    with open(os.path.join(path, CONFIG), "w") as f:
+        json.dump(config, f, indent=2, sort_keys=True)
+    return config
+
+
+def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:
+    """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
+    an existing adapter of that name is overwritten (its rank must match), a missing one is added with
+    the file's rank, alpha, dropout and rslora. Refuses, before changing anything, a file whose modules
+    the model lacks or whose shapes do not fit. Returns the module names loaded."""
+    from safetensors.torch import load_file
+    with open(os.path.join(path, CONFIG)) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
+        raise NotImplementedError(f"load_adapter: {path} is not a plain LoRA adapter (peft_type "
+                                  f"{cfg.get('peft_type')}, use_dora {cfg.get('use_dora')}, lora_bias "
+                                  f"{cfg.get('lora_bias')})")
+    tensors = load_file(os.path.join(path, WEIGHTS))
+    layers = lora_layers(model)
+    plan = {}
+    for key, t in tensors.items():
+        mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
+        part = which.split(".")[0]
+        if mod not in layers or part not in ("A", "B"):
+            raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
+                           f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
+        plan.setdefault(mod, {})[part] = t
+    for mod, parts in plan.items():
+        m, A, B = layers[mod], parts.get("A"), parts.get("B")
+        if A is None or B is None or A.shape[1] != m.in_features or B.shape != (m.out_features, A.shape[0]):
+            raise ValueError(f"load_adapter: {mod}: lora_A {None if A is None else tuple(A.shape)} / lora_B "
+                             f"{None if B is None else tuple(B.shape)} do not fit a {m.in_features}->"
+                             f"{m.out_features} layer")
+        if adapter_name in m.r and m.r[adapter_name] != A.shape[0]:
+            raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with r={m.r[adapter_name]}, the file "
+                             f"has r={A.shape[0]}")
+    for mod, parts in plan.items():
+        m = layers[mod]
+        if adapter_name not in m.r:
+            alpha = cfg.get("alpha_pattern", {}).get(mod, cfg["lora_alpha"])
+            m.add_adapter(adapter_name, int(parts["A"].shape[0]), alpha, cfg.get("lora_dropout", 0.0),
+                          cfg.get("use_rslora", False), adapter_dtype=parts["A"].dtype)
+        with torch.no_grad():
+            m.lora_A[adapter_name].weight.copy_(parts["A"])
+            m.lora_B[adapter_name].weight.copy_(parts["B"])
+    return sorted(plan)

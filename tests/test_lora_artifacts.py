@@ -1,0 +1,75 @@
+"""LoRA adapters as files in peft's format: bit-exact round trips, peft reads ours, we read peft's."""
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+import transformers  # noqa: E402
+
+import fusedtune  # noqa: E402
+from fusedtune.lora import load_adapter, save_adapter  # noqa: E402
+
+
+def _model():
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _trained(model, r=4):
+    fusedtune.patch(model, "lora", r=r, alpha=2 * r, target_modules=["q_proj", "v_proj", "down_proj"])
+    with torch.no_grad():
+        for m in fusedtune.lora.lora_layers(model).values():
+            m.lora_B["default"].weight.normal_()
+    return model
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    a = _trained(_model())
+    cfg = save_adapter(a, tmp_path)
+    assert cfg["r"] == 4 and cfg["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+    b = _model()
+    fusedtune.patch(b, "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    loaded = load_adapter(b, tmp_path)
+    assert len(loaded) == 6
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_peft_reads_ours_and_we_read_peft(tmp_path):
+    ours = _trained(_model())
+    save_adapter(ours, tmp_path / "ours")
+    ids = torch.randint(0, 64, (2, 9))
+    pm = peft.PeftModel.from_pretrained(_model(), str(tmp_path / "ours"))
+    torch.testing.assert_close(pm(ids).logits, ours(ids).logits, atol=1e-5, rtol=1e-5)
+    # peft's own file (with a per-module rank) into an unpatched-adapter model: adapters are added
+    pm2 = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                        rank_pattern={"model.layers.1.self_attn.q_proj": 6},
+                                                        init_lora_weights=False))
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    m = _model()
+    fusedtune.patch(m, "lora", r=2, target_modules=["q_proj", "v_proj"])
+    load_adapter(m, tmp_path / "peft", adapter_name="from_peft")
+    for lay in fusedtune.lora.lora_layers(m).values():
+        lay.set_adapter("from_peft")
+    assert fusedtune.lora.lora_layers(m)["model.layers.1.self_attn.q_proj"].r["from_peft"] == 6
+    torch.testing.assert_close(m(ids).logits, pm2(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_refusals_leave_the_model_untouched(tmp_path):
+    a = _trained(_model())
+    save_adapter(a, tmp_path)
+    b = _model()
+    fusedtune.patch(b, "lora", r=8, target_modules=["q_proj", "v_proj", "down_proj"])
+    before = copy.deepcopy(b.state_dict())
+    with pytest.raises(ValueError, match="r=8, the file has r=4"):
+        load_adapter(b, tmp_path)
+    c = _model()
+    fusedtune.patch(c, "lora", r=4, target_modules=["q_proj"])
+    with pytest.raises(KeyError, match="no LoRALinear at"):
+        load_adapter(c, tmp_path)
+    assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
+    with pytest.raises(ValueError, match="no LoRALinear layer"):
+        save_adapter(_model(), tmp_path / "x")
