@@ -354,6 +354,7 @@ class SwapMethod(Method):
     make_optimizer for anything else); every other parameter is frozen.
     """
     swaps_layers = True
+    trains_everything = False     # True: every parameter that requires grad trains, not only the new modules'
     options = {"lr": 1e-3, "weight_decay": 0.0}
 
     def make(self, linear: nn.Linear, name: str, **options) -> nn.Module:
@@ -385,8 +386,11 @@ class SwapMethod(Method):
             for name, orig in self.swapped.items():   # leave the model as it was
                 set_module(model, name, orig)
             raise
-        trainable = unique_params(p for m in made for p in m.parameters() if p.requires_grad)
-        self.freeze_except(model, trainable)
+        if self.trains_everything:   # e.g. FP8 or quantization-aware training: the whole model trains
+            trainable = unique_params(p for p in model.parameters() if p.requires_grad)
+        else:
+            trainable = unique_params(p for m in made for p in m.parameters() if p.requires_grad)
+            self.freeze_except(model, trainable)
         rep = self.report(model)
         rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None
         return rep
@@ -413,8 +417,12 @@ class SwapMethod(Method):
             backend, path, why = self.describe(mod)
             rows.append(ReportRow(name, self.name, backend, path, why_not_text(why),
                                   count(p for p in mod.parameters() if p.requires_grad)))
-        return PatchReport(self.name, rows, trainable_params=sum(r.params for r in rows),
-                           total_params=count(unique_params(model.parameters())), _impl=self)
+        trainable = (count(unique_params(p for p in model.parameters() if p.requires_grad)) if self.trains_everything
+                     else sum(r.params for r in rows))
+        notes = ["every parameter that requires grad trains (not only the swapped layers')"] \
+            if self.trains_everything else []
+        return PatchReport(self.name, rows, trainable_params=trainable,
+                           total_params=count(unique_params(model.parameters())), notes=notes, _impl=self)
 
 
 class ParamMethod(Method):

@@ -6,3 +6,4 @@ from . import hft  # noqa: F401
 from . import sparse_delta  # noqa: F401
 from . import lora  # noqa: F401
 from . import fp8  # noqa: F401
+from . import roste  # noqa: F401

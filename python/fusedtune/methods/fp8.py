@@ -13,10 +13,11 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import SwapMethod, count, register_method, unique_params
+from ..patch import SwapMethod, register_method
 
 
 class FP8Method(SwapMethod):
+    trains_everything = True
     options = {"lr": 2e-5, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "pow2": False, "backend": None}
     demo = {"lr": 1e-3, "step_multiplier": 1}
 
@@ -33,15 +34,6 @@ class FP8Method(SwapMethod):
 
     def make_optimizer(self, params, lr, weight_decay, betas, eps, **_):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
-
-    def apply(self, model, targets, **options):
-        rep = super().apply(model, targets, **options)
-        self.restore_requires_grad()            # full fine-tuning: every parameter trains, as before
-        params = unique_params(p for p in model.parameters() if p.requires_grad)
-        rep.optimizer = self.make_optimizer(params, **options)
-        rep.trainable_params = count(params)
-        rep.notes.append("fp8: every parameter trains (AdamW); the swapped linears run their GEMMs in FP8")
-        return rep
 
 
 register_method("fp8", FP8Method)

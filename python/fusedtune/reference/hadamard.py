@@ -127,9 +127,10 @@ def hadamard_matrix(n: int) -> torch.Tensor:
     return torch.kron(factor_matrix(m), _sylvester(p)) if m > 1 else _sylvester(p)
 
 
-def hadamard(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
-    """x @ H_n^T * scale on the last dim (default scale 1/sqrt(n): orthonormal), computed in float64 by
-    a butterfly over the power of two and a matmul with the factor; returned in x's dtype."""
+def hadamard(x: torch.Tensor, scale: float | None = None, transpose: bool = False) -> torch.Tensor:
+    """x @ H_n^T * scale on the last dim (default scale 1/sqrt(n): orthonormal; transpose: x @ H_n * scale,
+    the inverse of the orthonormal transform and its backward), computed in float64 by a butterfly over
+    the power of two and a matmul with the factor; returned in x's dtype."""
     n = x.shape[-1]
     m, p = split_size(n)
     s = 1.0 / math.sqrt(n) if scale is None else float(scale)
@@ -141,5 +142,6 @@ def hadamard(x: torch.Tensor, scale: float | None = None) -> torch.Tensor:
         y = torch.stack([a + b, a - b], dim=-2).reshape(-1, m, p)
         h *= 2
     if m > 1:
-        y = torch.einsum("ij,bjp->bip", factor_matrix(m).to(y.device), y)
-    return (y.reshape(x.shape) * s).to(x.dtype)
+        f = factor_matrix(m).to(y.device)
+        y = torch.einsum("ij,bjp->bip", f.t() if transpose else f, y)
+    return (y.reshape(x.shape) * s).to(x.dtype).contiguous()

@@ -1,0 +1,53 @@
+"""RoSTELinear: quantization-aware fine-tuning of a linear layer with an online Hadamard rotation (RoSTE)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..ops.roste import roste_backend, rotate_fake_quant
+from .plain import plain_linear
+
+
+class RoSTELinear(nn.Module):
+    """y = Q_a(x H) (Q_w(W H))^T + b: input and weight rotated by the same orthonormal Hadamard H (so
+    (x H)(W H)^T = x W^T before quantization), activations fake-quantized per token, weights per output
+    channel (each row of W), asymmetric min-max with clip_ratio, straight-through gradients (RoSTE's
+    online rotation, as for down_proj). rotate=False quantizes without rotating."""
+
+    def __init__(self, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, rotate: bool = True,
+                 clip_ratio: float = 0.95, ste: str = "identity", backend: str | None = None):
+        super().__init__()
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"RoSTELinear: expected nn.Linear, got {type(linear).__name__}")
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight, self.bias = linear.weight, linear.bias
+        self.w_bits, self.a_bits, self.rotate, self.clip_ratio = w_bits, a_bits, rotate, clip_ratio
+        self.ste, self.backend = ste, backend
+        rotate_fake_quant(torch.zeros(1, self.in_features), 4, rotate=rotate)   # refuses unsupported sizes now
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, rotate: bool = True,
+                    clip_ratio: float = 0.95, ste: str = "identity", backend: str | None = None) -> "RoSTELinear":
+        return cls(linear, w_bits, a_bits, rotate, clip_ratio, ste, backend)
+
+    def quantized_weight(self) -> torch.Tensor:
+        """Q_w(W H): the rotated, fake-quantized weight (what low-bit inference stores)."""
+        return rotate_fake_quant(self.weight, self.w_bits, "token", False, self.clip_ratio, self.rotate, self.ste,
+                                 self.backend)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = rotate_fake_quant(x, self.a_bits, "token", False, self.clip_ratio, self.rotate, self.ste, self.backend)
+        return nn.functional.linear(xq, self.quantized_weight(), self.bias)
+
+    def to_linear(self) -> nn.Linear:
+        return plain_linear(self.weight.detach(), None if self.bias is None else self.bias.detach())
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits}, rotate={self.rotate}, clip_ratio={self.clip_ratio}, ste={self.ste}")
+
+    def _fusedtune_report(self) -> dict:
+        b = roste_backend(self.weight.device, self.backend)
+        return {"method": "roste", "backend": b["backend"],
+                "path": f"{b['backend']}: Hadamard + W{self.w_bits}A{self.a_bits} fake quant (reference math; "
+                        "fused kernels not written yet)", "why_not": b["why_not"]}

@@ -1,0 +1,114 @@
+"""RoSTE family ops (docs/roste.md; the math is python/fusedtune/reference/hadamard.py and roste.py).
+
+    hadamard(x, scale=None, transpose=False)     orthonormal Hadamard transform of the last dim, sizes
+        2^k and m * 2^k for the factors in fusedtune.reference.hadamard.FACTORS; backward: the
+        transposed transform
+    rotate_fake_quant(x, bits, granularity="token", symmetric=False, clip_ratio=1.0, rotate=True,
+                      ste="identity")
+        rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
+        rotation (ste="clipped": zero gradient outside the clipping range)
+
+Backends today: the reference (float64 butterflies; "cpu" runs it too). The fused CUDA / Triton
+kernels of issue 8 are not written yet; on a GPU the ops run the reference and say so once.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from ..reference import hadamard as href
+from ..reference import roste as rref
+
+_HAS = ("reference", "cpu")
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@torch.library.custom_op("fusedtune::hadamard", mutates_args=())
+def _hadamard_op(x: torch.Tensor, scale: float, transpose: bool, backend: str) -> torch.Tensor:
+    return href.hadamard(x, scale, transpose)
+
+
+@_hadamard_op.register_fake
+def _(x, scale, transpose, backend):
+    return torch.empty_like(x)
+
+
+def _h_setup(ctx, inputs, output):
+    ctx.args = inputs[1:]
+
+
+def _h_backward(ctx, dy):
+    scale, transpose, backend = ctx.args
+    return _hadamard_op(dy.contiguous(), scale, not transpose, backend), None, None, None
+
+
+torch.library.register_autograd("fusedtune::hadamard", _h_backward, setup_context=_h_setup)
+
+
+def _check_x(x, what):
+    if not torch.is_tensor(x) or x.dtype not in _FLOATS:
+        raise TypeError(f"{what}: x must be a float32/bfloat16/float16 tensor, got "
+                        f"{x.dtype if torch.is_tensor(x) else type(x).__name__}")
+    if x.dim() < 1:
+        raise ValueError(f"{what}: x needs a last dimension")
+
+
+def hadamard(x, scale: float | None = None, transpose: bool = False, backend: str | None = None) -> torch.Tensor:
+    """x @ H^T * scale over the last dim (scale None: 1/sqrt(n), orthonormal). Unsupported sizes are
+    refused with the list of supported ones."""
+    _check_x(x, "hadamard")
+    n = x.shape[-1]
+    href.split_size(n)                                   # refuses unsupported sizes, naming the supported
+    s = (1.0 / n ** 0.5) if scale is None else float(scale)
+    name = _backend.resolve("hadamard", x.device, _HAS, backend)
+    return _hadamard_op(x.contiguous(), s, bool(transpose), name)
+
+
+@torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=())
+def _rfq_op(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, rotate: bool,
+            ste: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+    return rref.rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate)
+
+
+@_rfq_op.register_fake
+def _(x, bits, granularity, symmetric, clip_ratio, rotate, ste, backend):
+    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+
+
+def _q_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.rotate, ctx.ste = inputs[5], inputs[6]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _q_backward(ctx, dy, _dinside):
+    (inside,) = ctx.saved_tensors
+    return rref.ste_backward(dy, inside, ctx.rotate, ctx.ste), None, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fusedtune::rotate_fake_quant", _q_backward, setup_context=_q_setup)
+
+
+def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool = False, clip_ratio: float = 1.0,
+                      rotate: bool = True, ste: str = "identity", backend: str | None = None) -> torch.Tensor:
+    """Rotation + fake quantization with a straight-through backward (module docstring)."""
+    _check_x(x, "rotate_fake_quant")
+    if not isinstance(bits, int) or not 2 <= bits <= 8:
+        raise ValueError(f"rotate_fake_quant: bits must be an int in [2, 8], got {bits!r}")
+    if granularity not in ("token", "channel"):
+        raise ValueError(f"rotate_fake_quant: granularity must be 'token' or 'channel', got {granularity!r}")
+    if granularity == "channel" and x.dim() != 2:
+        raise ValueError(f"rotate_fake_quant: granularity 'channel' takes a 2-D tensor, got {tuple(x.shape)}")
+    if not 0.0 < float(clip_ratio) <= 1.0:
+        raise ValueError(f"rotate_fake_quant: clip_ratio must be in (0, 1], got {clip_ratio!r}")
+    if ste not in ("identity", "clipped"):
+        raise ValueError(f"rotate_fake_quant: ste must be 'identity' or 'clipped', got {ste!r}")
+    if rotate:
+        href.split_size(x.shape[-1])
+    name = _backend.resolve("rotate_fake_quant", x.device, _HAS, backend)
+    out, _ = _rfq_op(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
+    return out
+
+
+def roste_backend(device, backend: str | None = None) -> dict:
+    return _backend.explain("rotate_fake_quant", torch.device(device), _HAS, backend)

@@ -1,0 +1,69 @@
+"""Pure-PyTorch reference of RoSTE's fake quantization (docs/roste.md).
+
+rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate):
+    y = hadamard(x) (orthonormal, last dim) when rotate, else x
+    per group (granularity "token": each row over the last dim; "channel": each column over the rows),
+    in float32:
+      asymmetric  hi = max(y) * clip, lo = min(y) * clip, scale = (hi - lo) / (2^bits - 1),
+                  zero = round(-lo / scale), q = clamp(round(y / scale) + zero, 0, 2^bits - 1),
+                  out = (q - zero) * scale
+      symmetric   scale = max|y| * clip / (2^(bits-1) - 1), q = clamp(round(y / scale), -2^(bits-1),
+                  2^(bits-1) - 1), out = q * scale
+    a group whose scale is 0 (all values equal to 0 after clipping) gives out = y's rounding to 0
+    (scale replaced by 1). round() is round-half-to-even (torch.round).
+Backward (straight-through): dy passes unchanged (ste="identity") or only where y was inside the
+clipping range [lo, hi] (ste="clipped"), then through the transpose of the rotation.
+"""
+from __future__ import annotations
+
+import torch
+
+from .hadamard import hadamard
+
+
+def _group_minmax(y: torch.Tensor, granularity: str):
+    dim = -1 if granularity == "token" else 0
+    return y.amin(dim=dim, keepdim=True), y.amax(dim=dim, keepdim=True)
+
+
+def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
+    """(out, inside) in float32: the fake-quantized y and the mask of values inside the clip range."""
+    y = y.float()
+    lo, hi = _group_minmax(y, granularity)
+    clip = torch.tensor(clip_ratio, dtype=torch.float32)
+    lo, hi = lo * clip, hi * clip
+    one = torch.ones((), dtype=torch.float32)
+    if symmetric:
+        amax = torch.maximum(hi.abs(), lo.abs())
+        qmax = 2 ** (bits - 1) - 1
+        scale = amax / torch.full_like(amax, qmax)
+        scale = torch.where(scale == 0, one, scale)
+        q = torch.clamp(torch.round(y / scale), -qmax - 1, qmax)
+        out = q * scale
+        inside = (y >= -amax) & (y <= amax)
+    else:
+        levels = 2 ** bits - 1
+        scale = (hi - lo) / torch.full_like(hi, levels)
+        scale = torch.where(scale == 0, one, scale)
+        zero = torch.round(-lo / scale)
+        q = torch.clamp(torch.round(y / scale) + zero, 0, levels)
+        out = (q - zero) * scale
+        inside = (y >= lo) & (y <= hi)
+    return out, inside
+
+
+def rotate_fake_quant(x: torch.Tensor, bits: int, granularity: str = "token", symmetric: bool = False,
+                      clip_ratio: float = 1.0, rotate: bool = True):
+    """(out in x's dtype, inside mask): see the module docstring. x is 2-D for "channel"."""
+    y = hadamard(x) if rotate else x
+    out, inside = fake_quant(y, bits, granularity, symmetric, clip_ratio)
+    return out.to(x.dtype), inside
+
+
+def ste_backward(dy: torch.Tensor, inside: torch.Tensor, rotate: bool, ste: str) -> torch.Tensor:
+    g = dy.float()
+    if ste == "clipped":
+        g = torch.where(inside, g, torch.zeros((), dtype=torch.float32))
+    if rotate:
+        g = hadamard(g, transpose=True)
+    return g.to(dy.dtype)

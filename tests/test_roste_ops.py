@@ -1,0 +1,151 @@
+"""RoSTE family (reference backend): Hadamard against scipy and H H^T = m I for every factor, the
+transform's autograd, fake quantization from first principles, straight-through gradients, RoSTELinear,
+compile, refusals that name the supported sizes."""
+import math
+
+import pytest
+import torch
+
+from fusedtune.nn import RoSTELinear
+from fusedtune.ops.roste import _hadamard_op, _rfq_op, hadamard, rotate_fake_quant
+from fusedtune.reference import hadamard as href
+from fusedtune.reference import roste as rref
+
+scipy_linalg = pytest.importorskip("scipy.linalg")
+
+
+@pytest.mark.parametrize("n", [1, 2, 64, 1024, 32768])
+def test_powers_of_two_match_scipy(n):
+    x = torch.randn(3, n, dtype=torch.float32, generator=torch.Generator().manual_seed(n))
+    H = torch.tensor(scipy_linalg.hadamard(n), dtype=torch.float64) if n <= 4096 else None
+    y = hadamard(x)
+    if H is not None:
+        torch.testing.assert_close(y.double(), x.double() @ H.t() / math.sqrt(n), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=1e-4)   # orthonormal
+
+
+@pytest.mark.parametrize("m", href.FACTORS)
+def test_every_factor_is_hadamard_and_the_transform_inverts(m):
+    H = href.factor_matrix(m)
+    assert torch.equal(H @ H.t(), m * torch.eye(m, dtype=torch.float64)) and set(H.unique().tolist()) == {-1.0, 1.0}
+    n = m * 8
+    x = torch.randn(5, n, dtype=torch.float32, generator=torch.Generator().manual_seed(m))
+    torch.testing.assert_close(hadamard(x).double(), x.double() @ href.hadamard_matrix(n).t() / math.sqrt(n),
+                               atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(hadamard(hadamard(x), transpose=True), x, atol=1e-5, rtol=1e-5)
+
+
+def test_model_sizes_are_supported_or_refused_by_name():
+    for n in (4096, 14336, 4864, 18944, 3584, 5120, 128, 896):     # Llama-3, Qwen2.5, Mistral sizes
+        href.split_size(n)
+    with pytest.raises(ValueError, match=r"11008 = 43 x 2\^8 is not supported.*12, 20, 28"):
+        hadamard(torch.zeros(2, 11008))
+    with pytest.raises(ValueError, match="not supported"):
+        hadamard(torch.zeros(2, 7 * 9))
+
+
+def test_hadamard_autograd_gradcheck_and_dtypes():
+    x = torch.randn(2, 24, dtype=torch.float32, requires_grad=True)
+    y = hadamard(x)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    torch.testing.assert_close(gx.double(), g.double() @ href.hadamard_matrix(24) / math.sqrt(24), atol=1e-5,
+                               rtol=1e-5)
+    for dt in (torch.bfloat16, torch.float16):
+        assert hadamard(x.detach().to(dt)).dtype == dt
+    torch.library.opcheck(_hadamard_op, (torch.randn(3, 40), 0.5, False, "reference"))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("symmetric", [False, True])
+def test_fake_quant_from_first_principles(bits, symmetric):
+    y = torch.randn(6, 64, generator=torch.Generator().manual_seed(bits)) * 3
+    out, _ = rref.fake_quant(y, bits, "token", symmetric, 0.9)
+    for row, o in zip(y, out):
+        if symmetric:
+            qmax = 2 ** (bits - 1) - 1
+            s = row.abs().max().item() * 0.9 / qmax
+            want = [max(-qmax - 1, min(qmax, round(v / s))) * s for v in row.tolist()]
+        else:
+            lo, hi = row.min().item() * 0.9, row.max().item() * 0.9
+            s = (hi - lo) / (2 ** bits - 1)
+            z = round(-lo / s)
+            want = [(max(0, min(2 ** bits - 1, round(v / s) + z)) - z) * s for v in row.tolist()]
+        torch.testing.assert_close(o.double(), torch.tensor(want, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+        assert len(set(o.tolist())) <= 2 ** bits
+
+
+def test_channel_granularity_and_rotation_lower_the_error_on_outliers():
+    x = torch.randn(256, 128, generator=torch.Generator().manual_seed(1))
+    x[:, 3] *= 50                                                    # an outlier channel
+    plain = rotate_fake_quant(x, 4, rotate=False)
+    rot = hadamard(rotate_fake_quant(x, 4, rotate=True), transpose=True)   # back to x's basis
+    assert (rot - x).pow(2).mean() < 0.5 * (plain - x).pow(2).mean()
+    ch = rotate_fake_quant(x, 4, "channel", rotate=False)
+    assert (ch - x).pow(2).mean() < (plain - x).pow(2).mean()
+
+
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_straight_through_gradient(ste):
+    x = torch.randn(4, 32, requires_grad=True)
+    out = rotate_fake_quant(x, 3, clip_ratio=0.8, ste=ste)
+    g = torch.randn_like(out)
+    (gx,) = torch.autograd.grad(out, x, g)
+    y = hadamard(x.detach())
+    lo, hi = y.amin(-1, keepdim=True) * 0.8, y.amax(-1, keepdim=True) * 0.8
+    gg = g if ste == "identity" else torch.where((y >= lo) & (y <= hi), g, torch.zeros(()))
+    torch.testing.assert_close(gx, hadamard(gg, transpose=True), atol=1e-5, rtol=1e-5)
+    torch.library.opcheck(_rfq_op, (torch.randn(3, 40), 4, "token", False, 0.9, True, ste, "reference"))
+
+
+def test_roste_linear_trains_and_compiles():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 32)
+    layer = RoSTELinear.from_linear(lin, w_bits=4, a_bits=8)
+    x = torch.randn(16, 64)
+    rel = (layer(x) - lin(x)).norm() / lin(x).norm()
+    assert rel < 0.2
+    opt = torch.optim.AdamW(layer.parameters(), lr=1e-2)
+    target = torch.randn(16, 32)
+    losses = []
+    for _ in range(30):
+        loss = (layer(x) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.7 * losses[0]
+    comp = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(comp(x), layer(x))
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="bits must be an int in"):
+        rotate_fake_quant(torch.zeros(2, 16), 9)
+    with pytest.raises(ValueError, match="granularity must be"):
+        rotate_fake_quant(torch.zeros(2, 16), 4, "group")
+    with pytest.raises(ValueError, match="takes a 2-D tensor"):
+        rotate_fake_quant(torch.zeros(2, 2, 16), 4, "channel")
+    with pytest.raises(ValueError, match="clip_ratio must be in"):
+        rotate_fake_quant(torch.zeros(2, 16), 4, clip_ratio=0.0)
+    with pytest.raises(TypeError, match="float32/bfloat16/float16"):
+        hadamard(torch.zeros(2, 16, dtype=torch.int32))
+    with pytest.raises(ValueError, match="11008"):
+        RoSTELinear.from_linear(torch.nn.Linear(11008, 8))
+
+
+def test_patch_roste_trains_every_parameter_and_unpatches():
+    import transformers
+
+    import fusedtune
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    ids = torch.randint(0, 64, (2, 16))
+    rep = fusedtune.patch(model, "roste", w_bits=4, a_bits=8, lr=3e-3)
+    assert len(rep.rows) == 14 and rep.trainable_params == sum(p.numel() for p in model.parameters())
+    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(6)]
+    assert losses[-1] < losses[0]
+    fusedtune.unpatch(model)
+    assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
