@@ -8,8 +8,10 @@
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
 
-Backends today: the reference (float64 butterflies; "cpu" runs it too). The fused CUDA / Triton
-kernels of issue 8 are not written yet; on a GPU the ops run the reference and say so once.
+Backends: the reference (float64 butterflies; "cpu" runs it too) and, for hadamard, a Triton kernel
+(two tensor-core GEMMs per row) for sizes it can serve (fusedtune.triton_kernels.roste.plan); a size
+it cannot serve runs the reference and says so once (or raises when backend="triton" was asked for).
+rotate_fake_quant has no fused kernel yet.
 """
 from __future__ import annotations
 
@@ -20,11 +22,15 @@ from ..reference import hadamard as href
 from ..reference import roste as rref
 
 _HAS = ("reference", "cpu")
+_HAD_HAS = ("reference", "cpu", "triton")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @torch.library.custom_op("fusedtune::hadamard", mutates_args=())
 def _hadamard_op(x: torch.Tensor, scale: float, transpose: bool, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton_kernels import roste as tk
+        return tk.hadamard(x, scale, transpose)
     return href.hadamard(x, scale, transpose)
 
 
@@ -60,8 +66,21 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
     n = x.shape[-1]
     href.split_size(n)                                   # refuses unsupported sizes, naming the supported
     s = (1.0 / n ** 0.5) if scale is None else float(scale)
-    name = _backend.resolve("hadamard", x.device, _HAS, backend)
+    name = _backend.resolve("hadamard", x.device, _HAD_HAS, backend)
+    if name == "triton" and (not _triton_serves(n) or x.dtype == torch.float32):
+        why = (f"hadamard: the Triton kernel serves 16-bit rows of n = A x P with A <= 128 and P >= 16; n = {n} "
+               f"({x.dtype}) is not")
+        if _backend.requested(backend) == "triton":
+            raise _backend.BackendError(why)
+        _backend.warn_once(("hadamard", n), f"fusedtune: {why}; running the reference")
+        name = "reference"
     return _hadamard_op(x.contiguous(), s, bool(transpose), name)
+
+
+def _triton_serves(n: int) -> bool:
+    from ..triton_kernels import roste as tk
+    p = tk.plan(n)
+    return p is not None and p[1] >= 16
 
 
 @torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=())
@@ -112,3 +131,7 @@ def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool 
 
 def roste_backend(device, backend: str | None = None) -> dict:
     return _backend.explain("rotate_fake_quant", torch.device(device), _HAS, backend)
+
+
+def hadamard_backend(device, backend: str | None = None) -> dict:
+    return _backend.explain("hadamard", torch.device(device), _HAD_HAS, backend)
