@@ -73,3 +73,17 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     assert all(torch.equal(v, before[k]) for k, v in b.state_dict().items())
     with pytest.raises(ValueError, match="no LoRALinear layer"):
         save_adapter(_model(), tmp_path / "x")
+
+
+def test_alpha_pattern_is_matched_as_peft_does_and_overwrites_take_the_file_settings(tmp_path):
+    pm = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       alpha_pattern={"v_proj": 32}, init_lora_weights=False))
+    pm.save_pretrained(str(tmp_path))
+    m = _model()
+    fusedtune.patch(m, "lora", r=4, alpha=1, target_modules=["q_proj", "v_proj"])
+    load_adapter(m, tmp_path)                       # overwrites "default" (alpha 1) with the file's alphas
+    lay = fusedtune.lora.lora_layers(m)
+    assert lay["model.layers.0.self_attn.v_proj"].scaling["default"] == 32 / 4
+    assert lay["model.layers.0.self_attn.q_proj"].scaling["default"] == 8 / 4
+    ids = torch.randint(0, 64, (2, 9))
+    torch.testing.assert_close(m(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)

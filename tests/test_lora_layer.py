@@ -230,3 +230,42 @@ def test_patched_model_matches_peft_model():
             own[own_key].copy_(v)
     ids = torch.randint(0, 64, (2, 10))
     torch.testing.assert_close(model(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_mixed_merges_and_to_linear_follow_forward():
+    torch.manual_seed(5)
+    m = LoRALinear.from_linear(nn.Linear(16, 8).bfloat16(), r=2, init_lora_weights=False)
+    m.add_adapter("b", 3, init_lora_weights=False)
+    w0 = m.base_layer.weight.detach().clone()
+    x = torch.randn(4, 16).bfloat16()
+    m.merge("default", exact_unmerge=False)          # no saved copy: a later exact merge cannot be exact
+    m.merge("b")
+    assert m._stash is None and m.merged_adapters == ["default", "b"]
+    y = m(x)
+    torch.testing.assert_close(m.to_linear()(x), y)   # merged: the current weight, no delta added twice
+    base = m.to_linear(merge=False).weight
+    assert (base.float() - w0.float()).abs().max() < 0.05
+    m.unmerge()
+    assert not m.merged and (m.base_layer.weight.float() - w0.float()).abs().max() < 0.05
+
+
+def test_bias_gradient_keeps_the_bias_dtype():
+    from fusedtune.ops import lora_linear
+    x = torch.randn(5, 8, dtype=torch.bfloat16)
+    W = torch.randn(6, 8, dtype=torch.bfloat16)
+    b = torch.randn(6, dtype=torch.float32, requires_grad=True)
+    A, B = torch.randn(2, 8), torch.randn(6, 2)
+    (gb,) = torch.autograd.grad(lora_linear(x, W, A, B, 1.0, bias=b).float().sum(), b)
+    assert gb.dtype == torch.float32 and torch.equal(gb, torch.full((6,), 5.0))
+
+
+def test_op_refuses_summed_adapters_with_dropout_and_bad_groups():
+    from fusedtune.ops import lora_linear_grouped, lora_linear_multi
+    from fusedtune.ops.lora import LoRAUnsupported, scale_table
+    x, W = torch.randn(4, 8), torch.randn(6, 8)
+    ads = [(torch.randn(2, 8), torch.randn(6, 2), 1.0), (torch.randn(3, 8), torch.randn(6, 3), 2.0)]
+    with pytest.raises(LoRAUnsupported, match="independent mask per adapter"):
+        lora_linear_multi(x, W, ads, dropout_p=0.1)
+    A, B = torch.randn(5, 8), torch.randn(6, 5)
+    with pytest.raises(ValueError, match=r"row_group values must lie in \[-1, 2\)"):
+        lora_linear_grouped(x, W, A, B, scale_table([2, 3], [1.0, 2.0], "cpu"), torch.tensor([0, 1, 2, -1]))

@@ -26,3 +26,11 @@ def test_sizes_the_kernel_cannot_serve_are_said():
         hadamard(torch.zeros(2, 148 * 128, dtype=torch.float16), backend="triton")
     with pytest.raises(BackendError, match="torch.float32"):
         hadamard(torch.zeros(2, 4096), backend="triton")
+
+
+def test_fp16_intermediate_stays_in_range():
+    x = torch.full((2, 108 * 32), 1000.0).to(torch.float16)      # H_A x reaches 108000 before normalization
+    got = hadamard(x, backend="triton")
+    want = hadamard(x.float(), backend="reference")
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.float(), want, atol=1.0, rtol=2e-3)

@@ -149,3 +149,13 @@ def test_patch_roste_trains_every_parameter_and_unpatches():
     assert losses[-1] < losses[0]
     fusedtune.unpatch(model)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
+
+
+def test_constant_groups_are_reproduced():
+    y = torch.full((3, 16), 2.5)
+    y[1] = -0.75
+    y[2] = 0.0
+    out, _ = rref.fake_quant(y, 4, "token", False, 1.0)
+    torch.testing.assert_close(out, y)
+    out, _ = rref.fake_quant(y.t().contiguous(), 4, "channel", False, 1.0)
+    torch.testing.assert_close(out, y.t())

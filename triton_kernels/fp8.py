@@ -206,6 +206,8 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
     M, K = a_q.shape
     N = b_q.shape[1] if b_transposed else b_q.shape[0]
     _check32("gemm", a_q, b_q)
+    if M * N >= 2**31:
+        raise ValueError(f"fp8 gemm: an output of {M}x{N} needs 64-bit indexing (split the tokens)")
     c = torch.empty((M, N), dtype=out_dtype, device=a_q.device)
     if M == 0 or N == 0:
         return c

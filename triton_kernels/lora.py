@@ -79,7 +79,7 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset,
     return v * amax
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thresh"])   # (an int equal to 1 would become a constant)
 def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, stride_qr, stride_qk,
                        seed, thresh, keep_scale,
                        HAS_GID: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
@@ -112,7 +112,7 @@ def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, 
 
 
 @_autotuned(_GEMM_CONFIGS)
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
                      M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
                      seed, thresh, keep_scale, nf4_offset,
@@ -168,7 +168,7 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
 lora_gemm_nf4_kernel = _autotuned(_NF4_CONFIGS)(lora_gemm_kernel.fn)   # same kernel, NF4 configs
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, seed, thresh, keep_scale,
                       DROPOUT: tl.constexpr, PREC: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
@@ -277,6 +277,8 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     M, K = p.shape
     R = 0 if t is None else t.shape[1]
     _check32("gemm", p, q, t, e)
+    if nf4 is not None and nf4["shape"][0] * nf4["shape"][1] >= 2**31:
+        raise ValueError(f"lora gemm: an NF4 weight of {nf4['shape']} needs 64-bit indexing")
     if M * N >= 2**31:
         raise ValueError(f"lora gemm: an output of {M}x{N} needs 64-bit indexing (split the tokens)")
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
@@ -321,6 +323,8 @@ def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
 def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=nf4["q"].device)
     n = out.numel()
+    if n >= 2**31:
+        raise ValueError(f"lora nf4_dequant: a weight of {tuple(shape)} needs 64-bit indexing")
     if n == 0:
         return out
     BLOCK = 1024

@@ -8,6 +8,7 @@ into two 16-bit parts (hi + lo, about 2^-16 relative for bf16) for the second GE
 """
 from __future__ import annotations
 
+import math
 import os
 
 import torch
@@ -21,7 +22,7 @@ MAX_SIDE = 128
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, A, scale, stride_x, stride_o,
+def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, A, pre, scale, stride_x, stride_o,
                     AP: tl.constexpr, P: tl.constexpr, PH: tl.constexpr):
     row = tl.program_id(0)
     ia = tl.arange(0, AP)
@@ -30,7 +31,7 @@ def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, A, scale, stride_x, stride_o
     offs = ia[:, None] * P + ip[None, :]
     x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=ok, other=0.0)
     ha = tl.load(ha_ptr + ia[:, None] * AP + ia[None, :])
-    y = tl.dot(ha, x)                                   # exact products, fp32 sums
+    y = tl.dot(ha, x) * pre                             # exact products, fp32 sums; pre = 2^-k keeps fp16 in range
     y_hi = y.to(x.dtype)
     y_lo = (y - y_hi.to(tl.float32)).to(x.dtype)
     ih = tl.arange(0, PH)
@@ -83,12 +84,15 @@ def hadamard(x: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
     if x2.shape[0] == 0:
         return out.reshape(x.shape)
     ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
-    hadamard_kernel[(x2.shape[0],)](x2, ha, hp, out, A, float(scale), x2.stride(0), out.stride(0), AP=AP, P=P,
+    pre = 2.0 ** -round(math.log2(AP) / 2)     # exact power of two: |H_A x| / sqrt(A) stays in the input's range
+    hadamard_kernel[(x2.shape[0],)](x2, ha, hp, out, A, pre, float(scale) / pre, x2.stride(0), out.stride(0),
+                                    AP=AP, P=P,
                                     PH=min(P, 64), num_warps=_warps(AP, P))
     return out.reshape(x.shape)
 
 
-_SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "A": "i32", "scale": "fp32",
+_SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "A": "i32", "pre": "fp32",
+        "scale": "fp32",
         "stride_x": "i32", "stride_o": "i32"}
 register(KernelSpec(
     family="roste", name="hadamard_kernel", fn=hadamard_kernel, signature=_SIG, gemm=True,

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import os
+import re
 
 import torch
 
@@ -26,6 +28,15 @@ PREFIX = "base_model.model."
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def _pattern(patterns: dict, module: str, default):
+    """peft's lookup of rank_pattern / alpha_pattern: a key matches a module name it ends (a dotted
+    suffix, or a regular expression matching the end)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
 
 
 def _common(values: dict):
@@ -69,8 +80,9 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
 
 def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
-    an existing adapter of that name is overwritten (its rank must match), a missing one is added with
-    the file's rank, alpha, dropout and rslora. Refuses, before changing anything, a file whose modules
+    an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
+    become the file's), a missing one is added with the file's rank, alpha, dropout and rslora (alpha per
+    module through alpha_pattern, matched as peft matches it). Refuses, before changing anything, a file whose modules
     the model lacks or whose shapes do not fit. Returns the module names loaded."""
     from safetensors.torch import load_file
     with open(os.path.join(path, CONFIG)) as f:
@@ -100,10 +112,16 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                              f"has r={A.shape[0]}")
     for mod, parts in plan.items():
         m = layers[mod]
+        r = int(parts["A"].shape[0])
+        alpha = float(_pattern(cfg.get("alpha_pattern"), mod, cfg["lora_alpha"]))
+        drop, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
         if adapter_name not in m.r:
-            alpha = cfg.get("alpha_pattern", {}).get(mod, cfg["lora_alpha"])
-            m.add_adapter(adapter_name, int(parts["A"].shape[0]), alpha, cfg.get("lora_dropout", 0.0),
-                          cfg.get("use_rslora", False), adapter_dtype=parts["A"].dtype)
+            m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype)
+        else:   # overwrite: the file's settings replace the adapter's
+            m.lora_alpha[adapter_name], m.lora_dropout_p[adapter_name] = alpha, drop
+            m.use_rslora[adapter_name] = rslora
+            m.scaling[adapter_name] = alpha / (math.sqrt(r) if rslora else r)
+            m._tables.clear()
         with torch.no_grad():
             m.lora_A[adapter_name].weight.copy_(parts["A"])
             m.lora_B[adapter_name].weight.copy_(parts["B"])

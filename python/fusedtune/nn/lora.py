@@ -16,14 +16,11 @@ import torch
 from torch import nn
 
 from ..ops import lora as lora_ops
+from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
 from .plain import plain_linear
 
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
-
-
-class LoRAUnsupported(NotImplementedError):
-    """A peft LoRA feature that the fused layer does not implement."""
 
 
 def _is_bnb_4bit(module) -> bool:
@@ -249,7 +246,7 @@ class LoRALinear(nn.Module):
         S = self._table(names, x.device, summed=True)[0]
         x2 = x.reshape(-1, x.shape[-1])
         xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
-        lora = ((xd.to(A.dtype) @ A.t()) * S) @ B.t()
+        lora = ((xd.float() @ A.float().t()) * S) @ B.float().t()
         return self.base_layer(x) + lora.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def _mixed_forward(self, x, adapter_names):
@@ -270,7 +267,7 @@ class LoRALinear(nn.Module):
         x, w, nf4 = self._base_args(x)
         A, B = self._stacked(names)
         y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device), gid, self.base_layer.bias, p,
-                                         None, nf4, self.backend)
+                                         None, nf4, self.backend, check_groups=False)   # built on the host
         return y.to(out_dtype)
 
     # ------------------------------------------------------------------ merge / unmerge
@@ -299,8 +296,8 @@ class LoRALinear(nn.Module):
             new = W.float() + sum(self.delta_weight(n) for n in names)
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"LoRALinear.merge: merging {names} gives non-finite weights; nothing was changed")
-            if exact_unmerge and self._stash is None:
-                self._stash = W.detach().to("cpu", copy=True)
+            if exact_unmerge and self._stash is None and not self.merged_adapters:
+                self._stash = W.detach().to("cpu", copy=True)   # (after an unsaved merge nothing exact is left)
             W.copy_(new.to(W.dtype))
         self.merged_adapters += names
 
@@ -317,18 +314,30 @@ class LoRALinear(nn.Module):
         self.merged_adapters = []
 
     def to_linear(self, merge: bool = True) -> nn.Linear:
-        """A plain nn.Linear: the base with the active adapters merged (merge=False: the base alone).
-        An NF4 base is dequantized to its compute dtype."""
+        """A plain nn.Linear. merge=True: what forward computes (merged: the current weight; else the base
+        with the active adapters merged, one rounding). merge=False: the base alone (the saved copy, or,
+        after a merge without one, the current weight minus the merged deltas, as unmerge does). An NF4
+        base is dequantized to its compute dtype."""
         nf4 = self._nf4_weight()
         if nf4 is not None:
             from ..reference.nf4 import dequantize
             W = dequantize(nf4, self._base_device_dtype()[1])
+            names = self.active_adapters if merge else []
+            sign = 1.0
+        elif self.merged:
+            W = self.base_layer.weight
+            if merge:
+                names, sign = [], 1.0
+            elif self._stash is not None:
+                W, names, sign = self._stash.to(W.device), [], 1.0
+            else:
+                names, sign = list(self.merged_adapters), -1.0
         else:
-            W = self._stash.to(self.base_layer.weight.device) if self._stash is not None else self.base_layer.weight
+            W = self.base_layer.weight
+            names, sign = (self.active_adapters if merge else []), 1.0
         with torch.no_grad():
-            names = [n for n in self.active_adapters] if merge else []
             if names:
-                W = (W.float() + sum(self.delta_weight(n) for n in names)).to(W.dtype)
+                W = (W.float() + sign * sum(self.delta_weight(n) for n in names)).to(W.dtype)
         return plain_linear(W.detach(), self.base_layer.bias)
 
     # ------------------------------------------------------------------ peft interop

@@ -139,8 +139,9 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat
                          f"{tuple(b_s.shape)}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"fp8_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
-    return _gemm_op(a_q, a_s.contiguous(), b_q, b_s.contiguous(), int(b_block_rows), bool(b_transposed),
-                    _name(out_dtype), _resolve("fp8_gemm", a_q, backend))
+    return _gemm_op(a_q.contiguous(), a_s.contiguous(), b_q.contiguous(), b_s.contiguous(), int(b_block_rows),
+                    bool(b_transposed),
+                    _name(out_dtype), _resolve("fp8_gemm", a_q, backend))  # (the kernel reads unit inner strides)
 
 
 # ----------------------------------------------------------------------------------------- FP8 linear
@@ -171,13 +172,13 @@ def _(x, weight, bias, w_q, w_s, pow2, need_wgrad, backend):
 def _lin_setup(ctx, inputs, output):
     x, weight, bias, w_q, w_s, pow2, need_wgrad, backend = inputs
     ctx.save_for_backward(output[1], output[2], w_q, w_s)   # FP8 x^T and its scales, not a 16-bit x
-    ctx.args = (pow2, backend, x.dtype, weight.dtype, bias is not None)
+    ctx.args = (pow2, backend, x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _lin_backward(ctx, dy, _dq, _ds):
     xq_c, xs_c, w_q, w_s = ctx.saved_tensors
-    pow2, backend, x_dtype, w_dtype, has_bias = ctx.args
+    pow2, backend, x_dtype, w_dtype, bias_dtype = ctx.args
     g = ctx.needs_input_grad
     dq_r, ds_r, dq_c, ds_c = _q1_op(dy.contiguous(), pow2, bool(g[1]), backend)
     dx = dW = db = None
@@ -185,8 +186,8 @@ def _lin_backward(ctx, dy, _dq, _ds):
         dx = _gemm_op(dq_r, ds_r, w_q, w_s.t().contiguous(), ref.TILE, True, _name(x_dtype), backend)
     if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
         dW = _gemm_op(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
-    if has_bias and g[2]:
-        db = dy.float().sum(0).to(dy.dtype)
+    if bias_dtype is not None and g[2]:
+        db = dy.float().sum(0).to(bias_dtype)
     return dx, dW, db, None, None, None, None, None
 
 

@@ -29,6 +29,10 @@ _REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gr
 NF4_FUSED_MAX_ROWS = 256   # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above
 
 
+class LoRAUnsupported(NotImplementedError):
+    """A peft LoRA feature that the fused op or layer does not implement."""
+
+
 def _impl(backend: str):
     if backend == "triton":
         from . import lora_triton
@@ -100,13 +104,13 @@ def _setup(ctx, inputs, output):
     x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4 = inputs
     absmax, code, absmax2, code2, bs, bs2, offset, path, backend = nf4
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scales, row_group, seed, absmax, code, absmax2, code2)
-    ctx.args = (dropout_p, bs, bs2, offset, path, backend, bias is not None)
+    ctx.args = (dropout_p, bs, bs2, offset, path, backend, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1])
 
 
 def _backward(ctx, dy, _dt):
     x, weight, lora_A, lora_B, t, scales, row_group, seed, absmax, code, absmax2, code2 = ctx.saved_tensors
-    dropout_p, bs, bs2, offset, path, backend, has_bias = ctx.args
+    dropout_p, bs, bs2, offset, path, backend, bias_dtype = ctx.args
     g = ctx.needs_input_grad
     need = [bool(g[0]), bool(g[2]), bool(g[3])]
     dy = dy.contiguous()
@@ -120,8 +124,8 @@ def _backward(ctx, dy, _dt):
     if g[1]:   # the base trains (dense weight only): dW = dy^T x
         ct = ref.compute_dtype(x)
         dW = (dy.t().to(ct) @ x.to(ct)).to(weight.dtype)
-    if has_bias and g[4]:
-        db = dy.to(ref.compute_dtype(x)).sum(0).to(dy.dtype)
+    if bias_dtype is not None and g[4]:
+        db = dy.to(ref.compute_dtype(x)).sum(0).to(bias_dtype)
     return (dx, dW, dA, dB, db) + (None,) * 13
 
 
@@ -192,9 +196,11 @@ def nf4_path(M: int, nf4) -> str:
 
 
 def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, bias=None, dropout_p=0.0,
-                        seed=None, nf4=None, backend: str | None = None) -> torch.Tensor:
+                        seed=None, nf4=None, backend: str | None = None, check_groups: bool = True) -> torch.Tensor:
     """The general fused LoRA linear (module docstring). weight is ignored (may be None) when nf4 is given.
-    row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None."""
+    row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None;
+    check_groups=False skips the range check of its values (a host sync; callers that built it on the
+    host and checked it there)."""
     if weight is None and nf4 is None:
         raise ValueError("lora: weight is None and no nf4 weight was given")
     N, K = _check(x, weight, lora_A, lora_B, bias, scale_table, row_group, dropout_p, nf4)
@@ -206,7 +212,12 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     if row_group is not None:
         if row_group.shape != (M,):
             raise ValueError(f"lora: row_group must have one entry per row ({M}), got {tuple(row_group.shape)}")
-        row_group = row_group.to(torch.int32)
+        row_group = row_group.to(torch.int32).contiguous()
+        if check_groups and M and not torch.compiler.is_compiling():
+            lo, hi = int(row_group.min()), int(row_group.max())
+            if lo < -1 or hi >= scale_table.shape[0]:
+                raise ValueError(f"lora: row_group values must lie in [-1, {scale_table.shape[0]}), got [{lo}, {hi}]")
+    scale_table = scale_table.contiguous()
     name = _backend.resolve("lora_linear", x.device, _HAS, backend)
     if name == "triton" and any(t.dtype == torch.float64 for t in (x, lora_A, lora_B)):
         raise TypeError("lora: the Triton kernels take float32/bfloat16/float16 tensors, not float64 (float64 runs "
@@ -253,6 +264,9 @@ def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropou
     per sequence (x [batch, seq, in], adapter_index [batch]); -1 = no adapter."""
     A, B, S = stack_adapters(list(adapters), x.device)
     if adapter_index is None:
+        if len(S) > 1 and float(dropout_p) > 0.0:
+            raise LoRAUnsupported("lora_linear_multi: several summed adapters with dropout: peft draws an independent "
+                                  "mask per adapter, one fused call draws one; call once per adapter or use dropout 0")
         table, gid = S.sum(0, keepdim=True), None
     else:
         idx = torch.as_tensor(adapter_index, device=x.device).reshape(-1)
@@ -268,7 +282,7 @@ def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropou
             if lo < -1 or hi >= len(S):
                 raise ValueError(f"lora: adapter_index values must lie in [-1, {len(S)}), got [{lo}, {hi}]")
         table, gid = S, idx.to(torch.int32)
-    return lora_linear_grouped(x, weight, A, B, table, gid, bias, dropout_p, seed, nf4, backend)
+    return lora_linear_grouped(x, weight, A, B, table, gid, bias, dropout_p, seed, nf4, backend, check_groups=False)
 
 
 def lora_backend(device, backend: str | None = None) -> dict:

@@ -111,6 +111,6 @@ def gemm(a_q, a_s, b_q, b_s, b_block_rows: int, out_dtype=torch.float32) -> torc
 
 def sqnr_db(x: torch.Tensor, ref: torch.Tensor) -> float:
     """Signal-to-quantization-noise ratio in dB of x against ref."""
-    ref = ref.double()
-    noise = (x.double() - ref).pow(2).sum()
+    ref = ref.detach().double()
+    noise = (x.detach().double() - ref).pow(2).sum()
     return float(10 * torch.log10(ref.pow(2).sum() / noise.clamp_min(1e-300)))

@@ -9,8 +9,8 @@ rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate):
                   out = (q - zero) * scale
       symmetric   scale = max|y| * clip / (2^(bits-1) - 1), q = clamp(round(y / scale), -2^(bits-1),
                   2^(bits-1) - 1), out = q * scale
-    a group whose scale is 0 (all values equal to 0 after clipping) gives out = y's rounding to 0
-    (scale replaced by 1). round() is round-half-to-even (torch.round).
+    a constant group (hi == lo) takes scale = max(|hi|, |lo|) / (2^bits - 1), which reproduces the constant;
+    an all-zero group takes scale 1. round() is round-half-to-even (torch.round).
 Backward (straight-through): dy passes unchanged (ste="identity") or only where y was inside the
 clipping range [lo, hi] (ste="clipped"), then through the transpose of the rotation.
 """
@@ -44,7 +44,8 @@ def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cl
     else:
         levels = 2 ** bits - 1
         scale = (hi - lo) / torch.full_like(hi, levels)
-        scale = torch.where(scale == 0, one, scale)
+        flat = torch.maximum(hi.abs(), lo.abs()) / torch.full_like(hi, levels)     # a constant group
+        scale = torch.where(scale == 0, torch.where(flat == 0, one, flat), scale)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(y / scale) + zero, 0, levels)
         out = (q - zero) * scale
