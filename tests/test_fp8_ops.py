@@ -9,6 +9,7 @@ import fusedtune
 from fusedtune.ops import fp8 as F8
 from fusedtune.ops.fp8 import _gemm_op, _linear_op, _q1_op
 from fusedtune.reference import fp8 as ref
+from tiny_models import tiny_llama, train_losses
 
 E4M3 = torch.float8_e4m3fn
 
@@ -154,18 +155,14 @@ def test_compile_fullgraph():
 
 
 def test_convert_and_patch_method():
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(64, 128)
     ids = torch.randint(0, 64, (2, 16))
-    m2 = fusedtune.fp8.convert(transformers.LlamaForCausalLM(cfg))
+    m2 = fusedtune.fp8.convert(tiny_llama(64, 128, seed=1))
     from fusedtune.nn import FP8Linear
     assert sum(isinstance(m, FP8Linear) for m in m2.modules()) == 14 and type(m2.lm_head) is torch.nn.Linear
     rep = fusedtune.patch(model, "fp8", lr=3e-3)
     assert rep.trainable_params == sum(p.numel() for p in model.parameters())
-    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(6)]
+    losses = train_losses(rep, model, ids, 6)
     assert losses[-1] < losses[0]
     fusedtune.unpatch(model)
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear

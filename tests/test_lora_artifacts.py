@@ -5,17 +5,14 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-import transformers  # noqa: E402
 
 import fusedtune  # noqa: E402
 from fusedtune.lora import load_adapter, save_adapter  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
 
 
 def _model():
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
+    return tiny_llama()
 
 
 def _trained(model, r=4):

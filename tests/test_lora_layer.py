@@ -18,6 +18,7 @@ from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.nn.lora import LoRAUnsupported  # noqa: E402
 from fusedtune.testing import assert_within_rule  # noqa: E402
 from lora_cases import exact64, layer_outputs  # noqa: E402
+from tiny_models import tiny_llama, train_losses  # noqa: E402
 
 
 def _peft(lin, name="default", r=4, alpha=8, dropout=0.0, rslora=False, **kw):
@@ -181,19 +182,11 @@ def test_dropout_only_in_training():
     torch.testing.assert_close(ours(x), y_eval)
 
 
-def _tiny_llama():
-    import transformers
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    return transformers.LlamaForCausalLM(cfg)
-
-
 @pytest.mark.parametrize("method", ["lora", "qlora"])
 def test_patch_trains_and_unpatches_merged_or_base(method):
     if method == "qlora":
         pytest.importorskip("bitsandbytes")
-    model = _tiny_llama()
+    model = tiny_llama()
     ids = torch.randint(0, 64, (2, 12))
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
     y0 = model(ids).logits
@@ -203,14 +196,14 @@ def test_patch_trains_and_unpatches_merged_or_base(method):
     assert base == ("Linear4bit" if method == "qlora" else "Linear")
     if method == "lora":
         torch.testing.assert_close(model(ids).logits, y0)      # B = 0 at init: the model is unchanged
-    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(8)]
+    losses = train_losses(rep, model, ids, 8)
     assert losses[-1] < losses[0]
     model.eval()
     y_trained = model(ids).logits
     fusedtune.unpatch(model)
     assert isinstance(model.model.layers[0].mlp.down_proj, nn.Linear)
     torch.testing.assert_close(model(ids).logits, y_trained, atol=1e-4, rtol=1e-4)
-    model2 = _tiny_llama()
+    model2 = tiny_llama()
     fusedtune.patch(model2, method, r=4)
     fusedtune.unpatch(model2, merge=False)
     if method == "lora":      # the base weights exactly (qlora: their NF4 dequantization)
@@ -218,7 +211,7 @@ def test_patch_trains_and_unpatches_merged_or_base(method):
 
 
 def test_patched_model_matches_peft_model():
-    model = _tiny_llama()
+    model = tiny_llama()
     pm = peft.get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
                                                                target_modules=["q_proj", "v_proj"]))
     fusedtune.patch(model, "lora", target_modules=["q_proj", "v_proj"], r=4, alpha=8)

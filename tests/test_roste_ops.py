@@ -10,6 +10,7 @@ from fusedtune.nn import RoSTELinear
 from fusedtune.ops.roste import _hadamard_op, _rfq_op, hadamard, rotate_fake_quant
 from fusedtune.reference import hadamard as href
 from fusedtune.reference import roste as rref
+from tiny_models import tiny_llama, train_losses
 
 scipy_linalg = pytest.importorskip("scipy.linalg")
 
@@ -135,17 +136,12 @@ def test_bad_inputs():
 
 
 def test_patch_roste_trains_every_parameter_and_unpatches():
-    import transformers
-
     import fusedtune
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
+    model = tiny_llama(64, 128)
     ids = torch.randint(0, 64, (2, 16))
     rep = fusedtune.patch(model, "roste", w_bits=4, a_bits=8, lr=3e-3)
     assert len(rep.rows) == 14 and rep.trainable_params == sum(p.numel() for p in model.parameters())
-    losses = [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(6)]
+    losses = train_losses(rep, model, ids, 6)
     assert losses[-1] < losses[0]
     fusedtune.unpatch(model)
     assert type(model.model.layers[0].mlp.down_proj) is torch.nn.Linear
