@@ -2,6 +2,7 @@
 transform's autograd, fake quantization from first principles, straight-through gradients, RoSTELinear,
 compile, refusals that name the supported sizes."""
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -37,12 +38,29 @@ def test_every_factor_is_hadamard_and_the_transform_inverts(m):
 
 
 def test_model_sizes_are_supported_or_refused_by_name():
-    for n in (4096, 14336, 4864, 18944, 3584, 5120, 128, 896):     # Llama-3, Qwen2.5, Mistral sizes
+    for n in (4096, 14336, 4864, 18944, 3584, 5120, 128, 896, 11008, 13824):   # Llama-2/3, Qwen2.5, Mistral
         href.split_size(n)
-    with pytest.raises(ValueError, match=r"11008 = 43 x 2\^8 is not supported.*12, 20, 28"):
-        hadamard(torch.zeros(2, 11008))
+    assert href.split_size(11008) == (172, 64) and href.split_size(156 * 32) == (156, 32)
+    with pytest.raises(ValueError, match=r"29568 = 231 x 2\^7 is not supported.*12, 20, 28.*156, 172"):
+        hadamard(torch.zeros(2, 29568))
     with pytest.raises(ValueError, match="not supported"):
         hadamard(torch.zeros(2, 7 * 9))
+
+
+@pytest.mark.parametrize("m", sorted(href.GS_SEEDS))
+def test_goethals_seidel_seeds_are_what_the_search_tool_finds(m):
+    """The stored orbit signs of 156 and 172 are reproducible: tools/hadamard_search.py finds them."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tools" / "hadamard_search.py"
+    spec = importlib.util.spec_from_file_location("hadamard_search", path)
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    v, gen, signs = href.GS_SEEDS[m]
+    _, found = tool.search(v, gen)
+    assert [tuple(s) for s in found[0]] == [tuple(s) for s in signs]
+    seqs = [tool.sequence(v, href.orbits(v, gen), s) for s in signs]
+    total = sum(tool.paf(a) for a in seqs)
+    assert total[0] == 4 * v and (total[1:] == 0).all()
 
 
 def test_hadamard_autograd_gradcheck_and_dtypes():
@@ -131,8 +149,8 @@ def test_bad_inputs():
         rotate_fake_quant(torch.zeros(2, 16), 4, clip_ratio=0.0)
     with pytest.raises(TypeError, match="float32/bfloat16/float16"):
         hadamard(torch.zeros(2, 16, dtype=torch.int32))
-    with pytest.raises(ValueError, match="11008"):
-        RoSTELinear.from_linear(torch.nn.Linear(11008, 8))
+    with pytest.raises(ValueError, match="29568"):
+        RoSTELinear.from_linear(torch.nn.Linear(29568, 8))
 
 
 def test_patch_roste_trains_every_parameter_and_unpatches():

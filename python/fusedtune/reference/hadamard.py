@@ -5,9 +5,13 @@ factors m are built here from first principles, no tables copied from elsewhere:
   Paley I   (q prime, q = 3 mod 4):  order q + 1       12, 20, 44, 60, 68?, 84, 108, 140, ...
   Paley II  (q prime power, q = 1 mod 4): order 2(q+1) 28 (q=13), 36 (17), 52 (25 = 5^2), 76 (37), 148 (73)
   doubling  H_2m = H_2 (x) H_m                           40 = 2 x 20
-Every factor is checked (H H^T = m I) when it is built. Orders that need other constructions
-(156 = 4 x 39 and 172 = 4 x 43 need Williamson-type matrices) are not available: hadamard_matrix
-refuses them and names the supported factors.
+  Goethals-Seidel (order 4v, v odd): four circulant +-1 matrices A, B, C, D whose periodic
+            autocorrelations sum to zero off the diagonal, put in the Goethals-Seidel array
+                                                         156 (v = 39), 172 (v = 43)
+            Each of the four first rows is constant on the orbits of a subgroup of the units mod v
+            (GS_SEEDS: the subgroup's generator and one sign per orbit); the signs were found by
+            tools/hadamard_search.py, a meet-in-the-middle search over power spectra.
+Every factor is checked (H H^T = m I) when it is built.
 """
 from __future__ import annotations
 
@@ -17,8 +21,15 @@ import math
 import torch
 
 # the non-power-of-two factors RoSTE-style rotations need for Llama-2/3, Qwen2.5 and Mistral sizes
-FACTORS = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148)
-MISSING = (156, 172)   # Williamson-type orders: not constructed here yet
+FACTORS = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 156, 172)
+
+# order 4v: (v, generator of the subgroup, signs per orbit of A, B, C, D; orbits sorted by least element)
+GS_SEEDS = {
+    156: (39, 29, ((-1, 1, -1, -1, -1, 1, 1, 1, 1, -1), (-1, 1, 1, -1, -1, 1, -1, 1, -1, 1),
+                   (1, 1, 1, 1, -1, -1, 1, -1, -1, -1), (1, 1, 1, -1, -1, -1, 1, 1, -1, 1))),
+    172: (43, 4, ((1, 1, -1, 1, -1, 1, -1), (1, 1, -1, -1, 1, 1, -1), (1, 1, 1, 1, -1, -1, -1),
+                  (-1, 1, -1, 1, 1, -1, 1))),
+}
 
 
 def _is_prime(p: int) -> bool:
@@ -78,6 +89,47 @@ def _paley2(q: int) -> torch.Tensor:
     return torch.kron(C, one) + torch.kron((C == 0).double(), zero)
 
 
+def orbits(v: int, gen: int) -> list[list[int]]:
+    """The orbits of Z_v under multiplication by the powers of `gen`, sorted by least element."""
+    seen, out = set(), []
+    for x in range(v):
+        if x not in seen:
+            orb, y = [x], (x * gen) % v
+            while y != x:
+                orb.append(y)
+                y = (y * gen) % v
+            seen.update(orb)
+            out.append(sorted(orb))
+    return out
+
+
+def _circulant(a: torch.Tensor) -> torch.Tensor:
+    """The circulant matrix with first row a: C[i, j] = a[(j - i) mod v]."""
+    v = a.shape[0]
+    idx = (torch.arange(v)[None, :] - torch.arange(v)[:, None]) % v
+    return a[idx]
+
+
+def _goethals_seidel(m: int) -> torch.Tensor:
+    """Order m = 4v from GS_SEEDS: [[A, BR, CR, DR], [-BR, A, D^T R, -C^T R], [-CR, -D^T R, A, B^T R],
+    [-DR, C^T R, -B^T R, A]], R the back-diagonal permutation."""
+    v, gen, signs = GS_SEEDS[m]
+    orbs = orbits(v, gen)
+    rows = []
+    for sg in signs:
+        a = torch.empty(v, dtype=torch.float64)
+        for o, s in zip(orbs, sg, strict=True):
+            a[o] = float(s)
+        rows.append(_circulant(a))
+    A, B, C, D = rows
+    R = torch.eye(v, dtype=torch.float64).flip(1)
+    return torch.cat([torch.cat(r, 1) for r in (
+        (A, B @ R, C @ R, D @ R),
+        (-B @ R, A, D.t() @ R, -C.t() @ R),
+        (-C @ R, -D.t() @ R, A, B.t() @ R),
+        (-D @ R, C.t() @ R, -B.t() @ R, A))], 0)
+
+
 def _sylvester(n: int) -> torch.Tensor:
     H = torch.ones(1, 1, dtype=torch.float64)
     h2 = torch.tensor([[1.0, 1.0], [1.0, -1.0]], dtype=torch.float64)
@@ -91,6 +143,8 @@ def factor_matrix(m: int) -> torch.Tensor:
     """A Hadamard matrix of order m (a power of two, or one of the constructible factors), float64."""
     if m & (m - 1) == 0:
         H = _sylvester(m)
+    elif m in GS_SEEDS:
+        H = _goethals_seidel(m)
     elif m % 4 == 0 and _is_prime(m - 1) and (m - 1) % 4 == 3:
         H = _paley1(m - 1)
     elif m % 4 == 0 and (m // 2 - 1) % 4 == 1 and (_is_prime(m // 2 - 1) or _is_prime(round((m // 2 - 1) ** 0.5))
@@ -118,8 +172,7 @@ def split_size(n: int) -> tuple[int, int]:
         if n % f == 0 and (n // f) & (n // f - 1) == 0:
             return f, n // f
     raise ValueError(f"hadamard: size {n} = {m} x 2^{int(math.log2(k))} is not supported; supported: powers of two "
-                     f"and m x 2^k with m in {{{', '.join(map(str, FACTORS))}}} ({', '.join(map(str, MISSING))} need "
-                     "Williamson-type factors, not built yet)")
+                     f"and m x 2^k with m in {{{', '.join(map(str, FACTORS))}}}")
 
 
 def hadamard_matrix(n: int) -> torch.Tensor:
