@@ -1,14 +1,18 @@
-"""RoSTE Hadamard on a GPU: the Triton kernel against the float64 reference at model sizes; a size it
-cannot serve runs the reference with a warning under backend auto."""
+"""RoSTE on a GPU: the Triton Hadamard against the float64 reference at model sizes; the fused
+rotate + fake-quant equal bit for bit to the reference quantization of the kernel's own rotation (no
+FMA contraction, IEEE division, round half to even on the device too); a size the kernel cannot serve
+runs the reference with a warning under backend auto."""
 import pytest
 import torch
 
-from fusedtune.ops.roste import hadamard
+from fusedtune.ops.roste import hadamard, rotate_fake_quant
+from fusedtune.reference import roste as rref
+from fusedtune.triton_kernels import roste as tk
 
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("n", [4096, 14336, 4864, 3584, 5120, 128])
+@pytest.mark.parametrize("n", [4096, 14336, 4864, 3584, 5120, 128, 11008, 18944, 156 * 64, 32768])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_triton_hadamard(n, dtype):
     x = torch.randn(64, n, device="cuda").to(dtype)
@@ -20,4 +24,32 @@ def test_triton_hadamard(n, dtype):
 
 def test_auto_falls_back_with_a_warning_for_unserved_sizes():
     with pytest.warns(UserWarning, match="running the reference"):
-        hadamard(torch.randn(4, 148 * 128, device="cuda", dtype=torch.bfloat16))
+        hadamard(torch.randn(4, 148 * 256, device="cuda", dtype=torch.bfloat16))
+
+
+@pytest.mark.parametrize("n", [4096, 11008, 18944])
+@pytest.mark.parametrize("bits,symmetric,clip", [(4, False, 0.95), (8, True, 1.0), (2, False, 0.8)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_fused_rotate_fake_quant_is_exact(n, bits, symmetric, clip, dtype):
+    x = torch.randn(96, n, device="cuda")
+    x[0, 5] = 50.0
+    x[1] = 1.0 + torch.rand(n, device="cuda") * 1e-2
+    x[2] = 0.0
+    x = x.to(dtype)
+    got, inside = tk.rotate_fake_quant(x, bits, symmetric, clip, True, True)
+    want, want_inside = rref.fake_quant(hadamard(x, backend="triton"), bits, "token", symmetric, clip)
+    assert torch.equal(got, want.to(dtype)) and torch.equal(inside, want_inside)
+    plain = rotate_fake_quant(x, bits, "token", symmetric, clip, rotate=False, backend="triton")
+    assert torch.equal(plain, rref.rotate_fake_quant(x, bits, "token", symmetric, clip, rotate=False)[0])
+
+
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_fused_backward_matches_reference(ste):
+    x = torch.randn(64, 4096, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn_like(x)
+    grads = []
+    for backend in ("triton", "reference"):
+        xx = x.clone().requires_grad_()
+        rotate_fake_quant(xx, 4, "token", False, 0.9, ste=ste, backend=backend).backward(dy)
+        grads.append(xx.grad.float())
+    torch.testing.assert_close(grads[0], grads[1], atol=2e-2, rtol=2e-2)

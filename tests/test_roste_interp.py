@@ -1,14 +1,17 @@
-"""The RoSTE Hadamard Triton kernel in the interpreter against the float64 reference."""
+"""The RoSTE Triton kernels in the interpreter: the Hadamard transform against the float64 reference,
+the fused rotate + fake-quant against the reference fake quantization of the same rotation (bit for
+bit), the unrotated fake quant against the reference (bit for bit), the straight-through backward."""
 import pytest
 import torch
 
 from fusedtune.backend import BackendError
-from fusedtune.ops.roste import hadamard
+from fusedtune.ops.roste import hadamard, rotate_fake_quant
+from fusedtune.reference import roste as rref
 
 pytestmark = pytest.mark.interp
 
 
-@pytest.mark.parametrize("n", [16 * 16, 4096, 28 * 128, 12 * 64, 76 * 64, 40 * 32])
+@pytest.mark.parametrize("n", [16 * 16, 4096, 28 * 128, 12 * 64, 76 * 64, 40 * 32, 172 * 64, 148 * 128, 156 * 16])
 @pytest.mark.parametrize("transpose", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float16])   # (bf16 is wrong in the interpreter; fp32: reference)
 def test_triton_hadamard_matches_reference(n, transpose, dtype):
@@ -22,8 +25,10 @@ def test_triton_hadamard_matches_reference(n, transpose, dtype):
 
 
 def test_sizes_the_kernel_cannot_serve_are_said():
-    with pytest.raises(BackendError, match="n = 18944"):
-        hadamard(torch.zeros(2, 148 * 128, dtype=torch.float16), backend="triton")
+    with pytest.raises(BackendError, match="n = 65536"):
+        hadamard(torch.zeros(2, 65536, dtype=torch.float16), backend="triton")
+    with pytest.raises(BackendError, match="n = 37888"):
+        rotate_fake_quant(torch.zeros(2, 148 * 256, dtype=torch.float16), 4, backend="triton")
     with pytest.raises(BackendError, match="torch.float32"):
         hadamard(torch.zeros(2, 4096), backend="triton")
 
@@ -34,3 +39,58 @@ def test_fp16_intermediate_stays_in_range():
     want = hadamard(x.float(), backend="reference")
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got.float(), want, atol=1.0, rtol=2e-3)
+
+
+def _rows(n, dtype, seed):
+    """Rows that exercise the quantizer: Gaussian with an outlier, all positive with a tiny range (a large
+    zero point), constant, all zero, and one with a wide dynamic range."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, n, generator=g)
+    x[0, 3] = 40.0
+    x[1] = 1.0 + torch.rand(n, generator=g) * 1e-2
+    x[2] = -0.375
+    x[3] = 0.0
+    x[4] = x[4] * torch.logspace(-4, 2, n)
+    return x.to(dtype)
+
+
+@pytest.mark.parametrize("bits,symmetric,clip", [(4, False, 0.95), (8, False, 1.0), (2, True, 1.0), (4, True, 0.9),
+                                                  (3, False, 0.5)])
+@pytest.mark.parametrize("n", [12 * 64, 4096, 172 * 64])
+def test_fused_rotate_fake_quant_equals_reference_quant_of_the_rotation(n, bits, symmetric, clip):
+    x = _rows(n, torch.float16, n + bits)
+    got = rotate_fake_quant(x, bits, "token", symmetric, clip, rotate=True, ste="clipped", backend="triton")
+    y = hadamard(x, backend="triton")                  # the kernel's own rotation, rounded to fp16
+    want, inside = rref.fake_quant(y, bits, "token", symmetric, clip)
+    assert torch.equal(got, want.to(x.dtype))
+    from fusedtune.triton_kernels import roste as tk
+    _, got_inside = tk.rotate_fake_quant(x, bits, symmetric, clip, True, True)
+    assert torch.equal(got_inside, inside)
+    exact = rref.rotate_fake_quant(x, bits, "token", symmetric, clip, True)[0]      # float64 rotation
+    assert (got != exact).float().mean() < 0.01         # differs only where the rotation rounds differently
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,symmetric,clip", [(4, False, 0.95), (8, True, 1.0), (2, False, 1.0)])
+def test_unrotated_fake_quant_is_bit_exact(dtype, bits, symmetric, clip):
+    x = _rows(1000, dtype, bits)                        # 1000: a partial last block of the quantizing pass
+    got = rotate_fake_quant(x, bits, "token", symmetric, clip, rotate=False, backend="triton")
+    want = rref.rotate_fake_quant(x, bits, "token", symmetric, clip, rotate=False)[0]
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+def test_straight_through_backward_matches_reference(ste, granularity):
+    x = _rows(28 * 16, torch.float16, 7)
+    dy = torch.randn(x.shape, generator=torch.Generator().manual_seed(1)).to(torch.float16)
+    grads = []
+    for backend in ("triton", "reference"):
+        xx = x.clone().requires_grad_()
+        out = rotate_fake_quant(xx, 4, granularity, False, 0.8, rotate=True, ste=ste, backend=backend)
+        out.backward(dy)
+        grads.append(xx.grad.double())
+    torch.testing.assert_close(grads[0], grads[1], atol=2e-3, rtol=2e-3)
+    if ste == "clipped":                               # the clip range zeroes part of the gradient
+        full = hadamard(dy.float(), transpose=True).double()
+        assert (grads[1] - full).abs().max() > 0.1

@@ -1,10 +1,17 @@
-"""RoSTE family, Triton kernel: the Hadamard transform of rows of n = m * 2^k elements as two small
-tensor-core GEMMs per row. With n = A * P (P = min(2^k, 128), A = n / P <= 128), H_n = H_A (x) H_P and a
-row viewed as X [A, P] transforms to H_A X H_P^T (H_A = H_m (x) H_{2^k / P}, a dense +-1 matrix zero-padded
-to a power of two; H_P Sylvester, symmetric). Sizes with A > 128 (n > 16384, or 148 * 2^k > 16384) are
-not served by this kernel (the op says so and runs the reference). 16-bit inputs only (float32 rows run
-the reference): the first GEMM multiplies the 16-bit row by +-1 exactly into fp32; its result is split
-into two 16-bit parts (hi + lo, about 2^-16 relative for bf16) for the second GEMM, fp32 accumulation.
+"""RoSTE family, Triton kernels.
+
+hadamard_kernel: the Hadamard transform of rows of n = m * 2^k elements as two small tensor-core GEMMs
+per row. With n = A * P (P = min(2^k, 128), A = n / P <= 256), H_n = H_A (x) H_P and a row viewed as
+X [A, P] transforms to H_A X H_P^T (H_A = H_m (x) H_{2^k / P}, a dense +-1 matrix zero-padded to a
+power of two AP; H_P Sylvester, symmetric); above AP = 128 the first GEMM runs in 64 x 64 blocks of
+H_A (X re-read per block from L1/L2, so that the sm_80/89 register file holds it without spills). Sizes with A > 256 (n > 32768) are not served (the op says so and runs the reference). 16-bit
+inputs only (float32 rows run the reference): the first GEMM multiplies the 16-bit row by +-1 exactly
+into fp32; its result is split into two 16-bit parts (hi + lo, about 2^-16 relative for bf16) for the
+second GEMM, fp32 accumulation. With QUANT the same launch fake-quantizes each rotated row (per
+token): min/max are taken as the row is stored, then one pass over the row (still in L2) quantizes
+it in place with the reference's formulas (IEEE division, round half to even, no FMA contraction),
+so the result equals reference fake_quant applied to this kernel's rotation, bit for bit.
+fake_quant_kernel: the same per-row fake quantization without rotation (any float dtype).
 """
 from __future__ import annotations
 
@@ -18,40 +25,150 @@ import triton.language as tl
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
-MAX_SIDE = 128
+MAX_SIDE = 256    # A, the padded first-GEMM side (above 128: in row blocks of 64)
+MAX_P = 128
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, A, pre, scale, stride_x, stride_o,
-                    AP: tl.constexpr, P: tl.constexpr, PH: tl.constexpr):
+def _round_even(v):
+    """Round half to even in fp32 (torch.round): |v| < 2^23 rounds by adding and removing 2^23 with the
+    sign of v (IEEE round-to-nearest-even does it); larger values are integers already."""
+    big = tl.where(v >= 0, 8388608.0, -8388608.0)
+    r = (v + big) - big
+    return tl.where(tl.abs(v) < 8388608.0, r, v)
+
+
+@triton.jit
+def _quant_params(lo, hi, clip, levels, SYM: tl.constexpr):
+    """(lo, hi, scale, zero) of a group from its min and max: reference/roste.py's formulas, fp32, IEEE
+    division (div_rn), no FMA contraction (the launch passes enable_fp_fusion=False)."""
+    lo = lo * clip
+    hi = hi * clip
+    amax = tl.maximum(tl.abs(hi), tl.abs(lo))
+    if SYM:
+        scale = tl.math.div_rn(amax, levels)
+        scale = tl.where(scale == 0.0, 1.0, scale)
+        zero = 0.0
+    else:
+        scale = tl.math.div_rn(hi - lo, levels)
+        flat = tl.math.div_rn(amax, levels)
+        scale = tl.where(scale == 0.0, tl.where(flat == 0.0, 1.0, flat), scale)
+        zero = _round_even(tl.math.div_rn(-lo, scale))
+    return lo, hi, scale, zero
+
+
+@triton.jit
+def _quant_row(src_ptr, dst_ptr, inside_ptr, n, lo, hi, clip, levels,
+               SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
+    """Fake-quantize the n values at src_ptr into dst_ptr (dst's dtype), with the group's min/max."""
+    lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, SYM)
+    amax = tl.maximum(tl.abs(hi), tl.abs(lo))
+    for c0 in range(0, n, QB):
+        offs = c0 + tl.arange(0, QB)
+        ok = offs < n
+        y = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if SYM:
+            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0), levels)
+            out = q * scale
+            inside = (y >= -amax) & (y <= amax)
+        else:
+            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0), levels)
+            out = (q - zero) * scale
+            inside = (y >= lo) & (y <= hi)
+        tl.store(dst_ptr + offs, out.to(dst_ptr.dtype.element_ty), mask=ok)
+        if CLIPPED:
+            tl.store(inside_ptr + offs, inside.to(tl.int8), mask=ok)
+
+
+@triton.jit
+def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, pre, scale, clip, levels, stride_x, stride_o,
+                    AP: tl.constexpr, AB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
+                    QUANT: tl.constexpr, SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
+    """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]); with QUANT, the rotated row
+    (rounded to the output dtype, as the reference) is then fake-quantized in place per row: min/max
+    gathered while the rotation is stored, one more pass over the row (L2-resident) quantizes it."""
     row = tl.program_id(0)
     ia = tl.arange(0, AP)
     ip = tl.arange(0, P)
-    ok = (ia < A)[:, None] & (ip < P)[None, :]
-    offs = ia[:, None] * P + ip[None, :]
-    x = tl.load(x_ptr + row.to(tl.int64) * stride_x + offs, mask=ok, other=0.0)
-    ha = tl.load(ha_ptr + ia[:, None] * AP + ia[None, :])
-    y = tl.dot(ha, x) * pre                             # exact products, fp32 sums; pre = 2^-k keeps fp16 in range
-    y_hi = y.to(x.dtype)
-    y_lo = (y - y_hi.to(tl.float32)).to(x.dtype)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    if AB == AP:                               # the whole row as X [AP, P], loaded once
+        x = tl.load(x_row + ia[:, None] * P + ip[None, :], mask=(ia < A)[:, None], other=0.0)
+    o_row = out_ptr + row.to(tl.int64) * stride_o
     ih = tl.arange(0, PH)
-    for h0 in tl.static_range(0, P, PH):          # the second GEMM in column slices: fewer live registers
-        hp = tl.load(hp_ptr + ip[:, None] * P + (h0 + ih)[None, :])
-        z = tl.dot(y_hi, hp)
-        z = tl.dot(y_lo, hp, z) * scale
-        tl.store(out_ptr + row.to(tl.int64) * stride_o + ia[:, None] * P + (h0 + ih)[None, :],
-                 z.to(out_ptr.dtype.element_ty), mask=(ia < A)[:, None])
+    lo = float("inf")
+    hi = -float("inf")
+    for a0 in tl.static_range(0, AP, AB):      # AP > 128: the first GEMM in row blocks of H_A ...
+        ib = a0 + tl.arange(0, AB)
+        if AB == AP:
+            y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + ia[None, :]), x)
+        else:                                  # ... and K blocks of X (re-read from L1/L2): fewer live registers
+            ik = tl.arange(0, AB)
+            y = tl.zeros([AB, P], dtype=tl.float32)
+            for k0 in tl.static_range(0, AP, AB):
+                xk = tl.load(x_row + (k0 + ik)[:, None] * P + ip[None, :], mask=(k0 + ik < A)[:, None], other=0.0)
+                y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + (k0 + ik)[None, :]), xk, y)
+        y = y * pre                             # exact products, fp32 sums; pre = 2^-k keeps fp16 in range
+        y_hi = y.to(x_ptr.dtype.element_ty)
+        y_lo = (y - y_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+        for h0 in tl.static_range(0, P, PH):     # the second GEMM in column slices: fewer live registers
+            hp = tl.load(hp_ptr + ip[:, None] * P + (h0 + ih)[None, :])
+            z = tl.dot(y_hi, hp)
+            z = (tl.dot(y_lo, hp, z) * scale).to(out_ptr.dtype.element_ty)
+            live = (ib < A)[:, None]
+            tl.store(o_row + ib[:, None] * P + (h0 + ih)[None, :], z, mask=live)
+            if QUANT:
+                zf = z.to(tl.float32)
+                lo = tl.minimum(lo, tl.min(tl.where(live, zf, float("inf"))))
+                hi = tl.maximum(hi, tl.max(tl.where(live, zf, -float("inf"))))
+    if QUANT:
+        tl.debug_barrier()                       # the row's stores are visible to every thread of the program
+        _quant_row(o_row, o_row, inside_ptr + row.to(tl.int64) * A * P, A * P, lo, hi, clip, levels,
+                   SYM, CLIPPED, QB)
+
+
+@triton.jit
+def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, stride_o,
+                      SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
+    """Per-row fake quantization without rotation: a min/max pass and a quantizing pass over the row."""
+    row = tl.program_id(0)
+    src = x_ptr + row.to(tl.int64) * stride_x
+    lo = tl.full([QB], float("inf"), tl.float32)
+    hi = tl.full([QB], -float("inf"), tl.float32)
+    for c0 in range(0, n, QB):
+        offs = c0 + tl.arange(0, QB)
+        y = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
+        lo = tl.minimum(lo, tl.where(offs < n, y, float("inf")))
+        hi = tl.maximum(hi, tl.where(offs < n, y, -float("inf")))
+    _quant_row(src, out_ptr + row.to(tl.int64) * stride_o, inside_ptr + row.to(tl.int64) * n, n, tl.min(lo),
+               tl.max(hi), clip, levels, SYM, CLIPPED, QB)
 
 
 def _warps(AP: int, P: int) -> int:
     return 8 if AP * P >= 4096 else 4    # (16 warps cap registers at 128: the 128 x 128 tile spills)
 
 
+def _ph(AP: int, P: int) -> int:
+    return min(P, 64)                    # second-GEMM column slice
+
+
+def _block(AP: int, P: int, major: int) -> int:
+    """Rows of H_A per first-GEMM block: the whole AP up to 128, else 64 (wgmma's M on sm_90a), or 32
+    for P = 128 on sm_80/89 (no spills with the mma operands in registers)."""
+    return AP if AP <= 128 else (32 if P > 64 and major < 9 else 64)
+
+
+def _major(device) -> int:
+    return torch.cuda.get_device_capability(device)[0] if device.type == "cuda" else 8
+
+
+QB = 1024                                 # elements per step of the quantizing pass
+
+
 def plan(n: int) -> tuple[int, int] | None:
     """(A, P) for a row of n elements, or None when this kernel cannot serve n."""
     from fusedtune.reference.hadamard import split_size
     m, p = split_size(n)
-    P = min(p, MAX_SIDE)
+    P = min(p, MAX_P)
     A = n // P
     return (A, P) if A <= MAX_SIDE else None
 
@@ -75,27 +192,68 @@ def _mats(n: int, transpose: bool, device, dtype):
     return _MATS[key]
 
 
-def hadamard(x: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
-    """x [..., n] contiguous -> x @ H_n^T * scale (transpose: x @ H_n * scale), in x's dtype."""
+def _levels(bits: int, symmetric: bool) -> float:
+    return float(2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1)
+
+
+def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None):
     n = x.shape[-1]
     A, P = plan(n)
     x2 = x.reshape(-1, n)
     out = torch.empty_like(x2)
-    if x2.shape[0] == 0:
-        return out.reshape(x.shape)
-    ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
-    pre = 2.0 ** -round(math.log2(AP) / 2)     # exact power of two: |H_A x| / sqrt(A) stays in the input's range
-    hadamard_kernel[(x2.shape[0],)](x2, ha, hp, out, A, pre, float(scale) / pre, x2.stride(0), out.stride(0),
-                                    AP=AP, P=P,
-                                    PH=min(P, 64), num_warps=_warps(AP, P))
-    return out.reshape(x.shape)
+    clipped = quant is not None and quant[3]
+    inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
+    if x2.shape[0]:
+        ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
+        pre = 2.0 ** -round(math.log2(AP) / 2)  # exact power of two: |H_A x| / sqrt(A) stays in the input's range
+        bits, symmetric, clip = quant[:3] if quant else (8, False, 1.0)
+        hadamard_kernel[(x2.shape[0],)](
+            x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, pre, float(scale) / pre, float(clip),
+            _levels(bits, symmetric), x2.stride(0), out.stride(0),
+            AP=AP, AB=_block(AP, P, _major(x.device)), P=P, PH=_ph(AP, P), QUANT=quant is not None, SYM=bool(symmetric),
+            CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P), enable_fp_fusion=False)
+    return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
-_SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "A": "i32", "pre": "fp32",
-        "scale": "fp32",
-        "stride_x": "i32", "stride_o": "i32"}
+def hadamard(x: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
+    """x [..., n] contiguous 16-bit -> x @ H_n^T * scale (transpose: x @ H_n * scale), in x's dtype."""
+    return _launch(x, scale, transpose, None)[0]
+
+
+def rotate_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool,
+                      clipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row (token) fake quantization of x [..., n], rotated first by the orthonormal H_n when
+    rotate (16-bit x, n served by plan); (out in x's dtype, inside mask when clipped else None)."""
+    n = x.shape[-1]
+    if rotate:
+        return _launch(x, 1.0 / math.sqrt(n), False, (bits, symmetric, clip_ratio, clipped))
+    x2 = x.reshape(-1, n)
+    out = torch.empty_like(x2)
+    inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
+    if x2.shape[0] and n:
+        fake_quant_kernel[(x2.shape[0],)](
+            x2, out, inside.view(torch.int8) if clipped else out, n, float(clip_ratio), _levels(bits, symmetric),
+            x2.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=4,
+            enable_fp_fusion=False)
+    return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
+
+
+_SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "A": "i32",
+        "pre": "fp32", "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32"}
+_SHAPES = ((32, 128), (128, 128), (128, 64), (256, 64), (256, 128))   # 4096, 14336, 4864, 11008, 18944
+for _targets in ((80, 89), (90,)):
+    register(KernelSpec(
+        family="roste", name="hadamard_kernel", fn=hadamard_kernel, signature=_SIG, gemm=True, targets=_targets,
+        options={"enable_fp_fusion": False},
+        configs=[{"constexprs": dict(AP=ap, AB=_block(ap, p, _targets[0] // 10), P=p, PH=_ph(ap, p), QUANT=quant,
+                                     SYM=False, CLIPPED=quant, QB=QB),
+                  "num_warps": _warps(ap, p), "num_stages": 1,
+                  "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
+                 for ap, p in _SHAPES for quant in (False, True)]))
 register(KernelSpec(
-    family="roste", name="hadamard_kernel", fn=hadamard_kernel, signature=_SIG, gemm=True,
-    configs=[{"constexprs": dict(AP=ap, P=p, PH=min(p, 64)), "num_warps": _warps(ap, p),
-              "num_stages": 1, "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
-             for ap, p in ((32, 128), (128, 128), (128, 64))]))   # 4096, 14336 (112 x 128), 4864 (76 x 64)
+    family="roste", name="fake_quant_kernel", fn=fake_quant_kernel,
+    signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "n": "i32", "clip": "fp32",
+               "levels": "fp32", "stride_x": "i32", "stride_o": "i32"},
+    options={"enable_fp_fusion": False},
+    configs=[{"constexprs": dict(SYM=sym, CLIPPED=True, QB=QB), "num_warps": 4, "num_stages": 1,
+              "aligned": ["x_ptr", "out_ptr", "stride_x", "stride_o"]} for sym in (False, True)]))

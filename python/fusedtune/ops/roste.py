@@ -8,10 +8,15 @@
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
 
-Backends: the reference (float64 butterflies; "cpu" runs it too) and, for hadamard, a Triton kernel
-(two tensor-core GEMMs per row) for sizes it can serve (fusedtune.triton_kernels.roste.plan); a size
-it cannot serve runs the reference and says so once (or raises when backend="triton" was asked for).
-rotate_fake_quant has no fused kernel yet.
+Backends: the reference (float64 butterflies; "cpu" runs it too) and Triton (triton_kernels/roste.py):
+hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes it serves (n = A x P, A <= 256,
+i.e. up to 32768); rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one
+read of x, one write of the result, plus the mask when ste="clipped"), equal bit for bit to the
+reference fake quantization of the kernel's own rotation. Per channel, the rotation runs in the
+kernel and the quantization as torch ops (not fused: a column's min/max needs every row). The
+straight-through backward is the transposed rotation (the Triton kernel when it serves). A call the
+kernel cannot serve (float32 rows with rotation, sizes above 32768) runs the reference and says so
+once, or raises when backend="triton" was asked for.
 """
 from __future__ import annotations
 
@@ -21,8 +26,7 @@ from .. import backend as _backend
 from ..reference import hadamard as href
 from ..reference import roste as rref
 
-_HAS = ("reference", "cpu")
-_HAD_HAS = ("reference", "cpu", "triton")
+_HAS = ("reference", "cpu", "triton")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -66,14 +70,7 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
     n = x.shape[-1]
     href.split_size(n)                                   # refuses unsupported sizes, naming the supported
     s = (1.0 / n ** 0.5) if scale is None else float(scale)
-    name = _backend.resolve("hadamard", x.device, _HAD_HAS, backend)
-    if name == "triton" and (not _triton_serves(n) or x.dtype == torch.float32):
-        why = (f"hadamard: the Triton kernel serves 16-bit rows of n = A x P with A <= 128 and P >= 16; n = {n} "
-               f"({x.dtype}) is not")
-        if _backend.requested(backend) == "triton":
-            raise _backend.BackendError(why)
-        _backend.warn_once(("hadamard", n), f"fusedtune: {why}; running the reference")
-        name = "reference"
+    name = _rotation_backend("hadamard", x, _backend.resolve("hadamard", x.device, _HAS, backend), backend)
     return _hadamard_op(x.contiguous(), s, bool(transpose), name)
 
 
@@ -83,26 +80,59 @@ def _triton_serves(n: int) -> bool:
     return p is not None and p[1] >= 16
 
 
+def _rotation_backend(what: str, x, name: str, backend: str | None) -> str:
+    """name, or "reference" (said once; raised when Triton was asked for) where the Triton rotation
+    cannot serve x."""
+    n = x.shape[-1]
+    if name != "triton" or (_triton_serves(n) and x.dtype != torch.float32):
+        return name
+    why = (f"{what}: the Triton rotation serves 16-bit rows of n = A x P with A <= 256 and P >= 16; n = {n} "
+           f"({x.dtype}) is not")
+    if _backend.requested(backend) == "triton":
+        raise _backend.BackendError(why)
+    _backend.warn_once((what, n, x.dtype), f"fusedtune: {why}; running the reference")
+    return "reference"
+
+
 @torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=())
 def _rfq_op(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, rotate: bool,
             ste: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    return rref.rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate)
+    clipped = ste == "clipped"
+    if backend == "triton":
+        from ..triton_kernels import roste as tk
+        if granularity == "token":
+            out, inside = tk.rotate_fake_quant(x, bits, symmetric, clip_ratio, rotate, clipped)
+        else:
+            y = tk.hadamard(x, 1.0 / x.shape[-1] ** 0.5, False) if rotate else x
+            out, inside = rref.fake_quant(y, bits, granularity, symmetric, clip_ratio)
+            out = out.to(x.dtype)
+    else:
+        out, inside = rref.rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate)
+    return out, (inside if clipped else x.new_empty(0, dtype=torch.bool))
 
 
 @_rfq_op.register_fake
 def _(x, bits, granularity, symmetric, clip_ratio, rotate, ste, backend):
-    return torch.empty_like(x), torch.empty_like(x, dtype=torch.bool)
+    return torch.empty_like(x), (torch.empty_like(x, dtype=torch.bool) if ste == "clipped"
+                                 else x.new_empty(0, dtype=torch.bool))
 
 
 def _q_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.rotate, ctx.ste = inputs[5], inputs[6]
+    ctx.rotate, ctx.ste, ctx.backend = inputs[5], inputs[6], inputs[7]
     ctx.mark_non_differentiable(output[1])
 
 
 def _q_backward(ctx, dy, _dinside):
+    """Straight-through: dy (zeroed outside the clip range for ste="clipped") through the transposed
+    rotation. The reference backend runs reference/roste.py's ste_backward (float32 math)."""
     (inside,) = ctx.saved_tensors
-    return rref.ste_backward(dy, inside, ctx.rotate, ctx.ste), None, None, None, None, None, None, None
+    if ctx.backend != "triton":
+        dx = rref.ste_backward(dy, inside, ctx.rotate, ctx.ste)
+    else:
+        g = torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)) if ctx.ste == "clipped" else dy
+        dx = _hadamard_op(g.contiguous(), 1.0 / dy.shape[-1] ** 0.5, True, "triton") if ctx.rotate else g
+    return dx, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedtune::rotate_fake_quant", _q_backward, setup_context=_q_setup)
@@ -125,6 +155,8 @@ def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool 
     if rotate:
         href.split_size(x.shape[-1])
     name = _backend.resolve("rotate_fake_quant", x.device, _HAS, backend)
+    if rotate:
+        name = _rotation_backend("rotate_fake_quant", x, name, backend)
     out, _ = _rfq_op(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
     return out
 
@@ -134,4 +166,4 @@ def roste_backend(device, backend: str | None = None) -> dict:
 
 
 def hadamard_backend(device, backend: str | None = None) -> dict:
-    return _backend.explain("hadamard", torch.device(device), _HAD_HAS, backend)
+    return _backend.explain("hadamard", torch.device(device), _HAS, backend)
