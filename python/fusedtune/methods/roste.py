@@ -6,8 +6,9 @@
 Every target linear becomes a RoSTELinear: input and weight rotated by the same orthonormal Hadamard
 matrix and fake-quantized (activations per token, weights per output channel), straight-through
 gradients; every parameter trains (AdamW). Layers whose input size has no Hadamard construction here
-are refused before anything changes. Not yet here: merging the offline hidden-size rotation into the
-model, K/V fake quantization, the per-layer rotation search and export (issue 8).
+are refused before anything changes. This method only swaps the linears; the model-level set-up
+(norm folding, the offline hidden-size rotation merged into the weights, K/V fake quantization), the
+per-layer rotation search and export are fusedtune.roste.prepare / search_rotation / export.
 """
 from __future__ import annotations
 

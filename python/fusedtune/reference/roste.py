@@ -11,6 +11,8 @@ rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate):
                   2^(bits-1) - 1), out = q * scale
     a constant group (hi == lo) takes scale = max(|hi|, |lo|) / (2^bits - 1), which reproduces the constant;
     an all-zero group takes scale 1. round() is round-half-to-even (torch.round).
+quantize(y, ...) returns the (q, scale, zero) of these formulas (zero = 0 when symmetric); fake_quant
+is computed from the same call (fusedtune.roste.export stores q as integer codes).
 Backward (straight-through): dy passes unchanged (ste="identity") or only where y was inside the
 clipping range [lo, hi] (ste="clipped"), then through the transpose of the rotation.
 """
@@ -26,8 +28,9 @@ def _group_minmax(y: torch.Tensor, granularity: str):
     return y.amin(dim=dim, keepdim=True), y.amax(dim=dim, keepdim=True)
 
 
-def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
-    """(out, inside) in float32: the fake-quantized y and the mask of values inside the clip range."""
+def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
+    """(q, scale, zero, inside) in float32: integer codes q (as floats), per-group scale and zero point
+    (zero is 0 when symmetric) and the mask of values inside the clip range."""
     y = y.float()
     lo, hi = _group_minmax(y, granularity)
     clip = torch.tensor(clip_ratio, dtype=torch.float32)
@@ -39,7 +42,7 @@ def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cl
         scale = amax / torch.full_like(amax, qmax)
         scale = torch.where(scale == 0, one, scale)
         q = torch.clamp(torch.round(y / scale), -qmax - 1, qmax)
-        out = q * scale
+        zero = torch.zeros_like(scale)
         inside = (y >= -amax) & (y <= amax)
     else:
         levels = 2 ** bits - 1
@@ -48,8 +51,24 @@ def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cl
         scale = torch.where(scale == 0, torch.where(flat == 0, one, flat), scale)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(y / scale) + zero, 0, levels)
-        out = (q - zero) * scale
         inside = (y >= lo) & (y <= hi)
+    return q, scale, zero, inside
+
+
+def quantize(y: torch.Tensor, bits: int, granularity: str = "token", symmetric: bool = False,
+             clip_ratio: float = 1.0):
+    """(q, scale, zero) in float32: the integer codes (held as floats; [0, 2^bits - 1] asymmetric,
+    [-2^(bits-1), 2^(bits-1) - 1] symmetric) and the per-group scale and zero point (keepdim shapes:
+    [rows, 1] for "token", [1, cols] for "channel"; zero is 0 when symmetric). fake_quant is
+    (q - zero) * scale (q * scale when symmetric) of exactly these, so the two cannot diverge."""
+    q, scale, zero, _ = _quantize(y, bits, granularity, symmetric, clip_ratio)
+    return q, scale, zero
+
+
+def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
+    """(out, inside) in float32: the fake-quantized y and the mask of values inside the clip range."""
+    q, scale, zero, inside = _quantize(y, bits, granularity, symmetric, clip_ratio)
+    out = q * scale if symmetric else (q - zero) * scale
     return out, inside
 
 

@@ -1,0 +1,100 @@
+"""export: a deep copy of a prepared model whose RoSTELinear layers hold integer weight codes.
+
+QuantizedLinear stores, for y = Q_a(x H) Wq^T + b (H only when rotate):
+    codes       uint8 [out, in], the asymmetric codes q in [0, 2^w_bits - 1] of W H (or W), ONE CODE PER
+                BYTE (not bit-packed)
+    scale, zero float32 [out, 1], per output channel: Wq = (codes - zero) * scale
+    bias        the layer's bias (or None)
+    w_bits, a_bits, rotate, clip_ratio
+The codes come from fusedtune.reference.roste.quantize, the function fake_quant itself uses, applied to
+the layer's rotation of W (fusedtune.ops.roste.hadamard with the layer's backend), so Wq is
+bit-identical to RoSTELinear.quantized_weight() (checked on the reference backend; a fused kernel is
+held to the same reference formula). The activations are still
+fake-quantized per token at a_bits (a real low-bit GEMM is not written here).
+"""
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..ops.roste import hadamard, rotate_fake_quant
+from ..reference import roste as rref
+from .kv import KVFakeQuant
+from .search import _roste_layers
+
+
+class QuantizedLinear(nn.Module):
+    """Inference layer from a RoSTELinear: x -> (Hadamard if rotate) -> per-token fake quant at a_bits ->
+    linear with the dequantized weight (codes - zero) * scale."""
+
+    def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
+                 w_bits: int, a_bits: int, rotate: bool, clip_ratio: float, backend: str | None = None):
+        super().__init__()
+        if codes.dtype != torch.uint8 or codes.dim() != 2:
+            raise TypeError(f"QuantizedLinear: codes must be a 2-D uint8 tensor, got {codes.dtype} "
+                            f"{tuple(codes.shape)}")
+        out_f, in_f = codes.shape
+        for nm, t in (("scale", scale), ("zero", zero)):
+            if t.dtype != torch.float32 or tuple(t.shape) != (out_f, 1):
+                raise TypeError(f"QuantizedLinear: {nm} must be float32 of shape ({out_f}, 1), got {t.dtype} "
+                                f"{tuple(t.shape)}")
+        if int(codes.max()) > 2 ** w_bits - 1:
+            raise ValueError(f"QuantizedLinear: codes exceed 2^{w_bits} - 1")
+        self.in_features, self.out_features = in_f, out_f
+        self.w_bits, self.a_bits, self.rotate, self.clip_ratio, self.backend = (w_bits, a_bits, bool(rotate),
+                                                                               float(clip_ratio), backend)
+        self.register_buffer("codes", codes)
+        self.register_buffer("scale", scale)
+        self.register_buffer("zero", zero)
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    def from_roste(cls, layer) -> "QuantizedLinear":
+        from ..nn import RoSTELinear  # noqa: PLC0415
+        if not isinstance(layer, RoSTELinear):
+            raise TypeError(f"QuantizedLinear.from_roste: expected a RoSTELinear, got {type(layer).__name__}")
+        w = layer.weight.detach()
+        # the rotation RoSTELinear's rotate_fake_quant runs for this weight (same backend choice), in w's dtype
+        y = hadamard(w, backend=layer.backend) if layer.rotate else w
+        q, scale, zero = rref.quantize(y, layer.w_bits, "token", False, layer.clip_ratio)
+        bias = None if layer.bias is None else layer.bias.detach().clone()
+        return cls(q.to(torch.uint8), scale, zero, bias, layer.w_bits, layer.a_bits, layer.rotate,
+                   layer.clip_ratio, layer.backend)
+
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(codes - zero) * scale in float32, cast to dtype (in the rotated basis when rotate)."""
+        return ((self.codes.float() - self.zero.float()) * self.scale.float()).to(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xq = rotate_fake_quant(x, self.a_bits, "token", False, self.clip_ratio, self.rotate, backend=self.backend)
+        return nn.functional.linear(xq, self.dequantized_weight(xq.dtype), self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
+                f"a_bits={self.a_bits}, rotate={self.rotate}, clip_ratio={self.clip_ratio}, codes=uint8 "
+                "(one per byte)")
+
+
+def export(model: nn.Module) -> nn.Module:
+    """A deep copy of the model with every RoSTELinear replaced by a QuantizedLinear (module docstring);
+    the model itself is left untouched. K/V fake-quant hooks move to the copy's new layers (other hooks
+    on the replaced layers are not carried over)."""
+    _roste_layers(model, "export")
+    out = copy.deepcopy(model)
+    names = list(_roste_layers(out, "export"))
+    if names == [""]:                                      # the model is itself a RoSTELinear
+        with torch.no_grad():
+            return QuantizedLinear.from_roste(out)
+    for name in names:
+        parent_name, _, child = name.rpartition(".")
+        parent = out.get_submodule(parent_name) if parent_name else out
+        layer = getattr(parent, child)
+        with torch.no_grad():
+            new = QuantizedLinear.from_roste(layer)
+        for hook in layer._forward_hooks.values():            # K/V fake quant moves to the new layer
+            if isinstance(hook, KVFakeQuant):
+                new.register_forward_hook(hook)
+        setattr(parent, child, new)
+    return out

@@ -1,0 +1,105 @@
+"""prepare: RoSTE quantization-aware fine-tuning set-up of a Llama / Qwen2 / Mistral causal LM, in place.
+
+    a. fold each RMSNorm weight into the linears reading it, untie a tied lm_head
+    b. merge the hidden-size rotation Q = H_n / sqrt(n) into the weights (rotate_model)
+    c. every q/k/v/o/gate/up/down_proj -> fusedtune.nn.RoSTELinear(w_bits, a_bits, clip_ratio), online
+       rotation only for down_proj by default (RoSTE's R4), or as a RotationConfig says; lm_head and
+       the embedding stay unquantized
+    d. kv_bits: K/V fake quantization hooks on k_proj / v_proj (fusedtune.roste.kv; K before RoPE)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .architecture import check_float_params, inspect_model, linear_names
+from .checks import check_bits, check_clip, check_hadamard
+from .config import RotationConfig
+from .kv import add_kv_quant
+from .rotate_model import rotate_model
+from .search import check_rotation
+
+_QUANT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@dataclass
+class PrepareReport:
+    architecture: str
+    hidden_size: int
+    w_bits: int
+    a_bits: int
+    kv_bits: int | None
+    clip_ratio: float
+    quantized: list[str]                      # RoSTELinear layers
+    rotated_online: list[str]                 # the ones with rotate=True
+    kv_quantized: list[str]                   # k_proj / v_proj with a KV fake-quant hook
+    untied_lm_head: bool
+    folded_norms: int
+    unquantized: list[str] = field(default_factory=lambda: ["model.embed_tokens", "lm_head"])
+    notes: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        lines = [f"fusedtune.roste.prepare: {self.architecture}, hidden {self.hidden_size} rotated offline by "
+                 f"H/sqrt(n) (norms folded: {self.folded_norms}); W{self.w_bits}A{self.a_bits} "
+                 f"clip {self.clip_ratio} on {len(self.quantized)} linears, {len(self.rotated_online)} with "
+                 f"online rotation; KV: {'off' if self.kv_bits is None else f'{self.kv_bits} bits'}; "
+                 f"unquantized: {', '.join(self.unquantized)}"]
+        return "\n".join(lines + [f"  note: {n}" for n in self.notes])
+
+
+def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | None = None,
+            clip_ratio: float = 0.95, rotation: RotationConfig | None = None, backend: str | None = None,
+            ste: str = "identity") -> PrepareReport:
+    """Set up a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM for RoSTE training,
+    in place (module docstring); every check runs before anything changes. Returns a PrepareReport."""
+    from ..nn import RoSTELinear  # noqa: PLC0415
+    what = "prepare"
+    check_bits(what, "w_bits", w_bits)
+    check_bits(what, "a_bits", a_bits)
+    check_bits(what, "kv_bits", kv_bits, allow_none=True)
+    check_clip(what, clip_ratio)
+    if ste not in ("identity", "clipped"):
+        raise ValueError(f"{what}: ste must be 'identity' or 'clipped', got {ste!r}")
+    if rotation is not None and not isinstance(rotation, RotationConfig):
+        raise TypeError(f"{what}: rotation must be a RotationConfig (from search_rotation / RotationConfig.load) "
+                        f"or None, got {type(rotation).__name__}")
+    if isinstance(model, nn.Module) and any(isinstance(m, RoSTELinear) for m in model.modules()):
+        raise ValueError(f"{what}: the model already has RoSTELinear layers (prepared or patched already)")
+    arch = inspect_model(model, what)
+    check_float_params(model, what, _QUANT_DTYPES)
+    check_hadamard(what, "hidden size", arch.hidden_size)
+    names = linear_names(model)
+    linears = {n: model.get_submodule(n) for n in names}
+    rotate = {n: n.endswith(".down_proj") for n in names}
+    if rotation is not None:
+        rotation.validate()
+        check_rotation(linears, rotation, what)
+        rotate.update(rotation.rotate)
+    for n, r in rotate.items():
+        if r:
+            role = "intermediate size (down_proj's input, rotated online)" if n.endswith(".down_proj") else \
+                f"input size of {n}"
+            check_hadamard(what, role, linears[n].in_features)
+
+    rep = rotate_model(model)                                              # a + b
+    for n in names:                                                        # c
+        parent_name, _, child = n.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        setattr(parent, child, RoSTELinear.from_linear(linears[n], w_bits, a_bits, rotate[n], clip_ratio, ste,
+                                                       backend))
+    kv = [] if kv_bits is None else add_kv_quant(model, kv_bits, clip_ratio, backend)   # d
+    notes = ["lm_head and embed_tokens stay unquantized (full precision)"]
+    if rep["untied_lm_head"]:
+        notes.append("lm_head was tied to embed_tokens: untied (own Parameter copy; "
+                     "config.tie_word_embeddings = False), as the norm folding differs")
+    if kv_bits is not None:
+        notes.append("K is fake-quantized BEFORE RoPE (hook on k_proj; RoSTE/QuaRot quantize K after RoPE with "
+                     "an online head-dim rotation, which needs a patched attention forward)")
+    if rotation is not None and (rotation.w_bits, rotation.a_bits) != (w_bits, a_bits):
+        notes.append(f"the rotation config was searched at W{rotation.w_bits}A{rotation.a_bits}, applied at "
+                     f"W{w_bits}A{a_bits}")
+    return PrepareReport(arch.name, arch.hidden_size, w_bits, a_bits, kv_bits, float(clip_ratio), names,
+                         [n for n in names if rotate[n]], kv, rep["untied_lm_head"], rep["folded_norms"],
+                         notes=notes)

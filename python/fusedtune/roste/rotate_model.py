@@ -1,0 +1,80 @@
+"""The offline part of RoSTE's rotation: fold the RMSNorm weights into the linears that read them and
+rotate the residual stream by Q = H_n / sqrt(n) (n the hidden size), merged into the weights.
+
+    h' = h Q everywhere in the residual stream:
+      embed_tokens   E <- E Q
+      readers        W <- W Q          q/k/v_proj, gate/up_proj, lm_head (their biases unchanged)
+      writers        W <- Q^T W, b <- Q^T b     o_proj, down_proj
+A weight-free RMSNorm commutes with an orthogonal Q (||x Q|| = ||x||), so after folding its weight
+g into the readers (W <- W diag(g), g <- 1) the model computes the same function. The math runs in
+float64 and is cast back to each parameter's dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from ..reference import hadamard as href
+from .architecture import check_float_params, inspect_model
+from .checks import check_hadamard
+
+
+def _rotate_cols(w: torch.Tensor) -> torch.Tensor:
+    """w Q in float64 (Q = H_n / sqrt(n) over the last dim of w): the reference butterfly's x H / sqrt(n)."""
+    return href.hadamard(w.detach().double(), 1.0 / math.sqrt(w.shape[-1]), transpose=True)
+
+
+def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
+    p.copy_(value.to(p.dtype))
+
+
+@torch.no_grad()
+def rotate_model(model: nn.Module) -> dict:
+    """Fold the RMSNorm weights and merge the hidden-size rotation into a Llama / Qwen2 / Mistral causal LM,
+    in place; the model function is unchanged (up to rounding in the parameter dtype). Unties a tied
+    lm_head (it gets its own Parameter; config.tie_word_embeddings is set False). Returns a small dict
+    report. Refuses (before changing anything) other architectures and hidden sizes without a Hadamard
+    construction."""
+    what = "rotate_model"
+    arch = inspect_model(model, what)
+    check_float_params(model, what)
+    n = arch.hidden_size
+    check_hadamard(what, "hidden size", n)
+    inner = model.model
+
+    untied = False
+    if arch.tied:
+        model.lm_head.weight = nn.Parameter(inner.embed_tokens.weight.detach().clone(),
+                                            requires_grad=inner.embed_tokens.weight.requires_grad)
+        cfg = getattr(model, "config", None)
+        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
+            cfg.tie_word_embeddings = False
+        untied = True
+
+    def fold(norm, readers):
+        g = norm.weight.detach().double()
+        for lin in readers:
+            _assign(lin.weight, lin.weight.detach().double() * g)
+        norm.weight.fill_(1.0)
+
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        fold(layer.input_layernorm, (a.q_proj, a.k_proj, a.v_proj))
+        fold(layer.post_attention_layernorm, (m.gate_proj, m.up_proj))
+    fold(inner.norm, (model.lm_head,))
+
+    _assign(inner.embed_tokens.weight, _rotate_cols(inner.embed_tokens.weight))
+    readers = [model.lm_head]
+    for layer in inner.layers:
+        a, m = layer.self_attn, layer.mlp
+        readers += [a.q_proj, a.k_proj, a.v_proj, m.gate_proj, m.up_proj]
+        for w in (a.o_proj, m.down_proj):                        # W <- Q^T W = (W^T Q)^T, b <- Q^T b
+            _assign(w.weight, _rotate_cols(w.weight.detach().t()).t())
+            if w.bias is not None:
+                _assign(w.bias, _rotate_cols(w.bias))
+    for lin in readers:
+        _assign(lin.weight, _rotate_cols(lin.weight))
+    return {"architecture": arch.name, "hidden_size": n, "rotation": f"H_{n} / sqrt({n})",
+            "folded_norms": 2 * arch.n_layers + 1, "untied_lm_head": untied}
