@@ -12,8 +12,9 @@ from fusedtune.triton_kernels import roste as tk
 pytestmark = pytest.mark.gpu
 
 
-@pytest.mark.parametrize("n", [4096, 14336, 4864, 3584, 5120, 128, 11008, 18944, 156 * 64, 32768])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,dtype", [(n, d) for n in (4096, 14336, 4864, 3584, 5120, 128)
+                                     for d in (torch.bfloat16, torch.float16)]
+                         + [(n, torch.bfloat16) for n in (11008, 18944, 156 * 64, 32768)])
 def test_triton_hadamard(n, dtype):
     x = torch.randn(64, n, device="cuda").to(dtype)
     got = hadamard(x, backend="triton")
@@ -27,9 +28,9 @@ def test_auto_falls_back_with_a_warning_for_unserved_sizes():
         hadamard(torch.randn(4, 148 * 256, device="cuda", dtype=torch.bfloat16))
 
 
-@pytest.mark.parametrize("n", [4096, 11008, 18944])
-@pytest.mark.parametrize("bits,symmetric,clip", [(4, False, 0.95), (8, True, 1.0), (2, False, 0.8)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("n,bits,symmetric,clip,dtype", [
+    (4096, 4, False, 0.95, torch.bfloat16), (11008, 2, False, 0.8, torch.bfloat16),
+    (18944, 8, True, 1.0, torch.bfloat16), (4096, 4, False, 0.95, torch.float16)])   # (few: each compiles)
 def test_fused_rotate_fake_quant_is_exact(n, bits, symmetric, clip, dtype):
     x = torch.randn(96, n, device="cuda")
     x[0, 5] = 50.0

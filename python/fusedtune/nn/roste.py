@@ -48,6 +48,8 @@ class RoSTELinear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = roste_backend(self.weight.device, self.backend)
+        how = ("one Triton launch per operand: rotation + per-row fake quant" if b["backend"] == "triton" else
+               "reference math")
         return {"method": "roste", "backend": b["backend"],
-                "path": f"{b['backend']}: Hadamard + W{self.w_bits}A{self.a_bits} fake quant (reference math; "
-                        "fused kernels not written yet)", "why_not": b["why_not"]}
+                "path": f"{b['backend']}: {'Hadamard + ' if self.rotate else ''}W{self.w_bits}A{self.a_bits} fake "
+                        f"quant ({how})", "why_not": b["why_not"]}

@@ -1,0 +1,88 @@
+"""RoSTE family benchmark (python -m fusedtune bench roste).
+
+At hidden / intermediate sizes n in {4096, 11008, 14336, 18944} (Llama-2/3, Mistral, Qwen2.5) over
+M = 8192 bf16 rows (--quick: 4096 rows), same run:
+1. hadamard (the Triton kernel, orthonormal) against a memcpy of the same bytes (copy_ into a
+   preallocated tensor). Goal on an H100: <= 1.15x the memcpy time up to n = 16384.
+2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
+   against the unfused sequence (the same Hadamard kernel, then RoSTE's fake quantization as torch
+   ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x faster than unfused.
+The roofline column counts the HBM bytes (one read, one write) and the padded tensor-core flops of the
+two GEMMs per row (python/fusedtune/triton_kernels/roste.py), whichever bounds.
+
+--cpu: tiny shapes on the reference backend; the rows check the framework, not performance.
+"""
+from __future__ import annotations
+
+import torch
+
+from .core import roofline_pct, row
+
+SIZES = (4096, 11008, 14336, 18944)
+TINY = ((64, 768),)
+GOAL_MEMCPY = 1.15
+GOAL_FUSED = 2.0
+CPU_NOTE = "CPU framework check, not performance"
+
+
+def _flops(rows: int, n: int) -> float:
+    """Tensor-core flops of the Triton Hadamard: H_A (padded to AP) times X [A, P], then two GEMMs with
+    H_P (the hi and lo parts)."""
+    import triton
+
+    from ..triton_kernels.roste import plan
+    A, P = plan(n)
+    AP = max(16, triton.next_power_of_2(A))
+    return rows * (2.0 * AP * AP * P + 4.0 * AP * P * P)
+
+
+def _unfused(x, bits, clip, backend):
+    from ..ops.roste import hadamard
+    from ..reference.roste import fake_quant
+
+    def f():
+        y = hadamard(x, backend=backend)
+        return fake_quant(y, bits, "token", False, clip)[0].to(x.dtype)
+    return f
+
+
+def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
+    from ..ops.roste import hadamard, rotate_fake_quant
+    device = "cuda" if on_gpu else "cpu"
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    backend = "triton" if on_gpu else "reference"
+    x = torch.randn(m, n, device=device, generator=torch.Generator(device=device).manual_seed(n)).to(dt)
+    out = torch.empty_like(x)
+    shape = f"{m}x{n}"
+    moved = 2 * x.numel() * x.element_size()
+    flops = _flops(m, n) if on_gpu else 0.0
+    rows = []
+
+    had = timer(lambda: hadamard(x, backend=backend))
+    cp = timer(lambda: out.copy_(x))
+    slow = had[0] / cp[0]
+    note = CPU_NOTE if not on_gpu else (
+        f"{slow:.2f}x memcpy; goal <= {GOAL_MEMCPY}x up to 16384: {'met' if slow <= GOAL_MEMCPY else 'NOT met'}"
+        if n <= 16384 else f"{slow:.2f}x memcpy (above 16384: no goal)")
+    rows.append(row("hadamard (orthonormal)", shape, str(dt)[6:], backend, "memcpy (copy_ of the same bytes)", had,
+                    cp[0], roofline_pct(had[0], moved, flops), note=note))
+
+    bits, clip = 4, 0.95
+    fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))
+    unf = timer(_unfused(x, bits, clip, backend))
+    speed = unf[0] / fused[0]
+    note = CPU_NOTE if not on_gpu else (f"{speed:.2f}x unfused; goal >= {GOAL_FUSED}x: "
+                                        f"{'met' if speed >= GOAL_FUSED else 'NOT met'}")
+    rows.append(row("rotate_fake_quant (token, W4 asym, fused)", shape, str(dt)[6:], backend,
+                    "hadamard kernel + torch fake quant (unfused)", fused, unf[0],
+                    roofline_pct(fused[0], moved, flops), note=note))
+    return rows
+
+
+def run(timer, quick: bool) -> list[dict]:
+    on_gpu = timer.name != "cpu"
+    shapes = [(4096 if quick else 8192, n) for n in SIZES] if on_gpu else list(TINY)
+    rows = []
+    for m, n in shapes:
+        rows += size_rows(timer, m, n, on_gpu)
+    return rows

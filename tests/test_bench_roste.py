@@ -1,0 +1,26 @@
+"""The roste benchmark family on the CPU (tiny shapes: the framework, not performance)."""
+import csv
+import math
+
+from fusedtune import bench
+
+
+def test_cpu_run_rows(tmp_path):
+    assert "roste" in bench.families()
+    assert bench.main(["roste", "--cpu", "--quick", "--out", str(tmp_path)]) == 0
+    with open(tmp_path / "roste.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"]
+    assert [r["baseline"] for r in rows] == ["memcpy (copy_ of the same bytes)",
+                                             "hadamard kernel + torch fake quant (unfused)"]
+    for r in rows:
+        med, base = float(r["time_ms"]), float(r["baseline_ms"])
+        assert med > 0 and math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)
+        assert "CPU framework check" in r["note"] and r["shape"] == "64x768"
+
+
+def test_flops_count_the_padded_gemms():
+    from fusedtune.bench.roste import _flops
+    # 11008 = 172 x 64: A = 172 padded to 256, P = 64 -> 2*256*256*64 + 4*256*64*64 per row
+    assert _flops(1, 11008) == 2 * 256 * 256 * 64 + 4 * 256 * 64 * 64
+    assert _flops(2, 4096) == 2 * (2 * 32 * 32 * 128 + 4 * 32 * 128 * 128)
