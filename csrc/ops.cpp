@@ -37,4 +37,7 @@ TORCH_LIBRARY(fusedtune, m) {
   m.def(
       "sparse_adamw_kernel_(Tensor(a!)[] values, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] weights, Tensor[] bases, Tensor[] indices, float[] consts) -> ()");
+  // roste: out = H_m X H_p^T * scale per row (X the row as [m, p]; neg_masks: H_m's -1 entries, one
+  // mask per output row; empty: m = 1); see hadamard_math.h.
+  m.def("hadamard_kernel(Tensor x, float scale, int[] neg_masks) -> Tensor");
 }

@@ -2,7 +2,7 @@
 import csv
 import math
 
-from fusedtune import bench
+from fusedtune import _ext, bench
 
 
 def test_cpu_run_rows(tmp_path):
@@ -17,6 +17,7 @@ def test_cpu_run_rows(tmp_path):
         med, base = float(r["time_ms"]), float(r["baseline_ms"])
         assert med > 0 and math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)
         assert "CPU framework check" in r["note"] and r["shape"] == "64x768"
+    assert rows[0]["backend"] == ("cpu" if _ext.loaded() else "reference")      # 768 = 12 x 64: the C++ kernel
 
 
 def test_flops_count_the_padded_gemms():

@@ -54,3 +54,27 @@ def test_fused_backward_matches_reference(ste):
         rotate_fake_quant(xx, 4, "token", False, 0.9, ste=ste, backend=backend).backward(dy)
         grads.append(xx.grad.float())
     torch.testing.assert_close(grads[0], grads[1], atol=2e-2, rtol=2e-2)
+
+
+@pytest.mark.skipif(not __import__("fusedtune")._ext.with_cuda(), reason="fusedtune._C has no CUDA kernels")
+@pytest.mark.parametrize("n,dtype", [(4096, torch.float32), (4096, torch.bfloat16), (14336, torch.bfloat16),
+                                     (5120, torch.float16), (32768, torch.bfloat16), (44 * 256, torch.float32),
+                                     (12 * 64, torch.bfloat16), (256, torch.float32)])
+def test_cuda_butterfly_kernel(n, dtype):
+    """The CUDA butterfly kernel against the float64 reference and bit for bit against the C++ CPU kernel
+    (the same stage plan and fp32 arithmetic, adds and subtracts only), forward and backward."""
+    x = torch.randn(33, n, device="cuda").to(dtype)
+    got = hadamard(x, backend="cuda")
+    exact = hadamard(x.double().cpu(), backend="reference").cuda()
+    rel = {torch.float32: 1e-5, torch.bfloat16: 2 ** -8, torch.float16: 2 ** -11}[dtype]
+    assert ((got.double() - exact).abs() <= exact.abs() * rel + 1e-5).all()
+    assert torch.equal(got.cpu(), hadamard(x.cpu(), backend="cpu"))
+    xx = x.clone().requires_grad_()
+    dy = torch.randn_like(x)
+    hadamard(xx, backend="cuda").backward(dy)
+    assert torch.equal(xx.grad.cpu(), hadamard(dy.cpu(), transpose=True, backend="cpu"))
+
+
+def test_auto_routes_large_factors_to_triton():
+    x = torch.randn(8, 11008, device="cuda", dtype=torch.bfloat16)
+    assert torch.equal(hadamard(x), hadamard(x, backend="triton"))

@@ -7,8 +7,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from fusedtune import _ext
+from fusedtune.backend import BackendError
 from fusedtune.nn import RoSTELinear
-from fusedtune.ops.roste import _hadamard_op, _rfq_op, hadamard, rotate_fake_quant
+from fusedtune.ops.roste import _hadamard_op, _neg_masks, _rfq_op, hadamard, rotate_fake_quant
 from fusedtune.reference import hadamard as href
 from fusedtune.reference import roste as rref
 from tiny_models import tiny_llama, train_losses
@@ -173,3 +175,46 @@ def test_constant_groups_are_reproduced():
     torch.testing.assert_close(out, y)
     out, _ = rref.fake_quant(y.t().contiguous(), 4, "channel", False, 1.0)
     torch.testing.assert_close(out, y.t())
+
+
+needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")
+
+
+@needs_ext
+@pytest.mark.parametrize("n", [8, 64, 256, 4096, 32768, 12 * 8, 12 * 64, 28 * 512, 40 * 128, 44 * 256, 36 * 16,
+                               40 * 8])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_cpu_butterfly_kernel_matches_the_float64_reference(n, transpose):
+    """The C++ kernel (the CUDA kernel's stage plan with lane exchanges through memory): fp32 math, so
+    within fp32 rounding of the float64 transform; 16-bit outputs within one rounding of the exact value."""
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(3, n, generator=g)
+    x[0, 0] = 300.0
+    exact = href.hadamard(x.double(), transpose=transpose)
+    got = hadamard(x, transpose=transpose, backend="cpu")
+    torch.testing.assert_close(got.double(), exact, atol=4e-6 * math.log2(n), rtol=1e-5)
+    assert torch.equal(got, torch.ops.fusedtune.hadamard_kernel(x, 1 / math.sqrt(n), list(_neg_masks(n, transpose))))
+    for dt, rel in ((torch.bfloat16, 2 ** -8), (torch.float16, 2 ** -11)):
+        xd = x.to(dt)
+        got = hadamard(xd, transpose=transpose, backend="cpu")
+        exact = href.hadamard(xd.double(), transpose=transpose)
+        assert got.dtype == dt
+        assert ((got.double() - exact).abs() <= exact.abs() * rel + 1e-6).all()
+
+
+@needs_ext
+def test_cpu_butterfly_backward_and_refusals():
+    x = torch.randn(2, 40 * 16, dtype=torch.float64).float().requires_grad_()
+    dy = torch.randn(2, 40 * 16)
+    hadamard(x, backend="cpu").backward(dy)
+    torch.testing.assert_close(x.grad.double(), href.hadamard(dy.double(), transpose=True), atol=1e-5, rtol=1e-5)
+    with pytest.raises(BackendError, match=r"n = 11008 = 172 x 64 is not"):
+        hadamard(torch.zeros(2, 11008), backend="cpu")
+    with pytest.raises(BackendError, match=r"2\^k >= 8"):
+        hadamard(torch.zeros(2, 24), backend="cpu")
+    with pytest.raises(RuntimeError, match="not a power of two"):
+        torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 24), 1.0, [0] * 12)
+    with pytest.raises(RuntimeError, match="bits beyond the factor order"):
+        torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 8), 1.0, [1 << 12] + [0] * 11)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 64, dtype=torch.float64), 1.0, [])

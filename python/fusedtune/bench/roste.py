@@ -2,13 +2,14 @@
 
 At hidden / intermediate sizes n in {4096, 11008, 14336, 18944} (Llama-2/3, Mistral, Qwen2.5) over
 M = 8192 bf16 rows (--quick: 4096 rows), same run:
-1. hadamard (the Triton kernel, orthonormal) against a memcpy of the same bytes (copy_ into a
-   preallocated tensor). Goal on an H100: <= 1.15x the memcpy time up to n = 16384.
+1. hadamard (orthonormal; the CUDA butterfly kernel where it serves, and the Triton kernel) against a
+   memcpy of the same bytes (copy_ into a preallocated tensor). Goal on an H100: <= 1.15x the memcpy
+   time up to n = 16384.
 2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
    against the unfused sequence (the same Hadamard kernel, then RoSTE's fake quantization as torch
    ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x faster than unfused.
-The roofline column counts the HBM bytes (one read, one write) and the padded tensor-core flops of the
-two GEMMs per row (python/fusedtune/triton_kernels/roste.py), whichever bounds.
+The roofline column counts the HBM bytes (one read, one write) and, for Triton, the padded tensor-core
+flops of the two GEMMs per row (python/fusedtune/triton_kernels/roste.py), whichever bounds.
 
 --cpu: tiny shapes on the reference backend; the rows check the framework, not performance.
 """
@@ -46,6 +47,16 @@ def _unfused(x, bits, clip, backend):
     return f
 
 
+def _hadamard_backends(x, on_gpu: bool) -> list[str]:
+    """The backends whose Hadamard kernel serves x: the CUDA butterfly kernel and Triton on a GPU, the
+    C++ kernel (or the reference without the extension) on the CPU."""
+    from .. import _ext
+    from ..ops.roste import _ext_refuses
+    if not on_gpu:
+        return ["cpu" if _ext.loaded() and not _ext_refuses(x) else "reference"]
+    return (["cuda"] if _ext.with_cuda() and not _ext_refuses(x) else []) + ["triton"]
+
+
 def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     from ..ops.roste import hadamard, rotate_fake_quant
     device = "cuda" if on_gpu else "cpu"
@@ -58,14 +69,15 @@ def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     flops = _flops(m, n) if on_gpu else 0.0
     rows = []
 
-    had = timer(lambda: hadamard(x, backend=backend))
     cp = timer(lambda: out.copy_(x))
-    slow = had[0] / cp[0]
-    note = CPU_NOTE if not on_gpu else (
-        f"{slow:.2f}x memcpy; goal <= {GOAL_MEMCPY}x up to 16384: {'met' if slow <= GOAL_MEMCPY else 'NOT met'}"
-        if n <= 16384 else f"{slow:.2f}x memcpy (above 16384: no goal)")
-    rows.append(row("hadamard (orthonormal)", shape, str(dt)[6:], backend, "memcpy (copy_ of the same bytes)", had,
-                    cp[0], roofline_pct(had[0], moved, flops), note=note))
+    for hb in _hadamard_backends(x, on_gpu):
+        had = timer(lambda: hadamard(x, backend=hb))
+        slow = had[0] / cp[0]
+        note = CPU_NOTE if not on_gpu else (
+            f"{slow:.2f}x memcpy; goal <= {GOAL_MEMCPY}x up to 16384: {'met' if slow <= GOAL_MEMCPY else 'NOT met'}"
+            if n <= 16384 else f"{slow:.2f}x memcpy (above 16384: no goal)")
+        rows.append(row("hadamard (orthonormal)", shape, str(dt)[6:], hb, "memcpy (copy_ of the same bytes)", had,
+                        cp[0], roofline_pct(had[0], moved, flops if hb == "triton" else 0.0), note=note))
 
     bits, clip = 4, 0.95
     fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))

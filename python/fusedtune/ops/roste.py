@@ -8,9 +8,11 @@
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
 
-Backends: the reference (float64 butterflies; "cpu" runs it too) and Triton (triton_kernels/roste.py):
-hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes it serves (n = A x P, A <= 256,
-i.e. up to 32768); rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one
+Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu"
+C++ and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8,
+m in CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes) and Triton
+(triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes it
+serves (n = A x P, A <= 256, i.e. up to 32768; under "auto" it takes what the CUDA kernel cannot); rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one
 read of x, one write of the result, plus the mask when ste="clipped"), equal bit for bit to the
 reference fake quantization of the kernel's own rotation. Per channel, the rotation runs in the
 kernel and the quantization as torch ops (not fused: a column's min/max needs every row). The
@@ -20,13 +22,18 @@ once, or raises when backend="triton" was asked for.
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
+from .. import _ext
 from .. import backend as _backend
 from ..reference import hadamard as href
 from ..reference import roste as rref
 
-_HAS = ("reference", "cpu", "triton")
+_HAS = ("reference", "cpu", "triton")          # rotate_fake_quant ("cpu": the reference math)
+_HAD_HAS = ("reference", "cpu", "cuda", "triton")
+CUDA_FACTORS = (1, 12, 20, 28, 36, 40, 44)      # the factor orders the extension's kernels are compiled for
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -35,7 +42,23 @@ def _hadamard_op(x: torch.Tensor, scale: float, transpose: bool, backend: str) -
     if backend == "triton":
         from ..triton_kernels import roste as tk
         return tk.hadamard(x, scale, transpose)
+    if backend in ("cpu", "cuda"):
+        n = x.shape[-1]
+        out = torch.ops.fusedtune.hadamard_kernel(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
+        return out.reshape(x.shape)
     return href.hadamard(x, scale, transpose)
+
+
+@functools.lru_cache(maxsize=None)
+def _neg_masks(n: int, transpose: bool) -> tuple[int, ...]:
+    """H_m (H_m^T when transpose) as one bit mask of -1 entries per row; () when n is a power of two."""
+    m, _ = href.split_size(n)
+    if m == 1:
+        return ()
+    H = href.factor_matrix(m)
+    H = H.t() if transpose else H
+    bits = (H < 0).long() << torch.arange(m)
+    return tuple(int(v) for v in bits.sum(1))
 
 
 @_hadamard_op.register_fake
@@ -70,8 +93,35 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
     n = x.shape[-1]
     href.split_size(n)                                   # refuses unsupported sizes, naming the supported
     s = (1.0 / n ** 0.5) if scale is None else float(scale)
-    name = _rotation_backend("hadamard", x, _backend.resolve("hadamard", x.device, _HAS, backend), backend)
-    return _hadamard_op(x.contiguous(), s, bool(transpose), name)
+    name = _backend.resolve("hadamard", x.device, _HAD_HAS, backend)
+    if name in ("cpu", "cuda"):
+        why = _ext_refuses(x)
+        if why:
+            if _backend.requested(backend) == name:
+                raise _backend.BackendError(f"hadamard: backend {name!r}: {why}")
+            if name == "cpu":
+                _backend.warn_once(("hadamard", "cpu", n), f"fusedtune: hadamard: {why}; running the reference")
+            name = "reference" if name == "cpu" else "triton"
+    name = _rotation_backend("hadamard", x, name, backend)
+    x = x.contiguous()
+    if name == "cuda" and x.data_ptr() % 16:
+        x = x.clone()                                    # the kernel's vector loads need 16-byte rows
+    return _hadamard_op(x, s, bool(transpose), name)
+
+
+def _ext_refuses(x) -> str:
+    """Why the extension's butterfly kernel cannot take x ('' when it can)."""
+    n = x.shape[-1]
+    m, _ = href.split_size(n)
+    gpu = x.device.type == "cuda"
+    if m not in CUDA_FACTORS or n // m < 8 or n > 32768 or (gpu and n % 256):
+        return (f"the butterfly kernel serves n = m x 2^k with 2^k >= 8, n <= 32768{', n % 256 == 0' if gpu else ''}"
+                f" and m in {CUDA_FACTORS}; n = {n} = {m} x {n // m} is not")
+    if gpu:
+        optin = torch.cuda.get_device_properties(x.device).shared_memory_per_block_optin
+        if 4 * n > optin:
+            return f"a row of {n} needs {4 * n} bytes of shared memory; this GPU allows {optin}"
+    return ""
 
 
 def _triton_serves(n: int) -> bool:
@@ -152,13 +202,29 @@ def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool 
         raise ValueError(f"rotate_fake_quant: clip_ratio must be in (0, 1], got {clip_ratio!r}")
     if ste not in ("identity", "clipped"):
         raise ValueError(f"rotate_fake_quant: ste must be 'identity' or 'clipped', got {ste!r}")
+    name = _rfq_backend(x, rotate, backend)
+    out, _ = _rfq_op(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
+    return out
+
+
+def _rfq_backend(x, rotate: bool, backend: str | None) -> str:
     if rotate:
         href.split_size(x.shape[-1])
     name = _backend.resolve("rotate_fake_quant", x.device, _HAS, backend)
-    if rotate:
-        name = _rotation_backend("rotate_fake_quant", x, name, backend)
-    out, _ = _rfq_op(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
-    return out
+    return _rotation_backend("rotate_fake_quant", x, name, backend) if rotate else name
+
+
+def quant_rotation(x, backend: str | None = None) -> torch.Tensor:
+    """The rotated x (in x's dtype) exactly as rotate_fake_quant(x, ..., rotate=True, backend=backend)
+    quantizes it: the Triton rotation on the Triton backend, else the float64 reference. For exporting
+    codes that match the fake quantization bit for bit (fusedtune.roste.export)."""
+    _check_x(x, "quant_rotation")
+    name = _rfq_backend(x, True, backend)
+    x = x.contiguous()
+    if name == "triton":
+        from ..triton_kernels import roste as tk
+        return tk.hadamard(x, 1.0 / x.shape[-1] ** 0.5, False)
+    return href.hadamard(x)
 
 
 def roste_backend(device, backend: str | None = None) -> dict:
@@ -166,4 +232,10 @@ def roste_backend(device, backend: str | None = None) -> dict:
 
 
 def hadamard_backend(device, backend: str | None = None) -> dict:
-    return _backend.explain("hadamard", torch.device(device), _HAS, backend)
+    return _backend.explain("hadamard", torch.device(device), _HAD_HAS, backend)
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fusedtune::hadamard_kernel")
+    def _(x, scale, neg_masks):
+        return torch.empty_like(x)

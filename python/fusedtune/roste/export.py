@@ -7,7 +7,8 @@ QuantizedLinear stores, for y = Q_a(x H) Wq^T + b (H only when rotate):
     bias        the layer's bias (or None)
     w_bits, a_bits, rotate, clip_ratio
 The codes come from fusedtune.reference.roste.quantize, the function fake_quant itself uses, applied to
-the layer's rotation of W (fusedtune.ops.roste.hadamard with the layer's backend), so Wq is
+the layer's rotation of W (fusedtune.ops.roste.quant_rotation: the rotation rotate_fake_quant uses on the
+layer's backend), so Wq is
 bit-identical to RoSTELinear.quantized_weight() (checked on the reference backend; a fused kernel is
 held to the same reference formula). The activations are still
 fake-quantized per token at a_bits (a real low-bit GEMM is not written here).
@@ -19,7 +20,7 @@ import copy
 import torch
 from torch import nn
 
-from ..ops.roste import hadamard, rotate_fake_quant
+from ..ops.roste import quant_rotation, rotate_fake_quant
 from ..reference import roste as rref
 from .kv import KVFakeQuant
 from .search import _roste_layers
@@ -57,7 +58,7 @@ class QuantizedLinear(nn.Module):
             raise TypeError(f"QuantizedLinear.from_roste: expected a RoSTELinear, got {type(layer).__name__}")
         w = layer.weight.detach()
         # the rotation RoSTELinear's rotate_fake_quant runs for this weight (same backend choice), in w's dtype
-        y = hadamard(w, backend=layer.backend) if layer.rotate else w
+        y = quant_rotation(w, backend=layer.backend) if layer.rotate else w
         q, scale, zero = rref.quantize(y, layer.w_bits, "token", False, layer.clip_ratio)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         return cls(q.to(torch.uint8), scale, zero, bias, layer.w_bits, layer.a_bits, layer.rotate,

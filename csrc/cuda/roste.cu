@@ -1,0 +1,98 @@
+// RoSTE family, CUDA kernel of the butterfly Hadamard transform (the stage plan and arithmetic of
+// hadamard_math.h): one block per row; bits 0..2 in registers, the next up to 5 bits by warp
+// shuffles, the rest in shared memory (the row in fp32, n * 4 bytes), then the factor H_m column by
+// column in registers, the scale, one rounding to the output dtype.
+#include <cuda_runtime.h>
+
+#include "fusedtune/roste_cuda.h"
+
+namespace fusedtune {
+namespace roste {
+
+// kE consecutive elements of chunk c as fp32: one or two 16-byte loads
+__device__ __forceinline__ void load_chunk(const void* row, int64_t c, int dt, float v[kE]) {
+  if (dt == FT_F32) {
+    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(row) + c * kE);
+    const float4 a = p[0], b = p[1];
+    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+  } else {
+    const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(row) + c * kE);
+    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+    FT_UNROLL
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = load_as_f32(w[k] & 0xFFFFu, dt);
+      v[2 * k + 1] = load_as_f32(w[k] >> 16, dt);
+    }
+  }
+}
+
+template <int M>
+__global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1) hadamard_kernel(const void* __restrict__ x, void* __restrict__ out,
+                                                               const Plan pl, const Signs sg, float scale, int dt) {
+  extern __shared__ float4 smem4[];
+  float* s = reinterpret_cast<float*>(smem4);
+  const int n = pl.m * pl.p;
+  const int64_t esize = dt == FT_F32 ? 4 : 2;
+  const char* xr = static_cast<const char*>(x) + (int64_t)blockIdx.x * n * esize;
+  char* orow = static_cast<char*>(out) + (int64_t)blockIdx.x * n * esize;
+  const int t = threadIdx.x, lane = t & 31;
+  for (int it = 0; it < pl.iters; ++it) {
+    const int64_t c = t + (int64_t)it * pl.threads;
+    float v[kE];
+    load_chunk(xr, c, dt, v);
+    butterfly8(v);
+    for (int st = 0; st < pl.shfl; ++st) {
+      const bool upper = (lane >> st) & 1;
+      FT_UNROLL
+      for (int e = 0; e < kE; ++e) v[e] = lane_combine(v[e], __shfl_xor_sync(0xffffffffu, v[e], 1 << st), upper);
+    }
+    float4* d = reinterpret_cast<float4*>(s + c * kE);
+    d[0] = make_float4(v[0], v[1], v[2], v[3]);
+    d[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  __syncthreads();
+  for (int b = 3 + pl.shfl, r; (r = pass_bits(pl, b)) != 0; b += r) {
+    const int groups = n >> r;
+    for (int g = t; g < groups; g += pl.threads) {
+      if (r == 3) radix_pass<3>(s, g, b);
+      else if (r == 2) radix_pass<2>(s, g, b);
+      else radix_pass<1>(s, g, b);
+    }
+    __syncthreads();
+  }
+  if (M == 1) {
+    for (int i = t; i < n; i += pl.threads) store_bits(orow, i, dt, round_rne(ft_mul(s[i], scale), dt));
+  } else {
+    for (int j = t; j < pl.p; j += pl.threads) factor_column<M>(s, pl.p, j, sg.neg, scale, orow, dt);
+  }
+}
+
+template <int M>
+cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale, int dt,
+                   cudaStream_t stream) {
+  const int smem = pl.m * pl.p * (int)sizeof(float);
+  if (smem > 48 * 1024) {                       // opt in (per device: set on every such launch)
+    cudaError_t err = cudaFuncSetAttribute(hadamard_kernel<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  hadamard_kernel<M><<<(unsigned)rows, pl.threads, smem, stream>>>(x, out, pl, sg, scale, dt);
+  return cudaGetLastError();
+}
+
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
+                            int dt, cudaStream_t stream) {
+  if (rows == 0) return cudaSuccess;
+  switch (pl.m) {
+    case 1: return launch<1>(x, out, rows, pl, sg, scale, dt, stream);
+    case 12: return launch<12>(x, out, rows, pl, sg, scale, dt, stream);
+    case 20: return launch<20>(x, out, rows, pl, sg, scale, dt, stream);
+    case 28: return launch<28>(x, out, rows, pl, sg, scale, dt, stream);
+    case 36: return launch<36>(x, out, rows, pl, sg, scale, dt, stream);
+    case 40: return launch<40>(x, out, rows, pl, sg, scale, dt, stream);
+    case 44: return launch<44>(x, out, rows, pl, sg, scale, dt, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace roste
+}  // namespace fusedtune

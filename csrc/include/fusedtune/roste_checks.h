@@ -1,0 +1,43 @@
+// Argument checks and the plan of the butterfly Hadamard kernels (host side, both dispatch keys).
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <vector>
+
+#include "fusedtune/hadamard_math.h"
+
+namespace fusedtune {
+
+struct HadamardArgs {
+  roste::Plan plan;
+  uint64_t neg[roste::kMaxM];
+  int dt;
+};
+
+inline HadamardArgs hadamard_check(const at::Tensor& x, at::ArrayRef<int64_t> neg_masks, bool gpu) {
+  TORCH_CHECK(x.dim() == 2 && x.is_contiguous(), "hadamard_kernel: x must be a contiguous [rows, n] tensor");
+  HadamardArgs a;
+  switch (x.scalar_type()) {
+    case at::kFloat: a.dt = FT_F32; break;
+    case at::kBFloat16: a.dt = FT_BF16; break;
+    case at::kHalf: a.dt = FT_F16; break;
+    default: TORCH_CHECK(false, "hadamard_kernel: x must be float32, bfloat16 or float16, got ", x.scalar_type());
+  }
+  const int64_t n = x.size(1);
+  const int64_t m = neg_masks.empty() ? 1 : (int64_t)neg_masks.size();
+  TORCH_CHECK(m <= roste::kMaxM && n % m == 0, "hadamard_kernel: factor order ", m, " does not fit n = ", n,
+              " (at most ", roste::kMaxM, ")");
+  const int64_t p = n / m;
+  TORCH_CHECK(p > 0 && (p & (p - 1)) == 0, "hadamard_kernel: n / m = ", p, " is not a power of two");
+  TORCH_CHECK(n <= roste::kMaxN && roste::make_plan((int)m, (int)p, gpu, &a.plan), "hadamard_kernel: n = ", n,
+              " = ", m, " x ", p, " is not served (at most ", roste::kMaxN, ", 2^k >= 8",
+              gpu ? ", a multiple of 256 on the GPU)" : ")");
+  for (int64_t i = 0; i < roste::kMaxM; ++i) a.neg[i] = i < (int64_t)neg_masks.size() ? (uint64_t)neg_masks[i] : 0;
+  for (int64_t i = 0; i < (int64_t)neg_masks.size(); ++i)
+    TORCH_CHECK(neg_masks[i] >= 0 && (m == 64 || neg_masks[i] < (int64_t(1) << m)),
+                "hadamard_kernel: sign mask ", i, " has bits beyond the factor order ", m);
+  return a;
+}
+
+}  // namespace fusedtune
