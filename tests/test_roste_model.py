@@ -128,6 +128,25 @@ def test_rotate_model_keeps_the_float64_function(kind, kw):
         assert model.config.tie_word_embeddings is False
 
 
+def test_head_rotation_rotates_each_value_head_and_keeps_the_function():
+    """R2 against an explicit matrix: with head_rotation the value heads of v_proj are those without it
+    multiplied by H_d / sqrt(d) (v_h -> v_h R), and the float64 function is still the same."""
+    models = [tiny("qwen2", dtype=torch.float64).eval() for _ in range(2)]
+    for m in models:
+        randomize_norms_and_biases(m)
+        float64_norms(m)
+    with torch.no_grad():
+        want = models[0](IDS).logits
+    R.rotate_model(models[0], head_rotation=True)
+    R.rotate_model(models[1], head_rotation=False)
+    Rd = orthonormal_hadamard(16)
+    v1, v0 = models[0].model.layers[0].self_attn.v_proj, models[1].model.layers[0].self_attn.v_proj
+    x = torch.randn(5, 64, dtype=torch.float64)
+    torch.testing.assert_close(v1(x).reshape(5, 2, 16), v0(x).reshape(5, 2, 16) @ Rd, atol=1e-12, rtol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(models[0](IDS).logits, want, atol=1e-10, rtol=0)
+
+
 # ---------------------------------------------------------------- step c: quantized layers, training
 
 def test_prepare_replaces_the_projections_and_w8a8_stays_close():
@@ -171,39 +190,56 @@ def test_prepared_model_trains_every_parameter(bits, kv):
 
 # ---------------------------------------------------------------- step d: K/V fake quantization
 
-def test_kv_hooks_fake_quantize_per_token_and_head_and_are_removable():
+class Recorder:
+    """An attention implementation that records the (q, k, v) it is given and runs sdpa."""
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, module, q, k, v, mask, **kw):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+        self.seen.append((module.layer_idx, q.detach(), k.detach(), v.detach()))
+        return ALL_ATTENTION_FUNCTIONS["sdpa"](module, q, k, v, mask, **kw)
+
+
+@pytest.mark.parametrize("rotate", [True, False])
+def test_kv_quantized_after_rope_inside_attention_and_removable(rotate):
+    from transformers import AttentionInterface
+    rec = Recorder()
+    AttentionInterface.register("fusedtune_test_recorder", rec)
     model = tiny_llama(64, 96)
-    rep = R.prepare(model, w_bits=8, a_bits=8, kv_bits=3, clip_ratio=0.9)
-    assert rep.kv_bits == 3 and any("BEFORE RoPE" in n for n in rep.notes)
-    assert len(rep.kv_quantized) == 4
-    attn = model.model.layers[1].self_attn
-    seen = {}
-    handles = []
-    for p in ("k_proj", "v_proj"):
-        mod = getattr(attn, p)
-        handles.append(mod.register_forward_pre_hook(lambda m, a, p=p: seen.__setitem__(p + "_in", a[0].detach())))
-        handles.append(mod.register_forward_hook(lambda m, a, o, p=p: seen.__setitem__(p + "_out", o.detach())))
+    R.prepare(model, w_bits=8, a_bits=8)
+    model.set_attn_implementation("fusedtune_test_recorder")
+    with torch.no_grad():
+        plain = model(IDS).logits
+    raw = {i: (q, k, v) for i, q, k, v in rec.seen}                 # post-RoPE q, k, v without KV quant
+    rec.seen.clear()
+    names = R.add_kv_quant(model, 3, 0.9, rotate=rotate)
+    assert names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert model.config._attn_implementation == "fusedtune_roste_kv"
+    assert all(s.base == "fusedtune_test_recorder" for _, s in R.kv_specs(model))
     with torch.no_grad():
         logits_kv = model(IDS).logits
-    for p in ("k_proj", "v_proj"):
-        mod = getattr(attn, p)
-        raw = RoSTELinear.forward(mod, seen[p + "_in"]).detach()          # the projection without hooks
-        heads = raw.reshape(*raw.shape[:-1], 2, 16)                       # 2 KV heads of head_dim 16
-        want = fq_first_principles(heads, 3, 0.9).reshape(raw.shape)
-        # float32 quantization vs this float64 formula: equal up to float32 rounding of the levels
-        torch.testing.assert_close(seen[p + "_out"].double(), want, atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(seen[p + "_out"], raw, atol=1e-3)
-        per_row = seen[p + "_out"].reshape(-1, 16)
-        assert max(len(set(r.tolist())) for r in per_row) <= 2 ** 3
-    assert R.unprepare_kv(model) == 4 and R.kv_hooks(model) == []
+    _, q, k, v = rec.seen[0]                                          # layer 0: same inputs as without KV quant
+    q0, k0, v0 = (t.double() for t in raw[0])
+    H = orthonormal_hadamard(16).t() if rotate else torch.eye(16, dtype=torch.float64)   # x -> x H^T / sqrt(d)
+    torch.testing.assert_close(q.double(), q0 @ H, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(k.double(), fq_first_principles(k0 @ H, 3, 0.9), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v.double(), fq_first_principles(v0, 3, 0.9), atol=1e-5, rtol=1e-5)
+    assert max(len(set(r.tolist())) for r in k.reshape(-1, 16)) <= 2 ** 3
+    assert not torch.allclose(logits_kv, plain, atol=1e-4)
+    assert R.unprepare_kv(model) == 2 and R.kv_specs(model) == []
+    assert model.config._attn_implementation == "fusedtune_test_recorder"
     with torch.no_grad():
-        logits = model(IDS).logits
-    for p in ("k_proj", "v_proj"):
-        mod = getattr(attn, p)
-        assert torch.equal(seen[p + "_out"], RoSTELinear.forward(mod, seen[p + "_in"]))   # hook gone
-    assert not torch.allclose(logits, logits_kv, atol=1e-4)
-    for h in handles:
-        h.remove()
+        assert torch.equal(model(IDS).logits, plain)
+
+
+def test_prepare_with_kv_reports_and_refuses_twice():
+    model = tiny_llama(64, 96)
+    rep = R.prepare(model, w_bits=8, a_bits=8, kv_bits=4)
+    assert rep.kv_bits == 4 and rep.kv_quantized == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert any("after RoPE behind a head_dim Hadamard rotation" in n for n in rep.notes)
+    with pytest.raises(ValueError, match="already quantizes K/V"):
+        R.add_kv_quant(model, 4)
 
 
 # ---------------------------------------------------------------- search_rotation / apply_rotation / RotationConfig
@@ -309,7 +345,8 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
     snap = snapshot(model)
     q = R.export(model)
     assert_unchanged(model, snap)
-    assert len(R.kv_hooks(model)) == 4 and len(R.kv_hooks(q)) == 4
+    assert len(R.kv_specs(model)) == 2 and len(R.kv_specs(q)) == 2
+    assert q.config._attn_implementation == "fusedtune_roste_kv"
     with torch.no_grad():
         # the codes reproduce the fake-quantized weight bit for bit and the activations run the same op,
         # so the logits are identical, not merely close

@@ -16,7 +16,8 @@ at::Tensor hadamard_cuda(const at::Tensor& x, double scale, at::IntArrayRef neg_
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "hadamard_kernel: x must be 16-byte aligned");
   c10::cuda::CUDAGuard guard(x.device());
   int optin = 0;
-  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index());
+  cudaError_t aerr = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index());
+  TORCH_CHECK(aerr == cudaSuccess, "hadamard_kernel: cannot query shared memory: ", cudaGetErrorString(aerr));
   const int64_t smem = x.size(1) * (int64_t)sizeof(float);
   TORCH_CHECK(smem <= optin, "hadamard_kernel: a row of ", x.size(1), " needs ", smem,
               " bytes of shared memory; this GPU allows ", optin);

@@ -22,7 +22,6 @@ from torch import nn
 
 from ..ops.roste import quant_rotation, rotate_fake_quant
 from ..reference import roste as rref
-from .kv import KVFakeQuant
 from .search import _roste_layers
 
 
@@ -80,8 +79,8 @@ class QuantizedLinear(nn.Module):
 
 def export(model: nn.Module) -> nn.Module:
     """A deep copy of the model with every RoSTELinear replaced by a QuantizedLinear (module docstring);
-    the model itself is left untouched. K/V fake-quant hooks move to the copy's new layers (other hooks
-    on the replaced layers are not carried over)."""
+    the model itself is left untouched. K/V quantization (attention-level) is carried by the copy; hooks
+    on the replaced layers are not."""
     _roste_layers(model, "export")
     out = copy.deepcopy(model)
     names = list(_roste_layers(out, "export"))
@@ -94,8 +93,5 @@ def export(model: nn.Module) -> nn.Module:
         layer = getattr(parent, child)
         with torch.no_grad():
             new = QuantizedLinear.from_roste(layer)
-        for hook in layer._forward_hooks.values():            # K/V fake quant moves to the new layer
-            if isinstance(hook, KVFakeQuant):
-                new.register_forward_hook(hook)
         setattr(parent, child, new)
     return out

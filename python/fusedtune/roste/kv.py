@@ -1,77 +1,108 @@
-"""K/V fake quantization by forward hooks on k_proj / v_proj (per token and KV head, over head_dim).
+"""K/V fake quantization inside attention, after RoPE (RoSTE / QuaRot's KV-cache quantization).
 
-The hook reshapes the projection output to [..., n_kv_heads, head_dim] and fake-quantizes each
-(token, head) row with fusedtune.ops.roste.rotate_fake_quant (asymmetric min-max, clip_ratio,
-rotate=False, straight-through gradient). Because the attention forward is not patched, K is
-quantized BEFORE RoPE here; RoSTE / QuaRot quantize K after RoPE, with an online head-dim rotation.
-
-The hook objects are KVFakeQuant instances; unprepare_kv finds and removes them by type, so it also
-works on a deep copy (fusedtune.roste.export) whose hook handles would point at the original.
+add_kv_quant registers the attention function "fusedtune_roste_kv" with transformers'
+AttentionInterface, gives every attention module a KVQuant spec (bits, clip_ratio, rotate, the
+implementation it wraps: sdpa, eager, flash...) and switches the model to it
+(model.set_attn_implementation). The function receives the query, key and value states after RoPE,
+[batch, heads, tokens, head_dim]:
+    rotate (RoSTE's R3)  q <- q H^T / sqrt(d), k <- k H^T / sqrt(d) over head_dim (d): q k^T is unchanged,
+                         outliers of K are spread before quantizing
+    K, V                 fake-quantized per (batch, head, token) over head_dim: asymmetric min-max with
+                         clip_ratio, straight-through gradient (fusedtune.ops.roste.rotate_fake_quant)
+then runs the wrapped implementation on them. V is not rotated (its rotation would have to be undone
+in o_proj). With a KV cache the cached K/V are quantized again at each step (min-max quantization of
+already-quantized values maps them to themselves up to rounding); training runs without a cache.
+unprepare_kv restores the wrapped implementation. deepcopy (fusedtune.roste.export) carries the specs
+and the setting along.
 """
 from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from ..ops.roste import rotate_fake_quant
-from .checks import check_bits, check_clip
+from ..ops.roste import hadamard, rotate_fake_quant
+from .checks import check_bits, check_clip, check_hadamard
+
+NAME = "fusedtune_roste_kv"
 
 
-class KVFakeQuant:
-    """A forward hook: out -> per-(token, head) fake quant over head_dim."""
-
-    def __init__(self, bits: int, clip_ratio: float, n_heads: int, head_dim: int, backend: str | None = None):
-        self.bits, self.clip_ratio, self.n_heads, self.head_dim, self.backend = (bits, float(clip_ratio), n_heads,
-                                                                                 head_dim, backend)
-
-    def __call__(self, module: nn.Module, args, out: torch.Tensor) -> torch.Tensor:
-        if out.shape[-1] != self.n_heads * self.head_dim:
-            raise ValueError(f"KV fake quant: expected a last dim of {self.n_heads} x {self.head_dim}, got "
-                             f"{tuple(out.shape)}")
-        y = out.reshape(*out.shape[:-1], self.n_heads, self.head_dim)
-        y = rotate_fake_quant(y, self.bits, "token", False, self.clip_ratio, rotate=False, backend=self.backend)
-        return y.reshape(out.shape)
-
-    def __repr__(self) -> str:
-        return (f"KVFakeQuant(bits={self.bits}, clip_ratio={self.clip_ratio}, heads={self.n_heads}, "
-                f"head_dim={self.head_dim})")
+@dataclass
+class KVQuant:
+    bits: int
+    clip_ratio: float
+    rotate: bool
+    base: str                  # the attention implementation this one wraps
+    backend: str | None = None
 
 
-def kv_hooks(model: nn.Module) -> list[tuple[str, KVFakeQuant]]:
-    """(module name, hook) of every KV fake-quant hook in the model."""
-    return [(name, h) for name, mod in model.named_modules() for h in mod._forward_hooks.values()
-            if isinstance(h, KVFakeQuant)]
+def _base_function(module: nn.Module, base: str):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    if base in ALL_ATTENTION_FUNCTIONS:
+        return ALL_ATTENTION_FUNCTIONS[base]
+    eager = getattr(sys.modules[type(module).__module__], "eager_attention_forward", None)
+    if base == "eager" and eager is not None:
+        return eager
+    raise RuntimeError(f"fusedtune.roste KV quantization: cannot find the attention implementation {base!r}")
 
 
-def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, backend: str | None = None) -> list[str]:
-    """Register the KV fake-quant hooks on every layer's k_proj and v_proj (model.model.layers[i].self_attn);
-    returns the hooked module names. Refuses a model that already has them (unprepare_kv first)."""
-    from .architecture import inspect_model  # noqa: PLC0415
+def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                 **kwargs):
+    """The registered attention function (module docstring)."""
+    spec: KVQuant = module._fusedtune_kv
+    if spec.rotate:
+        query = hadamard(query, backend=spec.backend)
+        key = hadamard(key, backend=spec.backend)
+    key = rotate_fake_quant(key, spec.bits, "token", False, spec.clip_ratio, rotate=False, backend=spec.backend)
+    value = rotate_fake_quant(value, spec.bits, "token", False, spec.clip_ratio, rotate=False, backend=spec.backend)
+    return _base_function(module, spec.base)(module, query, key, value, attention_mask, **kwargs)
+
+
+def _register():
+    from transformers import AttentionInterface
+    AttentionInterface.register(NAME, kv_attention)
+
+
+def kv_specs(model: nn.Module) -> list[tuple[str, KVQuant]]:
+    """(attention module name, spec) of every attention module with K/V quantization."""
+    return [(name, m._fusedtune_kv) for name, m in model.named_modules() if hasattr(m, "_fusedtune_kv")]
+
+
+def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, rotate: bool = True,
+                 backend: str | None = None) -> list[str]:
+    """Quantize K (after RoPE, rotated over head_dim when rotate) and V in every layer's attention;
+    returns the attention module names. Refuses a model that has it already (unprepare_kv first), and
+    a head_dim without a Hadamard construction when rotate."""
     from ..nn import RoSTELinear  # noqa: PLC0415
-    check_bits("add_kv_quant", "kv_bits", kv_bits)
-    check_clip("add_kv_quant", clip_ratio)
-    arch = inspect_model(model, "add_kv_quant", (nn.Linear, RoSTELinear))
-    if kv_hooks(model):
-        raise ValueError("add_kv_quant: the model already has KV fake-quant hooks; call "
-                         "fusedtune.roste.unprepare_kv(model) first")
+    from .architecture import inspect_model  # noqa: PLC0415
+    what = "add_kv_quant"
+    check_bits(what, "kv_bits", kv_bits)
+    check_clip(what, clip_ratio)
+    arch = inspect_model(model, what, (nn.Linear, RoSTELinear))
+    if kv_specs(model):
+        raise ValueError(f"{what}: the model already quantizes K/V; call fusedtune.roste.unprepare_kv(model) first")
+    if rotate:
+        check_hadamard(what, "head_dim (rotate=True rotates q and k over it)", arch.head_dim)
+    base = getattr(model.config, "_attn_implementation", None) or "eager"
+    _register()
     names = []
     for i, layer in enumerate(model.model.layers):
-        for p in ("k_proj", "v_proj"):
-            getattr(layer.self_attn, p).register_forward_hook(
-                KVFakeQuant(kv_bits, clip_ratio, arch.n_kv_heads, arch.head_dim, backend))
-            names.append(f"model.layers.{i}.self_attn.{p}")
+        layer.self_attn._fusedtune_kv = KVQuant(int(kv_bits), float(clip_ratio), bool(rotate), base, backend)
+        names.append(f"model.layers.{i}.self_attn")
+    model.set_attn_implementation(NAME)
     return names
 
 
 def unprepare_kv(model: nn.Module) -> int:
-    """Remove every KV fake-quant hook from the model; returns how many were removed."""
+    """Remove the K/V quantization (the wrapped attention implementation comes back); returns the number
+    of attention modules it was removed from."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"unprepare_kv: expected an nn.Module, got {type(model).__name__}")
-    removed = 0
-    for mod in model.modules():
-        for key in [k for k, h in mod._forward_hooks.items() if isinstance(h, KVFakeQuant)]:
-            del mod._forward_hooks[key]
-            for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called"):
-                getattr(mod, extra, {}).pop(key, None)
-            removed += 1
-    return removed
+    specs = kv_specs(model)
+    for name, _ in specs:
+        del model.get_submodule(name)._fusedtune_kv
+    if specs:
+        model.set_attn_implementation(specs[0][1].base)
+    return len(specs)

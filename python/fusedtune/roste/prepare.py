@@ -1,11 +1,13 @@
 """prepare: RoSTE quantization-aware fine-tuning set-up of a Llama / Qwen2 / Mistral causal LM, in place.
 
     a. fold each RMSNorm weight into the linears reading it, untie a tied lm_head
-    b. merge the hidden-size rotation Q = H_n / sqrt(n) into the weights (rotate_model)
+    b. merge the hidden-size rotation Q = H_n / sqrt(n) into the weights, and (head_rotation) the per-head
+       rotation of V into v_proj / o_proj (rotate_model; RoSTE's R1 and R2)
     c. every q/k/v/o/gate/up/down_proj -> fusedtune.nn.RoSTELinear(w_bits, a_bits, clip_ratio), online
        rotation only for down_proj by default (RoSTE's R4), or as a RotationConfig says; lm_head and
        the embedding stay unquantized
-    d. kv_bits: K/V fake quantization hooks on k_proj / v_proj (fusedtune.roste.kv; K before RoPE)
+    d. kv_bits: K/V fake quantization inside attention, K after RoPE and (kv_rotate) rotated over
+       head_dim with q (fusedtune.roste.kv)
 """
 from __future__ import annotations
 
@@ -34,7 +36,7 @@ class PrepareReport:
     clip_ratio: float
     quantized: list[str]                      # RoSTELinear layers
     rotated_online: list[str]                 # the ones with rotate=True
-    kv_quantized: list[str]                   # k_proj / v_proj with a KV fake-quant hook
+    kv_quantized: list[str]                   # attention modules quantizing K (after RoPE) and V
     untied_lm_head: bool
     folded_norms: int
     unquantized: list[str] = field(default_factory=lambda: ["model.embed_tokens", "lm_head"])
@@ -51,7 +53,7 @@ class PrepareReport:
 
 def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | None = None,
             clip_ratio: float = 0.95, rotation: RotationConfig | None = None, backend: str | None = None,
-            ste: str = "identity") -> PrepareReport:
+            ste: str = "identity", kv_rotate: bool = True, head_rotation: bool = True) -> PrepareReport:
     """Set up a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM for RoSTE training,
     in place (module docstring); every check runs before anything changes. Returns a PrepareReport."""
     from ..nn import RoSTELinear  # noqa: PLC0415
@@ -70,6 +72,10 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
     arch = inspect_model(model, what)
     check_float_params(model, what, _QUANT_DTYPES)
     check_hadamard(what, "hidden size", arch.hidden_size)
+    if kv_bits is not None and kv_rotate:
+        check_hadamard(what, "head_dim (kv_rotate=True rotates q and k over it)", arch.head_dim)
+    if head_rotation:
+        check_hadamard(what, "head_dim (head_rotation=True rotates V per head)", arch.head_dim)
     names = linear_names(model)
     linears = {n: model.get_submodule(n) for n in names}
     rotate = {n: n.endswith(".down_proj") for n in names}
@@ -83,20 +89,23 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
                 f"input size of {n}"
             check_hadamard(what, role, linears[n].in_features)
 
-    rep = rotate_model(model)                                              # a + b
+    rep = rotate_model(model, head_rotation)                               # a + b (+ R2)
     for n in names:                                                        # c
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name)
         setattr(parent, child, RoSTELinear.from_linear(linears[n], w_bits, a_bits, rotate[n], clip_ratio, ste,
                                                        backend))
-    kv = [] if kv_bits is None else add_kv_quant(model, kv_bits, clip_ratio, backend)   # d
+    kv = [] if kv_bits is None else add_kv_quant(model, kv_bits, clip_ratio, kv_rotate, backend)   # d
     notes = ["lm_head and embed_tokens stay unquantized (full precision)"]
+    if head_rotation:
+        notes.append(f"V rotated per head by H_{arch.head_dim} (merged into v_proj / o_proj)")
     if rep["untied_lm_head"]:
         notes.append("lm_head was tied to embed_tokens: untied (own Parameter copy; "
                      "config.tie_word_embeddings = False), as the norm folding differs")
     if kv_bits is not None:
-        notes.append("K is fake-quantized BEFORE RoPE (hook on k_proj; RoSTE/QuaRot quantize K after RoPE with "
-                     "an online head-dim rotation, which needs a patched attention forward)")
+        how = " behind a head_dim Hadamard rotation of q and k" if kv_rotate else ""
+        notes.append(f"K is fake-quantized after RoPE{how}, V per head, inside attention (attention "
+                     f"implementation {model.config._attn_implementation!r} wrapping the previous one)")
     if rotation is not None and (rotation.w_bits, rotation.a_bits) != (w_bits, a_bits):
         notes.append(f"the rotation config was searched at W{rotation.w_bits}A{rotation.a_bits}, applied at "
                      f"W{w_bits}A{a_bits}")

@@ -1,5 +1,7 @@
 """The offline part of RoSTE's rotation: fold the RMSNorm weights into the linears that read them and
-rotate the residual stream by Q = H_n / sqrt(n) (n the hidden size), merged into the weights.
+rotate the residual stream by Q = H_n / sqrt(n) (n the hidden size), merged into the weights; and
+(head_rotation) each attention head's values by R = H_d / sqrt(d) (RoSTE's R2), merged into v_proj and
+o_proj.
 
     h' = h Q everywhere in the residual stream:
       embed_tokens   E <- E Q
@@ -30,18 +32,36 @@ def _assign(p: torch.Tensor, value: torch.Tensor) -> None:
     p.copy_(value.to(p.dtype))
 
 
+def _rotate_heads(attn: nn.Module, d: int) -> None:
+    """R2: every head's value v_h <- v_h R (R = H_d / sqrt(d)) and o_proj's input columns of each head
+    W_o[:, h] <- W_o[:, h] R, so that o_proj sees (a_h R) R^T = a_h. Attention mixes whole value vectors,
+    so a_h = softmax(...) v_kv(h) rotates with v."""
+    v, o = attn.v_proj, attn.o_proj
+    wv = v.weight.detach().double()                       # [kv_heads * d, hidden]: W_h <- R^T W_h
+    kv = wv.shape[0] // d
+    wv = _rotate_cols(wv.reshape(kv, d, -1).transpose(1, 2)).transpose(1, 2).reshape(v.weight.shape)
+    _assign(v.weight, wv)
+    if v.bias is not None:
+        _assign(v.bias, _rotate_cols(v.bias.detach().double().reshape(kv, d)).reshape(-1))
+    wo = o.weight.detach().double()                       # [hidden, heads * d]: columns of head h times R
+    _assign(o.weight, _rotate_cols(wo.reshape(wo.shape[0], -1, d)).reshape(o.weight.shape))
+
+
 @torch.no_grad()
-def rotate_model(model: nn.Module) -> dict:
+def rotate_model(model: nn.Module, head_rotation: bool = True) -> dict:
     """Fold the RMSNorm weights and merge the hidden-size rotation into a Llama / Qwen2 / Mistral causal LM,
-    in place; the model function is unchanged (up to rounding in the parameter dtype). Unties a tied
+    in place; with head_rotation also the per-head rotation of V and of o_proj's input (RoSTE's R2,
+    below). The model function is unchanged (up to rounding in the parameter dtype). Unties a tied
     lm_head (it gets its own Parameter; config.tie_word_embeddings is set False). Returns a small dict
-    report. Refuses (before changing anything) other architectures and hidden sizes without a Hadamard
-    construction."""
+    report. Refuses (before changing anything) other architectures and hidden sizes (head_dim with
+    head_rotation) without a Hadamard construction."""
     what = "rotate_model"
     arch = inspect_model(model, what)
     check_float_params(model, what)
     n = arch.hidden_size
     check_hadamard(what, "hidden size", n)
+    if head_rotation:
+        check_hadamard(what, "head_dim (head_rotation=True rotates V per head)", arch.head_dim)
     inner = model.model
 
     untied = False
@@ -76,5 +96,10 @@ def rotate_model(model: nn.Module) -> dict:
                 _assign(w.bias, _rotate_cols(w.bias))
     for lin in readers:
         _assign(lin.weight, _rotate_cols(lin.weight))
-    return {"architecture": arch.name, "hidden_size": n, "rotation": f"H_{n} / sqrt({n})",
+    if head_rotation:
+        for layer in inner.layers:
+            _rotate_heads(layer.self_attn, arch.head_dim)
+    return {"head_rotation": f"H_{arch.head_dim} / sqrt({arch.head_dim}) per head (v_proj, o_proj)"
+            if head_rotation else None,
+            "architecture": arch.name, "hidden_size": n, "rotation": f"H_{n} / sqrt({n})",
             "folded_norms": 2 * arch.n_layers + 1, "untied_lm_head": untied}
