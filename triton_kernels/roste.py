@@ -1,16 +1,20 @@
 """RoSTE family, Triton kernels.
 
 hadamard_kernel: the Hadamard transform of rows of n = m * 2^k elements as two small tensor-core GEMMs
-per row. With n = A * P (P = min(2^k, 128), A = n / P <= 256), H_n = H_A (x) H_P and a row viewed as
-X [A, P] transforms to H_A X H_P^T (H_A = H_m (x) H_{2^k / P}, a dense +-1 matrix zero-padded to a
-power of two AP; H_P Sylvester, symmetric); above AP = 128 the first GEMM runs in 64 x 64 blocks of
-H_A (X re-read per block from L1/L2, so that the sm_80/89 register file holds it without spills). Sizes with A > 256 (n > 32768) are not served (the op says so and runs the reference). 16-bit
-inputs only (float32 rows run the reference): the first GEMM multiplies the 16-bit row by +-1 exactly
-into fp32; its result is split into two 16-bit parts (hi + lo, about 2^-16 relative for bf16) for the
-second GEMM, fp32 accumulation. With QUANT the same launch fake-quantizes each rotated row (per
-token): min/max are taken as the row is stored, then one pass over the row (still in L2) quantizes
-it in place with the reference's formulas (IEEE division, round half to even, no FMA contraction),
-so the result equals reference fake_quant applied to this kernel's rotation, bit for bit.
+per row. With n = A * P (P = min(2^k, 128), A = n / P <= 256), H_n = H_A (x) H_P and a row viewed as X
+[A, P] transforms to H_A X H_P^T (H_A = H_m (x) H_{2^k / P}, a dense +-1 matrix zero-padded to a power
+of two AP; H_P Sylvester, symmetric); above AP = 128 the first GEMM runs in blocks of AB rows of H_A (64
+on sm_90a, 32 for P = 128 on sm_80/89; blocks wholly past A skipped) (X re-read per block from L1/L2, so
+that the sm_80/89 register file holds it without spills). Sizes with A > 256 (n > 32768) are not served
+(the op says so and runs the reference). 16-bit inputs only (float32 rows run the reference): the first
+GEMM multiplies the 16-bit row by +-1 exactly into fp32; its result, scaled per block by a power of two
+that puts its largest value in [2^14, 2^15) (no fp16 overflow, undone exactly after), is split into two
+16-bit parts (hi + lo, about 2^-16 relative for bf16, 2^-22 for fp16) for the second GEMM, fp32
+accumulation. With QUANT the same launch fake-quantizes each rotated row (per
+token): min/max (and whether a NaN is present) are taken as the row is stored, then one pass over the
+row (still in L2) quantizes it in place with the reference's formulas (IEEE division, round half to even
+with signed zeros, NaN-propagating clamp, no FMA contraction), so the result equals reference fake_quant
+applied to this kernel's rotation, bit for bit.
 fake_quant_kernel: the same per-row fake quantization without rotation (any float dtype).
 """
 from __future__ import annotations
@@ -31,11 +35,20 @@ MAX_P = 128
 
 @triton.jit
 def _round_even(v):
-    """Round half to even in fp32 (torch.round): |v| < 2^23 rounds by adding and removing 2^23 with the
-    sign of v (IEEE round-to-nearest-even does it); larger values are integers already."""
-    big = tl.where(v >= 0, 8388608.0, -8388608.0)
+    """Round half to even in fp32 (torch.round, signed zeros included): |v| < 2^23 rounds by adding and
+    removing 2^23 with the sign of v (IEEE round-to-nearest-even does it); larger values are integers
+    already; NaN stays NaN."""
+    neg = v.to(tl.int32, bitcast=True) < 0                   # the sign bit: -0.0 and (-0.5, 0) give -0.0
+    big = tl.where(neg, -8388608.0, 8388608.0)
     r = (v + big) - big
+    r = tl.where(neg, -tl.abs(r), r)
     return tl.where(tl.abs(v) < 8388608.0, r, v)
+
+
+@triton.jit
+def _clamp(v, lo, hi):
+    """torch.clamp: NaN stays NaN."""
+    return tl.minimum(tl.maximum(v, lo, propagate_nan=tl.PropagateNan.ALL), hi, propagate_nan=tl.PropagateNan.ALL)
 
 
 @triton.jit
@@ -68,11 +81,11 @@ def _quant_row(src_ptr, dst_ptr, inside_ptr, n, lo, hi, clip, levels,
         ok = offs < n
         y = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         if SYM:
-            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0), levels)
+            q = _clamp(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0, levels)
             out = q * scale
             inside = (y >= -amax) & (y <= amax)
         else:
-            q = tl.minimum(tl.maximum(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0), levels)
+            q = _clamp(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0, levels)
             out = (q - zero) * scale
             inside = (y >= lo) & (y <= hi)
         tl.store(dst_ptr + offs, out.to(dst_ptr.dtype.element_ty), mask=ok)
@@ -81,8 +94,8 @@ def _quant_row(src_ptr, dst_ptr, inside_ptr, n, lo, hi, clip, levels,
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, pre, scale, clip, levels, stride_x, stride_o,
-                    AP: tl.constexpr, AB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
+def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, levels, stride_x, stride_o,
+                    AP: tl.constexpr, AB: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
                     QUANT: tl.constexpr, SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
     """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]); with QUANT, the rotated row
     (rounded to the output dtype, as the reference) is then fake-quantized in place per row: min/max
@@ -97,30 +110,39 @@ def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, pre, scale, c
     ih = tl.arange(0, PH)
     lo = float("inf")
     hi = -float("inf")
-    for a0 in tl.static_range(0, AP, AB):      # AP > 128: the first GEMM in row blocks of H_A ...
+    nan = 0
+    for a0 in tl.static_range(0, NB * AB, AB):      # AP > 128: the first GEMM in row blocks of H_A ...
         ib = a0 + tl.arange(0, AB)
         if AB == AP:
             y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + ia[None, :]), x)
         else:                                  # ... and K blocks of X (re-read from L1/L2): fewer live registers
             ik = tl.arange(0, AB)
             y = tl.zeros([AB, P], dtype=tl.float32)
-            for k0 in tl.static_range(0, AP, AB):
+            for k0 in tl.static_range(0, NB * AB, AB):
                 xk = tl.load(x_row + (k0 + ik)[:, None] * P + ip[None, :], mask=(k0 + ik < A)[:, None], other=0.0)
                 y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + (k0 + ik)[None, :]), xk, y)
-        y = y * pre                             # exact products, fp32 sums; pre = 2^-k keeps fp16 in range
+        # exact products, fp32 sums; split into two 16-bit parts after scaling the block by 2^-k so that
+        # its largest value lies in [2^14, 2^15): an fp16 part cannot overflow, small blocks keep precision
+        amax = tl.max(tl.max(tl.abs(y), 1), 0)
+        k = tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 141, -100), 100)
+        y = y * ((127 - k) << 23).to(tl.float32, bitcast=True)
+        back = scale * ((127 + k) << 23).to(tl.float32, bitcast=True)
         y_hi = y.to(x_ptr.dtype.element_ty)
         y_lo = (y - y_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
         for h0 in tl.static_range(0, P, PH):     # the second GEMM in column slices: fewer live registers
             hp = tl.load(hp_ptr + ip[:, None] * P + (h0 + ih)[None, :])
             z = tl.dot(y_hi, hp)
-            z = (tl.dot(y_lo, hp, z) * scale).to(out_ptr.dtype.element_ty)
+            z = (tl.dot(y_lo, hp, z) * back).to(out_ptr.dtype.element_ty)
             live = (ib < A)[:, None]
             tl.store(o_row + ib[:, None] * P + (h0 + ih)[None, :], z, mask=live)
             if QUANT:
                 zf = z.to(tl.float32)
                 lo = tl.minimum(lo, tl.min(tl.where(live, zf, float("inf"))))
                 hi = tl.maximum(hi, tl.max(tl.where(live, zf, -float("inf"))))
+                nan = tl.maximum(nan, tl.max(tl.where(live & (zf != zf), 1, 0)))
     if QUANT:
+        lo = tl.where(nan > 0, float("nan"), lo)   # a NaN in the row: every output NaN (torch.amin / amax)
+        hi = tl.where(nan > 0, float("nan"), hi)
         tl.debug_barrier()                       # the row's stores are visible to every thread of the program
         _quant_row(o_row, o_row, inside_ptr + row.to(tl.int64) * A * P, A * P, lo, hi, clip, levels,
                    SYM, CLIPPED, QB)
@@ -137,10 +159,13 @@ def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, str
     for c0 in range(0, n, QB):
         offs = c0 + tl.arange(0, QB)
         y = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-        lo = tl.minimum(lo, tl.where(offs < n, y, float("inf")))
-        hi = tl.maximum(hi, tl.where(offs < n, y, -float("inf")))
-    _quant_row(src, out_ptr + row.to(tl.int64) * stride_o, inside_ptr + row.to(tl.int64) * n, n, tl.min(lo),
-               tl.max(hi), clip, levels, SYM, CLIPPED, QB)
+        lo = tl.minimum(lo, tl.where(offs < n, y, float("inf")), propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, tl.where(offs < n, y, -float("inf")), propagate_nan=tl.PropagateNan.ALL)
+    nan = tl.max(tl.where(lo != lo, 1, 0))                   # a NaN in the row: every output NaN
+    lo1 = tl.where(nan > 0, float("nan"), tl.min(lo))
+    hi1 = tl.where(nan > 0, float("nan"), tl.max(hi))
+    _quant_row(src, out_ptr + row.to(tl.int64) * stride_o, inside_ptr + row.to(tl.int64) * n, n, lo1, hi1, clip,
+               levels, SYM, CLIPPED, QB)
 
 
 def _warps(AP: int, P: int) -> int:
@@ -192,6 +217,14 @@ def _mats(n: int, transpose: bool, device, dtype):
     return _MATS[key]
 
 
+def _constexprs(A: int, P: int, major: int) -> dict:
+    """The shape constexprs of hadamard_kernel for A x P; NB blocks of AB rows cover A (blocks wholly
+    past A are skipped)."""
+    AP = max(16, triton.next_power_of_2(A))
+    AB = _block(AP, P, major)
+    return dict(AP=AP, AB=AB, NB=triton.cdiv(A, AB), P=P, PH=_ph(AP, P))
+
+
 def _levels(bits: int, symmetric: bool) -> float:
     return float(2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1)
 
@@ -205,13 +238,12 @@ def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None)
     inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
     if x2.shape[0]:
         ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
-        pre = 2.0 ** -round(math.log2(AP) / 2)  # exact power of two: |H_A x| / sqrt(A) stays in the input's range
         bits, symmetric, clip = quant[:3] if quant else (8, False, 1.0)
         hadamard_kernel[(x2.shape[0],)](
-            x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, pre, float(scale) / pre, float(clip),
-            _levels(bits, symmetric), x2.stride(0), out.stride(0),
-            AP=AP, AB=_block(AP, P, _major(x.device)), P=P, PH=_ph(AP, P), QUANT=quant is not None, SYM=bool(symmetric),
-            CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P), enable_fp_fusion=False)
+            x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, float(scale), float(clip),
+            _levels(bits, symmetric), x2.stride(0), out.stride(0), **_constexprs(A, P, _major(x.device)),
+            QUANT=quant is not None, SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P),
+            num_stages=1, enable_fp_fusion=False)
     return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
@@ -233,23 +265,23 @@ def rotate_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: f
     if x2.shape[0] and n:
         fake_quant_kernel[(x2.shape[0],)](
             x2, out, inside.view(torch.int8) if clipped else out, n, float(clip_ratio), _levels(bits, symmetric),
-            x2.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=4,
+            x2.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=4, num_stages=1,
             enable_fp_fusion=False)
     return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
 _SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "A": "i32",
-        "pre": "fp32", "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32"}
-_SHAPES = ((32, 128), (128, 128), (128, 64), (256, 64), (256, 128))   # 4096, 14336, 4864, 11008, 18944
+        "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32"}
+_SHAPES = ((32, 128), (112, 128), (76, 64), (172, 64), (148, 128))   # (A, P): 4096, 14336, 4864, 11008, 18944
 for _targets in ((80, 89), (90,)):
     register(KernelSpec(
         family="roste", name="hadamard_kernel", fn=hadamard_kernel, signature=_SIG, gemm=True, targets=_targets,
         options={"enable_fp_fusion": False},
-        configs=[{"constexprs": dict(AP=ap, AB=_block(ap, p, _targets[0] // 10), P=p, PH=_ph(ap, p), QUANT=quant,
-                                     SYM=False, CLIPPED=quant, QB=QB),
-                  "num_warps": _warps(ap, p), "num_stages": 1,
+        configs=[{"constexprs": dict(**_constexprs(a, p, _targets[0] // 10), QUANT=quant, SYM=False, CLIPPED=quant,
+                                     QB=QB),
+                  "num_warps": _warps(max(16, triton.next_power_of_2(a)), p), "num_stages": 1,
                   "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
-                 for ap, p in _SHAPES for quant in (False, True)]))
+                 for a, p in _SHAPES for quant in (False, True)]))
 register(KernelSpec(
     family="roste", name="fake_quant_kernel", fn=fake_quant_kernel,
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "n": "i32", "clip": "fp32",

@@ -50,11 +50,12 @@ def _unfused(x, bits, clip, backend):
 def _hadamard_backends(x, on_gpu: bool) -> list[str]:
     """The backends whose Hadamard kernel serves x: the CUDA butterfly kernel and Triton on a GPU, the
     C++ kernel (or the reference without the extension) on the CPU."""
-    from .. import _ext
-    from ..ops.roste import _ext_refuses
+    from .. import backend as B
+    from ..ops.roste import _HAD_HAS, _ext_refuses
+    has = frozenset(_HAD_HAS)
     if not on_gpu:
-        return ["cpu" if _ext.loaded() and not _ext_refuses(x) else "reference"]
-    return (["cuda"] if _ext.with_cuda() and not _ext_refuses(x) else []) + ["triton"]
+        return ["cpu" if B.can_serve("cpu", x.device, has)[0] and not _ext_refuses(x) else "reference"]
+    return [b for b in ("cuda", "triton") if B.can_serve(b, x.device, has)[0] and (b != "cuda" or not _ext_refuses(x))]
 
 
 def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:

@@ -44,6 +44,8 @@ def _hadamard_op(x: torch.Tensor, scale: float, transpose: bool, backend: str) -
         return tk.hadamard(x, scale, transpose)
     if backend in ("cpu", "cuda"):
         n = x.shape[-1]
+        if backend == "cuda" and x.data_ptr() % 16:
+            x = x.clone()                                # the kernel's 16-byte loads (forward and backward)
         out = torch.ops.fusedtune.hadamard_kernel(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
         return out.reshape(x.shape)
     return href.hadamard(x, scale, transpose)
@@ -99,14 +101,13 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
         if why:
             if _backend.requested(backend) == name:
                 raise _backend.BackendError(f"hadamard: backend {name!r}: {why}")
-            if name == "cpu":
-                _backend.warn_once(("hadamard", "cpu", n), f"fusedtune: hadamard: {why}; running the reference")
-            name = "reference" if name == "cpu" else "triton"
+            nxt = "triton" if name == "cuda" and _backend.can_serve("triton", x.device, frozenset(_HAD_HAS))[0] \
+                else "reference"
+            if nxt == "reference":
+                _backend.warn_once(("hadamard", name, n), f"fusedtune: hadamard: {why}; running the reference")
+            name = nxt
     name = _rotation_backend("hadamard", x, name, backend)
-    x = x.contiguous()
-    if name == "cuda" and x.data_ptr() % 16:
-        x = x.clone()                                    # the kernel's vector loads need 16-byte rows
-    return _hadamard_op(x, s, bool(transpose), name)
+    return _hadamard_op(x.contiguous(), s, bool(transpose), name)
 
 
 def _ext_refuses(x) -> str:
