@@ -1,7 +1,8 @@
 // RoSTE family, CUDA kernel of the butterfly Hadamard transform (the stage plan and arithmetic of
 // hadamard_math.h): one block per row; bits 0..2 in registers, the next up to 5 bits by warp
 // shuffles, the rest in shared memory (the row in fp32, n * 4 bytes), then the factor H_m column by
-// column in registers, the scale, one rounding to the output dtype.
+// column in registers, the scale, one rounding to the output dtype. Loads (and the stores of m = 1)
+// move 8 consecutive elements per thread as 16-byte vectors; out is a fresh allocation (aligned).
 #include <cuda_runtime.h>
 
 #include "fusedtune/roste_cuda.h"
@@ -23,6 +24,21 @@ __device__ __forceinline__ void load_chunk(const void* row, int64_t c, int dt, f
       v[2 * k] = load_as_f32(w[k] & 0xFFFFu, dt);
       v[2 * k + 1] = load_as_f32(w[k] >> 16, dt);
     }
+  }
+}
+
+// kE consecutive results (scaled, rounded to dt) at chunk c: one or two 16-byte stores
+__device__ __forceinline__ void store_chunk(void* row, int64_t c, int dt, const float* v, float scale) {
+  uint32_t b[kE];
+  FT_UNROLL
+  for (int e = 0; e < kE; ++e) b[e] = round_rne(ft_mul(v[e], scale), dt);
+  if (dt == FT_F32) {
+    uint4* p = reinterpret_cast<uint4*>(static_cast<uint32_t*>(row) + c * kE);
+    p[0] = make_uint4(b[0], b[1], b[2], b[3]);
+    p[1] = make_uint4(b[4], b[5], b[6], b[7]);
+  } else {
+    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(row) + c * kE) =
+        make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
   }
 }
 
@@ -60,8 +76,8 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1) hadamard_kernel(c
     }
     __syncthreads();
   }
-  if (M == 1) {
-    for (int i = t; i < n; i += pl.threads) store_bits(orow, i, dt, round_rne(ft_mul(s[i], scale), dt));
+  if (M == 1) {                                 // kE elements per thread: one 16-byte store (two for fp32)
+    for (int c = t; c < n / kE; c += pl.threads) store_chunk(orow, c, dt, s + c * kE, scale);
   } else {
     for (int j = t; j < pl.p; j += pl.threads) factor_column<M>(s, pl.p, j, sg.neg, scale, orow, dt);
   }
