@@ -70,7 +70,8 @@ at::Tensor hadamard_cpu(const at::Tensor& x, double scale, at::IntArrayRef neg_m
     case 36: run<36>(x, out, a, (float)scale); break;
     case 40: run<40>(x, out, a, (float)scale); break;
     case 44: run<44>(x, out, a, (float)scale); break;
-    default: TORCH_CHECK(false, "hadamard_kernel: factor order ", a.plan.m, " is not compiled (1, 12, 20, 28, 36, 40, 44)");
+    default:
+      TORCH_CHECK(false, "hadamard_kernel: factor order ", a.plan.m, " is not compiled (1, 12, 20, 28, 36, 40, 44)");
   }
   return out;
 }

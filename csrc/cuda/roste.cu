@@ -43,8 +43,9 @@ __device__ __forceinline__ void store_chunk(void* row, int64_t c, int dt, const 
 }
 
 template <int M>
-__global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1) hadamard_kernel(const void* __restrict__ x, void* __restrict__ out,
-                                                               const Plan pl, const Signs sg, float scale, int dt) {
+__global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
+    hadamard_kernel(const void* __restrict__ x, void* __restrict__ out, const Plan pl, const Signs sg, float scale,
+                    int dt) {
   extern __shared__ float4 smem4[];
   float* s = reinterpret_cast<float*>(smem4);
   const int n = pl.m * pl.p;

@@ -8,17 +8,17 @@
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
 
-Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu"
-C++ and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8,
-m in CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes) and Triton
-(triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes it
-serves (n = A x P, A <= 256, i.e. up to 32768; under "auto" it takes what the CUDA kernel cannot); rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one
-read of x, one write of the result, plus the mask when ste="clipped"), equal bit for bit to the
-reference fake quantization of the kernel's own rotation. Per channel, the rotation runs in the
-kernel and the quantization as torch ops (not fused: a column's min/max needs every row). The
-straight-through backward is the transposed rotation (the Triton kernel when it serves). A call the
-kernel cannot serve (float32 rows with rotation, sizes above 32768) runs the reference and says so
-once, or raises when backend="triton" was asked for.
+Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
+and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
+CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes) and
+Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes
+it serves (n = A x P, A <= 256, i.e. up to 32768; under "auto" it takes what the CUDA kernel cannot);
+rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one read of x, one write of
+the result, plus the mask when ste="clipped"), equal bit for bit to the reference fake quantization of
+the kernel's own rotation. Per channel, the rotation runs in the kernel and the quantization as torch
+ops (not fused: a column's min/max needs every row). The straight-through backward is the transposed
+rotation (the Triton kernel when it serves). A call the kernel cannot serve (float32 rows with rotation,
+sizes above 32768) runs the reference and says so once, or raises when backend="triton" was asked for.
 """
 from __future__ import annotations
 
