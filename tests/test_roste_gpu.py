@@ -100,3 +100,31 @@ def test_cuda_butterfly_kernel(n, dtype):
 def test_auto_routes_large_factors_to_triton():
     x = torch.randn(8, 11008, device="cuda", dtype=torch.bfloat16)
     assert torch.equal(hadamard(x), hadamard(x, backend="triton"))
+
+
+def test_prepared_model_trains_and_exports_exactly_on_the_gpu():
+    """The model-level API on CUDA in bf16: prepare (KV 4 bits), a few AdamW steps, export equal to the
+    prepared model in eval mode (the fused kernel's rotation is the one export quantizes)."""
+    import transformers
+
+    import fusedtune.roste as R
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).cuda().to(torch.bfloat16)
+    rep = R.prepare(model, w_bits=4, a_bits=8, kv_bits=4)
+    assert rep.kv_quantized and rep.rotated_online
+    ids = torch.randint(0, 64, (4, 16), device="cuda")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(8):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    assert losses[-1] < losses[0]
+    model.eval()
+    q = R.export(model)
+    with torch.no_grad():
+        assert torch.equal(q(ids).logits, model(ids).logits)

@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from ..ops.roste import roste_backend, rotate_fake_quant
+from ..reference.hadamard import split_size
 from .plain import plain_linear
 
 
@@ -23,7 +24,8 @@ class RoSTELinear(nn.Module):
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits, self.rotate, self.clip_ratio = w_bits, a_bits, rotate, clip_ratio
         self.ste, self.backend = ste, backend
-        rotate_fake_quant(torch.zeros(1, self.in_features), 4, rotate=rotate)   # refuses unsupported sizes now
+        if rotate:
+            split_size(self.in_features)         # refuses a size without a Hadamard construction, naming them
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, rotate: bool = True,
