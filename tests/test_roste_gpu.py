@@ -128,3 +128,12 @@ def test_prepared_model_trains_and_exports_exactly_on_the_gpu():
     q = R.export(model)
     with torch.no_grad():
         assert torch.equal(q(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("rotate", [False, True])
+def test_channel_fake_quant_is_exact(rotate):
+    x = torch.randn(1000, 4096, device="cuda", dtype=torch.bfloat16)
+    x[:, 3] *= 40
+    got = rotate_fake_quant(x, 4, "channel", False, 0.9, rotate=rotate, backend="triton")
+    y = hadamard(x, backend="triton") if rotate else x
+    _same_bits(got, rref.fake_quant(y, 4, "channel", False, 0.9)[0].to(x.dtype))

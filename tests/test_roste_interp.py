@@ -121,3 +121,29 @@ def test_straight_through_backward_matches_reference(ste, granularity):
     if ste == "clipped":                               # the clip range zeroes part of the gradient
         full = hadamard(dy.float(), transpose=True).double()
         assert (grads[1] - full).abs().max() > 0.1
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("bits,symmetric,clip", [(4, False, 0.95), (8, True, 1.0), (3, True, 0.7)])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_channel_fake_quant_kernel_is_bit_exact(dtype, bits, symmetric, clip, rotate):
+    """Per-column groups over 70 rows (not a multiple of the kernel's 32-row steps) and 192 columns (not a
+    multiple of its 64-column blocks), a constant column, an all-zero column, a column with a NaN."""
+    if rotate and dtype == torch.float32:
+        pytest.skip("float32 rows rotate on the reference backend")
+    g = torch.Generator().manual_seed(bits)
+    x = torch.randn(70, 12 * 16, generator=g)
+    x[:, 5] = 0.625
+    x[:, 6] = 0.0
+    if not rotate:                                     # (a rotated NaN would fill its whole row)
+        x[3, 100] = float("nan")
+    x[:, 7] *= 50
+    x = x.to(dtype)
+    got = rotate_fake_quant(x, bits, "channel", symmetric, clip, rotate=rotate, ste="clipped", backend="triton")
+    y = hadamard(x, backend="triton") if rotate else x
+    want, inside = rref.fake_quant(y, bits, "channel", symmetric, clip)
+    assert_same_bits(got, want.to(dtype))
+    assert torch.isnan(got).any(1).sum() == (0 if rotate else 70) and not torch.isnan(got[:, :100]).any()
+    from fusedtune.triton_kernels import roste as tk
+    _, got_inside = tk.fake_quant_channels(y, bits, symmetric, clip, True)
+    assert torch.equal(got_inside, inside)

@@ -16,6 +16,8 @@ row (still in L2) quantizes it in place with the reference's formulas (IEEE divi
 with signed zeros, NaN-propagating clamp, no FMA contraction), so the result equals reference fake_quant
 applied to this kernel's rotation, bit for bit.
 fake_quant_kernel: the same per-row fake quantization without rotation (any float dtype).
+fake_quant_cols_kernel: per-column (channel) fake quantization: a program owns 64 columns, takes their
+min/max over all rows, then quantizes them (the rotation, when asked for, is hadamard_kernel before it).
 """
 from __future__ import annotations
 
@@ -71,23 +73,26 @@ def _quant_params(lo, hi, clip, levels, SYM: tl.constexpr):
 
 
 @triton.jit
+def _quant_values(y, lo, hi, scale, zero, levels, SYM: tl.constexpr):
+    """(fake-quantized y, inside the clip range) for fp32 y with its group's (clipped) lo/hi, scale, zero."""
+    if SYM:
+        amax = tl.maximum(tl.abs(hi), tl.abs(lo))
+        q = _clamp(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0, levels)
+        return q * scale, (y >= -amax) & (y <= amax)
+    q = _clamp(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0, levels)
+    return (q - zero) * scale, (y >= lo) & (y <= hi)
+
+
+@triton.jit
 def _quant_row(src_ptr, dst_ptr, inside_ptr, n, lo, hi, clip, levels,
                SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
     """Fake-quantize the n values at src_ptr into dst_ptr (dst's dtype), with the group's min/max."""
     lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, SYM)
-    amax = tl.maximum(tl.abs(hi), tl.abs(lo))
     for c0 in range(0, n, QB):
         offs = c0 + tl.arange(0, QB)
         ok = offs < n
         y = tl.load(src_ptr + offs, mask=ok, other=0.0).to(tl.float32)
-        if SYM:
-            q = _clamp(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0, levels)
-            out = q * scale
-            inside = (y >= -amax) & (y <= amax)
-        else:
-            q = _clamp(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0, levels)
-            out = (q - zero) * scale
-            inside = (y >= lo) & (y <= hi)
+        out, inside = _quant_values(y, lo, hi, scale, zero, levels, SYM)
         tl.store(dst_ptr + offs, out.to(dst_ptr.dtype.element_ty), mask=ok)
         if CLIPPED:
             tl.store(inside_ptr + offs, inside.to(tl.int8), mask=ok)
@@ -170,6 +175,38 @@ def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, str
 
 def _warps(AP: int, P: int) -> int:
     return 8 if AP * P >= 4096 else 4    # (16 warps cap registers at 128: the 128 x 128 tile spills)
+
+
+@triton.jit
+def fake_quant_cols_kernel(x_ptr, out_ptr, inside_ptr, R, n, clip, levels, stride_x, stride_o,
+                           SYM: tl.constexpr, CLIPPED: tl.constexpr, BR: tl.constexpr, BC: tl.constexpr):
+    """Per-column (channel) fake quantization of x [R, n]: a program owns BC columns, takes their min/max
+    (and NaN flags) over all rows, then quantizes them: two reads of the block, one write."""
+    cols = tl.program_id(0) * BC + tl.arange(0, BC)
+    okc = cols < n
+    lo = tl.full([BC], float("inf"), tl.float32)
+    hi = tl.full([BC], -float("inf"), tl.float32)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = (rows < R)[:, None] & okc[None, :]
+        y = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        y = y.to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(ok, y, float("inf")), 0), propagate_nan=tl.PropagateNan.ALL)
+        hi = tl.maximum(hi, tl.max(tl.where(ok, y, -float("inf")), 0), propagate_nan=tl.PropagateNan.ALL)
+        bad = tl.max(tl.where(ok & (y != y), 1, 0), 0)
+        lo = tl.where(bad > 0, float("nan"), lo)
+        hi = tl.where(bad > 0, float("nan"), hi)
+    lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, SYM)
+    for r0 in range(0, R, BR):
+        rows = r0 + tl.arange(0, BR)
+        ok = (rows < R)[:, None] & okc[None, :]
+        y = tl.load(x_ptr + rows.to(tl.int64)[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        out, inside = _quant_values(y.to(tl.float32), lo[None, :], hi[None, :], scale[None, :], zero[None, :],
+                                    levels, SYM)
+        o = rows.to(tl.int64)[:, None] * stride_o + cols[None, :]
+        tl.store(out_ptr + o, out.to(out_ptr.dtype.element_ty), mask=ok)
+        if CLIPPED:
+            tl.store(inside_ptr + rows.to(tl.int64)[:, None] * n + cols[None, :], inside.to(tl.int8), mask=ok)
 
 
 def _ph(AP: int, P: int) -> int:
@@ -270,6 +307,23 @@ def rotate_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: f
     return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
+def fake_quant_channels(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float,
+                        clipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-column fake quantization of a 2-D x (any float dtype): (out in x's dtype, inside mask when
+    clipped else None)."""
+    R, n = x.shape
+    x = x.contiguous()
+    out = torch.empty_like(x)
+    inside = torch.empty(x.shape, dtype=torch.bool, device=x.device) if clipped else None
+    if R and n:
+        BC = 64
+        fake_quant_cols_kernel[(triton.cdiv(n, BC),)](
+            x, out, inside.view(torch.int8) if clipped else out, R, n, float(clip_ratio), _levels(bits, symmetric),
+            x.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, BR=32, BC=BC, num_warps=4,
+            num_stages=1, enable_fp_fusion=False)
+    return out, inside
+
+
 _SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "A": "i32",
         "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32"}
 _SHAPES = ((32, 128), (112, 128), (76, 64), (172, 64), (148, 128))   # (A, P): 4096, 14336, 4864, 11008, 18944
@@ -288,4 +342,11 @@ register(KernelSpec(
                "levels": "fp32", "stride_x": "i32", "stride_o": "i32"},
     options={"enable_fp_fusion": False},
     configs=[{"constexprs": dict(SYM=sym, CLIPPED=True, QB=QB), "num_warps": 4, "num_stages": 1,
+              "aligned": ["x_ptr", "out_ptr", "stride_x", "stride_o"]} for sym in (False, True)]))
+register(KernelSpec(
+    family="roste", name="fake_quant_cols_kernel", fn=fake_quant_cols_kernel,
+    signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "R": "i32", "n": "i32", "clip": "fp32",
+               "levels": "fp32", "stride_x": "i32", "stride_o": "i32"},
+    options={"enable_fp_fusion": False},
+    configs=[{"constexprs": dict(SYM=sym, CLIPPED=True, BR=32, BC=64), "num_warps": 4, "num_stages": 1,
               "aligned": ["x_ptr", "out_ptr", "stride_x", "stride_o"]} for sym in (False, True)]))

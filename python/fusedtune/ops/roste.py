@@ -15,8 +15,8 @@ Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row for 
 it serves (n = A x P, A <= 256, i.e. up to 32768; under "auto" it takes what the CUDA kernel cannot);
 rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one read of x, one write of
 the result, plus the mask when ste="clipped"), equal bit for bit to the reference fake quantization of
-the kernel's own rotation. Per channel, the rotation runs in the kernel and the quantization as torch
-ops (not fused: a column's min/max needs every row). The straight-through backward is the transposed
+the kernel's own rotation. Per channel (a column's min/max needs every row): the rotation kernel, then
+a column kernel that reads each block of columns twice (min/max, quantize) and writes it once. The straight-through backward is the transposed
 rotation (the Triton kernel when it serves). A call the kernel cannot serve (float32 rows with rotation,
 sizes above 32768) runs the reference and says so once, or raises when backend="triton" was asked for.
 """
@@ -155,8 +155,7 @@ def _rfq_op(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_
             out, inside = tk.rotate_fake_quant(x, bits, symmetric, clip_ratio, rotate, clipped)
         else:
             y = tk.hadamard(x, 1.0 / x.shape[-1] ** 0.5, False) if rotate else x
-            out, inside = rref.fake_quant(y, bits, granularity, symmetric, clip_ratio)
-            out = out.to(x.dtype)
+            out, inside = tk.fake_quant_channels(y, bits, symmetric, clip_ratio, clipped)
     else:
         out, inside = rref.rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate)
     return out, (inside if clipped else x.new_empty(0, dtype=torch.bool))
