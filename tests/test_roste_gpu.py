@@ -9,6 +9,7 @@ from fusedtune.ops.roste import hadamard, rotate_fake_quant
 from fusedtune.reference import hadamard as href
 from fusedtune.reference import roste as rref
 from fusedtune.triton_kernels import roste as tk
+from tiny_models import adamw_losses
 
 pytestmark = pytest.mark.gpu
 
@@ -115,14 +116,7 @@ def test_prepared_model_trains_and_exports_exactly_on_the_gpu():
     rep = R.prepare(model, w_bits=4, a_bits=8, kv_bits=4)
     assert rep.kv_quantized and rep.rotated_online
     ids = torch.randint(0, 64, (4, 16), device="cuda")
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    losses = []
-    for _ in range(8):
-        loss = model(ids, labels=ids).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(float(loss))
+    losses = adamw_losses(model, ids, 8)
     assert losses[-1] < losses[0]
     model.eval()
     q = R.export(model)

@@ -16,3 +16,16 @@ def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers
 def train_losses(rep, model, ids, steps: int) -> list[float]:
     """The losses of `steps` training steps of a patched model (fusedtune.patch's report) on one batch."""
     return [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(steps)]
+
+
+def adamw_losses(model, ids, steps: int, lr: float = 1e-3) -> list[float]:
+    """The losses of `steps` plain AdamW steps of a causal LM on one batch (labels = ids)."""
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = model(ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss))
+    return losses
