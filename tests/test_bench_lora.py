@@ -27,9 +27,10 @@ def test_cpu_run_rows(cpu_run):
     rc, header, rows = cpu_run
     assert rc == 0 and header[: len(core.COLUMNS)] == core.COLUMNS
     gemm = [r for r in rows if r["kernel"] in ("lora fwd", "lora fwd+bwd")]
-    assert len(gemm) == len(lora_bench.TINY) * 2 * 3
+    assert len(gemm) == len(lora_bench.TINY) * (2 * 3 + 1)      # fwd and fwd+bwd x 3 baselines, + determ.
     assert {r["baseline"] for r in gemm} >= {"base GEMM alone (frozen W)",
-                                            "cuBLAS + addmm_ (unsloth's method, bf16 adapters)"}
+                                            "cuBLAS + addmm_ (unsloth's method, bf16 adapters)",
+                                            "deterministic mode (dy read twice: u, then dB)"}
     assert any(r["baseline"].startswith("peft") for r in gemm)
     kinds = {r["kernel"] for r in rows}
     assert "lora fwd, 4 adapters in one batch" in kinds and "qlora fwd+bwd" in kinds

@@ -40,6 +40,66 @@ def test_triton_matches_reference(dtype, M, K, N, r, p):
         assert_within_rule(a, e, w, f"output {i}", atol=atol)   # the reference is the unfused computation here
 
 
+@pytest.fixture
+def deterministic():
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    yield
+    torch.use_deterministic_algorithms(old)
+
+
+def _count_calls(monkeypatch, module, *names):
+    calls = {n: 0 for n in names}
+    for n in names:
+        fn = getattr(module, n)
+        monkeypatch.setattr(module, n, lambda *a, _f=fn, _n=n, **k: (calls.__setitem__(_n, calls[_n] + 1), _f(*a, **k))[1])
+    return calls
+
+
+@pytest.mark.parametrize("mode", ["one_dy_read", "deterministic"])
+@pytest.mark.parametrize("dtype,r", [(torch.float16, 16), (torch.float32, 64), (torch.float16, 3)])
+def test_triton_backward_schedules_match_reference(mode, dtype, r, monkeypatch, request):
+    """Both backward schedules: lora_dy_kernel (u and dB from one read of dy, dB by atomics) and, in
+    torch's deterministic mode, the shrink + wgrad kernels; each within DESIGN.md's rule of fp64."""
+    from fusedtune.triton_kernels import lora as tk
+    if mode == "deterministic":
+        request.getfixturevalue("deterministic")
+    calls = _count_calls(monkeypatch, tk, "dy_products", "shrink", "wgrad")
+    g = torch.Generator().manual_seed(r)
+    M, K, N = 67, 45, 83
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    A, B = rand_adapter(r, K, N, g)
+    got, dy = _run("triton", x, W, A, B, 0.75, dropout_p=0.1, seed=3)
+    fused = mode == "one_dy_read"
+    # forward: one shrink; backward: dy_products + wgrad(x, u) (fused) or shrink(dy) + wgrad x2
+    assert calls == ({"dy_products": 1, "shrink": 1, "wgrad": 1} if fused else
+                     {"dy_products": 0, "shrink": 2, "wgrad": 2})
+    want, _ = _run("reference", x, W, A, B, 0.75, dropout_p=0.1, seed=3)
+    from fusedtune.reference.lora import dropout_mask
+    y64, g64 = exact64(x, W, [A], [B], [0.75], keep=dropout_mask(M, K, 3, 0.1), p=0.1, dy=dy)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"{mode} output {i}", atol=1e-5 if dtype == torch.float32 else 2e-3)
+
+
+def test_dy_kernel_groups_and_ranks():
+    """lora_dy_kernel alone: mixed-adapter rows (scale table, -1 rows), ranks 1..64, ragged M and N,
+    fp16 (two-MMA split) and fp32 dy, against fp64; ranks above DY_MAX_R are refused."""
+    from fusedtune.triton_kernels import lora as tk
+    g = torch.Generator().manual_seed(5)
+    for M, N, R, dt in [(37, 50, 1, torch.float16), (70, 97, 64, torch.float32), (65, 33, 17, torch.float16)]:
+        dy = torch.randn(M, N, generator=g).to(dt)
+        B, t, S = torch.randn(N, R, generator=g), torch.randn(M, R, generator=g), torch.rand(3, R, generator=g)
+        gid = torch.randint(-1, 3, (M,), generator=g, dtype=torch.int32)
+        u, dB = tk.dy_products(dy, B, t, S, gid)
+        rs = S.double()[gid.clamp(min=0).long()] * (gid >= 0).double()[:, None]
+        torch.testing.assert_close(u.double(), (dy.double() @ B.double()) * rs, atol=2e-5, rtol=1e-5)
+        torch.testing.assert_close(dB.double(), dy.double().t() @ t.double(), atol=2e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="rank 65"):
+        tk.dy_products(dy, torch.zeros(N, 65), torch.zeros(M, 65), torch.zeros(1, 65), None)
+    assert tk.dy_fused(64) and not tk.dy_fused(65)
+
+
 def test_triton_multi_adapter_matches_reference():
     g = torch.Generator().manual_seed(2)
     K, N = 40, 36

@@ -5,6 +5,8 @@ lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
                      forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
                      the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
                      x and W are read once and y written once; Q may be NF4 (dequantized in the tile load)
+lora_dy_kernel       U = (dy . B) * S[gid] and DB = dy^T . t from one read of dy (DB by fp32 atomics;
+                     torch's deterministic mode takes lora_shrink_kernel + lora_wgrad_kernel instead)
 lora_wgrad_kernel    O[s, C, R] = sum over rows m of split s of dropout(P)[m, C]^T . T[m, R]
                      dB (P=dy, T=t) and dA^T (P=x with dropout, T=u); splits summed on the host
 nf4_dequant_kernel   bitsandbytes NF4 (double-quantized absmax) -> a 16-bit weight buffer
@@ -197,6 +199,55 @@ def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, s
 
 
 @triton.jit
+def _dot_exact_a(a, b, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
+    """acc + a . b for fp32 b. SPLIT (a holds 16-bit values, exact in tf32): two tf32 products against
+    b's top 11 significant bits and the rest (error ~2^-21 of |a||b|, as tf32x3, at 2 MMAs instead of 3
+    and without a's hi/lo registers). Otherwise one dot with input_precision PREC."""
+    if SPLIT:
+        b_hi = (b.to(tl.uint32, bitcast=True) & 0xFFFFE000).to(tl.float32, bitcast=True)
+        acc = tl.dot(a, b - b_hi, acc, input_precision="tf32")
+        acc = tl.dot(a, b_hi, acc, input_precision="tf32")
+    else:
+        acc = tl.dot(a, b, acc, input_precision=PREC)
+    return acc
+
+
+@triton.jit
+def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R, stride_dm, stride_bn,
+                   HAS_GID: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
+    """One read of dy for both skinny backward products (R <= BLOCK_R): U = (dy . B) * S[gid] for this
+    program's rows, accumulated in registers over all of N; DB += dy^T . t for these rows, one fp32
+    atomic add per element of each [BLOCK_N, R] tile into the zeroed DB [N, R] (it stays in L2)."""
+    pid_m = tl.program_id(0)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.arange(0, BLOCK_R)
+    offs_n = tl.arange(0, BLOCK_N)
+    m_ok = offs_m < M
+    r_ok = offs_r < R
+    t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :]
+    acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for n0 in range(0, N, BLOCK_N):
+        nn = n0 + offs_n
+        n_ok = nn < N
+        dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+        b = tl.load(b_ptr + nn[:, None] * stride_bn + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
+                    other=0.0).to(tl.float32)
+        acc = _dot_exact_a(dy, b, acc, SPLIT, PREC)
+        db = _dot_exact_a(tl.trans(dy), t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), SPLIT, PREC)
+        tl.atomic_add(db_ptr + nn[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :],
+                      sem="relaxed")
+        dy_ptrs += BLOCK_N
+    if HAS_GID:
+        g = tl.load(gid_ptr + offs_m, mask=m_ok, other=-1)
+    else:
+        g = tl.zeros((BLOCK_M,), tl.int32)
+    s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
+    tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+
+
+@triton.jit
 def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_ptr, numel, offset,
                        BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -320,6 +371,41 @@ def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
     return o[0] if splits == 1 else o.sum(0)
 
 
+DY_MAX_R = 64     # lora_dy_kernel keeps all R columns of u in one register tile
+
+
+def dy_fused(R: int) -> bool:
+    """Whether backward reads dy once for u and dB (lora_dy_kernel): R fits one tile and torch is not in
+    deterministic mode (the kernel's atomics sum dB in a run-dependent order; the two-kernel path is
+    bit-reproducible)."""
+    return 0 < R <= DY_MAX_R and not torch.are_deterministic_algorithms_enabled()
+
+
+def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Tensor, gid):
+    """(u = (dy . B) * S[gid] float32 [M, R], dB = dy^T . t float32 [N, R]) reading dy once; R <= DY_MAX_R.
+    dy [M, N] row-major, B [N, R] with unit column stride, t float32 [M, R]."""
+    M, N = dy.shape
+    R = B.shape[1]
+    _check32("dy_products", dy, B, t)
+    if not 0 < R <= DY_MAX_R:
+        raise ValueError(f"lora dy_products: rank {R} outside 1..{DY_MAX_R}")
+    u = torch.empty((M, R), dtype=torch.float32, device=dy.device)
+    dB = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
+    if M == 0 or N == 0:
+        return u.zero_(), dB
+    BR = _block_r(R)
+    split = dy.dtype != torch.float32     # 16-bit dy is exact in tf32: 2 MMAs per product (_dot_exact_a)
+    BM = 32
+    if not _INTERP and split:   # 64 rows halve the atomics when there are enough row blocks to fill the GPU
+        sms = torch.cuda.get_device_properties(dy.device).multi_processor_count
+        BM = 64 if triton.cdiv(M, 64) >= sms else 32
+    lora_dy_kernel[(triton.cdiv(M, BM),)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
+                                          dy.stride(0), B.stride(0), HAS_GID=gid is not None, SPLIT=split,
+                                          PREC=_prec(), BLOCK_M=BM, BLOCK_N=32 if split else 16, BLOCK_R=BR,
+                                          num_warps=4 if BR <= 16 else 8)
+    return u, dB
+
+
 def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=nf4["q"].device)
     n = out.numel()
@@ -391,3 +477,14 @@ register(KernelSpec(
                "out_ptr": "*bf16", "numel": "i32", "offset": "fp32"},
     configs=[{"constexprs": dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE=True, BLOCK=1024), "num_warps": 4,
               "num_stages": 1}]))
+_DY_SIG = {"dy_ptr": "*bf16", "b_ptr": "*fp32", "t_ptr": "*fp32", "u_ptr": "*fp32", "db_ptr": "*fp32",
+           "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32", "stride_dm": "i32",
+           "stride_bn": "i32"}
+register(KernelSpec(
+    family="lora", name="lora_dy_kernel", fn=lora_dy_kernel, signature=_DY_SIG, gemm=True,
+    configs=[{"constexprs": dict(HAS_GID=gid, SPLIT=dt != "fp32", PREC="tf32x3", BLOCK_M=bm,
+                                 BLOCK_N=16 if dt == "fp32" else 32, BLOCK_R=br),
+              "signature": {"dy_ptr": f"*{dt}"}, "num_warps": 4 if br <= 16 else 8, "num_stages": 3}
+             for dt, gid, bm, br in (("bf16", False, 64, 16), ("bf16", True, 64, 32), ("fp16", False, 64, 64),
+                                     ("bf16", False, 32, 16), ("bf16", True, 32, 64), ("fp32", False, 32, 16),
+                                     ("fp32", True, 32, 64))]))

@@ -5,7 +5,9 @@ bf16 base and input, fp32 adapters (peft's default), at 4096 and 16384 tokens an
 (--quick: 4096 tokens, r=16, q/gate/down), each in the same run:
 
   lora fwd        fusedtune.ops.lora_linear (Triton: shrink + one GEMM with the LoRA inner loop)
-  lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen)
+  lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen); backward reads dy for u
+                  and dB once (lora_dy_kernel, r <= 64), also timed against torch's deterministic mode,
+                  where u and dB take one read of dy each
 against
   base GEMM       the frozen base alone (F.linear; + the dX GEMM for fwd+bwd): the goal is LoRA
                   costing <= 10% over it (ratio >= 0.909)
@@ -116,6 +118,12 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                     y = lora_linear(xg, W, A, B, s, backend=backend)
                     return torch.autograd.grad(y, [xg, A, B], dy)
                 ours_t = timer(ours_fb)
+                det = torch.are_deterministic_algorithms_enabled()
+                torch.use_deterministic_algorithms(True)    # the two-kernel backward: dy read for u, then dB
+                try:
+                    two_reads = timer(ours_fb)
+                finally:
+                    torch.use_deterministic_algorithms(det)
                 pe = _peft_layer(W, None, A, B, r, int(s * r))
                 peft_name = "peft LoRA Linear" if pe is not None else "peft forward (re-implemented; peft missing)"
 
@@ -144,6 +152,11 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                     rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
                                     "cpu", "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours, uns[0], rl,
                                     note=CPU_NOTE if not on_gpu else ""))
+                rows.append(row("lora fwd+bwd", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu",
+                                "deterministic mode (dy read twice: u, then dB)", ours_t, two_reads[0],
+                                roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True)),
+                                note=CPU_NOTE if not on_gpu else "one-read lora_dy_kernel (dB by atomics) "
+                                "vs the shrink + wgrad kernels; ratio < 1 means the atomics cost more than a read"))
     return rows
 
 

@@ -29,13 +29,16 @@ def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_d
     N, K = dy.shape[1], x.shape[1]
     drop = tk.Dropout(p, seed)
     dx = dA = dB = None
-    if need_dx or need_dA:
+    if not (need_dx or need_dA):
+        return dx, dA, tk.wgrad(dy, t, _NO_DROPOUT) if need_dB else None
+    if need_dB and B.stride(1) == 1 and tk.dy_fused(B.shape[1]):
+        u, dB = tk.dy_products(dy, B, t, S, gid)                 # one read of dy for u and dB
+    else:
         u = tk.shrink(dy, B, True, S, gid, _NO_DROPOUT)          # (dy . B) * S[gid]
-        if need_dx:
-            q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
-            dx = tk.gemm(dy, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype, drop, nf)
-        if need_dA:
-            dA = tk.wgrad(x, u, drop).t().contiguous()
-    if need_dB:
-        dB = tk.wgrad(dy, t, _NO_DROPOUT)
+        dB = tk.wgrad(dy, t, _NO_DROPOUT) if need_dB else None
+    if need_dx:
+        q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
+        dx = tk.gemm(dy, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype, drop, nf)
+    if need_dA:
+        dA = tk.wgrad(x, u, drop).t().contiguous()
     return dx, dA, dB
