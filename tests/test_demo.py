@@ -60,9 +60,15 @@ def test_tasks_follow_their_rules():
     import torch
     t = Tasks(vocab_size=64, seq_len=24, period=4, remapped=16)
     g = torch.Generator().manual_seed(0)
-    a, b = t.batch("A", 64, g), t.batch("B", 64, g)
-    assert a.shape == b.shape == (64, 24) and (a[:, 0] == 0).all() and (b[:, 0] == 1).all()
-    assert torch.equal(a[:, 5:], a[:, 1:-4])
+    a, b, keep = t.batch("A", 512, g), t.batch("B", 512, g), t.retention_batch(512, g)
+    assert a.shape == b.shape == keep.shape == (512, 24)
+    assert (a[:, 0] == 0).all() and (b[:, 0] == 1).all() and (keep[:, 0] == 0).all()
+    assert torch.equal(a[:, 5:], a[:, 1:-4]) and torch.equal(keep[:, 5:], keep[:, 1:-4])
     prev, nxt = b[:, 1:-4] - 2, b[:, 5:] - 2
-    assert torch.equal(nxt, torch.where(prev < 16, (prev + 1) % 16, prev))
-    assert (a >= 0).all() and (a < 64).all()
+    assert torch.equal(nxt, (prev + 1) % 16)
+    # A covers every content token; B only its 16; retention only the 46 that B never shows
+    assert set((a[:, 1:] - 2).unique().tolist()) == set(range(62))
+    assert set((b[:, 1:] - 2).unique().tolist()) == set(range(16))
+    assert set((keep[:, 1:] - 2).unique().tolist()) == set(range(16, 62))
+    with pytest.raises(ValueError, match="remapped=62"):
+        Tasks(vocab_size=64, remapped=62)

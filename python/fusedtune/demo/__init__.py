@@ -63,7 +63,7 @@ def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "de
 def _run(cfg, names, known, out, overrides, t0) -> dict:
     tasks = Tasks(vocab_size=cfg.vocab, seq_len=cfg.seq_len)
     g = torch.Generator().manual_seed(cfg.seed + 100)   # held-out evaluation sets
-    evals = {t: tasks.batch(t, cfg.eval_size, g, cfg.device) for t in ("A", "B")}
+    evals = {"A": tasks.retention_batch(cfg.eval_size, g, cfg.device), "B": tasks.batch("B", cfg.eval_size, g, cfg.device)}
     model, pre_curve = pretrain(cfg, tasks)
     evals["a_acc_before"] = evaluate(model, tasks, evals["A"])[1]
     ckpt = {k: v.detach().clone() for k, v in model.state_dict().items()}
@@ -77,8 +77,11 @@ def _run(cfg, names, known, out, overrides, t0) -> dict:
                        f"seq {cfg.seq_len}, {rows[0]['total']:,} parameters" if rows else "",
               "device": cfg.device, "dtype": cfg.dtype, "pretrain_steps": cfg.pretrain_steps,
               "a_acc_before": evals["a_acc_before"],
-              "task_a": f"x[t] = x[t-{tasks.period}]",
-              "task_b": f"x[t] = sigma(x[t-{tasks.period}]), sigma shifts the first {tasks.remapped} tokens by one"}
+              "task_a": f"x[t] = x[t-{tasks.period}] over all {tasks.n_content} content tokens",
+              "task_b": f"x[t] = sigma(x[t-{tasks.period}]) over the first {tasks.remapped} content tokens only, "
+                        f"sigma(x) = (x + 1) mod {tasks.remapped}",
+              "retention": f"task-A accuracy on sequences of the {tasks.n_content - tasks.remapped} tokens "
+                           "that task B never uses"}
     paths = output.write(out, rows, header, pre_curve) if out else {}
     return {"rows": rows, "table": output.table(rows), "notes": output.notes(rows, header), "paths": paths,
             "seconds": time.perf_counter() - t0}

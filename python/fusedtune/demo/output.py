@@ -23,7 +23,10 @@ def notes(rows: list[dict], header: dict) -> list[str]:
             f"task A: {header['task_a']}; task B: {header['task_b']}",
             f"pre-training: {header['pretrain_steps']} AdamW steps, task-A accuracy {header['a_acc_before']:.3f}",
             f"memory: {', '.join(kinds)}; step: median wall time of one training step",
-            "loss/acc columns: before fine-tuning -> after; task-A acc shows what fine-tuning on B kept of A",
+            "loss/acc columns: before fine-tuning -> after; retention: " + header["retention"]
+            + " (what fine-tuning on B's narrow domain kept of the general skill)",
+            "learning rates (each method's demo setting): "
+            + ", ".join(f"{r['method']} {r['lr']:g}" for r in rows if r.get("lr") is not None),
             "fused vs reference: one step with the default backend and one with backend='reference' "
             "from the same weights and batch"]
 
@@ -41,7 +44,7 @@ def write(out: str, rows: list[dict], header: dict, pretrain_curve: list[float])
         for r in rows:
             f.write("| " + " | ".join(c.replace("->", "→") for c in _cells(r)) + " |\n")
         f.write("\n" + "\n".join(f"- {n}" for n in notes(rows, header)) + "\n")
-    keys = ["method", "backend", "trainable", "total", "steps", "memory", "memory_kind", "step_ms",
+    keys = ["method", "backend", "lr", "trainable", "total", "steps", "memory", "memory_kind", "step_ms",
             "b_loss_before", "b_loss", "b_acc_before", "b_acc", "a_acc_before", "a_acc", "agreement"]
     with open(paths["csv"], "w", newline="") as f:
         w = csv.writer(f)

@@ -140,7 +140,7 @@ def finetune(name: str, cls, ckpt: dict, cfg: DemoConfig, tasks: Tasks, evals: d
     a_loss, a_acc = evaluate(model, tasks, evals["A"])
     unpatch(model)
     times = sorted(times[min(5, len(times) // 10):]) or [0.0]   # skip warm-up steps
-    return {"method": name, "backend": ",".join(backends), "trainable": rep.trainable_params,
+    return {"method": name, "backend": ",".join(backends), "lr": opts.get("lr"), "trainable": rep.trainable_params,
             "total": rep.total_params, "steps": steps, "memory": memory, "memory_kind": memory_kind,
             "step_ms": 1000 * times[len(times) // 2], "b_loss_before": b_loss0, "b_loss": b_loss,
             "b_acc_before": b_acc0, "b_acc": b_acc, "a_acc_before": evals["a_acc_before"], "a_acc": a_acc,
