@@ -1,7 +1,9 @@
 """Backend selection: per call (backend=...), per scope (use_backend) or per process
 (FUSEDTUNE_BACKEND). 'auto' takes the CUDA extension for GPU tensors when it is built for the GPU,
 else Triton on a GPU, else the reference; on CPU tensors the C++ CPU kernels when built, else the
-reference. A fused path that cannot serve an input says why, once; nothing falls back silently."""
+reference. A fused path that cannot serve an input says why, once; nothing falls back silently.
+A per-call backend= that cannot serve raises. A scope or process-wide choice applies to the ops that
+have that backend (raising where it cannot run); ops without it choose automatically, said once."""
 from __future__ import annotations
 
 import contextlib
@@ -113,11 +115,25 @@ def can_serve(name: str, device: torch.device, has: frozenset) -> tuple[bool, st
     return True, ""
 
 
+def _wanted(op: str, has: frozenset, backend: str | None, warn: bool) -> str:
+    """The request that applies to this op. A scope or FUSEDTUNE_BACKEND naming a backend the op does
+    not have at all (FUSEDTUNE_BACKEND=cuda and a Triton-only op) leaves the op on 'auto', said once;
+    a per-call backend= is always taken at its word."""
+    want = requested(backend)
+    if backend is None and want != "auto" and want not in has:
+        if warn:
+            warn_once((op, "no such backend", want),
+                      f"fusedtune: {op} has no {want!r} backend (it has {', '.join(sorted(has))}); the "
+                      f"process- or scope-wide choice {want!r} does not apply to it, it chooses automatically")
+        return "auto"
+    return want
+
+
 def resolve(op: str, device: torch.device, has, backend: str | None = None) -> str:
     """The backend an op call takes. An explicit request that cannot be served raises; 'auto'
     falls back in DESIGN.md's order and says why, once per (op, reason)."""
     has = frozenset(has)
-    want = requested(backend)
+    want = _wanted(op, has, backend, warn=True)
     if want != "auto":
         ok, why = can_serve(want, device, has)
         if not ok:
@@ -139,7 +155,7 @@ def resolve(op: str, device: torch.device, has, backend: str | None = None) -> s
 def explain(op: str, device: torch.device, has, backend: str | None = None) -> dict:
     """What resolve() would pick, without warnings: {'backend': ..., 'why_not': {...}}."""
     has = frozenset(has)
-    want = requested(backend)
+    want = _wanted(op, has, backend, warn=False)
     order = [want] if want != "auto" else (["cuda", "triton", "reference"] if device.type == "cuda" else ["cpu", "reference"])
     why_not = {}
     for name in order:

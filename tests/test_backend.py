@@ -1,0 +1,69 @@
+"""Backend selection rules (fusedtune.backend): a per-call backend= is taken at its word; a scope or
+FUSEDTUNE_BACKEND applies to the ops that have that backend, and ops without it choose automatically
+(said once) instead of raising."""
+import warnings
+
+import pytest
+import torch
+
+import fusedtune
+from fusedtune import backend as fb
+from fusedtune.ops import hadamard, lora_linear
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warnings(monkeypatch):
+    monkeypatch.setattr(fb, "_warned", set())
+
+
+def _lora_case():
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(5, 8, generator=g), torch.randn(6, 8, generator=g), torch.randn(2, 8, generator=g),
+            torch.randn(6, 2, generator=g))
+
+
+@pytest.mark.parametrize("how", ["scope", "env"])
+def test_process_choice_skips_ops_without_that_backend(how, monkeypatch):
+    x, W, A, B = _lora_case()
+    want = lora_linear(x, W, A, B, 0.5, backend="reference")
+    if how == "env":
+        monkeypatch.setenv("FUSEDTUNE_BACKEND", "cuda")
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        if how == "scope":
+            with fusedtune.use_backend("cuda"):
+                got = [lora_linear(x, W, A, B, 0.5) for _ in range(2)]
+        else:
+            got = [lora_linear(x, W, A, B, 0.5) for _ in range(2)]
+    for y in got:
+        torch.testing.assert_close(y, want)
+    said = [str(w.message) for w in rec if "has no 'cuda' backend" in str(w.message)]
+    assert len(said) == 1 and "lora_linear" in said[0], [str(w.message) for w in rec]
+    assert fb.explain("lora_linear", torch.device("cpu"), ("reference", "cpu", "triton"))["backend"] in ("cpu",
+                                                                                                      "reference")
+
+
+def test_process_choice_still_raises_where_the_op_has_it_but_cannot_run():
+    x = torch.randn(3, 64)
+    with fusedtune.use_backend("cuda"):       # hadamard has a CUDA kernel; a CPU tensor cannot use it
+        with pytest.raises(fb.BackendError, match="hadamard: backend 'cuda' cannot run here"):
+            hadamard(x)
+
+
+def test_per_call_request_is_taken_at_its_word():
+    x, W, A, B = _lora_case()
+    with pytest.raises(fb.BackendError, match="backend 'cuda' cannot run here: the op has no cuda"):
+        lora_linear(x, W, A, B, 0.5, backend="cuda")
+
+
+def test_every_family_op_is_in_fusedtune_ops():
+    """The paths the issues and docs name: fusedtune.ops.<op> for every family."""
+    import fusedtune.ops as ops
+    from fusedtune.ops import fp8, hft, lora, roste, sparse_delta, zo
+    for mod, names in ((zo, ["zo_apply_", "zo_noise"]), (lora, ["lora_linear", "lora_linear_multi"]),
+                       (sparse_delta, ["sddmm", "sparse_adamw_", "sparse_delta_linear"]),
+                       (hft, ["row_grad", "hft_row_linear", "masked_adamw_"]),
+                       (fp8, ["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_gemm", "fp8_linear"]),
+                       (roste, ["hadamard", "rotate_fake_quant"])):
+        for n in names:
+            assert getattr(ops, n) is getattr(mod, n) and n in ops.__all__
