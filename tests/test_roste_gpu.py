@@ -131,3 +131,24 @@ def test_channel_fake_quant_is_exact(rotate):
     got = rotate_fake_quant(x, 4, "channel", False, 0.9, rotate=rotate, backend="triton")
     y = hadamard(x, backend="triton") if rotate else x
     _same_bits(got, rref.fake_quant(y, 4, "channel", False, 0.9)[0].to(x.dtype))
+
+
+def test_triton_rotation_under_cuda_graph_capture():
+    """Capturing before the first call is refused clearly (the matrices' first upload cannot be
+    captured); after one warm-up call the rotation captures and replays exactly."""
+    n = 20 * 64   # a non-power-of-two size nothing else in this file uses
+    x = torch.randn(8, n, device="cuda", dtype=torch.bfloat16)
+    for key in [k for k in tk._MATS if k[0] == n]:
+        del tk._MATS[key]
+    g = torch.cuda.CUDAGraph()
+    with pytest.raises(RuntimeError, match="warm-up"):
+        with torch.cuda.graph(g):
+            hadamard(x, backend="triton")
+    want = hadamard(x, backend="triton")                 # warm-up
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = hadamard(x, backend="triton")
+    x.copy_(x * 2)
+    g.replay()
+    torch.testing.assert_close(out, hadamard(x, backend="triton"), atol=0, rtol=0)
+    assert not torch.equal(out, want)

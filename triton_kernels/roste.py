@@ -241,6 +241,10 @@ _MATS: dict = {}
 def _mats(n: int, transpose: bool, device, dtype):
     key = (n, transpose, str(device), dtype)
     if key not in _MATS:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"hadamard: the Triton rotation's matrices for n = {n} ({dtype}) are built and "
+                               "copied to the GPU on first use, which a CUDA graph cannot capture; run one "
+                               "call (a warm-up step) before capturing")
         from fusedtune.reference.hadamard import factor_matrix, hadamard_matrix, split_size
         A, P = plan(n)
         m, p = split_size(n)
