@@ -364,6 +364,29 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
     want = fq_first_principles(src.weight.detach().double() @ orthonormal_hadamard(64).t(), 3, 0.95)
     torch.testing.assert_close(qq.dequantized_weight().double(), want, atol=1e-5, rtol=1e-5)
     assert torch.equal(qq.dequantized_weight(), src.quantized_weight().detach())
+    # 3-bit codes are stored two per byte, and the state dict round-trips into a fresh copy
+    assert qq.qweight.dtype == torch.uint8 and qq.qweight.shape == (qq.out_features, 32)
+    sd = {k: v.clone() for k, v in q.state_dict().items()}
+    assert "model.layers.0.self_attn.q_proj.qweight" in sd and not any(k.endswith(".codes") for k in sd)
+    q2 = R.export(model)
+    with torch.no_grad():
+        for t in q2.state_dict().values():
+            t.zero_() if t.is_floating_point() or t.dtype == torch.uint8 else None
+    q2.load_state_dict(sd)
+    with torch.no_grad():
+        assert torch.equal(q2(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 8])
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_code_packing_round_trips(bits, n):
+    from fusedtune.roste.export import pack_codes, unpack_codes
+    codes = torch.randint(0, 2 ** bits, (3, n), generator=torch.Generator().manual_seed(n), dtype=torch.uint8)
+    packed = pack_codes(codes, bits)
+    assert packed.shape == ((3, (n + 1) // 2) if bits <= 4 else (3, n))
+    assert torch.equal(unpack_codes(packed, bits, n), codes)
+    if bits <= 4 and n >= 2:   # layout: code 0 in the low nibble of byte 0, code 1 in its high nibble
+        assert int(packed[0, 0]) == int(codes[0, 0]) + 16 * int(codes[0, 1])
 
 
 # ---------------------------------------------------------------- refusals: clear errors, nothing changed

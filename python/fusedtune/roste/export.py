@@ -1,8 +1,9 @@
 """export: a deep copy of a prepared model whose RoSTELinear layers hold integer weight codes.
 
 QuantizedLinear stores, for y = Q_a(x H) Wq^T + b (H only when rotate):
-    codes       uint8 [out, in], the asymmetric codes q in [0, 2^w_bits - 1] of W H (or W), ONE CODE PER
-                BYTE (not bit-packed)
+    qweight     uint8, the asymmetric codes q in [0, 2^w_bits - 1] of W H (or W): for w_bits <= 4 two
+                codes per byte ([out, ceil(in / 2)], code k in byte k // 2, the even k in the low nibble),
+                else one per byte ([out, in]); `.codes` unpacks them to uint8 [out, in]
     scale, zero float32 [out, 1], per output channel: Wq = (codes - zero) * scale
     bias        the layer's bias (or None)
     w_bits, a_bits, rotate, clip_ratio
@@ -25,6 +26,23 @@ from ..reference import roste as rref
 from .search import _roste_layers
 
 
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """uint8 codes [..., n] -> two per byte ([..., ceil(n / 2)], even k in the low nibble) for bits <= 4;
+    a contiguous copy for more bits."""
+    if bits > 4:
+        return codes.contiguous().clone()
+    if codes.shape[-1] % 2:
+        codes = torch.nn.functional.pad(codes, (0, 1))
+    return (codes[..., 0::2] | (codes[..., 1::2] << 4)).contiguous()
+
+
+def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """The inverse of pack_codes: uint8 codes [..., n]."""
+    if bits > 4:
+        return packed
+    return torch.stack((packed & 0xF, packed >> 4), -1).flatten(-2)[..., :n]
+
+
 class QuantizedLinear(nn.Module):
     """Inference layer from a RoSTELinear: x -> (Hadamard if rotate) -> per-token fake quant at a_bits ->
     linear with the dequantized weight (codes - zero) * scale."""
@@ -45,7 +63,7 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.w_bits, self.a_bits, self.rotate, self.clip_ratio, self.backend = (w_bits, a_bits, bool(rotate),
                                                                                float(clip_ratio), backend)
-        self.register_buffer("codes", codes)
+        self.register_buffer("qweight", pack_codes(codes, w_bits))
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("bias", bias)
@@ -63,6 +81,11 @@ class QuantizedLinear(nn.Module):
         return cls(q.to(torch.uint8), scale, zero, bias, layer.w_bits, layer.a_bits, layer.rotate,
                    layer.clip_ratio, layer.backend)
 
+    @property
+    def codes(self) -> torch.Tensor:
+        """The weight codes, uint8 [out, in] (unpacked from qweight)."""
+        return unpack_codes(self.qweight, self.w_bits, self.in_features)
+
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """(codes - zero) * scale in float32, cast to dtype (in the rotated basis when rotate)."""
         return ((self.codes.float() - self.zero.float()) * self.scale.float()).to(dtype)
@@ -73,8 +96,8 @@ class QuantizedLinear(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
-                f"a_bits={self.a_bits}, rotate={self.rotate}, clip_ratio={self.clip_ratio}, codes=uint8 "
-                "(one per byte)")
+                f"a_bits={self.a_bits}, rotate={self.rotate}, clip_ratio={self.clip_ratio}, "
+                f"qweight={'two codes' if self.w_bits <= 4 else 'one code'} per byte")
 
 
 def export(model: nn.Module) -> nn.Module:
