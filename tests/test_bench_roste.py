@@ -10,13 +10,17 @@ def test_cpu_run_rows(tmp_path):
     assert bench.main(["roste", "--cpu", "--quick", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "roste.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"]
+    assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"] \
+        + ["exported layer (W4A8, rotated), integer GEMM"] * 2
     assert [r["baseline"] for r in rows] == ["memcpy (copy_ of the same bytes)",
-                                             "hadamard kernel + torch fake quant (unfused)"]
+                                             "hadamard kernel + torch fake quant (unfused)",
+                                             "the same layer, fake quant (dequantized weight, bf16 GEMM)",
+                                             "bf16 nn.Linear (unquantized)"]
     for r in rows:
         med, base = float(r["time_ms"]), float(r["baseline_ms"])
         assert med > 0 and math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)
-        assert "CPU framework check" in r["note"] and r["shape"] == "64x768"
+        assert "CPU framework check" in r["note"]
+        assert r["shape"] == ("64x768" if r["kernel"].startswith(("hadamard", "rotate")) else "M=64 K=N=256")
     assert rows[0]["backend"] == ("cpu" if _ext.loaded() else "reference")      # 768 = 12 x 64: the C++ kernel
 
 

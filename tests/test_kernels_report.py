@@ -136,9 +136,10 @@ Resource usage:
         /*0020*/                   QGMMA.64x128x32.F32.E4M3.E4M3 R24, gdesc[UR4], R24 ; /* 0x0 */
         /*0030*/                   STL [R1], R2 ;                         /* 0x0 */
         /*0040*/                   HMMA.16816.F32 R64, R32, R24, R64 ;    /* 0x0 */
+        /*0050*/                   IGMMA.64x128x32.S32.S8.S8 R24, gdesc[UR4], R24 ; /* 0x0 */
 """
     c = K.parse_sass(sass)[("sm_90a", "_ZN9fusedtune3fam6kernelEv")]
-    assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 5)
+    assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["IGMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 1, 6)
     assert K.demangle(["_ZN9fusedtune3fam6kernelEv"]) == {"_ZN9fusedtune3fam6kernelEv": "fusedtune::fam::kernel"}
     assert K._demangle_fallback("_ZN9fusedtune2zo15zo_apply_kernelENS0_6LaunchE") == "fusedtune::zo::zo_apply_kernel"
     assert K._strip_signature("void ns::k<float, 4>(ns::A, int)") == "ns::k<float, 4>"

@@ -119,9 +119,33 @@ def test_prepared_model_trains_and_exports_exactly_on_the_gpu():
     losses = adamw_losses(model, ids, 8)
     assert losses[-1] < losses[0]
     model.eval()
-    q = R.export(model)
+    q = R.export(model, gemm="fake")
+    qi = R.export(model)                      # the integer GEMM (Triton, int8 tensor cores)
     with torch.no_grad():
-        assert torch.equal(q(ids).logits, model(ids).logits)
+        want = model(ids).logits
+        assert torch.equal(q(ids).logits, want)
+        torch.testing.assert_close(qi(ids).logits.float(), want.float(), atol=0.1, rtol=0.05)
+
+
+@pytest.mark.parametrize("w_bits,a_bits", [(4, 4), (8, 8)])   # packed and byte codes
+def test_integer_gemm_kernels_equal_the_reference_on_the_gpu(w_bits, a_bits):
+    """act_codes_kernel and int_linear_kernel (IMMA / IGMMA) against the reference math run on the same
+    GPU (float64 cuBLAS of the codes: exact), bit for bit, at a Llama layer shape."""
+    from fusedtune.ops.roste import int_linear
+    from fusedtune.roste.export import pack_codes
+    g = torch.Generator(device="cuda").manual_seed(w_bits * a_bits)
+    M, K, N = 777, 4096, 1024
+    y = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    w = torch.randn(N, K, device="cuda", generator=g)
+    qw, sw, zw = rref.quantize(w, w_bits, "token", False, 0.95)
+    c = 2 ** (w_bits - 1)
+    zwc = (zw - c).reshape(-1)
+    uw = (qw - c).double().sum(1) - K * zwc.double()
+    packed = pack_codes(qw.to(torch.uint8), w_bits)
+    bias = torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    got = int_linear(y, a_bits, 0.9, packed, w_bits, sw.reshape(-1), zwc, uw, bias, backend="triton")
+    want = int_linear(y, a_bits, 0.9, packed, w_bits, sw.reshape(-1), zwc, uw, bias, backend="reference")
+    assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize("rotate", [False, True])

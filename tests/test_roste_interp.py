@@ -147,3 +147,43 @@ def test_channel_fake_quant_kernel_is_bit_exact(dtype, bits, symmetric, clip, ro
     from fusedtune.triton_kernels import roste as tk
     _, got_inside = tk.fake_quant_channels(y, bits, symmetric, clip, True)
     assert torch.equal(got_inside, inside)
+
+
+def _int_case(M, K, N, w_bits, dtype, seed):
+    from fusedtune.roste.export import pack_codes
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randn(M, K, generator=g).to(dtype)
+    y[1] = y[1].abs() + 3.0            # all positive: a zero point far outside [0, levels]
+    y[2] = 0.0
+    y[3, 5] = float("nan")
+    w = torch.randn(N, K, generator=g)
+    w[0] = 0.5                          # a constant channel
+    qw, sw, zw = rref.quantize(w, w_bits, "token", False, 0.95)
+    c = 2 ** (w_bits - 1)
+    cw = (qw - c).to(torch.int8)
+    zwc = (zw - c).reshape(-1)
+    uw = cw.double().sum(1) - K * zwc.double()
+    bias = torch.randn(N, generator=g).to(dtype)
+    return y, pack_codes(qw.to(torch.uint8), w_bits), cw, sw.reshape(-1), zwc, uw, bias
+
+
+@pytest.mark.parametrize("M,K,N,a_bits,w_bits", [(37, 70, 50, 4, 4), (40, 64, 33, 8, 8), (20, 45, 40, 3, 6),
+                                                 (9, 33, 17, 7, 2)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_integer_gemm_kernels_equal_the_reference(M, K, N, a_bits, w_bits, dtype):
+    """act_codes_kernel gives the reference codes, scales, zero points and sums bit for bit, and
+    int_linear_kernel (int8 dot, 4-bit unpacking in the tile load, float64 epilogue) the reference
+    output bit for bit: NaN rows, all-positive and all-zero rows, odd K included."""
+    from fusedtune.ops.roste import int_linear
+    from fusedtune.triton_kernels import roste_int as ti
+    y, packed, cw, sw, zw, uw, bias = _int_case(M, K, N, w_bits, dtype, M + K)
+    got_codes, want_codes = ti.act_codes(y, a_bits, 0.9), rref.act_codes(y, a_bits, 0.9)
+    for a, b in zip(got_codes, want_codes):
+        assert torch.equal(a.nan_to_num(7.0) if a.is_floating_point() else a,
+                           b.nan_to_num(7.0) if b.is_floating_point() else b)
+    got = int_linear(y, a_bits, 0.9, packed, w_bits, sw, zw, uw, bias, backend="triton")
+    want = int_linear(y, a_bits, 0.9, packed, w_bits, sw, zw, uw, bias, backend="reference")
+    assert got.dtype == dtype and torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
+    assert got[3].isnan().all() and not got[torch.arange(M) != 3].isnan().any()
+    want2 = rref.integer_linear(*want_codes[:3], cw, sw, zw, bias, dtype)   # the unpacked weight: same
+    assert torch.equal(want.nan_to_num(7.0), want2.nan_to_num(7.0))

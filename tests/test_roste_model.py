@@ -12,6 +12,7 @@ from torch import nn
 import fusedtune.roste as R
 from fusedtune.nn import RoSTELinear
 from fusedtune.reference import hadamard as href
+from fusedtune.reference import roste as rref
 from tiny_models import tiny_llama
 
 transformers = pytest.importorskip("transformers")
@@ -343,7 +344,7 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
                                               "model.layers.1.mlp.down_proj": False}))
     model.eval()
     snap = snapshot(model)
-    q = R.export(model)
+    q = R.export(model, gemm="fake")
     assert_unchanged(model, snap)
     assert len(R.kv_specs(model)) == 2 and len(R.kv_specs(q)) == 2
     assert q.config._attn_implementation == "fusedtune_roste_kv"
@@ -368,13 +369,52 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
     assert qq.qweight.dtype == torch.uint8 and qq.qweight.shape == (qq.out_features, 32)
     sd = {k: v.clone() for k, v in q.state_dict().items()}
     assert "model.layers.0.self_attn.q_proj.qweight" in sd and not any(k.endswith(".codes") for k in sd)
-    q2 = R.export(model)
+    q2 = R.export(model, gemm="fake")
     with torch.no_grad():
         for t in q2.state_dict().values():
             t.zero_() if t.is_floating_point() or t.dtype == torch.uint8 else None
     q2.load_state_dict(sd)
     with torch.no_grad():
         assert torch.equal(q2(IDS).logits, model(IDS).logits)
+
+
+def test_integer_gemm_export_matches_first_principles():
+    """gemm="integer" (the default): every exported layer computes sx sw sum_k (qx - zx)(qw - zw) + b from
+    the activation codes of its (rotated) input exactly (float64 of the codes, rounded once), and the
+    model's logits stay within float32 rounding of the fake-quantized model's."""
+    model = tiny_llama(64, 96)
+    R.prepare(model, w_bits=4, a_bits=6, kv_bits=None)
+    model.eval()
+    q = R.export(model)
+    qf = R.export(model, gemm="fake")
+    seen = {}
+    for name, m in q.named_modules():
+        if isinstance(m, R.QuantizedLinear):
+            assert m.gemm == "integer"
+            m.register_forward_hook(lambda mod, inp, out, name=name: seen.__setitem__(name, (inp[0], out)))
+    with torch.no_grad():
+        li, lf = q(IDS).logits, qf(IDS).logits
+    assert len(seen) == 14
+    torch.testing.assert_close(li, lf, atol=1e-4, rtol=1e-4)
+    assert not torch.equal(li, lf)       # a different (exact) computation, not the fake path in disguise
+    for name, (x, out) in seen.items():
+        m = q.get_submodule(name)
+        y = (x.double() @ orthonormal_hadamard(x.shape[-1]).t()).float() if m.rotate else x.float()
+        qx, sx, zx = rref.quantize(y.reshape(-1, y.shape[-1]), 6, "token", False, m.clip_ratio)
+        want = ((qx.double() - zx.double()) @ (m.codes.double() - m.zero.double()).t()) * sx.double() \
+            * m.scale.double().t()
+        torch.testing.assert_close(out.reshape(want.shape).double(), want, atol=1e-5, rtol=1e-6,
+                                   msg=f"{name}")
+
+
+def test_integer_gemm_refusals():
+    lin = RoSTELinear.from_linear(torch.nn.Linear(8, 4), w_bits=4, a_bits=4)
+    with pytest.raises(ValueError, match="gemm must be one of"):
+        R.QuantizedLinear.from_roste(lin, gemm="int4")
+    big = torch.zeros(2, 65537, dtype=torch.uint8)
+    one = torch.ones(2, 1)
+    with pytest.raises(ValueError, match="in_features <= 65536"):
+        R.QuantizedLinear(big, one, one, None, 4, 4, False, 1.0)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 5, 8])

@@ -79,8 +79,14 @@ def _quant_values(y, lo, hi, scale, zero, levels, SYM: tl.constexpr):
         amax = tl.maximum(tl.abs(hi), tl.abs(lo))
         q = _clamp(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0, levels)
         return q * scale, (y >= -amax) & (y <= amax)
-    q = _clamp(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0, levels)
+    q = _asym_code(y, scale, zero, levels)
     return (q - zero) * scale, (y >= lo) & (y <= hi)
+
+
+@triton.jit
+def _asym_code(y, scale, zero, levels):
+    """The asymmetric code of fp32 y (as an fp32 integer in [0, levels]; NaN stays NaN)."""
+    return _clamp(_round_even(tl.math.div_rn(y, scale)) + zero, 0.0, levels)
 
 
 @triton.jit

@@ -14,7 +14,7 @@ Two sources:
 For each kernel x target the report reads, with cuobjdump (the one in the Triton wheel, else the
 CUDA toolkit's): registers, stack/local bytes (spills live there), shared memory (static from the
 cubin, plus the dynamic amount Triton launches with), local-memory instructions (LDL/STL) and
-tensor-core instructions in the SASS (HMMA, HGMMA, QGMMA, IMMA; QMMA: Ada's FP8 mma.sync).
+tensor-core instructions in the SASS (HMMA, HGMMA, QGMMA, IMMA, IGMMA; QMMA: Ada's FP8 mma.sync).
 
 Defects, which make main() return 1: a compile failure, any stack/local memory (spills), and a GEMM
 kernel (spec.gemm) without tensor-core instructions on a target it claims; for the extension, a
@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 
-TC_OPS = ("HMMA", "HGMMA", "QGMMA", "IMMA", "QMMA")
+TC_OPS = ("HMMA", "HGMMA", "QGMMA", "IMMA", "IGMMA", "QMMA")   # IGMMA: Hopper's int8 wgmma
 _INSN = re.compile(r"/\*[0-9a-fA-F]{4,}\*/\s+(.*?)\s*;")
 _RES = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 
@@ -442,8 +442,8 @@ def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, 
     for r in rows:
         r["defects"] = defects(r)
         if (r.get("gemm") and (r.get("cc") or 0) >= 90 and not r.get("HGMMA") and not r.get("QGMMA")
-                and r.get("tc_insts")):
-            r["notes"].append("HMMA on sm_90 (no wgmma)")
+                and not r.get("IGMMA") and r.get("tc_insts")):
+            r["notes"].append("mma.sync on sm_90 (no wgmma)")
     return rows
 
 
@@ -454,7 +454,8 @@ def _fmt(v) -> str:
 def format_table(rows) -> str:
     cols = [("source", "source"), ("family", "family"), ("kernel", "kernel"), ("config", "config"),
             ("target", "target"), ("regs", "regs"), ("spill_bytes", "spill B"), ("smem", "smem B"),
-            ("HMMA", "HMMA"), ("HGMMA", "HGMMA"), ("QGMMA", "QGMMA"), ("QMMA", "QMMA"), ("status", "status")]
+            ("HMMA", "HMMA"), ("HGMMA", "HGMMA"), ("QGMMA", "QGMMA"), ("QMMA", "QMMA"), ("IMMA", "IMMA"),
+            ("IGMMA", "IGMMA"), ("status", "status")]
     body = []
     for r in rows:
         status = "DEFECT" if r.get("defects") else ("GEMM ok" if r.get("gemm") else "ok")

@@ -8,6 +8,9 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
 2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
    against the unfused sequence (the same Hadamard kernel, then RoSTE's fake quantization as torch
    ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x faster than unfused.
+3. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
+   activation codes, int8 tensor-core GEMM with in-tile 4-bit unpacking) against its fake-quant path and
+   the bf16 nn.Linear. No goal in the issue; the speed-up over bf16 is what the export is for.
 The roofline column counts the HBM bytes (one read, one write) and, for Triton, the padded tensor-core
 flops of the two GEMMs per row (python/fusedtune/triton_kernels/roste.py), whichever bounds.
 
@@ -92,10 +95,36 @@ def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     return rows
 
 
+def export_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
+    """An exported layer (fusedtune.roste.QuantizedLinear, W4A8, rotated, n x n) on the integer GEMM
+    against the same layer's fake-quant path and the bf16 nn.Linear it came from."""
+    from ..nn import RoSTELinear
+    from ..roste.export import QuantizedLinear
+    device = "cuda" if on_gpu else "cpu"
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
+    layer = RoSTELinear.from_linear(lin, w_bits=4, a_bits=8, rotate=True)
+    qi, qf = QuantizedLinear.from_roste(layer, "integer"), QuantizedLinear.from_roste(layer, "fake")
+    x = torch.randn(m, n, device=device, dtype=dt)
+    shape, rows = f"M={m} K=N={n}", []
+    with torch.no_grad():
+        ours = timer(lambda: qi(x))
+        # int8 tensor cores peak at the fp8 figure (1979 TOPS dense); bytes: x, 4-bit W, y
+        rl = roofline_pct(ours[0], m * n * 4 + n * n / 2, 2.0 * m * n * n, "fp8") if on_gpu else float("nan")
+        for base, name in ((lambda: qf(x), "the same layer, fake quant (dequantized weight, bf16 GEMM)"),
+                           (lambda: lin(x), "bf16 nn.Linear (unquantized)")):
+            b = timer(base)
+            rows.append(row("exported layer (W4A8, rotated), integer GEMM", shape, str(dt)[6:],
+                            "triton" if on_gpu else "reference", name, ours, b[0], rl,
+                            note=CPU_NOTE if not on_gpu else "rotation + activation codes + int8 GEMM"))
+    return rows
+
+
 def run(timer, quick: bool) -> list[dict]:
     on_gpu = timer.name != "cpu"
     shapes = [(4096 if quick else 8192, n) for n in SIZES] if on_gpu else list(TINY)
     rows = []
     for m, n in shapes:
         rows += size_rows(timer, m, n, on_gpu)
+    rows += export_rows(timer, 4096, 4096, on_gpu) if on_gpu else export_rows(timer, 64, 256, on_gpu)
     return rows

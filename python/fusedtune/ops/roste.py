@@ -7,6 +7,9 @@
                       ste="identity")
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
+    int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias=None)
+        the exported layers' integer GEMM: per-token activation codes times packed weight codes on int8
+        tensor cores (triton_kernels/roste_int.py), exact integer products; inference only
 
 Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
 and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
@@ -225,6 +228,39 @@ def quant_rotation(x, backend: str | None = None) -> torch.Tensor:
         from ..triton_kernels import roste as tk
         return tk.hadamard(x, 1.0 / x.shape[-1] ** 0.5, False)
     return href.hadamard(x)
+
+
+@torch.library.custom_op("fusedtune::roste_int_linear", mutates_args=())
+def _int_linear_op(y: torch.Tensor, a_bits: int, clip_ratio: float, qweight: torch.Tensor, w_bits: int,
+                   sw: torch.Tensor, zw: torch.Tensor, uw: torch.Tensor, bias: torch.Tensor | None,
+                   backend: str) -> torch.Tensor:
+    y2 = y.reshape(-1, y.shape[-1])
+    if backend == "triton":
+        from ..triton_kernels import roste_int as ti
+        cx, sx, zx, sumx = ti.act_codes(y2, a_bits, clip_ratio)
+        out = ti.int_linear(cx, sx, zx, sumx, qweight, w_bits, sw, zw, uw, bias, y.dtype)
+    else:
+        from ..roste.export import unpack_codes
+        cx, sx, zx, _ = rref.act_codes(y2, a_bits, clip_ratio)
+        cw = (unpack_codes(qweight, w_bits, y.shape[-1]).to(torch.int16) - 2 ** (w_bits - 1)).to(torch.int8)
+        out = rref.integer_linear(cx, sx, zx, cw, sw, zw, bias, y.dtype)
+    return out.reshape(*y.shape[:-1], qweight.shape[0])
+
+
+@_int_linear_op.register_fake
+def _(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias, backend):
+    return y.new_empty((*y.shape[:-1], qweight.shape[0]))
+
+
+def int_linear(y, a_bits: int, clip_ratio: float, qweight, w_bits: int, sw, zw, uw, bias=None,
+               backend: str | None = None) -> torch.Tensor:
+    """The integer GEMM of an exported RoSTE layer (reference/roste.py: act_codes, integer_linear): y, the
+    (rotated) input, quantized per token to a_bits codes, times the weight codes qweight (fusedtune.roste
+    .export's packing) on int8 tensor cores; sw, zw (centered) float32 [N], uw float64 [N] per channel.
+    Inference only (no autograd)."""
+    name = _backend.resolve("roste_int_linear", y.device, _HAS, backend)
+    return _int_linear_op(y.contiguous(), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw, zw, uw, bias,
+                          name)
 
 
 def roste_backend(device, backend: str | None = None) -> dict:

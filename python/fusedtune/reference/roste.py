@@ -87,3 +87,40 @@ def ste_backward(dy: torch.Tensor, inside: torch.Tensor, rotate: bool, ste: str)
     if rotate:
         g = hadamard(g, transpose=True)
     return g.to(dy.dtype)
+
+
+# ---------------------------------------------------------------- integer GEMM of exported layers
+# An exported layer (fusedtune.roste.QuantizedLinear) holds weight codes qw in [0, 2^w_bits - 1] with a
+# per-channel scale sw and zero zw; the per-token activation codes qx, sx, zx come from quantize(). Then
+#     y[m, n] = sx[m] * sw[n] * T[m, n] + bias[n],   T = sum_k (qx[m, k] - zx[m]) (qw[n, k] - zw[n])
+# T is an integer; the kernels compute it on int8 tensor cores with centered codes c = q - 2^(bits-1)
+# (int8 for every width up to 8) and fold the zero points into per-row and per-column terms (docs/roste.md).
+# In float64 every term is exact for the codes' ranges, so (T * sx) * sw + bias, rounded to float32 and
+# then to the output dtype, is what every backend returns bit for bit.
+
+INT_MAX_K = 65536   # |c_x c_w| <= 2^14: the kernels' int32 accumulator is exact up to K = 2^17; a margin below
+
+
+def act_codes(y: torch.Tensor, bits: int, clip_ratio: float):
+    """Per-token asymmetric codes of y [M, K]: (cx int8 [M, K] = q - 2^(bits-1), sx float32 [M],
+    zx float32 [M] = zero - 2^(bits-1), sumx int32 [M] = sum_k cx). A row with a NaN gets sx = NaN
+    (its outputs are NaN, as fake quantization's) and codes 0."""
+    q, scale, zero = quantize(y, bits, "token", False, clip_ratio)
+    c = float(2 ** (bits - 1))
+    bad = torch.isnan(q).any(-1, keepdim=True)
+    cx = torch.where(bad, torch.zeros((), dtype=q.dtype), q - c).to(torch.int8)
+    sx = torch.where(bad, torch.full((), float("nan")), scale)
+    zx = torch.where(bad, torch.zeros((), dtype=zero.dtype), zero - c)
+    return cx, sx.reshape(-1), zx.reshape(-1), cx.to(torch.int32).sum(-1, dtype=torch.int32)
+
+
+def integer_linear(cx, sx, zx, cw, sw, zw, bias, out_dtype) -> torch.Tensor:
+    """y = (T * sx) * sw + bias in float64 with T = (cx - zx) . (cw - zw)^T exact, rounded to float32 and
+    then to out_dtype. cx int8 [M, K], sx, zx float32 [M]; cw int8 [N, K], sw, zw float32 [N] (centered
+    codes and zero points as act_codes returns them)."""
+    ux = cx.double() - zx.double()[:, None]
+    uw = cw.double() - zw.double()[:, None]
+    y = (ux @ uw.t()) * sx.double()[:, None] * sw.double()[None, :]
+    if bias is not None:
+        y = y + bias.double()
+    return y.float().to(out_dtype)

@@ -6,13 +6,13 @@ QuantizedLinear stores, for y = Q_a(x H) Wq^T + b (H only when rotate):
                 else one per byte ([out, in]); `.codes` unpacks them to uint8 [out, in]
     scale, zero float32 [out, 1], per output channel: Wq = (codes - zero) * scale
     bias        the layer's bias (or None)
-    w_bits, a_bits, rotate, clip_ratio
+    w_bits, a_bits, rotate, clip_ratio, gemm
 The codes come from fusedtune.reference.roste.quantize, the function fake_quant itself uses, applied to
 the layer's rotation of W (fusedtune.ops.roste.quant_rotation: the rotation rotate_fake_quant uses on the
-layer's backend), so Wq is
-bit-identical to RoSTELinear.quantized_weight() (checked on the reference backend; a fused kernel is
-held to the same reference formula). The activations are still
-fake-quantized per token at a_bits (a real low-bit GEMM is not written here).
+layer's backend), so Wq is bit-identical to RoSTELinear.quantized_weight(). gemm="integer" (default):
+the activations become a_bits codes per token and the product runs on int8 tensor cores
+(fusedtune.ops.roste.int_linear, exact integer products, docs/roste.md); gemm="fake": fake-quantized
+activations times the dequantized weight, the prepared model's arithmetic bit for bit.
 """
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ import copy
 import torch
 from torch import nn
 
-from ..ops.roste import quant_rotation, rotate_fake_quant
+from ..ops.roste import int_linear, quant_rotation, rotate_fake_quant
 from ..reference import roste as rref
 from .search import _roste_layers
 
@@ -43,13 +43,24 @@ def unpack_codes(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return torch.stack((packed & 0xF, packed >> 4), -1).flatten(-2)[..., :n]
 
 
+GEMMS = ("integer", "fake")
+
+
 class QuantizedLinear(nn.Module):
-    """Inference layer from a RoSTELinear: x -> (Hadamard if rotate) -> per-token fake quant at a_bits ->
-    linear with the dequantized weight (codes - zero) * scale."""
+    """Inference layer from a RoSTELinear: x -> (Hadamard if rotate) -> per-token a_bits codes -> the
+    integer GEMM with the weight codes (gemm="integer", fusedtune.ops.roste.int_linear), or the fake-
+    quantized activations times the dequantized weight (codes - zero) * scale (gemm="fake": exactly the
+    prepared model's arithmetic)."""
 
     def __init__(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bias: torch.Tensor | None,
-                 w_bits: int, a_bits: int, rotate: bool, clip_ratio: float, backend: str | None = None):
+                 w_bits: int, a_bits: int, rotate: bool, clip_ratio: float, backend: str | None = None,
+                 gemm: str = "integer"):
         super().__init__()
+        if gemm not in GEMMS:
+            raise ValueError(f"QuantizedLinear: gemm must be one of {GEMMS}, got {gemm!r}")
+        if gemm == "integer" and codes.dim() == 2 and codes.shape[1] > rref.INT_MAX_K:
+            raise ValueError(f"QuantizedLinear: the integer GEMM takes in_features <= {rref.INT_MAX_K} (exact int32 "
+                             f"accumulator), got {codes.shape[1]}; use gemm='fake'")
         if codes.dtype != torch.uint8 or codes.dim() != 2:
             raise TypeError(f"QuantizedLinear: codes must be a 2-D uint8 tensor, got {codes.dtype} "
                             f"{tuple(codes.shape)}")
@@ -63,13 +74,15 @@ class QuantizedLinear(nn.Module):
         self.in_features, self.out_features = in_f, out_f
         self.w_bits, self.a_bits, self.rotate, self.clip_ratio, self.backend = (w_bits, a_bits, bool(rotate),
                                                                                float(clip_ratio), backend)
+        self.gemm = gemm
+        self._derived = (None, None)
         self.register_buffer("qweight", pack_codes(codes, w_bits))
         self.register_buffer("scale", scale)
         self.register_buffer("zero", zero)
         self.register_buffer("bias", bias)
 
     @classmethod
-    def from_roste(cls, layer) -> "QuantizedLinear":
+    def from_roste(cls, layer, gemm: str = "integer") -> "QuantizedLinear":
         from ..nn import RoSTELinear  # noqa: PLC0415
         if not isinstance(layer, RoSTELinear):
             raise TypeError(f"QuantizedLinear.from_roste: expected a RoSTELinear, got {type(layer).__name__}")
@@ -79,7 +92,7 @@ class QuantizedLinear(nn.Module):
         q, scale, zero = rref.quantize(y, layer.w_bits, "token", False, layer.clip_ratio)
         bias = None if layer.bias is None else layer.bias.detach().clone()
         return cls(q.to(torch.uint8), scale, zero, bias, layer.w_bits, layer.a_bits, layer.rotate,
-                   layer.clip_ratio, layer.backend)
+                   layer.clip_ratio, layer.backend, gemm)
 
     @property
     def codes(self) -> torch.Tensor:
@@ -90,31 +103,52 @@ class QuantizedLinear(nn.Module):
         """(codes - zero) * scale in float32, cast to dtype (in the rotated basis when rotate)."""
         return ((self.codes.float() - self.zero.float()) * self.scale.float()).to(dtype)
 
+    def channel_terms(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sw, zw - 2^(w_bits-1), uw = sum_k (codes - 2^(w_bits-1)) - in_features * centered zw) per output
+        channel (float32, float32, float64): the integer GEMM's weight-side terms, recomputed when the
+        codes or zero points change (load_state_dict, .to())."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (self.qweight, self.zero, self.scale))
+        if self._derived[0] != key:
+            c = 2 ** (self.w_bits - 1)
+            zw = (self.zero.reshape(-1) - c).contiguous()
+            sumw = self.codes.to(torch.int64).sum(1) - c * self.in_features
+            uw = sumw.double() - self.in_features * zw.double()
+            self._derived = (key, (self.scale.reshape(-1).contiguous(), zw, uw))
+        return self._derived[1]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.gemm == "integer":
+            y = quant_rotation(x, backend=self.backend) if self.rotate else x
+            sw, zw, uw = self.channel_terms()
+            return int_linear(y, self.a_bits, self.clip_ratio, self.qweight, self.w_bits, sw, zw, uw,
+                              None if self.bias is None else self.bias.to(x.dtype), backend=self.backend)
         xq = rotate_fake_quant(x, self.a_bits, "token", False, self.clip_ratio, self.rotate, backend=self.backend)
         return nn.functional.linear(xq, self.dequantized_weight(xq.dtype), self.bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, w_bits={self.w_bits}, "
                 f"a_bits={self.a_bits}, rotate={self.rotate}, clip_ratio={self.clip_ratio}, "
-                f"qweight={'two codes' if self.w_bits <= 4 else 'one code'} per byte")
+                f"qweight={'two codes' if self.w_bits <= 4 else 'one code'} per byte, gemm={self.gemm}")
 
 
-def export(model: nn.Module) -> nn.Module:
-    """A deep copy of the model with every RoSTELinear replaced by a QuantizedLinear (module docstring);
+def export(model: nn.Module, gemm: str = "integer") -> nn.Module:
+    """A deep copy of the model with every RoSTELinear replaced by a QuantizedLinear (module docstring;
+    gemm="integer": the int8 tensor-core GEMM, "fake": the prepared model's arithmetic bit for bit);
     the model itself is left untouched. K/V quantization (attention-level) is carried by the copy; hooks
     on the replaced layers are not."""
+    if gemm not in GEMMS:
+        raise ValueError(f"export: gemm must be one of {GEMMS}, got {gemm!r}")
     _roste_layers(model, "export")
     out = copy.deepcopy(model)
     names = list(_roste_layers(out, "export"))
     if names == [""]:                                      # the model is itself a RoSTELinear
         with torch.no_grad():
-            return QuantizedLinear.from_roste(out)
+            return QuantizedLinear.from_roste(out, gemm)
     for name in names:
         parent_name, _, child = name.rpartition(".")
         parent = out.get_submodule(parent_name) if parent_name else out
         layer = getattr(parent, child)
         with torch.no_grad():
-            new = QuantizedLinear.from_roste(layer)
+            new = QuantizedLinear.from_roste(layer, gemm)
         setattr(parent, child, new)
     return out
