@@ -56,12 +56,15 @@ def _count_calls(monkeypatch, module, *names):
     return calls
 
 
+@pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("mode", ["one_dy_read", "deterministic"])
 @pytest.mark.parametrize("dtype,r", [(torch.float16, 16), (torch.float32, 64), (torch.float16, 3)])
-def test_triton_backward_schedules_match_reference(mode, dtype, r, monkeypatch, request):
+def test_triton_backward_schedules_match_reference(mode, dtype, r, parts, monkeypatch, request):
     """Both backward schedules: lora_dy_kernel (u and dB from one read of dy, dB by atomics) and, in
-    torch's deterministic mode, the shrink + wgrad kernels; each within DESIGN.md's rule of fp64."""
+    torch's deterministic mode, the shrink + wgrad kernels; each within DESIGN.md's rule of fp64, with
+    the skinny reductions (shrink over K, u over N) whole or cut into 3 parts."""
     from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(tk, "FORCE_PARTS", parts)
     if mode == "deterministic":
         request.getfixturevalue("deterministic")
     calls = _count_calls(monkeypatch, tk, "dy_products", "shrink", "wgrad")
@@ -82,12 +85,14 @@ def test_triton_backward_schedules_match_reference(mode, dtype, r, monkeypatch, 
         assert_within_rule(a, e, w, f"{mode} output {i}", atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
-def test_dy_kernel_groups_and_ranks():
+def test_dy_kernel_groups_and_ranks(monkeypatch):
     """lora_dy_kernel alone: mixed-adapter rows (scale table, -1 rows), ranks 1..64, ragged M and N,
     fp16 (two-MMA split) and fp32 dy, against fp64; ranks above DY_MAX_R are refused."""
     from fusedtune.triton_kernels import lora as tk
     g = torch.Generator().manual_seed(5)
-    for M, N, R, dt in [(37, 50, 1, torch.float16), (70, 97, 64, torch.float32), (65, 33, 17, torch.float16)]:
+    for (M, N, R, dt), parts in zip([(37, 50, 1, torch.float16), (70, 97, 64, torch.float32),
+                                     (65, 33, 17, torch.float16), (33, 200, 8, torch.float16)], [1, 2, 1, 4]):
+        monkeypatch.setattr(tk, "FORCE_PARTS", parts)
         dy = torch.randn(M, N, generator=g).to(dt)
         B, t, S = torch.randn(N, R, generator=g), torch.randn(M, R, generator=g), torch.rand(3, R, generator=g)
         gid = torch.randint(-1, 3, (M,), generator=g, dtype=torch.int32)

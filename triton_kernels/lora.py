@@ -83,21 +83,27 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset,
 
 @triton.jit(do_not_specialize=["seed", "thresh"])   # (an int equal to 1 would become a constant)
 def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, stride_qr, stride_qk,
-                       seed, thresh, keep_scale,
+                       seed, thresh, keep_scale, k_per_split,
                        HAS_GID: tl.constexpr, DROPOUT: tl.constexpr, PREC: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    """Program (i, j, s) takes K columns [s * k_per_split, (s + 1) * k_per_split) and writes its scaled
+    partial to T[s] (the scale is linear); the launcher sums the parts in order (split K: more programs
+    in flight for a skinny, memory-bound product, deterministic)."""
     pid_m = tl.program_id(0)
     pid_r = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    k_lo = pid_s * k_per_split
+    k_hi = min(K, k_lo + k_per_split)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
     offs_k = tl.arange(0, BLOCK_K)
     m_ok = offs_m < M
     r_ok = offs_r < R
-    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
-    q_ptrs = q_ptr + offs_r[None, :] * stride_qr + offs_k[:, None] * stride_qk
+    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + (k_lo + offs_k)[None, :]
+    q_ptrs = q_ptr + offs_r[None, :] * stride_qr + (k_lo + offs_k)[:, None] * stride_qk
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        k_ok = (k0 + offs_k) < k_hi
         a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0).to(tl.float32)
         if DROPOUT:
             a = tl.where(_keep(seed, offs_m, k0, thresh, BLOCK_M, BLOCK_K), a * keep_scale, 0.0)
@@ -110,7 +116,8 @@ def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, 
     else:
         g = tl.zeros((BLOCK_M,), tl.int32)
     s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
-    tl.store(t_ptr + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+    t_part = t_ptr + pid_s.to(tl.int64) * M * R
+    tl.store(t_part + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @_autotuned(_GEMM_CONFIGS)
@@ -213,24 +220,29 @@ def _dot_exact_a(a, b, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R, stride_dm, stride_bn,
+def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R, stride_dm, stride_bn, n_per_split,
                    HAS_GID: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One read of dy for both skinny backward products (R <= BLOCK_R): U = (dy . B) * S[gid] for this
-    program's rows, accumulated in registers over all of N; DB += dy^T . t for these rows, one fp32
-    atomic add per element of each [BLOCK_N, R] tile into the zeroed DB [N, R] (it stays in L2)."""
+    program's rows, accumulated in registers over its columns; DB += dy^T . t for these rows, one fp32
+    atomic add per element of each [BLOCK_N, R] tile into the zeroed DB [N, R] (it stays in L2).
+    Program (i, s) takes columns [s * n_per_split, (s + 1) * n_per_split) and writes its part of U (scaled:
+    the scale is linear) to U[s]; the launcher sums the parts in order (more programs in flight)."""
     pid_m = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_lo = pid_s * n_per_split
+    n_hi = min(N, n_lo + n_per_split)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_r = tl.arange(0, BLOCK_R)
     offs_n = tl.arange(0, BLOCK_N)
     m_ok = offs_m < M
     r_ok = offs_r < R
     t = tl.load(t_ptr + offs_m[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
-    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + offs_n[None, :]
+    dy_ptrs = dy_ptr + offs_m[:, None] * stride_dm + (n_lo + offs_n)[None, :]
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for n0 in range(0, N, BLOCK_N):
+    for n0 in range(n_lo, n_hi, BLOCK_N):
         nn = n0 + offs_n
-        n_ok = nn < N
+        n_ok = nn < n_hi
         dy = tl.load(dy_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
         b = tl.load(b_ptr + nn[:, None] * stride_bn + offs_r[None, :], mask=n_ok[:, None] & r_ok[None, :],
                     other=0.0).to(tl.float32)
@@ -244,7 +256,8 @@ def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R,
     else:
         g = tl.zeros((BLOCK_M,), tl.int32)
     s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
-    tl.store(u_ptr + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+    u_part = u_ptr + pid_s.to(tl.int64) * M * R
+    tl.store(u_part + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @triton.jit
@@ -299,26 +312,48 @@ class Dropout:
         self.scale = keep_scale(p) if self.on else 1.0
 
 
+FORCE_PARTS = 0     # tests: cut the skinny reductions into this many parts in the interpreter
+
+
+def _parts(programs: int, steps: int, device) -> int:
+    """Parts to cut a reduction of `steps` tiles into, so that programs x parts fill the GPU (about 4 per
+    SM: a skinny product is memory-bound and one program per SM keeps too few loads in flight), each
+    part at least 4 tiles."""
+    if _INTERP:
+        return max(1, min(FORCE_PARTS, steps)) if FORCE_PARTS else 1
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return max(1, min(triton.cdiv(4 * sms, programs), steps // 4))
+
+
+def _cut(length: int, block: int, parts: int) -> tuple[int, int]:
+    """(per_part, parts): per_part a multiple of block, no empty part."""
+    per = max(block, triton.cdiv(triton.cdiv(length, parts), block) * block)
+    return per, max(1, triton.cdiv(length, per))
+
+
 def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor, gid, drop: Dropout):
     """T = (dropout(p) . Q^T) * S[gid], float32 [M, R]. p [M, K] row-major; Q is q [R, K], or q^T when
-    transpose_q (q [K, R] row-major, as B [N, R] for u = dy . B)."""
+    transpose_q (q [K, R] row-major, as B [N, R] for u = dy . B). K is cut into parts that write partial
+    products, summed in order after (deterministic)."""
     M, K = p.shape
     R = q.shape[1] if transpose_q else q.shape[0]
     _check32("shrink", p, q)
     if M * R >= 2**31:
         raise ValueError(f"lora shrink: an output of {M}x{R} needs 64-bit indexing")
-    t = torch.empty((M, R), dtype=torch.float32, device=p.device)
     if M == 0 or R == 0:
-        return t
+        return torch.empty((M, R), dtype=torch.float32, device=p.device)
     sqr, sqk = (1, q.stride(0)) if transpose_q else (q.stride(0), 1)
     BR = _block_r(R)
     BM = 32 if _INTERP or BR > 32 else 64     # BLOCK_R 64 with BLOCK_M 64 spills (kernel report)
     BK = 32
-    grid = (triton.cdiv(M, BM), triton.cdiv(R, BR))
+    tiles = triton.cdiv(M, BM) * triton.cdiv(R, BR)
+    per, parts = _cut(K, BK, _parts(tiles, triton.cdiv(K, BK), p.device))
+    t = torch.empty((parts, M, R), dtype=torch.float32, device=p.device)
+    grid = (triton.cdiv(M, BM), triton.cdiv(R, BR), parts)
     lora_shrink_kernel[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
-                             drop.seed, drop.thresh, drop.scale, HAS_GID=gid is not None, DROPOUT=drop.on,
+                             drop.seed, drop.thresh, drop.scale, per, HAS_GID=gid is not None, DROPOUT=drop.on,
                              PREC=_prec(), BLOCK_M=BM, BLOCK_R=BR, BLOCK_K=BK, num_warps=4)
-    return t
+    return t[0] if parts == 1 else t.sum(0)
 
 
 def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_strides: tuple, bias, out_dtype,
@@ -389,20 +424,22 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
     _check32("dy_products", dy, B, t)
     if not 0 < R <= DY_MAX_R:
         raise ValueError(f"lora dy_products: rank {R} outside 1..{DY_MAX_R}")
-    u = torch.empty((M, R), dtype=torch.float32, device=dy.device)
     dB = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     if M == 0 or N == 0:
-        return u.zero_(), dB
+        return torch.zeros((M, R), dtype=torch.float32, device=dy.device), dB
     BR = _block_r(R)
     split = dy.dtype != torch.float32     # 16-bit dy is exact in tf32: 2 MMAs per product (_dot_exact_a)
-    BM = 32
+    BM, BN = 32, (32 if split else 16)
     if not _INTERP and split:   # 64 rows halve the atomics when there are enough row blocks to fill the GPU
         sms = torch.cuda.get_device_properties(dy.device).multi_processor_count
         BM = 64 if triton.cdiv(M, 64) >= sms else 32
-    lora_dy_kernel[(triton.cdiv(M, BM),)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
-                                          dy.stride(0), B.stride(0), HAS_GID=gid is not None, SPLIT=split,
-                                          PREC=_prec(), BLOCK_M=BM, BLOCK_N=32 if split else 16, BLOCK_R=BR,
-                                          num_warps=4 if BR <= 16 else 8)
+    per, parts = _cut(N, BN, _parts(triton.cdiv(M, BM), triton.cdiv(N, BN), dy.device))
+    u = torch.empty((parts, M, R), dtype=torch.float32, device=dy.device)
+    lora_dy_kernel[(triton.cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
+                                                dy.stride(0), B.stride(0), per, HAS_GID=gid is not None,
+                                                SPLIT=split, PREC=_prec(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR,
+                                                num_warps=4 if BR <= 16 else 8)
+    u = u[0] if parts == 1 else u.sum(0)
     return u, dB
 
 
@@ -456,7 +493,8 @@ register(KernelSpec(
        _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False)]
     + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]))
 _SHRINK_SIG = {"p_ptr": "*bf16", "q_ptr": "*fp32", "t_ptr": "*fp32", "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32",
-               "K": "i32", "R": "i32", "stride_pm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32"}
+               "K": "i32", "R": "i32", "stride_pm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32",
+               "k_per_split": "i32"}
 register(KernelSpec(   # x.A^T (A [R, K]: stride_qk 1) and dy.B (B [N, R]: stride_qr 1)
     family="lora", name="lora_shrink_kernel", fn=lora_shrink_kernel, signature=_SHRINK_SIG, gemm=True,
     configs=[{"constexprs": dict(HAS_GID=False, DROPOUT=True, PREC="tf32x3", BLOCK_M=64, BLOCK_R=16, BLOCK_K=32,
@@ -479,7 +517,7 @@ register(KernelSpec(
               "num_stages": 1}]))
 _DY_SIG = {"dy_ptr": "*bf16", "b_ptr": "*fp32", "t_ptr": "*fp32", "u_ptr": "*fp32", "db_ptr": "*fp32",
            "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32", "stride_dm": "i32",
-           "stride_bn": "i32"}
+           "stride_bn": "i32", "n_per_split": "i32"}
 register(KernelSpec(
     family="lora", name="lora_dy_kernel", fn=lora_dy_kernel, signature=_DY_SIG, gemm=True,
     configs=[{"constexprs": dict(HAS_GID=gid, SPLIT=dt != "fp32", PREC="tf32x3", BLOCK_M=bm,
