@@ -50,9 +50,14 @@ def deterministic():
 
 def _count_calls(monkeypatch, module, *names):
     calls = {n: 0 for n in names}
+
+    def counted(name, fn):
+        def call(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return call
     for n in names:
-        fn = getattr(module, n)
-        monkeypatch.setattr(module, n, lambda *a, _f=fn, _n=n, **k: (calls.__setitem__(_n, calls[_n] + 1), _f(*a, **k))[1])
+        monkeypatch.setattr(module, n, counted(n, getattr(module, n)))
     return calls
 
 

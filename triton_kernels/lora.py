@@ -429,10 +429,8 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
         return torch.zeros((M, R), dtype=torch.float32, device=dy.device), dB
     BR = _block_r(R)
     split = dy.dtype != torch.float32     # 16-bit dy is exact in tf32: 2 MMAs per product (_dot_exact_a)
-    BM, BN = 32, (32 if split else 16)
-    if not _INTERP and split:   # 64 rows halve the atomics when there are enough row blocks to fill the GPU
-        sms = torch.cuda.get_device_properties(dy.device).multi_processor_count
-        BM = 64 if triton.cdiv(M, 64) >= sms else 32
+    # 64 rows per program (fp32 dy: 32, for registers) halve dB's atomics; the parts along N fill the GPU
+    BM, BN = (32, 32) if _INTERP else ((64, 32) if split else (32, 16))
     per, parts = _cut(N, BN, _parts(triton.cdiv(M, BM), triton.cdiv(N, BN), dy.device))
     u = torch.empty((parts, M, R), dtype=torch.float32, device=dy.device)
     lora_dy_kernel[(triton.cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
@@ -524,5 +522,4 @@ register(KernelSpec(
                                  BLOCK_N=16 if dt == "fp32" else 32, BLOCK_R=br),
               "signature": {"dy_ptr": f"*{dt}"}, "num_warps": 4 if br <= 16 else 8, "num_stages": 3}
              for dt, gid, bm, br in (("bf16", False, 64, 16), ("bf16", True, 64, 32), ("fp16", False, 64, 64),
-                                     ("bf16", False, 32, 16), ("bf16", True, 32, 64), ("fp32", False, 32, 16),
-                                     ("fp32", True, 32, 64))]))
+                                     ("fp32", False, 32, 16), ("fp32", True, 32, 64))]))

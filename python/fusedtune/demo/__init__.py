@@ -63,7 +63,8 @@ def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "de
 def _run(cfg, names, known, out, overrides, t0) -> dict:
     tasks = Tasks(vocab_size=cfg.vocab, seq_len=cfg.seq_len)
     g = torch.Generator().manual_seed(cfg.seed + 100)   # held-out evaluation sets
-    evals = {"A": tasks.retention_batch(cfg.eval_size, g, cfg.device), "B": tasks.batch("B", cfg.eval_size, g, cfg.device)}
+    evals = {"A": tasks.retention_batch(cfg.eval_size, g, cfg.device),     # task A on the tokens B never uses
+             "B": tasks.batch("B", cfg.eval_size, g, cfg.device)}
     model, pre_curve = pretrain(cfg, tasks)
     evals["a_acc_before"] = evaluate(model, tasks, evals["A"])[1]
     ckpt = {k: v.detach().clone() for k, v in model.state_dict().items()}

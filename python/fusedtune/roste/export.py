@@ -59,8 +59,8 @@ class QuantizedLinear(nn.Module):
         if gemm not in GEMMS:
             raise ValueError(f"QuantizedLinear: gemm must be one of {GEMMS}, got {gemm!r}")
         if gemm == "integer" and codes.dim() == 2 and codes.shape[1] > rref.INT_MAX_K:
-            raise ValueError(f"QuantizedLinear: the integer GEMM takes in_features <= {rref.INT_MAX_K} (exact int32 "
-                             f"accumulator), got {codes.shape[1]}; use gemm='fake'")
+            raise ValueError(f"QuantizedLinear: the integer GEMM takes in_features <= {rref.INT_MAX_K} (exact "
+                             f"int32 accumulator), got {codes.shape[1]}; use gemm='fake'")
         if codes.dtype != torch.uint8 or codes.dim() != 2:
             raise TypeError(f"QuantizedLinear: codes must be a 2-D uint8 tensor, got {codes.dtype} "
                             f"{tuple(codes.shape)}")
