@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import grouped_tile
+from .common import gemm_tile
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -130,12 +130,7 @@ def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.c
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am, stride_bn, stride_bk, stride_cm,
                     B_ROWS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    _, offs_m, offs_n, offs_k, m_ok, n_ok = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     # rows past the edge read row (m mod M): no load masks; they are discarded at the store
     am = tl.max_contiguous(tl.multiple_of(offs_m % M, BLOCK_M), BLOCK_M)
     bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)

@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import grouped_tile
+from .common import gemm_tile
 from .registry import KernelSpec, register
 from .zo import _philox
 
@@ -129,12 +129,7 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
                      NF4_DOUBLE: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_BLOCK2: tl.constexpr,
                      BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    pid_n, offs_m, offs_n, offs_k, m_ok, n_ok = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
     q_ptrs = q_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk      # [BK, BN]
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)

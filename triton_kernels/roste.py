@@ -160,11 +160,8 @@ def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, 
 
 
 @triton.jit
-def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, stride_o,
-                      SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
-    """Per-row fake quantization without rotation: a min/max pass and a quantizing pass over the row."""
-    row = tl.program_id(0)
-    src = x_ptr + row.to(tl.int64) * stride_x
+def row_minmax(src, n, QB: tl.constexpr):
+    """(min, max, whether a NaN is present) of the n values at src, in fp32, QB at a time."""
     lo = tl.full([QB], float("inf"), tl.float32)
     hi = tl.full([QB], -float("inf"), tl.float32)
     for c0 in range(0, n, QB):
@@ -172,9 +169,18 @@ def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, str
         y = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
         lo = tl.minimum(lo, tl.where(offs < n, y, float("inf")), propagate_nan=tl.PropagateNan.ALL)
         hi = tl.maximum(hi, tl.where(offs < n, y, -float("inf")), propagate_nan=tl.PropagateNan.ALL)
-    nan = tl.max(tl.where(lo != lo, 1, 0))                   # a NaN in the row: every output NaN
-    lo1 = tl.where(nan > 0, float("nan"), tl.min(lo))
-    hi1 = tl.where(nan > 0, float("nan"), tl.max(hi))
+    return tl.min(lo), tl.max(hi), tl.max(tl.where(lo != lo, 1, 0)) > 0
+
+
+@triton.jit
+def fake_quant_kernel(x_ptr, out_ptr, inside_ptr, n, clip, levels, stride_x, stride_o,
+                      SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
+    """Per-row fake quantization without rotation: a min/max pass and a quantizing pass over the row."""
+    row = tl.program_id(0)
+    src = x_ptr + row.to(tl.int64) * stride_x
+    lo, hi, nan = row_minmax(src, n, QB)
+    lo1 = tl.where(nan, float("nan"), lo)                    # a NaN in the row: every output NaN
+    hi1 = tl.where(nan, float("nan"), hi)
     _quant_row(src, out_ptr + row.to(tl.int64) * stride_o, inside_ptr + row.to(tl.int64) * n, n, lo1, hi1, clip,
                levels, SYM, CLIPPED, QB)
 

@@ -17,9 +17,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import grouped_tile
+from .common import gemm_tile
 from .registry import KernelSpec, register
-from .roste import QB, _asym_code, _quant_params
+from .roste import QB, _asym_code, _quant_params, row_minmax
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [(64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (32, 64, 64, 4, 3), (16, 64, 128, 8, 3)]
@@ -34,15 +34,8 @@ def act_codes_kernel(y_ptr, c_ptr, sx_ptr, zx_ptr, sumx_ptr, n, clip, levels, ce
     row = tl.program_id(0)
     src = y_ptr + row.to(tl.int64) * stride_y
     dst = c_ptr + row.to(tl.int64) * n
-    lo = tl.full([QB], float("inf"), tl.float32)
-    hi = tl.full([QB], -float("inf"), tl.float32)
-    for c0 in range(0, n, QB):
-        offs = c0 + tl.arange(0, QB)
-        y = tl.load(src + offs, mask=offs < n, other=0.0).to(tl.float32)
-        lo = tl.minimum(lo, tl.where(offs < n, y, float("inf")), propagate_nan=tl.PropagateNan.ALL)
-        hi = tl.maximum(hi, tl.where(offs < n, y, -float("inf")), propagate_nan=tl.PropagateNan.ALL)
-    nan = tl.max(tl.where(lo != lo, 1, 0)) > 0
-    lo, hi, scale, zero = _quant_params(tl.min(lo), tl.max(hi), clip, levels, False)
+    lo, hi, nan = row_minmax(src, n, QB)
+    lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, False)
     total = tl.zeros([QB], tl.int32)
     for c0 in range(0, n, QB):
         offs = c0 + tl.arange(0, QB)
@@ -64,12 +57,7 @@ def int_linear_kernel(cx_ptr, qw_ptr, sx_ptr, zx_ptr, sumx_ptr, sw_ptr, zw_ptr, 
                       M, N, K, stride_qw, wcenter,
                       PACKED: tl.constexpr, HAS_BIAS: tl.constexpr, GROUP_M: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    pid_m, pid_n = grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
-    m_ok = offs_m < M
-    n_ok = offs_n < N
+    _, offs_m, offs_n, offs_k, m_ok, n_ok = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + offs_k
