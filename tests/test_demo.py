@@ -72,3 +72,15 @@ def test_tasks_follow_their_rules():
     assert set((keep[:, 1:] - 2).unique().tolist()) == set(range(16, 62))
     with pytest.raises(ValueError, match="remapped=62"):
         Tasks(vocab_size=64, remapped=62)
+
+
+@pytest.mark.slow
+def test_demo_retention_column_separates_hft_from_full_fine_tuning():
+    """The demo's default settings (README's numbers): both methods learn task B, and half fine-tuning
+    keeps clearly more of task A on the tokens B never shows than full fine-tuning at the same lr."""
+    rows = {r["method"]: r for r in run(DemoConfig(progress=False), ["full", "hft"], out=None)["rows"]}
+    full, hft = rows["full"], rows["hft"]
+    assert full["lr"] == hft["lr"]
+    assert full["b_acc"] > 0.99 and hft["b_acc"] > 0.99
+    assert full["a_acc_before"] > 0.99
+    assert hft["a_acc"] > full["a_acc"] + 0.2, (hft["a_acc"], full["a_acc"])
