@@ -498,3 +498,26 @@ def test_bad_arguments_are_refused_before_any_change():
         R.RotationConfig({"a": 1})
     with pytest.raises(ValueError, match="add_kv_quant: kv_bits"):
         R.add_kv_quant(model, 9)
+
+
+def test_int_linear_refuses_bad_input_by_name():
+    from fusedtune.ops.roste import int_linear
+    y = torch.randn(3, 8)
+    qw, sw, zw = torch.zeros(4, 4, dtype=torch.uint8), torch.ones(4), torch.zeros(4)
+    uw = torch.zeros(4, dtype=torch.float64)
+    assert int_linear(y, 4, 1.0, qw, 4, sw, zw, uw).shape == (3, 4)
+    bad = [((y, 9, 1.0, qw, 4, sw, zw, uw), "a_bits must be an int in"),
+           ((y, 4, 0.0, qw, 4, sw, zw, uw), "clip_ratio"),
+           ((y, 4, 1.0, qw, 8, sw, zw, uw), r"qweight must be contiguous uint8 \[N, 8\]"),
+           ((y, 4, 1.0, qw.int(), 4, sw, zw, uw), "qweight"),
+           ((y, 4, 1.0, qw, 4, sw.double(), zw, uw), "sw must be contiguous torch.float32"),
+           ((y, 4, 1.0, qw, 4, sw, zw, uw.float()), "uw must be contiguous torch.float64"),
+           ((y, 4, 1.0, qw, 4, sw, zw[:3], uw), r"zw must be .* shape \(4,\)"),
+           ((y.int(), 4, 1.0, qw, 4, sw, zw, uw), "float32/bfloat16/float16")]
+    for args, msg in bad:
+        with pytest.raises((ValueError, TypeError), match=msg):
+            int_linear(*args)
+    with pytest.raises(ValueError, match="bias must be"):
+        int_linear(y, 4, 1.0, qw, 4, sw, zw, uw, bias=torch.zeros(4, dtype=torch.float16))
+    with pytest.raises(ValueError, match="above 65536"):
+        int_linear(torch.zeros(1, 65538), 4, 1.0, torch.zeros(1, 32769, dtype=torch.uint8), 4, sw[:1], zw[:1], uw[:1])

@@ -252,12 +252,42 @@ def _(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias, backend):
     return y.new_empty((*y.shape[:-1], qweight.shape[0]))
 
 
+def _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
+    _check_x(y, "int_linear")
+    for nm, b in (("a_bits", a_bits), ("w_bits", w_bits)):
+        if not isinstance(b, int) or not 2 <= b <= 8:
+            raise ValueError(f"int_linear: {nm} must be an int in [2, 8], got {b!r}")
+    if not 0.0 < float(clip_ratio) <= 1.0:
+        raise ValueError(f"int_linear: clip_ratio must be in (0, 1], got {clip_ratio!r}")
+    K = y.shape[-1]
+    if K > rref.INT_MAX_K:
+        raise ValueError(f"int_linear: in_features {K} above {rref.INT_MAX_K} (the int32 accumulator's exact range)")
+    width = (K + 1) // 2 if w_bits <= 4 else K
+    if not torch.is_tensor(qweight) or qweight.dtype != torch.uint8 or qweight.dim() != 2 \
+            or qweight.shape[1] != width or not qweight.is_contiguous():
+        raise ValueError(f"int_linear: qweight must be contiguous uint8 [N, {width}] ({w_bits}-bit codes of {K} "
+                         f"inputs), got {getattr(qweight, 'dtype', type(qweight).__name__)} "
+                         f"{tuple(getattr(qweight, 'shape', ()))}")
+    N = qweight.shape[0]
+    want = {"sw": (sw, torch.float32), "zw": (zw, torch.float32), "uw": (uw, torch.float64)}
+    if bias is not None:
+        want["bias"] = (bias, y.dtype)
+    for nm, (t, dt) in want.items():
+        if not torch.is_tensor(t) or t.dtype != dt or tuple(t.shape) != (N,) or not t.is_contiguous():
+            raise ValueError(f"int_linear: {nm} must be contiguous {dt} of shape ({N},), got "
+                             f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+    devices = {t.device for t in (y, qweight, sw, zw, uw) + (() if bias is None else (bias,))}
+    if len(devices) > 1:
+        raise ValueError(f"int_linear: every tensor must be on one device, got {sorted(map(str, devices))}")
+
+
 def int_linear(y, a_bits: int, clip_ratio: float, qweight, w_bits: int, sw, zw, uw, bias=None,
                backend: str | None = None) -> torch.Tensor:
     """The integer GEMM of an exported RoSTE layer (reference/roste.py: act_codes, integer_linear): y, the
     (rotated) input, quantized per token to a_bits codes, times the weight codes qweight (fusedtune.roste
     .export's packing) on int8 tensor cores; sw, zw (centered) float32 [N], uw float64 [N] per channel.
     Inference only (no autograd)."""
+    _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias)
     name = _backend.resolve("roste_int_linear", y.device, _HAS, backend)
     return _int_linear_op(y.contiguous(), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw, zw, uw, bias,
                           name)
