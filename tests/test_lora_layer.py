@@ -262,3 +262,15 @@ def test_op_refuses_summed_adapters_with_dropout_and_bad_groups():
     A, B = torch.randn(5, 8), torch.randn(6, 5)
     with pytest.raises(ValueError, match=r"row_group values must lie in \[-1, 2\)"):
         lora_linear_grouped(x, W, A, B, scale_table([2, 3], [1.0, 2.0], "cpu"), torch.tensor([0, 1, 2, -1]))
+
+
+def test_report_names_the_backward_schedule():
+    from fusedtune.nn.lora import _backward_schedule
+    assert "once" in _backward_schedule(16) and "lora_dy_kernel" in _backward_schedule(64)
+    assert "r > 64" in _backward_schedule(80) and _backward_schedule(0) == ""
+    old = torch.are_deterministic_algorithms_enabled()
+    torch.use_deterministic_algorithms(True)
+    try:
+        assert "twice" in _backward_schedule(16) and "deterministic" in _backward_schedule(16)
+    finally:
+        torch.use_deterministic_algorithms(old)

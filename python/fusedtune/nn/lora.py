@@ -43,6 +43,16 @@ def _features(base) -> tuple[int, int]:
                     f"bitsandbytes Linear4bit, got {type(base).__name__}")
 
 
+def _backward_schedule(R: int) -> str:
+    from ..triton_kernels.lora import DY_MAX_R, dy_fused  # noqa: PLC0415
+    if R == 0:
+        return ""
+    if dy_fused(R):
+        return "; backward reads dy once for u and dB (lora_dy_kernel)"
+    why = f"r > {DY_MAX_R}" if R > DY_MAX_R else "torch deterministic mode"
+    return f"; backward reads dy twice for u and dB ({why})"
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
 
@@ -407,7 +417,8 @@ class LoRALinear(nn.Module):
         if _is_fp8(self.base_layer):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
         elif b["backend"] == "triton":
-            path = "Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r"
+            path = "Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r" \
+                + _backward_schedule(sum(self.r[n] for n in self.active_adapters))
         else:
             path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
         if nf4 and b["backend"] == "triton":
