@@ -187,3 +187,23 @@ def test_integer_gemm_kernels_equal_the_reference(M, K, N, a_bits, w_bits, dtype
     assert got[3].isnan().all() and not got[torch.arange(M) != 3].isnan().any()
     want2 = rref.integer_linear(*want_codes[:3], cw, sw, zw, bias, dtype)   # the unpacked weight: same
     assert torch.equal(want.nan_to_num(7.0), want2.nan_to_num(7.0))
+
+
+@pytest.mark.parametrize("n", [64, 192, 1280])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_rotation_and_codes_in_one_launch_equal_the_two_step_codes(n, bits):
+    """hadamard_kernel's codes mode (QUANT 2) gives exactly the reference act_codes of the kernel's own
+    rotation (what the unfused rotation + act_codes_kernel computes), NaN rows included; and int_linear
+    with rotate=True on Triton equals the reference int_linear of that rotation."""
+    from fusedtune.ops.roste import int_linear
+    from fusedtune.triton_kernels import roste as tk
+    from fusedtune.triton_kernels import roste_int as ti
+    y, packed, _, sw, zw, uw, bias = _int_case(9, n, 24, 4, torch.float16, n + bits)
+    rotated = tk.hadamard(y, 1.0 / n ** 0.5, False)
+    got, want = ti.act_codes(y, bits, 0.95, rotate=True), rref.act_codes(rotated, bits, 0.95)
+    for a, b in zip(got, want):
+        assert torch.equal(a.nan_to_num(7.0) if a.is_floating_point() else a,
+                           b.nan_to_num(7.0) if b.is_floating_point() else b)
+    out = int_linear(y, bits, 0.95, packed, 4, sw, zw, uw, bias, rotate=True, backend="triton")
+    ref = int_linear(rotated, bits, 0.95, packed, 4, sw, zw, uw, bias, backend="reference")
+    assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))

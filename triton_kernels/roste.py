@@ -105,12 +105,36 @@ def _quant_row(src_ptr, dst_ptr, inside_ptr, n, lo, hi, clip, levels,
 
 
 @triton.jit
+def codes_row(src, c_ptr, sx_ptr, zx_ptr, sumx_ptr, row, n, lo, hi, nan, clip, levels, center, QB: tl.constexpr):
+    """Row `row`'s per-token asymmetric codes of the n values at src (min lo, max hi, NaN flag): centered
+    int8 c = q - center into c_ptr's row, and the row's scale (NaN for a NaN row), centered zero and sum
+    of codes (reference/roste.py: act_codes)."""
+    lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, False)
+    dst = c_ptr + row.to(tl.int64) * n
+    total = tl.zeros([QB], tl.int32)
+    for c0 in range(0, n, QB):
+        offs = c0 + tl.arange(0, QB)
+        ok = offs < n
+        y = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
+        c = tl.where(nan, 0.0, _asym_code(y, scale, zero, levels) - center).to(tl.int32)
+        c = tl.where(ok, c, 0)
+        tl.store(dst + offs, c.to(tl.int8), mask=ok)
+        total += c
+    tl.store(sx_ptr + row, tl.where(nan, float("nan"), scale))
+    tl.store(zx_ptr + row, tl.where(nan, 0.0, zero - center))
+    tl.store(sumx_ptr + row, tl.sum(total))
+
+
+@triton.jit
 def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, levels, stride_x, stride_o,
+                    c_ptr, sx_ptr, zx_ptr, sumx_ptr, center,
                     AP: tl.constexpr, AB: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
                     QUANT: tl.constexpr, SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
-    """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]); with QUANT, the rotated row
+    """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]). QUANT 1: the rotated row
     (rounded to the output dtype, as the reference) is then fake-quantized in place per row: min/max
-    gathered while the rotation is stored, one more pass over the row (L2-resident) quantizes it."""
+    gathered while the rotation is stored, one more pass over the row (L2-resident) quantizes it.
+    QUANT 2: that pass writes the row's asymmetric codes instead, centered int8 (act_codes_kernel's
+    output, roste_int.py), and out is scratch."""
     row = tl.program_id(0)
     ia = tl.arange(0, AP)
     ip = tl.arange(0, P)
@@ -146,17 +170,20 @@ def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, 
             z = (tl.dot(y_lo, hp, z) * back).to(out_ptr.dtype.element_ty)
             live = (ib < A)[:, None]
             tl.store(o_row + ib[:, None] * P + (h0 + ih)[None, :], z, mask=live)
-            if QUANT:
+            if QUANT > 0:
                 zf = z.to(tl.float32)
                 lo = tl.minimum(lo, tl.min(tl.where(live, zf, float("inf"))))
                 hi = tl.maximum(hi, tl.max(tl.where(live, zf, -float("inf"))))
                 nan = tl.maximum(nan, tl.max(tl.where(live & (zf != zf), 1, 0)))
-    if QUANT:
+    if QUANT == 1:
         lo = tl.where(nan > 0, float("nan"), lo)   # a NaN in the row: every output NaN (torch.amin / amax)
         hi = tl.where(nan > 0, float("nan"), hi)
         tl.debug_barrier()                       # the row's stores are visible to every thread of the program
         _quant_row(o_row, o_row, inside_ptr + row.to(tl.int64) * A * P, A * P, lo, hi, clip, levels,
                    SYM, CLIPPED, QB)
+    if QUANT == 2:
+        tl.debug_barrier()
+        codes_row(o_row, c_ptr, sx_ptr, zx_ptr, sumx_ptr, row, A * P, lo, hi, nan > 0, clip, levels, center, QB)
 
 
 @triton.jit
@@ -282,7 +309,9 @@ def _levels(bits: int, symmetric: bool) -> float:
     return float(2 ** (bits - 1) - 1 if symmetric else 2 ** bits - 1)
 
 
-def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None):
+def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None, codes: tuple | None = None):
+    """quant (bits, symmetric, clip, clipped): fake quantization (QUANT 1); codes (cx, sx, zx, sumx, bits,
+    clip): the activation codes into those tensors (QUANT 2)."""
     n = x.shape[-1]
     A, P = plan(n)
     x2 = x.reshape(-1, n)
@@ -291,12 +320,13 @@ def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None)
     inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
     if x2.shape[0]:
         ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
-        bits, symmetric, clip = quant[:3] if quant else (8, False, 1.0)
+        bits, symmetric, clip = quant[:3] if quant else (codes[4], False, codes[5]) if codes else (8, False, 1.0)
+        cx, sx, zx, sumx = codes[:4] if codes else (out,) * 4
         hadamard_kernel[(x2.shape[0],)](
             x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, float(scale), float(clip),
-            _levels(bits, symmetric), x2.stride(0), out.stride(0), **_constexprs(A, P, _major(x.device)),
-            QUANT=quant is not None, SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P),
-            num_stages=1, enable_fp_fusion=False)
+            _levels(bits, symmetric), x2.stride(0), out.stride(0), cx, sx, zx, sumx, float(2 ** (bits - 1)),
+            **_constexprs(A, P, _major(x.device)), QUANT=1 if quant else 2 if codes else 0, SYM=bool(symmetric),
+            CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P), num_stages=1, enable_fp_fusion=False)
     return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
@@ -341,17 +371,18 @@ def fake_quant_channels(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio:
 
 
 _SIG = {"x_ptr": "*bf16", "ha_ptr": "*bf16", "hp_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "A": "i32",
-        "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32"}
+        "scale": "fp32", "clip": "fp32", "levels": "fp32", "stride_x": "i32", "stride_o": "i32", "c_ptr": "*i8",
+        "sx_ptr": "*fp32", "zx_ptr": "*fp32", "sumx_ptr": "*i32", "center": "fp32"}
 _SHAPES = ((32, 128), (112, 128), (76, 64), (172, 64), (148, 128))   # (A, P): 4096, 14336, 4864, 11008, 18944
 for _targets in ((80, 89), (90,)):
     register(KernelSpec(
         family="roste", name="hadamard_kernel", fn=hadamard_kernel, signature=_SIG, gemm=True, targets=_targets,
         options={"enable_fp_fusion": False},
-        configs=[{"constexprs": dict(**_constexprs(a, p, _targets[0] // 10), QUANT=quant, SYM=False, CLIPPED=quant,
-                                     QB=QB),
+        configs=[{"constexprs": dict(**_constexprs(a, p, _targets[0] // 10), QUANT=quant, SYM=False,
+                                     CLIPPED=quant == 1, QB=QB),
                   "num_warps": _warps(max(16, triton.next_power_of_2(a)), p), "num_stages": 1,
                   "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
-                 for a, p in _SHAPES for quant in (False, True)]))
+                 for a, p in _SHAPES for quant in (0, 1, 2)]))
 register(KernelSpec(
     family="roste", name="fake_quant_kernel", fn=fake_quant_kernel,
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "n": "i32", "clip": "fp32",

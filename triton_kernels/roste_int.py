@@ -3,7 +3,8 @@ the math is reference/roste.py's act_codes and integer_linear.
 
 act_codes_kernel    per token: min/max, then the asymmetric codes of roste.py's fake quantization (same
                     helpers, so the same q bit for bit), stored centered as int8 c = q - 2^(bits-1), with
-                    the row's scale, centered zero and sum of codes
+                    the row's scale, centered zero and sum of codes (roste.codes_row); with a rotation,
+                    roste.hadamard_kernel's codes mode does the same in the rotation's launch
 int_linear_kernel   y = (T * sx) * sw + bias, T = sum_k (cx - zx)(cw - zw) = acc - zw * sumx - zx * uw with
                     acc = cx . cw^T on int8 tensor cores (int32), uw = sum_k cw - K * zw per channel; the
                     weight tile load unpacks 4-bit codes (two per byte) itself; the epilogue runs in
@@ -19,7 +20,7 @@ import triton.language as tl
 
 from .common import gemm_tile
 from .registry import KernelSpec, register
-from .roste import QB, _asym_code, _quant_params, row_minmax
+from .roste import QB, _launch, codes_row, row_minmax
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [(64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (32, 64, 64, 4, 3), (16, 64, 128, 8, 3)]
@@ -33,21 +34,8 @@ def act_codes_kernel(y_ptr, c_ptr, sx_ptr, zx_ptr, sumx_ptr, n, clip, levels, ce
                      QB: tl.constexpr):
     row = tl.program_id(0)
     src = y_ptr + row.to(tl.int64) * stride_y
-    dst = c_ptr + row.to(tl.int64) * n
     lo, hi, nan = row_minmax(src, n, QB)
-    lo, hi, scale, zero = _quant_params(lo, hi, clip, levels, False)
-    total = tl.zeros([QB], tl.int32)
-    for c0 in range(0, n, QB):
-        offs = c0 + tl.arange(0, QB)
-        ok = offs < n
-        y = tl.load(src + offs, mask=ok, other=0.0).to(tl.float32)
-        c = tl.where(nan, 0.0, _asym_code(y, scale, zero, levels) - center).to(tl.int32)
-        c = tl.where(ok, c, 0)
-        tl.store(dst + offs, c.to(tl.int8), mask=ok)
-        total += c
-    tl.store(sx_ptr + row, tl.where(nan, float("nan"), scale))
-    tl.store(zx_ptr + row, tl.where(nan, 0.0, zero - center))
-    tl.store(sumx_ptr + row, tl.sum(total))
+    codes_row(src, c_ptr, sx_ptr, zx_ptr, sumx_ptr, row, n, lo, hi, nan, clip, levels, center, QB)
 
 
 @triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
@@ -89,14 +77,18 @@ def int_linear_kernel(cx_ptr, qw_ptr, sx_ptr, zx_ptr, sumx_ptr, sw_ptr, zw_ptr, 
 
 # ---------------------------------------------------------------------------------------- launchers
 
-def act_codes(y: torch.Tensor, bits: int, clip_ratio: float):
-    """(cx int8 [M, K], sx float32 [M], zx float32 [M], sumx int32 [M]) of y [M, K] (reference act_codes)."""
+def act_codes(y: torch.Tensor, bits: int, clip_ratio: float, rotate: bool = False):
+    """(cx int8 [M, K], sx float32 [M], zx float32 [M], sumx int32 [M]): reference act_codes of y [M, K],
+    or with rotate of the orthonormal Hadamard rotation of y as roste.hadamard_kernel computes it, in the
+    same launch (16-bit y of a size roste.plan serves)."""
     M, n = y.shape
     cx = torch.empty((M, n), dtype=torch.int8, device=y.device)
     sx = torch.empty(M, dtype=torch.float32, device=y.device)
     zx = torch.empty(M, dtype=torch.float32, device=y.device)
     sumx = torch.empty(M, dtype=torch.int32, device=y.device)
-    if M:
+    if rotate:
+        _launch(y, 1.0 / n ** 0.5, False, None, (cx, sx, zx, sumx, bits, clip_ratio))
+    elif M:
         act_codes_kernel[(M,)](y, cx, sx, zx, sumx, n, float(clip_ratio), float(2 ** bits - 1),
                                float(2 ** (bits - 1)), y.stride(0), QB=QB, num_warps=4, num_stages=1,
                                enable_fp_fusion=False)

@@ -7,9 +7,10 @@
                       ste="identity")
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
         rotation (ste="clipped": zero gradient outside the clipping range)
-    int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias=None)
-        the exported layers' integer GEMM: per-token activation codes times packed weight codes on int8
-        tensor cores (triton_kernels/roste_int.py), exact integer products; inference only
+    int_linear(x, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias=None, rotate=False)
+        the exported layers' integer GEMM: (rotation and) per-token activation codes in one launch, times
+        packed weight codes on int8 tensor cores (triton_kernels/roste_int.py), exact integer products;
+        inference only
 
 Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
 and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
@@ -231,25 +232,31 @@ def quant_rotation(x, backend: str | None = None) -> torch.Tensor:
 
 
 @torch.library.custom_op("fusedtune::roste_int_linear", mutates_args=())
-def _int_linear_op(y: torch.Tensor, a_bits: int, clip_ratio: float, qweight: torch.Tensor, w_bits: int,
-                   sw: torch.Tensor, zw: torch.Tensor, uw: torch.Tensor, bias: torch.Tensor | None,
+def _int_linear_op(x: torch.Tensor, rotate: bool, a_bits: int, clip_ratio: float, qweight: torch.Tensor,
+                   w_bits: int, sw: torch.Tensor, zw: torch.Tensor, uw: torch.Tensor, bias: torch.Tensor | None,
                    backend: str) -> torch.Tensor:
-    y2 = y.reshape(-1, y.shape[-1])
+    n = x.shape[-1]
+    x2 = x.reshape(-1, n)
     if backend == "triton":
         from ..triton_kernels import roste_int as ti
-        cx, sx, zx, sumx = ti.act_codes(y2, a_bits, clip_ratio)
-        out = ti.int_linear(cx, sx, zx, sumx, qweight, w_bits, sw, zw, uw, bias, y.dtype)
+        fused = rotate and _triton_serves(n) and x.dtype != torch.float32
+        if rotate and not fused:
+            _backend.warn_once(("int_linear", n, x.dtype), f"fusedtune: int_linear: the Triton rotation does not "
+                               f"serve n = {n} ({x.dtype}); rotating with the reference, then the integer GEMM")
+            x2 = href.hadamard(x2)
+        cx, sx, zx, sumx = ti.act_codes(x2, a_bits, clip_ratio, rotate=fused)
+        out = ti.int_linear(cx, sx, zx, sumx, qweight, w_bits, sw, zw, uw, bias, x.dtype)
     else:
         from ..roste.export import unpack_codes
-        cx, sx, zx, _ = rref.act_codes(y2, a_bits, clip_ratio)
-        cw = (unpack_codes(qweight, w_bits, y.shape[-1]).to(torch.int16) - 2 ** (w_bits - 1)).to(torch.int8)
-        out = rref.integer_linear(cx, sx, zx, cw, sw, zw, bias, y.dtype)
-    return out.reshape(*y.shape[:-1], qweight.shape[0])
+        cx, sx, zx, _ = rref.act_codes(href.hadamard(x2) if rotate else x2, a_bits, clip_ratio)
+        cw = (unpack_codes(qweight, w_bits, n).to(torch.int16) - 2 ** (w_bits - 1)).to(torch.int8)
+        out = rref.integer_linear(cx, sx, zx, cw, sw, zw, bias, x.dtype)
+    return out.reshape(*x.shape[:-1], qweight.shape[0])
 
 
 @_int_linear_op.register_fake
-def _(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias, backend):
-    return y.new_empty((*y.shape[:-1], qweight.shape[0]))
+def _(x, rotate, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias, backend):
+    return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
 def _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
@@ -281,16 +288,19 @@ def _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
         raise ValueError(f"int_linear: every tensor must be on one device, got {sorted(map(str, devices))}")
 
 
-def int_linear(y, a_bits: int, clip_ratio: float, qweight, w_bits: int, sw, zw, uw, bias=None,
+def int_linear(x, a_bits: int, clip_ratio: float, qweight, w_bits: int, sw, zw, uw, bias=None, rotate: bool = False,
                backend: str | None = None) -> torch.Tensor:
-    """The integer GEMM of an exported RoSTE layer (reference/roste.py: act_codes, integer_linear): y, the
-    (rotated) input, quantized per token to a_bits codes, times the weight codes qweight (fusedtune.roste
-    .export's packing) on int8 tensor cores; sw, zw (centered) float32 [N], uw float64 [N] per channel.
-    Inference only (no autograd)."""
-    _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias)
-    name = _backend.resolve("roste_int_linear", y.device, _HAS, backend)
-    return _int_linear_op(y.contiguous(), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw, zw, uw, bias,
-                          name)
+    """The integer GEMM of an exported RoSTE layer (reference/roste.py: act_codes, integer_linear): x (rotated
+    first by the orthonormal Hadamard transform when rotate, as rotate_fake_quant rotates on the same
+    backend) quantized per token to a_bits codes, times the weight codes qweight (fusedtune.roste.export's
+    packing) on int8 tensor cores; sw, zw (centered) float32 [N], uw float64 [N] per channel. On Triton the
+    rotation and the activation codes are one launch. Inference only (no autograd)."""
+    _check_int_linear(x, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias)
+    if rotate:
+        href.split_size(x.shape[-1])
+    name = _backend.resolve("roste_int_linear", x.device, _HAS, backend)
+    return _int_linear_op(x.contiguous(), bool(rotate), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw,
+                          zw, uw, bias, name)
 
 
 def roste_backend(device, backend: str | None = None) -> dict:

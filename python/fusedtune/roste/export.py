@@ -118,10 +118,9 @@ class QuantizedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.gemm == "integer":
-            y = quant_rotation(x, backend=self.backend) if self.rotate else x
             sw, zw, uw = self.channel_terms()
-            return int_linear(y, self.a_bits, self.clip_ratio, self.qweight, self.w_bits, sw, zw, uw,
-                              None if self.bias is None else self.bias.to(x.dtype), backend=self.backend)
+            return int_linear(x, self.a_bits, self.clip_ratio, self.qweight, self.w_bits, sw, zw, uw,
+                              None if self.bias is None else self.bias.to(x.dtype), self.rotate, self.backend)
         xq = rotate_fake_quant(x, self.a_bits, "token", False, self.clip_ratio, self.rotate, backend=self.backend)
         return nn.functional.linear(xq, self.dequantized_weight(xq.dtype), self.bias)
 
