@@ -111,13 +111,20 @@ def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, 
         acc = tl.dot(a, b, acc, input_precision=PREC)
         p_ptrs += BLOCK_K
         q_ptrs += BLOCK_K * stride_qk
+    _store_scaled_part(t_ptr, acc, gid_ptr, s_ptr, pid_s, offs_m, offs_r, m_ok, r_ok, M, R, HAS_GID, BLOCK_M)
+
+
+@triton.jit
+def _store_scaled_part(out_ptr, acc, gid_ptr, s_ptr, part, offs_m, offs_r, m_ok, r_ok, M, R,
+                       HAS_GID: tl.constexpr, BLOCK_M: tl.constexpr):
+    """out[part][m, r] = acc[m, r] * S[gid[m], r] (0 for gid -1; every row group 0 without gid)."""
     if HAS_GID:
         g = tl.load(gid_ptr + offs_m, mask=m_ok, other=-1)
     else:
         g = tl.zeros((BLOCK_M,), tl.int32)
     s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
-    t_part = t_ptr + pid_s.to(tl.int64) * M * R
-    tl.store(t_part + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+    out = out_ptr + part.to(tl.int64) * M * R
+    tl.store(out + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
 
 
 @_autotuned(_GEMM_CONFIGS)
@@ -246,13 +253,7 @@ def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R,
         tl.atomic_add(db_ptr + nn[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :],
                       sem="relaxed")
         dy_ptrs += BLOCK_N
-    if HAS_GID:
-        g = tl.load(gid_ptr + offs_m, mask=m_ok, other=-1)
-    else:
-        g = tl.zeros((BLOCK_M,), tl.int32)
-    s = tl.load(s_ptr + g[:, None] * R + offs_r[None, :], mask=(g >= 0)[:, None] & r_ok[None, :], other=0.0)
-    u_part = u_ptr + pid_s.to(tl.int64) * M * R
-    tl.store(u_part + offs_m[:, None] * R + offs_r[None, :], acc * s, mask=m_ok[:, None] & r_ok[None, :])
+    _store_scaled_part(u_ptr, acc, gid_ptr, s_ptr, pid_s, offs_m, offs_r, m_ok, r_ok, M, R, HAS_GID, BLOCK_M)
 
 
 @triton.jit
