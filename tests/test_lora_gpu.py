@@ -118,3 +118,17 @@ def test_triton_nf4_both_paths_within_rule(M):
     y64 = exact64(x.cpu(), Wd.cpu(), [A.detach().cpu()], [B.detach().cpu()], [layer.scaling["default"]])
     unf = (x @ Wd.t()).float() + (x.float() @ A.t()) @ B.t() * layer.scaling["default"]
     assert_within_rule(y, y64, unf.bfloat16(), f"nf4 {nf4_path(M, True)}", atol=2e-2)
+
+
+def test_forward_has_no_host_copy_and_captures_in_a_cuda_graph():
+    """A single-adapter forward builds its scale table on the device (no blocking host-to-device copy per
+    call): after a warm-up (autotuning) it captures in a CUDA graph and replays exactly."""
+    x, W, A, B, _ = _case(512, 1024, 768, 16, torch.bfloat16, seed=6)
+    fn = lambda: lora_linear(x, W, A, B, 2.0, backend="triton")   # noqa: E731
+    fn()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        out = fn()
+    x.mul_(0.5)
+    g.replay()
+    assert torch.equal(out, fn())

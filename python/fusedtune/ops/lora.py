@@ -240,13 +240,17 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
 
 
 def scale_table(ranks: list[int], scales: list[float], device) -> torch.Tensor:
-    """float32 [n, sum(ranks)]: row a holds adapter a's scale on its own rank columns, 0 elsewhere."""
-    S = torch.zeros((len(ranks), sum(ranks)), dtype=torch.float32)
+    """float32 [n, sum(ranks)]: row a holds adapter a's scale on its own rank columns, 0 elsewhere. Built
+    on the device by fills (no host-to-device copy: no synchronization per call, capturable in a CUDA
+    graph)."""
+    if len(ranks) == 1:
+        return torch.full((1, ranks[0]), float(scales[0]), dtype=torch.float32, device=device)
+    S = torch.zeros((len(ranks), sum(ranks)), dtype=torch.float32, device=device)
     lo = 0
     for i, (r, s) in enumerate(zip(ranks, scales)):
         S[i, lo:lo + r] = float(s)
         lo += r
-    return S.to(device)
+    return S
 
 
 def stack_adapters(adapters, device):
