@@ -259,14 +259,14 @@ def _(x, rotate, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias, backend)
     return x.new_empty((*x.shape[:-1], qweight.shape[0]))
 
 
-def _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
-    _check_x(y, "int_linear")
+def _check_int_linear(x, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
+    _check_x(x, "int_linear")
     for nm, b in (("a_bits", a_bits), ("w_bits", w_bits)):
         if not isinstance(b, int) or not 2 <= b <= 8:
             raise ValueError(f"int_linear: {nm} must be an int in [2, 8], got {b!r}")
     if not 0.0 < float(clip_ratio) <= 1.0:
         raise ValueError(f"int_linear: clip_ratio must be in (0, 1], got {clip_ratio!r}")
-    K = y.shape[-1]
+    K = x.shape[-1]
     if K > rref.INT_MAX_K:
         raise ValueError(f"int_linear: in_features {K} above {rref.INT_MAX_K} (the int32 accumulator's exact range)")
     width = (K + 1) // 2 if w_bits <= 4 else K
@@ -278,12 +278,12 @@ def _check_int_linear(y, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias):
     N = qweight.shape[0]
     want = {"sw": (sw, torch.float32), "zw": (zw, torch.float32), "uw": (uw, torch.float64)}
     if bias is not None:
-        want["bias"] = (bias, y.dtype)
+        want["bias"] = (bias, x.dtype)
     for nm, (t, dt) in want.items():
         if not torch.is_tensor(t) or t.dtype != dt or tuple(t.shape) != (N,) or not t.is_contiguous():
             raise ValueError(f"int_linear: {nm} must be contiguous {dt} of shape ({N},), got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
-    devices = {t.device for t in (y, qweight, sw, zw, uw) + (() if bias is None else (bias,))}
+    devices = {t.device for t in (x, qweight, sw, zw, uw) + (() if bias is None else (bias,))}
     if len(devices) > 1:
         raise ValueError(f"int_linear: every tensor must be on one device, got {sorted(map(str, devices))}")
 
