@@ -47,6 +47,21 @@ run_step() {
   return "$rc"
 }
 
+# ---------------------------------------------------------------- carried wheels
+# tools/device_wheels.sh puts pytest, peft and bitsandbytes in .whl/ for a machine that lacks them;
+# they go to a private folder ahead of the installed packages (no network, no resolver).
+if compgen -G "$REPO/.whl/*.whl" > /dev/null; then
+  SITE=$(mktemp -d)/site
+  if "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" \
+       "$REPO"/.whl/*.whl > "$OUT/wheels.log" 2>&1; then
+    export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+    echo "gpu_check: carried wheels installed in $SITE: $(cd "$REPO/.whl" && echo *.whl)" | tee -a "$SUMMARY"
+  else
+    echo "wheels     FAILED: the carried wheels did not install (see wheels.log)" | tee -a "$SUMMARY"
+    FAILED+=("wheels")
+  fi
+fi
+
 # ---------------------------------------------------------------- environment
 {
   echo "date: $(date -u +%Y-%m-%dT%H:%M:%SZ)"
@@ -68,7 +83,7 @@ try:
     print("triton", triton.__version__)
 except Exception as e:
     print("triton: not importable:", e)
-for m in ("pytest", "ninja", "matplotlib", "numpy"):
+for m in ("pytest", "ninja", "matplotlib", "numpy", "scipy", "transformers", "peft", "bitsandbytes"):
     try:
         mod = __import__(m)
         print(m, getattr(mod, "__version__", "?"))
@@ -100,7 +115,9 @@ elif ! run_step build 100 "$PY" setup.py build_ext --inplace; then
   [ "$left" -lt 30 ] && left=30
   echo "gpu_check: in-place build failed; trying pip install --no-build-isolation --no-deps -e ."
   if run_step build_pip "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
-    FAILED=()   # the fallback worked: the in-place failure stays in build.log only
+    # the fallback worked: the in-place failure stays in build.log only
+    KEEP=(); for f in "${FAILED[@]}"; do [ "$f" = build ] || KEEP+=("$f"); done
+    FAILED=("${KEEP[@]+"${KEEP[@]}"}")
   fi
 fi
 

@@ -67,3 +67,29 @@ def test_every_family_op_is_in_fusedtune_ops():
                        (roste, ["hadamard", "rotate_fake_quant"])):
         for n in names:
             assert getattr(ops, n) is getattr(mod, n) and n in ops.__all__
+
+
+def test_scope_is_traced_by_compile_and_guarded():
+    """A fullgraph compile reads the scope (torch 2.11's dynamo could not trace a ContextVar) and
+    recompiles when it changes, instead of keeping the backend it first saw."""
+    torch._dynamo.reset()
+    f = torch.compile(lambda x: x + len(fb.requested()), fullgraph=True, backend="eager")
+    x = torch.zeros(2)
+    assert f(x).tolist() == [4.0, 4.0]                  # "auto"
+    with fusedtune.use_backend("reference"):
+        assert f(x).tolist() == [9.0, 9.0]
+        with fusedtune.use_backend("cpu"):
+            assert f(x).tolist() == [3.0, 3.0]
+        assert f(x).tolist() == [9.0, 9.0]
+    assert f(x).tolist() == [4.0, 4.0]
+
+
+def test_scope_belongs_to_its_thread():
+    import threading
+    seen = []
+    with fusedtune.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(fb.requested()))
+        t.start()
+        t.join()
+        seen.append(fb.requested())
+    assert seen == ["auto", "reference"]

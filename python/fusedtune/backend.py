@@ -7,8 +7,8 @@ have that backend (raising where it cannot run); ops without it choose automatic
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import os
+import threading
 import warnings
 
 import torch
@@ -17,7 +17,10 @@ from . import _ext
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
-_scope: contextvars.ContextVar[str | None] = contextvars.ContextVar("fusedtune_backend", default=None)
+# The innermost use_backend() of this thread. A threading.local, not a ContextVar: torch.compile
+# (dynamo) traces reads of it and guards on them on every torch we support, while it cannot trace
+# ContextVar.get before torch 2.13 (fullgraph compiles of our layers failed on torch 2.11).
+_scope = threading.local()
 _warned: set = set()
 
 
@@ -34,18 +37,20 @@ def _check_name(name: str, what: str) -> str:
 @contextlib.contextmanager
 def use_backend(name: str):
     """with fusedtune.use_backend("triton"): ... -- every op in the scope uses that backend."""
-    token = _scope.set(_check_name(name, "use_backend"))
+    prev = getattr(_scope, "name", None)
+    _scope.name = _check_name(name, "use_backend")
     try:
         yield
     finally:
-        _scope.reset(token)
+        _scope.name = prev
 
 
 def requested(backend: str | None = None) -> str:
     if backend is not None:
         return _check_name(backend, "backend=")
-    if _scope.get() is not None:
-        return _scope.get()
+    scoped = getattr(_scope, "name", None)
+    if scoped is not None:
+        return scoped
     return _check_name(os.environ.get("FUSEDTUNE_BACKEND", "auto"), "FUSEDTUNE_BACKEND")
 
 
