@@ -43,7 +43,8 @@ def _round_even(v):
     neg = v.to(tl.int32, bitcast=True) < 0                   # the sign bit: -0.0 and (-0.5, 0) give -0.0
     big = tl.where(neg, -8388608.0, 8388608.0)
     r = (v + big) - big
-    r = tl.where(neg, -tl.abs(r), r)
+    # x * -1.0, not -x: triton < 3.7 lowers float negation to 0 - x, which turns -0.0 into +0.0
+    r = tl.where(neg, tl.abs(r) * -1.0, r)
     return tl.where(tl.abs(v) < 8388608.0, r, v)
 
 
@@ -68,7 +69,7 @@ def _quant_params(lo, hi, clip, levels, SYM: tl.constexpr):
         scale = tl.math.div_rn(hi - lo, levels)
         flat = tl.math.div_rn(amax, levels)
         scale = tl.where(scale == 0.0, tl.where(flat == 0.0, 1.0, flat), scale)
-        zero = _round_even(tl.math.div_rn(-lo, scale))
+        zero = _round_even(tl.math.div_rn(lo * -1.0, scale))   # -lo: see _round_even
     return lo, hi, scale, zero
 
 

@@ -27,16 +27,19 @@ def sddmm_kernel(dy_ptr, x_ptr, idx_ptr, out_ptr, T, K, IN, stride_dy, stride_x,
     r = flat // IN
     c = flat % IN
     offs_t = tl.arange(0, BLOCK_T)
-    a_ptrs = dy_ptr + offs_t[:, None] * stride_dy + r[None, :]
-    b_ptrs = x_ptr + offs_t[:, None] * stride_x + c[None, :]
+    # 32-bit offsets formed in each tile (one add an element) instead of a [BLOCK_T, BLOCK_I] tile of
+    # 64-bit pointers carried through the loop: that tile alone took 128 registers a thread and spilled
+    # (ptxas 12.8, triton 3.6); the launcher refuses inputs of 2**31 elements or more
+    row_dy = offs_t * stride_dy
+    row_x = offs_t * stride_x
     acc = tl.zeros((BLOCK_I,), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
         m = ((t0 + offs_t) < T)[:, None] & ok[None, :]
-        a = tl.load(a_ptrs, mask=m, other=0.0).to(tl.float32)
-        b = tl.load(b_ptrs, mask=m, other=0.0).to(tl.float32)
+        a = tl.load(dy_ptr + (row_dy[:, None] + r[None, :]), mask=m, other=0.0).to(tl.float32)
+        b = tl.load(x_ptr + (row_x[:, None] + c[None, :]), mask=m, other=0.0).to(tl.float32)
         acc += tl.sum(a * b, axis=0)
-        a_ptrs += BLOCK_T * stride_dy
-        b_ptrs += BLOCK_T * stride_x
+        dy_ptr += BLOCK_T * stride_dy
+        x_ptr += BLOCK_T * stride_x
     tl.store(out_ptr + offs_i, acc, mask=ok)
 
 

@@ -27,6 +27,7 @@ _HAS = ("reference", "cpu", "cuda", "triton")
 def _zo_apply_op(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
                  prev_seeds: torch.Tensor, prev_coeffs: torch.Tensor, tensor_ids: list[int], alpha: float,
                  noise: int, rounding: int, rounding_seed: int, backend: str) -> None:
+    _check_distinct(tensors)
     if backend == "reference":
         names = {v: k for k, v in NOISES.items()}, {v: k for k, v in ROUNDINGS.items()}
         ref.zo_apply_(tensors, seeds, coeffs, prev_seeds, prev_coeffs, tensor_ids, alpha,
@@ -105,7 +106,6 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
     tensors = list(tensors)
     if not tensors:
         raise ValueError("zo_apply_: tensors is empty")
-    seen = {}
     for i, t in enumerate(tensors):
         if not torch.is_tensor(t):
             raise TypeError(f"zo_apply_: tensors[{i}] is a {type(t).__name__}, not a tensor")
@@ -117,11 +117,18 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"zo_apply_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
                              "one call takes tensors of one device")
+    return tensors
+
+
+def _check_distinct(tensors: list[torch.Tensor]) -> None:
+    """Two entries on one storage would get the noise twice. Checked where the op runs on real tensors
+    (torch.compile cannot trace data_ptr() as a dict key before torch 2.13)."""
+    seen = {}
+    for i, t in enumerate(tensors):
         if t.numel() and t.data_ptr() in seen:
             raise ValueError(f"zo_apply_: tensors[{i}] shares storage with tensors[{seen[t.data_ptr()]}]")
         if t.numel():
             seen[t.data_ptr()] = i
-    return tensors
 
 
 def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noise: str = "normal",
