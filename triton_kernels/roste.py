@@ -78,8 +78,8 @@ def _quant_values(y, lo, hi, scale, zero, levels, SYM: tl.constexpr):
     """(fake-quantized y, inside the clip range) for fp32 y with its group's (clipped) lo/hi, scale, zero."""
     if SYM:
         amax = tl.maximum(tl.abs(hi), tl.abs(lo))
-        q = _clamp(_round_even(tl.math.div_rn(y, scale)), -levels - 1.0, levels)
-        return q * scale, (y >= -amax) & (y <= amax)
+        q = _clamp(_round_even(tl.math.div_rn(y, scale)), (levels + 1.0) * -1.0, levels)
+        return q * scale, (y >= amax * -1.0) & (y <= amax)
     q = _asym_code(y, scale, zero, levels)
     return (q - zero) * scale, (y >= lo) & (y <= hi)
 

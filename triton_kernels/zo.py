@@ -108,8 +108,8 @@ def _step(b, delta, DT: tl.constexpr):
     """Bits one position up (delta=1) or down (delta=-1) in the format's monotone order."""
     SIGN: tl.constexpr = 0x80000000 if DT == 0 else 0x8000
     mag = (b & (SIGN - 1)).to(tl.int64)
-    o = tl.where((b & SIGN) != 0, -mag, mag) + delta
-    return tl.where(o >= 0, o, (-o) | SIGN).to(tl.uint32)
+    o = tl.where((b & SIGN) != 0, 0 - mag, mag) + delta
+    return tl.where(o >= 0, o, (0 - o) | SIGN).to(tl.uint32)
 
 
 @triton.jit
