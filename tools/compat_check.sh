@@ -4,13 +4,14 @@
 #
 #   bash tools/compat_check.sh [WORKDIR]        (default /tmp/fusedtune-compat; ~30 min on 2 cores)
 #
-# That machine runs torch 2.11 + triton 3.6 + transformers 5.17 (/work/.library/device/KINDS.md), not
-# the pinned dev versions. This makes a venv with those versions from PyPI (system site packages stay
-# visible for the rest), installs the wheels that tools/device_wheels.sh carries there, clones HEAD,
-# builds fusedtune._C for sm_90a against torch 2.11 with the same command gpu_check.sh uses, then runs
-# the normal tests, the Triton interpreter tests (triton 3.6) and the kernel report (every Triton
-# kernel compiled ahead of time by triton 3.6 for sm_80/89/90, and the cubins just built).
-# Versions: COMPAT_TORCH, COMPAT_TRITON, COMPAT_TRANSFORMERS, COMPAT_NUMPY. Exits non-zero if any step failed.
+# That machine runs python 3.12 with torch 2.11 + triton 3.6 + transformers 5.17
+# (/work/.library/device/KINDS.md), not the pinned dev versions. This makes a python 3.12 venv with
+# those versions from PyPI (and the dev pins of the rest), installs the wheels that
+# tools/device_wheels.sh carries there, clones HEAD, builds fusedtune._C for sm_90a against torch 2.11
+# with the same command gpu_check.sh uses, then runs the normal tests, the Triton interpreter tests
+# (triton 3.6) and the kernel report (every Triton kernel compiled ahead of time by triton 3.6 for
+# sm_80/89/90, and the cubins just built). Exits non-zero if any step failed.
+# Settings: COMPAT_PYTHON (an interpreter), COMPAT_TORCH, COMPAT_TRITON, COMPAT_TRANSFORMERS, COMPAT_NUMPY.
 set -uo pipefail
 REPO=$(cd "$(dirname "$0")/.." && pwd)
 WORK=${1:-/tmp/fusedtune-compat}
@@ -21,6 +22,14 @@ TRANSFORMERS_V=${COMPAT_TRANSFORMERS:-5.17.0}
 # which numpy >= 2.4 refuses ("only 0-dimensional arrays can be converted"): its interpreter runs need
 # an older numpy (the GPU machine's numpy 2.5 does not matter there: it runs no interpreter)
 NUMPY_V=${COMPAT_NUMPY:-2.3.5}
+# the GPU machine's python is 3.12: the first of these that runs (a pyenv shim may not)
+BASE_PY=${COMPAT_PYTHON:-}
+if [ -z "$BASE_PY" ]; then
+  for c in python3.12 "$HOME"/.pyenv/versions/3.12*/bin/python3.12 python3; do
+    if "$c" -c "pass" 2>/dev/null; then BASE_PY=$c; break; fi
+  done
+fi
+PY_V=$("$BASE_PY" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
 VENV=$WORK/venv
 PY=$VENV/bin/python
 mkdir -p "$WORK"
@@ -37,13 +46,16 @@ step() {   # step NAME CMD...: run, log to WORK/NAME.log, remember a failure, go
   return "$rc"
 }
 
-if ! "$PY" -c "import torch, triton, transformers, numpy, sys; sys.exit(0 if [torch.__version__.split('+')[0], triton.__version__, transformers.__version__, numpy.__version__] == sys.argv[1:5] else 1)" \
-     "$TORCH_V" "$TRITON_V" "$TRANSFORMERS_V" "$NUMPY_V" 2>/dev/null; then
+if ! "$PY" -c "import torch, triton, transformers, numpy, sys; sys.exit(0 if ['%d.%d' % sys.version_info[:2], torch.__version__.split('+')[0], triton.__version__, transformers.__version__, numpy.__version__] == sys.argv[1:6] else 1)" \
+     "$PY_V" "$TORCH_V" "$TRITON_V" "$TRANSFORMERS_V" "$NUMPY_V" 2>/dev/null; then
   rm -rf "$VENV"
-  python3 -m venv --system-site-packages "$VENV" || exit 1
-  # PIP_CONSTRAINT= : this machine's pip constraints cap torch to its local disk copies
+  "$BASE_PY" -m venv "$VENV" || exit 1
+  # what the GPU machine's image has besides (pytest, peft, bitsandbytes, setuptools come from .whl/
+  # as they do there), at the dev pins; PIP_CONSTRAINT= : this machine's pip constraints cap torch to
+  # its local disk copies
+  OTHERS=$(grep -E '^(safetensors|accelerate|scipy|matplotlib|tqdm|ninja|build|packaging)==' "$REPO/requirements-dev.txt")
   step venv env PIP_CONSTRAINT= "$PY" -m pip install -q --index-url https://pypi.org/simple \
-    "torch==$TORCH_V" "triton==$TRITON_V" "transformers==$TRANSFORMERS_V" "numpy==$NUMPY_V" || exit 1
+    "torch==$TORCH_V" "triton==$TRITON_V" "transformers==$TRANSFORMERS_V" "numpy==$NUMPY_V" $OTHERS wheel || exit 1
 fi
 
 [ -d "$REPO/.whl" ] || bash "$REPO/tools/device_wheels.sh" > "$WORK/device_wheels.log" 2>&1 || exit 1
@@ -80,4 +92,4 @@ if [ "${#FAILED[@]}" -gt 0 ]; then
   echo "compat_check: FAILED: ${FAILED[*]} (logs in $WORK)"
   exit 1
 fi
-echo "compat_check: torch $TORCH_V + triton $TRITON_V + transformers $TRANSFORMERS_V (numpy $NUMPY_V): all steps passed"
+echo "compat_check: python $PY_V, torch $TORCH_V + triton $TRITON_V + transformers $TRANSFORMERS_V (numpy $NUMPY_V): all steps passed"
