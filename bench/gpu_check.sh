@@ -147,9 +147,11 @@ run_step doctor 20 "$PY" -m fusedtune doctor || true
 
 # ---------------------------------------------------------------- GPU tests
 if "$PY" -c "import pytest" 2>/dev/null; then
-  run_step pytest_gpu 110 "$PY" -m pytest -m gpu -q -p no:cacheprovider --ignore=tests/test_roste_gpu.py tests || true
+  # -v: one line a test as it ends, so a step stopped at its limit still shows which tests passed;
+  # --durations: which tests the first-call compiles make slow, to size these limits
+  run_step pytest_gpu 110 "$PY" -m pytest -m gpu -v --durations=12 -p no:cacheprovider --ignore=tests/test_roste_gpu.py tests || true
   # roste's GPU tests compile ~30 Triton variants: a step of their own, so they cannot starve the others
-  run_step pytest_gpu_roste 85 "$PY" -m pytest -m gpu -q -p no:cacheprovider tests/test_roste_gpu.py || true
+  run_step pytest_gpu_roste 85 "$PY" -m pytest -m gpu -v --durations=12 -p no:cacheprovider tests/test_roste_gpu.py || true
 else
   echo "pytest_gpu  FAILED: pytest is not installed here, the GPU tests were NOT run" | tee -a "$SUMMARY" "$OUT/pytest_gpu.log"
   FAILED+=("pytest_gpu")
