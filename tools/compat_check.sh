@@ -2,7 +2,8 @@
 # Check the committed HEAD against the borrowed GPU machine's stack on a CPU machine, before spending
 # device time on it:
 #
-#   bash tools/compat_check.sh [WORKDIR]        (default /tmp/fusedtune-compat; ~30 min on 2 cores)
+#   bash tools/compat_check.sh [WORKDIR]        (default /tmp/fusedtune-compat; ~15 min on 2 cores
+#                                                once the venv is there: 5 GB, made on the first run)
 #
 # That machine runs python 3.12 with torch 2.11 + triton 3.6 + transformers 5.17
 # (/work/.library/device/KINDS.md), not the pinned dev versions. This makes a python 3.12 venv with
