@@ -18,7 +18,7 @@ def test_kernels_are_found():
 
 
 def test_no_unary_minus_on_values_in_jit_code():
-    """Triton < 3.7 lowers `-x` on floats to `0 - x`, which turns -0.0 into +0.0 (it broke the RoSTE
+    """Triton 3.6 (unlike 3.8) lowers `-x` on floats to `0 - x`, which turns -0.0 into +0.0 (it broke the RoSTE
     rounding's signed zeros, so fake quantization was not bit-exact on triton 3.6). Negate a float with
     `x * -1.0` and an integer with `0 - x`; literals such as -1.0 or -float("inf") are fine."""
     found = []

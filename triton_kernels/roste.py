@@ -43,7 +43,7 @@ def _round_even(v):
     neg = v.to(tl.int32, bitcast=True) < 0                   # the sign bit: -0.0 and (-0.5, 0) give -0.0
     big = tl.where(neg, -8388608.0, 8388608.0)
     r = (v + big) - big
-    # x * -1.0, not -x: triton < 3.7 lowers float negation to 0 - x, which turns -0.0 into +0.0
+    # x * -1.0, not -x: triton 3.6 (unlike 3.8) lowers float negation to 0 - x, which turns -0.0 into +0.0
     r = tl.where(neg, tl.abs(r) * -1.0, r)
     return tl.where(tl.abs(v) < 8388608.0, r, v)
 

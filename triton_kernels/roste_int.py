@@ -60,7 +60,7 @@ def int_linear_kernel(cx_ptr, qw_ptr, sx_ptr, zx_ptr, sumx_ptr, sw_ptr, zw_ptr, 
             code = tl.load(qw_ptr + offs_n.to(tl.int64)[None, :] * stride_qw + kk[:, None], mask=wm,
                            other=0).to(tl.int32)
         b = tl.where(wm, code - wcenter, 0).to(tl.int8)
-        acc = tl.dot(a, b, acc, out_dtype=tl.int32)   # triton < 3.7 asserts acc dtype == out_dtype
+        acc = tl.dot(a, b, acc, out_dtype=tl.int32)   # triton 3.6 asserts acc dtype == out_dtype
     sx = tl.load(sx_ptr + offs_m, mask=m_ok, other=1.0).to(tl.float64)
     zx = tl.load(zx_ptr + offs_m, mask=m_ok, other=0.0).to(tl.float64)
     sumx = tl.load(sumx_ptr + offs_m, mask=m_ok, other=0).to(tl.float64)

@@ -50,7 +50,7 @@ def _noise(u, table_ptr, NOISE: tl.constexpr):
         a = tl.load(table_ptr + j)
         b = tl.load(table_ptr + j + 1)
         v = a + (b - a) * f
-    return tl.where(neg, v * -1.0, v)   # not -v: triton < 3.7 negates floats as 0 - v (+0.0 for -0.0)
+    return tl.where(neg, v * -1.0, v)   # not -v: triton 3.6 negates floats as 0 - v (+0.0 for -0.0)
 
 
 @triton.jit

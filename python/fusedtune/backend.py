@@ -19,7 +19,7 @@ BACKENDS = ("reference", "cpu", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
 # The innermost use_backend() of this thread. A threading.local, not a ContextVar: torch.compile
 # (dynamo) traces reads of it and guards on them on every torch we support, while it cannot trace
-# ContextVar.get before torch 2.13 (fullgraph compiles of our layers failed on torch 2.11).
+# ContextVar.get on torch 2.11 (fullgraph compiles of our layers failed there; 2.14 traces it).
 _scope = threading.local()
 _warned: set = set()
 

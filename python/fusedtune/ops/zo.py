@@ -122,7 +122,7 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
 
 def _check_distinct(tensors: list[torch.Tensor]) -> None:
     """Two entries on one storage would get the noise twice. Checked where the op runs on real tensors
-    (torch.compile cannot trace data_ptr() as a dict key before torch 2.13)."""
+    (torch 2.11's torch.compile cannot trace data_ptr() as a dict key; 2.14's can)."""
     seen = {}
     for i, t in enumerate(tensors):
         if t.numel() and t.data_ptr() in seen:
