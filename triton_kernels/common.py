@@ -1,8 +1,45 @@
 """Pieces shared by the Triton GEMM kernels of several families."""
 from __future__ import annotations
 
+import os
+import zlib
+
 import triton
 import triton.language as tl
+
+AUTOTUNE_ENV = "FUSEDTUNE_AUTOTUNE"
+AUTOTUNE_MODES = ("full", "one")
+
+
+def autotune_mode() -> str:
+    """FUSEDTUNE_AUTOTUNE: "full" (default) times every config once per key; "one" takes one config per
+    kernel variant without timing (the GPU tests: correctness needs no tuning, and each variant then
+    compiles once instead of once per config)."""
+    mode = os.environ.get(AUTOTUNE_ENV, "full") or "full"
+    if mode not in AUTOTUNE_MODES:
+        raise ValueError(f"{AUTOTUNE_ENV}={mode!r}: expected one of {AUTOTUNE_MODES}")
+    return mode
+
+
+def variant_config(configs, nargs, **meta):
+    """The one config of FUSEDTUNE_AUTOTUNE=one: picked by a stable hash (crc32) of the launch's variant
+    (its tensors' dtypes and its bool/str meta-parameters), so one variant keeps one config for every
+    shape it meets (one compile) and different variants spread over the configs."""
+    sig = [str(v.dtype) for v in nargs.values() if hasattr(v, "dtype")]
+    sig += [str(v.dtype) if hasattr(v, "dtype") else f"{k}={v}" for k, v in sorted(meta.items())
+            if hasattr(v, "dtype") or isinstance(v, (bool, str))]
+    return [configs[zlib.crc32(repr(sig).encode()) % len(configs)]]
+
+
+def _untimed(kernel_call, quantiles):
+    return [0.0 for _ in quantiles]
+
+
+def autotune(configs: list, key: list, **kwargs):
+    """triton.autotune(configs, key), except under FUSEDTUNE_AUTOTUNE=one (autotune_mode)."""
+    if autotune_mode() == "one" and len(configs) > 1:
+        kwargs.update(prune_configs_by={"early_config_prune": variant_config}, do_bench=_untimed)
+    return triton.autotune(configs=configs, key=key, **kwargs)
 
 
 @triton.jit

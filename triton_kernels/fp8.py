@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gemm_tile
+from .common import autotune, gemm_tile
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -124,8 +124,8 @@ def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.c
         tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(tl.uint8), mask=ok)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                          for m, n, w, s in _GEMM_CONFIGS], key=["M", "N", "K"])
+@autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
+                   for m, n, w, s in _GEMM_CONFIGS], key=["M", "N", "K", "B_ROWS"])
 @triton.jit
 def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am, stride_bn, stride_bk, stride_cm,
                     B_ROWS: tl.constexpr, GROUP_M: tl.constexpr, BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr,
@@ -136,8 +136,13 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am,
     bn = tl.max_contiguous(tl.multiple_of(offs_n % N, BLOCK_N), BLOCK_N)
     a_ptrs = a_ptr + am[:, None] * stride_am + offs_k[None, :]
     b_ptrs = b_ptr + bn[None, :] * stride_bn + offs_k[:, None] * stride_bk
-    as_ptrs = as_ptr + am * KB
-    bs_ptrs = bs_ptr + (bn // B_ROWS) * KB
+    # The hints above hold for the fp8 tiles, whose vector loads run along K (or along N when B is stored
+    # [K, N], N % 16 == 0 then, so the wrap falls on a vector boundary). The scales index rows apart from
+    # am / bn (multiple_of marks the op itself, so `offs_m % M` again would carry the hint): with KB == 1
+    # (K <= 128, specialized to a constant) hinted scale rows become 8/16-byte loads across the wrap at
+    # M, misaligned when M % 4 != 0. Clamped rows are as good as wrapped ones: both are discarded.
+    as_ptrs = as_ptr + tl.minimum(offs_m, M - 1) * KB
+    bs_ptrs = bs_ptr + (tl.minimum(offs_n, N - 1) // B_ROWS) * KB
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for kb in range(0, KB):
         if EVEN_K:

@@ -9,18 +9,26 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import autotune
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 _CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3),
 ]  # BLOCK_K 32: the gathered A-tile's per-element addresses spill at 64 (python -m fusedtune kernels)
+_IEEE_CONFIGS = [  # fp32 operands on FMA units (IEEE): at BLOCK_K 32 every _CONFIGS entry spills on sm_80
+    (128, 128, 16, 8, 3), (128, 64, 16, 4, 3), (64, 128, 16, 4, 3), (64, 64, 16, 4, 3),
+]
 if _INTERP:  # the interpreter needs a single config
-    _CONFIGS = [(32, 32, 32, 4, 1)]
+    _CONFIGS = _IEEE_CONFIGS = [(32, 32, 32, 4, 1)]
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                          for m, n, k, w, s in _CONFIGS], key=["R", "N", "T"])
+def _autotuned(configs):
+    return autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                             for m, n, k, w, s in configs], key=["R", "N", "T"])
+
+
+@_autotuned(_CONFIGS)
 @triton.jit
 def row_grad_kernel(dy_ptr, x_ptr, rows_ptr, out_ptr, T, R, N, stride_dy, stride_x,
                     IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -48,6 +56,9 @@ def row_grad_kernel(dy_ptr, x_ptr, rows_ptr, out_ptr, T, R, N, stride_dy, stride
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
 
 
+row_grad_ieee_kernel = _autotuned(_IEEE_CONFIGS)(row_grad_kernel.fn)   # same kernel, fp32 FMA configs
+
+
 def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
     """dy [T, out], x [T, in] (row-major, same dtype), rows int64 [R] -> float32 [R, in]."""
     T, N, R = x.shape[0], x.shape[1], rows.numel()
@@ -60,7 +71,9 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Ten
     if T == 0:
         return out.zero_()
     grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
-    row_grad_kernel[grid](dy, x, rows, out, T, R, N, dy.stride(0), x.stride(0), IEEE=x.dtype == torch.float32)
+    ieee = x.dtype == torch.float32
+    (row_grad_ieee_kernel if ieee else row_grad_kernel)[grid](dy, x, rows, out, T, R, N, dy.stride(0), x.stride(0),
+                                                              IEEE=ieee)
     return out
 
 
@@ -70,4 +83,7 @@ register(KernelSpec(
     family="hft", name="row_grad_kernel", fn=row_grad_kernel.fn, signature=_SIG, gemm=True,
     configs=[{"constexprs": dict(IEEE=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), "num_warps": w, "num_stages": s,
               "signature": dict(_SIG, dy_ptr=f"*{dt}", x_ptr=f"*{dt}")}
-             for m, n, k, w, s in _CONFIGS for dt in ("bf16", "fp16")]))
+             for m, n, k, w, s in _CONFIGS for dt in ("bf16", "fp16")]
+    # fp32 operands: the IEEE (FMA) product, no tensor-core instruction by design; checked for spills
+    + [{"constexprs": dict(IEEE=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), "num_warps": w, "num_stages": s,
+        "signature": dict(_SIG, dy_ptr="*fp32", x_ptr="*fp32"), "gemm": False} for m, n, k, w, s in _IEEE_CONFIGS]))

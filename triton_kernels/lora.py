@@ -26,7 +26,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gemm_tile
+from .common import autotune, gemm_tile
 from .registry import KernelSpec, register
 from .zo import _philox
 
@@ -38,14 +38,17 @@ _GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 _NF4_CONFIGS = [  # the in-GEMM NF4 dequant gathers bytes, codes and scales: fewer stages fit shared memory
     (16, 64, 64, 4, 2), (32, 64, 64, 4, 2), (64, 64, 64, 8, 2),
 ]  # (64, 64) with 4 warps and (32, 128) spill or overflow sm_89's shared memory (python -m fusedtune kernels)
+_IEEE_CONFIGS = [  # fp32 operands without TF32 (torch's default) multiply on FMA units: an operand tile lives
+    (128, 128, 16, 8, 3), (64, 128, 32, 8, 3), (128, 64, 16, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3),
+]  # in registers, so BLOCK_K shrinks; _GEMM_CONFIGS' 128x256 / 128x128 x 64 spill 700-800 / 8 B there
 if _INTERP:
-    _GEMM_CONFIGS = _NF4_CONFIGS = [(32, 32, 32, 4, 1)]
+    _GEMM_CONFIGS = _NF4_CONFIGS = _IEEE_CONFIGS = [(32, 32, 32, 4, 1)]
 
 
 def _autotuned(configs):
-    return triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
-                                                  num_stages=s) for m, n, k, w, s in configs],
-                           key=["M", "N", "K", "R"])
+    return autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
+                                           num_stages=s) for m, n, k, w, s in configs],
+                    key=["M", "N", "K", "R", "stride_qk"])  # stride_qk: forward (1) or dgrad (N) orientation
 
 
 @triton.jit
@@ -177,6 +180,7 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
 
 
 lora_gemm_nf4_kernel = _autotuned(_NF4_CONFIGS)(lora_gemm_kernel.fn)   # same kernel, NF4 configs
+lora_gemm_ieee_kernel = _autotuned(_IEEE_CONFIGS)(lora_gemm_kernel.fn)  # same kernel, fp32 FMA configs
 
 
 @triton.jit(do_not_specialize=["seed", "thresh"])
@@ -369,7 +373,9 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     dummy = c
     nf = nf4 or {}
     grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel = lora_gemm_kernel if nf4 is None else lora_gemm_nf4_kernel
+    prec = _base_prec(p.dtype)
+    kernel = (lora_gemm_nf4_kernel if nf4 is not None else
+              lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
     kernel[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
@@ -377,7 +383,7 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
         drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
         HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
         NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
-        BASE_PREC=_base_prec(p.dtype), EPI_PREC=_base_prec(p.dtype), BLOCK_R=_block_r(R, 32), GROUP_M=8)
+        BASE_PREC=prec, EPI_PREC=prec, BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
 
 
@@ -485,7 +491,11 @@ register(KernelSpec(
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(64, 64, 64, 4, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False)]
-    + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]))
+    + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]
+    # fp32 without TF32: FMA by design (no tensor-core instruction to ask for); checked for spills
+    + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee"), gemm=False) for c in _IEEE_CONFIGS]
+    + [dict(_gemm_cfg(*_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", DROPOUT=True,
+                      HAS_BIAS=False), gemm=False)]))
 _SHRINK_SIG = {"p_ptr": "*bf16", "q_ptr": "*fp32", "t_ptr": "*fp32", "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32",
                "K": "i32", "R": "i32", "stride_pm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32",
                "k_per_split": "i32"}

@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import gemm_tile
+from .common import autotune, gemm_tile
 from .registry import KernelSpec, register
 from .roste import QB, _launch, codes_row, row_minmax
 
@@ -38,8 +38,8 @@ def act_codes_kernel(y_ptr, c_ptr, sx_ptr, zx_ptr, sumx_ptr, n, clip, levels, ce
     codes_row(src, c_ptr, sx_ptr, zx_ptr, sumx_ptr, row, n, lo, hi, nan, clip, levels, center, QB)
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                          for m, n, k, w, s in _CONFIGS], key=["M", "N", "K"])
+@autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+                   for m, n, k, w, s in _CONFIGS], key=["M", "N", "K"])
 @triton.jit
 def int_linear_kernel(cx_ptr, qw_ptr, sx_ptr, zx_ptr, sumx_ptr, sw_ptr, zw_ptr, uw_ptr, bias_ptr, out_ptr,
                       M, N, K, stride_qw, wcenter,

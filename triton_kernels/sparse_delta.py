@@ -8,6 +8,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import autotune
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -16,8 +17,8 @@ if _INTERP:
     _CONFIGS = [(32, 16, 4)]
 
 
-@triton.autotune(configs=[triton.Config({"BLOCK_I": i, "BLOCK_T": t}, num_warps=w) for i, t, w in _CONFIGS],
-                 key=["K", "T", "IN"])
+@autotune(configs=[triton.Config({"BLOCK_I": i, "BLOCK_T": t}, num_warps=w) for i, t, w in _CONFIGS],
+          key=["K", "T", "IN"])
 @triton.jit
 def sddmm_kernel(dy_ptr, x_ptr, idx_ptr, out_ptr, T, K, IN, stride_dy, stride_x,
                  BLOCK_I: tl.constexpr, BLOCK_T: tl.constexpr):

@@ -207,7 +207,7 @@ def _fill_from_cubin_stats(row: dict, res: dict | None, sass: dict | None):
 
 
 # config keys that describe the launch rather than being triton.compile options
-_NOT_OPTIONS = ("constexprs", "aligned", "signature")
+_NOT_OPTIONS = ("constexprs", "aligned", "signature", "gemm")
 
 
 def config_label(config: dict, spec=None) -> str:
@@ -279,7 +279,7 @@ def compile_triton(spec, config: dict, cc: int):
 
 def report_triton_kernel(spec, config: dict, cc: int) -> dict:
     row = _row(source="triton", family=spec.family, kernel=spec.name, config=config_label(config, spec),
-               target=f"sm_{cc}", cc=int(cc), gemm=bool(spec.gemm))
+               target=f"sm_{cc}", cc=int(cc), gemm=bool(config.get("gemm", spec.gemm)))
     try:
         k = compile_triton(spec, config, cc)
     except Exception as e:  # noqa: BLE001 - a failed compile is a reported defect
