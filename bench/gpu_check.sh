@@ -6,8 +6,11 @@
 # Uses the python/torch/triton already installed there (no pip download): prints the environment,
 # builds fusedtune._C in place for the local GPU plus sm_90a, runs the GPU tests, the kernel report
 # and every benchmark, and writes logs, kernels.json and the benchmark CSV/PNG files to OUTDIR.
-# Every step has a time limit (all of them together 555 s, under the device's 10-minute call); a failed step is logged and the
-# script goes on; it exits non-zero at the end if any step failed. Copy OUTDIR/*.csv to bench/results/.
+# Every step has a time limit (all of them together 545 s, under the device's 10-minute call); what a
+# step leaves unused is added to the next step's limit, so the total never exceeds the sum. A failed
+# step is logged and the script goes on; it exits non-zero at the end if any step failed. Benchmarks
+# append each section's rows as it ends, so a step stopped at its limit keeps what it measured.
+# Copy OUTDIR/*.csv to bench/results/.
 #
 # Environment: PYTHON (interpreter), FUSEDTUNE_CUDA_ARCHS (default: local arch + 9.0a), MAX_JOBS
 # (default 16), GPU_CHECK_SKIP_BUILD=1 (keep the extension as built).
@@ -26,10 +29,12 @@ SUMMARY="$OUT/summary.txt"
 : > "$SUMMARY"
 FAILED=()
 T0=$SECONDS
+BANK=0   # seconds the steps so far left unused, given to the next step
 
-# run_step NAME TIMEOUT_S CMD...  -> output on the terminal and in OUT/NAME.log; never stops the script
+# run_step NAME TIMEOUT_S CMD...  -> output on the terminal and in OUT/NAME.log; never stops the script.
+# The step may run TIMEOUT_S + BANK seconds; what it leaves of that becomes the new BANK.
 run_step() {
-  local name=$1 limit=$2 rc start=$SECONDS status
+  local name=$1 limit=$(( $2 + BANK )) rc start=$SECONDS status
   shift 2
   echo
   echo "=== $name (limit ${limit}s): $*"
@@ -43,6 +48,7 @@ run_step() {
     *) status="FAILED (exit $rc)" ;;
   esac
   [ "$rc" = 0 ] || FAILED+=("$name")
+  BANK=$(( limit - (SECONDS - start) )); [ "$BANK" -gt 0 ] || BANK=0
   printf '%-10s %-28s %4ss  %s\n' "$name" "$status" "$((SECONDS - start))" "$*" | tee -a "$SUMMARY"
   return "$rc"
 }
@@ -105,14 +111,15 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FUSEDTUNE_COMMIT=${FUSEDTUNE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export MPLBACKEND=Agg
 
-# ---------------------------------------------------------------- build (limit 100 s in all)
+# ---------------------------------------------------------------- build (limit 90 s in all)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 BUILD_T0=$SECONDS
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
   echo "gpu_check: GPU_CHECK_SKIP_BUILD=1: using the extension as it is" | tee -a "$SUMMARY"
-elif ! run_step build 100 "$PY" setup.py build_ext --inplace; then
-  left=$((100 - (SECONDS - BUILD_T0)))
+elif ! run_step build 90 "$PY" setup.py build_ext --inplace; then
+  left=$((90 - (SECONDS - BUILD_T0)))
   [ "$left" -lt 30 ] && left=30
+  BANK=0   # the fallback's limit is what the build left of its 90 s
   echo "gpu_check: in-place build failed; trying pip install --no-build-isolation --no-deps -e ."
   if run_step build_pip "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
     # the fallback worked: the in-place failure stays in build.log only
@@ -143,15 +150,23 @@ if ! "$PY" -c "import sys, fusedtune._ext as e; sys.exit(0 if e.with_cuda() else
   echo "build  FAILED: fusedtune._C has no CUDA kernels (CPU-only build or not loadable; see build.log)" | tee -a "$SUMMARY"
   FAILED+=("build_cuda")
 fi
-run_step doctor 20 "$PY" -m fusedtune doctor || true
+run_step doctor 15 "$PY" -m fusedtune doctor || true
 
 # ---------------------------------------------------------------- GPU tests
 if "$PY" -c "import pytest" 2>/dev/null; then
-  # -v: one line a test as it ends, so a step stopped at its limit still shows which tests passed;
-  # --durations: which tests the first-call compiles make slow, to size these limits
-  run_step pytest_gpu 110 "$PY" -m pytest -m gpu -v --durations=12 -p no:cacheprovider --ignore=tests/test_roste_gpu.py tests || true
-  # roste's GPU tests compile ~30 Triton variants: a step of their own, so they cannot starve the others
-  run_step pytest_gpu_roste 85 "$PY" -m pytest -m gpu -v --durations=12 -p no:cacheprovider tests/test_roste_gpu.py || true
+  # One step a family, cheapest first, so a slow family cannot starve the others. FUSEDTUNE_AUTOTUNE=one:
+  # every kernel variant runs one config, untimed (correctness needs no tuning; a variant compiles once,
+  # not once per config; the benchmarks below autotune). -v: one line a test as it ends, so a step
+  # stopped at its limit still shows which tests passed; --durations names the slow (compiling) tests.
+  for spec in "zo 25 tests/test_zo_gpu.py tests/test_bench.py" "hft 20 tests/test_hft_gpu.py" \
+              "sparse_delta 20 tests/test_sparse_delta_gpu.py" "fp8 25 tests/test_fp8_gpu.py" \
+              "lora 55 tests/test_lora_gpu.py" "roste 65 tests/test_roste_gpu.py"; do
+    set -- $spec
+    fam=$1 limit=$2
+    shift 2
+    run_step "pytest_$fam" "$limit" env FUSEDTUNE_AUTOTUNE=one "$PY" -m pytest -m gpu -v --durations=8 \
+      -p no:cacheprovider "$@" || true
+  done
 else
   echo "pytest_gpu  FAILED: pytest is not installed here, the GPU tests were NOT run" | tee -a "$SUMMARY" "$OUT/pytest_gpu.log"
   FAILED+=("pytest_gpu")
@@ -159,9 +174,9 @@ fi
 
 # ---------------------------------------------------------------- kernel report and benchmarks
 # the extension's cubins as built here (the Triton AOT report for every target runs in CI, no GPU needed)
-run_step kernels 20 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
+run_step kernels 15 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
 # one step per family, so that a slow family cannot starve the next one
-run_step bench_zo 35 "$PY" -m fusedtune bench zo --out "$OUT" || true
+run_step bench_zo 30 "$PY" -m fusedtune bench zo --out "$OUT" || true
 run_step bench_hft 40 "$PY" -m fusedtune bench hft --out "$OUT" || true
 run_step bench_lora 40 "$PY" -m fusedtune bench lora --quick --out "$OUT" || true
 run_step bench_fp8 30 "$PY" -m fusedtune bench fp8 --quick --out "$OUT" || true

@@ -49,6 +49,33 @@ def test_cpu_run_writes_csv_with_the_columns_and_sane_rows(cpu_run):
     assert (out / "zo.png").stat().st_size > 1000
 
 
+def test_a_failing_section_keeps_the_rows_before_it_and_the_sections_after_it(tmp_path, monkeypatch, capsys):
+    import sys
+    import types
+
+    written = []
+
+    def first():
+        return [core.row("k1", "s", "bf16", "cpu", "-", (1.0, 1.0, 1.0), None)]
+
+    def broken():
+        written.append(sorted(p.name for p in tmp_path.iterdir()))   # first's rows are on disk already
+        raise RuntimeError("section blew up")
+
+    def last():
+        return [core.row("k3", "s", "bf16", "cpu", "-", (2.0, 2.0, 2.0), None)]
+
+    fake = types.ModuleType("fusedtune.bench.fakefam")
+    fake.sections = lambda timer, quick: [("first", first), ("broken", broken), ("last", last)]
+    monkeypatch.setitem(sys.modules, "fusedtune.bench.fakefam", fake)
+    env = {"gpu_name": "cpu", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
+    rc = bench.run_family("fakefam", core.CpuTimer(quick=True), env, True, str(tmp_path))
+    assert rc == 1
+    assert written == [["fakefam.csv"]]
+    assert [r["kernel"] for r in _read(tmp_path / "fakefam.csv")[1]] == ["k1", "k3"]
+    assert "fakefam section 'broken' FAILED" in capsys.readouterr().err
+
+
 def test_csv_is_appended_not_overwritten(tmp_path):
     r = core.row("k", "s", "bf16", "cuda", "torch", (1.0, 0.9, 1.2), 2.0, 50.0)
     env = {"gpu_name": "x", "torch": "t", "triton": "tr", "commit": "c", "date": "d"}
@@ -119,3 +146,11 @@ def test_gpu_quick_run(tmp_path):
     assert any(r["backend"] in ("cuda", "triton") for r in rows)
     for r in rows:
         assert 0 < float(r["p20_ms"]) <= float(r["time_ms"]) <= float(r["p80_ms"])
+
+
+def test_bandwidth_goals_are_judged_against_the_gpu_that_ran():
+    # 4 GB in 1 ms: 119% of an H100's 3.35 TB/s, but 83% of an H200's 4.8 TB/s
+    assert core.hbm_goal(1.0, 4.0e9, 85, "NVIDIA H200").endswith("NOT met")
+    assert core.hbm_goal(1.0, 3.0e9, 85, "NVIDIA H100 80GB HBM3").endswith(": met")
+    assert core.hbm_peak("NVIDIA H100 PCIe")[0] == 2.0e12
+    assert "not known for NVIDIA L40S" in core.hbm_peak("NVIDIA L40S")[1]

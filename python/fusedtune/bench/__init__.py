@@ -1,17 +1,22 @@
 """Benchmarks: python -m fusedtune bench [FAMILY|all] [--out DIR] [--quick] [--cpu] [--list]
 
-Each family module fusedtune/bench/<family>.py has run(timer, quick) -> rows; every row times our
-kernel and its baseline in the same run (fusedtune.bench.core). Results are appended to
-<out>/<family>.csv (default out: bench/results) and plotted to <out>/<family>.png.
+Each family module fusedtune/bench/<family>.py has sections(timer, quick) -> [(name, fn), ...], each
+fn() -> rows; every row times our kernel and its baseline in the same run (fusedtune.bench.core).
+A section's rows are appended to <out>/<family>.csv (default out: bench/results) as soon as it ends,
+so a run stopped at a time limit keeps what it measured, and a failing section is reported and does
+not stop the others; the family's rows of this run are plotted to <out>/<family>.png at the end.
 """
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib
 import os
 import pkgutil
 import sys
 import traceback
+
+import torch
 
 NOT_FAMILIES = {"core", "kernels"}
 NO_GPU = ("no GPU: torch.cuda.is_available() is False, so nothing was timed and nothing was written.\n"
@@ -23,6 +28,52 @@ def families() -> list[str]:
     here = [os.path.dirname(os.path.abspath(__file__))]
     return sorted(m.name for m in pkgutil.iter_modules(here)
                   if m.name not in NOT_FAMILIES and not m.name.startswith("_"))
+
+
+def _free():
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def run_family(fam: str, timer, env: dict, quick: bool, out: str) -> int:
+    """Runs one family's sections; 0 when all of them ran, 1 when the family or a section failed."""
+    from . import core
+    print(f"\n== {fam} ==", flush=True)
+    try:
+        parts = importlib.import_module(f"fusedtune.bench.{fam}").sections(timer, quick)
+    except Exception:  # noqa: BLE001 - one family's failure must not hide the others
+        traceback.print_exc()
+        print(f"fusedtune bench: family {fam} FAILED", file=sys.stderr)
+        _free()
+        return 1
+    rc, done = 0, []
+    csv_path = os.path.join(out, f"{fam}.csv")
+    for name, fn in parts:
+        print(f"-- {fam}: {name}", flush=True)
+        try:
+            rows = fn()
+        except Exception:  # noqa: BLE001 - nor one section's the other sections
+            traceback.print_exc()
+            print(f"fusedtune bench: {fam} section {name!r} FAILED", file=sys.stderr)
+            rc = 1
+            continue
+        finally:
+            _free()                       # each section's tensors die with its frame
+        if not rows:
+            print("(no rows)")
+            continue
+        rows = [dict(r, **env) for r in rows]
+        print(core.format_rows(rows), flush=True)
+        core.append_csv(rows, csv_path)
+        print(f"appended {len(rows)} rows to {csv_path}", flush=True)
+        done += rows
+    if done:
+        png = core.plot(done, os.path.join(out, f"{fam}.png"),
+                        f"fusedtune bench {fam} on {env['gpu_name']} (torch {env['torch']}, triton {env['triton']}, "
+                        f"{env['commit']})")
+        print(f"plot {png}" if png else "no plot (matplotlib missing)")
+    return rc
 
 
 def main(argv=None) -> int:
@@ -44,8 +95,6 @@ def main(argv=None) -> int:
               file=sys.stderr)
         return 2
 
-    import torch
-
     from . import core
     if args.cpu:
         timer = core.CpuTimer(quick=args.quick)
@@ -61,30 +110,16 @@ def main(argv=None) -> int:
     if args.cpu:
         print("--cpu: CPU timing of tiny shapes; this checks the framework, not the kernels")
     rc = 0
-    for fam in (fams if args.family == "all" else [args.family]):
-        print(f"\n== {fam} ==", flush=True)
-        try:
-            mod = importlib.import_module(f"fusedtune.bench.{fam}")
-            rows = mod.run(timer, args.quick)
-        except Exception:  # noqa: BLE001 - one family's failure must not hide the others
-            traceback.print_exc()
-            print(f"fusedtune bench: family {fam} FAILED", file=sys.stderr)
-            rc = 1
-            continue
-        finally:
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
-        if not rows:
-            print("(no rows)")
-            continue
-        rows = [dict(r, **env) for r in rows]
-        print(core.format_rows(rows))
-        csv_path = os.path.join(args.out, f"{fam}.csv")
-        core.append_csv(rows, csv_path)
-        png = core.plot(rows, os.path.join(args.out, f"{fam}.png"),
-                        f"fusedtune bench {fam} on {env['gpu_name']} (torch {env['torch']}, triton {env['triton']}, "
-                        f"{env['commit']})")
-        print(f"appended {len(rows)} rows to {csv_path}" + (f"; plot {png}" if png else "; no plot (matplotlib missing)"))
+    threads = torch.get_num_threads()
+    if args.cpu:
+        # tiny shapes gain nothing from more intra-op threads, and on a loaded machine OpenMP threads
+        # waiting on each other turned a 5 ms tiny training step into ~1 s
+        torch.set_num_threads(1)
+    try:
+        for fam in (fams if args.family == "all" else [args.family]):
+            rc |= run_family(fam, timer, env, args.quick, args.out)
+    finally:
+        torch.set_num_threads(threads)
     return rc
 
 

@@ -111,13 +111,12 @@ def linear_rows(timer, n, on_gpu, device):
     return rows
 
 
-def run(timer, quick: bool) -> list[dict]:
+def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     device = "cuda" if on_gpu else "cpu"
     if on_gpu and torch.cuda.get_device_capability() < (8, 9):
-        return [row("fp8_gemm", "-", "e4m3", "-", "-", (float("nan"),) * 3, None,
-                    note="skipped: FP8 tensor cores need sm_89 or newer")]
+        return [("skipped", lambda: [row("fp8_gemm", "-", "e4m3", "-", "-", (float("nan"),) * 3, None,
+                                         note="skipped: FP8 tensor cores need sm_89 or newer")])]
     sizes = TINY_SIZES if not on_gpu else (QUICK_SIZES if quick else SIZES)
-    rows = gemm_rows(timer, sizes, on_gpu, device)
-    rows += linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device)
-    return rows
+    return [("GEMMs and quantizers", lambda: gemm_rows(timer, sizes, on_gpu, device)),
+            ("FP8Linear", lambda: linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device))]

@@ -404,16 +404,7 @@ def _adamw_row_masters(timer, b: str, shapes, where: str, bw_note) -> dict:
                note=bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name + " + write-back", numel))
 
 
-def run(timer, quick: bool) -> list[dict]:
-    # --cpu: one intra-op thread. The tiny shapes gain nothing from more, and on a loaded machine
-    # OpenMP threads waiting on each other turned a 5 ms tiny training step into ~1 s.
-    threads = torch.get_num_threads()
-    if timer.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        rows = bench_step(timer, quick)
-        rows += bench_row_grad(timer, quick)
-        rows += bench_adamw(timer, quick)
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+def sections(timer, quick: bool) -> list:
+    return [("training step", lambda: bench_step(timer, quick)),
+            ("row gradient", lambda: bench_row_grad(timer, quick)),
+            ("MaskedAdamW", lambda: bench_adamw(timer, quick))]

@@ -120,11 +120,10 @@ def export_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     return rows
 
 
-def run(timer, quick: bool) -> list[dict]:
+def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     shapes = [(4096 if quick else 8192, n) for n in SIZES] if on_gpu else list(TINY)
-    rows = []
-    for m, n in shapes:
-        rows += size_rows(timer, m, n, on_gpu)
-    rows += export_rows(timer, 4096, 4096, on_gpu) if on_gpu else export_rows(timer, 64, 256, on_gpu)
-    return rows
+    out = [(f"Hadamard and rotate+quant at {m}x{n}", lambda m=m, n=n: size_rows(timer, m, n, on_gpu))
+           for m, n in shapes]
+    return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
+                                                               on_gpu))]

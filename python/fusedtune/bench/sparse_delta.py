@@ -34,7 +34,7 @@ import gc
 
 import torch
 
-from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, roofline_pct, row
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, hbm_goal, roofline_pct, row
 
 # Llama-3-8B linear shapes (out_features, in_features)
 LLAMA3_8B_GEMMS = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -238,7 +238,7 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
                f"{BYTES_PER_DELTA} B/delta ({_gb(nbytes)}); baseline {nbytes / (base[0] * 1e-3) / 1e9:.0f} GB/s = "
                f"{base_pct:.1f}% over the same bytes")
         if goal:
-            txt += f"; goal >= {GOAL_HBM_PCT:.0f}%: {'met' if pct >= GOAL_HBM_PCT else 'NOT met'}"
+            txt += "; " + hbm_goal(ms_, nbytes, GOAL_HBM_PCT, timer.name)
         return txt
 
     baseline = f"{base_name} on the fp32 deltas + index_copy_ of round(base + delta)"
@@ -389,18 +389,7 @@ def bench_step(timer, quick: bool) -> list[dict]:
     return [r, r2]
 
 
-def run(timer, quick: bool) -> list[dict]:
-    # --cpu: one intra-op thread; the tiny shapes gain nothing from more, and OpenMP threads waiting
-    # on each other on a loaded machine make tiny runs slow (see hft.py)
-    threads = torch.get_num_threads()
-    if timer.device.type == "cpu":
-        torch.set_num_threads(1)
-    try:
-        rows = bench_sddmm(timer, quick)
-        _free()                             # each section's tensors die with its frame
-        rows += bench_adamw(timer, quick)
-        _free()
-        rows += bench_step(timer, quick)
-    finally:
-        torch.set_num_threads(threads)
-    return rows
+def sections(timer, quick: bool) -> list:
+    return [("SDDMM delta gradient", lambda: bench_sddmm(timer, quick)),
+            ("SparseDeltaAdamW", lambda: bench_adamw(timer, quick)),
+            ("training step vs LoRA", lambda: bench_step(timer, quick))]

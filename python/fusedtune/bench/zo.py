@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_HBM_BYTES_PER_S, roofline_pct, row
+from .core import H100_HBM_BYTES_PER_S, hbm_goal, roofline_pct, row
 
 LLAMA2_7B = {"name": "llama2-7b", "vocab": 32000, "hidden": 4096, "intermediate": 11008, "layers": 32}
 TINY = {"name": "tiny-llama", "vocab": 256, "hidden": 64, "intermediate": 176, "layers": 2}
@@ -101,7 +101,7 @@ def _backends(device) -> list[str]:
     return out
 
 
-def run(timer, quick: bool) -> list[dict]:
+def sections(timer, quick: bool) -> list:
     from ..ops import zo_apply_
 
     device = timer.device
@@ -119,46 +119,52 @@ def run(timer, quick: bool) -> list[dict]:
     shape = f"{cfg['name']} ({layers_txt}): {len(params)} tensors, {_count(numel)} elems"
     print(f"zo bench: {shape}, {numel * params[0].element_size() / 1e9:.3g} GB of bf16 weights on {timer.name}")
     backends = _backends(device)
-    rows = []
 
     def bw_note(ms, n_passes=1):
         gbps = n_passes * pass_bytes / (ms * 1e-3) / 1e9
         pct = roofline_pct(ms, n_passes * pass_bytes)
         if not on_gpu:
             return f"{gbps:.3g} GB/s (CPU framework check)"
-        return (f"{gbps:.0f} GB/s = {pct:.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s; "
-                f"goal >= {GOAL_HBM_PCT:.0f}%: {'met' if pct >= GOAL_HBM_PCT else 'NOT met'}")
+        return (f"{gbps:.0f} GB/s = {pct:.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s = "
+                + hbm_goal(ms, n_passes * pass_bytes, GOAL_HBM_PCT, timer.name))
 
-    # ---- (a) pass bandwidth
     def foreach_pass():
         with torch.no_grad():
             torch._foreach_mul_(params, 1.0)
-    ceiling = timer(foreach_pass)
-    base_name = "torch._foreach_mul_ (same bytes)"
-    rows.append(row("bandwidth ceiling: torch._foreach_mul_", shape, "bf16", "torch", "-", ceiling, None,
-                    roofline_pct(ceiling[0], pass_bytes), note=bw_note(ceiling[0])))
-    for b in backends:
-        t = timer(lambda: zo_apply_(params, [SEED], [EPS], backend=b))
-        rows.append(row("zo_apply_ pass", shape, "bf16", b, base_name, t, ceiling[0],
-                        roofline_pct(t[0], pass_bytes), note=bw_note(t[0])))
-        t = timer(lambda: zo_apply_(params, [NEXT_SEED], [-LR * PROJECTED_GRAD], undo=([SEED], [EPS]), backend=b))
-        rows.append(row("zo_apply_ undo+update pass", shape, "bf16", b, base_name, t, ceiling[0],
-                        roofline_pct(t[0], pass_bytes), note=bw_note(t[0])))
 
-    # ---- (b) one MeZO step's perturbation work, ours (3 passes) vs MeZO's loop (4 passes)
-    base = timer(lambda: mezo_step(params))
-    for b in backends:
-        def ours(b=b):
-            zo_apply_(params, [SEED], [EPS], backend=b)                                    # +eps
-            zo_apply_(params, [SEED], [-EPS], undo=([SEED], [EPS]), backend=b)             # -eps
-            zo_apply_(params, [SEED], [-LR * PROJECTED_GRAD], undo=([SEED], [-EPS]), backend=b)  # restore+update
-        t = timer(ours)
-        speedup = base[0] / t[0]
-        note = bw_note(t[0], 3)
-        if on_gpu:
-            note += f"; goal >= {GOAL_SPEEDUP:.0f}x vs MeZO loop: {'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}"
-        rows.append(row("mezo step perturbation (3 passes)", shape, "bf16", b,
-                        "MeZO per-parameter loop (4 passes)", t, base[0], roofline_pct(t[0], 3 * pass_bytes),
-                        note=note))
-    del params
-    return rows
+    def passes():
+        """(a) one pass's bandwidth, against torch's own multi-tensor pass over the same bytes"""
+        ceiling = timer(foreach_pass)
+        base_name = "torch._foreach_mul_ (same bytes)"
+        rows = [row("bandwidth ceiling: torch._foreach_mul_", shape, "bf16", "torch", "-", ceiling, None,
+                    roofline_pct(ceiling[0], pass_bytes), note=bw_note(ceiling[0]))]
+        for b in backends:
+            t = timer(lambda: zo_apply_(params, [SEED], [EPS], backend=b))
+            rows.append(row("zo_apply_ pass", shape, "bf16", b, base_name, t, ceiling[0],
+                            roofline_pct(t[0], pass_bytes), note=bw_note(t[0])))
+            t = timer(lambda: zo_apply_(params, [NEXT_SEED], [-LR * PROJECTED_GRAD], undo=([SEED], [EPS]),
+                                        backend=b))
+            rows.append(row("zo_apply_ undo+update pass", shape, "bf16", b, base_name, t, ceiling[0],
+                            roofline_pct(t[0], pass_bytes), note=bw_note(t[0])))
+        return rows
+
+    def step():
+        """(b) one MeZO step's perturbation work, ours (3 passes) vs MeZO's loop (4 passes)"""
+        base = timer(lambda: mezo_step(params))
+        rows = []
+        for b in backends:
+            def ours(b=b):
+                zo_apply_(params, [SEED], [EPS], backend=b)                                    # +eps
+                zo_apply_(params, [SEED], [-EPS], undo=([SEED], [EPS]), backend=b)             # -eps
+                zo_apply_(params, [SEED], [-LR * PROJECTED_GRAD], undo=([SEED], [-EPS]), backend=b)  # restore+update
+            t = timer(ours)
+            speedup = base[0] / t[0]
+            note = bw_note(t[0], 3)
+            if on_gpu:
+                note += f"; goal >= {GOAL_SPEEDUP:.0f}x vs MeZO loop: {'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}"
+            rows.append(row("mezo step perturbation (3 passes)", shape, "bf16", b,
+                            "MeZO per-parameter loop (4 passes)", t, base[0], roofline_pct(t[0], 3 * pass_bytes),
+                            note=note))
+        return rows
+
+    return [("pass bandwidth", passes), ("MeZO step perturbation", step)]

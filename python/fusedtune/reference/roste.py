@@ -35,7 +35,7 @@ def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cli
     lo, hi = _group_minmax(y, granularity)
     clip = torch.tensor(clip_ratio, dtype=torch.float32)
     lo, hi = lo * clip, hi * clip
-    one = torch.ones((), dtype=torch.float32)
+    one = torch.ones((), dtype=torch.float32, device=y.device)   # made there: torch.where takes no host value
     if symmetric:
         amax = torch.maximum(hi.abs(), lo.abs())
         qmax = 2 ** (bits - 1) - 1
