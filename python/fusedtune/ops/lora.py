@@ -11,6 +11,11 @@
         the general form both build on: A [R, K] and B [N, R] stacked along the rank, and a float32
         scale table [G, R] giving each row group's factor for each rank column.
 
+Dropout (on the LoRA branch only) is regenerated from a seed instead of a stored mask. The seed is a
+host value passed to the kernels (seed=None: drawn per call from torch's CPU generator), so a CUDA graph
+captures it as a constant and every replay draws the same mask: under graph replay, train with dropout
+0 or capture anew when the mask should change.
+
 The weight may be a bitsandbytes NF4 weight (nf4=Nf4Weight.from_bnb(...)): it is dequantized inside
 the GEMM's tile load when there are few rows (nf4_path "fused") and into a 16-bit buffer followed by
 the GEMM otherwise ("buffer"); see nf4_path().
