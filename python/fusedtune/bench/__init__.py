@@ -9,7 +9,6 @@ not stop the others; the family's rows of this run are plotted to <out>/<family>
 from __future__ import annotations
 
 import argparse
-import gc
 import importlib
 import os
 import pkgutil
@@ -30,12 +29,6 @@ def families() -> list[str]:
                   if m.name not in NOT_FAMILIES and not m.name.startswith("_"))
 
 
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
 def run_family(fam: str, timer, env: dict, quick: bool, out: str) -> int:
     """Runs one family's sections; 0 when all of them ran, 1 when the family or a section failed."""
     from . import core
@@ -45,7 +38,7 @@ def run_family(fam: str, timer, env: dict, quick: bool, out: str) -> int:
     except Exception:  # noqa: BLE001 - one family's failure must not hide the others
         traceback.print_exc()
         print(f"fusedtune bench: family {fam} FAILED", file=sys.stderr)
-        _free()
+        core.free_memory()
         return 1
     rc, done = 0, []
     csv_path = os.path.join(out, f"{fam}.csv")
@@ -59,7 +52,7 @@ def run_family(fam: str, timer, env: dict, quick: bool, out: str) -> int:
             rc = 1
             continue
         finally:
-            _free()                       # each section's tensors die with its frame
+            core.free_memory()            # each section's tensors die with its frame
         if not rows:
             print("(no rows)")
             continue

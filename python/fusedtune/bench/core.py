@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import gc
 import os
 import subprocess
 import time
@@ -164,6 +165,13 @@ class GpuTimer(Timer):
             b.synchronize()
             samples.append(a.elapsed_time(b))
         return _quantiles(samples)
+
+
+def free_memory() -> None:
+    """Collect garbage and hand cached GPU blocks back, so the next measurement starts from what it allocates."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # ----------------------------------------------------------------------------- rows

@@ -27,11 +27,10 @@ the rows check the framework, not performance.
 """
 from __future__ import annotations
 
-import gc
 
 import torch
 
-from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, roofline_pct, row
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, roofline_pct, row
 
 TINYLLAMA = {"name": "tinyllama-1.1b", "vocab": 32000, "hidden": 2048, "intermediate": 5632, "layers": 22,
              "heads": 32, "kv_heads": 4, "batch": 4, "seq": 1024}
@@ -57,12 +56,6 @@ CPU_NOTE = "CPU framework check, not performance"
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
-
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
 
 
 def state_bytes(opt: torch.optim.Optimizer) -> int:
@@ -194,7 +187,7 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
         b = hft_backend(dev)
         out["backend"] = f"{b['row_grad']['backend']}+{b['masked_adamw_']['backend']}"
     del step, opt, model, info
-    _free()
+    free_memory()
     return out
 
 
@@ -309,7 +302,7 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
         rows.append(row("hft row_grad (compact dW rows)", shape, "bf16", b,
                         "dense dW GEMM (dy.t() @ x) + gather of the rows", ours, dense[0],
                         roofline_pct(ours[0], nbytes, flops), note=note))
-    _free()
+    free_memory()
     return rows
 
 
@@ -364,11 +357,11 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
                         base_name + f" ({dname} moments)", ours, base[0], roofline_pct(ours[0], ours_bytes),
                         note=bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name, numel)))
         del ps, ours_opt, base_opt
-        _free()
+        free_memory()
 
     # (c) fp32 row masters of half of each matrix's rows, written into the bf16 weight in the same pass
     rows.append(_adamw_row_masters(timer, b, shapes, where, bw_note))
-    _free()
+    free_memory()
     return rows
 
 

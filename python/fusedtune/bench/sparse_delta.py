@@ -30,11 +30,10 @@ layers of deltas); the rows check the framework, not performance, and carry no g
 """
 from __future__ import annotations
 
-import gc
 
 import torch
 
-from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, hbm_goal, roofline_pct, row
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, hbm_goal, roofline_pct, row
 
 # Llama-3-8B linear shapes (out_features, in_features)
 LLAMA3_8B_GEMMS = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -69,12 +68,6 @@ FULL_NAME = "full fine-tuning"
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def _free():
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
 
 def _gb(n: float) -> str:
     return f"{n / 1e9:.3g} GB"
@@ -328,7 +321,7 @@ def measure(timer, cfg: dict, method: str, dtype) -> dict:
            "peak": peak, "flops": flops, "backend": backend,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad)}
     del step, opt, model
-    _free()
+    free_memory()
     return out
 
 
