@@ -37,6 +37,9 @@ TORCH_LIBRARY(fusedtune, m) {
   m.def(
       "sparse_adamw_kernel_(Tensor(a!)[] values, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] weights, Tensor[] bases, Tensor[] indices, float[] consts) -> ()");
+  // sparse_delta: float32 g[p] = sum_t dy[t, r_p] * x[t, c_p] at sorted flat indices r_p * in + c_p,
+  // tiled as plan = [R, C, splits, cap, span] says (sddmm_tile.h).
+  m.def("sddmm_kernel(Tensor dy, Tensor x, Tensor indices, int[] plan) -> Tensor");
   // roste: out = H_m X H_p^T * scale per row (X the row as [m, p]; neg_masks: H_m's -1 entries, one
   // mask per output row; empty: m = 1); see hadamard_math.h.
   m.def("hadamard_kernel(Tensor x, float scale, int[] neg_masks) -> Tensor");

@@ -1,8 +1,10 @@
-"""sparse_delta on a GPU: Triton SDDMM within the tolerance rule, the CUDA optimizer kernel
-bit-identical to the reference and to the CPU kernel."""
+"""sparse_delta on a GPU: Triton SDDMM within the tolerance rule; the tiled CUDA SDDMM bit-identical to
+its CPU twin for the same plan (a race or a missing barrier would show) and within the rule; the CUDA
+optimizer kernel bit-identical to the reference and to the CPU kernel."""
 import pytest
 import torch
 
+from fusedtune.ops import sparse_delta as sd
 from fusedtune.ops.sparse_delta import sddmm, sparse_adamw_
 from fusedtune.testing import assert_same_bits, assert_within_rule, check_backends
 
@@ -22,6 +24,34 @@ def test_triton_sddmm(dtype, T, out, inp, k):
     unfused = torch.cat([(dy.float()[:, r[s:s + 8192]] * x.float()[:, c[s:s + 8192]]).sum(0)
                          for s in range(0, k, 8192)])
     assert_within_rule(got, exact, unfused, "sddmm", atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,T,out,inp,k,plan", [
+    (torch.bfloat16, 4096, 4096, 4096, 167772, None),           # the device's own plan, q/o_proj at 1%
+    (torch.bfloat16, 4096, 4096, 4096, 167772, [128, 256, 7, 300, 608]),  # many batches and splits
+    (torch.float16, 333, 77, 129, 500, None),
+    (torch.float32, 333, 77, 129, 500, [64, 64, 3, 37, 112]),
+    (torch.float32, 1000, 300, 2000, 30000, None),
+])
+def test_cuda_sddmm_bit_identical_to_cpu_twin(dtype, T, out, inp, k, plan):
+    g = torch.Generator(device="cuda").manual_seed(k)
+    dy = torch.randn(T, out, device="cuda", generator=g).to(dtype)
+    x = torch.randn(T, inp, device="cuda", generator=g).to(dtype)
+    idx = torch.randperm(out * inp, device="cuda", generator=g)[:k].sort().values.to(torch.int32)
+    if plan is None:
+        plan = sd._device_plan(dy, x, idx)
+        got = sddmm(dy, x, idx, backend="cuda")
+    else:
+        got = torch.ops.fusedtune.sddmm_kernel(dy, x, idx, plan)
+    torch.cuda.synchronize()
+    twin = torch.ops.fusedtune.sddmm_kernel(dy.cpu(), x.cpu(), idx.cpu(), plan)
+    assert_same_bits(got.cpu(), twin, f"cuda vs cpu twin, plan {plan}")
+    r, c = idx.long() // inp, idx.long() % inp
+    exact = torch.cat([(dy.double()[:, r[s:s + 8192]] * x.double()[:, c[s:s + 8192]]).sum(0)
+                       for s in range(0, k, 8192)])
+    unfused = torch.cat([(dy.float()[:, r[s:s + 8192]] * x.float()[:, c[s:s + 8192]]).sum(0)
+                         for s in range(0, k, 8192)])
+    assert_within_rule(got, exact, unfused, "cuda sddmm", atol=1e-3)
 
 
 def test_sparse_adamw_cuda_bit_identical():

@@ -1,4 +1,7 @@
-// Sparse-delta family: CUDA dispatch-key registration of SparseDeltaAdamW.
+// Sparse-delta family: CUDA dispatch-key registration of SparseDeltaAdamW and the tiled SDDMM.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -37,7 +40,37 @@ void sparse_adamw_cuda(at::TensorList values, at::TensorList grads, at::TensorLi
   batch_flush(launch, fire);
 }
 
+at::Tensor sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices, at::IntArrayRef plan_) {
+  sddmm::Problem P;
+  sddmm::Plan plan;
+  const int dt = sddmm_check(dy, x, indices, plan_, P, plan);
+  TORCH_CHECK(x.is_cuda(), "sddmm_kernel: the CUDA kernel got tensors on ", x.device());
+  c10::cuda::CUDAGuard guard(x.device());
+  int optin = 0;
+  cudaError_t aerr = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, x.device().index());
+  TORCH_CHECK(aerr == cudaSuccess, "sddmm_kernel: cannot query shared memory: ", cudaGetErrorString(aerr));
+  const size_t smem = sddmm::layout(plan, x.element_size()).total;
+  TORCH_CHECK(smem <= (size_t)optin, "sddmm_kernel: plan ", plan_, " needs ", smem,
+              " bytes of shared memory per tile; this GPU allows ", optin);
+  at::Tensor out = at::zeros({P.k}, x.options().dtype(at::kFloat));
+  if (P.k == 0) return out;
+  at::Tensor row_ptr = at::empty({P.N + 1}, indices.options());
+  at::Tensor partial = plan.splits == 1 ? out : at::zeros({plan.splits, P.k}, out.options());
+  P.dy = dy.data_ptr();
+  P.x = x.data_ptr();
+  P.idx = indices.data_ptr<int32_t>();
+  P.row_ptr = row_ptr.data_ptr<int32_t>();
+  P.partial = partial.data_ptr<float>();
+  cudaError_t err = sparse_delta::launch_sddmm(P, plan, dt, out.data_ptr<float>(),
+                                               c10::cuda::getCurrentCUDAStream().stream());
+  TORCH_CHECK(err == cudaSuccess, "sddmm_kernel: CUDA launch failed: ", cudaGetErrorString(err));
+  return out;
+}
+
 }  // namespace
 }  // namespace fusedtune
 
-TORCH_LIBRARY_IMPL(fusedtune, CUDA, m) { m.impl("sparse_adamw_kernel_", &fusedtune::sparse_adamw_cuda); }
+TORCH_LIBRARY_IMPL(fusedtune, CUDA, m) {
+  m.impl("sparse_adamw_kernel_", &fusedtune::sparse_adamw_cuda);
+  m.impl("sddmm_kernel", &fusedtune::sddmm_cuda);
+}

@@ -1,9 +1,11 @@
-// Argument checks for the SparseDeltaAdamW kernels (host side, both dispatch keys).
+// Argument checks of the sparse-delta kernels, SparseDeltaAdamW and the tiled SDDMM (host side, both
+// dispatch keys).
 #pragma once
 #include <ATen/core/Tensor.h>
 #include <c10/util/Exception.h>
 
 #include "fusedtune/adamw_math.h"
+#include "fusedtune/sddmm_tile.h"
 
 namespace fusedtune {
 
@@ -44,6 +46,48 @@ inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::
                     indices[i].device() == values[0].device(),
                 "sparse_adamw: tensors ", i, " are not on ", values[0].device());
   }
+}
+
+// sddmm_kernel(dy [T, N], x [T, K], indices [k], plan [R, C, splits, cap, span]): the problem (without
+// its buffers), the plan and the dtype code, or a clear error.
+inline int sddmm_check(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices, at::IntArrayRef plan,
+                       sddmm::Problem& P, sddmm::Plan& p) {
+  TORCH_CHECK(dy.dim() == 2 && x.dim() == 2 && dy.size(0) == x.size(0), "sddmm_kernel: dy [T, out] and x [T, in] ",
+              "must be 2-D with the same tokens, got ", dy.sizes(), " and ", x.sizes());
+  TORCH_CHECK(dy.scalar_type() == x.scalar_type(), "sddmm_kernel: dy (", dy.scalar_type(), ") and x (",
+              x.scalar_type(), ") must share a dtype");
+  const at::ScalarType st = x.scalar_type();
+  TORCH_CHECK(st == at::kFloat || st == at::kBFloat16 || st == at::kHalf,
+              "sddmm_kernel: dy and x must be float32, bfloat16 or float16, got ", st);
+  const int dt = sparse_delta_weight_dtype(x);
+  TORCH_CHECK(dy.is_contiguous() && x.is_contiguous(), "sddmm_kernel: dy and x must be contiguous");
+  TORCH_CHECK(indices.scalar_type() == at::kInt && indices.dim() == 1 && indices.is_contiguous(),
+              "sddmm_kernel: indices must be a contiguous 1-D int32 tensor, got ", indices.scalar_type(), " ",
+              indices.sizes());
+  TORCH_CHECK(dy.device() == x.device() && indices.device() == x.device(), "sddmm_kernel: dy, x and indices must ",
+              "be on one device");
+  TORCH_CHECK(dy.size(1) * x.size(1) <= ((int64_t)1 << 31), "sddmm_kernel: out * in = ", dy.size(1) * x.size(1),
+              " exceeds what int32 flat indices address");
+  TORCH_CHECK(indices.numel() == 0 || (dy.size(1) > 0 && x.size(1) > 0), "sddmm_kernel: ", indices.numel(),
+              " indices into a weight of ", dy.size(1), " x ", x.size(1));
+  TORCH_CHECK(plan.size() == 5, "sddmm_kernel: plan must be [R, C, splits, cap, span], got ", plan.size(), " values");
+  P.T = x.size(0);
+  P.N = dy.size(1);
+  P.K = x.size(1);
+  P.k = indices.numel();
+  p.R = (int32_t)plan[0];
+  p.C = (int32_t)plan[1];
+  p.splits = (int32_t)plan[2];
+  p.cap = (int32_t)plan[3];
+  p.span = plan[4];
+  TORCH_CHECK(plan[0] >= 1 && plan[0] <= sddmm::kMaxTile && plan[1] >= 1 && plan[1] <= sddmm::kMaxTile,
+              "sddmm_kernel: tile rows and columns must lie in [1, ", sddmm::kMaxTile, "], got ", plan[0], " x ", plan[1]);
+  TORCH_CHECK(plan[2] >= 1 && plan[2] <= 65535 && plan[3] >= 1 && plan[3] <= ((int64_t)1 << 24) && plan[4] >= 1 &&
+                  plan[4] % sddmm::kTc == 0 && plan[2] * plan[4] >= P.T,
+              "sddmm_kernel: plan ", plan, " needs 1 <= splits <= 65535, 1 <= cap <= 2^24, span a positive multiple of ",
+              sddmm::kTc, " and splits * span >= T = ", P.T);
+  TORCH_CHECK((P.N + p.R - 1) / p.R <= 65535, "sddmm_kernel: ", P.N, " rows need more than 65535 tiles of ", p.R);
+  return dt;
 }
 
 }  // namespace fusedtune

@@ -1,8 +1,10 @@
-// Launch interface of the SparseDeltaAdamW CUDA kernel (plain C++; the .cu needs no torch headers).
+// Launch interfaces of the sparse-delta CUDA kernels, SparseDeltaAdamW and the tiled SDDMM (plain C++;
+// the .cu files need no torch headers).
 #pragma once
 #include <cuda_runtime_api.h>
 
 #include "fusedtune/adamw_math.h"
+#include "fusedtune/sddmm_tile.h"
 
 namespace fusedtune {
 namespace sparse_delta {
@@ -32,6 +34,10 @@ struct Launch {
 inline int64_t blocks_for(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
 cudaError_t launch_sparse_adamw(const Launch& launch, const AdamConsts& c, cudaStream_t stream);
+
+// Tiled SDDMM (sddmm_tile.h): CSR row pointers into P.row_ptr, the tiles' partial sums into
+// P.partial, and, with splits > 1, their sum into out. dt: FT_F32 / FT_BF16 / FT_F16.
+cudaError_t launch_sddmm(const sddmm::Problem& P, const sddmm::Plan& plan, int dt, float* out, cudaStream_t stream);
 
 }  // namespace sparse_delta
 }  // namespace fusedtune

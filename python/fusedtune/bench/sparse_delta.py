@@ -1,6 +1,7 @@
 """Sparse-delta family benchmark (python -m fusedtune bench sparse_delta).
 
-1. The delta gradient: fusedtune.ops.sparse_delta.sddmm (Triton) against the dense weight-gradient
+1. The delta gradient: fusedtune.ops.sparse_delta.sddmm (the tiled CUDA kernel and the Triton kernel,
+   one row each) against the dense weight-gradient
    GEMM (dy.t() @ x, bf16 out) followed by a gather at the k indices, on the Llama-3-8B linear shapes
    (4096x4096, 14336x4096, 4096x14336) at 8192 tokens (--quick: 4096), bf16, densities 0.3%, 1%
    and 2.4%. Reported: both times, ratio = dense / ours, the bandwidth of the gathered reads (every
@@ -98,9 +99,10 @@ def _on_gpu(device) -> bool:
     return torch.device(device).type == "cuda"
 
 
-def _backends(on_gpu: bool) -> tuple[str, str]:
-    """(sddmm backend, optimizer backend) timed: Triton SDDMM and the CUDA optimizer kernel on a GPU."""
-    return ("triton", "cuda") if on_gpu else ("cpu", "cpu")
+def _backends(on_gpu: bool) -> tuple[tuple[str, ...], str]:
+    """(sddmm backends, optimizer backend) timed: the tiled CUDA and the Triton SDDMM and the CUDA
+    optimizer kernel on a GPU; the C++ kernels on the CPU."""
+    return (("cuda", "triton"), "cuda") if on_gpu else (("cpu",), "cpu")
 
 
 def _pct(x: float) -> str:
@@ -123,8 +125,8 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
     on_gpu = _on_gpu(dev)
     gemms = LLAMA3_8B_GEMMS if on_gpu else TINY_GEMMS
     T = (QUICK_GEMM_TOKENS if quick else GEMM_TOKENS) if on_gpu else TINY_GEMM_TOKENS
-    b = _backends(on_gpu)[0]
-    if not _usable(ops._SDDMM_HAS, b, dev):
+    usable = [b for b in _backends(on_gpu)[0] if _usable(ops._SDDMM_HAS, b, dev)]
+    if not usable:
         return []
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
@@ -135,31 +137,37 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
             idx = make_indices(out_f * in_f, dens, dev, seed=j)
             idx64 = idx.long()  # the baseline's gather index, made once (not timed)
             k = idx.numel()
-            ours = timer(lambda: ops.sddmm(dy, x, idx, backend=b, check=False))
             dense = timer(lambda: (dy.t() @ x).view(-1).index_select(0, idx64))
-            nb = sddmm_bytes(T, out_f, in_f, k)
-            s = ours[0] * 1e-3
-            gbps = nb["gathered"] / s / 1e9
-            tflops = nb["flops"] / s / 1e12
-            ratio = dense[0] / ours[0]
-            shape = f"llama3-8b {label}: W {out_f}x{in_f}, {T} tokens, density {_pct(dens)} (k={k})"
-            if on_gpu:
-                note = (f"gathered reads {gbps:.0f} GB/s = {100 * nb['gathered'] / s / H100_HBM_BYTES_PER_S:.1f}% of "
-                        f"H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s; useful 2*T*k flops {tflops:.3g} TFLOP/s = "
-                        f"{100 * nb['flops'] / s / H100_BF16_FLOPS:.2f}% of {H100_BF16_FLOPS / 1e12:.0f}; dense dW "
-                        f"{2.0 * T * out_f * in_f / (dense[0] * 1e-3) / 1e12:.0f} TFLOP/s; ours writes fp32")
-                if dens == GOAL_DENSITY:
-                    note += (f"; goal >= {GOAL_SPEEDUP:.0f}x faster than dense dW + gather at {_pct(GOAL_DENSITY)}: "
-                             f"{ratio:.3g}x, {'met' if ratio >= GOAL_SPEEDUP else 'NOT met'}")
-            else:
-                shape = shape.replace("llama3-8b", "tiny")
-                note = f"{CPU_NOTE}; gathered reads {gbps:.3g} GB/s; useful {tflops * 1e3:.3g} GFLOP/s"
-            r = row("sddmm delta gradient", shape, "bf16", b, "dense dW GEMM (dy.t() @ x) + gather at the indices",
-                    ours, dense[0], roofline_pct(ours[0], nb["compulsory"], nb["flops"]), note=note)
-            r.update(density=dens, k=k, tokens=T, gathered_bytes=nb["gathered"], gathered_gbps=gbps,
-                     useful_flops=nb["flops"], useful_tflops=tflops)
-            rows.append(r)
+            for b in usable:
+                rows.append(_sddmm_row(timer(lambda: ops.sddmm(dy, x, idx, backend=b, check=False)), dense, b,
+                                       label, out_f, in_f, T, dens, k, on_gpu))
     return rows
+
+
+def _sddmm_row(ours, dense, b, label, out_f, in_f, T, dens, k, on_gpu) -> dict:
+    """One SDDMM row: backend b's time `ours` against the dense baseline's, same run."""
+    nb = sddmm_bytes(T, out_f, in_f, k)
+    s = ours[0] * 1e-3
+    gbps = nb["gathered"] / s / 1e9
+    tflops = nb["flops"] / s / 1e12
+    ratio = dense[0] / ours[0]
+    shape = f"llama3-8b {label}: W {out_f}x{in_f}, {T} tokens, density {_pct(dens)} (k={k})"
+    if on_gpu:
+        note = (f"gathered reads {gbps:.0f} GB/s = {100 * nb['gathered'] / s / H100_HBM_BYTES_PER_S:.1f}% of "
+                f"H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s; useful 2*T*k flops {tflops:.3g} TFLOP/s = "
+                f"{100 * nb['flops'] / s / H100_BF16_FLOPS:.2f}% of {H100_BF16_FLOPS / 1e12:.0f}; dense dW "
+                f"{2.0 * T * out_f * in_f / (dense[0] * 1e-3) / 1e12:.0f} TFLOP/s; ours writes fp32")
+        if dens == GOAL_DENSITY:
+            note += (f"; goal >= {GOAL_SPEEDUP:.0f}x faster than dense dW + gather at {_pct(GOAL_DENSITY)}: "
+                     f"{ratio:.3g}x, {'met' if ratio >= GOAL_SPEEDUP else 'NOT met'}")
+    else:
+        shape = shape.replace("llama3-8b", "tiny")
+        note = f"{CPU_NOTE}; gathered reads {gbps:.3g} GB/s; useful {tflops * 1e3:.3g} GFLOP/s"
+    r = row("sddmm delta gradient", shape, "bf16", b, "dense dW GEMM (dy.t() @ x) + gather at the indices",
+            ours, dense[0], roofline_pct(ours[0], nb["compulsory"], nb["flops"]), note=note)
+    r.update(density=dens, k=k, tokens=T, gathered_bytes=nb["gathered"], gathered_gbps=gbps,
+             useful_flops=nb["flops"], useful_tflops=tflops)
+    return r
 
 
 # ----------------------------------------------------------------------------- 2. SparseDeltaAdamW

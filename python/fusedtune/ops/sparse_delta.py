@@ -3,12 +3,17 @@
     sparse_delta_linear(x, weight, values, indices, bias)  y = x W^T + b with W the merged weight
         (frozen); the backward gives dX (full) and the gradient of the float32 deltas `values` at
         the k indices only (sddmm), never a dense dW.
-    sddmm(dy, x, indices)                                   that gradient, float32 [k]
+    sddmm(dy, x, indices)                                   that gradient, float32 [k]; the cpu and
+        cuda backends run one tiled schedule (csrc/include/fusedtune/sddmm_tile.h, planned by
+        sddmm_plan) and agree bit for bit for the same plan; triton streams each index's tokens
     sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, ...)
         one fused multi-tensor AdamW pass over the deltas that also writes round(base + delta)
         into the merged weights.
 """
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -18,7 +23,7 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants
 
-_SDDMM_HAS = ("reference", "cpu", "triton")  # "cpu": the reference's torch gather-multiply-sum
+_SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
 
 
@@ -40,12 +45,73 @@ def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:
             raise ValueError(f"{what}: indices must be sorted (row-major order)")
 
 
+SDDMM_TC, SDDMM_THREADS = 16, 256            # sddmm_tile.h: kTc, kThreads
+SDDMM_TILES = tuple(64 << i for i in range(7))  # tile rows / columns tried: 64 .. 4096
+SDDMM_MIN_SPAN = 256                           # tokens per split at least (amortises a tile's item lists)
+
+
+def sddmm_smem(R: int, C: int, cap: int, elem: int) -> int:
+    """Shared memory of one tile (sddmm_tile.h's layout): x and dy chunks, row arrays, scan, items."""
+    return (R + C) * SDDMM_TC * elem + (2 * R + 1 + 2 * SDDMM_THREADS) * 4 + 8 * cap
+
+
+@functools.lru_cache(maxsize=256)
+def sddmm_plan(N: int, K: int, T: int, k: int, elem: int, smem_budget: int, parallel: int) -> tuple:
+    """(R, C, splits, cap, span) of the tiled SDDMM for dy [T, N], x [T, K] (elem bytes) and k indices.
+
+    Tile: among R, C in SDDMM_TILES (clipped to the matrix) whose arrays fit smem_budget, the one that
+    stages the fewest elements per token over the whole matrix, tiles * (R + C) * batches, where a
+    tile expects R*C*k/(N*K) items and holds `cap` of them (the expectation plus 25% and 4 standard
+    deviations, in steps of 256) per batch. Splits: token ranges of >= SDDMM_MIN_SPAN tokens until
+    there are `parallel` (tile, split) pairs."""
+    d = k / max(1, N * K)
+    best = None
+    for R in SDDMM_TILES:
+        r = min(R, max(N, 1))
+        for C in SDDMM_TILES:
+            c = min(C, max(K, 1))
+            room = (smem_budget - sddmm_smem(r, c, 0, elem)) // 8 // SDDMM_THREADS * SDDMM_THREADS
+            if room >= SDDMM_THREADS:
+                want = r * c * d
+                cap = min(room, max(1, math.ceil((1.25 * want + 4 * math.sqrt(want) + 1) / SDDMM_THREADS)) * SDDMM_THREADS)
+                tiles = -(-max(N, 1) // r) * -(-max(K, 1) // c)
+                cost = (tiles * (r + c) * max(1, math.ceil(want / cap)), tiles)
+                if best is None or cost < best[0]:
+                    best = (cost, r, c, cap, tiles)
+            if c == K:
+                break
+        if r == N:
+            break
+    if best is None:
+        raise ValueError(f"sddmm_plan: {smem_budget} bytes of shared memory hold no tile (need "
+                         f"{sddmm_smem(min(64, N), min(64, K), SDDMM_THREADS, elem)})")
+    _, r, c, cap, tiles = best
+    splits = max(1, min(-(-parallel // tiles), -(-T // SDDMM_MIN_SPAN)))
+    span = max(SDDMM_TC, -(-(-(-T // splits)) // SDDMM_TC) * SDDMM_TC)
+    return (r, c, max(1, -(-T // span)), cap, span)
+
+
+def _device_plan(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> list[int]:
+    """The plan for this device: on a GPU, shared memory for two tiles per SM and two tiles per SM to
+    fill; on the CPU, 256 KiB tiles (an L2's worth) and four per thread."""
+    if x.device.type == "cuda":
+        p = torch.cuda.get_device_properties(x.device)
+        budget = min(p.shared_memory_per_block_optin, p.shared_memory_per_multiprocessor // 2 - 1024)
+        parallel = 2 * p.multi_processor_count
+    else:
+        budget, parallel = 256 * 1024, 4 * torch.get_num_threads()
+    return list(sddmm_plan(dy.shape[1], x.shape[1], x.shape[0], indices.numel(), x.element_size(), budget, parallel))
+
+
 @torch.library.custom_op("fusedtune::sddmm", mutates_args=())
 def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
+    if backend == "reference":
+        return ref.sddmm(dy, x, indices)
+    dy2, x2 = dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
     if backend == "triton":
         from ..triton_kernels import sparse_delta as tk
-        return tk.sddmm(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), indices)
-    return ref.sddmm(dy, x, indices)
+        return tk.sddmm(dy2, x2, indices)
+    return torch.ops.fusedtune.sddmm_kernel(dy2, x2, indices.contiguous(), _device_plan(dy2, x2, indices))
 
 
 @_sddmm_op.register_fake
@@ -127,6 +193,10 @@ if _ext.loaded():
     @torch.library.register_fake("fusedtune::sparse_adamw_kernel_")
     def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts):
         return None
+
+    @torch.library.register_fake("fusedtune::sddmm_kernel")
+    def _(dy, x, indices, plan):
+        return x.new_empty((indices.shape[0],), dtype=torch.float32)
 
 
 def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, *, lr: float, beta1: float,
