@@ -174,14 +174,26 @@ fi
 
 # ---------------------------------------------------------------- kernel report and benchmarks
 # the extension's cubins as built here (the Triton AOT report for every target runs in CI, no GPU needed)
-run_step kernels 15 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
+run_step kernels 10 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
 # one step per family, so that a slow family cannot starve the next one
 run_step bench_zo 30 "$PY" -m fusedtune bench zo --out "$OUT" || true
 run_step bench_hft 40 "$PY" -m fusedtune bench hft --out "$OUT" || true
 run_step bench_lora 40 "$PY" -m fusedtune bench lora --quick --out "$OUT" || true
 run_step bench_fp8 30 "$PY" -m fusedtune bench fp8 --quick --out "$OUT" || true
 run_step bench_sparse_delta 40 "$PY" -m fusedtune bench sparse_delta --quick --out "$OUT" || true  # the SDDMM rows may be slow: --quick
-run_step bench_roste 35 "$PY" -m fusedtune bench roste --quick --out "$OUT" || true
+run_step bench_roste 30 "$PY" -m fusedtune bench roste --quick --out "$OUT" || true
+
+# ---------------------------------------------------------------- compute-sanitizer (last: it gets what is left)
+# racecheck (shared-memory hazards) and memcheck over a small run of each of fusedtune._C's CUDA kernels,
+# each checked against its CPU kernel (bench/sanitize_cuda.py).
+SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
+if [ -x "$SAN" ]; then
+  run_step sanitize 10 bash -c "'$SAN' --tool racecheck --error-exitcode 9 \
+    '$PY' bench/sanitize_cuda.py && '$SAN' --tool memcheck --error-exitcode 9 \
+    '$PY' bench/sanitize_cuda.py" || true
+else
+  echo "sanitize   skipped: compute-sanitizer not found" | tee -a "$SUMMARY"
+fi
 
 # ---------------------------------------------------------------- summary
 echo

@@ -130,8 +130,9 @@ def test_plan_promises(N, K, T, k, elem, budget, parallel):
     assert span % 16 == 0 and splits * span >= T and (splits - 1) * span < max(T, 1)
     tiles = -(-N // R) * -(-K // C)
     assert splits <= max(1, -(-T // sd.SDDMM_MIN_SPAN))
-    if T >= sd.SDDMM_MIN_SPAN * -(-parallel // tiles):
-        assert tiles * splits >= parallel
+    # the split count that leaves the busiest SM the least work: waves x (tokens per split + setup)
+    work = lambda s: -(-tiles * s // parallel) * (max(16, -(-(-(-T // s)) // 16) * 16) + sd.SDDMM_SETUP_TOKENS)  # noqa
+    assert all(work(splits) <= work(s) for s in range(1, max(1, -(-T // sd.SDDMM_MIN_SPAN)) + 1))
     assert cap >= R * C * k / (N * K)   # a tile's expected items fit one batch
     if N * K >= 4096 * 4096:
         # staged elements per token at most half of what streaming every index's tokens reads (2k)

@@ -17,7 +17,7 @@ __global__ void __launch_bounds__(kFlatThreads) csr_kernel(const sddmm::Problem 
 }
 
 template <int DT>
-__global__ void __launch_bounds__(sddmm::kThreads) sddmm_tile_kernel(const sddmm::Problem P, const sddmm::Plan plan) {
+__global__ void __launch_bounds__(sddmm::kThreads, 2) sddmm_tile_kernel(const sddmm::Problem P, const sddmm::Plan plan) {
   extern __shared__ __align__(16) unsigned char smem[];
   const sddmm::Tile t = sddmm::make_tile(P, plan, blockIdx.x, blockIdx.y, (int32_t)blockIdx.z, smem, DT == FT_F32 ? 4 : 2);
   const int tid = threadIdx.x;
@@ -54,6 +54,10 @@ template <int DT>
 cudaError_t launch_tiles(const sddmm::Problem& P, const sddmm::Plan& plan, cudaStream_t stream) {
   const size_t smem = sddmm::layout(plan, DT == FT_F32 ? 4 : 2).total;
   cudaError_t err = cudaFuncSetAttribute(sddmm_tile_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  if (err != cudaSuccess) return err;
+  // the plan sizes tiles for two blocks per SM: ask for the largest shared-memory carveout
+  err = cudaFuncSetAttribute(sddmm_tile_kernel<DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
+                             cudaSharedmemCarveoutMaxShared);
   if (err != cudaSuccess) return err;
   const dim3 grid((unsigned)((P.K + plan.C - 1) / plan.C), (unsigned)((P.N + plan.R - 1) / plan.R), (unsigned)plan.splits);
   sddmm_tile_kernel<DT><<<grid, sddmm::kThreads, smem, stream>>>(P, plan);

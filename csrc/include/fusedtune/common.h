@@ -9,9 +9,11 @@
 #if defined(__CUDACC__)
 #define FT_HD __host__ __device__ __forceinline__
 #define FT_UNROLL _Pragma("unroll")
+#define FT_UNROLL2 _Pragma("unroll 2")
 #else
 #define FT_HD inline
 #define FT_UNROLL
+#define FT_UNROLL2
 #endif
 
 namespace fusedtune {

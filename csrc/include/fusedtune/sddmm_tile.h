@@ -188,11 +188,22 @@ FT_HD float to_f32(uint32_t b) {
   return DT == FT_F32 ? bits_f32(b) : (DT == FT_BF16 ? bf16_to_f32(b) : f16_to_f32(b));
 }
 
-// One staged row: kTc elements of src's column `col` (tokens t0 .. t0 + kTc - 1, zeros past t_end)
-// into dst's row, 32 (16-bit) or 64 (fp32) contiguous bytes.
+// A staged row is kTc elements, 32 (16-bit) or 64 (fp32) bytes: 2 or 4 16-byte chunks. Chunk i of row
+// `line` sits in slot i ^ swizzle(line), so that 16-byte loads of random rows spread over all eight
+// 4-bank groups (unswizzled, chunk i of a 16-bit row could only reach 4 of them, of an fp32 row 2).
 template <int DT>
-FT_HD void stage_row(const void* src, int64_t ld, int64_t col, int64_t t0, int64_t t_end, unsigned char* dst) {
+FT_HD int chunk_slot(int i, int64_t line) {
+  constexpr int kVec = DT == FT_F32 ? 4 : 2;
+  return i ^ (int)((line >> (DT == FT_F32 ? 1 : 2)) & (kVec - 1));
+}
+
+// Row `line` of a staged array: kTc elements of src's column `col` (tokens t0 .. t0 + kTc - 1, zeros
+// past t_end).
+template <int DT>
+FT_HD void stage_row(const void* src, int64_t ld, int64_t col, int64_t t0, int64_t t_end, unsigned char* base,
+                     int64_t line) {
   constexpr int kWords = DT == FT_F32 ? kTc : kTc / 2;
+  unsigned char* dst = base + line * kWords * 4;
   uint32_t w[kWords];
   FT_UNROLL
   for (int i = 0; i < kWords; ++i) w[i] = 0;
@@ -203,40 +214,43 @@ FT_HD void stage_row(const void* src, int64_t ld, int64_t col, int64_t t0, int64
     if (DT == FT_F32) w[tt] = b;
     else w[tt >> 1] |= b << ((tt & 1) * 16);
   }
-#if defined(__CUDA_ARCH__)
-  FT_UNROLL
-  for (int i = 0; i < kWords / 4; ++i)
-    reinterpret_cast<uint4*>(dst)[i] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
-#else
-  memcpy(dst, w, sizeof(w));
-#endif
-}
-
-template <int DT>
-FT_HD void phase_stage(const Problem& P, const Tile& t, int64_t t0, int tid) {
-  constexpr int64_t row_bytes = (int64_t)kTc * (DT == FT_F32 ? 4 : 2);
-  for (int32_t c = tid; c < t.cols; c += kThreads) stage_row<DT>(P.x, P.K, t.c0 + c, t0, t.t_end, t.xs + c * row_bytes);
-  for (int32_t r = tid; r < t.rows; r += kThreads)
-    stage_row<DT>(P.dy, P.N, t.r0 + r, t0, t.t_end, t.dys + r * row_bytes);
-}
-
-// A staged row's kTc values as floats.
-template <int DT>
-FT_HD void load_row(const unsigned char* p, float* v) {
-  constexpr int kWords = DT == FT_F32 ? kTc : kTc / 2;
-  uint32_t w[kWords];
-#if defined(__CUDA_ARCH__)
   FT_UNROLL
   for (int i = 0; i < kWords / 4; ++i) {
-    const uint4 q = reinterpret_cast<const uint4*>(p)[i];
+#if defined(__CUDA_ARCH__)
+    reinterpret_cast<uint4*>(dst)[chunk_slot<DT>(i, line)] = make_uint4(w[4 * i], w[4 * i + 1], w[4 * i + 2], w[4 * i + 3]);
+#else
+    memcpy(dst + 16 * chunk_slot<DT>(i, line), &w[4 * i], 16);
+#endif
+  }
+}
+
+// Staging: a thread's rows one after another, two in flight (each row is kTc scalar global loads).
+template <int DT>
+FT_HD void phase_stage(const Problem& P, const Tile& t, int64_t t0, int tid) {
+  FT_UNROLL2
+  for (int32_t c = tid; c < t.cols; c += kThreads) stage_row<DT>(P.x, P.K, t.c0 + c, t0, t.t_end, t.xs, c);
+  FT_UNROLL2
+  for (int32_t r = tid; r < t.rows; r += kThreads) stage_row<DT>(P.dy, P.N, t.r0 + r, t0, t.t_end, t.dys, r);
+}
+
+// Row `line` of a staged array as kTc floats.
+template <int DT>
+FT_HD void load_row(const unsigned char* base, int64_t line, float* v) {
+  constexpr int kWords = DT == FT_F32 ? kTc : kTc / 2;
+  const unsigned char* p = base + line * kWords * 4;
+  uint32_t w[kWords];
+  FT_UNROLL
+  for (int i = 0; i < kWords / 4; ++i) {
+#if defined(__CUDA_ARCH__)
+    const uint4 q = reinterpret_cast<const uint4*>(p)[chunk_slot<DT>(i, line)];
     w[4 * i] = q.x;
     w[4 * i + 1] = q.y;
     w[4 * i + 2] = q.z;
     w[4 * i + 3] = q.w;
-  }
 #else
-  memcpy(w, p, sizeof(w));
+    memcpy(&w[4 * i], p + 16 * chunk_slot<DT>(i, line), 16);
 #endif
+  }
   FT_UNROLL
   for (int tt = 0; tt < kTc; ++tt)
     v[tt] = DT == FT_F32 ? bits_f32(w[tt]) : to_f32<DT>((w[tt >> 1] >> ((tt & 1) * 16)) & 0xFFFFu);
@@ -250,7 +264,6 @@ FT_HD int32_t dot_run(int32_t nb) { return ((nb + kThreads - 1) / kThreads) | 1;
 // A thread's run of items is row-major, so its dy row stays in registers until the row changes.
 template <int DT>
 FT_HD void phase_dot(const Tile& t, int32_t nb, int tid) {
-  constexpr int64_t row_bytes = (int64_t)kTc * (DT == FT_F32 ? 4 : 2);
   const int32_t run = dot_run(nb);
   const int32_t mb = (int32_t)min64((int64_t)tid * run, nb), me = (int32_t)min64((int64_t)mb + run, nb);
   float a[kTc], b[kTc];
@@ -259,9 +272,9 @@ FT_HD void phase_dot(const Tile& t, int32_t nb, int tid) {
     const uint32_t it = t.item[m];
     if ((it >> 16) != row) {
       row = it >> 16;
-      load_row<DT>(t.dys + (int64_t)row * row_bytes, a);
+      load_row<DT>(t.dys, row, a);
     }
-    load_row<DT>(t.xs + (int64_t)(it & 0xFFFFu) * row_bytes, b);
+    load_row<DT>(t.xs, it & 0xFFFFu, b);
     float s = 0.0f;
     FT_UNROLL
     for (int tt = 0; tt < kTc; ++tt) s = fmaf(a[tt], b[tt], s);

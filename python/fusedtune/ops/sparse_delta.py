@@ -48,6 +48,7 @@ def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:
 SDDMM_TC, SDDMM_THREADS = 16, 256            # sddmm_tile.h: kTc, kThreads
 SDDMM_TILES = tuple(64 << i for i in range(7))  # tile rows / columns tried: 64 .. 4096
 SDDMM_MIN_SPAN = 256                           # tokens per split at least (amortises a tile's item lists)
+SDDMM_SETUP_TOKENS = 32                        # a tile's count/scan/fill phases, in tokens of dot work (est.)
 
 
 def sddmm_smem(R: int, C: int, cap: int, elem: int) -> int:
@@ -62,8 +63,9 @@ def sddmm_plan(N: int, K: int, T: int, k: int, elem: int, smem_budget: int, para
     Tile: among R, C in SDDMM_TILES (clipped to the matrix) whose arrays fit smem_budget, the one that
     stages the fewest elements per token over the whole matrix, tiles * (R + C) * batches, where a
     tile expects R*C*k/(N*K) items and holds `cap` of them (the expectation plus 25% and 4 standard
-    deviations, in steps of 256) per batch. Splits: token ranges of >= SDDMM_MIN_SPAN tokens until
-    there are `parallel` (tile, split) pairs."""
+    deviations, in steps of 256) per batch. Splits: token ranges of >= SDDMM_MIN_SPAN tokens, as many
+    as make the waves of `parallel` (tile, split) pairs (what runs at once) times (a split's tokens +
+    SDDMM_SETUP_TOKENS) smallest, the fewer on a tie."""
     d = k / max(1, N * K)
     best = None
     for R in SDDMM_TILES:
@@ -86,9 +88,12 @@ def sddmm_plan(N: int, K: int, T: int, k: int, elem: int, smem_budget: int, para
         raise ValueError(f"sddmm_plan: {smem_budget} bytes of shared memory hold no tile (need "
                          f"{sddmm_smem(min(64, N), min(64, K), SDDMM_THREADS, elem)})")
     _, r, c, cap, tiles = best
-    splits = max(1, min(-(-parallel // tiles), -(-T // SDDMM_MIN_SPAN)))
-    span = max(SDDMM_TC, -(-(-(-T // splits)) // SDDMM_TC) * SDDMM_TC)
-    return (r, c, max(1, -(-T // span)), cap, span)
+    span = lambda s: max(SDDMM_TC, -(-(-(-T // s)) // SDDMM_TC) * SDDMM_TC)  # noqa: E731
+    # least work on the busiest SM: waves of `parallel` (tile, split) pairs, each a split's tokens plus
+    # SDDMM_SETUP_TOKENS for the tile's item lists
+    splits = min(range(1, max(1, -(-T // SDDMM_MIN_SPAN)) + 1),
+                 key=lambda s: (-(-tiles * s // parallel) * (span(s) + SDDMM_SETUP_TOKENS), s))
+    return (r, c, max(1, -(-T // span(splits))), cap, span(splits))
 
 
 def _device_plan(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> list[int]:

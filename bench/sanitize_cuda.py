@@ -1,0 +1,74 @@
+"""Every CUDA kernel of fusedtune._C once, on small inputs, for compute-sanitizer (gpu_check.sh runs it
+under racecheck and memcheck). Each call is also checked against the CPU kernel bit for bit, so a run
+that the sanitizer passes still fails on a wrong result.
+
+    compute-sanitizer --tool racecheck python bench/sanitize_cuda.py
+"""
+import sys
+
+import torch
+
+from fusedtune import _ext
+from fusedtune.ops import hft, roste, sparse_delta, zo
+from fusedtune.testing import assert_same_bits
+
+
+def both(fn):
+    """fn(device) on cuda and on cpu; the results must agree bit for bit."""
+    got = fn("cuda")
+    torch.cuda.synchronize()
+    assert_same_bits([t.cpu() for t in got], fn("cpu"), fn.__name__)
+    print(f"sanitize_cuda: {fn.__name__} ok", flush=True)
+
+
+def _inputs(dev, *shapes_dtypes, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(s, generator=g).to(dt).to(dev) for s, dt in shapes_dtypes]
+
+
+def sddmm_tiles(dev):
+    dy, x = _inputs(dev, ((300, 150), torch.bfloat16), ((300, 90), torch.bfloat16))
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randperm(150 * 90, generator=g)[:2000].sort().values.to(torch.int32).to(dev)
+    # ragged tiles, several splits, batches smaller than a tile's items; then one tile, one split
+    return [torch.ops.fusedtune.sddmm_kernel(dy, x, idx, [64, 32, 3, 300, 112]),
+            torch.ops.fusedtune.sddmm_kernel(dy.float(), x.float(), idx, [256, 128, 1, 4096, 304])]
+
+
+def hadamard(dev):
+    x, y = _inputs(dev, ((8, 4096), torch.bfloat16), ((8, 12 * 256), torch.float32))
+    b = "cuda" if dev == "cuda" else "cpu"
+    return [roste.hadamard(x, backend=b), roste.hadamard(y, backend=b)]
+
+
+def zo_apply(dev):
+    ts = _inputs(dev, ((1000, 33), torch.bfloat16), ((4097,), torch.float32), ((5,), torch.float16))
+    zo.zo_apply_(ts, [3, 4], [1e-3, -2e-3], backend="cuda" if dev == "cuda" else "cpu")
+    return ts
+
+
+def adamw(dev):
+    b = "cuda" if dev == "cuda" else "cpu"
+    ps = _inputs(dev, ((100, 33), torch.float32), ((40, 33), torch.bfloat16), seed=2)
+    gs = _inputs(dev, ((100, 33), torch.float32), ((40, 33), torch.bfloat16), seed=3)
+    ms, vs = [torch.zeros(p.shape, device=dev) for p in ps], [torch.zeros(p.shape, device=dev) for p in ps]
+    tg = [torch.empty(0, device=dev), torch.zeros(90, 33, device=dev).bfloat16()]
+    rows = [torch.empty(0, dtype=torch.long, device=dev), (torch.arange(40) * 2).to(dev)]
+    hft.masked_adamw_(ps, gs, ms, vs, tg, rows, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
+                      step=1, backend=b)
+    w = _inputs(dev, ((60, 70), torch.bfloat16), seed=4)[0]
+    idx = torch.randperm(4200, generator=torch.Generator().manual_seed(5))[:300].sort().values.to(torch.int32).to(dev)
+    vals, grads = _inputs(dev, ((300,), torch.float32), ((300,), torch.float32), seed=6)
+    m, v = torch.zeros(300, device=dev), torch.zeros(300, device=dev)
+    base = w.view(-1)[idx.long()].clone()
+    sparse_delta.sparse_adamw_([vals], [grads], [m], [v], [w], [base], [idx], lr=1e-2, beta1=0.9, beta2=0.999,
+                               eps=1e-8, weight_decay=0.1, step=1, backend=b)
+    return ps + ms + vs + tg + [vals, m, v, w]
+
+
+if __name__ == "__main__":
+    if not (torch.cuda.is_available() and _ext.with_cuda()):
+        sys.exit("sanitize_cuda: needs a GPU and fusedtune._C built with CUDA kernels")
+    for fn in (sddmm_tiles, hadamard, zo_apply, adamw):
+        both(fn)
+    print("sanitize_cuda: all kernels ran and matched the CPU kernels")
