@@ -4,6 +4,8 @@
    M = N = K in {4096, 8192, 16384} (--quick: 8192), against torch's bf16 matmul and
    torch._scaled_mm with rowwise scales (where this torch and GPU run it), same run. TFLOP/s and % of
    the H100's 1979 dense FP8 TFLOP/s. Goal on an H100: >= 1000 TFLOP/s at 8192^3.
+   On a GPU also dX = dy . W's B layout: W read transposed inside the GEMM (FP8Linear's backward now)
+   against a K-major copy of W made beforehand.
 2. The 1x128 quantizer with its transposed copy: bandwidth over the bytes it must move (read bf16,
    write two FP8 copies and their scales) against a bf16 copy of the same tensor.
 3. FP8Linear forward+backward (dX, dW) at 8192 x 8192 x 8192 against bf16 nn.Linear, and against
@@ -67,6 +69,8 @@ def gemm_rows(timer, sizes, on_gpu, device):
                 rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
                                 "torch._scaled_mm rowwise", ours, None, None,
                                 note=f"_scaled_mm not runnable here ({type(e).__name__}: {e})"))
+        if on_gpu:
+            rows.append(dgrad_layout_row(timer, aq, as_, bq, bs, dt, shape, flops))
         # the quantizer: read bf16, write q_row, q_col (1 B each) and scales
         qt = timer(lambda: fp8_quantize_1x128(a))
         cp = timer(lambda: a.clone())
@@ -77,6 +81,23 @@ def gemm_rows(timer, sizes, on_gpu, device):
                         f"{moved / (qt[0] * 1e-3) / 1e9:.0f} GB/s = "
                         f"{100 * moved / (qt[0] * 1e-3) / H100_HBM_BYTES_PER_S:.0f}% of H100 HBM"))
     return rows
+
+
+def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
+    """dX = dy . W (FP8Linear's backward) two ways: W as stored, read transposed inside the GEMM (what
+    FP8Linear does; FP8 wgmma wants K-major operands, so Triton re-lays B out on chip), against a
+    K-major copy of W made beforehand (timed apart: its cost would be paid once per weight update)."""
+    from ..ops.fp8 import fp8_gemm
+    ws_t = ws.t().contiguous()
+    wq_t = wq.t().contiguous()
+    in_kernel = timer(lambda: fp8_gemm(dq, ds, wq, ws_t, 128, dt, b_transposed=True))
+    copied = timer(lambda: fp8_gemm(dq, ds, wq_t, ws_t, 128, dt))
+    transpose = timer(lambda: wq.t().contiguous())
+    return row("fp8_gemm dX layout: K-major copy of W", shape, "e4m3->bf16", "triton",
+               "W read transposed in the GEMM (FP8Linear now)", copied, in_kernel[0],
+               roofline_pct(copied[0], flops=flops, precision="fp8"),
+               note=f"{_tflops(flops, copied[0]):.0f} vs {_tflops(flops, in_kernel[0]):.0f} TFLOP/s; making the "
+                    f"copy (torch transpose of the FP8 W) {transpose[0]:.3f} ms, once per weight update")
 
 
 def linear_rows(timer, n, on_gpu, device):
