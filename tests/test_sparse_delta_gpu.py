@@ -11,6 +11,14 @@ from fusedtune.testing import assert_same_bits, assert_within_rule, check_backen
 pytestmark = pytest.mark.gpu
 
 
+def _exact_and_unfused(dy, x, idx):
+    """The gradient at the indices in float64 and as plain float32 PyTorch computes it, 8192 at a time."""
+    r, c = idx.long() // x.shape[1], idx.long() % x.shape[1]
+    parts = [(dy[:, r[s:s + 8192]], x[:, c[s:s + 8192]]) for s in range(0, idx.numel(), 8192)]
+    return (torch.cat([(a.double() * b.double()).sum(0) for a, b in parts]),
+            torch.cat([(a.float() * b.float()).sum(0) for a, b in parts]))
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("T,out,inp,k", [(4096, 4096, 4096, 167772), (333, 77, 129, 500)])
 def test_triton_sddmm(dtype, T, out, inp, k):
@@ -18,11 +26,7 @@ def test_triton_sddmm(dtype, T, out, inp, k):
     x = torch.randn(T, inp, device="cuda").to(dtype)
     idx = torch.randperm(out * inp, device="cuda")[:k].sort().values.to(torch.int32)
     got = sddmm(dy, x, idx, backend="triton")
-    r, c = idx.long() // inp, idx.long() % inp
-    exact = torch.cat([(dy.double()[:, r[s:s + 8192]] * x.double()[:, c[s:s + 8192]]).sum(0)
-                       for s in range(0, k, 8192)])
-    unfused = torch.cat([(dy.float()[:, r[s:s + 8192]] * x.float()[:, c[s:s + 8192]]).sum(0)
-                         for s in range(0, k, 8192)])
+    exact, unfused = _exact_and_unfused(dy, x, idx)
     assert_within_rule(got, exact, unfused, "sddmm", atol=1e-3)
 
 
@@ -46,11 +50,7 @@ def test_cuda_sddmm_bit_identical_to_cpu_twin(dtype, T, out, inp, k, plan):
     torch.cuda.synchronize()
     twin = torch.ops.fusedtune.sddmm_kernel(dy.cpu(), x.cpu(), idx.cpu(), plan)
     assert_same_bits(got.cpu(), twin, f"cuda vs cpu twin, plan {plan}")
-    r, c = idx.long() // inp, idx.long() % inp
-    exact = torch.cat([(dy.double()[:, r[s:s + 8192]] * x.double()[:, c[s:s + 8192]]).sum(0)
-                       for s in range(0, k, 8192)])
-    unfused = torch.cat([(dy.float()[:, r[s:s + 8192]] * x.float()[:, c[s:s + 8192]]).sum(0)
-                         for s in range(0, k, 8192)])
+    exact, unfused = _exact_and_unfused(dy, x, idx)
     assert_within_rule(got, exact, unfused, "cuda sddmm", atol=1e-3)
 
 

@@ -2,9 +2,6 @@
 // the tiled SDDMM CUDA kernel (sddmm_tile.h: each tile runs the kernel's phases for every thread id in
 // turn, so it computes the very same sums in the very same order).
 #include <ATen/Parallel.h>
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -61,22 +58,15 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
   sddmm::Plan plan;
   const int dt = sddmm_check(dy, x, indices, plan_, P, plan);
   TORCH_CHECK(x.device().is_cpu(), "sddmm_kernel: the CPU kernel got tensors on ", x.device());
-  at::Tensor out = at::zeros({P.k}, x.options().dtype(at::kFloat));
-  if (P.k == 0) return out;
-  at::Tensor row_ptr = at::empty({P.N + 1}, indices.options());
-  at::Tensor partial = plan.splits == 1 ? out : at::zeros({plan.splits, P.k}, out.options());
-  P.dy = dy.data_ptr();
-  P.x = x.data_ptr();
-  P.idx = indices.data_ptr<int32_t>();
-  P.row_ptr = row_ptr.data_ptr<int32_t>();
-  P.partial = partial.data_ptr<float>();
-  int32_t* rp = row_ptr.data_ptr<int32_t>();
+  const SddmmBuffers bufs = sddmm_buffers(dy, x, indices, plan, P);
+  if (P.k == 0) return bufs.out;
+  int32_t* rp = bufs.row_ptr.data_ptr<int32_t>();
   for (int64_t e = 0; e <= P.k; ++e) sddmm::csr_entry(P.idx, P.k, P.K, P.N, e, rp);
   const int64_t col_tiles = (P.K + plan.C - 1) / plan.C, row_tiles = (P.N + plan.R - 1) / plan.R;
   const size_t smem = sddmm::layout(plan, x.element_size()).total;
   at::parallel_for(0, col_tiles * row_tiles * plan.splits, 1, [&](int64_t b, int64_t e) {
-    std::vector<uint64_t> buf((smem + 7) / 8);
-    unsigned char* s = reinterpret_cast<unsigned char*>(buf.data());
+    std::vector<uint64_t> scratch((smem + 7) / 8);
+    unsigned char* s = reinterpret_cast<unsigned char*>(scratch.data());
     for (int64_t i = b; i < e; ++i) {
       const int64_t ct = i % col_tiles, rt = (i / col_tiles) % row_tiles;
       const int32_t sp = (int32_t)(i / (col_tiles * row_tiles));
@@ -86,12 +76,12 @@ at::Tensor sddmm_cpu(const at::Tensor& dy, const at::Tensor& x, const at::Tensor
     }
   });
   if (plan.splits > 1) {
-    float* o = out.data_ptr<float>();
+    float* o = bufs.out.data_ptr<float>();
     at::parallel_for(0, P.k, 16384, [&](int64_t b, int64_t e) {
       for (int64_t p = b; p < e; ++p) o[p] = sddmm::reduce_entry(P.partial, P.k, plan.splits, p);
     });
   }
-  return out;
+  return bufs.out;
 }
 
 }  // namespace

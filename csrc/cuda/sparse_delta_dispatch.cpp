@@ -1,7 +1,4 @@
 // Sparse-delta family: CUDA dispatch-key registration of SparseDeltaAdamW and the tiled SDDMM.
-#include <ATen/core/Tensor.h>
-#include <ATen/ops/empty.h>
-#include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
@@ -52,19 +49,12 @@ at::Tensor sddmm_cuda(const at::Tensor& dy, const at::Tensor& x, const at::Tenso
   const size_t smem = sddmm::layout(plan, x.element_size()).total;
   TORCH_CHECK(smem <= (size_t)optin, "sddmm_kernel: plan ", plan_, " needs ", smem,
               " bytes of shared memory per tile; this GPU allows ", optin);
-  at::Tensor out = at::zeros({P.k}, x.options().dtype(at::kFloat));
-  if (P.k == 0) return out;
-  at::Tensor row_ptr = at::empty({P.N + 1}, indices.options());
-  at::Tensor partial = plan.splits == 1 ? out : at::zeros({plan.splits, P.k}, out.options());
-  P.dy = dy.data_ptr();
-  P.x = x.data_ptr();
-  P.idx = indices.data_ptr<int32_t>();
-  P.row_ptr = row_ptr.data_ptr<int32_t>();
-  P.partial = partial.data_ptr<float>();
-  cudaError_t err = sparse_delta::launch_sddmm(P, plan, dt, out.data_ptr<float>(),
+  const SddmmBuffers bufs = sddmm_buffers(dy, x, indices, plan, P);
+  if (P.k == 0) return bufs.out;
+  cudaError_t err = sparse_delta::launch_sddmm(P, plan, dt, bufs.out.data_ptr<float>(),
                                                c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "sddmm_kernel: CUDA launch failed: ", cudaGetErrorString(err));
-  return out;
+  return bufs.out;
 }
 
 }  // namespace

@@ -2,6 +2,8 @@
 // dispatch keys).
 #pragma once
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 #include "fusedtune/adamw_math.h"
@@ -88,6 +90,26 @@ inline int sddmm_check(const at::Tensor& dy, const at::Tensor& x, const at::Tens
               sddmm::kTc, " and splits * span >= T = ", P.T);
   TORCH_CHECK((P.N + p.R - 1) / p.R <= 65535, "sddmm_kernel: ", P.N, " rows need more than 65535 tiles of ", p.R);
   return dt;
+}
+
+// The result (zeros), the CSR row pointers and the splits' partial sums (the result itself when there
+// is one split) of one sddmm_kernel call, with P's pointers set to them and to the inputs.
+struct SddmmBuffers {
+  at::Tensor out, row_ptr, partial;
+};
+
+inline SddmmBuffers sddmm_buffers(const at::Tensor& dy, const at::Tensor& x, const at::Tensor& indices,
+                                  const sddmm::Plan& plan, sddmm::Problem& P) {
+  SddmmBuffers b;
+  b.out = at::zeros({P.k}, x.options().dtype(at::kFloat));
+  b.row_ptr = at::empty({P.N + 1}, indices.options());
+  b.partial = plan.splits == 1 || P.k == 0 ? b.out : at::zeros({plan.splits, P.k}, b.out.options());
+  P.dy = dy.data_ptr();
+  P.x = x.data_ptr();
+  P.idx = indices.data_ptr<int32_t>();
+  P.row_ptr = b.row_ptr.data_ptr<int32_t>();
+  P.partial = b.partial.data_ptr<float>();
+  return b;
 }
 
 }  // namespace fusedtune
