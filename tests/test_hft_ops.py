@@ -1,5 +1,7 @@
 """hft ops: compact row gradients equal the dense gradient's rows, MaskedAdamW bit-identical across
 backends and close to torch.optim.AdamW, frozen rows untouched, opcheck, compile, bad inputs."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -152,3 +154,22 @@ def test_refused_update_leaves_tensors_untouched():
         masked_adamw_([p], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [torch.zeros(2, 3)], [t], [torch.tensor([1, 9])],
                       lr=1, beta1=0.9, beta2=0.9, eps=1e-8, weight_decay=0, step=1)
     assert torch.equal(p, p0) and torch.equal(t, t0)
+
+
+def test_row_linear_under_autocast_and_with_a_trained_bias():
+    """HF Trainer bf16=True on an fp32 model runs the row layer under autocast; a bias a user sets to
+    train gets its gradient (it was silently dropped)."""
+    lin = torch.nn.Linear(40, 24)
+    rows = torch.tensor([1, 7, 8, 23])
+    m = RowMaskedLinear.from_linear(copy.deepcopy(lin), rows)
+    m.bias.requires_grad_(True)
+    x, dy = torch.randn(5, 40), torch.randn(5, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref = lin(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.backward(dy.bfloat16())
+    dense = (dy.bfloat16().float().t() @ x.bfloat16().float())
+    torch.testing.assert_close(m.weight_rows.grad, dense[rows], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(m.bias.grad, dy.bfloat16().float().sum(0), rtol=1e-2, atol=1e-2)
+    assert m.bias.grad.dtype == torch.float32 and m.weight.grad is None

@@ -274,3 +274,47 @@ def test_report_names_the_backward_schedule():
         assert "twice" in _backward_schedule(16) and "deterministic" in _backward_schedule(16)
     finally:
         torch.use_deterministic_algorithms(old)
+
+
+def test_autocast_matches_peft_under_autocast():
+    """HF Trainer bf16=True on an fp32 model: the layer runs in the autocast dtype as peft's does."""
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 48)
+    pe = _peft(lin, r=8, alpha=16)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    x, dy = torch.randn(3, 5, 64), torch.randn(3, 5, 48).bfloat16()
+    res = {}
+    for name, layer in (("peft", pe), ("ours", ours)):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            res[name] = layer_outputs(layer, x, dy)
+    y64, g64 = exact64(x, lin.weight, [pe.lora_A["default"].weight], [pe.lora_B["default"].weight],
+                       [pe.scaling["default"]], lin.bias, dy=dy)
+    for j, (a, p, e) in enumerate(zip(res["ours"], res["peft"], [y64] + g64)):
+        assert a.dtype == p.dtype and a.shape == p.shape, (j, a.dtype, p.dtype)
+        assert_within_rule(a.reshape(e.shape), e, p.reshape(e.shape), f"autocast output {j}", atol=2e-2)
+
+
+def test_patched_model_trains_under_autocast():
+    m = tiny_llama(seed=1)
+    fusedtune.patch(m, "lora", r=4, alpha=8)
+    ids = torch.randint(0, 64, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = m(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = [p.grad for n, p in m.named_parameters() if "lora_" in n]
+    assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
+
+
+def test_linear_subclasses_and_fp4_bases_are_refused():
+    """A subclass of nn.Linear with its own forward would be replaced by x W^T: silently wrong."""
+    class Zero(nn.Linear):
+        def forward(self, x):
+            return torch.zeros(*x.shape[:-1], self.out_features)
+    with pytest.raises(TypeError, match="Zero \\(a subclass of nn.Linear"):
+        LoRALinear.from_linear(Zero(8, 4), r=2)
+    bnb = pytest.importorskip("bitsandbytes")
+    fp4 = bnb.nn.Linear4bit(64, 32, bias=False, quant_type="fp4", device="meta")
+    fp4.weight = bnb.nn.Params4bit(torch.randn(32, 64), requires_grad=False, quant_type="fp4")
+    fp4 = fp4.to("cpu")
+    with pytest.raises(LoRAUnsupported, match="must be NF4, got quant_type='fp4'"):
+        LoRALinear.from_linear(fp4, r=2)

@@ -202,6 +202,10 @@ def test_bad_inputs_are_refused_clearly():
         lora_linear_grouped(x, W, A, B, torch.ones(1, 3))
     with pytest.raises(ValueError, match="one device"):
         lora_linear(x, W, A.to("meta"), B, 1.0)
+    with pytest.raises(ValueError, match="a tensor scale must be one number that needs no gradient"):
+        lora_linear(x, W, A, B, torch.tensor(2.0, requires_grad=True))   # it would silently get no gradient
+    with pytest.raises(ValueError, match="a tensor scale must be one number"):
+        lora_linear(x, W, A, B, torch.tensor([1.0, 2.0]))
     if not fusedtune.backend.interpreting():
         with pytest.raises(BackendError, match="backend 'triton' cannot run here"):
             lora_linear(x, W, A, B, 1.0, backend="triton")

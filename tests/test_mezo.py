@@ -111,3 +111,84 @@ def test_backend_report():
     w = torch.nn.Parameter(torch.randn(10))
     rows = MeZO([w], lr=1e-3).backend_report()
     assert rows[0]["backend"] == ("cpu" if fusedtune._ext.loaded() else "reference")
+
+
+def test_frozen_parameters_are_left_alone():
+    """MeZO(model.parameters()) with a frozen base (LoRA-style) must not perturb or update the base."""
+    base = torch.nn.Linear(8, 8)
+    head = torch.nn.Linear(8, 1)
+    base.requires_grad_(False)
+    w0, h0 = base.weight.detach().clone(), head.weight.detach().clone()
+    x = torch.randn(32, 8)
+    opt = MeZO(list(base.parameters()) + list(head.parameters()), lr=1e-2)
+    for _ in range(3):
+        opt.step(lambda: head(base(x)).pow(2).mean())
+    assert torch.equal(base.weight, w0)
+    assert not torch.equal(head.weight, h0)
+    # the trainable parameters keep the noise streams of their positions in the list (2 and 3)
+    assert [ids for _, _, _, ids in opt._buckets] == [[2, 3]]
+
+
+@pytest.mark.parametrize("fail_on", [1, 2])
+def test_a_failing_closure_leaves_the_weights_exact(fail_on):
+    w = torch.nn.Parameter((torch.randn(1000) * 0.02).to(torch.bfloat16))
+    w0 = w.detach().clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == fail_on:
+            raise RuntimeError("out of memory in the forward")
+        return w.float().pow(2).sum()
+    opt = MeZO([w], lr=1e-2, eps=1e-3)
+    with pytest.raises(RuntimeError, match="out of memory"):
+        opt.step(closure)
+    # the weights are undone as the step itself undoes them (docs/zo_noise.md): exact wherever the
+    # preimage is unique, which is almost everywhere; never left perturbed by eps
+    s, want = opt.seed_for(0), w0.clone()
+    zo_apply_(want, [s], [1e-3])
+    if fail_on == 2:
+        zo_apply_(want, [s], [-1e-3], undo=([s], [1e-3]))
+    zo_apply_(want, [s], [0.0], undo=([s], [1e-3] if fail_on == 1 else [-1e-3]))
+    assert torch.equal(w.detach(), want) and opt.steps == 0
+    assert (w.detach() == w0).float().mean().item() > 0.85
+
+
+def test_bad_parameters_refused_when_made():
+    with pytest.raises(ValueError, match="rounding='stochastic' supports bfloat16"):
+        MeZO([torch.nn.Parameter(torch.zeros(3).half())], lr=1e-3, rounding="stochastic")
+    with pytest.raises(ValueError, match="not contiguous"):
+        MeZO([torch.nn.Parameter(torch.zeros(4, 3).t())], lr=1e-3)
+    opt = MeZO([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)
+    with pytest.raises(TypeError, match="dtype torch.float64"):
+        opt.add_param_group({"params": [torch.zeros(3, dtype=torch.float64, requires_grad=True)]})
+    assert len(opt.param_groups) == 1
+
+
+def test_both_passes_see_the_same_random_numbers():
+    """Dropout (any torch RNG use) is the same in the +eps and -eps forwards unless same_rng=False."""
+    w = torch.nn.Parameter(torch.zeros(4))
+    opt = MeZO([w], lr=1e-3)
+    opt.step(lambda: torch.rand(()))
+    assert opt.last["loss_plus"] == opt.last["loss_minus"]
+    opt = MeZO([w], lr=1e-3, same_rng=False)
+    opt.step(lambda: torch.rand(()))
+    assert opt.last["loss_plus"] != opt.last["loss_minus"]
+
+
+def test_three_passes_per_step(monkeypatch):
+    import fusedtune.optim.mezo as mz
+    calls = []
+    real = mz.zo_apply_
+    monkeypatch.setattr(mz, "zo_apply_", lambda *a, **k: (calls.append(1), real(*a, **k))[1])
+    m, loss = _regression()
+    opt = MeZO(m.parameters(), lr=1e-3)
+    opt.step(loss)
+    assert len(calls) == 3   # one group, one device: +eps, -eps (with undo), undo + update
+
+
+def test_es_step_takes_a_seed_tensor():
+    a, b = torch.zeros(50), torch.zeros(50)
+    es_step_([a], [3, 9, 4], [1.0, -2.0, 0.5], lr=0.1, sigma=1e-2)
+    es_step_([b], torch.tensor([3, 9, 4]), [1.0, -2.0, 0.5], lr=0.1, sigma=1e-2)
+    assert torch.equal(a, b) and a.abs().sum() > 0

@@ -521,3 +521,33 @@ def test_int_linear_refuses_bad_input_by_name():
         int_linear(y, 4, 1.0, qw, 4, sw, zw, uw, bias=torch.zeros(4, dtype=torch.float16))
     with pytest.raises(ValueError, match="above 65536"):
         int_linear(torch.zeros(1, 65538), 4, 1.0, torch.zeros(1, 32769, dtype=torch.uint8), 4, sw[:1], zw[:1], uw[:1])
+
+
+def test_search_measures_at_the_layers_own_settings_unless_told():
+    """A model prepared at W4A8 is scored at A8 by default (it used to be scored at the A4 default)."""
+    g = torch.Generator().manual_seed(4)
+    x, w = torch.randn(256, 64, generator=g), torch.randn(32, 64, generator=g)
+    m = single_layer(w)
+    m[0].a_bits, m[0].clip_ratio = 8, 1.0
+    cfg = R.search_rotation(m, [x])
+    assert (cfg.w_bits, cfg.a_bits, cfg.clip_ratio) == (4, 8, 1.0)
+    at4 = R.search_rotation(m, [x], a_bits=4)
+    assert at4.a_bits == 4 and at4.err_plain["0"] > cfg.err_plain["0"]
+
+
+def test_search_refuses_layers_that_disagree_without_explicit_bits():
+    model = tiny_llama(64, 96)
+    R.prepare(model, w_bits=4, a_bits=4)
+    model.model.layers[0].mlp.down_proj.a_bits = 8
+    with pytest.raises(ValueError, match="the layers differ in a_bits"):
+        R.search_rotation(model, [IDS])
+    assert R.search_rotation(model, [IDS], a_bits=4).a_bits == 4
+
+
+@pytest.mark.parametrize("kw,msg", [(dict(w_bits=16), "w_bits must be an int in \\[2, 8\\]"),
+                                    (dict(a_bits=1), "a_bits must be"), (dict(clip_ratio=0.0), "clip_ratio must be"),
+                                    (dict(ste="sign"), "ste must be 'identity' or 'clipped'")])
+def test_roste_linear_refuses_bad_settings_when_made(kw, msg):
+    from fusedtune.nn import RoSTELinear
+    with pytest.raises(ValueError, match=msg):
+        RoSTELinear.from_linear(torch.nn.Linear(64, 32), **kw)

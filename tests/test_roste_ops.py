@@ -218,3 +218,27 @@ def test_cpu_butterfly_backward_and_refusals():
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 8), 1.0, [1 << 12] + [0] * 11)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 64, dtype=torch.float64), 1.0, [])
+
+
+@pytest.mark.parametrize("n", [96, 11008])
+def test_hadamard_and_its_backward_compile_fullgraph(n):
+    """Compile safety is what fast-hadamard-transform lacks: the transform and its backward (the same
+    transform) trace into one graph on the reference and the C++ CPU backends."""
+    x = torch.randn(3, n, dtype=torch.float32)
+    for b in ["reference"] + (["cpu"] if _ext.loaded() else []):
+        f = lambda t: hadamard(t, backend=b).square().sum()  # noqa: E731
+        xe, xc = x.clone().requires_grad_(), x.clone().requires_grad_()
+        f(xe).backward()
+        torch.compile(f, fullgraph=True, backend="aot_eager")(xc).backward()
+        torch.testing.assert_close(xc.grad, xe.grad)
+        torch.testing.assert_close(xe.grad, 2 * x, rtol=1e-4, atol=1e-4)   # H orthonormal: d|xH|^2/dx = 2x
+
+
+def test_roste_linear_backward_compiles_fullgraph():
+    layer = RoSTELinear.from_linear(torch.nn.Linear(64, 32), w_bits=4, a_bits=8)
+    x = torch.randn(8, 64)
+    layer(x).pow(2).mean().backward()
+    want = layer.weight.grad.clone()
+    layer.weight.grad = None
+    torch.compile(lambda t: layer(t).pow(2).mean(), fullgraph=True, backend="aot_eager")(x).backward()
+    torch.testing.assert_close(layer.weight.grad, want)

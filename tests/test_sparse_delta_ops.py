@@ -157,3 +157,47 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="values must be float32"):
         sparse_delta_linear(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2).half(), torch.tensor([0, 1],
                             dtype=torch.int32))
+
+
+def test_layer_under_autocast_and_with_a_trained_bias():
+    """HF Trainer bf16=True on an fp32 model runs the layer under autocast (its backward used to fail on
+    mixed dtypes); a bias a user sets to train gets its gradient (it was silently dropped)."""
+    import copy
+    lin = torch.nn.Linear(40, 24)
+    m = SparseDeltaLinear.from_linear(copy.deepcopy(lin), density=0.05, seed=4)
+    m.bias.requires_grad_(True)
+    x, dy = torch.randn(6, 40), torch.randn(6, 24)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = m(x)
+        y_ref = lin(x)
+    assert y.dtype == torch.bfloat16 and torch.equal(y, y_ref)
+    y.backward(dy.bfloat16())
+    dense = dy.bfloat16().float().t() @ x.bfloat16().float()
+    torch.testing.assert_close(m.values.grad, dense.reshape(-1)[m.indices.long()], rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(m.bias.grad, dy.bfloat16().float().sum(0), rtol=1e-2, atol=1e-2)
+    assert m.values.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32
+
+
+def test_other_optimizers_and_edits_of_values_reach_the_forward():
+    """values updated by torch.optim.AdamW (HF Trainer's default) used to leave the merged weight stale:
+    training silently did nothing. The next forward now merges them, and says so once."""
+    lin = torch.nn.Linear(20, 12)
+    m = SparseDeltaLinear.from_linear(lin, density=0.2, seed=1)
+    opt = torch.optim.AdamW([m.values], lr=1e-2)
+    x = torch.randn(8, 20)
+    with pytest.warns(UserWarning, match="changed outside SparseDeltaAdamW"):
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).pow(2).mean().backward()
+            opt.step()
+        y = m(x)
+    w = m.weight.detach().clone().view(-1)
+    w[m.indices.long()] = (m.base_values.float() + m.values.detach()).to(w.dtype)
+    assert torch.equal(m.weight.detach().view(-1), w) and m.values.detach().abs().sum() > 0
+    torch.testing.assert_close(y, F.linear(x, m.weight, m.bias))
+    # SparseDeltaAdamW keeps the weight current itself: no re-merge, no warning
+    m2 = SparseDeltaLinear.from_linear(torch.nn.Linear(20, 12), density=0.2, seed=1)
+    opt2 = SparseDeltaAdamW([m2.values], lr=1e-2)
+    m2(x).pow(2).mean().backward()
+    opt2.step()
+    assert m2._merged_version == m2.values._version

@@ -16,7 +16,8 @@ BAD = [
     ("float64", lambda ts: dict(tensors=ts + [torch.randn(3, dtype=torch.float64)]), "needs float32, bfloat16"),
     ("non-contiguous", lambda ts: dict(tensors=ts + [torch.randn(4, 6).t()]), "tensors\\[2\\].*not contiguous"),
     ("mixed devices", lambda ts: dict(tensors=ts + [torch.empty(3, device="meta")]), "tensors\\[2\\] is on meta"),
-    ("duplicate", lambda ts: dict(tensors=ts + [ts[0]]), "shares storage with tensors\\[0\\]"),
+    ("duplicate", lambda ts: dict(tensors=ts + [ts[0]]), "tensors\\[2\\] overlaps tensors\\[0\\]"),
+    ("overlapping views", lambda ts: dict(tensors=[ts[0][0:6], ts[1], ts[0][4:10]]), "tensors\\[2\\] overlaps tensors\\[0\\]"),
     ("empty list", lambda ts: dict(tensors=[]), "tensors is empty"),
     ("not a tensor", lambda ts: dict(tensors=ts + [[1.0]]), "tensors\\[2\\] is a list"),
     ("noise", lambda ts: dict(noise="uniform"), "noise='uniform'"),
@@ -49,6 +50,12 @@ def test_refused_and_untouched(name, make, msg):
         zo_apply_(**kw)
     after = [t for t in kw["tensors"] if torch.is_tensor(t) and t.device.type == "cpu"]
     assert all(torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_adjacent_views_of_one_storage_are_fine():
+    b = torch.zeros(10)
+    zo_apply_([b[0:5], b[5:10]], [1], [1.0])
+    assert torch.equal(b[0:5], zo_noise(5, 1, tensor_id=0)) and torch.equal(b[5:10], zo_noise(5, 1, tensor_id=1))
 
 
 def test_env_backend_checked(monkeypatch):

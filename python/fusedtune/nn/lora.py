@@ -15,6 +15,7 @@ import math
 import torch
 from torch import nn
 
+from .. import _autocast
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
@@ -34,13 +35,18 @@ def _is_fp8(module) -> bool:
 
 
 def _features(base) -> tuple[int, int]:
-    if isinstance(base, nn.Linear) or _is_fp8(base):
-        return base.in_features, base.out_features
     if _is_bnb_4bit(base):
+        qtype = getattr(base.weight.quant_state, "quant_type", "nf4")
+        if qtype != "nf4":
+            raise LoRAUnsupported(f"LoRALinear: a bitsandbytes Linear4bit base must be NF4, got quant_type={qtype!r}")
         n, k = base.weight.quant_state.shape
         return int(k), int(n)
+    if type(base) is nn.Linear or _is_fp8(base):
+        return base.in_features, base.out_features
+    sub = (" (a subclass of nn.Linear: the fused op computes x W^T itself and would skip its own forward)"
+           if isinstance(base, nn.Linear) else "")
     raise TypeError(f"LoRALinear: the base layer must be nn.Linear, fusedtune.nn.FP8Linear or a quantized "
-                    f"bitsandbytes Linear4bit, got {type(base).__name__}")
+                    f"bitsandbytes Linear4bit (NF4), got {type(base).__name__}{sub}")
 
 
 def _backward_schedule(R: int) -> str:
@@ -215,14 +221,21 @@ class LoRALinear(nn.Module):
         return ps.pop() if ps else 0.0
 
     def _base_args(self, x):
+        """(x, weight, nf4, bias, output dtype) for the fused op. An NF4 base computes in its own dtype.
+        Under torch.autocast a 16/32-bit base computes in the autocast dtype, as peft's layer does
+        (autocast does not reach inside the fused op, so x, W and the bias are cast here, and the
+        caller runs the op with autocast off)."""
         nf4 = self._nf4_weight()
+        bias = self.base_layer.bias
         if nf4 is not None:
             self._last_rows = x.numel() // max(x.shape[-1], 1)
             dt = self._base_device_dtype()[1]
-            if x.dtype != dt:
-                x = x.to(dt)
-            return x, None, nf4
-        return x, self.base_layer.weight, None
+            return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
+        dt = _autocast.linear_dtype(x.device)
+        if dt is None:
+            return x, self.base_layer.weight, None, bias, x.dtype
+        x, w, bias = _autocast.cast(dt, x, self.base_layer.weight, bias)
+        return x, w, None, bias, dt
 
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
         if self.disable_adapters or (adapter_names is None and (self.merged or not self.active_adapters)):
@@ -239,13 +252,13 @@ class LoRALinear(nn.Module):
             raise LoRAUnsupported(f"LoRALinear: {len(names)} active adapters with dropout {p} in training: peft "
                                   "draws an independent mask per adapter, one fused call cannot; use dropout=0 or "
                                   "one active adapter")
-        out_dtype = x.dtype
         if _is_fp8(self.base_layer):
-            return self._fp8_base_forward(x, names, p).to(out_dtype)
-        x, w, nf4 = self._base_args(x)
+            return self._fp8_base_forward(x, names, p).to(x.dtype)
+        x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
-        y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
-                                         self.base_layer.bias, p, None, nf4, self.backend)
+        with _autocast.off(x.device):
+            y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
+                                             bias, p, None, nf4, self.backend)
         return y.to(out_dtype)
 
     def _fp8_base_forward(self, x, names, p):
@@ -273,11 +286,11 @@ class LoRALinear(nn.Module):
         idx = torch.tensor([names.index(n) if n != BASE else -1 for n in adapter_names], dtype=torch.int32)
         per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
         gid = idx.repeat_interleave(per).to(x.device)
-        out_dtype = x.dtype
-        x, w, nf4 = self._base_args(x)
+        x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
-        y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device), gid, self.base_layer.bias, p,
-                                         None, nf4, self.backend, check_groups=False)   # built on the host
+        with _autocast.off(x.device):
+            y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device), gid, bias, p,
+                                             None, nf4, self.backend, check_groups=False)   # built on the host
         return y.to(out_dtype)
 
     # ------------------------------------------------------------------ merge / unmerge

@@ -20,6 +20,12 @@ class RoSTELinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RoSTELinear: expected nn.Linear, got {type(linear).__name__}")
+        from ..roste.checks import check_bits, check_clip  # noqa: PLC0415 - fusedtune.roste imports nn
+        check_bits("RoSTELinear", "w_bits", w_bits)
+        check_bits("RoSTELinear", "a_bits", a_bits)
+        check_clip("RoSTELinear", clip_ratio)
+        if ste not in ("identity", "clipped"):
+            raise ValueError(f"RoSTELinear: ste must be 'identity' or 'clipped', got {ste!r}")
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight, self.bias = linear.weight, linear.bias
         self.w_bits, self.a_bits, self.rotate, self.clip_ratio = w_bits, a_bits, rotate, clip_ratio

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .plain import plain_linear
-
+from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
+from .plain import plain_linear
 
 
 class SparseDeltaLinear(nn.Module):
@@ -22,7 +22,8 @@ class SparseDeltaLinear(nn.Module):
     base_values  buffer [k]: W0 at those positions (W's dtype), so revert_() restores W0 exactly
     values       trainable float32 Parameter [k]: the deltas, the truth (bf16 rounding of the merged
                  weight never loses an update); their gradient comes from an SDDMM at the k
-                 positions, never from a dense dW
+                 positions, never from a dense dW. SparseDeltaAdamW updates them and the merged weight
+                 in one pass; if anything else changes them, the next forward merges them again.
     """
 
     @classmethod
@@ -74,6 +75,17 @@ class SparseDeltaLinear(nn.Module):
         """W[idx] = round(base + delta)."""
         merged = (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
         self.weight.view(-1).index_copy_(0, self.indices.long(), merged)
+        self._merged_version = self.values._version
+
+    def _refresh_if_values_changed(self) -> None:
+        """`values` written by anything but SparseDeltaAdamW (another optimizer, load_state_dict, an
+        in-place edit) would leave the merged weight stale: merge them again, and say so once."""
+        if getattr(self, "_merged_version", None) != self.values._version:
+            warn_once("sparse_delta values changed outside SparseDeltaAdamW",
+                      "fusedtune: SparseDeltaLinear.values changed outside SparseDeltaAdamW (another optimizer, "
+                      "a load or an in-place edit); the merged weight is refreshed from them before the forward. "
+                      "SparseDeltaAdamW updates deltas and weight in one pass.")
+            self.merge_()
 
     @torch.no_grad()
     def revert_(self) -> None:
@@ -92,6 +104,8 @@ class SparseDeltaLinear(nn.Module):
             self.weight.requires_grad_(prev)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self._refresh_if_values_changed()
         if self.weight.requires_grad:
             return F.linear(x, self.weight, self.bias)
         return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
+from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS
@@ -82,7 +82,8 @@ def _row_linear_backward(ctx, dy):
     x, weight, rows = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = _row_grad_op(dy, x, rows, ctx.backend).to(ctx.master_dtype) if ctx.needs_input_grad[2] else None
-    return dx, None, dw, None, None, None
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+    return dx, None, dw, None, db, None
 
 
 torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
@@ -99,7 +100,12 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None 
                          f"got {tuple(weight_rows.shape)}")
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    return _row_linear_op(x, weight, weight_rows, rows, bias, name)
+    dt = _autocast.linear_dtype(x.device)
+    if dt is None:
+        return _row_linear_op(x, weight, weight_rows, rows, bias, name)
+    x, weight, bias = _autocast.cast(dt, x, weight, bias)   # as autocast would for F.linear
+    with _autocast.off(x.device):
+        return _row_linear_op(x, weight, weight_rows, rows, bias, name)
 
 
 @torch.library.custom_op("fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))

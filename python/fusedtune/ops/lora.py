@@ -238,6 +238,9 @@ def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed
                 backend: str | None = None) -> torch.Tensor:
     """y = x W^T + scale * (dropout(x) A^T) B^T + bias (one adapter; module docstring)."""
     if torch.is_tensor(scale):
+        if scale.numel() != 1 or scale.requires_grad:
+            raise ValueError(f"lora: a tensor scale must be one number that needs no gradient (the op gives "
+                             f"none), got shape {tuple(scale.shape)}, requires_grad={scale.requires_grad}")
         S = scale.to(device=x.device, dtype=torch.float32).reshape(1, 1).expand(1, lora_A.shape[0]).contiguous()
     else:
         S = scale_table([lora_A.shape[0]], [scale], x.device)

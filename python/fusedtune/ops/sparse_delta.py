@@ -1,8 +1,9 @@
 """Sparse-delta family ops.
 
     sparse_delta_linear(x, weight, values, indices, bias)  y = x W^T + b with W the merged weight
-        (frozen); the backward gives dX (full) and the gradient of the float32 deltas `values` at
-        the k indices only (sddmm), never a dense dW.
+        (frozen); the backward gives dX (full), the bias gradient when the bias trains, and the
+        gradient of the float32 deltas `values` at the k indices only (sddmm), never a dense dW.
+        Under torch.autocast it computes in the autocast dtype, as F.linear would.
     sddmm(dy, x, indices)                                   that gradient, float32 [k]; the cpu and
         cuda backends run one tiled schedule (csrc/include/fusedtune/sddmm_tile.h, planned by
         sddmm_plan) and agree bit for bit for the same plan; triton streams each index's tokens
@@ -18,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .. import _ext
+from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants
@@ -157,7 +158,8 @@ def _backward(ctx, dy):
     x, weight, indices = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dv = _sddmm_op(dy, x, indices, ctx.backend) if ctx.needs_input_grad[2] else None
-    return dx, None, dv, None, None, None
+    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+    return dx, None, dv, None, db, None
 
 
 torch.library.register_autograd("fusedtune::sparse_delta_linear", _backward, setup_context=_setup)
@@ -175,7 +177,12 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
-    return _linear_op(x, weight, values, indices, bias, name)
+    dt = _autocast.linear_dtype(x.device)
+    if dt is None:
+        return _linear_op(x, weight, values, indices, bias, name)
+    x, weight, bias = _autocast.cast(dt, x, weight, bias)   # as autocast would for F.linear
+    with _autocast.off(x.device):
+        return _linear_op(x, weight, values, indices, bias, name)
 
 
 @torch.library.custom_op("fusedtune::sparse_adamw_",

@@ -121,14 +121,20 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
 
 
 def _check_distinct(tensors: list[torch.Tensor]) -> None:
-    """Two entries on one storage would get the noise twice. Checked where the op runs on real tensors
-    (torch 2.11's torch.compile cannot trace data_ptr() as a dict key; 2.14's can)."""
-    seen = {}
+    """Two entries whose bytes overlap (the same tensor twice, or overlapping views of one storage) would
+    get the noise twice, and race on a GPU. Checked where the op runs on real tensors (torch 2.11's
+    torch.compile cannot trace data_ptr() as a dict key; 2.14's can)."""
+    spans: dict = {}
     for i, t in enumerate(tensors):
-        if t.numel() and t.data_ptr() in seen:
-            raise ValueError(f"zo_apply_: tensors[{i}] shares storage with tensors[{seen[t.data_ptr()]}]")
         if t.numel():
-            seen[t.data_ptr()] = i
+            start = t.data_ptr()
+            spans.setdefault(t.untyped_storage().data_ptr(), []).append((start, start + t.numel() * t.element_size(), i))
+    for ranges in spans.values():
+        ranges.sort()
+        for (_, end, i), (start, _, j) in zip(ranges, ranges[1:]):
+            if start < end:
+                raise ValueError(f"zo_apply_: tensors[{max(i, j)}] overlaps tensors[{min(i, j)}] in memory "
+                                 "(the same storage); each tensor must be passed once")
 
 
 def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noise: str = "normal",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from ..ops.zo import zo_apply_
+from ..ops.zo import _check_distinct, _check_tensors, zo_apply_
 
 _MASK64 = (1 << 64) - 1
 
@@ -33,13 +33,20 @@ class MeZO(torch.optim.Optimizer):
     opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
     loss = opt.step(lambda: model(**batch).loss)   # closure: a forward pass, no backward
 
-    Parameter groups may set their own lr and weight_decay (e.g. 0 for biases and norms).
+    Parameter groups may set their own lr and weight_decay (e.g. 0 for biases and norms). Parameters
+    with requires_grad=False are left alone (as MeZO does): MeZO(model.parameters()) on a model with a
+    frozen base trains only what is trainable. A parameter's noise stream is its position among all
+    the params given (frozen ones counted), so replay does not depend on which are frozen.
+    same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
+    generator and the CUDA generators of the parameters' devices are reset before the second pass,
+    so the difference of the two losses measures the eps step, not dropout noise.
     After each step, `opt.last` holds 'loss_plus', 'loss_minus', 'projected_grad' (tensors) and
-    'seed'; `opt.seed_for(step)` gives the seed of any step for replay.
+    'seed'; `opt.seed_for(step)` gives the seed of any step for replay. Bad parameters are refused
+    when the optimizer is made; if the closure raises, the weights are restored exactly first.
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, noise: str = "normal",
-                 rounding: str = "nearest", seed: int = 0, backend: str | None = None):
+                 rounding: str = "nearest", seed: int = 0, backend: str | None = None, same_rng: bool = True):
         if not lr > 0:
             raise ValueError(f"MeZO: lr must be > 0, got {lr}")
         if not eps > 0:
@@ -52,27 +59,40 @@ class MeZO(torch.optim.Optimizer):
             raise ValueError(f"MeZO: rounding={rounding!r}; choose 'nearest' or 'stochastic'")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.noise, self.rounding, self.backend = float(eps), noise, rounding, backend
+        self.same_rng = bool(same_rng)
         self.seed, self.steps = int(seed) & _MASK64, 0
         self.last: dict = {}
         self._buckets = self._make_buckets()
 
     def _make_buckets(self):
-        """(group, device) -> tensors and their stable tensor ids (position in the param list)."""
+        """(group, device) -> trainable tensors and their stable tensor ids (position in the param
+        list, frozen parameters counted); each bucket is checked as zo_apply_ would check it."""
         buckets, tid = [], 0
         for group in self.param_groups:
             by_dev: dict = {}
             for p in group["params"]:
-                by_dev.setdefault(p.device, ([], []))
-                by_dev[p.device][0].append(p)
-                by_dev[p.device][1].append(tid)
+                if p.requires_grad:
+                    by_dev.setdefault(p.device, ([], []))
+                    by_dev[p.device][0].append(p)
+                    by_dev[p.device][1].append(tid)
                 tid += 1
             buckets += [(group, dev, ts, ids) for dev, (ts, ids) in by_dev.items()]
+        for _, _, ts, _ in buckets:
+            _check_tensors(ts)
+            if self.rounding == "stochastic" and any(t.dtype == torch.float16 for t in ts):
+                raise ValueError("MeZO: rounding='stochastic' supports bfloat16 and float32 parameters; a "
+                                 "float16 parameter was given (use rounding='nearest')")
+        _check_distinct([t for _, _, ts, _ in buckets for t in ts])
         return buckets
 
     def add_param_group(self, param_group):
         super().add_param_group(param_group)
         if hasattr(self, "_buckets"):
-            self._buckets = self._make_buckets()
+            try:
+                self._buckets = self._make_buckets()
+            except (TypeError, ValueError):
+                self.param_groups.pop()
+                raise
 
     def seed_for(self, step: int) -> int:
         return splitmix64(self.seed ^ splitmix64(step))
@@ -84,16 +104,38 @@ class MeZO(torch.optim.Optimizer):
             zo_apply_(ts, seeds, coeffs, self.noise, self.rounding if final else "nearest", undo=undo,
                       alpha=alpha, tensor_ids=ids, rounding_seed=rounding_seed, backend=self.backend)
 
+    def _rng_states(self):
+        cuda = sorted({dev.index or 0 for _, dev, _, _ in self._buckets if dev.type == "cuda"})
+        return torch.get_rng_state(), [(d, torch.cuda.get_rng_state(d)) for d in cuda]
+
+    @staticmethod
+    def _set_rng_states(states):
+        cpu, cuda = states
+        torch.set_rng_state(cpu)
+        for d, st in cuda:
+            torch.cuda.set_rng_state(st, d)
+
     @torch.no_grad()
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
         s = self.seed_for(self.steps)
         eps = self.eps
+        rng = self._rng_states() if self.same_rng else None
         self._apply([s], lambda g, d: [eps])
-        loss_plus = torch.as_tensor(closure()).detach()
+        try:
+            loss_plus = torch.as_tensor(closure()).detach()
+        except BaseException:
+            self._apply([s], lambda g, d: [0.0], undo=([s], [eps]))   # back to the exact weights
+            raise
         self._apply([s], lambda g, d: [-eps], undo=([s], [eps]))
-        loss_minus = torch.as_tensor(closure()).detach()
+        if rng is not None:
+            self._set_rng_states(rng)
+        try:
+            loss_minus = torch.as_tensor(closure()).detach()
+        except BaseException:
+            self._apply([s], lambda g, d: [0.0], undo=([s], [-eps]))
+            raise
         pg = ((loss_plus.float() - loss_minus.float()) / (2 * eps)).reshape(1)
         self._apply([s], lambda g, d: (-g["lr"] * pg).to(d), undo=([s], [-eps]), final=True,
                     rounding_seed=splitmix64(s ^ 0x726F756E64))
@@ -156,5 +198,5 @@ def es_step_(params, seeds, rewards, lr: float, sigma: float, normalize: bool = 
     if normalize and r.numel() > 1:
         r = (r - r.mean()) / (r.std() + 1e-12)
     coeffs = (lr / (r.numel() * sigma)) * r
-    zo_replay_(params, list(seeds), coeffs.tolist(), **kw)
+    zo_replay_(params, seeds if torch.is_tensor(seeds) else list(seeds), coeffs.tolist(), **kw)
     return coeffs

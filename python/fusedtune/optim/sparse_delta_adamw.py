@@ -42,3 +42,5 @@ class SparseDeltaAdamW(FusedAdamW):
         sparse_adamw_(*lists, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                       weight_decay=group["weight_decay"], step=step, backend=self.backend,
                       check=False)  # indices checked by the layers
+        for p in lists[0]:   # the merged weights are current: the layers need not merge again
+            self._layer(p)._merged_version = p._version

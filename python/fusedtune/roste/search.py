@@ -6,8 +6,9 @@ error on calibration data (RoSTE's rule), and apply_rotation to set it.
     rotate    = err_rot < err_plain          (a tie keeps the layer unrotated)
 H the orthonormal Hadamard matrix of in_features, Q = fusedtune.reference.roste.fake_quant (asymmetric
 min-max with clip_ratio; per output channel = per row of W, per token = per row of X), all in
-float32. X is every input the layer saw over the calibration batches, captured by forward pre-hooks
-under torch.no_grad with the model in eval mode (the layers quantize as configured while capturing).
+float32. X is every input the layer saw over the calibration batches, seen by forward pre-hooks under
+torch.no_grad with the model in eval mode (the layers quantize as configured meanwhile); the hooks add
+up the squared errors as the batches pass, so no input is kept.
 A layer whose in_features has no Hadamard construction can only be unrotated (err_rotated None).
 """
 from __future__ import annotations
@@ -61,14 +62,34 @@ def _run(model, batch, what):
                         f"keyword arguments or a tuple of positional ones, got {type(batch).__name__}")
 
 
-def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int = 4, a_bits: int = 4,
-                    clip_ratio: float = 0.95, layers: Iterable[str] | None = None) -> RotationConfig:
+def _sse(y: torch.Tensor, bits: int, clip_ratio: float) -> float:
+    out, _ = rref.fake_quant(y, bits, "token", False, clip_ratio)
+    return float((out - y).double().pow(2).sum())
+
+
+def _layer_setting(found: dict, chosen: list, attr: str, value, what: str):
+    """An explicit value, or (None) the one setting the chosen layers share."""
+    if value is not None:
+        return value
+    vals = {getattr(found[n], attr) for n in chosen}
+    if len(vals) != 1:
+        raise ValueError(f"{what}: the layers differ in {attr} ({sorted(vals)}); pass {attr}= explicitly")
+    return vals.pop()
+
+
+def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int | None = None,
+                    a_bits: int | None = None, clip_ratio: float | None = None,
+                    layers: Iterable[str] | None = None) -> RotationConfig:
     """The per-layer rotation choice (module docstring) for the RoSTELinear layers of a prepared model
-    (all of them, or the names in `layers`). Changes nothing in the model (apply_rotation does)."""
+    (all of them, or the names in `layers`). Changes nothing in the model (apply_rotation does).
+    w_bits, a_bits, clip_ratio: what the errors are measured at; None (default) takes the layers' own
+    settings (they must agree). The activation errors are summed batch by batch as the inputs pass
+    (per-token quantization makes the mean over all tokens a sum of per-batch sums): nothing is kept."""
     what = "search_rotation"
-    check_bits(what, "w_bits", w_bits)
-    check_bits(what, "a_bits", a_bits)
-    check_clip(what, clip_ratio)
+    check_bits(what, "w_bits", w_bits, allow_none=True)
+    check_bits(what, "a_bits", a_bits, allow_none=True)
+    if clip_ratio is not None:
+        check_clip(what, clip_ratio)
     found = _roste_layers(model, what)
     if layers is None:
         chosen = list(found)
@@ -80,14 +101,24 @@ def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int
         if unknown:
             raise ValueError(f"{what}: {unknown} are not RoSTELinear layers of the model (it has: "
                              f"{', '.join(found)})")
+    w_bits = _layer_setting(found, chosen, "w_bits", w_bits, what)
+    a_bits = _layer_setting(found, chosen, "a_bits", a_bits, what)
+    clip_ratio = float(_layer_setting(found, chosen, "clip_ratio", clip_ratio, what))
     if isinstance(calibration_batches, torch.Tensor):
         raise TypeError(f"{what}: calibration_batches must be an iterable of batches (e.g. a list of input-id "
                         "tensors), got a single tensor; wrap it in a list")
-    seen: dict[str, list[torch.Tensor]] = {n: [] for n in chosen}
+    sums = {n: [0.0, 0.0, 0] for n in chosen}   # squared errors of X and of X H, elements seen
 
     def capture(name):
+        rotatable = hadamard_ok(found[name].in_features)
+
         def hook(mod, args):
-            seen[name].append(args[0].detach().reshape(-1, mod.in_features).float().cpu())
+            x = args[0].detach().reshape(-1, mod.in_features).float()
+            acc = sums[name]
+            acc[0] += _sse(x, a_bits, clip_ratio)
+            if rotatable:
+                acc[1] += _sse(href.hadamard(x), a_bits, clip_ratio)
+            acc[2] += x.numel()
         return hook
 
     handles = [found[n].register_forward_pre_hook(capture(n)) for n in chosen]
@@ -108,11 +139,14 @@ def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int
         raise ValueError(f"{what}: calibration_batches is empty")
     rotate, err_rot, err_plain = {}, {}, {}
     for n in chosen:
-        if not seen[n]:
+        sse_plain, sse_rot, count = sums[n]
+        if not count:
             raise ValueError(f"{what}: layer {n} saw no input over the calibration batches")
-        r, p = layer_errors(found[n].weight, torch.cat(seen[n]), w_bits, a_bits, float(clip_ratio))
+        w = found[n].weight.detach().float()
+        p = _mse(w, w_bits, clip_ratio) + sse_plain / count
+        r = _mse(href.hadamard(w), w_bits, clip_ratio) + sse_rot / count if hadamard_ok(w.shape[-1]) else None
         rotate[n], err_rot[n], err_plain[n] = (r is not None and r < p), r, p
-    return RotationConfig(rotate, err_rot, err_plain, w_bits, a_bits, float(clip_ratio))
+    return RotationConfig(rotate, err_rot, err_plain, w_bits, a_bits, clip_ratio)
 
 
 def apply_rotation(model: nn.Module, config: RotationConfig) -> dict[str, bool]:

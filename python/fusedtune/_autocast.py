@@ -1,0 +1,27 @@
+"""Autocast for fusedtune's fused linear ops. torch.autocast does not reach inside a custom op (its body
+would see autocast on while its fake impl and backward would not), so a layer casts its inputs the way
+autocast casts those of F.linear and calls the op with autocast off: the output is in the autocast
+dtype, and the gradients flow back through the casts to the original dtypes."""
+from __future__ import annotations
+
+import torch
+
+_TYPES = ("cuda", "cpu")
+
+
+def linear_dtype(device) -> torch.dtype | None:
+    """The dtype autocast runs F.linear in on this device, or None where autocast is off."""
+    t = torch.device(device).type
+    if t in _TYPES and torch.is_autocast_enabled(t):
+        return torch.get_autocast_dtype(t)
+    return None
+
+
+def cast(dtype: torch.dtype, *tensors):
+    """The floating tensors in dtype; None and integer tensors as they are."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+                 for t in tensors)
+
+
+def off(device):
+    return torch.autocast(torch.device(device).type, enabled=False)
