@@ -185,6 +185,23 @@ def test_bad_inputs():
         F8.fp8_gemm(a_q, a_s, b_q[:, :128], b_s[:, :1])
     with pytest.raises(ValueError, match="x has 5 features"):
         F8.fp8_linear(torch.randn(2, 5), torch.randn(3, 4))
+    with pytest.raises(ValueError, match="bias must be a float tensor of shape \\[3\\]"):
+        F8.fp8_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(1))   # used to broadcast silently
+    with pytest.raises(ValueError, match="one device"):
+        F8.fp8_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, device="meta"))
+
+
+def test_no_transposed_x_copy_without_grad(monkeypatch):
+    """Under no_grad (eval) the forward keeps no column-wise FP8 copy of x for a weight gradient."""
+    seen = []
+    real = F8._linear_op
+    monkeypatch.setattr(F8, "_linear_op", lambda *a: (seen.append(a[6]), real(*a))[1])
+    w = torch.nn.Parameter(torch.randn(128, 128))
+    x = torch.randn(4, 128)
+    with torch.no_grad():
+        F8.fp8_linear(x, w, backend="reference")
+    F8.fp8_linear(x, w, backend="reference")
+    assert seen == [False, True]
 
 
 def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input():

@@ -318,3 +318,14 @@ def test_linear_subclasses_and_fp4_bases_are_refused():
     fp4 = fp4.to("cpu")
     with pytest.raises(LoRAUnsupported, match="must be NF4, got quant_type='fp4'"):
         LoRALinear.from_linear(fp4, r=2)
+
+
+def test_peft_names_get_delta_weight_and_enable_adapters():
+    lin = nn.Linear(16, 8)
+    m = LoRALinear.from_linear(lin, r=2, init_lora_weights=False)
+    assert torch.equal(m.get_delta_weight("default"), m.delta_weight("default"))
+    x = torch.randn(3, 16)
+    m.enable_adapters(False)
+    torch.testing.assert_close(m(x), lin(x))
+    m.enable_adapters(True)
+    assert not torch.allclose(m(x), lin(x))

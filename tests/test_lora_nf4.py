@@ -87,3 +87,20 @@ def test_merge_into_nf4_is_refused_and_to_linear_dequantizes():
     torch.testing.assert_close(plain(x), ours(x), atol=1e-5, rtol=1e-5)
     base = ours.to_linear(merge=False)
     assert torch.equal(base.weight, dequantize(Nf4Weight.from_bnb(ours.base_layer.weight), torch.float32))
+
+
+def test_qlora_layer_compiles_fullgraph():
+    ours = LoRALinear.from_linear(_linear4bit(nn.Linear(64, 32)), r=4)
+    x = torch.randn(2, 5, 64)
+    want = ours(x)
+    got = torch.compile(ours, fullgraph=True, backend="aot_eager")(x)
+    torch.testing.assert_close(got, want)
+
+
+def test_fsdp_quant_storage_reads_the_same_nf4_bytes():
+    """FSDP-QLoRA stores the packed weight in another dtype (quant_storage); the bytes are the same."""
+    base = _linear4bit(nn.Linear(64, 32))
+    want = dequantize(Nf4Weight.from_bnb(base.weight))
+    q16 = base.weight.data.reshape(-1).view(torch.bfloat16)
+    got = dequantize(Nf4Weight.from_bnb(q16, base.weight.quant_state))
+    assert torch.equal(got, want)

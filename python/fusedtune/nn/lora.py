@@ -82,6 +82,7 @@ class LoRALinear(nn.Module):
         self._tables: dict = {}
         self._nf4 = None
         self._stash: torch.Tensor | None = None
+        self._nf4_weight()   # an NF4 base's container, made in eager (torch.compile reuses it)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -188,6 +189,9 @@ class LoRALinear(nn.Module):
             return None
         w = self.base_layer.weight
         if torch.compiler.is_compiling():
+            # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
+            if self._nf4 is not None and self._nf4[0][1] == w.device:
+                return self._nf4[1]
             return Nf4Weight.from_bnb(w)
         key = (w.data_ptr(), w.device)
         if self._nf4 is None or self._nf4[0] != key:
@@ -294,6 +298,14 @@ class LoRALinear(nn.Module):
         return y.to(out_dtype)
 
     # ------------------------------------------------------------------ merge / unmerge
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """peft's name for delta_weight."""
+        return self.delta_weight(adapter)
+
+    def enable_adapters(self, enabled: bool) -> None:
+        """peft's switch: enabled=False runs the base layer alone (unmerging first if merged)."""
+        self.disable_adapters = not enabled
+
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A, float32 [out, in]."""
         self._require(name)

@@ -202,6 +202,12 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, the weight expects {K}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOATS):
+        raise ValueError(f"fp8_linear: bias must be a float tensor of shape [{N}], got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    devs = {t.device for t in (x, weight, bias, w_q, w_s) if t is not None}
+    if len(devs) != 1:
+        raise ValueError(f"fp8_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
     if w_q is None:
         with torch.no_grad():
             w_q, w_s = fp8_quantize_128x128(weight.detach(), pow2, backend)
@@ -210,7 +216,8 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
         x2 = x2.contiguous()
     name = _resolve("fp8_linear", x, backend)
-    y, _, _ = _linear_op(x2, weight, bias, w_q, w_s, bool(pow2), bool(weight.requires_grad), name)
+    need_wgrad = bool(weight.requires_grad) and torch.is_grad_enabled()   # else no transposed x copy is kept
+    y, _, _ = _linear_op(x2, weight, bias, w_q, w_s, bool(pow2), need_wgrad, name)
     return y.reshape(*lead, N)
 
 

@@ -37,6 +37,8 @@ class Nf4Weight:
         if len(shape) != 2:
             raise ValueError(f"Nf4Weight.from_bnb: expected a 2-D weight, quant_state.shape is {shape}")
         q = weight.data if hasattr(weight, "data") else weight
+        if q.dtype != torch.uint8 and q.is_contiguous():   # bnb's quant_storage (FSDP-QLoRA): the same bytes
+            q = q.reshape(-1).view(torch.uint8)
         if q.dtype != torch.uint8 or q.numel() * 2 != shape[0] * shape[1]:
             raise ValueError(f"Nf4Weight.from_bnb: packed weight {q.dtype} {tuple(q.shape)} does not hold "
                              f"{shape[0]}x{shape[1]} nibbles")
