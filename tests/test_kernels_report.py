@@ -109,6 +109,18 @@ def test_gemm_without_tensor_cores_is_a_defect(local_rows):
     assert ("t_scale", 89) not in local_rows  # only the targets a spec claims are compiled
 
 
+def test_a_required_tensor_core_instruction_is_enforced():
+    """An FP8 GEMM that compiled to 16-bit tensor cores (an upcast) is a defect, though it has HGMMA."""
+    row = K._row(source="triton", kernel="fp8_gemm_kernel", target="sm_90a", gemm=True, requires="QGMMA",
+                 HGMMA=4, tc_insts=4)
+    assert K.defects(row) == ["triton fp8_gemm_kernel [] on sm_90a: needs QGMMA on this target, SASS shows HGMMA"]
+    row.update(QGMMA=4, HGMMA=0)
+    assert K.defects(row) == []
+    from fusedtune.triton_kernels.registry import all_kernels
+    fp8 = [s for s in all_kernels() if s.name == "fp8_gemm_kernel"]
+    assert fp8 and fp8[0].requires == {89: "QMMA", 90: "QGMMA"}
+
+
 def test_spills_and_errors_are_defects():
     row = K._row(source="cuda", kernel="k", target="sm_80", regs=255, spill_bytes=64, stack_bytes=64,
                  local_bytes=0, local_insts=12, tc_insts=0)

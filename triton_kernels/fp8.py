@@ -238,6 +238,7 @@ _G_SIG = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr":
           "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_am": "i32", "stride_cm": "i32"}
 register(KernelSpec(
     family="fp8", name="fp8_gemm_kernel", fn=fp8_gemm_kernel.fn, signature=_G_SIG, gemm=True, targets=(89, 90),
+    requires={89: "QMMA", 90: "QGMMA"},   # FP8 tensor cores: Ada's mma.sync, Hopper's wgmma
     configs=[{"constexprs": dict(B_ROWS=br, GROUP_M=8, BLOCK_K=TILE, EVEN_K=True, BLOCK_M=m, BLOCK_N=n, **consts),
               "signature": sig, "num_warps": w, "num_stages": s,   # runtime strides of LLM shapes are 16-aligned
               "aligned": [k for k, t in _G_SIG.items() if t.startswith("*")] + ["N", "K", "stride_am", "stride_cm"]

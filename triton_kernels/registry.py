@@ -4,7 +4,8 @@ Every module triton_kernels/<family>.py appends KernelSpec entries to KERNELS at
 names the @triton.jit function, its argument types as triton.compile wants them (e.g. "*i16",
 "i64", "fp32"; constexpr arguments are given in `constexprs` per config), the configs it launches
 with (each a dict of constexpr values plus num_warps / num_stages), and whether it is a GEMM
-(a GEMM must show tensor-core instructions on every target it claims).
+(a GEMM must show tensor-core instructions on every target it claims; `requires` names the one it
+must show on a target, e.g. FP8's QGMMA on sm_90, where any other would mean an upcast).
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ class KernelSpec:
     gemm: bool = False
     targets: tuple = (80, 89, 90)   # compute capabilities the kernel claims
     options: dict = dataclasses.field(default_factory=dict)  # extra compile options (enable_fp_fusion=False)
+    requires: dict = dataclasses.field(default_factory=dict)  # cc -> the tensor-core instruction it must show
 
 
 KERNELS: list[KernelSpec] = []

@@ -188,7 +188,7 @@ def _row(**kw) -> dict:
            "gemm": False, "regs": None, "spill_bytes": None, "stack_bytes": None, "local_bytes": None,
            "local_insts": None, "smem": None, "smem_static": None, "smem_dynamic": None,
            **dict.fromkeys(TC_OPS), "tc_insts": None, "insts": None, "mangled": None, "error": None,
-           "notes": []}
+           "requires": None, "notes": []}
     row.update(kw)
     return row
 
@@ -279,7 +279,8 @@ def compile_triton(spec, config: dict, cc: int):
 
 def report_triton_kernel(spec, config: dict, cc: int) -> dict:
     row = _row(source="triton", family=spec.family, kernel=spec.name, config=config_label(config, spec),
-               target=f"sm_{cc}", cc=int(cc), gemm=bool(config.get("gemm", spec.gemm)))
+               target=f"sm_{cc}", cc=int(cc), gemm=bool(config.get("gemm", spec.gemm)),
+               requires=(getattr(spec, "requires", None) or {}).get(int(cc)))
     try:
         k = compile_triton(spec, config, cc)
     except Exception as e:  # noqa: BLE001 - a failed compile is a reported defect
@@ -417,6 +418,9 @@ def defects(row: dict) -> list[str]:
                    "(the launch fails)")
     if row.get("gemm") and not row.get("tc_insts"):
         out.append(f"{where}: GEMM kernel without tensor-core instructions (no {'/'.join(TC_OPS)} in SASS)")
+    elif row.get("requires") and not row.get(row["requires"]) and not row.get("error"):
+        shown = "/".join(op for op in TC_OPS if row.get(op)) or "none"
+        out.append(f"{where}: needs {row['requires']} on this target, SASS shows {shown}")
     return out
 
 
