@@ -329,3 +329,30 @@ def test_peft_names_get_delta_weight_and_enable_adapters():
     torch.testing.assert_close(m(x), lin(x))
     m.enable_adapters(True)
     assert not torch.allclose(m(x), lin(x))
+
+
+def test_model_level_mixed_batch_matches_per_adapter_runs():
+    """fusedtune.lora.adapter_names: peft's model(..., adapter_names=...) for a patched model."""
+    from fusedtune.lora import adapter_names, lora_layers
+    m = tiny_llama(seed=2)
+    fusedtune.patch(m, "lora", r=4, alpha=8)
+    layers = lora_layers(m).values()
+    for lay in layers:
+        lay.add_adapter("a", r=4, alpha=8, init_lora_weights=False)
+        lay.add_adapter("b", r=2, alpha=4, init_lora_weights=False)
+    ids = torch.randint(0, 64, (3, 10))
+    names = ["a", "__base__", "b"]
+    with torch.no_grad(), adapter_names(m, names):
+        mixed = m(ids).logits
+    assert all(not lay._forward_pre_hooks for lay in layers)       # the hooks are gone
+    for i, n in enumerate(names):
+        for lay in layers:
+            lay.enable_adapters(n != "__base__")
+            if n != "__base__":
+                lay.set_adapter(n)
+        with torch.no_grad():
+            want = m(ids).logits[i]
+        torch.testing.assert_close(mixed[i], want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(KeyError, match=r"unknown adapters \['c'\]"):
+        with adapter_names(m, ["a", "c", "b"]):
+            pass

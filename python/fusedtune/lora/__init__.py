@@ -3,6 +3,9 @@
     fusedtune.lora.save_adapter(model, "out_dir", adapter_name="default")   # adapter_model.safetensors
                                                                          # + adapter_config.json
     fusedtune.lora.load_adapter(model, "out_dir", adapter_name="default")   # into the model's LoRALinear layers
+    with fusedtune.lora.adapter_names(model, ["default", "__base__", "task2"]):  # one adapter per sample,
+        model(input_ids)                                                     # in every LoRALinear (peft's
+                                                                             # adapter_names=; generate too)
 
 The directory is what peft's save_pretrained writes (keys base_model.model.<module>.lora_A.weight, a
 LoraConfig JSON), so peft's PeftModel.from_pretrained reads ours and load_adapter reads peft's. The
@@ -12,6 +15,7 @@ ranks and alphas that differ from the most common one go to rank_pattern / alpha
 from __future__ import annotations
 
 import collections
+import contextlib
 import json
 import math
 import os
@@ -28,6 +32,30 @@ PREFIX = "base_model.model."
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoRALinear]:
     return {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+@contextlib.contextmanager
+def adapter_names(model: torch.nn.Module, names: list[str]):
+    """Inside, every LoRALinear of the model serves a mixed batch: sample i of each input (its first
+    dimension) goes through adapter names[i] ("__base__": none), as peft's `adapter_names=` does for a
+    model's forward and generate. Unknown names are refused before anything runs."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("adapter_names: the model has no LoRALinear layers (fusedtune.patch(model, 'lora') first)")
+    names = list(names)
+    known = set().union(*(set(m.r) for m in layers.values())) | {"__base__"}
+    unknown = sorted(set(names) - known)
+    if unknown:
+        raise KeyError(f"adapter_names: unknown adapters {unknown}; the model has {sorted(known - {'__base__'})}")
+
+    def hook(module, args, kwargs):
+        return args, {**kwargs, "adapter_names": names}
+    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers.values()]
+    try:
+        yield model
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _pattern(patterns: dict, module: str, default):
