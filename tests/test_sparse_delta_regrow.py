@@ -95,7 +95,10 @@ def test_ag_prune_regrow_exact():
             rg.step()
     before = {n: (l.indices.long().clone(), l.values.detach().clone(), opt.state[l.values]["exp_avg"].clone(),
                   opt.state[l.values]["exp_avg_sq"].clone(), rg.ages[n].clone()) for n, l in layers(net).items()}
+    params_before = {n: l.values for n, l in layers(net).items()}
     summary = rg.step()           # t = 4: selection
+    # the same Parameter objects, rewritten in place: what DDP / FSDP buckets and EMA copies hold stays valid
+    assert all(l.values is params_before[n] for n, l in layers(net).items())
     assert rg.dense_grad_steps == [3, 4]
     for n, l in layers(net).items():
         idx, val, m, v, age = before[n]

@@ -51,9 +51,12 @@ class SparseDeltaLinear(nn.Module):
         m.set_indices(torch.as_tensor(indices))
         return m
 
-    def set_indices(self, indices: torch.Tensor, values: torch.Tensor | None = None) -> None:
+    def set_indices(self, indices: torch.Tensor, values: torch.Tensor | None = None,
+                    keep_parameter: bool = False) -> None:
         """Revert the current deltas, select new positions (base re-read from W0), set the deltas
-        (default 0) and merge. The float32 deltas become a new Parameter (optimizer state resets)."""
+        (default 0) and merge. The float32 deltas become a new Parameter (optimizer state resets), or,
+        with keep_parameter=True and an unchanged k, are written into the same Parameter (what DDP,
+        FSDP and EMA copies hold on to; the caller realigns the optimizer state, as Regrower does)."""
         indices = indices.to(device=self.weight.device)
         check_indices(indices, self.weight.numel(), "SparseDeltaLinear")
         if values is not None and (values.shape != indices.shape):
@@ -66,8 +69,13 @@ class SparseDeltaLinear(nn.Module):
             self.base_values = self.weight.view(-1).index_select(0, self.indices.long()).clone()
             v = torch.zeros(indices.shape, dtype=torch.float32, device=self.weight.device) if values is None \
                 else values.detach().to(device=self.weight.device, dtype=torch.float32).clone()
-        self.values = nn.Parameter(v)
-        self.values._fusedtune_sparse_layer = weakref.ref(self)
+        if keep_parameter and isinstance(self.values, nn.Parameter) and self.values.shape == v.shape:
+            with torch.no_grad():
+                self.values.copy_(v)
+            self.values.grad = None      # it belonged to the old positions
+        else:
+            self.values = nn.Parameter(v)
+            self.values._fusedtune_sparse_layer = weakref.ref(self)
         self.merge_()
 
     @torch.no_grad()

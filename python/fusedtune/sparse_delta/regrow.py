@@ -307,7 +307,7 @@ class Regrower:
             self.ages[name] = torch.cat([age[keep], torch.zeros(n, dtype=age.dtype, device=age.device)])[order]
             st = self.optimizer.state.get(old)
             dropped_idx = layer.indices.long()[drop].cpu()
-            layer.set_indices(new_idx.to(torch.int32), new_vals)
+            layer.set_indices(new_idx.to(torch.int32), new_vals, keep_parameter=True)   # same Parameter: DDP-safe
             new = layer.values
             self._rebind(old, new)
             if st:   # permute the kept moments with their entries; grown entries are seeded below
