@@ -72,7 +72,8 @@ def layers(net):
 def test_ag_prune_regrow_exact():
     net = Net()
     opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
-    rg = Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ag", accumulate_steps=2)
+    rg = Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ag", accumulate_steps=2,
+                  candidates=None)   # the exact (dense accumulator) mode
     data = batches(4)
     acc = {"a": 0, "b": 0}
     w0 = {n: l.weight.detach().clone() for n, l in layers(net).items()}   # values are 0: weight == W0
@@ -303,3 +304,13 @@ def test_regrow_through_patch_trains_and_restores():
     st = m.state_dict()
     assert all(torch.equal(st[k], base[k]) for k in base)
     assert rg._post_hook is None and rg._dense == []
+
+
+def test_ag_defaults_to_k_candidates_not_a_dense_accumulator():
+    """SpIEL accumulates at k candidates; a dense float32 accumulator per layer (26 GB at 7B) is opt-in."""
+    net = Net()
+    opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+    assert Regrower(net, opt, every=4, rate=0.25, decay="constant").candidates == 1.0
+    assert Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ma").candidates is None
+    with pytest.raises(ValueError, match="applies to variant='ag' only"):
+        Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ma", candidates=1.0)

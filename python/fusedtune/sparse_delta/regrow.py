@@ -25,10 +25,11 @@ gradient); a hook on each weight consumes that gradient as soon as backward has 
 it adds the gathered gradient at the layer's k indices to `values.grad` (so the deltas keep
 training on window steps) and updates the score accumulator, then frees the dense gradient.
     variant="ag"  (SpIEL-AG, accumulated gradients) score = sum over the window of |dW|.
-                  candidates=None: a dense float32 accumulator per layer during the window (exact).
-                  candidates=c (float): memory-light; on the first window step the top ceil(c*k)
-                  positions by |dW| outside the current indices become the candidates, and |dW| is
-                  accumulated at those only (SpIEL's accumulate-at-top-k-candidates scheme).
+                  candidates=c (float; default 1.0, SpIEL's k candidates): on the first window step
+                  the top ceil(c*k) positions by |dW| outside the current indices become the
+                  candidates, and |dW| is accumulated at those only (SpIEL's scheme: c*k floats).
+                  candidates=None: a dense float32 accumulator per layer during the window (exact,
+                  4 bytes per weight: ~26 GB for a 7B model).
     variant="ma"  (SpIEL-MA, SM3-style accumulators): per layer a row accumulator R [out] and a
                   column accumulator C [in]; each window step, with G = dW,
                       nu[r, c] = min(R[r], C[c]) + G[r, c]^2,  R[r] = max_c nu[r, c],  C[c] = max_r nu[r, c]
@@ -81,7 +82,8 @@ def top_n(score: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
 class Regrower:
     def __init__(self, model: nn.Module, optimizer, every: int = 20, rate: float = 0.2, decay: str = "cosine",
                  variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
-                 candidates: float | None = None, seed_moments: str = "zero", seed: int = 0, attach: bool = False):
+                 candidates: float | None | str = "auto", seed_moments: str = "zero", seed: int = 0,
+                 attach: bool = False):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"Regrower: every must be a positive int, got {every!r}")
         if not 0 <= rate <= 1:
@@ -96,7 +98,9 @@ class Regrower:
                              f"accumulators), got {variant!r}")
         if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
             raise ValueError(f"Regrower: accumulate_steps must be a positive int, got {accumulate_steps!r}")
-        if candidates is not None and (variant != "ag" or not candidates > 0):
+        if isinstance(candidates, str) and candidates == "auto":
+            candidates = 1.0 if variant == "ag" else None
+        if candidates is not None and (variant != "ag" or isinstance(candidates, str) or not candidates > 0):
             raise ValueError(f"Regrower: candidates (a positive factor of k) applies to variant='ag' only, got "
                              f"candidates={candidates!r} with variant={variant!r}")
         if seed_moments not in ("zero", "grad"):
