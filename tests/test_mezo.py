@@ -155,8 +155,6 @@ def test_a_failing_closure_leaves_the_weights_exact(fail_on):
 
 
 def test_bad_parameters_refused_when_made():
-    with pytest.raises(ValueError, match="rounding='stochastic' supports bfloat16"):
-        MeZO([torch.nn.Parameter(torch.zeros(3).half())], lr=1e-3, rounding="stochastic")
     with pytest.raises(ValueError, match="not contiguous"):
         MeZO([torch.nn.Parameter(torch.zeros(4, 3).t())], lr=1e-3)
     opt = MeZO([torch.nn.Parameter(torch.zeros(3))], lr=1e-3)

@@ -32,8 +32,6 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_bit_identical_across_backends(dtype, case):
     kw = dict(CASES[case])
-    if dtype == torch.float16 and kw.get("rounding") == "stochastic":
-        pytest.skip("stochastic rounding is for bfloat16/float32")
 
     def run(b):
         ts = _tensors(dtype)
@@ -111,6 +109,40 @@ def test_stochastic_rounding_is_unbiased_and_seeded():
         mean = moved[z == sign].mean().item()
         assert abs(mean - sign * 1e-3) < 1e-4, mean
     assert torch.equal(sr, sr2) and not torch.equal(sr, sr3)
+
+
+def fp16_edge_values() -> torch.Tensor:
+    """float16 values around every branch of its stochastic rounding: normal, subnormal, below 2^-24,
+    zeros, the overflow edge, inf and NaN (the update moves them across the boundaries)."""
+    v = torch.tensor([1.0, -3.14, 6.1e-5, -6.0e-5, 2.0e-6, -7.0e-7, 6.0e-8, 5.96e-8, -3.0e-8, 1e-9, 0.0, -0.0,
+                      65504.0, -65472.0, 60000.0, float("inf"), float("-inf"), float("nan")])
+    return v.repeat(64).half()
+
+
+@pytest.mark.parametrize("coeff", [1e-7, 3e-5, 40.0])
+def test_float16_stochastic_rounding_edges_bit_identical(coeff):
+    def run(b):
+        t = fp16_edge_values()
+        zo_apply_(t, [11], [coeff], rounding="stochastic", rounding_seed=5, backend=b)
+        return [t]
+    checked = check_backends(run, "cpu", exact=True)
+    assert checked or not fusedtune._ext.loaded()
+    out = run("reference")[0].float()
+    assert torch.isinf(out[15]) and torch.isnan(out[17]) and torch.isfinite(out[:15]).all()
+
+
+def test_float16_stochastic_rounding_is_unbiased_in_normal_and_subnormal_range():
+    for base, c in ((1.0, 1e-4), (1e-6, 1e-8)):       # ulp(1) = 2^-10; fp16 subnormal step = 2^-24
+        w = torch.full((1 << 18,), base, dtype=torch.float16)
+        z = fusedtune.ops.zo_noise(w.shape, 3, noise="rademacher")
+        nearest, sr = w.clone(), w.clone()
+        zo_apply_(nearest, [3], [c], noise="rademacher")
+        zo_apply_(sr, [3], [c], noise="rademacher", rounding="stochastic", rounding_seed=1)
+        assert torch.equal(nearest, w)                   # under half a step: nearest loses the update
+        moved = sr.double() - w.double()
+        for sign in (1.0, -1.0):
+            mean = moved[z == sign].mean().item()
+            assert abs(mean - sign * c) < 0.05 * c, (base, sign, mean)
 
 
 def test_float32_stochastic_is_plain_float32():

@@ -22,8 +22,6 @@ BAD = [
     ("not a tensor", lambda ts: dict(tensors=ts + [[1.0]]), "tensors\\[2\\] is a list"),
     ("noise", lambda ts: dict(noise="uniform"), "noise='uniform'"),
     ("rounding", lambda ts: dict(rounding="up"), "rounding='up'"),
-    ("fp16 stochastic", lambda ts: dict(tensors=ts + [torch.randn(3).half()], rounding="stochastic"),
-     "tensors\\[2\\] is float16"),
     ("length mismatch", lambda ts: dict(seeds=[1, 2], coeffs=[1.0]), "as many seeds as coeffs"),
     ("no pairs", lambda ts: dict(seeds=[], coeffs=[]), "as many seeds as coeffs"),
     ("seed range", lambda ts: dict(seeds=[1 << 64]), "seeds must be integers"),

@@ -20,8 +20,6 @@ CASES = [
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_triton_matches_reference(dtype, case):
     kw = dict(CASES[case])
-    if dtype == torch.float16 and kw.get("rounding") == "stochastic":
-        pytest.skip("stochastic rounding is for bfloat16/float32")
 
     def run(b):
         g = torch.Generator().manual_seed(1)
@@ -36,3 +34,13 @@ def test_triton_noise_matches_reference():
         a = zo_noise((4099,), seed=(1 << 63) + 1, tensor_id=3, noise=noise, backend="triton")
         b = zo_noise((4099,), seed=(1 << 63) + 1, tensor_id=3, noise=noise, backend="reference")
         assert torch.equal(a, b)
+
+
+def test_triton_float16_stochastic_rounding_edges():
+    from test_zo_apply import fp16_edge_values
+    for coeff in (1e-7, 3e-5, 40.0):
+        def run(b):
+            t = fp16_edge_values()
+            zo_apply_(t, [11], [coeff], rounding="stochastic", rounding_seed=5, backend=b)
+            return [t]
+        assert "triton" in check_backends(run, "cpu", exact=True)

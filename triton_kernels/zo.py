@@ -74,6 +74,23 @@ def _f32_to_f16(v):
 
 
 @triton.jit
+def _f32_to_f16_sr(v, rnd):
+    """Stochastic rounding to fp16 bits (zo_math.h f32_to_f16_sr: the same integer steps)."""
+    x = v.to(tl.uint32, bitcast=True)
+    sign = x & 0x80000000
+    ax = x & 0x7FFFFFFF
+    e = (ax >> 23).to(tl.int32) - 127
+    d = tl.minimum(tl.maximum(tl.where(e >= -14, 13, -1 - e), 13), 23).to(tl.uint32)
+    mask = (tl.full(ax.shape, 1, tl.uint32) << d) - 1
+    kept = (ax + (rnd & mask)) & (mask ^ 0xFFFFFFFF)
+    p = ax.to(tl.float32, bitcast=True) * 16777216.0
+    u = (rnd >> 8).to(tl.float32) * 5.9604644775390625e-08
+    tiny = tl.where(u < p, 0x33800000, 0).to(tl.uint32)
+    pattern = sign | tl.where(ax < 0x33800000, tiny, kept)
+    return tl.where(ax >= 0x477FE000, _f32_to_f16(v), _f32_to_f16(pattern.to(tl.float32, bitcast=True)))
+
+
+@triton.jit
 def _f16_to_f32(h):
     sign = (h & 0x8000) << 16
     e = (h >> 10) & 0x1F
@@ -135,6 +152,8 @@ def _finish(x, d, alpha, rnd, DT: tl.constexpr, SCALE: tl.constexpr, SR: tl.cons
         vb = v.to(tl.uint32, bitcast=True)
         finite = (vb & 0x7F800000) != 0x7F800000
         return tl.where(finite, (vb + (rnd & 0xFFFF)) >> 16, _f32_to_bf16(v))
+    elif SR and DT == 2:
+        return _f32_to_f16_sr(v, rnd)
     else:
         return _round(v, DT)
 
@@ -217,7 +236,7 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         zo_apply_kernel[grid](
             x, t.numel(), tid, seeds, coeffs, seeds.numel(), prev_seeds if has_prev else seeds,
             prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed,
-            DT=dt, NOISE=noise, HAS_PREV=has_prev, SCALE=alpha32 != 1.0, SR=(rounding == 1 and dt == 1),
+            DT=dt, NOISE=noise, HAS_PREV=has_prev, SCALE=alpha32 != 1.0, SR=(rounding == 1 and dt != 0),
             BLOCK=BLOCK_G, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
@@ -230,5 +249,5 @@ register(KernelSpec(
               "num_warps": NUM_WARPS, "num_stages": 1,
               "signature": dict(_SIG, x_ptr="*i32" if dt == 0 else "*i16")}
              for dt, hp, sr in [(1, False, False), (1, True, False), (1, False, True), (0, True, False),
-                                (2, True, False)]],
+                                (2, True, False), (2, False, True)]],
     options={"enable_fp_fusion": False}))

@@ -71,6 +71,24 @@ FT_HD uint32_t f32_to_bf16_sr(float v, uint32_t rnd16) {
   return (f32_bits(v) + (rnd16 & 0xFFFFu)) >> 16;
 }
 
+// Stochastic rounding of an fp32 value to fp16 with the random word rnd. In fp16's normal range the
+// low 13 bits of v's pattern are dropped after adding 13 random bits (exactly unbiased); below 2^-14
+// the dropped bits are D = 13 + (-14 - e) for v's exponent e (down to 2^-24; still exact); below 2^-24
+// the result is 2^-24 with probability |v| * 2^24 (24 random bits), else 0. |v| >= 65504 and
+// non-finite values round to nearest (no overflow by chance). Returns fp16 bits.
+FT_HD uint32_t f32_to_f16_sr(float v, uint32_t rnd) {
+  const uint32_t x = f32_bits(v), sign = x & 0x80000000u, ax = x & 0x7FFFFFFFu;
+  if (ax >= 0x477FE000u) return f32_to_f16_rne(v);
+  if (ax < 0x33800000u) {
+    const float p = ft_mul(bits_f32(ax), 16777216.0f);                  // |v| * 2^24 < 1, exact
+    const float u = ft_mul((float)(rnd >> 8), 5.9604644775390625e-08f);  // 24 random bits * 2^-24, exact
+    return f32_to_f16_rne(bits_f32(sign | (u < p ? 0x33800000u : 0u)));
+  }
+  const int e = (int)(ax >> 23) - 127;
+  const uint32_t mask = (1u << (e >= -14 ? 13 : -1 - e)) - 1u;          // -1 - e == 13 + (-14 - e)
+  return f32_to_f16_rne(bits_f32(sign | ((ax + (rnd & mask)) & ~mask)));  // exact: an fp16 value
+}
+
 // Undo one earlier application: the stored bits x were written as round_rne(w + dp). Returns the
 // bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
 // its two neighbours. Exact whenever the preimage is unique (same-binade moves); otherwise one of
@@ -92,6 +110,7 @@ FT_HD uint32_t invert(uint32_t x, float dp, int dt) {
 FT_HD uint32_t finish(float w, float delta, float alpha, bool scale, int dt, int rounding, uint32_t rnd) {
   float v = ft_add(scale ? ft_mul(w, alpha) : w, delta);
   if (rounding == ROUND_STOCHASTIC && dt == FT_BF16) return f32_to_bf16_sr(v, rnd);
+  if (rounding == ROUND_STOCHASTIC && dt == FT_F16) return f32_to_f16_sr(v, rnd);
   return round_rne(v, dt);
 }
 
@@ -142,7 +161,7 @@ FT_HD void update_group(const Params& p, const float* table, uint64_t g, uint32_
     if (p.n_prev > 0) delta4(p.prev_seeds, p.prev_coeffs, p.n_prev, p.noise, table, g, tid, dp);
   }
   U4 r = {0, 0, 0, 0};
-  if (p.rounding == ROUND_STOCHASTIC && dt == FT_BF16) r = draw4(p.rounding_seed, g, tid, STREAM_ROUNDING);
+  if (p.rounding == ROUND_STOCHASTIC && dt != FT_F32) r = draw4(p.rounding_seed, g, tid, STREAM_ROUNDING);
   FT_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (k >= cnt) break;

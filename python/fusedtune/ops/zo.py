@@ -147,8 +147,8 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
     seeds: ints (64-bit) or an int64 tensor; coeffs: floats or a float tensor (a device tensor
         needs no host sync, so the call is CUDA-graph capturable).
     noise: "normal" (unit-variance, table-based, bit-identical on every backend) or "rademacher".
-    rounding: "nearest" or "stochastic" (bfloat16 tensors; float32 needs no rounding; the random
-        bits come from rounding_seed, default derived from seeds[0]).
+    rounding: "nearest" or "stochastic" (bfloat16 and float16 tensors; float32 needs no rounding; the
+        random bits come from rounding_seed, default derived from seeds[0]; docs/zo_noise.md).
     undo: (seeds, coeffs) of the call that last wrote these tensors with rounding="nearest": the
         tensors are first returned to their exact preimage (see docs/zo_noise.md), so
         perturb -> undo+update does not drift.
@@ -161,11 +161,6 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
         raise ValueError(f"zo_apply_: noise={noise!r}; choose one of {', '.join(NOISES)}")
     if rounding not in ROUNDINGS:
         raise ValueError(f"zo_apply_: rounding={rounding!r}; choose one of {', '.join(ROUNDINGS)}")
-    if rounding == "stochastic":
-        bad = [i for i, t in enumerate(tensors) if t.dtype == torch.float16]
-        if bad:
-            raise ValueError(f"zo_apply_: rounding='stochastic' supports bfloat16 (and float32, which needs no "
-                             f"rounding); tensors[{bad[0]}] is float16")
     _refuse_host_values_in_capture(seeds, coeffs, undo, device)
     s = _as_seeds(seeds, "seeds", device)
     c = _as_coeffs(coeffs, "coeffs", device)

@@ -79,9 +79,6 @@ class MeZO(torch.optim.Optimizer):
             buckets += [(group, dev, ts, ids) for dev, (ts, ids) in by_dev.items()]
         for _, _, ts, _ in buckets:
             _check_tensors(ts)
-            if self.rounding == "stochastic" and any(t.dtype == torch.float16 for t in ts):
-                raise ValueError("MeZO: rounding='stochastic' supports bfloat16 and float32 parameters; a "
-                                 "float16 parameter was given (use rounding='nearest')")
         _check_distinct([t for _, _, ts, _ in buckets for t in ts])
         return buckets
 

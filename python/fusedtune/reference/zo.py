@@ -88,6 +88,29 @@ def to_bits(v: torch.Tensor, dtype) -> torch.Tensor:
     return v.to(dtype).view(_BITS_VIEW[dtype]).to(torch.int64) & ((1 << width) - 1)
 
 
+def f16_stochastic_bits(v: torch.Tensor, rnd: torch.Tensor) -> torch.Tensor:
+    """fp16 bits of float32 v rounded stochastically with the 32-bit words rnd (docs/zo_noise.md):
+    in fp16's normal range 13 random bits are added to v's pattern and the low 13 dropped; below 2^-14
+    D = 13 + (-14 - e) bits (e: v's exponent); below 2^-24 the result is 2^-24 with probability
+    |v| * 2^24 (24 random bits), else 0; |v| >= 65504 and non-finite values round to nearest."""
+    x = v.view(torch.int32).to(torch.int64) & MASK32
+    sign, ax = x & 0x80000000, x & 0x7FFFFFFF
+    e = (ax >> 23) - 127
+    d = torch.where(e >= -14, torch.full_like(e, 13), -1 - e).clamp(13, 23)
+    mask = (1 << d) - 1
+    kept = (ax + (rnd & mask)) & ~mask
+    p = _f32(ax) * 16777216.0                                           # |v| * 2^24, exact
+    u = (rnd >> 8).to(torch.float32) * 5.9604644775390625e-08         # 24 random bits * 2^-24, exact
+    tiny = torch.where(u < p, torch.full_like(ax, 0x33800000), torch.zeros_like(ax))
+    pattern = sign | torch.where(ax < 0x33800000, tiny, kept)
+    return torch.where(ax >= 0x477FE000, to_bits(v, torch.float16), to_bits(_f32(pattern), torch.float16))
+
+
+def _f32(bits: torch.Tensor) -> torch.Tensor:
+    """float32 values of 32-bit patterns held in int64."""
+    return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
+
+
 def from_bits(b: torch.Tensor, dtype) -> torch.Tensor:
     view = _BITS_VIEW[dtype]
     if dtype == torch.float32:
@@ -152,6 +175,8 @@ def zo_apply_(tensors, seeds, coeffs, prev_seeds=(), prev_coeffs=(), tensor_ids=
             vb = v.view(torch.int32).to(torch.int64) & MASK32
             sr = ((vb + r) >> 16) & 0xFFFF
             out = torch.where(torch.isfinite(v), sr, to_bits(v, dt))
+        elif rounding == "stochastic" and dt == torch.float16:
+            out = f16_stochastic_bits(v, random_words(n, rounding_seed, tid, STREAM_ROUNDING, dev))
         else:
             out = to_bits(v, dt)
         t.copy_(from_bits(out, dt).to(dt).view_as(t) if dt != torch.float32 else
