@@ -44,3 +44,14 @@ def test_triton_float16_stochastic_rounding_edges():
             zo_apply_(t, [11], [coeff], rounding="stochastic", rounding_seed=5, backend=b)
             return [t]
         assert "triton" in check_backends(run, "cpu", exact=True)
+
+
+@pytest.mark.parametrize("rs", [5, -7, 2**31, 2**32 - 1, -(2**31) - 1, 2**40 + 3, 2**63 + 12345])
+def test_triton_rounding_seed_of_any_64_bit_value(rs):
+    """The seed reaches the kernel as two signed 32-bit arguments: Triton types a Python int by its
+    value, and a u32-typed seed (2^31 <= s < 2^32) once lost its high word."""
+    def run(b):
+        t = (torch.randn(999, generator=torch.Generator().manual_seed(2)) * 0.05).bfloat16()
+        zo_apply_(t, [3], [1e-4], rounding="stochastic", rounding_seed=rs, backend=b)
+        return [t]
+    assert "triton" in check_backends(run, "cpu", exact=True)

@@ -176,9 +176,9 @@ def _delta(seeds_ptr, coeffs_ptr, n, c0, c1, c2, col, table_ptr, NOISE: tl.const
     return d
 
 
-@triton.jit(do_not_specialize=["numel", "tid", "n", "n_prev"])  # one compile per dtype/flag set, not per size
+@triton.jit(do_not_specialize=["numel", "tid", "n", "n_prev", "rseed_lo", "rseed_hi"])  # one compile per flag set
 def zo_apply_kernel(x_ptr, numel, tid, seeds_ptr, coeffs_ptr, n, prev_seeds_ptr, prev_coeffs_ptr, n_prev,
-                    table_ptr, alpha, rseed_ptr, DT: tl.constexpr, NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
+                    table_ptr, alpha, rseed_lo, rseed_hi, DT: tl.constexpr, NOISE: tl.constexpr, HAS_PREV: tl.constexpr,
                     SCALE: tl.constexpr, SR: tl.constexpr, BLOCK: tl.constexpr):
     g = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     col = tl.arange(0, 4)[None, :]
@@ -195,7 +195,8 @@ def zo_apply_kernel(x_ptr, numel, tid, seeds_ptr, coeffs_ptr, n, prev_seeds_ptr,
     if HAS_PREV:
         x = _invert(x, _delta(prev_seeds_ptr, prev_coeffs_ptr, n_prev, c0, c1, c2, col, table_ptr, NOISE), DT)
     if SR:
-        rnd = _words(tl.load(rseed_ptr), c0, c1, c2, col, 1)
+        rseed = (rseed_hi.to(tl.int64) << 32) | (rseed_lo.to(tl.int64) & 0xFFFFFFFF)
+        rnd = _words(rseed, c0, c1, c2, col, 1)
     else:
         rnd = x
     y = _finish(x, d, alpha, rnd, DT, SCALE, SR)
@@ -222,8 +223,12 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         return
     dev = tensors[0].device
     table = _table(dev)
-    rseed = torch.tensor([rounding_seed], dtype=torch.int64)
-    rseed = rseed.pin_memory().to(dev, non_blocking=True) if dev.type == "cuda" else rseed  # no host sync
+    # the rounding seed is passed as two signed 32-bit kernel arguments (Triton types a Python int by its
+    # value: i32, u32 or i64, and u32 shifts went wrong): a host value, fixed in a captured CUDA graph
+    # like LoRA's dropout seed (a temporary device copy would be read after it is freed by a replay)
+    rs = int(rounding_seed) & 0xFFFFFFFFFFFFFFFF
+    signed32 = lambda v: v - (1 << 32) if v >= 1 << 31 else v  # noqa: E731
+    rseed_lo, rseed_hi = signed32(rs & 0xFFFFFFFF), signed32(rs >> 32)
     alpha32 = float(torch.tensor(alpha, dtype=torch.float32))
     has_prev = prev_seeds.numel() > 0
     for t, tid in zip(tensors, tensor_ids):
@@ -235,14 +240,14 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         grid = (triton.cdiv(groups, BLOCK_G),)
         zo_apply_kernel[grid](
             x, t.numel(), tid, seeds, coeffs, seeds.numel(), prev_seeds if has_prev else seeds,
-            prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed,
+            prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed_lo, rseed_hi,
             DT=dt, NOISE=noise, HAS_PREV=has_prev, SCALE=alpha32 != 1.0, SR=(rounding == 1 and dt != 0),
             BLOCK=BLOCK_G, num_warps=NUM_WARPS, enable_fp_fusion=False)
 
 
 _SIG = {"x_ptr": "*i16", "numel": "i64", "tid": "i32", "seeds_ptr": "*i64", "coeffs_ptr": "*fp32", "n": "i32",
         "prev_seeds_ptr": "*i64", "prev_coeffs_ptr": "*fp32", "n_prev": "i32", "table_ptr": "*fp32",
-        "alpha": "fp32", "rseed_ptr": "*i64"}
+        "alpha": "fp32", "rseed_lo": "i32", "rseed_hi": "i32"}
 register(KernelSpec(
     family="zo", name="zo_apply_kernel", fn=zo_apply_kernel, signature=_SIG,
     configs=[{"constexprs": dict(DT=dt, NOISE=0, HAS_PREV=hp, SCALE=False, SR=sr, BLOCK=BLOCK_G),
