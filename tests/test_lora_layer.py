@@ -356,3 +356,48 @@ def test_model_level_mixed_batch_matches_per_adapter_runs():
     with pytest.raises(KeyError, match=r"unknown adapters \['c'\]"):
         with adapter_names(m, ["a", "c", "b"]):
             pass
+
+
+class _SeededDropout(nn.Module):
+    """peft's dropout slot filled with fusedtune's seeded rule (the mask our layer regenerates)."""
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        from fusedtune.reference.lora import dropout
+        return dropout(x.reshape(-1, x.shape[-1]), self.p, self.seed).reshape(x.shape).to(x.dtype)
+
+
+@pytest.mark.parametrize("i", range(4))
+def test_forward_and_grads_match_peft_with_dropout(i):
+    """Training with dropout: peft's layer with the same mask gives the same output and gradients."""
+    from fusedtune.ops.lora import _seed_tensor
+    c = _rand_config(100 + i)
+    p = 0.1 if i % 2 else 0.3
+    torch.manual_seed(i)
+    lin = nn.Linear(c["K"], c["N"], bias=c["bias"]).to(c["dtype"])
+    pe = _peft(lin, r=c["r"], alpha=c["alpha"], rslora=c["rslora"], dropout=p)
+    pe.lora_A["default"].float()
+    pe.lora_B["default"].float()
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    ours.train()
+    pe.train()
+    x = torch.randn(2, 13, c["K"]).to(c["dtype"])
+    dy = torch.randn(2, 13, c["N"]).to(c["dtype"])
+    torch.manual_seed(1000 + i)
+    seed = int(_seed_tensor(None, p))          # the seed our layer draws for this forward
+    pe.lora_dropout["default"] = _SeededDropout(p, seed)
+    torch.manual_seed(1000 + i)
+    got = layer_outputs(ours, x, dy)
+    want = layer_outputs(pe, x, dy)
+    atol = 1e-5 if c["dtype"] == torch.float32 else 2e-2
+    for j, (a, b) in enumerate(zip(got, want)):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        torch.testing.assert_close(a.float(), b.float(), rtol=1e-3 if c["dtype"] == torch.float32 else 2e-2,
+                                   atol=atol, msg=f"config {c} p={p} output {j}")
+    # and the mask mattered: without dropout the output differs
+    ours.lora_dropout_p["default"] = 0.0
+    torch.manual_seed(1000 + i)
+    assert not torch.allclose(ours(x).float(), got[0].float(), atol=atol)
