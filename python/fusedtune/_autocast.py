@@ -25,3 +25,14 @@ def cast(dtype: torch.dtype, *tensors):
 
 def off(device):
     return torch.autocast(torch.device(device).type, enabled=False)
+
+
+def linear_call(fn, x: torch.Tensor, weight: torch.Tensor, bias):
+    """fn(x, weight, bias) -- a fused linear op -- as autocast would run F.linear: in the autocast dtype
+    when autocast is on for x's device (with autocast off inside), else as given."""
+    dt = linear_dtype(x.device)
+    if dt is None:
+        return fn(x, weight, bias)
+    x, weight, bias = cast(dt, x, weight, bias)
+    with off(x.device):
+        return fn(x, weight, bias)

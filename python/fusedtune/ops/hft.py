@@ -100,12 +100,8 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None 
                          f"got {tuple(weight_rows.shape)}")
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    dt = _autocast.linear_dtype(x.device)
-    if dt is None:
-        return _row_linear_op(x, weight, weight_rows, rows, bias, name)
-    x, weight, bias = _autocast.cast(dt, x, weight, bias)   # as autocast would for F.linear
-    with _autocast.off(x.device):
-        return _row_linear_op(x, weight, weight_rows, rows, bias, name)
+    return _autocast.linear_call(lambda x_, w_, b_: _row_linear_op(x_, w_, weight_rows, rows, b_, name), x, weight,
+                                 bias)
 
 
 @torch.library.custom_op("fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))

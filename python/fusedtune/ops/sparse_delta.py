@@ -177,12 +177,7 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
-    dt = _autocast.linear_dtype(x.device)
-    if dt is None:
-        return _linear_op(x, weight, values, indices, bias, name)
-    x, weight, bias = _autocast.cast(dt, x, weight, bias)   # as autocast would for F.linear
-    with _autocast.off(x.device):
-        return _linear_op(x, weight, values, indices, bias, name)
+    return _autocast.linear_call(lambda x_, w_, b_: _linear_op(x_, w_, values, indices, b_, name), x, weight, bias)
 
 
 @torch.library.custom_op("fusedtune::sparse_adamw_",
