@@ -131,9 +131,27 @@ def test_saves_fp8_activations_not_16bit_copies():
     assert not any(t.dtype == torch.bfloat16 and t.shape == x.shape for t in saved)
 
 
+def test_128x128_block_rules_zero_inf_nan():
+    """An all-zero block has scale 1 and codes 0; a block holding inf or NaN has scale NaN, so it
+    dequantizes to NaN (a non-finite weight never becomes finite numbers); other blocks are untouched."""
+    w = _x(256, 256, 3)
+    w[:128, :128] = 0.0
+    w[:128, 128:][5, 7] = float("inf")
+    w[128:, :128][1, 2] = float("nan")
+    for b in ("reference",) + (("cpu",) if fusedtune._ext.loaded() else ()):
+        q, s = F8.fp8_quantize_128x128(w, backend=b)
+        assert s[0, 0].item() == 1.0 and (q[:128, :128].float() == 0).all()
+        assert torch.isnan(s[0, 1]) and torch.isnan(s[1, 0])
+        assert torch.isfinite(s[1, 1]) and s[1, 1] > 0
+        deq = q.float() * s.repeat_interleave(128, 0).repeat_interleave(128, 1)
+        assert torch.isnan(deq[:128, 128:]).all() and torch.isnan(deq[128:, :128]).all()
+        assert torch.isfinite(deq[128:, 128:]).all()
+
+
 def test_opcheck():
     x = _x(40, 300, 8)
     torch.library.opcheck(_q1_op, (x, False, True, "reference"))
+    torch.library.opcheck(F8._q128_op, (_x(70, 300, 9), False, "reference"))
     a_q, a_s = ref.quantize_rows(x)
     b_q, b_s = ref.quantize_128x128(_x(70, 300, 9))
     torch.library.opcheck(_gemm_op, (a_q, a_s, b_q, b_s, 128, False, "float32", "reference"),

@@ -113,6 +113,13 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedtune.masked_adamw_.default,
                           (ps, gs, [torch.zeros(p.shape) for p in ps], [torch.zeros(p.shape) for p in ps], tg, rs,
                            consts, "reference"))
+    if fusedtune._ext.loaded():   # the compiled kernel's own schema and fake impl, and the op on "cpu"
+        torch.library.opcheck(torch.ops.fusedtune.masked_adamw_kernel_.default,
+                              (ps, gs, [torch.zeros(p.shape) for p in ps], [torch.zeros(p.shape) for p in ps], tg,
+                               rs, consts))
+        torch.library.opcheck(torch.ops.fusedtune.masked_adamw_.default,
+                              (ps, gs, [torch.zeros(p.shape) for p in ps], [torch.zeros(p.shape) for p in ps], tg,
+                               rs, consts, "cpu"))
 
     m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), rows)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731

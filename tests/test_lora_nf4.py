@@ -104,3 +104,15 @@ def test_fsdp_quant_storage_reads_the_same_nf4_bytes():
     q16 = base.weight.data.reshape(-1).view(torch.bfloat16)
     got = dequantize(Nf4Weight.from_bnb(q16, base.weight.quant_state))
     assert torch.equal(got, want)
+
+
+def test_nf4_bad_inputs_are_refused_clearly():
+    base = _linear4bit(nn.Linear(64, 32))
+    with pytest.raises(ValueError, match="has no quant_state"):
+        Nf4Weight.from_bnb(base.weight.data)                   # a bare tensor, no state given
+    st = copy.copy(base.weight.quant_state)
+    st.quant_type = "fp4"
+    with pytest.raises(NotImplementedError, match="supports the NF4 4-bit type, not 'fp4'"):
+        Nf4Weight.from_bnb(base.weight.data, st)
+    with pytest.raises(ValueError, match="does not hold 32x64 nibbles"):
+        Nf4Weight.from_bnb(base.weight.data.reshape(-1)[:100], base.weight.quant_state)

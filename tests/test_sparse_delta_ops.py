@@ -116,6 +116,10 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_.default,
                           (vals, grads, [torch.zeros_like(t) for t in vals], [torch.zeros_like(t) for t in vals],
                            ws, bases, ids, [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01], "reference"))
+    if fusedtune._ext.loaded():   # the compiled kernel's own schema and fake impl
+        torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_kernel_.default,
+                              (vals, grads, [torch.zeros_like(t) for t in vals], [torch.zeros_like(t) for t in vals],
+                               ws, bases, ids, [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01]))
     m = SparseDeltaLinear.from_linear(torch.nn.Linear(10, 8), density=0.2)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731
     f(x).backward()

@@ -6,7 +6,9 @@
     rotate_fake_quant(x, bits, granularity="token", symmetric=False, clip_ratio=1.0, rotate=True,
                       ste="identity")
         rotation + min-max fake quantization (2-8 bits), straight-through backward through the inverse
-        rotation (ste="clipped": zero gradient outside the clipping range)
+        rotation (ste="clipped": zero gradient outside the clipping range). granularity="token": one
+        scale per row of the 2-D x (per token for activations; per output channel for a weight
+        [out, in]: RoSTELinear quantizes weights this way); "channel": one scale per column
     int_linear(x, a_bits, clip_ratio, qweight, w_bits, sw, zw, uw, bias=None, rotate=False)
         the exported layers' integer GEMM: (rotation and) per-token activation codes in one launch, times
         packed weight codes on int8 tensor cores (triton_kernels/roste_int.py), exact integer products;
