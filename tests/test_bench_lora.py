@@ -34,6 +34,11 @@ def test_cpu_run_rows(cpu_run):
     assert any(r["baseline"].startswith("peft") for r in gemm)
     kinds = {r["kernel"] for r in rows}
     assert "lora fwd, 4 adapters in one batch" in kinds and "qlora fwd+bwd" in kinds
+    bwd = [r for r in rows if r["kernel"] == "lora bwd"]
+    step = [r for r in rows if r["kernel"] == "lora step"]
+    assert len(bwd) == len(lora_bench.TINY) * 3                  # vs the dX GEMM, peft, unsloth's backward
+    assert len(step) == len(lora_bench.TINY) * 2                 # vs the base GEMMs and peft's step
+    assert any(r["baseline"].startswith("peft") for r in step)
     for r in rows:
         if r["time_ms"] in ("nan", ""):
             continue
@@ -48,3 +53,24 @@ def test_flop_count():
     assert lora_bench._flops(T, N, K, r, False) == fwd
     # backward: the dX GEMM (2TNK), u = dy.B and u.A (2Tr(N+K)), dA and dB (2Tr(K+N))
     assert lora_bench._flops(T, N, K, r, True) == 2 * fwd + 4 * T * r * (K + N)
+
+
+def test_timed_step_is_a_training_step():
+    """The 'lora step' row times a real step: the gradients it leaves are the layer's own, and AdamW
+    moved both adapters."""
+    import torch
+    from fusedtune.ops import lora_linear
+
+    g = torch.Generator().manual_seed(0)
+    T, N, K, r = 16, 12, 10, 4
+    W = torch.randn(N, K, generator=g)
+    A = torch.nn.Parameter(torch.randn(r, K, generator=g))
+    B = torch.nn.Parameter(torch.randn(N, r, generator=g))
+    xg = torch.randn(T, K, generator=g).requires_grad_()
+    dy = torch.randn(T, N, generator=g)
+    layer = lambda v: lora_linear(v, W, A, B, 2.0)  # noqa: E731
+    gx, gA, gB = torch.autograd.grad(layer(xg), [xg, A, B], dy)
+    A0, B0 = A.detach().clone(), B.detach().clone()
+    lora_bench._train_step(layer, xg, A, B, dy, on_gpu=False)()
+    assert torch.equal(xg.grad, gx) and torch.equal(A.grad, gA) and torch.equal(B.grad, gB)
+    assert (A != A0).any() and (B != B0).any()

@@ -8,6 +8,9 @@ bf16 base and input, fp32 adapters (peft's default), at 4096 and 16384 tokens an
   lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen); backward reads dy for u
                   and dB once (lora_dy_kernel, r <= 64), also timed against torch's deterministic mode,
                   where u and dB take one read of dy each
+  lora bwd        the backward alone (autograd.grad over a retained graph), against the dX GEMM alone
+  lora step       a full training step of the layer: zero_grad, forward, backward (dX, dA, dB), and
+                  torch.optim.AdamW(fused=True) over A and B, against the base GEMMs (forward + dX)
 against
   base GEMM       the frozen base alone (F.linear; + the dX GEMM for fwd+bwd): the goal is LoRA
                   costing <= 10% over it (ratio >= 0.909)
@@ -81,6 +84,25 @@ def _unsloth_bwd(dy, x, W, A16, B16, s):
     return dx, dA, dB
 
 
+def _time_backward(timer, layer, xg, A, B, dy):
+    """The backward alone: one forward whose graph is kept, then autograd.grad for dX, dA, dB."""
+    y = layer(xg)
+    return timer(lambda: torch.autograd.grad(y, [xg, A, B], dy, retain_graph=True))
+
+
+def _train_step(layer, xg, A, B, dy, on_gpu):
+    """A full step of the layer: zero_grad, forward, backward, AdamW (fused on a GPU) over A and B.
+    The learning rate is tiny: the shared adapters barely move while the candidates are timed."""
+    opt = torch.optim.AdamW([A, B], lr=1e-8, fused=True if on_gpu else None)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        xg.grad = None
+        layer(xg).backward(dy)
+        opt.step()
+    return step
+
+
 def _flops(T, N, K, r, backward):
     f = 2 * T * N * K + 2 * T * r * (K + N)
     return f * (2 if backward else 1) + (4 * T * r * (K + N) if backward else 0)
@@ -105,6 +127,7 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
             dy = torch.randn(T, N, device=device, generator=g).to(dt)
             base_f = timer(lambda: F.linear(x, W))
             base_fb = timer(lambda: (F.linear(x, W), dy @ W))
+            base_b = timer(lambda: dy @ W)
             for r in ranks:
                 s = 2.0
                 A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
@@ -139,9 +162,19 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 pf, pfb = timer(peft_f), timer(peft_fb)
                 uf = timer(lambda: _unsloth_fwd(x, W, A16, B16, s))
                 ufb = timer(lambda: (_unsloth_fwd(x, W, A16, B16, s), _unsloth_bwd(dy, x, W, A16, B16, s)))
+                ub = timer(lambda: _unsloth_bwd(dy, x, W, A16, B16, s))
+                ours_b = _time_backward(timer, lambda v: lora_linear(v, W, A, B, s, backend=backend), xg, A, B, dy)
+                peft_b = _time_backward(timer, lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
+                                        xg, A, B, dy)
+                ours_s = timer(_train_step(lambda v: lora_linear(v, W, A, B, s, backend=backend), xg, A, B, dy,
+                                           on_gpu))
+                peft_s = timer(_train_step(lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
+                                           xg, A, B, dy, on_gpu))
                 for kind, ours, base, peft_t, uns in (("fwd", ours_f, base_f, pf, uf),
-                                                       ("fwd+bwd", ours_t, base_fb, pfb, ufb)):
-                    fl = _flops(T, N, K, r, kind != "fwd")
+                                                       ("fwd+bwd", ours_t, base_fb, pfb, ufb),
+                                                       ("bwd", ours_b, base_b, peft_b, ub),
+                                                       ("step", ours_s, base_fb, peft_s, None)):
+                    fl = _flops(T, N, K, r, kind != "fwd") - (_flops(T, N, K, r, False) if kind == "bwd" else 0)
                     rl = roofline_pct(ours[0], flops=fl)
                     over = ours[0] / base[0]
                     rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
@@ -152,9 +185,10 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                                     "cpu", peft_name, ours, peft_t[0], rl,
                                     note=_note(peft_t[0] / ours[0], GOAL_VS_PEFT, "vs peft", on_gpu)
                                     if kind != "fwd" else (CPU_NOTE if not on_gpu else "")))
-                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
-                                    "cpu", "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours, uns[0], rl,
-                                    note=CPU_NOTE if not on_gpu else ""))
+                    if uns is not None:
+                        rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu
+                                        else "cpu", "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours,
+                                        uns[0], rl, note=CPU_NOTE if not on_gpu else ""))
                 rows.append(row("lora fwd+bwd", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu",
                                 "deterministic mode (dy read twice: u, then dB)", ours_t, two_reads[0],
                                 roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True)),

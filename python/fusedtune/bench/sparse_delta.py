@@ -16,9 +16,10 @@
    merged-weight write 2. Bandwidth = bytes / time, % of 3.35 TB/s; goal >= 80%. The baseline's
    bandwidth is over the same 36 B/delta (what it has to do), not over its temporaries. A second row
    times the op sparse_adamw_ on prebuilt lists, to separate the optimizer's host overhead.
-3. One training step (zero_grad, forward with labels, backward, optimizer step) of a small Llama
-   (4 layers of TinyLlama-1.1B shapes: hidden 2048, intermediate 5632, 32/4 heads, vocab 32000;
-   random init, bf16, sdpa; batch 4 x 1024; --quick: 2 layers, batch 2 x 1024): every q/k/v/o/
+3. One training step (zero_grad, forward with labels, backward, optimizer step) of a Llama with
+   Llama-3-8B's shapes and fewer layers (4 of its 32 layers: hidden 4096, intermediate 14336, 32/8
+   heads, vocab 128256, untied lm_head; random init, bf16, sdpa; batch 4 x 1024; --quick: 2 layers,
+   batch 2 x 1024): every q/k/v/o/
    gate/up/down becomes a SparseDeltaLinear at 1% density (embeddings, norms and lm_head frozen)
    with SparseDeltaAdamW, against full fine-tuning (every parameter, torch.optim.AdamW(fused=True)).
    Reported: step time, peak GPU memory of a steady-state step, optimizer state, trainable elements,
@@ -55,8 +56,8 @@ OPT_DENSITY = 0.01
 BYTES_PER_DELTA = 4 + 4 + 4 + 16 + 2 + 4 + 2
 GOAL_HBM_PCT = 80.0
 
-TINYLLAMA = {"name": "tinyllama-1.1b", "vocab": 32000, "hidden": 2048, "intermediate": 5632, "layers": 22,
-             "heads": 32, "kv_heads": 4, "batch": 4, "seq": 1024}
+LLAMA3_8B = {"name": "llama3-8b", "vocab": 128256, "hidden": 4096, "intermediate": 14336, "layers": 32,
+             "heads": 32, "kv_heads": 8, "batch": 4, "seq": 1024}
 STEP_LAYERS = 4
 TINY = {"name": "tiny-llama", "vocab": 32, "hidden": 64, "intermediate": 176, "layers": 2,
         "heads": 4, "kv_heads": 2, "batch": 2, "seq": 32}
@@ -341,12 +342,12 @@ def bench_step(timer, quick: bool) -> list[dict]:
     except Exception as e:  # noqa: BLE001
         print(f"sparse_delta bench: transformers is not importable ({e}); the training-step row is SKIPPED")
         return []
-    cfg = dict(TINYLLAMA, layers=STEP_LAYERS) if on_gpu else dict(TINY)
+    cfg = dict(LLAMA3_8B, layers=STEP_LAYERS) if on_gpu else dict(TINY)
     if quick and on_gpu:
         cfg.update(layers=2, batch=2)
     dtype = torch.bfloat16 if on_gpu else torch.float32
     dname = "bf16" if on_gpu else "fp32"
-    full_layers = (TINYLLAMA if on_gpu else TINY)["layers"]
+    full_layers = (LLAMA3_8B if on_gpu else TINY)["layers"]
     layers = f"{cfg['layers']} layers" if cfg["layers"] == full_layers else f"{cfg['layers']} of {full_layers} layers"
     shape = (f"{cfg['name']} ({layers}, h{cfg['hidden']}, ffn{cfg['intermediate']}, {cfg['heads']}/{cfg['kv_heads']} "
              f"heads, vocab {cfg['vocab']}); batch {cfg['batch']}x{cfg['seq']}; density {_pct(STEP_DENSITY)}")
