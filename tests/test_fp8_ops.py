@@ -161,15 +161,24 @@ def test_opcheck():
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 
-def test_compile_fullgraph():
+@pytest.mark.parametrize("trainable", [False, True])
+def test_compile_fullgraph(trainable):
+    """Compiled (fullgraph) equals eager: output, dX, and dW and db when the weight trains."""
     from fusedtune.nn import FP8Linear
-    layer = FP8Linear(96, 40, backend="reference")
-    layer.weight.requires_grad_(False)
+    torch.manual_seed(0)
+    layer = FP8Linear(96, 40, bias=True, backend="reference")
+    layer.weight.requires_grad_(trainable)
+    layer.bias.requires_grad_(trainable)
     x = torch.randn(3, 7, 96, requires_grad=True)
+    dy = torch.randn(3, 7, 40)
+    params = [x] + ([layer.weight, layer.bias] if trainable else [])
     eager = layer(x)
+    g_eager = torch.autograd.grad(eager, params, dy)
     comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
-    torch.testing.assert_close(comp, eager)
-    assert torch.autograd.grad(comp.sum(), x)[0].shape == x.shape
+    g_comp = torch.autograd.grad(comp, params, dy)
+    torch.testing.assert_close(comp, eager, rtol=0, atol=0)
+    for a, b in zip(g_comp, g_eager):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
 def test_convert_and_patch_method():
@@ -239,3 +248,24 @@ def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input()
     assert ref.sqnr_db(gx, dy @ (base.weight + 2.0 * B @ A).detach()) >= 18
     torch.testing.assert_close(gB.double(), 2.0 * dy.reshape(-1, 192).double().t() @ (x.reshape(-1, 256).double()
                                @ A.double().t()), atol=1e-3, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cap,refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False),
+                                         ((10, 0), False)])
+def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch, cap, refused):
+    """On an A100 (sm_80) or sm_86 the Triton FP8 path refuses with an error that names the GPU's arch
+    and the bf16 way out; sm_89 and newer pass. (The capability query is stubbed: no GPU here.)"""
+    import types
+    from fusedtune import backend as B
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
+    monkeypatch.setattr(B, "resolve", lambda op, device, has, backend=None: "triton")
+    gap = F8.fp8_arch_gap(torch.device("cuda", 0))
+    assert (gap is not None) == refused
+    t = types.SimpleNamespace(device=torch.device("cuda", 0))
+    if refused:
+        assert f"sm_{cap[0]}{cap[1]}" in gap and "sm_89" in gap
+        with pytest.raises(B.BackendError, match=f"sm_{cap[0]}{cap[1]}.*bf16 nn.Linear"):
+            F8._resolve("fp8_gemm", t, None)
+    else:
+        assert F8._resolve("fp8_gemm", t, None) == "triton"
+    assert F8.fp8_arch_gap("cpu") is None

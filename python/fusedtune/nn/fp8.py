@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fp8 import fp8_backend, fp8_linear, fp8_quantize_128x128
+from ..ops.fp8 import fp8_arch_gap, fp8_backend, fp8_linear, fp8_quantize_128x128
 from .plain import plain_linear
 
 
@@ -65,8 +65,9 @@ class FP8Linear(nn.Module):
         b = fp8_backend(self.weight.device, self.backend)
         path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX, dW"
                 if b["backend"] == "triton" else f"{b['backend']}: float32 emulation of the FP8 GEMMs")
-        if self.weight.is_cuda and torch.cuda.get_device_capability(self.weight.device) < (8, 9):
-            path += "; this GPU has no FP8 tensor cores (sm_89+ needed): the op refuses to run"
+        gap = fp8_arch_gap(self.weight.device)
+        if gap:
+            path += f"; {gap}: the op refuses to run"
         return {"method": "fp8", "backend": b["backend"], "path": path, "why_not": b["why_not"]}
 
 

@@ -91,12 +91,22 @@ def _check_2d(t, what):
         raise ValueError(f"fp8: {what} must be a 2-D tensor, got {tuple(t.shape) if torch.is_tensor(t) else t!r}")
 
 
+def fp8_arch_gap(device) -> str | None:
+    """Why this device cannot run the FP8 GEMMs (a GPU older than sm_89, e.g. an A100), or None."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        return None
+    cap = torch.cuda.get_device_capability(device)
+    if tuple(cap) >= (8, 9):
+        return None
+    return f"FP8 tensor cores need sm_89 or newer; this GPU is sm_{cap[0]}{cap[1]}"
+
+
 def _resolve(op, t, backend):
     name = _backend.resolve(op, t.device, _HAS, backend)
-    if name == "triton" and t.is_cuda and torch.cuda.get_device_capability(t.device) < (8, 9):
-        cap = "%d.%d" % torch.cuda.get_device_capability(t.device)
-        raise _backend.BackendError(f"fp8: FP8 tensor cores need sm_89 or newer; this GPU is sm_{cap.replace('.', '')}"
-                                    " (use bf16 nn.Linear there; fusedtune.report states it)")
+    gap = fp8_arch_gap(t.device) if name == "triton" else None
+    if gap:
+        raise _backend.BackendError(f"fp8: {gap} (use bf16 nn.Linear there; fusedtune.report states it)")
     return name
 
 
