@@ -48,7 +48,7 @@ def test_masked_adamw_cuda_bit_identical():
 
 def test_row_layer_trains_on_gpu():
     lin = torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16)
-    w0 = lin.weight.detach().clone()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     m = RowMaskedLinear.from_linear(lin, torch.arange(0, 512, 2, device="cuda"))
     opt = MaskedAdamW(m.parameters(), lr=1e-3)
     x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
@@ -57,3 +57,5 @@ def test_row_layer_trains_on_gpu():
         m(x).float().pow(2).mean().backward()
         opt.step()
     assert torch.equal(m.weight[1::2], w0[1::2]) and not torch.equal(m.weight[::2], w0[::2])
+    assert torch.equal(m.bias[1::2], b0[1::2]) and not torch.equal(m.bias[::2], b0[::2])     # bias rows train too
+    assert torch.equal(m.bias[::2], m.bias_rows.detach().bfloat16())

@@ -36,13 +36,14 @@ def test_row_linear_gradients_match_dense_reference():
     lin(x2).backward(dy)
     assert m.weight.grad is None and m.bias.grad is None
     torch.testing.assert_close(m.weight_rows.grad, lin.weight.grad[rows], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(m.bias_rows.grad, lin.bias.grad[rows], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(x.grad, x2.grad)
 
 
 def test_training_touches_only_selected_rows():
     torch.manual_seed(1)
     lin = torch.nn.Linear(16, 10).to(torch.bfloat16)
-    w0 = lin.weight.detach().clone()
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
     m = RowMaskedLinear.from_linear(lin, torch.tensor([2, 3, 8]))
     opt = MaskedAdamW(m.parameters(), lr=1e-2)
     x, target = torch.randn(64, 16).bfloat16(), torch.randn(64, 10)
@@ -58,9 +59,12 @@ def test_training_touches_only_selected_rows():
     frozen = torch.ones(10, dtype=torch.bool)
     frozen[[2, 3, 8]] = False
     assert torch.equal(m.weight[frozen].view(torch.int16), w0[frozen].view(torch.int16))
+    assert (m.bias != b0).nonzero().flatten().tolist() == [2, 3, 8]          # the bias at the rows trains
+    assert torch.equal(m.bias[frozen].view(torch.int16), b0[frozen].view(torch.int16))
+    assert torch.equal(m.bias[[2, 3, 8]], m.bias_rows.detach().bfloat16())
     assert torch.equal(m.weight[[2, 3, 8]], m.weight_rows.detach().to(torch.bfloat16))
     assert losses[-1] < losses[0]
-    assert opt.state_bytes() == 2 * 3 * 16 * 4  # moments for the selected rows only
+    assert opt.state_bytes() == 2 * 3 * (16 + 1) * 4  # moments for the selected rows (weight and bias) only
     assert isinstance(m.to_linear(), torch.nn.Linear)
 
 
@@ -106,7 +110,9 @@ def test_opcheck_and_compile():
     w = torch.randn(6, 8)
     wr = torch.randn(2, 8, requires_grad=True)
     rows = torch.tensor([1, 4])
-    torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default, (x, w, wr, rows, None, "reference"))
+    torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default, (x, w, wr, rows, None, None, "reference"))
+    torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default,
+                          (x, w, wr, rows, torch.randn(6), torch.randn(2, requires_grad=True), "reference"))
     torch.library.opcheck(torch.ops.fusedtune.hft_row_grad.default, (torch.randn(4, 6), x.detach(), rows, "reference"))
     ps, gs, tg, rs = _adam_inputs()
     consts = [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01]
@@ -124,10 +130,11 @@ def test_opcheck_and_compile():
     m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), rows)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731
     f(x).backward()
-    g_eager = m.weight_rows.grad.clone()
-    m.weight_rows.grad = None
+    g_eager = m.weight_rows.grad.clone(), m.bias_rows.grad.clone()
+    m.weight_rows.grad = m.bias_rows.grad = None
     torch.compile(f, fullgraph=True, backend="aot_eager")(x).backward()
-    torch.testing.assert_close(m.weight_rows.grad, g_eager)
+    torch.testing.assert_close(m.weight_rows.grad, g_eager[0])
+    torch.testing.assert_close(m.bias_rows.grad, g_eager[1])
 
 
 @pytest.mark.parametrize("call,msg", [
@@ -139,6 +146,10 @@ def test_opcheck_and_compile():
      "x has 5 features"),
     (lambda: hft_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(2, 6), torch.tensor([1])),
      "weight_rows must be \\[1, 6\\]"),
+    (lambda: hft_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(1, 6), torch.tensor([1]),
+                            torch.randn(4), torch.randn(2)), "bias_rows must be \\[1\\]"),
+    (lambda: hft_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(1, 6), torch.tensor([1]),
+                            None, torch.randn(1)), "needs the bias"),
     (lambda: RowMaskedLinear.from_linear(torch.nn.Linear(3, 4), torch.tensor([4])), "rows must lie in \\[0, 4\\)"),
     (lambda: RowMaskedLinear.from_linear(torch.nn.Conv1d(3, 4, 1), torch.tensor([1])), "expected nn.Linear"),
     (lambda: MaskedAdamW([torch.zeros(2)], lr=-1), "lr must be >= 0"),
@@ -180,3 +191,5 @@ def test_row_linear_under_autocast_and_with_a_trained_bias():
     torch.testing.assert_close(m.weight_rows.grad, dense[rows], rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(m.bias.grad, dy.bfloat16().float().sum(0), rtol=1e-2, atol=1e-2)
     assert m.bias.grad.dtype == torch.float32 and m.weight.grad is None
+    torch.testing.assert_close(m.bias_rows.grad, dy.bfloat16().float().sum(0)[rows], rtol=1e-2, atol=1e-2)
+    assert m.bias_rows.grad.dtype == torch.float32

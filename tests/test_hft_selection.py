@@ -413,10 +413,11 @@ def test_trainer_callback_added_after_the_trainer_was_built(tmp_path):
 # ------------------------------------------------------------------------------------------ rows
 
 @needs_rows
-def test_row_granularity_swaps_layers_and_keeps_frozen_rows():
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])      # qwen2: q/k/v have biases
+def test_row_granularity_swaps_layers_and_keeps_frozen_rows(kind):
     from fusedtune.hft import row_count
     RowMaskedLinear = _row_linear()
-    model = tiny(layers=2)
+    model = tiny(kind, layers=2)
     pre = params_of(model)
     hft = HalfFineTuner(model, granularity="row", seed=1)
     rows = hft.row_layers()
@@ -425,9 +426,18 @@ def test_row_granularity_swaps_layers_and_keeps_frozen_rows():
         assert isinstance(mod, RowMaskedLinear) and model.get_submodule(name) is mod
         assert mod.rows.numel() == row_count(mod.out_features, 0.5) == round(mod.out_features / 2)
         assert not mod.weight.requires_grad and mod.weight_rows.requires_grad
+        if mod.bias is not None:    # the bias trains at the selected rows, through its master
+            assert not mod.bias.requires_grad and mod.bias_rows.requires_grad
+            assert mod.bias_rows.shape == mod.rows.shape and mod.bias_rows.dtype == torch.float32
+        else:
+            assert mod.bias_rows is None
+    n_bias = sum(m.bias is not None for m in rows.values())
+    assert n_bias == (2 * 3 if kind == "qwen2" else 0)
     sel = hft.selection()
     q = "model.layers.0.self_attn.q_proj.weight"
     assert sel[q].dtype == torch.bool and torch.equal(sel[q].nonzero().flatten(), rows[q[:-7]].rows.cpu())
+    if kind == "qwen2":
+        assert torch.equal(sel[q[:-6] + "bias"], sel[q])
     assert sum(len([k for k in NORMS if sel[f"model.layers.{i}.{k}.weight"]]) for i in range(2)) == 2
     opt = hft.make_optimizer(lr=1e-2, weight_decay=0.1)
     train(model, opt, steps=3)
@@ -438,6 +448,11 @@ def test_row_granularity_swaps_layers_and_keeps_frozen_rows():
         assert torch.equal(mod.weight.detach()[keep], w0[keep]), name
         assert not torch.equal(mod.weight.detach()[~keep], w0[~keep]), name
         assert torch.equal(mod.weight.detach()[mod.rows], mod.weight_rows.detach().to(mod.weight.dtype))
+        if mod.bias is not None:
+            b0 = pre[name + ".bias"]
+            assert torch.equal(mod.bias.detach()[keep], b0[keep]), name
+            assert not torch.equal(mod.bias.detach()[~keep], b0[~keep]), name
+            assert torch.equal(mod.bias.detach()[mod.rows], mod.bias_rows.detach().to(mod.bias.dtype))
     # moments only for the selected rows (+ the whole-vector parameters)
     assert state_bytes(opt) == 8 * sum(p.numel() for p in hft.trainable_parameters())
     # next stage: new rows; reset restores rows in the full weight and the masters
@@ -448,11 +463,16 @@ def test_row_granularity_swaps_layers_and_keeps_frozen_rows():
     for name, mod in hft.row_layers().items():
         assert torch.equal(mod.weight.detach(), pre[name + ".weight"])
         assert torch.equal(mod.weight_rows.detach(), pre[name + ".weight"][mod.rows].float())
+        if mod.bias is not None:
+            assert torch.equal(mod.bias.detach(), pre[name + ".bias"])
+            assert torch.equal(mod.bias_rows.detach(), pre[name + ".bias"][mod.rows].float())
     # back to nn.Linear with the current weights
     hft.remove()
     for name in rows:
         lin = model.get_submodule(name)
         assert type(lin) is torch.nn.Linear and torch.equal(lin.weight.detach(), pre[name + ".weight"])
+        if lin.bias is not None:
+            assert torch.equal(lin.bias.detach(), pre[name + ".bias"])
 
 
 @needs_rows

@@ -113,7 +113,7 @@ def setup_method(model, method: str):
         opt, name = torch_adamw(hft.trainable_parameters())
         return opt, name, {"hft": hft}
     opt = hft.make_optimizer(lr=LR)               # fusedtune.optim.MaskedAdamW
-    masters = sum(m.weight_rows.numel() * m.weight_rows.element_size() for m in hft.row_layers().values())
+    masters = sum(p.numel() * p.element_size() for m in hft.row_layers().values() for p in m.master_parameters())
     return opt, type(opt).__name__, {"hft": hft, "master_bytes": masters}
 
 
@@ -181,7 +181,8 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "peak": peak,
            "moments": moment_dtype(opt), "flops": flops,
            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "total": sum(p.numel() for n, p in model.named_parameters() if not n.endswith(".weight_rows")),
+           "total": sum(p.numel() for n, p in model.named_parameters()
+                        if not n.endswith(("weight_rows", "bias_rows"))),
            "master_bytes": info.get("master_bytes", 0)}
     if method == "row":
         from ..ops.hft import hft_backend

@@ -135,7 +135,7 @@ class HFTCallback(TrainerCallback):
 
     def _sync(self, optimizer, stage_changed: bool):
         t = self.tuner
-        rows = [m.weight_rows for m in t.row_layers().values()]
+        rows = [p for m in t.row_layers().values() for p in m.master_parameters()]
         sync_optimizer(optimizer, t.trainable_parameters(), reset=rows if stage_changed else ())
         if t.row_layers():
             cls, why = _masked_adamw_class()

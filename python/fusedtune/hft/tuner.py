@@ -183,9 +183,10 @@ class HalfFineTuner:
                     made.append((name, mod))
                     mod = new
                 mod.weight.requires_grad_(False)
+                mod.weight_rows.requires_grad_(True)
                 if mod.bias is not None:
                     mod.bias.requires_grad_(False)
-                mod.weight_rows.requires_grad_(True)
+                    mod.bias_rows.requires_grad_(True)
         except Exception:
             for name, orig in made:                 # leave the model as it was
                 set_module(model, name, orig)
@@ -221,7 +222,7 @@ class HalfFineTuner:
         out: dict[str, object] = {}
         for pname, mname, leaf, shape in self._names:
             if mname in row_mods:
-                if leaf == "weight":
+                if leaf in ("weight", "bias"):
                     mask = torch.zeros(shape[0], dtype=torch.bool)
                     mask[choose_rows(mname, shape[0], self.ratio, self.seed, stage)] = True
                     out[pname] = mask
@@ -265,10 +266,13 @@ class HalfFineTuner:
 
     @torch.no_grad()
     def write_back_rows(self) -> None:
-        """Copy every row layer's trained master rows (weight_rows) into its full weight. MaskedAdamW does
-        this inside its step; call it after the step of any other optimizer."""
+        """Copy every row layer's trained masters (weight_rows, bias_rows) into its weight and bias.
+        MaskedAdamW does this inside its step; call it after the step of any other optimizer."""
         for mod in self._rows.values():
-            mod.weight.index_copy_(0, mod.rows.to(mod.weight.device), mod.weight_rows.detach().to(mod.weight.dtype))
+            rows = mod.rows.to(mod.weight.device)
+            mod.weight.index_copy_(0, rows, mod.weight_rows.detach().to(mod.weight.dtype))
+            if mod.bias_rows is not None:
+                mod.bias.index_copy_(0, rows, mod.bias_rows.detach().to(mod.bias.dtype))
 
     # ------------------------------------------------------------------------------ reset / restore
 
@@ -290,7 +294,7 @@ class HalfFineTuner:
         out, unknown = set(), []
         for n in names:
             hit = {c for a, c in self._alias.items() if a == n or a.startswith(n + ".")}
-            if not hit and n.endswith(".weight_rows"):       # the master of a row layer: its weight
+            if not hit and n.endswith((".weight_rows", ".bias_rows")):  # a row layer's master: its weight/bias
                 hit = {c for a, c in self._alias.items() if a == n[: -len("_rows")]}
             if not hit:
                 unknown.append(n)
@@ -305,8 +309,8 @@ class HalfFineTuner:
         """Restore parameters to their values at construction, in place, bit-exactly.
 
         part: "frozen" (what does not train at the current stage; for a row-masked layer its unselected
-        rows and its bias), "selected" (what trains now; for a row layer its selected rows, in the full
-        weight and in the fp32 master), or "all". names: restrict to these parameter or module names
+        rows of weight and bias), "selected" (what trains now; for a row layer its selected rows, in the
+        full weight and bias and in their fp32 masters), or "all". names: restrict to these parameter or module names
         (names as before any swap; a module name covers its parameters). Returns the names of the
         parameters touched. Moments already in an optimizer are not reset: reset before building the
         optimizer, or build a new one.
@@ -324,8 +328,9 @@ class HalfFineTuner:
                 continue
             mname, _, leaf = name.rpartition(".")
             row = self._rows.get(mname)
-            if row is not None and leaf == "weight":
-                w, rows = row.weight, row.rows.to(row.weight.device)
+            if row is not None and leaf in ("weight", "bias"):
+                w, rows = getattr(row, leaf), row.rows.to(row.weight.device)
+                master = getattr(row, leaf + "_rows")
                 src = snap.to(w.device)
                 if part == "all":
                     w.copy_(src)
@@ -336,14 +341,11 @@ class HalfFineTuner:
                 else:
                     w.index_copy_(0, rows, src.index_select(0, rows))
                 if part != "frozen":
-                    row.weight_rows.copy_(src.index_select(0, rows).to(row.weight_rows.dtype))
+                    master.copy_(src.index_select(0, rows).to(master.dtype))
                 touched.append(name)
                 continue
-            if row is not None:                                   # bias of a row layer: frozen
-                p, trains = getattr(row, leaf), False
-            else:
-                p = self.model.get_parameter(name)
-                trains = p.requires_grad
+            p = self.model.get_parameter(name)
+            trains = p.requires_grad
             if part == "all" or (part == "selected") == trains:
                 p.copy_(snap.to(p.device))
                 touched.append(name)
@@ -437,7 +439,7 @@ class HalfFineTuner:
             cells.append(f"{len(r['norm'])}/{r['norm_of']} " + (",".join(r["norm"]) or "-"))
             rows.append((r["layer"], *cells, f"{r['trainable']:,}"))
         total = sum(p.numel() for p in self.trainable_parameters())
-        masters = {id(m.weight_rows) for m in self._rows.values()}
+        masters = {id(p) for m in self._rows.values() for p in m.master_parameters()}
         every = sum(p.numel() for p in self.model.parameters() if id(p) not in masters)
         rows.append(("total", "", "", "", f"{total:,} of {every:,} ({100 * total / max(every, 1):.1f}%)"))
         head = ("layer", "attention (q/k/v/o)", "mlp (gate/up/down)", "norms", "trainable")

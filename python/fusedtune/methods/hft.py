@@ -72,7 +72,7 @@ class HFTMethod(Method):
                     backend, path, why = describe_row_layer(mod)
                     rows.append(ReportRow(mname, self.name, backend,
                                           f"{mod.rows.numel()}/{mod.out_features} rows train; {path}", why,
-                                          mod.weight_rows.numel()))
+                                          sum(p.numel() for p in mod.master_parameters())))
                 n_norm = sum(p.numel() for k in m["norm"] for p in model.get_submodule(lay.norms[k]).parameters())
                 rows.append(ReportRow(f"{name} norms", self.name, opt_backend,
                                       f"trains {norms}; MaskedAdamW {opt_backend}", opt_why, n_norm))
@@ -85,7 +85,7 @@ class HFTMethod(Method):
             rows.append(ReportRow(s["layer"], self.name, opt_backend,
                                   ("trains (always)" if s["trains"] else "frozen") + f"; MaskedAdamW {opt_backend}",
                                   opt_why, s["trainable"]))
-        masters = {id(m.weight_rows) for m in rowwise.values()}
+        masters = {id(p) for m in rowwise.values() for p in m.master_parameters()}
         rep = PatchReport(self.name, rows, trainable_params=count(t.trainable_parameters()),
                           total_params=count(p for p in unique_params(model.parameters()) if id(p) not in masters),
                           _impl=self)

@@ -19,7 +19,11 @@ class RowMaskedLinear(nn.Module):
     weight_rows  trainable float32 master copy of the selected rows [len(rows), in_features]; its
                  gradient is computed for those rows only (one GEMM, no dense dW)
     rows         sorted int64 buffer of the selected output rows; frozen rows stay bit-identical
-    bias         frozen
+    bias         the full bias, frozen (requires_grad False) except its selected rows, kept equal to
+                 bias_rows rounded (as for the weight)
+    bias_rows    trainable float32 master of the bias at the selected rows [len(rows)] (None without a
+                 bias): a selected output row trains its weight row and its bias entry, as a selected
+                 matrix trains its weight and bias in matrix granularity (e.g. Qwen2's q/k/v biases)
     """
 
     def __init__(self, in_features: int, out_features: int, rows: torch.Tensor, bias: bool = True,
@@ -31,6 +35,7 @@ class RowMaskedLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
         self.register_buffer("rows", torch.empty(0, dtype=torch.int64, device=device))
         self.weight_rows = nn.Parameter(torch.empty(0, in_features, device=device, dtype=torch.float32))
+        self.register_parameter("bias_rows", None)
         self.backend = None
         self.set_rows(rows)
 
@@ -45,12 +50,13 @@ class RowMaskedLinear(nn.Module):
         m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
         m.register_buffer("rows", torch.empty(0, dtype=torch.int64, device=linear.weight.device))
         m.weight_rows = nn.Parameter(torch.empty(0, linear.in_features, device=linear.weight.device))
+        m.register_parameter("bias_rows", None)
         m.backend = backend
         m.set_rows(rows)
         return m
 
     def set_rows(self, rows) -> None:
-        """Select new rows (in place): the master copy is re-gathered from the current weight."""
+        """Select new rows (in place): the master copies are re-gathered from the current weight and bias."""
         rows = torch.as_tensor(rows, dtype=torch.int64, device=self.weight.device).reshape(-1)
         rows = torch.unique(rows)  # sorted
         if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.out_features):
@@ -59,12 +65,20 @@ class RowMaskedLinear(nn.Module):
         self.rows = rows
         with torch.no_grad():
             master = self.weight.index_select(0, rows).float()
+            bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
         self.weight_rows = nn.Parameter(master)
         self.weight_rows._fusedtune_row_layer = weakref.ref(self)
+        self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
+        if self.bias_rows is not None:
+            self.bias_rows._fusedtune_row_layer = weakref.ref(self)
+
+    def master_parameters(self) -> list[nn.Parameter]:
+        """The trainable masters: weight_rows, and bias_rows when the layer has a bias."""
+        return [self.weight_rows] + ([self.bias_rows] if self.bias_rows is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, backend=self.backend,
-                              check_rows=False)  # checked in set_rows: no host sync per call
+        return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, self.bias_rows,
+                              backend=self.backend, check_rows=False)  # checked in set_rows: no host sync per call
 
     def to_linear(self) -> nn.Linear:
         return plain_linear(self.weight, self.bias)

@@ -1,8 +1,9 @@
 """Half-fine-tuning family ops.
 
-    hft_row_linear(x, weight, weight_rows, rows, bias)  y = x W^T + b with W frozen; the backward
-        gives dX (full) and the gradient of weight_rows, the master copy of W's selected rows,
-        computed only for those rows (row_grad: one GEMM over gathered dy columns, no dense dW).
+    hft_row_linear(x, weight, weight_rows, rows, bias, bias_rows)  y = x W^T + b with W frozen; the
+        backward gives dX (full) and the gradient of weight_rows, the master copy of W's selected rows,
+        computed only for those rows (row_grad: one GEMM over gathered dy columns, no dense dW), and
+        of bias_rows, the master of b at those rows (dy summed over tokens at the rows).
     row_grad(dy, x, rows)                               that compact gradient, float32 [R, in]
     masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, ...)
         one fused multi-tensor AdamW pass; a row master also writes its rows into its full weight.
@@ -62,46 +63,54 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str
 
 @torch.library.custom_op("fusedtune::hft_row_linear", mutates_args=())
 def _row_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_rows: torch.Tensor, rows: torch.Tensor,
-                   bias: torch.Tensor | None, backend: str) -> torch.Tensor:
-    return F.linear(x, weight, bias)
+                   bias: torch.Tensor | None, bias_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
+    return F.linear(x, weight, bias)   # the masters' values are already in weight and bias
 
 
 @_row_linear_op.register_fake
-def _(x, weight, weight_rows, rows, bias, backend):
+def _(x, weight, weight_rows, rows, bias, bias_rows, backend):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 def _row_linear_setup(ctx, inputs, output):
-    x, weight, weight_rows, rows, bias, backend = inputs
+    x, weight, weight_rows, rows, bias, bias_rows, backend = inputs
     ctx.save_for_backward(x, weight, rows)
     ctx.backend = backend
     ctx.master_dtype = weight_rows.dtype
+    ctx.bias_master_dtype = None if bias_rows is None else bias_rows.dtype
 
 
 def _row_linear_backward(ctx, dy):
     x, weight, rows = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = _row_grad_op(dy, x, rows, ctx.backend).to(ctx.master_dtype) if ctx.needs_input_grad[2] else None
-    db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
-    return dx, None, dw, None, db, None
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    db = dy2.sum(0) if ctx.needs_input_grad[4] else None
+    dbr = (dy2.index_select(1, rows).sum(0, dtype=torch.float32).to(ctx.bias_master_dtype)
+           if ctx.needs_input_grad[5] else None)
+    return dx, None, dw, None, db, dbr, None
 
 
 torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
 
 
-def hft_row_linear(x, weight, weight_rows, rows, bias=None, backend: str | None = None,
+def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, backend: str | None = None,
                    check_rows: bool = True) -> torch.Tensor:
-    """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode).
+    """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode), and
+    the bias at those rows when bias_rows (their master, [len(rows)]) is given.
     check_rows=False skips the host-side check of the row values (callers that checked them once)."""
     if x.shape[-1] != weight.shape[1]:
         raise ValueError(f"hft_row_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
     if weight_rows.dim() != 2 or weight_rows.shape != (rows.shape[0], weight.shape[1]):
         raise ValueError(f"hft_row_linear: weight_rows must be [{rows.shape[0]}, {weight.shape[1]}], "
                          f"got {tuple(weight_rows.shape)}")
+    if bias_rows is not None and (bias is None or bias_rows.shape != (rows.shape[0],)):
+        raise ValueError(f"hft_row_linear: bias_rows must be [{rows.shape[0]}] and needs the bias, got "
+                         f"{tuple(bias_rows.shape)} with bias {'None' if bias is None else tuple(bias.shape)}")
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    return _autocast.linear_call(lambda x_, w_, b_: _row_linear_op(x_, w_, weight_rows, rows, b_, name), x, weight,
-                                 bias)
+    return _autocast.linear_call(lambda x_, w_, b_: _row_linear_op(x_, w_, weight_rows, rows, b_, bias_rows, name),
+                                 x, weight, bias)
 
 
 @torch.library.custom_op("fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))

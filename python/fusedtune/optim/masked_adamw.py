@@ -1,8 +1,9 @@
 """MaskedAdamW: AdamW as one fused multi-tensor pass, with moments only for what trains.
 
 Works on ordinary parameters (fp32/bf16/fp16; moments in fp32; one rounding per step) and on the
-row masters of fusedtune.nn.RowMaskedLinear, whose updated rows are written into the layer's full
-weight in the same pass, so frozen rows are never touched and no optimizer state exists for them.
+row masters of fusedtune.nn.RowMaskedLinear (weight_rows, bias_rows), whose updated rows are written
+into the layer's full weight (bias) in the same pass, so frozen rows are never touched and no
+optimizer state exists for them.
 """
 from __future__ import annotations
 
@@ -19,17 +20,23 @@ class MaskedAdamW(FusedAdamW):
 
     @staticmethod
     def _target(p):
+        """(full tensor, rows) a row master writes to, as 2-D: the weight, or the bias as [out, 1]."""
         ref = getattr(p, "_fusedtune_row_layer", None)
         layer = ref() if ref is not None else None
-        if layer is None or layer.weight_rows is not p:
-            return None, None
-        return layer.weight, layer.rows
+        if layer is not None and layer.weight_rows is p:
+            return layer.weight, layer.rows
+        if layer is not None and getattr(layer, "bias_rows", None) is p:
+            return layer.bias.view(-1, 1), layer.rows
+        return None, None
 
     def _entries(self, p, st) -> tuple:
         tgt, rows = self._target(p)
-        return (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"],
-                torch.empty(0, device=p.device) if tgt is None else tgt,
-                torch.empty(0, dtype=torch.int64, device=p.device) if rows is None else rows)
+        if tgt is None:
+            return (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], torch.empty(0, device=p.device),
+                    torch.empty(0, dtype=torch.int64, device=p.device))
+        shape = (p.shape[0], tgt.shape[1])      # a bias master [n] goes in as [n, 1]
+        return (p.view(shape), p.grad.contiguous().view(shape), st["exp_avg"].view(shape),
+                st["exp_avg_sq"].view(shape), tgt, rows)
 
     def _run(self, lists, group, step) -> None:
         masked_adamw_(*lists, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
