@@ -50,8 +50,8 @@ SCALE = KernelSpec(family="test", name="t_scale", fn=_t_scale, targets=(80,),
 
 @pytest.fixture(scope="module")
 def registered_rows():
-    specs = all_kernels()
-    return specs, K.collect(include_cuda=False)
+    specs = all_kernels()     # with the row cache, so that the CLI step of tools/dev.sh test reuses the rows
+    return specs, K.collect(include_cuda=False, cache_dir=K.default_cache_dir())
 
 
 @pytest.fixture(scope="module")
@@ -193,3 +193,30 @@ def test_report_without_extension(monkeypatch, capsys):
     text = capsys.readouterr().out
     assert "fusedtune._C is not built: the report covers the Triton kernels only" in text
     assert "t_scale" in text and "cuda " not in text
+
+
+def test_row_cache_reuses_compiled_rows_and_keys_on_what_changes_them(tmp_path, monkeypatch):
+    """A cached row is the row a compile gives; the key changes with the config, the target and the
+    kernel's source; failed compiles are not cached; FUSEDTUNE_KERNEL_CACHE='' turns the cache off."""
+    fresh = K.collect_triton([SCALE], cache_dir=str(tmp_path))
+    assert len(list(tmp_path.glob("*.json"))) == len(fresh) == 1
+    real = K.report_triton_kernel
+    monkeypatch.setattr(K, "report_triton_kernel", lambda *a: pytest.fail("compiled although cached"))
+    assert K.collect_triton([SCALE], cache_dir=str(tmp_path)) == fresh
+    cfg = SCALE.configs[0]
+    key = K.row_cache_key(SCALE, cfg, 80)
+    assert key != K.row_cache_key(SCALE, cfg, 89)
+    assert key != K.row_cache_key(SCALE, dict(cfg, num_warps=8), 80)
+    assert key != K.row_cache_key(GEMM, GEMM.configs[0], 80)
+    # a kernel whose source differs (another function body) gets another key
+    assert K.row_cache_key(KernelSpec(family="test", name="t_scale", fn=_t_gemm, targets=(80,),
+                                      signature=SCALE.signature, configs=SCALE.configs, options=SCALE.options),
+                           cfg, 80) != key
+    monkeypatch.setattr(K, "report_triton_kernel", lambda spec, c, cc: dict(real(spec, c, cc), error="boom"))
+    other = tmp_path / "other"
+    assert K.collect_triton([SCALE], cache_dir=str(other))[0]["error"] == "boom"
+    assert not other.exists() or not list(other.glob("*.json"))
+    monkeypatch.setenv("FUSEDTUNE_KERNEL_CACHE", "")
+    assert K.default_cache_dir() is None
+    monkeypatch.setenv("FUSEDTUNE_KERNEL_CACHE", str(tmp_path))
+    assert K.default_cache_dir() == str(tmp_path)

@@ -19,11 +19,18 @@ tensor-core instructions in the SASS (HMMA, HGMMA, QGMMA, IMMA, IGMMA; QMMA: Ada
 Defects, which make main() return 1: a compile failure, any stack/local memory (spills), and a GEMM
 kernel (spec.gemm) without tensor-core instructions on a target it claims; for the extension, a
 target it was built for that has no cubin.
+
+Cache: a Triton row that compiled is kept as JSON under $FUSEDTUNE_KERNEL_CACHE (default
+~/.cache/fusedtune/kernel_report; an empty value turns it off; --no-cache), keyed by Triton's own
+source key of the kernel (its source and that of every function it calls), the spec, the config,
+the target, the Triton version, the cuobjdump used and this file. The CLI and the test of the
+registered kernels use it, so `tools/dev.sh test` compiles each kernel once, not twice.
 """
 from __future__ import annotations
 
 import argparse
 import functools
+import hashlib
 import inspect
 import json
 import os
@@ -311,7 +318,58 @@ def report_triton_kernel(spec, config: dict, cc: int) -> dict:
     return row
 
 
-def collect_triton(specs=None) -> list[dict]:
+def default_cache_dir() -> str | None:
+    """Where report rows are cached: $FUSEDTUNE_KERNEL_CACHE ('' = off), else ~/.cache/fusedtune/kernel_report."""
+    env = os.environ.get("FUSEDTUNE_KERNEL_CACHE")
+    if env is not None:
+        return env or None
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "fusedtune", "kernel_report")
+
+
+@functools.lru_cache(maxsize=None)
+def _this_file_hash() -> str:
+    with open(__file__, "rb") as f:
+        return hashlib.sha256(f.read()).hexdigest()
+
+
+def row_cache_key(spec, config: dict, cc: int) -> str | None:
+    """The cache key of one report row, or None when the kernel has no Triton source key."""
+    import triton
+    try:
+        src_key = spec.fn.cache_key      # Triton's hash of the kernel's source and its callees'
+    except Exception:  # noqa: BLE001
+        return None
+    blob = json.dumps([src_key, spec.family, spec.name, spec.signature, config, int(cc), spec.options,
+                       getattr(spec, "requires", None), config.get("gemm", spec.gemm), triton.__version__,
+                       find_cuobjdump(), _this_file_hash()], sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()
+
+
+def _cached_report(spec, config: dict, cc: int, cache_dir: str | None) -> dict:
+    key = row_cache_key(spec, config, cc) if cache_dir else None
+    path = os.path.join(cache_dir, key + ".json") if key else None
+    if path and os.path.exists(path):
+        try:
+            with open(path) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass                                   # unreadable: compile again
+    row = report_triton_kernel(spec, config, cc)
+    if path and not row.get("error"):
+        try:
+            os.makedirs(cache_dir, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
+            with os.fdopen(fd, "w") as f:
+                json.dump(row, f)
+            os.replace(tmp, path)
+        except OSError:
+            pass                                   # a read-only cache only costs time
+    return row
+
+
+def collect_triton(specs=None, cache_dir: str | None = None) -> list[dict]:
+    """Rows of every spec x config x target; cache_dir: reuse and keep compiled rows there."""
     if specs is None:
         from fusedtune.triton_kernels.registry import all_kernels
         specs = all_kernels()
@@ -319,7 +377,7 @@ def collect_triton(specs=None) -> list[dict]:
     for spec in specs:
         for config in spec.configs:
             for cc in spec.targets:
-                rows.append(report_triton_kernel(spec, config, cc))
+                rows.append(_cached_report(spec, config, cc, cache_dir))
     return rows
 
 
@@ -429,9 +487,9 @@ def check(rows) -> list[str]:
 
 
 def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, ext_path: str | None = None,
-            notes: list | None = None) -> list[dict]:
+            notes: list | None = None, cache_dir: str | None = None) -> list[dict]:
     """Rows for every Triton kernel config x target (specs default to the registry) and every cubin kernel
-    of the extension. Each row's "defects" lists what check() would flag."""
+    of the extension. Each row's "defects" lists what check() would flag. cache_dir: see the module doc."""
     notes = notes if notes is not None else []
     rows = []
     if include_triton:
@@ -440,7 +498,7 @@ def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, 
         except Exception as e:  # noqa: BLE001
             notes.append(f"triton is not importable ({e}): no Triton kernels reported")
         else:
-            rows += collect_triton(specs)
+            rows += collect_triton(specs, cache_dir)
     if include_cuda:
         rows += collect_cuda(ext_path, notes)
     for r in rows:
@@ -481,6 +539,7 @@ def main(argv=None) -> int:
     ap.add_argument("--no-triton", action="store_true", help="skip the Triton kernels")
     ap.add_argument("--no-cuda", action="store_true", help="skip the extension's cubins")
     ap.add_argument("--family", help="only kernels of this family")
+    ap.add_argument("--no-cache", action="store_true", help="compile every Triton kernel again (no row cache)")
     args = ap.parse_args(argv)
 
     notes: list[str] = []
@@ -492,11 +551,13 @@ def main(argv=None) -> int:
         except Exception as e:  # noqa: BLE001
             notes.append(f"cannot load the Triton kernel registry: {e}")
             specs = []
-    rows = collect(include_triton=not args.no_triton, include_cuda=not args.no_cuda, specs=specs, notes=notes)
+    cache = None if args.no_cache else default_cache_dir()
+    rows = collect(include_triton=not args.no_triton, include_cuda=not args.no_cuda, specs=specs, notes=notes,
+                   cache_dir=cache)
     if args.family:
         rows = [r for r in rows if r["family"] == args.family or r["source"] == "triton"]
     tool = find_cuobjdump()
-    print(f"fusedtune kernel report (cuobjdump: {tool or 'not found'})")
+    print(f"fusedtune kernel report (cuobjdump: {tool or 'not found'}; row cache: {cache or 'off'})")
     for n in notes:
         print(f"note: {n}")
     if rows:
