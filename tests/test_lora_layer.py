@@ -178,7 +178,7 @@ def test_dropout_only_in_training():
     ours.dropout_free = None
     ours.train()
     assert not torch.equal(ours(x), y_eval)
-    ours.lora_dropout_p["default"] = 0.0
+    ours.set_dropout("default", 0.0)
     torch.testing.assert_close(ours(x), y_eval)
 
 
@@ -398,6 +398,35 @@ def test_forward_and_grads_match_peft_with_dropout(i):
         torch.testing.assert_close(a.float(), b.float(), rtol=1e-3 if c["dtype"] == torch.float32 else 2e-2,
                                    atol=atol, msg=f"config {c} p={p} output {j}")
     # and the mask mattered: without dropout the output differs
-    ours.lora_dropout_p["default"] = 0.0
+    ours.set_dropout("default", 0.0)
     torch.manual_seed(1000 + i)
     assert not torch.allclose(ours(x).float(), got[0].float(), atol=atol)
+
+
+def test_lora_dropout_is_peft_module_dict():
+    """lora_dropout[name] is peft's module (nn.Dropout, nn.Identity for p=0): code that reads or sets
+    its .p works; lora_dropout_p is a read-only view of it; a custom dropout module is refused, not
+    silently replaced by no dropout."""
+    from fusedtune.ops.lora import LoRAUnsupported
+    ours = LoRALinear.from_linear(nn.Linear(16, 8), r=4, dropout=0.25)
+    ours.add_adapter("b", r=2, dropout=0.0)
+    ours.set_adapter("default")
+    assert isinstance(ours.lora_dropout["default"], nn.Dropout) and ours.lora_dropout["default"].p == 0.25
+    assert isinstance(ours.lora_dropout["b"], nn.Identity)
+    assert dict(ours.lora_dropout_p) == {"default": 0.25, "b": 0.0}
+    ours.train()
+    ours.lora_dropout["default"].p = 0.5                       # peft-style edit reaches the fused op
+    assert ours._dropout(["default"]) == 0.5
+    with pytest.raises(TypeError):
+        ours.lora_dropout_p["default"] = 0.1                   # read-only: not silently ignored
+    assert not any(k.startswith("lora_dropout") for k in ours.state_dict())
+    ours.delete_adapter("b")
+    assert list(ours.lora_dropout) == ["default"]
+    back = ours.to_peft()                                      # (the module skips without peft)
+    assert back.lora_dropout["default"].p == 0.5
+    back.lora_dropout["default"] = nn.AlphaDropout(0.1)
+    with pytest.raises(LoRAUnsupported, match="AlphaDropout"):
+        LoRALinear.from_peft(back)
+    ours.lora_dropout["default"] = nn.AlphaDropout(0.1)
+    with pytest.raises(LoRAUnsupported, match="AlphaDropout"):
+        ours(torch.randn(3, 16))

@@ -146,7 +146,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         if adapter_name not in m.r:
             m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype)
         else:   # overwrite: the file's settings replace the adapter's
-            m.lora_alpha[adapter_name], m.lora_dropout_p[adapter_name] = alpha, drop
+            m.lora_alpha[adapter_name] = alpha
+            m.set_dropout(adapter_name, drop)
             m.use_rslora[adapter_name] = rslora
             m.scaling[adapter_name] = alpha / (math.sqrt(r) if rslora else r)
             m._tables.clear()

@@ -11,6 +11,7 @@ masks for several adapters summed in one forward, merging into an NF4 base) rais
 from __future__ import annotations
 
 import math
+import types
 
 import torch
 from torch import nn
@@ -73,7 +74,7 @@ class LoRALinear(nn.Module):
         self.r: dict[str, int] = {}
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
-        self.lora_dropout_p: dict[str, float] = {}
+        self.lora_dropout = nn.ModuleDict()     # peft's: nn.Dropout(p), or nn.Identity for p = 0
         self.use_rslora: dict[str, bool] = {}
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
@@ -132,17 +133,38 @@ class LoRALinear(nn.Module):
         self.lora_A[name], self.lora_B[name] = A, B
         self.r[name], self.lora_alpha[name] = r, float(alpha)
         self.use_rslora[name] = bool(use_rslora)
-        self.lora_dropout_p[name] = float(dropout)
+        self.set_dropout(name, dropout)
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
         self.set_adapter(name)
+
+    def set_dropout(self, name: str, p: float) -> None:
+        """The LoRA-branch dropout probability of adapter `name` (peft's lora_dropout[name] module)."""
+        if not 0.0 <= float(p) < 1.0:
+            raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {p!r}")
+        self.lora_dropout[name] = nn.Dropout(float(p)) if float(p) > 0 else nn.Identity()
+
+    @property
+    def lora_dropout_p(self) -> types.MappingProxyType:
+        """Adapter name -> dropout probability, read from lora_dropout (read-only: use set_dropout, or
+        set .p of an adapter's nn.Dropout as with peft)."""
+        out = {}
+        for n, mod in self.lora_dropout.items():
+            if isinstance(mod, nn.Dropout):
+                out[n] = float(mod.p)
+            elif isinstance(mod, nn.Identity):
+                out[n] = 0.0
+            else:
+                raise LoRAUnsupported(f"LoRALinear: lora_dropout[{n!r}] is a {type(mod).__name__}; the fused op "
+                                      "draws its own seeded mask (nn.Dropout or nn.Identity only)")
+        return types.MappingProxyType(out)
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
         if name in self.merged_adapters:
             raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
-        for d in (self.r, self.lora_alpha, self.scaling, self.lora_dropout_p, self.use_rslora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
             d.pop(name)
-        del self.lora_A[name], self.lora_B[name]
+        del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._tables.clear()
 
@@ -395,10 +417,14 @@ class LoRALinear(nn.Module):
             if getattr(layer, "lora_bias", {}).get(name) or layer.lora_B[name].bias is not None:
                 raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has lora_bias; not supported")
             drop = layer.lora_dropout[name]
+            if not isinstance(drop, (nn.Dropout, nn.Identity)):
+                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has a {type(drop).__name__} as "
+                                      "lora_dropout; the fused op draws its own seeded mask (nn.Dropout or "
+                                      "nn.Identity only)")
             m.lora_A[name], m.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
             m.r[name], m.lora_alpha[name] = int(layer.r[name]), float(layer.lora_alpha[name])
             m.use_rslora[name] = bool(getattr(layer, "use_rslora", {}).get(name, False))
-            m.lora_dropout_p[name] = float(drop.p) if isinstance(drop, nn.Dropout) else 0.0
+            m.set_dropout(name, float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
             m.scaling[name] = float(layer.scaling[name])
         m.active_adapters = [a for a in layer.active_adapters if a in m.r]
         m.disable_adapters = bool(getattr(layer, "disable_adapters", False))
