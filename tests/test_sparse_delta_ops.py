@@ -205,3 +205,24 @@ def test_other_optimizers_and_edits_of_values_reach_the_forward():
     m2(x).pow(2).mean().backward()
     opt2.step()
     assert m2._merged_version == m2.values._version
+
+
+def test_from_linear_shares_the_weight_and_revert_gives_w0_back():
+    """Documented: no copy of the base weight; merged deltas show in the original linear, and
+    revert_() restores it bit for bit (a bf16 weight: the merge rounds, the revert does not)."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(24, 16).bfloat16()
+    w0 = lin.weight.detach().clone()
+    m = SparseDeltaLinear.from_linear(lin, density=0.1, seed=3)
+    assert m.weight.data_ptr() == lin.weight.data_ptr()
+    with torch.no_grad():
+        m.values.copy_(torch.randn_like(m.values) * 1e-1 + 1e-3)
+    m.merge_()
+    flat = lin.weight.detach().view(-1)
+    idx = m.indices.long()
+    assert torch.equal(flat[idx], (w0.view(-1)[idx].float() + m.values.detach()).bfloat16())
+    others = torch.ones_like(flat, dtype=torch.bool)
+    others[idx] = False
+    assert torch.equal(flat[others], w0.view(-1)[others])
+    m.revert_()
+    assert torch.equal(lin.weight.detach().view(torch.int16), w0.view(torch.int16))

@@ -24,6 +24,10 @@ class SparseDeltaLinear(nn.Module):
                  weight never loses an update); their gradient comes from an SDDMM at the k
                  positions, never from a dense dW. SparseDeltaAdamW updates them and the merged weight
                  in one pass; if anything else changes them, the next forward merges them again.
+
+    from_linear shares the linear's weight storage (no copy of the model): the merged deltas show in
+    the original nn.Linear's weight too, and revert_() (or fusedtune.unpatch) gives it back W0 bit
+    for bit. Pass a copy of the linear to keep the original untouched.
     """
 
     @classmethod
