@@ -278,15 +278,21 @@ def test_optimizer_state_with_gqa_matches_the_selected_sizes():
     assert state_bytes(opt) == 8 * expected
 
 
-def test_reset_restores_pretrained_values_bitwise():
+@pytest.mark.parametrize("snapshot", [True, "lazy"])
+def test_reset_restores_pretrained_values_bitwise(snapshot):
     model = tiny(layers=4)
     pre = params_of(model)
-    hft = HalfFineTuner(model, seed=4)
-    assert hft.snapshot_bytes == sum(p.numel() * 4 for p in model.parameters())
+    hft = HalfFineTuner(model, seed=4, snapshot=snapshot)
+    full = sum(p.numel() * 4 for p in model.parameters())
+    trained0 = sum(p.numel() * 4 for p in model.parameters() if p.requires_grad)
+    assert hft.snapshot_bytes == (full if snapshot is True else trained0) and trained0 < full
     train(model, torch.optim.AdamW(hft.trainable_parameters(), lr=1e-2), steps=2)
     stage0 = {n for n, p in model.named_parameters() if p.requires_grad}
     hft.next_stage()
     stage1 = {n for n, p in model.named_parameters() if p.requires_grad}
+    if snapshot == "lazy":   # what stage 1 newly trains is copied now, before it trains
+        assert hft.snapshot_bytes == sum(p.numel() * 4 for n, p in model.named_parameters()
+                                         if n in stage0 | stage1)
     train(model, torch.optim.AdamW(hft.trainable_parameters(), lr=1e-2), steps=2)
     now = params_of(model)
     # "frozen": what stage 0 trained and stage 1 freezes goes back; what trains now keeps its values
@@ -553,3 +559,42 @@ def test_patch_method_hft_rows():
     unpatch(model)
     assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_lazy_snapshot_refuses_to_reset_what_changed_while_frozen():
+    """snapshot='lazy' never copied a frozen parameter; if it was modified in place anyway, reset names
+    it and restores nothing (rather than leaving it silently wrong)."""
+    model = tiny(layers=2)
+    pre = params_of(model)
+    hft = HalfFineTuner(model, seed=0, snapshot="lazy")
+    frozen = next(n for n, p in model.named_parameters() if not p.requires_grad and n.endswith("proj.weight"))
+    train(model, torch.optim.AdamW(hft.trainable_parameters(), lr=1e-2), steps=2)
+    after = params_of(model)
+    with torch.no_grad():
+        model.get_parameter(frozen).mul_(2)
+    with pytest.raises(HFTError, match=frozen.replace(".", "\\.")):
+        hft.reset("all")
+    for n, p in model.named_parameters():              # nothing was reset
+        if n != frozen:
+            assert torch.equal(p.detach(), after[n]), n
+    with pytest.raises(HFTError, match="snapshot=True"):
+        hft.reset("frozen", names=[frozen])
+    hft.reset("selected")                              # what trains was copied: still restorable
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            assert torch.equal(p.detach(), pre[n]), n
+    with pytest.raises(HFTError, match="snapshot must be"):
+        HalfFineTuner(tiny(layers=2), snapshot="yes")
+
+
+@needs_rows
+def test_lazy_snapshot_in_row_granularity_restores_everything():
+    model = tiny("qwen2", layers=2)
+    pre = params_of(model)
+    hft = HalfFineTuner(model, granularity="row", seed=2, snapshot="lazy")
+    train(model, hft.make_optimizer(lr=1e-2), steps=2)
+    hft.next_stage()
+    train(model, hft.make_optimizer(lr=1e-2), steps=2)
+    hft.remove(restore=True)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), pre[n]), n

@@ -95,7 +95,7 @@ class HFTCallback(TrainerCallback):
     """
 
     def __init__(self, ratio: float = 0.5, granularity: str = "matrix", seed: int = 0, stage_every=None, *,
-                 stage: int = 0, train_final_norm: bool = True, snapshot: bool = True,
+                 stage: int = 0, train_final_norm: bool = True, snapshot: bool | str = True,
                  merge_on_train_end: bool = True):
         if stage_every is not None and stage_every != "epoch" and (
                 isinstance(stage_every, bool) or not isinstance(stage_every, int) or stage_every < 1):

@@ -50,7 +50,7 @@ class HFTMethod(Method):
         return rep
 
     def remove(self, model, merge):
-        if not merge and self.tuner.snapshot_bytes == 0:
+        if not merge and not self.tuner.has_snapshot:
             raise PatchError("method 'hft' was applied with snapshot=False: the pretrained weights were not kept, "
                              "so unpatch(merge=False) cannot restore them; use unpatch(model)")
         self.tuner.remove(restore=not merge)
