@@ -67,8 +67,8 @@ class HalfFineTuner:
     granularity="row": every q/k/v/o/gate/up/down linear is replaced (in place) by
     fusedtune.nn.RowMaskedLinear training a seeded random set of round(ratio * out_features) output
     rows (ties down, at least 1), and its bias at those rows: its weight gradient is computed for those
-    rows only and the optimizer (fusedtune.optim.MaskedAdamW) keeps moments only for them. Norms, embeddings, lm_head and the final
-    norm follow the matrix rule. next_stage() re-selects rows in place (RowMaskedLinear.set_rows).
+    rows only and the optimizer (fusedtune.optim.MaskedAdamW) keeps moments only for them. Norms,
+    embeddings, lm_head and the final norm follow the matrix rule. next_stage() re-selects rows in place (RowMaskedLinear.set_rows).
 
     ratio: any number in (0, 1]; the category counts generalize as described in
     fusedtune.hft.selection (each layer trains floor(r*n) or ceil(r*n) of a category's n members and

@@ -147,16 +147,16 @@ class LoRALinear(nn.Module):
     def lora_dropout_p(self) -> types.MappingProxyType:
         """Adapter name -> dropout probability, read from lora_dropout (read-only: use set_dropout, or
         set .p of an adapter's nn.Dropout as with peft)."""
-        out = {}
-        for n, mod in self.lora_dropout.items():
-            if isinstance(mod, nn.Dropout):
-                out[n] = float(mod.p)
-            elif isinstance(mod, nn.Identity):
-                out[n] = 0.0
-            else:
-                raise LoRAUnsupported(f"LoRALinear: lora_dropout[{n!r}] is a {type(mod).__name__}; the fused op "
-                                      "draws its own seeded mask (nn.Dropout or nn.Identity only)")
-        return types.MappingProxyType(out)
+        return types.MappingProxyType({n: self._dropout_of(n) for n in self.lora_dropout})
+
+    def _dropout_of(self, name: str) -> float:
+        mod = self.lora_dropout[name]
+        if isinstance(mod, nn.Dropout):
+            return float(mod.p)
+        if isinstance(mod, nn.Identity):
+            return 0.0
+        raise LoRAUnsupported(f"LoRALinear: lora_dropout[{name!r}] is a {type(mod).__name__}; the fused op "
+                              "draws its own seeded mask (nn.Dropout or nn.Identity only)")
 
     def delete_adapter(self, name: str) -> None:
         self._require(name)
@@ -240,7 +240,7 @@ class LoRALinear(nn.Module):
     def _dropout(self, names) -> float:
         if not self.training:
             return 0.0
-        ps = {self.lora_dropout_p[n] for n in names}
+        ps = {self._dropout_of(n) for n in names}
         if len(ps) > 1:
             raise LoRAUnsupported(f"LoRALinear: adapters {list(names)} in one forward have different dropout "
                                   f"probabilities {sorted(ps)}; the fused op draws one mask per input element")
