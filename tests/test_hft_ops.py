@@ -193,3 +193,20 @@ def test_row_linear_under_autocast_and_with_a_trained_bias():
     assert m.bias.grad.dtype == torch.float32 and m.weight.grad is None
     torch.testing.assert_close(m.bias_rows.grad, dy.bfloat16().float().sum(0)[rows], rtol=1e-2, atol=1e-2)
     assert m.bias_rows.grad.dtype == torch.float32
+
+
+def test_state_dict_round_trip_and_a_state_dict_from_before_bias_rows():
+    lin = torch.nn.Linear(12, 10)
+    m = RowMaskedLinear.from_linear(copy.deepcopy(lin), torch.tensor([1, 4, 9]))
+    with torch.no_grad():
+        m.bias_rows.add_(1.0)
+        m.bias[m.rows] = m.bias_rows
+    sd = m.state_dict()
+    assert "bias_rows" in sd
+    m2 = RowMaskedLinear.from_linear(copy.deepcopy(lin), torch.tensor([1, 4, 9]))
+    m2.load_state_dict(sd)
+    assert torch.equal(m2.bias_rows, m.bias_rows) and torch.equal(m2.bias, m.bias)
+    old = {k: v for k, v in sd.items() if k != "bias_rows"}     # saved before bias_rows existed
+    m3 = RowMaskedLinear.from_linear(copy.deepcopy(lin), torch.tensor([1, 4, 9]))
+    m3.load_state_dict(old)                                     # strict: no missing key
+    assert torch.equal(m3.bias_rows, m.bias[m.rows].float()) and m3.bias_rows.dtype == torch.float32

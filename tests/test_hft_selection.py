@@ -587,6 +587,30 @@ def test_lazy_snapshot_refuses_to_reset_what_changed_while_frozen():
         HalfFineTuner(tiny(layers=2), snapshot="yes")
 
 
+def test_lazy_snapshot_survives_rewrites_with_the_same_values_and_refuses_what_changed_before_training():
+    """A load_state_dict of the same values (Trainer's load_best_model_at_end, a resume, DDP's broadcast)
+    moves the version counters but not the bits: reset still works. A parameter that changed while
+    frozen and then trains in a later stage has no pretrained copy: reset('selected') names it."""
+    model = tiny(layers=4)
+    pre = params_of(model)
+    hft = HalfFineTuner(model, seed=4, snapshot="lazy")
+    model.load_state_dict(model.state_dict())           # same values, new versions
+    train(model, torch.optim.AdamW(hft.trainable_parameters(), lr=1e-2), steps=2)
+    model.load_state_dict(model.state_dict())
+    hft.reset("all")
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), pre[n]), n
+    stage0 = {n for n, p in model.named_parameters() if p.requires_grad}
+    stage1 = set(n for n, v in hft.selection(1).items() if v is True)
+    late = next(n for n in sorted(stage1 - stage0) if n.endswith("proj.weight"))
+    with torch.no_grad():
+        model.get_parameter(late).add_(1.0)             # changed while frozen, before stage 1 trains it
+    hft.next_stage()
+    assert model.get_parameter(late).requires_grad
+    with pytest.raises(HFTError, match=late.replace(".", "\\.") + ".*no pretrained copy"):
+        hft.reset("selected")
+
+
 @needs_rows
 def test_lazy_snapshot_in_row_granularity_restores_everything():
     model = tiny("qwen2", layers=2)

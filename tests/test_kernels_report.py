@@ -208,6 +208,10 @@ def test_row_cache_reuses_compiled_rows_and_keys_on_what_changes_them(tmp_path, 
     assert key != K.row_cache_key(SCALE, cfg, 89)
     assert key != K.row_cache_key(SCALE, dict(cfg, num_warps=8), 80)
     assert key != K.row_cache_key(GEMM, GEMM.configs[0], 80)
+    build = K._triton_build_key
+    monkeypatch.setattr(K, "_triton_build_key", lambda: build() + "|TRITON_PTXAS_PATH=/other/ptxas")
+    assert K.row_cache_key(SCALE, cfg, 80) != key                   # another Triton build / ptxas
+    monkeypatch.setattr(K, "_triton_build_key", build)
     # a kernel whose source differs (another function body) gets another key
     assert K.row_cache_key(KernelSpec(family="test", name="t_scale", fn=_t_gemm, targets=(80,),
                                       signature=SCALE.signature, configs=SCALE.configs, options=SCALE.options),

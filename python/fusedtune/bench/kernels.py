@@ -23,7 +23,8 @@ target it was built for that has no cubin.
 Cache: a Triton row that compiled is kept as JSON under $FUSEDTUNE_KERNEL_CACHE (default
 ~/.cache/fusedtune/kernel_report; an empty value turns it off; --no-cache), keyed by Triton's own
 source key of the kernel (its source and that of every function it calls), the spec, the config,
-the target, the Triton version, the cuobjdump used and this file. The CLI and the test of the
+the target, the Triton build (version, triton_key, cache-invalidating environment variables), the
+cuobjdump used and this file. The CLI and the test of the
 registered kernels use it, so `tools/dev.sh test` compiles each kernel once, not twice.
 """
 from __future__ import annotations
@@ -333,15 +334,33 @@ def _this_file_hash() -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
+@functools.lru_cache(maxsize=None)
+def _triton_build_key() -> str:
+    """What Triton's own compile cache keys on besides the source: the installed build (triton_key)
+    and the environment variables that change its output (e.g. TRITON_PTXAS_PATH)."""
+    import triton
+    parts = [triton.__version__]
+    try:
+        from triton.runtime.cache import triton_key
+        parts.append(triton_key())
+    except Exception:  # noqa: BLE001 - another Triton layout: the version alone
+        pass
+    try:
+        from triton._C.libtriton import get_cache_invalidating_env_vars
+        parts.append(json.dumps(get_cache_invalidating_env_vars(), sort_keys=True, default=str))
+    except Exception:  # noqa: BLE001
+        pass
+    return "|".join(parts)
+
+
 def row_cache_key(spec, config: dict, cc: int) -> str | None:
     """The cache key of one report row, or None when the kernel has no Triton source key."""
-    import triton
     try:
         src_key = spec.fn.cache_key      # Triton's hash of the kernel's source and its callees'
     except Exception:  # noqa: BLE001
         return None
     blob = json.dumps([src_key, spec.family, spec.name, spec.signature, config, int(cc), spec.options,
-                       getattr(spec, "requires", None), config.get("gemm", spec.gemm), triton.__version__,
+                       getattr(spec, "requires", None), config.get("gemm", spec.gemm), _triton_build_key(),
                        find_cuobjdump(), _this_file_hash()], sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()
 

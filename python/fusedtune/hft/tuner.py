@@ -47,6 +47,17 @@ def describe_row_layer(module: nn.Module) -> tuple[str, str, str]:
     return "?", type(module).__name__, "the layer does not report its backend"
 
 
+_INT_OF_SIZE = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+@torch.no_grad()
+def _bit_sum(t: torch.Tensor) -> int:
+    """The sum of a tensor's bit patterns as integers (exact in int64 arithmetic): a checksum that any
+    change of one element moves (NaNs included)."""
+    flat = t.detach().reshape(-1)
+    return int(flat.view(_INT_OF_SIZE[flat.element_size()]).sum(dtype=torch.int64))
+
+
 class HalfFineTuner:
     """Half fine-tuning (HFT) of a Llama-style causal LM, in place.
 
@@ -68,7 +79,8 @@ class HalfFineTuner:
     fusedtune.nn.RowMaskedLinear training a seeded random set of round(ratio * out_features) output
     rows (ties down, at least 1), and its bias at those rows: its weight gradient is computed for those
     rows only and the optimizer (fusedtune.optim.MaskedAdamW) keeps moments only for them. Norms,
-    embeddings, lm_head and the final norm follow the matrix rule. next_stage() re-selects rows in place (RowMaskedLinear.set_rows).
+    embeddings, lm_head and the final norm follow the matrix rule. next_stage() re-selects rows in
+    place (RowMaskedLinear.set_rows).
 
     ratio: any number in (0, 1]; the category counts generalize as described in
     fusedtune.hft.selection (each layer trains floor(r*n) or ceil(r*n) of a category's n members and
@@ -79,10 +91,12 @@ class HalfFineTuner:
     model in bf16). snapshot="lazy" copies a parameter when a stage first makes it train (frozen
     parameters keep their pretrained values, so they need no copy): at stage 0 of matrix granularity
     about half of the q/k/v/o/MLP bytes are never copied (~9 GB instead of ~16 GB for an 8B model),
-    and later stages add what they newly train. reset() checks, by the tensors' version counters,
-    that a parameter it never copied was not modified in place since construction and refuses
-    otherwise (writes through `.data` bypass that check). snapshot=False keeps nothing; reset() then
-    refuses.
+    and later stages add what they newly train (in row granularity every projection's rows train, so
+    "lazy" saves only the frozen norms there). A parameter is copied, or left out of a reset as still
+    pretrained, only if it is unchanged since construction: same version counter, or, when a write
+    moved the counter (a load_state_dict, DDP's first broadcast), the same integer checksum of its
+    bits; otherwise reset() refuses it by name before touching anything. snapshot=False keeps
+    nothing; reset() then refuses.
 
     backend: the fusedtune backend of the row layers' ops and of make_optimizer's MaskedAdamW
     (None: per scope / FUSEDTUNE_BACKEND / auto, see fusedtune.backend).
@@ -130,6 +144,7 @@ class HalfFineTuner:
         self._lazy = snapshot == "lazy"
         self._canon = [n for n, _ in model.named_parameters()]     # one name per parameter
         self._versions = {n: p._version for n, p in model.named_parameters()}
+        self._sums = {n: _bit_sum(p) for n, p in model.named_parameters()} if self._lazy else {}
         if snapshot is True:
             with torch.no_grad():
                 self._snapshot = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters()}
@@ -189,11 +204,17 @@ class HalfFineTuner:
         row = self._rows.get(mname)
         return getattr(row, leaf) if row is not None else self.model.get_parameter(name)
 
-    def _unchanged(self, name: str, t: torch.Tensor) -> None:
-        if t._version != self._versions[name]:
-            raise HFTError(f"HalfFineTuner.reset: {name} was modified in place while HFT kept it frozen, so the "
-                           "lazy snapshot has no pretrained copy of it (snapshot=True keeps one of everything); "
-                           "nothing was reset")
+    def _pristine(self, name: str, t: torch.Tensor) -> bool:
+        """Unchanged since construction: the same version counter, or the same checksum of its bits."""
+        if t._version == self._versions[name]:
+            return True
+        if _bit_sum(t) == self._sums[name]:
+            self._versions[name] = t._version           # rewritten with the same values (a load, a broadcast)
+            return True
+        return False
+
+    def _trains(self, name: str, t: torch.Tensor) -> bool:
+        return t.requires_grad or name.rpartition(".")[0] in self._rows
 
     @torch.no_grad()
     def _snapshot_trained(self) -> None:
@@ -202,10 +223,9 @@ class HalfFineTuner:
             if name in self._snapshot:
                 continue
             t = self._param(name)
-            in_row_layer = name.rpartition(".")[0] in self._rows
-            if (t.requires_grad or in_row_layer) and t._version == self._versions[name]:
+            if self._trains(name, t) and self._pristine(name, t):
                 self._snapshot[name] = t.detach().to("cpu", copy=True)
-            # (modified while frozen: no pretrained value left to copy; reset() refuses it by name)
+            # (changed before a stage trained it: no pretrained value left to copy; reset() refuses it)
 
     def _apply_rows(self) -> None:
         model, made = self.model, []
@@ -369,12 +389,17 @@ class HalfFineTuner:
         wanted = self._match(names)
         todo = [n for n in self._canon if wanted is None or n in wanted]
         for name in todo:       # lazy: what was never copied must still be pretrained (checked first)
-            if name not in self._snapshot and part != "selected":
-                self._unchanged(name, self._param(name))
+            if name in self._snapshot:
+                continue
+            t = self._param(name)
+            if (part != "selected" or self._trains(name, t)) and not self._pristine(name, t):
+                raise HFTError(f"HalfFineTuner.reset: {name} has no pretrained copy in the lazy snapshot: it "
+                               "changed before a stage first trained it (snapshot=True keeps a copy of "
+                               "everything); nothing was reset")
         touched = []
         for name in todo:
             snap = self._snapshot.get(name)
-            if snap is None:    # never trained: frozen now, and still its pretrained value
+            if snap is None:    # never copied: frozen now, and still its pretrained value (checked)
                 if part != "selected":
                     touched.append(name)
                 continue

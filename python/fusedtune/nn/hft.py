@@ -72,6 +72,17 @@ class RowMaskedLinear(nn.Module):
         if self.bias_rows is not None:
             self.bias_rows._fusedtune_row_layer = weakref.ref(self)
 
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # a state dict saved before bias_rows existed: the bias at the rows is its master
+        key = prefix + "bias_rows"
+        if self.bias_rows is not None and key not in state_dict and prefix + "bias" in state_dict:
+            rows = state_dict.get(prefix + "rows", self.rows).to(torch.int64)
+            state_dict[key] = state_dict[prefix + "bias"].index_select(0, rows.to(state_dict[prefix + "bias"].device))
+            state_dict[key] = state_dict[key].float()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+
     def master_parameters(self) -> list[nn.Parameter]:
         """The trainable masters: weight_rows, and bias_rows when the layer has a bias."""
         return [self.weight_rows] + ([self.bias_rows] if self.bias_rows is not None else [])
