@@ -77,9 +77,9 @@ class RowMaskedLinear(nn.Module):
         # a state dict saved before bias_rows existed: the bias at the rows is its master
         key = prefix + "bias_rows"
         if self.bias_rows is not None and key not in state_dict and prefix + "bias" in state_dict:
-            rows = state_dict.get(prefix + "rows", self.rows).to(torch.int64)
-            state_dict[key] = state_dict[prefix + "bias"].index_select(0, rows.to(state_dict[prefix + "bias"].device))
-            state_dict[key] = state_dict[key].float()
+            bias = state_dict[prefix + "bias"]
+            rows = state_dict.get(prefix + "rows", self.rows).to(device=bias.device, dtype=torch.int64)
+            state_dict[key] = bias.index_select(0, rows).float()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
 
