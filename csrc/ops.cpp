@@ -33,10 +33,11 @@ TORCH_LIBRARY(fusedtune, m) {
   m.def(
       "masked_adamw_kernel_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
       "Tensor(d!)[] targets, Tensor[] rows, float[] consts) -> ()");
-  // sparse_delta: AdamW on float32 deltas; weights[i].flat[indices[i]] <- round(bases[i] + delta).
+  // sparse_delta: AdamW on float32 deltas; weights[i].flat[indices[i]] <- round(bases[i] + delta);
+  // steps[i]: empty or per-element step counts (incremented); consts: 8 AdamConsts, lr, step.
   m.def(
       "sparse_adamw_kernel_(Tensor(a!)[] values, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_sqs, "
-      "Tensor(d!)[] weights, Tensor[] bases, Tensor[] indices, float[] consts) -> ()");
+      "Tensor(d!)[] weights, Tensor[] bases, Tensor[] indices, Tensor(e!)[] steps, float[] consts) -> ()");
   // sparse_delta: float32 g[p] = sum_t dy[t, r_p] * x[t, c_p] at sorted flat indices r_p * in + c_p,
   // tiled as plan = [R, C, splits, cap, span] says (sddmm_tile.h).
   m.def("sddmm_kernel(Tensor dy, Tensor x, Tensor indices, int[] plan) -> Tensor");

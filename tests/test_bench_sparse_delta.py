@@ -20,6 +20,7 @@ from fusedtune.nn import SparseDeltaLinear  # noqa: E402
 SDDMM = "sddmm delta gradient"
 OPT = "SparseDeltaAdamW step"
 OP = "sparse_adamw_ op (prebuilt lists)"
+COUNTED = "SparseDeltaAdamW step after regrowth (counts, 1 in 5 young)"
 STEP = "sparse_delta training step (1% deltas)"
 
 # the tiny shapes, written out here rather than read from the module
@@ -53,8 +54,9 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
             "peak_mem_bytes", "opt_state_bytes", "trainable_elems", "lora_same_budget_rank"} <= set(header)
     kernels = [r["kernel"] for r in rows]
     assert kernels.count(SDDMM) == 9                                     # 3 shapes x 3 densities
-    assert kernels.count(OPT) == kernels.count(OP) == 1 and kernels.count(STEP) == 2   # vs full FT, vs LoRA
-    assert len(rows) == 13
+    assert kernels.count(OPT) == kernels.count(OP) == kernels.count(COUNTED) == 1
+    assert kernels.count(STEP) == 2                                      # vs full FT, vs LoRA
+    assert len(rows) == 14
     for r in rows:
         assert r["gpu_name"] == "cpu" and r["torch"] == torch.__version__ and r["date"].endswith("Z")
         med, p20, p80, base = (float(r[k]) for k in ("time_ms", "p20_ms", "p80_ms", "baseline_ms"))
@@ -103,7 +105,7 @@ def test_optimizer_rows_match_the_independent_byte_count(cpu_run):
     _, _, _, rows = cpu_run
     k, per = _independent_bytes()
     assert k == sum(_k(o, i, 0.01) for o, i in TINY_LAYER * 2)
-    for name in (OPT, OP):
+    for name, per in ((OPT, per), (OP, per), (COUNTED, per + 8)):    # counts: + int32 read and write
         r = next(r for r in rows if r["kernel"] == name)
         assert int(r["k"]) == k and f"{k} deltas" in r["shape"] and "14 tensors" in r["shape"]
         assert int(r["bytes_per_delta"]) == per

@@ -210,3 +210,26 @@ def test_state_dict_round_trip_and_a_state_dict_from_before_bias_rows():
     m3 = RowMaskedLinear.from_linear(copy.deepcopy(lin), torch.tensor([1, 4, 9]))
     m3.load_state_dict(old)                                     # strict: no missing key
     assert torch.equal(m3.bias_rows, m.bias[m.rows].float()) and m3.bias_rows.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_masked_adamw_resumes_from_its_state_dict_exactly(dtype):
+    """torch's Optimizer.load_state_dict casts state tensors to the parameter's dtype; the float32
+    moments of a bf16/fp16 parameter must come back float32 (a resume, Trainer's included)."""
+    g = torch.Generator().manual_seed(3)
+    p0 = torch.randn(9, 7, generator=g).to(dtype)
+    grads = [torch.randn(9, 7, generator=g).to(dtype) for _ in range(4)]
+
+    def run(resume_at):
+        p = torch.nn.Parameter(p0.clone())
+        opt = MaskedAdamW([p], lr=1e-2)
+        for t, gr in enumerate(grads):
+            if t == resume_at:
+                sd = copy.deepcopy(opt.state_dict())
+                opt = MaskedAdamW([p], lr=1e-2)
+                opt.load_state_dict(sd)
+                assert opt.state[p]["exp_avg"].dtype == torch.float32
+            p.grad = gr.clone()
+            opt.step()
+        return p.detach()
+    assert torch.equal(run(2), run(-1))

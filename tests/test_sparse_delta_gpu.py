@@ -69,9 +69,14 @@ def test_sparse_adamw_cuda_bit_identical():
 
     def run(b, dev="cuda"):
         vals, grads, ms, vs, ws, bases, idx = inputs(dev)
-        for step in range(1, 4):
+        # per-element counts on every other tensor: at the step (2), fresh, young, old (powers underflow)
+        g = torch.Generator().manual_seed(7)
+        pool = torch.tensor([2, 0, 1, 9, 17000, 2 ** 20], dtype=torch.int32)
+        steps = [pool[torch.randint(0, 6, i.shape, generator=g)].to(dev) if j % 2 else None
+                 for j, i in enumerate(idx)]
+        for step in range(3, 6):
             sparse_adamw_(vals, grads, ms, vs, ws, bases, idx, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
-                          weight_decay=0.1, step=step, backend=b)
-        return vals + ms + vs + ws
+                          weight_decay=0.1, step=step, steps=steps, backend=b)
+        return vals + ms + vs + ws + [s for s in steps if s is not None]
     assert "cuda" in check_backends(run, "cuda", exact=True, has=("reference", "cpu", "cuda"))
     assert_same_bits([t.cpu() for t in run("cuda")], run("auto", "cpu"), "cuda vs cpu")

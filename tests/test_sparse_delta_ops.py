@@ -113,13 +113,17 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedtune.sparse_delta_linear.default, (x, w, v, idx, None, "reference"))
     torch.library.opcheck(torch.ops.fusedtune.sddmm.default, (torch.randn(6, 8), x.detach(), idx, "reference"))
     vals, grads, ws, bases, ids = _adam_inputs()
+    consts = [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01, 0.01, 3.0]   # AdamConsts, lr, step
+
+    def steps():   # per-element counts (some at the step, some not) for two tensors, none for one
+        return [torch.tensor([2, 0, 5] * 30, dtype=torch.int32)[: ids[0].numel()], torch.empty(0, dtype=torch.int32),
+                torch.full(ids[2].shape, 1, dtype=torch.int32)]
+    zeros = lambda: [torch.zeros_like(t) for t in vals]  # noqa: E731
     torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_.default,
-                          (vals, grads, [torch.zeros_like(t) for t in vals], [torch.zeros_like(t) for t in vals],
-                           ws, bases, ids, [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01], "reference"))
+                          (vals, grads, zeros(), zeros(), ws, bases, ids, steps(), consts, "reference"))
     if fusedtune._ext.loaded():   # the compiled kernel's own schema and fake impl
         torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_kernel_.default,
-                              (vals, grads, [torch.zeros_like(t) for t in vals], [torch.zeros_like(t) for t in vals],
-                               ws, bases, ids, [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01]))
+                              (vals, grads, zeros(), zeros(), ws, bases, ids, steps(), consts))
     m = SparseDeltaLinear.from_linear(torch.nn.Linear(10, 8), density=0.2)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731
     f(x).backward()

@@ -15,9 +15,10 @@ namespace {
 
 void sparse_adamw_cpu(at::TensorList values, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList weights, at::TensorList bases,
-                      at::TensorList indices, at::ArrayRef<double> consts) {
-  sparse_delta_check(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices);
-  const AdamConsts c = sparse_delta_consts(consts);
+                      at::TensorList indices, at::TensorList steps, at::ArrayRef<double> consts) {
+  sparse_delta_check(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps);
+  sparse_delta::OwnSteps own;
+  const AdamConsts c = sparse_delta_consts(consts, own);
   for (size_t i = 0; i < values.size(); ++i) {
     float* val = values[i].data_ptr<float>();
     const float* g = grads[i].data_ptr<float>();
@@ -25,9 +26,11 @@ void sparse_adamw_cpu(at::TensorList values, at::TensorList grads, at::TensorLis
     void* w = weights[i].data_ptr();
     const void* base = bases[i].data_ptr();
     const int32_t* idx = indices[i].data_ptr<int32_t>();
+    int32_t* st = sparse_delta_steps_ptr(steps[i]);
     const int wdt = sparse_delta_weight_dtype(weights[i]);
     at::parallel_for(0, values[i].numel(), 16384, [&](int64_t e0, int64_t e1) {
-      for (int64_t e = e0; e < e1; ++e) sparse_delta::sparse_adamw_element(val, g, m, v, w, base, idx, wdt, e, c);
+      for (int64_t e = e0; e < e1; ++e)
+        sparse_delta::sparse_adamw_element(val, g, m, v, w, base, idx, st, wdt, e, c, own);
     });
   }
 }

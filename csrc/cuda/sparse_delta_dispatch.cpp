@@ -12,17 +12,18 @@ namespace {
 
 void sparse_adamw_cuda(at::TensorList values, at::TensorList grads, at::TensorList exp_avgs,
                        at::TensorList exp_avg_sqs, at::TensorList weights, at::TensorList bases,
-                       at::TensorList indices, at::ArrayRef<double> consts) {
-  sparse_delta_check(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices);
+                       at::TensorList indices, at::TensorList steps, at::ArrayRef<double> consts) {
+  sparse_delta_check(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps);
   if (values.empty()) return;
-  const AdamConsts c = sparse_delta_consts(consts);
+  sparse_delta::OwnSteps own;
+  const AdamConsts c = sparse_delta_consts(consts, own);
   c10::cuda::CUDAGuard guard(values[0].device());
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
   sparse_delta::Launch launch;
   launch.count = 0;
   launch.block_start[0] = 0;
   auto fire = [&](const sparse_delta::Launch& l) {
-    cudaError_t err = sparse_delta::launch_sparse_adamw(l, c, stream);
+    cudaError_t err = sparse_delta::launch_sparse_adamw(l, c, own, stream);
     TORCH_CHECK(err == cudaSuccess, "sparse_adamw: CUDA launch failed: ", cudaGetErrorString(err));
   };
   for (size_t i = 0; i < values.size(); ++i) {
@@ -31,7 +32,8 @@ void sparse_adamw_cuda(at::TensorList values, at::TensorList grads, at::TensorLi
               sparse_delta::TensorMeta{values[i].data_ptr<float>(), grads[i].data_ptr<float>(),
                                        exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
                                        weights[i].data_ptr(), bases[i].data_ptr(), indices[i].data_ptr<int32_t>(),
-                                       values[i].numel(), sparse_delta_weight_dtype(weights[i])},
+                                       sparse_delta_steps_ptr(steps[i]), values[i].numel(),
+                                       sparse_delta_weight_dtype(weights[i])},
               sparse_delta::blocks_for(values[i].numel()), sparse_delta::kMaxTensorsPerLaunch, fire);
   }
   batch_flush(launch, fire);

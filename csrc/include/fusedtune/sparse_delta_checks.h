@@ -8,6 +8,7 @@
 
 #include "fusedtune/adamw_math.h"
 #include "fusedtune/sddmm_tile.h"
+#include "fusedtune/sparse_delta_element.h"
 
 namespace fusedtune {
 
@@ -21,17 +22,22 @@ inline int sparse_delta_weight_dtype(const at::Tensor& w) {
   return -1;
 }
 
-inline AdamConsts sparse_delta_consts(at::ArrayRef<double> c) {
-  TORCH_CHECK(c.size() == 8, "sparse_adamw: expected 8 constants, got ", c.size());
+// consts: the 8 AdamConsts (adamw_constants on the host), then lr and the tensors' step (OwnSteps).
+inline AdamConsts sparse_delta_consts(at::ArrayRef<double> c, sparse_delta::OwnSteps& own) {
+  TORCH_CHECK(c.size() == 10, "sparse_adamw: expected 10 constants, got ", c.size());
+  TORCH_CHECK(c[9] >= 1 && c[9] < 2147483648.0 && c[9] == (double)(int64_t)c[9],
+              "sparse_adamw: the step (constant 9) must be an integer in [1, 2^31), got ", c[9]);
+  own = sparse_delta::OwnSteps{(float)c[8], (int32_t)c[9]};
   return AdamConsts{(float)c[0], (float)c[1], (float)c[2], (float)c[3], (float)c[4], (float)c[5], (float)c[6], (float)c[7]};
 }
 
+// steps[i]: empty (the tensor's entries all at its step) or contiguous int32 counts, one per delta.
 inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList weights, at::TensorList bases,
-                               at::TensorList indices) {
+                               at::TensorList indices, at::TensorList steps) {
   const size_t n = values.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && weights.size() == n &&
-                  bases.size() == n && indices.size() == n,
+                  bases.size() == n && indices.size() == n && steps.size() == n,
               "sparse_adamw: lists differ in length");
   for (size_t i = 0; i < n; ++i) {
     const int64_t k = values[i].numel();
@@ -47,7 +53,16 @@ inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::
     TORCH_CHECK(weights[i].device() == values[0].device() && bases[i].device() == values[0].device() &&
                     indices[i].device() == values[0].device(),
                 "sparse_adamw: tensors ", i, " are not on ", values[0].device());
+    TORCH_CHECK(!steps[i].defined() || steps[i].numel() == 0 ||
+                    (steps[i].scalar_type() == at::kInt && steps[i].numel() == k && steps[i].is_contiguous() &&
+                     steps[i].device() == values[0].device()),
+                "sparse_adamw: steps ", i, " must be empty or contiguous int32 of ", k, " elements on ",
+                values[0].device());
   }
+}
+
+inline int32_t* sparse_delta_steps_ptr(const at::Tensor& t) {
+  return t.defined() && t.numel() ? t.data_ptr<int32_t>() : nullptr;
 }
 
 // sddmm_kernel(dy [T, N], x [T, K], indices [k], plan [R, C, splits, cap, span]): the problem (without

@@ -5,6 +5,7 @@
 
 #include "fusedtune/adamw_math.h"
 #include "fusedtune/sddmm_tile.h"
+#include "fusedtune/sparse_delta_element.h"
 
 namespace fusedtune {
 namespace sparse_delta {
@@ -21,6 +22,7 @@ struct TensorMeta {
   void* weight;
   const void* base;
   const int32_t* indices;
+  int32_t* steps;  // per-element step counts, or nullptr
   int64_t numel;
   int32_t weight_dtype;
 };
@@ -33,7 +35,7 @@ struct Launch {
 
 inline int64_t blocks_for(int64_t numel) { return (numel + kChunk - 1) / kChunk; }
 
-cudaError_t launch_sparse_adamw(const Launch& launch, const AdamConsts& c, cudaStream_t stream);
+cudaError_t launch_sparse_adamw(const Launch& launch, const AdamConsts& c, const OwnSteps& own, cudaStream_t stream);
 
 // Tiled SDDMM (sddmm_tile.h): CSR row pointers into P.row_ptr, the tiles' partial sums into
 // P.partial, and, with splits > 1, their sum into out. dt: FT_F32 / FT_BF16 / FT_F16.

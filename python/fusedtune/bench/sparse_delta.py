@@ -15,7 +15,9 @@
    (BYTES_PER_DELTA = 36): delta r/w 8, grad 4, two moments r/w 16, base read 2 (bf16), index read 4,
    merged-weight write 2. Bandwidth = bytes / time, % of 3.35 TB/s; goal >= 80%. The baseline's
    bandwidth is over the same 36 B/delta (what it has to do), not over its temporaries. A second row
-   times the op sparse_adamw_ on prebuilt lists, to separate the optimizer's host overhead.
+   times the op sparse_adamw_ on prebuilt lists, to separate the optimizer's host overhead. A third
+   times the step as it runs after regrowth: per-element step counts (+8 B/delta, BYTES_PER_DELTA_COUNTED
+   = 44), every 5th entry young (reseeded, so it computes its own bias corrections each step).
 3. One training step (zero_grad, forward with labels, backward, optimizer step) of a Llama with
    Llama-3-8B's shapes and fewer layers (4 of its 32 layers: hidden 4096, intermediate 14336, 32/8
    heads, vocab 128256, untied lm_head; random init, bf16, sdpa; batch 4 x 1024; --quick: 2 layers,
@@ -54,6 +56,8 @@ OPT_DENSITY = 0.01
 # bytes an AdamW step on one delta touches: delta r/w, grad, 2 moments r/w, base (bf16), index (int32),
 # merged-weight write (bf16)
 BYTES_PER_DELTA = 4 + 4 + 4 + 16 + 2 + 4 + 2
+BYTES_PER_DELTA_COUNTED = BYTES_PER_DELTA + 8      # + the int32 step count r/w (after regrowth)
+YOUNG_EVERY = 5                                    # every 5th entry reseeded: 20% young, as at rate 0.2
 GOAL_HBM_PCT = 80.0
 
 LLAMA3_8B = {"name": "llama3-8b", "vocab": 128256, "hidden": 4096, "intermediate": 14336, "layers": 32,
@@ -230,27 +234,36 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
     op = timer(lambda: ops.sparse_adamw_(*lists, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
                                          step=1, backend=b, check=False))
 
-    def note(ms_, goal: bool) -> str:
-        gbps = nbytes / (ms_ * 1e-3) / 1e9
+    # after regrowth: per-element counts, every YOUNG_EVERY-th entry reseeded (its own bias corrections)
+    counted = SparseDeltaAdamW(vals, lr=LR, backend=b)
+    counted.step()
+    for v in vals:
+        counted.reset_state(v, torch.arange(0, v.numel(), YOUNG_EVERY, device=v.device))
+    after = timer(counted.step)
+
+    def note(ms_, goal: bool, per: int) -> str:
+        nb = per * k
+        gbps = nb / (ms_ * 1e-3) / 1e9
         if not on_gpu:
-            return f"{CPU_NOTE}; {gbps:.3g} GB/s over {BYTES_PER_DELTA} B/delta"
-        pct = roofline_pct(ms_, nbytes)
-        base_pct = roofline_pct(base[0], nbytes)
-        txt = (f"{gbps:.0f} GB/s = {pct:.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s over "
-               f"{BYTES_PER_DELTA} B/delta ({_gb(nbytes)}); baseline {nbytes / (base[0] * 1e-3) / 1e9:.0f} GB/s = "
-               f"{base_pct:.1f}% over the same bytes")
+            return f"{CPU_NOTE}; {gbps:.3g} GB/s over {per} B/delta"
+        txt = (f"{gbps:.0f} GB/s = {roofline_pct(ms_, nb):.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s "
+               f"over {per} B/delta ({_gb(nb)}); baseline {nb / (base[0] * 1e-3) / 1e9:.0f} GB/s = "
+               f"{roofline_pct(base[0], nb):.1f}% over the same bytes")
         if goal:
-            txt += "; " + hbm_goal(ms_, nbytes, GOAL_HBM_PCT, timer.name)
+            txt += "; " + hbm_goal(ms_, nb, GOAL_HBM_PCT, timer.name)
         return txt
 
     baseline = f"{base_name} on the fp32 deltas + index_copy_ of round(base + delta)"
     rows = []
-    for kernel, t, goal in (("SparseDeltaAdamW step", ours, True),
-                            ("sparse_adamw_ op (prebuilt lists)", op, False)):
-        r = row(kernel, where, "fp32 deltas, bf16 weights", b, baseline, t, base[0], roofline_pct(t[0], nbytes),
-                note=note(t[0], goal))
-        r.update(k=k, bytes_per_delta=BYTES_PER_DELTA, bytes_touched=nbytes,
-                 achieved_gbps=nbytes / (t[0] * 1e-3) / 1e9, baseline_gbps=nbytes / (base[0] * 1e-3) / 1e9)
+    for kernel, t, goal, per in (("SparseDeltaAdamW step", ours, True, BYTES_PER_DELTA),
+                                 ("sparse_adamw_ op (prebuilt lists)", op, False, BYTES_PER_DELTA),
+                                 (f"SparseDeltaAdamW step after regrowth (counts, 1 in {YOUNG_EVERY} young)", after,
+                                  True, BYTES_PER_DELTA_COUNTED)):
+        nb = per * k
+        r = row(kernel, where, "fp32 deltas, bf16 weights", b, baseline, t, base[0], roofline_pct(t[0], nb),
+                note=note(t[0], goal, per))
+        r.update(k=k, bytes_per_delta=per, bytes_touched=nb,
+                 achieved_gbps=nb / (t[0] * 1e-3) / 1e9, baseline_gbps=nb / (base[0] * 1e-3) / 1e9)
         rows.append(r)
     return rows
 

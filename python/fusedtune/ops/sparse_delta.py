@@ -181,24 +181,26 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
 
 
 @torch.library.custom_op("fusedtune::sparse_adamw_",
-                         mutates_args=("values", "exp_avgs", "exp_avg_sqs", "weights"))
+                         mutates_args=("values", "exp_avgs", "exp_avg_sqs", "weights", "steps"))
 def _adamw_op(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
               exp_avg_sqs: list[torch.Tensor], weights: list[torch.Tensor], bases: list[torch.Tensor],
-              indices: list[torch.Tensor], consts: list[float], backend: str) -> None:
+              indices: list[torch.Tensor], steps: list[torch.Tensor], consts: list[float], backend: str) -> None:
     if backend == "reference":
-        ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, dict(zip(CONST_KEYS, consts)))
+        ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps,
+                          dict(zip(CONST_KEYS, consts)), lr=consts[8], step=int(consts[9]))
     else:
-        torch.ops.fusedtune.sparse_adamw_kernel_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts)
+        torch.ops.fusedtune.sparse_adamw_kernel_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps,
+                                                 consts)
 
 
 @_adamw_op.register_fake
-def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts, backend):
+def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, consts, backend):
     return None
 
 
 if _ext.loaded():
     @torch.library.register_fake("fusedtune::sparse_adamw_kernel_")
-    def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, consts):
+    def _(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, consts):
         return None
 
     @torch.library.register_fake("fusedtune::sddmm_kernel")
@@ -207,15 +209,24 @@ if _ext.loaded():
 
 
 def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, *, lr: float, beta1: float,
-                  beta2: float, eps: float, weight_decay: float, step: int, backend: str | None = None,
+                  beta2: float, eps: float, weight_decay: float, step: int, steps=None, backend: str | None = None,
                   check: bool = True) -> None:
     """One AdamW step on float32 deltas (in place) and the scatter of round(base + delta) into the
-    merged weights. check=False skips the host-side index check (SparseDeltaAdamW: layers checked)."""
+    merged weights. check=False skips the host-side index check (SparseDeltaAdamW: layers checked).
+
+    steps: None, or one entry per tensor: None or an int32 tensor of per-element step counts (shaped
+    like the deltas). The kernel adds 1 to each count; an entry whose new count equals `step` takes
+    the step's bias corrections (computed on the host in float64, rounded once), any other count n its
+    own, in float32: sqrt(1 - beta2^n) and lr / (1 - beta1^n) with beta^n by binary exponentiation of
+    the rounded betas (docs/sparse_delta.md, "Per-element bias correction")."""
     n = len(values)
     if not n:
         return
-    if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
+    steps = [None] * n if steps is None else list(steps)
+    if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps)):
         raise ValueError("sparse_adamw_: the lists differ in length")
+    if not (isinstance(step, int) and 1 <= step < 2 ** 31):
+        raise ValueError(f"sparse_adamw_: step must be an int in [1, 2^31), got {step!r}")
     dev = values[0].device
     for i, (val, g, m, v, w, b, idx) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
         for name, t in (("values", val), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
@@ -227,13 +238,20 @@ def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices,
                              f"{tuple(b.shape)}) must share a float dtype, bases one value per index")
         if not (w.is_contiguous() and b.is_contiguous()) or w.device != dev or b.device != dev:
             raise ValueError(f"sparse_adamw_: weights[{i}] and bases[{i}] must be contiguous, on {dev}")
+        st = steps[i]
+        if st is not None and (st.dtype != torch.int32 or st.shape != idx.shape or not st.is_contiguous()
+                               or st.device != dev):
+            raise ValueError(f"sparse_adamw_: steps[{i}] must be None or contiguous int32 of shape "
+                             f"{tuple(idx.shape)} on {dev}, got {st.dtype} {tuple(st.shape)} on {st.device}")
         if check:
             check_indices(idx, w.numel(), "sparse_adamw_")
     c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
     name = _backend.resolve("sparse_adamw_", dev, _ADAMW_HAS, backend)
+    steps = [torch.empty(0, dtype=torch.int32, device=dev) if st is None else st for st in steps]   # none: empty
     with torch.no_grad():
         _adamw_op(list(values), list(grads), list(exp_avgs), list(exp_avg_sqs), list(weights), list(bases),
-                  list(indices), [c[k] for k in CONST_KEYS], name)
+                  list(indices), steps,
+                  [c[k] for k in CONST_KEYS] + [float(lr), float(step)], name)
 
 
 def sparse_delta_backend(device, backend: str | None = None) -> dict:

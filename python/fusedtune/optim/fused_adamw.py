@@ -60,6 +60,19 @@ class FusedAdamW(torch.optim.Optimizer):
                 self._run(lists, group, step)
         return loss
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        """As torch's, but the state tensors keep their saved dtypes: torch casts every state tensor
+        of a floating parameter to the parameter's dtype, which would make the float32 moments of a
+        bf16 parameter bf16 and the int32 step counts float."""
+        super().load_state_dict(state_dict)
+        saved = state_dict["state"]
+        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
+        params = [p for g in self.param_groups for p in g["params"]]
+        for i, p in zip(ids, params):
+            for key, val in saved.get(i, {}).items():
+                if torch.is_tensor(val):
+                    self.state[p][key] = val.to(device=p.device, copy=True)
+
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the moments)."""
         return sum(t.numel() * t.element_size() for st in self.state.values() for t in st.values()

@@ -16,13 +16,39 @@ def adamw_constants(lr, beta1, beta2, eps, weight_decay, step) -> dict:
                 omb2=f(1.0 - beta2), sbc2=f(bc2 ** 0.5), eps=f(eps), step_size=f(lr / bc1))
 
 
-def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, c: dict) -> torch.Tensor:
-    """Update the float32 moments m, v in place and return the new float32 parameter values."""
+def pow_f32(b: float, n: torch.Tensor) -> torch.Tensor:
+    """b^n (float32) for each int count in n, by binary exponentiation: low bit first, every product
+    rounded to float32 (adamw_math.h pow_f32 does the same products in the same order)."""
+    r = torch.ones(n.shape, dtype=torch.float32, device=n.device)
+    x = torch.tensor(b, dtype=torch.float32, device=n.device)
+    n = n.long()
+    while bool((n > 0).any()):
+        r = torch.where((n & 1) == 1, r * x, r)
+        n = n >> 1
+        x = x * x
+    return r
+
+
+def own_bias(c: dict, lr: float, s: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(sbc2, step_size) per element for elements that took s Adam steps of their own, in float32 from
+    the rounded betas (adamw_math.h adam_own_bias)."""
+    one = torch.ones(s.shape, dtype=torch.float32, device=s.device)
+    bc2 = one - pow_f32(c["beta2"], s)
+    sbc2 = torch.sqrt(bc2.double()).float()   # correctly rounded (see adamw_)
+    step_size = torch.full_like(one, float(torch.tensor(lr, dtype=torch.float32))) / (one - pow_f32(c["beta1"], s))
+    return sbc2, step_size
+
+
+def adamw_(p: torch.Tensor, g: torch.Tensor, m: torch.Tensor, v: torch.Tensor, c: dict,
+           sbc2: torch.Tensor | None = None, step_size: torch.Tensor | None = None) -> torch.Tensor:
+    """Update the float32 moments m, v in place and return the new float32 parameter values.
+    sbc2, step_size: per-element bias corrections in place of c's (float32 tensors shaped like p)."""
     f32 = lambda x: torch.tensor(x, dtype=torch.float32, device=p.device)  # noqa: E731
     pf, gf = p.float() * f32(c["decay"]), g.float()
     m.copy_(f32(c["beta1"]) * m + f32(c["omb1"]) * gf)
     v.copy_(f32(c["beta2"]) * v + f32(c["omb2"]) * (gf * gf))
     # torch.sqrt on float32 CPU tensors is not correctly rounded; via float64 it is (53 >= 2*24+2).
     # A full-tensor divisor: ATen turns division by a scalar into a reciprocal multiply.
-    denom = torch.sqrt(v.double()).float() / torch.full_like(v, c["sbc2"]) + f32(c["eps"])
-    return pf - f32(c["step_size"]) * (m / denom)
+    sbc2 = torch.full_like(v, c["sbc2"]) if sbc2 is None else sbc2
+    denom = torch.sqrt(v.double()).float() / sbc2 + f32(c["eps"])
+    return pf - (f32(c["step_size"]) if step_size is None else step_size) * (m / denom)

@@ -6,13 +6,14 @@ sddmm: the delta gradient at the k indices, g[i] = sum_t dy[t, r_i] * x[t, c_i] 
     kernels compute without a dense dW.
 sparse_adamw_: AdamW on the deltas (the shared rule of reference/adamw.py), then the merged weight
     at each index is written as round(base + delta): the float32 delta stays the truth, so bf16
-    rounding never loses an update, and writing base back reverts exactly.
+    rounding never loses an update, and writing base back reverts exactly. With per-element step
+    counts (entries grown by regrowth), each entry's bias correction follows its own count.
 """
 from __future__ import annotations
 
 import torch
 
-from .adamw import adamw_
+from .adamw import adamw_, own_bias
 
 _CHUNK = 1 << 16
 
@@ -29,9 +30,20 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     return out
 
 
-def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, c: dict) -> None:
-    for val, g, m, v, w, base, idx in zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices):
-        nv = adamw_(val, g, m, v, c)
+def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, c: dict, lr: float,
+                  step: int) -> None:
+    """steps[i]: None or the per-element step counts of tensor i (int32, incremented here); an entry
+    whose count differs from `step` takes its own bias corrections (reference/adamw.py own_bias)."""
+    for val, g, m, v, w, base, idx, st in zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps):
+        sbc2 = step_size = None
+        if st is not None and st.numel():
+            st.add_(1)
+            own = st != step
+            if bool(own.any()):
+                o2, os_ = own_bias(c, lr, st)
+                sbc2 = torch.where(own, o2, torch.full_like(o2, c["sbc2"]))
+                step_size = torch.where(own, os_, torch.full_like(os_, c["step_size"]))
+        nv = adamw_(val, g, m, v, c, sbc2, step_size)
         val.copy_(nv)
         merged = base.float() + nv
         w.view(-1).index_copy_(0, idx.long(), merged.to(w.dtype))

@@ -15,7 +15,9 @@ n = floor(rate(t) * k) of them and grows n new ones, so k stays constant:
 Drop: the n entries with the smallest |delta| (their weights return exactly to W0). Grow: the n
 best-scoring positions outside the current indices, with delta 0, age 0, and seeded Adam moments
 (seed_moments="zero": zero moments, through optimizer.reset_state; "grad": exp_avg 0 and exp_avg_sq
-the mean squared gradient the score saw). Kept entries keep their delta, moments and age.
+the mean squared gradient the score saw). Kept entries keep their delta, moments and age. With
+SparseDeltaAdamW's bias_correction="element" (its default), a zero-seeded entry's Adam step count
+restarts too, so its first update is Adam's first (lr * sign(g)), not 3.2x that.
 Ties (equal scores or equal |delta|) are broken by a seeded random draw: runs are deterministic.
 
 Scores come from the dense weight gradient, which is formed only on the `accumulate_steps` steps
@@ -315,7 +317,7 @@ class Regrower:
             new = layer.values
             self._rebind(old, new)
             if st:   # permute the kept moments with their entries; grown entries are seeded below
-                for key in ("exp_avg", "exp_avg_sq"):
+                for key in ("exp_avg", "exp_avg_sq", "elem_step"):
                     if key in st and torch.is_tensor(st[key]) and st[key].shape == (k,):
                         st[key].copy_(torch.cat([st[key][keep], zeros.to(st[key].dtype)])[order])
             if st is not None:
