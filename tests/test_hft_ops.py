@@ -233,3 +233,24 @@ def test_masked_adamw_resumes_from_its_state_dict_exactly(dtype):
             opt.step()
         return p.detach()
     assert torch.equal(run(2), run(-1))
+
+
+def test_dtype_conversion_keeps_the_float32_row_masters():
+    """model.to(fp16) converts the weight and bias, not the float32 row masters; the selected rows are
+    rewritten as round(master) in the new dtype (not the old rounded rows cast again)."""
+    torch.manual_seed(6)
+    lin = torch.nn.Linear(12, 10).bfloat16()
+    m = RowMaskedLinear.from_linear(lin, torch.tensor([0, 3, 7]))
+    w_before = m.weight.detach().clone()
+    with torch.no_grad():   # masters off the bf16 grid, as after training
+        m.weight_rows.add_(torch.randn(m.weight_rows.shape) * 1e-3)
+        m.bias_rows.add_(1e-3)
+    masters = [p.detach().clone() for p in m.master_parameters()]
+    m.half()
+    assert [p.dtype for p in m.master_parameters()] == [torch.float32, torch.float32]
+    assert all(torch.equal(a.detach(), b) for a, b in zip(m.master_parameters(), masters))
+    assert m.weight.dtype == m.bias.dtype == torch.float16
+    assert torch.equal(m.weight[m.rows], masters[0].half()) and torch.equal(m.bias[m.rows], masters[1].half())
+    frozen = torch.ones(10, dtype=torch.bool)
+    frozen[m.rows] = False
+    assert torch.equal(m.weight[frozen], w_before[frozen].half())

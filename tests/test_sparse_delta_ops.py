@@ -230,3 +230,38 @@ def test_from_linear_shares_the_weight_and_revert_gives_w0_back():
     assert torch.equal(flat[others], w0.view(-1)[others])
     m.revert_()
     assert torch.equal(lin.weight.detach().view(torch.int16), w0.view(torch.int16))
+
+
+@pytest.mark.parametrize("convert,dtype", [(lambda m: m.to(torch.bfloat16), torch.bfloat16),
+                                           (lambda m: m.half(), torch.float16)])
+def test_dtype_conversion_keeps_the_float32_deltas(convert, dtype):
+    """model.to(bf16) after patching converts the weight, bias and base, not the float32 deltas (the
+    truth), and merges them again in the new dtype; the optimizer keeps training the same Parameter."""
+    torch.manual_seed(5)
+    lin = torch.nn.Linear(20, 12)
+    w0 = lin.weight.detach().clone()
+    m = SparseDeltaLinear.from_linear(lin, density=0.2, seed=1)
+    opt = SparseDeltaAdamW(m.parameters(), lr=1e-3)
+    x = torch.randn(16, 20)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).square().mean().backward()
+        opt.step()
+    vals = m.values.detach().clone()
+    param = m.values
+    convert(m)
+    assert m.values is param and m.values.dtype == torch.float32 and torch.equal(m.values.detach(), vals)
+    assert m.values.grad.dtype == torch.float32
+    assert m.weight.dtype == m.base_values.dtype == m.bias.dtype == dtype
+    idx = m.indices.long()
+    assert torch.equal(m.base_values, w0.view(-1)[idx].to(dtype))
+    assert torch.equal(m.weight.view(-1)[idx], (w0.view(-1)[idx].to(dtype).float() + vals).to(dtype))
+    frozen = torch.ones(w0.numel(), dtype=torch.bool)
+    frozen[idx] = False
+    assert torch.equal(m.weight.view(-1)[frozen], w0.view(-1)[frozen].to(dtype))
+    opt.zero_grad()
+    m(x.to(dtype)).float().square().mean().backward()
+    opt.step()                                    # the fused step takes the converted layer
+    assert not torch.equal(m.values.detach(), vals)
+    m.revert_()
+    assert torch.equal(m.weight, w0.to(dtype))

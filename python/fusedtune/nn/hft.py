@@ -6,6 +6,7 @@ import weakref
 import torch
 from torch import nn
 
+from .masters import keep_dtype
 from .plain import plain_linear
 
 from ..ops.hft import hft_row_linear
@@ -82,6 +83,18 @@ class RowMaskedLinear(nn.Module):
             state_dict[key] = bias.index_select(0, rows).float()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+
+    def _apply(self, fn, recurse=True):
+        """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
+        the weight and bias but keeps the float32 masters, and rewrites the selected rows from them."""
+        dtype = self.weight.dtype
+        out = super()._apply(keep_dtype(fn, self.master_parameters()), recurse)
+        if self.weight.dtype != dtype and self.rows.numel():
+            with torch.no_grad():    # rows = round(master) in the new dtype, not the old rounded rows cast
+                self.weight.index_copy_(0, self.rows, self.weight_rows.to(self.weight.dtype))
+                if self.bias_rows is not None:
+                    self.bias.index_copy_(0, self.rows, self.bias_rows.to(self.bias.dtype))
+        return out
 
     def master_parameters(self) -> list[nn.Parameter]:
         """The trainable masters: weight_rows, and bias_rows when the layer has a bias."""

@@ -10,6 +10,7 @@ from torch import nn
 
 from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
+from .masters import keep_dtype
 from .plain import plain_linear
 
 
@@ -81,6 +82,15 @@ class SparseDeltaLinear(nn.Module):
             self.values = nn.Parameter(v)
             self.values._fusedtune_sparse_layer = weakref.ref(self)
         self.merge_()
+
+    def _apply(self, fn, recurse=True):
+        """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
+        the weight, bias and base but keeps the float32 deltas, and merges them again in the new dtype."""
+        dtype = self.weight.dtype
+        out = super()._apply(keep_dtype(fn, [self.values]), recurse)
+        if self.weight.dtype != dtype and self.indices.numel():
+            self.merge_()        # W[idx] = round(base + delta) in the new dtype, not the old merged value cast
+        return out
 
     @torch.no_grad()
     def merge_(self) -> None:
