@@ -254,3 +254,44 @@ def test_dtype_conversion_keeps_the_float32_row_masters():
     frozen = torch.ones(10, dtype=torch.bool)
     frozen[m.rows] = False
     assert torch.equal(m.weight[frozen], w_before[frozen].half())
+
+
+def test_masters_trained_by_another_optimizer_reach_the_forward(monkeypatch):
+    """torch.optim.AdamW on the masters (no MaskedAdamW, no write_back_rows): the forward rewrites the
+    selected rows from them (and warns once) instead of silently running on the stale rows."""
+    from fusedtune import backend as fb
+    monkeypatch.setattr(fb, "_warned", set())
+    torch.manual_seed(7)
+    lin = torch.nn.Linear(12, 10).bfloat16()
+    m = RowMaskedLinear.from_linear(lin, torch.tensor([2, 5]))
+    opt = torch.optim.AdamW(m.master_parameters(), lr=1e-2)
+    x = torch.randn(4, 12).bfloat16()
+    m(x).float().square().sum().backward()
+    opt.step()
+    with pytest.warns(UserWarning, match="changed outside MaskedAdamW"):
+        y = m(x)
+    w = lin.weight.detach().clone()
+    w[m.rows] = m.weight_rows.detach().bfloat16()
+    b = lin.bias.detach().clone()
+    b[m.rows] = m.bias_rows.detach().bfloat16()
+    assert torch.equal(y, F.linear(x, w, b))
+    assert torch.equal(m.weight, w) and torch.equal(m.bias, b)
+
+
+def test_masked_adamw_steps_need_no_rewrite(monkeypatch):
+    from fusedtune import backend as fb
+    monkeypatch.setattr(fb, "_warned", set())
+    m = RowMaskedLinear.from_linear(torch.nn.Linear(12, 10), torch.tensor([1, 4]))
+    opt = MaskedAdamW(m.master_parameters(), lr=1e-2)
+    x = torch.randn(4, 12)
+    calls = []
+    monkeypatch.setattr(m, "write_rows_", lambda: calls.append(1))
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            opt.zero_grad()
+            m(x).square().sum().backward()
+            opt.step()
+    assert not calls
+    assert torch.equal(m.weight[m.rows], m.weight_rows.detach())   # written inside the fused step

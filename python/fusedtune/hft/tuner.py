@@ -328,10 +328,7 @@ class HalfFineTuner:
         """Copy every row layer's trained masters (weight_rows, bias_rows) into its weight and bias.
         MaskedAdamW does this inside its step; call it after the step of any other optimizer."""
         for mod in self._rows.values():
-            rows = mod.rows.to(mod.weight.device)
-            mod.weight.index_copy_(0, rows, mod.weight_rows.detach().to(mod.weight.dtype))
-            if mod.bias_rows is not None:
-                mod.bias.index_copy_(0, rows, mod.bias_rows.detach().to(mod.bias.dtype))
+            mod.write_rows_()
 
     # ------------------------------------------------------------------------------ reset / restore
 
@@ -419,6 +416,7 @@ class HalfFineTuner:
                     w.index_copy_(0, rows, src.index_select(0, rows))
                 if part != "frozen":
                     master.copy_(src.index_select(0, rows).to(master.dtype))
+                    row.mark_rows_written()    # weight rows and master both hold the pretrained values
                 touched.append(name)
                 continue
             p = self.model.get_parameter(name)

@@ -6,6 +6,7 @@ import weakref
 import torch
 from torch import nn
 
+from ..backend import warn_once
 from .masters import keep_dtype
 from .plain import plain_linear
 
@@ -72,6 +73,33 @@ class RowMaskedLinear(nn.Module):
         self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
         if self.bias_rows is not None:
             self.bias_rows._fusedtune_row_layer = weakref.ref(self)
+        self.mark_rows_written()
+
+    def _master_versions(self) -> tuple:
+        return tuple(p._version for p in self.master_parameters())
+
+    def mark_rows_written(self) -> None:
+        """Record that the weight's (bias's) selected rows hold the current masters, rounded (MaskedAdamW
+        calls it after its fused step; anything that writes both calls it)."""
+        self._rows_written = self._master_versions()
+
+    @torch.no_grad()
+    def write_rows_(self) -> None:
+        """weight[rows] = round(weight_rows), bias[rows] = round(bias_rows): the masters are the truth."""
+        self.weight.index_copy_(0, self.rows, self.weight_rows.detach().to(self.weight.dtype))
+        if self.bias_rows is not None:
+            self.bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.bias.dtype))
+        self.mark_rows_written()
+
+    def _refresh_if_masters_changed(self) -> None:
+        """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
+        the forward on stale rows, and training would silently do nothing: write them, and say so once."""
+        if getattr(self, "_rows_written", None) != self._master_versions():
+            warn_once("hft row masters changed outside MaskedAdamW",
+                      "fusedtune: RowMaskedLinear's masters (weight_rows/bias_rows) changed outside MaskedAdamW "
+                      "(another optimizer or an in-place edit); the selected rows of the weight are rewritten "
+                      "from them before the forward. MaskedAdamW writes them inside its fused step.")
+            self.write_rows_()
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
@@ -83,6 +111,8 @@ class RowMaskedLinear(nn.Module):
             state_dict[key] = bias.index_select(0, rows).float()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if self.rows.numel() == self.weight_rows.shape[0]:
+            self.write_rows_()   # the loaded masters are the truth (the saved rows may predate a write-back)
 
     def _apply(self, fn, recurse=True):
         """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
@@ -90,10 +120,7 @@ class RowMaskedLinear(nn.Module):
         dtype = self.weight.dtype
         out = super()._apply(keep_dtype(fn, self.master_parameters()), recurse)
         if self.weight.dtype != dtype and self.rows.numel():
-            with torch.no_grad():    # rows = round(master) in the new dtype, not the old rounded rows cast
-                self.weight.index_copy_(0, self.rows, self.weight_rows.to(self.weight.dtype))
-                if self.bias_rows is not None:
-                    self.bias.index_copy_(0, self.rows, self.bias_rows.to(self.bias.dtype))
+            self.write_rows_()    # rows = round(master) in the new dtype, not the old rounded rows cast
         return out
 
     def master_parameters(self) -> list[nn.Parameter]:
@@ -101,6 +128,8 @@ class RowMaskedLinear(nn.Module):
         return [self.weight_rows] + ([self.bias_rows] if self.bias_rows is not None else [])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.compiler.is_compiling():
+            self._refresh_if_masters_changed()
         return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, self.bias_rows,
                               backend=self.backend, check_rows=False)  # checked in set_rows: no host sync per call
 

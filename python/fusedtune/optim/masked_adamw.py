@@ -20,17 +20,27 @@ class MaskedAdamW(FusedAdamW):
 
     @staticmethod
     def _target(p):
-        """(full tensor, rows) a row master writes to, as 2-D: the weight, or the bias as [out, 1]."""
+        """(full tensor, rows, layer) a row master writes to, as 2-D: the weight, or the bias as [out, 1]."""
         ref = getattr(p, "_fusedtune_row_layer", None)
         layer = ref() if ref is not None else None
         if layer is not None and layer.weight_rows is p:
-            return layer.weight, layer.rows
+            return layer.weight, layer.rows, layer
         if layer is not None and getattr(layer, "bias_rows", None) is p:
-            return layer.bias.view(-1, 1), layer.rows
-        return None, None
+            return layer.bias.view(-1, 1), layer.rows, layer
+        return None, None, None
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self._written = {}
+        loss = super().step(closure)
+        for layer in self._written.values():   # the fused pass wrote their rows: the forward need not
+            layer.mark_rows_written()
+        return loss
 
     def _entries(self, p, st) -> tuple:
-        tgt, rows = self._target(p)
+        tgt, rows, layer = self._target(p)
+        if layer is not None:
+            self._written[id(layer)] = layer
         if tgt is None:
             return (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], torch.empty(0, device=p.device),
                     torch.empty(0, dtype=torch.int64, device=p.device))
