@@ -20,7 +20,11 @@ def _train(name, reentrant):
     torch.manual_seed(3)
     rep = fusedtune.patch(m, name, **({"dropout": 0.1} if "lora" in name else {}))
     if reentrant is not None:
-        m.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        kw = {"use_reentrant": reentrant}
+        if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.2x; the old name is deprecated
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
         assert m.model.gradient_checkpointing
     torch.manual_seed(4)
     losses = [float(rep.step(lambda: m(IDS, labels=IDS).loss)) for _ in range(3)]

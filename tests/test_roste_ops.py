@@ -234,9 +234,12 @@ def test_hadamard_and_its_backward_compile_fullgraph(n, cpu):
         torch.testing.assert_close(xe.grad, 2 * x, rtol=1e-4, atol=1e-4)   # H orthonormal: d|xH|^2/dx = 2x
 
 
-def test_roste_linear_backward_compiles_fullgraph():
-    layer = RoSTELinear.from_linear(torch.nn.Linear(64, 32), w_bits=4, a_bits=8)
-    x = torch.randn(8, 64)
+@pytest.mark.parametrize("n", [64, 96, 40])   # 96 = 12 x 8, 40: non-power-of-two rotations (a factor H_m)
+def test_roste_linear_backward_compiles_fullgraph(n):
+    """The straight-through backward rotates through the hadamard op: a compiled backward traces its fake
+    (it used to run the reference's code, whose H_m is a real tensor, and fail for non-powers of two)."""
+    layer = RoSTELinear.from_linear(torch.nn.Linear(n, 32), w_bits=4, a_bits=8)
+    x = torch.randn(8, n)
     layer(x).pow(2).mean().backward()
     want = layer.weight.grad.clone()
     layer.weight.grad = None

@@ -29,6 +29,7 @@ sizes above 32768) runs the reference and says so once, or raises when backend="
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -179,12 +180,18 @@ def _q_setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+def _reference_inverse(g: torch.Tensor) -> torch.Tensor:
+    """The reference's transposed orthonormal rotation, called through the hadamard op: a compiled backward
+    traces the op (its fake), not the reference's code, whose factor matrices H_m are real tensors."""
+    return _hadamard_op(g.contiguous(), 1.0 / math.sqrt(g.shape[-1]), True, "reference")
+
+
 def _q_backward(ctx, dy, _dinside):
     """Straight-through: dy (zeroed outside the clip range for ste="clipped") through the transposed
     rotation. The reference backend runs reference/roste.py's ste_backward (float32 math)."""
     (inside,) = ctx.saved_tensors
     if ctx.backend != "triton":
-        dx = rref.ste_backward(dy, inside, ctx.rotate, ctx.ste)
+        dx = rref.ste_backward(dy, inside, ctx.rotate, ctx.ste, _reference_inverse)
     else:
         g = torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)) if ctx.ste == "clipped" else dy
         dx = _hadamard_op(g.contiguous(), 1.0 / dy.shape[-1] ** 0.5, True, "triton") if ctx.rotate else g

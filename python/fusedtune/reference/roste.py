@@ -80,12 +80,14 @@ def rotate_fake_quant(x: torch.Tensor, bits: int, granularity: str = "token", sy
     return out.to(x.dtype), inside
 
 
-def ste_backward(dy: torch.Tensor, inside: torch.Tensor, rotate: bool, ste: str) -> torch.Tensor:
+def ste_backward(dy: torch.Tensor, inside: torch.Tensor, rotate: bool, ste: str, inverse=None) -> torch.Tensor:
+    """inverse(g): the transposed orthonormal rotation (default this module's hadamard; the op passes
+    the same transform as a custom op, so that a compiled backward can trace it)."""
     g = dy.float()
     if ste == "clipped":
         g = torch.where(inside, g, torch.zeros((), dtype=torch.float32))
     if rotate:
-        g = hadamard(g, transpose=True)
+        g = hadamard(g, transpose=True) if inverse is None else inverse(g)
     return g.to(dy.dtype)
 
 
