@@ -269,3 +269,42 @@ def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch, cap, refused):
     else:
         assert F8._resolve("fp8_gemm", t, None) == "triton"
     assert F8.fp8_arch_gap("cpu") is None
+
+
+def test_fp8_lora_patch_method():
+    """patch(model, "fp8_lora"): FP8Linear bases (frozen) under fused-API LoRA adapters; only the adapters
+    train; unpatch gives nn.Linear back, W0 exactly (merge=False) or W0 + s B A (merge=True)."""
+    from fusedtune.nn import FP8Linear, LoRALinear
+    model = tiny_llama(128, 256)
+    w0 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ids = torch.randint(0, 64, (2, 16), generator=torch.Generator().manual_seed(2))
+    rep = fusedtune.patch(model, "fp8_lora", r=4, alpha=8, lr=1e-2)
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 14 and all(isinstance(m.base_layer, FP8Linear) for m in layers)
+    assert rep.trainable_params == sum(m.lora_A["default"].weight.numel() + m.lora_B["default"].weight.numel()
+                                       for m in layers)
+    assert all("FP8Linear base" in r.path for r in rep.rows)
+    losses = train_losses(rep, model, ids, 6)
+    assert losses[-1] < losses[0]
+    q = model.model.layers[0].self_attn.q_proj
+    want = w0["model.layers.0.self_attn.q_proj.weight"] + 2.0 * (q.lora_B["default"].weight @ q.lora_A["default"].weight)
+    import copy
+    m2 = copy.deepcopy(model)
+    fusedtune.unpatch(model, merge=False)
+    assert all(torch.equal(p, w0[n]) for n, p in model.named_parameters())
+    assert type(model.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+    fusedtune.unpatch(m2)
+    torch.testing.assert_close(m2.model.layers[0].self_attn.q_proj.weight, want, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["fp8", "fp8_lora"])
+def test_fp8_methods_refuse_gpus_without_fp8_before_swapping(monkeypatch, method):
+    from fusedtune.patch import PatchError
+    monkeypatch.setattr(F8, "fp8_arch_gap", lambda device: "FP8 tensor cores need sm_89 or newer; this GPU is sm_80")
+    model = tiny_llama(64, 128)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(PatchError, match="sm_80.*use method 'lora'/'full'"):
+        fusedtune.patch(model, method)
+    assert [type(m) for m in model.modules()] == before and all(p.requires_grad for p in model.parameters())
+    rep = fusedtune.patch(model, method, backend="reference")    # the emulation runs anywhere
+    assert rep.rows

@@ -287,10 +287,13 @@ def test_regrow_through_patch_trains_and_restores():
         patch(m, "sparse_delta", regrow={"evry": 3})
     with pytest.raises(PatchError, match="needs total_steps"):
         patch(m, "sparse_delta", regrow=True)
+    with pytest.raises(PatchError, match="bias_correction must be"):
+        patch(m, "sparse_delta", bias_correction="row")
     assert all(type(mod) is not SparseDeltaLinear for mod in m.modules())
     rep = patch(m, "sparse_delta", density=0.05, lr=3e-2,
                 regrow={"every": 5, "rate": 0.3, "total_steps": 40, "accumulate_steps": 2})
-    assert rep.regrower is not None and "SpIEL-AG" in str(rep)
+    assert rep.regrower is not None and "SpIEL-AG" in str(rep) and "their own step counts" in str(rep)
+    assert rep.optimizer.bias_correction == "element"
     k0 = {n: l.indices.numel() for n, l in sd.sparse_layers(m)}
     idx0 = {n: l.indices.clone() for n, l in sd.sparse_layers(m)}
     ids = torch.tensor([[1, 5, 9, 3, 7, 2, 11, 4], [6, 6, 0, 13, 21, 8, 1, 30]])
@@ -300,6 +303,8 @@ def test_regrow_through_patch_trains_and_restores():
     assert rg.t == 25 and [h["step"] for h in rg.history] == [5, 10, 15, 20, 25]
     assert {n: l.indices.numel() for n, l in sd.sparse_layers(m)} == k0
     assert any(not torch.equal(idx0[n], l.indices) for n, l in sd.sparse_layers(m))
+    for n, lay in sd.sparse_layers(m):   # the optimizer's per-entry counts are the Regrower's ages
+        assert torch.equal(rep.optimizer.state[lay.values]["elem_step"], rg.ages[n])
     unpatch(m, merge=False)
     st = m.state_dict()
     assert all(torch.equal(st[k], base[k]) for k in base)

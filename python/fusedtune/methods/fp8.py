@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import SwapMethod, register_method
+from ..patch import PatchError, SwapMethod, register_method
 
 
 class FP8Method(SwapMethod):
@@ -34,6 +34,24 @@ class FP8Method(SwapMethod):
 
     def make_optimizer(self, params, lr, weight_decay, betas, eps, **_):
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps)
+
+    def apply(self, model, targets, **options):
+        refuse_fp8_gap(self.name, model, targets, options["backend"])
+        return super().apply(model, targets, **options)
+
+
+def refuse_fp8_gap(method: str, model: nn.Module, targets, backend) -> None:
+    """Refuse, before anything is swapped, targets on a GPU without FP8 tensor cores (sm_80/86: the
+    FP8 GEMMs would refuse at the first forward); backend='reference' (float32 emulation) runs anywhere."""
+    from ..ops.fp8 import fp8_arch_gap  # noqa: PLC0415
+    if backend == "reference":
+        return
+    for name in targets or []:
+        w = getattr(model.get_submodule(name), "weight", None)
+        gap = fp8_arch_gap(w.device) if w is not None else None
+        if gap:
+            raise PatchError(f"method {method!r}: {name}: {gap}; use method 'lora'/'full' there (or "
+                             f"backend='reference', a slow float32 emulation)")
 
 
 register_method("fp8", FP8Method)

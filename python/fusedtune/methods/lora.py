@@ -1,7 +1,8 @@
-"""method="lora" and method="qlora": LoRA adapters on the target linears, fused (fusedtune.nn.LoRALinear).
+"""method="lora", "qlora" and "fp8_lora": LoRA adapters on the target linears, fused (fusedtune.nn.LoRALinear).
 
     rep = fusedtune.patch(model, "lora", r=16, alpha=32, dropout=0.05, lr=2e-4)
     rep = fusedtune.patch(model, "qlora", r=16, alpha=32)     # base weights quantized to NF4 first
+    rep = fusedtune.patch(model, "fp8_lora", r=16)            # base GEMMs in FP8 (FP8Linear), sm_89+
     fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
     fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
 
@@ -28,8 +29,9 @@ class LoRAMethod(SwapMethod):
 
     def make(self, linear, name, r, alpha, dropout, use_rslora, adapter_dtype, backend, **options):
         from ..nn import LoRALinear  # noqa: PLC0415
-        return LoRALinear.from_linear(self.base_layer(linear, **options), r=int(r), alpha=alpha, dropout=dropout,
-                                      use_rslora=use_rslora, adapter_dtype=adapter_dtype, backend=backend)
+        base = self.base_layer(linear, backend=backend, **options)
+        return LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                      adapter_dtype=adapter_dtype, backend=backend)
 
     def merge(self, module) -> nn.Linear:
         return module.to_linear(merge=True)
@@ -76,5 +78,25 @@ class QLoRAMethod(LoRAMethod):
         return q.to(dev)
 
 
+class FP8LoRAMethod(LoRAMethod):
+    """LoRA over an FP8 base: each target's frozen weight runs through fusedtune.nn.FP8Linear (block-scaled
+    E4M3 GEMMs for y and dX; its FP8 copy quantized once and cached while the weight is unchanged), the
+    adapters train in their own dtype (float32 by default). Speed, not memory: the high-precision weight
+    stays (unpatch gives it back, merged or not). Needs sm_89+ on a GPU (refused before anything is
+    swapped on sm_80/86)."""
+    options = {**LoRAMethod.options, "pow2": False}
+    demo = dict(LoRAMethod.demo)
+
+    def apply(self, model, targets, **options):
+        from .fp8 import refuse_fp8_gap  # noqa: PLC0415
+        refuse_fp8_gap(self.name, model, targets, options["backend"])
+        return super().apply(model, targets, **options)
+
+    def base_layer(self, linear: nn.Linear, pow2, backend, **_) -> nn.Module:
+        from ..nn import FP8Linear  # noqa: PLC0415
+        return FP8Linear.from_linear(linear, pow2=pow2, backend=backend)
+
+
 register_method("lora", LoRAMethod)
 register_method("qlora", QLoRAMethod)
+register_method("fp8_lora", FP8LoRAMethod)

@@ -10,7 +10,8 @@
 Every target linear becomes a SparseDeltaLinear with k = round(density * out * in) trainable float32
 deltas at random positions (seeded per layer: the seed mixed with the layer's name, so layers of the
 same shape get different positions). The optimizer is fusedtune.optim.SparseDeltaAdamW (one fused
-pass over the deltas that also writes round(W0 + delta) into the merged weights). regrow: None (fixed
+pass over the deltas that also writes round(W0 + delta) into the merged weights; bias_correction
+"element": grown entries count their own Adam steps, "tensor": the layer's). regrow: None (fixed
 positions), True (fusedtune.sparse_delta.Regrower defaults) or a dict of Regrower keyword arguments;
 the Regrower runs after every optimizer.step() (an optimizer step hook) and is rep.regrower.
 """
@@ -31,7 +32,7 @@ def _layer_seed(seed: int, name: str) -> int:
 
 class SparseDeltaMethod(SwapMethod):
     options = {"density": 0.01, "seed": 0, "lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
-               "regrow": None, "backend": None}
+               "regrow": None, "bias_correction": "element", "backend": None}
     demo = {"lr": 3e-2, "density": 0.05, "step_multiplier": 1}
 
     # -- SwapMethod
@@ -52,10 +53,10 @@ class SparseDeltaMethod(SwapMethod):
         from ..hft.tuner import describe_row_layer  # noqa: PLC0415  (any layer with _fusedtune_report)
         return describe_row_layer(module)
 
-    def make_optimizer(self, params, lr, weight_decay, betas, eps, backend, **_):
+    def make_optimizer(self, params, lr, weight_decay, betas, eps, backend, bias_correction, **_):
         from ..optim import SparseDeltaAdamW  # noqa: PLC0415
         return SparseDeltaAdamW(params, lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay,
-                                backend=backend)
+                                backend=backend, bias_correction=bias_correction)
 
     # -- regrowth
     @staticmethod
@@ -80,6 +81,9 @@ class SparseDeltaMethod(SwapMethod):
         rg = self._regrow_kwargs(options["regrow"])    # refused before anything is swapped
         if not 0 < float(options["density"]) <= 1:
             raise PatchError(f"method 'sparse_delta': density must be in (0, 1], got {options['density']!r}")
+        if options["bias_correction"] not in ("element", "tensor"):
+            raise PatchError(f"method 'sparse_delta': bias_correction must be 'element' (grown entries count "
+                             f"their own Adam steps) or 'tensor', got {options['bias_correction']!r}")
         self.regrower = None
         rep = super().apply(model, targets, **options)
         if rg is not None:
@@ -114,9 +118,11 @@ class SparseDeltaMethod(SwapMethod):
         if rg is None:
             rep.notes.append("sparse_delta: fixed delta positions (no regrowth)")
         else:
+            bc = getattr(rep.optimizer, "bias_correction", None)
             rep.notes.append(f"sparse_delta: prune/regrow SpIEL-{rg.variant.upper()} every {rg.every} steps, rate "
                              f"{rg.rate} ({rg.decay}), dense gradients on {rg.accumulate_steps} steps per selection; "
-                             f"step {rg.t}")
+                             f"grown entries' Adam bias correction: "
+                             f"{'their own step counts' if bc == 'element' else 'the layer step'}; step {rg.t}")
 
 
 register_method("sparse_delta", SparseDeltaMethod)
