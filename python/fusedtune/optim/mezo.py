@@ -43,10 +43,16 @@ class MeZO(torch.optim.Optimizer):
     After each step, `opt.last` holds 'loss_plus', 'loss_minus', 'projected_grad' (tensors) and
     'seed'; `opt.seed_for(step)` gives the seed of any step for replay. Bad parameters are refused
     when the optimizer is made; if the closure raises, the weights are restored exactly first.
+    Data parallel (DDP, FSDP, accelerate: every rank its own batch): process_group="auto" (the
+    default) averages both losses over torch.distributed's default group when it is initialized with
+    more than one rank (one all-reduce of 2 floats per step), so every rank takes the same update;
+    the first step checks that all ranks use the same seed. A ProcessGroup picks another group; None
+    keeps each rank's own losses (ranks with different data then drift apart).
     """
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, noise: str = "normal",
-                 rounding: str = "nearest", seed: int = 0, backend: str | None = None, same_rng: bool = True):
+                 rounding: str = "nearest", seed: int = 0, backend: str | None = None, same_rng: bool = True,
+                 process_group="auto"):
         if not lr > 0:
             raise ValueError(f"MeZO: lr must be > 0, got {lr}")
         if not eps > 0:
@@ -60,6 +66,7 @@ class MeZO(torch.optim.Optimizer):
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.noise, self.rounding, self.backend = float(eps), noise, rounding, backend
         self.same_rng = bool(same_rng)
+        self.process_group, self._seed_checked = process_group, False
         self.seed, self.steps = int(seed) & _MASK64, 0
         self.last: dict = {}
         self._buckets = self._make_buckets()
@@ -116,6 +123,7 @@ class MeZO(torch.optim.Optimizer):
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
+        self._check_same_seed()
         s = self.seed_for(self.steps)
         eps = self.eps
         rng = self._rng_states() if self.same_rng else None
@@ -133,12 +141,51 @@ class MeZO(torch.optim.Optimizer):
         except BaseException:
             self._apply([s], lambda g, d: [0.0], undo=([s], [-eps]))
             raise
+        loss_plus, loss_minus = self._average_over_ranks(loss_plus, loss_minus)
         pg = ((loss_plus.float() - loss_minus.float()) / (2 * eps)).reshape(1)
         self._apply([s], lambda g, d: (-g["lr"] * pg).to(d), undo=([s], [-eps]), final=True,
                     rounding_seed=splitmix64(s ^ 0x726F756E64))
         self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": pg[0], "seed": s}
         self.steps += 1
         return loss_plus
+
+    def _sync_group(self):
+        """(True, group) when each step's losses are averaged over `group` (None: the default group), else
+        (False, None): one process, torch.distributed not initialized, or process_group=None."""
+        if self.process_group is None:
+            return False, None
+        import torch.distributed as dist
+        if not (dist.is_available() and dist.is_initialized()):
+            if self.process_group == "auto":
+                return False, None
+            raise RuntimeError("MeZO: process_group is set but torch.distributed is not initialized")
+        group = None if self.process_group == "auto" else self.process_group
+        return dist.get_world_size(group) > 1, group
+
+    def _check_same_seed(self) -> None:
+        """Once, before the first perturbation: every rank must perturb along the same direction."""
+        sync, group = self._sync_group()
+        if self._seed_checked or not sync:
+            return
+        import torch.distributed as dist
+        dev = self._buckets[0][1] if self._buckets else torch.device("cpu")
+        halves = [self.seed >> 32, self.seed & 0xFFFFFFFF]
+        t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=dev)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)    # max(h) == h and max(-h) == -h: all equal
+        if t.tolist() != halves + [-h for h in halves]:
+            raise RuntimeError("MeZO: the ranks of the process group were given different seeds; every rank must "
+                               "perturb along the same direction (pass the same seed=)")
+        self._seed_checked = True
+
+    def _average_over_ranks(self, loss_plus, loss_minus):
+        sync, group = self._sync_group()
+        if not sync:
+            return loss_plus, loss_minus
+        import torch.distributed as dist
+        t = torch.stack([loss_plus.float().reshape(()), loss_minus.float().reshape(())])
+        dist.all_reduce(t, group=group)
+        t = t / dist.get_world_size(group)
+        return t[0], t[1]
 
     def backend_report(self) -> list[dict]:
         from ..ops.zo import zo_backend
