@@ -319,3 +319,24 @@ def test_ag_defaults_to_k_candidates_not_a_dense_accumulator():
     assert Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ma").candidates is None
     with pytest.raises(ValueError, match="applies to variant='ag' only"):
         Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ma", candidates=1.0)
+
+
+def test_regrowth_under_data_parallelism_is_refused(monkeypatch):
+    """Each rank would select positions from its own dense gradients: refused (Regrower and patch, the
+    latter before anything is swapped), not left to train different deltas on different ranks."""
+    import torch.distributed as dist
+    transformers = pytest.importorskip("transformers")
+    from fusedtune import patch
+    from fusedtune.patch import PatchError
+    net = Net()
+    opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
+    with pytest.raises(RuntimeError, match="data parallelism \\(2 ranks\\)"):
+        Regrower(net, opt, every=4, decay="constant")
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    m = transformers.LlamaForCausalLM(cfg)
+    with pytest.raises(PatchError, match="data parallelism"):
+        patch(m, "sparse_delta", regrow={"every": 5, "decay": "constant"})
+    assert all(type(mod) is not SparseDeltaLinear for mod in m.modules())

@@ -77,8 +77,13 @@ class SparseDeltaMethod(SwapMethod):
         return dict(regrow)
 
     def apply(self, model, targets, **options):
-        from ..sparse_delta.regrow import Regrower  # noqa: PLC0415
+        from ..sparse_delta.regrow import Regrower, _refuse_data_parallel  # noqa: PLC0415
         rg = self._regrow_kwargs(options["regrow"])    # refused before anything is swapped
+        if rg is not None:
+            try:
+                _refuse_data_parallel()
+            except RuntimeError as e:
+                raise PatchError(f"method 'sparse_delta': {e}") from e
         if not 0 < float(options["density"]) <= 1:
             raise PatchError(f"method 'sparse_delta': density must be in (0, 1], got {options['density']!r}")
         if options["bias_correction"] not in ("element", "tensor"):

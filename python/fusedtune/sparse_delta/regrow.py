@@ -81,6 +81,17 @@ def top_n(score: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([above, _seeded_pick(ties, n - above.numel(), gen)]).sort().values
 
 
+def _refuse_data_parallel() -> None:
+    """Selection scores come from each process's own dense gradients, and on window steps the deltas'
+    gradient bypasses DDP's hooks: under data parallelism the ranks would pick different positions and
+    silently train different deltas. Refused until the scores are reduced across ranks."""
+    import torch.distributed as dist
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        raise RuntimeError(f"Regrower: regrowth under data parallelism ({dist.get_world_size()} ranks) is not "
+                           "supported: each rank would select different positions from its own gradients. Train "
+                           "with fixed positions (regrow=None), or regrow in a single process")
+
+
 class Regrower:
     def __init__(self, model: nn.Module, optimizer, every: int = 20, rate: float = 0.2, decay: str = "cosine",
                  variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
@@ -107,6 +118,7 @@ class Regrower:
                              f"candidates={candidates!r} with variant={variant!r}")
         if seed_moments not in ("zero", "grad"):
             raise ValueError(f"Regrower: seed_moments must be 'zero' or 'grad', got {seed_moments!r}")
+        _refuse_data_parallel()
         self.layers = sparse_layers(model)
         if not self.layers:
             raise ValueError("Regrower: the model has no fusedtune.nn.SparseDeltaLinear layer")
