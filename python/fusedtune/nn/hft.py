@@ -91,10 +91,21 @@ class RowMaskedLinear(nn.Module):
             self.bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.bias.dtype))
         self.mark_rows_written()
 
+    @torch.no_grad()
+    def _rows_match(self) -> bool:
+        """Whether the weight's (bias's) selected rows hold the current masters, rounded."""
+        same = torch.equal(self.weight.index_select(0, self.rows), self.weight_rows.to(self.weight.dtype))
+        if same and self.bias_rows is not None:
+            same = torch.equal(self.bias.index_select(0, self.rows), self.bias_rows.to(self.bias.dtype))
+        return same
+
     def _refresh_if_masters_changed(self) -> None:
         """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
         the forward on stale rows, and training would silently do nothing: write them, and say so once."""
         if getattr(self, "_rows_written", None) != self._master_versions():
+            if self._rows_match():   # rewritten with the same values (DDP's first broadcast, a load of them)
+                self.mark_rows_written()
+                return
             warn_once("hft row masters changed outside MaskedAdamW",
                       "fusedtune: RowMaskedLinear's masters (weight_rows/bias_rows) changed outside MaskedAdamW "
                       "(another optimizer or an in-place edit); the selected rows of the weight are rewritten "

@@ -103,11 +103,20 @@ class SparseDeltaLinear(nn.Module):
         """`values` written by anything but SparseDeltaAdamW (another optimizer, load_state_dict, an
         in-place edit) would leave the merged weight stale: merge them again, and say so once."""
         if getattr(self, "_merged_version", None) != self.values._version:
+            if self._merged_matches():   # rewritten with the same values (DDP's first broadcast, a load of them)
+                self._merged_version = self.values._version
+                return
             warn_once("sparse_delta values changed outside SparseDeltaAdamW",
                       "fusedtune: SparseDeltaLinear.values changed outside SparseDeltaAdamW (another optimizer, "
                       "a load or an in-place edit); the merged weight is refreshed from them before the forward. "
                       "SparseDeltaAdamW updates deltas and weight in one pass.")
             self.merge_()
+
+    @torch.no_grad()
+    def _merged_matches(self) -> bool:
+        """Whether the weight at the indices holds round(base + delta) for the current deltas (O(k))."""
+        merged = (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
+        return torch.equal(self.weight.view(-1).index_select(0, self.indices.long()), merged)
 
     @torch.no_grad()
     def revert_(self) -> None:

@@ -1,0 +1,67 @@
+"""Every registered method under DistributedDataParallel (two CPU processes, gloo; MeZO without a wrapper,
+it takes no gradients): each rank trains on its own batch, and after three steps both ranks hold the
+same weights bit for bit, the steps trained, and fusedtune warned about nothing (DDP's first broadcast
+rewrites the deltas and row masters with their own values: not an outside change)."""
+import os
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("transformers")
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "sparse_delta", "roste", "mezo"]
+
+
+def _worker(rank, world, init, out):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    import fusedtune
+    from fusedtune.patch import methods, missing_requirements
+    from tiny_models import tiny_llama
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    res = {}
+    try:
+        for case in CASES:
+            name, _, variant = case.partition("-")
+            if missing_requirements(methods()[name]):
+                continue
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                m = tiny_llama()
+                m.train()
+                torch.manual_seed(3)
+                rep = fusedtune.patch(m, name, **({"granularity": variant} if variant else {}))
+                before = [p.detach().clone() for p in m.parameters()]
+                run = m if name == "mezo" else torch.nn.parallel.DistributedDataParallel(m)
+                ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
+                losses = [float(rep.step(lambda: run(ids, labels=ids).loss)) for _ in range(3)]
+                after = float(m(ids, labels=ids).loss.detach())
+            res[case] = {"params": [p.detach().clone() for p in m.parameters()], "first": losses[0], "after": after,
+                         "moved": any(not torch.equal(a, b) for a, b in zip(m.parameters(), before)),
+                         "warned": [str(w.message) for w in caught if "fusedtune" in str(w.message)]}
+    finally:
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp")
+    mp.spawn(_worker, args=(2, f"file://{out}/rdzv", str(out)), nprocs=2, join=True)
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_ranks_stay_identical_and_train(ranks, case):
+    r0, r1 = ranks
+    if case not in r0:
+        pytest.skip(f"{case}: requirements missing")
+    assert all(torch.equal(a, b) for a, b in zip(r0[case]["params"], r1[case]["params"]))
+    for r in (r0, r1):
+        assert r[case]["moved"] and r[case]["warned"] == []
+        if case != "mezo":   # MeZO's first loss is both ranks' mean (perturbed); its 3 steps need not descend
+            assert r[case]["after"] < r[case]["first"]
