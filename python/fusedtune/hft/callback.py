@@ -164,10 +164,11 @@ class HFTCallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._attach(model)
         want = self._stage_for(state)
-        if want is not None and want != self.tuner.stage:
+        changed = want is not None and want != self.tuner.stage
+        if changed:
             self.tuner.set_stage(want)
-        if optimizer is not None:
-            self._sync(optimizer, stage_changed=True)
+        if optimizer is not None:   # a resume's loaded moments belong to the same rows: kept unless the stage moved
+            self._sync(optimizer, stage_changed=changed)
 
     def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.stage_every == "epoch":

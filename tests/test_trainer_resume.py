@@ -1,0 +1,56 @@
+"""transformers.Trainer checkpoints and resume_from_checkpoint with fusedtune: a run resumed from its step-3
+checkpoint ends with the bits of the uninterrupted 6-step run. Patched models (lora, sparse_delta with its
+SparseDeltaAdamW, fp8, roste) and HFTCallback (matrix, and row with MaskedAdamW in bf16: the callback used
+to drop the loaded moments of the row masters at train begin, and torch cast them to bf16)."""
+import warnings
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+import fusedtune  # noqa: E402
+
+from tiny_models import tiny_llama  # noqa: E402
+
+DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
+CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
+         ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16)]
+
+
+def _run(case, dtype, out, resume=None):
+    from fusedtune.hft import HFTCallback
+    from fusedtune.optim import MaskedAdamW
+    model = tiny_llama().to(dtype)
+    kw, callbacks = {}, []
+    if case.startswith("hft"):
+        granularity = case.split("-")[1]
+        callbacks = [HFTCallback(ratio=0.5, granularity=granularity, seed=0, merge_on_train_end=False)]
+        if granularity == "row":
+            kw["optimizer_cls_and_kwargs"] = (MaskedAdamW, {})
+    else:
+        rep = fusedtune.patch(model, case)
+        if case == "sparse_delta":
+            kw["optimizers"] = (rep.optimizer, None)     # the fused optimizer, as a user passes it
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps", per_device_train_batch_size=2,
+        learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, logging_strategy="no", disable_tqdm=True,
+        dataloader_num_workers=0, lr_scheduler_type="constant")
+    ds = [{"input_ids": x, "labels": x} for x in DATA]
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        transformers.Trainer(model=model, args=args, train_dataset=ds, callbacks=callbacks, **kw).train(
+            resume_from_checkpoint=resume)
+    after = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return after, any(not torch.equal(p, before[n]) for n, p in after.items() if n in before)
+
+
+@pytest.mark.parametrize("case,dtype", CASES)
+def test_resume_from_a_checkpoint_is_exact(tmp_path, case, dtype):
+    whole, trained = _run(case, dtype, tmp_path / "a")
+    resumed, _ = _run(case, dtype, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    assert trained and sorted(whole) == sorted(resumed)
+    diff = [n for n in whole if not torch.equal(whole[n], resumed[n])]
+    assert not diff, diff[:4]
