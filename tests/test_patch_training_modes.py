@@ -1,0 +1,69 @@
+"""Every registered method under the ways people run training, each against three plain eager steps, bit
+for bit:
+- Hugging Face activation (gradient) checkpointing, reentrant and not: the recomputed forward must see
+  the same weights, seeds and dropout masks;
+- a torch.compile'd model (aot_eager: the graphs dynamo captures, run by the eager kernels), which
+  catches fake-tensor, schema and guard errors of the fused ops inside a whole model. Within rounding
+  there, not bit for bit: AOT autograd's backward decomposes plain torch ops (fp8_lora's adapter branch
+  with dropout, for one) and may reassociate them (1e-10 differences)."""
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+import fusedtune  # noqa: E402
+from fusedtune.patch import methods, missing_requirements  # noqa: E402
+
+from tiny_models import tiny_llama  # noqa: E402
+
+IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
+NAMES = sorted(methods())
+
+
+def _train(name, mode=None):
+    """Three steps of `name` (LoRA methods with dropout 0.1) on the tiny Llama; mode: None (eager),
+    ("checkpoint", reentrant) or "compile"."""
+    cls = methods()[name]
+    if missing_requirements(cls):
+        pytest.skip(f"{name} needs {missing_requirements(cls)}")
+    m = tiny_llama()
+    m.train()
+    torch.manual_seed(3)
+    rep = fusedtune.patch(m, name, **({"dropout": 0.1} if "lora" in name else {}))
+    fwd = m
+    if mode == "compile":
+        torch._dynamo.reset()
+        fwd = torch.compile(m, backend="aot_eager")
+    elif mode is not None:
+        kw = {"use_reentrant": mode[1]}
+        if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.2x; the old name is deprecated
+            m.activation_checkpointing_enable(activation_checkpointing_kwargs=kw)
+        else:
+            m.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kw)
+        assert m.model.gradient_checkpointing
+    torch.manual_seed(4)
+    losses = [float(rep.step(lambda: fwd(IDS, labels=IDS).loss)) for _ in range(3)]
+    return losses, [p.detach().clone() for p in m.parameters()]
+
+
+def _same(a, b, exact=True):
+    if exact:
+        assert a[0] == b[0]
+        assert all(torch.equal(x, y) for x, y in zip(a[1], b[1]))
+    else:
+        torch.testing.assert_close(a[0], b[0], rtol=1e-6, atol=0)
+        for x, y in zip(a[1], b[1]):   # Adam turns a 1e-10 gradient change at a near-zero gradient into a
+            torch.testing.assert_close(x, y, rtol=1e-5, atol=2e-7)   # visible one: < 1/1000 of a 2e-4 step
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_checkpointing_gives_the_same_steps(name):
+    eager = _train(name)
+    assert eager[0][-1] != eager[0][0]                 # the steps trained something
+    for reentrant in (False, True):
+        _same(_train(name, ("checkpoint", reentrant)), eager)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_compiled_model_gives_the_same_steps(name):
+    _same(_train(name, "compile"), _train(name), exact=False)
