@@ -6,6 +6,20 @@ from __future__ import annotations
 import torch
 
 
+def refuse_sharded(params, what: str) -> None:
+    """DTensor parameters (FSDP2's fully_shard, tensor parallelism) hold a shard each: the fused kernels
+    index whole tensors (sparse delta positions, row indices, noise counters), so they are refused by name."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:   # a torch without distributed: no DTensor exists
+        return
+    if any(isinstance(p, DTensor) for p in params):
+        raise TypeError(f"{what}: DTensor (FSDP2 fully_shard / tensor-parallel) parameters are not supported: the "
+                        "fused kernels work on whole tensors. Use DistributedDataParallel (tested) or one process; "
+                        "with FSDP, create the optimizer for methods whose parameters are plain (lora, fp8, roste: "
+                        "torch.optim.AdamW after fully_shard)")
+
+
 class FusedAdamW(torch.optim.Optimizer):
     """Subclasses implement `_entries(p, state) -> tuple` (what the fused op takes for p) and
     `_run(lists, group, step)` (one fused op call over the transposed entries)."""
@@ -21,6 +35,7 @@ class FusedAdamW(torch.optim.Optimizer):
         if weight_decay < 0:
             raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        refuse_sharded([p for g in self.param_groups for p in g["params"]], name)
         self.backend = backend
 
     def _state(self, p) -> dict:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.zo import _check_distinct, _check_tensors, zo_apply_
+from .fused_adamw import refuse_sharded
 
 _MASK64 = (1 << 64) - 1
 
@@ -74,6 +75,7 @@ class MeZO(torch.optim.Optimizer):
     def _make_buckets(self):
         """(group, device) -> trainable tensors and their stable tensor ids (position in the param
         list, frozen parameters counted); each bucket is checked as zo_apply_ would check it."""
+        refuse_sharded([p for g in self.param_groups for p in g["params"]], "MeZO")
         buckets, tid = [], 0
         for group in self.param_groups:
             by_dev: dict = {}
