@@ -86,7 +86,8 @@ class SparseDeltaMethod(SwapMethod):
                 raise PatchError(f"method 'sparse_delta': {e}") from e
         if not 0 < float(options["density"]) <= 1:
             raise PatchError(f"method 'sparse_delta': density must be in (0, 1], got {options['density']!r}")
-        if options["bias_correction"] not in ("element", "tensor"):
+        from ..optim.sparse_delta_adamw import BIAS_CORRECTIONS  # noqa: PLC0415
+        if options["bias_correction"] not in BIAS_CORRECTIONS:
             raise PatchError(f"method 'sparse_delta': bias_correction must be 'element' (grown entries count "
                              f"their own Adam steps) or 'tensor', got {options['bias_correction']!r}")
         self.regrower = None

@@ -166,8 +166,10 @@ class MeZO(torch.optim.Optimizer):
 
     def _check_same_seed(self) -> None:
         """Once, before the first perturbation: every rank must perturb along the same direction."""
+        if self._seed_checked:
+            return
         sync, group = self._sync_group()
-        if self._seed_checked or not sync:
+        if not sync:
             return
         import torch.distributed as dist
         dev = self._buckets[0][1] if self._buckets else torch.device("cpu")

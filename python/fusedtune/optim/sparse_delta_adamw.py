@@ -15,14 +15,14 @@ import torch
 from ..ops.sparse_delta import sparse_adamw_
 from .fused_adamw import FusedAdamW
 
-_BIAS_CORRECTIONS = ("element", "tensor")
+BIAS_CORRECTIONS = ("element", "tensor")   # per-entry step counts, or the layer's
 
 
 class SparseDeltaAdamW(FusedAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  backend: str | None = None, bias_correction: str = "element"):
-        if bias_correction not in _BIAS_CORRECTIONS:
-            raise ValueError(f"SparseDeltaAdamW: bias_correction must be one of {_BIAS_CORRECTIONS}, "
+        if bias_correction not in BIAS_CORRECTIONS:
+            raise ValueError(f"SparseDeltaAdamW: bias_correction must be one of {BIAS_CORRECTIONS}, "
                              f"got {bias_correction!r}")
         super().__init__(params, lr, betas, eps, weight_decay, backend)
         self.bias_correction = bias_correction
