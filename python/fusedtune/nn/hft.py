@@ -1,13 +1,11 @@
 """RowMaskedLinear: a linear layer whose trainable part is a set of output rows (HFT row mode)."""
 from __future__ import annotations
 
-import weakref
-
 import torch
 from torch import nn
 
 from ..backend import warn_once
-from .masters import keep_dtype
+from .masters import bind_owner, keep_dtype
 from .plain import plain_linear
 
 from ..ops.hft import hft_row_linear
@@ -69,11 +67,14 @@ class RowMaskedLinear(nn.Module):
             master = self.weight.index_select(0, rows).float()
             bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
         self.weight_rows = nn.Parameter(master)
-        self.weight_rows._fusedtune_row_layer = weakref.ref(self)
         self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
-        if self.bias_rows is not None:
-            self.bias_rows._fusedtune_row_layer = weakref.ref(self)
+        bind_owner(self, *self.master_parameters())
         self.mark_rows_written()
+
+    def __setstate__(self, state) -> None:
+        """A deep copy or an unpickled layer owns its own masters (MaskedAdamW writes its weight)."""
+        super().__setstate__(state)
+        bind_owner(self, *self.master_parameters())
 
     def _master_versions(self) -> tuple:
         return tuple(p._version for p in self.master_parameters())
@@ -122,6 +123,7 @@ class RowMaskedLinear(nn.Module):
             state_dict[key] = bias.index_select(0, rows).float()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        bind_owner(self, *self.master_parameters())   # load_state_dict(assign=True) puts in new Parameters
         if self.rows.numel() == self.weight_rows.shape[0]:
             self.write_rows_()   # the loaded masters are the truth (the saved rows may predate a write-back)
 

@@ -26,8 +26,9 @@ BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
 
 
 def _is_bnb_4bit(module) -> bool:
-    w = getattr(module, "weight", None)
-    return type(w).__name__ == "Params4bit" and getattr(w, "quant_state", None) is not None
+    """A quantized bitsandbytes 4-bit weight: bnb's Params4bit, or the plain Parameter (quant_state kept) that a
+    torch.save / torch.load of a whole model turns it into; bitsandbytes' own forward takes both."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
 def _is_fp8(module) -> bool:

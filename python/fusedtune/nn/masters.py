@@ -2,12 +2,37 @@
 floating Parameter, and would round the float32 truth of a fusedtune layer (SparseDeltaLinear's deltas,
 RowMaskedLinear's row masters) to the model's dtype, losing exactly what the master exists to keep.
 Layers route nn.Module._apply through keep_dtype: masters (and their gradients) follow device moves and
-keep their dtype."""
+keep their dtype.
+
+The fused optimizers (MaskedAdamW, SparseDeltaAdamW) also write a master's layer (its merged weight) in
+their pass, so they look up the layer that owns a master: `bind_owner` / `owner_of`. The link lives in a
+registry keyed by the Parameter's identity, not in an attribute of the Parameter: an attribute travels
+with copies of the Parameter (a deep copy's master pointed at the original layer, torch.save of the model
+failed on the weak reference). Layers bind their masters when they make them, when the layer is copied or
+unpickled (__setstate__) and when a load assigns new Parameters (load_state_dict(assign=True)).
+"""
 from __future__ import annotations
 
+import weakref
 from typing import Callable
 
 import torch
+from torch.utils.weak import WeakIdKeyDictionary
+
+_OWNERS = WeakIdKeyDictionary()   # master Parameter -> weakref to its layer
+
+
+def bind_owner(layer: torch.nn.Module, *masters) -> None:
+    """Record `layer` as the owner of each master (None entries skipped)."""
+    for p in masters:
+        if p is not None:
+            _OWNERS[p] = weakref.ref(layer)
+
+
+def owner_of(p: torch.Tensor):
+    """The live layer that bound `p` as its master, or None."""
+    ref = _OWNERS.get(p)
+    return ref() if ref is not None else None
 
 
 def keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], masters) -> Callable[[torch.Tensor], torch.Tensor]:

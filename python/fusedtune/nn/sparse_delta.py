@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +9,7 @@ from torch import nn
 
 from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
-from .masters import keep_dtype
+from .masters import bind_owner, keep_dtype
 from .plain import plain_linear
 
 
@@ -80,8 +79,17 @@ class SparseDeltaLinear(nn.Module):
             self.values.grad = None      # it belonged to the old positions
         else:
             self.values = nn.Parameter(v)
-            self.values._fusedtune_sparse_layer = weakref.ref(self)
+            bind_owner(self, self.values)
         self.merge_()
+
+    def __setstate__(self, state) -> None:
+        """A deep copy or an unpickled layer owns its own deltas (SparseDeltaAdamW writes its weight)."""
+        super().__setstate__(state)
+        bind_owner(self, self.values)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        bind_owner(self, self.values)      # load_state_dict(assign=True) puts in a new Parameter
 
     def _apply(self, fn, recurse=True):
         """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from .copyable import CopyableOptimizer
+
 
 def refuse_sharded(params, what: str) -> None:
     """DTensor parameters (FSDP2's fully_shard, tensor parallelism) hold a shard each: the fused kernels
@@ -20,9 +22,10 @@ def refuse_sharded(params, what: str) -> None:
                         "torch.optim.AdamW after fully_shard)")
 
 
-class FusedAdamW(torch.optim.Optimizer):
+class FusedAdamW(CopyableOptimizer):
     """Subclasses implement `_entries(p, state) -> tuple` (what the fused op takes for p) and
     `_run(lists, group, step)` (one fused op call over the transposed entries)."""
+    _copied = ("backend",)
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, backend: str | None):
         name = type(self).__name__

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.masters import owner_of
 from ..ops.hft import masked_adamw_
 from .fused_adamw import FusedAdamW
 
@@ -21,8 +22,7 @@ class MaskedAdamW(FusedAdamW):
     @staticmethod
     def _target(p):
         """(full tensor, rows, layer) a row master writes to, as 2-D: the weight, or the bias as [out, 1]."""
-        ref = getattr(p, "_fusedtune_row_layer", None)
-        layer = ref() if ref is not None else None
+        layer = owner_of(p)
         if layer is not None and layer.weight_rows is p:
             return layer.weight, layer.rows, layer
         if layer is not None and getattr(layer, "bias_rows", None) is p:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from ..ops.zo import _check_distinct, _check_tensors, zo_apply_
+from .copyable import CopyableOptimizer
 from .fused_adamw import refuse_sharded
 
 _MASK64 = (1 << 64) - 1
@@ -28,7 +29,7 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
-class MeZO(torch.optim.Optimizer):
+class MeZO(CopyableOptimizer):
     """Zeroth-order SGD with in-place seeded perturbations (no gradients, inference memory).
 
     opt = MeZO(model.parameters(), lr=1e-6, eps=1e-3)
@@ -70,6 +71,19 @@ class MeZO(torch.optim.Optimizer):
         self.process_group, self._seed_checked = process_group, False
         self.seed, self.steps = int(seed) & _MASK64, 0
         self.last: dict = {}
+        self._buckets = self._make_buckets()
+
+    _copied = ("eps", "noise", "rounding", "backend", "same_rng", "process_group", "_seed_checked", "seed", "steps",
+               "last")
+
+    def __getstate__(self) -> dict:
+        if not (self.process_group is None or isinstance(self.process_group, str)):
+            raise TypeError("MeZO: an optimizer given a ProcessGroup cannot be copied or pickled (the group cannot); "
+                            "make a new MeZO for the copy, or use process_group='auto'")
+        return super().__getstate__()
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
         self._buckets = self._make_buckets()
 
     def _make_buckets(self):

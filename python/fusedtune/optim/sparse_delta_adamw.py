@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.masters import owner_of
 from ..ops.sparse_delta import sparse_adamw_
 from .fused_adamw import FusedAdamW
 
@@ -19,6 +20,8 @@ BIAS_CORRECTIONS = ("element", "tensor")   # per-entry step counts, or the layer
 
 
 class SparseDeltaAdamW(FusedAdamW):
+    _copied = FusedAdamW._copied + ("bias_correction",)
+
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.0,
                  backend: str | None = None, bias_correction: str = "element"):
         if bias_correction not in BIAS_CORRECTIONS:
@@ -33,8 +36,7 @@ class SparseDeltaAdamW(FusedAdamW):
 
     @staticmethod
     def _layer(p):
-        ref = getattr(p, "_fusedtune_sparse_layer", None)
-        layer = ref() if ref is not None else None
+        layer = owner_of(p)
         if layer is None or layer.values is not p:
             raise ValueError("SparseDeltaAdamW takes the `values` of SparseDeltaLinear layers only "
                              f"(got a parameter of shape {tuple(p.shape)})")

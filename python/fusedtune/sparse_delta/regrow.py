@@ -168,6 +168,26 @@ class Regrower:
         sel = -(-t // self.every) * self.every
         return sel - t < self.accumulate_steps and self._moves(sel)
 
+    # ------------------------------------------------------------------ copies
+    def __getstate__(self) -> dict:
+        """A deep copy (or pickle) of a model whose patch holds a Regrower: hooks do not travel with copies
+        (the optimizer's step hook, the weights' gradient hooks), so the copy records whether they were
+        set and sets its own (a copy would otherwise stop regrowing, silently)."""
+        state = dict(self.__dict__)
+        state["_post_hook"] = self._post_hook is not None
+        state["_dense"] = bool(self._dense)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        attached, dense = state["_post_hook"], state["_dense"]
+        self.__dict__.update(state, _post_hook=None, _dense=[])
+        if dense:
+            for _, layer in self.layers:
+                layer.weight.requires_grad_(False)   # the copied flag is the window's; outside it is False
+            self._enter_dense()
+        if attached:
+            self.attach()
+
     # ------------------------------------------------------------------ hooks / mode
     def attach(self) -> "Regrower":
         """Run step() automatically after every optimizer.step()."""
