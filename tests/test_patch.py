@@ -7,8 +7,8 @@ from torch import nn
 transformers = pytest.importorskip("transformers")
 from transformers.pytorch_utils import Conv1D  # noqa: E402
 
-from fusedtune.patch import (PatchError, SwapMethod, _state, is_linear, methods, patch, register_method,  # noqa: E402
-                             report, unpatch, unregister_method)
+from fusedtune.patch import (DEFAULT_TARGETS, PatchError, SwapMethod, _state, find_targets, is_linear,  # noqa: E402
+                             linear_names, methods, patch, register_method, report, unpatch, unregister_method)
 
 transformers.logging.set_verbosity_error()
 
@@ -130,6 +130,38 @@ def test_swap_default_targets_forward_and_unpatch(arch, swap):
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(p.requires_grad for p in m.parameters())
     assert torch.equal(logits(m), ref)
+
+
+_SMALL = dict(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=2, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None)
+_SMALL_FOR = {"opt": dict(ffn_dim=40, word_embed_proj_dim=32),
+              "mixtral": dict(num_local_experts=4, num_experts_per_tok=2),
+              "qwen2_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16,
+                                shared_expert_intermediate_size=16),
+              "qwen3_moe": dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=16),
+              "gpt_oss": dict(num_local_experts=4, num_experts_per_tok=2)}
+
+
+@pytest.mark.parametrize("model_type", sorted(DEFAULT_TARGETS))
+def test_default_targets_are_every_decoder_linear(model_type, swap):
+    """Each architecture with defaults: they name every linear layer of the decoder blocks (not lm_head;
+    qwen2_moe's 1-wide shared_expert_gate aside), and the swapped model computes what the original did."""
+    kw = {**_SMALL, **_SMALL_FOR.get(model_type, {})}
+    if model_type == "falcon":
+        kw.pop("head_dim")     # a derived property there
+    torch.manual_seed(0)
+    m = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw)).eval()
+    got = find_targets(m)
+    layers = m.config.num_hidden_layers
+    rest = set(linear_names(m)) - set(got) - {n for n in linear_names(m) if n.endswith("lm_head")}
+    assert rest == {f"model.layers.{i}.mlp.shared_expert_gate" for i in range(layers)} if model_type == "qwen2_moe" \
+        else not rest
+    ref = logits(m)
+    patch(m, swap)
+    out = logits(m)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6) if model_type == "gpt2" else \
+        torch.testing.assert_close(out, ref, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])

@@ -24,11 +24,21 @@ from torch import nn
 _ATTR = "_fusedtune_patch"
 _METHODS: dict[str, type] = {}
 
-# Default target_modules per transformers model_type (lm_head is never a default target).
+# Default target_modules per transformers model_type: every linear layer of the decoder blocks (lm_head is
+# never a default target). MoE models (mixtral, qwen3_moe, gpt_oss): attention only, since transformers 5
+# keeps their experts as fused 3-D parameters, not linear layers (qwen2_moe's shared expert is linear).
+_LLAMA_STYLE = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+_FUSED_QKV = ["query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h"]
 DEFAULT_TARGETS: dict[str, list[str]] = {
-    **{t: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-       for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2")},
+    **{t: _LLAMA_STYLE for t in ("llama", "qwen2", "qwen3", "mistral", "gemma", "gemma2", "gemma3_text", "olmo",
+                                 "olmo2", "granite", "cohere", "qwen2_moe")},
+    **{t: _LLAMA_STYLE[:4] for t in ("mixtral", "qwen3_moe", "gpt_oss")},
+    **{t: _FUSED_QKV for t in ("gpt_neox", "falcon", "bloom")},
     "gpt2": ["c_attn", "c_proj", "c_fc"],
+    "opt": ["q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2"],
+    "phi": ["q_proj", "k_proj", "v_proj", "dense", "fc1", "fc2"],
+    "phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+    "starcoder2": ["q_proj", "k_proj", "v_proj", "o_proj", "c_fc", "c_proj"],
 }
 
 
