@@ -22,6 +22,7 @@ at::Tensor hadamard_cuda(const at::Tensor& x, double scale, at::IntArrayRef neg_
   TORCH_CHECK(smem <= optin, "hadamard_kernel: a row of ", x.size(1), " needs ", smem,
               " bytes of shared memory; this GPU allows ", optin);
   at::Tensor out = at::empty_like(x);
+  if (x.size(0) == 0) return out;               // no rows (an empty batch): a grid of 0 blocks is a launch error
   roste::Signs sg;
   for (int i = 0; i < roste::kMaxM; ++i) sg.neg[i] = a.neg[i];
   cudaError_t err = roste::launch_hadamard(x.data_ptr(), out.data_ptr(), x.size(0), a.plan, sg, (float)scale, a.dt,

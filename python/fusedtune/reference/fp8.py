@@ -49,7 +49,7 @@ def _pad_to(x: torch.Tensor, dim: int) -> torch.Tensor:
 def _amax_rows(x: torch.Tensor) -> torch.Tensor:
     """[M, K] -> [M, ceil(K/128)] max |x| of each 1x128 tile (NaN propagates)."""
     M, K = x.shape
-    xa = _pad_to(x.float().abs(), 1).reshape(M, -1, TILE)
+    xa = _pad_to(x.float().abs(), 1).reshape(M, (K + TILE - 1) // TILE, TILE)   # explicit: M or K may be 0
     nan = torch.isnan(xa).any(-1)
     return torch.where(nan, torch.full_like(nan, float("nan"), dtype=torch.float32), xa.amax(-1))
 
@@ -76,7 +76,7 @@ def quantize_1x128(x: torch.Tensor, pow2: bool = False):
 def quantize_128x128(w: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(q [N, K] e4m3, s [ceil(N/128), ceil(K/128)] float32)."""
     N, K = w.shape
-    wa = _pad_to(_pad_to(w.float().abs(), 0), 1).reshape(-1, TILE, (K + TILE - 1) // TILE, TILE)
+    wa = _pad_to(_pad_to(w.float().abs(), 0), 1).reshape((N + TILE - 1) // TILE, TILE, (K + TILE - 1) // TILE, TILE)
     nan = torch.isnan(wa).any(3).any(1)
     amax = torch.where(nan, torch.full_like(nan, float("nan"), dtype=torch.float32), wa.amax(dim=(1, 3)))
     s = block_scale(amax, pow2)
