@@ -358,6 +358,39 @@ def test_model_level_mixed_batch_matches_per_adapter_runs():
             pass
 
 
+def test_mixed_batch_follows_generate_copies():
+    """generate copies each sample num_beams (num_return_sequences) times, consecutively: every copy takes
+    its sample's adapter, in the forward and in generate itself (greedy beam search per sample, run alone
+    with its adapter set, gives the same tokens); other batch sizes are refused."""
+    from fusedtune.lora import adapter_names, lora_layers
+    m = tiny_llama(seed=3).eval()
+    fusedtune.patch(m, "lora", r=4, alpha=8)
+    layers = lora_layers(m).values()
+    for lay in layers:
+        lay.add_adapter("a", r=4, alpha=8, init_lora_weights=False)
+        nn.init.normal_(lay.lora_B["a"].weight, std=0.5)   # an adapter that changes the greedy tokens
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    names = ["a", "__base__"]
+    with torch.no_grad(), adapter_names(m, names):
+        one = m(ids).logits
+        three = m(ids.repeat_interleave(3, 0)).logits
+        beams = m.generate(ids, max_new_tokens=5, num_beams=2, do_sample=False, attention_mask=torch.ones_like(ids))
+        with pytest.raises(ValueError, match=r"one name per sample \(3\), got 2"):
+            m(ids[:1].repeat(3, 1))
+    torch.testing.assert_close(three, one.repeat_interleave(3, 0), rtol=1e-5, atol=1e-5)
+    for i, n in enumerate(names):
+        for lay in layers:
+            lay.enable_adapters(n != "__base__")
+            if n != "__base__":
+                lay.set_adapter(n)
+        alone = m.generate(ids[i:i + 1], max_new_tokens=5, num_beams=2, do_sample=False,
+                           attention_mask=torch.ones_like(ids[i:i + 1]))
+        assert torch.equal(beams[i], alone[0])
+    base0 = m.generate(ids[:1], max_new_tokens=5, num_beams=2, do_sample=False,   # adapters off (last: base)
+                       attention_mask=torch.ones_like(ids[:1]))
+    assert not torch.equal(beams[0], base0[0])         # sample 0's adapter changed its tokens
+
+
 class _SeededDropout(nn.Module):
     """peft's dropout slot filled with fusedtune's seeded rule (the mask our layer regenerates)."""
 

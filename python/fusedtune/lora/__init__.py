@@ -38,7 +38,9 @@ def lora_layers(model: torch.nn.Module) -> dict[str, LoRALinear]:
 def adapter_names(model: torch.nn.Module, names: list[str]):
     """Inside, every LoRALinear of the model serves a mixed batch: sample i of each input (its first
     dimension) goes through adapter names[i] ("__base__": none), as peft's `adapter_names=` does for a
-    model's forward and generate. Unknown names are refused before anything runs."""
+    model's forward and generate. An input of c * len(names) samples (c > 1) holds c consecutive copies
+    of each sample, as generate makes them for num_beams and num_return_sequences: every copy takes its
+    sample's adapter (peft expands for num_beams only). Unknown names are refused before anything runs."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("adapter_names: the model has no LoRALinear layers (fusedtune.patch(model, 'lora') first)")
@@ -48,8 +50,16 @@ def adapter_names(model: torch.nn.Module, names: list[str]):
     if unknown:
         raise KeyError(f"adapter_names: unknown adapters {unknown}; the model has {sorted(known - {'__base__'})}")
 
+    expanded = {1: names}
+
     def hook(module, args, kwargs):
-        return args, {**kwargs, "adapter_names": names}
+        x = args[0] if args else kwargs.get("x")
+        copies, rest = divmod(x.shape[0], len(names)) if torch.is_tensor(x) and x.dim() > 1 and names else (1, 0)
+        if rest or copies < 1:
+            copies = 1                 # the layer refuses the mismatch, naming both counts
+        if copies not in expanded:
+            expanded[copies] = [n for n in names for _ in range(copies)]
+        return args, {**kwargs, "adapter_names": expanded[copies]}
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers.values()]
     try:
         yield model
