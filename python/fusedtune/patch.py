@@ -382,7 +382,13 @@ class SwapMethod(Method):
     def make_optimizer(self, params, **options):
         return torch.optim.AdamW(params, lr=options["lr"], weight_decay=options["weight_decay"])
 
+    def saved_modules(self, model: nn.Module, targets: list[str], options: dict) -> list[str]:
+        """Names of modules, not swapped, whose own parameters train in full next to the swapped layers
+        (peft's modules_to_save); resolved (and refused) before anything changes. None by default."""
+        return []
+
     def apply(self, model, targets, **options):
+        saved = self.saved_modules(model, targets, options)
         self.swapped: dict[str, nn.Module] = {}   # name -> the original module (Linear or Conv1D)
         made = []
         try:
@@ -396,10 +402,13 @@ class SwapMethod(Method):
             for name, orig in self.swapped.items():   # leave the model as it was
                 set_module(model, name, orig)
             raise
+        full = unique_params(p for n in saved for p in model.get_submodule(n).parameters())
+        self.saved = {n: count(model.get_submodule(n).parameters()) for n in saved}
+        self.saved_originals = [(p, p.detach().to("cpu", copy=True)) for p in full]   # for unpatch(merge=False)
         if self.trains_everything:   # e.g. FP8 or quantization-aware training: the whole model trains
             trainable = unique_params(p for p in model.parameters() if p.requires_grad)
         else:
-            trainable = unique_params(p for m in made for p in m.parameters() if p.requires_grad)
+            trainable = unique_params([p for m in made for p in m.parameters() if p.requires_grad] + full)
             self.freeze_except(model, trainable)
         rep = self.report(model)
         rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None
@@ -411,6 +420,11 @@ class SwapMethod(Method):
             mod = model.get_submodule(name)
             lin = self.merge(mod) if merge else self.base(mod)
             outs[name] = to_conv1d(lin, orig) if is_conv1d(orig) else lin
+        if not merge:
+            with torch.no_grad():
+                for p, orig in getattr(self, "saved_originals", []):
+                    p.copy_(orig)
+        self.saved_originals = []
         self.restore_requires_grad()
         for name, new in outs.items():
             orig = self.swapped[name]
@@ -427,8 +441,10 @@ class SwapMethod(Method):
             backend, path, why = self.describe(mod)
             rows.append(ReportRow(name, self.name, backend, path, why_not_text(why),
                                   count(p for p in mod.parameters() if p.requires_grad)))
-        trainable = (count(unique_params(p for p in model.parameters() if p.requires_grad)) if self.trains_everything
-                     else sum(r.params for r in rows))
+        for name, n in getattr(self, "saved", {}).items():
+            rows.append(ReportRow(name, self.name, "torch", "trained in full (modules_to_save)", "", n))
+        trainable = (count(unique_params(p for p in model.parameters() if p.requires_grad))
+                     if self.trains_everything or getattr(self, "saved", None) else sum(r.params for r in rows))
         notes = ["every parameter that requires grad trains (not only the swapped layers')"] \
             if self.trains_everything else []
         return PatchReport(self.name, rows, trainable_params=trainable,

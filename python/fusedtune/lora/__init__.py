@@ -11,6 +11,9 @@ The directory is what peft's save_pretrained writes (keys base_model.model.<modu
 LoraConfig JSON), so peft's PeftModel.from_pretrained reads ours and load_adapter reads peft's. The
 tensors are written as they are (float32 adapters stay float32): bit-exact round trips. Per-module
 ranks and alphas that differ from the most common one go to rank_pattern / alpha_pattern, as peft does.
+Modules trained in full (patch's modules_to_save, e.g. embed_tokens / lm_head) are written as peft
+writes them (base_model.model.<module>.<param>, "modules_to_save" in the config) and loaded into the
+model's own modules.
 """
 from __future__ import annotations
 
@@ -81,14 +84,32 @@ def _common(values: dict):
     return collections.Counter(values.values()).most_common(1)[0][0]
 
 
-def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> dict:
+def _saved_modules(model: torch.nn.Module, modules_to_save) -> tuple[list[str], list[str] | None]:
+    """(module names, the config's modules_to_save): given names (suffixes, as peft's option), or None for
+    what fusedtune.patch trains in full (its modules_to_save option)."""
+    if modules_to_save is None:
+        st = model.__dict__.get("_fusedtune_patch")
+        opt = (st or {}).get("options", {}).get("modules_to_save")
+        if not opt:
+            return [], None
+        return list(getattr(st["impl"], "saved", {})), [opt] if isinstance(opt, str) else list(opt)
+    from ..patch import find_targets  # noqa: PLC0415
+    wanted = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
+    found = find_targets(model, wanted, linear_only=False)
+    return [n for n in found if not any(n.startswith(o + ".") for o in found)], wanted
+
+
+def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default", modules_to_save=None) -> dict:
     """Write the adapter `adapter_name` of every LoRALinear in `model` to the directory `path`
-    (created if needed) in peft's format; returns the config written."""
+    (created if needed) in peft's format; returns the config written. modules_to_save: names of modules
+    whose full parameters go in the file too (peft's option); None: those fusedtune.patch trains in full."""
     from safetensors.torch import save_file
     layers = {n: m for n, m in lora_layers(model).items() if adapter_name in m.r}
     if not layers:
         raise ValueError(f"save_adapter: the model has no LoRALinear layer with an adapter named {adapter_name!r}")
-    tensors = {}
+    saved, saved_cfg = _saved_modules(model, modules_to_save)
+    tensors = {f"{PREFIX}{n}.{pn}": p.detach().to("cpu", copy=True).contiguous()   # copies: tied weights stay apart
+               for n in saved for pn, p in model.get_submodule(n).named_parameters()}
     for name, m in layers.items():
         if adapter_name in m.merged_adapters:
             raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
@@ -107,7 +128,7 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
               "rank_pattern": {n: v for n, v in ranks.items() if v != r},
               "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
-              "lora_bias": False, "modules_to_save": None, "inference_mode": True, "task_type": None,
+              "lora_bias": False, "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
@@ -120,8 +141,10 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
     an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
     become the file's), a missing one is added with the file's rank, alpha, dropout and rslora (alpha per
-    module through alpha_pattern, matched as peft matches it). Refuses, before changing anything, a file whose modules
-    the model lacks or whose shapes do not fit. Returns the module names loaded."""
+    module through alpha_pattern, matched as peft matches it); weights of modules trained in full (peft's
+    modules_to_save) are copied into the model's parameters of those names. Refuses, before changing
+    anything, a file whose modules the model lacks or whose shapes do not fit. Returns the LoRA module names
+    loaded, then the names of the parameters loaded in full."""
     from safetensors.torch import load_file
     with open(os.path.join(path, CONFIG)) as f:
         cfg = json.load(f)
@@ -131,8 +154,17 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                                   f"{cfg.get('lora_bias')})")
     tensors = load_file(os.path.join(path, WEIGHTS))
     layers = lora_layers(model)
-    plan = {}
+    plan, full = {}, {}
+    params = dict(model.named_parameters(remove_duplicate=False))
     for key, t in tensors.items():
+        if ".lora_" not in key:        # a module trained in full (peft's modules_to_save)
+            name = key.removeprefix(PREFIX)
+            p = params.get(name)
+            if p is None or p.shape != t.shape:
+                raise KeyError(f"load_adapter: {key} (a modules_to_save weight {tuple(t.shape)}) fits no parameter of "
+                               f"the model" + ("" if p is None else f": {name} is {tuple(p.shape)}"))
+            full[name] = (p, t)
+            continue
         mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
         part = which.split(".")[0]
         if mod not in layers or part not in ("A", "B"):
@@ -164,4 +196,7 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         with torch.no_grad():
             m.lora_A[adapter_name].weight.copy_(parts["A"])
             m.lora_B[adapter_name].weight.copy_(parts["B"])
-    return sorted(plan)
+    with torch.no_grad():
+        for p, t in full.values():
+            p.copy_(t)
+    return sorted(plan) + sorted(full)

@@ -8,7 +8,9 @@
 
 Every target linear becomes a LoRALinear with one adapter ("default"; peft's init: A kaiming-uniform,
 B zero, so the model is unchanged at step 0); the adapters train with torch.optim.AdamW, everything
-else is frozen. qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, double
+else is frozen, except the modules named in modules_to_save (peft's option, e.g. ["embed_tokens",
+"lm_head"] for new tokens): their own parameters train in full in the same optimizer, in place;
+fusedtune.lora.save_adapter writes them as peft does, unpatch(merge=False) restores their old values. qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, double
 quantization by default) into a bnb.nn.Linear4bit whose compute dtype is the weight's dtype.
 """
 from __future__ import annotations
@@ -16,13 +18,30 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import PatchError, SwapMethod, register_method
+from ..patch import PatchError, SwapMethod, find_targets, register_method
 
 
 class LoRAMethod(SwapMethod):
     options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "adapter_dtype": torch.float32,
-               "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None}
+               "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None,
+               "modules_to_save": None}
     demo = {"lr": 1e-2, "r": 8, "alpha": 16, "step_multiplier": 1}
+
+    def saved_modules(self, model, targets, options):
+        names = options["modules_to_save"]
+        if names is None or (isinstance(names, (list, tuple)) and not names):
+            return []
+        names = [names] if isinstance(names, str) else names
+        try:
+            found = find_targets(model, list(names), linear_only=False)
+        except PatchError as e:
+            raise PatchError(f"method {self.name!r}: modules_to_save: {e}") from None
+        found = [n for n in found if not any(n.startswith(o + ".") for o in found)]   # outermost matches
+        clash = [n for n in found if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
+        if clash:
+            raise PatchError(f"method {self.name!r}: modules_to_save {clash[:4]} overlap the LoRA targets (a module "
+                             "either gets adapters or trains in full)")
+        return found
 
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear

@@ -1,0 +1,98 @@
+"""LoRA with modules trained in full next to the adapters (peft's modules_to_save, e.g. embed_tokens and
+lm_head for new tokens): patch trains them in the same optimizer, the adapter files carry them as peft
+writes them (peft reads ours, we read peft's), unpatch(merge=False) restores them, overlaps are refused."""
+import copy
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import fusedtune  # noqa: E402
+from fusedtune.lora import load_adapter, save_adapter  # noqa: E402
+from fusedtune.patch import PatchError  # noqa: E402
+from tiny_models import tiny_llama  # noqa: E402
+
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(3))
+SAVE = ["embed_tokens", "lm_head"]
+TARGETS = ["q_proj", "v_proj"]
+
+
+def _trained(steps=3):
+    m = tiny_llama()
+    rep = fusedtune.patch(m, "lora", r=4, alpha=8, target_modules=TARGETS, modules_to_save=SAVE, lr=1e-2)
+    for _ in range(steps):
+        rep.step(lambda: m(IDS, labels=IDS).loss)
+    return m, rep
+
+
+def test_saved_modules_train_in_full_and_unpatch_restores_them():
+    base = tiny_llama()
+    m, rep = _trained()
+    names = {r.name: r for r in rep.rows}
+    assert names["lm_head"].params == 64 * 32 and names["model.embed_tokens"].params == 64 * 32
+    assert rep.trainable_params == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    opt_params = {id(p) for g in rep.optimizer.param_groups for p in g["params"]}
+    assert id(m.lm_head.weight) in opt_params and id(m.model.embed_tokens.weight) in opt_params
+    assert not torch.equal(m.lm_head.weight, base.lm_head.weight)
+    assert not torch.equal(m.model.embed_tokens.weight, base.model.embed_tokens.weight)
+    frozen = [n for n, p in m.named_parameters() if not p.requires_grad]
+    assert "model.norm.weight" in frozen and "model.layers.0.mlp.up_proj.weight" in frozen
+    merged = copy.deepcopy(m)
+    fusedtune.unpatch(merged, merge=True)         # keeps what the full modules learned
+    assert torch.equal(merged.lm_head.weight, m.lm_head.weight)
+    fusedtune.unpatch(m, merge=False)             # back to the model as it was, flags too
+    for (n, a), (_, b) in zip(m.state_dict().items(), base.state_dict().items()):
+        assert torch.equal(a, b), n
+    assert all(p.requires_grad for p in m.parameters())
+
+
+def test_peft_reads_ours_and_we_read_peft(tmp_path):
+    m, _ = _trained()
+    cfg = save_adapter(m, tmp_path / "ours")
+    assert cfg["modules_to_save"] == SAVE
+    pm = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "ours"))
+    torch.testing.assert_close(pm(IDS).logits, m(IDS).logits, atol=1e-5, rtol=1e-5)
+    # peft's file with trained full modules, into a model patched without modules_to_save
+    pm2 = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                            modules_to_save=SAVE, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm2.named_parameters():
+            if "modules_to_save" in n:
+                p.normal_()
+    pm2.save_pretrained(str(tmp_path / "peft"))
+    ours = tiny_llama()
+    fusedtune.patch(ours, "lora", r=4, alpha=8, target_modules=TARGETS)
+    loaded = load_adapter(ours, tmp_path / "peft")
+    assert loaded[-2:] == ["lm_head.weight", "model.embed_tokens.weight"]
+    torch.testing.assert_close(ours(IDS).logits, pm2(IDS).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_round_trip_is_bit_exact(tmp_path):
+    a, _ = _trained()
+    save_adapter(a, tmp_path)
+    b = tiny_llama()
+    fusedtune.patch(b, "lora", r=4, alpha=8, target_modules=TARGETS, modules_to_save=SAVE)
+    load_adapter(b, tmp_path)
+    for (n, x), (_, y) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert torch.equal(x, y), n
+
+
+def test_refusals_leave_the_model_untouched(tmp_path):
+    m = tiny_llama()
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(PatchError, match=r"modules_to_save \['model.layers.0.self_attn.q_proj'.*overlap"):
+        fusedtune.patch(m, "lora", target_modules=TARGETS, modules_to_save=["q_proj"])
+    with pytest.raises(PatchError, match=r"modules_to_save: .*\['no_such_module'\] matches none"):
+        fusedtune.patch(m, "lora", target_modules=TARGETS, modules_to_save=["no_such_module"])
+    assert fusedtune.report(m).method is None
+    assert all(torch.equal(v, before[k]) for k, v in m.state_dict().items())
+    assert all(p.requires_grad for p in m.parameters())
+    a, _ = _trained(0)
+    save_adapter(a, tmp_path)
+    small = tiny_llama(vocab=48)
+    fusedtune.patch(small, "lora", r=4, alpha=8, target_modules=TARGETS)
+    keep = copy.deepcopy(small.state_dict())
+    with pytest.raises(KeyError, match=r"lm_head.weight \(a modules_to_save weight \(64, 32\)\).*is \(48, 32\)"):
+        load_adapter(small, tmp_path)
+    assert all(torch.equal(v, keep[k]) for k, v in small.state_dict().items())
