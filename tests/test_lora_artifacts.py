@@ -8,6 +8,7 @@ peft = pytest.importorskip("peft")
 
 import fusedtune  # noqa: E402
 from fusedtune.lora import load_adapter, save_adapter  # noqa: E402
+from fusedtune.patch import PatchError  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 
@@ -84,3 +85,20 @@ def test_alpha_pattern_is_matched_as_peft_does_and_overwrites_take_the_file_sett
     assert lay["model.layers.0.self_attn.q_proj"].scaling["default"] == 8 / 4
     ids = torch.randint(0, 64, (2, 9))
     torch.testing.assert_close(m(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_peft_models_are_refused_with_the_way_over(tmp_path):
+    """patch() on a model holding peft's LoRA layers would stack adapters on peft's wrappers: refused, naming
+    the way over (save_pretrained, unload, patch, load_adapter), which gives peft's outputs."""
+    pm = peft.get_peft_model(_model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                       init_lora_weights=False))
+    ids = torch.randint(0, 64, (2, 9))
+    want = pm(ids).logits
+    for m in (pm, pm.get_base_model()):
+        with pytest.raises(PatchError, match=r"holds peft layers .*load_adapter"):
+            fusedtune.patch(m, "lora")
+    pm.save_pretrained(str(tmp_path))
+    base = pm.unload()
+    fusedtune.patch(base, "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    load_adapter(base, tmp_path)
+    torch.testing.assert_close(base(ids).logits, want, atol=1e-5, rtol=1e-5)

@@ -512,6 +512,12 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtune.patch: model must be a torch.nn.Module, got {type(model).__name__}")
     cls = _method_class(method)
+    peft_layer = next((n for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners")), None)
+    if peft_layer is not None:
+        raise PatchError(f"fusedtune.patch: the model holds peft layers ({peft_layer or type(model).__name__}); patch "
+                         "a model without them. To carry a peft adapter over: peft_model.save_pretrained(d); "
+                         "base = peft_model.unload(); fusedtune.patch(base, 'lora', target_modules=[...]); "
+                         "fusedtune.lora.load_adapter(base, d). One layer: fusedtune.nn.LoRALinear.from_peft(layer)")
     st = _state(model)
     if st is not None:
         raise PatchError(f"model is already patched with method {st['method']!r}; "
