@@ -161,6 +161,21 @@ def test_opcheck(gid, p):
     torch.library.opcheck(_lora_op, _op_args(gid=gid, p=p))
 
 
+@pytest.mark.parametrize("gid,p", [(True, 0.0), (False, 0.2)])
+def test_backward_op_opcheck(gid, p):
+    """The backward as its own op (fusedtune::lora_linear_backward, what compiled graphs call): every
+    subset of the gradients asked for."""
+    from fusedtune.ops.lora import _lora_bwd_op
+    args = _op_args(gid=gid, p=p)
+    x, W, A, B, _, S, rg, p_, seed, *nf4_and_backend = args
+    with torch.no_grad():
+        y, t = _lora_op(*args)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(2))
+    for need in ([True, True, True], [False, True, False], [True, False, False]):
+        torch.library.opcheck(_lora_bwd_op, (dy, x.detach(), W, A.detach(), B.detach(), t, S, rg, p_, seed,
+                                             *nf4_and_backend[:-1], need, nf4_and_backend[-1]))
+
+
 def test_compile_fullgraph_matches_eager():
     from fusedtune.nn import LoRALinear
     torch.manual_seed(0)

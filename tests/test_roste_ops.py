@@ -245,3 +245,18 @@ def test_roste_linear_backward_compiles_fullgraph(n):
     layer.weight.grad = None
     torch.compile(lambda t: layer(t).pow(2).mean(), fullgraph=True, backend="aot_eager")(x).backward()
     torch.testing.assert_close(layer.weight.grad, want)
+
+
+def test_int_linear_opcheck():
+    """The exported layer's integer GEMM op (fusedtune::roste_int_linear): schema, fake tensor and
+    dispatch checks, rotated and not."""
+    from fusedtune.ops.roste import _int_linear_op
+    g = torch.Generator().manual_seed(4)
+    M, K, N = 5, 64, 16
+    x = torch.randn(2, M, K, generator=g)
+    qweight = torch.randint(0, 256, (N, K // 2), generator=g, dtype=torch.uint8)   # two 4-bit codes a byte
+    sw = torch.rand(N, generator=g) / 16 + 0.01
+    zw = torch.randn(N, generator=g)
+    uw = torch.randn(N, generator=g, dtype=torch.float64)
+    for rotate, bias in ((False, None), (True, torch.randn(N, generator=g))):
+        torch.library.opcheck(_int_linear_op, (x, rotate, 4, 0.9, qweight, 4, sw, zw, uw, bias, "reference"))

@@ -90,9 +90,10 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
     else:
         w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
         dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need)
-    e = x.new_empty(0)
-    f = e.to(ref.compute_dtype(x))
-    return (e if dx is None else dx), (f if dA is None else dA), (f if dB is None else dB)
+    def none(dtype):   # a fresh empty tensor per unneeded gradient: outputs of a custom op may not alias
+        return x.new_empty(0, dtype=dtype)
+    f32 = ref.compute_dtype(x)
+    return (none(x.dtype) if dx is None else dx), (none(f32) if dA is None else dA), (none(f32) if dB is None else dB)
 
 
 @_lora_bwd_op.register_fake
