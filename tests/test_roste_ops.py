@@ -260,3 +260,11 @@ def test_int_linear_opcheck():
     uw = torch.randn(N, generator=g, dtype=torch.float64)
     for rotate, bias in ((False, None), (True, torch.randn(N, generator=g))):
         torch.library.opcheck(_int_linear_op, (x, rotate, 4, 0.9, qweight, 4, sw, zw, uw, bias, "reference"))
+
+
+@needs_ext
+def test_hadamard_kernel_opcheck():
+    n = 12 * 32
+    x = torch.randn(3, n)
+    torch.library.opcheck(torch.ops.fusedtune.hadamard_kernel.default, (x, 1 / math.sqrt(n), list(_neg_masks(n, False))))
+    torch.library.opcheck(_hadamard_op, (x, 0.5, False, "cpu"))
