@@ -242,14 +242,36 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     setattr(parent, child, new)
 
 
-def as_linear(module: nn.Module) -> nn.Linear:
-    """The nn.Linear that computes what `module` (nn.Linear or Conv1D) computes, sharing nothing."""
+def is_bnb_4bit(module: nn.Module) -> bool:
+    """A bitsandbytes 4-bit linear layer with quantized weights (e.g. a model loaded with load_in_4bit)."""
+    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
+
+
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def base_kind(module: nn.Module) -> str:
+    """What a target linear is, for the methods' refusals: "linear" (nn.Linear, or a subclass with 16/32-bit
+    weights such as Falcon's FalconLinear, taken as x W^T + b), "conv1d" (GPT-2), "4bit" (bitsandbytes,
+    quantized) or "other" (weights in another format: 8-bit, FP8 with scales, ...)."""
     if is_conv1d(module):
-        w = module.weight.detach().t()
-        bias = module.bias
-    else:
-        w = module.weight.detach()
-        bias = module.bias
+        return "conv1d"
+    if is_bnb_4bit(module):
+        return "4bit"
+    return "linear" if module.weight.dtype in _WEIGHT_DTYPES else "other"
+
+
+def as_linear(module: nn.Module) -> nn.Module:
+    """The module a method builds its layer from, sharing the weights (the patched model holds them once):
+    an nn.Linear as it is, a subclass as an nn.Linear over its parameters, a Conv1D as the nn.Linear that
+    computes the same (its weight transposed: a copy), a bitsandbytes 4-bit layer as it is."""
+    if type(module) is nn.Linear or is_bnb_4bit(module):
+        return module
+    if not is_conv1d(module):
+        lin = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None, device="meta")
+        lin.weight, lin.bias = module.weight, module.bias
+        return lin
+    w, bias = module.weight.detach().t(), module.bias
     lin = nn.Linear(w.shape[1], w.shape[0], bias=bias is not None, device=w.device, dtype=w.dtype)
     with torch.no_grad():
         lin.weight.copy_(w)
@@ -261,9 +283,25 @@ def as_linear(module: nn.Module) -> nn.Linear:
     return lin
 
 
-def to_conv1d(linear: nn.Linear, like: nn.Module) -> nn.Module:
+@dataclass
+class Swapped:
+    """What unpatch needs of a swapped module, without keeping its weights (the method's layer holds them):
+    its class (a Conv1D comes back as one) and its parameters' requires_grad flags."""
+    cls: type
+    kind: str
+    weight_requires_grad: bool
+    bias_requires_grad: bool | None
+
+    @classmethod
+    def of(cls, module: nn.Module) -> "Swapped":
+        bias = getattr(module, "bias", None)
+        return cls(type(module), base_kind(module), module.weight.requires_grad,
+                   None if bias is None else bias.requires_grad)
+
+
+def to_conv1d(linear: nn.Linear, conv_cls: type) -> nn.Module:
     """Convert an nn.Linear back to a module of Conv1D's class (weight stored as (in, out))."""
-    conv = type(like)(linear.out_features, linear.in_features)
+    conv = conv_cls(linear.out_features, linear.in_features)
     conv.to(device=linear.weight.device, dtype=linear.weight.dtype)
     with torch.no_grad():
         conv.weight.copy_(linear.weight.detach().t())
@@ -387,21 +425,43 @@ class SwapMethod(Method):
         (peft's modules_to_save); resolved (and refused) before anything changes. None by default."""
         return []
 
+    def takes(self, kind: str) -> bool:
+        """Whether the method swaps a target of this base_kind ("4bit": LoRA's methods only)."""
+        return kind in ("linear", "conv1d")
+
+    def _refuse_bases(self, model, targets) -> None:
+        bad = [(n, base_kind(model.get_submodule(n)), type(model.get_submodule(n)).__name__) for n in targets]
+        bad = [b for b in bad if not self.takes(b[1])]
+        if not bad:
+            return
+        name, kind, cls = bad[0]
+        why = ("a bitsandbytes 4-bit layer: the method needs the weights in 16 or 32 bits (use method 'lora' for "
+               "LoRA over the 4-bit model, or load the model unquantized)" if kind == "4bit" else
+               f"weights of {model.get_submodule(name).weight.dtype}: the method takes float32, bfloat16 or float16 "
+               "weights (bitsandbytes 4-bit NF4 for the LoRA methods)")
+        raise PatchError(f"method {self.name!r}: target {name} is a {cls}, {why}"
+                         + (f" ({len(bad) - 1} more such targets)" if len(bad) > 1 else ""))
+
     def apply(self, model, targets, **options):
+        self._refuse_bases(model, targets)
         saved = self.saved_modules(model, targets, options)
-        self.swapped: dict[str, nn.Module] = {}   # name -> the original module (Linear or Conv1D)
-        made = []
+        self.swapped: dict[str, Swapped] = {}     # name -> what unpatch needs of the original module
+        originals, made = {}, []                   # the originals only while swapping (to roll back)
         try:
             for name in targets:
                 orig = model.get_submodule(name)
+                record = Swapped.of(orig)
                 new = self.make(as_linear(orig), name, **options)
                 set_module(model, name, new)
-                self.swapped[name] = orig
+                originals[name] = orig
+                self.swapped[name] = record
                 made.append(new)
         except Exception:
-            for name, orig in self.swapped.items():   # leave the model as it was
+            for name, orig in originals.items():   # leave the model as it was
                 set_module(model, name, orig)
+            self.swapped = {}
             raise
+        del originals
         full = unique_params(p for n in saved for p in model.get_submodule(n).parameters())
         self.saved = {n: count(model.get_submodule(n).parameters()) for n in saved}
         self.saved_originals = [(p, p.detach().to("cpu", copy=True)) for p in full]   # for unpatch(merge=False)
@@ -419,7 +479,7 @@ class SwapMethod(Method):
         for name, orig in self.swapped.items():
             mod = model.get_submodule(name)
             lin = self.merge(mod) if merge else self.base(mod)
-            outs[name] = to_conv1d(lin, orig) if is_conv1d(orig) else lin
+            outs[name] = to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin
         if not merge:
             with torch.no_grad():
                 for p, orig in getattr(self, "saved_originals", []):
@@ -428,9 +488,10 @@ class SwapMethod(Method):
         self.restore_requires_grad()
         for name, new in outs.items():
             orig = self.swapped[name]
-            new.weight.requires_grad_(orig.weight.requires_grad)
-            if new.bias is not None and orig.bias is not None:
-                new.bias.requires_grad_(orig.bias.requires_grad)
+            if new.weight.is_floating_point():        # a 4-bit base handed back keeps its frozen packed weight
+                new.weight.requires_grad_(orig.weight_requires_grad)
+            if new.bias is not None and orig.bias_requires_grad is not None:
+                new.bias.requires_grad_(orig.bias_requires_grad)
             set_module(model, name, new)
         self.swapped = {}
 
@@ -478,6 +539,11 @@ class ParamMethod(Method):
                 params.append(p)
         if not params:
             raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
+        packed = [(names[id(p)], p.dtype) for p in params if not p.is_floating_point()]
+        if packed:
+            raise PatchError(f"method {self.name!r}: parameter {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. "
+                             "a model loaded in 4 bits): the method trains parameters in place; load the model in "
+                             "16 or 32 bits, or use method 'lora'" + (f" ({len(packed) - 1} more)" if len(packed) > 1 else ""))
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
         optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes

@@ -43,19 +43,28 @@ class LoRAMethod(SwapMethod):
                              "either gets adapters or trains in full)")
         return found
 
+    def takes(self, kind: str) -> bool:
+        return kind in ("linear", "conv1d", "4bit")   # 4bit: QLoRA over a model loaded in 4 bits
+
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
 
     def make(self, linear, name, r, alpha, dropout, use_rslora, adapter_dtype, backend, **options):
         from ..nn import LoRALinear  # noqa: PLC0415
+        from ..patch import is_bnb_4bit  # noqa: PLC0415
+        loaded_4bit = is_bnb_4bit(linear)
         base = self.base_layer(linear, backend=backend, **options)
-        return LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                      adapter_dtype=adapter_dtype, backend=backend)
+        m = LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
+                                   adapter_dtype=adapter_dtype, backend=backend)
+        m._fusedtune_loaded_4bit = loaded_4bit   # unpatch(merge=False) hands the 4-bit layer back as it was
+        return m
 
     def merge(self, module) -> nn.Linear:
         return module.to_linear(merge=True)
 
-    def base(self, module) -> nn.Linear:
+    def base(self, module) -> nn.Module:
+        if getattr(module, "_fusedtune_loaded_4bit", False):
+            return module.base_layer            # a layer loaded in 4 bits comes back as it was
         return module.to_linear(merge=False)
 
     def describe(self, module) -> tuple[str, str, str]:
@@ -87,6 +96,9 @@ class QLoRAMethod(LoRAMethod):
 
     def base_layer(self, linear: nn.Linear, blocksize, double_quant, **_) -> nn.Module:
         import bitsandbytes as bnb  # noqa: PLC0415
+        from ..patch import is_bnb_4bit  # noqa: PLC0415
+        if is_bnb_4bit(linear):
+            return linear                        # loaded in 4 bits already: LoRA over it as it is
         dev, dt = linear.weight.device, linear.weight.dtype
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=dt, compress_statistics=double_quant, quant_type="nf4", device="meta")
@@ -105,6 +117,9 @@ class FP8LoRAMethod(LoRAMethod):
     swapped on sm_80/86)."""
     options = {**LoRAMethod.options, "pow2": False}
     demo = dict(LoRAMethod.demo)
+
+    def takes(self, kind: str) -> bool:
+        return kind in ("linear", "conv1d")     # FP8 GEMMs quantize 16/32-bit weights, not 4-bit codes
 
     def apply(self, model, targets, **options):
         from .fp8 import refuse_fp8_gap  # noqa: PLC0415
