@@ -541,9 +541,10 @@ class ParamMethod(Method):
             raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
         packed = [(names[id(p)], p.dtype) for p in params if not p.is_floating_point()]
         if packed:
-            raise PatchError(f"method {self.name!r}: parameter {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. "
-                             "a model loaded in 4 bits): the method trains parameters in place; load the model in "
-                             "16 or 32 bits, or use method 'lora'" + (f" ({len(packed) - 1} more)" if len(packed) > 1 else ""))
+            more = f" ({len(packed) - 1} more)" if len(packed) > 1 else ""
+            raise PatchError(f"method {self.name!r}: parameter {packed[0][0]} is {packed[0][1]} (quantized weights, "
+                             "e.g. a model loaded in 4 bits): the method trains parameters in place; load the model "
+                             f"in 16 or 32 bits, or use method 'lora'{more}")
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
         optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes

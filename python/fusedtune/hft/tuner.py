@@ -127,8 +127,8 @@ class HalfFineTuner:
         self.map: ModelMap = map_model(model)
         packed = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
         if packed:
-            raise HFTError(f"HalfFineTuner: {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. a model loaded in "
-                           "4 bits): HFT trains the weights themselves; load the model in 16 or 32 bits"
+            raise HFTError(f"HalfFineTuner: {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. a model loaded "
+                           "in 4 bits): HFT trains the weights themselves; load the model in 16 or 32 bits"
                            + (f" ({len(packed) - 1} more)" if len(packed) > 1 else ""))
         self._row_cls = None
         if granularity == "row":

@@ -10,8 +10,11 @@ Every target linear becomes a LoRALinear with one adapter ("default"; peft's ini
 B zero, so the model is unchanged at step 0); the adapters train with torch.optim.AdamW, everything
 else is frozen, except the modules named in modules_to_save (peft's option, e.g. ["embed_tokens",
 "lm_head"] for new tokens): their own parameters train in full in the same optimizer, in place;
-fusedtune.lora.save_adapter writes them as peft does, unpatch(merge=False) restores their old values. qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, double
-quantization by default) into a bnb.nn.Linear4bit whose compute dtype is the weight's dtype.
+fusedtune.lora.save_adapter writes them as peft does, unpatch(merge=False) restores their old values.
+qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, double quantization by
+default) into a bnb.nn.Linear4bit whose compute dtype is the weight's dtype. A model loaded in 4 bits
+(transformers' BitsAndBytesConfig) keeps its Linear4bit layers under lora and qlora alike (adapters over
+them; unpatch(merge=False) hands them back); fp8_lora needs 16/32-bit weights.
 """
 from __future__ import annotations
 
