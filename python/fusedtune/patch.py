@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
+from .nn.lora import is_bnb_4bit  # noqa: F401  (also the methods')
+
 _ATTR = "_fusedtune_patch"
 _METHODS: dict[str, type] = {}
 
@@ -240,11 +242,6 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent_name, _, child = name.rpartition(".")
     parent = model.get_submodule(parent_name) if parent_name else model
     setattr(parent, child, new)
-
-
-def is_bnb_4bit(module: nn.Module) -> bool:
-    """A bitsandbytes 4-bit linear layer with quantized weights (e.g. a model loaded with load_in_4bit)."""
-    return getattr(getattr(module, "weight", None), "quant_state", None) is not None
 
 
 _WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import PatchError, SwapMethod, find_targets, register_method
+from ..patch import PatchError, SwapMethod, find_targets, is_bnb_4bit, register_method
 
 
 class LoRAMethod(SwapMethod):
@@ -54,7 +54,6 @@ class LoRAMethod(SwapMethod):
 
     def make(self, linear, name, r, alpha, dropout, use_rslora, adapter_dtype, backend, **options):
         from ..nn import LoRALinear  # noqa: PLC0415
-        from ..patch import is_bnb_4bit  # noqa: PLC0415
         loaded_4bit = is_bnb_4bit(linear)
         base = self.base_layer(linear, backend=backend, **options)
         m = LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
@@ -99,7 +98,6 @@ class QLoRAMethod(LoRAMethod):
 
     def base_layer(self, linear: nn.Linear, blocksize, double_quant, **_) -> nn.Module:
         import bitsandbytes as bnb  # noqa: PLC0415
-        from ..patch import is_bnb_4bit  # noqa: PLC0415
         if is_bnb_4bit(linear):
             return linear                        # loaded in 4 bits already: LoRA over it as it is
         dev, dt = linear.weight.device, linear.weight.dtype

@@ -25,7 +25,7 @@ from .plain import plain_linear
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
 
 
-def _is_bnb_4bit(module) -> bool:
+def is_bnb_4bit(module) -> bool:
     """A quantized bitsandbytes 4-bit weight: bnb's Params4bit, or the plain Parameter (quant_state kept) that a
     torch.save / torch.load of a whole model turns it into; bitsandbytes' own forward takes both."""
     return getattr(getattr(module, "weight", None), "quant_state", None) is not None
@@ -37,7 +37,7 @@ def _is_fp8(module) -> bool:
 
 
 def _features(base) -> tuple[int, int]:
-    if _is_bnb_4bit(base):
+    if is_bnb_4bit(base):
         qtype = getattr(base.weight.quant_state, "quant_type", "nf4")
         if qtype != "nf4":
             raise LoRAUnsupported(f"LoRALinear: a bitsandbytes Linear4bit base must be NF4, got quant_type={qtype!r}")
@@ -99,7 +99,7 @@ class LoRALinear(nn.Module):
 
     def _base_device_dtype(self):
         w = self.base_layer.weight
-        if _is_bnb_4bit(self.base_layer):
+        if is_bnb_4bit(self.base_layer):
             return w.device, getattr(self.base_layer, "compute_dtype", None) or w.quant_state.dtype
         return w.device, w.dtype
 
@@ -208,7 +208,7 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _nf4_weight(self):
-        if not _is_bnb_4bit(self.base_layer):
+        if not is_bnb_4bit(self.base_layer):
             return None
         w = self.base_layer.weight
         if torch.compiler.is_compiling():
@@ -339,7 +339,7 @@ class LoRALinear(nn.Module):
         weight as it was before the first merge, so unmerge() restores it bit-exactly; without it unmerge
         subtracts the deltas (peft's way; off by the rounding of the merge). safe_merge refuses (and leaves
         the weight untouched) when the merged weight is not finite."""
-        if _is_bnb_4bit(self.base_layer):
+        if is_bnb_4bit(self.base_layer):
             raise LoRAUnsupported("LoRALinear.merge: merging into an NF4 base re-quantizes it (lossy); convert the "
                                   "base to a 16-bit nn.Linear first, or use to_linear()")
         names = self.active_adapters if adapter_names is None else \
@@ -444,7 +444,7 @@ class LoRALinear(nn.Module):
                              use_rslora=self.use_rslora[n])
             if out is None:
                 cls = peft_layer.Linear
-                if _is_bnb_4bit(self.base_layer):
+                if is_bnb_4bit(self.base_layer):
                     from peft.tuners.lora.bnb import Linear4bit as cls  # noqa: N813
                 out = cls(self.base_layer, n, config=cfg, r=self.r[n], lora_alpha=self.lora_alpha[n])
             else:
@@ -465,7 +465,7 @@ class LoRALinear(nn.Module):
     def _fusedtune_report(self) -> dict:
         device = self.base_layer.weight.device
         b = lora_ops.lora_backend(device, self.backend)
-        nf4 = _is_bnb_4bit(self.base_layer)
+        nf4 = is_bnb_4bit(self.base_layer)
         if _is_fp8(self.base_layer):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
         elif b["backend"] == "triton":
