@@ -6,9 +6,9 @@ keep their dtype.
 
 The fused optimizers (MaskedAdamW, SparseDeltaAdamW) also write a master's layer (its merged weight) in
 their pass, so they look up the layer that owns a master: `bind_owner` / `owner_of`. The link lives in a
-registry keyed by the Parameter's identity, not in an attribute of the Parameter: an attribute travels
-with copies of the Parameter (a deep copy's master pointed at the original layer, torch.save of the model
-failed on the weak reference). Layers bind their masters when they make them, when the layer is copied or
+registry keyed by the Parameter's identity, not in an attribute of the Parameter: an attribute was lost
+by a deep copy (the copy's optimizer stopped writing the weight) and made torch.save of the model fail
+(a weak reference cannot be pickled). Layers bind their masters when they make them, when the layer is copied or
 unpickled (__setstate__) and when a load assigns new Parameters (load_state_dict(assign=True)).
 """
 from __future__ import annotations
