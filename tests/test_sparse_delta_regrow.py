@@ -283,13 +283,14 @@ def test_regrow_through_patch_trains_and_restores():
     torch.manual_seed(0)
     m = transformers.LlamaForCausalLM(cfg).to(torch.bfloat16)
     base = {k: v.clone() for k, v in m.state_dict().items()}
+    modules = {n: id(x) for n, x in m.named_modules()}
     with pytest.raises(PatchError, match="unknown"):
         patch(m, "sparse_delta", regrow={"evry": 3})
     with pytest.raises(PatchError, match="needs total_steps"):
         patch(m, "sparse_delta", regrow=True)
     with pytest.raises(PatchError, match="bias_correction must be"):
         patch(m, "sparse_delta", bias_correction="row")
-    assert all(type(mod) is not SparseDeltaLinear for mod in m.modules())
+    assert {n: id(x) for n, x in m.named_modules()} == modules     # refused before anything was swapped
     rep = patch(m, "sparse_delta", density=0.05, lr=3e-2,
                 regrow={"every": 5, "rate": 0.3, "total_steps": 40, "accumulate_steps": 2})
     assert rep.regrower is not None and "SpIEL-AG" in str(rep) and "their own step counts" in str(rep)

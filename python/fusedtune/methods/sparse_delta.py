@@ -80,10 +80,14 @@ class SparseDeltaMethod(SwapMethod):
         from ..sparse_delta.regrow import Regrower, _refuse_data_parallel  # noqa: PLC0415
         rg = self._regrow_kwargs(options["regrow"])    # refused before anything is swapped
         if rg is not None:
+            bound = inspect.signature(Regrower).bind_partial(None, None, **rg)
+            bound.apply_defaults()
+            settings = {k: v for k, v in bound.arguments.items() if k not in ("model", "optimizer", "seed", "attach")}
             try:
+                Regrower.check_settings(**settings)
                 _refuse_data_parallel()
-            except RuntimeError as e:
-                raise PatchError(f"method 'sparse_delta': {e}") from e
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise PatchError(f"method 'sparse_delta': regrow={options['regrow']!r}: {e}") from e
         if not 0 < float(options["density"]) <= 1:
             raise PatchError(f"method 'sparse_delta': density must be in (0, 1], got {options['density']!r}")
         from ..optim.sparse_delta_adamw import BIAS_CORRECTIONS  # noqa: PLC0415
@@ -95,12 +99,8 @@ class SparseDeltaMethod(SwapMethod):
         if rg is not None:
             try:
                 self.regrower = Regrower(model, rep.optimizer, attach=True, **rg)
-            except (TypeError, ValueError) as e:
-                from ..patch import set_module  # noqa: PLC0415
-                for name, orig in self.swapped.items():    # leave the model as it was
-                    set_module(model, name, orig)
-                self.swapped = {}
-                self.restore_requires_grad()
+            except (TypeError, ValueError) as e:    # settings were checked: not reached through patch
+                super().remove(model, merge=False)    # plain linears over the original weights again
                 raise PatchError(f"method 'sparse_delta': regrow={options['regrow']!r}: {e}") from e
         rep.regrower = self.regrower
         self._note(rep)

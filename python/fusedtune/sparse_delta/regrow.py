@@ -97,27 +97,8 @@ class Regrower:
                  variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
                  candidates: float | None | str = "auto", seed_moments: str = "zero", seed: int = 0,
                  attach: bool = False):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"Regrower: every must be a positive int, got {every!r}")
-        if not 0 <= rate <= 1:
-            raise ValueError(f"Regrower: rate must be in [0, 1], got {rate!r}")
-        if decay not in _DECAYS:
-            raise ValueError(f"Regrower: decay must be one of {_DECAYS}, got {decay!r}")
-        if decay != "constant" and (not isinstance(total_steps, int) or total_steps < 1):
-            raise ValueError(f"Regrower: decay={decay!r} needs total_steps (a positive int: the step at which "
-                             f"the regrowth rate reaches 0), got {total_steps!r}; or pass decay='constant'")
-        if variant not in _VARIANTS:
-            raise ValueError(f"Regrower: variant must be 'ag' (accumulated gradients) or 'ma' (SM3 row/column "
-                             f"accumulators), got {variant!r}")
-        if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
-            raise ValueError(f"Regrower: accumulate_steps must be a positive int, got {accumulate_steps!r}")
-        if isinstance(candidates, str) and candidates == "auto":
-            candidates = 1.0 if variant == "ag" else None
-        if candidates is not None and (variant != "ag" or isinstance(candidates, str) or not candidates > 0):
-            raise ValueError(f"Regrower: candidates (a positive factor of k) applies to variant='ag' only, got "
-                             f"candidates={candidates!r} with variant={variant!r}")
-        if seed_moments not in ("zero", "grad"):
-            raise ValueError(f"Regrower: seed_moments must be 'zero' or 'grad', got {seed_moments!r}")
+        candidates = self.check_settings(every, rate, decay, variant, accumulate_steps, total_steps, candidates,
+                                         seed_moments)
         _refuse_data_parallel()
         self.layers = sparse_layers(model)
         if not self.layers:
@@ -146,6 +127,33 @@ class Regrower:
         if attach:
             self.attach()
         self._update_mode()
+
+    @staticmethod
+    def check_settings(every, rate, decay, variant, accumulate_steps, total_steps, candidates, seed_moments):
+        """Refuse bad settings (before a model is touched: fusedtune.patch checks them first); returns
+        `candidates` with "auto" resolved."""
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"Regrower: every must be a positive int, got {every!r}")
+        if not 0 <= rate <= 1:
+            raise ValueError(f"Regrower: rate must be in [0, 1], got {rate!r}")
+        if decay not in _DECAYS:
+            raise ValueError(f"Regrower: decay must be one of {_DECAYS}, got {decay!r}")
+        if decay != "constant" and (not isinstance(total_steps, int) or total_steps < 1):
+            raise ValueError(f"Regrower: decay={decay!r} needs total_steps (a positive int: the step at which "
+                             f"the regrowth rate reaches 0), got {total_steps!r}; or pass decay='constant'")
+        if variant not in _VARIANTS:
+            raise ValueError(f"Regrower: variant must be 'ag' (accumulated gradients) or 'ma' (SM3 row/column "
+                             f"accumulators), got {variant!r}")
+        if not isinstance(accumulate_steps, int) or accumulate_steps < 1:
+            raise ValueError(f"Regrower: accumulate_steps must be a positive int, got {accumulate_steps!r}")
+        if isinstance(candidates, str) and candidates == "auto":
+            candidates = 1.0 if variant == "ag" else None
+        if candidates is not None and (variant != "ag" or isinstance(candidates, str) or not candidates > 0):
+            raise ValueError(f"Regrower: candidates (a positive factor of k) applies to variant='ag' only, got "
+                             f"candidates={candidates!r} with variant={variant!r}")
+        if seed_moments not in ("zero", "grad"):
+            raise ValueError(f"Regrower: seed_moments must be 'zero' or 'grad', got {seed_moments!r}")
+        return candidates
 
     # ------------------------------------------------------------------ schedule
     def rate_at(self, t: int) -> float:
