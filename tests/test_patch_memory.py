@@ -78,6 +78,10 @@ def test_lora_over_a_model_loaded_in_4_bits(four_bit_dir, name):
     q = m.model.layers[0].self_attn.q_proj
     packed = q.weight.untyped_storage().data_ptr()
     rep = fusedtune.patch(m, name, r=4, alpha=8)
+    assert any("Trainer refuses" in n for n in rep.notes)        # transformers' check for a PeftModel
+    with pytest.raises(ValueError, match="purely quantized"):    # (if it goes, drop the note)
+        transformers.Trainer(model=m, args=transformers.TrainingArguments(output_dir=str(four_bit_dir / "t"),
+                                                                          report_to=[], use_cpu=True))
     lay = m.model.layers[0].self_attn.q_proj
     assert lay.base_layer is q and q.weight.untyped_storage().data_ptr() == packed   # not re-quantized, not copied
     losses = [float(rep.step(lambda: m(IDS, labels=IDS).loss)) for _ in range(3)]

@@ -83,6 +83,14 @@ class LoRAMethod(SwapMethod):
             raise PatchError(f"method {self.name!r}: dropout must be in [0, 1), got {options['dropout']!r}")
         return super().apply(model, targets, **options)
 
+    def report(self, model):
+        rep = super().report(model)
+        if getattr(model, "is_quantized", False):   # loaded through transformers' quantizer (e.g. load_in_4bit)
+            rep.notes.append("the model was loaded quantized: transformers.Trainer refuses such a model unless it is a "
+                             "PeftModel; for Trainer, load it in 16 bits and use method 'qlora' (quantizes the "
+                             "targets itself), or train with rep.step / your own loop")
+        return rep
+
 
 class QLoRAMethod(LoRAMethod):
     options = {**LoRAMethod.options, "blocksize": 64, "double_quant": True}
