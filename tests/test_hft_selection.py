@@ -622,3 +622,50 @@ def test_lazy_snapshot_in_row_granularity_restores_everything():
     hft.remove(restore=True)
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), pre[n]), n
+
+
+_FAMILIES = {"opt": dict(ffn_dim=40, word_embed_proj_dim=32), "phi3": {}, "phi": {}, "starcoder2": {},
+             "gpt_neox": {}, "falcon": {}, "bloom": {}, "olmo2": {}}
+
+
+def _family(model_type, layers=4):
+    kw = dict(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=layers, num_attention_heads=4,
+              num_key_value_heads=2, head_dim=8, max_position_embeddings=32, bos_token_id=None, eos_token_id=None,
+              pad_token_id=None, **_FAMILIES[model_type])
+    if model_type == "falcon":
+        kw.pop("head_dim")          # a derived property there
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(model_type, **kw))
+
+
+@pytest.mark.parametrize("model_type", sorted(_FAMILIES))
+def test_other_families_take_the_category_rule(model_type):
+    """Phi-3's fused qkv_proj / gate_up_proj, OPT's fc1 / fc2, GPT-NeoX / Falcon / BLOOM's query_key_value:
+    half of each layer's attention and MLP matrices (balanced over the layers when a count is odd) and of
+    its norms train, everything else stays bit for bit; row granularity keeps frozen rows."""
+    model = _family(model_type)
+    before = params_of(model)
+    hft = HalfFineTuner(model, seed=3)
+    L = len(hft.map.layers)
+    for cat in ("attn", "mlp", "norm"):
+        n = len(getattr(hft.map.layers[0], cat if cat != "norm" else "norms"))
+        counts = [len(m[cat]) for m in hft.members()]
+        assert sum(counts) == (n * L) // 2 and all(n // 2 <= c <= (n + 1) // 2 for c in counts), (cat, counts)
+    frozen = [n for n, p in model.named_parameters() if not p.requires_grad]
+    train(model, hft.make_optimizer(lr=1e-2, weight_decay=0.1), steps=2)
+    after = dict(model.named_parameters())
+    assert frozen and all(torch.equal(after[n].detach(), before[n]) for n in frozen)
+    assert all(not torch.equal(p.detach(), before[n]) for n, p in after.items() if p.requires_grad)
+    hft.remove()
+    if _row_linear() is None:
+        return
+    model = _family(model_type, layers=2)
+    before = params_of(model)
+    hft = HalfFineTuner(model, granularity="row", seed=3)
+    assert len(hft.row_layers()) == 2 * (len(hft.map.layers[0].attn) + len(hft.map.layers[0].mlp))
+    train(model, hft.make_optimizer(lr=1e-2), steps=2)
+    for name, mod in hft.row_layers().items():
+        keep = torch.ones(mod.out_features, dtype=torch.bool)
+        keep[mod.rows] = False
+        assert torch.equal(mod.weight.detach()[keep], before[name + ".weight"][keep]), name
+        assert not torch.equal(mod.weight.detach()[~keep], before[name + ".weight"][~keep]), name

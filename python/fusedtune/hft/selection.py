@@ -1,7 +1,10 @@
-"""HFT selection rules: map a Llama-style causal LM onto HFT's categories and choose, from a seed and
+"""HFT selection rules: map a decoder-only causal LM onto HFT's categories and choose, from a seed and
 a stage number, which matrices (or rows) train.
 
-The mapping works by module names (transformers' Llama, Qwen2, Mistral, Gemma and their relatives):
+The mapping works by module names. Llama-style models (transformers' Llama, Qwen2, Mistral, Gemma and
+their relatives) are the paper's case; SCHEMAS below maps Phi-3, OPT, Phi, StarCoder2, GPT-NeoX,
+Falcon and BLOOM the same way, with their own attention / MLP member names (Phi-3's fused qkv_proj:
+one of qkv_proj / o_proj trains per layer at ratio 0.5). For Llama:
 
     <prefix>layers.<i>.self_attn.{q,k,v,o}_proj      attention matrices      (category "attn")
     <prefix>layers.<i>.mlp.{gate,up,down}_proj        MLP matrices            (category "mlp")
@@ -48,6 +51,35 @@ MLP = ("gate_proj", "up_proj", "down_proj")
 GRANULARITIES = ("matrix", "row")
 
 
+@dataclass(frozen=True)
+class Schema:
+    """Where a family keeps a decoder layer's linear layers: <layer>.<attn_sub>.<attn member> and
+    <layer>.<mlp_sub>.<mlp member> (mlp_sub "" when they sit in the layer itself)."""
+    families: str
+    attn_sub: str
+    attn: tuple[str, ...]
+    mlp_sub: str
+    mlp: tuple[str, ...]
+
+    def name(self, prefix: str, sub: str, member: str) -> str:
+        return f"{prefix}{sub}.{member}" if sub else f"{prefix}{member}"
+
+
+# Tried in order; the first whose members every layer has maps the model. The category rule is the same
+# for all: half of each layer's attention matrices and of its MLP matrices (e.g. 1 of Phi-3's fused
+# qkv_proj / o_proj), half of its norms.
+SCHEMAS = (
+    Schema("Llama, Qwen2/3, Mistral, Gemma, OLMo, Granite, Cohere", "self_attn", ATTN, "mlp", MLP),
+    Schema("Phi-3", "self_attn", ("qkv_proj", "o_proj"), "mlp", ("gate_up_proj", "down_proj")),
+    Schema("OPT", "self_attn", ("q_proj", "k_proj", "v_proj", "out_proj"), "", ("fc1", "fc2")),
+    Schema("Phi", "self_attn", ("q_proj", "k_proj", "v_proj", "dense"), "mlp", ("fc1", "fc2")),
+    Schema("StarCoder2", "self_attn", ATTN, "mlp", ("c_fc", "c_proj")),
+    Schema("GPT-NeoX (Pythia)", "attention", ("query_key_value", "dense"), "mlp", ("dense_h_to_4h", "dense_4h_to_h")),
+    Schema("Falcon, BLOOM", "self_attention", ("query_key_value", "dense"), "mlp",
+           ("dense_h_to_4h", "dense_4h_to_h")),
+)
+
+
 class HFTError(PatchError):
     """HalfFineTuner cannot do what was asked (an architecture it cannot map, a bad argument, ...)."""
 
@@ -86,11 +118,12 @@ class ModelMap:
         return [n for lay in self.layers for n in (*lay.attn.values(), *lay.mlp.values())]
 
 
-_LAYER_RX = re.compile(r"^(?P<container>(?:.*\.)?layers)\.(?P<i>\d+)\.$")
-_EXPECTED = ("a Llama-style causal LM (Llama, Qwen2, Mistral, Gemma, ...): decoder layers named "
-             "'<prefix>layers.<i>' each holding self_attn.{q,k,v,o}_proj and mlp.{gate,up,down}_proj "
-             "linear layers and its norms (input_layernorm, post_attention_layernorm), plus embed_tokens, "
-             "a final norm and lm_head")
+_LAYER_RX = re.compile(r"^(?P<container>(?:.*\.)?(?:layers|h))\.(?P<i>\d+)\.$")
+_EXPECTED = ("a decoder-only causal LM with decoder layers named '<prefix>layers.<i>' or '<prefix>h.<i>', each "
+             "holding its attention and MLP linear layers as one of these families does: "
+             + "; ".join(f"{sc.families}: {sc.attn_sub}.{{{','.join(sc.attn)}}}, "
+                         f"{(sc.mlp_sub + '.') if sc.mlp_sub else ''}{{{','.join(sc.mlp)}}}" for sc in SCHEMAS)
+             + " (nn.Linear; GPT-2's Conv1D is not mapped), its norms, embeddings, a final norm and lm_head")
 
 
 def _is_norm(name: str, module: nn.Module) -> bool:
@@ -108,6 +141,18 @@ def _some(names, n=12) -> str:
     return ", ".join(names[:n]) + (f", ... ({len(names) - n} more)" if len(names) > n else "") if names else "(none)"
 
 
+def _layer_prefixes(modules: dict, schema: Schema) -> dict[tuple[str, int], str]:
+    """(container, index) -> "<container>.<i>." of every decoder layer holding schema's first attention member."""
+    anchor = schema.name("", schema.attn_sub, schema.attn[0])
+    out = {}
+    for n in modules:
+        if n.endswith("." + anchor):
+            m = _LAYER_RX.match(n[: -len(anchor)])
+            if m:
+                out[(m.group("container"), int(m.group("i")))] = n[: -len(anchor)]
+    return out
+
+
 def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
     """Place every parameter of `model` in an HFT category, or raise HFTError saying what was expected.
 
@@ -116,17 +161,22 @@ def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
     if not isinstance(model, nn.Module):
         raise HFTError(f"HalfFineTuner: model must be a torch.nn.Module, got {type(model).__name__}")
     modules = dict(model.named_modules())
-    q_names = [n for n in modules if n.endswith("self_attn.q_proj")]
-    layers: dict[tuple[str, int], str] = {}
-    for qn in q_names:
-        prefix = qn[: -len("self_attn.q_proj")]
-        m = _LAYER_RX.match(prefix)
-        if m:
-            layers[(m.group("container"), int(m.group("i")))] = prefix
-    if not layers:
+    found = None          # the first schema whose every member every layer has; else the first that fits at all
+    for schema in SCHEMAS:
+        layers = _layer_prefixes(modules, schema)
+        if not layers:
+            continue
+        if all(isinstance(modules.get(schema.name(pre, sub, m)), linear_types)
+               for pre in layers.values() for sub, names in ((schema.attn_sub, schema.attn),
+                                                             (schema.mlp_sub, schema.mlp)) for m in names):
+            found = (schema, layers)
+            break
+        found = found or (schema, layers)
+    if found is None:
         lin = [n for n, mod in modules.items() if isinstance(mod, nn.Linear) or type(mod).__name__ == "Conv1D"]
-        raise HFTError(f"HalfFineTuner cannot map {_describe(model)}: it expects {_EXPECTED}. Found no module "
-                       f"named '<prefix>layers.<i>.self_attn.q_proj'; the model's linear layers are: {_some(lin)}")
+        raise HFTError(f"HalfFineTuner cannot map {_describe(model)}: it expects {_EXPECTED}. Found no decoder "
+                       f"layer with such an attention module; the model's linear layers are: {_some(lin)}")
+    schema, layers = found
     containers = sorted({c for c, _ in layers})
     if len(containers) > 1:
         raise HFTError(f"HalfFineTuner cannot map {_describe(model)}: decoder layers found under more than one "
@@ -139,8 +189,9 @@ def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
     for i in idx:
         prefix = layers[(containers[0], i)]
         missing, attn, mlp = [], {}, {}
-        for short, group, sub in ([(s, attn, "self_attn") for s in ATTN] + [(s, mlp, "mlp") for s in MLP]):
-            name = f"{prefix}{sub}.{short}"
+        for short, group, sub in ([(s, attn, schema.attn_sub) for s in schema.attn]
+                                  + [(s, mlp, schema.mlp_sub) for s in schema.mlp]):
+            name = schema.name(prefix, sub, short)
             mod = modules.get(name)
             if mod is None or not isinstance(mod, linear_types):
                 missing.append(f"{name} ({'absent' if mod is None else type(mod).__name__})")
@@ -188,7 +239,7 @@ def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
             unplaced.append(pname)
     if unplaced:
         raise HFTError(f"HalfFineTuner cannot place parameter(s) {_some(unplaced)} of {_describe(model)} in an HFT "
-                       f"category (attention q/k/v/o, MLP gate/up/down, norms, embeddings, lm_head); it expects "
+                       f"category (attention, MLP, norms, embeddings, lm_head); it expects "
                        f"{_EXPECTED}")
     return mm
 
@@ -209,7 +260,8 @@ def choose_members(mm: ModelMap, ratio: float, seed: int, stage: int) -> list[di
     rng = random.Random(f"fusedtune.hft:{int(seed)}:{int(stage)}")
     L = len(mm.layers)
     out = [{"attn": [], "mlp": [], "norm": []} for _ in range(L)]
-    for cat, names in (("attn", ATTN), ("mlp", MLP)):
+    for cat in ("attn", "mlp"):
+        names = tuple(getattr(mm.layers[0], cat))       # the family's members, in its schema's order
         counts = _balanced(rng, ratio, len(names), L)
         for lay, k in zip(mm.layers, counts):
             picked = set(rng.sample(names, k))

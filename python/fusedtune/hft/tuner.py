@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from ..patch import format_table, set_module
-from .selection import (ATTN, GRANULARITIES, MLP, HFTError, ModelMap, check_ratio, choose_members,
+from .selection import (GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
                         choose_rows, map_model)
 
 _ATTR = "_fusedtune_hft"
@@ -59,7 +59,7 @@ def _bit_sum(t: torch.Tensor) -> int:
 
 
 class HalfFineTuner:
-    """Half fine-tuning (HFT) of a Llama-style causal LM, in place.
+    """Half fine-tuning (HFT) of a decoder-only causal LM (Llama-style, or a family in selection.SCHEMAS), in place.
 
         hft = HalfFineTuner(model, ratio=0.5, granularity="matrix", seed=0)
         opt = hft.make_optimizer(lr=2e-5)       # MaskedAdamW over hft.trainable_parameters()
@@ -474,8 +474,9 @@ class HalfFineTuner:
         out = []
         for lay, m in zip(self.map.layers, members):
             r = {"layer": str(lay.index), "norm": m["norm"], "norm_of": len(lay.norms)}
-            for cat, names in (("attn", ATTN), ("mlp", MLP)):
+            for cat in ("attn", "mlp"):
                 mods = lay.attn if cat == "attn" else lay.mlp
+                names = tuple(mods)
                 if rowwise:
                     r[cat] = {s: (int(self._rows[mods[s]].rows.numel()), self._rows[mods[s]].out_features)
                               for s in names}
