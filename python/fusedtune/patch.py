@@ -188,6 +188,22 @@ def _names_list(names: str) -> str:
     return ", ".join(shown) + more if shown else "(none)"
 
 
+def refuse_packed(named_params, what: str, why: str, error: type = None) -> None:
+    """Refuse parameters that are not floating point (packed quantized weights, e.g. a model loaded in 4 bits)
+    where a method would train them in place: `what` names the refuser, `why` what it needs instead."""
+    packed = [(n, p.dtype) for n, p in named_params if not p.is_floating_point()]
+    if packed:
+        more = f" ({len(packed) - 1} more)" if len(packed) > 1 else ""
+        raise (error or PatchError)(f"{what}: parameter {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. a "
+                                    f"model loaded in 4 bits): {why}{more}")
+
+
+def outermost_modules(model: nn.Module, names) -> list[str]:
+    """The modules that name suffixes (peft's modules_to_save) match, without those inside another match."""
+    found = find_targets(model, [names] if isinstance(names, str) else list(names), linear_only=False)
+    return [n for n in found if not any(n.startswith(o + ".") for o in found)]
+
+
 def find_targets(model: nn.Module, target_modules=None, linear_only: bool = True) -> list[str]:
     """Names of the modules a method applies to.
 
@@ -536,12 +552,8 @@ class ParamMethod(Method):
                 params.append(p)
         if not params:
             raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
-        packed = [(names[id(p)], p.dtype) for p in params if not p.is_floating_point()]
-        if packed:
-            more = f" ({len(packed) - 1} more)" if len(packed) > 1 else ""
-            raise PatchError(f"method {self.name!r}: parameter {packed[0][0]} is {packed[0][1]} (quantized weights, "
-                             "e.g. a model loaded in 4 bits): the method trains parameters in place; load the model "
-                             f"in 16 or 32 bits, or use method 'lora'{more}")
+        refuse_packed([(names[id(p)], p) for p in params], f"method {self.name!r}",
+                      "the method trains parameters in place; load the model in 16 or 32 bits, or use method 'lora'")
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
         optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes

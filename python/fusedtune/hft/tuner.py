@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..patch import format_table, set_module
+from ..patch import format_table, refuse_packed, set_module
 from .selection import (GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
                         choose_rows, map_model)
 
@@ -125,11 +125,8 @@ class HalfFineTuner:
         self.backend = backend
         self.model = model
         self.map: ModelMap = map_model(model)
-        packed = [(n, p.dtype) for n, p in model.named_parameters() if not p.is_floating_point()]
-        if packed:
-            raise HFTError(f"HalfFineTuner: {packed[0][0]} is {packed[0][1]} (quantized weights, e.g. a model loaded "
-                           "in 4 bits): HFT trains the weights themselves; load the model in 16 or 32 bits"
-                           + (f" ({len(packed) - 1} more)" if len(packed) > 1 else ""))
+        refuse_packed(model.named_parameters(), "HalfFineTuner",
+                      "HFT trains the weights themselves; load the model in 16 or 32 bits", HFTError)
         self._row_cls = None
         if granularity == "row":
             self._row_cls, why = _row_linear_class()

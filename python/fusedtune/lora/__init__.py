@@ -93,10 +93,9 @@ def _saved_modules(model: torch.nn.Module, modules_to_save) -> tuple[list[str], 
         if not opt:
             return [], None
         return list(getattr(st["impl"], "saved", {})), [opt] if isinstance(opt, str) else list(opt)
-    from ..patch import find_targets  # noqa: PLC0415
+    from ..patch import outermost_modules  # noqa: PLC0415
     wanted = [modules_to_save] if isinstance(modules_to_save, str) else list(modules_to_save)
-    found = find_targets(model, wanted, linear_only=False)
-    return [n for n in found if not any(n.startswith(o + ".") for o in found)], wanted
+    return outermost_modules(model, wanted), wanted
 
 
 def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default", modules_to_save=None) -> dict:

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import PatchError, SwapMethod, find_targets, is_bnb_4bit, register_method
+from ..patch import PatchError, SwapMethod, is_bnb_4bit, outermost_modules, register_method
 
 
 class LoRAMethod(SwapMethod):
@@ -34,12 +34,10 @@ class LoRAMethod(SwapMethod):
         names = options["modules_to_save"]
         if names is None or (isinstance(names, (list, tuple)) and not names):
             return []
-        names = [names] if isinstance(names, str) else names
         try:
-            found = find_targets(model, list(names), linear_only=False)
+            found = outermost_modules(model, names)
         except PatchError as e:
             raise PatchError(f"method {self.name!r}: modules_to_save: {e}") from None
-        found = [n for n in found if not any(n.startswith(o + ".") for o in found)]   # outermost matches
         clash = [n for n in found if any(n == t or n.startswith(t + ".") or t.startswith(n + ".") for t in targets)]
         if clash:
             raise PatchError(f"method {self.name!r}: modules_to_save {clash[:4]} overlap the LoRA targets (a module "

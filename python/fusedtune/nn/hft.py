@@ -5,13 +5,13 @@ import torch
 from torch import nn
 
 from ..backend import warn_once
-from .masters import bind_owner, keep_dtype
+from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
 
 from ..ops.hft import hft_row_linear
 
 
-class RowMaskedLinear(nn.Module):
+class RowMaskedLinear(OwnsMasters):
     """y = x W^T + b with W frozen except the rows `rows`.
 
     weight       the full weight, frozen (requires_grad False); the selected rows are kept equal to
@@ -68,13 +68,8 @@ class RowMaskedLinear(nn.Module):
             bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
         self.weight_rows = nn.Parameter(master)
         self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
-        bind_owner(self, *self.master_parameters())
+        self.bind_masters()
         self.mark_rows_written()
-
-    def __setstate__(self, state) -> None:
-        """A deep copy or an unpickled layer owns its own masters (MaskedAdamW writes its weight)."""
-        super().__setstate__(state)
-        bind_owner(self, *self.master_parameters())
 
     def _master_versions(self) -> tuple:
         return tuple(p._version for p in self.master_parameters())
@@ -123,7 +118,6 @@ class RowMaskedLinear(nn.Module):
             state_dict[key] = bias.index_select(0, rows).float()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
-        bind_owner(self, *self.master_parameters())   # load_state_dict(assign=True) puts in new Parameters
         if self.rows.numel() == self.weight_rows.shape[0]:
             self.write_rows_()   # the loaded masters are the truth (the saved rows may predate a write-back)
 

@@ -35,6 +35,25 @@ def owner_of(p: torch.Tensor):
     return ref() if ref is not None else None
 
 
+class OwnsMasters(torch.nn.Module):
+    """A layer with float32 masters (master_parameters()) that stays their owner when it is copied or
+    unpickled (__setstate__) and when a load assigns new Parameters; set_* methods call bind_masters()."""
+
+    def master_parameters(self) -> list:
+        raise NotImplementedError
+
+    def bind_masters(self) -> None:
+        bind_owner(self, *self.master_parameters())
+
+    def __setstate__(self, state) -> None:
+        super().__setstate__(state)
+        self.bind_masters()
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self.bind_masters()     # load_state_dict(assign=True) puts in new Parameters
+
+
 def keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], masters) -> Callable[[torch.Tensor], torch.Tensor]:
     """fn for nn.Module._apply that applies fn to everything, except that a master in `masters` (or its
     .grad) comes out in its own dtype, on the device fn chose."""

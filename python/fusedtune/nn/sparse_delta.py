@@ -9,11 +9,11 @@ from torch import nn
 
 from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
-from .masters import bind_owner, keep_dtype
+from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
 
 
-class SparseDeltaLinear(nn.Module):
+class SparseDeltaLinear(OwnsMasters):
     """y = x W^T + b with W = W0 + scatter(delta) kept merged in place.
 
     weight       the merged weight (frozen Parameter): W0 everywhere except at `indices`, where it
@@ -79,23 +79,18 @@ class SparseDeltaLinear(nn.Module):
             self.values.grad = None      # it belonged to the old positions
         else:
             self.values = nn.Parameter(v)
-            bind_owner(self, self.values)
+            self.bind_masters()
         self.merge_()
 
-    def __setstate__(self, state) -> None:
-        """A deep copy or an unpickled layer owns its own deltas (SparseDeltaAdamW writes its weight)."""
-        super().__setstate__(state)
-        bind_owner(self, self.values)
-
-    def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        bind_owner(self, self.values)      # load_state_dict(assign=True) puts in a new Parameter
+    def master_parameters(self) -> list[nn.Parameter]:
+        """The trainable masters: the float32 deltas."""
+        return [self.values]
 
     def _apply(self, fn, recurse=True):
         """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
         the weight, bias and base but keeps the float32 deltas, and merges them again in the new dtype."""
         dtype = self.weight.dtype
-        out = super()._apply(keep_dtype(fn, [self.values]), recurse)
+        out = super()._apply(keep_dtype(fn, self.master_parameters()), recurse)
         if self.weight.dtype != dtype and self.indices.numel():
             self.merge_()        # W[idx] = round(base + delta) in the new dtype, not the old merged value cast
         return out
@@ -103,8 +98,7 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def merge_(self) -> None:
         """W[idx] = round(base + delta)."""
-        merged = (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
-        self.weight.view(-1).index_copy_(0, self.indices.long(), merged)
+        self.weight.view(-1).index_copy_(0, self.indices.long(), self._merged())
         self._merged_version = self.values._version
 
     def _refresh_if_values_changed(self) -> None:
@@ -123,8 +117,11 @@ class SparseDeltaLinear(nn.Module):
     @torch.no_grad()
     def _merged_matches(self) -> bool:
         """Whether the weight at the indices holds round(base + delta) for the current deltas (O(k))."""
-        merged = (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
-        return torch.equal(self.weight.view(-1).index_select(0, self.indices.long()), merged)
+        return torch.equal(self.weight.view(-1).index_select(0, self.indices.long()), self._merged())
+
+    def _merged(self) -> torch.Tensor:
+        """round(base + delta) in the weight's dtype, at the indices."""
+        return (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
 
     @torch.no_grad()
     def revert_(self) -> None:
