@@ -23,6 +23,8 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   (Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": args.learning_rate}))) the rows are written
   into the full weights inside its fused step. With any other optimizer the callback copies the
   updated rows into the full weights at on_optimizer_step (an extra unfused pass; it warns once).
+- block granularity: the trained rows are views of the weights, so the Trainer's own optimizer
+  (torch AdamW, moments in the model's dtype) updates them in place; nothing is written back.
 - on_train_end: row layers become nn.Linear again with the trained weights (merge_on_train_end=True),
   so trainer.save_model() writes the model's usual state_dict keys.
 
@@ -137,7 +139,8 @@ class HFTCallback(TrainerCallback):
         t = self.tuner
         rows = [p for m in t.row_layers().values() for p in m.master_parameters()]
         sync_optimizer(optimizer, t.trainable_parameters(), reset=rows if stage_changed else ())
-        if t.row_layers():
+        self._write_back = False
+        if any(m.masters for m in t.row_layers().values()):   # not block granularity (views, any optimizer)
             cls, why = _masked_adamw_class()
             inner = _unwrap(optimizer)
             self._write_back = cls is None or not isinstance(inner, cls)

@@ -48,7 +48,8 @@ from ..patch import PatchError
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
-GRANULARITIES = ("matrix", "row")
+GRANULARITIES = ("matrix", "row", "block")
+ROW_GRANULARITIES = ("row", "block")   # the granularities that swap in row-masked linears
 
 
 @dataclass(frozen=True)
@@ -290,3 +291,22 @@ def choose_rows(name: str, out_features: int, ratio: float, seed: int, stage: in
     g = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
     k = row_count(out_features, ratio)
     return torch.randperm(out_features, generator=g)[:k].sort().values
+
+
+def choose_block(name: str, out_features: int, ratio: float, seed: int, stage: int) -> torch.Tensor:
+    """The rows of matrix `name` that train at this stage in block granularity: one contiguous block
+    arange(start, start + k) of k = row_count(out_features, ratio) rows, start uniform in
+    [0, out_features - k] (CPU int64 tensor). A block of whole rows of a row-major weight is a
+    contiguous view of it, so it trains in place, with no master copy and under any optimizer.
+    Depends only on (seed, stage, name, out_features, ratio)."""
+    digest = hashlib.sha256(f"fusedtune.hft.block:{int(seed)}:{int(stage)}:{name}".encode()).digest()
+    k = row_count(out_features, ratio)
+    start = int.from_bytes(digest[:8], "little") % (out_features - k + 1)
+    return torch.arange(start, start + k, dtype=torch.int64)
+
+
+def select_rows(granularity: str, name: str, out_features: int, ratio: float, seed: int,
+                stage: int) -> torch.Tensor:
+    """choose_rows (granularity "row") or choose_block (granularity "block")."""
+    pick = choose_block if granularity == "block" else choose_rows
+    return pick(name, out_features, ratio, seed, stage)

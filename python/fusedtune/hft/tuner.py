@@ -8,8 +8,8 @@ import torch
 from torch import nn
 
 from ..patch import format_table, refuse_packed, set_module
-from .selection import (GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
-                        choose_rows, map_model)
+from .selection import (GRANULARITIES, ROW_GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
+                        map_model, select_rows)
 
 _ATTR = "_fusedtune_hft"
 PARTS = ("frozen", "selected", "all")
@@ -82,6 +82,16 @@ class HalfFineTuner:
     embeddings, lm_head and the final norm follow the matrix rule. next_stage() re-selects rows in
     place (RowMaskedLinear.set_rows).
 
+    granularity="block": as "row", but each linear trains one seeded random contiguous block of the
+    same number of rows (fusedtune.hft.selection.choose_block), and its weight_rows / bias_rows are
+    views of that block of the weight (RowMaskedLinear(masters=False)): no float32 master copy, and
+    the trained rows update in place under any optimizer. make_optimizer gives torch.optim.AdamW
+    (fused on CUDA), whose moments are in the parameters' dtype, as in full fine-tuning with it: the
+    optimizer state is that of the selected rows only (bf16 model: 4 bytes per trained element,
+    against row granularity's 12 for float32 masters and moments). Rows of a block are not a random
+    subset, but for a pretrained model the order of a matrix's output rows carries no meaning (an MLP
+    layer's neurons can be permuted freely); for q/k/v a block is a run of whole or partial heads.
+
     ratio: any number in (0, 1]; the category counts generalize as described in
     fusedtune.hft.selection (each layer trains floor(r*n) or ceil(r*n) of a category's n members and
     round(r*n*L) in all).
@@ -128,10 +138,10 @@ class HalfFineTuner:
         refuse_packed(model.named_parameters(), "HalfFineTuner",
                       "HFT trains the weights themselves; load the model in 16 or 32 bits", HFTError)
         self._row_cls = None
-        if granularity == "row":
+        if granularity in ROW_GRANULARITIES:
             self._row_cls, why = _row_linear_class()
             if self._row_cls is None:
-                raise HFTError(f"HalfFineTuner(granularity='row') needs fusedtune.nn.RowMaskedLinear, which is not "
+                raise HFTError(f"HalfFineTuner(granularity={granularity!r}) needs fusedtune.nn.RowMaskedLinear, which is not "
                                f"available here ({why}); use granularity='matrix'")
         # names as they are before any swap; tied parameters appear under every name
         self._names = [(n, n.rpartition(".")[0], n.rpartition(".")[2], tuple(p.shape))
@@ -186,7 +196,7 @@ class HalfFineTuner:
     def _apply(self) -> None:
         _, whole = self._plan(self.stage)
         model = self.model
-        if self.granularity == "row" and not self._restored:
+        if self.granularity in ROW_GRANULARITIES and not self._restored:
             self._apply_rows()
         owned = self._owned_modules()
         with torch.no_grad():
@@ -234,11 +244,12 @@ class HalfFineTuner:
         try:
             for name in self.map.linear_names():
                 mod = model.get_submodule(name)
-                rows = choose_rows(name, mod.out_features, self.ratio, self.seed, self.stage)
+                rows = select_rows(self.granularity, name, mod.out_features, self.ratio, self.seed, self.stage)
                 if isinstance(mod, self._row_cls):
                     mod.set_rows(rows.to(mod.weight.device))
                 else:
-                    new = self._row_cls.from_linear(mod, rows.to(mod.weight.device), backend=self.backend)
+                    new = self._row_cls.from_linear(mod, rows.to(mod.weight.device), backend=self.backend,
+                                                    masters=self.granularity == "row")
                     set_module(model, name, new)
                     self._rows[name] = new
                     made.append((name, mod))
@@ -265,7 +276,7 @@ class HalfFineTuner:
         self._check_attached()
         if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
             raise HFTError(f"HalfFineTuner.set_stage: stage must be an int >= 0, got {stage!r}")
-        if self.granularity == "row" and self._restored:
+        if self.granularity in ROW_GRANULARITIES and self._restored:
             raise HFTError("HalfFineTuner: the row-masked layers were restored to nn.Linear "
                            "(restore_modules/merge); build a new HalfFineTuner to change the stage")
         self.stage = stage
@@ -278,14 +289,14 @@ class HalfFineTuner:
         one; any other stage is computed without applying it."""
         stage = self.stage if stage is None else int(stage)
         _, whole = self._plan(stage)
-        rowwise = self.granularity == "row" and not self._restored
+        rowwise = self.granularity in ROW_GRANULARITIES and not self._restored
         row_mods = set(self.map.linear_names()) if rowwise else set()
         out: dict[str, object] = {}
         for pname, mname, leaf, shape in self._names:
             if mname in row_mods:
                 if leaf in ("weight", "bias"):
                     mask = torch.zeros(shape[0], dtype=torch.bool)
-                    mask[choose_rows(mname, shape[0], self.ratio, self.seed, stage)] = True
+                    mask[select_rows(self.granularity, mname, shape[0], self.ratio, self.seed, stage)] = True
                     out[pname] = mask
                 else:
                     out[pname] = False
@@ -306,9 +317,15 @@ class HalfFineTuner:
     def make_optimizer(self, lr: float = 1e-3, **kwargs):
         """fusedtune.optim.MaskedAdamW over trainable_parameters(). Without MaskedAdamW (not built in
         this install) matrix granularity falls back to torch.optim.AdamW with a warning; row granularity
-        refuses (plain AdamW would not write the trained rows into the full weights)."""
-        cls, why = _masked_adamw_class()
+        refuses (plain AdamW would not write the trained rows into the full weights).
+        Block granularity: torch.optim.AdamW (fused=True when every parameter is on CUDA), moments in
+        the parameters' dtype; its trained rows are views of the weights, so any optimizer works."""
         params = self.trainable_parameters()
+        if self.granularity == "block" and not self._restored:
+            if all(p.is_cuda for p in params):
+                kwargs.setdefault("fused", True)
+            return torch.optim.AdamW(params, lr=lr, **kwargs)
+        cls, why = _masked_adamw_class()
         if cls is not None:
             kwargs.setdefault("backend", self.backend)
             return cls(params, lr=lr, **kwargs)

@@ -4,8 +4,10 @@
 
 granularity="matrix" trains whole matrices (the HFT paper's rule; swaps nothing: frozen matrices get
 requires_grad=False, so no dW and no optimizer state); granularity="row" swaps the
-q/k/v/o/gate/up/down linears for fusedtune.nn.RowMaskedLinear (compact row weight gradients). The
-optimizer is HalfFineTuner.make_optimizer (fusedtune.optim.MaskedAdamW, one fused multi-tensor pass).
+q/k/v/o/gate/up/down linears for fusedtune.nn.RowMaskedLinear (compact row weight gradients);
+granularity="block" trains a contiguous block of rows per linear as views of the weight (no masters).
+The optimizer is HalfFineTuner.make_optimizer (fusedtune.optim.MaskedAdamW, one fused multi-tensor
+pass; torch.optim.AdamW for "block").
 HFT picks its own parameters: target_modules is refused. unpatch(model) keeps the trained weights;
 unpatch(model, merge=False) restores the pretrained ones from the tuner's snapshot (snapshot=True,
 the default, keeps a CPU copy of the model's parameters).
@@ -63,6 +65,10 @@ class HFTMethod(Method):
         short = lambda xs: ",".join(x.replace("_proj", "") for x in xs) or "-"  # noqa: E731
         device = next(model.parameters()).device
         opt_backend, opt_why = _optimizer_backend(device, t.backend)
+        opt_text = f"MaskedAdamW {opt_backend}"
+        if t.granularity == "block" and rowwise:      # make_optimizer gives torch's AdamW
+            opt_backend, opt_why = "torch", ""
+            opt_text = "torch.optim.AdamW" + (" (fused)" if device.type == "cuda" else "")
         for lay, m, s in zip(t.map.layers, t.members(), t.summary_rows()):
             name = lay.prefix[:-1]
             norms = ", ".join(m["norm"]) or "no norm"
@@ -75,15 +81,15 @@ class HFTMethod(Method):
                                           sum(p.numel() for p in mod.master_parameters())))
                 n_norm = sum(p.numel() for k in m["norm"] for p in model.get_submodule(lay.norms[k]).parameters())
                 rows.append(ReportRow(f"{name} norms", self.name, opt_backend,
-                                      f"trains {norms}; MaskedAdamW {opt_backend}", opt_why, n_norm))
+                                      f"trains {norms}; {opt_text}", opt_why, n_norm))
             else:
                 rows.append(ReportRow(name, self.name, opt_backend,
                                       f"trains attn {short(m['attn'])} | mlp {short(m['mlp'])} | {norms} (whole "
-                                      f"matrices: dW only for these, autograd); MaskedAdamW {opt_backend}",
+                                      f"matrices: dW only for these, autograd); {opt_text}",
                                       opt_why, s["trainable"]))
         for s in t.summary_rows()[len(t.map.layers):]:
             rows.append(ReportRow(s["layer"], self.name, opt_backend,
-                                  ("trains (always)" if s["trains"] else "frozen") + f"; MaskedAdamW {opt_backend}",
+                                  ("trains (always)" if s["trains"] else "frozen") + f"; {opt_text}",
                                   opt_why, s["trainable"]))
         masters = {id(p) for m in rowwise.values() for p in m.master_parameters()}
         rep = PatchReport(self.name, rows, trainable_params=count(t.trainable_parameters()),

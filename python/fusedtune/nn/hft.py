@@ -24,10 +24,17 @@ class RowMaskedLinear(OwnsMasters):
     bias_rows    trainable float32 master of the bias at the selected rows [len(rows)] (None without a
                  bias): a selected output row trains its weight row and its bias entry, as a selected
                  matrix trains its weight and bias in matrix granularity (e.g. Qwen2's q/k/v biases)
+
+    masters=False (HFT block granularity): `rows` must be one contiguous block [a, a + k). weight_rows
+    and bias_rows are then views of the weight's (bias's) rows a..a+k-1, in the weight's dtype: the
+    trained rows live in the weight itself, no copy of them exists, and any optimizer (torch.optim.AdamW,
+    a bitsandbytes 8-bit Adam) updates them in place; its moments cover those rows only. The views are
+    derived from the weight, so the state dict leaves them out; device moves, dtype conversions,
+    copies and loads keep them views of the weight.
     """
 
     def __init__(self, in_features: int, out_features: int, rows: torch.Tensor, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, masters: bool = True):
         super().__init__()
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
@@ -37,10 +44,12 @@ class RowMaskedLinear(OwnsMasters):
         self.weight_rows = nn.Parameter(torch.empty(0, in_features, device=device, dtype=torch.float32))
         self.register_parameter("bias_rows", None)
         self.backend = None
+        self.masters = bool(masters)
         self.set_rows(rows)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, rows: torch.Tensor, backend: str | None = None) -> "RowMaskedLinear":
+    def from_linear(cls, linear: nn.Linear, rows: torch.Tensor, backend: str | None = None,
+                    masters: bool = True) -> "RowMaskedLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RowMaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         m = cls.__new__(cls)
@@ -52,6 +61,7 @@ class RowMaskedLinear(OwnsMasters):
         m.weight_rows = nn.Parameter(torch.empty(0, linear.in_features, device=linear.weight.device))
         m.register_parameter("bias_rows", None)
         m.backend = backend
+        m.masters = bool(masters)
         m.set_rows(rows)
         return m
 
@@ -62,14 +72,61 @@ class RowMaskedLinear(OwnsMasters):
         if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.out_features):
             raise ValueError(f"RowMaskedLinear: rows must lie in [0, {self.out_features}), "
                              f"got [{int(rows[0])}, {int(rows[-1])}]")
+        if not self.masters:
+            self._block_start = self._check_block(rows)
         self.rows = rows
-        with torch.no_grad():
-            master = self.weight.index_select(0, rows).float()
-            bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
+        if self.masters:
+            with torch.no_grad():
+                master = self.weight.index_select(0, rows).float()
+                bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
+        else:   # views of the block (new Parameters, sharing the weight's storage and version counter)
+            master = self._block(self.weight)
+            bias_master = None if self.bias is None else self._block(self.bias)
         self.weight_rows = nn.Parameter(master)
         self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
         self.bind_masters()
         self.mark_rows_written()
+
+    # ------------------------------------------------------------------ masters=False: views of a block
+
+    def _check_block(self, rows: torch.Tensor) -> int:
+        """The first row of a contiguous block of sorted unique rows (masters=False needs one)."""
+        n = rows.numel()
+        if n and int(rows[-1]) - int(rows[0]) + 1 != n:
+            raise ValueError(f"RowMaskedLinear(masters=False): rows must be one contiguous block [a, a + k) (the "
+                             f"trained rows are a view of the weight), got {n} rows spread over "
+                             f"[{int(rows[0])}, {int(rows[-1])}]")
+        return int(rows[0]) if n else 0
+
+    def _block(self, t: torch.Tensor) -> torch.Tensor:
+        return t.detach()[self._block_start: self._block_start + self.rows.numel()]
+
+    def _aliased(self) -> bool:
+        """Whether weight_rows (bias_rows) are still the views of the weight's (bias's) block."""
+        def same(view, full):
+            return (view.device == full.device and view.dtype == full.dtype and view.is_contiguous()
+                    and view.data_ptr() == full.data_ptr() + self._block_start * full.stride(0) * full.element_size())
+        return same(self.weight_rows, self.weight) and (self.bias_rows is None or same(self.bias_rows, self.bias))
+
+    @torch.no_grad()
+    def _realias(self) -> None:
+        """Point weight_rows (bias_rows) at the block of the current weight (bias), keeping the Parameter
+        objects (an optimizer holds them): after a device move or dtype conversion (which make separate
+        tensors), a copy and an assign-load."""
+        if self.masters:
+            return
+        self.weight_rows.data = self._block(self.weight)
+        if self.bias_rows is not None:
+            self.bias_rows.data = self._block(self.bias)
+
+    def bind_masters(self) -> None:
+        if self.masters:    # views are ordinary parameters for the optimizers: nothing to write back
+            super().bind_masters()
+
+    def __setstate__(self, state) -> None:
+        state.setdefault("masters", True)    # pickled before masters=False existed
+        super().__setstate__(state)
+        self._realias()    # a deep copy copies the views as separate tensors
 
     def _master_versions(self) -> tuple:
         return tuple(p._version for p in self.master_parameters())
@@ -81,7 +138,11 @@ class RowMaskedLinear(OwnsMasters):
 
     @torch.no_grad()
     def write_rows_(self) -> None:
-        """weight[rows] = round(weight_rows), bias[rows] = round(bias_rows): the masters are the truth."""
+        """weight[rows] = round(weight_rows), bias[rows] = round(bias_rows): the masters are the truth.
+        (masters=False: the rows are the weight's own; nothing to write.)"""
+        if not self.masters:
+            self.mark_rows_written()
+            return
         self.weight.index_copy_(0, self.rows, self.weight_rows.detach().to(self.weight.dtype))
         if self.bias_rows is not None:
             self.bias.index_copy_(0, self.rows, self.bias_rows.detach().to(self.bias.dtype))
@@ -90,6 +151,8 @@ class RowMaskedLinear(OwnsMasters):
     @torch.no_grad()
     def _rows_match(self) -> bool:
         """Whether the weight's (bias's) selected rows hold the current masters, rounded."""
+        if not self.masters:
+            return True
         same = torch.equal(self.weight.index_select(0, self.rows), self.weight_rows.to(self.weight.dtype))
         if same and self.bias_rows is not None:
             same = torch.equal(self.bias.index_select(0, self.rows), self.bias_rows.to(self.bias.dtype))
@@ -108,8 +171,17 @@ class RowMaskedLinear(OwnsMasters):
                       "from them before the forward. MaskedAdamW writes them inside its fused step.")
             self.write_rows_()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if not self.masters:    # views of the weight (bias): saved with it
+            destination.pop(prefix + "weight_rows", None)
+            destination.pop(prefix + "bias_rows", None)
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        if not self.masters:
+            self._load_block(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+            return
         # a state dict saved before bias_rows existed: the bias at the rows is its master
         key = prefix + "bias_rows"
         if self.bias_rows is not None and key not in state_dict and prefix + "bias" in state_dict:
@@ -121,9 +193,34 @@ class RowMaskedLinear(OwnsMasters):
         if self.rows.numel() == self.weight_rows.shape[0]:
             self.write_rows_()   # the loaded masters are the truth (the saved rows may predate a write-back)
 
+    def _load_block(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        """masters=False: the views are not in the state dict (a state dict that has them, e.g. of a
+        masters=True layer, writes them into the block after the weight). The saved rows set the block
+        first, so that the loaded weight_rows land on it; an assign-load gets views of the new weight."""
+        rows = state_dict.get(prefix + "rows")
+        if torch.is_tensor(rows) and rows.shape == self.rows.shape and rows.numel():
+            try:
+                start = self._check_block(torch.unique(rows.to(torch.int64)))
+            except ValueError as e:
+                error_msgs.append(f"{prefix}rows: {e}")
+                return
+            if start != self._block_start:
+                self._block_start = start
+                self._realias()
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        for key in (prefix + "weight_rows", prefix + "bias_rows"):
+            if key in missing_keys:
+                missing_keys.remove(key)
+        self._realias()
+
     def _apply(self, fn, recurse=True):
         """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
         the weight and bias but keeps the float32 masters, and rewrites the selected rows from them."""
+        if not self.masters:    # the views follow the weight (device and dtype), and stay its views
+            out = super()._apply(fn, recurse)
+            self._realias()
+            return out
         dtype = self.weight.dtype
         out = super()._apply(keep_dtype(fn, self.master_parameters()), recurse)
         if self.weight.dtype != dtype and self.rows.numel():
@@ -136,7 +233,14 @@ class RowMaskedLinear(OwnsMasters):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
-            self._refresh_if_masters_changed()
+            if self.masters:
+                self._refresh_if_masters_changed()
+            elif not self._aliased():
+                raise RuntimeError(
+                    "RowMaskedLinear(masters=False): weight_rows/bias_rows are no longer views of the weight's "
+                    "(bias's) trained block (was the weight replaced, or the model sharded with FSDP?); an "
+                    "optimizer step would not reach the weight. Re-select the rows (set_rows) after replacing "
+                    "the weight; FSDP is not supported by block granularity")
         return hft_row_linear(x, self.weight, self.weight_rows, self.rows, self.bias, self.bias_rows,
                               backend=self.backend, check_rows=False)  # checked in set_rows: no host sync per call
 
@@ -144,13 +248,19 @@ class RowMaskedLinear(OwnsMasters):
         return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
+        block = "" if self.masters else f", block=[{self._block_start}, {self._block_start + self.rows.numel()})"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"trainable_rows={self.rows.numel()}, bias={self.bias is not None}")
+                f"trainable_rows={self.rows.numel()}{block}, bias={self.bias is not None}, masters={self.masters}")
 
     def _fusedtune_report(self) -> dict:
         from ..ops.hft import hft_backend
         b = hft_backend(self.weight.device, self.backend)
+        dw = f"forward F.linear; dW only for {self.rows.numel()}/{self.out_features} rows ({b['row_grad']['backend']})"
+        if not self.masters:
+            return {"method": "hft-block", "backend": b["row_grad"]["backend"],
+                    "path": f"{dw}; rows [{self._block_start}, {self._block_start + self.rows.numel()}) are views "
+                            "of the weight, updated in place by any optimizer (no master copy)",
+                    "why_not": dict(b["row_grad"]["why_not"])}
         return {"method": "hft-row", "backend": b["row_grad"]["backend"],
-                "path": f"forward F.linear; dW only for {self.rows.numel()}/{self.out_features} rows "
-                        f"({b['row_grad']['backend']}); MaskedAdamW {b['masked_adamw_']['backend']}",
+                "path": f"{dw}; MaskedAdamW {b['masked_adamw_']['backend']}",
                 "why_not": {**b["row_grad"]["why_not"], **b["masked_adamw_"]["why_not"]}}
