@@ -13,7 +13,7 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "sparse_delta", "roste", "mezo"]
+CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "hft-block", "sparse_delta", "roste", "mezo"]
 
 
 def _worker(rank, world, init, out):
