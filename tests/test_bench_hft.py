@@ -14,7 +14,7 @@ from fusedtune import bench  # noqa: E402
 from fusedtune.bench import core  # noqa: E402
 from fusedtune.bench import hft as hft_bench  # noqa: E402
 
-STEP_KERNELS = {"hft step (matrix)", "hft step (row)"}
+STEP_KERNELS = {"hft step (matrix)", "hft step (row)", "hft step (block)"}
 ROW_GRAD = "hft row_grad (compact dW rows)"
 ADAMW_KERNELS = {"MaskedAdamW step (fp32 params, fp32 moments)", "MaskedAdamW step (bf16 params, fp32 moments)",
                  "MaskedAdamW step (fp32 row masters -> bf16 weight)"}
@@ -75,6 +75,7 @@ def test_step_rows_compare_against_full_fine_tuning(cpu_run):
         assert math.isnan(float(r["peak_mem_bytes"]))                        # no CUDA peak on CPU
         assert float(r["roofline_pct"]) > 0
     assert step["hft step (row)"]["backend"] == "cpu+cpu"
+    assert step["hft step (block)"]["backend"] == "cpu+torch"
     assert step["hft step (matrix)"]["backend"] == "torch"
 
 
@@ -99,6 +100,11 @@ def test_row_level_optimizer_state_is_about_half_of_full_adamw(cpu_run):
     attn = 6 * c["batch"] * c["seq"] ** 2 * c["hidden"] * c["layers"]
     assert float(r["baseline_step_flops"]) == 6 * lin_total * T + attn
     assert float(r["step_flops"]) == 4 * lin_total * T + 2 * lin_rows * T + attn
+    # block level: the same trained elements and flops, no masters, torch AdamW's moments (fp32 here) + step counters
+    b = next(r for r in rows if r["kernel"] == "hft step (block)")
+    assert int(float(b["trainable_elems"])) == row_level and float(b["master_bytes"]) == 0
+    assert float(b["step_flops"]) == float(r["step_flops"])
+    assert 8 * row_level <= float(b["opt_state_bytes"]) <= 8 * row_level + 8 * n_tensors
     m = next(r for r in rows if r["kernel"] == "hft step (matrix)")
     assert 0.45 <= float(m["opt_state_bytes"]) / float(m["baseline_opt_state_bytes"]) <= 0.6
 

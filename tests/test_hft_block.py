@@ -233,7 +233,13 @@ def test_views_survive_copies_saves_loads_and_conversions():
         mod.write_rows_()
     tgt = other.get_submodule(q)
     rsd = {k[len(q) + 1:]: v for k, v in row.state_dict().items() if k.startswith(q + ".")}
-    tgt.load_state_dict(rsd)
+    for assign in (False, True):
+        tgt.load_state_dict(rsd, assign=assign)
+        assert torch.equal(tgt.weight, mod.weight) and is_view_of_block(tgt), assign
+    with torch.no_grad():      # the masters are the truth: they reach the block even where the weight lags
+        rsd["weight"] = rsd["weight"].clone()
+        rsd["weight"][mod.rows] = 0
+    tgt.load_state_dict(rsd, assign=True)
     assert torch.equal(tgt.weight, mod.weight) and is_view_of_block(tgt)
 
     for conv in (lambda m: m.to(torch.float64), lambda m: m.half(), lambda m: m.to("cpu")):
@@ -332,3 +338,24 @@ def test_patch_method_hft_block():
 def test_bad_granularity_names_block():
     with pytest.raises(HFTError, match="'block'"):
         HalfFineTuner(tiny_llama(), granularity="blocks")
+
+
+def test_opcheck_and_compile_with_the_views():
+    lin = torch.nn.Linear(8, 6)
+    m = RowMaskedLinear.from_linear(lin, torch.arange(1, 4), masters=False)
+    x = torch.randn(4, 8, requires_grad=True)
+    torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default,
+                          (x, m.weight, m.weight_rows, m.rows, m.bias, m.bias_rows, "reference"))
+    f = lambda x: m(x).pow(2).sum()  # noqa: E731
+    f(x).backward()
+    eager = m.weight_rows.grad.clone(), m.bias_rows.grad.clone(), x.grad.clone()
+    m.weight_rows.grad = m.bias_rows.grad = x.grad = None
+    torch.compile(f, fullgraph=True, backend="aot_eager")(x).backward()
+    for got, want in zip((m.weight_rows.grad, m.bias_rows.grad, x.grad), eager):
+        torch.testing.assert_close(got, want)
+    # the gradient is the dense one's block
+    w = lin.weight.detach().clone().requires_grad_(True)
+    b = lin.bias.detach().clone().requires_grad_(True)
+    dw, db = torch.autograd.grad(torch.nn.functional.linear(x, w, b).pow(2).sum(), (w, b))
+    torch.testing.assert_close(m.weight_rows.grad, dw[1:4])
+    torch.testing.assert_close(m.bias_rows.grad, db[1:4])

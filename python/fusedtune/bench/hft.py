@@ -3,13 +3,16 @@
 1. One training step (zero_grad, forward with labels, backward, optimizer step) of a ~1B Llama
    (TinyLlama-1.1B shapes: vocab 32000, hidden 2048, intermediate 5632, 22 layers, 32 heads, 4 KV
    heads; random init, bf16, sdpa attention; batch 4 x 1024 tokens; --quick: 4 layers, 2 x 1024),
-   three ways in the same run, each on a freshly built model with the same init:
+   four ways in the same run, each on a freshly built model with the same init:
      full fine-tuning   every parameter trains, torch.optim.AdamW(fused=True) (bf16 moments)
      matrix-level HFT   fusedtune.hft.HalfFineTuner(granularity="matrix"): frozen matrices get
                         requires_grad=False; torch.optim.AdamW(fused=True) over the rest
      row-level HFT      HalfFineTuner(granularity="row"): every q/k/v/o/gate/up/down becomes a
                         fusedtune.nn.RowMaskedLinear training half its output rows (fp32 masters,
                         compact row gradients); fusedtune.optim.MaskedAdamW (fp32 moments)
+     block-level HFT    HalfFineTuner(granularity="block"): the same layers train a contiguous block
+                        of half their rows as views of the weight (no masters, compact row
+                        gradients); torch.optim.AdamW(fused=True) (bf16 moments, as full FT's)
    Reported: step time (median/p20/p80), roofline_pct = the step's matmul flops (step_flops) at
    989 TFLOP/s over the time, peak GPU memory of a steady-state step
    (torch.cuda.max_memory_allocated after a reset), optimizer state bytes (row HFT: its fp32 row
@@ -48,7 +51,7 @@ GEMM_TOKENS, TINY_GEMM_TOKENS = 8192, 256
 LR = 1e-5
 GOAL_TIME = 0.75      # HFT step time / full fine-tuning step time
 GOAL_OPT_MEM = 0.5    # HFT optimizer state bytes / full fine-tuning's
-METHODS = ("full", "matrix", "row")
+METHODS = ("full", "matrix", "row", "block")
 FULL_NAME = "full fine-tuning"
 CPU_NOTE = "CPU framework check, not performance"
 
@@ -112,7 +115,9 @@ def setup_method(model, method: str):
     if method == "matrix":
         opt, name = torch_adamw(hft.trainable_parameters())
         return opt, name, {"hft": hft}
-    opt = hft.make_optimizer(lr=LR)               # fusedtune.optim.MaskedAdamW
+    opt = hft.make_optimizer(lr=LR)               # MaskedAdamW (row); torch AdamW, fused on CUDA (block)
+    if method == "block":
+        return opt, "torch.optim.AdamW" + ("(fused=True)" if opt.defaults.get("fused") else ""), {"hft": hft}
     masters = sum(p.numel() * p.element_size() for m in hft.row_layers().values() for p in m.master_parameters())
     return opt, type(opt).__name__, {"hft": hft, "master_bytes": masters}
 
@@ -184,10 +189,11 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
            "total": sum(p.numel() for n, p in model.named_parameters()
                         if not n.endswith(("weight_rows", "bias_rows"))),
            "master_bytes": info.get("master_bytes", 0)}
-    if method == "row":
+    if method in ("row", "block"):
         from ..ops.hft import hft_backend
         b = hft_backend(dev)
-        out["backend"] = f"{b['row_grad']['backend']}+{b['masked_adamw_']['backend']}"
+        opt_b = b["masked_adamw_"]["backend"] if method == "row" else "torch"
+        out["backend"] = f"{b['row_grad']['backend']}+{opt_b}"
     del step, opt, model, info
     free_memory()
     return out
@@ -222,7 +228,7 @@ def bench_step(timer, quick: bool) -> list[dict]:
     full = res["full"]
     base_name = f"{FULL_NAME} ({full['opt_name']})"
     rows = []
-    for m in ("matrix", "row"):
+    for m in METHODS[1:]:
         r = res[m]
         t_ratio = r["times"][0] / full["times"][0]
         # the row masters are optimizer state in all but name (fp32 copies that exist only to be updated)
@@ -403,3 +409,64 @@ def sections(timer, quick: bool) -> list:
     return [("training step", lambda: bench_step(timer, quick)),
             ("row gradient", lambda: bench_row_grad(timer, quick)),
             ("MaskedAdamW", lambda: bench_adamw(timer, quick))]
+
+
+# ----------------------------------------------------------------------------- optimizer state, untimed
+
+def state_memory(cfg: dict = TINYLLAMA, device="cpu", dtype=torch.bfloat16, tokens: int = 16) -> list[dict]:
+    """The memory accounting of section 1 without timing, so that it runs on a CPU at real shapes:
+    per method, one training step on a batch of 1 x `tokens` (the state does not depend on the batch),
+    then the optimizer state bytes (every state tensor), the row masters' bytes and the trainable
+    elements. Rows: method, optimizer, moments dtype, state_bytes, master_bytes, trainable, total,
+    ratio (state + masters over full fine-tuning's state)."""
+    cfg = dict(cfg, batch=1, seq=tokens)
+    out = []
+    for method in METHODS:
+        model = build_llama(cfg, device, dtype)
+        opt, name, info = setup_method(model, method)
+        ids = torch.randint(0, cfg["vocab"], (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
+        make_step(model, opt, ids)()
+        out.append({"method": method, "optimizer": name, "moments": moment_dtype(opt), "state_bytes": state_bytes(opt),
+                    "master_bytes": info.get("master_bytes", 0),
+                    "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+                    "total": sum(p.numel() for n, p in model.named_parameters()
+                                 if not n.endswith(("weight_rows", "bias_rows")))})
+        del opt, model, info
+        free_memory()
+    for r in out:
+        r["ratio"] = (r["state_bytes"] + r["master_bytes"]) / out[0]["state_bytes"]
+    return out
+
+
+def _state_main(argv=None) -> int:
+    import argparse
+    import csv
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m fusedtune.bench.hft",
+                                 description="optimizer state of full FT and matrix/row/block HFT at "
+                                             "TinyLlama-1.1B shapes, bf16, one untimed step (any device)")
+    ap.add_argument("--layers", type=int, default=TINYLLAMA["layers"])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--csv", help="also write the rows to this CSV file")
+    a = ap.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    rows = state_memory(dict(TINYLLAMA, layers=a.layers), device=a.device)
+    print(f"{TINYLLAMA['name']} shapes, {a.layers} layers, bf16, on {a.device}:")
+    for r in rows:
+        print(f"  {r['method']:6s} {r['optimizer']:34s} {r['moments']} moments: state {_gb(r['state_bytes'])}"
+              f" + masters {_gb(r['master_bytes'])} = {r['ratio']:.3f}x full FT's; trainable "
+              f"{r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.3f})")
+    if a.csv:
+        with open(a.csv, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]) + ["shape", "device", "torch"])
+            w.writeheader()
+            for r in rows:
+                w.writerow(dict(r, shape=f"{TINYLLAMA['name']} {a.layers} layers", device=a.device,
+                                torch=torch.__version__))
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(_state_main())

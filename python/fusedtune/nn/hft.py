@@ -194,9 +194,9 @@ class RowMaskedLinear(OwnsMasters):
             self.write_rows_()   # the loaded masters are the truth (the saved rows may predate a write-back)
 
     def _load_block(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        """masters=False: the views are not in the state dict (a state dict that has them, e.g. of a
-        masters=True layer, writes them into the block after the weight). The saved rows set the block
-        first, so that the loaded weight_rows land on it; an assign-load gets views of the new weight."""
+        """masters=False: the views are not in the state dict. The saved rows set the block first; an
+        assign-load gets views of the new weight; a state dict that has weight_rows / bias_rows (e.g. of
+        a masters=True layer) writes them into the block after the weight."""
         rows = state_dict.get(prefix + "rows")
         if torch.is_tensor(rows) and rows.shape == self.rows.shape and rows.numel():
             try:
@@ -207,12 +207,23 @@ class RowMaskedLinear(OwnsMasters):
             if start != self._block_start:
                 self._block_start = start
                 self._realias()
+        given = {leaf: state_dict.pop(prefix + leaf) for leaf in ("weight_rows", "bias_rows")
+                 if prefix + leaf in state_dict}    # (load_state_dict hands each module a copy of the dict)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
         for key in (prefix + "weight_rows", prefix + "bias_rows"):
             if key in missing_keys:
                 missing_keys.remove(key)
         self._realias()
+        with torch.no_grad():
+            for leaf, val in given.items():
+                view = getattr(self, leaf)
+                if view is None or tuple(val.shape) != tuple(view.shape):
+                    error_msgs.append(f"size mismatch for {prefix}{leaf}: copying a param with shape "
+                                      f"{tuple(val.shape)}, the block is "
+                                      f"{None if view is None else tuple(view.shape)}")
+                else:
+                    view.copy_(val)
 
     def _apply(self, fn, recurse=True):
         """Device moves move everything; a dtype conversion (model.to(torch.bfloat16), .half()) converts
