@@ -14,7 +14,7 @@ from fusedtune import bench  # noqa: E402
 from fusedtune.bench import core  # noqa: E402
 from fusedtune.bench import hft as hft_bench  # noqa: E402
 
-STEP_KERNELS = {"hft step (matrix)", "hft step (row)", "hft step (block)"}
+STEP_KERNELS = {"hft step (matrix)", "hft step (row)", "hft step (block)", "hft step (block, embeddings frozen)"}
 ROW_GRAD = "hft row_grad (compact dW rows)"
 ADAMW_KERNELS = {"MaskedAdamW step (fp32 params, fp32 moments)", "MaskedAdamW step (bf16 params, fp32 moments)",
                  "MaskedAdamW step (fp32 row masters -> bf16 weight)"}
@@ -105,6 +105,12 @@ def test_row_level_optimizer_state_is_about_half_of_full_adamw(cpu_run):
     assert int(float(b["trainable_elems"])) == row_level and float(b["master_bytes"]) == 0
     assert float(b["step_flops"]) == float(r["step_flops"])
     assert 8 * row_level <= float(b["opt_state_bytes"]) <= 8 * row_level + 8 * n_tensors
+    # embeddings and lm_head frozen: neither their elements nor lm_head's dW GEMM
+    e = next(r for r in rows if r["kernel"] == "hft step (block, embeddings frozen)")
+    emb = 2 * c["vocab"] * c["hidden"]
+    assert int(float(e["trainable_elems"])) == row_level - emb
+    assert float(e["step_flops"]) == float(r["step_flops"]) - 2 * (emb // 2) * T
+    assert 8 * (row_level - emb) <= float(e["opt_state_bytes"]) <= 8 * (row_level - emb) + 8 * n_tensors
     m = next(r for r in rows if r["kernel"] == "hft step (matrix)")
     assert 0.45 <= float(m["opt_state_bytes"]) / float(m["baseline_opt_state_bytes"]) <= 0.6
 

@@ -187,6 +187,35 @@ def test_bf16_optimizer_state_is_that_of_the_blocks_only():
     assert moment_bytes(opt) / moment_bytes(opt_full) == pytest.approx(trained / n_all, abs=1e-12)
 
 
+@pytest.mark.parametrize("granularity", ["matrix", "block"])
+def test_train_embeddings_false_freezes_embeddings_and_head(granularity):
+    """The paper's rule trains embeddings and lm_head; train_embeddings=False freezes both (they keep
+    their values bit for bit and get no state), so the state falls to what the layers train: at ratio
+    0.5, under half of full fine-tuning's."""
+    base = tiny_llama(layers=4).to(torch.bfloat16)
+    n_all = sum(p.numel() for p in base.parameters())
+    model = copy.deepcopy(base)
+    hft = HalfFineTuner(model, granularity=granularity, seed=0, train_embeddings=False)
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert not emb.requires_grad and not head.requires_grad
+    sel = hft.selection()
+    assert sel["model.embed_tokens.weight"] is False and sel["lm_head.weight"] is False
+    opt = hft.make_optimizer(lr=1e-2)
+    train(model, opt, steps=2)
+    assert torch.equal(emb, base.get_input_embeddings().weight) and emb.grad is None
+    assert torch.equal(head, base.get_output_embeddings().weight)
+    trained = sum(p.numel() for p in hft.trainable_parameters())
+    assert trained == sum(p.numel() for n, p in model.named_parameters() if p.requires_grad)
+    if granularity == "block":   # half of every matrix's rows, half the norms, the final norm
+        lin = sum(m.weight_rows.numel() for m in hft.row_layers().values())
+        assert lin == sum(m.weight.numel() for m in hft.row_layers().values()) // 2
+        assert trained == lin + 4 * 32 + 32
+        assert moment_bytes(opt) == 4 * trained and moment_bytes(opt) / (4 * n_all) < 0.5
+    # the default keeps the paper's rule
+    other = HalfFineTuner(copy.deepcopy(base), granularity=granularity, seed=0)
+    assert other.selection()["model.embed_tokens.weight"] is True
+
+
 # ------------------------------------------------------------------------------------------ the views survive
 
 def test_views_survive_copies_saves_loads_and_conversions():

@@ -13,6 +13,8 @@
      block-level HFT    HalfFineTuner(granularity="block"): the same layers train a contiguous block
                         of half their rows as views of the weight (no masters, compact row
                         gradients); torch.optim.AdamW(fused=True) (bf16 moments, as full FT's)
+     block, embeddings frozen   the same with HalfFineTuner(train_embeddings=False): embeddings and
+                        lm_head frozen (no lm_head dW GEMM, no state for them)
    Reported: step time (median/p20/p80), roofline_pct = the step's matmul flops (step_flops) at
    989 TFLOP/s over the time, peak GPU memory of a steady-state step
    (torch.cuda.max_memory_allocated after a reset), optimizer state bytes (row HFT: its fp32 row
@@ -51,7 +53,7 @@ GEMM_TOKENS, TINY_GEMM_TOKENS = 8192, 256
 LR = 1e-5
 GOAL_TIME = 0.75      # HFT step time / full fine-tuning step time
 GOAL_OPT_MEM = 0.5    # HFT optimizer state bytes / full fine-tuning's
-METHODS = ("full", "matrix", "row", "block")
+METHODS = ("full", "matrix", "row", "block", "block, embeddings frozen")
 FULL_NAME = "full fine-tuning"
 CPU_NOTE = "CPU framework check, not performance"
 
@@ -111,12 +113,14 @@ def setup_method(model, method: str):
         return opt, name, {}
     from ..hft import HalfFineTuner
 
-    hft = HalfFineTuner(model, ratio=0.5, granularity=method, seed=0, snapshot=False)
+    granularity, _, frozen = method.partition(", ")
+    hft = HalfFineTuner(model, ratio=0.5, granularity=granularity, seed=0, snapshot=False,
+                        train_embeddings=frozen != "embeddings frozen")
     if method == "matrix":
         opt, name = torch_adamw(hft.trainable_parameters())
         return opt, name, {"hft": hft}
     opt = hft.make_optimizer(lr=LR)               # MaskedAdamW (row); torch AdamW, fused on CUDA (block)
-    if method == "block":
+    if granularity == "block":
         return opt, "torch.optim.AdamW" + ("(fused=True)" if opt.defaults.get("fused") else ""), {"hft": hft}
     masters = sum(p.numel() * p.element_size() for m in hft.row_layers().values() for p in m.master_parameters())
     return opt, type(opt).__name__, {"hft": hft, "master_bytes": masters}
@@ -189,7 +193,7 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
            "total": sum(p.numel() for n, p in model.named_parameters()
                         if not n.endswith(("weight_rows", "bias_rows"))),
            "master_bytes": info.get("master_bytes", 0)}
-    if method in ("row", "block"):
+    if method != "full" and method != "matrix":
         from ..ops.hft import hft_backend
         b = hft_backend(dev)
         opt_b = b["masked_adamw_"]["backend"] if method == "row" else "torch"
@@ -454,7 +458,7 @@ def _state_main(argv=None) -> int:
     rows = state_memory(dict(TINYLLAMA, layers=a.layers), device=a.device)
     print(f"{TINYLLAMA['name']} shapes, {a.layers} layers, bf16, on {a.device}:")
     for r in rows:
-        print(f"  {r['method']:6s} {r['optimizer']:34s} {r['moments']} moments: state {_gb(r['state_bytes'])}"
+        print(f"  {r['method']:25s} {r['optimizer']:30s} {r['moments']} moments: state {_gb(r['state_bytes'])}"
               f" + masters {_gb(r['master_bytes'])} = {r['ratio']:.3f}x full FT's; trainable "
               f"{r['trainable']:,} of {r['total']:,} ({r['trainable'] / r['total']:.3f})")
     if a.csv:

@@ -90,14 +90,15 @@ def sync_optimizer(optimizer, params, reset=()) -> dict:
 class HFTCallback(TrainerCallback):
     """Half fine-tuning for transformers.Trainer (see the module docstring for when what happens).
 
-    ratio, granularity, seed, train_final_norm, snapshot: as fusedtune.hft.HalfFineTuner.
+    ratio, granularity, seed, train_final_norm, train_embeddings, snapshot: as fusedtune.hft.HalfFineTuner.
     stage: the first stage (e.g. the DPO run after an SFT run with the same seed uses stage=1).
     stage_every: None (one stage), an int N (next stage every N optimizer steps) or "epoch".
     After training, .tuner is the HalfFineTuner (selection(), summary(), reset()).
     """
 
     def __init__(self, ratio: float = 0.5, granularity: str = "matrix", seed: int = 0, stage_every=None, *,
-                 stage: int = 0, train_final_norm: bool = True, snapshot: bool | str = True,
+                 stage: int = 0, train_final_norm: bool = True, train_embeddings: bool = True,
+                 snapshot: bool | str = True,
                  merge_on_train_end: bool = True):
         if stage_every is not None and stage_every != "epoch" and (
                 isinstance(stage_every, bool) or not isinstance(stage_every, int) or stage_every < 1):
@@ -106,7 +107,7 @@ class HFTCallback(TrainerCallback):
         if isinstance(stage, bool) or not isinstance(stage, int) or stage < 0:
             raise HFTError(f"HFTCallback: stage must be an int >= 0, got {stage!r}")
         self.kwargs = dict(ratio=ratio, granularity=granularity, seed=seed, train_final_norm=train_final_norm,
-                           snapshot=snapshot)
+                           train_embeddings=train_embeddings, snapshot=snapshot)
         self.first_stage = stage
         self.stage_every = stage_every
         self.merge_on_train_end = merge_on_train_end

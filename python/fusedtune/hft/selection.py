@@ -9,10 +9,11 @@ one of qkv_proj / o_proj trains per layer at ratio 0.5). For Llama:
     <prefix>layers.<i>.self_attn.{q,k,v,o}_proj      attention matrices      (category "attn")
     <prefix>layers.<i>.mlp.{gate,up,down}_proj        MLP matrices            (category "mlp")
     <prefix>layers.<i>.<...norm...>                   the layer's norms       (category "norm")
-    <prefix>embed_tokens (any nn.Embedding)           embeddings              (always train)
-    lm_head (get_output_embeddings())                 output head             (always train)
+    <prefix>embed_tokens (any nn.Embedding)           embeddings              (train; HalfFineTuner(
+    lm_head (get_output_embeddings())                 output head              train_embeddings=False)
+                                                                              freezes both)
     <prefix>norm (a norm outside the layers)          final norm              (trains by default: it is
-                                                      one vector feeding lm_head, which always trains;
+                                                      one vector feeding lm_head, which trains;
                                                       HalfFineTuner(train_final_norm=False) freezes it)
 
 A layer's norms are all norm modules inside it: input_layernorm and post_attention_layernorm in

@@ -29,7 +29,8 @@ def _optimizer_backend(device, backend) -> tuple[str, str]:
 
 class HFTMethod(Method):
     options = {"ratio": 0.5, "granularity": "matrix", "seed": 0, "lr": 2e-5, "weight_decay": 0.0,
-               "betas": (0.9, 0.999), "eps": 1e-8, "train_final_norm": True, "snapshot": True, "backend": None}
+               "betas": (0.9, 0.999), "eps": 1e-8, "train_final_norm": True,
+               "train_embeddings": True, "snapshot": True, "backend": None}
     demo = {"lr": 1e-3, "step_multiplier": 1}   # full fine-tuning's, so the retention column compares like with like
 
     def apply(self, model, targets, **options):
@@ -41,6 +42,7 @@ class HFTMethod(Method):
         opt_kw["betas"] = tuple(options["betas"])
         self.tuner = HalfFineTuner(model, ratio=options["ratio"], granularity=options["granularity"],
                                    seed=options["seed"], train_final_norm=options["train_final_norm"],
+                                   train_embeddings=options["train_embeddings"],
                                    snapshot=options["snapshot"], backend=options["backend"])
         try:
             optimizer = self.tuner.make_optimizer(**opt_kw)
@@ -89,7 +91,7 @@ class HFTMethod(Method):
                                       opt_why, s["trainable"]))
         for s in t.summary_rows()[len(t.map.layers):]:
             rows.append(ReportRow(s["layer"], self.name, opt_backend,
-                                  ("trains (always)" if s["trains"] else "frozen") + f"; {opt_text}",
+                                  ("trains" if s["trains"] else "frozen") + f"; {opt_text}",
                                   opt_why, s["trainable"]))
         masters = {id(p) for m in rowwise.values() for p in m.master_parameters()}
         rep = PatchReport(self.name, rows, trainable_params=count(t.trainable_parameters()),
