@@ -24,15 +24,7 @@ from fusedtune.hft import HalfFineTuner, HFTError, row_count  # noqa: E402
 from fusedtune.hft.selection import choose_block  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from tiny_models import tiny_llama  # noqa: E402
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+from tiny_models import moment_bytes, one_thread, tiny_llama, train_steps  # noqa: E402,F401
 
 
 def tiny_qwen2(layers=2):
@@ -48,16 +40,7 @@ def ids_batch(seed=1):
 
 
 def train(model, opt, steps=3, seed=1):
-    ids = ids_batch(seed)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
-
-
-def moment_bytes(opt):
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
-               if torch.is_tensor(v) and k != "step")
+    train_steps(model, opt, ids_batch(seed), steps)
 
 
 def is_view_of_block(mod) -> bool:

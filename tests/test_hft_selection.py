@@ -2,6 +2,7 @@
 parameters untouched, optimizer state at about half, reset, the patch method, the Trainer callback,
 and row granularity (when fusedtune.nn.RowMaskedLinear is available)."""
 import copy
+import os
 import subprocess
 import sys
 import warnings
@@ -13,18 +14,12 @@ transformers = pytest.importorskip("transformers", reason="the HFT tests build t
 
 from fusedtune.hft import HalfFineTuner, HFTError  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(__file__))
+from tiny_models import moment_bytes, one_thread, train_steps  # noqa: E402,F401
+
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP = ("gate_proj", "up_proj", "down_proj")
 NORMS = ("input_layernorm", "post_attention_layernorm")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # these models are tiny: one intra-op thread is fastest, and avoids oversubscribing a busy machine
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _row_linear():
@@ -70,17 +65,10 @@ def batch(vocab=64, n=4, t=12, seed=1):
 
 
 def train(model, opt, steps=3, seed=1):
-    ids = batch(model.config.vocab_size, seed=seed)
-    for _ in range(steps):
-        opt.zero_grad(set_to_none=True)
-        model(input_ids=ids, labels=ids).loss.backward()
-        opt.step()
+    train_steps(model, opt, batch(model.config.vocab_size, seed=seed), steps)
 
 
-def state_bytes(opt):
-    """Bytes of the moments (exp_avg + exp_avg_sq; the step counters are not counted)."""
-    return sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
-               if torch.is_tensor(v) and k != "step")
+state_bytes = moment_bytes    # the moments (exp_avg + exp_avg_sq; the step counters are not counted)
 
 
 def params_of(model):

@@ -1,7 +1,18 @@
 """Tiny transformers models built from configs (nothing downloaded), shared by the family tests."""
 from __future__ import annotations
 
+import pytest
 import torch
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Import into a test module (it is autouse there): these models are tiny, so one intra-op thread is
+    fastest and does not oversubscribe a busy machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers: int = 2, seed: int = 0):
@@ -29,3 +40,17 @@ def adamw_losses(model, ids, steps: int, lr: float = 1e-3) -> list[float]:
         opt.step()
         losses.append(float(loss))
     return losses
+
+
+def train_steps(model, opt, ids, steps: int) -> None:
+    """`steps` optimizer steps of a causal LM on one batch (labels = ids)."""
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        model(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+
+
+def moment_bytes(opt) -> int:
+    """Bytes of an optimizer's state tensors except the step counters (AdamW: exp_avg + exp_avg_sq)."""
+    return sum(v.numel() * v.element_size() for st in opt.state.values() for k, v in st.items()
+               if torch.is_tensor(v) and k != "step")
