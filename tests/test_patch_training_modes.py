@@ -17,19 +17,21 @@ from fusedtune.patch import methods, missing_requirements  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-NAMES = sorted(methods())
+NAMES = sorted(methods()) + ["hft-row", "hft-block"]     # method[-HFT granularity]
 
 
 def _train(name, mode=None):
     """Three steps of `name` (LoRA methods with dropout 0.1) on the tiny Llama; mode: None (eager),
     ("checkpoint", reentrant) or "compile"."""
+    name, _, granularity = name.partition("-")
     cls = methods()[name]
     if missing_requirements(cls):
         pytest.skip(f"{name} needs {missing_requirements(cls)}")
     m = tiny_llama()
     m.train()
     torch.manual_seed(3)
-    rep = fusedtune.patch(m, name, **({"dropout": 0.1} if "lora" in name else {}))
+    kw = {"dropout": 0.1} if "lora" in name else {"granularity": granularity} if granularity else {}
+    rep = fusedtune.patch(m, name, **kw)
     fwd = m
     if mode == "compile":
         torch._dynamo.reset()

@@ -1,7 +1,8 @@
 """transformers.Trainer checkpoints and resume_from_checkpoint with fusedtune: a run resumed from its step-3
 checkpoint ends with the bits of the uninterrupted 6-step run. Patched models (lora, sparse_delta with its
 SparseDeltaAdamW, fp8, roste) and HFTCallback (matrix, and row with MaskedAdamW in bf16: the callback used
-to drop the loaded moments of the row masters at train begin, and torch cast them to bf16)."""
+to drop the loaded moments of the row masters at train begin, and torch cast them to bf16; block, whose
+trained rows are views of the weights, with the Trainer's own AdamW)."""
 import warnings
 
 import pytest
@@ -16,7 +17,8 @@ from tiny_models import tiny_llama  # noqa: E402
 
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
 CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
-         ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16)]
+         ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16),
+         ("hft-block", torch.bfloat16)]
 
 
 def _run(case, dtype, out, resume=None):
