@@ -23,6 +23,10 @@ def test_triton_row_grad(dtype, T, out, inp, nrows):
     # exact in fp32; torch's fp32 matmul does not use TF32 unless allowed), not a 16-bit rounded result
     unfused = dy[:, rows].t().float() @ x.float()
     assert_within_rule(got, exact, unfused, "row_grad", atol=1e-3)
+    for out_dtype in (torch.bfloat16, torch.float16):   # the float32 sum rounded once in the store (the
+        low = row_grad(dy, x, rows, backend="triton", out_dtype=out_dtype)   # autotuner may pick another tile
+        assert low.dtype == out_dtype                                         # order: the rule, not the bits)
+        assert_within_rule(low, exact, unfused.to(out_dtype), "row_grad 16-bit out", atol=1e-3)
 
 
 def test_masked_adamw_cuda_bit_identical():

@@ -18,3 +18,6 @@ def test_triton_row_grad_matches_reference(dtype, T, out, inp):
     exact = dy.double()[:, rows].t() @ x.double()
     unfused = (dy[:, rows].t() @ x).float() if dtype == torch.float32 else (dy[:, rows].t().float() @ x.float())
     assert_within_rule(got, exact, unfused, "row_grad", atol=1e-3 if dtype == torch.float16 else 1e-5)
+    # a 16-bit output is the kernel's float32 sum rounded once in the store (fp16: the interpreter's bf16 is wrong)
+    half = row_grad(dy, x, rows, backend="triton", out_dtype=torch.float16)
+    assert half.dtype == torch.float16 and torch.equal(half, got.to(torch.float16))

@@ -25,6 +25,19 @@ def test_row_grad_is_dense_grad_rows(shape):
     torch.testing.assert_close(got.double(), w.grad[rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_row_grad_out_dtype_is_the_float32_result_rounded_once(backend, dtype):
+    g = torch.Generator().manual_seed(2)
+    dy, x = torch.randn(37, 21, generator=g).to(dtype), torch.randn(37, 19, generator=g).to(dtype)
+    rows = torch.tensor([0, 3, 4, 20])
+    full = row_grad(dy, x, rows, backend=backend)
+    assert full.dtype == torch.float32
+    for out_dtype in (torch.bfloat16, torch.float16):
+        got = row_grad(dy, x, rows, backend=backend, out_dtype=out_dtype)
+        assert got.dtype == out_dtype and torch.equal(got, full.to(out_dtype))
+
+
 def test_row_linear_gradients_match_dense_reference():
     lin = torch.nn.Linear(33, 21)
     rows = torch.tensor([0, 4, 5, 20])
@@ -113,7 +126,9 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default, (x, w, wr, rows, None, None, "reference"))
     torch.library.opcheck(torch.ops.fusedtune.hft_row_linear.default,
                           (x, w, wr, rows, torch.randn(6), torch.randn(2, requires_grad=True), "reference"))
-    torch.library.opcheck(torch.ops.fusedtune.hft_row_grad.default, (torch.randn(4, 6), x.detach(), rows, "reference"))
+    for out_dtype in (torch.float32, torch.bfloat16):
+        torch.library.opcheck(torch.ops.fusedtune.hft_row_grad.default,
+                              (torch.randn(4, 6), x.detach(), rows, "reference", out_dtype))
     ps, gs, tg, rs = _adam_inputs()
     consts = [1.0, 0.9, 0.1, 0.999, 0.001, 0.03, 1e-8, 0.01]
     torch.library.opcheck(torch.ops.fusedtune.masked_adamw_.default,
@@ -142,6 +157,8 @@ def test_opcheck_and_compile():
     (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([2, 1])), "sorted and unique"),
     (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([1.0])), "1-D int64"),
     (lambda: row_grad(torch.randn(3, 4), torch.randn(2, 5), torch.tensor([1])), "differ in leading dims"),
+    (lambda: row_grad(torch.randn(3, 4), torch.randn(3, 5), torch.tensor([1]), out_dtype=torch.float64),
+     "out_dtype must be one of"),
     (lambda: hft_row_linear(torch.randn(3, 5), torch.randn(4, 6), torch.randn(1, 6), torch.tensor([1])),
      "x has 5 features"),
     (lambda: hft_row_linear(torch.randn(3, 6), torch.randn(4, 6), torch.randn(2, 6), torch.tensor([1])),

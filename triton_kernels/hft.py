@@ -1,6 +1,8 @@
 """Half-fine-tuning family, Triton kernel: the weight gradient of a linear layer for selected output
 rows only, G[r, :] = sum_t dy[t, rows[r]] * x[t, :], as one GEMM whose A-tile load gathers the
-selected columns of dy (no gathered copy of dy, no dense dW). fp32 accumulation and output."""
+selected columns of dy (no gathered copy of dy, no dense dW). fp32 accumulation; the output is fp32,
+or bf16/fp16 rounded once from the fp32 sum in the store (HFT block granularity's gradient, in the
+weight's dtype)."""
 from __future__ import annotations
 
 import os
@@ -53,19 +55,21 @@ def row_grad_kernel(dy_ptr, x_ptr, rows_ptr, out_ptr, T, R, N, stride_dy, stride
             acc += tl.dot(tl.trans(a), b)
         a_ptrs += BLOCK_K * stride_dy
         b_ptrs += BLOCK_K * stride_x
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc, mask=m_ok[:, None] & n_ok[None, :])
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty),
+             mask=m_ok[:, None] & n_ok[None, :])
 
 
 row_grad_ieee_kernel = _autotuned(_IEEE_CONFIGS)(row_grad_kernel.fn)   # same kernel, fp32 FMA configs
 
 
-def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """dy [T, out], x [T, in] (row-major, same dtype), rows int64 [R] -> float32 [R, in]."""
+def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor:
+    """dy [T, out], x [T, in] (row-major, same dtype), rows int64 [R] -> out_dtype [R, in]."""
     T, N, R = x.shape[0], x.shape[1], rows.numel()
     if max(dy.numel(), x.numel(), R * N) >= 2**31:
         raise ValueError(f"hft row_grad: the Triton kernel indexes with 32 bits; got dy {tuple(dy.shape)}, "
                          f"x {tuple(x.shape)}, {R} rows (split the tokens into chunks below 2**31 elements)")
-    out = torch.empty((R, N), dtype=torch.float32, device=x.device)
+    out = torch.empty((R, N), dtype=out_dtype, device=x.device)
     if R == 0 or N == 0:
         return out
     if T == 0:
@@ -82,8 +86,8 @@ _SIG = {"dy_ptr": "*bf16", "x_ptr": "*bf16", "rows_ptr": "*i64", "out_ptr": "*fp
 register(KernelSpec(
     family="hft", name="row_grad_kernel", fn=row_grad_kernel.fn, signature=_SIG, gemm=True,
     configs=[{"constexprs": dict(IEEE=False, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), "num_warps": w, "num_stages": s,
-              "signature": dict(_SIG, dy_ptr=f"*{dt}", x_ptr=f"*{dt}")}
-             for m, n, k, w, s in _CONFIGS for dt in ("bf16", "fp16")]
+              "signature": dict(_SIG, dy_ptr=f"*{dt}", x_ptr=f"*{dt}", out_ptr=f"*{ot}")}
+             for m, n, k, w, s in _CONFIGS for dt, ot in (("bf16", "fp32"), ("fp16", "fp32"), ("bf16", "bf16"))]
     # fp32 operands: the IEEE (FMA) product, no tensor-core instruction by design; checked for spills
     + [{"constexprs": dict(IEEE=True, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k), "num_warps": w, "num_stages": s,
         "signature": dict(_SIG, dy_ptr="*fp32", x_ptr="*fp32"), "gemm": False} for m, n, k, w, s in _IEEE_CONFIGS]))

@@ -4,7 +4,8 @@
         backward gives dX (full) and the gradient of weight_rows, the master copy of W's selected rows,
         computed only for those rows (row_grad: one GEMM over gathered dy columns, no dense dW), and
         of bias_rows, the master of b at those rows (dy summed over tokens at the rows).
-    row_grad(dy, x, rows)                               that compact gradient, float32 [R, in]
+    row_grad(dy, x, rows, out_dtype=torch.float32)      that compact gradient [R, in], accumulated in
+        float32 and rounded once to out_dtype (float32, bfloat16 or float16)
     masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, ...)
         one fused multi-tensor AdamW pass; a row master also writes its rows into its full weight.
 """
@@ -23,16 +24,21 @@ _ADAMW_HAS = ("reference", "cpu", "cuda")
 
 
 @torch.library.custom_op("fusedtune::hft_row_grad", mutates_args=())
-def _row_grad_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str) -> torch.Tensor:
+def _row_grad_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str,
+                 out_dtype: torch.dtype) -> torch.Tensor:
     if backend == "triton":
         from ..triton_kernels import hft as tk
-        return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows)
-    return ref.row_grad(dy, x, rows)
+        return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows,
+                           out_dtype)
+    return ref.row_grad(dy, x, rows, out_dtype)
 
 
 @_row_grad_op.register_fake
-def _(dy, x, rows, backend):
-    return x.new_empty((rows.shape[0], x.shape[-1]), dtype=torch.float32)
+def _(dy, x, rows, backend, out_dtype):
+    return x.new_empty((rows.shape[0], x.shape[-1]), dtype=out_dtype)
+
+
+OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def _check_rows(rows: torch.Tensor, n: int, what: str, values: bool = True):
@@ -49,16 +55,19 @@ def _check_rows(rows: torch.Tensor, n: int, what: str, values: bool = True):
 
 
 def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str | None = None,
-             check_rows: bool = True) -> torch.Tensor:
-    """G[r, :] = sum over tokens of dy[t, rows[r]] * x[t, :], float32 [len(rows), in_features].
-    check_rows=False skips the host-side check of the row values (a GPU sync)."""
+             check_rows: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """G[r, :] = sum over tokens of dy[t, rows[r]] * x[t, :], [len(rows), in_features], accumulated in
+    float32 and rounded once to out_dtype (the same bits as the float32 result cast, without the float32
+    buffer). check_rows=False skips the host-side check of the row values (a GPU sync)."""
+    if out_dtype not in OUT_DTYPES:
+        raise ValueError(f"row_grad: out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"row_grad: dy {tuple(dy.shape)} and x {tuple(x.shape)} differ in leading dims")
     if dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"row_grad: dy ({dy.dtype}, {dy.device}) and x ({x.dtype}, {x.device}) must match")
     _check_rows(rows, dy.shape[-1], "row_grad", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    return _row_grad_op(dy, x, rows.to(x.device), name)
+    return _row_grad_op(dy, x, rows.to(x.device), name, out_dtype)
 
 
 @torch.library.custom_op("fusedtune::hft_row_linear", mutates_args=())
@@ -83,7 +92,10 @@ def _row_linear_setup(ctx, inputs, output):
 def _row_linear_backward(ctx, dy):
     x, weight, rows = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
-    dw = _row_grad_op(dy, x, rows, ctx.backend).to(ctx.master_dtype) if ctx.needs_input_grad[2] else None
+    dw = None
+    if ctx.needs_input_grad[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
+        out = ctx.master_dtype if ctx.master_dtype in OUT_DTYPES else torch.float32
+        dw = _row_grad_op(dy, x, rows, ctx.backend, out).to(ctx.master_dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
     db = dy2.sum(0) if ctx.needs_input_grad[4] else None
     dbr = (dy2.index_select(1, rows).sum(0, dtype=torch.float32).to(ctx.bias_master_dtype)

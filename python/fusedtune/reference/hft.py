@@ -13,10 +13,11 @@ import torch
 from .adamw import adamw_, adamw_constants  # noqa: F401  (adamw_constants: re-exported)
 
 
-def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype = torch.float32
+             ) -> torch.Tensor:
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    return dy2.index_select(1, rows).t().float() @ x2.float()
+    return (dy2.index_select(1, rows).t().float() @ x2.float()).to(out_dtype)
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, c: dict) -> None:
