@@ -63,3 +63,28 @@ def test_row_layer_trains_on_gpu():
     assert torch.equal(m.weight[1::2], w0[1::2]) and not torch.equal(m.weight[::2], w0[::2])
     assert torch.equal(m.bias[1::2], b0[1::2]) and not torch.equal(m.bias[::2], b0[::2])     # bias rows train too
     assert torch.equal(m.bias[::2], m.bias_rows.detach().bfloat16())
+
+
+def test_block_layer_trains_in_place_on_gpu():
+    """masters=False on CUDA, bf16: the Triton row gradient written in bf16 is the dense gradient's block
+    within the rule, and torch's fused AdamW on the views moves exactly the block of the weight."""
+    lin = torch.nn.Linear(256, 512, device="cuda", dtype=torch.bfloat16)
+    w0, b0 = lin.weight.detach().clone(), lin.bias.detach().clone()
+    m = RowMaskedLinear.from_linear(lin, torch.arange(100, 356, device="cuda"), masters=False)
+    x = torch.randn(1024, 256, device="cuda", dtype=torch.bfloat16)
+    dy = torch.randn(1024, 512, device="cuda", dtype=torch.bfloat16)
+    m(x).backward(dy)
+    assert m.weight_rows.grad.dtype == torch.bfloat16
+    exact = dy.double()[:, 100:356].t() @ x.double()
+    unfused = (dy[:, 100:356].t().float() @ x.float()).bfloat16()
+    assert_within_rule(m.weight_rows.grad, exact, unfused, "block dW", atol=1e-3)
+    opt = torch.optim.AdamW([m.weight_rows, m.bias_rows], lr=1e-3, fused=True)
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).float().pow(2).mean().backward()
+        opt.step()
+    keep = torch.ones(512, dtype=torch.bool, device="cuda")
+    keep[100:356] = False
+    assert torch.equal(m.weight[keep], w0[keep]) and not torch.equal(m.weight[~keep], w0[~keep])
+    assert torch.equal(m.bias[keep], b0[keep]) and not torch.equal(m.bias[~keep], b0[~keep])
+    assert m.weight_rows.data_ptr() == m.weight[100].data_ptr()

@@ -72,8 +72,8 @@ class HalfFineTuner:
     the exact rule): per layer round(ratio * 4) of q/k/v/o, ratio * 3 of gate/up/down balanced over the
     layers (at 0.5: 2 in half the layers, 1 in the others; with an odd layer count floor(L/2) layers
     get 2, so (3L - 1) / 2 of the 3L MLP matrices train), half of each layer's norms; embeddings and
-    lm_head train (the paper's rule; train_embeddings=False freezes them, as LoRA leaves them, which
-    takes the optimizer state from ~0.56x of full fine-tuning's to below ratio x on TinyLlama-1.1B);
+    lm_head train (the paper's rule; train_embeddings=False freezes them, as LoRA leaves them: block
+    granularity at TinyLlama-1.1B shapes then keeps 0.44x of full fine-tuning's optimizer state, not 0.56x);
     the final norm trains unless train_final_norm=False. Frozen parameters get
     requires_grad=False: no gradient, no dW GEMM, no optimizer state.
 
@@ -145,8 +145,8 @@ class HalfFineTuner:
         if granularity in ROW_GRANULARITIES:
             self._row_cls, why = _row_linear_class()
             if self._row_cls is None:
-                raise HFTError(f"HalfFineTuner(granularity={granularity!r}) needs fusedtune.nn.RowMaskedLinear, which is not "
-                               f"available here ({why}); use granularity='matrix'")
+                raise HFTError(f"HalfFineTuner(granularity={granularity!r}) needs fusedtune.nn.RowMaskedLinear, "
+                               f"which is not available here ({why}); use granularity='matrix'")
         # names as they are before any swap; tied parameters appear under every name
         self._names = [(n, n.rpartition(".")[0], n.rpartition(".")[2], tuple(p.shape))
                        for n, p in model.named_parameters(remove_duplicate=False)]
