@@ -7,7 +7,8 @@ Before: a copy of an hft row-mode model lost the link between its row masters an
 no longer wrote the weight rows) and torch.save failed on it; a sparse_delta copy's optimizer refused the
 copy's deltas; MaskedAdamW, SparseDeltaAdamW and MeZO copies lost their settings and failed at the first
 step; a Regrower copy silently stopped regrowing (hooks do not travel with copies); a torch.load'ed QLoRA
-layer refused the plain Parameter bitsandbytes' Params4bit comes back as."""
+layer refused the plain Parameter bitsandbytes' Params4bit comes back as. An hft block-granularity copy
+must keep its trained rows views of its own weights (a deep copy copies the views as separate tensors)."""
 import copy
 import io
 import warnings
@@ -25,7 +26,8 @@ from tiny_models import tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 CASES = [(n, {}) for n in sorted(methods())] + [("hft", {"granularity": "row"}),
-                                                  ("hft", {"granularity": "row", "snapshot": "lazy"})]
+                                                  ("hft", {"granularity": "row", "snapshot": "lazy"}),
+                                                  ("hft", {"granularity": "block"})]
 REGROW = {"every": 5, "rate": 0.3, "total_steps": 50, "accumulate_steps": 2}
 
 
@@ -97,7 +99,7 @@ def test_regrower_copy_keeps_regrowing(k, how):
 
 
 @pytest.mark.parametrize("how", ["deepcopy", "save"])
-@pytest.mark.parametrize("gran,snapshot", [("row", "lazy"), ("row", True), ("matrix", "lazy")])
+@pytest.mark.parametrize("gran,snapshot", [("row", "lazy"), ("row", True), ("matrix", "lazy"), ("block", "lazy")])
 def test_hft_tuner_copy_continues_with_stages_and_reset(gran, snapshot, how):
     def run(model, opt, n):
         for _ in range(n):
