@@ -177,6 +177,15 @@ def time_step(timer, step):
     return timer(step), peak
 
 
+def state_accounting(model, opt, info: dict) -> dict:
+    """The optimizer's state bytes and moments dtype, the row masters' bytes, and the model's trainable and
+    total elements (row masters are not counted in the total: they copy rows of the weights)."""
+    return {"state_bytes": state_bytes(opt), "moments": moment_dtype(opt), "master_bytes": info.get("master_bytes", 0),
+            "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+            "total": sum(p.numel() for n, p in model.named_parameters()
+                         if not n.endswith(("weight_rows", "bias_rows")))}
+
+
 def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     """Build the model, apply the method, time steps; peak memory of a steady-state step."""
     dev = timer.device
@@ -187,12 +196,7 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     flops = step_flops(model, cfg)
     step = make_step(model, opt, ids)
     times, peak = time_step(timer, step)
-    out = {"times": times, "opt_name": opt_name, "state_bytes": state_bytes(opt), "peak": peak,
-           "moments": moment_dtype(opt), "flops": flops,
-           "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-           "total": sum(p.numel() for n, p in model.named_parameters()
-                        if not n.endswith(("weight_rows", "bias_rows"))),
-           "master_bytes": info.get("master_bytes", 0)}
+    out = {"times": times, "opt_name": opt_name, "peak": peak, "flops": flops, **state_accounting(model, opt, info)}
     if method != "full" and method != "matrix":
         from ..ops.hft import hft_backend
         b = hft_backend(dev)
@@ -422,8 +426,8 @@ def sections(timer, quick: bool) -> list:
 def state_memory(cfg: dict = TINYLLAMA, device="cpu", dtype=torch.bfloat16, tokens: int = 16) -> list[dict]:
     """The memory accounting of section 1 without timing, so that it runs on a CPU at real shapes:
     per method (section 1's, and block granularity with HalfFineTuner(train_embeddings=False):
-    embeddings and lm_head frozen), one training step on a batch of 1 x `tokens` (the state does not depend on the batch),
-    then the optimizer state bytes (every state tensor), the row masters' bytes and the trainable
+    embeddings and lm_head frozen), one training step on a batch of 1 x `tokens` (the state does not
+    depend on the batch), then the optimizer state bytes (every state tensor), the row masters' bytes and the trainable
     elements. Rows: method, optimizer, moments dtype, state_bytes, master_bytes, trainable, total,
     ratio (state + masters over full fine-tuning's state)."""
     cfg = dict(cfg, batch=1, seq=tokens)
@@ -433,11 +437,9 @@ def state_memory(cfg: dict = TINYLLAMA, device="cpu", dtype=torch.bfloat16, toke
         opt, name, info = setup_method(model, method)
         ids = torch.randint(0, cfg["vocab"], (1, tokens), generator=torch.Generator().manual_seed(1)).to(device)
         make_step(model, opt, ids)()
-        out.append({"method": method, "optimizer": name, "moments": moment_dtype(opt), "state_bytes": state_bytes(opt),
-                    "master_bytes": info.get("master_bytes", 0),
-                    "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
-                    "total": sum(p.numel() for n, p in model.named_parameters()
-                                 if not n.endswith(("weight_rows", "bias_rows")))})
+        acc = state_accounting(model, opt, info)
+        out.append({"method": method, "optimizer": name, "moments": acc["moments"], "state_bytes": acc["state_bytes"],
+                    "master_bytes": acc["master_bytes"], "trainable": acc["trainable"], "total": acc["total"]})
         del opt, model, info
         free_memory()
     for r in out:
@@ -457,7 +459,6 @@ def _state_main(argv=None) -> int:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--csv", help="also write the rows to this CSV file")
     a = ap.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     rows = state_memory(dict(TINYLLAMA, layers=a.layers), device=a.device)
     print(f"{TINYLLAMA['name']} shapes, {a.layers} layers, bf16, on {a.device}:")
     for r in rows:
