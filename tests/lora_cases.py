@@ -3,6 +3,7 @@ fusedtune's reference), used by the CPU, interpreter and GPU tests."""
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def exact64(x, W, As, Bs, scales, bias=None, keep=None, p=0.0, rows_adapter=None, dy=None):
@@ -37,3 +38,15 @@ def layer_outputs(layer, x, dy, adapter="default"):
     y = layer(xi)
     A, B = layer.lora_A[adapter].weight, layer.lora_B[adapter].weight
     return [y] + list(torch.autograd.grad(y, [xi, A, B], dy))
+
+
+class SeededDropout(nn.Module):
+    """peft's dropout slot filled with fusedtune's seeded rule (the mask our layer regenerates)."""
+
+    def __init__(self, p, seed):
+        super().__init__()
+        self.p, self.seed = p, seed
+
+    def forward(self, x):
+        from fusedtune.reference.lora import dropout
+        return dropout(x.reshape(-1, x.shape[-1]), self.p, self.seed).reshape(x.shape).to(x.dtype)

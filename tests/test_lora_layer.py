@@ -17,7 +17,7 @@ import fusedtune  # noqa: E402
 from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.nn.lora import LoRAUnsupported  # noqa: E402
 from fusedtune.testing import assert_within_rule  # noqa: E402
-from lora_cases import exact64, layer_outputs  # noqa: E402
+from lora_cases import SeededDropout, exact64, layer_outputs  # noqa: E402
 from tiny_models import tiny_llama, train_losses  # noqa: E402
 
 
@@ -391,18 +391,6 @@ def test_mixed_batch_follows_generate_copies():
     assert not torch.equal(beams[0], base0[0])         # sample 0's adapter changed its tokens
 
 
-class _SeededDropout(nn.Module):
-    """peft's dropout slot filled with fusedtune's seeded rule (the mask our layer regenerates)."""
-
-    def __init__(self, p, seed):
-        super().__init__()
-        self.p, self.seed = p, seed
-
-    def forward(self, x):
-        from fusedtune.reference.lora import dropout
-        return dropout(x.reshape(-1, x.shape[-1]), self.p, self.seed).reshape(x.shape).to(x.dtype)
-
-
 @pytest.mark.parametrize("i", range(4))
 def test_forward_and_grads_match_peft_with_dropout(i):
     """Training with dropout: peft's layer with the same mask gives the same output and gradients."""
@@ -421,7 +409,7 @@ def test_forward_and_grads_match_peft_with_dropout(i):
     dy = torch.randn(2, 13, c["N"]).to(c["dtype"])
     torch.manual_seed(1000 + i)
     seed = int(_seed_tensor(None, p))          # the seed our layer draws for this forward
-    pe.lora_dropout["default"] = _SeededDropout(p, seed)
+    pe.lora_dropout["default"] = SeededDropout(p, seed)
     torch.manual_seed(1000 + i)
     got = layer_outputs(ours, x, dy)
     want = layer_outputs(pe, x, dy)

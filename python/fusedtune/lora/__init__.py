@@ -13,7 +13,8 @@ tensors are written as they are (float32 adapters stay float32): bit-exact round
 ranks and alphas that differ from the most common one go to rank_pattern / alpha_pattern, as peft does.
 Modules trained in full (patch's modules_to_save, e.g. embed_tokens / lm_head) are written as peft
 writes them (base_model.model.<module>.<param>, "modules_to_save" in the config) and loaded into the
-model's own modules.
+model's own modules. DoRA adapters (use_dora) carry their magnitude as peft writes it
+(base_model.model.<module>.lora_magnitude_vector, "use_dora": true).
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from ..nn.lora import LoRALinear
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
 PREFIX = "base_model.model."
+MAGNITUDE = "lora_magnitude_vector"     # a DoRA adapter's magnitude: <module>.lora_magnitude_vector in the file
 
 
 def lora_layers(model: torch.nn.Module) -> dict[str, LoRALinear]:
@@ -114,19 +116,23 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().contiguous().cpu()
+        if m.use_dora[adapter_name]:       # peft's key: no ".weight"
+            tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = \
+                m.lora_magnitude_vector[adapter_name].weight.detach().contiguous().cpu()
     ranks = {n: m.r[adapter_name] for n, m in layers.items()}
     alphas = {n: m.lora_alpha[adapter_name] for n, m in layers.items()}
     drops = {m.lora_dropout_p[adapter_name] for m in layers.values()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
-    if len(drops) > 1 or len(rslora) > 1:
-        raise ValueError("save_adapter: peft's config holds one dropout and one use_rslora per adapter; the layers "
-                         f"differ ({sorted(drops)}, {sorted(rslora)})")
+    dora = {m.use_dora[adapter_name] for m in layers.values()}
+    if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1:
+        raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora and one use_dora per adapter; "
+                         f"the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)})")
     r, alpha = _common(ranks), _common(alphas)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
               "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "rank_pattern": {n: v for n, v in ranks.items() if v != r},
               "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": False,
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": dora.pop(),
               "lora_bias": False, "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     os.makedirs(path, exist_ok=True)
@@ -147,10 +153,10 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     from safetensors.torch import load_file
     with open(os.path.join(path, CONFIG)) as f:
         cfg = json.load(f)
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("use_dora") or cfg.get("lora_bias"):
-        raise NotImplementedError(f"load_adapter: {path} is not a plain LoRA adapter (peft_type "
-                                  f"{cfg.get('peft_type')}, use_dora {cfg.get('use_dora')}, lora_bias "
-                                  f"{cfg.get('lora_bias')})")
+    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("lora_bias"):
+        raise NotImplementedError(f"load_adapter: {path} is not a LoRA or DoRA adapter (peft_type "
+                                  f"{cfg.get('peft_type')}, lora_bias {cfg.get('lora_bias')})")
+    dora = bool(cfg.get("use_dora", False))
     tensors = load_file(os.path.join(path, WEIGHTS))
     layers = lora_layers(model)
     plan, full = {}, {}
@@ -166,16 +172,21 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             continue
         mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
         part = which.split(".")[0]
-        if mod not in layers or part not in ("A", "B"):
+        if mod not in layers or part not in ("A", "B", "magnitude_vector"):
             raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
                            f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
         plan.setdefault(mod, {})[part] = t
     for mod, parts in plan.items():
-        m, A, B = layers[mod], parts.get("A"), parts.get("B")
+        m, A, B, mag = layers[mod], parts.get("A"), parts.get("B"), parts.get("magnitude_vector")
         if A is None or B is None or A.shape[1] != m.in_features or B.shape != (m.out_features, A.shape[0]):
             raise ValueError(f"load_adapter: {mod}: lora_A {None if A is None else tuple(A.shape)} / lora_B "
                              f"{None if B is None else tuple(B.shape)} do not fit a {m.in_features}->"
                              f"{m.out_features} layer")
+        if dora != (mag is not None) or (mag is not None and mag.shape != (m.out_features,)):
+            raise ValueError(f"load_adapter: {mod}: the config says use_dora={dora} but the file has "
+                             + ("no lora_magnitude_vector" if mag is None else
+                                f"a lora_magnitude_vector of {tuple(mag.shape)} (the layer has {m.out_features} "
+                                "outputs)"))
         if adapter_name in m.r and m.r[adapter_name] != A.shape[0]:
             raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with r={m.r[adapter_name]}, the file "
                              f"has r={A.shape[0]}")
@@ -185,16 +196,19 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         alpha = float(_pattern(cfg.get("alpha_pattern"), mod, cfg["lora_alpha"]))
         drop, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
         if adapter_name not in m.r:
-            m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype)
+            m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora)
         else:   # overwrite: the file's settings replace the adapter's
             m.lora_alpha[adapter_name] = alpha
             m.set_dropout(adapter_name, drop)
             m.use_rslora[adapter_name] = rslora
             m.scaling[adapter_name] = alpha / (math.sqrt(r) if rslora else r)
+            m.set_dora(adapter_name, dora)
             m._tables.clear()
         with torch.no_grad():
             m.lora_A[adapter_name].weight.copy_(parts["A"])
             m.lora_B[adapter_name].weight.copy_(parts["B"])
+            if dora:
+                m.lora_magnitude_vector[adapter_name].weight.copy_(parts["magnitude_vector"])
     with torch.no_grad():
         for p, t in full.values():
             p.copy_(t)

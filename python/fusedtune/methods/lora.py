@@ -3,6 +3,7 @@
     rep = fusedtune.patch(model, "lora", r=16, alpha=32, dropout=0.05, lr=2e-4)
     rep = fusedtune.patch(model, "qlora", r=16, alpha=32)     # base weights quantized to NF4 first
     rep = fusedtune.patch(model, "fp8_lora", r=16)            # base GEMMs in FP8 (FP8Linear), sm_89+
+    rep = fusedtune.patch(model, "lora", r=16, use_dora=True) # DoRA (peft's use_dora; "qlora" too: QDoRA)
     fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
     fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
 
@@ -25,7 +26,8 @@ from ..patch import PatchError, SwapMethod, is_bnb_4bit, outermost_modules, regi
 
 
 class LoRAMethod(SwapMethod):
-    options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "adapter_dtype": torch.float32,
+    options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "use_dora": False,
+               "adapter_dtype": torch.float32,
                "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None,
                "modules_to_save": None}
     demo = {"lr": 1e-2, "r": 8, "alpha": 16, "step_multiplier": 1}
@@ -50,12 +52,12 @@ class LoRAMethod(SwapMethod):
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
 
-    def make(self, linear, name, r, alpha, dropout, use_rslora, adapter_dtype, backend, **options):
+    def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, adapter_dtype, backend, **options):
         from ..nn import LoRALinear  # noqa: PLC0415
         loaded_4bit = is_bnb_4bit(linear)
         base = self.base_layer(linear, backend=backend, **options)
         m = LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                   adapter_dtype=adapter_dtype, backend=backend)
+                                   adapter_dtype=adapter_dtype, backend=backend, use_dora=bool(use_dora))
         m._fusedtune_loaded_4bit = loaded_4bit   # unpatch(merge=False) hands the 4-bit layer back as it was
         return m
 
@@ -129,6 +131,9 @@ class FP8LoRAMethod(LoRAMethod):
         return kind in ("linear", "conv1d")     # FP8 GEMMs quantize 16/32-bit weights, not 4-bit codes
 
     def apply(self, model, targets, **options):
+        if options["use_dora"]:
+            raise PatchError(f"method {self.name!r}: use_dora is not supported over FP8 bases (DoRA's weight norm "
+                             "needs the dense weight); use 'lora' or 'qlora'")
         from .fp8 import refuse_fp8_gap  # noqa: PLC0415
         refuse_fp8_gap(self.name, model, targets, options["backend"])
         return super().apply(model, targets, **options)

@@ -5,8 +5,10 @@ so a peft model's state dict loads as it is. What peft's LoRA does that users re
 scale alpha/r or alpha/sqrt(r) (rslora), set_scale at run time, dropout on the LoRA branch only and in
 training only, several named adapters with several active (set_adapter), mixed batches
 (forward(x, adapter_names=[...]), "__base__" = no adapter), merge/unmerge (safe_merge), a
-bitsandbytes NF4 base (Linear4bit). What it does not support (DoRA, lora_bias, independent dropout
-masks for several adapters summed in one forward, merging into an NF4 base) raises a clear error.
+bitsandbytes NF4 base (Linear4bit), DoRA adapters (use_dora=True: peft's lora_magnitude_vector, forward
+and merge; fusedtune.ops.dora). What it does not support (lora_bias, independent dropout masks for
+several adapters summed in one forward, merging into an NF4 base, a DoRA adapter active together with
+others or in a mixed batch, DoRA over an FP8 base) raises a clear error.
 """
 from __future__ import annotations
 
@@ -17,6 +19,7 @@ import torch
 from torch import nn
 
 from .. import _autocast
+from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
@@ -61,6 +64,14 @@ def _backward_schedule(R: int) -> str:
     return f"; backward reads dy twice for u and dB ({why})"
 
 
+class DoRAMagnitude(nn.Module):
+    """A DoRA adapter's magnitude vector m [out] (peft's lora_magnitude_vector[name]: its .weight)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.weight = weight if isinstance(weight, nn.Parameter) else nn.Parameter(weight)
+
+
 class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
 
@@ -77,6 +88,10 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_dropout = nn.ModuleDict()     # peft's: nn.Dropout(p), or nn.Identity for p = 0
         self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_magnitude_vector = nn.ModuleDict()    # DoRA adapters only
+        self._dora_norms: dict = {}                     # eval-time cache of the DoRA weight norms
+        self._dora_merged: dict[str, torch.Tensor] = {}  # the column scales of merged DoRA adapters
         self.active_adapters: list[str] = []
         self.merged_adapters: list[str] = []
         self.disable_adapters = False
@@ -90,11 +105,12 @@ class LoRALinear(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     use_rslora: bool = False, adapter_name: str = "default", init_lora_weights=True,
-                    adapter_dtype: torch.dtype | None = torch.float32, backend: str | None = None) -> "LoRALinear":
+                    adapter_dtype: torch.dtype | None = torch.float32, backend: str | None = None,
+                    use_dora: bool = False) -> "LoRALinear":
         """Wrap nn.Linear or bnb.nn.Linear4bit (NF4). adapter_dtype float32 is peft's default for 16-bit
-        bases (autocast_adapter_dtype); None keeps the base's dtype."""
+        bases (autocast_adapter_dtype); None keeps the base's dtype. use_dora: a DoRA adapter."""
         m = cls(linear, backend=backend)
-        m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype)
+        m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora)
         return m
 
     def _base_device_dtype(self):
@@ -104,8 +120,11 @@ class LoRALinear(nn.Module):
         return w.device, w.dtype
 
     def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
-                    init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32) -> None:
-        """Add a named adapter and make it the active one (peft's update_layer + set_adapter)."""
+                    init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32,
+                    use_dora: bool = False) -> None:
+        """Add a named adapter and make it the active one (peft's update_layer + set_adapter). use_dora: its
+        magnitude starts at the weight norm ||W + scale B A|| per output row, so the layer's output is
+        unchanged, as peft's."""
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
         if name in self.r:
@@ -114,6 +133,9 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: r must be a positive int, got {r!r}")
         if not 0.0 <= float(dropout) < 1.0:
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {dropout!r}")
+        if use_dora and _is_fp8(self.base_layer):
+            raise LoRAUnsupported("LoRALinear: DoRA over an FP8Linear base is not supported (its weight norm needs "
+                                  "the dense weight); use a 16-bit or NF4 base")
         device, base_dtype = self._base_device_dtype()
         dtype = adapter_dtype or base_dtype
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
@@ -136,6 +158,9 @@ class LoRALinear(nn.Module):
         self.use_rslora[name] = bool(use_rslora)
         self.set_dropout(name, dropout)
         self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self.use_dora[name] = bool(use_dora)
+        if use_dora:
+            self.lora_magnitude_vector[name] = DoRAMagnitude(self._dora_norm(name, cache=False).to(dtype))
         self.set_adapter(name)
 
     def set_dropout(self, name: str, p: float) -> None:
@@ -143,6 +168,27 @@ class LoRALinear(nn.Module):
         if not 0.0 <= float(p) < 1.0:
             raise ValueError(f"LoRALinear: dropout must be in [0, 1), got {p!r}")
         self.lora_dropout[name] = nn.Dropout(float(p)) if float(p) > 0 else nn.Identity()
+
+    def set_dora(self, name: str, use_dora: bool) -> None:
+        """Make adapter `name` a DoRA adapter (its magnitude starts at the current weight norm, so the output
+        does not change) or a plain one (its magnitude is dropped)."""
+        self._require(name)
+        if bool(use_dora) == self.use_dora[name]:
+            return
+        if name in self.merged_adapters:
+            raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
+        if use_dora:
+            if _is_fp8(self.base_layer):
+                raise LoRAUnsupported("LoRALinear: DoRA over an FP8Linear base is not supported")
+            self.use_dora[name] = True
+            A = self.lora_A[name].weight
+            mag = DoRAMagnitude(self._dora_norm(name).to(A.dtype))
+            mag.weight.requires_grad_(A.requires_grad)
+            self.lora_magnitude_vector[name] = mag
+        else:
+            self.use_dora[name] = False
+            del self.lora_magnitude_vector[name]
+        self._dora_norms.pop(name, None)
 
     @property
     def lora_dropout_p(self) -> types.MappingProxyType:
@@ -163,9 +209,11 @@ class LoRALinear(nn.Module):
         self._require(name)
         if name in self.merged_adapters:
             raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
             d.pop(name)
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
+        if name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[name]
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._tables.clear()
 
@@ -180,9 +228,13 @@ class LoRALinear(nn.Module):
         for n in names:
             self._require(n)
         for n in self.r:
-            for p in (self.lora_A[n].weight, self.lora_B[n].weight):
+            for p in self._adapter_params(n):
                 p.requires_grad_(n in names)
         self.active_adapters = names
+
+    def _adapter_params(self, name: str) -> list:
+        ps = [self.lora_A[name].weight, self.lora_B[name].weight]
+        return ps + ([self.lora_magnitude_vector[name].weight] if name in self.lora_magnitude_vector else [])
 
     @property
     def active_adapter(self) -> list[str]:
@@ -279,6 +331,9 @@ class LoRALinear(nn.Module):
             raise LoRAUnsupported(f"LoRALinear: {len(names)} active adapters with dropout {p} in training: peft "
                                   "draws an independent mask per adapter, one fused call cannot; use dropout=0 or "
                                   "one active adapter")
+        dora = self._dora_alone(names)
+        if dora is not None:
+            return self._dora_forward(x, dora, p)
         if _is_fp8(self.base_layer):
             return self._fp8_base_forward(x, names, p).to(x.dtype)
         x, w, nf4, bias, out_dtype = self._base_args(x)
@@ -287,6 +342,49 @@ class LoRALinear(nn.Module):
             y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
                                              bias, p, None, nf4, self.backend)
         return y.to(out_dtype)
+
+    def _dora_alone(self, names) -> str | None:
+        """The DoRA adapter among `names`, or None; refuses one together with other adapters."""
+        dora = [n for n in names if self.use_dora[n]]
+        if dora and len(names) > 1:
+            raise LoRAUnsupported(f"LoRALinear: DoRA adapter {dora} active together with others {list(names)}: peft "
+                                  "rescales the running sum of their outputs (order-dependent); activate a DoRA "
+                                  "adapter alone")
+        return dora[0] if dora else None
+
+    def _dora_forward(self, x, name, p):
+        x, w, nf4, bias, out_dtype = self._base_args(x)
+        norm = self._dora_norm(name, cache=not self.training and not torch.is_grad_enabled())
+        with _autocast.off(x.device):
+            y = dora_ops.dora_linear(x, w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                                     self.lora_magnitude_vector[name].weight, bias, p, None, nf4, self.backend, norm)
+        return y.to(out_dtype)
+
+    def _dora_norm(self, name: str, cache: bool = False) -> torch.Tensor:
+        """float32 [out]: ||W + scaling B A|| per output row of the base weight as the GEMMs see it. cache: keep
+        it while the weight, A, B and the scaling stay as they are (inference; training recomputes it)."""
+        A, B = self.lora_A[name].weight, self.lora_B[name].weight
+        nf4 = self._nf4_weight()
+        W = self.base_layer.weight
+        key = None
+        if cache and not torch.compiler.is_compiling():
+            key = (name, self.scaling[name], W.data_ptr(), W._version, A.data_ptr(), A._version, B.data_ptr(),
+                   B._version)
+            hit = self._dora_norms.get(name)
+            if hit is not None and hit[0] == key:
+                return hit[1]
+        norm = dora_ops.dora_weight_norm(None if nf4 is not None else W, A, B, self.scaling[name], nf4,
+                                         self._base_device_dtype()[1], self.backend)
+        if key is not None:
+            self._dora_norms[name] = (key, norm)
+        return norm
+
+    def dora_scale(self, name: str) -> torch.Tensor:
+        """float32 [out]: DoRA's column scale magnitude / ||W + scaling B A|| of adapter `name`."""
+        self._require(name)
+        if not self.use_dora[name]:
+            raise ValueError(f"LoRALinear: adapter {name!r} is not a DoRA adapter")
+        return self.lora_magnitude_vector[name].weight.detach().float() / self._dora_norm(name)
 
     def _fp8_base_forward(self, x, names, p):
         """An FP8Linear base: its FP8 GEMM, plus the LoRA branch as separate torch GEMMs (not fused into the
@@ -309,6 +407,9 @@ class LoRALinear(nn.Module):
         names = tuple(sorted({n for n in adapter_names if n != BASE}))
         if not names:
             return self.base_layer(x)
+        if any(self.use_dora[n] for n in names):
+            raise LoRAUnsupported(f"LoRALinear: mixed-batch forward (adapter_names) with DoRA adapters "
+                                  f"{[n for n in names if self.use_dora[n]]} is not supported (peft refuses it too)")
         p = self._dropout(names)
         idx = torch.tensor([names.index(n) if n != BASE else -1 for n in adapter_names], dtype=torch.int32)
         per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
@@ -349,15 +450,24 @@ class LoRALinear(nn.Module):
             self._require(n)
         if not names:
             return
+        dora = [n for n in names if self.use_dora[n]]
+        if dora and (len(names) > 1 or self.merged_adapters):
+            raise LoRAUnsupported(f"LoRALinear.merge: DoRA adapter {dora} merged together with others "
+                                  f"({names + self.merged_adapters}); merge a DoRA adapter alone")
         W = self.base_layer.weight
         with torch.no_grad():
             new = W.float() + sum(self.delta_weight(n) for n in names)
+            if dora:    # W <- m / ||W + dW|| * (W + dW), the norm of the unmerged weight (as peft)
+                g = self.dora_scale(dora[0])
+                new = g[:, None] * new
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(f"LoRALinear.merge: merging {names} gives non-finite weights; nothing was changed")
             if exact_unmerge and self._stash is None and not self.merged_adapters:
                 self._stash = W.detach().to("cpu", copy=True)   # (after an unsaved merge nothing exact is left)
             W.copy_(new.to(W.dtype))
         self.merged_adapters += names
+        if dora:
+            self._dora_merged[dora[0]] = g
 
     def unmerge(self) -> None:
         if not self.merged_adapters:
@@ -367,9 +477,18 @@ class LoRALinear(nn.Module):
             if self._stash is not None:
                 W.copy_(self._stash.to(W.device))
             else:
-                W.copy_((W.float() - sum(self.delta_weight(n) for n in self.merged_adapters)).to(W.dtype))
+                W.copy_(self._unmerged(W).to(W.dtype))
         self._stash = None
         self.merged_adapters = []
+        self._dora_merged.clear()
+
+    def _unmerged(self, W) -> torch.Tensor:
+        """float32: the weight without the merged deltas (a merged DoRA adapter: W / g - dW, as peft)."""
+        Wf = W.float()
+        for n in self.merged_adapters:
+            if n in self._dora_merged:
+                Wf = Wf / self._dora_merged[n][:, None]
+        return Wf - sum(self.delta_weight(n) for n in self.merged_adapters)
 
     def to_linear(self, merge: bool = True) -> nn.Linear:
         """A plain nn.Linear. merge=True: what forward computes (merged: the current weight; else the base
@@ -389,13 +508,18 @@ class LoRALinear(nn.Module):
             elif self._stash is not None:
                 W, names, sign = self._stash.to(W.device), [], 1.0
             else:
-                names, sign = list(self.merged_adapters), -1.0
+                with torch.no_grad():
+                    W, names, sign = self._unmerged(W).to(W.dtype), [], 1.0
         else:
             W = self.base_layer.weight
             names, sign = (self.active_adapters if merge else []), 1.0
         with torch.no_grad():
             if names:
-                W = (W.float() + sign * sum(self.delta_weight(n) for n in names)).to(W.dtype)
+                new = W.float() + sign * sum(self.delta_weight(n) for n in names)
+                dora = self._dora_alone(names)
+                if dora is not None:    # what forward computes
+                    new = self.dora_scale(dora)[:, None] * new
+                W = new.to(W.dtype)
         return plain_linear(W.detach(), self.base_layer.bias)
 
     # ------------------------------------------------------------------ peft interop
@@ -412,9 +536,11 @@ class LoRALinear(nn.Module):
                                   "fusedtune.patch converts GPT-2's Conv1D itself")
         m = cls(layer.get_base_layer(), backend=backend)
         for name in layer.lora_A:
-            if getattr(layer, "use_dora", {}).get(name) or name in getattr(layer, "lora_variant", {}):
-                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} is a DoRA/variant adapter; not "
-                                      "supported by the fused layer")
+            dora = bool(getattr(layer, "use_dora", {}).get(name))
+            variant = getattr(layer, "lora_variant", {}).get(name)
+            if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
+                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} is a {type(variant).__name__} adapter; "
+                                      "not supported by the fused layer (plain LoRA and DoRA are)")
             if getattr(layer, "lora_bias", {}).get(name) or layer.lora_B[name].bias is not None:
                 raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has lora_bias; not supported")
             drop = layer.lora_dropout[name]
@@ -427,6 +553,9 @@ class LoRALinear(nn.Module):
             m.use_rslora[name] = bool(getattr(layer, "use_rslora", {}).get(name, False))
             m.set_dropout(name, float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
             m.scaling[name] = float(layer.scaling[name])
+            m.use_dora[name] = dora
+            if dora:
+                m.lora_magnitude_vector[name] = DoRAMagnitude(layer.lora_magnitude_vector[name].weight)
         m.active_adapters = [a for a in layer.active_adapters if a in m.r]
         m.disable_adapters = bool(getattr(layer, "disable_adapters", False))
         return m
@@ -441,7 +570,7 @@ class LoRALinear(nn.Module):
         out = None
         for n in names:
             cfg = LoraConfig(r=self.r[n], lora_alpha=self.lora_alpha[n], lora_dropout=self.lora_dropout_p[n],
-                             use_rslora=self.use_rslora[n])
+                             use_rslora=self.use_rslora[n], use_dora=self.use_dora[n])
             if out is None:
                 cls = peft_layer.Linear
                 if is_bnb_4bit(self.base_layer):
@@ -451,16 +580,19 @@ class LoRALinear(nn.Module):
                 out.update_layer(n, self.r[n], self.lora_alpha[n], cfg)
             out.lora_A[n], out.lora_B[n] = self.lora_A[n], self.lora_B[n]
             out.scaling[n] = self.scaling[n]
+            if self.use_dora[n]:
+                out.lora_magnitude_vector[n].weight = self.lora_magnitude_vector[n].weight
         out.set_adapter(self.active_adapters)
         for n in names:     # peft's set_adapter freezes the others and trains the active ones, as here
-            for p in (self.lora_A[n].weight, self.lora_B[n].weight):
+            for p in self._adapter_params(n):
                 p.requires_grad_(n in self.active_adapters)
         return out
 
     # ------------------------------------------------------------------ report
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"adapters={{{', '.join(f'{n}: r={r}' for n, r in self.r.items())}}}, active={self.active_adapters}")
+                f"adapters={{{', '.join(f'{n}: r={r}' + (' dora' if self.use_dora[n] else '') for n, r in self.r.items())}}}"
+                f", active={self.active_adapters}")
 
     def _fusedtune_report(self) -> dict:
         device = self.base_layer.weight.device
@@ -481,7 +613,11 @@ class LoRALinear(nn.Module):
                                                           f"{lora_ops.nf4_path(last, True)})"))
         elif nf4:
             path += "; NF4 base dequantized by the reference on every call"
-        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" for n in self.active_adapters)
+        if any(self.use_dora[n] for n in self.active_adapters):
+            path += ("; DoRA: output columns scaled by magnitude / ||W + sBA|| (norm from one W.A^T GEMM, float32"
+                     + (", cached in inference" if not self.training else "") + ")")
+        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" + (" dora" if self.use_dora[n] else "")
+                          for n in self.active_adapters)
         return {"method": "qlora" if nf4 else "lora", "backend": b["backend"],
                 "path": f"{path}; active {ranks or 'none'}" + ("; merged" if self.merged else ""),
                 "why_not": b["why_not"]}

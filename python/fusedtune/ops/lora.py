@@ -207,10 +207,18 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None;
     check_groups=False skips the range check of its values (a host sync; callers that built it on the
     host and checked it there)."""
+    args = _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
+                    check_groups)
+    y, _t = _lora_op(*args)
+    return y.reshape(*x.shape[:-1], lora_B.shape[0])
+
+
+def _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
+             check_groups: bool = True) -> tuple:
+    """The checked arguments of _lora_op (x flattened to 2-D)."""
     if weight is None and nf4 is None:
         raise ValueError("lora: weight is None and no nf4 weight was given")
     N, K = _check(x, weight, lora_A, lora_B, bias, scale_table, row_group, dropout_p, nf4)
-    lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
         x2 = x2.contiguous()
@@ -230,9 +238,8 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
                         "on backend='reference')")
     nf4_args = (None, None, None, None, 0, 0, 0.0) if nf4 is None else nf4.op_args()
     w = weight if nf4 is None else nf4.q
-    y, _t = _lora_op(x2, w, lora_A.contiguous(), lora_B.contiguous(), bias, scale_table, row_group,
-                     float(dropout_p), _seed_tensor(seed, float(dropout_p)), *nf4_args, nf4_path(M, nf4), name)
-    return y.reshape(*lead, N)
+    return (x2, w, lora_A.contiguous(), lora_B.contiguous(), bias, scale_table, row_group, float(dropout_p),
+            _seed_tensor(seed, float(dropout_p)), *nf4_args, nf4_path(M, nf4), name)
 
 
 def lora_linear(x, weight, lora_A, lora_B, scale, bias=None, dropout_p=0.0, seed=None, nf4=None,

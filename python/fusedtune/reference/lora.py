@@ -103,3 +103,10 @@ def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True
     if need_dB:
         dB = dyf.t() @ t
     return dx, dA, dB
+
+
+def dora_weight_norm(weight, A, B, scale: float) -> torch.Tensor:
+    """DoRA's column norm (peft's get_weight_norm): ||W + scale * B . A|| of every output row, from the dense
+    sum, float32 (float64 for float64 weights). The specification of fusedtune.ops.dora_weight_norm."""
+    ct = compute_dtype(weight)
+    return torch.linalg.vector_norm(weight.to(ct) + scale * (B.to(ct) @ A.to(ct)), dim=1)

@@ -1,0 +1,123 @@
+"""DoRA (weight-decomposed LoRA; peft's use_dora=True) on the fused LoRA op.
+
+    dora_weight_norm(weight, lora_A, lora_B, scale, nf4=None)
+        ||W + scale * B . A|| of every output row, float32, in row chunks of at most 2^24 elements: never
+        the whole [out, in] matrix B . A (an NF4 base is dequantized first). The sum is formed before the
+        norm, as peft does: the expanded ||W||^2 + 2s<W, BA> + s^2||BA||^2 would need one GEMM less but
+        cancels where the adapter nearly undoes a row.
+    dora_linear(x, weight, lora_A, lora_B, scale, magnitude, bias=None, dropout_p=0.0, seed=None, nf4=None)
+        y = g * (x W^T + s (drop(x) A^T) B^T) + (g - 1) * ((drop(x) - x) W^T) + bias,
+        g = magnitude / dora_weight_norm(...) per output row, the norm detached (DoRA section 4.3, as peft).
+
+The second term is peft's: with dropout its DoRA layer rescales the base output of the dropped input,
+one more GEMM (there is none without dropout or in eval). The first term is the fused LoRA op with the
+column scale applied to its output; in the backward the adapter gradients take dy * g in float32 (peft's
+LoRA branch is float32: rounding dy * g to a bf16 model's dtype first would cost the adapters ~2^-9 of
+relative accuracy), dX takes it rounded to the model's dtype (the base GEMM's), and the magnitude's
+gradient is sum over rows of dy * F / norm.
+
+peft forms lora_B(lora_A(eye(in))) (an [in, out] matrix), adds it to W and takes the norm, all in the
+input's dtype (bfloat16 for a bf16 model) on every forward; here it is float32 throughout, chunked, and
+cached in inference by the layer.
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backend as _backend
+from ..reference import lora as ref
+from ..reference import nf4 as nf4_ref
+from .lora import _HAS, _lora_bwd_op, _lora_op, _op_args, _seed_tensor, scale_table
+
+_CHUNK = 1 << 24   # elements of W upcast to float32 at a time (64 MiB)
+
+
+def _dense(weight, nf4, dtype, backend: str | None):
+    """The dense base weight: `weight`, or the NF4 weight dequantized to `dtype` (the dtype its GEMMs use)."""
+    if nf4 is None:
+        return weight
+    if _backend.resolve("lora_linear", nf4.q.device, _HAS, backend) == "triton":
+        from ..triton_kernels import lora as tk  # noqa: PLC0415
+        return tk.nf4_dequant(nf4.state(), nf4.shape, dtype)
+    return nf4_ref.dequantize(nf4, dtype)
+
+
+def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=torch.float32,
+                     backend: str | None = None) -> torch.Tensor:
+    """float32 [out]: ||W + scale * B . A|| per output row (module docstring); no gradient. An NF4 base
+    (weight None) is taken as dequantized to nf4_dtype: pass the dtype its GEMMs compute in."""
+    with torch.no_grad():
+        W = _dense(weight, nf4, nf4_dtype, backend)
+        if W.dim() != 2 or lora_A.dim() != 2 or lora_A.shape[1] != W.shape[1] or lora_B.shape != (W.shape[0],
+                                                                                                lora_A.shape[0]):
+            raise ValueError(f"dora: weight {tuple(W.shape)}, lora_A {tuple(lora_A.shape)} and lora_B "
+                             f"{tuple(lora_B.shape)} do not make W + B . A")
+        ct = ref.compute_dtype(W)
+        A, B = lora_A.to(ct), lora_B.to(ct)
+        N, K = W.shape
+        out = torch.empty(N, dtype=ct, device=W.device)
+        step = max(1, _CHUNK // max(K, 1))
+        for lo in range(0, N, step):
+            rows = torch.addmm(W[lo:lo + step].to(ct), B[lo:lo + step], A, alpha=float(scale))
+            out[lo:lo + step] = torch.linalg.vector_norm(rows, dim=1)
+        return out
+
+
+class _ColumnScaledLoRA(torch.autograd.Function):
+    """y = g * F (float32 [M, N]), F = the fused LoRA op (no bias), g float32 [N] (module docstring)."""
+
+    @staticmethod
+    def forward(ctx, g, *op_args):
+        F, t = _lora_op(*op_args)
+        x2, w, A, B = op_args[:4]
+        ctx.save_for_backward(g, x2, w, A, B, F, t)
+        ctx.rest = op_args[4:]
+        return F.to(g.dtype) * g
+
+    @staticmethod
+    def backward(ctx, dy):
+        g, x2, w, A, B, F, t = ctx.saved_tensors
+        bias, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
+        need_g, need_x, need_w, need_A, need_B = ctx.needs_input_grad[:5]
+        dF = dy.to(g.dtype) * g
+        tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
+        dg = dx = dW = dA = dB = None
+        if need_g:
+            dg = (dy.to(g.dtype) * F.to(g.dtype)).sum(0)
+        if need_A or need_B:
+            _, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, [False, bool(need_A), bool(need_B)], backend)
+            dA = dA.to(A.dtype) if need_A else None
+            dB = dB.to(B.dtype) if need_B else None
+        if need_x:
+            dx = _lora_bwd_op(dF.to(x2.dtype), x2, w, A, B, t, *tail, [True, False, False], backend)[0]
+        if need_w:      # a base that trains (dense weight only): dW = dF^T x
+            dW = (dF.t() @ x2.to(dF.dtype)).to(w.dtype)
+        return (dg, dx, dW, dA, dB) + (None,) * len(ctx.rest)
+
+
+def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, dropout_p: float = 0.0, seed=None,
+                nf4=None, backend: str | None = None, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
+    """The DoRA linear (module docstring), with autograd to x, lora_A, lora_B and magnitude. weight_norm:
+    a precomputed dora_weight_norm (it must be the current one; None computes it)."""
+    N = lora_B.shape[0]
+    if magnitude.shape != (N,):
+        raise ValueError(f"dora: magnitude must be [{N}] (one per output feature), got {tuple(magnitude.shape)}")
+    if not magnitude.dtype.is_floating_point:
+        raise TypeError(f"dora: magnitude must be a float tensor, got {magnitude.dtype}")
+    p = float(dropout_p)
+    seed_t = _seed_tensor(seed, p)          # one mask for the LoRA branch and the rescaled base term
+    S = scale_table([lora_A.shape[0]], [float(scale)], x.device)
+    args = _op_args(x, weight, lora_A, lora_B, S, None, None, p, seed_t, nf4, backend)
+    if weight_norm is None:
+        weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
+    ct = ref.compute_dtype(x)
+    g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
+    y = _ColumnScaledLoRA.apply(g, *args)
+    if p > 0.0:
+        x2 = x.reshape(-1, x.shape[-1])
+        delta = (ref.dropout(x2, p, int(seed_t)) - x2.to(ct)).to(x.dtype)
+        W = _dense(weight, nf4, x.dtype, backend)
+        y = y + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
