@@ -50,3 +50,30 @@ class SeededDropout(nn.Module):
     def forward(self, x):
         from fusedtune.reference.lora import dropout
         return dropout(x.reshape(-1, x.shape[-1]), self.p, self.seed).reshape(x.shape).to(x.dtype)
+
+
+def norm64(W, A, B, s):
+    """||W + s B A|| per row, fp64, from the definition."""
+    return torch.linalg.vector_norm(W.double() + s * (B.double() @ A.double()), dim=1)
+
+
+def dora64(x, W, A, B, s, m, bias, dy, keep=None, p=0.0):
+    """fp64 [y, dx, dA, dB, dm] of peft's DoRA: y = x W^T + (g-1) (d(x) W^T) + g s (d(x) A^T) B^T + b,
+    g = m / ||W + s B A|| with the norm detached (d = dropout with the boolean mask `keep`)."""
+    x2 = x.reshape(-1, x.shape[-1]).double().detach().requires_grad_()
+    A64, B64, m64 = (t.double().detach().requires_grad_() for t in (A, B, m))
+    W64 = W.double()
+    g = m64 / norm64(W, A, B, s)
+    xd = x2 if keep is None else torch.where(keep, x2 / (1.0 - p), torch.zeros((), dtype=torch.float64))
+    y = x2 @ W64.t() + (g - 1) * (xd @ W64.t()) + g * s * ((xd @ A64.t()) @ B64.t())
+    if bias is not None:
+        y = y + bias.double()
+    grads = torch.autograd.grad(y, [x2, A64, B64, m64], dy.reshape(y.shape).double())
+    return [y.detach()] + [t.detach() for t in grads]
+
+
+def dora_outputs(layer, x, dy, name="default"):
+    xi = x.clone().requires_grad_()
+    y = layer(xi)
+    ps = [layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight]
+    return [y] + list(torch.autograd.grad(y, [xi] + ps, dy))

@@ -150,8 +150,10 @@ def test_to_peft_round_trip_shares_parameters():
 
 def test_unsupported_peft_features_are_refused():
     lin = nn.Linear(12, 8)
-    with pytest.raises(LoRAUnsupported, match="DoRA"):
-        LoRALinear.from_peft(_peft(copy.deepcopy(lin), use_dora=True))
+    other = _peft(copy.deepcopy(lin))
+    other.lora_variant["default"] = type("VeloraLinearVariant", (), {})()    # a variant other than DoRA
+    with pytest.raises(LoRAUnsupported, match="is a VeloraLinearVariant adapter; not supported"):
+        LoRALinear.from_peft(other)
     with pytest.raises(LoRAUnsupported, match="lora_bias"):
         LoRALinear.from_peft(_peft(copy.deepcopy(lin), lora_bias=True))
     two = LoRALinear.from_linear(copy.deepcopy(lin), r=2, dropout=0.1)
