@@ -34,6 +34,11 @@ def test_cpu_run_rows(cpu_run):
     assert any(r["baseline"].startswith("peft") for r in gemm)
     kinds = {r["kernel"] for r in rows}
     assert "lora fwd, 4 adapters in one batch" in kinds and "qlora fwd+bwd" in kinds
+    dora = [r for r in rows if r["kernel"].startswith("dora")]
+    assert [(r["kernel"], r["baseline"]) for r in dora] == [
+        ("dora fwd+bwd", "peft DoRA layer"), ("dora fwd+bwd", "fusedtune plain LoRA layer"),
+        ("dora fwd (inference)", "peft DoRA layer")]
+    assert all(float(r["time_ms"]) > 0 and float(r["baseline_ms"]) > 0 for r in dora)
     bwd = [r for r in rows if r["kernel"] == "lora bwd"]
     step = [r for r in rows if r["kernel"] == "lora step"]
     assert len(bwd) == len(lora_bench.TINY) * 3                  # vs the dX GEMM, peft, unsloth's backward

@@ -26,6 +26,10 @@ Goal: >= 1.3x.
 Several adapters: a mixed batch of 4 adapters (ranks 8, 16, 32, 64) in one call vs peft's mixed-batch
 forward (a loop over adapters with index masks).
 
+DoRA (use_dora): forward+backward of a DoRA layer (r=16), ours (fused op, float32 chunked weight norm,
+column scale) vs peft's DoRA layer, and vs our plain LoRA layer (DoRA's extra cost); inference forward
+(the norm cached) vs peft's, at q_proj and gate/up (--quick: q_proj) with 4096 tokens.
+
 --cpu: tiny shapes on the CPU backend (the reference math); the rows check the framework only.
 """
 from __future__ import annotations
@@ -262,6 +266,53 @@ def multi_rows(timer, on_gpu, device):
                 note=CPU_NOTE if not on_gpu else "")]
 
 
+def dora_rows(timer, on_gpu, device, quick):
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import layer as pl
+    except Exception as e:  # noqa: BLE001
+        return [row("dora fwd+bwd", "-", "bf16", "-", "peft DoRA", (float("nan"),) * 3, None,
+                    note=f"skipped: peft not usable here ({type(e).__name__}: {e})")]
+    from ..nn import LoRALinear
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    shapes = ([QUICK[0]] if quick else [QUICK[0], QUICK[1]]) if on_gpu else TINY[:1]
+    T, r = (4096, 16) if on_gpu else (32, 8)
+    rows = []
+    for name, N, K in shapes:
+        lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dt)
+        pe = pl.Linear(lin, "default", config=LoraConfig(r=r, lora_alpha=2 * r, use_dora=True,
+                                                         init_lora_weights=False), r=r, lora_alpha=2 * r)
+        for mod in (pe.lora_A["default"], pe.lora_B["default"], pe.lora_magnitude_vector["default"]):
+            mod.float()                     # peft's autocast_adapter_dtype: float32 adapters
+        ours = LoRALinear.from_peft(pe)
+        plain = LoRALinear.from_linear(lin, r=r, alpha=2 * r, init_lora_weights=False)
+        x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
+        dy = torch.randn(T, N, device=device, dtype=dt)
+
+        def fb(layer):
+            ps = [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight]
+            ps += [layer.lora_magnitude_vector["default"].weight] if layer.use_dora["default"] else []
+            return torch.autograd.grad(layer(x), ps, dy)
+        shape = f"{name} T={T} N={N} K={K} r={r}"
+        t = timer(lambda: fb(ours))
+        flops = _flops(T, N, K, r, True)
+        rows.append(row("dora fwd+bwd", shape, str(dt)[6:], "triton" if on_gpu else "cpu", "peft DoRA layer", t,
+                        timer(lambda: fb(pe))[0], roofline_pct(t[0], flops=flops),
+                        note=CPU_NOTE if not on_gpu else ""))
+        rows.append(row("dora fwd+bwd", shape, str(dt)[6:], "triton" if on_gpu else "cpu",
+                        "fusedtune plain LoRA layer", t, timer(lambda: fb(plain))[0], roofline_pct(t[0], flops=flops),
+                        note=CPU_NOTE if not on_gpu else "ratio = plain / DoRA: DoRA's extra cost"))
+        for m in (ours, pe):
+            m.eval()
+        with torch.no_grad():
+            ti = timer(lambda: ours(x))
+            rows.append(row("dora fwd (inference)", shape, str(dt)[6:], "triton" if on_gpu else "cpu",
+                            "peft DoRA layer", ti, timer(lambda: pe(x))[0],
+                            roofline_pct(ti[0], flops=_flops(T, N, K, r, False)),
+                            note=CPU_NOTE if not on_gpu else "weight norm cached (peft recomputes it)"))
+    return rows
+
+
 def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     device = "cuda" if on_gpu else "cpu"
@@ -271,4 +322,5 @@ def sections(timer, quick: bool) -> list:
         shapes, tokens, ranks = TINY, (32,), (8,)
     return [("LoRA GEMMs", lambda: gemm_rows(timer, shapes, tokens, ranks, on_gpu, device)),
             ("QLoRA (NF4 base)", lambda: nf4_rows(timer, on_gpu, device, quick)),
-            ("several adapters", lambda: multi_rows(timer, on_gpu, device))]
+            ("several adapters", lambda: multi_rows(timer, on_gpu, device)),
+            ("DoRA", lambda: dora_rows(timer, on_gpu, device, quick))]
