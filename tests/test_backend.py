@@ -59,8 +59,9 @@ def test_per_call_request_is_taken_at_its_word():
 def test_every_family_op_is_in_fusedtune_ops():
     """The paths the issues and docs name: fusedtune.ops.<op> for every family."""
     import fusedtune.ops as ops
-    from fusedtune.ops import fp8, hft, lora, roste, sparse_delta, zo
+    from fusedtune.ops import dora, fp8, hft, lora, roste, sparse_delta, zo
     for mod, names in ((zo, ["zo_apply_", "zo_noise"]), (lora, ["lora_linear", "lora_linear_multi"]),
+                       (dora, ["dora_linear", "dora_weight_norm"]),
                        (sparse_delta, ["sddmm", "sparse_adamw_", "sparse_delta_linear"]),
                        (hft, ["row_grad", "hft_row_linear", "masked_adamw_"]),
                        (fp8, ["fp8_quantize_1x128", "fp8_quantize_128x128", "fp8_gemm", "fp8_linear"]),

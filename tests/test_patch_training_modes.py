@@ -17,11 +17,11 @@ from fusedtune.patch import methods, missing_requirements  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
-NAMES = sorted(methods()) + ["hft-row", "hft-block"]     # method[-HFT granularity]
+NAMES = sorted(methods()) + ["hft-row", "hft-block", "lora-dora"]     # method[-HFT granularity, or DoRA]
 
 
 def _train(name, mode=None):
-    """Three steps of `name` (LoRA methods with dropout 0.1) on the tiny Llama; mode: None (eager),
+    """Three steps of `name` (LoRA methods with dropout 0.1; lora-dora: DoRA) on the tiny Llama; mode: None (eager),
     ("checkpoint", reentrant) or "compile"."""
     name, _, granularity = name.partition("-")
     cls = methods()[name]
@@ -30,7 +30,10 @@ def _train(name, mode=None):
     m = tiny_llama()
     m.train()
     torch.manual_seed(3)
-    kw = {"dropout": 0.1} if "lora" in name else {"granularity": granularity} if granularity else {}
+    if "lora" in name:
+        kw = {"dropout": 0.1, "use_dora": granularity == "dora"}
+    else:
+        kw = {"granularity": granularity} if granularity else {}
     rep = fusedtune.patch(m, name, **kw)
     fwd = m
     if mode == "compile":
