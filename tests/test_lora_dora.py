@@ -323,3 +323,18 @@ def test_unsupported_dora_uses_are_refused():
                              torch.ones(7))
     with pytest.raises(PatchError, match="use_dora is not supported over FP8"):
         fusedtune.patch(tiny_llama(), "fp8_lora", r=2, use_dora=True)
+
+
+def test_a_trained_bias_gets_its_gradient():
+    """peft's bias="all" trains the base bias: the op's bias gradient is the column sum of dy."""
+    torch.manual_seed(9)
+    lin = nn.Linear(16, 8)
+    pe = _peft(copy.deepcopy(lin), magnitude_seed=9)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    for layer in (pe, ours):
+        layer.base_layer.bias.requires_grad_(True)
+    x, dy = torch.randn(5, 16), torch.randn(5, 8)
+    got = torch.autograd.grad(ours(x), [ours.base_layer.bias], dy)[0]
+    want = torch.autograd.grad(pe(x), [pe.base_layer.bias], dy)[0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(got, dy.sum(0), rtol=1e-6, atol=1e-6)

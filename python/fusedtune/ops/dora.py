@@ -64,26 +64,30 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=t
 
 
 class _ColumnScaledLoRA(torch.autograd.Function):
-    """y = g * F (float32 [M, N]), F = the fused LoRA op (no bias), g float32 [N] (module docstring)."""
+    """y = g * F + bias (float32 [M, N], one pass over F), F = the fused LoRA op (without the bias), g and
+    bias float32 [N] (module docstring)."""
 
     @staticmethod
-    def forward(ctx, g, *op_args):
+    def forward(ctx, g, bias, *op_args):
         F, t = _lora_op(*op_args)
         x2, w, A, B = op_args[:4]
         ctx.save_for_backward(g, x2, w, A, B, F, t)
         ctx.rest = op_args[4:]
-        return F.to(g.dtype) * g
+        return F * g if bias is None else torch.addcmul(bias, F, g)   # F promoted to float32 in the same pass
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dy):              # dy: float32, the output's dtype
         g, x2, w, A, B, F, t = ctx.saved_tensors
-        bias, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
-        need_g, need_x, need_w, need_A, need_B = ctx.needs_input_grad[:5]
-        dF = dy.to(g.dtype) * g
+        _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
+        need_g, need_bias, need_x, need_w, need_A, need_B = ctx.needs_input_grad[:6]
+        dy = dy.to(g.dtype)
+        dF = dy * g
         tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
-        dg = dx = dW = dA = dB = None
+        dg = dbias = dx = dW = dA = dB = None
         if need_g:
-            dg = (dy.to(g.dtype) * F.to(g.dtype)).sum(0)
+            dg = (dy * F).sum(0)
+        if need_bias:
+            dbias = dy.sum(0)
         if need_A or need_B:
             _, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, [False, bool(need_A), bool(need_B)], backend)
             dA = dA.to(A.dtype) if need_A else None
@@ -92,7 +96,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
             dx = _lora_bwd_op(dF.to(x2.dtype), x2, w, A, B, t, *tail, [True, False, False], backend)[0]
         if need_w:      # a base that trains (dense weight only): dW = dF^T x
             dW = (dF.t() @ x2.to(dF.dtype)).to(w.dtype)
-        return (dg, dx, dW, dA, dB) + (None,) * len(ctx.rest)
+        return (dg, dbias, dx, dW, dA, dB) + (None,) * len(ctx.rest)
 
 
 def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, dropout_p: float = 0.0, seed=None,
@@ -112,12 +116,10 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    y = _ColumnScaledLoRA.apply(g, *args)
+    y = _ColumnScaledLoRA.apply(g, None if bias is None else bias.to(ct), *args)
     if p > 0.0:
         x2 = x.reshape(-1, x.shape[-1])
         delta = (ref.dropout(x2, p, int(seed_t)) - x2.to(ct)).to(x.dtype)
         W = _dense(weight, nf4, x.dtype, backend)
         y = y + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)
-    if bias is not None:
-        y = y + bias.to(ct)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
