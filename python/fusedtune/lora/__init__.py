@@ -14,7 +14,10 @@ ranks and alphas that differ from the most common one go to rank_pattern / alpha
 Modules trained in full (patch's modules_to_save, e.g. embed_tokens / lm_head) are written as peft
 writes them (base_model.model.<module>.<param>, "modules_to_save" in the config) and loaded into the
 model's own modules. DoRA adapters (use_dora) carry their magnitude as peft writes it
-(base_model.model.<module>.lora_magnitude_vector, "use_dora": true).
+(base_model.model.<module>.lora_magnitude_vector, "use_dora": true). PiSSA / OLoRA adapters are written
+as peft writes them without conversion ("init_lora_weights": "pissa"): loading one onto the original
+model first rewrites each target's weight as the residual W - scale B0 A0 of its own decomposition (as
+peft does), then loads the trained A and B.
 """
 from __future__ import annotations
 
@@ -27,7 +30,7 @@ import re
 
 import torch
 
-from ..nn.lora import LoRALinear
+from ..nn.lora import LoRALinear, _decomposition
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"
@@ -124,6 +127,8 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     drops = {m.lora_dropout_p[adapter_name] for m in layers.values()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
     dora = {m.use_dora[adapter_name] for m in layers.values()}
+    inits = {m.init_lora_weights.get(adapter_name, True) for m in layers.values()}
+    init = inits.pop() if len(inits) == 1 and _decomposition(next(iter(inits))) else True
     if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1:
         raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora and one use_dora per adapter; "
                          f"the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)})")
@@ -132,7 +137,7 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
               "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "rank_pattern": {n: v for n, v in ranks.items() if v != r},
               "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": True, "use_dora": dora.pop(),
+              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init, "use_dora": dora.pop(),
               "lora_bias": False, "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     os.makedirs(path, exist_ok=True)
@@ -157,6 +162,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         raise NotImplementedError(f"load_adapter: {path} is not a LoRA or DoRA adapter (peft_type "
                                   f"{cfg.get('peft_type')}, lora_bias {cfg.get('lora_bias')})")
     dora = bool(cfg.get("use_dora", False))
+    init = cfg.get("init_lora_weights", True)
+    decompose = _decomposition(init)
     tensors = load_file(os.path.join(path, WEIGHTS))
     layers = lora_layers(model)
     plan, full = {}, {}
@@ -190,14 +197,23 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         if adapter_name in m.r and m.r[adapter_name] != A.shape[0]:
             raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with r={m.r[adapter_name]}, the file "
                              f"has r={A.shape[0]}")
+        if decompose:
+            m._check_decomposable(init, int(A.shape[0]))
     for mod, parts in plan.items():
         m = layers[mod]
         r = int(parts["A"].shape[0])
         alpha = float(_pattern(cfg.get("alpha_pattern"), mod, cfg["lora_alpha"]))
         drop, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
         if adapter_name not in m.r:
-            m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora)
+            m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora,
+                          init_lora_weights=init if decompose else True)
         else:   # overwrite: the file's settings replace the adapter's
+            if decompose and m.init_lora_weights.get(adapter_name, True) != init:   # base -> the residual
+                with torch.no_grad():
+                    scaling = alpha / (math.sqrt(r) if rslora else r)
+                    m._decompose_init(decompose, m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight, r,
+                                      scaling)
+                m.init_lora_weights[adapter_name] = init
             m.lora_alpha[adapter_name] = alpha
             m.set_dropout(adapter_name, drop)
             m.use_rslora[adapter_name] = rslora

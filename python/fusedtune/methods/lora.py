@@ -4,6 +4,7 @@
     rep = fusedtune.patch(model, "qlora", r=16, alpha=32)     # base weights quantized to NF4 first
     rep = fusedtune.patch(model, "fp8_lora", r=16)            # base GEMMs in FP8 (FP8Linear), sm_89+
     rep = fusedtune.patch(model, "lora", r=16, use_dora=True) # DoRA (peft's use_dora; "qlora" too: QDoRA)
+    rep = fusedtune.patch(model, "lora", r=16, init_lora_weights="pissa")   # or "olora": A, B from W, W the residual
     fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
     fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
 
@@ -16,6 +17,10 @@ qlora quantizes each target's weight with bitsandbytes (NF4, blocksize 64, doubl
 default) into a bnb.nn.Linear4bit whose compute dtype is the weight's dtype. A model loaded in 4 bits
 (transformers' BitsAndBytesConfig) keeps its Linear4bit layers under lora and qlora alike (adapters over
 them; unpatch(merge=False) hands them back); fp8_lora needs 16/32-bit weights.
+init_lora_weights="pissa" / "pissa_niter_<k>" / "olora" (peft's) start A and B from each weight's top-r
+SVD / QR and leave the residual W - scale B A as the base (under qlora / fp8_lora the 16/32-bit weight is
+decomposed and the residual quantized, as PiSSA's QLoRA recipe does): the model is unchanged at step 0
+(up to the rounding of the residual) and unpatch(merge=False) gives the residual base.
 """
 from __future__ import annotations
 
@@ -26,7 +31,7 @@ from ..patch import PatchError, SwapMethod, is_bnb_4bit, outermost_modules, regi
 
 
 class LoRAMethod(SwapMethod):
-    options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "use_dora": False,
+    options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
                "adapter_dtype": torch.float32,
                "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None,
                "modules_to_save": None}
@@ -52,12 +57,24 @@ class LoRAMethod(SwapMethod):
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
 
-    def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, adapter_dtype, backend, **options):
+    def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, init_lora_weights, adapter_dtype, backend,
+             **options):
         from ..nn import LoRALinear  # noqa: PLC0415
+        from ..nn.lora import _decomposition  # noqa: PLC0415
         loaded_4bit = is_bnb_4bit(linear)
-        base = self.base_layer(linear, backend=backend, **options)
-        m = LoRALinear.from_linear(base, r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora,
-                                   adapter_dtype=adapter_dtype, backend=backend, use_dora=bool(use_dora))
+        kw = dict(r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
+                  backend=backend)
+        if not _decomposition(init_lora_weights) or type(linear) is not nn.Linear or self.name == "lora":
+            base = self.base_layer(linear, backend=backend, **options)
+            m = LoRALinear.from_linear(base, use_dora=bool(use_dora), init_lora_weights=init_lora_weights, **kw)
+        else:   # PiSSA / OLoRA under qlora / fp8_lora: decompose the 16/32-bit weight, quantize the residual
+            dense = LoRALinear.from_linear(linear, init_lora_weights=init_lora_weights, **kw)
+            m = LoRALinear.from_linear(self.base_layer(linear, backend=backend, **options), **kw)
+            with torch.no_grad():
+                m.lora_A["default"].weight.copy_(dense.lora_A["default"].weight)
+                m.lora_B["default"].weight.copy_(dense.lora_B["default"].weight)
+            m.init_lora_weights["default"] = init_lora_weights
+            m.set_dora("default", bool(use_dora))
         m._fusedtune_loaded_4bit = loaded_4bit   # unpatch(merge=False) hands the 4-bit layer back as it was
         return m
 

@@ -54,6 +54,20 @@ def _features(base) -> tuple[int, int]:
                     f"bitsandbytes Linear4bit (NF4), got {type(base).__name__}{sub}")
 
 
+def _decomposition(init) -> str:
+    """"pissa", "pissa_niter_<k>" or "olora" when `init` asks for one (peft's spellings), else ""."""
+    if not isinstance(init, str):
+        return ""
+    if init in ("pissa", "olora"):
+        return init
+    head, sep, k = init.partition("_niter_")
+    if head == "pissa" and sep:
+        if not k.isdigit():
+            raise ValueError(f"LoRALinear: init_lora_weights={init!r}: the number after _niter_ must be an int")
+        return init
+    return ""
+
+
 def _backward_schedule(R: int) -> str:
     from ..triton_kernels.lora import DY_MAX_R, dy_fused  # noqa: PLC0415
     if R == 0:
@@ -89,6 +103,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()     # peft's: nn.Dropout(p), or nn.Identity for p = 0
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
+        self.init_lora_weights: dict[str, object] = {}     # how each adapter was initialized (adapter files)
         self.lora_magnitude_vector = nn.ModuleDict()    # DoRA adapters only
         self._dora_norms: dict = {}                     # eval-time cache of the DoRA weight norms
         self._dora_merged: dict[str, torch.Tensor] = {}  # the column scales of merged DoRA adapters
@@ -122,9 +137,13 @@ class LoRALinear(nn.Module):
     def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                     init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32,
                     use_dora: bool = False) -> None:
-        """Add a named adapter and make it the active one (peft's update_layer + set_adapter). use_dora: its
-        magnitude starts at the weight norm ||W + scale B A|| per output row, so the layer's output is
-        unchanged, as peft's."""
+        """Add a named adapter and make it the active one (peft's update_layer + set_adapter).
+        init_lora_weights (peft's): True (A kaiming-uniform, B zero), "gaussian", False (B random too), or
+        "pissa" / "pissa_niter_<k>" / "olora": A and B from the base weight's top-r SVD (randomized with k
+        subspace iterations, from torch's generator) / QR, and the base weight becomes the residual
+        W - scale B A (in place, a dense base only), so the layer's output is unchanged.
+        use_dora: its magnitude starts at the weight norm ||W + scale B A|| per output row, so the layer's
+        output is unchanged, as peft's."""
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
         if name in self.r:
@@ -138,10 +157,16 @@ class LoRALinear(nn.Module):
                                   "the dense weight); use a 16-bit or NF4 base")
         device, base_dtype = self._base_device_dtype()
         dtype = adapter_dtype or base_dtype
+        scaling = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        decompose = _decomposition(init_lora_weights)
+        if decompose:
+            self._check_decomposable(init_lora_weights, r)
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
         with torch.no_grad():
-            if init_lora_weights is True:        # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
+            if decompose:
+                self._decompose_init(decompose, A.weight, B.weight, r, scaling)
+            elif init_lora_weights is True:        # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
                 nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
                 B.weight.zero_()
             elif init_lora_weights == "gaussian":
@@ -152,16 +177,49 @@ class LoRALinear(nn.Module):
                 nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
             else:
                 raise LoRAUnsupported(f"LoRALinear: init_lora_weights={init_lora_weights!r} is not supported "
-                                      "(True, False or 'gaussian')")
+                                      "(True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora')")
         self.lora_A[name], self.lora_B[name] = A, B
         self.r[name], self.lora_alpha[name] = r, float(alpha)
         self.use_rslora[name] = bool(use_rslora)
         self.set_dropout(name, dropout)
-        self.scaling[name] = float(alpha) / (math.sqrt(r) if use_rslora else r)
+        self.scaling[name] = scaling
+        self.init_lora_weights[name] = init_lora_weights
         self.use_dora[name] = bool(use_dora)
         if use_dora:
             self.lora_magnitude_vector[name] = DoRAMagnitude(self._dora_norm(name, cache=False).to(dtype))
         self.set_adapter(name)
+
+    def _check_decomposable(self, how: str, r: int) -> None:
+        if is_bnb_4bit(self.base_layer) or _is_fp8(self.base_layer):
+            raise LoRAUnsupported(f"LoRALinear: init_lora_weights={how!r} rewrites the base weight as the residual "
+                                  "W - scale B A: initialize on the 16/32-bit model, then quantize the residual")
+        if self.base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            raise TypeError(f"LoRALinear: init_lora_weights={how!r} needs a float32/16 base weight, got "
+                            f"{self.base_layer.weight.dtype}")
+        if r > min(self.in_features, self.out_features):
+            raise ValueError(f"LoRALinear: init_lora_weights={how!r} takes r <= min(in, out) = "
+                             f"{min(self.in_features, self.out_features)} singular/QR directions, got r={r}")
+
+    def _decompose_init(self, how: str, A: torch.Tensor, B: torch.Tensor, r: int, scaling: float) -> None:
+        """PiSSA / OLoRA (peft's pissa_init / olora_init, the same float32 products): A, B from W's top-r
+        decomposition, W <- round(W - scaling B A)."""
+        W = self.base_layer.weight
+        Wf = W.detach().float()
+        if how == "olora":
+            Q, R = torch.linalg.qr(Wf)
+            a, b = R[:r].contiguous(), Q[:, :r].contiguous()
+        else:
+            if how == "pissa":
+                U, S, Vh = torch.linalg.svd(Wf, full_matrices=False)
+                U, S, Vh = U[:, :r], S[:r], Vh[:r]
+            else:
+                U, S, V = torch.svd_lowrank(Wf, r, niter=int(how.rpartition("_niter_")[2]))
+                Vh = V.t()
+            root = torch.sqrt(S / scaling)
+            a, b = torch.diag(root) @ Vh, U @ torch.diag(root)
+        A.copy_(a)
+        B.copy_(b)
+        W.copy_((Wf - scaling * b @ a).to(W.dtype))
 
     def set_dropout(self, name: str, p: float) -> None:
         """The LoRA-branch dropout probability of adapter `name` (peft's lora_dropout[name] module)."""
@@ -211,6 +269,7 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
             d.pop(name)
+        self.init_lora_weights.pop(name, None)
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
