@@ -171,3 +171,11 @@ def test_dora_layer_within_rule_against_peft(dtype, p):
     atol = 1e-4 if dtype == torch.float32 else 1e-2
     for j, (a, b, e) in enumerate(zip(got, want, exact)):
         assert_within_rule(a.reshape(e.shape), e, b.reshape(e.shape), f"{dtype} p={p} output {j}", atol=atol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_dropout_delta_kernel_is_bit_exact_on_the_gpu(dtype):
+    """DoRA's dropout(x) - x: the Triton kernel (no FMA contraction) equals the reference bit for bit."""
+    from fusedtune.ops.dora import _dropout_delta
+    x = torch.randn(4097, 4095, device="cuda").to(dtype)
+    assert torch.equal(_dropout_delta(x, 0.1, 77, "triton"), _dropout_delta(x, 0.1, 77, "reference"))

@@ -99,6 +99,26 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         return (dg, dbias, dx, dW, dA, dB) + (None,) * len(ctx.rest)
 
 
+class _DropoutDelta(torch.autograd.Function):
+    """dropout(x) - x with the LoRA branch's mask (Triton kernel on a GPU): a diagonal map, its own backward."""
+
+    @staticmethod
+    def forward(ctx, x2, p, seed, backend):
+        ctx.args = (p, seed, backend)
+        return _dropout_delta(x2, p, seed, backend)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return _dropout_delta(grad.contiguous(), *ctx.args), None, None, None
+
+
+def _dropout_delta(x2, p: float, seed: int, backend: str) -> torch.Tensor:
+    if backend == "triton":
+        from ..triton_kernels import lora as tk  # noqa: PLC0415
+        return tk.dropout_delta(x2, tk.Dropout(p, seed))
+    return (ref.dropout(x2, p, seed) - x2.to(ref.compute_dtype(x2))).to(x2.dtype)
+
+
 def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, dropout_p: float = 0.0, seed=None,
                 nf4=None, backend: str | None = None, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The DoRA linear (module docstring), with autograd to x, lora_A, lora_B and magnitude. weight_norm:
@@ -118,8 +138,7 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
     y = _ColumnScaledLoRA.apply(g, None if bias is None else bias.to(ct), *args)
     if p > 0.0:
-        x2 = x.reshape(-1, x.shape[-1])
-        delta = (ref.dropout(x2, p, int(seed_t)) - x2.to(ct)).to(x.dtype)
+        delta = _DropoutDelta.apply(args[0], p, int(seed_t), args[-1])
         W = _dense(weight, nf4, x.dtype, backend)
         y = y + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
