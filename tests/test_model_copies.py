@@ -27,7 +27,8 @@ from tiny_models import tiny_llama  # noqa: E402
 IDS = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(1))
 CASES = [(n, {}) for n in sorted(methods())] + [("hft", {"granularity": "row"}),
                                                   ("hft", {"granularity": "row", "snapshot": "lazy"}),
-                                                  ("hft", {"granularity": "block"})]
+                                                  ("hft", {"granularity": "block"}),
+                                                  ("lora", {"use_dora": True, "init_lora_weights": "pissa"})]
 REGROW = {"every": 5, "rate": 0.3, "total_steps": 50, "accumulate_steps": 2}
 
 

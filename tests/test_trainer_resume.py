@@ -18,7 +18,7 @@ from tiny_models import tiny_llama  # noqa: E402
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
 CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
          ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16),
-         ("hft-block", torch.bfloat16)]
+         ("hft-block", torch.bfloat16), ("lora-dora", torch.bfloat16)]
 
 
 def _run(case, dtype, out, resume=None):
@@ -32,7 +32,8 @@ def _run(case, dtype, out, resume=None):
         if granularity == "row":
             kw["optimizer_cls_and_kwargs"] = (MaskedAdamW, {})
     else:
-        rep = fusedtune.patch(model, case)
+        name, _, variant = case.partition("-")
+        rep = fusedtune.patch(model, name, **({"use_dora": True, "dropout": 0.1} if variant == "dora" else {}))
         if case == "sparse_delta":
             kw["optimizers"] = (rep.optimizer, None)     # the fused optimizer, as a user passes it
     args = transformers.TrainingArguments(
