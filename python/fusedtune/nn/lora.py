@@ -546,7 +546,7 @@ class LoRALinear(nn.Module):
         Wf = W.float()
         for n in self.merged_adapters:
             if n in self._dora_merged:
-                Wf = Wf / self._dora_merged[n][:, None]
+                Wf = Wf / self._dora_merged[n].to(Wf.device)[:, None]
         return Wf - sum(self.delta_weight(n) for n in self.merged_adapters)
 
     def to_linear(self, merge: bool = True) -> nn.Linear:
