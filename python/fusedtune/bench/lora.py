@@ -201,14 +201,18 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
     return rows
 
 
+def _skipped(kernel: str, baseline: str, what: str, e: Exception) -> dict:
+    return row(kernel, "-", "bf16", "-", baseline, (float("nan"),) * 3, None,
+               note=f"skipped: {what} not usable here ({type(e).__name__}: {e})")
+
+
 def nf4_rows(timer, on_gpu, device, quick):
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig
         from peft.tuners.lora.bnb import Linear4bit as PeftLinear4bit
     except Exception as e:  # noqa: BLE001
-        return [row("qlora fwd+bwd", "-", "bf16", "-", "bitsandbytes + peft", (float("nan"),) * 3, None,
-                    note=f"skipped: bitsandbytes/peft not usable here ({type(e).__name__}: {e})")]
+        return [_skipped("qlora fwd+bwd", "bitsandbytes + peft", "bitsandbytes/peft", e)]
     from ..nn import LoRALinear
     dt = torch.bfloat16 if on_gpu else torch.float32
     N, K = (14336, 4096) if on_gpu else (64, 128)
@@ -271,8 +275,7 @@ def dora_rows(timer, on_gpu, device, quick):
         from peft import LoraConfig
         from peft.tuners.lora import layer as pl
     except Exception as e:  # noqa: BLE001
-        return [row("dora fwd+bwd", "-", "bf16", "-", "peft DoRA", (float("nan"),) * 3, None,
-                    note=f"skipped: peft not usable here ({type(e).__name__}: {e})")]
+        return [_skipped("dora fwd+bwd", "peft DoRA layer", "peft", e)]
     from ..nn import LoRALinear
     dt = torch.bfloat16 if on_gpu else torch.float32
     shapes = ([QUICK[0]] if quick else [QUICK[0], QUICK[1]]) if on_gpu else TINY[:1]
