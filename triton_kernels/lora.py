@@ -2,6 +2,7 @@
 
 lora_shrink_kernel   T[M, R] = (dropout(P) . Q^T) * S[gid]      the skinny x.A^T (and dy.B) GEMM, fp32 out
 lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
+                     (DoRA, COL_SCALE: also F = the product before the bias, and C = G[n] * F + bias)
                      forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
                      the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
                      x and W are read once and y written once; Q may be NF4 (dequantized in the tile load)
@@ -135,9 +136,10 @@ def _store_scaled_part(out_ptr, acc, gid_ptr, s_ptr, part, offs_m, offs_r, m_ok,
 @_autotuned(_GEMM_CONFIGS)
 @triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
-                     M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
+                     g_ptr, f_ptr, M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
                      seed, thresh, keep_scale, nf4_offset,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NF4: tl.constexpr,
+                     COL_SCALE: tl.constexpr,
                      NF4_DOUBLE: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_BLOCK2: tl.constexpr,
                      BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
@@ -175,6 +177,10 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
             acc += tl.where(_keep(seed, offs_m, pid_n * BLOCK_N, thresh, BLOCK_M, BLOCK_N), lo * keep_scale, 0.0)
         else:
             acc = lo
+    if COL_SCALE:   # DoRA: F (the unscaled product, for the magnitude's gradient), then the column scale
+        tl.store(f_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], acc.to(f_ptr.dtype.element_ty),
+                 mask=m_ok[:, None] & n_ok[None, :])
+        acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
@@ -373,9 +379,11 @@ def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor,
 
 
 def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_strides: tuple, bias, out_dtype,
-         drop: Dropout, nf4=None) -> torch.Tensor:
+         drop: Dropout, nf4=None, col_scale=None, f_out=None) -> torch.Tensor:
     """C [M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias. Q[n, k] sits at q + n*q_strides[0] + k*q_strides[1]
-    (nf4: q is the packed weight and nf4 the dict of its quantization state); E[n, r] likewise."""
+    (nf4: q is the packed weight and nf4 the dict of its quantization state); E[n, r] likewise.
+    col_scale (float32 [N]) with f_out (an [M, N] tensor like C): f_out <- the product before the bias,
+    C <- col_scale[n] * it + bias."""
     M, K = p.shape
     R = 0 if t is None else t.shape[1]
     _check32("gemm", p, q, t, e)
@@ -395,9 +403,11 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     kernel[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
+        dummy if col_scale is None else col_scale, dummy if f_out is None else f_out,
         M, N, K, R, p.stride(0), q_strides[0], q_strides[1], e_strides[0], e_strides[1], c.stride(0),
         drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
         HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
+        COL_SCALE=col_scale is not None,
         NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
         BASE_PREC=prec, EPI_PREC=prec, BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
@@ -494,10 +504,11 @@ def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
 
 _GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", "bias_ptr": "*bf16",
              "c_ptr": "*bf16", "absmax_ptr": "*fp32", "absmax2_ptr": "*fp32", "code_ptr": "*fp32",
-             "code2_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_pm": "i32",
+             "code2_ptr": "*fp32", "g_ptr": "*fp32", "f_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
+             "stride_pm": "i32",
              "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
-_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256, BASE_PREC="tf32",
-                  EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
+_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
+                  BASE_PREC="tf32", EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
 _ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "stride_en": "i32"}),
            "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"})}
 _ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm"]
@@ -507,7 +518,7 @@ def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", **over):
     consts, strides = _ORIENT[orient]
     sig = dict(strides)
     if dt != "bf16":
-        sig.update(p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}")
+        sig.update(p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}", f_ptr=f"*{dt}")
     if over.get("NF4"):
         sig.update(q_ptr="*u8", absmax_ptr="*u8")
     return {"constexprs": {**_GEMM_BASE, **consts, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **over},
@@ -518,6 +529,7 @@ register(KernelSpec(
     family="lora", name="lora_gemm_kernel", fn=lora_gemm_kernel.fn, signature=_GEMM_SIG, gemm=True,
     configs=[_gemm_cfg(*c) for c in _GEMM_CONFIGS]
     + [_gemm_cfg(128, 128, 64, 8, 4, "fp16"), _gemm_cfg(64, 128, 64, 4, 4, BLOCK_R=32),
+       _gemm_cfg(128, 256, 64, 8, 3, COL_SCALE=True), _gemm_cfg(16, 64, 64, 4, 2, NF4=True, NF4_DOUBLE=True, COL_SCALE=True),
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(64, 64, 64, 4, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False)]

@@ -10,8 +10,9 @@
         g = magnitude / dora_weight_norm(...) per output row, the norm detached (DoRA section 4.3, as peft).
 
 The second term is peft's: with dropout its DoRA layer rescales the base output of the dropped input,
-one more GEMM (there is none without dropout or in eval). The first term is the fused LoRA op with the
-column scale applied to its output; in the backward the adapter gradients take dy * g in float32 (peft's
+one more GEMM (there is none without dropout or in eval). The first term is the fused LoRA GEMM with the
+column scale in its epilogue (fusedtune::dora_linear; it also writes F, the product before the scale and
+the bias, for the magnitude's gradient); in the backward the adapter gradients take dy * g in float32 (peft's
 LoRA branch is float32: rounding dy * g to a bf16 model's dtype first would cost the adapters ~2^-9 of
 relative accuracy), dX takes it rounded to the model's dtype (the base GEMM's), and the magnitude's
 gradient is sum over rows of dy * F / norm.
@@ -27,7 +28,7 @@ import torch
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
-from .lora import _HAS, _lora_bwd_op, _lora_op, _op_args, _seed_tensor, scale_table
+from .lora import _HAS, _impl, _lora_bwd_op, _nf4_dict, _op_args, _seed_tensor, scale_table
 
 _CHUNK = 1 << 24   # elements of W upcast to float32 at a time (64 MiB)
 
@@ -63,23 +64,49 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=t
         return out
 
 
+@torch.library.custom_op("fusedtune::dora_linear", mutates_args=())
+def _dora_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+             bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
+             seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+             nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+             nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
+             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(y = g * F + bias, t, F): the fused LoRA GEMM with DoRA's column scale in its epilogue, which also
+    stores F = x W^T + t B^T (before the bias) for the magnitude's gradient."""
+    nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize, nf4_blocksize2,
+                    nf4_offset)
+    k = _impl(backend)
+    if k is not None:
+        return k.forward_scaled(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4,
+                                nf4_path, g.contiguous())
+    w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
+    return ref.forward_scaled(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), g)
+
+
+@_dora_op.register_fake
+def _(g, x, weight, lora_A, lora_B, bias, scales, *rest):
+    N = lora_B.shape[0]
+    return (x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ref.compute_dtype(x)),
+            x.new_empty((x.shape[0], N)))
+
+
 class _ColumnScaledLoRA(torch.autograd.Function):
-    """y = g * F + bias (float32 [M, N], one pass over F), F = the fused LoRA op (without the bias), g and
-    bias float32 [N] (module docstring)."""
+    """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both."""
 
     @staticmethod
-    def forward(ctx, g, bias, *op_args):
-        F, t = _lora_op(*op_args)
+    def forward(ctx, g, *op_args):
+        y, t, F = _dora_op(g, *op_args)
         x2, w, A, B = op_args[:4]
         ctx.save_for_backward(g, x2, w, A, B, F, t)
         ctx.rest = op_args[4:]
-        return F * g if bias is None else torch.addcmul(bias, F, g)   # F promoted to float32 in the same pass
+        ctx.mark_non_differentiable(t, F)
+        return y, t, F
 
     @staticmethod
-    def backward(ctx, dy):              # dy: float32, the output's dtype
+    def backward(ctx, dy, _dt, _dF):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
-        need_g, need_bias, need_x, need_w, need_A, need_B = ctx.needs_input_grad[:6]
+        need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
         dy = dy.to(g.dtype)
         dF = dy * g
         tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
@@ -87,7 +114,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         if need_g:
             dg = (dy * F).sum(0)
         if need_bias:
-            dbias = dy.sum(0)
+            dbias = dy.sum(0).to(ctx.rest[0].dtype)
         if need_A or need_B:
             _, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, [False, bool(need_A), bool(need_B)], backend)
             dA = dA.to(A.dtype) if need_A else None
@@ -96,7 +123,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
             dx = _lora_bwd_op(dF.to(x2.dtype), x2, w, A, B, t, *tail, [True, False, False], backend)[0]
         if need_w:      # a base that trains (dense weight only): dW = dF^T x
             dW = (dF.t() @ x2.to(dF.dtype)).to(w.dtype)
-        return (dg, dbias, dx, dW, dA, dB) + (None,) * len(ctx.rest)
+        return (dg, dx, dW, dA, dB, dbias) + (None,) * (len(ctx.rest) - 1)
 
 
 class _DropoutDelta(torch.autograd.Function):
@@ -136,9 +163,11 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    y = _ColumnScaledLoRA.apply(g, None if bias is None else bias.to(ct), *args)
+    if bias is not None:
+        args = args[:4] + (bias,) + args[5:]
+    y = _ColumnScaledLoRA.apply(g, *args)[0]
     if p > 0.0:
         delta = _DropoutDelta.apply(args[0], p, int(seed_t), args[-1])
         W = _dense(weight, nf4, x.dtype, backend)
-        y = y + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)
-    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+        y = (y.to(ct) + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)).to(x.dtype)
+    return y.reshape(*x.shape[:-1], N)

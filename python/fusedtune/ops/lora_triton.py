@@ -1,6 +1,8 @@
 """The Triton schedule of the LoRA ops (fusedtune.triton_kernels.lora), same math as the reference."""
 from __future__ import annotations
 
+import torch
+
 from ..triton_kernels import lora as tk
 
 _NO_DROPOUT = tk.Dropout(0.0, 0)
@@ -23,6 +25,16 @@ def forward(x, weight, A, B, bias, S, gid, p, seed, nf4, path):
     q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
     y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf)
     return y, t
+
+
+def forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
+    """DoRA: (y = g * F + bias, t, F), F = x W^T + t B^T stored by the same GEMM's epilogue."""
+    N, K = B.shape[0], x.shape[1]
+    t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
+    q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
+    F = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf, col_scale=g, f_out=F)
+    return y, t, F
 
 
 def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB):

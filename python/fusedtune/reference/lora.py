@@ -110,3 +110,15 @@ def dora_weight_norm(weight, A, B, scale: float) -> torch.Tensor:
     sum, float32 (float64 for float64 weights). The specification of fusedtune.ops.dora_weight_norm."""
     ct = compute_dtype(weight)
     return torch.linalg.vector_norm(weight.to(ct) + scale * (B.to(ct) @ A.to(ct)), dim=1)
+
+
+def forward_scaled(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
+    """DoRA's fused forward: (y = g * F + bias, t, F) with F = x W^T + t B^T before any rounding; y and F
+    rounded once to x's dtype (float64 throughout for float64 x)."""
+    ct = compute_dtype(x2)
+    t = shrink(x2, A, S, gid, p, seed)
+    acc = x2.to(ct) @ weight.to(ct).t() + t @ B.to(ct).t()
+    y = acc * g.to(ct)
+    if bias is not None:
+        y = y + bias.to(ct)
+    return y.to(x2.dtype), t, acc.to(x2.dtype)
