@@ -338,3 +338,10 @@ def test_a_trained_bias_gets_its_gradient():
     want = torch.autograd.grad(pe(x), [pe.base_layer.bias], dy)[0]
     torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(got, dy.sum(0), rtol=1e-6, atol=1e-6)
+
+
+def test_op_refuses_a_bias_of_the_wrong_shape():
+    lin = nn.Linear(12, 8)
+    with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \[8\]"):
+        dora_ops.dora_linear(torch.randn(2, 12), lin.weight, torch.randn(2, 12), torch.randn(8, 2), 1.0,
+                             torch.ones(8), torch.ones(7))

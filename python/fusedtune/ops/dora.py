@@ -158,13 +158,11 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
     p = float(dropout_p)
     seed_t = _seed_tensor(seed, p)          # one mask for the LoRA branch and the rescaled base term
     S = scale_table([lora_A.shape[0]], [float(scale)], x.device)
-    args = _op_args(x, weight, lora_A, lora_B, S, None, None, p, seed_t, nf4, backend)
+    args = _op_args(x, weight, lora_A, lora_B, S, None, bias, p, seed_t, nf4, backend)
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    if bias is not None:
-        args = args[:4] + (bias,) + args[5:]
     y = _ColumnScaledLoRA.apply(g, *args)[0]
     if p > 0.0:
         delta = _DropoutDelta.apply(args[0], p, int(seed_t), args[-1])
