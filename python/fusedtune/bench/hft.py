@@ -197,7 +197,7 @@ def measure_method(timer, cfg: dict, method: str, dtype) -> dict:
     step = make_step(model, opt, ids)
     times, peak = time_step(timer, step)
     out = {"times": times, "opt_name": opt_name, "peak": peak, "flops": flops, **state_accounting(model, opt, info)}
-    if method != "full" and method != "matrix":
+    if method not in ("full", "matrix"):
         from ..ops.hft import hft_backend
         b = hft_backend(dev)
         opt_b = b["masked_adamw_"]["backend"] if method == "row" else "torch"

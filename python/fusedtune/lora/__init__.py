@@ -208,16 +208,15 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora,
                           init_lora_weights=init if decompose else True)
         else:   # overwrite: the file's settings replace the adapter's
-            if decompose and m.init_lora_weights.get(adapter_name, True) != init:   # base -> the residual
-                with torch.no_grad():
-                    scaling = alpha / (math.sqrt(r) if rslora else r)
-                    m._decompose_init(decompose, m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight, r,
-                                      scaling)
-                m.init_lora_weights[adapter_name] = init
             m.lora_alpha[adapter_name] = alpha
             m.set_dropout(adapter_name, drop)
             m.use_rslora[adapter_name] = rslora
             m.scaling[adapter_name] = alpha / (math.sqrt(r) if rslora else r)
+            if decompose and m.init_lora_weights.get(adapter_name, True) != init:   # base -> the residual
+                with torch.no_grad():
+                    m._decompose_init(decompose, m.lora_A[adapter_name].weight, m.lora_B[adapter_name].weight, r,
+                                      m.scaling[adapter_name])
+                m.init_lora_weights[adapter_name] = init
             m.set_dora(adapter_name, dora)
             m._tables.clear()
         with torch.no_grad():

@@ -99,11 +99,10 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         x2, w, A, B = op_args[:4]
         ctx.save_for_backward(g, x2, w, A, B, F, t)
         ctx.rest = op_args[4:]
-        ctx.mark_non_differentiable(t, F)
-        return y, t, F
+        return y
 
     @staticmethod
-    def backward(ctx, dy, _dt, _dF):
+    def backward(ctx, dy):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
@@ -115,12 +114,13 @@ class _ColumnScaledLoRA(torch.autograd.Function):
             dg = (dy * F).sum(0)
         if need_bias:
             dbias = dy.sum(0).to(ctx.rest[0].dtype)
-        if need_A or need_B:
-            _, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, [False, bool(need_A), bool(need_B)], backend)
+        if need_x or need_A or need_B:   # u, dA, dB from the float32 dy * g; dX's base GEMM reads it rounded
+            need = [bool(need_x), bool(need_A), bool(need_B)]
+            dx, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, need, backend,
+                                      dF.to(x2.dtype) if need_x else None)
+            dx = dx if need_x else None
             dA = dA.to(A.dtype) if need_A else None
             dB = dB.to(B.dtype) if need_B else None
-        if need_x:
-            dx = _lora_bwd_op(dF.to(x2.dtype), x2, w, A, B, t, *tail, [True, False, False], backend)[0]
         if need_w:      # a base that trains (dense weight only): dW = dF^T x
             dW = (dF.t() @ x2.to(dF.dtype)).to(w.dtype)
         return (dg, dx, dW, dA, dB, dbias) + (None,) * (len(ctx.rest) - 1)
@@ -163,7 +163,7 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    y = _ColumnScaledLoRA.apply(g, *args)[0]
+    y = _ColumnScaledLoRA.apply(g, *args)
     if p > 0.0:
         delta = _DropoutDelta.apply(args[0], p, int(seed_t), args[-1])
         W = _dense(weight, nf4, x.dtype, backend)

@@ -80,16 +80,19 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
                  dropout_p: float, seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
                  nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
                  nf4_blocksize2: int, nf4_offset: float, nf4_path: str, need: list[bool],
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 backend: str, dy_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dy_base: what the base's dX GEMM reads in dy's place (DoRA: dy * g rounded to x's dtype, while u, dA and
+    dB take the float32 dy), or None: dy."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
                     nf4_blocksize2, nf4_offset)
     k = _impl(backend)
     if k is not None:
         dx, dA, dB = k.backward(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), nf4,
-                                nf4_path, *need)
+                                nf4_path, *need, dy_base=dy_base)
     else:
         w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
-        dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need)
+        dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need,
+                                  dy_base=dy_base)
     def none(dtype):   # a fresh empty tensor per unneeded gradient: outputs of a custom op may not alias
         return x.new_empty(0, dtype=dtype)
     f32 = ref.compute_dtype(x)
@@ -97,8 +100,8 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
 
 
 @_lora_bwd_op.register_fake
-def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, *rest):
-    need = rest[-2]
+def _(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code, absmax2, code2, bs, bs2,
+      offset, path, need, backend, dy_base=None):
     R = lora_A.shape[0]
     f32 = ref.compute_dtype(x)
     return (x.new_empty(x.shape) if need[0] else x.new_empty(0),
@@ -123,7 +126,7 @@ def _backward(ctx, dy, _dt):
     dx = dA = dB = dW = db = None
     if any(need):
         dx, dA, dB = _lora_bwd_op(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
-                                  absmax2, code2, bs, bs2, offset, path, need, backend)
+                                  absmax2, code2, bs, bs2, offset, path, need, backend, None)
         dx = dx if need[0] else None
         dA = dA.to(lora_A.dtype) if need[1] else None
         dB = dB.to(lora_B.dtype) if need[2] else None

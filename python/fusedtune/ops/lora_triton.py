@@ -20,24 +20,21 @@ def _base(weight, nf4, path: str, N: int, K: int, dtype, transpose: bool):
 
 
 def forward(x, weight, A, B, bias, S, gid, p, seed, nf4, path):
-    N, K = B.shape[0], x.shape[1]
-    t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
-    q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
-    y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf)
-    return y, t
+    return forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, None)[:2]
 
 
 def forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
-    """DoRA: (y = g * F + bias, t, F), F = x W^T + t B^T stored by the same GEMM's epilogue."""
+    """(y, t, F). g None: y = x W^T + t B^T + bias, F None. DoRA (g float32 [N]): y = g * F + bias with
+    F = x W^T + t B^T, both written by the same GEMM's epilogue."""
     N, K = B.shape[0], x.shape[1]
     t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
     q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
-    F = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    F = None if g is None else torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
     y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf, col_scale=g, f_out=F)
     return y, t, F
 
 
-def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB):
+def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB, dy_base=None):
     N, K = dy.shape[1], x.shape[1]
     drop = tk.Dropout(p, seed)
     dx = dA = dB = None
@@ -50,7 +47,8 @@ def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_d
         dB = tk.wgrad(dy, t, _NO_DROPOUT) if need_dB else None
     if need_dx:
         q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
-        dx = tk.gemm(dy, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype, drop, nf)
+        dx = tk.gemm(dy if dy_base is None else dy_base, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype,
+                     drop, nf)
     if need_dA:
         dA = tk.wgrad(x, u, drop).t().contiguous()
     return dx, dA, dB

@@ -76,18 +76,25 @@ def shrink(x2, A, S, gid, p: float, seed: int) -> torch.Tensor:
     return (dropout(x2, p, seed) @ A.to(ct).t()) * row_scales(S, gid, x2.shape[0], ct)
 
 
-def forward(x2, weight, A, B, bias, S, gid, p: float, seed: int):
-    """(y [M, N] in x's dtype, t float32 [M, R]; float64 throughout for float64 x)."""
+def _product(x2, weight, A, B, S, gid, p: float, seed: int):
+    """(x W^T + t B^T unrounded, t)."""
     ct = compute_dtype(x2)
     t = shrink(x2, A, S, gid, p, seed)
-    y = x2.to(ct) @ weight.to(ct).t() + t @ B.to(ct).t()
+    return x2.to(ct) @ weight.to(ct).t() + t @ B.to(ct).t(), t
+
+
+def forward(x2, weight, A, B, bias, S, gid, p: float, seed: int):
+    """(y [M, N] in x's dtype, t float32 [M, R]; float64 throughout for float64 x)."""
+    y, t = _product(x2, weight, A, B, S, gid, p, seed)
     if bias is not None:
-        y = y + bias.to(ct)
+        y = y + bias.to(y.dtype)
     return y.to(x2.dtype), t
 
 
-def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True, need_dA=True, need_dB=True):
-    """(dX [M, K] in x's dtype, dA float32 [R, K], dB float32 [N, R]); None where not needed."""
+def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True, need_dA=True, need_dB=True,
+             dy_base=None):
+    """(dX [M, K] in x's dtype, dA float32 [R, K], dB float32 [N, R]); None where not needed. dy_base: what
+    the base's dy . W reads in dy's place (None: dy)."""
     ct = compute_dtype(x2)
     dyf = dy2.to(ct)
     u = (dyf @ B.to(ct)) * row_scales(S, gid, dy2.shape[0], ct)
@@ -97,7 +104,8 @@ def backward(dy2, x2, weight, A, B, t, S, gid, p: float, seed: int, need_dx=True
         if p != 0.0:
             keep = dropout_mask(x2.shape[0], x2.shape[1], seed, p, x2.device)
             lora = torch.where(keep, lora * keep_scale(p), torch.zeros((), dtype=ct, device=x2.device))
-        dx = (dyf @ weight.to(ct) + lora).to(x2.dtype)
+        dyb = dyf if dy_base is None else dy_base.to(ct)
+        dx = (dyb @ weight.to(ct) + lora).to(x2.dtype)
     if need_dA:
         dA = u.t() @ dropout(x2, p, seed)
     if need_dB:
@@ -115,10 +123,8 @@ def dora_weight_norm(weight, A, B, scale: float) -> torch.Tensor:
 def forward_scaled(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
     """DoRA's fused forward: (y = g * F + bias, t, F) with F = x W^T + t B^T before any rounding; y and F
     rounded once to x's dtype (float64 throughout for float64 x)."""
-    ct = compute_dtype(x2)
-    t = shrink(x2, A, S, gid, p, seed)
-    acc = x2.to(ct) @ weight.to(ct).t() + t @ B.to(ct).t()
-    y = acc * g.to(ct)
+    acc, t = _product(x2, weight, A, B, S, gid, p, seed)
+    y = acc * g.to(acc.dtype)
     if bias is not None:
-        y = y + bias.to(ct)
+        y = y + bias.to(acc.dtype)
     return y.to(x2.dtype), t, acc.to(x2.dtype)
