@@ -3,6 +3,7 @@
     fusedtune.lora.save_adapter(model, "out_dir", adapter_name="default")   # adapter_model.safetensors
                                                                          # + adapter_config.json
     fusedtune.lora.load_adapter(model, "out_dir", adapter_name="default")   # into the model's LoRALinear layers
+    fusedtune.lora.fuse_peft(peft_model)      # a peft model's LoRA layers run the fused op (peft_model.py)
     with fusedtune.lora.adapter_names(model, ["default", "__base__", "task2"]):  # one adapter per sample,
         model(input_ids)                                                     # in every LoRALinear (peft's
                                                                              # adapter_names=; generate too)
@@ -31,6 +32,7 @@ import re
 import torch
 
 from ..nn.lora import LoRALinear, _decomposition
+from .peft_model import fuse_peft, unfuse_peft  # noqa: F401
 
 WEIGHTS = "adapter_model.safetensors"
 CONFIG = "adapter_config.json"

@@ -588,8 +588,6 @@ class LoRALinear(nn.Module):
         for attr in ("base_layer", "lora_A", "lora_B", "scaling", "r"):
             if not hasattr(layer, attr):
                 raise TypeError(f"LoRALinear.from_peft: {type(layer).__name__} is not a peft LoRA layer (no {attr})")
-        if getattr(layer, "merged_adapters", None):
-            raise ValueError("LoRALinear.from_peft: the peft layer has merged adapters; unmerge() it first")
         if getattr(layer, "fan_in_fan_out", False):
             raise LoRAUnsupported("LoRALinear.from_peft: fan_in_fan_out (Conv1D) layers are not supported; "
                                   "fusedtune.patch converts GPT-2's Conv1D itself")
@@ -615,6 +613,8 @@ class LoRALinear(nn.Module):
             m.use_dora[name] = dora
             if dora:
                 m.lora_magnitude_vector[name] = DoRAMagnitude(layer.lora_magnitude_vector[name].weight)
+        if getattr(layer, "merged_adapters", None):    # after the checks: fuse_peft asks them of merged layers
+            raise ValueError("LoRALinear.from_peft: the peft layer has merged adapters; unmerge() it first")
         m.active_adapters = [a for a in layer.active_adapters if a in m.r]
         m.disable_adapters = bool(getattr(layer, "disable_adapters", False))
         return m

@@ -1,0 +1,276 @@
+"""fusedtune.lora.fuse_peft: a peft model's LoRA layers run the fused op in place, and peft's API keeps working.
+
+Every comparison is against an unfused deep copy of the same peft model (peft's own forward)."""
+import copy
+import io
+import pickle
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+import fusedtune  # noqa: E402
+from fusedtune.lora import fuse_peft, unfuse_peft  # noqa: E402
+from fusedtune.lora.peft_model import _VIEW  # noqa: E402
+from fusedtune.ops.lora import LoRAUnsupported  # noqa: E402
+from tiny_models import one_thread, tiny_llama  # noqa: E402,F401
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
+
+
+def _randomize_B(model, std=0.2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_B" in n or "lora_embedding_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * std)
+
+
+def _peft_model(targets=TARGETS, **cfg):
+    cfg = {"r": 4, "lora_alpha": 8, "target_modules": targets, **cfg}
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**cfg))
+    _randomize_B(pm)
+    return pm
+
+
+def _pair(**cfg):
+    """(peft's model, a deep copy of it with fused layers)."""
+    pm = _peft_model(**cfg)
+    fused = copy.deepcopy(pm)
+    fuse_peft(fused)
+    return pm, fused
+
+
+def _peft_classes(model):
+    return {n: type(m) for n, m in model.named_modules() if isinstance(m, peft.tuners.lora.LoraLayer)}
+
+
+def _close(a, b, what=""):
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
+
+
+def _fused_forwards(model, monkeypatch) -> list:
+    """Record every call of the fused LoRALinear forward (so a test knows the fused op ran)."""
+    calls = []
+    orig = fusedtune.nn.LoRALinear.forward
+
+    def spy(self, x, adapter_names=None):
+        calls.append(adapter_names)
+        return orig(self, x, adapter_names=adapter_names)
+    monkeypatch.setattr(fusedtune.nn.LoRALinear, "forward", spy)
+    return calls
+
+
+@pytest.mark.parametrize("cfg", [{}, {"use_rslora": True, "r": 6, "lora_alpha": 5},
+                                 {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}, "lora_dropout": 0.1}])
+def test_forward_and_gradients_equal_peft(cfg, monkeypatch):
+    pm, fused = _pair(**cfg)
+    pm.eval(), fused.eval()     # dropout off: the masks differ (ours is seeded Philox); its rule is tested per layer
+    calls = _fused_forwards(fused, monkeypatch)
+    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
+    assert len(calls) == 6, "every LoRA layer took the fused forward"
+    _close(got.logits, want.logits, "logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
+    assert len(grads) == 12 and all(g is not None for g in grads.values())
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            _close(grads[n], p.grad, n)
+    assert fused.state_dict().keys() == pm.state_dict().keys()
+
+
+def test_training_follows_peft_for_steps():
+    pm, fused = _pair()
+    losses = []
+    for model in (pm, fused):
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        run = []
+        for _ in range(4):
+            loss = model(IDS, labels=IDS).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            run.append(loss.item())
+        losses.append(run)
+    assert losses[0][-1] < losses[0][0]
+    torch.testing.assert_close(torch.tensor(losses[1]), torch.tensor(losses[0]), atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_follows_the_layer_and_train_mode():
+    _, fused = _pair(lora_dropout=0.5)
+    layer = fused.base_model.model.model.layers[0].self_attn.q_proj
+    fused.eval()
+    a, b = fused(IDS).logits, fused(IDS).logits
+    assert torch.equal(a, b)
+    assert layer.__dict__[_VIEW][1].lora_dropout_p["default"] == 0.5
+    fused.train()
+    c = fused(IDS).logits
+    assert layer.__dict__[_VIEW][1].training
+    assert not torch.allclose(c, a, atol=1e-4), "in training the LoRA branch sees dropout"
+
+
+def test_adapter_switching_scaling_and_new_adapters_are_followed():
+    pm, fused = _pair()
+    for model in (pm, fused):
+        model.add_adapter("two", peft.LoraConfig(r=3, lora_alpha=9, target_modules=["q_proj", "o_proj"]))
+    _randomize_B(pm, seed=7)
+    fused.load_state_dict(pm.state_dict())      # A is drawn from the global RNG
+    fused_cls = _peft_classes(fused)
+    assert fused_cls["base_model.model.model.layers.0.self_attn.o_proj"].__name__ == "Linear"   # added after
+    fuse_peft(fused)        # fuses the new layers; the fused ones stay as they are
+    for model in (pm, fused):
+        model.set_adapter("two")
+    _close(fused(IDS).logits, pm(IDS).logits, "adapter 'two'")
+    for model in (pm, fused):
+        model.set_adapter("default")
+        for m in model.modules():
+            if isinstance(m, peft.tuners.lora.LoraLayer):
+                m.scale_layer(0.5)
+    _close(fused(IDS).logits, pm(IDS).logits, "default, scaled by 0.5")
+    enabled = fused(IDS).logits
+    with pm.disable_adapter(), fused.disable_adapter():
+        disabled = fused(IDS).logits
+        _close(disabled, pm(IDS).logits, "adapters disabled")
+    assert not torch.allclose(disabled, enabled, atol=1e-4)
+    for model in (pm, fused):
+        model.delete_adapter("two")
+    _close(fused(IDS).logits, pm(IDS).logits, "after deleting 'two'")
+
+
+def test_mixed_batch_equals_peft():
+    pm, fused = _pair()
+    for model in (pm, fused):
+        model.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS))
+        model.eval()
+    _randomize_B(pm, seed=3)
+    fused.load_state_dict(pm.state_dict())
+    ids = torch.randint(0, 64, (4, 6), generator=torch.Generator().manual_seed(2))
+    names = ["two", "__base__", "default", "two"]
+    want = pm(ids, adapter_names=names).logits
+    _close(fused(ids, adapter_names=names).logits, want, "mixed batch")
+    with pytest.raises(ValueError, match="adapter_names"):
+        fused(ids, adapter_names=names[:3])       # peft's own check runs first
+
+
+def test_merge_unmerge_and_merge_and_unload():
+    pm, fused = _pair()
+    want = pm(IDS).logits
+    fused.merge_adapter()
+    _close(fused(IDS).logits, want, "merged")
+    fused.unmerge_adapter()
+    _close(fused(IDS).logits, want, "unmerged")
+    plain = fused.merge_and_unload()
+    assert not _peft_classes(plain)
+    _close(plain(IDS).logits, want, "merge_and_unload")
+
+
+def test_save_pretrained_is_read_by_peft(tmp_path):
+    pm, fused = _pair()
+    fused.save_pretrained(str(tmp_path))
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path))
+    _close(back(IDS).logits, pm(IDS).logits, "reloaded by peft")
+
+
+def test_dora_equals_peft():
+    pm, fused = _pair(use_dora=True)
+    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
+    _close(got.logits, want.logits, "DoRA logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = dict(fused.named_parameters())
+    mags = [n for n, p in pm.named_parameters() if "lora_magnitude_vector" in n]
+    assert len(mags) == 6
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            _close(grads[n].grad, p.grad, n)
+
+
+def test_nf4_base_equals_peft():
+    pytest.importorskip("bitsandbytes")
+    import bitsandbytes as bnb
+    from peft.tuners.lora.bnb import Linear4bit
+
+    def model():
+        base = tiny_llama(hidden=64, intermediate=128)
+        for layer in base.model.layers:
+            for parent, name in ((layer.self_attn, "q_proj"), (layer.mlp, "down_proj")):
+                lin = getattr(parent, name)
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=torch.float32,
+                                      quant_type="nf4", device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4")
+                setattr(parent, name, q.to("cpu"))
+        base.is_loaded_in_4bit = True       # what transformers sets; peft then makes its bnb Linear4bit layers
+        return base
+    pm = peft.get_peft_model(model(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "down_proj"]))
+    _randomize_B(pm)
+    fused = copy.deepcopy(pm)
+    rep = fuse_peft(fused)
+    assert all(issubclass(t, Linear4bit) and t is not Linear4bit for t in _peft_classes(fused).values())
+    assert all("NF4" in r.path for r in rep.rows), rep.table()
+    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
+    _close(got.logits, want.logits, "NF4 logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = dict(fused.named_parameters())
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            _close(grads[n].grad, p.grad, n)
+
+
+def test_unsupported_layers_are_refused_and_nothing_changes():
+    pm = _peft_model(targets=["q_proj", "embed_tokens"])
+    before = _peft_classes(pm)
+    with pytest.raises(LoRAUnsupported, match="embed_tokens.*Embedding.*nothing was changed"):
+        fuse_peft(pm)
+    assert _peft_classes(pm) == before
+    rep = fuse_peft(pm, skip_unsupported=True)
+    rows = {r.name.rsplit(".", 1)[-1]: r for r in rep.rows}
+    assert rows["embed_tokens"].backend == "peft" and "Embedding" in rows["embed_tokens"].why_not
+    assert rows["q_proj"].backend != "peft"
+    assert type(pm.base_model.model.model.embed_tokens) is before["base_model.model.model.embed_tokens"]
+    with pytest.raises(LoRAUnsupported, match="lora_bias"):
+        fuse_peft(_peft_model(lora_bias=True))
+
+
+def test_an_unsupported_adapter_added_later_is_refused_by_the_forward():
+    _, fused = _pair()
+    fused.add_adapter("biased", peft.LoraConfig(r=2, target_modules=TARGETS, lora_bias=True))
+    fused.set_adapter("biased")
+    with pytest.raises(LoRAUnsupported, match="lora_bias"):
+        fused(IDS)
+
+
+def test_unfuse_restores_peft_and_copies_and_pickles_work():
+    pm, fused = _pair()
+    want = pm(IDS).logits
+    _close(copy.deepcopy(fused)(IDS).logits, want, "deep copy")
+    buf = io.BytesIO()
+    torch.save(fused, buf)
+    buf.seek(0)
+    _close(torch.load(buf, weights_only=False)(IDS).logits, want, "pickled")
+    assert len(pickle.dumps(fused)) > 0
+    names = unfuse_peft(fused)
+    assert len(names) == 6
+    assert set(_peft_classes(fused).values()) == {peft.tuners.lora.Linear}
+    assert not any(_VIEW in m.__dict__ for m in fused.modules())
+    _close(fused(IDS).logits, want, "unfused")
+
+
+def test_compile_equals_eager():
+    _, fused = _pair()
+    fused.eval()
+    want = fused(IDS).logits
+    got = torch.compile(fused, backend="aot_eager")(IDS).logits
+    _close(got, want, "compiled")
+
+
+def test_bad_inputs():
+    with pytest.raises(ValueError, match="no peft LoRA layers"):
+        fuse_peft(tiny_llama())
+    with pytest.raises(TypeError, match="torch.nn.Module"):
+        fuse_peft("model")
+    with pytest.raises(fusedtune.PatchError, match="fuse_peft"):
+        fusedtune.patch(_peft_model(), "lora")
