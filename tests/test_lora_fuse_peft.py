@@ -110,6 +110,10 @@ def test_dropout_follows_the_layer_and_train_mode():
     c = fused(IDS).logits
     assert layer.__dict__[_VIEW][1].training
     assert not torch.allclose(c, a, atol=1e-4), "in training the LoRA branch sees dropout"
+    for m in fused.modules():               # the dropout's p changed in place: the next forward follows it
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    _close(fused(IDS).logits, a, "training with p = 0")
 
 
 def test_adapter_switching_scaling_and_new_adapters_are_followed():
@@ -126,6 +130,8 @@ def test_adapter_switching_scaling_and_new_adapters_are_followed():
     _close(fused(IDS).logits, pm(IDS).logits, "adapter 'two'")
     for model in (pm, fused):
         model.set_adapter("default")
+    _close(fused(IDS).logits, pm(IDS).logits, "back to 'default'")
+    for model in (pm, fused):               # the scale alone changes: the next forward follows it
         for m in model.modules():
             if isinstance(m, peft.tuners.lora.LoraLayer):
                 m.scale_layer(0.5)
@@ -274,3 +280,21 @@ def test_bad_inputs():
         fuse_peft("model")
     with pytest.raises(fusedtune.PatchError, match="fuse_peft"):
         fusedtune.patch(_peft_model(), "lora")
+
+
+@pytest.mark.interp
+def test_triton_fused_peft_model_equals_peft():
+    """The Triton kernels (interpreted, float32) behind a fused peft model: logits and gradients equal peft's."""
+    pm = _peft_model(targets=["q_proj", "down_proj"])
+    fused = copy.deepcopy(pm)
+    rep = fuse_peft(fused, backend="triton")
+    assert {r.backend for r in rep.rows} == {"triton"}, rep.table()
+    ids = IDS[:1, :5]
+    want, got = pm(ids, labels=ids), fused(ids, labels=ids)
+    _close(got.logits, want.logits, "logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = dict(fused.named_parameters())
+    for n, p in pm.named_parameters():
+        if p.requires_grad:
+            _close(grads[n].grad, p.grad, n)
