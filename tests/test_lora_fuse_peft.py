@@ -14,7 +14,7 @@ import fusedtune  # noqa: E402
 from fusedtune.lora import fuse_peft, unfuse_peft  # noqa: E402
 from fusedtune.lora.peft_model import _VIEW  # noqa: E402
 from fusedtune.ops.lora import LoRAUnsupported  # noqa: E402
-from tiny_models import one_thread, tiny_llama  # noqa: E402,F401
+from tiny_models import load_4bit, one_thread, tiny_llama  # noqa: E402,F401
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
 IDS = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(5))
@@ -51,7 +51,7 @@ def _close(a, b, what=""):
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
-def _fused_forwards(model, monkeypatch) -> list:
+def _fused_forwards(monkeypatch) -> list:
     """Record every call of the fused LoRALinear forward (so a test knows the fused op ran)."""
     calls = []
     orig = fusedtune.nn.LoRALinear.forward
@@ -68,7 +68,7 @@ def _fused_forwards(model, monkeypatch) -> list:
 def test_forward_and_gradients_equal_peft(cfg, monkeypatch):
     pm, fused = _pair(**cfg)
     pm.eval(), fused.eval()     # dropout off: the masks differ (ours is seeded Philox); its rule is tested per layer
-    calls = _fused_forwards(fused, monkeypatch)
+    calls = _fused_forwards(monkeypatch)
     want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
     assert len(calls) == 6, "every LoRA layer took the fused forward"
     _close(got.logits, want.logits, "logits")
@@ -280,6 +280,49 @@ def test_bad_inputs():
         fuse_peft("model")
     with pytest.raises(fusedtune.PatchError, match="fuse_peft"):
         fusedtune.patch(_peft_model(), "lora")
+
+
+def _qlora_trainer_run(d, fuse, calls):
+    """QLoRA as peft users run it: loaded in 4 bits, prepare_model_for_kbit_training, get_peft_model, Trainer."""
+    import warnings
+    transformers = pytest.importorskip("transformers")
+    pytest.importorskip("accelerate")
+    model = peft.prepare_model_for_kbit_training(load_4bit(d), use_gradient_checkpointing=True)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
+                                                    lora_dropout=0.0))
+    if fuse:
+        rep = fuse_peft(pm)
+        assert len(rep.rows) == 14 and all("NF4" in r.path for r in rep.rows), rep.table()
+    n = len(calls)
+    args = transformers.TrainingArguments(
+        output_dir=str(d / f"run{int(fuse)}"), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+        report_to=[], use_cpu=True, seed=0, logging_strategy="no", disable_tqdm=True, save_strategy="no",
+        lr_scheduler_type="constant", gradient_checkpointing=True)
+    data = torch.randint(0, 64, (8, 10), generator=torch.Generator().manual_seed(0))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = transformers.Trainer(model=pm, args=args, train_dataset=[{"input_ids": x, "labels": x} for x in data]
+                                   ).train()
+    assert (len(calls) > n) == fuse
+    return pm, out.training_loss
+
+
+def test_qlora_with_trainer_follows_peft(tmp_path, monkeypatch):
+    pytest.importorskip("bitsandbytes")
+    tiny_llama().save_pretrained(tmp_path)
+    calls = _fused_forwards(monkeypatch)
+    want, want_loss = _qlora_trainer_run(tmp_path, False, calls)
+    got, got_loss = _qlora_trainer_run(tmp_path, True, calls)
+    assert got_loss == pytest.approx(want_loss, rel=1e-5)
+    trained = {n: p for n, p in want.named_parameters() if p.requires_grad}
+    assert len(trained) == 28
+    for n, p in got.named_parameters():
+        if p.requires_grad:
+            _close(p, trained[n], n)
+    got.save_pretrained(str(tmp_path / "adapter"))
+    back = peft.PeftModel.from_pretrained(load_4bit(tmp_path), str(tmp_path / "adapter"))
+    _close(back(IDS).logits, want(IDS).logits, "the adapter trained fused, reloaded by peft")
 
 
 @pytest.mark.interp

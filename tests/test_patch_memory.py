@@ -19,7 +19,7 @@ transformers = pytest.importorskip("transformers")
 import fusedtune  # noqa: E402
 from fusedtune.patch import PatchError, find_targets, methods, missing_requirements  # noqa: E402
 
-from tiny_models import tiny_llama  # noqa: E402
+from tiny_models import load_4bit, tiny_llama  # noqa: E402
 
 IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(2))
 SWAPPING = ["fp8", "fp8_lora", "lora", "roste", "sparse_delta"]
@@ -63,18 +63,9 @@ def four_bit_dir(tmp_path_factory):
     return d
 
 
-def _load_4bit(d):
-    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                          bnb_4bit_compute_dtype=torch.float32, bnb_4bit_use_double_quant=True)
-    try:
-        return transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu")
-    except Exception as e:  # noqa: BLE001 - a bitsandbytes without this device's 4-bit kernels
-        pytest.skip(f"transformers cannot load a 4-bit model here: {e}")
-
-
 @pytest.mark.parametrize("name", ["lora", "qlora"])
 def test_lora_over_a_model_loaded_in_4_bits(four_bit_dir, name):
-    m = _load_4bit(four_bit_dir)
+    m = load_4bit(four_bit_dir)
     q = m.model.layers[0].self_attn.q_proj
     packed = q.weight.untyped_storage().data_ptr()
     rep = fusedtune.patch(m, name, r=4, alpha=8)
@@ -92,7 +83,7 @@ def test_lora_over_a_model_loaded_in_4_bits(four_bit_dir, name):
 
 
 def test_merge_of_a_4_bit_layer_is_the_dequantized_merged_linear(four_bit_dir):
-    m = _load_4bit(four_bit_dir)
+    m = load_4bit(four_bit_dir)
     rep = fusedtune.patch(m, "lora", r=4, alpha=8)
     rep.step(lambda: m(IDS, labels=IDS).loss)
     x = torch.randn(3, 32, generator=torch.Generator().manual_seed(1))
@@ -108,7 +99,7 @@ def test_merge_of_a_4_bit_layer_is_the_dequantized_merged_linear(four_bit_dir):
 def test_other_methods_refuse_a_4_bit_model_untouched(four_bit_dir, name):
     if missing_requirements(methods()[name]):
         pytest.skip(f"{name} needs {missing_requirements(methods()[name])}")
-    m = _load_4bit(four_bit_dir)
+    m = load_4bit(four_bit_dir)
     kinds = {n: type(x) for n, x in m.named_modules()}
     state = {k: v.clone() for k, v in m.state_dict().items()}
     with pytest.raises((PatchError, ValueError), match=r"4.bit|uint8"):

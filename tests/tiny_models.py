@@ -24,6 +24,18 @@ def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers
     return transformers.LlamaForCausalLM(cfg)
 
 
+def load_4bit(d, compute_dtype=torch.float32):
+    """The model saved in directory d, loaded by transformers in 4 bits (NF4, double quantization) on the
+    CPU; skips the test where this bitsandbytes cannot."""
+    import transformers
+    cfg = transformers.BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                          bnb_4bit_compute_dtype=compute_dtype, bnb_4bit_use_double_quant=True)
+    try:
+        return transformers.AutoModelForCausalLM.from_pretrained(d, quantization_config=cfg, device_map="cpu")
+    except Exception as e:  # noqa: BLE001 - a bitsandbytes without this device's 4-bit kernels
+        pytest.skip(f"transformers cannot load a 4-bit model here: {e}")
+
+
 def train_losses(rep, model, ids, steps: int) -> list[float]:
     """The losses of `steps` training steps of a patched model (fusedtune.patch's report) on one batch."""
     return [float(rep.step(lambda: model(ids, labels=ids).loss)) for _ in range(steps)]
