@@ -154,8 +154,6 @@ def test_unsupported_peft_features_are_refused():
     other.lora_variant["default"] = type("VeloraLinearVariant", (), {})()    # a variant other than DoRA
     with pytest.raises(LoRAUnsupported, match="is a VeloraLinearVariant adapter; not supported"):
         LoRALinear.from_peft(other)
-    with pytest.raises(LoRAUnsupported, match="lora_bias"):
-        LoRALinear.from_peft(_peft(copy.deepcopy(lin), lora_bias=True))
     two = LoRALinear.from_linear(copy.deepcopy(lin), r=2, dropout=0.1)
     two.add_adapter("b", 2, dropout=0.1)
     two.set_adapter(["default", "b"])

@@ -14,7 +14,7 @@ tensors are written as they are (float32 adapters stay float32): bit-exact round
 ranks and alphas that differ from the most common one go to rank_pattern / alpha_pattern, as peft does.
 Modules trained in full (patch's modules_to_save, e.g. embed_tokens / lm_head) are written as peft
 writes them (base_model.model.<module>.<param>, "modules_to_save" in the config) and loaded into the
-model's own modules. DoRA adapters (use_dora) carry their magnitude as peft writes it
+model's own modules. Adapters with lora_bias carry <module>.lora_B.bias ("lora_bias": true). DoRA adapters (use_dora) carry their magnitude as peft writes it
 (base_model.model.<module>.lora_magnitude_vector, "use_dora": true). PiSSA / OLoRA adapters are written
 as peft writes them without conversion ("init_lora_weights": "pissa"): loading one onto the original
 model first rewrites each target's weight as the residual W - scale B0 A0 of its own decomposition (as
@@ -121,6 +121,8 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().contiguous().cpu()
+        if m.lora_bias[adapter_name]:
+            tensors[f"{PREFIX}{name}.lora_B.bias"] = m.lora_B[adapter_name].bias.detach().contiguous().cpu()
         if m.use_dora[adapter_name]:       # peft's key: no ".weight"
             tensors[f"{PREFIX}{name}.{MAGNITUDE}"] = \
                 m.lora_magnitude_vector[adapter_name].weight.detach().contiguous().cpu()
@@ -129,18 +131,20 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     drops = {m.lora_dropout_p[adapter_name] for m in layers.values()}
     rslora = {m.use_rslora[adapter_name] for m in layers.values()}
     dora = {m.use_dora[adapter_name] for m in layers.values()}
+    biased = {m.lora_bias[adapter_name] for m in layers.values()}
     inits = {m.init_lora_weights.get(adapter_name, True) for m in layers.values()}
     init = inits.pop() if len(inits) == 1 and _decomposition(next(iter(inits))) else True
-    if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1:
-        raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora and one use_dora per adapter; "
-                         f"the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)})")
+    if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1 or len(biased) > 1:
+        raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora, one use_dora and one lora_bias "
+                         f"per adapter; the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)}, "
+                         f"{sorted(biased)})")
     r, alpha = _common(ranks), _common(alphas)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
               "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
               "rank_pattern": {n: v for n, v in ranks.items() if v != r},
               "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
               "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init, "use_dora": dora.pop(),
-              "lora_bias": False, "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
+              "lora_bias": biased.pop(), "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, WEIGHTS), metadata={"format": "pt"})
@@ -160,10 +164,11 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     from safetensors.torch import load_file
     with open(os.path.join(path, CONFIG)) as f:
         cfg = json.load(f)
-    if cfg.get("peft_type", "LORA") != "LORA" or cfg.get("lora_bias"):
+    if cfg.get("peft_type", "LORA") != "LORA":
         raise NotImplementedError(f"load_adapter: {path} is not a LoRA or DoRA adapter (peft_type "
-                                  f"{cfg.get('peft_type')}, lora_bias {cfg.get('lora_bias')})")
+                                  f"{cfg.get('peft_type')})")
     dora = bool(cfg.get("use_dora", False))
+    biased = bool(cfg.get("lora_bias", False))
     init = cfg.get("init_lora_weights", True)
     decompose = _decomposition(init)
     tensors = load_file(os.path.join(path, WEIGHTS))
@@ -180,8 +185,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             full[name] = (p, t)
             continue
         mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
-        part = which.split(".")[0]
-        if mod not in layers or part not in ("A", "B", "magnitude_vector"):
+        part = "B.bias" if which == "B.bias" else which.split(".")[0]
+        if mod not in layers or part not in ("A", "B", "B.bias", "magnitude_vector"):
             raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
                            f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
         plan.setdefault(mod, {})[part] = t
@@ -196,6 +201,13 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                              + ("no lora_magnitude_vector" if mag is None else
                                 f"a lora_magnitude_vector of {tuple(mag.shape)} (the layer has {m.out_features} "
                                 "outputs)"))
+        b = parts.get("B.bias")
+        if biased != (b is not None) or (b is not None and b.shape != (m.out_features,)):
+            raise ValueError(f"load_adapter: {mod}: the config says lora_bias={biased} but the file has "
+                             + ("no lora_B.bias" if b is None else f"a lora_B.bias of {tuple(b.shape)}"))
+        if adapter_name in m.r and m.lora_bias[adapter_name] != biased:
+            raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with lora_bias="
+                             f"{m.lora_bias[adapter_name]}, the file has lora_bias={biased}")
         if adapter_name in m.r and m.r[adapter_name] != A.shape[0]:
             raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with r={m.r[adapter_name]}, the file "
                              f"has r={A.shape[0]}")
@@ -208,7 +220,7 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         drop, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
         if adapter_name not in m.r:
             m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora,
-                          init_lora_weights=init if decompose else True)
+                          init_lora_weights=init if decompose else True, lora_bias=biased)
         else:   # overwrite: the file's settings replace the adapter's
             m.lora_alpha[adapter_name] = alpha
             m.set_dropout(adapter_name, drop)
@@ -226,6 +238,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             m.lora_B[adapter_name].weight.copy_(parts["B"])
             if dora:
                 m.lora_magnitude_vector[adapter_name].weight.copy_(parts["magnitude_vector"])
+            if biased:
+                m.lora_B[adapter_name].bias.copy_(parts["B.bias"])
     with torch.no_grad():
         for p, t in full.values():
             p.copy_(t)

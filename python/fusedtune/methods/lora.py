@@ -5,6 +5,7 @@
     rep = fusedtune.patch(model, "fp8_lora", r=16)            # base GEMMs in FP8 (FP8Linear), sm_89+
     rep = fusedtune.patch(model, "lora", r=16, use_dora=True) # DoRA (peft's use_dora; "qlora" too: QDoRA)
     rep = fusedtune.patch(model, "lora", r=16, init_lora_weights="pissa")   # or "olora": A, B from W, W the residual
+    rep = fusedtune.patch(model, "lora", r=16, lora_bias=True)  # peft's lora_bias: lora_B has a trainable bias
     fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
     fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
 
@@ -32,6 +33,7 @@ from ..patch import PatchError, SwapMethod, is_bnb_4bit, outermost_modules, regi
 
 class LoRAMethod(SwapMethod):
     options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
+               "lora_bias": False,
                "adapter_dtype": torch.float32,
                "lr": 2e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8, "backend": None,
                "modules_to_save": None}
@@ -57,13 +59,13 @@ class LoRAMethod(SwapMethod):
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
 
-    def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, init_lora_weights, adapter_dtype, backend,
-             **options):
+    def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, init_lora_weights, lora_bias, adapter_dtype,
+             backend, **options):
         from ..nn import LoRALinear  # noqa: PLC0415
         from ..nn.lora import _decomposition  # noqa: PLC0415
         loaded_4bit = is_bnb_4bit(linear)
         kw = dict(r=int(r), alpha=alpha, dropout=dropout, use_rslora=use_rslora, adapter_dtype=adapter_dtype,
-                  backend=backend)
+                  backend=backend, lora_bias=bool(lora_bias))
         if not _decomposition(init_lora_weights) or type(linear) is not nn.Linear or self.name == "lora":
             base = self.base_layer(linear, backend=backend, **options)
             m = LoRALinear.from_linear(base, use_dora=bool(use_dora), init_lora_weights=init_lora_weights, **kw)

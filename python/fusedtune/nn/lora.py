@@ -103,6 +103,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.ModuleDict()     # peft's: nn.Dropout(p), or nn.Identity for p = 0
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}            # peft's lora_bias: lora_B has a trainable bias
         self.init_lora_weights: dict[str, object] = {}     # how each adapter was initialized (adapter files)
         self.lora_magnitude_vector = nn.ModuleDict()    # DoRA adapters only
         self._dora_norms: dict = {}                     # eval-time cache of the DoRA weight norms
@@ -114,6 +115,7 @@ class LoRALinear(nn.Module):
         self._tables: dict = {}
         self._nf4 = None
         self._stash: torch.Tensor | None = None
+        self._stash_bias: torch.Tensor | None = None
         self._nf4_weight()   # an NF4 base's container, made in eager (torch.compile reuses it)
 
     # ------------------------------------------------------------------ construction
@@ -121,11 +123,13 @@ class LoRALinear(nn.Module):
     def from_linear(cls, linear: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0,
                     use_rslora: bool = False, adapter_name: str = "default", init_lora_weights=True,
                     adapter_dtype: torch.dtype | None = torch.float32, backend: str | None = None,
-                    use_dora: bool = False) -> "LoRALinear":
+                    use_dora: bool = False, lora_bias: bool = False) -> "LoRALinear":
         """Wrap nn.Linear or bnb.nn.Linear4bit (NF4). adapter_dtype float32 is peft's default for 16-bit
-        bases (autocast_adapter_dtype); None keeps the base's dtype. use_dora: a DoRA adapter."""
+        bases (autocast_adapter_dtype); None keeps the base's dtype. use_dora: a DoRA adapter. lora_bias:
+        lora_B gets a trainable bias (zero at first), as peft's."""
         m = cls(linear, backend=backend)
-        m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora)
+        m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora,
+                      lora_bias)
         return m
 
     def _base_device_dtype(self):
@@ -136,14 +140,16 @@ class LoRALinear(nn.Module):
 
     def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                     init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32,
-                    use_dora: bool = False) -> None:
+                    use_dora: bool = False, lora_bias: bool = False) -> None:
         """Add a named adapter and make it the active one (peft's update_layer + set_adapter).
         init_lora_weights (peft's): True (A kaiming-uniform, B zero), "gaussian", False (B random too), or
         "pissa" / "pissa_niter_<k>" / "olora": A and B from the base weight's top-r SVD (randomized with k
         subspace iterations, from torch's generator) / QR, and the base weight becomes the residual
         W - scale B A (in place, a dense base only), so the layer's output is unchanged.
         use_dora: its magnitude starts at the weight norm ||W + scale B A|| per output row, so the layer's
-        output is unchanged, as peft's."""
+        output is unchanged, as peft's.
+        lora_bias: lora_B has a bias b, zero at first: the adapter adds scale * b to every output row
+        (peft's; not with DoRA or PiSSA / OLoRA, which peft refuses too)."""
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
         if name in self.r:
@@ -155,6 +161,10 @@ class LoRALinear(nn.Module):
         if use_dora and _is_fp8(self.base_layer):
             raise LoRAUnsupported("LoRALinear: DoRA over an FP8Linear base is not supported (its weight norm needs "
                                   "the dense weight); use a 16-bit or NF4 base")
+        if lora_bias and (use_dora or _decomposition(init_lora_weights)):
+            raise LoRAUnsupported("LoRALinear: lora_bias is not supported with "
+                                  + ("DoRA" if use_dora else f"init_lora_weights={init_lora_weights!r}")
+                                  + " (peft refuses it too)")
         device, base_dtype = self._base_device_dtype()
         dtype = adapter_dtype or base_dtype
         scaling = float(alpha) / (math.sqrt(r) if use_rslora else r)
@@ -162,8 +172,10 @@ class LoRALinear(nn.Module):
         if decompose:
             self._check_decomposable(init_lora_weights, r)
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
-        B = nn.Linear(r, self.out_features, bias=False, device=device, dtype=dtype)
+        B = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
         with torch.no_grad():
+            if B.bias is not None:
+                B.bias.zero_()
             if decompose:
                 self._decompose_init(decompose, A.weight, B.weight, r, scaling)
             elif init_lora_weights is True:        # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
@@ -185,6 +197,7 @@ class LoRALinear(nn.Module):
         self.scaling[name] = scaling
         self.init_lora_weights[name] = init_lora_weights
         self.use_dora[name] = bool(use_dora)
+        self.lora_bias[name] = bool(lora_bias)
         if use_dora:
             self.lora_magnitude_vector[name] = DoRAMagnitude(self._dora_norm(name, cache=False).to(dtype))
         self.set_adapter(name)
@@ -238,6 +251,9 @@ class LoRALinear(nn.Module):
         if use_dora:
             if _is_fp8(self.base_layer):
                 raise LoRAUnsupported("LoRALinear: DoRA over an FP8Linear base is not supported")
+            if self.lora_bias[name]:
+                raise LoRAUnsupported(f"LoRALinear: adapter {name!r} has lora_bias; DoRA with lora_bias is not "
+                                      "supported (peft refuses it too)")
             self.use_dora[name] = True
             A = self.lora_A[name].weight
             mag = DoRAMagnitude(self._dora_norm(name).to(A.dtype))
@@ -267,7 +283,7 @@ class LoRALinear(nn.Module):
         self._require(name)
         if name in self.merged_adapters:
             raise ValueError(f"LoRALinear: adapter {name!r} is merged; unmerge() first")
-        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora):
+        for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
             d.pop(name)
         self.init_lora_weights.pop(name, None)
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
@@ -293,7 +309,21 @@ class LoRALinear(nn.Module):
 
     def _adapter_params(self, name: str) -> list:
         ps = [self.lora_A[name].weight, self.lora_B[name].weight]
+        ps += [self.lora_B[name].bias] if self.lora_B[name].bias is not None else []
         return ps + ([self.lora_magnitude_vector[name].weight] if name in self.lora_magnitude_vector else [])
+
+    def _bias_delta(self, names) -> torch.Tensor | None:
+        """float32 [out]: sum of scaling * lora_B.bias over the lora_bias adapters among `names` (None: none)."""
+        parts = [self.scaling[n] * self.lora_B[n].bias.float() for n in names if self.lora_bias.get(n)]
+        return sum(parts[1:], parts[0]) if parts else None
+
+    @staticmethod
+    def _with(bias, delta):
+        """The base bias plus the adapters' bias delta (float32 when there is a delta: the op adds it in
+        its float32 epilogue)."""
+        if delta is None:
+            return bias
+        return delta if bias is None else bias.float() + delta
 
     @property
     def active_adapter(self) -> list[str]:
@@ -399,7 +429,7 @@ class LoRALinear(nn.Module):
         A, B = self._stacked(names)
         with _autocast.off(x.device):
             y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
-                                             bias, p, None, nf4, self.backend)
+                                             self._with(bias, self._bias_delta(names)), p, None, nf4, self.backend)
         return y.to(out_dtype)
 
     def _dora_alone(self, names) -> str | None:
@@ -454,6 +484,9 @@ class LoRALinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
         lora = ((xd.float() @ A.float().t()) * S) @ B.float().t()
+        delta = self._bias_delta(names)
+        if delta is not None:
+            lora = lora + delta
         return self.base_layer(x) + lora.reshape(*x.shape[:-1], -1).to(x.dtype)
 
     def _mixed_forward(self, x, adapter_names):
@@ -478,6 +511,10 @@ class LoRALinear(nn.Module):
         with _autocast.off(x.device):
             y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device), gid, bias, p,
                                              None, nf4, self.backend, check_groups=False)   # built on the host
+        if any(self.lora_bias.get(n) for n in names):   # per sample: its adapter's scale * b (one more pass)
+            zero = torch.zeros(self.out_features, device=y.device)
+            rows = torch.stack([self._bias_delta((n,)) if self.lora_bias[n] else zero for n in names] + [zero])
+            y = (y.float() + rows[idx.long().to(y.device)].reshape(-1, *([1] * (y.dim() - 2)), y.shape[-1])).to(y.dtype)
         return y.to(out_dtype)
 
     # ------------------------------------------------------------------ merge / unmerge
@@ -513,17 +550,26 @@ class LoRALinear(nn.Module):
         if dora and (len(names) > 1 or self.merged_adapters):
             raise LoRAUnsupported(f"LoRALinear.merge: DoRA adapter {dora} merged together with others "
                                   f"({names + self.merged_adapters}); merge a DoRA adapter alone")
-        W = self.base_layer.weight
+        W, bias = self.base_layer.weight, self.base_layer.bias
         with torch.no_grad():
+            delta_b = self._bias_delta(names)
+            if delta_b is not None and bias is None:
+                raise ValueError(f"LoRALinear.merge: adapters {[n for n in names if self.lora_bias[n]]} have lora_bias "
+                                 "and the base layer has no bias to merge it into (peft refuses it too); nothing "
+                                 "was changed")
             new = W.float() + sum(self.delta_weight(n) for n in names)
             if dora:    # W <- m / ||W + dW|| * (W + dW), the norm of the unmerged weight (as peft)
                 g = self.dora_scale(dora[0])
                 new = g[:, None] * new
-            if safe_merge and not torch.isfinite(new).all():
+            new_b = None if delta_b is None else bias.float() + delta_b
+            if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):
                 raise ValueError(f"LoRALinear.merge: merging {names} gives non-finite weights; nothing was changed")
             if exact_unmerge and self._stash is None and not self.merged_adapters:
                 self._stash = W.detach().to("cpu", copy=True)   # (after an unsaved merge nothing exact is left)
+                self._stash_bias = None if bias is None else bias.detach().to("cpu", copy=True)
             W.copy_(new.to(W.dtype))
+            if new_b is not None:
+                bias.copy_(new_b.to(bias.dtype))
         self.merged_adapters += names
         if dora:
             self._dora_merged[dora[0]] = g
@@ -531,13 +577,17 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
-        W = self.base_layer.weight
+        W, bias = self.base_layer.weight, self.base_layer.bias
         with torch.no_grad():
             if self._stash is not None:
                 W.copy_(self._stash.to(W.device))
+                if self._stash_bias is not None:
+                    bias.copy_(self._stash_bias.to(bias.device))
             else:
                 W.copy_(self._unmerged(W).to(W.dtype))
-        self._stash = None
+                if bias is not None:
+                    bias.copy_(self._unmerged_bias(bias).to(bias.dtype))
+        self._stash = self._stash_bias = None
         self.merged_adapters = []
         self._dora_merged.clear()
 
@@ -549,37 +599,47 @@ class LoRALinear(nn.Module):
                 Wf = Wf / self._dora_merged[n].to(Wf.device)[:, None]
         return Wf - sum(self.delta_weight(n) for n in self.merged_adapters)
 
+    def _unmerged_bias(self, bias) -> torch.Tensor:
+        """The base bias without the merged adapters' lora_bias (float32 where there is one)."""
+        delta = self._bias_delta(self.merged_adapters)
+        return bias if delta is None else bias.float() - delta
+
     def to_linear(self, merge: bool = True) -> nn.Linear:
         """A plain nn.Linear. merge=True: what forward computes (merged: the current weight; else the base
         with the active adapters merged, one rounding). merge=False: the base alone (the saved copy, or,
         after a merge without one, the current weight minus the merged deltas, as unmerge does). An NF4
         base is dequantized to its compute dtype."""
         nf4 = self._nf4_weight()
+        bias = self.base_layer.bias
         if nf4 is not None:
             from ..reference.nf4 import dequantize
             W = dequantize(nf4, self._base_device_dtype()[1])
             names = self.active_adapters if merge else []
-            sign = 1.0
         elif self.merged:
-            W = self.base_layer.weight
+            W, names = self.base_layer.weight, []
             if merge:
-                names, sign = [], 1.0
+                pass
             elif self._stash is not None:
-                W, names, sign = self._stash.to(W.device), [], 1.0
+                W, bias = self._stash.to(W.device), (None if bias is None else self._stash_bias.to(W.device))
             else:
                 with torch.no_grad():
-                    W, names, sign = self._unmerged(W).to(W.dtype), [], 1.0
+                    W = self._unmerged(W).to(W.dtype)
+                    bias = None if bias is None else self._unmerged_bias(bias).to(bias.dtype)
         else:
             W = self.base_layer.weight
-            names, sign = (self.active_adapters if merge else []), 1.0
+            names = self.active_adapters if merge else []
         with torch.no_grad():
             if names:
-                new = W.float() + sign * sum(self.delta_weight(n) for n in names)
+                new = W.float() + sum(self.delta_weight(n) for n in names)
                 dora = self._dora_alone(names)
                 if dora is not None:    # what forward computes
                     new = self.dora_scale(dora)[:, None] * new
                 W = new.to(W.dtype)
-        return plain_linear(W.detach(), self.base_layer.bias)
+                delta_b = self._bias_delta(names)
+                if delta_b is not None:     # a base without a bias gets one
+                    bias = (delta_b if bias is None else bias.float() + delta_b).to(
+                        W.dtype if bias is None else bias.dtype)
+        return plain_linear(W.detach(), None if bias is None else bias.detach())
 
     # ------------------------------------------------------------------ peft interop
     @classmethod
@@ -598,8 +658,6 @@ class LoRALinear(nn.Module):
             if variant is not None and not (dora and type(variant).__name__ == "DoraLinearVariant"):
                 raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} is a {type(variant).__name__} adapter; "
                                       "not supported by the fused layer (plain LoRA and DoRA are)")
-            if getattr(layer, "lora_bias", {}).get(name) or layer.lora_B[name].bias is not None:
-                raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has lora_bias; not supported")
             drop = layer.lora_dropout[name]
             if not isinstance(drop, (nn.Dropout, nn.Identity)):
                 raise LoRAUnsupported(f"LoRALinear.from_peft: adapter {name!r} has a {type(drop).__name__} as "
@@ -611,6 +669,7 @@ class LoRALinear(nn.Module):
             m.set_dropout(name, float(drop.p) if isinstance(drop, nn.Dropout) else 0.0)
             m.scaling[name] = float(layer.scaling[name])
             m.use_dora[name] = dora
+            m.lora_bias[name] = layer.lora_B[name].bias is not None
             if dora:
                 m.lora_magnitude_vector[name] = DoRAMagnitude(layer.lora_magnitude_vector[name].weight)
         if getattr(layer, "merged_adapters", None):    # after the checks: fuse_peft asks them of merged layers
@@ -629,7 +688,7 @@ class LoRALinear(nn.Module):
         out = None
         for n in names:
             cfg = LoraConfig(r=self.r[n], lora_alpha=self.lora_alpha[n], lora_dropout=self.lora_dropout_p[n],
-                             use_rslora=self.use_rslora[n], use_dora=self.use_dora[n])
+                             use_rslora=self.use_rslora[n], use_dora=self.use_dora[n], lora_bias=self.lora_bias[n])
             if out is None:
                 cls = peft_layer.Linear
                 if is_bnb_4bit(self.base_layer):
@@ -650,8 +709,11 @@ class LoRALinear(nn.Module):
     # ------------------------------------------------------------------ report
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"adapters={{{', '.join(f'{n}: r={r}' + (' dora' if self.use_dora[n] else '') for n, r in self.r.items())}}}"
+                f"adapters={{{', '.join(f'{n}: r={r}' + self._kind(n) for n, r in self.r.items())}}}"
                 f", active={self.active_adapters}")
+
+    def _kind(self, name: str) -> str:
+        return (" dora" if self.use_dora[name] else "") + (" lora_bias" if self.lora_bias[name] else "")
 
     def _fusedtune_report(self) -> dict:
         device = self.base_layer.weight.device
@@ -675,7 +737,7 @@ class LoRALinear(nn.Module):
         if any(self.use_dora[n] for n in self.active_adapters):
             path += ("; DoRA: output columns scaled by magnitude / ||W + sBA|| (norm from one W.A^T GEMM, float32"
                      + (", cached in inference" if not self.training else "") + ")")
-        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" + (" dora" if self.use_dora[n] else "")
+        ranks = ", ".join(f"{n}: r={self.r[n]} s={self.scaling[n]:g}" + self._kind(n)
                           for n in self.active_adapters)
         return {"method": "qlora" if nf4 else "lora", "backend": b["backend"],
                 "path": f"{path}; active {ranks or 'none'}" + ("; merged" if self.merged else ""),
