@@ -237,15 +237,21 @@ def test_unsupported_layers_are_refused_and_nothing_changes():
     assert rows["embed_tokens"].backend == "peft" and "Embedding" in rows["embed_tokens"].why_not
     assert rows["q_proj"].backend != "peft"
     assert type(pm.base_model.model.model.embed_tokens) is before["base_model.model.model.embed_tokens"]
-    with pytest.raises(LoRAUnsupported, match="lora_bias"):
-        fuse_peft(_peft_model(lora_bias=True))
+    odd = _peft_model()
+    odd.base_model.model.model.layers[1].mlp.down_proj.lora_dropout["default"] = torch.nn.AlphaDropout(0.1)
+    before = _peft_classes(odd)
+    with pytest.raises(LoRAUnsupported, match="layers.1.mlp.down_proj.*AlphaDropout"):
+        fuse_peft(odd)
+    assert _peft_classes(odd) == before
 
 
 def test_an_unsupported_adapter_added_later_is_refused_by_the_forward():
     _, fused = _pair()
-    fused.add_adapter("biased", peft.LoraConfig(r=2, target_modules=TARGETS, lora_bias=True))
-    fused.set_adapter("biased")
-    with pytest.raises(LoRAUnsupported, match="lora_bias"):
+    fused.add_adapter("odd", peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1))
+    fused.set_adapter("odd")
+    fused(IDS)
+    fused.base_model.model.model.layers[0].self_attn.q_proj.lora_dropout["odd"] = torch.nn.AlphaDropout(0.1)
+    with pytest.raises(LoRAUnsupported, match="AlphaDropout"):
         fused(IDS)
 
 

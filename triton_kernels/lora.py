@@ -514,11 +514,13 @@ _ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "strid
 _ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm"]
 
 
-def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", **over):
+def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", bias_dt=None, **over):
     consts, strides = _ORIENT[orient]
     sig = dict(strides)
     if dt != "bf16":
         sig.update(p_ptr=f"*{dt}", q_ptr=f"*{dt}", bias_ptr=f"*{dt}", c_ptr=f"*{dt}", f_ptr=f"*{dt}")
+    if bias_dt:     # lora_bias: base bias + scale * b arrives in float32
+        sig["bias_ptr"] = f"*{bias_dt}"
     if over.get("NF4"):
         sig.update(q_ptr="*u8", absmax_ptr="*u8")
     return {"constexprs": {**_GEMM_BASE, **consts, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **over},
@@ -529,6 +531,7 @@ register(KernelSpec(
     family="lora", name="lora_gemm_kernel", fn=lora_gemm_kernel.fn, signature=_GEMM_SIG, gemm=True,
     configs=[_gemm_cfg(*c) for c in _GEMM_CONFIGS]
     + [_gemm_cfg(128, 128, 64, 8, 4, "fp16"), _gemm_cfg(64, 128, 64, 4, 4, BLOCK_R=32),
+       _gemm_cfg(128, 128, 64, 8, 4, bias_dt="fp32"),
        _gemm_cfg(128, 256, 64, 8, 3, COL_SCALE=True), _gemm_cfg(16, 64, 64, 4, 2, NF4=True, NF4_DOUBLE=True, COL_SCALE=True),
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(64, 64, 64, 4, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),

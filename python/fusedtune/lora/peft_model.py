@@ -82,7 +82,7 @@ def _signature(layer) -> tuple:
     drop = layer.lora_dropout
     mags = getattr(layer, "lora_magnitude_vector", {})
     return (names, tuple(layer.active_adapters), tuple(layer.scaling.get(n) for n in names),
-            tuple(getattr(drop[n], "p", type(drop[n])) for n in names),
+            tuple((type(drop[n]), id(drop[n]), getattr(drop[n], "p", None)) for n in names),
             tuple(bool(layer.use_dora.get(n)) for n in names),
             tuple(id(layer.lora_A[n]) for n in names), tuple(id(layer.lora_B[n]) for n in names),
             tuple(id(mags[n].weight) if n in mags else None for n in names), id(layer.get_base_layer()))
