@@ -14,8 +14,9 @@ tensors are written as they are (float32 adapters stay float32): bit-exact round
 ranks and alphas that differ from the most common one go to rank_pattern / alpha_pattern, as peft does.
 Modules trained in full (patch's modules_to_save, e.g. embed_tokens / lm_head) are written as peft
 writes them (base_model.model.<module>.<param>, "modules_to_save" in the config) and loaded into the
-model's own modules. Adapters with lora_bias carry <module>.lora_B.bias ("lora_bias": true). DoRA adapters (use_dora) carry their magnitude as peft writes it
-(base_model.model.<module>.lora_magnitude_vector, "use_dora": true). PiSSA / OLoRA adapters are written
+model's own modules. Adapters with lora_bias carry <module>.lora_B.bias ("lora_bias": true). DoRA
+adapters (use_dora) carry their magnitude as peft writes it (base_model.model.<module>.lora_magnitude_vector,
+"use_dora": true). PiSSA / OLoRA adapters are written
 as peft writes them without conversion ("init_lora_weights": "pissa"): loading one onto the original
 model first rewrites each target's weight as the residual W - scale B0 A0 of its own decomposition (as
 peft does), then loads the trained A and B.
@@ -135,8 +136,8 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     inits = {m.init_lora_weights.get(adapter_name, True) for m in layers.values()}
     init = inits.pop() if len(inits) == 1 and _decomposition(next(iter(inits))) else True
     if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1 or len(biased) > 1:
-        raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora, one use_dora and one lora_bias "
-                         f"per adapter; the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)}, "
+        raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora, one use_dora and one "
+                         f"lora_bias per adapter; the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)}, "
                          f"{sorted(biased)})")
     r, alpha = _common(ranks), _common(alphas)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
