@@ -233,6 +233,7 @@ def test_unsupported_layers_are_refused_and_nothing_changes():
         fuse_peft(pm)
     assert _peft_classes(pm) == before
     rep = fuse_peft(pm, skip_unsupported=True)
+    assert fusedtune.report(pm).rows == rep.rows
     rows = {r.name.rsplit(".", 1)[-1]: r for r in rep.rows}
     assert rows["embed_tokens"].backend == "peft" and "Embedding" in rows["embed_tokens"].why_not
     assert rows["q_proj"].backend != "peft"
@@ -264,8 +265,10 @@ def test_unfuse_restores_peft_and_copies_and_pickles_work():
     buf.seek(0)
     _close(torch.load(buf, weights_only=False)(IDS).logits, want, "pickled")
     assert len(pickle.dumps(fused)) > 0
+    rep = fusedtune.report(fused)           # the report of an unpatched model with fused peft layers
+    assert rep.method == "lora (peft, fused)" and len(rep.rows) == 6 and rep.rows[0].backend == "cpu"
     names = unfuse_peft(fused)
-    assert len(names) == 6
+    assert len(names) == 6 and fusedtune.report(fused).method is None
     assert set(_peft_classes(fused).values()) == {peft.tuners.lora.Linear}
     assert not any(_VIEW in m.__dict__ for m in fused.modules())
     _close(fused(IDS).logits, want, "unfused")

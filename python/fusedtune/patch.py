@@ -629,12 +629,15 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
 def report(model: nn.Module) -> PatchReport:
     """The current report of a patched model: backend and path of every swapped layer or
     method-managed parameter group, and why a fused path is not taken (computed now, so it follows
-    model.to(device)). An unpatched model gives an empty report (method None)."""
+    model.to(device)). A peft model whose LoRA layers fusedtune.lora.fuse_peft fused gives their report;
+    another unpatched model an empty report (method None)."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtune.report: model must be a torch.nn.Module, got {type(model).__name__}")
     st = _state(model)
     if st is None:
-        return PatchReport(None, total_params=count(unique_params(model.parameters())))
+        from .lora.peft_model import peft_report  # noqa: PLC0415
+        rep = peft_report(model)     # a peft model with fused LoRA layers (fusedtune.lora.fuse_peft)
+        return rep if rep is not None else PatchReport(None, total_params=count(unique_params(model.parameters())))
     rep = st["impl"].report(model)
     rep._impl = st["impl"]
     rep.optimizer = st["optimizer"]

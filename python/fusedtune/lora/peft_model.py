@@ -152,8 +152,6 @@ def fuse_peft(model: nn.Module, skip_unsupported: bool = False, backend: str | N
     fusedtune's fused forward, in place. Returns a fusedtune PatchReport of the layers (print it). Layers
     the fused op does not cover are refused with LoRAUnsupported before anything changes, or, with
     skip_unsupported=True, left to peft and listed in the report. backend: as LoRALinear's."""
-    from ..hft.tuner import describe_row_layer  # noqa: PLC0415
-    from ..patch import PatchReport, ReportRow, count, unique_params  # noqa: PLC0415
     layers = _peft_layers(model)
     if not layers:
         raise ValueError("fuse_peft: the model holds no peft LoRA layers (get_peft_model / PeftModel.from_pretrained "
@@ -163,18 +161,33 @@ def fuse_peft(model: nn.Module, skip_unsupported: bool = False, backend: str | N
         first = next(iter(why))
         raise LoRAUnsupported(f"fuse_peft: {len(why)} peft LoRA layer(s) the fused op does not cover, e.g. {first}: "
                               f"{why[first]}; nothing was changed (skip_unsupported=True fuses the others)")
-    rows = []
     for name, m in layers.items():
         if name in why:
-            rows.append(ReportRow(name, "lora", "peft", f"peft's {type(m).__name__} (not fused)", why[name],
-                                  count(p for p in m.parameters() if p.requires_grad)))
             continue
         if not getattr(m, "_fusedtune_peft_class", None):
             m.__class__ = _fused_class(type(m))
         m.__dict__.pop(_VIEW, None)
         m.__dict__["_fusedtune_backend"] = backend
-        b, path, w = describe_row_layer(m)
-        rows.append(ReportRow(name, "lora", b, path, w, count(p for p in m.parameters() if p.requires_grad)))
+    return peft_report(model, always=True)
+
+
+def peft_report(model: nn.Module, always: bool = False):
+    """The PatchReport of a model's peft LoRA layers: backend and path of the fused ones (computed now), and
+    why the others are not fused (None: the model has no fused peft layer). fusedtune.report(model) gives it
+    for a model that fusedtune.patch did not patch."""
+    from ..hft.tuner import describe_row_layer  # noqa: PLC0415
+    from ..patch import PatchReport, ReportRow, count, unique_params  # noqa: PLC0415
+    layers = _peft_layers(model)
+    if not always and not any(getattr(m, "_fusedtune_peft_class", None) for m in layers.values()):
+        return None
+    rows = []
+    for name, m in layers.items():
+        params = count(p for p in m.parameters() if p.requires_grad)
+        if getattr(m, "_fusedtune_peft_class", None):
+            rows.append(ReportRow(name, "lora", *describe_row_layer(m), params))
+        else:
+            rows.append(ReportRow(name, "lora", "peft", f"peft's {type(m).__name__} (not fused)",
+                                  _why_not(m) or "not fused (fuse_peft(model) fuses it)", params))
     params = unique_params(model.parameters())
     return PatchReport("lora (peft, fused)", rows, trainable_params=count(p for p in params if p.requires_grad),
                        total_params=count(params))
