@@ -39,6 +39,11 @@ def test_cpu_run_rows(cpu_run):
         ("dora fwd+bwd", "peft DoRA layer"), ("dora fwd+bwd", "fusedtune plain LoRA layer"),
         ("dora fwd (inference)", "peft DoRA layer")]
     assert all(float(r["time_ms"]) > 0 and float(r["baseline_ms"]) > 0 for r in dora)
+    fused = [r for r in rows if "fuse" in r["kernel"]]
+    assert [(r["kernel"], r["baseline"]) for r in fused] == [
+        ("lora fwd+bwd, peft layer fused in place", "peft LoRA layer"),
+        ("lora fwd+bwd, peft layer fused in place", "fusedtune LoRALinear over the same parameters"),
+        ("fuse_peft per-call check (host)", "peft layer forward at 1 token (host)")]
     bwd = [r for r in rows if r["kernel"] == "lora bwd"]
     step = [r for r in rows if r["kernel"] == "lora step"]
     assert len(bwd) == len(lora_bench.TINY) * 3                  # vs the dX GEMM, peft, unsloth's backward

@@ -30,6 +30,12 @@ DoRA (use_dora): forward+backward of a DoRA layer (r=16), ours (fused op, float3
 column scale) vs peft's DoRA layer, and vs our plain LoRA layer (DoRA's extra cost); inference forward
 (the norm cached) vs peft's, at q_proj and gate/up (--quick: q_proj) with 4096 tokens.
 
+A peft model fused in place (fusedtune.lora.fuse_peft): forward+backward of a fused peft LoRA layer vs
+peft's own layer and vs LoRALinear over the same parameters (ratio ~1: what the wrapper costs), at
+q_proj with 4096 tokens; and the host time of the per-call check that the layer's adapters are unchanged,
+against the host time of peft's own forward at one token (CPU timer on both: kernels are launched, not
+waited for, at one token).
+
 --cpu: tiny shapes on the CPU backend (the reference math); the rows check the framework only.
 """
 from __future__ import annotations
@@ -316,6 +322,51 @@ def dora_rows(timer, on_gpu, device, quick):
     return rows
 
 
+def peft_model_rows(timer, on_gpu, device, quick):
+    from .core import CpuTimer  # noqa: PLC0415
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    name, N, K = QUICK[0] if on_gpu else TINY[0]
+    T, r = (4096, 16) if on_gpu else (32, 8)
+    W = torch.randn(N, K, device=device).div_(math.sqrt(K)).to(dt)
+    A = torch.nn.Parameter(torch.randn(r, K, device=device) / math.sqrt(K))
+    B = torch.nn.Parameter(torch.randn(N, r, device=device) * 0.01)
+    pe = _peft_layer(W, None, A, B, r, 2 * r)
+    if pe is None:
+        return [_skipped("lora fwd+bwd, peft layer fused in place", "peft LoRA layer", "peft",
+                         ImportError("peft is not installed"))]
+    import copy  # noqa: PLC0415
+    from ..lora import fuse_peft  # noqa: PLC0415
+    from ..lora.peft_model import _signature  # noqa: PLC0415
+    from ..nn import LoRALinear  # noqa: PLC0415
+    model = torch.nn.Sequential(copy.deepcopy(pe))
+    fuse_peft(model)
+    fused = model[0]
+    plain = LoRALinear.from_peft(fused)
+    x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(T, N, device=device, dtype=dt)
+
+    def fb(layer):
+        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], dy)
+    shape, backend = f"{name} T={T} N={N} K={K} r={r}", "triton" if on_gpu else "cpu"
+    t = timer(lambda: fb(fused))
+    flops = roofline_pct(t[0], flops=_flops(T, N, K, r, True))
+    note = CPU_NOTE if not on_gpu else ""
+    rows = [row("lora fwd+bwd, peft layer fused in place", shape, str(dt)[6:], backend, "peft LoRA layer", t,
+                timer(lambda: fb(pe))[0], flops, note=note),
+            row("lora fwd+bwd, peft layer fused in place", shape, str(dt)[6:], backend,
+                "fusedtune LoRALinear over the same parameters", t, timer(lambda: fb(plain))[0], flops,
+                note=note or "ratio ~1: the wrapper's cost")]
+    host = CpuTimer(quick)
+    one = x[:1].detach()
+    with torch.no_grad():
+        peft_host = host(lambda: pe(one))[0]
+    rows.append(row("fuse_peft per-call check (host)", "one layer", "-", "python",
+                    "peft layer forward at 1 token (host)", host(lambda: _signature(fused)), peft_host,
+                    note=CPU_NOTE if not on_gpu else "host time, CPU timer; ratio = how many checks fit in "
+                    "peft's own per-call host time"))
+    return rows
+
+
 def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     device = "cuda" if on_gpu else "cpu"
@@ -326,4 +377,5 @@ def sections(timer, quick: bool) -> list:
     return [("LoRA GEMMs", lambda: gemm_rows(timer, shapes, tokens, ranks, on_gpu, device)),
             ("QLoRA (NF4 base)", lambda: nf4_rows(timer, on_gpu, device, quick)),
             ("several adapters", lambda: multi_rows(timer, on_gpu, device)),
-            ("DoRA", lambda: dora_rows(timer, on_gpu, device, quick))]
+            ("DoRA", lambda: dora_rows(timer, on_gpu, device, quick)),
+            ("peft model fused in place", lambda: peft_model_rows(timer, on_gpu, device, quick))]
