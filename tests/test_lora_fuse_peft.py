@@ -161,6 +161,13 @@ def test_mixed_batch_equals_peft():
         fused(ids, adapter_names=names[:3])       # peft's own check runs first
 
 
+def test_generate_equals_peft():
+    pm, fused = _pair()
+    pm.eval(), fused.eval()
+    kw = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(input_ids=IDS, **kw), pm.generate(input_ids=IDS, **kw))
+
+
 def test_merge_unmerge_and_merge_and_unload():
     pm, fused = _pair()
     want = pm(IDS).logits
