@@ -64,7 +64,8 @@ def _fused_forwards(monkeypatch) -> list:
 
 
 @pytest.mark.parametrize("cfg", [{}, {"use_rslora": True, "r": 6, "lora_alpha": 5},
-                                 {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}, "lora_dropout": 0.1}])
+                                 {"rank_pattern": {"model.layers.1.self_attn.q_proj": 2}, "lora_dropout": 0.1},
+                                 {"init_lora_weights": "olora"}])       # peft's own init: a residual base
 def test_forward_and_gradients_equal_peft(cfg, monkeypatch):
     pm, fused = _pair(**cfg)
     pm.eval(), fused.eval()     # dropout off: the masks differ (ours is seeded Philox); its rule is tested per layer
