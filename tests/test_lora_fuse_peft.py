@@ -147,6 +147,17 @@ def test_adapter_switching_scaling_and_new_adapters_are_followed():
     _close(fused(IDS).logits, pm(IDS).logits, "after deleting 'two'")
 
 
+def test_fused_while_disabled_serves_the_adapters_once_enabled():
+    pm = _peft_model()
+    want = pm(IDS).logits
+    with pm.disable_adapter():
+        rep = fuse_peft(pm)                 # the report builds the layers' views while the adapters are off
+        assert all("adapters disabled" in r.path for r in rep.rows)
+        base = pm(IDS).logits
+    assert not torch.allclose(base, want, atol=1e-4)
+    _close(pm(IDS).logits, want, "enabled again")
+
+
 def test_mixed_batch_equals_peft():
     pm, fused = _pair()
     for model in (pm, fused):

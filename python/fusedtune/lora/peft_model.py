@@ -15,8 +15,8 @@ adapter set is taken over on the next call. While the layer is merged or its ada
 the forward is peft's (the base layer alone).
 
 Refused with LoRAUnsupported, before any layer changes: peft LoRA layers the fused op does not cover
-(Embedding, Conv, 8-bit, other quantization backends, fan_in_fan_out Conv1D, lora_bias, LoRA variants
-other than DoRA, dropout modules other than nn.Dropout), unless skip_unsupported=True, which fuses the
+(Embedding, Conv, 8-bit, other quantization backends, fan_in_fan_out Conv1D, LoRA variants other than
+DoRA, dropout modules other than nn.Dropout), unless skip_unsupported=True, which fuses the
 rest and lists the others in the report. Adapters added later that the fused op does not cover are
 refused by the forward that meets them. Other refusals are LoRALinear's (e.g. several active adapters
 with dropout in training).
@@ -101,6 +101,7 @@ def _view(layer) -> LoRALinear:
     view = entry[1]
     if view.training != layer.training:
         view.training = layer.training
+    view.disable_adapters = False     # the forward handles disabled adapters before it asks for the view
     return view
 
 
@@ -117,8 +118,9 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
 
 
 def _report(self) -> dict:
-    if self.merged:
-        return {"method": "lora", "backend": "peft", "path": "peft layer with merged adapters: the base layer alone",
+    if self.merged or self.disable_adapters:
+        state = "merged adapters" if self.merged else "adapters disabled"
+        return {"method": "lora", "backend": "peft", "path": f"peft layer with {state}: the base layer alone",
                 "why_not": ""}
     out = dict(_view(self)._fusedtune_report())
     out["path"] = "peft layer, fused forward: " + out["path"]
