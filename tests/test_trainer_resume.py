@@ -1,8 +1,9 @@
 """transformers.Trainer checkpoints and resume_from_checkpoint with fusedtune: a run resumed from its step-3
 checkpoint ends with the bits of the uninterrupted 6-step run. Patched models (lora, sparse_delta with its
-SparseDeltaAdamW, fp8, roste) and HFTCallback (matrix, and row with MaskedAdamW in bf16: the callback used
-to drop the loaded moments of the row masters at train begin, and torch cast them to bf16; block, whose
-trained rows are views of the weights, with the Trainer's own AdamW)."""
+SparseDeltaAdamW, fp8, roste; a peft model fused in place by fusedtune.lora.fuse_peft, with dropout) and
+HFTCallback (matrix, and row with MaskedAdamW in bf16: the callback used to drop the loaded moments of the
+row masters at train begin, and torch cast them to bf16; block, whose trained rows are views of the weights,
+with the Trainer's own AdamW)."""
 import warnings
 
 import pytest
@@ -18,7 +19,7 @@ from tiny_models import tiny_llama  # noqa: E402
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
 CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
          ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16),
-         ("hft-block", torch.bfloat16), ("lora-dora", torch.bfloat16)]
+         ("hft-block", torch.bfloat16), ("lora-dora", torch.bfloat16), ("peft-fused", torch.bfloat16)]
 
 
 def _run(case, dtype, out, resume=None):
@@ -31,6 +32,12 @@ def _run(case, dtype, out, resume=None):
         callbacks = [HFTCallback(ratio=0.5, granularity=granularity, seed=0, merge_on_train_end=False)]
         if granularity == "row":
             kw["optimizer_cls_and_kwargs"] = (MaskedAdamW, {})
+    elif case == "peft-fused":      # a PeftModel whose LoRA layers fusedtune.lora.fuse_peft fused in place
+        import peft
+        torch.manual_seed(0)
+        model = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, lora_dropout=0.1,
+                                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+        fusedtune.lora.fuse_peft(model)
     else:
         name, _, variant = case.partition("-")
         rep = fusedtune.patch(model, name, **({"use_dora": True, "dropout": 0.1} if variant == "dora" else {}))
