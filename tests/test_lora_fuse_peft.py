@@ -51,6 +51,20 @@ def _close(a, b, what=""):
     torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-5, msg=lambda m: f"{what}: {m}")
 
 
+def _same_training(pm, fused, ids=IDS, what="") -> list[str]:
+    """Logits and every trained parameter's gradient of the fused copy equal peft's; returns their names."""
+    want, got = pm(ids, labels=ids), fused(ids, labels=ids)
+    _close(got.logits, want.logits, f"{what} logits")
+    want.loss.backward()
+    got.loss.backward()
+    grads = dict(fused.named_parameters())
+    trained = [n for n, p in pm.named_parameters() if p.requires_grad]
+    for n in trained:
+        assert grads[n].grad is not None, n
+        _close(grads[n].grad, dict(pm.named_parameters())[n].grad, n)
+    return trained
+
+
 def _fused_forwards(monkeypatch) -> list:
     """Record every call of the fused LoRALinear forward (so a test knows the fused op ran)."""
     calls = []
@@ -70,16 +84,8 @@ def test_forward_and_gradients_equal_peft(cfg, monkeypatch):
     pm, fused = _pair(**cfg)
     pm.eval(), fused.eval()     # dropout off: the masks differ (ours is seeded Philox); its rule is tested per layer
     calls = _fused_forwards(monkeypatch)
-    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
+    assert len(_same_training(pm, fused)) == 12
     assert len(calls) == 6, "every LoRA layer took the fused forward"
-    _close(got.logits, want.logits, "logits")
-    want.loss.backward()
-    got.loss.backward()
-    grads = {n: p.grad for n, p in fused.named_parameters() if p.requires_grad}
-    assert len(grads) == 12 and all(g is not None for g in grads.values())
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            _close(grads[n], p.grad, n)
     assert fused.state_dict().keys() == pm.state_dict().keys()
 
 
@@ -201,16 +207,8 @@ def test_save_pretrained_is_read_by_peft(tmp_path):
 
 def test_dora_equals_peft():
     pm, fused = _pair(use_dora=True)
-    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
-    _close(got.logits, want.logits, "DoRA logits")
-    want.loss.backward()
-    got.loss.backward()
-    grads = dict(fused.named_parameters())
-    mags = [n for n, p in pm.named_parameters() if "lora_magnitude_vector" in n]
-    assert len(mags) == 6
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            _close(grads[n].grad, p.grad, n)
+    trained = _same_training(pm, fused, what="DoRA")
+    assert len([n for n in trained if "lora_magnitude_vector" in n]) == 6
 
 
 def test_nf4_base_equals_peft():
@@ -235,14 +233,7 @@ def test_nf4_base_equals_peft():
     rep = fuse_peft(fused)
     assert all(issubclass(t, Linear4bit) and t is not Linear4bit for t in _peft_classes(fused).values())
     assert all("NF4" in r.path for r in rep.rows), rep.table()
-    want, got = pm(IDS, labels=IDS), fused(IDS, labels=IDS)
-    _close(got.logits, want.logits, "NF4 logits")
-    want.loss.backward()
-    got.loss.backward()
-    grads = dict(fused.named_parameters())
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            _close(grads[n].grad, p.grad, n)
+    assert len(_same_training(pm, fused, what="NF4")) == 8
 
 
 def test_unsupported_layers_are_refused_and_nothing_changes():
@@ -360,12 +351,4 @@ def test_triton_fused_peft_model_equals_peft():
     fused = copy.deepcopy(pm)
     rep = fuse_peft(fused, backend="triton")
     assert {r.backend for r in rep.rows} == {"triton"}, rep.table()
-    ids = IDS[:1, :5]
-    want, got = pm(ids, labels=ids), fused(ids, labels=ids)
-    _close(got.logits, want.logits, "logits")
-    want.loss.backward()
-    got.loss.backward()
-    grads = dict(fused.named_parameters())
-    for n, p in pm.named_parameters():
-        if p.requires_grad:
-            _close(grads[n].grad, p.grad, n)
+    assert len(_same_training(pm, fused, IDS[:1, :5])) == 8
