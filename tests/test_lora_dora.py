@@ -304,6 +304,20 @@ def test_compile_matches_eager():
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_backward_prologue_op(dtype):
+    """fusedtune::dora_dy: its schema, fake and reference (opcheck), and the prologue's math from the
+    definition: dF = dy * g in float32 and rounded, and the column sums of dy * F and dy."""
+    from fusedtune.ops.dora import _dora_dy_op
+    dy, F = torch.randn(7, 5).to(dtype), torch.randn(7, 5).to(dtype)
+    g = torch.rand(5) + 0.5
+    torch.library.opcheck(_dora_dy_op, (dy, F, g, "reference"))
+    dF, low, dg, db = _dora_dy_op(dy, F, g, "reference")
+    assert torch.equal(dF, dy.float() * g) and low.dtype == dtype and torch.equal(low, (dy.float() * g).to(dtype))
+    torch.testing.assert_close(dg, (dy.double() * F.double()).sum(0).float())
+    torch.testing.assert_close(db, dy.double().sum(0).float())
+
+
 def test_unsupported_dora_uses_are_refused():
     lin = nn.Linear(12, 8)
     m = LoRALinear.from_linear(copy.deepcopy(lin), r=2, use_dora=True)

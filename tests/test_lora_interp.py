@@ -184,6 +184,24 @@ def test_triton_dora_matches_reference(dtype, p, nf4):
         torch.testing.assert_close(a, b, **tol, msg=f"output {i}")
 
 
+@pytest.mark.parametrize("dtype,M,N", [(torch.float32, 70, 45), (torch.float16, 33, 129), (torch.float16, 1, 7)])
+def test_triton_dora_dy_prologue_matches_reference(dtype, M, N):
+    """DoRA's backward prologue in one pass: dF = dy*g (float32 and rounded) bit for bit, the column sums of
+    dy*F and dy within float32 summation-order error, from a dy with a row stride past its width."""
+    from fusedtune.ops.dora import _dora_dy_op
+    from fusedtune.reference.lora import dora_dy
+    g = torch.Generator().manual_seed(M + N)
+    dy = torch.randn(M, N + 3, generator=g).to(dtype)[:, :N]
+    F = torch.randn(M, N, generator=g).to(dtype)
+    gs = torch.rand(N, generator=g) + 0.5
+    got, want = _dora_dy_op(dy, F, gs, "triton"), dora_dy(dy, F, gs)
+    assert got[1].dtype == dtype and got[0].dtype == torch.float32
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    d = dy.double()
+    for i, exact in ((2, (d * F.double()).sum(0)), (3, d.sum(0))):
+        assert_within_rule(got[i], exact, want[i], f"sum {i}", atol=1e-6)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dropout_delta_is_bit_exact(dtype):
     """DoRA's dropout(x) - x: the kernel equals the reference bit for bit, forward and backward (the map is

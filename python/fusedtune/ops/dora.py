@@ -15,7 +15,8 @@ column scale in its epilogue (fusedtune::dora_linear; it also writes F, the prod
 the bias, for the magnitude's gradient); in the backward the adapter gradients take dy * g in float32 (peft's
 LoRA branch is float32: rounding dy * g to a bf16 model's dtype first would cost the adapters ~2^-9 of
 relative accuracy), dX takes it rounded to the model's dtype (the base GEMM's), and the magnitude's
-gradient is sum over rows of dy * F / norm.
+gradient is sum over rows of dy * F / norm; one pass over dy and F makes all of these
+(fusedtune::dora_dy, reference.lora.dora_dy; the Triton lora_dora_dy_kernel on a GPU).
 
 peft forms lora_B(lora_A(eye(in))) (an [in, out] matrix), adds it to W and takes the norm, all in the
 input's dtype (bfloat16 for a bf16 model) on every forward; here it is float32 throughout, chunked, and
@@ -90,6 +91,24 @@ def _(g, x, weight, lora_A, lora_B, bias, scales, *rest):
             x.new_empty((x.shape[0], N)))
 
 
+@torch.library.custom_op("fusedtune::dora_dy", mutates_args=())
+def _dora_dy_op(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor,
+                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """DoRA's backward prologue, one pass over dy and F on the Triton backend (reference.lora.dora_dy):
+    (dF = dy * g in float32, dF in F's dtype, sum_rows dy * F, sum_rows dy)."""
+    if backend == "triton":
+        from ..triton_kernels import lora_dora as tkd  # noqa: PLC0415
+        return tkd.dora_dy(dy, F, g)
+    return ref.dora_dy(dy, F, g)
+
+
+@_dora_dy_op.register_fake
+def _(dy, F, g, backend):
+    M, N = F.shape
+    return (F.new_empty((M, N), dtype=g.dtype), F.new_empty((M, N)), F.new_empty((N,), dtype=g.dtype),
+            F.new_empty((N,), dtype=g.dtype))
+
+
 class _ColumnScaledLoRA(torch.autograd.Function):
     """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both."""
 
@@ -106,18 +125,14 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
-        dy = dy.to(g.dtype)
-        dF = dy * g
+        dF, dF_low, dg, dbias = _dora_dy_op(dy, F, g, backend)    # one pass over dy and F
         tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
-        dg = dbias = dx = dW = dA = dB = None
-        if need_g:
-            dg = (dy * F).sum(0)
-        if need_bias:
-            dbias = dy.sum(0).to(ctx.rest[0].dtype)
+        dx = dW = dA = dB = None
+        dg = dg if need_g else None
+        dbias = dbias.to(ctx.rest[0].dtype) if need_bias else None
         if need_x or need_A or need_B:   # u, dA, dB from the float32 dy * g; dX's base GEMM reads it rounded
             need = [bool(need_x), bool(need_A), bool(need_B)]
-            dx, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, need, backend,
-                                      dF.to(x2.dtype) if need_x else None)
+            dx, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, need, backend, dF_low if need_x else None)
             dx = dx if need_x else None
             dA = dA.to(A.dtype) if need_A else None
             dB = dB.to(B.dtype) if need_B else None

@@ -120,6 +120,14 @@ def dora_weight_norm(weight, A, B, scale: float) -> torch.Tensor:
     return torch.linalg.vector_norm(weight.to(ct) + scale * (B.to(ct) @ A.to(ct)), dim=1)
 
 
+def dora_dy(dy, F, g):
+    """DoRA's backward prologue: with d = dy in float32, (dF = d * g, dF rounded to F's dtype,
+    sum over rows of d * F, sum over rows of d)."""
+    d = dy.to(g.dtype)
+    dF = d * g
+    return dF, dF.to(F.dtype, copy=True), (d * F).sum(0), d.sum(0)     # (a copy: op outputs never alias)
+
+
 def forward_scaled(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
     """DoRA's fused forward: (y = g * F + bias, t, F) with F = x W^T + t B^T before any rounding; y and F
     rounded once to x's dtype (float64 throughout for float64 x)."""
