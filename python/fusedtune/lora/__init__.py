@@ -137,8 +137,8 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     init = inits.pop() if len(inits) == 1 and _decomposition(next(iter(inits))) else True
     if len(drops) > 1 or len(rslora) > 1 or len(dora) > 1 or len(biased) > 1:
         raise ValueError("save_adapter: peft's config holds one dropout, one use_rslora, one use_dora and one "
-                         f"lora_bias per adapter; the layers differ ({sorted(drops)}, {sorted(rslora)}, {sorted(dora)}, "
-                         f"{sorted(biased)})")
+                         f"lora_bias per adapter; the layers differ ({sorted(drops)}, {sorted(rslora)}, "
+                         f"{sorted(dora)}, {sorted(biased)})")
     r, alpha = _common(ranks), _common(alphas)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
               "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
