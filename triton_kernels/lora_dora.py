@@ -11,15 +11,12 @@ for a bf16 model); this pass reads dy and F and writes the two dF copies (10 byt
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .lora import _INTERP, _check32
 from .registry import KernelSpec, register
-
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 @triton.jit
@@ -48,9 +45,7 @@ def _blocks() -> tuple[int, int, int]:
 def dora_dy(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor):
     """(dF float32, dF in F's dtype, sum over rows of dy * F, sum over rows of dy), all from float32 dy."""
     M, N = F.shape
-    for t in (dy, F):
-        if t.numel() >= 2**31:
-            raise ValueError(f"dora: the Triton kernels index with 32 bits; got [{M}, {N}] (split the tokens)")
+    _check32("dora_dy", dy, F)
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
     F = F if F.stride(1) == 1 else F.contiguous()
     BM, BN, warps = _blocks()

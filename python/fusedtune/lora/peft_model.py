@@ -101,7 +101,8 @@ def _view(layer) -> LoRALinear:
     view = entry[1]
     if view.training != layer.training:
         view.training = layer.training
-    view.disable_adapters = False     # the forward handles disabled adapters before it asks for the view
+    if view.disable_adapters:     # the forward handles disabled adapters before it asks for the view
+        view.disable_adapters = False
     return view
 
 
