@@ -221,8 +221,8 @@ def test_bad_inputs():
 def test_no_transposed_x_copy_without_grad(monkeypatch):
     """Under no_grad (eval) the forward keeps no column-wise FP8 copy of x for a weight gradient."""
     seen = []
-    real = F8._linear_op
-    monkeypatch.setattr(F8, "_linear_op", lambda *a: (seen.append(a[6]), real(*a))[1])
+    real = F8._linear
+    monkeypatch.setattr(F8, "_linear", lambda *a: (seen.append(a[6]), real(*a))[1])
     w = torch.nn.Parameter(torch.randn(128, 128))
     x = torch.randn(4, 128)
     with torch.no_grad():

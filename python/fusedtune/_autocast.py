@@ -4,6 +4,8 @@ autocast casts those of F.linear and calls the op with autocast off: the output 
 dtype, and the gradients flow back through the casts to the original dtypes."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 _TYPES = ("cuda", "cpu")
@@ -24,7 +26,12 @@ def cast(dtype: torch.dtype, *tensors):
 
 
 def off(device):
-    return torch.autocast(torch.device(device).type, enabled=False)
+    """A scope with autocast off on `device`'s type (nothing to do, and no torch.autocast to enter, where it
+    is off already)."""
+    t = torch.device(device).type
+    if t in _TYPES and not torch.is_autocast_enabled(t):
+        return contextlib.nullcontext()
+    return torch.autocast(t, enabled=False)
 
 
 def linear_call(fn, x: torch.Tensor, weight: torch.Tensor, bias):

@@ -22,6 +22,7 @@ CHOICES = ("auto",) + BACKENDS
 # ContextVar.get on torch 2.11 (fullgraph compiles of our layers failed there; 2.14 traces it).
 _scope = threading.local()
 _warned: set = set()
+_memo: dict = {}   # resolve()'s answers that warned about nothing
 
 
 class BackendError(RuntimeError):
@@ -136,14 +137,31 @@ def _wanted(op: str, has: frozenset, backend: str | None, warn: bool) -> str:
 
 def resolve(op: str, device: torch.device, has, backend: str | None = None) -> str:
     """The backend an op call takes. An explicit request that cannot be served raises; 'auto'
-    falls back in DESIGN.md's order and says why, once per (op, reason)."""
+    falls back in DESIGN.md's order and says why, once per (op, reason). Outside torch.compile an
+    answer that warned about nothing is kept for the same (op, device, request, scope, environment):
+    this runs on every op call, and its checks cost more than a small kernel launch."""
+    if torch.compiler.is_compiling():
+        return _resolve(op, device, has, backend)[0]
+    key = (op, device, has, backend, getattr(_scope, "name", None), os.environ.get("FUSEDTUNE_BACKEND"),
+           os.environ.get("TRITON_INTERPRET"))
+    name = _memo.get(key)
+    if name is None:
+        name, quiet = _resolve(op, device, has, backend)
+        if quiet:
+            _memo[key] = name
+    return name
+
+
+def _resolve(op: str, device: torch.device, has, backend: str | None) -> tuple[str, bool]:
+    """(the backend, whether choosing it said nothing)."""
     has = frozenset(has)
     want = _wanted(op, has, backend, warn=True)
+    quiet = backend is not None or want == requested(None)
     if want != "auto":
         ok, why = can_serve(want, device, has)
         if not ok:
             raise BackendError(f"{op}: backend {want!r} cannot run here: {why}")
-        return want
+        return want, quiet
     order = ("cuda", "triton", "reference") if device.type == "cuda" else ("cpu", "reference")
     reasons = []
     for name in order:
@@ -152,7 +170,8 @@ def resolve(op: str, device: torch.device, has, backend: str | None = None) -> s
             if reasons and name == "reference":
                 warn_once((op, device.type, tuple(reasons)),
                           f"fusedtune: {op} on {device.type} runs the PyTorch reference: " + "; ".join(reasons))
-            return name
+                quiet = False
+            return name, quiet
         reasons.append(f"{name}: {why}")
     raise BackendError(f"{op}: no backend can run on {device}: " + "; ".join(reasons))
 

@@ -29,7 +29,8 @@ import torch
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
-from .lora import _HAS, _impl, _lora_bwd_op, _nf4_dict, _op_args, _seed_tensor, scale_table
+from ._eager import EagerOp
+from .lora import _HAS, _impl, _lora_bwd, _nf4_dict, _op_args, _seed_tensor, scale_table
 
 _CHUNK = 1 << 24   # elements of W upcast to float32 at a time (64 MiB)
 
@@ -65,13 +66,12 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=t
         return out
 
 
-@torch.library.custom_op("fusedtune::dora_linear", mutates_args=())
-def _dora_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-             bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
-             seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
-             nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
-             nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
-             backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dora_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
+               seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+               nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+               nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
+               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y = g * F + bias, t, F): the fused LoRA GEMM with DoRA's column scale in its epilogue, which also
     stores F = x W^T + t B^T (before the bias) for the magnitude's gradient."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize, nf4_blocksize2,
@@ -84,6 +84,10 @@ def _dora_op(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: tor
     return ref.forward_scaled(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), g)
 
 
+_dora_op = torch.library.custom_op("fusedtune::dora_linear", mutates_args=())(_dora_impl)
+_dora = EagerOp(_dora_op, _dora_impl)
+
+
 @_dora_op.register_fake
 def _(g, x, weight, lora_A, lora_B, bias, scales, *rest):
     N = lora_B.shape[0]
@@ -91,15 +95,18 @@ def _(g, x, weight, lora_A, lora_B, bias, scales, *rest):
             x.new_empty((x.shape[0], N)))
 
 
-@torch.library.custom_op("fusedtune::dora_dy", mutates_args=())
-def _dora_dy_op(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor,
-                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _dora_dy_impl(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor,
+                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DoRA's backward prologue, one pass over dy and F on the Triton backend (reference.lora.dora_dy):
     (dF = dy * g in float32, dF in F's dtype, sum_rows dy * F, sum_rows dy)."""
     if backend == "triton":
         from ..triton_kernels import lora_dora as tkd  # noqa: PLC0415
         return tkd.dora_dy(dy, F, g)
     return ref.dora_dy(dy, F, g)
+
+
+_dora_dy_op = torch.library.custom_op("fusedtune::dora_dy", mutates_args=())(_dora_dy_impl)
+_dora_dy = EagerOp(_dora_dy_op, _dora_dy_impl)
 
 
 @_dora_dy_op.register_fake
@@ -114,7 +121,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, g, *op_args):
-        y, t, F = _dora_op(g, *op_args)
+        y, t, F = _dora(g, *op_args)
         x2, w, A, B = op_args[:4]
         ctx.save_for_backward(g, x2, w, A, B, F, t)
         ctx.rest = op_args[4:]
@@ -125,14 +132,14 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
-        dF, dF_low, dg, dbias = _dora_dy_op(dy, F, g, backend)    # one pass over dy and F
+        dF, dF_low, dg, dbias = _dora_dy(dy, F, g, backend)    # one pass over dy and F
         tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
         dx = dW = dA = dB = None
         dg = dg if need_g else None
         dbias = dbias.to(ctx.rest[0].dtype) if need_bias else None
         if need_x or need_A or need_B:   # u, dA, dB from the float32 dy * g; dX's base GEMM reads it rounded
             need = [bool(need_x), bool(need_A), bool(need_B)]
-            dx, dA, dB = _lora_bwd_op(dF, x2, w, A, B, t, *tail, need, backend, dF_low if need_x else None)
+            dx, dA, dB = _lora_bwd(dF, x2, w, A, B, t, *tail, need, backend, dF_low if need_x else None)
             dx = dx if need_x else None
             dA = dA.to(A.dtype) if need_A else None
             dB = dB.to(B.dtype) if need_B else None

@@ -15,6 +15,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import fp8 as ref
+from ._eager import EagerOp
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": the reference emulation in torch
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -30,9 +31,8 @@ def _empty(dev):
     return torch.empty(0, dtype=torch.float8_e4m3fn, device=dev), torch.empty(0, dtype=torch.float32, device=dev)
 
 
-@torch.library.custom_op("fusedtune::fp8_quantize_1x128", mutates_args=())
-def _q1_op(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
-                                                                                   torch.Tensor, torch.Tensor]:
+def _q1_impl(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                     torch.Tensor, torch.Tensor]:
     if backend == "triton":
         qr, sr, qc, sc = _tk().quantize_rows(x, transpose, pow2)
     else:
@@ -41,6 +41,10 @@ def _q1_op(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[
     if qc is None:
         qc, sc = _empty(x.device)
     return qr, sr, qc, sc
+
+
+_q1_op = torch.library.custom_op("fusedtune::fp8_quantize_1x128", mutates_args=())(_q1_impl)
+_q1 = EagerOp(_q1_op, _q1_impl)
 
 
 @_q1_op.register_fake
@@ -52,11 +56,14 @@ def _(x, pow2, transpose, backend):
     return x.new_empty((M, K), dtype=f8), x.new_empty((M, -(-K // ref.TILE)), dtype=f32), qc, sc
 
 
-@torch.library.custom_op("fusedtune::fp8_quantize_128x128", mutates_args=())
-def _q128_op(w: torch.Tensor, pow2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _q128_impl(w: torch.Tensor, pow2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     if backend == "triton":
         return _tk().quantize_blocks(w, pow2)
     return ref.quantize_128x128(w, pow2)
+
+
+_q128_op = torch.library.custom_op("fusedtune::fp8_quantize_128x128", mutates_args=())(_q128_impl)
+_q128 = EagerOp(_q128_op, _q128_impl)
 
 
 @_q128_op.register_fake
@@ -66,15 +73,18 @@ def _(w, pow2, backend):
             w.new_empty((-(-N // ref.TILE), -(-K // ref.TILE)), dtype=torch.float32))
 
 
-@torch.library.custom_op("fusedtune::fp8_gemm", mutates_args=())
-def _gemm_op(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, b_block_rows: int,
-             b_transposed: bool, out_dtype: str, backend: str) -> torch.Tensor:
+def _gemm_impl(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, b_block_rows: int,
+               b_transposed: bool, out_dtype: str, backend: str) -> torch.Tensor:
     dt = _DTYPES[out_dtype]
     if backend == "triton":
         return _tk().gemm(a_q, a_s, b_q, b_s, b_block_rows, dt, b_transposed)
     if b_transposed:
         b_q = b_q.t()
     return ref.gemm(a_q, a_s, b_q, b_s, b_block_rows, dt)
+
+
+_gemm_op = torch.library.custom_op("fusedtune::fp8_gemm", mutates_args=())(_gemm_impl)
+_gemm = EagerOp(_gemm_op, _gemm_impl)
 
 
 @_gemm_op.register_fake
@@ -116,7 +126,7 @@ def fp8_quantize_1x128(x, pow2: bool = False, transpose: bool = True, backend: s
         raise TypeError(f"fp8_quantize_1x128: x must be float32/bfloat16/float16, got {x.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _q1_op(x, bool(pow2), bool(transpose), _resolve("fp8_quantize", x, backend))
+    return _q1(x, bool(pow2), bool(transpose), _resolve("fp8_quantize", x, backend))
 
 
 def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None):
@@ -125,7 +135,7 @@ def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None):
         raise TypeError(f"fp8_quantize_128x128: w must be float32/bfloat16/float16, got {w.dtype}")
     if w.stride(-1) != 1:
         w = w.contiguous()
-    return _q128_op(w, bool(pow2), _resolve("fp8_quantize", w, backend))
+    return _q128(w, bool(pow2), _resolve("fp8_quantize", w, backend))
 
 
 def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat16, b_transposed: bool = False,
@@ -149,24 +159,26 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat
                          f"{tuple(b_s.shape)}")
     if out_dtype not in _FLOATS:
         raise TypeError(f"fp8_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
-    return _gemm_op(a_q.contiguous(), a_s.contiguous(), b_q.contiguous(), b_s.contiguous(), int(b_block_rows),
+    return _gemm(a_q.contiguous(), a_s.contiguous(), b_q.contiguous(), b_s.contiguous(), int(b_block_rows),
                     bool(b_transposed),
                     _name(out_dtype), _resolve("fp8_gemm", a_q, backend))  # (the kernel reads unit inner strides)
 
 
 # ----------------------------------------------------------------------------------------- FP8 linear
 
-@torch.library.custom_op("fusedtune::fp8_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
-               w_s: torch.Tensor, pow2: bool, need_wgrad: bool,
-               backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
+                 w_s: torch.Tensor, pow2: bool, need_wgrad: bool,
+                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight is the high-precision master (for the gradient only); w_q, w_s its 128x128 quantization.
     need_wgrad: also quantize x column-wise (saved for dW = dy^T x)."""
-    qr, sr, qc, sc = _q1_op(x, pow2, need_wgrad, backend)
-    y = _gemm_op(qr, sr, w_q, w_s, ref.TILE, False, _name(x.dtype), backend)
+    qr, sr, qc, sc = _q1(x, pow2, need_wgrad, backend)
+    y = _gemm(qr, sr, w_q, w_s, ref.TILE, False, _name(x.dtype), backend)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y, qc, sc
+
+
+_linear_op = torch.library.custom_op("fusedtune::fp8_linear", mutates_args=())(_linear_impl)
 
 
 @_linear_op.register_fake
@@ -190,18 +202,19 @@ def _lin_backward(ctx, dy, _dq, _ds):
     xq_c, xs_c, w_q, w_s = ctx.saved_tensors
     pow2, backend, x_dtype, w_dtype, bias_dtype = ctx.args
     g = ctx.needs_input_grad
-    dq_r, ds_r, dq_c, ds_c = _q1_op(dy.contiguous(), pow2, bool(g[1]), backend)
+    dq_r, ds_r, dq_c, ds_c = _q1(dy.contiguous(), pow2, bool(g[1]), backend)
     dx = dW = db = None
     if g[0]:   # dX = dy . W: B = W^T [K, N], its 128x128 scales transposed
-        dx = _gemm_op(dq_r, ds_r, w_q, w_s.t().contiguous(), ref.TILE, True, _name(x_dtype), backend)
+        dx = _gemm(dq_r, ds_r, w_q, w_s.t().contiguous(), ref.TILE, True, _name(x_dtype), backend)
     if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
-        dW = _gemm_op(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
+        dW = _gemm(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
     if bias_dtype is not None and g[2]:
         db = dy.float().sum(0).to(bias_dtype)
     return dx, dW, db, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedtune::fp8_linear", _lin_backward, setup_context=_lin_setup)
+_linear = EagerOp(_linear_op, _linear_impl, _lin_setup, _lin_backward)
 
 
 def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, backend: str | None = None):
@@ -227,7 +240,7 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
         x2 = x2.contiguous()
     name = _resolve("fp8_linear", x, backend)
     need_wgrad = bool(weight.requires_grad) and torch.is_grad_enabled()   # else no transposed x copy is kept
-    y, _, _ = _linear_op(x2, weight, bias, w_q, w_s, bool(pow2), need_wgrad, name)
+    y, _, _ = _linear(x2, weight, bias, w_q, w_s, bool(pow2), need_wgrad, name)
     return y.reshape(*lead, N)
 
 

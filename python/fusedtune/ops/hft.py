@@ -18,19 +18,23 @@ from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS
+from ._eager import EagerOp
 
 _ROW_GRAD_HAS = ("reference", "cpu", "triton")  # "cpu": torch's own CPU GEMM is the CPU kernel
 _ADAMW_HAS = ("reference", "cpu", "cuda")
 
 
-@torch.library.custom_op("fusedtune::hft_row_grad", mutates_args=())
-def _row_grad_op(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str,
-                 out_dtype: torch.dtype) -> torch.Tensor:
+def _row_grad_impl(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str,
+                   out_dtype: torch.dtype) -> torch.Tensor:
     if backend == "triton":
         from ..triton_kernels import hft as tk
         return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows,
                            out_dtype)
     return ref.row_grad(dy, x, rows, out_dtype)
+
+
+_row_grad_op = torch.library.custom_op("fusedtune::hft_row_grad", mutates_args=())(_row_grad_impl)
+_row_grad = EagerOp(_row_grad_op, _row_grad_impl)
 
 
 @_row_grad_op.register_fake
@@ -67,13 +71,15 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str
         raise ValueError(f"row_grad: dy ({dy.dtype}, {dy.device}) and x ({x.dtype}, {x.device}) must match")
     _check_rows(rows, dy.shape[-1], "row_grad", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    return _row_grad_op(dy, x, rows.to(x.device), name, out_dtype)
+    return _row_grad(dy, x, rows.to(x.device), name, out_dtype)
 
 
-@torch.library.custom_op("fusedtune::hft_row_linear", mutates_args=())
-def _row_linear_op(x: torch.Tensor, weight: torch.Tensor, weight_rows: torch.Tensor, rows: torch.Tensor,
-                   bias: torch.Tensor | None, bias_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _row_linear_impl(x: torch.Tensor, weight: torch.Tensor, weight_rows: torch.Tensor, rows: torch.Tensor,
+                     bias: torch.Tensor | None, bias_rows: torch.Tensor | None, backend: str) -> torch.Tensor:
     return F.linear(x, weight, bias)   # the masters' values are already in weight and bias
+
+
+_row_linear_op = torch.library.custom_op("fusedtune::hft_row_linear", mutates_args=())(_row_linear_impl)
 
 
 @_row_linear_op.register_fake
@@ -95,7 +101,7 @@ def _row_linear_backward(ctx, dy):
     dw = None
     if ctx.needs_input_grad[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
         out = ctx.master_dtype if ctx.master_dtype in OUT_DTYPES else torch.float32
-        dw = _row_grad_op(dy, x, rows, ctx.backend, out).to(ctx.master_dtype)
+        dw = _row_grad(dy, x, rows, ctx.backend, out).to(ctx.master_dtype)
     dy2 = dy.reshape(-1, dy.shape[-1])
     db = dy2.sum(0) if ctx.needs_input_grad[4] else None
     dbr = (dy2.index_select(1, rows).sum(0, dtype=torch.float32).to(ctx.bias_master_dtype)
@@ -104,6 +110,7 @@ def _row_linear_backward(ctx, dy):
 
 
 torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
+_row_linear = EagerOp(_row_linear_op, _row_linear_impl, _row_linear_setup, _row_linear_backward)
 
 
 def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, backend: str | None = None,
@@ -121,7 +128,7 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
                          f"{tuple(bias_rows.shape)} with bias {'None' if bias is None else tuple(bias.shape)}")
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
-    return _autocast.linear_call(lambda x_, w_, b_: _row_linear_op(x_, w_, weight_rows, rows, b_, bias_rows, name),
+    return _autocast.linear_call(lambda x_, w_, b_: _row_linear(x_, w_, weight_rows, rows, b_, bias_rows, name),
                                  x, weight, bias)
 
 

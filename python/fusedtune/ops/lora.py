@@ -27,10 +27,12 @@ import torch
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
+from ._eager import EagerOp
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the reference math
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gradcheck)
+_NO_SEED = torch.zeros((), dtype=torch.int64)   # the seed of calls without dropout (read only, shared)
 NF4_FUSED_MAX_ROWS = 256   # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above
 
 
@@ -52,12 +54,12 @@ def _nf4_dict(q, x, B, absmax, code, absmax2, code2, blocksize, blocksize2, offs
                              (B.shape[0], x.shape[1]))
 
 
-@torch.library.custom_op("fusedtune::lora_linear", mutates_args=())
-def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
-             bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
-             seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
-             nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
-             nf4_blocksize2: int, nf4_offset: float, nf4_path: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _lora_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor,
+               bias: torch.Tensor | None, scales: torch.Tensor, row_group: torch.Tensor | None, dropout_p: float,
+               seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+               nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+               nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
+              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
                     nf4_blocksize2, nf4_offset)
@@ -68,19 +70,22 @@ def _lora_op(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora_B
     return ref.forward(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed))
 
 
+_lora_op = torch.library.custom_op("fusedtune::lora_linear", mutates_args=())(_lora_impl)
+
+
 @_lora_op.register_fake
 def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4_and_backend):
     return (x.new_empty((x.shape[0], lora_B.shape[0])),
             x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ref.compute_dtype(x)))
 
 
-@torch.library.custom_op("fusedtune::lora_linear_backward", mutates_args=())
-def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
-                 lora_B: torch.Tensor, t: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor | None,
-                 dropout_p: float, seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
-                 nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
-                 nf4_blocksize2: int, nf4_offset: float, nf4_path: str, need: list[bool],
-                 backend: str, dy_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _lora_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
+                   lora_B: torch.Tensor, t: torch.Tensor, scales: torch.Tensor, row_group: torch.Tensor | None,
+                   dropout_p: float, seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+                   nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+                   nf4_blocksize2: int, nf4_offset: float, nf4_path: str, need: list[bool],
+                   backend: str,
+                   dy_base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dy_base: what the base's dX GEMM reads in dy's place (DoRA: dy * g rounded to x's dtype, while u, dA and
     dB take the float32 dy), or None: dy."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
@@ -97,6 +102,10 @@ def _lora_bwd_op(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A
         return x.new_empty(0, dtype=dtype)
     f32 = ref.compute_dtype(x)
     return (none(x.dtype) if dx is None else dx), (none(f32) if dA is None else dA), (none(f32) if dB is None else dB)
+
+
+_lora_bwd_op = torch.library.custom_op("fusedtune::lora_linear_backward", mutates_args=())(_lora_bwd_impl)
+_lora_bwd = EagerOp(_lora_bwd_op, _lora_bwd_impl)
 
 
 @_lora_bwd_op.register_fake
@@ -125,7 +134,7 @@ def _backward(ctx, dy, _dt):
     dy = dy.contiguous()
     dx = dA = dB = dW = db = None
     if any(need):
-        dx, dA, dB = _lora_bwd_op(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
+        dx, dA, dB = _lora_bwd(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
                                   absmax2, code2, bs, bs2, offset, path, need, backend, None)
         dx = dx if need[0] else None
         dA = dA.to(lora_A.dtype) if need[1] else None
@@ -139,6 +148,7 @@ def _backward(ctx, dy, _dt):
 
 
 torch.library.register_autograd("fusedtune::lora_linear", _backward, setup_context=_setup)
+_lora = EagerOp(_lora_op, _lora_impl, _setup, _backward)   # the op, called directly in plain eager mode
 
 
 # ----------------------------------------------------------------------------------------- public API
@@ -147,7 +157,7 @@ def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
     if seed is None:
         if dropout_p > 0.0:   # drawn from torch's CPU generator: reproducible under torch.manual_seed
             return torch.randint(0, 2**62, (), dtype=torch.int64)
-        return torch.zeros((), dtype=torch.int64)
+        return _NO_SEED
     if torch.is_tensor(seed):
         if seed.numel() != 1 or seed.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"lora: seed must be an int or a one-element integer tensor, got {seed.dtype} "
@@ -212,7 +222,7 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     host and checked it there)."""
     args = _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
                     check_groups)
-    y, _t = _lora_op(*args)
+    y, _t = _lora(*args)
     return y.reshape(*x.shape[:-1], lora_B.shape[0])
 
 

@@ -37,6 +37,7 @@ from .. import _ext
 from .. import backend as _backend
 from ..reference import hadamard as href
 from ..reference import roste as rref
+from ._eager import EagerOp
 
 _HAS = ("reference", "cpu", "triton")          # rotate_fake_quant ("cpu": the reference math)
 _HAD_HAS = ("reference", "cpu", "cuda", "triton")
@@ -44,8 +45,7 @@ CUDA_FACTORS = (1, 12, 20, 28, 36, 40, 44)      # the factor orders the extensio
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@torch.library.custom_op("fusedtune::hadamard", mutates_args=())
-def _hadamard_op(x: torch.Tensor, scale: float, transpose: bool, backend: str) -> torch.Tensor:
+def _hadamard_impl(x: torch.Tensor, scale: float, transpose: bool, backend: str) -> torch.Tensor:
     if backend == "triton":
         from ..triton_kernels import roste as tk
         return tk.hadamard(x, scale, transpose)
@@ -70,6 +70,9 @@ def _neg_masks(n: int, transpose: bool) -> tuple[int, ...]:
     return tuple(int(v) for v in bits.sum(1))
 
 
+_hadamard_op = torch.library.custom_op("fusedtune::hadamard", mutates_args=())(_hadamard_impl)
+
+
 @_hadamard_op.register_fake
 def _(x, scale, transpose, backend):
     return torch.empty_like(x)
@@ -81,10 +84,11 @@ def _h_setup(ctx, inputs, output):
 
 def _h_backward(ctx, dy):
     scale, transpose, backend = ctx.args
-    return _hadamard_op(dy.contiguous(), scale, not transpose, backend), None, None, None
+    return _hadamard(dy.contiguous(), scale, not transpose, backend), None, None, None
 
 
 torch.library.register_autograd("fusedtune::hadamard", _h_backward, setup_context=_h_setup)
+_hadamard = EagerOp(_hadamard_op, _hadamard_impl, _h_setup, _h_backward)
 
 
 def _check_x(x, what):
@@ -114,7 +118,7 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
                 _backend.warn_once(("hadamard", name, n), f"fusedtune: hadamard: {why}; running the reference")
             name = nxt
     name = _rotation_backend("hadamard", x, name, backend)
-    return _hadamard_op(x.contiguous(), s, bool(transpose), name)
+    return _hadamard(x.contiguous(), s, bool(transpose), name)
 
 
 def _ext_refuses(x) -> str:
@@ -152,9 +156,8 @@ def _rotation_backend(what: str, x, name: str, backend: str | None) -> str:
     return "reference"
 
 
-@torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=())
-def _rfq_op(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, rotate: bool,
-            ste: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _rfq_impl(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, rotate: bool,
+              ste: str, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     clipped = ste == "clipped"
     if backend == "triton":
         from ..triton_kernels import roste as tk
@@ -166,6 +169,9 @@ def _rfq_op(x: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_
     else:
         out, inside = rref.rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate)
     return out, (inside if clipped else x.new_empty(0, dtype=torch.bool))
+
+
+_rfq_op = torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=())(_rfq_impl)
 
 
 @_rfq_op.register_fake
@@ -183,7 +189,7 @@ def _q_setup(ctx, inputs, output):
 def _reference_inverse(g: torch.Tensor) -> torch.Tensor:
     """The reference's transposed orthonormal rotation, called through the hadamard op: a compiled backward
     traces the op (its fake), not the reference's code, whose factor matrices H_m are real tensors."""
-    return _hadamard_op(g.contiguous(), 1.0 / math.sqrt(g.shape[-1]), True, "reference")
+    return _hadamard(g.contiguous(), 1.0 / math.sqrt(g.shape[-1]), True, "reference")
 
 
 def _q_backward(ctx, dy, _dinside):
@@ -194,11 +200,12 @@ def _q_backward(ctx, dy, _dinside):
         dx = rref.ste_backward(dy, inside, ctx.rotate, ctx.ste, _reference_inverse)
     else:
         g = torch.where(inside, dy, torch.zeros((), dtype=dy.dtype, device=dy.device)) if ctx.ste == "clipped" else dy
-        dx = _hadamard_op(g.contiguous(), 1.0 / dy.shape[-1] ** 0.5, True, "triton") if ctx.rotate else g
+        dx = _hadamard(g.contiguous(), 1.0 / dy.shape[-1] ** 0.5, True, "triton") if ctx.rotate else g
     return dx, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedtune::rotate_fake_quant", _q_backward, setup_context=_q_setup)
+_rfq = EagerOp(_rfq_op, _rfq_impl, _q_setup, _q_backward)
 
 
 def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool = False, clip_ratio: float = 1.0,
@@ -216,7 +223,7 @@ def rotate_fake_quant(x, bits: int, granularity: str = "token", symmetric: bool 
     if ste not in ("identity", "clipped"):
         raise ValueError(f"rotate_fake_quant: ste must be 'identity' or 'clipped', got {ste!r}")
     name = _rfq_backend(x, rotate, backend)
-    out, _ = _rfq_op(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
+    out, _ = _rfq(x.contiguous(), bits, granularity, bool(symmetric), float(clip_ratio), bool(rotate), ste, name)
     return out
 
 
@@ -240,10 +247,9 @@ def quant_rotation(x, backend: str | None = None) -> torch.Tensor:
     return href.hadamard(x)
 
 
-@torch.library.custom_op("fusedtune::roste_int_linear", mutates_args=())
-def _int_linear_op(x: torch.Tensor, rotate: bool, a_bits: int, clip_ratio: float, qweight: torch.Tensor,
-                   w_bits: int, sw: torch.Tensor, zw: torch.Tensor, uw: torch.Tensor, bias: torch.Tensor | None,
-                   backend: str) -> torch.Tensor:
+def _int_linear_impl(x: torch.Tensor, rotate: bool, a_bits: int, clip_ratio: float, qweight: torch.Tensor,
+                     w_bits: int, sw: torch.Tensor, zw: torch.Tensor, uw: torch.Tensor, bias: torch.Tensor | None,
+                     backend: str) -> torch.Tensor:
     n = x.shape[-1]
     x2 = x.reshape(-1, n)
     if backend == "triton":
@@ -261,6 +267,10 @@ def _int_linear_op(x: torch.Tensor, rotate: bool, a_bits: int, clip_ratio: float
         cw = (unpack_codes(qweight, w_bits, n).to(torch.int16) - 2 ** (w_bits - 1)).to(torch.int8)
         out = rref.integer_linear(cx, sx, zx, cw, sw, zw, bias, x.dtype)
     return out.reshape(*x.shape[:-1], qweight.shape[0])
+
+
+_int_linear_op = torch.library.custom_op("fusedtune::roste_int_linear", mutates_args=())(_int_linear_impl)
+_int_linear = EagerOp(_int_linear_op, _int_linear_impl)
 
 
 @_int_linear_op.register_fake
@@ -308,7 +318,7 @@ def int_linear(x, a_bits: int, clip_ratio: float, qweight, w_bits: int, sw, zw, 
     if rotate:
         href.split_size(x.shape[-1])
     name = _backend.resolve("roste_int_linear", x.device, _HAS, backend)
-    return _int_linear_op(x.contiguous(), bool(rotate), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw,
+    return _int_linear(x.contiguous(), bool(rotate), int(a_bits), float(clip_ratio), qweight, int(w_bits), sw,
                           zw, uw, bias, name)
 
 

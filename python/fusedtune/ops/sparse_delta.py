@@ -23,6 +23,7 @@ from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants
+from ._eager import EagerOp
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -109,8 +110,7 @@ def _device_plan(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> li
     return list(sddmm_plan(dy.shape[1], x.shape[1], x.shape[0], indices.numel(), x.element_size(), budget, parallel))
 
 
-@torch.library.custom_op("fusedtune::sddmm", mutates_args=())
-def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
+def _sddmm_impl(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "reference":
         return ref.sddmm(dy, x, indices)
     dy2, x2 = dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
@@ -118,6 +118,10 @@ def _sddmm_op(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend:
         from ..triton_kernels import sparse_delta as tk
         return tk.sddmm(dy2, x2, indices)
     return torch.ops.fusedtune.sddmm_kernel(dy2, x2, indices.contiguous(), _device_plan(dy2, x2, indices))
+
+
+_sddmm_op = torch.library.custom_op("fusedtune::sddmm", mutates_args=())(_sddmm_impl)
+_sddmm = EagerOp(_sddmm_op, _sddmm_impl)
 
 
 @_sddmm_op.register_fake
@@ -134,13 +138,15 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str
     if check:
         check_indices(indices, dy.shape[-1] * x.shape[-1], "sddmm")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
-    return _sddmm_op(dy, x, indices, name)
+    return _sddmm(dy, x, indices, name)
 
 
-@torch.library.custom_op("fusedtune::sparse_delta_linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
-               bias: torch.Tensor | None, backend: str) -> torch.Tensor:
+def _linear_impl(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                 bias: torch.Tensor | None, backend: str) -> torch.Tensor:
     return F.linear(x, weight, bias)
+
+
+_linear_op = torch.library.custom_op("fusedtune::sparse_delta_linear", mutates_args=())(_linear_impl)
 
 
 @_linear_op.register_fake
@@ -157,12 +163,13 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight, indices = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
-    dv = _sddmm_op(dy, x, indices, ctx.backend) if ctx.needs_input_grad[2] else None
+    dv = _sddmm(dy, x, indices, ctx.backend) if ctx.needs_input_grad[2] else None
     db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
     return dx, None, dv, None, db, None
 
 
 torch.library.register_autograd("fusedtune::sparse_delta_linear", _backward, setup_context=_setup)
+_linear = EagerOp(_linear_op, _linear_impl, _setup, _backward)
 
 
 def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | None = None,
@@ -177,7 +184,7 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
-    return _autocast.linear_call(lambda x_, w_, b_: _linear_op(x_, w_, values, indices, b_, name), x, weight, bias)
+    return _autocast.linear_call(lambda x_, w_, b_: _linear(x_, w_, values, indices, b_, name), x, weight, bias)
 
 
 @torch.library.custom_op("fusedtune::sparse_adamw_",

@@ -1,0 +1,86 @@
+"""Eager calls of fusedtune's torch.library ops without the dispatcher's Python glue.
+
+Every fusedtune op is a torch.library custom op (schema, fake impl, register_autograd), and that op is what
+torch.compile, torch.export, fake tensors, functorch transforms, dispatch and function modes and autocast
+see and call. In plain eager mode the glue costs more than a small GEMM: on every call of an op with
+autograd, torch 2.14 rebuilds the op's argument list once per argument (torch._library.utils.fill_defaults
+reads schema.arguments, a fresh list, inside its loop: quadratic in the argument count; ~180 us for
+lora_linear's 18 arguments on this repository's CPU), and the dispatch itself adds ~25 us.
+
+`EagerOp(op, impl, setup_context, backward)` calls the op's own implementation, setup_context and backward
+functions (the ones registered with torch.library) directly, through a torch.autograd.Function when an
+input needs a gradient, whenever nothing needs the dispatcher (`direct`). The math, the saved tensors
+and the gradients are the op's; tests compare both routes (`dispatcher_only()` forces the op's).
+FUSEDTUNE_EAGER_OPS=0 (read at import) turns the direct route off for the process.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+import torch
+
+_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PYTHON_KEY = torch._C.DispatchKey.Python
+_state = threading.local()
+_ON = os.environ.get("FUSEDTUNE_EAGER_OPS", "1") != "0"   # read at import
+
+
+@contextlib.contextmanager
+def dispatcher_only():
+    """Every fusedtune op call in this scope (this thread) goes through torch.ops (tests, benchmarks)."""
+    prev = getattr(_state, "off", False)
+    _state.off = True
+    try:
+        yield
+    finally:
+        _state.off = prev
+
+
+def direct(args) -> bool:
+    """May a call with these arguments skip the dispatcher? Only in plain eager mode: not compiling or
+    tracing, no dispatch or function mode, no functorch transform, no autocast, and every tensor a plain
+    tensor, a Parameter or a subclass without __torch_dispatch__, off the meta device."""
+    if torch.compiler.is_compiling() or not _ON or getattr(_state, "off", False):
+        return False
+    if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
+            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()):
+        return False
+    for a in args:
+        if type(a) in _PLAIN or isinstance(a, torch.Tensor):
+            if type(a) not in _PLAIN and torch._C._dispatch_keys(a).has(_PYTHON_KEY):
+                return False
+            if a.is_meta:
+                return False
+    return True
+
+
+def _needs_grad(args) -> bool:
+    return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
+
+
+class EagerOp:
+    """A custom op called directly in plain eager mode (module docstring). op: the torch.library op;
+    impl: its implementation; setup_context and backward: what register_autograd was given (None for an
+    op without autograd)."""
+
+    def __init__(self, op, impl, setup_context=None, backward=None):
+        self.op, self.impl = op, impl
+        self.fn = None
+        if backward is not None:
+            def forward(ctx, *args):
+                out = impl(*args)
+                setup_context(ctx, args, out)
+                return out
+
+            name = "Eager_" + str(getattr(op, "_qualname", impl.__name__)).replace("::", "_")
+            self.fn = type(name, (torch.autograd.Function,),
+                           {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    def __call__(self, *args):
+        if not direct(args):
+            return self.op(*args)
+        if self.fn is not None and _needs_grad(args):
+            return self.fn.apply(*args)
+        return self.impl(*args)

@@ -1,0 +1,153 @@
+"""The direct eager route of the ops (fusedtune/ops/_eager.py): in plain eager mode a call runs the op's own
+implementation, setup_context and backward without the torch.library dispatcher, with the same outputs and
+gradients, bit for bit, as the dispatcher's route; wherever something needs the dispatcher (compile, fake
+tensors, meta, autocast, modes, functorch) the op is called."""
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from fusedtune.ops import _eager
+from fusedtune.ops import dora as dora_ops
+from fusedtune.ops import fp8 as fp8_ops
+from fusedtune.ops import hft as hft_ops
+from fusedtune.ops import lora as lora_ops
+from fusedtune.ops import roste as roste_ops
+from fusedtune.ops import sparse_delta as sd_ops
+
+
+def _g(*shape, seed=0, grad=True, dtype=torch.float32):
+    t = torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=dtype)
+    return t.requires_grad_(grad)
+
+
+def _lora():
+    x, W, A, B, b = _g(3, 5, 33, seed=1), _g(21, 33, seed=2, grad=False), _g(6, 33, seed=3), _g(21, 6, seed=4), _g(21)
+    return (lambda: lora_ops.lora_linear(x, W, A, B, 1.7, b, dropout_p=0.3, seed=11)), (x, A, B, b)
+
+
+def _lora_groups():
+    x, W, b = _g(4, 3, 19, seed=1), _g(10, 19, seed=2), _g(10, seed=5)
+    ads = [(_g(2, 19, seed=3), _g(10, 2, seed=4), 0.5), (_g(5, 19, seed=6), _g(10, 5, seed=7), 2.0)]
+    idx = torch.tensor([1, -1, 0, 1])
+    leaves = (x, W, b) + tuple(t for a in ads for t in a[:2])
+    return (lambda: lora_ops.lora_linear_multi(x, W, ads, idx, b)), leaves
+
+
+def _dora():
+    x, W, A, B, m = _g(7, 24, seed=1), _g(16, 24, seed=2, grad=False), _g(4, 24, seed=3), _g(16, 4, seed=4), _g(16)
+    return (lambda: dora_ops.dora_linear(x, W, A, B, 0.8, m.abs() + 1, dropout_p=0.25, seed=3)), (x, A, B, m)
+
+
+def _fp8():
+    x, w, b = _g(5, 256, seed=1), _g(130, 256, seed=2), _g(130, seed=3)
+    return (lambda: fp8_ops.fp8_linear(x, w, b)), (x, w, b)
+
+
+def _rfq():
+    x = _g(6, 40, seed=1)
+    return (lambda: roste_ops.rotate_fake_quant(x, 4, clip_ratio=0.9, ste="clipped")), (x,)
+
+
+def _hadamard():
+    x = _g(3, 2, 96, seed=1)
+    return (lambda: roste_ops.hadamard(x)), (x,)
+
+
+def _hft():
+    x, w, wr, b, br = _g(4, 9, seed=1), _g(7, 9, seed=2, grad=False), _g(3, 9, seed=3), _g(7, seed=4, grad=False), _g(3)
+    rows = torch.tensor([0, 2, 5])
+    return (lambda: hft_ops.hft_row_linear(x, w, wr, rows, b, br)), (x, wr, br)
+
+
+def _sparse_delta():
+    x, w, v = _g(2, 5, 12, seed=1), _g(8, 12, seed=2, grad=False), _g(9, seed=3)
+    idx = torch.randperm(96, generator=torch.Generator().manual_seed(0))[:9].sort().values.to(torch.int32)
+    return (lambda: sd_ops.sparse_delta_linear(x, w, v, idx)), (x, v)
+
+
+CASES = {"lora": (_lora, lora_ops._lora), "lora_groups": (_lora_groups, lora_ops._lora),
+         "dora": (_dora, dora_ops._dora), "fp8": (_fp8, fp8_ops._linear), "rotate_fake_quant": (_rfq, roste_ops._rfq),
+         "hadamard": (_hadamard, roste_ops._hadamard), "hft_row": (_hft, hft_ops._row_linear),
+         "sparse_delta": (_sparse_delta, sd_ops._linear)}
+
+
+def _run(make):
+    fn, leaves = make()
+    y = fn()
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(9))
+    grads = torch.autograd.grad(y, [t for t in leaves if t.requires_grad], dy)
+    with torch.no_grad():
+        y0 = fn()
+    return [y.detach(), y0, *grads]
+
+
+def _counting(monkeypatch, eop):
+    calls = []
+    real = eop.op
+    monkeypatch.setattr(eop, "op", lambda *a: (calls.append(1), real(*a))[1])
+    return calls
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_direct_route_equals_the_dispatcher_route(case, monkeypatch):
+    make, eop = CASES[case]
+    calls = _counting(monkeypatch, eop)
+    direct = _run(make)
+    assert calls == [], "plain eager calls should skip the dispatcher"
+    with _eager.dispatcher_only():
+        dispatched = _run(make)
+    assert len(calls) >= 2, "dispatcher_only() should route through torch.ops"
+    assert len(direct) == len(dispatched)
+    for a, b in zip(direct, dispatched):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert torch.equal(a, b)
+
+
+def test_the_autograd_function_saves_what_the_op_saves():
+    """The direct route's graph node holds the op's saved tensors (x, not a copy; the float32 shrink t)."""
+    (fn, (x, A, B, b)) = _lora()
+    node = fn().grad_fn
+    while type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0"):   # the reshape back to [3, 5, 21]
+        node = node.next_functions[0][0]
+    assert type(node).__name__.startswith("Eager_fusedtune_lora_linear")
+    saved = node.saved_tensors
+    assert any(s.data_ptr() == x.data_ptr() for s in saved)
+    assert any(s.dtype == torch.float32 and s.shape == (15, 6) for s in saved)   # t: [rows, r]
+
+
+class _Mode(TorchDispatchMode):
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+def test_where_the_dispatcher_is_needed():
+    x = torch.randn(2, 3)
+    assert _eager.direct((x, torch.nn.Parameter(torch.randn(3)), None, 1.0, "triton"))
+    assert not _eager.direct((torch.empty(2, 3, device="meta"),))
+    with _eager.dispatcher_only():
+        assert not _eager.direct((x,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert not _eager.direct((x,))
+    with _Mode():
+        assert not _eager.direct((x,))
+    with torch.device("cpu"):      # a torch function mode
+        assert not _eager.direct((x,))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    with FakeTensorMode() as mode:
+        fake = mode.from_tensor(x)
+    assert not _eager.direct((fake,))
+    seen = []
+    torch.func.vmap(lambda r: (seen.append(_eager.direct((r,))), r)[1])(x)
+    assert seen == [False]
+    seen = []
+    torch.compile(lambda t: (seen.append(_eager.direct((t,))), t * 2)[1], backend="eager", fullgraph=False)(x)
+    assert seen in ([], [False])   # traced (nothing appended at run time) or run where dynamo is compiling
+
+
+def test_meta_tensors_take_the_fake_impl():
+    """A meta call goes through the op (its fake impl) and gives the right shapes; the reference would fail."""
+    dev = "meta"
+    x, W = torch.empty(4, 7, 16, device=dev), torch.empty(9, 16, device=dev)
+    A, B = torch.empty(3, 16, device=dev, requires_grad=True), torch.empty(9, 3, device=dev, requires_grad=True)
+    y = lora_ops.lora_linear(x, W, A, B, 2.0, backend="reference")
+    assert y.shape == (4, 7, 9) and y.device.type == "meta"
