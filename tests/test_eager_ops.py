@@ -140,6 +140,9 @@ def test_where_the_dispatcher_is_needed():
     torch.func.vmap(lambda r: (seen.append(_eager.direct((r,))), r)[1])(x)
     assert seen == [False]
     seen = []
+    torch.jit.trace(lambda t: (seen.append(_eager.direct((t,))), t * 2)[1], (x,), check_trace=False)
+    assert seen == [False]
+    seen = []
     torch.compile(lambda t: (seen.append(_eager.direct((t,))), t * 2)[1], backend="eager", fullgraph=False)(x)
     assert seen in ([], [False])   # traced (nothing appended at run time) or run where dynamo is compiling
 

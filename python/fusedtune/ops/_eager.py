@@ -1,11 +1,12 @@
 """Eager calls of fusedtune's torch.library ops without the dispatcher's Python glue.
 
-Every fusedtune op is a torch.library custom op (schema, fake impl, register_autograd), and that op is what
-torch.compile, torch.export, fake tensors, functorch transforms, dispatch and function modes and autocast
-see and call. In plain eager mode the glue costs more than a small GEMM: on every call of an op with
-autograd, torch 2.14 rebuilds the op's argument list once per argument (torch._library.utils.fill_defaults
-reads schema.arguments, a fresh list, inside its loop: quadratic in the argument count; ~180 us for
-lora_linear's 18 arguments on this repository's CPU), and the dispatch itself adds ~25 us.
+Every fusedtune op is a torch.library custom op (schema, fake impl, register_autograd), and that op is
+what torch.compile, torch.export, torch.jit.trace, fake tensors, functorch transforms, dispatch and
+function modes and autocast see and call. In plain eager mode the glue costs more than a small GEMM: on
+every call of an op with autograd, torch 2.14 rebuilds the op's argument list once per argument
+(torch._library.utils.fill_defaults reads schema.arguments, a fresh list, inside its loop: quadratic in
+the argument count; ~180 us for lora_linear's 18 arguments on this repository's CPU), and the dispatch
+itself adds ~25 us.
 
 `EagerOp(op, impl, setup_context, backward)` calls the op's own implementation, setup_context and backward
 functions (the ones registered with torch.library) directly, through a torch.autograd.Function when an
@@ -39,13 +40,14 @@ def dispatcher_only():
 
 
 def direct(args) -> bool:
-    """May a call with these arguments skip the dispatcher? Only in plain eager mode: not compiling or
-    tracing, no dispatch or function mode, no functorch transform, no autocast, and every tensor a plain
+    """May a call with these arguments skip the dispatcher? Only in plain eager mode: not compiling,
+    exporting or jit-tracing, no dispatch or function mode, no functorch transform, no autocast, and every tensor a plain
     tensor, a Parameter or a subclass without __torch_dispatch__, off the meta device."""
     if torch.compiler.is_compiling() or not _ON or getattr(_state, "off", False):
         return False
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
-            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()):
+            or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
+            or torch._C._get_tracing_state() is not None):    # torch.jit.trace records the op, not its body
         return False
     for a in args:
         if type(a) in _PLAIN or isinstance(a, torch.Tensor):
