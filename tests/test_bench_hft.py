@@ -52,7 +52,10 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
     assert rc == 0
     assert header[: len(core.COLUMNS)] == core.COLUMNS
     assert {"peak_mem_bytes", "opt_state_bytes", "baseline_opt_state_bytes", "trainable_elems"} <= set(header)
-    kernels = [r["kernel"] for r in rows]
+    host = [(r["kernel"], r["baseline"]) for r in rows if r["kernel"].endswith("per call (host)")]
+    assert host == [(f"RowMaskedLinear (half the rows) {w} per call (host)", b) for w in ("fwd+bwd", "fwd")
+                    for b in ("the same through the torch.library dispatcher", "nn.Linear")]
+    kernels = [r["kernel"] for r in rows if not r["kernel"].endswith("per call (host)")]
     assert set(kernels) == STEP_KERNELS | {ROW_GRAD} | ADAMW_KERNELS
     assert kernels.count(ROW_GRAD) == 3 and all(kernels.count(k) == 1 for k in STEP_KERNELS | ADAMW_KERNELS)
     for r in rows:

@@ -44,6 +44,9 @@ def test_cpu_run_rows(cpu_run):
         ("lora fwd+bwd, peft layer fused in place", "peft LoRA layer"),
         ("lora fwd+bwd, peft layer fused in place", "fusedtune LoRALinear over the same parameters"),
         ("fuse_peft per-call check (host)", "peft layer forward at 1 token (host)")]
+    host = [(r["kernel"], r["baseline"]) for r in rows if r["kernel"].endswith("per call (host)")]
+    assert host == [(f"LoRALinear {w} per call (host)", b) for w in ("fwd+bwd", "fwd")
+                    for b in ("the same through the torch.library dispatcher", "peft LoRA layer")]
     bwd = [r for r in rows if r["kernel"] == "lora bwd"]
     step = [r for r in rows if r["kernel"] == "lora step"]
     assert len(bwd) == len(lora_bench.TINY) * 3                  # vs the dX GEMM, peft, unsloth's backward

@@ -10,6 +10,11 @@ def test_cpu_run_rows(tmp_path):
     assert bench.main(["roste", "--cpu", "--quick", "--out", str(tmp_path)]) == 0
     with open(tmp_path / "roste.csv", newline="") as f:
         rows = list(csv.DictReader(f))
+    host, rows = rows[4:], rows[:4]
+    assert [(r["kernel"], r["baseline"]) for r in host] == [
+        (f"RoSTELinear {w} per call (host)", b) for w in ("fwd+bwd", "fwd")
+        for b in ("the same through the torch.library dispatcher", "nn.Linear")]
+    assert all("CPU framework check" in r["note"] and float(r["time_ms"]) > 0 for r in host)
     assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"] \
         + ["exported layer (W4A8, rotated), integer GEMM"] * 2
     assert [r["baseline"] for r in rows] == ["memcpy (copy_ of the same bytes)",

@@ -52,6 +52,12 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
     assert header[: len(core.COLUMNS)] == core.COLUMNS
     assert {"k", "gathered_bytes", "useful_flops", "bytes_per_delta", "bytes_touched", "achieved_gbps",
             "peak_mem_bytes", "opt_state_bytes", "trainable_elems", "lora_same_budget_rank"} <= set(header)
+    host = [r for r in rows if r["kernel"].endswith("per call (host)")]
+    assert [(r["kernel"], r["baseline"]) for r in host] == [
+        (f"SparseDeltaLinear (1%) {w} per call (host)", b) for w in ("fwd+bwd", "fwd")
+        for b in ("the same through the torch.library dispatcher", "nn.Linear")]
+    assert all(r["note"].startswith(sd_bench.CPU_NOTE) and float(r["time_ms"]) > 0 for r in host)
+    rows = [r for r in rows if r not in host]
     kernels = [r["kernel"] for r in rows]
     assert kernels.count(SDDMM) == 9                                     # 3 shapes x 3 densities
     assert kernels.count(OPT) == kernels.count(OP) == kernels.count(COUNTED) == 1

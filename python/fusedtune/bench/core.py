@@ -290,3 +290,56 @@ def format_rows(rows: list[dict]) -> str:
     widths = [max([len(c)] + [len(b[i]) for b in body]) for i, c in enumerate(cols)]
     line = lambda vals: "  ".join(v.ljust(w) for v, w in zip(vals, widths)).rstrip()  # noqa: E731
     return "\n".join([line(cols), line(["-" * w for w in widths])] + [line(b) for b in body])
+
+
+def host_rows(kernel: str, shape: str, dtype: str, backend: str, layer, x: torch.Tensor, quick: bool,
+              note: str = "", baselines: Sequence[tuple[str, object]] = ()) -> list[dict]:
+    """Host time per call of `layer` at a tiny batch x (CPU timer: at a few tokens kernels are launched and
+    not waited for, so this is what bounds decoding and small steps): forward+backward (gradients of x and
+    every trainable parameter) and forward under no_grad, on the ops' direct eager route against the same
+    calls through the torch.library dispatcher (fusedtune.ops._eager.dispatcher_only), and against each
+    (name, other layer) in baselines."""
+    from ..ops._eager import dispatcher_only  # noqa: PLC0415
+    host = CpuTimer(quick, min_reps=20 if quick else 50, budget_s=0.05 if quick else 0.2)   # <= ~2 s a family
+
+    def fb(m):
+        def run():
+            leaves = [x] + [p for p in m.parameters() if p.requires_grad]
+            y = m(x)
+            return torch.autograd.grad(y, leaves, torch.ones_like(y))
+        return run
+
+    def fwd(m):
+        def run():
+            with torch.no_grad():
+                return m(x)
+        return run
+
+    def dispatched(fn):
+        def run():
+            with dispatcher_only():
+                return fn()
+        return run
+    note = f"{note}; host time, CPU timer" if note else "host time, CPU timer"
+    rows = []
+    for what, make in (("fwd+bwd", fb), ("fwd", fwd)):
+        t = host(make(layer))
+        name = f"{kernel} {what} per call (host)"
+        rows.append(row(name, shape, dtype, backend, "the same through the torch.library dispatcher", t,
+                        host(dispatched(make(layer)))[0], note=note))
+        rows += [row(name, shape, dtype, backend, other, t, host(make(m))[0], note=note) for other, m in baselines]
+    return rows
+
+
+def linear_host_rows(kernel: str, make: Callable, on_gpu: bool, quick: bool, n: int | None = None) -> list[dict]:
+    """host_rows of make(nn.Linear(n, n)) (a family's layer over a copy of it; n: 4096 on a GPU, 256 on
+    the CPU) at one token, with that nn.Linear as a baseline."""
+    import copy  # noqa: PLC0415
+    device, dt = ("cuda", torch.bfloat16) if on_gpu else ("cpu", torch.float32)
+    n = n or (4096 if on_gpu else 256)
+    gen = torch.Generator().manual_seed(0)
+    lin = torch.nn.Linear(n, n, device=device, dtype=dt)
+    layer = make(copy.deepcopy(lin))
+    x = torch.randn(1, n, generator=gen).to(device=device, dtype=dt).requires_grad_()
+    return host_rows(kernel, f"T=1 N={n} K={n}", str(dt)[6:], "auto", layer, x, quick,
+                     "" if on_gpu else "CPU framework check, not performance", [("nn.Linear", lin)])

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_HBM_BYTES_PER_S, roofline_pct, row
+from .core import H100_HBM_BYTES_PER_S, linear_host_rows, roofline_pct, row
 
 SIZES, QUICK_SIZES, TINY_SIZES = (4096, 8192, 16384), (8192,), (256,)
 GOAL_TFLOPS = 1000.0
@@ -140,4 +140,10 @@ def sections(timer, quick: bool) -> list:
                                          note="skipped: FP8 tensor cores need sm_89 or newer")])]
     sizes = TINY_SIZES if not on_gpu else (QUICK_SIZES if quick else SIZES)
     return [("GEMMs and quantizers", lambda: gemm_rows(timer, sizes, on_gpu, device)),
-            ("FP8Linear", lambda: linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device))]
+            ("FP8Linear", lambda: linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device)),
+            ("host time per call", lambda: _host(on_gpu, quick))]
+
+
+def _host(on_gpu, quick):
+    from ..nn import FP8Linear  # noqa: PLC0415
+    return linear_host_rows("FP8Linear", FP8Linear.from_linear, on_gpu, quick)

@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, roofline_pct, row
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, linear_host_rows, roofline_pct, row
 
 TINYLLAMA = {"name": "tinyllama-1.1b", "vocab": 32000, "hidden": 2048, "intermediate": 5632, "layers": 22,
              "heads": 32, "kv_heads": 4, "batch": 4, "seq": 1024}
@@ -418,7 +418,14 @@ def _adamw_row_masters(timer, b: str, shapes, where: str, bw_note) -> dict:
 def sections(timer, quick: bool) -> list:
     return [("training step", lambda: bench_step(timer, quick)),
             ("row gradient", lambda: bench_row_grad(timer, quick)),
-            ("MaskedAdamW", lambda: bench_adamw(timer, quick))]
+            ("MaskedAdamW", lambda: bench_adamw(timer, quick)),
+            ("host time per call", lambda: _host(timer.name != "cpu", quick))]
+
+
+def _host(on_gpu, quick):
+    from ..nn.hft import RowMaskedLinear  # noqa: PLC0415
+    return linear_host_rows("RowMaskedLinear (half the rows)", lambda lin: RowMaskedLinear.from_linear(
+        lin, torch.arange(0, lin.out_features, 2, device=lin.weight.device)), on_gpu, quick)
 
 
 # ----------------------------------------------------------------------------- optimizer state, untimed

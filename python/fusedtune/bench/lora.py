@@ -374,43 +374,17 @@ def peft_model_rows(timer, on_gpu, device, quick):
 
 def host_rows(on_gpu, device, quick):
     from ..nn import LoRALinear  # noqa: PLC0415
-    from ..ops._eager import dispatcher_only  # noqa: PLC0415
-    from .core import CpuTimer  # noqa: PLC0415
+    from .core import host_rows as host  # noqa: PLC0415
     dt = torch.bfloat16 if on_gpu else torch.float32
     name, N, K = QUICK[0] if on_gpu else TINY[0]
     r = 16 if on_gpu else 8
     lin = torch.nn.Linear(K, N, bias=False, device=device, dtype=dt)
     ours = LoRALinear.from_linear(lin, r=r, alpha=2 * r)
+    pe = _peft_layer(lin.weight.detach(), None, ours.lora_A["default"].weight, ours.lora_B["default"].weight, r,
+                     2 * r)
     x = torch.randn(1, K, device=device, dtype=dt, requires_grad=True)
-    A, B = ours.lora_A["default"].weight, ours.lora_B["default"].weight
-    pe = _peft_layer(lin.weight.detach(), None, A, B, r, 2 * r)
-    host = CpuTimer(quick, min_reps=20 if quick else 200)
-
-    def fb(layer):
-        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight],
-                                   torch.ones(1, N, device=device, dtype=dt))
-
-    def dispatched(fn):
-        def run():
-            with dispatcher_only():
-                return fn()
-        return run
-
-    def fwd(layer):
-        with torch.no_grad():
-            return layer(x)
-    shape, note = f"{name} T=1 N={N} K={K} r={r}", "host time, CPU timer" + ("" if on_gpu else "; " + CPU_NOTE)
-    backend = "triton" if on_gpu else "cpu"
-    rows = []
-    for what, call in (("fwd+bwd", fb), ("fwd", fwd)):
-        t = host(lambda: call(ours))
-        rows.append(row(f"LoRALinear {what} per call (host)", shape, str(dt)[6:], backend,
-                        "the same through the torch.library dispatcher", t, host(dispatched(lambda: call(ours)))[0],
-                        note=note))
-        if pe is not None:
-            rows.append(row(f"LoRALinear {what} per call (host)", shape, str(dt)[6:], backend, "peft LoRA layer", t,
-                            host(lambda: call(pe))[0], note=note))
-    return rows
+    return host("LoRALinear", f"{name} T=1 N={N} K={K} r={r}", str(dt)[6:], "triton" if on_gpu else "cpu", ours, x,
+                quick, "" if on_gpu else CPU_NOTE, [("peft LoRA layer", pe)] if pe is not None else [])
 
 
 def sections(timer, quick: bool) -> list:

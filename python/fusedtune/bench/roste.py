@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import roofline_pct, row
+from .core import linear_host_rows, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
 TINY = ((64, 768),)
@@ -126,4 +126,10 @@ def sections(timer, quick: bool) -> list:
     out = [(f"Hadamard and rotate+quant at {m}x{n}", lambda m=m, n=n: size_rows(timer, m, n, on_gpu))
            for m, n in shapes]
     return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
-                                                               on_gpu))]
+                                                               on_gpu)),
+                  ("host time per call", lambda: _host(on_gpu, quick))]
+
+
+def _host(on_gpu, quick):
+    from ..nn import RoSTELinear  # noqa: PLC0415
+    return linear_host_rows("RoSTELinear", RoSTELinear.from_linear, on_gpu, quick)

@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, hbm_goal, roofline_pct, row
+from .core import H100_BF16_FLOPS, H100_HBM_BYTES_PER_S, free_memory, hbm_goal, linear_host_rows, roofline_pct, row
 
 # Llama-3-8B linear shapes (out_features, in_features)
 LLAMA3_8B_GEMMS = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -407,4 +407,11 @@ def bench_step(timer, quick: bool) -> list[dict]:
 def sections(timer, quick: bool) -> list:
     return [("SDDMM delta gradient", lambda: bench_sddmm(timer, quick)),
             ("SparseDeltaAdamW", lambda: bench_adamw(timer, quick)),
-            ("training step vs LoRA", lambda: bench_step(timer, quick))]
+            ("training step vs LoRA", lambda: bench_step(timer, quick)),
+            ("host time per call", lambda: _host(timer.name != "cpu", quick))]
+
+
+def _host(on_gpu, quick):
+    from ..nn import SparseDeltaLinear  # noqa: PLC0415
+    return linear_host_rows("SparseDeltaLinear (1%)", lambda lin: SparseDeltaLinear.from_linear(lin, density=0.01),
+                            on_gpu, quick)

@@ -41,21 +41,22 @@ def dispatcher_only():
 
 def direct(args) -> bool:
     """May a call with these arguments skip the dispatcher? Only in plain eager mode: not compiling,
-    exporting or jit-tracing, no dispatch or function mode, no functorch transform, no autocast, and every tensor a plain
-    tensor, a Parameter or a subclass without __torch_dispatch__, off the meta device."""
+    exporting or jit-tracing, no dispatch or function mode, no functorch transform, no autocast, every
+    tensor a plain tensor, a Parameter or a subclass without __torch_dispatch__, and off the meta device."""
     if torch.compiler.is_compiling() or not _ON or getattr(_state, "off", False):
         return False
     if (torch._C._is_torch_function_mode_enabled() or torch._C._len_torch_dispatch_stack()
             or torch._C._are_functorch_transforms_active() or torch._C._is_any_autocast_enabled()
             or torch._C._get_tracing_state() is not None):    # torch.jit.trace records the op, not its body
         return False
+    first = None
     for a in args:
-        if type(a) in _PLAIN or isinstance(a, torch.Tensor):
+        if isinstance(a, torch.Tensor):
             if type(a) not in _PLAIN and torch._C._dispatch_keys(a).has(_PYTHON_KEY):
                 return False
-            if a.is_meta:
-                return False
-    return True
+            if first is None:
+                first = a
+    return first is None or not first.is_meta   # (an op's tensors share one device; a mix fails in the op)
 
 
 def _needs_grad(args) -> bool:
