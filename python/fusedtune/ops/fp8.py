@@ -160,8 +160,8 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat
     if out_dtype not in _FLOATS:
         raise TypeError(f"fp8_gemm: out_dtype must be float32/bfloat16/float16, got {out_dtype}")
     return _gemm(a_q.contiguous(), a_s.contiguous(), b_q.contiguous(), b_s.contiguous(), int(b_block_rows),
-                    bool(b_transposed),
-                    _name(out_dtype), _resolve("fp8_gemm", a_q, backend))  # (the kernel reads unit inner strides)
+                 bool(b_transposed), _name(out_dtype),
+                 _resolve("fp8_gemm", a_q, backend))  # (the kernel reads unit inner strides)
 
 
 # ----------------------------------------------------------------------------------------- FP8 linear

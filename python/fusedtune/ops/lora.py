@@ -59,7 +59,7 @@ def _lora_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora
                seed: torch.Tensor, nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
                nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
                nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
-              backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+               backend: str) -> tuple[torch.Tensor, torch.Tensor]:
     """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
                     nf4_blocksize2, nf4_offset)
@@ -135,7 +135,7 @@ def _backward(ctx, dy, _dt):
     dx = dA = dB = dW = db = None
     if any(need):
         dx, dA, dB = _lora_bwd(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
-                                  absmax2, code2, bs, bs2, offset, path, need, backend, None)
+                               absmax2, code2, bs, bs2, offset, path, need, backend, None)
         dx = dx if need[0] else None
         dA = dA.to(lora_A.dtype) if need[1] else None
         dB = dB.to(lora_B.dtype) if need[2] else None
