@@ -24,6 +24,16 @@ def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers
     return transformers.LlamaForCausalLM(cfg)
 
 
+def tiny_gpt2(hidden: int = 32, vocab: int = 64, layers: int = 2, seed: int = 0):
+    """A seeded GPT2LMHeadModel (its linear layers are transformers' Conv1D, weight stored (in, out))."""
+    import transformers
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=hidden, n_layer=layers, n_head=4, n_positions=32,
+                                  bos_token_id=None, eos_token_id=None, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0)     # no dropout of its own: two copies train alike
+    torch.manual_seed(seed)
+    return transformers.GPT2LMHeadModel(cfg)
+
+
 def load_4bit(d, compute_dtype=torch.float32):
     """The model saved in directory d, loaded by transformers in 4 bits (NF4, double quantization) on the
     CPU; skips the test where this bitsandbytes cannot."""

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .nn.lora import is_bnb_4bit  # noqa: F401  (also the methods')
+from .nn.plain import is_conv1d  # noqa: F401  (also sparse_delta's)
 
 _ATTR = "_fusedtune_patch"
 _METHODS: dict[str, type] = {}
@@ -152,11 +153,6 @@ def why_not_text(why_not) -> str:
 
 
 # ----------------------------------------------------------------------------------------- targets
-
-def is_conv1d(module: nn.Module) -> bool:
-    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed (in, out)."""
-    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
-
 
 def is_linear(module: nn.Module) -> bool:
     return isinstance(module, nn.Linear) or is_conv1d(module)

@@ -6,7 +6,8 @@
     trainer = Trainer(model=model, ...)       # unchanged: a PeftModel (a 4-bit base stays trainable)
     fusedtune.lora.unfuse_peft(model)         # back to peft's own forward
 
-Each peft `lora.Linear` (and `lora.bnb.Linear4bit`, NF4) gets a subclass of its own class whose forward
+Each peft `lora.Linear` (over nn.Linear, or GPT-2's Conv1D with fan_in_fan_out, whose weight the kernels
+read transposed in place; and `lora.bnb.Linear4bit`, NF4) gets a subclass of its own class whose forward
 is fusedtune.nn.LoRALinear's, reading the layer's own parameters (shared, never copied). Everything
 else stays peft's: state-dict keys, save_pretrained / load_adapter, set_adapter, disable_adapter(),
 merge / unmerge / merge_and_unload, adapter_names= mixed batches, and the layer's checks. The forward
@@ -15,8 +16,8 @@ adapter set is taken over on the next call. While the layer is merged or its ada
 the forward is peft's (the base layer alone).
 
 Refused with LoRAUnsupported, before any layer changes: peft LoRA layers the fused op does not cover
-(Embedding, Conv, 8-bit, other quantization backends, fan_in_fan_out Conv1D, LoRA variants other than
-DoRA, dropout modules other than nn.Dropout), unless skip_unsupported=True, which fuses the
+(Embedding, Conv, 8-bit, other quantization backends, LoRA variants other than DoRA, dropout modules
+other than nn.Dropout), unless skip_unsupported=True, which fuses the
 rest and lists the others in the report. Adapters added later that the fused op does not cover are
 refused by the forward that meets them. Other refusals are LoRALinear's (e.g. several active adapters
 with dropout in training).
@@ -29,6 +30,7 @@ import torch
 from torch import nn
 
 from ..nn.lora import LoRALinear, is_bnb_4bit
+from ..nn.plain import is_conv1d
 from ..ops.lora import LoRAUnsupported
 
 _VIEW = "_fusedtune_view"
@@ -63,10 +65,8 @@ def _why_not(layer) -> str | None:
     base = layer.get_base_layer()
     if is_bnb_4bit(base) and getattr(base.weight, "quant_type", "nf4") != "nf4":
         return f"a 4-bit base of quant_type {base.weight.quant_type!r} (NF4 only)"
-    if not is_bnb_4bit(base) and type(base) is not nn.Linear:
-        return f"a {type(base).__name__} base layer (nn.Linear or bnb NF4 only)"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out (a Conv1D base)"
+    if not is_bnb_4bit(base) and type(base) is not nn.Linear and not is_conv1d(base):
+        return f"a {type(base).__name__} base layer (nn.Linear, transformers' Conv1D or bnb NF4 only)"
     try:
         LoRALinear.from_peft(layer)
     except (LoRAUnsupported, TypeError) as e:

@@ -23,7 +23,7 @@ from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
-from .plain import plain_linear
+from .plain import is_conv1d, plain_linear
 
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
 
@@ -48,10 +48,12 @@ def _features(base) -> tuple[int, int]:
         return int(k), int(n)
     if type(base) is nn.Linear or _is_fp8(base):
         return base.in_features, base.out_features
+    if is_conv1d(base):     # transformers' Conv1D (GPT-2): weight (in, out)
+        return int(base.weight.shape[0]), int(base.weight.shape[1])
     sub = (" (a subclass of nn.Linear: the fused op computes x W^T itself and would skip its own forward)"
            if isinstance(base, nn.Linear) else "")
-    raise TypeError(f"LoRALinear: the base layer must be nn.Linear, fusedtune.nn.FP8Linear or a quantized "
-                    f"bitsandbytes Linear4bit (NF4), got {type(base).__name__}{sub}")
+    raise TypeError(f"LoRALinear: the base layer must be nn.Linear, transformers' Conv1D, fusedtune.nn.FP8Linear or "
+                    f"a quantized bitsandbytes Linear4bit (NF4), got {type(base).__name__}{sub}")
 
 
 def _decomposition(init) -> str:
@@ -93,6 +95,7 @@ class LoRALinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = _features(base_layer)
         self.base_layer = base_layer
+        self.fan_in_fan_out = is_conv1d(base_layer)    # peft's name: the base weight is stored (in, out)
         for p in base_layer.parameters():
             p.requires_grad_(False)
         self.lora_A = nn.ModuleDict()
@@ -131,6 +134,12 @@ class LoRALinear(nn.Module):
         m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora,
                       lora_bias)
         return m
+
+    def base_weight(self) -> torch.Tensor:
+        """The dense base weight as [out, in]: a Conv1D's (in, out) weight transposed in place (a view; the
+        kernels read it through its strides, nothing is copied)."""
+        w = self.base_layer.weight
+        return w.t() if self.fan_in_fan_out else w
 
     def _base_device_dtype(self):
         w = self.base_layer.weight
@@ -216,7 +225,7 @@ class LoRALinear(nn.Module):
     def _decompose_init(self, how: str, A: torch.Tensor, B: torch.Tensor, r: int, scaling: float) -> None:
         """PiSSA / OLoRA (peft's pissa_init / olora_init, the same float32 products): A, B from W's top-r
         decomposition, W <- round(W - scaling B A)."""
-        W = self.base_layer.weight
+        W = self.base_weight()
         Wf = W.detach().float()
         if how == "olora":
             Q, R = torch.linalg.qr(Wf)
@@ -401,8 +410,8 @@ class LoRALinear(nn.Module):
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
         dt = _autocast.linear_dtype(x.device)
         if dt is None:
-            return x, self.base_layer.weight, None, bias, x.dtype
-        x, w, bias = _autocast.cast(dt, x, self.base_layer.weight, bias)
+            return x, self.base_weight(), None, bias, x.dtype
+        x, w, bias = _autocast.cast(dt, x, self.base_weight(), bias)
         return x, w, None, bias, dt
 
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
@@ -454,7 +463,7 @@ class LoRALinear(nn.Module):
         it while the weight, A, B and the scaling stay as they are (inference; training recomputes it)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         nf4 = self._nf4_weight()
-        W = self.base_layer.weight
+        W = self.base_weight()
         key = None
         if cache and not torch.compiler.is_compiling():
             key = (name, self.scaling[name], W.data_ptr(), W._version, A.data_ptr(), A._version, B.data_ptr(),
@@ -550,7 +559,7 @@ class LoRALinear(nn.Module):
         if dora and (len(names) > 1 or self.merged_adapters):
             raise LoRAUnsupported(f"LoRALinear.merge: DoRA adapter {dora} merged together with others "
                                   f"({names + self.merged_adapters}); merge a DoRA adapter alone")
-        W, bias = self.base_layer.weight, self.base_layer.bias
+        W, bias = self.base_weight(), self.base_layer.bias
         with torch.no_grad():
             delta_b = self._bias_delta(names)
             if delta_b is not None and bias is None:
@@ -577,7 +586,7 @@ class LoRALinear(nn.Module):
     def unmerge(self) -> None:
         if not self.merged_adapters:
             return
-        W, bias = self.base_layer.weight, self.base_layer.bias
+        W, bias = self.base_weight(), self.base_layer.bias
         with torch.no_grad():
             if self._stash is not None:
                 W.copy_(self._stash.to(W.device))
@@ -608,7 +617,8 @@ class LoRALinear(nn.Module):
         """A plain nn.Linear. merge=True: what forward computes (merged: the current weight; else the base
         with the active adapters merged, one rounding). merge=False: the base alone (the saved copy, or,
         after a merge without one, the current weight minus the merged deltas, as unmerge does). An NF4
-        base is dequantized to its compute dtype."""
+        base is dequantized to its compute dtype; a Conv1D base comes back as the nn.Linear computing the
+        same (its weight transposed)."""
         nf4 = self._nf4_weight()
         bias = self.base_layer.bias
         if nf4 is not None:
@@ -616,7 +626,7 @@ class LoRALinear(nn.Module):
             W = dequantize(nf4, self._base_device_dtype()[1])
             names = self.active_adapters if merge else []
         elif self.merged:
-            W, names = self.base_layer.weight, []
+            W, names = self.base_weight(), []
             if merge:
                 pass
             elif self._stash is not None:
@@ -626,7 +636,7 @@ class LoRALinear(nn.Module):
                     W = self._unmerged(W).to(W.dtype)
                     bias = None if bias is None else self._unmerged_bias(bias).to(bias.dtype)
         else:
-            W = self.base_layer.weight
+            W = self.base_weight()
             names = self.active_adapters if merge else []
         with torch.no_grad():
             if names:
@@ -648,10 +658,12 @@ class LoRALinear(nn.Module):
         for attr in ("base_layer", "lora_A", "lora_B", "scaling", "r"):
             if not hasattr(layer, attr):
                 raise TypeError(f"LoRALinear.from_peft: {type(layer).__name__} is not a peft LoRA layer (no {attr})")
-        if getattr(layer, "fan_in_fan_out", False):
-            raise LoRAUnsupported("LoRALinear.from_peft: fan_in_fan_out (Conv1D) layers are not supported; "
-                                  "fusedtune.patch converts GPT-2's Conv1D itself")
-        m = cls(layer.get_base_layer(), backend=backend)
+        base = layer.get_base_layer()
+        if bool(getattr(layer, "fan_in_fan_out", False)) != is_conv1d(base):
+            raise LoRAUnsupported(f"LoRALinear.from_peft: fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} "
+                                  f"over a {type(base).__name__} base; the fused layer reads a Conv1D base transposed "
+                                  "and any other as [out, in] (peft sets the flag by the base's type)")
+        m = cls(base, backend=backend)
         for name in layer.lora_A:
             dora = bool(getattr(layer, "use_dora", {}).get(name))
             variant = getattr(layer, "lora_variant", {}).get(name)
@@ -688,12 +700,14 @@ class LoRALinear(nn.Module):
         out = None
         for n in names:
             cfg = LoraConfig(r=self.r[n], lora_alpha=self.lora_alpha[n], lora_dropout=self.lora_dropout_p[n],
-                             use_rslora=self.use_rslora[n], use_dora=self.use_dora[n], lora_bias=self.lora_bias[n])
+                             use_rslora=self.use_rslora[n], use_dora=self.use_dora[n], lora_bias=self.lora_bias[n],
+                             fan_in_fan_out=self.fan_in_fan_out)
             if out is None:
                 cls = peft_layer.Linear
                 if is_bnb_4bit(self.base_layer):
                     from peft.tuners.lora.bnb import Linear4bit as cls  # noqa: N813
-                out = cls(self.base_layer, n, config=cfg, r=self.r[n], lora_alpha=self.lora_alpha[n])
+                out = cls(self.base_layer, n, config=cfg, r=self.r[n], lora_alpha=self.lora_alpha[n],
+                          **({"is_target_conv_1d_layer": True} if self.fan_in_fan_out else {}))
             else:
                 out.update_layer(n, self.r[n], self.lora_alpha[n], cfg)
             out.lora_A[n], out.lora_B[n] = self.lora_A[n], self.lora_B[n]
@@ -734,6 +748,8 @@ class LoRALinear(nn.Module):
                                                           f"{lora_ops.nf4_path(last, True)})"))
         elif nf4:
             path += "; NF4 base dequantized by the reference on every call"
+        if self.fan_in_fan_out:
+            path += "; Conv1D base: its (in, out) weight read transposed in place (no copy)"
         if any(self.use_dora[n] for n in self.active_adapters):
             path += ("; DoRA: output columns scaled by magnitude / ||W + sBA|| (norm from one W.A^T GEMM, float32"
                      + (", cached in inference" if not self.training else "") + ")")

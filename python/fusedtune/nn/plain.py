@@ -5,6 +5,11 @@ import torch
 from torch import nn
 
 
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2): a linear layer whose weight is stored transposed (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf") and hasattr(module, "nx")
+
+
 def plain_linear(weight: torch.Tensor, bias: torch.Tensor | None) -> nn.Linear:
     """An nn.Linear holding copies of `weight` [out, in] and `bias`, on their device and dtype."""
     lin = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None, device=weight.device,
