@@ -13,7 +13,15 @@ import torch.multiprocessing as mp
 pytest.importorskip("transformers")
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "hft-block", "sparse_delta", "roste", "mezo"]
+CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "hft-block", "sparse_delta", "sparse_delta-regrow",
+         "roste", "mezo"]
+REGROW = {"every": 2, "accumulate_steps": 1, "rate": 0.5, "decay": "constant"}   # a selection at step 2
+
+
+def _options(variant: str) -> dict:
+    if variant == "regrow":
+        return {"regrow": REGROW}
+    return {"granularity": variant} if variant else {}
 
 
 def _worker(rank, world, init, out):
@@ -34,13 +42,15 @@ def _worker(rank, world, init, out):
                 m = tiny_llama()
                 m.train()
                 torch.manual_seed(3)
-                rep = fusedtune.patch(m, name, **({"granularity": variant} if variant else {}))
+                rep = fusedtune.patch(m, name, **_options(variant))
                 before = [p.detach().clone() for p in m.parameters()]
                 run = m if name == "mezo" else torch.nn.parallel.DistributedDataParallel(m)
                 ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
                 losses = [float(rep.step(lambda: run(ids, labels=ids).loss)) for _ in range(3)]
                 after = float(m(ids, labels=ids).loss.detach())
             res[case] = {"params": [p.detach().clone() for p in m.parameters()], "first": losses[0], "after": after,
+                         "buffers": [b.clone() for b in m.buffers()],
+                         "moves": [h["moved"] for h in rep.regrower.history] if variant == "regrow" else None,
                          "moved": any(not torch.equal(a, b) for a, b in zip(m.parameters(), before)),
                          "warned": [str(w.message) for w in caught if "fusedtune" in str(w.message)]}
     finally:
@@ -61,6 +71,9 @@ def test_ranks_stay_identical_and_train(ranks, case):
     if case not in r0:
         pytest.skip(f"{case}: requirements missing")
     assert all(torch.equal(a, b) for a, b in zip(r0[case]["params"], r1[case]["params"]))
+    assert all(torch.equal(a, b) for a, b in zip(r0[case]["buffers"], r1[case]["buffers"]))   # delta positions too
+    if case == "sparse_delta-regrow":
+        assert r0[case]["moves"] == r1[case]["moves"] and r0[case]["moves"][0] > 0, "both ranks regrew alike"
     for r in (r0, r1):
         assert r[case]["moved"] and r[case]["warned"] == []
         if case != "mezo":   # MeZO's first loss is both ranks' mean (perturbed); its 3 steps need not descend

@@ -135,17 +135,20 @@ def test_ag_prune_regrow_exact():
     assert all((l.values.detach() != 0).all() for l in layers(net).values())
 
 
-def test_dense_gradient_only_on_window_steps():
+def test_dense_gradient_only_on_window_steps(monkeypatch):
+    import fusedtune.nn.sparse_delta as layer_mod
     net = Net()
     opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
     rg = Regrower(net, opt, every=5, rate=0.3, decay="linear", total_steps=12, accumulate_steps=2)
-    seen = []
-    hook = net.a.register_forward_pre_hook(lambda mod, args: seen.append(mod.weight.requires_grad))
+    steps, formed = [], []
+    hook = net.a.register_forward_pre_hook(lambda mod, args: steps.append(len(steps) + 1))
+    dense_dw = layer_mod._dense_dw
+    monkeypatch.setattr(layer_mod, "_dense_dw", lambda dy, x: formed.append(steps[-1]) or dense_dw(dy, x))
     train(net, opt, rg, batches(16))
     hook.remove()
     # windows end at 5 and 10; the selection at 15 moves nothing (rate reached 0): no window there
     assert rg.dense_grad_steps == [4, 5, 9, 10]
-    assert [i + 1 for i, s in enumerate(seen) if s] == [4, 5, 9, 10]
+    assert formed == [4, 4, 5, 5, 9, 9, 10, 10], "one dense dW per layer on window steps, none elsewhere"
     assert net.a.weight.grad is None and net.b.weight.grad is None and not net.a.weight.requires_grad
     assert [h["step"] for h in rg.history] == [5, 10]
     assert rg.rate_at(5) == pytest.approx(0.3 * 7 / 12) and rg.rate_at(12) == 0
@@ -322,22 +325,45 @@ def test_ag_defaults_to_k_candidates_not_a_dense_accumulator():
         Regrower(net, opt, every=4, rate=0.25, decay="constant", variant="ma", candidates=1.0)
 
 
-def test_regrowth_under_data_parallelism_is_refused(monkeypatch):
-    """Each rank would select positions from its own dense gradients: refused (Regrower and patch, the
-    latter before anything is swapped), not left to train different deltas on different ranks."""
-    import torch.distributed as dist
+def test_a_process_group_without_torch_distributed_is_refused():
+    """process_group names a group to reduce the scores over: given without torch.distributed initialized it
+    is refused (Regrower and patch, the latter before anything is swapped). Under DDP, regrowth is tested
+    with two processes in test_sparse_delta_regrow_ddp.py."""
     transformers = pytest.importorskip("transformers")
     from fusedtune import patch
     from fusedtune.patch import PatchError
     net = Net()
     opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
-    monkeypatch.setattr(dist, "is_initialized", lambda: True)
-    monkeypatch.setattr(dist, "get_world_size", lambda group=None: 2)
-    with pytest.raises(RuntimeError, match="data parallelism \\(2 ranks\\)"):
-        Regrower(net, opt, every=4, decay="constant")
+    group = object()    # stands for a ProcessGroup
+    with pytest.raises(RuntimeError, match="Regrower: process_group is set but torch.distributed is not initialized"):
+        Regrower(net, opt, every=4, decay="constant", process_group=group)
+    assert Regrower(net, opt, every=4, decay="constant", process_group=None).process_group is None
     cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=40, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2)
     m = transformers.LlamaForCausalLM(cfg)
-    with pytest.raises(PatchError, match="data parallelism"):
-        patch(m, "sparse_delta", regrow={"every": 5, "decay": "constant"})
+    with pytest.raises(PatchError, match="process_group is set"):
+        patch(m, "sparse_delta", regrow={"every": 5, "decay": "constant", "process_group": group})
     assert all(type(mod) is not SparseDeltaLinear for mod in m.modules())
+
+
+def test_regrowth_under_compile_equals_eager():
+    """torch.compile of the model: window steps still form the dense gradient (scores), the selection and
+    the deltas equal eager's."""
+    out = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        net = Net()
+        opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+        rg = Regrower(net, opt, every=3, rate=0.3, decay="constant", accumulate_steps=2)
+        run = torch.compile(net, backend="aot_eager") if compiled else net
+        for x, y in batches(6):
+            opt.zero_grad(set_to_none=True)
+            (run(x) - y).square().mean().backward()
+            opt.step()
+            rg.step()
+        out.append(([h["moved"] for h in rg.history], [l.indices.clone() for l in layers(net).values()],
+                    [l.values.detach().clone() for l in layers(net).values()]))
+    assert out[0][0] == out[1][0] and all(m > 0 for m in out[0][0])
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
+    for a, b in zip(out[0][2], out[1][2]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)

@@ -77,15 +77,17 @@ class SparseDeltaMethod(SwapMethod):
         return dict(regrow)
 
     def apply(self, model, targets, **options):
-        from ..sparse_delta.regrow import Regrower, _refuse_data_parallel  # noqa: PLC0415
+        from .._dist import sync_group  # noqa: PLC0415
+        from ..sparse_delta.regrow import Regrower  # noqa: PLC0415
         rg = self._regrow_kwargs(options["regrow"])    # refused before anything is swapped
         if rg is not None:
             bound = inspect.signature(Regrower).bind_partial(None, None, **rg)
             bound.apply_defaults()
-            settings = {k: v for k, v in bound.arguments.items() if k not in ("model", "optimizer", "seed", "attach")}
+            settings = {k: v for k, v in bound.arguments.items()
+                        if k not in ("model", "optimizer", "seed", "attach", "process_group")}
             try:
                 Regrower.check_settings(**settings)
-                _refuse_data_parallel()
+                sync_group(bound.arguments["process_group"], "Regrower")
             except (RuntimeError, TypeError, ValueError) as e:
                 raise PatchError(f"method 'sparse_delta': regrow={options['regrow']!r}: {e}") from e
         if not 0 < float(options["density"]) <= 1:

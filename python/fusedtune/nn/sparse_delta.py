@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +12,39 @@ from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
+
+
+_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # layer -> dense-gradient sink (dense_grad)
+
+
+def _dense_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float32 dy^T x (16-bit inputs on CUDA: accumulated and written in float32 by one GEMM)."""
+    if dy.is_cuda and dy.dtype == x.dtype and dy.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(dy.t(), x, out_dtype=torch.float32)
+    return dy.t().float() @ x.float()
+
+
+class _WindowLinear(torch.autograd.Function):
+    """y = x W^T + b over the merged weight; backward: dX, the dense dW (to the sink), dW at the deltas'
+    positions as their gradient, and the bias gradient where the bias trains."""
+
+    @staticmethod
+    def forward(ctx, x, weight, values, indices, bias, sink):
+        ctx.save_for_backward(x, weight, indices)
+        ctx.sink, ctx.bias_dtype = sink, None if bias is None else bias.dtype
+        return F.linear(x, weight.to(x.dtype), None if bias is None else bias.to(x.dtype))
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, indices = ctx.saved_tensors
+        need = ctx.needs_input_grad
+        dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+        dx = (dy @ weight.to(dy.dtype)).to(x.dtype) if need[0] else None
+        dW = _dense_dw(dy2, x2.to(dy2.dtype))
+        dv = dW.view(-1).index_select(0, indices.long()) if need[2] else None    # before the sink reduces dW
+        db = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[4] else None
+        ctx.sink(dW)
+        return dx, None, dv, None, db, None
 
 
 class SparseDeltaLinear(OwnsMasters):
@@ -129,20 +163,28 @@ class SparseDeltaLinear(OwnsMasters):
         self.weight.view(-1).index_copy_(0, self.indices.long(), self.base_values)
 
     @contextlib.contextmanager
-    def dense_grad(self, enabled: bool = True):
-        """Inside, the forward is a plain F.linear whose weight gets a dense .grad (selection steps
-        of regrowth only); the deltas get no gradient there."""
-        prev = self.weight.requires_grad
-        self.weight.requires_grad_(enabled)
+    def dense_grad(self, sink):
+        """Inside (regrowth's window steps), a backward through the layer also forms the dense weight
+        gradient dW = dy^T x in float32 and hands it to sink(dW) (selection scores; the sink may reduce
+        it over ranks in place); the deltas get dW at their positions through autograd, as the SDDMM
+        gives them on other steps (so DDP reduces them as usual). The weight itself gets no .grad."""
+        prev = _SINKS.get(self)
+        _SINKS[self] = sink
         try:
             yield self
         finally:
-            self.weight.requires_grad_(prev)
+            if prev is None:
+                _SINKS.pop(self, None)
+            else:
+                _SINKS[self] = prev
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self._refresh_if_values_changed()
-        if self.weight.requires_grad:
+        sink = _SINKS.get(self) if _SINKS else None
+        if sink is not None and torch.is_grad_enabled():
+            return _WindowLinear.apply(x, self.weight, self.values, self.indices, self.bias, sink)
+        if self.weight.requires_grad:   # a base that trains (the user unfroze it): its dense gradient
             return F.linear(x, self.weight, self.bias)
         return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,
                                    check=False)  # indices checked in set_indices: no host sync per call

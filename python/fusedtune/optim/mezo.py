@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from .._dist import sync_group
 from ..ops.zo import _check_distinct, _check_tensors, zo_apply_
 from .copyable import CopyableOptimizer
 from .fused_adamw import refuse_sharded
@@ -168,15 +169,7 @@ class MeZO(CopyableOptimizer):
     def _sync_group(self):
         """(True, group) when each step's losses are averaged over `group` (None: the default group), else
         (False, None): one process, torch.distributed not initialized, or process_group=None."""
-        if self.process_group is None:
-            return False, None
-        import torch.distributed as dist
-        if not (dist.is_available() and dist.is_initialized()):
-            if self.process_group == "auto":
-                return False, None
-            raise RuntimeError("MeZO: process_group is set but torch.distributed is not initialized")
-        group = None if self.process_group == "auto" else self.process_group
-        return dist.get_world_size(group) > 1, group
+        return sync_group(self.process_group, "MeZO")
 
     def _check_same_seed(self) -> None:
         """Once, before the first perturbation: every rank must perturb along the same direction."""

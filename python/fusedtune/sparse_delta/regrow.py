@@ -22,10 +22,19 @@ Ties (equal scores or equal |delta|) are broken by a seeded random draw: runs ar
 
 Scores come from the dense weight gradient, which is formed only on the `accumulate_steps` steps
 that end at a selection step (the "window"), and only if that selection moves something. On window
-steps every layer runs in layer.dense_grad() mode (a plain F.linear whose weight gets a dense
-gradient); a hook on each weight consumes that gradient as soon as backward has accumulated it:
-it adds the gathered gradient at the layer's k indices to `values.grad` (so the deltas keep
-training on window steps) and updates the score accumulator, then frees the dense gradient.
+steps every layer runs in layer.dense_grad(sink) mode: its backward forms the dense float32 dW =
+dy^T x once, gives the deltas dW at their k positions through autograd (so they keep training on
+window steps, and DDP reduces their gradient as on any step), and hands dW to the sink, which updates
+the score accumulator; the dense gradient lives only inside that backward (no weight .grad).
+
+Data parallelism (DDP; every rank its own batch): process_group="auto" (the default) averages each
+dense dW over torch.distributed's default group (where it is initialized with more than one rank)
+before it reaches the scores, so every rank scores the global gradient and selects the same
+positions (ties are broken by seeded draws, the same on every rank); a ProcessGroup picks another
+group, None keeps each rank's own (ranks then select different positions: single-process use only).
+That is one all-reduce of every layer's dense gradient per backward on window steps, full
+fine-tuning's gradient traffic, on accumulate_steps of every `every` steps; every rank must run the
+same backward passes through every layer on those steps.
     variant="ag"  (SpIEL-AG, accumulated gradients) score = sum over the window of |dW|.
                   candidates=c (float; default 1.0, SpIEL's k candidates): on the first window step
                   the top ceil(c*k) positions by |dW| outside the current indices become the
@@ -41,8 +50,8 @@ training on window steps) and updates the score accumulator, then frees the dens
                   piecewise constant over rows/columns); ties are broken by the seeded draw.
 With gradient accumulation (several backward passes per optimizer step) the score adds each
 micro-batch's |dW| (AG) or dW^2 (MA) rather than the step's summed dW. On window steps the deltas'
-gradient is the dense dW gathered at the k indices: autograd's dW in the weight's dtype (bf16 for a
-bf16 model), where the SDDMM path of the other steps accumulates in float32.
+gradient is the float32 dense dW gathered at the k indices (the SDDMM of the other steps also
+accumulates in float32).
 
 Per-element age: steps since the entry was grown (ages of the initial entries count from 0 at
 construction); `ages[name]` (int32 [k], aligned with the layer's indices).
@@ -54,6 +63,7 @@ import math
 import torch
 from torch import nn
 
+from .._dist import sync_group
 from .artifacts import sparse_layers
 
 _DECAYS = ("cosine", "linear", "constant")
@@ -81,25 +91,15 @@ def top_n(score: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     return torch.cat([above, _seeded_pick(ties, n - above.numel(), gen)]).sort().values
 
 
-def _refuse_data_parallel() -> None:
-    """Selection scores come from each process's own dense gradients, and on window steps the deltas'
-    gradient bypasses DDP's hooks: under data parallelism the ranks would pick different positions and
-    silently train different deltas. Refused until the scores are reduced across ranks."""
-    import torch.distributed as dist
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        raise RuntimeError(f"Regrower: regrowth under data parallelism ({dist.get_world_size()} ranks) is not "
-                           "supported: each rank would select different positions from its own gradients. Train "
-                           "with fixed positions (regrow=None), or regrow in a single process")
-
-
 class Regrower:
     def __init__(self, model: nn.Module, optimizer, every: int = 20, rate: float = 0.2, decay: str = "cosine",
                  variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
                  candidates: float | None | str = "auto", seed_moments: str = "zero", seed: int = 0,
-                 attach: bool = False):
+                 attach: bool = False, process_group="auto"):
         candidates = self.check_settings(every, rate, decay, variant, accumulate_steps, total_steps, candidates,
                                          seed_moments)
-        _refuse_data_parallel()
+        sync_group(process_group, "Regrower")     # a group without torch.distributed is refused here
+        self.process_group = process_group
         self.layers = sparse_layers(model)
         if not self.layers:
             raise ValueError("Regrower: the model has no fusedtune.nn.SparseDeltaLinear layer")
@@ -189,9 +189,8 @@ class Regrower:
     def __setstate__(self, state: dict) -> None:
         attached, dense = state["_post_hook"], state["_dense"]
         self.__dict__.update(state, _post_hook=None, _dense=[])
+        self.__dict__.setdefault("process_group", "auto")
         if dense:
-            for _, layer in self.layers:
-                layer.weight.requires_grad_(False)   # the copied flag is the window's; outside it is False
             self._enter_dense()
         if attached:
             self.attach()
@@ -221,32 +220,25 @@ class Regrower:
 
     def _enter_dense(self) -> None:
         for name, layer in self.layers:
-            cm = layer.dense_grad(True)
+            cm = layer.dense_grad(self._make_sink(name, layer))
             cm.__enter__()
-            h = layer.weight.register_post_accumulate_grad_hook(self._make_hook(name, layer))
-            self._dense.append((cm, h))
+            self._dense.append(cm)
 
     def _leave_dense(self) -> None:
-        for cm, h in self._dense:
-            h.remove()
+        for cm in self._dense:
             cm.__exit__(None, None, None)
         self._dense = []
 
-    def _make_hook(self, name, layer):
-        def hook(weight):
-            g = weight.grad
-            weight.grad = None                      # the dense gradient lives only inside this hook
-            if g is None:
-                return
+    def _make_sink(self, name, layer):
+        def sink(dW: torch.Tensor) -> None:
+            sync, group = sync_group(self.process_group, "Regrower")
+            if sync:    # the global gradient: every rank scores (and so selects) the same
+                import torch.distributed as dist
+                dist.all_reduce(dW, group=group)
+                dW.div_(dist.get_world_size(group))
             with torch.no_grad():
-                gv = g.reshape(-1)
-                lg = gv.index_select(0, layer.indices.long()).float()
-                if layer.values.grad is None:
-                    layer.values.grad = lg
-                else:
-                    layer.values.grad.add_(lg)
-                self._accumulate(name, layer, g)
-        return hook
+                self._accumulate(name, layer, dW)
+        return sink
 
     # ------------------------------------------------------------------ scores
     def _accumulate(self, name, layer, g: torch.Tensor) -> None:
