@@ -44,6 +44,9 @@ def test_cpu_run_rows(cpu_run):
         ("lora fwd+bwd, peft layer fused in place", "peft LoRA layer"),
         ("lora fwd+bwd, peft layer fused in place", "fusedtune LoRALinear over the same parameters"),
         ("fuse_peft per-call check (host)", "peft layer forward at 1 token (host)")]
+    conv = [(r["kernel"], r["baseline"]) for r in rows if "Conv1D" in r["kernel"]]
+    assert conv == [("lora fwd+bwd, Conv1D base (W stored transposed)", "LoRALinear over nn.Linear (W as [out, in])"),
+                    ("lora fwd+bwd, Conv1D base (W stored transposed)", "peft LoRA layer (fan_in_fan_out)")]
     host = [(r["kernel"], r["baseline"]) for r in rows if r["kernel"].endswith("per call (host)")]
     assert host == [(f"LoRALinear {w} per call (host)", b) for w in ("fwd+bwd", "fwd")
                     for b in ("the same through the torch.library dispatcher", "peft LoRA layer")]

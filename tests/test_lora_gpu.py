@@ -51,6 +51,23 @@ def test_triton_within_rule(dtype, M, K, N, r, p):
         assert_within_rule(a, e, u, f"{dtype} output {i}", atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_transposed_weight_within_rule(dtype):
+    """A Conv1D base (GPT-2, peft's fan_in_fan_out): the weight comes as the transposed view of an (in, out)
+    tensor, and the forward and dX GEMMs read it through its strides."""
+    M, K, N, r = 1000, 768, 2304, 8
+    x, W, A, B, dy = _case(M, K, N, r, dtype, seed=3)
+    Wt = W.t().contiguous().t()          # the same values stored (in, out)
+    assert Wt.stride() == (1, N)
+    got = _fb(lambda xi, Ai, Bi: lora_linear(xi, Wt, Ai, Bi, 2.0, backend="triton"), x, A, B, dy)
+    unf = _fb(lambda xi, Ai, Bi: (torch.nn.functional.linear(xi, W).float() + (xi.float() @ Ai.t()) @ Bi.t()
+                                  * 2.0).to(dtype), x, A, B, dy)
+    y64, g64 = exact64(x.cpu(), W.cpu(), [A.cpu()], [B.cpu()], [2.0], dy=dy.cpu())
+    atol = 1e-4 if dtype == torch.float32 else 2e-2
+    for i, (a, e, u) in enumerate(zip(got, [y64] + g64, unf)):
+        assert_within_rule(a, e, u, f"{dtype} transposed weight, output {i}", atol=atol)
+
+
 def test_triton_multi_adapter_matches_reference():
     x, W, _, _, _ = _case(2048, 1024, 768, 1, torch.bfloat16)
     g = torch.Generator(device="cuda").manual_seed(1)

@@ -36,6 +36,11 @@ q_proj with 4096 tokens; and the host time of the per-call check that the layer'
 against the host time of peft's own forward at one token (CPU timer on both: kernels are launched, not
 waited for, at one token).
 
+GPT-2's Conv1D base (weight stored (in, out); peft's fan_in_fan_out): forward+backward of LoRALinear over
+a Conv1D, whose weight the kernels read transposed in place, vs LoRALinear over an nn.Linear holding the
+same weight as [out, in] (ratio: what reading W^T costs the GEMMs), and vs peft's fan_in_fan_out layer,
+at q_proj with 4096 tokens.
+
 Host time per call (CPU timer, one token, where kernels are launched and not waited for: what bounds a
 layer at small batches, in decoding and in any step whose kernels are shorter than their launch code):
 a LoRALinear forward+backward and forward, on the ops' direct eager route (fusedtune/ops/_eager.py)
@@ -372,6 +377,47 @@ def peft_model_rows(timer, on_gpu, device, quick):
     return rows
 
 
+def conv1d_rows(timer, on_gpu, device):
+    what = "lora fwd+bwd, Conv1D base (W stored transposed)"
+    try:
+        from transformers.pytorch_utils import Conv1D  # noqa: PLC0415
+    except Exception as e:  # noqa: BLE001 - transformers missing
+        return [_skipped(what, "LoRALinear over nn.Linear", "transformers", e)]
+    from ..nn import LoRALinear  # noqa: PLC0415
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    name, N, K = QUICK[0] if on_gpu else TINY[0]
+    T, r = (4096, 16) if on_gpu else (32, 8)
+    conv = Conv1D(N, K).to(device=device, dtype=dt)
+    with torch.no_grad():
+        conv.weight.normal_(0, 1 / math.sqrt(K))
+    lin = torch.nn.Linear(K, N, device=device, dtype=dt)
+    with torch.no_grad():
+        lin.weight.copy_(conv.weight.t())
+        lin.bias.copy_(conv.bias)
+    ours, flat = LoRALinear.from_linear(conv, r=r, alpha=2 * r), LoRALinear.from_linear(lin, r=r, alpha=2 * r)
+    for m in (ours, flat):
+        m.lora_A["default"] = ours.lora_A["default"]
+        m.lora_B["default"] = ours.lora_B["default"]
+    x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(T, N, device=device, dtype=dt)
+
+    def fb(layer):
+        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], dy)
+    shape, backend = f"{name} T={T} N={N} K={K} r={r}", "triton" if on_gpu else "cpu"
+    t = timer(lambda: fb(ours))
+    flops = roofline_pct(t[0], flops=_flops(T, N, K, r, True))
+    note = CPU_NOTE if not on_gpu else ""
+    rows = [row(what, shape, str(dt)[6:], backend, "LoRALinear over nn.Linear (W as [out, in])", t,
+                timer(lambda: fb(flat))[0], flops, note=note or "ratio ~1: reading W^T costs nothing")]
+    try:
+        pe = ours.to_peft()
+    except ImportError as e:
+        return rows + [_skipped(what, "peft LoRA layer (fan_in_fan_out)", "peft", e)]
+    rows.append(row(what, shape, str(dt)[6:], backend, "peft LoRA layer (fan_in_fan_out)", t,
+                    timer(lambda: fb(pe))[0], flops, note=note))
+    return rows
+
+
 def host_rows(on_gpu, device, quick):
     from ..nn import LoRALinear  # noqa: PLC0415
     from .core import host_rows as host  # noqa: PLC0415
@@ -399,4 +445,5 @@ def sections(timer, quick: bool) -> list:
             ("several adapters", lambda: multi_rows(timer, on_gpu, device)),
             ("DoRA", lambda: dora_rows(timer, on_gpu, device, quick)),
             ("peft model fused in place", lambda: peft_model_rows(timer, on_gpu, device, quick)),
+            ("GPT-2 Conv1D base", lambda: conv1d_rows(timer, on_gpu, device)),
             ("host time per call", lambda: host_rows(on_gpu, device, quick))]
