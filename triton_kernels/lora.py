@@ -510,7 +510,10 @@ _GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp
 _GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
                   BASE_PREC="tf32", EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
 _ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "stride_en": "i32"}),
-           "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"})}
+           "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"}),
+           # a Conv1D base (GPT-2: W stored (in, out), passed as W^T's view): W read as dgrad reads it, and back
+           "fwd_conv1d": ({"stride_qn": 1, "stride_er": 1}, {"stride_qk": "i32", "stride_en": "i32"}),
+           "dgrad_conv1d": ({"stride_qk": 1, "stride_en": 1}, {"stride_qn": "i32", "stride_er": "i32"})}
 _ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm"]
 
 
@@ -535,7 +538,9 @@ register(KernelSpec(
        _gemm_cfg(128, 256, 64, 8, 3, COL_SCALE=True), _gemm_cfg(16, 64, 64, 4, 2, NF4=True, NF4_DOUBLE=True, COL_SCALE=True),
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
        _gemm_cfg(64, 64, 64, 4, 4, orient="dgrad", DROPOUT=True, HAS_BIAS=False),
-       _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False)]
+       _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False),
+       _gemm_cfg(128, 256, 64, 8, 3, orient="fwd_conv1d"), _gemm_cfg(64, 64, 64, 4, 4, orient="fwd_conv1d"),
+       _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad_conv1d", HAS_BIAS=False)]
     + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]
     # fp32 without TF32: FMA by design (no tensor-core instruction to ask for); checked for spills
     + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee"), gemm=False) for c in _IEEE_CONFIGS]
