@@ -242,30 +242,31 @@ class Regrower:
 
     # ------------------------------------------------------------------ scores
     def _accumulate(self, name, layer, g: torch.Tensor) -> None:
+        """Add one backward's dense float32 gradient g [out, in] to the layer's scores. g is the sink's to
+        consume: it is overwritten in place (|g| or g^2), so a window step holds one dense buffer per layer
+        at a time, plus the score state."""
         self._seen[name] = self._seen.get(name, 0) + 1
         if self.variant == "ma":
-            g2 = g.float().square()
             if name not in self._acc:
                 self._acc[name] = (torch.zeros(g.shape[0], device=g.device), torch.zeros(g.shape[1], device=g.device))
             row, col = self._acc[name]
-            nu = torch.minimum(row[:, None], col[None, :]).add_(g2)
+            nu = torch.minimum(row[:, None], col[None, :]).add_(g.square_())
             torch.amax(nu, dim=1, out=row)
             torch.amax(nu, dim=0, out=col)
             return
-        a = g.float().abs().reshape(-1)
+        a = g.abs_().reshape(-1)
         if self.candidates is None:
             if name in self._acc:
                 self._acc[name].add_(a)
             else:
-                self._acc[name] = a.clone()
+                self._acc[name] = a
             return
         if name not in self._acc:                   # first window step: choose the candidates
             k = layer.indices.numel()
             c = min(math.ceil(self.candidates * k), a.numel() - k)
-            a = a.clone()
             a[layer.indices.long()] = float("-inf")
             cand = top_n(a, c, self._gen(name, 1))
-            self._acc[name] = (cand, a[cand].clone())
+            self._acc[name] = (cand, a[cand])
         else:
             cand, acc = self._acc[name]
             acc.add_(a[cand])
