@@ -2,6 +2,7 @@
 the dense gradients of window steps are averaged over the ranks before they are scored, so both ranks
 select the same positions and hold the same deltas, and those equal a single process's on both batches.
 Without the reduction (process_group=None) the ranks select differently: the reduction is what agrees."""
+import copy
 import os
 
 import pytest
@@ -39,7 +40,13 @@ def _train(net, run, variant, process_group, rank=None):
     """STEPS steps on rank `rank`'s batches (None: both ranks' batches in one); the layers' final state."""
     opt = SparseDeltaAdamW(net.parameters(), lr=2e-2)
     rg = Regrower(net, opt, every=EVERY, rate=0.3, decay="constant", variant=variant, accumulate_steps=2,
-                  process_group=process_group)
+                  process_group=dist.group.WORLD if process_group == "world" else process_group)
+    copy_error = None
+    if process_group == "world":
+        try:
+            copy.deepcopy(rg)
+        except TypeError as e:
+            copy_error = str(e)
     for t in range(1, STEPS + 1):
         parts = [_batch(r, t) for r in ((0, 1) if rank is None else (rank,))]
         x, y = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
@@ -48,7 +55,8 @@ def _train(net, run, variant, process_group, rank=None):
         opt.step()
         rg.step()
     return {"indices": [net[i].indices.clone() for i in (0, 2)], "values": [net[i].values.detach().clone() for i in (0, 2)],
-            "weight": [net[i].weight.detach().clone() for i in (0, 2)], "moved": [h["moved"] for h in rg.history]}
+            "weight": [net[i].weight.detach().clone() for i in (0, 2)], "moved": [h["moved"] for h in rg.history],
+            "copy_error": copy_error}
 
 
 def _worker(rank, world, init, out):
@@ -56,7 +64,7 @@ def _worker(rank, world, init, out):
     try:
         res = {}
         for variant in ("ag", "ma"):
-            for group in ("auto", None):
+            for group in ("auto", None, "world"):
                 net = _net()
                 res[variant, group] = _train(net, nn.parallel.DistributedDataParallel(net), variant, group, rank)
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
@@ -95,3 +103,11 @@ def test_ddp_regrowth_equals_one_process_on_both_batches(ranks):
 def test_without_the_reduction_the_ranks_select_differently(ranks):
     r0, r1 = (r["ag", None] for r in ranks)
     assert not all(torch.equal(a, b) for a, b in zip(r0["indices"], r1["indices"]))
+
+
+def test_an_explicit_group_reduces_alike_and_refuses_copies(ranks):
+    for r in ranks:
+        got, auto = r["ag", "world"], r["ag", "auto"]
+        assert all(torch.equal(a, b) for a, b in zip(got["indices"], auto["indices"]))
+        assert all(torch.equal(a, b) for a, b in zip(got["values"], auto["values"]))
+        assert "cannot be copied" in got["copy_error"]

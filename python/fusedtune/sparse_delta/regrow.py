@@ -181,6 +181,9 @@ class Regrower:
         """A deep copy (or pickle) of a model whose patch holds a Regrower: hooks do not travel with copies
         (the optimizer's step hook, the weights' gradient hooks), so the copy records whether they were
         set and sets its own (a copy would otherwise stop regrowing, silently)."""
+        if not (self.process_group is None or isinstance(self.process_group, str)):
+            raise TypeError("Regrower: a Regrower given a ProcessGroup cannot be copied or pickled (the group cannot); "
+                            "make a new Regrower for the copy, or use process_group='auto'")
         state = dict(self.__dict__)
         state["_post_hook"] = self._post_hook is not None
         state["_dense"] = bool(self._dense)
