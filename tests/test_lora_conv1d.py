@@ -217,3 +217,17 @@ def test_triton_reads_the_conv1d_weight_transposed():
     assert {r.backend for r in rep.rows} == {"triton"}, rep.table()
     pm.eval(), fused.eval()
     assert len(_same_training(pm, fused, IDS[:1, :5], "triton")) == 8
+
+
+def test_fused_gpt2_mixed_batch_and_generate_equal_peft():
+    pm, fused, _ = _pair()
+    for model in (pm, fused):
+        model.add_adapter("two", peft.LoraConfig(r=2, lora_alpha=4, target_modules=TARGETS, fan_in_fan_out=True))
+        model.eval()
+    _randomize_B(pm, seed=3)
+    fused.load_state_dict(pm.state_dict())
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(2))
+    names = ["two", "__base__", "default"]
+    _close(fused(ids, adapter_names=names).logits, pm(ids, adapter_names=names).logits, "mixed batch")
+    kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(fused.generate(input_ids=IDS, **kw), pm.generate(input_ids=IDS, **kw))

@@ -80,3 +80,34 @@ def test_sparse_adamw_cuda_bit_identical():
         return vals + ms + vs + ws + [s for s in steps if s is not None]
     assert "cuda" in check_backends(run, "cuda", exact=True, has=("reference", "cpu", "cuda"))
     assert_same_bits([t.cpu() for t in run("cuda")], run("auto", "cpu"), "cuda vs cpu")
+
+
+def test_regrowth_window_on_cuda_bf16():
+    """A bf16 model regrowing on the GPU: on a window step the deltas' gradient is the dense dW (one float32
+    GEMM of the 16-bit dy and x, torch.mm(out_dtype=float32)) at their positions, within the rule of the
+    float64 product; the selection moves entries and leaves no dense gradient behind."""
+    from fusedtune.nn import SparseDeltaLinear
+    from fusedtune.optim import SparseDeltaAdamW
+    from fusedtune.sparse_delta import Regrower
+    g = torch.Generator().manual_seed(11)
+    lin = torch.nn.Linear(512, 384, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.randn(384, 512, generator=g) * 0.05)
+    layer = SparseDeltaLinear.from_linear(lin.to("cuda", torch.bfloat16), density=0.01, seed=3)
+    opt = SparseDeltaAdamW([layer.values], lr=1e-3)
+    rg = Regrower(layer, opt, every=2, rate=0.5, decay="constant", accumulate_steps=1)
+    x = torch.randn(256, 512, generator=g).to("cuda", torch.bfloat16)
+    dy = torch.randn(256, 384, generator=g).to("cuda", torch.bfloat16)
+    before = layer.indices.clone()
+    for t in (1, 2):
+        opt.zero_grad(set_to_none=True)
+        layer(x).backward(dy)
+        if t == 2:     # the window step
+            idx = layer.indices.long()
+            exact = (dy.double().t() @ x.double()).reshape(-1)[idx]
+            unfused = (dy.float().t() @ x.float()).reshape(-1)[idx]
+            assert_within_rule(layer.values.grad, exact, unfused, "window-step delta gradient", atol=1e-3)
+        opt.step()
+        rg.step()
+    assert rg.dense_grad_steps == [2] and rg.history[0]["moved"] == int(0.5 * before.numel())
+    assert not torch.equal(layer.indices, before) and layer.weight.grad is None
