@@ -367,3 +367,26 @@ def test_regrowth_under_compile_equals_eager():
     assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1]))
     for a, b in zip(out[0][2], out[1][2]):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_a_dropped_regrower_is_freed_and_its_window_ends():
+    """The layers' sink table holds the Regrower weakly: dropped in a window, it is freed, and the layers
+    train on the SDDMM path again (no dense gradient formed)."""
+    import gc
+    import weakref
+
+    import fusedtune.nn.sparse_delta as layer_mod
+    net = Net()
+    opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+    rg = Regrower(net, opt, every=2, rate=0.3, decay="constant", accumulate_steps=2)   # steps 1-2: a window
+    assert all(l in layer_mod._SINKS for l in layers(net).values())
+    ref = weakref.ref(rg)
+    del rg
+    gc.collect()
+    assert ref() is None, "the sink table kept the Regrower alive"
+    x, y = batches(1)[0]
+    loss_of(net, x, y).backward()
+    assert not any(l in layer_mod._SINKS for l in layers(net).values())
+    for n, g in dense_grads(net, x, y).items():
+        l = layers(net)[n]
+        torch.testing.assert_close(l.values.grad, g.reshape(-1)[l.indices.long()], rtol=1e-5, atol=1e-7)

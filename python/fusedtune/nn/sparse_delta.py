@@ -178,6 +178,10 @@ class SparseDeltaLinear(OwnsMasters):
             else:
                 _SINKS[self] = prev
 
+    def dense_grad_off(self) -> None:
+        """Leave window mode whatever set it (a sink whose Regrower is gone calls this)."""
+        _SINKS.pop(self, None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self._refresh_if_values_changed()

@@ -59,6 +59,7 @@ construction); `ages[name]` (int32 [k], aligned with the layer's indices).
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 from torch import nn
@@ -179,7 +180,7 @@ class Regrower:
     # ------------------------------------------------------------------ copies
     def __getstate__(self) -> dict:
         """A deep copy (or pickle) of a model whose patch holds a Regrower: hooks do not travel with copies
-        (the optimizer's step hook, the weights' gradient hooks), so the copy records whether they were
+        (the optimizer's step hook, the layers' dense-gradient sinks), so the copy records whether they were
         set and sets its own (a copy would otherwise stop regrowing, silently)."""
         if not (self.process_group is None or isinstance(self.process_group, str)):
             raise TypeError("Regrower: a Regrower given a ProcessGroup cannot be copied or pickled (the group cannot); "
@@ -233,14 +234,24 @@ class Regrower:
         self._dense = []
 
     def _make_sink(self, name, layer):
+        """The layer's dense-gradient sink. It holds the Regrower and the layer weakly: the layers' sink
+        table must not keep a dropped Regrower (or model) alive; a sink whose Regrower is gone takes its
+        layer out of window mode."""
+        owner, layer_ref = weakref.ref(self), weakref.ref(layer)
+
         def sink(dW: torch.Tensor) -> None:
-            sync, group = sync_group(self.process_group, "Regrower")
+            rg, lay = owner(), layer_ref()
+            if rg is None or lay is None:
+                if lay is not None:
+                    lay.dense_grad_off()
+                return
+            sync, group = sync_group(rg.process_group, "Regrower")
             if sync:    # the global gradient: every rank scores (and so selects) the same
                 import torch.distributed as dist
                 dist.all_reduce(dW, group=group)
                 dW.div_(dist.get_world_size(group))
             with torch.no_grad():
-                self._accumulate(name, layer, dW)
+                rg._accumulate(name, lay, dW)
         return sink
 
     # ------------------------------------------------------------------ scores
