@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .nn.lora import is_bnb_4bit  # noqa: F401  (also the methods')
-from .nn.plain import is_conv1d  # noqa: F401  (also sparse_delta's)
+from .nn.plain import is_conv1d   # (also sparse_delta's, through here)
 
 _ATTR = "_fusedtune_patch"
 _METHODS: dict[str, type] = {}

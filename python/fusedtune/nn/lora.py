@@ -91,6 +91,8 @@ class DoRAMagnitude(nn.Module):
 class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
 
+    fan_in_fan_out = False   # set per layer (a Conv1D base); the class default serves layers pickled before it
+
     def __init__(self, base_layer: nn.Module, backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = _features(base_layer)
