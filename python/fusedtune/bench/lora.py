@@ -332,6 +332,16 @@ def dora_rows(timer, on_gpu, device, quick):
     return rows
 
 
+def _layer_fwd_bwd(T, N, K, device, dt):
+    """fb(layer): forward and backward of a one-adapter LoRA layer on a fixed [T, K] input: dX, dA, dB."""
+    x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(T, N, device=device, dtype=dt)
+
+    def fb(layer):
+        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], dy)
+    return fb
+
+
 def peft_model_rows(timer, on_gpu, device, quick):
     from .core import CpuTimer  # noqa: PLC0415
     dt = torch.bfloat16 if on_gpu else torch.float32
@@ -352,11 +362,7 @@ def peft_model_rows(timer, on_gpu, device, quick):
     fuse_peft(model)
     fused = model[0]
     plain = LoRALinear.from_peft(fused)
-    x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
-    dy = torch.randn(T, N, device=device, dtype=dt)
-
-    def fb(layer):
-        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], dy)
+    fb = _layer_fwd_bwd(T, N, K, device, dt)
     shape, backend = f"{name} T={T} N={N} K={K} r={r}", "triton" if on_gpu else "cpu"
     t = timer(lambda: fb(fused))
     flops = roofline_pct(t[0], flops=_flops(T, N, K, r, True))
@@ -367,7 +373,7 @@ def peft_model_rows(timer, on_gpu, device, quick):
                 "fusedtune LoRALinear over the same parameters", t, timer(lambda: fb(plain))[0], flops,
                 note=note or "ratio ~1: the wrapper's cost")]
     host = CpuTimer(quick)
-    one = x[:1].detach()
+    one = torch.randn(1, K, device=device, dtype=dt)
     with torch.no_grad():
         peft_host = host(lambda: pe(one))[0]
     rows.append(row("fuse_peft per-call check (host)", "one layer", "-", "python",
@@ -398,11 +404,7 @@ def conv1d_rows(timer, on_gpu, device):
     for m in (ours, flat):
         m.lora_A["default"] = ours.lora_A["default"]
         m.lora_B["default"] = ours.lora_B["default"]
-    x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
-    dy = torch.randn(T, N, device=device, dtype=dt)
-
-    def fb(layer):
-        return torch.autograd.grad(layer(x), [x, layer.lora_A["default"].weight, layer.lora_B["default"].weight], dy)
+    fb = _layer_fwd_bwd(T, N, K, device, dt)
     shape, backend = f"{name} T={T} N={N} K={K} r={r}", "triton" if on_gpu else "cpu"
     t = timer(lambda: fb(ours))
     flops = roofline_pct(t[0], flops=_flops(T, N, K, r, True))
