@@ -9,10 +9,14 @@ import contextlib
 import torch
 
 _TYPES = ("cuda", "cpu")
+_NULL = contextlib.nullcontext()    # reusable
+_any_on = torch._C._is_any_autocast_enabled     # one C call: the common case, autocast off everywhere
 
 
 def linear_dtype(device) -> torch.dtype | None:
     """The dtype autocast runs F.linear in on this device, or None where autocast is off."""
+    if not _any_on():
+        return None
     t = torch.device(device).type
     if t in _TYPES and torch.is_autocast_enabled(t):
         return torch.get_autocast_dtype(t)
@@ -28,9 +32,11 @@ def cast(dtype: torch.dtype, *tensors):
 def off(device):
     """A scope with autocast off on `device`'s type (nothing to do, and no torch.autocast to enter, where it
     is off already)."""
+    if not _any_on():
+        return _NULL
     t = torch.device(device).type
     if t in _TYPES and not torch.is_autocast_enabled(t):
-        return contextlib.nullcontext()
+        return _NULL
     return torch.autocast(t, enabled=False)
 
 

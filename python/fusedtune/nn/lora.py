@@ -23,6 +23,7 @@ from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
+from .fp8 import FP8Linear
 from .plain import is_conv1d, plain_linear
 
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
@@ -35,7 +36,6 @@ def is_bnb_4bit(module) -> bool:
 
 
 def _is_fp8(module) -> bool:
-    from .fp8 import FP8Linear
     return isinstance(module, FP8Linear)
 
 
@@ -140,7 +140,7 @@ class LoRALinear(nn.Module):
     def base_weight(self) -> torch.Tensor:
         """The dense base weight as [out, in]: a Conv1D's (in, out) weight transposed in place (a view; the
         kernels read it through its strides, nothing is copied)."""
-        w = self.base_layer.weight
+        w = self._modules["base_layer"].weight
         return w.t() if self.fan_in_fan_out else w
 
     def _base_device_dtype(self):
@@ -282,7 +282,7 @@ class LoRALinear(nn.Module):
         return types.MappingProxyType({n: self._dropout_of(n) for n in self.lora_dropout})
 
     def _dropout_of(self, name: str) -> float:
-        mod = self.lora_dropout[name]
+        mod = self._modules["lora_dropout"]._modules[name]
         if isinstance(mod, nn.Dropout):
             return float(mod.p)
         if isinstance(mod, nn.Identity):
@@ -360,9 +360,9 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _nf4_weight(self):
-        if not is_bnb_4bit(self.base_layer):
+        w = self._modules["base_layer"].weight
+        if getattr(w, "quant_state", None) is None:     # is_bnb_4bit
             return None
-        w = self.base_layer.weight
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:
@@ -385,14 +385,16 @@ class LoRALinear(nn.Module):
         return t
 
     def _stacked(self, names):
+        A, B = self._modules["lora_A"]._modules, self._modules["lora_B"]._modules
         if len(names) == 1:
-            return self.lora_A[names[0]].weight, self.lora_B[names[0]].weight
-        return (torch.cat([self.lora_A[n].weight for n in names], 0),
-                torch.cat([self.lora_B[n].weight for n in names], 1))
+            return A[names[0]].weight, B[names[0]].weight
+        return torch.cat([A[n].weight for n in names], 0), torch.cat([B[n].weight for n in names], 1)
 
     def _dropout(self, names) -> float:
         if not self.training:
             return 0.0
+        if len(names) == 1:
+            return self._dropout_of(names[0])
         ps = {self._dropout_of(n) for n in names}
         if len(ps) > 1:
             raise LoRAUnsupported(f"LoRALinear: adapters {list(names)} in one forward have different dropout "
@@ -405,7 +407,7 @@ class LoRALinear(nn.Module):
         (autocast does not reach inside the fused op, so x, W and the bias are cast here, and the
         caller runs the op with autocast off)."""
         nf4 = self._nf4_weight()
-        bias = self.base_layer.bias
+        bias = self._modules["base_layer"].bias
         if nf4 is not None:
             self._last_rows = x.numel() // max(x.shape[-1], 1)
             dt = self._base_device_dtype()[1]
@@ -434,7 +436,7 @@ class LoRALinear(nn.Module):
         dora = self._dora_alone(names)
         if dora is not None:
             return self._dora_forward(x, dora, p)
-        if _is_fp8(self.base_layer):
+        if _is_fp8(self._modules["base_layer"]):
             return self._fp8_base_forward(x, names, p).to(x.dtype)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)

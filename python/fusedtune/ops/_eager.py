@@ -22,7 +22,7 @@ import threading
 
 import torch
 
-_PLAIN = (torch.Tensor, torch.nn.Parameter)
+_PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _PYTHON_KEY = torch._C.DispatchKey.Python
 _state = threading.local()
 _ON = os.environ.get("FUSEDTUNE_EAGER_OPS", "1") != "0"   # read at import
@@ -51,8 +51,12 @@ def direct(args) -> bool:
         return False
     first = None
     for a in args:
-        if isinstance(a, torch.Tensor):
-            if type(a) not in _PLAIN and torch._C._dispatch_keys(a).has(_PYTHON_KEY):
+        t = type(a)
+        if t in _PLAIN:
+            if first is None:
+                first = a
+        elif isinstance(a, torch.Tensor):
+            if torch._C._dispatch_keys(a).has(_PYTHON_KEY):
                 return False
             if first is None:
                 first = a
