@@ -195,6 +195,22 @@ def test_convert_and_patch_method():
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
 
 
+def test_convert_takes_gpt2_conv1d():
+    """GPT-2's Conv1D layers become FP8Linear over the transposed weight; the logits follow the model's."""
+    from fusedtune.nn import FP8Linear
+    from tiny_models import tiny_gpt2
+    model = tiny_gpt2(hidden=128).eval()
+    ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = model(ids).logits
+        fusedtune.fp8.convert(model)
+        got = model(ids).logits
+    assert sum(isinstance(m, FP8Linear) for m in model.modules()) == 8       # 4 per block, lm_head kept
+    assert type(model.lm_head) is torch.nn.Linear
+    sqnr = 10 * torch.log10(want.square().mean() / (got - want).square().mean())
+    assert sqnr > 25, f"SQNR {sqnr:.1f} dB"
+
+
 def test_bad_inputs():
     with pytest.raises(TypeError, match="must be float32/bfloat16/float16"):
         F8.fp8_quantize_1x128(torch.zeros(4, 4, dtype=torch.int32))
