@@ -7,9 +7,8 @@ import pytest
 import torch
 
 peft = pytest.importorskip("peft")
-transformers = pytest.importorskip("transformers")
+pytest.importorskip("transformers")
 
-import fusedtune  # noqa: E402
 from fusedtune.lora import fuse_peft  # noqa: E402
 from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.ops.lora import LoRAUnsupported  # noqa: E402

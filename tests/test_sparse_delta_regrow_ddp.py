@@ -54,8 +54,9 @@ def _train(net, run, variant, process_group, rank=None):
         (run(x) - y).square().mean().backward()
         opt.step()
         rg.step()
-    return {"indices": [net[i].indices.clone() for i in (0, 2)], "values": [net[i].values.detach().clone() for i in (0, 2)],
-            "weight": [net[i].weight.detach().clone() for i in (0, 2)], "moved": [h["moved"] for h in rg.history],
+    sparse = [net[0], net[2]]
+    return {"indices": [m.indices.clone() for m in sparse], "values": [m.values.detach().clone() for m in sparse],
+            "weight": [m.weight.detach().clone() for m in sparse], "moved": [h["moved"] for h in rg.history],
             "copy_error": copy_error}
 
 
