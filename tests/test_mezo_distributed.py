@@ -6,9 +6,9 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from fusedtune.optim import MeZO
+from ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -51,8 +51,7 @@ def _worker(rank, world, init, out, seeds):
 
 
 def _spawn(tmp_path, seeds):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path}/rdzv", str(tmp_path), seeds), nprocs=2, join=True)
-    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, tmp_path, seeds)
 
 
 def test_ranks_take_the_single_process_step_on_the_mean_loss(tmp_path):

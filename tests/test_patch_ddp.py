@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 pytest.importorskip("transformers")
+from ranks import run_ranks  # noqa: E402
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "hft-block", "sparse_delta", "sparse_delta-regrow",
@@ -61,8 +61,7 @@ def _worker(rank, world, init, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    mp.spawn(_worker, args=(2, f"file://{out}/rdzv", str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, out)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -8,12 +8,12 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from fusedtune.nn import SparseDeltaLinear
 from fusedtune.optim import SparseDeltaAdamW
 from fusedtune.sparse_delta import Regrower
+from ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -76,8 +76,7 @@ def _worker(rank, world, init, out):
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("regrow_ddp")
-    mp.spawn(_worker, args=(2, f"file://{out}/rdzv", str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return run_ranks(_worker, out)
 
 
 @pytest.mark.parametrize("variant", ["ag", "ma"])

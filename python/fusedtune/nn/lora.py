@@ -360,9 +360,10 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _nf4_weight(self):
-        w = self._modules["base_layer"].weight
-        if getattr(w, "quant_state", None) is None:     # is_bnb_4bit
+        base = self._modules["base_layer"]
+        if not is_bnb_4bit(base):
             return None
+        w = base.weight
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:
