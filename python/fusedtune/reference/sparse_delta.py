@@ -47,3 +47,50 @@ def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices,
         val.copy_(nv)
         merged = base.float() + nv
         w.view(-1).index_copy_(0, idx.long(), merged.to(w.dtype))
+
+
+# ---------------------------------------------------------------------------------------- regrowth
+REGROW_MODES = ("dense", "abs", "rowcol")
+
+
+def regrow_scores(mode: str, scores: torch.Tensor | None, row: torch.Tensor | None,
+                  col: torch.Tensor | None) -> torch.Tensor:
+    """The dense float32 regrowth score of every position (flat, row-major): scores, |scores|, or
+    min(row[r], col[c]) (NaN if either is NaN), with -0.0 made +0.0."""
+    if mode == "rowcol":
+        s = torch.minimum(row[:, None], col[None, :]).reshape(-1)
+    else:
+        s = scores.reshape(-1).float()
+        s = s.abs() if mode == "abs" else s.clone()
+    return s.masked_fill_(s == 0, 0.0)
+
+
+def regrow_candidates(n: int, mode: str, scores, row, col, exclude: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(positions int64 sorted, scores float32) of every valid position whose score is at least the
+    n-th best valid score: the n best and all ties at that threshold. Valid: not in `exclude`, and a
+    score that is not NaN or -inf. Fewer than n valid positions: all of them."""
+    s = regrow_scores(mode, scores, row, col)
+    s[exclude.long()] = float("-inf")
+    s.masked_fill_(torch.isnan(s), float("-inf"))
+    n = min(n, int((s > float("-inf")).sum()))
+    if n <= 0:
+        return torch.empty(0, dtype=torch.int64, device=s.device), torch.empty(0, dtype=torch.float32, device=s.device)
+    thr = torch.topk(s, n, sorted=False).values.min()
+    pos = (s >= thr).nonzero().flatten()
+    return pos, s[pos]
+
+
+def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """SM3-II on a dense gradient g [out, in]: nu = min(row[r], col[c]) + g[r, c]^2 (two roundings);
+    the new row is max over c of nu, the new col max over r (NaN propagates). Rows in chunks: bounded
+    memory."""
+    new_row = torch.empty_like(row)
+    new_col = torch.full_like(col, float("-inf"))
+    for r0 in range(0, g.shape[0], 256):
+        gg = g[r0:r0 + 256].float()
+        nu = torch.minimum(row[r0:r0 + 256, None], col[None, :]).add_(gg * gg)
+        torch.amax(nu, dim=1, out=new_row[r0:r0 + 256])
+        new_col = torch.maximum(new_col, torch.amax(nu, dim=0))
+    if g.shape[0] == 0:
+        new_col.zero_()
+    return new_row, new_col

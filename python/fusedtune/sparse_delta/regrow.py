@@ -65,6 +65,7 @@ import torch
 from torch import nn
 
 from .._dist import sync_group
+from ..ops.sparse_delta_select import regrow_candidates, sm3_update
 from .artifacts import sparse_layers
 
 _DECAYS = ("cosine", "linear", "constant")
@@ -79,17 +80,22 @@ def _seeded_pick(pool: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tens
     return pool[perm]
 
 
+def pick(pos: torch.Tensor, vals: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Given regrow_candidates' answer (sorted positions scoring at least the n-th best, and their
+    scores), the sorted positions of the n best: all above the threshold, and the rest of n drawn
+    from the ties at it by a seeded draw."""
+    if pos.numel() == 0:
+        return pos
+    thr = vals.min()
+    above = pos[vals > thr]
+    return torch.cat([above, _seeded_pick(pos[vals == thr], n - above.numel(), gen)]).sort().values
+
+
 def top_n(score: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
     """Sorted positions of the n largest entries of a 1-D `score`; ties at the threshold broken by a
-    seeded draw. Entries equal to -inf are never chosen (fewer than n may come back)."""
-    valid = int((score > float("-inf")).sum()) if n else 0
-    n = min(n, valid)
-    if n == 0:
-        return torch.empty(0, dtype=torch.int64, device=score.device)
-    thr = torch.topk(score, n, sorted=False).values.min()
-    above = (score > thr).nonzero().flatten()
-    ties = (score == thr).nonzero().flatten()
-    return torch.cat([above, _seeded_pick(ties, n - above.numel(), gen)]).sort().values
+    seeded draw. Entries equal to -inf or NaN are never chosen (fewer than n may come back)."""
+    none = torch.empty(0, dtype=torch.int32, device=score.device)
+    return pick(*regrow_candidates(n, none, scores=score, backend="reference", check=False), n, gen)
 
 
 class Regrower:
@@ -263,47 +269,45 @@ class Regrower:
         if self.variant == "ma":
             if name not in self._acc:
                 self._acc[name] = (torch.zeros(g.shape[0], device=g.device), torch.zeros(g.shape[1], device=g.device))
-            row, col = self._acc[name]
-            nu = torch.minimum(row[:, None], col[None, :]).add_(g.square_())
-            torch.amax(nu, dim=1, out=row)
-            torch.amax(nu, dim=0, out=col)
+            self._acc[name] = sm3_update(g, *self._acc[name])
             return
-        a = g.abs_().reshape(-1)
+        flat = g.reshape(-1)
         if self.candidates is None:
             if name in self._acc:
-                self._acc[name].add_(a)
+                self._acc[name].add_(flat.abs_())
             else:
-                self._acc[name] = a
+                self._acc[name] = flat.abs_()
             return
         if name not in self._acc:                   # first window step: choose the candidates
             k = layer.indices.numel()
-            c = min(math.ceil(self.candidates * k), a.numel() - k)
-            a[layer.indices.long()] = float("-inf")
-            cand = top_n(a, c, self._gen(name, 1))
-            self._acc[name] = (cand, a[cand])
+            c = min(math.ceil(self.candidates * k), flat.numel() - k)
+            cand = pick(*regrow_candidates(c, layer.indices, scores=flat, absolute=True, check=False), c,
+                        self._gen(name, 1))
+            self._acc[name] = (cand, flat[cand].abs())
         else:
             cand, acc = self._acc[name]
-            acc.add_(a[cand])
+            acc.add_(flat[cand].abs_())
 
-    def _score(self, name, layer) -> tuple[torch.Tensor, torch.Tensor]:
-        """(score over all numel positions, -inf at the current indices; mean squared-gradient estimate)."""
-        numel = layer.weight.numel()
+    def _grow(self, name, layer, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the sorted positions of the n best scores outside the current indices, and each one's mean
+        squared-gradient estimate). No dense score is formed beyond the accumulator itself."""
         seen = max(1, self._seen.get(name, 0))
+        gen = self._gen(name, 2)
         if self.variant == "ma":
             row, col = self._acc[name]
-            score = torch.minimum(row[:, None], col[None, :]).reshape(-1)
-            v2 = score / seen
+            pos, vals = regrow_candidates(n, layer.indices, row=row, col=col, check=False)
         elif self.candidates is None:
-            score = self._acc[name]
-            v2 = (score / seen).square()
-        else:
+            pos, vals = regrow_candidates(n, layer.indices, scores=self._acc[name], check=False)
+        else:   # scores at the candidates only (chosen outside the indices; in case these moved since)
             cand, acc = self._acc[name]
-            score = torch.full((numel,), float("-inf"), device=acc.device)
-            score[cand] = acc
-            v2 = (score / seen).square()
-        score = torch.nan_to_num(score, nan=float("-inf"))
-        score[layer.indices.long()] = float("-inf")
-        return score, v2
+            acc = acc.masked_fill(torch.isin(cand, layer.indices.long()), float("-inf"))
+            at = pick(*regrow_candidates(n, torch.empty(0, dtype=torch.int32, device=acc.device), scores=acc,
+                                         backend="reference", check=False), n, gen)
+            grow, v = cand[at], acc[at]
+            return grow, (v / seen).square()
+        grow = pick(pos, vals, n, gen)
+        v = vals[torch.searchsorted(pos, grow)]
+        return grow, (v / seen if self.variant == "ma" else (v / seen).square())
 
     def _gen(self, name, salt) -> torch.Generator:
         i = next(j for j, (n, _) in enumerate(self.layers) if n == name)
@@ -340,8 +344,7 @@ class Regrower:
             if not self._seen.get(name):
                 summary["layers"][name] = {"moved": 0, "why": "no dense gradient reached this layer in the window"}
                 continue
-            score, v2 = self._score(name, layer)
-            grow = top_n(score, n, self._gen(name, 2))
+            grow, v2 = self._grow(name, layer, n)
             n = grow.numel()
             if n == 0:
                 continue
@@ -369,7 +372,7 @@ class Regrower:
                         st[key].copy_(torch.cat([st[key][keep], zeros.to(st[key].dtype)])[order])
             if st is not None:
                 self.optimizer.state[new] = st
-            seed_v = v2[new_idx[grown_pos]] if self.seed_moments == "grad" else None
+            seed_v = v2[torch.searchsorted(grow, new_idx[grown_pos])] if self.seed_moments == "grad" else None
             self.optimizer.reset_state(new, grown_pos, exp_avg=None, exp_avg_sq=seed_v)
             summary["layers"][name] = {"moved": n, "dropped": dropped_idx, "grown": grow.cpu()}
             summary["moved"] += n
