@@ -111,3 +111,77 @@ def test_regrowth_window_on_cuda_bf16():
         rg.step()
     assert rg.dense_grad_steps == [2] and rg.history[0]["moved"] == int(0.5 * before.numel())
     assert not torch.equal(layer.indices, before) and layer.weight.grad is None
+
+
+def _tie_heavy(out, inp, gen):
+    """Gradient-like float32 values rounded to bf16 (many equal scores), NaN and inf sprinkled in."""
+    g = (torch.randn(out, inp, generator=gen) * torch.rand(out, 1, generator=gen)).bfloat16().float()
+    g.view(-1)[torch.randperm(out * inp, generator=gen)[:50]] = float("nan")
+    g.view(-1)[:3] = torch.tensor([float("inf"), float("-inf"), -0.0])
+    return g
+
+
+@pytest.mark.parametrize("mode", ["abs", "dense", "rowcol"])
+def test_regrow_candidates_triton_equals_reference_on_cuda(mode, monkeypatch):
+    """The radix selection on the GPU returns the reference's positions and score bits (atomics order the
+    compaction differently on every run; the sort after it must not). deep: KEEP_SLACK 0 makes the tie-heavy
+    bf16 scores go through all three histogram levels."""
+    from fusedtune.ops.sparse_delta_select import regrow_candidates
+    from fusedtune.triton_kernels import sparse_delta_select as tk
+    gen = torch.Generator().manual_seed(4)
+    out, inp = 2048, 3072
+    g = _tie_heavy(out, inp, gen)
+    ex = torch.randperm(out * inp, generator=gen)[: out * inp // 100].sort().values.int()
+    kw = {"abs": dict(scores=g, absolute=True), "dense": dict(scores=g),
+          "rowcol": dict(row=g[:, 0].abs().contiguous(), col=g[0, :].abs().contiguous())}[mode]
+    for slack in ((1 << 16, 0) if mode == "abs" else (1 << 16,)):
+        monkeypatch.setattr(tk, "KEEP_SLACK", slack)
+        for n in (ex.numel(), ex.numel() // 5):
+            want = regrow_candidates(n, ex, backend="reference", **kw)
+            got = regrow_candidates(n, ex.cuda(), backend="triton", **{k: v.cuda() if torch.is_tensor(v) else v
+                                                                       for k, v in kw.items()})
+            assert torch.equal(got[0].cpu(), want[0]), (slack, n)
+            assert_same_bits(got[1].cpu(), want[1], f"{mode} scores, slack {slack}, n {n}")
+
+
+def test_sm3_update_triton_bit_identical_on_cuda():
+    from fusedtune.ops.sparse_delta_select import sm3_update
+    gen = torch.Generator().manual_seed(6)
+    g = torch.randn(1031, 2050, generator=gen) * 0.01
+    row, col = torch.rand(1031, generator=gen) * 1e-4, torch.rand(2050, generator=gen) * 1e-4
+    want = sm3_update(g, row, col, backend="reference")
+    got = sm3_update(g.cuda(), row.cuda(), col.cuda(), backend="triton")
+    assert_same_bits([t.cpu() for t in got], list(want), "sm3 update, triton on cuda vs reference")
+
+
+@pytest.mark.parametrize("variant,candidates", [("ag", 1.0), ("ma", None)])
+def test_regrower_on_cuda_selects_as_the_reference(monkeypatch, variant, candidates):
+    """A Regrower on the GPU (auto: the Triton selection) moves the same entries as with the reference ops."""
+    import functools
+
+    from fusedtune.nn import SparseDeltaLinear
+    from fusedtune.ops import sparse_delta_select as sel
+    from fusedtune.optim import SparseDeltaAdamW
+    from fusedtune.sparse_delta import Regrower
+    from fusedtune.sparse_delta import regrow as regrow_mod
+
+    def run(backend):
+        monkeypatch.setattr(regrow_mod, "regrow_candidates", functools.partial(sel.regrow_candidates, backend=backend))
+        monkeypatch.setattr(regrow_mod, "sm3_update", functools.partial(sel.sm3_update, backend=backend))
+        g = torch.Generator().manual_seed(2)
+        lin = torch.nn.Linear(768, 640, bias=False)
+        with torch.no_grad():
+            lin.weight.copy_(torch.randn(640, 768, generator=g) * 0.05)
+        layer = SparseDeltaLinear.from_linear(lin.cuda(), density=0.02, seed=1)
+        opt = SparseDeltaAdamW([layer.values], lr=1e-3)
+        rg = Regrower(layer, opt, every=2, rate=0.3, decay="constant", variant=variant, accumulate_steps=2,
+                      candidates=candidates, seed_moments="grad")
+        for _ in range(4):
+            x, dy = torch.randn(128, 768, generator=g).cuda(), torch.randn(128, 640, generator=g).cuda()
+            opt.zero_grad(set_to_none=True)
+            layer(x).backward(dy)
+            opt.step()
+            rg.step()
+        monkeypatch.undo()
+        return [layer.indices, layer.values.detach(), opt.state[layer.values]["exp_avg_sq"]]
+    assert_same_bits(run("triton"), run("reference"), f"{variant} regrowth on cuda, triton vs reference")

@@ -104,3 +104,16 @@ def test_regrower_on_triton_selects_as_reference(monkeypatch, variant, candidate
         return [t for l in layers(net).values() for t in (l.indices, l.values.detach(), opt.state[l.values]["exp_avg_sq"])]
     ref = run(None)
     assert_same_bits(run("triton"), ref, f"{variant} regrowth, triton vs reference")
+
+
+def test_bench_section_runs():
+    """bench sparse_delta's regrowth section, run on tiny shapes through the interpreter: a framework
+    check (rows, accounting), not performance."""
+    from fusedtune.bench.core import CpuTimer
+    from fusedtune.bench.sparse_delta_regrow import bench_regrow
+    rows = bench_regrow(CpuTimer(quick=True, min_reps=1, budget_s=0.0), quick=True)
+    assert len(rows) == 8 and {r["backend"] for r in rows} == {"triton"}
+    for r in rows:
+        assert r["time_ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] == r["baseline_ms"] / r["time_ms"]
+        assert r["positions"] in (64 * 64, 176 * 64) and r["k"] == round(0.01 * r["positions"])
+        assert r["bytes_compulsory"] == (0 if "SM3 row/col" in r["kernel"] else 4 * r["positions"])

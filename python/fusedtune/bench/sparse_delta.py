@@ -29,6 +29,8 @@
    trainable-parameter budget (fusedtune.patch(model, "lora") on the same 7 linears, rank r =
    round(k / sum(in + out)), alpha 2r, fp32 adapters, torch.optim.AdamW(fused=True)), same run.
 
+4. Regrowth's selection (fused Triton ops vs the torch.topk path): bench/sparse_delta_regrow.py.
+
 --cpu: tiny shapes (a 2-layer hidden-64 Llama in fp32, 64/176-wide GEMMs at 256 tokens, 2 tiny
 layers of deltas); the rows check the framework, not performance, and carry no goal verdicts.
 """
@@ -408,7 +410,13 @@ def sections(timer, quick: bool) -> list:
     return [("SDDMM delta gradient", lambda: bench_sddmm(timer, quick)),
             ("SparseDeltaAdamW", lambda: bench_adamw(timer, quick)),
             ("training step vs LoRA", lambda: bench_step(timer, quick)),
+            ("regrowth selection", lambda: bench_regrow(timer, quick)),
             ("host time per call", lambda: _host(timer.name != "cpu", quick))]
+
+
+def bench_regrow(timer, quick: bool) -> list[dict]:
+    from .sparse_delta_regrow import bench_regrow as run
+    return run(timer, quick)
 
 
 def _host(on_gpu, quick):

@@ -202,8 +202,11 @@ class SparseDeltaLinear(OwnsMasters):
 
     def _fusedtune_report(self) -> dict:
         from ..ops.sparse_delta import sparse_delta_backend
+        from ..ops.sparse_delta_select import regrow_backend
         b = sparse_delta_backend(self.weight.device, self.backend)
+        rg = regrow_backend(self.weight.device)["regrow_candidates"]
         return {"method": "sparse_delta", "backend": b["sddmm"]["backend"],
                 "path": f"forward F.linear on the merged weight; delta grad by SDDMM at {self.indices.numel()} "
-                        f"positions ({b['sddmm']['backend']}); SparseDeltaAdamW {b['sparse_adamw_']['backend']}",
+                        f"positions ({b['sddmm']['backend']}); SparseDeltaAdamW {b['sparse_adamw_']['backend']}; "
+                        f"regrowth selection (if a Regrower runs) {rg['backend']}",
                 "why_not": {**b["sddmm"]["why_not"], **b["sparse_adamw_"]["why_not"]}}
