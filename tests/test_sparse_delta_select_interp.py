@@ -101,7 +101,8 @@ def test_regrower_on_triton_selects_as_reference(monkeypatch, variant, candidate
                       candidates=candidates, seed_moments="grad")
         train(net, opt, rg, batches(6))
         monkeypatch.undo()
-        return [t for l in layers(net).values() for t in (l.indices, l.values.detach(), opt.state[l.values]["exp_avg_sq"])]
+        return [t for lay in layers(net).values()
+                for t in (lay.indices, lay.values.detach(), opt.state[lay.values]["exp_avg_sq"])]
     ref = run(None)
     assert_same_bits(run("triton"), ref, f"{variant} regrowth, triton vs reference")
 

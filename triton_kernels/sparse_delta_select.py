@@ -200,12 +200,12 @@ register(KernelSpec(
     family="sparse_delta", name="select_hist_kernel", fn=select_hist_kernel,
     signature={**_select_sig({"hist_ptr": "*i32"}), "PREFIX": "i32"},
     configs=[{"constexprs": dict(MODE=m, LEVEL=lv, NBINS=nb, BLOCK=SELECT_BLOCK), "num_warps": SELECT_WARPS,
-              "num_stages": 1}
-             for m in (0, 1, 2) for lv, nb in enumerate(LEVEL_BINS)]))
+              "num_stages": 1} for m in (0, 1, 2) for lv, nb in enumerate(LEVEL_BINS)]))
 register(KernelSpec(
     family="sparse_delta", name="select_compact_kernel", fn=select_compact_kernel,
     signature={**_select_sig({"count_ptr": "*i32", "pos_ptr": "*i64", "score_ptr": "*fp32"}), "LO": "i32"},
-    configs=[{"constexprs": dict(MODE=m, BLOCK=SELECT_BLOCK), "num_warps": SELECT_WARPS, "num_stages": 1} for m in (0, 1, 2)]))
+    configs=[{"constexprs": dict(MODE=m, BLOCK=SELECT_BLOCK), "num_warps": SELECT_WARPS, "num_stages": 1}
+             for m in (0, 1, 2)]))
 register(KernelSpec(
     family="sparse_delta", name="sm3_update_kernel", fn=sm3_update_kernel,
     signature={"g_ptr": "*fp32", "row_ptr": "*fp32", "col_ptr": "*fp32", "row_out": "*i32", "col_out": "*i32",
