@@ -32,7 +32,8 @@ def test_auto_falls_back_with_a_warning_for_unserved_sizes():
 
 @pytest.mark.parametrize("n,bits,symmetric,clip,dtype", [
     (4096, 4, False, 0.95, torch.bfloat16), (11008, 2, False, 0.8, torch.bfloat16),
-    (18944, 8, True, 1.0, torch.bfloat16), (4096, 4, False, 0.95, torch.float16)])   # (few: each compiles)
+    (18944, 8, True, 1.0, torch.bfloat16), (4096, 4, False, 0.95, torch.float16),
+    (11008, 4, False, 0.95, torch.float32)])   # (few: each compiles)
 def test_fused_rotate_fake_quant_is_exact(n, bits, symmetric, clip, dtype):
     x = torch.randn(96, n, device="cuda")
     x[0, 5] = 50.0
@@ -52,7 +53,29 @@ def _same_bits(got, want):
     """Bit for bit (signed zeros included), NaN where the reference has NaN."""
     nan = torch.isnan(want)
     assert torch.equal(torch.isnan(got), nan)
-    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    ints = torch.int32 if got.dtype == torch.float32 else torch.int16
+    assert torch.equal(got.view(ints)[~nan], want.view(ints)[~nan])
+
+
+@pytest.mark.parametrize("n", [4096, 11008, 18944])
+def test_triton_hadamard_float32_within_rule(n):
+    """float32 rows (three fp16 parts per operand): within DESIGN.md's rule of plain float32 matmuls of the
+    same two-GEMM transform, and exact for one-hot rows (every output +-x * scale, one rounding)."""
+    from test_roste_interp import unfused_fp32
+    from fusedtune.testing import assert_within_rule
+    x = torch.randn(64, n, device="cuda")
+    x[1] *= 1e30
+    x[2] *= 1e-30
+    got = hadamard(x, backend="triton")
+    assert_within_rule(got[3:], href.hadamard(x[3:].double().cpu()), unfused_fp32(x[3:].cpu(), False),
+                       f"float32 hadamard n={n}", atol=1e-7)
+    for r in (1, 2):        # the extreme rows, each against its own scale
+        assert_within_rule(got[r:r + 1], href.hadamard(x[r:r + 1].double().cpu()),
+                           unfused_fp32(x[r:r + 1].cpu(), False), f"float32 hadamard n={n} row {r}", atol=0.0)
+    one = torch.zeros(4, n, device="cuda")
+    one[torch.arange(4), torch.tensor([0, 7, n // 2, n - 1])] = torch.tensor([1.2345678, -3e-20, 7e25,
+                                                                             1.37 * 2.0 ** -115])
+    assert torch.equal(hadamard(one, backend="triton").cpu(), unfused_fp32(one.cpu(), False))
 
 
 def test_fp16_large_column_stays_finite_at_a_256():

@@ -6,11 +6,14 @@ per row. With n = A * P (P = min(2^k, 128), A = n / P <= 256), H_n = H_A (x) H_P
 of two AP; H_P Sylvester, symmetric); above AP = 128 the first GEMM runs in blocks of AB rows of H_A (64
 on sm_90a, 32 for P = 128 on sm_80/89; blocks wholly past A skipped) (X re-read per block from L1/L2, so
 that the sm_80/89 register file holds it without spills). Sizes with A > 256 (n > 32768) are not served
-(the op says so and runs the reference). 16-bit inputs only (float32 rows run the reference): the first
-GEMM multiplies the 16-bit row by +-1 exactly into fp32; its result, scaled per block by a power of two
-that puts its largest value in [2^14, 2^15) (no fp16 overflow, undone exactly after), is split into two
-16-bit parts (hi + lo, about 2^-16 relative for bf16, 2^-22 for fp16) for the second GEMM, fp32
-accumulation. With QUANT the same launch fake-quantizes each rotated row (per
+(the op says so and runs the reference). 16-bit rows: the first GEMM multiplies the 16-bit row by +-1
+exactly into fp32; its result, scaled per block by a power of two that puts its largest value in
+[2^14, 2^15) (no fp16 overflow, undone exactly after), is split into two 16-bit parts (hi + lo, about
+2^-16 relative for bf16, 2^-22 for fp16) for the second GEMM, fp32 accumulation. float32 rows
+(SPLIT3): the row, scaled by a power of two that puts its largest |x| in [2^14, 2^15), is split into
+three fp16 parts (3 x 11 significant bits hold float32's 24), and so is the first GEMM's result: every
+product is exact and only the fp32 sums round, as in a float32 GEMM; three times the tensor-core work
+of a 16-bit row (still under the row's memory time: about 200-800 flops per 8 bytes moved). With QUANT the same launch fake-quantizes each rotated row (per
 token): min/max (and whether a NaN is present) are taken as the row is stored, then one pass over the
 row (still in L2) quantizes it in place with the reference's formulas (IEEE division, round half to even
 with signed zeros, NaN-propagating clamp, no FMA contraction), so the result equals reference fake_quant
@@ -127,55 +130,126 @@ def codes_row(src, c_ptr, sx_ptr, zx_ptr, sumx_ptr, row, n, lo, hi, nan, clip, l
 
 
 @triton.jit
-def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, levels, stride_x, stride_o,
-                    c_ptr, sx_ptr, zx_ptr, sumx_ptr, center,
-                    AP: tl.constexpr, AB: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
-                    QUANT: tl.constexpr, SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr):
-    """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]). QUANT 1: the rotated row
-    (rounded to the output dtype, as the reference) is then fake-quantized in place per row: min/max
-    gathered while the rotation is stored, one more pass over the row (L2-resident) quantizes it.
-    QUANT 2: that pass writes the row's asymmetric codes instead, centered int8 (act_codes_kernel's
-    output, roste_int.py), and out is scratch."""
-    row = tl.program_id(0)
-    ia = tl.arange(0, AP)
+def _pow2_shift(amax):
+    """k such that amax * 2^-k lies in [2^14, 2^15) (k clamped to [-100, 100])."""
+    return tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 141, -100), 100)
+
+
+@triton.jit
+def _split3(v):
+    """Three fp16 parts of fp32 v (|v| < 2^15) whose sum is v: 3 x 11 significant bits hold its 24 (below
+    2^-14 the parts turn subnormal: an absolute error under 2^-25)."""
+    a = v.to(tl.float16)
+    r = v - a.to(tl.float32)
+    b = r.to(tl.float16)
+    return a, b, (r - b.to(tl.float32)).to(tl.float16)
+
+
+@triton.jit
+def _store_block(o_row, z, ib, cols, A, P: tl.constexpr, lo, hi, nan, QUANT: tl.constexpr):
+    """Store a rotated block (rows ib, columns cols of the row as [A, P]); with QUANT, fold it into the
+    row's running min / max / NaN flag."""
+    live = (ib < A)[:, None]
+    tl.store(o_row + ib[:, None] * P + cols[None, :], z, mask=live)
+    if QUANT > 0:
+        zf = z.to(tl.float32)
+        lo = tl.minimum(lo, tl.min(tl.where(live, zf, float("inf"))))
+        hi = tl.maximum(hi, tl.max(tl.where(live, zf, -float("inf"))))
+        nan = tl.maximum(nan, tl.max(tl.where(live & (zf != zf), 1, 0)))
+    return lo, hi, nan
+
+
+@triton.jit
+def _rotate_f32(x_row, ha_ptr, hp_ptr, o_row, A, scale, AP: tl.constexpr, AB: tl.constexpr, NB: tl.constexpr,
+                P: tl.constexpr, PH: tl.constexpr, QUANT: tl.constexpr, QB: tl.constexpr):
+    """hadamard_kernel's rotation of one float32 row (fp16 ha / hp), in loops rather than unrolled (six
+    fp16 operands per block would spill): 2^-kx puts the row's largest |x| in [2^14, 2^15) (its fp16
+    parts neither overflow nor flush); kx in [-141, 114] is applied as two exact power-of-two factors
+    and undone so after the one rounding of the output (z * back). Returns the row's (min, max, NaN)."""
+    amx = 0.0
+    for c0 in range(0, A * P, QB):
+        offs = c0 + tl.arange(0, QB)
+        amx = tl.maximum(amx, tl.max(tl.abs(tl.load(x_row + offs, mask=offs < A * P, other=0.0))))
+    kx = ((amx.to(tl.int32, bitcast=True) >> 23) & 255) - 141
+    e1 = kx >> 1
+    e2 = kx - e1
+    s1 = ((127 - e1) << 23).to(tl.float32, bitcast=True)
+    s2 = ((127 - e2) << 23).to(tl.float32, bitcast=True)
+    u1 = ((127 + e1) << 23).to(tl.float32, bitcast=True)
+    u2 = ((127 + e2) << 23).to(tl.float32, bitcast=True)
     ip = tl.arange(0, P)
-    x_row = x_ptr + row.to(tl.int64) * stride_x
-    if AB == AP:                               # the whole row as X [AP, P], loaded once
-        x = tl.load(x_row + ia[:, None] * P + ip[None, :], mask=(ia < A)[:, None], other=0.0)
-    o_row = out_ptr + row.to(tl.int64) * stride_o
+    ik = tl.arange(0, AB)
     ih = tl.arange(0, PH)
     lo = float("inf")
     hi = -float("inf")
     nan = 0
-    for a0 in tl.static_range(0, NB * AB, AB):      # AP > 128: the first GEMM in row blocks of H_A ...
+    for a0 in range(0, NB * AB, AB):
         ib = a0 + tl.arange(0, AB)
-        if AB == AP:
-            y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + ia[None, :]), x)
-        else:                                  # ... and K blocks of X (re-read from L1/L2): fewer live registers
-            ik = tl.arange(0, AB)
-            y = tl.zeros([AB, P], dtype=tl.float32)
-            for k0 in tl.static_range(0, NB * AB, AB):
-                xk = tl.load(x_row + (k0 + ik)[:, None] * P + ip[None, :], mask=(k0 + ik < A)[:, None], other=0.0)
-                y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + (k0 + ik)[None, :]), xk, y)
-        # exact products, fp32 sums; split into two 16-bit parts after scaling the block by 2^-k so that
-        # its largest value lies in [2^14, 2^15): an fp16 part cannot overflow, small blocks keep precision
-        amax = tl.max(tl.max(tl.abs(y), 1), 0)
-        k = tl.minimum(tl.maximum(((amax.to(tl.int32, bitcast=True) >> 23) & 255) - 141, -100), 100)
-        y = y * ((127 - k) << 23).to(tl.float32, bitcast=True)
+        y = tl.zeros([AB, P], dtype=tl.float32)
+        for k0 in range(0, NB * AB, AB):
+            xk = tl.load(x_row + (k0 + ik)[:, None] * P + ip[None, :], mask=(k0 + ik < A)[:, None], other=0.0)
+            ha = tl.load(ha_ptr + ib[:, None] * AP + (k0 + ik)[None, :])
+            x1, x2, x3 = _split3(xk * s1 * s2)
+            y = tl.dot(ha, x3, tl.dot(ha, x2, tl.dot(ha, x1, y)))
+        k = _pow2_shift(tl.max(tl.max(tl.abs(y), 1), 0))
+        y1, y2, y3 = _split3(y * ((127 - k) << 23).to(tl.float32, bitcast=True))
         back = scale * ((127 + k) << 23).to(tl.float32, bitcast=True)
-        y_hi = y.to(x_ptr.dtype.element_ty)
-        y_lo = (y - y_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
-        for h0 in tl.static_range(0, P, PH):     # the second GEMM in column slices: fewer live registers
+        for h0 in tl.static_range(0, P, PH):
             hp = tl.load(hp_ptr + ip[:, None] * P + (h0 + ih)[None, :])
-            z = tl.dot(y_hi, hp)
-            z = (tl.dot(y_lo, hp, z) * back).to(out_ptr.dtype.element_ty)
-            live = (ib < A)[:, None]
-            tl.store(o_row + ib[:, None] * P + (h0 + ih)[None, :], z, mask=live)
-            if QUANT > 0:
-                zf = z.to(tl.float32)
-                lo = tl.minimum(lo, tl.min(tl.where(live, zf, float("inf"))))
-                hi = tl.maximum(hi, tl.max(tl.where(live, zf, -float("inf"))))
-                nan = tl.maximum(nan, tl.max(tl.where(live & (zf != zf), 1, 0)))
+            z = tl.dot(y3, hp, tl.dot(y2, hp, tl.dot(y1, hp))) * back * u1 * u2
+            lo, hi, nan = _store_block(o_row, z, ib, h0 + ih, A, P, lo, hi, nan, QUANT)
+    return lo, hi, nan
+
+
+@triton.jit
+def hadamard_kernel(x_ptr, ha_ptr, hp_ptr, out_ptr, inside_ptr, A, scale, clip, levels, stride_x, stride_o,
+                    c_ptr, sx_ptr, zx_ptr, sumx_ptr, center,
+                    AP: tl.constexpr, AB: tl.constexpr, NB: tl.constexpr, P: tl.constexpr, PH: tl.constexpr,
+                    QUANT: tl.constexpr, SYM: tl.constexpr, CLIPPED: tl.constexpr, QB: tl.constexpr,
+                    SPLIT3: tl.constexpr):
+    """One row per program: out = H_A X H_P^T * scale (X the row as [A, P]). QUANT 1: the rotated row
+    (rounded to the output dtype, as the reference) is then fake-quantized in place per row: min/max
+    gathered while the rotation is stored, one more pass over the row (L2-resident) quantizes it.
+    QUANT 2: that pass writes the row's asymmetric codes instead, centered int8 (act_codes_kernel's
+    output, roste_int.py), and out is scratch. SPLIT3 (float32 rows): X, scaled by a power of two, is
+    split into three fp16 parts for the first GEMM and its result into three for the second."""
+    row = tl.program_id(0)
+    ia = tl.arange(0, AP)
+    ip = tl.arange(0, P)
+    x_row = x_ptr + row.to(tl.int64) * stride_x
+    o_row = out_ptr + row.to(tl.int64) * stride_o
+    if SPLIT3:
+        lo, hi, nan = _rotate_f32(x_row, ha_ptr, hp_ptr, o_row, A, scale, AP, AB, NB, P, PH, QUANT, QB)
+    else:
+        if AB == AP:                           # the whole row as X [AP, P], loaded once
+            x = tl.load(x_row + ia[:, None] * P + ip[None, :], mask=(ia < A)[:, None], other=0.0)
+        ih = tl.arange(0, PH)
+        lo = float("inf")
+        hi = -float("inf")
+        nan = 0
+        for a0 in tl.static_range(0, NB * AB, AB):      # AP > 128: the first GEMM in row blocks of H_A ...
+            ib = a0 + tl.arange(0, AB)
+            if AB == AP:
+                y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + ia[None, :]), x)
+            else:                              # ... and K blocks of X (re-read from L1/L2): fewer live registers
+                ik = tl.arange(0, AB)
+                y = tl.zeros([AB, P], dtype=tl.float32)
+                for k0 in tl.static_range(0, NB * AB, AB):
+                    xk = tl.load(x_row + (k0 + ik)[:, None] * P + ip[None, :], mask=(k0 + ik < A)[:, None],
+                                 other=0.0)
+                    y = tl.dot(tl.load(ha_ptr + ib[:, None] * AP + (k0 + ik)[None, :]), xk, y)
+            # exact products, fp32 sums; split into two 16-bit parts after scaling the block by 2^-k so that
+            # its largest value lies in [2^14, 2^15): an fp16 part cannot overflow, small blocks keep precision
+            k = _pow2_shift(tl.max(tl.max(tl.abs(y), 1), 0))
+            y = y * ((127 - k) << 23).to(tl.float32, bitcast=True)
+            back = scale * ((127 + k) << 23).to(tl.float32, bitcast=True)
+            y_hi = y.to(x_ptr.dtype.element_ty)
+            y_lo = (y - y_hi.to(tl.float32)).to(x_ptr.dtype.element_ty)
+            for h0 in tl.static_range(0, P, PH):     # the second GEMM in column slices: fewer live registers
+                hp = tl.load(hp_ptr + ip[:, None] * P + (h0 + ih)[None, :])
+                z = tl.dot(y_hi, hp)
+                z = (tl.dot(y_lo, hp, z) * back).to(out_ptr.dtype.element_ty)
+                lo, hi, nan = _store_block(o_row, z, ib, h0 + ih, A, P, lo, hi, nan, QUANT)
     if QUANT == 1:
         lo = tl.where(nan > 0, float("nan"), lo)   # a NaN in the row: every output NaN (torch.amin / amax)
         hi = tl.where(nan > 0, float("nan"), hi)
@@ -253,9 +327,13 @@ def _ph(AP: int, P: int) -> int:
     return min(P, 64)                    # second-GEMM column slice
 
 
-def _block(AP: int, P: int, major: int) -> int:
+def _block(AP: int, P: int, major: int, split3: bool = False) -> int:
     """Rows of H_A per first-GEMM block: the whole AP up to 128, else 64 (wgmma's M on sm_90a), or 32
-    for P = 128 on sm_80/89 (no spills with the mma operands in registers)."""
+    for P = 128 on sm_80/89 (no spills with the mma operands in registers). float32 rows (three fp16
+    parts per operand, _rotate_f32's loops): at most 64 rows for P <= 64; for P = 128, 16 rows above
+    AP = 32 (no spills)."""
+    if split3:
+        return min(AP, 64) if P <= 64 else min(AP, 32) if AP <= 32 else 16
     return AP if AP <= 128 else (32 if P > 64 and major < 9 else 64)
 
 
@@ -298,12 +376,12 @@ def _mats(n: int, transpose: bool, device, dtype):
     return _MATS[key]
 
 
-def _constexprs(A: int, P: int, major: int) -> dict:
+def _constexprs(A: int, P: int, major: int, split3: bool = False) -> dict:
     """The shape constexprs of hadamard_kernel for A x P; NB blocks of AB rows cover A (blocks wholly
-    past A are skipped)."""
+    past A are skipped). split3: float32 rows."""
     AP = max(16, triton.next_power_of_2(A))
-    AB = _block(AP, P, major)
-    return dict(AP=AP, AB=AB, NB=triton.cdiv(A, AB), P=P, PH=_ph(AP, P))
+    AB = _block(AP, P, major, split3)
+    return dict(AP=AP, AB=AB, NB=triton.cdiv(A, AB), P=P, PH=_ph(AP, P), SPLIT3=split3)
 
 
 def _levels(bits: int, symmetric: bool) -> float:
@@ -320,26 +398,28 @@ def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None,
     clipped = quant is not None and quant[3]
     inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
     if x2.shape[0]:
-        ha, hp, AP = _mats(n, transpose, x.device, x.dtype)
+        split3 = x.dtype == torch.float32         # three fp16 parts per operand, fp16 matrices
+        ha, hp, AP = _mats(n, transpose, x.device, torch.float16 if split3 else x.dtype)
         bits, symmetric, clip = quant[:3] if quant else (codes[4], False, codes[5]) if codes else (8, False, 1.0)
         cx, sx, zx, sumx = codes[:4] if codes else (out,) * 4
         hadamard_kernel[(x2.shape[0],)](
             x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, float(scale), float(clip),
             _levels(bits, symmetric), x2.stride(0), out.stride(0), cx, sx, zx, sumx, float(2 ** (bits - 1)),
-            **_constexprs(A, P, _major(x.device)), QUANT=1 if quant else 2 if codes else 0, SYM=bool(symmetric),
+            **_constexprs(A, P, _major(x.device), split3), QUANT=1 if quant else 2 if codes else 0, SYM=bool(symmetric),
             CLIPPED=clipped, QB=QB, num_warps=_warps(AP, P), num_stages=1, enable_fp_fusion=False)
     return out.reshape(x.shape), (inside.reshape(x.shape) if clipped else None)
 
 
 def hadamard(x: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
-    """x [..., n] contiguous 16-bit -> x @ H_n^T * scale (transpose: x @ H_n * scale), in x's dtype."""
+    """x [..., n] contiguous (float32, float16, bfloat16) -> x @ H_n^T * scale (transpose: x @ H_n * scale),
+    in x's dtype."""
     return _launch(x, scale, transpose, None)[0]
 
 
 def rotate_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: float, rotate: bool,
                       clipped: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row (token) fake quantization of x [..., n], rotated first by the orthonormal H_n when
-    rotate (16-bit x, n served by plan); (out in x's dtype, inside mask when clipped else None)."""
+    rotate (n served by plan); (out in x's dtype, inside mask when clipped else None)."""
     n = x.shape[-1]
     if rotate:
         return _launch(x, 1.0 / math.sqrt(n), False, (bits, symmetric, clip_ratio, clipped))
@@ -384,6 +464,17 @@ for _targets in ((80, 89), (90,)):
                   "num_warps": _warps(max(16, triton.next_power_of_2(a)), p), "num_stages": 1,
                   "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
                  for a, p in _SHAPES for quant in (0, 1, 2)]))
+_SIG32 = {**_SIG, "x_ptr": "*fp32", "ha_ptr": "*fp16", "hp_ptr": "*fp16", "out_ptr": "*fp32"}
+_SHAPES32 = ((32, 128), (112, 128), (76, 64), (172, 64), (148, 128))   # float32: 4096, 14336, 4864, 11008, 18944
+for _targets in ((80, 89), (90,)):
+    register(KernelSpec(
+        family="roste", name="hadamard_kernel_fp32", fn=hadamard_kernel, signature=_SIG32, gemm=True,
+        targets=_targets, options={"enable_fp_fusion": False},
+        configs=[{"constexprs": dict(**_constexprs(a, p, _targets[0] // 10, True), QUANT=quant, SYM=False,
+                                     CLIPPED=quant == 1, QB=QB),
+                  "num_warps": _warps(max(16, triton.next_power_of_2(a)), p), "num_stages": 1,
+                  "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
+                 for a, p in _SHAPES32 for quant in (0, 1)]))
 register(KernelSpec(
     family="roste", name="fake_quant_kernel", fn=fake_quant_kernel,
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "n": "i32", "clip": "fp32",

@@ -17,14 +17,16 @@
 Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
 and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
 CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes) and
-Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row for 16-bit rows of the sizes
-it serves (n = A x P, A <= 256, i.e. up to 32768; under "auto" it takes what the CUDA kernel cannot);
+Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row of the sizes it serves
+(n = A x P, A <= 256, i.e. up to 32768; float32 rows as three fp16 parts per operand, six GEMMs; under
+"auto" it takes what the CUDA kernel cannot);
 rotate_fake_quant per token in ONE kernel (rotation, min/max, quantization: one read of x, one write of
 the result, plus the mask when ste="clipped"), equal bit for bit to the reference fake quantization of
 the kernel's own rotation. Per channel (a column's min/max needs every row): the rotation kernel, then
-a column kernel that reads each block of columns twice (min/max, quantize) and writes it once. The straight-through backward is the transposed
-rotation (the Triton kernel when it serves). A call the kernel cannot serve (float32 rows with rotation,
-sizes above 32768) runs the reference and says so once, or raises when backend="triton" was asked for.
+a column kernel that reads each block of columns twice (min/max, quantize) and writes it once. The
+straight-through backward is the transposed rotation (the Triton kernel when it serves). A call the
+kernel cannot serve (sizes above 32768) runs the reference and says so once, or raises when
+backend="triton" was asked for.
 """
 from __future__ import annotations
 
@@ -146,10 +148,9 @@ def _rotation_backend(what: str, x, name: str, backend: str | None) -> str:
     """name, or "reference" (said once; raised when Triton was asked for) where the Triton rotation
     cannot serve x."""
     n = x.shape[-1]
-    if name != "triton" or (_triton_serves(n) and x.dtype != torch.float32):
+    if name != "triton" or _triton_serves(n):
         return name
-    why = (f"{what}: the Triton rotation serves 16-bit rows of n = A x P with A <= 256 and P >= 16; n = {n} "
-           f"({x.dtype}) is not")
+    why = f"{what}: the Triton rotation serves rows of n = A x P with A <= 256 and P >= 16; n = {n} is not"
     if _backend.requested(backend) == "triton":
         raise _backend.BackendError(why)
     _backend.warn_once((what, n, x.dtype), f"fusedtune: {why}; running the reference")
@@ -254,7 +255,7 @@ def _int_linear_impl(x: torch.Tensor, rotate: bool, a_bits: int, clip_ratio: flo
     x2 = x.reshape(-1, n)
     if backend == "triton":
         from ..triton_kernels import roste_int as ti
-        fused = rotate and _triton_serves(n) and x.dtype != torch.float32
+        fused = rotate and _triton_serves(n)
         if rotate and not fused:
             _backend.warn_once(("int_linear", n, x.dtype), f"fusedtune: int_linear: the Triton rotation does not "
                                f"serve n = {n} ({x.dtype}); rotating with the reference, then the integer GEMM")
