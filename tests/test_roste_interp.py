@@ -254,3 +254,14 @@ def test_rotation_and_codes_in_one_launch_equal_the_two_step_codes(n, bits):
     out = int_linear(y, bits, 0.95, packed, 4, sw, zw, uw, bias, rotate=True, backend="triton")
     ref = int_linear(rotated, bits, 0.95, packed, 4, sw, zw, uw, bias, backend="reference")
     assert torch.equal(out.nan_to_num(7.0), ref.nan_to_num(7.0))
+
+
+def test_bench_float32_rows_run():
+    """bench roste's float32 section on a tiny shape through the interpreter: rows and accounting only."""
+    from fusedtune.bench.core import CpuTimer
+    from fusedtune.bench.roste import _flops, fp32_rows
+    rows = fp32_rows(CpuTimer(quick=True, min_reps=1, budget_s=0.0), 3, 768)
+    assert [r["kernel"] for r in rows] == ["hadamard (orthonormal), float32 rows",
+                                           "rotate_fake_quant (token, W4 asym, fused), float32 rows"]
+    assert all(r["dtype"] == "float32" and r["time_ms"] > 0 and r["baseline_ms"] > 0 for r in rows)
+    assert _flops(3, 768, parts=3) == 3 * 3 * (2 * 16 * 16 * 64 + 2 * 16 * 64 * 64)   # 768 = 12 x 64: AP 16

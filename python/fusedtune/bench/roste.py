@@ -8,7 +8,11 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
 2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
    against the unfused sequence (the same Hadamard kernel, then RoSTE's fake quantization as torch
    ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x faster than unfused.
-3. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
+3. float32 rows (fp32 master weights, fp32 activations) at n in {4096, 11008}, 4096 rows: the Triton
+   Hadamard (three fp16 parts per operand) against a memcpy of the same bytes, and the fused per-token
+   rotate + W4 fake quant against the reference backend, which float32 rows ran on the GPU before.
+   No goal in the issue (its goals are for 16-bit rows).
+4. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
    activation codes, int8 tensor-core GEMM with in-tile 4-bit unpacking) against its fake-quant path and
    the bf16 nn.Linear. No goal in the issue; the speed-up over bf16 is what the export is for.
 The roofline column counts the HBM bytes (one read, one write) and, for Triton, the padded tensor-core
@@ -29,15 +33,15 @@ GOAL_FUSED = 2.0
 CPU_NOTE = "CPU framework check, not performance"
 
 
-def _flops(rows: int, n: int) -> float:
+def _flops(rows: int, n: int, parts: int = 1) -> float:
     """Tensor-core flops of the Triton Hadamard: H_A (padded to AP) times X [A, P], then two GEMMs with
-    H_P (the hi and lo parts)."""
+    H_P (the hi and lo parts); parts=3 for float32 rows (three fp16 parts of each operand)."""
     import triton
 
     from ..triton_kernels.roste import plan
     A, P = plan(n)
     AP = max(16, triton.next_power_of_2(A))
-    return rows * (2.0 * AP * AP * P + 4.0 * AP * P * P)
+    return rows * parts * (2.0 * AP * AP * P + (2.0 if parts == 3 else 4.0) * AP * P * P)
 
 
 def _unfused(x, bits, clip, backend):
@@ -95,6 +99,27 @@ def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     return rows
 
 
+def fp32_rows(timer, m: int, n: int) -> list[dict]:
+    """float32 rows on the GPU: the Triton Hadamard vs memcpy, the fused rotate + quant vs the reference
+    (on the timer's device: the CPU under TRITON_INTERPRET=1 checks the framework)."""
+    from ..ops.roste import hadamard, rotate_fake_quant
+    dev = timer.device
+    x = torch.randn(m, n, device=dev, generator=torch.Generator(device=dev).manual_seed(n))
+    out = torch.empty_like(x)
+    shape, moved, flops = f"{m}x{n}", 2 * x.numel() * 4, _flops(m, n, parts=3)
+    cp = timer(lambda: out.copy_(x))
+    had = timer(lambda: hadamard(x, backend="triton"))
+    rows = [row("hadamard (orthonormal), float32 rows", shape, "float32", "triton", "memcpy (copy_ of the same bytes)",
+                had, cp[0], roofline_pct(had[0], moved, flops), note=f"{had[0] / cp[0]:.2f}x memcpy; three fp16 "
+                "parts per operand (6 GEMMs a row); no goal for float32 in the issue")]
+    fused = timer(lambda: rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="triton"))
+    ref = timer(lambda: rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="reference"))
+    rows.append(row("rotate_fake_quant (token, W4 asym, fused), float32 rows", shape, "float32", "triton",
+                    "reference backend (float64 rotation: what float32 rows ran on the GPU before)", fused, ref[0],
+                    roofline_pct(fused[0], moved, flops), note=f"{ref[0] / fused[0]:.3g}x the reference"))
+    return rows
+
+
 def export_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     """An exported layer (fusedtune.roste.QuantizedLinear, W4A8, rotated, n x n) on the integer GEMM
     against the same layer's fake-quant path and the bf16 nn.Linear it came from."""
@@ -125,6 +150,8 @@ def sections(timer, quick: bool) -> list:
     shapes = [(4096 if quick else 8192, n) for n in SIZES] if on_gpu else list(TINY)
     out = [(f"Hadamard and rotate+quant at {m}x{n}", lambda m=m, n=n: size_rows(timer, m, n, on_gpu))
            for m, n in shapes]
+    if on_gpu:
+        out += [(f"float32 rows at 4096x{n}", lambda n=n: fp32_rows(timer, 4096, n)) for n in (4096, 11008)]
     return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
                                                                on_gpu)),
                   ("host time per call", lambda: _host(on_gpu, quick))]
