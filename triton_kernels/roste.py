@@ -465,7 +465,8 @@ for _targets in ((80, 89), (90,)):
                   "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
                  for a, p in _SHAPES for quant in (0, 1, 2)]))
 _SIG32 = {**_SIG, "x_ptr": "*fp32", "ha_ptr": "*fp16", "hp_ptr": "*fp16", "out_ptr": "*fp32"}
-_SHAPES32 = ((32, 128), (112, 128), (76, 64), (172, 64), (148, 128))   # float32: 4096, 14336, 4864, 11008, 18944
+# float32 rows (A, P, QUANT): 4096 and 18944 (the whole row, blocks of 16) both ways; 14336 and 11008 fused
+_SHAPES32 = ((32, 128, 0), (32, 128, 1), (112, 128, 1), (172, 64, 1), (148, 128, 0), (148, 128, 1))
 for _targets in ((80, 89), (90,)):
     register(KernelSpec(
         family="roste", name="hadamard_kernel_fp32", fn=hadamard_kernel, signature=_SIG32, gemm=True,
@@ -474,7 +475,7 @@ for _targets in ((80, 89), (90,)):
                                      CLIPPED=quant == 1, QB=QB),
                   "num_warps": _warps(max(16, triton.next_power_of_2(a)), p), "num_stages": 1,
                   "aligned": ["x_ptr", "ha_ptr", "hp_ptr", "out_ptr", "stride_x", "stride_o"]}
-                 for a, p in _SHAPES32 for quant in (0, 1)]))
+                 for a, p, quant in _SHAPES32]))
 register(KernelSpec(
     family="roste", name="fake_quant_kernel", fn=fake_quant_kernel,
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "inside_ptr": "*i8", "n": "i32", "clip": "fp32",

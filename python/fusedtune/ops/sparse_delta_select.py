@@ -1,4 +1,5 @@
-"""Sparse-delta family ops of regrowth (fusedtune.sparse_delta.Regrower), backends reference and triton.
+"""Sparse-delta family ops of regrowth (fusedtune.sparse_delta.Regrower), backends reference (also
+"cpu": the same torch ops) and triton.
 
     regrow_candidates(n, exclude, scores=None, absolute=False, row=None, col=None)
         -> (positions int64 sorted, scores float32): every valid position of a layer whose regrowth
@@ -22,7 +23,7 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from .sparse_delta import check_indices
 
-_HAS = ("reference", "triton")
+_HAS = ("reference", "cpu", "triton")   # "cpu": the reference math (torch ops are this op's CPU kernel)
 MAX_NUMEL = 2 ** 31 - 2 ** 16   # triton_kernels/sparse_delta_select.py (not imported here: it needs Triton)
 _MODES = ref.REGROW_MODES
 
