@@ -220,3 +220,24 @@ def test_fused_gpt2_mixed_batch_and_generate_equal_peft():
     _close(fused(ids, adapter_names=names).logits, pm(ids, adapter_names=names).logits, "mixed batch")
     kw = dict(max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(fused.generate(input_ids=IDS, **kw), pm.generate(input_ids=IDS, **kw))
+
+
+def test_patch_lora_keeps_gpt2_conv1d_bases():
+    """fusedtune.patch(gpt2, "lora") wraps each Conv1D as it is (no transposed copy): the base is the model's
+    own module, the state dict keeps Conv1D's (in, out) layout, and unpatch(merge=False) gives the weights
+    back bit for bit."""
+    import fusedtune
+    from transformers.pytorch_utils import Conv1D
+    model = tiny_gpt2()
+    convs = {n: m for n, m in model.named_modules() if isinstance(m, Conv1D)}
+    before = {n: m.weight.detach().clone() for n, m in convs.items()}
+    fusedtune.patch(model, "lora", r=4)
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, LoRALinear)}
+    assert set(layers) == set(convs)
+    for n, layer in layers.items():
+        assert layer.base_layer is convs[n] and layer.fan_in_fan_out
+        assert model.state_dict()[f"{n}.base_layer.weight"].shape == before[n].shape
+    fusedtune.unpatch(model, merge=False)
+    for n, w in before.items():
+        m = model.get_submodule(n)
+        assert isinstance(m, Conv1D) and torch.equal(m.weight, w)

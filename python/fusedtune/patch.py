@@ -9,7 +9,8 @@ Methods register with `register_method(name, cls)`. A method is a `Method` subcl
 methods subclass `SwapMethod` and implement `make` (nn.Linear -> the method's layer) and `merge`
 (the method's layer -> nn.Linear). This module owns the shared machinery: finding the target
 linear layers (peft-like names, "all-linear", per-architecture defaults, lm_head excluded),
-GPT-2's transposed Conv1D (the method always sees nn.Linear semantics; unpatch converts back),
+GPT-2's transposed Conv1D (a method sees nn.Linear semantics unless its base_for takes the Conv1D as
+it is, as plain LoRA does; unpatch converts back),
 swapping in place, freezing and restoring requires_grad, and the report.
 """
 from __future__ import annotations
@@ -417,6 +418,10 @@ class SwapMethod(Method):
     def make(self, linear: nn.Linear, name: str, **options) -> nn.Module:
         raise NotImplementedError
 
+    def base_for(self, module: nn.Module) -> nn.Module:
+        """What make() builds from: as_linear(module), nn.Linear semantics (a Conv1D copied transposed)."""
+        return as_linear(module)
+
     def merge(self, module: nn.Module) -> nn.Linear:
         raise NotImplementedError
 
@@ -460,7 +465,7 @@ class SwapMethod(Method):
             for name in targets:
                 orig = model.get_submodule(name)
                 record = Swapped.of(orig)
-                new = self.make(as_linear(orig), name, **options)
+                new = self.make(self.base_for(orig), name, **options)
                 set_module(model, name, new)
                 originals[name] = orig
                 self.swapped[name] = record

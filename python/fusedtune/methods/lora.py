@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import PatchError, SwapMethod, is_bnb_4bit, outermost_modules, register_method
+from ..patch import PatchError, SwapMethod, is_bnb_4bit, is_conv1d, outermost_modules, register_method
 
 
 class LoRAMethod(SwapMethod):
@@ -58,6 +58,12 @@ class LoRAMethod(SwapMethod):
 
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
+
+    def base_for(self, module: nn.Module) -> nn.Module:
+        """Plain LoRA takes GPT-2's Conv1D as it is: LoRALinear reads its (in, out) weight transposed, so
+        nothing is copied and the base keeps Conv1D's layout in the state dict (as peft's does). The
+        quantizing methods build their base from the nn.Linear."""
+        return module if self.name == "lora" and is_conv1d(module) else super().base_for(module)
 
     def make(self, linear, name, r, alpha, dropout, use_rslora, use_dora, init_lora_weights, lora_bias, adapter_dtype,
              backend, **options):
