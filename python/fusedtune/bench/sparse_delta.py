@@ -29,7 +29,7 @@
    trainable-parameter budget (fusedtune.patch(model, "lora") on the same 7 linears, rank r =
    round(k / sum(in + out)), alpha 2r, fp32 adapters, torch.optim.AdamW(fused=True)), same run.
 
-4. Regrowth's selection (fused Triton ops vs the torch.topk path): bench/sparse_delta_regrow.py.
+4. Regrowth's selection (fused Triton ops vs the torch.topk path): sparse_delta_regrow.py here.
 
 --cpu: tiny shapes (a 2-layer hidden-64 Llama in fp32, 64/176-wide GEMMs at 256 tokens, 2 tiny
 layers of deltas); the rows check the framework, not performance, and carry no goal verdicts.

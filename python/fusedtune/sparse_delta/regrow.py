@@ -301,8 +301,7 @@ class Regrower:
         else:   # scores at the candidates only (chosen outside the indices; in case these moved since)
             cand, acc = self._acc[name]
             acc = acc.masked_fill(torch.isin(cand, layer.indices.long()), float("-inf"))
-            at = pick(*regrow_candidates(n, torch.empty(0, dtype=torch.int32, device=acc.device), scores=acc,
-                                         backend="reference", check=False), n, gen)
+            at = top_n(acc, n, gen)
             grow, v = cand[at], acc[at]
             return grow, (v / seen).square()
         grow = pick(pos, vals, n, gen)
