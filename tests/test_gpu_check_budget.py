@@ -10,7 +10,10 @@ OVERHEAD_S = 45     # wheels install, env.log, imports between steps, kill-after
 
 def step_limits(text: str) -> dict:
     # the GPU tests are one step (the families run in parallel inside it)
-    return {m.group(1): int(m.group(2)) for m in re.finditer(r"run_step (\w+) (\d+) ", text)}
+    limits = {m.group(1): int(m.group(2)) for m in re.finditer(r"run_step (\w+) (\d+) ", text)}
+    # the benchmarks' steps: "FAMILY) limit=N ;;" entries of the loop over them
+    limits.update({f"bench_{m.group(1)}": int(m.group(2)) for m in re.finditer(r"(\w+)\) limit=(\d+) ;;", text)})
+    return limits
 
 
 def test_step_limits_fit_one_device_call():
