@@ -6,14 +6,17 @@
 # Uses the python/torch/triton already installed there (no pip download): prints the environment,
 # builds fusedtune._C in place for the local GPU plus sm_90a, runs the GPU tests, the kernel report
 # and every benchmark, and writes logs, kernels.json and the benchmark CSV/PNG files to OUTDIR.
-# Every step has a time limit (all of them together 505 s, under the device's 10-minute call); what a
+# Every step has a time limit (all of them together 545 s, under the device's 10-minute call); what a
 # step leaves unused is added to the next step's limit, so the total never exceeds the sum. A failed
 # step is logged and the script goes on; it exits non-zero at the end if any step failed. Benchmarks
 # append each section's rows as it ends, so a step stopped at its limit keeps what it measured.
 # Copy OUTDIR/*.csv to bench/results/.
 #
 # Environment: PYTHON (interpreter), FUSEDTUNE_CUDA_ARCHS (default: local arch + 9.0a), MAX_JOBS
-# (default 16), GPU_CHECK_SKIP_BUILD=1 (keep the extension as built).
+# (default 16), GPU_CHECK_SKIP_BUILD=1 (keep the extension as built). A later, narrower call (with the
+# extension and Triton cache of an earlier one carried back) sets GPU_CHECK_TESTS (pytest arguments run
+# instead of every family's GPU tests, no warm-ups, no kernel report or sanitizer), GPU_CHECK_BENCHES (FAMILY [--quick], ';' between,
+# instead of every benchmark) and GPU_CHECK_PROFILE=1 (bench/host_profile.py: where host time per call goes).
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -195,19 +198,25 @@ gpu_tests() {   # gpu_tests LIMIT_S: the families in parallel, each stopped at L
 }
 export -f gpu_tests
 # the benchmarks' arguments (FAMILY [--quick]; ';' between), the same for the warm-ups and the timed runs
-BENCHES="zo;hft;lora --quick;fp8 --quick;sparse_delta --quick;roste --quick"
+BENCHES=${GPU_CHECK_BENCHES:-"zo;hft;lora --quick;fp8 --quick;sparse_delta --quick;roste --quick"}
 export OUT PY SUMMARY BENCHES
-if "$PY" -c "import pytest" 2>/dev/null; then
-  # the families' own limit stays under the step's, so each family reports how it ended
-  run_step pytest 120 bash -c "gpu_tests $((120 + BANK - 10))" || true
-else
+if ! "$PY" -c "import pytest" 2>/dev/null; then
   echo "pytest     FAILED: pytest is not installed here, the GPU tests were NOT run" | tee -a "$SUMMARY" "$OUT/pytest.log"
   FAILED+=("pytest")
+elif [ -n "${GPU_CHECK_TESTS:-}" ]; then
+  run_step pytest 120 env FUSEDTUNE_AUTOTUNE=one "$PY" -m pytest -m gpu -v -p no:cacheprovider $GPU_CHECK_TESTS || true
+else
+  # the families' own limit stays under the step's, so each family reports how it ended
+  run_step pytest 120 bash -c "gpu_tests $((120 + BANK - 10))" || true
 fi
 
 # ---------------------------------------------------------------- kernel report and benchmarks
 # the extension's cubins as built here (the Triton AOT report for every target runs in CI, no GPU needed)
-run_step kernels 10 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
+NARROW=${GPU_CHECK_TESTS:+1}   # a narrower call skips the kernel report and compute-sanitizer
+[ -n "$NARROW" ] || run_step kernels 10 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
+if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
+  run_step profile 40 "$PY" bench/host_profile.py "$OUT/host_profile.txt" || true
+fi
 # one step per family, so that a slow family cannot starve the next one
 IFS=';' read -ra specs <<< "$BENCHES"
 for spec in "${specs[@]}"; do   # limit: the benchmark's seconds (its Triton kernels compiled above)
@@ -220,7 +229,9 @@ done
 # racecheck (shared-memory hazards) and memcheck over a small run of each of fusedtune._C's CUDA kernels,
 # each checked against its CPU kernel (bench/sanitize_cuda.py).
 SAN=$(command -v compute-sanitizer || echo "$CUDA_HOME/bin/compute-sanitizer")
-if [ -x "$SAN" ]; then
+if [ -n "$NARROW" ]; then
+  :
+elif [ -x "$SAN" ]; then
   run_step sanitize 10 bash -c "'$SAN' --tool racecheck --error-exitcode 9 \
     '$PY' bench/sanitize_cuda.py && '$SAN' --tool memcheck --error-exitcode 9 \
     '$PY' bench/sanitize_cuda.py" || true

@@ -83,9 +83,14 @@ _BITS_VIEW = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.flo
 
 
 def to_bits(v: torch.Tensor, dtype) -> torch.Tensor:
-    """Round float32 values to `dtype` (nearest-even) and return the storage bits as int64."""
-    width = 32 if dtype == torch.float32 else 16
-    return v.to(dtype).view(_BITS_VIEW[dtype]).to(torch.int64) & ((1 << width) - 1)
+    """Round float32 values to `dtype` (nearest-even) and return the storage bits as int64. A NaN becomes
+    the 16-bit format's quiet NaN with v's sign (0x7FC0 / 0x7E00, as common.h), not whatever torch's cast
+    gives on the device (CUDA's casts give 0x7FFF)."""
+    if dtype == torch.float32:
+        return v.view(torch.int32).to(torch.int64) & MASK32
+    b = v.to(dtype).view(_BITS_VIEW[dtype]).to(torch.int64) & 0xFFFF
+    sign = (v.view(torch.int32).to(torch.int64) >> 16) & 0x8000
+    return torch.where(torch.isnan(v), sign | (0x7FC0 if dtype == torch.bfloat16 else 0x7E00), b)
 
 
 def f16_stochastic_bits(v: torch.Tensor, rnd: torch.Tensor) -> torch.Tensor:
