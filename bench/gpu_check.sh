@@ -16,7 +16,7 @@
 # (default 16), GPU_CHECK_SKIP_BUILD=1 (keep the extension as built). A later, narrower call (with the
 # extension and Triton cache of an earlier one carried back) sets GPU_CHECK_TESTS (pytest arguments run
 # instead of every family's GPU tests, no warm-ups, no kernel report or sanitizer), GPU_CHECK_BENCHES (FAMILY [--quick], ';' between,
-# instead of every benchmark) and GPU_CHECK_PROFILE=1 (bench/host_profile.py: where host time per call goes).
+# instead of every benchmark; none: no benchmark) and GPU_CHECK_PROFILE=1 (bench/host_profile.py: where host time per call goes).
 set -euo pipefail
 
 if [ $# -lt 1 ]; then
@@ -220,6 +220,7 @@ fi
 # one step per family, so that a slow family cannot starve the next one
 IFS=';' read -ra specs <<< "$BENCHES"
 for spec in "${specs[@]}"; do   # limit: the benchmark's seconds (its Triton kernels compiled above)
+  [ "$spec" != none ] || continue   # GPU_CHECK_BENCHES=none: no benchmark
   set -- $spec
   case $1 in zo) limit=30 ;; hft) limit=45 ;; lora) limit=55 ;; fp8) limit=40 ;; sparse_delta) limit=50 ;; roste) limit=40 ;; esac
   run_step "bench_$1" "$limit" "$PY" -m fusedtune bench $spec --out "$OUT" || true
