@@ -116,13 +116,15 @@ def _f32(bits: torch.Tensor) -> torch.Tensor:
     return torch.where(bits >= 1 << 31, bits - (1 << 32), bits).to(torch.int32).view(torch.float32)
 
 
+def as_dtype(b: torch.Tensor, dtype) -> torch.Tensor:
+    """The `dtype` values whose storage bits are b (int64), with no float conversion on the way (CUDA's
+    float32 -> float16 cast would turn every NaN into 0x7FFF)."""
+    half = 1 << (31 if dtype == torch.float32 else 15)
+    return torch.where(b >= half, b - 2 * half, b).to(_BITS_VIEW[dtype]).view(dtype)
+
+
 def from_bits(b: torch.Tensor, dtype) -> torch.Tensor:
-    view = _BITS_VIEW[dtype]
-    if dtype == torch.float32:
-        b = torch.where(b >= 1 << 31, b - (1 << 32), b)
-    else:
-        b = torch.where(b >= 1 << 15, b - (1 << 16), b)
-    return b.to(view).view(dtype).to(torch.float32)
+    return as_dtype(b, dtype).to(torch.float32)
 
 
 def _sign(dtype) -> int:
@@ -167,8 +169,7 @@ def zo_apply_(tensors, seeds, coeffs, prev_seeds=(), prev_coeffs=(), tensor_ids=
     alpha32 = torch.tensor(alpha, dtype=torch.float32).item()
     for t, tid in zip(tensors, ids):
         n, dev, dt = t.numel(), t.device, t.dtype
-        x = to_bits(t.reshape(-1).to(torch.float32), dt) if dt != torch.float32 else \
-            t.reshape(-1).view(torch.int32).to(torch.int64) & MASK32
+        x = t.reshape(-1).view(_BITS_VIEW[dt]).to(torch.int64) & (MASK32 if dt == torch.float32 else 0xFFFF)
         if prev_seeds:
             x = invert(x, _delta(n, prev_seeds, prev_coeffs, tid, noise, dev), dt)
         w = from_bits(x, dt)
@@ -184,8 +185,7 @@ def zo_apply_(tensors, seeds, coeffs, prev_seeds=(), prev_coeffs=(), tensor_ids=
             out = f16_stochastic_bits(v, random_words(n, rounding_seed, tid, STREAM_ROUNDING, dev))
         else:
             out = to_bits(v, dt)
-        t.copy_(from_bits(out, dt).to(dt).view_as(t) if dt != torch.float32 else
-                from_bits(out, dt).view_as(t))
+        t.copy_(as_dtype(out, dt).view_as(t))
     return None
 
 
