@@ -11,13 +11,15 @@ from fusedtune.testing import assert_same_bits, assert_within_rule, check_backen
 pytestmark = pytest.mark.gpu
 
 
+@pytest.mark.parametrize("backend", ["triton", "cuda"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 @pytest.mark.parametrize("T,out,inp,nrows", [(4096, 4096, 4096, 2048), (1000, 333, 129, 77)])
-def test_triton_row_grad(dtype, T, out, inp, nrows):
+def test_gpu_row_grad(dtype, T, out, inp, nrows, backend):
+    """The Triton gathered-load kernel and the cuda backend (gather + cuBLAS) within the rule."""
     dy = torch.randn(T, out, device="cuda").to(dtype)
     x = torch.randn(T, inp, device="cuda").to(dtype)
     rows = torch.randperm(out, device="cuda")[:nrows].sort().values
-    got = row_grad(dy, x, rows, backend="triton")
+    got = row_grad(dy, x, rows, backend=backend)
     exact = dy.double()[:, rows].t() @ x.double()
     # the unfused computation in the kernel's own precision: a 16-bit GEMM on the tensor cores with a
     # float32 result (cuBLAS through mm's out_dtype), not a 16-bit rounded result. (Not an IEEE float32
@@ -27,7 +29,7 @@ def test_triton_row_grad(dtype, T, out, inp, nrows):
     unfused = torch.mm(g, x, out_dtype=torch.float32) if dtype != torch.float32 else g @ x
     assert_within_rule(got, exact, unfused, "row_grad", atol=1e-3)
     for out_dtype in (torch.bfloat16, torch.float16):   # the float32 sum rounded once in the store (the
-        low = row_grad(dy, x, rows, backend="triton", out_dtype=out_dtype)   # autotuner may pick another tile
+        low = row_grad(dy, x, rows, backend=backend, out_dtype=out_dtype)   # autotuner may pick another tile
         assert low.dtype == out_dtype                                         # order: the rule, not the bits)
         assert_within_rule(low, exact, unfused.to(out_dtype), "row_grad 16-bit out", atol=1e-3)
 

@@ -18,7 +18,8 @@
    (torch.cuda.max_memory_allocated after a reset), optimizer state bytes (row HFT: its fp32 row
    masters counted in, as they exist only to be updated) and trainable elements.
    Goals on an H100: HFT step <= 0.75x full fine-tuning's time, optimizer memory <= 0.5x.
-2. The compact row-gradient GEMM (fusedtune.ops.hft.row_grad, Triton) against the dense dW GEMM
+2. The compact row-gradient GEMM (fusedtune.ops.hft.row_grad: cuda = gather + cuBLAS, and the Triton
+   gathered-load kernel) against the dense dW GEMM
    (dy.t() @ x) followed by a gather of the selected half of the rows, on Llama-3-8B shapes at 8192
    tokens, bf16: TFLOP/s of the useful 2*T*R*in flops, % of 989 TFLOP/s (fp32 output; the note gives
    the time with bf16 output, as block granularity asks for).
@@ -289,12 +290,10 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
     on_gpu = dev.type == "cuda"
     gemms = LLAMA3_8B_GEMMS if on_gpu else TINY_GEMMS
     T = GEMM_TOKENS if on_gpu else TINY_GEMM_TOKENS
-    b = "triton" if on_gpu else "cpu"
-    if not _usable(ops._ROW_GRAD_HAS, b, dev):
-        return []
+    backends = [b for b in (("cuda", "triton") if on_gpu else ("cpu",)) if _usable(ops._ROW_GRAD_HAS, b, dev)]
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
-    for label, out_f, in_f in gemms:
+    for (label, out_f, in_f), b in ((gemm, b) for gemm in gemms for b in backends):
         dy = torch.randn(T, out_f, device=dev, dtype=torch.bfloat16, generator=g)
         x = torch.randn(T, in_f, device=dev, dtype=torch.bfloat16, generator=g)
         sel = _half_rows(out_f, dev)

@@ -20,12 +20,28 @@ from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS
 from ._eager import EagerOp
 
-_ROW_GRAD_HAS = ("reference", "cpu", "triton")  # "cpu": torch's own CPU GEMM is the CPU kernel
+# "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
+# GEMM (_gather_gemm), taken before the Triton kernel on a GPU
+_ROW_GRAD_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
+
+
+def _gather_gemm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: torch.dtype) -> torch.Tensor:
+    """The cuda backend: dy's selected columns gathered into one [T, R] copy, then one cuBLAS GEMM with
+    float32 accumulation (16-bit inputs: mm's out_dtype gives the float32 sum, rounded once to out_dtype).
+    Chosen by measurement (bench/results/hft.csv, H200, 2026-11-30): the Triton kernel's gathered A-tile
+    loads held it to 46-51 TFLOP/s, while gather + cuBLAS took 0.08-0.09x its time."""
+    d2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    g = d2.index_select(1, rows).t()
+    if x2.dtype == torch.float32 or out_dtype == x2.dtype:
+        return (g @ x2).to(out_dtype)
+    return torch.mm(g, x2, out_dtype=torch.float32).to(out_dtype)
 
 
 def _row_grad_impl(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str,
                    out_dtype: torch.dtype) -> torch.Tensor:
+    if backend == "cuda":
+        return _gather_gemm(dy, x, rows, out_dtype)
     if backend == "triton":
         from ..triton_kernels import hft as tk
         return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows,
