@@ -63,7 +63,8 @@ class FP8Linear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = fp8_backend(self.weight.device, self.backend)
-        path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX, dW"
+        path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX (over a "
+                "K-major copy of the FP8 W), dW"
                 if b["backend"] == "triton" else f"{b['backend']}: float32 emulation of the FP8 GEMMs")
         gap = fp8_arch_gap(self.weight.device)
         if gap:
