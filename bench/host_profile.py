@@ -5,7 +5,8 @@
 At one token a layer's kernels are launched and not waited for, so its forward+backward costs what the
 host spends issuing it (bench rows "... per call (host)"). For each layer (over a bf16 nn.Linear 4096x4096):
 the host time per call of forward+backward and of the forward (median of 200 calls after a warm-up), then
-cProfile's top functions by own time and by cumulative time over 200 forward+backward calls. Also the
+cProfile's top functions by own time and by cumulative time over 200 forward+backward calls, then
+those in fusedtune's and Triton's files by own time. Also the
 floor: a trivial Triton kernel's launch and an empty autograd.Function's forward+backward.
 """
 from __future__ import annotations
@@ -64,6 +65,7 @@ def profile(fn, reps=200, top=25) -> str:
     st = pstats.Stats(prof, stream=out)
     st.sort_stats("tottime").print_stats(top)
     st.sort_stats("cumulative").print_stats(top)
+    st.sort_stats("tottime").print_stats("fusedtune|triton", 2 * top)   # our glue and Triton's launch path
     return out.getvalue()
 
 
