@@ -11,8 +11,9 @@ lora_dy_kernel       U = (dy . B) * S[gid] and DB = dy^T . t from one read of dy
 lora_wgrad_kernel    O[s, C, R] = sum over rows m of split s of dropout(P)[m, C]^T . T[m, R]
                      dB (P=dy, T=t) and dA^T (P=x with dropout, T=u); splits summed on the host
 nf4_dequant_kernel   bitsandbytes NF4 (double-quantized absmax) -> a 16-bit weight buffer
-lora_dropout_delta_kernel   dropout(X) - X with the LoRA branch's mask (DoRA's rescaled base term), and,
-                     the map being diagonal, its own backward
+lora_dropout_delta_kernel   dropout(X) - X with the LoRA branch's mask (the input gradient of DoRA's
+                     rescaled base term: the map is diagonal, its own adjoint), or (KEEP_ONLY) keep * X
+                     unscaled, exact in X's dtype (the operand of DoRA's float32 dropped-base product)
 
 All accumulate in fp32. Operands of the skinny products are promoted to fp32 and multiplied with
 PREC ("tf32x3" on a GPU: products of 16-bit inputs exact, fp32 inputs to about 2^-22; "ieee" in the
@@ -280,16 +281,21 @@ def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_
 
 @triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_dropout_delta_kernel(x_ptr, out_ptr, M, K, stride_xm, seed, thresh, keep_scale,
-                              BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
+                              KEEP_ONLY: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr):
     """OUT = dropout(X) - X in float32, one rounding (X * keep_scale - X where kept, -X where dropped):
-    the reference's two roundings when launched without FMA contraction. OUT is contiguous."""
+    the reference's two roundings when launched without FMA contraction. KEEP_ONLY: OUT = X where kept,
+    else 0 (no scale: exact). OUT is contiguous."""
     offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     col0 = tl.program_id(1) * BLOCK_K
     offs_k = col0 + tl.arange(0, BLOCK_K)
     ok = (offs_m < M)[:, None] & (offs_k < K)[None, :]
     x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-    kept = tl.where(_keep(seed, offs_m, col0, thresh, BLOCK_M, BLOCK_K), x * keep_scale, 0.0)
-    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], (kept - x).to(out_ptr.dtype.element_ty), mask=ok)
+    keep = _keep(seed, offs_m, col0, thresh, BLOCK_M, BLOCK_K)
+    if KEEP_ONLY:
+        out = tl.where(keep, x, 0.0)
+    else:
+        out = tl.where(keep, x * keep_scale, 0.0) - x
+    tl.store(out_ptr + offs_m[:, None] * K + offs_k[None, :], out.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 # ---------------------------------------------------------------------------------------- launchers
@@ -471,15 +477,24 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
 
 def dropout_delta(x: torch.Tensor, drop: Dropout) -> torch.Tensor:
     """dropout(x) - x in x's dtype; x [M, K] with unit column stride."""
+    return _dropout_pass(x, drop, False)
+
+
+def dropout_keep(x: torch.Tensor, drop: Dropout) -> torch.Tensor:
+    """x where the LoRA dropout keeps it, else 0, in x's dtype (unscaled: exact); x [M, K], unit column stride."""
+    return _dropout_pass(x, drop, True)
+
+
+def _dropout_pass(x: torch.Tensor, drop: Dropout, keep_only: bool) -> torch.Tensor:
     M, K = x.shape
     out = torch.empty((M, K), dtype=x.dtype, device=x.device)
-    _check32("dropout_delta", x)
+    _check32("dropout_keep" if keep_only else "dropout_delta", x)
     if out.numel() == 0:
         return out
     BM, BK = (32, 32) if _INTERP else (16, 256)
     lora_dropout_delta_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
-        x, out, M, K, x.stride(0), drop.seed, drop.thresh, drop.scale, BLOCK_M=BM, BLOCK_K=BK, num_warps=4,
-        enable_fp_fusion=False)
+        x, out, M, K, x.stride(0), drop.seed, drop.thresh, drop.scale, KEEP_ONLY=keep_only, BLOCK_M=BM, BLOCK_K=BK,
+        num_warps=4, enable_fp_fusion=False)
     return out
 
 
@@ -574,7 +589,8 @@ register(KernelSpec(
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "K": "i32", "stride_xm": "i32", "seed": "i64",
                "thresh": "i64", "keep_scale": "fp32"},
     options={"enable_fp_fusion": False},
-    configs=[{"constexprs": dict(BLOCK_M=16, BLOCK_K=256), "num_warps": 4, "num_stages": 1}]))
+    configs=[{"constexprs": dict(KEEP_ONLY=k, BLOCK_M=16, BLOCK_K=256), "num_warps": 4, "num_stages": 1}
+             for k in (False, True)]))
 _DY_SIG = {"dy_ptr": "*bf16", "b_ptr": "*fp32", "t_ptr": "*fp32", "u_ptr": "*fp32", "db_ptr": "*fp32",
            "gid_ptr": "*i32", "s_ptr": "*fp32", "M": "i32", "N": "i32", "R": "i32", "stride_dm": "i32",
            "stride_bn": "i32", "n_per_split": "i32"}

@@ -1,9 +1,10 @@
 """DoRA's backward prologue (fusedtune.ops.dora): one pass over dy and F.
 
 lora_dora_dy_kernel   from dy [M, N] (the output gradient) and F [M, N] (the product before DoRA's column
-                      scale g), in float32: dF = dy * g, written in float32 (for the adapter gradients)
-                      and rounded to F's dtype (for dX's base GEMM), and per block of rows the column sums
-                      of dy * F (the magnitude's gradient, times the norm) and of dy (a bias's gradient).
+                      scale g, in the model's dtype; with dropout G = drop(x) W^T + t B^T in float32),
+                      in float32: dF = dy * g, written in float32 (for the adapter gradients) and rounded
+                      to dy's dtype (for dX's base GEMM), and per block of rows the column sums of dy * F
+                      (the magnitude's gradient, times the norm) and of dy (a bias's gradient).
                       torch sums the [row blocks, N] partials: deterministic.
 
 The unfused sequence reads and writes [M, N] float32 temporaries five times (about 38 bytes per element
@@ -43,7 +44,7 @@ def _blocks() -> tuple[int, int, int]:
 
 
 def dora_dy(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor):
-    """(dF float32, dF in F's dtype, sum over rows of dy * F, sum over rows of dy), all from float32 dy."""
+    """(dF float32, dF in dy's dtype, sum over rows of dy * F, sum over rows of dy), all from float32 dy."""
     M, N = F.shape
     _check32("dora_dy", dy, F)
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
@@ -51,7 +52,7 @@ def dora_dy(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor):
     BM, BN, warps = _blocks()
     rows = triton.cdiv(M, BM)
     dF = torch.empty((M, N), dtype=torch.float32, device=F.device)
-    low = torch.empty((M, N), dtype=F.dtype, device=F.device)
+    low = torch.empty((M, N), dtype=dy.dtype, device=F.device)
     pg = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     pb = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     if M and N:

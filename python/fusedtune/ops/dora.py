@@ -10,13 +10,21 @@
         g = magnitude / dora_weight_norm(...) per output row, the norm detached (DoRA section 4.3, as peft).
 
 The second term is peft's: with dropout its DoRA layer rescales the base output of the dropped input,
-one more GEMM (there is none without dropout or in eval). The first term is the fused LoRA GEMM with the
-column scale in its epilogue (fusedtune::dora_linear; it also writes F, the product before the scale and
-the bias, for the magnitude's gradient); in the backward the adapter gradients take dy * g in float32 (peft's
-LoRA branch is float32: rounding dy * g to a bf16 model's dtype first would cost the adapters ~2^-9 of
-relative accuracy), dX takes it rounded to the model's dtype (the base GEMM's), and the magnitude's
-gradient is sum over rows of dy * F / norm; one pass over dy and F makes all of these
-(fusedtune::dora_dy, reference.lora.dora_dy; the Triton lora_dora_dy_kernel on a GPU).
+one more GEMM (there is none without dropout or in eval). Without dropout, fusedtune::dora_linear is the
+fused LoRA GEMM with the column scale in its epilogue; it also writes F = x W^T + s t B^T, the product
+before the scale and the bias, in the model's dtype, for the magnitude's gradient sum over rows of
+dy * F / norm (peft's is as coarse: its base output there is the model's dtype). With dropout the
+magnitude's gradient is sum over rows of dy * G / norm with G = drop(x) W^T + s t B^T, which peft forms in
+float32 (its DoRA branch runs in the adapters' float32): the op writes G in float32, its base product from
+the exact keep * x through the base GEMM with float32 accumulation and output (one GEMM, as
+(drop(x) - x) W^T was), and y = (x W^T + s t B^T + bias) + (g - 1) * G rounded once. (G assembled from F
+and (drop(x) - x) W^T rounded to bf16, or even from a bf16 drop(x) - x, was ~2^-9 relative off: a
+magnitude gradient ~10^3 times peft's error at a Llama layer shape.) In the backward the adapter
+gradients take dy * g in float32 (peft's LoRA branch is float32: rounding dy * g to a bf16 model's dtype
+first would cost the adapters ~2^-9 of relative accuracy), dX takes it rounded to the model's dtype (the
+base GEMM's) plus, with dropout, (drop - 1)(((g - 1) dy) W); one pass over dy and F (or G) makes dy * g,
+both roundings and the column sums (fusedtune::dora_dy, reference.lora.dora_dy; the Triton
+lora_dora_dy_kernel on a GPU).
 
 peft forms lora_B(lora_A(eye(in))) (an [in, out] matrix), adds it to W and takes the norm, all in the
 input's dtype (bfloat16 for a bf16 model) on every forward; here it is float32 throughout, chunked, and
@@ -73,10 +81,17 @@ def _dora_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: t
                nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
                backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y = g * F + bias, t, F): the fused LoRA GEMM with DoRA's column scale in its epilogue, which also
-    stores F = x W^T + t B^T (before the bias) for the magnitude's gradient."""
+    stores F = x W^T + t B^T (before the bias, x's dtype) for the magnitude's gradient. With dropout
+    (dropout_p > 0): (y = F + bias + (g - 1) * G, t, G), G = drop(x) W^T + t B^T in float32 (module docstring)."""
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize, nf4_blocksize2,
                     nf4_offset)
     k = _impl(backend)
+    if dropout_p > 0.0:
+        if k is not None:
+            return k.forward_dropped(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4,
+                                     nf4_path, g.contiguous())
+        w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
+        return ref.forward_dropped(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), g)
     if k is not None:
         return k.forward_scaled(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4,
                                 nf4_path, g.contiguous())
@@ -89,16 +104,17 @@ _dora = EagerOp(_dora_op, _dora_impl)
 
 
 @_dora_op.register_fake
-def _(g, x, weight, lora_A, lora_B, bias, scales, *rest):
+def _(g, x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, *rest):
     N = lora_B.shape[0]
-    return (x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ref.compute_dtype(x)),
-            x.new_empty((x.shape[0], N)))
+    ct = ref.compute_dtype(x)
+    return (x.new_empty((x.shape[0], N)), x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ct),
+            x.new_empty((x.shape[0], N), dtype=ct if dropout_p > 0.0 else x.dtype))
 
 
 def _dora_dy_impl(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor,
                   backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """DoRA's backward prologue, one pass over dy and F on the Triton backend (reference.lora.dora_dy):
-    (dF = dy * g in float32, dF in F's dtype, sum_rows dy * F, sum_rows dy)."""
+    (dF = dy * g in float32, dF in dy's dtype, sum_rows dy * F, sum_rows dy)."""
     if backend == "triton":
         from ..triton_kernels import lora_dora as tkd  # noqa: PLC0415
         return tkd.dora_dy(dy, F, g)
@@ -112,12 +128,43 @@ _dora_dy = EagerOp(_dora_dy_op, _dora_dy_impl)
 @_dora_dy_op.register_fake
 def _(dy, F, g, backend):
     M, N = F.shape
-    return (F.new_empty((M, N), dtype=g.dtype), F.new_empty((M, N)), F.new_empty((N,), dtype=g.dtype),
+    return (F.new_empty((M, N), dtype=g.dtype), dy.new_empty((M, N)), F.new_empty((N,), dtype=g.dtype),
             F.new_empty((N,), dtype=g.dtype))
 
 
+def _dropped_dgrad_impl(dy: torch.Tensor, x: torch.Tensor, g: torch.Tensor, weight: torch.Tensor,
+                        nf4_absmax: torch.Tensor | None, nf4_code: torch.Tensor | None,
+                        nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
+                        nf4_blocksize2: int, nf4_offset: float, nf4_path: str, dropout_p: float, seed: torch.Tensor,
+                        backend: str) -> torch.Tensor:
+    """dX of the dropped base term (g - 1) * (drop(x) - x) W^T: drop(d W) - d W, d = (g - 1) * dy rounded to
+    x's dtype, d W in x's dtype (as autograd through a 16-bit F.linear would give it)."""
+    d = (dy.to(g.dtype) * (g - 1.0)).to(x.dtype)
+    nf4 = None if nf4_blocksize == 0 else nf4_ref.nf4_state(weight, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2,
+                                                            nf4_blocksize, nf4_blocksize2, nf4_offset,
+                                                            (dy.shape[1], x.shape[1]))
+    k = _impl(backend)
+    if k is not None:
+        dw = k.base_dgrad(d, x, weight, nf4, nf4_path)
+    else:
+        w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
+        ct = ref.compute_dtype(x)
+        dw = (d.to(ct) @ w.to(ct)).to(x.dtype)
+    return _dropout_delta(dw, dropout_p, int(seed), backend)
+
+
+_dropped_dgrad_op = torch.library.custom_op("fusedtune::dora_dropped_dgrad", mutates_args=())(_dropped_dgrad_impl)
+_dropped_dgrad = EagerOp(_dropped_dgrad_op, _dropped_dgrad_impl)
+
+
+@_dropped_dgrad_op.register_fake
+def _(dy, x, *rest):
+    return x.new_empty(x.shape)
+
+
 class _ColumnScaledLoRA(torch.autograd.Function):
-    """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both."""
+    """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both.
+    With dropout also peft's (g - 1) * (drop(x) - x) W^T, the magnitude's gradient from G in float32."""
 
     @staticmethod
     def forward(ctx, g, *op_args):
@@ -132,7 +179,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
-        dF, dF_low, dg, dbias = _dora_dy(dy, F, g, backend)    # one pass over dy and F
+        dF, dF_low, dg, dbias = _dora_dy(dy, F, g, backend)    # one pass over dy and F (G with dropout)
         tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
         dx = dW = dA = dB = None
         dg = dg if need_g else None
@@ -143,13 +190,22 @@ class _ColumnScaledLoRA(torch.autograd.Function):
             dx = dx if need_x else None
             dA = dA.to(A.dtype) if need_A else None
             dB = dB.to(B.dtype) if need_B else None
-        if need_w:      # a base that trains (dense weight only): dW = dF^T x
-            dW = (dF.t() @ x2.to(dF.dtype)).to(w.dtype)
+        if need_x and p > 0.0:   # the dropped base term's share of dX
+            dx = dx + _dropped_dgrad(dy, x2, g, w, absmax, code, absmax2, code2, bs, bs2, offset, path, p, seed,
+                                     backend)
+        if need_w:      # a base that trains (dense weight only): dW = dF^T x (+ ((g - 1) dy)^T (drop(x) - x))
+            ct = dF.dtype
+            if p > 0.0:
+                dW = dy.to(ct).t() @ x2.to(ct) + (dy.to(ct) * (g - 1.0)).t() @ ref.dropout(x2, p, int(seed))
+            else:
+                dW = dF.t() @ x2.to(ct)
+            dW = dW.to(w.dtype)
         return (dg, dx, dW, dA, dB, dbias) + (None,) * (len(ctx.rest) - 1)
 
 
 class _DropoutDelta(torch.autograd.Function):
-    """dropout(x) - x with the LoRA branch's mask (Triton kernel on a GPU): a diagonal map, its own backward."""
+    """dropout(x) - x with the LoRA branch's mask (Triton kernel on a GPU): a diagonal map, its own backward.
+    (dora_linear now applies the map in its op's backward, _dropped_dgrad; this Function is kept for tests.)"""
 
     @staticmethod
     def forward(ctx, x2, p, seed, backend):
@@ -185,9 +241,5 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    y = _ColumnScaledLoRA.apply(g, *args)
-    if p > 0.0:
-        delta = _DropoutDelta.apply(args[0], p, int(seed_t), args[-1])
-        W = _dense(weight, nf4, x.dtype, backend)
-        y = (y.to(ct) + torch.nn.functional.linear(delta, W).to(ct) * (g - 1.0)).to(x.dtype)
+    y = _ColumnScaledLoRA.apply(g, *args)      # with dropout, peft's dropped base term included
     return y.reshape(*x.shape[:-1], N)

@@ -34,6 +34,27 @@ def forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
     return y, t, F
 
 
+def forward_dropped(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
+    """DoRA with dropout (reference.lora.forward_dropped): (y, t, G), G = drop(x) W^T + t B^T in float32 from
+    the exact keep * x through the base GEMM (float32 accumulation and output) and a float32 t B^T,
+    y = (x W^T + t B^T + bias) + (g - 1) * G rounded once to x's dtype."""
+    N, K = B.shape[0], x.shape[1]
+    drop = tk.Dropout(p, seed)
+    t = tk.shrink(x, A, False, S, gid, drop)
+    q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
+    y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, torch.float32, _NO_DROPOUT, nf)
+    G = tk.gemm(tk.dropout_keep(x, drop), q, qs, N, None, None, (0, 0), None, torch.float32, _NO_DROPOUT, nf)
+    G = G.addmm_(t, B.to(torch.float32).t(), beta=drop.scale)     # G * 1/(1-p) + t B^T
+    return torch.addcmul(y, G, g - 1.0).to(x.dtype), t, G
+
+
+def base_dgrad(d, x, weight, nf4, path):
+    """d . W in d's dtype (the dense or NF4 base weight; x gives K)."""
+    N, K = d.shape[1], x.shape[1]
+    q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
+    return tk.gemm(d, q, qs, K, None, None, (0, 0), None, d.dtype, _NO_DROPOUT, nf)
+
+
 def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB, dy_base=None):
     N, K = dy.shape[1], x.shape[1]
     drop = tk.Dropout(p, seed)

@@ -121,11 +121,11 @@ def dora_weight_norm(weight, A, B, scale: float) -> torch.Tensor:
 
 
 def dora_dy(dy, F, g):
-    """DoRA's backward prologue: with d = dy in float32, (dF = d * g, dF rounded to F's dtype,
-    sum over rows of d * F, sum over rows of d)."""
+    """DoRA's backward prologue: with d = dy in float32, (dF = d * g, dF rounded to dy's dtype (the model's),
+    sum over rows of d * F, sum over rows of d). F is the model's dtype, or float32 (with dropout)."""
     d = dy.to(g.dtype)
     dF = d * g
-    return dF, dF.to(F.dtype, copy=True), (d * F).sum(0), d.sum(0)     # (a copy: op outputs never alias)
+    return dF, dF.to(dy.dtype, copy=True), (d * F.to(g.dtype)).sum(0), d.sum(0)  # (a copy: op outputs never alias)
 
 
 def forward_scaled(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
@@ -136,3 +136,26 @@ def forward_scaled(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
     if bias is not None:
         y = y + bias.to(acc.dtype)
     return y.to(x2.dtype), t, acc.to(x2.dtype)
+
+
+def forward_dropped(x2, weight, A, B, bias, S, gid, p: float, seed: int, g):
+    """DoRA's forward with dropout (peft's extra base term of the dropped input): (y, t, G) with
+    G = drop(x) W^T + t B^T in float32, unrounded (what the magnitude's gradient reads, dy/dg), and
+    y = x W^T + t B^T + bias + (g - 1) * G rounded once to x's dtype. G's base product is taken as
+    ((keep * x) W^T) / (1 - p): keep * x is exact in x's dtype, so a 16-bit GEMM with float32 accumulation
+    (the Triton schedule) gives it to float32 accuracy; rounding G, or dropout(x) - x, to a 16-bit dtype
+    costs the magnitude's gradient ~2^-9 of relative accuracy, which peft's float32 DoRA branch does not."""
+    ct = compute_dtype(x2)
+    M, K = x2.shape
+    xf = x2.to(ct)
+    zero = torch.zeros((), dtype=ct, device=x2.device)
+    keep = dropout_mask(M, K, seed, p, x2.device)
+    t = (torch.where(keep, xf * keep_scale(p), zero) @ A.to(ct).t()) * row_scales(S, gid, M, ct)   # = shrink()
+    W = weight.to(ct)
+    tB = t @ B.to(ct).t()
+    G = torch.addmm(tB, torch.where(keep, xf, zero), W.t(), alpha=keep_scale(p))
+    y = torch.addmm(tB, xf, W.t())
+    if bias is not None:
+        y = y + bias.to(ct)
+    y = torch.addcmul(y, G, g.to(ct) - 1.0)
+    return y.to(x2.dtype), t, G
