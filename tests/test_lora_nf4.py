@@ -65,7 +65,9 @@ def test_lora_over_linear4bit_matches_peft_qlora(double):
         assert_within_rule(a.reshape(e.shape), e, p.reshape(e.shape), f"output {j}", atol=1e-5)
 
 
-def test_nf4_path_is_chosen_by_rows_and_reported():
+def test_nf4_path_is_chosen_by_rows_and_reported(monkeypatch):
+    assert lora_ops.NF4_FUSED_MAX_ROWS == 0 and lora_ops.nf4_path(1, True) == "buffer"   # the measured default
+    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 256)
     assert lora_ops.nf4_path(1, True) == "fused"
     assert lora_ops.nf4_path(lora_ops.NF4_FUSED_MAX_ROWS, True) == "fused"
     assert lora_ops.nf4_path(lora_ops.NF4_FUSED_MAX_ROWS + 1, True) == "buffer"

@@ -251,12 +251,21 @@ def nf4_rows(timer, on_gpu, device, quick):
         def fb(layer):
             return torch.autograd.grad(layer(x), params, dy)
         base = timer(lambda: fb(pe))
-        t = timer(lambda: fb(ours))
-        from ..ops.lora import nf4_path
-        rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
-                        "triton" if on_gpu else "cpu", "bitsandbytes Linear4bit + peft LoRA", t, base[0],
-                        roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
-                        note=f"path {nf4_path(T, True)}; " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft", on_gpu)))
+        from ..ops import lora as lora_ops
+        default = lora_ops.NF4_FUSED_MAX_ROWS
+        for limit in (T, T - 1):    # each schedule: the in-GEMM dequant (fused), then the buffer
+            lora_ops.NF4_FUSED_MAX_ROWS = limit
+            try:
+                t = timer(lambda: fb(ours))
+                path = lora_ops.nf4_path(T, True)
+            finally:
+                lora_ops.NF4_FUSED_MAX_ROWS = default
+            chosen = "the default" if path == lora_ops.nf4_path(T, True) else "not the default"
+            rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
+                            "triton" if on_gpu else "cpu", "bitsandbytes Linear4bit + peft LoRA", t, base[0],
+                            roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
+                            note=f"path {path} ({chosen}); " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft",
+                                                                     on_gpu)))
     return rows
 
 

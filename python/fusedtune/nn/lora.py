@@ -747,8 +747,9 @@ class LoRALinear(nn.Module):
             path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
         if nf4 and b["backend"] == "triton":
             last = getattr(self, "_last_rows", None)
-            path += (f"; NF4 base dequantized in the GEMM tile load for <= {lora_ops.NF4_FUSED_MAX_ROWS} rows, "
-                     "into a 16-bit buffer + GEMM above" + ("" if last is None else
+            path += ((f"; NF4 base dequantized in the GEMM tile load for <= {lora_ops.NF4_FUSED_MAX_ROWS} rows, "
+                      "into a 16-bit buffer + GEMM above" if lora_ops.NF4_FUSED_MAX_ROWS > 0 else
+                      "; NF4 base dequantized into a 16-bit buffer + GEMM") + ("" if last is None else
                                                           f" (last call: {last} rows, "
                                                           f"{lora_ops.nf4_path(last, True)})"))
         elif nf4:

@@ -33,7 +33,11 @@ _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the refere
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gradcheck)
 _NO_SEED = torch.zeros((), dtype=torch.int64)   # the seed of calls without dropout (read only, shared)
-NF4_FUSED_MAX_ROWS = 256   # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above
+# in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. 0: the buffer path everywhere, since
+# on an H200 (bench/results/lora.csv, 2026-11-30) the in-GEMM path took 5.84 ms for a 16-token gate/up
+# forward+backward, 5.6x bitsandbytes + peft (its dX GEMM at 16 rows has out/128 = 32 tiles to run on 132 SMs,
+# each dequantizing a 128 x 14336 strip). Raise it to choose the in-GEMM path (the bench times both).
+NF4_FUSED_MAX_ROWS = 0
 
 
 class LoRAUnsupported(NotImplementedError):
