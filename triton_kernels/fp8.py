@@ -21,7 +21,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, gemm_tile
+from .common import autotune, gemm_tile, cdiv
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -167,10 +167,6 @@ def fp8_gemm_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride_am,
 
 # ---------------------------------------------------------------------------------------- launchers
 
-def _cdiv(a, b):
-    return (a + b - 1) // b
-
-
 def _check32(what, *tensors):
     if any(t.numel() >= 2**31 for t in tensors):
         raise ValueError(f"fp8 {what}: the Triton kernels index with 32 bits; split tensors of 2^31 elements or more")
@@ -180,7 +176,7 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     """x [M, K] (last dim contiguous) -> (q_row, s_row, q_col or None, s_col or None)."""
     M, K = x.shape
     _check32("quantize", x)
-    KB, MB = _cdiv(K, TILE), _cdiv(M, TILE)
+    KB, MB = cdiv(K, TILE), cdiv(M, TILE)
     dev = x.device
     q_r = torch.empty((M, K), dtype=torch.float8_e4m3fn, device=dev)
     s_r = torch.empty((M, KB), dtype=torch.float32, device=dev)
@@ -196,7 +192,7 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
 def quantize_blocks(w: torch.Tensor, pow2: bool):
     N, K = w.shape
     _check32("quantize", w)
-    NB, KB = _cdiv(N, TILE), _cdiv(K, TILE)
+    NB, KB = cdiv(N, TILE), cdiv(K, TILE)
     q = torch.empty((N, K), dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((NB, KB), dtype=torch.float32, device=w.device)
     if N and K:
@@ -219,8 +215,8 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
     if K == 0:
         return c.zero_()
     sbn, sbk = (1, b_q.stride(0)) if b_transposed else (b_q.stride(0), 1)
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, _cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
                           B_ROWS=b_rows, GROUP_M=8, BLOCK_K=TILE, EVEN_K=K % TILE == 0)
     return c
 

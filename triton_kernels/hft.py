@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune
+from .common import autotune, cdiv
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -74,7 +74,7 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
         return out
     if T == 0:
         return out.zero_()
-    grid = lambda meta: (triton.cdiv(R, meta["BLOCK_M"]), triton.cdiv(N, meta["BLOCK_N"]))  # noqa: E731
+    grid = lambda meta: (cdiv(R, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     ieee = x.dtype == torch.float32
     (row_grad_ieee_kernel if ieee else row_grad_kernel)[grid](dy, x, rows, out, T, R, N, dy.stride(0), x.stride(0),
                                                               IEEE=ieee)

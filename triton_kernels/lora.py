@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, gemm_tile
+from .common import autotune, gemm_tile, cdiv
 from .registry import KernelSpec, register
 from .zo import _philox
 
@@ -350,13 +350,13 @@ def _parts(programs: int, steps: int, device) -> int:
     if _INTERP:
         return max(1, min(FORCE_PARTS, steps)) if FORCE_PARTS else 1
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(triton.cdiv(4 * sms, programs), steps // 4))
+    return max(1, min(cdiv(4 * sms, programs), steps // 4))
 
 
 def _cut(length: int, block: int, parts: int) -> tuple[int, int]:
     """(per_part, parts): per_part a multiple of block, no empty part."""
-    per = max(block, triton.cdiv(triton.cdiv(length, parts), block) * block)
-    return per, max(1, triton.cdiv(length, per))
+    per = max(block, cdiv(cdiv(length, parts), block) * block)
+    return per, max(1, cdiv(length, per))
 
 
 def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor, gid, drop: Dropout):
@@ -374,10 +374,10 @@ def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor,
     BR = _block_r(R)
     BM = 32 if _INTERP or BR > 32 else 64     # BLOCK_R 64 with BLOCK_M 64 spills (kernel report)
     BK = 32
-    tiles = triton.cdiv(M, BM) * triton.cdiv(R, BR)
-    per, parts = _cut(K, BK, _parts(tiles, triton.cdiv(K, BK), p.device))
+    tiles = cdiv(M, BM) * cdiv(R, BR)
+    per, parts = _cut(K, BK, _parts(tiles, cdiv(K, BK), p.device))
     t = torch.empty((parts, M, R), dtype=torch.float32, device=p.device)
-    grid = (triton.cdiv(M, BM), triton.cdiv(R, BR), parts)
+    grid = (cdiv(M, BM), cdiv(R, BR), parts)
     lora_shrink_kernel[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
                              drop.seed, drop.thresh, drop.scale, per, HAS_GID=gid is not None, DROPOUT=drop.on,
                              PREC=_prec(), BLOCK_M=BM, BLOCK_R=BR, BLOCK_K=BK, num_warps=4)
@@ -402,7 +402,7 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
         return c
     dummy = c
     nf = nf4 or {}
-    grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     prec = _base_prec(p.dtype)
     kernel = (lora_gemm_nf4_kernel if nf4 is not None else
               lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
@@ -429,12 +429,12 @@ def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
     BR = _block_r(R, 32)
     BC = 32 if _INTERP else 64
     BM = 32
-    tiles = triton.cdiv(C, BC) * triton.cdiv(R, BR)
-    want = 1 if _INTERP else max(1, min(triton.cdiv(M, 4 * BM), triton.cdiv(4 * 132, tiles)))
-    rows = triton.cdiv(triton.cdiv(M, want), BM) * BM
-    splits = triton.cdiv(M, rows)
+    tiles = cdiv(C, BC) * cdiv(R, BR)
+    want = 1 if _INTERP else max(1, min(cdiv(M, 4 * BM), cdiv(4 * 132, tiles)))
+    rows = cdiv(cdiv(M, want), BM) * BM
+    splits = cdiv(M, rows)
     o = torch.empty((splits, C, R), dtype=torch.float32, device=p.device)
-    lora_wgrad_kernel[(triton.cdiv(C, BC), triton.cdiv(R, BR), splits)](
+    lora_wgrad_kernel[(cdiv(C, BC), cdiv(R, BR), splits)](
         p, t, o, M, C, R, p.stride(0), rows, drop.seed, drop.thresh, drop.scale, DROPOUT=drop.on, PREC=_prec(),
         BLOCK_M=BM, BLOCK_C=BC, BLOCK_R=BR, num_warps=4)
     return o[0] if splits == 1 else o.sum(0)
@@ -465,9 +465,9 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
     split = dy.dtype != torch.float32     # 16-bit dy is exact in tf32: 2 MMAs per product (_dot_exact_a)
     # 64 rows per program (fp32 dy: 32, for registers) halve dB's atomics; the parts along N fill the GPU
     BM, BN = (32, 32) if _INTERP else ((64, 32) if split else (32, 16))
-    per, parts = _cut(N, BN, _parts(triton.cdiv(M, BM), triton.cdiv(N, BN), dy.device))
+    per, parts = _cut(N, BN, _parts(cdiv(M, BM), cdiv(N, BN), dy.device))
     u = torch.empty((parts, M, R), dtype=torch.float32, device=dy.device)
-    lora_dy_kernel[(triton.cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
+    lora_dy_kernel[(cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
                                                 dy.stride(0), B.stride(0), per, HAS_GID=gid is not None,
                                                 SPLIT=split, PREC=_prec(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR,
                                                 num_warps=4 if BR <= 16 else 8)
@@ -492,7 +492,7 @@ def _dropout_pass(x: torch.Tensor, drop: Dropout, keep_only: bool) -> torch.Tens
     if out.numel() == 0:
         return out
     BM, BK = (32, 32) if _INTERP else (16, 256)
-    lora_dropout_delta_kernel[(triton.cdiv(M, BM), triton.cdiv(K, BK))](
+    lora_dropout_delta_kernel[(cdiv(M, BM), cdiv(K, BK))](
         x, out, M, K, x.stride(0), drop.seed, drop.thresh, drop.scale, KEEP_ONLY=keep_only, BLOCK_M=BM, BLOCK_K=BK,
         num_warps=4, enable_fp_fusion=False)
     return out
@@ -506,7 +506,7 @@ def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
     if n == 0:
         return out
     BLOCK = 1024
-    nf4_dequant_kernel[(triton.cdiv(n, BLOCK),)](
+    nf4_dequant_kernel[(cdiv(n, BLOCK),)](
         nf4["q"], nf4["absmax"], nf4.get("absmax2", out), nf4["code"], nf4.get("code2", out), out, n,
         float(nf4.get("offset", 0.0)), BLOCKSIZE=nf4["blocksize"], BLOCKSIZE2=nf4.get("blocksize2", 256),
         DOUBLE="absmax2" in nf4, BLOCK=BLOCK, num_warps=4)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
+
 from .lora import _INTERP, _check32
 from .registry import KernelSpec, register
 
@@ -50,13 +52,13 @@ def dora_dy(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor):
     dy = dy if dy.stride(1) == 1 else dy.contiguous()
     F = F if F.stride(1) == 1 else F.contiguous()
     BM, BN, warps = _blocks()
-    rows = triton.cdiv(M, BM)
+    rows = cdiv(M, BM)
     dF = torch.empty((M, N), dtype=torch.float32, device=F.device)
     low = torch.empty((M, N), dtype=dy.dtype, device=F.device)
     pg = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     pb = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     if M and N:
-        lora_dora_dy_kernel[(rows, triton.cdiv(N, BN))](dy, F, g.contiguous(), dF, low, pg, pb, M, N, dy.stride(0),
+        lora_dora_dy_kernel[(rows, cdiv(N, BN))](dy, F, g.contiguous(), dF, low, pg, pb, M, N, dy.stride(0),
                                                         F.stride(0), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
     return dF, low, pg.sum(0), pb.sum(0)
 

@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
+
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -381,7 +383,7 @@ def _constexprs(A: int, P: int, major: int, split3: bool = False) -> dict:
     past A are skipped). split3: float32 rows."""
     AP = max(16, triton.next_power_of_2(A))
     AB = _block(AP, P, major, split3)
-    return dict(AP=AP, AB=AB, NB=triton.cdiv(A, AB), P=P, PH=_ph(AP, P), SPLIT3=split3)
+    return dict(AP=AP, AB=AB, NB=cdiv(A, AB), P=P, PH=_ph(AP, P), SPLIT3=split3)
 
 
 def _levels(bits: int, symmetric: bool) -> float:
@@ -444,7 +446,7 @@ def fake_quant_channels(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio:
     inside = torch.empty(x.shape, dtype=torch.bool, device=x.device) if clipped else None
     if R and n:
         BC = 64
-        fake_quant_cols_kernel[(triton.cdiv(n, BC),)](
+        fake_quant_cols_kernel[(cdiv(n, BC),)](
             x, out, inside.view(torch.int8) if clipped else out, R, n, float(clip_ratio), _levels(bits, symmetric),
             x.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, BR=32, BC=BC, num_warps=4,
             num_stages=1, enable_fp_fusion=False)

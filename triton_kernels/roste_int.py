@@ -18,7 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, gemm_tile
+from .common import autotune, gemm_tile, cdiv
 from .registry import KernelSpec, register
 from .roste import QB, _launch, codes_row, row_minmax
 
@@ -102,7 +102,7 @@ def int_linear(cx, sx, zx, sumx, qweight, w_bits: int, sw, zw, uw, bias, out_dty
     N = qweight.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=cx.device)
     if M and N:
-        grid = lambda meta: (triton.cdiv(M, meta["BLOCK_M"]) * triton.cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+        grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
         int_linear_kernel[grid](cx, qweight, sx, zx, sumx, sw, zw, uw, out if bias is None else bias, out,
                                 M, N, K, qweight.stride(0), 2 ** (w_bits - 1), PACKED=w_bits <= 4,
                                 HAS_BIAS=bias is not None, GROUP_M=8, enable_fp_fusion=False)

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune
+from .common import autotune, cdiv
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -57,7 +57,7 @@ def _transposed(a: torch.Tensor, tp: int) -> torch.Tensor:
 def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
     """dy [T, out], x [T, in] (same dtype), indices int32 [k] -> float32 [k]."""
     T, IN, K = x.shape[0], x.shape[1], indices.numel()
-    TP = triton.cdiv(max(T, 1), T_PAD) * T_PAD
+    TP = cdiv(max(T, 1), T_PAD) * T_PAD
     if max(dy.shape[1], IN) * TP >= 2**31:
         raise ValueError(f"sddmm: the Triton kernel indexes with 32 bits; got dy {tuple(dy.shape)}, "
                          f"x {tuple(x.shape)} (split the tokens into chunks below 2**31 elements)")
@@ -66,7 +66,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Ten
         return out
     if T == 0:
         return out.zero_()
-    grid = lambda meta: (triton.cdiv(K, meta["BLOCK_I"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(K, meta["BLOCK_I"]),)  # noqa: E731
     sddmm_kernel[grid](_transposed(dy, TP), _transposed(x, TP), indices, out, TP, K, IN)
     return out
 

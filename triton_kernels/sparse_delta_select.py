@@ -27,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
+
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -149,7 +151,7 @@ def candidates(n: int, mode: int, src: torch.Tensor | None, row: torch.Tensor | 
     dummy = torch.empty(1, dtype=torch.float32, device=dev)
     args = (dummy if src is None else src, dummy if row is None else row, dummy if col is None else col,
             exclusion_bits(exclude, numel))
-    grid = (triton.cdiv(numel, SELECT_BLOCK),)
+    grid = (cdiv(numel, SELECT_BLOCK),)
     prefix, above, need, lo = 0, 0, n, 0
     for level, (shift, nbins) in enumerate(zip(LEVEL_SHIFTS, LEVEL_BINS)):
         hist = torch.zeros(nbins, dtype=torch.int32, device=dev)
@@ -185,7 +187,7 @@ def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[t
     row_out = torch.zeros(OUT, dtype=torch.int32, device=g.device)
     col_out = torch.zeros(IN, dtype=torch.int32, device=g.device)
     if g.numel():
-        grid = (triton.cdiv(OUT, SM3_BR), triton.cdiv(IN, SM3_BC))
+        grid = (cdiv(OUT, SM3_BR), cdiv(IN, SM3_BC))
         sm3_update_kernel[grid](g, row, col, row_out, col_out, OUT, IN, BR=SM3_BR, BC=SM3_BC, num_warps=SM3_WARPS,
                                 enable_fp_fusion=False)     # g * g rounded, then added: the reference's roundings
     return row_out.view(torch.float32), col_out.view(torch.float32)

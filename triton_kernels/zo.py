@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .common import cdiv
+
 from .registry import KernelSpec, register
 
 BLOCK_G = 256  # groups of 4 elements per program
@@ -237,7 +239,7 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         dt = _DT[t.dtype]
         x = t.view(torch.int32) if dt == 0 else t.view(torch.int16)
         groups = (t.numel() + 3) // 4
-        grid = (triton.cdiv(groups, BLOCK_G),)
+        grid = (cdiv(groups, BLOCK_G),)
         zo_apply_kernel[grid](
             x, t.numel(), tid, seeds, coeffs, seeds.numel(), prev_seeds if has_prev else seeds,
             prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed_lo, rseed_hi,
