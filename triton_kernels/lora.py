@@ -26,6 +26,8 @@ from __future__ import annotations
 
 import os
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -349,8 +351,14 @@ def _parts(programs: int, steps: int, device) -> int:
     part at least 4 tiles."""
     if _INTERP:
         return max(1, min(FORCE_PARTS, steps)) if FORCE_PARTS else 1
-    sms = torch.cuda.get_device_properties(device).multi_processor_count
-    return max(1, min(cdiv(4 * sms, programs), steps // 4))
+    return max(1, min(cdiv(4 * _sm_count(torch.device(device).index), programs), steps // 4))
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index) -> int:
+    """Multiprocessors of CUDA device `index` (None: the current one), read once (called per launch)."""
+    return torch.cuda.get_device_properties(torch.cuda.current_device() if index is None else index
+                                            ).multi_processor_count
 
 
 def _cut(length: int, block: int, parts: int) -> tuple[int, int]:
