@@ -329,7 +329,10 @@ def _qlora_trainer_run(d, fuse, calls):
 
 def test_qlora_with_trainer_follows_peft(tmp_path, monkeypatch):
     pytest.importorskip("bitsandbytes")
-    tiny_llama().save_pretrained(tmp_path)
+    # features multiples of the 64-element NF4 block: on a CPU with AVX512-BF16, bitsandbytes 0.50's native
+    # kernels (what peft runs there) decode rows shorter than a block differently from its generic path,
+    # which ours and its CUDA kernels follow (docs/lora.md; seen on this test at hidden 32, 2026-11-30)
+    tiny_llama(hidden=64, intermediate=128).save_pretrained(tmp_path)
     calls = _fused_forwards(monkeypatch)
     want, want_loss = _qlora_trainer_run(tmp_path, False, calls)
     got, got_loss = _qlora_trainer_run(tmp_path, True, calls)
@@ -341,6 +344,7 @@ def test_qlora_with_trainer_follows_peft(tmp_path, monkeypatch):
             _close(p, trained[n], n)
     got.save_pretrained(str(tmp_path / "adapter"))
     back = peft.PeftModel.from_pretrained(load_4bit(tmp_path), str(tmp_path / "adapter"))
+    back.train(), want.train()   # (no dropout) bitsandbytes' CPU eval path with AVX512-BF16 repacks, bf16 math
     _close(back(IDS).logits, want(IDS).logits, "the adapter trained fused, reloaded by peft")
 
 
