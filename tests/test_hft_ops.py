@@ -25,6 +25,22 @@ def test_row_grad_is_dense_grad_rows(shape):
     torch.testing.assert_close(got.double(), w.grad[rows], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("shape", [(7, 13, 11), (2, 5, 33, 17)])
+def test_gather_gemm_is_dense_grad_rows(shape):
+    """The cuda backend's schedule (gather dy's columns, one GEMM) on CPU tensors, where it can run: float32
+    inputs (its 16-bit-in, float32-out branch needs CUDA's mm out_dtype; the GPU test covers it)."""
+    from fusedtune.ops.hft import _gather_gemm
+    *lead, out, inp = shape
+    g = torch.Generator().manual_seed(4)
+    x, dy = torch.randn(*lead, inp, generator=g), torch.randn(*lead, out, generator=g)
+    rows = torch.tensor(sorted({0, out - 1, out // 2, 3}))
+    want = (dy.reshape(-1, out).double().t() @ x.reshape(-1, inp).double())[rows]
+    got = _gather_gemm(dy, x, rows, torch.float32)
+    assert got.dtype == torch.float32 and got.shape == (len(rows), inp)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    assert _gather_gemm(dy, x, rows, torch.bfloat16).dtype == torch.bfloat16
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_row_grad_out_dtype_is_the_float32_result_rounded_once(backend, dtype):
