@@ -24,9 +24,8 @@ Offsets are 32-bit (tensors of 2^31 elements or more are refused: split the toke
 """
 from __future__ import annotations
 
-import os
-
 import functools
+import os
 
 import torch
 import triton

@@ -293,32 +293,33 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
     backends = [b for b in (("cuda", "triton") if on_gpu else ("cpu",)) if _usable(ops._ROW_GRAD_HAS, b, dev)]
     rows = []
     g = torch.Generator(device=dev).manual_seed(0)
-    for (label, out_f, in_f), b in ((gemm, b) for gemm in gemms for b in backends):
+    for label, out_f, in_f in gemms:     # inputs and the torch baselines once a shape, then each backend
         dy = torch.randn(T, out_f, device=dev, dtype=torch.bfloat16, generator=g)
         x = torch.randn(T, in_f, device=dev, dtype=torch.bfloat16, generator=g)
         sel = _half_rows(out_f, dev)
         R = sel.numel()
-        ours = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False))
-        ours_bf16 = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False, out_dtype=torch.bfloat16))
         dense = timer(lambda: (dy.t() @ x).index_select(0, sel))
         gather = timer(lambda: dy.index_select(1, sel).t() @ x)
         flops = 2.0 * T * R * in_f
         nbytes = 2.0 * T * (out_f + in_f) + 4.0 * R * in_f
-        tflops = flops / (ours[0] * 1e-3) / 1e12
         dense_tflops = 2.0 * T * out_f * in_f / (dense[0] * 1e-3) / 1e12
         shape = f"llama3-8b {label}: W {out_f}x{in_f}, {T} tokens, {R} of {out_f} rows"
-        if on_gpu:
-            note = (f"{tflops:.0f} TFLOP/s useful (2*T*R*in) = {100 * flops / (ours[0] * 1e-3) / H100_BF16_FLOPS:.1f}% "
-                    f"of {H100_BF16_FLOPS / 1e12:.0f}; dense dW {dense_tflops:.0f} TFLOP/s over all rows; "
-                    f"torch gather+GEMM (bf16 out) {gather[0]:.3g} ms = {gather[0] / ours[0]:.3g}x ours; "
-                    f"ours writes fp32; with bf16 out (block granularity) {ours_bf16[0]:.3g} ms")
-        else:
-            shape = shape.replace("llama3-8b", "tiny")
-            note = (f"{CPU_NOTE}; {tflops * 1e3:.3g} GFLOP/s; torch gather+GEMM {gather[0]:.3g} ms; "
-                    f"bf16 out {ours_bf16[0]:.3g} ms")
-        rows.append(row("hft row_grad (compact dW rows)", shape, "bf16", b,
-                        "dense dW GEMM (dy.t() @ x) + gather of the rows", ours, dense[0],
-                        roofline_pct(ours[0], nbytes, flops), note=note))
+        for b in backends:
+            ours = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False))
+            ours_bf16 = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False, out_dtype=torch.bfloat16))
+            tflops = flops / (ours[0] * 1e-3) / 1e12
+            if on_gpu:
+                note = (f"{tflops:.0f} TFLOP/s useful (2*T*R*in) = "
+                        f"{100 * flops / (ours[0] * 1e-3) / H100_BF16_FLOPS:.1f}% of {H100_BF16_FLOPS / 1e12:.0f}; "
+                        f"dense dW {dense_tflops:.0f} TFLOP/s over all rows; torch gather+GEMM (bf16 out) "
+                        f"{gather[0]:.3g} ms = {gather[0] / ours[0]:.3g}x ours; ours writes fp32; with bf16 out "
+                        f"(block granularity) {ours_bf16[0]:.3g} ms")
+            else:
+                note = (f"{CPU_NOTE}; {tflops * 1e3:.3g} GFLOP/s; torch gather+GEMM {gather[0]:.3g} ms; "
+                        f"bf16 out {ours_bf16[0]:.3g} ms")
+            rows.append(row("hft row_grad (compact dW rows)", shape if on_gpu else shape.replace("llama3-8b", "tiny"),
+                            "bf16", b, "dense dW GEMM (dy.t() @ x) + gather of the rows", ours, dense[0],
+                            roofline_pct(ours[0], nbytes, flops), note=note))
     free_memory()
     return rows
 
