@@ -33,6 +33,25 @@ def _fb(fn, x, A, B, dy):
 @pytest.mark.parametrize("M,K,N,r", [(4096, 4096, 4096, 16), (1000, 333, 1029, 7), (300, 4096, 1024, 64)])
 @pytest.mark.parametrize("p", [0.0, 0.1])
 def test_triton_within_rule(dtype, M, K, N, r, p):
+    _within_rule(dtype, M, K, N, r, p)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("M,K,N,r", [(4096, 4096, 4096, 16), (1000, 333, 1029, 7)])
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_cublas_schedule_within_rule(dtype, M, K, N, r, p, monkeypatch):
+    """The cublas schedule (torch.mm for the base GEMMs, lora_expand_kernel adding the LoRA term, the dropout
+    mask in dX and the bias), forced at every size, within the same rule as the fused GEMM."""
+    from fusedtune.ops import lora_triton
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 0)
+    calls = []
+    monkeypatch.setattr(tk, "gemm", lambda *a, **k: calls.append("gemm"))   # the fused GEMM must not run
+    _within_rule(dtype, M, K, N, r, p)
+    assert calls == []
+
+
+def _within_rule(dtype, M, K, N, r, p):
     x, W, A, B, dy = _case(M, K, N, r, dtype)
     bias = torch.randn(N, device="cuda").to(dtype)
     s = 2.0
@@ -51,10 +70,13 @@ def test_triton_within_rule(dtype, M, K, N, r, p):
         assert_within_rule(a, e, u, f"{dtype} output {i}", atol=atol)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_transposed_weight_within_rule(dtype):
+@pytest.mark.parametrize("dtype,schedule", [(torch.bfloat16, "fused"), (torch.float32, "fused"),
+                                            (torch.bfloat16, "cublas")])
+def test_transposed_weight_within_rule(dtype, schedule, monkeypatch):
     """A Conv1D base (GPT-2, peft's fan_in_fan_out): the weight comes as the transposed view of an (in, out)
     tensor, and the forward and dX GEMMs read it through its strides."""
+    from fusedtune.ops import lora_triton
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 0 if schedule == "cublas" else 2**62)
     M, K, N, r = 1000, 768, 2304, 8
     x, W, A, B, dy = _case(M, K, N, r, dtype, seed=3)
     Wt = W.t().contiguous().t()          # the same values stored (in, out)

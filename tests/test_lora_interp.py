@@ -13,6 +13,22 @@ from lora_cases import exact64, rand_adapter
 pytestmark = pytest.mark.interp
 
 
+@pytest.fixture(params=["fused", "cublas"])
+def base_schedule(request, monkeypatch):
+    """Each base-GEMM schedule of lora_triton (CUBLAS_MIN_WORK): the LoRA term in the Triton GEMM, or torch.mm
+    then lora_expand_kernel; returns (schedule, calls of tk.gemm / tk.expand_) to check which one ran."""
+    from fusedtune.ops import lora_triton
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 0 if request.param == "cublas" else 2**62)
+    return request.param, _count_calls(monkeypatch, tk, "gemm", "expand_")
+
+
+def _took(base_schedule, gemms: int):
+    """The schedule ran: `gemms` base GEMMs, all Triton (fused) or all torch.mm + expand (cublas)."""
+    sched, calls = base_schedule
+    assert calls == ({"gemm": gemms, "expand_": 0} if sched == "fused" else {"gemm": 0, "expand_": gemms}), calls
+
+
 def _run(backend, x, *args, **kw):
     xi = x.clone().requires_grad_()
     A, B = (t.clone().requires_grad_() for t in args[1:3])
@@ -24,13 +40,14 @@ def _run(backend, x, *args, **kw):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("M,K,N,r", [(37, 70, 50, 5), (65, 33, 97, 80)])
 @pytest.mark.parametrize("p", [0.0, 0.25])
-def test_triton_matches_reference(dtype, M, K, N, r, p):
+def test_triton_matches_reference(dtype, M, K, N, r, p, base_schedule):
     g = torch.Generator().manual_seed(M + r)
     x = torch.randn(M, K, generator=g).to(dtype)
     W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
     A, B = rand_adapter(r, K, N, g)
     bias = torch.randn(N, generator=g).to(dtype)
     got, dy = _run("triton", x, W, A, B, 1.5, bias=bias, dropout_p=p, seed=99)
+    _took(base_schedule, 2)
     want, _ = _run("reference", x, W, A, B, 1.5, bias=bias, dropout_p=p, seed=99)
     from fusedtune.reference.lora import dropout_mask
     keep = dropout_mask(M, K, 99, p) if p else None
@@ -64,7 +81,7 @@ def _count_calls(monkeypatch, module, *names):
 @pytest.mark.parametrize("parts", [1, 3])
 @pytest.mark.parametrize("mode", ["one_dy_read", "deterministic"])
 @pytest.mark.parametrize("dtype,r", [(torch.float16, 16), (torch.float32, 64), (torch.float16, 3)])
-def test_triton_backward_schedules_match_reference(mode, dtype, r, parts, monkeypatch, request):
+def test_triton_backward_schedules_match_reference(mode, dtype, r, parts, monkeypatch, request, base_schedule):
     """Both backward schedules: lora_dy_kernel (u and dB from one read of dy, dB by atomics) and, in
     torch's deterministic mode, the shrink + wgrad kernels; each within DESIGN.md's rule of fp64, with
     the skinny reductions (shrink over K, u over N) whole or cut into 3 parts."""
@@ -83,6 +100,7 @@ def test_triton_backward_schedules_match_reference(mode, dtype, r, parts, monkey
     # forward: one shrink; backward: dy_products + wgrad(x, u) (fused) or shrink(dy) + wgrad x2
     assert calls == ({"dy_products": 1, "shrink": 1, "wgrad": 1} if fused else
                      {"dy_products": 0, "shrink": 2, "wgrad": 2})
+    _took(base_schedule, 2)
     want, _ = _run("reference", x, W, A, B, 0.75, dropout_p=0.1, seed=3)
     from fusedtune.reference.lora import dropout_mask
     y64, g64 = exact64(x, W, [A], [B], [0.75], keep=dropout_mask(M, K, 3, 0.1), p=0.1, dy=dy)
@@ -123,7 +141,7 @@ def test_triton_multi_adapter_matches_reference():
 
 @pytest.mark.parametrize("rows", [5, 40])
 @pytest.mark.parametrize("double", [True, False])
-def test_triton_nf4_paths_match_reference(rows, double, monkeypatch):
+def test_triton_nf4_paths_match_reference(rows, double, monkeypatch, base_schedule):
     bnbf = pytest.importorskip("bitsandbytes.functional")
     monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 16)      # 5 rows: in-GEMM dequant; 40: buffer
     assert lora_ops.nf4_path(rows, True) == ("fused" if rows <= 16 else "buffer")
@@ -136,6 +154,8 @@ def test_triton_nf4_paths_match_reference(rows, double, monkeypatch):
     x = torch.randn(rows, K, generator=g)
     A, B = rand_adapter(r, K, N, g)
     got, dy = _run("triton", x, None, A, B, 2.0, nf4=nf4)
+    if rows > 16 or base_schedule[0] == "fused":      # the in-GEMM dequant is always the fused GEMM
+        _took(base_schedule, 2)
     want, _ = _run("reference", x, None, A, B, 2.0, nf4=nf4)
     Wd = dequantize(nf4, torch.float32)
     y64, g64 = exact64(x, Wd, [A], [B], [2.0], dy=dy)
@@ -156,9 +176,10 @@ def test_triton_nf4_dequant_kernel_bit_exact():
 
 @pytest.mark.parametrize("dtype,p,nf4", [(torch.float32, 0.0, False), (torch.float16, 0.25, False),
                                          (torch.float32, 0.0, True)])
-def test_triton_dora_matches_reference(dtype, p, nf4):
+def test_triton_dora_matches_reference(dtype, p, nf4, base_schedule):
     """DoRA on the Triton kernels: float32 dy*g into the adapter-gradient kernels, the 16-bit one into the
-    dgrad GEMM, the NF4 base dequantized by the kernel for the weight norm."""
+    dgrad GEMM (through torch.mm on the cublas schedule), the NF4 base dequantized by the kernel for the
+    weight norm."""
     from fusedtune.ops.dora import dora_linear, dora_weight_norm
     g = torch.Generator().manual_seed(5)
     M, K, N, r = 29, 64, 48, 6
@@ -221,3 +242,21 @@ def test_triton_dropout_delta_is_bit_exact(dtype):
     assert torch.equal(tk.dropout_delta(x, tk.Dropout(0.3, 12345)), outs["reference"][0])   # strided rows
     kept = outs["reference"][0] != -x2
     assert 0.6 < kept.float().mean() < 0.8                        # about 1 - p of the elements kept
+
+
+def test_report_names_the_schedule_of_the_last_call(monkeypatch):
+    """LoRALinear's report says which base-GEMM schedule its last call took: fused below CUBLAS_MIN_WORK
+    multiply-adds, cublas from there, and the outputs of both agree with the reference."""
+    from fusedtune.nn import LoRALinear
+    from fusedtune.ops import lora_triton
+    layer = LoRALinear.from_linear(torch.nn.Linear(24, 40), r=4, alpha=8, backend="triton")
+    torch.nn.init.normal_(layer.lora_B["default"].weight)
+    x = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(0))
+    want = lora_linear(x, layer.base_layer.weight, layer.lora_A["default"].weight, layer.lora_B["default"].weight,
+                       2.0, bias=layer.base_layer.bias, backend="reference")
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 10 * 40 * 24 + 1)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    assert "last call: 10 rows, fused" in layer._fusedtune_report()["path"]
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 10 * 40 * 24)
+    torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
+    assert "last call: 10 rows, cublas" in layer._fusedtune_report()["path"]

@@ -2,6 +2,7 @@
 
 lora_shrink_kernel   T[M, R] = (dropout(P) . Q^T) * S[gid]      the skinny x.A^T (and dy.B) GEMM, fp32 out
 lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
+                     (ACCUMULATE, K = 0: C += the rest, over a base product cuBLAS wrote: lora_expand_kernel)
                      (DoRA, COL_SCALE: also F = the product before the bias, and C = G[n] * F + bias)
                      forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
                      the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
@@ -46,8 +47,12 @@ _NF4_CONFIGS = [  # the in-GEMM NF4 dequant gathers bytes, codes and scales: few
 _IEEE_CONFIGS = [  # fp32 operands without TF32 (torch's default) multiply on FMA units: an operand tile lives
     (128, 128, 16, 8, 3), (64, 128, 32, 8, 3), (128, 64, 16, 4, 3), (64, 64, 32, 4, 3), (32, 64, 32, 4, 3),
 ]  # in registers, so BLOCK_K shrinks; _GEMM_CONFIGS' 128x256 / 128x128 x 64 spill 700-800 / 8 B there
+_EXPAND_CONFIGS = [  # C += keep * (T . E^T) + bias over a C that cuBLAS wrote: memory-bound, no K loop
+    (64, 128, 16, 4, 1), (64, 64, 16, 4, 1), (32, 128, 16, 4, 1),   # (128, 128) w8 spills on sm_80
+]
+_EXPAND_IEEE_CONFIGS = [(64, 64, 16, 4, 1), (32, 64, 16, 4, 1)]   # fp32 FMA: (64, 128) spills 830-3200 B
 if _INTERP:
-    _GEMM_CONFIGS = _NF4_CONFIGS = _IEEE_CONFIGS = [(32, 32, 32, 4, 1)]
+    _GEMM_CONFIGS = _NF4_CONFIGS = _IEEE_CONFIGS = _EXPAND_CONFIGS = _EXPAND_IEEE_CONFIGS = [(32, 32, 32, 4, 1)]
 
 
 def _autotuned(configs):
@@ -141,14 +146,18 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
                      g_ptr, f_ptr, M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
                      seed, thresh, keep_scale, nf4_offset,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NF4: tl.constexpr,
-                     COL_SCALE: tl.constexpr,
+                     COL_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
                      NF4_DOUBLE: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_BLOCK2: tl.constexpr,
                      BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, offs_m, offs_n, offs_k, m_ok, n_ok = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
     p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
     q_ptrs = q_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk      # [BK, BN]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+    if ACCUMULATE:   # C holds a product already (cuBLAS's base GEMM): add to it, one more rounding
+        acc = tl.load(c_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         k_ok = (k0 + offs_k) < K
         a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
@@ -185,11 +194,12 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
         acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 lora_gemm_nf4_kernel = _autotuned(_NF4_CONFIGS)(lora_gemm_kernel.fn)   # same kernel, NF4 configs
+lora_expand_kernel = _autotuned(_EXPAND_CONFIGS)(lora_gemm_kernel.fn)   # K = 0, ACCUMULATE: C += LoRA term
+lora_expand_ieee_kernel = _autotuned(_EXPAND_IEEE_CONFIGS)(lora_gemm_kernel.fn)
 lora_gemm_ieee_kernel = _autotuned(_IEEE_CONFIGS)(lora_gemm_kernel.fn)  # same kernel, fp32 FMA configs
 
 
@@ -398,21 +408,41 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     col_scale (float32 [N]) with f_out (an [M, N] tensor like C): f_out <- the product before the bias,
     C <- col_scale[n] * it + bias."""
     M, K = p.shape
-    R = 0 if t is None else t.shape[1]
     _check32("gemm", p, q, t, e)
     if nf4 is not None and nf4["shape"][0] * nf4["shape"][1] >= 2**31:
         raise ValueError(f"lora gemm: an NF4 weight of {nf4['shape']} needs 64-bit indexing")
     if M * N >= 2**31:
         raise ValueError(f"lora gemm: an output of {M}x{N} needs 64-bit indexing (split the tokens)")
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
+    prec = _base_prec(p.dtype)
+    kernel = (lora_gemm_nf4_kernel if nf4 is not None else
+              lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
+    return _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop, prec, nf4, col_scale, f_out, False)
+
+
+def expand_(c: torch.Tensor, t: torch.Tensor, e: torch.Tensor, e_strides: tuple, bias, drop: Dropout,
+            prec_dtype) -> torch.Tensor:
+    """C += keep/(1-p) * (T . E^T) + bias in place, C [M, N] row-major holding a product already (the base
+    GEMM, through cuBLAS): C read and written once, the sum in float32 rounded once to C's dtype; the
+    LoRA term at the precision the fused GEMM gives it (_base_prec of prec_dtype, the operands' dtype)."""
+    M, N = c.shape
+    _check32("expand", c, t, e)
+    if c.stride(1) != 1 or (M > 1 and c.stride(0) < N):
+        raise ValueError(f"lora expand: C must be row-major, got strides {c.stride()}")
+    prec = _base_prec(prec_dtype)
+    kernel = lora_expand_ieee_kernel if prec == "ieee" else lora_expand_kernel
+    return _launch(kernel, c, c, (0, 0), 0, t, e, e_strides, bias, c, drop, prec, None, None, None, True)
+
+
+def _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop: Dropout, prec, nf4, col_scale, f_out,
+            accumulate: bool) -> torch.Tensor:
+    M, N = c.shape
+    R = 0 if t is None else t.shape[1]
     if M == 0 or N == 0:
         return c
     dummy = c
     nf = nf4 or {}
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    prec = _base_prec(p.dtype)
-    kernel = (lora_gemm_nf4_kernel if nf4 is not None else
-              lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
     kernel[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
@@ -420,7 +450,7 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
         M, N, K, R, p.stride(0), q_strides[0], q_strides[1], e_strides[0], e_strides[1], c.stride(0),
         drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
         HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
-        COL_SCALE=col_scale is not None,
+        COL_SCALE=col_scale is not None, ACCUMULATE=accumulate,
         NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
         BASE_PREC=prec, EPI_PREC=prec, BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
@@ -529,7 +559,7 @@ _GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp
              "code2_ptr": "*fp32", "g_ptr": "*fp32", "f_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
              "stride_pm": "i32",
              "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
-_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
+_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, ACCUMULATE=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
                   BASE_PREC="tf32", EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
 _ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "stride_en": "i32"}),
            "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"}),
@@ -564,6 +594,13 @@ register(KernelSpec(
        _gemm_cfg(128, 256, 64, 8, 3, orient="fwd_conv1d"), _gemm_cfg(64, 64, 64, 4, 4, orient="fwd_conv1d"),
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad_conv1d", HAS_BIAS=False)]
     + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]
+    # the expand pass after a cuBLAS base GEMM (K = 0): forward with bias, dgrad with the dropout mask
+    + [_gemm_cfg(*c, ACCUMULATE=True) for c in _EXPAND_CONFIGS]
+    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=True, DROPOUT=True, HAS_BIAS=False)]
+    + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True), gemm=False)
+       for c in _EXPAND_IEEE_CONFIGS]
+    + [dict(_gemm_cfg(*_EXPAND_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True,
+                      DROPOUT=True, HAS_BIAS=False), gemm=False)]
     # fp32 without TF32: FMA by design (no tensor-core instruction to ask for); checked for spills
     + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee"), gemm=False) for c in _IEEE_CONFIGS]
     + [dict(_gemm_cfg(*_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", DROPOUT=True,

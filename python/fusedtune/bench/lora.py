@@ -4,7 +4,10 @@ On Llama-3-8B layer shapes (q/o 4096x4096, k/v 1024x4096, gate/up 14336x4096, do
 bf16 base and input, fp32 adapters (peft's default), at 4096 and 16384 tokens and r in {8, 16, 64}
 (--quick: 4096 tokens, r=16, q/gate/down), each in the same run:
 
-  lora fwd        fusedtune.ops.lora_linear (Triton: shrink + one GEMM with the LoRA inner loop)
+  lora fwd        fusedtune.ops.lora_linear on its default schedule at the shape (ops/lora_triton.py,
+                  CUBLAS_MIN_WORK): "fused" (Triton shrink + one GEMM with the LoRA inner loop) or "cublas"
+                  (Triton shrink, the base GEMM through cuBLAS, lora_expand_kernel adding the LoRA term);
+                  the other schedule's rows follow as "lora <kind> (<schedule> schedule)"
   lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen); backward reads dy for u
                   and dB once (lora_dy_kernel, r <= 64), also timed against torch's deterministic mode,
                   where u and dB take one read of dy each
@@ -134,6 +137,58 @@ def _note(ratio, goal, what, on_gpu):
     return f"{what}: goal {goal:g}x, {'met' if ratio >= goal else 'NOT met'}"
 
 
+def _schedules(T, N, K) -> list:
+    """[(schedule, CUBLAS_MIN_WORK that forces it or None), ...], the default schedule at this shape first."""
+    from ..ops import lora_triton
+    default = lora_triton.schedule(T, N, K, None, "")
+    other = "fused" if default == "cublas" else "cublas"
+    return [(default, None), (other, 0 if other == "cublas" else 2**62)]
+
+
+def _time_ours(timer, limit, x, xg, W, A, B, s, dy, on_gpu):
+    """(fwd, fwd+bwd, bwd, step) timings of lora_linear, with lora_triton.CUBLAS_MIN_WORK = limit (None: as is)."""
+    from ..ops import lora_linear, lora_triton
+    keep = lora_triton.CUBLAS_MIN_WORK
+    if limit is not None:
+        lora_triton.CUBLAS_MIN_WORK = limit
+    try:
+        def fb():
+            y = lora_linear(xg, W, A, B, s)
+            return torch.autograd.grad(y, [xg, A, B], dy)
+        return (timer(lambda: lora_linear(x, W, A, B, s)), timer(fb),
+                _time_backward(timer, lambda v: lora_linear(v, W, A, B, s), xg, A, B, dy),
+                timer(_train_step(lambda v: lora_linear(v, W, A, B, s), xg, A, B, dy, on_gpu)))
+    finally:
+        lora_triton.CUBLAS_MIN_WORK = keep
+
+
+def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, base3, peft4, uns3, peft_name,
+                    T, N, K, r, on_gpu) -> list:
+    """The fwd / fwd+bwd / bwd / step rows of one schedule against the base GEMM, peft and unsloth's method.
+    The default schedule's rows are named "lora <kind>"; the other's "lora <kind> (<schedule> schedule)"."""
+    rows = []
+    (base_f, base_fb, base_b), (pf, pfb, peft_b, peft_s), (uf, ufb, ub) = base3, peft4, uns3
+    dts, be = str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu"
+    tag = "" if sched == default else f" ({sched} schedule)"
+    how = "" if not on_gpu else (f"{sched} schedule" + (" (the default here); " if sched == default else "; "))
+    for kind, ours, base, peft_t, uns in (("fwd", ours_f, base_f, pf, uf), ("fwd+bwd", ours_t, base_fb, pfb, ufb),
+                                           ("bwd", ours_b, base_b, peft_b, ub), ("step", ours_s, base_fb, peft_s, None)):
+        fl = _flops(T, N, K, r, kind != "fwd") - (_flops(T, N, K, r, False) if kind == "bwd" else 0)
+        rl = roofline_pct(ours[0], flops=fl)
+        over = ours[0] / base[0]
+        k = f"lora {kind}{tag}"
+        rows.append(row(k, shape, dts, be, "base GEMM alone (frozen W)", ours, base[0], rl,
+                        note=(how + f"LoRA costs {100 * (over - 1):+.1f}% over the base; "
+                              + _note(1 / over, 1 / GOAL_OVER_BASE, "<= +10%", on_gpu))))
+        rows.append(row(k, shape, dts, be, peft_name, ours, peft_t[0], rl,
+                        note=how + (_note(peft_t[0] / ours[0], GOAL_VS_PEFT, "vs peft", on_gpu)
+                                    if kind != "fwd" else (CPU_NOTE if not on_gpu else ""))))
+        if uns is not None:
+            rows.append(row(k, shape, dts, be, "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours, uns[0], rl,
+                            note=how + (CPU_NOTE if not on_gpu else "")))
+    return rows
+
+
 def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
     rows = []
     from ..ops import lora_linear
@@ -155,12 +210,12 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 A16, B16 = A.detach().to(dt), B.detach().to(dt)
                 xg = x.detach().requires_grad_()
                 shape = f"{name} T={T} N={N} K={K} r={r}"
-                ours_f = timer(lambda: lora_linear(x, W, A, B, s, backend=backend))
+                scheds = _schedules(T, N, K) if on_gpu else [("cpu", None)]
+                ours = {sn: _time_ours(timer, lim, x, xg, W, A, B, s, dy, on_gpu) for sn, lim in scheds}
 
                 def ours_fb():
                     y = lora_linear(xg, W, A, B, s, backend=backend)
                     return torch.autograd.grad(y, [xg, A, B], dy)
-                ours_t = timer(ours_fb)
                 det = torch.are_deterministic_algorithms_enabled()
                 fill = torch.utils.deterministic.fill_uninitialized_memory
                 torch.use_deterministic_algorithms(True)    # the two-kernel backward: dy read for u, then dB
@@ -183,32 +238,15 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 uf = timer(lambda: _unsloth_fwd(x, W, A16, B16, s))
                 ufb = timer(lambda: (_unsloth_fwd(x, W, A16, B16, s), _unsloth_bwd(dy, x, W, A16, B16, s)))
                 ub = timer(lambda: _unsloth_bwd(dy, x, W, A16, B16, s))
-                ours_b = _time_backward(timer, lambda v: lora_linear(v, W, A, B, s, backend=backend), xg, A, B, dy)
                 peft_b = _time_backward(timer, lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
                                         xg, A, B, dy)
-                ours_s = timer(_train_step(lambda v: lora_linear(v, W, A, B, s, backend=backend), xg, A, B, dy,
-                                           on_gpu))
                 peft_s = timer(_train_step(lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
                                            xg, A, B, dy, on_gpu))
-                for kind, ours, base, peft_t, uns in (("fwd", ours_f, base_f, pf, uf),
-                                                       ("fwd+bwd", ours_t, base_fb, pfb, ufb),
-                                                       ("bwd", ours_b, base_b, peft_b, ub),
-                                                       ("step", ours_s, base_fb, peft_s, None)):
-                    fl = _flops(T, N, K, r, kind != "fwd") - (_flops(T, N, K, r, False) if kind == "bwd" else 0)
-                    rl = roofline_pct(ours[0], flops=fl)
-                    over = ours[0] / base[0]
-                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
-                                    "cpu", "base GEMM alone (frozen W)", ours, base[0], rl,
-                                    note=(f"LoRA costs {100 * (over - 1):+.1f}% over the base; "
-                                          + _note(1 / over, 1 / GOAL_OVER_BASE, "<= +10%", on_gpu))))
-                    rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else
-                                    "cpu", peft_name, ours, peft_t[0], rl,
-                                    note=_note(peft_t[0] / ours[0], GOAL_VS_PEFT, "vs peft", on_gpu)
-                                    if kind != "fwd" else (CPU_NOTE if not on_gpu else "")))
-                    if uns is not None:
-                        rows.append(row(f"lora {kind}", shape, str(dt).replace("torch.", ""), "triton" if on_gpu
-                                        else "cpu", "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours,
-                                        uns[0], rl, note=CPU_NOTE if not on_gpu else ""))
+                for sched, (ours_f, ours_t, ours_b, ours_s) in ours.items():
+                    rows += _gemm_kind_rows(sched, scheds[0][0], shape, dt, ours_f, ours_t, ours_b, ours_s,
+                                            (base_f, base_fb, base_b), (pf, pfb, peft_b, peft_s), (uf, ufb, ub),
+                                            peft_name, T, N, K, r, on_gpu)
+                ours_t = ours[scheds[0][0]][1]
                 rows.append(row("lora fwd+bwd", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu",
                                 "deterministic mode (dy read twice: u, then dB)", ours_t, two_reads[0],
                                 roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True)),

@@ -409,8 +409,8 @@ class LoRALinear(nn.Module):
         caller runs the op with autocast off)."""
         nf4 = self._nf4_weight()
         bias = self._modules["base_layer"].bias
+        self._last_rows = x.numel() // max(x.shape[-1], 1)     # for the report's schedule of the last call
         if nf4 is not None:
-            self._last_rows = x.numel() // max(x.shape[-1], 1)
             dt = self._base_device_dtype()[1]
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
         dt = _autocast.linear_dtype(x.device)
@@ -741,8 +741,15 @@ class LoRALinear(nn.Module):
         if _is_fp8(self.base_layer):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
         elif b["backend"] == "triton":
-            path = "Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r" \
-                + _backward_schedule(sum(self.r[n] for n in self.active_adapters))
+            from ..ops import lora_triton
+            last = getattr(self, "_last_rows", None)
+            sched = None if last is None else lora_triton.schedule(
+                last, self.out_features, self.in_features, nf4 or None, lora_ops.nf4_path(last, True) if nf4 else "")
+            path = ("Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r (fused), or "
+                    f"for M*N*K >= {lora_triton.CUBLAS_MIN_WORK} the base GEMM through cuBLAS and "
+                    "lora_expand_kernel adding the LoRA term (cublas)"
+                    + ("" if sched is None else f"; last call: {last} rows, {sched}")
+                    + _backward_schedule(sum(self.r[n] for n in self.active_adapters)))
         else:
             path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
         if nf4 and b["backend"] == "triton":
