@@ -43,6 +43,9 @@ def test_quantize_128x128_bytes_equal_reference():
     got = F8.fp8_quantize_128x128(w, backend="triton")
     want = F8.fp8_quantize_128x128(w, backend="reference")
     assert all(_same(a, b) for a, b in zip(got, want))
+    got_t = F8.fp8_quantize_128x128(w, backend="triton", transpose=True)   # + the bytes transposed, same pass
+    assert len(got_t) == 3 and all(_same(a, b) for a, b in zip(got_t, want))
+    assert got_t[2].shape == (260, 300) and torch.equal(got_t[2].view(torch.uint8), want[0].view(torch.uint8).t())
 
 
 def test_integer_e4m3_conversion_matches_torch_cast_on_edges():

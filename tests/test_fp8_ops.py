@@ -151,13 +151,14 @@ def test_128x128_block_rules_zero_inf_nan():
 def test_opcheck():
     x = _x(40, 300, 8)
     torch.library.opcheck(_q1_op, (x, False, True, "reference"))
-    torch.library.opcheck(F8._q128_op, (_x(70, 300, 9), False, "reference"))
+    torch.library.opcheck(F8._q128_op, (_x(70, 300, 9), False, False, "reference"))
+    torch.library.opcheck(F8._q128_op, (_x(70, 300, 9), False, True, "reference"))
     a_q, a_s = ref.quantize_rows(x)
     b_q, b_s = ref.quantize_128x128(_x(70, 300, 9))
     torch.library.opcheck(_gemm_op, (a_q, a_s, b_q, b_s, 128, False, "float32", "reference"),
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))  # test_schema multiplies fp8 inputs
     w = _x(70, 300, 9).requires_grad_()
-    torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, False, True, "reference"),
+    torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, None, False, True, "reference"),
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 
@@ -235,16 +236,22 @@ def test_bad_inputs():
 
 
 def test_no_transposed_x_copy_without_grad(monkeypatch):
-    """Under no_grad (eval) the forward keeps no column-wise FP8 copy of x for a weight gradient."""
+    """Under no_grad (eval) the forward keeps no column-wise FP8 copy of x for a weight gradient, and no
+    transposed FP8 weight for dX unless x needs a gradient; when it does, the weight quantizer's transposed
+    bytes are w_q's exactly."""
     seen = []
     real = F8._linear
-    monkeypatch.setattr(F8, "_linear", lambda *a: (seen.append(a[6]), real(*a))[1])
-    w = torch.nn.Parameter(torch.randn(128, 128))
-    x = torch.randn(4, 128)
+    monkeypatch.setattr(F8, "_linear", lambda *a: (seen.append((a[7], a[5])), real(*a))[1])
+    w = torch.nn.Parameter(torch.randn(128, 256))
+    x = torch.randn(4, 256)
     with torch.no_grad():
         F8.fp8_linear(x, w, backend="reference")
     F8.fp8_linear(x, w, backend="reference")
-    assert seen == [False, True]
+    F8.fp8_linear(x.requires_grad_(), w, backend="reference")
+    assert [a for a, _ in seen] == [False, True, True]
+    assert seen[0][1] is None and seen[1][1] is None
+    q, _ = F8.fp8_quantize_128x128(w.detach(), backend="reference")
+    assert seen[2][1].shape == (256, 128) and torch.equal(seen[2][1].view(torch.uint8), q.view(torch.uint8).t())
 
 
 def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input():

@@ -3,7 +3,8 @@
 fp8_quant_rows_kernel   one read of a [128, 128] tile of x [M, K]: the 1x128 row-wise copy (scales per
                         row and 128 columns) and, with COL, the column-wise copy written transposed
                         [K, M] (scales per column and 128 rows)
-fp8_quant_blocks_kernel 128x128 blocks of a weight, one scale per block
+fp8_quant_blocks_kernel 128x128 blocks of a weight, one scale per block (TRANS: the bytes also written
+                        transposed, the K-major operand of the dX GEMM)
 fp8_gemm_kernel         C = sum over 128-wide K blocks of (A_kb . B_kb^T) * a_scale * b_scale: each
                         block's FP8 tensor-core partial sum is promoted into the fp32 accumulator with
                         both scales (DeepGEMM's promotion); B's scales per row (1x128) or per 128 rows
@@ -105,8 +106,10 @@ def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm
 
 
 @triton.jit
-def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, BLOCK: tl.constexpr,
-                            CHUNK: tl.constexpr):
+def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, TRANS: tl.constexpr,
+                            BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+    """One 128x128 block: its amax, then the E4M3 bytes, and with TRANS the same bytes written transposed
+    into qt [K, N] (the K-major operand of dX = dy . W; the block's scale serves both)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
@@ -125,8 +128,10 @@ def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, N, K, stride_wn, KB, POW2: tl.c
         offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
         ok = (offs_n < N)[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-        q = _e4m3_bits(tl.math.div_rn(w, tl.full((CHUNK, BLOCK), 1.0, tl.float32) * s))
-        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q.to(tl.uint8), mask=ok)
+        q = _e4m3_bits(tl.math.div_rn(w, tl.full((CHUNK, BLOCK), 1.0, tl.float32) * s)).to(tl.uint8)
+        tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=ok)
+        if TRANS:
+            tl.store(qt_ptr + offs_k[None, :] * N + offs_n[:, None], q, mask=ok)
 
 
 @autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s)
@@ -189,16 +194,19 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     return q_r, s_r, q_c, s_c
 
 
-def quantize_blocks(w: torch.Tensor, pow2: bool):
+def quantize_blocks(w: torch.Tensor, pow2: bool, trans: bool = False):
+    """w [N, K] -> (q [N, K], s [N/128, K/128], q^T [K, N] contiguous or None)."""
     N, K = w.shape
     _check32("quantize", w)
     NB, KB = cdiv(N, TILE), cdiv(K, TILE)
     q = torch.empty((N, K), dtype=torch.float8_e4m3fn, device=w.device)
     s = torch.empty((NB, KB), dtype=torch.float32, device=w.device)
+    qt = torch.empty((K, N), dtype=torch.float8_e4m3fn, device=w.device) if trans else None
     if N and K:
-        fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, N, K, w.stride(0), KB, POW2=pow2, BLOCK=TILE,
-                                          CHUNK=_CHUNK, num_warps=4)
-    return q, s
+        fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8) if trans else q.view(
+            torch.uint8), N, K, w.stride(0), KB, POW2=pow2, TRANS=trans, BLOCK=TILE, CHUNK=16 if trans else _CHUNK,
+            num_warps=4)   # (the transposed store at CHUNK 32 spills on sm_80: python -m fusedtune kernels)
+    return q, s, qt
 
 
 def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False):
@@ -232,10 +240,11 @@ register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_row
                              for c, p, cfgs in ((True, False, _QUANT_CONFIGS), (False, True, _QUANT_CONFIGS[:1]))
                              for ch, w in cfgs]))   # every config of the heavier variant (the column copy)
 register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel,
-                    signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "N": "i32", "K": "i32",
-                               "stride_wn": "i32", "KB": "i32"},
-                    configs=[{"constexprs": dict(POW2=False, BLOCK=TILE, CHUNK=32), "num_warps": 4, "num_stages": 1,
-                              "aligned": ["w_ptr", "q_ptr", "s_ptr", "N", "K", "stride_wn"]}]))
+                    signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "N": "i32",
+                               "K": "i32", "stride_wn": "i32", "KB": "i32"},
+                    configs=[{"constexprs": dict(POW2=False, TRANS=t, BLOCK=TILE, CHUNK=16 if t else 32), "num_warps": 4,
+                              "num_stages": 1, "aligned": ["w_ptr", "q_ptr", "s_ptr", "qt_ptr", "N", "K", "stride_wn"]}
+                             for t in (False, True)]))
 _G_SIG = {"a_ptr": "*fp8e4nv", "as_ptr": "*fp32", "b_ptr": "*fp8e4nv", "bs_ptr": "*fp32", "c_ptr": "*bf16",
           "M": "i32", "N": "i32", "K": "i32", "KB": "i32", "stride_am": "i32", "stride_cm": "i32"}
 register(KernelSpec(

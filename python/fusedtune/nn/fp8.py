@@ -38,21 +38,27 @@ class FP8Linear(nn.Module):
         m.pow2, m.backend, m._cache = pow2, backend, None
         return m
 
-    def quantized_weight(self):
+    def quantized_weight(self, transpose: bool = False):
+        """(q, s, q_t): the weight's 128x128 FP8 copy and scales, and (transpose) the copy's bytes transposed
+        for the dX GEMM, written by the same pass (else None)."""
         w = self.weight
         if w.requires_grad or torch.compiler.is_compiling():   # (compile: no data-pointer cache in the graph)
             self._cache = None
-            with torch.no_grad():
-                return fp8_quantize_128x128(w.detach(), self.pow2, self.backend)
+            return self._quantize(transpose)
         key = (w.data_ptr(), w._version, w.device, self.pow2)
-        if self._cache is None or self._cache[0] != key:
-            with torch.no_grad():
-                self._cache = (key, fp8_quantize_128x128(w.detach(), self.pow2, self.backend))
+        if self._cache is None or self._cache[0] != key or (transpose and self._cache[1][2] is None):
+            self._cache = (key, self._quantize(transpose))
         return self._cache[1]
 
+    def _quantize(self, transpose: bool):
+        with torch.no_grad():
+            if transpose:
+                return fp8_quantize_128x128(self.weight.detach(), self.pow2, self.backend, transpose=True)
+            return (*fp8_quantize_128x128(self.weight.detach(), self.pow2, self.backend), None)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w_q, w_s = self.quantized_weight()
-        return fp8_linear(x, self.weight, self.bias, w_q, w_s, self.pow2, self.backend)
+        w_q, w_s, w_qt = self.quantized_weight(transpose=x.requires_grad and torch.is_grad_enabled())
+        return fp8_linear(x, self.weight, self.bias, w_q, w_s, self.pow2, self.backend, w_qt=w_qt)
 
     def to_linear(self) -> nn.Linear:
         return plain_linear(self.weight.detach(), None if self.bias is None else self.bias.detach())
@@ -63,8 +69,8 @@ class FP8Linear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = fp8_backend(self.weight.device, self.backend)
-        path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX (over a "
-                "K-major copy of the FP8 W), dW"
+        path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX (over the "
+                "K-major copy of the FP8 W its quantizer writes in the same pass), dW"
                 if b["backend"] == "triton" else f"{b['backend']}: float32 emulation of the FP8 GEMMs")
         gap = fp8_arch_gap(self.weight.device)
         if gap:

@@ -2,7 +2,8 @@
 
     fp8_quantize_1x128(x, pow2=False, transpose=True) -> (q_row, s_row, q_col, s_col)
         1x128 row-wise E4M3 copy of x [M, K] and its column-wise copy [K, M], from one read
-    fp8_quantize_128x128(w, pow2=False) -> (q, s)        128x128 blocks (transposable with s)
+    fp8_quantize_128x128(w, pow2=False, transpose=False) -> (q, s) or (q, s, q_t)
+        128x128 blocks (transposable with s); q_t: the bytes transposed [K, N], from the same pass
     fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows=128, out_dtype=torch.bfloat16, b_transposed=False)
         C = A . B^T, each 128-wide K block's FP8 partial sum promoted into fp32 with both scales;
         b_transposed: b_q is stored [K, N] (e.g. W for dX = dy . W); b_s is always [N rows or blocks, K blocks]
@@ -56,10 +57,14 @@ def _(x, pow2, transpose, backend):
     return x.new_empty((M, K), dtype=f8), x.new_empty((M, -(-K // ref.TILE)), dtype=f32), qc, sc
 
 
-def _q128_impl(w: torch.Tensor, pow2: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
+def _q128_impl(w: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                  torch.Tensor]:
     if backend == "triton":
-        return _tk().quantize_blocks(w, pow2)
-    return ref.quantize_128x128(w, pow2)
+        q, s, qt = _tk().quantize_blocks(w, pow2, transpose)
+    else:
+        q, s = ref.quantize_128x128(w, pow2)
+        qt = q.view(torch.uint8).t().contiguous().view(q.dtype) if transpose else None
+    return q, s, (qt if qt is not None else _empty(w.device)[0])
 
 
 _q128_op = torch.library.custom_op("fusedtune::fp8_quantize_128x128", mutates_args=())(_q128_impl)
@@ -67,10 +72,11 @@ _q128 = EagerOp(_q128_op, _q128_impl)
 
 
 @_q128_op.register_fake
-def _(w, pow2, backend):
+def _(w, pow2, transpose, backend):
     N, K = w.shape
     return (w.new_empty((N, K), dtype=torch.float8_e4m3fn),
-            w.new_empty((-(-N // ref.TILE), -(-K // ref.TILE)), dtype=torch.float32))
+            w.new_empty((-(-N // ref.TILE), -(-K // ref.TILE)), dtype=torch.float32),
+            w.new_empty((K, N) if transpose else (0,), dtype=torch.float8_e4m3fn))
 
 
 def _gemm_impl(a_q: torch.Tensor, a_s: torch.Tensor, b_q: torch.Tensor, b_s: torch.Tensor, b_block_rows: int,
@@ -129,13 +135,16 @@ def fp8_quantize_1x128(x, pow2: bool = False, transpose: bool = True, backend: s
     return _q1(x, bool(pow2), bool(transpose), _resolve("fp8_quantize", x, backend))
 
 
-def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None):
+def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None, transpose: bool = False):
+    """(q, s), or with transpose (q, s, q_t): q_t [K, N] holds q's bytes transposed (the K-major B operand of
+    dX = dy . W, whose scales are s transposed), written by the same pass."""
     _check_2d(w, "w")
     if w.dtype not in _FLOATS:
         raise TypeError(f"fp8_quantize_128x128: w must be float32/bfloat16/float16, got {w.dtype}")
     if w.stride(-1) != 1:
         w = w.contiguous()
-    return _q128(w, bool(pow2), _resolve("fp8_quantize", w, backend))
+    q, s, qt = _q128(w, bool(pow2), bool(transpose), _resolve("fp8_quantize", w, backend))
+    return (q, s, qt) if transpose else (q, s)
 
 
 def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat16, b_transposed: bool = False,
@@ -167,9 +176,10 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat
 # ----------------------------------------------------------------------------------------- FP8 linear
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
-                 w_s: torch.Tensor, pow2: bool, need_wgrad: bool,
+                 w_s: torch.Tensor, w_qt: torch.Tensor | None, pow2: bool, need_wgrad: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """weight is the high-precision master (for the gradient only); w_q, w_s its 128x128 quantization.
+    """weight is the high-precision master (for the gradient only); w_q, w_s its 128x128 quantization and
+    w_qt (or None) w_q's bytes transposed, the dX GEMM's operand (else backward makes it).
     need_wgrad: also quantize x column-wise (saved for dW = dy^T x)."""
     qr, sr, qc, sc = _q1(x, pow2, need_wgrad, backend)
     y = _gemm(qr, sr, w_q, w_s, ref.TILE, False, _name(x.dtype), backend)
@@ -182,7 +192,7 @@ _linear_op = torch.library.custom_op("fusedtune::fp8_linear", mutates_args=())(_
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, w_q, w_s, pow2, need_wgrad, backend):
+def _(x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend):
     M, K = x.shape
     if not need_wgrad:
         return (x.new_empty((M, weight.shape[0])), x.new_empty((0,), dtype=torch.float8_e4m3fn),
@@ -192,36 +202,40 @@ def _(x, weight, bias, w_q, w_s, pow2, need_wgrad, backend):
 
 
 def _lin_setup(ctx, inputs, output):
-    x, weight, bias, w_q, w_s, pow2, need_wgrad, backend = inputs
-    ctx.save_for_backward(output[1], output[2], w_q, w_s)   # FP8 x^T and its scales, not a 16-bit x
+    x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend = inputs
+    ctx.save_for_backward(output[1], output[2], w_q, w_s, w_qt)   # FP8 x^T and its scales, not a 16-bit x
     ctx.args = (pow2, backend, x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _lin_backward(ctx, dy, _dq, _ds):
-    xq_c, xs_c, w_q, w_s = ctx.saved_tensors
+    xq_c, xs_c, w_q, w_s, w_qt = ctx.saved_tensors
     pow2, backend, x_dtype, w_dtype, bias_dtype = ctx.args
     g = ctx.needs_input_grad
     dq_r, ds_r, dq_c, ds_c = _q1(dy.contiguous(), pow2, bool(g[1]), backend)
     dx = dW = db = None
     if g[0]:   # dX = dy . W: B = W^T [K, N] as a K-major copy, its 128x128 scales transposed. (The GEMM can
         # read W^T in place, b_transposed=True, but FP8 wgmma wants K-major operands: on an H200 that ran at
-        # 99 TFLOP/s against 699 on the copy, which costs 0.39 ms at 8192^2 -- bench/results/fp8.csv)
-        w_t = w_q.view(torch.uint8).t().contiguous().view(w_q.dtype)
+        # 99 TFLOP/s against 699 on the copy, which as a separate transpose cost 0.39 ms at 8192^2 --
+        # bench/results/fp8.csv; the weight quantizer now writes it in the same pass, w_qt)
+        w_t = w_qt if w_qt is not None else w_q.view(torch.uint8).t().contiguous().view(w_q.dtype)
         dx = _gemm(dq_r, ds_r, w_t, w_s.t().contiguous(), ref.TILE, False, _name(x_dtype), backend)
     if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
         dW = _gemm(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
     if bias_dtype is not None and g[2]:
         db = dy.float().sum(0).to(bias_dtype)
-    return dx, dW, db, None, None, None, None, None
+    return dx, dW, db, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedtune::fp8_linear", _lin_backward, setup_context=_lin_setup)
 _linear = EagerOp(_linear_op, _linear_impl, _lin_setup, _lin_backward)
 
 
-def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, backend: str | None = None):
-    """y = x W^T + b with x in 1x128 FP8 and W in 128x128 FP8 (quantized here unless w_q, w_s are given)."""
+def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, backend: str | None = None,
+               w_qt=None):
+    """y = x W^T + b with x in 1x128 FP8 and W in 128x128 FP8 (quantized here unless w_q, w_s are given;
+    w_qt: w_q's bytes transposed [K, N], fp8_quantize_128x128(..., transpose=True)'s third output, for dX;
+    made here with w_q when x needs a gradient, else by the backward from w_q)."""
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
         raise TypeError(f"fp8_linear: x and weight must be float32/bfloat16/float16, got {x.dtype}, {weight.dtype}")
     _check_2d(weight, "weight")
@@ -231,19 +245,24 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOATS):
         raise ValueError(f"fp8_linear: bias must be a float tensor of shape [{N}], got {bias.dtype} "
                          f"{tuple(bias.shape)}")
-    devs = {t.device for t in (x, weight, bias, w_q, w_s) if t is not None}
+    devs = {t.device for t in (x, weight, bias, w_q, w_s, w_qt) if t is not None}
     if len(devs) != 1:
         raise ValueError(f"fp8_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
+    need_dgrad = x.requires_grad and torch.is_grad_enabled()
     if w_q is None:
         with torch.no_grad():
-            w_q, w_s = fp8_quantize_128x128(weight.detach(), pow2, backend)
+            w_q, w_s, w_qt = fp8_quantize_128x128(weight.detach(), pow2, backend, transpose=True) if need_dgrad \
+                else (*fp8_quantize_128x128(weight.detach(), pow2, backend), None)
+    elif w_qt is not None and (w_qt.shape != (K, N) or w_qt.dtype != torch.float8_e4m3fn):
+        raise ValueError(f"fp8_linear: w_qt must be float8_e4m3fn [{K}, {N}] (w_q transposed), got {w_qt.dtype} "
+                         f"{tuple(w_qt.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
         x2 = x2.contiguous()
     name = _resolve("fp8_linear", x, backend)
     need_wgrad = bool(weight.requires_grad) and torch.is_grad_enabled()   # else no transposed x copy is kept
-    y, _, _ = _linear(x2, weight, bias, w_q, w_s, bool(pow2), need_wgrad, name)
+    y, _, _ = _linear(x2, weight, bias, w_q, w_s, w_qt if need_dgrad else None, bool(pow2), need_wgrad, name)
     return y.reshape(*lead, N)
 
 
