@@ -53,3 +53,39 @@ def test_fp8_linear_sqnr():
     xf, wf, dyf = x.detach().double(), w.detach().double(), dy.double()
     assert ref.sqnr_db(y, xf @ wf.t()) >= 25
     assert ref.sqnr_db(x.grad, dyf @ wf) >= 18 and ref.sqnr_db(w.grad, dyf.t() @ xf) >= 18
+
+
+def test_cublas_block_scaled_gemm_passes_its_check_on_sm90():
+    """On sm_90 with CUDA 12.9+, cuBLAS's block-scaled FP8 GEMM (torch._scaled_mm with 1x128 / 128x128 float32
+    scales) agrees with the float32 emulation for every operand kind and output FP8Linear uses, so FP8Linear
+    takes it; the scale layouts fp8_cublas passes are the ones cuBLAS reads."""
+    from fusedtune.ops import fp8_cublas
+    gap = fp8_cublas.device_gap("cuda")
+    if gap:
+        pytest.skip(gap)
+    for b_rows in (128, 1):
+        for dt in (torch.bfloat16, torch.float32):
+            assert fp8_cublas.status("cuda", b_rows, dt) is None, (b_rows, dt)
+
+
+@pytest.mark.parametrize("engine", ["triton", "cublas"])
+@pytest.mark.parametrize("M,N,K", [(1024, 1536, 2048), (1000, 336, 333)])
+def test_fp8_linear_engines_match_the_emulation(engine, M, N, K, monkeypatch):
+    """FP8Linear's output and gradients on each GEMM engine against the same FP8 math emulated in float32
+    (backend="reference"): the same quantized operands, so only accumulation order and output rounding differ
+    (SQNR >= 40 dB; bf16 rounding alone is ~50). The ragged shape takes Triton under either engine."""
+    from fusedtune.ops import fp8_cublas
+    if engine == "cublas" and fp8_cublas.device_gap("cuda"):
+        pytest.skip(fp8_cublas.device_gap("cuda"))
+    monkeypatch.setenv(fp8_cublas.ENGINE_ENV, engine)
+    g = torch.Generator(device="cuda").manual_seed(M)
+    x = torch.randn(M, K, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(N, K, device="cuda", generator=g) * 0.02).bfloat16()
+    dy = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    outs = {}
+    for backend in ("triton", "reference"):
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F8.fp8_linear(xi, wi, backend=backend)
+        outs[backend] = [y] + list(torch.autograd.grad(y, [xi, wi], dy))
+    for i, (a, b) in enumerate(zip(outs["triton"], outs["reference"])):
+        assert ref.sqnr_db(a, b) >= 40, (engine, i, ref.sqnr_db(a, b))

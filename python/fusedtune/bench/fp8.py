@@ -4,16 +4,20 @@
    M = N = K in {4096, 8192, 16384} (--quick: 8192), against torch's bf16 matmul and
    torch._scaled_mm with rowwise scales (where this torch and GPU run it), same run. TFLOP/s and % of
    the H100's 1979 dense FP8 TFLOP/s. Goal on an H100: >= 1000 TFLOP/s at 8192^3.
-   On a GPU also dX = dy . W's B layout: W read transposed inside the GEMM (FP8Linear's backward now)
+   On sm_90 also against cuBLAS's block-scaled FP8 GEMM on the same operands (torch._scaled_mm with
+   1x128 / 128x128 scales, what FP8Linear takes there: ops/fp8_cublas.py). On a GPU also dX = dy . W's B layout: W read transposed inside the GEMM (FP8Linear's backward now)
    against a K-major copy of W made beforehand.
 2. The 1x128 quantizer with its transposed copy: bandwidth over the bytes it must move (read bf16,
    write two FP8 copies and their scales) against a bf16 copy of the same tensor.
 3. FP8Linear forward+backward (dX, dW) at 8192 x 8192 x 8192 against bf16 nn.Linear, and against
-   torchao's Float8Linear (rowwise) when torchao is installed. Goal on an H100: >= 1.4x bf16.
+   torchao's Float8Linear (rowwise) when torchao is installed; on a GPU also with every GEMM on the
+   Triton kernel (FUSEDTUNE_FP8_GEMM=triton). Goal on an H100: >= 1.4x bf16.
 
 --cpu: tiny shapes with the float32 emulation; the rows check the framework, not performance.
 """
 from __future__ import annotations
+
+import os
 
 import torch
 
@@ -70,6 +74,7 @@ def gemm_rows(timer, sizes, on_gpu, device):
                                 "torch._scaled_mm rowwise", ours, None, None,
                                 note=f"_scaled_mm not runnable here ({type(e).__name__}: {e})"))
         if on_gpu:
+            rows.append(cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note))
             rows.append(dgrad_layout_row(timer, aq, as_, bq, bs, dt, shape, flops))
         # the quantizer: read bf16, write q_row, q_col (1 B each) and scales
         qt = timer(lambda: fp8_quantize_1x128(a))
@@ -83,10 +88,27 @@ def gemm_rows(timer, sizes, on_gpu, device):
     return rows
 
 
+def cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note):
+    """Our Triton GEMM against cuBLAS's block-scaled FP8 GEMM on the same operands and scales (what FP8Linear
+    takes on sm_90 where it passes its check: fusedtune/ops/fp8_cublas.py)."""
+    from ..ops import fp8_cublas
+    why = fp8_cublas.status(aq.device, 128, torch.bfloat16)
+    if why is not None:
+        return row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
+                   "cuBLAS block-scaled (torch._scaled_mm 1x128 x 128x128)", ours, None, None,
+                   note=f"cuBLAS block scaling not usable here: {why}")
+    cb = timer(lambda: fp8_cublas.gemm(aq, as_, bq, bs, 128, torch.bfloat16))
+    return row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
+               "cuBLAS block-scaled (torch._scaled_mm 1x128 x 128x128)", ours, cb[0],
+               roofline_pct(ours[0], flops=flops, precision="fp8"),
+               note=f"{note}; cuBLAS {_tflops(flops, cb[0]):.0f} TFLOP/s")
+
+
 def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
-    """dX = dy . W (FP8Linear's backward) two ways: W as stored, read transposed inside the GEMM (what
-    FP8Linear does; FP8 wgmma wants K-major operands, so Triton re-lays B out on chip), against a
-    K-major copy of W made beforehand (timed apart: its cost would be paid once per weight update)."""
+    """dX = dy . W (FP8Linear's backward) two ways: over a K-major copy of W (what FP8Linear does: its
+    weight quantizer writes the copy in the same pass), against W as stored, read transposed inside the
+    GEMM (FP8 wgmma wants K-major operands, so Triton re-lays B out on chip); a separate torch transpose
+    of the FP8 W is timed too (what the copy cost before the quantizer wrote it)."""
     from ..ops.fp8 import fp8_gemm
     ws_t = ws.t().contiguous()
     wq_t = wq.t().contiguous()
@@ -94,10 +116,10 @@ def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
     copied = timer(lambda: fp8_gemm(dq, ds, wq_t, ws_t, 128, dt))
     transpose = timer(lambda: wq.t().contiguous())
     return row("fp8_gemm dX layout: K-major copy of W", shape, "e4m3->bf16", "triton",
-               "W read transposed in the GEMM (FP8Linear now)", copied, in_kernel[0],
+               "W read transposed in the GEMM", copied, in_kernel[0],
                roofline_pct(copied[0], flops=flops, precision="fp8"),
-               note=f"{_tflops(flops, copied[0]):.0f} vs {_tflops(flops, in_kernel[0]):.0f} TFLOP/s; making the "
-                    f"copy (torch transpose of the FP8 W) {transpose[0]:.3f} ms, once per weight update")
+               note=f"{_tflops(flops, copied[0]):.0f} vs {_tflops(flops, in_kernel[0]):.0f} TFLOP/s; a separate "
+                    f"torch transpose of the FP8 W {transpose[0]:.3f} ms (the quantizer now writes the copy)")
 
 
 def linear_rows(timer, n, on_gpu, device):
@@ -117,7 +139,22 @@ def linear_rows(timer, n, on_gpu, device):
     note = CPU_NOTE if not on_gpu else f"goal >= {GOAL_LINEAR}x bf16: {'met' if ratio >= GOAL_LINEAR else 'NOT met'}"
     shape = f"{n}x{n}x{n}"
     rows = [row("FP8Linear fwd+bwd", shape, "e4m3", "triton" if on_gpu else "cpu", "bf16 nn.Linear", ours,
-                base[0], roofline_pct(ours[0], flops=flops, precision="fp8"), note=note)]
+                base[0], roofline_pct(ours[0], flops=flops, precision="fp8"),
+                note=note + ("" if not on_gpu else f"; {f8._fusedtune_report()['path']}"))]
+    if on_gpu:   # the same with every GEMM on the Triton kernel (FUSEDTUNE_FP8_GEMM=triton)
+        from ..ops import fp8_cublas
+        keep = os.environ.get(fp8_cublas.ENGINE_ENV)
+        os.environ[fp8_cublas.ENGINE_ENV] = "triton"
+        try:
+            tri = timer(fb(f8))
+        finally:
+            if keep is None:
+                os.environ.pop(fp8_cublas.ENGINE_ENV)
+            else:
+                os.environ[fp8_cublas.ENGINE_ENV] = keep
+        rows.append(row("FP8Linear fwd+bwd (Triton GEMMs)", shape, "e4m3", "triton", "bf16 nn.Linear", tri, base[0],
+                        roofline_pct(tri[0], flops=flops, precision="fp8"),
+                        note=f"FUSEDTUNE_FP8_GEMM=triton; {base[0] / tri[0]:.2f}x bf16"))
     if on_gpu:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training

@@ -75,6 +75,12 @@ class FP8Linear(nn.Module):
         gap = fp8_arch_gap(self.weight.device)
         if gap:
             path += f"; {gap}: the op refuses to run"
+        elif b["backend"] == "triton":
+            from ..ops import fp8_cublas
+            why = "FUSEDTUNE_FP8_GEMM=triton" if fp8_cublas.engine() == "triton" else fp8_cublas.status(
+                self.weight.device)
+            path += ("; the GEMMs through cuBLAS's block-scaled FP8 GEMM where the shape allows (K a multiple of "
+                     "512, or of 128 for dW; N of 16), Triton's elsewhere" if why is None else f"; cuBLAS's block-scaled GEMM not used: {why}")
         return {"method": "fp8", "backend": b["backend"], "path": path, "why_not": b["why_not"]}
 
 

@@ -16,6 +16,7 @@ import torch
 
 from .. import backend as _backend
 from ..reference import fp8 as ref
+from . import fp8_cublas
 from ._eager import EagerOp
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": the reference emulation in torch
@@ -175,6 +176,17 @@ def fp8_gemm(a_q, a_s, b_q, b_s, b_block_rows: int = 128, out_dtype=torch.bfloat
 
 # ----------------------------------------------------------------------------------------- FP8 linear
 
+def _linear_gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype: str, backend: str) -> torch.Tensor:
+    """One of FP8Linear's GEMMs (C = A . B^T, B K-major): cuBLAS's block-scaled FP8 GEMM where
+    fp8_cublas.usable() says so (sm_90, a shape it takes, its one-time check passed), else fp8_gemm's
+    Triton kernel (or the backend's emulation)."""
+    if backend == "triton":
+        dt = _DTYPES[out_dtype]
+        if fp8_cublas.usable(a_q.device, a_q.shape[0], b_q.shape[0], a_q.shape[1], b_rows, dt):
+            return fp8_cublas.gemm(a_q, a_s, b_q, b_s, b_rows, dt)
+    return _gemm(a_q, a_s, b_q, b_s, b_rows, False, out_dtype, backend)
+
+
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
                  w_s: torch.Tensor, w_qt: torch.Tensor | None, pow2: bool, need_wgrad: bool,
                  backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -182,7 +194,7 @@ def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | Non
     w_qt (or None) w_q's bytes transposed, the dX GEMM's operand (else backward makes it).
     need_wgrad: also quantize x column-wise (saved for dW = dy^T x)."""
     qr, sr, qc, sc = _q1(x, pow2, need_wgrad, backend)
-    y = _gemm(qr, sr, w_q, w_s, ref.TILE, False, _name(x.dtype), backend)
+    y = _linear_gemm(qr, sr, w_q, w_s, ref.TILE, _name(x.dtype), backend)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y, qc, sc
@@ -219,9 +231,9 @@ def _lin_backward(ctx, dy, _dq, _ds):
         # 99 TFLOP/s against 699 on the copy, which as a separate transpose cost 0.39 ms at 8192^2 --
         # bench/results/fp8.csv; the weight quantizer now writes it in the same pass, w_qt)
         w_t = w_qt if w_qt is not None else w_q.view(torch.uint8).t().contiguous().view(w_q.dtype)
-        dx = _gemm(dq_r, ds_r, w_t, w_s.t().contiguous(), ref.TILE, False, _name(x_dtype), backend)
+        dx = _linear_gemm(dq_r, ds_r, w_t, w_s.t().contiguous(), ref.TILE, _name(x_dtype), backend)
     if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
-        dW = _gemm(dq_c, ds_c, xq_c, xs_c, 1, False, _name(w_dtype), backend)
+        dW = _linear_gemm(dq_c, ds_c, xq_c, xs_c, 1, _name(w_dtype), backend)
     if bias_dtype is not None and g[2]:
         db = dy.float().sum(0).to(bias_dtype)
     return dx, dW, db, None, None, None, None, None, None
