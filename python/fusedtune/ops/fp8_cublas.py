@@ -115,11 +115,17 @@ def usable(device, M: int, N: int, K: int, b_rows: int, out_dtype) -> bool:
     if why is not None:
         if e == "cublas":
             raise RuntimeError(f"{ENGINE_ENV}=cublas: {why}")
-        if gap is None and why not in _warned:   # an sm_90 whose cuBLAS failed the check: say so once
+        if gap is None and why not in _warned and _key(device, b_rows, out_dtype) in _checked:
+            # an sm_90 whose cuBLAS failed the check: say so once
             _warned.add(why)
             warnings.warn(f"fusedtune fp8: the Triton FP8 GEMM is used: {why}", stacklevel=3)
         return False
     return shape_gap(M, N, K, b_rows, out_dtype) is None
+
+
+def _key(device, b_rows: int, out_dtype) -> tuple:
+    device = torch.device(device)
+    return device.index if device.index is not None else torch.cuda.current_device(), b_rows, out_dtype
 
 
 def status(device, b_rows: int = ref.TILE, out_dtype=torch.bfloat16) -> str | None:
@@ -128,10 +134,11 @@ def status(device, b_rows: int = ref.TILE, out_dtype=torch.bfloat16) -> str | No
     why = device_gap(device)
     if why is not None:
         return why
-    device = torch.device(device)
-    key = (device.index if device.index is not None else torch.cuda.current_device(), b_rows, out_dtype)
+    key = _key(device, b_rows, out_dtype)
     if key not in _checked:
-        _checked[key] = _check(device, b_rows, out_dtype)
+        if torch.cuda.is_current_stream_capturing():   # the check syncs: not inside a CUDA graph capture
+            return "not checked yet on this device (first use inside a CUDA graph capture)"
+        _checked[key] = _check(torch.device(device), b_rows, out_dtype)
     return _checked[key]
 
 
