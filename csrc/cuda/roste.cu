@@ -1,5 +1,6 @@
-// RoSTE family, CUDA kernel of the butterfly Hadamard transform (the stage plan and arithmetic of
-// hadamard_math.h): one block per row; bits 0..2 in registers, the next up to 5 bits by warp
+// RoSTE family, CUDA kernels of the butterfly Hadamard transform (the stage plan and arithmetic of
+// hadamard_math.h). Power-of-two rows of 256..4096: one warp per row, all in registers and shuffles
+// (hadamard_warp_kernel). Otherwise one block per row; bits 0..2 in registers, the next up to 5 bits by warp
 // shuffles, the rest in shared memory (the row in fp32, n * 4 bytes), then the factor H_m column by
 // column in registers, the scale, one rounding to the output dtype. Loads (and the stores of m = 1)
 // move 8 consecutive elements per thread as 16-byte vectors; out is a fresh allocation (aligned).
@@ -84,6 +85,64 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
   }
 }
 
+// Rows of n = p = 256 * C elements (C = 1..16), one warp per row, no shared memory: lane l holds chunks
+// l + 32 i (i < C), so element bits 0..2 are a chunk's registers, bits 3..7 the lane (shuffles) and bits
+// 8.. the chunk number i (registers again). The stages run on bits 0, 1, 2, ... in the same order and
+// with the same adds as the block kernel's plan (radix passes are radix-2 stages in bit order), so the
+// results are the same bits. A warp issues its whole row's loads (C 16-byte vectors a lane) before any
+// arithmetic, and 4 warps a block keep several rows in flight per SM (the block kernel held one row per
+// 512 threads between barriers: 2.6x a memcpy at 4096 on an H200, bench/results/roste.csv).
+constexpr int kWarpRows = 4;   // warps (rows) per block
+
+template <int C>
+__global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const void* __restrict__ x,
+                                                                        void* __restrict__ out, int64_t rows,
+                                                                        float scale, int dt) {
+  const int64_t row = (int64_t)blockIdx.x * kWarpRows + (threadIdx.x >> 5);
+  if (row >= rows) return;
+  const int n = 256 * C, lane = threadIdx.x & 31;
+  const int64_t esize = dt == FT_F32 ? 4 : 2;
+  const char* xr = static_cast<const char*>(x) + row * n * esize;
+  char* orow = static_cast<char*>(out) + row * n * esize;
+  float v[C][kE];
+  FT_UNROLL
+  for (int i = 0; i < C; ++i) load_chunk(xr, lane + 32 * i, dt, v[i]);
+  FT_UNROLL
+  for (int i = 0; i < C; ++i) butterfly8(v[i]);
+  FT_UNROLL
+  for (int st = 0; st < 5; ++st) {
+    const bool upper = (lane >> st) & 1;
+    FT_UNROLL
+    for (int i = 0; i < C; ++i) {
+      FT_UNROLL
+      for (int e = 0; e < kE; ++e) v[i][e] = lane_combine(v[i][e], __shfl_xor_sync(0xffffffffu, v[i][e], 1 << st), upper);
+    }
+  }
+  FT_UNROLL
+  for (int h = 1; h < C; h <<= 1) {
+    FT_UNROLL
+    for (int i = 0; i < C; ++i) {
+      if (!(i & h)) {
+        FT_UNROLL
+        for (int e = 0; e < kE; ++e) {
+          const float a = v[i][e], b = v[i + h][e];
+          v[i][e] = ft_add(a, b);
+          v[i + h][e] = ft_sub(a, b);
+        }
+      }
+    }
+  }
+  FT_UNROLL
+  for (int i = 0; i < C; ++i) store_chunk(orow, lane + 32 * i, dt, v[i], scale);
+}
+
+template <int C>
+cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, int dt, cudaStream_t stream) {
+  const int64_t blocks = (rows + kWarpRows - 1) / kWarpRows;
+  hadamard_warp_kernel<C><<<(unsigned)blocks, 32 * kWarpRows, 0, stream>>>(x, out, rows, scale, dt);
+  return cudaGetLastError();
+}
+
 template <int M>
 cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale, int dt,
                    cudaStream_t stream) {
@@ -99,6 +158,15 @@ cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const
 cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
                             int dt, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
+  if (pl.m == 1 && pl.p >= 256 && pl.p <= 4096) {   // a row in one warp's registers
+    switch (pl.p) {
+      case 256: return launch_warp<1>(x, out, rows, scale, dt, stream);
+      case 512: return launch_warp<2>(x, out, rows, scale, dt, stream);
+      case 1024: return launch_warp<4>(x, out, rows, scale, dt, stream);
+      case 2048: return launch_warp<8>(x, out, rows, scale, dt, stream);
+      default: return launch_warp<16>(x, out, rows, scale, dt, stream);
+    }
+  }
   switch (pl.m) {
     case 1: return launch<1>(x, out, rows, pl, sg, scale, dt, stream);
     case 12: return launch<12>(x, out, rows, pl, sg, scale, dt, stream);
