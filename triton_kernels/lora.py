@@ -421,17 +421,18 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
 
 
 def expand_(c: torch.Tensor, t: torch.Tensor, e: torch.Tensor, e_strides: tuple, bias, drop: Dropout,
-            prec_dtype) -> torch.Tensor:
+            prec_dtype, col_scale=None, f_out=None) -> torch.Tensor:
     """C += keep/(1-p) * (T . E^T) + bias in place, C [M, N] row-major holding a product already (the base
     GEMM, through cuBLAS): C read and written once, the sum in float32 rounded once to C's dtype; the
-    LoRA term at the precision the fused GEMM gives it (_base_prec of prec_dtype, the operands' dtype)."""
+    LoRA term at the precision the fused GEMM gives it (_base_prec of prec_dtype, the operands' dtype).
+    col_scale with f_out (DoRA, as gemm()): f_out <- C + T . E^T, then C <- col_scale[n] * that + bias."""
     M, N = c.shape
     _check32("expand", c, t, e)
     if c.stride(1) != 1 or (M > 1 and c.stride(0) < N):
         raise ValueError(f"lora expand: C must be row-major, got strides {c.stride()}")
     prec = _base_prec(prec_dtype)
     kernel = lora_expand_ieee_kernel if prec == "ieee" else lora_expand_kernel
-    return _launch(kernel, c, c, (0, 0), 0, t, e, e_strides, bias, c, drop, prec, None, None, None, True)
+    return _launch(kernel, c, c, (0, 0), 0, t, e, e_strides, bias, c, drop, prec, None, col_scale, f_out, True)
 
 
 def _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop: Dropout, prec, nf4, col_scale, f_out,
@@ -596,7 +597,8 @@ register(KernelSpec(
     + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]
     # the expand pass after a cuBLAS base GEMM (K = 0): forward with bias, dgrad with the dropout mask
     + [_gemm_cfg(*c, ACCUMULATE=True) for c in _EXPAND_CONFIGS]
-    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=True, DROPOUT=True, HAS_BIAS=False)]
+    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=True, DROPOUT=True, HAS_BIAS=False),
+       _gemm_cfg(*_EXPAND_CONFIGS[0], ACCUMULATE=True, COL_SCALE=True)]   # DoRA's forward
     + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True), gemm=False)
        for c in _EXPAND_IEEE_CONFIGS]
     + [dict(_gemm_cfg(*_EXPAND_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True,

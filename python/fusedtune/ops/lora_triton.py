@@ -33,7 +33,7 @@ def _base(weight, nf4, path: str, N: int, K: int, dtype, transpose: bool):
     """(q, q_strides, nf4 state for the kernel) of the base weight, as Q[n, k] of C = P . Q^T:
     W itself (forward) or W^T (transpose, for dX = dy . W)."""
     if nf4 is not None and path == "buffer":
-        weight, nf4 = tk.nf4_dequant(nf4, (N, K), dtype), None
+        weight, nf4 = _dense(weight, nf4, path, N, K, dtype), None
     if nf4 is not None:
         return nf4["q"], ((1, K) if transpose else (K, 1)), nf4
     s0, s1 = weight.stride()
@@ -49,9 +49,10 @@ def forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
     F = x W^T + t B^T, both written by the same GEMM's epilogue."""
     N, K = B.shape[0], x.shape[1]
     t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
-    if g is None and schedule(x.shape[0], N, K, nf4, path) == "cublas":
+    if schedule(x.shape[0], N, K, nf4, path) == "cublas":
         y = torch.mm(x, _dense(weight, nf4, path, N, K, x.dtype).t())
-        return tk.expand_(y, t, B, B.stride(), bias, _NO_DROPOUT, x.dtype), t, None
+        F = None if g is None else torch.empty_like(y)
+        return tk.expand_(y, t, B, B.stride(), bias, _NO_DROPOUT, x.dtype, col_scale=g, f_out=F), t, F
     q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
     F = None if g is None else torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
     y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, x.dtype, _NO_DROPOUT, nf, col_scale=g, f_out=F)
