@@ -37,9 +37,16 @@ if _INTERP:
 
 
 @triton.jit
-def _scale(amax, has_nan, POW2: tl.constexpr):
-    """Dequantization multiplier of a block: amax / 448 (pow2: rounded up to a power of two); 1 for an
-    all-zero block; NaN when the block holds inf or NaN."""
+def _mag(x):
+    """|x| with NaN as +inf: a block's max of it is inf exactly when the block holds an inf or a NaN, so one
+    reduction gives both the amax and the non-finite flag."""
+    return tl.where(x != x, float("inf"), tl.abs(x))
+
+
+@triton.jit
+def _scale(amax, POW2: tl.constexpr):
+    """Dequantization multiplier of a block from its max of _mag: amax / 448 (pow2: rounded up to a power of
+    two); 1 for an all-zero block; NaN when the block holds inf or NaN (amax = inf)."""
     s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     if POW2:
         b = s.to(tl.int32, bitcast=True)
@@ -47,8 +54,7 @@ def _scale(amax, has_nan, POW2: tl.constexpr):
         b = tl.where(up, ((b >> 23) + 1) << 23, b)
         s = b.to(tl.float32, bitcast=True)
     s = tl.where(amax == 0.0, 1.0, s)
-    bad = has_nan | (amax == float("inf"))
-    return tl.where(bad, float("nan"), s)
+    return tl.where(amax == float("inf"), float("nan"), s)
 
 
 @triton.jit
@@ -80,23 +86,21 @@ def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     k_ok = offs_k < K
-    if COL:
-        amax_c = tl.zeros((BLOCK,), tl.float32)
-        nan_c = tl.zeros((BLOCK,), tl.int32)
+    if COL:   # column maxima: elementwise over the chunks, then one reduction across the chunk's rows
+        mag = tl.zeros((CHUNK, BLOCK), tl.float32)
         for c0 in tl.static_range(0, BLOCK, CHUNK):
             offs_m = pid_m * BLOCK + c0 + tl.arange(0, CHUNK)
             ok = (offs_m < M)[:, None] & k_ok[None, :]
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-            amax_c = tl.maximum(amax_c, tl.max(tl.abs(x), axis=0))
-            nan_c = tl.maximum(nan_c, tl.max((x != x).to(tl.int32), axis=0))
-        s_c = _scale(amax_c, nan_c > 0, POW2)
+            mag = tl.maximum(mag, _mag(x))
+        s_c = _scale(tl.max(mag, axis=0), POW2)
         tl.store(sc_ptr + offs_k * MB + pid_m, s_c, mask=k_ok)
     for c0 in tl.static_range(0, BLOCK, CHUNK):
         offs_m = pid_m * BLOCK + c0 + tl.arange(0, CHUNK)
         m_ok = offs_m < M
         ok = m_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-        s_r = _scale(tl.max(tl.abs(x), axis=1), tl.max((x != x).to(tl.int32), axis=1) > 0, POW2)
+        s_r = _scale(tl.max(_mag(x), axis=1), POW2)
         q_r = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (CHUNK, BLOCK))))
         tl.store(qr_ptr + offs_m[:, None] * K + offs_k[None, :], q_r.to(tl.uint8), mask=ok)
         tl.store(sr_ptr + offs_m * KB + pid_k, s_r, mask=m_ok)
@@ -114,15 +118,13 @@ def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, stride_wn, KB, PO
     pid_k = tl.program_id(1)
     offs_k = pid_k * BLOCK + tl.arange(0, BLOCK)
     k_ok = offs_k < K
-    amax = tl.zeros((BLOCK,), tl.float32)
-    nan = tl.zeros((BLOCK,), tl.int32)
+    mag = tl.zeros((CHUNK, BLOCK), tl.float32)
     for c0 in tl.static_range(0, BLOCK, CHUNK):
         offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
         ok = (offs_n < N)[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-        amax = tl.maximum(amax, tl.max(tl.abs(w), axis=0))
-        nan = tl.maximum(nan, tl.max((w != w).to(tl.int32), axis=0))
-    s = _scale(tl.max(amax, axis=0), tl.max(nan, axis=0) > 0, POW2)
+        mag = tl.maximum(mag, _mag(w))
+    s = _scale(tl.max(tl.max(mag, axis=1), axis=0), POW2)
     tl.store(s_ptr + pid_n * KB + pid_k, s)
     for c0 in tl.static_range(0, BLOCK, CHUNK):
         offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
