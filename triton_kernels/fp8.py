@@ -58,6 +58,16 @@ def _scale(amax, POW2: tl.constexpr):
 
 
 @triton.jit
+def _e4m3(v, HW: tl.constexpr):
+    """float32 -> E4M3 bytes (uint8): sm_90's cvt.rn.satfinite.e4m3x2.f32 (HW; round to nearest even,
+    saturation at 448, the same bytes as _e4m3_bits for every finite input), else the integer path (the
+    interpreter, and sm_89, where Triton converts through a round-toward-zero fp16: double rounding)."""
+    if HW:
+        return v.to(tl.float8e4nv, fp_downcast_rounding="rtne").to(tl.uint8, bitcast=True)
+    return _e4m3_bits(v).to(tl.uint8)
+
+
+@triton.jit
 def _e4m3_bits(v):
     """float32 -> E4M3 (fn) bits as int32: round to nearest even, saturate at 448, NaN -> 0x7F."""
     bits = v.to(tl.int32, bitcast=True)
@@ -78,7 +88,8 @@ def _e4m3_bits(v):
           key=["M", "K"])
 @triton.jit
 def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm, KB, MB,
-                          COL: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                          COL: tl.constexpr, POW2: tl.constexpr, BLOCK: tl.constexpr, CHUNK: tl.constexpr,
+                          HW: tl.constexpr = False):
     """One [BLOCK, BLOCK] tile, walked in row chunks of CHUNK (the E4M3 conversion of a whole tile at once
     does not fit in registers): with COL, a first pass takes the column maxima, a second pass (the
     tile is in L2 by then) writes both copies."""
@@ -101,17 +112,17 @@ def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm
         ok = m_ok[:, None] & k_ok[None, :]
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
         s_r = _scale(tl.max(_mag(x), axis=1), POW2)
-        q_r = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (CHUNK, BLOCK))))
+        q_r = _e4m3(tl.math.div_rn(x, tl.broadcast_to(s_r[:, None], (CHUNK, BLOCK))), HW)
         tl.store(qr_ptr + offs_m[:, None] * K + offs_k[None, :], q_r.to(tl.uint8), mask=ok)
         tl.store(sr_ptr + offs_m * KB + pid_k, s_r, mask=m_ok)
         if COL:
-            q_c = _e4m3_bits(tl.math.div_rn(x, tl.broadcast_to(s_c[None, :], (CHUNK, BLOCK))))
+            q_c = _e4m3(tl.math.div_rn(x, tl.broadcast_to(s_c[None, :], (CHUNK, BLOCK))), HW)
             tl.store(qc_ptr + offs_k[None, :] * M + offs_m[:, None], q_c.to(tl.uint8), mask=ok)
 
 
 @triton.jit
 def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, TRANS: tl.constexpr,
-                            BLOCK: tl.constexpr, CHUNK: tl.constexpr):
+                            BLOCK: tl.constexpr, CHUNK: tl.constexpr, HW: tl.constexpr = False):
     """One 128x128 block: its amax, then the E4M3 bytes, and with TRANS the same bytes written transposed
     into qt [K, N] (the K-major operand of dX = dy . W; the block's scale serves both)."""
     pid_n = tl.program_id(0)
@@ -130,7 +141,7 @@ def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, stride_wn, KB, PO
         offs_n = pid_n * BLOCK + c0 + tl.arange(0, CHUNK)
         ok = (offs_n < N)[:, None] & k_ok[None, :]
         w = tl.load(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], mask=ok, other=0.0).to(tl.float32)
-        q = _e4m3_bits(tl.math.div_rn(w, tl.full((CHUNK, BLOCK), 1.0, tl.float32) * s)).to(tl.uint8)
+        q = _e4m3(tl.math.div_rn(w, tl.full((CHUNK, BLOCK), 1.0, tl.float32) * s), HW)
         tl.store(q_ptr + offs_n[:, None] * K + offs_k[None, :], q, mask=ok)
         if TRANS:
             tl.store(qt_ptr + offs_k[None, :] * N + offs_n[:, None], q, mask=ok)
@@ -179,6 +190,11 @@ def _check32(what, *tensors):
         raise ValueError(f"fp8 {what}: the Triton kernels index with 32 bits; split tensors of 2^31 elements or more")
 
 
+def _hw_cvt(device) -> bool:
+    """Whether the quantizers convert with the hardware's E4M3 instruction (sm_90+; _e4m3)."""
+    return not _INTERP and torch.cuda.get_device_capability(device) >= (9, 0)
+
+
 def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     """x [M, K] (last dim contiguous) -> (q_row, s_row, q_col or None, s_col or None)."""
     M, K = x.shape
@@ -192,6 +208,7 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     if M and K:
         fp8_quant_rows_kernel[(MB, KB)](x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r,
                                         s_c if col else s_r, M, K, x.stride(0), KB, MB, COL=col, POW2=pow2,
+                                        HW=_hw_cvt(x.device),
                                         BLOCK=TILE)
     return q_r, s_r, q_c, s_c
 
@@ -206,7 +223,8 @@ def quantize_blocks(w: torch.Tensor, pow2: bool, trans: bool = False):
     qt = torch.empty((K, N), dtype=torch.float8_e4m3fn, device=w.device) if trans else None
     if N and K:
         fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8) if trans else q.view(
-            torch.uint8), N, K, w.stride(0), KB, POW2=pow2, TRANS=trans, BLOCK=TILE, CHUNK=16 if trans else _CHUNK,
+            torch.uint8), N, K, w.stride(0), KB, POW2=pow2, TRANS=trans, HW=_hw_cvt(w.device), BLOCK=TILE,
+            CHUNK=16 if trans else _CHUNK,
             num_warps=4)   # (the transposed store at CHUNK 32 spills on sm_80: python -m fusedtune kernels)
     return q, s, qt
 
@@ -241,6 +259,15 @@ register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_row
                               "aligned": _Q_ALIGNED}
                              for c, p, cfgs in ((True, False, _QUANT_CONFIGS), (False, True, _QUANT_CONFIGS[:1]))
                              for ch, w in cfgs]))   # every config of the heavier variant (the column copy)
+register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_rows_kernel.fn, signature=_Q_SIG,
+                    targets=(90,),   # sm_90's E4M3 conversion instruction (HW): what an H100/H200 runs
+                    configs=[{"constexprs": dict(COL=True, POW2=False, BLOCK=TILE, CHUNK=ch, HW=True), "num_warps": w,
+                              "num_stages": 1, "aligned": _Q_ALIGNED} for ch, w in _QUANT_CONFIGS]))
+register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel, targets=(90,),
+                    signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "N": "i32",
+                               "K": "i32", "stride_wn": "i32", "KB": "i32"},
+                    configs=[{"constexprs": dict(POW2=False, TRANS=True, BLOCK=TILE, CHUNK=16, HW=True), "num_warps": 4,
+                              "num_stages": 1, "aligned": ["w_ptr", "q_ptr", "s_ptr", "qt_ptr", "N", "K", "stride_wn"]}]))
 register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel,
                     signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "N": "i32",
                                "K": "i32", "stride_wn": "i32", "KB": "i32"},
