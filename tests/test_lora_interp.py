@@ -163,14 +163,21 @@ def test_triton_nf4_paths_match_reference(rows, double, monkeypatch, base_schedu
         assert_within_rule(a, e, w_, f"output {i}", atol=1e-5)
 
 
-def test_triton_nf4_dequant_kernel_bit_exact():
+@pytest.mark.parametrize("gather", [False, True])
+@pytest.mark.parametrize("shape,blocksize,double", [((33, 130), 64, True), ((3, 130), 64, False),
+                                                    ((7, 600), 128, False), ((5, 2000), 4096, True)])
+def test_triton_nf4_dequant_kernel_bit_exact(gather, shape, blocksize, double, monkeypatch):
+    """The dequant kernel's vector path (contiguous byte loads, one absmax a block) and its per-element gather
+    path equal bitsandbytes' dequantization bit for bit: partial last blocks, single and double quantization,
+    blocks larger than the kernel's 1024 elements."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
     from fusedtune.triton_kernels import lora as tk
-    w = torch.randn(33, 130) * 0.1
-    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+    monkeypatch.setattr(tk, "FORCE_GATHER_DEQUANT", gather)
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(blocksize)) * 0.1
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double, blocksize=blocksize)
     st.dtype = torch.float32
     nf4 = Nf4Weight.from_bnb(q, st)
-    got = tk.nf4_dequant(nf4.state(), (33, 130), torch.float32)
+    got = tk.nf4_dequant(nf4.state(), shape, torch.float32)
     assert torch.equal(got, bnbf.dequantize_4bit(q, st))
 
 

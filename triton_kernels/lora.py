@@ -282,12 +282,34 @@ def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R,
 
 @triton.jit
 def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_ptr, numel, offset,
-                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr):
-    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    ok = offs < numel
-    flat = tl.where(ok, offs, 0)
-    v = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset, BLOCKSIZE, BLOCKSIZE2, DOUBLE)
-    tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
+                       BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr, BLOCK: tl.constexpr,
+                       VEC: tl.constexpr = False):
+    """VEC (BLOCK a multiple of a power-of-two BLOCKSIZE): the packed bytes as one contiguous vector load,
+    both nibbles looked up and interleaved, one absmax per quantization block broadcast over it; else one
+    gather per element. The same arithmetic either way (code value times the block's absmax)."""
+    if VEC:
+        HALF: tl.constexpr = BLOCK // 2
+        NB: tl.constexpr = BLOCK // BLOCKSIZE
+        ob = tl.program_id(0) * HALF + tl.arange(0, HALF)
+        byte = tl.load(q_ptr + ob, mask=ob < numel // 2, other=0).to(tl.int32)   # (numel is even: Nf4Weight)
+        v = tl.reshape(tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF))), (NB, BLOCKSIZE))
+        blk = tl.program_id(0) * NB + tl.arange(0, NB)
+        b_ok = blk < (numel + BLOCKSIZE - 1) // BLOCKSIZE
+        if DOUBLE:
+            a8 = tl.load(absmax_ptr + blk, mask=b_ok, other=0).to(tl.int32)
+            amax = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=b_ok, other=0.0) + offset
+        else:
+            amax = tl.load(absmax_ptr + blk, mask=b_ok, other=0.0)
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(out_ptr + offs, tl.reshape(v * amax[:, None], (BLOCK,)).to(out_ptr.dtype.element_ty),
+                 mask=offs < numel)
+    else:
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < numel
+        flat = tl.where(ok, offs, 0)
+        v = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset, BLOCKSIZE, BLOCKSIZE2,
+                      DOUBLE)
+        tl.store(out_ptr + offs, v.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit(do_not_specialize=["seed", "thresh"])
@@ -536,6 +558,9 @@ def _dropout_pass(x: torch.Tensor, drop: Dropout, keep_only: bool) -> torch.Tens
     return out
 
 
+FORCE_GATHER_DEQUANT = False   # tests: the per-element gather path of nf4_dequant_kernel
+
+
 def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
     out = torch.empty(shape, dtype=dtype, device=nf4["q"].device)
     n = out.numel()
@@ -543,11 +568,13 @@ def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
         raise ValueError(f"lora nf4_dequant: a weight of {tuple(shape)} needs 64-bit indexing")
     if n == 0:
         return out
-    BLOCK = 1024
+    bs = nf4["blocksize"]
+    vec = bs & (bs - 1) == 0 and bs <= 4096 and not FORCE_GATHER_DEQUANT
+    BLOCK = max(1024, bs) if vec else 1024
     nf4_dequant_kernel[(cdiv(n, BLOCK),)](
         nf4["q"], nf4["absmax"], nf4.get("absmax2", out), nf4["code"], nf4.get("code2", out), out, n,
-        float(nf4.get("offset", 0.0)), BLOCKSIZE=nf4["blocksize"], BLOCKSIZE2=nf4.get("blocksize2", 256),
-        DOUBLE="absmax2" in nf4, BLOCK=BLOCK, num_warps=4)
+        float(nf4.get("offset", 0.0)), BLOCKSIZE=bs, BLOCKSIZE2=nf4.get("blocksize2", 256),
+        DOUBLE="absmax2" in nf4, BLOCK=BLOCK, VEC=vec, num_warps=4)
     return out
 
 
@@ -628,8 +655,10 @@ register(KernelSpec(
     family="lora", name="nf4_dequant_kernel", fn=nf4_dequant_kernel,
     signature={"q_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code_ptr": "*fp32", "code2_ptr": "*fp32",
                "out_ptr": "*bf16", "numel": "i32", "offset": "fp32"},
-    configs=[{"constexprs": dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE=True, BLOCK=1024), "num_warps": 4,
-              "num_stages": 1}]))
+    configs=[{"constexprs": dict(BLOCKSIZE=64, BLOCKSIZE2=256, DOUBLE=True, BLOCK=1024, VEC=v), "num_warps": 4,
+              "num_stages": 1, "aligned": ["q_ptr", "absmax_ptr", "absmax2_ptr", "code_ptr", "code2_ptr", "out_ptr",
+                                            "numel"]}   # (an LLM weight's element count: a multiple of 16)
+             for v in (True, False)]))
 register(KernelSpec(
     family="lora", name="lora_dropout_delta_kernel", fn=lora_dropout_delta_kernel,
     signature={"x_ptr": "*bf16", "out_ptr": "*bf16", "M": "i32", "K": "i32", "stride_xm": "i32", "seed": "i64",
