@@ -162,6 +162,20 @@ def test_triton_nf4_both_paths_within_rule(M, monkeypatch):
     assert_within_rule(y, y64, unf.bfloat16(), f"nf4 {nf4_path(M, True)}", atol=2e-2)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_nf4_dequant_kernel_equals_bitsandbytes_on_the_gpu(gather, monkeypatch):
+    """Both paths of the Triton dequant kernel (vector and per-element gather) give bitsandbytes' CUDA
+    dequantization bit for bit, double-quantized NF4 to bf16."""
+    bnbf = pytest.importorskip("bitsandbytes.functional")
+    from fusedtune.reference.nf4 import Nf4Weight
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(tk, "FORCE_GATHER_DEQUANT", gather)
+    w = (torch.randn(1024, 4096, device="cuda") * 0.02).bfloat16()
+    q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=True, blocksize=64)
+    got = tk.nf4_dequant(Nf4Weight.from_bnb(q, st).state(), (1024, 4096), torch.bfloat16)
+    assert torch.equal(got, bnbf.dequantize_4bit(q, st))
+
+
 def test_forward_has_no_host_copy_and_captures_in_a_cuda_graph():
     """A single-adapter forward builds its scale table on the device (no blocking host-to-device copy per
     call): after a warm-up (autotuning) it captures in a CUDA graph and replays exactly."""
