@@ -77,26 +77,55 @@ __device__ __forceinline__ void run_chunk(const Params& p, const float* table, c
   }
 }
 
+// A block walks chunks b = blockIdx.x, + gridDim.x, ... (the grid is a few blocks per SM): the quantile
+// table is copied into shared memory once per block, not once per 8192-element chunk as with one block per
+// chunk (4 KB from L2 and a barrier for every 16 KB of bf16 weights), and the tensor lookup is a forward
+// walk from the previous chunk's tensor. Which element a thread updates never enters the math (the
+// counter is the element index), so the result is the same bits for any grid.
 __global__ void __launch_bounds__(kThreads) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
-  const int64_t b = blockIdx.x;
-  const int ti = find_segment(launch.block_start, launch.count, b);
-  const TensorMeta m = launch.t[ti];
-  const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
-  if (m.dtype == FT_F32)
-    run_chunk<FT_F32>(p, table, m, chunk0);
-  else if (m.dtype == FT_BF16)
-    run_chunk<FT_BF16>(p, table, m, chunk0);
-  else
-    run_chunk<FT_F16>(p, table, m, chunk0);
+  const int64_t total = launch.block_start[launch.count];
+  int64_t b = blockIdx.x;
+  if (b >= total) return;
+  int ti = find_segment(launch.block_start, launch.count, b);
+  for (; b < total; b += gridDim.x) {
+    while (launch.block_start[ti + 1] <= b) ++ti;
+    const TensorMeta& m = launch.t[ti];
+    const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
+    if (m.dtype == FT_F32)
+      run_chunk<FT_F32>(p, table, m, chunk0);
+    else if (m.dtype == FT_BF16)
+      run_chunk<FT_BF16>(p, table, m, chunk0);
+    else
+      run_chunk<FT_F16>(p, table, m, chunk0);
+  }
+}
+
+// Blocks of the grid: as many as are resident at once on all SMs (the occupancy of this kernel, whose
+// register count differs per architecture), at most one per chunk; read once per device.
+static int64_t grid_blocks(int64_t chunks) {
+  static int resident[64] = {0};
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return chunks;
+  if (resident[dev] == 0) {
+    int sms = 0, per_sm = 0;
+    if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, zo_apply_kernel, kThreads, 0) != cudaSuccess ||
+        sms <= 0 || per_sm <= 0) {
+      (void)cudaGetLastError();   // a failed query must not read as the launch's error
+      return chunks;
+    }
+    resident[dev] = sms * per_sm;
+  }
+  return chunks < resident[dev] ? chunks : resident[dev];
 }
 
 cudaError_t launch_apply(const Launch& launch, const Params& p, cudaStream_t stream) {
-  const int64_t blocks = launch.block_start[launch.count];
-  if (blocks == 0) return cudaSuccess;
-  zo_apply_kernel<<<(unsigned)blocks, kThreads, 0, stream>>>(launch, p);
+  const int64_t chunks = launch.block_start[launch.count];
+  if (chunks == 0) return cudaSuccess;
+  zo_apply_kernel<<<(unsigned)grid_blocks(chunks), kThreads, 0, stream>>>(launch, p);
   return cudaGetLastError();
 }
 
