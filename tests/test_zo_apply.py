@@ -25,6 +25,11 @@ CASES = [
     dict(seeds=[9, 10], coeffs=[-1e-6, 1e-3], undo=([9, 4], [-1e-3, 2e-3]), alpha=0.999),
     dict(seeds=[5], coeffs=[3e-3], rounding="stochastic", rounding_seed=77),
     dict(seeds=[5], coeffs=[3e-3], rounding="stochastic", undo=([6], [1e-3]), alpha=0.9, tensor_ids=[9, 8, 7, 6, 5, 4]),
+    # the shapes the kernels compile apart (zo_math.h MODE_ONE / MODE_SAME x noise x rounding), not covered above
+    dict(seeds=[11], coeffs=[2e-3], noise="rademacher", alpha=0.99),
+    dict(seeds=[12], coeffs=[-4e-3], undo=([12], [2e-3]), rounding="stochastic", rounding_seed=5, noise="rademacher"),
+    dict(seeds=[13], coeffs=[-1e-3], undo=([13], [5e-4]), rounding="stochastic", rounding_seed=8, alpha=0.995),
+    dict(seeds=[14], coeffs=[7e-4], noise="rademacher", rounding="stochastic", rounding_seed=3),
 ]
 
 

@@ -27,7 +27,11 @@ def _mixed(device, n=60):
                                 dict(seeds=[3], coeffs=[-1e-3], undo=([3], [1e-3])),  # MeZO's one-draw path
                                 dict(seeds=[3, 4], coeffs=[1e-3, -1e-5], undo=([3], [2e-3]), alpha=0.99),
                                 dict(seeds=[8], coeffs=[1e-4], rounding="stochastic", rounding_seed=5,
-                                     noise="rademacher")])
+                                     noise="rademacher"),
+                                # MeZO's one-draw path with stochastic rounding and a decay; one Rademacher seed
+                                dict(seeds=[6], coeffs=[-2e-3], undo=([6], [1e-3]), rounding="stochastic",
+                                     rounding_seed=9, alpha=0.999),
+                                dict(seeds=[7], coeffs=[5e-4], noise="rademacher")])
 def test_gpu_backends_and_cpu_bit_identical(kw):
     if kw.get("rounding") == "stochastic":   # float16's stochastic rounding at every edge too
         from test_zo_apply import fp16_edge_values

@@ -10,19 +10,37 @@ namespace {
 
 const float kTable[FT_ZO_TABLE_N + 1] = {FT_ZO_TABLE_VALUES};
 
+// One tensor, for a call of fixed shape MODE/NOISE/ROUND (zo_math.h dispatch_mode: the same code the
+// CUDA kernel runs for such calls).
+template <typename T>
+struct TensorRun {
+  const zo::Params& p;
+  const zo::OneSeed o;
+  T* data;
+  int64_t numel;
+  uint32_t tid;
+  int dt;
+
+  template <int MODE, int NOISE, int ROUND>
+  void operator()() const {
+    const int64_t groups = (numel + 3) / 4;
+    at::parallel_for(0, groups, 4096, [&](int64_t g0, int64_t g1) {
+      for (int64_t g = g0; g < g1; ++g) {
+        const int64_t base = g * 4;
+        const int cnt = (int)std::min<int64_t>(4, numel - base);
+        uint32_t bits[4] = {0, 0, 0, 0};
+        for (int k = 0; k < cnt; ++k) bits[k] = (uint32_t)data[base + k];
+        zo::update_any<MODE, NOISE, ROUND>(p, o, kTable, (uint64_t)g, tid, dt, bits, cnt);
+        for (int k = 0; k < cnt; ++k) data[base + k] = (T)bits[k];
+      }
+    });
+  }
+};
+
 template <typename T>
 void run_tensor(const zo::Params& p, T* data, int64_t numel, uint32_t tid, int dt) {
-  const int64_t groups = (numel + 3) / 4;
-  at::parallel_for(0, groups, 4096, [&](int64_t g0, int64_t g1) {
-    for (int64_t g = g0; g < g1; ++g) {
-      const int64_t base = g * 4;
-      const int cnt = (int)std::min<int64_t>(4, numel - base);
-      uint32_t bits[4] = {0, 0, 0, 0};
-      for (int k = 0; k < cnt; ++k) bits[k] = (uint32_t)data[base + k];
-      zo::update_group(p, kTable, (uint64_t)g, tid, dt, bits, cnt);
-      for (int k = 0; k < cnt; ++k) data[base + k] = (T)bits[k];
-    }
-  });
+  const int mode = zo::call_mode(p);
+  zo::dispatch_mode(p, mode, TensorRun<T>{p, zo::one_seed(p, mode), data, numel, tid, dt});
 }
 
 void zo_apply_cpu(at::TensorList tensors, at::IntArrayRef tensor_ids, const at::Tensor& seeds,

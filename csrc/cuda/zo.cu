@@ -36,9 +36,9 @@ __device__ __forceinline__ void vec_store(void* base, int64_t e, const uint32_t 
   }
 }
 
-template <int DT>
-__device__ __forceinline__ void scalar_group(const Params& p, const float* table, void* base, int64_t numel,
-                                             uint64_t g, uint32_t tid) {
+template <int DT, int MODE, int NOISE, int ROUND>
+__device__ __forceinline__ void scalar_group(const Params& p, const OneSeed& o, const float* table, void* base,
+                                             int64_t numel, uint64_t g, uint32_t tid) {
   const int64_t e0 = (int64_t)g * 4;
   if (e0 >= numel) return;
   const int cnt = (int)min((int64_t)4, numel - e0);
@@ -46,7 +46,7 @@ __device__ __forceinline__ void scalar_group(const Params& p, const float* table
 #pragma unroll
   for (int k = 0; k < 4; ++k)
     if (k < cnt) bits[k] = DT == FT_F32 ? static_cast<uint32_t*>(base)[e0 + k] : static_cast<uint16_t*>(base)[e0 + k];
-  update_group(p, table, g, tid, DT, bits, cnt);
+  update_any<MODE, NOISE, ROUND>(p, o, table, g, tid, DT, bits, cnt);
 #pragma unroll
   for (int k = 0; k < 4; ++k) {
     if (k < cnt) {
@@ -58,8 +58,9 @@ __device__ __forceinline__ void scalar_group(const Params& p, const float* table
   }
 }
 
-template <int DT>
-__device__ __forceinline__ void run_chunk(const Params& p, const float* table, const TensorMeta& m, int64_t chunk0) {
+template <int DT, int MODE, int NOISE, int ROUND>
+__device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, const float* table, const TensorMeta& m,
+                                          int64_t chunk0) {
   const int64_t end = min(m.numel, chunk0 + kChunk);
   const bool aligned = (reinterpret_cast<uintptr_t>(m.ptr) & 15u) == 0;
   for (int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread; e < end; e += (int64_t)kThreads * kElemsPerThread) {
@@ -67,40 +68,54 @@ __device__ __forceinline__ void run_chunk(const Params& p, const float* table, c
     if (aligned && e + kElemsPerThread <= end) {
       uint32_t a[4], b[4];
       vec_load<DT>(m.ptr, e, a, b);
-      update_group(p, table, g, m.tensor_id, DT, a, 4);
-      update_group(p, table, g + 1, m.tensor_id, DT, b, 4);
+      update_any<MODE, NOISE, ROUND>(p, o, table, g, m.tensor_id, DT, a, 4);
+      update_any<MODE, NOISE, ROUND>(p, o, table, g + 1, m.tensor_id, DT, b, 4);
       vec_store<DT>(m.ptr, e, a, b);
     } else {
-      scalar_group<DT>(p, table, m.ptr, end, g, m.tensor_id);
-      scalar_group<DT>(p, table, m.ptr, end, g + 1, m.tensor_id);
+      scalar_group<DT, MODE, NOISE, ROUND>(p, o, table, m.ptr, end, g, m.tensor_id);
+      scalar_group<DT, MODE, NOISE, ROUND>(p, o, table, m.ptr, end, g + 1, m.tensor_id);
     }
   }
 }
+
+// The chunks of one block (below), for a call of fixed shape MODE/NOISE/ROUND (zo_math.h dispatch_mode).
+struct Walk {
+  const Launch& launch;
+  const Params& p;
+  const OneSeed o;
+  const float* table;
+
+  template <int MODE, int NOISE, int ROUND>
+  __device__ void operator()() const {
+    const int64_t total = launch.block_start[launch.count];
+    int64_t b = blockIdx.x;
+    int ti = find_segment(launch.block_start, launch.count, b);
+    for (; b < total; b += gridDim.x) {
+      while (launch.block_start[ti + 1] <= b) ++ti;
+      const TensorMeta& m = launch.t[ti];
+      const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
+      if (m.dtype == FT_F32)
+        run_chunk<FT_F32, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+      else if (m.dtype == FT_BF16)
+        run_chunk<FT_BF16, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+      else
+        run_chunk<FT_F16, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+    }
+  }
+};
 
 // A block walks chunks b = blockIdx.x, + gridDim.x, ... (the grid is a few blocks per SM): the quantile
 // table is copied into shared memory once per block, not once per 8192-element chunk as with one block per
 // chunk (4 KB from L2 and a barrier for every 16 KB of bf16 weights), and the tensor lookup is a forward
 // walk from the previous chunk's tensor. Which element a thread updates never enters the math (the
 // counter is the element index), so the result is the same bits for any grid.
-__global__ void __launch_bounds__(kThreads) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
+__global__ void __launch_bounds__(kThreads, 5) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
-  const int64_t total = launch.block_start[launch.count];
-  int64_t b = blockIdx.x;
-  if (b >= total) return;
-  int ti = find_segment(launch.block_start, launch.count, b);
-  for (; b < total; b += gridDim.x) {
-    while (launch.block_start[ti + 1] <= b) ++ti;
-    const TensorMeta& m = launch.t[ti];
-    const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
-    if (m.dtype == FT_F32)
-      run_chunk<FT_F32>(p, table, m, chunk0);
-    else if (m.dtype == FT_BF16)
-      run_chunk<FT_BF16>(p, table, m, chunk0);
-    else
-      run_chunk<FT_F16>(p, table, m, chunk0);
-  }
+  if ((int64_t)blockIdx.x >= launch.block_start[launch.count]) return;
+  const int mode = call_mode(p);
+  dispatch_mode(p, mode, Walk{launch, p, one_seed(p, mode), table});
 }
 
 // Blocks of the grid: as many as are resident at once on all SMs (the occupancy of this kernel, whose

@@ -170,5 +170,75 @@ FT_HD void update_group(const Params& p, const float* table, uint64_t g, uint32_
   }
 }
 
+// The common calls with their shape fixed at compile time, so that no per-element branch on the call's
+// shape and no reload of its seeds is left: MODE_ONE, one seed and nothing to undo (a perturbation, an
+// update, MeZO's first pass); MODE_SAME, one seed undone and reapplied (MeZO's passes 2 and 3). Each
+// runs update_group's operations for such a call in the same order (same bits); the C++ CPU kernel
+// runs them too, so the CPU tests hold them to the reference.
+enum Mode : int32_t { MODE_GENERIC = 0, MODE_ONE = 1, MODE_SAME = 2 };
+
+FT_HD int call_mode(const Params& p) {
+  if (p.n != 1) return MODE_GENERIC;
+  if (p.n_prev == 0) return MODE_ONE;
+  return p.n_prev == 1 && p.seeds[0] == p.prev_seeds[0] ? MODE_SAME : MODE_GENERIC;
+}
+
+struct OneSeed {   // a MODE_ONE / MODE_SAME call's scalars, read once
+  uint64_t seed;
+  float c, pc;
+};
+
+FT_HD OneSeed one_seed(const Params& p, int mode) {
+  return OneSeed{(uint64_t)p.seeds[0], p.coeffs[0], mode == MODE_SAME ? p.prev_coeffs[0] : 0.0f};
+}
+
+template <int MODE, int NOISE, int ROUND>
+FT_HD void update_group_fixed(const Params& p, const OneSeed& o, const float* table, uint64_t g, uint32_t tid, int dt,
+                              uint32_t bits[4], int cnt) {
+  const U4 q = draw4(o.seed, g, tid, STREAM_NOISE);
+  const float z[4] = {noise_value(q.x, NOISE, table), noise_value(q.y, NOISE, table), noise_value(q.z, NOISE, table),
+                      noise_value(q.w, NOISE, table)};
+  U4 r = {0, 0, 0, 0};
+  if (ROUND == ROUND_STOCHASTIC && dt != FT_F32) r = draw4(p.rounding_seed, g, tid, STREAM_ROUNDING);
+  FT_UNROLL
+  for (int k = 0; k < 4; ++k) {
+    if (k >= cnt) break;
+    const float d = ft_add(0.0f, ft_mul(o.c, z[k]));
+    const uint32_t x = MODE == MODE_SAME ? invert(bits[k], ft_add(0.0f, ft_mul(o.pc, z[k])), dt) : bits[k];
+    bits[k] = finish(load_as_f32(x, dt), d, p.alpha, p.scale != 0, dt, ROUND, word(r, k));
+  }
+}
+
+// Calls fn.template operator()<MODE, NOISE, ROUND>() for the call's fixed shape (fn is templated on them),
+// or fn.template operator()<MODE_GENERIC, 0, 0>() when it has none. (On the GPU fn is a device functor.)
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <typename Fn>
+FT_HD void dispatch_mode(const Params& p, int mode, Fn&& fn) {
+  if (mode == MODE_GENERIC) return fn.template operator()<MODE_GENERIC, 0, 0>();
+  const bool rad = p.noise == NOISE_RADEMACHER, sr = p.rounding == ROUND_STOCHASTIC;
+  if (mode == MODE_ONE) {
+    if (rad) return sr ? fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                       : fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_NEAREST>();
+    return sr ? fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_STOCHASTIC>()
+              : fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_NEAREST>();
+  }
+  if (rad) return sr ? fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                     : fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_NEAREST>();
+  return sr ? fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_STOCHASTIC>()
+            : fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_NEAREST>();
+}
+
+// update_group, or update_group_fixed for a call of a fixed shape.
+template <int MODE, int NOISE, int ROUND>
+FT_HD void update_any(const Params& p, const OneSeed& o, const float* table, uint64_t g, uint32_t tid, int dt,
+                      uint32_t bits[4], int cnt) {
+  if (MODE == MODE_GENERIC)
+    update_group(p, table, g, tid, dt, bits, cnt);
+  else
+    update_group_fixed<MODE, NOISE, ROUND>(p, o, table, g, tid, dt, bits, cnt);
+}
+
 }  // namespace zo
 }  // namespace fusedtune
