@@ -9,7 +9,7 @@
    the caches, so its "% of HBM" may exceed 100), the TFLOP/s of the useful flops 2*T*k, and in
    roofline_pct the H100 roofline of the compulsory traffic (dy and x once, indices, fp32 output) and
    the useful flops. Goal on an H100: >= 5x faster than dense dW + gather at 1% density.
-2. SparseDeltaAdamW (cuda backend) on the deltas of 2 Llama-3-8B decoder layers (q, k, v, o, gate,
+2. SparseDeltaAdamW (cuda backend) on the deltas of 32 Llama-3-8B decoder layers (8 with --quick; q, k, v, o, gate,
    up, down; bf16 weights) at 1% density, against torch.optim.AdamW(fused=True) on the same float32
    deltas followed by index_copy_ of round(base + delta) into each weight. Bytes touched per delta
    (BYTES_PER_DELTA = 36): delta r/w 8, grad 4, two moments r/w 16, base read 2 (bf16), index read 4,
@@ -18,6 +18,9 @@
    times the op sparse_adamw_ on prebuilt lists, to separate the optimizer's host overhead. A third
    times the step as it runs after regrowth: per-element step counts (+8 B/delta, BYTES_PER_DELTA_COUNTED
    = 44), every 5th entry young (reseeded, so it computes its own bias corrections each step).
+   The notes also give the bandwidth over what DRAM moves by our estimate: each scattered 2-byte weight
+   write costs its 32-byte sector read and written back (SECTOR_BYTES_PER_DELTA = 98), so 80% of HBM
+   over the 36 counted bytes would need ~220% over the moved ones -- out of reach if the estimate holds.
 3. One training step (zero_grad, forward with labels, backward, optimizer step) of a Llama with
    Llama-3-8B's shapes and fewer layers (4 of its 32 layers: hidden 4096, intermediate 14336, 32/8
    heads, vocab 128256, untied lm_head; random init, bf16, sdpa; batch 4 x 1024; --quick: 2 layers,
@@ -53,12 +56,16 @@ GOAL_SPEEDUP = 5.0
 LLAMA3_8B_LAYER = [(4096, 4096), (1024, 4096), (1024, 4096), (4096, 4096),
                    (14336, 4096), (14336, 4096), (4096, 14336)]
 TINY_LAYER = [(64, 64), (32, 64), (32, 64), (64, 64), (176, 64), (176, 64), (64, 176)]
-OPT_LAYERS = 2
+OPT_LAYERS = 2            # CPU; on a GPU 8 (--quick) or all 32 of Llama-3-8B's layers: the H200 run timed 2
+OPT_LAYERS_GPU = (8, 32)  # layers (0.16 GB of traffic, 0.35 ms), where per-launch overhead is most of the time
 OPT_DENSITY = 0.01
 # bytes an AdamW step on one delta touches: delta r/w, grad, 2 moments r/w, base (bf16), index (int32),
 # merged-weight write (bf16)
 BYTES_PER_DELTA = 4 + 4 + 4 + 16 + 2 + 4 + 2
 BYTES_PER_DELTA_COUNTED = BYTES_PER_DELTA + 8      # + the int32 step count r/w (after regrowth)
+# what DRAM moves per delta (an estimate): at 1% density the merged-weight writes land ~100 elements apart,
+# so each 2-byte write costs its 32-byte sector read and written back (DRAM moves whole sectors)
+SECTOR_BYTES_PER_DELTA = BYTES_PER_DELTA - 2 + 2 * 32
 YOUNG_EVERY = 5                                    # every 5th entry reseeded: 20% young, as at rate 0.2
 GOAL_HBM_PCT = 80.0
 
@@ -207,12 +214,13 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
     b = _backends(on_gpu)[1]
     if not _usable(ops._ADAMW_HAS, b, dev):
         return []
-    shapes = (LLAMA3_8B_LAYER if on_gpu else TINY_LAYER) * OPT_LAYERS
+    n_layers = OPT_LAYERS_GPU[0 if quick else 1] if on_gpu else OPT_LAYERS
+    shapes = (LLAMA3_8B_LAYER if on_gpu else TINY_LAYER) * n_layers
     layers = opt_layers(shapes, OPT_DENSITY, dev)
     vals = [m.values for m in layers]
     k = sum(v.numel() for v in vals)
     nbytes = BYTES_PER_DELTA * k
-    where = (f"{'llama3-8b' if on_gpu else 'tiny'} {OPT_LAYERS} layers x 7 linears, bf16 weights, "
+    where = (f"{'llama3-8b' if on_gpu else 'tiny'} {n_layers} layers x 7 linears, bf16 weights, "
              f"density {_pct(OPT_DENSITY)}: {len(vals)} tensors, {k} deltas")
 
     ours_opt = SparseDeltaAdamW(vals, lr=LR, backend=b)
@@ -253,7 +261,9 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
                f"{roofline_pct(base[0], nb):.1f}% over the same bytes")
         if goal:
             txt += "; " + hbm_goal(ms_, nb, GOAL_HBM_PCT, timer.name)
-        return txt
+        moved = per - BYTES_PER_DELTA + SECTOR_BYTES_PER_DELTA
+        return txt + (f"; counting the 32-byte sector each scattered weight write costs ({moved} B/delta): "
+                      f"{moved * k / (ms_ * 1e-3) / 1e9:.0f} GB/s")
 
     baseline = f"{base_name} on the fp32 deltas + index_copy_ of round(base + delta)"
     rows = []
