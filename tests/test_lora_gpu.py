@@ -162,6 +162,33 @@ def test_triton_nf4_both_paths_within_rule(M, monkeypatch):
     assert_within_rule(y, y64, unf.bfloat16(), f"nf4 {nf4_path(M, True)}", atol=2e-2)
 
 
+def test_expand_kernel_first_call_under_timed_autotuning():
+    """lora_expand_kernel adds into C in place. Under timed autotuning (not the GPU tests' untimed mode) every
+    config's timed runs must restore C (restore_value, as the shipped kernels have), else the first call of a
+    shape adds the LoRA term once per timed launch: checked with a timed autotuner of the kernel, with and
+    without restore_value."""
+    import triton
+    from fusedtune.triton_kernels import lora as tk
+    assert tk.lora_expand_kernel.restore_value == ["c_ptr"] == tk.lora_expand_ieee_kernel.restore_value
+    g = torch.Generator(device="cuda").manual_seed(0)
+    M, N, R = 512, 1024, 16
+    t = torch.randn(M, R, device="cuda", generator=g)
+    B = torch.randn(N, R, device="cuda", generator=g)
+    base = torch.randn(M, N, device="cuda", generator=g).bfloat16()
+    want = base.float() + t @ B.t()
+
+    def first_call(restore: bool):
+        cfgs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+                for m, n in ((64, 64), (32, 128))]
+        k = triton.autotune(configs=cfgs, key=["M", "N", "K", "R", "stride_qk"],
+                            **({"restore_value": ["c_ptr"]} if restore else {}))(tk.lora_gemm_kernel.fn)
+        c = base.clone()
+        tk._launch(k, c, c, (0, 0), 0, t, B, B.stride(), None, c, tk.Dropout(0.0, 0), "tf32", None, None, None, True)
+        return c.float()
+    torch.testing.assert_close(first_call(True), want, atol=0.15, rtol=2e-2)
+    assert not torch.allclose(first_call(False), want, atol=0.15, rtol=2e-2)   # what restore_value prevents
+
+
 @pytest.mark.parametrize("gather", [False, True])
 def test_nf4_dequant_kernel_equals_bitsandbytes_on_the_gpu(gather, monkeypatch):
     """Both paths of the Triton dequant kernel (vector and per-element gather) give bitsandbytes' CUDA

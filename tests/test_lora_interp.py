@@ -23,6 +23,14 @@ def base_schedule(request, monkeypatch):
     return request.param, _count_calls(monkeypatch, tk, "gemm", "expand_")
 
 
+def test_expand_kernels_restore_c_when_timing_configs():
+    """The expand kernels add into C in place: their autotuners must restore C after each timed config run
+    (restore_value), or a shape's first call under timed autotuning would add the LoRA term many times
+    (the GPU test shows it happening without restore_value)."""
+    from fusedtune.triton_kernels import lora as tk
+    assert tk.lora_expand_kernel.restore_value == ["c_ptr"] == tk.lora_expand_ieee_kernel.restore_value
+
+
 def _took(base_schedule, gemms: int):
     """The schedule ran: `gemms` base GEMMs, all Triton (fused) or all torch.mm + expand (cublas)."""
     sched, calls = base_schedule

@@ -55,10 +55,10 @@ if _INTERP:
     _GEMM_CONFIGS = _NF4_CONFIGS = _IEEE_CONFIGS = _EXPAND_CONFIGS = _EXPAND_IEEE_CONFIGS = [(32, 32, 32, 4, 1)]
 
 
-def _autotuned(configs):
+def _autotuned(configs, **kw):
     return autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w,
                                            num_stages=s) for m, n, k, w, s in configs],
-                    key=["M", "N", "K", "R", "stride_qk"])  # stride_qk: forward (1) or dgrad (N) orientation
+                    key=["M", "N", "K", "R", "stride_qk"], **kw)  # stride_qk: forward (1) or dgrad (N) orientation
 
 
 @triton.jit
@@ -198,8 +198,10 @@ def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, ab
 
 
 lora_gemm_nf4_kernel = _autotuned(_NF4_CONFIGS)(lora_gemm_kernel.fn)   # same kernel, NF4 configs
-lora_expand_kernel = _autotuned(_EXPAND_CONFIGS)(lora_gemm_kernel.fn)   # K = 0, ACCUMULATE: C += LoRA term
-lora_expand_ieee_kernel = _autotuned(_EXPAND_IEEE_CONFIGS)(lora_gemm_kernel.fn)
+# K = 0, ACCUMULATE: C += the LoRA term in place, so timing the configs must put C back after each run
+# (restore_value), or the first call of every new shape would add the term once per timed launch
+lora_expand_kernel = _autotuned(_EXPAND_CONFIGS, restore_value=["c_ptr"])(lora_gemm_kernel.fn)
+lora_expand_ieee_kernel = _autotuned(_EXPAND_IEEE_CONFIGS, restore_value=["c_ptr"])(lora_gemm_kernel.fn)
 lora_gemm_ieee_kernel = _autotuned(_IEEE_CONFIGS)(lora_gemm_kernel.fn)  # same kernel, fp32 FMA configs
 
 
