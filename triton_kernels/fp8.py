@@ -31,6 +31,9 @@ _CHUNK = 16 if _INTERP else 32   # rows of a quantizer tile converted at once
 # the row quantizer's (CHUNK, num_warps), autotuned: at (32, 4) with the column copy it holds 221 registers
 # a thread (2 CTAs an SM) and ran at 391 GB/s on an H200 (bench/results/fp8.csv)
 _QUANT_CONFIGS = [(16, 4)] if _INTERP else [(32, 4), (32, 8), (16, 8)]
+# with sm_90's E4M3 conversion (HW) the chunks can be larger without spills (sm_90a: (64, 8) 128 registers,
+# (64, 16) 84, (128, 16) -- the whole tile at once -- 109)
+_QUANT_HW_CONFIGS = _QUANT_CONFIGS + [(64, 8), (64, 16), (128, 16)]
 _GEMM_CONFIGS = [(128, 128, 8, 3), (64, 128, 4, 3), (128, 64, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2)]
 if _INTERP:
     _GEMM_CONFIGS = [(32, 32, 4, 1)]
@@ -120,6 +123,11 @@ def fp8_quant_rows_kernel(x_ptr, qr_ptr, sr_ptr, qc_ptr, sc_ptr, M, K, stride_xm
             tl.store(qc_ptr + offs_k[None, :] * M + offs_m[:, None], q_c.to(tl.uint8), mask=ok)
 
 
+fp8_quant_rows_hw_kernel = autotune(   # the same kernel, run with HW=True on sm_90
+    configs=[triton.Config({"CHUNK": c}, num_warps=w, num_stages=1) for c, w in _QUANT_HW_CONFIGS],
+    key=["M", "K"])(fp8_quant_rows_kernel.fn)
+
+
 @triton.jit
 def fp8_quant_blocks_kernel(w_ptr, q_ptr, s_ptr, qt_ptr, N, K, stride_wn, KB, POW2: tl.constexpr, TRANS: tl.constexpr,
                             BLOCK: tl.constexpr, CHUNK: tl.constexpr, HW: tl.constexpr = False):
@@ -206,10 +214,10 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     q_c = torch.empty((K, M), dtype=torch.float8_e4m3fn, device=dev) if col else None
     s_c = torch.empty((K, MB), dtype=torch.float32, device=dev) if col else None
     if M and K:
-        fp8_quant_rows_kernel[(MB, KB)](x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r,
-                                        s_c if col else s_r, M, K, x.stride(0), KB, MB, COL=col, POW2=pow2,
-                                        HW=_hw_cvt(x.device),
-                                        BLOCK=TILE)
+        hw = _hw_cvt(x.device)
+        (fp8_quant_rows_hw_kernel if hw else fp8_quant_rows_kernel)[(MB, KB)](
+            x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r, s_c if col else s_r, M, K,
+            x.stride(0), KB, MB, COL=col, POW2=pow2, HW=hw, BLOCK=TILE)
     return q_r, s_r, q_c, s_c
 
 
@@ -262,7 +270,7 @@ register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_row
 register(KernelSpec(family="fp8", name="fp8_quant_rows_kernel", fn=fp8_quant_rows_kernel.fn, signature=_Q_SIG,
                     targets=(90,),   # sm_90's E4M3 conversion instruction (HW): what an H100/H200 runs
                     configs=[{"constexprs": dict(COL=True, POW2=False, BLOCK=TILE, CHUNK=ch, HW=True), "num_warps": w,
-                              "num_stages": 1, "aligned": _Q_ALIGNED} for ch, w in _QUANT_CONFIGS]))
+                              "num_stages": 1, "aligned": _Q_ALIGNED} for ch, w in _QUANT_HW_CONFIGS]))
 register(KernelSpec(family="fp8", name="fp8_quant_blocks_kernel", fn=fp8_quant_blocks_kernel, targets=(90,),
                     signature={"w_ptr": "*bf16", "q_ptr": "*u8", "s_ptr": "*fp32", "qt_ptr": "*u8", "N": "i32",
                                "K": "i32", "stride_wn": "i32", "KB": "i32"},
