@@ -31,8 +31,12 @@ def test_doctor_reports_every_key(capsys):
     assert zo["cpu"]["backend"] == ("cpu" if _ext.loaded() else "reference")
     if not torch.cuda.is_available():
         assert zo["cuda"]["backend"] is None and zo["cuda"]["why_not"]
+    assert set(d["schedules"]) == {"lora", "fp8"}
+    assert "cuBLAS" in d["schedules"]["lora"]
+    if not torch.cuda.is_available():
+        assert "the Triton FP8 GEMM (" in d["schedules"]["fp8"]
     out = capsys.readouterr().out
-    for section in ("fusedtune doctor", "extension fusedtune._C", "GPU", "backends", "ops"):
+    for section in ("fusedtune doctor", "extension fusedtune._C", "GPU", "backends", "ops", "schedules (GPU paths)"):
         assert section in out
 
 

@@ -102,10 +102,36 @@ def _ops() -> dict:
     return out
 
 
+def _schedules(gpu: dict) -> dict:
+    """The shape- and device-dependent choices inside the GPU paths: LoRA's base-GEMM schedule and FP8Linear's
+    GEMM engine (on a GPU: whether cuBLAS's block-scaled FP8 GEMM passed its one-time check there)."""
+    out = {}
+    try:
+        from .ops import lora_triton
+        out["lora"] = (f"base GEMM through cuBLAS + one expand pass for M*N*K >= {lora_triton.CUBLAS_MIN_WORK}, "
+                       "the fused Triton GEMM below")
+    except Exception as e:  # noqa: BLE001 - a report, not a check
+        out["lora"] = f"unknown ({type(e).__name__}: {e})"
+    try:
+        from .ops import fp8_cublas
+        eng = fp8_cublas.engine()
+        if eng == "triton" or not gpu["present"]:
+            why = f"{fp8_cublas.ENGINE_ENV}=triton" if eng == "triton" else "no GPU"
+        else:
+            why = fp8_cublas.status(torch.device("cuda", 0))
+        out["fp8"] = (f"engine {eng}: FP8Linear's GEMMs through cuBLAS's block-scaled FP8 GEMM where the shape "
+                      "allows" if why is None else f"engine {eng}: the Triton FP8 GEMM ({why})")
+    except Exception as e:  # noqa: BLE001
+        out["fp8"] = f"unknown ({type(e).__name__}: {e})"
+    return out
+
+
 def collect() -> dict:
     from .backend import backends
-    return {"versions": _versions(), "extension": _extension(), "gpu": _gpu(), "backends": backends(),
-            "ops": _ops(), "platform": {"system": platform.platform(), "executable": sys.executable}}
+    gpu = _gpu()
+    return {"versions": _versions(), "extension": _extension(), "gpu": gpu, "backends": backends(),
+            "ops": _ops(), "schedules": _schedules(gpu),
+            "platform": {"system": platform.platform(), "executable": sys.executable}}
 
 
 def _why(d) -> str:
@@ -143,6 +169,8 @@ def format_report(d: dict) -> str:
             why = _why(r.get("why_not"))
             line = f"  {family:<6} {dev:<5} -> {str(r.get('backend')):<10}" + (f" ({why})" if why else "")
             lines.append(line.rstrip())
+    lines += ["", "schedules (GPU paths)"]
+    lines += [f"  {k:<6} {v}" for k, v in d.get("schedules", {}).items()]
     return "\n".join(lines)
 
 
