@@ -144,22 +144,10 @@ FT_HD void delta4(const int64_t* seeds, const float* coeffs, int n, int noise, c
 // Update the elements [4g, 4g + cnt) held in bits[0..cnt) (cnt <= 4) in place.
 FT_HD void update_group(const Params& p, const float* table, uint64_t g, uint32_t tid, int dt, uint32_t bits[4],
                         int cnt) {
+  // (one seed undone and reapplied, MeZO's passes 2 and 3, draws once: update_group_fixed<MODE_SAME>)
   float d[4], dp[4];
-  if (p.n == 1 && p.n_prev == 1 && p.seeds[0] == p.prev_seeds[0]) {
-    // MeZO's passes 2 and 3 undo and reapply one seed: draw once (same operations, same bits).
-    U4 q = draw4((uint64_t)p.seeds[0], g, tid, STREAM_NOISE);
-    const float c = p.coeffs[0], pc = p.prev_coeffs[0];
-    const float z[4] = {noise_value(q.x, p.noise, table), noise_value(q.y, p.noise, table),
-                        noise_value(q.z, p.noise, table), noise_value(q.w, p.noise, table)};
-    FT_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      d[k] = ft_add(0.0f, ft_mul(c, z[k]));
-      dp[k] = ft_add(0.0f, ft_mul(pc, z[k]));
-    }
-  } else {
-    delta4(p.seeds, p.coeffs, p.n, p.noise, table, g, tid, d);
-    if (p.n_prev > 0) delta4(p.prev_seeds, p.prev_coeffs, p.n_prev, p.noise, table, g, tid, dp);
-  }
+  delta4(p.seeds, p.coeffs, p.n, p.noise, table, g, tid, d);
+  if (p.n_prev > 0) delta4(p.prev_seeds, p.prev_coeffs, p.n_prev, p.noise, table, g, tid, dp);
   U4 r = {0, 0, 0, 0};
   if (p.rounding == ROUND_STOCHASTIC && dt != FT_F32) r = draw4(p.rounding_seed, g, tid, STREAM_ROUNDING);
   FT_UNROLL
