@@ -23,6 +23,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune, gemm_tile, cdiv
+from .launch import fast
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -215,7 +216,7 @@ def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
     s_c = torch.empty((K, MB), dtype=torch.float32, device=dev) if col else None
     if M and K:
         hw = _hw_cvt(x.device)
-        (fp8_quant_rows_hw_kernel if hw else fp8_quant_rows_kernel)[(MB, KB)](
+        fast(fp8_quant_rows_hw_kernel if hw else fp8_quant_rows_kernel)[(MB, KB)](
             x, q_r.view(torch.uint8), s_r, q_c.view(torch.uint8) if col else q_r, s_c if col else s_r, M, K,
             x.stride(0), KB, MB, COL=col, POW2=pow2, HW=hw, BLOCK=TILE)
     return q_r, s_r, q_c, s_c
@@ -230,7 +231,7 @@ def quantize_blocks(w: torch.Tensor, pow2: bool, trans: bool = False):
     s = torch.empty((NB, KB), dtype=torch.float32, device=w.device)
     qt = torch.empty((K, N), dtype=torch.float8_e4m3fn, device=w.device) if trans else None
     if N and K:
-        fp8_quant_blocks_kernel[(NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8) if trans else q.view(
+        fast(fp8_quant_blocks_kernel)[(NB, KB)](w, q.view(torch.uint8), s, qt.view(torch.uint8) if trans else q.view(
             torch.uint8), N, K, w.stride(0), KB, POW2=pow2, TRANS=trans, HW=_hw_cvt(w.device), BLOCK=TILE,
             CHUNK=16 if trans else _CHUNK,
             num_warps=4)   # (the transposed store at CHUNK 32 spills on sm_80: python -m fusedtune kernels)
@@ -252,7 +253,7 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
         return c.zero_()
     sbn, sbk = (1, b_q.stride(0)) if b_transposed else (b_q.stride(0), 1)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    fp8_gemm_kernel[grid](a_q, a_s, b_q, b_s, c, M, N, K, cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
+    fast(fp8_gemm_kernel)[grid](a_q, a_s, b_q, b_s, c, M, N, K, cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),
                           B_ROWS=b_rows, GROUP_M=8, BLOCK_K=TILE, EVEN_K=K % TILE == 0)
     return c
 

@@ -12,6 +12,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune, cdiv
+from .launch import fast
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -76,7 +77,7 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
         return out.zero_()
     grid = lambda meta: (cdiv(R, meta["BLOCK_M"]), cdiv(N, meta["BLOCK_N"]))  # noqa: E731
     ieee = x.dtype == torch.float32
-    (row_grad_ieee_kernel if ieee else row_grad_kernel)[grid](dy, x, rows, out, T, R, N, dy.stride(0), x.stride(0),
+    fast(row_grad_ieee_kernel if ieee else row_grad_kernel)[grid](dy, x, rows, out, T, R, N, dy.stride(0), x.stride(0),
                                                               IEEE=ieee)
     return out
 

@@ -32,7 +32,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import autotune, gemm_tile, cdiv
+from .common import autotune, cdiv, gemm_tile, next_pow2
+from .launch import fast
 from .registry import KernelSpec, register
 from .zo import _philox
 
@@ -207,7 +208,7 @@ lora_gemm_ieee_kernel = _autotuned(_IEEE_CONFIGS)(lora_gemm_kernel.fn)  # same k
 
 @triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, seed, thresh, keep_scale,
-                      DROPOUT: tl.constexpr, PREC: tl.constexpr,
+                      DROPOUT: tl.constexpr, PREC: tl.constexpr, TRANS_OUT: tl.constexpr,
                       BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_R: tl.constexpr):
     pid_c = tl.program_id(0)
     pid_r = tl.program_id(1)
@@ -229,7 +230,10 @@ def lora_wgrad_kernel(p_ptr, t_ptr, o_ptr, M, C, R, stride_pm, rows_per_split, s
             p = tl.where(_keep(seed, mm, pid_c * BLOCK_C, thresh, BLOCK_M, BLOCK_C), p * keep_scale, 0.0)
         t = tl.load(t_ptr + mm[:, None] * R + offs_r[None, :], mask=m_ok[:, None] & r_ok[None, :], other=0.0)
         acc = tl.dot(tl.trans(p), t, acc, input_precision=PREC)
-    o = o_ptr + pid_s * C * R + offs_c[:, None] * R + offs_r[None, :]
+    if TRANS_OUT:     # O^T [R, C]: dA = (dropout(x)^T u)^T written where it belongs, no transposing copy after
+        o = o_ptr + pid_s * C * R + offs_r[None, :] * C + offs_c[:, None]
+    else:
+        o = o_ptr + pid_s * C * R + offs_c[:, None] * R + offs_r[None, :]
     tl.store(o, acc, mask=c_ok[:, None] & r_ok[None, :])
 
 
@@ -351,7 +355,7 @@ def _base_prec(dtype) -> str:
 
 
 def _block_r(R: int, cap: int = 64) -> int:
-    return min(cap, max(16, triton.next_power_of_2(max(R, 1))))
+    return min(cap, max(16, next_pow2(max(R, 1))))
 
 
 def _check32(what: str, *tensors):
@@ -419,7 +423,7 @@ def shrink(p: torch.Tensor, q: torch.Tensor, transpose_q: bool, S: torch.Tensor,
     per, parts = _cut(K, BK, _parts(tiles, cdiv(K, BK), p.device))
     t = torch.empty((parts, M, R), dtype=torch.float32, device=p.device)
     grid = (cdiv(M, BM), cdiv(R, BR), parts)
-    lora_shrink_kernel[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
+    fast(lora_shrink_kernel)[grid](p, q, t, gid if gid is not None else t, S, M, K, R, p.stride(0), sqr, sqk,
                              drop.seed, drop.thresh, drop.scale, per, HAS_GID=gid is not None, DROPOUT=drop.on,
                              PREC=_prec(), BLOCK_M=BM, BLOCK_R=BR, BLOCK_K=BK, num_warps=4)
     return t[0] if parts == 1 else t.sum(0)
@@ -468,7 +472,7 @@ def _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop: Dropout,
     dummy = c
     nf = nf4 or {}
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-    kernel[grid](
+    fast(kernel)[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
         dummy if col_scale is None else col_scale, dummy if f_out is None else f_out,
@@ -481,13 +485,14 @@ def _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop: Dropout,
     return c
 
 
-def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
-    """O [C, R] = dropout(p)^T . t, float32; p [M, C] row-major, t float32 [M, R]."""
+def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout, transpose: bool = False) -> torch.Tensor:
+    """O [C, R] = dropout(p)^T . t, float32 (transpose: O^T [R, C], row-major); p [M, C] row-major, t float32
+    [M, R]."""
     M, C = p.shape
     R = t.shape[1]
     _check32("wgrad", p, t)
     if M == 0 or C == 0 or R == 0:
-        return torch.zeros((C, R), dtype=torch.float32, device=p.device)
+        return torch.zeros((R, C) if transpose else (C, R), dtype=torch.float32, device=p.device)
     BR = _block_r(R, 32)
     BC = 32 if _INTERP else 64
     BM = 32
@@ -495,10 +500,10 @@ def wgrad(p: torch.Tensor, t: torch.Tensor, drop: Dropout) -> torch.Tensor:
     want = 1 if _INTERP else max(1, min(cdiv(M, 4 * BM), cdiv(4 * 132, tiles)))
     rows = cdiv(cdiv(M, want), BM) * BM
     splits = cdiv(M, rows)
-    o = torch.empty((splits, C, R), dtype=torch.float32, device=p.device)
-    lora_wgrad_kernel[(cdiv(C, BC), cdiv(R, BR), splits)](
+    o = torch.empty((splits, R, C) if transpose else (splits, C, R), dtype=torch.float32, device=p.device)
+    fast(lora_wgrad_kernel)[(cdiv(C, BC), cdiv(R, BR), splits)](
         p, t, o, M, C, R, p.stride(0), rows, drop.seed, drop.thresh, drop.scale, DROPOUT=drop.on, PREC=_prec(),
-        BLOCK_M=BM, BLOCK_C=BC, BLOCK_R=BR, num_warps=4)
+        TRANS_OUT=transpose, BLOCK_M=BM, BLOCK_C=BC, BLOCK_R=BR, num_warps=4)
     return o[0] if splits == 1 else o.sum(0)
 
 
@@ -529,7 +534,7 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
     BM, BN = (32, 32) if _INTERP else ((64, 32) if split else (32, 16))
     per, parts = _cut(N, BN, _parts(cdiv(M, BM), cdiv(N, BN), dy.device))
     u = torch.empty((parts, M, R), dtype=torch.float32, device=dy.device)
-    lora_dy_kernel[(cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
+    fast(lora_dy_kernel)[(cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
                                                 dy.stride(0), B.stride(0), per, HAS_GID=gid is not None,
                                                 SPLIT=split, PREC=_prec(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR,
                                                 num_warps=4 if BR <= 16 else 8)
@@ -554,7 +559,7 @@ def _dropout_pass(x: torch.Tensor, drop: Dropout, keep_only: bool) -> torch.Tens
     if out.numel() == 0:
         return out
     BM, BK = (32, 32) if _INTERP else (16, 256)
-    lora_dropout_delta_kernel[(cdiv(M, BM), cdiv(K, BK))](
+    fast(lora_dropout_delta_kernel)[(cdiv(M, BM), cdiv(K, BK))](
         x, out, M, K, x.stride(0), drop.seed, drop.thresh, drop.scale, KEEP_ONLY=keep_only, BLOCK_M=BM, BLOCK_K=BK,
         num_warps=4, enable_fp_fusion=False)
     return out
@@ -573,7 +578,7 @@ def nf4_dequant(nf4: dict, shape: tuple, dtype) -> torch.Tensor:
     bs = nf4["blocksize"]
     vec = bs & (bs - 1) == 0 and bs <= 4096 and not FORCE_GATHER_DEQUANT
     BLOCK = max(1024, bs) if vec else 1024
-    nf4_dequant_kernel[(cdiv(n, BLOCK),)](
+    fast(nf4_dequant_kernel)[(cdiv(n, BLOCK),)](
         nf4["q"], nf4["absmax"], nf4.get("absmax2", out), nf4["code"], nf4.get("code2", out), out, n,
         float(nf4.get("offset", 0.0)), BLOCKSIZE=bs, BLOCKSIZE2=nf4.get("blocksize2", 256),
         DOUBLE="absmax2" in nf4, BLOCK=BLOCK, VEC=vec, num_warps=4)
@@ -651,8 +656,8 @@ _WGRAD_SIG = {"p_ptr": "*bf16", "t_ptr": "*fp32", "o_ptr": "*fp32", "M": "i32", 
               "stride_pm": "i32", "rows_per_split": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32"}
 register(KernelSpec(
     family="lora", name="lora_wgrad_kernel", fn=lora_wgrad_kernel, signature=_WGRAD_SIG, gemm=True,
-    configs=[{"constexprs": dict(DROPOUT=d, PREC="tf32x3", BLOCK_M=32, BLOCK_C=64, BLOCK_R=br),
-              "num_warps": 4, "num_stages": 1} for d, br in ((False, 16), (True, 32))]))
+    configs=[{"constexprs": dict(DROPOUT=d, PREC="tf32x3", TRANS_OUT=tr, BLOCK_M=32, BLOCK_C=64, BLOCK_R=br),
+              "num_warps": 4, "num_stages": 1} for d, br, tr in ((False, 16, False), (False, 16, True), (True, 32, True))]))
 register(KernelSpec(
     family="lora", name="nf4_dequant_kernel", fn=nf4_dequant_kernel,
     signature={"q_ptr": "*u8", "absmax_ptr": "*u8", "absmax2_ptr": "*fp32", "code_ptr": "*fp32", "code2_ptr": "*fp32",

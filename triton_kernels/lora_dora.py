@@ -18,6 +18,7 @@ import triton.language as tl
 
 from .common import cdiv
 
+from .launch import fast
 from .lora import _INTERP, _check32
 from .registry import KernelSpec, register
 
@@ -58,7 +59,7 @@ def dora_dy(dy: torch.Tensor, F: torch.Tensor, g: torch.Tensor):
     pg = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     pb = torch.empty((rows, N), dtype=torch.float32, device=F.device)
     if M and N:
-        lora_dora_dy_kernel[(rows, cdiv(N, BN))](dy, F, g.contiguous(), dF, low, pg, pb, M, N, dy.stride(0),
+        fast(lora_dora_dy_kernel)[(rows, cdiv(N, BN))](dy, F, g.contiguous(), dF, low, pg, pb, M, N, dy.stride(0),
                                                         F.stride(0), BLOCK_M=BM, BLOCK_N=BN, num_warps=warps)
     return dF, low, pg.sum(0), pb.sum(0)
 

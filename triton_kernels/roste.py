@@ -31,8 +31,9 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import cdiv
+from .common import cdiv, next_pow2
 
+from .launch import fast
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -371,7 +372,7 @@ def _mats(n: int, transpose: bool, device, dtype):
         HA = torch.kron(factor_matrix(m), hadamard_matrix(p // P)) if m > 1 else hadamard_matrix(A)
         if transpose:
             HA = HA.t()
-        AP = max(16, triton.next_power_of_2(A))
+        AP = max(16, next_pow2(A))
         pad = torch.zeros(AP, AP, dtype=torch.float32)
         pad[:A, :A] = HA.float()
         _MATS[key] = (pad.to(device, dtype), hadamard_matrix(P).to(device, dtype), AP)
@@ -381,7 +382,7 @@ def _mats(n: int, transpose: bool, device, dtype):
 def _constexprs(A: int, P: int, major: int, split3: bool = False) -> dict:
     """The shape constexprs of hadamard_kernel for A x P; NB blocks of AB rows cover A (blocks wholly
     past A are skipped). split3: float32 rows."""
-    AP = max(16, triton.next_power_of_2(A))
+    AP = max(16, next_pow2(A))
     AB = _block(AP, P, major, split3)
     return dict(AP=AP, AB=AB, NB=cdiv(A, AB), P=P, PH=_ph(AP, P), SPLIT3=split3)
 
@@ -404,7 +405,7 @@ def _launch(x: torch.Tensor, scale: float, transpose: bool, quant: tuple | None,
         ha, hp, AP = _mats(n, transpose, x.device, torch.float16 if split3 else x.dtype)
         bits, symmetric, clip = quant[:3] if quant else (codes[4], False, codes[5]) if codes else (8, False, 1.0)
         cx, sx, zx, sumx = codes[:4] if codes else (out,) * 4
-        hadamard_kernel[(x2.shape[0],)](
+        fast(hadamard_kernel)[(x2.shape[0],)](
             x2, ha, hp, out, inside.view(torch.int8) if clipped else out, A, float(scale), float(clip),
             _levels(bits, symmetric), x2.stride(0), out.stride(0), cx, sx, zx, sumx, float(2 ** (bits - 1)),
             **_constexprs(A, P, _major(x.device), split3), QUANT=1 if quant else 2 if codes else 0, SYM=bool(symmetric),
@@ -429,7 +430,7 @@ def rotate_fake_quant(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio: f
     out = torch.empty_like(x2)
     inside = torch.empty(x2.shape, dtype=torch.bool, device=x.device) if clipped else None
     if x2.shape[0] and n:
-        fake_quant_kernel[(x2.shape[0],)](
+        fast(fake_quant_kernel)[(x2.shape[0],)](
             x2, out, inside.view(torch.int8) if clipped else out, n, float(clip_ratio), _levels(bits, symmetric),
             x2.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, QB=QB, num_warps=4, num_stages=1,
             enable_fp_fusion=False)
@@ -446,7 +447,7 @@ def fake_quant_channels(x: torch.Tensor, bits: int, symmetric: bool, clip_ratio:
     inside = torch.empty(x.shape, dtype=torch.bool, device=x.device) if clipped else None
     if R and n:
         BC = 64
-        fake_quant_cols_kernel[(cdiv(n, BC),)](
+        fast(fake_quant_cols_kernel)[(cdiv(n, BC),)](
             x, out, inside.view(torch.int8) if clipped else out, R, n, float(clip_ratio), _levels(bits, symmetric),
             x.stride(0), out.stride(0), SYM=bool(symmetric), CLIPPED=clipped, BR=32, BC=BC, num_warps=4,
             num_stages=1, enable_fp_fusion=False)

@@ -19,6 +19,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune, gemm_tile, cdiv
+from .launch import fast
 from .registry import KernelSpec, register
 from .roste import QB, _launch, codes_row, row_minmax
 
@@ -89,7 +90,7 @@ def act_codes(y: torch.Tensor, bits: int, clip_ratio: float, rotate: bool = Fals
     if rotate:
         _launch(y, 1.0 / n ** 0.5, False, None, (cx, sx, zx, sumx, bits, clip_ratio))
     elif M:
-        act_codes_kernel[(M,)](y, cx, sx, zx, sumx, n, float(clip_ratio), float(2 ** bits - 1),
+        fast(act_codes_kernel)[(M,)](y, cx, sx, zx, sumx, n, float(clip_ratio), float(2 ** bits - 1),
                                float(2 ** (bits - 1)), y.stride(0), QB=QB, num_warps=4, num_stages=1,
                                enable_fp_fusion=False)
     return cx, sx, zx, sumx
@@ -103,7 +104,7 @@ def int_linear(cx, sx, zx, sumx, qweight, w_bits: int, sw, zw, uw, bias, out_dty
     out = torch.empty((M, N), dtype=out_dtype, device=cx.device)
     if M and N:
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        int_linear_kernel[grid](cx, qweight, sx, zx, sumx, sw, zw, uw, out if bias is None else bias, out,
+        fast(int_linear_kernel)[grid](cx, qweight, sx, zx, sumx, sw, zw, uw, out if bias is None else bias, out,
                                 M, N, K, qweight.stride(0), 2 ** (w_bits - 1), PACKED=w_bits <= 4,
                                 HAS_BIAS=bias is not None, GROUP_M=8, enable_fp_fusion=False)
     return out

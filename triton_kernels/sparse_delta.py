@@ -17,6 +17,7 @@ import triton
 import triton.language as tl
 
 from .common import autotune, cdiv
+from .launch import fast
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -67,7 +68,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Ten
     if T == 0:
         return out.zero_()
     grid = lambda meta: (cdiv(K, meta["BLOCK_I"]),)  # noqa: E731
-    sddmm_kernel[grid](_transposed(dy, TP), _transposed(x, TP), indices, out, TP, K, IN)
+    fast(sddmm_kernel)[grid](_transposed(dy, TP), _transposed(x, TP), indices, out, TP, K, IN)
     return out
 
 

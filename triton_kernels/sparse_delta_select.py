@@ -29,6 +29,7 @@ import triton.language as tl
 
 from .common import cdiv
 
+from .launch import fast
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -155,7 +156,7 @@ def candidates(n: int, mode: int, src: torch.Tensor | None, row: torch.Tensor | 
     prefix, above, need, lo = 0, 0, n, 0
     for level, (shift, nbins) in enumerate(zip(LEVEL_SHIFTS, LEVEL_BINS)):
         hist = torch.zeros(nbins, dtype=torch.int32, device=dev)
-        select_hist_kernel[grid](*args, hist, numel, IN, prefix, MODE=mode, LEVEL=level, NBINS=nbins,
+        fast(select_hist_kernel)[grid](*args, hist, numel, IN, prefix, MODE=mode, LEVEL=level, NBINS=nbins,
                                  BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
         h = hist.cpu()
         if level == 0:
@@ -173,7 +174,7 @@ def candidates(n: int, mode: int, src: torch.Tensor | None, row: torch.Tensor | 
     count = torch.zeros(1, dtype=torch.int32, device=dev)
     pos = torch.empty(total, dtype=torch.int64, device=dev)
     score = torch.empty(total, dtype=torch.float32, device=dev)
-    select_compact_kernel[grid](*args, count, pos, score, numel, IN, lo, MODE=mode, BLOCK=SELECT_BLOCK,
+    fast(select_compact_kernel)[grid](*args, count, pos, score, numel, IN, lo, MODE=mode, BLOCK=SELECT_BLOCK,
                                 num_warps=SELECT_WARPS)
     thr = torch.topk(score, n, sorted=False).values.min()
     keep = (score >= thr).nonzero().flatten()
@@ -188,7 +189,7 @@ def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[t
     col_out = torch.zeros(IN, dtype=torch.int32, device=g.device)
     if g.numel():
         grid = (cdiv(OUT, SM3_BR), cdiv(IN, SM3_BC))
-        sm3_update_kernel[grid](g, row, col, row_out, col_out, OUT, IN, BR=SM3_BR, BC=SM3_BC, num_warps=SM3_WARPS,
+        fast(sm3_update_kernel)[grid](g, row, col, row_out, col_out, OUT, IN, BR=SM3_BR, BC=SM3_BC, num_warps=SM3_WARPS,
                                 enable_fp_fusion=False)     # g * g rounded, then added: the reference's roundings
     return row_out.view(torch.float32), col_out.view(torch.float32)
 

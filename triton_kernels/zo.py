@@ -12,6 +12,7 @@ import triton.language as tl
 
 from .common import cdiv
 
+from .launch import fast
 from .registry import KernelSpec, register
 
 BLOCK_G = 256  # groups of 4 elements per program
@@ -240,7 +241,7 @@ def zo_apply_(tensors, tensor_ids, seeds, coeffs, prev_seeds, prev_coeffs, alpha
         x = t.view(torch.int32) if dt == 0 else t.view(torch.int16)
         groups = (t.numel() + 3) // 4
         grid = (cdiv(groups, BLOCK_G),)
-        zo_apply_kernel[grid](
+        fast(zo_apply_kernel)[grid](
             x, t.numel(), tid, seeds, coeffs, seeds.numel(), prev_seeds if has_prev else seeds,
             prev_coeffs if has_prev else coeffs, prev_seeds.numel(), table, alpha32, rseed_lo, rseed_hi,
             DT=dt, NOISE=noise, HAS_PREV=has_prev, SCALE=alpha32 != 1.0, SR=(rounding == 1 and dt != 0),

@@ -102,5 +102,5 @@ def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_d
             q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=True)
             dx = tk.gemm(d, q, qs, K, u, A, (A.stride(1), A.stride(0)), None, x.dtype, drop, nf)
     if need_dA:
-        dA = tk.wgrad(x, u, drop).t().contiguous()
+        dA = tk.wgrad(x, u, drop, transpose=True)
     return dx, dA, dB
