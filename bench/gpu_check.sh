@@ -114,15 +114,15 @@ export MAX_JOBS=${MAX_JOBS:-16}
 export FUSEDTUNE_COMMIT=${FUSEDTUNE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1   # unbuffered: a step stopped at its limit keeps its last lines
 
-# ---------------------------------------------------------------- build (limit 90 s in all)
+# ---------------------------------------------------------------- build (limit 80 s in all)
 export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda}
 BUILD_T0=$SECONDS
 if [ "${GPU_CHECK_SKIP_BUILD:-0}" = 1 ]; then
   echo "gpu_check: GPU_CHECK_SKIP_BUILD=1: using the extension as it is" | tee -a "$SUMMARY"
-elif ! run_step build 90 "$PY" setup.py build_ext --inplace; then
-  left=$((90 - (SECONDS - BUILD_T0)))
+elif ! run_step build 80 "$PY" setup.py build_ext --inplace; then
+  left=$((80 - (SECONDS - BUILD_T0)))
   [ "$left" -lt 30 ] && left=30
-  BANK=0   # the fallback's limit is what the build left of its 90 s
+  BANK=0   # the fallback's limit is what the build left of its 80 s
   echo "gpu_check: in-place build failed; trying pip install --no-build-isolation --no-deps -e ."
   if run_step build_pip "$left" "$PY" -m pip install --no-build-isolation --no-deps --no-index -e .; then
     # the fallback worked: the in-place failure stays in build.log only
@@ -156,6 +156,13 @@ if ! "$PY" -c "import sys, fusedtune._ext as e; sys.exit(0 if e.with_cuda() else
   FAILED+=("build_cuda")
 fi
 run_step doctor 15 "$PY" -m fusedtune doctor || true
+# fusedtune's fast Triton launch (triton_kernels/launch.py) first, alone: if it launches wrong here, every
+# later step runs with Triton's own launch path instead, and the summary says so
+if "$PY" -c "import pytest" 2>/dev/null && ! run_step fast_launch 10 "$PY" -m pytest -q -p no:cacheprovider \
+     tests/test_triton_launch_gpu.py -k computes_what_triton; then
+  export FUSEDTUNE_FAST_LAUNCH=0
+  echo "fast_launch: FAILED -- the remaining steps run with FUSEDTUNE_FAST_LAUNCH=0" | tee -a "$SUMMARY"
+fi
 
 # ---------------------------------------------------------------- GPU tests
 # Every family at once, each in its own process: the tests' time goes mostly to compiling Triton
