@@ -409,7 +409,8 @@ class LoRALinear(nn.Module):
         caller runs the op with autocast off)."""
         nf4 = self._nf4_weight()
         bias = self._modules["base_layer"].bias
-        self._last_rows = x.numel() // max(x.shape[-1], 1)     # for the report's schedule of the last call
+        self.__dict__["_last_rows"] = x.numel() // max(x.shape[-1], 1)   # the report's schedule of the last call
+        # (through __dict__: nn.Module.__setattr__ costs ~3 us a call, checking for parameters and modules)
         if nf4 is not None:
             dt = self._base_device_dtype()[1]
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
@@ -738,11 +739,11 @@ class LoRALinear(nn.Module):
         device = self.base_layer.weight.device
         b = lora_ops.lora_backend(device, self.backend)
         nf4 = is_bnb_4bit(self.base_layer)
+        last = self.__dict__.get("_last_rows")
         if _is_fp8(self.base_layer):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
         elif b["backend"] == "triton":
             from ..ops import lora_triton
-            last = getattr(self, "_last_rows", None)
             sched = None if last is None else lora_triton.schedule(
                 last, self.out_features, self.in_features, nf4 or None, lora_ops.nf4_path(last, True) if nf4 else "")
             path = ("Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r (fused), or "
@@ -753,7 +754,6 @@ class LoRALinear(nn.Module):
         else:
             path = f"{b['backend']}: the reference math (torch GEMMs in float32)"
         if nf4 and b["backend"] == "triton":
-            last = getattr(self, "_last_rows", None)
             path += ((f"; NF4 base dequantized in the GEMM tile load for <= {lora_ops.NF4_FUSED_MAX_ROWS} rows, "
                       "into a 16-bit buffer + GEMM above" if lora_ops.NF4_FUSED_MAX_ROWS > 0 else
                       "; NF4 base dequantized into a 16-bit buffer + GEMM") + ("" if last is None else

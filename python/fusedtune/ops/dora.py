@@ -203,21 +203,9 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         return (dg, dx, dW, dA, dB, dbias) + (None,) * (len(ctx.rest) - 1)
 
 
-class _DropoutDelta(torch.autograd.Function):
-    """dropout(x) - x with the LoRA branch's mask (Triton kernel on a GPU): a diagonal map, its own backward.
-    (dora_linear now applies the map in its op's backward, _dropped_dgrad; this Function is kept for tests.)"""
-
-    @staticmethod
-    def forward(ctx, x2, p, seed, backend):
-        ctx.args = (p, seed, backend)
-        return _dropout_delta(x2, p, seed, backend)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return _dropout_delta(grad.contiguous(), *ctx.args), None, None, None
-
-
 def _dropout_delta(x2, p: float, seed: int, backend: str) -> torch.Tensor:
+    """dropout(x) - x with the LoRA branch's mask: a diagonal map, its own adjoint (_dropped_dgrad applies it to
+    dX's dropped part)."""
     if backend == "triton":
         from ..triton_kernels import lora as tk  # noqa: PLC0415
         return tk.dropout_delta(x2, tk.Dropout(p, seed))
