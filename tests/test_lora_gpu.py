@@ -162,6 +162,43 @@ def test_triton_nf4_both_paths_within_rule(M, monkeypatch):
     assert_within_rule(y, y64, unf.bfloat16(), f"nf4 {nf4_path(M, True)}", atol=2e-2)
 
 
+@pytest.mark.parametrize("gather", [False, True])
+def test_triton_nf4_in_gemm_split_k_backward_within_rule(gather, monkeypatch):
+    """The in-GEMM NF4 dequant at 16 rows, forward and dX: split-K (float32 partials summed by the expand
+    pass) with the contiguous byte-tile loads, and with per-element gathers; within the rule of the exact
+    float64 product over bitsandbytes' own dequantized weight."""
+    bnb = pytest.importorskip("bitsandbytes")
+    import bitsandbytes.functional as bnbf
+    from fusedtune.nn import LoRALinear
+    from fusedtune.ops import lora as lora_ops
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 256)
+    monkeypatch.setattr(tk, "FORCE_GATHER_TILE", gather)
+    N, K, M = 1024, 4096, 16
+    lin = torch.nn.Linear(K, N, bias=False, dtype=torch.bfloat16)
+    q = bnb.nn.Linear4bit(K, N, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, quant_type="nf4")
+    q = q.cuda()
+    layer = LoRALinear.from_linear(q, r=16, init_lora_weights=False, backend="triton")
+    nf4 = layer._nf4_weight().state()
+    assert tk._k_splits(M, N, K, "cuda") > 1 and tk._k_splits(M, K, N, "cuda") > 1      # forward and dX split
+    assert [tk._nf4_vec(nf4, qs) for qs in ((K, 1), (1, K))] == ([0, 0] if gather else [1, 2])
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(M, K, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    dy = torch.randn(M, N, device="cuda", dtype=torch.bfloat16, generator=g)
+    y = layer(x)
+    dx, = torch.autograd.grad(y, [x], dy)
+    Wd = bnbf.dequantize_4bit(q.weight.data, q.weight.quant_state)
+    A, B = layer.lora_A["default"].weight.detach(), layer.lora_B["default"].weight.detach()
+    s = layer.scaling["default"]
+    y64, g64 = exact64(x.detach().cpu(), Wd.cpu(), [A.cpu()], [B.cpu()], [s], dy=dy.cpu())
+    xf = x.detach().float()
+    unf_y = (x.detach() @ Wd.t()).float() + (xf @ A.t()) @ B.t() * s          # bf16 GEMM + float32 LoRA
+    unf_dx = (dy @ Wd).float() + ((dy.float() @ B) * s) @ A
+    assert_within_rule(y, y64, unf_y.bfloat16(), "nf4 in-GEMM forward", atol=2e-2)
+    assert_within_rule(dx, g64[0], unf_dx.bfloat16(), "nf4 in-GEMM dX", atol=2e-2)
+
+
 def test_expand_kernel_first_call_under_timed_autotuning():
     """lora_expand_kernel adds into C in place. Under timed autotuning (not the GPU tests' untimed mode) every
     config's timed runs must restore C (restore_value, as the shipped kernels have), else the first call of a
@@ -183,7 +220,7 @@ def test_expand_kernel_first_call_under_timed_autotuning():
         k = triton.autotune(configs=cfgs, key=["M", "N", "K", "R", "stride_qk"],
                             **({"restore_value": ["c_ptr"]} if restore else {}))(tk.lora_gemm_kernel.fn)
         c = base.clone()
-        tk._launch(k, c, c, (0, 0), 0, t, B, B.stride(), None, c, tk.Dropout(0.0, 0), "tf32", None, None, None, True)
+        tk._launch(k, c, c, (0, 0), 1, t, B, B.stride(), None, c, tk.Dropout(0.0, 0), "tf32", None, None, None, 1)
         return c.float()
     torch.testing.assert_close(first_call(True), want, atol=0.15, rtol=2e-2)
     assert not torch.allclose(first_call(False), want, atol=0.15, rtol=2e-2)   # what restore_value prevents

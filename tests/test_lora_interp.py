@@ -150,16 +150,27 @@ def test_triton_multi_adapter_matches_reference(base_schedule):
 
 @pytest.mark.parametrize("rows", [5, 40])
 @pytest.mark.parametrize("double", [True, False])
-def test_triton_nf4_paths_match_reference(rows, double, monkeypatch, base_schedule):
+@pytest.mark.parametrize("K,gather", [(192, False), (192, True), (200, False)])
+@pytest.mark.parametrize("split", [0, 3])
+def test_triton_nf4_paths_match_reference(rows, double, K, gather, split, monkeypatch, base_schedule):
+    """5 rows: the in-GEMM dequant -- by contiguous byte loads where the weight's rows are whole quantization
+    blocks (K 192), by per-element gathers where not (K 200) or when forced; its K loop whole or cut in 3
+    (float32 partials summed by the expand pass); 40 rows: the buffer."""
     bnbf = pytest.importorskip("bitsandbytes.functional")
-    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 16)      # 5 rows: in-GEMM dequant; 40: buffer
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 16)
+    monkeypatch.setattr(tk, "FORCE_GATHER_TILE", gather)
+    monkeypatch.setattr(tk, "FORCE_SPLIT_K", split)
+    assert tk._k_splits(rows, 48, K, "cpu") == max(split, 1)
     assert lora_ops.nf4_path(rows, True) == ("fused" if rows <= 16 else "buffer")
     g = torch.Generator().manual_seed(rows)
-    N, K, r = 48, 192, 4
+    N, r = 48, 4
     w = torch.randn(N, K, generator=g) * 0.05
     q, st = bnbf.quantize_4bit(w, quant_type="nf4", compress_statistics=double, blocksize=64)
     st.dtype = torch.float32
     nf4 = Nf4Weight.from_bnb(q, st)
+    vec = K % 64 == 0 and not gather
+    assert [tk._nf4_vec(nf4.state(), qs) for qs in ((K, 1), (1, K))] == ([1, 2] if vec else [0, 0])
     x = torch.randn(rows, K, generator=g)
     A, B = rand_adapter(r, K, N, g)
     got, dy = _run("triton", x, None, A, B, 2.0, nf4=nf4)

@@ -153,3 +153,21 @@ def test_fast_launch_falls_back_where_it_cannot_serve():
             except Exception:  # noqa: BLE001 -- whether Triton takes a numpy int is Triton's business
                 pass
         assert fk.stats["triton"] == before + 2
+
+
+def test_fast_launch_keys_positional_constexprs_and_debug_and_refuses_heuristics():
+    from triton import knobs
+    with nogpu_driver.active():
+        for block in (128, 256, 128):          # FLAG and BLOCK passed by position: keyed by their values
+            x, y, out = _buf(400), _buf(400), _buf(400)
+            _same_launch(_axpy, (4,), (x, y, out, 100, 3, 7, 1.5, True, block), {})
+        args, meta = _call()
+        prev = knobs.runtime.debug
+        try:
+            for debug in (True, False):        # Triton compiles another kernel under its debug knob
+                knobs.runtime.debug = debug
+                _same_launch(_axpy, (4,), args, meta)
+        finally:
+            knobs.runtime.debug = prev
+    heur = triton.heuristics({"BLOCK": lambda a: 64 if a["n"] % 64 == 0 else 128})(_tuned.fn)
+    assert L.fast(heur) is heur                # values a heuristic computes are not in the class: Triton's path

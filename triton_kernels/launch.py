@@ -80,15 +80,20 @@ class FastKernel:
     the wrapped kernel's."""
 
     def __init__(self, kernel):
+        """kernel: a JITFunction or an Autotuner directly over one (fast() leaves any other kind, e.g. a
+        triton.heuristics wrapper whose values the class would not see, to Triton's path)."""
         self.kernel = kernel
-        jit = kernel
-        while not isinstance(jit, triton.runtime.JITFunction):
-            jit = jit.fn
+        self.tuned = isinstance(kernel, triton.runtime.Autotuner)
+        jit = kernel.fn if self.tuned else kernel
+        if not isinstance(jit, triton.runtime.JITFunction):
+            raise TypeError(f"fast launch: {type(kernel).__name__} over {type(jit).__name__}")
         self.jit = jit
         self.names = [p.name for p in jit.params]
         self.defaults = {p.name: p.default for p in jit.params if p.default is not inspect.Parameter.empty}
-        self.tuned = isinstance(kernel, triton.runtime.Autotuner)
         self.tune_idx = [self.names.index(k) for k in kernel.keys] if self.tuned else []
+        consts = [i for i, p in enumerate(jit.params) if p.is_constexpr]
+        self.first_const = consts[0] if consts else len(self.names)   # positional constexprs key by value
+        self.const_names = [self.names[i] for i in consts]
         self.cache = {}
         self.stats = {"fast": 0, "triton": 0}
 
@@ -109,9 +114,16 @@ class FastKernel:
         cls = _arg_class(args)
         if cls is None:
             return self._triton(grid, args, meta, None)
+        if len(args) > self.first_const:  # a constexpr passed by position: Triton compiles for its value
+            cls.append(tuple((type(a), a) for a in args[self.first_const:]))
+        rt = knobs.runtime
+        if rt.add_stages_inspection_hook is not None:
+            return self._triton(grid, args, meta, None)
         drv = driver.active
         device = drv.get_current_device()
         cls.append(device)
+        cls.append(rt.debug)             # what Triton's own compile key takes from its knobs
+        cls.append(knobs.compilation.instrumentation_mode)
         cls.append(tuple(meta.items()))
         for i in self.tune_idx:
             if i < len(args):            # (a key argument passed by keyword is in meta)
@@ -129,7 +141,7 @@ class FastKernel:
         if callable(grid):
             try:
                 g = grid(gmeta)
-            except KeyError:             # this call's grid function reads more than the meta-parameters
+            except Exception:  # noqa: BLE001 -- this call's grid function reads more than the meta-parameters
                 return self._triton(grid, args, meta, None)
         else:
             g = grid
@@ -137,7 +149,8 @@ class FastKernel:
         try:
             ck.run(g[0], g[1] if n > 1 else 1, g[2] if n > 2 else 1, drv.get_current_stream(device), ck.function,
                    ck.packed_metadata, None, enter, leave, *args, *tail)
-        except Exception as e:  # noqa: BLE001 -- a launcher that takes other arguments: Triton's path, said once
+        except (TypeError, AttributeError) as e:   # a launcher that takes other arguments (raised before it
+            # launches): Triton's path from now on, said once. (Other errors, e.g. a CPU tensor, are Triton's too.)
             self.cache[key] = _SLOW
             warnings.warn(f"fusedtune: the fast launch of {self.jit.__name__} failed ({type(e).__name__}: {e}); "
                           f"it takes Triton's own launch path from now on ({_ENV}=0 turns the fast path off)")
@@ -159,21 +172,42 @@ class FastKernel:
         return ck
 
     def _entry(self, ck, grid, args, meta):
-        config = self.kernel.best_config if self.tuned else None
-        if ck is None or (config is not None and config.pre_hook is not None):
-            return _SLOW
-        gmeta = dict(meta, **(config.all_kwargs() if config is not None else {}))
+        """(ck, tail, gmeta) for later calls of the class, or _SLOW where something does not check out."""
         try:
+            config = self.kernel.best_config if self.tuned else None
+            if ck is None or (config is not None and config.pre_hook is not None):
+                return _SLOW
+            gmeta = dict(meta, **(config.all_kwargs() if config is not None else {}))
             if callable(grid):
                 grid(gmeta)
             tail = [gmeta[n] if n in gmeta else self.defaults[n] for n in self.names[len(args):]]
+            full = list(args) + tail
             bound = self._bound(args, gmeta)
+            if len(bound) != len(full) or any(b is not a for b, a in zip(bound, full)):
+                return _SLOW
+            if not self._compiled_for(ck, full, config):
+                return _SLOW
         except Exception:  # noqa: BLE001 -- a grid reading more than meta, a Triton without this binder: slow
             return _SLOW
-        if bound is None or len(bound) != len(args) + len(tail) or any(
-                b is not a for b, a in zip(bound, list(args) + tail)):
-            return _SLOW
         return ck, tail, gmeta
+
+    def _compiled_for(self, ck, full, config) -> bool:
+        """Was ck compiled for these constexpr values and this config's warps and stages? (Another thread's
+        autotuning may have changed best_config between the launch and reading it.)"""
+        consts = getattr(ck.src, "constants", None) or {}
+        for name in self.const_names:
+            i = self.names.index(name)
+            for k in ((i,), name, i):
+                if k in consts:
+                    if consts[k] != full[i]:
+                        return False
+                    break
+        if config is not None:
+            md = ck.metadata
+            if getattr(md, "num_warps", config.num_warps) != config.num_warps or getattr(
+                    md, "num_stages", config.num_stages) != config.num_stages:
+                return False
+        return True
 
     def _bound(self, args, gmeta):
         """Triton's own binding of the call's arguments (values in parameter order), or None."""
@@ -192,5 +226,9 @@ def fast(kernel):
         return kernel
     f = _FAST.get(id(kernel))    # (by id: a JITFunction hashes its source; the entry keeps the kernel alive)
     if f is None:
-        f = _FAST[id(kernel)] = FastKernel(kernel)
+        try:
+            f = FastKernel(kernel)
+        except Exception:  # noqa: BLE001 -- a kind of kernel the fast path does not serve: Triton's path
+            f = kernel
+        _FAST[id(kernel)] = f
     return f

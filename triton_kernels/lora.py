@@ -2,7 +2,8 @@
 
 lora_shrink_kernel   T[M, R] = (dropout(P) . Q^T) * S[gid]      the skinny x.A^T (and dy.B) GEMM, fp32 out
 lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
-                     (ACCUMULATE, K = 0: C += the rest, over a base product cuBLAS wrote: lora_expand_kernel)
+                     (ACCUMULATE: C = the sum of K slabs of P + the rest: over a base product cuBLAS wrote,
+                     K = 1, or over split-K partials of the in-GEMM NF4 dequant, lora_expand_kernel)
                      (DoRA, COL_SCALE: also F = the product before the bias, and C = G[n] * F + bias)
                      forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
                      the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
@@ -95,6 +96,48 @@ def _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, offset,
     return v * amax
 
 
+@triton.jit
+def _nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, blk, ok, offset, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr):
+    """The absmax of NF4 blocks `blk` (double quantization: its 8-bit code times the block group's scale)."""
+    if DOUBLE:
+        a8 = tl.load(absmax_ptr + blk, mask=ok, other=0).to(tl.int32)
+        amax = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=ok, other=0.0) + offset
+    else:
+        amax = tl.load(absmax_ptr + blk, mask=ok, other=0.0).to(tl.float32)
+    return amax
+
+
+@triton.jit
+def _nf4_tile_vec(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, k0, n0, offs_k, offs_n, k_ok, n_ok, KW,
+                  offset, BLOCKSIZE: tl.constexpr, BLOCKSIZE2: tl.constexpr, DOUBLE: tl.constexpr,
+                  VEC: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The [BLOCK_K, BLOCK_N] tile B[k, n] of an NF4 weight W [*, KW] (row-major, KW % BLOCKSIZE == 0) from
+    contiguous byte loads: VEC 1, B[k, n] = W[n0 + n, k0 + k] (the forward: bytes contiguous along k);
+    VEC 2, B[k, n] = W[k0 + k, n0 + n] (dX: along n). Each byte holds two neighbours (high nibble first),
+    both looked up and interleaved; the tile's contiguous extent lies in one quantization block (it
+    divides BLOCKSIZE, and k0 or n0 is a multiple of it), so one absmax per column (VEC 1) or row (VEC 2).
+    The same products as _nf4_tile (code value times absmax)."""
+    if VEC == 1:
+        kb = k0 // 2 + tl.arange(0, BLOCK_K // 2)
+        byte = tl.load(q_ptr + offs_n[None, :] * (KW // 2) + kb[:, None],
+                       mask=(2 * kb < KW)[:, None] & n_ok[None, :], other=0).to(tl.int32)      # [BK/2, BN]
+        v = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF)))        # [BK/2, BN, 2]
+        v = tl.reshape(tl.permute(v, (0, 2, 1)), (BLOCK_K, BLOCK_N))
+        amax = _nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, (offs_n * KW + k0) // BLOCKSIZE, n_ok, offset,
+                           BLOCKSIZE2, DOUBLE)
+        return v * amax[None, :]
+    else:
+        nb = n0 // 2 + tl.arange(0, BLOCK_N // 2)
+        rows = k0 + offs_k
+        byte = tl.load(q_ptr + rows[:, None] * (KW // 2) + nb[None, :],
+                       mask=k_ok[:, None] & (2 * nb < KW)[None, :], other=0).to(tl.int32)   # [BK, BN/2]
+        v = tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF)))      # [BK, BN/2, 2]
+        v = tl.reshape(v, (BLOCK_K, BLOCK_N))
+        amax = _nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, (rows * KW + n0) // BLOCKSIZE, k_ok, offset,
+                           BLOCKSIZE2, DOUBLE)
+        return v * amax[:, None]
+
+
 @triton.jit(do_not_specialize=["seed", "thresh"])   # (an int equal to 1 would become a constant)
 def lora_shrink_kernel(p_ptr, q_ptr, t_ptr, gid_ptr, s_ptr, M, K, R, stride_pm, stride_qr, stride_qk,
                        seed, thresh, keep_scale, k_per_split,
@@ -145,33 +188,51 @@ def _store_scaled_part(out_ptr, acc, gid_ptr, s_ptr, part, offs_m, offs_r, m_ok,
 @triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_gemm_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr,
                      g_ptr, f_ptr, M, N, K, R, stride_pm, stride_qn, stride_qk, stride_en, stride_er, stride_cm,
-                     seed, thresh, keep_scale, nf4_offset,
+                     seed, thresh, keep_scale, nf4_offset, k_split,
                      HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, NF4: tl.constexpr,
-                     COL_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr,
+                     COL_SCALE: tl.constexpr, ACCUMULATE: tl.constexpr, SPLIT_K: tl.constexpr,
                      NF4_DOUBLE: tl.constexpr, NF4_BLOCK: tl.constexpr, NF4_BLOCK2: tl.constexpr,
-                     BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+                     NF4_VEC: tl.constexpr, BASE_PREC: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     pid_n, offs_m, offs_n, offs_k, m_ok, n_ok = gemm_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    p_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_k[None, :]
-    q_ptrs = q_ptr + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk      # [BK, BN]
     c_ptrs = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-    if ACCUMULATE:   # C holds a product already (cuBLAS's base GEMM): add to it, one more rounding
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if ACCUMULATE == 2:   # the product is the sum of K slabs [M, N] of P, slab s at p + s * k_split (float32
+        s_ptrs = p_ptr + offs_m[:, None] * stride_pm + offs_n[None, :]        # split-K partials)
+        for s in range(0, K):
+            acc += tl.load(s_ptrs + s * k_split, mask=m_ok[:, None] & n_ok[None, :], other=0.0)
+    elif ACCUMULATE:      # C holds the product already (cuBLAS's base GEMM): add to it, one more rounding
         acc = tl.load(c_ptrs, mask=m_ok[:, None] & n_ok[None, :], other=0.0).to(tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        k_ok = (k0 + offs_k) < K
-        a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
-        qm = k_ok[:, None] & n_ok[None, :]
-        if NF4:
-            flat = tl.where(qm, offs_n[None, :] * stride_qn + (k0 + offs_k)[:, None] * stride_qk, 0)
-            b = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, nf4_offset, NF4_BLOCK,
-                          NF4_BLOCK2, NF4_DOUBLE).to(a.dtype)
-        else:
-            b = tl.load(q_ptrs, mask=qm, other=0.0)
-        acc = tl.dot(a, b, acc, input_precision=BASE_PREC)
-        p_ptrs += BLOCK_K
-        q_ptrs += BLOCK_K * stride_qk
+        if SPLIT_K:   # grid axis 1: K [k_lo, k_lo + k_split) (k_split a multiple of BLOCK_K), the partial
+            k_lo = tl.program_id(1) * k_split          # product to slab program_id(1) of C, no epilogue
+            k_n = tl.minimum(K - k_lo, k_split)
+            c_ptrs += tl.program_id(1) * M * stride_cm
+        else:         # (a constant start: a runtime one costs the pipelined loop registers and spills)
+            k_lo = 0
+            k_n = K
+        p_ptrs = (p_ptr + k_lo) + offs_m[:, None] * stride_pm + offs_k[None, :]
+        q_ptrs = (q_ptr + k_lo * stride_qk) + offs_n[None, :] * stride_qn + offs_k[:, None] * stride_qk   # [BK, BN]
+        for kk in range(0, k_n, BLOCK_K):
+            k0 = k_lo + kk
+            k_ok = (k0 + offs_k) < K
+            a = tl.load(p_ptrs, mask=m_ok[:, None] & k_ok[None, :], other=0.0)
+            qm = k_ok[:, None] & n_ok[None, :]
+            if NF4:
+                if NF4_VEC == 0:
+                    flat = tl.where(qm, offs_n[None, :] * stride_qn + (k0 + offs_k)[:, None] * stride_qk, 0)
+                    b = _nf4_tile(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, flat, nf4_offset, NF4_BLOCK,
+                                  NF4_BLOCK2, NF4_DOUBLE).to(a.dtype)
+                else:   # contiguous byte loads (forward: stride_qn is W's row length; dX: stride_qk is)
+                    b = _nf4_tile_vec(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, k0, pid_n * BLOCK_N,
+                                      offs_k, offs_n, k_ok, n_ok, stride_qn if NF4_VEC == 1 else stride_qk,
+                                      nf4_offset, NF4_BLOCK, NF4_BLOCK2, NF4_DOUBLE, NF4_VEC, BLOCK_K,
+                                      BLOCK_N).to(a.dtype)
+            else:
+                b = tl.load(q_ptrs, mask=qm, other=0.0)
+            acc = tl.dot(a, b, acc, input_precision=BASE_PREC)
+            p_ptrs += BLOCK_K
+            q_ptrs += BLOCK_K * stride_qk
     if HAS_LORA:
         offs_r = tl.arange(0, BLOCK_R)
         if DROPOUT:
@@ -379,6 +440,7 @@ class Dropout:
         self.scale = keep_scale(p) if self.on else 1.0
 
 
+_NO_DROP = Dropout(0.0, 0)
 FORCE_PARTS = 0     # tests: cut the skinny reductions into this many parts in the interpreter
 
 
@@ -441,11 +503,39 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
         raise ValueError(f"lora gemm: an NF4 weight of {nf4['shape']} needs 64-bit indexing")
     if M * N >= 2**31:
         raise ValueError(f"lora gemm: an output of {M}x{N} needs 64-bit indexing (split the tokens)")
-    c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     prec = _base_prec(p.dtype)
     kernel = (lora_gemm_nf4_kernel if nf4 is not None else
               lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
-    return _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop, prec, nf4, col_scale, f_out, False)
+    splits = _k_splits(M, N, K, p.device) if nf4 is not None else 1
+    c = torch.empty((M, N), dtype=out_dtype, device=p.device)
+    if splits == 1:
+        return _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop, prec, nf4, col_scale, f_out, 0)
+    # split-K (the in-GEMM NF4 dequant at few rows, where the output has too few tiles to fill the GPU): float32
+    # partial products, then the expand pass sums them and adds the LoRA term and bias, rounding once
+    per = cdiv(cdiv(K, splits), _SPLIT_ALIGN) * _SPLIT_ALIGN
+    splits = cdiv(K, per)
+    part = torch.empty((splits, M, N), dtype=torch.float32, device=p.device)
+    _launch(kernel, p, q, q_strides, K, None, None, (0, 0), None, part[0], _NO_DROP, prec, nf4, None, None, 0,
+            k_split=per, splits=splits)
+    expand = lora_expand_ieee_kernel if prec == "ieee" else lora_expand_kernel
+    return _launch(expand, part[0], c, (0, 0), splits, t, e, e_strides, bias, c, drop, prec, None, col_scale, f_out,
+                   2, k_split=M * N)
+
+
+FORCE_SPLIT_K = 0       # tests: split the in-GEMM NF4 GEMM's K loop into this many parts in the interpreter
+_SPLIT_ALIGN = 64       # a split's K extent: a multiple of every BLOCK_K
+_SPLIT_MIN_K = 256      # and at least this long
+
+
+def _k_splits(M: int, N: int, K: int, device) -> int:
+    """Parts to cut an NF4 GEMM's K loop into so that tiles x parts fill the GPU twice over (tiles counted
+    at BLOCK_M 16 x BLOCK_N 64, the NF4 configs' smallest), each part at least _SPLIT_MIN_K long; fewer
+    when the float32 partials would need 64-bit offsets."""
+    if _INTERP:
+        return max(1, min(FORCE_SPLIT_K, cdiv(K, _SPLIT_ALIGN))) if FORCE_SPLIT_K else 1
+    tiles = cdiv(M, 16) * cdiv(N, 64)
+    s = max(1, min(cdiv(2 * _sm_count(torch.device(device).index), tiles), K // _SPLIT_MIN_K))
+    return s if s * M * N < 2**31 else 1
 
 
 def expand_(c: torch.Tensor, t: torch.Tensor, e: torch.Tensor, e_strides: tuple, bias, drop: Dropout,
@@ -460,27 +550,47 @@ def expand_(c: torch.Tensor, t: torch.Tensor, e: torch.Tensor, e_strides: tuple,
         raise ValueError(f"lora expand: C must be row-major, got strides {c.stride()}")
     prec = _base_prec(prec_dtype)
     kernel = lora_expand_ieee_kernel if prec == "ieee" else lora_expand_kernel
-    return _launch(kernel, c, c, (0, 0), 0, t, e, e_strides, bias, c, drop, prec, None, col_scale, f_out, True)
+    return _launch(kernel, c, c, (0, 0), 1, t, e, e_strides, bias, c, drop, prec, None, col_scale, f_out, 1)
+
+
+FORCE_GATHER_TILE = False   # tests: the in-GEMM NF4 dequant by per-element gathers even where VEC applies
+_NF4_TILE_MAX = 64          # the largest BLOCK_K (forward) / BLOCK_N (dX) of the NF4 configs
+
+
+def _nf4_vec(nf4, q_strides) -> int:
+    """lora_gemm_kernel's NF4_VEC: 1 (forward) or 2 (dX) when every tile's contiguous extent (BLOCK_K or
+    BLOCK_N, powers of two up to _NF4_TILE_MAX) lies in one quantization block -- a power-of-two blocksize
+    of at least _NF4_TILE_MAX that divides the weight's row length; else 0 (per-element gathers)."""
+    if nf4 is None or FORCE_GATHER_TILE:
+        return 0
+    bs, row = nf4["blocksize"], nf4["shape"][1]
+    if bs & (bs - 1) or bs < _NF4_TILE_MAX or row % bs:
+        return 0
+    return 1 if q_strides[1] == 1 else 2 if q_strides[0] == 1 else 0
 
 
 def _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop: Dropout, prec, nf4, col_scale, f_out,
-            accumulate: bool) -> torch.Tensor:
+            accumulate: int, k_split: int | None = None, splits: int = 1) -> torch.Tensor:
+    """One lora_gemm_kernel launch (gemm, expand_). accumulate: 0, 1 (C holds the product) or 2 (the sum of
+    K slabs of P, k_split apart). k_split (accumulate 0): the K extent of each of `splits` programs along grid
+    axis 1 (None: K, one split)."""
     M, N = c.shape
     R = 0 if t is None else t.shape[1]
     if M == 0 or N == 0:
         return c
     dummy = c
     nf = nf4 or {}
-    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
+    grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]), splits)  # noqa: E731
     fast(kernel)[grid](
         p, q, dummy if t is None else t, dummy if e is None else e, dummy if bias is None else bias, c,
         nf.get("absmax", dummy), nf.get("absmax2", dummy), nf.get("code", dummy), nf.get("code2", dummy),
         dummy if col_scale is None else col_scale, dummy if f_out is None else f_out,
         M, N, K, R, p.stride(0), q_strides[0], q_strides[1], e_strides[0], e_strides[1], c.stride(0),
-        drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)),
+        drop.seed, drop.thresh, drop.scale, float(nf.get("offset", 0.0)), K if k_split is None else k_split,
         HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, NF4=nf4 is not None,
-        COL_SCALE=col_scale is not None, ACCUMULATE=accumulate,
+        COL_SCALE=col_scale is not None, ACCUMULATE=accumulate, SPLIT_K=splits > 1 and not accumulate,
         NF4_DOUBLE="absmax2" in nf, NF4_BLOCK=nf.get("blocksize", 64), NF4_BLOCK2=nf.get("blocksize2", 256),
+        NF4_VEC=_nf4_vec(nf4, q_strides),
         BASE_PREC=prec, EPI_PREC=prec, BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
 
@@ -593,18 +703,19 @@ _GEMM_SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp
              "c_ptr": "*bf16", "absmax_ptr": "*fp32", "absmax2_ptr": "*fp32", "code_ptr": "*fp32",
              "code2_ptr": "*fp32", "g_ptr": "*fp32", "f_ptr": "*bf16", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
              "stride_pm": "i32",
-             "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32"}
-_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, ACCUMULATE=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
-                  BASE_PREC="tf32", EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
+             "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32", "nf4_offset": "fp32",
+             "k_split": "i32"}
+_GEMM_BASE = dict(HAS_BIAS=True, NF4=False, COL_SCALE=False, ACCUMULATE=0, SPLIT_K=False, NF4_DOUBLE=False, NF4_BLOCK=64, NF4_BLOCK2=256,
+                  NF4_VEC=0, BASE_PREC="tf32", EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, HAS_LORA=True, DROPOUT=False)
 _ORIENT = {"fwd": ({"stride_qk": 1, "stride_er": 1}, {"stride_qn": "i32", "stride_en": "i32"}),
            "dgrad": ({"stride_qn": 1, "stride_en": 1}, {"stride_qk": "i32", "stride_er": "i32"}),
            # a Conv1D base (GPT-2: W stored (in, out), passed as W^T's view): W read as dgrad reads it, and back
            "fwd_conv1d": ({"stride_qn": 1, "stride_er": 1}, {"stride_qk": "i32", "stride_en": "i32"}),
            "dgrad_conv1d": ({"stride_qk": 1, "stride_en": 1}, {"stride_qn": "i32", "stride_er": "i32"})}
-_ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm"]
+_ALIGNED = [n for n, t in _GEMM_SIG.items() if t.startswith("*")] + ["N", "K", "stride_pm", "stride_cm", "k_split"]
 
 
-def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", bias_dt=None, **over):
+def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", bias_dt=None, sig_over=None, **over):
     consts, strides = _ORIENT[orient]
     sig = dict(strides)
     if dt != "bf16":
@@ -613,6 +724,7 @@ def _gemm_cfg(m, n, k, w, s, dt="bf16", orient="fwd", bias_dt=None, **over):
         sig["bias_ptr"] = f"*{bias_dt}"
     if over.get("NF4"):
         sig.update(q_ptr="*u8", absmax_ptr="*u8")
+    sig.update(sig_over or {})
     return {"constexprs": {**_GEMM_BASE, **consts, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, **over},
             "num_warps": w, "num_stages": s, "signature": sig, "aligned": _ALIGNED + list(strides)}
 
@@ -628,14 +740,22 @@ register(KernelSpec(
        _gemm_cfg(16, 64, 64, 4, 2, orient="dgrad", NF4=True, NF4_DOUBLE=True, HAS_BIAS=False),
        _gemm_cfg(128, 256, 64, 8, 3, orient="fwd_conv1d"), _gemm_cfg(64, 64, 64, 4, 4, orient="fwd_conv1d"),
        _gemm_cfg(128, 128, 64, 8, 4, orient="dgrad_conv1d", HAS_BIAS=False)]
-    + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True) for c in _NF4_CONFIGS]
+    + [_gemm_cfg(*c, NF4=True, NF4_DOUBLE=True, NF4_VEC=1) for c in _NF4_CONFIGS]       # contiguous byte loads
+    + [_gemm_cfg(*c, orient="dgrad", NF4=True, NF4_DOUBLE=True, NF4_VEC=2, HAS_BIAS=False) for c in _NF4_CONFIGS]
+    + [_gemm_cfg(*_NF4_CONFIGS[0], NF4=True, NF4_VEC=1)]                                   # single quantization
+    # split-K of the in-GEMM NF4 dequant: float32 partials (no epilogue), summed by the expand pass below
+    + [_gemm_cfg(*c, orient=o, NF4=True, NF4_DOUBLE=True, NF4_VEC=v, SPLIT_K=True, HAS_LORA=False, HAS_BIAS=False,
+                 sig_over={"c_ptr": "*fp32"}) for c in _NF4_CONFIGS for o, v in (("fwd", 1), ("dgrad", 2))]
+    + [_gemm_cfg(*c, ACCUMULATE=2, sig_over={"p_ptr": "*fp32"}) for c in _EXPAND_CONFIGS]
+    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=2, DROPOUT=True, HAS_BIAS=False,
+                 sig_over={"p_ptr": "*fp32"})]
     # the expand pass after a cuBLAS base GEMM (K = 0): forward with bias, dgrad with the dropout mask
-    + [_gemm_cfg(*c, ACCUMULATE=True) for c in _EXPAND_CONFIGS]
-    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=True, DROPOUT=True, HAS_BIAS=False),
-       _gemm_cfg(*_EXPAND_CONFIGS[0], ACCUMULATE=True, COL_SCALE=True)]   # DoRA's forward
-    + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True), gemm=False)
+    + [_gemm_cfg(*c, ACCUMULATE=1) for c in _EXPAND_CONFIGS]
+    + [_gemm_cfg(*_EXPAND_CONFIGS[0], orient="dgrad", ACCUMULATE=1, DROPOUT=True, HAS_BIAS=False),
+       _gemm_cfg(*_EXPAND_CONFIGS[0], ACCUMULATE=1, COL_SCALE=True)]   # DoRA's forward
+    + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=1), gemm=False)
        for c in _EXPAND_IEEE_CONFIGS]
-    + [dict(_gemm_cfg(*_EXPAND_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=True,
+    + [dict(_gemm_cfg(*_EXPAND_IEEE_CONFIGS[0], "fp32", "dgrad", BASE_PREC="ieee", EPI_PREC="ieee", ACCUMULATE=1,
                       DROPOUT=True, HAS_BIAS=False), gemm=False)]
     # fp32 without TF32: FMA by design (no tensor-core instruction to ask for); checked for spills
     + [dict(_gemm_cfg(*c, "fp32", BASE_PREC="ieee", EPI_PREC="ieee"), gemm=False) for c in _IEEE_CONFIGS]

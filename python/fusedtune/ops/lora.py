@@ -36,7 +36,8 @@ _NO_SEED = torch.zeros((), dtype=torch.int64)   # the seed of calls without drop
 # in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. 0: the buffer path everywhere, since
 # on an H200 (bench/results/lora.csv, 2026-11-30) the in-GEMM path took 5.84 ms for a 16-token gate/up
 # forward+backward, 5.6x bitsandbytes + peft (its dX GEMM at 16 rows has out/128 = 32 tiles to run on 132 SMs,
-# each dequantizing a 128 x 14336 strip). Raise it to choose the in-GEMM path (the bench times both).
+# each dequantizing a 128 x 14336 strip). Since then the in-GEMM path splits K and loads whole byte tiles
+# (docs/lora.md, unmeasured). Raise it to choose the in-GEMM path (the bench times both).
 NF4_FUSED_MAX_ROWS = 0
 
 
