@@ -9,11 +9,13 @@ cProfile's top functions by own time and by cumulative time over 200 forward+bac
 those in fusedtune's and Triton's files by own time. Also the
 floor: a trivial Triton kernel's launch and an empty autograd.Function's forward+backward.
 
---no-gpu (a machine without one): fusedtune/bench/nogpu_driver.py compiles the Triton kernels for sm_90 and "launches"
-them without running them, on CPU tensors, so the numbers are the host's cost of a call less the driver's
-launch and CUDA's allocator (its docstring). They compare versions of the glue on one machine; a GPU
-machine's host is another CPU. Only the layers whose every kernel is Triton mean anything there (lora, fp8,
-the default with --no-gpu); the others compute with CPU kernels or the reference.
+--no-gpu (a machine without one): fusedtune/bench/nogpu_driver.py compiles the Triton kernels for sm_90
+and "launches" them without running them, on CPU tensors, so the numbers are the host's cost of a call
+less the driver's launch and CUDA's allocator (its docstring). They compare versions of the glue on one
+machine; a GPU machine's host is another CPU. Only the layers whose every kernel is Triton mean anything
+there (lora, fp8: the default with --no-gpu); the others compute with CPU kernels or the reference.
+--compare-launch ROUNDS times each layer through Triton's launch path and through fusedtune's fast launch
+(triton_kernels/launch.py), alternating in one process, instead of profiling.
 """
 from __future__ import annotations
 

@@ -10,15 +10,20 @@ The first call of each *launch class* goes through Triton's path (compile, autot
 kernel Triton returned, with the argument values Triton bound after the positional ones; later calls of the
 class call that compiled kernel's launcher directly. The class is a key at least as fine as everything
 Triton chooses a compiled kernel by, so a later call never gets a kernel Triton would not have given it:
-  - the current device and the keyword arguments (names and values, in call order: constexprs, options);
+  - the current device, Triton's debug and instrumentation knobs, and the keyword arguments (names and
+    values, in call order: constexprs, options);
   - each positional argument: a tensor's dtype and whether its address is 16-byte aligned; an int's
     equality with 1, divisibility by 16 and range (int32 / int64 / uint64) -- what Triton specializes and
-    types an int by; a bool's value; a float's type; None; any other type sends the call down Triton's path;
+    types an int by; a bool's value; a float's type; None; a constexpr's value; any other type sends the
+    call down Triton's path;
   - for an autotuned kernel, the values of its key arguments (the config it tuned for them).
 Falls back to Triton's path, always: under TRITON_INTERPRET=1, with Triton older than 3.6 (whose launcher
-took other arguments), while a launch hook is set (profilers), for kernels with run hooks or config
-pre-hooks, when the grid function reads more than the meta-parameters, and with FUSEDTUNE_FAST_LAUNCH=0 (read
-at import). On the first call of a class it checks its argument list against Triton's own binding.
+took other arguments), for kernels other than a JITFunction or an Autotuner directly over one (a
+triton.heuristics wrapper computes values the class does not see), while a launch hook or a stages hook
+is set (profilers), for kernels with run hooks or config pre-hooks, when the grid function reads more
+than the meta-parameters, and with FUSEDTUNE_FAST_LAUNCH=0 (read at import). On the first call of a class
+it checks its argument list against Triton's own binding and the compiled kernel's constexprs, warps and
+stages against that list and the tuned config (another thread may have retuned in between).
 """
 from __future__ import annotations
 
@@ -210,7 +215,8 @@ class FastKernel:
         return True
 
     def _bound(self, args, gmeta):
-        """Triton's own binding of the call's arguments (values in parameter order), or None."""
+        """Triton's own binding of the call's arguments (values in parameter order; raises where this Triton
+        keeps its binder elsewhere, and the class then takes Triton's path)."""
         from triton.runtime import driver
         caches = self.jit.device_caches[driver.active.get_current_device()]
         bound_args, _spec, _options = caches[4](*args, **gmeta)

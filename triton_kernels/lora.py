@@ -2,8 +2,9 @@
 
 lora_shrink_kernel   T[M, R] = (dropout(P) . Q^T) * S[gid]      the skinny x.A^T (and dy.B) GEMM, fp32 out
 lora_gemm_kernel     C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias
-                     (ACCUMULATE: C = the sum of K slabs of P + the rest: over a base product cuBLAS wrote,
-                     K = 1, or over split-K partials of the in-GEMM NF4 dequant, lora_expand_kernel)
+                     (ACCUMULATE 1: C += the rest, over a base product cuBLAS wrote; ACCUMULATE 2: C = the
+                     sum of K float32 slabs of P + the rest, over the split-K partials (SPLIT_K) of the
+                     in-GEMM NF4 dequant: lora_expand_kernel)
                      (DoRA, COL_SCALE: also F = the product before the bias, and C = G[n] * F + bias)
                      forward: P=x, Q=W, T=t, E=B;  dgrad: P=dy, Q=W^T, T=u, E=A^T (dropout keep mask)
                      the LoRA term is an extra inner loop of length R over the fp32 shrink buffer, so
@@ -361,12 +362,8 @@ def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_
         byte = tl.load(q_ptr + ob, mask=ob < numel // 2, other=0).to(tl.int32)   # (numel is even: Nf4Weight)
         v = tl.reshape(tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF))), (NB, BLOCKSIZE))
         blk = tl.program_id(0) * NB + tl.arange(0, NB)
-        b_ok = blk < (numel + BLOCKSIZE - 1) // BLOCKSIZE
-        if DOUBLE:
-            a8 = tl.load(absmax_ptr + blk, mask=b_ok, other=0).to(tl.int32)
-            amax = tl.load(code2_ptr + a8) * tl.load(absmax2_ptr + blk // BLOCKSIZE2, mask=b_ok, other=0.0) + offset
-        else:
-            amax = tl.load(absmax_ptr + blk, mask=b_ok, other=0.0)
+        amax = _nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, blk, blk < (numel + BLOCKSIZE - 1) // BLOCKSIZE, offset,
+                           BLOCKSIZE2, DOUBLE)
         offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         tl.store(out_ptr + offs, tl.reshape(v * amax[:, None], (BLOCK,)).to(out_ptr.dtype.element_ty),
                  mask=offs < numel)

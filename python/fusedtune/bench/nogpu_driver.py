@@ -1,15 +1,15 @@
 """A Triton driver for a machine without a GPU, so that host time can be measured there (a diagnostic).
 
-`active(arch=90)` (a context manager) makes Triton compile every kernel launched from Python for sm_<arch> (ptxas from the
-Triton wheel), "load" it without a driver, and "launch" it by reading its tensor arguments' data
-pointers, as the CUDA launcher does, and nothing else: the tensors are CPU tensors and no kernel runs.
-`install(arch=90)` does so for the rest of the process and also makes fusedtune route its ops to the Triton
-backend on CPU tensors and answers the device queries its launch code makes (SM count 132, capability
-9.0): bench/host_profile.py --no-gpu. What runs is everything a call costs the
-host on a GPU machine except the driver's launch itself (cuLaunchKernelEx, a few microseconds) and
-CUDA's allocator (CPU tensors are allocated instead): fusedtune's glue, the autograd engine, torch's
-tensor ops, Triton's autotuner and launch path. Tests use `active` to check which compiled kernel a launch
-gets (tests/test_triton_launch.py). No output is computed: the tensors keep what they held.
+`active(arch=90)` (a context manager) makes Triton compile every kernel launched from Python for
+sm_<arch> (ptxas from the Triton wheel), "load" it without a driver, and "launch" it by reading its tensor
+arguments' data pointers, as the CUDA launcher does, and nothing else: the tensors are CPU tensors and no
+kernel runs. `install(arch=90)` does so for the rest of the process, makes fusedtune route its ops to the
+Triton backend on CPU tensors, and answers the device queries its launch code makes (SM count 132,
+capability 9.0): bench/host_profile.py --no-gpu. What runs is everything a call costs the host on a GPU
+machine except the driver's launch itself (cuLaunchKernelEx, a few microseconds) and CUDA's allocator (CPU
+tensors are allocated instead): fusedtune's glue, the autograd engine, torch's tensor ops, Triton's
+autotuner and launch path. Tests use `active` to check which compiled kernel a launch gets
+(tests/test_triton_launch.py). No output is computed: the tensors keep what they held.
 """
 from __future__ import annotations
 
