@@ -14,19 +14,10 @@ import triton.language as tl
 
 from fusedtune.bench import nogpu_driver
 from fusedtune.triton_kernels import launch as L
+from launch_cases import axpy as _axpy
 
 pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not L.ENABLED,
                                 reason="compiles real Triton kernels (not in the interpreter)")
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _axpy(x_ptr, y_ptr, out_ptr, n, stride, seed, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    v = tl.load(x_ptr + i * stride, mask=m) * alpha + tl.load(y_ptr + i, mask=m)
-    if FLAG:
-        v = v + seed
-    tl.store(out_ptr + i, v, mask=m)
 
 
 _FAVOURED = {"num_warps": 2}      # the config the test's benchmark times fastest (set per call)

@@ -3,21 +3,11 @@
 import pytest
 import torch
 import triton
-import triton.language as tl
 
 from fusedtune.triton_kernels import launch as L
+from launch_cases import axpy as _axpy
 
 pytestmark = pytest.mark.gpu
-
-
-@triton.jit(do_not_specialize=["seed"])
-def _axpy(x_ptr, y_ptr, out_ptr, n, stride, seed, alpha, FLAG: tl.constexpr, BLOCK: tl.constexpr):
-    i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
-    m = i < n
-    v = tl.load(x_ptr + i * stride, mask=m) * alpha + tl.load(y_ptr + i, mask=m)
-    if FLAG:
-        v = v + seed
-    tl.store(out_ptr + i, v, mask=m)
 
 
 @pytest.mark.parametrize("offset", [0, 1])
