@@ -162,3 +162,17 @@ def test_fast_launch_keys_positional_constexprs_and_debug_and_refuses_heuristics
             knobs.runtime.debug = prev
     heur = triton.heuristics({"BLOCK": lambda a: 64 if a["n"] % 64 == 0 else 128})(_tuned.fn)
     assert L.fast(heur) is heur                # values a heuristic computes are not in the class: Triton's path
+
+
+def test_triton_path_scope_turns_the_fast_path_off_and_back_on():
+    with nogpu_driver.active():
+        fk = L.fast(_axpy)
+        args, meta = _call()
+        fk[(4,)](*args, **meta)
+        before = dict(fk.stats)
+        with L.triton_path():
+            assert L.fast(_axpy) is _axpy
+            fk[(4,)](*args, **meta)                 # a FastKernel taken before the scope: Triton's path too
+        assert fk.stats == before
+        fk[(4,)](*args, **meta)
+        assert L.fast(_axpy) is fk and fk.stats["fast"] == before["fast"] + 1

@@ -27,6 +27,7 @@ stages against that list and the tuned config (another thread may have retuned i
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import os
 import warnings
@@ -221,6 +222,18 @@ class FastKernel:
         caches = self.jit.device_caches[driver.active.get_current_device()]
         bound_args, _spec, _options = caches[4](*args, **gmeta)
         return list(bound_args.values())
+
+
+@contextlib.contextmanager
+def triton_path():
+    """Every launch in the scope (all threads) takes Triton's own path: benchmarks time what the fast path
+    saves (bench rows "... through Triton's own launch path")."""
+    global ENABLED
+    prev, ENABLED = ENABLED, False
+    try:
+        yield
+    finally:
+        ENABLED = prev
 
 
 _FAST: dict = {}

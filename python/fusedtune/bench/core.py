@@ -297,9 +297,11 @@ def host_rows(kernel: str, shape: str, dtype: str, backend: str, layer, x: torch
     """Host time per call of `layer` at a tiny batch x (CPU timer: at a few tokens kernels are launched and
     not waited for, so this is what bounds decoding and small steps): forward+backward (gradients of x and
     every trainable parameter) and forward under no_grad, on the ops' direct eager route against the same
-    calls through the torch.library dispatcher (fusedtune.ops._eager.dispatcher_only), and against each
-    (name, other layer) in baselines."""
+    calls through the torch.library dispatcher (fusedtune.ops._eager.dispatcher_only), on a GPU through
+    Triton's own launch path (triton_kernels/launch.py's triton_path), and against each (name, other
+    layer) in baselines."""
     from ..ops._eager import dispatcher_only  # noqa: PLC0415
+    from ..triton_kernels import launch  # noqa: PLC0415
     host = CpuTimer(quick, min_reps=20 if quick else 50, budget_s=0.05 if quick else 0.2)   # <= ~2 s a family
 
     def fb(m):
@@ -315,18 +317,21 @@ def host_rows(kernel: str, shape: str, dtype: str, backend: str, layer, x: torch
                 return m(x)
         return run
 
-    def dispatched(fn):
+    def scoped(fn, scope):
         def run():
-            with dispatcher_only():
+            with scope():
                 return fn()
         return run
+    routes = [("the same through the torch.library dispatcher", dispatcher_only)]
+    if x.is_cuda and launch.ENABLED:
+        routes.append(("the same through Triton's own launch path", launch.triton_path))
     note = f"{note}; host time, CPU timer" if note else "host time, CPU timer"
     rows = []
     for what, make in (("fwd+bwd", fb), ("fwd", fwd)):
         t = host(make(layer))
         name = f"{kernel} {what} per call (host)"
-        rows.append(row(name, shape, dtype, backend, "the same through the torch.library dispatcher", t,
-                        host(dispatched(make(layer)))[0], note=note))
+        rows += [row(name, shape, dtype, backend, route, t, host(scoped(make(layer), scope))[0], note=note)
+                 for route, scope in routes]
         rows += [row(name, shape, dtype, backend, other, t, host(make(m))[0], note=note) for other, m in baselines]
     return rows
 
