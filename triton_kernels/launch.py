@@ -34,6 +34,12 @@ import warnings
 
 import torch
 import triton
+from triton.runtime import driver
+
+try:
+    from triton import knobs
+except ImportError:          # a Triton without knobs (the fast path is off below 3.6 anyway)
+    knobs = None
 
 _ENV = "FUSEDTUNE_FAST_LAUNCH"
 _MAX_CLASSES = 4096          # launch classes kept a kernel (then the cache starts over)
@@ -47,7 +53,8 @@ def _version_ok() -> bool:
     return (major, minor) >= (3, 6)
 
 
-ENABLED = (os.environ.get(_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1" and _version_ok())
+ENABLED = (os.environ.get(_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1" and _version_ok()
+           and knobs is not None)
 _SLOW = object()             # a class that always takes Triton's path
 _Tensor = torch.Tensor
 _Parameter = torch.nn.Parameter
@@ -99,7 +106,7 @@ class FastKernel:
         self.tune_idx = [self.names.index(k) for k in kernel.keys] if self.tuned else []
         consts = [i for i, p in enumerate(jit.params) if p.is_constexpr]
         self.first_const = consts[0] if consts else len(self.names)   # positional constexprs key by value
-        self.const_names = [self.names[i] for i in consts]
+        self.consts = consts
         self.cache = {}
         self.stats = {"fast": 0, "triton": 0}
 
@@ -112,8 +119,6 @@ class FastKernel:
     def launch(self, grid, args, meta):
         if not ENABLED:
             return self.kernel[grid](*args, **meta)
-        from triton import knobs
-        from triton.runtime import driver
         enter, leave = knobs.runtime.launch_enter_hook, knobs.runtime.launch_exit_hook
         if not (_hook_empty(enter) and _hook_empty(leave)) or self.jit.pre_run_hooks:
             return self._triton(grid, args, meta, None)
@@ -201,9 +206,8 @@ class FastKernel:
         """Was ck compiled for these constexpr values and this config's warps and stages? (Another thread's
         autotuning may have changed best_config between the launch and reading it.)"""
         consts = getattr(ck.src, "constants", None) or {}
-        for name in self.const_names:
-            i = self.names.index(name)
-            for k in ((i,), name, i):
+        for i in self.consts:
+            for k in ((i,), self.names[i], i):
                 if k in consts:
                     if consts[k] != full[i]:
                         return False
@@ -218,7 +222,6 @@ class FastKernel:
     def _bound(self, args, gmeta):
         """Triton's own binding of the call's arguments (values in parameter order; raises where this Triton
         keeps its binder elsewhere, and the class then takes Triton's path)."""
-        from triton.runtime import driver
         caches = self.jit.device_caches[driver.active.get_current_device()]
         bound_args, _spec, _options = caches[4](*args, **gmeta)
         return list(bound_args.values())
