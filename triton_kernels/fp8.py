@@ -16,6 +16,7 @@ IEEE (div_rn). Quantized tensors are written through a uint8 view.
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -201,7 +202,14 @@ def _check32(what, *tensors):
 
 def _hw_cvt(device) -> bool:
     """Whether the quantizers convert with the hardware's E4M3 instruction (sm_90+; _e4m3)."""
-    return not _INTERP and torch.cuda.get_device_capability(device) >= (9, 0)
+    return not _INTERP and _capability(device.index) >= (9, 0)
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int):
+    """The compute capability of CUDA device `index` (a CUDA tensor's device has one), read once: the
+    quantizers ask on every call."""
+    return torch.cuda.get_device_capability(index)
 
 
 def quantize_rows(x: torch.Tensor, col: bool, pow2: bool):
