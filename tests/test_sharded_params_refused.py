@@ -7,17 +7,18 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+
+from ranks import run_ranks
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 
-def _worker(rank, init, out):
+def _worker(rank, world, init, out):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
     from fusedtune.optim import MaskedAdamW, MeZO, SparseDeltaAdamW
-    dist.init_process_group("gloo", init_method=init, rank=0, world_size=1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
     try:
         mesh = init_device_mesh("cpu", (1,))
         p = torch.nn.Parameter(distribute_tensor(torch.randn(8, 4), mesh, [Shard(0)]))
@@ -29,13 +30,12 @@ def _worker(rank, init, out):
                 errors[name] = None
             except TypeError as e:
                 errors[name] = str(e)
-        torch.save(errors, os.path.join(out, "errors.pt"))
+        torch.save(errors, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_dtensor_parameters_are_refused_by_name(tmp_path):
-    mp.spawn(_worker, args=(f"file://{tmp_path}/rdzv", str(tmp_path)), nprocs=1, join=True)
-    errors = torch.load(tmp_path / "errors.pt")
+    errors, = run_ranks(_worker, tmp_path, world=1)
     for name, msg in errors.items():
         assert msg is not None and msg.startswith(f"{name}: DTensor") and "DistributedDataParallel" in msg, (name, msg)
