@@ -4,6 +4,7 @@ dropout with the same mask, merge/unmerge, state dict and adapter files both way
 base), the patch method, the inference cache, compile, and what is refused."""
 import copy
 import math
+import pickle
 import random
 
 import pytest
@@ -290,6 +291,54 @@ def test_inference_caches_the_norm_until_the_adapter_changes():
     torch.testing.assert_close(y1, fresh(x).detach(), rtol=1e-6, atol=1e-6)
     assert not torch.allclose(y0, y1)
     assert not fresh._dora_norms
+
+
+def test_the_norm_cache_never_serves_another_adapter_tensor():
+    """An adapter deleted and added again under its name can get the freed memory back (same address, same
+    version count): the cached norm belongs to the old tensors and is not served. The cache is not
+    pickled (it holds weak references)."""
+    torch.manual_seed(0)
+    N, K, r = 512, 1024, 64
+    m = LoRALinear.from_linear(nn.Linear(K, N), r=r, init_lora_weights=False, use_dora=True, adapter_name="a")
+    m.eval()
+    x = torch.randn(2, K)
+    with torch.no_grad():
+        for _ in range(3):
+            m(x)
+            m.delete_adapter("a")
+            assert "a" not in m._dora_norms
+            m.add_adapter("a", r, use_dora=True)          # B = 0: the output is the base layer's
+            torch.testing.assert_close(m(x), m.base_layer(x), rtol=1e-6, atol=1e-6)
+            nn.init.normal_(m.lora_B["a"].weight)
+        y = m(x)
+        assert m._dora_norms
+        back = pickle.loads(pickle.dumps(m))
+        assert not back._dora_norms
+        torch.testing.assert_close(back(x), y, rtol=0, atol=0)
+        twin = copy.deepcopy(m)                            # (its cache points at m's tensors: recomputed)
+        nn.init.normal_(twin.lora_B["a"].weight)
+        assert not torch.allclose(twin(x), y)
+
+
+def test_dora_and_plain_merged_one_after_another_unmerge_in_reverse():
+    """merge(d) then merge(p), or p then d, without the saved copy: unmerge undoes them in the reverse
+    order (W / g - dW for the DoRA one), as peft; to_linear(merge=False) gives the same weight."""
+    torch.manual_seed(5)
+    for order in (("d", "p"), ("p", "d")):
+        m = LoRALinear.from_linear(nn.Linear(24, 16), r=4, init_lora_weights=False, use_dora=True, adapter_name="d")
+        m.add_adapter("p", 3, init_lora_weights=False)
+        nn.init.normal_(m.lora_B["d"].weight, std=0.3)
+        nn.init.normal_(m.lora_B["p"].weight, std=0.3)
+        w0 = m.base_layer.weight.detach().clone()
+        for n in order:
+            m.merge(n, exact_unmerge=False)
+        assert m.merged_adapters == list(order)
+        torch.testing.assert_close(m.to_linear(merge=False).weight, w0, rtol=1e-5, atol=1e-6)
+        m.unmerge()
+        torch.testing.assert_close(m.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
+    with pytest.raises(LoRAUnsupported, match="in one call; merge a DoRA adapter alone"):
+        m.merge(["d", "p"])
+    assert not m.merged
 
 
 def test_compile_matches_eager():

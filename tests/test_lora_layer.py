@@ -148,6 +148,42 @@ def test_to_peft_round_trip_shares_parameters():
     assert back.r == ours.r and back.lora_dropout_p == ours.lora_dropout_p
 
 
+def test_to_peft_keeps_disabled_adapters_and_the_mode():
+    ours = LoRALinear.from_linear(nn.Linear(12, 8), r=2, alpha=4, dropout=0.5, init_lora_weights=False)
+    ours.enable_adapters(False)
+    ours.eval()
+    pe = ours.to_peft()
+    assert pe.disable_adapters and not pe.training
+    assert all(p.requires_grad for p in ours._adapter_params("default"))   # shared: peft's switch left them
+    x = torch.randn(4, 12)
+    torch.testing.assert_close(pe(x), ours.base_layer(x))
+    ours.enable_adapters(True)
+    ours.train()
+    pe = ours.to_peft()
+    assert not pe.disable_adapters and pe.training
+
+
+def test_from_peft_keeps_what_the_base_trains():
+    """peft's bias="lora_only"/"all" trains the base bias: the fused layer trains it too (gradient as peft)."""
+    torch.manual_seed(4)
+    pe = _peft(nn.Linear(12, 8))
+    for p in pe.base_layer.parameters():
+        p.requires_grad_(False)
+    pe.base_layer.bias.requires_grad_(True)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    assert ours.base_layer.bias.requires_grad and not ours.base_layer.weight.requires_grad
+    x = torch.randn(5, 12)
+    pe(x).square().sum().backward()
+    ours(x).square().sum().backward()
+    torch.testing.assert_close(ours.base_layer.bias.grad, pe.base_layer.bias.grad, rtol=1e-5, atol=1e-5)
+    refused = _peft(nn.Linear(12, 8))
+    refused.lora_dropout["default"] = nn.ReLU()
+    refused.base_layer.bias.requires_grad_(True)
+    with pytest.raises(LoRAUnsupported):
+        LoRALinear.from_peft(refused)
+    assert refused.base_layer.bias.requires_grad                    # a refusal changes nothing
+
+
 def test_unsupported_peft_features_are_refused():
     lin = nn.Linear(12, 8)
     other = _peft(copy.deepcopy(lin))
@@ -332,14 +368,19 @@ def test_peft_names_get_delta_weight_and_enable_adapters():
 
 
 def test_model_level_mixed_batch_matches_per_adapter_runs():
-    """fusedtune.lora.adapter_names: peft's model(..., adapter_names=...) for a patched model."""
+    """fusedtune.lora.adapter_names: peft's model(..., adapter_names=...) for a patched model. Adapter b
+    covers only the attention projections: the other layers serve b's sample with their base (peft's
+    mixed batch skips a layer's missing adapters)."""
     from fusedtune.lora import adapter_names, lora_layers
     m = tiny_llama(seed=2)
     fusedtune.patch(m, "lora", r=4, alpha=8)
-    layers = lora_layers(m).values()
-    for lay in layers:
+    layers = lora_layers(m)
+    for name, lay in layers.items():
         lay.add_adapter("a", r=4, alpha=8, init_lora_weights=False)
-        lay.add_adapter("b", r=2, alpha=4, init_lora_weights=False)
+        if "self_attn" in name:
+            lay.add_adapter("b", r=2, alpha=4, init_lora_weights=False)
+    assert 0 < sum("b" in lay.r for lay in layers.values()) < len(layers)
+    layers = layers.values()
     ids = torch.randint(0, 64, (3, 10))
     names = ["a", "__base__", "b"]
     with torch.no_grad(), adapter_names(m, names):
@@ -347,8 +388,8 @@ def test_model_level_mixed_batch_matches_per_adapter_runs():
     assert all(not lay._forward_pre_hooks for lay in layers)       # the hooks are gone
     for i, n in enumerate(names):
         for lay in layers:
-            lay.enable_adapters(n != "__base__")
-            if n != "__base__":
+            lay.enable_adapters(n in lay.r)
+            if n in lay.r:
                 lay.set_adapter(n)
         with torch.no_grad():
             want = m(ids).logits[i]

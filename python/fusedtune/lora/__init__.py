@@ -51,7 +51,9 @@ def adapter_names(model: torch.nn.Module, names: list[str]):
     dimension) goes through adapter names[i] ("__base__": none), as peft's `adapter_names=` does for a
     model's forward and generate. An input of c * len(names) samples (c > 1) holds c consecutive copies
     of each sample, as generate makes them for num_beams and num_return_sequences: every copy takes its
-    sample's adapter (peft expands for num_beams only). Unknown names are refused before anything runs."""
+    sample's adapter (peft expands for num_beams only). Unknown names are refused before anything runs; a
+    layer that lacks a name the model knows (an adapter over fewer modules) serves those samples with its
+    base layer alone, as peft's mixed batch does."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("adapter_names: the model has no LoRALinear layers (fusedtune.patch(model, 'lora') first)")
@@ -61,16 +63,17 @@ def adapter_names(model: torch.nn.Module, names: list[str]):
     if unknown:
         raise KeyError(f"adapter_names: unknown adapters {unknown}; the model has {sorted(known - {'__base__'})}")
 
-    expanded = {1: names}
+    expanded = {}       # (the layer's adapters, copies) -> the names it gets
 
     def hook(module, args, kwargs):
         x = args[0] if args else kwargs.get("x")
         copies, rest = divmod(x.shape[0], len(names)) if torch.is_tensor(x) and x.dim() > 1 and names else (1, 0)
         if rest or copies < 1:
             copies = 1                 # the layer refuses the mismatch, naming both counts
-        if copies not in expanded:
-            expanded[copies] = [n for n in names for _ in range(copies)]
-        return args, {**kwargs, "adapter_names": expanded[copies]}
+        key = (frozenset(module.r), copies)
+        if key not in expanded:
+            expanded[key] = [n if n in module.r else "__base__" for n in names for _ in range(copies)]
+        return args, {**kwargs, "adapter_names": expanded[key]}
     handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers.values()]
     try:
         yield model

@@ -29,7 +29,7 @@ import sys
 import torch
 from torch import nn
 
-from ..nn.lora import LoRALinear, is_bnb_4bit
+from ..nn.lora import BASE, LoRALinear, is_bnb_4bit
 from ..nn.plain import is_conv1d
 from ..ops.lora import LoRAUnsupported
 
@@ -115,6 +115,8 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter_names = kwargs.get("adapter_names")
     if self.disable_adapters or (adapter_names is None and self.merged):
         return self._fusedtune_peft_class.forward(self, x)     # the base layer alone: peft's own path
+    if adapter_names is not None:   # an adapter this layer lacks (fewer target modules): its base, as peft's
+        adapter_names = [n if n in self.lora_A else BASE for n in adapter_names]
     return _view(self)(x, adapter_names=adapter_names)
 
 

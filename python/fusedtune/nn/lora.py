@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 import types
+import weakref
 
 import torch
 from torch import nn
@@ -136,6 +137,11 @@ class LoRALinear(nn.Module):
         m.add_adapter(adapter_name, r, alpha, dropout, use_rslora, init_lora_weights, adapter_dtype, use_dora,
                       lora_bias)
         return m
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state["_dora_norms"] = {}       # a cache of weak references: not pickled (recomputed on use)
+        return state
 
     def base_weight(self) -> torch.Tensor:
         """The dense base weight as [out, in]: a Conv1D's (in, out) weight transposed in place (a view; the
@@ -297,6 +303,7 @@ class LoRALinear(nn.Module):
         for d in (self.r, self.lora_alpha, self.scaling, self.use_rslora, self.use_dora, self.lora_bias):
             d.pop(name)
         self.init_lora_weights.pop(name, None)
+        self._dora_norms.pop(name, None)
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -472,15 +479,17 @@ class LoRALinear(nn.Module):
         W = self.base_weight()
         key = None
         if cache and not torch.compiler.is_compiling():
-            key = (name, self.scaling[name], W.data_ptr(), W._version, A.data_ptr(), A._version, B.data_ptr(),
-                   B._version)
+            # the tensors themselves (weak references: a freed tensor's address and version can come back in a
+            # new one, e.g. an adapter deleted and added again) and what they hold (address, in-place writes)
+            owners = (self._modules["base_layer"].weight, A, B)
+            key = (self.scaling[name],) + tuple((t.data_ptr(), t._version) for t in (W, A, B))
             hit = self._dora_norms.get(name)
-            if hit is not None and hit[0] == key:
-                return hit[1]
+            if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], owners)):
+                return hit[2]
         norm = dora_ops.dora_weight_norm(None if nf4 is not None else W, A, B, self.scaling[name], nf4,
                                          self._base_device_dtype()[1], self.backend)
         if key is not None:
-            self._dora_norms[name] = (key, norm)
+            self._dora_norms[name] = (key, tuple(weakref.ref(t) for t in owners), norm)
         return norm
 
     def dora_scale(self, name: str) -> torch.Tensor:
@@ -562,9 +571,9 @@ class LoRALinear(nn.Module):
         if not names:
             return
         dora = [n for n in names if self.use_dora[n]]
-        if dora and (len(names) > 1 or self.merged_adapters):
+        if dora and len(names) > 1:     # (one call after another works: unmerge undoes them in reverse)
             raise LoRAUnsupported(f"LoRALinear.merge: DoRA adapter {dora} merged together with others "
-                                  f"({names + self.merged_adapters}); merge a DoRA adapter alone")
+                                  f"({names}) in one call; merge a DoRA adapter alone")
         W, bias = self.base_weight(), self.base_layer.bias
         with torch.no_grad():
             delta_b = self._bias_delta(names)
@@ -607,12 +616,14 @@ class LoRALinear(nn.Module):
         self._dora_merged.clear()
 
     def _unmerged(self, W) -> torch.Tensor:
-        """float32: the weight without the merged deltas (a merged DoRA adapter: W / g - dW, as peft)."""
+        """float32: the weight without the merged deltas, undone in the reverse order of the merges (a merged
+        DoRA adapter: W / g - dW), as peft's unmerge."""
         Wf = W.float()
-        for n in self.merged_adapters:
+        for n in reversed(self.merged_adapters):
             if n in self._dora_merged:
                 Wf = Wf / self._dora_merged[n].to(Wf.device)[:, None]
-        return Wf - sum(self.delta_weight(n) for n in self.merged_adapters)
+            Wf = Wf - self.delta_weight(n)
+        return Wf
 
     def _unmerged_bias(self, bias) -> torch.Tensor:
         """The base bias without the merged adapters' lora_bias (float32 where there is one)."""
@@ -669,7 +680,12 @@ class LoRALinear(nn.Module):
             raise LoRAUnsupported(f"LoRALinear.from_peft: fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} "
                                   f"over a {type(base).__name__} base; the fused layer reads a Conv1D base transposed "
                                   "and any other as [out, in] (peft sets the flag by the base's type)")
-        m = cls(base, backend=backend)
+        trains = [(p, p.requires_grad) for p in base.parameters()]
+        try:
+            m = cls(base, backend=backend)
+        finally:    # the base trains as it did under peft (e.g. bias="lora_only"); a refusal below changes nothing
+            for p, g in trains:
+                p.requires_grad_(g)
         for name in layer.lora_A:
             dora = bool(getattr(layer, "use_dora", {}).get(name))
             variant = getattr(layer, "lora_variant", {}).get(name)
@@ -724,7 +740,12 @@ class LoRALinear(nn.Module):
         for n in names:     # peft's set_adapter freezes the others and trains the active ones, as here
             for p in self._adapter_params(n):
                 p.requires_grad_(n in self.active_adapters)
-        return out
+        if self.disable_adapters:   # peft's switch also freezes the adapters: the shared ones keep their flags
+            flags = [(p, p.requires_grad) for n in names for p in self._adapter_params(n)]
+            out.enable_adapters(False)
+            for p, g in flags:
+                p.requires_grad_(g)
+        return out.train(self.training)
 
     # ------------------------------------------------------------------ report
     def extra_repr(self) -> str:
