@@ -361,6 +361,41 @@ def test_composable_sft_round_trip_and_weights(tmp_path):
     assert sd.from_composable_sft(tmp_path / "out" / "pytorch_diff.bin", m).equal(d)
 
 
+def test_composable_sft_of_gpt2_reads_the_same_on_a_patched_model():
+    """GPT-2's Conv1D weights sit in the SFT as (in, out); a model patched with sparse_delta holds the
+    layer as a SparseDeltaLinear (out, in) and must read and write the same file the same way (square
+    c_proj included, where a transposed reading would not be refused)."""
+    cfg = transformers.GPT2Config(vocab_size=48, n_embd=32, n_layer=1, n_head=4, n_positions=32)
+    torch.manual_seed(0)
+    plain = transformers.GPT2LMHeadModel(cfg)
+    patched = copy.deepcopy(plain)
+    patch(patched, "sparse_delta", density=0.05, seed=0)
+    names = ["transformer.h.0.attn.c_proj", "transformer.h.0.attn.c_attn", "transformer.h.0.mlp.c_fc"]
+    g = torch.Generator().manual_seed(3)
+    body = {}
+    for n in names:
+        w = plain.get_submodule(n).weight                   # Conv1D: (in, out)
+        flat = torch.randperm(w.numel(), generator=g)[:20].sort().values
+        steps = torch.diff(flat, prepend=torch.zeros(1, dtype=torch.int64))
+        body[f"{n}.weight"] = {"size": w.shape, "index_steps": steps.tolist(), "values": torch.randn(20, generator=g)}
+    from_plain = sd.from_composable_sft(body, plain)
+    assert sd.from_composable_sft(body, patched).equal(from_plain)
+    for n in names:   # column-major over (in, out) is row-major over (out, in): the same flat positions
+        assert from_plain[n].indices.tolist() == np.cumsum(body[f"{n}.weight"]["index_steps"]).tolist()
+    enc = sd.to_composable_sft(from_plain, model=patched)
+    for n in names:
+        assert tuple(enc["body"][f"{n}.weight"]["size"]) == tuple(plain.get_submodule(n).weight.shape)
+        assert enc["body"][f"{n}.weight"]["index_steps"] == body[f"{n}.weight"]["index_steps"]
+    unpatch(patched)
+
+
+def test_a_lone_layer_is_refused_by_name():
+    from fusedtune.nn import SparseDeltaLinear
+    layer = SparseDeltaLinear.from_linear(nn.Linear(8, 4), density=0.5)
+    with pytest.raises(SparseDeltaError, match="no module name"):
+        sd.extract(layer)
+
+
 def test_composable_sft_refusals():
     m = tiny_llama()
     d = random_delta(m, LAYERS[:1])

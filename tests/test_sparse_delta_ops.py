@@ -1,6 +1,8 @@
 """sparse_delta core: SDDMM delta gradients equal the dense gradient at the indices, the fused
 optimizer matches a dense masked AdamW and is bit-identical across backends, exact revert,
 opcheck, compile, bad inputs."""
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -209,6 +211,35 @@ def test_other_optimizers_and_edits_of_values_reach_the_forward():
     m2(x).pow(2).mean().backward()
     opt2.step()
     assert m2._merged_version == m2.values._version
+
+
+def test_to_linear_takes_values_changed_outside_sparse_delta_adamw():
+    """to_linear (unpatch(merge=True)) after another optimizer's step, without a forward in between:
+    the plain layer holds W0 + delta, not the weight merged before that step."""
+    m = SparseDeltaLinear.from_linear(torch.nn.Linear(20, 12), density=0.2, seed=1)
+    with torch.no_grad():
+        m.values.add_(0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")      # (said once per process: test_other_optimizers... may have)
+        lin = m.to_linear()
+    got = lin.weight.detach().view(-1)[m.indices.long()]
+    assert torch.equal(got, (m.base_values.float() + m.values.detach()).to(got.dtype))
+
+
+def test_float64_weights_stay_exact():
+    """A float64 layer merges in float64: zero deltas leave W0 exact, and the forward is nn.Linear's."""
+    torch.manual_seed(1)
+    lin = torch.nn.Linear(32, 24).double()
+    w0 = lin.weight.detach().clone()
+    m = SparseDeltaLinear.from_linear(lin, density=0.2, seed=2)
+    assert torch.equal(m.weight.detach(), w0)
+    x = torch.randn(5, 32, dtype=torch.float64)
+    torch.testing.assert_close(m(x), F.linear(x, w0, lin.bias), rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        m.values.fill_(0.25)
+    m.merge_()
+    idx = m.indices.long()
+    assert torch.equal(m.weight.detach().view(-1)[idx], w0.view(-1)[idx] + 0.25)
 
 
 def test_from_linear_shares_the_weight_and_revert_gives_w0_back():

@@ -582,6 +582,14 @@ def _state(model) -> dict | None:
     return model.__dict__.get(_ATTR)
 
 
+def swapped_kind(model: nn.Module, name: str) -> str | None:
+    """What module `name` of a patched model was before patch swapped it ("linear", "conv1d" (GPT-2's
+    Conv1D, stored (in, out)), ...), or None (not patched, not swapped)."""
+    st = _state(model)
+    rec = None if st is None else getattr(st["impl"], "swapped", {}).get(name)
+    return None if rec is None else rec.kind
+
+
 def patch(model: nn.Module, method: str, target_modules=None, **options) -> PatchReport:
     """Apply fine-tuning `method` to `model` in place; returns a PatchReport (print it for the table;
     .optimizer trains it; .step(loss_fn) does one training step). See fusedtune.patch.find_targets

@@ -154,7 +154,10 @@ class SparseDeltaLinear(OwnsMasters):
         return torch.equal(self.weight.view(-1).index_select(0, self.indices.long()), self._merged())
 
     def _merged(self) -> torch.Tensor:
-        """round(base + delta) in the weight's dtype, at the indices."""
+        """round(base + delta) in the weight's dtype, at the indices (float64 weights: summed in float64, so
+        zero deltas leave them exact)."""
+        if self.weight.dtype == torch.float64:
+            return self.base_values + self.values.detach().double()
         return (self.base_values.float() + self.values.detach()).to(self.weight.dtype)
 
     @torch.no_grad()
@@ -194,6 +197,9 @@ class SparseDeltaLinear(OwnsMasters):
                                    check=False)  # indices checked in set_indices: no host sync per call
 
     def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear of the merged weight W0 + delta (merged again first if the values changed
+        outside SparseDeltaAdamW, as the forward does)."""
+        self._refresh_if_values_changed()
         return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:

@@ -248,6 +248,9 @@ def extract(model: nn.Module) -> SparseDelta:
     if not layers:
         raise SparseDeltaError("the model has no fusedtune.nn.SparseDeltaLinear layer (patch it with "
                                "fusedtune.patch(model, 'sparse_delta', ...) or pass a SparseDelta)")
+    if layers[0][0] == "":
+        raise SparseDeltaError("extract: a SparseDeltaLinear alone has no module name to file its delta under; "
+                               "pass the model that holds it (or build a SparseDelta with SparseDelta.add(name, ...))")
     out = SparseDelta()
     for name, m in layers:
         out.add(name, m.indices, m.values, (m.out_features, m.in_features), m.weight.dtype)
