@@ -57,6 +57,14 @@ def test_scale_rules_zero_inf_nan_and_pow2():
     fin = torch.isfinite(sp)
     m, _ = torch.frexp(sp[fin])
     assert (m == 0.5).all() and (sp[fin] >= sr[fin]).all() and (sp[fin] < 2 * sr[fin]).all()
+    # a nonzero tile whose amax / 448 underflows float32: scale 2^-149, finite codes, its zeros stay 0
+    t = torch.zeros(2, 256)
+    t[0, 3], t[1, 200] = 2.0 ** -145, -(2.0 ** -149)
+    for backend in ("reference", None):
+        qt, st, qc, sc = F8.fp8_quantize_1x128(t, backend=backend)
+        assert st[0, 0].item() == st[1, 1].item() == 2.0 ** -149 and st[0, 1].item() == 1.0
+        assert torch.equal(ref.dequantize_rows(qt, st), t)           # both values are multiples of 2^-149
+        assert torch.isfinite(qc.float()).all() and torch.isfinite(sc).all()
     # pow2 scales make x / s exact: dequantizing then re-quantizing reproduces the bytes
     q2, _ = ref.quantize_rows(torch.nan_to_num(ref.dequantize_rows(*ref.quantize_rows(_x(3, 256), True))), True)
     q1, _ = ref.quantize_rows(_x(3, 256), True)
@@ -233,6 +241,14 @@ def test_bad_inputs():
         F8.fp8_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(1))   # used to broadcast silently
     with pytest.raises(ValueError, match="one device"):
         F8.fp8_linear(torch.randn(2, 4), torch.randn(3, 4), torch.randn(3, device="meta"))
+    w = torch.randn(130, 256)
+    w_q, w_s = F8.fp8_quantize_128x128(w, backend="reference")
+    x = torch.randn(2, 256)
+    for bad_q, bad_s in ((w_q, None), (w_q, w_s[:, :1]), (w_q, torch.ones(130, 2)), (w_q.float(), w_s),
+                         (w_q[:128], w_s), (w_q, w_s.double())):
+        with pytest.raises(ValueError, match="w_q and w_s must be fp8_quantize_128x128"):
+            F8.fp8_linear(x, w, w_q=bad_q, w_s=bad_s, backend="reference")
+    F8.fp8_linear(x, w, w_q=w_q, w_s=w_s, backend="reference")
 
 
 def test_no_transposed_x_copy_without_grad(monkeypatch):
@@ -331,3 +347,22 @@ def test_fp8_methods_refuse_gpus_without_fp8_before_swapping(monkeypatch, method
     assert [type(m) for m in model.modules()] == before and all(p.requires_grad for p in model.parameters())
     rep = fusedtune.patch(model, method, backend="reference")    # the emulation runs anywhere
     assert rep.rows
+
+
+def test_frozen_weight_copy_follows_writes_and_forget_weight():
+    """A frozen weight's FP8 copy is cached; a write through the weight refreshes it, a write through
+    .data (which torch does not count) needs forget_weight()."""
+    from fusedtune.nn import FP8Linear
+    torch.manual_seed(0)
+    m = FP8Linear.from_linear(torch.nn.Linear(256, 128), backend="reference")
+    m.weight.requires_grad_(False)
+    x = torch.randn(4, 256)
+    y0 = m(x)
+    with torch.no_grad():
+        m.weight.mul_(2.0)
+    y1 = m(x)
+    torch.testing.assert_close(y1 - m.bias, 2 * (y0 - m.bias), rtol=1e-6, atol=1e-5)   # powers of two: exact
+    m.weight.data.mul_(2.0)
+    assert torch.equal(m(x), y1)                                   # stale, as documented
+    m.forget_weight()
+    torch.testing.assert_close(m(x) - m.bias, 4 * (y0 - m.bias), rtol=1e-6, atol=1e-5)

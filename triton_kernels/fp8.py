@@ -51,13 +51,16 @@ def _mag(x):
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
     """Dequantization multiplier of a block from its max of _mag: amax / 448 (pow2: rounded up to a power of
-    two); 1 for an all-zero block; NaN when the block holds inf or NaN (amax = inf)."""
+    two); 2^-149 where that underflows to 0; 1 for an all-zero block; NaN when the block holds inf or NaN
+    (amax = inf)."""
     s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     if POW2:
         b = s.to(tl.int32, bitcast=True)
         up = (b & 0x7FFFFF) != 0
         b = tl.where(up, ((b >> 23) + 1) << 23, b)
         s = b.to(tl.float32, bitcast=True)
+    tiny = tl.full(amax.shape, 1, tl.int32).to(tl.float32, bitcast=True)    # 2^-149: amax / 448 underflowed
+    s = tl.where(s == 0.0, tiny, s)
     s = tl.where(amax == 0.0, 1.0, s)
     return tl.where(amax == float("inf"), float("nan"), s)
 

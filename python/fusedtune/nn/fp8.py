@@ -40,15 +40,21 @@ class FP8Linear(nn.Module):
 
     def quantized_weight(self, transpose: bool = False):
         """(q, s, q_t): the weight's 128x128 FP8 copy and scales, and (transpose) the copy's bytes transposed
-        for the dX GEMM, written by the same pass (else None)."""
+        for the dX GEMM, written by the same pass (else None). A frozen weight's copy is cached while the
+        weight's storage and version stay (writes through the weight or under no_grad count; writes
+        through `weight.data` do not: torch does not count them, so call `FP8Linear.forget_weight()` after)."""
         w = self.weight
         if w.requires_grad or torch.compiler.is_compiling():   # (compile: no data-pointer cache in the graph)
             self._cache = None
             return self._quantize(transpose)
-        key = (w.data_ptr(), w._version, w.device, self.pow2)
+        key = (w.data_ptr(), w._version, w.device, w.dtype, self.pow2, self.backend)
         if self._cache is None or self._cache[0] != key or (transpose and self._cache[1][2] is None):
             self._cache = (key, self._quantize(transpose))
         return self._cache[1]
+
+    def forget_weight(self) -> None:
+        """Drop the cached FP8 copy of a frozen weight (after writing it through .data)."""
+        self._cache = None
 
     def _quantize(self, transpose: bool):
         with torch.no_grad():

@@ -265,9 +265,16 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
         with torch.no_grad():
             w_q, w_s, w_qt = fp8_quantize_128x128(weight.detach(), pow2, backend, transpose=True) if need_dgrad \
                 else (*fp8_quantize_128x128(weight.detach(), pow2, backend), None)
-    elif w_qt is not None and (w_qt.shape != (K, N) or w_qt.dtype != torch.float8_e4m3fn):
-        raise ValueError(f"fp8_linear: w_qt must be float8_e4m3fn [{K}, {N}] (w_q transposed), got {w_qt.dtype} "
-                         f"{tuple(w_qt.shape)}")
+    else:
+        nb, kb = -(-N // 128), -(-K // 128)
+        if w_s is None or w_q.shape != (N, K) or w_q.dtype != torch.float8_e4m3fn or w_s.shape != (nb, kb) \
+                or w_s.dtype != torch.float32:
+            raise ValueError(f"fp8_linear: w_q and w_s must be fp8_quantize_128x128(weight)'s outputs: float8_e4m3fn "
+                             f"[{N}, {K}] and float32 [{nb}, {kb}], got {w_q.dtype} {tuple(w_q.shape)} and "
+                             f"{None if w_s is None else (w_s.dtype, tuple(w_s.shape))}")
+        if w_qt is not None and (w_qt.shape != (K, N) or w_qt.dtype != torch.float8_e4m3fn):
+            raise ValueError(f"fp8_linear: w_qt must be float8_e4m3fn [{K}, {N}] (w_q transposed), got {w_qt.dtype} "
+                             f"{tuple(w_qt.shape)}")
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
