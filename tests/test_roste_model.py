@@ -241,6 +241,15 @@ def test_prepare_with_kv_reports_and_refuses_twice():
     assert any("after RoPE behind a head_dim Hadamard rotation" in n for n in rep.notes)
     with pytest.raises(ValueError, match="already quantizes K/V"):
         R.add_kv_quant(model, 4)
+    # K/V quantized alone first: prepare with kv_bits refuses before it rotates or swaps anything
+    plain = tiny_llama(64, 96)
+    R.add_kv_quant(plain, 4)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    with pytest.raises(ValueError, match="already quantizes K/V"):
+        R.prepare(plain, w_bits=8, a_bits=8, kv_bits=4)
+    assert not any(isinstance(m, RoSTELinear) for m in plain.modules())
+    after = plain.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 # ---------------------------------------------------------------- search_rotation / apply_rotation / RotationConfig

@@ -64,17 +64,22 @@ def _clamp(v, lo, hi):
 def _quant_params(lo, hi, clip, levels, SYM: tl.constexpr):
     """(lo, hi, scale, zero) of a group from its min and max: reference/roste.py's formulas, fp32, IEEE
     division (div_rn), no FMA contraction (the launch passes enable_fp_fusion=False)."""
-    lo = lo * clip
-    hi = hi * clip
-    amax = tl.maximum(tl.abs(hi), tl.abs(lo))
+    lo_c = lo * clip
+    hi_c = hi * clip
     if SYM:
+        lo = lo_c
+        hi = hi_c
+        amax = tl.maximum(tl.abs(hi), tl.abs(lo))
         scale = tl.math.div_rn(amax, levels)
         scale = tl.where(scale == 0.0, 1.0, scale)
         zero = 0.0
     else:
-        scale = tl.math.div_rn(hi - lo, levels)
-        flat = tl.math.div_rn(amax, levels)
-        scale = tl.where(scale == 0.0, tl.where(flat == 0.0, 1.0, flat), scale)
+        scale = tl.math.div_rn(hi_c - lo_c, levels)
+        const = scale == 0.0                  # a constant group: its unclipped min and max
+        lo = tl.where(const, lo, lo_c)
+        hi = tl.where(const, hi, hi_c)
+        flat = tl.math.div_rn(tl.maximum(tl.abs(hi), tl.abs(lo)), levels)
+        scale = tl.where(const, tl.where(flat == 0.0, 1.0, flat), scale)
         zero = _round_even(tl.math.div_rn(lo * -1.0, scale))   # -lo: see _round_even
     return lo, hi, scale, zero
 

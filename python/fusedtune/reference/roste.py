@@ -9,8 +9,9 @@ rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate):
                   out = (q - zero) * scale
       symmetric   scale = max|y| * clip / (2^(bits-1) - 1), q = clamp(round(y / scale), -2^(bits-1),
                   2^(bits-1) - 1), out = q * scale
-    a constant group (hi == lo) takes scale = max(|hi|, |lo|) / (2^bits - 1), which reproduces the constant;
-    an all-zero group takes scale 1. round() is round-half-to-even (torch.round).
+    asymmetric, a constant group (clipped hi == lo) is not clipped: lo, hi = its min and max, scale =
+    max(|hi|, |lo|) / (2^bits - 1), zero = round(-lo / scale), which reproduce the constant for any
+    clip_ratio and sign (and keep it inside the clip range); an all-zero group takes scale 1. round() is round-half-to-even (torch.round).
 quantize(y, ...) returns the (q, scale, zero) of these formulas (zero = 0 when symmetric); fake_quant
 is computed from the same call (fusedtune.roste.export stores q as integer codes).
 Backward (straight-through): dy passes unchanged (ste="identity") or only where y was inside the
@@ -32,9 +33,9 @@ def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cli
     """(q, scale, zero, inside) in float32: integer codes q (as floats), per-group scale and zero point
     (zero is 0 when symmetric) and the mask of values inside the clip range."""
     y = y.float()
-    lo, hi = _group_minmax(y, granularity)
+    lo_u, hi_u = _group_minmax(y, granularity)
     clip = torch.tensor(clip_ratio, dtype=torch.float32)
-    lo, hi = lo * clip, hi * clip
+    lo, hi = lo_u * clip, hi_u * clip
     one = torch.ones((), dtype=torch.float32, device=y.device)   # made there: torch.where takes no host value
     if symmetric:
         amax = torch.maximum(hi.abs(), lo.abs())
@@ -47,8 +48,10 @@ def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cli
     else:
         levels = 2 ** bits - 1
         scale = (hi - lo) / torch.full_like(hi, levels)
-        flat = torch.maximum(hi.abs(), lo.abs()) / torch.full_like(hi, levels)     # a constant group
-        scale = torch.where(scale == 0, torch.where(flat == 0, one, flat), scale)
+        const = scale == 0                                                          # a constant group: unclipped
+        lo, hi = torch.where(const, lo_u, lo), torch.where(const, hi_u, hi)
+        flat = torch.maximum(hi.abs(), lo.abs()) / torch.full_like(hi, levels)
+        scale = torch.where(const, torch.where(flat == 0, one, flat), scale)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(y / scale) + zero, 0, levels)
         inside = (y >= lo) & (y <= hi)

@@ -19,7 +19,7 @@ from torch import nn
 from .architecture import check_float_params, inspect_model, linear_names
 from .checks import check_bits, check_clip, check_hadamard
 from .config import RotationConfig
-from .kv import add_kv_quant
+from .kv import add_kv_quant, kv_specs
 from .rotate_model import rotate_model
 from .search import check_rotation
 
@@ -72,6 +72,9 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
     arch = inspect_model(model, what)
     check_float_params(model, what, _QUANT_DTYPES)
     check_hadamard(what, "hidden size", arch.hidden_size)
+    if kv_bits is not None and kv_specs(model):   # (add_kv_quant's own check would come after the swap)
+        raise ValueError(f"{what}: the model already quantizes K/V; call fusedtune.roste.unprepare_kv(model) first, "
+                         "or prepare with kv_bits=None")
     if kv_bits is not None and kv_rotate:
         check_hadamard(what, "head_dim (kv_rotate=True rotates q and k over it)", arch.head_dim)
     if head_rotation:
