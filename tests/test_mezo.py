@@ -154,6 +154,51 @@ def test_a_failing_closure_leaves_the_weights_exact(fail_on):
     assert (w.detach() == w0).float().mean().item() > 0.85
 
 
+@pytest.mark.parametrize("bad_on", [1, 2])
+def test_a_closure_returning_several_values_is_refused_and_undone(bad_on):
+    """The check runs inside the step's undo: the weights never stay at round(w - eps z)."""
+    w = torch.nn.Parameter(torch.randn(200) * 0.02)
+    w0 = w.detach().clone()
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = w.pow(2)
+        return loss if len(calls) == bad_on else loss.sum()
+    opt = MeZO([w], lr=1e-2, eps=1e-3)
+    with pytest.raises(ValueError, match=r"one loss value, got a tensor of shape \(200,\)"):
+        opt.step(closure)
+    # undone as a step undoes (one ulp where the preimage is not unique); left perturbed would be ~eps|z|
+    assert opt.steps == 0 and (w.detach() - w0).abs().max().item() < 1e-7
+
+
+def test_freezing_after_the_optimizer_is_made_takes_effect():
+    """As torch.optim: requires_grad is read at each step, and the noise streams stay by position."""
+    a, b = torch.nn.Parameter(torch.randn(50)), torch.nn.Parameter(torch.randn(50))
+    opt = MeZO([a, b], lr=1e-2)
+    a.requires_grad_(False)
+    a0, b0 = a.detach().clone(), b.detach().clone()
+    opt.step(lambda: (a * b).sum())
+    assert torch.equal(a.detach(), a0) and not torch.equal(b.detach(), b0)
+    assert [ids for _, _, _, ids in opt._buckets] == [[1]]
+    a.requires_grad_(True)
+    a1 = a.detach().clone()
+    opt.step(lambda: (a * b).sum())
+    assert not torch.equal(a.detach(), a1)
+
+
+def test_a_non_finite_loss_moves_nothing():
+    w = torch.nn.Parameter(torch.randn(100).to(torch.bfloat16))
+    w0 = w.detach().clone()
+    opt = MeZO([w], lr=1e-2, eps=1e-3)
+    opt.step(lambda: torch.tensor(float("nan")))
+    assert torch.isnan(opt.last["projected_grad"])
+    assert not torch.isnan(w.detach()).any()
+    assert (w.detach() == w0).float().mean().item() > 0.85     # undone as a step undoes (see above)
+    opt.step(lambda: w.float().pow(2).sum())
+    assert torch.isfinite(w.detach()).all() and opt.steps == 2
+
+
 def test_bad_parameters_refused_when_made():
     with pytest.raises(ValueError, match="not contiguous"):
         MeZO([torch.nn.Parameter(torch.zeros(4, 3).t())], lr=1e-3)

@@ -37,15 +37,19 @@ class MeZO(CopyableOptimizer):
     loss = opt.step(lambda: model(**batch).loss)   # closure: a forward pass, no backward
 
     Parameter groups may set their own lr and weight_decay (e.g. 0 for biases and norms). Parameters
-    with requires_grad=False are left alone (as MeZO does): MeZO(model.parameters()) on a model with a
-    frozen base trains only what is trainable. A parameter's noise stream is its position among all
+    with requires_grad=False at a step are left alone (as MeZO does): MeZO(model.parameters()) on a model
+    with a frozen base trains only what is trainable, and freezing a parameter later takes effect at the
+    next step. A non-finite loss leaves the weights as they were (weight decay aside) instead of making
+    them NaN; opt.last shows it. A parameter's noise stream is its position among all
     the params given (frozen ones counted), so replay does not depend on which are frozen.
     same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
     generator and the CUDA generators of the parameters' devices are reset before the second pass,
     so the difference of the two losses measures the eps step, not dropout noise.
     After each step, `opt.last` holds 'loss_plus', 'loss_minus', 'projected_grad' (tensors) and
     'seed'; `opt.seed_for(step)` gives the seed of any step for replay. Bad parameters are refused
-    when the optimizer is made; if the closure raises, the weights are restored exactly first.
+    when the optimizer is made; if the closure raises (or returns more than one value), the weights are
+    restored first, as the step's own undo restores them (exact wherever the preimage is unique:
+    docs/zo_noise.md).
     Data parallel (DDP, FSDP, accelerate: every rank its own batch): process_group="auto" (the
     default) averages both losses over torch.distributed's default group when it is initialized with
     more than one rank (one all-reduce of 2 floats per step), so every rank takes the same update;
@@ -104,6 +108,7 @@ class MeZO(CopyableOptimizer):
         for _, _, ts, _ in buckets:
             _check_tensors(ts)
         _check_distinct([t for _, _, ts, _ in buckets for t in ts])
+        self._buckets_for = self._trainable()
         return buckets
 
     def add_param_group(self, param_group):
@@ -136,17 +141,30 @@ class MeZO(CopyableOptimizer):
         for d, st in cuda:
             torch.cuda.set_rng_state(st, d)
 
+    @staticmethod
+    def _loss(closure) -> torch.Tensor:
+        loss = torch.as_tensor(closure()).detach()
+        if loss.numel() != 1:
+            raise ValueError(f"MeZO.step: the closure must return one loss value, got a tensor of shape "
+                             f"{tuple(loss.shape)} (reduce it, e.g. .mean())")
+        return loss.reshape(())
+
+    def _trainable(self) -> tuple:
+        return tuple(p.requires_grad for g in self.param_groups for p in g["params"])
+
     @torch.no_grad()
     def step(self, closure):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
+        if self._trainable() != self._buckets_for:     # a parameter frozen or unfrozen since: as torch.optim
+            self._buckets = self._make_buckets()
         self._check_same_seed()
         s = self.seed_for(self.steps)
         eps = self.eps
         rng = self._rng_states() if self.same_rng else None
         self._apply([s], lambda g, d: [eps])
         try:
-            loss_plus = torch.as_tensor(closure()).detach()
+            loss_plus = self._loss(closure)
         except BaseException:
             self._apply([s], lambda g, d: [0.0], undo=([s], [eps]))   # back to the exact weights
             raise
@@ -154,13 +172,16 @@ class MeZO(CopyableOptimizer):
         if rng is not None:
             self._set_rng_states(rng)
         try:
-            loss_minus = torch.as_tensor(closure()).detach()
+            loss_minus = self._loss(closure)
+            loss_plus, loss_minus = self._average_over_ranks(loss_plus, loss_minus)
         except BaseException:
             self._apply([s], lambda g, d: [0.0], undo=([s], [-eps]))
             raise
-        loss_plus, loss_minus = self._average_over_ranks(loss_plus, loss_minus)
         pg = ((loss_plus.float() - loss_minus.float()) / (2 * eps)).reshape(1)
-        self._apply([s], lambda g, d: (-g["lr"] * pg).to(d), undo=([s], [-eps]), final=True,
+        # a non-finite loss (an overflow in one forward) moves nothing along z rather than making every
+        # weight NaN; opt.last still shows it. On the device: no host sync.
+        step_pg = torch.where(torch.isfinite(pg), pg, torch.zeros_like(pg))
+        self._apply([s], lambda g, d: (-g["lr"] * step_pg).to(d), undo=([s], [-eps]), final=True,
                     rounding_seed=splitmix64(s ^ 0x726F756E64))
         self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": pg[0], "seed": s}
         self.steps += 1
