@@ -19,17 +19,21 @@ from tiny_models import tiny_llama  # noqa: E402
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
 CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
          ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16),
-         ("hft-block", torch.bfloat16), ("lora-dora", torch.bfloat16), ("peft-fused", torch.bfloat16)]
+         ("hft-block", torch.bfloat16), ("hft-matrix-stages", torch.bfloat16), ("hft-row-stages", torch.bfloat16),
+         ("lora-dora", torch.bfloat16), ("peft-fused", torch.bfloat16)]
 
 
-def _run(case, dtype, out, resume=None):
+def _run(case, dtype, out, resume=None, resume_in_args=True):
+    """hft-*-stages: a new stage every 2 steps, so the step-3 checkpoint is at stage 1 and the resumed run
+    changes stage again at step 4; the checkpoint is named in TrainingArguments too, as the callback asks."""
     from fusedtune.hft import HFTCallback
     from fusedtune.optim import MaskedAdamW
     model = tiny_llama().to(dtype)
     kw, callbacks = {}, []
     if case.startswith("hft"):
         granularity = case.split("-")[1]
-        callbacks = [HFTCallback(ratio=0.5, granularity=granularity, seed=0, merge_on_train_end=False)]
+        callbacks = [HFTCallback(ratio=0.5, granularity=granularity, seed=0, merge_on_train_end=False,
+                                 stage_every=2 if case.endswith("-stages") else None)]
         if granularity == "row":
             kw["optimizer_cls_and_kwargs"] = (MaskedAdamW, {})
     elif case == "peft-fused":      # a PeftModel whose LoRA layers fusedtune.lora.fuse_peft fused in place
@@ -46,7 +50,8 @@ def _run(case, dtype, out, resume=None):
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=6, save_steps=3, save_strategy="steps", per_device_train_batch_size=2,
         learning_rate=1e-3, report_to=[], use_cpu=True, seed=0, logging_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, lr_scheduler_type="constant")
+        dataloader_num_workers=0, lr_scheduler_type="constant",
+        resume_from_checkpoint=resume if resume_in_args else None)
     ds = [{"input_ids": x, "labels": x} for x in DATA]
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     with warnings.catch_warnings():
@@ -64,3 +69,13 @@ def test_resume_from_a_checkpoint_is_exact(tmp_path, case, dtype):
     assert trained and sorted(whole) == sorted(resumed)
     diff = [n for n in whole if not torch.equal(whole[n], resumed[n])]
     assert not diff, diff[:4]
+
+
+def test_a_resume_onto_another_stage_is_refused(tmp_path):
+    """Without the checkpoint in TrainingArguments the optimizer is built over stage 0's parameters and
+    the step-3 checkpoint's moments (stage 1) would land on them: refused, by name."""
+    from fusedtune.hft import HFTError
+    _run("hft-matrix-stages", torch.float32, tmp_path / "a")
+    with pytest.raises(HFTError, match=r"stage 0's parameters.*TrainingArguments\(resume_from_checkpoint"):
+        _run("hft-matrix-stages", torch.float32, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"),
+             resume_in_args=False)

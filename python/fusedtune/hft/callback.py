@@ -15,10 +15,16 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   frozen ones are removed (their optimizer state, if any, is dropped), newly trainable ones are
   appended to an existing group (1-D parameters to a group without weight decay, others to the group
   with the largest weight decay), so the learning-rate scheduler keeps working.
-- stage changes: stage_every=N switches to stage global_step // N at on_step_begin (so a resumed run
-  lands on the right stage); stage_every="epoch" switches at every epoch (stage = epoch index).
-  The param groups are synced again; moments of parameters that became frozen are dropped and the
-  moments of row masters are reset (their rows changed).
+- stage changes: stage_every=N switches to stage global_step // N at on_step_begin; stage_every="epoch"
+  switches at every epoch (stage = epoch index). The param groups are synced again (each in the model's
+  parameter order, the layout Trainer.create_optimizer builds); moments of parameters that became
+  frozen are dropped and the moments of row masters are reset (their rows changed).
+- resuming a run with stage changes: name the checkpoint in TrainingArguments(resume_from_checkpoint=
+  path) when making the Trainer (as the transformers example scripts do), and pass it to train() too.
+  The Trainer builds its optimizer and loads the checkpoint's moments before any callback event of
+  train(), so on_init_end selects the checkpoint's stage from it. A resume that lands on another stage
+  than the optimizer was built for is refused at on_train_begin (torch may refuse it first, when the
+  parameter counts differ).
 - row granularity: with fusedtune.optim.MaskedAdamW as the Trainer's optimizer
   (Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": args.learning_rate}))) the rows are written
   into the full weights inside its fused step. With any other optimizer the callback copies the
@@ -54,15 +60,24 @@ def _unwrap(optimizer):
 
 
 def sync_optimizer(optimizer, params, reset=()) -> dict:
-    """Make `optimizer`'s param groups hold exactly `params` (order within a group kept): drop the others
-    and their state, append the missing ones to a fitting group. reset: parameters whose state is
-    dropped (fresh moments). Returns {'removed': n, 'added': n}."""
+    """Make `optimizer`'s param groups hold exactly `params`, each group in the order of `params`: drop the
+    others and their state, add the missing ones to a group of their kind (1-D parameters to a group that
+    holds only 1-D ones, others to one that holds none; else 1-D ones to a group without weight decay and
+    others to the group with the largest). reset: parameters whose state is dropped (fresh moments).
+    Returns {'removed': n, 'added': n}."""
     opt = _unwrap(optimizer)
     if opt is None:
         raise HFTError(f"HFTCallback: cannot adjust the Trainer's optimizer {type(optimizer).__name__}: it is not "
                        "a torch.optim.Optimizer (DeepSpeed?); pass the callback to Trainer(callbacks=[...]) so the "
                        "selection is applied before the optimizer is built, and use no stage changes")
     want = {id(p): p for p in params}
+    # each group's kind from what it holds now: Trainer's groups are the decayed matrices and the norms and
+    # biases (weight decay 0); a new parameter joins the group of its kind (1-D or not), whatever the decay
+    pure = {}
+    for i, g in enumerate(opt.param_groups):
+        flat = {p.ndim <= 1 for p in g["params"]}
+        if len(flat) == 1:
+            pure.setdefault(flat.pop(), i)
     present, removed = set(), 0
     for g in opt.param_groups:
         kept = []
@@ -81,7 +96,17 @@ def sync_optimizer(optimizer, params, reset=()) -> dict:
         no_decay = [g for g in opt.param_groups if not g.get("weight_decay", 0.0)]
         decay = max(opt.param_groups, key=lambda g: g.get("weight_decay", 0.0))
         for p in missing:
-            (no_decay[0] if p.ndim <= 1 and no_decay else decay)["params"].append(p)
+            i = pure.get(p.ndim <= 1)
+            if i is not None:
+                opt.param_groups[i]["params"].append(p)
+            else:
+                (no_decay[0] if p.ndim <= 1 and no_decay else decay)["params"].append(p)
+    # each group in the order of `params` (the model's): the layout Trainer.create_optimizer builds for the
+    # same trainable set, so a checkpoint saved after a stage change loads into a resumed run's optimizer
+    # position for position
+    order = {id(p): i for i, p in enumerate(params)}
+    for g in opt.param_groups:
+        g["params"].sort(key=lambda p: order[id(p)])
     for p in reset:
         opt.state.pop(p, None)
     return {"removed": removed, "added": len(missing)}
@@ -161,14 +186,34 @@ class HFTCallback(TrainerCallback):
         if optimizer is not None:
             self._sync(optimizer, stage_changed=True)
 
+    def _checkpoint_stage(self, args) -> int | None:
+        """The stage of the checkpoint named by args.resume_from_checkpoint (its trainer_state.json), or None."""
+        import os
+        from transformers import TrainerState
+        path = getattr(args, "resume_from_checkpoint", None)
+        if not isinstance(path, str) or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+            return None
+        return self._stage_for(TrainerState.load_from_json(os.path.join(path, "trainer_state.json")))
+
     # -- events
     def on_init_end(self, args, state, control, model=None, **kwargs):
         self._attach(model)
+        resume = self._checkpoint_stage(args)    # before the Trainer builds (and loads) its optimizer
+        if resume is not None and resume != self.tuner.stage:
+            self.tuner.set_stage(resume)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._attach(model)
+        built = self.tuner.stage                 # the trainable set the Trainer's optimizer was made over
         want = self._stage_for(state)
-        changed = want is not None and want != self.tuner.stage
+        changed = want is not None and want != built
+        inner = _unwrap(optimizer) if optimizer is not None else None
+        if changed and state.global_step > 0 and inner is not None and inner.state:
+            raise HFTError(
+                f"HFTCallback: resuming at step {state.global_step} (stage {want}) with an optimizer built over "
+                f"stage {built}'s parameters: the checkpoint's moments were loaded onto the wrong parameters. Name "
+                "the checkpoint in TrainingArguments(resume_from_checkpoint=...) when making the Trainer, so the "
+                "callback selects its stage before the optimizer is built")
         if changed:
             self.tuner.set_stage(want)
         if optimizer is not None:   # a resume's loaded moments belong to the same rows: kept unless the stage moved
