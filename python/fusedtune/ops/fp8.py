@@ -232,8 +232,9 @@ def _lin_backward(ctx, dy, _dq, _ds):
         # bench/results/fp8.csv; the weight quantizer now writes it in the same pass, w_qt)
         w_t = w_qt if w_qt is not None else w_q.view(torch.uint8).t().contiguous().view(w_q.dtype)
         dx = _linear_gemm(dq_r, ds_r, w_t, w_s.t().contiguous(), ref.TILE, _name(x_dtype), backend)
-    if g[1] and xq_c.numel():   # dW = dy^T . x: both 1x128-scaled along the tokens
-        dW = _linear_gemm(dq_c, ds_c, xq_c, xs_c, 1, _name(w_dtype), backend)
+    if g[1]:   # dW = dy^T . x: both 1x128-scaled along the tokens (no tokens: zeros, as nn.Linear gives)
+        dW = _linear_gemm(dq_c, ds_c, xq_c, xs_c, 1, _name(w_dtype), backend) if xq_c.numel() else \
+            torch.zeros(w_q.shape, dtype=w_dtype, device=dy.device)
     if bias_dtype is not None and g[2]:
         db = dy.float().sum(0).to(bias_dtype)
     return dx, dW, db, None, None, None, None, None, None
