@@ -296,3 +296,20 @@ def test_dtype_conversion_keeps_the_float32_deltas(convert, dtype):
     assert not torch.equal(m.values.detach(), vals)
     m.revert_()
     assert torch.equal(m.weight, w0.to(dtype))
+
+
+def test_an_unfrozen_base_gets_its_gradient_in_window_steps():
+    """Inside dense_grad (regrowth's window steps) a base weight the user unfroze still gets its dense
+    gradient, as it does outside (F.linear), and the sink sees the same dW."""
+    torch.manual_seed(2)
+    m = SparseDeltaLinear.from_linear(torch.nn.Linear(16, 8), density=0.25, seed=1)
+    m.weight.requires_grad_(True)
+    x = torch.randn(5, 16)
+    m(x).square().sum().backward()
+    want = m.weight.grad.clone()
+    m.weight.grad = None
+    seen = []
+    with m.dense_grad(lambda dW: seen.append(dW.clone())):
+        m(x).square().sum().backward()
+    torch.testing.assert_close(m.weight.grad, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)

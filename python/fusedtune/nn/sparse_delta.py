@@ -26,7 +26,7 @@ def _dense_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 
 class _WindowLinear(torch.autograd.Function):
     """y = x W^T + b over the merged weight; backward: dX, the dense dW (to the sink), dW at the deltas'
-    positions as their gradient, and the bias gradient where the bias trains."""
+    positions as their gradient, the weight's and bias's gradients where they train."""
 
     @staticmethod
     def forward(ctx, x, weight, values, indices, bias, sink):
@@ -42,9 +42,10 @@ class _WindowLinear(torch.autograd.Function):
         dx = (dy @ weight.to(dy.dtype)).to(x.dtype) if need[0] else None
         dW = _dense_dw(dy2, x2.to(dy2.dtype))
         dv = dW.view(-1).index_select(0, indices.long()) if need[2] else None    # before the sink reduces dW
+        dw = dW.to(weight.dtype, copy=True) if need[1] else None     # a base the user unfroze trains on, too
         db = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[4] else None
         ctx.sink(dW)
-        return dx, None, dv, None, db, None
+        return dx, dw, dv, None, db, None
 
 
 class SparseDeltaLinear(OwnsMasters):
