@@ -19,12 +19,14 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   switches at every epoch (stage = epoch index). The param groups are synced again (each in the model's
   parameter order, the layout Trainer.create_optimizer builds); moments of parameters that became
   frozen are dropped and the moments of row masters are reset (their rows changed).
-- resuming a run with stage changes: name the checkpoint in TrainingArguments(resume_from_checkpoint=
-  path) when making the Trainer (as the transformers example scripts do), and pass it to train() too.
-  The Trainer builds its optimizer and loads the checkpoint's moments before any callback event of
-  train(), so on_init_end selects the checkpoint's stage from it. A resume that lands on another stage
-  than the optimizer was built for is refused at on_train_begin (torch may refuse it first, when the
-  parameter counts differ).
+- resuming a run with stage changes: each checkpoint records the stage it trained (fusedtune_hft.json,
+  and a key in the optimizer's param groups). The Trainer builds its optimizer and loads the
+  checkpoint's moments before any callback event of train(), so name the checkpoint in
+  TrainingArguments(resume_from_checkpoint=path) when making the Trainer (as the transformers example
+  scripts do) and pass it to train() too: on_init_end then selects that stage first, and the resumed run
+  changes stage where the uninterrupted one did. A resume whose optimizer was built over another stage
+  than the checkpoint's is refused at on_train_begin (torch may refuse it first, when the parameter
+  counts differ); a checkpoint saved on the first stage resumes without it.
 - row granularity: with fusedtune.optim.MaskedAdamW as the Trainer's optimizer
   (Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": args.learning_rate}))) the rows are written
   into the full weights inside its fused step. With any other optimizer the callback copies the
@@ -39,7 +41,9 @@ wrap the model): use one Trainer per stage there, with HFTCallback(seed=..., sta
 """
 from __future__ import annotations
 
+import json
 import math
+import os
 import warnings
 
 import torch
@@ -47,6 +51,9 @@ from transformers import TrainerCallback
 
 from .selection import HFTError
 from .tuner import HalfFineTuner, _masked_adamw_class
+
+STAGE_KEY = "fusedtune_hft_stage"   # in each param group of the Trainer's optimizer (saved with its state)
+STAGE_FILE = "fusedtune_hft.json"   # in each checkpoint folder: the stage it trained, read before a resume
 
 
 def _unwrap(optimizer):
@@ -61,10 +68,10 @@ def _unwrap(optimizer):
 
 def sync_optimizer(optimizer, params, reset=()) -> dict:
     """Make `optimizer`'s param groups hold exactly `params`, each group in the order of `params`: drop the
-    others and their state, add the missing ones to a group of their kind (1-D parameters to a group that
-    holds only 1-D ones, others to one that holds none; else 1-D ones to a group without weight decay and
-    others to the group with the largest). reset: parameters whose state is dropped (fresh moments).
-    Returns {'removed': n, 'added': n}."""
+    others and their state, add the missing ones to a group of their kind (1-D parameters to the group that
+    holds only 1-D ones, others to the one that holds none; without one, among the groups not holding only
+    the other kind, 1-D ones to the least decayed (the last of equals) and others to the most decayed).
+    reset: parameters whose state is dropped (fresh moments). Returns {'removed': n, 'added': n}."""
     opt = _unwrap(optimizer)
     if opt is None:
         raise HFTError(f"HFTCallback: cannot adjust the Trainer's optimizer {type(optimizer).__name__}: it is not "
@@ -92,15 +99,21 @@ def sync_optimizer(optimizer, params, reset=()) -> dict:
     missing = [p for i, p in want.items() if i not in present]
     if missing and not opt.param_groups:
         opt.add_param_group({"params": missing})
-    elif missing:
-        no_decay = [g for g in opt.param_groups if not g.get("weight_decay", 0.0)]
-        decay = max(opt.param_groups, key=lambda g: g.get("weight_decay", 0.0))
-        for p in missing:
-            i = pure.get(p.ndim <= 1)
-            if i is not None:
-                opt.param_groups[i]["params"].append(p)
-            else:
-                (no_decay[0] if p.ndim <= 1 and no_decay else decay)["params"].append(p)
+        missing_to_place = []
+    else:
+        missing_to_place = missing
+    for p in missing_to_place:
+        one = p.ndim <= 1
+        i = pure.get(one)
+        if i is None:   # no group holds only its kind: not one that holds only the other kind; 1-D to the
+            # least decayed (the last of equals: Trainer's no-decay group), others to the most decayed
+            groups = [g for j, g in enumerate(opt.param_groups) if j != pure.get(not one)] or opt.param_groups
+            wd = [g.get("weight_decay", 0.0) for g in groups]
+            i_g = max(range(len(groups)), key=lambda j: (-wd[j], j)) if one else \
+                min(range(len(groups)), key=lambda j: (-wd[j], j))
+            groups[i_g]["params"].append(p)
+        else:
+            opt.param_groups[i]["params"].append(p)
     # each group in the order of `params` (the model's): the layout Trainer.create_optimizer builds for the
     # same trainable set, so a checkpoint saved after a stage change loads into a resumed run's optimizer
     # position for position
@@ -165,6 +178,8 @@ class HFTCallback(TrainerCallback):
         t = self.tuner
         rows = [p for m in t.row_layers().values() for p in m.master_parameters()]
         sync_optimizer(optimizer, t.trainable_parameters(), reset=rows if stage_changed else ())
+        for g in _unwrap(optimizer).param_groups:   # saved with the optimizer: a resume knows whose moments
+            g[STAGE_KEY] = t.stage
         self._write_back = False
         if any(m.masters for m in t.row_layers().values()):   # not block granularity (views, any optimizer)
             cls, why = _masked_adamw_class()
@@ -186,14 +201,15 @@ class HFTCallback(TrainerCallback):
         if optimizer is not None:
             self._sync(optimizer, stage_changed=True)
 
-    def _checkpoint_stage(self, args) -> int | None:
-        """The stage of the checkpoint named by args.resume_from_checkpoint (its trainer_state.json), or None."""
-        import os
-        from transformers import TrainerState
+    @staticmethod
+    def _checkpoint_stage(args) -> int | None:
+        """The stage whose parameters the checkpoint named by args.resume_from_checkpoint trained (the file
+        on_save wrote into it), or None."""
         path = getattr(args, "resume_from_checkpoint", None)
-        if not isinstance(path, str) or not os.path.isfile(os.path.join(path, "trainer_state.json")):
+        if not isinstance(path, str) or not os.path.isfile(os.path.join(path, STAGE_FILE)):
             return None
-        return self._stage_for(TrainerState.load_from_json(os.path.join(path, "trainer_state.json")))
+        with open(os.path.join(path, STAGE_FILE)) as f:
+            return int(json.load(f)["stage"])
 
     # -- events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -202,18 +218,25 @@ class HFTCallback(TrainerCallback):
         if resume is not None and resume != self.tuner.stage:
             self.tuner.set_stage(resume)
 
+    def on_save(self, args, state, control, **kwargs):
+        path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        if self.tuner is not None and os.path.isdir(path):
+            with open(os.path.join(path, STAGE_FILE), "w") as f:
+                json.dump({"stage": self.tuner.stage, **{k: v for k, v in self.kwargs.items() if k != "snapshot"}}, f)
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._attach(model)
         built = self.tuner.stage                 # the trainable set the Trainer's optimizer was made over
         want = self._stage_for(state)
         changed = want is not None and want != built
         inner = _unwrap(optimizer) if optimizer is not None else None
-        if changed and state.global_step > 0 and inner is not None and inner.state:
+        loaded = {g.get(STAGE_KEY) for g in inner.param_groups} - {None} if inner is not None else set()
+        if loaded and loaded != {built}:         # a resume: the checkpoint's moments belong to another stage
             raise HFTError(
-                f"HFTCallback: resuming at step {state.global_step} (stage {want}) with an optimizer built over "
-                f"stage {built}'s parameters: the checkpoint's moments were loaded onto the wrong parameters. Name "
-                "the checkpoint in TrainingArguments(resume_from_checkpoint=...) when making the Trainer, so the "
-                "callback selects its stage before the optimizer is built")
+                f"HFTCallback: resuming at step {state.global_step} with an optimizer built over stage {built}'s "
+                f"parameters, and the checkpoint's moments are stage {sorted(loaded)[0]}'s: they were loaded onto "
+                "the wrong parameters. Name the checkpoint in TrainingArguments(resume_from_checkpoint=...) when "
+                "making the Trainer, so the callback selects its stage before the optimizer is built")
         if changed:
             self.tuner.set_stage(want)
         if optimizer is not None:   # a resume's loaded moments belong to the same rows: kept unless the stage moved
