@@ -397,3 +397,45 @@ def test_methods_registry_has_builtins():
     ms = methods()
     assert {"full", "mezo"} <= set(ms)
     assert ms["mezo"].zeroth_order and not ms["full"].zeroth_order
+
+
+def _params_and_flags(m):
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in m.named_parameters()}
+
+
+def _same_params_and_flags(m, before):
+    now = _params_and_flags(m)
+    return now.keys() == before.keys() and all(torch.equal(now[n][0], before[n][0]) and now[n][1] == before[n][1]
+                                               for n in before)
+
+
+@pytest.mark.parametrize("method,opts", [("lora", {"lr": -1.0}), ("lora", {"betas": (0.9,)}),
+                                         ("sparse_delta", {"lr": -1.0}), ("lora", {"alpha": "x"}),
+                                         ("lora", {"r": 20, "init_lora_weights": "pissa"})])
+def test_a_refused_patch_leaves_the_model_as_it_was(method, opts):
+    """Refused after some layers were swapped (the optimizer's options; PiSSA on a k_proj of 16 outputs after
+    q_proj's weight became the residual): modules, weights and requires_grad flags all as before."""
+    m = make("llama")
+    m.model.embed_tokens.weight.requires_grad_(False)
+    kinds = [type(x) for x in m.modules()]
+    before = _params_and_flags(m)
+    with pytest.raises((ValueError, TypeError, IndexError)):
+        patch(m, method, **opts)
+    assert _state(m) is None and [type(x) for x in m.modules()] == kinds
+    assert _same_params_and_flags(m, before)
+
+
+def test_a_tied_head_keeps_the_embedding_trainable_after_unpatch():
+    m = make("gpt2")
+    assert m.lm_head.weight is m.transformer.wte.weight
+    patch(m, "lora", target_modules=["lm_head"])
+    unpatch(m, merge=False)
+    assert m.transformer.wte.weight.requires_grad
+
+
+def test_an_unknown_backend_is_refused_by_patch():
+    m = make("llama")
+    for method in ("lora", "sparse_delta", "roste", "hft"):
+        with pytest.raises(PatchError, match="unknown backend 'bogus'"):
+            patch(m, method, backend="bogus")
+        assert _state(m) is None

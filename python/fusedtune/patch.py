@@ -398,6 +398,11 @@ class Method:
         if unknown:
             raise PatchError(f"method {cls.name!r} does not take option(s) {unknown}; it takes "
                              f"{', '.join(sorted(cls.options)) or 'no options'}")
+        if options.get("backend") is not None:   # refused here, not at the first step
+            from .backend import CHOICES  # noqa: PLC0415
+            if options["backend"] not in CHOICES:
+                raise PatchError(f"method {cls.name!r}: unknown backend {options['backend']!r}; choose one of "
+                                 f"{', '.join(CHOICES)} (or None: the best one per op)")
         return {**cls.options, **options}
 
 
@@ -456,36 +461,49 @@ class SwapMethod(Method):
         raise PatchError(f"method {self.name!r}: target {name} is a {cls}, {why}"
                          + (f" ({len(bad) - 1} more such targets)" if len(bad) > 1 else ""))
 
+    def rewrites_base(self, options: dict) -> bool:
+        """Whether make() may write the original module's parameters (LoRA's PiSSA/OLoRA residual): apply()
+        then keeps CPU copies of each target's parameters while swapping, to put them back on a failure."""
+        return False
+
     def apply(self, model, targets, **options):
         self._refuse_bases(model, targets)
         saved = self.saved_modules(model, targets, options)
+        for p in model.parameters():               # every flag as it is now (make() may freeze a shared weight)
+            self._requires_grad.setdefault(id(p), (p, p.requires_grad))
         self.swapped: dict[str, Swapped] = {}     # name -> what unpatch needs of the original module
-        originals, made = {}, []                   # the originals only while swapping (to roll back)
+        originals, made, backups = {}, [], []      # only while patching (to roll back)
+        keep = self.rewrites_base(options)
         try:
             for name in targets:
                 orig = model.get_submodule(name)
+                if keep:
+                    backups += [(p, p.detach().to("cpu", copy=True)) for p in orig.parameters()]
                 record = Swapped.of(orig)
                 new = self.make(self.base_for(orig), name, **options)
                 set_module(model, name, new)
                 originals[name] = orig
                 self.swapped[name] = record
                 made.append(new)
-        except Exception:
-            for name, orig in originals.items():   # leave the model as it was
+            full = unique_params(p for n in saved for p in model.get_submodule(n).parameters())
+            self.saved = {n: count(model.get_submodule(n).parameters()) for n in saved}
+            self.saved_originals = [(p, p.detach().to("cpu", copy=True)) for p in full]   # for unpatch(merge=False)
+            if self.trains_everything:   # e.g. FP8 or quantization-aware training: the whole model trains
+                trainable = unique_params(p for p in model.parameters() if p.requires_grad)
+            else:
+                trainable = unique_params([p for m in made for p in m.parameters() if p.requires_grad] + full)
+                self.freeze_except(model, trainable)
+            rep = self.report(model)
+            rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None   # may refuse options
+        except Exception:                          # leave the model as it was: modules, weights, flags
+            for name, orig in originals.items():
                 set_module(model, name, orig)
-            self.swapped = {}
+            with torch.no_grad():
+                for p, b in backups:
+                    p.copy_(b)
+            self.swapped, self.saved, self.saved_originals = {}, {}, []
+            self.restore_requires_grad()
             raise
-        del originals
-        full = unique_params(p for n in saved for p in model.get_submodule(n).parameters())
-        self.saved = {n: count(model.get_submodule(n).parameters()) for n in saved}
-        self.saved_originals = [(p, p.detach().to("cpu", copy=True)) for p in full]   # for unpatch(merge=False)
-        if self.trains_everything:   # e.g. FP8 or quantization-aware training: the whole model trains
-            trainable = unique_params(p for p in model.parameters() if p.requires_grad)
-        else:
-            trainable = unique_params([p for m in made for p in m.parameters() if p.requires_grad] + full)
-            self.freeze_except(model, trainable)
-        rep = self.report(model)
-        rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None
         return rep
 
     def remove(self, model, merge):

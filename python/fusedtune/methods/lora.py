@@ -56,6 +56,13 @@ class LoRAMethod(SwapMethod):
     def takes(self, kind: str) -> bool:
         return kind in ("linear", "conv1d", "4bit")   # 4bit: QLoRA over a model loaded in 4 bits
 
+    def rewrites_base(self, options) -> bool:
+        from ..nn.lora import _decomposition  # noqa: PLC0415
+        try:
+            return bool(_decomposition(options["init_lora_weights"]))
+        except Exception:  # noqa: BLE001 - a bad value is refused by make(), before anything is written
+            return False
+
     def base_layer(self, linear: nn.Linear, **options) -> nn.Module:
         return linear
 
