@@ -65,6 +65,15 @@ def test_scale_rules_zero_inf_nan_and_pow2():
         assert st[0, 0].item() == st[1, 1].item() == 2.0 ** -149 and st[0, 1].item() == 1.0
         assert torch.equal(ref.dequantize_rows(qt, st), t)           # both values are multiples of 2^-149
         assert torch.isfinite(qc.float()).all() and torch.isfinite(sc).all()
+    # amax / 448 subnormal: rounded down it would put x / s past 448 (saturated, -12.5% at 2^-140)
+    for e in (-140, -130, -127):
+        t = torch.zeros(1, 128)
+        t[0, 0], t[0, 1] = 2.0 ** e, 0.37 * 2.0 ** e
+        for backend in ("reference", None):
+            qt, st, _, _ = F8.fp8_quantize_1x128(t, backend=backend)
+            assert st[0, 0].item() * 448 >= 2.0 ** e
+            deq = ref.dequantize_rows(qt, st)
+            assert ((deq[0, :2] - t[0, :2]).abs() <= t[0, :2].abs() * 2.0 ** -4).all(), (e, deq[0, :2])
     # pow2 scales make x / s exact: dequantizing then re-quantizing reproduces the bytes
     q2, _ = ref.quantize_rows(torch.nan_to_num(ref.dequantize_rows(*ref.quantize_rows(_x(3, 256), True))), True)
     q1, _ = ref.quantize_rows(_x(3, 256), True)
@@ -249,6 +258,8 @@ def test_bad_inputs():
         with pytest.raises(ValueError, match="w_q and w_s must be fp8_quantize_128x128"):
             F8.fp8_linear(x, w, w_q=bad_q, w_s=bad_s, backend="reference")
     F8.fp8_linear(x, w, w_q=w_q, w_s=w_s, backend="reference")
+    with pytest.raises(ValueError, match="without w_q"):
+        F8.fp8_linear(x, w, w_s=w_s, backend="reference")
 
 
 def test_no_transposed_x_copy_without_grad(monkeypatch):

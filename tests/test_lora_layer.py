@@ -134,6 +134,22 @@ def test_unmerge_without_stash_is_within_merge_rounding_and_safe_merge_refuses()
     assert torch.equal(ours.base_layer.weight, w1) and not ours.merged
 
 
+def test_unmerge_of_one_merge_call_subtracts_its_summed_deltas():
+    """merge(["a", "b", "c"]) adds the deltas' sum in one rounding; unmerge without the saved copy
+    subtracts that same sum (not one delta at a time: three roundings more)."""
+    torch.manual_seed(6)
+    m = LoRALinear.from_linear(nn.Linear(48, 40), r=4, init_lora_weights=False, adapter_name="a")
+    for n in ("b", "c"):
+        m.add_adapter(n, 3, init_lora_weights=False)
+    for n in ("a", "b", "c"):
+        nn.init.normal_(m.lora_B[n].weight, std=0.3)
+    m.merge(["a", "b", "c"], exact_unmerge=False)
+    merged = m.base_layer.weight.detach().clone()
+    m.unmerge()
+    want = merged - sum(m.delta_weight(n) for n in ("a", "b", "c"))
+    assert torch.equal(m.base_layer.weight.detach(), want)
+
+
 def test_to_peft_round_trip_shares_parameters():
     ours = LoRALinear.from_linear(nn.Linear(12, 8), r=2, alpha=4, dropout=0.1, init_lora_weights=False)
     ours.add_adapter("second", 3, 6)

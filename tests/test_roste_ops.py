@@ -180,6 +180,9 @@ def test_constant_groups_are_reproduced(clip):
         assert inside.all()
         out, _ = rref.fake_quant(y.t().contiguous(), bits, "channel", False, clip)
         torch.testing.assert_close(out, y.t(), rtol=0, atol=0)
+    c = torch.randn(300, 1, generator=torch.Generator().manual_seed(1)).expand(300, 16).contiguous()
+    out, _ = rref.fake_quant(c, 4, "token", False, clip)                  # any constant: within 1 ulp
+    assert ((out - c).abs() <= c.abs() * 2.0 ** -23).all()
 
 
 needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")

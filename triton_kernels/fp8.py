@@ -51,16 +51,16 @@ def _mag(x):
 @triton.jit
 def _scale(amax, POW2: tl.constexpr):
     """Dequantization multiplier of a block from its max of _mag: amax / 448 (pow2: rounded up to a power of
-    two); 2^-149 where that underflows to 0; 1 for an all-zero block; NaN when the block holds inf or NaN
-    (amax = inf)."""
+    two); the next float32 up where a subnormal (or 0) one times 448 falls short of amax; 1 for an all-zero
+    block; NaN when the block holds inf or NaN (amax = inf)."""
     s = tl.math.div_rn(amax, tl.full(amax.shape, 448.0, tl.float32))
     if POW2:
         b = s.to(tl.int32, bitcast=True)
         up = (b & 0x7FFFFF) != 0
         b = tl.where(up, ((b >> 23) + 1) << 23, b)
         s = b.to(tl.float32, bitcast=True)
-    tiny = tl.full(amax.shape, 1, tl.int32).to(tl.float32, bitcast=True)    # 2^-149: amax / 448 underflowed
-    s = tl.where(s == 0.0, tiny, s)
+    up = (s < 1.1754943508222875e-38) & (s * 448.0 < amax)     # subnormal s rounded down: next float32 up
+    s = tl.where(up, (s.to(tl.int32, bitcast=True) + 1).to(tl.float32, bitcast=True), s)
     s = tl.where(amax == 0.0, 1.0, s)
     return tl.where(amax == float("inf"), float("nan"), s)
 

@@ -619,10 +619,16 @@ class LoRALinear(nn.Module):
         """float32: the weight without the merged deltas, undone in the reverse order of the merges (a merged
         DoRA adapter: W / g - dW), as peft's unmerge."""
         Wf = W.float()
-        for n in reversed(self.merged_adapters):
-            if n in self._dora_merged:
-                Wf = Wf / self._dora_merged[n].to(Wf.device)[:, None]
-            Wf = Wf - self.delta_weight(n)
+        run = []                         # plain adapters merged one after another: their deltas summed, then
+        for n in list(reversed(self.merged_adapters)) + [None]:   # subtracted at once (as one merge added them)
+            if n is None or n in self._dora_merged:
+                if run:
+                    Wf = Wf - sum(self.delta_weight(m) for m in reversed(run))
+                    run = []
+                if n is not None:
+                    Wf = Wf / self._dora_merged[n].to(Wf.device)[:, None] - self.delta_weight(n)
+            else:
+                run.append(n)
         return Wf
 
     def _unmerged_bias(self, bias) -> torch.Tensor:

@@ -262,6 +262,9 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     if len(devs) != 1:
         raise ValueError(f"fp8_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
     need_dgrad = x.requires_grad and torch.is_grad_enabled()
+    if w_q is None and (w_s is not None or w_qt is not None):
+        raise ValueError("fp8_linear: w_s / w_qt given without w_q (pass all of fp8_quantize_128x128(weight)'s "
+                         "outputs, or none)")
     if w_q is None:
         with torch.no_grad():
             w_q, w_s, w_qt = fp8_quantize_128x128(weight.detach(), pow2, backend, transpose=True) if need_dgrad \

@@ -40,7 +40,7 @@ class MeZO(CopyableOptimizer):
     with requires_grad=False at a step are left alone (as MeZO does): MeZO(model.parameters()) on a model
     with a frozen base trains only what is trainable, and freezing a parameter later takes effect at the
     next step. A non-finite loss leaves the weights as they were (weight decay aside) instead of making
-    them NaN; opt.last shows it. A parameter's noise stream is its position among all
+    them NaN; opt.last shows the losses, and a projected_grad of 0 (what the step applied). A parameter's noise stream is its position among all
     the params given (frozen ones counted), so replay does not depend on which are frozen.
     same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
     generator and the CUDA generators of the parameters' devices are reset before the second pass,
@@ -183,7 +183,9 @@ class MeZO(CopyableOptimizer):
         step_pg = torch.where(torch.isfinite(pg), pg, torch.zeros_like(pg))
         self._apply([s], lambda g, d: (-g["lr"] * step_pg).to(d), undo=([s], [-eps]), final=True,
                     rounding_seed=splitmix64(s ^ 0x726F756E64))
-        self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": pg[0], "seed": s}
+        # the projected gradient the step applied (0 for a non-finite one: the losses show that), so replaying
+        # (seed, -lr * projected_grad) pairs reproduces the run
+        self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": step_pg[0], "seed": s}
         self.steps += 1
         return loss_plus
 

@@ -7,9 +7,9 @@ carried up when the mantissa was not zero: 2^ceil(log2(amax / 448)) for normal v
 x / s is exact and still <= 448.
 q = E4M3(x / s) with round-to-nearest-even (IEEE division, then torch's cast); x ~ q * s.
 Rules: an all-zero block has s = 1 (q = 0); a block holding inf or NaN has s = NaN, so its q and its
-dequantized values are NaN (a non-finite input is never turned into finite numbers); a nonzero block
-whose amax / 448 underflows to 0 (float32 input with amax < 448 * 2^-149) has s = 2^-149, the smallest
-float32 (not 0, which would make its zeros 0/0 = NaN).
+dequantized values are NaN (a non-finite input is never turned into finite numbers); where amax / 448
+is subnormal or 0 (float32 input with amax < 448 * 2^-126) and s * 448 < amax, s is the next float32 up
+(so x / s stays <= 448, and a nonzero block never gets s = 0, which would make its zeros 0/0 = NaN).
 
 1x128 tiles (activations, gradients): a row's 128 consecutive elements along the last dim share a
 scale; the transposed copy is quantized again from the source along the other dim (a 1x128-scaled
@@ -34,8 +34,10 @@ def block_scale(amax: torch.Tensor, pow2: bool = False) -> torch.Tensor:
         b = s.view(torch.int32)
         b = torch.where((b & 0x7FFFFF) != 0, ((b >> 23) + 1) << 23, b)
         s = b.view(torch.float32)
-    tiny = torch.full_like(s, 2.0 ** -149)     # amax / 448 below float32's range (amax < 448 * 2^-149)
-    s = torch.where(s == 0, tiny, s)
+    # a subnormal (or zero) amax / 448 is rounded with little precision: where s * 448 < amax (x / s would
+    # pass 448 and saturate), s becomes the next float32 up (2^-149 from 0); s * 448 is exact there
+    up = (s < 2.0 ** -126) & (s * E4M3_MAX < amax)
+    s = torch.where(up, (s.view(torch.int32) + 1).view(torch.float32), s)
     s = torch.where(amax == 0, torch.ones_like(s), s)
     return torch.where(torch.isfinite(amax), s, torch.full_like(s, float("nan")))
 
