@@ -44,6 +44,16 @@ def test_demo_tiny(tmp_path, capsys):
     assert md.count("\n| ") == 1 + len(registered)
 
 
+def test_demo_header_counts_the_pretrained_model():
+    """The header's parameter count is the pretrained model's, not the first method's patched model's
+    (lora adds its adapters; "full" trains exactly the pretrained parameters)."""
+    cfg = DemoConfig(hidden=16, layers=1, batch=8, pretrain_steps=2, steps=1, eval_size=8, progress=False)
+    res = run(cfg, ["lora", "full"], out=None)
+    full = next(r for r in res["rows"] if r["method"] == "full")
+    assert f"{full['total']:,} parameters" in res["notes"][0]
+    assert next(r for r in res["rows"] if r["method"] == "lora")["total"] > full["total"]
+
+
 def test_demo_is_deterministic():
     cfg = DemoConfig(hidden=16, layers=1, batch=8, pretrain_steps=10, steps=3, eval_size=16, progress=False)
     a = run(cfg, ["mezo"], out=None)["rows"][0]

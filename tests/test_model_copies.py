@@ -155,3 +155,16 @@ def test_mezo_with_a_process_group_refuses_copies():
             copy.deepcopy(opt)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,opts", [("sparse_delta", {}), ("hft", {"granularity": "row"})])
+def test_a_dropped_shallow_copy_leaves_the_original_training(name, opts):
+    """copy.copy of a layer shares its masters: the original stays their owner, so once the copy is gone
+    the original's optimizer still finds its layer (it used to refuse the masters)."""
+    import gc
+    m = _patched(name, opts, 1)
+    layer = next(mod for mod in m.modules() if hasattr(mod, "master_parameters"))
+    shallow = copy.copy(layer)
+    del shallow
+    gc.collect()
+    _steps(m, 2)

@@ -68,6 +68,7 @@ def _run(cfg, names, known, out, overrides, t0) -> dict:
     model, pre_curve = pretrain(cfg, tasks)
     evals["a_acc_before"] = evaluate(model, tasks, evals["A"])[1]
     ckpt = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    n_params = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())  # the pretrained model's
     del model
     rows = []
     for name in names:
@@ -75,7 +76,7 @@ def _run(cfg, names, known, out, overrides, t0) -> dict:
         r["agreement"] = agreement(name, known[name], ckpt, cfg, tasks, overrides.get(name, {}))
         rows.append(r)
     header = {"model": f"Llama, hidden {cfg.hidden}, {cfg.layers} layers, vocab {cfg.vocab}, "
-                       f"seq {cfg.seq_len}, {rows[0]['total']:,} parameters" if rows else "",
+                       f"seq {cfg.seq_len}, {n_params:,} parameters" if rows else "",
               "device": cfg.device, "dtype": cfg.dtype, "pretrain_steps": cfg.pretrain_steps,
               "a_acc_before": evals["a_acc_before"],
               "task_a": f"x[t] = x[t-{tasks.period}] over all {tasks.n_content} content tokens",

@@ -47,7 +47,9 @@ class OwnsMasters(torch.nn.Module):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
-        self.bind_masters()
+        # a deep copy or an unpickled layer has masters of its own; a shallow copy (copy.copy) shares the
+        # original's, which stays their owner (the optimizers find a layer through its masters)
+        bind_owner(self, *[p for p in self.master_parameters() if p is not None and owner_of(p) is None])
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
