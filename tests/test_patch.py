@@ -439,3 +439,25 @@ def test_an_unknown_backend_is_refused_by_patch():
         with pytest.raises(PatchError, match="unknown backend 'bogus'"):
             patch(m, method, backend="bogus")
         assert _state(m) is None
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_unpatch_keeps_a_tied_head_tied(merge):
+    """LoRA on GPT-2's lm_head (tied to wte): after unpatch the head and the embedding are one Parameter
+    again, holding the base (merge=False) or the merged weight; sparse_delta refuses the tied target."""
+    m = make("gpt2")
+    w0 = m.lm_head.weight.detach().clone()
+    patch(m, "lora", target_modules=["lm_head"], init_lora_weights=False)
+    want = w0 + m.lm_head.delta_weight("default") if merge else w0
+    if merge:
+        with pytest.warns(UserWarning, match="lm_head.*tied.*transformer.wte"):
+            unpatch(m, merge=True)           # (as peft's merge: the embedding gets the delta too)
+    else:
+        unpatch(m, merge=False)
+    assert m.lm_head.weight is m.transformer.wte.weight
+    torch.testing.assert_close(m.lm_head.weight.detach(), want, rtol=0 if not merge else 1e-6,
+                               atol=0 if not merge else 1e-6)
+    before = _params_and_flags(m)
+    with pytest.raises(PatchError, match="shared with.*wte.*tied"):
+        patch(m, "sparse_delta", target_modules=["lm_head"])
+    assert _state(m) is None and _same_params_and_flags(m, before)

@@ -16,6 +16,7 @@ swapping in place, freezing and restoring requires_grad, and the report.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -296,11 +297,14 @@ def as_linear(module: nn.Module) -> nn.Module:
 @dataclass
 class Swapped:
     """What unpatch needs of a swapped module, without keeping its weights (the method's layer holds them):
-    its class (a Conv1D comes back as one) and its parameters' requires_grad flags."""
+    its class (a Conv1D comes back as one), its parameters' requires_grad flags, and its weight Parameter
+    when another module shares it (a tied lm_head: unpatch writes the result into it, keeping the tie)."""
     cls: type
     kind: str
     weight_requires_grad: bool
     bias_requires_grad: bool | None
+    tied: object = None
+    tied_with: str = ""
 
     @classmethod
     def of(cls, module: nn.Module) -> "Swapped":
@@ -418,6 +422,7 @@ class SwapMethod(Method):
     """
     swaps_layers = True
     trains_everything = False     # True: every parameter that requires grad trains, not only the new modules'
+    refuses_tied = False          # True: a target whose weight another module shares (a tied lm_head) is refused
     options = {"lr": 1e-3, "weight_decay": 0.0}
 
     def make(self, linear: nn.Linear, name: str, **options) -> nn.Module:
@@ -474,12 +479,25 @@ class SwapMethod(Method):
         self.swapped: dict[str, Swapped] = {}     # name -> what unpatch needs of the original module
         originals, made, backups = {}, [], []      # only while patching (to roll back)
         keep = self.rewrites_base(options)
+        holders: dict[int, set] = {}              # parameter -> the modules holding it (tied weights: several)
+        for n, mod in model.named_modules(remove_duplicate=False):
+            for p in mod._parameters.values():
+                if p is not None:
+                    holders.setdefault(id(p), set()).add(n)
         try:
             for name in targets:
                 orig = model.get_submodule(name)
                 if keep:
                     backups += [(p, p.detach().to("cpu", copy=True)) for p in orig.parameters()]
                 record = Swapped.of(orig)
+                others = sorted(holders.get(id(orig.weight), set()) - {name})
+                if others:
+                    if self.refuses_tied:
+                        raise PatchError(f"method {self.name!r}: target {name}'s weight is shared with {others[:3]} "
+                                         "(tied embeddings): the method writes the weight in place, which would change "
+                                         f"{others[0]} too; leave {name} out of target_modules, or untie the weights "
+                                         "(config.tie_word_embeddings=False) before loading")
+                    record.tied, record.tied_with = orig.weight, others[0]
                 new = self.make(self.base_for(orig), name, **options)
                 set_module(model, name, new)
                 originals[name] = orig
@@ -520,6 +538,15 @@ class SwapMethod(Method):
         self.restore_requires_grad()
         for name, new in outs.items():
             orig = self.swapped[name]
+            tied = orig.tied
+            if tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
+                    new.weight.dtype == tied.dtype:   # the result goes into the shared Parameter: the tie stays
+                if merge:
+                    warnings.warn(f"fusedtune.unpatch: {name}'s weight is tied to {orig.tied_with}: the merged "
+                                  f"weight serves both (as peft's merge does)", stacklevel=3)
+                with torch.no_grad():
+                    tied.copy_(new.weight)
+                new.weight = tied
             if new.weight.is_floating_point():        # a 4-bit base handed back keeps its frozen packed weight
                 new.weight.requires_grad_(orig.weight_requires_grad)
             if new.bias is not None and orig.bias_requires_grad is not None:

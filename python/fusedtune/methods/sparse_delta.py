@@ -31,6 +31,7 @@ def _layer_seed(seed: int, name: str) -> int:
 
 
 class SparseDeltaMethod(SwapMethod):
+    refuses_tied = True     # the merged deltas would land in the tied embedding too, their gradient would not
     options = {"density": 0.01, "seed": 0, "lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
                "regrow": None, "bias_correction": "element", "backend": None}
     demo = {"lr": 3e-2, "density": 0.05, "step_multiplier": 1}
