@@ -25,8 +25,10 @@ def test_engine_switch(monkeypatch):
 
 def test_shape_rules():
     gap = fp8_cublas.shape_gap
-    assert gap(1000, 4096, 4096, 128, torch.bfloat16) is None           # any row count
+    assert gap(1000, 4096, 4096, 128, torch.bfloat16) is None           # rows: a multiple of 4
     assert gap(8, 4096, 4096, 128, torch.float32) is None
+    for m in (1, 2, 17, 1001):                                           # CUBLAS_STATUS_NOT_SUPPORTED on an H200
+        assert "not a multiple of 4" in gap(m, 4096, 4096, 128, torch.bfloat16)
     assert "multiple of 512" in gap(64, 4096, 4224, 128, torch.bfloat16)   # 33 K blocks: cuBLAS pads them
     assert gap(64, 4096, 4224, 1, torch.bfloat16) is None                  # 1x128 x 1x128: 128 is enough
     assert "multiple of 128" in gap(64, 4096, 1000, 1, torch.bfloat16)

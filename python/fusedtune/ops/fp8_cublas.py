@@ -12,7 +12,9 @@ GEMM when:
 - the device is sm_90 and torch's CUDA is 12.9 or newer;
 - the shape is one it takes: K a multiple of 512 for a 128x128 operand (its scales' K-block count a
   multiple of 4: cuBLAS pads that dimension, and an unpadded stride is only certain then) and of 128
-  for 1x128 x 1x128, N and K multiples of 16 (torch._scaled_mm), output bfloat16 or float32;
+  for 1x128 x 1x128, N and K multiples of 16 (torch._scaled_mm), M a multiple of 4 (on an H200 with
+  CUDA 13.0, M = 1, 2, 3, 5, 15, 17, 33, 129 raised CUBLAS_STATUS_NOT_SUPPORTED and 4, 8, 12, 16, 24, 48,
+  100 ran: bench/results/h200_2026-11-30.md), output bfloat16 or float32;
 - a one-time check on the device passed: a 256 x 256 x 512 product with random FP8 values and random
   per-block scales, through cuBLAS and through the float32 emulation (fusedtune.reference.fp8.gemm),
   agrees to 1% (relative Frobenius; bf16 output rounding is 0.2%, a scale laid out wrongly gives ~50%).
@@ -69,6 +71,8 @@ def shape_gap(M: int, N: int, K: int, b_rows: int, out_dtype) -> str | None:
         return f"K = {K} not a multiple of {4 * ref.TILE if b_rows == ref.TILE else ref.TILE}"
     if N % 16 or M == 0:
         return f"N = {N} not a multiple of 16" if N % 16 else "no rows"
+    if M % 4:   # seen on an H200 (cuBLAS 13.0): other row counts give CUBLAS_STATUS_NOT_SUPPORTED
+        return f"M = {M} rows not a multiple of 4"
     return None
 
 
