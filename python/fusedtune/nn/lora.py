@@ -12,6 +12,7 @@ others or in a mixed batch, DoRA over an FP8 base) raises a clear error.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import types
 import weakref
@@ -55,6 +56,17 @@ def _features(base) -> tuple[int, int]:
            if isinstance(base, nn.Linear) else "")
     raise TypeError(f"LoRALinear: the base layer must be nn.Linear, transformers' Conv1D, fusedtune.nn.FP8Linear or "
                     f"a quantized bitsandbytes Linear4bit (NF4), got {type(base).__name__}{sub}")
+
+
+@contextlib.contextmanager
+def _kept_requires_grad(params):
+    """Inside, anything may change these parameters' requires_grad; on the way out each gets its own back."""
+    flags = [(p, p.requires_grad) for p in params]
+    try:
+        yield
+    finally:
+        for p, g in flags:
+            p.requires_grad_(g)
 
 
 def _decomposition(init) -> str:
@@ -686,12 +698,8 @@ class LoRALinear(nn.Module):
             raise LoRAUnsupported(f"LoRALinear.from_peft: fan_in_fan_out={getattr(layer, 'fan_in_fan_out', False)} "
                                   f"over a {type(base).__name__} base; the fused layer reads a Conv1D base transposed "
                                   "and any other as [out, in] (peft sets the flag by the base's type)")
-        trains = [(p, p.requires_grad) for p in base.parameters()]
-        try:
+        with _kept_requires_grad(base.parameters()):   # the base trains as under peft (bias="lora_only")
             m = cls(base, backend=backend)
-        finally:    # the base trains as it did under peft (e.g. bias="lora_only"); a refusal below changes nothing
-            for p, g in trains:
-                p.requires_grad_(g)
         for name in layer.lora_A:
             dora = bool(getattr(layer, "use_dora", {}).get(name))
             variant = getattr(layer, "lora_variant", {}).get(name)
@@ -747,10 +755,8 @@ class LoRALinear(nn.Module):
             for p in self._adapter_params(n):
                 p.requires_grad_(n in self.active_adapters)
         if self.disable_adapters:   # peft's switch also freezes the adapters: the shared ones keep their flags
-            flags = [(p, p.requires_grad) for n in names for p in self._adapter_params(n)]
-            out.enable_adapters(False)
-            for p, g in flags:
-                p.requires_grad_(g)
+            with _kept_requires_grad(p for n in names for p in self._adapter_params(n)):
+                out.enable_adapters(False)
         return out.train(self.training)
 
     # ------------------------------------------------------------------ report
