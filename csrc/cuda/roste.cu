@@ -4,6 +4,16 @@
 // shuffles, the rest in shared memory (the row in fp32, n * 4 bytes), then the factor H_m column by
 // column in registers, the scale, one rounding to the output dtype. Loads (and the stores of m = 1)
 // move 8 consecutive elements per thread as 16-byte vectors; out is a fresh allocation (aligned).
+//
+// The storage dtype is a template argument, and every thread issues all of its row's loads before it
+// converts any: with the dtype a runtime value, each chunk's conversion branched (fp16 subnormals), and
+// ptxas issued chunk i + 1's load only after chunk i's data had arrived -- 16 serial memory round trips
+// per row in the 4096 warp kernel (3.1x a memcpy on an H200, bench/results/roste.csv).
+// Conversions on sm_80+ are the hardware's round-to-nearest-even (cvt.rn.bf16x2/f16x2.f32: the same
+// bits as common.h's integer rounding for every non-NaN value; a NaN comes out as the hardware's
+// canonical NaN, where the CPU kernel keeps the sign: the GPU's fp32 adds had already made it canonical).
+// A lane stage is one FMA: fma(mine, +-1, partner) is partner + mine or partner - mine rounded once,
+// the same bits as lane_combine's add or subtract (the product by +-1 is exact; x - y is x + (-y)).
 #include <cuda_runtime.h>
 
 #include "fusedtune/roste_cuda.h"
@@ -11,62 +21,119 @@
 namespace fusedtune {
 namespace roste {
 
-// kE consecutive elements of chunk c as fp32: one or two 16-byte loads
-__device__ __forceinline__ void load_chunk(const void* row, int64_t c, int dt, float v[kE]) {
-  if (dt == FT_F32) {
-    const float4* p = reinterpret_cast<const float4*>(static_cast<const float*>(row) + c * kE);
-    const float4 a = p[0], b = p[1];
-    v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w; v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+constexpr int kMaxIters = 8;   // chunks a thread in the block kernel (every size make_plan serves: at most 8)
+
+// One chunk of kE elements in storage: one 16-byte vector for 16-bit dtypes, two for fp32.
+template <int DT>
+struct Raw {
+  uint4 q[DT == FT_F32 ? 2 : 1];
+};
+
+template <int DT>
+__device__ __forceinline__ Raw<DT> load_raw(const void* row, int64_t c) {
+  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const char*>(row) + c * kE * (DT == FT_F32 ? 4 : 2));
+  Raw<DT> r;
+  FT_UNROLL
+  for (int k = 0; k < (DT == FT_F32 ? 2 : 1); ++k) r.q[k] = p[k];
+  return r;
+}
+
+template <int DT>
+__device__ __forceinline__ float half_to_f32(uint32_t h) {   // h: the 16 bits in the low half
+  if (DT == FT_BF16) return __uint_as_float(h << 16);
+#if __CUDA_ARCH__ >= 530
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+  return f;
+#else
+  return f16_to_f32(h);
+#endif
+}
+
+template <int DT>
+__device__ __forceinline__ void unpack(const Raw<DT>& r, float v[kE]) {
+  if constexpr (DT == FT_F32) {
+    const uint4 a = r.q[0], b = r.q[1];
+    v[0] = __uint_as_float(a.x); v[1] = __uint_as_float(a.y); v[2] = __uint_as_float(a.z); v[3] = __uint_as_float(a.w);
+    v[4] = __uint_as_float(b.x); v[5] = __uint_as_float(b.y); v[6] = __uint_as_float(b.z); v[7] = __uint_as_float(b.w);
   } else {
-    const uint4 q = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(row) + c * kE);
-    const uint32_t w[4] = {q.x, q.y, q.z, q.w};
+    const uint32_t w[4] = {r.q[0].x, r.q[0].y, r.q[0].z, r.q[0].w};
     FT_UNROLL
     for (int k = 0; k < 4; ++k) {
-      v[2 * k] = load_as_f32(w[k] & 0xFFFFu, dt);
-      v[2 * k + 1] = load_as_f32(w[k] >> 16, dt);
+      v[2 * k] = half_to_f32<DT>(w[k] & 0xFFFFu);
+      v[2 * k + 1] = DT == FT_BF16 ? __uint_as_float(w[k] & 0xFFFF0000u) : half_to_f32<DT>(w[k] >> 16);
     }
   }
 }
 
-// kE consecutive results (scaled, rounded to dt) at chunk c: one or two 16-byte stores
-__device__ __forceinline__ void store_chunk(void* row, int64_t c, int dt, const float* v, float scale) {
-  uint32_t b[kE];
+// two fp32 values rounded to nearest even into one 32-bit word of 16-bit values (lo in the low half)
+template <int DT>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 800
+  uint32_t d;
+  if (DT == FT_BF16) asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  else asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return round_rne(lo, DT) | (round_rne(hi, DT) << 16);
+#endif
+}
+
+// kE consecutive results at chunk c, times scale, rounded once: one 16-byte store (two for fp32)
+template <int DT>
+__device__ __forceinline__ void store_chunk(void* row, int64_t c, const float* v, float scale) {
+  float s[kE];
   FT_UNROLL
-  for (int e = 0; e < kE; ++e) b[e] = round_rne(ft_mul(v[e], scale), dt);
-  if (dt == FT_F32) {
-    uint4* p = reinterpret_cast<uint4*>(static_cast<uint32_t*>(row) + c * kE);
-    p[0] = make_uint4(b[0], b[1], b[2], b[3]);
-    p[1] = make_uint4(b[4], b[5], b[6], b[7]);
+  for (int e = 0; e < kE; ++e) s[e] = ft_mul(v[e], scale);
+  if constexpr (DT == FT_F32) {
+    uint4* p = reinterpret_cast<uint4*>(static_cast<float*>(row) + c * kE);
+    p[0] = make_uint4(__float_as_uint(s[0]), __float_as_uint(s[1]), __float_as_uint(s[2]), __float_as_uint(s[3]));
+    p[1] = make_uint4(__float_as_uint(s[4]), __float_as_uint(s[5]), __float_as_uint(s[6]), __float_as_uint(s[7]));
   } else {
     *reinterpret_cast<uint4*>(static_cast<uint16_t*>(row) + c * kE) =
-        make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
+        make_uint4(pack2<DT>(s[0], s[1]), pack2<DT>(s[2], s[3]), pack2<DT>(s[4], s[5]), pack2<DT>(s[6], s[7]));
   }
 }
 
-template <int M>
+// lane stage st on every element of a chunk: lower lane a + b, upper lane a - b (a the lower's value)
+__device__ __forceinline__ void lane_stage(float v[kE], int lane, int st) {
+  const float sgn = ((lane >> st) & 1) ? -1.0f : 1.0f;
+  FT_UNROLL
+  for (int e = 0; e < kE; ++e) v[e] = __fmaf_rn(v[e], sgn, __shfl_xor_sync(0xffffffffu, v[e], 1 << st));
+}
+
+template <int DT, int M>
 __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
-    hadamard_kernel(const void* __restrict__ x, void* __restrict__ out, const Plan pl, const Signs sg, float scale,
-                    int dt) {
+    hadamard_kernel(const void* __restrict__ x, void* __restrict__ out, const Plan pl, const Signs sg, float scale) {
   extern __shared__ float4 smem4[];
   float* s = reinterpret_cast<float*>(smem4);
   const int n = pl.m * pl.p;
-  const int64_t esize = dt == FT_F32 ? 4 : 2;
+  constexpr int64_t esize = DT == FT_F32 ? 4 : 2;
   const char* xr = static_cast<const char*>(x) + (int64_t)blockIdx.x * n * esize;
   char* orow = static_cast<char*>(out) + (int64_t)blockIdx.x * n * esize;
   const int t = threadIdx.x, lane = t & 31;
-  for (int it = 0; it < pl.iters; ++it) {
-    const int64_t c = t + (int64_t)it * pl.threads;
-    float v[kE];
-    load_chunk(xr, c, dt, v);
-    butterfly8(v);
-    for (int st = 0; st < pl.shfl; ++st) {
-      const bool upper = (lane >> st) & 1;
-      FT_UNROLL
-      for (int e = 0; e < kE; ++e) v[e] = lane_combine(v[e], __shfl_xor_sync(0xffffffffu, v[e], 1 << st), upper);
+  // loads in groups of kGroup chunks a thread (16 registers of raw data), all issued before the group's
+  // arithmetic; iters <= kMaxIters, so at most 4 groups (2 for 16-bit dtypes)
+  constexpr int kGroup = DT == FT_F32 ? 2 : 4;
+  FT_UNROLL
+  for (int g0 = 0; g0 < kMaxIters; g0 += kGroup) {
+    if (g0 >= pl.iters) break;
+    Raw<DT> raw[kGroup];
+    FT_UNROLL
+    for (int k = 0; k < kGroup; ++k)
+      if (g0 + k < pl.iters) raw[k] = load_raw<DT>(xr, t + (int64_t)(g0 + k) * pl.threads);
+    FT_UNROLL
+    for (int k = 0; k < kGroup; ++k) {
+      if (g0 + k >= pl.iters) break;
+      const int64_t c = t + (int64_t)(g0 + k) * pl.threads;
+      float v[kE];
+      unpack<DT>(raw[k], v);
+      butterfly8(v);
+      for (int st = 0; st < pl.shfl; ++st) lane_stage(v, lane, st);
+      float4* d = reinterpret_cast<float4*>(s + c * kE);
+      d[0] = make_float4(v[0], v[1], v[2], v[3]);
+      d[1] = make_float4(v[4], v[5], v[6], v[7]);
     }
-    float4* d = reinterpret_cast<float4*>(s + c * kE);
-    d[0] = make_float4(v[0], v[1], v[2], v[3]);
-    d[1] = make_float4(v[4], v[5], v[6], v[7]);
   }
   __syncthreads();
   for (int b = 3 + pl.shfl, r; (r = pass_bits(pl, b)) != 0; b += r) {
@@ -79,44 +146,73 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
     __syncthreads();
   }
   if (M == 1) {                                 // kE elements per thread: one 16-byte store (two for fp32)
-    for (int c = t; c < n / kE; c += pl.threads) store_chunk(orow, c, dt, s + c * kE, scale);
+    for (int c = t; c < n / kE; c += pl.threads) store_chunk<DT>(orow, c, s + c * kE, scale);
   } else {
-    for (int j = t; j < pl.p; j += pl.threads) factor_column<M>(s, pl.p, j, sg.neg, scale, orow, dt);
+    for (int j = t; j < pl.p; j += pl.threads) factor_column<M>(s, pl.p, j, sg.neg, scale, orow, DT);
   }
 }
 
-// Rows of n = p = 256 * C elements (C = 1..16), one warp per row, no shared memory: lane l holds chunks
-// l + 32 i (i < C), so element bits 0..2 are a chunk's registers, bits 3..7 the lane (shuffles) and bits
-// 8.. the chunk number i (registers again). The stages run on bits 0, 1, 2, ... in the same order and
-// with the same adds as the block kernel's plan (radix passes are radix-2 stages in bit order), so the
-// results are the same bits. A warp issues its whole row's loads (C 16-byte vectors a lane) before any
-// arithmetic, and 4 warps a block keep several rows in flight per SM (the block kernel held one row per
-// 512 threads between barriers: 2.6x a memcpy at 4096 on an H200, bench/results/roste.csv).
+// Rows of n = p = 256 * C elements (C = 1..16), one warp per row: lane l holds chunks l + 32 i (i < C), so
+// element bits 0..2 are a chunk's registers, bits 3..7 the lane (shuffles) and bits 8.. the chunk number i
+// (registers again). The stages run on bits 0, 1, 2, ... in the same order and with the same adds as the
+// block kernel's plan (radix passes are radix-2 stages in bit order), so the results are the same bits.
+// The row comes in through shared memory by cp.async (sm_80+): a lane starts all of its C 16-byte copies
+// (2C for fp32), waits once, and reads back the vectors it copied itself (no barrier). Plain loads of the
+// same vectors into registers were sunk by ptxas next to their first use (to save registers), which left
+// about 3 of a lane's 16 loads in flight; 4 warps a block, several blocks an SM.
 constexpr int kWarpRows = 4;   // warps (rows) per block
 
-template <int C>
+template <int DT, int C>
+constexpr int warp_smem_bytes() {
+  return kWarpRows * 256 * C * (DT == FT_F32 ? 4 : 2);
+}
+
+__device__ __forceinline__ void copy16_async(void* dst_smem, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst_smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+  *static_cast<uint4*>(dst_smem) = *static_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void wait_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+#endif
+}
+
+template <int DT, int C>
 __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const void* __restrict__ x,
                                                                         void* __restrict__ out, int64_t rows,
-                                                                        float scale, int dt) {
+                                                                        float scale) {
+  extern __shared__ uint4 stage[];
   const int64_t row = (int64_t)blockIdx.x * kWarpRows + (threadIdx.x >> 5);
   if (row >= rows) return;
-  const int n = 256 * C, lane = threadIdx.x & 31;
-  const int64_t esize = dt == FT_F32 ? 4 : 2;
-  const char* xr = static_cast<const char*>(x) + row * n * esize;
-  char* orow = static_cast<char*>(out) + row * n * esize;
+  constexpr int n = 256 * C;
+  constexpr int kV = DT == FT_F32 ? 2 : 1;      // 16-byte vectors a chunk
+  const int lane = threadIdx.x & 31;
+  const uint4* xr = reinterpret_cast<const uint4*>(x) + row * (n * kV / kE);
+  uint4* mine = stage + (threadIdx.x >> 5) * (n * kV / kE);
+  FT_UNROLL
+  for (int i = 0; i < C; ++i) {
+    FT_UNROLL
+    for (int k = 0; k < kV; ++k) copy16_async(mine + (lane + 32 * i) * kV + k, xr + (lane + 32 * i) * kV + k);
+  }
+  wait_copies();
   float v[C][kE];
   FT_UNROLL
-  for (int i = 0; i < C; ++i) load_chunk(xr, lane + 32 * i, dt, v[i]);
-  FT_UNROLL
-  for (int i = 0; i < C; ++i) butterfly8(v[i]);
+  for (int i = 0; i < C; ++i) {
+    Raw<DT> r;
+    FT_UNROLL
+    for (int k = 0; k < kV; ++k) r.q[k] = mine[(lane + 32 * i) * kV + k];
+    unpack<DT>(r, v[i]);
+    butterfly8(v[i]);
+  }
   FT_UNROLL
   for (int st = 0; st < 5; ++st) {
-    const bool upper = (lane >> st) & 1;
     FT_UNROLL
-    for (int i = 0; i < C; ++i) {
-      FT_UNROLL
-      for (int e = 0; e < kE; ++e) v[i][e] = lane_combine(v[i][e], __shfl_xor_sync(0xffffffffu, v[i][e], 1 << st), upper);
-    }
+    for (int i = 0; i < C; ++i) lane_stage(v[i], lane, st);
   }
   FT_UNROLL
   for (int h = 1; h < C; h <<= 1) {
@@ -132,49 +228,67 @@ __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const voi
       }
     }
   }
+  char* orow = static_cast<char*>(out) + row * n * (DT == FT_F32 ? 4 : 2);
   FT_UNROLL
-  for (int i = 0; i < C; ++i) store_chunk(orow, lane + 32 * i, dt, v[i], scale);
+  for (int i = 0; i < C; ++i) store_chunk<DT>(orow, lane + 32 * i, v[i], scale);
 }
 
-template <int C>
-cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, int dt, cudaStream_t stream) {
+template <int DT, int C>
+cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cudaStream_t stream) {
   const int64_t blocks = (rows + kWarpRows - 1) / kWarpRows;
-  hadamard_warp_kernel<C><<<(unsigned)blocks, 32 * kWarpRows, 0, stream>>>(x, out, rows, scale, dt);
+  constexpr int smem = warp_smem_bytes<DT, C>();
+  if (smem > 48 * 1024) {                       // fp32 at 4096: 64 KB (opt in, per device: every launch)
+    cudaError_t err = cudaFuncSetAttribute(hadamard_warp_kernel<DT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    if (err != cudaSuccess) return err;
+  }
+  hadamard_warp_kernel<DT, C><<<(unsigned)blocks, 32 * kWarpRows, smem, stream>>>(x, out, rows, scale);
   return cudaGetLastError();
 }
 
-template <int M>
-cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale, int dt,
+template <int DT, int M>
+cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
                    cudaStream_t stream) {
   const int smem = pl.m * pl.p * (int)sizeof(float);
   if (smem > 48 * 1024) {                       // opt in (per device: set on every such launch)
-    cudaError_t err = cudaFuncSetAttribute(hadamard_kernel<M>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t err = cudaFuncSetAttribute(hadamard_kernel<DT, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  hadamard_kernel<M><<<(unsigned)rows, pl.threads, smem, stream>>>(x, out, pl, sg, scale, dt);
+  hadamard_kernel<DT, M><<<(unsigned)rows, pl.threads, smem, stream>>>(x, out, pl, sg, scale);
   return cudaGetLastError();
+}
+
+template <int DT>
+cudaError_t launch_dtype(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
+                         cudaStream_t stream) {
+  if (pl.m == 1 && pl.p >= 256 && pl.p <= 4096) {   // a row in one warp's registers
+    switch (pl.p) {
+      case 256: return launch_warp<DT, 1>(x, out, rows, scale, stream);
+      case 512: return launch_warp<DT, 2>(x, out, rows, scale, stream);
+      case 1024: return launch_warp<DT, 4>(x, out, rows, scale, stream);
+      case 2048: return launch_warp<DT, 8>(x, out, rows, scale, stream);
+      default: return launch_warp<DT, 16>(x, out, rows, scale, stream);
+    }
+  }
+  if (pl.iters > kMaxIters) return cudaErrorInvalidValue;
+  switch (pl.m) {
+    case 1: return launch<DT, 1>(x, out, rows, pl, sg, scale, stream);
+    case 12: return launch<DT, 12>(x, out, rows, pl, sg, scale, stream);
+    case 20: return launch<DT, 20>(x, out, rows, pl, sg, scale, stream);
+    case 28: return launch<DT, 28>(x, out, rows, pl, sg, scale, stream);
+    case 36: return launch<DT, 36>(x, out, rows, pl, sg, scale, stream);
+    case 40: return launch<DT, 40>(x, out, rows, pl, sg, scale, stream);
+    case 44: return launch<DT, 44>(x, out, rows, pl, sg, scale, stream);
+    default: return cudaErrorInvalidValue;
+  }
 }
 
 cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
                             int dt, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
-  if (pl.m == 1 && pl.p >= 256 && pl.p <= 4096) {   // a row in one warp's registers
-    switch (pl.p) {
-      case 256: return launch_warp<1>(x, out, rows, scale, dt, stream);
-      case 512: return launch_warp<2>(x, out, rows, scale, dt, stream);
-      case 1024: return launch_warp<4>(x, out, rows, scale, dt, stream);
-      case 2048: return launch_warp<8>(x, out, rows, scale, dt, stream);
-      default: return launch_warp<16>(x, out, rows, scale, dt, stream);
-    }
-  }
-  switch (pl.m) {
-    case 1: return launch<1>(x, out, rows, pl, sg, scale, dt, stream);
-    case 12: return launch<12>(x, out, rows, pl, sg, scale, dt, stream);
-    case 20: return launch<20>(x, out, rows, pl, sg, scale, dt, stream);
-    case 28: return launch<28>(x, out, rows, pl, sg, scale, dt, stream);
-    case 36: return launch<36>(x, out, rows, pl, sg, scale, dt, stream);
-    case 40: return launch<40>(x, out, rows, pl, sg, scale, dt, stream);
-    case 44: return launch<44>(x, out, rows, pl, sg, scale, dt, stream);
+  switch (dt) {
+    case FT_F32: return launch_dtype<FT_F32>(x, out, rows, pl, sg, scale, stream);
+    case FT_BF16: return launch_dtype<FT_BF16>(x, out, rows, pl, sg, scale, stream);
+    case FT_F16: return launch_dtype<FT_F16>(x, out, rows, pl, sg, scale, stream);
     default: return cudaErrorInvalidValue;
   }
 }
