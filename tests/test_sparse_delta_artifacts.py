@@ -116,6 +116,16 @@ def test_save_model_and_load_refusals(tmp_path):
               str(tmp_path / "bad3.safetensors"), metadata={**meta, "format_version": "9"})
     with pytest.raises(SparseDeltaError, match="format version '9'"):
         sd.load(tmp_path / "bad3.safetensors")
+    # a layer table of the wrong shape: refused with the reason, not an AttributeError
+    good = {"l.indices": torch.tensor([1, 4], dtype=torch.int32), "l.values": torch.zeros(2)}
+    for table, user, match in (('["l"]', None, "'layers' is a list"),
+                               ('{"l": [2, 3]}', None, "layer 'l''s entry is a list"),
+                               ('{"l": {"shape": [2, 3], "k": "2"}}', None, "lists k='2' but stores 2"),
+                               ('{"l": {"shape": [2, 3], "k": 2}}', "[1]", "'user' is a list")):
+        bad = {**meta, "layers": table, **({"user": user} if user else {})}
+        save_file(good, str(tmp_path / "bad4.safetensors"), metadata=bad)
+        with pytest.raises(SparseDeltaError, match=match):
+            sd.load(tmp_path / "bad4.safetensors")
 
 
 @pytest.mark.parametrize("idx, match", [

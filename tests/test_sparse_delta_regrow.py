@@ -205,6 +205,15 @@ def test_deterministic(variant):
     r3.detach()
     with pytest.raises(ValueError, match="other layers"):
         r3.load_state_dict({**r1.state_dict(), "ages": {"x": torch.zeros(1)}})
+    good = r1.state_dict()
+    name = next(iter(good["ages"]))
+    for bad in (good["ages"][name][:-1], good["ages"][name].float(), good["ages"][name][None]):
+        before = {n: a.clone() for n, a in r3.ages.items()}
+        with pytest.raises(ValueError, match=f"ages\\['{name}'\\] must be an integer tensor"):
+            r3.load_state_dict({**good, "ages": {**good["ages"], name: bad}, "t": 99})
+        assert r3.t == 12 and all(torch.equal(r3.ages[n], before[n]) for n in before)   # nothing changed
+    r3.load_state_dict({**good, "ages": {n: a.long() for n, a in good["ages"].items()}})   # int64: taken as int32
+    assert all(r3.ages[n].dtype == torch.int32 and torch.equal(r3.ages[n], r1.ages[n]) for n in r1.ages)
 
 
 def test_ma_sm3_scores():

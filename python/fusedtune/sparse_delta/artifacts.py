@@ -302,6 +302,15 @@ def load(path, device="cpu") -> SparseDelta:
         except (KeyError, json.JSONDecodeError) as e:
             raise SparseDeltaError(f"load({path!r}): the layer table in the metadata is missing or "
                                    f"unreadable ({e})") from None
+        if not isinstance(layers, dict):
+            why = f"'layers' is a {type(layers).__name__}, not a mapping of layer names to entries"
+        else:
+            bad = next((n for n, i in layers.items() if not isinstance(i, dict)), None)
+            why = None if bad is None else f"layer {bad!r}'s entry is a {type(layers[bad]).__name__}, not a mapping"
+        if why is None and not isinstance(user, dict):
+            why = f"'user' is a {type(user).__name__}, not a mapping"
+        if why is not None:
+            raise SparseDeltaError(f"load({path!r}): the metadata is malformed: {why}")
         keys = set(f.keys())
         wanted = {f"{n}.{s}" for n in layers for s in ("indices", "values")}
         if keys != wanted:
@@ -314,8 +323,9 @@ def load(path, device="cpu") -> SparseDelta:
             if idx.dtype != torch.int32 or val.dtype != torch.float32:
                 raise SparseDeltaError(f"load({path!r}): layer {name!r} has indices {idx.dtype} and values "
                                        f"{val.dtype}; the format stores int32 and float32")
-            if int(info.get("k", idx.numel())) != idx.numel():
-                raise SparseDeltaError(f"load({path!r}): layer {name!r} lists k={info.get('k')} but stores "
+            k = info.get("k", idx.numel())
+            if isinstance(k, bool) or not isinstance(k, int) or k != idx.numel():
+                raise SparseDeltaError(f"load({path!r}): layer {name!r} lists k={k!r} but stores "
                                        f"{idx.numel()} indices")
             out.add(name, idx, val, info.get("shape"), info.get("dtype"))
     return out.to(device) if torch.device(device) != torch.device("cpu") else out

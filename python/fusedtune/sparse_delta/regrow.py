@@ -399,8 +399,16 @@ class Regrower:
         if set(sd["ages"]) != names:
             raise ValueError("Regrower.load_state_dict: the state is for other layers "
                              f"({sorted(set(sd['ages']) ^ names)[:4]} differ)")
+        for n, m in self.layers:
+            a = sd["ages"][n]
+            if not isinstance(a, torch.Tensor) or a.dim() != 1 or a.numel() != m.indices.numel() \
+                    or a.dtype.is_floating_point or a.dtype == torch.bool:
+                got = f"{tuple(a.shape)} {a.dtype}" if isinstance(a, torch.Tensor) else type(a).__name__
+                raise ValueError(f"Regrower.load_state_dict: ages[{n!r}] must be an integer tensor of one age per "
+                                 f"delta ({m.indices.numel()}), got {got}: the state is from another selection of "
+                                 "this layer (load the model's deltas from the same checkpoint)")
         self.t = int(sd["t"])
-        self.ages = {n: a.clone() for n, a in sd["ages"].items()}
+        self.ages = {n: sd["ages"][n].to(torch.int32, copy=True).to(m.indices.device) for n, m in self.layers}
         self._acc = dict(sd.get("acc", {}))
         self._seen = dict(sd.get("seen", {}))
         self.history = list(sd.get("history", []))
