@@ -135,6 +135,32 @@ def test_opcheck_and_compile():
     torch.testing.assert_close(m.values.grad, g)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("check", [True, False])
+@pytest.mark.parametrize("bad", ["grad_dtype", "moment_size", "base_dtype", "steps_size"])
+def test_sparse_adamw_refuses_bad_tensors_untouched(backend, check, bad):
+    """Without the host checks (check=False, as SparseDeltaAdamW calls it) the extension's kernel still
+    refuses every malformed tensor before writing anything; the reference keeps the Python checks."""
+    if backend == "cpu" and not fusedtune._ext.loaded():
+        pytest.skip("fusedtune._C is not built")
+    vals, grads, ws, bases, idx = _adam_inputs()
+    ms, vs = [torch.zeros_like(v) for v in vals], [torch.zeros_like(v) for v in vals]
+    steps = [None] * len(vals)
+    if bad == "grad_dtype":
+        grads[1] = grads[1].double()
+    elif bad == "moment_size":
+        vs[2] = vs[2][:-1].clone()
+    elif bad == "base_dtype":
+        bases[0] = bases[0].to(torch.float16 if ws[0].dtype != torch.float16 else torch.float32)
+    else:
+        steps[1] = torch.zeros(idx[1].numel() + 1, dtype=torch.int32)
+    keep = [t.clone() for t in vals + ms + vs + ws]
+    with pytest.raises((ValueError, RuntimeError), match="sparse_adamw"):
+        sparse_adamw_(vals, grads, ms, vs, ws, bases, idx, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, step=1, steps=steps, backend=backend, check=check)
+    assert all(torch.equal(a, b) for a, b in zip(vals + ms + vs + ws, keep))
+
+
 @pytest.mark.parametrize("idx,msg", [
     (torch.tensor([1, 1, 5], dtype=torch.int32), "duplicates"),
     (torch.tensor([5, 1], dtype=torch.int32), "must be sorted"),

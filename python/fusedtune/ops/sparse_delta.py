@@ -215,11 +215,33 @@ if _ext.loaded():
         return x.new_empty((indices.shape[0],), dtype=torch.float32)
 
 
+def _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, dev, check_idx):
+    for i, (val, g, m, v, w, b, idx) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
+        for what, t in (("values", val), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
+            if t.dtype != torch.float32 or t.shape != idx.shape or not t.is_contiguous() or t.device != dev:
+                raise ValueError(f"sparse_adamw_: {what}[{i}] must be contiguous float32 of shape "
+                                 f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
+            raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
+                             f"{tuple(b.shape)}) must share a float dtype, bases one value per index")
+        if not (w.is_contiguous() and b.is_contiguous()) or w.device != dev or b.device != dev:
+            raise ValueError(f"sparse_adamw_: weights[{i}] and bases[{i}] must be contiguous, on {dev}")
+        st = steps[i]
+        if st is not None and (st.dtype != torch.int32 or st.shape != idx.shape or not st.is_contiguous()
+                               or st.device != dev):
+            raise ValueError(f"sparse_adamw_: steps[{i}] must be None or contiguous int32 of shape "
+                             f"{tuple(idx.shape)} on {dev}, got {st.dtype} {tuple(st.shape)} on {st.device}")
+        if check_idx:
+            check_indices(idx, w.numel(), "sparse_adamw_")
+
+
 def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, *, lr: float, beta1: float,
                   beta2: float, eps: float, weight_decay: float, step: int, steps=None, backend: str | None = None,
                   check: bool = True) -> None:
     """One AdamW step on float32 deltas (in place) and the scatter of round(base + delta) into the
-    merged weights. check=False skips the host-side index check (SparseDeltaAdamW: layers checked).
+    merged weights. check=False (SparseDeltaAdamW: the layers checked their indices, the optimizer built the
+    lists) skips the host-side index check and, on the extension's kernels (which check every tensor's dtype,
+    size, layout and device themselves before changing anything), the per-tensor Python checks.
 
     steps: None, or one entry per tensor: None or an int32 tensor of per-element step counts (shaped
     like the deltas). The kernel adds 1 to each count; an entry whose new count equals `step` takes
@@ -235,25 +257,12 @@ def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices,
     if not (isinstance(step, int) and 1 <= step < 2 ** 31):
         raise ValueError(f"sparse_adamw_: step must be an int in [1, 2^31), got {step!r}")
     dev = values[0].device
-    for i, (val, g, m, v, w, b, idx) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
-        for name, t in (("values", val), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
-            if t.dtype != torch.float32 or t.shape != idx.shape or not t.is_contiguous() or t.device != dev:
-                raise ValueError(f"sparse_adamw_: {name}[{i}] must be contiguous float32 of shape "
-                                 f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
-        if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
-            raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
-                             f"{tuple(b.shape)}) must share a float dtype, bases one value per index")
-        if not (w.is_contiguous() and b.is_contiguous()) or w.device != dev or b.device != dev:
-            raise ValueError(f"sparse_adamw_: weights[{i}] and bases[{i}] must be contiguous, on {dev}")
-        st = steps[i]
-        if st is not None and (st.dtype != torch.int32 or st.shape != idx.shape or not st.is_contiguous()
-                               or st.device != dev):
-            raise ValueError(f"sparse_adamw_: steps[{i}] must be None or contiguous int32 of shape "
-                             f"{tuple(idx.shape)} on {dev}, got {st.dtype} {tuple(st.shape)} on {st.device}")
-        if check:
-            check_indices(idx, w.numel(), "sparse_adamw_")
-    c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
     name = _backend.resolve("sparse_adamw_", dev, _ADAMW_HAS, backend)
+    # check=False from a caller that built the lists itself (SparseDeltaAdamW): the extension's kernels check
+    # every tensor again (sparse_delta_checks.h), so the per-tensor Python checks run for the reference only
+    if check or name == "reference":
+        _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, dev, check)
+    c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
     steps = [torch.empty(0, dtype=torch.int32, device=dev) if st is None else st for st in steps]   # none: empty
     with torch.no_grad():
         _adamw_op(list(values), list(grads), list(exp_avgs), list(exp_avg_sqs), list(weights), list(bases),

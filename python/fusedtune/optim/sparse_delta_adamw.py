@@ -60,12 +60,12 @@ class SparseDeltaAdamW(FusedAdamW):
     def _entries(self, p, st) -> tuple:
         layer = self._layer(p)
         return (p, p.grad.float().contiguous(), st["exp_avg"], st["exp_avg_sq"], layer.weight, layer.base_values,
-                layer.indices, st.get("elem_step"))
+                layer.indices, st.get("elem_step"), layer)
 
     def _run(self, lists, group, step) -> None:
-        *lists, steps = lists
+        *lists, steps, layers = lists
         sparse_adamw_(*lists, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                       weight_decay=group["weight_decay"], step=step, steps=steps, backend=self.backend,
                       check=False)  # indices checked by the layers
-        for p in lists[0]:   # the merged weights are current: the layers need not merge again
-            self._layer(p)._merged_version = p._version
+        for p, layer in zip(lists[0], layers):   # the merged weights are current: the layers need not merge again
+            layer.__dict__["_merged_version"] = p._version   # a plain attribute (nn.Module's __setattr__ is slow)
