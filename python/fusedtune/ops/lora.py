@@ -33,12 +33,12 @@ _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the refere
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gradcheck)
 _NO_SEED = torch.zeros((), dtype=torch.int64)   # the seed of calls without dropout (read only, shared)
-# in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. 0: the buffer path everywhere, since
-# on an H200 (bench/results/lora.csv, 2026-11-30) the in-GEMM path took 5.84 ms for a 16-token gate/up
-# forward+backward, 5.6x bitsandbytes + peft (its dX GEMM at 16 rows has out/128 = 32 tiles to run on 132 SMs,
-# each dequantizing a 128 x 14336 strip). Since then the in-GEMM path splits K and loads whole byte tiles
-# (docs/lora.md, unmeasured). Raise it to choose the in-GEMM path (the bench times both).
-NF4_FUSED_MAX_ROWS = 0
+# in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. On an H200 (bench/results/lora.csv,
+# second run, 2026-11-30) a 16-token gate/up forward+backward took 1.37 ms in-GEMM (split K, byte tiles)
+# against 1.47 ms with the buffer, and at 4096 tokens 53 ms against 1.6 ms: 16 is the largest row count
+# measured on the in-GEMM side of the crossover (the first run's in-GEMM path, before split-K, took 5.84 ms
+# at 16). The bench times both schedules at every token count.
+NF4_FUSED_MAX_ROWS = 16
 
 
 class LoRAUnsupported(NotImplementedError):
