@@ -441,6 +441,46 @@ def test_an_unknown_backend_is_refused_by_patch():
         assert _state(m) is None
 
 
+class _SubLinear(nn.Linear):
+    """A model's own nn.Linear subclass (as Falcon's FalconLinear), with an attribute of its own."""
+    tag = "mine"
+
+
+@pytest.mark.parametrize("method,merge", [("lora", True), ("lora", False), ("fp8_lora", True), ("fp8_lora", False),
+                                          ("roste", True)])
+def test_unpatch_hands_back_the_models_own_modules(method, merge):
+    """As peft's merge_and_unload: the same module objects come back (a subclass stays one, a forward hook
+    still runs), their weight and bias Parameters the same objects, holding the merged (or the base) weights."""
+    from fusedtune.patch import missing_requirements
+    if missing_requirements(methods()[method]):
+        pytest.skip(f"{method} needs {missing_requirements(methods()[method])}")
+    m = make("llama")
+    attn = m.model.layers[0].self_attn
+    sub = _SubLinear(attn.q_proj.in_features, attn.q_proj.out_features, bias=True)
+    with torch.no_grad():
+        sub.weight.copy_(attn.q_proj.weight)
+        sub.bias.normal_()
+    attn.q_proj = sub
+    calls = []
+    sub.register_forward_hook(lambda *_: calls.append(1))
+    w, b, w0, b0 = sub.weight, sub.bias, sub.weight.detach().clone(), sub.bias.detach().clone()
+    rep = patch(m, method, target_modules=["q_proj", "v_proj"],
+                **({"init_lora_weights": False} if "lora" in method else {}))
+    rep.step(lambda: m(IDS, labels=IDS).loss)
+    layer = attn.q_proj
+    assert layer is not sub
+    want = rep._impl.merge(layer) if merge else rep._impl.base(layer)   # what unpatch computes (no side effects)
+    want_w, want_b = want.weight.detach().clone(), want.bias.detach().clone()
+    unpatch(m, merge=merge)
+    assert attn.q_proj is sub and type(sub) is _SubLinear and sub.tag == "mine"
+    assert sub.weight is w and sub.bias is b
+    assert torch.equal(sub.weight.detach(), want_w) and torch.equal(sub.bias.detach(), want_b)
+    assert torch.equal(sub.weight.detach(), w0) != merge   # the merged update (RoSTE: the trained weight) or w0
+    calls.clear()
+    sub(torch.randn(2, 3, sub.in_features))
+    assert calls == [1] and all(p.requires_grad for p in m.parameters())
+
+
 @pytest.mark.parametrize("merge", [False, True])
 def test_unpatch_keeps_a_tied_head_tied(merge):
     """LoRA on GPT-2's lm_head (tied to wte): after unpatch the head and the embedding are one Parameter

@@ -298,19 +298,46 @@ def as_linear(module: nn.Module) -> nn.Module:
 class Swapped:
     """What unpatch needs of a swapped module, without keeping its weights (the method's layer holds them):
     its class (a Conv1D comes back as one), its parameters' requires_grad flags, and its weight Parameter
-    when another module shares it (a tied lm_head: unpatch writes the result into it, keeping the tie)."""
+    when another module shares it (a tied lm_head: unpatch writes the result into it, keeping the tie).
+    `module`: the original module itself where the method's layer holds its parameters as the same objects
+    (so keeping it costs no memory): unpatch then hands back that object -- its class, hooks and attributes, its weight and
+    bias Parameters holding the result -- as peft's merge_and_unload hands back the base layer."""
     cls: type
     kind: str
     weight_requires_grad: bool
     bias_requires_grad: bool | None
     tied: object = None
     tied_with: str = ""
+    module: object = None
 
     @classmethod
     def of(cls, module: nn.Module) -> "Swapped":
         bias = getattr(module, "bias", None)
         return cls(type(module), base_kind(module), module.weight.requires_grad,
                    None if bias is None else bias.requires_grad)
+
+
+def holds_own_parameters(orig: nn.Module, new: nn.Module) -> bool:
+    """Whether `new` (a method's layer) holds every parameter and buffer of `orig` as the same objects: then
+    keeping `orig` for unpatch costs no memory, and model.to(...) (which converts Parameters in place)
+    keeps the two in step."""
+    mine = {id(t) for t in (*new.parameters(), *new.buffers())}
+    return all(id(t) in mine for t in (*orig.parameters(), *orig.buffers()))
+
+
+def into_original(result: nn.Module, target: nn.Module) -> nn.Module:
+    """Put unpatch's result (an nn.Linear) into the original module `target`: its weight and bias
+    Parameters stay the same objects and take the result's tensors (as peft's merge: base_layer.weight.data
+    = merged), so its class, hooks and references (optimizers, a tied embedding) carry over."""
+    with torch.no_grad():
+        if result.weight is not target.weight:
+            target.weight.data = result.weight.data
+        if result.bias is not None:
+            if target.bias is None:          # a trained LoRA bias merged into a layer that had none
+                target.bias = result.bias
+            elif result.bias is not target.bias:
+                target.bias.data = result.bias.data
+    return target
 
 
 def to_conv1d(linear: nn.Linear, conv_cls: type) -> nn.Module:
@@ -499,6 +526,8 @@ class SwapMethod(Method):
                                          "(config.tie_word_embeddings=False) before loading")
                     record.tied, record.tied_with = orig.weight, others[0]
                 new = self.make(self.base_for(orig), name, **options)
+                if record.kind in ("linear", "conv1d") and holds_own_parameters(orig, new):
+                    record.module = orig
                 set_module(model, name, new)
                 originals[name] = orig
                 self.swapped[name] = record
@@ -539,11 +568,14 @@ class SwapMethod(Method):
         for name, new in outs.items():
             orig = self.swapped[name]
             tied = orig.tied
-            if tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
+            if tied is not None and merge and new.weight is not tied and (orig.module is not None or (
+                    new.weight.shape == tied.shape and new.weight.dtype == tied.dtype)):
+                warnings.warn(f"fusedtune.unpatch: {name}'s weight is tied to {orig.tied_with}: the merged "
+                              f"weight serves both (as peft's merge does)", stacklevel=3)
+            if orig.module is not None:               # the model's own module again (its weight is `tied`)
+                new = into_original(new, orig.module)
+            elif tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
                     new.weight.dtype == tied.dtype:   # the result goes into the shared Parameter: the tie stays
-                if merge:
-                    warnings.warn(f"fusedtune.unpatch: {name}'s weight is tied to {orig.tied_with}: the merged "
-                                  f"weight serves both (as peft's merge does)", stacklevel=3)
                 with torch.no_grad():
                     tied.copy_(new.weight)
                 new.weight = tied
@@ -668,9 +700,11 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
 
 
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
-    """Undo fusedtune.patch: swapped layers become plain nn.Linear (Conv1D for GPT-2) again, with the
-    method's update merged into the weights (merge=True) or the original weights (merge=False, where
-    the method keeps them); requires_grad flags are restored. Returns the model."""
+    """Undo fusedtune.patch: swapped layers become the model's own modules again -- the same objects (class,
+    hooks, attributes) whose weight and bias Parameters hold the method's update merged in (merge=True) or
+    the original weights (merge=False, where the method keeps them), as peft's merge_and_unload; a GPT-2
+    Conv1D target and a 4-bit base merged come back as new Conv1D / nn.Linear modules. requires_grad flags
+    are restored. Returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtune.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     st = _state(model)
