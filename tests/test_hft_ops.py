@@ -328,3 +328,42 @@ def test_masked_adamw_steps_need_no_rewrite(monkeypatch):
             opt.step()
     assert not calls
     assert torch.equal(m.weight[m.rows], m.weight_rows.detach())   # written inside the fused step
+
+
+def test_set_rows_keeps_the_float32_masters_of_rows_still_selected(monkeypatch):
+    """A stage change (set_rows) keeps the float32 master of a row selected before and after, sub-ulp
+    updates included; a newly selected row starts from the weight, a row edited in the weight since takes
+    the weight, frozen rows stay bit-identical, and masters another optimizer changed reach the weight first."""
+    from fusedtune import backend as fb
+    monkeypatch.setattr(fb, "_warned", set())
+    torch.manual_seed(8)
+    lin = torch.nn.Linear(12, 10).bfloat16()
+    m = RowMaskedLinear.from_linear(lin, torch.tensor([1, 3, 5, 7]))
+    opt = MaskedAdamW(m.master_parameters(), lr=1e-3)
+    x = torch.randn(6, 12).bfloat16()
+    for _ in range(3):
+        opt.zero_grad()
+        m(x).float().square().sum().backward()
+        opt.step()
+    old_w = dict(zip([1, 3, 5, 7], m.weight_rows.detach().clone()))
+    old_b = dict(zip([1, 3, 5, 7], m.bias_rows.detach().clone()))
+    assert any(not torch.equal(v, v.bfloat16().float()) for v in old_w.values())   # off the bf16 grid
+    with torch.no_grad():
+        m.weight[5, 0] += 1.0                       # an edit of a selected row in the weight itself
+    w_before = m.weight.detach().clone()
+    m.set_rows(torch.tensor([0, 3, 5, 7]))
+    assert torch.equal(m.weight, w_before)        # set_rows writes nothing into the weight
+    got = dict(zip(m.rows.tolist(), m.weight_rows.detach()))
+    got_b = dict(zip(m.rows.tolist(), m.bias_rows.detach()))
+    for r in (3, 7):                               # kept: the exact float32 masters
+        assert torch.equal(got[r], old_w[r]) and torch.equal(got_b[r], old_b[r])
+    for r in (0, 5):                               # new, or edited since: from the weight
+        assert torch.equal(got[r], m.weight[r].float()) and torch.equal(got_b[r], m.bias[r].float())
+    # masters changed by another optimizer: written into the weight before the stage change, then kept
+    with torch.no_grad():
+        m.weight_rows.add_(0.25)
+    want = m.weight_rows.detach().clone()
+    with pytest.warns(UserWarning, match="changed outside MaskedAdamW"):
+        m.set_rows(torch.tensor([0, 3, 5, 7, 9]))
+    assert torch.equal(m.weight_rows.detach()[:4], want)
+    assert torch.equal(m.weight[[0, 3, 5, 7]], want.bfloat16())

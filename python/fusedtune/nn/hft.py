@@ -66,7 +66,9 @@ class RowMaskedLinear(OwnsMasters):
         return m
 
     def set_rows(self, rows) -> None:
-        """Select new rows (in place): the master copies are re-gathered from the current weight and bias."""
+        """Select new rows (in place). The masters of the new rows are gathered from the current weight and
+        bias, except for rows selected before and still selected whose weight (and bias) still hold their
+        master rounded: those keep their float32 master (a stage change loses no sub-ulp updates)."""
         rows = torch.as_tensor(rows, dtype=torch.int64, device=self.weight.device).reshape(-1)
         rows = torch.unique(rows)  # sorted
         if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.out_features):
@@ -74,11 +76,16 @@ class RowMaskedLinear(OwnsMasters):
                              f"got [{int(rows[0])}, {int(rows[-1])}]")
         if not self.masters:
             self._block_start = self._check_block(rows)
+        kept = self._kept_masters() if self.masters else None
+        if kept is not None:   # masters another optimizer changed: into the weight first (they are the truth)
+            self._refresh_if_masters_changed()
         self.rows = rows
         if self.masters:
             with torch.no_grad():
                 master = self.weight.index_select(0, rows).float()
                 bias_master = None if self.bias is None else self.bias.index_select(0, rows).float()
+                if kept is not None:
+                    self._carry_masters(kept, rows, master, bias_master)
         else:   # views of the block (new Parameters, sharing the weight's storage and version counter)
             master = self._block(self.weight)
             bias_master = None if self.bias is None else self._block(self.bias)
@@ -86,6 +93,32 @@ class RowMaskedLinear(OwnsMasters):
         self.bias_rows = None if bias_master is None else nn.Parameter(bias_master)
         self.bind_masters()
         self.mark_rows_written()
+
+    def _kept_masters(self):
+        """(rows, weight master, bias master) of the current selection, or None (no rows yet)."""
+        w = getattr(self, "weight_rows", None)
+        rows = getattr(self, "rows", None)
+        if w is None or rows is None or rows.numel() == 0 or w.shape[0] != rows.numel():
+            return None
+        return rows, w.detach(), None if self.bias_rows is None else self.bias_rows.detach()
+
+    @torch.no_grad()
+    def _carry_masters(self, kept, rows, master, bias_master) -> None:
+        """master[i] = the old master of rows[i] where rows[i] was selected and its weight (bias) entries
+        equal that master rounded to their dtype (a row edited in the weight since takes the weight)."""
+        old_rows, old_w, old_b = kept
+        pos = torch.searchsorted(old_rows, rows).clamp_(max=old_rows.numel() - 1)
+        new_i = (old_rows[pos] == rows).nonzero().squeeze(1)
+        if new_i.numel() == 0:
+            return
+        old_i = pos[new_i]
+        cand = old_w.index_select(0, old_i).to(master.device)
+        same = (cand.to(self.weight.dtype) == self.weight.index_select(0, rows[new_i])).all(dim=1)
+        if old_b is not None:
+            cand_b = old_b.index_select(0, old_i).to(master.device)
+            same &= cand_b.to(self.bias.dtype) == self.bias.index_select(0, rows[new_i])
+            bias_master[new_i[same]] = cand_b[same]
+        master[new_i[same]] = cand[same]
 
     # ------------------------------------------------------------------ masters=False: views of a block
 
