@@ -302,13 +302,15 @@ def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input()
 
 @pytest.mark.parametrize("cap,refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False),
                                          ((10, 0), False)])
-def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch, cap, refused):
+def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch, request, cap, refused):
     """On an A100 (sm_80) or sm_86 the Triton FP8 path refuses with an error that names the GPU's arch
     and the bf16 way out; sm_89 and newer pass. (The capability query is stubbed: no GPU here.)"""
     import types
     from fusedtune import backend as B
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: cap)
     monkeypatch.setattr(B, "resolve", lambda op, device, has, backend=None: "triton")
+    F8._cuda_arch_gap.cache_clear()            # the answer is cached per GPU: stubbed capabilities each start anew
+    request.addfinalizer(F8._cuda_arch_gap.cache_clear)
     gap = F8.fp8_arch_gap(torch.device("cuda", 0))
     assert (gap is not None) == refused
     t = types.SimpleNamespace(device=torch.device("cuda", 0))

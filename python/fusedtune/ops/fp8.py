@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from .. import backend as _backend
@@ -113,7 +115,12 @@ def fp8_arch_gap(device) -> str | None:
     device = torch.device(device)
     if device.type != "cuda":
         return None
-    cap = torch.cuda.get_device_capability(device)
+    return _cuda_arch_gap(torch.cuda.current_device() if device.index is None else device.index)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_arch_gap(index: int) -> str | None:   # once per GPU (FP8Linear and every op call ask)
+    cap = torch.cuda.get_device_capability(index)
     if tuple(cap) >= (8, 9):
         return None
     return f"FP8 tensor cores need sm_89 or newer; this GPU is sm_{cap[0]}{cap[1]}"
