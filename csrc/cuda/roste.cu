@@ -1,14 +1,16 @@
 // RoSTE family, CUDA kernels of the butterfly Hadamard transform (the stage plan and arithmetic of
-// hadamard_math.h). Power-of-two rows of 256..4096: one warp per row, all in registers and shuffles
-// (hadamard_warp_kernel). Otherwise one block per row; bits 0..2 in registers, the next up to 5 bits by warp
-// shuffles, the rest in shared memory (the row in fp32, n * 4 bytes), then the factor H_m column by
-// column in registers, the scale, one rounding to the output dtype. Loads (and the stores of m = 1)
-// move 8 consecutive elements per thread as 16-byte vectors; out is a fresh allocation (aligned).
+// hadamard_math.h). Power-of-two rows of 256..4096: one warp per row, the row staged in shared memory by
+// cp.async, then all in registers and shuffles (hadamard_warp_kernel). Otherwise one block per row; bits
+// 0..2 in registers, the next up to 5 bits by warp shuffles, the rest in shared memory (the row in fp32,
+// n * 4 bytes), then the factor H_m column by column in registers, the scale, one rounding to the output
+// dtype. Loads (and the stores of m = 1) move 8 consecutive elements per thread as 16-byte vectors; out is
+// a fresh allocation (aligned).
 //
-// The storage dtype is a template argument, and every thread issues all of its row's loads before it
-// converts any: with the dtype a runtime value, each chunk's conversion branched (fp16 subnormals), and
-// ptxas issued chunk i + 1's load only after chunk i's data had arrived -- 16 serial memory round trips
-// per row in the 4096 warp kernel (3.1x a memcpy on an H200, bench/results/roste.csv).
+// The storage dtype is a template argument, and loads are issued ahead of the arithmetic (the warp kernel:
+// all of a row's copies before one wait; the block kernel: groups of 4 chunks, 2 for fp32). With the
+// dtype a runtime value, each chunk's conversion branched (fp16 subnormals) and ptxas issued chunk i + 1's
+// load only after chunk i's data had arrived: 16 serial memory round trips per row in the 4096 warp
+// kernel (3.1x a memcpy on an H200, bench/results/roste.csv).
 // Conversions on sm_80+ are the hardware's round-to-nearest-even (cvt.rn.bf16x2/f16x2.f32: the same
 // bits as common.h's integer rounding for every non-NaN value; a NaN comes out as the hardware's
 // canonical NaN, where the CPU kernel keeps the sign: the GPU's fp32 adds had already made it canonical).
@@ -157,7 +159,8 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
 // (registers again). The stages run on bits 0, 1, 2, ... in the same order and with the same adds as the
 // block kernel's plan (radix passes are radix-2 stages in bit order), so the results are the same bits.
 // The row comes in through shared memory by cp.async (sm_80+): a lane starts all of its C 16-byte copies
-// (2C for fp32), waits once, and reads back the vectors it copied itself (no barrier). Plain loads of the
+// (2C for fp32; consecutive lanes copy consecutive vectors), waits once, and reads back its chunks (for
+// 16-bit rows the vectors it copied itself; fp32 after a __syncwarp, no block barrier). Plain loads of the
 // same vectors into registers were sunk by ptxas next to their first use (to save registers), which left
 // about 3 of a lane's 16 loads in flight; 4 warps a block, several blocks an SM.
 constexpr int kWarpRows = 4;   // warps (rows) per block
@@ -195,11 +198,9 @@ __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const voi
   const uint4* xr = reinterpret_cast<const uint4*>(x) + row * (n * kV / kE);
   uint4* mine = stage + (threadIdx.x >> 5) * (n * kV / kE);
   FT_UNROLL
-  for (int i = 0; i < C; ++i) {
-    FT_UNROLL
-    for (int k = 0; k < kV; ++k) copy16_async(mine + (lane + 32 * i) * kV + k, xr + (lane + 32 * i) * kV + k);
-  }
+  for (int j = 0; j < C * kV; ++j) copy16_async(mine + lane + 32 * j, xr + lane + 32 * j);   // 512 B a warp
   wait_copies();
+  if (kV > 1) __syncwarp();   // fp32: chunk c is vectors 2c, 2c + 1, copied by two other lanes
   float v[C][kE];
   FT_UNROLL
   for (int i = 0; i < C; ++i) {
