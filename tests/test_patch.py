@@ -501,3 +501,48 @@ def test_unpatch_keeps_a_tied_head_tied(merge):
     with pytest.raises(PatchError, match="shared with.*wte.*tied"):
         patch(m, "sparse_delta", target_modules=["lm_head"])
     assert _state(m) is None and _same_params_and_flags(m, before)
+
+
+def _llama_cfg(**kw):
+    return transformers.LlamaConfig(**{**_SMALL, "num_hidden_layers": 1, **kw})
+
+
+def test_unpatch_after_an_assign_load_gives_new_modules():
+    """Build on meta, patch, load with assign=True (the big-model recipe): the layers hold new Parameters, so
+    unpatch must not write into the original modules' stale (meta) ones; it hands back new modules instead."""
+    sd = transformers.LlamaForCausalLM(_llama_cfg()).state_dict()
+    with torch.device("meta"):
+        m = transformers.LlamaForCausalLM(_llama_cfg())
+    orig = m.model.layers[0].self_attn.q_proj
+    patch(m, "fp8", target_modules=["q_proj"], backend="reference")
+    m.load_state_dict(sd, assign=True)
+    unpatch(m)
+    q = m.model.layers[0].self_attn.q_proj
+    assert type(q) is nn.Linear and q is not orig and not q.weight.is_meta
+    assert torch.equal(q.weight.detach(), sd["model.layers.0.self_attn.q_proj.weight"])   # fp8's merge: its weight
+    assert _state(m) is None
+
+
+def test_unpatch_without_merge_restores_a_tied_embedding_trained_as_a_saved_module():
+    m = transformers.LlamaForCausalLM(_llama_cfg(tie_word_embeddings=True))
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    e0 = m.model.embed_tokens.weight.detach().clone()
+    rep = patch(m, "lora", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"], lr=1e-2)
+    rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
+    assert not torch.equal(m.model.embed_tokens.weight.detach(), e0)
+    unpatch(m, merge=False)
+    assert torch.equal(m.model.embed_tokens.weight.detach(), e0) and m.lm_head.weight is m.model.embed_tokens.weight
+
+
+def test_a_merged_lora_bias_takes_the_weights_requires_grad():
+    """lora_bias=True on a layer without a bias: the merged bias is new; it follows the weight's flag (a
+    frozen model stays frozen)."""
+    m = transformers.LlamaForCausalLM(_llama_cfg())
+    m.requires_grad_(False)
+    patch(m, "lora", target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    with torch.no_grad():
+        m.model.layers[0].self_attn.q_proj.lora_B["default"].bias.normal_()
+    unpatch(m, merge=True)
+    q = m.model.layers[0].self_attn.q_proj
+    assert q.bias is not None and not torch.equal(q.bias.detach(), torch.zeros_like(q.bias))
+    assert not any(p.requires_grad for p in m.parameters())

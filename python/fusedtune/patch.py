@@ -554,36 +554,41 @@ class SwapMethod(Method):
         return rep
 
     def remove(self, model, merge):
-        outs = {}
+        live = {id(p) for p in model.parameters()}
+        outs = {}   # everything that may raise first: the model is untouched until all results exist
         for name, orig in self.swapped.items():
             mod = model.get_submodule(name)
             lin = self.merge(mod) if merge else self.base(mod)
-            outs[name] = to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin
-        if not merge:
-            with torch.no_grad():
-                for p, orig in getattr(self, "saved_originals", []):
-                    p.copy_(orig)
-        self.saved_originals = []
+            # the original module again only while the layer still holds its Parameters (an assign-load or
+            # to_empty since the patch gives the layer new ones: then a new module takes the place)
+            keep = orig.module is not None and holds_own_parameters(orig.module, mod)
+            tied = orig.tied if orig.tied is not None and id(orig.tied) in live else None
+            outs[name] = (to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin, keep, tied)
         self.restore_requires_grad()
-        for name, new in outs.items():
+        for name, (new, keep, tied) in outs.items():
             orig = self.swapped[name]
-            tied = orig.tied
-            if tied is not None and merge and new.weight is not tied and (orig.module is not None or (
-                    new.weight.shape == tied.shape and new.weight.dtype == tied.dtype)):
+            fits = tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
+                new.weight.dtype == tied.dtype
+            if merge and tied is not None and new.weight is not tied and (keep or fits):
                 warnings.warn(f"fusedtune.unpatch: {name}'s weight is tied to {orig.tied_with}: the merged "
                               f"weight serves both (as peft's merge does)", stacklevel=3)
-            if orig.module is not None:               # the model's own module again (its weight is `tied`)
+            if keep:                                  # the model's own module again (its weight is `tied`)
                 new = into_original(new, orig.module)
-            elif tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
-                    new.weight.dtype == tied.dtype:   # the result goes into the shared Parameter: the tie stays
+            elif fits:                                # the result goes into the shared Parameter: the tie stays
                 with torch.no_grad():
                     tied.copy_(new.weight)
                 new.weight = tied
             if new.weight.is_floating_point():        # a 4-bit base handed back keeps its frozen packed weight
                 new.weight.requires_grad_(orig.weight_requires_grad)
-            if new.bias is not None and orig.bias_requires_grad is not None:
-                new.bias.requires_grad_(orig.bias_requires_grad)
+            if new.bias is not None:                  # a bias the layer lacked (a merged LoRA bias): as the weight
+                new.bias.requires_grad_(orig.weight_requires_grad if orig.bias_requires_grad is None
+                                        else orig.bias_requires_grad)
             set_module(model, name, new)
+        if not merge:   # after the write-backs: a tied embedding trained as a saved module gets its values back
+            with torch.no_grad():
+                for p, orig in getattr(self, "saved_originals", []):
+                    p.copy_(orig)
+        self.saved_originals = []
         self.swapped = {}
 
     def report(self, model):
@@ -702,9 +707,10 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     """Undo fusedtune.patch: swapped layers become the model's own modules again -- the same objects (class,
     hooks, attributes) whose weight and bias Parameters hold the method's update merged in (merge=True) or
-    the original weights (merge=False, where the method keeps them), as peft's merge_and_unload; a GPT-2
-    Conv1D target and a 4-bit base merged come back as new Conv1D / nn.Linear modules. requires_grad flags
-    are restored. Returns the model."""
+    the original weights (merge=False, where the method keeps them), as peft's merge_and_unload. Where the
+    method's layer does not hold the module's own Parameters (sparse_delta; qlora, fp8, roste and fp8_lora
+    over GPT-2's Conv1D; a 4-bit base merged; Parameters replaced since the patch, e.g. by an assign-load)
+    a new nn.Linear / Conv1D takes the module's place. requires_grad flags are restored. Returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtune.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     st = _state(model)
