@@ -69,7 +69,11 @@ class RowMaskedLinear(OwnsMasters):
         """Select new rows (in place). The masters of the new rows are gathered from the current weight and
         bias, except for rows selected before and still selected whose weight (and bias) still hold their
         master rounded: those keep their float32 master (a stage change loses no sub-ulp updates)."""
-        rows = torch.as_tensor(rows, dtype=torch.int64, device=self.weight.device).reshape(-1)
+        given = torch.as_tensor(rows)
+        if given.dtype == torch.bool or given.is_floating_point() or given.is_complex():
+            raise TypeError(f"RowMaskedLinear: rows must be integer row indices, got a {given.dtype} tensor (a "
+                            "boolean mask: pass mask.nonzero().squeeze(1))")
+        rows = given.to(dtype=torch.int64, device=self.weight.device).reshape(-1)
         rows = torch.unique(rows)  # sorted
         if rows.numel() and (int(rows[0]) < 0 or int(rows[-1]) >= self.out_features):
             raise ValueError(f"RowMaskedLinear: rows must lie in [0, {self.out_features}), "

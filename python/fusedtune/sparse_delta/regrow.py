@@ -409,7 +409,9 @@ class Regrower:
                                  "this layer (load the model's deltas from the same checkpoint)")
         self.t = int(sd["t"])
         self.ages = {n: sd["ages"][n].to(torch.int32, copy=True).to(m.indices.device) for n, m in self.layers}
-        self._acc = dict(sd.get("acc", {}))
+        dev = {n: m.indices.device for n, m in self.layers}   # a resume on another device: the layers'
+        self._acc = {n: (tuple(x.to(dev[n]) for x in v) if isinstance(v, tuple) else v.to(dev[n]))
+                     for n, v in sd.get("acc", {}).items() if n in dev}
         self._seen = dict(sd.get("seen", {}))
         self.history = list(sd.get("history", []))
         self._update_mode()
