@@ -146,7 +146,7 @@ def test_triton_nf4_both_paths_within_rule(M, monkeypatch):
     from fusedtune.nn import LoRALinear
     from fusedtune.ops import lora as lora_ops
     from fusedtune.ops.lora import nf4_path
-    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 256)   # 16 rows: in-GEMM dequant (also the default), 4096: the buffer
+    monkeypatch.setattr(lora_ops, "NF4_FUSED_MAX_ROWS", 256)   # 16 rows: in-GEMM dequant, 4096: the buffer
     lin = torch.nn.Linear(4096, 1024, bias=False, dtype=torch.bfloat16)
     q = bnb.nn.Linear4bit(4096, 1024, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4", device="meta")
     q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, quant_type="nf4")

@@ -239,7 +239,8 @@ cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cud
   const int64_t blocks = (rows + kWarpRows - 1) / kWarpRows;
   constexpr int smem = warp_smem_bytes<DT, C>();
   if (smem > 48 * 1024) {                       // fp32 at 4096: 64 KB (opt in, per device: every launch)
-    cudaError_t err = cudaFuncSetAttribute(hadamard_warp_kernel<DT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t err =
+        cudaFuncSetAttribute(hadamard_warp_kernel<DT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
   hadamard_warp_kernel<DT, C><<<(unsigned)blocks, 32 * kWarpRows, smem, stream>>>(x, out, rows, scale);

@@ -300,8 +300,8 @@ class Swapped:
     its class (a Conv1D comes back as one), its parameters' requires_grad flags, and its weight Parameter
     when another module shares it (a tied lm_head: unpatch writes the result into it, keeping the tie).
     `module`: the original module itself where the method's layer holds its parameters as the same objects
-    (so keeping it costs no memory): unpatch then hands back that object -- its class, hooks and attributes, its weight and
-    bias Parameters holding the result -- as peft's merge_and_unload hands back the base layer."""
+    (so keeping it costs no memory): unpatch then hands back that object -- its class, hooks and attributes,
+    its weight and bias Parameters holding the result -- as peft's merge_and_unload hands back the base layer."""
     cls: type
     kind: str
     weight_requires_grad: bool
