@@ -66,6 +66,19 @@ def _unwrap(optimizer):
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
 
+def _group_for(groups, pure, one: bool) -> dict:
+    """The group a new parameter joins: the group holding only its kind (one: 1-D); without one, among the
+    groups not holding only the other kind, 1-D ones go to the least decayed (the last of equals: Trainer's
+    no-decay group), others to the most decayed (the first of equals)."""
+    if one in pure:
+        return groups[pure[one]]
+    cand = [g for j, g in enumerate(groups) if j != pure.get(not one)] or groups
+    order = range(len(cand))
+    wd = [g.get("weight_decay", 0.0) for g in cand]
+    pick = max(order, key=lambda j: (-wd[j], j)) if one else max(order, key=lambda j: (wd[j], -j))
+    return cand[pick]
+
+
 def sync_optimizer(optimizer, params, reset=()) -> dict:
     """Make `optimizer`'s param groups hold exactly `params`, each group in the order of `params`: drop the
     others and their state, add the missing ones to a group of their kind (1-D parameters to the group that
@@ -99,21 +112,9 @@ def sync_optimizer(optimizer, params, reset=()) -> dict:
     missing = [p for i, p in want.items() if i not in present]
     if missing and not opt.param_groups:
         opt.add_param_group({"params": missing})
-        missing_to_place = []
     else:
-        missing_to_place = missing
-    for p in missing_to_place:
-        one = p.ndim <= 1
-        i = pure.get(one)
-        if i is None:   # no group holds only its kind: not one that holds only the other kind; 1-D to the
-            # least decayed (the last of equals: Trainer's no-decay group), others to the most decayed
-            groups = [g for j, g in enumerate(opt.param_groups) if j != pure.get(not one)] or opt.param_groups
-            wd = [g.get("weight_decay", 0.0) for g in groups]
-            i_g = max(range(len(groups)), key=lambda j: (-wd[j], j)) if one else \
-                min(range(len(groups)), key=lambda j: (-wd[j], j))
-            groups[i_g]["params"].append(p)
-        else:
-            opt.param_groups[i]["params"].append(p)
+        for p in missing:
+            _group_for(opt.param_groups, pure, p.ndim <= 1)["params"].append(p)
     # each group in the order of `params` (the model's): the layout Trainer.create_optimizer builds for the
     # same trainable set, so a checkpoint saved after a stage change loads into a resumed run's optimizer
     # position for position

@@ -40,8 +40,9 @@ class MeZO(CopyableOptimizer):
     with requires_grad=False at a step are left alone (as MeZO does): MeZO(model.parameters()) on a model
     with a frozen base trains only what is trainable, and freezing a parameter later takes effect at the
     next step. A non-finite loss leaves the weights as they were (weight decay aside) instead of making
-    them NaN; opt.last shows the losses, and a projected_grad of 0 (what the step applied). A parameter's noise stream is its position among all
-    the params given (frozen ones counted), so replay does not depend on which are frozen.
+    them NaN; opt.last shows the losses, and a projected_grad of 0 (what the step applied). A
+    parameter's noise stream is its position among all the params given (frozen ones counted), so
+    replay does not depend on which are frozen.
     same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
     generator and the CUDA generators of the parameters' devices are reset before the second pass,
     so the difference of the two losses measures the eps step, not dropout noise.

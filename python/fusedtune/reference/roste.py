@@ -12,7 +12,8 @@ rotate_fake_quant(x, bits, granularity, symmetric, clip_ratio, rotate):
     asymmetric, a constant group (clipped hi == lo) is not clipped: lo, hi = its min and max, scale =
     max(|hi|, |lo|) / (2^bits - 1), zero = round(-lo / scale), which give the constant back for any
     clip_ratio and sign to within the rounding of scale (1 ulp; exactly for values such as 2.5 whose
-    division by 2^bits - 1 is exact), inside the clip range; an all-zero group takes scale 1. round() is round-half-to-even (torch.round).
+    division by 2^bits - 1 is exact), inside the clip range; an all-zero group takes scale 1.
+    round() is round-half-to-even (torch.round).
 quantize(y, ...) returns the (q, scale, zero) of these formulas (zero = 0 when symmetric); fake_quant
 is computed from the same call (fusedtune.roste.export stores q as integer codes).
 Backward (straight-through): dy passes unchanged (ste="identity") or only where y was inside the

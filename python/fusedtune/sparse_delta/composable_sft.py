@@ -69,11 +69,18 @@ def _as_index_steps(steps, what) -> torch.Tensor:
     return t.to(torch.int64)
 
 
+def _conv1d_layout(model, name: str, mod) -> bool:
+    """Whether layer `name` keeps Conv1D's (in, out) layout: a GPT-2 Conv1D, or what fusedtune.patch swapped
+    in for one."""
+    from ..patch import is_conv1d, swapped_kind  # noqa: PLC0415
+    return is_conv1d(mod) or swapped_kind(model, name) == "conv1d"
+
+
 def _layer_for(model, pname):
     """(module name, kind, (out, in)) for parameter `pname` if it is the weight of a linear layer, else None.
     kind "conv1d": the SFT holds it in Conv1D's (in, out) layout (GPT-2's Conv1D, or the layer that
     fusedtune.patch swapped in for one)."""
-    from ..patch import is_conv1d, swapped_kind  # noqa: PLC0415
+    from ..patch import is_conv1d  # noqa: PLC0415
     mname, _, leaf = pname.rpartition(".")
     if leaf != "weight":
         return None
@@ -83,8 +90,8 @@ def _layer_for(model, pname):
         raise SparseDeltaError(f"from_composable_sft: the SFT has parameter {pname!r}, which the model does "
                                "not have") from None
     if _is_sdl(mod):
-        return mname, "conv1d" if swapped_kind(model, mname) == "conv1d" else "linear", (mod.out_features,
-                                                                                         mod.in_features)
+        return mname, "conv1d" if _conv1d_layout(model, mname, mod) else "linear", (mod.out_features,
+                                                                                  mod.in_features)
     if isinstance(mod, nn.Linear) and not is_conv1d(mod):
         return mname, "linear", (mod.out_features, mod.in_features)
     if is_conv1d(mod):
@@ -172,14 +179,13 @@ def to_composable_sft(delta: SparseDelta, path=None, model: nn.Module | None = N
     (column-major, delta-encoded, float32 values); written to `path` with torch.save when given (a
     directory gets pytorch_diff.bin). With `model`, Conv1D layers are written in their (in, out)
     layout; without it every layer is taken to be an nn.Linear (size (out, in))."""
-    from ..patch import is_conv1d, swapped_kind  # noqa: PLC0415
     if not isinstance(delta, SparseDelta):
         raise TypeError(f"to_composable_sft: expected a SparseDelta, got {type(delta).__name__}")
     body = {}
     for name, ld in delta.items():
         n_out, n_in = ld.shape
         try:
-            conv = model is not None and (is_conv1d(model.get_submodule(name)) or swapped_kind(model, name) == "conv1d")
+            conv = model is not None and _conv1d_layout(model, name, model.get_submodule(name))
         except AttributeError:
             raise SparseDeltaError(f"to_composable_sft: the delta has layer {name!r}, which the model does not "
                                    "have") from None
