@@ -190,7 +190,7 @@ needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not bu
 
 @needs_ext
 @pytest.mark.parametrize("n", [8, 64, 256, 4096, 32768, 12 * 8, 12 * 64, 28 * 512, 40 * 128, 44 * 256, 36 * 16,
-                               40 * 8])
+                               40 * 8, 20 * 64, 12 * 16])
 @pytest.mark.parametrize("transpose", [False, True])
 def test_cpu_butterfly_kernel_matches_the_float64_reference(n, transpose):
     """The C++ kernel (the CUDA kernel's stage plan with lane exchanges through memory): fp32 math, so
@@ -226,6 +226,22 @@ def test_cpu_butterfly_backward_and_refusals():
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 8), 1.0, [1 << 12] + [0] * 11)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 64, dtype=torch.float64), 1.0, [])
+    masks = list(_neg_masks(12 * 8, False))
+    masks[3] ^= 1 << 5                              # one sign flipped: not the compiled H_12 nor its transpose
+    with pytest.raises(RuntimeError, match="neither the compiled H_12 nor its transpose"):
+        torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 8), 1.0, masks)
+
+
+def test_compiled_factor_header_is_the_generators_output():
+    """csrc's H_m sign tables (hadamard_factors.h, compiled into the CPU and CUDA kernels) are what
+    tools/gen_hadamard_factors.py writes from reference.hadamard.factor_matrix: rerun it after changing a
+    construction."""
+    import importlib.util
+    path = Path(__file__).resolve().parents[1] / "tools" / "gen_hadamard_factors.py"
+    spec = importlib.util.spec_from_file_location("gen_hadamard_factors", path)
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    assert Path(gen.PATH).read_text() == gen.render()
 
 
 @pytest.mark.parametrize("n,cpu", [(96, True), (12288, True), (11008, False)])   # the C++ kernel has no 172

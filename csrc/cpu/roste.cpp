@@ -12,7 +12,7 @@
 namespace fusedtune {
 namespace {
 
-template <int M>
+template <int M, bool T>
 void transform_row(const void* xr, void* outr, const HadamardArgs& a, float scale, float* s, float* t) {
   const roste::Plan& pl = a.plan;
   const int n = pl.m * pl.p;
@@ -40,14 +40,21 @@ void transform_row(const void* xr, void* outr, const HadamardArgs& a, float scal
       else roste::radix_pass<1>(s, g, b);
     }
   }
-  if (M == 1) {
+  if constexpr (M == 1) {
     for (int i = 0; i < n; ++i) store_bits(outr, i, a.dt, round_rne(ft_mul(s[i], scale), a.dt));
   } else {
-    for (int j = 0; j < pl.p; ++j) roste::factor_column<M>(s, pl.p, j, a.neg, scale, outr, a.dt);
+    for (int q = 0; q < M / roste::kFactorOut; ++q) {
+      for (int j = 0; j < pl.p; ++j) {
+        float y[roste::kFactorOut];
+        roste::factor_outputs<M, T>(s, pl.p, j, q, scale, y);
+        for (int k = 0; k < roste::kFactorOut; ++k)
+          store_bits(outr, int64_t(roste::kFactorOut * q + k) * pl.p + j, a.dt, round_rne(y[k], a.dt));
+      }
+    }
   }
 }
 
-template <int M>
+template <int M, bool T = false>
 void run(const at::Tensor& x, at::Tensor& out, const HadamardArgs& a, float scale) {
   const int64_t n = x.size(1);
   const int64_t es = x.element_size();
@@ -55,8 +62,17 @@ void run(const at::Tensor& x, at::Tensor& out, const HadamardArgs& a, float scal
   char* op = static_cast<char*>(out.data_ptr());
   at::parallel_for(0, x.size(0), 1, [&](int64_t r0, int64_t r1) {
     std::vector<float> s(n), t(n);
-    for (int64_t r = r0; r < r1; ++r) transform_row<M>(xp + r * n * es, op + r * n * es, a, scale, s.data(), t.data());
+    for (int64_t r = r0; r < r1; ++r)
+      transform_row<M, T>(xp + r * n * es, op + r * n * es, a, scale, s.data(), t.data());
   });
+}
+
+template <int M>
+void run_factor(const at::Tensor& x, at::Tensor& out, const HadamardArgs& a, float scale) {
+  if constexpr (!roste::factor_symmetric(M)) {
+    if (a.transpose) return run<M, true>(x, out, a, scale);
+  }
+  run<M>(x, out, a, scale);
 }
 
 at::Tensor hadamard_cpu(const at::Tensor& x, double scale, at::IntArrayRef neg_masks) {
@@ -64,12 +80,12 @@ at::Tensor hadamard_cpu(const at::Tensor& x, double scale, at::IntArrayRef neg_m
   at::Tensor out = at::empty_like(x);
   switch (a.plan.m) {
     case 1: run<1>(x, out, a, (float)scale); break;
-    case 12: run<12>(x, out, a, (float)scale); break;
-    case 20: run<20>(x, out, a, (float)scale); break;
-    case 28: run<28>(x, out, a, (float)scale); break;
-    case 36: run<36>(x, out, a, (float)scale); break;
-    case 40: run<40>(x, out, a, (float)scale); break;
-    case 44: run<44>(x, out, a, (float)scale); break;
+    case 12: run_factor<12>(x, out, a, (float)scale); break;
+    case 20: run_factor<20>(x, out, a, (float)scale); break;
+    case 28: run_factor<28>(x, out, a, (float)scale); break;
+    case 36: run_factor<36>(x, out, a, (float)scale); break;
+    case 40: run_factor<40>(x, out, a, (float)scale); break;
+    case 44: run_factor<44>(x, out, a, (float)scale); break;
     default:
       TORCH_CHECK(false, "hadamard_kernel: factor order ", a.plan.m, " is not compiled (1, 12, 20, 28, 36, 40, 44)");
   }

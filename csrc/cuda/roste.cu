@@ -2,9 +2,15 @@
 // hadamard_math.h). Power-of-two rows of 256..4096: one warp per row, the row staged in shared memory by
 // cp.async, then all in registers and shuffles (hadamard_warp_kernel). Otherwise one block per row; bits
 // 0..2 in registers, the next up to 5 bits by warp shuffles, the rest in shared memory (the row in fp32,
-// n * 4 bytes), then the factor H_m column by column in registers, the scale, one rounding to the output
+// n * 4 bytes), then the factor H_m (H_m^T for the backward) as n / 4 items of 4 outputs, 2 * iters a
+// thread: an item reads its column's m values from shared memory and sums them with the signs compiled in
+// (hadamard_factors.h: one FADD a term, four independent sums), then the scale, one rounding to the output
 // dtype. Loads (and the stores of m = 1) move 8 consecutive elements per thread as 16-byte vectors; out is
 // a fresh allocation (aligned).
+//
+// The factor stage before (sm_90a SASS, m = 28): signs from a runtime mask cost an R2P a 7 terms and two
+// predicated FADDs a term in one dependent chain, and a thread took a whole column: at 14336 = 28 x 512,
+// 448 threads for 512 columns, so the second round ran 64 threads (8.0x a memcpy on an H200, triton 3.3x).
 //
 // The storage dtype is a template argument, and loads are issued ahead of the arithmetic (the warp kernel:
 // all of a row's copies before one wait; the block kernel: groups of 4 chunks, 2 for fp32). With the
@@ -104,9 +110,22 @@ __device__ __forceinline__ void lane_stage(float v[kE], int lane, int st) {
   for (int e = 0; e < kE; ++e) v[e] = __fmaf_rn(v[e], sgn, __shfl_xor_sync(0xffffffffu, v[e], 1 << st));
 }
 
-template <int DT, int M>
+// one value rounded to nearest even into a 16-bit dtype (the bits in the low half)
+template <int DT>
+__device__ __forceinline__ uint16_t round16(float v) {
+#if __CUDA_ARCH__ >= 800
+  uint16_t d;
+  if (DT == FT_BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v));
+  else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(v));
+  return d;
+#else
+  return (uint16_t)round_rne(v, DT);
+#endif
+}
+
+template <int DT, int M, bool T>
 __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
-    hadamard_kernel(const void* __restrict__ x, void* __restrict__ out, const Plan pl, const Signs sg, float scale) {
+    hadamard_kernel(const void* __restrict__ x, void* __restrict__ out, const Plan pl, float scale) {
   extern __shared__ float4 smem4[];
   float* s = reinterpret_cast<float*>(smem4);
   const int n = pl.m * pl.p;
@@ -149,8 +168,18 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
   }
   if (M == 1) {                                 // kE elements per thread: one 16-byte store (two for fp32)
     for (int c = t; c < n / kE; c += pl.threads) store_chunk<DT>(orow, c, s + c * kE, scale);
-  } else {
-    for (int j = t; j < pl.p; j += pl.threads) factor_column<M>(s, pl.p, j, sg.neg, scale, orow, DT);
+  } else {                                      // n / 4 factor items: 2 * iters a thread, every thread busy
+    for (int it = t; it < n / kFactorOut; it += pl.threads) {
+      const int q = it >> pl.log_p, j = it & (pl.p - 1);   // a warp's items share q when p >= 32
+      float y[kFactorOut];
+      factor_outputs<M, T>(s, pl.p, j, q, scale, y);
+      FT_UNROLL
+      for (int k = 0; k < kFactorOut; ++k) {
+        const int64_t i = (int64_t)(kFactorOut * q + k) * pl.p + j;
+        if constexpr (DT == FT_F32) reinterpret_cast<float*>(orow)[i] = y[k];
+        else reinterpret_cast<uint16_t*>(orow)[i] = round16<DT>(y[k]);
+      }
+    }
   }
 }
 
@@ -247,20 +276,30 @@ cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cud
   return cudaGetLastError();
 }
 
-template <int DT, int M>
-cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
-                   cudaStream_t stream) {
+template <int DT, int M, bool T = false>
+cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, float scale, cudaStream_t stream) {
   const int smem = pl.m * pl.p * (int)sizeof(float);
   if (smem > 48 * 1024) {                       // opt in (per device: set on every such launch)
-    cudaError_t err = cudaFuncSetAttribute(hadamard_kernel<DT, M>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+    cudaError_t err =
+        cudaFuncSetAttribute(hadamard_kernel<DT, M, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
-  hadamard_kernel<DT, M><<<(unsigned)rows, pl.threads, smem, stream>>>(x, out, pl, sg, scale);
+  hadamard_kernel<DT, M, T><<<(unsigned)rows, pl.threads, smem, stream>>>(x, out, pl, scale);
   return cudaGetLastError();
 }
 
+// H_m or, for the backward, H_m^T (the same kernel when H_m is symmetric)
+template <int DT, int M>
+cudaError_t launch_factor(const void* x, void* out, int64_t rows, const Plan& pl, bool transpose, float scale,
+                          cudaStream_t stream) {
+  if constexpr (!factor_symmetric(M)) {
+    if (transpose) return launch<DT, M, true>(x, out, rows, pl, scale, stream);
+  }
+  return launch<DT, M>(x, out, rows, pl, scale, stream);
+}
+
 template <int DT>
-cudaError_t launch_dtype(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
+cudaError_t launch_dtype(const void* x, void* out, int64_t rows, const Plan& pl, bool transpose, float scale,
                          cudaStream_t stream) {
   if (pl.m == 1 && pl.p >= 256 && pl.p <= 4096) {   // a row in one warp's registers
     switch (pl.p) {
@@ -273,24 +312,24 @@ cudaError_t launch_dtype(const void* x, void* out, int64_t rows, const Plan& pl,
   }
   if (pl.iters > kMaxIters) return cudaErrorInvalidValue;
   switch (pl.m) {
-    case 1: return launch<DT, 1>(x, out, rows, pl, sg, scale, stream);
-    case 12: return launch<DT, 12>(x, out, rows, pl, sg, scale, stream);
-    case 20: return launch<DT, 20>(x, out, rows, pl, sg, scale, stream);
-    case 28: return launch<DT, 28>(x, out, rows, pl, sg, scale, stream);
-    case 36: return launch<DT, 36>(x, out, rows, pl, sg, scale, stream);
-    case 40: return launch<DT, 40>(x, out, rows, pl, sg, scale, stream);
-    case 44: return launch<DT, 44>(x, out, rows, pl, sg, scale, stream);
+    case 1: return launch<DT, 1>(x, out, rows, pl, scale, stream);
+    case 12: return launch_factor<DT, 12>(x, out, rows, pl, transpose, scale, stream);
+    case 20: return launch_factor<DT, 20>(x, out, rows, pl, transpose, scale, stream);
+    case 28: return launch_factor<DT, 28>(x, out, rows, pl, transpose, scale, stream);
+    case 36: return launch_factor<DT, 36>(x, out, rows, pl, transpose, scale, stream);
+    case 40: return launch_factor<DT, 40>(x, out, rows, pl, transpose, scale, stream);
+    case 44: return launch_factor<DT, 44>(x, out, rows, pl, transpose, scale, stream);
     default: return cudaErrorInvalidValue;
   }
 }
 
-cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, bool transpose, float scale,
                             int dt, cudaStream_t stream) {
   if (rows == 0) return cudaSuccess;
   switch (dt) {
-    case FT_F32: return launch_dtype<FT_F32>(x, out, rows, pl, sg, scale, stream);
-    case FT_BF16: return launch_dtype<FT_BF16>(x, out, rows, pl, sg, scale, stream);
-    case FT_F16: return launch_dtype<FT_F16>(x, out, rows, pl, sg, scale, stream);
+    case FT_F32: return launch_dtype<FT_F32>(x, out, rows, pl, transpose, scale, stream);
+    case FT_BF16: return launch_dtype<FT_BF16>(x, out, rows, pl, transpose, scale, stream);
+    case FT_F16: return launch_dtype<FT_F16>(x, out, rows, pl, transpose, scale, stream);
     default: return cudaErrorInvalidValue;
   }
 }

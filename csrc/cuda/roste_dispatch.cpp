@@ -23,10 +23,8 @@ at::Tensor hadamard_cuda(const at::Tensor& x, double scale, at::IntArrayRef neg_
               " bytes of shared memory; this GPU allows ", optin);
   at::Tensor out = at::empty_like(x);
   if (x.size(0) == 0) return out;               // no rows (an empty batch): a grid of 0 blocks is a launch error
-  roste::Signs sg;
-  for (int i = 0; i < roste::kMaxM; ++i) sg.neg[i] = a.neg[i];
-  cudaError_t err = roste::launch_hadamard(x.data_ptr(), out.data_ptr(), x.size(0), a.plan, sg, (float)scale, a.dt,
-                                         c10::cuda::getCurrentCUDAStream().stream());
+  cudaError_t err = roste::launch_hadamard(x.data_ptr(), out.data_ptr(), x.size(0), a.plan, a.transpose, (float)scale,
+                                         a.dt, c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == cudaSuccess, "hadamard_kernel: CUDA launch failed: ", cudaGetErrorString(err));
   return out;
 }

@@ -3,16 +3,17 @@
 // stage plan, butterflies and factor sums the GPU runs.
 //
 // A row of n = m * p elements (p = 2^k, m = 1 or a Hadamard factor <= kMaxM) is X [m, p]; the
-// transform is Y = H_m X H_p^T * scale (H_p Sylvester; H_m given as one bit mask per output row,
-// bit r set where the entry is -1). The power-of-two part runs as radix-2 butterflies over the bits of
+// transform is Y = H_m X H_p^T * scale (H_p Sylvester; H_m one of hadamard_factors.h's matrices, or its
+// transpose for the backward). The power-of-two part runs as radix-2 butterflies over the bits of
 // the flat index below log2(p) (X's rows are p-aligned, so the low bits are the column bits):
 //   bits 0..2            in registers: a thread's chunk of kE = 8 consecutive elements
 //   bits 3..3+S-1        across lanes (warp shuffles on the GPU), S = min(5, log2(p) - 3)
 //   bits 3+S..log2(p)-1  in shared memory, up to 3 bits per pass (a group of 8 in registers)
-// then H_m over the rows column by column (m sums of +-x per output), and the scale. fp32 throughout,
-// adds and subtracts only (no contraction question).
+// then H_m (or H_m^T) over the rows (m sums of +-x per output, the signs compiled in from
+// hadamard_factors.h), and the scale. fp32 throughout, adds and subtracts only (no contraction question).
 #pragma once
 #include "fusedtune/common.h"
+#include "fusedtune/hadamard_factors.h"
 
 namespace fusedtune {
 namespace roste {
@@ -29,11 +30,11 @@ struct Plan {
   int iters;     // chunks per thread = n / 8 / T
 };
 
-// The plan for n = m * p, or false when the kernels do not serve it (m > kMaxM, p < 8, n > kMaxN, and
+// The plan for n = m * p, or false when the kernels do not serve it (m not compiled, p < 8, n > kMaxN, and
 // on the GPU n % 256 != 0: whole warps of chunks); the callers check those first and say so.
 FT_HD bool make_plan(int m, int p, bool gpu, Plan* out) {
   const int n = m * p;
-  if (n > kMaxN || m > kMaxM || p < kE || (gpu && n % 256 != 0)) return false;
+  if (n > kMaxN || (m != 1 && !factor_compiled(m)) || p < kE || (gpu && n % 256 != 0)) return false;
   int log_p = 0;
   while ((1 << log_p) < p) ++log_p;
   const int chunks = n / kE;
@@ -97,20 +98,46 @@ FT_HD int pass_bits(const Plan& pl, int b) {
   return left <= 0 ? 0 : (left < 3 ? left : 3);
 }
 
-// Column j of H_m X: out[i * p + j] = scale * sum_r (+-) s[r * p + j], rounded to dt.
-template <int M>
-FT_HD void factor_column(const float* s, int p, int j, const uint64_t* neg, float scale, void* out_row, int dt) {
+// Whether H_m[i, r] (H_m^T's when T) is -1: a compile-time constant once i and r are (unrolled loops).
+template <int M, bool T>
+FT_HD constexpr bool factor_neg(int i, int r) {
+  return ((T ? factor_row(M, r) >> i : factor_row(M, i) >> r) & 1u) != 0;
+}
+
+// Whether H_m equals its transpose (then the backward's H_m^T is the forward's kernel).
+FT_HD constexpr bool factor_symmetric(int m) {
+  for (int i = 0; i < m; ++i)
+    for (int r = 0; r < i; ++r)
+      if (((factor_row(m, i) >> r) & 1u) != ((factor_row(m, r) >> i) & 1u)) return false;
+  return true;
+}
+
+constexpr int kFactorOut = 4;   // outputs of a factor item (every compiled m is a multiple of 4)
+
+// Factor item (j, Q): outputs i = 4Q .. 4Q + 3 of column j of H_m X (H_m^T X when T), times scale:
+// y[k] = scale * sum_r (+-) s[r * p + j], the terms from 0.0f in order r = 0..m-1, each one add or
+// subtract. The n / 4 items of a row spread evenly over the GPU block's threads (n / 8 = threads * iters).
+template <int M, bool T, int Q>
+FT_HD void factor_item(const float* s, int p, int j, float scale, float y[kFactorOut]) {
   float x[M];
   FT_UNROLL
   for (int r = 0; r < M; ++r) x[r] = s[r * p + j];
   FT_UNROLL
-  for (int i = 0; i < M; ++i) {
-    const uint64_t mask = neg[i];
+  for (int k = 0; k < kFactorOut; ++k) {
     float acc = 0.0f;
     FT_UNROLL
-    for (int r = 0; r < M; ++r) acc = ((mask >> r) & 1u) ? ft_sub(acc, x[r]) : ft_add(acc, x[r]);
-    store_bits(out_row, int64_t(i) * p + j, dt, round_rne(ft_mul(acc, scale), dt));
+    for (int r = 0; r < M; ++r) acc = factor_neg<M, T>(kFactorOut * Q + k, r) ? ft_sub(acc, x[r]) : ft_add(acc, x[r]);
+    y[k] = ft_mul(acc, scale);
   }
+}
+
+// factor_item for a runtime q (a chain of compile-time cases: the signs stay constants)
+template <int M, bool T, int Q = 0>
+FT_HD void factor_outputs(const float* s, int p, int j, int q, float scale, float y[kFactorOut]) {
+  if constexpr (Q + 1 < M / kFactorOut) {
+    if (q != Q) return factor_outputs<M, T, Q + 1>(s, p, j, q, scale, y);
+  }
+  factor_item<M, T, Q>(s, p, j, scale, y);
 }
 
 }  // namespace roste

@@ -11,7 +11,7 @@ namespace fusedtune {
 
 struct HadamardArgs {
   roste::Plan plan;
-  uint64_t neg[roste::kMaxM];
+  bool transpose;   // the masks are H_m^T's
   int dt;
 };
 
@@ -33,10 +33,20 @@ inline HadamardArgs hadamard_check(const at::Tensor& x, at::ArrayRef<int64_t> ne
   TORCH_CHECK(n <= roste::kMaxN && roste::make_plan((int)m, (int)p, gpu, &a.plan), "hadamard_kernel: n = ", n,
               " = ", m, " x ", p, " is not served (at most ", roste::kMaxN, ", 2^k >= 8",
               gpu ? ", a multiple of 256 on the GPU)" : ")");
-  for (int64_t i = 0; i < roste::kMaxM; ++i) a.neg[i] = i < (int64_t)neg_masks.size() ? (uint64_t)neg_masks[i] : 0;
   for (int64_t i = 0; i < (int64_t)neg_masks.size(); ++i)
     TORCH_CHECK(neg_masks[i] >= 0 && (m == 64 || neg_masks[i] < (int64_t(1) << m)),
                 "hadamard_kernel: sign mask ", i, " has bits beyond the factor order ", m);
+  // the kernels compile H_m's signs in: the masks must be that matrix (forward) or its transpose (backward)
+  bool fwd = true, bwd = true;
+  for (int64_t i = 0; i < (int64_t)neg_masks.size(); ++i) {
+    uint64_t t = 0;
+    for (int64_t r = 0; r < m; ++r) t |= ((roste::factor_row((int)m, (int)r) >> i) & 1u) << r;
+    fwd = fwd && (uint64_t)neg_masks[i] == roste::factor_row((int)m, (int)i);
+    bwd = bwd && (uint64_t)neg_masks[i] == t;
+  }
+  TORCH_CHECK(fwd || bwd, "hadamard_kernel: the sign masks are neither the compiled H_", m,
+              " nor its transpose (the kernels hold fusedtune.reference.hadamard.factor_matrix's matrices)");
+  a.transpose = !fwd;
   return a;
 }
 

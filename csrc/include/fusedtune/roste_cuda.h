@@ -7,12 +7,9 @@
 namespace fusedtune {
 namespace roste {
 
-struct Signs {
-  uint64_t neg[kMaxM];
-};
-
-// rows x n (n = pl.m * pl.p) contiguous rows of dtype dt (16-byte aligned), out likewise.
-cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, const Signs& sg, float scale,
+// rows x n (n = pl.m * pl.p) contiguous rows of dtype dt (16-byte aligned), out likewise; transpose: H_m^T
+// (hadamard_factors.h's H_m) for the backward.
+cudaError_t launch_hadamard(const void* x, void* out, int64_t rows, const Plan& pl, bool transpose, float scale,
                             int dt, cudaStream_t stream);
 
 }  // namespace roste
