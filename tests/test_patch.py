@@ -546,3 +546,18 @@ def test_a_merged_lora_bias_takes_the_weights_requires_grad():
     q = m.model.layers[0].self_attn.q_proj
     assert q.bias is not None and not torch.equal(q.bias.detach(), torch.zeros_like(q.bias))
     assert not any(p.requires_grad for p in m.parameters())
+
+
+@pytest.mark.parametrize("method,options", [("lora", {"target_modules": ["q_proj"]}), ("hft", {})])
+def test_unpatch_after_an_assign_load_restores_the_models_flags(method, options):
+    """load_state_dict(assign=True) on a patched model puts new Parameters into every module (they keep the
+    patch's flags: LoRA freezes the embeddings and norms, HFT half the matrices); unpatch gives the model's parameters, new ones
+    included, the flags they had before the patch."""
+    m = transformers.LlamaForCausalLM(_llama_cfg())
+    m.model.norm.weight.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in m.named_parameters()}
+    patch(m, method, backend="reference", **options)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} != before
+    m.load_state_dict(m.state_dict(), assign=True)
+    unpatch(m)
+    assert {n: p.requires_grad for n, p in m.named_parameters()} == before

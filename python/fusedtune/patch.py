@@ -386,7 +386,7 @@ class Method:
     demo: dict[str, Any] = {}
 
     def __init__(self):
-        self._requires_grad: dict[int, tuple[nn.Parameter, bool]] = {}
+        self._requires_grad: dict[int, tuple[nn.Parameter, bool, str]] = {}   # id -> (parameter, flag, name)
 
     # -- to implement
     def apply(self, model: nn.Module, targets: list[str] | None, **options) -> PatchReport:
@@ -414,13 +414,26 @@ class Method:
     def freeze_except(self, model: nn.Module, trainable) -> None:
         """requires_grad=True for `trainable`, False for every other parameter; remembered for restore."""
         keep = {id(p) for p in trainable}
+        self.remember_requires_grad(model)
         for p in model.parameters():
-            self._requires_grad.setdefault(id(p), (p, p.requires_grad))
             p.requires_grad_(id(p) in keep)
 
-    def restore_requires_grad(self) -> None:
-        for p, flag in self._requires_grad.values():
+    def remember_requires_grad(self, model: nn.Module) -> None:
+        """Each parameter's flag and name as it is now (the first record of a parameter stays)."""
+        for name, p in model.named_parameters():
+            self._requires_grad.setdefault(id(p), (p, p.requires_grad, name))
+
+    def restore_requires_grad(self, model: nn.Module) -> None:
+        """The remembered flags, on the remembered parameters and on whatever parameter the model holds
+        under the same name now (load_state_dict(assign=True) since the patch puts new Parameters there,
+        which keep the patch's flags)."""
+        by_name: dict[str, bool] = {}
+        for p, flag, name in self._requires_grad.values():
             p.requires_grad_(flag)
+            by_name.setdefault(name, flag)            # the first record of a name: the model's before the patch
+        for name, p in model.named_parameters():
+            if id(p) not in self._requires_grad and name in by_name:
+                p.requires_grad_(by_name[name])
         self._requires_grad.clear()
 
     @classmethod
@@ -501,8 +514,7 @@ class SwapMethod(Method):
     def apply(self, model, targets, **options):
         self._refuse_bases(model, targets)
         saved = self.saved_modules(model, targets, options)
-        for p in model.parameters():               # every flag as it is now (make() may freeze a shared weight)
-            self._requires_grad.setdefault(id(p), (p, p.requires_grad))
+        self.remember_requires_grad(model)         # every flag as it is now (make() may freeze a shared weight)
         self.swapped: dict[str, Swapped] = {}     # name -> what unpatch needs of the original module
         originals, made, backups = {}, [], []      # only while patching (to roll back)
         keep = self.rewrites_base(options)
@@ -549,7 +561,7 @@ class SwapMethod(Method):
                 for p, b in backups:
                     p.copy_(b)
             self.swapped, self.saved, self.saved_originals = {}, {}, []
-            self.restore_requires_grad()
+            self.restore_requires_grad(model)
             raise
         return rep
 
@@ -564,7 +576,7 @@ class SwapMethod(Method):
             keep = orig.module is not None and holds_own_parameters(orig.module, mod)
             tied = orig.tied if orig.tied is not None and id(orig.tied) in live else None
             outs[name] = (to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin, keep, tied)
-        self.restore_requires_grad()
+        self.restore_requires_grad(model)
         for name, (new, keep, tied) in outs.items():
             orig = self.swapped[name]
             fits = tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
@@ -651,7 +663,7 @@ class ParamMethod(Method):
             raise PatchError(f"method {self.name!r} trains the weights in place: there is no separate update "
                              "to drop, so unpatch(merge=False) cannot restore the old weights (keep a copy "
                              "of the state_dict for that); use unpatch(model) to end the method")
-        self.restore_requires_grad()
+        self.restore_requires_grad(model)
 
     def report(self, model):
         return PatchReport(self.name, self.rows(model), trainable_params=count(self.params),

@@ -477,6 +477,9 @@ class HalfFineTuner:
         self.restore_modules()
         for p, flag in self._flags:
             p.requires_grad_(flag)
+        for n, p in self.model.named_parameters(remove_duplicate=False):   # new Parameters since (an assign-load)
+            if n in self._flag_by_name:
+                p.requires_grad_(self._flag_by_name[n])
         self._snapshot = None
         self.model.__dict__.pop(_ATTR, None)
         return self.model
