@@ -121,7 +121,9 @@ def test_save_model_and_load_refusals(tmp_path):
     for table, user, match in (('["l"]', None, "'layers' is a list"),
                                ('{"l": [2, 3]}', None, "layer 'l''s entry is a list"),
                                ('{"l": {"shape": [2, 3], "k": "2"}}', None, "lists k='2' but stores 2"),
-                               ('{"l": {"shape": [2, 3], "k": 2}}', "[1]", "'user' is a list")):
+                               ('{"l": {"shape": [2, 3], "k": 2}}', "[1]", "'user' is a list"),
+                               ('{"l": {"shape": [2, 3], "k": 2, "dtype": 5}}', None, "dtype must be a torch dtype"),
+                               ('{"l": {"shape": [2, 3], "k": 2, "dtype": "bogus"}}', None, "got 'bogus'")):
         bad = {**meta, "layers": table, **({"user": user} if user else {})}
         save_file(good, str(tmp_path / "bad4.safetensors"), metadata=bad)
         with pytest.raises(SparseDeltaError, match=match):

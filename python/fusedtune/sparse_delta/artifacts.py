@@ -103,10 +103,15 @@ def _shape(shape, what) -> tuple[int, int]:
     return out, inp
 
 
-def _dtype_name(dtype) -> str | None:
+def _dtype_name(dtype, what: str) -> str | None:
+    """The name of a torch dtype given as a dtype or its name ('bfloat16'); None stays None."""
     if dtype is None:
         return None
-    return str(dtype).replace("torch.", "")
+    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) \
+        else None
+    if name is None or not isinstance(getattr(torch, name, None), torch.dtype):
+        raise SparseDeltaError(f"{what}: dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
+    return name
 
 
 # ----------------------------------------------------------------------------------------- SparseDelta
@@ -155,7 +160,7 @@ class SparseDelta:
         val = check_values(values, idx.numel(), f"SparseDelta layer {name!r}: values").clone()
         if val.device != idx.device:
             raise SparseDeltaError(f"SparseDelta layer {name!r}: indices on {idx.device} but values on {val.device}")
-        self._layers[name] = LayerDelta(idx, val, shape, _dtype_name(dtype))
+        self._layers[name] = LayerDelta(idx, val, shape, _dtype_name(dtype, f"SparseDelta layer {name!r}"))
         return self
 
     # -- container
@@ -327,7 +332,10 @@ def load(path, device="cpu") -> SparseDelta:
             if isinstance(k, bool) or not isinstance(k, int) or k != idx.numel():
                 raise SparseDeltaError(f"load({path!r}): layer {name!r} lists k={k!r} but stores "
                                        f"{idx.numel()} indices")
-            out.add(name, idx, val, info.get("shape"), info.get("dtype"))
+            try:
+                out.add(name, idx, val, info.get("shape"), info.get("dtype"))
+            except (SparseDeltaError, TypeError, ValueError) as e:
+                raise SparseDeltaError(f"load({path!r}): {e}") from None
     return out.to(device) if torch.device(device) != torch.device("cpu") else out
 
 
