@@ -39,3 +39,45 @@ def test_dtensor_parameters_are_refused_by_name(tmp_path):
     errors, = run_ranks(_worker, tmp_path, world=1)
     for name, msg in errors.items():
         assert msg is not None and msg.startswith(f"{name}: DTensor") and "DistributedDataParallel" in msg, (name, msg)
+
+
+def _patch_worker(rank, world, init, out):
+    import transformers
+    from torch.distributed.fsdp import fully_shard
+
+    from fusedtune import PatchError, patch, unpatch
+    from fusedtune.patch import swapped_kind
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    cfg = transformers.LlamaConfig(vocab_size=48, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    res = {}
+    try:
+        m = transformers.LlamaForCausalLM(cfg)             # patched, then sharded: unpatch refuses, changes nothing
+        patch(m, "lora", target_modules=["q_proj"], backend="reference")
+        fully_shard(m.model.layers[0])
+        fully_shard(m)
+        try:
+            unpatch(m)
+        except PatchError as e:
+            res["unpatch"] = str(e)
+        res["still_patched"] = swapped_kind(m, "model.layers.0.self_attn.q_proj") == "linear"
+        m = transformers.LlamaForCausalLM(cfg)             # sharded, then patched: refused before any swap
+        fully_shard(m.model.layers[0])
+        fully_shard(m)
+        try:
+            patch(m, "lora", target_modules=["q_proj"], backend="reference")
+        except PatchError as e:
+            res["patch"] = str(e)
+        res["untouched"] = type(m.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_patch_and_unpatch_refuse_layers_sharded_by_fsdp2(tmp_path):
+    """Swapping layers under FSDP2 (its DTensor shards): patch after fully_shard would leave the new LoRA
+    parameters unsharded and their gradients unreduced across ranks; unpatch after fully_shard mixed plain
+    tensors with DTensors inside the merge. Both refuse, saying what to do, and change nothing."""
+    res, = run_ranks(_patch_worker, tmp_path, world=1)
+    assert "sharded DTensors" in res["unpatch"] and "full_state_dict" in res["unpatch"] and res["still_patched"]
+    assert "Patch first, then fully_shard" in res["patch"] and res["untouched"]

@@ -494,6 +494,11 @@ class SwapMethod(Method):
         return kind in ("linear", "conv1d")
 
     def _refuse_bases(self, model, targets) -> None:
+        sharded = next((n for n in targets if _holds_dtensor(model.get_submodule(n))), None)
+        if sharded is not None:
+            raise PatchError(f"method {self.name!r}: target {sharded} holds sharded DTensor parameters (FSDP2 "
+                             "fully_shard or tensor parallelism): FSDP would neither shard the new layers' parameters "
+                             "nor reduce their gradients across ranks. Patch first, then fully_shard")
         bad = [(n, base_kind(model.get_submodule(n)), type(model.get_submodule(n)).__name__) for n in targets]
         bad = [b for b in bad if not self.takes(b[1])]
         if not bad:
@@ -716,6 +721,14 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     return rep
 
 
+def _holds_dtensor(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor  # noqa: PLC0415
+    except ImportError:   # a torch without distributed: no DTensor exists
+        return False
+    return any(isinstance(p, DTensor) for p in module.parameters())
+
+
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     """Undo fusedtune.patch: swapped layers become the model's own modules again -- the same objects (class,
     hooks, attributes) whose weight and bias Parameters hold the method's update merged in (merge=True) or
@@ -728,6 +741,12 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     st = _state(model)
     if st is None:
         raise PatchError("fusedtune.unpatch: the model is not patched (nothing to undo)")
+    if st["impl"].swaps_layers and _holds_dtensor(model):
+        raise PatchError("fusedtune.unpatch: the model's parameters are sharded DTensors (FSDP2 fully_shard or "
+                         "tensor parallelism), and unpatch replaces modules that FSDP manages. Gather a full state "
+                         "dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
+                         "StateDictOptions(full_state_dict=True)), load it into the model built and patched the same "
+                         "way without sharding, and unpatch that one. Nothing was changed")
     st["impl"].remove(model, merge)
     del model.__dict__[_ATTR]
     return model
