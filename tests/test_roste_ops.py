@@ -226,6 +226,8 @@ def test_cpu_butterfly_backward_and_refusals():
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 12 * 8), 1.0, [1 << 12] + [0] * 11)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
         torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 64, dtype=torch.float64), 1.0, [])
+    with pytest.raises(RuntimeError, match="factor order 24 is not compiled"):
+        torch.ops.fusedtune.hadamard_kernel(torch.zeros(2, 24 * 8), 1.0, [0] * 24)
     masks = list(_neg_masks(12 * 8, False))
     masks[3] ^= 1 << 5                              # one sign flipped: not the compiled H_12 nor its transpose
     with pytest.raises(RuntimeError, match="neither the compiled H_12 nor its transpose"):

@@ -69,15 +69,33 @@ def _patch_worker(rank, world, init, out):
         except PatchError as e:
             res["patch"] = str(e)
         res["untouched"] = type(m.model.layers[0].self_attn.q_proj) is torch.nn.Linear
+        m = transformers.LlamaForCausalLM(cfg)             # only the root sharded: plain tensors after a forward
+        fully_shard(m)
+        m(input_ids=torch.zeros(1, 4, dtype=torch.long))
+        try:
+            patch(m, "lora", target_modules=["q_proj"], backend="reference")
+        except PatchError as e:
+            res["patch_root"] = str(e)
+        m = transformers.LlamaForCausalLM(cfg)             # HFT's block granularity swaps in RowMaskedLinear
+        patch(m, "hft", granularity="block", backend="reference")
+        fully_shard(m)
+        try:
+            unpatch(m)
+        except PatchError as e:
+            res["unpatch_hft"] = str(e)
+        res["hft_still_patched"] = type(m.model.layers[0].self_attn.q_proj).__name__ == "RowMaskedLinear"
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
 
 
 def test_patch_and_unpatch_refuse_layers_sharded_by_fsdp2(tmp_path):
-    """Swapping layers under FSDP2 (its DTensor shards): patch after fully_shard would leave the new LoRA
-    parameters unsharded and their gradients unreduced across ranks; unpatch after fully_shard mixed plain
-    tensors with DTensors inside the merge. Both refuse, saying what to do, and change nothing."""
+    """Swapping modules under FSDP2: patch after fully_shard would leave the new LoRA parameters unsharded
+    and their gradients unreduced across ranks (also when only the root is sharded, whose parameters are
+    plain tensors after a forward); unpatch after fully_shard mixed plain tensors with DTensors inside the
+    merge (LoRA; HFT's block granularity too). Both refuse, saying what to do, and change nothing."""
     res, = run_ranks(_patch_worker, tmp_path, world=1)
-    assert "sharded DTensors" in res["unpatch"] and "full_state_dict" in res["unpatch"] and res["still_patched"]
+    assert "is sharded" in res["unpatch"] and "full_state_dict" in res["unpatch"] and res["still_patched"]
     assert "Patch first, then fully_shard" in res["patch"] and res["untouched"]
+    assert "Patch first, then fully_shard" in res["patch_root"]
+    assert "method 'hft' puts modules back" in res["unpatch_hft"] and res["hft_still_patched"]

@@ -123,7 +123,7 @@ def test_save_model_and_load_refusals(tmp_path):
                                ('{"l": {"shape": [2, 3], "k": "2"}}', None, "lists k='2' but stores 2"),
                                ('{"l": {"shape": [2, 3], "k": 2}}', "[1]", "'user' is a list"),
                                ('{"l": {"shape": [2, 3], "k": 2, "dtype": 5}}', None, "dtype must be a torch dtype"),
-                               ('{"l": {"shape": [2, 3], "k": 2, "dtype": "bogus"}}', None, "got 'bogus'")):
+                               ('{"l": {"shape": [2, 3], "k": 2, "dtype": ["x"]}}', None, r"got \['x'\]")):
         bad = {**meta, "layers": table, **({"user": user} if user else {})}
         save_file(good, str(tmp_path / "bad4.safetensors"), metadata=bad)
         with pytest.raises(SparseDeltaError, match=match):
@@ -468,3 +468,15 @@ def test_method_trains_and_unpatch_restores(tmp_path):
     unpatch(m2, merge=False)
     assert same_state(m2, base)
     assert all(p.requires_grad for p in m2.parameters())
+
+
+def test_layer_dtype_names_are_torchs_and_other_names_kept():
+    """The dtype field is information only: names of torch dtypes become torch's ('half' -> 'float16', as
+    torch.float16 does, so compose sees one dtype), other strings (a file's own 'bf16') are kept, and a
+    value that is no name at all is refused."""
+    idx, val = torch.tensor([0, 2], dtype=torch.int32), torch.ones(2)
+    names = [sd.SparseDelta().add("l", idx, val, (2, 2), d)["l"].dtype
+             for d in (torch.float16, "half", "torch.float16", "bf16", None)]
+    assert names == ["float16", "float16", "float16", "bf16", None]
+    with pytest.raises(SparseDeltaError, match="dtype must be a torch dtype or a name"):
+        sd.SparseDelta().add("l", idx, val, (2, 2), 3.5)

@@ -385,8 +385,15 @@ class Method:
     zeroth_order = False
     demo: dict[str, Any] = {}
 
+    @classmethod
+    def replaces_modules(cls, options: dict) -> bool:
+        """Whether patch/unpatch with these options put other modules in the model's place (refused on a
+        model sharded by FSDP2, which manages its modules' parameters)."""
+        return cls.swaps_layers
+
     def __init__(self):
-        self._requires_grad: dict[int, tuple[nn.Parameter, bool, str]] = {}   # id -> (parameter, flag, name)
+        self._requires_grad: dict[int, tuple[nn.Parameter, bool]] = {}
+        self._requires_grad_by_name: dict[str, bool] = {}
 
     # -- to implement
     def apply(self, model: nn.Module, targets: list[str] | None, **options) -> PatchReport:
@@ -419,20 +426,23 @@ class Method:
             p.requires_grad_(id(p) in keep)
 
     def remember_requires_grad(self, model: nn.Module) -> None:
-        """Each parameter's flag and name as it is now (the first record of a parameter stays)."""
-        for name, p in model.named_parameters():
-            self._requires_grad.setdefault(id(p), (p, p.requires_grad, name))
+        """Each parameter's flag, and the flag under each of its names (a tied weight has several), as
+        they are now; the first record of a parameter and of a name stays."""
+        by_name = self.__dict__.setdefault("_requires_grad_by_name", {})   # (absent in a pickle of an older one)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            self._requires_grad.setdefault(id(p), (p, p.requires_grad))
+            by_name.setdefault(name, p.requires_grad)
 
     def restore_requires_grad(self, model: nn.Module) -> None:
         """The remembered flags, on the remembered parameters and on whatever parameter the model holds
-        under the same name now (load_state_dict(assign=True) since the patch puts new Parameters there,
-        which keep the patch's flags)."""
-        by_name: dict[str, bool] = {}
-        for p, flag, name in self._requires_grad.values():
+        under a remembered name now (load_state_dict(assign=True) since the patch puts new Parameters
+        there, which keep the patch's flags)."""
+        by_name = self.__dict__.pop("_requires_grad_by_name", {})
+        for p, flag in self._requires_grad.values():
             p.requires_grad_(flag)
-            by_name.setdefault(name, flag)            # the first record of a name: the model's before the patch
-        for name, p in model.named_parameters():
-            if id(p) not in self._requires_grad and name in by_name:
+        recorded = {id(p) for p, _ in self._requires_grad.values()}   # (a deep copy's keys are the original's ids)
+        for name, p in model.named_parameters(remove_duplicate=False):
+            if id(p) not in recorded and name in by_name:
                 p.requires_grad_(by_name[name])
         self._requires_grad.clear()
 
@@ -494,11 +504,6 @@ class SwapMethod(Method):
         return kind in ("linear", "conv1d")
 
     def _refuse_bases(self, model, targets) -> None:
-        sharded = next((n for n in targets if _holds_dtensor(model.get_submodule(n))), None)
-        if sharded is not None:
-            raise PatchError(f"method {self.name!r}: target {sharded} holds sharded DTensor parameters (FSDP2 "
-                             "fully_shard or tensor parallelism): FSDP would neither shard the new layers' parameters "
-                             "nor reduce their gradients across ranks. Patch first, then fully_shard")
         bad = [(n, base_kind(model.get_submodule(n)), type(model.get_submodule(n)).__name__) for n in targets]
         bad = [b for b in bad if not self.takes(b[1])]
         if not bad:
@@ -709,6 +714,10 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
         raise PatchError(f"model is already patched with method {st['method']!r}; "
                          "call fusedtune.unpatch(model) first")
     opts = cls.check_options(options)
+    if cls.replaces_modules(opts) and _sharded(model):
+        raise PatchError(f"fusedtune.patch: method {method!r} replaces modules, and the model is sharded (FSDP2 "
+                         "fully_shard, or DTensor parameters of tensor parallelism): FSDP would neither shard the new "
+                         "modules' parameters nor reduce their gradients across ranks. Patch first, then fully_shard")
     if cls.swaps_layers:
         targets = find_targets(model, target_modules, linear_only=True)
     else:
@@ -721,12 +730,16 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     return rep
 
 
-def _holds_dtensor(module: nn.Module) -> bool:
+def _sharded(model: nn.Module) -> bool:
+    """Whether FSDP2 manages some module of the model, or a parameter is a DTensor (tensor parallelism).
+    (An FSDP2 root keeps its parameters unsharded, plain tensors, after a forward.)"""
     try:
+        from torch.distributed.fsdp import FSDPModule  # noqa: PLC0415
         from torch.distributed.tensor import DTensor  # noqa: PLC0415
-    except ImportError:   # a torch without distributed: no DTensor exists
+    except ImportError:   # a torch without distributed: nothing is sharded
         return False
-    return any(isinstance(p, DTensor) for p in module.parameters())
+    return any(isinstance(m, FSDPModule) for m in model.modules()) or \
+        any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
@@ -741,9 +754,10 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     st = _state(model)
     if st is None:
         raise PatchError("fusedtune.unpatch: the model is not patched (nothing to undo)")
-    if st["impl"].swaps_layers and _holds_dtensor(model):
-        raise PatchError("fusedtune.unpatch: the model's parameters are sharded DTensors (FSDP2 fully_shard or "
-                         "tensor parallelism), and unpatch replaces modules that FSDP manages. Gather a full state "
+    if st["impl"].replaces_modules(st["options"]) and _sharded(model):
+        raise PatchError(f"fusedtune.unpatch: method {st['method']!r} puts modules back in the model's place, and "
+                         "the model is sharded (FSDP2 fully_shard, or DTensor parameters), whose modules FSDP "
+                         "manages. Gather a full state "
                          "dict (torch.distributed.checkpoint.state_dict.get_model_state_dict with "
                          "StateDictOptions(full_state_dict=True)), load it into the model built and patched the same "
                          "way without sharding, and unpatch that one. Nothing was changed")

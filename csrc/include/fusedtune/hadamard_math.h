@@ -31,7 +31,7 @@ struct Plan {
 };
 
 // The plan for n = m * p, or false when the kernels do not serve it (m not compiled, p < 8, n > kMaxN, and
-// on the GPU n % 256 != 0: whole warps of chunks); the callers check those first and say so.
+// on the GPU n % 256 != 0: whole warps of chunks); hadamard_check (roste_checks.h) says which.
 FT_HD bool make_plan(int m, int p, bool gpu, Plan* out) {
   const int n = m * p;
   if (n > kMaxN || (m != 1 && !factor_compiled(m)) || p < kE || (gpu && n % 256 != 0)) return false;

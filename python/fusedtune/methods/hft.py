@@ -33,6 +33,10 @@ class HFTMethod(Method):
                "train_embeddings": True, "snapshot": True, "backend": None}
     demo = {"lr": 1e-3, "step_multiplier": 1}   # full fine-tuning's, so the retention column compares like with like
 
+    @classmethod
+    def replaces_modules(cls, options: dict) -> bool:
+        return options["granularity"] != "matrix"   # row and block swap in RowMaskedLinear layers
+
     def apply(self, model, targets, **options):
         from ..hft import HalfFineTuner  # noqa: PLC0415
         if targets is not None:

@@ -104,14 +104,19 @@ def _shape(shape, what) -> tuple[int, int]:
 
 
 def _dtype_name(dtype, what: str) -> str | None:
-    """The name of a torch dtype given as a dtype or its name ('bfloat16'); None stays None."""
+    """The weight dtype's name, information only: a torch dtype or a string naming one ('bfloat16',
+    'torch.bfloat16', 'half') gives torch's name ('float16'); another string is kept as given (files may
+    name it their way); None stays None; anything else is refused."""
     if dtype is None:
         return None
-    name = dtype if isinstance(dtype, str) else str(dtype).replace("torch.", "") if isinstance(dtype, torch.dtype) \
-        else None
-    if name is None or not isinstance(getattr(torch, name, None), torch.dtype):
-        raise SparseDeltaError(f"{what}: dtype must be a torch dtype or its name (e.g. 'bfloat16'), got {dtype!r}")
-    return name
+    if isinstance(dtype, str):
+        named = getattr(torch, dtype.removeprefix("torch."), None)
+        dtype = named if isinstance(named, torch.dtype) else dtype
+    if isinstance(dtype, torch.dtype):
+        return str(dtype).replace("torch.", "")
+    if isinstance(dtype, str):
+        return dtype
+    raise SparseDeltaError(f"{what}: dtype must be a torch dtype or a name (e.g. 'bfloat16'), got {dtype!r}")
 
 
 # ----------------------------------------------------------------------------------------- SparseDelta
