@@ -12,6 +12,8 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
    Hadamard (three fp16 parts per operand) against a memcpy of the same bytes, and the fused per-token
    rotate + W4 fake quant against the reference backend, which float32 rows ran on the GPU before.
    No goal in the issue (its goals are for 16-bit rows).
+   Also (GPU) the Hadamard rows alone at 4096 x {3584, 5120}, hidden sizes with a factor that the CUDA
+   block kernel serves: whether auto should take it over Triton for factored sizes (ops/roste.py).
 4. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
    activation codes, int8 tensor-core GEMM with in-tile 4-bit unpacking) against its fake-quant path and
    the bf16 nn.Linear. No goal in the issue; the speed-up over bf16 is what the export is for.
@@ -27,6 +29,7 @@ import torch
 from .core import linear_host_rows, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
+FACTORED = (3584, 5120)   # Qwen2.5-7B's hidden size (28 x 128), Llama-2-13B's (40 x 128): both CUDA kernels serve them
 TINY = ((64, 768),)
 GOAL_MEMCPY = 1.15
 GOAL_FUSED = 2.0
@@ -65,7 +68,8 @@ def _hadamard_backends(x, on_gpu: bool) -> list[str]:
     return [b for b in ("cuda", "triton") if B.can_serve(b, x.device, has)[0] and (b != "cuda" or not _ext_refuses(x))]
 
 
-def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
+def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[dict]:
+    """The rows of one shape (fused=False: the Hadamard rows alone)."""
     from ..ops.roste import hadamard, rotate_fake_quant
     device = "cuda" if on_gpu else "cpu"
     dt = torch.bfloat16 if on_gpu else torch.float32
@@ -87,6 +91,8 @@ def size_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
         rows.append(row("hadamard (orthonormal)", shape, str(dt)[6:], hb, "memcpy (copy_ of the same bytes)", had,
                         cp[0], roofline_pct(had[0], moved, flops if hb == "triton" else 0.0), note=note))
 
+    if not fused:
+        return rows
     bits, clip = 4, 0.95
     fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))
     unf = timer(_unfused(x, bits, clip, backend))
@@ -151,6 +157,8 @@ def sections(timer, quick: bool) -> list:
     out = [(f"Hadamard and rotate+quant at {m}x{n}", lambda m=m, n=n: size_rows(timer, m, n, on_gpu))
            for m, n in shapes]
     if on_gpu:
+        out += [(f"Hadamard at 4096x{n} (factor {n // 128}: CUDA block kernel or Triton under auto)",
+                 lambda n=n: size_rows(timer, 4096, n, on_gpu, fused=False)) for n in FACTORED]
         out += [(f"float32 rows at 4096x{n}", lambda n=n: fp32_rows(timer, 4096, n)) for n in (4096, 11008)]
     return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
                                                                on_gpu)),
