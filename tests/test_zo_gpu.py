@@ -19,8 +19,9 @@ def _mixed(device, n=60):
         ts.append((torch.randn(1 + 977 * i, generator=g) * 0.05).to(dt).to(device))
     big = torch.randn(3 * 8192 * 4 + 13, generator=g).bfloat16().to(device)
     base = torch.randn(2 * 4099, generator=g).bfloat16().to(device)
-    # two disjoint unaligned views (byte offsets 2 and 8204); zo_apply_ refuses views sharing a data_ptr
-    return ts + [big, base[1:4099], base[4099 + 3:2 * 4099 - 8]]
+    wide = torch.randn(3 * 8192 + 5, generator=g).to(device)   # float32: whole chunks of an unaligned view
+    # disjoint unaligned views (byte offsets 2 and 8204; 4); zo_apply_ refuses views sharing a data_ptr
+    return ts + [big, base[1:4099], base[4099 + 3:2 * 4099 - 8], wide[1:]]
 
 
 @pytest.mark.parametrize("kw", [dict(seeds=[3], coeffs=[1e-3]),

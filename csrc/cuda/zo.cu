@@ -10,6 +10,12 @@ namespace zo {
 
 __device__ const float kTableDev[FT_ZO_TABLE_N + 1] = {FT_ZO_TABLE_VALUES};
 
+// One 16-byte store (p 16-byte aligned). A uint4 assignment here compiled to four 32-bit stores (fp32: eight)
+// in the PTX: the compiler split the struct and did not merge the parts again.
+__device__ __forceinline__ void st_global_v4(void* p, uint32_t x, uint32_t y, uint32_t z, uint32_t w) {
+  asm volatile("st.global.v4.b32 [%0], {%1, %2, %3, %4};" ::"l"(p), "r"(x), "r"(y), "r"(z), "r"(w) : "memory");
+}
+
 // The kElemsPerThread elements at e as they are stored: one 16-byte vector (two for fp32).
 template <int DT>
 struct Vec {
@@ -45,13 +51,13 @@ __device__ __forceinline__ void vec_unpack(const Vec<DT>& v, uint32_t a[4], uint
 
 template <int DT>
 __device__ __forceinline__ void vec_store(void* base, int64_t e, const uint32_t a[4], const uint32_t b[4]) {
-  if (DT == FT_F32) {
-    uint4* p = reinterpret_cast<uint4*>(static_cast<uint32_t*>(base) + e);
-    p[0] = make_uint4(a[0], a[1], a[2], a[3]);
-    p[1] = make_uint4(b[0], b[1], b[2], b[3]);
+  if constexpr (DT == FT_F32) {
+    uint32_t* p = static_cast<uint32_t*>(base) + e;
+    st_global_v4(p, a[0], a[1], a[2], a[3]);
+    st_global_v4(p + 4, b[0], b[1], b[2], b[3]);
   } else {
-    *reinterpret_cast<uint4*>(static_cast<uint16_t*>(base) + e) =
-        make_uint4(a[0] | (a[1] << 16), a[2] | (a[3] << 16), b[0] | (b[1] << 16), b[2] | (b[3] << 16));
+    st_global_v4(static_cast<uint16_t*>(base) + e, a[0] | (a[1] << 16), a[2] | (a[3] << 16), b[0] | (b[1] << 16),
+                 b[2] | (b[3] << 16));
   }
 }
 
@@ -85,9 +91,9 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
   constexpr int64_t kStep = (int64_t)kThreads * kElemsPerThread;
   // A whole chunk of an aligned tensor: the load of a thread's next vector is issued before the arithmetic
   // on its current one (SASS: at the second Philox round), so a load is in flight while the thread computes.
-  // The loop this replaces loaded each vector after the previous one's arithmetic: one memory round trip
-  // per 8 elements, nothing in flight meanwhile (1974 GB/s on an H200 against torch's 2818 for the same
-  // bytes, bench/results/zo.csv). Holding the next vector costs registers: 4 blocks of 256 an SM (64
+  // The loop this replaces loaded each vector after the previous one's arithmetic: a round trip per 8
+  // elements with nothing of this thread's in flight during its arithmetic, which only other warps could
+  // overlap (1974 GB/s on an H200 against torch's 2818 for the same bytes, bench/results/zo.csv). Holding the next vector costs registers: 4 blocks of 256 an SM (64
   // registers on sm_90a, no spills) instead of 5 (48, and the prefetch spilled).
   if (aligned && chunk0 + kChunk <= m.numel) {
     int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread;
@@ -104,7 +110,7 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
     }
     return;
   }
-  // a tensor's last chunk, or a tensor that is not 16-byte aligned: element by element, four to a group
+  // a tensor's last chunk when it is partial, or a tensor that is not 16-byte aligned: element by element
   for (int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread; e < end; e += kStep) {
     scalar_group<DT, MODE, NOISE, ROUND>(p, o, table, m.ptr, end, (uint64_t)(e >> 2), m.tensor_id);
     scalar_group<DT, MODE, NOISE, ROUND>(p, o, table, m.ptr, end, (uint64_t)(e >> 2) + 1, m.tensor_id);
