@@ -551,8 +551,8 @@ def test_a_merged_lora_bias_takes_the_weights_requires_grad():
 @pytest.mark.parametrize("method,options", [("lora", {"target_modules": ["q_proj"]}), ("hft", {})])
 def test_unpatch_after_an_assign_load_restores_the_models_flags(method, options):
     """load_state_dict(assign=True) on a patched model puts new Parameters into every module (they keep the
-    patch's flags: LoRA freezes the embeddings and norms, HFT half the matrices); unpatch gives the model's parameters, new ones
-    included, the flags they had before the patch."""
+    patch's flags: LoRA freezes the embeddings and norms, HFT half the matrices); unpatch gives the model's
+    parameters, new ones included, the flags they had before the patch."""
     m = transformers.LlamaForCausalLM(_llama_cfg(tie_word_embeddings=True))   # the assign-load unties lm_head
     m.model.norm.weight.requires_grad_(False)
     before = {n: p.requires_grad for n, p in m.named_parameters(remove_duplicate=False)}

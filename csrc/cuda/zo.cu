@@ -93,8 +93,9 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
   // on its current one (SASS: at the second Philox round), so a load is in flight while the thread computes.
   // The loop this replaces loaded each vector after the previous one's arithmetic: a round trip per 8
   // elements with nothing of this thread's in flight during its arithmetic, which only other warps could
-  // overlap (1974 GB/s on an H200 against torch's 2818 for the same bytes, bench/results/zo.csv). Holding the next vector costs registers: 4 blocks of 256 an SM (64
-  // registers on sm_90a, no spills) instead of 5 (48, and the prefetch spilled).
+  // overlap (1974 GB/s on an H200 against torch's 2818 for the same bytes, bench/results/zo.csv). Holding
+  // the next vector costs registers: 4 blocks of 256 an SM (64 registers on sm_90a, no spills) instead of
+  // 5 (48, and the prefetch spilled).
   if (aligned && chunk0 + kChunk <= m.numel) {
     int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread;
     Vec<DT> next = vec_raw<DT>(m.ptr, e);

@@ -29,7 +29,7 @@ import torch
 from .core import linear_host_rows, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
-FACTORED = (3584, 5120)   # Qwen2.5-7B's hidden size (28 x 128), Llama-2-13B's (40 x 128): both CUDA kernels serve them
+FACTORED = (3584, 5120)   # hidden sizes of Qwen2.5-7B (28 x 128) and Llama-2-13B (40 x 128): both kernels serve them
 TINY = ((64, 768),)
 GOAL_MEMCPY = 1.15
 GOAL_FUSED = 2.0
