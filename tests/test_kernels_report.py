@@ -129,6 +129,19 @@ def test_spills_and_errors_are_defects():
     assert K.defects(row) == ["triton k [] on sm_80: compile failed: boom"]
 
 
+def test_a_kernel_built_for_16_byte_accesses_needs_them_in_its_sass():
+    """zo_apply_kernel's 16-byte stores once compiled to four 32-bit stores each: a kernel listed in VECTOR_IO
+    whose SASS lacks 128-bit loads or stores is a defect; one that has them, or another kernel, is not."""
+    row = dict(source="cuda", kernel="fusedtune::zo::zo_apply_kernel", target="sm_90a", regs=64, spill_bytes=0,
+               local_insts=0)
+    assert any("no 128-bit stores" in d for d in K.defects(K._row(**row, ldg128=8, stg128=0)))
+    assert any("no 128-bit loads or stores" in d for d in K.defects(K._row(**row, ldg128=0, stg128=0)))
+    assert K.defects(K._row(**row, ldg128=8, stg128=4)) == []
+    assert K.defects(K._row(**{**row, "kernel": "fusedtune::hft::other_kernel"}, ldg128=0, stg128=0)) == []
+    had = dict(row, kernel="fusedtune::roste::hadamard_kernel<1, 28, false>")
+    assert K.defects(K._row(**had, ldg128=4, stg128=0)) == []      # the factor stage's 16-bit stores
+
+
 def test_sass_and_res_usage_parsers():
     res = """
 Fatbin elf code:
@@ -149,9 +162,14 @@ Resource usage:
         /*0030*/                   STL [R1], R2 ;                         /* 0x0 */
         /*0040*/                   HMMA.16816.F32 R64, R32, R24, R64 ;    /* 0x0 */
         /*0050*/                   IGMMA.64x128x32.S32.S8.S8 R24, gdesc[UR4], R24 ; /* 0x0 */
+        /*0060*/              @!P1 LDG.E.128 R4, desc[UR34][R22.64+0x1000] ; /* 0x0 */
+        /*0070*/                   LDGSTS.E.BYPASS.128 [R3], desc[UR4][R4.64] ; /* 0x0 */
+        /*0080*/                   STG.E.128 desc[UR34][R2.64], R4 ; /* 0x0 */
+        /*0090*/                   STG.E desc[UR34][R2.64], R4 ; /* 0x0 */
 """
     c = K.parse_sass(sass)[("sm_90a", "_ZN9fusedtune3fam6kernelEv")]
-    assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["IGMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 1, 6)
+    assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["IGMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 1, 10)
+    assert (c["LDG128"], c["STG128"]) == (2, 1)
     assert K.demangle(["_ZN9fusedtune3fam6kernelEv"]) == {"_ZN9fusedtune3fam6kernelEv": "fusedtune::fam::kernel"}
     assert K._demangle_fallback("_ZN9fusedtune2zo15zo_apply_kernelENS0_6LaunchE") == "fusedtune::zo::zo_apply_kernel"
     assert K._strip_signature("void ns::k<float, 4>(ns::A, int)") == "ns::k<float, 4>"

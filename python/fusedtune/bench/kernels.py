@@ -113,7 +113,7 @@ def parse_sass(text: str) -> dict:
         m = re.match(r"\s*Function : (\S+)", line)
         if m:
             fn = m.group(1)
-            out[(arch, fn)] = dict.fromkeys(TC_OPS + ("LDL", "STL", "insts"), 0)
+            out[(arch, fn)] = dict.fromkeys(TC_OPS + ("LDL", "STL", "insts", "LDG128", "STG128"), 0)
             continue
         if fn is None:
             continue
@@ -130,6 +130,8 @@ def parse_sass(text: str) -> dict:
         c["insts"] += 1
         if op in c:
             c[op] += 1
+        if ".128" in toks[0] and op in ("LDG", "LDGSTS", "STG"):   # 16-byte global accesses (cp.async included)
+            c["STG128" if op == "STG" else "LDG128"] += 1
     return out
 
 
@@ -195,8 +197,8 @@ def _row(**kw) -> dict:
     row = {"source": None, "family": None, "kernel": None, "config": "", "target": None, "cc": None,
            "gemm": False, "regs": None, "spill_bytes": None, "stack_bytes": None, "local_bytes": None,
            "local_insts": None, "smem": None, "smem_static": None, "smem_dynamic": None,
-           **dict.fromkeys(TC_OPS), "tc_insts": None, "insts": None, "mangled": None, "error": None,
-           "requires": None, "notes": []}
+           **dict.fromkeys(TC_OPS), "tc_insts": None, "insts": None, "ldg128": None, "stg128": None,
+           "mangled": None, "error": None, "requires": None, "notes": []}
     row.update(kw)
     return row
 
@@ -212,6 +214,7 @@ def _fill_from_cubin_stats(row: dict, res: dict | None, sass: dict | None):
         row["tc_insts"] = sum(sass[op] for op in TC_OPS)
         row["local_insts"] = sass["LDL"] + sass["STL"]
         row["insts"] = sass["insts"]
+        row["ldg128"], row["stg128"] = sass["LDG128"], sass["STG128"]
 
 
 # config keys that describe the launch rather than being triton.compile options
@@ -475,6 +478,14 @@ def _family_of(name: str) -> str | None:
 
 # ----------------------------------------------------------------------------- checks and output
 
+# CUDA kernels built to move 16 bytes per global access (their sources say so), by name prefix: which
+# accesses the SASS must show as 128-bit (LDG / cp.async LDGSTS, STG). A uint4 assignment can compile to
+# four 32-bit stores: zo_apply_kernel's did, unseen until its PTX was read. (hadamard_kernel's factor stage
+# stores 16-bit outputs one by one: loads only.)
+VECTOR_IO = {"fusedtune::zo::zo_apply_kernel": ("ldg128", "stg128"),
+             "fusedtune::roste::hadamard_warp_kernel": ("ldg128", "stg128"),
+             "fusedtune::roste::hadamard_kernel": ("ldg128",)}
+
 # The most shared memory one block may use (static + dynamic), per target (CUDA programming guide).
 SMEM_MAX = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,
             "sm_90a": 227 * 1024}
@@ -489,6 +500,11 @@ def defects(row: dict) -> list[str]:
     if (row.get("spill_bytes") or 0) > 0 or (row.get("local_insts") or 0) > 0:
         out.append(f"{where}: spills / local memory: {row['stack_bytes']} B stack, {row['local_bytes']} B local, "
                    f"{row['local_insts']} LDL/STL instructions")
+    wants = next((v for k, v in VECTOR_IO.items() if str(row.get("kernel")).startswith(k)), ())
+    short = [w for w in wants if row.get(w) == 0]
+    if row.get("source") == "cuda" and short:
+        out.append(f"{where}: built for 16-byte global accesses, but the SASS has no 128-bit "
+                   f"{' or '.join('loads' if w == 'ldg128' else 'stores' for w in short)}")
     cap = SMEM_MAX.get(str(row.get("target")))
     if cap is not None and (row.get("smem") or 0) > cap:
         out.append(f"{where}: needs {row['smem']} B of shared memory, the target allows {cap} B per block "
