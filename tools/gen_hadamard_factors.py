@@ -10,7 +10,7 @@ import os
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ORDERS = (12, 20, 28, 36, 40, 44)       # the kernels' factors (hadamard_math.h kMaxM = 44)
+ORDERS = (12, 28, 36, 40, 44)   # the kernels' factors (kMaxM = 44; 20 never: split_size takes 40 for 20 * 2^k)
 
 
 def masks(m: int) -> list[int]:

@@ -81,13 +81,12 @@ at::Tensor hadamard_cpu(const at::Tensor& x, double scale, at::IntArrayRef neg_m
   switch (a.plan.m) {
     case 1: run<1>(x, out, a, (float)scale); break;
     case 12: run_factor<12>(x, out, a, (float)scale); break;
-    case 20: run_factor<20>(x, out, a, (float)scale); break;
     case 28: run_factor<28>(x, out, a, (float)scale); break;
     case 36: run_factor<36>(x, out, a, (float)scale); break;
     case 40: run_factor<40>(x, out, a, (float)scale); break;
     case 44: run_factor<44>(x, out, a, (float)scale); break;
     default:
-      TORCH_CHECK(false, "hadamard_kernel: factor order ", a.plan.m, " is not compiled (1, 12, 20, 28, 36, 40, 44)");
+      TORCH_CHECK(false, "hadamard_kernel: factor order ", a.plan.m, " is not compiled (1, 12, 28, 36, 40, 44)");
   }
   return out;
 }

@@ -314,7 +314,6 @@ cudaError_t launch_dtype(const void* x, void* out, int64_t rows, const Plan& pl,
   switch (pl.m) {
     case 1: return launch<DT, 1>(x, out, rows, pl, scale, stream);
     case 12: return launch_factor<DT, 12>(x, out, rows, pl, transpose, scale, stream);
-    case 20: return launch_factor<DT, 20>(x, out, rows, pl, transpose, scale, stream);
     case 28: return launch_factor<DT, 28>(x, out, rows, pl, transpose, scale, stream);
     case 36: return launch_factor<DT, 36>(x, out, rows, pl, transpose, scale, stream);
     case 40: return launch_factor<DT, 40>(x, out, rows, pl, transpose, scale, stream);

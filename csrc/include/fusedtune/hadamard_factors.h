@@ -8,7 +8,7 @@ namespace roste {
 
 // The m compiled into the kernels.
 FT_HD constexpr bool factor_compiled(int m) {
-  return m == 12 || m == 20 || m == 28 || m == 36 || m == 40 || m == 44;
+  return m == 12 || m == 28 || m == 36 || m == 40 || m == 44;
 }
 
 // Row i of H_m (0 when m is not compiled).
@@ -16,12 +16,6 @@ FT_HD constexpr uint64_t factor_row(int m, int i) {
   if (m == 12) {
     constexpr uint64_t t[12] = {0x0ull, 0x475ull, 0x8e9ull, 0x1d3ull, 0x3a5ull, 0x749ull, 0xe91ull, 0xd23ull,
       0xa47ull, 0x48full, 0x91dull, 0x23bull};
-    return t[i];
-  }
-  if (m == 20) {
-    constexpr uint64_t t[20] = {0x0ull, 0x615e5ull, 0xc2bc9ull, 0x85793ull, 0xaf27ull, 0x15e4dull, 0x2bc99ull,
-      0x57931ull, 0xaf261ull, 0x5e4c3ull, 0xbc985ull, 0x7930bull, 0xf2615ull, 0xe4c2bull, 0xc9857ull, 0x930afull,
-      0x2615full, 0x4c2bdull, 0x98579ull, 0x30af3ull};
     return t[i];
   }
   if (m == 28) {

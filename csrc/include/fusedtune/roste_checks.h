@@ -29,7 +29,7 @@ inline HadamardArgs hadamard_check(const at::Tensor& x, at::ArrayRef<int64_t> ne
   TORCH_CHECK(m <= roste::kMaxM && n % m == 0, "hadamard_kernel: factor order ", m, " does not fit n = ", n,
               " (at most ", roste::kMaxM, ")");
   TORCH_CHECK(m == 1 || roste::factor_compiled((int)m), "hadamard_kernel: factor order ", m,
-              " is not compiled (1, 12, 20, 28, 36, 40, 44)");
+              " is not compiled (1, 12, 28, 36, 40, 44)");
   const int64_t p = n / m;
   TORCH_CHECK(p > 0 && (p & (p - 1)) == 0, "hadamard_kernel: n / m = ", p, " is not a power of two");
   TORCH_CHECK(n <= roste::kMaxN && roste::make_plan((int)m, (int)p, gpu, &a.plan), "hadamard_kernel: n = ", n,

@@ -43,7 +43,8 @@ from ._eager import EagerOp
 
 _HAS = ("reference", "cpu", "triton")          # rotate_fake_quant ("cpu": the reference math)
 _HAD_HAS = ("reference", "cpu", "cuda", "triton")
-CUDA_FACTORS = (1, 12, 20, 28, 36, 40, 44)      # the factor orders the extension's kernels are compiled for
+# the factor orders the extension's kernels are compiled for (20 never comes up: 20 * 2^k splits as 40 * 2^(k-1))
+CUDA_FACTORS = (1, 12, 28, 36, 40, 44)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
 
