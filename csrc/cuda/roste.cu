@@ -110,17 +110,10 @@ __device__ __forceinline__ void lane_stage(float v[kE], int lane, int st) {
   for (int e = 0; e < kE; ++e) v[e] = __fmaf_rn(v[e], sgn, __shfl_xor_sync(0xffffffffu, v[e], 1 << st));
 }
 
-// one value rounded to nearest even into a 16-bit dtype (the bits in the low half)
+// one value rounded to nearest even into a 16-bit dtype (the bits in the low half): pack2's conversion
 template <int DT>
 __device__ __forceinline__ uint16_t round16(float v) {
-#if __CUDA_ARCH__ >= 800
-  uint16_t d;
-  if (DT == FT_BF16) asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(d) : "f"(v));
-  else asm("cvt.rn.f16.f32 %0, %1;" : "=h"(d) : "f"(v));
-  return d;
-#else
-  return (uint16_t)round_rne(v, DT);
-#endif
+  return (uint16_t)pack2<DT>(v, 0.0f);
 }
 
 template <int DT, int M, bool T>
