@@ -33,12 +33,12 @@ _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the refere
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _REF_FLOATS = _FLOATS + (torch.float64,)   # the reference also runs float64 (gradcheck)
 _NO_SEED = torch.zeros((), dtype=torch.int64)   # the seed of calls without dropout (read only, shared)
-# in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. On an H200 (bench/results/lora.csv,
-# second run, 2026-11-30) a 16-token gate/up forward+backward took 1.37 ms in-GEMM (split K, byte tiles)
-# against 1.47 ms with the buffer, and at 4096 tokens 53 ms against 1.6 ms: 16 is the largest row count
-# measured on the in-GEMM side of the crossover (the first run's in-GEMM path, before split-K, took 5.84 ms
-# at 16). The bench times both schedules at every token count.
-NF4_FUSED_MAX_ROWS = 16
+# in-GEMM NF4 dequant up to this many rows; a dequantized buffer above. 0: the buffer everywhere. On an H200
+# (bench/results/h200_2026-11-30.md) a 16-token gate/up forward+backward took 1.37 ms in-GEMM against 1.47 ms
+# with the buffer in the second run and 1.52 against 0.96 ms in the third (p20 1.38 / 0.89): both host-bound;
+# the buffer lost by 7% in one run and won by 37% in the other. 53 vs 1.6 ms at 4096.
+# The bench times both schedules at every token count.
+NF4_FUSED_MAX_ROWS = 0
 
 
 class LoRAUnsupported(NotImplementedError):

@@ -120,8 +120,6 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
             if nxt == "reference":
                 _backend.warn_once(("hadamard", name, n), f"fusedtune: hadamard: {why}; running the reference")
             name = nxt
-        elif name == "cuda" and _backend.requested(backend) != "cuda" and _prefer_triton(x):
-            name = "triton"
     name = _rotation_backend("hadamard", x, name, backend)
     return _hadamard(x.contiguous(), s, bool(transpose), name)
 
@@ -139,16 +137,6 @@ def _ext_refuses(x) -> str:
         if 4 * n > optin:
             return f"a row of {n} needs {4 * n} bytes of shared memory; this GPU allows {optin}"
     return ""
-
-
-def _prefer_triton(x) -> bool:
-    """Under auto on a GPU, rows with a Hadamard factor (m > 1) take the Triton kernel over the CUDA block
-    kernel: on an H200 the CUDA kernel took 8.1x a memcpy at 4096 x 14336 (m = 28) and Triton 3.3x
-    (bench/results/roste.csv, 2026-11-30). Powers of two keep the CUDA kernels (2.6x against Triton's 7.2x
-    at 4096, before the warp kernel). The CUDA block kernel's factor stage has changed since (compiled signs,
-    work spread over every thread) and is unmeasured: the cuda rows of `bench roste` at 14336 decide."""
-    return x.device.type == "cuda" and href.split_size(x.shape[-1])[0] != 1 and _triton_serves(x.shape[-1]) \
-        and _backend.can_serve("triton", x.device, frozenset(_HAD_HAS))[0]
 
 
 def _triton_serves(n: int) -> bool:
