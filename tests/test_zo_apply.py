@@ -100,6 +100,60 @@ def test_drift_over_many_steps_bf16():
     assert drift(ours) * 5 < drift(naive), (drift(ours), drift(naive))
 
 
+def undo_edge_values(dtype) -> torch.Tensor:
+    """Values where the undo's preimage search leaves round(x - dp): powers of two (a move into the coarser
+    binade has two preimages), the largest finite values (x - dp rounds to infinity), zeros of both signs,
+    subnormals, infinities and NaN; beside ordinary weights."""
+    big = torch.finfo(dtype).max
+    tiny = torch.finfo(dtype).smallest_normal
+    v = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.25, 1024.0, big, -big, big * 0.999, 0.0, -0.0, tiny, -tiny,
+                      tiny / 8, 3e-3, -0.07, 0.0123, float("inf"), float("-inf"), float("nan")], dtype=torch.float64)
+    g = torch.Generator().manual_seed(0)
+    return torch.cat([v, torch.randn(300, dtype=torch.float64, generator=g) * 0.05]).to(dtype).repeat(8)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pc", [1e-3, -0.75, 1e38, float("inf")])   # (a NaN result's sign is the hardware's)
+def test_undo_edges_bit_identical(dtype, pc):
+    """The CPU kernel's undo (zo_math.h invert: one neighbour, on x's side) against the reference's (both
+    neighbours in order), at the values where the search moves off round(x - dp); same-seed undo (MeZO's
+    compiled path) and an undo of another seed (the generic path)."""
+    for kw in (dict(seeds=[21], coeffs=[-pc], undo=([21], [pc])), dict(seeds=[22], coeffs=[1e-3], undo=([23], [pc]))):
+        def run(b):
+            t = undo_edge_values(dtype)
+            zo_apply_(t, backend=b, **kw)
+            return [t]
+        checked = check_backends(run, "cpu", exact=True)
+        assert checked or not fusedtune._ext.loaded()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_undo_neighbour_search_bit_identical_over_every_pattern(dtype):
+    """Every 16-bit pattern and its forward image under dyadic deltas (Rademacher noise: dp = +-pc exactly),
+    where round(x - dp) can miss x and a neighbour is the preimage (ties, zeros of both signs, subnormals):
+    the CPU kernel's one-sided neighbour search against the reference's search of both."""
+    from fusedtune.reference import zo as zref
+    every = torch.arange(1 << 16, dtype=torch.int64)
+    searched = 0
+    for pc in (2.0 ** -25, -3 * 2.0 ** -26, 2.0 ** -9, 3 * 2.0 ** -12, -5 * 2.0 ** -134):
+        start = zref.as_dtype(every, dtype)
+        image = start.clone()
+        zo_apply_(image, [4], [pc], noise="rademacher", backend="reference")
+        x = torch.cat([start, image])
+        for b in ["cpu"] if fusedtune._ext.loaded() else []:
+            want, got = x.clone(), x.clone()
+            zo_apply_(want, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend="reference")
+            zo_apply_(got, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend=b)
+            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (pc, b)
+        # how often the search left round(x - dp): the elements this test is about
+        bits = x.view(torch.int16).to(torch.int64) & 0xFFFF
+        dp = zref.zo_noise(x.shape, 4, noise="rademacher") * pc
+        xv = zref.from_bits(bits, dtype)
+        b0 = zref.to_bits(xv - dp, dtype)
+        searched += int((torch.isfinite(xv) & (zref.invert(bits, dp, dtype) != b0)).sum())
+    assert searched > 0
+
+
 def test_stochastic_rounding_is_unbiased_and_seeded():
     w = torch.ones(1 << 18, dtype=torch.bfloat16)  # ulp(1) = 2^-7: a 1e-3 update is under half an ulp
     z = fusedtune.ops.zo_noise(w.shape, 3, noise="rademacher")

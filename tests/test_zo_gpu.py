@@ -51,6 +51,25 @@ def test_gpu_backends_and_cpu_bit_identical(kw):
     assert_same_bits([t.cpu() for t in run("cuda")], cpu, "cuda vs cpu")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_undo_neighbour_search_cuda_equals_cpu_over_every_pattern(dtype):
+    """The undo's one-sided, branch-free neighbour search (zo_math.h invert) on the GPU: every non-NaN 16-bit
+    pattern and its forward image under dyadic deltas (ties, both zeros, subnormals), whole chunks, bit-equal
+    to the CPU kernel. (A NaN's sign is the hardware's: x86 keeps it, the GPU gives +NaN.)"""
+    from fusedtune.reference import zo as zref
+    every = torch.arange(1 << 16, dtype=torch.int64)
+    every = every[~torch.isnan(zref.from_bits(every, dtype))]
+    for pc in (2.0 ** -25, -3 * 2.0 ** -26, 2.0 ** -9, 3 * 2.0 ** -12, -5 * 2.0 ** -134):
+        start = zref.as_dtype(every, dtype)
+        image = start.clone()
+        zo_apply_(image, [4], [pc], noise="rademacher", backend="reference")
+        x = torch.cat([start, image])
+        cpu, gpu = x.clone(), x.cuda()
+        zo_apply_(cpu, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend="cpu")
+        zo_apply_(gpu, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend="cuda")
+        assert_same_bits([gpu.cpu()], [cpu], f"undo of {pc}, cuda vs cpu")
+
+
 def test_more_tensors_than_one_launch_holds():
     def mk(d):
         g = torch.Generator().manual_seed(4)

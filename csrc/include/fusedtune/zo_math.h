@@ -91,19 +91,36 @@ FT_HD uint32_t f32_to_f16_sr(float v, uint32_t rnd) {
 
 // Undo one earlier application: the stored bits x were written as round_rne(w + dp). Returns the
 // bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
-// its two neighbours. Exact whenever the preimage is unique (same-binade moves); otherwise one of
-// the valid preimages, at most one step of x's format away.
+// its two neighbours, in that order (docs/zo_noise.md). Exact whenever the preimage is unique (same-binade
+// moves); otherwise one of the valid preimages, at most one step of x's format away.
+// The forward image f(b) = round(b + dp) does not decrease as b grows, in the order of values with -0
+// below +0 (an fp32 sum is -0 only when both terms are, and dp never is -0: it is summed from +0; a negative
+// sum that rounds to zero in a 16-bit format is -0). So when f(w0) misses x, only the neighbour on x's side
+// can hit it: the lower one when f(w0) lies above x in that order, else the upper one. Checking that one
+// neighbour returns what checking both in order returns, with one rounding fewer; and without a branch: a
+// warp's lanes miss w0 at different elements, so a branch would be taken by nearly every warp.
+// In 32-bit arithmetic (every format's order fits; the GPU does 64-bit integer adds and compares in two
+// instructions each): the value order with -0 just below +0, and the bits one step of bits_to_ord's
+// order (both zeros at 0) below or above b: ord_to_bits(bits_to_ord(b) -+ 1), with the same wrap at the
+// top of fp32's NaN patterns.
+FT_HD int32_t signed_zero_key(uint32_t b, int dt) {
+  const uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u, mag = b & (sign - 1u);
+  return (b & sign) ? (int32_t)(0u - mag - 1u) : (int32_t)mag;
+}
+FT_HD uint32_t ord_neighbour(uint32_t b, int dt, bool down) {
+  const uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u, mag = b & (sign - 1u);
+  const uint32_t o = ((b & sign) ? 0u - mag : mag) + (down ? 0xFFFFFFFFu : 1u);   // ord -+ 1, mod 2^32
+  return (int32_t)o >= 0 ? o : (sign | (0u - o));
+}
+
 FT_HD uint32_t invert(uint32_t x, float dp, int dt) {
-  float xv = load_as_f32(x, dt);
-  if (!f32_isfinite(xv)) return x;
-  uint32_t b0 = round_rne(ft_sub(xv, dp), dt);
-  if (round_rne(ft_add(load_as_f32(b0, dt), dp), dt) == x) return b0;
-  int64_t o = bits_to_ord(b0, dt);
-  uint32_t bm = ord_to_bits(o - 1, dt);
-  if (round_rne(ft_add(load_as_f32(bm, dt), dp), dt) == x) return bm;
-  uint32_t bp = ord_to_bits(o + 1, dt);
-  if (round_rne(ft_add(load_as_f32(bp, dt), dp), dt) == x) return bp;
-  return b0;
+  const float xv = load_as_f32(x, dt);
+  const uint32_t b0 = round_rne(ft_sub(xv, dp), dt);
+  const uint32_t c0 = round_rne(ft_add(load_as_f32(b0, dt), dp), dt);
+  const uint32_t b1 = ord_neighbour(b0, dt, signed_zero_key(c0, dt) > signed_zero_key(x, dt));
+  const bool hit1 = round_rne(ft_add(load_as_f32(b1, dt), dp), dt) == x;
+  const uint32_t w = (c0 != x && hit1) ? b1 : b0;
+  return f32_isfinite(xv) ? w : x;
 }
 
 // The new value of one element: (alpha * w + delta) rounded once to the storage format.
