@@ -49,7 +49,7 @@ def zo_apply(dev):
     # the generic call, then MeZO's one-seed calls (MODE_ONE, MODE_SAME) over whole chunks of every dtype
     # (the prefetching loop) and partial last chunks
     ts = _inputs(dev, ((1000, 33), torch.bfloat16), ((4097,), torch.float32), ((5,), torch.float16),
-                 ((2, 8192 + 7), torch.float32), ((3, 8192), torch.float16))
+                 ((2, 32768 + 7), torch.float32), ((3, 32768), torch.float16))
     b = "cuda" if dev == "cuda" else "cpu"
     zo.zo_apply_(ts, [3, 4], [1e-3, -2e-3], backend=b)
     zo.zo_apply_(ts, [5], [1e-3], backend=b)

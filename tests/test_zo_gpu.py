@@ -17,9 +17,9 @@ def _mixed(device, n=60):
     for i in range(n):  # many tensors in one grid; odd sizes; all three dtypes
         dt = (torch.float32, torch.bfloat16, torch.float16)[i % 3]
         ts.append((torch.randn(1 + 977 * i, generator=g) * 0.05).to(dt).to(device))
-    big = torch.randn(3 * 8192 * 4 + 13, generator=g).bfloat16().to(device)
+    big = torch.randn(3 * 32768 + 13, generator=g).bfloat16().to(device)
     base = torch.randn(2 * 4099, generator=g).bfloat16().to(device)
-    wide = torch.randn(3 * 8192 + 5, generator=g).to(device)   # float32: whole chunks of an unaligned view
+    wide = torch.randn(3 * 32768 + 5, generator=g).to(device)   # float32: whole chunks of an unaligned view
     # disjoint unaligned views (byte offsets 2 and 8204; 4); zo_apply_ refuses views sharing a data_ptr
     return ts + [big, base[1:4099], base[4099 + 3:2 * 4099 - 8], wide[1:]]
 
