@@ -93,12 +93,15 @@ FT_HD uint32_t f32_to_f16_sr(float v, uint32_t rnd) {
 // bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
 // its two neighbours, in that order (docs/zo_noise.md). Exact whenever the preimage is unique (same-binade
 // moves); otherwise one of the valid preimages, at most one step of x's format away.
-// The forward image f(b) = round(b + dp) does not decrease as b grows, in the order of values with -0
-// below +0 (an fp32 sum is -0 only when both terms are, and dp never is -0: it is summed from +0; a negative
-// sum that rounds to zero in a 16-bit format is -0). So when f(w0) misses x, only the neighbour on x's side
-// can hit it: the lower one when f(w0) lies above x in that order, else the upper one. Checking that one
-// neighbour returns what checking both in order returns, with one rounding fewer; and without a branch: a
-// warp's lanes miss w0 at different elements, so a branch would be taken by nearly every warp.
+// w0 hits x for nearly every element (none of 250M undos of ordinary weights missed in a CPU harness; the
+// misses are ties under deltas with few significant bits), so the neighbour search is a branch, rarely
+// taken. A branch-free search (every element rounding a neighbour too) made MeZO's same-seed pass 36%
+// slower on an H200 although its loop had fewer instructions. In the branch one neighbour is checked: the
+// forward image f(b) = round(b + dp) does not decrease as b grows, in the order of values with -0 just
+// below +0 (an fp32 sum is -0 only when both terms are, and dp never is: it is summed from +0; a negative
+// sum that rounds to zero in a 16-bit format is -0), so when f(w0) misses x only the neighbour on x's side
+// can hit it: the lower one when f(w0) lies above x in that order, else the upper one. That returns what
+// checking both in order returns.
 // In 32-bit arithmetic (every format's order fits; the GPU does 64-bit integer adds and compares in two
 // instructions each): the value order with -0 just below +0, and the bits one step of bits_to_ord's
 // order (both zeros at 0) below or above b: ord_to_bits(bits_to_ord(b) -+ 1), with the same wrap at the
@@ -115,12 +118,12 @@ FT_HD uint32_t ord_neighbour(uint32_t b, int dt, bool down) {
 
 FT_HD uint32_t invert(uint32_t x, float dp, int dt) {
   const float xv = load_as_f32(x, dt);
+  if (!f32_isfinite(xv)) return x;
   const uint32_t b0 = round_rne(ft_sub(xv, dp), dt);
   const uint32_t c0 = round_rne(ft_add(load_as_f32(b0, dt), dp), dt);
+  if (c0 == x) return b0;
   const uint32_t b1 = ord_neighbour(b0, dt, signed_zero_key(c0, dt) > signed_zero_key(x, dt));
-  const bool hit1 = round_rne(ft_add(load_as_f32(b1, dt), dp), dt) == x;
-  const uint32_t w = (c0 != x && hit1) ? b1 : b0;
-  return f32_isfinite(xv) ? w : x;
+  return round_rne(ft_add(load_as_f32(b1, dt), dp), dt) == x ? b1 : b0;
 }
 
 // The new value of one element: (alpha * w + delta) rounded once to the storage format.
