@@ -101,9 +101,8 @@ def test_drift_over_many_steps_bf16():
 
 
 def undo_edge_values(dtype) -> torch.Tensor:
-    """Values where the undo's preimage search leaves round(x - dp): powers of two (a move into the coarser
-    binade has two preimages), the largest finite values (x - dp rounds to infinity), zeros of both signs,
-    subnormals, infinities and NaN; beside ordinary weights."""
+    """Powers of two (a move into the coarser binade has two preimages), the largest finite values (x - dp
+    rounds to infinity), zeros of both signs, subnormals, infinities and NaN; beside ordinary weights."""
     big = torch.finfo(dtype).max
     tiny = torch.finfo(dtype).smallest_normal
     v = torch.tensor([1.0, -1.0, 0.5, 2.0, -0.25, 1024.0, big, -big, big * 0.999, 0.0, -0.0, tiny, -tiny,
@@ -115,9 +114,10 @@ def undo_edge_values(dtype) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("pc", [1e-3, -0.75, 1e38, float("inf")])   # (a NaN result's sign is the hardware's)
 def test_undo_edges_bit_identical(dtype, pc):
-    """The CPU kernel's undo (zo_math.h invert: one neighbour, on x's side) against the reference's (both
-    neighbours in order), at the values where the search moves off round(x - dp); same-seed undo (MeZO's
-    compiled path) and an undo of another seed (the generic path)."""
+    """The CPU kernel's undo against the reference's at the format's edges: the largest values (x - dp
+    rounds to infinity), zeros, subnormals, infinities and NaN, under ordinary, huge and infinite deltas;
+    same-seed undo (MeZO's compiled path) and an undo of another seed (the generic path). (The neighbour
+    search itself: test_undo_neighbour_search_bit_identical.)"""
     for kw in (dict(seeds=[21], coeffs=[-pc], undo=([21], [pc])), dict(seeds=[22], coeffs=[1e-3], undo=([23], [pc]))):
         def run(b):
             t = undo_edge_values(dtype)
@@ -127,31 +127,44 @@ def test_undo_edges_bit_identical(dtype, pc):
         assert checked or not fusedtune._ext.loaded()
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_undo_neighbour_search_bit_identical_over_every_pattern(dtype):
-    """Every 16-bit pattern and its forward image under dyadic deltas (Rademacher noise: dp = +-pc exactly),
-    where round(x - dp) can miss x and a neighbour is the preimage (ties, zeros of both signs, subnormals):
-    the CPU kernel's one-sided neighbour search against the reference's search of both."""
+def undo_search_inputs(dtype) -> torch.Tensor:
+    """Stored values where round(x - dp) can miss x under a dyadic dp (a tie) and the undo's search moves to
+    a neighbour: every 16-bit pattern; for float32, the values at and next to powers of two of both signs
+    (the binade edges), zeros and subnormals."""
     from fusedtune.reference import zo as zref
-    every = torch.arange(1 << 16, dtype=torch.int64)
+    if dtype != torch.float32:
+        return zref.as_dtype(torch.arange(1 << 16, dtype=torch.int64), dtype)
+    p = torch.tensor([2.0 ** e for e in range(-30, 31)] + [0.0, 1e-45, 1.2e-38], dtype=torch.float32)
+    p = torch.cat([p, -p])
+    near = [p, torch.nextafter(p, torch.full_like(p, float("inf"))), torch.nextafter(p, torch.full_like(p, -float("inf")))]
+    return torch.cat(near).repeat(16)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_undo_neighbour_search_bit_identical(dtype):
+    """The undo's search where round(x - dp) misses x (ties under dyadic deltas: Rademacher noise makes dp =
+    +-pc exactly; both zeros; subnormals): x is each input and its forward image under the same element's dp.
+    The CPU kernel checks the one neighbour on x's side (zo_math.h invert), the reference checks both in
+    order; and the search must have moved some elements, or the test checks nothing."""
+    from fusedtune.reference import zo as zref
+    start = undo_search_inputs(dtype)
+    n = start.numel()
     searched = 0
-    for pc in (2.0 ** -25, -3 * 2.0 ** -26, 2.0 ** -9, 3 * 2.0 ** -12, -5 * 2.0 ** -134):
-        start = zref.as_dtype(every, dtype)
-        image = start.clone()
+    for pc in (2.0 ** -25, -2.0 ** -24, 2.0 ** -9, -5 * 2.0 ** -134, 2.0 ** -150, 3 * 2.0 ** -12):
+        image = torch.cat([start, start])
         zo_apply_(image, [4], [pc], noise="rademacher", backend="reference")
-        x = torch.cat([start, image])
+        x = torch.cat([start, image[n:]])      # the image at the positions (dp) that made it
         for b in ["cpu"] if fusedtune._ext.loaded() else []:
             want, got = x.clone(), x.clone()
             zo_apply_(want, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend="reference")
             zo_apply_(got, [4], [0.0], undo=([4], [pc]), noise="rademacher", backend=b)
-            assert torch.equal(got.view(torch.int16), want.view(torch.int16)), (pc, b)
-        # how often the search left round(x - dp): the elements this test is about
-        bits = x.view(torch.int16).to(torch.int64) & 0xFFFF
+            assert torch.equal(got.view(torch.uint8), want.view(torch.uint8)), (pc, b)
+        bits = x.view(torch.int32 if dtype == torch.float32 else torch.int16).to(torch.int64)
+        bits &= 0xFFFFFFFF if dtype == torch.float32 else 0xFFFF
         dp = zref.zo_noise(x.shape, 4, noise="rademacher") * pc
         xv = zref.from_bits(bits, dtype)
-        b0 = zref.to_bits(xv - dp, dtype)
-        searched += int((torch.isfinite(xv) & (zref.invert(bits, dp, dtype) != b0)).sum())
-    assert searched > 0
+        searched += int((torch.isfinite(xv) & (zref.invert(bits, dp, dtype) != zref.to_bits(xv - dp, dtype))).sum())
+    assert searched > 0, dtype
 
 
 def test_stochastic_rounding_is_unbiased_and_seeded():

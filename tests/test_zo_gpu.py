@@ -53,7 +53,7 @@ def test_gpu_backends_and_cpu_bit_identical(kw):
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_undo_neighbour_search_cuda_equals_cpu_over_every_pattern(dtype):
-    """The undo's one-sided, branch-free neighbour search (zo_math.h invert) on the GPU: every non-NaN 16-bit
+    """The undo's one-sided neighbour search (zo_math.h invert) on the GPU: every non-NaN 16-bit
     pattern and its forward image under dyadic deltas (ties, both zeros, subnormals), whole chunks, bit-equal
     to the CPU kernel. (A NaN's sign is the hardware's: x86 keeps it, the GPU gives +NaN.)"""
     from fusedtune.reference import zo as zref

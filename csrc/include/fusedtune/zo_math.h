@@ -93,8 +93,8 @@ FT_HD uint32_t f32_to_f16_sr(float v, uint32_t rnd) {
 // bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
 // its two neighbours, in that order (docs/zo_noise.md). Exact whenever the preimage is unique (same-binade
 // moves); otherwise one of the valid preimages, at most one step of x's format away.
-// w0 hits x for nearly every element (none of 250M undos of ordinary weights missed in a CPU harness; the
-// misses are ties under deltas with few significant bits), so the neighbour search is a branch, rarely
+// w0 hits x for nearly every element (in a CPU harness over every bf16 and fp16 pattern, 960 of 250M undos
+// missed, all ties under deltas with few significant bits; none under ordinary deltas), so the neighbour search is a branch, rarely
 // taken. A branch-free search (every element rounding a neighbour too) made MeZO's same-seed pass 36%
 // slower on an H200 although its loop had fewer instructions. In the branch one neighbour is checked: the
 // forward image f(b) = round(b + dp) does not decrease as b grows, in the order of values with -0 just

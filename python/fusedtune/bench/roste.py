@@ -13,7 +13,7 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
    rotate + W4 fake quant against the reference backend, which float32 rows ran on the GPU before.
    No goal in the issue (its goals are for 16-bit rows).
    Also (GPU) the Hadamard rows alone at 4096 x {3584, 5120}, hidden sizes with a factor that the CUDA
-   block kernel serves: whether auto should take it over Triton for factored sizes (ops/roste.py).
+   block kernel serves: CUDA against Triton where both serve (ops/roste.py _prefer_triton: which auto takes).
 4. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
    activation codes, int8 tensor-core GEMM with in-tile 4-bit unpacking) against its fake-quant path and
    the bf16 nn.Linear. No goal in the issue; the speed-up over bf16 is what the export is for.

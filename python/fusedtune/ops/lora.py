@@ -212,11 +212,11 @@ def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
 
 def nf4_path(M: int, nf4) -> str:
     """Which NF4 schedule a call with M rows takes: 'fused' (dequantized in the GEMM's tile load; weight
-    traffic 0.5 byte/element) for M <= NF4_FUSED_MAX_ROWS, else 'buffer' (dequantize once into a 16-bit
+    traffic 0.5 byte/element) for 0 < M <= NF4_FUSED_MAX_ROWS, else 'buffer' (dequantize once into a 16-bit
     buffer, then the GEMM: the dequant cost is amortized over many rows)."""
     if nf4 is None:
         return ""
-    return "fused" if M <= NF4_FUSED_MAX_ROWS else "buffer"
+    return "fused" if 0 < M <= NF4_FUSED_MAX_ROWS else "buffer"
 
 
 def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, bias=None, dropout_p=0.0,

@@ -120,6 +120,8 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
             if nxt == "reference":
                 _backend.warn_once(("hadamard", name, n), f"fusedtune: hadamard: {why}; running the reference")
             name = nxt
+        elif name == "cuda" and _backend.requested(backend) != "cuda" and _prefer_triton(x):
+            name = "triton"
     name = _rotation_backend("hadamard", x, name, backend)
     return _hadamard(x.contiguous(), s, bool(transpose), name)
 
@@ -137,6 +139,17 @@ def _ext_refuses(x) -> str:
         if 4 * n > optin:
             return f"a row of {n} needs {4 * n} bytes of shared memory; this GPU allows {optin}"
     return ""
+
+
+def _prefer_triton(x) -> bool:
+    """Under auto on a GPU, factored rows (m > 1) longer than 8192 take the Triton kernel where it serves.
+    On an H200 (bench/results/h200_2026-11-30.md, third and fourth runs) the CUDA block kernel beat Triton at
+    4096 x 3584 (2.6x against 5.0x a memcpy) and 4096 x 5120 (3.0x against 5.6x), and lost to it by 2.5% at
+    4096 x 14336 in both runs (3.34x against 3.26x; p20-p80 ranges apart): Triton's two GEMMs a row gain
+    with the row's length, the block kernel's factor stage does not. Sizes between 5120 and 14336 are
+    unmeasured; the cut is between the measured points."""
+    return x.device.type == "cuda" and x.shape[-1] > 8192 and href.split_size(x.shape[-1])[0] != 1 \
+        and _triton_serves(x.shape[-1]) and _backend.can_serve("triton", x.device, frozenset(_HAD_HAS))[0]
 
 
 def _triton_serves(n: int) -> bool:
