@@ -111,7 +111,18 @@ fi
 if [ "$CAP" = "9.0" ]; then ARCHS="9.0a"; else ARCHS="$CAP;9.0a"; fi
 export FUSEDTUNE_CUDA_ARCHS=${FUSEDTUNE_CUDA_ARCHS:-$ARCHS}
 export MAX_JOBS=${MAX_JOBS:-16}
-export FUSEDTUNE_COMMIT=${FUSEDTUNE_COMMIT:-$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)}
+# The commit the CSV rows and logs name. A copy of the working tree can carry an older .git than its files
+# (a device machine's copy once named the session's first commit for a tree three commits later): a tree
+# whose tracked files differ from HEAD is recorded as HEAD+modified, and said so.
+if [ -z "${FUSEDTUNE_COMMIT:-}" ]; then
+  FUSEDTUNE_COMMIT=$(git -C "$REPO" rev-parse --short HEAD 2>/dev/null || echo unknown)
+  if [ "$FUSEDTUNE_COMMIT" != unknown ] && [ -n "$(git -C "$REPO" status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+    echo "gpu_check: tracked files differ from commit $FUSEDTUNE_COMMIT: recorded as $FUSEDTUNE_COMMIT+modified" \
+      "(set FUSEDTUNE_COMMIT to name the code)" | tee -a "$SUMMARY"
+    FUSEDTUNE_COMMIT="$FUSEDTUNE_COMMIT+modified"
+  fi
+fi
+export FUSEDTUNE_COMMIT
 export MPLBACKEND=Agg PYTHONUNBUFFERED=1   # unbuffered: a step stopped at its limit keeps its last lines
 
 # ---------------------------------------------------------------- build (limit 80 s in all)
