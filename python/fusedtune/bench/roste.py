@@ -12,7 +12,7 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
    Hadamard (three fp16 parts per operand) against a memcpy of the same bytes, and the fused per-token
    rotate + W4 fake quant against the reference backend, which float32 rows ran on the GPU before.
    No goal in the issue (its goals are for 16-bit rows).
-   Also (GPU) the Hadamard rows alone at 4096 x {3584, 5120}, hidden sizes with a factor that the CUDA
+   Also (GPU) the Hadamard rows alone at 4096 x {3584, 5120, 10240, 12288}, sizes with a factor that the CUDA
    block kernel serves: CUDA against Triton where both serve (ops/roste.py _prefer_triton: which auto takes).
 4. an exported layer (W4A8, rotated, 4096 x 4096 at 4096 tokens) on the integer GEMM (rotation,
    activation codes, int8 tensor-core GEMM with in-tile 4-bit unpacking) against its fake-quant path and
@@ -29,7 +29,9 @@ import torch
 from .core import linear_host_rows, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
-FACTORED = (3584, 5120)   # hidden sizes of Qwen2.5-7B (28 x 128) and Llama-2-13B (40 x 128): both kernels serve them
+# hidden sizes of Qwen2.5-7B (28 x 128), Llama-2-13B (40 x 128), 10240 (40 x 256) and 12288 (12 x 1024): both kernels
+# serve them; auto's cut between CUDA and Triton (ops/roste.py _prefer_triton, 8192) lies between 5120 and 14336
+FACTORED = (3584, 5120, 10240, 12288)
 TINY = ((64, 768),)
 GOAL_MEMCPY = 1.15
 GOAL_FUSED = 2.0
@@ -151,13 +153,18 @@ def export_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     return rows
 
 
+def _factor(n: int) -> int:
+    from ..reference import hadamard as href
+    return href.split_size(n)[0]
+
+
 def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     shapes = [(4096 if quick else 8192, n) for n in SIZES] if on_gpu else list(TINY)
     out = [(f"Hadamard and rotate+quant at {m}x{n}", lambda m=m, n=n: size_rows(timer, m, n, on_gpu))
            for m, n in shapes]
     if on_gpu:
-        out += [(f"Hadamard at 4096x{n} (factor {n // 128}: CUDA block kernel or Triton under auto)",
+        out += [(f"Hadamard at 4096x{n} (factor {_factor(n)}: CUDA block kernel or Triton under auto)",
                  lambda n=n: size_rows(timer, 4096, n, on_gpu, fused=False)) for n in FACTORED]
         out += [(f"float32 rows at 4096x{n}", lambda n=n: fp32_rows(timer, 4096, n)) for n in (4096, 11008)]
     return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
