@@ -145,9 +145,9 @@ struct Walk {
 };
 
 // A block walks chunks b = blockIdx.x, + gridDim.x, ... (the grid is a few blocks per SM): the quantile
-// table is copied into shared memory once per block, not once per chunk as with one block per chunk
-// of 8192 elements before (4 KB from L2 and a barrier for every 16 KB of bf16 weights), and the tensor lookup is a forward
-// walk from the previous chunk's tensor. Which element a thread updates never enters the math (the
+// table is copied into shared memory once per block, not once per chunk as with one block per chunk of
+// 8192 elements before (4 KB from L2 and a barrier for every 16 KB of bf16 weights), and the tensor lookup
+// is a forward walk from the previous chunk's tensor. Which element a thread updates never enters the math (the
 // counter is the element index), so the result is the same bits for any grid.
 __global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];

@@ -112,15 +112,4 @@ FT_HD void store_bits(void* base, int64_t i, int dt, uint32_t b) {
     static_cast<uint16_t*>(base)[i] = (uint16_t)b;
 }
 
-// Monotone integer order of a format's bit patterns (both zeros map to 0), and its inverse.
-FT_HD int64_t bits_to_ord(uint32_t b, int dt) {
-  uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u;
-  int64_t mag = (int64_t)(b & (sign - 1u));
-  return (b & sign) ? -mag : mag;
-}
-FT_HD uint32_t ord_to_bits(int64_t o, int dt) {
-  uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u;
-  return o >= 0 ? (uint32_t)o : (sign | (uint32_t)(-o));
-}
-
 }  // namespace fusedtune

@@ -93,19 +93,13 @@ FT_HD uint32_t f32_to_f16_sr(float v, uint32_t rnd) {
 // bits of w: the nearest candidate whose forward image is x, searched at w0 = round(x - dp) and
 // its two neighbours, in that order (docs/zo_noise.md). Exact whenever the preimage is unique (same-binade
 // moves); otherwise one of the valid preimages, at most one step of x's format away.
-// w0 hits x for nearly every element (in a CPU harness over every bf16 and fp16 pattern, 960 of 250M undos
-// missed, all ties under deltas with few significant bits; none under ordinary deltas), so the neighbour search is a branch, rarely
-// taken. A branch-free search (every element rounding a neighbour too) made MeZO's same-seed pass 36%
-// slower on an H200 although its loop had fewer instructions. In the branch one neighbour is checked: the
-// forward image f(b) = round(b + dp) does not decrease as b grows, in the order of values with -0 just
-// below +0 (an fp32 sum is -0 only when both terms are, and dp never is: it is summed from +0; a negative
-// sum that rounds to zero in a 16-bit format is -0), so when f(w0) misses x only the neighbour on x's side
-// can hit it: the lower one when f(w0) lies above x in that order, else the upper one. That returns what
-// checking both in order returns.
-// In 32-bit arithmetic (every format's order fits; the GPU does 64-bit integer adds and compares in two
-// instructions each): the value order with -0 just below +0, and the bits one step of bits_to_ord's
-// order (both zeros at 0) below or above b: ord_to_bits(bits_to_ord(b) -+ 1), with the same wrap at the
-// top of fp32's NaN patterns.
+// w0 hits x for nearly every element (misses are ties under deltas with few significant bits), so the
+// search is a branch, rarely taken (a branch-free one measured 36% slower on an H200: docs/zo_noise.md). It
+// checks one neighbour: f(b) = round(b + dp) never decreases as b grows, in the order of values with -0 just
+// below +0 (dp is never -0), so when f(w0) misses x only the neighbour on x's side can hit it; that returns
+// what checking both in order returns.
+// signed_zero_key: that order. ord_neighbour: the pattern one step below or above b in the order where both
+// zeros are 0 (the search's neighbours), in 32-bit arithmetic (wrapping at the top of fp32's NaN patterns).
 FT_HD int32_t signed_zero_key(uint32_t b, int dt) {
   const uint32_t sign = dt == FT_F32 ? 0x80000000u : 0x8000u, mag = b & (sign - 1u);
   return (b & sign) ? (int32_t)(0u - mag - 1u) : (int32_t)mag;
