@@ -1,10 +1,14 @@
-"""FP8 on a GPU (sm_89+): the Triton quantizers byte-identical to the reference, the block-scaled GEMM
-against the reference emulation, SQNR of FP8Linear outputs and gradients at LLM sizes."""
+"""FP8 on a GPU (sm_89+): the Triton and CUDA quantizers byte-identical to the reference (the CUDA one also to
+the CPU kernel), the block-scaled GEMM against the reference emulation, SQNR of FP8Linear outputs and
+gradients at LLM sizes, the quantizers' backend choice."""
 import pytest
 import torch
 
 from fusedtune.ops import fp8 as F8
+from fusedtune import _ext
+from fusedtune import backend as B
 from fusedtune.reference import fp8 as ref
+from fp8_cases import edge_input, same
 
 pytestmark = pytest.mark.gpu
 
@@ -89,3 +93,56 @@ def test_fp8_linear_engines_match_the_emulation(engine, M, N, K, monkeypatch):
         outs[backend] = [y] + list(torch.autograd.grad(y, [xi, wi], dy))
     for i, (a, b) in enumerate(zip(outs["triton"], outs["reference"])):
         assert ref.sqnr_db(a, b) >= 40, (engine, i, ref.sqnr_db(a, b))
+
+
+def _need_cuda_kernel():
+    ok, why = B.can_serve("cuda", torch.device("cuda"), frozenset(F8._QHAS))
+    if not ok:
+        pytest.skip(why)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("M,K", [(4096, 4096), (1000, 336), (8, 8), (136, 264)])
+def test_cuda_quantizers_byte_identical(dtype, M, K):
+    """The extension's CUDA quantizer: the reference's bytes and scales, and the CPU kernel's, for both
+    quantizers with and without their copies, pow2 too, over partial tiles and the scale rules' edges."""
+    _need_cuda_kernel()
+    x = edge_input(M, K, dtype, device="cuda", seed=M + K)
+    for pow2 in (False, True):
+        for copy in (False, True):
+            for fn in (F8.fp8_quantize_1x128, F8.fp8_quantize_128x128):
+                got = fn(x, pow2=pow2, transpose=copy, backend="cuda")
+                want = fn(x, pow2=pow2, transpose=copy, backend="reference")
+                cpu = fn(x.cpu(), pow2=pow2, transpose=copy, backend="cpu")
+                assert len(got) == len(want) == len(cpu)
+                for i, (a, b, c) in enumerate(zip(got, want, cpu)):
+                    assert same(a, b) and same(a.cpu(), c), (fn.__name__, pow2, copy, i)
+
+
+def test_cuda_quantizer_reads_strided_rows():
+    _need_cuda_kernel()
+    wide = edge_input(256, 1024, torch.bfloat16, device="cuda", seed=5)
+    x = wide[:, 128:896]                      # rows 2048 bytes apart, 768 wide
+    got = F8.fp8_quantize_1x128(x, backend="cuda")
+    want = F8.fp8_quantize_1x128(x.contiguous(), backend="reference")
+    assert all(same(a, b) for a, b in zip(got, want))
+
+
+def test_auto_routes_the_quantizers_by_shape():
+    """auto takes the CUDA quantizer where M and K are multiples of 8 and rows 16-byte aligned, Triton
+    elsewhere; backend="cuda" on a shape it refuses raises; FP8Linear's results are the same bytes either way."""
+    _need_cuda_kernel()
+    assert F8._resolve_quant(torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16), None) == "cuda"
+    assert F8._resolve_quant(torch.empty(1001, 4096, device="cuda", dtype=torch.bfloat16), None) == "triton"
+    with pytest.raises(B.BackendError, match="multiples of 8"):
+        F8.fp8_quantize_1x128(torch.randn(1001, 4096, device="cuda"), backend="cuda")
+    g = torch.Generator(device="cuda").manual_seed(1)
+    x = torch.randn(512, 1024, device="cuda", generator=g).bfloat16()
+    w = (torch.randn(768, 1024, device="cuda", generator=g) * 0.02).bfloat16()
+    dy = torch.randn(512, 768, device="cuda", generator=g).bfloat16()
+    outs = {}
+    for backend in (None, "triton"):          # quantizers: CUDA (auto) / Triton; the same GEMMs
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F8.fp8_linear(xi, wi, backend=backend)
+        outs[backend] = [y] + list(torch.autograd.grad(y, [xi, wi], dy))
+    assert all(torch.equal(a, b) for a, b in zip(outs[None], outs["triton"]))

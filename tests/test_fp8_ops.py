@@ -175,7 +175,7 @@ def test_opcheck():
     torch.library.opcheck(_gemm_op, (a_q, a_s, b_q, b_s, 128, False, "float32", "reference"),
                           test_utils=("test_faketensor", "test_aot_dispatch_static"))  # test_schema multiplies fp8 inputs
     w = _x(70, 300, 9).requires_grad_()
-    torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, None, False, True, "reference"),
+    torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, None, False, True, "reference", "reference"),
                           test_utils=("test_faketensor", "test_autograd_registration"))
 
 

@@ -25,54 +25,14 @@
 #include <cuda_runtime.h>
 
 #include "fusedtune/roste_cuda.h"
+#include "fusedtune/vec8.cuh"
 
 namespace fusedtune {
 namespace roste {
 
+static_assert(kE == kVec8, "a Hadamard chunk is vec8.cuh's chunk");
+
 constexpr int kMaxIters = 8;   // chunks a thread in the block kernel (every size make_plan serves: at most 8)
-
-// One chunk of kE elements in storage: one 16-byte vector for 16-bit dtypes, two for fp32.
-template <int DT>
-struct Raw {
-  uint4 q[DT == FT_F32 ? 2 : 1];
-};
-
-template <int DT>
-__device__ __forceinline__ Raw<DT> load_raw(const void* row, int64_t c) {
-  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const char*>(row) + c * kE * (DT == FT_F32 ? 4 : 2));
-  Raw<DT> r;
-  FT_UNROLL
-  for (int k = 0; k < (DT == FT_F32 ? 2 : 1); ++k) r.q[k] = p[k];
-  return r;
-}
-
-template <int DT>
-__device__ __forceinline__ float half_to_f32(uint32_t h) {   // h: the 16 bits in the low half
-  if (DT == FT_BF16) return __uint_as_float(h << 16);
-#if __CUDA_ARCH__ >= 530
-  float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
-  return f;
-#else
-  return f16_to_f32(h);
-#endif
-}
-
-template <int DT>
-__device__ __forceinline__ void unpack(const Raw<DT>& r, float v[kE]) {
-  if constexpr (DT == FT_F32) {
-    const uint4 a = r.q[0], b = r.q[1];
-    v[0] = __uint_as_float(a.x); v[1] = __uint_as_float(a.y); v[2] = __uint_as_float(a.z); v[3] = __uint_as_float(a.w);
-    v[4] = __uint_as_float(b.x); v[5] = __uint_as_float(b.y); v[6] = __uint_as_float(b.z); v[7] = __uint_as_float(b.w);
-  } else {
-    const uint32_t w[4] = {r.q[0].x, r.q[0].y, r.q[0].z, r.q[0].w};
-    FT_UNROLL
-    for (int k = 0; k < 4; ++k) {
-      v[2 * k] = half_to_f32<DT>(w[k] & 0xFFFFu);
-      v[2 * k + 1] = DT == FT_BF16 ? __uint_as_float(w[k] & 0xFFFF0000u) : half_to_f32<DT>(w[k] >> 16);
-    }
-  }
-}
 
 // two fp32 values rounded to nearest even into one 32-bit word of 16-bit values (lo in the low half)
 template <int DT>

@@ -7,8 +7,9 @@
    On sm_90 also against cuBLAS's block-scaled FP8 GEMM on the same operands (torch._scaled_mm with
    1x128 / 128x128 scales, what FP8Linear takes there: ops/fp8_cublas.py). On a GPU also dX = dy . W's B layout: W read transposed inside the GEMM (FP8Linear's backward now)
    against a K-major copy of W made beforehand.
-2. The 1x128 quantizer with its transposed copy: bandwidth over the bytes it must move (read bf16,
-   write two FP8 copies and their scales) against a bf16 copy of the same tensor.
+2. The quantizers, 1x128 with its column-wise copy (x, dy) and 128x128 with its transposed copy (W):
+   bandwidth over the bytes they must move (read bf16, write two FP8 copies and their scales) against a
+   bf16 copy of the same tensor, per backend (GPU: the extension's CUDA kernel and Triton's).
 3. FP8Linear forward+backward (dX, dW) at 8192 x 8192 x 8192 against bf16 nn.Linear, and against
    torchao's Float8Linear (rowwise) when torchao is installed; on a GPU also with every GEMM on the
    Triton kernel (FUSEDTUNE_FP8_GEMM=triton). Goal on an H100: >= 1.4x bf16.
@@ -76,15 +77,32 @@ def gemm_rows(timer, sizes, on_gpu, device):
         if on_gpu:
             rows.append(cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note))
             rows.append(dgrad_layout_row(timer, aq, as_, bq, bs, dt, shape, flops))
-        # the quantizer: read bf16, write q_row, q_col (1 B each) and scales
-        qt = timer(lambda: fp8_quantize_1x128(a))
-        cp = timer(lambda: a.clone())
-        moved = a.numel() * (a.element_size() + 2) + 2 * a.numel() // 128 * 4
-        rows.append(row("fp8_quantize_1x128 (+ transposed copy)", shape, str(dt)[6:], "triton" if on_gpu else "cpu",
-                        "bf16 clone (same tensor)", qt, cp[0], roofline_pct(qt[0], moved),
-                        note=CPU_NOTE if not on_gpu else
-                        f"{moved / (qt[0] * 1e-3) / 1e9:.0f} GB/s = "
-                        f"{100 * moved / (qt[0] * 1e-3) / H100_HBM_BYTES_PER_S:.0f}% of H100 HBM"))
+        rows += quant_rows(timer, a, shape, on_gpu)
+    return rows
+
+
+def quant_rows(timer, a, shape, on_gpu):
+    """The quantizers against a clone of the same tensor, per backend (GPU: the extension's CUDA kernel, what
+    auto takes, and Triton's): the 1x128 quantizer with its column-wise copy (FP8Linear's x and dy) and the
+    128x128 one with its transposed copy (its weight). Bytes moved: read x, write two E4M3 copies (1 B an
+    element each) and the scales."""
+    from .. import backend as B
+    from ..ops.fp8 import _QHAS, _cuda_refuses, fp8_quantize_1x128, fp8_quantize_128x128
+    cp = timer(lambda: a.clone())
+    names = [b for b in (("cuda", "triton") if on_gpu else ("cpu",))
+             if B.can_serve(b, a.device, frozenset(_QHAS))[0] and not (b == "cuda" and _cuda_refuses(a))]
+    rows = []
+    for kind, fn, scales in (("fp8_quantize_1x128 (+ transposed copy)", lambda b: fp8_quantize_1x128(a, backend=b),
+                              2 * a.numel() // 128),
+                             ("fp8_quantize_128x128 (+ transposed copy)",
+                              lambda b: fp8_quantize_128x128(a, backend=b, transpose=True), a.numel() // 128 ** 2)):
+        moved = a.numel() * (a.element_size() + 2) + scales * 4
+        for b in names:
+            qt = timer(lambda: fn(b))
+            rows.append(row(kind, shape, str(a.dtype)[6:], b, "bf16 clone (same tensor)", qt, cp[0],
+                            roofline_pct(qt[0], moved), note=CPU_NOTE if not on_gpu else
+                            f"{moved / (qt[0] * 1e-3) / 1e9:.0f} GB/s = "
+                            f"{100 * moved / (qt[0] * 1e-3) / H100_HBM_BYTES_PER_S:.0f}% of H100 HBM"))
     return rows
 
 
@@ -155,6 +173,15 @@ def linear_rows(timer, n, on_gpu, device):
         rows.append(row("FP8Linear fwd+bwd (Triton GEMMs)", shape, "e4m3", "triton", "bf16 nn.Linear", tri, base[0],
                         roofline_pct(tri[0], flops=flops, precision="fp8"),
                         note=f"FUSEDTUNE_FP8_GEMM=triton; {base[0] / tri[0]:.2f}x bf16"))
+    if on_gpu:   # the same with Triton's quantizers (auto takes the extension's CUDA kernel where it serves)
+        from ..ops.fp8 import _resolve_quant
+        q = _resolve_quant(x.detach(), None)
+        tq = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt), backend="triton")
+        trq = timer(fb(tq))
+        rows.append(row("FP8Linear fwd+bwd (Triton quantizers)", shape, "e4m3", "triton", "bf16 nn.Linear", trq,
+                        base[0], roofline_pct(trq[0], flops=flops, precision="fp8"),
+                        note=f"backend='triton': {base[0] / trq[0]:.2f}x bf16; the default row's quantizers: {q} "
+                             f"({trq[0] / ours[0]:.2f}x its time)"))
     if on_gpu:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training

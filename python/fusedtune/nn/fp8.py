@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.fp8 import fp8_arch_gap, fp8_backend, fp8_linear, fp8_quantize_128x128
+from ..ops.fp8 import fp8_arch_gap, fp8_backend, fp8_linear, fp8_quant_backend, fp8_quantize_128x128
 from .plain import plain_linear
 
 
@@ -75,9 +75,14 @@ class FP8Linear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = fp8_backend(self.weight.device, self.backend)
+        q = fp8_quant_backend(self.weight.device, self.backend if b["backend"] == "triton" else b["backend"])
+        quant = {"cuda": "the extension's CUDA quantizers (where M and K are multiples of 8 and rows 16-byte aligned; "
+                         "Triton's elsewhere)",
+                 "triton": "Triton's quantizers", "cpu": "the extension's C++ quantizers",
+                 "reference": "the reference quantizers"}.get(q["backend"], "no quantizer backend")
         path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX (over the "
-                "K-major copy of the FP8 W its quantizer writes in the same pass), dW"
-                if b["backend"] == "triton" else f"{b['backend']}: float32 emulation of the FP8 GEMMs")
+                f"K-major copy of the FP8 W its quantizer writes in the same pass), dW; {quant}"
+                if b["backend"] == "triton" else f"{b['backend']}: {quant}, float32 emulation of the FP8 GEMMs")
         gap = fp8_arch_gap(self.weight.device)
         if gap:
             path += f"; {gap}: the op refuses to run"

@@ -21,7 +21,10 @@ from ..reference import fp8 as ref
 from . import fp8_cublas
 from ._eager import EagerOp
 
-_HAS = ("reference", "cpu", "triton")   # "cpu": the reference emulation in torch
+_HAS = ("reference", "cpu", "triton")   # fp8_gemm, fp8_linear ("cpu": the reference emulation in torch)
+# the quantizers: "cpu" and "cuda" are the extension's kernels (fp8_quant_kernel; csrc/cpu/fp8.cpp,
+# csrc/cuda/fp8.cu), byte-identical to the reference and to Triton's
+_QHAS = ("reference", "cpu", "cuda", "triton")
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -37,6 +40,8 @@ def _empty(dev):
 
 def _q1_impl(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor, torch.Tensor]:
+    if backend in ("cpu", "cuda"):
+        return tuple(torch.ops.fusedtune.fp8_quant_kernel(x, False, transpose, pow2))
     if backend == "triton":
         qr, sr, qc, sc = _tk().quantize_rows(x, transpose, pow2)
     else:
@@ -62,6 +67,9 @@ def _(x, pow2, transpose, backend):
 
 def _q128_impl(w: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
+    if backend in ("cpu", "cuda"):
+        q, s, qt, _ = torch.ops.fusedtune.fp8_quant_kernel(w, True, transpose, pow2)
+        return q, s, qt
     if backend == "triton":
         q, s, qt = _tk().quantize_blocks(w, pow2, transpose)
     else:
@@ -134,13 +142,42 @@ def _resolve(op, t, backend):
     return name
 
 
+def _cuda_refuses(t) -> str:
+    """Why the extension's CUDA quantizer cannot take t [M, K] ('' when it can)."""
+    M, K = t.shape
+    if M % 8 or K % 8:
+        return f"the CUDA quantizer takes M and K that are multiples of 8, got {M} x {K}"
+    if t.data_ptr() % 16 or (M > 1 and t.stride(0) * t.element_size() % 16):
+        return "the CUDA quantizer needs the tensor and its rows 16-byte aligned"
+    return ""
+
+
+def _resolve_quant(t, backend) -> str:
+    """The quantizers' backend for t: under auto on a GPU the CUDA kernel where it serves t, else Triton
+    (said once); backend="cuda" asked for and refused raises."""
+    name = _backend.resolve("fp8_quantize", t.device, _QHAS, backend)
+    if name == "cuda":
+        why = _cuda_refuses(t)
+        if not why:
+            return name
+        if _backend.requested(backend) == "cuda":
+            raise _backend.BackendError(f"fp8_quantize: backend 'cuda': {why}")
+        nxt = "triton" if _backend.can_serve("triton", t.device, frozenset(_QHAS))[0] else "reference"
+        _backend.warn_once(("fp8_quantize", nxt, why), f"fusedtune: fp8_quantize: {why}; running {nxt}")
+        name = nxt
+    if name == "triton" and fp8_arch_gap(t.device):
+        raise _backend.BackendError(f"fp8: {fp8_arch_gap(t.device)} (use bf16 nn.Linear there; fusedtune.report "
+                                    "states it)")
+    return name
+
+
 def fp8_quantize_1x128(x, pow2: bool = False, transpose: bool = True, backend: str | None = None):
     _check_2d(x, "x")
     if x.dtype not in _FLOATS:
         raise TypeError(f"fp8_quantize_1x128: x must be float32/bfloat16/float16, got {x.dtype}")
     if x.stride(-1) != 1:
         x = x.contiguous()
-    return _q1(x, bool(pow2), bool(transpose), _resolve("fp8_quantize", x, backend))
+    return _q1(x, bool(pow2), bool(transpose), _resolve_quant(x, backend))
 
 
 def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None, transpose: bool = False):
@@ -151,7 +188,7 @@ def fp8_quantize_128x128(w, pow2: bool = False, backend: str | None = None, tran
         raise TypeError(f"fp8_quantize_128x128: w must be float32/bfloat16/float16, got {w.dtype}")
     if w.stride(-1) != 1:
         w = w.contiguous()
-    q, s, qt = _q128(w, bool(pow2), bool(transpose), _resolve("fp8_quantize", w, backend))
+    q, s, qt = _q128(w, bool(pow2), bool(transpose), _resolve_quant(w, backend))
     return (q, s, qt) if transpose else (q, s)
 
 
@@ -196,11 +233,12 @@ def _linear_gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype: str, backend: str) 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, w_q: torch.Tensor,
                  w_s: torch.Tensor, w_qt: torch.Tensor | None, pow2: bool, need_wgrad: bool,
-                 backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 backend: str, qbackend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """weight is the high-precision master (for the gradient only); w_q, w_s its 128x128 quantization and
     w_qt (or None) w_q's bytes transposed, the dX GEMM's operand (else backward makes it).
-    need_wgrad: also quantize x column-wise (saved for dW = dy^T x)."""
-    qr, sr, qc, sc = _q1(x, pow2, need_wgrad, backend)
+    need_wgrad: also quantize x column-wise (saved for dW = dy^T x). qbackend: the 1x128 quantizers'
+    backend (_linear_quant_backend)."""
+    qr, sr, qc, sc = _q1(x, pow2, need_wgrad, qbackend)
     y = _linear_gemm(qr, sr, w_q, w_s, ref.TILE, _name(x.dtype), backend)
     if bias is not None:
         y = y + bias.to(y.dtype)
@@ -211,7 +249,7 @@ _linear_op = torch.library.custom_op("fusedtune::fp8_linear", mutates_args=())(_
 
 
 @_linear_op.register_fake
-def _(x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend):
+def _(x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend, qbackend):
     M, K = x.shape
     if not need_wgrad:
         return (x.new_empty((M, weight.shape[0])), x.new_empty((0,), dtype=torch.float8_e4m3fn),
@@ -221,17 +259,18 @@ def _(x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend):
 
 
 def _lin_setup(ctx, inputs, output):
-    x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend = inputs
+    x, weight, bias, w_q, w_s, w_qt, pow2, need_wgrad, backend, qbackend = inputs
     ctx.save_for_backward(output[1], output[2], w_q, w_s, w_qt)   # FP8 x^T and its scales, not a 16-bit x
-    ctx.args = (pow2, backend, x.dtype, weight.dtype, None if bias is None else bias.dtype)
+    ctx.args = (pow2, backend, qbackend, x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
 
 
 def _lin_backward(ctx, dy, _dq, _ds):
     xq_c, xs_c, w_q, w_s, w_qt = ctx.saved_tensors
-    pow2, backend, x_dtype, w_dtype, bias_dtype = ctx.args
+    pow2, backend, qbackend, x_dtype, w_dtype, bias_dtype = ctx.args
     g = ctx.needs_input_grad
-    dq_r, ds_r, dq_c, ds_c = _q1(dy.contiguous(), pow2, bool(g[1]), backend)
+    dy = dy.contiguous()
+    dq_r, ds_r, dq_c, ds_c = _q1(dy, pow2, bool(g[1]), _linear_quant_backend(dy, backend, qbackend))
     dx = dW = db = None
     if g[0]:   # dX = dy . W: B = W^T [K, N] as a K-major copy, its 128x128 scales transposed. (The GEMM can
         # read W^T in place, b_transposed=True, but FP8 wgmma wants K-major operands: on an H200 that ran at
@@ -244,11 +283,18 @@ def _lin_backward(ctx, dy, _dq, _ds):
             torch.zeros(w_q.shape, dtype=w_dtype, device=dy.device)
     if bias_dtype is not None and g[2]:
         db = dy.float().sum(0).to(bias_dtype)
-    return dx, dW, db, None, None, None, None, None, None
+    return dx, dW, db, None, None, None, None, None, None, None
 
 
 torch.library.register_autograd("fusedtune::fp8_linear", _lin_backward, setup_context=_lin_setup)
 _linear = EagerOp(_linear_op, _linear_impl, _lin_setup, _lin_backward)
+
+
+def _linear_quant_backend(t, backend: str, qbackend: str) -> str:
+    """The quantizer backend of FP8Linear's x (or dy): qbackend (the quantizers' own choice for x, under the
+    linear's request), but the linear's Triton kernel where the CUDA quantizer cannot take t (a dy of other
+    columns than x, said by _resolve_quant for x)."""
+    return "triton" if qbackend == "cuda" and _cuda_refuses(t) else qbackend
 
 
 def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, backend: str | None = None,
@@ -292,9 +338,17 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
         x2 = x2.contiguous()
     name = _resolve("fp8_linear", x, backend)
     need_wgrad = bool(weight.requires_grad) and torch.is_grad_enabled()   # else no transposed x copy is kept
-    y, _, _ = _linear(x2, weight, bias, w_q, w_s, w_qt if need_dgrad else None, bool(pow2), need_wgrad, name)
+    qname = _linear_quant_backend(x2, name, _resolve_quant(x2, backend) if name == "triton" else name)
+    y, _, _ = _linear(x2, weight, bias, w_q, w_s, w_qt if need_dgrad else None, bool(pow2), need_wgrad, name,
+                      qname)
     return y.reshape(*lead, N)
 
 
 def fp8_backend(device, backend: str | None = None) -> dict:
     return _backend.explain("fp8_linear", torch.device(device), _HAS, backend)
+
+
+def fp8_quant_backend(device, backend: str | None = None) -> dict:
+    """What the quantizers take on device under backend (before a shape the CUDA kernel refuses sends a call
+    to Triton: _resolve_quant)."""
+    return _backend.explain("fp8_quantize", torch.device(device), _QHAS, backend)

@@ -1,0 +1,202 @@
+// FP8 family, CUDA kernel of the 1x128 and 128x128 quantizers (the rules of fp8_math.h, the same bytes as
+// the CPU kernel and the reference). One block of 256 threads a 128x128 tile; thread (rg, cg) = (t / 16,
+// t % 16) holds rows 8 rg .. 8 rg + 7 at columns 8 cg .. 8 cg + 7 as eight 16-byte vectors (two each for
+// fp32), all loaded before any use: 32 KB of a bf16 tile in flight a block, 2 or 3 blocks an SM. The
+// values stay packed in their storage dtype (an exact conversion to fp32 at each use: fewer registers).
+//   row maxima: a thread's 8 columns, then the 16 lanes of its half-warp (shuffles);
+//   column maxima: a thread's 8 rows, the other half-warp (a shuffle), then the 8 warps (shared memory);
+//   row-wise copy: 8 bytes a row a thread, a half-warp writes 128 consecutive bytes of a row;
+//   column-wise copy [K, M]: each thread packs a column's 8 bytes (its 8 rows) into shared memory as
+//     tileT[k][granule rg], the granule XOR-swizzled with k / 8 (cg) so a warp's 8-byte stores hit 32
+//     distinct banks; read back as 128 rows of k x 16 granules, 8-byte stores of 8 consecutive m.
+// E4M3 conversion: sm_89+ cvt.rn.satfinite.e4m3x2.f32 (round to nearest even, saturation: the bytes of
+// fp8::e4m3_bits for every finite value; blocks with inf or NaN have a NaN scale and every byte NaN, as
+// the reference), older GPUs the integer path. x / s: IEEE division (__fdiv_rn), as the reference.
+#include <cuda_runtime.h>
+
+#include "fusedtune/fp8_cuda.h"
+#include "fusedtune/fp8_math.h"
+#include "fusedtune/vec8.cuh"
+
+namespace fusedtune {
+namespace fp8 {
+namespace {
+
+constexpr int kThreads = 256;
+constexpr int kRows = 8;    // rows a thread (and columns: one chunk)
+
+// two values -> two E4M3 bytes in the low 16 bits (lo in bits 0..7)
+__device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short d;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(d) : "f"(hi), "f"(lo));
+  return d;
+#else
+  return e4m3_bits(lo) | (e4m3_bits(hi) << 8);
+#endif
+}
+
+// eight values divided by their scales, as E4M3 bytes packed little-endian into two words
+__device__ __forceinline__ uint2 quant8(const float v[kRows], const float s[kRows]) {
+  uint32_t w[2];
+  FT_UNROLL
+  for (int h = 0; h < 2; ++h) {
+    const uint32_t a = e4m3x2(ft_div(v[4 * h], s[4 * h]), ft_div(v[4 * h + 1], s[4 * h + 1]));
+    const uint32_t b = e4m3x2(ft_div(v[4 * h + 2], s[4 * h + 2]), ft_div(v[4 * h + 3], s[4 * h + 3]));
+    w[h] = a | (b << 16);
+  }
+  return make_uint2(w[0], w[1]);
+}
+
+template <int DT, bool BLOCK, bool COPY>
+// 2 blocks an SM (128 registers) with the column-wise copy or fp32 input, 3 (80) otherwise: the copy at 80
+// registers kept IEEE division's slow-path subroutine on the stack (python -m fusedtune kernels)
+__global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_kernel(const QuantArgs a) {
+  __shared__ uint2 tile_t[COPY ? kTile * kTile / 8 : 1];       // [k][16 granules of 8 rows], swizzled
+  __shared__ uint4 colmax4[kThreads / 32][kTile / 4];          // per warp, per column
+  const int64_t KB = (a.K + kTile - 1) / kTile, MB = (a.M + kTile - 1) / kTile;
+  const int64_t mb = blockIdx.x / KB, kb = blockIdx.x % KB, m0 = mb * kTile, k0 = kb * kTile;
+  const int rows = (int)min((int64_t)kTile, a.M - m0), cols = (int)min((int64_t)kTile, a.K - k0);
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, cg = t & 15, rg = t >> 4;
+  const bool active = rg * kRows < rows && cg * kVec8 < cols;   // (M, K multiples of 8: all 8 or none)
+  constexpr int64_t es = DT == FT_F32 ? 4 : 2;
+  const char* xb = static_cast<const char*>(a.x) + ((m0 + rg * kRows) * a.ld + k0 + cg * kVec8) * es;
+
+  Raw<DT> raw[kRows];
+  FT_UNROLL
+  for (int p = 0; p < kRows; ++p) {
+    if (active) {
+      raw[p] = load_raw<DT>(xb + p * a.ld * es, 0);
+    } else {
+      FT_UNROLL
+      for (int k = 0; k < (DT == FT_F32 ? 2 : 1); ++k) raw[p].q[k] = make_uint4(0, 0, 0, 0);
+    }
+  }
+
+  uint32_t cmax[kVec8];
+  FT_UNROLL
+  for (int e = 0; e < kVec8; ++e) {
+    cmax[e] = 0;
+    FT_UNROLL
+    for (int p = 0; p < kRows; ++p) cmax[e] = max(cmax[e], mag_bits(raw_elem<DT>(raw[p], e)));
+  }
+  FT_UNROLL
+  for (int e = 0; e < kVec8; ++e) cmax[e] = max(cmax[e], __shfl_xor_sync(0xffffffffu, cmax[e], 16));
+  if (lane < 16) {
+    colmax4[warp][2 * cg] = make_uint4(cmax[0], cmax[1], cmax[2], cmax[3]);
+    colmax4[warp][2 * cg + 1] = make_uint4(cmax[4], cmax[5], cmax[6], cmax[7]);
+  }
+  __syncthreads();
+  FT_UNROLL
+  for (int w = 0; w < kThreads / 32; ++w) {
+    const uint4 lo = colmax4[w][2 * cg], hi = colmax4[w][2 * cg + 1];
+    const uint32_t c[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w};
+    FT_UNROLL
+    for (int e = 0; e < kVec8; ++e) cmax[e] = max(cmax[e], c[e]);
+  }
+
+  // the column-wise copy first (its scales die before the row scales are made: fewer live registers)
+  if constexpr (COPY && !BLOCK) {
+    FT_UNROLL
+    for (int e = 0; e < kVec8; ++e) {
+      const float sc = block_scale(__uint_as_float(cmax[e]), a.pow2);
+      if (rg == 0 && cg * kVec8 + e < cols) a.sc[(k0 + cg * kVec8 + e) * MB + mb] = sc;
+      float v[kRows], s[kRows];
+      FT_UNROLL
+      for (int p = 0; p < kRows; ++p) {
+        v[p] = raw_elem<DT>(raw[p], e);
+        s[p] = sc;
+      }
+      tile_t[(cg * kVec8 + e) * 16 + (rg ^ cg)] = quant8(v, s);
+    }
+  }
+  float srow[kRows];
+  if constexpr (BLOCK) {
+    uint32_t all = 0;
+    FT_UNROLL
+    for (int e = 0; e < kVec8; ++e) all = max(all, cmax[e]);
+    FT_UNROLL
+    for (int off = 1; off < 16; off <<= 1) all = max(all, __shfl_xor_sync(0xffffffffu, all, off));
+    const float sb = block_scale(__uint_as_float(all), a.pow2);
+    if (t == 0) a.s[mb * KB + kb] = sb;
+    FT_UNROLL
+    for (int p = 0; p < kRows; ++p) srow[p] = sb;
+  } else {
+    FT_UNROLL
+    for (int p = 0; p < kRows; ++p) {       // (the row maxima only now: fewer live registers in the copy above)
+      uint32_t rmax = 0;
+      FT_UNROLL
+      for (int e = 0; e < kVec8; ++e) rmax = max(rmax, mag_bits(raw_elem<DT>(raw[p], e)));
+      FT_UNROLL
+      for (int off = 1; off < 16; off <<= 1) rmax = max(rmax, __shfl_xor_sync(0xffffffffu, rmax, off));
+      srow[p] = block_scale(__uint_as_float(rmax), a.pow2);
+      if (cg == 0 && rg * kRows + p < rows) a.s[(m0 + rg * kRows + p) * KB + kb] = srow[p];
+    }
+  }
+
+  uint8_t* qb = a.q + (m0 + rg * kRows) * a.K + k0 + cg * kVec8;
+  uint2 qrow[kRows];
+  FT_UNROLL
+  for (int p = 0; p < kRows; ++p) {
+    float v[kVec8], s[kVec8];
+    FT_UNROLL
+    for (int e = 0; e < kVec8; ++e) {
+      v[e] = raw_elem<DT>(raw[p], e);
+      s[e] = srow[p];
+    }
+    qrow[p] = quant8(v, s);
+    if (active) *reinterpret_cast<uint2*>(qb + p * a.K) = qrow[p];
+  }
+  if constexpr (COPY) {
+    if constexpr (BLOCK) {       // the same bytes, transposed: byte e of row p -> byte p of column e
+      FT_UNROLL
+      for (int e = 0; e < kVec8; ++e) {
+        uint32_t w[2] = {0, 0};
+        FT_UNROLL
+        for (int p = 0; p < kRows; ++p) {
+          const uint32_t word = e < 4 ? qrow[p].x : qrow[p].y;
+          w[p >> 2] |= ((word >> (8 * (e & 3))) & 0xFFu) << (8 * (p & 3));
+        }
+        tile_t[(cg * kVec8 + e) * 16 + (rg ^ cg)] = make_uint2(w[0], w[1]);
+      }
+    }
+    __syncthreads();
+    FT_UNROLL
+    for (int i = 0; i < kTile * 16 / kThreads; ++i) {
+      const int idx = t + kThreads * i, k = idx >> 4, g = idx & 15;
+      if (k < cols && g * kRows < rows)
+        *reinterpret_cast<uint2*>(a.qc + (k0 + k) * a.M + m0 + g * kRows) = tile_t[k * 16 + (g ^ (k >> 3))];
+    }
+  }
+}
+
+template <int DT, bool BLOCK, bool COPY>
+cudaError_t launch3(const QuantArgs& a, cudaStream_t stream) {
+  const int64_t tiles = ((a.M + kTile - 1) / kTile) * ((a.K + kTile - 1) / kTile);
+  if (tiles > 0x7FFFFFFF) return cudaErrorInvalidValue;
+  quant_kernel<DT, BLOCK, COPY><<<(unsigned)tiles, kThreads, 0, stream>>>(a);
+  return cudaGetLastError();
+}
+
+template <int DT>
+cudaError_t launch_dt(const QuantArgs& a, cudaStream_t stream) {
+  const bool copy = a.qc != nullptr;
+  if (a.block) return copy ? launch3<DT, true, true>(a, stream) : launch3<DT, true, false>(a, stream);
+  return copy ? launch3<DT, false, true>(a, stream) : launch3<DT, false, false>(a, stream);
+}
+
+}  // namespace
+
+cudaError_t launch_quant(const QuantArgs& a, cudaStream_t stream) {
+  if (a.M == 0 || a.K == 0) return cudaSuccess;
+  if (a.M % 8 || a.K % 8) return cudaErrorInvalidValue;
+  switch (a.dt) {
+    case FT_F32: return launch_dt<FT_F32>(a, stream);
+    case FT_BF16: return launch_dt<FT_BF16>(a, stream);
+    case FT_F16: return launch_dt<FT_F16>(a, stream);
+    default: return cudaErrorInvalidValue;
+  }
+}
+
+}  // namespace fp8
+}  // namespace fusedtune

@@ -1,0 +1,60 @@
+// FP8 family: the scale and E4M3 rules of python/fusedtune/reference/fp8.py as host/device functions,
+// shared by the C++ CPU quantizer (csrc/cpu/fp8.cpp) and the CUDA one (csrc/cuda/fp8.cu), so the CPU tests
+// check the arithmetic the GPU runs. Every operation is exactly rounded (IEEE division, integer bit work).
+#pragma once
+#include "fusedtune/common.h"
+
+namespace fusedtune {
+namespace fp8 {
+
+constexpr int kTile = 128;                    // 1x128 tiles, 128x128 blocks
+constexpr uint32_t kInfBits = 0x7F800000u;
+
+FT_HD float ft_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+// |x|'s bits with NaN as +inf: non-negative floats order as their bits, so a block's max of these (an
+// integer max) is its amax, and inf exactly when the block holds an inf or a NaN (reference: s = NaN).
+FT_HD uint32_t mag_bits(float x) {
+  const uint32_t b = f32_bits(x) & 0x7FFFFFFFu;
+  return b < kInfBits ? b : kInfBits;
+}
+
+// The dequantization multiplier of a block from its amax (a max of mag_bits, as a float): amax / 448,
+// with pow2 rounded up to a power of two; the next float32 up where a subnormal (or 0) s times 448 falls
+// short of amax; 1 for an all-zero block; NaN for a block holding inf or NaN.
+FT_HD float block_scale(float amax, bool pow2) {
+  float s = ft_div(amax, 448.0f);
+  if (pow2) {
+    uint32_t b = f32_bits(s);
+    if (b & 0x7FFFFFu) b = ((b >> 23) + 1u) << 23;
+    s = bits_f32(b);
+  }
+  if (s < 1.1754943508222875e-38f && ft_mul(s, 448.0f) < amax) s = bits_f32(f32_bits(s) + 1u);
+  if (amax == 0.0f) s = 1.0f;
+  return f32_bits(amax) >= kInfBits ? bits_f32(0x7FC00000u) : s;
+}
+
+// float32 -> E4M3 (fn) byte: round to nearest even, saturation at 448 (also for inf), NaN -> 0x7F with the
+// sign bit (torch's cast writes 0x7F or 0xFF). The integer path of triton_kernels/fp8.py's _e4m3_bits.
+FT_HD uint32_t e4m3_bits(float v) {
+  const uint32_t bits = f32_bits(v), sign = (bits >> 24) & 0x80u, ab = bits & 0x7FFFFFFFu;
+  if (ab > kInfBits) return 0x7Fu | sign;
+  const float a = bits_f32(ab);
+  uint32_t code;
+  if (a < 0.015625f) {                        // E4M3 subnormals (and 0): m * 2^-9, m = rne(a * 2^9) in 0..8
+    code = (uint32_t)(int32_t)ft_sub(ft_add(ft_mul(a, 512.0f), 8388608.0f), 8388608.0f);
+  } else {                                    // rebias the exponent (127 -> 7), drop 20 mantissa bits, ties to even
+    const uint32_t b = ab - (120u << 23);
+    code = (b + 0x7FFFFu + ((b >> 20) & 1u)) >> 20;
+  }
+  return (code < 0x7Eu ? code : 0x7Eu) | sign;
+}
+
+}  // namespace fp8
+}  // namespace fusedtune

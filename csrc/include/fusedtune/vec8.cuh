@@ -1,0 +1,61 @@
+// Device helpers for kernels that move 8 consecutive elements a thread as 16-byte vectors (one for 16-bit
+// dtypes, two for fp32) and compute in fp32: the RoSTE Hadamard and the FP8 quantizers.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "fusedtune/common.h"
+
+namespace fusedtune {
+
+constexpr int kVec8 = 8;   // elements a chunk
+
+// One chunk of 8 elements in storage.
+template <int DT>
+struct Raw {
+  uint4 q[DT == FT_F32 ? 2 : 1];
+};
+
+// chunk c of a row (chunks of 8 elements from row)
+template <int DT>
+__device__ __forceinline__ Raw<DT> load_raw(const void* row, int64_t c) {
+  const uint4* p = reinterpret_cast<const uint4*>(static_cast<const char*>(row) + c * kVec8 * (DT == FT_F32 ? 4 : 2));
+  Raw<DT> r;
+  FT_UNROLL
+  for (int k = 0; k < (DT == FT_F32 ? 2 : 1); ++k) r.q[k] = p[k];
+  return r;
+}
+
+template <int DT>
+__device__ __forceinline__ float half_to_f32(uint32_t h) {   // h: the 16 bits in the low half
+  if (DT == FT_BF16) return __uint_as_float(h << 16);
+#if __CUDA_ARCH__ >= 530
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)h));
+  return f;
+#else
+  return f16_to_f32(h);
+#endif
+}
+
+// element e of a chunk, exactly, in fp32
+template <int DT>
+__device__ __forceinline__ float raw_elem(const Raw<DT>& r, int e) {
+  if constexpr (DT == FT_F32) {
+    const uint4& v = r.q[e >> 2];
+    const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+    return __uint_as_float(w[e & 3]);
+  } else {
+    const uint32_t w[4] = {r.q[0].x, r.q[0].y, r.q[0].z, r.q[0].w};
+    const uint32_t h = w[e >> 1];
+    if (e & 1) return DT == FT_BF16 ? __uint_as_float(h & 0xFFFF0000u) : half_to_f32<DT>(h >> 16);
+    return half_to_f32<DT>(h & 0xFFFFu);
+  }
+}
+
+template <int DT>
+__device__ __forceinline__ void unpack(const Raw<DT>& r, float v[kVec8]) {
+  FT_UNROLL
+  for (int e = 0; e < kVec8; ++e) v[e] = raw_elem<DT>(r, e);
+}
+
+}  // namespace fusedtune

@@ -1,0 +1,30 @@
+"""Inputs and comparisons shared by the FP8 quantizer tests (CPU kernel, CUDA kernel)."""
+import torch
+
+
+def same(a, b) -> bool:
+    """Bytes equal, NaN bytes compared as NaN (torch writes 0x7F or 0xFF); scales with NaN as NaN."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    if a.dtype == torch.float8_e4m3fn:
+        na, nb = torch.isnan(a.float()), torch.isnan(b.float())
+        return torch.equal(na, nb) and torch.equal(a.view(torch.uint8)[~na], b.view(torch.uint8)[~nb])
+    return torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0))
+
+
+def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
+    """Random values over seven decades along K, plus (where the shape has room) an inf, a NaN, an all-zero
+    row, tiles whose amax / 448 underflows float32 (2^-145) or is subnormal (2^-140), tiny values and -0."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(M, K, generator=g) * torch.logspace(-4, 3, K)[None, :]
+    x[0, : min(3, K)] = torch.tensor([1e-9, -3e-5, -0.0])[: min(3, K)]
+    if M > 4 and K > 8:
+        x[1, 7] = float("inf")
+        x[2, K - 1] = float("nan")
+        x[3, :] = 0.0
+        x[4] = 0.0
+        x[4, 1] = 2.0 ** -145
+        x[4, K - 1] = 2.0 ** -140
+    if M > 130 and K > 130:
+        x[129:, 129] = -float("inf")        # a whole column of one column-wise tile
+    return x.to(device=device, dtype=dtype)

@@ -1,0 +1,98 @@
+"""The extension's FP8 quantizer kernel (fp8_quant_kernel: csrc/cpu/fp8.cpp here, csrc/cuda/fp8.cu on a GPU,
+both on fp8_math.h) against the reference: the same bytes and scales for every input dtype, pow2, partial
+tiles, strided rows and the scale rules' edges; the backend choice (auto takes it on CPU tensors, and on a
+GPU for the shapes the CUDA kernel takes) and clear errors."""
+import pytest
+import torch
+
+from fusedtune import _ext
+from fusedtune import backend as B
+from fusedtune.ops import fp8 as F8
+from fp8_cases import edge_input, same
+
+pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("pow2", [False, True])
+@pytest.mark.parametrize("M,K", [(1, 1), (5, 130), (200, 300), (128, 128), (136, 264)])
+def test_cpu_kernel_bytes_equal_reference(dtype, pow2, M, K):
+    x = edge_input(M, K, dtype, seed=M + K)
+    for copy in (False, True):
+        got = F8.fp8_quantize_1x128(x, pow2=pow2, transpose=copy, backend="cpu")
+        want = F8.fp8_quantize_1x128(x, pow2=pow2, transpose=copy, backend="reference")
+        assert all(same(a, b) for a, b in zip(got, want)), (copy, [same(a, b) for a, b in zip(got, want)])
+        got = F8.fp8_quantize_128x128(x, pow2=pow2, transpose=copy, backend="cpu")
+        want = F8.fp8_quantize_128x128(x, pow2=pow2, transpose=copy, backend="reference")
+        assert len(got) == len(want) and all(same(a, b) for a, b in zip(got, want))
+
+
+def test_cpu_kernel_reads_strided_rows():
+    wide = edge_input(200, 400, torch.bfloat16, seed=3)
+    x = wide[:, 50:350]
+    assert x.stride() == (400, 1)
+    got = F8.fp8_quantize_1x128(x, backend="cpu")
+    want = F8.fp8_quantize_1x128(x.contiguous(), backend="reference")
+    assert all(same(a, b) for a, b in zip(got, want))
+
+
+def test_cpu_kernel_e4m3_rounding_on_edges():
+    """Every E4M3 value, the midpoints between neighbours (ties to even), values just off them, saturation
+    and subnormals, at scale 1 (each row's amax is 448): the bytes of torch's own cast."""
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (vals[1:] + vals[:-1]) / 2
+    near = torch.cat([vals, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20),
+                      torch.tensor([448., 447.9, 2 ** -10, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 1e-30])])
+    x = torch.cat([near, -near]).reshape(1, -1)
+    x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
+    x[:, 0] = 448.0
+    q, s, _, _ = F8.fp8_quantize_1x128(x, transpose=False, backend="cpu")
+    assert (s == 1.0).all() and same(q, x.to(torch.float8_e4m3fn))
+
+
+def test_auto_takes_the_kernel_on_cpu_tensors_and_fp8_linear_uses_it(monkeypatch):
+    x = torch.randn(16, 256)
+    assert F8._resolve_quant(x, None) == "cpu"
+    calls = []
+    real = torch.ops.fusedtune.fp8_quant_kernel
+
+    def spy(t, block, copy, pow2):
+        calls.append((tuple(t.shape), block, copy))
+        return real(t, block, copy, pow2)
+
+    monkeypatch.setattr(torch.ops.fusedtune, "fp8_quant_kernel", spy)
+    w = torch.randn(64, 256) * 0.02
+    dy = torch.randn(16, 64)
+    outs = {}
+    for backend in (None, "reference"):      # the same bytes, the same GEMM emulation: the same results
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F8.fp8_linear(xi, wi, backend=backend)
+        outs[backend] = [y] + list(torch.autograd.grad(y, [xi, wi], dy))
+    assert sorted(calls) == sorted([((64, 256), True, True), ((16, 256), False, True), ((16, 64), False, True)])
+    assert all(torch.equal(a, b) for a, b in zip(outs[None], outs["reference"]))
+
+
+def test_cuda_terms_are_named():
+    assert F8._cuda_refuses(torch.empty(16, 256, dtype=torch.bfloat16)) == ""
+    assert "multiples of 8" in F8._cuda_refuses(torch.empty(12, 256))
+    assert "multiples of 8" in F8._cuda_refuses(torch.empty(16, 100))
+    off = torch.empty(16 * 256 + 1, dtype=torch.bfloat16)[1:].view(16, 256)
+    assert "16-byte aligned" in F8._cuda_refuses(off)
+    rows = torch.empty(16, 260, dtype=torch.bfloat16)[:, :256]      # rows 520 bytes apart
+    assert "16-byte aligned" in F8._cuda_refuses(rows)
+
+
+def test_cuda_backend_refuses_cpu_tensors():
+    with pytest.raises(B.BackendError, match="cuda"):
+        F8.fp8_quantize_1x128(torch.randn(16, 256), backend="cuda")
+
+
+def test_kernel_bad_inputs():
+    op = torch.ops.fusedtune.fp8_quant_kernel
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        op(torch.ones(8, 8, dtype=torch.int32), False, True, False)
+    with pytest.raises(RuntimeError, match="2-D"):
+        op(torch.ones(2, 8, 8), False, True, False)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        op(torch.ones(8, 16)[:, ::2], False, True, False)
