@@ -28,3 +28,22 @@ def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
     if M > 130 and K > 130:
         x[129:, 129] = -float("inf")        # a whole column of one column-wise tile
     return x.to(device=device, dtype=dtype)
+
+
+def near_boundaries(seed: int, rows: int = 512) -> torch.Tensor:
+    """float32 [rows, 128]: column 0 each row's amax (random over 60 decades: the row's scale), the rest E4M3
+    values and rounding midpoints (the subnormal range included) times the scale, moved by -4..4 fp32 ulps,
+    random signs. x * RN(1/s) and fl(x / s) round to different E4M3 bytes on about 900 of its elements."""
+    g = torch.Generator().manual_seed(seed)
+    amax = (torch.rand(rows, generator=g) + 0.5) * torch.pow(10.0, torch.randint(-30, 30, (rows,), generator=g).float())
+    s = amax / 448.0
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.cat([vals, (vals[1:] + vals[:-1]) / 2])
+    pick = grid[torch.randint(0, len(grid), (rows, 127), generator=g)]
+    bits = (pick * s[:, None]).float().view(torch.int32) + torch.randint(-4, 5, pick.shape, generator=g,
+                                                                          dtype=torch.int32)
+    x = bits.clamp_(min=0).view(torch.float32)                      # (magnitudes: 0 stays 0 or subnormal)
+    x = torch.minimum(x, amax[:, None]) * torch.where(torch.rand(x.shape, generator=g) < 0.5, -1.0, 1.0)
+    x = torch.cat([amax[:, None], x], 1)
+    assert torch.isfinite(x).all()
+    return x

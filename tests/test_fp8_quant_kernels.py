@@ -8,7 +8,7 @@ import torch
 from fusedtune import _ext
 from fusedtune import backend as B
 from fusedtune.ops import fp8 as F8
-from fp8_cases import edge_input, same
+from fp8_cases import edge_input, near_boundaries, same
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -96,3 +96,15 @@ def test_kernel_bad_inputs():
         op(torch.ones(2, 8, 8), False, True, False)
     with pytest.raises(RuntimeError, match="contiguous"):
         op(torch.ones(8, 16)[:, ::2], False, True, False)
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_reciprocal_quotients_keep_the_division_bytes_near_boundaries(seed):
+    """The kernels take x * RN(1/s) for x / s, and the IEEE division only where that could change the E4M3
+    byte (fp8_math.h: e4m3_quotient): on fp8_cases.near_boundaries' rows (about 900 elements whose byte the
+    reciprocal alone gets wrong) the bytes are the reference's (fl(x / s), then torch's cast)."""
+    x = near_boundaries(seed)
+    for copy in (False, True):
+        got = F8.fp8_quantize_1x128(x, transpose=copy, backend="cpu")
+        want = F8.fp8_quantize_1x128(x, transpose=copy, backend="reference")
+        assert all(same(a, b) for a, b in zip(got, want))

@@ -1,5 +1,5 @@
 // FP8 family, C++ CPU kernel of the 1x128 and 128x128 quantizers (rules in fp8_math.h): the CUDA kernel's
-// arithmetic one 128x128 tile at a time.
+// arithmetic (the reciprocal quotient with its division fallback included) one 128x128 tile at a time.
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
@@ -48,12 +48,18 @@ Fp8Outputs fp8_quant_cpu(const at::Tensor& x, bool block, bool copy, bool pow2) 
         if (copy)
           for (int c = 0; c < cols; ++c) sc[(k0 + c) * MB + mb] = scol[c] = fp8::block_scale(bits_f32(cmax[c]), pow2);
       }
+      float rrow[fp8::kTile], rcol[fp8::kTile];
+      for (int r = 0; r < rows; ++r) rrow[r] = fp8::quotient_rcp(srow[r]);
+      if (copy && !block)
+        for (int c = 0; c < cols; ++c) rcol[c] = fp8::quotient_rcp(scol[c]);
       for (int r = 0; r < rows; ++r)
         for (int c = 0; c < cols; ++c) {
           const float f = v[r * fp8::kTile + c];
-          const uint8_t b = (uint8_t)fp8::e4m3_bits(fp8::ft_div(f, srow[r]));
+          const uint8_t b = (uint8_t)fp8::e4m3_bits(fp8::e4m3_quotient(f, srow[r], rrow[r]));
           q[(m0 + r) * K + k0 + c] = b;
-          if (copy) qc[(k0 + c) * M + m0 + r] = block ? b : (uint8_t)fp8::e4m3_bits(fp8::ft_div(f, scol[c]));
+          if (copy)
+            qc[(k0 + c) * M + m0 + r] =
+                block ? b : (uint8_t)fp8::e4m3_bits(fp8::e4m3_quotient(f, scol[c], rcol[c]));
         }
     }
   });

@@ -11,7 +11,9 @@
 //     distinct banks; read back as 128 rows of k x 16 granules, 8-byte stores of 8 consecutive m.
 // E4M3 conversion: sm_89+ cvt.rn.satfinite.e4m3x2.f32 (round to nearest even, saturation: the bytes of
 // fp8::e4m3_bits for every finite value; blocks with inf or NaN have a NaN scale and every byte NaN, as
-// the reference), older GPUs the integer path. x / s: IEEE division (__fdiv_rn), as the reference.
+// the reference), older GPUs the integer path. x / s: x times the rounded reciprocal, and the IEEE
+// division where that could change the byte (fp8_math.h's e4m3_quotient; the division alone was ~10
+// instructions an element and copy with its range check and branch: ~40% of the kernel's issue).
 #include <cuda_runtime.h>
 
 #include "fusedtune/fp8_cuda.h"
@@ -36,15 +38,25 @@ __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
 #endif
 }
 
-// eight values divided by their scales, as E4M3 bytes packed little-endian into two words
-__device__ __forceinline__ uint2 quant8(const float v[kRows], const float s[kRows]) {
+// eight values over one scale s (r = quotient_rcp(s)) as E4M3 bytes, packed little-endian into two words:
+// the reciprocal quotients, or the IEEE divisions for all eight where one of them needs it (fp8_math.h's
+// e4m3_quotient per element, with one branch a group: rare on real data)
+__device__ __forceinline__ uint2 quant8(const float v[kRows], float s, float r) {
+  float q[kRows];
+  bool divide = r == 0.0f;
+  FT_UNROLL
+  for (int i = 0; i < kRows; ++i) {
+    q[i] = ft_mul(v[i], r);
+    divide |= quotient_needs_division(q[i]);
+  }
+  if (divide) {
+    FT_UNROLL
+    for (int i = 0; i < kRows; ++i) q[i] = ft_div(v[i], s);
+  }
   uint32_t w[2];
   FT_UNROLL
-  for (int h = 0; h < 2; ++h) {
-    const uint32_t a = e4m3x2(ft_div(v[4 * h], s[4 * h]), ft_div(v[4 * h + 1], s[4 * h + 1]));
-    const uint32_t b = e4m3x2(ft_div(v[4 * h + 2], s[4 * h + 2]), ft_div(v[4 * h + 3], s[4 * h + 3]));
-    w[h] = a | (b << 16);
-  }
+  for (int h = 0; h < 2; ++h)
+    w[h] = e4m3x2(q[4 * h], q[4 * h + 1]) | (e4m3x2(q[4 * h + 2], q[4 * h + 3]) << 16);
   return make_uint2(w[0], w[1]);
 }
 
@@ -101,13 +113,10 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
     for (int e = 0; e < kVec8; ++e) {
       const float sc = block_scale(__uint_as_float(cmax[e]), a.pow2);
       if (rg == 0 && cg * kVec8 + e < cols) a.sc[(k0 + cg * kVec8 + e) * MB + mb] = sc;
-      float v[kRows], s[kRows];
+      float v[kRows];
       FT_UNROLL
-      for (int p = 0; p < kRows; ++p) {
-        v[p] = raw_elem<DT>(raw[p], e);
-        s[p] = sc;
-      }
-      tile_t[(cg * kVec8 + e) * 16 + (rg ^ cg)] = quant8(v, s);
+      for (int p = 0; p < kRows; ++p) v[p] = raw_elem<DT>(raw[p], e);
+      tile_t[(cg * kVec8 + e) * 16 + (rg ^ cg)] = quant8(v, sc, quotient_rcp(sc));
     }
   }
   float srow[kRows];
@@ -134,17 +143,15 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
     }
   }
 
+  const float rrow0 = quotient_rcp(srow[0]);   // (block: one scale, one reciprocal)
   uint8_t* qb = a.q + (m0 + rg * kRows) * a.K + k0 + cg * kVec8;
   uint2 qrow[kRows];
   FT_UNROLL
   for (int p = 0; p < kRows; ++p) {
-    float v[kVec8], s[kVec8];
+    float v[kVec8];
     FT_UNROLL
-    for (int e = 0; e < kVec8; ++e) {
-      v[e] = raw_elem<DT>(raw[p], e);
-      s[e] = srow[p];
-    }
-    qrow[p] = quant8(v, s);
+    for (int e = 0; e < kVec8; ++e) v[e] = raw_elem<DT>(raw[p], e);
+    qrow[p] = quant8(v, srow[p], BLOCK && p > 0 ? rrow0 : quotient_rcp(srow[p]));
     if (active) *reinterpret_cast<uint2*>(qb + p * a.K) = qrow[p];
   }
   if constexpr (COPY) {
