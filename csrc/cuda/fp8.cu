@@ -151,7 +151,7 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
     float v[kVec8];
     FT_UNROLL
     for (int e = 0; e < kVec8; ++e) v[e] = raw_elem<DT>(raw[p], e);
-    qrow[p] = quant8(v, srow[p], BLOCK && p > 0 ? rrow0 : quotient_rcp(srow[p]));
+    qrow[p] = quant8(v, srow[p], BLOCK ? rrow0 : quotient_rcp(srow[p]));
     if (active) *reinterpret_cast<uint2*>(qb + p * a.K) = qrow[p];
   }
   if constexpr (COPY) {
