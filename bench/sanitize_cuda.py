@@ -9,7 +9,7 @@ import sys
 import torch
 
 from fusedtune import _ext
-from fusedtune.ops import hft, roste, sparse_delta, zo
+from fusedtune.ops import fp8, hft, roste, sparse_delta, zo
 from fusedtune.testing import assert_same_bits
 
 
@@ -57,6 +57,18 @@ def zo_apply(dev):
     return ts
 
 
+def fp8_quant(dev):
+    # both quantizers with their copies (the swizzled shared-memory transpose) over partial tiles of each
+    # dtype, and the 1x128 one without its copy
+    ins = _inputs(dev, ((136, 264), torch.bfloat16), ((40, 128), torch.float32), ((8, 200), torch.float16), seed=7)
+    b = "cuda" if dev == "cuda" else "cpu"
+    out = []
+    for x in ins:
+        out += list(fp8.fp8_quantize_1x128(x, backend=b)) + list(fp8.fp8_quantize_128x128(x, True, b, transpose=True))
+    out += list(fp8.fp8_quantize_1x128(ins[0], transpose=False, backend=b))[:2]
+    return [t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else t for t in out]
+
+
 def adamw(dev):
     b = "cuda" if dev == "cuda" else "cpu"
     ps = _inputs(dev, ((100, 33), torch.float32), ((40, 33), torch.bfloat16), seed=2)
@@ -79,6 +91,6 @@ def adamw(dev):
 if __name__ == "__main__":
     if not (torch.cuda.is_available() and _ext.with_cuda()):
         sys.exit("sanitize_cuda: needs a GPU and fusedtune._C built with CUDA kernels")
-    for fn in (sddmm_tiles, hadamard, zo_apply, adamw):
+    for fn in (sddmm_tiles, hadamard, zo_apply, adamw, fp8_quant):
         both(fn)
     print("sanitize_cuda: all kernels ran and matched the CPU kernels")
