@@ -124,6 +124,17 @@ def test_cuda_butterfly_kernel(n, dtype):
     assert torch.equal(xx.grad.cpu(), hadamard(dy.cpu(), transpose=True, backend="cpu"))
 
 
+@pytest.mark.skipif(not __import__("fusedtune")._ext.with_cuda(), reason="fusedtune._C has no CUDA kernels")
+@pytest.mark.parametrize("rows,n,dtype", [(4096, 4096, torch.bfloat16), (3001, 4096, torch.float32),
+                                          (20000, 256, torch.float16), (7000, 1024, torch.bfloat16)])
+def test_cuda_warp_kernel_takes_several_rows_a_warp(rows, n, dtype):
+    """The warp kernel's grid is the blocks that fit the GPU at once, each warp taking rows gridDim x 4 apart
+    and copying its next row in while it transforms the current one: more rows than resident warps give
+    the CPU kernel's bits."""
+    x = torch.randn(rows, n, device="cuda").to(dtype)
+    assert torch.equal(hadamard(x, backend="cuda").cpu(), hadamard(x.cpu(), backend="cpu"))
+
+
 @pytest.mark.parametrize("n,backend", [(11008, "triton"), (3584, "cuda"), (5120, "cuda"), (14336, "triton"),
                                        (4096, "cuda")])
 def test_auto_routes_hadamard_by_size(n, backend):

@@ -145,7 +145,13 @@ __global__ void __launch_bounds__(kMaxThreads, M == 1 ? 3 : 1)
 // 16-bit rows the vectors it copied itself; fp32 after a __syncwarp, no block barrier). Plain loads of the
 // same vectors into registers were sunk by ptxas next to their first use (to save registers), which left
 // about 3 of a lane's 16 loads in flight; 4 warps a block, several blocks an SM.
-constexpr int kWarpRows = 4;   // warps (rows) per block
+// The grid is persistent (the blocks that fit the GPU at once), each warp taking rows gridDim.x * 4 apart:
+// once a row is in registers, the warp starts the copies of its next row into the same shared memory and
+// then transforms and stores the current one, so a row's loads are in flight during the previous row's
+// arithmetic. One row a warp (a grid over the rows) left each warp's loads idle while it computed: at
+// 4096 x 4096 bf16 on an H200 that was 1.31x a memcpy (bench/results/h200_2026-11-30.md, fourth run),
+// with ~10 us of shuffle and arithmetic issue an SM against the copy's 21.
+constexpr int kWarpRows = 4;   // warps per block
 
 template <int DT, int C>
 constexpr int warp_smem_bytes() {
@@ -161,9 +167,15 @@ __device__ __forceinline__ void copy16_async(void* dst_smem, const void* src) {
 #endif
 }
 
+__device__ __forceinline__ void commit_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
 __device__ __forceinline__ void wait_copies() {
 #if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;\ncp.async.wait_group 0;" ::: "memory");
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
 #endif
 }
 
@@ -172,59 +184,97 @@ __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const voi
                                                                         void* __restrict__ out, int64_t rows,
                                                                         float scale) {
   extern __shared__ uint4 stage[];
-  const int64_t row = (int64_t)blockIdx.x * kWarpRows + (threadIdx.x >> 5);
-  if (row >= rows) return;
   constexpr int n = 256 * C;
   constexpr int kV = DT == FT_F32 ? 2 : 1;      // 16-byte vectors a chunk
+  constexpr int64_t vecs = n * kV / kE;         // 16-byte vectors a row
+  const int64_t stride = (int64_t)gridDim.x * kWarpRows;
+  int64_t row = (int64_t)blockIdx.x * kWarpRows + (threadIdx.x >> 5);
+  if (row >= rows) return;
   const int lane = threadIdx.x & 31;
-  const uint4* xr = reinterpret_cast<const uint4*>(x) + row * (n * kV / kE);
-  uint4* mine = stage + (threadIdx.x >> 5) * (n * kV / kE);
+  uint4* mine = stage + (threadIdx.x >> 5) * vecs;
+  const uint4* xv = reinterpret_cast<const uint4*>(x);
   FT_UNROLL
-  for (int j = 0; j < C * kV; ++j) copy16_async(mine + lane + 32 * j, xr + lane + 32 * j);   // 512 B a warp
-  wait_copies();
-  if (kV > 1) __syncwarp();   // fp32: chunk c is vectors 2c, 2c + 1, copied by two other lanes
-  float v[C][kE];
-  FT_UNROLL
-  for (int i = 0; i < C; ++i) {
-    Raw<DT> r;
-    FT_UNROLL
-    for (int k = 0; k < kV; ++k) r.q[k] = mine[(lane + 32 * i) * kV + k];
-    unpack<DT>(r, v[i]);
-    butterfly8(v[i]);
-  }
-  FT_UNROLL
-  for (int st = 0; st < 5; ++st) {
-    FT_UNROLL
-    for (int i = 0; i < C; ++i) lane_stage(v[i], lane, st);
-  }
-  FT_UNROLL
-  for (int h = 1; h < C; h <<= 1) {
+  for (int j = 0; j < C * kV; ++j) copy16_async(mine + lane + 32 * j, xv + row * vecs + lane + 32 * j);   // 512 B a warp
+  commit_copies();
+  for (; row < rows; row += stride) {
+    wait_copies();
+    if (kV > 1) __syncwarp();   // fp32: chunk c is vectors 2c, 2c + 1, copied by two other lanes
+    float v[C][kE];
     FT_UNROLL
     for (int i = 0; i < C; ++i) {
-      if (!(i & h)) {
-        FT_UNROLL
-        for (int e = 0; e < kE; ++e) {
-          const float a = v[i][e], b = v[i + h][e];
-          v[i][e] = ft_add(a, b);
-          v[i + h][e] = ft_sub(a, b);
+      Raw<DT> r;
+      FT_UNROLL
+      for (int k = 0; k < kV; ++k) r.q[k] = mine[(lane + 32 * i) * kV + k];
+      unpack<DT>(r, v[i]);
+      butterfly8(v[i]);
+    }
+    const int64_t next = row + stride;          // the next row's copies, into the buffer just read
+    if (next < rows) {
+      if (kV > 1) __syncwarp();                 // (fp32: every lane's reads of the vectors others overwrite)
+      FT_UNROLL
+      for (int j = 0; j < C * kV; ++j) copy16_async(mine + lane + 32 * j, xv + next * vecs + lane + 32 * j);
+      commit_copies();
+    }
+    FT_UNROLL
+    for (int st = 0; st < 5; ++st) {
+      FT_UNROLL
+      for (int i = 0; i < C; ++i) lane_stage(v[i], lane, st);
+    }
+    FT_UNROLL
+    for (int h = 1; h < C; h <<= 1) {
+      FT_UNROLL
+      for (int i = 0; i < C; ++i) {
+        if (!(i & h)) {
+          FT_UNROLL
+          for (int e = 0; e < kE; ++e) {
+            const float a = v[i][e], b = v[i + h][e];
+            v[i][e] = ft_add(a, b);
+            v[i + h][e] = ft_sub(a, b);
+          }
         }
       }
     }
+    char* orow = static_cast<char*>(out) + row * n * (DT == FT_F32 ? 4 : 2);
+    FT_UNROLL
+    for (int i = 0; i < C; ++i) store_chunk<DT>(orow, lane + 32 * i, v[i], scale);
   }
-  char* orow = static_cast<char*>(out) + row * n * (DT == FT_F32 ? 4 : 2);
-  FT_UNROLL
-  for (int i = 0; i < C; ++i) store_chunk<DT>(orow, lane + 32 * i, v[i], scale);
+}
+
+// The blocks of hadamard_warp_kernel<DT, C> that run on the current device at once (SMs x blocks an SM),
+// asked once per device.
+template <int DT, int C>
+cudaError_t resident_blocks(int smem, int64_t* out) {
+  static int64_t cache[64] = {};                // (a benign race: every writer stores the same value)
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 64 && cache[dev] > 0) {
+    *out = cache[dev];
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hadamard_warp_kernel<DT, C>, 32 * kWarpRows, smem);
+  if (err != cudaSuccess) return err;
+  *out = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
+  if (dev < 64) cache[dev] = *out;
+  return cudaSuccess;
 }
 
 template <int DT, int C>
 cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cudaStream_t stream) {
-  const int64_t blocks = (rows + kWarpRows - 1) / kWarpRows;
   constexpr int smem = warp_smem_bytes<DT, C>();
   if (smem > 48 * 1024) {                       // fp32 at 4096: 64 KB (opt in, per device: every launch)
     cudaError_t err =
         cudaFuncSetAttribute(hadamard_warp_kernel<DT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
     if (err != cudaSuccess) return err;
   }
+  int64_t resident = 0;
+  cudaError_t err = resident_blocks<DT, C>(smem, &resident);
+  if (err != cudaSuccess) return err;
+  const int64_t need = (rows + kWarpRows - 1) / kWarpRows;
+  const int64_t blocks = need < resident ? need : resident;
   hadamard_warp_kernel<DT, C><<<(unsigned)blocks, 32 * kWarpRows, smem, stream>>>(x, out, rows, scale);
   return cudaGetLastError();
 }
