@@ -102,10 +102,12 @@ def _need_cuda_kernel():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("M,K", [(4096, 4096), (1000, 336), (8, 8), (136, 264)])
+@pytest.mark.parametrize("M,K", [(4096, 4096), (2000, 4104), (1000, 336), (8, 8), (136, 264)])
 def test_cuda_quantizers_byte_identical(dtype, M, K):
     """The extension's CUDA quantizer: the reference's bytes and scales, and the CPU kernel's, for both
-    quantizers with and without their copies, pow2 too, over partial tiles and the scale rules' edges."""
+    quantizers with and without their copies, pow2 too, over partial tiles and the scale rules' edges;
+    the first two shapes give a block several tiles (its grid is the blocks resident at once), full and
+    partial ones in turn."""
     _need_cuda_kernel()
     x = edge_input(M, K, dtype, device="cuda", seed=M + K)
     for pow2 in (False, True):

@@ -1,8 +1,10 @@
 // FP8 family, CUDA kernel of the 1x128 and 128x128 quantizers (the rules of fp8_math.h, the same bytes as
-// the CPU kernel and the reference). One block of 256 threads a 128x128 tile; thread (rg, cg) = (t / 16,
-// t % 16) holds rows 8 rg .. 8 rg + 7 at columns 8 cg .. 8 cg + 7 as eight 16-byte vectors (two each for
-// fp32), all loaded before any use: 32 KB of a bf16 tile in flight a block, 2 or 3 blocks an SM. The
-// values stay packed in their storage dtype (an exact conversion to fp32 at each use: fewer registers).
+// the CPU kernel and the reference). A block of 256 threads takes 128x128 tiles (a persistent grid);
+// thread (rg, cg) = (t / 16, t % 16) holds rows 8 rg .. 8 rg + 7 at columns 8 cg .. 8 cg + 7 as eight
+// 16-byte vectors (two each for fp32), copied by cp.async into its own slots of a staging buffer (32 KB
+// a bf16 tile), the next tile's copies started as soon as the current one is in registers: a tile's
+// loads in flight a block at all times, 2 or 3 blocks an SM. The values stay packed in their storage
+// dtype (an exact conversion to fp32 at each use: fewer registers).
 //   row maxima: a thread's 8 columns, then the 16 lanes of its half-warp (shuffles);
 //   column maxima: a thread's 8 rows, the other half-warp (a shuffle), then the 8 warps (shared memory);
 //   row-wise copy: 8 bytes a row a thread, a half-warp writes 128 consecutive bytes of a row;
@@ -60,31 +62,54 @@ __device__ __forceinline__ uint2 quant8(const float v[kRows], float s, float r) 
   return make_uint2(w[0], w[1]);
 }
 
-template <int DT, bool BLOCK, bool COPY>
-// 2 blocks an SM (128 registers) with the column-wise copy or fp32 input, 3 (80) otherwise: the copy at 80
-// registers kept IEEE division's slow-path subroutine on the stack (python -m fusedtune kernels)
-__global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_kernel(const QuantArgs a) {
-  __shared__ uint2 tile_t[COPY ? kTile * kTile / 8 : 1];       // [k][16 granules of 8 rows], swizzled
-  __shared__ uint4 colmax4[kThreads / 32][kTile / 4];          // per warp, per column
-  const int64_t KB = (a.K + kTile - 1) / kTile, MB = (a.M + kTile - 1) / kTile;
-  const int64_t mb = blockIdx.x / KB, kb = blockIdx.x % KB, m0 = mb * kTile, k0 = kb * kTile;
-  const int rows = (int)min((int64_t)kTile, a.M - m0), cols = (int)min((int64_t)kTile, a.K - k0);
-  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, cg = t & 15, rg = t >> 4;
-  const bool active = rg * kRows < rows && cg * kVec8 < cols;   // (M, K multiples of 8: all 8 or none)
-  constexpr int64_t es = DT == FT_F32 ? 4 : 2;
-  const char* xb = static_cast<const char*>(a.x) + ((m0 + rg * kRows) * a.ld + k0 + cg * kVec8) * es;
+template <int DT>
+constexpr int stage_bytes() {                   // a block's staged tile: 8 chunks a thread
+  return kRows * kThreads * (DT == FT_F32 ? 32 : 16);
+}
 
-  Raw<DT> raw[kRows];
+// the tile's 128 x 128 geometry and a thread's part of it
+struct Tile {
+  int64_t mb, kb, m0, k0;
+  int rows, cols;
+  bool active;                                  // the thread's 8 x 8 elements exist (M, K multiples of 8)
+};
+
+__device__ __forceinline__ Tile tile_at(const QuantArgs& a, int64_t tile, int64_t KB, int cg, int rg) {
+  Tile g;
+  g.mb = tile / KB;
+  g.kb = tile % KB;
+  g.m0 = g.mb * kTile;
+  g.k0 = g.kb * kTile;
+  g.rows = (int)min((int64_t)kTile, a.M - g.m0);
+  g.cols = (int)min((int64_t)kTile, a.K - g.k0);
+  g.active = rg * kRows < g.rows && cg * kVec8 < g.cols;
+  return g;
+}
+
+// a thread's 8 chunks of a tile into its own slots of the staging buffer (slot p * 256 + t), by cp.async
+template <int DT>
+__device__ __forceinline__ void stage_tile(const QuantArgs& a, const Tile& g, int cg, int rg, uint4* stage) {
+  constexpr int kV = DT == FT_F32 ? 2 : 1;
+  constexpr int64_t es = DT == FT_F32 ? 4 : 2;
+  if (!g.active) return;
+  const char* xb = static_cast<const char*>(a.x) + ((g.m0 + rg * kRows) * a.ld + g.k0 + cg * kVec8) * es;
   FT_UNROLL
   for (int p = 0; p < kRows; ++p) {
-    if (active) {
-      raw[p] = load_raw<DT>(xb + p * a.ld * es, 0);
-    } else {
-      FT_UNROLL
-      for (int k = 0; k < (DT == FT_F32 ? 2 : 1); ++k) raw[p].q[k] = make_uint4(0, 0, 0, 0);
-    }
+    FT_UNROLL
+    for (int k = 0; k < kV; ++k)
+      copy16_async(stage + (p * kThreads + threadIdx.x) * kV + k, xb + p * a.ld * es + 16 * k);
   }
+}
 
+// One tile from the thread's 8 x 8 elements (zeros where they do not exist): its scales, its row-wise bytes
+// and (COPY) its column-wise (BLOCK: transposed) bytes, through tile_t; colmax4 for the column maxima.
+template <int DT, bool BLOCK, bool COPY>
+__device__ __forceinline__ void quant_tile(const QuantArgs& a, const Tile& tg, const Raw<DT> (&raw)[kRows],
+                                           uint2* tile_t, uint4 (*colmax4)[kTile / 4], int64_t KB, int64_t MB) {
+  const int t = threadIdx.x, lane = t & 31, warp = t >> 5, cg = t & 15, rg = t >> 4;
+  const int64_t mb = tg.mb, kb = tg.kb, m0 = tg.m0, k0 = tg.k0;
+  const int rows = tg.rows, cols = tg.cols;
+  const bool active = tg.active;
   uint32_t cmax[kVec8];
   FT_UNROLL
   for (int e = 0; e < kVec8; ++e) {
@@ -178,10 +203,81 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
 }
 
 template <int DT, bool BLOCK, bool COPY>
+// 2 blocks an SM (128 registers) with the column-wise copy or fp32 input, 3 (80) otherwise: the copy at 80
+// registers kept IEEE division's slow-path subroutine on the stack (python -m fusedtune kernels).
+// Persistent: the grid is the blocks that fit the GPU at once, each taking tiles gridDim.x apart; once a
+// tile is in registers the block starts copying its next tile into the staging buffer (each thread its
+// own slots: no barrier), so the loads of one tile fly while the previous one is converted and stored.
+__global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_kernel(const QuantArgs a) {
+  extern __shared__ uint4 stage[];                             // stage_bytes<DT>()
+  __shared__ uint2 tile_t[COPY ? kTile * kTile / 8 : 1];       // [k][16 granules of 8 rows], swizzled
+  __shared__ uint4 colmax4[kThreads / 32][kTile / 4];          // per warp, per column
+  constexpr int kV = DT == FT_F32 ? 2 : 1;
+  const int64_t KB = (a.K + kTile - 1) / kTile, MB = (a.M + kTile - 1) / kTile, tiles = KB * MB;
+  const int t = threadIdx.x, cg = t & 15, rg = t >> 4;
+  int64_t tile = blockIdx.x;
+  if (tile >= tiles) return;
+  stage_tile<DT>(a, tile_at(a, tile, KB, cg, rg), cg, rg, stage);
+  commit_copies();
+  for (; tile < tiles; tile += gridDim.x) {
+    const Tile tg = tile_at(a, tile, KB, cg, rg);
+    wait_copies();
+    Raw<DT> raw[kRows];
+    FT_UNROLL
+    for (int p = 0; p < kRows; ++p) {
+      FT_UNROLL
+      for (int k = 0; k < kV; ++k)
+        raw[p].q[k] = tg.active ? stage[(p * kThreads + t) * kV + k] : make_uint4(0, 0, 0, 0);
+    }
+    if (tile + gridDim.x < tiles) {             // (each thread re-fills only the slots it just read, once
+      uint32_t fold = 0;                        // their values are in its registers)
+      FT_UNROLL
+      for (int p = 0; p < kRows; ++p) {
+        FT_UNROLL
+        for (int k = 0; k < kV; ++k) fold ^= raw[p].q[k].x ^ raw[p].q[k].y ^ raw[p].q[k].z ^ raw[p].q[k].w;
+      }
+      asm volatile("" ::"r"(fold));
+      stage_tile<DT>(a, tile_at(a, tile + gridDim.x, KB, cg, rg), cg, rg, stage);
+      commit_copies();
+    }
+    quant_tile<DT, BLOCK, COPY>(a, tg, raw, tile_t, colmax4, KB, MB);
+    __syncthreads();                            // colmax4 and tile_t are read before the next tile writes them
+  }
+}
+
+// The blocks of quant_kernel<DT, BLOCK, COPY> that run on the current device at once (SMs x blocks an SM),
+// asked once per device, when the kernel is also opted into the staging buffer's shared memory there
+// (with the static 20 KB it passes the default 48 KB).
+template <int DT, bool BLOCK, bool COPY>
+cudaError_t resident_blocks(int64_t* out) {
+  static int64_t cache[64] = {};                // (a benign race: every writer stores the same value)
+  constexpr int smem = stage_bytes<DT>();
+  int dev = 0;
+  cudaError_t err = cudaGetDevice(&dev);
+  if (err != cudaSuccess) return err;
+  if (dev < 64 && cache[dev] > 0) {
+    *out = cache[dev];
+    return cudaSuccess;
+  }
+  int sms = 0, per_sm = 0;
+  err = cudaFuncSetAttribute(quant_kernel<DT, BLOCK, COPY>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+  if (err == cudaSuccess)
+    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quant_kernel<DT, BLOCK, COPY>, kThreads, smem);
+  if (err != cudaSuccess) return err;
+  *out = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
+  if (dev < 64) cache[dev] = *out;
+  return cudaSuccess;
+}
+
+template <int DT, bool BLOCK, bool COPY>
 cudaError_t launch3(const QuantArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kTile - 1) / kTile) * ((a.K + kTile - 1) / kTile);
-  if (tiles > 0x7FFFFFFF) return cudaErrorInvalidValue;
-  quant_kernel<DT, BLOCK, COPY><<<(unsigned)tiles, kThreads, 0, stream>>>(a);
+  int64_t resident = 0;
+  cudaError_t err = resident_blocks<DT, BLOCK, COPY>(&resident);
+  if (err != cudaSuccess) return err;
+  const int64_t blocks = tiles < resident ? tiles : resident;
+  quant_kernel<DT, BLOCK, COPY><<<(unsigned)blocks, kThreads, stage_bytes<DT>(), stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -158,27 +158,6 @@ constexpr int warp_smem_bytes() {
   return kWarpRows * 256 * C * (DT == FT_F32 ? 4 : 2);
 }
 
-__device__ __forceinline__ void copy16_async(void* dst_smem, const void* src) {
-#if __CUDA_ARCH__ >= 800
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst_smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-#else
-  *static_cast<uint4*>(dst_smem) = *static_cast<const uint4*>(src);
-#endif
-}
-
-__device__ __forceinline__ void commit_copies() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.commit_group;" ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ void wait_copies() {
-#if __CUDA_ARCH__ >= 800
-  asm volatile("cp.async.wait_group 0;" ::: "memory");
-#endif
-}
-
 template <int DT, int C>
 __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const void* __restrict__ x,
                                                                         void* __restrict__ out, int64_t rows,

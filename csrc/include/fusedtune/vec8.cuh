@@ -1,5 +1,6 @@
 // Device helpers for kernels that move 8 consecutive elements a thread as 16-byte vectors (one for 16-bit
-// dtypes, two for fp32) and compute in fp32: the RoSTE Hadamard and the FP8 quantizers.
+// dtypes, two for fp32) and compute in fp32, staged through shared memory by cp.async: the RoSTE
+// Hadamard and the FP8 quantizers.
 #pragma once
 #include <cuda_runtime.h>
 
@@ -56,6 +57,28 @@ template <int DT>
 __device__ __forceinline__ void unpack(const Raw<DT>& r, float v[kVec8]) {
   FT_UNROLL
   for (int e = 0; e < kVec8; ++e) v[e] = raw_elem<DT>(r, e);
+}
+
+// cp.async (sm_80+; a plain copy before): 16 bytes global -> shared, in flight until wait_copies
+__device__ __forceinline__ void copy16_async(void* dst_smem, const void* src) {
+#if __CUDA_ARCH__ >= 800
+  const unsigned d = (unsigned)__cvta_generic_to_shared(dst_smem);
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+#else
+  *static_cast<uint4*>(dst_smem) = *static_cast<const uint4*>(src);
+#endif
+}
+
+__device__ __forceinline__ void commit_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void wait_copies() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group 0;" ::: "memory");
+#endif
 }
 
 }  // namespace fusedtune
