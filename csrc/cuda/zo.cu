@@ -3,6 +3,7 @@
 #include <cuda_runtime.h>
 
 #include "fusedtune/multi_tensor.h"
+#include "fusedtune/vec8.cuh"
 #include "fusedtune/zo_cuda.h"
 
 namespace fusedtune {
@@ -83,26 +84,57 @@ __device__ __forceinline__ void scalar_group(const Params& p, const OneSeed& o, 
   }
 }
 
+constexpr int kDepth = 4;   // iterations of a chunk in flight a thread (run_chunk)
+
+// A block's staging ring: kDepth slots of 32 bytes a thread (an fp32 chunk is two vectors, a 16-bit one
+// uses the first), vector k of all threads side by side.
+struct Stage {
+  uint4 v[kDepth][2][kThreads];
+};
+
 template <int DT, int MODE, int NOISE, int ROUND>
 __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, const float* table, const TensorMeta& m,
-                                          int64_t chunk0) {
+                                          int64_t chunk0, Stage& stage) {
   const int64_t end = min(m.numel, chunk0 + kChunk);
   const bool aligned = (reinterpret_cast<uintptr_t>(m.ptr) & 15u) == 0;
   constexpr int64_t kStep = (int64_t)kThreads * kElemsPerThread;
-  // A whole chunk of an aligned tensor: the load of a thread's next vector is issued before the arithmetic
-  // on its current one (SASS: at the second Philox round), so a load is in flight while the thread computes.
-  // The loop this replaces loaded each vector after the previous one's arithmetic: a round trip per 8
-  // elements with nothing of this thread's in flight during its arithmetic, which only other warps could
-  // overlap (1974 GB/s on an H200 against torch's 2818 for the same bytes, bench/results/zo.csv). Holding
-  // the next vector costs registers: 4 blocks of 256 an SM (64 registers on sm_90a, no spills) instead of
-  // 5 (48, and the prefetch spilled).
+  // A whole chunk of an aligned tensor: a thread's vectors come in by cp.async through its own slots of a
+  // ring of kDepth (no barrier), kDepth iterations ahead of the arithmetic, so kDepth loads of each thread
+  // are in flight while it computes. H200, fourth run: with one vector prefetched in registers (one load
+  // in flight a thread: 16 KB an SM at 4 blocks of 256) the one-seed pass took 12.6 ms against a copy's
+  // 9.4 and about 6.8 ms of issue -- its reads ran as if each load took 2 us, bound by loads in flight.
+  // Before that, each vector was loaded after the previous one's arithmetic (1974 GB/s against torch's 2818
+  // for the same bytes, bench/results/zo.csv).
   if (aligned && chunk0 + kChunk <= m.numel) {
-    int64_t e = chunk0 + (int64_t)threadIdx.x * kElemsPerThread;
-    Vec<DT> next = vec_raw<DT>(m.ptr, e);
+    constexpr int kIters = (int)(kChunk / kStep);
+    constexpr int kV = DT == FT_F32 ? 2 : 1;
+    constexpr int64_t es = DT == FT_F32 ? 4 : 2;
+    const int64_t e0 = chunk0 + (int64_t)threadIdx.x * kElemsPerThread;
+    const char* src = static_cast<const char*>(m.ptr) + e0 * es;
+    FT_UNROLL
+    for (int it = 0; it < kDepth; ++it) {
+      FT_UNROLL
+      for (int k = 0; k < kV; ++k) copy16_async(&stage.v[it][k][threadIdx.x], src + it * kStep * es + 16 * k);
+      commit_copies();
+    }
 #pragma unroll 1
-    for (int it = 0; it < (int)(kChunk / kStep); ++it, e += kStep) {
-      const Vec<DT> cur = next;
-      if (it + 1 < (int)(kChunk / kStep)) next = vec_raw<DT>(m.ptr, e + kStep);
+    for (int it = 0; it < kIters; ++it) {
+      wait_copies_but<kDepth - 1>();           // iteration it's group (one committed every iteration)
+      Vec<DT> cur;
+      uint32_t fold = 0;
+      FT_UNROLL
+      for (int k = 0; k < kV; ++k) {
+        cur.q[k] = stage.v[it % kDepth][k][threadIdx.x];
+        fold ^= cur.q[k].x ^ cur.q[k].y ^ cur.q[k].z ^ cur.q[k].w;
+      }
+      asm volatile("" ::"r"(fold));            // the slot's values are in registers before it is re-filled
+      if (it + kDepth < kIters) {
+        FT_UNROLL
+        for (int k = 0; k < kV; ++k)
+          copy16_async(&stage.v[it % kDepth][k][threadIdx.x], src + (it + kDepth) * kStep * es + 16 * k);
+      }
+      commit_copies();                         // (empty at the end: the count per iteration stays one)
+      const int64_t e = e0 + it * kStep;
       uint32_t a[4], b[4];
       vec_unpack<DT>(cur, a, b);
       update_any<MODE, NOISE, ROUND>(p, o, table, (uint64_t)(e >> 2), m.tensor_id, DT, a, 4);
@@ -124,6 +156,7 @@ struct Walk {
   const Params& p;
   const OneSeed o;
   const float* table;
+  Stage& stage;
 
   template <int MODE, int NOISE, int ROUND>
   __device__ void operator()() const {
@@ -135,11 +168,11 @@ struct Walk {
       const TensorMeta& m = launch.t[ti];
       const int64_t chunk0 = (b - launch.block_start[ti]) * kChunk;
       if (m.dtype == FT_F32)
-        run_chunk<FT_F32, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+        run_chunk<FT_F32, MODE, NOISE, ROUND>(p, o, table, m, chunk0, stage);
       else if (m.dtype == FT_BF16)
-        run_chunk<FT_BF16, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+        run_chunk<FT_BF16, MODE, NOISE, ROUND>(p, o, table, m, chunk0, stage);
       else
-        run_chunk<FT_F16, MODE, NOISE, ROUND>(p, o, table, m, chunk0);
+        run_chunk<FT_F16, MODE, NOISE, ROUND>(p, o, table, m, chunk0, stage);
     }
   }
 };
@@ -151,11 +184,12 @@ struct Walk {
 // counter is the element index), so the result is the same bits for any grid.
 __global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];
+  __shared__ Stage stage;                       // 32 KB
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
   if ((int64_t)blockIdx.x >= launch.block_start[launch.count]) return;
   const int mode = call_mode(p);
-  dispatch_mode(p, mode, Walk{launch, p, one_seed(p, mode), table});
+  dispatch_mode(p, mode, Walk{launch, p, one_seed(p, mode), table, stage});
 }
 
 // Blocks of the grid: as many as are resident at once on all SMs (the occupancy of this kernel, whose

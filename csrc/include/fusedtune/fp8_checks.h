@@ -15,7 +15,8 @@ using Fp8Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 // x [M, K] with unit column stride; the storage format code (common.h's FtDtype)
 inline int fp8_check(const at::Tensor& x) {
   TORCH_CHECK(x.dim() == 2, "fp8_quant_kernel: x must be 2-D [M, K], got ", x.dim(), " dimensions");
-  TORCH_CHECK(x.size(1) <= 1 || x.stride(1) == 1, "fp8_quant_kernel: x's last dimension must be contiguous");
+  TORCH_CHECK(x.numel() == 0 || x.size(1) <= 1 || x.stride(1) == 1,
+              "fp8_quant_kernel: x's last dimension must be contiguous");
   TORCH_CHECK(x.size(0) < (int64_t(1) << 31) && x.size(1) < (int64_t(1) << 31),
               "fp8_quant_kernel: each dimension must be below 2^31");
   switch (x.scalar_type()) {

@@ -81,4 +81,12 @@ __device__ __forceinline__ void wait_copies() {
 #endif
 }
 
+// until at most N of this thread's committed groups are still in flight
+template <int N>
+__device__ __forceinline__ void wait_copies_but() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+#endif
+}
+
 }  // namespace fusedtune
