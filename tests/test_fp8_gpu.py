@@ -160,3 +160,19 @@ def test_auto_routes_the_quantizers_by_shape():
         y = F8.fp8_linear(xi, wi, backend=backend)
         outs[backend] = [y] + list(torch.autograd.grad(y, [xi, wi], dy))
     assert all(torch.equal(a, b) for a, b in zip(outs[None], outs["triton"]))
+
+
+def test_fp8_linear_compiles_with_the_cuda_quantizers():
+    """torch.compile (fullgraph) of FP8Linear with the default backend on a GPU, whose quantizers are the
+    CUDA kernel (the shape-only routing traces; alignment is handled inside the op): the eager results."""
+    _need_cuda_kernel()
+    from fusedtune.nn import FP8Linear
+    torch.manual_seed(0)
+    layer = FP8Linear(512, 384, bias=False, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(4, 64, 512, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    dy = torch.randn(4, 64, 384, device="cuda", dtype=torch.bfloat16)
+    eager = layer(x)
+    g_eager = torch.autograd.grad(eager, [x, layer.weight], dy)
+    comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    g_comp = torch.autograd.grad(comp, [x, layer.weight], dy)
+    assert torch.equal(comp, eager) and all(torch.equal(a, b) for a, b in zip(g_comp, g_eager))

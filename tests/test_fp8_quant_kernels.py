@@ -73,14 +73,18 @@ def test_auto_takes_the_kernel_on_cpu_tensors_and_fp8_linear_uses_it(monkeypatch
     assert all(torch.equal(a, b) for a, b in zip(outs[None], outs["reference"]))
 
 
-def test_cuda_terms_are_named():
+def test_cuda_terms_are_named_and_misaligned_inputs_are_copied():
     assert F8._cuda_refuses(torch.empty(16, 256, dtype=torch.bfloat16)) == ""
+    assert F8._cuda_refuses(torch.empty(0, 5)) == ""                  # nothing to quantize
     assert "multiples of 8" in F8._cuda_refuses(torch.empty(12, 256))
     assert "multiples of 8" in F8._cuda_refuses(torch.empty(16, 100))
-    off = torch.empty(16 * 256 + 1, dtype=torch.bfloat16)[1:].view(16, 256)
-    assert "16-byte aligned" in F8._cuda_refuses(off)
-    rows = torch.empty(16, 260, dtype=torch.bfloat16)[:, :256]      # rows 520 bytes apart
-    assert "16-byte aligned" in F8._cuda_refuses(rows)
+    off = torch.randn(16 * 256 + 1).bfloat16()[1:].view(16, 256)     # 2 bytes past an aligned address
+    rows = torch.randn(16, 260).bfloat16()[:, :256]                  # rows 520 bytes apart
+    for x in (off, rows):
+        y = F8._aligned(x)
+        assert y.data_ptr() % 16 == 0 and y.stride(0) * 2 % 16 == 0 and torch.equal(y, x)
+    ok = torch.randn(16, 256).bfloat16()
+    assert F8._aligned(ok) is ok
 
 
 def test_cuda_backend_refuses_cpu_tensors():
@@ -108,3 +112,18 @@ def test_reciprocal_quotients_keep_the_division_bytes_near_boundaries(seed):
         got = F8.fp8_quantize_1x128(x, transpose=copy, backend="cpu")
         want = F8.fp8_quantize_1x128(x, transpose=copy, backend="reference")
         assert all(same(a, b) for a, b in zip(got, want))
+
+
+def test_fp8_linear_compiles_with_the_kernel_quantizers():
+    """FP8Linear under torch.compile (fullgraph) with the default backend, which takes the extension's
+    quantizers here (the shape-only routing traces): the eager results, gradients included."""
+    from fusedtune.nn import FP8Linear
+    torch.manual_seed(0)
+    layer = FP8Linear(256, 64, bias=True)
+    x = torch.randn(2, 8, 256, requires_grad=True)
+    dy = torch.randn(2, 8, 64)
+    eager = layer(x)
+    g_eager = torch.autograd.grad(eager, [x, layer.weight, layer.bias], dy)
+    comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
+    g_comp = torch.autograd.grad(comp, [x, layer.weight, layer.bias], dy)
+    assert torch.equal(comp, eager) and all(torch.equal(a, b) for a, b in zip(g_comp, g_eager))

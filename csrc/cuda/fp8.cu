@@ -28,6 +28,14 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kRows = 8;    // rows a thread (and columns: one chunk)
+// Tiles staged through shared memory by cp.async (the kernel below), except on sm_89: its 100 KB an SM
+// would hold one block of 52 KB, so there a thread loads its vectors into registers, all before any use
+// (launch3 passes no staging buffer to a compute capability 8.9 device).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
+constexpr bool kStaged = false;
+#else
+constexpr bool kStaged = true;
+#endif
 
 // two values -> two E4M3 bytes in the low 16 bits (lo in bits 0..7)
 __device__ __forceinline__ uint32_t e4m3x2(float lo, float hi) {
@@ -217,55 +225,75 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
   const int t = threadIdx.x, cg = t & 15, rg = t >> 4;
   int64_t tile = blockIdx.x;
   if (tile >= tiles) return;
-  stage_tile<DT>(a, tile_at(a, tile, KB, cg, rg), cg, rg, stage);
-  commit_copies();
+  if constexpr (kStaged) {
+    stage_tile<DT>(a, tile_at(a, tile, KB, cg, rg), cg, rg, stage);
+    commit_copies();
+  }
   for (; tile < tiles; tile += gridDim.x) {
     const Tile tg = tile_at(a, tile, KB, cg, rg);
-    wait_copies();
+    if constexpr (kStaged) wait_copies();
     Raw<DT> raw[kRows];
-    FT_UNROLL
-    for (int p = 0; p < kRows; ++p) {
-      FT_UNROLL
-      for (int k = 0; k < kV; ++k)
-        raw[p].q[k] = tg.active ? stage[(p * kThreads + t) * kV + k] : make_uint4(0, 0, 0, 0);
-    }
-    if (tile + gridDim.x < tiles) {             // (each thread re-fills only the slots it just read, once
-      uint32_t fold = 0;                        // their values are in its registers)
+    if constexpr (kStaged) {
       FT_UNROLL
       for (int p = 0; p < kRows; ++p) {
         FT_UNROLL
-        for (int k = 0; k < kV; ++k) fold ^= raw[p].q[k].x ^ raw[p].q[k].y ^ raw[p].q[k].z ^ raw[p].q[k].w;
+        for (int k = 0; k < kV; ++k)
+          raw[p].q[k] = tg.active ? stage[(p * kThreads + t) * kV + k] : make_uint4(0, 0, 0, 0);
       }
-      asm volatile("" ::"r"(fold));
-      stage_tile<DT>(a, tile_at(a, tile + gridDim.x, KB, cg, rg), cg, rg, stage);
-      commit_copies();
+      // each thread re-fills only the slots it just read, after reading them in program order (the copies'
+      // "memory" clobber keeps the reads above them; a copy's write lands when its global load returns)
+      if (tile + gridDim.x < tiles) {
+        stage_tile<DT>(a, tile_at(a, tile + gridDim.x, KB, cg, rg), cg, rg, stage);
+        commit_copies();
+      }
+    } else {
+      constexpr int64_t es = DT == FT_F32 ? 4 : 2;
+      const char* xb =
+          static_cast<const char*>(a.x) + ((tg.m0 + rg * kRows) * a.ld + tg.k0 + cg * kVec8) * es;
+      FT_UNROLL
+      for (int p = 0; p < kRows; ++p) {
+        if (tg.active) {
+          raw[p] = load_raw<DT>(xb + p * a.ld * es, 0);
+        } else {
+          FT_UNROLL
+          for (int k = 0; k < kV; ++k) raw[p].q[k] = make_uint4(0, 0, 0, 0);
+        }
+      }
     }
     quant_tile<DT, BLOCK, COPY>(a, tg, raw, tile_t, colmax4, KB, MB);
     __syncthreads();                            // colmax4 and tile_t are read before the next tile writes them
   }
 }
 
-// The blocks of quant_kernel<DT, BLOCK, COPY> that run on the current device at once (SMs x blocks an SM),
-// asked once per device, when the kernel is also opted into the staging buffer's shared memory there
-// (with the static 20 KB it passes the default 48 KB).
+// The blocks of quant_kernel<DT, BLOCK, COPY> that run on the current device at once (SMs x blocks an SM)
+// and its staging buffer there, asked once per device, when the kernel is also opted into that shared
+// memory (with the static 20 KB it passes the default 48 KB).
+struct Residency {
+  int64_t blocks;   // 0: not asked yet
+  int smem;         // the staging buffer's bytes (0 on sm_89: kStaged)
+};
+
 template <int DT, bool BLOCK, bool COPY>
-cudaError_t resident_blocks(int64_t* out) {
-  static int64_t cache[64] = {};                // (a benign race: every writer stores the same value)
-  constexpr int smem = stage_bytes<DT>();
+cudaError_t residency(Residency* out) {
+  static Residency cache[64] = {};              // (a benign race: every writer stores the same values)
   int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev < 64 && cache[dev] > 0) {
+  if (dev < 64 && cache[dev].blocks > 0) {
     *out = cache[dev];
     return cudaSuccess;
   }
-  int sms = 0, per_sm = 0;
-  err = cudaFuncSetAttribute(quant_kernel<DT, BLOCK, COPY>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  int major = 0, minor = 0, sms = 0, per_sm = 0;
+  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
+  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
+  const int smem = major == 8 && minor == 9 ? 0 : stage_bytes<DT>();
+  if (err == cudaSuccess)
+    err = cudaFuncSetAttribute(quant_kernel<DT, BLOCK, COPY>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
   if (err == cudaSuccess)
     err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quant_kernel<DT, BLOCK, COPY>, kThreads, smem);
   if (err != cudaSuccess) return err;
-  *out = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
+  *out = Residency{(int64_t)sms * (per_sm > 0 ? per_sm : 1), smem};
   if (dev < 64) cache[dev] = *out;
   return cudaSuccess;
 }
@@ -273,11 +301,11 @@ cudaError_t resident_blocks(int64_t* out) {
 template <int DT, bool BLOCK, bool COPY>
 cudaError_t launch3(const QuantArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kTile - 1) / kTile) * ((a.K + kTile - 1) / kTile);
-  int64_t resident = 0;
-  cudaError_t err = resident_blocks<DT, BLOCK, COPY>(&resident);
+  Residency r;
+  cudaError_t err = residency<DT, BLOCK, COPY>(&r);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = tiles < resident ? tiles : resident;
-  quant_kernel<DT, BLOCK, COPY><<<(unsigned)blocks, kThreads, stage_bytes<DT>(), stream>>>(a);
+  const int64_t blocks = tiles < r.blocks ? tiles : r.blocks;
+  quant_kernel<DT, BLOCK, COPY><<<(unsigned)blocks, kThreads, r.smem, stream>>>(a);
   return cudaGetLastError();
 }
 

@@ -13,6 +13,7 @@ Fp8Outputs fp8_quant_cuda(const at::Tensor& x, bool block, bool copy, bool pow2)
   fp8::QuantArgs a;
   a.dt = fp8_check(x);
   TORCH_CHECK(x.is_cuda(), "fp8_quant_kernel: x must be a CUDA tensor");
+  if (x.numel() == 0) return fp8_outputs(x, block, copy);
   const int64_t es = x.element_size();
   TORCH_CHECK(x.size(0) % 8 == 0 && x.size(1) % 8 == 0, "fp8_quant_kernel: the CUDA kernel takes M and K that are "
               "multiples of 8, got ", x.size(0), " x ", x.size(1));

@@ -84,7 +84,14 @@ __device__ __forceinline__ void scalar_group(const Params& p, const OneSeed& o, 
   }
 }
 
-constexpr int kDepth = 4;   // iterations of a chunk in flight a thread (run_chunk)
+// Iterations of a chunk in flight a thread (run_chunk). sm_89 has 100 KB of shared memory an SM: a 4-deep
+// ring (36 KB a block with the table) would leave 2 blocks an SM there, a 2-deep one keeps 4.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
+constexpr int kDepth = 2;
+#else
+constexpr int kDepth = 4;
+#endif
+static_assert(kChunk / ((int64_t)kThreads * kElemsPerThread) >= kDepth, "a chunk fills the ring");
 
 // A block's staging ring: kDepth slots of 32 bytes a thread (an fp32 chunk is two vectors, a 16-bit one
 // uses the first), vector k of all threads side by side.
@@ -121,13 +128,11 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
     for (int it = 0; it < kIters; ++it) {
       wait_copies_but<kDepth - 1>();           // iteration it's group (one committed every iteration)
       Vec<DT> cur;
-      uint32_t fold = 0;
       FT_UNROLL
-      for (int k = 0; k < kV; ++k) {
-        cur.q[k] = stage.v[it % kDepth][k][threadIdx.x];
-        fold ^= cur.q[k].x ^ cur.q[k].y ^ cur.q[k].z ^ cur.q[k].w;
-      }
-      asm volatile("" ::"r"(fold));            // the slot's values are in registers before it is re-filled
+      for (int k = 0; k < kV; ++k) cur.q[k] = stage.v[it % kDepth][k][threadIdx.x];
+      // the slot is re-filled after this thread's read of it, in program order (the copies' "memory" clobber
+      // keeps the compiler from moving the read below them; the hardware performs a thread's shared-memory
+      // read before a later copy's write to the same address, which lands only when its global load returns)
       if (it + kDepth < kIters) {
         FT_UNROLL
         for (int k = 0; k < kV; ++k)
@@ -184,7 +189,7 @@ struct Walk {
 // counter is the element index), so the result is the same bits for any grid.
 __global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];
-  __shared__ Stage stage;                       // 32 KB
+  __shared__ Stage stage;                       // 32 KB (sm_89: 16 KB)
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
   if ((int64_t)blockIdx.x >= launch.block_start[launch.count]) return;

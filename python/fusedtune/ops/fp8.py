@@ -41,7 +41,8 @@ def _empty(dev):
 def _q1_impl(x: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                      torch.Tensor, torch.Tensor]:
     if backend in ("cpu", "cuda"):
-        return tuple(torch.ops.fusedtune.fp8_quant_kernel(x, False, transpose, pow2))
+        return tuple(torch.ops.fusedtune.fp8_quant_kernel(_aligned(x) if backend == "cuda" else x, False, transpose,
+                                                          pow2))
     if backend == "triton":
         qr, sr, qc, sc = _tk().quantize_rows(x, transpose, pow2)
     else:
@@ -68,7 +69,8 @@ def _(x, pow2, transpose, backend):
 def _q128_impl(w: torch.Tensor, pow2: bool, transpose: bool, backend: str) -> tuple[torch.Tensor, torch.Tensor,
                                                                                   torch.Tensor]:
     if backend in ("cpu", "cuda"):
-        q, s, qt, _ = torch.ops.fusedtune.fp8_quant_kernel(w, True, transpose, pow2)
+        q, s, qt, _ = torch.ops.fusedtune.fp8_quant_kernel(_aligned(w) if backend == "cuda" else w, True, transpose,
+                                                           pow2)
         return q, s, qt
     if backend == "triton":
         q, s, qt = _tk().quantize_blocks(w, pow2, transpose)
@@ -143,18 +145,26 @@ def _resolve(op, t, backend):
 
 
 def _cuda_refuses(t) -> str:
-    """Why the extension's CUDA quantizer cannot take t [M, K] ('' when it can)."""
+    """Why the extension's CUDA quantizer cannot take t [M, K] ('' when it can). Shapes only, so that
+    torch.compile traces it; a tensor or row stride that is not 16-byte aligned is copied first
+    (_aligned, in the op's implementation, which sees real tensors)."""
     M, K = t.shape
-    if M % 8 or K % 8:
+    if t.numel() and (M % 8 or K % 8):
         return f"the CUDA quantizer takes M and K that are multiples of 8, got {M} x {K}"
-    if t.data_ptr() % 16 or (M > 1 and t.stride(0) * t.element_size() % 16):
-        return "the CUDA quantizer needs the tensor and its rows 16-byte aligned"
     return ""
 
 
+def _aligned(x: torch.Tensor) -> torch.Tensor:
+    """x, or a contiguous copy where its address or row stride is not a multiple of 16 bytes (the CUDA
+    quantizer's 16-byte loads; a contiguous copy of M, K multiples of 8 is aligned)."""
+    if x.numel() and (x.data_ptr() % 16 or (x.shape[0] > 1 and x.stride(0) * x.element_size() % 16)):
+        return x.contiguous() if not x.is_contiguous() else x.clone()
+    return x
+
+
 def _resolve_quant(t, backend) -> str:
-    """The quantizers' backend for t: under auto on a GPU the CUDA kernel where it serves t, else Triton
-    (said once); backend="cuda" asked for and refused raises."""
+    """The quantizers' backend for t: under auto on a GPU the CUDA kernel where it serves t's shape, else
+    Triton (said once); backend="cuda" asked for and refused raises."""
     name = _backend.resolve("fp8_quantize", t.device, _QHAS, backend)
     if name == "cuda":
         why = _cuda_refuses(t)
