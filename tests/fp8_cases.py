@@ -47,3 +47,17 @@ def near_boundaries(seed: int, rows: int = 512) -> torch.Tensor:
     x = torch.cat([amax[:, None], x], 1)
     assert torch.isfinite(x).all()
     return x
+
+
+def e4m3_edges() -> torch.Tensor:
+    """float32 rows of 128 whose amax is 448 (scale 1: a quantizer casts the values themselves): every E4M3
+    value, the midpoints between neighbours (ties to even), values just above and below them, saturation
+    and subnormals, both signs."""
+    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (vals[1:] + vals[:-1]) / 2
+    near = torch.cat([vals, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20),
+                      torch.tensor([448., 447.9, 2 ** -10, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 1e-30])])
+    x = torch.cat([near, -near]).reshape(1, -1)
+    x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
+    x[:, 0] = 448.0
+    return x

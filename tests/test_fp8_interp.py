@@ -6,6 +6,7 @@ import torch
 
 from fusedtune.ops import fp8 as F8
 from fusedtune.reference import fp8 as ref
+from fp8_cases import e4m3_edges
 
 pytestmark = pytest.mark.interp
 
@@ -53,14 +54,7 @@ def test_quantize_128x128_bytes_equal_reference():
 
 
 def test_integer_e4m3_conversion_matches_torch_cast_on_edges():
-    # every E4M3 value, the midpoints between neighbours (ties to even), just above/below, saturation
-    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    mids = (vals[1:] + vals[:-1]) / 2
-    near = torch.cat([vals, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20),
-                      torch.tensor([448., 447.9, 2 ** -10, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 1e-30])])
-    x = torch.cat([near, -near]).reshape(1, -1)
-    x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
-    x[:, 0] = 448.0            # every row's amax is 448: scale 1, so the kernel casts the values themselves
+    x = e4m3_edges()           # every row's amax is 448: scale 1, so the kernel casts the values themselves
     got = F8.fp8_quantize_1x128(x, transpose=False, backend="triton")
     assert (got[1] == 1.0).all()
     assert _same(got[0], x.to(torch.float8_e4m3fn))

@@ -8,7 +8,7 @@ import torch
 from fusedtune import _ext
 from fusedtune import backend as B
 from fusedtune.ops import fp8 as F8
-from fp8_cases import edge_input, near_boundaries, same
+from fp8_cases import e4m3_edges, edge_input, near_boundaries, same
 
 pytestmark = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -40,13 +40,7 @@ def test_cpu_kernel_reads_strided_rows():
 def test_cpu_kernel_e4m3_rounding_on_edges():
     """Every E4M3 value, the midpoints between neighbours (ties to even), values just off them, saturation
     and subnormals, at scale 1 (each row's amax is 448): the bytes of torch's own cast."""
-    vals = torch.arange(0, 127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
-    mids = (vals[1:] + vals[:-1]) / 2
-    near = torch.cat([vals, mids, mids * (1 + 2 ** -20), mids * (1 - 2 ** -20),
-                      torch.tensor([448., 447.9, 2 ** -10, 2 ** -9 * 1.5, 2 ** -9 * 2.5, 1e-30])])
-    x = torch.cat([near, -near]).reshape(1, -1)
-    x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
-    x[:, 0] = 448.0
+    x = e4m3_edges()
     q, s, _, _ = F8.fp8_quantize_1x128(x, transpose=False, backend="cpu")
     assert (s == 1.0).all() and same(q, x.to(torch.float8_e4m3fn))
 

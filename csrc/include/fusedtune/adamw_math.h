@@ -9,13 +9,6 @@ struct AdamConsts {
   float decay, beta1, omb1, beta2, omb2, sbc2, eps, step_size;  // rounded on the host, see adamw_constants
 };
 
-FT_HD float ft_div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
 FT_HD float ft_sqrt(float a) {
 #if defined(__CUDA_ARCH__)
   return __fsqrt_rn(a);

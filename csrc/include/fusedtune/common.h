@@ -39,6 +39,13 @@ FT_HD float ft_mul(float a, float b) {
   return a * b;
 #endif
 }
+FT_HD float ft_div(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
 
 FT_HD uint32_t f32_bits(float f) {
 #if defined(__CUDA_ARCH__)

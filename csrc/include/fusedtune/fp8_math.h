@@ -10,14 +10,6 @@ namespace fp8 {
 constexpr int kTile = 128;                    // 1x128 tiles, 128x128 blocks
 constexpr uint32_t kInfBits = 0x7F800000u;
 
-FT_HD float ft_div(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
 // |x|'s bits with NaN as +inf: non-negative floats order as their bits, so a block's max of these (an
 // integer max) is its amax, and inf exactly when the block holds an inf or a NaN (reference: s = NaN).
 FT_HD uint32_t mag_bits(float x) {
