@@ -39,8 +39,10 @@ def hadamard(dev):
     # warp kernel (cp.async staging): bf16 and fp32 (64 KB of shared memory) at 4096, fp16 at 512, rows
     # that leave a block's warps idle; block kernel: fp32 with a factor (and H_12^T, the backward's), bf16 at
     # 8192 (grouped loads) and at 14336 = 28 x 512 (factor items over 448 threads)
+    # (and rows beyond the resident warps / blocks: the persistent grids' next-row copies)
     ins = _inputs(dev, ((8, 4096), torch.bfloat16), ((8, 12 * 256), torch.float32), ((5, 4096), torch.float32),
-                  ((3, 512), torch.float16), ((3, 8192), torch.bfloat16), ((3, 28 * 512), torch.bfloat16))
+                  ((3, 512), torch.float16), ((3, 8192), torch.bfloat16), ((3, 28 * 512), torch.bfloat16),
+                  ((2000, 4096), torch.bfloat16), ((600, 3584), torch.bfloat16))
     b = "cuda" if dev == "cuda" else "cpu"
     return [roste.hadamard(x, backend=b) for x in ins] + [roste.hadamard(ins[1], transpose=True, backend=b)]
 

@@ -126,13 +126,21 @@ def test_cuda_butterfly_kernel(n, dtype):
 
 @pytest.mark.skipif(not __import__("fusedtune")._ext.with_cuda(), reason="fusedtune._C has no CUDA kernels")
 @pytest.mark.parametrize("rows,n,dtype", [(4096, 4096, torch.bfloat16), (3001, 4096, torch.float32),
-                                          (20000, 256, torch.float16), (7000, 1024, torch.bfloat16)])
-def test_cuda_warp_kernel_takes_several_rows_a_warp(rows, n, dtype):
-    """The warp kernel's grid is the blocks that fit the GPU at once, each warp taking rows gridDim x 4 apart
-    and copying its next row in while it transforms the current one: more rows than resident warps give
-    the CPU kernel's bits."""
+                                          (20000, 256, torch.float16), (7000, 1024, torch.bfloat16),
+                                          (3000, 3584, torch.bfloat16), (2001, 5120, torch.float16),
+                                          (1500, 8192, torch.bfloat16), (1200, 14336, torch.bfloat16),
+                                          (1700, 12 * 256, torch.float32)])
+def test_cuda_kernels_take_several_rows_a_warp_or_block(rows, n, dtype):
+    """Both butterfly kernels run on a persistent grid (the blocks that fit the GPU at once): a warp (powers
+    of two up to 4096) or a block (the rest) takes rows gridDim apart, copying its next row in while it
+    transforms the current one (the block kernel where its staging buffer costs no occupancy: 14336 runs
+    without). More rows than resident warps or blocks give the CPU kernel's bits, H_m^T (the backward's)
+    too."""
     x = torch.randn(rows, n, device="cuda").to(dtype)
     assert torch.equal(hadamard(x, backend="cuda").cpu(), hadamard(x.cpu(), backend="cpu"))
+    if n & (n - 1):
+        assert torch.equal(hadamard(x, transpose=True, backend="cuda").cpu(),
+                           hadamard(x.cpu(), transpose=True, backend="cpu"))
 
 
 @pytest.mark.parametrize("n,backend", [(11008, "triton"), (3584, "cuda"), (5120, "cuda"), (14336, "triton"),
