@@ -103,9 +103,7 @@ __device__ __forceinline__ void stage_tile(const QuantArgs& a, const Tile& g, in
   const char* xb = static_cast<const char*>(a.x) + ((g.m0 + rg * kRows) * a.ld + g.k0 + cg * kVec8) * es;
   FT_UNROLL
   for (int p = 0; p < kRows; ++p) {
-    FT_UNROLL
-    for (int k = 0; k < kV; ++k)
-      copy16_async(stage + (p * kThreads + threadIdx.x) * kV + k, xb + p * a.ld * es + 16 * k);
+    copy_chunk_async<kV>(stage + (p * kThreads + threadIdx.x) * kV, xb + p * a.ld * es);
   }
 }
 

@@ -97,8 +97,7 @@ __device__ __forceinline__ void stage_row(const char* xr, const Plan& pl, uint4*
   constexpr int kV = DT == FT_F32 ? 2 : 1;
   for (int it = 0; it < pl.iters; ++it) {
     const int64_t c = t + (int64_t)it * pl.threads;
-    FT_UNROLL
-    for (int k = 0; k < kV; ++k) copy16_async(stage + c * kV + k, xr + (c * kV + k) * 16);
+    copy_chunk_async<kV>(stage + c * kV, xr + c * kV * 16);
   }
 }
 
@@ -316,11 +315,14 @@ cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cud
   return cudaGetLastError();
 }
 
-// Blocks of `kernel` (threads a block, smem bytes) that run at once on the current device (SMs x blocks an
-// SM), remembered per (device, kernel, threads, smem).
-inline cudaError_t resident(const void* kernel, int threads, int smem, int64_t* out) {
+// For the block kernel `kernel` on the current device: its opt-in to the device's whole shared memory a
+// block (set once, before any launch or occupancy query there: one setting for every n, so concurrent
+// launches of different sizes cannot undo each other's), that limit (*optin), and the blocks that run at
+// once with smem bytes (SMs x blocks an SM; 0: it does not fit), remembered per (device, kernel,
+// threads, smem).
+inline cudaError_t block_kernel_facts(const void* kernel, int threads, int smem, int* optin, int64_t* out) {
   struct Entry {
-    int dev, threads, smem;
+    int dev, threads, smem;                     // threads -1: the opt-in entry (smem: the limit)
     const void* kernel;
     int64_t blocks;
   };
@@ -330,18 +332,31 @@ inline cudaError_t resident(const void* kernel, int threads, int smem, int64_t* 
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   std::lock_guard<std::mutex> lock(mu);
+  int limit = -1;
+  bool known = false;
   for (const Entry& e : seen) {
-    if (e.dev == dev && e.kernel == kernel && e.threads == threads && e.smem == smem) {
+    if (e.dev != dev || e.kernel != kernel) continue;
+    if (e.threads == -1) limit = e.smem;
+    if (e.threads == threads && e.smem == smem) {
+      known = true;
       *out = e.blocks;
-      return cudaSuccess;
     }
   }
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-  if (err != cudaSuccess) return err;
-  *out = (int64_t)sms * per_sm;                 // (0: it does not fit)
-  if (seen.size() < 256) seen.push_back(Entry{dev, threads, smem, kernel, *out});
+  if (limit < 0) {
+    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
+    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
+    if (err != cudaSuccess) return err;
+    seen.push_back(Entry{dev, -1, limit, kernel, 0});
+  }
+  *optin = limit;
+  if (!known) {
+    int sms = 0, per_sm = 0;
+    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
+    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
+    if (err != cudaSuccess) return err;
+    *out = (int64_t)sms * per_sm;
+    if (seen.size() < 512) seen.push_back(Entry{dev, threads, smem, kernel, *out});
+  }
   return cudaSuccess;
 }
 
@@ -351,18 +366,11 @@ template <int DT, int M, bool T = false>
 cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, float scale, cudaStream_t stream) {
   const void* kernel = reinterpret_cast<const void*>(hadamard_kernel<DT, M, T>);
   const int n = pl.m * pl.p, plain = n * (int)sizeof(float), with_stage = plain + n * (DT == FT_F32 ? 4 : 2);
-  int dev = 0, optin = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-  if (err != cudaSuccess) return err;
-  const int most = with_stage <= optin ? with_stage : plain;
-  if (most > 48 * 1024) {                       // opt in (per device: set on every such launch)
-    err = cudaFuncSetAttribute(hadamard_kernel<DT, M, T>, cudaFuncAttributeMaxDynamicSharedMemorySize, most);
-    if (err != cudaSuccess) return err;
-  }
+  int optin = 0;
   int64_t blocks_plain = 0, blocks_staged = 0;
-  err = resident(kernel, pl.threads, plain, &blocks_plain);
-  if (err == cudaSuccess && most == with_stage) err = resident(kernel, pl.threads, with_stage, &blocks_staged);
+  cudaError_t err = block_kernel_facts(kernel, pl.threads, plain, &optin, &blocks_plain);
+  if (err == cudaSuccess && with_stage <= optin)
+    err = block_kernel_facts(kernel, pl.threads, with_stage, &optin, &blocks_staged);
   if (err != cudaSuccess) return err;
   const bool staged = blocks_staged > 0 && blocks_staged >= blocks_plain;
   const int64_t fit = staged ? blocks_staged : (blocks_plain > 0 ? blocks_plain : 1);

@@ -120,8 +120,7 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
     const char* src = static_cast<const char*>(m.ptr) + e0 * es;
     FT_UNROLL
     for (int it = 0; it < kDepth; ++it) {
-      FT_UNROLL
-      for (int k = 0; k < kV; ++k) copy16_async(&stage.v[it][k][threadIdx.x], src + it * kStep * es + 16 * k);
+      copy_chunk_async<kV>(&stage.v[it][0][threadIdx.x], src + it * kStep * es, kThreads);
       commit_copies();
     }
 #pragma unroll 1
@@ -133,11 +132,8 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
       // the slot is re-filled after this thread's read of it, in program order (the copies' "memory" clobber
       // keeps the compiler from moving the read below them; the hardware performs a thread's shared-memory
       // read before a later copy's write to the same address, which lands only when its global load returns)
-      if (it + kDepth < kIters) {
-        FT_UNROLL
-        for (int k = 0; k < kV; ++k)
-          copy16_async(&stage.v[it % kDepth][k][threadIdx.x], src + (it + kDepth) * kStep * es + 16 * k);
-      }
+      if (it + kDepth < kIters)
+        copy_chunk_async<kV>(&stage.v[it % kDepth][0][threadIdx.x], src + (it + kDepth) * kStep * es, kThreads);
       commit_copies();                         // (empty at the end: the count per iteration stays one)
       const int64_t e = e0 + it * kStep;
       uint32_t a[4], b[4];
