@@ -121,3 +121,18 @@ def test_fp8_linear_compiles_with_the_kernel_quantizers():
     comp = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
     g_comp = torch.autograd.grad(comp, [x, layer.weight, layer.bias], dy)
     assert torch.equal(comp, eager) and all(torch.equal(a, b) for a, b in zip(g_comp, g_eager))
+
+
+def test_shapes_the_cuda_kernel_refuses_go_to_triton_said_once(monkeypatch):
+    """On a GPU (resolution faked here) auto sends a shape the CUDA quantizer refuses to Triton and says so
+    once, not once per token count; backend="cuda" asked for raises."""
+    monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(F8._backend, "resolve", lambda op, dev, has, backend=None: backend or "cuda")
+    monkeypatch.setattr(F8._backend, "can_serve", lambda name, dev, has: (True, ""))
+    monkeypatch.setattr(F8, "fp8_arch_gap", lambda dev: None)
+    with pytest.warns(UserWarning, match="multiples of 8") as got:
+        assert [F8._resolve_quant(torch.empty(m, 256), None) for m in (1, 3, 5)] == ["triton"] * 3
+    assert len([w for w in got if "fp8_quantize" in str(w.message)]) == 1
+    assert F8._resolve_quant(torch.empty(16, 256), None) == "cuda"
+    with pytest.raises(B.BackendError, match="multiples of 8"):
+        F8._resolve_quant(torch.empty(3, 256), "cuda")

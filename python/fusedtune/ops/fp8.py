@@ -173,7 +173,8 @@ def _resolve_quant(t, backend) -> str:
         if _backend.requested(backend) == "cuda":
             raise _backend.BackendError(f"fp8_quantize: backend 'cuda': {why}")
         nxt = "triton" if _backend.can_serve("triton", t.device, frozenset(_QHAS))[0] else "reference"
-        _backend.warn_once(("fp8_quantize", nxt, why), f"fusedtune: fp8_quantize: {why}; running {nxt}")
+        _backend.warn_once(("fp8_quantize", nxt, "shape"),    # once, not once per token count
+                           f"fusedtune: fp8_quantize: {why}; running {nxt} (for this and other such shapes)")
         name = nxt
     if name == "triton" and fp8_arch_gap(t.device):
         raise _backend.BackendError(f"fp8: {fp8_arch_gap(t.device)} (use bf16 nn.Linear there; fusedtune.report "
