@@ -143,7 +143,7 @@ def test_cuda_quantizer_reads_strided_rows():
 
 
 def test_auto_routes_the_quantizers_by_shape():
-    """auto takes the CUDA quantizer where M and K are multiples of 8 and rows 16-byte aligned, Triton
+    """auto takes the CUDA quantizer where M and K are multiples of 8 (a misaligned tensor is copied), Triton
     elsewhere; backend="cuda" on a shape it refuses raises; FP8Linear's results are the same bytes either way."""
     _need_cuda_kernel()
     assert F8._resolve_quant(torch.empty(4096, 4096, device="cuda", dtype=torch.bfloat16), None) == "cuda"

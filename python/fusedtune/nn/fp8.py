@@ -76,8 +76,7 @@ class FP8Linear(nn.Module):
     def _fusedtune_report(self) -> dict:
         b = fp8_backend(self.weight.device, self.backend)
         q = fp8_quant_backend(self.weight.device, self.backend if b["backend"] == "triton" else b["backend"])
-        quant = {"cuda": "the extension's CUDA quantizers (where M and K are multiples of 8 and rows 16-byte aligned; "
-                         "Triton's elsewhere)",
+        quant = {"cuda": "the extension's CUDA quantizers (where M and K are multiples of 8; Triton's elsewhere)",
                  "triton": "Triton's quantizers", "cpu": "the extension's C++ quantizers",
                  "reference": "the reference quantizers"}.get(q["backend"], "no quantizer backend")
         path = ("Triton: fused 1x128 quantize (+ transposed copy), block-scaled FP8 GEMMs for y, dX (over the "
