@@ -20,6 +20,7 @@
 
 #include "fusedtune/fp8_cuda.h"
 #include "fusedtune/fp8_math.h"
+#include "fusedtune/resident_blocks.h"
 #include "fusedtune/vec8.cuh"
 
 namespace fusedtune {
@@ -263,47 +264,36 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
   }
 }
 
-// The blocks of quant_kernel<DT, BLOCK, COPY> that run on the current device at once (SMs x blocks an SM)
-// and its staging buffer there, asked once per device, when the kernel is also opted into that shared
-// memory (with the static 20 KB it passes the default 48 KB).
-struct Residency {
-  int64_t blocks;   // 0: not asked yet
-  int smem;         // the staging buffer's bytes (0 on sm_89: kStaged)
-};
-
-template <int DT, bool BLOCK, bool COPY>
-cudaError_t residency(Residency* out) {
-  static Residency cache[64] = {};              // (a benign race: every writer stores the same values)
-  int dev = 0;
+// The staging buffer's bytes on the current device (none on sm_89: kStaged), asked once per device.
+inline cudaError_t staging_bytes(int stage, int* out) {
+  static int cache[64] = {};                    // stage + 1 (0: not asked yet); a benign race, one value
+  int dev = 0, major = 0, minor = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
-  if (dev < 64 && cache[dev].blocks > 0) {
-    *out = cache[dev];
+  if (dev < 64 && cache[dev] > 0) {
+    *out = cache[dev] - 1 == 0 ? 0 : stage;
     return cudaSuccess;
   }
-  int major = 0, minor = 0, sms = 0, per_sm = 0;
   err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
   if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  const int smem = major == 8 && minor == 9 ? 0 : stage_bytes<DT>();
-  if (err == cudaSuccess)
-    err = cudaFuncSetAttribute(quant_kernel<DT, BLOCK, COPY>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, quant_kernel<DT, BLOCK, COPY>, kThreads, smem);
   if (err != cudaSuccess) return err;
-  *out = Residency{(int64_t)sms * (per_sm > 0 ? per_sm : 1), smem};
-  if (dev < 64) cache[dev] = *out;
+  *out = major == 8 && minor == 9 ? 0 : stage;
+  if (dev < 64) cache[dev] = *out > 0 ? 2 : 1;
   return cudaSuccess;
 }
 
 template <int DT, bool BLOCK, bool COPY>
 cudaError_t launch3(const QuantArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kTile - 1) / kTile) * ((a.K + kTile - 1) / kTile);
-  Residency r;
-  cudaError_t err = residency<DT, BLOCK, COPY>(&r);
+  int smem = 0;
+  int64_t resident = 0;
+  cudaError_t err = staging_bytes(stage_bytes<DT>(), &smem);
+  if (err == cudaSuccess)
+    err = resident_blocks(reinterpret_cast<const void*>(quant_kernel<DT, BLOCK, COPY>), kThreads, smem, &resident);
   if (err != cudaSuccess) return err;
-  const int64_t blocks = tiles < r.blocks ? tiles : r.blocks;
-  quant_kernel<DT, BLOCK, COPY><<<(unsigned)blocks, kThreads, r.smem, stream>>>(a);
+  if (resident < 1) resident = 1;
+  const int64_t blocks = tiles < resident ? tiles : resident;
+  quant_kernel<DT, BLOCK, COPY><<<(unsigned)blocks, kThreads, smem, stream>>>(a);
   return cudaGetLastError();
 }
 

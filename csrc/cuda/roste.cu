@@ -24,9 +24,7 @@
 // the same bits as lane_combine's add or subtract (the product by +-1 is exact; x - y is x + (-y)).
 #include <cuda_runtime.h>
 
-#include <mutex>
-#include <vector>
-
+#include "fusedtune/resident_blocks.h"
 #include "fusedtune/roste_cuda.h"
 #include "fusedtune/vec8.cuh"
 
@@ -276,88 +274,18 @@ __global__ void __launch_bounds__(32 * kWarpRows) hadamard_warp_kernel(const voi
   }
 }
 
-// The blocks of hadamard_warp_kernel<DT, C> that run on the current device at once (SMs x blocks an SM),
-// asked once per device.
-template <int DT, int C>
-cudaError_t resident_blocks(int smem, int64_t* out) {
-  static int64_t cache[64] = {};                // (a benign race: every writer stores the same value)
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  if (dev < 64 && cache[dev] > 0) {
-    *out = cache[dev];
-    return cudaSuccess;
-  }
-  int sms = 0, per_sm = 0;
-  err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-  if (err == cudaSuccess)
-    err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, hadamard_warp_kernel<DT, C>, 32 * kWarpRows, smem);
-  if (err != cudaSuccess) return err;
-  *out = (int64_t)sms * (per_sm > 0 ? per_sm : 1);
-  if (dev < 64) cache[dev] = *out;
-  return cudaSuccess;
-}
-
 template <int DT, int C>
 cudaError_t launch_warp(const void* x, void* out, int64_t rows, float scale, cudaStream_t stream) {
-  constexpr int smem = warp_smem_bytes<DT, C>();
-  if (smem > 48 * 1024) {                       // fp32 at 4096: 64 KB (opt in, per device: every launch)
-    cudaError_t err =
-        cudaFuncSetAttribute(hadamard_warp_kernel<DT, C>, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
-    if (err != cudaSuccess) return err;
-  }
+  constexpr int smem = warp_smem_bytes<DT, C>();   // (fp32 at 4096: 64 KB, past the default 48)
   int64_t resident = 0;
-  cudaError_t err = resident_blocks<DT, C>(smem, &resident);
+  cudaError_t err =
+      resident_blocks(reinterpret_cast<const void*>(hadamard_warp_kernel<DT, C>), 32 * kWarpRows, smem, &resident);
   if (err != cudaSuccess) return err;
+  if (resident < 1) resident = 1;
   const int64_t need = (rows + kWarpRows - 1) / kWarpRows;
   const int64_t blocks = need < resident ? need : resident;
   hadamard_warp_kernel<DT, C><<<(unsigned)blocks, 32 * kWarpRows, smem, stream>>>(x, out, rows, scale);
   return cudaGetLastError();
-}
-
-// For the block kernel `kernel` on the current device: its opt-in to the device's whole shared memory a
-// block (set once, before any launch or occupancy query there: one setting for every n, so concurrent
-// launches of different sizes cannot undo each other's), that limit (*optin), and the blocks that run at
-// once with smem bytes (SMs x blocks an SM; 0: it does not fit), remembered per (device, kernel,
-// threads, smem).
-inline cudaError_t block_kernel_facts(const void* kernel, int threads, int smem, int* optin, int64_t* out) {
-  struct Entry {
-    int dev, threads, smem;                     // threads -1: the opt-in entry (smem: the limit)
-    const void* kernel;
-    int64_t blocks;
-  };
-  static std::mutex mu;
-  static std::vector<Entry> seen;
-  int dev = 0;
-  cudaError_t err = cudaGetDevice(&dev);
-  if (err != cudaSuccess) return err;
-  std::lock_guard<std::mutex> lock(mu);
-  int limit = -1;
-  bool known = false;
-  for (const Entry& e : seen) {
-    if (e.dev != dev || e.kernel != kernel) continue;
-    if (e.threads == -1) limit = e.smem;
-    if (e.threads == threads && e.smem == smem) {
-      known = true;
-      *out = e.blocks;
-    }
-  }
-  if (limit < 0) {
-    err = cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, dev);
-    if (err == cudaSuccess) err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, limit);
-    if (err != cudaSuccess) return err;
-    seen.push_back(Entry{dev, -1, limit, kernel, 0});
-  }
-  *optin = limit;
-  if (!known) {
-    int sms = 0, per_sm = 0;
-    err = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev);
-    if (err == cudaSuccess) err = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, threads, smem);
-    if (err != cudaSuccess) return err;
-    *out = (int64_t)sms * per_sm;
-    if (seen.size() < 512) seen.push_back(Entry{dev, threads, smem, kernel, *out});
-  }
-  return cudaSuccess;
 }
 
 // The block kernel: staged where the staging buffer (n * dtype bytes) leaves as many blocks an SM as the
@@ -368,9 +296,8 @@ cudaError_t launch(const void* x, void* out, int64_t rows, const Plan& pl, float
   const int n = pl.m * pl.p, plain = n * (int)sizeof(float), with_stage = plain + n * (DT == FT_F32 ? 4 : 2);
   int optin = 0;
   int64_t blocks_plain = 0, blocks_staged = 0;
-  cudaError_t err = block_kernel_facts(kernel, pl.threads, plain, &optin, &blocks_plain);
-  if (err == cudaSuccess && with_stage <= optin)
-    err = block_kernel_facts(kernel, pl.threads, with_stage, &optin, &blocks_staged);
+  cudaError_t err = resident_blocks(kernel, pl.threads, plain, &blocks_plain, &optin);
+  if (err == cudaSuccess && with_stage <= optin) err = resident_blocks(kernel, pl.threads, with_stage, &blocks_staged);
   if (err != cudaSuccess) return err;
   const bool staged = blocks_staged > 0 && blocks_staged >= blocks_plain;
   const int64_t fit = staged ? blocks_staged : (blocks_plain > 0 ? blocks_plain : 1);

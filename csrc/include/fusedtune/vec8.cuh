@@ -59,23 +59,15 @@ __device__ __forceinline__ void unpack(const Raw<DT>& r, float v[kVec8]) {
   for (int e = 0; e < kVec8; ++e) v[e] = raw_elem<DT>(r, e);
 }
 
-// cp.async (sm_80+; a plain copy before): 16 bytes global -> shared, in flight until wait_copies
+// cp.async (sm_80+; a plain copy before): 16 bytes global -> shared, in flight until wait_copies. kL1:
+// through L1 (cp.async.ca), for a thread's two adjacent 16-byte vectors (an fp32 chunk), whose first copy
+// brings the 32-byte sectors in and whose second then hits L1 (with .cg each would fetch them from L2)
+template <bool kL1 = false>
 __device__ __forceinline__ void copy16_async(void* dst_smem, const void* src) {
 #if __CUDA_ARCH__ >= 800
   const unsigned d = (unsigned)__cvta_generic_to_shared(dst_smem);
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
-#else
-  *static_cast<uint4*>(dst_smem) = *static_cast<const uint4*>(src);
-#endif
-}
-
-// the same, through L1 (cp.async.ca): for a thread's two adjacent 16-byte vectors (an fp32 chunk), whose
-// first copy brings the 32-byte sectors in and whose second then hits L1 (with .cg each would fetch the
-// sectors from L2)
-__device__ __forceinline__ void copy16_async_l1(void* dst_smem, const void* src) {
-#if __CUDA_ARCH__ >= 800
-  const unsigned d = (unsigned)__cvta_generic_to_shared(dst_smem);
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+  if (kL1) asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
+  else asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(d), "l"(src) : "memory");
 #else
   *static_cast<uint4*>(dst_smem) = *static_cast<const uint4*>(src);
 #endif
@@ -86,8 +78,7 @@ template <int kV>
 __device__ __forceinline__ void copy_chunk_async(uint4* dst_smem, const char* src, int64_t dst_stride = 1) {
   FT_UNROLL
   for (int k = 0; k < kV; ++k) {
-    if (kV > 1) copy16_async_l1(dst_smem + k * dst_stride, src + 16 * k);
-    else copy16_async(dst_smem, src);
+    copy16_async<(kV > 1)>(dst_smem + k * dst_stride, src + 16 * k);
   }
 }
 
