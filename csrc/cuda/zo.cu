@@ -23,19 +23,6 @@ struct Vec {
   uint4 q[DT == FT_F32 ? 2 : 1];
 };
 
-template <int DT>
-__device__ __forceinline__ Vec<DT> vec_raw(const void* base, int64_t e) {
-  Vec<DT> v;
-  if constexpr (DT == FT_F32) {
-    const uint4* p = reinterpret_cast<const uint4*>(static_cast<const uint32_t*>(base) + e);
-    v.q[0] = p[0];
-    v.q[1] = p[1];
-  } else {
-    v.q[0] = *reinterpret_cast<const uint4*>(static_cast<const uint16_t*>(base) + e);
-  }
-  return v;
-}
-
 // a: elements 0..3, b: 4..7 (storage bits)
 template <int DT>
 __device__ __forceinline__ void vec_unpack(const Vec<DT>& v, uint32_t a[4], uint32_t b[4]) {
