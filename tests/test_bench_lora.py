@@ -90,3 +90,30 @@ def test_timed_step_is_a_training_step():
     lora_bench._train_step(layer, xg, A, B, dy, on_gpu=False)()
     assert torch.equal(xg.grad, gx) and torch.equal(A.grad, gA) and torch.equal(B.grad, gB)
     assert (A != A0).any() and (B != B0).any()
+
+
+def test_graph_replay_rows_assemble(monkeypatch):
+    """The CUDA-graph replay section's rows (tiny shapes on the CPU, the capture replaced by a plain call):
+    ours against our eager call, peft's replay and unsloth's, with ratios taken from those timings."""
+    calls = []
+
+    def timer(fn):
+        fn()
+        calls.append(fn)
+        return (float(len(calls)),) * 3     # distinct times, so each ratio names its two timings
+    monkeypatch.setattr(lora_bench, "QUICK", lora_bench.TINY)
+    monkeypatch.setattr(lora_bench, "GRAPH_TOKENS", 8)
+    monkeypatch.setattr(lora_bench, "_graph_timer", lambda t, fn: t(fn))
+    rows = lora_bench.graph_rows(timer, True, "cpu", quick=True)
+    assert [r["baseline"] for r in rows] == ["the same call in eager mode (kernels + host)",
+                                             "peft LoRA Linear (CUDA graph replay)",
+                                             "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)"]
+    ours, peft, uns, eager = 1.0, 2.0, 3.0, 4.0      # the order the section times them in
+    assert [r["time_ms"] for r in rows] == [ours] * 3
+    assert [r["ratio"] for r in rows] == [eager / ours, peft / ours, uns / ours]
+    assert all(r["kernel"] == "lora fwd+bwd (CUDA graph replay)" for r in rows)
+
+
+def test_graph_replay_rows_skip_without_a_gpu():
+    rows = lora_bench.graph_rows(lambda fn: (1.0,) * 3, False, "cpu", quick=True)
+    assert len(rows) == 1 and rows[0]["note"].startswith("skipped")

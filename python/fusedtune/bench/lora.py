@@ -49,6 +49,11 @@ layer at small batches, in decoding and in any step whose kernels are shorter th
 a LoRALinear forward+backward and forward, on the ops' direct eager route (fusedtune/ops/_eager.py)
 against the same call through the torch.library dispatcher (dispatcher_only()), and against peft's layer.
 
+Kernels only (CUDA graph replay): forward+backward of lora_linear, peft's layer and unsloth's composition at
+q_proj (and gate/up without --quick), 4096 tokens, r 16, each captured in one CUDA graph and replayed: the
+GPU's share alone, against the eager call of ours (the ratio says how long the eager call waits on its host
+code) and against the others' replays (kernels vs kernels). Skipped on the CPU.
+
 --cpu: tiny shapes on the CPU backend (the reference math); the rows check the framework only.
 """
 from __future__ import annotations
@@ -67,6 +72,7 @@ TINY = [("q_proj", 64, 64), ("down_proj", 64, 176)]
 GOAL_OVER_BASE = 1.10     # LoRA time / base GEMM time
 GOAL_VS_PEFT = 1.25
 GOAL_NF4 = 1.3
+GRAPH_TOKENS = 4096       # tokens of the CUDA-graph replay rows
 CPU_NOTE = "CPU framework check, not performance"
 
 
@@ -467,6 +473,74 @@ def conv1d_rows(timer, on_gpu, device):
     return rows
 
 
+def _graph_timer(timer, fn):
+    """The time of fn's kernels alone: fn warmed up on a side stream, captured in one CUDA graph, the replay
+    timed (no Python, no launch code: the GPU's share of an eager call)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return timer(graph.replay)
+
+
+def graph_rows(timer, on_gpu, device, quick):
+    """forward+backward (dX, dA, dB) of lora_linear, peft's layer and unsloth's composition, each captured in a
+    CUDA graph and replayed: the kernels' time without the host's, against the eager call of ours. Where an
+    eager row is host-bound (q_proj at 4096 tokens on the H200's host), this is what the kernels give."""
+    kernel, base = "lora fwd+bwd (CUDA graph replay)", "peft LoRA Linear (CUDA graph replay)"
+    if not on_gpu:
+        return [row(kernel, "-", "-", "cpu", base, (float("nan"),) * 3, None, note="skipped: needs a CUDA GPU")]
+    from ..ops import lora_linear
+    rows, dt, T, r, s = [], torch.bfloat16, GRAPH_TOKENS, 16, 2.0
+    for name, N, K in QUICK[:1] if quick else QUICK[:2]:
+        g = torch.Generator(device=device).manual_seed(0)
+        x = torch.randn(T, K, device=device, generator=g).to(dt).requires_grad_()
+        W = (torch.randn(N, K, device=device, generator=g) / math.sqrt(K)).to(dt)
+        dy = torch.randn(T, N, device=device, generator=g).to(dt)
+        A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
+        B = torch.nn.Parameter(torch.randn(N, r, device=device, generator=g) * 0.01)
+        A16, B16 = A.detach().to(dt), B.detach().to(dt)
+        pe = _peft_layer(W, None, A, B, r, int(s * r))
+        shape = f"{name} T={T} N={N} K={K} r={r}"
+
+        def ours():
+            return torch.autograd.grad(lora_linear(x, W, A, B, s), [x, A, B], dy)
+
+        def peft():
+            y = pe(x) if pe is not None else _peft_like(x, W, A, B, s)
+            return torch.autograd.grad(y, [x, A, B], dy)
+        xd = x.detach()
+        timed = {}
+        for what, fn in (("ours", ours), ("peft", peft),
+                         ("unsloth", lambda: (_unsloth_fwd(xd, W, A16, B16, s), _unsloth_bwd(dy, xd, W, A16, B16, s)))):
+            try:
+                timed[what] = _graph_timer(timer, fn)
+            except Exception as e:  # noqa: BLE001 -- a capture that fails is a row saying so, not a crash
+                timed[what] = e
+        if isinstance(timed["ours"], Exception):
+            rows.append(_skipped(kernel, base, "CUDA graph capture of lora_linear", timed["ours"]))
+            continue
+        ours_t = timed["ours"]
+        rl = roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True))
+        eager = timer(ours)
+        rows.append(row(kernel, shape, "bfloat16", "triton", "the same call in eager mode (kernels + host)", ours_t,
+                        eager[0], rl, note="ratio > 1: the eager call waits on its host code by that factor"))
+        for what, label in (("peft", base), ("unsloth", "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)")):
+            t = timed[what]
+            if isinstance(t, Exception):
+                rows.append(_skipped(kernel, label, f"CUDA graph capture of {what}", t))
+                continue
+            rows.append(row(kernel, shape, "bfloat16", "triton", label, ours_t, t[0], rl,
+                            note=_note(t[0] / ours_t[0], GOAL_VS_PEFT, "kernels vs peft's kernels", True)
+                            if what == "peft" else "kernels only on both sides"))
+    return rows
+
+
 def host_rows(on_gpu, device, quick):
     from ..nn import LoRALinear  # noqa: PLC0415
     from .core import host_rows as host  # noqa: PLC0415
@@ -495,4 +569,5 @@ def sections(timer, quick: bool) -> list:
             ("DoRA", lambda: dora_rows(timer, on_gpu, device, quick)),
             ("peft model fused in place", lambda: peft_model_rows(timer, on_gpu, device, quick)),
             ("GPT-2 Conv1D base", lambda: conv1d_rows(timer, on_gpu, device)),
-            ("host time per call", lambda: host_rows(on_gpu, device, quick))]
+            ("host time per call", lambda: host_rows(on_gpu, device, quick)),
+            ("kernels only (CUDA graph replay)", lambda: graph_rows(timer, on_gpu, device, quick))]
