@@ -161,6 +161,28 @@ def test_opcheck(gid, p):
     torch.library.opcheck(_lora_op, _op_args(gid=gid, p=p))
 
 
+@pytest.mark.parametrize("lead", [(2, 5), (10,), ()])
+def test_opcheck_any_leading_shape(lead):
+    """The op takes x [..., K] and flattens it inside (a reshape outside is an autograd node each way):
+    y [..., N], t [rows, R]; the gradients reach x in its own shape. The row-major rows are the 2-D call's."""
+    args = list(_op_args(gid=not lead == (), p=0.2))
+    x2 = args[0]
+    rows = 1 if lead == () else 10
+    x = x2.detach()[:rows].reshape(*lead, x2.shape[1]).requires_grad_()
+    args[0] = x
+    if lead == ():
+        args[5] = args[5][:1]
+    torch.library.opcheck(_lora_op, tuple(args))
+    y, t = _lora_op(*args)
+    flat = list(args)
+    flat[0] = x.detach().reshape(-1, x.shape[-1])
+    y2, t2 = _lora_op(*flat)
+    assert y.shape == (*lead, y2.shape[-1]) and t.shape == t2.shape
+    assert torch.equal(y.reshape(y2.shape), y2) and torch.equal(t, t2)
+    (gx,) = torch.autograd.grad(y.sum(), [x])
+    assert gx.shape == x.shape
+
+
 @pytest.mark.parametrize("gid,p", [(True, 0.0), (False, 0.2)])
 def test_backward_op_opcheck(gid, p):
     """The backward as its own op (fusedtune::lora_linear_backward, what compiled graphs call): every

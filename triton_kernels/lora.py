@@ -438,6 +438,11 @@ class Dropout:
 
 
 _NO_DROP = Dropout(0.0, 0)
+
+
+def dropout(p: float, seed: int) -> Dropout:
+    """Dropout(p, seed), the shared no-dropout object when p is 0 (the seed is unused then)."""
+    return Dropout(p, seed) if p > 0.0 else _NO_DROP
 FORCE_PARTS = 0     # tests: cut the skinny reductions into this many parts in the interpreter
 
 

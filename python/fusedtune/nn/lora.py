@@ -464,7 +464,7 @@ class LoRALinear(nn.Module):
         with _autocast.off(x.device):
             y = lora_ops.lora_linear_grouped(x, w, A, B, self._table(names, x.device, summed=True), None,
                                              self._with(bias, self._bias_delta(names)), p, None, nf4, self.backend)
-        return y.to(out_dtype)
+        return y if y.dtype == out_dtype else y.to(out_dtype)
 
     def _dora_alone(self, names) -> str | None:
         """The DoRA adapter among `names`, or None; refuses one together with other adapters."""

@@ -274,9 +274,12 @@ def _lin_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], output[2], w_q, w_s, w_qt)   # FP8 x^T and its scales, not a 16-bit x
     ctx.args = (pow2, backend, qbackend, x.dtype, weight.dtype, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1], output[2])
+    ctx.set_materialize_grads(False)   # else every backward zero-fills a [K, M] FP8 tensor and its scales
 
 
 def _lin_backward(ctx, dy, _dq, _ds):
+    if dy is None:    # y reached no loss (grads are not materialized)
+        return (None,) * 10
     xq_c, xs_c, w_q, w_s, w_qt = ctx.saved_tensors
     pow2, backend, qbackend, x_dtype, w_dtype, bias_dtype = ctx.args
     g = ctx.needs_input_grad

@@ -22,6 +22,8 @@ the GEMM otherwise ("buffer"); see nf4_path().
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backend as _backend
@@ -52,6 +54,11 @@ def _impl(backend: str):
     return None
 
 
+def _seed_value(seed: torch.Tensor) -> int:
+    """The seed tensor's value; the shared no-dropout seed without a .item() call (a dispatcher op a call)."""
+    return 0 if seed is _NO_SEED else int(seed)
+
+
 def _nf4_dict(q, x, B, absmax, code, absmax2, code2, blocksize, blocksize2, offset) -> dict | None:
     if blocksize == 0:
         return None
@@ -65,14 +72,21 @@ def _lora_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora
                nf4_absmax2: torch.Tensor | None, nf4_code2: torch.Tensor | None, nf4_blocksize: int,
                nf4_blocksize2: int, nf4_offset: float, nf4_path: str,
                backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0."""
+    """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0. x: [..., K] (contiguous);
+    y [..., N], t [rows, R] (the rows of x flattened)."""
+    if x.dim() != 2:      # flattened here, inside the op: a reshape outside is an autograd node each way
+        y, t = _lora_impl(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, scales, row_group, dropout_p,
+                          seed, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize, nf4_blocksize2,
+                          nf4_offset, nf4_path, backend)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), t
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
                     nf4_blocksize2, nf4_offset)
     k = _impl(backend)
     if k is not None:
-        return k.forward(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed), nf4, nf4_path)
+        return k.forward(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, _seed_value(seed), nf4,
+                         nf4_path)
     w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
-    return ref.forward(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, int(seed))
+    return ref.forward(x, w, lora_A, lora_B, bias, scales, row_group, dropout_p, _seed_value(seed))
 
 
 _lora_op = torch.library.custom_op("fusedtune::lora_linear", mutates_args=())(_lora_impl)
@@ -80,8 +94,8 @@ _lora_op = torch.library.custom_op("fusedtune::lora_linear", mutates_args=())(_l
 
 @_lora_op.register_fake
 def _(x, weight, lora_A, lora_B, bias, scales, row_group, dropout_p, seed, *nf4_and_backend):
-    return (x.new_empty((x.shape[0], lora_B.shape[0])),
-            x.new_empty((x.shape[0], lora_A.shape[0]), dtype=ref.compute_dtype(x)))
+    return (x.new_empty((*x.shape[:-1], lora_B.shape[0])),
+            x.new_empty((math.prod(x.shape[:-1]), lora_A.shape[0]), dtype=ref.compute_dtype(x)))
 
 
 def _lora_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor,
@@ -97,11 +111,11 @@ def _lora_bwd_impl(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora
                     nf4_blocksize2, nf4_offset)
     k = _impl(backend)
     if k is not None:
-        dx, dA, dB = k.backward(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), nf4,
+        dx, dA, dB = k.backward(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, _seed_value(seed), nf4,
                                 nf4_path, *need, dy_base=dy_base)
     else:
         w = weight if nf4 is None else nf4_ref.dequantize(nf4, x.dtype)
-        dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, int(seed), *need,
+        dx, dA, dB = ref.backward(dy, x, w, lora_A, lora_B, t, scales, row_group, dropout_p, _seed_value(seed), *need,
                                   dy_base=dy_base)
     def none(dtype):   # a fresh empty tensor per unneeded gradient: outputs of a custom op may not alias
         return x.new_empty(0, dtype=dtype)
@@ -129,21 +143,27 @@ def _setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight, lora_A, lora_B, output[1], scales, row_group, seed, absmax, code, absmax2, code2)
     ctx.args = (dropout_p, bs, bs2, offset, path, backend, None if bias is None else bias.dtype)
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # no zeros for t's gradient (t is not differentiable) on every backward
 
 
 def _backward(ctx, dy, _dt):
+    if dy is None:    # y reached no loss (grads are not materialized)
+        return (None,) * 18
     x, weight, lora_A, lora_B, t, scales, row_group, seed, absmax, code, absmax2, code2 = ctx.saved_tensors
     dropout_p, bs, bs2, offset, path, backend, bias_dtype = ctx.args
     g = ctx.needs_input_grad
     need = [bool(g[0]), bool(g[2]), bool(g[3])]
+    x_shape = x.shape
+    if x.dim() != 2:      # the op took x [..., K] and gave y [..., N]: the kernels take them flattened
+        x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
     dy = dy.contiguous()
     dx = dA = dB = dW = db = None
     if any(need):
         dx, dA, dB = _lora_bwd(dy, x, weight, lora_A, lora_B, t, scales, row_group, dropout_p, seed, absmax, code,
                                absmax2, code2, bs, bs2, offset, path, need, backend, None)
-        dx = dx if need[0] else None
-        dA = dA.to(lora_A.dtype) if need[1] else None
-        dB = dB.to(lora_B.dtype) if need[2] else None
+        dx = (dx if dx.shape == x_shape else dx.reshape(x_shape)) if need[0] else None
+        dA = (dA if dA.dtype == lora_A.dtype else dA.to(lora_A.dtype)) if need[1] else None
+        dB = (dB if dB.dtype == lora_B.dtype else dB.to(lora_B.dtype)) if need[2] else None
     if g[1]:   # the base trains (dense weight only): dW = dy^T x
         ct = ref.compute_dtype(x)
         dW = (dy.t().to(ct) @ x.to(ct)).to(weight.dtype)
@@ -226,21 +246,25 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     check_groups=False skips the range check of its values (a host sync; callers that built it on the
     host and checked it there)."""
     args = _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
-                    check_groups)
-    y, _t = _lora(*args)
-    return y.reshape(*x.shape[:-1], lora_B.shape[0])
+                    check_groups, flatten=False)
+    return _lora(*args)[0]
 
 
 def _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
-             check_groups: bool = True) -> tuple:
-    """The checked arguments of _lora_op (x flattened to 2-D)."""
+             check_groups: bool = True, flatten: bool = True) -> tuple:
+    """The checked arguments of _lora_op: x flattened to 2-D row-major, or (flatten False) x [..., K] made
+    contiguous, which the op flattens inside."""
     if weight is None and nf4 is None:
         raise ValueError("lora: weight is None and no nf4 weight was given")
     N, K = _check(x, weight, lora_A, lora_B, bias, scale_table, row_group, dropout_p, nf4)
-    x2 = x.reshape(-1, K)
-    if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
-        x2 = x2.contiguous()
-    M = x2.shape[0]
+    if flatten or x.dim() == 2:
+        x2 = x if x.dim() == 2 else x.reshape(-1, K)
+        if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
+            x2 = x2.contiguous()
+        M = x2.shape[0]
+    else:
+        x2 = x if x.is_contiguous() else x.contiguous()
+        M = math.prod(x.shape[:-1])
     if row_group is not None:
         if row_group.shape != (M,):
             raise ValueError(f"lora: row_group must have one entry per row ({M}), got {tuple(row_group.shape)}")

@@ -48,7 +48,7 @@ def forward_scaled(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
     """(y, t, F). g None: y = x W^T + t B^T + bias, F None. DoRA (g float32 [N]): y = g * F + bias with
     F = x W^T + t B^T, both written by the same GEMM's epilogue."""
     N, K = B.shape[0], x.shape[1]
-    t = tk.shrink(x, A, False, S, gid, tk.Dropout(p, seed))
+    t = tk.shrink(x, A, False, S, gid, tk.dropout(p, seed))
     if schedule(x.shape[0], N, K, nf4, path) == "cublas":
         y = torch.mm(x, _dense(weight, nf4, path, N, K, x.dtype).t())
         F = None if g is None else torch.empty_like(y)
@@ -64,7 +64,7 @@ def forward_dropped(x, weight, A, B, bias, S, gid, p, seed, nf4, path, g):
     the exact keep * x through the base GEMM (float32 accumulation and output) and a float32 t B^T,
     y = (x W^T + t B^T + bias) + (g - 1) * G rounded once to x's dtype."""
     N, K = B.shape[0], x.shape[1]
-    drop = tk.Dropout(p, seed)
+    drop = tk.dropout(p, seed)
     t = tk.shrink(x, A, False, S, gid, drop)
     q, qs, nf = _base(weight, nf4, path, N, K, x.dtype, transpose=False)
     y = tk.gemm(x, q, qs, N, t, B, B.stride(), bias, torch.float32, _NO_DROPOUT, nf)
@@ -84,7 +84,7 @@ def base_dgrad(d, x, weight, nf4, path):
 
 def backward(dy, x, weight, A, B, t, S, gid, p, seed, nf4, path, need_dx, need_dA, need_dB, dy_base=None):
     N, K = dy.shape[1], x.shape[1]
-    drop = tk.Dropout(p, seed)
+    drop = tk.dropout(p, seed)
     dx = dA = dB = None
     if not (need_dx or need_dA):
         return dx, dA, tk.wgrad(dy, t, _NO_DROPOUT) if need_dB else None

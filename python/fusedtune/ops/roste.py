@@ -199,6 +199,7 @@ def _q_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.rotate, ctx.ste, ctx.backend = inputs[5], inputs[6], inputs[7]
     ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)   # no zero-filled gradient for the clip mask on every backward
 
 
 def _reference_inverse(g: torch.Tensor) -> torch.Tensor:
@@ -210,6 +211,8 @@ def _reference_inverse(g: torch.Tensor) -> torch.Tensor:
 def _q_backward(ctx, dy, _dinside):
     """Straight-through: dy (zeroed outside the clip range for ste="clipped") through the transposed
     rotation. The reference backend runs reference/roste.py's ste_backward (float32 math)."""
+    if dy is None:    # the output reached no loss (grads are not materialized)
+        return (None,) * 8
     (inside,) = ctx.saved_tensors
     if ctx.backend != "triton":
         dx = rref.ste_backward(dy, inside, ctx.rotate, ctx.ste, _reference_inverse)
