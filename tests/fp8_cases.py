@@ -12,8 +12,15 @@ def same(a, b) -> bool:
     return torch.equal(torch.nan_to_num(a, nan=-7.0), torch.nan_to_num(b, nan=-7.0))
 
 
+def identical(a, b) -> bool:
+    """The same bytes, NaNs included (the CPU and CUDA kernels write the canonical NaN byte 0x7F)."""
+    return (a.shape == b.shape and a.dtype == b.dtype
+            and torch.equal(a.contiguous().view(torch.uint8), b.contiguous().view(torch.uint8)))
+
+
 def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
-    """Random values over seven decades along K, plus (where the shape has room) an inf, a NaN, an all-zero
+    """Random values over seven decades along K, plus (where the shape has room) an inf, a NaN, a -NaN (its own
+    tile), an all-zero
     row, tiles whose amax / 448 underflows float32 (2^-145) or is subnormal (2^-140), tiny values and -0."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g) * torch.logspace(-4, 3, K)[None, :]
@@ -21,6 +28,7 @@ def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
     if M > 4 and K > 8:
         x[1, 7] = float("inf")
         x[2, K - 1] = float("nan")
+        x[M - 1, 0] = -float("nan")
         x[3, :] = 0.0
         x[4] = 0.0
         x[4, 1] = 2.0 ** -145

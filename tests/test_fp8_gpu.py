@@ -8,7 +8,7 @@ from fusedtune.ops import fp8 as F8
 from fusedtune import _ext
 from fusedtune import backend as B
 from fusedtune.reference import fp8 as ref
-from fp8_cases import edge_input, near_boundaries, same
+from fp8_cases import edge_input, identical, near_boundaries, same
 
 pytestmark = pytest.mark.gpu
 
@@ -118,7 +118,7 @@ def test_cuda_quantizers_byte_identical(dtype, M, K):
                 cpu = fn(x.cpu(), pow2=pow2, transpose=copy, backend="cpu")
                 assert len(got) == len(want) == len(cpu)
                 for i, (a, b, c) in enumerate(zip(got, want, cpu)):
-                    assert same(a, b) and same(a.cpu(), c), (fn.__name__, pow2, copy, i)
+                    assert same(a, b) and identical(a.cpu(), c), (fn.__name__, pow2, copy, i)
 
 
 def test_cuda_reciprocal_quotients_keep_the_division_bytes():

@@ -28,6 +28,19 @@ def test_cpu_kernel_bytes_equal_reference(dtype, pow2, M, K):
         assert len(got) == len(want) and all(same(a, b) for a, b in zip(got, want))
 
 
+def test_cpu_kernel_writes_the_canonical_nan_byte():
+    """Every NaN byte is 0x7F, a negative NaN input's too (the CUDA kernel's division and cvt give that NaN;
+    x86 would pass the input's sign through), so the CPU and CUDA kernels agree byte for byte."""
+    x = torch.randn(8, 256)
+    x[0, 3] = -float("nan")       # its row tile (and its column tile): NaN scale, NaN bytes
+    x[5, 200] = float("nan")
+    for q in (F8.fp8_quantize_1x128(x, transpose=True, backend="cpu")[0::2]
+              + F8.fp8_quantize_128x128(x, transpose=True, backend="cpu")[0::2]):
+        b = q.view(torch.uint8)
+        nan = torch.isnan(q.float())
+        assert nan.any() and bool((b[nan] == 0x7F).all()), b[nan].unique()
+
+
 def test_cpu_kernel_reads_strided_rows():
     wide = edge_input(200, 400, torch.bfloat16, seed=3)
     x = wide[:, 50:350]

@@ -31,7 +31,7 @@ constexpr int kThreads = 256;
 constexpr int kRows = 8;    // rows a thread (and columns: one chunk)
 // Tiles staged through shared memory by cp.async (the kernel below), except on sm_89: its 100 KB an SM
 // would hold one block of 52 KB, so there a thread loads its vectors into registers, all before any use
-// (launch3 passes no staging buffer to a compute capability 8.9 device).
+// (launch3 passes no staging buffer to code compiled for compute_89: staging_bytes).
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
 constexpr bool kStaged = false;
 #else
@@ -264,21 +264,28 @@ __global__ void __launch_bounds__(kThreads, COPY || DT == FT_F32 ? 2 : 3) quant_
   }
 }
 
-// The staging buffer's bytes on the current device (none on sm_89: kStaged), asked once per device.
-inline cudaError_t staging_bytes(int stage, int* out) {
-  static int cache[64] = {};                    // stage + 1 (0: not asked yet); a benign race, one value
-  int dev = 0, major = 0, minor = 0;
+// The staging buffer's bytes for `kernel` on the current device: none where the code that runs there was
+// compiled for compute_89 (kStaged false), asked once per device. The kernel's own virtual architecture
+// (ptxVersion, what __CUDA_ARCH__ was) decides, not the device's: an sm_80 binary (or compute_80 PTX) that
+// runs on an 8.9 device stages its tiles and must get the buffer.
+inline cudaError_t staging_bytes(const void* kernel, int stage, int* out) {
+  static int cache[64] = {};                    // 1: staged, 2: not (0: not asked yet); a benign race, one value
+  int dev = 0;
   cudaError_t err = cudaGetDevice(&dev);
   if (err != cudaSuccess) return err;
   if (dev < 64 && cache[dev] > 0) {
-    *out = cache[dev] - 1 == 0 ? 0 : stage;
+    *out = cache[dev] == 1 ? stage : 0;
     return cudaSuccess;
   }
-  err = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
-  if (err == cudaSuccess) err = cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, dev);
-  if (err != cudaSuccess) return err;
-  *out = major == 8 && minor == 9 ? 0 : stage;
-  if (dev < 64) cache[dev] = *out > 0 ? 2 : 1;
+  cudaFuncAttributes fa;
+  err = cudaFuncGetAttributes(&fa, kernel);
+  if (err != cudaSuccess) {
+    cudaGetLastError();
+    return err;
+  }
+  const bool staged = fa.ptxVersion != 89;
+  *out = staged ? stage : 0;
+  if (dev < 64) cache[dev] = staged ? 1 : 2;
   return cudaSuccess;
 }
 
@@ -287,9 +294,9 @@ cudaError_t launch3(const QuantArgs& a, cudaStream_t stream) {
   const int64_t tiles = ((a.M + kTile - 1) / kTile) * ((a.K + kTile - 1) / kTile);
   int smem = 0;
   int64_t resident = 0;
-  cudaError_t err = staging_bytes(stage_bytes<DT>(), &smem);
-  if (err == cudaSuccess)
-    err = resident_blocks(reinterpret_cast<const void*>(quant_kernel<DT, BLOCK, COPY>), kThreads, smem, &resident);
+  const void* kernel = reinterpret_cast<const void*>(quant_kernel<DT, BLOCK, COPY>);
+  cudaError_t err = staging_bytes(kernel, stage_bytes<DT>(), &smem);
+  if (err == cudaSuccess) err = resident_blocks(kernel, kThreads, smem, &resident);
   if (err != cudaSuccess) return err;
   if (resident < 1) resident = 1;
   const int64_t blocks = tiles < resident ? tiles : resident;

@@ -32,11 +32,14 @@ FT_HD float block_scale(float amax, bool pow2) {
   return f32_bits(amax) >= kInfBits ? bits_f32(0x7FC00000u) : s;
 }
 
-// float32 -> E4M3 (fn) byte: round to nearest even, saturation at 448 (also for inf), NaN -> 0x7F with the
-// sign bit (torch's cast writes 0x7F or 0xFF). The integer path of triton_kernels/fp8.py's _e4m3_bits.
+// float32 -> E4M3 (fn) byte: round to nearest even, saturation at 448 (also for inf), NaN -> 0x7F whatever
+// its sign: a GPU's division and cvt give that canonical NaN, while x86 passes a NaN operand's sign through,
+// so keeping the sign would make the CPU and CUDA kernels' bytes differ on a negative NaN input (torch's
+// cast keeps it: 0x7F or 0xFF; tests compare NaN bytes as NaN against it). The integer path of
+// triton_kernels/fp8.py's _e4m3_bits.
 FT_HD uint32_t e4m3_bits(float v) {
   const uint32_t bits = f32_bits(v), sign = (bits >> 24) & 0x80u, ab = bits & 0x7FFFFFFFu;
-  if (ab > kInfBits) return 0x7Fu | sign;
+  if (ab > kInfBits) return 0x7Fu;
   const float a = bits_f32(ab);
   uint32_t code;
   if (a < 0.015625f) {                        // E4M3 subnormals (and 0): m * 2^-9, m = rne(a * 2^9) in 0..8
