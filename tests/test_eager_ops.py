@@ -155,3 +155,70 @@ def test_meta_tensors_take_the_fake_impl():
     A, B = torch.empty(3, 16, device=dev, requires_grad=True), torch.empty(9, 3, device=dev, requires_grad=True)
     y = lora_ops.lora_linear(x, W, A, B, 2.0, backend="reference")
     assert y.shape == (4, 7, 9) and y.device.type == "meta"
+
+
+def test_tensor_lists_are_looked_into():
+    """The multi-tensor ops take lists: a subclass with __torch_dispatch__ or a meta tensor inside one sends the
+    call to the dispatcher; plain tensors, Parameters and lists of numbers do not."""
+    from torch.testing._internal.two_tensor import TwoTensor
+    a, b = torch.randn(3), torch.randn(4)
+    assert _eager.direct(([a, torch.nn.Parameter(b)], [1.0, 2.0], [], 3, "cpu"))
+    assert not _eager.direct(([a, TwoTensor(b, b.clone())], [1.0]))
+    assert not _eager.direct(([torch.empty(2, device="meta"), a],))
+    assert not _eager.direct(([a], (b, TwoTensor(a, a.clone()))))
+
+
+def _sparse_adamw_lists(seed):
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for n, k in ((64, 5), (96, 9)):
+        idx = torch.randperm(n, generator=g)[:k].sort().values.to(torch.int32)
+        w = torch.randn(n, generator=g).to(torch.bfloat16)
+        out.append((torch.randn(k, generator=g), torch.randn(k, generator=g), torch.zeros(k), torch.zeros(k), w,
+                    w[idx.long()].clone(), idx))
+    return [list(col) for col in zip(*out)]
+
+
+def _masked_adamw_lists(seed):
+    g = torch.Generator().manual_seed(seed)
+    p, t = torch.randn(3, 8, generator=g), torch.randn(6, 8, generator=g)
+    return [[p, torch.randn(5, generator=g)], [torch.randn(3, 8, generator=g), torch.randn(5, generator=g)],
+            [torch.zeros(3, 8), torch.zeros(5)], [torch.zeros(3, 8), torch.zeros(5)], [t, torch.empty(0)],
+            [torch.tensor([0, 2, 5]), torch.empty(0, dtype=torch.int64)]]
+
+
+@pytest.mark.parametrize("which", ["sparse_adamw_", "masked_adamw_", "zo_apply_"])
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_in_place_list_ops_direct_route_bumps_versions_and_equals_the_dispatcher(which, backend):
+    """The in-place multi-tensor ops on the direct route: the same bits as through the dispatcher, and every
+    tensor they write gets a new version (autograd's check of saved tensors sees the write)."""
+    from fusedtune import _ext
+    from fusedtune.ops import zo as zo_ops
+    if backend == "cpu" and not _ext.loaded():
+        pytest.skip("fusedtune._C is not built")
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=3, backend=backend)
+
+    def run(lists):
+        if which == "sparse_adamw_":
+            sd_ops.sparse_adamw_(*lists, **kw, check=True)
+            return [lists[i] for i in (0, 2, 3, 4)]
+        if which == "masked_adamw_":
+            hft_ops.masked_adamw_(*lists, **kw)
+            return [lists[i] for i in (0, 2, 3, 4)]
+        zo_ops.zo_apply_(lists[0], [5, 9], [0.5, -1.5], backend=backend)
+        return [lists[0]]
+
+    make = {"sparse_adamw_": _sparse_adamw_lists, "masked_adamw_": _masked_adamw_lists,
+            "zo_apply_": lambda s: [[torch.randn(33, generator=torch.Generator().manual_seed(s)),
+                                     torch.randn(4, 5, generator=torch.Generator().manual_seed(s + 1)).bfloat16()]]}[which]
+    direct, routed = make(1), make(1)
+    versions = [t._version for lst in direct for t in lst]
+    written = run(direct)
+    with _eager.dispatcher_only():
+        written_routed = run(routed)
+    for got, want in zip(written, written_routed):
+        for a, b in zip(got, want):
+            assert torch.equal(a, b)
+    after = {id(t): t._version for lst in direct for t in lst}
+    old = dict(zip([id(t) for lst in direct for t in lst], versions))
+    assert all(after[id(t)] > old[id(t)] for lst in written for t in lst if t.numel()), which

@@ -55,3 +55,19 @@ def test_triton_rounding_seed_of_any_64_bit_value(rs):
         zo_apply_(t, [3], [1e-4], rounding="stochastic", rounding_seed=rs, backend=b)
         return [t]
     assert "triton" in check_backends(run, "cpu", exact=True)
+
+
+def test_triton_writes_are_seen_by_autograd():
+    """The Triton kernel writes through pointers, which torch cannot see: the direct eager route bumps the
+    tensors' version counters (as the op's dispatcher wrapper does), so autograd refuses a backward through
+    a tensor saved before it was perturbed."""
+    w = torch.randn(64, requires_grad=True)
+    with torch.no_grad():
+        p = w.clone()
+    x = torch.randn(64, requires_grad=True)
+    y = (x * p).sum()            # saves p for x's gradient
+    v = p._version
+    zo_apply_([p], [3], [1e-3], backend="triton")
+    assert p._version > v
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()

@@ -26,7 +26,7 @@ void sparse_adamw_cpu(at::TensorList values, at::TensorList grads, at::TensorLis
     void* w = weights[i].data_ptr();
     const void* base = bases[i].data_ptr();
     const int32_t* idx = indices[i].data_ptr<int32_t>();
-    int32_t* st = sparse_delta_steps_ptr(steps[i]);
+    int32_t* st = sparse_delta_steps_ptr(steps, i);
     const int wdt = sparse_delta_weight_dtype(weights[i]);
     at::parallel_for(0, values[i].numel(), 16384, [&](int64_t e0, int64_t e1) {
       for (int64_t e = e0; e < e1; ++e)

@@ -32,7 +32,7 @@ void sparse_adamw_cuda(at::TensorList values, at::TensorList grads, at::TensorLi
               sparse_delta::TensorMeta{values[i].data_ptr<float>(), grads[i].data_ptr<float>(),
                                        exp_avgs[i].data_ptr<float>(), exp_avg_sqs[i].data_ptr<float>(),
                                        weights[i].data_ptr(), bases[i].data_ptr(), indices[i].data_ptr<int32_t>(),
-                                       sparse_delta_steps_ptr(steps[i]), values[i].numel(),
+                                       sparse_delta_steps_ptr(steps, i), values[i].numel(),
                                        sparse_delta_weight_dtype(weights[i])},
               sparse_delta::blocks_for(values[i].numel()), sparse_delta::kMaxTensorsPerLaunch, fire);
   }

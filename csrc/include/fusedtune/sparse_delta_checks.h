@@ -31,13 +31,14 @@ inline AdamConsts sparse_delta_consts(at::ArrayRef<double> c, sparse_delta::OwnS
   return AdamConsts{(float)c[0], (float)c[1], (float)c[2], (float)c[3], (float)c[4], (float)c[5], (float)c[6], (float)c[7]};
 }
 
-// steps[i]: empty (the tensor's entries all at its step) or contiguous int32 counts, one per delta.
+// steps: an empty list (no tensor counts its entries' steps) or one entry per tensor: steps[i] empty (the
+// tensor's entries all at its step) or contiguous int32 counts, one per delta.
 inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::TensorList exp_avgs,
                                at::TensorList exp_avg_sqs, at::TensorList weights, at::TensorList bases,
                                at::TensorList indices, at::TensorList steps) {
   const size_t n = values.size();
   TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && weights.size() == n &&
-                  bases.size() == n && indices.size() == n && steps.size() == n,
+                  bases.size() == n && indices.size() == n && (steps.size() == n || steps.empty()),
               "sparse_adamw: lists differ in length");
   for (size_t i = 0; i < n; ++i) {
     const int64_t k = values[i].numel();
@@ -53,7 +54,7 @@ inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::
     TORCH_CHECK(weights[i].device() == values[0].device() && bases[i].device() == values[0].device() &&
                     indices[i].device() == values[0].device(),
                 "sparse_adamw: tensors ", i, " are not on ", values[0].device());
-    TORCH_CHECK(!steps[i].defined() || steps[i].numel() == 0 ||
+    TORCH_CHECK(steps.empty() || !steps[i].defined() || steps[i].numel() == 0 ||
                     (steps[i].scalar_type() == at::kInt && steps[i].numel() == k && steps[i].is_contiguous() &&
                      steps[i].device() == values[0].device()),
                 "sparse_adamw: steps ", i, " must be empty or contiguous int32 of ", k, " elements on ",
@@ -61,8 +62,8 @@ inline void sparse_delta_check(at::TensorList values, at::TensorList grads, at::
   }
 }
 
-inline int32_t* sparse_delta_steps_ptr(const at::Tensor& t) {
-  return t.defined() && t.numel() ? t.data_ptr<int32_t>() : nullptr;
+inline int32_t* sparse_delta_steps_ptr(at::TensorList steps, size_t i) {
+  return !steps.empty() && steps[i].defined() && steps[i].numel() ? steps[i].data_ptr<int32_t>() : nullptr;
 }
 
 // sddmm_kernel(dy [T, N], x [T, K], indices [k], plan [R, C, splits, cap, span]): the problem (without

@@ -148,14 +148,18 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
                                  x, weight, bias)
 
 
-@torch.library.custom_op("fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))
-def _masked_adamw_op(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+def _masked_adamw_impl(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
                      exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
                      consts: list[float], backend: str) -> None:
     if backend == "reference":
         ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dict(zip(CONST_KEYS, consts)))
     else:
         torch.ops.fusedtune.masked_adamw_kernel_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts)
+
+
+_masked_adamw_op = torch.library.custom_op(
+    "fusedtune::masked_adamw_", mutates_args=("params", "exp_avgs", "exp_avg_sqs", "targets"))(_masked_adamw_impl)
+_masked_adamw = EagerOp(_masked_adamw_op, _masked_adamw_impl, mutated=(0, 2, 3, 4))   # direct in plain eager mode
 
 
 @_masked_adamw_op.register_fake
@@ -202,9 +206,9 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
     consts = [c[k] for k in CONST_KEYS]
     name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
     with torch.no_grad():
-        _masked_adamw_op(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets),
-                         [r if r.numel() else torch.empty(0, dtype=torch.int64, device=dev) for r in rows],
-                         consts, name)
+        _masked_adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets),
+                      [r if r.numel() else torch.empty(0, dtype=torch.int64, device=dev) for r in rows],
+                      consts, name)
 
 
 def hft_backend(device, backend: str | None = None) -> dict:

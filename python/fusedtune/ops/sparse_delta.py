@@ -187,17 +187,20 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     return _autocast.linear_call(lambda x_, w_, b_: _linear(x_, w_, values, indices, b_, name), x, weight, bias)
 
 
-@torch.library.custom_op("fusedtune::sparse_adamw_",
-                         mutates_args=("values", "exp_avgs", "exp_avg_sqs", "weights", "steps"))
-def _adamw_op(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
+def _adamw_impl(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
               exp_avg_sqs: list[torch.Tensor], weights: list[torch.Tensor], bases: list[torch.Tensor],
               indices: list[torch.Tensor], steps: list[torch.Tensor], consts: list[float], backend: str) -> None:
     if backend == "reference":
-        ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps,
+        ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps or [None] * len(values),
                           dict(zip(CONST_KEYS, consts)), lr=consts[8], step=int(consts[9]))
     else:
         torch.ops.fusedtune.sparse_adamw_kernel_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps,
                                                  consts)
+
+
+_adamw_op = torch.library.custom_op(
+    "fusedtune::sparse_adamw_", mutates_args=("values", "exp_avgs", "exp_avg_sqs", "weights", "steps"))(_adamw_impl)
+_adamw = EagerOp(_adamw_op, _adamw_impl, mutated=(0, 2, 3, 4, 7))   # direct in plain eager mode
 
 
 @_adamw_op.register_fake
@@ -263,9 +266,11 @@ def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices,
     if check or name == "reference":
         _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps, dev, check)
     c = adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
-    steps = [torch.empty(0, dtype=torch.int32, device=dev) if st is None else st for st in steps]   # none: empty
+    # no counts anywhere: an empty list (one empty tensor per entry would be 56 allocations a step for 8 layers)
+    steps = [] if all(st is None for st in steps) else \
+        [torch.empty(0, dtype=torch.int32, device=dev) if st is None else st for st in steps]   # none: empty
     with torch.no_grad():
-        _adamw_op(list(values), list(grads), list(exp_avgs), list(exp_avg_sqs), list(weights), list(bases),
+        _adamw(list(values), list(grads), list(exp_avgs), list(exp_avg_sqs), list(weights), list(bases),
                   list(indices), steps,
                   [c[k] for k in CONST_KEYS] + [float(lr), float(step)], name)
 

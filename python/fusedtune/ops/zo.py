@@ -15,6 +15,7 @@ import torch
 from .. import _ext
 from .. import backend as _backend
 from ..reference import zo as ref
+from ._eager import EagerOp
 
 NOISES = ref.NOISES
 ROUNDINGS = ref.ROUNDINGS
@@ -23,8 +24,7 @@ _U64 = 1 << 64
 _HAS = ("reference", "cpu", "cuda", "triton")
 
 
-@torch.library.custom_op("fusedtune::zo_apply_", mutates_args=("tensors",))
-def _zo_apply_op(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
+def _zo_apply_impl(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
                  prev_seeds: torch.Tensor, prev_coeffs: torch.Tensor, tensor_ids: list[int], alpha: float,
                  noise: int, rounding: int, rounding_seed: int, backend: str) -> None:
     _check_distinct(tensors)
@@ -41,6 +41,10 @@ def _zo_apply_op(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch
                      rounding_seed)
     else:
         raise _backend.BackendError(f"zo_apply_: unknown backend {backend!r}")
+
+
+_zo_apply_op = torch.library.custom_op("fusedtune::zo_apply_", mutates_args=("tensors",))(_zo_apply_impl)
+_zo_apply = EagerOp(_zo_apply_op, _zo_apply_impl, mutated=(0,))   # direct in plain eager mode
 
 
 @_zo_apply_op.register_fake
@@ -191,7 +195,7 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
     rs = rs - _U64 if rs >= 1 << 63 else rs
     name = _backend.resolve("zo_apply_", device, _HAS, backend)
     with torch.no_grad():
-        _zo_apply_op(tensors, s, c, ps, pc, ids, float(alpha), NOISES[noise], ROUNDINGS[rounding], rs, name)
+        _zo_apply(tensors, s, c, ps, pc, ids, float(alpha), NOISES[noise], ROUNDINGS[rounding], rs, name)
 
 
 def zo_noise(shape, seed: int, tensor_id: int = 0, noise: str = "normal", dtype=torch.float32, device="cpu",

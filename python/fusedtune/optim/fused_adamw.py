@@ -71,7 +71,10 @@ class FusedAdamW(CopyableOptimizer):
                 st = self._state(p)
                 st["step"] += 1
                 entries = self._entries(p, st)
-                lists = buckets.setdefault((p.device, st["step"]), [[] for _ in entries])
+                key = (p.device, st["step"])
+                lists = buckets.get(key)
+                if lists is None:
+                    lists = buckets[key] = [[] for _ in entries]
                 for lst, val in zip(lists, entries):
                     lst.append(val)
             for (_, step), lists in buckets.items():

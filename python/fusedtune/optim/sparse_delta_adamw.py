@@ -37,7 +37,7 @@ class SparseDeltaAdamW(FusedAdamW):
     @staticmethod
     def _layer(p):
         layer = owner_of(p)
-        if layer is None or layer.values is not p:
+        if layer is None or layer._parameters.get("values") is not p:
             raise ValueError("SparseDeltaAdamW takes the `values` of SparseDeltaLinear layers only "
                              f"(got a parameter of shape {tuple(p.shape)})")
         return layer
@@ -58,9 +58,14 @@ class SparseDeltaAdamW(FusedAdamW):
             st["elem_step"][positions] = 0 if fresh else st["step"]
 
     def _entries(self, p, st) -> tuple:
-        layer = self._layer(p)
-        return (p, p.grad.float().contiguous(), st["exp_avg"], st["exp_avg_sq"], layer.weight, layer.base_values,
-                layer.indices, st.get("elem_step"), layer)
+        layer = self._layer(p)   # (its tensors read from _parameters / _buffers: nn.Module.__getattr__ is slow)
+        g = p.grad
+        if g.dtype != torch.float32 or not g.is_contiguous():
+            g = g.float().contiguous()
+        w = layer._parameters.get("weight")
+        bufs = layer._buffers
+        return (p, g, st["exp_avg"], st["exp_avg_sq"], layer.weight if w is None else w, bufs["base_values"],
+                bufs["indices"], st.get("elem_step"), layer)
 
     def _run(self, lists, group, step) -> None:
         *lists, steps, layers = lists
