@@ -371,3 +371,34 @@ def test_set_rows_keeps_the_float32_masters_of_rows_still_selected(monkeypatch):
         m.set_rows(torch.tensor([0, 3, 5, 7, 9]))
     assert torch.equal(m.weight_rows.detach()[:4], want)
     assert torch.equal(m.weight[[0, 3, 5, 7]], want.bfloat16())
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_masked_adamw_none_targets_equal_empty_ones(backend, mixed):
+    """targets[i] None (what MaskedAdamW passes for a plain parameter, so that no empty tensors are made every
+    step) is an empty target: the same bits, with row masters among the entries or none, checked or not."""
+    from fusedtune import _ext
+    from fusedtune.ops.hft import masked_adamw_
+    if backend == "cpu" and not _ext.loaded():
+        pytest.skip("fusedtune._C is not built")
+
+    def lists(none: bool):
+        g = torch.Generator().manual_seed(4)
+        ps = [torch.randn(3, 8, generator=g), torch.randn(5, generator=g)]
+        gs = [torch.randn(3, 8, generator=g), torch.randn(5, generator=g)]
+        tgt = torch.randn(6, 8, generator=g)
+        ts = [tgt if mixed else (None if none else torch.empty(0)), None if none else torch.empty(0)]
+        rs = [torch.tensor([0, 2, 5]) if mixed else (None if none else torch.empty(0, dtype=torch.int64)),
+              None if none else torch.empty(0, dtype=torch.int64)]
+        return ps, gs, [torch.zeros_like(p) for p in ps], [torch.zeros_like(p) for p in ps], ts, rs
+
+    kw = dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01, step=2, backend=backend)
+    want, got = lists(False), lists(True)
+    masked_adamw_(*want, **kw)
+    masked_adamw_(*got, **kw, check=False)
+    for a_list, b_list in zip(want[:4], got[:4]):
+        for a, b in zip(a_list, b_list):
+            assert torch.equal(a, b)
+    if mixed:
+        assert torch.equal(want[4][0], got[4][0])

@@ -15,7 +15,7 @@ void masked_adamw_cpu(at::TensorList params, at::TensorList grads, at::TensorLis
   const hft::AdamConsts c = hft_consts(consts);
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
-    const bool row = targets[i].numel() > 0;
+    const bool row = hft_row_master(targets, i);
     void* tgt = row ? targets[i].data_ptr() : nullptr;
     const int64_t* r = row ? rows[i].data_ptr<int64_t>() : nullptr;
     const int64_t cols = row ? p.size(1) : 1;

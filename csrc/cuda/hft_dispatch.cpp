@@ -28,7 +28,7 @@ void masked_adamw_cuda(at::TensorList params, at::TensorList grads, at::TensorLi
   for (size_t i = 0; i < params.size(); ++i) {
     const at::Tensor& p = params[i];
     if (p.numel() == 0) continue;
-    const bool row = targets[i].numel() > 0;
+    const bool row = hft_row_master(targets, i);
     batch_add(launch,
               hft::TensorMeta{p.data_ptr(), grads[i].data_ptr(), exp_avgs[i].data_ptr<float>(),
                               exp_avg_sqs[i].data_ptr<float>(), row ? targets[i].data_ptr() : nullptr,

@@ -23,11 +23,15 @@ inline hft::AdamConsts hft_consts(at::ArrayRef<double> c) {
                          (float)c[4], (float)c[5], (float)c[6], (float)c[7]};
 }
 
+// targets / rows: one entry per tensor (targets[i] empty: a plain parameter), or both empty lists (no row
+// masters at all).
+inline bool hft_row_master(at::TensorList targets, size_t i) { return !targets.empty() && targets[i].numel() > 0; }
+
 inline void hft_check(at::TensorList params, at::TensorList grads, at::TensorList exp_avgs,
                       at::TensorList exp_avg_sqs, at::TensorList targets, at::TensorList rows) {
   const size_t n = params.size();
-  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n && targets.size() == n &&
-                  rows.size() == n,
+  TORCH_CHECK(grads.size() == n && exp_avgs.size() == n && exp_avg_sqs.size() == n &&
+                  ((targets.size() == n && rows.size() == n) || (targets.empty() && rows.empty())),
               "masked_adamw: lists differ in length");
   for (size_t i = 0; i < n; ++i) {
     const at::Tensor &p = params[i], &g = grads[i], &m = exp_avgs[i], &v = exp_avg_sqs[i];
@@ -40,7 +44,7 @@ inline void hft_check(at::TensorList params, at::TensorList grads, at::TensorLis
                 "masked_adamw: tensors[", i, "] must be contiguous");
     TORCH_CHECK(g.device() == p.device() && m.device() == p.device() && v.device() == p.device(),
                 "masked_adamw: tensors[", i, "] are on different devices");
-    if (targets[i].numel()) {
+    if (hft_row_master(targets, i)) {
       const at::Tensor &t = targets[i], &r = rows[i];
       hft_dtype_code(t, "targets");
       TORCH_CHECK(p.dim() == 2 && t.dim() == 2 && t.size(1) == p.size(1) && r.numel() == p.size(0),

@@ -152,7 +152,9 @@ def _masked_adamw_impl(params: list[torch.Tensor], grads: list[torch.Tensor], ex
                      exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
                      consts: list[float], backend: str) -> None:
     if backend == "reference":
-        ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dict(zip(CONST_KEYS, consts)))
+        none = [params[0].new_empty(0)] * len(params) if not targets else None   # no row masters: empty lists
+        ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets or none, rows or none,
+                          dict(zip(CONST_KEYS, consts)))
     else:
         torch.ops.fusedtune.masked_adamw_kernel_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, consts)
 
@@ -175,17 +177,37 @@ if _ext.loaded():
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: float, beta1: float, beta2: float,
                   eps: float, weight_decay: float, step: int, backend: str | None = None,
-                  check_rows: bool = True) -> None:
-    """One AdamW step in place over lists of tensors (all on one device). targets[i] is an empty
+                  check_rows: bool = True, check: bool = True) -> None:
+    """One AdamW step in place over lists of tensors (all on one device). targets[i] is None or an empty
     tensor, or the full weight [out, in] that params[i] (a [len(rows[i]), in] row master) writes to.
-    check_rows=False skips the host-side check of the row values (MaskedAdamW: the layers checked)."""
+    check_rows=False skips the host-side check of the row values (MaskedAdamW: the layers checked);
+    check=False (MaskedAdamW, which built the lists) also skips the per-tensor Python checks where the
+    extension's kernels run, which check every tensor themselves before changing anything."""
     n = len(params)
     if not n:
         return
     if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, targets, rows)):
         raise ValueError("masked_adamw_: params, grads, exp_avgs, exp_avg_sqs, targets and rows differ in length")
     dev = params[0].device
+    name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
+    if check or name == "reference":
+        _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev, check_rows)
+    c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
+    consts = [c[k] for k in CONST_KEYS]
+    if any(t is not None and t.numel() for t in targets):   # row masters: an entry each (empty: a plain parameter)
+        targets = [torch.empty(0, device=dev) if t is None else t for t in targets]
+        rows = [r if r is not None and r.numel() else torch.empty(0, dtype=torch.int64, device=dev) for r in rows]
+    else:                    # none: empty lists (two empty tensors a parameter would be allocations every step)
+        targets, rows = [], []
+    with torch.no_grad():
+        _masked_adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets), list(rows),
+                      consts, name)
+
+
+def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev, check_rows: bool) -> None:
     for i, (p, g, m, v, t, r) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets, rows)):
+        if t is None:
+            t = p.new_empty(0)
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.dtype != p.dtype:
             raise TypeError(f"masked_adamw_: params[{i}] is {p.dtype} with grad {g.dtype}; need a float dtype, "
                             "grad of the same dtype")
@@ -202,13 +224,6 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
                 raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "
                                  f"{tuple(t.shape)} with {r.numel()} rows")
             _check_rows(r, t.shape[0], "masked_adamw_", check_rows)
-    c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
-    consts = [c[k] for k in CONST_KEYS]
-    name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
-    with torch.no_grad():
-        _masked_adamw(list(params), list(grads), list(exp_avgs), list(exp_avg_sqs), list(targets),
-                      [r if r.numel() else torch.empty(0, dtype=torch.int64, device=dev) for r in rows],
-                      consts, name)
 
 
 def hft_backend(device, backend: str | None = None) -> dict:

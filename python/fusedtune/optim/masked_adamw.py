@@ -41,9 +41,8 @@ class MaskedAdamW(FusedAdamW):
         tgt, rows, layer = self._target(p)
         if layer is not None:
             self._written[id(layer)] = layer
-        if tgt is None:
-            return (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], torch.empty(0, device=p.device),
-                    torch.empty(0, dtype=torch.int64, device=p.device))
+        if tgt is None:     # a plain parameter (no target: masked_adamw_ allocates nothing for it)
+            return (p, p.grad.contiguous(), st["exp_avg"], st["exp_avg_sq"], None, None)
         shape = (p.shape[0], tgt.shape[1])      # a bias master [n] goes in as [n, 1]
         return (p.view(shape), p.grad.contiguous().view(shape), st["exp_avg"].view(shape),
                 st["exp_avg_sq"].view(shape), tgt, rows)
@@ -51,4 +50,4 @@ class MaskedAdamW(FusedAdamW):
     def _run(self, lists, group, step) -> None:
         masked_adamw_(*lists, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                       weight_decay=group["weight_decay"], step=step, backend=self.backend,
-                      check_rows=False)  # rows checked by the layers
+                      check_rows=False, check=False)  # rows checked by the layers, lists built here
