@@ -149,8 +149,8 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
 
 
 def _masked_adamw_impl(params: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-                     exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
-                     consts: list[float], backend: str) -> None:
+                       exp_avg_sqs: list[torch.Tensor], targets: list[torch.Tensor], rows: list[torch.Tensor],
+                       consts: list[float], backend: str) -> None:
     if backend == "reference":
         none = [params[0].new_empty(0)] * len(params) if not targets else None   # no row masters: empty lists
         ref.masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets or none, rows or none,

@@ -188,8 +188,8 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
 
 
 def _adamw_impl(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
-              exp_avg_sqs: list[torch.Tensor], weights: list[torch.Tensor], bases: list[torch.Tensor],
-              indices: list[torch.Tensor], steps: list[torch.Tensor], consts: list[float], backend: str) -> None:
+                exp_avg_sqs: list[torch.Tensor], weights: list[torch.Tensor], bases: list[torch.Tensor],
+                indices: list[torch.Tensor], steps: list[torch.Tensor], consts: list[float], backend: str) -> None:
     if backend == "reference":
         ref.sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps or [None] * len(values),
                           dict(zip(CONST_KEYS, consts)), lr=consts[8], step=int(consts[9]))

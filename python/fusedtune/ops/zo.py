@@ -25,8 +25,8 @@ _HAS = ("reference", "cpu", "cuda", "triton")
 
 
 def _zo_apply_impl(tensors: list[torch.Tensor], seeds: torch.Tensor, coeffs: torch.Tensor,
-                 prev_seeds: torch.Tensor, prev_coeffs: torch.Tensor, tensor_ids: list[int], alpha: float,
-                 noise: int, rounding: int, rounding_seed: int, backend: str) -> None:
+                   prev_seeds: torch.Tensor, prev_coeffs: torch.Tensor, tensor_ids: list[int], alpha: float,
+                   noise: int, rounding: int, rounding_seed: int, backend: str) -> None:
     _check_distinct(tensors)
     if backend == "reference":
         names = {v: k for k, v in NOISES.items()}, {v: k for k, v in ROUNDINGS.items()}
