@@ -19,8 +19,8 @@ def identical(a, b) -> bool:
 
 
 def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
-    """Random values over seven decades along K, plus (where the shape has room) an inf, a NaN, a -NaN (its own
-    tile), an all-zero
+    """Random values over seven decades along K, plus (where the shape has room) an inf, a NaN, a -NaN (in tiles of
+    its own, on shapes over 130 x 130), an all-zero
     row, tiles whose amax / 448 underflows float32 (2^-145) or is subnormal (2^-140), tiny values and -0."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(M, K, generator=g) * torch.logspace(-4, 3, K)[None, :]
@@ -28,13 +28,13 @@ def edge_input(M: int, K: int, dtype, device="cpu", seed=0) -> torch.Tensor:
     if M > 4 and K > 8:
         x[1, 7] = float("inf")
         x[2, K - 1] = float("nan")
-        x[M - 1, 0] = -float("nan")
         x[3, :] = 0.0
         x[4] = 0.0
         x[4, 1] = 2.0 ** -145
         x[4, K - 1] = 2.0 ** -140
     if M > 130 and K > 130:
         x[129:, 129] = -float("inf")        # a whole column of one column-wise tile
+        x[M - 1, 0] = -float("nan")         # tiles of its own: row-wise, column-wise and 128x128
     return x.to(device=device, dtype=dtype)
 
 

@@ -108,15 +108,19 @@ def _adam_inputs():
     return ps, gs, tg, rows
 
 
-def test_masked_adamw_bit_identical_across_backends():
+@pytest.mark.parametrize("row_masters", [True, False])
+def test_masked_adamw_bit_identical_across_backends(row_masters):
+    """Also without any row master: the kernels then get empty target and row lists."""
     def run(b):
         ps, gs, tg, rows = _adam_inputs()
+        if not row_masters:
+            ps, gs, tg, rows = [ps[i] for i in (0, 1, 3)], [gs[i] for i in (0, 1, 3)], [None] * 3, [None] * 3
         ms = [torch.zeros(p.shape) for p in ps]
         vs = [torch.zeros(p.shape) for p in ps]
         for step in range(1, 6):
             masked_adamw_(ps, gs, ms, vs, tg, rows, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.1,
                           step=step, backend=b)
-        return ps + ms + vs + tg
+        return ps + ms + vs + [t for t in tg if t is not None]
     checked = check_backends(run, "cpu", exact=True, has=("reference", "cpu", "cuda"))
     assert ("cpu" in checked) == fusedtune._ext.loaded()
 
@@ -157,6 +161,12 @@ def test_opcheck_and_compile():
         torch.library.opcheck(torch.ops.fusedtune.masked_adamw_.default,
                               (ps, gs, [torch.zeros(p.shape) for p in ps], [torch.zeros(p.shape) for p in ps], tg,
                                rs, consts, "cpu"))
+        plain = [0, 1, 3]            # no row master among them: empty target and row lists
+        op = torch.ops.fusedtune.masked_adamw_.default
+        for fn, tail in ((torch.ops.fusedtune.masked_adamw_kernel_.default, ()), (op, ("cpu",)), (op, ("reference",))):
+            zeros = [torch.zeros(ps[i].shape) for i in plain]
+            torch.library.opcheck(fn, ([ps[i] for i in plain], [gs[i] for i in plain], zeros,
+                                       [z.clone() for z in zeros], [], [], consts) + tail)
 
     m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), rows)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731

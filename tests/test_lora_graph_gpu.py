@@ -23,7 +23,7 @@ def test_layer_forward_backward_captures_in_a_cuda_graph(deterministic):
     """A LoRALinear forward + autograd.grad (dX, dA, dB) captures in one CUDA graph (what `bench lora`'s
     graph-replay rows time, and what a host-bound user gets from CUDA graphs): replayed on new x and dy it
     gives the eager call's outputs -- bit for bit in deterministic mode; within float32 summation order
-    otherwise (dB is summed by atomics there)."""
+    otherwise (dB is summed by atomics there). x is [batch, seq, in], as a model's layers get it."""
     from fusedtune.nn import LoRALinear
     x, W, B, dy = _case(512, 1024, 768, 16, torch.bfloat16, seed=7)
     lin = torch.nn.Linear(1024, 768, bias=True, device="cuda", dtype=torch.bfloat16)
@@ -33,8 +33,8 @@ def test_layer_forward_backward_captures_in_a_cuda_graph(deterministic):
     with torch.no_grad():
         layer.lora_B["default"].weight.copy_(B)
     params = [layer.lora_A["default"].weight, layer.lora_B["default"].weight]
-    xs = x.clone().requires_grad_()
-    dys = dy.clone()
+    xs = x.reshape(4, 128, 1024).clone().requires_grad_()     # [batch, seq, in]: flattened inside the op
+    dys = dy.reshape(4, 128, 768).clone()
 
     def fb():
         y = layer(xs)

@@ -1,5 +1,6 @@
 """LoRA ops on the CPU: the reference against an fp64 computation from the definition, the op's
 gradients, the seeded dropout, several adapters against per-adapter loops, opcheck, compile, bad input."""
+import contextlib
 import math
 
 import pytest
@@ -246,3 +247,32 @@ def test_bad_inputs_are_refused_clearly():
     if not fusedtune.backend.interpreting():
         with pytest.raises(BackendError, match="backend 'triton' cannot run here"):
             lora_linear(x, W, A, B, 1.0, backend="triton")
+
+
+@pytest.mark.parametrize("dispatcher", [False, True])
+def test_output_of_any_rank_can_be_changed_in_place(dispatcher):
+    """y of a [batch, seq, in] x is flattened back inside the op and handed out detached from it: in-place ops on
+    the output (relu_, in-place forward hooks) work as on an nn.Linear's, on both routes, and gradients flow."""
+    from fusedtune.ops import _eager
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 3, 16, generator=g, requires_grad=True)
+    W = torch.randn(8, 16, generator=g)
+    A = torch.randn(4, 16, generator=g, requires_grad=True)
+    B = torch.randn(8, 4, generator=g, requires_grad=True)
+    with (_eager.dispatcher_only() if dispatcher else contextlib.nullcontext()):
+        y = lora_linear(x, W, A, B, 2.0)
+        want = torch.relu(y.detach().clone())
+        torch.relu_(y)
+        assert torch.equal(y, want)
+        y.sum().backward()
+    assert x.grad.shape == x.shape and A.grad is not None and B.grad is not None
+
+
+def test_no_output_features_with_batched_x():
+    """N = 0 with x [2, 3, K]: an empty y, and a backward that reshapes its empty dy by the rows, not by -1."""
+    x = torch.randn(2, 3, 8, requires_grad=True)
+    A = torch.randn(4, 8, requires_grad=True)
+    y = lora_linear(x, torch.randn(0, 8), A, torch.randn(0, 4, requires_grad=True), 2.0)
+    assert y.shape == (2, 3, 0)
+    y.sum().backward()
+    assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(A.grad, torch.zeros_like(A))

@@ -126,6 +126,9 @@ def test_opcheck_and_compile():
     if fusedtune._ext.loaded():   # the compiled kernel's own schema and fake impl
         torch.library.opcheck(torch.ops.fusedtune.sparse_adamw_kernel_.default,
                               (vals, grads, zeros(), zeros(), ws, bases, ids, steps(), consts))
+        for op, tail in ((torch.ops.fusedtune.sparse_adamw_kernel_.default, ()),     # no counts: steps []
+                         (torch.ops.fusedtune.sparse_adamw_.default, ("cpu",))):
+            torch.library.opcheck(op, (vals, grads, zeros(), zeros(), ws, bases, ids, [], consts) + tail)
     m = SparseDeltaLinear.from_linear(torch.nn.Linear(10, 8), density=0.2)
     f = lambda x: m(x).pow(2).sum()  # noqa: E731
     f(x).backward()

@@ -77,7 +77,7 @@ def _e4m3(v, HW: tl.constexpr):
 
 @triton.jit
 def _e4m3_bits(v):
-    """float32 -> E4M3 (fn) bits as int32: round to nearest even, saturate at 448, NaN -> 0x7F."""
+    """float32 -> E4M3 (fn) bits as int32: round to nearest even, saturate at 448, NaN -> 0x7F (any sign)."""
     bits = v.to(tl.int32, bitcast=True)
     sign = (bits >> 24) & 0x80
     a_bits = bits & 0x7FFFFFFF
@@ -88,8 +88,7 @@ def _e4m3_bits(v):
     sub = ((t + 8388608.0) - 8388608.0).to(tl.int32)
     code = tl.where(a < 0.015625, sub, normal)
     code = tl.minimum(code, 0x7E)                          # saturate at 448 (also inf)
-    code = tl.where(a_bits > 0x7F800000, 0x7F, code)       # NaN
-    return code | sign
+    return tl.where(a_bits > 0x7F800000, 0x7F, code | sign)   # NaN: 0x7F whatever its sign (fp8_math.h)
 
 
 @autotune(configs=[triton.Config({"CHUNK": c}, num_warps=w, num_stages=1) for c, w in _QUANT_CONFIGS],

@@ -42,8 +42,9 @@ inline void hft_check(at::TensorList params, at::TensorList grads, at::TensorLis
                 "masked_adamw: tensors[", i, "] differ in size");
     TORCH_CHECK(p.is_contiguous() && g.is_contiguous() && m.is_contiguous() && v.is_contiguous(),
                 "masked_adamw: tensors[", i, "] must be contiguous");
-    TORCH_CHECK(g.device() == p.device() && m.device() == p.device() && v.device() == p.device(),
-                "masked_adamw: tensors[", i, "] are on different devices");
+    TORCH_CHECK(p.device() == params[0].device() && g.device() == p.device() && m.device() == p.device() &&
+                    v.device() == p.device(),
+                "masked_adamw: tensors[", i, "] are not all on ", params[0].device());
     if (hft_row_master(targets, i)) {
       const at::Tensor &t = targets[i], &r = rows[i];
       hft_dtype_code(t, "targets");

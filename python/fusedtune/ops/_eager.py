@@ -61,13 +61,18 @@ def direct(args) -> bool:
                 return False
             if first is None:
                 first = a
-        elif t is list or t is tuple:   # all plain tensors (one C pass), else each element looked at
-            for e in (a[:1] if set(map(type, a)) <= _PLAIN else a):
-                if isinstance(e, torch.Tensor):
-                    if type(e) not in _PLAIN and torch._C._dispatch_keys(e).has(_PYTHON_KEY):
-                        return False
-                    if first is None:
-                        first = e
+        elif t is list or t is tuple:   # the element types in one C pass; elements looked at only if needed
+            kinds = set(map(type, a))
+            if kinds <= _PLAIN:
+                if first is None and a:
+                    first = a[0]
+            elif any(issubclass(k, torch.Tensor) for k in kinds):
+                for e in a:
+                    if isinstance(e, torch.Tensor):
+                        if type(e) not in _PLAIN and torch._C._dispatch_keys(e).has(_PYTHON_KEY):
+                            return False
+                        if first is None:
+                            first = e
     return first is None or not first.is_meta   # (an op's tensors share one device; a mix fails in the op)
 
 
@@ -100,7 +105,8 @@ class EagerOp:
             return self.op(*args)
         if self.fn is not None and _needs_grad(args):
             return self.fn.apply(*args)
-        out = self.impl(*args)
-        for i in self.mutated:   # autograd's check of saved tensors sees the writes (a kernel's are invisible)
-            torch._C._increment_version(args[i])
-        return out
+        try:
+            return self.impl(*args)
+        finally:                 # (also when it fails part way: what it wrote has a new version, as on the op's route)
+            for i in self.mutated:   # autograd's check of saved tensors sees the writes (a kernel's are invisible)
+                torch._C._increment_version(args[i])

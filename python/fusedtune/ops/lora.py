@@ -75,10 +75,12 @@ def _lora_impl(x: torch.Tensor, weight: torch.Tensor, lora_A: torch.Tensor, lora
     """weight: the dense [N, K] weight, or the packed NF4 bytes when nf4_blocksize > 0. x: [..., K] (contiguous);
     y [..., N], t [rows, R] (the rows of x flattened)."""
     if x.dim() != 2:      # flattened here, inside the op: a reshape outside is an autograd node each way
-        y, t = _lora_impl(x.reshape(-1, x.shape[-1]), weight, lora_A, lora_B, bias, scales, row_group, dropout_p,
-                          seed, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize, nf4_blocksize2,
-                          nf4_offset, nf4_path, backend)
-        return y.reshape(*x.shape[:-1], y.shape[-1]), t
+        y, t = _lora_impl(x.reshape(math.prod(x.shape[:-1]), x.shape[-1]), weight, lora_A, lora_B, bias, scales,
+                          row_group, dropout_p, seed, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
+                          nf4_blocksize2, nf4_offset, nf4_path, backend)
+        # detached: autograd forbids in-place changes (relu_ on the output, in-place forward hooks) to a view made
+        # inside an autograd Function; a detached one is not tracked as such (tests/test_lora_ops.py)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).detach(), t
     nf4 = _nf4_dict(weight, x, lora_B, nf4_absmax, nf4_code, nf4_absmax2, nf4_code2, nf4_blocksize,
                     nf4_blocksize2, nf4_offset)
     k = _impl(backend)
@@ -154,8 +156,8 @@ def _backward(ctx, dy, _dt):
     g = ctx.needs_input_grad
     need = [bool(g[0]), bool(g[2]), bool(g[3])]
     x_shape = x.shape
-    if x.dim() != 2:      # the op took x [..., K] and gave y [..., N]: the kernels take them flattened
-        x, dy = x.reshape(-1, x.shape[-1]), dy.reshape(-1, dy.shape[-1])
+    if x.dim() != 2:      # the op took x [..., K] and gave y [..., N]: the kernels take them flattened (t's rows)
+        x, dy = x.reshape(t.shape[0], x.shape[-1]), dy.reshape(t.shape[0], dy.shape[-1])
     dy = dy.contiguous()
     dx = dA = dB = dW = db = None
     if any(need):
