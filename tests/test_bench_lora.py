@@ -94,8 +94,11 @@ def test_timed_step_is_a_training_step():
 
 def test_graph_replay_rows_assemble(monkeypatch):
     """The CUDA-graph replay section's rows (tiny shapes on the CPU, the capture replaced by a plain call):
-    ours against our eager call, peft's replay and unsloth's, with ratios taken from those timings."""
-    calls = []
+    ours against our eager call, peft's replay, unsloth's, the base GEMMs' and our other schedule's, with
+    ratios taken from those timings."""
+    from fusedtune.ops import lora_triton
+    from fusedtune.triton_kernels import lora_tma
+    calls, limits = [], []
 
     def timer(fn):
         fn()
@@ -104,14 +107,27 @@ def test_graph_replay_rows_assemble(monkeypatch):
     monkeypatch.setattr(lora_bench, "QUICK", lora_bench.TINY)
     monkeypatch.setattr(lora_bench, "GRAPH_TOKENS", 8)
     monkeypatch.setattr(lora_bench, "_graph_timer", lambda t, fn: t(fn))
+    import fusedtune.ops as ops
+    real = ops.lora_linear
+
+    def recorded(*a, **k):      # what the schedule scope set while our call ran
+        limits.append((lora_triton.CUBLAS_MIN_WORK, lora_tma.ENABLED))
+        return real(*a, **k)
+    monkeypatch.setattr(ops, "lora_linear", recorded)
     rows = lora_bench.graph_rows(timer, True, "cpu", quick=True)
     assert [r["baseline"] for r in rows] == ["the same call in eager mode (kernels + host)",
                                              "peft LoRA Linear (CUDA graph replay)",
-                                             "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)"]
-    ours, peft, uns, eager = 1.0, 2.0, 3.0, 4.0      # the order the section times them in
-    assert [r["time_ms"] for r in rows] == [ours] * 3
-    assert [r["ratio"] for r in rows] == [eager / ours, peft / ours, uns / ours]
+                                             "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)",
+                                             "base GEMMs alone (forward + dX, CUDA graph replay)",
+                                             "cublas schedule (CUDA graph replay)"]
+    # the order the section times them in: ours on each schedule (no GPU here: no fused-tma), the others, eager
+    ours, cublas, peft, base, uns, eager = 1.0, 2.0, 3.0, 4.0, 5.0, 6.0
+    assert [r["time_ms"] for r in rows] == [ours] * 5
+    assert [r["ratio"] for r in rows] == [eager / ours, peft / ours, uns / ours, base / ours, cublas / ours]
     assert all(r["kernel"] == "lora fwd+bwd (CUDA graph replay)" for r in rows)
+    assert "LoRA costs -75.0% over the base" in rows[3]["note"]     # ours 1.0 against the base GEMMs 4.0
+    # the two schedules' timings ran forced (fused: no cuBLAS; cublas: always), the eager call as configured
+    assert limits == [(2**62, False), (0, False), (lora_triton.CUBLAS_MIN_WORK, lora_tma.ENABLED)]
 
 
 def test_graph_replay_rows_skip_without_a_gpu():

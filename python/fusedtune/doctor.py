@@ -108,8 +108,10 @@ def _schedules(gpu: dict) -> dict:
     out = {}
     try:
         from .ops import lora_triton
+        from .triton_kernels import lora_tma
         out["lora"] = (f"base GEMM through cuBLAS + one expand pass for M*N*K >= {lora_triton.CUBLAS_MIN_WORK}, "
-                       "the fused Triton GEMM below")
+                       "the fused Triton GEMM below; on sm_90 that GEMM with TMA loads (lora_gemm_tma_kernel) "
+                       f"{'on' if lora_tma.ENABLED else 'off'} ({lora_tma.ENV}=1 turns it on)")
     except Exception as e:  # noqa: BLE001 - a report, not a check
         out["lora"] = f"unknown ({type(e).__name__}: {e})"
     try:

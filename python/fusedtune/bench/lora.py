@@ -7,7 +7,9 @@ bf16 base and input, fp32 adapters (peft's default), at 4096 and 16384 tokens an
   lora fwd        fusedtune.ops.lora_linear on its default schedule at the shape (ops/lora_triton.py,
                   CUBLAS_MIN_WORK): "fused" (Triton shrink + one GEMM with the LoRA inner loop) or "cublas"
                   (Triton shrink, the base GEMM through cuBLAS, lora_expand_kernel adding the LoRA term);
-                  the other schedule's rows follow as "lora <kind> (<schedule> schedule)"
+                  the other schedules' rows follow as "lora <kind> (<schedule> schedule)", on an sm_90 GPU
+                  also "fused-tma" (the fused GEMM with TMA loads on a persistent grid, triton_kernels/
+                  lora_tma.py; off by default until measured: FUSEDTUNE_LORA_TMA=1)
   lora fwd+bwd    the same, forward then backward for dX, dA, dB (W frozen); backward reads dy for u
                   and dB once (lora_dy_kernel, r <= 64), also timed against torch's deterministic mode,
                   where u and dB take one read of dy each
@@ -58,6 +60,7 @@ code) and against the others' replays (kernels vs kernels). Skipped on the CPU.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -143,29 +146,43 @@ def _note(ratio, goal, what, on_gpu):
     return f"{what}: goal {goal:g}x, {'met' if ratio >= goal else 'NOT met'}"
 
 
-def _schedules(T, N, K) -> list:
-    """[(schedule, CUBLAS_MIN_WORK that forces it or None), ...], the default schedule at this shape first."""
+def _schedules(T, N, K, device) -> list:
+    """The schedules to time at this shape, the default first: "fused", "cublas" (ops/lora_triton.py,
+    CUBLAS_MIN_WORK) and, on sm_90, "fused-tma" (the fused schedule through lora_gemm_tma_kernel)."""
     from ..ops import lora_triton
+    from ..triton_kernels import lora_tma
     default = lora_triton.schedule(T, N, K, None, "")
-    other = "fused" if default == "cublas" else "cublas"
-    return [(default, None), (other, 0 if other == "cublas" else 2**62)]
+    if default == "fused" and lora_tma.ENABLED and lora_tma.available(device):
+        default = "fused-tma"
+    rest = [s for s in ("fused", "cublas", "fused-tma") if s != default]
+    return [default] + [s for s in rest if s != "fused-tma" or lora_tma.available(device)]
 
 
-def _time_ours(timer, limit, x, xg, W, A, B, s, dy, on_gpu):
-    """(fwd, fwd+bwd, bwd, step) timings of lora_linear, with lora_triton.CUBLAS_MIN_WORK = limit (None: as is)."""
-    from ..ops import lora_linear, lora_triton
-    keep = lora_triton.CUBLAS_MIN_WORK
-    if limit is not None:
-        lora_triton.CUBLAS_MIN_WORK = limit
+@contextlib.contextmanager
+def _schedule_scope(sched: str | None):
+    """lora_linear on schedule `sched` in the scope ("fused", "fused-tma", "cublas"; None: as configured)."""
+    from ..ops import lora_triton
+    from ..triton_kernels import lora_tma
+    keep = lora_triton.CUBLAS_MIN_WORK, lora_tma.ENABLED
+    if sched is not None:
+        lora_triton.CUBLAS_MIN_WORK = 0 if sched == "cublas" else 2**62
+        lora_tma.ENABLED = sched == "fused-tma"
     try:
+        yield
+    finally:
+        lora_triton.CUBLAS_MIN_WORK, lora_tma.ENABLED = keep
+
+
+def _time_ours(timer, sched, x, xg, W, A, B, s, dy, on_gpu):
+    """(fwd, fwd+bwd, bwd, step) timings of lora_linear on schedule `sched` (None: as configured)."""
+    from ..ops import lora_linear
+    with _schedule_scope(sched):
         def fb():
             y = lora_linear(xg, W, A, B, s)
             return torch.autograd.grad(y, [xg, A, B], dy)
         return (timer(lambda: lora_linear(x, W, A, B, s)), timer(fb),
                 _time_backward(timer, lambda v: lora_linear(v, W, A, B, s), xg, A, B, dy),
                 timer(_train_step(lambda v: lora_linear(v, W, A, B, s), xg, A, B, dy, on_gpu)))
-    finally:
-        lora_triton.CUBLAS_MIN_WORK = keep
 
 
 def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, base3, peft4, uns3, peft_name,
@@ -216,8 +233,8 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 A16, B16 = A.detach().to(dt), B.detach().to(dt)
                 xg = x.detach().requires_grad_()
                 shape = f"{name} T={T} N={N} K={K} r={r}"
-                scheds = _schedules(T, N, K) if on_gpu else [("cpu", None)]
-                ours = {sn: _time_ours(timer, lim, x, xg, W, A, B, s, dy, on_gpu) for sn, lim in scheds}
+                scheds = _schedules(T, N, K, device) if on_gpu else ["cpu"]
+                ours = {sn: _time_ours(timer, sn if on_gpu else None, x, xg, W, A, B, s, dy, on_gpu) for sn in scheds}
 
                 def ours_fb():
                     y = lora_linear(xg, W, A, B, s, backend=backend)
@@ -249,10 +266,10 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 peft_s = timer(_train_step(lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
                                            xg, A, B, dy, on_gpu))
                 for sched, (ours_f, ours_t, ours_b, ours_s) in ours.items():
-                    rows += _gemm_kind_rows(sched, scheds[0][0], shape, dt, ours_f, ours_t, ours_b, ours_s,
+                    rows += _gemm_kind_rows(sched, scheds[0], shape, dt, ours_f, ours_t, ours_b, ours_s,
                                             (base_f, base_fb, base_b), (pf, pfb, peft_b, peft_s), (uf, ufb, ub),
                                             peft_name, T, N, K, r, on_gpu)
-                ours_t = ours[scheds[0][0]][1]
+                ours_t = ours[scheds[0]][1]
                 rows.append(row("lora fwd+bwd", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu",
                                 "deterministic mode (dy read twice: u, then dB)", ours_t, two_reads[0],
                                 roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True)),
@@ -491,7 +508,9 @@ def _graph_timer(timer, fn):
 def graph_rows(timer, on_gpu, device, quick):
     """forward+backward (dX, dA, dB) of lora_linear, peft's layer and unsloth's composition, each captured in a
     CUDA graph and replayed: the kernels' time without the host's, against the eager call of ours. Where an
-    eager row is host-bound (q_proj at 4096 tokens on the H200's host), this is what the kernels give."""
+    eager row is host-bound (q_proj at 4096 tokens on the H200's host), this is what the kernels give. Also the
+    base GEMMs alone (the goal: LoRA <= +10% over them, kernels against kernels) and ours on every other
+    schedule (_schedules) against the default one."""
     kernel, base = "lora fwd+bwd (CUDA graph replay)", "peft LoRA Linear (CUDA graph replay)"
     if not on_gpu:
         return [row(kernel, "-", "-", "cpu", base, (float("nan"),) * 3, None, note="skipped: needs a CUDA GPU")]
@@ -515,30 +534,61 @@ def graph_rows(timer, on_gpu, device, quick):
             y = pe(x) if pe is not None else _peft_like(x, W, A, B, s)
             return torch.autograd.grad(y, [x, A, B], dy)
         xd = x.detach()
+        scheds = _schedules(T, N, K, device)
         timed = {}
-        for what, fn in (("ours", ours), ("peft", peft),
-                         ("unsloth", lambda: (_unsloth_fwd(xd, W, A16, B16, s), _unsloth_bwd(dy, xd, W, A16, B16, s)))):
+        for what, fn in ([(f"ours {sn}", _in_schedule(sn, ours)) for sn in scheds]
+                         + [("peft", peft), ("base", lambda: (F.linear(xd, W), dy @ W)),
+                            ("unsloth", lambda: (_unsloth_fwd(xd, W, A16, B16, s), _unsloth_bwd(dy, xd, W, A16, B16, s)))]):
             try:
                 timed[what] = _graph_timer(timer, fn)
             except Exception as e:  # noqa: BLE001 -- a capture that fails is a row saying so, not a crash
                 timed[what] = e
-        if isinstance(timed["ours"], Exception):
-            rows.append(_skipped(kernel, base, "CUDA graph capture of lora_linear", timed["ours"]))
+        default = f"ours {scheds[0]}"
+        if isinstance(timed[default], Exception):
+            rows.append(_skipped(kernel, base, "CUDA graph capture of lora_linear", timed[default]))
             continue
-        ours_t = timed["ours"]
+        ours_t = timed[default]
         rl = roofline_pct(ours_t[0], flops=_flops(T, N, K, r, True))
         eager = timer(ours)
         rows.append(row(kernel, shape, "bfloat16", "triton", "the same call in eager mode (kernels + host)", ours_t,
-                        eager[0], rl, note="ratio > 1: the eager call waits on its host code by that factor"))
-        for what, label in (("peft", base), ("unsloth", "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)")):
+                        eager[0], rl, note=f"{scheds[0]} schedule (the default here); ratio > 1: the eager call "
+                        "waits on its host code by that factor"))
+        for what, label in (("peft", base), ("unsloth", "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)"),
+                            ("base", "base GEMMs alone (forward + dX, CUDA graph replay)")):
             t = timed[what]
             if isinstance(t, Exception):
                 rows.append(_skipped(kernel, label, f"CUDA graph capture of {what}", t))
                 continue
+            if what == "peft":
+                note = _note(t[0] / ours_t[0], GOAL_VS_PEFT, "kernels vs peft's kernels", True)
+            elif what == "base":
+                note = _over_base(ours_t[0], t[0])
+            else:
+                note = "kernels only on both sides"
             rows.append(row(kernel, shape, "bfloat16", "triton", label, ours_t, t[0], rl,
-                            note=_note(t[0] / ours_t[0], GOAL_VS_PEFT, "kernels vs peft's kernels", True)
-                            if what == "peft" else "kernels only on both sides"))
+                            note=f"{scheds[0]} schedule; " + note))
+        for sn in scheds[1:]:     # the other schedules' kernels against the default's
+            t = timed[f"ours {sn}"]
+            if isinstance(t, Exception):
+                rows.append(_skipped(kernel, f"{sn} schedule (CUDA graph replay)", f"CUDA graph capture of {sn}", t))
+                continue
+            over = "" if isinstance(timed["base"], Exception) else f"; {sn}: " + _over_base(t[0], timed["base"][0])
+            rows.append(row(kernel, shape, "bfloat16", "triton", f"{sn} schedule (CUDA graph replay)", ours_t, t[0], rl,
+                            note=f"{scheds[0]} schedule (the default) vs {sn}: ratio > 1, the default is faster"
+                            + over))
     return rows
+
+
+def _over_base(ours: float, base: float) -> str:
+    return f"LoRA costs {100 * (ours / base - 1):+.1f}% over the base; " + _note(base / ours, 1 / GOAL_OVER_BASE,
+                                                                               "<= +10%", True)
+
+
+def _in_schedule(sched, fn):
+    def call():
+        with _schedule_scope(sched):
+            return fn()
+    return call
 
 
 def host_rows(on_gpu, device, quick):

@@ -777,8 +777,11 @@ class LoRALinear(nn.Module):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
         elif b["backend"] == "triton":
             from ..ops import lora_triton
+            from ..triton_kernels import lora_tma
             sched = None if last is None else lora_triton.schedule(
                 last, self.out_features, self.in_features, nf4 or None, lora_ops.nf4_path(last, True) if nf4 else "")
+            if sched == "fused" and not nf4 and lora_tma.ENABLED and lora_tma.available(device):
+                sched = "fused (lora_gemm_tma_kernel: TMA loads, persistent grid, where the operands allow)"
             path = ("Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r (fused), or "
                     f"for M*N*K >= {lora_triton.CUBLAS_MIN_WORK} the base GEMM through cuBLAS and "
                     "lora_expand_kernel adding the LoRA term (cublas)"

@@ -1,0 +1,107 @@
+"""The Hopper LoRA GEMM (triton_kernels/lora_tma.py: TMA loads, persistent grid, the LoRA term and bias as
+the accumulator's start) in the interpreter against the exact product, fp16 (the interpreter's bf16 is
+wrong), through lora_linear's fused schedule: the forward (Q = W) and dX (Q = W^T, dropout mask on the LoRA
+term) orientations, ranks past one BLOCK_R, more output tiles than programs; and the operands TMA cannot
+load going to lora_gemm_kernel instead."""
+import pytest
+import torch
+
+from fusedtune.ops import lora_linear
+from fusedtune.reference.lora import dropout_mask
+from fusedtune.testing import assert_within_rule
+from lora_cases import exact64, rand_adapter
+
+pytestmark = pytest.mark.interp
+
+
+@pytest.fixture
+def tma(monkeypatch):
+    """The fused schedule with lora_tma enabled; returns the calls of lora_tma.gemm and of the lora_gemm_kernel
+    launcher (tk._launch)."""
+    from fusedtune.ops import lora_triton
+    from fusedtune.triton_kernels import lora as tk
+    from fusedtune.triton_kernels import lora_tma
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 2**62)
+    monkeypatch.setattr(lora_tma, "ENABLED", True)
+    calls = {"tma": 0, "classic": 0}
+
+    def counted(name, fn):
+        def call(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return call
+    monkeypatch.setattr(lora_tma, "gemm", counted("tma", lora_tma.gemm))
+    monkeypatch.setattr(tk, "_launch", counted("classic", tk._launch))
+    return calls
+
+
+def _run(backend, x, W, A, B, **kw):
+    xi = x.detach().requires_grad_()       # (not a clone: x's address is part of some cases)
+    Ai, Bi = (t.clone().requires_grad_() for t in (A, B))
+    y = lora_linear(xi, W, Ai, Bi, 1.5, backend=backend, **kw)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(11)).to(y.dtype)
+    return [y] + list(torch.autograd.grad(y, [xi, Ai, Bi], dy)), dy
+
+
+def _case(M, K, N, r, dtype=torch.float16):
+    g = torch.Generator().manual_seed(M + r)
+    x = torch.randn(M, K, generator=g).to(dtype)
+    W = (torch.randn(N, K, generator=g) / K ** 0.5).to(dtype)
+    A, B = rand_adapter(r, K, N, g)
+    return x, W, A, B, torch.randn(N, generator=g).to(dtype)
+
+
+# 16-byte rows (K, N multiples of 8 in fp16) that are not multiples of the 32-wide interpreter tiles; 3 x 5
+# output tiles on 4 programs; r 40 takes two BLOCK_R (32) steps
+@pytest.mark.parametrize("M,K,N,r", [(37, 72, 88, 5), (70, 40, 136, 40)])
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_tma_gemm_within_rule(M, K, N, r, p, tma):
+    x, W, A, B, bias = _case(M, K, N, r)
+    got, dy = _run("triton", x, W, A, B, bias=bias, dropout_p=p, seed=99)
+    assert tma == {"tma": 2, "classic": 0}       # the forward GEMM and the dX GEMM
+    want, _ = _run("reference", x, W, A, B, bias=bias, dropout_p=p, seed=99)
+    keep = dropout_mask(M, K, 99, p) if p else None
+    y64, g64 = exact64(x, W, [A], [B], [1.5], bias, keep=keep, p=p, dy=dy)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"output {i}", atol=2e-3)
+
+
+def test_tma_gemm_three_dim_input_without_bias(tma):
+    x, W, A, B, _ = _case(24, 64, 48, 8)
+    x3 = x.reshape(2, 12, 64)
+    got, dy = _run("triton", x3, W, A, B)
+    assert tma == {"tma": 2, "classic": 0}
+    y64, g64 = exact64(x, W, [A], [B], [1.5], None, dy=dy.reshape(24, 48))
+    want, _ = _run("reference", x3, W, A, B)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64.reshape(2, 12, 48)] + [g64[0].reshape(2, 12, 64)] + g64[1:])):
+        assert_within_rule(a, e, w, f"output {i}", atol=2e-3)
+
+
+@pytest.mark.parametrize("what", ["row bytes not a multiple of 16", "float32", "unaligned base address"])
+def test_what_tma_cannot_load_takes_the_classic_kernel(what, tma):
+    """TMA needs 16-byte-aligned base addresses and row strides and 16-bit operands here: anything else goes
+    to lora_gemm_kernel (and still gives the right result)."""
+    if what == "row bytes not a multiple of 16":       # K = 70 halves: 140-byte rows of x; N = 50: of y
+        x, W, A, B, bias = _case(33, 70, 50, 4)
+    elif what == "float32":
+        x, W, A, B, bias = _case(33, 64, 48, 4, torch.float32)
+    else:                                              # x starts 2 bytes into its storage
+        x, W, A, B, bias = _case(33, 72, 48, 4)
+        x = torch.cat([torch.zeros(1, dtype=x.dtype), x.flatten()])[1:].view(33, 72)
+        assert x.data_ptr() % 16
+    got, dy = _run("triton", x, W, A, B, bias=bias)
+    # each GEMM decides for itself: an unaligned x leaves the dX GEMM (dy . W) to TMA
+    assert tma == ({"tma": 1, "classic": 1} if what == "unaligned base address" else {"tma": 0, "classic": 2}), tma
+    want, _ = _run("reference", x, W, A, B, bias=bias)
+    y64, g64 = exact64(x, W, [A], [B], [1.5], bias, dy=dy)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"output {i}", atol=2e-3 if x.dtype == torch.float16 else 1e-5)
+
+
+def test_layer_report_names_the_tma_kernel(tma):
+    """LoRALinear's report says its last call's fused GEMM was the TMA kernel (a 16-bit layer: fp16 here)."""
+    from fusedtune.nn import LoRALinear
+    layer = LoRALinear.from_linear(torch.nn.Linear(64, 48, dtype=torch.float16), r=4, alpha=8, backend="triton")
+    layer(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).half())
+    assert tma["tma"] == 1
+    assert "last call: 10 rows, fused (lora_gemm_tma_kernel" in layer._fusedtune_report()["path"]
