@@ -133,3 +133,20 @@ def test_graph_replay_rows_assemble(monkeypatch):
 def test_graph_replay_rows_skip_without_a_gpu():
     rows = lora_bench.graph_rows(lambda fn: (1.0,) * 3, False, "cpu", quick=True)
     assert len(rows) == 1 and rows[0]["note"].startswith("skipped")
+
+
+def test_per_kernel_rows_assemble():
+    """The per-kernel section on the CPU (torch's CPU ops stand in for kernels): each call's listed entries
+    and an "all" row whose time is the sum over every entry, listed or not; shares that add up."""
+    from fusedtune.bench import lora_kernels
+    rows = lora_kernels.breakdown_rows(False, "cpu", quick=True)
+    assert {r["kernel"] for r in rows} == {lora_kernels.KERNEL}
+    whos = [r["baseline"] for r in rows if r["note"].startswith("all ")]
+    assert whos == ["ours", "cuBLAS + addmm_ (unsloth's method)"]
+    for who in whos:
+        mine = [r for r in rows if r["baseline"] == who]
+        listed, total = mine[:-1], mine[-1]["time_ms"]
+        assert 0 < len(listed) <= lora_kernels.TOP and all(r["time_ms"] > 0 for r in listed)
+        assert sum(r["time_ms"] for r in listed) <= total * (1 + 1e-9)
+        assert [r["time_ms"] for r in listed] == sorted((r["time_ms"] for r in listed), reverse=True)
+        assert any("aten::mm" in r["note"] or "aten::addmm" in r["note"] for r in listed)   # GEMMs were seen

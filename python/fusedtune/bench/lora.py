@@ -35,6 +35,9 @@ DoRA (use_dora): forward+backward of a DoRA layer (r=16), ours (fused op, float3
 column scale) vs peft's DoRA layer, and vs our plain LoRA layer (DoRA's extra cost); inference forward
 (the norm cached) vs peft's, at q_proj and gate/up (--quick: q_proj) with 4096 tokens.
 
+Per kernel (bench/lora_kernels.py, last): each kernel's device time in a forward+backward of ours (every
+schedule) and of unsloth's composition at q_proj and gate/up, 4096 tokens, r 16 (torch.profiler).
+
 A peft model fused in place (fusedtune.lora.fuse_peft): forward+backward of a fused peft LoRA layer vs
 peft's own layer and vs LoRALinear over the same parameters (ratio ~1: what the wrapper costs), at
 q_proj with 4096 tokens; and the host time of the per-call check that the layer's adapters are unchanged,
@@ -607,6 +610,7 @@ def host_rows(on_gpu, device, quick):
 
 
 def sections(timer, quick: bool) -> list:
+    from .lora_kernels import breakdown_rows
     on_gpu = timer.name != "cpu"
     device = "cuda" if on_gpu else "cpu"
     if on_gpu:
@@ -620,4 +624,5 @@ def sections(timer, quick: bool) -> list:
             ("peft model fused in place", lambda: peft_model_rows(timer, on_gpu, device, quick)),
             ("GPT-2 Conv1D base", lambda: conv1d_rows(timer, on_gpu, device)),
             ("host time per call", lambda: host_rows(on_gpu, device, quick)),
-            ("kernels only (CUDA graph replay)", lambda: graph_rows(timer, on_gpu, device, quick))]
+            ("kernels only (CUDA graph replay)", lambda: graph_rows(timer, on_gpu, device, quick)),
+            ("per-kernel device time (torch.profiler)", lambda: breakdown_rows(on_gpu, device, quick))]
