@@ -55,8 +55,10 @@ def test_cpu_run_rows(cpu_run):
     assert len(bwd) == len(lora_bench.TINY) * 3                  # vs the dX GEMM, peft, unsloth's backward
     assert len(step) == len(lora_bench.TINY) * 2                 # vs the base GEMMs and peft's step
     assert any(r["baseline"].startswith("peft") for r in step)
+    from fusedtune.bench.lora_kernels import KERNEL as PER_KERNEL
+    assert any(r["kernel"] == PER_KERNEL for r in rows)     # no baseline: checked in test_per_kernel_rows_assemble
     for r in rows:
-        if r["time_ms"] in ("nan", ""):
+        if r["time_ms"] in ("nan", "") or r["kernel"] == PER_KERNEL:
             continue
         med, base = float(r["time_ms"]), float(r["baseline_ms"])
         assert med > 0 and math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)  # CSV keeps 6 digits

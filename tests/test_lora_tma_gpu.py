@@ -2,7 +2,8 @@
 forward and dX (dropout included), within DESIGN.md's rule of the exact product like the classic kernel
 (test_lora_gpu.py); its backward runs on the autograd engine's device thread, whose context starts without
 a Triton allocator; and it captures in a CUDA graph (the descriptors' scratch memory comes from the graph's
-pool). Run by bench/gpu_check.sh beside the DoRA tests."""
+pool). Every autotune config launched directly; a Conv1D base, a float32 bias and 16-bit adapters. Run by
+bench/gpu_check.sh beside the DoRA tests."""
 import pytest
 import torch
 
@@ -60,3 +61,58 @@ def test_tma_schedule_captures_in_a_cuda_graph(tma):
     want = fb()
     assert torch.equal(out[0], want[0]) and torch.equal(out[1], want[1])     # y and dX: no atomics
     assert len(tma) >= 2
+
+
+@pytest.mark.parametrize("config", range(4))
+@pytest.mark.parametrize("q_t,dropout", [(False, False), (True, True)])
+def test_every_config_within_rule(config, q_t, dropout, tma):
+    """Every autotune config of the kernel (the GPU tests pick one, FUSEDTUNE_AUTOTUNE=one; the bench may
+    pick any), launched directly, forward (Q = W, bias) and dX (Q = W^T, dropout) orientations, against the
+    same product in float64; edge tiles on every side (M, N, K not multiples of any block)."""
+    from fusedtune.triton_kernels import lora as tk
+    from fusedtune.triton_kernels import lora_tma
+    m, n, k, w, s = lora_tma._HOPPER_CONFIGS[config]
+    M, K, N, R = 1000, 4104, 1032, 16
+    g = torch.Generator(device="cuda").manual_seed(config)
+    p = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
+    q = (torch.randn(K, N, device="cuda", generator=g) if q_t else torch.randn(N, K, device="cuda", generator=g))
+    q = (q / K ** 0.5).to(torch.bfloat16)
+    t = torch.randn(M, R, device="cuda", generator=g)
+    e = torch.randn(N, R, device="cuda", generator=g) * 0.1
+    bias = None if dropout else torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
+    drop = tk.Dropout(0.25, 77) if dropout else tk._NO_DROP
+    c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
+    lora_tma._ensure_allocator()
+    lora_tma.lora_gemm_tma_kernel.fn[(132,)](
+        p, q, t, e, c if bias is None else bias, c, M, N, K, R, K, N if q_t else K, R, 1, N,
+        drop.seed, drop.thresh, drop.scale, 132, Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias is not None,
+        DROPOUT=dropout, EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
+        num_warps=w, num_stages=s)
+    Q = q.double().t() if q_t else q.double()
+    lo = t.double() @ e.double().t()
+    if dropout:
+        from fusedtune.reference.lora import dropout_mask
+        keep = dropout_mask(M, N, 77, 0.25, "cuda")       # the mask over C's [M, N] (the dX mask is over x's)
+        lo = torch.where(keep, lo / 0.75, 0.0)
+    want = p.double() @ Q.t() + lo + (0.0 if bias is None else bias.double())
+    err = (c.double() - want).abs().max().item()
+    assert err <= 2 ** -7 * want.abs().max().item() + 1e-2, (config, q_t, err)
+
+
+def test_transposed_weight_and_float32_bias_and_16bit_adapters(tma):
+    """A Conv1D base (W stored (in, out): the forward reads it as Q_T, dX as Q), a float32 bias and bf16
+    adapters through the TMA kernel, within the rule like the classic kernel."""
+    from fusedtune.ops import lora_linear
+    from fusedtune.testing import assert_within_rule
+    from lora_cases import exact64
+    M, K, N, r = 1000, 768, 2304, 8
+    x, W, A, B, dy = _case(M, K, N, r, torch.bfloat16, seed=3)
+    A16, B16 = A.to(torch.bfloat16), B.to(torch.bfloat16)
+    Wt = W.t().contiguous().t()
+    bias = torch.randn(N, device="cuda")
+    got = [lora_linear(x, Wt, A16, B16, 2.0, bias=bias, backend="triton")]
+    assert len(tma) == 1
+    y64 = exact64(x.cpu(), W.cpu(), [A16.float().cpu()], [B16.float().cpu()], [2.0], bias.cpu())
+    unf = (torch.nn.functional.linear(x, W).float() + (x.float() @ A16.float().t()) @ B16.float().t() * 2.0
+           + bias).to(torch.bfloat16)
+    assert_within_rule(got[0], y64, unf, "Conv1D forward", atol=2e-2)

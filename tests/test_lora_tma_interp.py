@@ -105,3 +105,19 @@ def test_layer_report_names_the_tma_kernel(tma):
     layer(torch.randn(2, 5, 64, generator=torch.Generator().manual_seed(0)).half())
     assert tma["tma"] == 1
     assert "last call: 10 rows, fused (lora_gemm_tma_kernel" in layer._fusedtune_report()["path"]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.25])
+def test_tma_gemm_transposed_weight(p, tma):
+    """A Conv1D base (W stored (in, out), passed as its transposed view): the forward reads Q = W^T's rows
+    (Q_T) and dX reads W as it lies (with the dropout mask): the other two orientation x epilogue pairs."""
+    x, W, A, B, bias = _case(37, 72, 88, 5)
+    Wt = W.t().contiguous().t()
+    assert Wt.stride() == (1, 88)
+    got, dy = _run("triton", x, Wt, A, B, bias=bias, dropout_p=p, seed=5)
+    assert tma == {"tma": 2, "classic": 0}
+    want, _ = _run("reference", x, W, A, B, bias=bias, dropout_p=p, seed=5)
+    keep = dropout_mask(37, 72, 5, p) if p else None
+    y64, g64 = exact64(x, W, [A], [B], [1.5], bias, keep=keep, p=p, dy=dy)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"output {i}", atol=2e-3)

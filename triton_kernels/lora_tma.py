@@ -22,6 +22,7 @@ lora_gemm_kernel otherwise, and on every GPU other than sm_90 (where descriptors
 """
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -38,6 +39,7 @@ ENV = "FUSEDTUNE_LORA_TMA"
 # Off by default until a GPU run times it against lora_gemm_kernel and cuBLAS (bench lora's "fused-tma
 # schedule" rows); FUSEDTUNE_LORA_TMA=1 (read at import) or ENABLED = True turns it on for sm_90.
 ENABLED = os.environ.get(ENV, "0") == "1"
+launches = 0      # calls that took this kernel (the bench checks that its fused-tma timings did)
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): shared memory is stages x (BM + BN) x BK x 2 bytes of
 # operand buffers plus the output tile the TMA store reads (BM x BN x 2); 128x256x64 at 3 stages is 213 KB
@@ -131,7 +133,13 @@ def _aligned(t: torch.Tensor, row_stride: int) -> bool:
 def available(device) -> bool:
     """Whether this kernel can run on `device`: a Hopper GPU (compute capability 9.x), or the interpreter."""
     device = torch.device(device)
-    return _INTERP or (device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9)
+    return _INTERP or (device.type == "cuda" and _hopper(device.index))
+
+
+@functools.lru_cache(maxsize=None)
+def _hopper(index) -> bool:
+    """Compute capability 9.x, read once per device (None: the current device, as torch reads it)."""
+    return torch.cuda.get_device_capability(index)[0] == 9
 
 
 def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor) -> bool:
@@ -150,6 +158,8 @@ def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor) 
         return False
     if p.shape[1] == 0 or (p.shape[1] > 1 and p.stride(1) != 1) or (c.shape[1] > 1 and c.stride(1) != 1):
         return False    # (K = 0: a descriptor's dimensions must be at least 1)
+    if row < (p.shape[1] if qs1 == 1 else c.shape[1]) or _row_stride(p) < p.shape[1] or _row_stride(c) < c.shape[1]:
+        return False    # rows that overlap (a stride-0 broadcast): not a layout a descriptor describes
     return _aligned(p, _row_stride(p)) and _aligned(q, row) and _aligned(c, _row_stride(c))
 
 
@@ -160,6 +170,8 @@ def gemm(p, q, q_strides: tuple, c, t, e, e_strides: tuple, bias, drop, epi_prec
     R = 0 if t is None else t.shape[1]
     if M == 0 or N == 0:
         return c
+    global launches
+    launches += 1
     _ensure_allocator()
     q_t = q_strides[1] != 1
     sms = 4 if _INTERP else _sm_count(p.device.index)      # one program per SM (4 in the interpreter)
@@ -179,10 +191,10 @@ _SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", 
         "programs": "i32"}
 
 
-def _cfg(m, n, k, w, s, q_t=False, dropout=False, bias=True, dt="bf16"):
+def _cfg(m, n, k, w, s, q_t=False, dropout=False, bias=True, dt="bf16", block_r=16):
     sig = {} if dt == "bf16" else {"p_ptr": f"*{dt}", "q_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "c_ptr": f"*{dt}"}
-    return {"constexprs": dict(Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, EPI_PREC="tf32", BLOCK_R=16,
-                               GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
+    return {"constexprs": dict(Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, EPI_PREC="tf32",
+                               BLOCK_R=block_r, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
             "num_warps": w, "num_stages": s, "signature": sig,
             "aligned": ["p_ptr", "q_ptr", "t_ptr", "e_ptr", "bias_ptr", "c_ptr", "N", "K", "stride_pm", "stride_q",
                         "stride_cm"]}
@@ -193,4 +205,4 @@ register(KernelSpec(   # sm_90 only: TMA and wgmma (on sm_80 / sm_89 the descrip
     requires={90: "HGMMA"},
     configs=[_cfg(*c) for c in _HOPPER_CONFIGS]
     + [_cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False), _cfg(*_HOPPER_CONFIGS[1], q_t=True, bias=False),
-       _cfg(*_HOPPER_CONFIGS[1], dt="fp16")]))
+       _cfg(*_HOPPER_CONFIGS[1], dt="fp16"), _cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False, block_r=32)]))

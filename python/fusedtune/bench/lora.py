@@ -188,6 +188,27 @@ def _time_ours(timer, sched, x, xg, W, A, B, s, dy, on_gpu):
                 timer(_train_step(lambda v: lora_linear(v, W, A, B, s), xg, A, B, dy, on_gpu)))
 
 
+def _time_schedules(timer, scheds, on_gpu, x, xg, W, A, B, s, dy) -> tuple[dict, list]:
+    """({schedule: _time_ours(...)}, skipped rows): a schedule other than the default that fails (fused-tma on
+    a stack it does not run on) is a row saying so, not the loss of the section. A fused-tma timing in which
+    the TMA kernel never ran (operands it cannot load) is dropped the same way: it would be the classic
+    kernel's time under the wrong name."""
+    from ..triton_kernels import lora_tma
+    ours, skipped = {}, []
+    for sn in scheds:
+        before = lora_tma.launches
+        try:
+            ours[sn] = _time_ours(timer, sn if on_gpu else None, x, xg, W, A, B, s, dy, on_gpu)
+            if sn == "fused-tma" and lora_tma.launches == before:
+                raise RuntimeError("lora_gemm_tma_kernel was not taken (operands TMA cannot load)")
+        except Exception as e:  # noqa: BLE001
+            if sn == scheds[0]:
+                raise
+            ours.pop(sn, None)
+            skipped.append(_skipped(f"lora fwd+bwd ({sn} schedule)", "-", f"the {sn} schedule", e))
+    return ours, skipped
+
+
 def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, base3, peft4, uns3, peft_name,
                     T, N, K, r, on_gpu) -> list:
     """The fwd / fwd+bwd / bwd / step rows of one schedule against the base GEMM, peft and unsloth's method.
@@ -237,7 +258,8 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 xg = x.detach().requires_grad_()
                 shape = f"{name} T={T} N={N} K={K} r={r}"
                 scheds = _schedules(T, N, K, device) if on_gpu else ["cpu"]
-                ours = {sn: _time_ours(timer, sn if on_gpu else None, x, xg, W, A, B, s, dy, on_gpu) for sn in scheds}
+                ours, failed = _time_schedules(timer, scheds, on_gpu, x, xg, W, A, B, s, dy)
+                rows += failed
 
                 def ours_fb():
                     y = lora_linear(xg, W, A, B, s, backend=backend)

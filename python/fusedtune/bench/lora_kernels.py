@@ -90,13 +90,16 @@ def breakdown_rows(on_gpu: bool, device: str, quick: bool) -> list:
 
 
 def _rows(kernels: dict, shape: str, dtype: str, backend: str, who: str, on_gpu: bool) -> list:
+    from .lora import CPU_NOTE
     total = sum(ms for ms, _ in kernels.values())
     ranked = sorted(kernels.items(), key=lambda kv: -kv[1][0])
-    what = "kernel" if on_gpu else "CPU op (no GPU: not a measurement)"
+    what = "kernel" if on_gpu else "CPU op"
     out = [row(KERNEL, shape, dtype, backend, who, (ms,) * 3, None,
-               note=f"{what} {name}: {n:g} launch(es) a call, {100 * ms / total:.1f}% of the call's {total:.3f} ms")
+               note=f"{what} {name}: {n:g} launch(es) a call, {100 * ms / total:.1f}% of the call's {total:.3f} ms"
+               + ("" if on_gpu else f"; {CPU_NOTE}"))
            for name, (ms, n) in ranked[:TOP]]
     rest = len(ranked) - TOP
     out.append(row(KERNEL, shape, dtype, backend, who, (total,) * 3, None,
-                   note=f"all {len(ranked)} {what}s" + (f" ({rest} not listed above)" if rest > 0 else "")))
+                   note=f"all {len(ranked)} {what}s" + (f" ({rest} not listed above)" if rest > 0 else "")
+                   + ("" if on_gpu else f"; {CPU_NOTE}")))
     return out
