@@ -116,3 +116,26 @@ def test_transposed_weight_and_float32_bias_and_16bit_adapters(tma):
     unf = (torch.nn.functional.linear(x, W).float() + (x.float() @ A16.float().t()) @ B16.float().t() * 2.0
            + bias).to(torch.bfloat16)
     assert_within_rule(got[0], y64, unf, "Conv1D forward", atol=2e-2)
+
+
+@pytest.mark.parametrize("p", [0.0, 0.1])
+def test_dora_through_tma_agrees_with_the_classic_kernel(p, tma, monkeypatch):
+    """DoRA (F and the column-scaled output from one accumulator) on the TMA kernel against the same call on
+    lora_gemm_kernel, which the DoRA GPU tests check against peft: the same sums in another order, so within
+    a unit or two of bf16's last place."""
+    from fusedtune.ops.dora import dora_linear
+    from fusedtune.triton_kernels import lora_tma
+    M, K, N, r = 1000, 1024, 2056, 16
+    x, W, A, B, dy = _case(M, K, N, r, torch.bfloat16, seed=9)
+    mag = torch.rand(N, device="cuda") + 0.5
+    bias = torch.randn(N, device="cuda").to(torch.bfloat16)
+    runs = {}
+    for on in (True, False):
+        monkeypatch.setattr(lora_tma, "ENABLED", on)
+        xi, Ai, Bi, mi = (t.clone().requires_grad_() for t in (x, A, B, mag))
+        y = dora_linear(xi, W, Ai, Bi, 2.0, mi, bias, p, 3, None, "triton")
+        runs[on] = [y] + list(torch.autograd.grad(y, [xi, Ai, Bi, mi], dy))
+    assert tma, "the TMA kernel ran"
+    for i, (a, b) in enumerate(zip(runs[True], runs[False])):
+        scale = b.float().abs().max().item()
+        assert (a.float() - b.float()).abs().max().item() <= 2 ** -6 * scale, f"output {i}"

@@ -510,10 +510,10 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
               lora_gemm_ieee_kernel if prec == "ieee" else lora_gemm_kernel)
     splits = _k_splits(M, N, K, p.device) if nf4 is not None else 1
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
-    if nf4 is None and col_scale is None and M and N:
+    if nf4 is None and M and N:
         from . import lora_tma
-        if lora_tma.usable(p, q, q_strides, c):     # sm_90: TMA loads on a persistent grid (lora_tma.py)
-            return lora_tma.gemm(p, q, q_strides, c, t, e, e_strides, bias, drop, prec)
+        if lora_tma.usable(p, q, q_strides, c, f_out):     # sm_90: TMA loads on a persistent grid (lora_tma.py)
+            return lora_tma.gemm(p, q, q_strides, c, t, e, e_strides, bias, drop, prec, col_scale, f_out)
     if splits == 1:
         return _launch(kernel, p, q, q_strides, K, t, e, e_strides, bias, c, drop, prec, nf4, col_scale, f_out, 0)
     # split-K (the in-GEMM NF4 dequant at few rows, where the output has too few tiles to fill the GPU): float32

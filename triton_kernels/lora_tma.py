@@ -1,7 +1,7 @@
 """LoRA family, Triton: the fused LoRA GEMM for Hopper (sm_90) with TMA loads on a persistent grid.
 
 lora_gemm_tma_kernel   C[M, N] = P . Q^T + keep/(1-p) * (T . E^T) + bias, as lora_gemm_kernel (lora.py) without
-                       NF4, DoRA's column scale and the accumulate / split-K modes.
+                       NF4 and the accumulate / split-K modes (DoRA's column scale included: F, then C = g * F + bias).
 
 Why a second kernel: on an H200 (bench/results/lora.csv, 2026-11-30) lora_gemm_kernel, whose tiles are
 loaded through masked pointer loads, ran the 4096^3 forward at 522 TFLOP/s against cuBLAS's 785, so the
@@ -51,17 +51,19 @@ _CONFIGS = [(32, 32, 32, 4, 1)] if _INTERP else _HOPPER_CONFIGS
 @autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
                    for m, n, k, w, s in _CONFIGS], key=["M", "N", "K", "R", "Q_T"])
 @triton.jit(do_not_specialize=["seed", "thresh"])
-def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, M, N, K, R, stride_pm, stride_q, stride_en,
-                         stride_er, stride_cm, seed, thresh, keep_scale, programs,
+def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, g_ptr, f_ptr, M, N, K, R, stride_pm, stride_q,
+                         stride_en, stride_er, stride_cm, seed, thresh, keep_scale, programs,
                          Q_T: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-                         EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         COL_SCALE: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
+                         GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     p_d = tl.make_tensor_descriptor(p_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
     if Q_T:
         q_d = tl.make_tensor_descriptor(q_ptr, shape=[K, N], strides=[stride_q, 1], block_shape=[BLOCK_K, BLOCK_N])
     else:
         q_d = tl.make_tensor_descriptor(q_ptr, shape=[N, K], strides=[stride_q, 1], block_shape=[BLOCK_N, BLOCK_K])
     c_d = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    if COL_SCALE:    # DoRA: F, the product before the column scale and the bias, laid out as C
+        f_d = tl.make_tensor_descriptor(f_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -89,7 +91,7 @@ def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, M, N, K, R
                 acc = tl.dot(t, e, acc, input_precision=EPI_PREC)
             if DROPOUT:
                 acc = tl.where(_keep(seed, offs_m, n0, thresh, BLOCK_M, BLOCK_N), acc * keep_scale, 0.0)
-        if HAS_BIAS:
+        if HAS_BIAS and not COL_SCALE:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         for k0 in range(0, K, BLOCK_K):
             a = p_d.load([m0, k0])
@@ -98,6 +100,11 @@ def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, M, N, K, R
             else:
                 b = q_d.load([n0, k0]).T
             acc = tl.dot(a, b, acc)
+        if COL_SCALE:    # F = x W^T + t B^T, then C = g[n] * F + bias (lora_gemm_kernel's epilogue)
+            f_d.store([m0, n0], acc.to(f_ptr.dtype.element_ty))
+            acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         c_d.store([m0, n0], acc.to(c_ptr.dtype.element_ty))
 
 
@@ -142,7 +149,7 @@ def _hopper(index) -> bool:
     return torch.cuda.get_device_capability(index)[0] == 9
 
 
-def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor) -> bool:
+def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor, f_out=None) -> bool:
     """Whether lora.gemm() may take this kernel for C = P . Q^T with Q[n, k] at q + n*q_strides[0] +
     k*q_strides[1]: ENABLED, a Hopper GPU (or the interpreter), 16-bit operands, and TMA's alignment."""
     if not ENABLED or not available(p.device):
@@ -160,11 +167,16 @@ def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor) 
         return False    # (K = 0: a descriptor's dimensions must be at least 1)
     if row < (p.shape[1] if qs1 == 1 else c.shape[1]) or _row_stride(p) < p.shape[1] or _row_stride(c) < c.shape[1]:
         return False    # rows that overlap (a stride-0 broadcast): not a layout a descriptor describes
+    if f_out is not None and (f_out.dtype != c.dtype or f_out.stride() != c.stride() or f_out.data_ptr() % 16):
+        return False    # (F shares C's descriptor layout)
     return _aligned(p, _row_stride(p)) and _aligned(q, row) and _aligned(c, _row_stride(c))
 
 
-def gemm(p, q, q_strides: tuple, c, t, e, e_strides: tuple, bias, drop, epi_prec: str) -> torch.Tensor:
-    """C = P . Q^T + keep/(1-p) * (T . E^T) + bias into c [M, N] (usable() said yes); returns c."""
+def gemm(p, q, q_strides: tuple, c, t, e, e_strides: tuple, bias, drop, epi_prec: str, col_scale=None,
+         f_out=None) -> torch.Tensor:
+    """C = P . Q^T + keep/(1-p) * (T . E^T) + bias into c [M, N] (usable() said yes); returns c. col_scale
+    (float32 [N]) with f_out (laid out as c): f_out <- the product before the bias, C <- col_scale[n] * it +
+    bias (DoRA)."""
     M, K = p.shape
     N = c.shape[1]
     R = 0 if t is None else t.shape[1]
@@ -177,27 +189,30 @@ def gemm(p, q, q_strides: tuple, c, t, e, e_strides: tuple, bias, drop, epi_prec
     sms = 4 if _INTERP else _sm_count(p.device.index)      # one program per SM (4 in the interpreter)
     grid = lambda meta: (min(sms, cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"])),)  # noqa: E731
     fast(lora_gemm_tma_kernel)[grid](
-        p, q, c if t is None else t, c if e is None else e, c if bias is None else bias, c, M, N, K, R,
+        p, q, c if t is None else t, c if e is None else e, c if bias is None else bias, c,
+        c if col_scale is None else col_scale, c if f_out is None else f_out, M, N, K, R,
         _row_stride(p), q_strides[1] if q_t else q_strides[0], e_strides[0], e_strides[1], _row_stride(c),
         drop.seed, drop.thresh, drop.scale, sms,
-        Q_T=q_t, HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on, EPI_PREC=epi_prec,
-        BLOCK_R=_block_r(R, 32), GROUP_M=8)
+        Q_T=q_t, HAS_LORA=t is not None and R > 0, HAS_BIAS=bias is not None, DROPOUT=drop.on,
+        COL_SCALE=col_scale is not None, EPI_PREC=epi_prec, BLOCK_R=_block_r(R, 32), GROUP_M=8)
     return c
 
 
 _SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", "bias_ptr": "*bf16", "c_ptr": "*bf16",
+        "g_ptr": "*fp32", "f_ptr": "*bf16",
         "M": "i32", "N": "i32", "K": "i32", "R": "i32", "stride_pm": "i32", "stride_q": "i32", "stride_en": "i32",
         "stride_er": "i32", "stride_cm": "i32", "seed": "i64", "thresh": "i64", "keep_scale": "fp32",
         "programs": "i32"}
 
 
-def _cfg(m, n, k, w, s, q_t=False, dropout=False, bias=True, dt="bf16", block_r=16):
+def _cfg(m, n, k, w, s, q_t=False, dropout=False, bias=True, dt="bf16", block_r=16, col_scale=False):
     sig = {} if dt == "bf16" else {"p_ptr": f"*{dt}", "q_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "c_ptr": f"*{dt}"}
-    return {"constexprs": dict(Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, EPI_PREC="tf32",
+    return {"constexprs": dict(Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, COL_SCALE=col_scale,
+                               EPI_PREC="tf32",
                                BLOCK_R=block_r, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
             "num_warps": w, "num_stages": s, "signature": sig,
-            "aligned": ["p_ptr", "q_ptr", "t_ptr", "e_ptr", "bias_ptr", "c_ptr", "N", "K", "stride_pm", "stride_q",
-                        "stride_cm"]}
+            "aligned": ["p_ptr", "q_ptr", "t_ptr", "e_ptr", "bias_ptr", "c_ptr", "g_ptr", "f_ptr", "N", "K", "stride_pm",
+                        "stride_q", "stride_cm"]}
 
 
 register(KernelSpec(   # sm_90 only: TMA and wgmma (on sm_80 / sm_89 the descriptors would compile to plain loads)
@@ -205,4 +220,5 @@ register(KernelSpec(   # sm_90 only: TMA and wgmma (on sm_80 / sm_89 the descrip
     requires={90: "HGMMA"},
     configs=[_cfg(*c) for c in _HOPPER_CONFIGS]
     + [_cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False), _cfg(*_HOPPER_CONFIGS[1], q_t=True, bias=False),
-       _cfg(*_HOPPER_CONFIGS[1], dt="fp16"), _cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False, block_r=32)]))
+       _cfg(*_HOPPER_CONFIGS[1], dt="fp16"), _cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False, block_r=32),
+       _cfg(*_HOPPER_CONFIGS[0], col_scale=True), _cfg(*_HOPPER_CONFIGS[1], col_scale=True)]))
