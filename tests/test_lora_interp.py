@@ -136,6 +136,24 @@ def test_dy_kernel_groups_and_ranks(monkeypatch):
     assert tk.dy_fused(64) and not tk.dy_fused(65)
 
 
+@pytest.mark.parametrize("M,parts", [(1, 1), (20, 3), (32, 2)])
+def test_dy_kernel_one_row_block_stores_db(M, parts, monkeypatch):
+    """Rows in one row block (M <= BLOCK_M, 32 here): dB is stored, not added by atomics into a zero fill;
+    every buffer of the call comes from a NaN-poisoned torch.empty, so an element no program wrote shows."""
+    from fusedtune.triton_kernels import lora as tk
+    monkeypatch.setattr(tk, "FORCE_PARTS", parts)
+    g = torch.Generator().manual_seed(M)
+    N, R = 70, 16
+    dy, B, t = torch.randn(M, N, generator=g).half(), torch.randn(N, R, generator=g), torch.randn(M, R, generator=g)
+    empty, zeros = torch.empty, []
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: empty(*a, **k).fill_(float("nan")))
+    monkeypatch.setattr(torch, "zeros", lambda *a, **k: zeros.append(a) or torch.full(*a, 0.0, **k))
+    u, dB = tk.dy_products(dy, B, t, torch.ones(1, R), None)
+    assert zeros == []                                   # no zero-filled dB to add into
+    torch.testing.assert_close(u.double(), dy.double() @ B.double(), atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(dB.double(), dy.double().t() @ t.double(), atol=2e-5, rtol=1e-5)
+
+
 def test_triton_multi_adapter_matches_reference(base_schedule):
     g = torch.Generator().manual_seed(2)
     K, N = 40, 36

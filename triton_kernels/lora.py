@@ -315,11 +315,12 @@ def _dot_exact_a(a, b, acc, SPLIT: tl.constexpr, PREC: tl.constexpr):
 
 @triton.jit
 def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R, stride_dm, stride_bn, n_per_split,
-                   HAS_GID: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr,
+                   HAS_GID: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr, ATOMIC: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr):
     """One read of dy for both skinny backward products (R <= BLOCK_R): U = (dy . B) * S[gid] for this
     program's rows, accumulated in registers over its columns; DB += dy^T . t for these rows, one fp32
-    atomic add per element of each [BLOCK_N, R] tile into the zeroed DB [N, R] (it stays in L2).
+    atomic add per element of each [BLOCK_N, R] tile into the zeroed DB [N, R] (it stays in L2), or (ATOMIC
+    False: all rows in one row block, so each element of DB has one writer) a plain store into DB.
     Program (i, s) takes columns [s * n_per_split, (s + 1) * n_per_split) and writes its part of U (scaled:
     the scale is linear) to U[s]; the launcher sums the parts in order (more programs in flight)."""
     pid_m = tl.program_id(0)
@@ -342,8 +343,11 @@ def lora_dy_kernel(dy_ptr, b_ptr, t_ptr, u_ptr, db_ptr, gid_ptr, s_ptr, M, N, R,
                     other=0.0).to(tl.float32)
         acc = _dot_exact_a(dy, b, acc, SPLIT, PREC)
         db = _dot_exact_a(tl.trans(dy), t, tl.zeros((BLOCK_N, BLOCK_R), dtype=tl.float32), SPLIT, PREC)
-        tl.atomic_add(db_ptr + nn[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :],
-                      sem="relaxed")
+        if ATOMIC:
+            tl.atomic_add(db_ptr + nn[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :],
+                          sem="relaxed")
+        else:
+            tl.store(db_ptr + nn[:, None] * R + offs_r[None, :], db, mask=n_ok[:, None] & r_ok[None, :])
         dy_ptrs += BLOCK_N
     _store_scaled_part(u_ptr, acc, gid_ptr, s_ptr, pid_s, offs_m, offs_r, m_ok, r_ok, M, R, HAS_GID, BLOCK_M)
 
@@ -641,18 +645,21 @@ def dy_products(dy: torch.Tensor, B: torch.Tensor, t: torch.Tensor, S: torch.Ten
     _check32("dy_products", dy, B, t)
     if not 0 < R <= DY_MAX_R:
         raise ValueError(f"lora dy_products: rank {R} outside 1..{DY_MAX_R}")
-    dB = torch.zeros((N, R), dtype=torch.float32, device=dy.device)
     if M == 0 or N == 0:
-        return torch.zeros((M, R), dtype=torch.float32, device=dy.device), dB
+        return (torch.zeros((M, R), dtype=torch.float32, device=dy.device),
+                torch.zeros((N, R), dtype=torch.float32, device=dy.device))
     BR = _block_r(R)
     split = dy.dtype != torch.float32     # 16-bit dy is exact in tf32: 2 MMAs per product (_dot_exact_a)
     # 64 rows per program (fp32 dy: 32, for registers) halve dB's atomics; the parts along N fill the GPU
     BM, BN = (32, 32) if _INTERP else ((64, 32) if split else (32, 16))
+    atomic = M > BM      # one row block: each dB element has one writer, stored (no zero fill, no atomics)
+    dB = (torch.zeros if atomic else torch.empty)((N, R), dtype=torch.float32, device=dy.device)
     per, parts = _cut(N, BN, _parts(cdiv(M, BM), cdiv(N, BN), dy.device))
     u = torch.empty((parts, M, R), dtype=torch.float32, device=dy.device)
     fast(lora_dy_kernel)[(cdiv(M, BM), parts)](dy, B, t, u, dB, gid if gid is not None else u, S, M, N, R,
                                                 dy.stride(0), B.stride(0), per, HAS_GID=gid is not None,
-                                                SPLIT=split, PREC=_prec(), BLOCK_M=BM, BLOCK_N=BN, BLOCK_R=BR,
+                                                SPLIT=split, PREC=_prec(), ATOMIC=atomic, BLOCK_M=BM, BLOCK_N=BN,
+                                                BLOCK_R=BR,
                                                 num_warps=4 if BR <= 16 else 8)
     u = u[0] if parts == 1 else u.sum(0)
     return u, dB
@@ -804,8 +811,9 @@ _DY_SIG = {"dy_ptr": "*bf16", "b_ptr": "*fp32", "t_ptr": "*fp32", "u_ptr": "*fp3
            "stride_bn": "i32", "n_per_split": "i32"}
 register(KernelSpec(
     family="lora", name="lora_dy_kernel", fn=lora_dy_kernel, signature=_DY_SIG, gemm=True,
-    configs=[{"constexprs": dict(HAS_GID=gid, SPLIT=dt != "fp32", PREC="tf32x3", BLOCK_M=bm,
+    configs=[{"constexprs": dict(HAS_GID=gid, SPLIT=dt != "fp32", PREC="tf32x3", ATOMIC=atomic, BLOCK_M=bm,
                                  BLOCK_N=16 if dt == "fp32" else 32, BLOCK_R=br),
               "signature": {"dy_ptr": f"*{dt}"}, "num_warps": 4 if br <= 16 else 8, "num_stages": 3}
-             for dt, gid, bm, br in (("bf16", False, 64, 16), ("bf16", True, 64, 32), ("fp16", False, 64, 64),
-                                     ("fp32", False, 32, 16), ("fp32", True, 32, 64))]))
+             for dt, gid, bm, br, atomic in (("bf16", False, 64, 16, True), ("bf16", True, 64, 32, True),
+                                             ("fp16", False, 64, 64, True), ("fp32", False, 32, 16, True),
+                                             ("fp32", True, 32, 64, True), ("bf16", False, 64, 16, False))]))
