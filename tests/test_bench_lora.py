@@ -34,6 +34,9 @@ def test_cpu_run_rows(cpu_run):
     assert any(r["baseline"].startswith("peft") for r in gemm)
     kinds = {r["kernel"] for r in rows}
     assert "lora fwd, 4 adapters in one batch" in kinds and "qlora fwd+bwd" in kinds
+    qlora = [r for r in rows if r["kernel"] == "qlora fwd+bwd"]     # float32 tensors here: one adapter dtype
+    assert {r["baseline"] for r in qlora} == {"bitsandbytes Linear4bit + peft LoRA (float32 adapters, peft's default)"}
+    assert len(qlora) == 2 * 2                                      # 2 token counts x both NF4 schedules
     dora = [r for r in rows if r["kernel"].startswith("dora")]
     assert [(r["kernel"], r["baseline"]) for r in dora] == [
         ("dora fwd+bwd", "peft DoRA layer"), ("dora fwd+bwd", "fusedtune plain LoRA layer"),

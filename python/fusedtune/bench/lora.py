@@ -25,8 +25,9 @@ against
                   to bf16, and its hand-derived backward (dX = dy W + s (dy B) A, dA, dB, no dW)
 Goal on an H100: ratio vs peft >= 1.25 for fwd+bwd.
 
-NF4 (bitsandbytes installed with CUDA): forward+backward of a QLoRA layer, ours (in-GEMM dequant at
-<= 256 rows, dequant buffer + GEMM above) vs peft's bnb Linear4bit LoRA layer, at 16, 256, 4096 tokens.
+NF4 (bitsandbytes installed with CUDA): forward+backward of a QLoRA layer, ours (both NF4 schedules) vs
+peft's bnb Linear4bit LoRA layer, at 16, 256, 4096 tokens (--quick: 16, 4096), with float32 adapters
+(peft's default through get_peft_model) and with bf16 adapters (what the layer made directly holds).
 Goal: >= 1.3x.
 Several adapters: a mixed batch of 4 adapters (ranks 8, 16, 32, 64) in one call vs peft's mixed-batch
 forward (a loop over adapters with index masks).
@@ -309,6 +310,11 @@ def _skipped(kernel: str, baseline: str, what: str, e: Exception) -> dict:
 
 
 def nf4_rows(timer, on_gpu, device, quick):
+    """QLoRA forward+backward, ours against peft's bitsandbytes Linear4bit LoRA layer over the same weights.
+    Adapters in float32, peft's default (get_peft_model's autocast_adapter_dtype casts 16-bit adapters to
+    float32; peft's layer then computes the LoRA branch in float32), and in bf16 (what peft's layer made
+    directly over a bf16 Linear4bit holds: its compute dtype); ours over the same adapters each time. Both
+    of our NF4 schedules with float32 adapters, the default one with bf16."""
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig
@@ -316,6 +322,7 @@ def nf4_rows(timer, on_gpu, device, quick):
     except Exception as e:  # noqa: BLE001
         return [_skipped("qlora fwd+bwd", "bitsandbytes + peft", "bitsandbytes/peft", e)]
     from ..nn import LoRALinear
+    from ..ops import lora as lora_ops
     dt = torch.bfloat16 if on_gpu else torch.float32
     N, K = (14336, 4096) if on_gpu else (64, 128)
     r = 16
@@ -325,33 +332,40 @@ def nf4_rows(timer, on_gpu, device, quick):
     q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, compress_statistics=True,
                                  quant_type="nf4")
     q = q.to(device)
-    pe = PeftLinear4bit(q, "default", config=LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False), r=r,
-                        lora_alpha=2 * r)
-    ours = LoRALinear.from_peft(pe)
+    def peft_layer():
+        return PeftLinear4bit(q, "default", config=LoraConfig(r=r, lora_alpha=2 * r, init_lora_weights=False), r=r,
+                              lora_alpha=2 * r)
+    pe16, pe32 = peft_layer(), peft_layer()      # (two layers over the one quantized base)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B"):
+            dst = getattr(pe32, name)["default"]
+            dst.float()
+            dst.weight.copy_(getattr(pe16, name)["default"].weight)
+    adapters = [("float32 adapters, peft's default", pe32, LoRALinear.from_peft(pe32), True)]
+    if dt != torch.float32:
+        adapters.append((f"{str(dt)[6:]} adapters", pe16, LoRALinear.from_peft(pe16), False))
     rows = []
     for T in ((16, 4096) if quick else (16, 256, 4096)) if on_gpu else (4, 64):
         x = torch.randn(T, K, device=device, dtype=dt, requires_grad=True)
         dy = torch.randn(T, N, device=device, dtype=dt)
-        params = [x, ours.lora_A["default"].weight, ours.lora_B["default"].weight]
-
-        def fb(layer):
-            return torch.autograd.grad(layer(x), params, dy)
-        base = timer(lambda: fb(pe))
-        from ..ops import lora as lora_ops
-        default = lora_ops.NF4_FUSED_MAX_ROWS
-        for limit in (T, T - 1):    # each schedule: the in-GEMM dequant (fused), then the buffer
-            lora_ops.NF4_FUSED_MAX_ROWS = limit
-            try:
-                t = timer(lambda: fb(ours))
-                path = lora_ops.nf4_path(T, True)
-            finally:
-                lora_ops.NF4_FUSED_MAX_ROWS = default
-            chosen = "the default" if path == lora_ops.nf4_path(T, True) else "not the default"
-            rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
-                            "triton" if on_gpu else "cpu", "bitsandbytes Linear4bit + peft LoRA", t, base[0],
-                            roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
-                            note=f"path {path} ({chosen}); " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft",
-                                                                     on_gpu)))
+        for label, pe, ours, both in adapters:
+            params = [x, ours.lora_A["default"].weight, ours.lora_B["default"].weight]
+            peft_params = [x, pe.lora_A["default"].weight, pe.lora_B["default"].weight]
+            base = timer(lambda: torch.autograd.grad(pe(x), peft_params, dy))
+            default = lora_ops.NF4_FUSED_MAX_ROWS
+            for limit in (T, T - 1) if both else (default,):   # the in-GEMM dequant (fused), then the buffer
+                lora_ops.NF4_FUSED_MAX_ROWS = limit
+                try:
+                    t = timer(lambda: torch.autograd.grad(ours(x), params, dy))
+                    path = lora_ops.nf4_path(T, True)
+                finally:
+                    lora_ops.NF4_FUSED_MAX_ROWS = default
+                chosen = "the default" if path == lora_ops.nf4_path(T, True) else "not the default"
+                rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
+                                "triton" if on_gpu else "cpu", f"bitsandbytes Linear4bit + peft LoRA ({label})", t,
+                                base[0], roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
+                                note=f"path {path} ({chosen}); " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft",
+                                                                         on_gpu)))
     return rows
 
 
