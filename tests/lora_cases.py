@@ -77,3 +77,34 @@ def dora_outputs(layer, x, dy, name="default"):
     y = layer(xi)
     ps = [layer.lora_A[name].weight, layer.lora_B[name].weight, layer.lora_magnitude_vector[name].weight]
     return [y] + list(torch.autograd.grad(y, [xi] + ps, dy))
+
+
+def tma_direct(config, q_t, dropout, M, K, N, R, dtype, device, programs, seed=0):
+    """(C from one direct launch of lora_gemm_tma_kernel with `config` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages),
+    its float64 reference): C = P . Q^T + keep/(1-p) (T . E^T) + bias, Q = q (q_t False, with a bias) or q^T
+    (q_t True), dropout 0.25 over C's [M, N] when asked (the dX orientation's mask); the GPU and interpreter
+    tests of every config share it, so a change of the kernel's signature fails both."""
+    from fusedtune.reference.lora import dropout_mask
+    from fusedtune.triton_kernels import lora as tk
+    from fusedtune.triton_kernels import lora_tma
+    m, n, k, w, s = config
+    g = torch.Generator(device=device).manual_seed(seed)
+    p = torch.randn(M, K, device=device, generator=g).to(dtype)
+    q = torch.randn(K, N, device=device, generator=g) if q_t else torch.randn(N, K, device=device, generator=g)
+    q = (q / K ** 0.5).to(dtype)
+    t = torch.randn(M, R, device=device, generator=g)
+    e = torch.randn(N, R, device=device, generator=g) * 0.1
+    bias = None if dropout else torch.randn(N, device=device, generator=g).to(dtype)
+    drop = tk.Dropout(0.25, 77) if dropout else tk._NO_DROP
+    c = torch.empty(M, N, device=device, dtype=dtype)
+    lora_tma._ensure_allocator()
+    lora_tma.lora_gemm_tma_kernel.fn[(programs,)](
+        p, q, t, e, c if bias is None else bias, c, c, c, M, N, K, R, K, N if q_t else K, R, 1, N,
+        drop.seed, drop.thresh, drop.scale, programs, Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias is not None,
+        DROPOUT=dropout, COL_SCALE=False, EPI_PREC="tf32" if device != "cpu" else "ieee", BLOCK_R=16, GROUP_M=8,
+        BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+    Q = q.double().t() if q_t else q.double()
+    lo = t.double() @ e.double().t()
+    if dropout:
+        lo = torch.where(dropout_mask(M, N, 77, 0.25, device), lo / 0.75, 0.0)
+    return c, p.double() @ Q.t() + lo + (0.0 if bias is None else bias.double())

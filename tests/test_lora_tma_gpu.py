@@ -69,32 +69,10 @@ def test_every_config_within_rule(config, q_t, dropout, tma):
     """Every autotune config of the kernel (the GPU tests pick one, FUSEDTUNE_AUTOTUNE=one; the bench may
     pick any), launched directly, forward (Q = W, bias) and dX (Q = W^T, dropout) orientations, against the
     same product in float64; edge tiles on every side (M, N, K not multiples of any block)."""
-    from fusedtune.triton_kernels import lora as tk
     from fusedtune.triton_kernels import lora_tma
-    m, n, k, w, s = lora_tma._HOPPER_CONFIGS[config]
-    M, K, N, R = 1000, 4104, 1032, 16
-    g = torch.Generator(device="cuda").manual_seed(config)
-    p = torch.randn(M, K, device="cuda", generator=g).to(torch.bfloat16)
-    q = (torch.randn(K, N, device="cuda", generator=g) if q_t else torch.randn(N, K, device="cuda", generator=g))
-    q = (q / K ** 0.5).to(torch.bfloat16)
-    t = torch.randn(M, R, device="cuda", generator=g)
-    e = torch.randn(N, R, device="cuda", generator=g) * 0.1
-    bias = None if dropout else torch.randn(N, device="cuda", generator=g).to(torch.bfloat16)
-    drop = tk.Dropout(0.25, 77) if dropout else tk._NO_DROP
-    c = torch.empty(M, N, device="cuda", dtype=torch.bfloat16)
-    lora_tma._ensure_allocator()
-    lora_tma.lora_gemm_tma_kernel.fn[(132,)](
-        p, q, t, e, c if bias is None else bias, c, M, N, K, R, K, N if q_t else K, R, 1, N,
-        drop.seed, drop.thresh, drop.scale, 132, Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias is not None,
-        DROPOUT=dropout, EPI_PREC="tf32", BLOCK_R=16, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k,
-        num_warps=w, num_stages=s)
-    Q = q.double().t() if q_t else q.double()
-    lo = t.double() @ e.double().t()
-    if dropout:
-        from fusedtune.reference.lora import dropout_mask
-        keep = dropout_mask(M, N, 77, 0.25, "cuda")       # the mask over C's [M, N] (the dX mask is over x's)
-        lo = torch.where(keep, lo / 0.75, 0.0)
-    want = p.double() @ Q.t() + lo + (0.0 if bias is None else bias.double())
+    from lora_cases import tma_direct
+    c, want = tma_direct(lora_tma._HOPPER_CONFIGS[config], q_t, dropout, 1000, 4104, 1032, 16, torch.bfloat16,
+                         "cuda", 132, seed=config)
     err = (c.double() - want).abs().max().item()
     assert err <= 2 ** -7 * want.abs().max().item() + 1e-2, (config, q_t, err)
 

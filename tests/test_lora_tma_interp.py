@@ -145,3 +145,13 @@ def test_tma_gemm_dora_column_scale(tma):
             assert tma["tma"] >= 1 and tma["classic"] == 0, tma    # the forward (F and C), and dX
     for i, (a, b) in enumerate(zip(runs["triton"], runs["reference"])):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3, msg=f"output {i}")
+
+
+@pytest.mark.parametrize("q_t,dropout", [(False, False), (True, True), (True, False), (False, True)])
+def test_direct_launch_every_orientation(q_t, dropout):
+    """The GPU test of every config's direct launch (lora_cases.tma_direct), here with the interpreter's one
+    config, fp16, every orientation x epilogue pair: the same call, so a change of the kernel's signature
+    fails here too, without a GPU."""
+    from lora_cases import tma_direct
+    c, want = tma_direct((32, 32, 32, 4, 1), q_t, dropout, 70, 72, 88, 16, torch.float16, "cpu", 4)
+    assert (c.double() - want).abs().max().item() <= 2 ** -9 * want.abs().max().item() + 2e-3

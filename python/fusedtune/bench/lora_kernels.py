@@ -53,6 +53,7 @@ def profile_kernels(fn, on_gpu: bool, iters: int = ITERS) -> dict:
 
 def breakdown_rows(on_gpu: bool, device: str, quick: bool) -> list:
     from ..ops import lora_linear
+    from ..triton_kernels import lora_tma
     from .lora import QUICK, TINY, _schedule_scope, _schedules, _unsloth_bwd, _unsloth_fwd
     dt = torch.bfloat16 if on_gpu else torch.float32
     T, r, s = (4096, 16, 2.0) if on_gpu else (32, 8, 2.0)
@@ -77,11 +78,16 @@ def breakdown_rows(on_gpu: bool, device: str, quick: bool) -> list:
         calls.append(("cuBLAS + addmm_ (unsloth's method)",
                       lambda: (_unsloth_fwd(xd, W, A16, B16, s), _unsloth_bwd(dy, xd, W, A16, B16, s))))
         for who, fn in calls:
+            before = lora_tma.launches
             try:
                 kernels = profile_kernels(fn, on_gpu)
-            except Exception as e:  # noqa: BLE001 -- a profiler that fails is a row saying so
+                if not kernels:
+                    raise RuntimeError("the profiler recorded no kernel")
+                if "fused-tma" in who and lora_tma.launches == before:
+                    raise RuntimeError("lora_gemm_tma_kernel was not taken (operands TMA cannot load)")
+            except Exception as e:  # noqa: BLE001 -- a profile that fails is a row saying so
                 rows.append(row(KERNEL, shape, str(dt)[6:], "triton" if on_gpu else "cpu", who, (float("nan"),) * 3,
-                                None, note=f"skipped: torch.profiler failed ({type(e).__name__}: {e})"))
+                                None, note=f"skipped: {type(e).__name__}: {e}"))
                 continue
             rows += _rows(kernels, shape, str(dt)[6:], "triton" if on_gpu else "cpu", who, on_gpu)
     return rows
