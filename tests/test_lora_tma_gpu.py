@@ -3,7 +3,7 @@ forward and dX (dropout included), within DESIGN.md's rule of the exact product 
 (test_lora_gpu.py); its backward runs on the autograd engine's device thread, whose context starts without
 a Triton allocator; and it captures in a CUDA graph (the descriptors' scratch memory comes from the graph's
 pool). Every autotune config launched directly; a Conv1D base, a float32 bias and 16-bit adapters. Run by
-bench/gpu_check.sh beside the DoRA tests."""
+bench/gpu_check.sh as a test group of its own (in parallel with the others: its compiles take time)."""
 import pytest
 import torch
 
