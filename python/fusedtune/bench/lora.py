@@ -556,13 +556,7 @@ def graph_rows(timer, on_gpu, device, quick):
     from ..ops import lora_linear
     rows, dt, T, r, s = [], torch.bfloat16, GRAPH_TOKENS, 16, 2.0
     for name, N, K in QUICK[:1] if quick else QUICK[:2]:
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(T, K, device=device, generator=g).to(dt).requires_grad_()
-        W = (torch.randn(N, K, device=device, generator=g) / math.sqrt(K)).to(dt)
-        dy = torch.randn(T, N, device=device, generator=g).to(dt)
-        A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
-        B = torch.nn.Parameter(torch.randn(N, r, device=device, generator=g) * 0.01)
-        A16, B16 = A.detach().to(dt), B.detach().to(dt)
+        x, W, dy, A, B, A16, B16 = layer_case(T, N, K, r, dt, device)
         pe = _peft_layer(W, None, A, B, r, int(s * r))
         shape = f"{name} T={T} N={N} K={K} r={r}"
 
@@ -616,6 +610,18 @@ def graph_rows(timer, on_gpu, device, quick):
                             note=f"{scheds[0]} schedule (the default) vs {sn}: ratio > 1, the default is faster"
                             + over))
     return rows
+
+
+def layer_case(T, N, K, r, dt, device):
+    """(x [T, K] needing a gradient, W [N, K], dy [T, N], A, B float32 Parameters, A and B in dt): one seeded
+    LoRA layer case of the graph-replay and per-kernel sections."""
+    g = torch.Generator(device=device).manual_seed(0)
+    x = torch.randn(T, K, device=device, generator=g).to(dt).requires_grad_()
+    W = (torch.randn(N, K, device=device, generator=g) / math.sqrt(K)).to(dt)
+    dy = torch.randn(T, N, device=device, generator=g).to(dt)
+    A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
+    B = torch.nn.Parameter(torch.randn(N, r, device=device, generator=g) * 0.01)
+    return x, W, dy, A, B, A.detach().to(dt), B.detach().to(dt)
 
 
 def _over_base(ours: float, base: float) -> str:

@@ -10,8 +10,6 @@ the section assembles, not a measurement).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from .core import row
@@ -54,18 +52,13 @@ def profile_kernels(fn, on_gpu: bool, iters: int = ITERS) -> dict:
 def breakdown_rows(on_gpu: bool, device: str, quick: bool) -> list:
     from ..ops import lora_linear
     from ..triton_kernels import lora_tma
-    from .lora import QUICK, TINY, _schedule_scope, _schedules, _unsloth_bwd, _unsloth_fwd
+    from .lora import QUICK, TINY, _schedule_scope, _schedules, _unsloth_bwd, _unsloth_fwd, layer_case
     dt = torch.bfloat16 if on_gpu else torch.float32
     T, r, s = (4096, 16, 2.0) if on_gpu else (32, 8, 2.0)
     rows = []
     for name, N, K in (QUICK[:2] if on_gpu else TINY[:1]):
-        g = torch.Generator(device=device).manual_seed(0)
-        x = torch.randn(T, K, device=device, generator=g).to(dt).requires_grad_()
-        W = (torch.randn(N, K, device=device, generator=g) / math.sqrt(K)).to(dt)
-        dy = torch.randn(T, N, device=device, generator=g).to(dt)
-        A = torch.nn.Parameter(torch.randn(r, K, device=device, generator=g) / math.sqrt(K))
-        B = torch.nn.Parameter(torch.randn(N, r, device=device, generator=g) * 0.01)
-        A16, B16, xd = A.detach().to(dt), B.detach().to(dt), x.detach()
+        x, W, dy, A, B, A16, B16 = layer_case(T, N, K, r, dt, device)
+        xd = x.detach()
         shape = f"{name} T={T} N={N} K={K} r={r}"
 
         def ours(sched):
