@@ -80,14 +80,15 @@ def dora_outputs(layer, x, dy, name="default"):
 
 
 def tma_direct(config, q_t, dropout, M, K, N, R, dtype, device, programs, seed=0):
-    """(C from one direct launch of lora_gemm_tma_kernel with `config` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages),
+    """(C from one direct launch of lora_gemm_tma_kernel with `config` (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages,
+    EPI_SPLIT),
     its float64 reference): C = P . Q^T + keep/(1-p) (T . E^T) + bias, Q = q (q_t False, with a bias) or q^T
     (q_t True), dropout 0.25 over C's [M, N] when asked (the dX orientation's mask); the GPU and interpreter
     tests of every config share it, so a change of the kernel's signature fails both."""
     from fusedtune.reference.lora import dropout_mask
     from fusedtune.triton_kernels import lora as tk
     from fusedtune.triton_kernels import lora_tma
-    m, n, k, w, s = config
+    m, n, k, w, s, split = config
     g = torch.Generator(device=device).manual_seed(seed)
     p = torch.randn(M, K, device=device, generator=g).to(dtype)
     q = torch.randn(K, N, device=device, generator=g) if q_t else torch.randn(N, K, device=device, generator=g)
@@ -102,7 +103,7 @@ def tma_direct(config, q_t, dropout, M, K, N, R, dtype, device, programs, seed=0
         p, q, t, e, c if bias is None else bias, c, c, c, M, N, K, R, K, N if q_t else K, R, 1, N,
         drop.seed, drop.thresh, drop.scale, programs, Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias is not None,
         DROPOUT=dropout, COL_SCALE=False, EPI_PREC="tf32" if device != "cpu" else "ieee", BLOCK_R=16, GROUP_M=8,
-        BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, num_warps=w, num_stages=s)
+        BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, EPI_SPLIT=split, num_warps=w, num_stages=s)
     Q = q.double().t() if q_t else q.double()
     lo = t.double() @ e.double().t()
     if dropout:

@@ -63,7 +63,7 @@ def test_tma_schedule_captures_in_a_cuda_graph(tma):
     assert len(tma) >= 2
 
 
-@pytest.mark.parametrize("config", range(4))
+@pytest.mark.parametrize("config", range(5))
 @pytest.mark.parametrize("q_t,dropout", [(False, False), (True, True)])
 def test_every_config_within_rule(config, q_t, dropout, tma):
     """Every autotune config of the kernel (the GPU tests pick one, FUSEDTUNE_AUTOTUNE=one; the bench may

@@ -147,11 +147,12 @@ def test_tma_gemm_dora_column_scale(tma):
         torch.testing.assert_close(a, b, rtol=2e-3, atol=2e-3, msg=f"output {i}")
 
 
+@pytest.mark.parametrize("split", [1, 2])
 @pytest.mark.parametrize("q_t,dropout", [(False, False), (True, True), (True, False), (False, True)])
-def test_direct_launch_every_orientation(q_t, dropout):
-    """The GPU test of every config's direct launch (lora_cases.tma_direct), here with the interpreter's one
-    config, fp16, every orientation x epilogue pair: the same call, so a change of the kernel's signature
-    fails here too, without a GPU."""
+def test_direct_launch_every_orientation(q_t, dropout, split):
+    """The GPU test of every config's direct launch (lora_cases.tma_direct), here with 32 x 32 x 32 tiles, the
+    output stored whole and in two halves (EPI_SPLIT), fp16, every orientation x epilogue pair: the same call,
+    so a change of the kernel's signature fails here too, without a GPU."""
     from lora_cases import tma_direct
-    c, want = tma_direct((32, 32, 32, 4, 1), q_t, dropout, 70, 72, 88, 16, torch.float16, "cpu", 4)
+    c, want = tma_direct((32, 32, 32, 4, 1, split), q_t, dropout, 70, 72, 88, 16, torch.float16, "cpu", 4)
     assert (c.double() - want).abs().max().item() <= 2 ** -9 * want.abs().max().item() + 2e-3

@@ -44,26 +44,32 @@ launches = 0      # calls that took this kernel (the bench checks that its fused
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): shared memory is stages x (BM + BN) x BK x 2 bytes of
 # operand buffers plus the output tile the TMA store reads (BM x BN x 2); 128x256x64 at 3 stages is 213 KB
 # of sm_90's 227 (python -m fusedtune kernels)
-_HOPPER_CONFIGS = [(128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (128, 128, 64, 4, 4), (64, 128, 64, 4, 4)]
-_CONFIGS = [(32, 32, 32, 4, 1)] if _INTERP else _HOPPER_CONFIGS
+# (EPI_SPLIT 2: the output tile stored in two halves, so its staging buffer is half as large and 128x256 fits a
+# fourth operand stage: 224 KB)
+_HOPPER_CONFIGS = [(128, 256, 64, 8, 3, 1), (128, 256, 64, 8, 4, 2), (128, 128, 64, 8, 4, 1), (128, 128, 64, 4, 4, 1),
+                   (64, 128, 64, 4, 4, 1)]
+_CONFIGS = [(32, 32, 32, 4, 1, 2)] if _INTERP else _HOPPER_CONFIGS
 
 
-@autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-                   for m, n, k, w, s in _CONFIGS], key=["M", "N", "K", "R", "Q_T"])
+@autotune(configs=[triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k, "EPI_SPLIT": e}, num_warps=w, num_stages=s)
+                   for m, n, k, w, s, e in _CONFIGS], key=["M", "N", "K", "R", "Q_T"])
 @triton.jit(do_not_specialize=["seed", "thresh"])
 def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, g_ptr, f_ptr, M, N, K, R, stride_pm, stride_q,
                          stride_en, stride_er, stride_cm, seed, thresh, keep_scale, programs,
                          Q_T: tl.constexpr, HAS_LORA: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
                          COL_SCALE: tl.constexpr, EPI_PREC: tl.constexpr, BLOCK_R: tl.constexpr,
-                         GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                         GROUP_M: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                         EPI_SPLIT: tl.constexpr):
     p_d = tl.make_tensor_descriptor(p_ptr, shape=[M, K], strides=[stride_pm, 1], block_shape=[BLOCK_M, BLOCK_K])
     if Q_T:
         q_d = tl.make_tensor_descriptor(q_ptr, shape=[K, N], strides=[stride_q, 1], block_shape=[BLOCK_K, BLOCK_N])
     else:
         q_d = tl.make_tensor_descriptor(q_ptr, shape=[N, K], strides=[stride_q, 1], block_shape=[BLOCK_N, BLOCK_K])
-    c_d = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+    c_d = tl.make_tensor_descriptor(c_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                    block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
     if COL_SCALE:    # DoRA: F, the product before the column scale and the bias, laid out as C
-        f_d = tl.make_tensor_descriptor(f_ptr, shape=[M, N], strides=[stride_cm, 1], block_shape=[BLOCK_M, BLOCK_N])
+        f_d = tl.make_tensor_descriptor(f_ptr, shape=[M, N], strides=[stride_cm, 1],
+                                        block_shape=[BLOCK_M, BLOCK_N // EPI_SPLIT])
     num_m = tl.cdiv(M, BLOCK_M)
     num_n = tl.cdiv(N, BLOCK_N)
     group = GROUP_M * num_n
@@ -101,11 +107,24 @@ def lora_gemm_tma_kernel(p_ptr, q_ptr, t_ptr, e_ptr, bias_ptr, c_ptr, g_ptr, f_p
                 b = q_d.load([n0, k0]).T
             acc = tl.dot(a, b, acc)
         if COL_SCALE:    # F = x W^T + t B^T, then C = g[n] * F + bias (lora_gemm_kernel's epilogue)
-            f_d.store([m0, n0], acc.to(f_ptr.dtype.element_ty))
+            _store(f_d, m0, n0, acc, f_ptr.dtype.element_ty, EPI_SPLIT, BLOCK_M, BLOCK_N)
             acc = acc * tl.load(g_ptr + offs_n, mask=n_ok, other=0.0)[None, :]
             if HAS_BIAS:
                 acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        c_d.store([m0, n0], acc.to(c_ptr.dtype.element_ty))
+        _store(c_d, m0, n0, acc, c_ptr.dtype.element_ty, EPI_SPLIT, BLOCK_M, BLOCK_N)
+
+
+@triton.jit
+def _store(d, m0, n0, acc, dtype: tl.constexpr, EPI_SPLIT: tl.constexpr, BLOCK_M: tl.constexpr,
+           BLOCK_N: tl.constexpr):
+    """acc [BLOCK_M, BLOCK_N] to the descriptor's tile at (m0, n0): whole, or (EPI_SPLIT 2) as two halves of
+    BLOCK_N / 2 columns (half the staging buffer in shared memory)."""
+    if EPI_SPLIT == 1:
+        d.store([m0, n0], acc.to(dtype))
+    else:
+        lo, hi = tl.split(tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1)))
+        d.store([m0, n0], lo.to(dtype))
+        d.store([m0, n0 + BLOCK_N // 2], hi.to(dtype))
 
 
 def _scratch(size: int, alignment: int, stream):
@@ -205,11 +224,11 @@ _SIG = {"p_ptr": "*bf16", "q_ptr": "*bf16", "t_ptr": "*fp32", "e_ptr": "*fp32", 
         "programs": "i32"}
 
 
-def _cfg(m, n, k, w, s, q_t=False, dropout=False, bias=True, dt="bf16", block_r=16, col_scale=False):
+def _cfg(m, n, k, w, s, e, q_t=False, dropout=False, bias=True, dt="bf16", block_r=16, col_scale=False):
     sig = {} if dt == "bf16" else {"p_ptr": f"*{dt}", "q_ptr": f"*{dt}", "bias_ptr": f"*{dt}", "c_ptr": f"*{dt}"}
     return {"constexprs": dict(Q_T=q_t, HAS_LORA=True, HAS_BIAS=bias, DROPOUT=dropout, COL_SCALE=col_scale,
                                EPI_PREC="tf32",
-                               BLOCK_R=block_r, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k),
+                               BLOCK_R=block_r, GROUP_M=8, BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, EPI_SPLIT=e),
             "num_warps": w, "num_stages": s, "signature": sig,
             "aligned": ["p_ptr", "q_ptr", "t_ptr", "e_ptr", "bias_ptr", "c_ptr", "g_ptr", "f_ptr", "N", "K", "stride_pm",
                         "stride_q", "stride_cm"]}
@@ -219,6 +238,7 @@ register(KernelSpec(   # sm_90 only: TMA and wgmma (on sm_80 / sm_89 the descrip
     family="lora", name="lora_gemm_tma_kernel", fn=lora_gemm_tma_kernel.fn, signature=_SIG, gemm=True, targets=(90,),
     requires={90: "HGMMA"},
     configs=[_cfg(*c) for c in _HOPPER_CONFIGS]
-    + [_cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False), _cfg(*_HOPPER_CONFIGS[1], q_t=True, bias=False),
-       _cfg(*_HOPPER_CONFIGS[1], dt="fp16"), _cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False, block_r=32),
-       _cfg(*_HOPPER_CONFIGS[0], col_scale=True), _cfg(*_HOPPER_CONFIGS[1], col_scale=True)]))
+    + [_cfg(*c, q_t=True, dropout=True, bias=False) for c in _HOPPER_CONFIGS[:2]]
+    + [_cfg(*_HOPPER_CONFIGS[2], q_t=True, bias=False), _cfg(*_HOPPER_CONFIGS[2], dt="fp16"),
+       _cfg(*_HOPPER_CONFIGS[0], q_t=True, dropout=True, bias=False, block_r=32)]
+    + [_cfg(*c, col_scale=True) for c in _HOPPER_CONFIGS[:3]]))
