@@ -323,6 +323,7 @@ def nf4_rows(timer, on_gpu, device, quick):
         return [_skipped("qlora fwd+bwd", "bitsandbytes + peft", "bitsandbytes/peft", e)]
     from ..nn import LoRALinear
     from ..ops import lora as lora_ops
+    from ..triton_kernels import lora_tma
     dt = torch.bfloat16 if on_gpu else torch.float32
     N, K = (14336, 4096) if on_gpu else (64, 128)
     r = 16
@@ -353,19 +354,32 @@ def nf4_rows(timer, on_gpu, device, quick):
             peft_params = [x, pe.lora_A["default"].weight, pe.lora_B["default"].weight]
             base = timer(lambda: torch.autograd.grad(pe(x), peft_params, dy))
             default = lora_ops.NF4_FUSED_MAX_ROWS
-            for limit in (T, T - 1) if both else (default,):   # the in-GEMM dequant (fused), then the buffer
+            # the in-GEMM dequant (fused), then the buffer; on sm_90 also the buffer with the fused-tma schedule
+            tma = both and lora_tma.available(device)
+            for limit, sched in [(T, None), (T - 1, None)] + [(T - 1, "fused-tma")] * tma if both else [(default, None)]:
                 lora_ops.NF4_FUSED_MAX_ROWS = limit
+                before = lora_tma.launches
                 try:
-                    t = timer(lambda: torch.autograd.grad(ours(x), params, dy))
-                    path = lora_ops.nf4_path(T, True)
+                    with _schedule_scope(sched):
+                        t = timer(lambda: torch.autograd.grad(ours(x), params, dy))
+                        path = lora_ops.nf4_path(T, True)
+                except Exception as e:  # noqa: BLE001 -- fused-tma on a stack it does not run on: a row saying so
+                    if sched is None:
+                        raise
+                    rows.append(_skipped("qlora fwd+bwd", f"path buffer, {sched} schedule", sched, e))
+                    continue
                 finally:
                     lora_ops.NF4_FUSED_MAX_ROWS = default
-                chosen = "the default" if path == lora_ops.nf4_path(T, True) else "not the default"
+                if sched is not None and lora_tma.launches == before:
+                    rows.append(_skipped("qlora fwd+bwd", f"path buffer, {sched} schedule", sched,
+                                         RuntimeError("lora_gemm_tma_kernel was not taken")))
+                    continue
+                chosen = "the default" if path == lora_ops.nf4_path(T, True) and sched is None else "not the default"
                 rows.append(row("qlora fwd+bwd", f"gate/up T={T} N={N} K={K} r={r}", "nf4/" + str(dt)[6:],
                                 "triton" if on_gpu else "cpu", f"bitsandbytes Linear4bit + peft LoRA ({label})", t,
                                 base[0], roofline_pct(t[0], flops=_flops(T, N, K, r, True)),
-                                note=f"path {path} ({chosen}); " + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft",
-                                                                         on_gpu)))
+                                note=f"path {path}" + (f", {sched} schedule" if sched else "") + f" ({chosen}); "
+                                + _note(base[0] / t[0], GOAL_NF4, "vs bnb+peft", on_gpu)))
     return rows
 
 
