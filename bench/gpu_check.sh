@@ -234,14 +234,14 @@ fi
 NARROW=${GPU_CHECK_TESTS:+1}   # a narrower call skips the kernel report and compute-sanitizer
 [ -n "$NARROW" ] || run_step kernels 10 "$PY" -m fusedtune kernels --no-triton --json "$OUT/kernels.json" || true
 if [ "${GPU_CHECK_PROFILE:-0}" = 1 ]; then
-  run_step profile 40 "$PY" bench/host_profile.py "$OUT/host_profile.txt" || true
+  run_step profile 30 "$PY" bench/host_profile.py "$OUT/host_profile.txt" || true
 fi
 # one step per family, so that a slow family cannot starve the next one
 IFS=';' read -ra specs <<< "$BENCHES"
 for spec in "${specs[@]}"; do   # limit: the benchmark's seconds (its Triton kernels compiled above)
   [ "$spec" != none ] || continue   # GPU_CHECK_BENCHES=none: no benchmark
   set -- $spec
-  case $1 in zo) limit=30 ;; hft) limit=45 ;; lora) limit=65 ;; fp8) limit=40 ;; sparse_delta) limit=50 ;; roste) limit=40 ;; esac
+  case $1 in zo) limit=30 ;; hft) limit=45 ;; lora) limit=75 ;; fp8) limit=40 ;; sparse_delta) limit=50 ;; roste) limit=40 ;; esac
   run_step "bench_$1" "$limit" "$PY" -m fusedtune bench $spec --out "$OUT" || true
 done
 
