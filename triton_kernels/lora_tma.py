@@ -29,6 +29,11 @@ import torch
 import triton
 import triton.language as tl
 
+try:
+    from triton.runtime import _allocation     # where Triton keeps the allocator (3.6 - 3.8)
+except ImportError:
+    _allocation = None
+
 from .common import autotune, cdiv
 from .launch import fast
 from .lora import _block_r, _keep, _sm_count
@@ -137,9 +142,8 @@ def _ensure_allocator():
     raises), set one that takes it from torch's caching allocator. Per call: the autograd engine runs a
     backward on its own thread, whose context starts without one. A user's own allocator is left alone."""
     try:
-        from triton.runtime import _allocation
         unset = isinstance(_allocation._allocator.get(), _allocation.NullAllocator)
-    except (ImportError, AttributeError):    # another Triton's layout: set ours (replacing a user's, if any)
+    except AttributeError:    # another Triton's layout: set ours (replacing a user's, if any)
         unset = True
     if unset:
         triton.set_allocator(_scratch)
