@@ -23,6 +23,7 @@ def tma(monkeypatch):
     from fusedtune.triton_kernels import lora_tma
     monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 2**62)
     monkeypatch.setattr(lora_tma, "ENABLED", True)
+    monkeypatch.setattr(lora_tma, "MIN_ROWS", 1)     # the small shapes here (test_few_rows_stay_classic)
     calls = {"tma": 0, "classic": 0}
 
     def counted(name, fn):
@@ -156,3 +157,15 @@ def test_direct_launch_every_orientation(q_t, dropout, split):
     from lora_cases import tma_direct
     c, want = tma_direct((32, 32, 32, 4, 1, split), q_t, dropout, 70, 72, 88, 16, torch.float16, "cpu", 4)
     assert (c.double() - want).abs().max().item() <= 2 ** -9 * want.abs().max().item() + 2e-3
+
+
+def test_few_rows_stay_on_the_classic_kernel(tma, monkeypatch):
+    """Calls of fewer than MIN_ROWS rows (decode size) take lora_gemm_kernel; from MIN_ROWS on, the TMA kernel."""
+    from fusedtune.triton_kernels import lora_tma
+    monkeypatch.setattr(lora_tma, "MIN_ROWS", 40)
+    x, W, A, B, bias = _case(39, 72, 88, 5)
+    _run("triton", x, W, A, B, bias=bias)
+    assert tma == {"tma": 0, "classic": 2}
+    x, W, A, B, bias = _case(40, 72, 88, 5)
+    _run("triton", x, W, A, B, bias=bias)
+    assert tma == {"tma": 2, "classic": 2}

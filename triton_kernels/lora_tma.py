@@ -45,6 +45,10 @@ ENV = "FUSEDTUNE_LORA_TMA"
 # schedule" rows); FUSEDTUNE_LORA_TMA=1 (read at import) or ENABLED = True turns it on for sm_90.
 ENABLED = os.environ.get(ENV, "0") == "1"
 launches = 0      # calls that took this kernel (the bench checks that its fused-tma timings did)
+# Fewer rows stay on lora_gemm_kernel: every config here has BLOCK_M >= 64 and BLOCK_N >= 128, so a decode-size
+# call (M < 64) would run N / 128 programs (32 at N = 4096) on 132 SMs to stream W, where lora_gemm_kernel's
+# 32 x 64 tiles run twice as many. (Reasoned, unmeasured: the bench's fused-tma rows are at 4096 tokens.)
+MIN_ROWS = 64
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): shared memory is stages x (BM + BN) x BK x 2 bytes of
 # operand buffers plus the output tile the TMA store reads (BM x BN x 2); 128x256x64 at 3 stages is 213 KB
@@ -174,8 +178,9 @@ def _hopper(index) -> bool:
 
 def usable(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, c: torch.Tensor, f_out=None) -> bool:
     """Whether lora.gemm() may take this kernel for C = P . Q^T with Q[n, k] at q + n*q_strides[0] +
-    k*q_strides[1]: ENABLED, a Hopper GPU (or the interpreter), 16-bit operands, and TMA's alignment."""
-    if not ENABLED or not available(p.device):
+    k*q_strides[1]: ENABLED, at least MIN_ROWS rows, a Hopper GPU (or the interpreter), 16-bit operands, and
+    TMA's alignment."""
+    if not ENABLED or p.shape[0] < MIN_ROWS or not available(p.device):
         return False
     if p.dtype not in (torch.bfloat16, torch.float16) or q.dtype != p.dtype or c.dtype != p.dtype:
         return False

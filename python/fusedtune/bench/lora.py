@@ -355,7 +355,7 @@ def nf4_rows(timer, on_gpu, device, quick):
             base = timer(lambda: torch.autograd.grad(pe(x), peft_params, dy))
             default = lora_ops.NF4_FUSED_MAX_ROWS
             # the in-GEMM dequant (fused), then the buffer; on sm_90 also the buffer with the fused-tma schedule
-            tma = both and lora_tma.available(device)
+            tma = both and lora_tma.available(device) and T >= lora_tma.MIN_ROWS
             for limit, sched in [(T, None), (T - 1, None)] + [(T - 1, "fused-tma")] * tma if both else [(default, None)]:
                 lora_ops.NF4_FUSED_MAX_ROWS = limit
                 before = lora_tma.launches
