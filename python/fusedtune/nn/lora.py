@@ -780,7 +780,8 @@ class LoRALinear(nn.Module):
             from ..triton_kernels import lora_tma
             sched = None if last is None else lora_triton.schedule(
                 last, self.out_features, self.in_features, nf4 or None, lora_ops.nf4_path(last, True) if nf4 else "")
-            if (sched == "fused" and not nf4 and lora_tma.ENABLED and lora_tma.available(device)
+            if (sched == "fused" and not nf4 and lora_tma.ENABLED and last >= lora_tma.MIN_ROWS
+                    and lora_tma.available(device)
                     and self.base_layer.weight.dtype in (torch.bfloat16, torch.float16)
                     and not any(self.use_dora[n] for n in self.active_adapters)):
                 sched = "fused (lora_gemm_tma_kernel: TMA loads, persistent grid, where the operands allow)"
