@@ -7,6 +7,7 @@ bench/gpu_check.sh as a test group of its own (in parallel with the others: its 
 import pytest
 import torch
 
+from fusedtune.triton_kernels.lora_tma import _HOPPER_CONFIGS
 from test_lora_gpu import _case, _within_rule
 
 pytestmark = pytest.mark.gpu
@@ -63,7 +64,7 @@ def test_tma_schedule_captures_in_a_cuda_graph(tma):
     assert len(tma) >= 2
 
 
-@pytest.mark.parametrize("config", range(5))
+@pytest.mark.parametrize("config", range(len(_HOPPER_CONFIGS)))
 @pytest.mark.parametrize("q_t,dropout", [(False, False), (True, True)])
 def test_every_config_within_rule(config, q_t, dropout, tma):
     """Every autotune config of the kernel (the GPU tests pick one, FUSEDTUNE_AUTOTUNE=one; the bench may

@@ -50,7 +50,7 @@ launches = 0      # calls that took this kernel (the bench checks that its fused
 # 32 x 64 tiles run twice as many. (Reasoned, unmeasured: the bench's fused-tma rows are at 4096 tokens.)
 MIN_ROWS = 64
 
-# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages): shared memory is stages x (BM + BN) x BK x 2 bytes of
+# (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages, EPI_SPLIT): shared memory is stages x (BM + BN) x BK x 2 bytes of
 # operand buffers plus the output tile the TMA store reads (BM x BN x 2); 128x256x64 at 3 stages is 213 KB
 # of sm_90's 227 (python -m fusedtune kernels)
 # (EPI_SPLIT 2: the output tile stored in two halves, so its staging buffer is half as large and 128x256 fits a
@@ -128,6 +128,7 @@ def _store(d, m0, n0, acc, dtype: tl.constexpr, EPI_SPLIT: tl.constexpr, BLOCK_M
            BLOCK_N: tl.constexpr):
     """acc [BLOCK_M, BLOCK_N] to the descriptor's tile at (m0, n0): whole, or (EPI_SPLIT 2) as two halves of
     BLOCK_N / 2 columns (half the staging buffer in shared memory)."""
+    tl.static_assert(EPI_SPLIT == 1 or EPI_SPLIT == 2)
     if EPI_SPLIT == 1:
         d.store([m0, n0], acc.to(dtype))
     else:

@@ -314,7 +314,8 @@ def nf4_rows(timer, on_gpu, device, quick):
     Adapters in float32, peft's default (get_peft_model's autocast_adapter_dtype casts 16-bit adapters to
     float32; peft's layer then computes the LoRA branch in float32), and in bf16 (what peft's layer made
     directly over a bf16 Linear4bit holds: its compute dtype); ours over the same adapters each time. Both
-    of our NF4 schedules with float32 adapters, the default one with bf16."""
+    of our NF4 schedules with float32 adapters (and, on sm_90 from MIN_ROWS rows, the dequant buffer on the
+    fused-tma schedule), the default one with bf16."""
     try:
         import bitsandbytes as bnb
         from peft import LoraConfig

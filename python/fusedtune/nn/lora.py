@@ -780,10 +780,10 @@ class LoRALinear(nn.Module):
             from ..triton_kernels import lora_tma
             sched = None if last is None else lora_triton.schedule(
                 last, self.out_features, self.in_features, nf4 or None, lora_ops.nf4_path(last, True) if nf4 else "")
-            if (sched == "fused" and not nf4 and lora_tma.ENABLED and last >= lora_tma.MIN_ROWS
-                    and lora_tma.available(device)
-                    and self.base_layer.weight.dtype in (torch.bfloat16, torch.float16)
-                    and not any(self.use_dora[n] for n in self.active_adapters)):
+            dt = self._base_device_dtype()[1]     # (an NF4 base: its compute dtype, the buffer's)
+            if (sched == "fused" and lora_tma.ENABLED and last >= lora_tma.MIN_ROWS and lora_tma.available(device)
+                    and (not nf4 or lora_ops.nf4_path(last, True) == "buffer")
+                    and dt in (torch.bfloat16, torch.float16)):
                 sched = "fused (lora_gemm_tma_kernel: TMA loads, persistent grid, where the operands allow)"
             path = ("Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r (fused), or "
                     f"for M*N*K >= {lora_triton.CUBLAS_MIN_WORK} the base GEMM through cuBLAS and "
