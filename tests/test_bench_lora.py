@@ -155,3 +155,30 @@ def test_per_kernel_rows_assemble():
         assert sum(r["time_ms"] for r in listed) <= total * (1 + 1e-9)
         assert [r["time_ms"] for r in listed] == sorted((r["time_ms"] for r in listed), reverse=True)
         assert any("aten::mm" in r["note"] or "aten::addmm" in r["note"] for r in listed)   # GEMMs were seen
+
+
+def test_a_failing_or_untaken_schedule_is_a_skipped_row(monkeypatch):
+    """On a GPU the LoRA GEMMs section times every schedule: one other than the default that raises, or a
+    fused-tma timing in which the TMA kernel never ran, becomes a skipped row (the section keeps the others);
+    the default schedule's failure is the section's."""
+    from fusedtune.triton_kernels import lora_tma
+
+    def timed(timer, sched, *args):
+        if sched == "cublas":
+            raise RuntimeError("cuBLAS refused")
+        return (1.0,) * 4
+    monkeypatch.setattr(lora_bench, "_time_ours", timed)
+    ours, skipped = lora_bench._time_schedules(None, ["fused", "cublas", "fused-tma"], True, *([None] * 7))
+    assert list(ours) == ["fused"]
+    assert [r["kernel"] for r in skipped] == ["lora fwd+bwd (cublas schedule)", "lora fwd+bwd (fused-tma schedule)"]
+    assert "cuBLAS refused" in skipped[0]["note"] and "not taken" in skipped[1]["note"]
+
+    def taken(timer, sched, *args):        # a fused-tma timing that launched the kernel is kept
+        lora_tma.launches += sched == "fused-tma"
+        return (1.0,) * 4
+    monkeypatch.setattr(lora_bench, "_time_ours", taken)
+    ours, skipped = lora_bench._time_schedules(None, ["fused", "fused-tma"], True, *([None] * 7))
+    assert list(ours) == ["fused", "fused-tma"] and skipped == []
+    monkeypatch.setattr(lora_bench, "_time_ours", timed)
+    with pytest.raises(RuntimeError, match="cuBLAS refused"):
+        lora_bench._time_schedules(None, ["cublas", "fused"], True, *([None] * 7))
