@@ -6,6 +6,8 @@ import math
 import pytest
 import torch
 
+from fusedtune.bench.lora import capture
+
 pytestmark = pytest.mark.gpu
 
 
@@ -43,15 +45,7 @@ def test_layer_forward_backward_captures_in_a_cuda_graph(deterministic):
     old = torch.are_deterministic_algorithms_enabled()
     torch.use_deterministic_algorithms(deterministic)
     try:
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):      # warm-up off the default stream (autotuning, cuBLAS workspaces)
-            for _ in range(2):
-                fb()
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = fb()
+        graph, out = capture(fb)      # warm-up off the default stream (autotuning, cuBLAS workspaces), capture
         g = torch.Generator(device="cuda").manual_seed(11)
         with torch.no_grad():
             xs.copy_(torch.randn(xs.shape, device="cuda", generator=g))

@@ -7,6 +7,7 @@ bench/gpu_check.sh as a test group of its own (in parallel with the others: its 
 import pytest
 import torch
 
+from fusedtune.bench.lora import capture
 from fusedtune.triton_kernels.lora_tma import _HOPPER_CONFIGS
 from test_lora_gpu import _case, _within_rule
 
@@ -46,15 +47,7 @@ def test_tma_schedule_captures_in_a_cuda_graph(tma):
         y = lora_linear(xs, W, A, B, 2.0)
         return (y,) + torch.autograd.grad(y, [xs, A, B], dy)
 
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fb()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = fb()
+    graph, out = capture(fb)
     with torch.no_grad():
         xs.copy_(torch.randn(xs.shape, device="cuda", generator=torch.Generator(device="cuda").manual_seed(5)))
     graph.replay()

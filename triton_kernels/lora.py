@@ -447,6 +447,8 @@ _NO_DROP = Dropout(0.0, 0)
 def dropout(p: float, seed: int) -> Dropout:
     """Dropout(p, seed), the shared no-dropout object when p is 0 (the seed is unused then)."""
     return Dropout(p, seed) if p > 0.0 else _NO_DROP
+
+
 FORCE_PARTS = 0     # tests: cut the skinny reductions into this many parts in the interpreter
 
 
@@ -515,7 +517,6 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     splits = _k_splits(M, N, K, p.device) if nf4 is not None else 1
     c = torch.empty((M, N), dtype=out_dtype, device=p.device)
     if nf4 is None and M and N:
-        from . import lora_tma
         if lora_tma.usable(p, q, q_strides, c, f_out):     # sm_90: TMA loads on a persistent grid (lora_tma.py)
             return lora_tma.gemm(p, q, q_strides, c, t, e, e_strides, bias, drop, prec, col_scale, f_out)
     if splits == 1:
@@ -817,3 +818,5 @@ register(KernelSpec(
              for dt, gid, bm, br, atomic in (("bf16", False, 64, 16, True), ("bf16", True, 64, 32, True),
                                              ("fp16", False, 64, 64, True), ("fp32", False, 32, 16, True),
                                              ("fp32", True, 32, 64, True), ("bf16", False, 64, 16, False))]))
+
+from . import lora_tma  # noqa: E402 -- (last: it imports this module's helpers) gemm()'s Hopper kernel

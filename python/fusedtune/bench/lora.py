@@ -544,9 +544,9 @@ def conv1d_rows(timer, on_gpu, device):
     return rows
 
 
-def _graph_timer(timer, fn):
-    """The time of fn's kernels alone: fn warmed up on a side stream, captured in one CUDA graph, the replay
-    timed (no Python, no launch code: the GPU's share of an eager call)."""
+def capture(fn) -> tuple:
+    """(graph, fn's outputs): fn warmed up twice on a side stream (autotuning, workspaces), then captured in one
+    CUDA graph. Shared by the graph-replay rows and the GPU tests that replay a capture."""
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
@@ -555,8 +555,14 @@ def _graph_timer(timer, fn):
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
-        fn()
-    return timer(graph.replay)
+        out = fn()
+    return graph, out
+
+
+def _graph_timer(timer, fn):
+    """The time of fn's kernels alone: the replay of its capture timed (no Python, no launch code: the GPU's
+    share of an eager call)."""
+    return timer(capture(fn)[0].replay)
 
 
 def graph_rows(timer, on_gpu, device, quick):
