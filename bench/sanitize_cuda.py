@@ -1,6 +1,6 @@
 """Every CUDA kernel of fusedtune._C once, on small inputs, for compute-sanitizer (gpu_check.sh runs it
-under racecheck and memcheck). Each call is also checked against the CPU kernel bit for bit, so a run
-that the sanitizer passes still fails on a wrong result.
+under racecheck and memcheck). Each call is also checked against the CPU kernel bit for bit (the
+tensor-core Hadamard within one ulp), so a run that the sanitizer passes still fails on a wrong result.
 
     compute-sanitizer --tool racecheck python bench/sanitize_cuda.py
 """
@@ -45,6 +45,26 @@ def hadamard(dev):
                   ((2000, 4096), torch.bfloat16), ((600, 3584), torch.bfloat16))
     b = "cuda" if dev == "cuda" else "cpu"
     return [roste.hadamard(x, backend=b) for x in ins] + [roste.hadamard(ins[1], transpose=True, backend=b)]
+
+
+def hadamard_mma():
+    """The tensor-core factor kernel (roste_mma.cu): its sums are the tensor core's, so it is checked against
+    the CPU kernel within one unit in the last place of the 16-bit output (both fp32-accurate before the one
+    rounding), not bit for bit. Rows beyond the resident blocks, p = 32 / 128 / 512 / 1024, H_m^T."""
+    ins = _inputs("cuda", ((700, 28 * 512), torch.bfloat16), ((5, 40 * 32), torch.float16),
+                  ((40, 12 * 1024), torch.bfloat16), ((9, 44 * 128), torch.float16), seed=8)
+    assert not any(roste.mma_refuses(x) for x in ins), [roste.mma_refuses(x) for x in ins]
+    with roste.mma_scope(True):
+        got = [roste.hadamard(x, backend="cuda") for x in ins] + [roste.hadamard(ins[3], transpose=True, backend="cuda")]
+    torch.cuda.synchronize()
+    want = [roste.hadamard(x.cpu(), backend="cpu") for x in ins] + [roste.hadamard(ins[3].cpu(), transpose=True,
+                                                                                  backend="cpu")]
+    for i, (g, w) in enumerate(zip(got, want)):
+        g, w = g.cpu().float(), w.float()
+        ulp = torch.finfo(ins[min(i, 3)].dtype).eps * torch.maximum(g.abs(), w.abs())
+        tiny = 2.0 ** -16 * w.abs().amax(dim=1, keepdim=True)   # outputs near 0: the fp32 sums' own error
+        assert ((g - w).abs() <= ulp + tiny).all(), f"hadamard_mma: output {i} differs by more than one ulp"
+    print("sanitize_cuda: hadamard_mma ok", flush=True)
 
 
 def zo_apply(dev):
@@ -93,6 +113,7 @@ def adamw(dev):
 if __name__ == "__main__":
     if not (torch.cuda.is_available() and _ext.with_cuda()):
         sys.exit("sanitize_cuda: needs a GPU and fusedtune._C built with CUDA kernels")
-    for fn in (fp8_quant, sddmm_tiles, hadamard, zo_apply, adamw):   # the newest first: racecheck may run out of time
+    hadamard_mma()   # the newest first: racecheck may run out of time
+    for fn in (fp8_quant, sddmm_tiles, hadamard, zo_apply, adamw):
         both(fn)
     print("sanitize_cuda: all kernels ran and matched the CPU kernels")

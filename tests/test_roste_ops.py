@@ -294,3 +294,30 @@ def test_hadamard_kernel_opcheck():
     x = torch.randn(3, n)
     torch.library.opcheck(torch.ops.fusedtune.hadamard_kernel.default, (x, 1 / math.sqrt(n), list(_neg_masks(n, False))))
     torch.library.opcheck(_hadamard_op, (x, 0.5, False, "cpu"))
+
+
+def test_tensor_core_kernel_switch_and_refusals_on_the_cpu():
+    """The tensor-core factor kernel (roste_mma.cu; its results are checked in test_roste_mma_gpu.py) is off
+    unless FUSEDTUNE_HADAMARD_MMA=1 or mma_scope says so; it never takes CPU tensors, so the C++ kernel's
+    bits stay the CPU result with it on; mma_scope restores the switch after an error."""
+    import subprocess
+    import sys
+
+    from fusedtune.ops import roste
+    code = "from fusedtune.ops import roste; print(roste.MMA)"
+    for env, want in (({}, "False"), ({roste.MMA_ENV: "1"}, "True")):
+        e = {k: v for k, v in __import__("os").environ.items() if k != roste.MMA_ENV}
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env={**e, **env})
+        assert r.stdout.strip().splitlines()[-1] == want, r.stderr
+    x = torch.randn(5, 28 * 512).bfloat16()
+    assert "CUDA" in roste.mma_refuses(x)
+    before = roste.MMA
+    with pytest.raises(KeyError):
+        with roste.mma_scope(not before):
+            assert roste.MMA is (not before)
+            raise KeyError
+    assert roste.MMA is before
+    if _ext.loaded():
+        with roste.mma_scope(True):
+            assert torch.equal(hadamard(x, backend="cpu"), torch.ops.fusedtune.hadamard_kernel(
+                x, 1 / math.sqrt(x.shape[-1]), list(_neg_masks(x.shape[-1], False))))

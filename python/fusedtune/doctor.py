@@ -103,8 +103,9 @@ def _ops() -> dict:
 
 
 def _schedules(gpu: dict) -> dict:
-    """The shape- and device-dependent choices inside the GPU paths: LoRA's base-GEMM schedule and FP8Linear's
-    GEMM engine (on a GPU: whether cuBLAS's block-scaled FP8 GEMM passed its one-time check there)."""
+    """The shape- and device-dependent choices inside the GPU paths: LoRA's base-GEMM schedule, FP8Linear's
+    GEMM engine (on a GPU: whether cuBLAS's block-scaled FP8 GEMM passed its one-time check there) and the
+    Hadamard kernel of factored rows."""
     out = {}
     try:
         from .ops import lora_triton
@@ -125,6 +126,13 @@ def _schedules(gpu: dict) -> dict:
                       "allows" if why is None else f"engine {eng}: the Triton FP8 GEMM ({why})")
     except Exception as e:  # noqa: BLE001
         out["fp8"] = f"unknown ({type(e).__name__}: {e})"
+    try:
+        from .ops import roste
+        out["hadamard"] = ("16-bit factored rows (m > 1) on CUDA: the tensor-core factor kernel (hadamard_mma_kernel) "
+                           f"{'on' if roste.MMA else 'off'} ({roste.MMA_ENV}=1 turns it on); off, the butterfly "
+                           "kernel up to 8192 and Triton above")
+    except Exception as e:  # noqa: BLE001
+        out["hadamard"] = f"unknown ({type(e).__name__}: {e})"
     return out
 
 

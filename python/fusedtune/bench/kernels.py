@@ -459,7 +459,7 @@ def collect_cuda(path: str | None = None, notes: list | None = None) -> list[dic
         names = demangle([f for (_, f) in res])
         for (a, fn), r in sorted(res.items(), key=lambda kv: names[kv[0][1]]):
             row = _row(source="cuda", family=_family_of(names[fn]), kernel=names[fn], config="-", target=arch,
-                       cc=int(re.sub(r"\D", "", arch)), mangled=fn)
+                       cc=int(re.sub(r"\D", "", arch)), mangled=fn, gemm=names[fn].startswith(CUDA_GEMMS))
             s = sass.get((a, fn)) or next((v for (sa, sf), v in sass.items() if sf == fn), None)
             _fill_from_cubin_stats(row, r, s)
             rows.append(row)
@@ -484,7 +484,11 @@ def _family_of(name: str) -> str | None:
 # stores 16-bit outputs one by one: loads only.)
 VECTOR_IO = {"fusedtune::zo::zo_apply_kernel": ("ldg128", "stg128"),
              "fusedtune::roste::hadamard_warp_kernel": ("ldg128", "stg128"),
-             "fusedtune::roste::hadamard_kernel": ("ldg128",)}
+             "fusedtune::roste::hadamard_kernel": ("ldg128",),
+             "fusedtune::roste::(anonymous namespace)::hadamard_mma_kernel": ("ldg128", "stg128")}
+
+# CUDA kernels built on tensor cores (mma.sync): the SASS must show HMMA, as a Triton GEMM's must.
+CUDA_GEMMS = ("fusedtune::roste::(anonymous namespace)::hadamard_mma_kernel",)
 
 # The most shared memory one block may use (static + dynamic), per target (CUDA programming guide).
 SMEM_MAX = {"sm_80": 163 * 1024, "sm_86": 99 * 1024, "sm_89": 99 * 1024, "sm_90": 227 * 1024,

@@ -2,7 +2,8 @@
 
 At hidden / intermediate sizes n in {4096, 11008, 14336, 18944} (Llama-2/3, Mistral, Qwen2.5) over
 M = 8192 bf16 rows (--quick: 4096 rows), same run:
-1. hadamard (orthonormal; the CUDA butterfly kernel where it serves, and the Triton kernel) against a
+1. hadamard (orthonormal; the CUDA butterfly kernel where it serves, the tensor-core factor kernel for
+   16-bit factored rows ("cuda-mma", FUSEDTUNE_HADAMARD_MMA), and the Triton kernel) against a
    memcpy of the same bytes (copy_ into a preallocated tensor). Goal on an H100: <= 1.15x the memcpy
    time up to n = 16384.
 2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
@@ -60,19 +61,30 @@ def _unfused(x, bits, clip, backend):
 
 
 def _hadamard_backends(x, on_gpu: bool) -> list[str]:
-    """The backends whose Hadamard kernel serves x: the CUDA butterfly kernel and Triton on a GPU, the
-    C++ kernel (or the reference without the extension) on the CPU."""
+    """The backends whose Hadamard kernel serves x: the CUDA butterfly kernel, the tensor-core factor kernel
+    ("cuda-mma", 16-bit factored rows) and Triton on a GPU, the C++ kernel (or the reference without the
+    extension) on the CPU."""
     from .. import backend as B
-    from ..ops.roste import _HAD_HAS, _ext_refuses
+    from ..ops.roste import _HAD_HAS, _ext_refuses, mma_refuses
     has = frozenset(_HAD_HAS)
     if not on_gpu:
         return ["cpu" if B.can_serve("cpu", x.device, has)[0] and not _ext_refuses(x) else "reference"]
-    return [b for b in ("cuda", "triton") if B.can_serve(b, x.device, has)[0] and (b != "cuda" or not _ext_refuses(x))]
+    cuda = B.can_serve("cuda", x.device, has)[0] and not _ext_refuses(x)
+    return ((["cuda"] if cuda else []) + (["cuda-mma"] if cuda and not mma_refuses(x) else [])
+            + (["triton"] if B.can_serve("triton", x.device, has)[0] else []))
+
+
+def _timed_hadamard(timer, x, hb: str):
+    """hadamard(x) on backend hb ("cuda-mma": backend cuda with the tensor-core kernel on; "cuda": off)."""
+    from ..ops.roste import hadamard, mma_scope
+    backend = "cuda" if hb.startswith("cuda") else hb
+    with mma_scope(hb == "cuda-mma"):
+        return timer(lambda: hadamard(x, backend=backend))
 
 
 def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[dict]:
     """The rows of one shape (fused=False: the Hadamard rows alone)."""
-    from ..ops.roste import hadamard, rotate_fake_quant
+    from ..ops.roste import rotate_fake_quant
     device = "cuda" if on_gpu else "cpu"
     dt = torch.bfloat16 if on_gpu else torch.float32
     backend = "triton" if on_gpu else "reference"
@@ -85,7 +97,7 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[d
 
     cp = timer(lambda: out.copy_(x))
     for hb in _hadamard_backends(x, on_gpu):
-        had = timer(lambda: hadamard(x, backend=hb))
+        had = _timed_hadamard(timer, x, hb)
         slow = had[0] / cp[0]
         note = CPU_NOTE if not on_gpu else (
             f"{slow:.2f}x memcpy; goal <= {GOAL_MEMCPY}x up to 16384: {'met' if slow <= GOAL_MEMCPY else 'NOT met'}"

@@ -16,7 +16,8 @@
 
 Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
 and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
-CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes) and
+CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes; for
+16-bit factored rows with MMA on, csrc/cuda/roste_mma.cu applies H_m first on tensor cores) and
 Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row of the sizes it serves
 (n = A x P, A <= 256, i.e. up to 32768; float32 rows as three fp16 parts per operand, six GEMMs; under
 "auto" it takes what the CUDA kernel cannot);
@@ -30,8 +31,10 @@ backend="triton" was asked for.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 
 import torch
 
@@ -46,6 +49,55 @@ _HAD_HAS = ("reference", "cpu", "cuda", "triton")
 # the factor orders the extension's kernels are compiled for (20 never comes up: 20 * 2^k splits as 40 * 2^(k-1))
 CUDA_FACTORS = (1, 12, 28, 36, 40, 44)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+# The tensor-core factor kernel (csrc/cuda/roste_mma.cu, hadamard_mma_kernel) for 16-bit factored rows: H_m
+# first, on mma.sync, then the butterflies. Off by default until a GPU has timed it against the butterfly
+# kernel and Triton (bench roste's "cuda-mma" rows) and run its tests: FUSEDTUNE_HADAMARD_MMA=1 turns it on.
+MMA_ENV = "FUSEDTUNE_HADAMARD_MMA"
+MMA = os.environ.get(MMA_ENV, "0") == "1"
+_MMA_PAD = 8                                          # roste_cuda.h kMmaPad
+
+
+def mma_smem_bytes(m: int, p: int) -> int:
+    """Shared memory a block of the tensor-core kernel: Y [m][p + 8] fp32, X [16 ceil(m / 16)][p + 8] 16-bit."""
+    return (4 * m + 2 * 16 * -(-m // 16)) * (p + _MMA_PAD)
+
+
+@functools.lru_cache(maxsize=None)
+def _device_limits(index: int) -> tuple[int, int]:
+    props = torch.cuda.get_device_properties(index)
+    return props.major, props.shared_memory_per_block_optin
+
+
+def mma_refuses(x) -> str:
+    """Why the tensor-core factor kernel cannot take x ('' when it can)."""
+    if x.device.type != "cuda":
+        return "it runs on CUDA tensors"
+    if x.dtype not in (torch.bfloat16, torch.float16):
+        return f"it takes bfloat16 / float16 rows, not {x.dtype}"
+    n = x.shape[-1]
+    m, p = href.split_size(n)
+    if m == 1:
+        return f"n = {n} is a power of two (no factor)"
+    why = _ext_refuses(x)
+    if why:
+        return why
+    major, optin = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
+    if major < 8:
+        return "it needs sm_80 or newer"
+    if mma_smem_bytes(m, p) > optin:
+        return f"a row of {n} needs {mma_smem_bytes(m, p)} bytes of shared memory; this GPU allows {optin}"
+    return ""
+
+
+@contextlib.contextmanager
+def mma_scope(on: bool):
+    """The tensor-core factor kernel on (or off) inside the block, whatever MMA says (tests, bench)."""
+    global MMA
+    old, MMA = MMA, bool(on)
+    try:
+        yield
+    finally:
+        MMA = old
 
 
 def _hadamard_impl(x: torch.Tensor, scale: float, transpose: bool, backend: str) -> torch.Tensor:
@@ -56,7 +108,10 @@ def _hadamard_impl(x: torch.Tensor, scale: float, transpose: bool, backend: str)
         n = x.shape[-1]
         if backend == "cuda" and x.data_ptr() % 16:
             x = x.clone()                                # the kernel's 16-byte loads (forward and backward)
-        out = torch.ops.fusedtune.hadamard_kernel(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
+        op = torch.ops.fusedtune.hadamard_kernel
+        if backend == "cuda" and MMA and not mma_refuses(x):
+            op = torch.ops.fusedtune.hadamard_mma_kernel
+        out = op(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
         return out.reshape(x.shape)
     return href.hadamard(x, scale, transpose)
 
@@ -147,7 +202,10 @@ def _prefer_triton(x) -> bool:
     4096 x 3584 (2.6x against 5.0x a memcpy) and 4096 x 5120 (3.0x against 5.6x), and lost to it by 2.5% at
     4096 x 14336 in both runs (3.34x against 3.26x; p20-p80 ranges apart): Triton's two GEMMs a row gain
     with the row's length, the block kernel's factor stage does not. Sizes between 5120 and 14336 are
-    unmeasured; the cut is between the measured points."""
+    unmeasured; the cut is between the measured points. With MMA on, the tensor-core kernel takes every
+    factored row it serves."""
+    if MMA and not mma_refuses(x):
+        return False
     return x.device.type == "cuda" and x.shape[-1] > 8192 and href.split_size(x.shape[-1])[0] != 1 \
         and _triton_serves(x.shape[-1]) and _backend.can_serve("triton", x.device, frozenset(_HAD_HAS))[0]
 
@@ -350,5 +408,9 @@ def hadamard_backend(device, backend: str | None = None) -> dict:
 
 if _ext.loaded():
     @torch.library.register_fake("fusedtune::hadamard_kernel")
+    def _(x, scale, neg_masks):
+        return torch.empty_like(x)
+
+    @torch.library.register_fake("fusedtune::hadamard_mma_kernel")
     def _(x, scale, neg_masks):
         return torch.empty_like(x)
