@@ -196,7 +196,7 @@ gpu_tests() {   # gpu_tests LIMIT_S: the families in parallel, each stopped at L
   for spec in "zo tests/test_zo_gpu.py tests/test_bench.py tests/test_triton_launch_gpu.py" "hft tests/test_hft_gpu.py" \
               "sparse_delta tests/test_sparse_delta_gpu.py" "fp8 tests/test_fp8_gpu.py" \
               "lora tests/test_lora_gpu.py" "lora_dora tests/test_lora_dora_gpu.py tests/test_lora_graph_gpu.py" \
-              "lora_tma tests/test_lora_tma_gpu.py" "roste tests/test_roste_gpu.py tests/test_roste_mma_gpu.py"; do
+              "lora_tma tests/test_lora_tma_gpu.py" "roste tests/test_roste_gpu.py" "roste_mma tests/test_roste_mma_gpu.py"; do
     set -- $spec
     fams+=("$1")
     shift

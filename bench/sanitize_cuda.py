@@ -49,19 +49,22 @@ def hadamard(dev):
 
 def hadamard_mma():
     """The tensor-core factor kernel (roste_mma.cu): its sums are the tensor core's, so it is checked against
-    the CPU kernel within one unit in the last place of the 16-bit output (both fp32-accurate before the one
-    rounding), not bit for bit. Rows beyond the resident blocks, p = 32 / 128 / 512 / 1024, H_m^T."""
+    the float64 reference rounded to the row's dtype within one unit in the last place (it is fp32-accurate
+    before its one rounding), not bit for bit. Rows beyond the resident blocks, p = 32 / 64 / 128 / 512 / 1024,
+    a warp holding all of H_m's row tiles (28, 40, 12, 44) and one a tile (76, 172), H_m^T."""
+    from fusedtune.reference import hadamard as href
     ins = _inputs("cuda", ((700, 28 * 512), torch.bfloat16), ((5, 40 * 32), torch.float16),
-                  ((40, 12 * 1024), torch.bfloat16), ((9, 44 * 128), torch.float16), seed=8)
+                  ((40, 12 * 1024), torch.bfloat16), ((9, 44 * 128), torch.float16), ((300, 172 * 64), torch.bfloat16),
+                  ((7, 76 * 64), torch.float16), seed=8)
     assert not any(roste.mma_refuses(x) for x in ins), [roste.mma_refuses(x) for x in ins]
+    cases = [(x, False) for x in ins] + [(ins[3], True), (ins[4], True)]
     with roste.mma_scope(True):
-        got = [roste.hadamard(x, backend="cuda") for x in ins] + [roste.hadamard(ins[3], transpose=True, backend="cuda")]
+        got = [roste.hadamard(x, transpose=tr, backend="cuda") for x, tr in cases]
     torch.cuda.synchronize()
-    want = [roste.hadamard(x.cpu(), backend="cpu") for x in ins] + [roste.hadamard(ins[3].cpu(), transpose=True,
-                                                                                  backend="cpu")]
-    for i, (g, w) in enumerate(zip(got, want)):
-        g, w = g.cpu().float(), w.float()
-        ulp = torch.finfo(ins[min(i, 3)].dtype).eps * torch.maximum(g.abs(), w.abs())
+    for i, ((x, tr), g) in enumerate(zip(cases, got)):
+        w = href.hadamard(x.double().cpu(), transpose=tr).to(x.dtype).float()
+        g = g.cpu().float()
+        ulp = torch.finfo(x.dtype).eps * torch.maximum(g.abs(), w.abs())
         tiny = 2.0 ** -16 * w.abs().amax(dim=1, keepdim=True)   # outputs near 0: the fp32 sums' own error
         assert ((g - w).abs() <= ulp + tiny).all(), f"hadamard_mma: output {i} differs by more than one ulp"
     print("sanitize_cuda: hadamard_mma ok", flush=True)

@@ -44,8 +44,10 @@ TORCH_LIBRARY(fusedtune, m) {
   // roste: out = H_m X H_p^T * scale per row (X the row as [m, p]; neg_masks: H_m's -1 entries, one
   // mask per output row; empty: m = 1); see hadamard_math.h.
   m.def("hadamard_kernel(Tensor x, float scale, int[] neg_masks) -> Tensor");
-  // the same transform of 16-bit factored rows (m > 1) with H_m on tensor cores first (CUDA only; roste_mma.cu)
-  m.def("hadamard_mma_kernel(Tensor x, float scale, int[] neg_masks) -> Tensor");
+  // the same transform of 16-bit factored rows (n = m x 2^k, m > 1) with the factor on tensor cores first (CUDA
+  // only; roste_mma.cu): h is the factor's matrix (H_m, or H_m^T for the backward) zero-padded to 16 ceil(m / 16)
+  // square, in x's dtype
+  m.def("hadamard_mma_kernel(Tensor x, float scale, Tensor h, int m) -> Tensor");
   // fp8: E4M3 with 1x128 scales (block: 128x128) of x [M, K]; copy: the column-wise copy [K, M] (block: the
   // same bytes transposed) from the same read; see fp8_math.h and fp8_checks.h.
   m.def("fp8_quant_kernel(Tensor x, bool block, bool copy, bool pow2) -> (Tensor, Tensor, Tensor, Tensor)");

@@ -321,3 +321,18 @@ def test_tensor_core_kernel_switch_and_refusals_on_the_cpu():
         with roste.mma_scope(True):
             assert torch.equal(hadamard(x, backend="cpu"), torch.ops.fusedtune.hadamard_kernel(
                 x, 1 / math.sqrt(x.shape[-1]), list(_neg_masks(x.shape[-1], False))))
+
+
+def test_tensor_core_kernel_is_compiled_for_every_factor():
+    """Every factor split_size can return (all of FACTORS but 20, which splits as 40 x 2^(k-1)) has its row-tile
+    count among the tile counts the tensor-core kernel is compiled for (roste_mma.cu's dispatch cases, read
+    from the source), and mma_refuses' list is that list."""
+    import re
+
+    from fusedtune.ops import roste
+    src = (Path(__file__).resolve().parents[1] / "csrc" / "cuda" / "roste_mma.cu").read_text()
+    cases = {int(a) for a, b in re.findall(r"case (\d+): return launch_mma<DT, (\d+)>", src) if a == b}
+    assert cases == set(roste._MMA_TILES)
+    used = {href.split_size(m * 64)[0] for m in href.FACTORS}
+    assert used == set(href.FACTORS) - {20}
+    assert all(-(-m // 16) in cases for m in used)

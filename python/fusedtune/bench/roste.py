@@ -69,8 +69,8 @@ def _hadamard_backends(x, on_gpu: bool) -> list[str]:
     has = frozenset(_HAD_HAS)
     if not on_gpu:
         return ["cpu" if B.can_serve("cpu", x.device, has)[0] and not _ext_refuses(x) else "reference"]
-    cuda = B.can_serve("cuda", x.device, has)[0] and not _ext_refuses(x)
-    return ((["cuda"] if cuda else []) + (["cuda-mma"] if cuda and not mma_refuses(x) else [])
+    ext = B.can_serve("cuda", x.device, has)[0]
+    return ((["cuda"] if ext and not _ext_refuses(x) else []) + (["cuda-mma"] if ext and not mma_refuses(x) else [])
             + (["triton"] if B.can_serve("triton", x.device, has)[0] else []))
 
 

@@ -17,7 +17,8 @@
 Backends: the reference (float64 butterflies), the extension's butterfly kernels for hadamard ("cpu" C++
 and "cuda": csrc/*/roste.*, fp32 math, any float dtype, n = m x 2^k up to 32768 with 2^k >= 8, m in
 CUDA_FACTORS and, on the GPU, n a multiple of 256; the row lives in shared memory, n * 4 bytes; for
-16-bit factored rows with MMA on, csrc/cuda/roste_mma.cu applies H_m first on tensor cores) and
+16-bit factored rows with MMA on, csrc/cuda/roste_mma.cu applies H_m first on tensor cores, any factor up to
+172) and
 Triton (triton_kernels/roste.py): hadamard as two tensor-core GEMMs per row of the sizes it serves
 (n = A x P, A <= 256, i.e. up to 32768; float32 rows as three fp16 parts per operand, six GEMMs; under
 "auto" it takes what the CUDA kernel cannot);
@@ -49,16 +50,18 @@ _HAD_HAS = ("reference", "cpu", "cuda", "triton")
 # the factor orders the extension's kernels are compiled for (20 never comes up: 20 * 2^k splits as 40 * 2^(k-1))
 CUDA_FACTORS = (1, 12, 28, 36, 40, 44)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
-# The tensor-core factor kernel (csrc/cuda/roste_mma.cu, hadamard_mma_kernel) for 16-bit factored rows: H_m
-# first, on mma.sync, then the butterflies. Off by default until a GPU has timed it against the butterfly
+# The tensor-core factor kernel (csrc/cuda/roste_mma.cu, hadamard_mma_kernel) for 16-bit factored rows (every
+# factor shipped, 12..172): H_m first, on mma.sync, then the butterflies. Off by default until a GPU has timed it against the butterfly
 # kernel and Triton (bench roste's "cuda-mma" rows) and run its tests: FUSEDTUNE_HADAMARD_MMA=1 turns it on.
 MMA_ENV = "FUSEDTUNE_HADAMARD_MMA"
 MMA = os.environ.get(MMA_ENV, "0") == "1"
 _MMA_PAD = 8                                          # roste_cuda.h kMmaPad
+_MMA_TILES = (1, 2, 3, 4, 5, 7, 9, 10, 11)            # ceil(m / 16) compiled (roste_cuda.h mma_tiles_compiled)
 
 
 def mma_smem_bytes(m: int, p: int) -> int:
-    """Shared memory a block of the tensor-core kernel: Y [m][p + 8] fp32, X [16 ceil(m / 16)][p + 8] 16-bit."""
+    """Shared memory a block of the tensor-core kernel: Y [m][p + 8] fp32, X [16 ceil(m / 16)][p + 8] 16-bit
+    (roste_cuda.h mma_smem_bytes)."""
     return (4 * m + 2 * 16 * -(-m // 16)) * (p + _MMA_PAD)
 
 
@@ -69,7 +72,9 @@ def _device_limits(index: int) -> tuple[int, int]:
 
 
 def mma_refuses(x) -> str:
-    """Why the tensor-core factor kernel cannot take x ('' when it can)."""
+    """Why the tensor-core factor kernel cannot take x ('' when it can): CUDA, 16-bit rows of n = m x 2^k with
+    m > 1 (any factor shipped, up to 172), 2^k >= 8, n <= 32768 and a multiple of 256, sm_80+, and its shared
+    memory (mma_smem_bytes) within the GPU's limit a block."""
     if x.device.type != "cuda":
         return "it runs on CUDA tensors"
     if x.dtype not in (torch.bfloat16, torch.float16):
@@ -78,15 +83,40 @@ def mma_refuses(x) -> str:
     m, p = href.split_size(n)
     if m == 1:
         return f"n = {n} is a power of two (no factor)"
-    why = _ext_refuses(x)
-    if why:
-        return why
+    if p < 8 or n > 32768 or n % 256 or -(-m // 16) not in _MMA_TILES:
+        return (f"it serves n = m x 2^k with 2^k >= 8, n <= 32768, n % 256 == 0 and 16 ceil(m / 16) in "
+                f"{tuple(16 * t for t in _MMA_TILES)}; n = {n} = {m} x {p} is not")
     major, optin = _device_limits(x.device.index if x.device.index is not None else torch.cuda.current_device())
     if major < 8:
         return "it needs sm_80 or newer"
     if mma_smem_bytes(m, p) > optin:
         return f"a row of {n} needs {mma_smem_bytes(m, p)} bytes of shared memory; this GPU allows {optin}"
     return ""
+
+
+_MMA_MATS: dict = {}
+
+
+def _mma_factor(m: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """H_m (H_m^T) zero-padded to 16 ceil(m / 16) square, in the rows' dtype (+-1 and 0 are exact). Copied to
+    the device on first use, which a CUDA graph cannot capture: refused clearly there (a warm-up call first)."""
+    key = (m, transpose, dtype, str(device))
+    if key not in _MMA_MATS:
+        if torch.device(device).type == "cuda" and torch.cuda.is_current_stream_capturing():
+            raise RuntimeError(f"hadamard: the tensor-core kernel's H_{m} ({dtype}) is copied to the GPU on first "
+                               "use, which a CUDA graph cannot capture; run one call (a warm-up step) before capturing")
+        mp = 16 * -(-m // 16)
+        H = href.factor_matrix(m)
+        h = torch.zeros(mp, mp, dtype=dtype)
+        h[:m, :m] = (H.t() if transpose else H).to(dtype)
+        _MMA_MATS[key] = h.to(device)
+    return _MMA_MATS[key]
+
+
+def _mma_call(x: torch.Tensor, scale: float, transpose: bool) -> torch.Tensor:
+    """The tensor-core factor kernel on the rows of x (2-D, contiguous, 16-byte aligned)."""
+    m, _ = href.split_size(x.shape[-1])
+    return torch.ops.fusedtune.hadamard_mma_kernel(x, scale, _mma_factor(m, transpose, x.dtype, x.device), m)
 
 
 @contextlib.contextmanager
@@ -108,10 +138,10 @@ def _hadamard_impl(x: torch.Tensor, scale: float, transpose: bool, backend: str)
         n = x.shape[-1]
         if backend == "cuda" and x.data_ptr() % 16:
             x = x.clone()                                # the kernel's 16-byte loads (forward and backward)
-        op = torch.ops.fusedtune.hadamard_kernel
-        if backend == "cuda" and MMA and not mma_refuses(x):
-            op = torch.ops.fusedtune.hadamard_mma_kernel
-        out = op(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
+        if backend == "cuda" and (MMA or href.split_size(n)[0] not in CUDA_FACTORS) and not mma_refuses(x):
+            out = _mma_call(x.reshape(-1, n), scale, transpose)   # (also a backward of its forward, MMA off since)
+        else:
+            out = torch.ops.fusedtune.hadamard_kernel(x.reshape(-1, n), scale, list(_neg_masks(n, transpose)))
         return out.reshape(x.shape)
     return href.hadamard(x, scale, transpose)
 
@@ -166,7 +196,9 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
     s = (1.0 / n ** 0.5) if scale is None else float(scale)
     name = _backend.resolve("hadamard", x.device, _HAD_HAS, backend)
     if name in ("cpu", "cuda"):
-        why = _ext_refuses(x)
+        why = "" if name == "cuda" and MMA and not mma_refuses(x) else _ext_refuses(x)
+        if why and name == "cuda" and MMA:
+            why += f"; the tensor-core kernel: {mma_refuses(x)}"
         if why:
             if _backend.requested(backend) == name:
                 raise _backend.BackendError(f"hadamard: backend {name!r}: {why}")
@@ -412,5 +444,5 @@ if _ext.loaded():
         return torch.empty_like(x)
 
     @torch.library.register_fake("fusedtune::hadamard_mma_kernel")
-    def _(x, scale, neg_masks):
+    def _(x, scale, h, m):
         return torch.empty_like(x)
