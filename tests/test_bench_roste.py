@@ -2,7 +2,10 @@
 import csv
 import math
 
+import pytest
+
 from fusedtune import _ext, bench
+from fusedtune.bench import roste as br
 
 
 def test_cpu_run_rows(tmp_path):
@@ -34,3 +37,27 @@ def test_flops_count_the_padded_gemms():
     # 11008 = 172 x 64: A = 172 padded to 256, P = 64 -> 2*256*256*64 + 4*256*64*64 per row
     assert _flops(1, 11008) == 2 * 256 * 256 * 64 + 4 * 256 * 64 * 64
     assert _flops(2, 4096) == 2 * (2 * 32 * 32 * 128 + 4 * 32 * 128 * 128)
+
+
+def _timer(fn):
+    fn()
+    return (1.0, 0.9, 1.1)
+
+
+def test_a_failing_tensor_core_kernel_is_a_skipped_row(monkeypatch):
+    """The opt-in tensor-core kernel ("cuda-mma") failing is a row saying so, the other backends' rows stay;
+    any other backend failing still fails the section."""
+    def timed(timer, x, hb):
+        if hb == "cuda-mma":
+            raise RuntimeError("boom")
+        return timer(lambda: None)
+    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu: ["reference", "cuda-mma"])
+    monkeypatch.setattr(br, "_timed_hadamard", timed)
+    rows = br.size_rows(_timer, 4, 768, False, fused=False)
+    assert [r["backend"] for r in rows] == ["reference", "cuda-mma"]
+    assert rows[0]["time_ms"] == 1.0 and math.isnan(rows[1]["time_ms"])
+    assert rows[1]["note"] == "skipped: the tensor-core kernel failed (RuntimeError: boom)"
+    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu: ["cuda", "cuda-mma"])
+    monkeypatch.setattr(br, "_timed_hadamard", lambda timer, x, hb: (_ for _ in ()).throw(RuntimeError("cuda")))
+    with pytest.raises(RuntimeError, match="cuda"):
+        br.size_rows(_timer, 4, 768, False, fused=False)

@@ -242,3 +242,22 @@ def test_row_cache_reuses_compiled_rows_and_keys_on_what_changes_them(tmp_path, 
     assert K.default_cache_dir() is None
     monkeypatch.setenv("FUSEDTUNE_KERNEL_CACHE", str(tmp_path))
     assert K.default_cache_dir() == str(tmp_path)
+
+
+def test_uncached_rows_compile_in_worker_processes_alike(monkeypatch):
+    """The registry's uncached rows compile in spawned worker processes when there are enough of them: the
+    rows are the ones this process compiles, in the same order; specs outside the registry (and few rows)
+    compile here."""
+    from fusedtune.triton_kernels.registry import all_kernels
+    specs = sorted(all_kernels(), key=lambda s: len(s.configs) * len(s.targets))[:2]
+    assert sum(len(s.configs) * len(s.targets) for s in specs) >= 2
+    monkeypatch.setattr(K, "_POOL_MIN_ROWS", 2)
+    here = K.collect_triton(specs + [SCALE], cache_dir=None, jobs=1)
+    compile_here = K.report_triton_kernel
+
+    def only_outside_the_registry(spec, config, cc):   # (this process's; the workers import their own)
+        assert spec is SCALE, f"{spec.name} compiled in this process, not in a worker"
+        return compile_here(spec, config, cc)
+    monkeypatch.setattr(K, "report_triton_kernel", only_outside_the_registry)
+    pooled = K.collect_triton(specs + [SCALE], cache_dir=None, jobs=2)
+    assert pooled == here and not any(r.get("error") for r in here)

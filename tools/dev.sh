@@ -33,7 +33,7 @@ case "$cmd" in
   test)
     $PY -m fusedtune doctor
     echo "== tests (normal run)"
-    $PY -m pytest -q "$@"
+    $PY -m pytest -q --durations=15 "$@"
     echo "== tests (Triton interpreter run)"
     TRITON_INTERPRET=1 $PY -m pytest -q -m interp "$@"
     echo "== kernel report"

@@ -90,25 +90,8 @@ __device__ __forceinline__ void b_one(uint32_t b[2], const uint16_t* xs, int str
 // row-major [m, p] is at (i >> log_p) * stride + (i & (p - 1)); a group's 2^R values share a row
 template <int R>
 __device__ __forceinline__ void radix_pass_rows(float* s, int g, int b, int log_p, int stride) {
-  const int low = g & ((1 << b) - 1);
-  const int base = ((g >> b) << (b + R)) | low;
-  float* q = s + (base >> log_p) * stride + (base & ((1 << log_p) - 1));
-  float v[1 << R];
-  FT_UNROLL
-  for (int k = 0; k < (1 << R); ++k) v[k] = q[k << b];
-  FT_UNROLL
-  for (int h = 1; h < (1 << R); h <<= 1) {
-    FT_UNROLL
-    for (int k = 0; k < (1 << R); ++k) {
-      if (!(k & h)) {
-        const float x0 = v[k], x1 = v[k + h];
-        v[k] = ft_add(x0, x1);
-        v[k + h] = ft_sub(x0, x1);
-      }
-    }
-  }
-  FT_UNROLL
-  for (int k = 0; k < (1 << R); ++k) q[k << b] = v[k];
+  const int base = ((g >> b) << (b + R)) | (g & ((1 << b) - 1));
+  radix_group<R>(s + (base >> log_p) * stride + (base & ((1 << log_p) - 1)), b);
 }
 
 // a thread's chunks of row xr into X's padded rows, by cp.async (chunk c: flat elements 8c .. 8c + 7)

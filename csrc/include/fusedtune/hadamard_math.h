@@ -69,14 +69,12 @@ FT_HD float lane_combine(float mine, float partner, bool upper) {
   return upper ? ft_sub(partner, mine) : ft_add(mine, partner);
 }
 
-// One shared-memory pass over bits [b, b + R) of group g (g counts the n / 2^R groups).
+// The radix-2^R butterflies of the 2^R values q[k << b] (k < 2^R), in place.
 template <int R>
-FT_HD void radix_pass(float* s, int64_t g, int b) {
-  const int64_t low = g & ((int64_t(1) << b) - 1);
-  const int64_t base = ((g >> b) << (b + R)) | low;
+FT_HD void radix_group(float* q, int b) {
   float v[1 << R];
   FT_UNROLL
-  for (int k = 0; k < (1 << R); ++k) v[k] = s[base + (int64_t(k) << b)];
+  for (int k = 0; k < (1 << R); ++k) v[k] = q[int64_t(k) << b];
   FT_UNROLL
   for (int h = 1; h < (1 << R); h <<= 1) {
     FT_UNROLL
@@ -89,7 +87,14 @@ FT_HD void radix_pass(float* s, int64_t g, int b) {
     }
   }
   FT_UNROLL
-  for (int k = 0; k < (1 << R); ++k) s[base + (int64_t(k) << b)] = v[k];
+  for (int k = 0; k < (1 << R); ++k) q[int64_t(k) << b] = v[k];
+}
+
+// One shared-memory pass over bits [b, b + R) of group g (g counts the n / 2^R groups).
+template <int R>
+FT_HD void radix_pass(float* s, int64_t g, int b) {
+  const int64_t low = g & ((int64_t(1) << b) - 1);
+  radix_group<R>(s + (((g >> b) << (b + R)) | low), b);
 }
 
 // bits of the next shared-memory pass starting at bit b (0 when done)
