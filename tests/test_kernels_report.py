@@ -250,6 +250,11 @@ def test_uncached_rows_compile_in_worker_processes_alike(monkeypatch):
     compile here."""
     from fusedtune.triton_kernels.registry import all_kernels
     specs = sorted(all_kernels(), key=lambda s: len(s.configs) * len(s.targets))[:2]
+    # a worker finds a spec by (module, name, k), not by its place in the registry, whose order across modules
+    # is the order this process first imported them in (a fresh worker's differs when other tests came first)
+    keys = K._spec_keys(all_kernels())
+    assert len(set(keys.values())) == len(keys)
+    assert K._spec_keys(list(reversed(all_kernels()))).keys() == keys.keys()
     assert sum(len(s.configs) * len(s.targets) for s in specs) >= 2
     monkeypatch.setattr(K, "_POOL_MIN_ROWS", 2)
     here = K.collect_triton(specs + [SCALE], cache_dir=None, jobs=1)

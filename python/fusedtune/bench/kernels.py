@@ -400,11 +400,25 @@ def _cached_row(spec, config: dict, cc: int, cache_dir: str | None) -> dict | No
     return None
 
 
-def _report_job(index: int, name: str, j: int, cc: int, cache_dir: str | None) -> dict:
-    """A worker's row: spec `index` of the registry (checked by name), its config j, on cc."""
+def _spec_keys(specs) -> dict:
+    """id(spec) -> (module, name, k): the k-th spec of that name registered by that module. The registry's
+    order across modules is the order the modules were first imported, which differs between a process that
+    imported some before all_kernels() and a fresh worker; within a module it is the module's own."""
+    seen, keys = {}, {}
+    for spec in specs:
+        mod = getattr(getattr(spec.fn, "fn", spec.fn), "__module__", "")
+        k = seen.get((mod, spec.name), 0)
+        seen[(mod, spec.name)] = k + 1
+        keys[id(spec)] = (mod, spec.name, k)
+    return keys
+
+
+def _report_job(key: tuple, j: int, cc: int, cache_dir: str | None) -> dict:
+    """A worker's row: the registry's spec `key` (_spec_keys), its config j, on cc."""
     from fusedtune.triton_kernels.registry import all_kernels
-    spec = all_kernels()[index]
-    assert spec.name == name, f"registry order differs in the worker: {spec.name} != {name}"
+    specs = all_kernels()
+    by_key = {v: i for i, v in _spec_keys(specs).items()}
+    spec = next(s for s in specs if id(s) == by_key[key])
     return _cached_report(spec, spec.configs[j], cc, cache_dir)
 
 
@@ -415,6 +429,13 @@ def report_jobs() -> int:
     if env:
         return max(1, int(env))
     return max(1, min(8, os.cpu_count() or 1))
+
+
+def _spawn_works() -> bool:
+    """Whether a spawned worker can start: it re-runs the main script, which must then be a file (not stdin)."""
+    main = sys.modules.get("__main__")
+    path = getattr(main, "__file__", None)
+    return getattr(main, "__spec__", None) is not None or path is None or os.path.exists(path)
 
 
 # Fewer uncached rows than this compile in this process (a worker's start, an import of torch and Triton,
@@ -431,18 +452,22 @@ def collect_triton(specs=None, cache_dir: str | None = None, jobs: int | None = 
     specs = registry if specs is None else specs
     work = [(spec, j, cc) for spec in specs for j in range(len(spec.configs)) for cc in spec.targets]
     rows = [_cached_row(spec, spec.configs[j], cc, cache_dir) for spec, j, cc in work]
-    index = {id(s): i for i, s in enumerate(registry)}
+    keys = _spec_keys(registry)
     todo = [k for k, r in enumerate(rows) if r is None]
-    pooled = [k for k in todo if id(work[k][0]) in index]
+    pooled = [k for k in todo if id(work[k][0]) in keys]
     jobs = report_jobs() if jobs is None else jobs
-    if jobs > 1 and len(pooled) >= _POOL_MIN_ROWS:
+    if jobs > 1 and len(pooled) >= _POOL_MIN_ROWS and _spawn_works():
         import concurrent.futures
         import multiprocessing
-        with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-            futs = {k: pool.submit(_report_job, index[id(work[k][0])], work[k][0].name, work[k][1], work[k][2],
-                                   cache_dir) for k in pooled}
-            for k, fut in futs.items():
-                rows[k] = fut.result()
+        try:
+            with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+                futs = {k: pool.submit(_report_job, keys[id(work[k][0])], work[k][1], work[k][2], cache_dir)
+                        for k in pooled}
+                for k, fut in futs.items():
+                    rows[k] = fut.result()
+        except Exception as e:  # noqa: BLE001 - a worker's failure is the pool's (a compile error is a row):
+            print(f"fusedtune kernels: worker processes failed ({type(e).__name__}: {e}); compiling here",
+                  file=sys.stderr)   # the rows left compile in this process
     for k in todo:
         if rows[k] is None:
             spec, j, cc = work[k]

@@ -51,8 +51,9 @@ _HAD_HAS = ("reference", "cpu", "cuda", "triton")
 CUDA_FACTORS = (1, 12, 28, 36, 40, 44)
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # The tensor-core factor kernel (csrc/cuda/roste_mma.cu, hadamard_mma_kernel) for 16-bit factored rows (every
-# factor shipped, 12..172): H_m first, on mma.sync, then the butterflies. Off by default until a GPU has timed it against the butterfly
-# kernel and Triton (bench roste's "cuda-mma" rows) and run its tests: FUSEDTUNE_HADAMARD_MMA=1 turns it on.
+# factor shipped, 12..172): H_m first, on mma.sync, then the butterflies. Off by default until a GPU has timed
+# it against the butterfly kernel and Triton (bench roste's "cuda-mma" rows) and run its tests:
+# FUSEDTUNE_HADAMARD_MMA=1 turns it on.
 MMA_ENV = "FUSEDTUNE_HADAMARD_MMA"
 MMA = os.environ.get(MMA_ENV, "0") == "1"
 _MMA_PAD = 8                                          # roste_cuda.h kMmaPad
