@@ -67,7 +67,10 @@ def extensions():
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
     defines = [f'-DFT_TORCH_VERSION="{torch.__version__}"']
     sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
-    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")])
+    # the headers as depends: setuptools skips an extension whose sources are older than the built
+    # library, and a change to a header alone would otherwise leave a stale one (ninja tracks them too)
+    kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")],
+                  depends=sorted(glob.glob("csrc/include/fusedtune/*")))
     if with_cuda:
         # torch derives arch flags from the visible GPUs unless told; our -gencode flags take over,
         # and the variable keeps torch from querying a GPU that a build machine does not have.

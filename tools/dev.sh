@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Developer entry point; the README's two quick-start commands are `bash tools/dev.sh demo` and
-# `bash tools/dev.sh test`. Installs what is missing (pinned torch, the package in editable mode with
-# fusedtune._C built for FUSEDTUNE_CUDA_ARCHS, default 8.0;8.9;9.0a), then:
+# `bash tools/dev.sh test`. Installs what is missing (pinned torch, the package in editable mode),
+# builds fusedtune._C in place for FUSEDTUNE_CUDA_ARCHS (default 8.0;8.9;9.0a), then:
 #   demo   python -m fusedtune demo (extra arguments are passed on)
 #   test   the test suite: normal run, Triton interpreter run, kernel report
 set -euo pipefail
@@ -15,12 +15,15 @@ setup() {
   if ! $PY -c "import torch, pytest, transformers, scipy, ninja, accelerate, peft, bitsandbytes" 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
     $PY -m pip install -q -r requirements-dev.txt
   fi
-  # (re)install in editable mode unless fusedtune already imports from this checkout
+  # Editable install of the Python package alone (seconds), then fusedtune._C built in place. The
+  # objects stay in build/temp.*, so later builds -- and the wheel test's -- recompile only what changed
+  # (pip's own editable build compiles into a throw-away folder, and the wheel test compiled it all again).
   if ! (cd /tmp && $PY -c "import os, sys, fusedtune; sys.exit(os.path.realpath(fusedtune.__file__) != os.path.realpath(sys.argv[1]))" \
         "$PWD/python/fusedtune/__init__.py") 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
-    $PY -m pip install -q --no-build-isolation --no-deps -e .
-  elif [ "${FUSEDTUNE_SKIP_CUDA:-0}" != 1 ]; then
-    $PY setup.py -q build_ext --inplace   # incremental rebuild of fusedtune._C
+    FUSEDTUNE_SKIP_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
+  fi
+  if [ "${FUSEDTUNE_SKIP_CUDA:-0}" != 1 ]; then
+    $PY setup.py -q build_ext --inplace   # fusedtune._C, incremental
   fi
 }
 
