@@ -65,7 +65,7 @@ def cuda_rows():
     if not _ext.with_cuda():
         pytest.skip(f"fusedtune._C has no CUDA kernels here ({_ext.error() or 'built without CUDA'})")
     notes = []
-    return K.collect(include_triton=False, notes=notes), notes
+    return K.collect(include_triton=False, notes=notes, cache_dir=K.default_cache_dir()), notes
 
 
 def test_every_registered_kernel_compiles_for_its_targets_without_spills(registered_rows):
@@ -173,6 +173,31 @@ Resource usage:
     assert K.demangle(["_ZN9fusedtune3fam6kernelEv"]) == {"_ZN9fusedtune3fam6kernelEv": "fusedtune::fam::kernel"}
     assert K._demangle_fallback("_ZN9fusedtune2zo15zo_apply_kernelENS0_6LaunchE") == "fusedtune::zo::zo_apply_kernel"
     assert K._strip_signature("void ns::k<float, 4>(ns::A, int)") == "ns::k<float, 4>"
+
+
+def test_cubin_rows_are_cached_by_the_librarys_bytes(tmp_path, monkeypatch):
+    res = "arch = sm_80\nResource usage:\n Function _ZN9fusedtune2zo1kEv:\n  REG:40 STACK:0 SHARED:0 LOCAL:0\n"
+    sass = ("\tcode for sm_80\n\t\tFunction : _ZN9fusedtune2zo1kEv\n"
+            "        /*0000*/                   LDG.E.128 R4, desc[UR4][R2.64] ;  /* 0x0 */\n")
+    calls = []
+
+    def fake_dump(*args):
+        calls.append(args)
+        return res if "-res-usage" in args else sass
+
+    monkeypatch.setattr(K, "_cuobjdump", fake_dump)
+    monkeypatch.setattr(K, "cubin_archs", lambda path: ["sm_80"])
+    lib, cache = tmp_path / "lib.so", tmp_path / "cache"
+    lib.write_bytes(b"one library")
+    first = K._cubin_rows(str(lib), str(cache))
+    assert len(calls) == 2 and [(r["kernel"], r["regs"], r["ldg128"]) for r in first] == [("fusedtune::zo::k", 40, 1)]
+    copy = tmp_path / "copy.so"                      # the same bytes elsewhere (a wheel's copy): no cuobjdump
+    copy.write_bytes(lib.read_bytes())
+    assert K._cubin_rows(str(copy), str(cache)) == first and len(calls) == 2
+    lib.write_bytes(b"another library")              # other bytes: read again
+    res = res.replace("REG:40", "REG:56")
+    assert K._cubin_rows(str(lib), str(cache))[0]["regs"] == 56 and len(calls) == 4
+    assert K._cubin_rows(str(lib), None)[0]["regs"] == 56 and len(calls) == 6   # no cache: always read
 
 
 def test_extension_has_all_targets_and_the_zo_kernel(cuda_rows):

@@ -24,11 +24,14 @@ Cache: a Triton row that compiled is kept as JSON under $FUSEDTUNE_KERNEL_CACHE 
 ~/.cache/fusedtune/kernel_report; an empty value turns it off; --no-cache), keyed by Triton's own
 source key of the kernel (its source and that of every function it calls), the spec, the config,
 the target, the Triton build (version, triton_key, cache-invalidating environment variables), the
-cuobjdump used and this file. The CLI and the test of the
-registered kernels use it, so `tools/dev.sh test` compiles each kernel once, not twice.
+cuobjdump used and this file. The rows of the extension's cubins are kept there too, keyed by the
+library's bytes, the cuobjdump and this file (a wheel's copy of the same link reads the same rows).
+The CLI and the tests of the report and the wheel use it, so `tools/dev.sh test` compiles each kernel
+and reads each library once, not two or three times.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import argparse
 import functools
 import hashlib
@@ -106,11 +109,11 @@ def parse_sass(text: str) -> dict:
     """cuobjdump -sass output -> {(arch or None, mangled function): {HMMA: n, ..., LDL: n, STL: n, insts: n}}."""
     out, arch, fn = {}, None, None
     for line in text.splitlines():
-        m = re.search(r"code for (sm_\w+)", line)
+        m = "code for" in line and re.search(r"code for (sm_\w+)", line)
         if m:
             arch = m.group(1)
             continue
-        m = re.match(r"\s*Function : (\S+)", line)
+        m = "Function :" in line and re.match(r"\s*Function : (\S+)", line)
         if m:
             fn = m.group(1)
             out[(arch, fn)] = dict.fromkeys(TC_OPS + ("LDL", "STL", "insts", "LDG128", "STG128"), 0)
@@ -376,15 +379,20 @@ def _cached_report(spec, config: dict, cc: int, cache_dir: str | None) -> dict:
     path = os.path.join(cache_dir, key + ".json") if key else None
     row = report_triton_kernel(spec, config, cc)
     if path and not row.get("error"):
-        try:
-            os.makedirs(cache_dir, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=cache_dir, suffix=".tmp")
-            with os.fdopen(fd, "w") as f:
-                json.dump(row, f)
-            os.replace(tmp, path)
-        except OSError:
-            pass                                   # a read-only cache only costs time
+        _write_json(path, row)
     return row
+
+
+def _write_json(path: str, obj) -> None:
+    """Write a cache entry atomically; a read-only cache only costs time."""
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass
 
 
 def _cached_row(spec, config: dict, cc: int, cache_dir: str | None) -> dict | None:
@@ -457,7 +465,6 @@ def collect_triton(specs=None, cache_dir: str | None = None, jobs: int | None = 
     pooled = [k for k in todo if id(work[k][0]) in keys]
     jobs = report_jobs() if jobs is None else jobs
     if jobs > 1 and len(pooled) >= _POOL_MIN_ROWS and _spawn_works():
-        import concurrent.futures
         import multiprocessing
         try:
             with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
@@ -509,25 +516,57 @@ def _claimed_archs() -> list[str]:
         return []
 
 
-def collect_cuda(path: str | None = None, notes: list | None = None) -> list[dict]:
-    """One row per kernel x embedded cubin arch of the extension (default: the built fusedtune._C)."""
+def collect_cuda(path: str | None = None, notes: list | None = None, cache_dir: str | None = None) -> list[dict]:
+    """One row per kernel x embedded cubin arch of the extension (default: the built fusedtune._C).
+    cache_dir: keep (and reuse) the rows of a library by its bytes (with the cuobjdump and this file)."""
     notes = notes if notes is not None else []
     path = path or extension_path()
     if path is None:
         notes.append("fusedtune._C is not built: the report covers the Triton kernels only")
         return []
     try:
-        archs = cubin_archs(path)
+        rows = _cubin_rows(path, cache_dir)
     except Exception as e:  # noqa: BLE001
         notes.append(f"cannot read the cubins of {path}: {e}")
         return [_row(source="cuda", kernel="(extension)", error=str(e))]
-    if not archs:
+    if not rows:
         notes.append(f"{path} holds no cubins (built without CUDA kernels)")
         return []
+    archs = list(dict.fromkeys(r["target"] for r in rows))
+    have = {re.sub(r"[af]$", "", a) for a in archs}  # an older cuobjdump names sm_90a cubins "sm_90"
+    for want in _claimed_archs():
+        if want not in archs and re.sub(r"[af]$", "", want) not in have:
+            rows.append(_row(source="cuda", kernel="(extension)", target=want,
+                             error=f"built for {want} but {os.path.basename(path)} has no cubin for it"))
+    return rows
+
+
+def _cubin_rows(path: str, cache_dir: str | None) -> list[dict]:
+    """The kernel rows of every cubin in the library at path, from the cache when its bytes were read before.
+    The cuobjdump runs of the targets go in parallel (threads: each is its own process)."""
+    key = None
+    if cache_dir:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+        blob = json.dumps([h.hexdigest(), find_cuobjdump(), _this_file_hash()])
+        key = os.path.join(cache_dir, "cuda-" + hashlib.sha256(blob.encode()).hexdigest() + ".json")
+        try:
+            with open(key) as f:
+                return json.load(f)
+        except (OSError, ValueError):
+            pass
+    archs = cubin_archs(path)
+
+    def dump(arch_what):
+        return _cuobjdump("-arch", arch_what[0], arch_what[1], path)
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, min(4, os.cpu_count() or 1))) as pool:
+        texts = list(pool.map(dump, [(a, w) for a in archs for w in ("-res-usage", "-sass")]))
     rows = []
-    for arch in archs:
-        res = parse_res_usage(_cuobjdump("-arch", arch, "-res-usage", path))
-        sass = parse_sass(_cuobjdump("-arch", arch, "-sass", path))
+    for i, arch in enumerate(archs):
+        res, sass = parse_res_usage(texts[2 * i]), parse_sass(texts[2 * i + 1])
         names = demangle([f for (_, f) in res])
         for (a, fn), r in sorted(res.items(), key=lambda kv: names[kv[0][1]]):
             row = _row(source="cuda", family=_family_of(names[fn]), kernel=names[fn], config="-", target=arch,
@@ -535,11 +574,8 @@ def collect_cuda(path: str | None = None, notes: list | None = None) -> list[dic
             s = sass.get((a, fn)) or next((v for (sa, sf), v in sass.items() if sf == fn), None)
             _fill_from_cubin_stats(row, r, s)
             rows.append(row)
-    have = {re.sub(r"[af]$", "", a) for a in archs}  # an older cuobjdump names sm_90a cubins "sm_90"
-    for want in _claimed_archs():
-        if want not in archs and re.sub(r"[af]$", "", want) not in have:
-            rows.append(_row(source="cuda", kernel="(extension)", target=want,
-                             error=f"built for {want} but {os.path.basename(path)} has no cubin for it"))
+    if key and rows and not any(r.get("error") for r in rows):
+        _write_json(key, rows)
     return rows
 
 
@@ -611,7 +647,7 @@ def collect(include_triton: bool = True, include_cuda: bool = True, specs=None, 
         else:
             rows += collect_triton(specs, cache_dir)
     if include_cuda:
-        rows += collect_cuda(ext_path, notes)
+        rows += collect_cuda(ext_path, notes, cache_dir)
     for r in rows:
         r["defects"] = defects(r)
         if (r.get("gemm") and (r.get("cc") or 0) >= 90 and not r.get("HGMMA") and not r.get("QGMMA")
