@@ -74,11 +74,24 @@ enum FtDtype : int32_t { FT_F32 = 0, FT_BF16 = 1, FT_F16 = 2 };
 // ---- exact conversions, written with integer ops so every backend rounds alike -------------
 FT_HD float bf16_to_f32(uint32_t h) { return bits_f32((h & 0xFFFFu) << 16); }
 
+// On sm_80+ the GPU converts with the hardware's round-to-nearest-even (cvt.rn, one F2FP / F2F instead of
+// 5-12 integer instructions), which gives the same bits for every value but NaN: the hardware returns a
+// canonical NaN, these functions keep the sign and return the quiet pattern, so NaN is fixed up first.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+#define FT_HW_CVT 1
+#endif
+
 FT_HD uint32_t f32_to_bf16_rne(float f) {
   uint32_t x = f32_bits(f);
   if ((x & 0x7FFFFFFFu) > 0x7F800000u) return ((x >> 16) & 0x8000u) | 0x7FC0u;  // NaN
+#ifdef FT_HW_CVT
+  unsigned short h;
+  asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   x += 0x7FFFu + ((x >> 16) & 1u);
   return x >> 16;
+#endif
 }
 
 FT_HD float f16_to_f32(uint32_t h) {
@@ -90,6 +103,12 @@ FT_HD float f16_to_f32(uint32_t h) {
 
 FT_HD uint32_t f32_to_f16_rne(float f) {
   uint32_t x = f32_bits(f), sign = (x >> 16) & 0x8000u, ax = x & 0x7FFFFFFFu;
+#ifdef FT_HW_CVT
+  if (ax > 0x7F800000u) return sign | 0x7E00u;  // NaN
+  unsigned short h;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
+  return h;
+#else
   if (ax >= 0x7F800000u) return sign | (ax > 0x7F800000u ? 0x7E00u : 0x7C00u);
   if (ax >= 0x477FF000u) return sign | 0x7C00u;  // rounds to infinity
   if (ax < 0x38800000u) {                          // half subnormal or zero: let the FPU round
@@ -98,6 +117,7 @@ FT_HD uint32_t f32_to_f16_rne(float f) {
   }
   ax += 0xC8000FFFu + ((ax >> 13) & 1u);  // rebias exponent (-112 << 23) and round to nearest even
   return sign | (ax >> 13);
+#endif
 }
 
 // Storage bits <-> fp32 value for a dtype; fp32 "bits" are the float's own bits.
