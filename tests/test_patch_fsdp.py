@@ -1,0 +1,101 @@
+"""FSDP2 (fully_shard, two CPU processes, gloo) over the methods whose layers are plain modules of
+parameters: lora, fp8 and roste, patched before sharding, with an optimizer made after it. Each rank
+trains three steps on its own batch; the full weights FSDP gathers afterwards are the same on both ranks
+bit for bit, and bit for bit the same as one process taking both batches' mean gradient each step:
+halving is exact, so FSDP's average of two ranks' gradients equals the two halves one process
+accumulates. Frozen weights stay as they were."""
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+
+pytest.importorskip("transformers")
+from ranks import run_ranks  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
+
+CASES = ["lora", "fp8", "roste"]
+STEPS, LR = 3, 1e-3
+
+
+def _batch(rank):
+    return torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
+
+
+def _train(name, shard, batches):
+    """A patched tiny Llama trained STEPS AdamW steps, each on the mean of its losses over batches (a
+    backward per batch, as each rank takes its own: FP8's 1x128 tiles of the gradients run along the
+    tokens, so a joined batch would quantize otherwise) -> (its named full weights, its first batch's losses)."""
+    import fusedtune
+    from tiny_models import tiny_llama
+    m = tiny_llama()
+    m.train()
+    fusedtune.patch(m, name)
+    if shard:
+        from torch.distributed.fsdp import fully_shard
+        for layer in m.model.layers:
+            fully_shard(layer)
+        fully_shard(m)
+    opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)
+    losses = []
+    for _ in range(STEPS):
+        for i, ids in enumerate(batches):
+            loss = m(ids, labels=ids).loss
+            (loss / len(batches)).backward()
+            if i == 0:
+                losses.append(float(loss.detach()))
+        opt.step()
+        opt.zero_grad()
+    full = {}
+    for n, p in m.named_parameters():
+        t = p.detach()
+        full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
+    return full, losses
+
+
+def _worker(rank, world, init, out):
+    import sys
+    sys.path.insert(0, os.path.dirname(__file__))
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
+    res = {}
+    try:
+        for name in CASES:
+            res[name] = _train(name, True, [_batch(rank)])
+    finally:
+        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    return run_ranks(_worker, tmp_path_factory.mktemp("fsdp"))
+
+
+@pytest.mark.parametrize("name", CASES)
+def test_sharded_training_matches_one_process_on_the_joined_batch(ranks, name):
+    r0, r1 = ranks
+    (w0, l0), (w1, l1) = r0[name], r1[name]
+    assert w0.keys() == w1.keys()
+    for n in w0:
+        assert torch.equal(w0[n], w1[n]), f"{name}: {n} differs between the ranks"
+    ref, ref_losses = _train(name, False, [_batch(0), _batch(1)])
+    assert ref.keys() == w0.keys()
+    for n in ref:
+        assert torch.equal(w0[n], ref[n]), f"{name}: {n} differs from one process's (max {(w0[n] - ref[n]).abs().max()})"
+    start = _train_start(name)
+    trained = [n for n, (_, grad) in start.items() if grad]
+    frozen = [n for n, (_, grad) in start.items() if not grad]
+    assert trained and all(not torch.equal(w0[n], start[n][0]) for n in trained), f"{name}: a weight never moved"
+    assert all(torch.equal(w0[n], start[n][0]) for n in frozen), f"{name}: a frozen weight moved"
+    assert l0 == ref_losses, f"{name}: rank 0's losses {l0}, one process's on the same batch {ref_losses}"
+    assert l1[-1] < l1[0] and l0[-1] < l0[0]
+
+
+def _train_start(name):
+    """The patched model's weights before any step (the same seed as _train): {name: (weight, trains)}."""
+    import fusedtune
+    from tiny_models import tiny_llama
+    m = tiny_llama()
+    fusedtune.patch(m, name)
+    return {n: (p.detach().clone(), p.requires_grad) for n, p in m.named_parameters()}
