@@ -1,5 +1,6 @@
 """FSDP2 (fully_shard, two CPU processes, gloo) over the methods whose layers are plain modules of
-parameters: lora, fp8 and roste, patched before sharding, with an optimizer made after it. Each rank
+parameters (full, lora, fp8, fp8_lora, roste, hft at matrix granularity), patched before sharding, with an
+optimizer made after it; qlora, whose packed NF4 weight FSDP shards without its quant_state, refused clearly. Each rank
 trains three steps on its own batch; the full weights FSDP gathers afterwards are the same on both ranks
 bit for bit, and bit for bit the same as one process taking both batches' mean gradient each step:
 halving is exact, so FSDP's average of two ranks' gradients equals the two halves one process
@@ -15,7 +16,7 @@ from ranks import run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
-CASES = ["lora", "fp8", "roste"]
+CASES = ["lora", "fp8", "roste", "hft", "full", "fp8_lora"]
 STEPS, LR = 3, 1e-3
 
 
@@ -62,6 +63,11 @@ def _worker(rank, world, init, out):
     try:
         for name in CASES:
             res[name] = _train(name, True, [_batch(rank)])
+        try:                                  # the packed NF4 weight sharded by FSDP: refused clearly
+            _train("qlora", True, [_batch(rank)])
+            res["qlora"] = None
+        except Exception as e:  # noqa: BLE001
+            res["qlora"] = f"{type(e).__name__}: {e}"
     finally:
         torch.save(res, os.path.join(out, f"rank{rank}.pt"))
         dist.destroy_process_group()
@@ -99,3 +105,11 @@ def _train_start(name):
     m = tiny_llama()
     fusedtune.patch(m, name)
     return {n: (p.detach().clone(), p.requires_grad) for n, p in m.named_parameters()}
+
+
+def test_qlora_under_fsdp_is_refused_clearly(ranks):
+    from fusedtune.patch import methods, missing_requirements
+    if missing_requirements(methods()["qlora"]):
+        pytest.skip("qlora: requirements missing")
+    for r in ranks:
+        assert r["qlora"] is not None and r["qlora"].startswith("LoRAUnsupported") and "FSDP" in r["qlora"], r["qlora"]

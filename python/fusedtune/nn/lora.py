@@ -433,10 +433,17 @@ class LoRALinear(nn.Module):
         if nf4 is not None:
             dt = self._base_device_dtype()[1]
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
+        w = self.base_weight()
+        if not w.is_floating_point():
+            raise LoRAUnsupported(
+                f"LoRALinear: the base layer's weight is {w.dtype} {tuple(w.shape)} without bitsandbytes' quant_state: "
+                "a packed 4-bit weight that lost its Params4bit, as FSDP's fully_shard (DTensor shards) or a state "
+                "dict loaded into a plain layer leave it. QLoRA under FSDP2 is not supported (the NF4 path reads the "
+                "whole packed weight and its quant_state); train it with DDP, or shard a 16-bit base (method lora)")
         dt = _autocast.linear_dtype(x.device)
         if dt is None:
-            return x, self.base_weight(), None, bias, x.dtype
-        x, w, bias = _autocast.cast(dt, x, self.base_weight(), bias)
+            return x, w, None, bias, x.dtype
+        x, w, bias = _autocast.cast(dt, x, w, bias)
         return x, w, None, bias, dt
 
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
