@@ -110,6 +110,31 @@ def test_fsdp_quant_storage_reads_the_same_nf4_bytes():
     assert torch.equal(got, want)
 
 
+@pytest.mark.parametrize("storage", [torch.uint8, torch.bfloat16])
+def test_packed_weight_without_its_quant_state_takes_the_kept_one(storage):
+    """FSDP2's fully_shard swaps the Params4bit for a plain parameter of the same bytes (uint8, or FSDP-QLoRA's
+    quant_storage dtype): the layer's output and gradients stay the same bits (tests/test_patch_fsdp.py
+    trains it sharded). A Params4bit made without module= leaves no copy on the Linear4bit: the layer's own."""
+    torch.manual_seed(0)
+    base = _linear4bit(nn.Linear(64, 32))
+    assert getattr(base, "quant_state", None) is None
+    layer = LoRALinear.from_linear(base, r=4, alpha=8, init_lora_weights=False)
+    x = torch.randn(5, 64, requires_grad=True)
+    want = layer(x)
+    want_dx, = torch.autograd.grad(want.sum(), x)
+    packed = base.weight.data.reshape(-1).view(storage).clone()
+    base.weight = nn.Parameter(packed.reshape(-1, 1), requires_grad=False)
+    assert getattr(base.weight, "quant_state", None) is None
+    got = layer(x)
+    got_dx, = torch.autograd.grad(got.sum(), x)
+    assert torch.equal(got, want) and torch.equal(got_dx, want_dx)
+    base.weight = nn.Parameter(torch.randn(32, 64), requires_grad=False)   # a dense weight again: dense
+    assert layer._quant_state() is None
+    A, B = layer.lora_A["default"].weight, layer.lora_B["default"].weight
+    want = x @ base.weight.t() + base.bias + layer.scaling["default"] * (x @ A.t()) @ B.t()
+    torch.testing.assert_close(layer(x), want)
+
+
 def test_nf4_bad_inputs_are_refused_clearly():
     base = _linear4bit(nn.Linear(64, 32))
     with pytest.raises(ValueError, match="has no quant_state"):

@@ -144,7 +144,8 @@ class QLoRAMethod(LoRAMethod):
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=dt, compress_statistics=double_quant, quant_type="nf4", device="meta")
         q.weight = bnb.nn.Params4bit(linear.weight.detach().to("cpu", copy=True), requires_grad=False,
-                                     blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4")
+                                     blocksize=blocksize, compress_statistics=double_quant, quant_type="nf4",
+                                     module=q)   # bitsandbytes keeps the quant_state on q as well (FSDP)
         if linear.bias is not None:
             q.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
         return q.to(dev)

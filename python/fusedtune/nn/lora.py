@@ -161,10 +161,31 @@ class LoRALinear(nn.Module):
         w = self._modules["base_layer"].weight
         return w.t() if self.fan_in_fan_out else w
 
+    def _quant_state(self):
+        """The NF4 base's bitsandbytes QuantState, or None for a 16/32-bit base. The weight carries it (kept here
+        each time). A packed weight that FSDP's fully_shard has turned into a plain parameter (DTensor shards,
+        gathered whole for the forward and backward; uint8, or FSDP-QLoRA's quant_storage dtype) no longer does:
+        it takes the copy bitsandbytes keeps on the Linear4bit module for that case, as bitsandbytes' own forward
+        does, else the one kept here (a Params4bit made without its module has no such copy). Packed: half a
+        byte an element of the quant_state's shape."""
+        base = self._modules["base_layer"]
+        w = base.weight
+        qs = getattr(w, "quant_state", None)
+        if qs is not None:
+            self.__dict__["_bnb_qs"] = qs
+            return qs
+        kept = self.__dict__.get("_bnb_qs")
+        if kept is None:
+            return None                          # a 16/32-bit base
+        kept = getattr(base, "quant_state", None) or kept
+        n, k = (int(d) for d in kept.shape)
+        return kept if w.numel() * w.element_size() * 2 == n * k else None
+
     def _base_device_dtype(self):
         w = self.base_layer.weight
-        if is_bnb_4bit(self.base_layer):
-            return w.device, getattr(self.base_layer, "compute_dtype", None) or w.quant_state.dtype
+        qs = self._quant_state()
+        if qs is not None:
+            return w.device, getattr(self.base_layer, "compute_dtype", None) or qs.dtype
         return w.device, w.dtype
 
     def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
@@ -232,7 +253,7 @@ class LoRALinear(nn.Module):
         self.set_adapter(name)
 
     def _check_decomposable(self, how: str, r: int) -> None:
-        if is_bnb_4bit(self.base_layer) or _is_fp8(self.base_layer):
+        if self._quant_state() is not None or _is_fp8(self.base_layer):
             raise LoRAUnsupported(f"LoRALinear: init_lora_weights={how!r} rewrites the base weight as the residual "
                                   "W - scale B A: initialize on the 16/32-bit model, then quantize the residual")
         if self.base_layer.weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
@@ -379,18 +400,18 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _nf4_weight(self):
-        base = self._modules["base_layer"]
-        if not is_bnb_4bit(base):
+        qs = self._quant_state()
+        if qs is None:
             return None
-        w = base.weight
+        w = self._modules["base_layer"].weight
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:
                 return self._nf4[1]
-            return Nf4Weight.from_bnb(w)
+            return Nf4Weight.from_bnb(w, qs)
         key = (w.data_ptr(), w.device)
         if self._nf4 is None or self._nf4[0] != key:
-            self._nf4 = (key, Nf4Weight.from_bnb(w))
+            self._nf4 = (key, Nf4Weight.from_bnb(w, qs))
         return self._nf4[1]
 
     def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
@@ -436,10 +457,8 @@ class LoRALinear(nn.Module):
         w = self.base_weight()
         if not w.is_floating_point():
             raise LoRAUnsupported(
-                f"LoRALinear: the base layer's weight is {w.dtype} {tuple(w.shape)} without bitsandbytes' quant_state: "
-                "a packed 4-bit weight that lost its Params4bit, as FSDP's fully_shard (DTensor shards) or a state "
-                "dict loaded into a plain layer leave it. QLoRA under FSDP2 is not supported (the NF4 path reads the "
-                "whole packed weight and its quant_state); train it with DDP, or shard a 16-bit base (method lora)")
+                f"LoRALinear: the base layer's weight is {w.dtype} {tuple(w.shape)}, not a 16/32-bit weight, and "
+                "no bitsandbytes quant_state was ever seen for it (a packed 4-bit weight in a plain layer?)")
         dt = _autocast.linear_dtype(x.device)
         if dt is None:
             return x, w, None, bias, x.dtype
@@ -579,7 +598,7 @@ class LoRALinear(nn.Module):
         weight as it was before the first merge, so unmerge() restores it bit-exactly; without it unmerge
         subtracts the deltas (peft's way; off by the rounding of the merge). safe_merge refuses (and leaves
         the weight untouched) when the merged weight is not finite."""
-        if is_bnb_4bit(self.base_layer):
+        if self._quant_state() is not None:
             raise LoRAUnsupported("LoRALinear.merge: merging into an NF4 base re-quantizes it (lossy); convert the "
                                   "base to a 16-bit nn.Linear first, or use to_linear()")
         names = self.active_adapters if adapter_names is None else \
@@ -747,7 +766,7 @@ class LoRALinear(nn.Module):
                              fan_in_fan_out=self.fan_in_fan_out)
             if out is None:
                 cls = peft_layer.Linear
-                if is_bnb_4bit(self.base_layer):
+                if self._quant_state() is not None:
                     from peft.tuners.lora.bnb import Linear4bit as cls  # noqa: N813
                 out = cls(self.base_layer, n, config=cfg, r=self.r[n], lora_alpha=self.lora_alpha[n],
                           **({"is_target_conv_1d_layer": True} if self.fan_in_fan_out else {}))
@@ -778,7 +797,7 @@ class LoRALinear(nn.Module):
     def _fusedtune_report(self) -> dict:
         device = self.base_layer.weight.device
         b = lora_ops.lora_backend(device, self.backend)
-        nf4 = is_bnb_4bit(self.base_layer)
+        nf4 = self._quant_state() is not None
         last = self.__dict__.get("_last_rows")
         if _is_fp8(self.base_layer):
             path = "FP8Linear base (block-scaled FP8 GEMMs) + LoRA branch as torch GEMMs (not fused)"
