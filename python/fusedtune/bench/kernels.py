@@ -31,8 +31,8 @@ and reads each library once, not two or three times.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import argparse
+import concurrent.futures
 import functools
 import hashlib
 import inspect
