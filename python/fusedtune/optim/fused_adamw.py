@@ -18,8 +18,8 @@ def refuse_sharded(params, what: str) -> None:
     if any(isinstance(p, DTensor) for p in params):
         raise TypeError(f"{what}: DTensor (FSDP2 fully_shard / tensor-parallel) parameters are not supported: the "
                         "fused kernels work on whole tensors. Use DistributedDataParallel (tested) or one process; "
-                        "with FSDP, create the optimizer for methods whose parameters are plain (lora, fp8, roste: "
-                        "torch.optim.AdamW after fully_shard)")
+                        "with FSDP, use a method whose parameters are plain (full, lora, qlora, fp8, fp8_lora, roste, "
+                        "hft at matrix granularity) and torch.optim.AdamW created after fully_shard")
 
 
 class FusedAdamW(CopyableOptimizer):
