@@ -2,7 +2,6 @@
 it takes no gradients): each rank trains on its own batch, and after three steps both ranks hold the
 same weights bit for bit, the steps trained, and fusedtune warned about nothing (DDP's first broadcast
 rewrites the deltas and row masters with their own values: not an outside change)."""
-import os
 import warnings
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 
 pytest.importorskip("transformers")
-from ranks import run_ranks  # noqa: E402
+from ranks import gloo_worker, run_ranks  # noqa: E402
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
 CASES = ["full", "lora", "qlora", "fp8", "fp8_lora", "hft", "hft-row", "hft-block", "sparse_delta", "sparse_delta-regrow",
@@ -24,44 +23,36 @@ def _options(variant: str) -> dict:
     return {"granularity": variant} if variant else {}
 
 
-def _worker(rank, world, init, out):
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
+def _ranks_train(rank, res):
     import fusedtune
     from fusedtune.patch import methods, missing_requirements
     from tiny_models import tiny_llama
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    res = {}
-    try:
-        for case in CASES:
-            name, _, variant = case.partition("-")
-            if missing_requirements(methods()[name]):
-                continue
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                m = tiny_llama()
-                m.train()
-                torch.manual_seed(3)
-                rep = fusedtune.patch(m, name, **_options(variant))
-                before = [p.detach().clone() for p in m.parameters()]
-                run = m if name == "mezo" else torch.nn.parallel.DistributedDataParallel(m)
-                ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
-                losses = [float(rep.step(lambda: run(ids, labels=ids).loss)) for _ in range(3)]
-                after = float(m(ids, labels=ids).loss.detach())
-            res[case] = {"params": [p.detach().clone() for p in m.parameters()], "first": losses[0], "after": after,
-                         "buffers": [b.clone() for b in m.buffers()],
-                         "moves": [h["moved"] for h in rep.regrower.history] if variant == "regrow" else None,
-                         "moved": any(not torch.equal(a, b) for a, b in zip(m.parameters(), before)),
-                         "warned": [str(w.message) for w in caught if "fusedtune" in str(w.message)]}
-    finally:
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+    for case in CASES:
+        name, _, variant = case.partition("-")
+        if missing_requirements(methods()[name]):
+            continue
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            m = tiny_llama()
+            m.train()
+            torch.manual_seed(3)
+            rep = fusedtune.patch(m, name, **_options(variant))
+            before = [p.detach().clone() for p in m.parameters()]
+            run = m if name == "mezo" else torch.nn.parallel.DistributedDataParallel(m)
+            ids = torch.randint(0, 64, (2, 12), generator=torch.Generator().manual_seed(10 + rank))
+            losses = [float(rep.step(lambda: run(ids, labels=ids).loss)) for _ in range(3)]
+            after = float(m(ids, labels=ids).loss.detach())
+        res[case] = {"params": [p.detach().clone() for p in m.parameters()], "first": losses[0], "after": after,
+                     "buffers": [b.clone() for b in m.buffers()],
+                     "moves": [h["moved"] for h in rep.regrower.history] if variant == "regrow" else None,
+                     "moved": any(not torch.equal(a, b) for a, b in zip(m.parameters(), before)),
+                     "warned": [str(w.message) for w in caught if "fusedtune" in str(w.message)]}
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
-    return run_ranks(_worker, out)
+    return run_ranks(gloo_worker, out, _ranks_train)
 
 
 @pytest.mark.parametrize("case", CASES)

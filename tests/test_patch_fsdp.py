@@ -6,14 +6,13 @@ trains three steps on its own batch; the full weights FSDP gathers afterwards ar
 bit for bit, and bit for bit the same as one process taking both batches' mean gradient each step:
 halving is exact, so FSDP's average of two ranks' gradients equals the two halves one process
 accumulates. Frozen weights stay as they were."""
-import os
 
 import pytest
 import torch
 import torch.distributed as dist
 
 pytest.importorskip("transformers")
-from ranks import run_ranks  # noqa: E402
+from ranks import gloo_worker, run_ranks  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -60,24 +59,16 @@ def _train(name, shard, batches):
     return full, losses
 
 
-def _worker(rank, world, init, out):
-    import sys
-    sys.path.insert(0, os.path.dirname(__file__))
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world)
-    res = {}
-    try:
-        from fusedtune.patch import methods, missing_requirements
-        for name in CASES:
-            if not missing_requirements(methods()[name]):
-                res[name] = _train(name, True, [_batch(rank)])
-    finally:
-        torch.save(res, os.path.join(out, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+def _ranks_train(rank, res):
+    from fusedtune.patch import methods, missing_requirements
+    for name in CASES:
+        if not missing_requirements(methods()[name]):
+            res[name] = _train(name, True, [_batch(rank)])
 
 
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory):
-    return run_ranks(_worker, tmp_path_factory.mktemp("fsdp"))
+    return run_ranks(gloo_worker, tmp_path_factory.mktemp("fsdp"), _ranks_train)
 
 
 @pytest.mark.parametrize("name", CASES)
