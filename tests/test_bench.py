@@ -34,7 +34,8 @@ def test_cpu_run_writes_csv_with_the_columns_and_sane_rows(cpu_run):
     header, rows = _read(out / "zo.csv")
     assert header == core.COLUMNS
     kernels = {r["kernel"] for r in rows}
-    assert {"zo_apply_ pass", "zo_apply_ undo+update pass", "mezo step perturbation (3 passes)"} <= kernels
+    assert {"zo_apply_ pass", "zo_apply_ undo+update pass", "mezo step perturbation (3 passes)",
+            "mezo step perturbation (fold=True, 2 passes)"} <= kernels
     for r in rows:
         assert r["gpu_name"] == "cpu" and r["dtype"] == "bf16"
         assert r["torch"] == torch.__version__ and r["commit"] and r["date"].endswith("Z")

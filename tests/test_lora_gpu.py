@@ -181,7 +181,7 @@ def test_triton_nf4_in_gemm_split_k_backward_within_rule(gather, monkeypatch):
     q.weight = bnb.nn.Params4bit(lin.weight.detach(), requires_grad=False, quant_type="nf4")
     q = q.cuda()
     layer = LoRALinear.from_linear(q, r=16, init_lora_weights=False, backend="triton")
-    nf4 = layer._nf4_weight().state()
+    nf4 = layer._nf4_weight()[0].state()
     assert tk._k_splits(M, N, K, "cuda") > 1 and tk._k_splits(M, K, N, "cuda") > 1      # forward and dX split
     assert [tk._nf4_vec(nf4, qs) for qs in ((K, 1), (1, K))] == ([0, 0] if gather else [1, 2])
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -30,6 +30,12 @@ CASES = [
     dict(seeds=[12], coeffs=[-4e-3], undo=([12], [2e-3]), rounding="stochastic", rounding_seed=5, noise="rademacher"),
     dict(seeds=[13], coeffs=[-1e-3], undo=([13], [5e-4]), rounding="stochastic", rounding_seed=8, alpha=0.995),
     dict(seeds=[14], coeffs=[7e-4], noise="rademacher", rounding="stochastic", rounding_seed=3),
+    # MODE_NEXT: one seed undone and reapplied plus a second (a folded MeZO's last pass), each noise and rounding
+    dict(seeds=[15, 16], coeffs=[-2e-3, 1e-3], undo=([15], [-1e-3])),
+    dict(seeds=[17, 18], coeffs=[-5e-4, 1e-3], undo=([17], [1e-3]), noise="rademacher", rounding="stochastic",
+         rounding_seed=4, alpha=0.99),
+    dict(seeds=[19, 20], coeffs=[3e-4, -1e-3], undo=([19], [1e-3]), rounding="stochastic", rounding_seed=6),
+    dict(seeds=[23, 24], coeffs=[2e-3, 1e-3], undo=([23], [-2e-3]), noise="rademacher", alpha=0.9),
 ]
 
 
@@ -116,9 +122,11 @@ def undo_edge_values(dtype) -> torch.Tensor:
 def test_undo_edges_bit_identical(dtype, pc):
     """The CPU kernel's undo against the reference's at the format's edges: the largest values (x - dp
     rounds to infinity), zeros, subnormals, infinities and NaN, under ordinary, huge and infinite deltas;
-    same-seed undo (MeZO's compiled path) and an undo of another seed (the generic path). (The neighbour
+    same-seed undo (MeZO's compiled path), that with a second seed (a folded MeZO's) and an undo of another
+    seed (the generic path). (The neighbour
     search itself: test_undo_neighbour_search_bit_identical.)"""
-    for kw in (dict(seeds=[21], coeffs=[-pc], undo=([21], [pc])), dict(seeds=[22], coeffs=[1e-3], undo=([23], [pc]))):
+    for kw in (dict(seeds=[21], coeffs=[-pc], undo=([21], [pc])), dict(seeds=[22], coeffs=[1e-3], undo=([23], [pc])),
+               dict(seeds=[24, 25], coeffs=[-pc, 1e-3], undo=([24], [pc]))):
         def run(b):
             t = undo_edge_values(dtype)
             zo_apply_(t, backend=b, **kw)

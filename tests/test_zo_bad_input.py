@@ -81,6 +81,14 @@ def test_kernel_op_checks_direct_callers():
     with pytest.raises(RuntimeError, match="not contiguous"):
         torch.ops.fusedtune.zo_apply_kernel_([torch.zeros(4, 4).t()], [0], torch.tensor([1]), torch.tensor([1.0]),
                                              torch.zeros(0, dtype=torch.long), torch.zeros(0), 1.0, 0, 0, 0)
+    # no seed at all, with and without an undo (the kernels read the first seed to pick their compiled path:
+    # this crashed the process before the check)
+    w = torch.ones(5)
+    for n_prev in (0, 1):
+        with pytest.raises(RuntimeError, match="at least one seed"):
+            torch.ops.fusedtune.zo_apply_kernel_([w], [0], torch.zeros(0, dtype=torch.long), torch.zeros(0),
+                                                 torch.zeros(n_prev, dtype=torch.long), torch.zeros(n_prev), 0.5, 0, 0, 0)
+    assert torch.equal(w, torch.ones(5))
 
 
 @pytest.mark.parametrize("kw,msg", [

@@ -32,7 +32,11 @@ def _mixed(device, n=60):
                                 # MeZO's one-draw path with stochastic rounding and a decay; one Rademacher seed
                                 dict(seeds=[6], coeffs=[-2e-3], undo=([6], [1e-3]), rounding="stochastic",
                                      rounding_seed=9, alpha=0.999),
-                                dict(seeds=[7], coeffs=[5e-4], noise="rademacher")])
+                                dict(seeds=[7], coeffs=[5e-4], noise="rademacher"),
+                                # a folded MeZO's last pass: the same-seed undo plus the next seed
+                                dict(seeds=[6, 7], coeffs=[-2e-3, 1e-3], undo=([6], [-1e-3]), rounding="stochastic",
+                                     rounding_seed=9, alpha=0.999),
+                                dict(seeds=[6, 7], coeffs=[-2e-3, 1e-3], undo=([6], [-1e-3]))])
 def test_gpu_backends_and_cpu_bit_identical(kw):
     if kw.get("rounding") == "stochastic":   # float16's stochastic rounding at every edge too
         from test_zo_apply import fp16_edge_values
@@ -49,6 +53,24 @@ def test_gpu_backends_and_cpu_bit_identical(kw):
     cpu = mk("cpu")
     zo_apply_(cpu, **kw)
     assert_same_bits([t.cpu() for t in run("cuda")], cpu, "cuda vs cpu")
+
+
+@pytest.mark.parametrize("coeff", [16.0, 40.0, -40.0])
+def test_float16_nearest_rounding_at_the_overflow_edge_cuda_equals_cpu(coeff):
+    """The hardware's cvt.rn (common.h, sm_80+) at float16's edges under nearest rounding: values pushed past
+    65504 (to inf or back), subnormals, zeros, inf and NaN, one-seed and same-seed paths, bit-equal to the CPU
+    kernel's integer rounding. (A NaN's sign is the hardware's.)"""
+    from test_zo_apply import fp16_edge_values
+    for kw in (dict(seeds=[11], coeffs=[coeff]), dict(seeds=[11], coeffs=[coeff], undo=([11], [coeff / 2]))):
+        cpu = fp16_edge_values()
+        gpu = cpu.cuda()
+        zo_apply_(cpu, **kw)
+        zo_apply_(gpu, backend="cuda", **kw)
+        got, want = gpu.cpu(), cpu
+        nan = torch.isnan(want)
+        assert torch.equal(torch.isnan(got), nan)
+        assert torch.equal(got[~nan].view(torch.int16), want[~nan].view(torch.int16)), kw
+        assert torch.isinf(want).sum() > 2 * 64          # values were pushed past the edge
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -13,6 +13,7 @@ CASES = [
     dict(seeds=[1, (1 << 64) - 1], coeffs=[1e-3, -0.5], noise="rademacher", tensor_ids=[5, (1 << 32) - 1]),
     dict(seeds=[9, 10], coeffs=[-1e-6, 1e-3], undo=([9, 4], [-1e-3, 2e-3]), alpha=0.999),
     dict(seeds=[5], coeffs=[3e-3], rounding="stochastic", rounding_seed=-7, undo=([6], [1e-3])),
+    dict(seeds=[5, 8], coeffs=[3e-3, 1e-3], undo=([5], [-1e-3])),      # a folded MeZO's last pass
 ]
 
 

@@ -103,7 +103,7 @@ __device__ __forceinline__ void stage_x(uint16_t* xs, const char* xr, const MmaP
 
 // MT = ceil(m / 16) tiles of H_m's rows. A warp holds MW of them (all MT up to 3; one from 4 on, where all of H_m
 // would not fit a warp's registers) for all k: G = MT / MW groups of warps, each walking the n-tiles of its
-// rows; blockDim.x / 32 is a multiple of G (launch_mma).
+// rows; blockDim.x / 32 is a multiple of G (mma_warps, roste_cuda.h).
 template <int DT, int MT>
 __global__ void __launch_bounds__(32 * mma_max_warps(MT), 2)
     hadamard_mma_kernel(const void* __restrict__ x, void* __restrict__ out, const uint16_t* __restrict__ h,

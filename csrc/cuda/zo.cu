@@ -147,7 +147,7 @@ struct Walk {
   Stage& stage;
 
   template <int MODE, int NOISE, int ROUND>
-  __device__ void operator()() const {
+  __device__ __forceinline__ void operator()() const {
     const int64_t total = launch.block_start[launch.count];
     int64_t b = blockIdx.x;
     int ti = find_segment(launch.block_start, launch.count, b);
@@ -169,27 +169,43 @@ struct Walk {
 // table is copied into shared memory once per block, not once per chunk as with one block per chunk of
 // 8192 elements before (4 KB from L2 and a barrier for every 16 KB of bf16 weights), and the tensor lookup
 // is a forward walk from the previous chunk's tensor. Which element a thread updates never enters the math (the
-// counter is the element index), so the result is the same bits for any grid.
-__global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
-  __shared__ float table[FT_ZO_TABLE_N + 1];
-  __shared__ Stage stage;                       // 32 KB (sm_89: 16 KB)
+// counter is the element index), so the result is the same bits for any grid. MODES: the fixed call shapes
+// this kernel compiles (zo_math.h dispatch_mode); any other call takes the generic path.
+template <int MODES>
+__device__ __forceinline__ void apply_chunks(const Launch& launch, const Params& p, float* table, Stage& stage) {
   for (int i = threadIdx.x; i <= FT_ZO_TABLE_N; i += blockDim.x) table[i] = kTableDev[i];
   __syncthreads();
   if ((int64_t)blockIdx.x >= launch.block_start[launch.count]) return;
   const int mode = call_mode(p);
-  dispatch_mode(p, mode, Walk{launch, p, one_seed(p, mode), table, stage});
+  dispatch_mode<MODES>(p, mode, Walk{launch, p, one_seed(p, mode), table, stage});
 }
 
-// Blocks of the grid: as many as are resident at once on all SMs (the occupancy of this kernel, whose
-// register count differs per architecture), at most one per chunk; read once per device.
-static int64_t grid_blocks(int64_t chunks) {
-  static int resident[64] = {0};
+__global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_constant__ Launch launch, const Params p) {
+  __shared__ float table[FT_ZO_TABLE_N + 1];
+  __shared__ Stage stage;                       // 32 KB (sm_89: 16 KB)
+  apply_chunks<MODES_ONE_SAME>(launch, p, table, stage);
+}
+
+// Calls of two seeds undoing the first (MODE_NEXT, a folded MeZO's last pass). Its loop holds the second
+// draw's products through the first draw: at 64 registers (4 blocks an SM) ptxas spilled, so it is a kernel
+// of its own, at 3 blocks an SM (85 registers).
+__global__ void __launch_bounds__(kThreads, 3) zo_apply_kernel_next(const __grid_constant__ Launch launch,
+                                                                    const Params p) {
+  __shared__ float table[FT_ZO_TABLE_N + 1];
+  __shared__ Stage stage;
+  apply_chunks<MODES_NEXT>(launch, p, table, stage);
+}
+
+// Blocks of the grid: as many as are resident at once on all SMs (the occupancy of the kernel, whose
+// register count differs per architecture), at most one per chunk; read once per device and kernel.
+template <typename Kernel>
+static int64_t grid_blocks(int64_t chunks, Kernel kernel, int (&resident)[64]) {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= 64) return chunks;
   if (resident[dev] == 0) {
     int sms = 0, per_sm = 0;
     if (cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess ||
-        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, zo_apply_kernel, kThreads, 0) != cudaSuccess ||
+        cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0) != cudaSuccess ||
         sms <= 0 || per_sm <= 0) {
       (void)cudaGetLastError();   // a failed query must not read as the launch's error
       return chunks;
@@ -200,9 +216,16 @@ static int64_t grid_blocks(int64_t chunks) {
 }
 
 cudaError_t launch_apply(const Launch& launch, const Params& p, cudaStream_t stream) {
+  static int resident[64] = {0}, resident_next[64] = {0};
   const int64_t chunks = launch.block_start[launch.count];
   if (chunks == 0) return cudaSuccess;
-  zo_apply_kernel<<<(unsigned)grid_blocks(chunks), kThreads, 0, stream>>>(launch, p);
+  // the host knows the counts, not the seeds (device memory): two seeds and one undone go to the kernel
+  // that compiles MODE_NEXT (the generic path when the seeds differ)
+  if (p.n == 2 && p.n_prev == 1)
+    zo_apply_kernel_next<<<(unsigned)grid_blocks(chunks, zo_apply_kernel_next, resident_next), kThreads, 0, stream>>>(
+        launch, p);
+  else
+    zo_apply_kernel<<<(unsigned)grid_blocks(chunks, zo_apply_kernel, resident), kThreads, 0, stream>>>(launch, p);
   return cudaGetLastError();
 }
 

@@ -71,10 +71,10 @@ FT_HD bool f32_isfinite(float f) { return (f32_bits(f) & 0x7F800000u) != 0x7F800
 // Storage formats the multi-tensor kernels handle; values are part of the C++ op schemas.
 enum FtDtype : int32_t { FT_F32 = 0, FT_BF16 = 1, FT_F16 = 2 };
 
-// ---- exact conversions, written with integer ops so every backend rounds alike -------------
+// ---- exact conversions: integer ops on the CPU (and before sm_80), so every backend rounds alike --
 FT_HD float bf16_to_f32(uint32_t h) { return bits_f32((h & 0xFFFFu) << 16); }
 
-// On sm_80+ the GPU converts with the hardware's round-to-nearest-even (cvt.rn, one F2FP / F2F instead of
+// On sm_80+ the GPU converts with the hardware's round-to-nearest-even (cvt.rn, one F2F in the SASS instead of
 // 5-12 integer instructions), which gives the same bits for every value but NaN: the hardware returns a
 // canonical NaN, these functions keep the sign and return the quiet pattern, so NaN is fixed up first.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800

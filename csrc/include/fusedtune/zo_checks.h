@@ -30,6 +30,7 @@ inline void zo_check_args(at::TensorList tensors, at::IntArrayRef tensor_ids, co
               "zo_apply_: coeffs must be float32");
   TORCH_CHECK(seeds.numel() == coeffs.numel() && prev_seeds.numel() == prev_coeffs.numel(),
               "zo_apply_: seeds and coeffs differ in length");
+  TORCH_CHECK(seeds.numel() > 0, "zo_apply_: needs at least one seed (pass coeff 0.0 for an undo alone)");
   TORCH_CHECK(noise == zo::NOISE_NORMAL || noise == zo::NOISE_RADEMACHER, "zo_apply_: bad noise code ", noise);
   TORCH_CHECK(rounding == zo::ROUND_NEAREST || rounding == zo::ROUND_STOCHASTIC, "zo_apply_: bad rounding code ",
               rounding);

@@ -174,29 +174,45 @@ FT_HD void update_group(const Params& p, const float* table, uint64_t g, uint32_
 
 // The common calls with their shape fixed at compile time, so that no per-element branch on the call's
 // shape and no reload of its seeds is left: MODE_ONE, one seed and nothing to undo (a perturbation, an
-// update, MeZO's first pass); MODE_SAME, one seed undone and reapplied (MeZO's passes 2 and 3). Each
+// update, MeZO's first pass); MODE_SAME, one seed undone and reapplied (MeZO's passes 2 and 3); MODE_NEXT,
+// one seed undone and reapplied plus a second seed (a folded MeZO's update with the next step's +eps). Each
 // runs update_group's operations for such a call in the same order (same bits); the C++ CPU kernel
 // runs them too, so the CPU tests hold them to the reference.
-enum Mode : int32_t { MODE_GENERIC = 0, MODE_ONE = 1, MODE_SAME = 2 };
+enum Mode : int32_t { MODE_GENERIC = 0, MODE_ONE = 1, MODE_SAME = 2, MODE_NEXT = 3 };
 
 FT_HD int call_mode(const Params& p) {
-  if (p.n != 1) return MODE_GENERIC;
-  if (p.n_prev == 0) return MODE_ONE;
-  return p.n_prev == 1 && p.seeds[0] == p.prev_seeds[0] ? MODE_SAME : MODE_GENERIC;
+  if (p.n_prev == 0) return p.n == 1 ? MODE_ONE : MODE_GENERIC;
+  if (p.n_prev != 1 || p.seeds[0] != p.prev_seeds[0]) return MODE_GENERIC;
+  return p.n == 1 ? MODE_SAME : p.n == 2 ? MODE_NEXT : MODE_GENERIC;
 }
 
-struct OneSeed {   // a MODE_ONE / MODE_SAME call's scalars, read once
+struct OneSeed {   // a fixed-shape call's scalars, read once (seed2, c2: MODE_NEXT's second seed)
   uint64_t seed;
   float c, pc;
+  uint64_t seed2;
+  float c2;
 };
 
 FT_HD OneSeed one_seed(const Params& p, int mode) {
-  return OneSeed{(uint64_t)p.seeds[0], p.coeffs[0], mode == MODE_SAME ? p.prev_coeffs[0] : 0.0f};
+  if (mode == MODE_GENERIC) return OneSeed{0u, 0.0f, 0.0f, 0u, 0.0f};   // (read nothing: the generic path does)
+  const bool next = mode == MODE_NEXT;
+  return OneSeed{(uint64_t)p.seeds[0], p.coeffs[0], mode == MODE_SAME || next ? p.prev_coeffs[0] : 0.0f,
+                 next ? (uint64_t)p.seeds[1] : 0u, next ? p.coeffs[1] : 0.0f};
 }
 
 template <int MODE, int NOISE, int ROUND>
 FT_HD void update_group_fixed(const Params& p, const OneSeed& o, const float* table, uint64_t g, uint32_t tid, int dt,
                               uint32_t bits[4], int cnt) {
+  // MODE_NEXT: the second seed's products first, so that only they are live across the first seed's draw
+  // (the sums keep delta4's order: (0 + c z) + c2 z2)
+  float d2[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+  if (MODE == MODE_NEXT) {
+    const U4 q2 = draw4(o.seed2, g, tid, STREAM_NOISE);
+    d2[0] = ft_mul(o.c2, noise_value(q2.x, NOISE, table));
+    d2[1] = ft_mul(o.c2, noise_value(q2.y, NOISE, table));
+    d2[2] = ft_mul(o.c2, noise_value(q2.z, NOISE, table));
+    d2[3] = ft_mul(o.c2, noise_value(q2.w, NOISE, table));
+  }
   const U4 q = draw4(o.seed, g, tid, STREAM_NOISE);
   const float z[4] = {noise_value(q.x, NOISE, table), noise_value(q.y, NOISE, table), noise_value(q.z, NOISE, table),
                       noise_value(q.w, NOISE, table)};
@@ -205,31 +221,52 @@ FT_HD void update_group_fixed(const Params& p, const OneSeed& o, const float* ta
   FT_UNROLL
   for (int k = 0; k < 4; ++k) {
     if (k >= cnt) break;
-    const float d = ft_add(0.0f, ft_mul(o.c, z[k]));
-    const uint32_t x = MODE == MODE_SAME ? invert(bits[k], ft_add(0.0f, ft_mul(o.pc, z[k])), dt) : bits[k];
+    float d = ft_add(0.0f, ft_mul(o.c, z[k]));
+    if (MODE == MODE_NEXT) d = ft_add(d, d2[k]);
+    const uint32_t x = MODE == MODE_SAME || MODE == MODE_NEXT ? invert(bits[k], ft_add(0.0f, ft_mul(o.pc, z[k])), dt)
+                                                               : bits[k];
     bits[k] = finish(load_as_f32(x, dt), d, p.alpha, p.scale != 0, dt, ROUND, word(r, k));
   }
 }
 
 // Calls fn.template operator()<MODE, NOISE, ROUND>() for the call's fixed shape (fn is templated on them),
-// or fn.template operator()<MODE_GENERIC, 0, 0>() when it has none. (On the GPU fn is a device functor.)
+// or fn.template operator()<MODE_GENERIC, 0, 0>() when it has none or its mode is not among MODES (a bit
+// per mode: a kernel compiles only the fixed shapes it serves). (On the GPU fn is a device functor.)
+constexpr int MODES_ONE_SAME = (1 << MODE_ONE) | (1 << MODE_SAME);
+constexpr int MODES_NEXT = 1 << MODE_NEXT;
+constexpr int MODES_ALL = MODES_ONE_SAME | MODES_NEXT;
+
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
-template <typename Fn>
+template <int MODES = MODES_ALL, typename Fn>
 FT_HD void dispatch_mode(const Params& p, int mode, Fn&& fn) {
-  if (mode == MODE_GENERIC) return fn.template operator()<MODE_GENERIC, 0, 0>();
   const bool rad = p.noise == NOISE_RADEMACHER, sr = p.rounding == ROUND_STOCHASTIC;
-  if (mode == MODE_ONE) {
-    if (rad) return sr ? fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
-                       : fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_NEAREST>();
-    return sr ? fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_STOCHASTIC>()
-              : fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_NEAREST>();
+  if constexpr ((MODES >> MODE_ONE) & 1) {
+    if (mode == MODE_ONE) {
+      if (rad) return sr ? fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                         : fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_NEAREST>();
+      return sr ? fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_STOCHASTIC>()
+                : fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_NEAREST>();
+    }
   }
-  if (rad) return sr ? fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
-                     : fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_NEAREST>();
-  return sr ? fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_STOCHASTIC>()
-            : fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_NEAREST>();
+  if constexpr ((MODES >> MODE_SAME) & 1) {
+    if (mode == MODE_SAME) {
+      if (rad) return sr ? fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                         : fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_NEAREST>();
+      return sr ? fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_STOCHASTIC>()
+                : fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_NEAREST>();
+    }
+  }
+  if constexpr ((MODES >> MODE_NEXT) & 1) {
+    if (mode == MODE_NEXT) {
+      if (rad) return sr ? fn.template operator()<MODE_NEXT, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                         : fn.template operator()<MODE_NEXT, NOISE_RADEMACHER, ROUND_NEAREST>();
+      return sr ? fn.template operator()<MODE_NEXT, NOISE_NORMAL, ROUND_STOCHASTIC>()
+                : fn.template operator()<MODE_NEXT, NOISE_NORMAL, ROUND_NEAREST>();
+    }
+  }
+  return fn.template operator()<MODE_GENERIC, 0, 0>();
 }
 
 // update_group, or update_group_fixed for a call of a fixed shape.

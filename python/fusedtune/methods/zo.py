@@ -18,13 +18,17 @@ _PATHS = {
 
 class MeZOMethod(ParamMethod):
     options = {"lr": 1e-6, "eps": 1e-3, "weight_decay": 0.0, "noise": "normal", "rounding": "nearest",
-               "seed": 0, "backend": None}
+               "seed": 0, "backend": None, "fold": False}
     zeroth_order = True
     demo = {"lr": 1e-4, "eps": 1e-3, "step_multiplier": 10}
 
     def make_optimizer(self, params, **options):
         from ..optim.mezo import MeZO
         return MeZO(params, **options)
+
+    def remove(self, model, merge):
+        self.optimizer.settle()        # fold=True: the weights carry the next step's +eps between steps
+        super().remove(model, merge)
 
     def rows(self, model):
         groups: dict = {}

@@ -400,19 +400,21 @@ class LoRALinear(nn.Module):
 
     # ------------------------------------------------------------------ forward
     def _nf4_weight(self):
+        """(the NF4 base as an Nf4Weight, its compute dtype), or (None, None) for a 16/32-bit base."""
         qs = self._quant_state()
         if qs is None:
-            return None
-        w = self._modules["base_layer"].weight
+            return None, None
+        base = self._modules["base_layer"]
+        w, dt = base.weight, getattr(base, "compute_dtype", None) or qs.dtype
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:
-                return self._nf4[1]
-            return Nf4Weight.from_bnb(w, qs)
+                return self._nf4[1], dt
+            return Nf4Weight.from_bnb(w, qs), dt
         key = (w.data_ptr(), w.device)
         if self._nf4 is None or self._nf4[0] != key:
             self._nf4 = (key, Nf4Weight.from_bnb(w, qs))
-        return self._nf4[1]
+        return self._nf4[1], dt
 
     def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
         """The scale table of `names` (one row per adapter; summed: one row, all of them), cached."""
@@ -447,12 +449,11 @@ class LoRALinear(nn.Module):
         Under torch.autocast a 16/32-bit base computes in the autocast dtype, as peft's layer does
         (autocast does not reach inside the fused op, so x, W and the bias are cast here, and the
         caller runs the op with autocast off)."""
-        nf4 = self._nf4_weight()
+        nf4, dt = self._nf4_weight()
         bias = self._modules["base_layer"].bias
         self.__dict__["_last_rows"] = x.numel() // max(x.shape[-1], 1)   # the report's schedule of the last call
         # (through __dict__: nn.Module.__setattr__ costs ~3 us a call, checking for parameters and modules)
         if nf4 is not None:
-            dt = self._base_device_dtype()[1]
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
         w = self.base_weight()
         if not w.is_floating_point():
@@ -513,7 +514,7 @@ class LoRALinear(nn.Module):
         """float32 [out]: ||W + scaling B A|| per output row of the base weight as the GEMMs see it. cache: keep
         it while the weight, A, B and the scaling stay as they are (inference; training recomputes it)."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
-        nf4 = self._nf4_weight()
+        nf4, nf4_dtype = self._nf4_weight()
         W = self.base_weight()
         key = None
         if cache and not torch.compiler.is_compiling():
@@ -525,7 +526,7 @@ class LoRALinear(nn.Module):
             if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], owners)):
                 return hit[2]
         norm = dora_ops.dora_weight_norm(None if nf4 is not None else W, A, B, self.scaling[name], nf4,
-                                         self._base_device_dtype()[1], self.backend)
+                                         nf4_dtype if nf4 is not None else W.dtype, self.backend)
         if key is not None:
             self._dora_norms[name] = (key, tuple(weakref.ref(t) for t in owners), norm)
         return norm
@@ -680,11 +681,11 @@ class LoRALinear(nn.Module):
         after a merge without one, the current weight minus the merged deltas, as unmerge does). An NF4
         base is dequantized to its compute dtype; a Conv1D base comes back as the nn.Linear computing the
         same (its weight transposed)."""
-        nf4 = self._nf4_weight()
+        nf4, dt = self._nf4_weight()
         bias = self.base_layer.bias
         if nf4 is not None:
             from ..reference.nf4 import dequantize
-            W = dequantize(nf4, self._base_device_dtype()[1])
+            W = dequantize(nf4, dt)
             names = self.active_adapters if merge else []
         elif self.merged:
             W, names = self.base_weight(), []

@@ -7,9 +7,14 @@ One step is three passes over the weights, each one fused multi-tensor kernel:
 undo() returns the exact bf16/fp16/fp32 preimage (docs/zo_noise.md), so the second forward sees
 exactly round(w - eps*z) and the update lands on the unperturbed weights: no drift from the
 perturbation round trip, where MeZO's +eps, -2eps, +eps, update loop rounds four times.
-We keep three passes rather than folding the update into the next step's +eps: the exact undo
-needs the updated weights to be stored once, otherwise every later undo would have to replay
-all past updates. g stays a device tensor: a step never synchronises with the host.
+g stays a device tensor: a step never synchronises with the host.
+
+fold=True makes a step two passes: pass 3 also adds the next step's +eps*z' (one rounding), so the next
+step starts at its pass 2, and between steps the parameters carry that perturbation. The updated weights
+are then never stored on their own: the next undo takes them as the preimage of what was stored, w'
+rounded with the next perturbation as a dither, within one step of w' (docs/zo_noise.md, "Folding").
+Call settle() before using the weights for anything but the next step (evaluation, saving, another
+optimizer).
 """
 from __future__ import annotations
 
@@ -43,6 +48,11 @@ class MeZO(CopyableOptimizer):
     them NaN; opt.last shows the losses, and a projected_grad of 0 (what the step applied). A
     parameter's noise stream is its position among all the params given (frozen ones counted), so
     replay does not depend on which are frozen.
+    fold: two passes a step instead of three (see the module docstring): after step() the parameters hold
+    round(w' + eps z(next seed)); opt.settle() takes that off (one pass; the next step puts it back, one
+    more), and `opt.pending_seed` is the seed they carry (None when settled). state_dict() records it, so a
+    checkpoint of the model and the optimizer taken together resumes exactly; freezing or adding parameters
+    settles first.
     same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
     generator and the CUDA generators of the parameters' devices are reset before the second pass,
     so the difference of the two losses measures the eps step, not dropout noise.
@@ -60,7 +70,7 @@ class MeZO(CopyableOptimizer):
 
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, noise: str = "normal",
                  rounding: str = "nearest", seed: int = 0, backend: str | None = None, same_rng: bool = True,
-                 process_group="auto"):
+                 process_group="auto", fold: bool = False):
         if not lr > 0:
             raise ValueError(f"MeZO: lr must be > 0, got {lr}")
         if not eps > 0:
@@ -73,14 +83,14 @@ class MeZO(CopyableOptimizer):
             raise ValueError(f"MeZO: rounding={rounding!r}; choose 'nearest' or 'stochastic'")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.noise, self.rounding, self.backend = float(eps), noise, rounding, backend
-        self.same_rng = bool(same_rng)
+        self.same_rng, self.fold, self.pending_seed = bool(same_rng), bool(fold), None
         self.process_group, self._seed_checked = process_group, False
         self.seed, self.steps = int(seed) & _MASK64, 0
         self.last: dict = {}
         self._buckets = self._make_buckets()
 
     _copied = ("eps", "noise", "rounding", "backend", "same_rng", "process_group", "_seed_checked", "seed", "steps",
-               "last")
+               "last", "fold", "pending_seed")
 
     def __getstate__(self) -> dict:
         if not (self.process_group is None or isinstance(self.process_group, str)):
@@ -113,6 +123,8 @@ class MeZO(CopyableOptimizer):
         return buckets
 
     def add_param_group(self, param_group):
+        if getattr(self, "pending_seed", None) is not None:
+            self.settle()                     # the carried perturbation is on the tensors it was added to
         super().add_param_group(param_group)
         if hasattr(self, "_buckets"):
             try:
@@ -158,12 +170,16 @@ class MeZO(CopyableOptimizer):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
         if self._trainable() != self._buckets_for:     # a parameter frozen or unfrozen since: as torch.optim
+            self.settle()
             self._buckets = self._make_buckets()
         self._check_same_seed()
         s = self.seed_for(self.steps)
         eps = self.eps
         rng = self._rng_states() if self.same_rng else None
-        self._apply([s], lambda g, d: [eps])
+        if self.pending_seed != s:                    # not carried over from the previous step (fold)
+            self.settle()
+            self._apply([s], lambda g, d: [eps])
+        self.pending_seed = None                      # the parameters hold round(w + eps z(s)) now
         try:
             loss_plus = self._loss(closure)
         except BaseException:
@@ -182,13 +198,29 @@ class MeZO(CopyableOptimizer):
         # a non-finite loss (an overflow in one forward) moves nothing along z rather than making every
         # weight NaN; opt.last still shows it. On the device: no host sync.
         step_pg = torch.where(torch.isfinite(pg), pg, torch.zeros_like(pg))
-        self._apply([s], lambda g, d: (-g["lr"] * step_pg).to(d), undo=([s], [-eps]), final=True,
-                    rounding_seed=splitmix64(s ^ 0x726F756E64))
+        rounding_seed = splitmix64(s ^ 0x726F756E64)
+        if self.fold:        # the update and the next step's +eps in one pass (one rounding)
+            nxt = self.seed_for(self.steps + 1)
+            self._apply([s, nxt], lambda g, d: torch.cat([(-g["lr"] * step_pg).to(d), torch.full((1,), eps, device=d)]),
+                        undo=([s], [-eps]), final=True, rounding_seed=rounding_seed)
+            self.pending_seed = nxt
+        else:
+            self._apply([s], lambda g, d: (-g["lr"] * step_pg).to(d), undo=([s], [-eps]), final=True,
+                        rounding_seed=rounding_seed)
         # the projected gradient the step applied (0 for a non-finite one: the losses show that), so replaying
         # (seed, -lr * projected_grad) pairs reproduces the run
         self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": step_pg[0], "seed": s}
         self.steps += 1
         return loss_plus
+
+    @torch.no_grad()
+    def settle(self) -> None:
+        """fold=True: take the next step's +eps perturbation off the parameters (one pass; exact wherever the
+        preimage is unique, as every undo). Nothing to do when they carry none."""
+        p = self.pending_seed
+        if p is not None:
+            self._apply([p], lambda g, d: [0.0], undo=([p], [self.eps]))
+            self.pending_seed = None
 
     def _sync_group(self):
         """(True, group) when each step's losses are averaged over `group` (None: the default group), else
@@ -234,7 +266,7 @@ class MeZO(CopyableOptimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps}
+        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps, "pending_seed": self.pending_seed}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -243,6 +275,7 @@ class MeZO(CopyableOptimizer):
         super().load_state_dict(state_dict)
         if m is not None:
             self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
+            self.pending_seed = m.get("pending_seed")
 
 
 def _params(params) -> list[torch.Tensor]:
