@@ -36,7 +36,11 @@ def _mixed(device, n=60):
                                 # a folded MeZO's last pass: the same-seed undo plus the next seed
                                 dict(seeds=[6, 7], coeffs=[-2e-3, 1e-3], undo=([6], [-1e-3]), rounding="stochastic",
                                      rounding_seed=9, alpha=0.999),
-                                dict(seeds=[6, 7], coeffs=[-2e-3, 1e-3], undo=([6], [-1e-3]))])
+                                dict(seeds=[6, 7], coeffs=[-2e-3, 1e-3], undo=([6], [-1e-3])),
+                                # the generic path in each kernel: two seeds undoing a third (the MODE_NEXT
+                                # kernel), and an undo of two seeds (the common kernel)
+                                dict(seeds=[3, 4], coeffs=[1e-3, -1e-5], undo=([5], [2e-3]), alpha=0.99),
+                                dict(seeds=[9, 10], coeffs=[-1e-6, 1e-3], undo=([9, 4], [-1e-3, 2e-3]))])
 def test_gpu_backends_and_cpu_bit_identical(kw):
     if kw.get("rounding") == "stochastic":   # float16's stochastic rounding at every edge too
         from test_zo_apply import fp16_edge_values

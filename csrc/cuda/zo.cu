@@ -188,7 +188,7 @@ __global__ void __launch_bounds__(kThreads, 4) zo_apply_kernel(const __grid_cons
 
 // Calls of two seeds undoing the first (MODE_NEXT, a folded MeZO's last pass). Its loop holds the second
 // draw's products through the first draw: at 64 registers (4 blocks an SM) ptxas spilled, so it is a kernel
-// of its own, at 3 blocks an SM (85 registers).
+// of its own, at 3 blocks an SM (up to 85 registers; 80 on sm_80 and sm_90a, 78 on sm_89).
 __global__ void __launch_bounds__(kThreads, 3) zo_apply_kernel_next(const __grid_constant__ Launch launch,
                                                                     const Params p) {
   __shared__ float table[FT_ZO_TABLE_N + 1];

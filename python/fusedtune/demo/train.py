@@ -136,6 +136,8 @@ def finetune(name: str, cls, ckpt: dict, cfg: DemoConfig, tasks: Tasks, evals: d
         memory, memory_kind = torch.cuda.max_memory_allocated(), "peak allocated (CUDA)"
     else:
         memory, memory_kind = state_bytes(model, rep.optimizer), "params+grads+optimizer state (CPU)"
+    if hasattr(rep.optimizer, "settle"):      # MeZO(fold=True): the weights carry the next step's +eps
+        rep.optimizer.settle()
     b_loss, b_acc = evaluate(model, tasks, evals["B"])
     a_loss, a_acc = evaluate(model, tasks, evals["A"])
     unpatch(model)

@@ -9,12 +9,12 @@ exactly round(w - eps*z) and the update lands on the unperturbed weights: no dri
 perturbation round trip, where MeZO's +eps, -2eps, +eps, update loop rounds four times.
 g stays a device tensor: a step never synchronises with the host.
 
-fold=True makes a step two passes: pass 3 also adds the next step's +eps*z' (one rounding), so the next
-step starts at its pass 2, and between steps the parameters carry that perturbation. The updated weights
-are then never stored on their own: the next undo takes them as the preimage of what was stored, w'
-rounded with the next perturbation as a dither, within one step of w' (docs/zo_noise.md, "Folding").
+fold=True makes a step two passes: pass 3 also adds the next step's +eps*z' (one rounding to nearest), so
+the next step starts at its pass 2, and between steps the parameters carry that perturbation. The updated
+weights are then never stored on their own: the next undo takes them as the preimage of what was stored,
+w' rounded with the next perturbation as a dither, within one step of w' (docs/zo_noise.md, "Folding").
 Call settle() before using the weights for anything but the next step (evaluation, saving, another
-optimizer).
+optimizer). Seed replay of a folded run differs from it by up to one more step of rounding a step.
 """
 from __future__ import annotations
 
@@ -48,11 +48,13 @@ class MeZO(CopyableOptimizer):
     them NaN; opt.last shows the losses, and a projected_grad of 0 (what the step applied). A
     parameter's noise stream is its position among all the params given (frozen ones counted), so
     replay does not depend on which are frozen.
-    fold: two passes a step instead of three (see the module docstring): after step() the parameters hold
-    round(w' + eps z(next seed)); opt.settle() takes that off (one pass; the next step puts it back, one
-    more), and `opt.pending_seed` is the seed they carry (None when settled). state_dict() records it, so a
-    checkpoint of the model and the optimizer taken together resumes exactly; freezing or adding parameters
-    settles first.
+    fold: two passes a step instead of three (see the module docstring), with rounding="nearest" only: after
+    step() the parameters hold round(w' + eps z(next seed)); opt.settle() takes that off (one pass; the next
+    step perturbs again, one more, and the run then differs from an unsettled one by up to a step of rounding
+    in a few percent of 16-bit weights). `opt.pending_seed` is the seed they carry (None when settled).
+    The optimizer records which tensors carry it and with which eps, and state_dict() records that too, so
+    a checkpoint of the model and the optimizer taken together resumes exactly; a step whose tensors (frozen
+    or added since) or eps differ settles those first.
     same_rng: both forward passes of a step see the same torch random numbers (dropout masks): the CPU
     generator and the CUDA generators of the parameters' devices are reset before the second pass,
     so the difference of the two losses measures the eps step, not dropout noise.
@@ -81,16 +83,22 @@ class MeZO(CopyableOptimizer):
             raise ValueError(f"MeZO: noise={noise!r}; choose 'normal' or 'rademacher'")
         if rounding not in ("nearest", "stochastic"):
             raise ValueError(f"MeZO: rounding={rounding!r}; choose 'nearest' or 'stochastic'")
+        if fold and rounding != "nearest":
+            raise ValueError("MeZO: fold=True needs rounding='nearest': the next step's undo takes the stored "
+                             "weights as a nearest rounding, so a stochastic one would random-walk them (about half "
+                             "a step a step); folded, the next perturbation already dithers small updates "
+                             "(docs/zo_noise.md, 'Folding')")
         super().__init__(params, dict(lr=lr, weight_decay=weight_decay))
         self.eps, self.noise, self.rounding, self.backend = float(eps), noise, rounding, backend
-        self.same_rng, self.fold, self.pending_seed = bool(same_rng), bool(fold), None
+        self.same_rng, self.fold = bool(same_rng), bool(fold)
+        self.pending = None    # fold: (seed, eps, tensor ids) of the +eps the parameters carry
         self.process_group, self._seed_checked = process_group, False
         self.seed, self.steps = int(seed) & _MASK64, 0
         self.last: dict = {}
         self._buckets = self._make_buckets()
 
     _copied = ("eps", "noise", "rounding", "backend", "same_rng", "process_group", "_seed_checked", "seed", "steps",
-               "last", "fold", "pending_seed")
+               "last", "fold", "pending")
 
     def __getstate__(self) -> dict:
         if not (self.process_group is None or isinstance(self.process_group, str)):
@@ -100,7 +108,14 @@ class MeZO(CopyableOptimizer):
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
+        self.__dict__.setdefault("fold", False)     # (pickled before fold existed)
+        self.__dict__.setdefault("pending", None)
         self._buckets = self._make_buckets()
+
+    @property
+    def pending_seed(self) -> int | None:
+        """fold=True: the seed of the +eps perturbation the parameters carry between steps (None: none)."""
+        return None if self.pending is None else self.pending[0]
 
     def _make_buckets(self):
         """(group, device) -> trainable tensors and their stable tensor ids (position in the param
@@ -123,8 +138,6 @@ class MeZO(CopyableOptimizer):
         return buckets
 
     def add_param_group(self, param_group):
-        if getattr(self, "pending_seed", None) is not None:
-            self.settle()                     # the carried perturbation is on the tensors it was added to
         super().add_param_group(param_group)
         if hasattr(self, "_buckets"):
             try:
@@ -170,16 +183,15 @@ class MeZO(CopyableOptimizer):
         if closure is None:
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
         if self._trainable() != self._buckets_for:     # a parameter frozen or unfrozen since: as torch.optim
-            self.settle()
             self._buckets = self._make_buckets()
         self._check_same_seed()
         s = self.seed_for(self.steps)
         eps = self.eps
         rng = self._rng_states() if self.same_rng else None
-        if self.pending_seed != s:                    # not carried over from the previous step (fold)
+        if self.pending != (s, eps, self._ids()):     # not carried over from the previous step as it is (fold)
             self.settle()
             self._apply([s], lambda g, d: [eps])
-        self.pending_seed = None                      # the parameters hold round(w + eps z(s)) now
+        self.pending = None                           # the parameters hold round(w + eps z(s)) now
         try:
             loss_plus = self._loss(closure)
         except BaseException:
@@ -201,9 +213,10 @@ class MeZO(CopyableOptimizer):
         rounding_seed = splitmix64(s ^ 0x726F756E64)
         if self.fold:        # the update and the next step's +eps in one pass (one rounding)
             nxt = self.seed_for(self.steps + 1)
-            self._apply([s, nxt], lambda g, d: torch.cat([(-g["lr"] * step_pg).to(d), torch.full((1,), eps, device=d)]),
+            self._apply([s, nxt], lambda g, d: torch.cat([(-g["lr"] * step_pg).to(d),
+                                                          torch.full((1,), eps, dtype=torch.float32, device=d)]),
                         undo=([s], [-eps]), final=True, rounding_seed=rounding_seed)
-            self.pending_seed = nxt
+            self.pending = (nxt, eps, self._ids())
         else:
             self._apply([s], lambda g, d: (-g["lr"] * step_pg).to(d), undo=([s], [-eps]), final=True,
                         rounding_seed=rounding_seed)
@@ -213,14 +226,30 @@ class MeZO(CopyableOptimizer):
         self.steps += 1
         return loss_plus
 
+    def _ids(self) -> tuple:
+        """The tensor ids of the parameters the steps perturb now."""
+        return tuple(i for _, _, _, ids in self._buckets for i in ids)
+
     @torch.no_grad()
     def settle(self) -> None:
-        """fold=True: take the next step's +eps perturbation off the parameters (one pass; exact wherever the
-        preimage is unique, as every undo). Nothing to do when they carry none."""
-        p = self.pending_seed
-        if p is not None:
-            self._apply([p], lambda g, d: [0.0], undo=([p], [self.eps]))
-            self.pending_seed = None
+        """fold=True: take the next step's +eps perturbation off the parameters that carry it, with the eps it
+        was added with (one pass; exact wherever the preimage is unique, as every undo). Nothing to do when
+        they carry none."""
+        if self.pending is None:
+            return
+        seed, eps, ids = self.pending
+        want, params, tid = set(ids), {}, 0
+        for group in self.param_groups:
+            for p in group["params"]:
+                if tid in want:
+                    params.setdefault(p.device, ([], []))
+                    params[p.device][0].append(p)
+                    params[p.device][1].append(tid)
+                tid += 1
+        for ts, tids in params.values():
+            zo_apply_(ts, [seed], [0.0], self.noise, "nearest", undo=([seed], [eps]), tensor_ids=tids,
+                      backend=self.backend)
+        self.pending = None
 
     def _sync_group(self):
         """(True, group) when each step's losses are averaged over `group` (None: the default group), else
@@ -266,7 +295,9 @@ class MeZO(CopyableOptimizer):
 
     def state_dict(self):
         sd = super().state_dict()
-        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps, "pending_seed": self.pending_seed}
+        pending = None if self.pending is None else {"seed": self.pending[0], "eps": self.pending[1],
+                                                     "tensor_ids": list(self.pending[2])}
+        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps, "pending": pending}
         return sd
 
     def load_state_dict(self, state_dict):
@@ -275,7 +306,8 @@ class MeZO(CopyableOptimizer):
         super().load_state_dict(state_dict)
         if m is not None:
             self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
-            self.pending_seed = m.get("pending_seed")
+            p = m.get("pending")
+            self.pending = None if p is None else (p["seed"], p["eps"], tuple(p["tensor_ids"]))
 
 
 def _params(params) -> list[torch.Tensor]:
