@@ -71,19 +71,22 @@ __device__ __forceinline__ void scalar_group(const Params& p, const OneSeed& o, 
   }
 }
 
-// Iterations of a chunk in flight a thread (run_chunk). sm_89 has 100 KB of shared memory an SM: a 4-deep
-// ring (36 KB a block with the table) would leave 2 blocks an SM there, a 2-deep one keeps 4.
+// Iterations of an fp32 chunk in flight a thread (run_chunk); a 16-bit chunk's iteration is one vector
+// instead of two, so the same ring holds twice as many of them. sm_89 has 100 KB of shared memory an SM: a
+// 4-deep ring (36 KB a block with the table) would leave 2 blocks an SM there, a 2-deep one keeps 4.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ == 890
 constexpr int kDepth = 2;
 #else
 constexpr int kDepth = 4;
 #endif
-static_assert(kChunk / ((int64_t)kThreads * kElemsPerThread) >= kDepth, "a chunk fills the ring");
+template <int DT>
+constexpr int ring_depth() { return DT == FT_F32 ? kDepth : 2 * kDepth; }
+static_assert(kChunk / ((int64_t)kThreads * kElemsPerThread) >= 2 * kDepth, "a chunk fills the ring");
 
-// A block's staging ring: kDepth slots of 32 bytes a thread (an fp32 chunk is two vectors, a 16-bit one
-// uses the first), vector k of all threads side by side.
+// A block's staging ring: 2 * kDepth slots of 16 bytes a thread, slot s of all threads side by side. Iteration
+// it of a chunk takes slots (it % depth) * kV + k, k < kV (kV: its vectors, 2 for fp32).
 struct Stage {
-  uint4 v[kDepth][2][kThreads];
+  uint4 v[2 * kDepth][kThreads];
 };
 
 template <int DT, int MODE, int NOISE, int ROUND>
@@ -93,8 +96,10 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
   const bool aligned = (reinterpret_cast<uintptr_t>(m.ptr) & 15u) == 0;
   constexpr int64_t kStep = (int64_t)kThreads * kElemsPerThread;
   // A whole chunk of an aligned tensor: a thread's vectors come in by cp.async through its own slots of a
-  // ring of kDepth (no barrier), kDepth iterations ahead of the arithmetic, so kDepth loads of each thread
-  // are in flight while it computes. H200, fourth run: with one vector prefetched in registers (one load
+  // ring (no barrier), kD iterations ahead of the arithmetic (8 for 16-bit tensors, 4 for fp32; half on
+  // sm_89), so kD loads of each thread are in flight while it computes: at 4 blocks of 256 threads an SM,
+  // 128 KB of bf16 an SM, above the ~70 KB that 2 us of latency at the H200's 4.8 TB/s asks of each of its
+  // 132 SMs (the MODE_NEXT kernel, 3 blocks: 96 KB). H200, fourth run: with one vector prefetched in registers (one load
   // in flight a thread: 16 KB an SM at 4 blocks of 256) the one-seed pass took 12.6 ms against a copy's
   // 9.4 and about 6.8 ms of issue -- its reads ran as if each load took 2 us, bound by loads in flight.
   // Before that, each vector was loaded after the previous one's arithmetic (1974 GB/s against torch's 2818
@@ -102,25 +107,27 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
   if (aligned && chunk0 + kChunk <= m.numel) {
     constexpr int kIters = (int)(kChunk / kStep);
     constexpr int kV = DT == FT_F32 ? 2 : 1;
+    constexpr int kD = ring_depth<DT>();
     constexpr int64_t es = DT == FT_F32 ? 4 : 2;
     const int64_t e0 = chunk0 + (int64_t)threadIdx.x * kElemsPerThread;
     const char* src = static_cast<const char*>(m.ptr) + e0 * es;
     FT_UNROLL
-    for (int it = 0; it < kDepth; ++it) {
-      copy_chunk_async<kV>(&stage.v[it][0][threadIdx.x], src + it * kStep * es, kThreads);
+    for (int it = 0; it < kD; ++it) {
+      copy_chunk_async<kV>(&stage.v[it * kV][threadIdx.x], src + it * kStep * es, kThreads);
       commit_copies();
     }
 #pragma unroll 1
     for (int it = 0; it < kIters; ++it) {
-      wait_copies_but<kDepth - 1>();           // iteration it's group (one committed every iteration)
+      wait_copies_but<kD - 1>();               // iteration it's group (one committed every iteration)
+      const int slot = (it % kD) * kV;
       Vec<DT> cur;
       FT_UNROLL
-      for (int k = 0; k < kV; ++k) cur.q[k] = stage.v[it % kDepth][k][threadIdx.x];
+      for (int k = 0; k < kV; ++k) cur.q[k] = stage.v[slot + k][threadIdx.x];
       // the slot is re-filled after this thread's read of it, in program order (the copies' "memory" clobber
       // keeps the compiler from moving the read below them; the hardware performs a thread's shared-memory
       // read before a later copy's write to the same address, which lands only when its global load returns)
-      if (it + kDepth < kIters)
-        copy_chunk_async<kV>(&stage.v[it % kDepth][0][threadIdx.x], src + (it + kDepth) * kStep * es, kThreads);
+      if (it + kD < kIters)
+        copy_chunk_async<kV>(&stage.v[slot][threadIdx.x], src + (it + kD) * kStep * es, kThreads);
       commit_copies();                         // (empty at the end: the count per iteration stays one)
       const int64_t e = e0 + it * kStep;
       uint32_t a[4], b[4];
