@@ -56,7 +56,8 @@ def test_subset_of_parameters_and_weight_decay():
     assert torch.allclose(a.detach(), a0 * (1 - 0.1 * 0.5), rtol=1e-6, atol=1e-6)
 
 
-def test_backends_agree_on_a_step():
+@pytest.mark.parametrize("kw", [dict(rounding="stochastic"), dict(fold=True, weight_decay=0.1)])
+def test_backends_agree_on_a_step(kw):
     if not fusedtune._ext.loaded():
         pytest.skip("needs the C++ CPU kernels")
     outs = []
@@ -64,9 +65,10 @@ def test_backends_agree_on_a_step():
         torch.manual_seed(0)
         m = torch.nn.Linear(33, 7).to(torch.bfloat16)
         x = torch.randn(5, 33).to(torch.bfloat16)
-        opt = MeZO(m.parameters(), lr=1e-2, rounding="stochastic", seed=9, backend=b)
+        opt = MeZO(m.parameters(), lr=1e-2, seed=9, backend=b, **kw)
         for _ in range(3):
             opt.step(lambda: m(x).float().pow(2).mean())
+        opt.settle()
         outs.append([p.detach().clone() for p in m.parameters()])
     assert all(torch.equal(x, y) for x, y in zip(*outs))
 

@@ -223,22 +223,6 @@ def test_a_failing_closure_restores_the_settled_weights():
     assert torch.equal(w.detach(), ref_w.detach()) and opt.pending_seed is None and opt.steps == 1
 
 
-def test_backends_agree_on_folded_steps():
-    if not fusedtune._ext.loaded():
-        pytest.skip("needs the C++ CPU kernels")
-    outs = []
-    for b in ("reference", "cpu"):
-        torch.manual_seed(0)
-        m = torch.nn.Linear(33, 7).to(torch.bfloat16)
-        x = torch.randn(5, 33).to(torch.bfloat16)
-        opt = MeZO(m.parameters(), lr=1e-2, seed=9, backend=b, fold=True, weight_decay=0.1)
-        for _ in range(3):
-            opt.step(lambda: m(x).float().pow(2).mean())
-        opt.settle()
-        outs.append([p.detach().clone() for p in m.parameters()])
-    assert all(torch.equal(x, y) for x, y in zip(*outs))
-
-
 def test_patch_option_and_unpatch_settles():
     from tiny_models import tiny_llama
     model = tiny_llama()

@@ -236,6 +236,18 @@ constexpr int MODES_ONE_SAME = (1 << MODE_ONE) | (1 << MODE_SAME);
 constexpr int MODES_NEXT = 1 << MODE_NEXT;
 constexpr int MODES_ALL = MODES_ONE_SAME | MODES_NEXT;
 
+// fn's instantiation for fixed mode MODE and the call's noise and rounding.
+#if defined(__CUDACC__)
+#pragma nv_exec_check_disable
+#endif
+template <int MODE, typename Fn>
+FT_HD void dispatch_shape(bool rad, bool sr, Fn&& fn) {
+  if (rad) return sr ? fn.template operator()<MODE, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
+                     : fn.template operator()<MODE, NOISE_RADEMACHER, ROUND_NEAREST>();
+  return sr ? fn.template operator()<MODE, NOISE_NORMAL, ROUND_STOCHASTIC>()
+            : fn.template operator()<MODE, NOISE_NORMAL, ROUND_NEAREST>();
+}
+
 #if defined(__CUDACC__)
 #pragma nv_exec_check_disable
 #endif
@@ -243,28 +255,13 @@ template <int MODES = MODES_ALL, typename Fn>
 FT_HD void dispatch_mode(const Params& p, int mode, Fn&& fn) {
   const bool rad = p.noise == NOISE_RADEMACHER, sr = p.rounding == ROUND_STOCHASTIC;
   if constexpr ((MODES >> MODE_ONE) & 1) {
-    if (mode == MODE_ONE) {
-      if (rad) return sr ? fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
-                         : fn.template operator()<MODE_ONE, NOISE_RADEMACHER, ROUND_NEAREST>();
-      return sr ? fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_STOCHASTIC>()
-                : fn.template operator()<MODE_ONE, NOISE_NORMAL, ROUND_NEAREST>();
-    }
+    if (mode == MODE_ONE) return dispatch_shape<MODE_ONE>(rad, sr, fn);
   }
   if constexpr ((MODES >> MODE_SAME) & 1) {
-    if (mode == MODE_SAME) {
-      if (rad) return sr ? fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
-                         : fn.template operator()<MODE_SAME, NOISE_RADEMACHER, ROUND_NEAREST>();
-      return sr ? fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_STOCHASTIC>()
-                : fn.template operator()<MODE_SAME, NOISE_NORMAL, ROUND_NEAREST>();
-    }
+    if (mode == MODE_SAME) return dispatch_shape<MODE_SAME>(rad, sr, fn);
   }
   if constexpr ((MODES >> MODE_NEXT) & 1) {
-    if (mode == MODE_NEXT) {
-      if (rad) return sr ? fn.template operator()<MODE_NEXT, NOISE_RADEMACHER, ROUND_STOCHASTIC>()
-                         : fn.template operator()<MODE_NEXT, NOISE_RADEMACHER, ROUND_NEAREST>();
-      return sr ? fn.template operator()<MODE_NEXT, NOISE_NORMAL, ROUND_STOCHASTIC>()
-                : fn.template operator()<MODE_NEXT, NOISE_NORMAL, ROUND_NEAREST>();
-    }
+    if (mode == MODE_NEXT) return dispatch_shape<MODE_NEXT>(rad, sr, fn);
   }
   return fn.template operator()<MODE_GENERIC, 0, 0>();
 }

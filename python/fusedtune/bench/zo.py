@@ -152,33 +152,28 @@ def sections(timer, quick: bool) -> list:
     def step():
         """(b) one MeZO step's perturbation work, ours (3 passes; 2 folded) vs MeZO's loop (4 passes)"""
         base = timer(lambda: mezo_step(params))
+
+        def step_row(name, fn, n_passes, b):
+            t = timer(fn)
+            note = bw_note(t[0], n_passes)
+            if on_gpu:
+                met = base[0] / t[0] >= GOAL_SPEEDUP
+                note += f"; goal >= {GOAL_SPEEDUP:.0f}x vs MeZO loop: {'met' if met else 'NOT met'}"
+            return row(name, shape, "bf16", b, "MeZO per-parameter loop (4 passes)", t, base[0],
+                       roofline_pct(t[0], n_passes * pass_bytes), note=note)
         rows = []
         for b in backends:
             def ours(b=b):
                 zo_apply_(params, [SEED], [EPS], backend=b)                                    # +eps
                 zo_apply_(params, [SEED], [-EPS], undo=([SEED], [EPS]), backend=b)             # -eps
                 zo_apply_(params, [SEED], [-LR * PROJECTED_GRAD], undo=([SEED], [-EPS]), backend=b)  # restore+update
-            t = timer(ours)
-            speedup = base[0] / t[0]
-            note = bw_note(t[0], 3)
-            if on_gpu:
-                note += f"; goal >= {GOAL_SPEEDUP:.0f}x vs MeZO loop: {'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}"
-            rows.append(row("mezo step perturbation (3 passes)", shape, "bf16", b,
-                            "MeZO per-parameter loop (4 passes)", t, base[0], roofline_pct(t[0], 3 * pass_bytes),
-                            note=note))
 
             def folded(b=b):    # MeZO(fold=True): the step starts at its -eps pass; the last adds the next +eps
                 zo_apply_(params, [SEED], [-EPS], undo=([SEED], [EPS]), backend=b)             # -eps
                 zo_apply_(params, [SEED, NEXT_SEED], [-LR * PROJECTED_GRAD, EPS], undo=([SEED], [-EPS]),
                           backend=b)                                          # restore+update, next +eps
-            t = timer(folded)
-            speedup = base[0] / t[0]
-            note = bw_note(t[0], 2)
-            if on_gpu:
-                note += f"; goal >= {GOAL_SPEEDUP:.0f}x vs MeZO loop: {'met' if speedup >= GOAL_SPEEDUP else 'NOT met'}"
-            rows.append(row("mezo step perturbation (fold=True, 2 passes)", shape, "bf16", b,
-                            "MeZO per-parameter loop (4 passes)", t, base[0], roofline_pct(t[0], 2 * pass_bytes),
-                            note=note))
+            rows.append(step_row("mezo step perturbation (3 passes)", ours, 3, b))
+            rows.append(step_row("mezo step perturbation (fold=True, 2 passes)", folded, 2, b))
         return rows
 
     return [("pass bandwidth", passes), ("MeZO step perturbation", step)]
