@@ -99,9 +99,10 @@ __device__ __forceinline__ void run_chunk(const Params& p, const OneSeed& o, con
   // ring (no barrier), kD iterations ahead of the arithmetic (8 for 16-bit tensors, 4 for fp32; half on
   // sm_89), so kD loads of each thread are in flight while it computes: at 4 blocks of 256 threads an SM,
   // 128 KB of bf16 an SM, above the ~70 KB that 2 us of latency at the H200's 4.8 TB/s asks of each of its
-  // 132 SMs (the MODE_NEXT kernel, 3 blocks: 96 KB). H200, fourth run: with one vector prefetched in registers (one load
-  // in flight a thread: 16 KB an SM at 4 blocks of 256) the one-seed pass took 12.6 ms against a copy's
-  // 9.4 and about 6.8 ms of issue -- its reads ran as if each load took 2 us, bound by loads in flight.
+  // 132 SMs (the MODE_NEXT kernel, 3 blocks: 96 KB). H200, fourth run: with one vector prefetched in
+  // registers (one load in flight a thread: 16 KB an SM at 4 blocks of 256) the one-seed pass took 12.6 ms
+  // against a copy's 9.4 and about 6.8 ms of issue -- its reads ran as if each load took 2 us, bound by
+  // loads in flight.
   // Before that, each vector was loaded after the previous one's arithmetic (1974 GB/s against torch's 2818
   // for the same bytes, bench/results/zo.csv).
   if (aligned && chunk0 + kChunk <= m.numel) {

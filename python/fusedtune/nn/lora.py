@@ -181,12 +181,14 @@ class LoRALinear(nn.Module):
         n, k = (int(d) for d in kept.shape)
         return kept if w.numel() * w.element_size() * 2 == n * k else None
 
+    def _nf4_dtype(self, qs):
+        """An NF4 base's compute dtype (its Linear4bit's, else its quant state's)."""
+        return getattr(self._modules["base_layer"], "compute_dtype", None) or qs.dtype
+
     def _base_device_dtype(self):
         w = self.base_layer.weight
         qs = self._quant_state()
-        if qs is not None:
-            return w.device, getattr(self.base_layer, "compute_dtype", None) or qs.dtype
-        return w.device, w.dtype
+        return w.device, (self._nf4_dtype(qs) if qs is not None else w.dtype)
 
     def add_adapter(self, name: str, r: int, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False,
                     init_lora_weights=True, adapter_dtype: torch.dtype | None = torch.float32,
@@ -405,7 +407,7 @@ class LoRALinear(nn.Module):
         if qs is None:
             return None, None
         base = self._modules["base_layer"]
-        w, dt = base.weight, getattr(base, "compute_dtype", None) or qs.dtype
+        w, dt = base.weight, self._nf4_dtype(qs)
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:

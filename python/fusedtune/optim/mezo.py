@@ -121,20 +121,26 @@ class MeZO(CopyableOptimizer):
         """(group, device) -> trainable tensors and their stable tensor ids (position in the param
         list, frozen parameters counted); each bucket is checked as zo_apply_ would check it."""
         refuse_sharded([p for g in self.param_groups for p in g["params"]], "MeZO")
-        buckets, tid = [], 0
-        for group in self.param_groups:
-            by_dev: dict = {}
-            for p in group["params"]:
-                if p.requires_grad:
-                    by_dev.setdefault(p.device, ([], []))
-                    by_dev[p.device][0].append(p)
-                    by_dev[p.device][1].append(tid)
-                tid += 1
-            buckets += [(group, dev, ts, ids) for dev, (ts, ids) in by_dev.items()]
+        buckets = self._buckets_of(lambda tid, p: p.requires_grad)
         for _, _, ts, _ in buckets:
             _check_tensors(ts)
         _check_distinct([t for _, _, ts, _ in buckets for t in ts])
         self._buckets_for = self._trainable()
+        return buckets
+
+    def _buckets_of(self, keep) -> list:
+        """[(group, device, tensors, tensor ids)] of the parameters keep(tensor id, p) selects; a tensor id is the
+        parameter's position in the param list (frozen parameters counted)."""
+        buckets, tid = [], 0
+        for group in self.param_groups:
+            by_dev: dict = {}
+            for p in group["params"]:
+                if keep(tid, p):
+                    ts, ids = by_dev.setdefault(p.device, ([], []))
+                    ts.append(p)
+                    ids.append(tid)
+                tid += 1
+            buckets += [(group, dev, ts, ids) for dev, (ts, ids) in by_dev.items()]
         return buckets
 
     def add_param_group(self, param_group):
@@ -238,15 +244,8 @@ class MeZO(CopyableOptimizer):
         if self.pending is None:
             return
         seed, eps, ids = self.pending
-        want, params, tid = set(ids), {}, 0
-        for group in self.param_groups:
-            for p in group["params"]:
-                if tid in want:
-                    params.setdefault(p.device, ([], []))
-                    params[p.device][0].append(p)
-                    params[p.device][1].append(tid)
-                tid += 1
-        for ts, tids in params.values():
+        want = set(ids)
+        for _, _, ts, tids in self._buckets_of(lambda tid, p: tid in want):
             zo_apply_(ts, [seed], [0.0], self.noise, "nearest", undo=([seed], [eps]), tensor_ids=tids,
                       backend=self.backend)
         self.pending = None
