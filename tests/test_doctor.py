@@ -42,6 +42,24 @@ def test_doctor_reports_every_key(capsys):
         assert section in out
 
 
+def test_doctor_text_names_each_ops_backend_as_the_json_does():
+    """hft and sparse_delta answer per op ({op: {'backend', 'why_not'}}): the text report has a line an op with
+    that op's backend (it printed None for the family where the C++ CPU kernels serve both ops)."""
+    from fusedtune.doctor import collect, format_report
+    d = collect()
+    text = format_report(d)
+    for family in ("hft", "sparse_delta"):
+        row = d["ops"][family]["cpu"]
+        assert "backend" not in row and len(row) >= 2
+        for op, r in row.items():
+            line = next(ln for ln in text.splitlines() if ln.split()[:2] == [f"{family}.{op}", "cpu"])
+            assert line.split()[3] == str(r["backend"])
+        if _ext.loaded():
+            assert all(r["backend"] == "cpu" for r in row.values())
+    zo = next(ln for ln in text.splitlines() if ln.split()[:2] == ["zo", "cpu"])
+    assert zo.split()[3] == str(d["ops"]["zo"]["cpu"]["backend"])
+
+
 def test_doctor_quiet(capsys):
     doctor(print_report=False)
     assert capsys.readouterr().out == ""

@@ -176,9 +176,11 @@ def format_report(d: dict) -> str:
             lines.append(f"  {family:<6} {row['error']}")
             continue
         for dev, r in row.items():
-            why = _why(r.get("why_not"))
-            line = f"  {family:<6} {dev:<5} -> {str(r.get('backend')):<10}" + (f" ({why})" if why else "")
-            lines.append(line.rstrip())
+            # a family of several ops (hft, sparse_delta) answers {op: {'backend', 'why_not'}}: a line an op
+            for name, rr in ([(family, r)] if "backend" in r else [(f"{family}.{k}", v) for k, v in r.items()]):
+                why = _why(rr.get("why_not"))
+                line = f"  {name:<26} {dev:<5} -> {str(rr.get('backend')):<10}" + (f" ({why})" if why else "")
+                lines.append(line.rstrip())
     lines += ["", "schedules (GPU paths)"]
     lines += [f"  {k:<6} {v}" for k, v in d.get("schedules", {}).items()]
     return "\n".join(lines)
