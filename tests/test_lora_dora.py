@@ -331,13 +331,13 @@ def test_dora_and_plain_merged_one_after_another_unmerge_in_reverse():
         nn.init.normal_(m.lora_B["p"].weight, std=0.3)
         w0 = m.base_layer.weight.detach().clone()
         for n in order:
-            m.merge(n, exact_unmerge=False)
+            m.merge(adapter_names=n, exact_unmerge=False)
         assert m.merged_adapters == list(order)
         torch.testing.assert_close(m.to_linear(merge=False).weight, w0, rtol=1e-5, atol=1e-6)
         m.unmerge()
         torch.testing.assert_close(m.base_layer.weight, w0, rtol=1e-5, atol=1e-6)
     with pytest.raises(LoRAUnsupported, match="in one call; merge a DoRA adapter alone"):
-        m.merge(["d", "p"])
+        m.merge(adapter_names=["d", "p"])
     assert not m.merged
 
 

@@ -97,6 +97,33 @@ def test_set_scale_and_scale_layer_follow_peft():
     ours.scale_layer(2.0)
     pe.scale_layer(2.0)
     torch.testing.assert_close(ours(x), pe(x))
+    ours.unscale_layer(4.0)
+    pe.unscale_layer(4.0)
+    assert ours.scaling["default"] == pytest.approx(pe.scaling["default"])
+    torch.testing.assert_close(ours(x), pe(x))
+    ours.unscale_layer()                  # None: back to alpha / sqrt(r) (rslora)
+    pe.unscale_layer()
+    assert ours.scaling["default"] == pytest.approx(pe.scaling["default"]) == 4 / math.sqrt(2)
+    torch.testing.assert_close(ours(x), pe(x))
+    assert ours.get_base_layer() is ours.base_layer and pe.get_base_layer() is pe.base_layer
+
+
+def test_merge_takes_peft_argument_order():
+    """merge(safe_merge, adapter_names) positionally, as peft's: merge(True) is a safe merge; an adapter name
+    in safe_merge's place is refused with the signature, the weight untouched."""
+    torch.manual_seed(4)
+    lin = nn.Linear(12, 6)
+    pe = _peft(lin, r=2, alpha=4)
+    nn.init.normal_(pe.lora_B["default"].weight)
+    ours = LoRALinear.from_peft(copy.deepcopy(pe))
+    w0 = ours.base_layer.weight.detach().clone()
+    with pytest.raises(TypeError, match="peft's order.*adapter_names="):
+        ours.merge(["default"])
+    assert torch.equal(ours.base_layer.weight, w0) and not ours.merged
+    ours.merge(True, ["default"])
+    pe.merge(True, ["default"])
+    assert ours.merged_adapters == pe.merged_adapters == ["default"]
+    torch.testing.assert_close(ours.base_layer.weight, pe.base_layer.weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
@@ -143,7 +170,7 @@ def test_unmerge_of_one_merge_call_subtracts_its_summed_deltas():
         m.add_adapter(n, 3, init_lora_weights=False)
     for n in ("a", "b", "c"):
         nn.init.normal_(m.lora_B[n].weight, std=0.3)
-    m.merge(["a", "b", "c"], exact_unmerge=False)
+    m.merge(adapter_names=["a", "b", "c"], exact_unmerge=False)
     merged = m.base_layer.weight.detach().clone()
     m.unmerge()
     want = merged - sum(m.delta_weight(n) for n in ("a", "b", "c"))
@@ -283,8 +310,8 @@ def test_mixed_merges_and_to_linear_follow_forward():
     m.add_adapter("b", 3, init_lora_weights=False)
     w0 = m.base_layer.weight.detach().clone()
     x = torch.randn(4, 16).bfloat16()
-    m.merge("default", exact_unmerge=False)          # no saved copy: a later exact merge cannot be exact
-    m.merge("b")
+    m.merge(adapter_names="default", exact_unmerge=False)        # no saved copy: a later exact merge cannot be exact
+    m.merge(adapter_names="b")
     assert m._stash is None and m.merged_adapters == ["default", "b"]
     y = m(x)
     torch.testing.assert_close(m.to_linear()(x), y)   # merged: the current weight, no delta added twice

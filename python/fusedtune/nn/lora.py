@@ -392,9 +392,24 @@ class LoRALinear(nn.Module):
         self._tables.clear()
 
     def scale_layer(self, scale: float) -> None:
+        """peft's scale_layer: the active adapters' scaling times `scale`."""
         for a in self.active_adapters:
             self.scaling[a] *= float(scale)
         self._tables.clear()
+
+    def unscale_layer(self, scale: float | None = None) -> None:
+        """peft's unscale_layer: the active adapters' scaling divided by `scale`, or (None) back to
+        alpha / r (alpha / sqrt(r) with rslora)."""
+        for a in self.active_adapters:
+            if scale is None:
+                self.set_scale(a, 1.0)
+            else:
+                self.scaling[a] /= float(scale)
+        self._tables.clear()
+
+    def get_base_layer(self) -> nn.Module:
+        """peft's get_base_layer: the layer the adapters sit on (base_layer)."""
+        return self._modules["base_layer"]
 
     @property
     def merged(self) -> bool:
@@ -596,11 +611,15 @@ class LoRALinear(nn.Module):
         self._require(name)
         return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
 
-    def merge(self, adapter_names=None, safe_merge: bool = False, exact_unmerge: bool = True) -> None:
-        """W <- round(W + sum of the adapters' deltas), one rounding. exact_unmerge keeps a CPU copy of the
-        weight as it was before the first merge, so unmerge() restores it bit-exactly; without it unmerge
-        subtracts the deltas (peft's way; off by the rounding of the merge). safe_merge refuses (and leaves
-        the weight untouched) when the merged weight is not finite."""
+    def merge(self, safe_merge: bool = False, adapter_names=None, exact_unmerge: bool = True) -> None:
+        """W <- round(W + sum of the adapters' deltas), one rounding; peft's argument order. adapter_names: a
+        name or a list (None: the active adapters). exact_unmerge keeps a CPU copy of the weight as it was
+        before the first merge, so unmerge() restores it bit-exactly; without it unmerge subtracts the deltas
+        (peft's way; off by the rounding of the merge). safe_merge refuses (and leaves the weight untouched)
+        when the merged weight is not finite."""
+        if not isinstance(safe_merge, (bool, int)):
+            raise TypeError(f"LoRALinear.merge(safe_merge=False, adapter_names=None), peft's order: safe_merge must "
+                            f"be a bool, got {safe_merge!r} (pass the adapters as adapter_names=...)")
         if self._quant_state() is not None:
             raise LoRAUnsupported("LoRALinear.merge: merging into an NF4 base re-quantizes it (lossy); convert the "
                                   "base to a 16-bit nn.Linear first, or use to_linear()")
