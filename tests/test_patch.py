@@ -534,17 +534,32 @@ def test_unpatch_without_merge_restores_a_tied_embedding_trained_as_a_saved_modu
     assert torch.equal(m.model.embed_tokens.weight.detach(), e0) and m.lm_head.weight is m.model.embed_tokens.weight
 
 
-def test_a_merged_lora_bias_takes_the_weights_requires_grad():
-    """lora_bias=True on a layer without a bias: the merged bias is new; it follows the weight's flag (a
-    frozen model stays frozen)."""
+def test_unpatch_merge_refuses_a_lora_bias_on_a_layer_without_one():
+    """lora_bias=True on Llama (no biases): a merged layer would need a bias the config does not declare, which
+    save_pretrained / from_pretrained drop (found by audit: logits changed after the round trip). Refused as
+    peft's merge_and_unload, the model still patched and unchanged; merge=False works. With biases in the
+    config the lora bias merges into them, and a frozen model stays frozen."""
     m = transformers.LlamaForCausalLM(_llama_cfg())
-    m.requires_grad_(False)
-    patch(m, "lora", target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    patch(m, "lora", target_modules=["q_proj", "v_proj"], lora_bias=True, init_lora_weights=False)
     with torch.no_grad():
         m.model.layers[0].self_attn.q_proj.lora_B["default"].bias.normal_()
+    before = _params_and_flags(m)
+    with pytest.raises(PatchError, match=r"q_proj and 1 more has no bias.*lora_bias.*Nothing was changed"):
+        unpatch(m, merge=True)
+    assert _state(m) is not None and _same_params_and_flags(m, before)
+    unpatch(m, merge=False)
+    assert m.model.layers[0].self_attn.q_proj.bias is None
+
+    m = transformers.LlamaForCausalLM(_llama_cfg(attention_bias=True))
+    m.requires_grad_(False)
+    b0 = m.model.layers[0].self_attn.q_proj.bias.detach().clone()
+    patch(m, "lora", target_modules=["q_proj"], lora_bias=True, init_lora_weights=False)
+    lb = m.model.layers[0].self_attn.q_proj.lora_B["default"]
+    with torch.no_grad():
+        lb.bias.normal_()
+    want = b0 + m.model.layers[0].self_attn.q_proj.scaling["default"] * lb.bias.detach()
     unpatch(m, merge=True)
-    q = m.model.layers[0].self_attn.q_proj
-    assert q.bias is not None and not torch.equal(q.bias.detach(), torch.zeros_like(q.bias))
+    torch.testing.assert_close(m.model.layers[0].self_attn.q_proj.bias.detach(), want)
     assert not any(p.requires_grad for p in m.parameters())
 
 

@@ -602,9 +602,8 @@ class SwapMethod(Method):
                 new.weight = tied
             if new.weight.is_floating_point():        # a 4-bit base handed back keeps its frozen packed weight
                 new.weight.requires_grad_(orig.weight_requires_grad)
-            if new.bias is not None:                  # a bias the layer lacked (a merged LoRA bias): as the weight
-                new.bias.requires_grad_(orig.weight_requires_grad if orig.bias_requires_grad is None
-                                        else orig.bias_requires_grad)
+            if new.bias is not None and orig.bias_requires_grad is not None:   # (no method adds a bias: LoRA's
+                new.bias.requires_grad_(orig.bias_requires_grad)                 # lora_bias merge is refused)
             set_module(model, name, new)
         if not merge:   # after the write-backs: a tied embedding trained as a saved module gets its values back
             with torch.no_grad():

@@ -6,7 +6,8 @@
     rep = fusedtune.patch(model, "lora", r=16, use_dora=True) # DoRA (peft's use_dora; "qlora" too: QDoRA)
     rep = fusedtune.patch(model, "lora", r=16, init_lora_weights="pissa")   # or "olora": A, B from W, W the residual
     rep = fusedtune.patch(model, "lora", r=16, lora_bias=True)  # peft's lora_bias: lora_B has a trainable bias
-    fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base)
+    fusedtune.unpatch(model)                  # nn.Linear with the adapters merged (qlora: dequantized base;
+                                              # refused for a lora_bias on a layer without a bias, as peft)
     fusedtune.unpatch(model, merge=False)     # nn.Linear with the base weights alone
 
 Every target linear becomes a LoRALinear with one adapter ("default"; peft's init: A kaiming-uniform,
@@ -95,6 +96,20 @@ class LoRAMethod(SwapMethod):
 
     def merge(self, module) -> nn.Linear:
         return module.to_linear(merge=True)
+
+    def remove(self, model, merge):
+        if merge:   # refused before anything changes, as peft's merge_and_unload and LoRALinear.merge refuse it
+            bare = [n for n in self.swapped if (m := model.get_submodule(n)).base_layer.bias is None
+                    and m._bias_delta(m.active_adapters) is not None]
+            if bare:
+                raise PatchError(
+                    f"fusedtune.unpatch(merge=True): {bare[0]}{f' and {len(bare) - 1} more' if len(bare) > 1 else ''} "
+                    "has no bias, and its adapter has a lora_bias: the merged layer would need a bias the model "
+                    "does not declare (a transformers config's attention_bias / mlp_bias), and save_pretrained / "
+                    "from_pretrained would drop it; peft's merge_and_unload refuses this too. Nothing was changed. "
+                    "Save the adapters (fusedtune.lora.save_adapter) and unpatch(model, merge=False), or build "
+                    "biased layers yourself with LoRALinear.to_linear()")
+        super().remove(model, merge)
 
     def base(self, module) -> nn.Module:
         if getattr(module, "_fusedtune_loaded_4bit", False):
