@@ -257,6 +257,17 @@ def test_unsupported_layers_are_refused_and_nothing_changes():
     assert _peft_classes(odd) == before
 
 
+def test_a_hooked_base_layer_is_refused_and_nothing_changes():
+    """peft's forward calls the base layer, so hooks on it run; the fused op reads its weight and would not run
+    them (an accelerate-offloaded base would even be on the meta device): refused, named."""
+    pm = _peft_model()
+    pm.base_model.model.model.layers[0].self_attn.q_proj.base_layer.register_forward_hook(lambda *a: None)
+    before = _peft_classes(pm)
+    with pytest.raises(LoRAUnsupported, match="layers.0.self_attn.q_proj.*base layer has a forward hook"):
+        fuse_peft(pm)
+    assert _peft_classes(pm) == before
+
+
 def test_an_unsupported_adapter_added_later_is_refused_by_the_forward():
     _, fused = _pair()
     fused.add_adapter("odd", peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1))

@@ -717,8 +717,22 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
         raise PatchError(f"fusedtune.patch: method {method!r} replaces modules, and the model is sharded (FSDP2 "
                          "fully_shard, or DTensor parameters of tensor parallelism): FSDP would neither shard the new "
                          "modules' parameters nor reduce their gradients across ranks. Patch first, then fully_shard")
+    off = _offloaded(model)
+    if off is not None:
+        raise PatchError(f"fusedtune.patch: {off}'s weights are offloaded by accelerate (device_map with CPU/disk "
+                         "offload, cpu_offload): they sit on the meta device between forwards, and every method reads "
+                         "or writes them in place. Load the model onto the GPU whole (device_map={'': 0}). Nothing "
+                         "was changed")
     if cls.swaps_layers:
         targets = find_targets(model, target_modules, linear_only=True)
+        hooked = [(n, h) for n in targets if (h := bypassed_hooks(model.get_submodule(n)))]
+        if hooked:
+            raise PatchError(f"fusedtune.patch: target {hooked[0][0]} has a {hooked[0][1]}"
+                             + (f" ({len(hooked) - 1} more targets have hooks)" if len(hooked) > 1 else "")
+                             + f": method {method!r}'s layer computes the output from the weights without calling the "
+                             "module, so its hooks would silently stop running. Remove them before patching (and "
+                             "register them on the patched layer), or leave the module out of target_modules. "
+                             "Nothing was changed")
     else:
         targets = None if target_modules is None else find_targets(model, target_modules, linear_only=False)
     impl = cls()
@@ -727,6 +741,29 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     model.__dict__[_ATTR] = {"method": method, "impl": impl, "targets": targets, "options": opts,
                              "optimizer": rep.optimizer}
     return rep
+
+
+def bypassed_hooks(module: nn.Module) -> str | None:
+    """The hooks a fused layer in `module`'s place would not run (it computes from the weights directly, never
+    calling the module), described; None when it has none. accelerate's hook (device_map dispatch, offload)
+    replaces the module's forward rather than registering one."""
+    kinds = [what for what, hooks in (("forward pre-hook", module._forward_pre_hooks),
+                                      ("forward hook", module._forward_hooks),
+                                      ("backward pre-hook", module._backward_pre_hooks),
+                                      ("backward hook", module._backward_hooks)) if hooks]
+    if getattr(module, "_hf_hook", None) is not None:
+        kinds.append("accelerate hook (device_map dispatch or offload)")
+    return ", ".join(kinds) or None
+
+
+def _offloaded(model: nn.Module) -> str | None:
+    """The first module whose weights accelerate offloads (kept in its weights map, on the meta device between
+    forwards), or None."""
+    for name, m in model.named_modules():
+        hook = getattr(m, "_hf_hook", None)
+        if any(getattr(h, "offload", False) for h in (getattr(hook, "hooks", None) or (hook,))):
+            return name or type(model).__name__
+    return None
 
 
 def _sharded(model: nn.Module) -> bool:

@@ -63,6 +63,10 @@ def _why_not(layer) -> str | None:
         return (f"a peft {cls.__module__.rsplit('.', 1)[-1]}.{cls.__name__} layer (fused: lora.Linear over nn.Linear, "
                 "lora.bnb.Linear4bit over NF4)")
     base = layer.get_base_layer()
+    from ..patch import bypassed_hooks  # noqa: PLC0415
+    hooks = bypassed_hooks(base)
+    if hooks:      # peft's forward calls the base layer; the fused op reads its weight
+        return f"its base layer has a {hooks}, which the fused op (reading the weight directly) would not run"
     if is_bnb_4bit(base) and getattr(base.weight, "quant_type", "nf4") != "nf4":
         return f"a 4-bit base of quant_type {base.weight.quant_type!r} (NF4 only)"
     if not is_bnb_4bit(base) and type(base) is not nn.Linear and not is_conv1d(base):
