@@ -561,6 +561,30 @@ def test_an_accelerate_offloaded_model_is_refused(method):
     assert _state(m) is None and type(m.model.layers[0].self_attn.q_proj) is nn.Linear
 
 
+@pytest.mark.parametrize("method", ["full", "mezo"])
+def test_parameters_frozen_before_the_patch_stay_frozen(method):
+    """full and mezo trained (mezo: perturbed) every parameter in scope, frozen ones too (found by audit; the
+    swapping methods kept them frozen). Now frozen stays frozen and unchanged; all frozen is refused."""
+    m = transformers.LlamaForCausalLM(_llama_cfg())
+    m.model.embed_tokens.requires_grad_(False)
+    e0 = m.model.embed_tokens.weight.detach().clone()
+    q0 = m.model.layers[0].self_attn.q_proj.weight.detach().clone()
+    rep = patch(m, method, **({"lr": 1e-2} if method == "full" else {"lr": 1e-2, "eps": 1e-2, "backend": "reference"}))
+    assert not m.model.embed_tokens.weight.requires_grad
+    assert rep.trainable_params == sum(p.numel() for p in m.parameters() if p.requires_grad)
+    assert any("frozen before the patch stay frozen" in n for n in rep.notes)
+    for _ in range(2):
+        rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
+    assert torch.equal(m.model.embed_tokens.weight.detach(), e0)
+    assert not torch.equal(m.model.layers[0].self_attn.q_proj.weight.detach(), q0)
+    unpatch(m)
+    assert not m.model.embed_tokens.weight.requires_grad and m.model.layers[0].self_attn.q_proj.weight.requires_grad
+    m.requires_grad_(False)
+    with pytest.raises(PatchError, match="every selected parameter has requires_grad=False"):
+        patch(m, method)
+    assert _state(m) is None
+
+
 def test_unpatch_merge_refuses_a_lora_bias_on_a_layer_without_one():
     """lora_bias=True on Llama (no biases): a merged layer would need a bias the config does not declare, which
     save_pretrained / from_pretrained drop (found by audit: logits changed after the round trip). Refused as

@@ -632,7 +632,8 @@ class SwapMethod(Method):
 class ParamMethod(Method):
     """A method that trains (a subset of) the model's own parameters in place, swapping nothing.
 
-    targets None: every parameter; else the parameters of the target modules. The rest are frozen.
+    targets None: every parameter; else the parameters of the target modules; in either, those that require grad
+    (a parameter frozen before the patch stays frozen, as under the swapping methods). The rest are frozen.
     Implement make_optimizer(params, **options) and rows(model) -> list[ReportRow].
     unpatch(merge=False) is refused: the weights were trained in place, nothing is kept to unmerge.
     """
@@ -656,6 +657,11 @@ class ParamMethod(Method):
                 params.append(p)
         if not params:
             raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
+        self.kept_frozen = count(p for p in params if not p.requires_grad)
+        params = [p for p in params if p.requires_grad]
+        if not params:
+            raise PatchError(f"method {self.name!r}: every selected parameter has requires_grad=False, and the method "
+                             "keeps frozen parameters frozen; unfreeze what should train (model.requires_grad_(True))")
         refuse_packed([(names[id(p)], p) for p in params], f"method {self.name!r}",
                       "the method trains parameters in place; load the model in 16 or 32 bits, or use method 'lora'")
         self.params, self.param_names = params, [names[id(p)] for p in params]
@@ -675,8 +681,10 @@ class ParamMethod(Method):
         self.restore_requires_grad(model)
 
     def report(self, model):
+        frozen = getattr(self, "kept_frozen", 0)
+        notes = [f"{frozen:,} parameters frozen before the patch stay frozen"] if frozen else []
         return PatchReport(self.name, self.rows(model), trainable_params=count(self.params),
-                           total_params=count(unique_params(model.parameters())), _impl=self)
+                           total_params=count(unique_params(model.parameters())), notes=notes, _impl=self)
 
 
 # ----------------------------------------------------------------------------------------- API
