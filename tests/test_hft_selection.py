@@ -178,6 +178,23 @@ def test_gpt2_is_refused_clearly():
     assert all(p.requires_grad for p in model.parameters())
 
 
+@needs_rows
+@pytest.mark.parametrize("granularity", ["row", "block"])
+def test_row_granularity_refuses_hooked_linears(granularity):
+    """A RowMaskedLinear computes from the weights without calling the module it replaces: a hook on that module
+    would silently stop running. Refused before anything changes; matrix granularity swaps nothing and takes it."""
+    model = tiny(layers=2)
+    calls = []
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: calls.append(1))
+    with pytest.raises(HFTError, match=r"layers.1.mlp.up_proj has a forward hook.*granularity='matrix'"):
+        HalfFineTuner(model, granularity=granularity)
+    assert type(model.model.layers[1].mlp.up_proj) is torch.nn.Linear
+    assert all(p.requires_grad for p in model.parameters())
+    HalfFineTuner(model, granularity="matrix")
+    model(batch())
+    assert calls == [1]
+
+
 def test_one_tuner_per_model_and_remove_restores_flags():
     model = tiny(layers=2)
     model.model.embed_tokens.weight.requires_grad_(False)

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..patch import format_table, refuse_packed, set_module
+from ..patch import bypassed_hooks, format_table, refuse_packed, set_module
 from .selection import (GRANULARITIES, ROW_GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
                         map_model, select_rows)
 
@@ -147,6 +147,11 @@ class HalfFineTuner:
             if self._row_cls is None:
                 raise HFTError(f"HalfFineTuner(granularity={granularity!r}) needs fusedtune.nn.RowMaskedLinear, "
                                f"which is not available here ({why}); use granularity='matrix'")
+            hooked = [(n, h) for n in self.map.linear_names() if (h := bypassed_hooks(model.get_submodule(n)))]
+            if hooked:   # the row-masked layer computes from the weights without calling the module
+                raise HFTError(f"HalfFineTuner(granularity={granularity!r}): {hooked[0][0]} has a {hooked[0][1]}, "
+                               "which the row-masked layer taking its place would not run; remove the hooks first "
+                               "(or use granularity='matrix', which swaps nothing)")
         # names as they are before any swap; tied parameters appear under every name
         self._names = [(n, n.rpartition(".")[0], n.rpartition(".")[2], tuple(p.shape))
                        for n, p in model.named_parameters(remove_duplicate=False)]
