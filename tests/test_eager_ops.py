@@ -103,6 +103,51 @@ def test_direct_route_equals_the_dispatcher_route(case, monkeypatch):
         assert torch.equal(a, b)
 
 
+def _double_backward(make):
+    """Second-order gradients of sum(y^2) through the op, or (error type, message) where autograd refuses."""
+    fn, leaves = make()
+    leaves = [t for t in leaves if t.requires_grad]
+    y = fn()
+    try:
+        g = torch.autograd.grad((y.float() ** 2).sum(), leaves, create_graph=True, allow_unused=True)
+        s = sum((t.float() ** 2).sum() for t in g if t is not None)
+        return torch.autograd.grad(s, leaves, allow_unused=True)
+    except RuntimeError as e:
+        return type(e), str(e).split("\n")[0]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_double_backward_is_the_dispatcher_routes(case):
+    """Found by audit: under create_graph=True the direct route ran the backward's own ops (no autograd) directly,
+    so their outputs were constants and a double backward silently wrong (lora, hft_row) or zero (sparse_delta),
+    where the dispatcher's route raises "no autograd formula". Both routes now give the same: that error, or the
+    same bits (ops whose backward is made of differentiable ops)."""
+    make, _ = CASES[case]
+    direct = _double_backward(make)
+    with _eager.dispatcher_only():
+        dispatched = _double_backward(make)
+    if isinstance(dispatched, tuple) and isinstance(dispatched[0], type):
+        assert direct == dispatched
+    else:
+        assert not (isinstance(direct, tuple) and isinstance(direct[0], type)), direct
+        assert len(direct) == len(dispatched)
+        for a, b in zip(direct, dispatched):
+            assert (a is None) == (b is None) and (a is None or torch.equal(a, b))
+
+
+def test_an_op_without_autograd_on_inputs_that_need_grad_takes_the_dispatcher():
+    """fp8's quantizer has no autograd: on an input that needs a gradient the op's route makes outputs whose
+    backward raises; called directly they had requires_grad set and x.grad stayed None without a word."""
+    x = _g(4, 256, seed=1)
+    outs = fp8_ops.fp8_quantize_1x128(x)
+    with _eager.dispatcher_only():
+        want = fp8_ops.fp8_quantize_1x128(x)
+    for a, b in zip(outs, want):
+        assert a.requires_grad == b.requires_grad and torch.equal(a.detach().float(), b.detach().float())
+    with pytest.raises(RuntimeError, match="no autograd formula"):
+        outs[0].float().sum().backward()
+
+
 def test_the_autograd_function_saves_what_the_op_saves():
     """The direct route's graph node holds the op's saved tensors (x, not a copy; the float32 shrink t)."""
     (fn, (x, A, B, b)) = _lora()

@@ -103,8 +103,16 @@ class EagerOp:
     def __call__(self, *args):
         if not direct(args):
             return self.op(*args)
-        if self.fn is not None and _needs_grad(args):
-            return self.fn.apply(*args)
+        if _needs_grad(args):
+            if self.fn is not None:
+                return self.fn.apply(*args)
+            if not self.mutated:
+                # an op without autograd (e.g. a backward's own op, run again under create_graph=True for a double
+                # backward) on inputs that need a gradient: the op's route, whose outputs raise "no autograd
+                # formula" if differentiated. Called directly its outputs would be constants and a double
+                # backward silently wrong. (Normal forwards and backwards never get here: backward runs without
+                # grad mode, and the ops called inside an autograd.Function's forward see none either.)
+                return self.op(*args)
         try:
             return self.impl(*args)
         finally:                 # (also when it fails part way: what it wrote has a new version, as on the op's route)
