@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import hft as ref
-from ..reference.adamw import CONST_KEYS
+from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams
 from ._eager import EagerOp
 
 # "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
@@ -188,6 +188,7 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
         return
     if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, targets, rows)):
         raise ValueError("masked_adamw_: params, grads, exp_avgs, exp_avg_sqs, targets and rows differ in length")
+    check_hparams("masked_adamw_", lr, beta1, beta2, eps, weight_decay, step)
     dev = params[0].device
     name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
     if check or name == "reference":
@@ -208,6 +209,7 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
     for i, (p, g, m, v, t, r) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets, rows)):
         if t is None:
             t = p.new_empty(0)
+        check_distinct("masked_adamw_", i, p, g, m, v, t)
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.dtype != p.dtype:
             raise TypeError(f"masked_adamw_: params[{i}] is {p.dtype} with grad {g.dtype}; need a float dtype, "
                             "grad of the same dtype")

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import sparse_delta as ref
-from ..reference.adamw import CONST_KEYS, adamw_constants
+from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams
 from ._eager import EagerOp
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
@@ -224,6 +224,7 @@ def _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, ind
             if t.dtype != torch.float32 or t.shape != idx.shape or not t.is_contiguous() or t.device != dev:
                 raise ValueError(f"sparse_adamw_: {what}[{i}] must be contiguous float32 of shape "
                                  f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
+        check_distinct("sparse_adamw_", i, val, g, m, v, w, b)
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
             raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
                              f"{tuple(b.shape)}) must share a float dtype, bases one value per index")
@@ -257,8 +258,7 @@ def sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices,
     steps = [None] * n if steps is None else list(steps)
     if not all(len(v) == n for v in (grads, exp_avgs, exp_avg_sqs, weights, bases, indices, steps)):
         raise ValueError("sparse_adamw_: the lists differ in length")
-    if not (isinstance(step, int) and 1 <= step < 2 ** 31):
-        raise ValueError(f"sparse_adamw_: step must be an int in [1, 2^31), got {step!r}")
+    check_hparams("sparse_adamw_", lr, beta1, beta2, eps, weight_decay, step)
     dev = values[0].device
     name = _backend.resolve("sparse_adamw_", dev, _ADAMW_HAS, backend)
     # check=False from a caller that built the lists itself (SparseDeltaAdamW): the extension's kernels check

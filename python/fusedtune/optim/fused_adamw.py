@@ -41,6 +41,23 @@ class FusedAdamW(CopyableOptimizer):
         refuse_sharded([p for g in self.param_groups for p in g["params"]], name)
         self.backend = backend
 
+    def add_param_group(self, param_group: dict) -> None:
+        """As torch's, each parameter checked first (_check_param): a refused group adds nothing, and a step
+        never meets a parameter its fused op refuses half way through the groups. (torch's constructor adds
+        its groups through this too.)"""
+        params = param_group.get("params") if isinstance(param_group, dict) else None
+        if isinstance(params, torch.Tensor):
+            params = [params]
+        elif params is not None and not isinstance(params, set):   # (a set: torch refuses it, as unordered)
+            params = list(params)
+            param_group = {**param_group, "params": params}
+        for p in params if isinstance(params, list) else ():
+            self._check_param(p)
+        super().add_param_group(param_group)
+
+    def _check_param(self, p) -> None:
+        """Raise if the fused op cannot step this parameter (subclasses)."""
+
     def _state(self, p) -> dict:
         st = self.state[p]
         if not st:
@@ -61,6 +78,7 @@ class FusedAdamW(CopyableOptimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        work = []      # every group's lists first: what _entries refuses is refused before anything changes
         for group in self.param_groups:
             buckets: dict = {}
             for p in group["params"]:
@@ -69,30 +87,48 @@ class FusedAdamW(CopyableOptimizer):
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not take sparse gradients")
                 st = self._state(p)
-                st["step"] += 1
                 entries = self._entries(p, st)
-                key = (p.device, st["step"])
-                lists = buckets.get(key)
-                if lists is None:
-                    lists = buckets[key] = [[] for _ in entries]
-                for lst, val in zip(lists, entries):
+                key = (p.device, st["step"] + 1)
+                bucket = buckets.get(key)
+                if bucket is None:
+                    bucket = buckets[key] = ([[] for _ in entries], [])
+                for lst, val in zip(bucket[0], entries):
                     lst.append(val)
-            for (_, step), lists in buckets.items():
+                bucket[1].append(st)
+            work.append((group, buckets))
+        for group, buckets in work:
+            for (_, step), (lists, states) in buckets.items():
                 self._run(lists, group, step)
+                for st in states:     # counted once its op ran
+                    st["step"] = step
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """As torch's, but the state tensors keep their saved dtypes: torch casts every state tensor
-        of a floating parameter to the parameter's dtype, which would make the float32 moments of a
-        bf16 parameter bf16 and the int32 step counts float."""
-        super().load_state_dict(state_dict)
-        saved = state_dict["state"]
-        ids = [i for g in state_dict["param_groups"] for i in g["params"]]
-        params = [p for g in self.param_groups for p in g["params"]]
-        for i, p in zip(ids, params):
-            for key, val in saved.get(i, {}).items():
-                if torch.is_tensor(val):
-                    self.state[p][key] = val.to(device=p.device, copy=True)
+        """As torch's, hooks included, but the state tensors keep their saved dtypes (copied): torch casts
+        every state tensor of a floating parameter to the parameter's dtype, which would make the float32
+        moments of a bf16 parameter bf16 and the int32 step counts float. The saved tensors are taken from
+        the state dict the load-state-dict pre-hooks leave, and put in before the post-hooks run."""
+        final = {}
+
+        def grab(opt, sd):       # appended: runs after every pre-hook registered before this call
+            final["sd"] = sd
+
+        def restore(opt):        # prepended: runs before the post-hooks
+            sd = final["sd"]
+            ids = [i for g in sd["param_groups"] for i in g["params"]]
+            params = [p for g in self.param_groups for p in g["params"]]
+            for i, p in zip(ids, params):
+                for key, val in sd["state"].get(i, {}).items():
+                    if torch.is_tensor(val):
+                        self.state[p][key] = val.to(device=p.device, copy=True)
+
+        hooks = (self.register_load_state_dict_pre_hook(grab),
+                 self.register_load_state_dict_post_hook(restore, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for h in hooks:
+                h.remove()
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the moments)."""

@@ -1,6 +1,6 @@
 """MaskedAdamW: AdamW as one fused multi-tensor pass, with moments only for what trains.
 
-Works on ordinary parameters (fp32/bf16/fp16; moments in fp32; one rounding per step) and on the
+Works on ordinary parameters (fp32/bf16/fp16, contiguous; moments in fp32; one rounding per step) and on the
 row masters of fusedtune.nn.RowMaskedLinear (weight_rows, bias_rows), whose updated rows are written
 into the layer's full weight (bias) in the same pass, so frozen rows are never touched and no
 optimizer state exists for them.
@@ -18,6 +18,15 @@ class MaskedAdamW(FusedAdamW):
     def __init__(self, params, lr: float = 1e-3, betas=(0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0.01,
                  backend: str | None = None):
         super().__init__(params, lr, betas, eps, weight_decay, backend)
+
+    def _check_param(self, p) -> None:
+        if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+            raise TypeError(f"MaskedAdamW: a parameter of shape {tuple(p.shape)} is {p.dtype}; the fused pass takes "
+                            "float32, bfloat16 or float16 parameters")
+        if not p.is_contiguous():
+            raise ValueError(f"MaskedAdamW: a parameter of shape {tuple(p.shape)} has strides {p.stride()}, not "
+                             "contiguous; the fused pass takes contiguous parameters (torch.optim.AdamW takes any): "
+                             "make it contiguous (p.data = p.data.contiguous()) before building the optimizer")
 
     @staticmethod
     def _target(p):

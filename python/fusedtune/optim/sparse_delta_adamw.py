@@ -29,10 +29,10 @@ class SparseDeltaAdamW(FusedAdamW):
                              f"got {bias_correction!r}")
         super().__init__(params, lr, betas, eps, weight_decay, backend)
         self.bias_correction = bias_correction
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.requires_grad:
-                    self._layer(p)  # refuse trainable tensors that are not SparseDeltaLinear deltas, up front
+
+    def _check_param(self, p) -> None:
+        if p.requires_grad:
+            self._layer(p)  # refuse trainable tensors that are not SparseDeltaLinear deltas, up front
 
     @staticmethod
     def _layer(p):

@@ -2,9 +2,39 @@
 written operation for operation so that the C++ CPU and CUDA kernels are bit-identical to it."""
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 CONST_KEYS = ("decay", "beta1", "omb1", "beta2", "omb2", "sbc2", "eps", "step_size")
+
+
+def check_hparams(what: str, lr, beta1, beta2, eps, weight_decay, step) -> None:
+    """Refuse what torch.optim.AdamW refuses (lr, eps, weight_decay < 0; betas outside [0, 1)) and a step count
+    outside [1, 2^31) (step 0 divides by zero in the bias correction), before anything changes."""
+    if not (isinstance(step, int) and not isinstance(step, bool) and 1 <= step < 2 ** 31):
+        raise ValueError(f"{what}: step must be an int in [1, 2^31), got {step!r}")
+    def real(v):   # a number, or a one-element tensor (a scheduler's tensor lr); else None
+        if torch.is_tensor(v):
+            return float(v) if v.numel() == 1 and not v.is_complex() else None
+        return float(v) if isinstance(v, numbers.Real) else None
+
+    for name, v in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        f = real(v)
+        if f is None or not 0 <= f < float("inf"):
+            raise ValueError(f"{what}: {name} must be a finite number >= 0, got {v!r}")
+    for name, v in (("beta1", beta1), ("beta2", beta2)):
+        f = real(v)
+        if f is None or not 0 <= f < 1:
+            raise ValueError(f"{what}: {name} must be in [0, 1), got {v!r}")
+
+
+def check_distinct(what: str, i: int, *tensors) -> None:
+    """The tensors of one list entry (parameter, gradient, moments, ...) must not share memory: the pass reads
+    and writes them element by element, an alias would be read after it was written."""
+    ptrs = [t.data_ptr() for t in tensors if t is not None and t.numel()]
+    if len(set(ptrs)) != len(ptrs):
+        raise ValueError(f"{what}: the tensors of entry {i} (parameter, gradient, moments) share memory")
 
 
 def adamw_constants(lr, beta1, beta2, eps, weight_decay, step) -> dict:

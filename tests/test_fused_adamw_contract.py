@@ -1,0 +1,131 @@
+"""What torch.optim users rely on, held for MaskedAdamW and SparseDeltaAdamW (optim/fused_adamw.py) and their fused
+ops: a refused parameter or step changes nothing, load_state_dict runs its hooks, the ops refuse what
+torch.optim.AdamW refuses. (Found by an audit: each case below failed before.)"""
+import copy
+
+import pytest
+import torch
+
+from fusedtune.nn import SparseDeltaLinear
+from fusedtune.ops.hft import masked_adamw_
+from fusedtune.ops.sparse_delta import sparse_adamw_
+from fusedtune.optim import MaskedAdamW, SparseDeltaAdamW
+
+
+def _snapshot(opt, params):
+    return [p.detach().clone() for p in params], copy.deepcopy(opt.state_dict())
+
+
+def _unchanged(opt, params, snap):
+    ps, sd = snap
+    now = opt.state_dict()
+    same_state = now["state"].keys() == sd["state"].keys() and all(
+        torch.equal(torch.as_tensor(now["state"][k][n]), torch.as_tensor(sd["state"][k][n]))
+        for k in sd["state"] for n in sd["state"][k])
+    return all(torch.equal(p.detach(), q) for p, q in zip(params, ps)) and same_state
+
+
+def test_masked_adamw_refuses_a_parameter_it_cannot_step_when_it_is_added():
+    a = torch.nn.Parameter(torch.randn(3))
+    b = torch.nn.Parameter(torch.randn(4, 6).t())          # transposed: not contiguous
+    with pytest.raises(ValueError, match=r"shape \(6, 4\) has strides \(1, 6\), not contiguous"):
+        MaskedAdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    opt = MaskedAdamW([a], lr=0.1)
+    for bad, err in ((b, ValueError), (torch.nn.Parameter(torch.randn(3, dtype=torch.float64)), TypeError)):
+        with pytest.raises(err, match="MaskedAdamW: a parameter of shape"):
+            opt.add_param_group({"params": [bad]})
+        assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": (p for p in [torch.nn.Parameter(torch.randn(2))])})   # a generator still works
+    assert len(opt.param_groups) == 2 and len(opt.param_groups[1]["params"]) == 1
+
+
+def test_sparse_delta_adamw_refuses_a_non_delta_in_add_param_group():
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    layer.bias.requires_grad_(True)
+    opt = SparseDeltaAdamW([layer.values], lr=0.1)
+    with pytest.raises(ValueError, match="takes the `values` of SparseDeltaLinear layers only"):
+        opt.add_param_group({"params": [layer.bias]})
+    assert len(opt.param_groups) == 1
+
+
+def test_a_refused_step_changes_no_group():
+    """The lists of every group are built before any group steps: a refusal in the second group (a sparse
+    gradient) leaves the first group's parameters, moments and step counts as they were."""
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(4))
+    opt = MaskedAdamW([{"params": [a]}, {"params": [b], "lr": 0.01}], lr=0.1)
+    a.grad, b.grad = torch.ones(3), torch.ones(4)
+    opt.step()
+    snap = _snapshot(opt, [a, b])
+    b.grad = torch.ones(4).to_sparse()
+    with pytest.raises(RuntimeError, match="sparse gradients"):
+        opt.step()
+    assert _unchanged(opt, [a, b], snap)
+    b.grad = torch.ones(4)
+    opt.step()
+    assert opt.state[a]["step"] == opt.state[b]["step"] == 2
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_load_state_dict_runs_the_hooks_and_keeps_float32_moments(dtype):
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, dtype=dtype))
+    opt = MaskedAdamW([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(5, dtype=dtype)
+        opt.step()
+    sd = opt.state_dict()
+    q = torch.nn.Parameter(p.detach().clone())
+    o2 = MaskedAdamW([q], lr=0.1)
+
+    def pre(o, s):
+        s = copy.deepcopy(s)
+        s["state"][0]["exp_avg"].zero_()
+        return s
+
+    o2.register_load_state_dict_pre_hook(pre)
+    o2.register_load_state_dict_post_hook(lambda o: o.state[q]["exp_avg_sq"].fill_(7.0))
+    o2.load_state_dict(sd)
+    st = o2.state[q]
+    assert st["exp_avg"].dtype == st["exp_avg_sq"].dtype == torch.float32      # not cast to the parameter's dtype
+    assert torch.equal(st["exp_avg"], torch.zeros(5)) and torch.equal(st["exp_avg_sq"], torch.full((5,), 7.0))
+    assert st["exp_avg"].data_ptr() != sd["state"][0]["exp_avg"].data_ptr()   # copied, not the caller's tensors
+    o3 = MaskedAdamW([q], lr=0.1)
+    o3.load_state_dict(sd)                                                      # no hooks: the saved bits
+    assert torch.equal(o3.state[q]["exp_avg_sq"], opt.state[p]["exp_avg_sq"])
+
+
+def _masked_lists():
+    p, g = torch.randn(4), torch.randn(4)
+    return [p], [g], [torch.zeros(4)], [torch.zeros(4)], [None], [None]
+
+
+@pytest.mark.parametrize("kw,msg", [({"step": 0}, "step must be an int"), ({"step": -1}, "step must be an int"),
+                                    ({"step": 1.0}, "step must be an int"), ({"eps": -1.0}, "eps must be"),
+                                    ({"lr": float("nan")}, "lr must be"), ({"beta1": 1.0}, "beta1 must be"),
+                                    ({"weight_decay": -0.1}, "weight_decay must be")])
+def test_masked_adamw_op_refuses_what_adamw_refuses(kw, msg):
+    lists = _masked_lists()
+    before = [t.clone() for t in lists[0] + lists[2]]
+    args = {**dict(lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1), **kw}
+    with pytest.raises(ValueError, match=msg):
+        masked_adamw_(*lists, **args)
+    assert all(torch.equal(a, b) for a, b in zip(lists[0] + lists[2], before))
+
+
+def test_the_adamw_ops_refuse_aliased_entries():
+    p, v = torch.randn(4), torch.zeros(4)
+    p0 = p.clone()
+    with pytest.raises(ValueError, match="entry 0 .* share memory"):
+        masked_adamw_([p], [torch.ones(4)], [p], [v], [None], [None], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, step=1)
+    assert torch.equal(p, p0)
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    vals = layer.values.detach()
+    with pytest.raises(ValueError, match="entry 0 .* share memory"):
+        sparse_adamw_([vals], [vals], [torch.zeros_like(vals)], [torch.zeros_like(vals)], [layer.weight.detach()],
+                      [layer.base_values], [layer.indices], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, step=1)
+    with pytest.raises(ValueError, match="step must be an int"):
+        sparse_adamw_([vals], [torch.ones_like(vals)], [torch.zeros_like(vals)], [torch.zeros_like(vals)],
+                      [layer.weight.detach()], [layer.base_values], [layer.indices], lr=1e-2, beta1=0.9, beta2=0.999,
+                      eps=1e-8, weight_decay=0.0, step=True)
