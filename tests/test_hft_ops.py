@@ -200,6 +200,8 @@ def test_opcheck_and_compile():
     (lambda: RowMaskedLinear.from_linear(torch.nn.Linear(3, 4), torch.tensor([1.7, 2.2])),
      "integer row indices, got a torch.float32"),
     (lambda: MaskedAdamW([torch.zeros(2)], lr=-1), "lr must be >= 0"),
+    (lambda: hft_row_linear(torch.randn(2, 3), torch.randn(4, 3), torch.randn(1, 3, device="meta"), torch.tensor([1])),
+     "all tensors must be on one device"),          # (the backward failed on a gradient's device)
     (lambda: masked_adamw_([torch.zeros(2)], [torch.zeros(3)], [torch.zeros(2)], [torch.zeros(2)], [torch.empty(0)],
                            [torch.empty(0, dtype=torch.long)], lr=1, beta1=0.9, beta2=0.9, eps=1e-8,
                            weight_decay=0, step=1), "grads\\[0\\] has shape"),

@@ -196,6 +196,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="values must be float32"):
         sparse_delta_linear(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2).half(), torch.tensor([0, 1],
                             dtype=torch.int32))
+    with pytest.raises(ValueError, match="all tensors must be on one device"):   # (the backward failed)
+        sparse_delta_linear(torch.randn(2, 4), torch.randn(3, 4), torch.zeros(2, device="meta"),
+                            torch.tensor([0, 1], dtype=torch.int32))
 
 
 def test_layer_under_autocast_and_with_a_trained_bias():

@@ -142,6 +142,9 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
     if bias_rows is not None and (bias is None or bias_rows.shape != (rows.shape[0],)):
         raise ValueError(f"hft_row_linear: bias_rows must be [{rows.shape[0]}] and needs the bias, got "
                          f"{tuple(bias_rows.shape)} with bias {'None' if bias is None else tuple(bias.shape)}")
+    devs = {t.device for t in (x, weight, weight_rows, rows, bias, bias_rows) if t is not None}
+    if len(devs) != 1:   # (else the forward runs and the backward fails on a gradient's device)
+        raise ValueError(f"hft_row_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
     return _autocast.linear_call(lambda x_, w_, b_: _row_linear(x_, w_, weight_rows, rows, b_, bias_rows, name),

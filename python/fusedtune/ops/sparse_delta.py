@@ -181,6 +181,9 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if values.dtype != torch.float32 or values.shape != indices.shape:
         raise ValueError(f"sparse_delta_linear: values must be float32 of shape {tuple(indices.shape)}, got "
                          f"{values.dtype} {tuple(values.shape)}")
+    devs = {t.device for t in (x, weight, values, indices, bias) if t is not None}
+    if len(devs) != 1:   # (else the forward runs and the backward fails on a gradient's device)
+        raise ValueError(f"sparse_delta_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
