@@ -220,12 +220,20 @@ def test_layer_under_autocast_and_with_a_trained_bias():
     assert m.values.grad.dtype == torch.float32 and m.bias.grad.dtype == torch.float32
 
 
-def test_other_optimizers_and_edits_of_values_reach_the_forward():
-    """values updated by torch.optim.AdamW (HF Trainer's default) used to leave the merged weight stale:
-    training silently did nothing. The next forward now merges them, and says so once."""
+_TORCH_ADAMW = {"foreach": {}, "for-loop": {"foreach": False}, "fused": {"fused": True}}
+
+
+@pytest.mark.parametrize("kind", sorted(_TORCH_ADAMW))
+def test_other_optimizers_and_edits_of_values_reach_the_forward(kind, monkeypatch):
+    """values updated by torch.optim.AdamW used to leave the merged weight stale: training silently did
+    nothing. The next forward now merges them, and says so once. fused=True (transformers.Trainer's default,
+    adamw_torch_fused) does not bump the version counters the layer watched (found by audit): a global
+    optimizer step hook (nn/masters.py) tells the layer."""
+    from fusedtune import backend as fb
+    monkeypatch.setattr(fb, "_warned", set())
     lin = torch.nn.Linear(20, 12)
     m = SparseDeltaLinear.from_linear(lin, density=0.2, seed=1)
-    opt = torch.optim.AdamW([m.values], lr=1e-2)
+    opt = torch.optim.AdamW([m.values], lr=1e-2, **_TORCH_ADAMW[kind])
     x = torch.randn(8, 20)
     with pytest.warns(UserWarning, match="changed outside SparseDeltaAdamW"):
         for _ in range(3):

@@ -195,6 +195,10 @@ class RowMaskedLinear(OwnsMasters):
             same = torch.equal(self.bias.index_select(0, self.rows), self.bias_rows.to(self.bias.dtype))
         return same
 
+    def masters_written_elsewhere(self) -> None:
+        if self.masters:     # (views of the weight: written in place already)
+            self.__dict__["_rows_written"] = None
+
     def _refresh_if_masters_changed(self) -> None:
         """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
         the forward on stale rows, and training would silently do nothing: write them, and say so once."""

@@ -17,6 +17,7 @@ import weakref
 from typing import Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.weak import WeakIdKeyDictionary
 
 _OWNERS = WeakIdKeyDictionary()   # master Parameter -> weakref to its layer
@@ -35,12 +36,34 @@ def owner_of(p: torch.Tensor):
     return ref() if ref is not None else None
 
 
+def _after_optimizer_step(optimizer, args, kwargs) -> None:
+    """A global optimizer step post-hook: an optimizer other than the fused ones (which write the layers' merged
+    copies in their pass) stepped some layer's masters. The layers notice writes by the masters' version
+    counters, which torch's fused AdamW (transformers.Trainer's default optim, adamw_torch_fused) does not
+    bump: without this its training never reached the forward, silently. Each such layer checks its merged
+    copy against its masters at its next forward (masters_written_elsewhere)."""
+    if not _OWNERS or getattr(optimizer, "writes_master_layers", False):
+        return
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            layer = owner_of(p)
+            if layer is not None:
+                layer.masters_written_elsewhere()
+
+
+register_optimizer_step_post_hook(_after_optimizer_step)
+
+
 class OwnsMasters(torch.nn.Module):
     """A layer with float32 masters (master_parameters()) that stays their owner when it is copied or
     unpickled (__setstate__) and when a load assigns new Parameters; set_* methods call bind_masters()."""
 
     def master_parameters(self) -> list:
         raise NotImplementedError
+
+    def masters_written_elsewhere(self) -> None:
+        """Another optimizer stepped the masters, perhaps without bumping their versions: the next forward
+        checks the layer's merged copy against them (the subclasses' refresh)."""
 
     def bind_masters(self) -> None:
         bind_owner(self, *self.master_parameters())

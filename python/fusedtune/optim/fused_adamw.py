@@ -26,6 +26,7 @@ class FusedAdamW(CopyableOptimizer):
     """Subclasses implement `_entries(p, state) -> tuple` (what the fused op takes for p) and
     `_run(lists, group, step)` (one fused op call over the transposed entries)."""
     _copied = ("backend",)
+    writes_master_layers = True   # the pass writes the layers' merged copies (nn/masters.py's step hook skips it)
 
     def __init__(self, params, lr: float, betas, eps: float, weight_decay: float, backend: str | None):
         name = type(self).__name__
