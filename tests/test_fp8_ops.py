@@ -213,6 +213,18 @@ def test_convert_and_patch_method():
     assert type(model.model.layers[0].mlp.up_proj) is torch.nn.Linear
 
 
+def test_convert_of_a_bare_linear_returns_its_fp8_linear():
+    """The model itself a Linear (fqn ""): returned converted, as torchao's convert_to_float8_training does (it
+    came back unconverted with a child named '' and duplicate state-dict keys; found by audit)."""
+    from fusedtune.nn import FP8Linear
+    lin = torch.nn.Linear(256, 128)
+    seen = []
+    got = fusedtune.fp8.convert(lin, module_filter_fn=lambda m, fqn: seen.append(fqn) or True)
+    assert seen == [""] and isinstance(got, FP8Linear) and got.weight is lin.weight
+    assert sorted(got.state_dict()) == ["bias", "weight"] and list(lin.named_children()) == []
+    assert fusedtune.fp8.convert(lin, module_filter_fn=lambda m, fqn: False) is lin
+
+
 def test_convert_takes_gpt2_conv1d():
     """GPT-2's Conv1D layers become FP8Linear over the transposed weight; the logits follow the model's."""
     from fusedtune.nn import FP8Linear

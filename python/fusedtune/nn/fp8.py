@@ -97,8 +97,9 @@ class FP8Linear(nn.Module):
 def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend: str | None = None) -> nn.Module:
     """Replace every nn.Linear (and transformers' Conv1D, GPT-2) for which module_filter_fn(module, fqn) is
     true (default: all but the output embedding, lm_head) by an FP8Linear sharing its parameters (a
-    Conv1D's: its weight transposed into [out, in], a copy that replaces it); returns the model. Make
-    the optimizer after converting."""
+    Conv1D's: its weight transposed into [out, in], a copy that replaces it); returns the model, or, when
+    the model itself is such a layer (fqn ""), its FP8Linear (as torchao's convert_to_float8_training).
+    Make the optimizer after converting."""
     from ..patch import _output_embedding_names, as_linear, is_conv1d, set_module
     skip = _output_embedding_names(model) if module_filter_fn is None else set()
     for name, mod in list(model.named_modules()):
@@ -106,5 +107,8 @@ def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend
             continue
         if module_filter_fn is not None and not module_filter_fn(mod, name):
             continue
-        set_module(model, name, FP8Linear.from_linear(as_linear(mod), pow2=pow2, backend=backend))
+        new = FP8Linear.from_linear(as_linear(mod), pow2=pow2, backend=backend)
+        if not name:             # the root: no parent to put it in
+            return new
+        set_module(model, name, new)
     return model
