@@ -339,6 +339,21 @@ def _decode_like_composable_sft(enc):
     return dense
 
 
+def _rename_in_pickle(src, dst, old: bytes, new: bytes):
+    """A copy of the torch.save archive src with `old` replaced by `new` in its pickle (GLOBAL opcodes)."""
+    import zipfile
+    os.makedirs(os.path.dirname(dst), exist_ok=True)
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        hits = 0
+        for info in zin.infolist():
+            data = zin.read(info)
+            if info.filename.endswith("/data.pkl"):
+                hits += data.count(old)
+                data = data.replace(old, new)
+            zout.writestr(info, data)
+    assert hits, "the pickle does not hold the name to rename"
+
+
 def test_composable_sft_round_trip_and_weights(tmp_path):
     m = tiny_llama()
     d = random_delta(m, LAYERS, density=0.2)
@@ -360,6 +375,11 @@ def test_composable_sft_round_trip_and_weights(tmp_path):
             for k, v in enc["body"].items()}
     torch.save({"body": body}, tmp_path / "pytorch_diff.bin")
     assert sd.from_composable_sft(tmp_path, m).equal(d)
+    # the same file pickled under numpy 1.x, whose scalar lives at numpy.core.multiarray (it was refused
+    # without trust_pickle; found by audit)
+    _rename_in_pickle(tmp_path / "pytorch_diff.bin", tmp_path / "np1" / "pytorch_diff.bin",
+                      b"numpy._core.multiarray\nscalar", b"numpy.core.multiarray\nscalar")
+    assert sd.from_composable_sft(tmp_path / "np1", m).equal(d)
     # applying it as composable-sft does (param += dense diff) gives the same weights as sd.apply
     ref = tiny_llama()
     with torch.no_grad():

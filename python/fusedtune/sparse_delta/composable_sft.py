@@ -42,7 +42,9 @@ def _load_bin(path, trust_pickle: bool) -> dict:
     # composable-sft writes index_steps[0] as a numpy int64 scalar: allow exactly what that needs.
     allowed = [np.dtype, type(np.dtype(np.int64)), type(np.dtype(np.int32))]
     core = getattr(np, "_core", None) or getattr(np, "core")
-    allowed.append(core.multiarray.scalar)
+    # under its own name and under numpy 1.x's (numpy.core, as the published SFTs of 2022-23 were pickled)
+    allowed += [core.multiarray.scalar, (core.multiarray.scalar, "numpy.core.multiarray.scalar"),
+                (core.multiarray.scalar, "numpy._core.multiarray.scalar")]
     try:
         with torch.serialization.safe_globals(allowed):
             return torch.load(path, map_location="cpu", weights_only=True)
