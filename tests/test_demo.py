@@ -66,6 +66,20 @@ def test_demo_refuses_unknown_method():
         main(["--method", "nope", "--no-progress"])
 
 
+@pytest.mark.parametrize("sets,msg", [
+    (["nosuch.lr=1"], "no method 'nosuch'"), (["mezo.lr=1"], "'mezo' is not among the methods run"),
+    (["lora.lr=abc"], "lora.lr='abc': expected a number"), (["lora.bogus=1"], "has no option 'bogus'"),
+])
+def test_demo_refuses_bad_overrides_before_it_trains(sets, msg, monkeypatch):
+    """A misspelt method was silently ignored, a bad value failed with a raw traceback after the pre-training
+    (found by audit): refused up front with what it takes."""
+    import fusedtune.demo as demo
+    monkeypatch.setattr(demo, "_run", lambda *a: pytest.fail("the demo ran"))
+    argv = ["--method", "lora", "--no-progress"] + [x for s in sets for x in ("--set", s)]
+    with pytest.raises(SystemExit, match=msg):
+        main(argv)
+
+
 def test_tasks_follow_their_rules():
     import torch
     t = Tasks(vocab_size=64, seq_len=24, period=4, remapped=16)

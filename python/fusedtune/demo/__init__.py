@@ -34,6 +34,27 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
+def _check_overrides(overrides: dict, names: list[str], known: dict) -> None:
+    """--set METHOD.OPTION=VALUE: a method that exists and runs, an option it has (patch options, demo settings
+    step_multiplier / target_modules), a number where the default is one."""
+    for method, opts in overrides.items():
+        if method not in known:
+            raise SystemExit(f"--set {method}.…: no method {method!r}; choose from {', '.join(sorted(known))}")
+        if method not in names:
+            raise SystemExit(f"--set {method}.…: method {method!r} is not among the methods run "
+                             f"({', '.join(names)}); add --method {method}")
+        cls = known[method]
+        defaults = {**cls.options, **getattr(cls, "demo", {}), "step_multiplier": 1, "target_modules": None}
+        for opt, value in opts.items():
+            if opt not in defaults:
+                raise SystemExit(f"--set {method}.{opt}: method {method!r} has no option {opt!r}; it takes "
+                                 f"{', '.join(sorted(defaults))}")
+            d = defaults[opt]
+            number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+            if number(d) and not number(value):
+                raise SystemExit(f"--set {method}.{opt}={value!r}: expected a number (default {d!r})")
+
+
 def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "demo_out",
         overrides: dict | None = None) -> dict:
     """Run the demo; returns {'rows': [...], 'table': str, 'paths': {...}, 'seconds': float}."""
@@ -52,6 +73,7 @@ def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "de
             print(f"demo: skipping method {n!r}: needs {', '.join(miss)} (pip install {' '.join(miss)})")
             names.remove(n)
     overrides = overrides or {}
+    _check_overrides(overrides, names, known)    # before the pre-training, not after it
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
