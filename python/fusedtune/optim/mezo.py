@@ -229,7 +229,7 @@ class MeZO(CopyableOptimizer):
         # the projected gradient the step applied (0 for a non-finite one: the losses show that): replaying
         # (seed, -lr * projected_grad) pairs (zo_replay_) reproduces the run's updates, up to the undo's
         # rounding: each step's -eps pass restores a weight exactly only where its preimage under the rounding
-        # is unique (docs/zo_noise.md), so a replay can differ from the run by an ulp there (weights much smaller than eps * z)
+        # is unique (docs/zo_noise.md), so a replay can differ from the run by an ulp there (the perturbed weight in a larger binade)
         self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": step_pg[0], "seed": s}
         self.steps += 1
         return loss_plus
