@@ -116,6 +116,22 @@ def test_triton_backward_schedules_match_reference(mode, dtype, r, parts, monkey
         assert_within_rule(a, e, w, f"{mode} output {i}", atol=1e-5 if dtype == torch.float32 else 2e-3)
 
 
+def test_a_strided_bias_is_read_by_its_strides(base_schedule):
+    """The kernels index the bias as bias + n: a strided view (b[::2]) read the wrong elements on both
+    schedules (found by a fuzzer in the interpreter: y off by up to 29)."""
+    g = torch.Generator().manual_seed(5)
+    x, W = torch.randn(6, 24, generator=g), torch.randn(10, 24, generator=g) / 5
+    A, B = rand_adapter(3, 24, 10, g)
+    bias = torch.randn(20, generator=g)[::2]
+    assert bias.stride(0) == 2
+    got, dy = _run("triton", x, W, A, B, 1.5, bias=bias)
+    _took(base_schedule, 2)
+    want, _ = _run("reference", x, W, A, B, 1.5, bias=bias)
+    y64, g64 = exact64(x, W, [A], [B], [1.5], bias, dy=dy)
+    for i, (a, w, e) in enumerate(zip(got, want, [y64] + g64)):
+        assert_within_rule(a, e, w, f"output {i}", atol=1e-5)
+
+
 def test_dy_kernel_groups_and_ranks(monkeypatch):
     """lora_dy_kernel alone: mixed-adapter rows (scale table, -1 rows), ranks 1..64, ragged M and N,
     fp16 (two-MMA split) and fp32 dy, against fp64; ranks above DY_MAX_R are refused."""

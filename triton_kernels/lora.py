@@ -428,6 +428,11 @@ def _check32(what: str, *tensors):
                          "(split the tokens into chunks below 2**31 elements)")
 
 
+def _unit_stride(v):
+    """A vector the kernels index as v + n (the bias): a strided view (b[::2]) copied, else v itself."""
+    return v if v is None or v.stride(0) == 1 or v.numel() <= 1 else v.contiguous()
+
+
 class Dropout:
     """The LoRA dropout as the kernels take it (p = 0: off)."""
 
@@ -507,6 +512,7 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     C <- col_scale[n] * it + bias."""
     M, K = p.shape
     _check32("gemm", p, q, t, e)
+    bias = _unit_stride(bias)
     if nf4 is not None and nf4["shape"][0] * nf4["shape"][1] >= 2**31:
         raise ValueError(f"lora gemm: an NF4 weight of {nf4['shape']} needs 64-bit indexing")
     if M * N >= 2**31:
@@ -557,6 +563,7 @@ def expand_(c: torch.Tensor, t: torch.Tensor, e: torch.Tensor, e_strides: tuple,
     col_scale with f_out (DoRA, as gemm()): f_out <- C + T . E^T, then C <- col_scale[n] * that + bias."""
     M, N = c.shape
     _check32("expand", c, t, e)
+    bias = _unit_stride(bias)
     if c.stride(1) != 1 or (M > 1 and c.stride(0) < N):
         raise ValueError(f"lora expand: C must be row-major, got strides {c.stride()}")
     prec = _base_prec(prec_dtype)

@@ -104,7 +104,8 @@ def int_linear(cx, sx, zx, sumx, qweight, w_bits: int, sw, zw, uw, bias, out_dty
     out = torch.empty((M, N), dtype=out_dtype, device=cx.device)
     if M and N:
         grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
-        fast(int_linear_kernel)[grid](cx, qweight, sx, zx, sumx, sw, zw, uw, out if bias is None else bias, out,
+        fast(int_linear_kernel)[grid](cx, qweight, sx, zx, sumx, sw, zw, uw,
+                                      out if bias is None else bias.contiguous(), out,   # (indexed as bias + n)
                                 M, N, K, qweight.stride(0), 2 ** (w_bits - 1), PACKED=w_bits <= 4,
                                 HAS_BIAS=bias is not None, GROUP_M=8, enable_fp_fusion=False)
     return out
