@@ -657,13 +657,13 @@ class ParamMethod(Method):
                 params.append(p)
         if not params:
             raise PatchError(f"method {self.name!r}: the selected modules hold no parameters")
-        self.kept_frozen = count(p for p in params if not p.requires_grad)
+        refuse_packed([(names[id(p)], p) for p in params], f"method {self.name!r}",   # (frozen ones too: a 4-bit
+                      "the method trains parameters in place; load the model in 16 or 32 bits, or use method 'lora'")
+        self.kept_frozen = count(p for p in params if not p.requires_grad)            # model's packed weights)
         params = [p for p in params if p.requires_grad]
         if not params:
             raise PatchError(f"method {self.name!r}: every selected parameter has requires_grad=False, and the method "
                              "keeps frozen parameters frozen; unfreeze what should train (model.requires_grad_(True))")
-        refuse_packed([(names[id(p)], p) for p in params], f"method {self.name!r}",
-                      "the method trains parameters in place; load the model in 16 or 32 bits, or use method 'lora'")
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
         optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes

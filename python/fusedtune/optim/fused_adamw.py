@@ -39,7 +39,6 @@ class FusedAdamW(CopyableOptimizer):
         if weight_decay < 0:
             raise ValueError(f"{name}: weight_decay must be >= 0, got {weight_decay}")
         super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
-        refuse_sharded([p for g in self.param_groups for p in g["params"]], name)
         self.backend = backend
 
     def add_param_group(self, param_group: dict) -> None:
@@ -52,8 +51,10 @@ class FusedAdamW(CopyableOptimizer):
         elif params is not None and not isinstance(params, set):   # (a set: torch refuses it, as unordered)
             params = list(params)
             param_group = {**param_group, "params": params}
-        for p in params if isinstance(params, list) else ():
-            self._check_param(p)
+        if isinstance(params, list):
+            refuse_sharded(params, type(self).__name__)
+            for p in params:
+                self._check_param(p)
         super().add_param_group(param_group)
 
     def _check_param(self, p) -> None:
