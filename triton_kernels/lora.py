@@ -513,6 +513,8 @@ def gemm(p: torch.Tensor, q: torch.Tensor, q_strides: tuple, N: int, t, e, e_str
     M, K = p.shape
     _check32("gemm", p, q, t, e)
     bias = _unit_stride(bias)
+    if K > 1 and p.stride(1) != 1:     # P is read as p + m * stride_pm + k (DoRA's dropped dX operand from a
+        p = p.contiguous()             # transposed dy was column-major)
     if nf4 is not None and nf4["shape"][0] * nf4["shape"][1] >= 2**31:
         raise ValueError(f"lora gemm: an NF4 weight of {nf4['shape']} needs 64-bit indexing")
     if M * N >= 2**31:

@@ -346,6 +346,9 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
         if w_qt is not None and (w_qt.shape != (K, N) or w_qt.dtype != torch.float8_e4m3fn):
             raise ValueError(f"fp8_linear: w_qt must be float8_e4m3fn [{K}, {N}] (w_q transposed), got {w_qt.dtype} "
                              f"{tuple(w_qt.shape)}")
+        # the GEMMs read them row-major (a transposed view, a column-major scale table: copied)
+        w_q, w_s = w_q.contiguous(), w_s.contiguous()
+        w_qt = None if w_qt is None else w_qt.contiguous()
     lead = x.shape[:-1]
     x2 = x.reshape(-1, K)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):

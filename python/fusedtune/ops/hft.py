@@ -44,8 +44,8 @@ def _row_grad_impl(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backen
         return _gather_gemm(dy, x, rows, out_dtype)
     if backend == "triton":
         from ..triton_kernels import hft as tk
-        return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(), rows,
-                           out_dtype)
+        return tk.row_grad(dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous(),
+                           rows.contiguous(), out_dtype)     # (rows read as rows + m)
     return ref.row_grad(dy, x, rows, out_dtype)
 
 

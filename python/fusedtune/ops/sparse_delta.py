@@ -116,7 +116,7 @@ def _sddmm_impl(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backen
     dy2, x2 = dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
     if backend == "triton":
         from ..triton_kernels import sparse_delta as tk
-        return tk.sddmm(dy2, x2, indices)
+        return tk.sddmm(dy2, x2, indices.contiguous())     # (read as indices + i)
     return torch.ops.fusedtune.sddmm_kernel(dy2, x2, indices.contiguous(), _device_plan(dy2, x2, indices))
 
 

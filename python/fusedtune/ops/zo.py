@@ -83,6 +83,7 @@ def _as_seeds(seeds, name: str, device) -> torch.Tensor:
                             f"{tuple(seeds.shape)}")
         if seeds.device.type != "cpu" and seeds.device != device:
             raise ValueError(f"zo_apply_: {name} is on {seeds.device}, the tensors on {device}")
+        seeds = seeds.contiguous()      # (the kernels read seeds + j: a strided view is copied)
         return seeds if seeds.device == device else _to_device(seeds, device)
     out = []
     for s in seeds:
@@ -99,7 +100,7 @@ def _as_coeffs(coeffs, name: str, device) -> torch.Tensor:
                             f"{tuple(coeffs.shape)}")
         if coeffs.device.type != "cpu" and coeffs.device != device:
             raise ValueError(f"zo_apply_: {name} is on {coeffs.device}, the tensors on {device}")
-        coeffs = coeffs.to(torch.float32)
+        coeffs = coeffs.to(torch.float32).contiguous()    # (read as coeffs + j: a strided or expanded view copied)
         return coeffs if coeffs.device == device else _to_device(coeffs, device)
     return _to_device(torch.tensor([float(c) for c in coeffs], dtype=torch.float32), device)
 
