@@ -1,5 +1,7 @@
 """fusedtune.patch / unpatch / report: layer swapping on tiny transformers models, the built-in
 methods "full" and "mezo", and every refusal."""
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -583,6 +585,30 @@ def test_parameters_frozen_before_the_patch_stay_frozen(method):
     with pytest.raises(PatchError, match="every selected parameter has requires_grad=False"):
         patch(m, method)
     assert _state(m) is None
+
+
+@pytest.mark.parametrize("method", ["lora", "qlora", "fp8_lora"])
+def test_a_dtype_conversion_after_the_patch_keeps_the_adapters_float32(method):
+    """model.half() after patching made the adapters float16 and AdamW's first steps NaN (eps 1e-8 underflows;
+    0/0 where a gradient is zero; found by audit), while patching a float16 model gave float32 adapters. The
+    patched layers keep adapter_dtype through conversions; the base converts."""
+    from fusedtune.patch import missing_requirements
+    if missing_requirements(methods()[method]):
+        pytest.skip(f"{method} needs {missing_requirements(methods()[method])}")
+    torch.manual_seed(0)
+    m = transformers.LlamaForCausalLM(_llama_cfg())
+    rep = patch(m, method)
+    m.half()
+    q = m.model.layers[0].self_attn.q_proj
+    assert q.lora_A["default"].weight.dtype == q.lora_B["default"].weight.dtype == torch.float32
+    assert m.model.embed_tokens.weight.dtype == torch.float16
+    losses = [float(rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)) for _ in range(3)]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+    m.to(torch.bfloat16)
+    assert q.lora_A["default"].weight.dtype == torch.float32
+    from fusedtune.nn import LoRALinear
+    layer = LoRALinear.from_linear(nn.Linear(8, 4), r=2)     # a layer made directly converts as before
+    assert layer.bfloat16().lora_A["default"].weight.dtype == torch.bfloat16
 
 
 def test_unpatch_merge_refuses_a_lora_bias_on_a_layer_without_one():

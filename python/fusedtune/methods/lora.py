@@ -92,6 +92,8 @@ class LoRAMethod(SwapMethod):
             m.init_lora_weights["default"] = init_lora_weights
             m.set_dora("default", bool(use_dora))
         m._fusedtune_loaded_4bit = loaded_4bit   # unpatch(merge=False) hands the 4-bit layer back as it was
+        # a later model.half() / .to(bf16) keeps the adapters in adapter_dtype (nn/lora.py LoRALinear._apply)
+        m.keep_adapter_dtype = adapter_dtype is not None
         return m
 
     def merge(self, module) -> nn.Linear:

@@ -360,6 +360,16 @@ class LoRALinear(nn.Module):
                 p.requires_grad_(n in names)
         self.active_adapters = names
 
+    def _apply(self, fn, recurse=True):
+        """keep_adapter_dtype (set by fusedtune.patch's LoRA methods): a dtype conversion of the model (.half(),
+        .to(torch.bfloat16)) converts the base but leaves the adapters in the dtype they were made in (float32
+        by default), as patching a model already in that dtype gives them: float16 adapters under AdamW went NaN
+        from the second step (eps underflows, 0/0 where a gradient is zero). Device moves move everything."""
+        if self.__dict__.get("keep_adapter_dtype"):
+            from .masters import keep_dtype  # noqa: PLC0415
+            fn = keep_dtype(fn, [p for n in self.r for p in self._adapter_params(n)])
+        return super()._apply(fn, recurse)
+
     def _adapter_params(self, name: str) -> list:
         ps = [self.lora_A[name].weight, self.lora_B[name].weight]
         ps += [self.lora_B[name].bias] if self.lora_B[name].bias is not None else []
