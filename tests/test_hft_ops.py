@@ -69,6 +69,22 @@ def test_row_linear_gradients_match_dense_reference():
     torch.testing.assert_close(x.grad, x2.grad)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_op_gives_a_trained_weight_its_dense_gradient(backend):
+    """A caller that trains the whole weight too (weight.requires_grad) gets F.linear's dW."""
+    x = torch.randn(2, 7, 13, requires_grad=True)
+    w = torch.randn(9, 13, requires_grad=True)
+    rows = torch.tensor([1, 2, 8])
+    w_rows = w.detach()[rows].clone().requires_grad_()
+    dy = torch.randn(2, 7, 9)
+    hft_row_linear(x, w, w_rows, rows, backend=backend).backward(dy)
+    x2, w2 = x.detach().clone().requires_grad_(), w.detach().clone().requires_grad_()
+    F.linear(x2, w2).backward(dy)
+    torch.testing.assert_close(w.grad, w2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(x.grad, x2.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(w_rows.grad, w2.grad[rows], rtol=1e-5, atol=1e-5)
+
+
 def test_training_touches_only_selected_rows():
     torch.manual_seed(1)
     lin = torch.nn.Linear(16, 10).to(torch.bfloat16)

@@ -44,6 +44,24 @@ def test_layer_delta_gradient_and_input_gradient():
     assert m.weight.grad is None
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_op_gives_a_trained_weight_its_dense_gradient(backend):
+    """A caller that trains the base too (weight.requires_grad) gets F.linear's dW, beside the deltas'."""
+    x = torch.randn(3, 5, 19, requires_grad=True)
+    w = torch.randn(11, 19, requires_grad=True)
+    b = torch.randn(11, requires_grad=True)
+    idx = _idx(11 * 19, 17)
+    vals = torch.zeros(17, requires_grad=True)
+    dy = torch.randn(3, 5, 11)
+    sparse_delta_linear(x, w, vals, idx, b, backend=backend).backward(dy)
+    leaves = [t.detach().clone().requires_grad_() for t in (x, w, b)]
+    F.linear(*leaves).backward(dy)
+    for got, want in zip((x, w, b), leaves):
+        torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(vals.grad, leaves[1].grad.reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+
 def test_matches_dense_masked_adamw_and_reverts_exactly():
     torch.manual_seed(2)
     lin = torch.nn.Linear(20, 12)

@@ -20,6 +20,7 @@ from .. import backend as _backend
 from ..reference import fp8 as ref
 from . import fp8_cublas
 from ._eager import EagerOp
+from ._linear import check_one_device
 
 _HAS = ("reference", "cpu", "triton")   # fp8_gemm, fp8_linear ("cpu": the reference emulation in torch)
 # the quantizers: "cpu" and "cuda" are the extension's kernels (fp8_quant_kernel; csrc/cpu/fp8.cpp,
@@ -325,9 +326,7 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     if bias is not None and (bias.shape != (N,) or bias.dtype not in _FLOATS):
         raise ValueError(f"fp8_linear: bias must be a float tensor of shape [{N}], got {bias.dtype} "
                          f"{tuple(bias.shape)}")
-    devs = {t.device for t in (x, weight, bias, w_q, w_s, w_qt) if t is not None}
-    if len(devs) != 1:
-        raise ValueError(f"fp8_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
+    check_one_device("fp8_linear", x, weight, bias, w_q, w_s, w_qt)
     need_dgrad = x.requires_grad and torch.is_grad_enabled()
     if w_q is None and (w_s is not None or w_qt is not None):
         raise ValueError("fp8_linear: w_s / w_qt given without w_q (pass all of fp8_quantize_128x128(weight)'s "

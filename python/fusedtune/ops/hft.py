@@ -19,6 +19,7 @@ from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams
 from ._eager import EagerOp
+from ._linear import check_one_device, dense_weight_grad
 
 # "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
 # GEMM (_gather_gemm), taken before the Triton kernel on a GPU
@@ -114,6 +115,7 @@ def _row_linear_setup(ctx, inputs, output):
 def _row_linear_backward(ctx, dy):
     x, weight, rows = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw_full = dense_weight_grad(dy, x) if ctx.needs_input_grad[1] else None   # a weight the caller trains too
     dw = None
     if ctx.needs_input_grad[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
         out = ctx.master_dtype if ctx.master_dtype in OUT_DTYPES else torch.float32
@@ -122,7 +124,7 @@ def _row_linear_backward(ctx, dy):
     db = dy2.sum(0) if ctx.needs_input_grad[4] else None
     dbr = (dy2.index_select(1, rows).sum(0, dtype=torch.float32).to(ctx.bias_master_dtype)
            if ctx.needs_input_grad[5] else None)
-    return dx, None, dw, None, db, dbr, None
+    return dx, dw_full, dw, None, db, dbr, None
 
 
 torch.library.register_autograd("fusedtune::hft_row_linear", _row_linear_backward, setup_context=_row_linear_setup)
@@ -142,9 +144,7 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
     if bias_rows is not None and (bias is None or bias_rows.shape != (rows.shape[0],)):
         raise ValueError(f"hft_row_linear: bias_rows must be [{rows.shape[0]}] and needs the bias, got "
                          f"{tuple(bias_rows.shape)} with bias {'None' if bias is None else tuple(bias.shape)}")
-    devs = {t.device for t in (x, weight, weight_rows, rows, bias, bias_rows) if t is not None}
-    if len(devs) != 1:   # (else the forward runs and the backward fails on a gradient's device)
-        raise ValueError(f"hft_row_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
+    check_one_device("hft_row_linear", x, weight, weight_rows, rows, bias, bias_rows)
     _check_rows(rows, weight.shape[0], "hft_row_linear", check_rows)
     name = _backend.resolve("hft_row_grad", x.device, _ROW_GRAD_HAS, backend)
     return _autocast.linear_call(lambda x_, w_, b_: _row_linear(x_, w_, weight_rows, rows, b_, bias_rows, name),

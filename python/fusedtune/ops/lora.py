@@ -30,6 +30,7 @@ from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
 from ._eager import EagerOp
+from ._linear import check_one_device
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the reference math
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -223,10 +224,7 @@ def _check(x, weight, A, B, bias, scale_table, row_group, dropout_p, nf4):
     if scale_table.dim() != 2 or scale_table.shape[1] != R or scale_table.dtype != torch.float32:
         raise ValueError(f"lora: the scale table must be float32 [groups, {R}], got {scale_table.dtype} "
                          f"{tuple(scale_table.shape)}")
-    devs = {t.device for t in (x, A, B, scale_table) + ((weight,) if nf4 is None else (nf4.q,))
-            + (() if bias is None else (bias,)) + (() if row_group is None else (row_group,))}
-    if len(devs) != 1:
-        raise ValueError(f"lora: all tensors must be on one device, got {sorted(map(str, devs))}")
+    check_one_device("lora", x, A, B, scale_table, weight if nf4 is None else nf4.q, bias, row_group)
     if not isinstance(dropout_p, (int, float)) or not 0.0 <= float(dropout_p) < 1.0:
         raise ValueError(f"lora: dropout_p must be a number in [0, 1), got {dropout_p!r}")
     return N, K

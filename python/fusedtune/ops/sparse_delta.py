@@ -24,6 +24,7 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams
 from ._eager import EagerOp
+from ._linear import check_one_device, dense_weight_grad
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -163,9 +164,10 @@ def _setup(ctx, inputs, output):
 def _backward(ctx, dy):
     x, weight, indices = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
+    dw = dense_weight_grad(dy, x) if ctx.needs_input_grad[1] else None   # a base the caller trains too
     dv = _sddmm(dy, x, indices, ctx.backend) if ctx.needs_input_grad[2] else None
     db = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
-    return dx, None, dv, None, db, None
+    return dx, dw, dv, None, db, None
 
 
 torch.library.register_autograd("fusedtune::sparse_delta_linear", _backward, setup_context=_setup)
@@ -181,9 +183,7 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if values.dtype != torch.float32 or values.shape != indices.shape:
         raise ValueError(f"sparse_delta_linear: values must be float32 of shape {tuple(indices.shape)}, got "
                          f"{values.dtype} {tuple(values.shape)}")
-    devs = {t.device for t in (x, weight, values, indices, bias) if t is not None}
-    if len(devs) != 1:   # (else the forward runs and the backward fails on a gradient's device)
-        raise ValueError(f"sparse_delta_linear: all tensors must be on one device, got {sorted(map(str, devs))}")
+    check_one_device("sparse_delta_linear", x, weight, values, indices, bias)
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
