@@ -185,6 +185,19 @@ def test_constant_groups_are_reproduced(clip):
     assert ((out - c).abs() <= c.abs() * 2.0 ** -23).all()
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("granularity", ["token", "channel"])
+@pytest.mark.parametrize("rotate", [False, True])
+def test_no_rows(backend, granularity, rotate):
+    """A batch of 0 rows gives 0 rows and a 0-row gradient (channel groups over 0 tokens raised)."""
+    if backend == "cpu" and not _ext.loaded():
+        pytest.skip("fusedtune._C is not built")
+    x = torch.randn(0, 64, requires_grad=True)
+    y = rotate_fake_quant(x, 4, granularity=granularity, rotate=rotate, backend=backend)
+    y.sum().backward()
+    assert y.shape == (0, 64) and x.grad.shape == (0, 64)
+
+
 needs_ext = pytest.mark.skipif(not _ext.loaded(), reason="fusedtune._C is not built")
 
 

@@ -28,6 +28,9 @@ from .hadamard import hadamard
 
 def _group_minmax(y: torch.Tensor, granularity: str):
     dim = -1 if granularity == "token" else 0
+    if y.shape[dim] == 0:   # a group of no elements (channels over 0 tokens): the all-zero group's rule
+        z = y.sum(dim=dim, keepdim=True)
+        return z, z
     return y.amin(dim=dim, keepdim=True), y.amax(dim=dim, keepdim=True)
 
 
