@@ -119,6 +119,15 @@ def test_the_adamw_ops_refuse_aliased_entries():
         masked_adamw_([p], [torch.ones(4)], [p], [v], [None], [None], lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-8,
                       weight_decay=0.0, step=1)
     assert torch.equal(p, p0)
+    buf = torch.zeros(6)
+    with pytest.raises(ValueError, match="entry 0 .* share memory"):   # overlapping views, not equal pointers
+        masked_adamw_([p], [torch.ones(4)], [buf[:4]], [buf[2:]], [None], [None], lr=1e-2, beta1=0.9, beta2=0.999,
+                      eps=1e-8, weight_decay=0.0, step=1)
+    assert torch.equal(p, p0) and not buf.any()
+    buf = torch.zeros(8)   # disjoint views of one buffer are fine
+    masked_adamw_([p], [torch.ones(4)], [buf[:4]], [buf[4:]], [None], [None], lr=1e-2, beta1=0.9, beta2=0.999,
+                  eps=1e-8, weight_decay=0.0, step=1)
+    assert not torch.equal(p, p0)
     layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
     vals = layer.values.detach()
     with pytest.raises(ValueError, match="entry 0 .* share memory"):

@@ -32,9 +32,15 @@ def check_hparams(what: str, lr, beta1, beta2, eps, weight_decay, step) -> None:
 def check_distinct(what: str, i: int, *tensors) -> None:
     """The tensors of one list entry (parameter, gradient, moments, ...) must not share memory: the pass reads
     and writes them element by element, an alias would be read after it was written."""
-    ptrs = [t.data_ptr() for t in tensors if t is not None and t.numel()]
-    if len(set(ptrs)) != len(ptrs):
+    spans = sorted(_byte_span(t) for t in tensors if t is not None and t.numel())
+    if any(b[0] < a[1] for a, b in zip(spans, spans[1:])):   # overlapping views too, not only equal pointers
         raise ValueError(f"{what}: the tensors of entry {i} (parameter, gradient, moments) share memory")
+
+
+def _byte_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last + 1) bytes a non-empty tensor's elements can occupy (negative strides not possible in torch)."""
+    extent = sum((n - 1) * st for n, st in zip(t.shape, t.stride())) + 1
+    return t.data_ptr(), t.data_ptr() + extent * t.element_size()
 
 
 def adamw_constants(lr, beta1, beta2, eps, weight_decay, step) -> dict:
