@@ -137,6 +137,14 @@ def test_unknown_family_and_list(capsys):
     assert "zo" in capsys.readouterr().out.split()
 
 
+def test_every_listed_family_is_a_benchmark():
+    """`bench all` runs each listed family's sections(); a helper module listed as a family (the no-GPU
+    driver was) fails there on a GPU."""
+    import importlib
+    for fam in bench.families():
+        assert callable(getattr(importlib.import_module(f"fusedtune.bench.{fam}"), "sections", None)), fam
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(no_gpu, reason="needs a CUDA GPU")
 def test_gpu_quick_run(tmp_path):

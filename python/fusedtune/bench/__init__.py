@@ -17,16 +17,19 @@ import traceback
 
 import torch
 
-NOT_FAMILIES = {"core", "kernels"}
 NO_GPU = ("no GPU: torch.cuda.is_available() is False, so nothing was timed and nothing was written.\n"
           "The benchmarks time kernels on an NVIDIA GPU (bench/gpu_check.sh runs them all there);\n"
           "--cpu times tiny shapes on the CPU, which only tests the benchmark framework itself.")
 
 
 def families() -> list[str]:
-    here = [os.path.dirname(os.path.abspath(__file__))]
-    return sorted(m.name for m in pkgutil.iter_modules(here)
-                  if m.name not in NOT_FAMILIES and not m.name.startswith("_"))
+    """The modules here that define sections() (read, not imported; the others -- core, kernels, the
+    no-GPU driver, a family's helper sections -- are not families)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    def is_family(name: str) -> bool:
+        with open(os.path.join(here, f"{name}.py"), encoding="utf-8") as f:
+            return "\ndef sections(" in f.read()
+    return sorted(m.name for m in pkgutil.iter_modules([here]) if not m.name.startswith("_") and is_family(m.name))
 
 
 def run_family(fam: str, timer, env: dict, quick: bool, out: str) -> int:
