@@ -1,6 +1,7 @@
 """sparse_delta core: SDDMM delta gradients equal the dense gradient at the indices, the fused
 optimizer matches a dense masked AdamW and is bit-identical across backends, exact revert,
 opcheck, compile, bad inputs."""
+import copy
 import warnings
 
 import pytest
@@ -59,6 +60,20 @@ def test_op_gives_a_trained_weight_its_dense_gradient(backend):
     for got, want in zip((x, w, b), leaves):
         torch.testing.assert_close(got.grad, want.grad, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(vals.grad, leaves[1].grad.reshape(-1)[idx.long()], rtol=1e-5, atol=1e-5)
+
+
+def test_layer_with_an_unfrozen_base_trains_base_and_deltas():
+    """The layer's base unfrozen by the user: dW for the weight and the SDDMM gradient for the deltas (the
+    layer took a plain F.linear then, which left the deltas without a gradient off regrowth windows)."""
+    lin = torch.nn.Linear(20, 12)
+    m = SparseDeltaLinear.from_linear(copy.deepcopy(lin), density=0.1, seed=2)
+    m.weight.requires_grad_(True)
+    x, dy = torch.randn(6, 20), torch.randn(6, 12)
+    m(x).backward(dy)
+    dense = dy.t() @ x
+    torch.testing.assert_close(m.weight.grad, dense, rtol=1e-5, atol=1e-5)
+    assert m.values.grad is not None
+    torch.testing.assert_close(m.values.grad, dense.reshape(-1)[m.indices.long()], rtol=1e-5, atol=1e-5)
 
 
 

@@ -1,6 +1,6 @@
 """transformers.Trainer checkpoints and resume_from_checkpoint with fusedtune: a run resumed from its step-3
 checkpoint ends with the bits of the uninterrupted 6-step run. Patched models (lora, sparse_delta with its
-SparseDeltaAdamW, fp8, roste; a peft model fused in place by fusedtune.lora.fuse_peft, with dropout) and
+SparseDeltaAdamW, with a Regrower too (its state travels in the optimizer's), fp8, roste; a peft model fused in place by fusedtune.lora.fuse_peft, with dropout) and
 HFTCallback (matrix, and row with MaskedAdamW in bf16: the callback used to drop the loaded moments of the
 row masters at train begin, and torch cast them to bf16; block, whose trained rows are views of the weights,
 with the Trainer's own AdamW)."""
@@ -17,7 +17,7 @@ import fusedtune  # noqa: E402
 from tiny_models import tiny_llama  # noqa: E402
 
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
-CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("fp8", torch.float32),
+CASES = [("lora", torch.float32), ("sparse_delta", torch.bfloat16), ("sparse_delta-regrow", torch.bfloat16), ("fp8", torch.float32),
          ("roste", torch.float32), ("hft-matrix", torch.bfloat16), ("hft-row", torch.bfloat16),
          ("hft-block", torch.bfloat16), ("hft-matrix-stages", torch.bfloat16), ("hft-row-stages", torch.bfloat16),
          ("lora-dora", torch.bfloat16), ("peft-fused", torch.bfloat16)]
@@ -44,8 +44,11 @@ def _run(case, dtype, out, resume=None, resume_in_args=True, save_steps=3):
         fusedtune.lora.fuse_peft(model)
     else:
         name, _, variant = case.partition("-")
-        rep = fusedtune.patch(model, name, **({"use_dora": True, "dropout": 0.1} if variant == "dora" else {}))
-        if case == "sparse_delta":
+        opts = {"dora": {"use_dora": True, "dropout": 0.1},   # regrow: a selection at step 4, after the resume
+                "regrow": {"density": 0.05, "regrow": {"every": 4, "rate": 0.3, "decay": "constant",
+                                                       "accumulate_steps": 2}}}
+        rep = fusedtune.patch(model, name, **opts.get(variant, {}))
+        if name == "sparse_delta":
             kw["optimizers"] = (rep.optimizer, None)     # the fused optimizer, as a user passes it
     args = transformers.TrainingArguments(
         output_dir=str(out), max_steps=6, save_steps=save_steps, save_strategy="steps", per_device_train_batch_size=2,

@@ -196,10 +196,9 @@ class SparseDeltaLinear(OwnsMasters):
         sink = _SINKS.get(self) if _SINKS else None
         if sink is not None and torch.is_grad_enabled():
             return _WindowLinear.apply(x, self.weight, self.values, self.indices, self.bias, sink)
-        if self.weight.requires_grad:   # a base that trains (the user unfroze it): its dense gradient
-            return F.linear(x, self.weight, self.bias)
+        # indices checked in set_indices (no host sync a call); a base the user unfroze gets its dW from the op
         return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,
-                                   check=False)  # indices checked in set_indices: no host sync per call
+                                   check=False)
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear of the merged weight W0 + delta (merged again first if the values changed

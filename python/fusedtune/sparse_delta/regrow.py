@@ -59,6 +59,7 @@ construction); `ages[name]` (int32 [k], aligned with the layer's indices).
 from __future__ import annotations
 
 import math
+import warnings
 import weakref
 
 import torch
@@ -67,6 +68,8 @@ from torch import nn
 from .._dist import sync_group
 from ..ops.sparse_delta_select import regrow_candidates, sm3_update
 from .artifacts import sparse_layers
+
+STATE_KEY = "fusedtune_regrower"   # the Regrower's entry in its optimizer's state_dict()
 
 _DECAYS = ("cosine", "linear", "constant")
 _VARIANTS = ("ag", "ma")
@@ -207,15 +210,36 @@ class Regrower:
 
     # ------------------------------------------------------------------ hooks / mode
     def attach(self) -> "Regrower":
-        """Run step() automatically after every optimizer.step()."""
+        """Run step() automatically after every optimizer.step(), and travel with the optimizer's state:
+        its state_dict() carries this Regrower's (under STATE_KEY) and its load_state_dict() restores it,
+        so a checkpoint of the optimizer alone -- what transformers.Trainer saves and resumes -- resumes
+        regrowth exactly (the step count, ages and window accumulators)."""
         if self._post_hook is None:
-            self._post_hook = self.optimizer.register_step_post_hook(lambda *_: self.step())
+            opt = self.optimizer
+            self._post_hook = (opt.register_step_post_hook(lambda *_: self.step()),
+                               opt.register_state_dict_post_hook(self._save_into),
+                               opt.register_load_state_dict_pre_hook(self._load_from))
         return self
 
+    def _save_into(self, optimizer, sd: dict) -> dict:
+        sd[STATE_KEY] = self.state_dict()
+        return sd
+
+    def _load_from(self, optimizer, sd: dict) -> dict:
+        if STATE_KEY not in sd:
+            warnings.warn("Regrower: the optimizer state being loaded has no Regrower state (saved before the "
+                          "Regrower was attached, or by an older fusedtune); regrowth goes on from this "
+                          f"Regrower's own step {self.t}, not the checkpoint's", stacklevel=3)
+            return sd
+        sd = dict(sd)
+        self.load_state_dict(sd.pop(STATE_KEY))
+        return sd
+
     def detach(self) -> None:
-        """Stop: remove the optimizer hook and leave dense-gradient mode (accumulators dropped)."""
+        """Stop: remove the optimizer hooks and leave dense-gradient mode (accumulators dropped)."""
         if self._post_hook is not None:
-            self._post_hook.remove()
+            for handle in self._post_hook:
+                handle.remove()
             self._post_hook = None
         self._leave_dense()
         self._acc.clear()
