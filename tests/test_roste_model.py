@@ -216,7 +216,7 @@ def test_kv_quantized_after_rope_inside_attention_and_removable(rotate):
     rec.seen.clear()
     names = R.add_kv_quant(model, 3, 0.9, rotate=rotate)
     assert names == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
-    assert model.config._attn_implementation == "fusedtune_roste_kv"
+    assert model.config._attn_implementation == "fusedtune_roste_kv_fusedtune_test_recorder"
     assert all(s.base == "fusedtune_test_recorder" for _, s in R.kv_specs(model))
     with torch.no_grad():
         logits_kv = model(IDS).logits
@@ -232,6 +232,28 @@ def test_kv_quantized_after_rope_inside_attention_and_removable(rotate):
     assert model.config._attn_implementation == "fusedtune_test_recorder"
     with torch.no_grad():
         assert torch.equal(model(IDS).logits, plain)
+
+
+@pytest.mark.parametrize("impl", ["eager", "sdpa"])
+def test_kv_quantized_attention_keeps_the_causal_and_padding_masks(impl):
+    """transformers builds the attention mask with the mask function registered for the implementation's
+    name; the wrapping implementation lacked one, so eager attention saw the future and sdpa the padding."""
+    model = tiny_llama(64, 96)
+    model.set_attn_implementation(impl)
+    R.prepare(model, w_bits=8, a_bits=8, kv_bits=8)
+    model.eval()
+    ids = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(3))
+    later = ids.clone()
+    later[:, 7] = (ids[:, 7] + 1) % 64                      # only the last token differs
+    mask = torch.ones_like(ids)
+    mask[:, :3] = 0                                         # three left pads
+    pads = ids.clone()
+    pads[:, :3] = (ids[:, :3] + 7) % 64                     # only the pad tokens differ
+    with torch.no_grad():
+        a, b = model(ids).logits, model(later).logits
+        c, d = model(ids, attention_mask=mask).logits, model(pads, attention_mask=mask).logits
+    assert torch.equal(a[:, :7], b[:, :7]) and not torch.equal(a[:, 7], b[:, 7])
+    assert torch.equal(c[:, 3:], d[:, 3:])
 
 
 def test_prepare_with_kv_reports_and_refuses_twice():
@@ -356,7 +378,7 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
     q = R.export(model, gemm="fake")
     assert_unchanged(model, snap)
     assert len(R.kv_specs(model)) == 2 and len(R.kv_specs(q)) == 2
-    assert q.config._attn_implementation == "fusedtune_roste_kv"
+    assert q.config._attn_implementation == model.config._attn_implementation == "fusedtune_roste_kv_sdpa"
     with torch.no_grad():
         # the codes reproduce the fake-quantized weight bit for bit and the activations run the same op,
         # so the logits are identical, not merely close

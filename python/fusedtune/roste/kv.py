@@ -1,9 +1,10 @@
 """K/V fake quantization inside attention, after RoPE (RoSTE / QuaRot's KV-cache quantization).
 
-add_kv_quant registers the attention function "fusedtune_roste_kv" with transformers'
-AttentionInterface, gives every attention module a KVQuant spec (bits, clip_ratio, rotate, the
-implementation it wraps: sdpa, eager, flash...) and switches the model to it
-(model.set_attn_implementation). The function receives the query, key and value states after RoPE,
+add_kv_quant registers the attention function "fusedtune_roste_kv_<base>" with transformers'
+AttentionInterface (and, under the same name, the mask function of the implementation it wraps, so the
+model builds the same causal / padding / sliding-window mask as before), gives every attention module a
+KVQuant spec (bits, clip_ratio, rotate, the implementation it wraps: sdpa, eager, flash...) and switches
+the model to it (model.set_attn_implementation). The function receives the query, key and value states after RoPE,
 [batch, heads, tokens, head_dim]:
     rotate (RoSTE's R3)  q <- q H^T / sqrt(d), k <- k H^T / sqrt(d) over head_dim (d): q k^T is unchanged,
                          outliers of K are spread before quantizing
@@ -60,9 +61,27 @@ def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, valu
     return _base_function(module, spec.base)(module, query, key, value, attention_mask, **kwargs)
 
 
-def _register():
+def attention_name(base: str) -> str:
+    """The name the model's attention implementation takes while it quantizes K/V over `base`."""
+    return f"{NAME}_{base}"
+
+
+def _register(base: str) -> str:
+    """Registers kv_attention under attention_name(base), and base's mask function under it too:
+    transformers builds the attention mask (causal, padding, sliding window) with the mask function
+    registered for the implementation's name, and none at all for a name without one, so the wrapped
+    implementation would see no mask (eager: the future; sdpa: the padding)."""
     from transformers import AttentionInterface
-    AttentionInterface.register(NAME, kv_attention)
+    name = attention_name(base)
+    AttentionInterface.register(name, kv_attention)
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+    except ImportError:   # transformers before its mask interface: the model builds its masks itself
+        return name
+    mask = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base)
+    if mask is not None:
+        AttentionMaskInterface.register(name, mask)
+    return name
 
 
 def kv_specs(model: nn.Module) -> list[tuple[str, KVQuant]]:
@@ -86,12 +105,12 @@ def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, rotat
     if rotate:
         check_hadamard(what, "head_dim (rotate=True rotates q and k over it)", arch.head_dim)
     base = getattr(model.config, "_attn_implementation", None) or "eager"
-    _register()
+    name = _register(base)
     names = []
     for i, layer in enumerate(model.model.layers):
         layer.self_attn._fusedtune_kv = KVQuant(int(kv_bits), float(clip_ratio), bool(rotate), base, backend)
         names.append(f"model.layers.{i}.self_attn")
-    model.set_attn_implementation(NAME)
+    model.set_attn_implementation(name)
     return names
 
 
