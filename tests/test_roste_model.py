@@ -2,6 +2,7 @@
 function, prepare quantizes and trains, K/V fake quantization matches first principles, the rotation
 search picks the lower error computed independently here, the config round-trips, export reproduces
 the prepared model exactly with integer codes, and every refusal names the problem and changes nothing."""
+import copy
 import math
 import types
 
@@ -407,6 +408,26 @@ def test_export_reproduces_the_prepared_model_with_integer_codes():
     q2.load_state_dict(sd)
     with torch.no_grad():
         assert torch.equal(q2(IDS).logits, model(IDS).logits)
+
+
+@pytest.mark.parametrize("gemm", ["integer", "fake"])
+def test_exported_model_cast_to_a_16_bit_dtype_keeps_its_quantized_weights(gemm):
+    """.to(bf16) / .half() of an exported model: scale and zero points stay float32 (they were cast: the
+    integer GEMM refused them, the fake one rounded the exported weight), the bias converts."""
+    lin = torch.nn.Linear(64, 32).to(torch.bfloat16)
+    layer = RoSTELinear.from_linear(lin, w_bits=4, a_bits=8, rotate=True).eval()
+    x = torch.randn(3, 64, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(0))
+    q = R.export(layer, gemm=gemm)
+    with torch.no_grad():
+        want = q(x)
+        for dtype in (torch.bfloat16, torch.float16):
+            c = copy.deepcopy(q).to(dtype)
+            assert c.scale.dtype == c.zero.dtype == torch.float32 and c.bias.dtype == dtype
+            assert torch.equal(c.scale, q.scale) and torch.equal(c.zero, q.zero)
+            if dtype == torch.bfloat16:
+                assert torch.equal(c(x), want)
+            else:
+                assert c(x.half()).dtype == torch.float16
 
 
 def test_integer_gemm_export_matches_first_principles():

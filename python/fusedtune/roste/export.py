@@ -94,6 +94,13 @@ class QuantizedLinear(nn.Module):
         return cls(q.to(torch.uint8), scale, zero, bias, layer.w_bits, layer.a_bits, layer.rotate,
                    layer.clip_ratio, layer.backend, gemm)
 
+    def _apply(self, fn, recurse=True):
+        """A dtype conversion of the model (.half(), .to(torch.bfloat16)) leaves the float32 scale and zero
+        points as they are (the integer GEMM takes them float32, and rounding them would change the exported
+        weight); the bias converts, and device moves move everything."""
+        from ..nn.masters import keep_dtype  # noqa: PLC0415
+        return super()._apply(keep_dtype(fn, [self.scale, self.zero]), recurse)
+
     @property
     def codes(self) -> torch.Tensor:
         """The weight codes, uint8 [out, in] (unpacked from qweight)."""
