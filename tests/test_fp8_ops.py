@@ -312,6 +312,41 @@ def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input()
                                @ A.double().t()), atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_autocast_gives_the_autocast_dtype_as_nn_linear_does(backend):
+    """Under torch.autocast(bf16) over float32 x and weight, FP8Linear (and LoRA over it) return bf16 like
+    nn.Linear (they returned float32): the op sees x and the bias in bf16, the weight's FP8 copy as without
+    autocast; gradients reach x and the trained weight in float32."""
+    from fusedtune.nn import FP8Linear, LoRALinear
+    if backend == "cpu" and not fusedtune._ext.loaded():
+        pytest.skip("fusedtune._C is not built")
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 192)
+    layer = FP8Linear.from_linear(lin, backend=backend)
+    layer.weight.requires_grad_(True)
+    x = torch.randn(2, 24, 256, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(x)
+    assert y.dtype == torch.bfloat16
+    want = F8.fp8_linear(x.detach().bfloat16(), layer.weight.detach(), layer.bias.detach().bfloat16(),
+                         backend=backend)
+    assert torch.equal(y, want)
+    y.float().sum().backward()
+    assert x.grad.dtype == torch.float32 and layer.weight.grad.dtype == torch.float32
+    lora = LoRALinear.from_linear(FP8Linear.from_linear(torch.nn.Linear(256, 192), backend=backend), r=4, alpha=8,
+                                  init_lora_weights=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = lora(x)
+    assert z.dtype == torch.bfloat16
+    A, B = lora.lora_A["default"].weight, lora.lora_B["default"].weight
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        base = lora.base_layer(x)
+        branch = 2.0 * (x.double() @ A.double().t()) @ B.double().t()
+    # z = bf16(base + bf16(branch)) against bf16(base + branch): the branch's own rounding apart, one bf16 ulp
+    torch.testing.assert_close(z.double(), base.double() + branch, atol=2 ** -8 * float(branch.abs().max()),
+                               rtol=2 ** -7)
+
+
 @pytest.mark.parametrize("cap,refused", [((8, 0), True), ((8, 6), True), ((8, 9), False), ((9, 0), False),
                                          ((10, 0), False)])
 def test_gpus_without_fp8_tensor_cores_are_refused(monkeypatch, request, cap, refused):

@@ -512,7 +512,7 @@ class LoRALinear(nn.Module):
         if dora is not None:
             return self._dora_forward(x, dora, p)
         if _is_fp8(self._modules["base_layer"]):
-            return self._fp8_base_forward(x, names, p).to(x.dtype)
+            return self._fp8_base_forward(x, names, p)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
         with _autocast.off(x.device):
@@ -571,13 +571,15 @@ class LoRALinear(nn.Module):
         from ..reference.lora import dropout
         A, B = self._stacked(names)
         S = self._table(names, x.device, summed=True)[0]
-        x2 = x.reshape(-1, x.shape[-1])
-        xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
-        lora = ((xd.float() @ A.float().t()) * S) @ B.float().t()
-        delta = self._bias_delta(names)
-        if delta is not None:
-            lora = lora + delta
-        return self.base_layer(x) + lora.reshape(*x.shape[:-1], -1).to(x.dtype)
+        y = self.base_layer(x)   # x's dtype, or the autocast dtype under torch.autocast (as peft's output)
+        with _autocast.off(x.device):   # the branch in float32, rounded once to y's dtype
+            x2 = x.reshape(-1, x.shape[-1])
+            xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
+            lora = ((xd.float() @ A.float().t()) * S) @ B.float().t()
+            delta = self._bias_delta(names)
+            if delta is not None:
+                lora = lora + delta
+            return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
 
     def _mixed_forward(self, x, adapter_names):
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:

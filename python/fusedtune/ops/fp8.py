@@ -16,6 +16,7 @@ import functools
 
 import torch
 
+from .. import _autocast
 from .. import backend as _backend
 from ..reference import fp8 as ref
 from . import fp8_cublas
@@ -316,7 +317,15 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
                w_qt=None):
     """y = x W^T + b with x in 1x128 FP8 and W in 128x128 FP8 (quantized here unless w_q, w_s are given;
     w_qt: w_q's bytes transposed [K, N], fp8_quantize_128x128(..., transpose=True)'s third output, for dX;
-    made here with w_q when x needs a gradient, else by the backward from w_q)."""
+    made here with w_q when x needs a gradient, else by the backward from w_q).
+    Under torch.autocast x and the bias are cast to the autocast dtype (the output's, as F.linear's would
+    be) and the op runs with autocast off; the weight is not cast (only its FP8 copy is read; its
+    gradient comes in its own dtype)."""
+    dt = _autocast.linear_dtype(x.device)
+    if dt is not None:
+        x, bias = _autocast.cast(dt, x, bias)
+        with _autocast.off(x.device):
+            return fp8_linear(x, weight, bias, w_q, w_s, pow2, backend, w_qt)
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
         raise TypeError(f"fp8_linear: x and weight must be float32/bfloat16/float16, got {x.dtype}, {weight.dtype}")
     _check_2d(weight, "weight")
