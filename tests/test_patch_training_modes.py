@@ -5,7 +5,9 @@ for bit:
 - a torch.compile'd model (aot_eager: the graphs dynamo captures, run by the eager kernels), which
   catches fake-tensor, schema and guard errors of the fused ops inside a whole model. Within rounding
   there, not bit for bit: AOT autograd's backward decomposes plain torch ops (fp8_lora's adapter branch
-  with dropout, for one) and may reassociate them (1e-10 differences)."""
+  with dropout, for one) and may reassociate them (1e-10 differences);
+- a forward under torch.inference_mode first (an evaluation before training): a layer's cache built there
+  held inference tensors, which the training forwards then could not save for backward."""
 import pytest
 import torch
 
@@ -22,7 +24,7 @@ NAMES = sorted(methods()) + ["hft-row", "hft-block", "lora-dora"]     # method[-
 
 def _train(name, mode=None):
     """Three steps of `name` (LoRA methods with dropout 0.1; lora-dora: DoRA) on the tiny Llama; mode: None (eager),
-    ("checkpoint", reentrant) or "compile"."""
+    ("checkpoint", reentrant), "compile" or "inference_first"."""
     name, _, granularity = name.partition("-")
     cls = methods()[name]
     if missing_requirements(cls):
@@ -39,6 +41,11 @@ def _train(name, mode=None):
     if mode == "compile":
         torch._dynamo.reset()
         fwd = torch.compile(m, backend="aot_eager")
+    elif mode == "inference_first":    # an evaluation under inference_mode before training (caches built there)
+        m.eval()
+        with torch.inference_mode():
+            m(IDS)
+        m.train()
     elif mode is not None:
         kw = {"use_reentrant": mode[1]}
         if hasattr(m, "activation_checkpointing_enable"):     # transformers >= 5.2x; the old name is deprecated
@@ -72,3 +79,8 @@ def test_checkpointing_gives_the_same_steps(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_compiled_model_gives_the_same_steps(name):
     _same(_train(name, "compile"), _train(name), exact=False)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_an_inference_mode_forward_first_gives_the_same_steps(name):
+    _same(_train(name, "inference_first"), _train(name))

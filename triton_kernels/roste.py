@@ -31,6 +31,8 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtune._inference import outside_inference
+
 from .common import cdiv, next_pow2
 
 from .launch import fast
@@ -364,6 +366,7 @@ def plan(n: int) -> tuple[int, int] | None:
 _MATS: dict = {}
 
 
+@outside_inference
 def _mats(n: int, transpose: bool, device, dtype):
     key = (n, transpose, str(device), dtype)
     if key not in _MATS:

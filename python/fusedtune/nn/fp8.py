@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._inference import cache_scope
 from ..ops.fp8 import fp8_arch_gap, fp8_backend, fp8_linear, fp8_quant_backend, fp8_quantize_128x128
 from .plain import plain_linear
 
@@ -49,7 +50,8 @@ class FP8Linear(nn.Module):
             return self._quantize(transpose)
         key = (w.data_ptr(), w._version, w.device, w.dtype, self.pow2, self.backend)
         if self._cache is None or self._cache[0] != key or (transpose and self._cache[1][2] is None):
-            self._cache = (key, self._quantize(transpose))
+            with cache_scope():
+                self._cache = (key, self._quantize(transpose))
         return self._cache[1]
 
     def forget_weight(self) -> None:

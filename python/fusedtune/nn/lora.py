@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from .. import _autocast
+from .._inference import cache_scope
 from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
@@ -440,7 +441,8 @@ class LoRALinear(nn.Module):
             return Nf4Weight.from_bnb(w, qs), dt
         key = (w.data_ptr(), w.device)
         if self._nf4 is None or self._nf4[0] != key:
-            self._nf4 = (key, Nf4Weight.from_bnb(w, qs))
+            with cache_scope():
+                self._nf4 = (key, Nf4Weight.from_bnb(w, qs))
         return self._nf4[1], dt
 
     def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
@@ -450,8 +452,9 @@ class LoRALinear(nn.Module):
         if t is None:
             if len(self._tables) > 8:
                 self._tables.clear()
-            S = lora_ops.scale_table([self.r[n] for n in names], [self.scaling[n] for n in names], device)
-            t = self._tables[key] = S.sum(0, keepdim=True) if summed else S
+            with cache_scope():
+                S = lora_ops.scale_table([self.r[n] for n in names], [self.scaling[n] for n in names], device)
+                t = self._tables[key] = S.sum(0, keepdim=True) if summed else S
         return t
 
     def _stacked(self, names):

@@ -40,6 +40,7 @@ import os
 import torch
 
 from .. import _ext
+from .._inference import outside_inference
 from .. import backend as _backend
 from ..reference import hadamard as href
 from ..reference import roste as rref
@@ -98,6 +99,7 @@ def mma_refuses(x) -> str:
 _MMA_MATS: dict = {}
 
 
+@outside_inference
 def _mma_factor(m: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """H_m (H_m^T) zero-padded to 16 ceil(m / 16) square, in the rows' dtype (+-1 and 0 are exact). Copied to
     the device on first use, which a CUDA graph cannot capture: refused clearly there (a warm-up call first)."""

@@ -20,6 +20,8 @@ import math
 
 import torch
 
+from .._inference import outside_inference
+
 # the non-power-of-two factors RoSTE-style rotations need for Llama-2/3, Qwen2.5 and Mistral sizes
 FACTORS = (12, 20, 28, 36, 40, 44, 52, 60, 76, 108, 140, 148, 156, 172)
 
@@ -139,6 +141,7 @@ def _sylvester(n: int) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=None)
+@outside_inference
 def factor_matrix(m: int) -> torch.Tensor:
     """A Hadamard matrix of order m (a power of two, or one of the constructible factors), float64."""
     if m & (m - 1) == 0:

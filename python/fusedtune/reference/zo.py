@@ -10,6 +10,8 @@ import functools
 
 import torch
 
+from .._inference import outside_inference
+
 from .zo_table import TABLE_HEX
 
 MASK32 = 0xFFFFFFFF
@@ -21,6 +23,7 @@ _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
 @functools.lru_cache(maxsize=None)
+@outside_inference
 def _table_cpu() -> torch.Tensor:
     return torch.tensor([float.fromhex(h) for h in TABLE_HEX], dtype=torch.float32)
 

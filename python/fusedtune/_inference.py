@@ -1,0 +1,32 @@
+"""Caches built during a torch.inference_mode forward (an evaluation or a generate() between training
+steps) must hold normal tensors: an inference tensor that a later training forward saves for backward
+raises "Inference tensors cannot be saved for backward", on every step from then on."""
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import torch
+
+_NULL = contextlib.nullcontext()
+
+
+@contextlib.contextmanager
+def _normal():
+    with torch.inference_mode(False), torch.no_grad():   # (inference_mode(False) alone turns grad mode on)
+        yield
+
+
+def cache_scope():
+    """A scope whose new tensors are normal tensors, not inference tensors, and record no autograd graph
+    (nothing to do outside inference mode)."""
+    return _normal() if torch.is_inference_mode_enabled() else _NULL
+
+
+def outside_inference(fn):
+    """fn (a cache's builder) run in cache_scope()."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with cache_scope():
+            return fn(*args, **kwargs)
+    return wrapper
