@@ -293,6 +293,46 @@ def test_inference_caches_the_norm_until_the_adapter_changes():
     assert not fresh._dora_norms
 
 
+def test_the_norm_cache_is_forgotten_at_train_and_skips_inference_tensors():
+    """Writes that bump no version counter (bitsandbytes' optimizers, .data) between evaluations: the next
+    eval recomputes the norm once the model went through train() (Trainer's loop), in a layer and in a
+    peft model fused in place. Parameters made under inference_mode (no version counter) are not cached."""
+    torch.manual_seed(7)
+    m = LoRALinear.from_linear(nn.Linear(16, 8), r=2, use_dora=True, init_lora_weights=False)
+    x = torch.randn(3, 16)
+
+    def evaluate(model):
+        model.eval()
+        with torch.no_grad():
+            return model(x)
+    y0 = evaluate(m)
+    m.train()
+    m.lora_B["default"].weight.data.mul_(2.0)       # no version bump
+    fresh = copy.deepcopy(m)
+    fresh.forget_dora_norms()
+    assert not torch.allclose(evaluate(m), y0) and torch.equal(evaluate(m), evaluate(fresh))
+
+    import peft
+    model = peft.get_peft_model(tiny_llama(), LoraConfig(r=2, use_dora=True, target_modules=["q_proj"],
+                                                         init_lora_weights=False))
+    ids = torch.randint(0, 64, (1, 6))
+    ref = copy.deepcopy(model)
+    fusedtune.lora.fuse_peft(model)
+    for step in range(2):
+        for mm in (model, ref):
+            mm.train()
+            for n, p in mm.named_parameters():
+                if "lora_B" in n:
+                    p.data.add_(0.5)
+            mm.eval()
+        with torch.no_grad():
+            torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=1e-5, atol=1e-5)
+
+    with torch.inference_mode():
+        inf = LoRALinear.from_linear(nn.Linear(16, 8), r=2, use_dora=True, init_lora_weights=False).eval()
+        assert inf(x).shape == (3, 8) and not inf._dora_norms
+
+
 def test_the_norm_cache_never_serves_another_adapter_tensor():
     """An adapter deleted and added again under its name can get the freed memory back (same address, same
     version count): the cached norm belongs to the old tensors and is not served. The cache is not

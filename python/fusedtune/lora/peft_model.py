@@ -134,11 +134,20 @@ def _report(self) -> dict:
     return out
 
 
+def _train(self, mode: bool = True):
+    """peft's train(), and the view forgets its cached DoRA norms (LoRALinear.train says why)."""
+    entry = self.__dict__.get(_VIEW)
+    if entry is not None:
+        entry[1].forget_dora_norms()
+    return self._fusedtune_peft_class.train(self, mode)
+
+
 def _fused_class(cls: type) -> type:
     fused = _CLASSES.get(cls)
     if fused is None:
         name = f"Fused{cls.__name__}"
-        fused = type(name, (cls,), {"forward": _forward, "_fusedtune_report": _report, "_fusedtune_peft_class": cls,
+        fused = type(name, (cls,), {"forward": _forward, "train": _train, "_fusedtune_report": _report,
+                                    "_fusedtune_peft_class": cls,
                                     "__module__": __name__, "__qualname__": name,
                                     "__doc__": f"peft's {cls.__name__} with fusedtune's fused LoRA forward"})
         _CLASSES[cls] = fused

@@ -540,14 +540,29 @@ class LoRALinear(nn.Module):
                                      self.lora_magnitude_vector[name].weight, bias, p, None, nf4, self.backend, norm)
         return y.to(out_dtype)
 
+    def train(self, mode: bool = True):
+        """nn.Module.train, and forgets the DoRA norms cached in eval mode: an optimizer that writes the
+        parameters without bumping their version counters (bitsandbytes' 8-bit and paged optimizers, writes
+        through .data) would otherwise leave the next evaluation on the old norms. Trainer calls
+        model.train() every step; a loop that changes weights that way while in eval mode calls
+        forget_dora_norms() itself."""
+        self.forget_dora_norms()
+        return super().train(mode)
+
+    def forget_dora_norms(self) -> None:
+        """Drop the DoRA weight norms cached for evaluation (recomputed at the next eval forward)."""
+        self._dora_norms.clear()
+
     def _dora_norm(self, name: str, cache: bool = False) -> torch.Tensor:
         """float32 [out]: ||W + scaling B A|| per output row of the base weight as the GEMMs see it. cache: keep
-        it while the weight, A, B and the scaling stay as they are (inference; training recomputes it)."""
+        it while the weight, A, B and the scaling stay as they are (inference; training recomputes it) and
+        until the next train()/eval() call, by version counters (see train())."""
         A, B = self.lora_A[name].weight, self.lora_B[name].weight
         nf4, nf4_dtype = self._nf4_weight()
         W = self.base_weight()
         key = None
-        if cache and not torch.compiler.is_compiling():
+        if cache and not torch.compiler.is_compiling() and not any(t.is_inference() for t in (W, A, B)):
+            # (an inference tensor has no version counter: not cached)
             # the tensors themselves (weak references: a freed tensor's address and version can come back in a
             # new one, e.g. an adapter deleted and added again) and what they hold (address, in-place writes)
             owners = (self._modules["base_layer"].weight, A, B)
