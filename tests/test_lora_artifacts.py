@@ -56,6 +56,30 @@ def test_peft_reads_ours_and_we_read_peft(tmp_path):
     torch.testing.assert_close(m(ids).logits, pm2(ids).logits, atol=1e-5, rtol=1e-5)
 
 
+def test_an_adapter_loaded_under_a_new_name_is_inactive_and_frozen_as_peft_loads_it(tmp_path):
+    """The loaded adapter was activated and the trained one frozen: the optimizer of the patch then stepped
+    frozen parameters (nothing trained) and the forward ran the loaded adapter."""
+    save_adapter(_trained(_model()), tmp_path)
+    m = _model()
+    rep = fusedtune.patch(m, "lora", r=2, target_modules=["q_proj", "v_proj", "down_proj"])
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        before = m(ids).logits
+    load_adapter(m, tmp_path, adapter_name="ref")
+    for lay in fusedtune.lora.lora_layers(m).values():
+        assert lay.active_adapters == ["default"]
+        assert all(p.requires_grad for p in lay._adapter_params("default"))
+        assert not any(p.requires_grad for p in lay._adapter_params("ref"))
+    with torch.no_grad():
+        assert torch.equal(m(ids).logits, before)
+    Bs = [lay.lora_B["default"].weight for lay in fusedtune.lora.lora_layers(m).values()]
+    held = {id(p) for g in rep.optimizer.param_groups for p in g["params"]}
+    assert all(id(B) in held for B in Bs)
+    start = [B.detach().clone() for B in Bs]
+    rep.step(lambda: m(ids, labels=ids).loss)
+    assert all(not torch.equal(a, B) for a, B in zip(start, Bs))    # (A has no gradient while B is zero)
+
+
 def test_refusals_leave_the_model_untouched(tmp_path):
     a = _trained(_model())
     save_adapter(a, tmp_path)

@@ -161,7 +161,9 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
     an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
     become the file's), a missing one is added with the file's rank, alpha, dropout and rslora (alpha per
-    module through alpha_pattern, matched as peft matches it); weights of modules trained in full (peft's
+    module through alpha_pattern, matched as peft matches it), inactive and frozen where the layer has an
+    active adapter, as peft's load_adapter adds it (set_adapter activates it; the active adapters and what
+    trains stay as they were); weights of modules trained in full (peft's
     modules_to_save) are copied into the model's parameters of those names. Refuses, before changing
     anything, a file whose modules the model lacks or whose shapes do not fit. Returns the LoRA module names
     loaded, then the names of the parameters loaded in full."""
@@ -223,8 +225,15 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         alpha = float(_pattern(cfg.get("alpha_pattern"), mod, cfg["lora_alpha"]))
         drop, rslora = float(cfg.get("lora_dropout", 0.0)), bool(cfg.get("use_rslora", False))
         if adapter_name not in m.r:
+            active, trains = list(m.active_adapters), [(p, p.requires_grad) for p in m.parameters()]
             m.add_adapter(adapter_name, r, alpha, drop, rslora, adapter_dtype=parts["A"].dtype, use_dora=dora,
                           init_lora_weights=init if decompose else True, lora_bias=biased)
+            if active:   # as peft's load_adapter: added inactive and frozen, the active adapters train on
+                m.active_adapters = active
+                for p, flag in trains:
+                    p.requires_grad_(flag)
+                for p in m._adapter_params(adapter_name):
+                    p.requires_grad_(False)
         else:   # overwrite: the file's settings replace the adapter's
             m.lora_alpha[adapter_name] = alpha
             m.set_dropout(adapter_name, drop)
