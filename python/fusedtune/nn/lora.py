@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import math
 import types
+import warnings
 import weakref
 
 import torch
@@ -343,8 +344,14 @@ class LoRALinear(nn.Module):
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
+        was_active = name in self.active_adapters
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._tables.clear()
+        if was_active and not self.active_adapters and self.r:   # as peft: the first remaining one, said
+            nxt = next(iter(self.r))
+            warnings.warn(f"LoRALinear: adapter {name!r} was active and is deleted; the active adapter is now {nxt!r}",
+                          stacklevel=2)
+            self.set_adapter(nxt)
 
     # ------------------------------------------------------------------ peft-style controls
     def _require(self, name: str) -> None:
