@@ -96,3 +96,41 @@ def test_refusals_leave_the_model_untouched(tmp_path):
     with pytest.raises(KeyError, match=r"lm_head.weight \(a modules_to_save weight \(64, 32\)\).*is \(48, 32\)"):
         load_adapter(small, tmp_path)
     assert all(torch.equal(v, keep[k]) for k, v in small.state_dict().items())
+
+
+def _tied():
+    import transformers
+    torch.manual_seed(0)
+    return transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, tie_word_embeddings=True))
+
+
+def test_a_tied_lm_head_is_refused_where_training_or_loading_it_would_change_the_embeddings(tmp_path):
+    """lm_head tied to embed_tokens (Qwen2-0.5B, Llama-3.2-1B, Gemma): peft trains a copy; training or loading
+    the shared weight in place changed the input embeddings too. Refused, model untouched; the advice given
+    (an own weight) works; saving both trains the tied weight once."""
+    m = _tied()
+    assert m.lm_head.weight is m.model.embed_tokens.weight
+    before = copy.deepcopy(m.state_dict())
+    with pytest.raises(PatchError, match="lm_head.weight is tied to model.embed_tokens.weight"):
+        fusedtune.patch(m, "lora", r=4, target_modules=TARGETS, modules_to_save=["lm_head"])
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert not any(type(mod).__name__ == "LoRALinear" for mod in m.modules())
+    m.lm_head.weight = torch.nn.Parameter(m.lm_head.weight.detach().clone())   # the advice
+    m.config.tie_word_embeddings = False
+    rep = fusedtune.patch(m, "lora", r=4, target_modules=TARGETS, modules_to_save=["lm_head"], lr=1e-2)
+    emb = m.model.embed_tokens.weight.detach().clone()
+    rep.step(lambda: m(IDS, labels=IDS).loss)
+    assert torch.equal(m.model.embed_tokens.weight, emb)
+    fusedtune.patch(_tied(), "lora", r=4, target_modules=TARGETS, modules_to_save=SAVE)   # both saved: accepted
+
+    pm = peft.get_peft_model(_tied(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                      modules_to_save=["lm_head"]))
+    pm.save_pretrained(str(tmp_path))
+    ours = _tied()
+    fusedtune.patch(ours, "lora", r=4, alpha=8, target_modules=TARGETS)
+    before = copy.deepcopy(ours.state_dict())
+    with pytest.raises(ValueError, match="lm_head.weight .* is tied to model.embed_tokens.weight"):
+        load_adapter(ours, tmp_path)
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())

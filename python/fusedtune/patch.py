@@ -202,6 +202,22 @@ def outermost_modules(model: nn.Module, names) -> list[str]:
     return [n for n in found if not any(n.startswith(o + ".") for o in found)]
 
 
+def shared_outside(model: nn.Module, names: list[str]) -> tuple[str, str] | None:
+    """(a parameter of the modules `names`, another name it is held under outside them), or None: tied
+    weights that training those modules in place would change elsewhere too."""
+    holders: dict = {}
+    for mn, mod in model.named_modules(remove_duplicate=False):
+        for pn, p in mod.named_parameters(recurse=False):
+            holders.setdefault(id(p), []).append(f"{mn}.{pn}" if mn else pn)
+    inside = lambda full: any(full.startswith(n + ".") for n in names)  # noqa: E731
+    for n in names:
+        for pn, p in model.get_submodule(n).named_parameters(remove_duplicate=False):
+            other = next((h for h in holders[id(p)] if not inside(h)), None)
+            if other is not None:
+                return f"{n}.{pn}", other
+    return None
+
+
 def find_targets(model: nn.Module, target_modules=None, linear_only: bool = True) -> list[str]:
     """Names of the modules a method applies to.
 
@@ -544,8 +560,9 @@ class SwapMethod(Method):
                     if self.refuses_tied:
                         raise PatchError(f"method {self.name!r}: target {name}'s weight is shared with {others[:3]} "
                                          "(tied embeddings): the method writes the weight in place, which would change "
-                                         f"{others[0]} too; leave {name} out of target_modules, or untie the weights "
-                                         "(config.tie_word_embeddings=False) before loading")
+                                         f"{others[0]} too; leave {name} out of target_modules, or give it its own weight "
+                                         "first (e.g. model.lm_head.weight = nn.Parameter(model.lm_head.weight.detach()"
+                                         ".clone()); model.config.tie_word_embeddings = False)")
                     record.tied, record.tied_with = orig.weight, others[0]
                 new = self.make(self.base_for(orig), name, **options)
                 if record.kind in ("linear", "conv1d") and holds_own_parameters(orig, new):

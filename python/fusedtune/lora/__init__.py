@@ -196,6 +196,17 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
                            f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
         plan.setdefault(mod, {})[part] = t
+    held: dict = {}
+    for n, p in params.items():
+        held.setdefault(id(p), []).append(n)
+    for name, (p, _) in full.items():
+        tied = [n for n in held[id(p)] if n not in full]
+        if tied:
+            raise ValueError(f"load_adapter: {name} (trained in full: peft's modules_to_save) is tied to {tied[0]} in "
+                             f"the model, which the file does not train: loading it would change {tied[0]} too (peft "
+                             "keeps a copy); give it its own weight first (e.g. model.lm_head.weight = "
+                             "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = "
+                             "False)")
     for mod, parts in plan.items():
         m, A, B, mag = layers[mod], parts.get("A"), parts.get("B"), parts.get("magnitude_vector")
         if A is None or B is None or A.shape[1] != m.in_features or B.shape != (m.out_features, A.shape[0]):

@@ -29,7 +29,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import PatchError, SwapMethod, is_bnb_4bit, is_conv1d, outermost_modules, register_method
+from ..patch import (PatchError, SwapMethod, is_bnb_4bit, is_conv1d, outermost_modules, register_method,
+                     shared_outside)
 
 
 class LoRAMethod(SwapMethod):
@@ -52,6 +53,14 @@ class LoRAMethod(SwapMethod):
         if clash:
             raise PatchError(f"method {self.name!r}: modules_to_save {clash[:4]} overlap the LoRA targets (a module "
                              "either gets adapters or trains in full)")
+        tied = shared_outside(model, found)
+        if tied:
+            saved, other = tied
+            raise PatchError(f"method {self.name!r}: modules_to_save: {saved} is tied to {other}, which is not saved "
+                             f"(tied embeddings): training it in place would change {other} too, where peft trains a "
+                             "copy; save both, or give it its own weight first (e.g. model.lm_head.weight = "
+                             "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = "
+                             "False)")
         return found
 
     def takes(self, kind: str) -> bool:
