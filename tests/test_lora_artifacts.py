@@ -126,3 +126,25 @@ def test_peft_models_are_refused_with_the_way_over(tmp_path):
     fusedtune.patch(base, "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
     load_adapter(base, tmp_path)
     torch.testing.assert_close(base(ids).logits, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("field,value", [("alora_invocation_tokens", [5, 6]), ("use_qalora", True),
+                                         ("layer_replication", [[0, 1]]), ("init_lora_weights", "mica"),
+                                         ("init_lora_weights", "corda")])
+def test_adapters_of_lora_variants_are_refused_not_loaded_as_plain_lora(tmp_path, field, value):
+    """aLoRA (an adapter acting from its invocation tokens on) and the others loaded as plain LoRA, silently
+    different from peft."""
+    import json
+    from fusedtune.ops.lora import LoRAUnsupported
+    save_adapter(_trained(_model()), tmp_path)
+    cfg_path = tmp_path / "adapter_config.json"
+    cfg = json.loads(cfg_path.read_text())
+    cfg[field] = value
+    cfg_path.write_text(json.dumps(cfg))
+    m = _model()
+    fusedtune.patch(m, "lora", r=4, target_modules=["q_proj", "v_proj", "down_proj"])
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(LoRAUnsupported, match=field):
+        load_adapter(m, tmp_path, adapter_name="other")
+    assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
+    assert all(set(lay.r) == {"default"} for lay in fusedtune.lora.lora_layers(m).values())

@@ -33,6 +33,7 @@ import re
 import torch
 
 from ..nn.lora import LoRALinear, _decomposition
+from ..ops.lora import LoRAUnsupported
 from .peft_model import fuse_peft, unfuse_peft  # noqa: F401
 
 WEIGHTS = "adapter_model.safetensors"
@@ -157,6 +158,29 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     return config
 
 
+# peft LoraConfig fields that make an adapter something other than plain LoRA (its forward, what it targets, or the
+# base it expects differ), each set to something other than its default
+_VARIANTS = (("alora_invocation_tokens", "aLoRA (activated LoRA)"), ("use_bdlora", "BD-LoRA"),
+             ("arrow_config", "Arrow routing"), ("velora_config", "VeLoRA"), ("monteclora_config", "MonteCLoRA"),
+             ("kasa_config", "KaSA"), ("use_qalora", "QA-LoRA"), ("layer_replication", "layer replication"),
+             ("target_parameters", "LoRA on parameters (target_parameters)"),
+             ("trainable_token_indices", "trainable tokens"), ("lora_ga_config", "LoRA-GA"), ("corda_config", "CorDA"))
+_PLAIN_INITS = ("gaussian", "eva", "orthogonal")   # init names (besides True / False) whose tensors are plain LoRA
+
+
+def _check_plain(cfg: dict, path) -> None:
+    """Refuses a peft config of a LoRA variant that load_adapter would load as plain LoRA (silently wrong)."""
+    for field, what in _VARIANTS:
+        if cfg.get(field) not in (None, False, {}, [], ""):
+            raise LoRAUnsupported(f"load_adapter: {path} holds an adapter of a LoRA variant, {what} ({field}="
+                                  f"{cfg[field]!r}); fusedtune loads plain LoRA, DoRA, rsLoRA, lora_bias, PiSSA and "
+                                  "OLoRA adapters")
+    init = cfg.get("init_lora_weights", True)
+    if not (isinstance(init, bool) or (isinstance(init, str) and (init in _PLAIN_INITS or _decomposition(init)))):
+        raise LoRAUnsupported(f"load_adapter: {path} has init_lora_weights={init!r}, which peft applies to the base "
+                              "or the forward as well (plain inits, PiSSA and OLoRA load here)")
+
+
 def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
     an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
@@ -173,6 +197,7 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     if cfg.get("peft_type", "LORA") != "LORA":
         raise NotImplementedError(f"load_adapter: {path} is not a LoRA or DoRA adapter (peft_type "
                                   f"{cfg.get('peft_type')})")
+    _check_plain(cfg, path)
     dora = bool(cfg.get("use_dora", False))
     biased = bool(cfg.get("lora_bias", False))
     init = cfg.get("init_lora_weights", True)
