@@ -290,6 +290,25 @@ def test_patch_twice_and_unpatch_unpatched(swap):
         unpatch(m)
 
 
+def test_a_model_with_a_patched_part_or_inside_a_patched_model_is_refused():
+    """patch(model.model) then patch(model) wrapped the LoRA layers' own base and adapters in LoRA layers;
+    patch(model) then patch(model.model, ...) touched the swapped-in layers. Both refused, nothing changed."""
+    m = make("llama")
+    patch(m.model, "lora", r=2)
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    with pytest.raises(PatchError, match="submodule model is patched already .method 'lora'"):
+        patch(m, "lora", r=2, target_modules="all-linear")
+    assert before.keys() == m.state_dict().keys()
+    unpatch(m.model)
+    patch(m, "lora", r=2)
+    for sub in (m.model, m.model.layers[0].self_attn.q_proj):
+        with pytest.raises(PatchError, match="another fusedtune.patch swapped in"):
+            patch(sub, "full")
+    unpatch(m)
+    patch(m.model, "full")                        # nothing left over from the unpatched layers
+    unpatch(m.model)
+
+
 @pytest.mark.parametrize("fn", [lambda x: patch(x, "full"), unpatch, report])
 def test_not_a_module(fn):
     with pytest.raises(TypeError, match="must be a torch.nn.Module"):
@@ -522,11 +541,17 @@ def test_unpatch_after_an_assign_load_gives_new_modules():
     assert _state(m) is None
 
 
-def test_unpatch_without_merge_restores_a_tied_embedding_trained_as_a_saved_module():
+def test_a_tied_embedding_as_a_saved_module_is_refused_and_unpatch_restores_one_saved_with_its_tie():
+    """embed_tokens saved while lm_head (tied to it) is a LoRA target: training the shared weight in place would
+    move lm_head's frozen base too (peft trains a copy): refused, nothing changed. Saved together, the tied
+    weight trains once and unpatch(merge=False) gives it back, tie kept."""
     m = transformers.LlamaForCausalLM(_llama_cfg(tie_word_embeddings=True))
     assert m.lm_head.weight is m.model.embed_tokens.weight
     e0 = m.model.embed_tokens.weight.detach().clone()
-    rep = patch(m, "lora", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"], lr=1e-2)
+    with pytest.raises(PatchError, match="model.embed_tokens.weight is tied to lm_head.weight"):
+        patch(m, "lora", target_modules=["q_proj", "lm_head"], modules_to_save=["embed_tokens"], lr=1e-2)
+    assert _state(m) is None and type(m.lm_head) is nn.Linear
+    rep = patch(m, "lora", target_modules=["q_proj"], modules_to_save=["embed_tokens", "lm_head"], lr=1e-2)
     rep.step(lambda: m(input_ids=IDS, labels=IDS).loss)
     assert not torch.equal(m.model.embed_tokens.weight.detach(), e0)
     unpatch(m, merge=False)

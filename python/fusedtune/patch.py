@@ -27,6 +27,7 @@ from .nn.lora import is_bnb_4bit  # noqa: F401  (also the methods')
 from .nn.plain import is_conv1d   # (also sparse_delta's, through here)
 
 _ATTR = "_fusedtune_patch"
+_MADE = "_fusedtune_swapped_in"   # set on every layer a patch swaps in (a plain attribute in the module's __dict__)
 _METHODS: dict[str, type] = {}
 
 # Default target_modules per transformers model_type: every linear layer of the decoder blocks (lm_head is
@@ -568,6 +569,7 @@ class SwapMethod(Method):
                 if record.kind in ("linear", "conv1d") and holds_own_parameters(orig, new):
                     record.module = orig
                 set_module(model, name, new)
+                new.__dict__[_MADE] = True
                 originals[name] = orig
                 self.swapped[name] = record
                 made.append(new)
@@ -737,6 +739,13 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     if st is not None:
         raise PatchError(f"model is already patched with method {st['method']!r}; "
                          "call fusedtune.unpatch(model) first")
+    for n, m in model.named_modules():
+        if n and _ATTR in m.__dict__:
+            raise PatchError(f"fusedtune.patch: its submodule {n} is patched already (method "
+                             f"{m.__dict__[_ATTR]['method']!r}); unpatch it first. Nothing was changed")
+        if m.__dict__.get(_MADE):
+            raise PatchError(f"fusedtune.patch: {n or 'the module'} is a layer that another fusedtune.patch swapped "
+                             "in: the model is part of a patched model; unpatch that one first. Nothing was changed")
     opts = cls.check_options(options)
     if cls.replaces_modules(opts) and _sharded(model):
         raise PatchError(f"fusedtune.patch: method {method!r} replaces modules, and the model is sharded (FSDP2 "
