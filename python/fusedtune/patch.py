@@ -15,6 +15,7 @@ swapping in place, freezing and restoring requires_grad, and the report.
 """
 from __future__ import annotations
 
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -371,7 +372,18 @@ def to_conv1d(linear: nn.Linear, conv_cls: type) -> nn.Module:
 
 
 def count(params) -> int:
-    return sum(p.numel() for p in params)
+    """Weights held by `params`: a packed 4-bit weight (bitsandbytes' Params4bit, two or more codes a storage
+    element) counts the weights it packs, as peft counts them."""
+    return sum(_weights(p) for p in params)
+
+
+def _weights(p: torch.Tensor) -> int:
+    shape = getattr(getattr(p, "quant_state", None), "shape", None)
+    if shape is not None:
+        return math.prod(shape)
+    if type(p).__name__ == "Params4bit":   # no quant_state yet: two 4-bit codes a byte of its storage
+        return p.numel() * 2 * p.element_size()
+    return p.numel()
 
 
 def unique_params(params) -> list[nn.Parameter]:
