@@ -69,6 +69,9 @@ def test_demo_refuses_unknown_method():
 @pytest.mark.parametrize("sets,msg", [
     (["nosuch.lr=1"], "no method 'nosuch'"), (["mezo.lr=1"], "'mezo' is not among the methods run"),
     (["lora.lr=abc"], "lora.lr='abc': expected a number"), (["lora.bogus=1"], "has no option 'bogus'"),
+    (["lora.r=0"], "'lora' refuses these options: .*r must be a positive int"),        # values patch refuses
+    (["lora.r=8.0"], "r must be a positive int"), (["lora.lr=-1"], "refuses these options: .*learning rate"),
+    (["lora.step_multiplier=0.5"], "expected a whole number >= 1"),
 ])
 def test_demo_refuses_bad_overrides_before_it_trains(sets, msg, monkeypatch):
     """A misspelt method was silently ignored, a bad value failed with a raw traceback after the pre-training

@@ -14,7 +14,7 @@ import time
 import torch
 
 from .tasks import Tasks
-from .train import DemoConfig, agreement, evaluate, finetune, pretrain
+from .train import DemoConfig, agreement, build_model, evaluate, finetune, pretrain, split_demo_options
 from . import output
 
 
@@ -34,9 +34,10 @@ def _overrides(items: list[str]) -> dict:
     return out
 
 
-def _check_overrides(overrides: dict, names: list[str], known: dict) -> None:
+def _check_overrides(overrides: dict, names: list[str], known: dict, cfg: DemoConfig) -> None:
     """--set METHOD.OPTION=VALUE: a method that exists and runs, an option it has (patch options, demo settings
-    step_multiplier / target_modules), a number where the default is one."""
+    step_multiplier / target_modules), a number where the default is one, a positive whole step multiplier,
+    and options the method's patch takes: each overridden method patches (and unpatches) a fresh demo model."""
     for method, opts in overrides.items():
         if method not in known:
             raise SystemExit(f"--set {method}.…: no method {method!r}; choose from {', '.join(sorted(known))}")
@@ -53,6 +54,25 @@ def _check_overrides(overrides: dict, names: list[str], known: dict) -> None:
             number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
             if number(d) and not number(value):
                 raise SystemExit(f"--set {method}.{opt}={value!r}: expected a number (default {d!r})")
+            if opt == "step_multiplier" and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise SystemExit(f"--set {method}.step_multiplier={value!r}: expected a whole number >= 1")
+        _dry_patch(method, cls, opts, cfg)
+
+
+def _dry_patch(method: str, cls, opts: dict, cfg: DemoConfig) -> None:
+    """patch + unpatch of a fresh (untrained) demo model with the method's options: a value the method refuses
+    stops the demo now, not after the pre-training."""
+    from ..patch import patch, unpatch
+    _, targets, patch_opts = split_demo_options(cls, opts)
+    rng = torch.random.get_rng_state()
+    try:
+        model = build_model(cfg)
+        patch(model, method, target_modules=targets, **patch_opts)
+        unpatch(model)
+    except (ValueError, TypeError, KeyError, NotImplementedError) as e:   # PatchError is a ValueError
+        raise SystemExit(f"--set {method}.…: method {method!r} refuses these options: {e}") from None
+    finally:
+        torch.random.set_rng_state(rng)
 
 
 def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "demo_out",
@@ -73,7 +93,7 @@ def run(cfg: DemoConfig, methods: list[str] | None = None, out: str | None = "de
             print(f"demo: skipping method {n!r}: needs {', '.join(miss)} (pip install {' '.join(miss)})")
             names.remove(n)
     overrides = overrides or {}
-    _check_overrides(overrides, names, known)    # before the pre-training, not after it
+    _check_overrides(overrides, names, known, cfg)    # before the pre-training, not after it
     threads = torch.get_num_threads()
     torch.set_num_threads(cfg.threads)
     try:
