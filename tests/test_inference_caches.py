@@ -28,3 +28,14 @@ def test_layer_caches():
         fp8(torch.randn(3, 128))
         lora(torch.randn(3, 16))
     assert _normal(fp8._cache[1]) and _normal(list(lora._tables.values()))
+
+
+def test_a_fresh_layer_compiles_fullgraph_on_its_first_call():
+    """The scale table built inside the trace: the cache scope asked is_inference_mode_enabled, which dynamo
+    refuses (the compile tests called the layer eagerly first, so the table was cached)."""
+    torch.manual_seed(0)
+    layer = LoRALinear.from_linear(torch.nn.Linear(40, 24), r=4, init_lora_weights=False)
+    x = torch.randn(3, 40, requires_grad=True)
+    y = torch.compile(layer, fullgraph=True, backend="eager")(x)
+    y.sum().backward()
+    torch.testing.assert_close(y, layer(x))

@@ -539,10 +539,11 @@ def test_lora_dropout_is_peft_module_dict():
 
 def test_deleting_the_active_adapter_activates_the_first_remaining_one_as_peft():
     """It left no active adapter (the base layer alone, silently); peft activates the first remaining
-    adapter with a warning, or keeps the other active ones."""
+    adapter by name with a warning, or keeps the other active ones."""
     peft_layer = pytest.importorskip("peft.tuners.lora.layer")
     torch.manual_seed(0)
     ours = LoRALinear.from_linear(nn.Linear(16, 8), r=4, adapter_name="a", init_lora_weights=False)
+    ours.add_adapter("z", r=2, init_lora_weights=False)
     ours.add_adapter("b", r=2, init_lora_weights=False)
     ours.add_adapter("c", r=2, init_lora_weights=False)
     theirs = ours.to_peft()
@@ -554,8 +555,13 @@ def test_deleting_the_active_adapter_activates_the_first_remaining_one_as_peft()
         m.set_adapter("b")
         with pytest.warns(UserWarning, match="b'? was active"):
             m.delete_adapter("b")
-    assert ours.active_adapters == theirs.active_adapters == ["c"]
-    assert all(p.requires_grad for p in ours._adapter_params("c"))
+    assert ours.active_adapters == theirs.active_adapters == ["c"]     # the first remaining name in sorted
+    for m in (ours, theirs):                                            # order (peft's), not the first added
+        m.set_adapter("c")
+        with pytest.warns(UserWarning, match="c'? was active"):
+            m.delete_adapter("c")
+    assert ours.active_adapters == theirs.active_adapters == ["z"]
+    assert all(p.requires_grad for p in ours._adapter_params("z"))
     x = torch.randn(3, 16)
     torch.testing.assert_close(ours(x), theirs(x), rtol=1e-6, atol=1e-6)
     assert isinstance(theirs, peft_layer.Linear)

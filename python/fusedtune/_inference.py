@@ -20,6 +20,8 @@ def _normal():
 def cache_scope():
     """A scope whose new tensors are normal tensors, not inference tensors, and record no autograd graph
     (nothing to do outside inference mode)."""
+    if torch.compiler.is_compiling():   # (dynamo cannot trace is_inference_mode_enabled; a graph runs no cache)
+        return _NULL
     return _normal() if torch.is_inference_mode_enabled() else _NULL
 
 

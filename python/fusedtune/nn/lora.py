@@ -348,7 +348,7 @@ class LoRALinear(nn.Module):
         self.active_adapters = [a for a in self.active_adapters if a != name]
         self._tables.clear()
         if was_active and not self.active_adapters and self.r:   # as peft: the first remaining one, said
-            nxt = next(iter(self.r))
+            nxt = sorted(self.r)[0]
             warnings.warn(f"LoRALinear: adapter {name!r} was active and is deleted; the active adapter is now {nxt!r}",
                           stacklevel=2)
             self.set_adapter(nxt)
