@@ -399,3 +399,25 @@ def test_a_dropped_regrower_is_freed_and_its_window_ends():
     for n, g in dense_grads(net, x, y).items():
         l = layers(net)[n]
         torch.testing.assert_close(l.values.grad, g.reshape(-1)[l.indices.long()], rtol=1e-5, atol=1e-7)
+
+
+def test_one_attached_regrower_per_optimizer_and_its_state_travels_with_the_optimizer():
+    """The optimizer's state_dict carries the attached Regrower's state (Trainer saves only the optimizer); a
+    second Regrower attached to the same optimizer would share its one entry (each resumed with the other's
+    state): refused until the first detaches."""
+    net = Net()
+    opt = SparseDeltaAdamW([net.a.values, net.b.values], lr=1e-2)
+    rg = Regrower(net, opt, every=3, rate=0.3, decay="constant", accumulate_steps=1, attach=True)
+    with pytest.raises(ValueError, match="attached Regrower already"):
+        Regrower(net.a, opt, every=3, rate=0.3, decay="constant", accumulate_steps=1, attach=True)
+    for x, y in batches(4):
+        opt.zero_grad(set_to_none=True)
+        loss_of(net, x, y).backward()
+        opt.step()
+    sd = opt.state_dict()
+    assert sd["fusedtune_regrower"]["t"] == rg.t == 4
+    other = Regrower(net, opt, every=3, rate=0.3, decay="constant", accumulate_steps=1)
+    rg.detach()
+    other.attach()
+    opt.load_state_dict(sd)
+    assert other.t == 4 and torch.equal(other.ages["a"], rg.ages["a"])

@@ -70,6 +70,7 @@ from ..ops.sparse_delta_select import regrow_candidates, sm3_update
 from .artifacts import sparse_layers
 
 STATE_KEY = "fusedtune_regrower"   # the Regrower's entry in its optimizer's state_dict()
+_ATTACHED = "_fusedtune_regrower"  # the optimizer's attached Regrower (a weak reference in its __dict__)
 
 _DECAYS = ("cosine", "linear", "constant")
 _VARIANTS = ("ag", "ma")
@@ -216,6 +217,13 @@ class Regrower:
         regrowth exactly (the step count, ages and window accumulators)."""
         if self._post_hook is None:
             opt = self.optimizer
+            other = opt.__dict__.get(_ATTACHED)
+            other = None if other is None else other()
+            if other is not None and other is not self and other._post_hook is not None:
+                raise ValueError("Regrower.attach: the optimizer has an attached Regrower already (its state travels "
+                                 "in the optimizer's under one key); make one Regrower over the whole model, or "
+                                 "detach() the other first")
+            opt.__dict__[_ATTACHED] = weakref.ref(self)   # (not in a copy or pickle of the optimizer)
             self._post_hook = (opt.register_step_post_hook(lambda *_: self.step()),
                                opt.register_state_dict_post_hook(self._save_into),
                                opt.register_load_state_dict_pre_hook(self._load_from))
@@ -241,6 +249,9 @@ class Regrower:
             for handle in self._post_hook:
                 handle.remove()
             self._post_hook = None
+            ref = self.optimizer.__dict__.get(_ATTACHED)
+            if ref is not None and ref() is self:
+                del self.optimizer.__dict__[_ATTACHED]
         self._leave_dense()
         self._acc.clear()
         self._seen.clear()
