@@ -134,3 +134,21 @@ def test_a_tied_lm_head_is_refused_where_training_or_loading_it_would_change_the
     with pytest.raises(ValueError, match="lm_head.weight .* is tied to model.embed_tokens.weight"):
         load_adapter(ours, tmp_path)
     assert all(torch.equal(v, ours.state_dict()[k]) for k, v in before.items())
+
+
+def test_a_module_under_two_names_is_not_a_tie(tmp_path):
+    """One module registered twice (an alias) holds its weight under two names: not tied to anything else,
+    so modules_to_save and load_adapter take it (the tie check refused it by name)."""
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.q_proj, self.head = torch.nn.Linear(8, 8), torch.nn.Linear(8, 4)
+            self.aux = self.head
+
+        def forward(self, x):
+            return self.head(self.q_proj(x)) + self.aux(self.q_proj(x))
+    m = Net()
+    fusedtune.patch(m, "lora", r=2, target_modules=["q_proj"], modules_to_save=["head"])
+    assert m.head.weight.requires_grad
+    save_adapter(m, tmp_path)
+    assert load_adapter(m, tmp_path)[-2:] == ["head.bias", "head.weight"]

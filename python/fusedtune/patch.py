@@ -207,14 +207,14 @@ def outermost_modules(model: nn.Module, names) -> list[str]:
 def shared_outside(model: nn.Module, names: list[str]) -> tuple[str, str] | None:
     """(a parameter of the modules `names`, another name it is held under outside them), or None: tied
     weights that training those modules in place would change elsewhere too."""
+    saved = {id(m) for n in names for m in model.get_submodule(n).modules()}   # (a module under two names: one)
     holders: dict = {}
     for mn, mod in model.named_modules(remove_duplicate=False):
         for pn, p in mod.named_parameters(recurse=False):
-            holders.setdefault(id(p), []).append(f"{mn}.{pn}" if mn else pn)
-    inside = lambda full: any(full.startswith(n + ".") for n in names)  # noqa: E731
+            holders.setdefault(id(p), []).append((f"{mn}.{pn}" if mn else pn, id(mod)))
     for n in names:
         for pn, p in model.get_submodule(n).named_parameters(remove_duplicate=False):
-            other = next((h for h in holders[id(p)] if not inside(h)), None)
+            other = next((h for h, owner in holders[id(p)] if owner not in saved), None)
             if other is not None:
                 return f"{n}.{pn}", other
     return None

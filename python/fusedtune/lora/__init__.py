@@ -224,8 +224,9 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     held: dict = {}
     for n, p in params.items():
         held.setdefault(id(p), []).append(n)
+    owner = lambda n: model.get_submodule(n.rpartition(".")[0])  # noqa: E731 - (a module under two names: one)
     for name, (p, _) in full.items():
-        tied = [n for n in held[id(p)] if n not in full]
+        tied = [n for n in held[id(p)] if n not in full and owner(n) is not owner(name)]
         if tied:
             raise ValueError(f"load_adapter: {name} (trained in full: peft's modules_to_save) is tied to {tied[0]} in "
                              f"the model, which the file does not train: loading it would change {tied[0]} too (peft "
