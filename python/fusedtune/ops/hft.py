@@ -212,7 +212,6 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
     for i, (p, g, m, v, t, r) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets, rows)):
         if t is None:
             t = p.new_empty(0)
-        check_distinct("masked_adamw_", i, p, g, m, v, t)
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16) or g.dtype != p.dtype:
             raise TypeError(f"masked_adamw_: params[{i}] is {p.dtype} with grad {g.dtype}; need a float dtype, "
                             "grad of the same dtype")
@@ -224,6 +223,7 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
             raise ValueError(f"masked_adamw_: tensors of params[{i}] are not all on {dev}")
         if not all(x.is_contiguous() for x in (p, g, m, v, t)):
             raise ValueError(f"masked_adamw_: tensors of params[{i}] must be contiguous")
+        check_distinct("masked_adamw_", i, p, g, m, v, t)   # (contiguous: a byte overlap is a shared element)
         if t.numel():
             if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):
                 raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "
