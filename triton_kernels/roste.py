@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fusedtune._inference import outside_inference
+from fusedtune._inference import cache_scope
 
 from .common import cdiv, next_pow2
 
@@ -366,7 +366,6 @@ def plan(n: int) -> tuple[int, int] | None:
 _MATS: dict = {}
 
 
-@outside_inference
 def _mats(n: int, transpose: bool, device, dtype):
     key = (n, transpose, str(device), dtype)
     if key not in _MATS:
@@ -377,13 +376,14 @@ def _mats(n: int, transpose: bool, device, dtype):
         from fusedtune.reference.hadamard import factor_matrix, hadamard_matrix, split_size
         A, P = plan(n)
         m, p = split_size(n)
-        HA = torch.kron(factor_matrix(m), hadamard_matrix(p // P)) if m > 1 else hadamard_matrix(A)
-        if transpose:
-            HA = HA.t()
-        AP = max(16, next_pow2(A))
-        pad = torch.zeros(AP, AP, dtype=torch.float32)
-        pad[:A, :A] = HA.float()
-        _MATS[key] = (pad.to(device, dtype), hadamard_matrix(P).to(device, dtype), AP)
+        with cache_scope():   # (built once, off the per-launch path)
+            HA = torch.kron(factor_matrix(m), hadamard_matrix(p // P)) if m > 1 else hadamard_matrix(A)
+            if transpose:
+                HA = HA.t()
+            AP = max(16, next_pow2(A))
+            pad = torch.zeros(AP, AP, dtype=torch.float32)
+            pad[:A, :A] = HA.float()
+            _MATS[key] = (pad.to(device, dtype), hadamard_matrix(P).to(device, dtype), AP)
     return _MATS[key]
 
 

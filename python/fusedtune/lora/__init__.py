@@ -34,6 +34,7 @@ import torch
 
 from ..nn.lora import LoRALinear, _decomposition
 from ..ops.lora import LoRAUnsupported
+from ..patch import shared_outside
 from .peft_model import fuse_peft, unfuse_peft  # noqa: F401
 
 WEIGHTS = "adapter_model.safetensors"
@@ -221,18 +222,14 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
                            f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
         plan.setdefault(mod, {})[part] = t
-    held: dict = {}
-    for n, p in params.items():
-        held.setdefault(id(p), []).append(n)
-    owner = lambda n: model.get_submodule(n.rpartition(".")[0])  # noqa: E731 - (a module under two names: one)
-    for name, (p, _) in full.items():
-        tied = [n for n in held[id(p)] if n not in full and owner(n) is not owner(name)]
-        if tied:
-            raise ValueError(f"load_adapter: {name} (trained in full: peft's modules_to_save) is tied to {tied[0]} in "
-                             f"the model, which the file does not train: loading it would change {tied[0]} too (peft "
-                             "keeps a copy); give it its own weight first (e.g. model.lm_head.weight = "
-                             "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = "
-                             "False)")
+    tied = shared_outside(model, sorted({n.rpartition(".")[0] for n in full}))
+    if tied:
+        name, other = tied
+        raise ValueError(f"load_adapter: {name} (trained in full: peft's modules_to_save) is tied to {other} in "
+                         f"the model, which the file does not train: loading it would change {other} too (peft "
+                         "keeps a copy); give it its own weight first (e.g. model.lm_head.weight = "
+                         "nn.Parameter(model.lm_head.weight.detach().clone()); model.config.tie_word_embeddings = "
+                         "False)")
     for mod, parts in plan.items():
         m, A, B, mag = layers[mod], parts.get("A"), parts.get("B"), parts.get("magnitude_vector")
         if A is None or B is None or A.shape[1] != m.in_features or B.shape != (m.out_features, A.shape[0]):

@@ -40,7 +40,7 @@ import os
 import torch
 
 from .. import _ext
-from .._inference import outside_inference
+from .._inference import cache_scope
 from .. import backend as _backend
 from ..reference import hadamard as href
 from ..reference import roste as rref
@@ -99,7 +99,6 @@ def mma_refuses(x) -> str:
 _MMA_MATS: dict = {}
 
 
-@outside_inference
 def _mma_factor(m: int, transpose: bool, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """H_m (H_m^T) zero-padded to 16 ceil(m / 16) square, in the rows' dtype (+-1 and 0 are exact). Copied to
     the device on first use, which a CUDA graph cannot capture: refused clearly there (a warm-up call first)."""
@@ -110,9 +109,10 @@ def _mma_factor(m: int, transpose: bool, dtype: torch.dtype, device: torch.devic
                                "use, which a CUDA graph cannot capture; run one call (a warm-up step) before capturing")
         mp = 16 * -(-m // 16)
         H = href.factor_matrix(m)
-        h = torch.zeros(mp, mp, dtype=dtype)
-        h[:m, :m] = (H.t() if transpose else H).to(dtype)
-        _MMA_MATS[key] = h.to(device)
+        with cache_scope():   # (built once, off the per-launch path)
+            h = torch.zeros(mp, mp, dtype=dtype)
+            h[:m, :m] = (H.t() if transpose else H).to(dtype)
+            _MMA_MATS[key] = h.to(device)
     return _MMA_MATS[key]
 
 
