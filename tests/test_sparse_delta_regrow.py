@@ -421,3 +421,7 @@ def test_one_attached_regrower_per_optimizer_and_its_state_travels_with_the_opti
     other.attach()
     opt.load_state_dict(sd)
     assert other.t == 4 and torch.equal(other.ages["a"], rg.ages["a"])
+    sd.pop("fusedtune_regrower")
+    with pytest.warns(UserWarning, match="no Regrower state") as caught:
+        opt.load_state_dict(sd)     # the warning names this line, not torch's hook runner
+    assert [w.filename for w in caught] == [__file__]

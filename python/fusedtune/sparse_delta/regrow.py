@@ -59,6 +59,8 @@ construction); `ages[name]` (int32 [k], aligned with the layer's indices).
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 import weakref
 
@@ -237,7 +239,7 @@ class Regrower:
         if STATE_KEY not in sd:
             warnings.warn("Regrower: the optimizer state being loaded has no Regrower state (saved before the "
                           "Regrower was attached, or by an older fusedtune); regrowth goes on from this "
-                          f"Regrower's own step {self.t}, not the checkpoint's", stacklevel=3)
+                          f"Regrower's own step {self.t}, not the checkpoint's", stacklevel=_user_stacklevel())
             return sd
         sd = dict(sd)
         self.load_state_dict(sd.pop(STATE_KEY))
@@ -450,3 +452,13 @@ class Regrower:
         self._seen = dict(sd.get("seen", {}))
         self.history = list(sd.get("history", []))
         self._update_mode()
+
+
+def _user_stacklevel() -> int:
+    """warnings.warn's stacklevel for the first frame outside fusedtune and torch: the user's call (the
+    optimizer hooks run a varying number of torch frames below it)."""
+    inside = (os.path.dirname(torch.__file__) + os.sep, os.path.dirname(os.path.dirname(__file__)) + os.sep)
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(inside):
+        frame, level = frame.f_back, level + 1
+    return level
