@@ -138,3 +138,124 @@ def test_the_adamw_ops_refuse_aliased_entries():
         sparse_adamw_([vals], [torch.ones_like(vals)], [torch.zeros_like(vals)], [torch.zeros_like(vals)],
                       [layer.weight.detach()], [layer.base_values], [layer.indices], lr=1e-2, beta1=0.9, beta2=0.999,
                       eps=1e-8, weight_decay=0.0, step=True)
+
+
+# ---- a second audit (session 40): each case below failed before its fix
+@pytest.mark.parametrize("bad", [{"lr": -0.1}, {"lr": float("nan")}, {"betas": (0.9, 1.0)}, {"dtype": torch.float64}])
+def test_a_step_refused_in_a_later_group_changes_no_group(bad):
+    """Hyperparameters (a scheduler can drive a group's lr negative) and tensors are checked for every group
+    before the first one steps."""
+    a, b = torch.nn.Parameter(torch.randn(6)), torch.nn.Parameter(torch.randn(3))
+    opt = MaskedAdamW([{"params": [a]}, {"params": [b]}], lr=0.1)
+    a.grad, b.grad = torch.ones(6), torch.ones(3)
+    opt.step()
+    snap = _snapshot(opt, [a, b])
+    if "dtype" in bad:       # the parameter's data changed dtype after it was added
+        b.data, b.grad = b.data.double(), b.grad.double()
+    else:
+        opt.param_groups[1].update(bad)
+    with pytest.raises((ValueError, TypeError)):
+        opt.step()
+    assert opt.state[a]["step"] == opt.state[b]["step"] == 1
+    assert torch.equal(a.detach(), snap[0][0]) and torch.equal(opt.state[a]["exp_avg"], snap[1]["state"][0]["exp_avg"])
+
+
+def test_sparse_delta_adamw_refused_later_group_changes_no_group():
+    l1 = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    l2 = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    opt = SparseDeltaAdamW([{"params": [l1.values]}, {"params": [l2.values]}], lr=0.1)
+    for lay in (l1, l2):
+        lay(torch.randn(3, 8)).sum().backward()
+    opt.param_groups[1]["lr"] = -1.0
+    w1, v1 = l1.weight.detach().clone(), l1.values.detach().clone()
+    with pytest.raises(ValueError, match="lr must be"):
+        opt.step()
+    assert torch.equal(l1.weight.detach(), w1) and torch.equal(l1.values.detach(), v1)
+    assert all(st["step"] == 0 and not st["exp_avg"].any() for st in opt.state.values())
+
+
+def test_named_parameters_and_frozen_parameters_are_taken():
+    """(name, tensor) pairs as torch.optim takes them; frozen parameters MaskedAdamW cannot step (packed 4-bit
+    bytes, a transposed view) are accepted, as torch.optim.AdamW accepts them, and never stepped."""
+    net = torch.nn.Linear(4, 3)
+    frozen = torch.nn.Parameter(torch.zeros(8, dtype=torch.uint8), requires_grad=False)
+    opt = MaskedAdamW(list(net.named_parameters()) + [("packed", frozen)], lr=0.1)
+    w0 = net.weight.detach().clone()
+    net(torch.ones(2, 4)).sum().backward()
+    opt.step()
+    assert not torch.equal(net.weight.detach(), w0) and frozen.eq(0).all()
+    lay = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    assert len(SparseDeltaAdamW(lay.named_parameters(), lr=0.1).param_groups[0]["params"]) == 3
+
+
+@pytest.mark.parametrize("option", ["maximize", "amsgrad", "capturable", "differentiable", "foreach", "fused"])
+def test_adamw_options_in_a_param_group_are_refused_not_ignored(option):
+    a, b = torch.nn.Parameter(torch.randn(3)), torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(TypeError, match=f"param group option {option}=True is not supported"):
+        MaskedAdamW([{"params": [a]}, {"params": [b], option: True}], lr=0.1)
+    opt = MaskedAdamW([a], lr=0.1)
+    with pytest.raises(TypeError, match=f"param group option {option}"):
+        opt.add_param_group({"params": [b], option: True})
+    opt.add_param_group({"params": [b], "maximize": False, "foreach": None})   # the defaults are fine
+    assert len(opt.param_groups) == 2
+
+
+def test_tensor_bias_correction_stays_tensor_after_loading_an_element_state():
+    """bias_correction is the constructor's: a "tensor" optimizer does not use an "element" checkpoint's
+    per-entry counts (it steps as if they were not there; an "element" optimizer's step differs)."""
+    def run(mode, opt_state=None, first=None):
+        torch.manual_seed(0)
+        lay = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.5)
+        opt = SparseDeltaAdamW([lay.values], lr=0.1, bias_correction=mode)
+        x = torch.randn(3, 8)
+        if first is not None:
+            lay.load_state_dict(first)
+            opt.load_state_dict(opt_state)
+            steps = 1
+        else:
+            steps = 3
+        for i in range(steps):
+            opt.zero_grad()
+            lay(x).sum().backward()
+            opt.step()
+            if i == 0 and first is None:
+                opt.reset_state(lay.values, torch.tensor([0, 1]))
+        return lay, opt
+    lay, opt = run("element")
+    sd, model = copy.deepcopy(opt.state_dict()), copy.deepcopy(lay.state_dict())
+    assert "elem_step" in sd["state"][0]
+    plain = copy.deepcopy(sd)
+    del plain["state"][0]["elem_step"]
+    tensor_loaded = run("tensor", sd, model)[0].values.detach()
+    tensor_plain = run("tensor", plain, model)[0].values.detach()
+    element_loaded = run("element", sd, model)[0].values.detach()
+    assert torch.equal(tensor_loaded, tensor_plain) and not torch.equal(tensor_loaded, element_loaded)
+
+
+def test_a_torch_adamw_checkpoint_loads_and_steps_like_torch():
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5))
+    q = torch.nn.Parameter(p.detach().clone())
+    ref = torch.optim.AdamW([p], lr=0.1)
+    for _ in range(2):
+        p.grad = torch.randn(5)
+        ref.step()
+    q.data.copy_(p.detach())
+    opt = MaskedAdamW([q], lr=0.1)
+    opt.load_state_dict(ref.state_dict())
+    g = torch.randn(5)
+    p.grad, q.grad = g, g.clone()
+    ref.step()
+    opt.step()
+    assert opt.state[q]["step"] == 3
+    torch.testing.assert_close(q.detach(), p.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_a_tensor_lr_gives_no_warnings():
+    import warnings
+    p = torch.nn.Parameter(torch.randn(4))
+    opt = MaskedAdamW([p], lr=torch.tensor(0.01), backend="reference")
+    p.grad = torch.ones(4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        opt.step()

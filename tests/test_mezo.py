@@ -237,3 +237,55 @@ def test_es_step_takes_a_seed_tensor():
     es_step_([a], [3, 9, 4], [1.0, -2.0, 0.5], lr=0.1, sigma=1e-2)
     es_step_([b], torch.tensor([3, 9, 4]), [1.0, -2.0, 0.5], lr=0.1, sigma=1e-2)
     assert torch.equal(a, b) and a.abs().sum() > 0
+
+
+@pytest.mark.parametrize("out,hint", [(None, "NoneType"), ((1.0, 2.0), "tuple"), ("1.0", "str"),
+                                      ({"loss": 1.0}, "dict")])
+def test_a_closure_returning_no_loss_is_named(out, hint):
+    w = torch.nn.Parameter(torch.randn(50))
+    w0 = w.detach().clone()
+    opt = MeZO([w], lr=1e-2, eps=1e-3)
+    with pytest.raises(TypeError, match=f"closure must return the loss as a tensor or a number, got {hint}"):
+        opt.step(lambda: out)
+    assert opt.steps == 0 and (w.detach() - w0).abs().max().item() < 1e-6
+
+
+def test_a_model_output_closure_is_told_to_return_its_loss():
+    class Out:
+        loss = torch.tensor(1.0)
+    w = torch.nn.Parameter(torch.randn(5))
+    with pytest.raises(TypeError, match=r"got Out \(a model output: return its .loss\)"):
+        MeZO([w], lr=1e-2).step(lambda: Out())
+
+
+def test_state_dict_hooks_see_the_mezo_state():
+    w = torch.nn.Parameter(torch.randn(20))
+    opt = MeZO([w], lr=1e-2, seed=5)
+    opt.step(lambda: w.pow(2).sum())
+    seen = {}
+    opt.register_state_dict_post_hook(lambda o, sd: seen.update(saved=dict(sd["mezo"])))
+    sd = opt.state_dict()
+    assert seen["saved"]["seed"] == 5 and seen["saved"]["steps"] == 1 and sd["mezo"]["steps"] == 1
+    other = MeZO([torch.nn.Parameter(w.detach().clone())], lr=1e-2, seed=0)
+
+    def pre(o, s):
+        s = dict(s)
+        s["mezo"] = {**s["mezo"], "seed": 9}
+        return s
+    other.register_load_state_dict_pre_hook(pre)
+    other.register_load_state_dict_post_hook(lambda o: seen.update(post=(o.seed, o.steps)))
+    other.load_state_dict(sd)
+    assert other.seed == 9 and seen["post"] == (9, 1)
+    bad = MeZO([torch.nn.Parameter(torch.randn(20)), torch.nn.Parameter(torch.randn(3))], lr=1e-2, seed=0)
+    bad.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))]})
+    with pytest.raises(ValueError):        # torch refuses the group count: the MeZO state is not taken either
+        bad.load_state_dict(sd)
+    assert bad.seed == 0 and bad.steps == 0
+
+
+def test_es_step_refuses_non_finite_rewards():
+    w = torch.randn(30)
+    w0 = w.clone()
+    with pytest.raises(ValueError, match="rewards must be finite"):
+        es_step_([w], [1, 2, 3], [1.0, float("nan"), 0.5], lr=0.1, sigma=0.01)
+    assert torch.equal(w, w0)

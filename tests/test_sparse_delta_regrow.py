@@ -425,3 +425,27 @@ def test_one_attached_regrower_per_optimizer_and_its_state_travels_with_the_opti
     with pytest.warns(UserWarning, match="no Regrower state") as caught:
         opt.load_state_dict(sd)     # the warning names this line, not torch's hook runner
     assert [w.filename for w in caught] == [__file__]
+
+
+def test_a_refused_optimizer_load_leaves_the_attached_regrower_as_it_was():
+    """The Regrower's entry is checked in the load pre-hook and applied after torch has loaded the optimizer:
+    a load torch refuses (another group count) does not move the Regrower to the checkpoint's step."""
+    net = Net()
+    opt = SparseDeltaAdamW([net.a.values, net.b.values], lr=1e-2)
+    rg = Regrower(net, opt, every=3, rate=0.3, decay="constant", accumulate_steps=1, attach=True)
+    for x, y in batches(4):
+        opt.zero_grad(set_to_none=True)
+        loss_of(net, x, y).backward()
+        opt.step()
+    sd = opt.state_dict()
+    net2 = Net()
+    opt2 = SparseDeltaAdamW([{"params": [net2.a.values]}, {"params": [net2.b.values]}], lr=1e-2)
+    rg2 = Regrower(net2, opt2, every=3, rate=0.3, decay="constant", accumulate_steps=1, attach=True)
+    ages = {n: a.clone() for n, a in rg2.ages.items()}
+    with pytest.raises(ValueError, match="different number of parameter groups"):
+        opt2.load_state_dict(sd)
+    assert rg2.t == 0 and all(torch.equal(rg2.ages[n], a) for n, a in ages.items())
+    bad = {**sd, "fusedtune_regrower": {**sd["fusedtune_regrower"], "ages": {"a": torch.zeros(3, dtype=torch.int32)}}}
+    with pytest.raises(ValueError, match="the state is for other layers"):
+        opt.load_state_dict(bad)       # checked before the optimizer loads anything
+    assert rg.t == 4

@@ -22,6 +22,18 @@ def refuse_sharded(params, what: str) -> None:
                         "hft at matrix granularity) and torch.optim.AdamW created after fully_shard")
 
 
+UNSUPPORTED_OPTIONS = ("maximize", "amsgrad", "capturable", "differentiable", "foreach", "fused")
+
+
+def refuse_options(what: str, group: dict) -> None:
+    """torch.optim.AdamW options given in a param group: refused when set (False / None pass), since the fused
+    pass would ignore them (maximize would minimise)."""
+    for key in UNSUPPORTED_OPTIONS:
+        if group.get(key) not in (None, False):
+            raise TypeError(f"{what}: param group option {key}={group[key]!r} is not supported (the fused pass "
+                            f"implements plain AdamW: lr, betas, eps, weight_decay)")
+
+
 class FusedAdamW(CopyableOptimizer):
     """Subclasses implement `_entries(p, state) -> tuple` (what the fused op takes for p) and
     `_run(lists, group, step)` (one fused op call over the transposed entries)."""
@@ -44,7 +56,10 @@ class FusedAdamW(CopyableOptimizer):
     def add_param_group(self, param_group: dict) -> None:
         """As torch's, each parameter checked first (_check_param): a refused group adds nothing, and a step
         never meets a parameter its fused op refuses half way through the groups. (torch's constructor adds
-        its groups through this too.)"""
+        its groups through this too.) Parameters may come as (name, tensor) pairs (named_parameters()).
+        torch.optim.AdamW's per-group options that the fused pass does not implement are refused, not ignored."""
+        if isinstance(param_group, dict):
+            refuse_options(type(self).__name__, param_group)
         params = param_group.get("params") if isinstance(param_group, dict) else None
         if isinstance(params, torch.Tensor):
             params = [params]
@@ -52,8 +67,9 @@ class FusedAdamW(CopyableOptimizer):
             params = list(params)
             param_group = {**param_group, "params": params}
         if isinstance(params, list):
-            refuse_sharded(params, type(self).__name__)
-            for p in params:
+            tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+            refuse_sharded(tensors, type(self).__name__)
+            for p in tensors:
                 self._check_param(p)
         super().add_param_group(param_group)
 
@@ -72,6 +88,11 @@ class FusedAdamW(CopyableOptimizer):
         raise NotImplementedError
 
     def _run(self, lists, group, step) -> None:
+        raise NotImplementedError
+
+    def _check_run(self, lists, group, step, tensors: bool) -> None:
+        """Raise what _run(lists, group, step) would refuse: the hyperparameters, and with tensors=True the
+        lists' tensors (host-side checks), without changing anything."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -98,18 +119,27 @@ class FusedAdamW(CopyableOptimizer):
                     lst.append(val)
                 bucket[1].append(st)
             work.append((group, buckets))
-        for group, buckets in work:
-            for (_, step), (lists, states) in buckets.items():
-                self._run(lists, group, step)
-                for st in states:     # counted once its op ran
-                    st["step"] = step
+        runs = [(group, step, lists, states) for group, buckets in work
+                for (_, step), (lists, states) in buckets.items()]
+        if len(runs) > 1:
+            # Each op call refuses bad input before it changes anything, but only its own lists: a refusal in
+            # a later call would leave the earlier ones stepped. So every group's hyperparameters are checked,
+            # and every list but the largest on the host; the largest runs first (checked by its own call).
+            runs.insert(0, runs.pop(max(range(len(runs)), key=lambda i: len(runs[i][3]))))
+            for i, (group, step, lists, _) in enumerate(runs):
+                self._check_run(lists, group, step, tensors=i > 0)
+        for group, step, lists, states in runs:
+            self._run(lists, group, step)
+            for st in states:     # counted once its op ran
+                st["step"] = step
         return loss
 
     def load_state_dict(self, state_dict: dict) -> None:
         """As torch's, hooks included, but the state tensors keep their saved dtypes (copied): torch casts
         every state tensor of a floating parameter to the parameter's dtype, which would make the float32
         moments of a bf16 parameter bf16 and the int32 step counts float. The saved tensors are taken from
-        the state dict the load-state-dict pre-hooks leave, and put in before the post-hooks run."""
+        the state dict the load-state-dict pre-hooks leave, and put in before the post-hooks run. A
+        torch.optim.AdamW checkpoint loads too: its tensor step count becomes an int, its moments float32."""
         final = {}
 
         def grab(opt, sd):       # appended: runs after every pre-hook registered before this call
@@ -121,7 +151,11 @@ class FusedAdamW(CopyableOptimizer):
             params = [p for g in self.param_groups for p in g["params"]]
             for i, p in zip(ids, params):
                 for key, val in sd["state"].get(i, {}).items():
-                    if torch.is_tensor(val):
+                    if key == "step" and torch.is_tensor(val):   # torch.optim.AdamW's float tensor count
+                        self.state[p][key] = int(val.item())
+                    elif key in ("exp_avg", "exp_avg_sq") and torch.is_tensor(val):
+                        self.state[p][key] = val.to(device=p.device, dtype=torch.float32, copy=True)
+                    elif torch.is_tensor(val):
                         self.state[p][key] = val.to(device=p.device, copy=True)
 
         hooks = (self.register_load_state_dict_pre_hook(grab),

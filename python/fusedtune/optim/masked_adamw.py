@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..nn.masters import owner_of
-from ..ops.hft import masked_adamw_
+from ..ops.hft import _check_adamw_lists, masked_adamw_
+from ..reference.adamw import check_hparams
 from .fused_adamw import FusedAdamW
 
 
@@ -20,6 +21,8 @@ class MaskedAdamW(FusedAdamW):
         super().__init__(params, lr, betas, eps, weight_decay, backend)
 
     def _check_param(self, p) -> None:
+        if not p.requires_grad:   # frozen (e.g. packed 4-bit weights): never stepped; checked if unfrozen
+            return
         if p.dtype not in (torch.float32, torch.bfloat16, torch.float16):
             raise TypeError(f"MaskedAdamW: a parameter of shape {tuple(p.shape)} is {p.dtype}; the fused pass takes "
                             "float32, bfloat16 or float16 parameters")
@@ -60,3 +63,9 @@ class MaskedAdamW(FusedAdamW):
         masked_adamw_(*lists, lr=group["lr"], beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
                       weight_decay=group["weight_decay"], step=step, backend=self.backend,
                       check_rows=False, check=False)  # rows checked by the layers, lists built here
+
+    def _check_run(self, lists, group, step, tensors: bool) -> None:
+        check_hparams("masked_adamw_", group["lr"], group["betas"][0], group["betas"][1], group["eps"],
+                      group["weight_decay"], step)
+        if tensors:
+            _check_adamw_lists(*lists, lists[0][0].device, False)

@@ -18,6 +18,8 @@ optimizer). Seed replay of a folded run differs from it by up to one more step o
 """
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .._dist import sync_group
@@ -175,7 +177,12 @@ class MeZO(CopyableOptimizer):
 
     @staticmethod
     def _loss(closure) -> torch.Tensor:
-        loss = torch.as_tensor(closure()).detach()
+        out = closure()
+        if not (torch.is_tensor(out) or (isinstance(out, numbers.Real) and not isinstance(out, bool))):
+            hint = " (a model output: return its .loss)" if hasattr(out, "loss") else ""
+            raise TypeError(f"MeZO.step: the closure must return the loss as a tensor or a number, got "
+                            f"{type(out).__name__}{hint}")
+        loss = torch.as_tensor(out).detach()
         if loss.numel() != 1:
             raise ValueError(f"MeZO.step: the closure must return one loss value, got a tensor of shape "
                              f"{tuple(loss.shape)} (reduce it, e.g. .mean())")
@@ -295,20 +302,45 @@ class MeZO(CopyableOptimizer):
         return rows
 
     def state_dict(self):
-        sd = super().state_dict()
+        """torch's, with a "mezo" entry (seed, step count, eps, a pending fold) added before the state-dict
+        post-hooks run, so that they see it."""
         pending = None if self.pending is None else {"seed": self.pending[0], "eps": self.pending[1],
                                                      "tensor_ids": list(self.pending[2])}
-        sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps, "pending": pending}
-        return sd
+
+        def add(opt, sd):
+            sd["mezo"] = {"seed": self.seed, "steps": self.steps, "eps": self.eps, "pending": pending}
+            return sd
+
+        handle = self.register_state_dict_post_hook(add, prepend=True)
+        try:
+            return super().state_dict()
+        finally:
+            handle.remove()
 
     def load_state_dict(self, state_dict):
-        state_dict = dict(state_dict)
-        m = state_dict.pop("mezo", None)
-        super().load_state_dict(state_dict)
-        if m is not None:
-            self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
-            p = m.get("pending")
-            self.pending = None if p is None else (p["seed"], p["eps"], tuple(p["tensor_ids"]))
+        """torch's; the "mezo" entry is taken after the load-state-dict pre-hooks (which may change it) and
+        applied once torch has loaded the rest, before the post-hooks (a refused load changes nothing)."""
+        held = {}
+
+        def take(opt, sd):       # appended: after every pre-hook registered before this call
+            sd = dict(sd)
+            held["mezo"] = sd.pop("mezo", None)
+            return sd
+
+        def apply(opt):          # prepended: before the post-hooks
+            m = held["mezo"]
+            if m is not None:
+                self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
+                p = m.get("pending")
+                self.pending = None if p is None else (p["seed"], p["eps"], tuple(p["tensor_ids"]))
+
+        hooks = (self.register_load_state_dict_pre_hook(take),
+                 self.register_load_state_dict_post_hook(apply, prepend=True))
+        try:
+            super().load_state_dict(state_dict)
+        finally:
+            for h in hooks:
+                h.remove()
 
 
 def _params(params) -> list[torch.Tensor]:
@@ -340,6 +372,9 @@ def es_step_(params, seeds, rewards, lr: float, sigma: float, normalize: bool = 
     r = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
     if r.numel() != len(seeds):
         raise ValueError(f"es_step_: {len(seeds)} seeds but {r.numel()} rewards")
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError(f"es_step_: rewards must be finite (one NaN or inf would make every weight NaN), got "
+                         f"{r[~torch.isfinite(r)].tolist()[:4]} among them; nothing was changed")
     if normalize and r.numel() > 1:
         r = (r - r.mean()) / (r.std() + 1e-12)
     coeffs = (lr / (r.numel() * sigma)) * r

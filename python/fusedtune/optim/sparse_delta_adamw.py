@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 
 from ..nn.masters import owner_of
-from ..ops.sparse_delta import sparse_adamw_
+from ..ops.sparse_delta import _check_adamw_lists, sparse_adamw_
+from ..reference.adamw import check_hparams
 from .fused_adamw import FusedAdamW
 
 BIAS_CORRECTIONS = ("element", "tensor")   # per-entry step counts, or the layer's
@@ -65,7 +66,7 @@ class SparseDeltaAdamW(FusedAdamW):
         w = layer._parameters.get("weight")
         bufs = layer._buffers
         return (p, g, st["exp_avg"], st["exp_avg_sq"], layer.weight if w is None else w, bufs["base_values"],
-                bufs["indices"], st.get("elem_step"), layer)
+                bufs["indices"], st.get("elem_step") if self.bias_correction == "element" else None, layer)
 
     def _run(self, lists, group, step) -> None:
         *lists, steps, layers = lists
@@ -74,3 +75,10 @@ class SparseDeltaAdamW(FusedAdamW):
                       check=False)  # indices checked by the layers
         for p, layer in zip(lists[0], layers):   # the merged weights are current: the layers need not merge again
             layer.__dict__["_merged_version"] = p._version   # a plain attribute (nn.Module's __setattr__ is slow)
+
+    def _check_run(self, lists, group, step, tensors: bool) -> None:
+        check_hparams("sparse_adamw_", group["lr"], group["betas"][0], group["betas"][1], group["eps"],
+                      group["weight_decay"], step)
+        if tensors:
+            *lists, steps, _ = lists
+            _check_adamw_lists(*lists, steps, lists[0][0].device, False)

@@ -45,6 +45,7 @@ def _byte_span(t: torch.Tensor) -> tuple[int, int]:
 
 def adamw_constants(lr, beta1, beta2, eps, weight_decay, step) -> dict:
     """Host-side constants, rounded to float32 once, shared by every backend."""
+    lr, beta1, beta2, eps, weight_decay = (float(v) for v in (lr, beta1, beta2, eps, weight_decay))  # tensors too
     f = lambda v: float(torch.tensor(v, dtype=torch.float32))  # noqa: E731
     bc1 = 1.0 - beta1 ** step
     bc2 = 1.0 - beta2 ** step

@@ -198,6 +198,7 @@ class Regrower:
             raise TypeError("Regrower: a Regrower given a ProcessGroup cannot be copied or pickled (the group cannot); "
                             "make a new Regrower for the copy, or use process_group='auto'")
         state = dict(self.__dict__)
+        state.pop("_loading", None)
         state["_post_hook"] = self._post_hook is not None
         state["_dense"] = bool(self._dense)
         return state
@@ -228,7 +229,8 @@ class Regrower:
             opt.__dict__[_ATTACHED] = weakref.ref(self)   # (not in a copy or pickle of the optimizer)
             self._post_hook = (opt.register_step_post_hook(lambda *_: self.step()),
                                opt.register_state_dict_post_hook(self._save_into),
-                               opt.register_load_state_dict_pre_hook(self._load_from))
+                               opt.register_load_state_dict_pre_hook(self._load_from),
+                               opt.register_load_state_dict_post_hook(self._loaded))
         return self
 
     def _save_into(self, optimizer, sd: dict) -> dict:
@@ -236,14 +238,27 @@ class Regrower:
         return sd
 
     def _load_from(self, optimizer, sd: dict) -> dict:
+        """Load pre-hook: takes this Regrower's entry out of the optimizer's state and checks it; it is applied
+        by _loaded once torch has loaded the optimizer (a load torch refuses leaves the Regrower as it was)."""
         if STATE_KEY not in sd:
+            self.__dict__["_loading"] = None
+            return sd
+        sd = dict(sd)
+        state = sd.pop(STATE_KEY)
+        self._check_state(state)
+        self.__dict__["_loading"] = state
+        return sd
+
+    def _loaded(self, optimizer) -> None:
+        if "_loading" not in self.__dict__:
+            return
+        state = self.__dict__.pop("_loading")
+        if state is None:
             warnings.warn("Regrower: the optimizer state being loaded has no Regrower state (saved before the "
                           "Regrower was attached, or by an older fusedtune); regrowth goes on from this "
                           f"Regrower's own step {self.t}, not the checkpoint's", stacklevel=_user_stacklevel())
-            return sd
-        sd = dict(sd)
-        self.load_state_dict(sd.pop(STATE_KEY))
-        return sd
+        else:
+            self._apply_state(state)
 
     def detach(self) -> None:
         """Stop: remove the optimizer hooks and leave dense-gradient mode (accumulators dropped)."""
@@ -432,6 +447,10 @@ class Regrower:
                 "seen": dict(self._seen), "history": list(self.history)}
 
     def load_state_dict(self, sd: dict) -> None:
+        self._check_state(sd)
+        self._apply_state(sd)
+
+    def _check_state(self, sd: dict) -> None:
         names = {n for n, _ in self.layers}
         if set(sd["ages"]) != names:
             raise ValueError("Regrower.load_state_dict: the state is for other layers "
@@ -444,6 +463,8 @@ class Regrower:
                 raise ValueError(f"Regrower.load_state_dict: ages[{n!r}] must be an integer tensor of one age per "
                                  f"delta ({m.indices.numel()}), got {got}: the state is from another selection of "
                                  "this layer (load the model's deltas from the same checkpoint)")
+
+    def _apply_state(self, sd: dict) -> None:
         self.t = int(sd["t"])
         self.ages = {n: sd["ages"][n].to(torch.int32, copy=True).to(m.indices.device) for n, m in self.layers}
         dev = {n: m.indices.device for n, m in self.layers}   # a resume on another device: the layers'
