@@ -267,3 +267,28 @@ def test_in_place_list_ops_direct_route_bumps_versions_and_equals_the_dispatcher
     after = {id(t): t._version for lst in direct for t in lst}
     old = dict(zip([id(t) for lst in direct for t in lst], versions))
     assert all(after[id(t)] > old[id(t)] for lst in written for t in lst if t.numel()), which
+
+
+@pytest.mark.parametrize("case", ["sparse_delta", "hft_row"])
+def test_a_gradient_penalty_through_merged_weight_ops_is_refused(case):
+    """Found by audit: a second-order gradient of |dL/dx|^2 went to the deltas (row masters) without the term
+    through the merged weight (silently wrong: [56, 107, -7.6, -178] for [-64, 183, -92, -411]). The backward
+    under create_graph=True now refuses, on both routes; with the trainable part frozen dx is exact and allowed."""
+    x = _g(4, 5, seed=1)
+    w = _g(6, 5, seed=2, grad=False)
+    if case == "sparse_delta":
+        v, idx = _g(4, seed=3), torch.tensor([1, 7, 12, 28], dtype=torch.int32)
+        fn = lambda: sd_ops.sparse_delta_linear(x, w, v, idx)    # noqa: E731
+    else:
+        v, rows = _g(2, 5, seed=3), torch.tensor([1, 4])
+        fn = lambda: hft_ops.hft_row_linear(x, w, v, rows)       # noqa: E731
+    for route in (lambda: torch.enable_grad(), _eager.dispatcher_only):
+        with route():
+            with pytest.raises(RuntimeError, match="double backward .create_graph=True. is not supported"):
+                torch.autograd.grad(fn().pow(2).sum(), x, create_graph=True)
+    v.requires_grad_(False)
+    gx, = torch.autograd.grad(fn().pow(2).sum(), x, create_graph=True)
+    y_ref = torch.nn.functional.linear(x, w)
+    gx_ref, = torch.autograd.grad(y_ref.pow(2).sum(), x, create_graph=True)
+    torch.testing.assert_close(torch.autograd.grad(gx.pow(2).sum(), x)[0],
+                               torch.autograd.grad(gx_ref.pow(2).sum(), x)[0])

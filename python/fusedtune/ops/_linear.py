@@ -1,5 +1,6 @@
 """Pieces the fused linear ops (lora, fp8, sparse_delta, hft) share: the one-device check of their
-arguments and the dense weight gradient of a base weight the caller trains too."""
+arguments, the dense weight gradient of a base weight the caller trains too, and the refusal of a double
+backward the merged-weight ops would get wrong."""
 from __future__ import annotations
 
 import torch
@@ -17,3 +18,14 @@ def dense_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """dW = dy^T x over every leading dimension, [out, in] in dy's dtype (what F.linear's backward
     gives a weight that requires a gradient)."""
     return dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+
+def refuse_double_backward(what: str, ctx, trainable: int, part: str) -> None:
+    """A backward with create_graph=True (grad mode on) that computes dx = dy @ W from the merged weight W:
+    dx depends on the trainable input `trainable` (the deltas, the row masters) through W, which autograd
+    cannot see, so a second-order gradient would silently lack that term. Refused instead, as the other fused
+    layers' double backward is ("no autograd formula")."""
+    if ctx.needs_input_grad[0] and ctx.needs_input_grad[trainable] and torch.is_grad_enabled():
+        raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported while its {part} "
+                           "train: the input gradient is computed from the merged weight, so its dependence on "
+                           f"the {part} would be missing from a second-order gradient")

@@ -19,7 +19,7 @@ from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad
+from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
 
 # "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
 # GEMM (_gather_gemm), taken before the Triton kernel on a GPU
@@ -113,6 +113,7 @@ def _row_linear_setup(ctx, inputs, output):
 
 
 def _row_linear_backward(ctx, dy):
+    refuse_double_backward("hft_row_linear", ctx, 2, "row masters")
     x, weight, rows = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw_full = dense_weight_grad(dy, x) if ctx.needs_input_grad[1] else None   # a weight the caller trains too

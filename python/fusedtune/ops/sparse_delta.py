@@ -24,7 +24,7 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad
+from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -162,6 +162,7 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, dy):
+    refuse_double_backward("sparse_delta_linear", ctx, 2, "deltas")
     x, weight, indices = ctx.saved_tensors
     dx = dy @ weight if ctx.needs_input_grad[0] else None
     dw = dense_weight_grad(dy, x) if ctx.needs_input_grad[1] else None   # a base the caller trains too
