@@ -276,3 +276,28 @@ def test_no_output_features_with_batched_x():
     assert y.shape == (2, 3, 0)
     y.sum().backward()
     assert torch.equal(x.grad, torch.zeros_like(x)) and torch.equal(A.grad, torch.zeros_like(A))
+
+
+@pytest.mark.parametrize("op", ["lora_linear", "lora_linear_multi", "dora_linear"])
+def test_ops_called_directly_under_autocast_run_as_autocast_runs_f_linear(op):
+    """Found by audit: autocast reached inside the op body on the reference/CPU path (bf16 matmuls, a float32
+    label) and not on Triton's. Now: x, weight and bias in the autocast dtype, the output in it, the same bits
+    as the op called on those casts with autocast off, and float32 gradients for float32 leaves."""
+    from fusedtune.ops import dora_linear
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(5, 64, generator=g).requires_grad_()
+    W, b = torch.randn(24, 64, generator=g) / 8, torch.randn(24, generator=g)
+    A = (torch.randn(4, 64, generator=g) / 8).requires_grad_()
+    B = torch.randn(24, 4, generator=g).requires_grad_()
+    m = torch.rand(24, generator=g) + 1
+    calls = {"lora_linear": lambda x_, W_, b_: lora_linear(x_, W_, A, B, 0.5, b_),
+             "lora_linear_multi": lambda x_, W_, b_: lora_linear_multi(x_, W_, [(A, B, 0.5)],
+                                                                       torch.zeros(5, dtype=torch.long), b_),
+             "dora_linear": lambda x_, W_, b_: dora_linear(x_, W_, A, B, 0.5, m, b_)}
+    fn = calls[op]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = fn(x, W, b)
+    want = fn(x.bfloat16(), W.bfloat16(), b.bfloat16())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, want)
+    y.float().sum().backward()
+    assert x.grad.dtype == A.grad.dtype == torch.float32

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import torch
 
+from .. import _autocast
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
@@ -215,7 +216,14 @@ def _dropout_delta(x2, p: float, seed: int, backend: str) -> torch.Tensor:
 def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, dropout_p: float = 0.0, seed=None,
                 nf4=None, backend: str | None = None, weight_norm: torch.Tensor | None = None) -> torch.Tensor:
     """The DoRA linear (module docstring), with autograd to x, lora_A, lora_B and magnitude. weight_norm:
-    a precomputed dora_weight_norm (it must be the current one; None computes it)."""
+    a precomputed dora_weight_norm (it must be the current one; None computes it). Under autocast: x, weight
+    and bias in the autocast dtype, as autocast runs F.linear (lora_linear_grouped)."""
+    dt = _autocast.linear_dtype(x.device)
+    if dt is not None:
+        x, weight, bias = _autocast.cast(dt, x, weight, bias)
+        with _autocast.off(x.device):
+            return dora_linear(x, weight, lora_A, lora_B, scale, magnitude, bias, dropout_p, seed, nf4, backend,
+                               weight_norm)
     N = lora_B.shape[0]
     if magnitude.shape != (N,):
         raise ValueError(f"dora: magnitude must be [{N}] (one per output feature), got {tuple(magnitude.shape)}")

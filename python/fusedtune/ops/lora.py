@@ -26,6 +26,7 @@ import math
 
 import torch
 
+from .. import _autocast
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
@@ -244,7 +245,14 @@ def lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group=None, 
     """The general fused LoRA linear (module docstring). weight is ignored (may be None) when nf4 is given.
     row_group: int32 [M] (M = rows of x flattened to 2-D) with values in [-1, groups), or None;
     check_groups=False skips the range check of its values (a host sync; callers that built it on the
-    host and checked it there)."""
+    host and checked it there). Under autocast it runs as autocast runs F.linear: x, weight and bias in the
+    autocast dtype, the output in it (autocast would otherwise reach inside the op on some backends only)."""
+    dt = _autocast.linear_dtype(x.device)
+    if dt is not None:
+        x, weight, bias = _autocast.cast(dt, x, weight, bias)
+        with _autocast.off(x.device):
+            return lora_linear_grouped(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed,
+                                       nf4, backend, check_groups)
     args = _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p, seed, nf4, backend,
                     check_groups, flatten=False)
     return _lora(*args)[0]
