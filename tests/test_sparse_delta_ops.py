@@ -386,3 +386,21 @@ def test_an_unfrozen_base_gets_its_gradient_in_window_steps():
         m(x).square().sum().backward()
     torch.testing.assert_close(m.weight.grad, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(seen[0], want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_float64_layer_trains_on_the_reference_and_a_named_kernel_refuses_float64():
+    """Found by audit: the forward of a float64 SparseDeltaLinear ran, its backward raised in the C++ SDDMM
+    ("dy and x must be float32, bfloat16 or float16") with no gradient made."""
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(32, 24).double()
+    m = SparseDeltaLinear.from_linear(lin, density=0.2, seed=2)
+    x = torch.randn(5, 32, dtype=torch.float64, requires_grad=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        m(x).square().sum().backward()
+    y = F.linear(x.detach(), lin.weight.detach(), lin.bias.detach())
+    dense = (2 * y).t() @ x.detach()
+    torch.testing.assert_close(m.values.grad, dense.reshape(-1)[m.indices.long()].float())
+    if fusedtune._ext.loaded():
+        with pytest.raises(TypeError, match="not float64"):
+            sddmm(torch.randn(5, 24, dtype=torch.float64), x.detach(), m.indices, backend="cpu")

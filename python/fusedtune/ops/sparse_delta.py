@@ -138,8 +138,21 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str
                          "leading dims, dtype and device")
     if check:
         check_indices(indices, dy.shape[-1] * x.shape[-1], "sddmm")
-    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
     return _sddmm(dy, x, indices, name)
+
+
+def _float64_backend(name: str, dtype: torch.dtype, backend: str | None) -> str:
+    """The SDDMM kernels take 16/32-bit floats; float64 runs on the reference: taken on 'auto' (said once),
+    refused where a kernel backend was asked for."""
+    if dtype != torch.float64 or name == "reference":
+        return name
+    if _backend.requested(backend) != "auto":
+        raise TypeError(f"sddmm: the {name} kernels take float32/bfloat16/float16 tensors, not float64 (float64 "
+                        "runs on backend='reference')")
+    _backend.warn_once(("sddmm", "float64"), "fusedtune: sddmm on float64 tensors runs the PyTorch reference "
+                                             "(the kernels take float32/bfloat16/float16)")
+    return "reference"
 
 
 def _linear_impl(x: torch.Tensor, weight: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -187,7 +200,7 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     check_one_device("sparse_delta_linear", x, weight, values, indices, bias)
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
-    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
     return _autocast.linear_call(lambda x_, w_, b_: _linear(x_, w_, values, indices, b_, name), x, weight, bias)
 
 
