@@ -259,3 +259,37 @@ def test_a_tensor_lr_gives_no_warnings():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         opt.step()
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_in_place_ops_refuse_inference_tensors_outside_inference_mode(backend):
+    """As torch refuses an in-place update of an inference tensor outside inference mode (found by audit: the
+    C++ kernels updated them, the reference wrote every other tensor and then raised)."""
+    from fusedtune.ops import zo_apply_
+    if backend == "cpu" and not fusedtune_ext_loaded():
+        pytest.skip("no extension")
+    normal = torch.zeros(8)
+    with torch.inference_mode():
+        frozen, p = torch.zeros(8), torch.ones(3)
+        w = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="entry 1 is an inference tensor"):
+        zo_apply_([normal, frozen], [1], [1.0], backend=backend)
+    assert not normal.any() and not frozen.any()
+    m, v = torch.zeros(3), torch.zeros(3)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        masked_adamw_([p], [torch.ones(3)], [m], [v], [None], [None], lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8,
+                      weight_decay=0.0, step=1, backend=backend)
+    assert torch.equal(p, torch.ones(3)) and not m.any()
+    vals, idx = torch.zeros(2), torch.tensor([0, 5], dtype=torch.int32)
+    with pytest.raises(RuntimeError, match="inference tensor"):
+        sparse_adamw_([vals], [torch.ones(2)], [torch.zeros(2)], [torch.zeros(2)], [w], [torch.zeros(2)], [idx],
+                      lr=1e-3, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, backend=backend)
+    assert not vals.any() and not w.any()
+    with torch.inference_mode():          # inside inference mode they are writable, as torch's own ops
+        zo_apply_([frozen], [1], [1.0], backend=backend)
+    assert frozen.any()
+
+
+def fusedtune_ext_loaded():
+    import fusedtune
+    return fusedtune._ext.loaded()

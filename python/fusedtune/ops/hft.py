@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import hft as ref
-from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams
+from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
 from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
 
@@ -225,6 +225,7 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
         if not all(x.is_contiguous() for x in (p, g, m, v, t)):
             raise ValueError(f"masked_adamw_: tensors of params[{i}] must be contiguous")
         check_distinct("masked_adamw_", i, p, g, m, v, t)   # (contiguous: a byte overlap is a shared element)
+        check_writable("masked_adamw_", i, p, m, v, t)
         if t.numel():
             if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):
                 raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import sparse_delta as ref
-from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams
+from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
 from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
 
@@ -242,6 +242,7 @@ def _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, ind
                 raise ValueError(f"sparse_adamw_: {what}[{i}] must be contiguous float32 of shape "
                                  f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
         check_distinct("sparse_adamw_", i, val, g, m, v, w, b)
+        check_writable("sparse_adamw_", i, val, m, v, w, steps[i])
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
             raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
                              f"{tuple(b.shape)}) must share a float dtype, bases one value per index")

@@ -15,6 +15,7 @@ import torch
 from .. import _ext
 from .. import backend as _backend
 from ..reference import zo as ref
+from ..reference.adamw import check_writable
 from ._eager import EagerOp
 
 NOISES = ref.NOISES
@@ -122,6 +123,7 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"zo_apply_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
                              "one call takes tensors of one device")
+        check_writable("zo_apply_", i, t)
     return tensors
 
 
