@@ -39,3 +39,22 @@ def test_a_fresh_layer_compiles_fullgraph_on_its_first_call():
     y = torch.compile(layer, fullgraph=True, backend="eager")(x)
     y.sum().backward()
     torch.testing.assert_close(y, layer(x))
+
+
+def test_layers_built_and_run_under_inference_mode():
+    """Found by audit: a layer made under inference_mode (a model loaded and patched for evaluation) has
+    inference-tensor parameters, which have no version counter; FP8Linear, SparseDeltaLinear and
+    RowMaskedLinear read it and raised. They run now, giving nn.Linear's output where the layer starts as the
+    base (and FP8Linear its own uncached result); deltas written in inference mode still reach the output."""
+    from fusedtune.nn import RowMaskedLinear, SparseDeltaLinear
+    x = torch.randn(4, 256)
+    with torch.inference_mode():
+        lin = torch.nn.Linear(256, 128).requires_grad_(False)
+        want = lin(x)
+        sd = SparseDeltaLinear.from_linear(lin, density=0.05, seed=0)
+        row = RowMaskedLinear.from_linear(lin, torch.arange(0, 128, 2))
+        fp8 = FP8Linear.from_linear(lin, backend="reference")
+        assert torch.equal(sd(x), want) and torch.equal(row(x), want)
+        assert torch.equal(fp8(x), fp8(x)) and fp8._cache is None
+        sd.values.add_(1.0)        # written in inference mode: merged again before the next forward
+        assert not torch.equal(sd(x), want)

@@ -45,7 +45,8 @@ class FP8Linear(nn.Module):
         weight's storage and version stay (writes through the weight or under no_grad count; writes
         through `weight.data` do not: torch does not count them, so call `FP8Linear.forget_weight()` after)."""
         w = self.weight
-        if w.requires_grad or torch.compiler.is_compiling():   # (compile: no data-pointer cache in the graph)
+        if w.requires_grad or torch.compiler.is_compiling() or w.is_inference():
+            # (compile: no data-pointer cache in the graph; an inference tensor has no version counter)
             self._cache = None
             return self._quantize(transpose)
         key = (w.data_ptr(), w._version, w.device, w.dtype, self.pow2, self.backend)

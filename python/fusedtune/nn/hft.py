@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._inference import version
 from ..backend import warn_once
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
@@ -166,7 +167,7 @@ class RowMaskedLinear(OwnsMasters):
         self._realias()    # a deep copy copies the views as separate tensors
 
     def _master_versions(self) -> tuple:
-        return tuple(p._version for p in self.master_parameters())
+        return tuple(version(p) for p in self.master_parameters())
 
     def mark_rows_written(self) -> None:
         """Record that the weight's (bias's) selected rows hold the current masters, rounded (MaskedAdamW

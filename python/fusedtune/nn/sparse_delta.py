@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._inference import version
 from ..backend import warn_once
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
@@ -134,7 +135,7 @@ class SparseDeltaLinear(OwnsMasters):
     def merge_(self) -> None:
         """W[idx] = round(base + delta)."""
         self.weight.view(-1).index_copy_(0, self.indices.long(), self._merged())
-        self._merged_version = self.values._version
+        self._merged_version = version(self.values)
 
     def masters_written_elsewhere(self) -> None:
         self.__dict__["_merged_version"] = None      # (nn.Module's __setattr__ is slow)
@@ -142,9 +143,9 @@ class SparseDeltaLinear(OwnsMasters):
     def _refresh_if_values_changed(self) -> None:
         """`values` written by anything but SparseDeltaAdamW (another optimizer, load_state_dict, an
         in-place edit) would leave the merged weight stale: merge them again, and say so once."""
-        if getattr(self, "_merged_version", None) != self.values._version:
+        if getattr(self, "_merged_version", None) != version(self.values):
             if self._merged_matches():   # rewritten with the same values (DDP's first broadcast, a load of them)
-                self._merged_version = self.values._version
+                self._merged_version = version(self.values)
                 return
             warn_once("sparse_delta values changed outside SparseDeltaAdamW",
                       "fusedtune: SparseDeltaLinear.values changed outside SparseDeltaAdamW (another optimizer, "
