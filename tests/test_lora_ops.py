@@ -301,3 +301,21 @@ def test_ops_called_directly_under_autocast_run_as_autocast_runs_f_linear(op):
     assert y.dtype == torch.bfloat16 and torch.equal(y, want)
     y.float().sum().backward()
     assert x.grad.dtype == A.grad.dtype == torch.float32
+
+
+def test_shapes_under_a_strict_fake_tensor_mode():
+    """Found by audit: a call without dropout passed the op a shared real zero-seed tensor, which a strict
+    FakeTensorMode (every input fake) refuses."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from fusedtune.nn import LoRALinear
+    from fusedtune.ops import dora_linear
+    mode = FakeTensorMode()
+    real = dict(x=torch.randn(2, 3, 64), W=torch.randn(30, 64), A=torch.randn(4, 64), B=torch.randn(30, 4),
+                m=torch.rand(30) + 1)
+    f = {k: mode.from_tensor(v) for k, v in real.items()}
+    with mode:
+        assert lora_linear(f["x"], f["W"], f["A"], f["B"], 0.5).shape == (2, 3, 30)
+        assert dora_linear(f["x"], f["W"], f["A"], f["B"], 0.5, f["m"]).shape == (2, 3, 30)
+        layer = LoRALinear.from_linear(torch.nn.Linear(64, 30), r=4)
+        assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 30)
