@@ -292,3 +292,25 @@ def test_a_gradient_penalty_through_merged_weight_ops_is_refused(case):
     gx_ref, = torch.autograd.grad(y_ref.pow(2).sum(), x, create_graph=True)
     torch.testing.assert_close(torch.autograd.grad(gx.pow(2).sum(), x)[0],
                                torch.autograd.grad(gx_ref.pow(2).sum(), x)[0])
+
+
+@pytest.mark.parametrize("mode", ["meta", "fake"])
+def test_ops_with_index_arguments_infer_shapes_on_meta_and_fake_tensors(mode):
+    """Found by audit: the host checks of index/row/group values read them (.item()), which meta tensors and
+    FakeTensorMode cannot; the checks now run on real calls only."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    dev = "meta" if mode == "meta" else "cpu"
+    t = lambda *s: torch.randn(*s, device=dev)                                    # noqa: E731
+    idx = torch.tensor([1, 7, 300, 999], dtype=torch.int32, device=dev)
+    rows = torch.tensor([0, 5, 7], device=dev)
+    W = t(130, 256)
+    calls = {"sddmm": (lambda: sd_ops.sddmm(t(2, 3, 130), t(2, 3, 256), idx), (4,)),
+             "sparse_delta_linear": (lambda: sd_ops.sparse_delta_linear(t(2, 3, 256), W, t(4), idx), (2, 3, 130)),
+             "row_grad": (lambda: hft_ops.row_grad(t(2, 3, 130), t(2, 3, 256), rows), (3, 256)),
+             "hft_row_linear": (lambda: hft_ops.hft_row_linear(t(2, 3, 256), W, t(3, 256), rows), (2, 3, 130)),
+             "lora_linear_multi": (lambda: lora_ops.lora_linear_multi(
+                 t(2, 3, 256), W, [(t(4, 256), t(130, 4), 0.5)], torch.tensor([0, -1], device=dev)), (2, 3, 130))}
+    ctx = FakeTensorMode(allow_non_fake_inputs=True) if mode == "fake" else torch.no_grad()
+    with ctx:
+        for name, (fn, shape) in calls.items():
+            assert tuple(fn().shape) == shape, name

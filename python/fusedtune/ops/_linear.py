@@ -1,6 +1,6 @@
 """Pieces the fused linear ops (lora, fp8, sparse_delta, hft) share: the one-device check of their
-arguments, the dense weight gradient of a base weight the caller trains too, and the refusal of a double
-backward the merged-weight ops would get wrong."""
+arguments, the dense weight gradient of a base weight the caller trains too, the refusal of a double
+backward the merged-weight ops would get wrong, and whether a host check can read an index tensor."""
 from __future__ import annotations
 
 import torch
@@ -29,3 +29,13 @@ def refuse_double_backward(what: str, ctx, trainable: int, part: str) -> None:
         raise RuntimeError(f"{what}: double backward (create_graph=True) is not supported while its {part} "
                            "train: the input gradient is computed from the merged weight, so its dependence on "
                            f"the {part} would be missing from a second-order gradient")
+
+
+def values_readable(t: torch.Tensor) -> bool:
+    """Whether a host-side check may read t's values: not while compiling, not on meta or fake tensors
+    (shape inference: they have none; the check runs on the real call)."""
+    if torch.compiler.is_compiling() or t.device.type == "meta" or \
+            torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        return False
+    from torch._subclasses.fake_tensor import is_fake
+    return not is_fake(t)

@@ -19,7 +19,7 @@ from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
+from ._linear import check_one_device, dense_weight_grad, refuse_double_backward, values_readable
 
 # "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
 # GEMM (_gather_gemm), taken before the Triton kernel on a GPU
@@ -67,7 +67,7 @@ def _check_rows(rows: torch.Tensor, n: int, what: str, values: bool = True):
     RowMaskedLinear checks its rows once, when they are set, and passes values=False."""
     if not torch.is_tensor(rows) or rows.dtype != torch.int64 or rows.dim() != 1:
         raise TypeError(f"{what}: rows must be a 1-D int64 tensor")
-    if not values or torch.compiler.is_compiling() or rows.numel() == 0:
+    if not values or rows.numel() == 0 or not values_readable(rows):
         return
     if int(rows.min()) < 0 or int(rows.max()) >= n:
         raise ValueError(f"{what}: rows must lie in [0, {n}), got [{int(rows.min())}, {int(rows.max())}]")

@@ -31,7 +31,7 @@ from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
 from ._eager import EagerOp
-from ._linear import check_one_device
+from ._linear import check_one_device, values_readable
 
 _HAS = ("reference", "cpu", "triton")   # "cpu": torch's CPU GEMMs on the reference math
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
@@ -279,7 +279,7 @@ def _op_args(x, weight, lora_A, lora_B, scale_table, row_group, bias, dropout_p,
         if row_group.shape != (M,):
             raise ValueError(f"lora: row_group must have one entry per row ({M}), got {tuple(row_group.shape)}")
         row_group = row_group.to(torch.int32).contiguous()
-        if check_groups and M and not torch.compiler.is_compiling():
+        if check_groups and M and values_readable(row_group):
             lo, hi = int(row_group.min()), int(row_group.max())
             if lo < -1 or hi >= scale_table.shape[0]:
                 raise ValueError(f"lora: row_group values must lie in [-1, {scale_table.shape[0]}), got [{lo}, {hi}]")
@@ -349,7 +349,7 @@ def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropou
                 raise ValueError(f"lora: adapter_index must have one entry per row ({rows}) or per sequence "
                                  f"(x.shape[0]={x.shape[0] if x.dim() else 0}), got {idx.numel()}")
             idx = idx.repeat_interleave(per)
-        if idx.numel() and not torch.compiler.is_compiling():
+        if idx.numel() and values_readable(idx):
             lo, hi = int(idx.min()), int(idx.max())
             if lo < -1 or hi >= len(S):
                 raise ValueError(f"lora: adapter_index values must lie in [-1, {len(S)}), got [{lo}, {hi}]")

@@ -24,7 +24,7 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad, refuse_double_backward
+from ._linear import check_one_device, dense_weight_grad, refuse_double_backward, values_readable
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -35,7 +35,7 @@ def check_indices(indices: torch.Tensor, numel: int, what: str) -> None:
     if not torch.is_tensor(indices) or indices.dtype != torch.int32 or indices.dim() != 1:
         got = f"{indices.dtype} with shape {tuple(indices.shape)}" if torch.is_tensor(indices) else type(indices)
         raise TypeError(f"{what}: indices must be a 1-D int32 tensor, got {got}")
-    if indices.numel() == 0 or torch.compiler.is_compiling():
+    if indices.numel() == 0 or not values_readable(indices):
         return
     lo, hi = int(indices.min()), int(indices.max())
     if lo < 0 or hi >= numel:
