@@ -186,7 +186,8 @@ def _seed_tensor(seed, dropout_p: float) -> torch.Tensor:
     if seed is None:
         if dropout_p > 0.0:   # drawn from torch's CPU generator: reproducible under torch.manual_seed
             return torch.randint(0, 2**62, (), dtype=torch.int64)
-        if torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
+        if not torch.compiler.is_compiling() and \
+                torch._C._get_dispatch_mode(torch._C._TorchDispatchModeKey.FAKE) is not None:
             return torch.zeros((), dtype=torch.int64)   # a strict FakeTensorMode takes no real tensor
         return _NO_SEED
     if torch.is_tensor(seed):
