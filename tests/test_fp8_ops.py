@@ -426,3 +426,9 @@ def test_frozen_weight_copy_follows_writes_and_forget_weight():
     assert torch.equal(m(x), y1)                                   # stale, as documented
     m.forget_weight()
     torch.testing.assert_close(m(x) - m.bias, 4 * (y0 - m.bias), rtol=1e-6, atol=1e-5)
+
+
+def test_no_input_features_gives_the_bias_as_f_linear():
+    """Found by audit: in_features 0 failed in a reshape(-1, 0)."""
+    x, w, b = torch.randn(2, 3, 0), torch.randn(6, 0), torch.randn(6)
+    assert torch.equal(F8.fp8_linear(x, w, b), torch.nn.functional.linear(x, w, b))

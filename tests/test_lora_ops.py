@@ -319,3 +319,16 @@ def test_shapes_under_a_strict_fake_tensor_mode():
         assert dora_linear(f["x"], f["W"], f["A"], f["B"], 0.5, f["m"]).shape == (2, 3, 30)
         layer = LoRALinear.from_linear(torch.nn.Linear(64, 30), r=4)
         assert layer(torch.randn(2, 3, 64)).shape == (2, 3, 30)
+
+
+def test_multi_adapter_index_must_be_integers_and_no_input_features_works():
+    """Found by audit: a float adapter_index was truncated ([0.9, 1.5] ran as [0, 1]); with in_features 0 the
+    per-row count came out 0 and a correct index was refused (F.linear gives the bias there)."""
+    x, W, b = torch.randn(2, 8), torch.randn(6, 8), torch.randn(6)
+    ad = [(torch.randn(2, 8), torch.randn(6, 2), 1.0), (torch.randn(3, 8), torch.randn(6, 3), 0.5)]
+    for bad in ([0.9, 1.5], torch.tensor([True, False])):
+        with pytest.raises(TypeError, match="adapter_index must be integers"):
+            lora_linear_multi(x, W, ad, bad, b)
+    x0, W0 = torch.randn(3, 0), torch.randn(6, 0)
+    y = lora_linear_multi(x0, W0, [(torch.randn(2, 0), torch.randn(6, 2), 1.0)], torch.tensor([0, 0, 0]), b)
+    assert torch.equal(y, torch.nn.functional.linear(x0, W0, b))

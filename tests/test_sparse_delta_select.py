@@ -132,3 +132,10 @@ def test_bad_inputs():
         sm3_update(torch.randn(4, 5).half(), torch.rand(4), torch.rand(5))
     with pytest.raises(ValueError, match=r"col must be float32 of shape \(5,\)"):
         sm3_update(torch.randn(4, 5), torch.rand(4), torch.rand(6))
+
+
+@pytest.mark.parametrize("shape", [(0, 5), (5, 0)])
+def test_sm3_update_of_an_empty_gradient_gives_zero_accumulators(shape):
+    """Found by audit: a gradient with no columns failed in amax over an empty dim (no rows was handled)."""
+    row, col = sm3_update(torch.randn(shape), torch.ones(shape[0]), torch.ones(shape[1]))
+    assert torch.equal(row, torch.zeros(shape[0])) and torch.equal(col, torch.zeros(shape[1]))

@@ -12,6 +12,8 @@
 """
 from __future__ import annotations
 
+import math
+
 import functools
 
 import torch
@@ -358,7 +360,7 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
         w_q, w_s = w_q.contiguous(), w_s.contiguous()
         w_qt = None if w_qt is None else w_qt.contiguous()
     lead = x.shape[:-1]
-    x2 = x.reshape(-1, K)
+    x2 = x.reshape(math.prod(lead), K)      # (not -1: K may be 0)
     if x2.stride(-1) != 1 or (x2.shape[0] > 1 and x2.stride(0) != K):
         x2 = x2.contiguous()
     name = _resolve("fp8_linear", x, backend)

@@ -343,7 +343,10 @@ def lora_linear_multi(x, weight, adapters, adapter_index=None, bias=None, dropou
         table, gid = S.sum(0, keepdim=True), None
     else:
         idx = torch.as_tensor(adapter_index, device=x.device).reshape(-1)
-        rows = x.numel() // max(x.shape[-1], 1)
+        if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+            raise TypeError(f"lora: adapter_index must be integers (an adapter number or -1 per row/sequence), "
+                            f"got {idx.dtype}")
+        rows = math.prod(x.shape[:-1])
         if idx.numel() != rows:
             per = rows // max(idx.numel(), 1)
             if x.dim() < 3 or idx.numel() != x.shape[0]:

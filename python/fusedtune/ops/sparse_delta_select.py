@@ -113,6 +113,8 @@ def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor,
         if not torch.is_tensor(t) or t.dtype != torch.float32 or t.shape != (size,) or t.device != g.device:
             got = f"{t.dtype} {tuple(t.shape)} on {t.device}" if torch.is_tensor(t) else type(t).__name__
             raise ValueError(f"sm3_update: {what} must be float32 of shape ({size},) on {g.device}, got {got}")
+    if g.numel() == 0:      # no rows or no columns: zero accumulators on every backend (the reference's rule)
+        return torch.zeros_like(row), torch.zeros_like(col)
     name = _backend.resolve("sm3_update", g.device, _HAS, backend)
     with torch.no_grad():
         return _sm3_op(g.contiguous(), row.contiguous(), col.contiguous(), name)

@@ -83,7 +83,9 @@ def regrow_candidates(n: int, mode: str, scores, row, col, exclude: torch.Tensor
 def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """SM3-II on a dense gradient g [out, in]: nu = min(row[r], col[c]) + g[r, c]^2 (two roundings);
     the new row is max over c of nu, the new col max over r (NaN propagates). Rows in chunks: bounded
-    memory."""
+    memory. An empty g (no rows or no columns): zero accumulators (a max over nothing)."""
+    if g.numel() == 0:
+        return torch.zeros_like(row), torch.zeros_like(col)
     new_row = torch.empty_like(row)
     new_col = torch.full_like(col, float("-inf"))
     for r0 in range(0, g.shape[0], 256):
@@ -91,6 +93,4 @@ def sm3_update(g: torch.Tensor, row: torch.Tensor, col: torch.Tensor) -> tuple[t
         nu = torch.minimum(row[r0:r0 + 256, None], col[None, :]).add_(gg * gg)
         torch.amax(nu, dim=1, out=new_row[r0:r0 + 256])
         new_col = torch.maximum(new_col, torch.amax(nu, dim=0))
-    if g.shape[0] == 0:
-        new_col.zero_()
     return new_row, new_col
