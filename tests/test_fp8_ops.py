@@ -432,3 +432,16 @@ def test_no_input_features_gives_the_bias_as_f_linear():
     """Found by audit: in_features 0 failed in a reshape(-1, 0)."""
     x, w, b = torch.randn(2, 3, 0), torch.randn(6, 0), torch.randn(6)
     assert torch.equal(F8.fp8_linear(x, w, b), torch.nn.functional.linear(x, w, b))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_reference_writes_the_canonical_nan_byte(dtype):
+    """Every NaN byte is 0x7F, as the kernels write it (found by audit: the reference kept a negative NaN's
+    sign, 0xFF, and on CPU every bf16 NaN is negative, so "the same bytes in every backend" did not hold)."""
+    x = torch.randn(8, 256)
+    x[0, 3], x[5, 200] = -float("nan"), float("nan")
+    x = x.to(dtype)
+    for q in (F8.fp8_quantize_1x128(x, transpose=True, backend="reference")[0::2]
+              + F8.fp8_quantize_128x128(x, transpose=True, backend="reference")[0::2]):
+        b, nan = q.view(torch.uint8), torch.isnan(q.float())
+        assert nan.any() and bool((b[nan] == 0x7F).all()), b[nan].unique()

@@ -61,7 +61,9 @@ def _amax_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 def _quant(x: torch.Tensor, s_full: torch.Tensor) -> torch.Tensor:
-    return (x.float() / s_full).to(E4M3)
+    """E4M3(x / s); every NaN as 0x7F, the kernels' byte (torch's cast keeps a NaN's sign: 0xFF)."""
+    y = x.float() / s_full
+    return torch.where(torch.isnan(y), torch.full_like(y, float("nan")), y).to(E4M3)
 
 
 def quantize_rows(x: torch.Tensor, pow2: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
