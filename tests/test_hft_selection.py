@@ -674,3 +674,18 @@ def test_other_families_take_the_category_rule(model_type):
         keep[mod.rows] = False
         assert torch.equal(mod.weight.detach()[keep], before[name + ".weight"][keep]), name
         assert not torch.equal(mod.weight.detach()[~keep], before[name + ".weight"][~keep]), name
+
+
+def test_trainer_callback_refuses_stage_changes_with_several_processes():
+    """Found by audit: under DDP (the wrapper fixed the trainable set) a stage change let the ranks train apart
+    without a word. The callback sees the Trainer's world size at on_init_end."""
+    from types import SimpleNamespace
+
+    from fusedtune.hft import HFTCallback
+    model = tiny(layers=2)
+    with pytest.raises(HFTError, match=r"stage_every=2\) with 2 processes"):
+        HFTCallback(seed=0, stage_every=2).on_init_end(SimpleNamespace(world_size=2), None, None, model=model)
+    assert all(p.requires_grad for p in model.parameters())       # nothing applied
+    cb = HFTCallback(seed=0, stage=1)                              # one stage per Trainer: fine
+    cb.on_init_end(SimpleNamespace(world_size=2, resume_from_checkpoint=None), None, None, model=model)
+    assert cb.tuner.stage == 1

@@ -1,6 +1,7 @@
 """MeZO under data parallelism (two CPU processes, gloo): each rank sees its own batch; the step averages
 both losses over the ranks, so the ranks take the same update, bit for bit the single-process step on the
-mean loss of both batches. Ranks given different seeds are refused before anything is perturbed."""
+mean loss of both batches. Ranks given different seeds (or step counts, after a load on one rank) are refused
+before anything is perturbed; FSDP1's flattened parameters are refused."""
 import os
 
 import pytest
@@ -42,7 +43,22 @@ def _worker(rank, world, init, out, seeds):
         before = [p.detach().clone() for p in net.parameters()]
         try:
             losses = [float(opt.step(lambda: _loss(net, _batch(rank)))) for _ in range(STEPS)]
-            result = {"losses": losses, "params": [p.detach() for p in net.parameters()]}
+            result = {"losses": losses, "params": [p.detach().clone() for p in net.parameters()]}
+            sd = opt.state_dict()       # a state loaded on one rank only (another step count): refused again
+            if rank == 1:
+                sd["mezo"]["steps"] = 1
+            opt.load_state_dict(sd)
+            try:
+                opt.step(lambda: _loss(net, _batch(rank)))
+                result["reload"] = "stepped"
+            except RuntimeError as e:
+                result["reload"] = str(e)
+            from torch.distributed.fsdp import FullyShardedDataParallel
+            try:                        # FSDP1's flattened parameters: the forward reads FSDP's own copies
+                MeZO(FullyShardedDataParallel(_model(), device_id=torch.device("cpu")).parameters(), lr=1e-2)
+                result["fsdp1"] = "accepted"
+            except TypeError as e:
+                result["fsdp1"] = str(e)
         except RuntimeError as e:
             result = {"error": str(e), "untouched": all(torch.equal(a, b) for a, b in zip(net.parameters(), before))}
         torch.save(result, os.path.join(out, f"rank{rank}.pt"))
@@ -62,6 +78,9 @@ def test_ranks_take_the_single_process_step_on_the_mean_loss(tmp_path):
     for r in (r0, r1):
         assert r["losses"] == want
         assert all(torch.equal(a, b) for a, b in zip(r["params"], net.parameters()))
+    for r in (r0, r1):
+        assert "different seeds or step counts" in r["reload"]
+        assert "FullyShardedDataParallel (flattened / sharded) are not supported" in r["fsdp1"]
     alone = _model()    # without the average, rank 0 alone would have gone elsewhere
     opt = MeZO(alone.parameters(), lr=1e-2, eps=1e-3, seed=7)
     for _ in range(STEPS):

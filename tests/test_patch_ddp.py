@@ -47,6 +47,33 @@ def _ranks_train(rank, res):
                      "moves": [h["moved"] for h in rep.regrower.history] if variant == "regrow" else None,
                      "moved": any(not torch.equal(a, b) for a, b in zip(m.parameters(), before)),
                      "warned": [str(w.message) for w in caught if "fusedtune" in str(w.message)]}
+    res["refused"] = _refusals()
+
+
+def _refusals() -> dict:
+    """What a model DDP wraps already gets (found by audit: patched after the wrap, the ranks drifted apart), and
+    the warning of an HFT stage change with several ranks."""
+    import fusedtune
+    from fusedtune import roste
+    from fusedtune.hft import HalfFineTuner, HFTError
+    from fusedtune.patch import PatchError
+    from tiny_models import tiny_llama
+    wrapped = torch.nn.parallel.DistributedDataParallel(tiny_llama())
+    out = {}
+    for what, call, err in (("patch", lambda: fusedtune.patch(wrapped, "lora"), PatchError),
+                            ("hft", lambda: HalfFineTuner(wrapped), HFTError),
+                            ("roste", lambda: roste.prepare(wrapped), ValueError)):
+        try:
+            call()
+            out[what] = "accepted"
+        except err as e:
+            out[what] = str(e)
+    tuner = HalfFineTuner(tiny_llama())
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tuner.next_stage()
+    out["stage_warning"] = [str(w.message) for w in caught]
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -68,3 +95,10 @@ def test_ranks_stay_identical_and_train(ranks, case):
         assert r[case]["moved"] and r[case]["warned"] == []
         if case != "mezo":   # MeZO's first loss is both ranks' mean (perturbed); its 3 steps need not descend
             assert r[case]["after"] < r[case]["first"]
+
+
+def test_a_model_ddp_wraps_is_refused_and_a_stage_change_warns(ranks):
+    for r in ranks:
+        for what in ("patch", "hft", "roste"):
+            assert "wrapped in DistributedDataParallel already" in r["refused"][what], (what, r["refused"][what])
+        assert any("with 2 ranks" in w for w in r["refused"]["stage_warning"])

@@ -32,7 +32,9 @@ def _train(name, shard, batches):
     from tiny_models import tiny_llama
     m = tiny_llama()
     m.train()
-    fusedtune.patch(m, name)
+    from fusedtune.patch import PatchError
+    rep = fusedtune.patch(m, name)
+    refused = None
     if shard:
         from torch.distributed.fsdp import fully_shard
         for layer in m.model.layers:
@@ -42,6 +44,11 @@ def _train(name, shard, batches):
         packed = [p for p in m.parameters() if not p.is_floating_point()]
         assert all(getattr(p, "quant_state", None) is None for p in packed)
         assert bool(packed) == (name == "qlora"), (name, len(packed))
+        try:      # the report's optimizer holds the parameters fully_shard replaced: its step would move nothing
+            rep.step(lambda: m(batches[0], labels=batches[0]).loss)
+            refused = "stepped"
+        except PatchError as e:
+            refused = str(e)
     opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=LR)
     losses = []
     for _ in range(STEPS):
@@ -56,7 +63,7 @@ def _train(name, shard, batches):
     for n, p in m.named_parameters():
         t = p.detach()
         full[n] = (t.full_tensor() if hasattr(t, "full_tensor") else t).clone()
-    return full, losses
+    return full, losses, refused
 
 
 def _ranks_train(rank, res):
@@ -76,11 +83,12 @@ def test_sharded_training_matches_one_process_on_the_joined_batch(ranks, name):
     r0, r1 = ranks
     if name not in r0:
         pytest.skip(f"{name}: requirements missing")
-    (w0, l0), (w1, l1) = r0[name], r1[name]
+    (w0, l0, s0), (w1, l1, s1) = r0[name], r1[name]
+    assert "no longer the model's" in s0 and "no longer the model's" in s1, s0
     assert w0.keys() == w1.keys()
     for n in w0:
         assert torch.equal(w0[n], w1[n]), f"{name}: {n} differs between the ranks"
-    ref, ref_losses = _train(name, False, [_batch(0), _batch(1)])
+    ref, ref_losses, _ = _train(name, False, [_batch(0), _batch(1)])
     assert ref.keys() == w0.keys()
     for n in ref:
         assert torch.equal(w0[n], ref[n]), f"{name}: {n} differs from one process's by {(w0[n] - ref[n]).abs().max()}"

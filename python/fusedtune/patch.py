@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import re
 import warnings
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -114,13 +115,28 @@ class PatchReport:
     total_params: int = 0
     notes: list[str] = field(default_factory=list)
     _impl: Any = field(default=None, repr=False)
+    _model: Any = field(default=None, repr=False)     # weakref to the patched model
 
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One training step of the method: loss_fn() runs the forward pass and returns the loss
         (the method decides about gradients: AdamW backpropagates, MeZO runs two forwards)."""
         if self._impl is None:
             raise PatchError("this report has no method attached (the model is not patched)")
+        model = None if self._model is None else self._model()
+        if model is not None and self.optimizer is not None:
+            self._check_optimizer_params(model)
         return self._impl.train_step(self.optimizer, loss_fn)
+
+    def _check_optimizer_params(self, model: nn.Module) -> None:
+        """The optimizer must still hold the model's parameters: fully_shard (FSDP2) replaces them with new
+        ones, and a step of the old ones would train tensors no forward reads (nothing would move)."""
+        own = {id(p) for p in model.parameters()}
+        if any(id(p) not in own for g in self.optimizer.param_groups for p in g["params"]):
+            raise PatchError("report.step: the optimizer's parameters are no longer the model's (fully_shard or "
+                             "another wrapper replaced them after fusedtune.patch), so the step would train tensors "
+                             "the model does not use. Make an optimizer over model.parameters() after sharding "
+                             "(torch.optim.AdamW for full, lora, qlora, fp8, fp8_lora, roste, hft) and step it "
+                             "yourself")
 
     def as_dicts(self) -> list[dict]:
         return [dict(vars(r)) for r in self.rows]
@@ -759,6 +775,7 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
             raise PatchError(f"fusedtune.patch: {n or 'the module'} is a layer that another fusedtune.patch swapped "
                              "in: the model is part of a patched model; unpatch that one first. Nothing was changed")
     opts = cls.check_options(options)
+    refuse_ddp(model, "fusedtune.patch", PatchError)
     if cls.replaces_modules(opts) and _sharded(model):
         raise PatchError(f"fusedtune.patch: method {method!r} replaces modules, and the model is sharded (FSDP2 "
                          "fully_shard, or DTensor parameters of tensor parallelism): FSDP would neither shard the new "
@@ -783,7 +800,7 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
         targets = None if target_modules is None else find_targets(model, target_modules, linear_only=False)
     impl = cls()
     rep = impl.apply(model, targets, **opts)
-    rep._impl = impl
+    rep._impl, rep._model = impl, weakref.ref(model)
     model.__dict__[_ATTR] = {"method": method, "impl": impl, "targets": targets, "options": opts,
                              "optimizer": rep.optimizer}
     return rep
@@ -822,6 +839,26 @@ def _sharded(model: nn.Module) -> bool:
         return False
     return any(isinstance(m, FSDPModule) for m in model.modules()) or \
         any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def refuse_ddp(model: nn.Module, what: str, error=ValueError) -> None:
+    """Refuse a model DistributedDataParallel wraps already: DDP fixed its set of parameters and its gradient
+    buckets when it wrapped the model, so new layers' parameters, or flags changed after, are not reduced
+    across ranks (the ranks drift apart silently)."""
+    from torch.nn.parallel import DistributedDataParallel  # noqa: PLC0415
+    if any(isinstance(m, DistributedDataParallel) for m in model.modules()):
+        raise error(f"{what}: the model is wrapped in DistributedDataParallel already, which fixed the parameters "
+                    "it reduces when it wrapped it; new or re-flagged parameters would train apart on each rank. "
+                    "Call it on the model first, then wrap it in DDP. Nothing was changed")
+
+
+def refuse_sharded(model: nn.Module, what: str, error=ValueError) -> None:
+    """Refuse a model FSDP2 (or tensor parallelism) shards already, or one DDP wraps (refuse_ddp)."""
+    refuse_ddp(model, what, error)
+    if _sharded(model):
+        raise error(f"{what}: the model is sharded (FSDP2 fully_shard, or DTensor parameters of tensor "
+                    "parallelism), and FSDP would neither shard new parameters nor reduce their gradients. Call it "
+                    "on the model first, then fully_shard. Nothing was changed")
 
 
 def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:

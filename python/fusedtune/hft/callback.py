@@ -214,6 +214,12 @@ class HFTCallback(TrainerCallback):
 
     # -- events
     def on_init_end(self, args, state, control, model=None, **kwargs):
+        world = int(getattr(args, "world_size", 1) or 1)
+        if self.stage_every is not None and world > 1:
+            raise HFTError(f"HFTCallback(stage_every={self.stage_every!r}) with {world} processes: DDP / FSDP / "
+                           "DeepSpeed fix the trainable set when they wrap the model, so a stage change mid-training "
+                           "would let the ranks train apart. Use one Trainer per stage, with "
+                           "HFTCallback(seed=..., stage=k)")
         self._attach(model)
         resume = self._checkpoint_stage(args)    # before the Trainer builds (and loads) its optimizer
         if resume is not None and resume != self.tuner.stage:

@@ -7,7 +7,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..patch import bypassed_hooks, format_table, refuse_packed, set_module
+from ..patch import bypassed_hooks, format_table, refuse_ddp, refuse_packed, refuse_sharded, set_module
 from .selection import (GRANULARITIES, ROW_GRANULARITIES, HFTError, ModelMap, check_ratio, choose_members,
                         map_model, select_rows)
 
@@ -137,6 +137,10 @@ class HalfFineTuner:
         self.train_final_norm = bool(train_final_norm)
         self.train_embeddings = bool(train_embeddings)
         self.backend = backend
+        if granularity in ROW_GRANULARITIES:   # (matrix granularity swaps nothing: fine under FSDP2)
+            refuse_sharded(model, f"HalfFineTuner(granularity={granularity!r})", HFTError)
+        else:
+            refuse_ddp(model, "HalfFineTuner", HFTError)
         self.model = model
         self.map: ModelMap = map_model(model)
         refuse_packed(model.named_parameters(), "HalfFineTuner",
@@ -290,6 +294,12 @@ class HalfFineTuner:
         if self.granularity in ROW_GRANULARITIES and self._restored:
             raise HFTError("HalfFineTuner: the row-masked layers were restored to nn.Linear "
                            "(restore_modules/merge); build a new HalfFineTuner to change the stage")
+        if stage != self.stage and torch.distributed.is_available() and torch.distributed.is_initialized() \
+                and torch.distributed.get_world_size() > 1:
+            warnings.warn(f"HalfFineTuner.set_stage({stage}) with {torch.distributed.get_world_size()} ranks: a "
+                          "DistributedDataParallel / FSDP wrapper made before keeps the old stage's trainable set and "
+                          "the ranks would train apart; wrap the model again (and make a new optimizer) after the "
+                          "stage change", stacklevel=2)
         self.stage = stage
         self._apply()
         return self.stage

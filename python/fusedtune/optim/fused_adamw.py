@@ -15,6 +15,10 @@ def refuse_sharded(params, what: str) -> None:
         from torch.distributed.tensor import DTensor
     except ImportError:   # a torch without distributed: no DTensor exists
         return
+    if any(getattr(p, "_fsdp_flattened", False) for p in params):   # FSDP1 (FullyShardedDataParallel)
+        raise TypeError(f"{what}: parameters of FSDP's FullyShardedDataParallel (flattened / sharded) are not "
+                        "supported: the forward reads FSDP's own unsharded copies, so steps of these tensors would "
+                        "not reach it. Use DistributedDataParallel (tested) or one process")
     if any(isinstance(p, DTensor) for p in params):
         raise TypeError(f"{what}: DTensor (FSDP2 fully_shard / tensor-parallel) parameters are not supported: the "
                         "fused kernels work on whole tensors. Use DistributedDataParallel (tested) or one process; "

@@ -65,10 +65,11 @@ class MeZO(CopyableOptimizer):
     when the optimizer is made; if the closure raises (or returns more than one value), the weights are
     restored first, as the step's own undo restores them (exact wherever the preimage is unique:
     docs/zo_noise.md).
-    Data parallel (DDP, FSDP, accelerate: every rank its own batch): process_group="auto" (the
+    Data parallel (DDP, accelerate: every rank its own batch): process_group="auto" (the
     default) averages both losses over torch.distributed's default group when it is initialized with
     more than one rank (one all-reduce of 2 floats per step), so every rank takes the same update;
-    the first step checks that all ranks use the same seed. A ProcessGroup picks another group; None
+    the first step (and the first after a load) checks that all ranks have the same seed and step
+    count. FSDP's sharded or flattened parameters are refused. A ProcessGroup picks another group; None
     keeps each rank's own losses (ranks with different data then drift apart).
     """
 
@@ -265,7 +266,8 @@ class MeZO(CopyableOptimizer):
         return sync_group(self.process_group, "MeZO")
 
     def _check_same_seed(self) -> None:
-        """Once, before the first perturbation: every rank must perturb along the same direction."""
+        """Before the first perturbation (and the first after a load_state_dict): every rank must perturb along
+        the same direction, so the seed and the step count (the step's seed is seed_for(steps)) must agree."""
         if self._seed_checked:
             return
         sync, group = self._sync_group()
@@ -273,12 +275,13 @@ class MeZO(CopyableOptimizer):
             return
         import torch.distributed as dist
         dev = self._buckets[0][1] if self._buckets else torch.device("cpu")
-        halves = [self.seed >> 32, self.seed & 0xFFFFFFFF]
+        halves = [self.seed >> 32, self.seed & 0xFFFFFFFF, self.steps]
         t = torch.tensor(halves + [-h for h in halves], dtype=torch.int64, device=dev)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)    # max(h) == h and max(-h) == -h: all equal
         if t.tolist() != halves + [-h for h in halves]:
-            raise RuntimeError("MeZO: the ranks of the process group were given different seeds; every rank must "
-                               "perturb along the same direction (pass the same seed=)")
+            raise RuntimeError("MeZO: the ranks of the process group have different seeds or step counts (an "
+                               "optimizer state loaded on some ranks only?); every rank must perturb along the same "
+                               "direction (pass the same seed=, load the same state on every rank)")
         self._seed_checked = True
 
     def _average_over_ranks(self, loss_plus, loss_minus):
@@ -329,6 +332,7 @@ class MeZO(CopyableOptimizer):
 
         def apply(opt):          # prepended: before the post-hooks
             m = held["mezo"]
+            self._seed_checked = False      # the loaded seed and step count are checked across ranks again
             if m is not None:
                 self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
                 p = m.get("pending")

@@ -67,6 +67,9 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
     if rotation is not None and not isinstance(rotation, RotationConfig):
         raise TypeError(f"{what}: rotation must be a RotationConfig (from search_rotation / RotationConfig.load) "
                         f"or None, got {type(rotation).__name__}")
+    if isinstance(model, nn.Module):
+        from ..patch import refuse_sharded   # (patch imports the methods, which import this module)
+        refuse_sharded(model, what)
     if isinstance(model, nn.Module) and any(isinstance(m, RoSTELinear) for m in model.modules()):
         raise ValueError(f"{what}: the model already has RoSTELinear layers (prepared or patched already)")
     arch = inspect_model(model, what)
