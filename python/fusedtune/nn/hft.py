@@ -287,6 +287,7 @@ class RowMaskedLinear(OwnsMasters):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             if self.masters:
+                self.check_masters_bound()
                 self._refresh_if_masters_changed()
             elif not self._aliased():
                 raise RuntimeError(

@@ -68,6 +68,19 @@ class OwnsMasters(torch.nn.Module):
     def bind_masters(self) -> None:
         bind_owner(self, *self.master_parameters())
 
+    def check_masters_bound(self) -> None:
+        """Refuse a forward whose masters are Parameters no layer made: FSDP2's fully_shard swaps in its own
+        (sharded, then gathered) ones, and the optimizer's steps of those never reach the weight the forward
+        reads, so nothing would train (the model is not sharded by these layers' methods)."""
+        for p in self.master_parameters():
+            if p is not None and owner_of(p) is None:
+                raise RuntimeError(
+                    f"{type(self).__name__}: its trainable masters are Parameters it did not make (the model was "
+                    "sharded with FSDP's fully_shard after patching?): optimizer steps of them would never reach "
+                    "the weight the forward reads. FSDP2 works with full, lora, qlora, fp8, fp8_lora, roste and hft "
+                    "at matrix granularity; use DistributedDataParallel here. (A master assigned by hand: call "
+                    "bind_masters() after.)")
+
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
         # a deep copy or an unpickled layer has masters of its own; a shallow copy (copy.copy) shares the

@@ -193,6 +193,7 @@ class SparseDeltaLinear(OwnsMasters):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
+            self.check_masters_bound()
             self._refresh_if_values_changed()
         sink = _SINKS.get(self) if _SINKS else None
         if sink is not None and torch.is_grad_enabled():
