@@ -314,3 +314,22 @@ def test_ops_with_index_arguments_infer_shapes_on_meta_and_fake_tensors(mode):
     with ctx:
         for name, (fn, shape) in calls.items():
             assert tuple(fn().shape) == shape, name
+
+
+def test_malformed_shapes_get_named_errors():
+    """Found by audit: a 0-d x or dy, a 1-D weight or a wrong-sized bias failed deep inside (IndexError: tuple
+    index out of range, torch's expand error)."""
+    x, W, idx, rows = torch.randn(3, 16), torch.randn(8, 16), torch.tensor([1, 5], dtype=torch.int32), torch.tensor([0, 3])
+    scalar = torch.tensor(1.0)
+    cases = [(lambda: sd_ops.sparse_delta_linear(x, torch.randn(16), torch.zeros(2), idx), "weight must be 2-D"),
+             (lambda: sd_ops.sparse_delta_linear(scalar, W, torch.zeros(2), idx), "x must have at least one dim"),
+             (lambda: sd_ops.sparse_delta_linear(x, W, torch.zeros(2), idx, torch.randn(9)), r"bias must be \[8\]"),
+             (lambda: hft_ops.hft_row_linear(x, torch.randn(16), torch.randn(2, 16), rows), "weight must be 2-D"),
+             (lambda: hft_ops.hft_row_linear(scalar, W, torch.randn(2, 16), rows), "x must have at least one"),
+             (lambda: hft_ops.hft_row_linear(x, W, torch.randn(2, 16), rows, torch.randn(9)), r"bias must be \[8\]"),
+             (lambda: fp8_ops.fp8_linear(scalar, W), "x must have at least one dimension"),
+             (lambda: sd_ops.sddmm(scalar, scalar, idx), "must have at least one dimension"),
+             (lambda: hft_ops.row_grad(scalar, scalar, rows), "must have at least one dimension")]
+    for call, msg in cases:
+        with pytest.raises(ValueError, match=msg):
+            call()

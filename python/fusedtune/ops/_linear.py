@@ -1,6 +1,7 @@
 """Pieces the fused linear ops (lora, fp8, sparse_delta, hft) share: the one-device check of their
-arguments, the dense weight gradient of a base weight the caller trains too, the refusal of a double
-backward the merged-weight ops would get wrong, and whether a host check can read an index tensor."""
+arguments and of their shapes, the dense weight gradient of a base weight the caller trains too, the
+refusal of a double backward the merged-weight ops would get wrong, and whether a host check can read an
+index tensor."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +13,22 @@ def check_one_device(what: str, *tensors: torch.Tensor | None) -> None:
     devs = {t.device for t in tensors if t is not None}
     if len(devs) > 1:
         raise ValueError(f"{what}: all tensors must be on one device, got {sorted(map(str, devs))}")
+
+
+def check_linear_shapes(what: str, x: torch.Tensor, weight: torch.Tensor | None = None,
+                        bias: torch.Tensor | None = None, dy: torch.Tensor | None = None) -> None:
+    """x (and dy) with a feature dimension; weight 2-D [out, in] matching x's features; bias [out]."""
+    for name, t in (("x", x), ("dy", dy)):
+        if t is not None and t.dim() == 0:
+            raise ValueError(f"{what}: {name} must have at least one dimension (the features), got a 0-d tensor")
+    if weight is None:
+        return
+    if weight.dim() != 2:
+        raise ValueError(f"{what}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    if x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"{what}: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    if bias is not None and bias.shape != (weight.shape[0],):
+        raise ValueError(f"{what}: bias must be [{weight.shape[0]}], got {tuple(bias.shape)}")
 
 
 def dense_weight_grad(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -23,7 +23,7 @@ from .. import backend as _backend
 from ..reference import fp8 as ref
 from . import fp8_cublas
 from ._eager import EagerOp
-from ._linear import check_one_device
+from ._linear import check_linear_shapes, check_one_device
 
 _HAS = ("reference", "cpu", "triton")   # fp8_gemm, fp8_linear ("cpu": the reference emulation in torch)
 # the quantizers: "cpu" and "cuda" are the extension's kernels (fp8_quant_kernel; csrc/cpu/fp8.cpp,
@@ -331,6 +331,7 @@ def fp8_linear(x, weight, bias=None, w_q=None, w_s=None, pow2: bool = False, bac
     if x.dtype not in _FLOATS or weight.dtype not in _FLOATS:
         raise TypeError(f"fp8_linear: x and weight must be float32/bfloat16/float16, got {x.dtype}, {weight.dtype}")
     _check_2d(weight, "weight")
+    check_linear_shapes("fp8_linear", x)
     N, K = weight.shape
     if x.shape[-1] != K:
         raise ValueError(f"fp8_linear: x has {x.shape[-1]} features, the weight expects {K}")

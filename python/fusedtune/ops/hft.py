@@ -19,7 +19,8 @@ from .. import backend as _backend
 from ..reference import hft as ref
 from ..reference.adamw import CONST_KEYS, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad, refuse_double_backward, values_readable
+from ._linear import (check_linear_shapes, check_one_device, dense_weight_grad, refuse_double_backward,
+                      values_readable)
 
 # "cpu": torch's own CPU GEMM is the CPU kernel; "cuda": a gather of dy's selected columns + one cuBLAS
 # GEMM (_gather_gemm), taken before the Triton kernel on a GPU
@@ -82,6 +83,7 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str
     buffer). check_rows=False skips the host-side check of the row values (a GPU sync)."""
     if out_dtype not in OUT_DTYPES:
         raise ValueError(f"row_grad: out_dtype must be one of {', '.join(map(str, OUT_DTYPES))}, got {out_dtype}")
+    check_linear_shapes("row_grad", x, dy=dy)
     if dy.shape[:-1] != x.shape[:-1]:
         raise ValueError(f"row_grad: dy {tuple(dy.shape)} and x {tuple(x.shape)} differ in leading dims")
     if dy.dtype != x.dtype or dy.device != x.device:
@@ -137,8 +139,7 @@ def hft_row_linear(x, weight, weight_rows, rows, bias=None, bias_rows=None, back
     """Linear layer whose trainable part is the rows `rows` of a frozen weight (HFT row mode), and
     the bias at those rows when bias_rows (their master, [len(rows)]) is given.
     check_rows=False skips the host-side check of the row values (callers that checked them once)."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"hft_row_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    check_linear_shapes("hft_row_linear", x, weight, bias)
     if weight_rows.dim() != 2 or weight_rows.shape != (rows.shape[0], weight.shape[1]):
         raise ValueError(f"hft_row_linear: weight_rows must be [{rows.shape[0]}, {weight.shape[1]}], "
                          f"got {tuple(weight_rows.shape)}")

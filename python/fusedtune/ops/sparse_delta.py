@@ -24,7 +24,8 @@ from .. import backend as _backend
 from ..reference import sparse_delta as ref
 from ..reference.adamw import CONST_KEYS, adamw_constants, check_distinct, check_hparams, check_writable
 from ._eager import EagerOp
-from ._linear import check_one_device, dense_weight_grad, refuse_double_backward, values_readable
+from ._linear import (check_linear_shapes, check_one_device, dense_weight_grad, refuse_double_backward,
+                      values_readable)
 
 _SDDMM_HAS = ("reference", "cpu", "cuda", "triton")
 _ADAMW_HAS = ("reference", "cpu", "cuda")
@@ -133,6 +134,7 @@ def _(dy, x, indices, backend):
 def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str | None = None,
           check: bool = True) -> torch.Tensor:
     """g[i] = sum over tokens of dy[t, r_i] * x[t, c_i] for flat indices r_i * in + c_i."""
+    check_linear_shapes("sddmm", x, dy=dy)
     if dy.shape[:-1] != x.shape[:-1] or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"sddmm: dy {tuple(dy.shape)} {dy.dtype} and x {tuple(x.shape)} {x.dtype} must share "
                          "leading dims, dtype and device")
@@ -192,8 +194,7 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
                         check: bool = True) -> torch.Tensor:
     """Linear layer over a merged weight whose trainable part is k float32 deltas at `indices`.
     check=False skips the host-side check of the index values (callers that checked them once)."""
-    if x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"sparse_delta_linear: x has {x.shape[-1]} features, weight expects {weight.shape[1]}")
+    check_linear_shapes("sparse_delta_linear", x, weight, bias)
     if values.dtype != torch.float32 or values.shape != indices.shape:
         raise ValueError(f"sparse_delta_linear: values must be float32 of shape {tuple(indices.shape)}, got "
                          f"{values.dtype} {tuple(values.shape)}")
