@@ -68,4 +68,4 @@ class MaskedAdamW(FusedAdamW):
         check_hparams("masked_adamw_", group["lr"], group["betas"][0], group["betas"][1], group["eps"],
                       group["weight_decay"], step)
         if tensors:
-            _check_adamw_lists(*lists, lists[0][0].device, False)
+            _check_adamw_lists(*lists, lists[0][0].device, False, distinct=False)   # (as the kernels check)

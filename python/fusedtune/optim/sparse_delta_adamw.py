@@ -81,4 +81,4 @@ class SparseDeltaAdamW(FusedAdamW):
                       group["weight_decay"], step)
         if tensors:
             *lists, steps, _ = lists
-            _check_adamw_lists(*lists, steps, lists[0][0].device, False)
+            _check_adamw_lists(*lists, steps, lists[0][0].device, False, distinct=False)   # (as the kernels check)
