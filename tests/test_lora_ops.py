@@ -332,3 +332,13 @@ def test_multi_adapter_index_must_be_integers_and_no_input_features_works():
     x0, W0 = torch.randn(3, 0), torch.randn(6, 0)
     y = lora_linear_multi(x0, W0, [(torch.randn(2, 0), torch.randn(6, 2), 1.0)], torch.tensor([0, 0, 0]), b)
     assert torch.equal(y, torch.nn.functional.linear(x0, W0, b))
+
+
+def test_float64_stays_float64_under_autocast_as_f_linear():
+    """Found by review: the autocast cast took float64 to bf16; autocast leaves float64 alone (F.linear too)."""
+    x, W = torch.randn(3, 16, dtype=torch.float64), torch.randn(8, 16, dtype=torch.float64)
+    A, B = torch.randn(2, 16, dtype=torch.float64), torch.randn(8, 2, dtype=torch.float64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert torch.nn.functional.linear(x, W).dtype == torch.float64
+        y = lora_linear(x, W, A, B, 0.5, backend="reference")
+    assert y.dtype == torch.float64 and torch.equal(y, lora_linear(x, W, A, B, 0.5, backend="reference"))

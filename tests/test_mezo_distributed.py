@@ -1,6 +1,6 @@
 """MeZO under data parallelism (two CPU processes, gloo): each rank sees its own batch; the step averages
 both losses over the ranks, so the ranks take the same update, bit for bit the single-process step on the
-mean loss of both batches. Ranks given different seeds (or step counts, after a load on one rank) are refused
+mean loss of both batches. Ranks given different seeds (or resumed at different step counts) are refused
 before anything is perturbed; FSDP1's flattened parameters are refused."""
 import os
 
@@ -44,12 +44,13 @@ def _worker(rank, world, init, out, seeds):
         try:
             losses = [float(opt.step(lambda: _loss(net, _batch(rank)))) for _ in range(STEPS)]
             result = {"losses": losses, "params": [p.detach().clone() for p in net.parameters()]}
-            sd = opt.state_dict()       # a state loaded on one rank only (another step count): refused again
-            if rank == 1:
+            sd = opt.state_dict()       # a resume whose states differ in their step count: refused at the
+            if rank == 1:               # first step of the resumed optimizers
                 sd["mezo"]["steps"] = 1
-            opt.load_state_dict(sd)
+            resumed = MeZO(net.parameters(), lr=1e-2, eps=1e-3, seed=seeds[rank])
+            resumed.load_state_dict(sd)
             try:
-                opt.step(lambda: _loss(net, _batch(rank)))
+                resumed.step(lambda: _loss(net, _batch(rank)))
                 result["reload"] = "stepped"
             except RuntimeError as e:
                 result["reload"] = str(e)

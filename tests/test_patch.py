@@ -694,3 +694,24 @@ def test_qlora_counts_the_weights_its_packed_base_holds():
         reps[method] = patch(m, method, r=4)
         assert reps[method].total_params == n + reps[method].trainable_params
     assert reps["lora"].total_params == reps["qlora"].total_params
+
+
+def test_report_step_refuses_replaced_parameters_but_copies_and_extra_tensors_work():
+    """report.step checks, by one identity test, that the model still holds a parameter its optimizer steps
+    (fully_shard replaces them all; the FSDP case runs in test_patch_fsdp.py). A copy of (model, report), a
+    pickled report and a tensor added to the optimizer from outside the model still step."""
+    import copy
+    import io
+    model = _llama_like("Llama")
+    rep = patch(model, "lora")
+    ids = torch.randint(0, 48, (2, 6))
+    prompt = nn.Parameter(torch.zeros(3))
+    rep.optimizer.add_param_group({"params": [prompt]})
+    rep.step(lambda: model(ids, labels=ids).loss + prompt.sum())
+    m2, rep2 = copy.deepcopy((model, rep))
+    rep2.step(lambda: m2(ids, labels=ids).loss)
+    torch.save(rep, io.BytesIO())
+    module, name, _ = rep._probe
+    module.register_parameter(name, nn.Parameter(module._parameters[name].detach().clone()))
+    with pytest.raises(PatchError, match="no longer the model's"):
+        rep.step(lambda: model(ids, labels=ids).loss)

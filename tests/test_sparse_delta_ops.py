@@ -404,3 +404,13 @@ def test_a_float64_layer_trains_on_the_reference_and_a_named_kernel_refuses_floa
     if fusedtune._ext.loaded():
         with pytest.raises(TypeError, match="not float64"):
             sddmm(torch.randn(5, 24, dtype=torch.float64), x.detach(), m.indices, backend="cpu")
+
+
+def test_masters_swapped_in_one_process_are_not_refused():
+    """The FSDP check of the masters runs under torch.distributed only: nn.DataParallel's replicas and accelerate's
+    hooks hand a layer Parameters it did not make, in one process (found by review: refused there)."""
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 6), density=0.25)
+    x = torch.randn(3, 8)
+    want = layer(x)
+    layer._parameters["values"] = torch.nn.Parameter(layer.values.detach().clone())   # as a replica gets it
+    assert torch.equal(layer(x), want)

@@ -449,3 +449,16 @@ def test_a_refused_optimizer_load_leaves_the_attached_regrower_as_it_was():
     with pytest.raises(ValueError, match="the state is for other layers"):
         opt.load_state_dict(bad)       # checked before the optimizer loads anything
     assert rg.t == 4
+
+
+def test_a_gradient_penalty_inside_a_regrowth_window_is_refused():
+    """Found by review: the window's dense-gradient path (_WindowLinear) took a double backward without the
+    deltas' term through the merged weight (silently wrong), where the op path refuses it."""
+    net = Net()
+    opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+    rg = Regrower(net, opt, every=2, rate=0.3, decay="constant", accumulate_steps=2)   # steps 1-2: a window
+    x, y = batches(1)[0]
+    x.requires_grad_(True)
+    with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
+        torch.autograd.grad(loss_of(net, x, y), x, create_graph=True)
+    assert rg is not None

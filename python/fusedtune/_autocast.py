@@ -23,9 +23,12 @@ def linear_dtype(device) -> torch.dtype | None:
     return None
 
 
+_CASTS = (torch.float32, torch.float16, torch.bfloat16)   # what autocast casts (float64 it leaves alone)
+
+
 def cast(dtype: torch.dtype, *tensors):
-    """The floating tensors in dtype; None and integer tensors as they are."""
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != dtype else t
+    """The float32/16-bit tensors in dtype; None, float64 and integer tensors as they are (as autocast)."""
+    return tuple(t.to(dtype) if t is not None and t.dtype in _CASTS and t.dtype != dtype else t
                  for t in tensors)
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import math
 import re
 import warnings
-import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -115,28 +114,36 @@ class PatchReport:
     total_params: int = 0
     notes: list[str] = field(default_factory=list)
     _impl: Any = field(default=None, repr=False)
-    _model: Any = field(default=None, repr=False)     # weakref to the patched model
+    _probe: Any = field(default=None, repr=False)     # (module, name, Parameter): one the optimizer steps
 
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One training step of the method: loss_fn() runs the forward pass and returns the loss
         (the method decides about gradients: AdamW backpropagates, MeZO runs two forwards)."""
         if self._impl is None:
             raise PatchError("this report has no method attached (the model is not patched)")
-        model = None if self._model is None else self._model()
-        if model is not None and self.optimizer is not None:
-            self._check_optimizer_params(model)
+        if self._probe is not None:
+            module, name, param = self._probe
+            if module._parameters.get(name) is not param:
+                raise PatchError(
+                    f"report.step: the optimizer's parameters are no longer the model's ({name!r} of a "
+                    f"{type(module).__name__} was replaced: fully_shard, or a load with assign=True, after "
+                    "fusedtune.patch), so the step would train tensors the model does not use. Make an optimizer "
+                    "over model.parameters() now (after fully_shard: torch.optim.AdamW for full, lora, qlora, fp8, "
+                    "fp8_lora, roste, hft) and step it yourself")
         return self._impl.train_step(self.optimizer, loss_fn)
 
-    def _check_optimizer_params(self, model: nn.Module) -> None:
-        """The optimizer must still hold the model's parameters: fully_shard (FSDP2) replaces them with new
-        ones, and a step of the old ones would train tensors no forward reads (nothing would move)."""
-        own = {id(p) for p in model.parameters()}
-        if any(id(p) not in own for g in self.optimizer.param_groups for p in g["params"]):
-            raise PatchError("report.step: the optimizer's parameters are no longer the model's (fully_shard or "
-                             "another wrapper replaced them after fusedtune.patch), so the step would train tensors "
-                             "the model does not use. Make an optimizer over model.parameters() after sharding "
-                             "(torch.optim.AdamW for full, lora, qlora, fp8, fp8_lora, roste, hft) and step it "
-                             "yourself")
+    def _set_probe(self, model: nn.Module) -> None:
+        """Remember where the optimizer's first parameter sits in the model: one identity test a step tells
+        whether the model still holds it (fully_shard replaces every parameter with its own)."""
+        first = None if self.optimizer is None else \
+            next((p for g in self.optimizer.param_groups for p in g["params"]), None)
+        if first is None:
+            return
+        for module in model.modules():
+            for name, p in module._parameters.items():
+                if p is first:
+                    self._probe = (module, name, p)
+                    return
 
     def as_dicts(self) -> list[dict]:
         return [dict(vars(r)) for r in self.rows]
@@ -800,7 +807,8 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
         targets = None if target_modules is None else find_targets(model, target_modules, linear_only=False)
     impl = cls()
     rep = impl.apply(model, targets, **opts)
-    rep._impl, rep._model = impl, weakref.ref(model)
+    rep._impl = impl
+    rep._set_probe(model)
     model.__dict__[_ATTR] = {"method": method, "impl": impl, "targets": targets, "options": opts,
                              "optimizer": rep.optimizer}
     return rep

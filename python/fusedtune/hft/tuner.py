@@ -294,12 +294,6 @@ class HalfFineTuner:
         if self.granularity in ROW_GRANULARITIES and self._restored:
             raise HFTError("HalfFineTuner: the row-masked layers were restored to nn.Linear "
                            "(restore_modules/merge); build a new HalfFineTuner to change the stage")
-        if stage != self.stage and torch.distributed.is_available() and torch.distributed.is_initialized() \
-                and torch.distributed.get_world_size() > 1:
-            warnings.warn(f"HalfFineTuner.set_stage({stage}) with {torch.distributed.get_world_size()} ranks: a "
-                          "DistributedDataParallel / FSDP wrapper made before keeps the old stage's trainable set and "
-                          "the ranks would train apart; wrap the model again (and make a new optimizer) after the "
-                          "stage change", stacklevel=2)
         self.stage = stage
         self._apply()
         return self.stage

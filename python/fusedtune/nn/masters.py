@@ -69,10 +69,18 @@ class OwnsMasters(torch.nn.Module):
         bind_owner(self, *self.master_parameters())
 
     def check_masters_bound(self) -> None:
-        """Refuse a forward whose masters are Parameters no layer made: FSDP2's fully_shard swaps in its own
-        (sharded, then gathered) ones, and the optimizer's steps of those never reach the weight the forward
-        reads, so nothing would train (the model is not sharded by these layers' methods)."""
-        for p in self.master_parameters():
+        """Under torch.distributed, refuse a forward whose masters are Parameters no layer made: FSDP2's
+        fully_shard swaps in its own (sharded, then gathered) ones, and the optimizer's steps of those never
+        reach the weight the forward reads, so nothing would train. Single-process flows that hand a layer
+        other Parameters (nn.DataParallel's replicas, accelerate's hooks) are not checked; the same masters
+        as at the last check cost one identity test."""
+        if not _dist_initialized() or getattr(self, "_is_replica", False):
+            return
+        masters = self.master_parameters()
+        seen = self.__dict__.get("_checked_masters")
+        if seen is not None and len(seen) == len(masters) and all(a is b for a, b in zip(seen, masters)):
+            return
+        for p in masters:
             if p is not None and owner_of(p) is None:
                 raise RuntimeError(
                     f"{type(self).__name__}: its trainable masters are Parameters it did not make (the model was "
@@ -80,6 +88,7 @@ class OwnsMasters(torch.nn.Module):
                     "the weight the forward reads. FSDP2 works with full, lora, qlora, fp8, fp8_lora, roste and hft "
                     "at matrix granularity; use DistributedDataParallel here. (A master assigned by hand: call "
                     "bind_masters() after.)")
+        self.__dict__["_checked_masters"] = tuple(masters)   # (a plain attribute: nn.Module's __setattr__ is slow)
 
     def __setstate__(self, state) -> None:
         super().__setstate__(state)
@@ -90,6 +99,10 @@ class OwnsMasters(torch.nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self.bind_masters()     # load_state_dict(assign=True) puts in new Parameters
+
+
+def _dist_initialized() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 def keep_dtype(fn: Callable[[torch.Tensor], torch.Tensor], masters) -> Callable[[torch.Tensor], torch.Tensor]:

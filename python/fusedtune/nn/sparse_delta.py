@@ -10,6 +10,7 @@ from torch import nn
 
 from .._inference import version
 from ..backend import warn_once
+from ..ops._linear import refuse_double_backward
 from ..ops.sparse_delta import check_indices, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
@@ -37,6 +38,7 @@ class _WindowLinear(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy):
+        refuse_double_backward("SparseDeltaLinear", ctx, 2, "deltas")   # dx below is from the merged weight
         x, weight, indices = ctx.saved_tensors
         need = ctx.needs_input_grad
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])

@@ -214,6 +214,7 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
                        distinct: bool = True) -> None:
     """What the kernels check, and (distinct) that an entry's tensors share no memory (the Python-side check;
     MaskedAdamW's own lists, moments it allocated, skip it: ~20 us a tensor)."""
+    check_writable("masked_adamw_", zip(params, exp_avgs, exp_avg_sqs, targets))
     for i, (p, g, m, v, t, r) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs, targets, rows)):
         if t is None:
             t = p.new_empty(0)
@@ -230,7 +231,6 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
             raise ValueError(f"masked_adamw_: tensors of params[{i}] must be contiguous")
         if distinct:
             check_distinct("masked_adamw_", i, p, g, m, v, t)   # (contiguous: a byte overlap is a shared element)
-        check_writable("masked_adamw_", i, p, m, v, t)
         if t.numel():
             if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):
                 raise ValueError(f"masked_adamw_: row master {i} {tuple(p.shape)} does not fit target "

@@ -240,6 +240,7 @@ def _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, ind
                        distinct: bool = True):
     """What the kernels check, the index values (check_idx) and (distinct) that an entry's tensors share no
     memory (the Python-side check; SparseDeltaAdamW's own lists skip it)."""
+    check_writable("sparse_adamw_", zip(values, exp_avgs, exp_avg_sqs, weights, steps))
     for i, (val, g, m, v, w, b, idx) in enumerate(zip(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices)):
         for what, t in (("values", val), ("grads", g), ("exp_avgs", m), ("exp_avg_sqs", v)):
             if t.dtype != torch.float32 or t.shape != idx.shape or not t.is_contiguous() or t.device != dev:
@@ -247,7 +248,6 @@ def _check_adamw_lists(values, grads, exp_avgs, exp_avg_sqs, weights, bases, ind
                                  f"{tuple(idx.shape)} on {dev}, got {t.dtype} {tuple(t.shape)} on {t.device}")
         if distinct:
             check_distinct("sparse_adamw_", i, val, g, m, v, w, b)
-        check_writable("sparse_adamw_", i, val, m, v, w, steps[i])
         if w.dtype not in (torch.float32, torch.bfloat16, torch.float16) or b.dtype != w.dtype or b.shape != idx.shape:
             raise ValueError(f"sparse_adamw_: weights[{i}] ({w.dtype}) and bases[{i}] ({b.dtype}, "
                              f"{tuple(b.shape)}) must share a float dtype, bases one value per index")

@@ -123,7 +123,7 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"zo_apply_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
                              "one call takes tensors of one device")
-        check_writable("zo_apply_", i, t)
+    check_writable("zo_apply_", ((t,) for t in tensors))
     return tensors
 
 

@@ -68,8 +68,8 @@ class MeZO(CopyableOptimizer):
     Data parallel (DDP, accelerate: every rank its own batch): process_group="auto" (the
     default) averages both losses over torch.distributed's default group when it is initialized with
     more than one rank (one all-reduce of 2 floats per step), so every rank takes the same update;
-    the first step (and the first after a load) checks that all ranks have the same seed and step
-    count. FSDP's sharded or flattened parameters are refused. A ProcessGroup picks another group; None
+    the first step checks that all ranks have the same seed and step count (load a resumed state on
+    every rank before it). FSDP's sharded or flattened parameters are refused. A ProcessGroup picks another group; None
     keeps each rank's own losses (ranks with different data then drift apart).
     """
 
@@ -179,7 +179,8 @@ class MeZO(CopyableOptimizer):
     @staticmethod
     def _loss(closure) -> torch.Tensor:
         out = closure()
-        if not (torch.is_tensor(out) or (isinstance(out, numbers.Real) and not isinstance(out, bool))):
+        if not (torch.is_tensor(out) or (isinstance(out, numbers.Real) and not isinstance(out, bool))
+                or type(out).__module__ == "numpy"):
             hint = " (a model output: return its .loss)" if hasattr(out, "loss") else ""
             raise TypeError(f"MeZO.step: the closure must return the loss as a tensor or a number, got "
                             f"{type(out).__name__}{hint}")
@@ -266,8 +267,9 @@ class MeZO(CopyableOptimizer):
         return sync_group(self.process_group, "MeZO")
 
     def _check_same_seed(self) -> None:
-        """Before the first perturbation (and the first after a load_state_dict): every rank must perturb along
-        the same direction, so the seed and the step count (the step's seed is seed_for(steps)) must agree."""
+        """Once, before the first perturbation: every rank must perturb along the same direction, so the seed
+        and the step count (the step's seed is seed_for(steps); a resume loads it) must agree. (Once: a check
+        after a later load, made by the loading ranks only, would pair with the others' loss all-reduce.)"""
         if self._seed_checked:
             return
         sync, group = self._sync_group()
@@ -332,7 +334,6 @@ class MeZO(CopyableOptimizer):
 
         def apply(opt):          # prepended: before the post-hooks
             m = held["mezo"]
-            self._seed_checked = False      # the loaded seed and step count are checked across ranks again
             if m is not None:
                 self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
                 p = m.get("pending")

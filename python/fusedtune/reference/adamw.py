@@ -29,15 +29,17 @@ def check_hparams(what: str, lr, beta1, beta2, eps, weight_decay, step) -> None:
             raise ValueError(f"{what}: {name} must be in [0, 1), got {v!r}")
 
 
-def check_writable(what: str, i: int, *tensors) -> None:
+def check_writable(what: str, entries) -> None:
     """In-place ops refuse what torch refuses: an inference tensor (made under torch.inference_mode) written
-    outside inference mode (None entries skipped). Checked before anything is written; not while compiling
-    (dynamo cannot trace either call, and compiled code makes no inference tensors)."""
-    if torch.compiler.is_compiling():
+    outside inference mode. entries: per list entry, the tensors the op writes (None skipped). Checked before
+    anything is written; not while compiling (dynamo cannot trace the mode query, and compiled code makes no
+    inference tensors). The mode is read once per list."""
+    if torch.compiler.is_compiling() or torch.is_inference_mode_enabled():
         return
-    if not torch.is_inference_mode_enabled() and any(t is not None and t.is_inference() for t in tensors):
-        raise RuntimeError(f"{what}: entry {i} is an inference tensor (made under torch.inference_mode), which "
-                           "torch allows no in-place update of outside inference mode")
+    for i, tensors in enumerate(entries):
+        if any(t is not None and t.is_inference() for t in tensors):
+            raise RuntimeError(f"{what}: entry {i} is an inference tensor (made under torch.inference_mode), which "
+                               "torch allows no in-place update of outside inference mode")
 
 
 def check_distinct(what: str, i: int, *tensors) -> None:
