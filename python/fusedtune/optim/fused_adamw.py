@@ -146,10 +146,10 @@ class FusedAdamW(CopyableOptimizer):
         torch.optim.AdamW checkpoint loads too: its tensor step count becomes an int, its moments float32."""
         final = {}
 
-        def grab(opt, sd):       # appended: runs after every pre-hook registered before this call
+        def grab(sd):
             final["sd"] = sd
 
-        def restore(opt):        # prepended: runs before the post-hooks
+        def restore():
             sd = final["sd"]
             ids = [i for g in sd["param_groups"] for i in g["params"]]
             params = [p for g in self.param_groups for p in g["params"]]
@@ -162,13 +162,7 @@ class FusedAdamW(CopyableOptimizer):
                     elif torch.is_tensor(val):
                         self.state[p][key] = val.to(device=p.device, copy=True)
 
-        hooks = (self.register_load_state_dict_pre_hook(grab),
-                 self.register_load_state_dict_post_hook(restore, prepend=True))
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._load_around(state_dict, grab, restore)
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the moments)."""

@@ -327,25 +327,19 @@ class MeZO(CopyableOptimizer):
         applied once torch has loaded the rest, before the post-hooks (a refused load changes nothing)."""
         held = {}
 
-        def take(opt, sd):       # appended: after every pre-hook registered before this call
+        def take(sd):
             sd = dict(sd)
             held["mezo"] = sd.pop("mezo", None)
             return sd
 
-        def apply(opt):          # prepended: before the post-hooks
+        def apply():
             m = held["mezo"]
             if m is not None:
                 self.seed, self.steps, self.eps = m["seed"], m["steps"], m["eps"]
                 p = m.get("pending")
                 self.pending = None if p is None else (p["seed"], p["eps"], tuple(p["tensor_ids"]))
 
-        hooks = (self.register_load_state_dict_pre_hook(take),
-                 self.register_load_state_dict_post_hook(apply, prepend=True))
-        try:
-            super().load_state_dict(state_dict)
-        finally:
-            for h in hooks:
-                h.remove()
+        self._load_around(state_dict, take, apply)
 
 
 def _params(params) -> list[torch.Tensor]:
