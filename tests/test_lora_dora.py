@@ -448,3 +448,14 @@ def test_op_refuses_a_bias_of_the_wrong_shape():
     with pytest.raises(ValueError, match=r"bias must be a float tensor of shape \[8\]"):
         dora_ops.dora_linear(torch.randn(2, 12), lin.weight, torch.randn(2, 12), torch.randn(8, 2), 1.0,
                              torch.ones(8), torch.ones(7))
+
+
+def test_vmap_over_examples_matches_the_batched_forward():
+    """A torch.func transform needs an autograd.Function with setup_context apart from forward: vmap over a
+    batch of examples (no gradient) gives the batched call's rows (the op runs once per example)."""
+    g = torch.Generator().manual_seed(3)
+    x, w = torch.randn(3, 4, 16, generator=g), torch.randn(8, 16, generator=g)
+    A, B, m = torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5
+    want = dora_ops.dora_linear(x, w, A, B, 2.0, m)
+    got = torch.func.vmap(lambda xi: dora_ops.dora_linear(xi, w, A, B, 2.0, m))(x)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-5)

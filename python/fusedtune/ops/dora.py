@@ -167,16 +167,23 @@ class _ColumnScaledLoRA(torch.autograd.Function):
     """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both.
     With dropout also peft's (g - 1) * (drop(x) - x) W^T, the magnitude's gradient from G in float32."""
 
-    @staticmethod
-    def forward(ctx, g, *op_args):
-        y, t, F = _dora(g, *op_args)
-        x2, w, A, B = op_args[:4]
-        ctx.save_for_backward(g, x2, w, A, B, F, t)
-        ctx.rest = op_args[4:]
-        return y
+    generate_vmap_rule = True   # forward and setup_context apart: torch.func transforms (vmap) can run it
 
     @staticmethod
-    def backward(ctx, dy):
+    def forward(g, *op_args):
+        return _dora(g, *op_args)      # y, t (the shrink), F; only y is differentiable
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        g, *op_args = inputs
+        _, t, F = output
+        x2, w, A, B = op_args[:4]
+        ctx.save_for_backward(g, x2, w, A, B, F, t)
+        ctx.rest = tuple(op_args[4:])
+        ctx.mark_non_differentiable(t, F)
+
+    @staticmethod
+    def backward(ctx, dy, _dt, _dF):
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
@@ -237,5 +244,5 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
-    y = _ColumnScaledLoRA.apply(g, *args)      # with dropout, peft's dropped base term included
+    y = _ColumnScaledLoRA.apply(g, *args)[0]   # with dropout, peft's dropped base term included
     return y.reshape(*x.shape[:-1], N)
