@@ -163,3 +163,11 @@ def test_bandwidth_goals_are_judged_against_the_gpu_that_ran():
     assert core.hbm_goal(1.0, 3.0e9, 85, "NVIDIA H100 80GB HBM3").endswith(": met")
     assert core.hbm_peak("NVIDIA H100 PCIe")[0] == 2.0e12
     assert "not known for NVIDIA L40S" in core.hbm_peak("NVIDIA L40S")[1]
+
+
+def test_bandwidth_notes_name_the_gpu_that_ran(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H200")
+    assert core.hbm_share(1.0, 4.8e9) == "4800 GB/s = 100.0% of H200 HBM 4.80 TB/s"
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    assert core.hbm_share(2.0, 3.35e9) == "1675 GB/s = 50.0% of H100 HBM 3.35 TB/s"

@@ -182,3 +182,17 @@ def test_a_failing_or_untaken_schedule_is_a_skipped_row(monkeypatch):
     monkeypatch.setattr(lora_bench, "_time_ours", timed)
     with pytest.raises(RuntimeError, match="cuBLAS refused"):
         lora_bench._time_schedules(None, ["cublas", "fused"], True, *([None] * 7))
+
+
+def test_a_skipped_opt_in_schedule_is_not_timed(monkeypatch):
+    """FUSEDTUNE_BENCH_SKIP (bench/gpu_check.sh sets it when the kernel's GPU tests failed) leaves fused-tma out."""
+    from fusedtune.ops import lora_triton
+    from fusedtune.triton_kernels import lora_tma
+    monkeypatch.setattr(lora_tma, "available", lambda device: True)
+    monkeypatch.setattr(lora_triton, "schedule", lambda *a: "fused")
+    monkeypatch.delenv("FUSEDTUNE_BENCH_SKIP", raising=False)
+    assert lora_bench._schedules(64, 64, 64, "cpu") == ["fused", "cublas", "fused-tma"]
+    monkeypatch.setenv("FUSEDTUNE_BENCH_SKIP", "cuda-mma, fused-tma")
+    assert lora_bench._schedules(64, 64, 64, "cpu") == ["fused", "cublas"]
+    monkeypatch.setattr(lora_tma, "ENABLED", True)     # not the default either
+    assert lora_bench._schedules(64, 64, 64, "cpu") == ["fused", "cublas"]

@@ -3,6 +3,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from fusedtune import _ext, bench
 from fusedtune.bench import roste as br
@@ -21,7 +22,8 @@ def test_cpu_run_rows(tmp_path):
     assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"] \
         + ["exported layer (W4A8, rotated), integer GEMM"] * 2
     assert [r["baseline"] for r in rows] == ["memcpy (copy_ of the same bytes)",
-                                             "hadamard kernel + torch fake quant (unfused)",
+                                             "hadamard (%s) + torch fake quant (unfused)"   # auto's choice
+                                             % ("cpu" if _ext.loaded() else "reference"),
                                              "the same layer, fake quant (dequantized weight, bf16 GEMM)",
                                              "bf16 nn.Linear (unquantized)"]
     for r in rows:
@@ -51,13 +53,41 @@ def test_a_failing_tensor_core_kernel_is_a_skipped_row(monkeypatch):
         if hb == "cuda-mma":
             raise RuntimeError("boom")
         return timer(lambda: None)
-    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu: ["reference", "cuda-mma"])
+    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu, mma_only=False: ["reference", "cuda-mma"])
     monkeypatch.setattr(br, "_timed_hadamard", timed)
     rows = br.size_rows(_timer, 4, 768, False, fused=False)
     assert [r["backend"] for r in rows] == ["reference", "cuda-mma"]
     assert rows[0]["time_ms"] == 1.0 and math.isnan(rows[1]["time_ms"])
     assert rows[1]["note"] == "skipped: the tensor-core kernel failed (RuntimeError: boom)"
-    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu: ["cuda", "cuda-mma"])
+    monkeypatch.setattr(br, "_hadamard_backends", lambda x, on_gpu, mma_only=False: ["cuda", "cuda-mma"])
     monkeypatch.setattr(br, "_timed_hadamard", lambda timer, x, hb: (_ for _ in ()).throw(RuntimeError("cuda")))
     with pytest.raises(RuntimeError, match="cuda"):
         br.size_rows(_timer, 4, 768, False, fused=False)
+
+
+def test_the_opt_in_tensor_core_kernel_is_timed_after_every_other_section(monkeypatch):
+    """A fault of a kernel new to a GPU leaves the CUDA context unusable for the rest of the process: the
+    default schedule's rows come first, the cuda-mma rows in sections of their own at the end."""
+    from fusedtune import backend as B
+    from fusedtune.ops import roste as ops_roste
+    monkeypatch.setattr(B, "can_serve", lambda *a, **k: (True, ""))
+    monkeypatch.setattr(ops_roste, "_ext_refuses", lambda x: "")
+    monkeypatch.setattr(ops_roste, "mma_refuses", lambda x: "")
+    x = torch.zeros(4, 4096, dtype=torch.bfloat16)
+    assert br._hadamard_backends(x, True) == ["cuda", "triton"]
+    assert br._hadamard_backends(x, True, mma_only=True) == ["cuda-mma"]
+
+    class GpuTimer:
+        name = "cuda"
+    names = [n for n, _ in br.sections(GpuTimer(), quick=True)]
+    mma = [i for i, n in enumerate(names) if "cuda-mma" in n]
+    assert mma and mma == list(range(len(names) - len(mma), len(names))), names
+    assert len(mma) == len(br.SIZES) + len(br.FACTORED)
+
+
+def test_a_skipped_opt_in_kernel_is_a_row_saying_so(monkeypatch):
+    monkeypatch.setenv("FUSEDTUNE_BENCH_SKIP", "cuda-mma")
+    monkeypatch.setattr(br, "_timed_hadamard", lambda *a: pytest.fail("timed a skipped kernel"))
+    rows = br.size_rows(_timer, 4, 768, False, fused=False, mma_only=True)
+    assert len(rows) == 1 and rows[0]["backend"] == "cuda-mma" and math.isnan(rows[0]["time_ms"])
+    assert "FUSEDTUNE_BENCH_SKIP" in rows[0]["note"]

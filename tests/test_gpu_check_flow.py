@@ -20,14 +20,17 @@ case "$1" in
   setup.py) sleep "$S"; echo built; exit 0 ;;
   -m)
     case "$2" in
-      pytest) sleep "$S"; echo "tests/test_x_gpu.py::t PASSED"; echo "===== 1 passed in ${S}s ====="; exit 0 ;;
+      pytest) sleep "$S"
+        for a in "$@"; do case " ${FAKE_FAIL:-} " in *" $a "*)
+          echo "$a::t FAILED"; echo "===== 1 failed in ${S}s ====="; exit 1 ;; esac; done
+        echo "tests/test_x_gpu.py::t PASSED"; echo "===== 1 passed in ${S}s ====="; exit 0 ;;
       fusedtune)
         case "$3" in
           bench)
             out=bench/results; prev=
             for a in "$@"; do [ "$prev" = --out ] && out=$a; prev=$a; done
             case $4 in zo|hft|lora|fp8|sparse_delta|roste) ;; *) echo "unknown family $4" >&2; exit 2 ;; esac
-            sleep "$S"; echo "kernel,time_ms" >> "$out/$4.csv"; exit 0 ;;
+            sleep "$S"; echo "skip=${FUSEDTUNE_BENCH_SKIP:-}"; echo "kernel,time_ms" >> "$out/$4.csv"; exit 0 ;;
           kernels) prev=; for a in "$@"; do [ "$prev" = --json ] && echo '{}' > "$a"; prev=$a; done; exit 0 ;;
           *) exit 0 ;;
         esac ;;
@@ -89,3 +92,15 @@ def test_an_unknown_benchmark_family_fails_its_step_only(tmp_path):
     assert p.returncode == 1 and "bench_nosuch" in summary and "FAILED (exit 2)" in summary, summary
     assert "bench_roste" in summary and (out / "roste.csv").exists(), summary
     assert "all.tgz" in os.listdir(snap)
+
+
+def test_an_opt_in_kernel_whose_tests_failed_is_left_out_of_the_benchmarks(tmp_path):
+    p, took, out, snap = _run(tmp_path, {"STEP_S": "0", "FAKE_FAIL": "tests/test_lora_tma_gpu.py",
+                                         "GPU_CHECK_BENCHES": "lora --quick;roste --quick"})
+    summary = (out / "summary.txt").read_text()
+    assert "FUSEDTUNE_BENCH_SKIP=fused-tma " in summary, summary
+    assert "skip=fused-tma" in (out / "bench_lora.log").read_text()
+    (tmp_path / "again").mkdir()
+    p, took, out, snap = _run(tmp_path / "again", {"STEP_S": "0", "GPU_CHECK_BENCHES": "roste --quick"})
+    assert "FUSEDTUNE_BENCH_SKIP" not in (out / "summary.txt").read_text()
+    assert "skip=\n" in (out / "bench_roste.log").read_text()

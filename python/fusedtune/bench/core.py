@@ -57,6 +57,13 @@ def hbm_peak(gpu_name: str) -> tuple[float, str]:
     return H100_HBM_BYTES_PER_S, f"H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s (not known for {gpu_name})"
 
 
+def hbm_share(time_ms: float, bytes_moved: float) -> str:
+    """'X GB/s = P% of <this GPU's HBM>' (the GPU torch runs on; the roofline_pct column stays on the H100's)."""
+    bw, label = hbm_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    gbs = bytes_moved / (time_ms * 1e-3)
+    return f"{gbs / 1e9:.0f} GB/s = {100.0 * gbs / bw:.1f}% of {label}"
+
+
 def hbm_goal(time_ms: float, bytes_moved: float, goal_pct: float, gpu_name: str) -> str:
     """'P% of <this GPU's HBM>; goal >= G%: met / NOT met' for a kernel that moved bytes_moved in time_ms."""
     bw, label = hbm_peak(gpu_name)
@@ -165,6 +172,15 @@ class GpuTimer(Timer):
             b.synchronize()
             samples.append(a.elapsed_time(b))
         return _quantiles(samples)
+
+
+def opt_in_skipped(kernel: str) -> str:
+    """Why an opt-in kernel ("fused-tma", "cuda-mma") is not timed in this run, or "": FUSEDTUNE_BENCH_SKIP
+    (comma-separated) names the ones to leave out. bench/gpu_check.sh sets it for a kernel whose GPU tests
+    failed in the same call: a kernel that faults leaves the process's CUDA context unusable, and the
+    family's later sections would be lost with it."""
+    skip = {k.strip() for k in os.environ.get("FUSEDTUNE_BENCH_SKIP", "").split(",") if k.strip()}
+    return f"{kernel} left out (FUSEDTUNE_BENCH_SKIP: its GPU tests failed in this run)" if kernel in skip else ""
 
 
 def free_memory() -> None:

@@ -22,7 +22,7 @@ import os
 
 import torch
 
-from .core import H100_HBM_BYTES_PER_S, linear_host_rows, roofline_pct, row
+from .core import hbm_share, linear_host_rows, roofline_pct, row
 
 SIZES, QUICK_SIZES, TINY_SIZES = (4096, 8192, 16384), (8192,), (256,)
 GOAL_TFLOPS = 1000.0
@@ -101,8 +101,7 @@ def quant_rows(timer, a, shape, on_gpu):
             qt = timer(lambda: fn(b))
             rows.append(row(kind, shape, str(a.dtype)[6:], b, "bf16 clone (same tensor)", qt, cp[0],
                             roofline_pct(qt[0], moved), note=CPU_NOTE if not on_gpu else
-                            f"{moved / (qt[0] * 1e-3) / 1e9:.0f} GB/s = "
-                            f"{100 * moved / (qt[0] * 1e-3) / H100_HBM_BYTES_PER_S:.0f}% of H100 HBM"))
+                            hbm_share(qt[0], moved)))
     return rows
 
 

@@ -70,7 +70,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import roofline_pct, row
+from .core import opt_in_skipped, roofline_pct, row
 
 LLAMA3_8B = [("q_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("o_proj", 4096, 4096),
              ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -156,10 +156,11 @@ def _schedules(T, N, K, device) -> list:
     from ..ops import lora_triton
     from ..triton_kernels import lora_tma
     default = lora_triton.schedule(T, N, K, None, "")
-    if default == "fused" and lora_tma.ENABLED and lora_tma.available(device):
+    if default == "fused" and lora_tma.ENABLED and lora_tma.available(device) and not opt_in_skipped("fused-tma"):
         default = "fused-tma"
     rest = [s for s in ("fused", "cublas", "fused-tma") if s != default]
-    return [default] + [s for s in rest if s != "fused-tma" or lora_tma.available(device)]
+    return [default] + [s for s in rest if s != "fused-tma" or (lora_tma.available(device)
+                                                                 and not opt_in_skipped("fused-tma"))]
 
 
 @contextlib.contextmanager
@@ -240,6 +241,10 @@ def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, b
 def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
     rows = []
     from ..ops import lora_linear
+    from ..triton_kernels import lora_tma
+    if on_gpu and lora_tma.available(device) and opt_in_skipped("fused-tma"):
+        rows.append(row("lora fwd+bwd (fused-tma schedule)", "-", "bf16", "-", "-", (float("nan"),) * 3, None,
+                        note="skipped: " + opt_in_skipped("fused-tma")))
     dt = torch.bfloat16 if on_gpu else torch.float32
     backend = None
     for T in tokens:
@@ -356,7 +361,7 @@ def nf4_rows(timer, on_gpu, device, quick):
             base = timer(lambda: torch.autograd.grad(pe(x), peft_params, dy))
             default = lora_ops.NF4_FUSED_MAX_ROWS
             # the in-GEMM dequant (fused), then the buffer; on sm_90 also the buffer with the fused-tma schedule
-            tma = both and lora_tma.available(device) and T >= lora_tma.MIN_ROWS
+            tma = both and lora_tma.available(device) and T >= lora_tma.MIN_ROWS and not opt_in_skipped("fused-tma")
             for limit, sched in [(T, None), (T - 1, None)] + [(T - 1, "fused-tma")] * tma if both else [(default, None)]:
                 lora_ops.NF4_FUSED_MAX_ROWS = limit
                 before = lora_tma.launches

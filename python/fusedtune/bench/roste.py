@@ -2,13 +2,14 @@
 
 At hidden / intermediate sizes n in {4096, 11008, 14336, 18944} (Llama-2/3, Mistral, Qwen2.5) over
 M = 8192 bf16 rows (--quick: 4096 rows), same run:
-1. hadamard (orthonormal; the CUDA butterfly kernel where it serves, the tensor-core factor kernel for
-   16-bit factored rows ("cuda-mma", FUSEDTUNE_HADAMARD_MMA), and the Triton kernel) against a
+1. hadamard (orthonormal; the CUDA butterfly kernel where it serves and the Triton kernel) against a
    memcpy of the same bytes (copy_ into a preallocated tensor). Goal on an H100: <= 1.15x the memcpy
-   time up to n = 16384.
+   time up to n = 16384. The opt-in tensor-core factor kernel for 16-bit factored rows ("cuda-mma",
+   FUSEDTUNE_HADAMARD_MMA) is timed in sections of its own after all the others.
 2. rotate_fake_quant (per token, W4 asymmetric, clip 0.95; one launch: rotation, min/max, quantization)
-   against the unfused sequence (the same Hadamard kernel, then RoSTE's fake quantization as torch
-   ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x faster than unfused.
+   against the unfused sequence (the Hadamard that auto runs -- CUDA's with the extension --, then RoSTE's
+   fake quantization as torch ops: min/max, scale, round, clamp, dequantize). Goal on an H100: >= 2x
+   faster than unfused.
 3. float32 rows (fp32 master weights, fp32 activations) at n in {4096, 11008}, 4096 rows: the Triton
    Hadamard (three fp16 parts per operand) against a memcpy of the same bytes, and the fused per-token
    rotate + W4 fake quant against the reference backend, which float32 rows ran on the GPU before.
@@ -27,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import linear_host_rows, roofline_pct, row
+from .core import linear_host_rows, opt_in_skipped, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
 # hidden sizes of Qwen2.5-7B (28 x 128), Llama-2-13B (40 x 128), 10240 (40 x 256) and 12288 (12 x 1024): both kernels
@@ -50,28 +51,34 @@ def _flops(rows: int, n: int, parts: int = 1) -> float:
     return rows * parts * (2.0 * AP * AP * P + (2.0 if parts == 3 else 4.0) * AP * P * P)
 
 
-def _unfused(x, bits, clip, backend):
+def _unfused(x, bits, clip):
+    """The unfused sequence: the Hadamard the default backend choice runs (the fastest kernel, CUDA's on a
+    GPU with the extension), then torch's fake quant."""
     from ..ops.roste import hadamard
     from ..reference.roste import fake_quant
 
     def f():
-        y = hadamard(x, backend=backend)
+        y = hadamard(x)
         return fake_quant(y, bits, "token", False, clip)[0].to(x.dtype)
     return f
 
 
-def _hadamard_backends(x, on_gpu: bool) -> list[str]:
+def _hadamard_backends(x, on_gpu: bool, mma_only: bool = False) -> list[str]:
     """The backends whose Hadamard kernel serves x: the CUDA butterfly kernel, the tensor-core factor kernel
     ("cuda-mma", 16-bit factored rows) and Triton on a GPU, the C++ kernel (or the reference without the
-    extension) on the CPU."""
+    extension) on the CPU. The opt-in "cuda-mma" kernel is timed apart (mma_only), in sections of its own
+    after the others: a fault of a kernel new to a GPU leaves the process's CUDA context unusable, and the
+    default schedule's rows are then already written."""
     from .. import backend as B
     from ..ops.roste import _HAD_HAS, _ext_refuses, mma_refuses
     has = frozenset(_HAD_HAS)
     if not on_gpu:
         return ["cpu" if B.can_serve("cpu", x.device, has)[0] and not _ext_refuses(x) else "reference"]
     ext = B.can_serve("cuda", x.device, has)[0]
-    return ((["cuda"] if ext and not _ext_refuses(x) else []) + (["cuda-mma"] if ext and not mma_refuses(x) else [])
-            + (["triton"] if B.can_serve("triton", x.device, has)[0] else []))
+    if mma_only:
+        return ["cuda-mma"] if ext and not mma_refuses(x) and not opt_in_skipped("cuda-mma") else []
+    return (["cuda"] if ext and not _ext_refuses(x) else []) + (["triton"] if B.can_serve("triton", x.device, has)[0]
+                                                                 else [])
 
 
 def _timed_hadamard(timer, x, hb: str):
@@ -82,8 +89,9 @@ def _timed_hadamard(timer, x, hb: str):
         return timer(lambda: hadamard(x, backend=backend))
 
 
-def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[dict]:
-    """The rows of one shape (fused=False: the Hadamard rows alone)."""
+def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True, mma_only: bool = False) -> list[dict]:
+    """The rows of one shape (fused=False: the Hadamard rows alone; mma_only: the opt-in tensor-core
+    kernel's Hadamard row alone)."""
     from ..ops.roste import rotate_fake_quant
     device = "cuda" if on_gpu else "cpu"
     dt = torch.bfloat16 if on_gpu else torch.float32
@@ -96,7 +104,10 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[d
     rows = []
 
     cp = timer(lambda: out.copy_(x))
-    for hb in _hadamard_backends(x, on_gpu):
+    if mma_only and opt_in_skipped("cuda-mma"):
+        return [row("hadamard (orthonormal)", shape, str(dt)[6:], "cuda-mma", "memcpy (copy_ of the same bytes)",
+                    (float("nan"),) * 3, cp[0], note="skipped: " + opt_in_skipped("cuda-mma"))]
+    for hb in _hadamard_backends(x, on_gpu, mma_only):
         try:
             had = _timed_hadamard(timer, x, hb)
         except Exception as e:  # noqa: BLE001 - the opt-in kernel failing is a row, not the loss of the section
@@ -113,16 +124,18 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True) -> list[d
         rows.append(row("hadamard (orthonormal)", shape, str(dt)[6:], hb, "memcpy (copy_ of the same bytes)", had,
                         cp[0], roofline_pct(had[0], moved, flops if hb == "triton" else 0.0), note=note))
 
-    if not fused:
+    if not fused or mma_only:
         return rows
     bits, clip = 4, 0.95
     fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))
-    unf = timer(_unfused(x, bits, clip, backend))
+    unf = timer(_unfused(x, bits, clip))
+    from ..ops.roste import hadamard_backend
+    unf_had = hadamard_backend(x.device)["backend"]
     speed = unf[0] / fused[0]
     note = CPU_NOTE if not on_gpu else (f"{speed:.2f}x unfused; goal >= {GOAL_FUSED}x: "
                                         f"{'met' if speed >= GOAL_FUSED else 'NOT met'}")
     rows.append(row("rotate_fake_quant (token, W4 asym, fused)", shape, str(dt)[6:], backend,
-                    "hadamard kernel + torch fake quant (unfused)", fused, unf[0],
+                    f"hadamard ({unf_had}) + torch fake quant (unfused)", fused, unf[0],
                     roofline_pct(fused[0], moved, flops), note=note))
     return rows
 
@@ -187,9 +200,13 @@ def sections(timer, quick: bool) -> list:
         out += [(f"Hadamard at 4096x{n} (factor {_factor(n)}: CUDA block kernel or Triton under auto)",
                  lambda n=n: size_rows(timer, 4096, n, on_gpu, fused=False)) for n in FACTORED]
         out += [(f"float32 rows at 4096x{n}", lambda n=n: fp32_rows(timer, 4096, n)) for n in (4096, 11008)]
-    return out + [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)),
-                                                               on_gpu)),
-                  ("host time per call", lambda: _host(on_gpu, quick))]
+    out += [("integer GEMM export", lambda: export_rows(timer, *((4096, 4096) if on_gpu else (64, 256)), on_gpu)),
+            ("host time per call", lambda: _host(on_gpu, quick))]
+    if on_gpu:   # last (_hadamard_backends): the opt-in tensor-core kernel
+        out += [(f"Hadamard at {m}x{n}, opt-in tensor-core kernel (cuda-mma)",
+                 lambda m=m, n=n: size_rows(timer, m, n, on_gpu, fused=False, mma_only=True))
+                for m, n in shapes + [(4096, n) for n in FACTORED]]
+    return out
 
 
 def _host(on_gpu, quick):

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_HBM_BYTES_PER_S, roofline_pct, row
+from .core import hbm_share, roofline_pct, row
 
 LLAMA3_8B_SHAPES = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096)]
 TINY_SHAPES = [("q/o_proj", 64, 64), ("gate/up_proj", 176, 64)]
@@ -88,8 +88,7 @@ def bench_regrow(timer, quick: bool) -> list[dict]:
             per_s = numel / (ours[0] * 1e-3)
             note = f"{per_s / 1e9:.3g} G positions/s"
             if nbytes and on_gpu:
-                note += (f"; the dense read {nbytes / (ours[0] * 1e-3) / 1e9:.0f} GB/s = "
-                         f"{roofline_pct(ours[0], nbytes):.1f}% of H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s")
+                note += f"; the dense read {hbm_share(ours[0], nbytes)}"
             if not on_gpu:
                 note = "interpreter on the CPU: a framework check, not performance; " + note
             r = row(kernel, where, "fp32", "triton", "torch: dense score, -inf scatter, torch.topk, compare+nonzero"
