@@ -2,10 +2,15 @@
 kernels whenever a CUDA toolkit is found -- a GPU is not needed to build).
 
 Environment:
-  FUSEDTUNE_CUDA_ARCHS  ';'-separated targets, default "8.0;8.9;9.0a" ("X.Y+PTX" adds PTX)
+  FUSEDTUNE_CUDA_ARCHS  ';'-separated targets, default "8.0;8.9;9.0a" ("X.Y+PTX" adds PTX); fusedtune's
+                        kernels are built for these (TORCH_CUDA_ARCH_LIST is not read for them)
   FUSEDTUNE_SKIP_CUDA=1 pure-Python install (no extension at all)
   FUSEDTUNE_NO_CUDA=1   build only the C++ CPU kernels even if a toolkit is present
   MAX_JOBS              parallel compile jobs (ninja)
+
+A wheel with the extension requires the torch minor version it was built against (the extension's C++
+ABI is torch's); a pure-Python one any torch >= 2.11. Build with `--no-build-isolation` so that the
+torch it is built against is the one you run.
 """
 import glob
 import os
@@ -17,9 +22,14 @@ from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_ARCHS = "8.0;8.9;9.0a"
+TORCH_RANGE = "torch>=2.11"   # tested: 2.11 (tools/compat_check.sh) and 2.14 (CI)
+REQUIRES = ["numpy", "safetensors"]   # safetensors: sparse_delta.save/load
 
 
 def _gencode(archs):
+    if not archs.strip():
+        raise SystemExit("FUSEDTUNE_CUDA_ARCHS is empty; give targets such as 8.0;8.9;9.0a, or unset it for "
+                         f"the default ({DEFAULT_ARCHS}); FUSEDTUNE_NO_CUDA=1 builds the CPU kernels alone")
     flags = []
     for a in [x.strip() for x in archs.split(";") if x.strip()]:
         m = re.fullmatch(r"(\d+)\.(\d+)([af]?)(\+PTX)?", a)
@@ -53,20 +63,34 @@ def _find_cuda_home():
             return
 
 
+def _sources(pattern, what):
+    """The files of a glob, or a clear stop: a tree or sdist without them would build an extension that
+    lacks kernels (and, for the CUDA ones, says it has them)."""
+    found = sorted(glob.glob(pattern))
+    if not found:
+        raise SystemExit(f"fusedtune: no {what} ({pattern}) under {ROOT}: an incomplete source tree or sdist; "
+                         "build from a git checkout or a complete sdist (FUSEDTUNE_SKIP_CUDA=1: pure Python)")
+    return found
+
+
 def extensions():
+    """(ext_modules, cmdclass, install_requires)."""
     if os.environ.get("FUSEDTUNE_SKIP_CUDA") == "1":
         print("fusedtune: FUSEDTUNE_SKIP_CUDA=1 -> pure-Python install, no extension")
-        return [], {}
+        return [], {}, [TORCH_RANGE] + REQUIRES
     _find_cuda_home()
     import torch
     from torch.utils import cpp_extension
 
     cuda_home = cpp_extension.CUDA_HOME
-    with_cuda = cuda_home is not None and os.environ.get("FUSEDTUNE_NO_CUDA") != "1"
+    no_nvcc = cuda_home is not None and not os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    if no_nvcc:      # a CUDA runtime image: libraries, no compiler
+        print(f"fusedtune: {cuda_home} has no bin/nvcc -> C++ CPU kernels only")
+    with_cuda = cuda_home is not None and not no_nvcc and os.environ.get("FUSEDTUNE_NO_CUDA") != "1"
     archs = os.environ.get("FUSEDTUNE_CUDA_ARCHS", DEFAULT_ARCHS)
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
     defines = [f'-DFT_TORCH_VERSION="{torch.__version__}"']
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources = _sources("csrc/ops.cpp", "extension entry point") + _sources("csrc/cpu/*.cpp", "C++ CPU kernels")
     # the headers as depends: setuptools skips an extension whose sources are older than the built
     # library, and a change to a header alone would otherwise leave a stale one (ninja tracks them too)
     kwargs = dict(include_dirs=[os.path.join(ROOT, "csrc", "include")],
@@ -76,7 +100,7 @@ def extensions():
         # and the variable keeps torch from querying a GPU that a build machine does not have.
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", archs.replace("a", ""))
         defines += [f'-DFT_CUDA_ARCHS="{archs}"', "-DFT_WITH_CUDA", f"-DFT_CUDA_VERSION={_nvcc_version(cuda_home)}"]
-        sources += sorted(glob.glob("csrc/cuda/*.cu")) + sorted(glob.glob("csrc/cuda/*_dispatch.cpp"))
+        sources += _sources("csrc/cuda/*.cu", "CUDA kernels") + _sources("csrc/cuda/*_dispatch.cpp", "CUDA dispatch")
         nvcc = ["-O3", "-lineinfo", "--expt-relaxed-constexpr"] + _gencode(archs) + defines
         ext = cpp_extension.CUDAExtension(
             "fusedtune._C", sources, extra_compile_args={"cxx": cxx + defines, "nvcc": nvcc}, **kwargs)
@@ -85,10 +109,12 @@ def extensions():
         ext = cpp_extension.CppExtension("fusedtune._C", sources, extra_compile_args={"cxx": cxx + defines}, **kwargs)
         print("fusedtune: no CUDA toolkit found (or FUSEDTUNE_NO_CUDA=1) -> C++ CPU kernels only")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=True)
-    return [ext], {"build_ext": build_ext}
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    pin = f"torch>={major}.{minor},<{major}.{minor + 1}"   # the extension loads only into this torch
+    return [ext], {"build_ext": build_ext}, [pin] + REQUIRES
 
 
-ext_modules, cmdclass = extensions()
+ext_modules, cmdclass, install_requires = extensions()
 
 setup(
     package_dir={"fusedtune": "python/fusedtune", "fusedtune.triton_kernels": "triton_kernels"},
@@ -96,4 +122,5 @@ setup(
     + ["fusedtune.triton_kernels"],
     ext_modules=ext_modules,
     cmdclass=cmdclass,
+    install_requires=install_requires,
 )

@@ -81,3 +81,43 @@ def test_cli_usage_and_unknown_command(capsys):
     assert main([]) == 2
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+
+
+def test_cli_version_is_the_package_metadata_version(capsys):
+    import os
+    import re
+    assert main(["--version"]) == 0
+    out = capsys.readouterr().out.strip()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    declared = re.search(r'^version = "([^"]+)"', open(os.path.join(root, "pyproject.toml")).read(), re.M).group(1)
+    assert out == f"fusedtune {declared}" == f"fusedtune {fusedtune.__version__}"
+
+
+def test_demo_without_transformers_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+    from fusedtune import demo
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "transformers" else real(name, *a))
+    assert demo.main(["--steps", "1"]) == 2
+    assert "pip install 'fusedtune[demo]'" in capsys.readouterr().err
+
+
+def test_an_extension_that_does_not_load_names_the_cause_and_the_fix(monkeypatch, tmp_path):
+    import glob as glob_mod
+    keep = dict(_ext._state)
+
+    def refuse(path):
+        try:
+            raise OSError(f"{path}: undefined symbol: _ZN3c10fooEv")
+        except OSError as e:
+            raise OSError(f"Could not load this library: {path}") from e
+    monkeypatch.setattr(glob_mod, "glob", lambda pat: [str(tmp_path / "_C.so")] if pat.endswith("_C*.so") else [])
+    monkeypatch.setattr(torch.ops, "load_library", refuse)
+    try:
+        _ext._load()
+        err = _ext.error()
+    finally:
+        _ext._state.clear()
+        _ext._state.update(keep)
+    assert "undefined symbol: _ZN3c10fooEv" in err and f"torch {torch.__version__}" in err, err
+    assert "pip install --no-build-isolation" in err, err

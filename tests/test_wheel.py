@@ -68,6 +68,18 @@ def test_wheel_contents(wheel):
 
 
 @pytest.mark.slow
+def test_wheel_requires_the_torch_it_was_built_against(wheel):
+    """The extension's C++ ABI is torch's: pip must not put the wheel beside another torch minor version."""
+    import torch
+    path, names, _ = wheel
+    (meta,) = [n for n in names if n.endswith(".dist-info/METADATA")]
+    with zipfile.ZipFile(path) as z:
+        reqs = [ln.split(":", 1)[1].strip() for ln in z.read(meta).decode().splitlines() if ln.startswith("Requires-Dist:")]
+    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
+    assert f"torch<{major}.{minor + 1},>={major}.{minor}" in reqs, reqs
+
+
+@pytest.mark.slow
 def test_wheel_extension_has_all_cubins(wheel):
     _, _, unpacked = wheel
     so = str(unpacked / "fusedtune" / "_C.so")

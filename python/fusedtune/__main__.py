@@ -10,9 +10,9 @@ commands:
   doctor    versions, the compiled extension, GPU, backends and why not   [--json]
   demo      pre-train a tiny Llama on task A, fine-tune on task B with every method, print a table
   bench     time kernels against their baselines (CSV + plots under bench/results/)
-  kernels   compile every kernel for sm_80/sm_89/sm_90: registers, spills, shared memory, tensor cores
+  kernels   compile every kernel for sm_80/sm_89/sm_90a: registers, spills, shared memory, tensor cores
 
-`python -m fusedtune COMMAND --help` shows a command's options."""
+`python -m fusedtune COMMAND --help` shows a command's options; `--version` the version."""
 
 COMMANDS = {
     "doctor": "fusedtune.doctor",
@@ -44,6 +44,10 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
+    if argv[0] in ("-V", "--version"):
+        from . import __version__
+        print(f"fusedtune {__version__}")
+        return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
         print(f"fusedtune: unknown command {command!r}; choose one of {', '.join(COMMANDS)}\n", file=sys.stderr)

@@ -9,13 +9,15 @@ import os
 import torch
 
 _state = {"loaded": False, "error": None, "path": None, "info": {}}
+BUILD_HINT = ("build it from a source checkout with `pip install --no-build-isolation --no-deps --force-reinstall .` "
+              "(a CUDA toolkit adds the CUDA kernels; FUSEDTUNE_CUDA_ARCHS picks the targets)")
 
 
 def _load():
     here = os.path.dirname(os.path.abspath(__file__))
     paths = sorted(glob.glob(os.path.join(here, "_C*.so")) + glob.glob(os.path.join(here, "_C*.pyd")))
     if not paths:
-        _state["error"] = "fusedtune._C is not built (pure-Python install, or FUSEDTUNE_SKIP_CUDA=1)"
+        _state["error"] = ("fusedtune._C is not built (pure-Python install, or FUSEDTUNE_SKIP_CUDA=1); " + BUILD_HINT)
         return
     _state["path"] = paths[0]
     try:
@@ -23,7 +25,9 @@ def _load():
         _state["info"] = json.loads(torch.ops.fusedtune.build_info())
         _state["loaded"] = True
     except Exception as e:  # noqa: BLE001 - recorded for doctor()
-        _state["error"] = f"fusedtune._C at {paths[0]} did not load: {type(e).__name__}: {e}"
+        cause = f" ({type(e.__cause__).__name__}: {e.__cause__})" if e.__cause__ is not None else ""
+        _state["error"] = (f"fusedtune._C at {paths[0]} did not load: {type(e).__name__}: {e}{cause}; it must be built "
+                           f"against the torch that runs it (torch {torch.__version__} here): " + BUILD_HINT)
 
 
 if os.environ.get("FUSEDTUNE_DISABLE_EXTENSION") != "1":
