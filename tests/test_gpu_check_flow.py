@@ -43,12 +43,12 @@ pytestmark = pytest.mark.skipif(not (shutil.which("bash") and shutil.which("time
                                 reason="needs bash, timeout and tar")
 
 
-def _run(tmp_path, env_extra, kill_after=None):
+def _run(tmp_path, env_extra, kill_after=None, reuse=False):
     fake = tmp_path / "fakepy"
     fake.write_text(FAKE_PY)
     fake.chmod(0o755)
     out, snap = tmp_path / "gc", tmp_path / "snap"
-    out.mkdir()
+    out.mkdir(exist_ok=reuse)
     (out / "_C.fake.so").write_bytes(b"\0" * 1024)    # the extension as built: never archived
     env = dict(os.environ, PYTHON=str(fake), GPU_CHECK_CAP="9.0", GPU_CHECK_SKIP_BUILD="1",
                GPU_CHECK_SNAPSHOT=str(snap), FUSEDTUNE_COMMIT="test", **env_extra)
@@ -85,13 +85,22 @@ def test_a_call_killed_midway_leaves_the_finished_steps_in_the_snapshot(tmp_path
     assert "doctor" in (snap / "summary.txt").read_text()
 
 
-def test_an_unknown_benchmark_family_fails_its_step_only(tmp_path):
-    p, took, out, snap = _run(tmp_path, {"STEP_S": "0", "GPU_CHECK_BENCHES": "zo;nosuch;roste",
+def test_an_unknown_or_empty_benchmark_entry_fails_or_skips_that_entry_only(tmp_path):
+    p, took, out, snap = _run(tmp_path, {"STEP_S": "0", "GPU_CHECK_BENCHES": "nosuch;;zo; ;roste",
                                          "GPU_CHECK_TESTS": "tests/test_x_gpu.py"})
     summary = (out / "summary.txt").read_text()
-    assert p.returncode == 1 and "bench_nosuch" in summary and "FAILED (exit 2)" in summary, summary
-    assert "bench_roste" in summary and (out / "roste.csv").exists(), summary
+    assert p.returncode == 1 and "bench_nosuch" in summary and "FAILED (exit 2)" in summary, p.stderr + summary
+    assert "bench_zo" in summary and "bench_roste" in summary and (out / "roste.csv").exists(), summary
     assert "all.tgz" in os.listdir(snap)
+
+
+def test_a_deadline_inside_the_test_step_skips_it_rather_than_running_unlimited(tmp_path):
+    """The GPU test families get the step's limit less 10 s: when the deadline leaves less than that, the step
+    is skipped (timeout 0 means no limit, and a negative one is an error that read as failed tests)."""
+    p, took, out, snap = _run(tmp_path, {"STEP_S": "0", "GPU_CHECK_DEADLINE": "18", "GPU_CHECK_BENCHES": "none"})
+    summary = (out / "summary.txt").read_text()
+    assert "pytest     SKIPPED (deadline 18s)" in summary, summary
+    assert p.returncode == 0 and "SKIPPED: pytest" in p.stdout and "gpu_tests -" not in p.stdout, p.stdout[-2000:]
 
 
 def test_an_opt_in_kernel_whose_tests_failed_is_left_out_of_the_benchmarks(tmp_path):
@@ -104,3 +113,8 @@ def test_an_opt_in_kernel_whose_tests_failed_is_left_out_of_the_benchmarks(tmp_p
     p, took, out, snap = _run(tmp_path / "again", {"STEP_S": "0", "GPU_CHECK_BENCHES": "roste --quick"})
     assert "FUSEDTUNE_BENCH_SKIP" not in (out / "summary.txt").read_text()
     assert "skip=\n" in (out / "bench_roste.log").read_text()
+    # a later, narrower call into the same OUTDIR does not read the earlier call's test logs
+    (out / "pytest_lora_tma.log").write_text("tests/test_lora_tma_gpu.py::t FAILED\n")
+    p, took, out, snap = _run(tmp_path / "again", {"STEP_S": "0", "GPU_CHECK_BENCHES": "lora --quick",
+                                                   "GPU_CHECK_TESTS": "tests/test_x_gpu.py"}, reuse=True)
+    assert "skip=\n" in (out / "bench_lora.log").read_text()
