@@ -63,10 +63,17 @@ def _find_cuda_home():
             return
 
 
+def torch_pin(version: str) -> str:
+    """The requirement of a build with the extension: the torch minor version it was built against, its
+    pre-releases and local builds included (2.14.0a0+git..., 2.14.0rc1, NGC's 2.14.0a0+....nv25.01)."""
+    major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", version).groups())
+    return f"torch>={major}.{minor}.0.dev0,<{major}.{minor + 1}.0.dev0"
+
+
 def _sources(pattern, what):
-    """The files of a glob, or a clear stop: a tree or sdist without them would build an extension that
-    lacks kernels (and, for the CUDA ones, says it has them)."""
-    found = sorted(glob.glob(pattern))
+    """The files of a glob (relative to this folder), or a clear stop: a tree or sdist without them would
+    build an extension that lacks kernels (and, for the CUDA ones, says it has them)."""
+    found = sorted(os.path.relpath(f, ROOT) for f in glob.glob(os.path.join(ROOT, pattern)))
     if not found:
         raise SystemExit(f"fusedtune: no {what} ({pattern}) under {ROOT}: an incomplete source tree or sdist; "
                          "build from a git checkout or a complete sdist (FUSEDTUNE_SKIP_CUDA=1: pure Python)")
@@ -109,9 +116,7 @@ def extensions():
         ext = cpp_extension.CppExtension("fusedtune._C", sources, extra_compile_args={"cxx": cxx + defines}, **kwargs)
         print("fusedtune: no CUDA toolkit found (or FUSEDTUNE_NO_CUDA=1) -> C++ CPU kernels only")
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True, no_python_abi_suffix=True)
-    major, minor = (int(v) for v in torch.__version__.split("+")[0].split(".")[:2])
-    pin = f"torch>={major}.{minor},<{major}.{minor + 1}"   # the extension loads only into this torch
-    return [ext], {"build_ext": build_ext}, [pin] + REQUIRES
+    return [ext], {"build_ext": build_ext}, [torch_pin(torch.__version__)] + REQUIRES   # it loads only there
 
 
 ext_modules, cmdclass, install_requires = extensions()

@@ -74,18 +74,34 @@ def test_an_incomplete_tree_or_an_empty_target_list_stops_the_build(tmp_path):
     assert p.returncode == 0 and p.stdout.strip().endswith("fusedtune"), p.stdout + p.stderr
 
 
+def test_the_torch_pin_takes_the_build_torch_and_its_prereleases():
+    from packaging.requirements import Requirement
+    from setup_py import function
+    pin = function("torch_pin")
+    for built, ok, refused in (
+            ("2.14.1+cu130", ["2.14.0", "2.14.1", "2.14.9+cu126", "2.14.0a0+ecf3bae40a.nv25.01", "2.14.0rc1",
+                              "2.14.0.dev20260101+cu130"], ["2.13.1", "2.15.0", "2.15.0a0+git1234"]),
+            ("2.15.0a0+git1234abc", ["2.15.0a0+git1234abc", "2.15.0", "2.15.2"], ["2.14.1", "2.16.0.dev20270101"]),
+            ("10.0.0", ["10.0.3"], ["9.9.0", "10.1.0"])):
+        spec = Requirement(pin(built)).specifier
+        assert all(spec.contains(v, prereleases=True) for v in ok), (built, pin(built))
+        assert not any(spec.contains(v, prereleases=True) for v in refused), (built, pin(built))
+
+
 def test_the_torch_requirement_follows_the_build(tmp_path):
     """A build with the extension requires the torch minor version it was built against (the extension's
     C++ ABI); a pure-Python build the supported range."""
     import torch
+    from setup_py import function
     tree = _tracked_copy(tmp_path / "tree")
-    major, minor = torch.__version__.split("+")[0].split(".")[:2]
     for env, want in (({"FUSEDTUNE_SKIP_CUDA": "1"}, "torch>=2.11"),
-                      ({"FUSEDTUNE_NO_CUDA": "1"}, f"torch<{major}.{int(minor) + 1},>={major}.{minor}")):
+                      ({"FUSEDTUNE_NO_CUDA": "1"}, function("torch_pin")(torch.__version__))):
         base = tmp_path / ("egg" + str(len(env) + len(want)))
         base.mkdir()
         p = _setup_py(tree, env, "-q", "egg_info", "--egg-base", str(base))
         assert p.returncode == 0, p.stdout + p.stderr
         (req,) = base.glob("*.egg-info/requires.txt")
         first = req.read_text().split("\n[")[0].split()
-        assert want in first and "numpy" in first and "safetensors" in first, first
+        from packaging.requirements import Requirement
+        assert Requirement(want).specifier in [Requirement(r).specifier for r in first if r.startswith("torch")], first
+        assert "numpy" in first and "safetensors" in first, first
