@@ -459,3 +459,21 @@ def test_vmap_over_examples_matches_the_batched_forward():
     want = dora_ops.dora_linear(x, w, A, B, 2.0, m)
     got = torch.func.vmap(lambda xi: dora_ops.dora_linear(xi, w, A, B, 2.0, m))(x)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
+
+
+def test_backward_gets_no_gradient_buffers_for_the_saved_intermediates(monkeypatch):
+    """t and F are outputs of the autograd Function only to be saved: autograd must not hand backward
+    zero-filled gradients for them (F's is a float32 [T, N], ~470 MB a layer at Llama-3-8B gate/up)."""
+    seen = []
+    real = dora_ops._ColumnScaledLoRA.backward
+
+    def spy(ctx, dy, dt, dF):
+        seen.append((dy is not None, dt, dF))
+        return real(ctx, dy, dt, dF)
+    monkeypatch.setattr(dora_ops._ColumnScaledLoRA, "backward", staticmethod(spy))
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 16, generator=g, requires_grad=True)
+    w, A = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g, requires_grad=True)
+    B, m = torch.randn(8, 2, generator=g, requires_grad=True), (torch.rand(8, generator=g) + 0.5).requires_grad_()
+    dora_ops.dora_linear(x, w, A, B, 2.0, m).sum().backward()
+    assert seen == [(True, None, None)]

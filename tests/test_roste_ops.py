@@ -349,3 +349,20 @@ def test_tensor_core_kernel_is_compiled_for_every_factor():
     used = {href.split_size(m * 64)[0] for m in href.FACTORS}
     assert used == set(href.FACTORS) - {20}
     assert all(-(-m // 16) in cases for m in used)
+
+
+def test_hadamard_choice_names_the_backend_hadamard_runs(monkeypatch):
+    """The benchmark labels its unfused baseline with hadamard_choice: it must be what hadamard() runs, per shape."""
+    from fusedtune.ops import roste as ops_roste
+    ran = []
+    real = ops_roste._hadamard
+
+    def spy(x, s, t, name):
+        ran.append(name)
+        return real(x, s, t, name)
+    monkeypatch.setattr(ops_roste, "_hadamard", spy)
+    for n in (768, 4096, 11008, 3584):
+        for backend in (None, "reference"):
+            x = torch.randn(2, n)
+            ops_roste.hadamard(x, backend=backend)
+            assert ran[-1] == ops_roste.hadamard_choice(x, backend), (n, backend, ran[-1])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch, on a machine with pip access, the wheels that the borrowed GPU machine lacks for
-# bench/gpu_check.sh, into .whl/ (git-ignored through .git/info/exclude):
+# bench/gpu_check.sh, into .whl/ (git-ignored: .gitignore):
 #
 #   bash tools/device_wheels.sh            # then carry ".whl" in the device call
 #
@@ -17,7 +17,6 @@ PYVER=${DEVICE_PYTHON_VERSION:-3.12}
 DEST=.whl
 WHEELS=(setuptools==80.9.0 pytest==9.0.3 pluggy==1.6.0 iniconfig==2.3.0 pygments==2.19.2 peft==0.21.2 bitsandbytes==0.50.2)
 
-grep -qxF "/$DEST/" .git/info/exclude 2>/dev/null || { mkdir -p .git/info; echo "/$DEST/" >> .git/info/exclude; }
 rm -rf "$DEST" && mkdir -p "$DEST"
 # PIP_CONSTRAINT= : the dev machine's pip constraints cap packages to its local disk copies
 PIP_CONSTRAINT= python3 -m pip download -q --no-deps --only-binary=:all: --python-version "$PYVER" \

@@ -9,8 +9,9 @@ import os
 import torch
 
 _state = {"loaded": False, "error": None, "path": None, "info": {}}
-BUILD_HINT = ("build it from a source checkout with `pip install --no-build-isolation --no-deps --force-reinstall .` "
-              "(a CUDA toolkit adds the CUDA kernels; FUSEDTUNE_CUDA_ARCHS picks the targets)")
+BUILD_HINT = ("build it from a source checkout with `pip install --no-build-isolation --no-deps --force-reinstall .`, "
+              "or in place for an editable checkout with `python setup.py build_ext --inplace` (a CUDA toolkit adds "
+              "the CUDA kernels; FUSEDTUNE_CUDA_ARCHS picks the targets)")
 
 
 def _load():

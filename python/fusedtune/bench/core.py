@@ -57,21 +57,25 @@ def hbm_peak(gpu_name: str) -> tuple[float, str]:
     return H100_HBM_BYTES_PER_S, f"H100 HBM {H100_HBM_BYTES_PER_S / 1e12:.2f} TB/s (not known for {gpu_name})"
 
 
+def _hbm_pct(time_ms: float, bytes_moved: float, gpu_name: str) -> tuple[float, float, str]:
+    """(bytes/s, % of the HBM peak of gpu_name, that peak's label)."""
+    bw, label = hbm_peak(gpu_name)
+    per_s = bytes_moved / (time_ms * 1e-3)
+    return per_s, 100.0 * per_s / bw, label
+
+
 def hbm_share(time_ms: float, bytes_moved: float) -> str:
     """'X GB/s = P% of <this GPU's HBM>' (the GPU torch runs on; the roofline_pct column stays on the H100's)."""
-    bw, label = hbm_peak(torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
-    gbs = bytes_moved / (time_ms * 1e-3)
-    return f"{gbs / 1e9:.0f} GB/s = {100.0 * gbs / bw:.1f}% of {label}"
+    per_s, pct, label = _hbm_pct(time_ms, bytes_moved,
+                                 torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu")
+    return f"{per_s / 1e9:.0f} GB/s = {pct:.1f}% of {label}"
 
 
 def hbm_goal(time_ms: float, bytes_moved: float, goal_pct: float, gpu_name: str) -> str:
     """'P% of <this GPU's HBM>; goal >= G%: met / NOT met' for a kernel that moved bytes_moved in time_ms."""
-    bw, label = hbm_peak(gpu_name)
-    pct = 100.0 * bytes_moved / (time_ms * 1e-3) / bw
+    _, pct, label = _hbm_pct(time_ms, bytes_moved, gpu_name)
     return f"{pct:.1f}% of {label}; goal >= {goal_pct:.0f}%: {'met' if pct >= goal_pct else 'NOT met'}"
 
-
-# ----------------------------------------------------------------------------- timers
 
 def _quantiles(samples: Sequence[float]) -> tuple[float, float, float]:
     s = sorted(samples)

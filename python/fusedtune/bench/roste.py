@@ -52,13 +52,14 @@ def _flops(rows: int, n: int, parts: int = 1) -> float:
 
 
 def _unfused(x, bits, clip):
-    """The unfused sequence: the Hadamard the default backend choice runs (the fastest kernel, CUDA's on a
-    GPU with the extension), then torch's fake quant."""
-    from ..ops.roste import hadamard
+    """The unfused sequence: the Hadamard that auto runs for x (per shape: CUDA's butterfly kernel or Triton's;
+    not the opt-in tensor-core kernel, timed in its own sections), then torch's fake quant."""
+    from ..ops.roste import hadamard, mma_scope
     from ..reference.roste import fake_quant
 
     def f():
-        y = hadamard(x)
+        with mma_scope(False):
+            y = hadamard(x)
         return fake_quant(y, bits, "token", False, clip)[0].to(x.dtype)
     return f
 
@@ -129,8 +130,9 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True, mma_only:
     bits, clip = 4, 0.95
     fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))
     unf = timer(_unfused(x, bits, clip))
-    from ..ops.roste import hadamard_backend
-    unf_had = hadamard_backend(x.device)["backend"]
+    from ..ops.roste import hadamard_choice, mma_scope
+    with mma_scope(False):
+        unf_had = hadamard_choice(x)
     speed = unf[0] / fused[0]
     note = CPU_NOTE if not on_gpu else (f"{speed:.2f}x unfused; goal >= {GOAL_FUSED}x: "
                                         f"{'met' if speed >= GOAL_FUSED else 'NOT met'}")

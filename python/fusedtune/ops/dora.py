@@ -171,7 +171,7 @@ class _ColumnScaledLoRA(torch.autograd.Function):
 
     @staticmethod
     def forward(g, *op_args):
-        return _dora(g, *op_args)      # y, t (the shrink), F; only y is differentiable
+        return _dora(g, *op_args)      # y, t (the shrink), F; only y reaches the caller
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -180,7 +180,10 @@ class _ColumnScaledLoRA(torch.autograd.Function):
         x2, w, A, B = op_args[:4]
         ctx.save_for_backward(g, x2, w, A, B, F, t)
         ctx.rest = tuple(op_args[4:])
+        # t and F are outputs only to be saved (setup_context has no other way to keep a forward's intermediates):
+        # no gradient flows to them, and none is materialized as zeros for backward (F: a float32 [T, N])
         ctx.mark_non_differentiable(t, F)
+        ctx.set_materialize_grads(False)
 
     @staticmethod
     def backward(ctx, dy, _dt, _dF):

@@ -197,6 +197,13 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
     n = x.shape[-1]
     href.split_size(n)                                   # refuses unsupported sizes, naming the supported
     s = (1.0 / n ** 0.5) if scale is None else float(scale)
+    return _hadamard(x.contiguous(), s, bool(transpose), hadamard_choice(x, backend))
+
+
+def hadamard_choice(x, backend: str | None = None) -> str:
+    """The backend hadamard(x, backend=backend) runs for this x ("cuda" takes the tensor-core kernel where
+    MMA is on and it serves x). Raises as hadamard does for a named backend that cannot."""
+    n = x.shape[-1]
     name = _backend.resolve("hadamard", x.device, _HAD_HAS, backend)
     if name in ("cpu", "cuda"):
         why = "" if name == "cuda" and MMA and not mma_refuses(x) else _ext_refuses(x)
@@ -212,8 +219,7 @@ def hadamard(x, scale: float | None = None, transpose: bool = False, backend: st
             name = nxt
         elif name == "cuda" and _backend.requested(backend) != "cuda" and _prefer_triton(x):
             name = "triton"
-    name = _rotation_backend("hadamard", x, name, backend)
-    return _hadamard(x.contiguous(), s, bool(transpose), name)
+    return _rotation_backend("hadamard", x, name, backend)
 
 
 def _ext_refuses(x) -> str:
