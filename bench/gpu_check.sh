@@ -7,7 +7,7 @@
 # builds fusedtune._C in place for the local GPU plus sm_90a, runs the GPU tests, the kernel report
 # and every benchmark, and writes logs, kernels.json and the benchmark CSV/PNG files to OUTDIR.
 # Every step has a time limit (all of them together 565 s); what a step leaves unused is added to the
-# next step's limit. A deadline caps them all: no step runs past GPU_CHECK_DEADLINE seconds (default 540)
+# next step's limit. A deadline caps them all: no step runs past GPU_CHECK_DEADLINE seconds (default 565)
 # from the script's start, and a step with under 5 s left is skipped, so the script ends, archive
 # written, inside a device call's timeout (run it with a timeout_s of 600). A failed step is logged and
 # the script goes on; it exits non-zero at the end if any step failed. Benchmarks append each section's
@@ -42,7 +42,7 @@ FAILED=()
 SKIPPED=()
 T0=$SECONDS
 BANK=0   # seconds the steps so far left unused, given to the next step
-DEADLINE=${GPU_CHECK_DEADLINE:-540}
+DEADLINE=${GPU_CHECK_DEADLINE:-565}
 ARCHIVE_S=8   # kept back from the deadline for the last archive
 
 # snapshot: OUT/all.tgz and summary.txt as they stand (and a copy in GPU_CHECK_SNAPSHOT), written whole
