@@ -52,10 +52,10 @@ snapshot() {
   # (tar exits 1 when a file changed while read, e.g. a log still written: the archive is still whole)
   tar czf "$OUT/.all.tgz.part" -C "$OUT" --warning=no-file-changed --exclude='./_C*.so' --exclude='./.all.tgz.part' \
     --exclude='./.summary.txt.part' --exclude='./all.tgz' . 2>/dev/null || rc=$?
-  if [ "$rc" -le 1 ]; then mv -f "$OUT/.all.tgz.part" "$OUT/all.tgz"; else rm -f "$OUT/.all.tgz.part"; fi
-  if [ -n "$SNAP" ] && [ "$SNAP" != "$OUT" ]; then
-    cp "$OUT/all.tgz" "$SNAP/.all.tgz.part" 2>/dev/null && mv -f "$SNAP/.all.tgz.part" "$SNAP/all.tgz"
-    cp "$SUMMARY" "$SNAP/.summary.txt.part" 2>/dev/null && mv -f "$SNAP/.summary.txt.part" "$SNAP/summary.txt"
+  if [ "$rc" -le 1 ]; then mv -f "$OUT/.all.tgz.part" "$OUT/all.tgz" || true; else rm -f "$OUT/.all.tgz.part"; fi
+  if [ -n "$SNAP" ] && [ "$SNAP" != "$OUT" ]; then   # (|| true: a failed copy must not stop the script, set -e)
+    { cp "$OUT/all.tgz" "$SNAP/.all.tgz.part" && mv -f "$SNAP/.all.tgz.part" "$SNAP/all.tgz"; } 2>/dev/null || true
+    { cp "$SUMMARY" "$SNAP/.summary.txt.part" && mv -f "$SNAP/.summary.txt.part" "$SNAP/summary.txt"; } 2>/dev/null || true
   fi
   return 0
 }
