@@ -39,3 +39,30 @@ def test_every_gpu_test_file_has_a_step():
     assert gpu_files
     for f in gpu_files:
         assert f"tests/{f}" in text, f"{f} has GPU tests that gpu_check.sh does not run"
+
+
+def test_test_files_split_across_families_lose_no_test():
+    """A GPU test file run by several families (-k expressions, '@' for a space) is covered whole, once."""
+    import shlex
+    import subprocess
+    import sys
+    text = open(SCRIPT).read()
+    body = text[text.index('for spec in "zo tests'):text.index("; do", text.index('for spec in "zo tests'))]
+    specs = [shlex.split(s.replace("@", "\\ ")) for s in re.findall(r'"([^"]+)"', body)]
+    by_file = {}
+    for spec in specs:
+        if "-k" in spec:
+            k = spec[spec.index("-k") + 1].replace("\\", "")
+            for f in (a for a in spec[1:] if a.startswith("tests/")):
+                by_file.setdefault(f, []).append(k)
+    assert by_file, "no family uses -k"
+    root = os.path.join(os.path.dirname(__file__), "..")
+
+    def collect(f, *k):
+        out = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", "gpu", "-p", "no:cacheprovider", f, *k],
+                             cwd=root, capture_output=True, text=True, timeout=300).stdout
+        return [ln for ln in out.splitlines() if "::" in ln]
+    for f, ks in by_file.items():
+        every = collect(f)
+        parts = [collect(f, "-k", k) for k in ks]
+        assert every and sorted(sum(parts, [])) == sorted(every), (f, ks, [len(p) for p in parts], len(every))

@@ -23,6 +23,7 @@ case "$1" in
       pytest) sleep "$S"
         for a in "$@"; do case " ${FAKE_FAIL:-} " in *" $a "*)
           echo "$a::t FAILED"; echo "===== 1 failed in ${S}s ====="; exit 1 ;; esac; done
+        for a in "$@"; do echo "arg[$a]"; done
         echo "tests/test_x_gpu.py::t PASSED"; echo "===== 1 passed in ${S}s ====="; exit 0 ;;
       fusedtune)
         case "$3" in
@@ -118,3 +119,9 @@ def test_an_opt_in_kernel_whose_tests_failed_is_left_out_of_the_benchmarks(tmp_p
     p, took, out, snap = _run(tmp_path / "again", {"STEP_S": "0", "GPU_CHECK_BENCHES": "lora --quick",
                                                    "GPU_CHECK_TESTS": "tests/test_x_gpu.py"}, reuse=True)
     assert "skip=\n" in (out / "bench_lora.log").read_text()
+
+
+def test_a_test_file_split_across_families_gets_its_k_expression_whole(tmp_path):
+    p, took, out, snap = _run(tmp_path, {"STEP_S": "0", "GPU_CHECK_BENCHES": "none"})
+    assert "arg[not triton_within_rule]" in (out / "pytest_lora_more.log").read_text()
+    assert "arg[triton_within_rule]" in (out / "pytest_lora.log").read_text()
