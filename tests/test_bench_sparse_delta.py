@@ -18,6 +18,7 @@ from fusedtune.bench import sparse_delta as sd_bench  # noqa: E402
 from fusedtune.nn import SparseDeltaLinear  # noqa: E402
 
 SDDMM = "sddmm delta gradient"
+DENSE = "delta gradient (dense schedule: float32 dW blocks + gather)"
 OPT = "SparseDeltaAdamW step"
 OP = "sparse_adamw_ op (prebuilt lists)"
 COUNTED = "SparseDeltaAdamW step after regrowth (counts, 1 in 5 young)"
@@ -59,10 +60,10 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
     assert all(r["note"].startswith(sd_bench.CPU_NOTE) and float(r["time_ms"]) > 0 for r in host)
     rows = [r for r in rows if r not in host]
     kernels = [r["kernel"] for r in rows]
-    assert kernels.count(SDDMM) == 9                                     # 3 shapes x 3 densities
+    assert kernels.count(SDDMM) == kernels.count(DENSE) == 9            # 3 shapes x 3 densities
     assert kernels.count(OPT) == kernels.count(OP) == kernels.count(COUNTED) == 1
     assert kernels.count(STEP) == 2                                      # vs full FT, vs LoRA
-    assert len(rows) == 14
+    assert len(rows) == 23
     for r in rows:
         assert r["gpu_name"] == "cpu" and r["torch"] == torch.__version__ and r["date"].endswith("Z")
         med, p20, p80, base = (float(r[k]) for k in ("time_ms", "p20_ms", "p80_ms", "baseline_ms"))
@@ -77,11 +78,11 @@ def test_cpu_run_writes_the_rows_and_columns(cpu_run):
 
 def test_sddmm_rows_count_the_gathered_bytes_and_useful_flops(cpu_run):
     _, _, _, rows = cpu_run
-    got = {(r["shape"].split(":")[1].split(",")[0].strip(), float(r["density"])): r for r in rows
-           if r["kernel"] == SDDMM}
-    want = {(f"W {o}x{i}", d) for o, i in TINY_GEMMS for d in (0.003, 0.01, 0.024)}
+    got = {(r["shape"].split(":")[1].split(",")[0].strip(), float(r["density"]), r["kernel"]): r for r in rows
+           if r["kernel"] in (SDDMM, DENSE)}
+    want = {(f"W {o}x{i}", d, kern) for o, i in TINY_GEMMS for d in (0.003, 0.01, 0.024) for kern in (SDDMM, DENSE)}
     assert set(got) == want
-    for (w, d), r in got.items():
+    for (w, d, kern), r in got.items():
         o, i = (int(s) for s in w[2:].split("x"))
         k, T = _k(o, i, d), 256
         assert int(r["k"]) == k and int(r["tokens"]) == T and f"(k={k})" in r["shape"]
@@ -89,7 +90,7 @@ def test_sddmm_rows_count_the_gathered_bytes_and_useful_flops(cpu_run):
         assert int(r["useful_flops"]) == 2 * T * k
         s = float(r["time_ms"]) * 1e-3
         assert math.isclose(float(r["gathered_gbps"]), 4 * T * k / s / 1e9, rel_tol=1e-3)
-        assert r["backend"] == "cpu" and r["baseline"].startswith("dense dW GEMM")
+        assert r["backend"] == ("cpu" if kern == SDDMM else "dense") and r["baseline"].startswith("dense dW GEMM")
 
 
 def _independent_bytes():

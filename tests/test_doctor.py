@@ -31,7 +31,7 @@ def test_doctor_reports_every_key(capsys):
     assert zo["cpu"]["backend"] == ("cpu" if _ext.loaded() else "reference")
     if not torch.cuda.is_available():
         assert zo["cuda"]["backend"] is None and zo["cuda"]["why_not"]
-    assert set(d["schedules"]) == {"lora", "fp8", "hadamard"}
+    assert set(d["schedules"]) == {"lora", "fp8", "sparse_delta", "hadamard"}
     assert "cuBLAS" in d["schedules"]["lora"]
     from fusedtune.ops import roste
     assert f"hadamard_mma_kernel) {'on' if roste.MMA else 'off'}" in d["schedules"]["hadamard"]

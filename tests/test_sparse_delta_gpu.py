@@ -1,6 +1,7 @@
 """sparse_delta on a GPU: Triton SDDMM within the tolerance rule; the tiled CUDA SDDMM bit-identical to
-its CPU twin for the same plan (a race or a missing barrier would show) and within the rule; the CUDA
-optimizer kernel bit-identical to the reference and to the CPU kernel."""
+its CPU twin for the same plan (a race or a missing barrier would show) and within the rule; the dense
+schedule within the rule and taken by the layer as the rule says; the CUDA optimizer kernel
+bit-identical to the reference and to the CPU kernel."""
 import pytest
 import torch
 
@@ -52,6 +53,47 @@ def test_cuda_sddmm_bit_identical_to_cpu_twin(dtype, T, out, inp, k, plan):
     assert_same_bits(got.cpu(), twin, f"cuda vs cpu twin, plan {plan}")
     exact, unfused = _exact_and_unfused(dy, x, idx)
     assert_within_rule(got, exact, unfused, "cuda sddmm", atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype,T,out,inp,k,block_rows", [
+    (torch.bfloat16, 4096, 4096, 4096, 167772, None),     # q/o_proj at 1%: one block
+    (torch.bfloat16, 1000, 4096, 1536, 62915, 1000),      # blocks of 1000 rows, a ragged last one
+    (torch.float16, 333, 77, 129, 500, 7),
+])
+def test_dense_delta_grad_within_rule(dtype, T, out, inp, k, block_rows, monkeypatch):
+    """The dense schedule (torch.mm with out_dtype=float32 a block of rows at a time, then gathered)."""
+    g = torch.Generator(device="cuda").manual_seed(k)
+    dy = torch.randn(T, out, device="cuda", generator=g).to(dtype)
+    x = torch.randn(T, inp, device="cuda", generator=g).to(dtype)
+    idx = torch.randperm(out * inp, device="cuda", generator=g)[:k].sort().values.to(torch.int32)
+    if block_rows is not None:
+        monkeypatch.setattr(sd, "DENSE_BLOCK_BYTES", 4 * inp * block_rows)
+    got = sddmm(dy, x, idx, schedule="dense")
+    exact, unfused = _exact_and_unfused(dy, x, idx)
+    assert_within_rule(got, exact, unfused, "dense delta gradient", atol=1e-3)
+
+
+def test_layer_auto_takes_the_dense_schedule_by_the_rule(monkeypatch):
+    """A bf16 SparseDeltaLinear on auto: dense at 1% density and 512 tokens on sm_90 (the rule's threshold
+    for this GPU decides), the SDDMM at 0.1%; gradients within the rule either way."""
+    from fusedtune.nn import SparseDeltaLinear
+    ran = []
+    real = sd._dense_delta_grad
+    monkeypatch.setattr(sd, "_dense_delta_grad", lambda *a: ran.append(1) or real(*a))
+    p = torch.cuda.get_device_properties(0)
+    need = sd.dense_min_density((p.major, p.minor))
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(512, 1024, generator=g).to("cuda", torch.bfloat16)
+    dy = torch.randn(512, 768, generator=g).to("cuda", torch.bfloat16)
+    for dens in (0.001, 0.025):
+        ran.clear()
+        layer = SparseDeltaLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).to("cuda", torch.bfloat16),
+                                              density=dens)
+        layer(x).backward(dy)
+        assert ran == ([1] if dens >= need else []), (dens, need)
+        idx = layer.indices
+        exact, unfused = _exact_and_unfused(dy, x, idx)
+        assert_within_rule(layer.values.grad, exact, unfused, f"layer delta gradient at {dens}", atol=1e-3)
 
 
 def test_sparse_adamw_cuda_bit_identical():

@@ -142,8 +142,8 @@ def test_dense_gradient_only_on_window_steps(monkeypatch):
     rg = Regrower(net, opt, every=5, rate=0.3, decay="linear", total_steps=12, accumulate_steps=2)
     steps, formed = [], []
     hook = net.a.register_forward_pre_hook(lambda mod, args: steps.append(len(steps) + 1))
-    dense_dw = layer_mod._dense_dw
-    monkeypatch.setattr(layer_mod, "_dense_dw", lambda dy, x: formed.append(steps[-1]) or dense_dw(dy, x))
+    dense_dw = layer_mod.dense_fp32_dw
+    monkeypatch.setattr(layer_mod, "dense_fp32_dw", lambda dy, x: formed.append(steps[-1]) or dense_dw(dy, x))
     train(net, opt, rg, batches(16))
     hook.remove()
     # windows end at 5 and 10; the selection at 15 moves nothing (rate reached 0): no window there

@@ -104,8 +104,8 @@ def _ops() -> dict:
 
 def _schedules(gpu: dict) -> dict:
     """The shape- and device-dependent choices inside the GPU paths: LoRA's base-GEMM schedule, FP8Linear's
-    GEMM engine (on a GPU: whether cuBLAS's block-scaled FP8 GEMM passed its one-time check there) and the
-    Hadamard kernel of factored rows."""
+    GEMM engine (on a GPU: whether cuBLAS's block-scaled FP8 GEMM passed its one-time check there), the
+    sparse-delta gradient's schedule and the Hadamard kernel of factored rows."""
     out = {}
     try:
         from .ops import lora_triton
@@ -126,6 +126,15 @@ def _schedules(gpu: dict) -> dict:
                       "allows" if why is None else f"engine {eng}: the Triton FP8 GEMM ({why})")
     except Exception as e:  # noqa: BLE001
         out["fp8"] = f"unknown ({type(e).__name__}: {e})"
+    try:
+        from .ops import sparse_delta as sd
+        out["sparse_delta"] = (
+            f"delta gradient (delta_grad='auto', 16-bit, >= {sd.DENSE_MIN_TOKENS} tokens): dW in float32 blocks + "
+            f"gather from density {sd.dense_min_density((9, 0)):.1%} on sm_90 (measured), "
+            f"{sd.dense_min_density((8, 0)):.0%} on sm_80, {sd.dense_min_density((8, 9)):.0%} on other sm_8x "
+            "(estimated); the SDDMM kernel below")
+    except Exception as e:  # noqa: BLE001
+        out["sparse_delta"] = f"unknown ({type(e).__name__}: {e})"
     try:
         from .ops import roste
         out["hadamard"] = ("16-bit factored rows (m > 1) on CUDA: the tensor-core factor kernel (hadamard_mma_kernel) "
@@ -182,7 +191,7 @@ def format_report(d: dict) -> str:
                 line = f"  {name:<26} {dev:<5} -> {str(rr.get('backend')):<10}" + (f" ({why})" if why else "")
                 lines.append(line.rstrip())
     lines += ["", "schedules (GPU paths)"]
-    lines += [f"  {k:<6} {v}" for k, v in d.get("schedules", {}).items()]
+    lines += [f"  {k:<12} {v}" for k, v in d.get("schedules", {}).items()]
     return "\n".join(lines)
 
 

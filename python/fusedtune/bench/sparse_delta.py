@@ -8,7 +8,10 @@
    index reads a column of dy and one of x: gathered_bytes = 2 * T * k * 2 B; served largely from
    the caches, so its "% of HBM" may exceed 100), the TFLOP/s of the useful flops 2*T*k, and in
    roofline_pct the H100 roofline of the compulsory traffic (dy and x once, indices, fp32 output) and
-   the useful flops. Goal on an H100: >= 5x faster than dense dW + gather at 1% density.
+   the useful flops. Goal on an H100: >= 5x faster than dense dW + gather at 1% density. A third row
+   per shape and density ("dense schedule") times sddmm(schedule="dense"): dW formed by torch.mm with
+   out_dtype=float32 (blocks of rows of at most DENSE_BLOCK_BYTES), then gathered -- what
+   SparseDeltaLinear's delta_grad="auto" takes above a density (its note says which one auto takes).
 2. SparseDeltaAdamW (cuda backend) on the deltas of 32 Llama-3-8B decoder layers (8 with --quick; q, k, v, o, gate,
    up, down; bf16 weights) at 1% density, against torch.optim.AdamW(fused=True) on the same float32
    deltas followed by index_copy_ of round(base + delta) into each weight. Bytes touched per delta
@@ -155,7 +158,18 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
             for b in usable:
                 rows.append(_sddmm_row(timer(lambda: ops.sddmm(dy, x, idx, backend=b, check=False)), dense, b,
                                        label, out_f, in_f, T, dens, k, on_gpu))
+            r = _sddmm_row(timer(lambda: ops.sddmm(dy, x, idx, check=False, schedule="dense")), dense, "dense",
+                           label, out_f, in_f, T, dens, k, on_gpu)
+            r["kernel"] = DENSE_KERNEL
+            if on_gpu:
+                p = torch.cuda.get_device_properties(dev)
+                pick = ops.delta_grad_schedule(out_f, in_f, T, k, dy.dtype, (p.major, p.minor))
+                r["note"] += f"; delta_grad='auto' takes {'this schedule' if pick == 'dense' else 'the SDDMM'} here"
+            rows.append(r)
     return rows
+
+
+DENSE_KERNEL = "delta gradient (dense schedule: float32 dW blocks + gather)"
 
 
 def _sddmm_row(ours, dense, b, label, out_f, in_f, T, dens, k, on_gpu) -> dict:
@@ -318,8 +332,21 @@ def lora_rank_same_budget(cfg: dict, density: float) -> float:
     return k / sum(o + i for o, i in mats)
 
 
+def _delta_grad_label(dev, cfg: dict, dtype) -> str:
+    """The delta gradient's schedule in the training step: the same for every layer (it depends on the
+    density, the tokens, the dtype and the GPU), "dense" or the SDDMM's backend."""
+    from ..ops import sparse_delta as ops
+    name = ops.sparse_delta_backend(dev)["sddmm"]["backend"]
+    if name not in ("cuda", "triton"):
+        return name
+    p = torch.cuda.get_device_properties(dev)
+    n = cfg["hidden"]
+    pick = ops.delta_grad_schedule(n, n, cfg["batch"] * cfg["seq"], n_deltas(n * n, STEP_DENSITY), dtype,
+                                   (p.major, p.minor))
+    return "dense" if pick == "dense" else name
+
+
 def measure(timer, cfg: dict, method: str, dtype) -> dict:
-    from ..ops.sparse_delta import sparse_delta_backend
     from ..optim import SparseDeltaAdamW
     from .hft import build_llama, make_step, moment_dtype, state_bytes, time_step, torch_adamw
 
@@ -343,7 +370,7 @@ def measure(timer, cfg: dict, method: str, dtype) -> dict:
         ob = _backends(on_gpu)[1]
         opt = SparseDeltaAdamW([p for p in model.parameters() if p.requires_grad], lr=LR, backend=ob)
         opt_name = "SparseDeltaAdamW"
-        backend = f"{sparse_delta_backend(dev)['sddmm']['backend']}+{ob}"
+        backend = f"{_delta_grad_label(dev, cfg, dtype)}+{ob}"
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(dev)
     flops = step_flops(model, cfg)

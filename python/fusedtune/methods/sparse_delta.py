@@ -14,6 +14,7 @@ pass over the deltas that also writes round(W0 + delta) into the merged weights;
 "element": grown entries count their own Adam steps, "tensor": the layer's). regrow: None (fixed
 positions), True (fusedtune.sparse_delta.Regrower defaults) or a dict of Regrower keyword arguments;
 the Regrower runs after every optimizer.step() (an optimizer step hook) and is rep.regrower.
+delta_grad: "auto" (default), "sddmm" or "dense": how the deltas' gradient is formed (SparseDeltaLinear).
 """
 from __future__ import annotations
 
@@ -33,13 +34,14 @@ def _layer_seed(seed: int, name: str) -> int:
 class SparseDeltaMethod(SwapMethod):
     refuses_tied = True     # the merged deltas would land in the tied embedding too, their gradient would not
     options = {"density": 0.01, "seed": 0, "lr": 1e-4, "weight_decay": 0.0, "betas": (0.9, 0.999), "eps": 1e-8,
-               "regrow": None, "bias_correction": "element", "backend": None}
+               "regrow": None, "bias_correction": "element", "backend": None, "delta_grad": "auto"}
     demo = {"lr": 3e-2, "density": 0.05, "step_multiplier": 1}
 
     # -- SwapMethod
-    def make(self, linear: nn.Linear, name: str, density, seed, backend, **_) -> nn.Module:
+    def make(self, linear: nn.Linear, name: str, density, seed, backend, delta_grad, **_) -> nn.Module:
         from ..nn import SparseDeltaLinear  # noqa: PLC0415
-        return SparseDeltaLinear.from_linear(linear, density=density, seed=_layer_seed(seed, name), backend=backend)
+        return SparseDeltaLinear.from_linear(linear, density=density, seed=_layer_seed(seed, name), backend=backend,
+                                             delta_grad=delta_grad)
 
     def merge(self, module) -> nn.Linear:
         return module.to_linear()

@@ -11,19 +11,12 @@ from torch import nn
 from .._inference import version
 from ..backend import warn_once
 from ..ops._linear import refuse_double_backward
-from ..ops.sparse_delta import check_indices, sparse_delta_linear
+from ..ops.sparse_delta import check_delta_grad, check_indices, dense_fp32_dw, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
 
 
 _SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # layer -> dense-gradient sink (dense_grad)
-
-
-def _dense_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """float32 dy^T x (16-bit inputs on CUDA: accumulated and written in float32 by one GEMM)."""
-    if dy.is_cuda and dy.dtype == x.dtype and dy.dtype in (torch.bfloat16, torch.float16):
-        return torch.mm(dy.t(), x, out_dtype=torch.float32)
-    return dy.t().float() @ x.float()
 
 
 class _WindowLinear(torch.autograd.Function):
@@ -43,7 +36,7 @@ class _WindowLinear(torch.autograd.Function):
         need = ctx.needs_input_grad
         dy2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
         dx = (dy @ weight.to(dy.dtype)).to(x.dtype) if need[0] else None
-        dW = _dense_dw(dy2, x2.to(dy2.dtype))
+        dW = dense_fp32_dw(dy2, x2.to(dy2.dtype))
         dv = dW.view(-1).index_select(0, indices.long()) if need[2] else None    # before the sink reduces dW
         dw = dW.to(weight.dtype, copy=True) if need[1] else None     # a base the user unfroze trains on, too
         db = dy2.float().sum(0).to(ctx.bias_dtype) if ctx.bias_dtype is not None and need[4] else None
@@ -60,8 +53,10 @@ class SparseDeltaLinear(OwnsMasters):
     base_values  buffer [k]: W0 at those positions (W's dtype), so revert_() restores W0 exactly
     values       trainable float32 Parameter [k]: the deltas, the truth (bf16 rounding of the merged
                  weight never loses an update); their gradient comes from an SDDMM at the k
-                 positions, never from a dense dW. SparseDeltaAdamW updates them and the merged weight
-                 in one pass; if anything else changes them, the next forward merges them again.
+                 positions or, on a GPU at densities where cuBLAS is faster, from dW formed in float32
+                 blocks of rows (delta_grad: "auto", "sddmm" or "dense"; docs/sparse_delta.md).
+                 SparseDeltaAdamW updates them and the merged weight in one pass; if anything else
+                 changes them, the next forward merges them again.
 
     from_linear shares the linear's weight storage (no copy of the model): the merged deltas show in
     the original nn.Linear's weight too, and revert_() (or fusedtune.unpatch) gives it back W0 bit
@@ -70,9 +65,10 @@ class SparseDeltaLinear(OwnsMasters):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, density: float = 0.01, seed: int = 0, indices=None,
-                    backend: str | None = None) -> "SparseDeltaLinear":
+                    backend: str | None = None, delta_grad: str = "auto") -> "SparseDeltaLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseDeltaLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        check_delta_grad(delta_grad, "SparseDeltaLinear.from_linear")
         numel = linear.weight.numel()
         if indices is None:
             if not 0 < density <= 1:
@@ -85,7 +81,7 @@ class SparseDeltaLinear(OwnsMasters):
         m.in_features, m.out_features = linear.in_features, linear.out_features
         m.weight = nn.Parameter(linear.weight.detach(), requires_grad=False)
         m.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach(), requires_grad=False)
-        m.backend = backend
+        m.backend, m.delta_grad = backend, delta_grad
         dev = linear.weight.device
         m.register_buffer("indices", torch.empty(0, dtype=torch.int32, device=dev))
         m.register_buffer("base_values", torch.empty(0, dtype=linear.weight.dtype, device=dev))
@@ -202,7 +198,7 @@ class SparseDeltaLinear(OwnsMasters):
             return _WindowLinear.apply(x, self.weight, self.values, self.indices, self.bias, sink)
         # indices checked in set_indices (no host sync a call); a base the user unfroze gets its dW from the op
         return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,
-                                   check=False)
+                                   check=False, delta_grad=getattr(self, "delta_grad", "auto"))
 
     def to_linear(self) -> nn.Linear:
         """A plain nn.Linear of the merged weight W0 + delta (merged again first if the values changed
@@ -215,12 +211,13 @@ class SparseDeltaLinear(OwnsMasters):
                 f"({self.indices.numel() / max(1, self.weight.numel()):.2%}), bias={self.bias is not None}")
 
     def _fusedtune_report(self) -> dict:
-        from ..ops.sparse_delta import sparse_delta_backend
+        from ..ops.sparse_delta import describe_delta_grad, sparse_delta_backend
         from ..ops.sparse_delta_select import regrow_backend
         b = sparse_delta_backend(self.weight.device, self.backend)
         rg = regrow_backend(self.weight.device)["regrow_candidates"]
+        grad = describe_delta_grad(self.weight.device, self.out_features, self.in_features, self.indices.numel(),
+                                   self.weight.dtype, getattr(self, "delta_grad", "auto"), self.backend)
         return {"method": "sparse_delta", "backend": b["sddmm"]["backend"],
-                "path": f"forward F.linear on the merged weight; delta grad by SDDMM at {self.indices.numel()} "
-                        f"positions ({b['sddmm']['backend']}); SparseDeltaAdamW {b['sparse_adamw_']['backend']}; "
-                        f"regrowth selection (if a Regrower runs) {rg['backend']}",
+                "path": f"forward F.linear on the merged weight; delta grad: {grad}; SparseDeltaAdamW "
+                        f"{b['sparse_adamw_']['backend']}; regrowth selection (if a Regrower runs) {rg['backend']}",
                 "why_not": {**b["sddmm"]["why_not"], **b["sparse_adamw_"]["why_not"]}}

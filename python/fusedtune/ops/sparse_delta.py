@@ -6,7 +6,9 @@
         Under torch.autocast it computes in the autocast dtype, as F.linear would.
     sddmm(dy, x, indices)                                   that gradient, float32 [k]; the cpu and
         cuda backends run one tiled schedule (csrc/include/fusedtune/sddmm_tile.h, planned by
-        sddmm_plan) and agree bit for bit for the same plan; triton streams each index's tokens
+        sddmm_plan) and agree bit for bit for the same plan; triton streams each index's tokens;
+        schedule="dense" forms dW = dy^T x in float32 blocks of at most DENSE_BLOCK_BYTES and
+        gathers the k entries (on a GPU above a density where that is faster: delta_grad_schedule)
     sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, ...)
         one fused multi-tensor AdamW pass over the deltas that also writes round(base + delta)
         into the merged weights.
@@ -112,9 +114,115 @@ def _device_plan(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> li
     return list(sddmm_plan(dy.shape[1], x.shape[1], x.shape[0], indices.numel(), x.element_size(), budget, parallel))
 
 
+# ----------------------------------------------------------------------------- the dense schedule
+# On an H200 (run 3, bench/results/sparse_delta.csv, 4096 tokens, bf16) the tiled SDDMM was faster than
+# cuBLAS's dense dW + gather only up to about 0.3-0.5% density: at 1% it took 1.5-2.1x as long, at 2.4%
+# 3.5-4.2x. Its cost is the staging of dy and x per tile plus ~2.5e12 gathered FMAs a second; dense dW runs
+# at ~730 TFLOP/s. So above a density the gradient is taken from dW, formed in float32 (one GEMM, fp32
+# accumulation as in the SDDMM) a block of rows at a time, and gathered at the k positions.
+DENSE = "dense"                      # the schedule's name where a backend name is passed (the op's `backend`)
+DELTA_GRADS = ("auto", "sddmm", DENSE)
+DENSE_BLOCK_BYTES = 256 << 20        # float32 dW formed at once; Llama-3-8B's largest (14336 x 4096) is 235 MB
+DENSE_MIN_TOKENS = 256               # below it dense dW costs its 4*N*K-byte write more than its FLOPs
+# Density from which the dense schedule is taken, by compute capability. sm_90: measured (crossover 0.30-0.51%
+# on the three Llama shapes). The others are estimates, unmeasured: per SM and clock, sm_80's bf16 tensor
+# cores do half of sm_90's work and sm_86/89's (float32 accumulation) a quarter, while the SDDMM's shared-memory
+# rate is the same, so the crossover moves up about 2x and 4x.
+DENSE_MIN_DENSITY = {(9, 0): 0.005, (8, 0): 0.01}
+DENSE_MIN_DENSITY_OTHER_SM8 = 0.02
+
+
+def dense_min_density(capability: tuple[int, int]) -> float:
+    """The density from which delta_grad="auto" takes the dense schedule on a GPU of that capability
+    (sm_90 and newer take sm_90's)."""
+    if capability[0] >= 9:
+        return DENSE_MIN_DENSITY[(9, 0)]
+    return DENSE_MIN_DENSITY.get(tuple(capability), DENSE_MIN_DENSITY_OTHER_SM8)
+
+
+def delta_grad_schedule(N: int, K: int, T: int, k: int, dtype: torch.dtype, capability) -> str:
+    """"dense" or "sddmm": the faster way to the delta gradient of dy [T, N], x [T, K] at k positions on a
+    GPU of `capability` (None: not a GPU, always the SDDMM). Dense needs 16-bit inputs (a float32-output
+    GEMM of bf16/fp16), at least DENSE_MIN_TOKENS tokens and dense_min_density(capability)."""
+    if capability is None or dtype not in (torch.bfloat16, torch.float16) or T < DENSE_MIN_TOKENS:
+        return "sddmm"
+    return DENSE if k >= dense_min_density(capability) * N * K else "sddmm"
+
+
+def check_delta_grad(delta_grad: str, what: str) -> str:
+    if delta_grad not in DELTA_GRADS:
+        raise ValueError(f"{what}: delta_grad must be one of {', '.join(map(repr, DELTA_GRADS))}, got {delta_grad!r}")
+    return delta_grad
+
+
+def _pick(delta_grad: str, name: str, backend: str | None, dy_shape, x: torch.Tensor, k: int) -> str:
+    """The name passed to the op: DENSE where the dense schedule runs, else the resolved backend `name`.
+    "auto" takes dense only where the backend was left on auto and resolved to a GPU kernel."""
+    if delta_grad == DENSE:
+        return DENSE
+    if delta_grad == "sddmm" or name not in ("cuda", "triton") or _backend.requested(backend) != "auto":
+        return name
+    T = x.numel() // max(1, x.shape[-1])
+    if T < DENSE_MIN_TOKENS or x.dtype not in (torch.bfloat16, torch.float16):
+        return name                                      # (before the device query: small calls' host time)
+    p = torch.cuda.get_device_properties(x.device)      # (torch.compile folds it to a constant)
+    return DENSE if delta_grad_schedule(dy_shape[-1], x.shape[-1], T, k, x.dtype, (p.major, p.minor)) == DENSE \
+        else name
+
+
+def describe_delta_grad(device, N: int, K: int, k: int, dtype: torch.dtype, delta_grad: str = "auto",
+                        backend: str | None = None) -> str:
+    """How a layer of weight [N, K] with k deltas forms their gradient on `device` (fusedtune.report)."""
+    d = torch.device(device)
+    name = _backend.explain("sddmm", d, _SDDMM_HAS, backend)["backend"]
+    sparse = f"SDDMM at the {k} positions ({name})"
+    dense = f"dW in float32 blocks of <= {DENSE_BLOCK_BYTES >> 20} MiB, gathered at the {k} positions"
+    if delta_grad != "auto":
+        return f"{dense} (delta_grad='dense')" if delta_grad == DENSE else f"{sparse} (delta_grad='sddmm')"
+    if name not in ("cuda", "triton") or _backend.requested(backend) != "auto":
+        return sparse
+    p = torch.cuda.get_device_properties(d)
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{sparse} ({dtype} input: the dense schedule takes 16-bit inputs)"
+    need = dense_min_density((p.major, p.minor))
+    dens = k / max(1, N * K)
+    if dens < need:
+        return f"{sparse} (density {dens:.3%} < {need:.2%}, where cuBLAS's dense dW wins on sm_{p.major}{p.minor})"
+    return f"{dense} from {DENSE_MIN_TOKENS} tokens a call (density {dens:.3%} >= {need:.2%} on " \
+           f"sm_{p.major}{p.minor}), {sparse} below"
+
+
+def dense_fp32_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """float32 dy^T x for 2-D dy [T, N], x [T, K] (16-bit inputs on CUDA: accumulated and written in float32
+    by one GEMM; float64 inputs: computed in float64, then rounded)."""
+    if dy.is_cuda and dy.dtype == x.dtype and dy.dtype in (torch.bfloat16, torch.float16):
+        return torch.mm(dy.t(), x, out_dtype=torch.float32)
+    acc = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
+    return (dy.t().to(acc) @ x.to(acc)).float()
+
+
+def _dense_delta_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> torch.Tensor:
+    """g = (dy^T x).flatten()[indices] in float32, dW formed DENSE_BLOCK_BYTES at a time (blocks of rows;
+    no host sync: each block writes the entries inside it)."""
+    N, K = dy.shape[1], x.shape[1]
+    rows = max(1, DENSE_BLOCK_BYTES // (4 * max(1, K)))
+    if rows >= N:
+        return dense_fp32_dw(dy, x).view(-1).index_select(0, indices)
+    out = torch.empty(indices.shape, dtype=torch.float32, device=dy.device)
+    for r0 in range(0, N, rows):
+        n = (min(N, r0 + rows) - r0) * K
+        dw = dense_fp32_dw(dy[:, r0:r0 + rows], x).view(-1)
+        local = indices - r0 * K
+        inside = (local >= 0) & (local < n)
+        torch.where(inside, dw.index_select(0, local.clamp_(0, n - 1)), out, out=out)
+    return out
+
+
 def _sddmm_impl(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str) -> torch.Tensor:
     if backend == "reference":
         return ref.sddmm(dy, x, indices)
+    if backend == DENSE:
+        return _dense_delta_grad(dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1]), indices)
     dy2, x2 = dy.reshape(-1, dy.shape[-1]).contiguous(), x.reshape(-1, x.shape[-1]).contiguous()
     if backend == "triton":
         from ..triton_kernels import sparse_delta as tk
@@ -132,8 +240,11 @@ def _(dy, x, indices, backend):
 
 
 def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str | None = None,
-          check: bool = True) -> torch.Tensor:
-    """g[i] = sum over tokens of dy[t, r_i] * x[t, c_i] for flat indices r_i * in + c_i."""
+          check: bool = True, schedule: str = "sddmm") -> torch.Tensor:
+    """g[i] = sum over tokens of dy[t, r_i] * x[t, c_i] for flat indices r_i * in + c_i.
+    schedule: "sddmm" (the backend's SDDMM kernel), "dense" (dW in float32 blocks, gathered) or "auto"
+    (dense where delta_grad_schedule says it is faster: on a GPU, backend left on auto)."""
+    check_delta_grad(schedule, "sddmm")
     check_linear_shapes("sddmm", x, dy=dy)
     if dy.shape[:-1] != x.shape[:-1] or dy.dtype != x.dtype or dy.device != x.device:
         raise ValueError(f"sddmm: dy {tuple(dy.shape)} {dy.dtype} and x {tuple(x.shape)} {x.dtype} must share "
@@ -141,7 +252,7 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str
     if check:
         check_indices(indices, dy.shape[-1] * x.shape[-1], "sddmm")
     name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
-    return _sddmm(dy, x, indices, name)
+    return _sddmm(dy, x, indices, _pick(schedule, name, backend, dy.shape, x, indices.numel()))
 
 
 def _float64_backend(name: str, dtype: torch.dtype, backend: str | None) -> str:
@@ -191,9 +302,11 @@ _linear = EagerOp(_linear_op, _linear_impl, _setup, _backward)
 
 
 def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | None = None,
-                        check: bool = True) -> torch.Tensor:
+                        check: bool = True, delta_grad: str = "auto") -> torch.Tensor:
     """Linear layer over a merged weight whose trainable part is k float32 deltas at `indices`.
-    check=False skips the host-side check of the index values (callers that checked them once)."""
+    check=False skips the host-side check of the index values (callers that checked them once).
+    delta_grad: how the deltas' gradient is formed, "sddmm", "dense" or "auto" (sddmm()'s `schedule`)."""
+    check_delta_grad(delta_grad, "sparse_delta_linear")
     check_linear_shapes("sparse_delta_linear", x, weight, bias)
     if values.dtype != torch.float32 or values.shape != indices.shape:
         raise ValueError(f"sparse_delta_linear: values must be float32 of shape {tuple(indices.shape)}, got "
@@ -202,7 +315,10 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
     name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
-    return _autocast.linear_call(lambda x_, w_, b_: _linear(x_, w_, values, indices, b_, name), x, weight, bias)
+
+    def call(x_, w_, b_):   # under autocast x_ is the cast input: the schedule is picked for its dtype
+        return _linear(x_, w_, values, indices, b_, _pick(delta_grad, name, backend, weight.shape, x_, indices.numel()))
+    return _autocast.linear_call(call, x, weight, bias)
 
 
 def _adamw_impl(values: list[torch.Tensor], grads: list[torch.Tensor], exp_avgs: list[torch.Tensor],
