@@ -291,3 +291,13 @@ def test_uncached_rows_compile_in_worker_processes_alike(monkeypatch):
     monkeypatch.setattr(K, "report_triton_kernel", only_outside_the_registry)
     pooled = K.collect_triton(specs + [SCALE], cache_dir=None, jobs=2)
     assert pooled == here and not any(r.get("error") for r in here)
+
+
+def test_an_empty_report_is_an_error_unless_nothing_was_asked(monkeypatch, capsys):
+    """A wrong --family (or no Triton and no extension) compiles nothing: exit 1 naming the families, not a
+    silent pass; --no-triton --no-cuda asks for nothing and gets 0."""
+    monkeypatch.setattr(K, "extension_path", lambda: None)
+    monkeypatch.setattr("fusedtune.triton_kernels.registry.all_kernels", lambda: [SCALE])
+    assert K.main(["--family", "tset"]) == 1
+    assert "error: no kernel of family 'tset' was compiled (families: test)" in capsys.readouterr().out
+    assert K.main(["--no-triton", "--no-cuda"]) == 0
