@@ -74,23 +74,25 @@ def test_dense_delta_grad_within_rule(dtype, T, out, inp, k, block_rows, monkeyp
 
 
 def test_layer_auto_takes_the_dense_schedule_by_the_rule(monkeypatch):
-    """A bf16 SparseDeltaLinear on auto: dense at 1% density and 512 tokens on sm_90 (the rule's threshold
-    for this GPU decides), the SDDMM at 0.1%; gradients within the rule either way."""
+    """A bf16 SparseDeltaLinear 768 x 1024 and a 256 x 2048 one (density over out * in, not in * in) on auto,
+    512 tokens: dense at 2.5% density on this GPU, the SDDMM at 0.1% (the rule's thresholds for this GPU
+    decide); gradients within the rule either way."""
     from fusedtune.nn import SparseDeltaLinear
     ran = []
     real = sd._dense_delta_grad
     monkeypatch.setattr(sd, "_dense_delta_grad", lambda *a: ran.append(1) or real(*a))
     p = torch.cuda.get_device_properties(0)
-    need = sd.dense_min_density((p.major, p.minor))
+    name = sd.sparse_delta_backend("cuda")["sddmm"]["backend"]
+    need = sd.dense_min_density((p.major, p.minor), name)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(512, 1024, generator=g).to("cuda", torch.bfloat16)
-    dy = torch.randn(512, 768, generator=g).to("cuda", torch.bfloat16)
-    for dens in (0.001, 0.025):
+    for (out, inp), dens in [((768, 1024), 0.001), ((768, 1024), 0.025), ((256, 2048), 0.025)]:
+        x = torch.randn(512, inp, generator=g).to("cuda", torch.bfloat16)
+        dy = torch.randn(512, out, generator=g).to("cuda", torch.bfloat16)
         ran.clear()
-        layer = SparseDeltaLinear.from_linear(torch.nn.Linear(1024, 768, bias=False).to("cuda", torch.bfloat16),
+        layer = SparseDeltaLinear.from_linear(torch.nn.Linear(inp, out, bias=False).to("cuda", torch.bfloat16),
                                               density=dens)
         layer(x).backward(dy)
-        assert ran == ([1] if dens >= need else []), (dens, need)
+        assert ran == ([1] if dens >= need else []), (out, inp, dens, need)
         idx = layer.indices
         exact, unfused = _exact_and_unfused(dy, x, idx)
         assert_within_rule(layer.values.grad, exact, unfused, f"layer delta gradient at {dens}", atol=1e-3)

@@ -130,9 +130,11 @@ def _schedules(gpu: dict) -> dict:
         from .ops import sparse_delta as sd
         out["sparse_delta"] = (
             f"delta gradient (delta_grad='auto', 16-bit, >= {sd.DENSE_MIN_TOKENS} tokens): dW in float32 blocks + "
-            f"gather from density {sd.dense_min_density((9, 0)):.1%} on sm_90 (measured), "
-            f"{sd.dense_min_density((8, 0)):.0%} on sm_80, {sd.dense_min_density((8, 9)):.0%} on other sm_8x "
-            "(estimated); the SDDMM kernel below")
+            f"gather from density {sd.dense_min_density((9, 0), 'cuda'):.2%} (over the CUDA SDDMM) / "
+            f"{sd.dense_min_density((9, 0), 'triton'):.2%} (over Triton's) on sm_90 (measured), "
+            f"{sd.dense_min_density((8, 0), 'cuda'):.2%} / {sd.dense_min_density((8, 0), 'triton'):.2%} on sm_80, "
+            f"{sd.dense_min_density((8, 9), 'cuda'):.2%} / {sd.dense_min_density((8, 9), 'triton'):.2%} on other "
+            "sm_8x (estimated); the SDDMM below")
     except Exception as e:  # noqa: BLE001
         out["sparse_delta"] = f"unknown ({type(e).__name__}: {e})"
     try:

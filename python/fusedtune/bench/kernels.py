@@ -690,18 +690,20 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     notes: list[str] = []
-    specs = None
+    specs, known = None, set()
     if not args.no_triton and args.family:
         try:
             from fusedtune.triton_kernels.registry import all_kernels
-            specs = [s for s in all_kernels() if s.family == args.family]
+            registered = all_kernels()
+            known = {s.family for s in registered}
+            specs = [s for s in registered if s.family == args.family]
         except Exception as e:  # noqa: BLE001
             notes.append(f"cannot load the Triton kernel registry: {e}")
             specs = []
     cache = None if args.no_cache else default_cache_dir()
     rows = collect(include_triton=not args.no_triton, include_cuda=not args.no_cuda, specs=specs, notes=notes,
                    cache_dir=cache)
-    known = {r["family"] for r in rows}
+    known |= {r["family"] for r in rows}
     if args.family:
         rows = [r for r in rows if r["family"] == args.family or r["source"] == "triton"]
     tool = find_cuobjdump()
@@ -713,19 +715,6 @@ def main(argv=None) -> int:
     else:
         print("no kernels to report")
     bad = check(rows)
-    if not rows and not (args.no_triton and args.no_cuda):
-        # nothing compiled although something was asked for: a wrong --family, or no Triton and no extension
-        if args.family:
-            try:
-                from fusedtune.triton_kernels.registry import all_kernels
-                known |= {s.family for s in all_kernels()}
-            except Exception:  # noqa: BLE001 - the note above says why
-                pass
-            fams = ", ".join(sorted(f for f in known if f)) or "none found"
-            print(f"error: no kernel of family {args.family!r} was compiled (families: {fams})")
-        else:
-            print("error: no kernel was compiled (see the notes above)")
-        return 1
     n_triton = sum(r["source"] == "triton" for r in rows)
     print(f"\n{len(rows)} kernel x target rows ({n_triton} Triton, {len(rows) - n_triton} CUDA); "
           f"{len(bad)} defect(s)")
@@ -736,6 +725,14 @@ def main(argv=None) -> int:
         with open(args.json, "w") as f:
             json.dump({"rows": rows, "notes": notes, "defects": bad, "cuobjdump": tool}, f, indent=1)
         print(f"wrote {args.json}")
+    if not rows and not (args.no_triton and args.no_cuda):
+        # nothing compiled although something was asked for: a wrong --family, or no Triton and no extension
+        if args.family:
+            fams = ", ".join(sorted(f for f in known if f)) or "none found"
+            print(f"error: no kernel of family {args.family!r} was compiled (families: {fams})")
+        else:
+            print("error: no kernel was compiled (see the notes above)")
+        return 1
     return 1 if bad else 0
 
 

@@ -162,9 +162,10 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
                            label, out_f, in_f, T, dens, k, on_gpu)
             r["kernel"] = DENSE_KERNEL
             if on_gpu:
-                p = torch.cuda.get_device_properties(dev)
-                pick = ops.delta_grad_schedule(out_f, in_f, T, k, dy.dtype, (p.major, p.minor))
-                r["note"] += f"; delta_grad='auto' takes {'this schedule' if pick == 'dense' else 'the SDDMM'} here"
+                name = ops.sparse_delta_backend(dev)["sddmm"]["backend"]
+                run, why = ops.choose_delta_grad("auto", name, None, out_f, in_f, T, k, dy.dtype, dev)
+                r["note"] += (f"; delta_grad='auto' takes {'this schedule' if run == ops.DENSE else 'the SDDMM'} "
+                              f"here ({why})")
             rows.append(r)
     return rows
 
@@ -332,18 +333,17 @@ def lora_rank_same_budget(cfg: dict, density: float) -> float:
     return k / sum(o + i for o, i in mats)
 
 
-def _delta_grad_label(dev, cfg: dict, dtype) -> str:
-    """The delta gradient's schedule in the training step: the same for every layer (it depends on the
-    density, the tokens, the dtype and the GPU), "dense" or the SDDMM's backend."""
+def _delta_grad_label(dev, model, cfg: dict) -> str:
+    """The delta gradients' schedules in the training step, as the layers' forward picks them: "dense", the
+    SDDMM's backend, or both joined by "/" where layers differ."""
+    from ..nn import SparseDeltaLinear
     from ..ops import sparse_delta as ops
     name = ops.sparse_delta_backend(dev)["sddmm"]["backend"]
-    if name not in ("cuda", "triton"):
-        return name
-    p = torch.cuda.get_device_properties(dev)
-    n = cfg["hidden"]
-    pick = ops.delta_grad_schedule(n, n, cfg["batch"] * cfg["seq"], n_deltas(n * n, STEP_DENSITY), dtype,
-                                   (p.major, p.minor))
-    return "dense" if pick == "dense" else name
+    T = cfg["batch"] * cfg["seq"]
+    runs = {ops.choose_delta_grad(m.delta_grad, name, m.backend, m.out_features, m.in_features, T,
+                                  m.indices.numel(), m.weight.dtype, dev)[0]
+            for m in model.modules() if isinstance(m, SparseDeltaLinear)}
+    return "/".join(sorted(runs)) or name
 
 
 def measure(timer, cfg: dict, method: str, dtype) -> dict:
@@ -370,7 +370,7 @@ def measure(timer, cfg: dict, method: str, dtype) -> dict:
         ob = _backends(on_gpu)[1]
         opt = SparseDeltaAdamW([p for p in model.parameters() if p.requires_grad], lr=LR, backend=ob)
         opt_name = "SparseDeltaAdamW"
-        backend = f"{_delta_grad_label(dev, cfg, dtype)}+{ob}"
+        backend = f"{_delta_grad_label(dev, model, cfg)}+{ob}"
     g = torch.Generator(device="cpu").manual_seed(1)
     ids = torch.randint(0, cfg["vocab"], (cfg["batch"], cfg["seq"]), generator=g).to(dev)
     flops = step_flops(model, cfg)

@@ -2,13 +2,14 @@
 
     sparse_delta_linear(x, weight, values, indices, bias)  y = x W^T + b with W the merged weight
         (frozen); the backward gives dX (full), the bias gradient when the bias trains, and the
-        gradient of the float32 deltas `values` at the k indices only (sddmm), never a dense dW.
+        gradient of the float32 deltas `values` at the k indices only: by the SDDMM, or, on a GPU at
+        densities where cuBLAS is faster (choose_delta_grad), from dW formed in float32 blocks.
         Under torch.autocast it computes in the autocast dtype, as F.linear would.
     sddmm(dy, x, indices)                                   that gradient, float32 [k]; the cpu and
         cuda backends run one tiled schedule (csrc/include/fusedtune/sddmm_tile.h, planned by
         sddmm_plan) and agree bit for bit for the same plan; triton streams each index's tokens;
         schedule="dense" forms dW = dy^T x in float32 blocks of at most DENSE_BLOCK_BYTES and
-        gathers the k entries (on a GPU above a density where that is faster: delta_grad_schedule)
+        gathers the k entries (on a GPU above a density where that is faster: choose_delta_grad)
     sparse_adamw_(values, grads, exp_avgs, exp_avg_sqs, weights, bases, indices, ...)
         one fused multi-tensor AdamW pass over the deltas that also writes round(base + delta)
         into the merged weights.
@@ -115,38 +116,46 @@ def _device_plan(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) -> li
 
 
 # ----------------------------------------------------------------------------- the dense schedule
-# On an H200 (run 3, bench/results/sparse_delta.csv, 4096 tokens, bf16) the tiled SDDMM was faster than
-# cuBLAS's dense dW + gather only up to about 0.3-0.5% density: at 1% it took 1.5-2.1x as long, at 2.4%
-# 3.5-4.2x. Its cost is the staging of dy and x per tile plus ~2.5e12 gathered FMAs a second; dense dW runs
-# at ~730 TFLOP/s. So above a density the gradient is taken from dW, formed in float32 (one GEMM, fp32
-# accumulation as in the SDDMM) a block of rows at a time, and gathered at the k positions.
+# On an H200 (run 3, bench/results/sparse_delta.csv, 4096 tokens, bf16) the SDDMM kernels were faster than
+# cuBLAS's dense dW + gather only at low density: a line through each shape's three rows crosses the dense
+# time at 0.34-0.41% for the tiled CUDA kernel and at 0.10-0.18% for Triton's (at q/o_proj Triton's never
+# won); at 1% the CUDA kernel took 1.5-2.1x as long, at 2.4% 3.5-4.2x. Dense dW ran at 690-784 TFLOP/s. So
+# above a density the gradient is taken from dW, formed in float32 (one GEMM, fp32 accumulation as in the
+# SDDMM) a block of rows at a time, and gathered at the k positions.
 DENSE = "dense"                      # the schedule's name where a backend name is passed (the op's `backend`)
 DELTA_GRADS = ("auto", "sddmm", DENSE)
 DENSE_BLOCK_BYTES = 256 << 20        # float32 dW formed at once; Llama-3-8B's largest (14336 x 4096) is 235 MB
 DENSE_MIN_TOKENS = 256               # below it dense dW costs its 4*N*K-byte write more than its FLOPs
-# Density from which the dense schedule is taken, by compute capability. sm_90: measured (crossover 0.30-0.51%
-# on the three Llama shapes). The others are estimates, unmeasured: per SM and clock, sm_80's bf16 tensor
-# cores do half of sm_90's work and sm_86/89's (float32 accumulation) a quarter, while the SDDMM's shared-memory
-# rate is the same, so the crossover moves up about 2x and 4x.
-DENSE_MIN_DENSITY = {(9, 0): 0.005, (8, 0): 0.01}
-DENSE_MIN_DENSITY_OTHER_SM8 = 0.02
+# Density from which auto takes the dense schedule over each SDDMM kernel on sm_90 and newer (measured, above).
+# Older GPUs: estimates, unmeasured. Per SM and clock sm_80's bf16 tensor cores do half of sm_90's work and
+# sm_86/89's (float32 accumulation) a quarter, while the SDDMM's shared-memory rate is about the same, so the
+# crossover moves up about 2x (sm_80) and 4x (other sm_8x).
+DENSE_MIN_DENSITY_SM90 = {"cuda": 0.0035, "triton": 0.0015}
 
 
-def dense_min_density(capability: tuple[int, int]) -> float:
-    """The density from which delta_grad="auto" takes the dense schedule on a GPU of that capability
-    (sm_90 and newer take sm_90's)."""
-    if capability[0] >= 9:
-        return DENSE_MIN_DENSITY[(9, 0)]
-    return DENSE_MIN_DENSITY.get(tuple(capability), DENSE_MIN_DENSITY_OTHER_SM8)
+def dense_min_density(capability, kernel: str = "cuda") -> float:
+    """The density from which delta_grad="auto" takes the dense schedule over SDDMM kernel `kernel`
+    ("cuda" or "triton") on a GPU of that compute capability."""
+    scale = 1 if capability[0] >= 9 else 2 if tuple(capability) == (8, 0) else 4
+    return DENSE_MIN_DENSITY_SM90[kernel] * scale
 
 
-def delta_grad_schedule(N: int, K: int, T: int, k: int, dtype: torch.dtype, capability) -> str:
-    """"dense" or "sddmm": the faster way to the delta gradient of dy [T, N], x [T, K] at k positions on a
-    GPU of `capability` (None: not a GPU, always the SDDMM). Dense needs 16-bit inputs (a float32-output
-    GEMM of bf16/fp16), at least DENSE_MIN_TOKENS tokens and dense_min_density(capability)."""
-    if capability is None or dtype not in (torch.bfloat16, torch.float16) or T < DENSE_MIN_TOKENS:
-        return "sddmm"
-    return DENSE if k >= dense_min_density(capability) * N * K else "sddmm"
+def delta_grad_schedule(N: int, K: int, T: int | None, k: int, dtype: torch.dtype, capability,
+                        kernel: str = "cuda") -> tuple[str, str]:
+    """("dense" or "sddmm", why): the faster way to the delta gradient of dy [T, N], x [T, K] at k positions
+    against SDDMM kernel `kernel` on a GPU of `capability` (None: no GPU, always the SDDMM). Dense needs
+    16-bit inputs (a float32-output GEMM of bf16/fp16), at least DENSE_MIN_TOKENS tokens (T None: not known
+    yet, the rule for enough tokens) and dense_min_density."""
+    if capability is None:
+        return "sddmm", "not on a GPU"
+    if dtype not in (torch.bfloat16, torch.float16):
+        return "sddmm", f"{dtype} inputs (the dense schedule takes 16-bit inputs)"
+    if T is not None and T < DENSE_MIN_TOKENS:
+        return "sddmm", f"{T} tokens < {DENSE_MIN_TOKENS}"
+    need, dens, sm = dense_min_density(capability, kernel), k / max(1, N * K), f"sm_{capability[0]}{capability[1]}"
+    if dens < need:
+        return "sddmm", f"density {dens:.3%} < {need:.2%}, where dense dW starts to beat the {kernel} SDDMM on {sm}"
+    return DENSE, f"density {dens:.3%} >= {need:.2%} on {sm}"
 
 
 def check_delta_grad(delta_grad: str, what: str) -> str:
@@ -155,46 +164,46 @@ def check_delta_grad(delta_grad: str, what: str) -> str:
     return delta_grad
 
 
-def _pick(delta_grad: str, name: str, backend: str | None, dy_shape, x: torch.Tensor, k: int) -> str:
-    """The name passed to the op: DENSE where the dense schedule runs, else the resolved backend `name`.
-    "auto" takes dense only where the backend was left on auto and resolved to a GPU kernel."""
+def choose_delta_grad(delta_grad: str, name: str, backend: str | None, N: int, K: int, T: int | None, k: int,
+                      dtype: torch.dtype, device) -> tuple[str, str]:
+    """(what runs: DENSE or the SDDMM backend `name`, why) for a weight [N, K] with k deltas, T tokens (None:
+    not known), `name` the backend resolved from `backend`. "auto" takes dense only where the backend was
+    left on auto and resolved to a GPU kernel, and delta_grad_schedule says so."""
     if delta_grad == DENSE:
-        return DENSE
-    if delta_grad == "sddmm" or name not in ("cuda", "triton") or _backend.requested(backend) != "auto":
-        return name
-    T = x.numel() // max(1, x.shape[-1])
-    if T < DENSE_MIN_TOKENS or x.dtype not in (torch.bfloat16, torch.float16):
-        return name                                      # (before the device query: small calls' host time)
-    p = torch.cuda.get_device_properties(x.device)      # (torch.compile folds it to a constant)
-    return DENSE if delta_grad_schedule(dy_shape[-1], x.shape[-1], T, k, x.dtype, (p.major, p.minor)) == DENSE \
-        else name
+        return DENSE, "delta_grad='dense'"
+    if delta_grad == "sddmm":
+        return name, "delta_grad='sddmm'"
+    if name not in ("cuda", "triton"):
+        return name, "no GPU kernel"
+    if _backend.requested(backend) != "auto":
+        return name, f"backend {name!r} named"
+    if dtype not in (torch.bfloat16, torch.float16) or (T is not None and T < DENSE_MIN_TOKENS):
+        # (before the device query: a small call's host time)
+        return name, delta_grad_schedule(N, K, T, k, dtype, (9, 0), name)[1]
+    p = torch.cuda.get_device_properties(device)      # (torch.compile folds it to a constant)
+    pick, why = delta_grad_schedule(N, K, T, k, dtype, (p.major, p.minor), name)
+    return (DENSE if pick == DENSE else name), why
 
 
 def describe_delta_grad(device, N: int, K: int, k: int, dtype: torch.dtype, delta_grad: str = "auto",
                         backend: str | None = None) -> str:
-    """How a layer of weight [N, K] with k deltas forms their gradient on `device` (fusedtune.report)."""
-    d = torch.device(device)
-    name = _backend.explain("sddmm", d, _SDDMM_HAS, backend)["backend"]
+    """How a layer of weight [N, K] (dtype: its inputs') with k deltas forms their gradient on `device`
+    (fusedtune.report)."""
+    name = _backend.explain("sddmm", torch.device(device), _SDDMM_HAS, backend)["backend"]
+    run, why = choose_delta_grad(delta_grad, name, backend, N, K, None, k, dtype, device)
     sparse = f"SDDMM at the {k} positions ({name})"
+    if run != DENSE:
+        return sparse if why in ("no GPU kernel", "") else f"{sparse} ({why})"
     dense = f"dW in float32 blocks of <= {DENSE_BLOCK_BYTES >> 20} MiB, gathered at the {k} positions"
-    if delta_grad != "auto":
-        return f"{dense} (delta_grad='dense')" if delta_grad == DENSE else f"{sparse} (delta_grad='sddmm')"
-    if name not in ("cuda", "triton") or _backend.requested(backend) != "auto":
-        return sparse
-    p = torch.cuda.get_device_properties(d)
-    if dtype not in (torch.bfloat16, torch.float16):
-        return f"{sparse} ({dtype} input: the dense schedule takes 16-bit inputs)"
-    need = dense_min_density((p.major, p.minor))
-    dens = k / max(1, N * K)
-    if dens < need:
-        return f"{sparse} (density {dens:.3%} < {need:.2%}, where cuBLAS's dense dW wins on sm_{p.major}{p.minor})"
-    return f"{dense} from {DENSE_MIN_TOKENS} tokens a call (density {dens:.3%} >= {need:.2%} on " \
-           f"sm_{p.major}{p.minor}), {sparse} below"
+    if delta_grad == DENSE:
+        return f"{dense} ({why})"
+    return f"{dense} from {DENSE_MIN_TOKENS} tokens a call ({why}), {sparse} below"
 
 
 def dense_fp32_dw(dy: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """float32 dy^T x for 2-D dy [T, N], x [T, K] (16-bit inputs on CUDA: accumulated and written in float32
-    by one GEMM; float64 inputs: computed in float64, then rounded)."""
+    by one GEMM; float32 inputs: torch's float32 matmul, TF32 where torch's matmul precision allows it;
+    float64 inputs: computed in float64, then rounded)."""
     if dy.is_cuda and dy.dtype == x.dtype and dy.dtype in (torch.bfloat16, torch.float16):
         return torch.mm(dy.t(), x, out_dtype=torch.float32)
     acc = torch.promote_types(torch.promote_types(dy.dtype, x.dtype), torch.float32)
@@ -209,10 +218,11 @@ def _dense_delta_grad(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor) 
     if rows >= N:
         return dense_fp32_dw(dy, x).view(-1).index_select(0, indices)
     out = torch.empty(indices.shape, dtype=torch.float32, device=dy.device)
+    flat = indices.long()      # (r0 * K may pass 2**31 for a weight of more than 2**31 elements)
     for r0 in range(0, N, rows):
         n = (min(N, r0 + rows) - r0) * K
         dw = dense_fp32_dw(dy[:, r0:r0 + rows], x).view(-1)
-        local = indices - r0 * K
+        local = flat - r0 * K
         inside = (local >= 0) & (local < n)
         torch.where(inside, dw.index_select(0, local.clamp_(0, n - 1)), out, out=out)
     return out
@@ -251,8 +261,13 @@ def sddmm(dy: torch.Tensor, x: torch.Tensor, indices: torch.Tensor, backend: str
                          "leading dims, dtype and device")
     if check:
         check_indices(indices, dy.shape[-1] * x.shape[-1], "sddmm")
-    name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
-    return _sddmm(dy, x, indices, _pick(schedule, name, backend, dy.shape, x, indices.numel()))
+    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    if schedule != DENSE:      # (the dense schedule takes float64 itself)
+        name = _float64_backend(name, x.dtype, backend)
+    T = x.numel() // max(1, x.shape[-1])
+    run, _ = choose_delta_grad(schedule, name, backend, dy.shape[-1], x.shape[-1], T, indices.numel(), x.dtype,
+                               x.device)
+    return _sddmm(dy, x, indices, run)
 
 
 def _float64_backend(name: str, dtype: torch.dtype, backend: str | None) -> str:
@@ -314,10 +329,14 @@ def sparse_delta_linear(x, weight, values, indices, bias=None, backend: str | No
     check_one_device("sparse_delta_linear", x, weight, values, indices, bias)
     if check:
         check_indices(indices, weight.numel(), "sparse_delta_linear")
-    name = _float64_backend(_backend.resolve("sddmm", x.device, _SDDMM_HAS, backend), x.dtype, backend)
+    name = _backend.resolve("sddmm", x.device, _SDDMM_HAS, backend)
+    if delta_grad != DENSE:    # (the dense schedule takes float64 itself)
+        name = _float64_backend(name, x.dtype, backend)
 
     def call(x_, w_, b_):   # under autocast x_ is the cast input: the schedule is picked for its dtype
-        return _linear(x_, w_, values, indices, b_, _pick(delta_grad, name, backend, weight.shape, x_, indices.numel()))
+        run, _ = choose_delta_grad(delta_grad, name, backend, weight.shape[0], weight.shape[1],
+                                   x_.numel() // max(1, x_.shape[-1]), indices.numel(), x_.dtype, x_.device)
+        return _linear(x_, w_, values, indices, b_, run)
     return _autocast.linear_call(call, x, weight, bias)
 
 
