@@ -98,6 +98,26 @@ def test_layer_auto_takes_the_dense_schedule_by_the_rule(monkeypatch):
         assert_within_rule(layer.values.grad, exact, unfused, f"layer delta gradient at {dens}", atol=1e-3)
 
 
+def test_compiled_layer_on_auto_takes_the_dense_schedule(monkeypatch):
+    """torch.compile over a bf16 layer whose rule says dense (2.5%, 512 tokens): the wrapper's device query
+    folds under compile, the dense schedule runs, its gradient within the rule."""
+    from fusedtune.nn import SparseDeltaLinear
+    ran = []
+    real = sd._dense_delta_grad
+    monkeypatch.setattr(sd, "_dense_delta_grad", lambda *a: ran.append(1) or real(*a))
+    p = torch.cuda.get_device_properties(0)
+    assert 0.025 >= sd.dense_min_density((p.major, p.minor), sd.sparse_delta_backend("cuda")["sddmm"]["backend"])
+    g = torch.Generator().manual_seed(9)
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(1024, 512, bias=False).to("cuda", torch.bfloat16),
+                                          density=0.025)
+    x = torch.randn(512, 1024, generator=g).to("cuda", torch.bfloat16)
+    dy = torch.randn(512, 512, generator=g).to("cuda", torch.bfloat16)
+    torch.compile(layer)(x).backward(dy)
+    assert ran == [1]
+    exact, unfused = _exact_and_unfused(dy, x, layer.indices)
+    assert_within_rule(layer.values.grad, exact, unfused, "compiled layer delta gradient", atol=1e-3)
+
+
 def test_sparse_adamw_cuda_bit_identical():
     def inputs(dev):
         g = torch.Generator().manual_seed(6)
