@@ -9,10 +9,13 @@ candidates(n, mode, ...): every valid position whose score is at least the n-th 
         mode 2  min(row[p // in], col[p % in])  (SM3 row/column accumulators, SpIEL-MA)
     A position is valid unless it is in the exclusion bitmask (the layer's current indices), or its
     score is NaN or -inf. Radix select over the scores' order-preserving 32-bit keys: a histogram
-    of the top 11 key bits (one read), then, only while the threshold's bin holds too many
-    positions, of the next 11 and the last 10 bits among that bin (one read each); then one read
+    of the top 8 key bits (one read), then, only while the threshold's bin holds too many
+    positions, of the next 8 bits among that bin (one read each, at most three more); then one read
     that compacts the positions at or above the bin into a buffer of about n entries, where the
-    exact threshold is found. The reference (torch.topk over the dense score) reads and writes the
+    exact threshold is found. 256 bins a level, not 2048: tl.histogram's warp-level lowering costs
+    about (bins / 32) x (log2(bins) + 3) instructions a thread per element (ballots per key bit, then
+    a mask and a popcount per bin the lane owns), ~900 at 2048 bins and ~90 at 256; on an H200 the
+    2048-bin version ran the selection at 11 G positions a second, slower than torch.topk. The reference (torch.topk over the dense score) reads and writes the
     dense scores about ten times and, for mode 2, materialises them (4 bytes per weight).
 sm3_update(g, row, col): SM3-II, nu = min(row[r], col[c]) + g[r, c]^2, new row = max over c of nu,
     new col = max over r of nu; one read of g (the reference: 5 reads and 3 writes of a dense buffer,
@@ -36,8 +39,9 @@ _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
 SELECT_BLOCK = 256 if _INTERP else 4096
 SELECT_WARPS = 8
 SM3_BR, SM3_BC, SM3_WARPS = (16, 32, 4) if _INTERP else (32, 256, 8)
-LEVEL_SHIFTS = (21, 10, 0)     # key bits of the histogram levels: [31:21], [20:10], [9:0]
-LEVEL_BINS = (2048, 2048, 1024)
+LEVEL_BITS = 8
+LEVEL_SHIFTS = (24, 16, 8, 0)  # key bits of the histogram levels: [31:24], [23:16], [15:8], [7:0]
+LEVEL_BINS = (1 << LEVEL_BITS,) * len(LEVEL_SHIFTS)
 KEEP_SLACK = 1 << 16           # compact once the candidates number at most 2n + KEEP_SLACK
 MAX_NUMEL = 2 ** 31 - 2 ** 16  # positions index in 32 bits (a program's block may pass the end)
 
@@ -70,18 +74,17 @@ def _select_keys(s, offs, ok, excl_ptr):
 @triton.jit
 def select_hist_kernel(src_ptr, row_ptr, col_ptr, excl_ptr, hist_ptr, NUMEL, IN, PREFIX,
                        MODE: tl.constexpr, LEVEL: tl.constexpr, NBINS: tl.constexpr, BLOCK: tl.constexpr):
+    # the histogram of key bits [SHIFT + 7 : SHIFT], SHIFT = 24 - 8 * LEVEL, over the valid positions whose
+    # key >> (SHIFT + 8) equals PREFIX (level 0: all)
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)    # int32: NUMEL < MAX_NUMEL
     ok = offs < NUMEL
     s = _select_scores(src_ptr, row_ptr, col_ptr, offs, ok, IN, MODE)
     u, valid = _select_keys(s, offs, ok, excl_ptr)
-    if LEVEL == 0:      # the key's top 11 bits, as a bin 0..2047 (the arithmetic shift keeps the sign)
-        bins = (u >> 21) + 1024
-    elif LEVEL == 1:
-        valid = valid & ((u >> 21) == PREFIX)
-        bins = (u >> 10) & 0x7FF
+    if LEVEL == 0:      # the key's top 8 bits, as a bin 0..255 (the arithmetic shift keeps the sign)
+        bins = (u >> 24) + 128
     else:
-        valid = valid & ((u >> 10) == PREFIX)
-        bins = u & 0x3FF
+        valid = valid & ((u >> (32 - 8 * LEVEL)) == PREFIX)
+        bins = (u >> (24 - 8 * LEVEL)) & 0xFF
     h = tl.histogram(bins, NBINS, mask=valid)
     tl.atomic_add(hist_ptr + tl.arange(0, NBINS), h, mask=h > 0)
 
@@ -130,9 +133,8 @@ def exclusion_bits(indices: torch.Tensor, numel: int) -> torch.Tensor:
     return words
 
 
-def _threshold_bin(h: torch.Tensor, need: int) -> tuple[int, int]:
+def _threshold_bin(h: list, need: int) -> tuple[int, int]:
     """(b, above): the highest bin b with at least `need` counts in bins >= b; above = counts in bins > b."""
-    h = h.tolist()
     above = 0
     for b in range(len(h) - 1, -1, -1):
         if above + h[b] >= need:
@@ -158,19 +160,19 @@ def candidates(n: int, mode: int, src: torch.Tensor | None, row: torch.Tensor | 
         hist = torch.zeros(nbins, dtype=torch.int32, device=dev)
         fast(select_hist_kernel)[grid](*args, hist, numel, IN, prefix, MODE=mode, LEVEL=level, NBINS=nbins,
                                  BLOCK=SELECT_BLOCK, num_warps=SELECT_WARPS)
-        h = hist.cpu()
+        h = hist.tolist()      # (one copy to the host a level; the rest is Python on a list)
         if level == 0:
-            n = need = min(n, int(h.sum()))
+            n = need = min(n, sum(h))
             if n == 0:
                 return empty
         b, up = _threshold_bin(h, need)
         above += up
         need -= up
-        prefix = (prefix << (LEVEL_SHIFTS[level - 1] - shift)) + b if level else b - 1024
+        prefix = (prefix << LEVEL_BITS) + b if level else b - nbins // 2   # key >> shift of the threshold's bin
         lo = prefix << shift
-        if above + int(h[b]) <= 2 * n + KEEP_SLACK:
+        if above + h[b] <= 2 * n + KEEP_SLACK:
             break
-    total = above + int(h[b])
+    total = above + h[b]
     count = torch.zeros(1, dtype=torch.int32, device=dev)
     pos = torch.empty(total, dtype=torch.int64, device=dev)
     score = torch.empty(total, dtype=torch.float32, device=dev)
