@@ -431,7 +431,8 @@ def _same_params_and_flags(m, before):
 
 
 @pytest.mark.parametrize("method,opts", [("lora", {"lr": -1.0}), ("lora", {"betas": (0.9,)}),
-                                         ("sparse_delta", {"lr": -1.0}), ("lora", {"alpha": "x"}),
+                                         ("sparse_delta", {"lr": -1.0}), ("sparse_delta", {"delta_grad": "gemm"}),
+                                         ("lora", {"alpha": "x"}),
                                          ("lora", {"r": 20, "init_lora_weights": "pissa"})])
 def test_a_refused_patch_leaves_the_model_as_it_was(method, opts):
     """Refused after some layers were swapped (the optimizer's options; PiSSA on a k_proj of 16 outputs after
@@ -444,6 +445,15 @@ def test_a_refused_patch_leaves_the_model_as_it_was(method, opts):
         patch(m, method, **opts)
     assert _state(m) is None and [type(x) for x in m.modules()] == kinds
     assert _same_params_and_flags(m, before)
+
+
+def test_sparse_delta_patch_passes_delta_grad_to_every_layer():
+    from fusedtune.nn import SparseDeltaLinear
+    m = make("llama")
+    patch(m, "sparse_delta", delta_grad="dense")
+    layers = [x for x in m.modules() if isinstance(x, SparseDeltaLinear)]
+    assert layers and all(x.delta_grad == "dense" for x in layers)
+    unpatch(m)
 
 
 def test_a_tied_head_keeps_the_embedding_trainable_after_unpatch():
