@@ -118,3 +118,21 @@ def test_bench_section_runs():
         assert r["time_ms"] > 0 and r["baseline_ms"] > 0 and r["ratio"] == r["baseline_ms"] / r["time_ms"]
         assert r["positions"] in (64 * 64, 176 * 64) and r["k"] == round(0.01 * r["positions"])
         assert r["bytes_compulsory"] == (0 if "SM3 row/col" in r["kernel"] else 4 * r["positions"])
+
+
+@pytest.mark.parametrize("numel", [1, 31, 32, 33, 1000, 4099])
+def test_exclusion_bits_set_exactly_the_indices(numel):
+    """The bitmask kernel: bit p % 32 of word p // 32 set for every index p (bit 31 and the last word among
+    them), nothing else; int64 or strided indices are taken as int32."""
+    gen = torch.Generator().manual_seed(numel)
+    idx = torch.randperm(numel, generator=gen)[: max(1, numel // 3)].sort().values
+    idx = torch.unique(torch.cat([idx, torch.tensor([numel - 1, min(31, numel - 1)])]))
+    words = tk.exclusion_bits(idx, numel)
+    assert words.dtype == torch.int32 and words.numel() == (numel + 31) // 32 + 1
+    bits = ((words.long()[:, None] >> torch.arange(32)) & 1).flatten()
+    want = torch.zeros_like(bits)
+    want[idx] = 1
+    assert torch.equal(bits, want)
+    strided = torch.stack([idx.int(), idx.int()], 1)[:, 0]
+    assert strided.stride(0) == 2 and torch.equal(tk.exclusion_bits(strided, numel), words)
+    assert tk.exclusion_bits(idx[:0], numel).eq(0).all()
