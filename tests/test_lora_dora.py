@@ -461,19 +461,47 @@ def test_vmap_over_examples_matches_the_batched_forward():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-def test_backward_gets_no_gradient_buffers_for_the_saved_intermediates(monkeypatch):
+@pytest.mark.parametrize("form", ["eager", "setup_context"])
+def test_backward_gets_no_gradient_buffers_for_the_saved_intermediates(monkeypatch, form):
     """t and F are outputs of the autograd Function only to be saved: autograd must not hand backward
-    zero-filled gradients for them (F's is a float32 [T, N], ~470 MB a layer at Llama-3-8B gate/up)."""
+    zero-filled gradients for them (F's is a float32 [T, N], ~470 MB a layer at Llama-3-8B gate/up). Both
+    forms: the old-style class plain eager calls take, and the setup_context one (vmap, torch.compile)."""
     seen = []
-    real = dora_ops._ColumnScaledLoRA.backward
+    cls = dora_ops._ColumnScaledLoRAEager if form == "eager" else dora_ops._ColumnScaledLoRA
+    real = cls.backward
 
     def spy(ctx, dy, dt, dF):
         seen.append((dy is not None, dt, dF))
         return real(ctx, dy, dt, dF)
-    monkeypatch.setattr(dora_ops._ColumnScaledLoRA, "backward", staticmethod(spy))
+    monkeypatch.setattr(cls, "backward", staticmethod(spy))
+    if form == "setup_context":
+        monkeypatch.setattr(dora_ops, "_column_scaled", lambda g, *a: dora_ops._ColumnScaledLoRA.apply(g, *a))
     g = torch.Generator().manual_seed(4)
     x = torch.randn(5, 16, generator=g, requires_grad=True)
     w, A = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g, requires_grad=True)
     B, m = torch.randn(8, 2, generator=g, requires_grad=True), (torch.rand(8, generator=g) + 0.5).requires_grad_()
     dora_ops.dora_linear(x, w, A, B, 2.0, m).sum().backward()
     assert seen == [(True, None, None)]
+
+
+def test_both_function_forms_give_the_same_bits(monkeypatch):
+    """Plain eager calls take the old-style class (cheaper to call), torch.func / compile the setup_context one;
+    the forward, saved tensors and backward are the same, so every gradient is bit-identical."""
+    g = torch.Generator().manual_seed(6)
+    x0 = torch.randn(2, 5, 16, generator=g)
+    w, A0 = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g)
+    B0, m0, b = torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    used, outs = [], []
+    for form in ("eager", "setup_context"):
+        x, A, B, m = (t.clone().requires_grad_() for t in (x0, A0, B0, m0))
+        real = dora_ops._column_scaled
+        if form == "setup_context":
+            monkeypatch.setattr(dora_ops, "_column_scaled", lambda g_, *a: dora_ops._ColumnScaledLoRA.apply(g_, *a))
+        y = dora_ops.dora_linear(x, w, A, B, 2.0, m, b, dropout_p=0.25, seed=3)
+        y.backward(torch.ones_like(y))
+        used.append(type(y.grad_fn.next_functions[0][0]).__name__)     # (y is a view of the Function's output)
+        outs.append([y.detach(), x.grad, A.grad, B.grad, m.grad])
+        monkeypatch.setattr(dora_ops, "_column_scaled", real)
+    assert used[0].startswith("_ColumnScaledLoRAEager") and not used[1].startswith("_ColumnScaledLoRAEager")
+    for a, c in zip(*outs):
+        assert torch.equal(a, c)
