@@ -505,3 +505,16 @@ def test_both_function_forms_give_the_same_bits(monkeypatch):
     assert used[0].startswith("_ColumnScaledLoRAEager") and not used[1].startswith("_ColumnScaledLoRAEager")
     for a, c in zip(*outs):
         assert torch.equal(a, c)
+
+
+def test_weight_norm_leaves_a_float32_weight_untouched():
+    """The norm adds s * B . A to a copy of each row chunk in place: never to the weight itself (a float32
+    weight's .to(float32) would be the weight)."""
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(40, 24, generator=g)
+    A, B = torch.randn(3, 24, generator=g), torch.randn(40, 3, generator=g)
+    w0 = w.clone()
+    got = dora_ops.dora_weight_norm(w, A, B, 1.5)
+    assert torch.equal(w, w0)
+    torch.testing.assert_close(got, (w.double() + 1.5 * B.double() @ A.double()).norm(dim=1).float(), rtol=1e-5,
+                               atol=0)

@@ -69,9 +69,10 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=t
         N, K = W.shape
         out = torch.empty(N, dtype=ct, device=W.device)
         step = max(1, _CHUNK // max(K, 1))
-        for lo in range(0, N, step):
-            rows = torch.addmm(W[lo:lo + step].to(ct), B[lo:lo + step], A, alpha=float(scale))
-            out[lo:lo + step] = torch.linalg.vector_norm(rows, dim=1)
+        for lo in range(0, N, step):    # a copy of the rows (never W itself), the product added in place, the norm
+            rows = W[lo:lo + step].to(ct, copy=True)   # into out: addmm out of place copied its input once more
+            rows.addmm_(B[lo:lo + step], A, alpha=float(scale))
+            torch.linalg.vector_norm(rows, dim=1, out=out[lo:lo + step])
         return out
 
 
