@@ -518,3 +518,15 @@ def test_weight_norm_leaves_a_float32_weight_untouched():
     assert torch.equal(w, w0)
     torch.testing.assert_close(got, (w.double() + 1.5 * B.double() @ A.double()).norm(dim=1).float(), rtol=1e-5,
                                atol=0)
+
+
+def test_weight_norm_sums_in_float32_under_autocast():
+    """The norm's float32 sums do not follow a caller's autocast (the layer computes it outside its own
+    autocast-off scope): the same bits with bf16 autocast on as off."""
+    g = torch.Generator().manual_seed(9)
+    w = torch.randn(64, 48, generator=g).bfloat16()
+    A, B = torch.randn(4, 48, generator=g), torch.randn(64, 4, generator=g)
+    want = dora_ops.dora_weight_norm(w, A, B, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dora_ops.dora_weight_norm(w, A, B, 2.0)
+    assert got.dtype == torch.float32 and torch.equal(got, want)

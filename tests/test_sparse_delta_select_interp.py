@@ -136,3 +136,5 @@ def test_exclusion_bits_set_exactly_the_indices(numel):
     strided = torch.stack([idx.int(), idx.int()], 1)[:, 0]
     assert strided.stride(0) == 2 and torch.equal(tk.exclusion_bits(strided, numel), words)
     assert tk.exclusion_bits(idx[:0], numel).eq(0).all()
+    bad = torch.cat([idx, torch.tensor([-1, numel, 32 * words.numel() + 5])])    # outside: no write anywhere
+    assert torch.equal(tk.exclusion_bits(bad, numel), words)

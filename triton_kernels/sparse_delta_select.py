@@ -125,21 +125,22 @@ def sm3_update_kernel(g_ptr, row_ptr, col_ptr, row_out, col_out, OUT, IN, BR: tl
 
 
 @triton.jit
-def exclusion_bits_kernel(idx_ptr, words_ptr, K, BLOCK: tl.constexpr):
+def exclusion_bits_kernel(idx_ptr, words_ptr, K, NUMEL, BLOCK: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     ok = offs < K
     i = tl.load(idx_ptr + offs, mask=ok, other=0)
+    ok = ok & (i >= 0) & (i < NUMEL)     # an index outside the weight (unchecked callers) writes nothing
     tl.atomic_or(words_ptr + (i >> 5), 1 << (i & 31), mask=ok, sem="relaxed")
 
 
 def exclusion_bits(indices: torch.Tensor, numel: int) -> torch.Tensor:
-    """int32 bitmask of numel bits with the indices (in [0, numel)) set: one launch of atomic ORs (the torch
-    version took six ops: a long copy, ones, a shift, a mask, a cast and index_add_)."""
+    """int32 bitmask of numel bits with the indices in [0, numel) set (others set nothing): one launch of atomic
+    ORs (the torch version took six ops: a long copy, ones, a shift, a mask, a cast and index_add_)."""
     words = torch.zeros((numel + 31) // 32 + 1, dtype=torch.int32, device=indices.device)
     idx = indices if indices.dtype == torch.int32 and indices.is_contiguous() else indices.to(torch.int32).contiguous()
     if idx.numel():
-        fast(exclusion_bits_kernel)[(cdiv(idx.numel(), EXCL_BLOCK),)](idx, words, idx.numel(), BLOCK=EXCL_BLOCK,
-                                                                    num_warps=4)
+        fast(exclusion_bits_kernel)[(cdiv(idx.numel(), EXCL_BLOCK),)](idx, words, idx.numel(), numel,
+                                                                    BLOCK=EXCL_BLOCK, num_warps=4)
     return words
 
 
@@ -220,7 +221,7 @@ register(KernelSpec(
               "num_stages": 1} for m in (0, 1, 2) for lv, nb in enumerate(LEVEL_BINS)]))
 register(KernelSpec(
     family="sparse_delta", name="exclusion_bits_kernel", fn=exclusion_bits_kernel,
-    signature={"idx_ptr": "*i32", "words_ptr": "*i32", "K": "i32"},
+    signature={"idx_ptr": "*i32", "words_ptr": "*i32", "K": "i32", "NUMEL": "i32"},
     configs=[{"constexprs": dict(BLOCK=EXCL_BLOCK), "num_warps": 4, "num_stages": 1}]))
 register(KernelSpec(
     family="sparse_delta", name="select_compact_kernel", fn=select_compact_kernel,

@@ -58,7 +58,7 @@ def dora_weight_norm(weight, lora_A, lora_B, scale: float, nf4=None, nf4_dtype=t
                      backend: str | None = None) -> torch.Tensor:
     """float32 [out]: ||W + scale * B . A|| per output row (module docstring); no gradient. An NF4 base
     (weight None) is taken as dequantized to nf4_dtype: pass the dtype its GEMMs compute in."""
-    with torch.no_grad():
+    with torch.no_grad(), _autocast.off(lora_A.device):   # float32 sums whatever autocast a caller runs under
         W = _dense(weight, nf4, nf4_dtype, backend)
         if W.dim() != 2 or lora_A.dim() != 2 or lora_A.shape[1] != W.shape[1] or lora_B.shape != (W.shape[0],
                                                                                                 lora_A.shape[0]):
