@@ -94,3 +94,31 @@ def test_scope_belongs_to_its_thread():
         t.join()
         seen.append(fb.requested())
     assert seen == ["auto", "reference"]
+
+
+def test_resolve_memo_follows_the_environment_and_the_scope(monkeypatch):
+    """resolve() keeps its answers by the environment and the scope it read, through os.environ's own dict:
+    a change between two calls of the same op reaches the second one (also in a thread that never entered a
+    scope, and when os.environ is replaced by another mapping)."""
+    import os
+    import threading
+    dev, has = torch.device("cpu"), ("reference", "cpu", "cuda")
+    monkeypatch.delenv("FUSEDTUNE_BACKEND", raising=False)
+    auto = fb.resolve("memo_probe", dev, has)
+    assert auto in ("cpu", "reference")
+    monkeypatch.setenv("FUSEDTUNE_BACKEND", "cuda")     # the op has cuda, which cannot run on CPU tensors
+    with pytest.raises(fb.BackendError, match="memo_probe: backend 'cuda' cannot run here"):
+        fb.resolve("memo_probe", dev, has)
+    monkeypatch.setenv("FUSEDTUNE_BACKEND", "reference")
+    assert fb.resolve("memo_probe", dev, has) == "reference"
+    monkeypatch.delenv("FUSEDTUNE_BACKEND")
+    assert fb.resolve("memo_probe", dev, has) == auto
+    seen = []
+    with fusedtune.use_backend("reference"):
+        t = threading.Thread(target=lambda: seen.append(fb.resolve("memo_probe", dev, has)))
+        t.start()
+        t.join()
+        seen.append(fb.resolve("memo_probe", dev, has))
+    assert seen == [auto, "reference"]
+    monkeypatch.setattr(os, "environ", dict(os.environ, FUSEDTUNE_BACKEND="reference"))
+    assert fb.resolve("memo_probe", dev, has) == "reference"

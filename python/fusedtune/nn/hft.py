@@ -288,7 +288,10 @@ class RowMaskedLinear(OwnsMasters):
         if not torch.compiler.is_compiling():
             if self.masters:
                 self.check_masters_bound()
-                self._refresh_if_masters_changed()
+                wr, br = self.weight_rows, self.bias_rows
+                seen = self.__dict__.get("_rows_written")    # (the masters' versions, read without a list of them)
+                if seen is None or seen != ((version(wr),) if br is None else (version(wr), version(br))):
+                    self._refresh_if_masters_changed()
             elif not self._aliased():
                 raise RuntimeError(
                     "RowMaskedLinear(masters=False): weight_rows/bias_rows are no longer views of the weight's "

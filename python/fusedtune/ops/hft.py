@@ -33,11 +33,14 @@ def _gather_gemm(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtyp
     float32 accumulation (16-bit inputs: mm's out_dtype gives the float32 sum, rounded once to out_dtype).
     Chosen by measurement (bench/results/hft.csv, H200, 2026-11-30): the Triton kernel's gathered A-tile
     loads held it to 46-51 TFLOP/s, while gather + cuBLAS took 0.08-0.09x its time."""
-    d2, x2 = dy.reshape(-1, dy.shape[-1]), x.reshape(-1, x.shape[-1])
+    d2 = dy if dy.dim() == 2 else dy.reshape(-1, dy.shape[-1])   # (no reshape, .to or .t call that changes
+    x2 = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])        # nothing: ~1.5-3 us of host time each)
     g = d2.index_select(1, rows).t()
     if x2.dtype == torch.float32 or out_dtype == x2.dtype:
-        return (g @ x2).to(out_dtype)
-    return torch.mm(g, x2, out_dtype=torch.float32).to(out_dtype)
+        out = g @ x2
+    else:
+        out = torch.mm(g, x2, out_dtype=torch.float32)
+    return out if out.dtype == out_dtype else out.to(out_dtype)
 
 
 def _row_grad_impl(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, backend: str,
@@ -117,16 +120,22 @@ def _row_linear_setup(ctx, inputs, output):
 def _row_linear_backward(ctx, dy):
     refuse_double_backward("hft_row_linear", ctx, 2, "row masters")
     x, weight, rows = ctx.saved_tensors
-    dx = dy @ weight if ctx.needs_input_grad[0] else None
-    dw_full = dense_weight_grad(dy, x) if ctx.needs_input_grad[1] else None   # a weight the caller trains too
-    dw = None
-    if ctx.needs_input_grad[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
-        out = ctx.master_dtype if ctx.master_dtype in OUT_DTYPES else torch.float32
-        dw = _row_grad(dy, x, rows, ctx.backend, out).to(ctx.master_dtype)
-    dy2 = dy.reshape(-1, dy.shape[-1])
-    db = dy2.sum(0) if ctx.needs_input_grad[4] else None
-    dbr = (dy2.index_select(1, rows).sum(0, dtype=torch.float32).to(ctx.bias_master_dtype)
-           if ctx.needs_input_grad[5] else None)
+    need = ctx.needs_input_grad
+    dx = dy @ weight if need[0] else None
+    dw_full = dense_weight_grad(dy, x) if need[1] else None   # a weight the caller trains too
+    dw = db = dbr = None
+    if need[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
+        md = ctx.master_dtype
+        dw = _row_grad(dy, x, rows, ctx.backend, md if md in OUT_DTYPES else torch.float32)
+        if dw.dtype != md:
+            dw = dw.to(md)
+    if need[4] or need[5]:
+        dy2 = dy.reshape(-1, dy.shape[-1])
+        db = dy2.sum(0) if need[4] else None
+        if need[5]:
+            dbr = dy2.index_select(1, rows).sum(0, dtype=torch.float32)
+            if dbr.dtype != ctx.bias_master_dtype:
+                dbr = dbr.to(ctx.bias_master_dtype)
     return dx, dw_full, dw, None, db, dbr, None
 
 
