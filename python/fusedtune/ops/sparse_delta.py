@@ -148,14 +148,25 @@ def delta_grad_schedule(N: int, K: int, T: int | None, k: int, dtype: torch.dtyp
     yet, the rule for enough tokens) and dense_min_density."""
     if capability is None:
         return "sddmm", "not on a GPU"
-    if dtype not in (torch.bfloat16, torch.float16):
-        return "sddmm", f"{dtype} inputs (the dense schedule takes 16-bit inputs)"
-    if T is not None and T < DENSE_MIN_TOKENS:
-        return "sddmm", f"{T} tokens < {DENSE_MIN_TOKENS}"
+    why = _sddmm_by_call(T, dtype)
+    if why:
+        return "sddmm", why
     need, dens, sm = dense_min_density(capability, kernel), k / max(1, N * K), f"sm_{capability[0]}{capability[1]}"
     if dens < need:
         return "sddmm", f"density {dens:.3%} < {need:.2%}, where dense dW starts to beat the {kernel} SDDMM on {sm}"
     return DENSE, f"density {dens:.3%} >= {need:.2%} on {sm}"
+
+
+def _sddmm_by_call(T: int | None, dtype: torch.dtype) -> str:
+    """Why a call takes the SDDMM whatever the GPU (its dtype, too few tokens), or "" (the density decides)."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return f"{dtype} inputs (the dense schedule takes 16-bit inputs)"
+    if T is not None and T < DENSE_MIN_TOKENS:
+        return f"{T} tokens < {DENSE_MIN_TOKENS}"
+    return ""
+
+
+NO_GPU_KERNEL = "no GPU kernel"    # choose_delta_grad's reason where the SDDMM backend is not a GPU kernel
 
 
 def check_delta_grad(delta_grad: str, what: str) -> str:
@@ -174,12 +185,12 @@ def choose_delta_grad(delta_grad: str, name: str, backend: str | None, N: int, K
     if delta_grad == "sddmm":
         return name, "delta_grad='sddmm'"
     if name not in ("cuda", "triton"):
-        return name, "no GPU kernel"
+        return name, NO_GPU_KERNEL
     if _backend.requested(backend) != "auto":
         return name, f"backend {name!r} named"
-    if dtype not in (torch.bfloat16, torch.float16) or (T is not None and T < DENSE_MIN_TOKENS):
-        # (before the device query: a small call's host time)
-        return name, delta_grad_schedule(N, K, T, k, dtype, (9, 0), name)[1]
+    why = _sddmm_by_call(T, dtype)    # (before the device query: a small call's host time)
+    if why:
+        return name, why
     p = torch.cuda.get_device_properties(device)      # (torch.compile folds it to a constant)
     pick, why = delta_grad_schedule(N, K, T, k, dtype, (p.major, p.minor), name)
     return (DENSE if pick == DENSE else name), why
@@ -193,7 +204,7 @@ def describe_delta_grad(device, N: int, K: int, k: int, dtype: torch.dtype, delt
     run, why = choose_delta_grad(delta_grad, name, backend, N, K, None, k, dtype, device)
     sparse = f"SDDMM at the {k} positions ({name})"
     if run != DENSE:
-        return sparse if why in ("no GPU kernel", "") else f"{sparse} ({why})"
+        return sparse if why in (NO_GPU_KERNEL, "") else f"{sparse} ({why})"
     dense = f"dW in float32 blocks of <= {DENSE_BLOCK_BYTES >> 20} MiB, gathered at the {k} positions"
     if delta_grad == DENSE:
         return f"{dense} ({why})"
