@@ -253,7 +253,8 @@ gpu_tests() {   # gpu_tests LIMIT_S: the families in parallel, each stopped at L
               "sparse_delta tests/test_sparse_delta_gpu.py" "fp8 tests/test_fp8_gpu.py" \
               "lora tests/test_lora_gpu.py -k triton_within_rule" "lora_more tests/test_lora_gpu.py -k not@triton_within_rule" \
               "lora_dora tests/test_lora_dora_gpu.py tests/test_lora_graph_gpu.py" \
-              "lora_tma tests/test_lora_tma_gpu.py" "roste tests/test_roste_gpu.py" "roste_mma tests/test_roste_mma_gpu.py"; do
+              "lora_tma tests/test_lora_tma_gpu.py" "roste tests/test_roste_gpu.py" "roste_mma tests/test_roste_mma_gpu.py" \
+              "fp8_tma tests/test_fp8_tma_gpu.py"; do
     # (test_lora_gpu.py in two processes: it used 136 of its 154 s in run 3; '@' stands for a space in -k)
     set -- $spec
     fams+=("$1")
@@ -294,7 +295,7 @@ else
     # (FUSEDTUNE_BENCH_SKIP): a kernel that faults leaves the process's CUDA context unusable, and its
     # family's later sections would be lost with it.
     SKIP_KERNELS=()
-    for pair in "lora_tma:fused-tma" "roste_mma:cuda-mma"; do
+    for pair in "lora_tma:fused-tma" "roste_mma:cuda-mma" "fp8_tma:fp8-tma"; do
       grep -qE "^pytest_${pair%%:*} \(exit [1-9]" "$SUMMARY" && SKIP_KERNELS+=("${pair#*:}")
     done
     if [ "${#SKIP_KERNELS[@]}" -gt 0 ]; then

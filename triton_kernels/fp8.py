@@ -261,6 +261,9 @@ def gemm(a_q, a_s, b_q, b_s, b_rows: int, out_dtype, b_transposed: bool = False)
         return c
     if K == 0:
         return c.zero_()
+    from . import fp8_tma
+    if fp8_tma.usable(a_q, b_q, c, b_transposed):     # sm_90, opted in: TMA loads on a persistent grid
+        return fp8_tma.gemm(a_q, a_s, b_q, b_s, c, b_rows)
     sbn, sbk = (1, b_q.stride(0)) if b_transposed else (b_q.stride(0), 1)
     grid = lambda meta: (cdiv(M, meta["BLOCK_M"]) * cdiv(N, meta["BLOCK_N"]),)  # noqa: E731
     fast(fp8_gemm_kernel)[grid](a_q, a_s, b_q, b_s, c, M, N, K, cdiv(K, TILE), a_q.stride(0), sbn, sbk, c.stride(0),

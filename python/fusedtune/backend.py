@@ -146,7 +146,7 @@ except Exception:  # noqa: BLE001 -- another os.environ: read it by name
 def _env_state() -> tuple:
     """FUSEDTUNE_BACKEND and TRITON_INTERPRET as resolve()'s memo key sees them: read from os.environ's
     own dictionary by their encoded names (~0.1 us; os.environ.get encodes and decodes, ~1 us each)."""
-    if _ENV_DATA is not None and os.environ is _ENVIRON and type(_ENV_DATA) is dict:
+    if _ENV_DATA is not None and os.environ is _ENVIRON and _ENVIRON._data is _ENV_DATA:
         return _ENV_DATA.get(_ENV_KEYS[0]), _ENV_DATA.get(_ENV_KEYS[1])
     return os.environ.get("FUSEDTUNE_BACKEND"), os.environ.get("TRITON_INTERPRET")
 

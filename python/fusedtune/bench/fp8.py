@@ -14,6 +14,11 @@
    torchao's Float8Linear (rowwise) when torchao is installed; on a GPU also with every GEMM on the
    Triton kernel (FUSEDTUNE_FP8_GEMM=triton). Goal on an H100: >= 1.4x bf16.
 
+4. On sm_90, last and apart (a kernel that faults leaves the process's CUDA context unusable), the opt-in Hopper
+   GEMM (triton_kernels/fp8_tma.py: TMA loads on a persistent grid; FUSEDTUNE_FP8_TMA=1): fp8_gemm on it against
+   fp8_gemm_kernel, torch's bf16 matmul and cuBLAS's block-scaled GEMM, and FP8Linear with its three GEMMs on it
+   (cuBLAS off). Left out, with a row saying so, where FUSEDTUNE_BENCH_SKIP names "fp8-tma".
+
 --cpu: tiny shapes with the float32 emulation; the rows check the framework, not performance.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ import os
 
 import torch
 
-from .core import hbm_share, linear_host_rows, roofline_pct, row
+from .core import hbm_share, linear_host_rows, opt_in_skipped, roofline_pct, row
 
 SIZES, QUICK_SIZES, TINY_SIZES = (4096, 8192, 16384), (8192,), (256,)
 GOAL_TFLOPS = 1000.0
@@ -195,6 +200,101 @@ def linear_rows(timer, n, on_gpu, device):
     return rows
 
 
+class _Engine:
+    """A scope: FP8Linear's GEMMs on FUSEDTUNE_FP8_GEMM=`engine`, and the Hopper TMA kernel on or off."""
+
+    def __init__(self, engine: str | None, tma: bool):
+        self.engine, self.tma = engine, tma
+
+    def __enter__(self):
+        from ..ops import fp8_cublas
+        from ..triton_kernels import fp8_tma
+        self.keep = os.environ.get(fp8_cublas.ENGINE_ENV), fp8_tma.ENABLED
+        if self.engine is not None:
+            os.environ[fp8_cublas.ENGINE_ENV] = self.engine
+        fp8_tma.ENABLED = self.tma
+
+    def __exit__(self, *exc):
+        from ..ops import fp8_cublas
+        from ..triton_kernels import fp8_tma
+        env, fp8_tma.ENABLED = self.keep
+        if env is None:
+            os.environ.pop(fp8_cublas.ENGINE_ENV, None)
+        else:
+            os.environ[fp8_cublas.ENGINE_ENV] = env
+
+
+def tma_rows(timer, sizes, device):
+    """The opt-in Hopper GEMM (triton_kernels/fp8_tma.py, FUSEDTUNE_FP8_TMA=1) in sections of its own, after the
+    others (a kernel that faults leaves the process's CUDA context unusable): fp8_gemm on it against torch's bf16
+    matmul, cuBLAS's block-scaled GEMM and fp8_gemm_kernel on the same operands, and FP8Linear with every GEMM
+    on it (cuBLAS off) against bf16 nn.Linear. A timing that did not reach the kernel is reported as such."""
+    from ..ops import fp8_cublas
+    from ..ops.fp8 import fp8_gemm, fp8_quantize_1x128, fp8_quantize_128x128
+    from ..triton_kernels import fp8_tma
+    kernel = "fp8_gemm (1x128 x 128x128, promoted, fused-tma)"
+    why = opt_in_skipped("fp8-tma") or ("" if fp8_tma.available(device) else "needs an sm_90 GPU")
+    if why:
+        return [row(kernel, "-", "e4m3->bf16", "triton", "-", (float("nan"),) * 3, None, note="skipped: " + why)]
+    rows, dt = [], torch.bfloat16
+    for n in sizes:
+        g = torch.Generator(device=device).manual_seed(0)
+        a = torch.randn(n, n, device=device, generator=g).to(dt)
+        b = torch.randn(n, n, device=device, generator=g).to(dt)
+        aq, as_, _, _ = fp8_quantize_1x128(a, transpose=False)
+        bq, bs = fp8_quantize_128x128(b)
+        flops, shape = 2 * n ** 3, f"M=N=K={n}"
+        before = fp8_tma.launches
+        with _Engine(None, True):
+            ours = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
+        if fp8_tma.launches == before:
+            rows.append(row(kernel, shape, "e4m3->bf16", "triton", "-", (float("nan"),) * 3, None,
+                            note="the timed calls did not take fp8_gemm_tma_kernel (usable() refused them)"))
+            continue
+        with _Engine(None, False):
+            classic = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
+        tf = _tflops(flops, ours[0])
+        note = f"{tf:.0f} TFLOP/s" + (f"; goal >= {GOAL_TFLOPS:.0f} at 8192^3: {'met' if tf >= GOAL_TFLOPS else 'NOT met'}"
+                                      if n == 8192 else "")
+        pct = roofline_pct(ours[0], flops=flops, precision="fp8")
+        rows.append(row(kernel, shape, "e4m3->bf16", "triton", "fp8_gemm_kernel (pointer loads)", ours, classic[0],
+                        pct, note=f"{note}; fp8_gemm_kernel {_tflops(flops, classic[0]):.0f} TFLOP/s"))
+        rows.append(row(kernel, shape, "e4m3->bf16", "triton", "torch bf16 matmul", ours, timer(lambda: a @ b.t())[0],
+                        pct, note=note))
+        if fp8_cublas.status(aq.device, 128, dt) is None:
+            cb = timer(lambda: fp8_cublas.gemm(aq, as_, bq, bs, 128, dt))
+            rows.append(row(kernel, shape, "e4m3->bf16", "triton", "cuBLAS block-scaled (torch._scaled_mm 1x128 x "
+                            "128x128)", ours, cb[0], pct, note=f"{note}; cuBLAS {_tflops(flops, cb[0]):.0f} TFLOP/s"))
+    return rows
+
+
+def tma_linear_rows(timer, n, device):
+    """FP8Linear forward+backward with its three GEMMs on the Hopper TMA kernel (cuBLAS off)."""
+    from ..nn import FP8Linear
+    from ..triton_kernels import fp8_tma
+    kernel = "FP8Linear fwd+bwd (Triton TMA GEMMs)"
+    why = opt_in_skipped("fp8-tma") or ("" if fp8_tma.available(device) else "needs an sm_90 GPU")
+    if why:
+        return [row(kernel, "-", "e4m3", "triton", "-", (float("nan"),) * 3, None, note="skipped: " + why)]
+    dt = torch.bfloat16
+    lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
+    f8 = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
+    x = torch.randn(n, n, device=device, dtype=dt, requires_grad=True)
+    dy = torch.randn(n, n, device=device, dtype=dt)
+
+    def fb(layer):
+        return lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy)
+    before = fp8_tma.launches
+    with _Engine("triton", True):
+        ours = timer(fb(f8))
+    base = timer(fb(lin))
+    took = fp8_tma.launches > before
+    return [row(kernel, f"{n}x{n}x{n}", "e4m3", "triton", "bf16 nn.Linear", ours, base[0],
+                roofline_pct(ours[0], flops=6 * n ** 3, precision="fp8"),
+                note=f"FUSEDTUNE_FP8_GEMM=triton, FUSEDTUNE_FP8_TMA=1: {base[0] / ours[0]:.2f}x bf16"
+                     + ("" if took else "; the timed calls did NOT take fp8_gemm_tma_kernel"))]
+
+
 def sections(timer, quick: bool) -> list:
     on_gpu = timer.name != "cpu"
     device = "cuda" if on_gpu else "cpu"
@@ -202,9 +302,13 @@ def sections(timer, quick: bool) -> list:
         return [("skipped", lambda: [row("fp8_gemm", "-", "e4m3", "-", "-", (float("nan"),) * 3, None,
                                          note="skipped: FP8 tensor cores need sm_89 or newer")])]
     sizes = TINY_SIZES if not on_gpu else (QUICK_SIZES if quick else SIZES)
-    return [("GEMMs and quantizers", lambda: gemm_rows(timer, sizes, on_gpu, device)),
-            ("FP8Linear", lambda: linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device)),
-            ("host time per call", lambda: _host(on_gpu, quick))]
+    out = [("GEMMs and quantizers", lambda: gemm_rows(timer, sizes, on_gpu, device)),
+           ("FP8Linear", lambda: linear_rows(timer, 8192 if on_gpu else 256, on_gpu, device)),
+           ("host time per call", lambda: _host(on_gpu, quick))]
+    if on_gpu:   # the opt-in Hopper kernel last, apart (module docstring of triton_kernels/fp8_tma.py)
+        out += [("fp8_gemm on the Hopper TMA kernel (opt-in)", lambda: tma_rows(timer, sizes, device)),
+                ("FP8Linear on the Hopper TMA kernel (opt-in)", lambda: tma_linear_rows(timer, 8192, device))]
+    return out
 
 
 def _host(on_gpu, quick):
