@@ -37,6 +37,8 @@ def test_doctor_reports_every_key(capsys):
     assert f"hadamard_mma_kernel) {'on' if roste.MMA else 'off'}" in d["schedules"]["hadamard"]
     if not torch.cuda.is_available():
         assert "the Triton FP8 GEMM (" in d["schedules"]["fp8"]
+    from fusedtune.triton_kernels import fp8_tma
+    assert f"fp8_gemm_tma_kernel) {'on' if fp8_tma.ENABLED else 'off'}" in d["schedules"]["fp8"]
     out = capsys.readouterr().out
     for section in ("fusedtune doctor", "extension fusedtune._C", "GPU", "backends", "ops", "schedules (GPU paths)"):
         assert section in out
