@@ -10,8 +10,9 @@ pointer loads, ran the 8192^3 GEMM at 709 TFLOP/s; the goal is 1000, and cuBLAS'
   - A and B tiles come in by TMA (tensor descriptors made on the device): no address arithmetic, wrap or masks
     in the K loop (the copy engine fills rows and columns past the edges, K's tail among them, with zeros,
     which add nothing), pipelined into num_stages shared-memory buffers, the products on wgmma (QGMMA);
-  - one program per SM walks the output tiles in grouped order, so the next tile's loads start while the
-    current one is promoted and stored; the output goes out by TMA too.
+  - one or two programs an SM walk the output tiles in grouped order (a wave's tiles share their A rows and B
+    columns in L2); the output goes out by TMA, whose store drains while the next tile begins (the software
+    pipeline is the K loop's: a tile's first loads are not fetched during the previous tile's epilogue).
 The promotion is fp8_gemm_kernel's, operation for operation: each block's product in a fresh float32
 accumulator, then acc += part * a_scale[m] * b_scale[n]. (A fresh accumulator holds as many registers as the
 running one: 128 x 256 tiles would spill, so the tiles here are 128 x 128 over two warpgroups or 64-row.)

@@ -122,11 +122,14 @@ def _schedules(gpu: dict) -> dict:
             why = f"{fp8_cublas.ENGINE_ENV}=triton" if eng == "triton" else "no GPU"
         else:
             why = fp8_cublas.status(torch.device("cuda", 0))
-        from .triton_kernels import fp8_tma
         out["fp8"] = (f"engine {eng}: FP8Linear's GEMMs through cuBLAS's block-scaled FP8 GEMM where the shape "
-                      "allows" if why is None else f"engine {eng}: the Triton FP8 GEMM ({why})") + (
-            f"; on sm_90 the Triton GEMM with TMA loads (fp8_gemm_tma_kernel) {'on' if fp8_tma.ENABLED else 'off'} "
-            f"({fp8_tma.ENV}=1 turns it on)")
+                      "allows" if why is None else f"engine {eng}: the Triton FP8 GEMM ({why})")
+        try:
+            from .triton_kernels import fp8_tma
+            out["fp8"] += (f"; on sm_90 the Triton GEMM with TMA loads (fp8_gemm_tma_kernel) "
+                           f"{'on' if fp8_tma.ENABLED else 'off'} ({fp8_tma.ENV}=1 turns it on)")
+        except Exception as e:  # noqa: BLE001 - (no Triton: the engine line stands)
+            out["fp8"] += f"; the TMA GEMM unknown ({type(e).__name__})"
     except Exception as e:  # noqa: BLE001
         out["fp8"] = f"unknown ({type(e).__name__}: {e})"
     try:
