@@ -58,14 +58,15 @@ def test_every_config_matches_emulation(config, b_rows):
     from fusedtune.triton_kernels import fp8_tma
     if not fp8_tma.available("cuda"):
         pytest.skip("fp8_gemm_tma_kernel needs an sm_90 GPU")
-    m, n, w, s, ctas = _HOPPER_CONFIGS[config]
+    m, n, w, s, ctas, flatten = _HOPPER_CONFIGS[config]
     M, N, K = 1000, 1032, 1040
     a_q, a_s, b_q, b_s = _operands(M, N, K, b_rows, seed=config)
     c = torch.empty(M, N, device="cuda", dtype=torch.float32)
     fp8_tma._ensure_allocator()
     fp8_tma.fp8_gemm_tma_kernel.fn[(132 * ctas,)](
         a_q, a_s, b_q, b_s, c, M, N, K, -(-K // 128), K, K, N,
-        B_ROWS=b_rows, GROUP_M=8, BLOCK_K=128, BLOCK_M=m, BLOCK_N=n, CTAS=ctas, num_warps=w, num_stages=s)
+        B_ROWS=b_rows, GROUP_M=8, BLOCK_K=128, BLOCK_M=m, BLOCK_N=n, CTAS=ctas, FLATTEN=flatten, num_warps=w,
+        num_stages=s)
     want = F8.fp8_gemm(a_q, a_s, b_q, b_s, b_rows, torch.float32, backend="reference")
     assert _calc_diff(c, want) < 1e-6, (config, b_rows)
 
