@@ -48,16 +48,22 @@ def _scaled_mm_rowwise(a16, b16):
     return lambda: torch._scaled_mm(aq, bq.t(), scale_a=sa, scale_b=sb.t(), out_dtype=torch.bfloat16)
 
 
+def _gemm_case(n: int, device, dt) -> tuple:
+    """(a, b, aq, as_, bq, bs): random [n, n] a and b in dt, a's 1x128 and b's 128x128 quantization."""
+    from ..ops.fp8 import fp8_quantize_1x128, fp8_quantize_128x128
+    g = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(n, n, device=device, generator=g).to(dt)
+    b = torch.randn(n, n, device=device, generator=g).to(dt)
+    aq, as_, _, _ = fp8_quantize_1x128(a, transpose=False)
+    return (a, b, aq, as_) + tuple(fp8_quantize_128x128(b))
+
+
 def gemm_rows(timer, sizes, on_gpu, device):
-    from ..ops.fp8 import fp8_gemm, fp8_quantize_1x128, fp8_quantize_128x128
+    from ..ops.fp8 import fp8_gemm
     rows = []
     dt = torch.bfloat16 if on_gpu else torch.float32
     for n in sizes:
-        g = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(n, n, device=device, generator=g).to(dt)
-        b = torch.randn(n, n, device=device, generator=g).to(dt)
-        aq, as_, _, _ = fp8_quantize_1x128(a, transpose=False)
-        bq, bs = fp8_quantize_128x128(b)
+        a, b, aq, as_, bq, bs = _gemm_case(n, device, dt)
         flops = 2 * n ** 3
         ours = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
         bf16 = timer(lambda: a @ b.t())
@@ -144,9 +150,10 @@ def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
                     f"torch transpose of the FP8 W {transpose[0]:.3f} ms (the quantizer now writes the copy)")
 
 
-def linear_rows(timer, n, on_gpu, device):
+def _linear_case(n: int, device, dt):
+    """(nn.Linear, FP8Linear) n x n without bias, and fb(layer): a forward+backward (dX, dW) of it on one
+    [n, n] input and dy."""
     from ..nn import FP8Linear
-    dt = torch.bfloat16 if on_gpu else torch.float32
     lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
     f8 = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
     x = torch.randn(n, n, device=device, dtype=dt, requires_grad=True)
@@ -154,6 +161,13 @@ def linear_rows(timer, n, on_gpu, device):
 
     def fb(layer):
         return lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy)
+    return lin, f8, x, fb
+
+
+def linear_rows(timer, n, on_gpu, device):
+    from ..nn import FP8Linear
+    dt = torch.bfloat16 if on_gpu else torch.float32
+    lin, f8, x, fb = _linear_case(n, device, dt)
     ours = timer(fb(f8))
     base = timer(fb(lin))
     flops = 6 * n ** 3
@@ -164,16 +178,8 @@ def linear_rows(timer, n, on_gpu, device):
                 base[0], roofline_pct(ours[0], flops=flops, precision="fp8"),
                 note=note + ("" if not on_gpu else f"; {f8._fusedtune_report()['path']}"))]
     if on_gpu:   # the same with every GEMM on the Triton kernel (FUSEDTUNE_FP8_GEMM=triton)
-        from ..ops import fp8_cublas
-        keep = os.environ.get(fp8_cublas.ENGINE_ENV)
-        os.environ[fp8_cublas.ENGINE_ENV] = "triton"
-        try:
+        with _Engine("triton"):
             tri = timer(fb(f8))
-        finally:
-            if keep is None:
-                os.environ.pop(fp8_cublas.ENGINE_ENV)
-            else:
-                os.environ[fp8_cublas.ENGINE_ENV] = keep
         rows.append(row("FP8Linear fwd+bwd (Triton GEMMs)", shape, "e4m3", "triton", "bf16 nn.Linear", tri, base[0],
                         roofline_pct(tri[0], flops=flops, precision="fp8"),
                         note=f"FUSEDTUNE_FP8_GEMM=triton; {base[0] / tri[0]:.2f}x bf16"))
@@ -201,9 +207,10 @@ def linear_rows(timer, n, on_gpu, device):
 
 
 class _Engine:
-    """A scope: FP8Linear's GEMMs on FUSEDTUNE_FP8_GEMM=`engine`, and the Hopper TMA kernel on or off."""
+    """A scope: FP8Linear's GEMMs on FUSEDTUNE_FP8_GEMM=`engine` (None: as set), and the Hopper TMA kernel on
+    or off (None: as set)."""
 
-    def __init__(self, engine: str | None, tma: bool):
+    def __init__(self, engine: str | None, tma: bool | None = None):
         self.engine, self.tma = engine, tma
 
     def __enter__(self):
@@ -212,7 +219,8 @@ class _Engine:
         self.keep = os.environ.get(fp8_cublas.ENGINE_ENV), fp8_tma.ENABLED
         if self.engine is not None:
             os.environ[fp8_cublas.ENGINE_ENV] = self.engine
-        fp8_tma.ENABLED = self.tma
+        if self.tma is not None:
+            fp8_tma.ENABLED = self.tma
 
     def __exit__(self, *exc):
         from ..ops import fp8_cublas
@@ -230,7 +238,7 @@ def tma_rows(timer, sizes, device):
     matmul, cuBLAS's block-scaled GEMM and fp8_gemm_kernel on the same operands, and FP8Linear with every GEMM
     on it (cuBLAS off) against bf16 nn.Linear. A timing that did not reach the kernel is reported as such."""
     from ..ops import fp8_cublas
-    from ..ops.fp8 import fp8_gemm, fp8_quantize_1x128, fp8_quantize_128x128
+    from ..ops.fp8 import fp8_gemm
     from ..triton_kernels import fp8_tma
     kernel = "fp8_gemm (1x128 x 128x128, promoted, fused-tma)"
     why = opt_in_skipped("fp8-tma") or ("" if fp8_tma.available(device) else "needs an sm_90 GPU")
@@ -238,11 +246,7 @@ def tma_rows(timer, sizes, device):
         return [row(kernel, "-", "e4m3->bf16", "triton", "-", (float("nan"),) * 3, None, note="skipped: " + why)]
     rows, dt = [], torch.bfloat16
     for n in sizes:
-        g = torch.Generator(device=device).manual_seed(0)
-        a = torch.randn(n, n, device=device, generator=g).to(dt)
-        b = torch.randn(n, n, device=device, generator=g).to(dt)
-        aq, as_, _, _ = fp8_quantize_1x128(a, transpose=False)
-        bq, bs = fp8_quantize_128x128(b)
+        a, b, aq, as_, bq, bs = _gemm_case(n, device, dt)
         flops, shape = 2 * n ** 3, f"M=N=K={n}"
         before = fp8_tma.launches
         with _Engine(None, True):
@@ -270,20 +274,12 @@ def tma_rows(timer, sizes, device):
 
 def tma_linear_rows(timer, n, device):
     """FP8Linear forward+backward with its three GEMMs on the Hopper TMA kernel (cuBLAS off)."""
-    from ..nn import FP8Linear
     from ..triton_kernels import fp8_tma
     kernel = "FP8Linear fwd+bwd (Triton TMA GEMMs)"
     why = opt_in_skipped("fp8-tma") or ("" if fp8_tma.available(device) else "needs an sm_90 GPU")
     if why:
         return [row(kernel, "-", "e4m3", "triton", "-", (float("nan"),) * 3, None, note="skipped: " + why)]
-    dt = torch.bfloat16
-    lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
-    f8 = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
-    x = torch.randn(n, n, device=device, dtype=dt, requires_grad=True)
-    dy = torch.randn(n, n, device=device, dtype=dt)
-
-    def fb(layer):
-        return lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy)
+    lin, f8, _, fb = _linear_case(n, device, torch.bfloat16)
     with _Engine("triton", True):
         before = fp8_tma.launches
         fb(f8)()
