@@ -69,3 +69,18 @@ def e4m3_edges() -> torch.Tensor:
     x = torch.cat([x, torch.zeros(1, (-x.shape[1]) % 128)], 1).reshape(-1, 128)
     x[:, 0] = 448.0
     return x
+
+
+def linear_by_backend(M: int, K: int, N: int, backends=("triton", "reference")) -> dict:
+    """{backend: (y, dX, dW)} of fp8_linear forward+backward on one seeded x [M, K], W [N, K] and dy, per backend."""
+    from fusedtune.ops import fp8 as F8
+    x = torch.randn(M, K, generator=torch.Generator().manual_seed(4))
+    w = torch.randn(N, K, generator=torch.Generator().manual_seed(5)) * 0.05
+    dy = torch.randn(M, N, generator=torch.Generator().manual_seed(6))
+    res = {}
+    for be in backends:
+        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = F8.fp8_linear(xi, wi, backend=be)
+        y.backward(dy)
+        res[be] = (y, xi.grad, wi.grad)
+    return res

@@ -6,7 +6,7 @@ import torch
 
 from fusedtune.ops import fp8 as F8
 from fusedtune.reference import fp8 as ref
-from fp8_cases import e4m3_edges
+from fp8_cases import e4m3_edges, linear_by_backend
 
 pytestmark = pytest.mark.interp
 
@@ -74,14 +74,6 @@ def test_gemm_matches_reference(b_rows, transposed, K):
 
 
 def test_fp8_linear_forward_backward_matches_reference():
-    x = torch.randn(150, 260, generator=torch.Generator().manual_seed(4))
-    w = torch.randn(140, 260, generator=torch.Generator().manual_seed(5)) * 0.05
-    dy = torch.randn(150, 140, generator=torch.Generator().manual_seed(6))
-    res = {}
-    for be in ("triton", "reference"):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = F8.fp8_linear(xi, wi, backend=be)
-        y.backward(dy)
-        res[be] = (y, xi.grad, wi.grad)
+    res = linear_by_backend(150, 260, 140)
     for a, b in zip(res["triton"], res["reference"]):
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-5)

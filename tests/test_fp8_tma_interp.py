@@ -8,6 +8,7 @@ import torch
 
 from fusedtune.ops import fp8 as F8
 from fusedtune.reference import fp8 as ref
+from fp8_cases import linear_by_backend
 
 pytestmark = pytest.mark.interp
 
@@ -94,15 +95,7 @@ def test_operands_tma_cannot_load_take_the_classic_kernel(case, tma, monkeypatch
 def test_fp8_linear_through_tma_matches_reference(tma):
     """FP8Linear's forward (x W^T), dX (dy against W's K-major copy) and dW (the column-wise copies of dy and x)
     all through the TMA kernel, against the reference backend."""
-    x = torch.randn(160, 272, generator=torch.Generator().manual_seed(4))
-    w = torch.randn(144, 272, generator=torch.Generator().manual_seed(5)) * 0.05
-    dy = torch.randn(160, 144, generator=torch.Generator().manual_seed(6))
-    res = {}
-    for backend in ("triton", "reference"):
-        xi, wi = x.clone().requires_grad_(), w.clone().requires_grad_()
-        y = F8.fp8_linear(xi, wi, backend=backend)
-        y.backward(dy)
-        res[backend] = (y, xi.grad, wi.grad)
+    res = linear_by_backend(160, 272, 144)
     assert tma == {"tma": 3, "classic": 0}
     for got, want in zip(res["triton"], res["reference"]):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-5)

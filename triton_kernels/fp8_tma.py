@@ -32,7 +32,7 @@ import triton.language as tl
 from .common import autotune, cdiv
 from .launch import fast
 from .lora import _sm_count
-from .lora_tma import _ensure_allocator, _hopper, _row_stride
+from .lora_tma import _aligned, _ensure_allocator, _row_stride, available
 from .registry import KernelSpec, register
 
 _INTERP = os.environ.get("TRITON_INTERPRET") == "1"
@@ -86,27 +86,16 @@ def fp8_gemm_tma_kernel(a_ptr, as_ptr, b_ptr, bs_ptr, c_ptr, M, N, K, KB, stride
         c_d.store([m0, n0], acc.to(c_ptr.dtype.element_ty))
 
 
-def available(device) -> bool:
-    """Whether this kernel can run on `device`: a Hopper GPU (compute capability 9.x), or the interpreter."""
-    device = torch.device(device)
-    return _INTERP or (device.type == "cuda" and _hopper(device.index))
-
-
-def _aligned(t: torch.Tensor) -> bool:
-    """TMA's rule for a 2-D operand with a unit column stride: 16-byte-aligned base address and row stride."""
-    return t.data_ptr() % 16 == 0 and (_row_stride(t) * t.element_size()) % 16 == 0
-
-
 def usable(a_q: torch.Tensor, b_q: torch.Tensor, c: torch.Tensor, b_transposed: bool) -> bool:
     """Whether fp8.gemm() may take this kernel: ENABLED, B stored K-major, at least MIN_ROWS rows, a Hopper GPU
-    (or the interpreter), unit column strides and TMA's alignment."""
+    (or the interpreter: lora_tma.available), unit column strides and TMA's alignment (lora_tma._aligned)."""
     if not ENABLED or b_transposed or a_q.shape[0] < MIN_ROWS or not available(a_q.device):
         return False
     if a_q.shape[1] == 0 or any(t.shape[1] > 1 and t.stride(1) != 1 for t in (a_q, b_q, c)):
         return False    # (K = 0: a descriptor's dimensions must be at least 1)
     if any(_row_stride(t) < t.shape[1] for t in (a_q, b_q, c)):
         return False    # rows that overlap (a stride-0 broadcast): not a layout a descriptor describes
-    return _aligned(a_q) and _aligned(b_q) and _aligned(c)
+    return all(_aligned(t, _row_stride(t)) for t in (a_q, b_q, c))
 
 
 def gemm(a_q, a_s, b_q, b_s, c, b_rows: int) -> torch.Tensor:

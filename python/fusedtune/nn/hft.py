@@ -167,7 +167,9 @@ class RowMaskedLinear(OwnsMasters):
         self._realias()    # a deep copy copies the views as separate tensors
 
     def _master_versions(self) -> tuple:
-        return tuple(version(p) for p in self.master_parameters())
+        """The masters' versions (weight_rows, and bias_rows where the layer has one); read every forward."""
+        wr, br = self.weight_rows, self.bias_rows
+        return (version(wr),) if br is None else (version(wr), version(br))
 
     def mark_rows_written(self) -> None:
         """Record that the weight's (bias's) selected rows hold the current masters, rounded (MaskedAdamW
@@ -203,7 +205,7 @@ class RowMaskedLinear(OwnsMasters):
     def _refresh_if_masters_changed(self) -> None:
         """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
         the forward on stale rows, and training would silently do nothing: write them, and say so once."""
-        if getattr(self, "_rows_written", None) != self._master_versions():
+        if self.__dict__.get("_rows_written") != self._master_versions():   # (a plain attribute: no getattr)
             if self._rows_match():   # rewritten with the same values (DDP's first broadcast, a load of them)
                 self.mark_rows_written()
                 return
@@ -288,10 +290,7 @@ class RowMaskedLinear(OwnsMasters):
         if not torch.compiler.is_compiling():
             if self.masters:
                 self.check_masters_bound()
-                wr, br = self.weight_rows, self.bias_rows
-                seen = self.__dict__.get("_rows_written")    # (the masters' versions, read without a list of them)
-                if seen is None or seen != ((version(wr),) if br is None else (version(wr), version(br))):
-                    self._refresh_if_masters_changed()
+                self._refresh_if_masters_changed()
             elif not self._aliased():
                 raise RuntimeError(
                     "RowMaskedLinear(masters=False): weight_rows/bias_rows are no longer views of the weight's "
