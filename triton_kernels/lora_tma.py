@@ -11,7 +11,9 @@ expand pass that reads and writes the output once more) +15-30%; the goal is +10
     in the K loop (the copy engine fills out-of-bounds rows and columns with zeros), the loads pipelined
     into num_stages shared-memory buffers, the products on wgmma (HGMMA in the kernel report);
   - one program per SM walks the output tiles in grouped order (GROUP_M row tiles share their column
-    tiles while those are in L2), so the next tile's loads start while the current tile is stored;
+    tiles while those are in L2); the output goes out by TMA, whose store drains while the next tile
+    begins (the software pipeline is the K loop's: a tile's first loads are not fetched during the
+    previous tile's epilogue);
   - the LoRA term and the bias are the accumulator's start, not an epilogue: acc = keep * (T . E^T) + bias,
     then the K loop adds P . Q^T to it. One accumulator (a separate one for the masked LoRA term would
     double the registers of a 128x256 tile); the same sum as lora_gemm_kernel's in another order.
