@@ -1,0 +1,165 @@
+"""MeZOTrainer: MeZO (fusedtune.optim.MeZO) inside transformers.Trainer, as MeZO's own code runs it.
+
+    trainer = MeZOTrainer(model=model, args=TrainingArguments(..., learning_rate=1e-6, weight_decay=0.0),
+                          train_dataset=ds, mezo={"eps": 1e-3, "fold": True})
+    trainer.train()
+
+What it changes in Trainer:
+- the optimizer is a MeZO over the trainable parameters (requires_grad), in Trainer's two groups (weight decay
+  on the parameters Trainer decays, none on biases and norms), lr and weight decay from the arguments, so the
+  learning-rate scheduler drives it; its seed is args.seed unless mezo={"seed": ...} says otherwise. Other MeZO
+  settings (eps, noise, rounding, fold, same_rng, backend, process_group) come in `mezo`.
+- training_step runs the whole MeZO step on the batch: two forward passes (Trainer's compute_loss under its
+  autocast context, no backward) and the fused perturbation passes; it returns the loss at +eps (what MeZO's
+  trainer reports). Trainer's later optimizer.step() call then does nothing. The model stays in train mode, as
+  Trainer puts it: both passes of a step see the same dropout masks (same_rng, the default).
+- the logs gain `projected_grad` (the last step's) and lose `grad_norm` (there are no gradients to clip).
+- fold=True: between steps the weights carry the next step's +eps; evaluate(), predict(), save_model() (every
+  checkpoint) and the end of train() settle them first, so nothing sees or saves perturbed weights, and a
+  checkpoint's optimizer state has nothing pending. A resumed run then continues the uninterrupted one exactly
+  (the seeds follow MeZO's step count, which the checkpoint's optimizer state holds).
+
+Refused when the trainer is made (ValueError, nothing trained): gradient_accumulation_steps > 1 (a MeZO step
+measures one batch's loss difference along one direction; raise the batch size instead: the passes keep no
+activations), fp16=True (the GradScaler steps only from gradients; use bf16=True, or load the model in float16),
+DeepSpeed, an optimizer of one's own (`optimizers=(opt, ...)`, `optimizer_cls_and_kwargs`), and lr /
+weight_decay in `mezo` (they come from the arguments). MeZO itself refuses sharded (FSDP) parameters.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import Trainer
+
+from .mezo import MeZO
+
+_MEZO_KEYS = ("eps", "noise", "rounding", "seed", "fold", "same_rng", "backend", "process_group")
+
+
+class _TrainerMeZO(MeZO):
+    """MeZO whose step() without a closure does nothing: MeZOTrainer takes the step in training_step, and
+    Trainer calls optimizer.step() afterwards as it would after a backward."""
+
+    def step(self, closure=None):
+        if closure is None:
+            return None
+        return super().step(closure)
+
+
+def _unwrap(optimizer):
+    """The MeZO inside accelerate's AcceleratedOptimizer (or the optimizer itself), or None."""
+    for _ in range(4):
+        if isinstance(optimizer, MeZO) or optimizer is None:
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
+
+
+class MeZOTrainer(Trainer):
+    """transformers.Trainer with MeZO steps (the module docstring)."""
+
+    def __init__(self, *args, mezo: dict | None = None, **kwargs):
+        mezo = dict(mezo or {})
+        unknown = sorted(set(mezo) - set(_MEZO_KEYS))
+        if unknown:
+            hint = " (lr and weight_decay come from TrainingArguments' learning_rate and weight_decay)" \
+                if {"lr", "weight_decay"} & set(unknown) else ""
+            raise ValueError(f"MeZOTrainer: unknown mezo settings {unknown}{hint}; the settings are "
+                             f"{list(_MEZO_KEYS)}")
+        opts = kwargs.get("optimizers", (None, None))
+        if (opts and opts[0] is not None) or kwargs.get("optimizer_cls_and_kwargs") is not None:
+            raise ValueError("MeZOTrainer: it makes its own MeZO optimizer from the arguments' learning_rate and "
+                             "weight_decay; pass MeZO's other settings as mezo={...}, not an optimizer (a scheduler "
+                             "alone may be passed as optimizers=(None, scheduler))")
+        super().__init__(*args, **kwargs)
+        why = self._refusal()
+        if why is not None:
+            raise ValueError(f"MeZOTrainer: {why}")
+        self.mezo_settings = mezo
+        # MeZO's own checks of the settings (eps, noise, rounding with fold, lr > 0) now, not at train()
+        MeZO([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate, **self._mezo_kwargs())
+
+    def _refusal(self) -> str | None:
+        a = self.args
+        if a.gradient_accumulation_steps != 1:
+            return (f"gradient_accumulation_steps={a.gradient_accumulation_steps}: a MeZO step measures one batch's "
+                    "loss difference along one direction, so accumulation would step once per micro-batch; raise "
+                    "per_device_train_batch_size instead (MeZO's forward passes keep no activations)")
+        if a.fp16:
+            return ("fp16=True: the GradScaler steps an optimizer only from gradients, and MeZO has none; use "
+                    "bf16=True, or load the model in float16")
+        if a.deepspeed or getattr(self, "is_deepspeed_enabled", False):
+            return "DeepSpeed: its engine owns the optimizer step"
+        return None
+
+    # ------------------------------------------------------------------------------ the optimizer
+
+    def create_optimizer(self, model=None):
+        if self.optimizer is None:
+            m = self.model if model is None else model
+            decay = set(self.get_decay_parameter_names(m))
+            named = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
+            groups = [{"params": [p for n, p in named if n in decay], "weight_decay": self.args.weight_decay},
+                      {"params": [p for n, p in named if n not in decay], "weight_decay": 0.0}]
+            groups = [g for g in groups if g["params"]]
+            if not groups:
+                raise ValueError("MeZOTrainer: the model has no trainable parameters (requires_grad) to perturb")
+            self.optimizer = _TrainerMeZO(groups, lr=self.args.learning_rate, **self._mezo_kwargs())
+        return self.optimizer
+
+    def _mezo_kwargs(self) -> dict:
+        return {"seed": self.args.seed, **self.mezo_settings}
+
+    @property
+    def mezo(self) -> MeZO | None:
+        """The MeZO optimizer (None before training made it): `.last`, `.seed_for(step)`, `.settle()`."""
+        return _unwrap(self.optimizer)
+
+    def settle(self) -> None:
+        """fold=True: take the next step's +eps off the weights (nothing otherwise, or before training)."""
+        opt = self.mezo
+        if opt is not None:
+            opt.settle()
+
+    # ------------------------------------------------------------------------------ the step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        opt = self.mezo
+        if opt is None:
+            raise RuntimeError("MeZOTrainer: training_step before the optimizer was made (call train())")
+        model.train()
+        inputs = self._prepare_inputs(inputs)
+
+        def closure():
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+            return loss.mean() if loss.dim() else loss      # DataParallel: a loss per device
+
+        return opt.step(closure).detach()
+
+    def log(self, logs: dict, *args, **kwargs) -> None:
+        if "loss" in logs:        # a training log
+            logs.pop("grad_norm", None)
+            opt = self.mezo
+            if opt is not None and "projected_grad" in opt.last:
+                logs["projected_grad"] = float(opt.last["projected_grad"])
+        super().log(logs, *args, **kwargs)
+
+    # ------------------------------------------------------------------------------ settled weights
+
+    def train(self, *args, **kwargs):
+        try:
+            return super().train(*args, **kwargs)
+        finally:
+            self.settle()
+
+    def evaluate(self, *args, **kwargs):
+        self.settle()
+        return super().evaluate(*args, **kwargs)
+
+    def predict(self, *args, **kwargs):
+        self.settle()
+        return super().predict(*args, **kwargs)
+
+    def save_model(self, *args, **kwargs):
+        self.settle()
+        return super().save_model(*args, **kwargs)

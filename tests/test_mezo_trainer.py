@@ -1,0 +1,181 @@
+"""MeZOTrainer: MeZO steps inside transformers.Trainer equal a hand-written MeZO loop; evaluation and
+checkpoints see settled weights under fold=True; a resumed run continues the uninterrupted one; refusals."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="MeZOTrainer is a transformers.Trainer")
+pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate")
+
+from fusedtune.optim import MeZO  # noqa: E402
+from tiny_models import one_thread, tiny_llama  # noqa: E402,F401
+
+LR, EPS = 5e-3, 1e-2
+
+
+def _ids():
+    return torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1))
+
+
+def _dataset(n=8):
+    """n copies of one sequence: every batch is the same, whatever order the Trainer's sampler draws."""
+    ids = _ids()
+    return [{"input_ids": ids.clone(), "labels": ids.clone()} for _ in range(n)]
+
+
+def _batch(rows=4):
+    return _ids().expand(rows, -1).clone()
+
+
+def _trainer(model, tmp_path, steps=4, mezo=None, **args_kw):
+    from fusedtune.optim import MeZOTrainer
+    kw = dict(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=steps, per_device_train_batch_size=4,
+              learning_rate=LR, weight_decay=0.1, save_strategy="no", logging_steps=1, disable_tqdm=True,
+              lr_scheduler_type="constant", seed=3)
+    kw.update(args_kw)
+    ds = _dataset()
+    trainer = MeZOTrainer(model=model, args=transformers.TrainingArguments(**kw), train_dataset=ds,
+                          eval_dataset=ds, mezo={"eps": EPS, **(mezo or {})})
+    # the model's own mean loss, as the hand-written loop's closure computes it (with num_items_in_batch a
+    # causal LM sums and divides instead: the same value up to the last bits)
+    trainer.model_accepts_loss_kwargs = False
+    return trainer
+
+
+def _manual(model, trainer_model, fold, steps, settle_after=(), settle_end=True):
+    """A hand-written MeZO run over `model` (a copy of the trainer's model before training), with the groups,
+    order, lr, weight decay and seed MeZOTrainer gives its optimizer. Returns (optimizer, losses)."""
+    names = {id(p): n for n, p in trainer_model.named_parameters()}
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, trainer_model))
+    mine = dict(model.named_parameters())
+    groups = [{"params": [mine[n] for n in names.values() if n in decay], "weight_decay": 0.1},
+              {"params": [mine[n] for n in names.values() if n not in decay], "weight_decay": 0.0}]
+    opt = MeZO(groups, lr=LR, eps=EPS, seed=3, fold=fold)
+    ids = _batch()
+    model.train()
+    losses = []
+    for s in range(1, steps + 1):
+        losses.append(float(opt.step(lambda: model(input_ids=ids, labels=ids).loss)))
+        if s in settle_after:
+            opt.settle()
+    if settle_end:
+        opt.settle()
+    return opt, losses
+
+
+def _same_params(a, b):
+    pa, pb = dict(a.named_parameters()), dict(b.named_parameters())
+    assert pa.keys() == pb.keys()
+    for n in pa:
+        assert torch.equal(pa[n].detach(), pb[n].detach()), n
+
+
+@pytest.mark.parametrize("fold", [False, True])
+def test_trainer_steps_equal_a_hand_written_mezo_loop(tmp_path, fold):
+    model = tiny_llama(vocab=64)
+    copy_ = copy.deepcopy(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(model, tmp_path, mezo={"fold": fold})
+    trainer.train()
+    opt, losses = _manual(copy_, model, fold, 4)
+    _same_params(model, copy_)                                      # bit for bit, weight decay groups included
+    assert trainer.mezo.pending_seed is None                        # fold: settled at the end of train()
+    assert trainer.mezo.steps == 4 and trainer.mezo.seed_for(3) == opt.seed_for(3)
+    moved = [n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])]
+    assert len(moved) == len(before)
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    assert [round(x, 4) for x in losses] == pytest.approx([h["loss"] for h in logs], abs=1e-4)
+    assert all("projected_grad" in h and "grad_norm" not in h for h in logs)
+    assert logs[-1]["projected_grad"] == pytest.approx(float(opt.last["projected_grad"]), rel=1e-6)
+    assert losses[-1] < losses[0]
+
+
+def _loss(model):
+    ids = _batch()
+    model.eval()
+    with torch.no_grad():
+        return float(model(input_ids=ids, labels=ids).loss)
+
+
+def test_fold_evaluation_sees_settled_weights(tmp_path):
+    model = tiny_llama(vocab=64)
+    start = copy.deepcopy(model)
+    trainer = _trainer(model, tmp_path, mezo={"fold": True}, eval_strategy="steps", eval_steps=2)
+    trainer.train()
+    copy_ = copy.deepcopy(start)
+    _manual(copy_, model, True, 4, settle_after=(2,))      # the evaluation at step 2 settled the weights
+    _same_params(model, copy_)
+    at2 = copy.deepcopy(start)
+    _manual(at2, model, True, 2)
+    settled = _loss(at2)
+    evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
+    assert evals[2] == pytest.approx(settled, rel=1e-6, abs=0)
+    carrying = copy.deepcopy(start)   # step 2's weights carrying step 3's +eps: the test can tell them apart
+    _manual(carrying, model, True, 2, settle_end=False)
+    assert abs(_loss(carrying) - settled) > 1e-4 * abs(settled)
+
+
+def test_fold_checkpoints_hold_settled_weights_and_a_resume_continues_the_run(tmp_path):
+    model = tiny_llama(vocab=64)
+    start = copy.deepcopy(model)
+    run = tmp_path / "run"
+    trainer = _trainer(model, run, mezo={"fold": True}, save_strategy="steps", save_steps=2)
+    trainer.train()
+    copy_ = copy.deepcopy(start)
+    _manual(copy_, model, True, 4, settle_after=(2,))      # the checkpoint at step 2 settled the weights
+    _same_params(model, copy_)
+    at2 = copy.deepcopy(start)
+    _manual(at2, model, True, 2)
+    _same_params(transformers.AutoModelForCausalLM.from_pretrained(run / "checkpoint-2"), at2)
+
+    # a resume from checkpoint-2 (weights, MeZO's seed and step count) ends where the uninterrupted run ended
+    resumed_model = tiny_llama(vocab=64, seed=5)          # other weights: the checkpoint must replace them
+    resumed = _trainer(resumed_model, tmp_path / "resumed", mezo={"fold": True})
+    resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    assert resumed.mezo.steps == 4
+    _same_params(resumed_model, model)
+
+
+@pytest.mark.parametrize("args_kw, mezo, match", [
+    (dict(gradient_accumulation_steps=2), None, "gradient_accumulation_steps=2"),
+    (dict(fp16=True), None, "fp16=True"),
+    ({}, {"lr": 1e-3}, "learning_rate and weight_decay"),
+    ({}, {"eps": 0.0}, "eps must be > 0"),
+    ({}, {"fold": True, "rounding": "stochastic"}, "fold=True needs rounding='nearest'"),
+])
+def test_refusals_when_the_trainer_is_made(tmp_path, args_kw, mezo, match):
+    with pytest.raises(ValueError, match=match):
+        _trainer(tiny_llama(vocab=64), tmp_path, mezo=mezo, **args_kw)
+
+
+def test_an_optimizer_of_ones_own_is_refused(tmp_path):
+    from fusedtune.optim import MeZOTrainer
+    model = tiny_llama(vocab=64)
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
+    for kw in (dict(optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)),
+               dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))):
+        with pytest.raises(ValueError, match="makes its own MeZO optimizer"):
+            MeZOTrainer(model=model, args=args, train_dataset=_dataset(), **kw)
+
+
+def test_a_model_without_trainable_parameters_is_refused_and_left_alone(tmp_path):
+    model = tiny_llama(vocab=64).requires_grad_(False)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer = _trainer(model, tmp_path)
+    with pytest.raises(ValueError, match="no trainable parameters"):
+        trainer.train()
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_frozen_parameters_stay_bit_identical(tmp_path):
+    """MeZO perturbs only what trains: a model with a frozen base (here: everything but the norms)."""
+    model = tiny_llama(vocab=64)
+    for n, p in model.named_parameters():
+        p.requires_grad_("norm" in n)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _trainer(model, tmp_path, steps=2, mezo={"fold": True}).train()
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach(), before[n]) != ("norm" in n), n
