@@ -100,16 +100,24 @@ def _loss(model):
         return float(model(input_ids=ids, labels=ids).loss)
 
 
-def test_fold_evaluation_sees_settled_weights(tmp_path):
+def _train_folded_settling_at_2(tmp_path, **args_kw):
+    """A 4-step fold=True run in which step 2 settles the weights (an evaluation or a checkpoint there), checked
+    against the hand-written run that settles after step 2; returns (trainer, model, its initial copy, the
+    hand-written run's settled weights after step 2)."""
     model = tiny_llama(vocab=64)
     start = copy.deepcopy(model)
-    trainer = _trainer(model, tmp_path, mezo={"fold": True}, eval_strategy="steps", eval_steps=2)
+    trainer = _trainer(model, tmp_path, mezo={"fold": True}, **args_kw)
     trainer.train()
     copy_ = copy.deepcopy(start)
-    _manual(copy_, model, True, 4, settle_after=(2,))      # the evaluation at step 2 settled the weights
+    _manual(copy_, model, True, 4, settle_after=(2,))
     _same_params(model, copy_)
     at2 = copy.deepcopy(start)
     _manual(at2, model, True, 2)
+    return trainer, model, start, at2
+
+
+def test_fold_evaluation_sees_settled_weights(tmp_path):
+    trainer, model, start, at2 = _train_folded_settling_at_2(tmp_path, eval_strategy="steps", eval_steps=2)
     settled = _loss(at2)
     evals = {h["step"]: h["eval_loss"] for h in trainer.state.log_history if "eval_loss" in h}
     assert evals[2] == pytest.approx(settled, rel=1e-6, abs=0)
@@ -119,16 +127,8 @@ def test_fold_evaluation_sees_settled_weights(tmp_path):
 
 
 def test_fold_checkpoints_hold_settled_weights_and_a_resume_continues_the_run(tmp_path):
-    model = tiny_llama(vocab=64)
-    start = copy.deepcopy(model)
     run = tmp_path / "run"
-    trainer = _trainer(model, run, mezo={"fold": True}, save_strategy="steps", save_steps=2)
-    trainer.train()
-    copy_ = copy.deepcopy(start)
-    _manual(copy_, model, True, 4, settle_after=(2,))      # the checkpoint at step 2 settled the weights
-    _same_params(model, copy_)
-    at2 = copy.deepcopy(start)
-    _manual(at2, model, True, 2)
+    _, model, _, at2 = _train_folded_settling_at_2(run, save_strategy="steps", save_steps=2)
     _same_params(transformers.AutoModelForCausalLM.from_pretrained(run / "checkpoint-2"), at2)
 
     # a resume from checkpoint-2 (weights, MeZO's seed and step count) ends where the uninterrupted run ended
