@@ -179,3 +179,29 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
     _trainer(model, tmp_path, steps=2, mezo={"fold": True}).train()
     for n, p in model.named_parameters():
         assert torch.equal(p.detach(), before[n]) != ("norm" in n), n
+
+
+def test_a_non_differentiable_objective_through_compute_loss_func_sees_the_labels_in_both_passes(tmp_path):
+    """compute_loss_func gets the labels on both forward passes of a step (Trainer's compute_loss pops them out
+    of the dict it is given), and may return what has no gradient (a token error rate): no backward runs."""
+    from fusedtune.optim import MeZOTrainer
+    seen = []
+
+    def error_rate(outputs, labels, num_items_in_batch=None):
+        seen.append(labels is not None)
+        pred = outputs.logits[:, :-1].argmax(-1)
+        value = (pred != labels[:, 1:]).float().mean()
+        seen_values.append(float(value))
+        return value
+
+    seen_values = []
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3,
+                                          per_device_train_batch_size=4, learning_rate=LR, save_strategy="no",
+                                          logging_steps=1, disable_tqdm=True, seed=0)
+    trainer = MeZOTrainer(model=tiny_llama(vocab=64), args=args, train_dataset=_dataset(),
+                          compute_loss_func=error_rate, mezo={"eps": EPS})
+    trainer.train()
+    assert seen == [True] * 6
+    last = trainer.mezo.last
+    assert float(last["loss_plus"]) == seen_values[-2] and float(last["loss_minus"]) == seen_values[-1]
+    assert float(last["projected_grad"]) == pytest.approx((seen_values[-2] - seen_values[-1]) / (2 * EPS))

@@ -13,6 +13,8 @@ What it changes in Trainer:
   autocast context, no backward) and the fused perturbation passes; it returns the loss at +eps (what MeZO's
   trainer reports). Trainer's later optimizer.step() call then does nothing. The model stays in train mode, as
   Trainer puts it: both passes of a step see the same dropout masks (same_rng, the default).
+- compute_loss (Trainer's, a subclass's, or compute_loss_func) may return a non-differentiable objective, e.g.
+  a negated accuracy: no backward runs.
 - the logs gain `projected_grad` (the last step's) and lose `grad_norm` (there are no gradients to clip).
 - fold=True: between steps the weights carry the next step's +eps; evaluate(), predict(), save_model() (every
   checkpoint) and the end of train() settle them first, so nothing sees or saves perturbed weights, and a
@@ -26,6 +28,8 @@ DeepSpeed, an optimizer of one's own (`optimizers=(opt, ...)`, `optimizer_cls_an
 weight_decay in `mezo` (they come from the arguments). MeZO itself refuses sharded (FSDP) parameters.
 """
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import torch
 from transformers import Trainer
@@ -130,8 +134,11 @@ class MeZOTrainer(Trainer):
         inputs = self._prepare_inputs(inputs)
 
         def closure():
+            # a copy per pass: compute_loss pops "labels" out of the dict it is given (label smoothing,
+            # compute_loss_func), which would leave the second pass without them
+            batch = dict(inputs) if isinstance(inputs, Mapping) else inputs
             with self.compute_loss_context_manager():
-                loss = self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+                loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
             return loss.mean() if loss.dim() else loss      # DataParallel: a loss per device
 
         return opt.step(closure).detach()
