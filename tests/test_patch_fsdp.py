@@ -66,11 +66,21 @@ def _train(name, shard, batches):
     return full, losses, refused
 
 
+# torch 2.11's fully_shard makes every sharded parameter require grad before it copies the flag, so it cannot
+# shard an integer parameter (qlora's packed NF4 weights); torch 2.14's passes the flag through
+_TORCH_INT_PARAMS = "only Tensors of floating point dtype can require gradients"
+
+
 def _ranks_train(rank, res):
     from fusedtune.patch import methods, missing_requirements
     for name in CASES:
         if not missing_requirements(methods()[name]):
-            res[name] = _train(name, True, [_batch(rank)])
+            try:
+                res[name] = _train(name, True, [_batch(rank)])
+            except RuntimeError as e:
+                if name != "qlora" or _TORCH_INT_PARAMS not in str(e):
+                    raise
+                res[name] = str(e)
     res["unsupported"] = _unsupported(rank)
 
 
@@ -106,6 +116,9 @@ def test_sharded_training_matches_one_process_on_the_joined_batch(ranks, name):
     r0, r1 = ranks
     if name not in r0:
         pytest.skip(f"{name}: requirements missing")
+    if isinstance(r0[name], str):
+        pytest.skip(f"{name}: this torch's fully_shard cannot shard integer parameters (the packed NF4 weights): "
+                    f"{r0[name]}")
     (w0, l0, s0), (w1, l1, s1) = r0[name], r1[name]
     assert "no longer the model's" in s0 and "no longer the model's" in s1, s0
     assert w0.keys() == w1.keys()
