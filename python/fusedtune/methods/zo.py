@@ -2,7 +2,8 @@
 
 The selected parameters (all, or those of target_modules) are perturbed in place by the fused
 multi-tensor zo_apply_ kernel; the others are frozen. Training needs forward passes only:
-report.step(loss_fn) runs loss_fn under torch.no_grad() twice per step.
+report.step(loss_fn) runs loss_fn under torch.no_grad() twice per step. With transformers.Trainer, use
+fusedtune.optim.MeZOTrainer instead (its MeZO perturbs what requires grad; freeze the rest first).
 """
 from __future__ import annotations
 
