@@ -20,14 +20,21 @@ def _ids():
     return torch.randint(0, 64, (12,), generator=torch.Generator().manual_seed(1))
 
 
-def _dataset(n=8):
-    """n copies of one sequence: every batch is the same, whatever order the Trainer's sampler draws."""
+def _dataset(n=16):
+    """n copies of one sequence: every batch is the same, whatever order the Trainer's sampler draws (16 at 4 a
+    batch: the runs' 4 steps are one epoch, whose end settles a folded run)."""
     ids = _ids()
     return [{"input_ids": ids.clone(), "labels": ids.clone()} for _ in range(n)]
 
 
 def _batch(rows=4):
     return _ids().expand(rows, -1).clone()
+
+
+def _model():
+    """A bf16 tiny Llama: where a folded run settles changes bf16 weights (a settle and the next +eps round
+    twice), so the hand-written runs must settle where the trainer does; float32 weights hardly tell."""
+    return tiny_llama(vocab=64).to(torch.bfloat16)
 
 
 def _trainer(model, tmp_path, steps=4, mezo=None, **args_kw):
@@ -75,7 +82,7 @@ def _same_params(a, b):
 
 @pytest.mark.parametrize("fold", [False, True])
 def test_trainer_steps_equal_a_hand_written_mezo_loop(tmp_path, fold):
-    model = tiny_llama(vocab=64)
+    model = _model()
     copy_ = copy.deepcopy(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(model, tmp_path, mezo={"fold": fold})
@@ -104,7 +111,7 @@ def _train_folded_settling_at_2(tmp_path, **args_kw):
     """A 4-step fold=True run in which step 2 settles the weights (an evaluation or a checkpoint there), checked
     against the hand-written run that settles after step 2; returns (trainer, model, its initial copy, the
     hand-written run's settled weights after step 2)."""
-    model = tiny_llama(vocab=64)
+    model = _model()
     start = copy.deepcopy(model)
     trainer = _trainer(model, tmp_path, mezo={"fold": True}, **args_kw)
     trainer.train()
@@ -132,7 +139,7 @@ def test_fold_checkpoints_hold_settled_weights_and_a_resume_continues_the_run(tm
     _same_params(transformers.AutoModelForCausalLM.from_pretrained(run / "checkpoint-2"), at2)
 
     # a resume from checkpoint-2 (weights, MeZO's seed and step count) ends where the uninterrupted run ended
-    resumed_model = tiny_llama(vocab=64, seed=5)          # other weights: the checkpoint must replace them
+    resumed_model = tiny_llama(vocab=64, seed=5).to(torch.bfloat16)  # other weights: the checkpoint must replace them
     resumed = _trainer(resumed_model, tmp_path / "resumed", mezo={"fold": True})
     resumed.train(resume_from_checkpoint=str(run / "checkpoint-2"))
     assert resumed.mezo.steps == 4
@@ -148,12 +155,12 @@ def test_fold_checkpoints_hold_settled_weights_and_a_resume_continues_the_run(tm
 ])
 def test_refusals_when_the_trainer_is_made(tmp_path, args_kw, mezo, match):
     with pytest.raises(ValueError, match=match):
-        _trainer(tiny_llama(vocab=64), tmp_path, mezo=mezo, **args_kw)
+        _trainer(_model(), tmp_path, mezo=mezo, **args_kw)
 
 
 def test_an_optimizer_of_ones_own_is_refused(tmp_path):
     from fusedtune.optim import MeZOTrainer
-    model = tiny_llama(vocab=64)
+    model = _model()
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=1)
     for kw in (dict(optimizers=(torch.optim.SGD(model.parameters(), lr=0.1), None)),
                dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))):
@@ -162,7 +169,7 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
 
 
 def test_a_model_without_trainable_parameters_is_refused_and_left_alone(tmp_path):
-    model = tiny_llama(vocab=64).requires_grad_(False)
+    model = _model().requires_grad_(False)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainer = _trainer(model, tmp_path)
     with pytest.raises(ValueError, match="no trainable parameters"):
@@ -172,7 +179,7 @@ def test_a_model_without_trainable_parameters_is_refused_and_left_alone(tmp_path
 
 def test_frozen_parameters_stay_bit_identical(tmp_path):
     """MeZO perturbs only what trains: a model with a frozen base (here: everything but the norms)."""
-    model = tiny_llama(vocab=64)
+    model = _model()
     for n, p in model.named_parameters():
         p.requires_grad_("norm" in n)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -198,10 +205,47 @@ def test_a_non_differentiable_objective_through_compute_loss_func_sees_the_label
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3,
                                           per_device_train_batch_size=4, learning_rate=LR, save_strategy="no",
                                           logging_steps=1, disable_tqdm=True, seed=0)
-    trainer = MeZOTrainer(model=tiny_llama(vocab=64), args=args, train_dataset=_dataset(),
+    trainer = MeZOTrainer(model=_model(), args=args, train_dataset=_dataset(),
                           compute_loss_func=error_rate, mezo={"eps": EPS})
     trainer.train()
     assert seen == [True] * 6
     last = trainer.mezo.last
     assert float(last["loss_plus"]) == seen_values[-2] and float(last["loss_minus"]) == seen_values[-1]
     assert float(last["projected_grad"]) == pytest.approx((seen_values[-2] - seen_values[-1]) / (2 * EPS))
+
+
+def test_fold_callbacks_at_the_end_of_training_see_settled_weights(tmp_path):
+    """Without an evaluation or a checkpoint at the last step, the epoch's end settles the weights, before
+    Trainer's end of training (its best-model load, on_train_end callbacks, a final push) takes them."""
+    seen = {}
+
+    class Grab(transformers.TrainerCallback):
+        def on_train_end(self, args, state, control, model=None, **kw):
+            seen.update({n: p.detach().clone() for n, p in model.named_parameters()})
+
+    model = _model()
+    start = copy.deepcopy(model)
+    trainer = _trainer(model, tmp_path, steps=3, mezo={"fold": True})
+    trainer.add_callback(Grab())
+    trainer.train()
+    _manual(start, model, True, 3)
+    assert seen.keys() == dict(start.named_parameters()).keys()
+    for n, p in start.named_parameters():
+        assert torch.equal(seen[n], p.detach()), n
+
+
+def test_fold_a_run_that_stops_on_an_error_leaves_settled_weights(tmp_path):
+    class Stop(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 2:
+                raise KeyboardInterrupt
+
+    model = _model()
+    start = copy.deepcopy(model)
+    trainer = _trainer(model, tmp_path, mezo={"fold": True})
+    trainer.add_callback(Stop())
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.mezo.pending_seed is None
+    _manual(start, model, True, 2)
+    _same_params(model, start)

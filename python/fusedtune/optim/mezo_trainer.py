@@ -17,7 +17,8 @@ What it changes in Trainer:
   a negated accuracy: no backward runs.
 - the logs gain `projected_grad` (the last step's) and lose `grad_norm` (there are no gradients to clip).
 - fold=True: between steps the weights carry the next step's +eps; evaluate(), predict(), save_model() (every
-  checkpoint) and the end of train() settle them first, so nothing sees or saves perturbed weights, and a
+  checkpoint), each epoch's end (the last step's too, before Trainer loads a best model or calls on_train_end)
+  and the end of train() settle them first, so nothing sees or saves perturbed weights, and a
   checkpoint's optimizer state has nothing pending. A resumed run then continues the uninterrupted one exactly
   (the seeds follow MeZO's step count, which the checkpoint's optimizer state holds).
 
@@ -32,7 +33,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import torch
-from transformers import Trainer
+from transformers import Trainer, TrainerCallback
 
 from .mezo import MeZO
 
@@ -58,6 +59,17 @@ def _unwrap(optimizer):
     return None
 
 
+class _SettleAtEpochEnd(TrainerCallback):
+    """fold=True: settles the weights at each epoch's end, the last step's included (Trainer ends its loop
+    through an epoch end), so that what Trainer does after the loop (the best-model load, on_train_end
+    callbacks) takes settled weights. First among the callbacks."""
+
+    def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
+        opt = _unwrap(optimizer)
+        if opt is not None:
+            opt.settle()
+
+
 class MeZOTrainer(Trainer):
     """transformers.Trainer with MeZO steps (the module docstring)."""
 
@@ -79,6 +91,7 @@ class MeZOTrainer(Trainer):
         if why is not None:
             raise ValueError(f"MeZOTrainer: {why}")
         self.mezo_settings = mezo
+        self.callback_handler.callbacks.insert(0, _SettleAtEpochEnd())
         # MeZO's own checks of the settings (eps, noise, rounding with fold, lr > 0) now, not at train()
         MeZO([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate, **self._mezo_kwargs())
 
