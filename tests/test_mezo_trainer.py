@@ -55,11 +55,11 @@ def _trainer(model, tmp_path, steps=4, mezo=None, **args_kw):
 def _manual(model, trainer_model, fold, steps, settle_after=(), settle_end=True):
     """A hand-written MeZO run over `model` (a copy of the trainer's model before training), with the groups,
     order, lr, weight decay and seed MeZOTrainer gives its optimizer. Returns (optimizer, losses)."""
-    names = {id(p): n for n, p in trainer_model.named_parameters()}
-    decay = set(transformers.Trainer.get_decay_parameter_names(None, trainer_model))
+    names = [n for n, _ in trainer_model.named_parameters()]
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, trainer_model))   # (self unused)
     mine = dict(model.named_parameters())
-    groups = [{"params": [mine[n] for n in names.values() if n in decay], "weight_decay": 0.1},
-              {"params": [mine[n] for n in names.values() if n not in decay], "weight_decay": 0.0}]
+    groups = [{"params": [mine[n] for n in names if n in decay], "weight_decay": 0.1},
+              {"params": [mine[n] for n in names if n not in decay], "weight_decay": 0.0}]
     opt = MeZO(groups, lr=LR, eps=EPS, seed=3, fold=fold)
     ids = _batch()
     model.train()
