@@ -165,7 +165,6 @@ def _linear_case(n: int, device, dt):
 
 
 def linear_rows(timer, n, on_gpu, device):
-    from ..nn import FP8Linear
     dt = torch.bfloat16 if on_gpu else torch.float32
     lin, f8, x, fb = _linear_case(n, device, dt)
     ours = timer(fb(f8))

@@ -59,15 +59,21 @@ def _unwrap(optimizer):
     return None
 
 
+def _settle(optimizer) -> None:
+    """fold=True: take the next step's +eps off the weights of the MeZO inside `optimizer` (nothing otherwise,
+    or without one)."""
+    opt = _unwrap(optimizer)
+    if opt is not None:
+        opt.settle()
+
+
 class _SettleAtEpochEnd(TrainerCallback):
     """fold=True: settles the weights at each epoch's end, the last step's included (Trainer ends its loop
     through an epoch end), so that what Trainer does after the loop (the best-model load, on_train_end
     callbacks) takes settled weights. First among the callbacks."""
 
     def on_epoch_end(self, args, state, control, optimizer=None, **kwargs):
-        opt = _unwrap(optimizer)
-        if opt is not None:
-            opt.settle()
+        _settle(optimizer)
 
 
 class MeZOTrainer(Trainer):
@@ -133,9 +139,7 @@ class MeZOTrainer(Trainer):
 
     def settle(self) -> None:
         """fold=True: take the next step's +eps off the weights (nothing otherwise, or before training)."""
-        opt = self.mezo
-        if opt is not None:
-            opt.settle()
+        _settle(self.optimizer)
 
     # ------------------------------------------------------------------------------ the step
 
