@@ -43,6 +43,7 @@ def test_every_gpu_test_file_has_a_step():
 
 def test_test_files_split_across_families_lose_no_test():
     """A GPU test file run by several families (-k expressions, '@' for a space) is covered whole, once."""
+    import json
     import shlex
     import subprocess
     import sys
@@ -58,11 +59,25 @@ def test_test_files_split_across_families_lose_no_test():
     assert by_file, "no family uses -k"
     root = os.path.join(os.path.dirname(__file__), "..")
 
-    def collect(f, *k):
-        out = subprocess.run([sys.executable, "-m", "pytest", "--co", "-q", "-m", "gpu", "-p", "no:cacheprovider", f, *k],
-                             cwd=root, capture_output=True, text=True, timeout=300).stdout
-        return [ln for ln in out.splitlines() if "::" in ln]
+    # one process collects every (file, -k) pair: pytest.main per pair, the imports made once (a process per pair
+    # took ~20 s of CI)
+    runs = [[f] for f in by_file] + [[f, "-k", k] for f, ks in by_file.items() for k in ks]
+    code = ("import json, sys, pytest\n"
+            "class Ids:\n"
+            "    def pytest_collection_finish(self, session):\n"
+            "        self.ids = [item.nodeid for item in session.items]\n"
+            "out = []\n"
+            "for args in json.loads(sys.argv[1]):\n"
+            "    ids = Ids()\n"
+            "    pytest.main(['--co', '-q', '-m', 'gpu', '-p', 'no:cacheprovider', *args], plugins=[ids])\n"
+            "    out.append(ids.ids)\n"
+            "print('\\nIDS ' + json.dumps(out))\n")
+    proc = subprocess.run([sys.executable, "-c", code, json.dumps(runs)], cwd=root, capture_output=True, text=True,
+                          timeout=300)
+    line = next((ln for ln in proc.stdout.splitlines() if ln.startswith("IDS ")), None)
+    assert line is not None, proc.stdout[-2000:] + proc.stderr[-2000:]
+    got = dict(zip(map(tuple, runs), json.loads(line[4:])))
     for f, ks in by_file.items():
-        every = collect(f)
-        parts = [collect(f, "-k", k) for k in ks]
+        every = got[(f,)]
+        parts = [got[(f, "-k", k)] for k in ks]
         assert every and sorted(sum(parts, [])) == sorted(every), (f, ks, [len(p) for p in parts], len(every))
