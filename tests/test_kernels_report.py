@@ -170,6 +170,14 @@ Resource usage:
     c = K.parse_sass(sass)[("sm_90a", "_ZN9fusedtune3fam6kernelEv")]
     assert (c["HGMMA"], c["QGMMA"], c["HMMA"], c["IMMA"], c["IGMMA"], c["STL"], c["insts"]) == (1, 1, 1, 0, 1, 1, 10)
     assert (c["LDG128"], c["STG128"]) == (2, 1)
+    # nvdisasm's form of a Triton cubin (the arch in the ELF header flags, the function as its section's label)
+    body = sass.split("Function : _ZN9fusedtune3fam6kernelEv\n", 1)[1]
+    for flags, arch in (("EF_CUDA_ACCELERATORS EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)", "sm_90a"),
+                        ("EF_CUDA_SM89 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM89)", "sm_89")):
+        nvd = (f'\t.headerflags\t@"EF_CUDA_TEXMODE_UNIFIED EF_CUDA_64BIT_ADDRESS {flags}"\n'
+               '//--------------------- .text.triton_k   --------------------------\n'
+               '\t.section\t.text.triton_k,"ax",@progbits\ntriton_k:\n.text.triton_k:\n' + body)
+        assert K.parse_sass(nvd) == {(arch, "triton_k"): c}
     assert K.demangle(["_ZN9fusedtune3fam6kernelEv"]) == {"_ZN9fusedtune3fam6kernelEv": "fusedtune::fam::kernel"}
     assert K._demangle_fallback("_ZN9fusedtune2zo15zo_apply_kernelENS0_6LaunchE") == "fusedtune::zo::zo_apply_kernel"
     assert K._strip_signature("void ns::k<float, 4>(ns::A, int)") == "ns::k<float, 4>"
