@@ -166,6 +166,17 @@ def test_an_optimizer_of_ones_own_is_refused(tmp_path):
                dict(optimizer_cls_and_kwargs=(torch.optim.SGD, {"lr": 0.1}))):
         with pytest.raises(ValueError, match="makes its own MeZO optimizer"):
             MeZOTrainer(model=model, args=args, train_dataset=_dataset(), **kw)
+    # a scheduler made before the MeZO exists would drive another optimizer's learning rate
+    sched = torch.optim.lr_scheduler.LambdaLR(torch.optim.SGD(model.parameters(), lr=0.1), lambda step: 0.0)
+    with pytest.raises(ValueError, match="lr_scheduler_type"):
+        MeZOTrainer(model=model, args=args, train_dataset=_dataset(), optimizers=(None, sched))
+
+
+def test_a_hyperparameter_trials_arguments_are_checked_again(tmp_path):
+    trainer = _trainer(_model(), tmp_path)
+    trainer.args.gradient_accumulation_steps = 2       # what a trial's hyperparameters may set
+    with pytest.raises(ValueError, match="gradient_accumulation_steps=2"):
+        trainer._hp_search_setup(None)
 
 
 def test_a_model_without_trainable_parameters_is_refused_and_left_alone(tmp_path):
@@ -188,9 +199,11 @@ def test_frozen_parameters_stay_bit_identical(tmp_path):
         assert torch.equal(p.detach(), before[n]) != ("norm" in n), n
 
 
-def test_a_non_differentiable_objective_through_compute_loss_func_sees_the_labels_in_both_passes(tmp_path):
+@pytest.mark.parametrize("as_number", [False, True])
+def test_a_non_differentiable_objective_through_compute_loss_func_sees_the_labels_in_both_passes(tmp_path, as_number):
     """compute_loss_func gets the labels on both forward passes of a step (Trainer's compute_loss pops them out
-    of the dict it is given), and may return what has no gradient (a token error rate): no backward runs."""
+    of the dict it is given), and may return what has no gradient (a token error rate, as a tensor or as a
+    Python number): no backward runs."""
     from fusedtune.optim import MeZOTrainer
     seen = []
 
@@ -199,7 +212,7 @@ def test_a_non_differentiable_objective_through_compute_loss_func_sees_the_label
         pred = outputs.logits[:, :-1].argmax(-1)
         value = (pred != labels[:, 1:]).float().mean()
         seen_values.append(float(value))
-        return value
+        return float(value) if as_number else value
 
     seen_values = []
     args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=3,
@@ -249,3 +262,102 @@ def test_fold_a_run_that_stops_on_an_error_leaves_settled_weights(tmp_path):
     assert trainer.mezo.pending_seed is None
     _manual(start, model, True, 2)
     _same_params(model, start)
+
+
+def _uninterrupted(steps=4, fold=False):
+    """The hand-written run's weights after `steps` (a model as _model() makes it)."""
+    model = _model()
+    _manual(model, _model(), fold, steps)
+    return model
+
+
+def test_a_checkpoint_without_optimizer_state_resumes_from_the_step_count(tmp_path):
+    """save_only_model=True: no optimizer.pt; MeZO's seeds follow Trainer's step count, so the resumed run still
+    continues the uninterrupted one."""
+    run = tmp_path / "run"
+    _trainer(_model(), run, save_strategy="steps", save_steps=2, save_only_model=True).train()
+    ckpt = run / "checkpoint-2"
+    assert not any(f.name.startswith("optimizer") for f in ckpt.iterdir())
+    resumed_model = tiny_llama(vocab=64, seed=5).to(torch.bfloat16)
+    resumed = _trainer(resumed_model, tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert resumed.mezo.steps == 4
+    _same_params(resumed_model, _uninterrupted())
+
+
+def test_a_just_in_time_checkpoint_is_taken_after_the_step(tmp_path):
+    """enable_jit_checkpoint: a SIGTERM during a step's forward passes checkpoints at the step's end (Trainer's
+    own hook before the optimizer step would save this step's update under the previous step count, and the
+    resumed run would take the step twice)."""
+    import signal
+    from fusedtune.optim import MeZOTrainer
+
+    class Terminated(MeZOTrainer):
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if self.state.global_step == 1:     # the second step: as if SIGTERM came during its passes
+                jit = next(cb for cb in self.callback_handler.callbacks if type(cb).__name__ == "JITCheckpointCallback")
+                jit.jit_manager.is_checkpoint_requested = True
+            return loss
+
+    handler = signal.getsignal(signal.SIGTERM)
+    try:
+        run = tmp_path / "run"
+        args = dict(output_dir=str(run), report_to=[], use_cpu=True, max_steps=4, per_device_train_batch_size=4,
+                    learning_rate=LR, weight_decay=0.1, save_strategy="no", disable_tqdm=True,
+                    lr_scheduler_type="constant", seed=3, enable_jit_checkpoint=True)
+        trainer = Terminated(model=_model(), args=transformers.TrainingArguments(**args), train_dataset=_dataset(),
+                             mezo={"eps": EPS})
+        trainer.model_accepts_loss_kwargs = False
+        trainer.train()
+    finally:
+        signal.signal(signal.SIGTERM, handler)
+    assert trainer.state.global_step == 2 and trainer.mezo.steps == 2
+    assert sorted(p.name for p in run.iterdir() if p.name.startswith("checkpoint-")) == ["checkpoint-2"]
+    resumed_model = tiny_llama(vocab=64, seed=5).to(torch.bfloat16)
+    _trainer(resumed_model, tmp_path / "resumed").train(resume_from_checkpoint=str(run / "checkpoint-2"))
+    _same_params(resumed_model, _uninterrupted())
+
+
+def test_the_batch_keeps_its_type_in_both_passes(tmp_path):
+    """A collator's BatchEncoding reaches compute_loss as a BatchEncoding in both passes (attribute access works
+    as under Trainer), each pass with its own copy."""
+    from transformers import BatchEncoding
+
+    from fusedtune.optim import MeZOTrainer
+    seen = []
+
+    class Reading(MeZOTrainer):
+        def compute_loss(self, model, inputs, **kw):
+            seen.append(type(inputs))
+            return model(input_ids=inputs.input_ids, labels=inputs.labels).loss
+
+    def collate(items):
+        return BatchEncoding({k: torch.stack([it[k] for it in items]) for k in items[0]})
+
+    args = transformers.TrainingArguments(output_dir=str(tmp_path), report_to=[], use_cpu=True, max_steps=2,
+                                          per_device_train_batch_size=4, learning_rate=LR, save_strategy="no",
+                                          disable_tqdm=True)
+    Reading(model=_model(), args=args, train_dataset=_dataset(), data_collator=collate, mezo={"eps": EPS}).train()
+    assert seen == [BatchEncoding] * 4
+
+
+def test_data_parallel_passes_restore_every_gpus_random_state(tmp_path, monkeypatch):
+    """Under DataParallel (n_gpu > 1) the replicas draw dropout masks from every GPU's generator: the step takes
+    all their states before the first pass and restores them before the second (same_rng), not only the
+    parameters' device's. Checked on the CPU with the CUDA state calls recorded."""
+    calls = []
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: calls.append("get") or ["states"])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", lambda st: calls.append(("set", st)))
+    trainer = _trainer(_model(), tmp_path)
+    trainer.create_optimizer()
+    batch = {"input_ids": _batch(), "labels": _batch()}
+    trainer.args._n_gpu = 2
+    trainer.training_step(trainer.model, batch)
+    assert calls == ["get", ("set", ["states"])]
+    trainer.training_step(trainer.model, batch)          # a new step takes the states again
+    assert calls[2:] == ["get", ("set", ["states"])]
+    calls.clear()
+    trainer.args._n_gpu = 1
+    trainer.training_step(trainer.model, batch)
+    assert calls == []

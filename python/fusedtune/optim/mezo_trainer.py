@@ -18,18 +18,33 @@ What it changes in Trainer:
 - the logs gain `projected_grad` (the last step's) and lose `grad_norm` (there are no gradients to clip).
 - fold=True: between steps the weights carry the next step's +eps; evaluate(), predict(), save_model() (every
   checkpoint), each epoch's end (the last step's too, before Trainer loads a best model or calls on_train_end)
-  and the end of train() settle them first, so nothing sees or saves perturbed weights, and a
-  checkpoint's optimizer state has nothing pending. A resumed run then continues the uninterrupted one exactly
-  (the seeds follow MeZO's step count, which the checkpoint's optimizer state holds).
+  and the end of train() settle them first, so none of these sees or saves perturbed weights, and a
+  checkpoint's optimizer state has nothing pending. Callbacks of every step (on_step_end, on_log,
+  on_pre_optimizer_step, on_optimizer_step) run between steps and see the perturbed weights; one that reads the
+  weights calls trainer.settle() first (a pass over them; the next step re-applies its +eps).
+- a resumed run continues the uninterrupted one exactly: the seeds follow MeZO's step count, which the
+  checkpoint's optimizer state holds; a checkpoint without it (save_only_model=True) resumes from the step
+  count in its trainer_state.json, which is the same number (its weights were saved settled). A just-in-time
+  checkpoint (enable_jit_checkpoint) is taken at the end of the step, not before the optimizer step as Trainer
+  takes it: a MeZO step has already moved the weights by then, and a checkpoint taken there would make the
+  resumed run take that step twice.
+- DataParallel (several GPUs in one process): both passes of a step restore every GPU's random state, so the
+  replicas draw the same dropout masks in both. Under DDP (torchrun, accelerate launch) Trainer scales each rank's
+  loss by the world size, expecting it to be a sum over the global item count (num_items_in_batch), and MeZO
+  averages the ranks' losses: a compute_loss_func that returns a per-batch mean (an accuracy) must divide by
+  the world size itself, or set average_tokens_across_devices=False.
 
 Refused when the trainer is made (ValueError, nothing trained): gradient_accumulation_steps > 1 (a MeZO step
 measures one batch's loss difference along one direction; raise the batch size instead: the passes keep no
 activations), fp16=True (the GradScaler steps only from gradients; use bf16=True, or load the model in float16),
-DeepSpeed, an optimizer of one's own (`optimizers=(opt, ...)`, `optimizer_cls_and_kwargs`), and lr /
-weight_decay in `mezo` (they come from the arguments). MeZO itself refuses sharded (FSDP) parameters.
+DeepSpeed, an optimizer or a scheduler of one's own (`optimizers=(opt, sched)`, `optimizer_cls_and_kwargs`: a
+scheduler made before the MeZO exists drives another optimizer's lr; use lr_scheduler_type and
+lr_scheduler_kwargs), and lr / weight_decay in `mezo` (they come from the arguments); the same argument checks
+again for each hyperparameter-search trial. MeZO itself refuses sharded (FSDP) parameters.
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 
 import torch
@@ -76,6 +91,10 @@ class _SettleAtEpochEnd(TrainerCallback):
         _settle(optimizer)
 
 
+def _skip_event(*args, **kwargs):
+    return None
+
+
 class MeZOTrainer(Trainer):
     """transformers.Trainer with MeZO steps (the module docstring)."""
 
@@ -87,19 +106,34 @@ class MeZOTrainer(Trainer):
                 if {"lr", "weight_decay"} & set(unknown) else ""
             raise ValueError(f"MeZOTrainer: unknown mezo settings {unknown}{hint}; the settings are "
                              f"{list(_MEZO_KEYS)}")
-        opts = kwargs.get("optimizers", (None, None))
-        if (opts and opts[0] is not None) or kwargs.get("optimizer_cls_and_kwargs") is not None:
+        opts = kwargs.get("optimizers") or (None, None)
+        if opts[0] is not None or kwargs.get("optimizer_cls_and_kwargs") is not None:
             raise ValueError("MeZOTrainer: it makes its own MeZO optimizer from the arguments' learning_rate and "
-                             "weight_decay; pass MeZO's other settings as mezo={...}, not an optimizer (a scheduler "
-                             "alone may be passed as optimizers=(None, scheduler))")
+                             "weight_decay; pass MeZO's other settings as mezo={...}, not an optimizer")
+        if len(opts) > 1 and opts[1] is not None:
+            raise ValueError("MeZOTrainer: a scheduler passed in optimizers=(None, scheduler) was made for another "
+                             "optimizer (the MeZO does not exist yet) and would not drive its learning rate; choose "
+                             "one with TrainingArguments' lr_scheduler_type and lr_scheduler_kwargs")
         super().__init__(*args, **kwargs)
+        self._check_arguments()
+        self.mezo_settings = mezo
+        self.callback_handler.callbacks.insert(0, _SettleAtEpochEnd())
+        for cb in self.callback_handler.callbacks:
+            if type(cb).__name__ == "JITCheckpointCallback" and hasattr(cb, "on_pre_optimizer_step"):
+                # its checkpoint before the optimizer step would hold this step's update already (the MeZO step
+                # ran in training_step) with the step count before it; its on_step_end takes the checkpoint
+                cb.on_pre_optimizer_step = _skip_event
+        # MeZO's own checks of the settings (eps, noise, rounding with fold, lr > 0) now, not at train()
+        MeZO([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate, **self._mezo_kwargs())
+
+    def _check_arguments(self) -> None:
         why = self._refusal()
         if why is not None:
             raise ValueError(f"MeZOTrainer: {why}")
-        self.mezo_settings = mezo
-        self.callback_handler.callbacks.insert(0, _SettleAtEpochEnd())
-        # MeZO's own checks of the settings (eps, noise, rounding with fold, lr > 0) now, not at train()
-        MeZO([torch.zeros(1, requires_grad=True)], lr=self.args.learning_rate, **self._mezo_kwargs())
+
+    def _hp_search_setup(self, trial):
+        super()._hp_search_setup(trial)      # a trial's arguments replace the checked ones
+        self._check_arguments()
 
     def _refusal(self) -> str | None:
         a = self.args
@@ -150,15 +184,24 @@ class MeZOTrainer(Trainer):
         model.train()
         inputs = self._prepare_inputs(inputs)
 
+        rng = []      # DataParallel: every GPU's random state, taken before the first pass, restored for the second
+
         def closure():
-            # a copy per pass: compute_loss pops "labels" out of the dict it is given (label smoothing,
-            # compute_loss_func), which would leave the second pass without them
-            batch = dict(inputs) if isinstance(inputs, Mapping) else inputs
+            if self.args.n_gpu > 1 and opt.same_rng:
+                if rng:
+                    torch.cuda.set_rng_state_all(rng[0])
+                else:
+                    rng.append(torch.cuda.get_rng_state_all())
+            # a copy per pass (of its own type: a BatchEncoding stays one): compute_loss pops "labels" out of the
+            # dict it is given (label smoothing, compute_loss_func), which would leave the second pass without them
+            batch = copy.copy(inputs) if isinstance(inputs, Mapping) else inputs
             with self.compute_loss_context_manager():
                 loss = self.compute_loss(model, batch, num_items_in_batch=num_items_in_batch)
-            return loss.mean() if loss.dim() else loss      # DataParallel: a loss per device
+            if torch.is_tensor(loss) and loss.dim():
+                loss = loss.mean()                          # DataParallel: a loss per device
+            return loss                                     # (or a number from a compute_loss_func)
 
-        return opt.step(closure).detach()
+        return torch.as_tensor(opt.step(closure)).detach()
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:        # a training log
@@ -167,6 +210,14 @@ class MeZOTrainer(Trainer):
             if opt is not None and "projected_grad" in opt.last:
                 logs["projected_grad"] = float(opt.last["projected_grad"])
         super().log(logs, *args, **kwargs)
+
+    def _load_optimizer_and_scheduler(self, checkpoint):
+        super()._load_optimizer_and_scheduler(checkpoint)
+        opt = self.mezo
+        if checkpoint is not None and opt is not None and opt.steps == 0 and self.state.global_step > 0:
+            # no optimizer state in the checkpoint (save_only_model=True): the seeds follow the step count, which
+            # is Trainer's; the weights were saved settled, so nothing is pending
+            opt.steps = self.state.global_step
 
     # ------------------------------------------------------------------------------ settled weights
 
