@@ -323,9 +323,10 @@ def test_dtype_conversion_keeps_the_float32_row_masters():
 
 @pytest.mark.parametrize("fused", [False, True])
 def test_masters_trained_by_another_optimizer_reach_the_forward(fused, monkeypatch):
-    """torch.optim.AdamW on the masters (no MaskedAdamW, no write_back_rows): the forward rewrites the
-    selected rows from them (and warns once) instead of silently running on the stale rows. fused=True
-    (Trainer's default) bumps no version counter: nn/masters.py's optimizer step hook tells the layer."""
+    """torch.optim.AdamW on the masters (no MaskedAdamW, no write_back_rows): the selected rows are rewritten
+    from them (and it warns once) instead of the forward silently running on the stale rows. fused=True
+    (Trainer's default) bumps no version counter: nn/masters.py's optimizer step hook rewrites them at the step
+    (tests/test_masters_compiled.py: also for a compiled forward)."""
     from fusedtune import backend as fb
     monkeypatch.setattr(fb, "_warned", set())
     torch.manual_seed(7)
@@ -334,8 +335,8 @@ def test_masters_trained_by_another_optimizer_reach_the_forward(fused, monkeypat
     opt = torch.optim.AdamW(m.master_parameters(), lr=1e-2, fused=fused)
     x = torch.randn(4, 12).bfloat16()
     m(x).float().square().sum().backward()
-    opt.step()
     with pytest.warns(UserWarning, match="changed outside MaskedAdamW"):
+        opt.step()
         y = m(x)
     w = lin.weight.detach().clone()
     w[m.rows] = m.weight_rows.detach().bfloat16()

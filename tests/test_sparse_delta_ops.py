@@ -259,9 +259,9 @@ _TORCH_ADAMW = {"foreach": {}, "for-loop": {"foreach": False}, "fused": {"fused"
 @pytest.mark.parametrize("kind", sorted(_TORCH_ADAMW))
 def test_other_optimizers_and_edits_of_values_reach_the_forward(kind, monkeypatch):
     """values updated by torch.optim.AdamW used to leave the merged weight stale: training silently did
-    nothing. The next forward now merges them, and says so once. fused=True (transformers.Trainer's default,
-    adamw_torch_fused) does not bump the version counters the layer watched (found by audit): a global
-    optimizer step hook (nn/masters.py) tells the layer."""
+    nothing. They are merged again (at the step, or at the next forward after an edit), and it says so once.
+    fused=True (transformers.Trainer's default, adamw_torch_fused) does not bump the version counters the layer
+    watched (found by audit): a global optimizer step hook (nn/masters.py) has the layer merge them."""
     from fusedtune import backend as fb
     monkeypatch.setattr(fb, "_warned", set())
     lin = torch.nn.Linear(20, 12)

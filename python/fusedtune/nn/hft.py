@@ -202,6 +202,10 @@ class RowMaskedLinear(OwnsMasters):
         if self.masters:     # (views of the weight: written in place already)
             self.__dict__["_rows_written"] = None
 
+    def refresh_from_masters(self) -> None:
+        if self.masters:
+            self._refresh_if_masters_changed()
+
     def _refresh_if_masters_changed(self) -> None:
         """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
         the forward on stale rows, and training would silently do nothing: write them, and say so once."""
@@ -212,7 +216,7 @@ class RowMaskedLinear(OwnsMasters):
             warn_once("hft row masters changed outside MaskedAdamW",
                       "fusedtune: RowMaskedLinear's masters (weight_rows/bias_rows) changed outside MaskedAdamW "
                       "(another optimizer or an in-place edit); the selected rows of the weight are rewritten "
-                      "from them before the forward. MaskedAdamW writes them inside its fused step.")
+                      "from them (after that optimizer's step, else before the forward). MaskedAdamW writes them inside its fused step.")
             self.write_rows_()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):

@@ -138,6 +138,9 @@ class SparseDeltaLinear(OwnsMasters):
     def masters_written_elsewhere(self) -> None:
         self.__dict__["_merged_version"] = None      # (nn.Module's __setattr__ is slow)
 
+    def refresh_from_masters(self) -> None:
+        self._refresh_if_values_changed()
+
     def _refresh_if_values_changed(self) -> None:
         """`values` written by anything but SparseDeltaAdamW (another optimizer, load_state_dict, an
         in-place edit) would leave the merged weight stale: merge them again, and say so once."""
@@ -147,9 +150,10 @@ class SparseDeltaLinear(OwnsMasters):
                 return
             warn_once("sparse_delta values changed outside SparseDeltaAdamW",
                       "fusedtune: SparseDeltaLinear.values changed outside SparseDeltaAdamW (another optimizer, "
-                      "a load or an in-place edit); the merged weight is refreshed from them before the forward. "
-                      "SparseDeltaAdamW updates deltas and weight in one pass (with transformers.Trainer: "
-                      "optimizers=(report.optimizer, None); its default optimizer also skips a Regrower).")
+                      "a load or an in-place edit); the merged weight is refreshed from them (after that optimizer's "
+                      "step, else before the forward). SparseDeltaAdamW updates deltas and weight in one pass "
+                      "(with transformers.Trainer: optimizers=(report.optimizer, None); its default optimizer also "
+                      "skips a Regrower).")
             self.merge_()
 
     @torch.no_grad()
