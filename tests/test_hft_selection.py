@@ -689,3 +689,54 @@ def test_trainer_callback_refuses_stage_changes_with_several_processes():
     cb = HFTCallback(seed=0, stage=1)                              # one stage per Trainer: fine
     cb.on_init_end(SimpleNamespace(world_size=2, resume_from_checkpoint=None), None, None, model=model)
     assert cb.tuner.stage == 1
+
+
+class _ZeroLike:
+    """DeepSpeed's ZeRO optimizer: a plain object stepping flattened float32 copies (its .optimizer)."""
+
+    def __init__(self, base):
+        self.optimizer = base
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+
+
+class _DeepSpeedWrapped(torch.optim.Optimizer):
+    """accelerate's DeepSpeedOptimizerWrapper: a torch.optim.Optimizer subclass around the ZeRO optimizer."""
+
+    def __init__(self, zero):       # (no Optimizer.__init__: the wrapper forwards to ZeRO)
+        self.optimizer = zero
+
+    param_groups = property(lambda self: self.optimizer.param_groups)
+
+
+def test_trainer_callback_leaves_deepspeeds_optimizer_alone_or_refuses():
+    """Found by review: under DeepSpeed the callback's sync replaced ZeRO's flattened partition in its optimizer
+    by the model's parameters (which get no gradients there): nothing would train. Matrix granularity selected
+    at on_init_end (before the engine is built) leaves the optimizer as it is; what needs the optimizer
+    adjusted is refused by name."""
+    from types import SimpleNamespace
+
+    from fusedtune.hft import HFTCallback
+    args = SimpleNamespace(world_size=1, resume_from_checkpoint=None)
+    state = SimpleNamespace(global_step=0, epoch=0.0)
+
+    def wrapped():
+        flat = torch.nn.Parameter(torch.zeros(32))
+        return flat, _DeepSpeedWrapped(_ZeroLike(torch.optim.AdamW([flat], lr=1e-3)))
+
+    cb = HFTCallback(seed=0, stage=1)
+    model = tiny(layers=2)
+    cb.on_init_end(args, state, None, model=model)
+    flat, opt = wrapped()
+    cb.on_train_begin(args, state, None, model=model, optimizer=opt)
+    assert [p for g in opt.param_groups for p in g["params"]] == [flat]
+    late = HFTCallback(seed=0)                                   # added after the Trainer (and the engine) was made
+    flat, opt = wrapped()
+    with pytest.raises(HFTError, match="added after the Trainer was made"):
+        late.on_train_begin(args, state, None, model=tiny(layers=2), optimizer=opt)
+    rows = HFTCallback(seed=0, granularity="row")
+    model = tiny(layers=2)
+    rows.on_init_end(args, state, None, model=model)
+    with pytest.raises(HFTError, match="row granularity"):
+        rows.on_train_begin(args, state, None, model=model, optimizer=opt)
+    assert [p for g in opt.param_groups for p in g["params"]] == [flat]

@@ -92,6 +92,15 @@ def test_resume_on_a_stage_boundary_is_exact(tmp_path, granularity):
         _same(whole, resumed)
 
 
+def test_a_checkpoint_without_the_stage_file_resumes_from_its_optimizers_stage(tmp_path):
+    """A just-in-time checkpoint (enable_jit_checkpoint: Trainer saves it without on_save) has no
+    fusedtune_hft.json; the stage key in its optimizer's param groups names the stage."""
+    whole, _ = _run("hft-matrix-stages", torch.bfloat16, tmp_path / "a")
+    (tmp_path / "a" / "checkpoint-3" / "fusedtune_hft.json").unlink()
+    resumed, _ = _run("hft-matrix-stages", torch.bfloat16, tmp_path / "b", resume=str(tmp_path / "a" / "checkpoint-3"))
+    _same(whole, resumed)
+
+
 def test_a_resume_onto_another_stage_is_refused(tmp_path):
     """Without the checkpoint in TrainingArguments the optimizer is built over stage 0's parameters and
     the step-3 checkpoint's moments (stage 1) would land on them: refused, by name."""

@@ -20,13 +20,15 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   parameter order, the layout Trainer.create_optimizer builds); moments of parameters that became
   frozen are dropped and the moments of row masters are reset (their rows changed).
 - resuming a run with stage changes: each checkpoint records the stage it trained (fusedtune_hft.json,
-  and a key in the optimizer's param groups). The Trainer builds its optimizer and loads the
-  checkpoint's moments before any callback event of train(), so name the checkpoint in
-  TrainingArguments(resume_from_checkpoint=path) when making the Trainer (as the transformers example
-  scripts do) and pass it to train() too: on_init_end then selects that stage first, and the resumed run
-  changes stage where the uninterrupted one did. A resume whose optimizer was built over another stage
-  than the checkpoint's is refused at on_train_begin (torch may refuse it first, when the parameter
-  counts differ); a checkpoint saved on the first stage resumes without it.
+  and a key in the optimizer's param groups, which a just-in-time checkpoint (enable_jit_checkpoint,
+  saved without on_save) holds alone). The Trainer builds its optimizer and loads the checkpoint's
+  moments before any callback event of train(), so name the checkpoint in
+  TrainingArguments(resume_from_checkpoint=path) when making the Trainer and pass it to train() too:
+  on_init_end then selects that stage first, and the resumed run changes stage where the uninterrupted
+  one did. (The transformers example scripts pass the last checkpoint they find to train() alone: past
+  the first stage, that resume is refused.) A resume whose optimizer was built over another stage than
+  the checkpoint's is refused at on_train_begin (torch may refuse it first, when the parameter counts
+  differ); a checkpoint saved on the first stage resumes without it.
 - row granularity: with fusedtune.optim.MaskedAdamW as the Trainer's optimizer
   (Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": args.learning_rate}))) the rows are written
   into the full weights inside its fused step. With any other optimizer the callback copies the
@@ -37,7 +39,10 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   so trainer.save_model() writes the model's usual state_dict keys.
 
 Limits: stage changes under DDP/FSDP/DeepSpeed are not supported (they fix the trainable set when they
-wrap the model): use one Trainer per stage there, with HFTCallback(seed=..., stage=k).
+wrap the model): use one Trainer per stage there, with HFTCallback(seed=..., stage=k). Under DeepSpeed
+(whose ZeRO optimizer holds flattened copies the callback cannot adjust) only matrix granularity, with the
+callback given to Trainer(callbacks=[...]): the selection is then made before the engine is built, and the
+callback leaves the optimizer alone; anything else is refused at on_train_begin.
 """
 from __future__ import annotations
 
@@ -57,11 +62,15 @@ STAGE_FILE = "fusedtune_hft.json"   # in each checkpoint folder: the stage it tr
 
 
 def _unwrap(optimizer):
-    """The torch.optim.Optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself)."""
+    """The torch.optim.Optimizer inside accelerate's AcceleratedOptimizer (or the optimizer itself); None when
+    the innermost optimizer is not one (DeepSpeed's ZeRO optimizer inside accelerate's wrapper, itself a
+    torch.optim.Optimizer subclass whose param groups are ZeRO's flattened copies)."""
     for _ in range(4):
         inner = getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, torch.optim.Optimizer):
+        if inner is None:
             break
+        if not isinstance(inner, torch.optim.Optimizer):
+            return None
         optimizer = inner
     return optimizer if isinstance(optimizer, torch.optim.Optimizer) else None
 
@@ -153,6 +162,7 @@ class HFTCallback(TrainerCallback):
         self.tuner: HalfFineTuner | None = None
         self._write_back = False
         self._warned = False
+        self._selected_at_init = False
 
     # -- helpers
     def _attach(self, model):
@@ -205,12 +215,22 @@ class HFTCallback(TrainerCallback):
     @staticmethod
     def _checkpoint_stage(args) -> int | None:
         """The stage whose parameters the checkpoint named by args.resume_from_checkpoint trained (the file
-        on_save wrote into it), or None."""
+        on_save wrote into it; without one, the stage its optimizer's param groups hold), or None."""
         path = getattr(args, "resume_from_checkpoint", None)
-        if not isinstance(path, str) or not os.path.isfile(os.path.join(path, STAGE_FILE)):
+        if not isinstance(path, str):
             return None
-        with open(os.path.join(path, STAGE_FILE)) as f:
-            return int(json.load(f)["stage"])
+        if os.path.isfile(os.path.join(path, STAGE_FILE)):
+            with open(os.path.join(path, STAGE_FILE)) as f:
+                return int(json.load(f)["stage"])
+        opt = os.path.join(path, "optimizer.pt")     # a just-in-time checkpoint: Trainer saved it, no on_save
+        if not os.path.isfile(opt):
+            return None
+        try:
+            groups = torch.load(opt, map_location="cpu", mmap=True, weights_only=True).get("param_groups", [])
+        except Exception:  # noqa: BLE001 - not a state torch can map: the Trainer's own load will say why
+            return None
+        stages = {g.get(STAGE_KEY) for g in groups if isinstance(g, dict)} - {None}
+        return int(stages.pop()) if len(stages) == 1 else None
 
     # -- events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -221,6 +241,7 @@ class HFTCallback(TrainerCallback):
                            "would let the ranks train apart. Use one Trainer per stage, with "
                            "HFTCallback(seed=..., stage=k)")
         self._attach(model)
+        self._selected_at_init = True            # before the Trainer (or DeepSpeed's engine) builds its optimizer
         resume = self._checkpoint_stage(args)    # before the Trainer builds (and loads) its optimizer
         if resume is not None and resume != self.tuner.stage:
             self.tuner.set_stage(resume)
@@ -244,6 +265,17 @@ class HFTCallback(TrainerCallback):
                 f"parameters, and the checkpoint's moments are stage {sorted(loaded)[0]}'s: they were loaded onto "
                 "the wrong parameters. Name the checkpoint in TrainingArguments(resume_from_checkpoint=...) when "
                 "making the Trainer, so the callback selects its stage before the optimizer is built")
+        if optimizer is not None and inner is None:   # DeepSpeed's ZeRO optimizer: its groups cannot be adjusted
+            why = ("a stage change at train begin" if changed else
+                   f"{self.kwargs['granularity']} granularity (its row masters need the optimizer's write-back)"
+                   if self.tuner.row_layers() else
+                   None if self._selected_at_init else
+                   "a callback added after the Trainer was made (its optimizer covers the whole model)")
+            if why is not None:
+                raise HFTError(f"HFTCallback: the Trainer's optimizer {type(optimizer).__name__} holds parameters "
+                               f"the callback cannot adjust (DeepSpeed?), and this run needs {why}. There, use "
+                               "matrix granularity with HFTCallback(seed=..., stage=k) in Trainer(callbacks=[...])")
+            return
         if changed:
             self.tuner.set_stage(want)
         if optimizer is not None:   # a resume's loaded moments belong to the same rows: kept unless the stage moved
