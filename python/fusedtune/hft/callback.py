@@ -267,7 +267,7 @@ class HFTCallback(TrainerCallback):
                 "making the Trainer, so the callback selects its stage before the optimizer is built")
         if optimizer is not None and inner is None:   # DeepSpeed's ZeRO optimizer: its groups cannot be adjusted
             why = ("a stage change at train begin" if changed else
-                   f"{self.kwargs['granularity']} granularity (its row masters need the optimizer's write-back)"
+                   f"{self.kwargs['granularity']} granularity (its trained rows are not the tensors ZeRO steps)"
                    if self.tuner.row_layers() else
                    None if self._selected_at_init else
                    "a callback added after the Trainer was made (its optimizer covers the whole model)")

@@ -216,7 +216,8 @@ class RowMaskedLinear(OwnsMasters):
             warn_once("hft row masters changed outside MaskedAdamW",
                       "fusedtune: RowMaskedLinear's masters (weight_rows/bias_rows) changed outside MaskedAdamW "
                       "(another optimizer or an in-place edit); the selected rows of the weight are rewritten "
-                      "from them (after that optimizer's step, else before the forward). MaskedAdamW writes them inside its fused step.")
+                      "from them (after that optimizer's step, else before the forward). MaskedAdamW writes them "
+                      "inside its fused step.")
             self.write_rows_()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
