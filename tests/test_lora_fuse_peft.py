@@ -268,6 +268,23 @@ def test_a_hooked_base_layer_is_refused_and_nothing_changes():
     assert _peft_classes(pm) == before
 
 
+def test_a_hook_on_a_base_layer_after_fusing_is_refused_by_the_forward():
+    """A hook registered on a base layer after fuse_peft (activation capture, a pruning mask, accelerate's
+    dispatch) was skipped silently by the fused op; the forward now refuses, named, and unfuse_peft runs it."""
+    pm, fused = _pair()
+    base = fused.base_model.model.model.layers[0].self_attn.q_proj.base_layer
+    seen = []
+    base.register_forward_hook(lambda mod, inp, out: seen.append(out.shape))
+    with pytest.raises(LoRAUnsupported, match="base layer now has a forward hook.*unfuse_peft"):
+        fused(IDS)
+    with fused.disable_adapter():            # peft's own path: the base layer runs, with its hook
+        fused(IDS)
+    assert len(seen) == 1
+    unfuse_peft(fused)
+    fused(IDS)
+    assert len(seen) == 2
+
+
 def test_an_unsupported_adapter_added_later_is_refused_by_the_forward():
     _, fused = _pair()
     fused.add_adapter("odd", peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1))

@@ -119,6 +119,13 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
     adapter_names = kwargs.get("adapter_names")
     if self.disable_adapters or (adapter_names is None and self.merged):
         return self._fusedtune_peft_class.forward(self, x)     # the base layer alone: peft's own path
+    base = self.get_base_layer()
+    if (base._forward_pre_hooks or base._forward_hooks or base._backward_pre_hooks or base._backward_hooks
+            or getattr(base, "_hf_hook", None) is not None):   # registered after fuse_peft (which refuses them)
+        from ..patch import bypassed_hooks  # noqa: PLC0415
+        raise LoRAUnsupported(f"fused peft LoRA layer: its base layer now has a {bypassed_hooks(base)}, which the "
+                              "fused op (reading the weight directly) would not run; fusedtune.lora.unfuse_peft(model) "
+                              "restores peft's forward, which runs it")
     if adapter_names is not None:   # an adapter this layer lacks (fewer target modules): its base, as peft's
         adapter_names = [n if n in self.lora_A else BASE for n in adapter_names]
     return _view(self)(x, adapter_names=adapter_names)
