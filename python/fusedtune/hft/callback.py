@@ -266,11 +266,13 @@ class HFTCallback(TrainerCallback):
                 "the wrong parameters. Name the checkpoint in TrainingArguments(resume_from_checkpoint=...) when "
                 "making the Trainer, so the callback selects its stage before the optimizer is built")
         if optimizer is not None and inner is None:   # DeepSpeed's ZeRO optimizer: its groups cannot be adjusted
-            why = ("a stage change at train begin" if changed else
-                   f"{self.kwargs['granularity']} granularity (its trained rows are not the tensors ZeRO steps)"
-                   if self.tuner.row_layers() else
-                   None if self._selected_at_init else
-                   "a callback added after the Trainer was made (its optimizer covers the whole model)")
+            why = None
+            if changed:
+                why = "a stage change at train begin"
+            elif self.tuner.row_layers():
+                why = f"{self.kwargs['granularity']} granularity (its trained rows are not the tensors ZeRO steps)"
+            elif not self._selected_at_init:
+                why = "a callback added after the Trainer was made (its optimizer covers the whole model)"
             if why is not None:
                 raise HFTError(f"HFTCallback: the Trainer's optimizer {type(optimizer).__name__} holds parameters "
                                f"the callback cannot adjust (DeepSpeed?), and this run needs {why}. There, use "

@@ -201,9 +201,6 @@ class RowMaskedLinear(OwnsMasters):
     def masters_written_elsewhere(self) -> None:
         if self.masters:     # (views of the weight: written in place already)
             self.__dict__["_rows_written"] = None
-
-    def refresh_from_masters(self) -> None:
-        if self.masters:
             self._refresh_if_masters_changed()
 
     def _refresh_if_masters_changed(self) -> None:

@@ -41,7 +41,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     copies in their pass) stepped some layer's masters. The layers notice writes by the masters' version
     counters, which torch's fused AdamW (transformers.Trainer's default optim, adamw_torch_fused) does not
     bump: without this its training never reached the forward, silently. Each such layer checks its merged
-    copy against its masters (masters_written_elsewhere) and writes it again now, not at its next forward: a
+    copy against its masters and writes it again now (masters_written_elsewhere), not at its next forward: a
     compiled forward (torch.compile, Trainer's torch_compile=True) skips that check, and training through it
     did nothing, silently."""
     if not _OWNERS or getattr(optimizer, "writes_master_layers", False):
@@ -57,7 +57,6 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     with torch.no_grad():
         for layer in layers.values():
             layer.masters_written_elsewhere()
-            layer.refresh_from_masters()
 
 
 register_optimizer_step_post_hook(_after_optimizer_step)
@@ -71,11 +70,8 @@ class OwnsMasters(torch.nn.Module):
         raise NotImplementedError
 
     def masters_written_elsewhere(self) -> None:
-        """Another optimizer stepped the masters, perhaps without bumping their versions: the next refresh
-        checks the layer's merged copy against them."""
-
-    def refresh_from_masters(self) -> None:
-        """Write the layer's merged copy from its masters if they changed (what an eager forward does first)."""
+        """Another optimizer stepped the masters, perhaps without bumping their versions: check the layer's
+        merged copy against them and write it if they changed (what an eager forward does first)."""
 
     def bind_masters(self) -> None:
         bind_owner(self, *self.master_parameters())

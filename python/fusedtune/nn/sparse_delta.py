@@ -137,8 +137,6 @@ class SparseDeltaLinear(OwnsMasters):
 
     def masters_written_elsewhere(self) -> None:
         self.__dict__["_merged_version"] = None      # (nn.Module's __setattr__ is slow)
-
-    def refresh_from_masters(self) -> None:
         self._refresh_if_values_changed()
 
     def _refresh_if_values_changed(self) -> None:

@@ -201,7 +201,7 @@ class MeZOTrainer(Trainer):
                 loss = loss.mean()                          # DataParallel: a loss per device
             return loss                                     # (or a number from a compute_loss_func)
 
-        return torch.as_tensor(opt.step(closure)).detach()
+        return opt.step(closure).detach()     # (MeZO returns the loss as a tensor, a number's too)
 
     def log(self, logs: dict, *args, **kwargs) -> None:
         if "loss" in logs:        # a training log
