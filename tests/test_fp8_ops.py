@@ -428,6 +428,31 @@ def test_frozen_weight_copy_follows_writes_and_forget_weight():
     torch.testing.assert_close(m(x) - m.bias, 4 * (y0 - m.bias), rtol=1e-6, atol=1e-5)
 
 
+def test_a_new_weight_tensor_at_the_old_ones_address_is_quantized_again():
+    """A replaced frozen weight (or torch.func.functional_call's) may take the freed memory of the old one at
+    the same version, 0: the copy is keyed on the tensor itself too (found by review: the old FP8 copy was
+    used, output off by ~140%). numpy gives two tensors over one buffer, both at version 0."""
+    import pickle
+    import numpy as np
+    from fusedtune.nn import FP8Linear
+    torch.manual_seed(0)
+    buf = np.empty((128, 256), dtype=np.float32)
+    w1, w2 = torch.randn(128, 256), torch.randn(128, 256)
+    m = FP8Linear(256, 128, bias=False, backend="reference")
+    x = torch.randn(4, 256)
+    buf[...] = w1.numpy()
+    m.weight = torch.nn.Parameter(torch.from_numpy(buf), requires_grad=False)
+    y1 = m(x)
+    buf[...] = w2.numpy()                    # (a write torch does not see, as a reallocation)
+    p2 = torch.nn.Parameter(torch.from_numpy(buf), requires_grad=False)
+    assert p2.data_ptr() == m.weight.data_ptr() and p2._version == m.weight._version
+    m.weight = p2
+    want = FP8Linear(256, 128, bias=False, backend="reference")
+    want.weight = torch.nn.Parameter(w2.clone(), requires_grad=False)
+    assert torch.equal(m(x), want(x)) and not torch.equal(want(x), y1)
+    assert torch.equal(pickle.loads(pickle.dumps(m))(x), want(x))       # the cache is not pickled
+
+
 def test_no_input_features_gives_the_bias_as_f_linear():
     """Found by audit: in_features 0 failed in a reshape(-1, 0)."""
     x, w, b = torch.randn(2, 3, 0), torch.randn(6, 0), torch.randn(6)

@@ -2,6 +2,8 @@
 scales (the DeepSeek-V3 / InfiR2 recipe), and fusedtune.fp8.convert for a whole model."""
 from __future__ import annotations
 
+import weakref
+
 import torch
 from torch import nn
 
@@ -42,18 +44,26 @@ class FP8Linear(nn.Module):
     def quantized_weight(self, transpose: bool = False):
         """(q, s, q_t): the weight's 128x128 FP8 copy and scales, and (transpose) the copy's bytes transposed
         for the dX GEMM, written by the same pass (else None). A frozen weight's copy is cached while the
-        weight's storage and version stay (writes through the weight or under no_grad count; writes
-        through `weight.data` do not: torch does not count them, so call `FP8Linear.forget_weight()` after)."""
+        weight is the same tensor with the same storage and version (writes through the weight or under
+        no_grad count; writes through `weight.data` do not: torch does not count them, so call
+        `FP8Linear.forget_weight()` after). A new weight tensor is quantized again even where it got the
+        freed memory of the old one at the same version (a replaced Parameter, torch.func.functional_call)."""
         w = self.weight
         if w.requires_grad or torch.compiler.is_compiling() or w.is_inference():
             # (compile: no data-pointer cache in the graph; an inference tensor has no version counter)
             self._cache = None
             return self._quantize(transpose)
         key = (w.data_ptr(), w._version, w.device, w.dtype, self.pow2, self.backend)
-        if self._cache is None or self._cache[0] != key or (transpose and self._cache[1][2] is None):
+        c = self._cache
+        if c is None or c[2]() is not w or c[0] != key or (transpose and c[1][2] is None):
             with cache_scope():
-                self._cache = (key, self._quantize(transpose))
-        return self._cache[1]
+                self._cache = c = (key, self._quantize(transpose), weakref.ref(w))
+        return c[1]
+
+    def __getstate__(self):
+        state = super().__getstate__()
+        state = dict(state, _cache=None)   # (a weak reference does not pickle; the copy quantizes anew)
+        return state
 
     def forget_weight(self) -> None:
         """Drop the cached FP8 copy of a frozen weight (after writing it through .data)."""
