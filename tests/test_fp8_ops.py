@@ -312,6 +312,41 @@ def test_fp8_base_under_lora_trains_adapters_and_passes_gradients_to_the_input()
                                @ A.double().t()), atol=1e-3, rtol=1e-4)
 
 
+def test_mixed_adapter_batch_over_an_fp8_base_runs_the_base_in_fp8():
+    """adapter_names over an FP8Linear base: each sample gets what a batch of its adapter alone gets (the
+    base's FP8 GEMM plus its branch), gradients included (found by review: the mixed path ran the base's
+    high-precision weight, so a sample's output depended on its batch)."""
+    from fusedtune.nn import FP8Linear, LoRALinear
+    torch.manual_seed(0)
+    base = FP8Linear.from_linear(torch.nn.Linear(256, 192), backend="reference")
+    layer = LoRALinear.from_linear(base, r=8, alpha=16, init_lora_weights=False, lora_bias=True)
+    layer.add_adapter("b", r=4, alpha=4, init_lora_weights=False)
+    with torch.no_grad():
+        layer.lora_B["default"].bias.normal_()
+    for prm in list(layer.lora_A.parameters()) + list(layer.lora_B.parameters()):
+        prm.requires_grad_(True)
+    x = torch.randn(3, 40, 256)
+    names = ["b", "__base__", "default"]
+    xs = x.clone().requires_grad_(True)
+    y = layer(xs, adapter_names=names)
+    A = layer.lora_A["b"].weight
+    gx, gA = torch.autograd.grad(y[0].sum(), [xs, A])
+    want = []
+    for i, n in enumerate(names):
+        if n == "__base__":
+            want.append(base(x[i:i + 1]))
+        else:
+            layer.set_adapter(n)
+            want.append(layer(x[i:i + 1]))
+    torch.testing.assert_close(y, torch.cat(want), atol=1e-5, rtol=1e-5)
+    layer.set_adapter("b")
+    xb = x[:1].clone().requires_grad_(True)
+    gxb, gAb = torch.autograd.grad(layer(xb).sum(), [xb, A])
+    torch.testing.assert_close(gx[:1], gxb, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(gA, gAb, atol=1e-4, rtol=1e-5)
+    assert not gx[1:].any()
+
+
 @pytest.mark.parametrize("backend", ["reference", "cpu"])
 def test_autocast_gives_the_autocast_dtype_as_nn_linear_does(backend):
     """Under torch.autocast(bf16) over float32 x and weight, FP8Linear (and LoRA over it) return bf16 like

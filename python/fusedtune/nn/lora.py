@@ -606,6 +606,24 @@ class LoRALinear(nn.Module):
                 lora = lora + delta
             return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
 
+    def _fp8_base_mixed(self, x, names, gid, p):
+        """_mixed_forward over an FP8Linear base: the base through its FP8 GEMM for every sample (as a batch
+        of one adapter, or none, gets it), each adapter's branch in float32 over its own rows."""
+        from ..reference.lora import dropout
+        y = self.base_layer(x)
+        with _autocast.off(x.device):
+            x2 = x.reshape(-1, x.shape[-1])
+            xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
+            lora = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=torch.float32)
+            for j, n in enumerate(names):
+                rows = (gid == j).nonzero().squeeze(1)
+                part = (xd.index_select(0, rows).float() @ self.lora_A[n].weight.float().t()) * self.scaling[n]
+                part = part @ self.lora_B[n].weight.float().t()
+                if self.lora_bias.get(n):
+                    part = part + self._bias_delta((n,))
+                lora = lora.index_add(0, rows, part)
+            return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
+
     def _mixed_forward(self, x, adapter_names):
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
             raise ValueError(f"LoRALinear: adapter_names needs one name per sample ({x.shape[0] if x.dim() else 0}),"
@@ -623,6 +641,8 @@ class LoRALinear(nn.Module):
         idx = torch.tensor([names.index(n) if n != BASE else -1 for n in adapter_names], dtype=torch.int32)
         per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
         gid = idx.repeat_interleave(per).to(x.device)
+        if _is_fp8(self._modules["base_layer"]):
+            return self._fp8_base_mixed(x, names, gid, p)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
         with _autocast.off(x.device):
