@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import contextlib
-import weakref
 
 import torch
 import torch.nn.functional as F
@@ -14,9 +13,6 @@ from ..ops._linear import refuse_double_backward
 from ..ops.sparse_delta import check_delta_grad, check_indices, dense_fp32_dw, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear
-
-
-_SINKS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()   # layer -> dense-gradient sink (dense_grad)
 
 
 class _WindowLinear(torch.autograd.Function):
@@ -44,6 +40,13 @@ class _WindowLinear(torch.autograd.Function):
         return dx, dw, dv, None, db, None
 
 
+@torch._dynamo.disable
+def _window_linear(x, weight, values, indices, bias, sink):
+    """_WindowLinear eagerly, a graph break under torch.compile (window steps only): its backward calls the
+    sink (a collective, the Regrower's accumulators), which a compiled backward must not trace."""
+    return _WindowLinear.apply(x, weight, values, indices, bias, sink)
+
+
 class SparseDeltaLinear(OwnsMasters):
     """y = x W^T + b with W = W0 + scatter(delta) kept merged in place.
 
@@ -62,6 +65,9 @@ class SparseDeltaLinear(OwnsMasters):
     the original nn.Linear's weight too, and revert_() (or fusedtune.unpatch) gives it back W0 bit
     for bit. Pass a copy of the linear to keep the original untouched.
     """
+
+    _dense_sink = None           # dense_grad's sink while in window mode (an instance attribute then)
+
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, density: float = 0.01, seed: int = 0, indices=None,
@@ -177,27 +183,30 @@ class SparseDeltaLinear(OwnsMasters):
         gradient dW = dy^T x in float32 and hands it to sink(dW) (selection scores; the sink may reduce
         it over ranks in place); the deltas get dW at their positions through autograd, as the SDDMM
         gives them on other steps (so DDP reduces them as usual). The weight itself gets no .grad."""
-        prev = _SINKS.get(self)
-        _SINKS[self] = sink
+        prev = self._dense_sink
+        self._dense_sink = sink
         try:
             yield self
         finally:
-            if prev is None:
-                _SINKS.pop(self, None)
-            else:
-                _SINKS[self] = prev
+            self._dense_sink = prev
 
     def dense_grad_off(self) -> None:
         """Leave window mode whatever set it (a sink whose Regrower is gone calls this)."""
-        _SINKS.pop(self, None)
+        self._dense_sink = None
+
+    def __getstate__(self):
+        state = dict(super().__getstate__())
+        state.pop("_dense_sink", None)   # a copy is not in its original's window (its Regrower re-enters one)
+        return state
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not torch.compiler.is_compiling():
             self.check_masters_bound()
             self._refresh_if_values_changed()
-        sink = _SINKS.get(self) if _SINKS else None
+        sink = self._dense_sink   # (an attribute torch.compile guards on: a window recompiles; found by review,
+        # a lookup in a module-keyed WeakKeyDictionary inside the traced forward took another layer's entry)
         if sink is not None and torch.is_grad_enabled():
-            return _WindowLinear.apply(x, self.weight, self.values, self.indices, self.bias, sink)
+            return _window_linear(x, self.weight, self.values, self.indices, self.bias, sink)
         # indices checked in set_indices (no host sync a call); a base the user unfroze gets its dW from the op
         return sparse_delta_linear(x, self.weight, self.values, self.indices, self.bias, backend=self.backend,
                                    check=False, delta_grad=getattr(self, "delta_grad", "auto"))

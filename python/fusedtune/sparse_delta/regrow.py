@@ -292,8 +292,8 @@ class Regrower:
         self._dense = []
 
     def _make_sink(self, name, layer):
-        """The layer's dense-gradient sink. It holds the Regrower and the layer weakly: the layers' sink
-        table must not keep a dropped Regrower (or model) alive; a sink whose Regrower is gone takes its
+        """The layer's dense-gradient sink. It holds the Regrower and the layer weakly: a layer's sink
+        (its _dense_sink) must not keep a dropped Regrower (or model) alive; a sink whose Regrower is gone takes its
         layer out of window mode."""
         owner, layer_ref = weakref.ref(self), weakref.ref(layer)
 
