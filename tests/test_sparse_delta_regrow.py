@@ -393,6 +393,39 @@ def test_regrowth_under_compile_equals_eager(model):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_grad_scaler_scores_and_seeds_the_unscaled_gradient_and_skips_overflowing_steps():
+    """Under torch.amp.GradScaler (grad_scaler=): the window's scores and the seeded moments are the unscaled
+    gradient's, and a step the scaler skips (non-finite gradient) is left out of the window: the run equals
+    one without a scaler and without that batch (found by review: seeds 2^32 too large, and an overflowing
+    window step's inf entered the scores)."""
+    out = []
+    for scaled in (False, True):
+        net = Net()
+        opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16) if scaled else None
+        rg = Regrower(net, opt, every=4, rate=0.3, decay="constant", accumulate_steps=2, seed_moments="grad",
+                      attach=True, grad_scaler=scaler)
+        data = batches(8)
+        for i, (x, y) in enumerate(data):
+            opt.zero_grad(set_to_none=True)
+            if not scaled:
+                if i != 2:
+                    loss_of(net, x, y).backward()
+                    opt.step()
+                continue
+            loss = loss_of(net, x, y) * (1e36 if i == 2 else 1.0)    # i = 2: step 3, in the window, overflows
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+        assert rg.t == 7 and [h["step"] for h in rg.history] == [4]
+        st = [opt.state[l.values]["exp_avg_sq"].clone() for l in layers(net).values()]
+        out.append(([l.indices.clone() for l in layers(net).values()], st, rg.skipped_grads))
+    assert out[1][2] == 2 and out[0][2] == 0            # both layers' dense gradients of the skipped step
+    assert all(torch.equal(a, b) for a, b in zip(out[0][0], out[1][0]))
+    for a, b in zip(out[0][1], out[1][1]):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
+
+
 def test_a_dropped_regrower_is_freed_and_its_window_ends():
     """A layer's sink holds the Regrower weakly: dropped in a window, it is freed, and the layers
     train on the SDDMM path again (no dense gradient formed)."""

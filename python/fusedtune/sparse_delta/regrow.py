@@ -48,6 +48,13 @@ same backward passes through every layer on those steps.
                   gradient summed over the window at (r, c), from out + in floats of state.
                   Accumulators restart at each window. Many positions share a score (it is
                   piecewise constant over rows/columns); ties are broken by the seeded draw.
+Mixed precision with a loss scaler (float16): pass the scaler, Regrower(..., grad_scaler=scaler) (or set
+rg.grad_scaler = scaler before the first window step, e.g. accelerate's accelerator.scaler): each dense
+dW is divided by the scale before it reaches the scores (seed_moments="grad" seeds unscaled moments),
+and a non-finite one -- the scaler skips that optimizer step -- is left out of the window
+(`skipped_grads` counts them). Without it the scores and seeds are those of the scaled loss (the
+selection is scale-invariant within a window whose scale does not change; seeded moments are not),
+and an overflowing step's gradient poisons the window.
 With gradient accumulation (several backward passes per optimizer step) the score adds each
 micro-batch's |dW| (AG) or dW^2 (MA) rather than the step's summed dW. On window steps the deltas'
 gradient is the float32 dense dW gathered at the k indices (the SDDMM of the other steps also
@@ -108,9 +115,10 @@ class Regrower:
     def __init__(self, model: nn.Module, optimizer, every: int = 20, rate: float = 0.2, decay: str = "cosine",
                  variant: str = "ag", accumulate_steps: int = 5, total_steps: int | None = None,
                  candidates: float | None | str = "auto", seed_moments: str = "zero", seed: int = 0,
-                 attach: bool = False, process_group="auto"):
+                 attach: bool = False, process_group="auto", grad_scaler=None):
         candidates = self.check_settings(every, rate, decay, variant, accumulate_steps, total_steps, candidates,
                                          seed_moments)
+        self.grad_scaler = self.check_scaler(grad_scaler)
         sync_group(process_group, "Regrower")     # a group without torch.distributed is refused here
         self.process_group = process_group
         self.layers = sparse_layers(model)
@@ -129,6 +137,7 @@ class Regrower:
         self.accumulate_steps = min(accumulate_steps, every)
         self.total_steps, self.candidates, self.seed_moments, self.seed = total_steps, candidates, seed_moments, seed
         self.t = 0
+        self.skipped_grads = 0              # non-finite dense gradients left out under grad_scaler
         self.ages = {n: torch.zeros(m.indices.numel(), dtype=torch.int32, device=m.indices.device)
                      for n, m in self.layers}
         self.history: list[dict] = []       # one dict per selection step
@@ -140,6 +149,15 @@ class Regrower:
         if attach:
             self.attach()
         self._update_mode()
+
+    @staticmethod
+    def check_scaler(scaler):
+        """grad_scaler: None, or the torch.amp.GradScaler that scales the loss (module docstring)."""
+        if scaler is not None and not (callable(getattr(scaler, "get_scale", None))
+                                       and callable(getattr(scaler, "is_enabled", None))):
+            raise TypeError(f"Regrower: grad_scaler must be a torch.amp.GradScaler (the one scaling the loss) or "
+                            f"None, got {type(scaler).__name__}")
+        return scaler
 
     @staticmethod
     def check_settings(every, rate, decay, variant, accumulate_steps, total_steps, candidates, seed_moments):
@@ -201,12 +219,18 @@ class Regrower:
         state.pop("_loading", None)
         state["_post_hook"] = self._post_hook is not None
         state["_dense"] = bool(self._dense)
+        state["grad_scaler"] = None          # (the loop's own scaler does not travel; warned on load)
+        state["_had_scaler"] = getattr(self, "grad_scaler", None) is not None
         return state
 
     def __setstate__(self, state: dict) -> None:
         attached, dense = state["_post_hook"], state["_dense"]
         self.__dict__.update(state, _post_hook=None, _dense=[])
         self.__dict__.setdefault("process_group", "auto")
+        self.__dict__.setdefault("grad_scaler", None)
+        if self.__dict__.pop("_had_scaler", False):
+            warnings.warn("fusedtune Regrower: this copy's grad_scaler is None (the original's loss scaler does not "
+                          "travel with a copy or pickle); set rg.grad_scaler to the copy's scaler", stacklevel=2)
         if dense:
             self._enter_dense()
         if attached:
@@ -309,8 +333,23 @@ class Regrower:
                 dist.all_reduce(dW, group=group)
                 dW.div_(dist.get_world_size(group))
             with torch.no_grad():
-                rg._accumulate(name, lay, dW)
+                if rg._unscale_(dW):
+                    rg._accumulate(name, lay, dW)
         return sink
+
+    def _unscale_(self, dW: torch.Tensor) -> bool:
+        """Under a GradScaler: dW of the scaled loss divided by the scale, in place; False (dW is left out)
+        when it is not finite: the scaler skips that optimizer step (one host sync a layer, window steps
+        only)."""
+        scaler = getattr(self, "grad_scaler", None)
+        if scaler is None or not scaler.is_enabled():
+            return True
+        if not bool(torch.isfinite(dW).all()):
+            self.skipped_grads = getattr(self, "skipped_grads", 0) + 1
+            return False
+        scale = getattr(scaler, "_scale", None)   # (the device tensor the loss was scaled by: no sync)
+        dW.div_(scale if isinstance(scale, torch.Tensor) else scaler.get_scale())
+        return True
 
     # ------------------------------------------------------------------ scores
     def _accumulate(self, name, layer, g: torch.Tensor) -> None:
