@@ -87,9 +87,10 @@ class SparseDeltaMethod(SwapMethod):
             bound = inspect.signature(Regrower).bind_partial(None, None, **rg)
             bound.apply_defaults()
             settings = {k: v for k, v in bound.arguments.items()
-                        if k not in ("model", "optimizer", "seed", "attach", "process_group")}
+                        if k not in ("model", "optimizer", "seed", "attach", "process_group", "grad_scaler")}
             try:
                 Regrower.check_settings(**settings)
+                Regrower.check_scaler(bound.arguments["grad_scaler"])
                 sync_group(bound.arguments["process_group"], "Regrower")
             except (RuntimeError, TypeError, ValueError) as e:
                 raise PatchError(f"method 'sparse_delta': regrow={options['regrow']!r}: {e}") from e
