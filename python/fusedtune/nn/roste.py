@@ -20,7 +20,8 @@ class RoSTELinear(nn.Module):
         super().__init__()
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RoSTELinear: expected nn.Linear, got {type(linear).__name__}")
-        from ..roste.checks import check_bits, check_clip  # noqa: PLC0415 - fusedtune.roste imports nn
+        from ..roste.checks import check_backend, check_bits, check_clip  # noqa: PLC0415 - roste imports nn
+        check_backend("RoSTELinear", backend, linear.weight.device)
         check_bits("RoSTELinear", "w_bits", w_bits)
         check_bits("RoSTELinear", "a_bits", a_bits)
         check_clip("RoSTELinear", clip_ratio)

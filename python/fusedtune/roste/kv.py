@@ -11,8 +11,8 @@ the model to it (model.set_attn_implementation). The function receives the query
     K, V                 fake-quantized per (batch, head, token) over head_dim: asymmetric min-max with
                          clip_ratio, straight-through gradient (fusedtune.ops.roste.rotate_fake_quant)
 then runs the wrapped implementation on them. V is not rotated (its rotation would have to be undone
-in o_proj). With a KV cache the cached K/V are quantized again at each step (min-max quantization of
-already-quantized values maps them to themselves up to rounding); training runs without a cache.
+in o_proj). With a KV cache the cache holds full-precision K/V (it is updated before this function
+runs) and each step quantizes all of them here, as a full forward would; training runs without a cache.
 unprepare_kv restores the wrapped implementation. deepcopy (fusedtune.roste.export) carries the specs
 and the setting along.
 """
@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..ops.roste import hadamard, rotate_fake_quant
-from .checks import check_bits, check_clip, check_hadamard
+from .checks import check_backend, check_bits, check_clip, check_hadamard
 
 NAME = "fusedtune_roste_kv"
 
@@ -37,6 +37,12 @@ class KVQuant:
     rotate: bool
     base: str                  # the attention implementation this one wraps
     backend: str | None = None
+
+    def __setstate__(self, state) -> None:
+        """Unpickled (torch.load of a whole model, in another process): the attention function and its mask
+        are registered with transformers again, else the model's first forward fails on their name."""
+        self.__dict__.update(state)
+        _register(self.base)
 
 
 def _base_function(module: nn.Module, base: str):
@@ -100,6 +106,7 @@ def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, rotat
     check_bits(what, "kv_bits", kv_bits)
     check_clip(what, clip_ratio)
     arch = inspect_model(model, what, (nn.Linear, RoSTELinear))
+    check_backend(what, backend, next(model.parameters()).device)
     if kv_specs(model):
         raise ValueError(f"{what}: the model already quantizes K/V; call fusedtune.roste.unprepare_kv(model) first")
     if rotate:

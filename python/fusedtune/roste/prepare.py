@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from .architecture import check_float_params, inspect_model, linear_names
-from .checks import check_bits, check_clip, check_hadamard
+from .checks import check_backend, check_bits, check_clip, check_hadamard, check_in_place, rotated_already
 from .config import RotationConfig
 from .kv import add_kv_quant, kv_specs
 from .rotate_model import rotate_model
@@ -55,7 +55,9 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
             clip_ratio: float = 0.95, rotation: RotationConfig | None = None, backend: str | None = None,
             ste: str = "identity", kv_rotate: bool = True, head_rotation: bool = True) -> PrepareReport:
     """Set up a Hugging Face LlamaForCausalLM / Qwen2ForCausalLM / MistralForCausalLM for RoSTE training,
-    in place (module docstring); every check runs before anything changes. Returns a PrepareReport."""
+    in place (module docstring); every check runs before anything changes. Returns a PrepareReport.
+    A model loaded from a checkpoint of a prepared one (save_pretrained writes rotate_model's record into
+    config.json) is not rotated again: its layers are swapped and its K/V quantized only."""
     from ..nn import RoSTELinear  # noqa: PLC0415
     what = "prepare"
     check_bits(what, "w_bits", w_bits)
@@ -74,6 +76,8 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
         raise ValueError(f"{what}: the model already has RoSTELinear layers (prepared or patched already)")
     arch = inspect_model(model, what)
     check_float_params(model, what, _QUANT_DTYPES)
+    check_in_place(model, what)
+    check_backend(what, backend, next(model.parameters()).device)
     check_hadamard(what, "hidden size", arch.hidden_size)
     if kv_bits is not None and kv_specs(model):   # (add_kv_quant's own check would come after the swap)
         raise ValueError(f"{what}: the model already quantizes K/V; call fusedtune.roste.unprepare_kv(model) first, "
@@ -84,6 +88,12 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
         check_hadamard(what, "head_dim (head_rotation=True rotates V per head)", arch.head_dim)
     names = linear_names(model)
     linears = {n: model.get_submodule(n) for n in names}
+    from ..patch import bypassed_hooks  # noqa: PLC0415
+    hooked = [(n, h) for n in names if (h := bypassed_hooks(linears[n]))]
+    if hooked:
+        raise ValueError(f"{what}: {hooked[0][0]} has a {hooked[0][1]}, which would silently stop running once "
+                         f"the layer is a RoSTELinear ({len(hooked)} such layer(s)); remove the hooks, prepare, and "
+                         "register them on the new layers. Nothing was changed")
     rotate = {n: n.endswith(".down_proj") for n in names}
     if rotation is not None:
         rotation.validate()
@@ -95,7 +105,8 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
                 f"input size of {n}"
             check_hadamard(what, role, linears[n].in_features)
 
-    rep = rotate_model(model, head_rotation)                               # a + b (+ R2)
+    done = rotated_already(model)          # a checkpoint of a prepared model: its weights are rotated already
+    rep = rotate_model(model, head_rotation) if not done else {"untied_lm_head": False, "folded_norms": 0}  # a + b
     for n in names:                                                        # c
         parent_name, _, child = n.rpartition(".")
         parent = model.get_submodule(parent_name)
@@ -103,7 +114,10 @@ def prepare(model: nn.Module, w_bits: int = 4, a_bits: int = 4, kv_bits: int | N
                                                        backend))
     kv = [] if kv_bits is None else add_kv_quant(model, kv_bits, clip_ratio, kv_rotate, backend)   # d
     notes = ["lm_head and embed_tokens stay unquantized (full precision)"]
-    if head_rotation:
+    if done:
+        notes.append(f"the weights were rotated already (config.fusedtune_roste_rotation = {done}: a checkpoint "
+                     "of a prepared model); the offline rotation was not applied again (it would undo itself)")
+    elif head_rotation:
         notes.append(f"V rotated per head by H_{arch.head_dim} (merged into v_proj / o_proj)")
     if rep["untied_lm_head"]:
         notes.append("lm_head was tied to embed_tokens: untied (own Parameter copy; "

@@ -20,7 +20,7 @@ from torch import nn
 
 from ..reference import hadamard as href
 from .architecture import check_float_params, inspect_model
-from .checks import check_hadamard
+from .checks import MARKER, check_hadamard, check_in_place, rotated_already
 
 
 def _rotate_cols(w: torch.Tensor) -> torch.Tensor:
@@ -53,11 +53,19 @@ def rotate_model(model: nn.Module, head_rotation: bool = True) -> dict:
     in place; with head_rotation also the per-head rotation of V and of o_proj's input (RoSTE's R2,
     below). The model function is unchanged (up to rounding in the parameter dtype). Unties a tied
     lm_head (it gets its own Parameter; config.tie_word_embeddings is set False). Returns a small dict
-    report. Refuses (before changing anything) other architectures and hidden sizes (head_dim with
-    head_rotation) without a Hadamard construction."""
+    report. Records what it merged in model.config.fusedtune_roste_rotation (saved with the config), and
+    refuses a model that has it. Refuses (before changing anything) other architectures, hidden sizes
+    (head_dim with head_rotation) without a Hadamard construction, and weights it cannot change in place
+    (offloaded by accelerate, inference tensors)."""
     what = "rotate_model"
     arch = inspect_model(model, what)
     check_float_params(model, what)
+    check_in_place(model, what)
+    if rotated_already(model):
+        raise ValueError(f"{what}: the weights are rotated already (config.{MARKER} = {rotated_already(model)}, "
+                         "written by rotate_model / prepare and saved with the checkpoint); rotating again would "
+                         "undo it (H H = n I for symmetric H). fusedtune.roste.prepare skips the offline rotation on "
+                         "such a model. Nothing was changed")
     n = arch.hidden_size
     check_hadamard(what, "hidden size", n)
     if head_rotation:
@@ -99,6 +107,9 @@ def rotate_model(model: nn.Module, head_rotation: bool = True) -> dict:
     if head_rotation:
         for layer in inner.layers:
             _rotate_heads(layer.self_attn, arch.head_dim)
+    cfg = getattr(model, "config", None)
+    if cfg is not None:   # (save_pretrained writes it into config.json: a re-prepare knows)
+        setattr(cfg, MARKER, {"hidden_size": n, "head_rotation": bool(head_rotation)})
     return {"head_rotation": f"H_{arch.head_dim} / sqrt({arch.head_dim}) per head (v_proj, o_proj)"
             if head_rotation else None,
             "architecture": arch.name, "hidden_size": n, "rotation": f"H_{n} / sqrt({n})",

@@ -1,0 +1,89 @@
+"""fusedtune.roste.prepare's guards (found by review): a pickled K/V-quantized model runs in a process that never
+registered its attention function; a checkpoint of a prepared model is not rotated a second time (which
+undid the rotation); models it would break -- offloaded weights, hooks on the projections, inference
+tensors, a backend RoSTE's ops cannot run -- are refused before anything changes."""
+import pickle
+
+import pytest
+import torch
+
+import fusedtune.roste as R
+from fusedtune.nn import RoSTELinear
+from test_roste_model import IDS, assert_unchanged, snapshot, tiny
+
+transformers = pytest.importorskip("transformers")
+
+
+def _forget_registration(name):
+    """What a fresh process has: no attention function (nor mask function) under the name."""
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    ALL_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+    ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.pop(name, None)
+
+
+def test_a_pickled_kv_quantized_model_runs_where_its_attention_was_never_registered():
+    model = tiny("llama")
+    R.prepare(model, 4, 4, kv_bits=4)
+    want = model(IDS).logits
+    blob = pickle.dumps(model)
+    _forget_registration(model.config._attn_implementation)
+    assert torch.equal(pickle.loads(blob)(IDS).logits, want)
+
+
+def test_a_checkpoint_of_a_prepared_model_is_not_rotated_again(tmp_path):
+    first = tiny("llama")
+    R.prepare(first, 4, 4)
+    want = first(IDS).logits
+    first.save_pretrained(tmp_path)              # what a user keeps: plain weights, the config
+    again = transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="rotated already.*Nothing was changed"):
+        R.rotate_model(again)
+    rep = R.prepare(again, 4, 4)
+    assert any("rotated already" in n for n in rep.notes)
+    assert torch.equal(again(IDS).logits, want)
+
+
+def test_offloaded_weights_are_refused():
+    accelerate = pytest.importorskip("accelerate")
+    model = tiny("llama")
+    accelerate.cpu_offload(model, execution_device=torch.device("cpu"))
+    before = [type(m) for m in model.modules()]
+    for fn in (R.prepare, R.rotate_model):
+        with pytest.raises(ValueError, match="offloaded by accelerate.*Nothing was changed"):
+            fn(model)
+    assert [type(m) for m in model.modules()] == before
+
+
+def test_hooks_on_the_projections_are_refused():
+    model = tiny("llama")
+    model.model.layers[1].mlp.up_proj.register_forward_hook(lambda *a: None)
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match="model.layers.1.mlp.up_proj has a forward hook.*Nothing was changed"):
+        R.prepare(model)
+    assert_unchanged(model, snap)
+
+
+def test_inference_tensors_are_refused_before_the_lm_head_is_untied():
+    with torch.inference_mode():
+        model = tiny("llama", tie_word_embeddings=True)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    for fn in (R.prepare, R.rotate_model):
+        with pytest.raises(ValueError, match="inference tensor.*Nothing was changed"):
+            fn(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight and model.config.tie_word_embeddings
+
+
+@pytest.mark.parametrize("backend", ["bogus", "cuda"])
+def test_a_backend_the_ops_cannot_run_is_refused_before_any_change(backend):
+    """(cuda: the fake quantization has no CUDA kernel, and this is a CPU model)"""
+    model = tiny("llama")
+    snap = snapshot(model)
+    with pytest.raises(ValueError, match=f"backend '{backend}' cannot run RoSTE's ops"):
+        R.prepare(model, 4, 4, kv_bits=4, backend=backend)
+    assert_unchanged(model, snap)
+    with pytest.raises(ValueError, match=f"backend '{backend}' cannot run"):
+        RoSTELinear.from_linear(torch.nn.Linear(64, 64), backend=backend)
+    with pytest.raises(ValueError, match=f"backend '{backend}' cannot run"):
+        R.add_kv_quant(model, 4, backend=backend)
+    assert_unchanged(model, snap)
