@@ -225,6 +225,54 @@ def test_convert_of_a_bare_linear_returns_its_fp8_linear():
     assert fusedtune.fp8.convert(lin, module_filter_fn=lambda m, fqn: False) is lin
 
 
+def test_convert_takes_linear_subclasses_and_every_name_of_a_shared_layer():
+    """nn.Linear subclasses with 16/32-bit weights (Falcon's FalconLinear) are converted, as torchao's swap
+    does, and a layer registered under two names becomes one FP8Linear under both (found by review: the
+    subclasses stayed, silently, and the second name kept the nn.Linear)."""
+    from fusedtune.nn import FP8Linear
+
+    class MyLinear(torch.nn.Linear):
+        pass
+
+    shared = torch.nn.Linear(128, 128)
+    model = torch.nn.ModuleDict({"sub": MyLinear(128, 64), "a": shared, "b": shared})
+    fusedtune.fp8.convert(model)
+    assert isinstance(model["sub"], FP8Linear) and model["sub"].weight is not None
+    assert isinstance(model["a"], FP8Linear) and model["a"] is model["b"] and model["a"].weight is shared.weight
+
+
+def test_convert_refuses_before_any_change():
+    """What fusedtune.patch refuses, convert refuses too, changing nothing: hooks on a layer it would swap (they
+    stopped running), an unknown backend or one that cannot run here (the first forward failed), a model DDP
+    wraps (found by review)."""
+    model = tiny_llama(64, 128)
+    model.model.layers[0].self_attn.k_proj.register_forward_pre_hook(lambda *a: None)
+    before = [type(m) for m in model.modules()]
+    with pytest.raises(ValueError, match="k_proj has a forward pre-hook.*Nothing was changed"):
+        fusedtune.fp8.convert(model)
+    plain = tiny_llama(64, 128)
+    for backend, msg in (("foo", "unknown backend 'foo'"), ("cuda", "backend 'cuda' cannot run the FP8 linear on cpu")):
+        with pytest.raises(ValueError, match=msg):
+            fusedtune.fp8.convert(plain, backend=backend)
+        with pytest.raises(ValueError, match=msg):
+            fusedtune.nn.FP8Linear.from_linear(torch.nn.Linear(8, 8), backend=backend)
+    assert [type(m) for m in model.modules()] == before == [type(m) for m in plain.modules()]
+
+
+def test_reset_parameters_initializes_as_nn_linear():
+    """An init loop over a model built on the meta device (to_empty, then reset_parameters) reaches FP8Linear
+    (it had no reset_parameters: its weights stayed uninitialized)."""
+    from fusedtune.nn import FP8Linear
+    with torch.device("meta"):
+        layer = FP8Linear.from_linear(torch.nn.Linear(256, 128))
+    layer.to_empty(device="cpu")
+    torch.manual_seed(0)
+    layer.reset_parameters()
+    torch.manual_seed(0)
+    want = torch.nn.Linear(256, 128)
+    assert torch.equal(layer.weight, want.weight) and torch.equal(layer.bias, want.bias)
+
+
 def test_convert_takes_gpt2_conv1d():
     """GPT-2's Conv1D layers become FP8Linear over the transposed weight; the logits follow the model's."""
     from fusedtune.nn import FP8Linear

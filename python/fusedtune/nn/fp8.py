@@ -23,10 +23,17 @@ class FP8Linear(nn.Module):
                  pow2: bool = False, backend: str | None = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        _check_backend("FP8Linear", backend, device if device is not None else "cpu")
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype)) if bias else None
-        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.bias = nn.Parameter(torch.empty(out_features, device=device, dtype=dtype)) if bias else None
         self.pow2, self.backend = pow2, backend
+        self._cache = None
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Linear's initialization (kaiming-uniform weight, uniform bias), so init loops over a model built
+        on the meta device and materialized with to_empty() reach FP8Linear layers too."""
+        nn.Linear.reset_parameters(self)
         self._cache = None
 
     @classmethod
@@ -34,6 +41,7 @@ class FP8Linear(nn.Module):
         """Shares linear's weight and bias (their requires_grad is kept)."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"FP8Linear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        _check_backend("FP8Linear.from_linear", backend, linear.weight.device)
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features
@@ -107,20 +115,58 @@ class FP8Linear(nn.Module):
         return {"method": "fp8", "backend": b["backend"], "path": path, "why_not": b["why_not"]}
 
 
+def _check_backend(what: str, backend, device) -> None:
+    """Refuse a backend name that is unknown, or that cannot run the FP8 linear on `device`, before anything
+    is built or swapped (the first forward failed)."""
+    if backend is None:
+        return
+    try:
+        b = fp8_backend(device, backend)
+    except (ValueError, RuntimeError) as e:
+        raise ValueError(f"{what}: {e}; nothing was changed") from None
+    if b["backend"] is None:
+        raise ValueError(f"{what}: backend {backend!r} cannot run the FP8 linear on {torch.device(device)}: "
+                         f"{'; '.join(f'{k}: {v}' for k, v in b['why_not'].items())}; nothing was changed")
+
+
 def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend: str | None = None) -> nn.Module:
-    """Replace every nn.Linear (and transformers' Conv1D, GPT-2) for which module_filter_fn(module, fqn) is
-    true (default: all but the output embedding, lm_head) by an FP8Linear sharing its parameters (a
-    Conv1D's: its weight transposed into [out, in], a copy that replaces it); returns the model, or, when
-    the model itself is such a layer (fqn ""), its FP8Linear (as torchao's convert_to_float8_training).
-    Make the optimizer after converting."""
-    from ..patch import _output_embedding_names, as_linear, is_conv1d, set_module
+    """Replace every linear layer -- nn.Linear, a subclass of it with 16/32-bit weights (Falcon's FalconLinear,
+    as torchao's swap), transformers' Conv1D (GPT-2) -- for which module_filter_fn(module, fqn) is true
+    (default: all but the output embedding, lm_head) by an FP8Linear sharing its parameters (a Conv1D's: its
+    weight transposed into [out, in], a copy that replaces it); a layer registered under several names
+    becomes one FP8Linear under all of them. Returns the model, or, when the model itself is such a layer
+    (fqn ""), its FP8Linear (as torchao's convert_to_float8_training). Refused before anything changes, as
+    fusedtune.patch refuses them: a backend that cannot run here, a model DDP wraps or FSDP2 shards, weights
+    accelerate offloads, and hooks on a layer it would swap (they would stop running). Make the optimizer
+    after converting."""
+    from ..patch import (_offloaded, _output_embedding_names, as_linear, base_kind, bypassed_hooks, is_linear,
+                         refuse_sharded, set_module)
+    what = "fusedtune.fp8.convert"
+    param = next(model.parameters(), None)
+    _check_backend(what, backend, param.device if param is not None else "cpu")
+    refuse_sharded(model, what)
+    off = _offloaded(model)
+    if off is not None:
+        raise ValueError(f"{what}: the weights of {off} are offloaded by accelerate (device_map with offload); "
+                         "load the model without offloading. Nothing was changed")
     skip = _output_embedding_names(model) if module_filter_fn is None else set()
-    for name, mod in list(model.named_modules()):
-        if not (type(mod) is nn.Linear or is_conv1d(mod)) or name in skip:
+    targets = []
+    for name, mod in model.named_modules(remove_duplicate=False):
+        if not is_linear(mod) or base_kind(mod) not in ("linear", "conv1d") or name in skip:
             continue
         if module_filter_fn is not None and not module_filter_fn(mod, name):
             continue
-        new = FP8Linear.from_linear(as_linear(mod), pow2=pow2, backend=backend)
+        targets.append((name, mod))
+    hooked = [(n, h) for n, m in targets if (h := bypassed_hooks(m))]
+    if hooked:
+        raise ValueError(f"{what}: {hooked[0][0] or type(model).__name__} has a {hooked[0][1]}, which would "
+                         f"silently stop running once the layer is an FP8Linear ({len(hooked)} such layer(s)); remove "
+                         "the hooks, convert, and register them on the new layers. Nothing was changed")
+    made = {}
+    for name, mod in targets:
+        new = made.get(id(mod))
+        if new is None:
+            new = made[id(mod)] = FP8Linear.from_linear(as_linear(mod), pow2=pow2, backend=backend)
         if not name:             # the root: no parent to put it in
             return new
         set_module(model, name, new)
