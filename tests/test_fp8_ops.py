@@ -256,6 +256,8 @@ def test_convert_refuses_before_any_change():
             fusedtune.fp8.convert(plain, backend=backend)
         with pytest.raises(ValueError, match=msg):
             fusedtune.nn.FP8Linear.from_linear(torch.nn.Linear(8, 8), backend=backend)
+    with pytest.raises(TypeError, match="torch.float64 weights.*Nothing was changed"):
+        fusedtune.fp8.convert(plain.double())
     assert [type(m) for m in model.modules()] == before == [type(m) for m in plain.modules()]
 
 

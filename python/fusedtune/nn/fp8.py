@@ -157,6 +157,11 @@ def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend
         if module_filter_fn is not None and not module_filter_fn(mod, name):
             continue
         targets.append((name, mod))
+    wide = [(n, m.weight.dtype) for n, m in targets if m.weight.dtype not in (torch.float32, torch.bfloat16,
+                                                                               torch.float16)]
+    if wide:
+        raise TypeError(f"{what}: {wide[0][0] or type(model).__name__} has {wide[0][1]} weights; FP8Linear takes "
+                        "float32/bfloat16/float16 (cast the model first). Nothing was changed")
     hooked = [(n, h) for n, m in targets if (h := bypassed_hooks(m))]
     if hooked:
         raise ValueError(f"{what}: {hooked[0][0] or type(model).__name__} has a {hooked[0][1]}, which would "
