@@ -152,7 +152,8 @@ def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend
     skip = _output_embedding_names(model) if module_filter_fn is None else set()
     targets = []
     for name, mod in model.named_modules(remove_duplicate=False):
-        if not is_linear(mod) or base_kind(mod) not in ("linear", "conv1d") or name in skip:
+        if not is_linear(mod) or name in skip or (base_kind(mod) not in ("linear", "conv1d")
+                                                  and mod.weight.dtype != torch.float64):   # (refused below)
             continue
         if module_filter_fn is not None and not module_filter_fn(mod, name):
             continue
