@@ -87,3 +87,19 @@ def test_a_backend_the_ops_cannot_run_is_refused_before_any_change(backend):
     with pytest.raises(ValueError, match=f"backend '{backend}' cannot run"):
         R.add_kv_quant(model, 4, backend=backend)
     assert_unchanged(model, snap)
+
+
+def test_search_leaves_padding_tokens_out_of_the_activation_errors():
+    """A dict batch's attention_mask: the padded positions are not calibration data (found by review: they
+    entered the activation errors). A right-padded batch gives the errors of its sequences unpadded."""
+    model = tiny("llama")
+    R.prepare(model, 4, 4)
+    a, b = IDS[0], IDS[1, :7]
+    padded = {"input_ids": torch.stack([a, torch.cat([b, torch.full((5,), 63)])]),
+              "attention_mask": torch.stack([torch.ones(12, dtype=torch.long),
+                                             torch.cat([torch.ones(7, dtype=torch.long), torch.zeros(5, dtype=torch.long)])])}
+    got = R.search_rotation(model, [padded])
+    want = R.search_rotation(model, [a[None], b[None]])
+    for n in want.rotate:
+        assert got.err_plain[n] == pytest.approx(want.err_plain[n], rel=1e-4), n
+        assert got.err_rotated[n] == pytest.approx(want.err_rotated[n], rel=1e-4), n

@@ -6,7 +6,8 @@ error on calibration data (RoSTE's rule), and apply_rotation to set it.
     rotate    = err_rot < err_plain          (a tie keeps the layer unrotated)
 H the orthonormal Hadamard matrix of in_features, Q = fusedtune.reference.roste.fake_quant (asymmetric
 min-max with clip_ratio; per output channel = per row of W, per token = per row of X), all in
-float32. X is every input the layer saw over the calibration batches, seen by forward pre-hooks under
+float32. X is every input the layer saw over the calibration batches (less the padding tokens of dict
+batches with a 2-D attention_mask), seen by forward pre-hooks under
 torch.no_grad with the model in eval mode (the layers quantize as configured meanwhile); the hooks add
 up the squared errors as the batches pass, so no input is kept.
 A layer whose in_features has no Hadamard construction can only be unrotated (err_rotated None).
@@ -108,12 +109,16 @@ def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int
         raise TypeError(f"{what}: calibration_batches must be an iterable of batches (e.g. a list of input-id "
                         "tensors), got a single tensor; wrap it in a list")
     sums = {n: [0.0, 0.0, 0] for n in chosen}   # squared errors of X and of X H, elements seen
+    current = {"keep": None}                       # the batch's non-padding tokens (a dict batch's attention_mask)
 
     def capture(name):
         rotatable = hadamard_ok(found[name].in_features)
 
         def hook(mod, args):
             x = args[0].detach().reshape(-1, mod.in_features).float()
+            keep = current["keep"]
+            if keep is not None and keep.numel() == x.shape[0]:   # padding tokens are not calibration data
+                x = x[keep.to(x.device)]
             acc = sums[name]
             acc[0] += _sse(x, a_bits, clip_ratio)
             if rotatable:
@@ -128,6 +133,8 @@ def search_rotation(model: nn.Module, calibration_batches: Iterable, w_bits: int
         model.eval()
         with torch.no_grad():
             for batch in calibration_batches:
+                mask = batch.get("attention_mask") if isinstance(batch, Mapping) else None
+                current["keep"] = mask.reshape(-1).bool() if torch.is_tensor(mask) and mask.dim() == 2 else None
                 _run(model, batch, what)
                 n_batches += 1
     finally:
