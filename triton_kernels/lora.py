@@ -363,7 +363,7 @@ def nf4_dequant_kernel(q_ptr, absmax_ptr, absmax2_ptr, code_ptr, code2_ptr, out_
         HALF: tl.constexpr = BLOCK // 2
         NB: tl.constexpr = BLOCK // BLOCKSIZE
         ob = tl.program_id(0) * HALF + tl.arange(0, HALF)
-        byte = tl.load(q_ptr + ob, mask=ob < numel // 2, other=0).to(tl.int32)   # (numel is even: Nf4Weight)
+        byte = tl.load(q_ptr + ob, mask=ob < (numel + 1) // 2, other=0).to(tl.int32)   # (odd: a last half byte)
         v = tl.reshape(tl.join(tl.load(code_ptr + (byte >> 4)), tl.load(code_ptr + (byte & 0xF))), (NB, BLOCKSIZE))
         blk = tl.program_id(0) * NB + tl.arange(0, NB)
         amax = _nf4_absmax(absmax_ptr, absmax2_ptr, code2_ptr, blk, blk < (numel + BLOCKSIZE - 1) // BLOCKSIZE, offset,

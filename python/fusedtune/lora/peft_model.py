@@ -75,8 +75,9 @@ def _why_not(layer) -> str | None:
         LoRALinear.from_peft(layer)
     except (LoRAUnsupported, TypeError) as e:
         return str(e).removeprefix("LoRALinear.from_peft: ")
-    except ValueError:      # merged adapters: fusable, the view is built when the layer is unmerged
-        pass
+    except ValueError as e:
+        if "has merged adapters" not in str(e):   # merged adapters: fusable, the view is built when unmerged
+            return str(e).removeprefix("LoRALinear.from_peft: ")
     return None
 
 

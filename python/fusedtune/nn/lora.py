@@ -173,6 +173,12 @@ class LoRALinear(nn.Module):
         base = self._modules["base_layer"]
         w = base.weight
         qs = getattr(w, "quant_state", None)
+        if qs is not None and getattr(qs, "packing_format_for_cpu", False) and not torch.compiler.is_compiling():
+            # bitsandbytes' eval forward on a CPU with AVX512-BF16 repacks the weight in place (its own layout);
+            # back to the standard one, as its _save_to_state_dict does
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse  # noqa: PLC0415
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, qs)
+            qs = w.quant_state
         if qs is not None:
             self.__dict__["_bnb_qs"] = qs
             return qs
@@ -181,11 +187,29 @@ class LoRALinear(nn.Module):
             return None                          # a 16/32-bit base
         kept = getattr(base, "quant_state", None) or kept
         n, k = (int(d) for d in kept.shape)
-        return kept if w.numel() * w.element_size() * 2 == n * k else None
+        return kept if w.numel() * w.element_size() == (n * k + 1) // 2 else None
 
-    def _nf4_dtype(self, qs):
-        """An NF4 base's compute dtype (its Linear4bit's, else its quant state's)."""
-        return getattr(self._modules["base_layer"], "compute_dtype", None) or qs.dtype
+    def _nf4_dtype(self, qs, x=None):
+        """An NF4 base's compute dtype: its Linear4bit's; for an input x, by bitsandbytes' rule where the layer
+        has none yet (Linear4bit.set_compute_type at its first forward: a float32 / bfloat16 input sets it to
+        its own dtype, which this forward records on the layer as bitsandbytes' would; else the input's
+        dtype); without x, the quant state's (the weight's dtype when it was quantized)."""
+        base = self._modules["base_layer"]
+        dt = getattr(base, "compute_dtype", None)
+        if x is not None and getattr(base, "compute_type_is_set", True) is False:
+            if x.dtype in (torch.float32, torch.bfloat16):
+                dt = x.dtype
+            if not torch.compiler.is_compiling():
+                base.compute_dtype, base.compute_type_is_set = dt, True
+        return dt or (x.dtype if x is not None else qs.dtype)
+
+    def _nf4_wider_input(self, x) -> bool:
+        """An NF4 base whose compute dtype is narrower than x's (float32 activations into a bf16 QLoRA layer,
+        as peft.prepare_model_for_kbit_training leaves them): the base runs in the compute dtype and the
+        adapters in float32 over x itself, as peft's layer computes (the fused op would round x, the branch
+        and its gradients to the compute dtype too)."""
+        qs = self._quant_state()
+        return qs is not None and x.dtype == torch.float32 and self._nf4_dtype(qs, x) != torch.float32
 
     def _base_device_dtype(self):
         w = self.base_layer.weight
@@ -434,13 +458,14 @@ class LoRALinear(nn.Module):
         return bool(self.merged_adapters)
 
     # ------------------------------------------------------------------ forward
-    def _nf4_weight(self):
-        """(the NF4 base as an Nf4Weight, its compute dtype), or (None, None) for a 16/32-bit base."""
+    def _nf4_weight(self, x=None):
+        """(the NF4 base as an Nf4Weight, its compute dtype (for input x: _nf4_dtype)), or (None, None) for a
+        16/32-bit base."""
         qs = self._quant_state()
         if qs is None:
             return None, None
         base = self._modules["base_layer"]
-        w, dt = base.weight, self._nf4_dtype(qs)
+        w, dt = base.weight, self._nf4_dtype(qs, x)
         if torch.compiler.is_compiling():
             # built in eager (the layer makes it when it is made): from_bnb's alignment check reads data_ptr
             if self._nf4 is not None and self._nf4[0][1] == w.device:
@@ -486,7 +511,7 @@ class LoRALinear(nn.Module):
         Under torch.autocast a 16/32-bit base computes in the autocast dtype, as peft's layer does
         (autocast does not reach inside the fused op, so x, W and the bias are cast here, and the
         caller runs the op with autocast off)."""
-        nf4, dt = self._nf4_weight()
+        nf4, dt = self._nf4_weight(x)
         bias = self._modules["base_layer"].bias
         self.__dict__["_last_rows"] = x.numel() // max(x.shape[-1], 1)   # the report's schedule of the last call
         # (through __dict__: nn.Module.__setattr__ costs ~3 us a call, checking for parameters and modules)
@@ -521,8 +546,8 @@ class LoRALinear(nn.Module):
         dora = self._dora_alone(names)
         if dora is not None:
             return self._dora_forward(x, dora, p)
-        if _is_fp8(self._modules["base_layer"]):
-            return self._fp8_base_forward(x, names, p)
+        if _is_fp8(self._modules["base_layer"]) or self._nf4_wider_input(x):
+            return self._unfused_forward(x, names, p)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
         with _autocast.off(x.device):
@@ -590,9 +615,10 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: adapter {name!r} is not a DoRA adapter")
         return self.lora_magnitude_vector[name].weight.detach().float() / self._dora_norm(name)
 
-    def _fp8_base_forward(self, x, names, p):
-        """An FP8Linear base: its FP8 GEMM, plus the LoRA branch as separate torch GEMMs (not fused into the
-        FP8 kernel), dropout from the same seeded rule as the fused op."""
+    def _unfused_forward(self, x, names, p):
+        """An FP8Linear base (its FP8 GEMM), or an NF4 base under a wider input (bitsandbytes' own forward:
+        _nf4_wider_input), plus the LoRA branch in float32 as separate torch GEMMs, dropout from the same
+        seeded rule as the fused op."""
         from ..reference.lora import dropout
         A, B = self._stacked(names)
         S = self._table(names, x.device, summed=True)[0]
@@ -606,9 +632,9 @@ class LoRALinear(nn.Module):
                 lora = lora + delta
             return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
 
-    def _fp8_base_mixed(self, x, names, gid, p):
-        """_mixed_forward over an FP8Linear base: the base through its FP8 GEMM for every sample (as a batch
-        of one adapter, or none, gets it), each adapter's branch in float32 over its own rows."""
+    def _unfused_mixed(self, x, names, gid, p):
+        """_mixed_forward over the bases _unfused_forward takes: the base layer's own forward for every sample
+        (as a batch of one adapter, or none, gets it), each adapter's branch in float32 over its own rows."""
         from ..reference.lora import dropout
         y = self.base_layer(x)
         with _autocast.off(x.device):
@@ -641,8 +667,8 @@ class LoRALinear(nn.Module):
         idx = torch.tensor([names.index(n) if n != BASE else -1 for n in adapter_names], dtype=torch.int32)
         per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
         gid = idx.repeat_interleave(per).to(x.device)
-        if _is_fp8(self._modules["base_layer"]):
-            return self._fp8_base_mixed(x, names, gid, p)
+        if _is_fp8(self._modules["base_layer"]) or self._nf4_wider_input(x):
+            return self._unfused_mixed(x, names, gid, p)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
         with _autocast.off(x.device):

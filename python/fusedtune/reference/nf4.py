@@ -39,7 +39,7 @@ class Nf4Weight:
         q = weight.data if hasattr(weight, "data") else weight
         if q.dtype != torch.uint8 and q.is_contiguous():   # bnb's quant_storage (FSDP-QLoRA): the same bytes
             q = q.reshape(-1).view(torch.uint8)
-        if q.dtype != torch.uint8 or q.numel() * 2 != shape[0] * shape[1]:
+        if q.dtype != torch.uint8 or q.numel() != (shape[0] * shape[1] + 1) // 2:   # (an odd count: a last half byte)
             raise ValueError(f"Nf4Weight.from_bnb: packed weight {q.dtype} {tuple(q.shape)} does not hold "
                              f"{shape[0]}x{shape[1]} nibbles")
         if q.numel() and q.data_ptr() % 16 and q.is_cuda:
