@@ -131,6 +131,9 @@ class HalfFineTuner:
         if model.__dict__.get(_ATTR) is not None:
             raise HFTError("HalfFineTuner: this model already has a HalfFineTuner attached; call .remove() on it "
                            "first (or next_stage() to change the selection)")
+        for flag, value in (("train_final_norm", train_final_norm), ("train_embeddings", train_embeddings)):
+            if not isinstance(value, bool):
+                raise HFTError(f"HalfFineTuner: {flag} must be True or False, got {value!r}")
         self.ratio = check_ratio(ratio)
         self.granularity = granularity
         self.seed = seed
@@ -151,6 +154,12 @@ class HalfFineTuner:
             if self._row_cls is None:
                 raise HFTError(f"HalfFineTuner(granularity={granularity!r}) needs fusedtune.nn.RowMaskedLinear, "
                                f"which is not available here ({why}); use granularity='matrix'")
+            param = next(model.parameters(), None)
+            try:
+                self._row_cls.check_backend(f"HalfFineTuner(granularity={granularity!r})", backend,
+                                            param.device if param is not None else "cpu")
+            except ValueError as e:
+                raise HFTError(str(e)) from None
             hooked = [(n, h) for n in self.map.linear_names() if (h := bypassed_hooks(model.get_submodule(n)))]
             if hooked:   # the row-masked layer computes from the weights without calling the module
                 raise HFTError(f"HalfFineTuner(granularity={granularity!r}): {hooked[0][0]} has a {hooked[0][1]}, "
@@ -490,6 +499,8 @@ class HalfFineTuner:
             if n in self._flag_by_name:
                 p.requires_grad_(self._flag_by_name[n])
         self._snapshot = None
+        self._flags = []   # (they held the swapped layers' old weights: a second copy of every linear while the
+        # tuner, or the PatchReport holding it, lived on)
         self.model.__dict__.pop(_ATTR, None)
         return self.model
 

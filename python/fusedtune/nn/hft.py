@@ -40,7 +40,9 @@ class RowMaskedLinear(OwnsMasters):
         kw = dict(device=device, dtype=dtype)
         self.in_features, self.out_features = in_features, out_features
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **kw), requires_grad=False)
-        self.bias = nn.Parameter(torch.zeros(out_features, **kw), requires_grad=False) if bias else None
+        self.bias = nn.Parameter(torch.empty(out_features, **kw), requires_grad=False) if bias else None
+        with torch.no_grad():
+            nn.Linear.reset_parameters(self)     # nn.Linear's initialization (the masters gather it below)
         self.register_buffer("rows", torch.empty(0, dtype=torch.int64, device=device))
         self.weight_rows = nn.Parameter(torch.empty(0, in_features, device=device, dtype=torch.float32))
         self.register_parameter("bias_rows", None)
@@ -48,11 +50,26 @@ class RowMaskedLinear(OwnsMasters):
         self.masters = bool(masters)
         self.set_rows(rows)
 
+    @staticmethod
+    def check_backend(what: str, backend, device) -> None:
+        """Refuse, before anything is built or swapped, a backend name that is unknown or that the row-masked
+        op cannot run on `device` (the first forward failed)."""
+        if backend is None:
+            return
+        from .. import backend as _backend  # noqa: PLC0415
+        from ..ops.hft import _ROW_GRAD_HAS  # noqa: PLC0415
+        try:
+            _backend.resolve("hft_row_grad", torch.device(device), _ROW_GRAD_HAS, backend)
+        except (ValueError, _backend.BackendError) as e:
+            raise ValueError(f"{what}: backend {backend!r} cannot run the row-masked op here ({e}); nothing was "
+                             "changed") from None
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: torch.Tensor, backend: str | None = None,
                     masters: bool = True) -> "RowMaskedLinear":
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RowMaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
+        cls.check_backend("RowMaskedLinear.from_linear", backend, linear.weight.device)
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features
@@ -218,6 +235,8 @@ class RowMaskedLinear(OwnsMasters):
             self.write_rows_()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
+        if self.masters and not torch.compiler.is_compiling():
+            self._refresh_if_masters_changed()   # the saved weight holds the masters as they are
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if not self.masters:    # views of the weight (bias): saved with it
             destination.pop(prefix + "weight_rows", None)
@@ -228,6 +247,13 @@ class RowMaskedLinear(OwnsMasters):
         if not self.masters:
             self._load_block(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
             return
+        # a plain checkpoint (an nn.Linear's: no masters), loaded with strict=False: the weight's rows are the
+        # masters (else the old masters' write-back below undid the loaded weight at the selected rows)
+        key = prefix + "weight_rows"
+        if key not in state_dict and prefix + "weight" in state_dict:
+            weight = state_dict[prefix + "weight"]
+            rows = state_dict.get(prefix + "rows", self.rows).to(device=weight.device, dtype=torch.int64)
+            state_dict[key] = weight.index_select(0, rows).float()
         # a state dict saved before bias_rows existed: the bias at the rows is its master
         key = prefix + "bias_rows"
         if self.bias_rows is not None and key not in state_dict and prefix + "bias" in state_dict:
@@ -303,6 +329,10 @@ class RowMaskedLinear(OwnsMasters):
                               backend=self.backend, check_rows=False)  # checked in set_rows: no host sync per call
 
     def to_linear(self) -> nn.Linear:
+        """A plain nn.Linear of the weight with the masters written into it (merged again first if they
+        changed outside MaskedAdamW and torch.optim, as the forward does)."""
+        if self.masters:
+            self._refresh_if_masters_changed()
         return plain_linear(self.weight, self.bias)
 
     def extra_repr(self) -> str:
