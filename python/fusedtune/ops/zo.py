@@ -8,6 +8,9 @@ docs/zo_noise.md; every backend is bit-identical to fusedtune.reference.zo.
 """
 from __future__ import annotations
 
+import numbers
+import struct
+
 from typing import Sequence
 
 import torch
@@ -88,8 +91,9 @@ def _as_seeds(seeds, name: str, device) -> torch.Tensor:
         return seeds if seeds.device == device else _to_device(seeds, device)
     out = []
     for s in seeds:
-        if isinstance(s, bool) or not isinstance(s, int) or not -(1 << 63) <= s < _U64:
+        if isinstance(s, bool) or not isinstance(s, numbers.Integral) or not -(1 << 63) <= s < _U64:
             raise ValueError(f"zo_apply_: {name} must be integers in [-2**63, 2**64), got {s!r}")
+        s = int(s)        # (numpy integers too)
         out.append(s - _U64 if s >= 1 << 63 else s)
     return _to_device(torch.tensor(out, dtype=torch.int64), device)
 
@@ -104,6 +108,21 @@ def _as_coeffs(coeffs, name: str, device) -> torch.Tensor:
         coeffs = coeffs.to(torch.float32).contiguous()    # (read as coeffs + j: a strided or expanded view copied)
         return coeffs if coeffs.device == device else _to_device(coeffs, device)
     return _to_device(torch.tensor([float(c) for c in coeffs], dtype=torch.float32), device)
+
+
+def _default_rounding_seed(seeds, coeffs) -> int:
+    """Stochastic rounding's seed when none is given: a hash of every seed and (given on the host) every
+    coefficient's float32 bits, so repeated calls that share a seed (FedKSeed's fixed pool, a replay) draw
+    fresh rounding bits; coefficients given as a tensor are not read (no host sync): pass rounding_seed
+    for such a series. (It hashed the first seed alone: a fixed pool reused the same bits every round,
+    and the rounding errors added up instead of averaging out.)"""
+    h = 0x5851F42D4C957F2D
+    for s in seeds:
+        h = ref.splitmix64((h ^ (int(s) % _U64)) % _U64)
+    if not torch.is_tensor(coeffs):
+        for c in coeffs:
+            h = ref.splitmix64(h ^ struct.unpack("<I", struct.pack("<f", float(c)))[0])
+    return h
 
 
 def _check_tensors(tensors) -> list[torch.Tensor]:
@@ -190,8 +209,7 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
     if rounding_seed is None:
         if rounding == "stochastic" and torch.is_tensor(seeds):
             raise ValueError("zo_apply_: with seeds given as a tensor, pass rounding_seed for stochastic rounding")
-        first = int(seeds[0]) if not torch.is_tensor(seeds) else 0
-        rounding_seed = (first ^ 0x5851F42D4C957F2D) % _U64
+        rounding_seed = _default_rounding_seed(seeds, coeffs)
     if not -(1 << 63) <= int(rounding_seed) < _U64:
         raise ValueError(f"zo_apply_: rounding_seed must be a 64-bit integer, got {rounding_seed}")
     rs = int(rounding_seed) % _U64

@@ -18,6 +18,7 @@ optimizer). Seed replay of a folded run differs from it by up to one more step o
 """
 from __future__ import annotations
 
+import math
 import numbers
 
 import torch
@@ -27,14 +28,9 @@ from ..ops.zo import _check_distinct, _check_tensors, zo_apply_
 from .copyable import CopyableOptimizer
 from .fused_adamw import refuse_sharded
 
+from ..reference.zo import splitmix64
+
 _MASK64 = (1 << 64) - 1
-
-
-def splitmix64(x: int) -> int:
-    x = (x + 0x9E3779B97F4A7C15) & _MASK64
-    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return x ^ (x >> 31)
 
 
 class MeZO(CopyableOptimizer):
@@ -147,6 +143,11 @@ class MeZO(CopyableOptimizer):
         return buckets
 
     def add_param_group(self, param_group):
+        if isinstance(param_group, dict):
+            if "eps" in param_group:
+                raise ValueError("MeZO: eps is the optimizer's (one perturbation for all parameters: its seed's "
+                                 "noise scaled by one eps), not a parameter group's; set MeZO(eps=...)")
+            _check_group_values(param_group, "MeZO: parameter group")
         super().add_param_group(param_group)
         if hasattr(self, "_buckets"):
             try:
@@ -184,7 +185,8 @@ class MeZO(CopyableOptimizer):
             hint = " (a model output: return its .loss)" if hasattr(out, "loss") else ""
             raise TypeError(f"MeZO.step: the closure must return the loss as a tensor or a number, got "
                             f"{type(out).__name__}{hint}")
-        loss = torch.as_tensor(out).detach()
+        loss = torch.as_tensor(out, dtype=torch.float64) if isinstance(out, numbers.Real) else \
+            torch.as_tensor(out).detach()      # (a Python float is a double: keep it one)
         if loss.numel() != 1:
             raise ValueError(f"MeZO.step: the closure must return one loss value, got a tensor of shape "
                              f"{tuple(loss.shape)} (reduce it, e.g. .mean())")
@@ -199,6 +201,7 @@ class MeZO(CopyableOptimizer):
             raise ValueError("MeZO.step needs a closure that runs a forward pass and returns the loss")
         if self._trainable() != self._buckets_for:     # a parameter frozen or unfrozen since: as torch.optim
             self._buckets = self._make_buckets()
+        self._check_before_step()
         self._check_same_seed()
         s = self.seed_for(self.steps)
         eps = self.eps
@@ -221,7 +224,8 @@ class MeZO(CopyableOptimizer):
         except BaseException:
             self._apply([s], lambda g, d: [0.0], undo=([s], [-eps]))
             raise
-        pg = ((loss_plus.float() - loss_minus.float()) / (2 * eps)).reshape(1)
+        # the difference in float64 (two nearby losses given in float64 keep their digits), then float32
+        pg = ((loss_plus.double() - loss_minus.double()) / (2 * eps)).float().reshape(1)
         # a non-finite loss (an overflow in one forward) moves nothing along z rather than making every
         # weight NaN; opt.last still shows it. On the device: no host sync.
         step_pg = torch.where(torch.isfinite(pg), pg, torch.zeros_like(pg))
@@ -242,6 +246,24 @@ class MeZO(CopyableOptimizer):
         self.last = {"loss_plus": loss_plus, "loss_minus": loss_minus, "projected_grad": step_pg[0], "seed": s}
         self.steps += 1
         return loss_plus
+
+    def _check_before_step(self) -> None:
+        """Before the step's first pass, so a failure changes nothing: the scheduled lr and weight decay are
+        finite numbers, and every tensor is still what its bucket holds (a parameter made non-contiguous
+        since is refused here, not half-way through the groups; one moved to another device re-buckets)."""
+        for group in self.param_groups:
+            _check_group_values(group, "MeZO.step: a parameter group's")
+        for _, dev, ts, _ in self._buckets:
+            if any(t.device != dev for t in ts):
+                self._buckets = self._make_buckets()
+                return
+            _check_tensors(ts)
+
+    def replay_args(self, group: int | None = None) -> tuple[list, list]:
+        """(params, tensor ids) of the parameters the steps perturb now (of param_groups[group] only, if
+        given), for zo_replay_(params, seeds, coeffs, tensor_ids=ids)."""
+        keep = [(ts, ids) for g, _, ts, ids in self._buckets if group is None or g is self.param_groups[group]]
+        return [t for ts, _ in keep for t in ts], [i for _, ids in keep for i in ids]
 
     def _ids(self) -> tuple:
         """The tensor ids of the parameters the steps perturb now."""
@@ -291,7 +313,8 @@ class MeZO(CopyableOptimizer):
         if not sync:
             return loss_plus, loss_minus
         import torch.distributed as dist
-        t = torch.stack([loss_plus.float().reshape(()), loss_minus.float().reshape(())])
+        dt = torch.promote_types(torch.promote_types(loss_plus.dtype, loss_minus.dtype), torch.float32)
+        t = torch.stack([loss_plus.to(dt).reshape(()), loss_minus.to(dt).reshape(())])   # (float64 stays so)
         dist.all_reduce(t, group=group)
         t = t / dist.get_world_size(group)
         return t[0], t[1]
@@ -342,6 +365,19 @@ class MeZO(CopyableOptimizer):
         self._load_around(state_dict, take, apply)
 
 
+def _check_group_values(group: dict, what: str) -> None:
+    for key, low in (("lr", 0.0), ("weight_decay", 0.0)):
+        if key in group:
+            v = group[key]
+            try:
+                v = float(v)
+            except (TypeError, ValueError):
+                raise TypeError(f"{what} {key} must be a number, got {group[key]!r}") from None
+            if not (math.isfinite(v) and v >= low):
+                raise ValueError(f"{what} {key} must be a finite number >= {low:g}, got {group[key]!r}; nothing was "
+                                 "changed")
+
+
 def _params(params) -> list[torch.Tensor]:
     params = [params] if torch.is_tensor(params) else list(params)
     if not params:
@@ -350,14 +386,19 @@ def _params(params) -> list[torch.Tensor]:
 
 
 def zo_replay_(params, seeds, coeffs, noise: str = "normal", rounding: str = "nearest", backend=None,
-               rounding_seed: int | None = None) -> None:
+               rounding_seed: int | None = None, tensor_ids=None) -> None:
     """Apply a list of (seed, coeff) pairs to params in one pass per device (seed replay: e.g.
-    MeZO steps `coeff = -lr * projected_grad`, FedKSeed's K pairs). Tensor ids follow the order of
-    params, as in MeZO. One rounding for all pairs, so it differs from replaying step by step only
-    by that rounding."""
+    MeZO steps `coeff = -lr * projected_grad`, FedKSeed's K pairs). Tensor ids: `tensor_ids` (one per
+    param), else the order of params. MeZO numbers a parameter by its position among all the params it
+    was given, frozen ones counted, over its groups in order: replay a run with frozen parameters or
+    several groups with `params, ids = opt.replay_args()` (per group, where the groups' lr differ).
+    One rounding for all pairs, so it differs from replaying step by step only by that rounding."""
     params = _params(params)
+    ids = list(range(len(params))) if tensor_ids is None else [int(i) for i in tensor_ids]
+    if len(ids) != len(params):
+        raise ValueError(f"zo_replay_: {len(params)} params but {len(ids)} tensor_ids")
     by_dev: dict = {}
-    for i, p in enumerate(params):
+    for i, p in zip(ids, params):
         by_dev.setdefault(p.device, ([], []))
         by_dev[p.device][0].append(p)
         by_dev[p.device][1].append(i)

@@ -24,6 +24,15 @@ _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 @functools.lru_cache(maxsize=None)
 @outside_inference
+def splitmix64(x: int) -> int:
+    """SplitMix64's mixing of a 64-bit integer (MeZO's step seeds, default rounding seeds)."""
+    m = (1 << 64) - 1
+    x = (x + 0x9E3779B97F4A7C15) & m
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & m
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & m
+    return x ^ (x >> 31)
+
+
 def _table_cpu() -> torch.Tensor:
     return torch.tensor([float.fromhex(h) for h in TABLE_HEX], dtype=torch.float32)
 
