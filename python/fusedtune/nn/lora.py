@@ -208,8 +208,10 @@ class LoRALinear(nn.Module):
         as peft.prepare_model_for_kbit_training leaves them): the base runs in the compute dtype and the
         adapters in float32 over x itself, as peft's layer computes (the fused op would round x, the branch
         and its gradients to the compute dtype too)."""
+        if x.dtype != torch.float32:   # (first: the common 16-bit input costs one comparison)
+            return False
         qs = self._quant_state()
-        return qs is not None and x.dtype == torch.float32 and self._nf4_dtype(qs, x) != torch.float32
+        return qs is not None and self._nf4_dtype(qs, x) != torch.float32
 
     def _base_device_dtype(self):
         w = self.base_layer.weight

@@ -367,7 +367,7 @@ class MeZO(CopyableOptimizer):
 
 def _check_group_values(group: dict, what: str) -> None:
     for key, low in (("lr", 0.0), ("weight_decay", 0.0)):
-        if key in group:
+        if key in group and not torch.is_tensor(group[key]):   # (a tensor lr is not read: no host sync)
             v = group[key]
             try:
                 v = float(v)
