@@ -32,7 +32,7 @@ import re
 
 import torch
 
-from ..nn.lora import LoRALinear, _decomposition
+from ..nn.lora import LoRALinear, _decomposition, _is_fp8
 from ..ops.lora import LoRAUnsupported
 from ..patch import shared_outside
 from .peft_model import fuse_peft, unfuse_peft  # noqa: F401
@@ -251,6 +251,12 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
         if adapter_name in m.r and m.r[adapter_name] != A.shape[0]:
             raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} with r={m.r[adapter_name]}, the file "
                              f"has r={A.shape[0]}")
+        if adapter_name in m.merged_adapters:
+            raise ValueError(f"load_adapter: {mod} has adapter {adapter_name!r} merged into its weight; unmerge() "
+                             "it first (loading would leave the merged weight on the old values); nothing was changed")
+        if dora and _is_fp8(m.base_layer):
+            raise LoRAUnsupported(f"load_adapter: {mod}: DoRA over an FP8Linear base is not supported; nothing was "
+                                  "changed")
         if decompose:
             m._check_decomposable(init, int(A.shape[0]))
     for mod, parts in plan.items():

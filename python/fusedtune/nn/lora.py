@@ -28,6 +28,7 @@ from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
 from .fp8 import FP8Linear
+from .masters import optimizer_steps
 from .plain import is_conv1d, plain_linear
 
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
@@ -399,10 +400,15 @@ class LoRALinear(nn.Module):
         .to(torch.bfloat16)) converts the base but leaves the adapters in the dtype they were made in (float32
         by default), as patching a model already in that dtype gives them: float16 adapters under AdamW went NaN
         from the second step (eps underflows, 0/0 where a gradient is zero). Device moves move everything."""
+        self.forget_dora_norms()   # (weak references to the parameters: torch.utils.swap_tensors refuses them)
         if self.__dict__.get("keep_adapter_dtype"):
             from .masters import keep_dtype  # noqa: PLC0415
             fn = keep_dtype(fn, [p for n in self.r for p in self._adapter_params(n)])
         return super()._apply(fn, recurse)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        self.forget_dora_norms()   # (before the children swap or copy their parameters)
+        super()._load_from_state_dict(*args, **kwargs)
 
     def _adapter_params(self, name: str) -> list:
         ps = [self.lora_A[name].weight, self.lora_B[name].weight]
@@ -600,7 +606,8 @@ class LoRALinear(nn.Module):
             # the tensors themselves (weak references: a freed tensor's address and version can come back in a
             # new one, e.g. an adapter deleted and added again) and what they hold (address, in-place writes)
             owners = (self._modules["base_layer"].weight, A, B)
-            key = (self.scaling[name],) + tuple((t.data_ptr(), t._version) for t in (W, A, B))
+            key = (self.scaling[name], optimizer_steps()) + tuple((t.data_ptr(), t._version) for t in (W, A, B))
+            # (an optimizer step invalidates it too: torch's fused AdamW writes without bumping versions)
             hit = self._dora_norms.get(name)
             if hit is not None and hit[0] == key and all(r() is t for r, t in zip(hit[1], owners)):
                 return hit[2]
@@ -609,6 +616,16 @@ class LoRALinear(nn.Module):
         if key is not None:
             self._dora_norms[name] = (key, tuple(weakref.ref(t) for t in owners), norm)
         return norm
+
+    def _merge_scale(self, name: str, W: torch.Tensor) -> torch.Tensor:
+        """DoRA's column scale for merging adapter `name` into W: over the base weight without the adapters
+        merged before (W itself when none is), as peft's merge (the norm over W with them in was 22% off)."""
+        if not self.merged_adapters:
+            return self.dora_scale(name)
+        W0 = self._stash.to(W.device) if self._stash is not None else self._unmerged(W).to(W.dtype)
+        norm = dora_ops.dora_weight_norm(W0, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
+                                         None, W.dtype, self.backend)
+        return self.lora_magnitude_vector[name].weight.detach().float() / norm
 
     def dora_scale(self, name: str) -> torch.Tensor:
         """float32 [out]: DoRA's column scale magnitude / ||W + scaling B A|| of adapter `name`."""
@@ -727,8 +744,8 @@ class LoRALinear(nn.Module):
                                  "and the base layer has no bias to merge it into (peft refuses it too); nothing "
                                  "was changed")
             new = W.float() + sum(self.delta_weight(n) for n in names)
-            if dora:    # W <- m / ||W + dW|| * (W + dW), the norm of the unmerged weight (as peft)
-                g = self.dora_scale(dora[0])
+            if dora:    # W <- m / ||W0 + dW|| * (W + dW), the norm of the unmerged weight W0 (as peft)
+                g = self._merge_scale(dora[0], W)
                 new = g[:, None] * new
             new_b = None if delta_b is None else bias.float() + delta_b
             if safe_merge and not (torch.isfinite(new).all() and (new_b is None or torch.isfinite(new_b).all())):

@@ -36,6 +36,15 @@ def owner_of(p: torch.Tensor):
     return ref() if ref is not None else None
 
 
+_STEPS = [0]   # optimizer steps taken in this process (any torch.optim.Optimizer; the hook below counts them)
+
+
+def optimizer_steps() -> int:
+    """How many optimizer steps ran in this process: a cache of something computed from parameters (LoRALinear's
+    DoRA norms) keys on it, as torch's fused AdamW writes parameters without bumping their version counters."""
+    return _STEPS[0]
+
+
 def _after_optimizer_step(optimizer, args, kwargs) -> None:
     """A global optimizer step post-hook: an optimizer other than the fused ones (which write the layers' merged
     copies in their pass) stepped some layer's masters. The layers notice writes by the masters' version
@@ -44,6 +53,7 @@ def _after_optimizer_step(optimizer, args, kwargs) -> None:
     copy against its masters and writes it again now (masters_written_elsewhere), not at its next forward: a
     compiled forward (torch.compile, Trainer's torch_compile=True) skips that check, and training through it
     did nothing, silently."""
+    _STEPS[0] += 1
     if not _OWNERS or getattr(optimizer, "writes_master_layers", False):
         return
     layers = {}

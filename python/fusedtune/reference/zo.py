@@ -22,8 +22,6 @@ _PHILOX_M = (0xD2511F53, 0xCD9E8D57)
 _PHILOX_W = (0x9E3779B9, 0xBB67AE85)
 
 
-@functools.lru_cache(maxsize=None)
-@outside_inference
 def splitmix64(x: int) -> int:
     """SplitMix64's mixing of a 64-bit integer (MeZO's step seeds, default rounding seeds)."""
     m = (1 << 64) - 1
@@ -33,6 +31,8 @@ def splitmix64(x: int) -> int:
     return x ^ (x >> 31)
 
 
+@functools.lru_cache(maxsize=None)
+@outside_inference
 def _table_cpu() -> torch.Tensor:
     return torch.tensor([float.fromhex(h) for h in TABLE_HEX], dtype=torch.float32)
 
