@@ -83,6 +83,18 @@ def test_demo_refuses_bad_overrides_before_it_trains(sets, msg, monkeypatch):
         main(argv)
 
 
+@pytest.mark.parametrize("argv,msg", [(["--hidden", "30"], "--hidden must be a multiple of 8"),
+                                      (["--out", __file__], "exists and is not a folder")])
+def test_demo_refuses_bad_arguments_before_it_trains(argv, msg, monkeypatch, capsys):
+    """A hidden size the model cannot split into heads failed in transformers' config with a traceback; an --out
+    naming a file failed after every fine-tune (found by review)."""
+    import fusedtune.demo as demo
+    monkeypatch.setattr(demo, "_run", lambda *a: pytest.fail("the demo ran"))
+    with pytest.raises(SystemExit):
+        main(["--method", "lora", "--no-progress"] + argv)
+    assert msg in capsys.readouterr().err
+
+
 def test_tasks_follow_their_rules():
     import torch
     t = Tasks(vocab_size=64, seq_len=24, period=4, remapped=16)

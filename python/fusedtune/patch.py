@@ -121,6 +121,10 @@ class PatchReport:
         (the method decides about gradients: AdamW backpropagates, MeZO runs two forwards)."""
         if self._impl is None:
             raise PatchError("this report has no method attached (the model is not patched)")
+        if self._impl.__dict__.get("_unpatched"):
+            raise PatchError("report.step: the model was unpatched (fusedtune.unpatch) since this report was made; "
+                             "its optimizer would train tensors the model no longer uses. Patch the model again "
+                             "for a new report")
         if self._probe is not None:
             module, name, param = self._probe
             if module._parameters.get(name) is not param:
@@ -593,7 +597,7 @@ class SwapMethod(Method):
                 record = Swapped.of(orig)
                 others = sorted(holders.get(id(orig.weight), set()) - {name})
                 if others:
-                    if self.refuses_tied:
+                    if self.refuses_tied or self.rewrites_base(options):   # (PiSSA/OLoRA write the residual in)
                         raise PatchError(f"method {self.name!r}: target {name}'s weight is shared with {others[:3]} "
                                          "(tied embeddings): the method writes the weight in place, which would change "
                                          f"{others[0]} too; leave {name} out of target_modules, or give it its own weight "
@@ -639,9 +643,12 @@ class SwapMethod(Method):
             # to_empty since the patch gives the layer new ones: then a new module takes the place)
             keep = orig.module is not None and holds_own_parameters(orig.module, mod)
             tied = orig.tied if orig.tied is not None and id(orig.tied) in live else None
-            outs[name] = (to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin, keep, tied)
+            # merge=False over a layer that never wrote the shared weight (a quantized copy of it): the shared
+            # weight is the original itself, taken back as it is (copying the base in rounded it to NF4)
+            write = merge or tied is None or _shares_storage(mod, tied)
+            outs[name] = (to_conv1d(lin, orig.cls) if orig.kind == "conv1d" else lin, keep, tied, write)
         self.restore_requires_grad(model)
-        for name, (new, keep, tied) in outs.items():
+        for name, (new, keep, tied, write) in outs.items():
             orig = self.swapped[name]
             fits = tied is not None and new.weight is not tied and new.weight.shape == tied.shape and \
                 new.weight.dtype == tied.dtype
@@ -651,8 +658,9 @@ class SwapMethod(Method):
             if keep:                                  # the model's own module again (its weight is `tied`)
                 new = into_original(new, orig.module)
             elif fits:                                # the result goes into the shared Parameter: the tie stays
-                with torch.no_grad():
-                    tied.copy_(new.weight)
+                if write:
+                    with torch.no_grad():
+                        tied.copy_(new.weight)
                 new.weight = tied
             if new.weight.is_floating_point():        # a 4-bit base handed back keeps its frozen packed weight
                 new.weight.requires_grad_(orig.weight_requires_grad)
@@ -814,6 +822,12 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
     return rep
 
 
+def _shares_storage(module: nn.Module, t: torch.Tensor) -> bool:
+    """Whether a parameter of `module` lies in t's storage (the layer trains it in place)."""
+    ptr = t.untyped_storage().data_ptr()
+    return any(p.untyped_storage().data_ptr() == ptr for p in module.parameters())
+
+
 def bypassed_hooks(module: nn.Module) -> str | None:
     """The hooks a fused layer in `module`'s place would not run (it computes from the weights directly, never
     calling the module), described; None when it has none. accelerate's hook (device_map dispatch, offload)
@@ -873,9 +887,10 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
     """Undo fusedtune.patch: swapped layers become the model's own modules again -- the same objects (class,
     hooks, attributes) whose weight and bias Parameters hold the method's update merged in (merge=True) or
     the original weights (merge=False, where the method keeps them), as peft's merge_and_unload. Where the
-    method's layer does not hold the module's own Parameters (sparse_delta; qlora, fp8, roste and fp8_lora
-    over GPT-2's Conv1D; a 4-bit base merged; Parameters replaced since the patch, e.g. by an assign-load)
-    a new nn.Linear / Conv1D takes the module's place. requires_grad flags are restored. Returns the model."""
+    method's layer does not hold the module's own Parameters (sparse_delta; hft at row or block granularity;
+    qlora, fp8, roste and fp8_lora over GPT-2's Conv1D; a 4-bit base merged; Parameters replaced since the
+    patch, e.g. by an assign-load) a new nn.Linear / Conv1D takes the module's place. requires_grad flags
+    are restored. The PatchReport of the patch refuses to step afterwards. Returns the model."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fusedtune.unpatch: model must be a torch.nn.Module, got {type(model).__name__}")
     st = _state(model)
@@ -889,6 +904,7 @@ def unpatch(model: nn.Module, merge: bool = True) -> nn.Module:
                          "StateDictOptions(full_state_dict=True)), load it into the model built and patched the same "
                          "way without sharding, and unpatch that one. Nothing was changed")
     st["impl"].remove(model, merge)
+    st["impl"].__dict__["_unpatched"] = True     # its PatchReport refuses to step from now on
     del model.__dict__[_ATTR]
     return model
 

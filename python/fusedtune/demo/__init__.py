@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import ast
 import importlib.util
+import os
 import sys
 import time
 
@@ -163,6 +164,11 @@ def main(argv=None) -> int:
     for k in ("steps", "pretrain_steps", "hidden", "layers", "batch", "threads"):
         if getattr(a, k) < (0 if k == "pretrain_steps" else 1):
             ap.error(f"--{k.replace('_', '-')} must be positive, got {getattr(a, k)}")
+    if a.hidden % (2 * DemoConfig.heads):   # (head_dim even: RoPE rotates pairs)
+        ap.error(f"--hidden must be a multiple of {2 * DemoConfig.heads} (the demo model has {DemoConfig.heads} "
+                 f"attention heads of an even size), got {a.hidden}")
+    if os.path.exists(a.out) and not os.path.isdir(a.out):
+        ap.error(f"--out {a.out}: exists and is not a folder")
     cfg = DemoConfig(hidden=a.hidden, layers=a.layers, batch=a.batch, pretrain_steps=a.pretrain_steps,
                      steps=a.steps, seed=a.seed, device=a.device, dtype=a.dtype, progress=not a.no_progress,
                      threads=a.threads)

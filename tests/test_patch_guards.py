@@ -1,0 +1,49 @@
+"""patch / unpatch edges found by review (each test fails on the code before): PiSSA/OLoRA on a tied lm_head, QLoRA's
+unpatch(merge=False) of a tied lm_head, a PatchReport stepping after unpatch."""
+import pytest
+import torch
+
+import fusedtune
+from fusedtune.patch import PatchError
+
+transformers = pytest.importorskip("transformers")
+IDS = torch.randint(0, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+
+
+def tied_qwen2():
+    torch.manual_seed(0)
+    cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    return transformers.Qwen2ForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("init", ["pissa", "olora"])
+def test_a_decomposing_init_on_a_tied_lm_head_is_refused(init):
+    """The residual W - s B A was written into the weight the input embedding shares (output off at step 0)."""
+    model = tied_qwen2()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    with pytest.raises(PatchError, match="shared with \\['model.embed_tokens'\\].*own weight first"):
+        fusedtune.patch(model, "lora", r=4, init_lora_weights=init, target_modules=["lm_head"])
+    assert torch.equal(model.model.embed_tokens.weight, emb) and model.lm_head.weight is model.model.embed_tokens.weight
+
+
+def test_qlora_unpatch_without_merge_gives_a_tied_lm_head_its_exact_weight_back():
+    """The NF4 layer never wrote the shared weight; unpatch(merge=False) copied its dequantized base into it."""
+    pytest.importorskip("bitsandbytes")
+    model = tied_qwen2()
+    emb = model.model.embed_tokens.weight.detach().clone()
+    fusedtune.patch(model, "qlora", target_modules=["lm_head"])
+    fusedtune.unpatch(model, merge=False)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert torch.equal(model.model.embed_tokens.weight, emb)
+
+
+@pytest.mark.parametrize("method", ["lora", "full", "mezo"])
+def test_a_report_refuses_to_step_after_unpatch(method):
+    model = tied_qwen2()
+    rep = fusedtune.patch(model, method)
+    fusedtune.unpatch(model)
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(PatchError, match="the model was unpatched"):
+        rep.step(lambda: model(IDS, labels=IDS).loss)
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
