@@ -47,3 +47,16 @@ def test_a_report_refuses_to_step_after_unpatch(method):
     with pytest.raises(PatchError, match="the model was unpatched"):
         rep.step(lambda: model(IDS, labels=IDS).loss)
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+
+
+def test_qlora_follows_a_dtype_conversion_after_patching():
+    """model.to(bf16) after a qlora patch: the NF4 layers compute in bf16, and unpatch gives bf16 linears (they came
+    back float32, and the next forward failed)."""
+    pytest.importorskip("bitsandbytes")
+    model = tied_qwen2()
+    fusedtune.patch(model, "qlora")
+    model.to(torch.bfloat16)
+    assert model.model.layers[0].self_attn.q_proj.base_layer.compute_dtype == torch.bfloat16
+    fusedtune.unpatch(model)
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model(IDS).logits.dtype == torch.bfloat16

@@ -401,6 +401,15 @@ class LoRALinear(nn.Module):
         by default), as patching a model already in that dtype gives them: float16 adapters under AdamW went NaN
         from the second step (eps underflows, 0/0 where a gradient is zero). Device moves move everything."""
         self.forget_dora_norms()   # (weak references to the parameters: torch.utils.swap_tensors refuses them)
+        base = self._modules.get("base_layer")
+        dt = getattr(base, "compute_dtype", None)
+        if is_bnb_4bit(base) and isinstance(dt, torch.dtype):
+            # a dtype conversion of the model (.to(torch.bfloat16) after patching) converts an NF4 base's compute
+            # dtype too: it computed in the old one, and unpatch dequantized into it (a float32 layer in a bf16
+            # model: the next forward failed)
+            new = fn(torch.empty(0, dtype=dt)).dtype
+            if new != dt and new in (torch.float32, torch.bfloat16, torch.float16):
+                base.compute_dtype = new
         if self.__dict__.get("keep_adapter_dtype"):
             from .masters import keep_dtype  # noqa: PLC0415
             fn = keep_dtype(fn, [p for n in self.r for p in self._adapter_params(n)])
