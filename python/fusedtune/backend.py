@@ -193,6 +193,20 @@ def _resolve(op: str, device: torch.device, has, backend: str | None) -> tuple[s
     raise BackendError(f"{op}: no backend can run on {device}: " + "; ".join(reasons))
 
 
+def refuse_unservable(what: str, backend: str | None, device, ops, label: str) -> None:
+    """Refuse, before anything is built or swapped, a per-call backend that is unknown or that cannot run every
+    (op, has) of `ops` on `device` (the layer's first forward would fail after the model was changed)."""
+    if backend is None:
+        return
+    device = torch.device(device)
+    try:
+        for op, has in ops:
+            resolve(op, device, has, backend)
+    except (ValueError, BackendError) as e:
+        raise ValueError(f"{what}: backend {backend!r} cannot run {label} on {device} ({e}); nothing was "
+                         "changed") from None
+
+
 def explain(op: str, device: torch.device, has, backend: str | None = None) -> dict:
     """What resolve() would pick, without warnings: {'backend': ..., 'why_not': {...}}."""
     has = frozenset(has)

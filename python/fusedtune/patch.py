@@ -795,12 +795,7 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
         raise PatchError(f"fusedtune.patch: method {method!r} replaces modules, and the model is sharded (FSDP2 "
                          "fully_shard, or DTensor parameters of tensor parallelism): FSDP would neither shard the new "
                          "modules' parameters nor reduce their gradients across ranks. Patch first, then fully_shard")
-    off = _offloaded(model)
-    if off is not None:
-        raise PatchError(f"fusedtune.patch: {off}'s weights are offloaded by accelerate (device_map with CPU/disk "
-                         "offload, cpu_offload): they sit on the meta device between forwards, and every method reads "
-                         "or writes them in place. Load the model onto the GPU whole (device_map={'': 0}). Nothing "
-                         "was changed")
+    refuse_offloaded(model, "fusedtune.patch", PatchError)
     if cls.swaps_layers:
         targets = find_targets(model, target_modules, linear_only=True)
         hooked = [(n, h) for n in targets if (h := bypassed_hooks(model.get_submodule(n)))]
@@ -849,6 +844,16 @@ def _offloaded(model: nn.Module) -> str | None:
         if any(getattr(h, "offload", False) for h in (getattr(hook, "hooks", None) or (hook,))):
             return name or type(model).__name__
     return None
+
+
+def refuse_offloaded(model: nn.Module, what: str, error=ValueError) -> None:
+    """Refuse a model whose weights accelerate offloads: they sit on the meta device between forwards, and the
+    caller reads or writes them in place."""
+    off = _offloaded(model)
+    if off is not None:
+        raise error(f"{what}: {off}'s weights are offloaded by accelerate (device_map with CPU/disk offload, "
+                    "cpu_offload): they sit on the meta device between forwards, and this reads or writes them in "
+                    "place. Load the model onto the GPU whole (device_map={'': 0}). Nothing was changed")
 
 
 def _sharded(model: nn.Module) -> bool:

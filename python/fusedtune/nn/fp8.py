@@ -7,7 +7,9 @@ import weakref
 import torch
 from torch import nn
 
+from .. import backend as _backend
 from .._inference import cache_scope
+from ..ops import fp8 as fp8_ops
 from ..ops.fp8 import fp8_arch_gap, fp8_backend, fp8_linear, fp8_quant_backend, fp8_quantize_128x128
 from .plain import plain_linear
 
@@ -116,17 +118,8 @@ class FP8Linear(nn.Module):
 
 
 def _check_backend(what: str, backend, device) -> None:
-    """Refuse a backend name that is unknown, or that cannot run the FP8 linear on `device`, before anything
-    is built or swapped (the first forward failed)."""
-    if backend is None:
-        return
-    try:
-        b = fp8_backend(device, backend)
-    except (ValueError, RuntimeError) as e:
-        raise ValueError(f"{what}: {e}; nothing was changed") from None
-    if b["backend"] is None:
-        raise ValueError(f"{what}: backend {backend!r} cannot run the FP8 linear on {torch.device(device)}: "
-                         f"{'; '.join(f'{k}: {v}' for k, v in b['why_not'].items())}; nothing was changed")
+    """Refuse a backend that cannot run the FP8 linear on `device` before anything is built or swapped."""
+    _backend.refuse_unservable(what, backend, device, (("fp8_linear", fp8_ops._HAS),), "the FP8 linear")
 
 
 def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend: str | None = None) -> nn.Module:
@@ -139,16 +132,13 @@ def convert(model: nn.Module, module_filter_fn=None, pow2: bool = False, backend
     fusedtune.patch refuses them: a backend that cannot run here, a model DDP wraps or FSDP2 shards, weights
     accelerate offloads, and hooks on a layer it would swap (they would stop running). Make the optimizer
     after converting."""
-    from ..patch import (_offloaded, _output_embedding_names, as_linear, base_kind, bypassed_hooks, is_linear,
-                         refuse_sharded, set_module)
+    from ..patch import (_output_embedding_names, as_linear, base_kind, bypassed_hooks, is_linear,
+                         refuse_offloaded, refuse_sharded, set_module)
     what = "fusedtune.fp8.convert"
     param = next(model.parameters(), None)
     _check_backend(what, backend, param.device if param is not None else "cpu")
     refuse_sharded(model, what)
-    off = _offloaded(model)
-    if off is not None:
-        raise ValueError(f"{what}: the weights of {off} are offloaded by accelerate (device_map with offload); "
-                         "load the model without offloading. Nothing was changed")
+    refuse_offloaded(model, what)
     skip = _output_embedding_names(model) if module_filter_fn is None else set()
     targets = []
     for name, mod in model.named_modules(remove_duplicate=False):

@@ -54,15 +54,9 @@ class RowMaskedLinear(OwnsMasters):
     def check_backend(what: str, backend, device) -> None:
         """Refuse, before anything is built or swapped, a backend name that is unknown or that the row-masked
         op cannot run on `device` (the first forward failed)."""
-        if backend is None:
-            return
         from .. import backend as _backend  # noqa: PLC0415
         from ..ops.hft import _ROW_GRAD_HAS  # noqa: PLC0415
-        try:
-            _backend.resolve("hft_row_grad", torch.device(device), _ROW_GRAD_HAS, backend)
-        except (ValueError, _backend.BackendError) as e:
-            raise ValueError(f"{what}: backend {backend!r} cannot run the row-masked op here ({e}); nothing was "
-                             "changed") from None
+        _backend.refuse_unservable(what, backend, device, (("hft_row_grad", _ROW_GRAD_HAS),), "the row-masked op")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rows: torch.Tensor, backend: str | None = None,

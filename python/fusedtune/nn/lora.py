@@ -643,39 +643,32 @@ class LoRALinear(nn.Module):
             raise ValueError(f"LoRALinear: adapter {name!r} is not a DoRA adapter")
         return self.lora_magnitude_vector[name].weight.detach().float() / self._dora_norm(name)
 
-    def _unfused_forward(self, x, names, p):
+    def _unfused_forward(self, x, names, p, gid=None):
         """An FP8Linear base (its FP8 GEMM), or an NF4 base under a wider input (bitsandbytes' own forward:
         _nf4_wider_input), plus the LoRA branch in float32 as separate torch GEMMs, dropout from the same
-        seeded rule as the fused op."""
+        seeded rule as the fused op. gid (a mixed batch, _mixed_forward): each row's adapter index in `names`
+        (-1: none); each adapter's branch then runs over its own rows."""
         from ..reference.lora import dropout
-        A, B = self._stacked(names)
-        S = self._table(names, x.device, summed=True)[0]
         y = self.base_layer(x)   # x's dtype, or the autocast dtype under torch.autocast (as peft's output)
         with _autocast.off(x.device):   # the branch in float32, rounded once to y's dtype
             x2 = x.reshape(-1, x.shape[-1])
-            xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
-            lora = ((xd.float() @ A.float().t()) * S) @ B.float().t()
-            delta = self._bias_delta(names)
-            if delta is not None:
-                lora = lora + delta
-            return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
-
-    def _unfused_mixed(self, x, names, gid, p):
-        """_mixed_forward over the bases _unfused_forward takes: the base layer's own forward for every sample
-        (as a batch of one adapter, or none, gets it), each adapter's branch in float32 over its own rows."""
-        from ..reference.lora import dropout
-        y = self.base_layer(x)
-        with _autocast.off(x.device):
-            x2 = x.reshape(-1, x.shape[-1])
-            xd = dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2
-            lora = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=torch.float32)
-            for j, n in enumerate(names):
-                rows = (gid == j).nonzero().squeeze(1)
-                part = (xd.index_select(0, rows).float() @ self.lora_A[n].weight.float().t()) * self.scaling[n]
-                part = part @ self.lora_B[n].weight.float().t()
-                if self.lora_bias.get(n):
-                    part = part + self._bias_delta((n,))
-                lora = lora.index_add(0, rows, part)
+            xd = (dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2).float()
+            if gid is None:
+                A, B = self._stacked(names)
+                S = self._table(names, x.device, summed=True)[0]
+                lora = ((xd @ A.float().t()) * S) @ B.float().t()
+                delta = self._bias_delta(names)
+                if delta is not None:
+                    lora = lora + delta
+            else:
+                lora = torch.zeros(x2.shape[0], self.out_features, device=x.device, dtype=torch.float32)
+                for j, n in enumerate(names):
+                    rows = (gid == j).nonzero().squeeze(1)
+                    part = (xd.index_select(0, rows) @ self.lora_A[n].weight.float().t()) * self.scaling[n]
+                    part = part @ self.lora_B[n].weight.float().t()
+                    if self.lora_bias.get(n):
+                        part = part + self._bias_delta((n,))
+                    lora = lora.index_add(0, rows, part)
             return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
 
     def _mixed_forward(self, x, adapter_names):
@@ -696,7 +689,7 @@ class LoRALinear(nn.Module):
         per = x.numel() // max(x.shape[-1], 1) // x.shape[0]
         gid = idx.repeat_interleave(per).to(x.device)
         if _is_fp8(self._modules["base_layer"]) or self._nf4_wider_input(x):
-            return self._unfused_mixed(x, names, gid, p)
+            return self._unfused_forward(x, names, p, gid)
         x, w, nf4, bias, out_dtype = self._base_args(x)
         A, B = self._stacked(names)
         with _autocast.off(x.device):

@@ -40,30 +40,18 @@ def check_hadamard(what: str, role: str, n: int) -> None:
 
 
 def check_backend(what: str, backend, device) -> None:
-    """Refuse, before anything changes, a backend name that is unknown or that RoSTE's ops (fake quantization,
-    Hadamard) cannot run on `device` (their first forward would fail after the model was changed)."""
-    if backend is None:
-        return
+    """Refuse, before anything changes, a backend RoSTE's ops (fake quantization, Hadamard) cannot run."""
     from .. import backend as _backend   # noqa: PLC0415
     from ..ops import roste as ops       # noqa: PLC0415
-    try:
-        _backend.requested(backend)
-        for op, has in (("rotate_fake_quant", ops._HAS), ("hadamard", ops._HAD_HAS)):
-            _backend.resolve(op, torch.device(device), has, backend)
-    except (ValueError, _backend.BackendError) as e:
-        raise ValueError(f"{what}: backend {backend!r} cannot run RoSTE's ops here ({e}); nothing was changed") \
-            from None
+    _backend.refuse_unservable(what, backend, device, (("rotate_fake_quant", ops._HAS), ("hadamard", ops._HAD_HAS)),
+                               "RoSTE's ops")
 
 
 def check_in_place(model, what: str) -> None:
     """Refuse, before anything changes, a model whose weights cannot be changed in place: weights accelerate
     offloads (on the meta device between forwards) or inference tensors (made under torch.inference_mode)."""
-    from ..patch import _offloaded   # noqa: PLC0415 - patch imports the methods, which import this package
-    off = _offloaded(model)
-    if off is not None:
-        raise ValueError(f"{what}: the weights of {off} are offloaded by accelerate (device_map with offload), so "
-                         "they cannot be rotated or quantized in place; load the model without offloading. Nothing "
-                         "was changed")
+    from ..patch import refuse_offloaded   # noqa: PLC0415 - patch imports the methods, which import this package
+    refuse_offloaded(model, what)
     for name, p in model.named_parameters():
         if p.is_inference():
             raise ValueError(f"{what}: parameter {name} is an inference tensor (made under torch.inference_mode), "
