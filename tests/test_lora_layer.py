@@ -197,7 +197,7 @@ def test_to_peft_keeps_disabled_adapters_and_the_mode():
     ours.eval()
     pe = ours.to_peft()
     assert pe.disable_adapters and not pe.training
-    assert all(p.requires_grad for p in ours._adapter_params("default"))   # shared: peft's switch left them
+    assert not any(p.requires_grad for p in ours._adapter_params("default"))   # peft's switch freezes them
     x = torch.randn(4, 12)
     torch.testing.assert_close(pe(x), ours.base_layer(x))
     ours.enable_adapters(True)
@@ -406,7 +406,9 @@ def test_peft_names_get_delta_weight_and_enable_adapters():
     x = torch.randn(3, 16)
     m.enable_adapters(False)
     torch.testing.assert_close(m(x), lin(x))
+    assert not any(p.requires_grad for p in m._adapter_params("default"))   # as peft: disabled adapters freeze
     m.enable_adapters(True)
+    assert all(p.requires_grad for p in m._adapter_params("default"))
     assert not torch.allclose(m(x), lin(x))
 
 

@@ -707,7 +707,14 @@ class LoRALinear(nn.Module):
         return self.delta_weight(adapter)
 
     def enable_adapters(self, enabled: bool) -> None:
-        """peft's switch: enabled=False runs the base layer alone (unmerging first if merged)."""
+        """peft's switch: enabled=False runs the base layer alone (unmerging first if merged) and freezes every
+        adapter; enabled=True makes the active adapters train again (peft's set_adapter)."""
+        if enabled:
+            self.set_adapter(self.active_adapters)
+        else:
+            for n in self.r:
+                for p in self._adapter_params(n):
+                    p.requires_grad_(False)
         self.disable_adapters = not enabled
 
     def delta_weight(self, name: str) -> torch.Tensor:
@@ -906,9 +913,8 @@ class LoRALinear(nn.Module):
         for n in names:     # peft's set_adapter freezes the others and trains the active ones, as here
             for p in self._adapter_params(n):
                 p.requires_grad_(n in self.active_adapters)
-        if self.disable_adapters:   # peft's switch also freezes the adapters: the shared ones keep their flags
-            with _kept_requires_grad(p for n in names for p in self._adapter_params(n)):
-                out.enable_adapters(False)
+        if self.disable_adapters:   # peft's switch freezes every adapter, as this layer's
+            out.enable_adapters(False)
         return out.train(self.training)
 
     # ------------------------------------------------------------------ report
