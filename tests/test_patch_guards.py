@@ -60,3 +60,27 @@ def test_qlora_follows_a_dtype_conversion_after_patching():
     fusedtune.unpatch(model)
     assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
     assert model(IDS).logits.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("method,opts,why", [
+    ("lora", {"use_dora": "no"}, "use_dora='no': takes True or False"),     # a truthy string turned DoRA on
+    ("lora", {"lr": "1e-3"}, "lr='1e-3': takes a number"),
+    ("lora", {"dropout": True}, "dropout=True: takes a number"),
+    ("lora", {"betas": 0.9}, r"betas=0.9: takes 2 numbers"),
+    ("lora", {"adapter_dtype": "bf16"}, "adapter_dtype='bf16': takes a torch.dtype"),
+    ("hft", {"granularity": 1}, "granularity=1: takes a string"),
+    ("mezo", {"fold": 1}, "fold=1: takes True or False"),
+])
+def test_patch_options_of_the_wrong_type_are_refused_before_any_change(method, opts, why):
+    model = tied_qwen2()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(PatchError, match=why):
+        fusedtune.patch(model, method, **opts)
+    assert not any(isinstance(m, fusedtune.nn.LoRALinear) for m in model.modules())
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_patch_options_take_what_their_defaults_stand_for():
+    """ints for float options, lists for betas, a name where the option takes one (init_lora_weights, snapshot)."""
+    fusedtune.patch(tied_qwen2(), "lora", alpha=8.0, lr=1, betas=[0.9, 0.99], init_lora_weights="gaussian")
+    fusedtune.patch(tied_qwen2(), "hft", snapshot="lazy")

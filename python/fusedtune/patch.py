@@ -16,6 +16,7 @@ swapping in place, freezing and restoring requires_grad, and the report.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -424,6 +425,27 @@ def unique_params(params) -> list[nn.Parameter]:
 
 # ----------------------------------------------------------------------------------------- methods
 
+
+def _option_type_error(value, default, loose: bool) -> str | None:
+    """Why `value` cannot stand where the option's default is (None: it can): a flag takes a bool (use_dora="no"
+    would be truthy), a number a real number, a name a string, betas a pair of numbers."""
+    real = isinstance(value, numbers.Real) and not isinstance(value, bool)
+    if loose or default is None:
+        return None
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else "takes True or False"
+    if isinstance(default, numbers.Real):
+        return None if real else "takes a number"
+    if isinstance(default, str):
+        return None if isinstance(value, str) else "takes a string"
+    if isinstance(default, tuple):
+        ok = isinstance(value, (tuple, list)) and len(value) == len(default) and all(
+            isinstance(v, numbers.Real) and not isinstance(v, bool) for v in value)
+        return None if ok else f"takes {len(default)} numbers, as ({', '.join(map(str, default))})"
+    if isinstance(default, torch.dtype):
+        return None if isinstance(value, torch.dtype) else "takes a torch.dtype"
+    return None
+
 class Method:
     """A fine-tuning method. Subclasses set `options` (name -> default), and implement
     apply(model, targets, **options) -> PatchReport rows and remove(model, merge).
@@ -502,12 +524,18 @@ class Method:
                 p.requires_grad_(by_name[name])
         self._requires_grad.clear()
 
+    loose_options = ()    # options whose default's type does not bound their values (checked by the method)
+
     @classmethod
     def check_options(cls, options: dict) -> dict:
         unknown = sorted(set(options) - set(cls.options))
         if unknown:
             raise PatchError(f"method {cls.name!r} does not take option(s) {unknown}; it takes "
                              f"{', '.join(sorted(cls.options)) or 'no options'}")
+        for key, value in options.items():
+            why = _option_type_error(value, cls.options[key], key in cls.loose_options)
+            if why:
+                raise PatchError(f"method {cls.name!r}: option {key}={value!r}: {why}. Nothing was changed")
         if options.get("backend") is not None:   # refused here, not at the first step
             from .backend import CHOICES  # noqa: PLC0415
             if options["backend"] not in CHOICES:

@@ -28,6 +28,7 @@ def _optimizer_backend(device, backend) -> tuple[str, str]:
 
 
 class HFTMethod(Method):
+    loose_options = ("snapshot",)     # True, False or "lazy"
     options = {"ratio": 0.5, "granularity": "matrix", "seed": 0, "lr": 2e-5, "weight_decay": 0.0,
                "betas": (0.9, 0.999), "eps": 1e-8, "train_final_norm": True,
                "train_embeddings": True, "snapshot": True, "backend": None}
