@@ -13,6 +13,7 @@ unpickled (__setstate__) and when a load assigns new Parameters (load_state_dict
 """
 from __future__ import annotations
 
+import contextlib
 import weakref
 from typing import Callable
 
@@ -114,9 +115,27 @@ class OwnsMasters(torch.nn.Module):
         # original's, which stays their owner (the optimizers find a layer through its masters)
         bind_owner(self, *[p for p in self.master_parameters() if p is not None and owner_of(p) is None])
 
+    @contextlib.contextmanager
+    def _masters_unbound(self):
+        """Inside, this layer's masters are out of the owner registry, and after, it owns them again and any
+        new ones: torch.utils.swap_tensors (torch.__future__.set_swap_module_params_on_conversion(True), which
+        .to() and load_state_dict follow) refuses a tensor with a weak reference, and left the layer half
+        converted; an overwrite-mode conversion and load_state_dict(assign=True) put in new Parameters."""
+        for p in self.master_parameters():
+            if p is not None and owner_of(p) is self:
+                del _OWNERS[p]
+        try:
+            yield
+        finally:
+            bind_owner(self, *[p for p in self.master_parameters() if p is not None and owner_of(p) is None])
+
+    def _apply(self, fn, recurse=True):
+        with self._masters_unbound():
+            return super()._apply(fn, recurse)
+
     def _load_from_state_dict(self, *args, **kwargs):
-        super()._load_from_state_dict(*args, **kwargs)
-        self.bind_masters()     # load_state_dict(assign=True) puts in new Parameters
+        with self._masters_unbound():
+            super()._load_from_state_dict(*args, **kwargs)
 
 
 def _dist_initialized() -> bool:

@@ -59,7 +59,9 @@ class SparseDeltaLinear(OwnsMasters):
                  positions or, on a GPU at densities where cuBLAS is faster, from dW formed in float32
                  blocks of rows (delta_grad: "auto", "sddmm" or "dense"; docs/sparse_delta.md).
                  SparseDeltaAdamW updates them and the merged weight in one pass; if anything else
-                 changes them, the next forward merges them again.
+                 changes them, the next eager forward merges them again (any optimizer's step merges
+                 them at once; a compiled forward does not check: after an in-place edit of the
+                 values under torch.compile, call masters_written_elsewhere()).
 
     from_linear shares the linear's weight storage (no copy of the model): the merged deltas show in
     the original nn.Linear's weight too, and revert_() (or fusedtune.unpatch) gives it back W0 bit
@@ -76,6 +78,13 @@ class SparseDeltaLinear(OwnsMasters):
             raise TypeError(f"SparseDeltaLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         check_delta_grad(delta_grad, "SparseDeltaLinear.from_linear")
         numel = linear.weight.numel()
+        if not linear.weight.is_contiguous():
+            raise ValueError("SparseDeltaLinear.from_linear: the linear's weight is not contiguous (a transposed view "
+                             f"of another weight, strides {linear.weight.stride()}): the deltas live at flat row-major "
+                             "positions of the weight's own storage; give the linear a contiguous weight")
+        if numel >= 2 ** 31:
+            raise ValueError(f"SparseDeltaLinear.from_linear: the weight has {numel} elements; int32 flat indices "
+                             "address at most 2**31 - 1")
         if indices is None:
             if not 0 < density <= 1:
                 raise ValueError(f"SparseDeltaLinear.from_linear: density must be in (0, 1], got {density}")
@@ -92,7 +101,7 @@ class SparseDeltaLinear(OwnsMasters):
         m.register_buffer("indices", torch.empty(0, dtype=torch.int32, device=dev))
         m.register_buffer("base_values", torch.empty(0, dtype=linear.weight.dtype, device=dev))
         m.values = nn.Parameter(torch.empty(0, device=dev))
-        m.set_indices(torch.as_tensor(indices))
+        m.set_indices(indices)
         return m
 
     def set_indices(self, indices: torch.Tensor, values: torch.Tensor | None = None,
@@ -101,6 +110,8 @@ class SparseDeltaLinear(OwnsMasters):
         (default 0) and merge. The float32 deltas become a new Parameter (optimizer state resets), or,
         with keep_parameter=True and an unchanged k, are written into the same Parameter (what DDP,
         FSDP and EMA copies hold on to; the caller realigns the optimizer state, as Regrower does)."""
+        if not torch.is_tensor(indices):   # a list of positions
+            indices = torch.tensor(indices, dtype=torch.int32)
         indices = indices.to(device=self.weight.device)
         check_indices(indices, self.weight.numel(), "SparseDeltaLinear")
         if values is not None and (values.shape != indices.shape):
@@ -109,7 +120,7 @@ class SparseDeltaLinear(OwnsMasters):
         if self.indices.numel():
             self.revert_()
         with torch.no_grad():
-            self.indices = indices.contiguous()
+            self.indices = indices.contiguous().clone()    # (not the caller's tensor: an edit of it moved the deltas)
             self.base_values = self.weight.view(-1).index_select(0, self.indices.long()).clone()
             v = torch.zeros(indices.shape, dtype=torch.float32, device=self.weight.device) if values is None \
                 else values.detach().to(device=self.weight.device, dtype=torch.float32).clone()
@@ -121,6 +132,48 @@ class SparseDeltaLinear(OwnsMasters):
             self.values = nn.Parameter(v)
             self.bind_masters()
         self.merge_()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        """Checked before anything is written (torch copies every entry whose shape matches before it reports a
+        mismatch: the merged weight of a checkpoint of another density overwrote W0): the checkpoint's deltas
+        must be as many as this layer's and its indices valid (unsorted ones gave wrong delta gradients). A
+        plain nn.Linear checkpoint (weight and bias, strict=False) is a new base W0: the deltas stay and are
+        merged over it. Deltas without a weight (strict=False) are merged over this layer's W0."""
+        got = {leaf: state_dict[prefix + leaf] for leaf in ("indices", "values", "base_values")
+               if torch.is_tensor(state_dict.get(prefix + leaf))}
+        k = self.indices.numel()
+        bad = [f"size mismatch for {prefix}{leaf}: the checkpoint has {k_} deltas, this layer {k}"
+               for leaf, t in got.items() if (k_ := t.numel()) != k or t.dim() != 1]
+        if not bad and "indices" in got:
+            try:
+                check_indices(got["indices"], self.weight.numel(), f"{prefix}indices")
+            except (TypeError, ValueError) as e:
+                bad.append(str(e))
+        weight = state_dict.get(prefix + "weight")
+        if not bad and "indices" in got and "base_values" not in got and weight is not None:
+            bad.append(f"{prefix}base_values missing: the checkpoint's weight has its deltas merged, so W0 at its "
+                       "indices is unknown")
+        if bad:
+            hint = " (a checkpoint of another density loads into a layer made with that density)" \
+                if "deltas, this layer" in bad[0] else ""
+            error_msgs.extend(bad + [f"nothing of the SparseDeltaLinear {prefix[:-1] or '(the root module)'} was "
+                                     f"loaded{hint}"])
+            return
+        plain = weight is not None and not got and tuple(weight.shape) == tuple(self.weight.shape)
+        remerge = plain or (weight is None and bool(got))
+        if weight is None and got:
+            self.revert_()       # the weight is W0: new positions read their base from it
+            if "indices" in got and "base_values" not in got:
+                state_dict[prefix + "base_values"] = self.weight.detach().view(-1).index_select(
+                    0, got["indices"].to(self.weight.device).long())
+        if plain:
+            state_dict[prefix + "base_values"] = weight.detach().reshape(-1).index_select(
+                0, self.indices.to(weight.device).long())
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if remerge:
+            self.merge_()
 
     def master_parameters(self) -> list[nn.Parameter]:
         """The trainable masters: the float32 deltas."""
