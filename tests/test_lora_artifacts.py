@@ -148,3 +148,41 @@ def test_adapters_of_lora_variants_are_refused_not_loaded_as_plain_lora(tmp_path
         load_adapter(m, tmp_path, adapter_name="other")
     assert all(torch.equal(v, m.state_dict()[k]) for k, v in before.items())
     assert all(set(lay.r) == {"default"} for lay in fusedtune.lora.lora_layers(m).values())
+
+
+def test_target_modules_select_exactly_the_trained_layers(tmp_path):
+    """The last names alone (["down_proj", "q_proj"] for layer 0's down_proj only) made peft put adapters on
+    every module of those names; full names where the last names select more (found by review)."""
+    m = _model()
+    fusedtune.patch(m, "lora", r=4, target_modules=["model.layers.0.mlp.down_proj", "q_proj"])
+    cfg = save_adapter(m, tmp_path)
+    assert cfg["target_modules"] == ["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                                     "model.layers.1.self_attn.q_proj"]
+    pm = peft.PeftModel.from_pretrained(_model(), str(tmp_path))
+    got = sorted(n.removeprefix("base_model.model.") for n, mod in pm.named_modules() if hasattr(mod, "lora_A"))
+    assert got == sorted(fusedtune.lora.lora_layers(m))
+    assert save_adapter(_trained(_model()), tmp_path / "b")["target_modules"] == ["down_proj", "q_proj", "v_proj"]
+
+
+@pytest.mark.parametrize("bias", ["lora_only", "all"])
+def test_an_adapter_with_trained_biases_survives_load_and_save(tmp_path, bias):
+    """peft's bias="lora_only"/"all": load_adapter loaded the biases, save_adapter wrote bias="none" without
+    them, so peft read back another model (found by review)."""
+    from tiny_models import tiny_llama
+    base = tiny_llama(attention_bias=True)
+    pm = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                                                  bias=bias, init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if n.endswith(".bias") and p.requires_grad:
+                p.add_(0.5)
+    pm.eval().save_pretrained(str(tmp_path / "peft"))
+    m = copy.deepcopy(base)
+    fusedtune.patch(m, "lora", r=4, alpha=8, target_modules=["q_proj"])
+    load_adapter(m, tmp_path / "peft")
+    cfg = save_adapter(m, tmp_path / "ours")
+    assert cfg["bias"] == bias
+    back = peft.PeftModel.from_pretrained(copy.deepcopy(base), str(tmp_path / "ours")).eval()
+    ids = torch.randint(0, 64, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)

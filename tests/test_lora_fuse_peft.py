@@ -285,6 +285,24 @@ def test_a_hook_on_a_base_layer_after_fusing_is_refused_by_the_forward():
     assert len(seen) == 2
 
 
+@pytest.mark.parametrize("part", ["lora_A", "lora_B", "lora_dropout"])
+def test_hooks_on_the_adapter_modules_are_refused_before_and_after_fusing(part):
+    """peft's forward calls lora_A, lora_B and lora_dropout, so their hooks run; the fused op reads the adapter
+    weights and skipped them silently (found by review)."""
+    pm = _peft_model()
+    layer = pm.base_model.model.model.layers[0].self_attn.q_proj
+    h = getattr(layer, part)["default"].register_forward_hook(lambda *a: None)
+    before = _peft_classes(pm)
+    with pytest.raises(LoRAUnsupported, match=f"layers.0.self_attn.q_proj.*its {part}.default has a forward hook"):
+        fuse_peft(pm)
+    assert _peft_classes(pm) == before
+    h.remove()
+    fuse_peft(pm)
+    getattr(layer, part)["default"].register_forward_pre_hook(lambda *a: None)
+    with pytest.raises(LoRAUnsupported, match=f"its {part}.default now has a forward pre-hook.*unfuse_peft"):
+        pm(IDS)
+
+
 def test_an_unsupported_adapter_added_later_is_refused_by_the_forward():
     _, fused = _pair()
     fused.add_adapter("odd", peft.LoraConfig(r=2, target_modules=TARGETS, lora_dropout=0.1))

@@ -15,11 +15,11 @@ def one_thread():
     torch.set_num_threads(n)
 
 
-def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers: int = 2, seed: int = 0):
-    """A seeded LlamaForCausalLM of 4 heads (2 KV heads)."""
+def tiny_llama(hidden: int = 32, intermediate: int = 48, vocab: int = 64, layers: int = 2, seed: int = 0, **config):
+    """A seeded LlamaForCausalLM of 4 heads (2 KV heads); config: more LlamaConfig fields (attention_bias=True)."""
     import transformers
     cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=intermediate,
-                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2)
+                                   num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2, **config)
     torch.manual_seed(seed)
     return transformers.LlamaForCausalLM(cfg)
 

@@ -804,8 +804,9 @@ def patch(model: nn.Module, method: str, target_modules=None, **options) -> Patc
                          "a model without them, or keep the peft model and fuse its LoRA layers in place: "
                          "fusedtune.lora.fuse_peft(peft_model). To carry a peft adapter over: "
                          "peft_model.save_pretrained(d); base = peft_model.unload(); "
-                         "fusedtune.patch(base, 'lora', target_modules=[...]); fusedtune.lora.load_adapter(base, d). "
-                         "One layer: fusedtune.nn.LoRALinear.from_peft(layer)")
+                         "fusedtune.patch(base, 'lora', target_modules=[...]); fusedtune.lora.load_adapter(base, d) "
+                         "(a PiSSA / OLoRA adapter: base = the original pretrained model, as peft loads it; unload() "
+                         "holds the residual, which load_adapter would decompose again). One layer: fusedtune.nn.LoRALinear.from_peft(layer)")
     st = _state(model)
     if st is not None:
         raise PatchError(f"model is already patched with method {st['method']!r}; "

@@ -111,6 +111,20 @@ def _saved_modules(model: torch.nn.Module, modules_to_save) -> tuple[list[str], 
     return outermost_modules(model, wanted), wanted
 
 
+_BIAS = "_fusedtune_adapter_bias"   # model.__dict__: {adapter: {"bias": peft's bias option, "params": [names]}}
+
+
+def _target_modules(model: torch.nn.Module, layers: dict) -> list[str]:
+    """peft's target_modules for exactly these layers: their last names where those select no other module
+    of the model (peft takes a module whose name is an entry or ends with "." + an entry), else full names."""
+    inside = tuple(n + "." for n in layers)
+    others = [n for n, _ in model.named_modules() if n and n not in layers and not n.startswith(inside)]
+    short = sorted({n.rsplit(".", 1)[-1] for n in layers})
+    if any(n == t or n.endswith("." + t) for n in others for t in short):
+        return sorted(layers)
+    return short
+
+
 def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default", modules_to_save=None) -> dict:
     """Write the adapter `adapter_name` of every LoRALinear in `model` to the directory `path`
     (created if needed) in peft's format; returns the config written. modules_to_save: names of modules
@@ -122,6 +136,14 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     saved, saved_cfg = _saved_modules(model, modules_to_save)
     tensors = {f"{PREFIX}{n}.{pn}": p.detach().to("cpu", copy=True).contiguous()   # copies: tied weights stay apart
                for n in saved for pn, p in model.get_submodule(n).named_parameters()}
+    extra = model.__dict__.get(_BIAS, {}).get(adapter_name, {"bias": "none", "params": []})
+    params = dict(model.named_parameters(remove_duplicate=False))
+    missing = [n for n in extra["params"] if n not in params]
+    if missing:
+        raise ValueError(f"save_adapter: adapter {adapter_name!r} was loaded with bias={extra['bias']!r} (peft's "
+                         f"option: it trains biases), and the model no longer has {missing[:3]}")
+    for n in extra["params"]:
+        tensors[f"{PREFIX}{n}"] = params[n].detach().to("cpu", copy=True).contiguous()
     for name, m in layers.items():
         if adapter_name in m.merged_adapters:
             raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
@@ -146,10 +168,10 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                          f"{sorted(dora)}, {sorted(biased)})")
     r, alpha = _common(ranks), _common(alphas)
     config = {"peft_type": "LORA", "r": r, "lora_alpha": alpha, "lora_dropout": drops.pop(),
-              "use_rslora": rslora.pop(), "target_modules": sorted({n.rsplit(".", 1)[-1] for n in layers}),
+              "use_rslora": rslora.pop(), "target_modules": _target_modules(model, layers),
               "rank_pattern": {n: v for n, v in ranks.items() if v != r},
               "alpha_pattern": {n: v for n, v in alphas.items() if v != alpha},
-              "bias": "none", "fan_in_fan_out": False, "init_lora_weights": init, "use_dora": dora.pop(),
+              "bias": extra["bias"], "fan_in_fan_out": False, "init_lora_weights": init, "use_dora": dora.pop(),
               "lora_bias": biased.pop(), "modules_to_save": saved_cfg, "inference_mode": True, "task_type": None,
               "base_model_name_or_path": getattr(getattr(model, "config", None), "_name_or_path", None) or None}
     os.makedirs(path, exist_ok=True)
@@ -296,4 +318,17 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     with torch.no_grad():
         for p, t in full.values():
             p.copy_(t)
+    bias = cfg.get("bias", "none")
+    extras = model.__dict__.setdefault(_BIAS, {})
+    if bias == "none":
+        extras.pop(adapter_name, None)
+    else:      # peft's bias="lora_only" / "all" trained these biases: save_adapter writes them back, as peft
+        kept = cfg.get("modules_to_save") or []
+        kept = [kept] if isinstance(kept, str) else kept
+
+        def trained_in_full(name):   # a bias of a modules_to_save module comes with its module
+            mod = name.rpartition(".")[0]
+            return any(mod == k or mod.endswith("." + k) or f".{k}." in f".{mod}." for k in kept)
+        extras[adapter_name] = {"bias": bias, "params": sorted(n for n in full if n.endswith("bias")
+                                                               and not trained_in_full(n))}
     return sorted(plan) + sorted(full)

@@ -67,6 +67,9 @@ def _why_not(layer) -> str | None:
     hooks = bypassed_hooks(base)
     if hooks:      # peft's forward calls the base layer; the fused op reads its weight
         return f"its base layer has a {hooks}, which the fused op (reading the weight directly) would not run"
+    part = _hooked_part(layer)
+    if part:       # peft's forward calls lora_A, lora_B, lora_dropout (and DoRA's magnitude); the fused op does not
+        return f"its {part[0]} has a {part[1]}, which the fused op (reading the adapter weights directly) would not run"
     if is_bnb_4bit(base) and getattr(base.weight, "quant_type", "nf4") != "nf4":
         return f"a 4-bit base of quant_type {base.weight.quant_type!r} (NF4 only)"
     if not is_bnb_4bit(base) and type(base) is not nn.Linear and not is_conv1d(base):
@@ -78,6 +81,22 @@ def _why_not(layer) -> str | None:
     except ValueError as e:
         if "has merged adapters" not in str(e):   # merged adapters: fusable, the view is built when unmerged
             return str(e).removeprefix("LoRALinear.from_peft: ")
+    return None
+
+
+_PARTS = ("lora_A", "lora_B", "lora_dropout", "lora_magnitude_vector")
+
+
+def _hooked_part(layer) -> tuple[str, str] | None:
+    """(module name, its hooks) of the first adapter module with hooks, or None; runs on every forward."""
+    mods = layer._modules
+    for part in _PARTS:
+        d = mods.get(part)
+        for n, m in ({} if d is None else d._modules).items():
+            if m is not None and (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks
+                                  or m._backward_hooks):
+                from ..patch import bypassed_hooks  # noqa: PLC0415
+                return f"{part}.{n}", bypassed_hooks(m)
     return None
 
 
@@ -127,6 +146,11 @@ def _forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         raise LoRAUnsupported(f"fused peft LoRA layer: its base layer now has a {bypassed_hooks(base)}, which the "
                               "fused op (reading the weight directly) would not run; fusedtune.lora.unfuse_peft(model) "
                               "restores peft's forward, which runs it")
+    part = _hooked_part(self)
+    if part:
+        raise LoRAUnsupported(f"fused peft LoRA layer: its {part[0]} now has a {part[1]}, which the fused op (reading "
+                              "the adapter weights directly) would not run; fusedtune.lora.unfuse_peft(model) restores "
+                              "peft's forward, which runs it")
     if adapter_names is not None:   # an adapter this layer lacks (fewer target modules): its base, as peft's
         adapter_names = [n if n in self.lora_A else BASE for n in adapter_names]
     return _view(self)(x, adapter_names=adapter_names)
