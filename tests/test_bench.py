@@ -125,8 +125,8 @@ def test_mezo_loop_is_faithful():
 @pytest.mark.skipif(not no_gpu, reason="checks the message on a machine without a GPU")
 def test_no_gpu_says_so_and_writes_nothing(tmp_path, capsys):
     out = tmp_path / "results"
-    assert bench.main(["zo", "--out", str(out)]) == 0
-    text = capsys.readouterr().out
+    assert bench.main(["zo", "--out", str(out)]) == 1     # nothing measured: a failure for a script
+    text = capsys.readouterr().err
     assert text.startswith("no GPU:") and "nothing was timed and nothing was written" in text
     assert not out.exists()
 

@@ -309,3 +309,17 @@ def test_an_empty_report_is_an_error_unless_nothing_was_asked(monkeypatch, capsy
     assert K.main(["--family", "tset"]) == 1
     assert "error: no kernel of family 'tset' was compiled (families: test)" in capsys.readouterr().out
     assert K.main(["--no-triton", "--no-cuda"]) == 0
+
+
+def test_a_library_without_device_code_is_a_note_not_a_defect():
+    """An extension built without CUDA kernels (FUSEDTUNE_NO_CUDA=1, a runtime image without nvcc): cuobjdump fails on
+    it, and the report flagged a DEFECT (exit 1) instead of its note (found by review)."""
+    import os
+
+    import torch
+    lib = os.path.join(os.path.dirname(torch.__file__), "lib", "libc10.so")
+    if not os.path.exists(lib):
+        pytest.skip("no libc10.so to read")
+    notes = []
+    assert K.collect_cuda(lib, notes) == []
+    assert notes == [f"{lib} holds no cubins (built without CUDA kernels)"]

@@ -18,8 +18,9 @@ setup() {
   # Editable install of the Python package alone (seconds), then fusedtune._C built in place. The
   # objects stay in build/temp.*, so later builds -- and the wheel test's -- recompile only what changed
   # (pip's own editable build compiles into a throw-away folder, and the wheel test compiled it all again).
+  local root=$PWD   # (expanded here: inside the subshell below $PWD is /tmp)
   if ! (cd /tmp && $PY -c "import os, sys, fusedtune; sys.exit(os.path.realpath(fusedtune.__file__) != os.path.realpath(sys.argv[1]))" \
-        "$PWD/python/fusedtune/__init__.py") 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
+        "$root/python/fusedtune/__init__.py") 2>/dev/null || [ "${FUSEDTUNE_REINSTALL:-0}" = 1 ]; then
     FUSEDTUNE_SKIP_CUDA=1 $PY -m pip install -q --no-build-isolation --no-deps -e .
   fi
   if [ "${FUSEDTUNE_SKIP_CUDA:-0}" != 1 ]; then
@@ -29,7 +30,10 @@ setup() {
 
 cmd=${1:-test}
 shift || true
-setup
+case "$cmd" in
+  demo|test) setup ;;
+  *) echo "usage: bash tools/dev.sh demo|test [args]" >&2; exit 2 ;;
+esac
 case "$cmd" in
   demo)
     exec $PY -m fusedtune demo "$@" ;;

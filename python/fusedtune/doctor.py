@@ -223,3 +223,7 @@ def main(argv=None) -> int:
     else:
         doctor()
     return 0
+
+
+if __name__ == "__main__":   # python -m fusedtune.doctor (also python -m fusedtune doctor)
+    sys.exit(main())

@@ -97,8 +97,8 @@ def main(argv=None) -> int:
     elif torch.cuda.is_available():
         timer = core.GpuTimer(quick=args.quick)
     else:
-        print(NO_GPU)
-        return 0
+        print(NO_GPU, file=sys.stderr)   # a failure: a script must not record a run that measured nothing
+        return 1
 
     env = core.environment(timer)
     print(f"fusedtune bench on {env['gpu_name']} (torch {env['torch']}, triton {env['triton']}, "
@@ -117,8 +117,3 @@ def main(argv=None) -> int:
     finally:
         torch.set_num_threads(threads)
     return rc
-
-
-if __name__ == "__main__":  # python -m fusedtune.bench
-    from fusedtune.bench import main as _main
-    sys.exit(_main())

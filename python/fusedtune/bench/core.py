@@ -210,14 +210,25 @@ def row(kernel: str, shape: str, dtype: str, backend: str, baseline: str, times:
 
 def git_commit() -> str:
     """FUSEDTUNE_COMMIT when set (a staged copy of the package), else git rev-parse --short HEAD of
-    the source tree, else "unknown"."""
+    fusedtune's source tree (the repository whose python/fusedtune this file is in), else the package version
+    ("v0.1.0": an installed package, perhaps inside the user's own repository, whose HEAD is not ours)."""
     if os.environ.get("FUSEDTUNE_COMMIT"):
         return os.environ["FUSEDTUNE_COMMIT"]
     here = os.path.dirname(os.path.abspath(__file__))
+    pkg = os.path.dirname(here)
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True, text=True,
-                             timeout=10)
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+        top = subprocess.run(["git", "rev-parse", "--show-toplevel"], cwd=here, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        if top and os.path.realpath(os.path.join(top, "python", "fusedtune")) == os.path.realpath(pkg):
+            out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                 text=True, timeout=10)
+            if out.returncode == 0 and out.stdout.strip():
+                return out.stdout.strip()
+    except Exception:  # noqa: BLE001
+        pass
+    try:
+        from fusedtune import __version__  # noqa: PLC0415
+        return f"v{__version__}"
     except Exception:  # noqa: BLE001
         return "unknown"
 

@@ -527,8 +527,15 @@ def extension_path() -> str | None:
 
 
 def list_elfs(path: str) -> list[str]:
-    """Names of the cubins embedded in a binary (cuobjdump -lelf), e.g. ['zo.sm_80.cubin', ...]."""
-    return re.findall(r"ELF file\s+\d+:\s*(\S+)", _cuobjdump("-lelf", path))
+    """Names of the cubins embedded in a binary (cuobjdump -lelf), e.g. ['zo.sm_80.cubin', ...]; none for a
+    library without device code (cuobjdump fails on it: an extension built without CUDA kernels)."""
+    try:
+        text = _cuobjdump("-lelf", path)
+    except RuntimeError as e:
+        if "does not contain device code" in str(e):
+            return []
+        raise
+    return re.findall(r"ELF file\s+\d+:\s*(\S+)", text)
 
 
 def cubin_archs(path: str) -> list[str]:

@@ -154,10 +154,10 @@ def main(argv=None) -> int:
                     help="override a method's demo option, e.g. --set mezo.lr=2e-4")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     a = ap.parse_args(argv)
-    missing = [m for m in ("transformers",) if importlib.util.find_spec(m) is None]
-    if missing:
-        print(f"fusedtune demo: needs {', '.join(missing)} (it builds a tiny Llama from a transformers config): "
-              "pip install 'fusedtune[demo]'", file=sys.stderr)
+    missing = [m for m in ("transformers", "matplotlib") if importlib.util.find_spec(m) is None]
+    if missing:   # checked before the run (matplotlib is needed at its end, for the plot)
+        print(f"fusedtune demo: needs {', '.join(missing)} (it builds a tiny Llama from a transformers config and "
+              "plots the loss curves): pip install 'fusedtune[demo]'", file=sys.stderr)
         return 2
     if a.device == "cuda" and not torch.cuda.is_available():
         ap.error("--device cuda: no CUDA GPU here (torch.cuda.is_available() is False)")
