@@ -188,6 +188,8 @@ class _ColumnScaledLoRA(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dy, _dt, _dF):
+        if dy is None:      # the output got no gradient (materialize_grads is off): none flows back
+            return (None,) * (5 + len(ctx.rest))
         g, x2, w, A, B, F, t = ctx.saved_tensors
         _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
         need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
@@ -266,6 +268,9 @@ def dora_linear(x, weight, lora_A, lora_B, scale: float, magnitude, bias=None, d
     args = _op_args(x, weight, lora_A, lora_B, S, None, bias, p, seed_t, nf4, backend)
     if weight_norm is None:
         weight_norm = dora_weight_norm(weight, lora_A, lora_B, scale, nf4, x.dtype, backend)
+    elif not torch.is_tensor(weight_norm) or tuple(weight_norm.shape) != (N,):
+        raise ValueError(f"dora: weight_norm must be [{N}] (one per output feature), got "
+                         f"{tuple(weight_norm.shape) if torch.is_tensor(weight_norm) else type(weight_norm).__name__}")
     ct = ref.compute_dtype(x)
     g = magnitude.to(ct) / weight_norm.to(device=x.device, dtype=ct)
     y = _column_scaled(g, *args)[0]   # with dropout, peft's dropped base term included

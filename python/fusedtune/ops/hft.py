@@ -126,14 +126,18 @@ def _row_linear_backward(ctx, dy):
     dw = db = dbr = None
     if need[2]:   # written in the master's dtype (block granularity: the weight's) by the kernel
         md = ctx.master_dtype
-        dw = _row_grad(dy, x, rows, ctx.backend, md if md in OUT_DTYPES else torch.float32)
+        if md == torch.float64:     # summed in float64 (the kernels accumulate in float32)
+            dw = ref.row_grad(dy, x, rows, md)
+        else:
+            dw = _row_grad(dy, x, rows, ctx.backend, md if md in OUT_DTYPES else torch.float32)
         if dw.dtype != md:
             dw = dw.to(md)
     if need[4] or need[5]:
         dy2 = dy.reshape(-1, dy.shape[-1])
         db = dy2.sum(0) if need[4] else None
         if need[5]:
-            dbr = dy2.index_select(1, rows).sum(0, dtype=torch.float32)
+            dbr = dy2.index_select(1, rows).sum(0, dtype=torch.float64 if ctx.bias_master_dtype == torch.float64
+                                                else torch.float32)
             if dbr.dtype != ctx.bias_master_dtype:
                 dbr = dbr.to(ctx.bias_master_dtype)
     return dx, dw_full, dw, None, db, dbr, None
@@ -207,6 +211,10 @@ def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, *, lr: fl
     name = _backend.resolve("masked_adamw_", dev, _ADAMW_HAS, backend)
     if check or name == "reference":
         _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev, check_rows)
+    elif check_rows:    # the kernels check shapes, not row values: a row outside the target was written through
+        for t, r in zip(targets, rows):
+            if t is not None and t.numel():
+                _check_rows(r, t.shape[0], "masked_adamw_", True)
     c = ref.adamw_constants(lr, beta1, beta2, eps, weight_decay, step)
     consts = [c[k] for k in CONST_KEYS]
     if any(t is not None and t.numel() for t in targets):   # row masters: an entry each (empty: a plain parameter)
@@ -238,7 +246,7 @@ def _check_adamw_lists(params, grads, exp_avgs, exp_avg_sqs, targets, rows, dev,
             raise ValueError(f"masked_adamw_: tensors of params[{i}] are not all on {dev}")
         if not all(x.is_contiguous() for x in (p, g, m, v, t)):
             raise ValueError(f"masked_adamw_: tensors of params[{i}] must be contiguous")
-        if distinct:
+        if distinct and not torch.compiler.is_compiling():   # (data_ptr arithmetic: not traceable)
             check_distinct("masked_adamw_", i, p, g, m, v, t)   # (contiguous: a byte overlap is a shared element)
         if t.numel():
             if p.dim() != 2 or t.dim() != 2 or t.shape[1] != p.shape[1] or r.shape != (p.shape[0],):

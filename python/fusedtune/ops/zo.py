@@ -209,7 +209,8 @@ def zo_apply_(tensors: torch.Tensor | Sequence[torch.Tensor], seeds, coeffs, noi
     if rounding_seed is None:
         if rounding == "stochastic" and torch.is_tensor(seeds):
             raise ValueError("zo_apply_: with seeds given as a tensor, pass rounding_seed for stochastic rounding")
-        rounding_seed = _default_rounding_seed(seeds, coeffs)
+        # (nearest rounding uses none: no host read of a seeds tensor, which compile and graph capture refuse)
+        rounding_seed = _default_rounding_seed(seeds, coeffs) if rounding == "stochastic" else 0
     if not -(1 << 63) <= int(rounding_seed) < _U64:
         raise ValueError(f"zo_apply_: rounding_seed must be a 64-bit integer, got {rounding_seed}")
     rs = int(rounding_seed) % _U64

@@ -17,7 +17,8 @@ def row_grad(dy: torch.Tensor, x: torch.Tensor, rows: torch.Tensor, out_dtype: t
              ) -> torch.Tensor:
     dy2 = dy.reshape(-1, dy.shape[-1])
     x2 = x.reshape(-1, x.shape[-1])
-    return (dy2.index_select(1, rows).t().float() @ x2.float()).to(out_dtype)
+    ct = torch.float64 if torch.float64 in (dy.dtype, x.dtype) else torch.float32   # (float64 masters: exact)
+    return (dy2.index_select(1, rows).t().to(ct) @ x2.to(ct)).to(out_dtype)
 
 
 def masked_adamw_(params, grads, exp_avgs, exp_avg_sqs, targets, rows, c: dict) -> None:
