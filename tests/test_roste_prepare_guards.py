@@ -103,3 +103,20 @@ def test_search_leaves_padding_tokens_out_of_the_activation_errors():
     for n in want.rotate:
         assert got.err_plain[n] == pytest.approx(want.err_plain[n], rel=1e-4), n
         assert got.err_rotated[n] == pytest.approx(want.err_rotated[n], rel=1e-4), n
+
+
+def test_switching_the_attention_implementation_after_prepare_is_refused_at_the_forward():
+    """model.set_attn_implementation after prepare(kv_bits=...) ran attention without the K/V quantization,
+    silently."""
+    model = tiny("llama")
+    R.prepare(model, 4, 4, kv_bits=4)
+    quantized = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    with pytest.raises(RuntimeError, match=f"now 'eager', so K/V are no longer quantized.*was {quantized!r}"):
+        model(IDS)
+    model.set_attn_implementation(quantized)
+    model(IDS)
+    R.unprepare_kv(model)
+    assert not model._forward_pre_hooks
+    model.set_attn_implementation("sdpa")
+    model(IDS)

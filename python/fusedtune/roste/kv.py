@@ -118,7 +118,21 @@ def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, rotat
         layer.self_attn._fusedtune_kv = KVQuant(int(kv_bits), float(clip_ratio), bool(rotate), base, backend)
         names.append(f"model.layers.{i}.self_attn")
     model.set_attn_implementation(name)
+    handle = model.register_forward_pre_hook(_check_still_quantizing)
+    model.__dict__["_fusedtune_kv_hook"] = (name, handle.id)
     return names
+
+
+def _check_still_quantizing(model: nn.Module, args) -> None:
+    """A forward pre-hook of the model: refuses a forward after the attention implementation was switched
+    (model.set_attn_implementation("sdpa") after prepare), which ran attention without the K/V quantization,
+    silently."""
+    name = model.__dict__.get("_fusedtune_kv_hook", (None,))[0]
+    now = getattr(model.config, "_attn_implementation", None)
+    if name is not None and now != name:
+        raise RuntimeError(f"fusedtune.roste: the model's attention implementation is now {now!r}, so K/V are no "
+                           f"longer quantized (it was {name!r}, set by add_kv_quant / prepare); call "
+                           "fusedtune.roste.unprepare_kv(model), switch the implementation, then add_kv_quant again")
 
 
 def unprepare_kv(model: nn.Module) -> int:
@@ -129,6 +143,9 @@ def unprepare_kv(model: nn.Module) -> int:
     specs = kv_specs(model)
     for name, _ in specs:
         del model.get_submodule(name)._fusedtune_kv
+    hook = model.__dict__.pop("_fusedtune_kv_hook", None)
+    if hook is not None:
+        model._forward_pre_hooks.pop(hook[1], None)
     if specs:
         model.set_attn_implementation(specs[0][1].base)
     return len(specs)
