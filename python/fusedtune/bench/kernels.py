@@ -468,6 +468,8 @@ def report_jobs() -> int:
     (at most 8)."""
     env = os.environ.get("FUSEDTUNE_KERNEL_JOBS")
     if env:
+        if not env.strip().isdigit():
+            raise SystemExit(f"FUSEDTUNE_KERNEL_JOBS must be a number of processes, got {env!r}")
         return max(1, int(env))
     return max(1, min(8, os.cpu_count() or 1))
 
