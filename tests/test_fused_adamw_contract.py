@@ -293,3 +293,43 @@ def test_in_place_ops_refuse_inference_tensors_outside_inference_mode(backend):
 def fusedtune_ext_loaded():
     import fusedtune
     return fusedtune._ext.loaded()
+
+
+@pytest.mark.parametrize("cls", [MaskedAdamW, SparseDeltaAdamW])
+@pytest.mark.parametrize("make,kw,msg", [(torch.optim.AdamW, {"maximize": True}, "maximize=True"),
+                                         (torch.optim.AdamW, {"amsgrad": True}, "amsgrad=True"),
+                                         (torch.optim.Adam, {"weight_decay": 0.1}, "decoupled_weight_decay=False")])
+def test_a_torch_checkpoint_with_options_the_constructor_refuses_is_refused_by_the_load(cls, make, kw, msg):
+    """torch's load copied the saved groups' options in and the fused step ignored them (maximize minimised;
+    Adam's L2 decay ran as AdamW's); found by review."""
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 4), density=0.5)   # (alive: it owns the deltas)
+    p = layer.values if cls is SparseDeltaAdamW else torch.nn.Parameter(torch.randn(16))
+    src = make([p], lr=0.1, **kw)
+    p.grad = torch.ones_like(p)
+    src.step()
+    opt = cls([p], lr=0.1)
+    snap, keys = _snapshot(opt, [p]), set(opt.param_groups[0])
+    with pytest.raises(TypeError, match=msg):
+        opt.load_state_dict(src.state_dict())
+    assert _unchanged(opt, [p], snap) and set(opt.param_groups[0]) == keys
+    with pytest.raises(TypeError, match="decoupled_weight_decay=False"):
+        cls([{"params": [p], "decoupled_weight_decay": False, "weight_decay": 0.1}])
+
+
+def test_masked_adamw_refuses_another_layers_master_and_a_parameter_twice():
+    """A SparseDeltaLinear's deltas were taken and the first step failed with an AttributeError; one tensor twice
+    in a group stepped twice in one pass (found by review)."""
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 4), density=0.5)
+    with pytest.raises(TypeError, match="master of a SparseDeltaLinear.*SparseDeltaAdamW"):
+        MaskedAdamW([layer.values])
+    a = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="appears twice in one param group"):
+        MaskedAdamW([a, a])
+
+
+def test_row_masked_linear_refuses_a_non_contiguous_weight_by_name():
+    from fusedtune.nn import RowMaskedLinear
+    lin = torch.nn.Linear(8, 4)
+    lin.weight = torch.nn.Parameter(torch.randn(8, 4).t())
+    with pytest.raises(ValueError, match="weight \\(or bias\\) is not contiguous"):
+        RowMaskedLinear.from_linear(lin, torch.tensor([0, 2]))

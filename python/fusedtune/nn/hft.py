@@ -64,6 +64,10 @@ class RowMaskedLinear(OwnsMasters):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RowMaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         cls.check_backend("RowMaskedLinear.from_linear", backend, linear.weight.device)
+        if not linear.weight.is_contiguous() or (linear.bias is not None and not linear.bias.is_contiguous()):
+            raise ValueError("RowMaskedLinear.from_linear: the linear's weight (or bias) is not contiguous (a "
+                             f"transposed view of another tensor, strides {linear.weight.stride()}): the fused "
+                             "optimizer writes the trained rows into it in place; give the linear a contiguous weight")
         m = cls.__new__(cls)
         nn.Module.__init__(m)
         m.in_features, m.out_features = linear.in_features, linear.out_features

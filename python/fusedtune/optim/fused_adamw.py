@@ -36,6 +36,10 @@ def refuse_options(what: str, group: dict) -> None:
         if group.get(key) not in (None, False):
             raise TypeError(f"{what}: param group option {key}={group[key]!r} is not supported (the fused pass "
                             f"implements plain AdamW: lr, betas, eps, weight_decay)")
+    if group.get("decoupled_weight_decay") is False and group.get("weight_decay", 0):   # torch.optim.Adam's L2 decay
+        raise TypeError(f"{what}: param group option decoupled_weight_decay=False with weight_decay="
+                        f"{group['weight_decay']} (Adam's L2 penalty) is not supported: the fused pass decays as "
+                        "AdamW does")
 
 
 class FusedAdamW(CopyableOptimizer):
@@ -72,6 +76,8 @@ class FusedAdamW(CopyableOptimizer):
             param_group = {**param_group, "params": params}
         if isinstance(params, list):
             tensors = [p[1] if isinstance(p, tuple) and len(p) == 2 else p for p in params]
+            if len({id(p) for p in tensors}) != len(tensors):   # (torch warns; two entries of one tensor in a pass)
+                raise ValueError(f"{type(self).__name__}: a parameter appears twice in one param group")
             refuse_sharded(tensors, type(self).__name__)
             for p in tensors:
                 self._check_param(p)
@@ -146,7 +152,9 @@ class FusedAdamW(CopyableOptimizer):
         torch.optim.AdamW checkpoint loads too: its tensor step count becomes an int, its moments float32."""
         final = {}
 
-        def grab(sd):
+        def grab(sd):   # (a pre-hook: a refusal here leaves the optimizer as it was)
+            for g in sd["param_groups"]:    # options the constructor refuses, from a torch.optim checkpoint
+                refuse_options(f"{type(self).__name__}.load_state_dict", g)
             final["sd"] = sd
 
         def restore():

@@ -30,12 +30,18 @@ class MaskedAdamW(FusedAdamW):
             raise ValueError(f"MaskedAdamW: a parameter of shape {tuple(p.shape)} has strides {p.stride()}, not "
                              "contiguous; the fused pass takes contiguous parameters (torch.optim.AdamW takes any): "
                              "make it contiguous (p.data = p.data.contiguous()) before building the optimizer")
+        layer = owner_of(p)
+        if layer is not None and self._target(p)[2] is None:
+            raise TypeError(f"MaskedAdamW: a parameter of shape {tuple(p.shape)} is a master of a "
+                            f"{type(layer).__name__}, which MaskedAdamW does not write (its masters: RowMaskedLinear's "
+                            "weight_rows / bias_rows); use that layer's optimizer (SparseDeltaAdamW for "
+                            "SparseDeltaLinear) or torch.optim.AdamW")
 
     @staticmethod
     def _target(p):
         """(full tensor, rows, layer) a row master writes to, as 2-D: the weight, or the bias as [out, 1]."""
         layer = owner_of(p)
-        if layer is not None and layer.weight_rows is p:
+        if layer is not None and getattr(layer, "weight_rows", None) is p:
             return layer.weight, layer.rows, layer
         if layer is not None and getattr(layer, "bias_rows", None) is p:
             return layer.bias.view(-1, 1), layer.rows, layer
