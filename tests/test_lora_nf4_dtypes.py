@@ -95,3 +95,26 @@ def test_an_odd_number_of_weights_is_read():
     A, B = m.lora_A["default"].weight, m.lora_B["default"].weight
     torch.testing.assert_close(m(x), x @ W.t() + base.bias + m.scaling["default"] * (x @ A.t()) @ B.t(),
                                rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("double", [True, False])
+def test_a_state_dict_restores_into_a_layer_of_other_weights(double):
+    """The NF4 quant state (absmax, quant_map, nested ...) was an unexpected key (strict) or left at the fresh
+    layer's scales under the loaded codes (strict=False: silently wrong); found by review."""
+    def layer(seed):
+        torch.manual_seed(seed)
+        lin = nn.Linear(64, 32)
+        q = bnb.nn.Linear4bit(64, 32, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=double,
+                              device="meta")
+        q.weight = bnb.nn.Params4bit(lin.weight.detach().clone(), requires_grad=False, quant_type="nf4",
+                                     compress_statistics=double, module=q)
+        q.bias = nn.Parameter(lin.bias.detach().clone(), requires_grad=False)
+        return LoRALinear.from_linear(q.to("cpu"), r=4, init_lora_weights=False)
+    src, dst = layer(0), layer(1)
+    x = torch.randn(3, 64)
+    dst(x)      # (its NF4 container made for the old scales)
+    assert dst.load_state_dict(src.state_dict(), strict=True)
+    qs, want = dst.base_layer.weight.quant_state, src.base_layer.weight.quant_state
+    assert torch.equal(bnbf.dequantize_4bit(dst.base_layer.weight.data, qs),
+                       bnbf.dequantize_4bit(src.base_layer.weight.data, want))
+    assert torch.equal(dst(x), src(x))

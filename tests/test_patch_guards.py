@@ -84,3 +84,20 @@ def test_patch_options_take_what_their_defaults_stand_for():
     """ints for float options, lists for betas, a name where the option takes one (init_lora_weights, snapshot)."""
     fusedtune.patch(tied_qwen2(), "lora", alpha=8.0, lr=1, betas=[0.9, 0.99], init_lora_weights="gaussian")
     fusedtune.patch(tied_qwen2(), "hft", snapshot="lazy")
+
+
+def test_a_patched_tied_lm_head_saves_with_save_pretrained(tmp_path):
+    """The tied weight moved to lm_head.base_layer.weight, a name transformers did not know as tied: safetensors
+    refused the shared tensor (save_pretrained and every Trainer checkpoint failed; found by review)."""
+    from safetensors.torch import load_file
+    model = tied_qwen2()
+    fusedtune.patch(model, "lora", r=4, target_modules=["q_proj", "lm_head"], init_lora_weights=False)
+    model.save_pretrained(tmp_path)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert "lm_head.base_layer.weight" not in saved and "model.embed_tokens.weight" in saved
+    again = tied_qwen2()
+    fusedtune.patch(again, "lora", r=4, target_modules=["q_proj", "lm_head"])
+    missing, unexpected = again.load_state_dict(saved, strict=False)
+    assert missing == ["lm_head.base_layer.weight"] and not unexpected   # the tied copy, loaded with the embedding
+    with torch.no_grad():
+        assert torch.equal(again(IDS).logits, model(IDS).logits)

@@ -633,6 +633,13 @@ class SwapMethod(Method):
                                          ".clone()); model.config.tie_word_embeddings = False)")
                     record.tied, record.tied_with = orig.weight, others[0]
                 new = self.make(self.base_for(orig), name, **options)
+                if record.tied is not None:
+                    # transformers' save_pretrained drops the tied copy it knows by name ("lm_head.weight"); the
+                    # shared weight now sits under a new one ("lm_head.base_layer.weight"): named here, or
+                    # safetensors refused the shared tensor (save_pretrained, every Trainer checkpoint)
+                    leaves = [n for n, p in new.named_parameters() if p is record.tied]
+                    if leaves:
+                        new._tied_weights_keys = {leaf: f"{record.tied_with}.weight" for leaf in leaves}
                 if record.kind in ("linear", "conv1d") and holds_own_parameters(orig, new):
                     record.module = orig
                 set_module(model, name, new)

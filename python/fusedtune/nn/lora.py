@@ -415,9 +415,27 @@ class LoRALinear(nn.Module):
             fn = keep_dtype(fn, [p for n in self.r for p in self._adapter_params(n)])
         return super()._apply(fn, recurse)
 
-    def _load_from_state_dict(self, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.forget_dora_norms()   # (before the children swap or copy their parameters)
-        super()._load_from_state_dict(*args, **kwargs)
+        self._load_quant_state(state_dict, prefix + "base_layer.weight.")
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def _load_quant_state(self, state_dict, key: str) -> None:
+        """An NF4 base's bitsandbytes quant state in the state dict (absmax, quant_map, nested ..., the
+        quant_state.bitsandbytes__nf4 entry, as its _save_to_state_dict writes them) becomes the base's quant
+        state: a Linear4bit loads its packed codes only (strict: the rest were unexpected keys; strict=False:
+        the new codes under the old scales, silently wrong)."""
+        keys = [k for k in state_dict if k.startswith(key)]
+        base = self._modules["base_layer"]
+        if not keys or not is_bnb_4bit(base):
+            return
+        from bitsandbytes.functional import QuantState  # noqa: PLC0415
+        qs = QuantState.from_dict({k[len(key):]: state_dict.pop(k) for k in keys}, device=base.weight.device)
+        base.weight.quant_state = qs
+        if getattr(base, "quant_state", None) is not None:
+            base.quant_state = qs
+        self.__dict__["_bnb_qs"] = qs
+        self._nf4 = None
 
     def _adapter_params(self, name: str) -> list:
         ps = [self.lora_A[name].weight, self.lora_B[name].weight]
@@ -489,9 +507,9 @@ class LoRALinear(nn.Module):
                 return self._nf4[1], dt
             return Nf4Weight.from_bnb(w, qs), dt
         key = (w.data_ptr(), w.device)
-        if self._nf4 is None or self._nf4[0] != key:
+        if self._nf4 is None or self._nf4[0] != key or self._nf4[2] is not qs:   # (a loaded quant state: new scales)
             with cache_scope():
-                self._nf4 = (key, Nf4Weight.from_bnb(w, qs))
+                self._nf4 = (key, Nf4Weight.from_bnb(w, qs), qs)
         return self._nf4[1], dt
 
     def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
