@@ -137,3 +137,14 @@ def test_state_memory_counts_each_method_untimed():
         assert 8 * trained <= r["state_bytes"] <= 8 * trained + 8 * n_tensors      # + step counters
         assert r["ratio"] == r["state_bytes"] / rows["full"]["state_bytes"]
     assert rows["block, embeddings frozen"]["ratio"] < 0.5 < rows["block"]["ratio"]
+
+
+def test_the_row_master_baseline_writes_each_weight_once(monkeypatch):
+    """As the sparse-delta baseline: the step hook rewrote the rows the baseline writes itself (found by review)."""
+    from fusedtune.bench import core
+    from fusedtune.bench import hft as hft_bench
+    from fusedtune.nn import RowMaskedLinear
+    calls = []
+    monkeypatch.setattr(RowMaskedLinear, "masters_written_elsewhere", lambda self: calls.append(self))
+    hft_bench.bench_adamw(core.CpuTimer(quick=True), quick=True)
+    assert not calls

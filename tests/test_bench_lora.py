@@ -4,6 +4,7 @@ import csv
 import math
 
 import pytest
+import torch
 
 from fusedtune import bench
 from fusedtune.bench import core
@@ -73,7 +74,8 @@ def test_flop_count():
     fwd = 2 * T * N * K + 2 * T * r * (K + N)
     assert lora_bench._flops(T, N, K, r, False) == fwd
     # backward: the dX GEMM (2TNK), u = dy.B and u.A (2Tr(N+K)), dA and dB (2Tr(K+N))
-    assert lora_bench._flops(T, N, K, r, True) == 2 * fwd + 4 * T * r * (K + N)
+    # (the forward's LoRA FLOPs were counted twice: 2 * fwd)
+    assert lora_bench._flops(T, N, K, r, True) == fwd + 2 * T * N * K + 4 * T * r * (K + N)
 
 
 def test_timed_step_is_a_training_step():
@@ -121,7 +123,7 @@ def test_graph_replay_rows_assemble(monkeypatch):
     monkeypatch.setattr(ops, "lora_linear", recorded)
     rows = lora_bench.graph_rows(timer, True, "cpu", quick=True)
     assert [r["baseline"] for r in rows] == ["the same call in eager mode (kernels + host)",
-                                             "peft LoRA Linear (CUDA graph replay)",
+                                             "peft LoRA Linear (CUDA graph replay; float32 adapters, no autocast)",
                                              "cuBLAS + addmm_ (unsloth's method, CUDA graph replay)",
                                              "base GEMMs alone (forward + dX, CUDA graph replay)",
                                              "cublas schedule (CUDA graph replay)"]
@@ -196,3 +198,24 @@ def test_a_skipped_opt_in_schedule_is_not_timed(monkeypatch):
     assert lora_bench._schedules(64, 64, 64, "cpu") == ["fused", "cublas"]
     monkeypatch.setattr(lora_tma, "ENABLED", True)     # not the default either
     assert lora_bench._schedules(64, 64, 64, "cpu") == ["fused", "cublas"]
+
+
+def test_autocast_rows_time_both_sides_under_autocast_and_agree():
+    """peft was timed only with float32 adapters and no autocast (its LoRA branch in float32); under autocast
+    (Trainer(bf16=True)) it runs in bf16: a row times both sides there (found by review)."""
+    torch.manual_seed(0)
+    T, N, K, r, s = 8, 16, 12, 4, 2.0
+    x, W, dy = torch.randn(T, K), torch.randn(N, K) / 4, torch.randn(T, N)
+    A, B = torch.nn.Parameter(torch.randn(r, K) / 4), torch.nn.Parameter(torch.randn(N, r) / 4)
+    xg = x.requires_grad_()
+    pe = lora_bench._peft_layer(W, None, A, B, r, int(s * r))
+    seen = []
+
+    def timer(fn):
+        seen.append(fn())
+        return (1.0, 1.0, 1.0)
+    rows = lora_bench._autocast_rows(timer, "tiny", xg, W, A, B, s, dy, pe, False, None, T, N, K, r)
+    assert [r_["baseline"] for r_ in rows] == ["peft LoRA Linear under bf16 autocast"]
+    ours, theirs = seen
+    for a, b in zip(ours, theirs):      # dX, dA, dB of both under bf16 autocast: bf16 rounding apart
+        torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)

@@ -91,3 +91,24 @@ def test_a_skipped_opt_in_kernel_is_a_row_saying_so(monkeypatch):
     rows = br.size_rows(_timer, 4, 768, False, fused=False, mma_only=True)
     assert len(rows) == 1 and rows[0]["backend"] == "cuda-mma" and math.isnan(rows[0]["time_ms"])
     assert "FUSEDTUNE_BENCH_SKIP" in rows[0]["note"]
+
+
+def test_the_unfused_baseline_makes_no_clip_mask(monkeypatch):
+    """Ours is timed with the identity STE (no clip mask); the baseline computed the mask too (two compares and an
+    AND an element: work the fused op skips; found by review). Same output."""
+    import torch
+
+    from fusedtune.bench import roste as roste_bench
+    from fusedtune.ops.roste import rotate_fake_quant
+    from fusedtune.reference import roste as ref
+    masks, real = [], ref._quantize
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        masks.append(out[3])
+        return out
+    monkeypatch.setattr(ref, "_quantize", spy)
+    x = torch.randn(8, 64)
+    got = roste_bench._unfused(x, 4, 0.95)()
+    assert masks == [None]
+    torch.testing.assert_close(got, rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True), rtol=1e-6, atol=1e-6)

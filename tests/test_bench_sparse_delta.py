@@ -167,3 +167,13 @@ def test_step_row_against_lora_at_the_same_budget(cpu_run):
     assert float(r["baseline_opt_state_bytes"]) >= 8 * lora
     med, base = float(r["time_ms"]), float(r["baseline_ms"])
     assert math.isclose(float(r["ratio"]), base / med, rel_tol=1e-4)
+
+
+def test_the_optimizer_baseline_writes_each_weight_once(monkeypatch):
+    """The torch AdamW baseline writes the merged weights itself; the global step hook (nn/masters.py) also
+    compared and rewrote every layer after its step (a host sync a layer, twice the writes): the baseline's
+    time was inflated (found by review)."""
+    calls = []
+    monkeypatch.setattr(SparseDeltaLinear, "masters_written_elsewhere", lambda self: calls.append(self))
+    sd_bench.bench_adamw(core.CpuTimer(quick=True), quick=True)
+    assert not calls

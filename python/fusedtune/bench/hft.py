@@ -397,6 +397,7 @@ def _adamw_row_masters(timer, b: str, shapes, where: str, bw_note) -> dict:
     numel = sum(p.numel() for p in masters)
     ours_opt = MaskedAdamW(masters, lr=LR, backend=b)
     base_opt, base_name = torch_adamw(masters)
+    base_opt.writes_master_layers = True   # base_step writes the rows itself (the step hook's refresh: twice)
 
     def base_step():
         base_opt.step()

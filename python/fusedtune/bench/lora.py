@@ -140,8 +140,11 @@ def _train_step(layer, xg, A, B, dy, on_gpu):
 
 
 def _flops(T, N, K, r, backward):
-    f = 2 * T * N * K + 2 * T * r * (K + N)
-    return f * (2 if backward else 1) + (4 * T * r * (K + N) if backward else 0)
+    """Forward: x W^T (2TNK), the shrink x A^T (2TrK) and the expand (2TrN). Backward (W frozen): dX = dy W (2TNK)
+    plus (dy B) A (2TrN + 2TrK), dA = (dy B)^T x (2TrK), dB = dy^T (x A^T) (2TrN; x A^T kept or recomputed as
+    ours does: not counted)."""
+    fwd = 2 * T * N * K + 2 * T * r * (K + N)
+    return fwd + (2 * T * N * K + 4 * T * r * (K + N) if backward else 0)
 
 
 def _note(ratio, goal, what, on_gpu):
@@ -280,7 +283,10 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                     torch.use_deterministic_algorithms(det)
                     torch.utils.deterministic.fill_uninitialized_memory = fill
                 pe = _peft_layer(W, None, A, B, r, int(s * r))
-                peft_name = "peft LoRA Linear" if pe is not None else "peft forward (re-implemented; peft missing)"
+                # peft as a bf16 model without autocast runs it: float32 adapters (get_peft_model's default), so
+                # its LoRA branch computes in float32; under autocast (Trainer(bf16=True)) see the rows below
+                peft_name = "peft LoRA Linear (float32 adapters, no autocast)" if pe is not None \
+                    else "peft forward (re-implemented; peft missing)"
 
                 def peft_f():
                     return pe(x) if pe is not None else _peft_like(x, W, A, B, s)
@@ -296,6 +302,7 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                                         xg, A, B, dy)
                 peft_s = timer(_train_step(lambda v: pe(v) if pe is not None else _peft_like(v, W, A, B, s),
                                            xg, A, B, dy, on_gpu))
+                rows += _autocast_rows(timer, shape, xg, W, A, B, s, dy, pe, on_gpu, backend, T, N, K, r)
                 for sched, (ours_f, ours_t, ours_b, ours_s) in ours.items():
                     rows += _gemm_kind_rows(sched, scheds[0], shape, dt, ours_f, ours_t, ours_b, ours_s,
                                             (base_f, base_fb, base_b), (pf, pfb, peft_b, peft_s), (uf, ufb, ub),
@@ -307,6 +314,29 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                                 note=CPU_NOTE if not on_gpu else "one-read lora_dy_kernel (dB by atomics) "
                                 "vs the shrink + wgrad kernels; ratio < 1 means the atomics cost more than a read"))
     return rows
+
+
+def _autocast_rows(timer, shape, xg, W, A, B, s, dy, pe, on_gpu, backend, T, N, K, r) -> list[dict]:
+    """forward+backward of ours and peft's layer, both under bf16 autocast (transformers.Trainer(bf16=True)):
+    peft's LoRA branch then runs in bf16 (its float32 adapters cast per call), ours as without autocast."""
+    if pe is None:
+        return []
+    from ..ops import lora_linear
+    dev = xg.device.type
+
+    def fb(fn):
+        def run():
+            with torch.autocast(dev, dtype=torch.bfloat16):
+                y = fn(xg)
+            return torch.autograd.grad(y, [xg, A, B], dy.to(y.dtype))
+        return run
+    ours = timer(fb(lambda v: lora_linear(v, W, A, B, s, backend=backend)))
+    theirs = timer(fb(pe))
+    return [row("lora fwd+bwd (bf16 autocast)", shape, "bf16", "triton" if on_gpu else "cpu",
+                "peft LoRA Linear under bf16 autocast", ours, theirs[0],
+                roofline_pct(ours[0], flops=_flops(T, N, K, r, True)),
+                note=CPU_NOTE if not on_gpu else _note(theirs[0] / ours[0], 1.25, "fwd+bwd vs peft under autocast",
+                                                       on_gpu))]
 
 
 def _skipped(kernel: str, baseline: str, what: str, e: Exception) -> dict:
@@ -411,7 +441,7 @@ def multi_rows(timer, on_gpu, device):
     base = timer(loop)
     return [row("lora fwd, 4 adapters in one batch", f"T={T} N={N} K={K} r={ranks}", str(dt)[6:],
                 "triton" if on_gpu else "cpu", "peft mixed-batch loop", ours, base[0],
-                roofline_pct(ours[0], flops=2 * T * N * K + 2 * T * sum(ranks) * (N + K)),
+                roofline_pct(ours[0], flops=2 * T * N * K + 2 * T * sum(ranks) * (N + K) // len(ranks)),   # a token: 1
                 note=CPU_NOTE if not on_gpu else "")]
 
 
@@ -576,7 +606,7 @@ def graph_rows(timer, on_gpu, device, quick):
     eager row is host-bound (q_proj at 4096 tokens on the H200's host), this is what the kernels give. Also the
     base GEMMs alone (the goal: LoRA <= +10% over them, kernels against kernels) and ours on every other
     schedule (_schedules) against the default one."""
-    kernel, base = "lora fwd+bwd (CUDA graph replay)", "peft LoRA Linear (CUDA graph replay)"
+    kernel, base = "lora fwd+bwd (CUDA graph replay)", "peft LoRA Linear (CUDA graph replay; float32 adapters, no autocast)"
     if not on_gpu:
         return [row(kernel, "-", "-", "cpu", base, (float("nan"),) * 3, None, note="skipped: needs a CUDA GPU")]
     from ..ops import lora_linear

@@ -53,14 +53,15 @@ def _flops(rows: int, n: int, parts: int = 1) -> float:
 
 def _unfused(x, bits, clip):
     """The unfused sequence: the Hadamard that auto runs for x (per shape: CUDA's butterfly kernel or Triton's;
-    not the opt-in tensor-core kernel, timed in its own sections), then torch's fake quant."""
+    not the opt-in tensor-core kernel, timed in its own sections), then torch's fake quant, without the clip
+    mask (ours is timed with the identity STE, which makes none)."""
     from ..ops.roste import hadamard, mma_scope
     from ..reference.roste import fake_quant
 
     def f():
         with mma_scope(False):
             y = hadamard(x)
-        return fake_quant(y, bits, "token", False, clip)[0].to(x.dtype)
+        return fake_quant(y, bits, "token", False, clip, mask=False)[0].to(x.dtype)
     return f
 
 

@@ -34,9 +34,9 @@ def _group_minmax(y: torch.Tensor, granularity: str):
     return y.amin(dim=dim, keepdim=True), y.amax(dim=dim, keepdim=True)
 
 
-def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
+def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, mask: bool = True):
     """(q, scale, zero, inside) in float32: integer codes q (as floats), per-group scale and zero point
-    (zero is 0 when symmetric) and the mask of values inside the clip range."""
+    (zero is 0 when symmetric) and the mask of values inside the clip range (None without mask)."""
     y = y.float()
     lo_u, hi_u = _group_minmax(y, granularity)
     clip = torch.tensor(clip_ratio, dtype=torch.float32)
@@ -49,7 +49,7 @@ def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cli
         scale = torch.where(scale == 0, one, scale)
         q = torch.clamp(torch.round(y / scale), -qmax - 1, qmax)
         zero = torch.zeros_like(scale)
-        inside = (y >= -amax) & (y <= amax)
+        inside = (y >= -amax) & (y <= amax) if mask else None
     else:
         levels = 2 ** bits - 1
         scale = (hi - lo) / torch.full_like(hi, levels)
@@ -59,7 +59,7 @@ def _quantize(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, cli
         scale = torch.where(const, torch.where(flat == 0, one, flat), scale)
         zero = torch.round(-lo / scale)
         q = torch.clamp(torch.round(y / scale) + zero, 0, levels)
-        inside = (y >= lo) & (y <= hi)
+        inside = (y >= lo) & (y <= hi) if mask else None
     return q, scale, zero, inside
 
 
@@ -73,9 +73,10 @@ def quantize(y: torch.Tensor, bits: int, granularity: str = "token", symmetric: 
     return q, scale, zero
 
 
-def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float):
-    """(out, inside) in float32: the fake-quantized y and the mask of values inside the clip range."""
-    q, scale, zero, inside = _quantize(y, bits, granularity, symmetric, clip_ratio)
+def fake_quant(y: torch.Tensor, bits: int, granularity: str, symmetric: bool, clip_ratio: float, mask: bool = True):
+    """(out, inside) in float32: the fake-quantized y and the mask of values inside the clip range (None without
+    mask: what the identity straight-through estimator needs)."""
+    q, scale, zero, inside = _quantize(y, bits, granularity, symmetric, clip_ratio, mask)
     out = q * scale if symmetric else (q - zero) * scale
     return out, inside
 
