@@ -214,8 +214,16 @@ def _time_schedules(timer, scheds, on_gpu, x, xg, W, A, B, s, dy) -> tuple[dict,
     return ours, skipped
 
 
+def _agreement(ours, theirs) -> str:
+    """How far ours' results (a tuple of tensors: y or dX, dA, dB) are from the baseline's, as a note: the
+    largest error relative to the baseline's largest magnitude, flagged above bf16's rounding."""
+    worst = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                for a, b in zip(ours, theirs))
+    return f"checked against it: max rel error {worst:.1e}" + (" -- RESULTS DIFFER" if worst > 3e-2 else "")
+
+
 def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, base3, peft4, uns3, peft_name,
-                    T, N, K, r, on_gpu) -> list:
+                    T, N, K, r, on_gpu, agree: str = "") -> list:
     """The fwd / fwd+bwd / bwd / step rows of one schedule against the base GEMM, peft and unsloth's method.
     The default schedule's rows are named "lora <kind>"; the other's "lora <kind> (<schedule> schedule)"."""
     rows = []
@@ -234,7 +242,8 @@ def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, b
                               + _note(1 / over, 1 / GOAL_OVER_BASE, "<= +10%", on_gpu))))
         rows.append(row(k, shape, dts, be, peft_name, ours, peft_t[0], rl,
                         note=how + (_note(peft_t[0] / ours[0], GOAL_VS_PEFT, "vs peft", on_gpu)
-                                    if kind != "fwd" else (CPU_NOTE if not on_gpu else ""))))
+                                    if kind != "fwd" else (CPU_NOTE if not on_gpu else ""))
+                        + (f"; {agree}" if agree and sched == default else "")))
         if uns is not None:
             rows.append(row(k, shape, dts, be, "cuBLAS + addmm_ (unsloth's method, bf16 adapters)", ours, uns[0], rl,
                             note=how + (CPU_NOTE if not on_gpu else "")))
@@ -294,6 +303,7 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 def peft_fb():
                     y = pe(xg) if pe is not None else _peft_like(xg, W, A, B, s)
                     return torch.autograd.grad(y, [xg, A, B], dy)
+                agree = _agreement(ours_fb(), peft_fb())     # dX, dA, dB (the default schedule), before timing
                 pf, pfb = timer(peft_f), timer(peft_fb)
                 uf = timer(lambda: _unsloth_fwd(x, W, A16, B16, s))
                 ufb = timer(lambda: (_unsloth_fwd(x, W, A16, B16, s), _unsloth_bwd(dy, x, W, A16, B16, s)))
@@ -306,7 +316,7 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 for sched, (ours_f, ours_t, ours_b, ours_s) in ours.items():
                     rows += _gemm_kind_rows(sched, scheds[0], shape, dt, ours_f, ours_t, ours_b, ours_s,
                                             (base_f, base_fb, base_b), (pf, pfb, peft_b, peft_s), (uf, ufb, ub),
-                                            peft_name, T, N, K, r, on_gpu)
+                                            peft_name, T, N, K, r, on_gpu, agree)
                 ours_t = ours[scheds[0]][1]
                 rows.append(row("lora fwd+bwd", shape, str(dt).replace("torch.", ""), "triton" if on_gpu else "cpu",
                                 "deterministic mode (dy read twice: u, then dB)", ours_t, two_reads[0],
@@ -330,13 +340,14 @@ def _autocast_rows(timer, shape, xg, W, A, B, s, dy, pe, on_gpu, backend, T, N, 
                 y = fn(xg)
             return torch.autograd.grad(y, [xg, A, B], dy.to(y.dtype))
         return run
-    ours = timer(fb(lambda v: lora_linear(v, W, A, B, s, backend=backend)))
-    theirs = timer(fb(pe))
+    ours_fn, peft_fn = fb(lambda v: lora_linear(v, W, A, B, s, backend=backend)), fb(pe)
+    agree = _agreement(ours_fn(), peft_fn())
+    ours, theirs = timer(ours_fn), timer(peft_fn)
     return [row("lora fwd+bwd (bf16 autocast)", shape, "bf16", "triton" if on_gpu else "cpu",
                 "peft LoRA Linear under bf16 autocast", ours, theirs[0],
                 roofline_pct(ours[0], flops=_flops(T, N, K, r, True)),
-                note=CPU_NOTE if not on_gpu else _note(theirs[0] / ours[0], 1.25, "fwd+bwd vs peft under autocast",
-                                                       on_gpu))]
+                note=(CPU_NOTE if not on_gpu else _note(theirs[0] / ours[0], GOAL_VS_PEFT,
+                                                        "fwd+bwd vs peft under autocast", on_gpu)) + f"; {agree}")]
 
 
 def _skipped(kernel: str, baseline: str, what: str, e: Exception) -> dict:
