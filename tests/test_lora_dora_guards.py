@@ -92,3 +92,27 @@ def test_load_adapter_refuses_before_changing_a_layer(tmp_path):
     with pytest.raises(LoRAUnsupported, match="DoRA over an FP8Linear base.*nothing was changed"):
         FL.load_adapter(fp8, tmp_path, adapter_name="new")
     assert list(fp8.q.r) == ["default"] and list(fp8.k.r) == ["default"]
+
+
+def test_compiled_no_grad_forward_of_dora_and_a_compiled_inference_forward_before_training():
+    """A compiled DoRA forward without grad (eval, generate) failed inside dynamo (the Function's variadic forward
+    took ctx as its first input); a compiled inference-mode forward cached an inference-tensor scale table and every
+    later training forward failed on it (found by review)."""
+    import torch as _t
+
+    from fusedtune.nn import LoRALinear as _L
+    _t.manual_seed(0)
+    dora = _L.from_linear(_t.nn.Linear(64, 96), r=8, alpha=16, use_dora=True).eval()
+    x = _t.randn(2, 5, 64)
+    with _t.no_grad():
+        want = dora(x)
+        _t._dynamo.reset()
+        assert _t.equal(_t.compile(dora, backend="eager")(x), want)
+    plain = _L.from_linear(_t.nn.Linear(64, 96), r=8, alpha=16)
+    _t._dynamo.reset()
+    f = _t.compile(plain, backend="eager")
+    with _t.inference_mode():
+        f(x)
+    assert not any(t.is_inference() for t in plain._tables.values())
+    f(x.clone().requires_grad_()).sum().backward()
+    plain(x.clone().requires_grad_()).sum().backward()

@@ -514,6 +514,10 @@ class LoRALinear(nn.Module):
 
     def _table(self, names: tuple, device, summed: bool = False) -> torch.Tensor:
         """The scale table of `names` (one row per adapter; summed: one row, all of them), cached."""
+        if torch.compiler.is_compiling():   # built in the graph, never cached from it: a table made in a compiled
+            # inference-mode forward was an inference tensor, and every later training forward failed on it
+            S = lora_ops.scale_table([self.r[n] for n in names], [self.scaling[n] for n in names], device)
+            return S.sum(0, keepdim=True) if summed else S
         key = (names, tuple(self.scaling[n] for n in names), device, summed)
         t = self._tables.get(key)
         if t is None:

@@ -233,6 +233,10 @@ _ColumnScaledLoRAEager = type("_ColumnScaledLoRAEager", (torch.autograd.Function
 
 
 def _column_scaled(g, *args):
+    if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
+        # nothing to record: the op itself (a compiled no-grad forward ran the Function's variadic forward with
+        # ctx as g: eval and generate of a compiled DoRA model failed)
+        return _dora(g, *args)
     eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
     return (_ColumnScaledLoRAEager if eager else _ColumnScaledLoRA).apply(g, *args)
 
