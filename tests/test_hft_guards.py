@@ -76,3 +76,14 @@ def test_merge_and_save_take_masters_changed_outside_an_optimizer_step():
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert torch.equal(layer.state_dict()["weight"][[2, 7]], layer.weight_rows.detach())
+
+
+def test_block_views_stay_ordinary_parameters_through_conversions_and_loads():
+    """masters=False: the trained rows are views of the weight, not masters; a conversion or load must not make the
+    layer their owner (MaskedAdamW would write them into the weight as row masters)."""
+    from fusedtune.nn import RowMaskedLinear
+    from fusedtune.nn.masters import owner_of
+    m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), torch.tensor([1, 2]), masters=False)
+    m.to(torch.bfloat16)
+    m.load_state_dict(m.state_dict())
+    assert owner_of(m.weight_rows) is None and owner_of(m.bias_rows) is None

@@ -176,6 +176,10 @@ class RowMaskedLinear(OwnsMasters):
         if self.masters:    # views are ordinary parameters for the optimizers: nothing to write back
             super().bind_masters()
 
+    def _bind_unowned(self) -> None:
+        if self.masters:
+            super()._bind_unowned()
+
     def __setstate__(self, state) -> None:
         state.setdefault("masters", True)    # pickled before masters=False existed
         super().__setstate__(state)

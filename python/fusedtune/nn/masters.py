@@ -127,7 +127,11 @@ class OwnsMasters(torch.nn.Module):
         try:
             yield
         finally:
-            bind_owner(self, *[p for p in self.master_parameters() if p is not None and owner_of(p) is None])
+            self._bind_unowned()
+
+    def _bind_unowned(self) -> None:
+        """Own the masters no layer owns (a subclass whose masters are not masters binds nothing)."""
+        bind_owner(self, *[p for p in self.master_parameters() if p is not None and owner_of(p) is None])
 
     def _apply(self, fn, recurse=True):
         with self._masters_unbound():
