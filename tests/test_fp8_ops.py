@@ -555,3 +555,29 @@ def test_reference_writes_the_canonical_nan_byte(dtype):
               + F8.fp8_quantize_128x128(x, transpose=True, backend="reference")[0::2]):
         b, nan = q.view(torch.uint8), torch.isnan(q.float())
         assert nan.any() and bool((b[nan] == 0x7F).all()), b[nan].unique()
+
+
+def test_fp8_base_under_lora_with_dropout_compiles_once_into_one_graph():
+    """LoRA dropout over an FP8 base (fusedtune::lora_dropout) under torch.compile: one graph (fullgraph), no
+    recompile from step to step, the eager steps' outputs and gradients; the op passes opcheck. (Inside a whole
+    model the seed read as a Python int broke the graph at every layer: tests/test_patch_training_modes.py.)"""
+    from fusedtune.nn import FP8Linear, LoRALinear
+    from fusedtune.ops.lora_dropout import _op as dropout_op
+    base = FP8Linear.from_linear(torch.nn.Linear(256, 64), backend="reference")
+    layer = LoRALinear.from_linear(base, r=4, alpha=8, dropout=0.25, init_lora_weights=False)
+    torch._dynamo.reset()
+    comp = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    x = torch.randn(2, 9, 256, requires_grad=True)
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for step in range(3):
+            outs = []
+            for f in (comp, layer):
+                torch.manual_seed(step)
+                y = f(x)
+                outs.append((y, *torch.autograd.grad(y.square().sum(), [x, layer.lora_A["default"].weight])))
+            for a, b in zip(*outs):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    torch.library.opcheck(dropout_op, (x.detach().reshape(-1, 256).requires_grad_(), torch.tensor(7), 0.25))
+    with pytest.raises(TypeError, match="seed"):
+        from fusedtune.ops.lora_dropout import lora_dropout
+        lora_dropout(x.reshape(-1, 256), 0.25, 7)

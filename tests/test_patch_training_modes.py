@@ -10,6 +10,7 @@ for bit:
   held inference tensors, which the training forwards then could not save for backward."""
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 pytest.importorskip("transformers")
 
@@ -40,6 +41,7 @@ def _train(name, mode=None):
     fwd = m
     if mode == "compile":
         torch._dynamo.reset()
+        counters.clear()
         fwd = torch.compile(m, backend="aot_eager")
     elif mode == "inference_first":    # an evaluation under inference_mode before training (caches built there)
         m.eval()
@@ -55,6 +57,8 @@ def _train(name, mode=None):
         assert m.model.gradient_checkpointing
     torch.manual_seed(4)
     losses = [float(rep.step(lambda: fwd(IDS, labels=IDS).loss)) for _ in range(3)]
+    if mode == "compile":    # one graph a frame: no fused op breaks it (fp8_lora's dropout seed did, read as an int)
+        assert not counters["graph_break"], dict(counters["graph_break"])
     return losses, [p.detach().clone() for p in m.parameters()]
 
 

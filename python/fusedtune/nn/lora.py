@@ -670,11 +670,11 @@ class LoRALinear(nn.Module):
         _nf4_wider_input), plus the LoRA branch in float32 as separate torch GEMMs, dropout from the same
         seeded rule as the fused op. gid (a mixed batch, _mixed_forward): each row's adapter index in `names`
         (-1: none); each adapter's branch then runs over its own rows."""
-        from ..reference.lora import dropout
+        from ..ops.lora_dropout import lora_dropout
         y = self.base_layer(x)   # x's dtype, or the autocast dtype under torch.autocast (as peft's output)
         with _autocast.off(x.device):   # the branch in float32, rounded once to y's dtype
             x2 = x.reshape(-1, x.shape[-1])
-            xd = (dropout(x2, p, int(lora_ops._seed_tensor(None, p))) if p else x2).float()
+            xd = (lora_dropout(x2, p, lora_ops._seed_tensor(None, p)) if p else x2).float()
             if gid is None:
                 A, B = self._stacked(names)
                 S = self._table(names, x.device, summed=True)[0]
