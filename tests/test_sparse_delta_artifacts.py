@@ -439,7 +439,7 @@ def test_composable_sft_refusals():
         sd.from_composable_sft(body, m)
     with warnings.catch_warnings(record=True) as w:
         warnings.simplefilter("always")
-        got = sd.from_composable_sft({"body": body, "head": {"score.weight": torch.zeros(2)}}, m, strict=False)
+        got = sd.from_composable_sft({"body": body}, m, strict=False)
     assert got.equal(d) and any("skipped 1" in str(x.message) for x in w)
     assert got.metadata["composable_sft_skipped"] == "model.embed_tokens.weight"
     bad = {f"{LAYERS[0]}.weight": {**e, "index_steps": [e["index_steps"][0], 0] + e["index_steps"][2:]}}
@@ -451,6 +451,34 @@ def test_composable_sft_refusals():
     bad = {f"{LAYERS[0]}.weight": {**e, "index_steps": e["index_steps"][:-1] + [10 ** 6]}}
     with pytest.raises(SparseDeltaError, match="outside"):
         sd.from_composable_sft(bad, m)
+
+
+def test_composable_sft_newer_names_dense_part_and_missing_parameters(tmp_path):
+    """composable-sft's later file layout ({"diffs", "abs"}) imports as the older one ({"body", "head"}) does, and
+    an export carries both names, so either version applies it (found by review: the later layout was refused with
+    a misleading error, and an export read by it applied nothing). A dense part is refused with strict=True (it
+    was dropped without a word) and warned about with strict=False; a parameter the model lacks is refused with
+    strict=False too, whatever its leaf name (a missing bias was skipped as 'not a linear-layer weight')."""
+    m = tiny_llama()
+    d = random_delta(m, LAYERS[:2])
+    enc = sd.to_composable_sft(d, tmp_path)
+    assert enc["diffs"] is enc["body"]
+    on_disk = torch.load(tmp_path / "pytorch_diff.bin", weights_only=False)
+    assert set(on_disk) == {"body", "diffs"} and on_disk["diffs"] is on_disk["body"]     # stored once
+    assert sd.from_composable_sft({"diffs": enc["body"], "abs": {}}, m).equal(d)
+    torch.save({"diffs": enc["body"], "abs": {}}, tmp_path / "pytorch_diff.bin")
+    assert sd.from_composable_sft(tmp_path, m).equal(d)
+    head = {"lm_head.weight": torch.zeros(48, 32)}
+    for key in ("head", "abs"):
+        with pytest.raises(SparseDeltaError, match=f"dense parameters.*{key}.*lm_head"):
+            sd.from_composable_sft({"body": enc["body"], key: head}, m)
+        with pytest.warns(UserWarning, match="not imported"):
+            got = sd.from_composable_sft({"body": enc["body"], key: head}, m, strict=False)
+        assert got.equal(d) and "lm_head.weight" in got.metadata["composable_sft_head"]
+    one = {"size": torch.Size([7]), "index_steps": [0], "values": torch.ones(1)}
+    for leaf in ("bias", "weight"):
+        with pytest.raises(SparseDeltaError, match=f"layers.7.mlp.down_proj.{leaf}'.*does not have"):
+            sd.from_composable_sft({f"model.layers.7.mlp.down_proj.{leaf}": one}, m, strict=False)
 
 
 # ----------------------------------------------------------------------------------------- the method

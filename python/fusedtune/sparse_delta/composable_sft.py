@@ -3,6 +3,8 @@
 composable-sft (cambridgeltl) saves an SFT as `pytorch_diff.bin`, a torch.save'd dict
     {"body": {<parameter name>: {"size": torch.Size, "index_steps": [int, ...], "values": Tensor}},
      "head": {<parameter name>: Tensor}}           # "head" optional: dense task-head weights
+(later versions name the two parts "diffs" and "abs"; both spellings are read, and an export writes the
+sparse part under both names -- one dict, stored once -- so that either version applies it).
 Per parameter, the entries are ordered by their flat index in column-major order (the first
 dimension varies fastest: for a 2-D parameter of size (d0, d1), element (i, j) has flat index
 i + j * d0), and the indices are delta-encoded: index_steps[0] is the first flat index, each
@@ -83,14 +85,15 @@ def _layer_for(model, pname):
     kind "conv1d": the SFT holds it in Conv1D's (in, out) layout (GPT-2's Conv1D, or the layer that
     fusedtune.patch swapped in for one)."""
     from ..patch import is_conv1d  # noqa: PLC0415
+    try:
+        model.get_parameter(pname)
+    except AttributeError:
+        raise SparseDeltaError(f"from_composable_sft: the SFT has parameter {pname!r}, which the model does "
+                               "not have (composable-sft refuses it too)") from None
     mname, _, leaf = pname.rpartition(".")
     if leaf != "weight":
         return None
-    try:
-        mod = model.get_submodule(mname)
-    except AttributeError:
-        raise SparseDeltaError(f"from_composable_sft: the SFT has parameter {pname!r}, which the model does "
-                               "not have") from None
+    mod = model.get_submodule(mname)
     if _is_sdl(mod):
         return mname, "conv1d" if _conv1d_layout(model, mname, mod) else "linear", (mod.out_features,
                                                                                   mod.in_features)
@@ -104,12 +107,13 @@ def _layer_for(model, pname):
 def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = True,
                         trust_pickle: bool = False) -> SparseDelta:
     """Convert a composable-sft SFT (a directory holding pytorch_diff.bin, the file itself, the loaded
-    dict with "body", or the body dict) into a SparseDelta for `model`'s linear layers.
+    dict with "body" or "diffs", or that part alone) into a SparseDelta for `model`'s linear layers.
 
     Only weights of nn.Linear / Conv1D / SparseDeltaLinear layers convert. Other entries (embeddings,
     biases, norms; composable-sft trains them too) are refused with strict=True; with strict=False
     they are skipped with a warning and listed in delta.metadata["composable_sft_skipped"]. A dense
-    "head" is not imported (noted in the metadata). The file is read with torch.load(weights_only=
+    part ("head" / "abs") is refused with strict=True and, with strict=False, not imported (a warning,
+    noted in the metadata). A parameter the model does not have is refused either way. The file is read with torch.load(weights_only=
     True) unless trust_pickle=True."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"from_composable_sft: model must be a torch.nn.Module, got {type(model).__name__}")
@@ -118,12 +122,21 @@ def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = 
         src = _load_bin(src, trust_pickle)
     if not isinstance(src, dict):
         raise TypeError(f"from_composable_sft: expected a path or a dict, got {type(src).__name__}")
-    if "body" in src:
-        body = src["body"]
-    elif "head" in src:
-        raise SparseDeltaError("from_composable_sft: the SFT has a 'head' but no 'body' (nothing to import)")
+    sparse_key = next((k for k in ("body", "diffs") if k in src), None)
+    dense_key = next((k for k in ("head", "abs") if k in src), None)
+    if sparse_key is not None:
+        body = src[sparse_key]
+    elif dense_key is not None:
+        raise SparseDeltaError(f"from_composable_sft: the SFT has a {dense_key!r} part but no sparse part "
+                               "('body' or 'diffs'): nothing to import")
     else:
         body = src
+        dense_key = None
+    dense = src.get(dense_key) if dense_key is not None else None
+    if dense and strict:
+        raise SparseDeltaError(f"from_composable_sft: the SFT has dense parameters ({dense_key!r}: "
+                               f"{sorted(dense)[:8]}) that composable-sft copies into the model and a SparseDelta "
+                               "cannot hold; pass strict=False to import the sparse part alone")
     if not isinstance(body, dict):
         raise SparseDeltaError("from_composable_sft: 'body' must map parameter names to encoded diffs")
     out = SparseDelta(metadata={"source": "composable-sft"})
@@ -171,13 +184,16 @@ def from_composable_sft(state_dict_or_path, model: nn.Module, *, strict: bool = 
         warnings.warn(f"from_composable_sft: skipped {len(skipped)} entries that are not linear-layer weights: "
                       f"{skipped[:8]}" + (" ..." if len(skipped) > 8 else ""), stacklevel=2)
         out.metadata["composable_sft_skipped"] = ",".join(skipped)
-    if isinstance(src, dict) and src.get("head"):
-        out.metadata["composable_sft_head"] = "not imported: " + ",".join(src["head"])
+    if dense:
+        warnings.warn(f"from_composable_sft: the dense part {dense_key!r} ({len(dense)} parameters) is not imported",
+                      stacklevel=2)
+        out.metadata["composable_sft_head"] = "not imported: " + ",".join(dense)
     return out
 
 
 def to_composable_sft(delta: SparseDelta, path=None, model: nn.Module | None = None) -> dict:
     """A SparseDelta as composable-sft's {"body": {<module>.weight: {"size", "index_steps", "values"}}}
+    (the same dict also under "diffs", the name later composable-sft versions read)
     (column-major, delta-encoded, float32 values); written to `path` with torch.save when given (a
     directory gets pytorch_diff.bin). With `model`, Conv1D layers are written in their (in, out)
     layout; without it every layer is taken to be an nn.Linear (size (out, in))."""
@@ -202,7 +218,7 @@ def to_composable_sft(delta: SparseDelta, path=None, model: nn.Module | None = N
         steps = torch.diff(colmajor, prepend=torch.zeros(1, dtype=torch.int64)) if colmajor.numel() else colmajor
         body[f"{name}.weight"] = {"size": torch.Size(size), "index_steps": steps.tolist(),
                                   "values": ld.values.cpu()[order].clone()}
-    out = {"body": body}
+    out = {"body": body, "diffs": body}   # the older and the newer composable-sft's names (module docstring)
     if path is not None:
         path = os.fspath(path)
         if os.path.isdir(path):
