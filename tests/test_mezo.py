@@ -115,6 +115,22 @@ def test_backend_report():
     assert rows[0]["backend"] == ("cpu" if fusedtune._ext.loaded() else "reference")
 
 
+def test_report_follows_the_parameters_to_another_device():
+    """fusedtune.report of method="mezo" after model.to(device) names the device the parameters are on now and its
+    backend (found by review: it gave the device of the last step's buckets). The swap conversion mode keeps the
+    parameter objects, as a CPU -> GPU .to() does; meta stands in for the GPU."""
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8))
+    fusedtune.patch(model, "mezo", lr=1e-3)
+    prev = torch.__future__.get_swap_module_params_on_conversion()
+    torch.__future__.set_swap_module_params_on_conversion(True)
+    try:
+        model.to("meta")
+    finally:
+        torch.__future__.set_swap_module_params_on_conversion(prev)
+    [row] = fusedtune.report(model).rows
+    assert row.name.endswith("meta") and row.backend == "reference"
+
+
 def test_frozen_parameters_are_left_alone():
     """MeZO(model.parameters()) with a frozen base (LoRA-style) must not perturb or update the base."""
     base = torch.nn.Linear(8, 8)

@@ -253,11 +253,15 @@ class MeZO(CopyableOptimizer):
         since is refused here, not half-way through the groups; one moved to another device re-buckets)."""
         for group in self.param_groups:
             _check_group_values(group, "MeZO.step: a parameter group's")
-        for _, dev, ts, _ in self._buckets:
-            if any(t.device != dev for t in ts):
-                self._buckets = self._make_buckets()
-                return
+        if self._moved():
+            self._buckets = self._make_buckets()
+            return
+        for _, _, ts, _ in self._buckets:
             _check_tensors(ts)
+
+    def _moved(self) -> bool:
+        """Whether a parameter is no longer on its bucket's device (model.to(...) since the buckets were made)."""
+        return any(t.device != dev for _, dev, ts, _ in self._buckets for t in ts)
 
     def replay_args(self, group: int | None = None) -> tuple[list, list]:
         """(params, tensor ids) of the parameters the steps perturb now (of param_groups[group] only, if
@@ -321,8 +325,12 @@ class MeZO(CopyableOptimizer):
 
     def backend_report(self) -> list[dict]:
         from ..ops.zo import zo_backend
+        buckets = self._buckets
+        if self._moved():     # the devices the parameters are on now (the next step re-buckets them so)
+            ids = set(self._ids())
+            buckets = self._buckets_of(lambda tid, p: tid in ids)
         rows = []
-        for _, dev, ts, ids in self._buckets:
+        for _, dev, ts, ids in buckets:
             choice = zo_backend(dev, self.backend)
             for p, i in zip(ts, ids):
                 rows.append({"param_index": i, "shape": tuple(p.shape), "dtype": str(p.dtype), "device": str(dev),
