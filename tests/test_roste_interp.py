@@ -78,6 +78,26 @@ def test_sizes_the_kernel_cannot_serve_are_said():
         hadamard(torch.zeros(2, 148 * 256), backend="triton")
 
 
+def test_rostelinear_refuses_or_reports_a_size_the_triton_rotation_cannot_serve(monkeypatch):
+    """RoSTELinear with backend="triton" over a size the Triton rotation cannot serve (172 * 8: P < 16) is refused at
+    construction, and patch changes nothing (found by review: it was accepted, reported as Triton, and the first
+    forward failed); under "auto" on a GPU the report says the reference, which the op then runs."""
+    import fusedtune
+    from fusedtune.nn import RoSTELinear
+    from fusedtune.nn import roste as nn_roste
+    n = 172 * 8
+    model = torch.nn.Sequential(torch.nn.Linear(n, 16), torch.nn.Linear(16, 16))
+    with pytest.raises(BackendError, match="n = 1376 is not"):
+        fusedtune.patch(model, "roste", target_modules="all-linear", backend="triton", a_bits=8)
+    assert [type(m) for m in model] == [torch.nn.Linear] * 2 and fusedtune.report(model).method is None
+    RoSTELinear.from_linear(torch.nn.Linear(n, 16), backend="triton", rotate=False)       # nothing to rotate
+    layer = RoSTELinear.from_linear(torch.nn.Linear(n, 16))
+    monkeypatch.setattr(nn_roste, "roste_backend", lambda device, backend: {"backend": "triton", "why_not": {}})
+    rep = layer._fusedtune_report()
+    assert rep["backend"] == "reference" and "n = 1376 is not" in rep["why_not"]["triton"]
+    assert RoSTELinear.from_linear(torch.nn.Linear(4096, 8))._fusedtune_report()["backend"] == "triton"
+
+
 def test_fp16_large_column_does_not_overflow_between_the_gemms():
     """A = 256 (n = 32768): H_A x reaches 256 x 5000 in one column before H_P spreads it; the bf16 split
     keeps it finite where an fp16 intermediate would overflow."""

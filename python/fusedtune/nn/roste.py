@@ -9,6 +9,14 @@ from ..reference.hadamard import split_size
 from .plain import plain_linear
 
 
+def _triton_cannot_rotate(n: int) -> str | None:
+    """Why the Triton rotation cannot serve rows of n features (ops.roste._rotation_backend's rule), or None."""
+    from ..ops.roste import _triton_serves  # noqa: PLC0415
+    if _triton_serves(n):
+        return None
+    return f"the Triton rotation serves rows of n = A x P with A <= 256 and P >= 16; n = {n} is not"
+
+
 class RoSTELinear(nn.Module):
     """y = Q_a(x H) (Q_w(W H))^T + b: input and weight rotated by the same orthonormal Hadamard H (so
     (x H)(W H)^T = x W^T before quantization), activations fake-quantized per token, weights per output
@@ -33,6 +41,10 @@ class RoSTELinear(nn.Module):
         self.ste, self.backend = ste, backend
         if rotate:
             split_size(self.in_features)         # refuses a size without a Hadamard construction, naming them
+            why = _triton_cannot_rotate(self.in_features)
+            from .. import backend as _backend   # noqa: PLC0415
+            if why and _backend.requested(backend) == "triton":
+                raise _backend.BackendError(f"RoSTELinear: backend 'triton' was asked for, but {why}")
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, w_bits: int = 4, a_bits: int = 4, rotate: bool = True,
@@ -57,6 +69,9 @@ class RoSTELinear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = roste_backend(self.weight.device, self.backend)
+        why = _triton_cannot_rotate(self.in_features) if self.rotate else None
+        if b["backend"] == "triton" and why:     # what the op does then: the reference, after one warning
+            b = {"backend": "reference", "why_not": {**b["why_not"], "triton": why}}
         how = ("one Triton launch per operand: rotation + per-row fake quant" if b["backend"] == "triton" else
                "reference math")
         return {"method": "roste", "backend": b["backend"],
