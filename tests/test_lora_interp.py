@@ -319,3 +319,16 @@ def test_report_names_the_schedule_of_the_last_call(monkeypatch):
     monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 10 * 40 * 24)
     torch.testing.assert_close(layer(x), want, atol=1e-5, rtol=1e-5)
     assert "last call: 10 rows, cublas" in layer._fusedtune_report()["path"]
+    # DoRA with dropout runs its GEMMs in the fused kernel whatever the size (found by review: reported as cublas)
+    dora = LoRALinear.from_linear(torch.nn.Linear(24, 40), r=4, alpha=8, dropout=0.1, use_dora=True, backend="triton")
+    mm = []
+    monkeypatch.setattr(torch, "mm", lambda *a, **k: mm.append(1))
+    with torch.no_grad():
+        dora(x)
+    assert mm == [] and "last call: 10 rows, fused (DoRA with dropout" in dora._fusedtune_report()["path"]
+    dora.eval()                                    # no dropout: the size's schedule again
+    monkeypatch.undo()
+    monkeypatch.setattr(lora_triton, "CUBLAS_MIN_WORK", 10 * 40 * 24)
+    with torch.no_grad():
+        dora(x)
+    assert "last call: 10 rows, cublas" in dora._fusedtune_report()["path"]

@@ -553,6 +553,7 @@ class LoRALinear(nn.Module):
         nf4, dt = self._nf4_weight(x)
         bias = self._modules["base_layer"].bias
         self.__dict__["_last_rows"] = x.numel() // max(x.shape[-1], 1)   # the report's schedule of the last call
+        self.__dict__["_last_dropped"] = False     # (_dora_forward: True for a call with dropout)
         # (through __dict__: nn.Module.__setattr__ costs ~3 us a call, checking for parameters and modules)
         if nf4 is not None:
             return (x if x.dtype == dt else x.to(dt)), None, nf4, bias, x.dtype
@@ -605,6 +606,7 @@ class LoRALinear(nn.Module):
 
     def _dora_forward(self, x, name, p):
         x, w, nf4, bias, out_dtype = self._base_args(x)
+        self.__dict__["_last_dropped"] = p > 0.0   # DoRA with dropout: always the fused GEMM (the report says so)
         norm = self._dora_norm(name, cache=not self.training and not torch.is_grad_enabled())
         with _autocast.off(x.device):
             y = dora_ops.dora_linear(x, w, self.lora_A[name].weight, self.lora_B[name].weight, self.scaling[name],
@@ -965,6 +967,8 @@ class LoRALinear(nn.Module):
                     and (not nf4 or lora_ops.nf4_path(last, True) == "buffer")
                     and dt in (torch.bfloat16, torch.float16)):
                 sched = "fused (lora_gemm_tma_kernel: TMA loads, persistent grid, where the operands allow)"
+            if sched is not None and self.__dict__.get("_last_dropped"):
+                sched = "fused (DoRA with dropout: the dropped input's GEMM runs in the fused kernel, never cuBLAS)"
             path = ("Triton: x.A^T shrink, then one GEMM with the LoRA term as an inner loop of length r (fused), or "
                     f"for M*N*K >= {lora_triton.CUBLAS_MIN_WORK} the base GEMM through cuBLAS and "
                     "lora_expand_kernel adding the LoRA term (cublas)"
