@@ -148,6 +148,12 @@ class HalfFineTuner:
         self.map: ModelMap = map_model(model)
         refuse_packed(model.named_parameters(), "HalfFineTuner",
                       "HFT trains the weights themselves; load the model in 16 or 32 bits", HFTError)
+        meta = next((n for n, p in model.named_parameters() if p.is_meta), None)
+        if meta is not None and (snapshot is not False or granularity in ROW_GRANULARITIES):
+            raise HFTError(f"HalfFineTuner: {meta} is on the meta device and holds no values, but the pretrained "
+                           "snapshot (reset) and the row masters are copied from the weights now. Materialise the "
+                           "model first (to_empty and load its state dict, or from_pretrained without "
+                           "init_empty_weights). Nothing was changed")
         self._row_cls = None
         if granularity in ROW_GRANULARITIES:
             self._row_cls, why = _row_linear_class()

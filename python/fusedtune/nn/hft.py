@@ -7,7 +7,7 @@ from torch import nn
 from .._inference import version
 from ..backend import warn_once
 from .masters import OwnsMasters, keep_dtype
-from .plain import plain_linear
+from .plain import plain_linear, refuse_meta
 
 from ..ops.hft import hft_row_linear
 
@@ -64,6 +64,7 @@ class RowMaskedLinear(OwnsMasters):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"RowMaskedLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         cls.check_backend("RowMaskedLinear.from_linear", backend, linear.weight.device)
+        refuse_meta("RowMaskedLinear.from_linear", linear.weight, "the trained rows' masters are copied from it now")
         if not linear.weight.is_contiguous() or (linear.bias is not None and not linear.bias.is_contiguous()):
             raise ValueError("RowMaskedLinear.from_linear: the linear's weight (or bias) is not contiguous (a "
                              f"transposed view of another tensor, strides {linear.weight.stride()}): the fused "

@@ -29,7 +29,7 @@ from ..ops.lora import LoRAUnsupported
 from ..reference.nf4 import Nf4Weight
 from .fp8 import FP8Linear
 from .masters import optimizer_steps
-from .plain import is_conv1d, plain_linear
+from .plain import is_conv1d, plain_linear, refuse_meta
 
 BASE = "__base__"   # peft's name for "no adapter" in a mixed batch
 
@@ -233,6 +233,10 @@ class LoRALinear(nn.Module):
         (peft's; not with DoRA or PiSSA / OLoRA, which peft refuses too)."""
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
+        w = getattr(self._modules["base_layer"], "weight", None)
+        if torch.is_tensor(w):
+            refuse_meta("LoRALinear.add_adapter", w, "a new adapter is initialised now (B = 0 so that the output is "
+                        "the base's; DoRA's magnitude from the weight norm), and to_empty would leave it garbage")
         if name in self.r:
             raise ValueError(f"LoRALinear: an adapter named {name!r} exists already")
         if not isinstance(r, int) or r <= 0:

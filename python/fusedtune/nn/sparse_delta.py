@@ -12,7 +12,7 @@ from ..backend import warn_once
 from ..ops._linear import refuse_double_backward
 from ..ops.sparse_delta import check_delta_grad, check_indices, dense_fp32_dw, sparse_delta_linear
 from .masters import OwnsMasters, keep_dtype
-from .plain import plain_linear
+from .plain import plain_linear, refuse_meta
 
 
 class _WindowLinear(torch.autograd.Function):
@@ -77,6 +77,8 @@ class SparseDeltaLinear(OwnsMasters):
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"SparseDeltaLinear.from_linear: expected nn.Linear, got {type(linear).__name__}")
         check_delta_grad(delta_grad, "SparseDeltaLinear.from_linear")
+        refuse_meta("SparseDeltaLinear.from_linear", linear.weight, "the chosen delta positions are stored now (on "
+                    "the weight's device: to_empty would leave them garbage)")
         numel = linear.weight.numel()
         if not linear.weight.is_contiguous():
             raise ValueError("SparseDeltaLinear.from_linear: the linear's weight is not contiguous (a transposed view "

@@ -142,6 +142,9 @@ def _check_tensors(tensors) -> list[torch.Tensor]:
         if t.device != tensors[0].device:
             raise ValueError(f"zo_apply_: tensors[{i}] is on {t.device}, tensors[0] on {tensors[0].device}; "
                              "one call takes tensors of one device")
+        if t.is_meta:
+            raise ValueError(f"zo_apply_: tensors[{i}] is on the meta device (no values to perturb); materialise "
+                             "the model first (to_empty and load its state dict)")
     check_writable("zo_apply_", ((t,) for t in tensors))
     return tensors
 
