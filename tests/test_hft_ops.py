@@ -433,3 +433,20 @@ def test_masked_adamw_none_targets_equal_empty_ones(backend, mixed):
             assert torch.equal(a, b)
     if mixed:
         assert torch.equal(want[4][0], got[4][0])
+
+
+def test_row_masters_replaced_by_new_tensors_are_written():
+    """New weight_rows (a new Parameter assigned, or torch.func.functional_call) start at the old one's version:
+    the layer must see they are other tensors and write them into the weight (found by review: the forward kept
+    the old rows, silently)."""
+    from fusedtune.nn.hft import RowMaskedLinear
+    lin = torch.nn.Linear(40, 24)
+    h = RowMaskedLinear.from_linear(lin, torch.tensor([1, 5, 7]))
+    x = torch.randn(3, 40)
+    y0 = h(x).detach()
+    h.weight_rows = torch.nn.Parameter(h.weight_rows.detach() + 1.0)
+    w = lin.weight.detach().clone()
+    w[[1, 5, 7]] += 1.0
+    torch.testing.assert_close(h(x), torch.nn.functional.linear(x, w, lin.bias))
+    y = torch.func.functional_call(h, {"weight_rows": h.weight_rows.detach() - 1.0}, (x,))
+    torch.testing.assert_close(y, y0)

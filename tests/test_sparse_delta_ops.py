@@ -283,7 +283,7 @@ def test_other_optimizers_and_edits_of_values_reach_the_forward(kind, monkeypatc
     opt2 = SparseDeltaAdamW([m2.values], lr=1e-2)
     m2(x).pow(2).mean().backward()
     opt2.step()
-    assert m2._merged_version == m2.values._version
+    assert m2._merged_stamp.matches(m2.values)
 
 
 def test_to_linear_takes_values_changed_outside_sparse_delta_adamw():
@@ -414,3 +414,19 @@ def test_masters_swapped_in_one_process_are_not_refused():
     want = layer(x)
     layer._parameters["values"] = torch.nn.Parameter(layer.values.detach().clone())   # as a replica gets it
     assert torch.equal(layer(x), want)
+
+
+def test_values_replaced_by_a_new_tensor_are_merged():
+    """A new `values` tensor (a new Parameter assigned, or torch.func.functional_call) starts at the old one's
+    version: the layer must see it is another tensor and merge it (found by review: the forward kept the old
+    merged weight, silently)."""
+    m = SparseDeltaLinear.from_linear(torch.nn.Linear(40, 24), density=0.1)
+    x = torch.randn(3, 40)
+    y0 = m(x).detach()
+    m.values = torch.nn.Parameter(torch.full_like(m.values, 0.5))
+    w = m.weight.detach().clone()
+    w.view(-1)[m.indices.long()] = (m.base_values.float() + 0.5).to(w.dtype)
+    torch.testing.assert_close(m(x), F.linear(x, w, m.bias))
+    assert not torch.equal(m(x), y0)
+    y = torch.func.functional_call(m, {"values": torch.zeros_like(m.values)}, (x,))
+    torch.testing.assert_close(y, y0)

@@ -38,3 +38,24 @@ def version(t: torch.Tensor):
     """t._version, or for an inference tensor (a layer built under torch.inference_mode; it has no version
     counter) a new object, equal to nothing: a check keyed on it takes its slow, exact path every time."""
     return object() if t.is_inference() else t._version
+
+
+class Stamp:
+    """Which tensors, at which versions: a layer's record that its weight holds its masters' current values.
+    matches(*ts) needs the very same tensors (not only equal version counters: a master swapped for a new tensor,
+    by functional_call or by assigning a new Parameter, starts at the old one's version) at the same versions.
+    It holds the tensors themselves (a weak reference would block torch.utils.swap_tensors, which the swap
+    conversion mode uses on the masters; the layer holds them anyway, and a replaced one only until the next
+    check). A pickled or deep-copied stamp matches nothing, so the copy checks its weight once, exactly."""
+    __slots__ = ("_ts", "_versions")
+
+    def __init__(self, *ts: torch.Tensor):
+        self._ts = ts
+        self._versions = tuple(version(t) for t in ts)
+
+    def matches(self, *ts: torch.Tensor) -> bool:
+        return (len(ts) == len(self._ts) and all(a is b for a, b in zip(self._ts, ts))
+                and self._versions == tuple(version(t) for t in ts))
+
+    def __reduce__(self):
+        return (Stamp, ())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .._inference import version
+from .._inference import Stamp
 from ..backend import warn_once
 from .masters import OwnsMasters, keep_dtype
 from .plain import plain_linear, refuse_meta
@@ -186,15 +186,15 @@ class RowMaskedLinear(OwnsMasters):
         super().__setstate__(state)
         self._realias()    # a deep copy copies the views as separate tensors
 
-    def _master_versions(self) -> tuple:
-        """The masters' versions (weight_rows, and bias_rows where the layer has one); read every forward."""
+    def _masters(self) -> tuple:
+        """The masters (weight_rows, and bias_rows where the layer has one); their stamp is checked every forward."""
         wr, br = self.weight_rows, self.bias_rows
-        return (version(wr),) if br is None else (version(wr), version(br))
+        return (wr,) if br is None else (wr, br)
 
     def mark_rows_written(self) -> None:
         """Record that the weight's (bias's) selected rows hold the current masters, rounded (MaskedAdamW
         calls it after its fused step; anything that writes both calls it)."""
-        self._rows_written = self._master_versions()
+        self.__dict__["_rows_written"] = Stamp(*self._masters())
 
     @torch.no_grad()
     def write_rows_(self) -> None:
@@ -220,13 +220,14 @@ class RowMaskedLinear(OwnsMasters):
 
     def masters_written_elsewhere(self) -> None:
         if self.masters:     # (views of the weight: written in place already)
-            self.__dict__["_rows_written"] = None
+            self.__dict__["_rows_written"] = Stamp()
             self._refresh_if_masters_changed()
 
     def _refresh_if_masters_changed(self) -> None:
         """Masters written by anything but MaskedAdamW (torch.optim.AdamW, an in-place edit) would leave
         the forward on stale rows, and training would silently do nothing: write them, and say so once."""
-        if self.__dict__.get("_rows_written") != self._master_versions():   # (a plain attribute: no getattr)
+        stamp = self.__dict__.get("_rows_written")       # (a plain attribute: no getattr)
+        if stamp is None or not stamp.matches(*self._masters()):   # (other tensors, or written since)
             if self._rows_match():   # rewritten with the same values (DDP's first broadcast, a load of them)
                 self.mark_rows_written()
                 return

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._inference import version
+from .._inference import Stamp
 from ..backend import warn_once
 from ..ops._linear import refuse_double_backward
 from ..ops.sparse_delta import check_delta_grad, check_indices, dense_fp32_dw, sparse_delta_linear
@@ -194,18 +194,19 @@ class SparseDeltaLinear(OwnsMasters):
     def merge_(self) -> None:
         """W[idx] = round(base + delta)."""
         self.weight.view(-1).index_copy_(0, self.indices.long(), self._merged())
-        self._merged_version = version(self.values)
+        self.__dict__["_merged_stamp"] = Stamp(self.values)
 
     def masters_written_elsewhere(self) -> None:
-        self.__dict__["_merged_version"] = None      # (nn.Module's __setattr__ is slow)
+        self.__dict__["_merged_stamp"] = Stamp()      # (nn.Module's __setattr__ is slow)
         self._refresh_if_values_changed()
 
     def _refresh_if_values_changed(self) -> None:
         """`values` written by anything but SparseDeltaAdamW (another optimizer, load_state_dict, an
         in-place edit) would leave the merged weight stale: merge them again, and say so once."""
-        if getattr(self, "_merged_version", None) != version(self.values):
+        stamp = self.__dict__.get("_merged_stamp")
+        if stamp is None or not stamp.matches(self.values):   # (another tensor, or the same one written since)
             if self._merged_matches():   # rewritten with the same values (DDP's first broadcast, a load of them)
-                self._merged_version = version(self.values)
+                self.__dict__["_merged_stamp"] = Stamp(self.values)
                 return
             warn_once("sparse_delta values changed outside SparseDeltaAdamW",
                       "fusedtune: SparseDeltaLinear.values changed outside SparseDeltaAdamW (another optimizer, "

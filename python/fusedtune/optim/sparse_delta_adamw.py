@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from .._inference import Stamp
 from ..nn.masters import owner_of
 from ..ops.sparse_delta import _check_adamw_lists, sparse_adamw_
 from ..reference.adamw import check_hparams
@@ -74,7 +75,7 @@ class SparseDeltaAdamW(FusedAdamW):
                       weight_decay=group["weight_decay"], step=step, steps=steps, backend=self.backend,
                       check=False)  # indices checked by the layers
         for p, layer in zip(lists[0], layers):   # the merged weights are current: the layers need not merge again
-            layer.__dict__["_merged_version"] = p._version   # a plain attribute (nn.Module's __setattr__ is slow)
+            layer.__dict__["_merged_stamp"] = Stamp(p)   # a plain attribute (nn.Module's __setattr__ is slow)
 
     def _check_run(self, lists, group, step, tensors: bool) -> None:
         check_hparams("sparse_adamw_", group["lr"], group["betas"][0], group["betas"][1], group["eps"],
