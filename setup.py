@@ -26,6 +26,16 @@ TORCH_RANGE = "torch>=2.11"   # tested: 2.11 (tools/compat_check.sh) and 2.14 (C
 REQUIRES = ["numpy", "safetensors"]   # safetensors: sparse_delta.save/load
 
 
+def _env_flag(name, default):
+    """A switch, by the package's rule (python/fusedtune/_env.py; tests/test_env_flags.py keeps the two
+    the same): 1/true/yes/on or 0/false/no/off in any case, unset or empty the default, else a stop."""
+    value = os.environ.get(name, "").strip().lower()
+    if value in ("1", "true", "yes", "on", "0", "false", "no", "off", ""):
+        return default if not value else value in ("1", "true", "yes", "on")
+    raise SystemExit(f"fusedtune: {name}={os.environ[name]!r}: expected 1/true/yes/on or 0/false/no/off (any case), "
+                     "or unset")
+
+
 def _gencode(archs):
     if not archs.strip():
         raise SystemExit("FUSEDTUNE_CUDA_ARCHS is empty; give targets such as 8.0;8.9;9.0a, or unset it for "
@@ -82,7 +92,7 @@ def _sources(pattern, what):
 
 def extensions():
     """(ext_modules, cmdclass, install_requires)."""
-    if os.environ.get("FUSEDTUNE_SKIP_CUDA") == "1":
+    if _env_flag("FUSEDTUNE_SKIP_CUDA", False):
         print("fusedtune: FUSEDTUNE_SKIP_CUDA=1 -> pure-Python install, no extension")
         return [], {}, [TORCH_RANGE] + REQUIRES
     _find_cuda_home()
@@ -93,7 +103,7 @@ def extensions():
     no_nvcc = cuda_home is not None and not os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
     if no_nvcc:      # a CUDA runtime image: libraries, no compiler
         print(f"fusedtune: {cuda_home} has no bin/nvcc -> C++ CPU kernels only")
-    with_cuda = cuda_home is not None and not no_nvcc and os.environ.get("FUSEDTUNE_NO_CUDA") != "1"
+    with_cuda = cuda_home is not None and not no_nvcc and not _env_flag("FUSEDTUNE_NO_CUDA", False)
     archs = os.environ.get("FUSEDTUNE_CUDA_ARCHS", DEFAULT_ARCHS)
     cxx = ["-O3", "-ffp-contract=off", "-fvisibility=hidden"]
     defines = [f'-DFT_TORCH_VERSION="{torch.__version__}"']

@@ -1,9 +1,9 @@
-import os
-
 import pytest
 import torch
 
-INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+from fusedtune._env import interpreting
+
+INTERP = interpreting()      # TRITON_INTERPRET as Triton reads it (1/true/yes/on/y)
 
 
 def pytest_collection_modifyitems(config, items):

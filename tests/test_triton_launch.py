@@ -4,7 +4,6 @@ Triton's own path gives the same call, for every argument property Triton specia
 Runs without a GPU: fusedtune.bench.nogpu_driver compiles these test kernels for sm_90 (ptxas) and records
 each launch instead of running it. (tests/test_triton_launch_gpu.py runs the fast path on a GPU.)
 """
-import os
 
 import numpy as np
 import pytest
@@ -12,11 +11,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fusedtune._env import interpreting
 from fusedtune.bench import nogpu_driver
 from fusedtune.triton_kernels import launch as L
 from launch_cases import axpy as _axpy
 
-pytestmark = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") == "1" or not L.ENABLED,
+pytestmark = pytest.mark.skipif(interpreting() or not L.ENABLED,
                                 reason="compiles real Triton kernels (not in the interpreter)")
 
 

@@ -17,17 +17,18 @@ IEEE (div_rn). Quantized tensors are written through a uint8 view.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fusedtune._env import interpreting
+
 from .common import autotune, gemm_tile, cdiv
 from .launch import fast
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 TILE = 128
 _CHUNK = 16 if _INTERP else 32   # rows of a quantizer tile converted at once
 # the row quantizer's (CHUNK, num_warps), autotuned: at (32, 4) with the column copy it holds 221 registers

@@ -23,11 +23,11 @@ fp8_gemm_kernel otherwise.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import env_flag, interpreting
 
 from .common import autotune, cdiv
 from .launch import fast
@@ -35,9 +35,9 @@ from .lora import _sm_count
 from .lora_tma import _aligned, _ensure_allocator, _row_stride, available
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 ENV = "FUSEDTUNE_FP8_TMA"
-ENABLED = os.environ.get(ENV, "0") == "1"
+ENABLED = env_flag(ENV, False)
 launches = 0      # calls that took this kernel (the bench checks that its timings did)
 TILE = 128        # the K block of the scales: the promotion's granularity
 MIN_ROWS = 64     # fewer rows stay on fp8_gemm_kernel (every config here has BLOCK_M >= 64)

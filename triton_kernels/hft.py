@@ -5,17 +5,17 @@ or bf16/fp16 rounded once from the fp32 sum in the store (HFT block granularity'
 weight's dtype)."""
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import interpreting
 
 from .common import autotune, cdiv
 from .launch import fast
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 _CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 32, 4, 3),
 ]  # BLOCK_K 32: the gathered A-tile's per-element addresses spill at 64 (python -m fusedtune kernels)

@@ -29,12 +29,13 @@ from __future__ import annotations
 
 import contextlib
 import inspect
-import os
 import warnings
 
 import torch
 import triton
 from triton.runtime import driver
+
+from fusedtune._env import env_flag, interpreting
 
 try:
     from triton import knobs
@@ -53,7 +54,7 @@ def _version_ok() -> bool:
     return (major, minor) >= (3, 6)
 
 
-ENABLED = (os.environ.get(_ENV, "1") != "0" and os.environ.get("TRITON_INTERPRET") != "1" and _version_ok()
+ENABLED = (env_flag(_ENV, True) and not interpreting() and _version_ok()
            and knobs is not None)
 _SLOW = object()             # a class that always takes Triton's path
 _Tensor = torch.Tensor

@@ -28,18 +28,19 @@ Offsets are 32-bit (tensors of 2^31 elements or more are refused: split the toke
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import interpreting
 
 from .common import autotune, cdiv, gemm_tile, next_pow2
 from .launch import fast
 from .registry import KernelSpec, register
 from .zo import _philox
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 _GEMM_CONFIGS = [  # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
     (128, 256, 64, 8, 3), (128, 128, 64, 8, 4), (64, 128, 64, 4, 4),
     (128, 64, 64, 4, 4), (64, 64, 64, 4, 4), (32, 64, 64, 4, 4),

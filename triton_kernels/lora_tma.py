@@ -25,7 +25,6 @@ lora_gemm_kernel otherwise, and on every GPU other than sm_90 (where descriptors
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -36,16 +35,18 @@ try:
 except ImportError:
     _allocation = None
 
+from fusedtune._env import env_flag, interpreting
+
 from .common import autotune, cdiv
 from .launch import fast
 from .lora import _block_r, _keep, _sm_count
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 ENV = "FUSEDTUNE_LORA_TMA"
 # Off by default until a GPU run times it against lora_gemm_kernel and cuBLAS (bench lora's "fused-tma
 # schedule" rows); FUSEDTUNE_LORA_TMA=1 (read at import) or ENABLED = True turns it on for sm_90.
-ENABLED = os.environ.get(ENV, "0") == "1"
+ENABLED = env_flag(ENV, False)
 launches = 0      # calls that took this kernel (the bench checks that its fused-tma timings did)
 # Fewer rows stay on lora_gemm_kernel: every config here has BLOCK_M >= 64 and BLOCK_N >= 128, so a decode-size
 # call (M < 64) would run N / 128 programs (32 at N = 4096) on 132 SMs to stream W, where lora_gemm_kernel's

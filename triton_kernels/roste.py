@@ -25,12 +25,12 @@ min/max over all rows, then quantizes them (the rotation, when asked for, is had
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from fusedtune._env import interpreting
 from fusedtune._inference import cache_scope
 
 from .common import cdiv, next_pow2
@@ -38,7 +38,7 @@ from .common import cdiv, next_pow2
 from .launch import fast
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 MAX_SIDE = 256    # A, the padded first-GEMM side (above 128: in row blocks of 64)
 MAX_P = 128
 

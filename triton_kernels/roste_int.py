@@ -12,18 +12,18 @@ int_linear_kernel   y = (T * sx) * sw + bias, T = sum_k (cx - zx)(cw - zw) = acc
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import interpreting
 
 from .common import autotune, gemm_tile, cdiv
 from .launch import fast
 from .registry import KernelSpec, register
 from .roste import QB, _launch, codes_row, row_minmax
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 _CONFIGS = [(64, 128, 64, 8, 3), (128, 64, 32, 8, 3), (32, 64, 64, 4, 3), (16, 64, 128, 8, 3)]
 # (the float64 epilogue doubles the output tile's registers: 128 x 128 and 64 x 64 with 4 warps spill)
 if _INTERP:

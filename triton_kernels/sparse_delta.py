@@ -10,17 +10,17 @@ The transposes cost one extra read and write of dy and x. (Traffic arithmetic; u
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import interpreting
 
 from .common import autotune, cdiv
 from .launch import fast
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 _CONFIGS = [(128, 32, 4), (64, 64, 4), (256, 32, 8), (128, 64, 8)]  # (BLOCK_I, BLOCK_T, num_warps)
 if _INTERP:
     _CONFIGS = [(32, 16, 4)]

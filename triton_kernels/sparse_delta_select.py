@@ -24,18 +24,18 @@ sm3_update(g, row, col): SM3-II, nu = min(row[r], col[c]) + g[r, c]^2, new row =
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from fusedtune._env import interpreting
 
 from .common import cdiv
 
 from .launch import fast
 from .registry import KernelSpec, register
 
-_INTERP = os.environ.get("TRITON_INTERPRET") == "1"
+_INTERP = interpreting()
 SELECT_BLOCK = 256 if _INTERP else 4096
 SELECT_WARPS = 8
 SM3_BR, SM3_BC, SM3_WARPS = (16, 32, 4) if _INTERP else (32, 256, 8)

@@ -8,6 +8,8 @@ import os
 
 import torch
 
+from ._env import env_flag
+
 _state = {"loaded": False, "error": None, "path": None, "info": {}}
 BUILD_HINT = ("build it from a source checkout with `pip install --no-build-isolation --no-deps --force-reinstall .`, "
               "or in place for an editable checkout with `python setup.py build_ext --inplace` (a CUDA toolkit adds "
@@ -31,10 +33,10 @@ def _load():
                            f"against the torch that runs it (torch {torch.__version__} here): " + BUILD_HINT)
 
 
-if os.environ.get("FUSEDTUNE_DISABLE_EXTENSION") != "1":
+if not env_flag("FUSEDTUNE_DISABLE_EXTENSION", False):   # read at import
     _load()
 else:
-    _state["error"] = "disabled by FUSEDTUNE_DISABLE_EXTENSION=1"
+    _state["error"] = f"disabled by FUSEDTUNE_DISABLE_EXTENSION={os.environ['FUSEDTUNE_DISABLE_EXTENSION']}"
 
 
 def loaded() -> bool:

@@ -14,6 +14,7 @@ import warnings
 import torch
 
 from . import _ext
+from ._env import interpreting  # TRITON_INTERPRET as Triton reads it (1/true/yes/on/y, any case)
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 CHOICES = ("auto",) + BACKENDS
@@ -65,10 +66,6 @@ def triton_status() -> tuple[bool, str]:
     if not torch.cuda.is_available():
         return False, "no CUDA GPU (Triton kernels need one, or TRITON_INTERPRET=1)"
     return True, ""
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def backends() -> dict[str, dict]:

@@ -17,15 +17,16 @@ FUSEDTUNE_EAGER_OPS=0 (read at import) turns the direct route off for the proces
 from __future__ import annotations
 
 import contextlib
-import os
 import threading
 
 import torch
 
+from .._env import env_flag
+
 _PLAIN = frozenset((torch.Tensor, torch.nn.Parameter))
 _PYTHON_KEY = torch._C.DispatchKey.Python
 _state = threading.local()
-_ON = os.environ.get("FUSEDTUNE_EAGER_OPS", "1") != "0"   # read at import
+_ON = env_flag("FUSEDTUNE_EAGER_OPS", True)   # read at import
 
 
 @contextlib.contextmanager

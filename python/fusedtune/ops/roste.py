@@ -35,11 +35,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-import os
 
 import torch
 
 from .. import _ext
+from .._env import env_flag
 from .._inference import cache_scope
 from .. import backend as _backend
 from ..reference import hadamard as href
@@ -56,7 +56,7 @@ _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 # it against the butterfly kernel and Triton (bench roste's "cuda-mma" rows) and run its tests:
 # FUSEDTUNE_HADAMARD_MMA=1 turns it on.
 MMA_ENV = "FUSEDTUNE_HADAMARD_MMA"
-MMA = os.environ.get(MMA_ENV, "0") == "1"
+MMA = env_flag(MMA_ENV, False)
 _MMA_PAD = 8                                          # roste_cuda.h kMmaPad
 _MMA_TILES = (1, 2, 3, 4, 5, 7, 9, 10, 11)            # ceil(m / 16) compiled (roste_cuda.h mma_tiles_compiled)
 
