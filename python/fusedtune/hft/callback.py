@@ -16,7 +16,8 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   appended to an existing group (1-D parameters to a group without weight decay, others to the group
   with the largest weight decay), so the learning-rate scheduler keeps working.
 - stage changes: stage_every=N switches to stage global_step // N at on_step_begin; stage_every="epoch"
-  switches at every epoch (stage = epoch index). The param groups are synced again (each in the model's
+  switches at every epoch (stage = epoch index, counted by the callback: state.epoch is a fraction of
+  max_steps on an IterableDataset, not the epoch index). The param groups are synced again (each in the model's
   parameter order, the layout Trainer.create_optimizer builds); moments of parameters that became
   frozen are dropped and the moments of row masters are reset (their rows changed).
 - resuming a run with stage changes: each checkpoint records the stage it trained (fusedtune_hft.json,
@@ -29,6 +30,11 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
   the first stage, that resume is refused.) A resume whose optimizer was built over another stage than
   the checkpoint's is refused at on_train_begin (torch may refuse it first, when the parameter counts
   differ); a checkpoint saved on the first stage resumes without it.
+- resuming with other settings: fusedtune_hft.json (and a key in the optimizer's param groups) records
+  ratio, granularity, seed, train_final_norm and train_embeddings; a resume whose callback differs in any
+  of them is refused by name (its selection is other matrices, and torch would load the checkpoint's
+  moments onto them position by position: onto parameters of other shapes, a heap corruption at the first
+  AdamW step). At on_train_begin every loaded moment must also have its parameter's shape.
 - row granularity: with fusedtune.optim.MaskedAdamW as the Trainer's optimizer
   (Trainer(..., optimizer_cls_and_kwargs=(MaskedAdamW, {"lr": args.learning_rate}))) the rows are written
   into the full weights inside its fused step. With any other optimizer the callback copies the
@@ -41,8 +47,9 @@ When things happen (transformers 5.x: Trainer.train() creates its optimizer in _
 Limits: stage changes under DDP/FSDP/DeepSpeed are not supported (they fix the trainable set when they
 wrap the model): use one Trainer per stage there, with HFTCallback(seed=..., stage=k). Under DeepSpeed
 (whose ZeRO optimizer holds flattened copies the callback cannot adjust) only matrix granularity, with the
-callback given to Trainer(callbacks=[...]): the selection is then made before the engine is built, and the
-callback leaves the optimizer alone; anything else is refused at on_train_begin.
+callback given to Trainer(callbacks=[...]) and no stage_every: the selection is then made before the engine
+is built, and the callback leaves the optimizer alone; anything else is refused at on_train_begin, before
+the first step.
 """
 from __future__ import annotations
 
@@ -59,6 +66,11 @@ from .tuner import HalfFineTuner, _masked_adamw_class
 
 STAGE_KEY = "fusedtune_hft_stage"   # in each param group of the Trainer's optimizer (saved with its state)
 STAGE_FILE = "fusedtune_hft.json"   # in each checkpoint folder: the stage it trained, read before a resume
+SETTINGS_KEY = "fusedtune_hft_settings"   # in each param group: the selection's settings (JSON), saved with it
+SETTINGS = ("ratio", "granularity", "seed", "train_final_norm", "train_embeddings")   # what picks the matrices
+# state entries of torch's optimizers that hold one value per element of their parameter (its shape)
+ELEMENTWISE_STATE = ("exp_avg", "exp_avg_sq", "max_exp_avg_sq", "momentum_buffer", "square_avg", "grad_avg",
+                     "acc_delta", "sum", "exp_inf", "prev", "ax")
 
 
 def _unwrap(optimizer):
@@ -163,6 +175,12 @@ class HFTCallback(TrainerCallback):
         self._write_back = False
         self._warned = False
         self._selected_at_init = False
+        self._resume_epochs = None   # stage_every="epoch": the count a checkpoint named at on_init_end recorded
+        self._epochs = None          # stage_every="epoch": epochs completed (set at on_train_begin)
+        self._epoch_start = None     # global_step at the last on_epoch_begin
+
+    def _settings(self) -> dict:
+        return {k: self.kwargs[k] for k in SETTINGS}
 
     # -- helpers
     def _attach(self, model):
@@ -182,15 +200,34 @@ class HFTCallback(TrainerCallback):
         if self.stage_every is None:
             return None
         if self.stage_every == "epoch":
-            return self.first_stage + int(math.floor((state.epoch or 0.0) + 1e-9))
+            return self.first_stage + (self._epochs or 0)
         return self.first_stage + state.global_step // self.stage_every
+
+    def _start_epochs(self, state, train_dataloader) -> int:
+        """stage_every="epoch": the epochs completed when train() begins. 0 on a fresh run. On a resume, with
+        a sized dataloader, the index the Trainer's epoch loop starts at (global_step // steps per epoch, which
+        floor(state.epoch) is there), also where the checkpoint was saved after an epoch's last step but
+        before its on_epoch_end. On an IterableDataset with max_steps the Trainer's state.epoch is
+        epoch + steps / max_steps, not the epoch index: the count the checkpoint recorded is used (without
+        one, floor(state.epoch), the best there is)."""
+        if not state.global_step:
+            return 0
+        try:
+            sized = train_dataloader is not None and len(train_dataloader) >= 0
+        except (TypeError, NotImplementedError):      # a DataLoader over an IterableDataset has no length
+            sized = False
+        if not sized and self._resume_epochs is not None:
+            return self._resume_epochs
+        return int(math.floor((state.epoch or 0.0) + 1e-9))
 
     def _sync(self, optimizer, stage_changed: bool):
         t = self.tuner
         rows = [p for m in t.row_layers().values() for p in m.master_parameters()]
         sync_optimizer(optimizer, t.trainable_parameters(), reset=rows if stage_changed else ())
+        settings = json.dumps(self._settings(), sort_keys=True)
         for g in _unwrap(optimizer).param_groups:   # saved with the optimizer: a resume knows whose moments
             g[STAGE_KEY] = t.stage
+            g[SETTINGS_KEY] = settings
         self._write_back = False
         if any(m.masters for m in t.row_layers().values()):   # not block granularity (views, any optimizer)
             cls, why = _masked_adamw_class()
@@ -205,23 +242,40 @@ class HFTCallback(TrainerCallback):
                     + (f" (MaskedAdamW is not available here: {why})" if cls is None else ""), stacklevel=2)
 
     def _maybe_change(self, state, optimizer):
+        """A stage change, whole or not at all: an optimizer the callback cannot sync (DeepSpeed's ZeRO) is
+        refused before set_stage flips any requires_grad flag, and a failing sync puts the old stage back
+        (on_train_begin refuses stage_every with such an optimizer already; this is the second guard)."""
         want = self._stage_for(state)
         if want is None or self.tuner is None or want == self.tuner.stage:
             return
+        if optimizer is not None and _unwrap(optimizer) is None:
+            raise HFTError(self._unsyncable(optimizer, f"a stage change (stage_every={self.stage_every!r})"))
+        old = self.tuner.stage
         self.tuner.set_stage(want)
         if optimizer is not None:
-            self._sync(optimizer, stage_changed=True)
+            try:
+                self._sync(optimizer, stage_changed=True)
+            except BaseException:
+                self.tuner.set_stage(old)
+                raise
 
     @staticmethod
-    def _checkpoint_stage(args) -> int | None:
-        """The stage whose parameters the checkpoint named by args.resume_from_checkpoint trained (the file
-        on_save wrote into it; without one, the stage its optimizer's param groups hold), or None."""
+    def _unsyncable(optimizer, why: str) -> str:
+        return (f"HFTCallback: the Trainer's optimizer {type(optimizer).__name__} holds parameters the callback "
+                f"cannot adjust (DeepSpeed?), and this run needs {why}. There, use matrix granularity with "
+                "HFTCallback(seed=..., stage=k) in Trainer(callbacks=[...]), one Trainer per stage")
+
+    @staticmethod
+    def _checkpoint_record(args) -> dict | None:
+        """What the checkpoint named by args.resume_from_checkpoint records of the callback that trained it:
+        the file on_save wrote into it (stage, settings, epochs); without one, the stage and settings its
+        optimizer's param groups hold. None when there is no such checkpoint or nothing recorded."""
         path = getattr(args, "resume_from_checkpoint", None)
         if not isinstance(path, str):
             return None
         if os.path.isfile(os.path.join(path, STAGE_FILE)):
             with open(os.path.join(path, STAGE_FILE)) as f:
-                return int(json.load(f)["stage"])
+                return json.load(f)
         opt = os.path.join(path, "optimizer.pt")     # a just-in-time checkpoint: Trainer saved it, no on_save
         if not os.path.isfile(opt):
             return None
@@ -229,8 +283,53 @@ class HFTCallback(TrainerCallback):
             groups = torch.load(opt, map_location="cpu", mmap=True, weights_only=True).get("param_groups", [])
         except Exception:  # noqa: BLE001 - not a state torch can map: the Trainer's own load will say why
             return None
-        stages = {g.get(STAGE_KEY) for g in groups if isinstance(g, dict)} - {None}
-        return int(stages.pop()) if len(stages) == 1 else None
+        groups = [g for g in groups if isinstance(g, dict)]
+        out = {}
+        stages = {g.get(STAGE_KEY) for g in groups} - {None}
+        if len(stages) == 1:
+            out["stage"] = int(stages.pop())
+        settings = {g.get(SETTINGS_KEY) for g in groups} - {None}
+        if len(settings) == 1:
+            out.update(json.loads(settings.pop()))
+        return out or None
+
+    def _check_settings(self, recorded: dict, where: str) -> None:
+        """Refuse a resume from a run whose callback selected with other settings: its selection is other
+        matrices, and torch loads the checkpoint's moments onto this run's trainable parameters position by
+        position (the group lengths often match): onto parameters of other shapes (the first AdamW step then
+        writes out of bounds) or silently onto the wrong matrices. Every difference is named."""
+        mine = self._settings()
+        diff = [k for k in SETTINGS if k in recorded and recorded[k] != mine[k]]
+        if not diff:
+            return
+        theirs = ", ".join(f"{k}={recorded[k]!r}" for k in diff)
+        ours = ", ".join(f"{k}={mine[k]!r}" for k in diff)
+        raise HFTError(
+            f"HFTCallback: {where} was trained by HFTCallback({theirs}), and this callback has {ours}: its "
+            "selection is other parameters, and the checkpoint's optimizer moments would be loaded onto them. "
+            f"Resume with HFTCallback({theirs}, ...), the checkpoint's settings, or start a new run (no "
+            "resume_from_checkpoint) from its weights")
+
+    def _check_loaded_state(self, model, inner) -> None:
+        """Every moment the optimizer holds must have its parameter's shape: a moment loaded onto another
+        parameter (a checkpoint of another selection that the settings check could not see, e.g. one
+        without a record) makes torch's AdamW step write out of bounds. Checked before any step."""
+        names = {id(p): n for n, p in model.named_parameters()} if model is not None else {}
+        bad = []
+        for g in inner.param_groups:
+            for p in g["params"]:
+                for key, val in inner.state.get(p, {}).items():
+                    if key in ELEMENTWISE_STATE and torch.is_tensor(val) and tuple(val.shape) != tuple(p.shape):
+                        bad.append(f"{names.get(id(p), 'a parameter')} {tuple(p.shape)} holds {key} "
+                                   f"{tuple(val.shape)}")
+                        break
+        if bad:
+            raise HFTError(
+                f"HFTCallback: the Trainer's optimizer holds moments of other shapes than their parameters "
+                f"({'; '.join(bad[:3])}{f'; {len(bad) - 3} more' if len(bad) > 3 else ''}): the checkpoint "
+                "resumed from was trained with another selection (seed, ratio, granularity or stage), and a "
+                "step would corrupt memory. Resume with the HFTCallback settings and stage of the run that "
+                "saved it, naming it in TrainingArguments(resume_from_checkpoint=...) too")
 
     # -- events
     def on_init_end(self, args, state, control, model=None, **kwargs):
@@ -240,24 +339,38 @@ class HFTCallback(TrainerCallback):
                            "DeepSpeed fix the trainable set when they wrap the model, so a stage change mid-training "
                            "would let the ranks train apart. Use one Trainer per stage, with "
                            "HFTCallback(seed=..., stage=k)")
+        # before the Trainer builds (and loads) its optimizer, and before anything changes
+        record = self._checkpoint_record(args) or {}
+        self._check_settings(record, f"the checkpoint {args.resume_from_checkpoint}" if record else "")
         self._attach(model)
         self._selected_at_init = True            # before the Trainer (or DeepSpeed's engine) builds its optimizer
-        resume = self._checkpoint_stage(args)    # before the Trainer builds (and loads) its optimizer
-        if resume is not None and resume != self.tuner.stage:
-            self.tuner.set_stage(resume)
+        resume = record.get("stage")
+        if resume is not None and int(resume) != self.tuner.stage:
+            self.tuner.set_stage(int(resume))
+        self._resume_epochs = record.get("epochs")
 
     def on_save(self, args, state, control, **kwargs):
         path = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
         if self.tuner is not None and os.path.isdir(path):
             with open(os.path.join(path, STAGE_FILE), "w") as f:
-                json.dump({"stage": self.tuner.stage, **{k: v for k, v in self.kwargs.items() if k != "snapshot"}}, f)
+                json.dump({"stage": self.tuner.stage, **self._settings(), "epochs": self._epochs}, f)
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, train_dataloader=None, **kwargs):
+        if not self._selected_at_init:           # added with trainer.add_callback: on_init_end never ran
+            record = self._checkpoint_record(args) or {}
+            self._check_settings(record, f"the checkpoint {args.resume_from_checkpoint}" if record else "")
+            self._resume_epochs = record.get("epochs")
         self._attach(model)
+        if self.stage_every == "epoch":
+            self._epochs = self._start_epochs(state, train_dataloader)
         built = self.tuner.stage                 # the trainable set the Trainer's optimizer was made over
         want = self._stage_for(state)
         changed = want is not None and want != built
         inner = _unwrap(optimizer) if optimizer is not None else None
+        if inner is not None:                    # a resume (train(resume_from_checkpoint=...) alone, too)
+            saved = {g.get(SETTINGS_KEY) for g in inner.param_groups} - {None}
+            if len(saved) == 1:
+                self._check_settings(json.loads(saved.pop()), "the checkpoint whose optimizer state was loaded")
         loaded = {g.get(STAGE_KEY) for g in inner.param_groups} - {None} if inner is not None else set()
         if loaded and loaded != {built}:         # a resume: the checkpoint's moments belong to another stage
             raise HFTError(
@@ -265,18 +378,18 @@ class HFTCallback(TrainerCallback):
                 f"parameters, and the checkpoint's moments are stage {sorted(loaded)[0]}'s: they were loaded onto "
                 "the wrong parameters. Name the checkpoint in TrainingArguments(resume_from_checkpoint=...) when "
                 "making the Trainer, so the callback selects its stage before the optimizer is built")
+        if inner is not None:
+            self._check_loaded_state(model, inner)
         if optimizer is not None and inner is None:   # DeepSpeed's ZeRO optimizer: its groups cannot be adjusted
             why = None
-            if changed:
-                why = "a stage change at train begin"
+            if self.stage_every is not None:     # refused now, not at the first change (the model half switched)
+                why = f"stage changes (stage_every={self.stage_every!r})"
             elif self.tuner.row_layers():
                 why = f"{self.kwargs['granularity']} granularity (its trained rows are not the tensors ZeRO steps)"
             elif not self._selected_at_init:
                 why = "a callback added after the Trainer was made (its optimizer covers the whole model)"
             if why is not None:
-                raise HFTError(f"HFTCallback: the Trainer's optimizer {type(optimizer).__name__} holds parameters "
-                               f"the callback cannot adjust (DeepSpeed?), and this run needs {why}. There, use "
-                               "matrix granularity with HFTCallback(seed=..., stage=k) in Trainer(callbacks=[...])")
+                raise HFTError(self._unsyncable(optimizer, why))
             return
         if changed:
             self.tuner.set_stage(want)
@@ -285,7 +398,16 @@ class HFTCallback(TrainerCallback):
 
     def on_epoch_begin(self, args, state, control, optimizer=None, **kwargs):
         if self.stage_every == "epoch":
+            self._epoch_start = state.global_step
             self._maybe_change(state, optimizer)
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        """Counts the epochs (stage_every="epoch"): one in which no optimizer step ran is not counted (the
+        Trainer resuming on an IterableDataset skips the steps trained as batches of one pass of the stream,
+        which can leave that pass empty), so the resumed run changes stage where the whole run did."""
+        if self.stage_every == "epoch" and self._epochs is not None:
+            if self._epoch_start is None or state.global_step > self._epoch_start:
+                self._epochs += 1
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
         if isinstance(self.stage_every, int):
