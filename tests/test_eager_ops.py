@@ -6,6 +6,8 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import fusedtune
+
 from fusedtune.ops import _eager
 from fusedtune.ops import dora as dora_ops
 from fusedtune.ops import fp8 as fp8_ops
@@ -333,3 +335,24 @@ def test_malformed_shapes_get_named_errors():
     for call, msg in cases:
         with pytest.raises(ValueError, match=msg):
             call()
+
+
+def test_forward_mode_ad_is_refused_not_given_zero_tangents():
+    """torch.func.jvp and torch.autograd.forward_ad through fusedtune's ops raise (found by review: torch gave the
+    custom ops zero tangents without an error, on both routes); vmap (another functorch transform) still runs, and
+    a forward-AD level whose duals do not reach the op does not stop it."""
+    import torch.autograd.forward_ad as fwAD
+    from fusedtune.nn import LoRALinear
+    from fusedtune.ops import hadamard
+    m = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=4, init_lora_weights=False)
+    x, dx = torch.randn(3, 16), torch.randn(3, 16)
+    with pytest.raises(NotImplementedError, match="forward-mode"):
+        torch.func.jvp(m, (x,), (dx,))
+    for backend in ("reference", "cpu") if fusedtune._ext.loaded() else ("reference",):
+        with fwAD.dual_level():
+            with pytest.raises(NotImplementedError, match="forward-mode"):
+                hadamard(fwAD.make_dual(x, dx), backend=backend)
+            fwAD.make_dual(torch.randn(2), torch.randn(2))
+            torch.testing.assert_close(hadamard(x, backend=backend), hadamard(x, backend="reference"))
+    with pytest.warns(UserWarning, match="batching rule"):
+        torch.testing.assert_close(torch.func.vmap(m)(x.reshape(3, 1, 16)), m(x).reshape(3, 1, 8))

@@ -78,6 +78,27 @@ def direct(args) -> bool:
     return first is None or not first.is_meta   # (an op's tensors share one device; a mix fails in the op)
 
 
+def _forward_ad(args) -> bool:
+    """Whether forward-mode AD would go through this call: a torch.func.jvp / jacfwd transform is active, or a
+    torch.autograd.forward_ad level holds a dual tensor among the arguments. Custom ops have no forward-mode
+    formula, and torch gives them zero tangents without a word (torch 2.14), so the call is refused."""
+    if torch._C._are_functorch_transforms_active():
+        from torch._functorch.pyfunctorch import retrieve_all_functorch_interpreters  # noqa: PLC0415
+        jvp = torch._C._functorch.TransformType.Jvp
+        if any(i.key() == jvp for i in retrieve_all_functorch_interpreters()):
+            return True
+    if torch.autograd.forward_ad._current_level < 0:
+        return False
+    from torch.autograd.forward_ad import unpack_dual  # noqa: PLC0415
+    tensors = [e for a in args for e in (a if isinstance(a, (list, tuple)) else (a,)) if isinstance(e, torch.Tensor)]
+    return any(unpack_dual(t).tangent is not None for t in tensors)
+
+
+FORWARD_AD = ("fusedtune's ops have no forward-mode derivative (torch.func.jvp / jacfwd, torch.autograd.forward_ad): "
+              "torch would give them zero tangents without an error. Use reverse mode (loss.backward(), "
+              "torch.autograd.grad)")
+
+
 def _needs_grad(args) -> bool:
     return torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args)
 
@@ -103,6 +124,9 @@ class EagerOp:
                            {"forward": staticmethod(forward), "backward": staticmethod(backward)})
 
     def __call__(self, *args):
+        if torch.autograd.forward_ad._current_level >= 0 or torch._C._are_functorch_transforms_active():
+            if _forward_ad(args):     # (two cheap checks first: plain calls pay nothing more)
+                raise NotImplementedError(f"{getattr(self.op, '_qualname', 'fusedtune op')}: {FORWARD_AD}")
         if not direct(args):
             return self.op(*args)
         if _needs_grad(args):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from ..reference import lora as ref
+from ._eager import EagerOp
 
 
 def _impl(x2: torch.Tensor, seed: torch.Tensor, p: float) -> torch.Tensor:
@@ -37,6 +38,7 @@ def _backward(ctx, grad):
 
 
 _op.register_autograd(_backward, setup_context=_setup_context)
+_dropout = EagerOp(_op, _impl, _setup_context, _backward)
 
 
 def lora_dropout(x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor:
@@ -47,4 +49,4 @@ def lora_dropout(x2: torch.Tensor, p: float, seed: torch.Tensor) -> torch.Tensor
     ref.dropout_threshold(p)      # p in [0, 1), or a clear error
     if not torch.is_tensor(seed) or seed.numel() != 1 or seed.dtype != torch.int64 or seed.device.type != "cpu":
         raise TypeError("lora_dropout: seed must be a one-element int64 CPU tensor")
-    return _op(x2, seed.reshape(()), float(p))
+    return _dropout(x2, seed.reshape(()), float(p))
