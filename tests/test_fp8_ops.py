@@ -177,6 +177,10 @@ def test_opcheck():
     w = _x(70, 300, 9).requires_grad_()
     torch.library.opcheck(_linear_op, (x.requires_grad_(), w, None, b_q, b_s, None, False, True, "reference", "reference"),
                           test_utils=("test_faketensor", "test_autograd_registration"))
+    if fusedtune._ext.loaded():   # the C++ quantizer has a fake too (found by review: it had none)
+        for block in (False, True):
+            for copy in (False, True):
+                torch.library.opcheck(torch.ops.fusedtune.fp8_quant_kernel.default, (_x(70, 300, 9), block, copy, False))
 
 
 @pytest.mark.parametrize("trainable", [False, True])

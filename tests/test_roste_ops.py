@@ -75,6 +75,8 @@ def test_hadamard_autograd_gradcheck_and_dtypes():
     for dt in (torch.bfloat16, torch.float16):
         assert hadamard(x.detach().to(dt)).dtype == dt
     torch.library.opcheck(_hadamard_op, (torch.randn(3, 40), 0.5, False, "reference"))
+    # a transposed x: the fake's output is contiguous, as the kernels' (found by review: it copied x's strides)
+    torch.library.opcheck(_hadamard_op, (torch.randn(40, 3).t(), 0.5, False, "reference"))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -117,6 +119,7 @@ def test_straight_through_gradient(ste):
     gg = g if ste == "identity" else torch.where((y >= lo) & (y <= hi), g, torch.zeros(()))
     torch.testing.assert_close(gx, hadamard(gg, transpose=True), atol=1e-5, rtol=1e-5)
     torch.library.opcheck(_rfq_op, (torch.randn(3, 40), 4, "token", False, 0.9, True, ste, "reference"))
+    torch.library.opcheck(_rfq_op, (torch.randn(40, 3).t(), 4, "token", False, 0.9, True, ste, "reference"))
 
 
 def test_roste_linear_trains_and_compiles():

@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from .. import _autocast
+from .. import _autocast, _ext
 from .. import backend as _backend
 from ..reference import fp8 as ref
 from . import fp8_cublas
@@ -380,3 +380,17 @@ def fp8_quant_backend(device, backend: str | None = None) -> dict:
     """What the quantizers take on device under backend (before a shape the CUDA kernel refuses sends a call
     to Triton: _resolve_quant)."""
     return _backend.explain("fp8_quantize", torch.device(device), _QHAS, backend)
+
+
+if _ext.loaded():
+    @torch.library.register_fake("fusedtune::fp8_quant_kernel")
+    def _(x, block, copy, pow2):
+        """The C++/CUDA quantizer's outputs (csrc/include/fusedtune/fp8_checks.h, fp8_outputs): q [M, K]; scales
+        [M, KB] (1x128) or [MB, KB] (128x128); with copy the transposed q [K, M] and, 1x128 only, its scales
+        [K, MB]; empty otherwise."""
+        M, K = x.shape
+        MB, KB = -(-M // ref.TILE), -(-K // ref.TILE)
+        f8, f32 = torch.float8_e4m3fn, torch.float32
+        return (x.new_empty((M, K), dtype=f8), x.new_empty((MB if block else M, KB), dtype=f32),
+                x.new_empty((K, M) if copy else (0,), dtype=f8),
+                x.new_empty((K, MB) if copy and not block else (0,), dtype=f32))

@@ -166,7 +166,7 @@ _hadamard_op = torch.library.custom_op("fusedtune::hadamard", mutates_args=())(_
 
 @_hadamard_op.register_fake
 def _(x, scale, transpose, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)          # contiguous, as every backend's output (whatever x's strides)
 
 
 def _h_setup(ctx, inputs, output):
@@ -290,8 +290,9 @@ _rfq_op = torch.library.custom_op("fusedtune::rotate_fake_quant", mutates_args=(
 
 @_rfq_op.register_fake
 def _(x, bits, granularity, symmetric, clip_ratio, rotate, ste, backend):
-    return torch.empty_like(x), (torch.empty_like(x, dtype=torch.bool) if ste == "clipped"
-                                 else x.new_empty(0, dtype=torch.bool))
+    return x.new_empty(x.shape), (x.new_empty(x.shape, dtype=torch.bool) if ste == "clipped"   # contiguous,
+                                  else x.new_empty(0, dtype=torch.bool))                     # as the kernels'
+
 
 
 def _q_setup(ctx, inputs, output):
