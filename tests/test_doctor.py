@@ -80,9 +80,14 @@ def test_cli_doctor_subprocess():
 def test_cli_usage_and_unknown_command(capsys):
     assert main(["--help"]) == 0
     assert "doctor" in capsys.readouterr().out
-    assert main([]) == 2
+    assert main([]) == 2            # no command: a usage error, its usage on stderr
+    out = capsys.readouterr()
+    assert out.out == "" and "usage: python -m fusedtune COMMAND" in out.err
     assert main(["frobnicate"]) == 2
     assert "unknown command 'frobnicate'" in capsys.readouterr().err
+    assert main(["-V", "extra"]) == 2 and main(["--version", "x"]) == 2
+    out = capsys.readouterr()
+    assert out.out == "" and "takes no arguments" in out.err and "usage:" in out.err
 
 
 def test_cli_version_is_the_package_metadata_version(capsys):
@@ -123,3 +128,75 @@ def test_an_extension_that_does_not_load_names_the_cause_and_the_fix(monkeypatch
         _ext._state.update(keep)
     assert "undefined symbol: _ZN3c10fooEv" in err and f"torch {torch.__version__}" in err, err
     assert "pip install --no-build-isolation" in err, err
+
+
+def _clean_env(monkeypatch):
+    import os
+    for k in list(os.environ):
+        if k.startswith("FUSEDTUNE_") or k == "TRITON_INTERPRET":
+            monkeypatch.delenv(k)
+
+
+def _line(text, name, dev="cpu"):
+    return next(ln for ln in text.splitlines() if ln.split()[:2] == [name, dev])
+
+
+def test_doctor_environment_section_lists_fusedtune_variables_and_whether_valid(monkeypatch):
+    """Every FUSEDTUNE_* variable set, checked as its reader checks it; unknown names flagged; TRITON_INTERPRET."""
+    from fusedtune.doctor import collect, format_report, invalid_settings
+    _clean_env(monkeypatch)
+    assert collect()["environment"] == {} and "  none set" in format_report(collect())
+    for k, v in {"FUSEDTUNE_BACKEND": "reference", "FUSEDTUNE_BAKEND": "cuda", "FUSEDTUNE_FP8_GEMM": "cuBLAS",
+                 "FUSEDTUNE_EAGER_OPS": "0", "FUSEDTUNE_LORA_TMA": "maybe", "FUSEDTUNE_COMMIT": "abc",
+                 "TRITON_INTERPRET": "true"}.items():
+        monkeypatch.setenv(k, v)
+    d = collect()
+    env = d["environment"]
+    assert set(env) == {"FUSEDTUNE_BACKEND", "FUSEDTUNE_BAKEND", "FUSEDTUNE_FP8_GEMM", "FUSEDTUNE_EAGER_OPS",
+                        "FUSEDTUNE_LORA_TMA", "FUSEDTUNE_COMMIT", "TRITON_INTERPRET"}
+    assert env["FUSEDTUNE_BACKEND"]["valid"] is True and env["FUSEDTUNE_EAGER_OPS"]["valid"] is True
+    assert env["FUSEDTUNE_FP8_GEMM"]["valid"] is False and "auto, triton, cublas" in env["FUSEDTUNE_FP8_GEMM"]["note"]
+    assert env["FUSEDTUNE_LORA_TMA"]["valid"] is False      # (read at import: this process read it before)
+    assert env["FUSEDTUNE_BAKEND"]["valid"] is None and "not read by fusedtune" in env["FUSEDTUNE_BAKEND"]["note"]
+    assert env["TRITON_INTERPRET"]["note"].startswith("on")
+    assert sorted(b.split("=")[0] for b in invalid_settings(d)) == ["FUSEDTUNE_FP8_GEMM", "FUSEDTUNE_LORA_TMA"]
+    text = format_report(d)
+    assert _line(text, "FUSEDTUNE_BAKEND", "'cuda'") and "INVALID" in _line(text, "FUSEDTUNE_FP8_GEMM", "'cuBLAS'")
+    # the forced backend is the reason on the ops' lines
+    for name in ("zo", "lora", "hft.row_grad", "sparse_delta.sddmm"):
+        assert _line(text, name).endswith("-> reference  (FUSEDTUNE_BACKEND=reference forces it)"), _line(text, name)
+    monkeypatch.setenv("FUSEDTUNE_BACKEND", "cuda")   # hadamard has a cuda backend (refused on CPU); lora has none
+    d = collect()
+    assert "FUSEDTUNE_BACKEND=cuda forces it" in d["ops"]["hadamard"]["cpu"]["forced"]
+    assert d["ops"]["hadamard"]["cpu"]["backend"] is None
+    assert "FUSEDTUNE_BACKEND=cuda does not apply" in _line(format_report(d), "lora")
+
+
+def test_doctor_lists_every_backend_probe_of_the_ops_modules(monkeypatch):
+    """hadamard_backend, fp8_quant_backend and regrow_backend are not named <module>_backend: listed too."""
+    from fusedtune.doctor import collect, format_report
+    from fusedtune.ops import fp8, roste, sparse_delta_select
+    _clean_env(monkeypatch)
+    d = collect()
+    assert {"zo", "lora", "hft", "fp8", "roste", "sparse_delta", "hadamard", "fp8_quant", "regrow"} <= set(d["ops"])
+    text = format_report(d)
+    for name, probe in (("hadamard", roste.hadamard_backend), ("fp8_quant", fp8.fp8_quant_backend)):
+        assert d["ops"][name]["cpu"] == probe("cpu")
+        assert _line(text, name).split()[3] == str(probe("cpu")["backend"])
+    for op, r in sparse_delta_select.regrow_backend("cpu").items():
+        assert _line(text, f"regrow.{op}").split()[3] == str(r["backend"])
+
+
+def test_doctor_cli_exits_1_on_an_invalid_setting_and_still_prints_the_report(monkeypatch, capsys):
+    from fusedtune.doctor import main as doctor_main
+    _clean_env(monkeypatch)
+    assert doctor_main([]) == 0
+    capsys.readouterr()
+    monkeypatch.setenv("FUSEDTUNE_BACKEND", "trition")
+    assert doctor_main([]) == 1
+    out = capsys.readouterr()
+    assert "schedules (GPU paths)" in out.out and "FUSEDTUNE_BACKEND" in out.out
+    assert "invalid setting FUSEDTUNE_BACKEND='trition': unknown backend 'trition'" in out.err
+    assert doctor_main(["--json"]) == 1
+    out = capsys.readouterr()
+    assert json.loads(out.out)["environment"]["FUSEDTUNE_BACKEND"]["valid"] is False and "trition" in out.err

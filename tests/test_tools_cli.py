@@ -41,3 +41,22 @@ def test_bench_commit_of_a_copy_inside_another_repository_is_the_version(tmp_pat
     finally:
         if env is not None:
             os.environ["FUSEDTUNE_COMMIT"] = env
+
+
+def test_doctor_passes_in_the_environment_ci_and_dev_sh_set(monkeypatch, capsys):
+    """tools/dev.sh test runs `python -m fusedtune doctor` under set -e (an invalid setting stops it, exit 1):
+    the variables .ci/run exports and the defaults dev.sh reads must not be refused."""
+    import re
+    import shlex
+    from fusedtune.doctor import main as doctor_main
+    for k in list(os.environ):
+        if k.startswith("FUSEDTUNE_") or k == "TRITON_INTERPRET":
+            monkeypatch.delenv(k)
+    exports = re.findall(r"^export (.+)$", open(os.path.join(ROOT, ".ci", "run")).read(), re.M)
+    pairs = [kv.split("=", 1) for line in exports for kv in shlex.split(line)]
+    assert any(k == "FUSEDTUNE_CUDA_ARCHS" for k, _ in pairs)
+    for k, v in pairs + [["FUSEDTUNE_TEST_WORKERS", "2"]]:
+        monkeypatch.setenv(k, v)
+    assert doctor_main([]) == 0
+    out = capsys.readouterr()
+    assert out.err == "" and "FUSEDTUNE_CUDA_ARCHS" in out.out and "not read by fusedtune" not in out.out

@@ -41,10 +41,17 @@ def _entry(command: str):
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if not argv or argv[0] in ("-h", "--help", "help"):
+    if not argv:                       # a usage error: the usage goes to stderr
+        print(USAGE, file=sys.stderr)
+        return 2
+    if argv[0] in ("-h", "--help", "help"):
         print(USAGE)
-        return 0 if argv else 2
+        return 0
     if argv[0] in ("-V", "--version"):
+        if len(argv) > 1:
+            print(f"fusedtune: {argv[0]} takes no arguments, got {' '.join(argv[1:])!r}\n", file=sys.stderr)
+            print(USAGE, file=sys.stderr)
+            return 2
         from . import __version__
         print(f"fusedtune {__version__}")
         return 0

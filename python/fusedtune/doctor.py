@@ -1,13 +1,19 @@
 """fusedtune.doctor(): what is installed, what was built, which backends run here and why not.
 
-Ops are found by convention: every module fusedtune/ops/<family>.py that defines
-`<family>_backend(device, backend=None) -> {'backend': ..., 'why_not': {...}}` is asked which backend
-its op takes on cpu and on cuda.
+Ops are found by convention: every public function `<op>_backend(device, backend=None) -> {'backend': ...,
+'why_not': {...}}` (or {op: {'backend', 'why_not'}} for a family of ops) defined in a module fusedtune/ops/<family>.py
+is asked which backend its op takes on cpu and on cuda (`<family>_backend` first, then the others: hadamard_backend
+in ops/roste.py, fp8_quant_backend in ops/fp8.py, regrow_backend in ops/sparse_delta_select.py).
+
+The environment section lists every FUSEDTUNE_* variable that is set, with whether its value is valid (checked as
+the code that reads it checks it; names fusedtune does not read are flagged), and TRITON_INTERPRET. An invalid
+value makes `python -m fusedtune doctor` exit 1 after the report.
 """
 from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import pkgutil
 import platform
 import sys
@@ -66,25 +72,143 @@ def _gpu() -> dict:
             "capability": devs[0]["capability"]}
 
 
+# FUSEDTUNE_* variables the code reads: name -> (who reads it, check). check: ("flag", default) for the boolean
+# switches (fusedtune._env.env_flag; setup.py keeps a copy of its rule), a callable raising on a bad value for the
+# others that validate (the readers' own checks), None for free-form values and the ones read outside the package.
+def _check_backend(name):
+    from .backend import _check_name
+    _check_name(os.environ[name], name)
+
+
+def _check_fp8_gemm(name):
+    from .ops import fp8_cublas
+    fp8_cublas.engine()
+
+
+def _check_autotune(name):
+    from .triton_kernels import common     # (needs triton: without it the variable is not read at all)
+    common.autotune_mode()
+
+
+def _check_kernel_jobs(name):
+    from .bench import kernels
+    try:
+        kernels.report_jobs()
+    except SystemExit as e:   # its CLI's way of refusing
+        raise ValueError(str(e)) from None
+
+
+_ENV_VARS = {
+    "FUSEDTUNE_BACKEND": ("fusedtune.backend: the backend of every op that has it", _check_backend),
+    "FUSEDTUNE_DISABLE_EXTENSION": ("fusedtune._ext, at import", ("flag", False)),
+    "FUSEDTUNE_EAGER_OPS": ("fusedtune.ops._eager, at import", ("flag", True)),
+    "FUSEDTUNE_HADAMARD_MMA": ("fusedtune.ops.roste, at import", ("flag", False)),
+    "FUSEDTUNE_LORA_TMA": ("fusedtune.triton_kernels.lora_tma, at import", ("flag", False)),
+    "FUSEDTUNE_FP8_TMA": ("fusedtune.triton_kernels.fp8_tma, at import", ("flag", False)),
+    "FUSEDTUNE_FAST_LAUNCH": ("fusedtune.triton_kernels.launch, at import", ("flag", True)),
+    "FUSEDTUNE_FP8_GEMM": ("fusedtune.ops.fp8_cublas: FP8Linear's GEMM engine", _check_fp8_gemm),
+    "FUSEDTUNE_AUTOTUNE": ("fusedtune.triton_kernels.common: the Triton GEMMs' autotuning", _check_autotune),
+    "FUSEDTUNE_KERNEL_JOBS": ("python -m fusedtune kernels", _check_kernel_jobs),
+    "FUSEDTUNE_KERNEL_CACHE": ("python -m fusedtune kernels (cache folder; empty: no cache)", None),
+    "FUSEDTUNE_BENCH_SKIP": ("python -m fusedtune bench", None),
+    "FUSEDTUNE_COMMIT": ("python -m fusedtune bench (the commit its rows name)", None),
+    "FUSEDTUNE_SKIP_CUDA": ("setup.py, at build time", ("flag", False)),
+    "FUSEDTUNE_NO_CUDA": ("setup.py, at build time", ("flag", False)),
+    "FUSEDTUNE_CUDA_ARCHS": ("setup.py, at build time (not checked here)", None),
+    "FUSEDTUNE_REINSTALL": ("tools/dev.sh (not checked here)", None),
+    "FUSEDTUNE_TEST_WORKERS": ("tools/dev.sh (not checked here)", None),
+}
+
+
+def _environment() -> dict:
+    """{name: {'value', 'valid' (True/False; None: not checked), 'note'}} for every FUSEDTUNE_* variable set
+    and TRITON_INTERPRET."""
+    from ._env import env_flag, interpreting
+    out = {}
+    for name in sorted(k for k in os.environ if k.startswith("FUSEDTUNE_")):
+        value = os.environ[name]
+        if name not in _ENV_VARS:
+            out[name] = {"value": value, "valid": None, "note": "not read by fusedtune (a misspelt name?)"}
+            continue
+        reader, check = _ENV_VARS[name]
+        valid, note = (None, f"read by {reader}") if check is None else (True, f"read by {reader}")
+        try:
+            if isinstance(check, tuple):
+                on = env_flag(name, check[1])
+                note = f"{'on' if on else 'off'}, read by {reader}"
+            elif check is not None:
+                check(name)
+        except ImportError as e:
+            valid, note = None, f"read by {reader}; not checked ({type(e).__name__}: {e})"
+        except Exception as e:  # noqa: BLE001 - the reader's refusal is the report
+            valid, note = False, str(e)
+            for prefix in (f"{name}={value!r}: ", f"{name}: ", f"{name} "):   # (the line names them already)
+                note = note.removeprefix(prefix)
+        out[name] = {"value": value, "valid": valid, "note": note}
+    if "TRITON_INTERPRET" in os.environ:
+        on = interpreting()
+        out["TRITON_INTERPRET"] = {
+            "value": os.environ["TRITON_INTERPRET"], "valid": True,
+            "note": "on: Triton kernels run in its interpreter (on CPU tensors too)" if on
+            else "off (Triton's rule: 1/true/yes/on/y, any case, turn it on)"}
+    return out
+
+
+def invalid_settings(d: dict) -> list[str]:
+    """'NAME=value: why' for each variable of collect()'s environment whose value its reader refuses."""
+    return [f"{k}={v['value']!r}: {v['note']}" for k, v in d.get("environment", {}).items() if v["valid"] is False]
+
+
+def _forced() -> tuple[str, str] | None:
+    """(backend, what asks for it) where a use_backend() scope around the call or FUSEDTUNE_BACKEND forces one
+    (None: neither, 'auto', or an invalid FUSEDTUNE_BACKEND, which the ops' lines show as an error)."""
+    from .backend import CHOICES, _scope
+    scoped = getattr(_scope, "name", None)
+    if scoped is not None:
+        return (scoped, f"use_backend({scoped!r})") if scoped != "auto" else None
+    want = os.environ.get("FUSEDTUNE_BACKEND")
+    return (want, f"FUSEDTUNE_BACKEND={want}") if want in CHOICES and want != "auto" else None
+
+
 def _op_probes() -> dict:
-    """{'zo': <zo_backend>, ...} from fusedtune.ops.<family>."""
+    """{'zo': <zo_backend>, 'hadamard': <hadamard_backend>, ...}: every public `<op>_backend` function defined in
+    a module fusedtune.ops.<family>, `<family>_backend` first."""
     from . import ops
     probes = {}
     for mod in pkgutil.iter_modules(ops.__path__):
+        if mod.name.startswith("_"):
+            continue
         try:
             m = importlib.import_module(f"{ops.__name__}.{mod.name}")
         except Exception as e:  # noqa: BLE001 - a broken family is reported, not fatal
             probes[mod.name] = e
             continue
-        fn = getattr(m, f"{mod.name}_backend", None)
-        if callable(fn):
-            probes[mod.name] = fn
+        names = sorted((k for k, fn in vars(m).items() if k.endswith("_backend") and not k.startswith("_")
+                        and callable(fn) and getattr(fn, "__module__", None) == m.__name__),
+                       key=lambda k: (k != f"{mod.name}_backend", k))
+        for k in names:
+            probes[k[:-len("_backend")]] = getattr(m, k)
     return probes
+
+
+def _say_forced(r: dict, forced: tuple[str, str]) -> dict:
+    """r ({'backend', 'why_not'} or {op: that}) with 'forced': what the forced backend (_forced()) did to the op:
+    taken (or refused: backend None, why_not naming it alone), or not applied where the op has no such backend
+    (backend.explain then chooses automatically)."""
+    if "backend" not in r:
+        return {op: _say_forced(rr, forced) for op, rr in r.items()}
+    name, by = forced
+    if r.get("backend") == name or (r.get("backend") is None and list(r.get("why_not") or {}) == [name]):
+        why = f"{by} forces it"
+    else:
+        why = f"{by} does not apply: the op has no {name} backend, chosen automatically"
+    return {**r, "forced": why}
 
 
 def _ops() -> dict:
     out = {}
     gpu = torch.cuda.is_available()
+    forced = _forced()
     for family, fn in _op_probes().items():
         if isinstance(fn, Exception):
             out[family] = {"error": f"fusedtune.ops.{family} did not import: {type(fn).__name__}: {fn}"}
@@ -96,6 +220,8 @@ def _ops() -> dict:
                 continue
             try:
                 row[dev] = fn(dev)
+                if forced:
+                    row[dev] = _say_forced(row[dev], forced)
             except Exception as e:  # noqa: BLE001
                 row[dev] = {"backend": None, "why_not": {"error": f"{type(e).__name__}: {e}"}}
         out[family] = row
@@ -156,8 +282,8 @@ def _schedules(gpu: dict) -> dict:
 def collect() -> dict:
     from .backend import backends
     gpu = _gpu()
-    return {"versions": _versions(), "extension": _extension(), "gpu": gpu, "backends": backends(),
-            "ops": _ops(), "schedules": _schedules(gpu),
+    return {"versions": _versions(), "environment": _environment(), "extension": _extension(), "gpu": gpu,
+            "backends": backends(), "ops": _ops(), "schedules": _schedules(gpu),
             "platform": {"system": platform.platform(), "executable": sys.executable}}
 
 
@@ -169,6 +295,14 @@ def format_report(d: dict) -> str:
     v, e, g = d["versions"], d["extension"], d["gpu"]
     lines = ["fusedtune doctor", ""]
     lines += [f"  {k:<13}{val}" for k, val in v.items()]
+    lines += ["", "environment (FUSEDTUNE_* and TRITON_INTERPRET set here)"]
+    env = d.get("environment", {})
+    for name, x in env.items():
+        known = name in _ENV_VARS or not name.startswith("FUSEDTUNE_")
+        mark = {True: "ok", False: "INVALID", None: "-" if known else "?"}[x["valid"]]
+        lines.append(f"  {name:<27} {x['value']!r:<12} {mark:<7} {x['note']}".rstrip())
+    if not env:
+        lines.append("  none set")
     lines += ["", "extension fusedtune._C"]
     if e["loaded"]:
         cuda = (f"yes, archs {';'.join(e['cuda_archs'])}, nvcc {e['cuda_version']}" if e["with_cuda"]
@@ -195,7 +329,7 @@ def format_report(d: dict) -> str:
         for dev, r in row.items():
             # a family of several ops (hft, sparse_delta) answers {op: {'backend', 'why_not'}}: a line an op
             for name, rr in ([(family, r)] if "backend" in r else [(f"{family}.{k}", v) for k, v in r.items()]):
-                why = _why(rr.get("why_not"))
+                why = "; ".join(w for w in (rr.get("forced"), _why(rr.get("why_not"))) if w)
                 line = f"  {name:<26} {dev:<5} -> {str(rr.get('backend')):<10}" + (f" ({why})" if why else "")
                 lines.append(line.rstrip())
     lines += ["", "schedules (GPU paths)"]
@@ -219,10 +353,14 @@ def main(argv=None) -> int:
     ap.add_argument("--json", action="store_true", help="print the report as JSON")
     args = ap.parse_args(argv)
     if args.json:
-        print(json.dumps(doctor(print_report=False), indent=2, default=str))
+        d = doctor(print_report=False)
+        print(json.dumps(d, indent=2, default=str))
     else:
-        doctor()
-    return 0
+        d = doctor()
+    bad = invalid_settings(d)
+    for b in bad:
+        print(f"fusedtune doctor: invalid setting {b}", file=sys.stderr)
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":   # python -m fusedtune.doctor (also python -m fusedtune doctor)
