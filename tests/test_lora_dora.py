@@ -2,6 +2,7 @@
 definition, forward and gradients (magnitude included) against peft's DoRA layer and an fp64 computation,
 dropout with the same mask, merge/unmerge, state dict and adapter files both ways with peft, QDoRA (NF4
 base), the patch method, the inference cache, compile, and what is refused."""
+import contextlib
 import copy
 import math
 import pickle
@@ -18,6 +19,7 @@ from peft.tuners.lora import layer as peft_layer  # noqa: E402
 import fusedtune  # noqa: E402
 from fusedtune.nn import LoRALinear  # noqa: E402
 from fusedtune.nn.lora import LoRAUnsupported  # noqa: E402
+from fusedtune.ops import _eager  # noqa: E402
 from fusedtune.ops import dora as dora_ops  # noqa: E402
 from fusedtune.patch import PatchError  # noqa: E402
 from fusedtune.testing import assert_within_rule  # noqa: E402
@@ -451,8 +453,8 @@ def test_op_refuses_a_bias_of_the_wrong_shape():
 
 
 def test_vmap_over_examples_matches_the_batched_forward():
-    """A torch.func transform needs an autograd.Function with setup_context apart from forward: vmap over a
-    batch of examples (no gradient) gives the batched call's rows (the op runs once per example)."""
+    """vmap over a batch of examples (no gradient) gives the batched call's rows (the op runs once per example;
+    under torch.func transforms the op's setup_context and backward run as a user autograd.Function)."""
     g = torch.Generator().manual_seed(3)
     x, w = torch.randn(3, 4, 16, generator=g), torch.randn(8, 16, generator=g)
     A, B, m = torch.randn(2, 16, generator=g), torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5
@@ -461,50 +463,69 @@ def test_vmap_over_examples_matches_the_batched_forward():
     torch.testing.assert_close(got, want, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("form", ["eager", "setup_context"])
-def test_backward_gets_no_gradient_buffers_for_the_saved_intermediates(monkeypatch, form):
-    """t and F are outputs of the autograd Function only to be saved: autograd must not hand backward
-    zero-filled gradients for them (F's is a float32 [T, N], ~470 MB a layer at Llama-3-8B gate/up). Both
-    forms: the old-style class plain eager calls take, and the setup_context one (vmap, torch.compile)."""
-    seen = []
-    cls = dora_ops._ColumnScaledLoRAEager if form == "eager" else dora_ops._ColumnScaledLoRA
-    real = cls.backward
+def _spy_backward(monkeypatch, route, seen):
+    """Wrap the backward that `route` runs: the direct route's Function, the op's registered autograd, or the
+    Function torch.func transforms take."""
+    def wrap(real):
+        def spy(ctx, dy, dt, dF):
+            seen.append((dy is not None, dt, dF))
+            return real(ctx, dy, dt, dF)
+        return spy
+    if route == "direct":
+        monkeypatch.setattr(dora_ops._dora.fn, "backward", staticmethod(wrap(dora_ops._dora.fn.backward)))
+    elif route == "dispatcher":
+        monkeypatch.setattr(dora_ops._dora_op, "_backward_fn", wrap(dora_ops._dora_op._backward_fn))
+    else:
+        monkeypatch.setattr(dora_ops._DoRAFunctorch, "backward",
+                            staticmethod(wrap(dora_ops._DoRAFunctorch.backward)))
 
-    def spy(ctx, dy, dt, dF):
-        seen.append((dy is not None, dt, dF))
-        return real(ctx, dy, dt, dF)
-    monkeypatch.setattr(cls, "backward", staticmethod(spy))
-    if form == "setup_context":
-        monkeypatch.setattr(dora_ops, "_column_scaled", lambda g, *a: dora_ops._ColumnScaledLoRA.apply(g, *a))
+
+def _routed_grads(route, x, w, A, B, m, *args, **kw):
+    """(y, dx, dA, dB, dm) of sum(y * ones) through `route`."""
+    if route == "functorch":
+        y, vjp = torch.func.vjp(lambda *t: dora_ops.dora_linear(t[0], w, t[1], t[2], 2.0, t[3], *args, **kw),
+                                x, A, B, m)
+        return [y, *vjp(torch.ones_like(y))]
+    leaves = [t.detach().requires_grad_() for t in (x, A, B, m)]
+    with (_eager.dispatcher_only() if route == "dispatcher" else contextlib.nullcontext()):
+        y = dora_ops.dora_linear(leaves[0], w, leaves[1], leaves[2], 2.0, leaves[3], *args, **kw)
+    node = y.grad_fn
+    while type(node).__name__ in ("ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0"):
+        node = node.next_functions[0][0]
+    name = type(node).__name__
+    assert name.startswith("Eager_fusedtune_dora_linear" if route == "direct" else
+                           "GeneratedBackwardFor_fusedtune_dora_linear"), name
+    return [y.detach(), *torch.autograd.grad(y, leaves, torch.ones_like(y))]
+
+
+@pytest.mark.parametrize("route", ["direct", "dispatcher", "functorch"])
+def test_backward_gets_no_gradient_buffers_for_the_saved_intermediates(monkeypatch, route):
+    """t and F are outputs of the op only to be saved: autograd must not hand backward zero-filled gradients for
+    them (F's is a float32 [T, N], ~470 MB a layer at Llama-3-8B gate/up). Every route: the direct eager call,
+    the op's registered autograd (export, compile) and the Function torch.func transforms take."""
+    seen = []
+    _spy_backward(monkeypatch, route, seen)
     g = torch.Generator().manual_seed(4)
-    x = torch.randn(5, 16, generator=g, requires_grad=True)
-    w, A = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g, requires_grad=True)
-    B, m = torch.randn(8, 2, generator=g, requires_grad=True), (torch.rand(8, generator=g) + 0.5).requires_grad_()
-    dora_ops.dora_linear(x, w, A, B, 2.0, m).sum().backward()
+    x = torch.randn(5, 16, generator=g)
+    w, A = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g)
+    B, m = torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5
+    _routed_grads(route, x, w, A, B, m)
     assert seen == [(True, None, None)]
 
 
-def test_both_function_forms_give_the_same_bits(monkeypatch):
-    """Plain eager calls take the old-style class (cheaper to call), torch.func / compile the setup_context one;
-    the forward, saved tensors and backward are the same, so every gradient is bit-identical."""
+def test_every_route_gives_the_same_bits():
+    """The direct eager call (EagerOp's Function), the op's registered autograd (torch.ops: export, compile) and
+    torch.func.vjp (the Function with setup_context) run the same forward, saved tensors and backward: every
+    gradient is bit-identical, with dropout and bias."""
     g = torch.Generator().manual_seed(6)
-    x0 = torch.randn(2, 5, 16, generator=g)
-    w, A0 = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g)
-    B0, m0, b = torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
-    used, outs = [], []
-    for form in ("eager", "setup_context"):
-        x, A, B, m = (t.clone().requires_grad_() for t in (x0, A0, B0, m0))
-        real = dora_ops._column_scaled
-        if form == "setup_context":
-            monkeypatch.setattr(dora_ops, "_column_scaled", lambda g_, *a: dora_ops._ColumnScaledLoRA.apply(g_, *a))
-        y = dora_ops.dora_linear(x, w, A, B, 2.0, m, b, dropout_p=0.25, seed=3)
-        y.backward(torch.ones_like(y))
-        used.append(type(y.grad_fn.next_functions[0][0]).__name__)     # (y is a view of the Function's output)
-        outs.append([y.detach(), x.grad, A.grad, B.grad, m.grad])
-        monkeypatch.setattr(dora_ops, "_column_scaled", real)
-    assert used[0].startswith("_ColumnScaledLoRAEager") and not used[1].startswith("_ColumnScaledLoRAEager")
-    for a, c in zip(*outs):
-        assert torch.equal(a, c)
+    x = torch.randn(2, 5, 16, generator=g)
+    w, A = torch.randn(8, 16, generator=g), torch.randn(2, 16, generator=g)
+    B, m, b = torch.randn(8, 2, generator=g), torch.rand(8, generator=g) + 0.5, torch.randn(8, generator=g)
+    outs = [_routed_grads(r, x, w, A, B, m, b, dropout_p=0.25, seed=3)
+            for r in ("direct", "dispatcher", "functorch")]
+    for route in outs[1:]:
+        for a, c in zip(outs[0], route):
+            assert torch.equal(a, c)
 
 
 def test_weight_norm_leaves_a_float32_weight_untouched():

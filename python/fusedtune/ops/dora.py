@@ -102,7 +102,6 @@ def _dora_impl(g: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, lora_A: t
 
 
 _dora_op = torch.library.custom_op("fusedtune::dora_linear", mutates_args=())(_dora_impl)
-_dora = EagerOp(_dora_op, _dora_impl)
 
 
 @_dora_op.register_fake
@@ -164,81 +163,79 @@ def _(dy, x, *rest):
     return x.new_empty(x.shape)
 
 
-class _ColumnScaledLoRA(torch.autograd.Function):
+# DoRA's autograd is the op's own (register_autograd), as LoRA's is: torch.export keeps fusedtune::dora_linear in
+# its graph and the exported program's backward runs this formula (an autograd.Function around the op, as
+# before, left the exported op without one: "no autograd formula"); torch.compile traces the op with its
+# autograd, and plain eager calls run the same setup_context and backward through EagerOp's direct route. The
+# magnitude's factor g = magnitude / ||W + s B . A|| is the op's first input (computed outside, the norm detached),
+# so the op's own gradient for g is the one the magnitude gets through that division.
+def _setup(ctx, inputs, output):
     """y = g * F + bias in x's dtype, F = the fused LoRA product (module docstring): one GEMM writes both.
     With dropout also peft's (g - 1) * (drop(x) - x) W^T, the magnitude's gradient from G in float32."""
+    g, x2, w, A, B, bias, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = inputs
+    _, t, F = output
+    ctx.save_for_backward(g, x2, w, A, B, F, t, S, gid, seed, absmax, code, absmax2, code2)
+    ctx.args = (p, bs, bs2, offset, path, backend, None if bias is None else bias.dtype)
+    # t and F are outputs only to be saved (setup_context has no other way to keep a forward's intermediates):
+    # no gradient flows to them, and none is materialized as zeros for backward (F: a float32 [T, N])
+    ctx.mark_non_differentiable(t, F)
+    ctx.set_materialize_grads(False)
 
-    generate_vmap_rule = True   # forward and setup_context apart: torch.func transforms (vmap) can run it
+
+def _backward(ctx, dy, _dt, _dF):
+    if dy is None:      # the output got no gradient (materialize_grads is off): none flows back
+        return (None,) * 19
+    g, x2, w, A, B, F, t, S, gid, seed, absmax, code, absmax2, code2 = ctx.saved_tensors
+    p, bs, bs2, offset, path, backend, bias_dtype = ctx.args
+    need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
+    dy = dy.contiguous()
+    dF, dF_low, dg, dbias = _dora_dy(dy, F, g, backend)    # one pass over dy and F (G with dropout)
+    tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
+    dx = dW = dA = dB = None
+    dg = dg if need_g else None
+    dbias = dbias.to(bias_dtype) if need_bias and bias_dtype is not None else None
+    if need_x or need_A or need_B:   # u, dA, dB from the float32 dy * g; dX's base GEMM reads it rounded
+        need = [bool(need_x), bool(need_A), bool(need_B)]
+        dx, dA, dB = _lora_bwd(dF, x2, w, A, B, t, *tail, need, backend, dF_low if need_x else None)
+        dx = dx if need_x else None
+        dA = dA.to(A.dtype) if need_A else None
+        dB = dB.to(B.dtype) if need_B else None
+    if need_x and p > 0.0:   # the dropped base term's share of dX
+        dx = dx + _dropped_dgrad(dy, x2, g, w, absmax, code, absmax2, code2, bs, bs2, offset, path, p, seed,
+                                 backend)
+    if need_w:      # a base that trains (dense weight only): dW = dF^T x (+ ((g - 1) dy)^T (drop(x) - x))
+        ct = dF.dtype
+        if p > 0.0:
+            dW = dy.to(ct).t() @ x2.to(ct) + (dy.to(ct) * (g - 1.0)).t() @ ref.dropout(x2, p, int(seed))
+        else:
+            dW = dF.t() @ x2.to(ct)
+        dW = dW.to(w.dtype)
+    return (dg, dx, dW, dA, dB, dbias) + (None,) * 13
+
+
+torch.library.register_autograd("fusedtune::dora_linear", _backward, setup_context=_setup)
+_dora = EagerOp(_dora_op, _dora_impl, _setup, _backward)   # the op, called directly in plain eager mode
+
+
+class _DoRAFunctorch(torch.autograd.Function):
+    """The op's own setup_context and backward as a user autograd.Function, for torch.func transforms only: torch's
+    generated autograd of a custom op refuses functorch's grad transforms (torch.func.vjp: "must override the
+    setup_context staticmethod"), a Function with setup_context runs under them (and under vmap by its generated
+    rule, the op once per example). torch.compile and torch.export take the op."""
+
+    generate_vmap_rule = True
+    setup_context = staticmethod(_setup)
+    backward = staticmethod(_backward)
 
     @staticmethod
-    def forward(g, *op_args):
-        return _dora(g, *op_args)      # y, t (the shrink), F; only y reaches the caller
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        g, *op_args = inputs
-        _, t, F = output
-        x2, w, A, B = op_args[:4]
-        ctx.save_for_backward(g, x2, w, A, B, F, t)
-        ctx.rest = tuple(op_args[4:])
-        # t and F are outputs only to be saved (setup_context has no other way to keep a forward's intermediates):
-        # no gradient flows to them, and none is materialized as zeros for backward (F: a float32 [T, N])
-        ctx.mark_non_differentiable(t, F)
-        ctx.set_materialize_grads(False)
-
-    @staticmethod
-    def backward(ctx, dy, _dt, _dF):
-        if dy is None:      # the output got no gradient (materialize_grads is off): none flows back
-            return (None,) * (5 + len(ctx.rest))
-        g, x2, w, A, B, F, t = ctx.saved_tensors
-        _, S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path, backend = ctx.rest
-        need_g, need_x, need_w, need_A, need_B, need_bias = ctx.needs_input_grad[:6]
-        dF, dF_low, dg, dbias = _dora_dy(dy, F, g, backend)    # one pass over dy and F (G with dropout)
-        tail = (S, gid, p, seed, absmax, code, absmax2, code2, bs, bs2, offset, path)
-        dx = dW = dA = dB = None
-        dg = dg if need_g else None
-        dbias = dbias.to(ctx.rest[0].dtype) if need_bias else None
-        if need_x or need_A or need_B:   # u, dA, dB from the float32 dy * g; dX's base GEMM reads it rounded
-            need = [bool(need_x), bool(need_A), bool(need_B)]
-            dx, dA, dB = _lora_bwd(dF, x2, w, A, B, t, *tail, need, backend, dF_low if need_x else None)
-            dx = dx if need_x else None
-            dA = dA.to(A.dtype) if need_A else None
-            dB = dB.to(B.dtype) if need_B else None
-        if need_x and p > 0.0:   # the dropped base term's share of dX
-            dx = dx + _dropped_dgrad(dy, x2, g, w, absmax, code, absmax2, code2, bs, bs2, offset, path, p, seed,
-                                     backend)
-        if need_w:      # a base that trains (dense weight only): dW = dF^T x (+ ((g - 1) dy)^T (drop(x) - x))
-            ct = dF.dtype
-            if p > 0.0:
-                dW = dy.to(ct).t() @ x2.to(ct) + (dy.to(ct) * (g - 1.0)).t() @ ref.dropout(x2, p, int(seed))
-            else:
-                dW = dF.t() @ x2.to(ct)
-            dW = dW.to(w.dtype)
-        return (dg, dx, dW, dA, dB, dbias) + (None,) * (len(ctx.rest) - 1)
-
-
-def _eager_forward(ctx, g, *op_args):
-    out = _ColumnScaledLoRA.forward(g, *op_args)
-    _ColumnScaledLoRA.setup_context(ctx, (g, *op_args), out)
-    return out
-
-
-# The same Function in the old style (forward with ctx), for plain eager calls: torch builds a call of a
-# setup_context-style Function through inspect-based argument binding, ~60-90 us more a forward+backward on this
-# repository's CPU. The same forward, saved tensors and backward; the setup_context form stays for
-# torch.func transforms (vmap) and torch.compile.
-_ColumnScaledLoRAEager = type("_ColumnScaledLoRAEager", (torch.autograd.Function,),
-                              {"forward": staticmethod(_eager_forward),
-                               "backward": staticmethod(_ColumnScaledLoRA.backward)})
+    def forward(*args):
+        return _dora(*args)
 
 
 def _column_scaled(g, *args):
-    if not torch.is_grad_enabled() and not torch._C._are_functorch_transforms_active():
-        # nothing to record: the op itself (a compiled no-grad forward ran the Function's variadic forward with
-        # ctx as g: eval and generate of a compiled DoRA model failed)
-        return _dora(g, *args)
-    eager = not (torch.compiler.is_compiling() or torch._C._are_functorch_transforms_active())
-    return (_ColumnScaledLoRAEager if eager else _ColumnScaledLoRA).apply(g, *args)
+    if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        return _DoRAFunctorch.apply(g, *args)
+    return _dora(g, *args)
 
 
 def _dropout_delta(x2, p: float, seed: int, backend: str) -> torch.Tensor:
