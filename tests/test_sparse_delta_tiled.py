@@ -142,3 +142,10 @@ def test_plan_promises(N, K, T, k, elem, budget, parallel):
 def test_plan_refuses_a_budget_without_room():
     with pytest.raises(ValueError, match="hold no tile"):
         sd.sddmm_plan(4096, 4096, 4096, 1000, 2, 4096, 8)
+
+
+def test_the_kernel_refuses_a_weight_of_2_to_the_31_elements():
+    """out * in = 2^31 is refused, as SparseDeltaLinear refuses it (found by review: the kernel's check let it through,
+    and its int32 flat indices and entry counts cannot hold it). Zero rows: nothing is allocated."""
+    with pytest.raises(RuntimeError, match="must be below 2\\^31"):
+        kernel(torch.empty(0, 2 ** 16), torch.empty(0, 2 ** 15), torch.zeros(1, dtype=torch.int32), [16, 16, 1, 1, 1])

@@ -37,6 +37,7 @@ at::Tensor hadamard_mma_cuda(const at::Tensor& x, double scale, const at::Tensor
   TORCH_CHECK(reinterpret_cast<uintptr_t>(x.data_ptr()) % 16 == 0, "hadamard_mma_kernel: x must be 16-byte aligned");
   const int64_t n = x.size(1);
   TORCH_CHECK(m >= 2, "hadamard_mma_kernel: m = ", m, ": a power-of-two row has no factor (hadamard_kernel)");
+  TORCH_CHECK(n <= roste::kMaxN, "hadamard_mma_kernel: n = ", n, " exceeds ", roste::kMaxN);   // before int casts
   roste::MmaPlan pl;
   TORCH_CHECK(n % m == 0 && m <= 16 * roste::kMmaMaxTiles && roste::make_mma_plan((int)m, (int)(n / m), &pl),
               "hadamard_mma_kernel: n = ", n, " = ", m, " x ", n / m, " is not served (m <= ", 16 * roste::kMmaMaxTiles,

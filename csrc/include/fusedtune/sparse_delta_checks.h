@@ -84,8 +84,9 @@ inline int sddmm_check(const at::Tensor& dy, const at::Tensor& x, const at::Tens
               indices.sizes());
   TORCH_CHECK(dy.device() == x.device() && indices.device() == x.device(), "sddmm_kernel: dy, x and indices must ",
               "be on one device");
-  TORCH_CHECK(dy.size(1) * x.size(1) <= ((int64_t)1 << 31), "sddmm_kernel: out * in = ", dy.size(1) * x.size(1),
-              " exceeds what int32 flat indices address");
+  TORCH_CHECK(dy.size(1) * x.size(1) < ((int64_t)1 << 31) && indices.numel() < ((int64_t)1 << 31),
+              "sddmm_kernel: out * in = ", dy.size(1) * x.size(1), " and k = ", indices.numel(),
+              " must be below 2^31 (int32 flat indices and entry counts; the layers refuse larger weights)");
   TORCH_CHECK(indices.numel() == 0 || (dy.size(1) > 0 && x.size(1) > 0), "sddmm_kernel: ", indices.numel(),
               " indices into a weight of ", dy.size(1), " x ", x.size(1));
   TORCH_CHECK(plan.size() == 5, "sddmm_kernel: plan must be [R, C, splits, cap, span], got ", plan.size(), " values");
