@@ -148,3 +148,36 @@ def test_the_row_master_baseline_writes_each_weight_once(monkeypatch):
     monkeypatch.setattr(RowMaskedLinear, "masters_written_elsewhere", lambda self: calls.append(self))
     hft_bench.bench_adamw(core.CpuTimer(quick=True), quick=True)
     assert not calls
+
+
+def test_rows_that_compute_the_same_result_are_checked(cpu_run):
+    """The row gradients against the dense dW's rows, and MaskedAdamW against torch's AdamW (one step each from
+    the same values), before timing; the training-step rows (other parameters by design) and host rows not."""
+    _, _, _, rows = cpu_run
+    for r in rows:
+        checked = r["kernel"] == ROW_GRAD or r["kernel"] in ADAMW_KERNELS
+        assert ("checked against it" in r["note"]) == checked, r["kernel"]
+        assert ("one step at lr 0.01 from the same values" in r["note"]) == (r["kernel"] in ADAMW_KERNELS)
+        assert "DIFFER" not in r["note"]
+
+
+class _Timer:
+    """Calls fn once (what the checks need), reports 1 ms."""
+    name, device = "cpu", torch.device("cpu")
+
+    def __call__(self, fn):
+        fn()
+        return (1.0, 1.0, 1.0)
+
+
+def test_a_wrong_result_is_flagged(monkeypatch):
+    from fusedtune.ops import hft as ops
+    from fusedtune.optim import MaskedAdamW
+    real = ops.row_grad
+    monkeypatch.setattr(ops, "row_grad", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+    rows = hft_bench.bench_row_grad(_Timer(), quick=True)
+    assert len(rows) == 3 and all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)
+    monkeypatch.setattr(MaskedAdamW, "step", lambda self, closure=None: None)     # a step that updates nothing
+    rows = hft_bench.bench_adamw(_Timer(), quick=True)
+    assert {r["kernel"] for r in rows} == ADAMW_KERNELS
+    assert all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)

@@ -220,3 +220,32 @@ def test_autocast_rows_time_both_sides_under_autocast_and_agree():
     ours, theirs = seen[-2:]
     for a, b in zip(ours, theirs):      # dX, dA, dB of both under bf16 autocast: bf16 rounding apart
         torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05)
+
+
+def test_agreement_is_cores_and_keeps_its_note():
+    """bench/core.agreement (moved from lora.py, where the LoRA rows use it): the same note at the default
+    tolerance; a NaN, another shape or another count of results is flagged too; another tolerance is said."""
+    assert lora_bench.agreement is core.agreement
+    a = torch.tensor([1.0, -2.0, 4.0])
+    assert core.agreement((a, 2 * a), (a * 1.001, 2 * a)) == "checked against it: max rel error 1.0e-03"
+    assert core.agreement(a * 1.05, a) == "checked against it: max rel error 5.0e-02 -- RESULTS DIFFER"
+    assert core.agreement(torch.zeros(3), a).endswith("max rel error 1.0e+00 -- RESULTS DIFFER")
+    assert core.agreement((a, a.clone().fill_(float("nan"))), (a, a)).endswith("nan -- RESULTS DIFFER")
+    assert core.agreement(a[:2], a).endswith("shape (2,) against (3,) -- RESULTS DIFFER")
+    assert core.agreement((a,), (a, a)).endswith("1 results against 2 -- RESULTS DIFFER")
+    assert core.agreement(a * 1.05, a, tol=0.1, why="x") == \
+        "checked against it: max rel error 5.0e-02 (tolerance 1.0e-01: x)"
+    assert core.sqnr_agreement(a, a) == "checked against it: SQNR inf dB (FP8 rounding; flagged below 20 dB)"
+    assert core.sqnr_agreement(a * 1.01, a).startswith("checked against it: SQNR 40.0 dB")
+    assert core.sqnr_agreement(torch.zeros(3), a).endswith("SQNR 0.0 dB (FP8 rounding; flagged below 20 dB)"
+                                                           " -- RESULTS DIFFER")
+
+
+def test_from_same_start_restores_between_runs():
+    t, w = torch.zeros(4), torch.zeros(6)
+    idx = torch.tensor([1, 3])
+    state = [t, (lambda: w.index_select(0, idx), lambda v: w.index_copy_(0, idx, v))]
+    got = core.from_same_start(state, lambda: (t.add_(1), w.add_(2)), lambda: t.add_(3))
+    assert [g.tolist() for g in got[0]] == [[1.0] * 4, [2.0, 2.0]]
+    assert [g.tolist() for g in got[1]] == [[3.0] * 4, [0.0, 0.0]]
+    assert t.tolist() == [0.0] * 4 and w.index_select(0, idx).tolist() == [0.0, 0.0]

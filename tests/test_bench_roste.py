@@ -32,6 +32,12 @@ def test_cpu_run_rows(tmp_path):
         assert "CPU framework check" in r["note"]
         assert r["shape"] == ("64x768" if r["kernel"].startswith(("hadamard", "rotate")) else "M=64 K=N=256")
     assert rows[0]["backend"] == ("cpu" if _ext.loaded() else "reference")      # 768 = 12 x 64: the C++ kernel
+    # checked before timing: the fused op against the unfused sequence (to within a quantization level) and the
+    # integer GEMM against the fake-quant layer; not the Hadamard vs memcpy, the layer vs nn.Linear, the host rows
+    assert [("checked against it: max rel error" in r["note"]) for r in rows] == [False, True, True, False]
+    assert "(tolerance 2.0e-01: 1.5 levels of 4-bit" in rows[1]["note"]
+    assert not any("DIFFER" in r["note"] or "checked" in r["note"] for r in [rows[0], rows[3]] + host)
+    assert not any("DIFFER" in r["note"] for r in rows)
 
 
 def test_flops_count_the_padded_gemms():
@@ -112,3 +118,16 @@ def test_the_unfused_baseline_makes_no_clip_mask(monkeypatch):
     got = roste_bench._unfused(x, 4, 0.95)()
     assert masks == [None]
     torch.testing.assert_close(got, rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True), rtol=1e-6, atol=1e-6)
+
+
+def test_a_wrong_fused_result_is_flagged(monkeypatch):
+    """The fused rotate + fake quant giving zeros, or skipping the rotation, is said so in its row (the ratio
+    would compare ours with a sequence that computes something else)."""
+    from fusedtune.ops import roste as ops_roste
+    real = ops_roste.rotate_fake_quant
+    for broken in (lambda x, *a, **k: torch.zeros_like(real(x, *a, **k)),
+                   lambda x, *a, **k: real(x, *a, **dict(k, rotate=False))):
+        monkeypatch.setattr(ops_roste, "rotate_fake_quant", broken)
+        rows = br.size_rows(_timer, 64, 768, False)
+        assert [r["kernel"] for r in rows] == ["hadamard (orthonormal)", "rotate_fake_quant (token, W4 asym, fused)"]
+        assert rows[1]["note"].endswith("-- RESULTS DIFFER") and "checked" not in rows[0]["note"]

@@ -177,3 +177,52 @@ def test_the_optimizer_baseline_writes_each_weight_once(monkeypatch):
     monkeypatch.setattr(SparseDeltaLinear, "masters_written_elsewhere", lambda self: calls.append(self))
     sd_bench.bench_adamw(core.CpuTimer(quick=True), quick=True)
     assert not calls
+
+
+def test_rows_that_compute_the_same_result_are_checked(cpu_run):
+    """Before timing: each SDDMM row (and the dense schedule's) against the dense dW's gathered values, the
+    optimizer and the op against torch's AdamW (one step each from the same values); not the step after
+    regrowth (its young entries' own bias corrections), the training steps (other parameters) or host rows."""
+    _, _, _, rows = cpu_run
+    for r in rows:
+        assert ("checked against it" in r["note"]) == (r["kernel"] in (SDDMM, DENSE, OPT, OP)), r["kernel"]
+        assert ("one step at lr 0.01 from the same values" in r["note"]) == (r["kernel"] in (OPT, OP))
+        assert "DIFFER" not in r["note"]
+
+
+class _Timer:
+    """Calls fn once (what the checks need), reports 1 ms."""
+    name, device = "cpu", torch.device("cpu")
+
+    def __call__(self, fn):
+        fn()
+        return (1.0, 1.0, 1.0)
+
+
+def test_a_wrong_result_is_flagged(monkeypatch):
+    """The SDDMM giving zeros; the optimizer stepping the deltas but leaving the bf16 weights unwritten (the
+    check's step runs at a learning rate that shows in them)."""
+    from fusedtune.ops import sparse_delta as ops
+    from fusedtune.optim import SparseDeltaAdamW
+    real = ops.sddmm
+    monkeypatch.setattr(ops, "sddmm", lambda *a, **k: torch.zeros_like(real(*a, **k)))
+    rows = sd_bench.bench_sddmm(_Timer(), quick=True)
+    assert len(rows) == 18 and all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)
+    step, real_layers, layers = SparseDeltaAdamW.step, sd_bench.opt_layers, {}
+
+    def opt_layers(*a, **k):
+        out = real_layers(*a, **k)
+        layers.update({id(m.values): m for m in out})
+        return out
+    monkeypatch.setattr(sd_bench, "opt_layers", opt_layers)
+
+    def step_without_weights(self, closure=None):
+        ws = [(m.weight, m.weight.detach().clone()) for g in self.param_groups for p in g["params"]
+              for m in [layers[id(p)]]]
+        step(self, closure)
+        with torch.no_grad():
+            for w, before in ws:
+                w.copy_(before)
+    monkeypatch.setattr(SparseDeltaAdamW, "step", step_without_weights)
+    rows = {r["kernel"]: r for r in sd_bench.bench_adamw(_Timer(), quick=True)}
+    assert rows[OPT]["note"].endswith("-- RESULTS DIFFER") and "DIFFER" not in rows[OP]["note"]

@@ -7,9 +7,11 @@ time and the baseline's, timed in the same run. main() adds the environment colu
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import datetime
 import gc
+import math
 import os
 import subprocess
 import time
@@ -206,6 +208,112 @@ def row(kernel: str, shape: str, dtype: str, backend: str, baseline: str, times:
             "time_ms": med, "p20_ms": p20, "p80_ms": p80,
             "baseline_ms": float("nan") if baseline_ms is None else float(baseline_ms),
             "ratio": ratio, "roofline_pct": float("nan") if roofline is None else float(roofline), "note": note}
+
+
+# ----------------------------------------------------------------------------- agreement checks
+# A row's ratio is only a claim where ours and the baseline compute the same result: each family runs the pair
+# once before timing, outside the timed region, and appends one of these notes to the row.
+
+AGREE_TOL = 3e-2          # max error / the baseline's max magnitude: bf16's rounding, with margin
+FP8_MIN_SQNR_DB = 20.0    # E4M3 with block scales gives ~28.7 dB against exact math (3 mantissa bits)
+CHECK_LR = 1e-2           # the learning rate of an optimizer check step: large enough to show in bf16 weights
+DIFFER = " -- RESULTS DIFFER"
+
+
+def _pairs(ours, theirs) -> tuple[list, list, str]:
+    """(ours' tensors, theirs', why they cannot be compared or ""): a tensor or a sequence of tensors each."""
+    ours = [ours] if torch.is_tensor(ours) else list(ours)
+    theirs = [theirs] if torch.is_tensor(theirs) else list(theirs)
+    if len(ours) != len(theirs):
+        return ours, theirs, f"{len(ours)} results against {len(theirs)}"
+    for i, (a, b) in enumerate(zip(ours, theirs)):
+        if tuple(a.shape) != tuple(b.shape):
+            return ours, theirs, f"result {i} has shape {tuple(a.shape)} against {tuple(b.shape)}"
+    return ours, theirs, ""
+
+
+def _worst(errs, key=max) -> float:
+    """key (max or min) of errs; nan where any is nan (max() would drop a nan that is not first)."""
+    return float("nan") if any(e != e for e in errs) else key(errs)
+
+
+def agreement(ours, theirs, tol: float = AGREE_TOL, why: str = "", how: str = "") -> str:
+    """How far ours' results (a tensor or a tuple of them: y or dX, dA, dB) are from the baseline's, as a note
+    for the row: the largest error relative to the baseline's largest magnitude (per result; the worst), and
+    "RESULTS DIFFER" above tol (default: bf16's rounding, with margin), where it is not finite (a NaN), or where
+    the results' count or shapes differ. why: what sets another tolerance, said in the note with it; how: what
+    was compared, when not the row's call itself."""
+    head = "checked against it" + (f" ({how})" if how else "")
+    ours, theirs, bad = _pairs(ours, theirs)
+    if bad:
+        return f"{head}: {bad}{DIFFER}"
+    worst = _worst([float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
+                    if b.numel() else 0.0 for a, b in zip(ours, theirs)] or [0.0])
+    tol_txt = f" (tolerance {tol:.1e}" + (f": {why}" if why else "") + ")" if why or tol != AGREE_TOL else ""
+    return f"{head}: max rel error {worst:.1e}{tol_txt}" + ("" if worst <= tol else DIFFER)
+
+
+def sqnr_agreement(ours, theirs, min_db: float = FP8_MIN_SQNR_DB, why: str = "FP8 rounding", how: str = "") -> str:
+    """agreement() for results that differ by design by a quantization (FP8 against bf16 math): the
+    signal-to-quantization-noise ratio 10 log10(sum theirs^2 / sum (ours - theirs)^2), the worst over the
+    results, flagged "RESULTS DIFFER" below min_db (default 20 dB: E4M3 with block scales gives ~28.7 dB
+    against exact math, ~26 dB against another FP8 recipe; ours all zeros gives 0 dB)."""
+    head = "checked against it" + (f" ({how})" if how else "")
+    ours, theirs, bad = _pairs(ours, theirs)
+    if bad:
+        return f"{head}: {bad}{DIFFER}"
+
+    def db(a, b):
+        b = b.float()
+        noise, signal = float((a.float() - b).pow_(2).sum()), float(b.pow(2).sum())
+        if noise != noise or signal != signal:
+            return float("nan")
+        return float("inf") if noise == 0 else 10 * math.log10(max(signal, 1e-300) / noise)
+    worst = _worst([db(a, b) for a, b in zip(ours, theirs) if b.numel()] or [float("inf")], key=min)
+    return (f"{head}: SQNR {worst:.1f} dB ({why}; flagged below {min_db:g} dB)"
+            + ("" if worst >= min_db else DIFFER))
+
+
+def from_same_start(state, *runs) -> list[list[torch.Tensor]]:
+    """Each of runs (one optimizer step of ours, one of the baseline) called once from the same values, for
+    agreement(): state lists what the runs write, each a tensor (copied and restored whole) or a (read, write)
+    pair (read() -> a tensor, write(t) puts it back: a gather of the positions a step writes). Returns copies
+    of the values each run left; every entry is restored to its start after each run."""
+    state = [(lambda t=s: t, lambda v, t=s: t.copy_(v)) if torch.is_tensor(s) else s for s in state]
+    with torch.no_grad():
+        start = [read().detach().clone() for read, _ in state]
+    out = []
+    for fn in runs:
+        fn()
+        with torch.no_grad():
+            out.append([read().detach().clone() for read, _ in state])
+            for (_, write), v in zip(state, start):
+                write(v)
+    return out
+
+
+@contextlib.contextmanager
+def lr_scope(opts, lr: float):
+    """Every param group of the optimizers in opts at learning rate lr in the scope (put back after)."""
+    keep = [[g["lr"] for g in o.param_groups] for o in opts]
+    for o in opts:
+        for g in o.param_groups:
+            g["lr"] = lr
+    try:
+        yield
+    finally:
+        for o, lrs in zip(opts, keep):
+            for g, v in zip(o.param_groups, lrs):
+                g["lr"] = v
+
+
+def step_agreement(opts, runs, state, lr: float = CHECK_LR, tol: float = AGREE_TOL) -> str:
+    """agreement() of the values one step of ours and one of the baseline leave (runs: (ours, baseline), each
+    from the same values of state: from_same_start), at learning rate lr on every optimizer in opts (lr_scope),
+    so that the update shows in bf16 weights; the optimizers keep the state of that first step."""
+    with lr_scope(opts, lr):
+        ours, theirs = from_same_start(state, *runs)
+    return agreement(ours, theirs, tol, how=f"one step at lr {lr:g} from the same values")
 
 
 def git_commit() -> str:

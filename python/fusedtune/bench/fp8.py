@@ -19,20 +19,32 @@
    fp8_gemm_kernel, torch's bf16 matmul and cuBLAS's block-scaled GEMM, and FP8Linear with its three GEMMs on it
    (cuBLAS off). Left out, with a row saying so, where FUSEDTUNE_BENCH_SKIP names "fp8-tma".
 
+Before timing, each pair that is meant to compute the same result runs once and the row's note says how far
+apart they are (core.agreement / core.sqnr_agreement; "RESULTS DIFFER" where they do): against bf16 math (torch's
+matmul, nn.Linear: y, dX, dW) by SQNR, FP8 rounding giving ~28.7 dB (flagged below 20 dB); against torch's
+rowwise FP8 and torchao's Float8Linear the same way (FP8 rounding on both sides); against cuBLAS's GEMM on the
+same operands and scales and the two dX layouts by max relative error. The quantizers against a clone (the same
+bytes moved, not the same result) are not checked; nor is fp8_gemm on the TMA kernel (its GPU tests check it, and
+an extra call would change the launch count tests/test_fp8_tma_interp.py pins).
+
 --cpu: tiny shapes with the float32 emulation; the rows check the framework, not performance.
 """
 from __future__ import annotations
 
+import copy
 import os
 
 import torch
 
-from .core import hbm_share, linear_host_rows, opt_in_skipped, roofline_pct, row
+from .core import agreement, hbm_share, linear_host_rows, opt_in_skipped, roofline_pct, row, sqnr_agreement
 
 SIZES, QUICK_SIZES, TINY_SIZES = (4096, 8192, 16384), (8192,), (256,)
 GOAL_TFLOPS = 1000.0
 GOAL_LINEAR = 1.4
 CPU_NOTE = "CPU framework check, not performance"
+# fp8_gemm on the TMA kernel runs no extra call for a check (tests/test_fp8_tma_interp.py counts its launches)
+TMA_UNCHECKED = ("; result not checked here: its GPU tests (tests/test_fp8_tma_gpu.py, which gate this section) "
+                 "compare it with fp8_gemm_kernel")
 
 
 def _tflops(flops, ms):
@@ -65,6 +77,8 @@ def gemm_rows(timer, sizes, on_gpu, device):
     for n in sizes:
         a, b, aq, as_, bq, bs = _gemm_case(n, device, dt)
         flops = 2 * n ** 3
+        out = fp8_gemm(aq, as_, bq, bs, 128, dt)      # ours once, checked against each baseline before timing
+        vs_bf16 = sqnr_agreement(out, a @ b.t())
         ours = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
         bf16 = timer(lambda: a @ b.t())
         tf = _tflops(flops, ours[0])
@@ -74,20 +88,23 @@ def gemm_rows(timer, sizes, on_gpu, device):
         shape = f"M=N=K={n}"
         rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton" if on_gpu else "cpu",
                         "torch bf16 matmul", ours, bf16[0], roofline_pct(ours[0], flops=flops, precision="fp8"),
-                        note=note))
+                        note=f"{note}; {vs_bf16}"))
         if on_gpu:
             try:
-                sm = timer(_scaled_mm_rowwise(a, b))
+                sm_fn = _scaled_mm_rowwise(a, b)
+                vs_sm = sqnr_agreement(out, sm_fn(), why="FP8 rounding on both sides")
+                sm = timer(sm_fn)
                 rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
                                 "torch._scaled_mm rowwise", ours, sm[0],
-                                roofline_pct(ours[0], flops=flops, precision="fp8"), note=note))
+                                roofline_pct(ours[0], flops=flops, precision="fp8"), note=f"{note}; {vs_sm}"))
             except Exception as e:  # noqa: BLE001 - report, do not hide the other rows
                 rows.append(row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
                                 "torch._scaled_mm rowwise", ours, None, None,
                                 note=f"_scaled_mm not runnable here ({type(e).__name__}: {e})"))
         if on_gpu:
-            rows.append(cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note))
+            rows.append(cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note, out))
             rows.append(dgrad_layout_row(timer, aq, as_, bq, bs, dt, shape, flops))
+        del out
         rows += quant_rows(timer, a, shape, on_gpu)
     return rows
 
@@ -116,20 +133,22 @@ def quant_rows(timer, a, shape, on_gpu):
     return rows
 
 
-def cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note):
+def cublas_block_row(timer, ours, aq, as_, bq, bs, shape, flops, note, out):
     """Our Triton GEMM against cuBLAS's block-scaled FP8 GEMM on the same operands and scales (what FP8Linear
-    takes on sm_90 where it passes its check: fusedtune/ops/fp8_cublas.py)."""
+    takes on sm_90 where it passes its check: fusedtune/ops/fp8_cublas.py); out: our GEMM's result, checked
+    against cuBLAS's."""
     from ..ops import fp8_cublas
     why = fp8_cublas.status(aq.device, 128, torch.bfloat16)
     if why is not None:
         return row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
                    "cuBLAS block-scaled (torch._scaled_mm 1x128 x 128x128)", ours, None, None,
                    note=f"cuBLAS block scaling not usable here: {why}")
+    check = agreement(out, fp8_cublas.gemm(aq, as_, bq, bs, 128, torch.bfloat16))
     cb = timer(lambda: fp8_cublas.gemm(aq, as_, bq, bs, 128, torch.bfloat16))
     return row("fp8_gemm (1x128 x 128x128, promoted)", shape, "e4m3->bf16", "triton",
                "cuBLAS block-scaled (torch._scaled_mm 1x128 x 128x128)", ours, cb[0],
                roofline_pct(ours[0], flops=flops, precision="fp8"),
-               note=f"{note}; cuBLAS {_tflops(flops, cb[0]):.0f} TFLOP/s")
+               note=f"{note}; cuBLAS {_tflops(flops, cb[0]):.0f} TFLOP/s; {check}")
 
 
 def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
@@ -140,6 +159,7 @@ def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
     from ..ops.fp8 import fp8_gemm
     ws_t = ws.t().contiguous()
     wq_t = wq.t().contiguous()
+    check = agreement(fp8_gemm(dq, ds, wq_t, ws_t, 128, dt), fp8_gemm(dq, ds, wq, ws_t, 128, dt, b_transposed=True))
     in_kernel = timer(lambda: fp8_gemm(dq, ds, wq, ws_t, 128, dt, b_transposed=True))
     copied = timer(lambda: fp8_gemm(dq, ds, wq_t, ws_t, 128, dt))
     transpose = timer(lambda: wq.t().contiguous())
@@ -147,26 +167,32 @@ def dgrad_layout_row(timer, dq, ds, wq, ws, dt, shape, flops):
                "W read transposed in the GEMM", copied, in_kernel[0],
                roofline_pct(copied[0], flops=flops, precision="fp8"),
                note=f"{_tflops(flops, copied[0]):.0f} vs {_tflops(flops, in_kernel[0]):.0f} TFLOP/s; a separate "
-                    f"torch transpose of the FP8 W {transpose[0]:.3f} ms (the quantizer now writes the copy)")
+                    f"torch transpose of the FP8 W {transpose[0]:.3f} ms (the quantizer now writes the copy); {check}")
 
 
 def _linear_case(n: int, device, dt):
-    """(nn.Linear, FP8Linear) n x n without bias, and fb(layer): a forward+backward (dX, dW) of it on one
-    [n, n] input and dy."""
+    """(nn.Linear, FP8Linear over a copy of its weight) n x n without bias, x, fb(layer): a forward+backward
+    (dX, dW) of it on one [n, n] input and dy, and outs(layer): (y, dX, dW) of one such call (the checks)."""
     from ..nn import FP8Linear
     lin = torch.nn.Linear(n, n, bias=False, device=device, dtype=dt)
-    f8 = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
+    f8 = FP8Linear.from_linear(copy.deepcopy(lin))
     x = torch.randn(n, n, device=device, dtype=dt, requires_grad=True)
     dy = torch.randn(n, n, device=device, dtype=dt)
 
     def fb(layer):
         return lambda: torch.autograd.grad(layer(x), [x, layer.weight], dy)
-    return lin, f8, x, fb
+
+    def outs(layer):
+        y = layer(x)
+        return (y.detach(),) + torch.autograd.grad(y, [x, layer.weight], dy)
+    return lin, f8, x, fb, outs
 
 
 def linear_rows(timer, n, on_gpu, device):
     dt = torch.bfloat16 if on_gpu else torch.float32
-    lin, f8, x, fb = _linear_case(n, device, dt)
+    lin, f8, x, fb, outs = _linear_case(n, device, dt)
+    mine, theirs = outs(f8), outs(lin)      # (y, dX, dW) once each, before timing
+    check = sqnr_agreement(mine, theirs)
     ours = timer(fb(f8))
     base = timer(fb(lin))
     flops = 6 * n ** 3
@@ -175,30 +201,33 @@ def linear_rows(timer, n, on_gpu, device):
     shape = f"{n}x{n}x{n}"
     rows = [row("FP8Linear fwd+bwd", shape, "e4m3", "triton" if on_gpu else "cpu", "bf16 nn.Linear", ours,
                 base[0], roofline_pct(ours[0], flops=flops, precision="fp8"),
-                note=note + ("" if not on_gpu else f"; {f8._fusedtune_report()['path']}"))]
+                note=note + ("" if not on_gpu else f"; {f8._fusedtune_report()['path']}") + f"; {check}")]
     if on_gpu:   # the same with every GEMM on the Triton kernel (FUSEDTUNE_FP8_GEMM=triton)
         with _Engine("triton"):
+            check = sqnr_agreement(outs(f8), theirs)
             tri = timer(fb(f8))
         rows.append(row("FP8Linear fwd+bwd (Triton GEMMs)", shape, "e4m3", "triton", "bf16 nn.Linear", tri, base[0],
                         roofline_pct(tri[0], flops=flops, precision="fp8"),
-                        note=f"FUSEDTUNE_FP8_GEMM=triton; {base[0] / tri[0]:.2f}x bf16"))
+                        note=f"FUSEDTUNE_FP8_GEMM=triton; {base[0] / tri[0]:.2f}x bf16; {check}"))
     if on_gpu:   # the same with Triton's quantizers (auto takes the extension's CUDA kernel where it serves)
         from ..ops.fp8 import _resolve_quant
         q = _resolve_quant(x.detach(), None)
-        tq = FP8Linear.from_linear(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt), backend="triton")
+        tq = FP8Linear.from_linear(copy.deepcopy(lin), backend="triton")
+        check = sqnr_agreement(outs(tq), theirs)
         trq = timer(fb(tq))
         rows.append(row("FP8Linear fwd+bwd (Triton quantizers)", shape, "e4m3", "triton", "bf16 nn.Linear", trq,
                         base[0], roofline_pct(trq[0], flops=flops, precision="fp8"),
                         note=f"backend='triton': {base[0] / trq[0]:.2f}x bf16; the default row's quantizers: {q} "
-                             f"({trq[0] / ours[0]:.2f}x its time)"))
+                             f"({trq[0] / ours[0]:.2f}x its time); {check}"))
     if on_gpu:
         try:
             from torchao.float8 import Float8LinearConfig, convert_to_float8_training
-            m = torch.nn.Sequential(torch.nn.Linear(n, n, bias=False, device=device, dtype=dt))
+            m = torch.nn.Sequential(copy.deepcopy(lin))
             convert_to_float8_training(m, config=Float8LinearConfig.from_recipe_name("rowwise"))
+            check = sqnr_agreement(mine, outs(m[0]), why="FP8 rounding on both sides")
             ao = timer(fb(m[0]))
             rows.append(row("FP8Linear fwd+bwd", shape, "e4m3", "triton", "torchao Float8Linear (rowwise, eager)",
-                            ours, ao[0], roofline_pct(ours[0], flops=flops, precision="fp8")))
+                            ours, ao[0], roofline_pct(ours[0], flops=flops, precision="fp8"), note=check))
         except Exception as e:  # noqa: BLE001
             rows.append(row("FP8Linear fwd+bwd", shape, "e4m3", "triton", "torchao Float8Linear (rowwise, eager)",
                             ours, None, None, note=f"torchao not usable here ({type(e).__name__}: {e})"))
@@ -258,7 +287,7 @@ def tma_rows(timer, sizes, device):
             classic = timer(lambda: fp8_gemm(aq, as_, bq, bs, 128, dt))
         tf = _tflops(flops, ours[0])
         note = f"{tf:.0f} TFLOP/s" + (f"; goal >= {GOAL_TFLOPS:.0f} at 8192^3: {'met' if tf >= GOAL_TFLOPS else 'NOT met'}"
-                                      if n == 8192 else "")
+                                      if n == 8192 else "") + TMA_UNCHECKED
         pct = roofline_pct(ours[0], flops=flops, precision="fp8")
         rows.append(row(kernel, shape, "e4m3->bf16", "triton", "fp8_gemm_kernel (pointer loads)", ours, classic[0],
                         pct, note=f"{note}; fp8_gemm_kernel {_tflops(flops, classic[0]):.0f} TFLOP/s"))
@@ -278,17 +307,20 @@ def tma_linear_rows(timer, n, device):
     why = opt_in_skipped("fp8-tma") or ("" if fp8_tma.available(device) else "needs an sm_90 GPU")
     if why:
         return [row(kernel, "-", "e4m3", "triton", "-", (float("nan"),) * 3, None, note="skipped: " + why)]
-    lin, f8, _, fb = _linear_case(n, device, torch.bfloat16)
+    lin, f8, _, fb, outs = _linear_case(n, device, torch.bfloat16)
+    theirs = outs(lin)                       # (y, dX, dW) once each, before timing
     with _Engine("triton", True):
         before = fp8_tma.launches
-        fb(f8)()
+        check = sqnr_agreement(outs(f8), theirs)
         took = fp8_tma.launches - before     # of the call's three GEMMs (forward, dX, dW)
         ours = timer(fb(f8))
+    del theirs
     base = timer(fb(lin))
     return [row(kernel, f"{n}x{n}x{n}", "e4m3", "triton", "bf16 nn.Linear", ours, base[0],
                 roofline_pct(ours[0], flops=6 * n ** 3, precision="fp8"),
                 note=f"FUSEDTUNE_FP8_GEMM=triton, FUSEDTUNE_FP8_TMA=1: {base[0] / ours[0]:.2f}x bf16"
-                     + ("" if took == 3 else f"; only {took} of a call's 3 GEMMs took fp8_gemm_tma_kernel"))]
+                     + ("" if took == 3 else f"; only {took} of a call's 3 GEMMs took fp8_gemm_tma_kernel")
+                     + f"; {check}")]
 
 
 def sections(timer, quick: bool) -> list:

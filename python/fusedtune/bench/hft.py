@@ -28,6 +28,12 @@
    also write into their bf16 weight (baseline: AdamW on the masters + index_copy_ write-back);
    bandwidth = bytes touched / time, % of the HBM peak of the GPU that ran (core.hbm_peak).
 
+Before timing, sections 2 and 3 run ours and the baseline once and the row's note says how far apart they are
+(core.agreement; "RESULTS DIFFER" where they do): the compact row gradients against the dense dW's rows, and one
+optimizer step each from the same values (at lr core.CHECK_LR, so that the update shows in bf16 weights: the
+parameters, and with row masters the masters and the bf16 weights they write). Section 1's methods train
+different parameters by design: not checked.
+
 --cpu: a 2-layer hidden-64 Llama (fp32, so that both optimizers keep fp32 moments) and tiny GEMMs;
 the rows check the framework, not performance.
 """
@@ -36,7 +42,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_BF16_FLOPS, free_memory, hbm_share, linear_host_rows, roofline_pct, row
+from .core import (H100_BF16_FLOPS, agreement, free_memory, hbm_share, linear_host_rows, roofline_pct, row,
+                   step_agreement)
 
 TINYLLAMA = {"name": "tinyllama-1.1b", "vocab": 32000, "hidden": 2048, "intermediate": 5632, "layers": 22,
              "heads": 32, "kv_heads": 4, "batch": 4, "seq": 1024}
@@ -305,6 +312,8 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
         dense_tflops = 2.0 * T * out_f * in_f / (dense[0] * 1e-3) / 1e12
         shape = f"llama3-8b {label}: W {out_f}x{in_f}, {T} tokens, {R} of {out_f} rows"
         for b in backends:
+            check = agreement(ops.row_grad(dy, x, sel, backend=b, check_rows=False),   # once each, before timing
+                              (dy.t() @ x).index_select(0, sel))
             ours = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False))
             ours_bf16 = timer(lambda: ops.row_grad(dy, x, sel, backend=b, check_rows=False, out_dtype=torch.bfloat16))
             tflops = flops / (ours[0] * 1e-3) / 1e12
@@ -319,7 +328,7 @@ def bench_row_grad(timer, quick: bool) -> list[dict]:
                         f"bf16 out {ours_bf16[0]:.3g} ms")
             rows.append(row("hft row_grad (compact dW rows)", shape if on_gpu else shape.replace("llama3-8b", "tiny"),
                             "bf16", b, "dense dW GEMM (dy.t() @ x) + gather of the rows", ours, dense[0],
-                            roofline_pct(ours[0], nbytes, flops), note=note))
+                            roofline_pct(ours[0], nbytes, flops), note=f"{note}; {check}"))
     free_memory()
     return rows
 
@@ -364,6 +373,7 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
         es = ps[0].element_size()
         ours_opt = MaskedAdamW(ps, lr=LR, backend=b)
         base_opt, base_name = torch_adamw(ps)
+        check = step_agreement((ours_opt, base_opt), (ours_opt.step, base_opt.step), ps)   # before timing
         ours = timer(ours_opt.step)
         base = timer(base_opt.step)
         ours_bytes = numel * (3 * es + 4 * 4)
@@ -371,7 +381,7 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
         rows.append(row(f"MaskedAdamW step ({dname} params, fp32 moments)",
                         f"{where}: {len(ps)} tensors, {numel / 1e6:.4g}M elems", dname, b,
                         base_name + f" ({dname} moments)", ours, base[0], roofline_pct(ours[0], ours_bytes),
-                        note=bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name, numel)))
+                        note=bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name, numel) + f"; {check}"))
         del ps, ours_opt, base_opt
         free_memory()
 
@@ -404,6 +414,8 @@ def _adamw_row_masters(timer, b: str, shapes, where: str, bw_note) -> dict:
         with torch.no_grad():                   # HalfFineTuner.write_back_rows
             for m in layers:
                 m.weight.index_copy_(0, m.rows, m.weight_rows.to(m.weight.dtype))
+    check = step_agreement((ours_opt, base_opt), (ours_opt.step, base_step),     # before timing
+                           masters + [m.weight for m in layers])
     ours = timer(ours_opt.step)
     base = timer(base_step)
     ours_bytes = numel * (7 * 4 + 2)            # AdamW on fp32 + the bf16 rows written into the weight
@@ -411,7 +423,7 @@ def _adamw_row_masters(timer, b: str, shapes, where: str, bw_note) -> dict:
     return row("MaskedAdamW step (fp32 row masters -> bf16 weight)",
                f"{where}: {len(masters)} matrices, half the rows, {numel / 1e6:.4g}M master elems",
                "fp32", b, base_name + " + index_copy_ write-back", ours, base[0], roofline_pct(ours[0], ours_bytes),
-               note=bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name + " + write-back", numel))
+               note=f"{bw_note(ours[0], ours_bytes, base[0], base_bytes, base_name + ' + write-back', numel)}; {check}")
 
 
 def sections(timer, quick: bool) -> list:

@@ -70,7 +70,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .core import opt_in_skipped, roofline_pct, row
+from .core import agreement, opt_in_skipped, roofline_pct, row
 
 LLAMA3_8B = [("q_proj", 4096, 4096), ("k/v_proj", 1024, 4096), ("o_proj", 4096, 4096),
              ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -214,14 +214,6 @@ def _time_schedules(timer, scheds, on_gpu, x, xg, W, A, B, s, dy) -> tuple[dict,
     return ours, skipped
 
 
-def _agreement(ours, theirs) -> str:
-    """How far ours' results (a tuple of tensors: y or dX, dA, dB) are from the baseline's, as a note: the
-    largest error relative to the baseline's largest magnitude, flagged above bf16's rounding."""
-    worst = max(float((a.float() - b.float()).abs().max() / b.float().abs().max().clamp_min(1e-30))
-                for a, b in zip(ours, theirs))
-    return f"checked against it: max rel error {worst:.1e}" + (" -- RESULTS DIFFER" if worst > 3e-2 else "")
-
-
 def _gemm_kind_rows(sched, default, shape, dt, ours_f, ours_t, ours_b, ours_s, base3, peft4, uns3, peft_name,
                     T, N, K, r, on_gpu, agree: str = "") -> list:
     """The fwd / fwd+bwd / bwd / step rows of one schedule against the base GEMM, peft and unsloth's method.
@@ -303,7 +295,7 @@ def gemm_rows(timer, shapes, tokens, ranks, on_gpu, device):
                 def peft_fb():
                     y = pe(xg) if pe is not None else _peft_like(xg, W, A, B, s)
                     return torch.autograd.grad(y, [xg, A, B], dy)
-                agree = _agreement(ours_fb(), peft_fb())     # dX, dA, dB (the default schedule), before timing
+                agree = agreement(ours_fb(), peft_fb())     # dX, dA, dB (the default schedule), before timing
                 pf, pfb = timer(peft_f), timer(peft_fb)
                 uf = timer(lambda: _unsloth_fwd(x, W, A16, B16, s))
                 ufb = timer(lambda: (_unsloth_fwd(x, W, A16, B16, s), _unsloth_bwd(dy, x, W, A16, B16, s)))
@@ -341,7 +333,7 @@ def _autocast_rows(timer, shape, xg, W, A, B, s, dy, pe, on_gpu, backend, T, N, 
             return torch.autograd.grad(y, [xg, A, B], dy.to(y.dtype))
         return run
     ours_fn, peft_fn = fb(lambda v: lora_linear(v, W, A, B, s, backend=backend)), fb(pe)
-    agree = _agreement(ours_fn(), peft_fn())
+    agree = agreement(ours_fn(), peft_fn())
     ours, theirs = timer(ours_fn), timer(peft_fn)
     return [row("lora fwd+bwd (bf16 autocast)", shape, "bf16", "triton" if on_gpu else "cpu",
                 "peft LoRA Linear under bf16 autocast", ours, theirs[0],

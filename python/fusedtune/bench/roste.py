@@ -21,6 +21,13 @@ M = 8192 bf16 rows (--quick: 4096 rows), same run:
    the bf16 nn.Linear. No goal in the issue; the speed-up over bf16 is what the export is for.
 The roofline column counts the HBM bytes (one read, one write) and, for Triton, the padded tensor-core
 flops of the two GEMMs per row (python/fusedtune/triton_kernels/roste.py), whichever bounds.
+Before timing, the fused rotate + fake quant runs once against the unfused sequence (and, float32 rows, against
+the reference backend), and the exported layer's integer GEMM against its fake-quant path; the rows' notes say
+how far apart they are (core.agreement; "RESULTS DIFFER" where they do). The fake-quant outputs are compared
+with a tolerance of 1.5 quantization levels of a token (a rotation rounded differently can move a value across
+a rounding boundary, one level); the exported layer with the default (bf16 rounding). The Hadamard against a
+memcpy (the same bytes, not the same result) and the exported layer against the unquantized nn.Linear (4-bit
+weights differ from it by design) are not checked.
 
 --cpu: tiny shapes on the reference backend; the rows check the framework, not performance.
 """
@@ -28,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from .core import linear_host_rows, opt_in_skipped, roofline_pct, row
+from .core import agreement, linear_host_rows, opt_in_skipped, roofline_pct, row
 
 SIZES = (4096, 11008, 14336, 18944)
 # hidden sizes of Qwen2.5-7B (28 x 128), Llama-2-13B (40 x 128), 10240 (40 x 256) and 12288 (12 x 1024): both kernels
@@ -49,6 +56,15 @@ def _flops(rows: int, n: int, parts: int = 1) -> float:
     A, P = plan(n)
     AP = max(16, triton.next_power_of_2(A))
     return rows * parts * (2.0 * AP * AP * P + (2.0 if parts == 3 else 4.0) * AP * P * P)
+
+
+def _quant_agreement(ours, theirs, bits: int) -> str:
+    """agreement() of two fake-quantized outputs, to within 1.5 quantization levels: a token's level (its
+    clipped range / (2^bits - 1)) is at most 2 / (2^bits - 1) of the output's largest magnitude, and a rotation
+    rounded differently (another kernel's sums) moves the rare value sitting on a rounding boundary by one level."""
+    level = 2 / (2 ** bits - 1)
+    return agreement(ours, theirs, tol=1.5 * level, why=f"1.5 levels of {bits}-bit per-token quantization: a value "
+                     "on a rounding boundary may round either way")
 
 
 def _unfused(x, bits, clip):
@@ -129,6 +145,8 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True, mma_only:
     if not fused or mma_only:
         return rows
     bits, clip = 4, 0.95
+    check = _quant_agreement(rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend),
+                             _unfused(x, bits, clip)(), bits)     # once each, before timing
     fused = timer(lambda: rotate_fake_quant(x, bits, "token", False, clip, rotate=True, backend=backend))
     unf = timer(_unfused(x, bits, clip))
     from ..ops.roste import hadamard_choice, mma_scope
@@ -139,7 +157,7 @@ def size_rows(timer, m: int, n: int, on_gpu: bool, fused: bool = True, mma_only:
                                         f"{'met' if speed >= GOAL_FUSED else 'NOT met'}")
     rows.append(row("rotate_fake_quant (token, W4 asym, fused)", shape, str(dt)[6:], backend,
                     f"hadamard ({unf_had}) + torch fake quant (unfused)", fused, unf[0],
-                    roofline_pct(fused[0], moved, flops), note=note))
+                    roofline_pct(fused[0], moved, flops), note=f"{note}; {check}"))
     return rows
 
 
@@ -156,11 +174,13 @@ def fp32_rows(timer, m: int, n: int) -> list[dict]:
     rows = [row("hadamard (orthonormal), float32 rows", shape, "float32", "triton", "memcpy (copy_ of the same bytes)",
                 had, cp[0], roofline_pct(had[0], moved, flops), note=f"{had[0] / cp[0]:.2f}x memcpy; three fp16 "
                 "parts per operand (6 GEMMs a row); no goal for float32 in the issue")]
+    check = _quant_agreement(rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="triton"),
+                             rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="reference"), 4)
     fused = timer(lambda: rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="triton"))
     ref = timer(lambda: rotate_fake_quant(x, 4, "token", False, 0.95, rotate=True, backend="reference"))
     rows.append(row("rotate_fake_quant (token, W4 asym, fused), float32 rows", shape, "float32", "triton",
                     "reference backend (float64 rotation: what float32 rows ran on the GPU before)", fused, ref[0],
-                    roofline_pct(fused[0], moved, flops), note=f"{ref[0] / fused[0]:.3g}x the reference"))
+                    roofline_pct(fused[0], moved, flops), note=f"{ref[0] / fused[0]:.3g}x the reference; {check}"))
     return rows
 
 
@@ -177,15 +197,17 @@ def export_rows(timer, m: int, n: int, on_gpu: bool) -> list[dict]:
     x = torch.randn(m, n, device=device, dtype=dt)
     shape, rows = f"M={m} K=N={n}", []
     with torch.no_grad():
+        check = agreement(qi(x), qf(x))     # once each, before timing (the unquantized nn.Linear: not the same result)
         ours = timer(lambda: qi(x))
         # int8 tensor cores peak at the fp8 figure (1979 TOPS dense); bytes: x, 4-bit W, y
         rl = roofline_pct(ours[0], m * n * 4 + n * n / 2, 2.0 * m * n * n, "fp8") if on_gpu else float("nan")
-        for base, name in ((lambda: qf(x), "the same layer, fake quant (dequantized weight, bf16 GEMM)"),
-                           (lambda: lin(x), "bf16 nn.Linear (unquantized)")):
+        for base, name, agree in ((lambda: qf(x), "the same layer, fake quant (dequantized weight, bf16 GEMM)", check),
+                                  (lambda: lin(x), "bf16 nn.Linear (unquantized)", "")):
             b = timer(base)
+            note = CPU_NOTE if not on_gpu else "rotation + activation codes + int8 GEMM"
             rows.append(row("exported layer (W4A8, rotated), integer GEMM", shape, str(dt)[6:],
                             "triton" if on_gpu else "reference", name, ours, b[0], rl,
-                            note=CPU_NOTE if not on_gpu else "rotation + activation codes + int8 GEMM"))
+                            note=note + (f"; {agree}" if agree else "")))
     return rows
 
 

@@ -37,6 +37,13 @@
 
 4. Regrowth's selection (fused Triton ops vs the torch.topk path): sparse_delta_regrow.py here.
 
+Before timing, sections 1 and 2 run ours and the baseline once and the row's note says how far apart they are
+(core.agreement; "RESULTS DIFFER" where they do): each SDDMM row's k values against the dense dW's gathered
+ones; SparseDeltaAdamW's step and the sparse_adamw_ op against the torch AdamW baseline, one step each from the
+same values (at lr core.CHECK_LR, so that the update shows in the bf16 weights): the deltas and the merged weights
+at the indices. Not checked: the step after regrowth (its young entries' own bias corrections differ from the
+baseline's by design) and section 3 (other methods train other parameters).
+
 --cpu: tiny shapes (a 2-layer hidden-64 Llama in fp32, 64/176-wide GEMMs at 256 tokens, 2 tiny
 layers of deltas); the rows check the framework, not performance, and carry no goal verdicts.
 """
@@ -45,7 +52,8 @@ from __future__ import annotations
 
 import torch
 
-from .core import H100_BF16_FLOPS, free_memory, hbm_goal, hbm_share, linear_host_rows, roofline_pct, row
+from .core import (CHECK_LR, H100_BF16_FLOPS, agreement, free_memory, from_same_start, hbm_goal, hbm_share,
+                   linear_host_rows, lr_scope, roofline_pct, row)
 
 # Llama-3-8B linear shapes (out_features, in_features)
 LLAMA3_8B_GEMMS = [("q/o_proj", 4096, 4096), ("gate/up_proj", 14336, 4096), ("down_proj", 4096, 14336)]
@@ -154,12 +162,16 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
             idx = make_indices(out_f * in_f, dens, dev, seed=j)
             idx64 = idx.long()  # the baseline's gather index, made once (not timed)
             k = idx.numel()
+            want = (dy.t() @ x).view(-1).index_select(0, idx64)     # the baseline's result, for the checks
+            checks = {b: agreement(ops.sddmm(dy, x, idx, backend=b, check=False), want) for b in usable}
+            checks["dense"] = agreement(ops.sddmm(dy, x, idx, check=False, schedule="dense"), want)
+            del want
             dense = timer(lambda: (dy.t() @ x).view(-1).index_select(0, idx64))
             for b in usable:
                 rows.append(_sddmm_row(timer(lambda: ops.sddmm(dy, x, idx, backend=b, check=False)), dense, b,
-                                       label, out_f, in_f, T, dens, k, on_gpu))
+                                       label, out_f, in_f, T, dens, k, on_gpu, checks[b]))
             r = _sddmm_row(timer(lambda: ops.sddmm(dy, x, idx, check=False, schedule="dense")), dense, "dense",
-                           label, out_f, in_f, T, dens, k, on_gpu)
+                           label, out_f, in_f, T, dens, k, on_gpu, checks["dense"])
             r["kernel"] = DENSE_KERNEL
             if on_gpu:
                 name = ops.sparse_delta_backend(dev)["sddmm"]["backend"]
@@ -173,8 +185,8 @@ def bench_sddmm(timer, quick: bool) -> list[dict]:
 DENSE_KERNEL = "delta gradient (dense schedule: float32 dW blocks + gather)"
 
 
-def _sddmm_row(ours, dense, b, label, out_f, in_f, T, dens, k, on_gpu) -> dict:
-    """One SDDMM row: backend b's time `ours` against the dense baseline's, same run."""
+def _sddmm_row(ours, dense, b, label, out_f, in_f, T, dens, k, on_gpu, check: str = "") -> dict:
+    """One SDDMM row: backend b's time `ours` against the dense baseline's, same run; check: agreement()'s note."""
     nb = sddmm_bytes(T, out_f, in_f, k)
     s = ours[0] * 1e-3
     gbps = nb["gathered"] / s / 1e9
@@ -191,6 +203,7 @@ def _sddmm_row(ours, dense, b, label, out_f, in_f, T, dens, k, on_gpu) -> dict:
     else:
         shape = shape.replace("llama3-8b", "tiny")
         note = f"{CPU_NOTE}; gathered reads {gbps:.3g} GB/s; useful {tflops * 1e3:.3g} GFLOP/s"
+    note += f"; {check}" if check else ""
     r = row("sddmm delta gradient", shape, "bf16", b, "dense dW GEMM (dy.t() @ x) + gather at the indices",
             ours, dense[0], roofline_pct(ours[0], nb["compulsory"], nb["flops"]), note=note)
     r.update(density=dens, k=k, tokens=T, gathered_bytes=nb["gathered"], gathered_gbps=gbps,
@@ -248,16 +261,30 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
             for m, i in zip(layers, idx64):
                 m.weight.view(-1).index_copy_(0, i, (m.base_values.float() + m.values).to(m.weight.dtype))
 
-    ours = timer(ours_opt.step)
-    base = timer(base_step)
-
     # the op alone on prebuilt lists: the same kernel without the optimizer's per-step Python work
     ms = [torch.zeros_like(v) for v in vals]
     vs = [torch.zeros_like(v) for v in vals]
     lists = (vals, [v.grad for v in vals], ms, vs, [m.weight for m in layers], [m.base_values for m in layers],
              [m.indices for m in layers])
-    op = timer(lambda: ops.sparse_adamw_(*lists, lr=LR, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0,
-                                         step=1, backend=b, check=False))
+
+    def op_step(lr=LR):
+        ops.sparse_adamw_(*lists, lr=lr, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.0, step=1, backend=b,
+                          check=False)
+
+    # once each before timing, from the same values: the deltas and the merged weights at the indices
+    state = vals + [(lambda w=m.weight.view(-1), i=i: w.index_select(0, i),
+                     lambda v, w=m.weight.view(-1), i=i: w.index_copy_(0, i, v)) for m, i in zip(layers, idx64)]
+    with lr_scope((ours_opt, base_opt), CHECK_LR):     # so that the update shows in the bf16 weights
+        mine, theirs, mine_op = from_same_start(state, ours_opt.step, base_step, lambda: op_step(CHECK_LR))
+    how = f"one step at lr {CHECK_LR:g} from the same values"
+    check, check_op = agreement(mine, theirs, how=how), agreement(mine_op, theirs, how=how)
+    for t in ms + vs:
+        t.zero_()
+    del mine, theirs, mine_op, state
+
+    ours = timer(ours_opt.step)
+    base = timer(base_step)
+    op = timer(op_step)
 
     # after regrowth: per-element counts, every YOUNG_EVERY-th entry reseeded (its own bias corrections)
     counted = SparseDeltaAdamW(vals, lr=LR, backend=b)
@@ -281,13 +308,13 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
 
     baseline = f"{base_name} on the fp32 deltas + index_copy_ of round(base + delta)"
     rows = []
-    for kernel, t, goal, per in (("SparseDeltaAdamW step", ours, True, BYTES_PER_DELTA),
-                                 ("sparse_adamw_ op (prebuilt lists)", op, False, BYTES_PER_DELTA),
-                                 (f"SparseDeltaAdamW step after regrowth (counts, 1 in {YOUNG_EVERY} young)", after,
-                                  True, BYTES_PER_DELTA_COUNTED)):
+    for kernel, t, goal, per, agree in (("SparseDeltaAdamW step", ours, True, BYTES_PER_DELTA, check),
+                                        ("sparse_adamw_ op (prebuilt lists)", op, False, BYTES_PER_DELTA, check_op),
+                                        (f"SparseDeltaAdamW step after regrowth (counts, 1 in {YOUNG_EVERY} young)",
+                                         after, True, BYTES_PER_DELTA_COUNTED, "")):
         nb = per * k
         r = row(kernel, where, "fp32 deltas, bf16 weights", b, baseline, t, base[0], roofline_pct(t[0], nb),
-                note=note(t[0], goal, per))
+                note=note(t[0], goal, per) + (f"; {agree}" if agree else ""))
         r.update(k=k, bytes_per_delta=per, bytes_touched=nb,
                  achieved_gbps=nb / (t[0] * 1e-3) / 1e9, baseline_gbps=nb / (base[0] * 1e-3) / 1e9)
         rows.append(r)
