@@ -14,6 +14,8 @@ from fusedtune import bench  # noqa: E402
 from fusedtune.bench import core  # noqa: E402
 from fusedtune.bench import hft as hft_bench  # noqa: E402
 
+from fakes import CallOnceTimer  # noqa: E402
+
 STEP_KERNELS = {"hft step (matrix)", "hft step (row)", "hft step (block)"}
 ROW_GRAD = "hft row_grad (compact dW rows)"
 ADAMW_KERNELS = {"MaskedAdamW step (fp32 params, fp32 moments)", "MaskedAdamW step (bf16 params, fp32 moments)",
@@ -161,23 +163,14 @@ def test_rows_that_compute_the_same_result_are_checked(cpu_run):
         assert "DIFFER" not in r["note"]
 
 
-class _Timer:
-    """Calls fn once (what the checks need), reports 1 ms."""
-    name, device = "cpu", torch.device("cpu")
-
-    def __call__(self, fn):
-        fn()
-        return (1.0, 1.0, 1.0)
-
-
 def test_a_wrong_result_is_flagged(monkeypatch):
     from fusedtune.ops import hft as ops
     from fusedtune.optim import MaskedAdamW
     real = ops.row_grad
     monkeypatch.setattr(ops, "row_grad", lambda *a, **k: torch.zeros_like(real(*a, **k)))
-    rows = hft_bench.bench_row_grad(_Timer(), quick=True)
+    rows = hft_bench.bench_row_grad(CallOnceTimer(), quick=True)
     assert len(rows) == 3 and all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)
     monkeypatch.setattr(MaskedAdamW, "step", lambda self, closure=None: None)     # a step that updates nothing
-    rows = hft_bench.bench_adamw(_Timer(), quick=True)
+    rows = hft_bench.bench_adamw(CallOnceTimer(), quick=True)
     assert {r["kernel"] for r in rows} == ADAMW_KERNELS
     assert all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)

@@ -17,6 +17,8 @@ from fusedtune.bench import core  # noqa: E402
 from fusedtune.bench import sparse_delta as sd_bench  # noqa: E402
 from fusedtune.nn import SparseDeltaLinear  # noqa: E402
 
+from fakes import CallOnceTimer  # noqa: E402
+
 SDDMM = "sddmm delta gradient"
 DENSE = "delta gradient (dense schedule: float32 dW blocks + gather)"
 OPT = "SparseDeltaAdamW step"
@@ -190,15 +192,6 @@ def test_rows_that_compute_the_same_result_are_checked(cpu_run):
         assert "DIFFER" not in r["note"]
 
 
-class _Timer:
-    """Calls fn once (what the checks need), reports 1 ms."""
-    name, device = "cpu", torch.device("cpu")
-
-    def __call__(self, fn):
-        fn()
-        return (1.0, 1.0, 1.0)
-
-
 def test_a_wrong_result_is_flagged(monkeypatch):
     """The SDDMM giving zeros; the optimizer stepping the deltas but leaving the bf16 weights unwritten (the
     check's step runs at a learning rate that shows in them)."""
@@ -206,7 +199,7 @@ def test_a_wrong_result_is_flagged(monkeypatch):
     from fusedtune.optim import SparseDeltaAdamW
     real = ops.sddmm
     monkeypatch.setattr(ops, "sddmm", lambda *a, **k: torch.zeros_like(real(*a, **k)))
-    rows = sd_bench.bench_sddmm(_Timer(), quick=True)
+    rows = sd_bench.bench_sddmm(CallOnceTimer(), quick=True)
     assert len(rows) == 18 and all(r["note"].endswith("-- RESULTS DIFFER") for r in rows)
     step, real_layers, layers = SparseDeltaAdamW.step, sd_bench.opt_layers, {}
 
@@ -224,5 +217,5 @@ def test_a_wrong_result_is_flagged(monkeypatch):
             for w, before in ws:
                 w.copy_(before)
     monkeypatch.setattr(SparseDeltaAdamW, "step", step_without_weights)
-    rows = {r["kernel"]: r for r in sd_bench.bench_adamw(_Timer(), quick=True)}
+    rows = {r["kernel"]: r for r in sd_bench.bench_adamw(CallOnceTimer(), quick=True)}
     assert rows[OPT]["note"].endswith("-- RESULTS DIFFER") and "DIFFER" not in rows[OP]["note"]

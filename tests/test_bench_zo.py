@@ -1,23 +1,14 @@
 """The zo benchmark family's rows say what they compare (the CPU run itself: tests/test_bench.py)."""
-import torch
-
 from fusedtune.bench import zo as zo_bench
 
-
-class _Timer:
-    """Calls fn once, reports 1 ms."""
-    name, device = "cpu", torch.device("cpu")
-
-    def __call__(self, fn):
-        fn()
-        return (1.0, 1.0, 1.0)
+from fakes import CallOnceTimer
 
 
 def test_mezo_step_rows_say_only_the_cost_is_compared():
     """MeZO's loop draws its noise from torch's RNG, ours from Philox: the perturbed weights differ by design, so
     the rows are not checked against it and say so; the pass rows (vs torch._foreach_mul_ over the same bytes)
     compare no result either."""
-    sections = dict(zo_bench.sections(_Timer(), quick=True))
+    sections = dict(zo_bench.sections(CallOnceTimer(), quick=True))
     step = sections["MeZO step perturbation"]()
     assert [r["kernel"] for r in step] == ["mezo step perturbation (3 passes)",
                                            "mezo step perturbation (fold=True, 2 passes)"]

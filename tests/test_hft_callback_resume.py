@@ -19,6 +19,7 @@ pytest.importorskip("accelerate", reason="transformers.Trainer needs accelerate"
 from fusedtune.hft import HFTCallback, HFTError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from fakes import DeepSpeedWrapped, ZeroLike  # noqa: E402
 from tiny_models import one_thread, tiny_llama  # noqa: E402,F401
 
 DATA = torch.randint(0, 64, (16, 12), generator=torch.Generator().manual_seed(0))
@@ -190,26 +191,8 @@ def test_stage_per_epoch_map_style_resume_at_an_epochs_last_step(tmp_path):
 
 # ------------------------------------------------------------------------------------------ DeepSpeed
 
-class _ZeroLike:
-    """DeepSpeed's ZeRO optimizer: a plain object stepping flattened float32 copies (its .optimizer)."""
-
-    def __init__(self, base):
-        self.optimizer = base
-
-    param_groups = property(lambda self: self.optimizer.param_groups)
-
-
-class _DeepSpeedWrapped(torch.optim.Optimizer):
-    """accelerate's DeepSpeedOptimizerWrapper: a torch.optim.Optimizer subclass around the ZeRO optimizer."""
-
-    def __init__(self, zero):       # (no Optimizer.__init__: the wrapper forwards to ZeRO)
-        self.optimizer = zero
-
-    param_groups = property(lambda self: self.optimizer.param_groups)
-
-
 def _zero():
-    return _DeepSpeedWrapped(_ZeroLike(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(32))], lr=1e-3)))
+    return DeepSpeedWrapped(ZeroLike(torch.optim.AdamW([torch.nn.Parameter(torch.zeros(32))], lr=1e-3)))
 
 
 @pytest.mark.parametrize("every", [2, "epoch"])

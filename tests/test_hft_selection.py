@@ -15,6 +15,7 @@ transformers = pytest.importorskip("transformers", reason="the HFT tests build t
 from fusedtune.hft import HalfFineTuner, HFTError  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+from fakes import DeepSpeedWrapped, ZeroLike  # noqa: E402
 from tiny_models import moment_bytes, one_thread, train_steps  # noqa: E402,F401
 
 ATTN = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -691,24 +692,6 @@ def test_trainer_callback_refuses_stage_changes_with_several_processes():
     assert cb.tuner.stage == 1
 
 
-class _ZeroLike:
-    """DeepSpeed's ZeRO optimizer: a plain object stepping flattened float32 copies (its .optimizer)."""
-
-    def __init__(self, base):
-        self.optimizer = base
-
-    param_groups = property(lambda self: self.optimizer.param_groups)
-
-
-class _DeepSpeedWrapped(torch.optim.Optimizer):
-    """accelerate's DeepSpeedOptimizerWrapper: a torch.optim.Optimizer subclass around the ZeRO optimizer."""
-
-    def __init__(self, zero):       # (no Optimizer.__init__: the wrapper forwards to ZeRO)
-        self.optimizer = zero
-
-    param_groups = property(lambda self: self.optimizer.param_groups)
-
-
 def test_trainer_callback_leaves_deepspeeds_optimizer_alone_or_refuses():
     """Found by review: under DeepSpeed the callback's sync replaced ZeRO's flattened partition in its optimizer
     by the model's parameters (which get no gradients there): nothing would train. Matrix granularity selected
@@ -722,7 +705,7 @@ def test_trainer_callback_leaves_deepspeeds_optimizer_alone_or_refuses():
 
     def wrapped():
         flat = torch.nn.Parameter(torch.zeros(32))
-        return flat, _DeepSpeedWrapped(_ZeroLike(torch.optim.AdamW([flat], lr=1e-3)))
+        return flat, DeepSpeedWrapped(ZeroLike(torch.optim.AdamW([flat], lr=1e-3)))
 
     cb = HFTCallback(seed=0, stage=1)
     model = tiny(layers=2)
