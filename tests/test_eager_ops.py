@@ -348,6 +348,9 @@ def test_forward_mode_ad_is_refused_not_given_zero_tangents():
     x, dx = torch.randn(3, 16), torch.randn(3, 16)
     with pytest.raises(NotImplementedError, match="forward-mode"):
         torch.func.jvp(m, (x,), (dx,))
+    dora = LoRALinear.from_linear(torch.nn.Linear(16, 8), r=4, init_lora_weights=False, use_dora=True)
+    with pytest.raises(NotImplementedError, match="dora_linear: fusedtune's ops have no forward-mode"):
+        torch.func.jvp(dora, (x,), (dx,))
     for backend in ("reference", "cpu") if fusedtune._ext.loaded() else ("reference",):
         with fwAD.dual_level():
             with pytest.raises(NotImplementedError, match="forward-mode"):

@@ -41,9 +41,10 @@ class RoSTELinear(nn.Module):
         self.ste, self.backend = ste, backend
         if rotate:
             split_size(self.in_features)         # refuses a size without a Hadamard construction, naming them
-            why = _triton_cannot_rotate(self.in_features)
             from .. import backend as _backend   # noqa: PLC0415
-            if why and _backend.requested(backend) == "triton":
+            # (asked only where Triton was asked for: check_backend made sure it is installed then)
+            why = _triton_cannot_rotate(self.in_features) if _backend.requested(backend) == "triton" else None
+            if why:
                 raise _backend.BackendError(f"RoSTELinear: backend 'triton' was asked for, but {why}")
 
     @classmethod
@@ -69,8 +70,8 @@ class RoSTELinear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = roste_backend(self.weight.device, self.backend)
-        why = _triton_cannot_rotate(self.in_features) if self.rotate else None
-        if b["backend"] == "triton" and why:     # what the op does then: the reference, after one warning
+        why = _triton_cannot_rotate(self.in_features) if self.rotate and b["backend"] == "triton" else None
+        if why:     # what the op does then: the reference, after one warning
             b = {"backend": "reference", "why_not": {**b["why_not"], "triton": why}}
         how = ("one Triton launch per operand: rotation + per-row fake quant" if b["backend"] == "triton" else
                "reference math")

@@ -38,6 +38,7 @@ from .. import _autocast
 from .. import backend as _backend
 from ..reference import lora as ref
 from ..reference import nf4 as nf4_ref
+from . import _eager
 from ._eager import EagerOp
 from .lora import _HAS, _impl, _lora_bwd, _nf4_dict, _op_args, _seed_tensor, scale_table
 
@@ -234,6 +235,8 @@ class _DoRAFunctorch(torch.autograd.Function):
 
 def _column_scaled(g, *args):
     if torch._C._are_functorch_transforms_active() and not torch.compiler.is_compiling():
+        if _eager._forward_ad((g, *args)):     # (the Function would say only that it has no jvp)
+            raise NotImplementedError(f"fusedtune::dora_linear: {_eager.FORWARD_AD}")
         return _DoRAFunctorch.apply(g, *args)
     return _dora(g, *args)
 
