@@ -585,3 +585,19 @@ def test_fp8_base_under_lora_with_dropout_compiles_once_into_one_graph():
     with pytest.raises(TypeError, match="seed"):
         from fusedtune.ops.lora_dropout import lora_dropout
         lora_dropout(x.reshape(-1, 256), 0.25, 7)
+
+
+def test_fp8_base_under_lora_rounds_base_plus_branch_once():
+    """The LoRA branch over an FP8 base is added to the base output in float32 and rounded once (found by review: it
+    was rounded to float16 first, so a branch above 65504 that the base output cancels gave inf)."""
+    from fusedtune.nn import FP8Linear, LoRALinear
+    lin = torch.nn.Linear(128, 16, bias=False)
+    with torch.no_grad():
+        lin.weight.fill_(-1.0)                                   # base: x W^T = -12800
+    layer = LoRALinear.from_linear(FP8Linear.from_linear(lin, backend="reference"), r=8, alpha=16)
+    with torch.no_grad():
+        layer.lora_A["default"].weight.fill_(1.0 / 128)
+        layer.lora_B["default"].weight.fill_(70000.0 / 1600)     # branch: 2 * 800 * B = 70000
+    with torch.autocast("cpu", torch.float16):
+        y = layer(torch.full((2, 128), 100.0))
+    assert y.dtype == torch.float16 and torch.isfinite(y).all() and float(y[0, 0]) == pytest.approx(57200, rel=1e-2)

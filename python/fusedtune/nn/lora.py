@@ -697,7 +697,8 @@ class LoRALinear(nn.Module):
                     if self.lora_bias.get(n):
                         part = part + self._bias_delta((n,))
                     lora = lora.index_add(0, rows, part)
-            return y + lora.reshape(*x.shape[:-1], -1).to(y.dtype)
+            acc = torch.promote_types(y.dtype, torch.float32)     # one rounding, as the fused op's
+            return (y.to(acc) + lora.reshape(*x.shape[:-1], -1)).to(y.dtype)
 
     def _mixed_forward(self, x, adapter_names):
         if x.dim() < 2 or len(adapter_names) != x.shape[0]:
