@@ -171,3 +171,20 @@ def test_bandwidth_notes_name_the_gpu_that_ran(monkeypatch):
     assert core.hbm_share(1.0, 4.8e9) == "4800 GB/s = 100.0% of H200 HBM 4.80 TB/s"
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
     assert core.hbm_share(2.0, 3.35e9) == "1675 GB/s = 50.0% of H100 HBM 3.35 TB/s"
+
+
+def test_step_agreement_compares_the_updates():
+    """An optimizer step whose update is 20% off is flagged (found by review: the values after the step were compared
+    against the weights' magnitude, so only errors of 50% or more were)."""
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(64, 64) * 0.02)
+    p.grad = torch.randn_like(p) * 1e-3
+    ours, theirs = torch.optim.AdamW([p], lr=1e-3), torch.optim.AdamW([p], lr=1e-3)
+
+    def ours_step(scale):
+        before = p.detach().clone()
+        ours.step()
+        with torch.no_grad():
+            p.copy_(before + scale * (p - before))
+    assert "DIFFER" in core.step_agreement((ours, theirs), (lambda: ours_step(0.8), theirs.step), [p])
+    assert "DIFFER" not in core.step_agreement((ours, theirs), (lambda: ours_step(1.0), theirs.step), [p])

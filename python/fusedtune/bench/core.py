@@ -277,8 +277,10 @@ def sqnr_agreement(ours, theirs, min_db: float = FP8_MIN_SQNR_DB, why: str = "FP
 def from_same_start(state, *runs) -> list[list[torch.Tensor]]:
     """Each of runs (one optimizer step of ours, one of the baseline) called once from the same values, for
     agreement(): state lists what the runs write, each a tensor (copied and restored whole) or a (read, write)
-    pair (read() -> a tensor, write(t) puts it back: a gather of the positions a step writes). Returns copies
-    of the values each run left; every entry is restored to its start after each run."""
+    pair (read() -> a tensor, write(t) puts it back: a gather of the positions a step writes). Returns each
+    run's change of every entry (what it left minus the start, in float32: the update itself, so that an update
+    20% off is 20% off, not 20% of a step against the weights' magnitude); every entry is restored to its start
+    after each run."""
     state = [(lambda t=s: t, lambda v, t=s: t.copy_(v)) if torch.is_tensor(s) else s for s in state]
     with torch.no_grad():
         start = [read().detach().clone() for read, _ in state]
@@ -286,7 +288,7 @@ def from_same_start(state, *runs) -> list[list[torch.Tensor]]:
     for fn in runs:
         fn()
         with torch.no_grad():
-            out.append([read().detach().clone() for read, _ in state])
+            out.append([read().detach().float() - v.float() for (read, _), v in zip(state, start)])
             for (_, write), v in zip(state, start):
                 write(v)
     return out
@@ -313,7 +315,7 @@ def step_agreement(opts, runs, state, lr: float = CHECK_LR, tol: float = AGREE_T
     so that the update shows in bf16 weights; the optimizers keep the state of that first step."""
     with lr_scope(opts, lr):
         ours, theirs = from_same_start(state, *runs)
-    return agreement(ours, theirs, tol, how=f"one step at lr {lr:g} from the same values")
+    return agreement(ours, theirs, tol, how=f"one step at lr {lr:g} from the same values: the updates")
 
 
 def git_commit() -> str:

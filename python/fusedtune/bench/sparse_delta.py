@@ -276,7 +276,7 @@ def bench_adamw(timer, quick: bool) -> list[dict]:
                      lambda v, w=m.weight.view(-1), i=i: w.index_copy_(0, i, v)) for m, i in zip(layers, idx64)]
     with lr_scope((ours_opt, base_opt), CHECK_LR):     # so that the update shows in the bf16 weights
         mine, theirs, mine_op = from_same_start(state, ours_opt.step, base_step, lambda: op_step(CHECK_LR))
-    how = f"one step at lr {CHECK_LR:g} from the same values"
+    how = f"one step at lr {CHECK_LR:g} from the same values: the updates"
     check, check_op = agreement(mine, theirs, how=how), agreement(mine_op, theirs, how=how)
     for t in ms + vs:
         t.zero_()
