@@ -426,6 +426,24 @@ def test_grad_scaler_scores_and_seeds_the_unscaled_gradient_and_skips_overflowin
         torch.testing.assert_close(a, b, rtol=1e-5, atol=0)
 
 
+def test_an_overflowing_window_step_without_a_scaler_leaves_the_scores_finite():
+    """Under a GradScaler the Regrower was not given (Trainer(fp16=True) with patch(..., regrow=...)), an overflowing
+    window step's non-finite entries are left out of the scores (found by review: every score became NaN or inf,
+    and the selection chose nothing useful)."""
+    net = Net()
+    opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+    rg = Regrower(net, opt, every=4, rate=0.3, decay="constant", accumulate_steps=4, attach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 16)
+    for i, (x, y) in enumerate(batches(3)):
+        opt.zero_grad(set_to_none=True)
+        scaler.scale(loss_of(net, x, y) * (1e36 if i == 1 else 1.0)).backward()
+        scaler.step(opt)
+        scaler.update()
+    state = [t for d in vars(rg).values() if isinstance(d, dict) for v in d.values()
+             for t in (v if isinstance(v, (tuple, list)) else (v,)) if torch.is_tensor(t) and t.is_floating_point()]
+    assert state and all(torch.isfinite(t).all() for t in state)
+
+
 def test_a_dropped_regrower_is_freed_and_its_window_ends():
     """A layer's sink holds the Regrower weakly: dropped in a window, it is freed, and the layers
     train on the SDDMM path again (no dense gradient formed)."""

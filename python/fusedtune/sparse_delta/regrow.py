@@ -53,8 +53,9 @@ rg.grad_scaler = scaler before the first window step, e.g. accelerate's accelera
 dW is divided by the scale before it reaches the scores (seed_moments="grad" seeds unscaled moments),
 and a non-finite one -- the scaler skips that optimizer step -- is left out of the window
 (`skipped_grads` counts them). Without it the scores and seeds are those of the scaled loss (the
-selection is scale-invariant within a window whose scale does not change; seeded moments are not),
-and an overflowing step's gradient poisons the window.
+selection is scale-invariant within a window whose scale does not change; seeded moments are not), and
+the non-finite entries of an overflowing step's gradient are left out (zeroed, without a host sync: they
+made every score NaN or inf, and the selection chose nothing useful).
 With gradient accumulation (several backward passes per optimizer step) the score adds each
 micro-batch's |dW| (AG) or dW^2 (MA) rather than the step's summed dW. On window steps the deltas'
 gradient is the float32 dense dW gathered at the k indices (the SDDMM of the other steps also
@@ -343,6 +344,7 @@ class Regrower:
         only)."""
         scaler = getattr(self, "grad_scaler", None)
         if scaler is None or not scaler.is_enabled():
+            dW.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)   # an unscaled overflow: out of the scores
             return True
         if not bool(torch.isfinite(dW).all()):
             self.skipped_grads = getattr(self, "skipped_grads", 0) + 1
