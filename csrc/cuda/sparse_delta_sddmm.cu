@@ -3,6 +3,7 @@
 // the splits' partial rows. Bit-identical to the CPU twin for the same plan.
 #include <cuda_runtime.h>
 
+#include "fusedtune/resident_blocks.h"
 #include "fusedtune/sparse_delta_cuda.h"
 
 namespace fusedtune {
@@ -53,8 +54,13 @@ __global__ void __launch_bounds__(kFlatThreads) reduce_kernel(const float* parti
 template <int DT>
 cudaError_t launch_tiles(const sddmm::Problem& P, const sddmm::Plan& plan, cudaStream_t stream) {
   const size_t smem = sddmm::layout(plan, DT == FT_F32 ? 4 : 2).total;
-  cudaError_t err = cudaFuncSetAttribute(sddmm_tile_kernel<DT>, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)smem);
+  // the kernel's one opt-in to all the shared memory a block can have, once per device (resident_blocks.h): a
+  // per-call opt-in to this plan's size raced with another thread's launch of another plan size
+  int64_t blocks = 0;
+  int optin = 0;
+  cudaError_t err = resident_blocks((const void*)sddmm_tile_kernel<DT>, sddmm::kThreads, (int)smem, &blocks, &optin);
   if (err != cudaSuccess) return err;
+  if ((int64_t)smem > optin) return cudaErrorInvalidValue;   // (the planner keeps to the device's limit)
   // the plan sizes tiles for two blocks per SM: ask for the largest shared-memory carveout
   err = cudaFuncSetAttribute(sddmm_tile_kernel<DT>, cudaFuncAttributePreferredSharedMemoryCarveout,
                              cudaSharedmemCarveoutMaxShared);
