@@ -98,7 +98,7 @@ def test_rostelinear_refuses_or_reports_a_size_the_triton_rotation_cannot_serve(
     assert RoSTELinear.from_linear(torch.nn.Linear(4096, 8))._fusedtune_report()["backend"] == "triton"
     # the Triton plan is asked only where Triton was asked for or reported (it imports triton, an optional extra:
     # found by review, a CPU install without it could not build a RoSTELinear)
-    monkeypatch.setattr(nn_roste, "_triton_cannot_rotate", lambda n: pytest.fail("asked without Triton"))
+    monkeypatch.setattr(nn_roste, "triton_cannot_rotate", lambda n: pytest.fail("asked without Triton"))
     monkeypatch.setattr(nn_roste, "roste_backend", lambda device, backend: {"backend": "cpu", "why_not": {}})
     assert RoSTELinear.from_linear(torch.nn.Linear(n, 16), backend="cpu")._fusedtune_report()["backend"] == "cpu"
 

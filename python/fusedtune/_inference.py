@@ -58,7 +58,7 @@ class Stamp:
         if len(ts) != len(self._ts):
             return False
         for a, b, v in zip(self._ts, ts, self._versions):
-            if a is not b or (b._version if not b.is_inference() else object()) != v:
+            if a is not b or version(b) != v:
                 return False
         return True
 

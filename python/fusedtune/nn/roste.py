@@ -4,17 +4,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..ops.roste import roste_backend, rotate_fake_quant
+from ..ops.roste import roste_backend, rotate_fake_quant, triton_cannot_rotate
 from ..reference.hadamard import split_size
 from .plain import plain_linear
-
-
-def _triton_cannot_rotate(n: int) -> str | None:
-    """Why the Triton rotation cannot serve rows of n features (ops.roste._rotation_backend's rule), or None."""
-    from ..ops.roste import _triton_serves  # noqa: PLC0415
-    if _triton_serves(n):
-        return None
-    return f"the Triton rotation serves rows of n = A x P with A <= 256 and P >= 16; n = {n} is not"
 
 
 class RoSTELinear(nn.Module):
@@ -43,7 +35,7 @@ class RoSTELinear(nn.Module):
             split_size(self.in_features)         # refuses a size without a Hadamard construction, naming them
             from .. import backend as _backend   # noqa: PLC0415
             # (asked only where Triton was asked for: check_backend made sure it is installed then)
-            why = _triton_cannot_rotate(self.in_features) if _backend.requested(backend) == "triton" else None
+            why = triton_cannot_rotate(self.in_features) if _backend.requested(backend) == "triton" else None
             if why:
                 raise _backend.BackendError(f"RoSTELinear: backend 'triton' was asked for, but {why}")
 
@@ -70,7 +62,7 @@ class RoSTELinear(nn.Module):
 
     def _fusedtune_report(self) -> dict:
         b = roste_backend(self.weight.device, self.backend)
-        why = _triton_cannot_rotate(self.in_features) if self.rotate and b["backend"] == "triton" else None
+        why = triton_cannot_rotate(self.in_features) if self.rotate and b["backend"] == "triton" else None
         if why:     # what the op does then: the reference, after one warning
             b = {"backend": "reference", "why_not": {**b["why_not"], "triton": why}}
         how = ("one Triton launch per operand: rotation + per-row fake quant" if b["backend"] == "triton" else

@@ -257,13 +257,21 @@ def _triton_serves(n: int) -> bool:
     return p is not None and p[1] >= 16
 
 
+def triton_cannot_rotate(n: int) -> str | None:
+    """Why the Triton rotation cannot serve rows of n features, or None (it can)."""
+    if _triton_serves(n):
+        return None
+    return f"the Triton rotation serves rows of n = A x P with A <= 256 and P >= 16; n = {n} is not"
+
+
 def _rotation_backend(what: str, x, name: str, backend: str | None) -> str:
     """name, or "reference" (said once; raised when Triton was asked for) where the Triton rotation
     cannot serve x."""
     n = x.shape[-1]
-    if name != "triton" or _triton_serves(n):
+    cannot = triton_cannot_rotate(n) if name == "triton" else None
+    if cannot is None:
         return name
-    why = f"{what}: the Triton rotation serves rows of n = A x P with A <= 256 and P >= 16; n = {n} is not"
+    why = f"{what}: {cannot}"
     if _backend.requested(backend) == "triton":
         raise _backend.BackendError(why)
     _backend.warn_once((what, n, x.dtype), f"fusedtune: {why}; running the reference")
