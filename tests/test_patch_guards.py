@@ -104,13 +104,14 @@ def test_a_patched_tied_lm_head_saves_with_save_pretrained(tmp_path):
 
 
 @pytest.mark.parametrize("method,opts,what", [
-    ("lora", {}, "LoRALinear.add_adapter"), ("lora", {"use_dora": True}, "LoRALinear.add_adapter"),
+    ("lora", {"use_dora": True}, "LoRALinear.add_adapter"), ("qlora", {}, "qlora"),
     ("sparse_delta", {}, "SparseDeltaLinear.from_linear"), ("hft", {"granularity": "row"}, "HalfFineTuner"), ("hft", {}, "HalfFineTuner"),
     ("mezo", {}, "zo_apply_")])
 def test_a_model_on_the_meta_device_is_refused_where_values_are_made_now(method, opts, what):
     """A model built on meta (init_empty_weights) and patched: new adapters, delta positions and row masters would
     hold garbage after to_empty, with no error (found by review: LoRA's output was NaN, DoRA's magnitude never set,
-    SparseDeltaLinear's indices unsorted and out of range); refused, naming the cause, nothing changed."""
+    SparseDeltaLinear's indices unsorted and out of range); refused, naming the cause, nothing changed. (Plain LoRA
+    adapters wait for values instead: tests/test_lora_meta.py.)"""
     cfg = transformers.Qwen2Config(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=4, num_key_value_heads=2)
     with torch.device("meta"):

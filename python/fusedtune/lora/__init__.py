@@ -3,6 +3,7 @@
     fusedtune.lora.save_adapter(model, "out_dir", adapter_name="default")   # adapter_model.safetensors
                                                                          # + adapter_config.json
     fusedtune.lora.load_adapter(model, "out_dir", adapter_name="default")   # into the model's LoRALinear layers
+    fusedtune.lora.init_adapters(model)       # after to_empty: adapters built on a meta-device model
     fusedtune.lora.fuse_peft(peft_model)      # a peft model's LoRA layers run the fused op (peft_model.py)
     with fusedtune.lora.adapter_names(model, ["default", "__base__", "task2"]):  # one adapter per sample,
         model(input_ids)                                                     # in every LoRALinear (peft's
@@ -147,6 +148,7 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     for name, m in layers.items():
         if adapter_name in m.merged_adapters:
             raise ValueError(f"save_adapter: adapter {adapter_name!r} is merged into {name}; unmerge() first")
+        m._check_ready([adapter_name], f"save_adapter ({name})")
         tensors[f"{PREFIX}{name}.lora_A.weight"] = m.lora_A[adapter_name].weight.detach().contiguous().cpu()
         tensors[f"{PREFIX}{name}.lora_B.weight"] = m.lora_B[adapter_name].weight.detach().contiguous().cpu()
         if m.lora_bias[adapter_name]:
@@ -204,6 +206,38 @@ def _check_plain(cfg: dict, path) -> None:
                               "or the forward as well (plain inits, PiSSA and OLoRA load here)")
 
 
+def _put(layer: LoRALinear, module: torch.nn.Module, attr: str, t: torch.Tensor) -> None:
+    """Write a loaded tensor into an adapter's parameter; one still on the meta device (built on a meta model)
+    has no memory to copy into, so it gets a new Parameter (as load_state_dict(assign=True)) on the base's
+    device, or the file's while the base is on the meta device too."""
+    p = getattr(module, attr)
+    if not p.is_meta:
+        p.copy_(t)
+        return
+    w = layer.base_layer.weight
+    new = t.to(device=t.device if w.is_meta else w.device, dtype=p.dtype, copy=True)
+    setattr(module, attr, torch.nn.Parameter(new, requires_grad=p.requires_grad))
+
+
+def init_adapters(model: torch.nn.Module) -> list[str]:
+    """Initialise every LoRA adapter that was built on the meta device (patch or LoRALinear on a model made under
+    torch.device("meta") / init_empty_weights) and has been given no values since, once model.to_empty(device=...)
+    has given it memory: A kaiming-uniform and B zero (or as the adapter was made), as peft initialises. Run it
+    after your own initialisation loop (nn.Linear.reset_parameters would give lora_B random values). Returns
+    "<module>.<adapter>" for each adapter initialised."""
+    layers = lora_layers(model)
+    still = [f"{n}.{a}" for n, m in layers.items() for a in sorted(m._waiting) if m.lora_A[a].weight.is_meta]
+    if still:
+        raise ValueError(f"init_adapters: {still[:3]}{' ...' if len(still) > 3 else ''} are on the meta device; call "
+                         "model.to_empty(device=...) first (or load their weights); nothing was changed")
+    done = []
+    for n, m in layers.items():
+        for a in sorted(m._waiting):
+            m.reset_lora_parameters(a)
+            done.append(f"{n}.{a}")
+    return done
+
+
 def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
     an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
@@ -236,6 +270,9 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             if p is None or p.shape != t.shape:
                 raise KeyError(f"load_adapter: {key} (a modules_to_save weight {tuple(t.shape)}) fits no parameter of "
                                f"the model" + ("" if p is None else f": {name} is {tuple(p.shape)}"))
+            if p.is_meta:
+                raise ValueError(f"load_adapter: {name} (a modules_to_save weight) is on the meta device; load the base "
+                                 "model's weights first; nothing was changed")
             full[name] = (p, t)
             continue
         mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
@@ -281,6 +318,10 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                                   "changed")
         if decompose:
             m._check_decomposable(init, int(A.shape[0]))
+        if (dora or decompose) and m.base_layer.weight.is_meta:
+            raise ValueError(f"load_adapter: {mod}: the base weight is on the meta device, and a "
+                             + ("DoRA" if dora else f"{init!r}") + " adapter needs its values; load the base model's "
+                             "weights first; nothing was changed")
     for mod, parts in plan.items():
         m = layers[mod]
         r = int(parts["A"].shape[0])
@@ -309,12 +350,13 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             m.set_dora(adapter_name, dora)
             m._tables.clear()
         with torch.no_grad():
-            m.lora_A[adapter_name].weight.copy_(parts["A"])
-            m.lora_B[adapter_name].weight.copy_(parts["B"])
+            _put(m, m.lora_A[adapter_name], "weight", parts["A"])
+            _put(m, m.lora_B[adapter_name], "weight", parts["B"])
             if dora:
-                m.lora_magnitude_vector[adapter_name].weight.copy_(parts["magnitude_vector"])
+                _put(m, m.lora_magnitude_vector[adapter_name], "weight", parts["magnitude_vector"])
             if biased:
-                m.lora_B[adapter_name].bias.copy_(parts["B.bias"])
+                _put(m, m.lora_B[adapter_name], "bias", parts["B.bias"])
+        m._waiting = m._waiting - {adapter_name}
     with torch.no_grad():
         for p, t in full.values():
             p.copy_(t)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..nn.plain import refuse_meta
 from ..patch import (PatchError, SwapMethod, is_bnb_4bit, is_conv1d, outermost_modules, register_method,
                      shared_outside)
 
@@ -167,6 +168,7 @@ class QLoRAMethod(LoRAMethod):
         import bitsandbytes as bnb  # noqa: PLC0415
         if is_bnb_4bit(linear):
             return linear                        # loaded in 4 bits already: LoRA over it as it is
+        refuse_meta("qlora", linear.weight, "the base is quantized to NF4 now (load the model's weights, then patch)")
         dev, dt = linear.weight.device, linear.weight.dtype
         q = bnb.nn.Linear4bit(linear.in_features, linear.out_features, bias=linear.bias is not None,
                               compute_dtype=dt, compress_statistics=double_quant, quant_type="nf4", device="meta")

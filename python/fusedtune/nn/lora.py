@@ -86,6 +86,24 @@ def _decomposition(init) -> str:
     return ""
 
 
+def _init_factors(A: nn.Linear, B: nn.Linear, init, r: int) -> None:
+    """peft's plain initialisations of a new adapter's factors (in place, no grad); B's bias (lora_bias) zero."""
+    if B.bias is not None:
+        B.bias.zero_()
+    if init is True:                  # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        B.weight.zero_()
+    elif init == "gaussian":
+        nn.init.normal_(A.weight, std=1.0 / r)
+        B.weight.zero_()
+    elif init is False:               # random B too: a non-identity adapter (tests)
+        nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+    else:
+        raise LoRAUnsupported(f"LoRALinear: init_lora_weights={init!r} is not supported "
+                              "(True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora')")
+
+
 def _backward_schedule(R: int) -> str:
     from ..triton_kernels.lora import DY_MAX_R, dy_fused  # noqa: PLC0415
     if R == 0:
@@ -108,6 +126,7 @@ class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
 
     fan_in_fan_out = False   # set per layer (a Conv1D base); the class default serves layers pickled before it
+    _waiting: frozenset = frozenset()   # adapters built on the meta device that have no values yet (see add_adapter)
 
     def __init__(self, base_layer: nn.Module, backend: str | None = None):
         super().__init__()
@@ -234,9 +253,10 @@ class LoRALinear(nn.Module):
         if not isinstance(name, str) or not name or name == BASE:
             raise ValueError(f"LoRALinear: invalid adapter name {name!r}")
         w = getattr(self._modules["base_layer"], "weight", None)
-        if torch.is_tensor(w):
-            refuse_meta("LoRALinear.add_adapter", w, "a new adapter is initialised now (B = 0 so that the output is "
-                        "the base's; DoRA's magnitude from the weight norm), and to_empty would leave it garbage")
+        meta = torch.is_tensor(w) and w.is_meta
+        if meta and (use_dora or _decomposition(init_lora_weights) or is_bnb_4bit(self.base_layer)):
+            refuse_meta("LoRALinear.add_adapter", w, "DoRA's magnitude (the weight norm), PiSSA / OLoRA's factors (its "
+                        "decomposition) and an NF4 base's compute dtype (its quant state) come from the base's values")
         if name in self.r:
             raise ValueError(f"LoRALinear: an adapter named {name!r} exists already")
         if not isinstance(r, int) or r <= 0:
@@ -259,22 +279,10 @@ class LoRALinear(nn.Module):
         A = nn.Linear(self.in_features, r, bias=False, device=device, dtype=dtype)
         B = nn.Linear(r, self.out_features, bias=bool(lora_bias), device=device, dtype=dtype)
         with torch.no_grad():
-            if B.bias is not None:
-                B.bias.zero_()
             if decompose:
-                self._decompose_init(decompose, A.weight, B.weight, r, scaling)
-            elif init_lora_weights is True:        # peft's default: A kaiming-uniform(a=sqrt(5)), B zero
-                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-                B.weight.zero_()
-            elif init_lora_weights == "gaussian":
-                nn.init.normal_(A.weight, std=1.0 / r)
-                B.weight.zero_()
-            elif init_lora_weights is False:     # random B too: a non-identity adapter (tests)
-                nn.init.kaiming_uniform_(A.weight, a=math.sqrt(5))
-                nn.init.kaiming_uniform_(B.weight, a=math.sqrt(5))
+                self._decompose_init(decompose, A.weight, B.weight, r, scaling)   # (lora_bias refused above)
             else:
-                raise LoRAUnsupported(f"LoRALinear: init_lora_weights={init_lora_weights!r} is not supported "
-                                      "(True, False, 'gaussian', 'pissa', 'pissa_niter_<k>' or 'olora')")
+                _init_factors(A, B, init_lora_weights, r)
         self.lora_A[name], self.lora_B[name] = A, B
         self.r[name], self.lora_alpha[name] = r, float(alpha)
         self.use_rslora[name] = bool(use_rslora)
@@ -285,7 +293,44 @@ class LoRALinear(nn.Module):
         self.lora_bias[name] = bool(lora_bias)
         if use_dora:
             self.lora_magnitude_vector[name] = DoRAMagnitude(self._dora_norm(name, cache=False).to(dtype))
+        if meta:     # no values yet: loaded later (assign=True) or initialised after to_empty (init_adapters)
+            self._waiting = self._waiting | {name}
         self.set_adapter(name)
+
+    def reset_lora_parameters(self, adapter_name: str, init_lora_weights=None) -> None:
+        """(peft's name) Give adapter `adapter_name` fresh initial values in place: init_lora_weights True (A
+        kaiming-uniform, B zero), "gaussian" or False; None: the way it was made. The cure for an adapter built
+        on the meta device once model.to_empty(...) has given it memory (fusedtune.lora.init_adapters(model)
+        does every such adapter). Refused for DoRA adapters and PiSSA / OLoRA (their values come from the base)
+        and while the adapter is still on the meta device."""
+        self._require(adapter_name)
+        init = self.init_lora_weights.get(adapter_name, True) if init_lora_weights is None else init_lora_weights
+        if self.use_dora[adapter_name] or _decomposition(init):
+            raise LoRAUnsupported(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} "
+                                  + ("is a DoRA adapter" if self.use_dora[adapter_name] else f"uses {init!r}")
+                                  + ", whose initial values come from the base weight; add it again instead")
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if A.weight.is_meta or B.weight.is_meta:
+            raise ValueError(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} is on the meta device and "
+                             "has no memory to write; call model.to_empty(device=...) first (or load its weights)")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} is merged; unmerge() first")
+        with torch.no_grad():
+            _init_factors(A, B, init, self.r[adapter_name])
+        self.init_lora_weights[adapter_name] = init
+        self._waiting = self._waiting - {adapter_name}
+
+    def _check_ready(self, names, what: str) -> None:
+        """Refuse adapters among `names` that were built on the meta device and have not been given values: still
+        meta, they fail with a device error; after to_empty they hold uninitialised memory (garbage, silently)."""
+        waiting = sorted(self._waiting.intersection(names))
+        if waiting:
+            meta = self.lora_A[waiting[0]].weight.is_meta
+            raise ValueError(f"{what}: adapter(s) {waiting} were built on the meta device and have no values yet ("
+                             + ("they are still on the meta device" if meta else
+                                "to_empty gave them uninitialised memory") + "). Load them (load_state_dict(..., "
+                             "assign=True) or fusedtune.lora.load_adapter), or initialise them "
+                             "(fusedtune.lora.init_adapters(model), after model.to_empty(device=...) if still meta)")
 
     def _check_decomposable(self, how: str, r: int) -> None:
         if self._quant_state() is not None or _is_fp8(self.base_layer):
@@ -372,6 +417,7 @@ class LoRALinear(nn.Module):
             d.pop(name)
         self.init_lora_weights.pop(name, None)
         self._dora_norms.pop(name, None)
+        self._waiting = self._waiting - {name}
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -423,6 +469,12 @@ class LoRALinear(nn.Module):
         self.forget_dora_norms()   # (before the children swap or copy their parameters)
         self._load_quant_state(state_dict, prefix + "base_layer.weight.")
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        for n in self._waiting:    # values for every tensor of a waiting adapter (the children load them next)
+            ps = {f"{prefix}lora_A.{n}.weight": self.lora_A[n].weight, f"{prefix}lora_B.{n}.weight": self.lora_B[n].weight}
+            if self.lora_B[n].bias is not None:
+                ps[f"{prefix}lora_B.{n}.bias"] = self.lora_B[n].bias
+            if all(k in state_dict and state_dict[k].shape == p.shape for k, p in ps.items()):
+                self._waiting = self._waiting - {n}
 
     def _load_quant_state(self, state_dict, key: str) -> None:
         """An NF4 base's bitsandbytes quant state in the state dict (absmax, quant_map, nested ..., the
@@ -577,6 +629,8 @@ class LoRALinear(nn.Module):
             if self.disable_adapters and self.merged:
                 self.unmerge()
             return self.base_layer(x)
+        if self._waiting and not x.is_meta:
+            self._check_ready(self.active_adapters if adapter_names is None else adapter_names, "LoRALinear.forward")
         if adapter_names is not None:
             if self.merged:
                 raise ValueError("LoRALinear: mixed-batch inference (adapter_names) needs unmerged adapters")
@@ -749,6 +803,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self, name: str) -> torch.Tensor:
         """scaling * B @ A, float32 [out, in]."""
         self._require(name)
+        self._check_ready([name], "LoRALinear.delta_weight")
         return self.scaling[name] * (self.lora_B[name].weight.float() @ self.lora_A[name].weight.float())
 
     def merge(self, safe_merge: bool = False, adapter_names=None, exact_unmerge: bool = True) -> None:
@@ -770,6 +825,7 @@ class LoRALinear(nn.Module):
             self._require(n)
         if not names:
             return
+        self._check_ready(names, "LoRALinear.merge")
         dora = [n for n in names if self.use_dora[n]]
         if dora and len(names) > 1:     # (one call after another works: unmerge undoes them in reverse)
             raise LoRAUnsupported(f"LoRALinear.merge: DoRA adapter {dora} merged together with others "
