@@ -1,5 +1,5 @@
 """fusedtune.roste.prepare's guards (found by review): a pickled K/V-quantized model runs in a process that never
-registered its attention function; a checkpoint of a prepared model is not rotated a second time (which
+registered its attention function; a checkpoint of a prepared model is not rotated a second time; models sharing a config object stay apart (which
 undid the rotation); models it would break -- offloaded weights, hooks on the projections, inference
 tensors, a backend RoSTE's ops cannot run -- are refused before anything changes."""
 import pickle
@@ -120,3 +120,27 @@ def test_switching_the_attention_implementation_after_prepare_is_refused_at_the_
     assert not model._forward_pre_hooks
     model.set_attn_implementation("sdpa")
     model(IDS)
+
+
+def test_models_sharing_a_config_object_are_prepared_independently():
+    """transformers models built from one config object share it (LlamaForCausalLM(cfg), from_config): prepare
+    wrote its rotation record, untied embeddings and K/V attention into it, so the second model was not rotated
+    ("rotated already"), a plain one failed in attention, and a second K/V prepare wrapped its own function
+    (RecursionError). Found by review. Each prepared model now gets its own config."""
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=96, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    torch.manual_seed(0)
+    a, b, plain = (transformers.LlamaForCausalLM(cfg) for _ in range(3))
+    want = plain(IDS).logits
+    base_impl = cfg._attn_implementation
+    rep_a = R.prepare(a, 8, 8, kv_bits=8)
+    assert a.config is not cfg and a.model.layers[0].self_attn.config is a.config
+    assert R.prepare(b, 8, 8, kv_bits=8).folded_norms == rep_a.folded_norms == 3   # b rotated too
+    assert cfg._attn_implementation == base_impl and not hasattr(cfg, "fusedtune_roste_rotation")
+    assert torch.equal(plain(IDS).logits, want)                    # the third model: untouched
+    fresh = transformers.LlamaForCausalLM(a.config)                # a config copied from a prepared model
+    with pytest.raises(RuntimeError, match="K/V fake quantization, but its LlamaAttention modules have none set up"):
+        fresh(IDS)
+    R.prepare(fresh, 8, 8, kv_bits=8)                              # wraps the base implementation, not itself
+    assert fresh.config._attn_implementation == a.config._attn_implementation
+    assert torch.isfinite(fresh(IDS).logits).all() and torch.isfinite(b(IDS).logits).all()

@@ -59,6 +59,22 @@ def check_in_place(model, what: str) -> None:
                              "Nothing was changed")
 
 
+def own_config(model) -> None:
+    """Give `model` a config object of its own before writing into it (the rotation record, untied embeddings, the
+    K/V attention implementation): transformers models built from a config object (LlamaForCausalLM(cfg),
+    from_config) share it with every other model built from it, which would then read as rotated, untied or
+    quantizing K/V without being so. Every module of the model that holds the old object gets the copy."""
+    import copy  # noqa: PLC0415
+    cfg = getattr(model, "config", None)
+    if cfg is None or model.__dict__.get("_fusedtune_own_config") is cfg:
+        return
+    new = copy.deepcopy(cfg)
+    for m in model.modules():
+        if m.__dict__.get("config") is cfg:
+            m.config = new
+    model.__dict__["_fusedtune_own_config"] = new
+
+
 def rotated_already(model) -> dict | None:
     """What rotate_model recorded in model.config (a checkpoint saved after prepare carries it), or None."""
     return getattr(getattr(model, "config", None), MARKER, None)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from ..ops.roste import hadamard, rotate_fake_quant
-from .checks import check_backend, check_bits, check_clip, check_hadamard
+from .checks import check_backend, check_bits, check_clip, check_hadamard, own_config
 
 NAME = "fusedtune_roste_kv"
 
@@ -58,7 +58,13 @@ def _base_function(module: nn.Module, base: str):
 def kv_attention(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
                  **kwargs):
     """The registered attention function (module docstring)."""
-    spec: KVQuant = module._fusedtune_kv
+    spec: KVQuant | None = getattr(module, "_fusedtune_kv", None)
+    if spec is None:
+        raise RuntimeError(f"fusedtune.roste: this model's attention implementation is fusedtune's K/V fake "
+                           f"quantization, but its {type(module).__name__} modules have none set up: the model was "
+                           "built from the config of a prepared model (a copy of it, or the same object) without "
+                           "being prepared. Call fusedtune.roste.prepare(model, ..., kv_bits=...), or "
+                           "model.set_attn_implementation('sdpa' or 'eager')")
     if spec.rotate:
         query = hadamard(query, backend=spec.backend)
         key = hadamard(key, backend=spec.backend)
@@ -112,6 +118,9 @@ def add_kv_quant(model: nn.Module, kv_bits: int, clip_ratio: float = 0.95, rotat
     if rotate:
         check_hadamard(what, "head_dim (rotate=True rotates q and k over it)", arch.head_dim)
     base = getattr(model.config, "_attn_implementation", None) or "eager"
+    while base.startswith(NAME + "_"):   # a config copied from a quantizing model: wrap what that one wrapped
+        base = base[len(NAME) + 1:]
+    own_config(model)
     name = _register(base)
     names = []
     for i, layer in enumerate(model.model.layers):

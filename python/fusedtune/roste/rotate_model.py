@@ -20,7 +20,7 @@ from torch import nn
 
 from ..reference import hadamard as href
 from .architecture import check_float_params, inspect_model
-from .checks import MARKER, check_hadamard, check_in_place, rotated_already
+from .checks import MARKER, check_hadamard, check_in_place, own_config, rotated_already
 
 
 def _rotate_cols(w: torch.Tensor) -> torch.Tensor:
@@ -71,6 +71,7 @@ def rotate_model(model: nn.Module, head_rotation: bool = True) -> dict:
     if head_rotation:
         check_hadamard(what, "head_dim (head_rotation=True rotates V per head)", arch.head_dim)
     inner = model.model
+    own_config(model)
 
     untied = False
     if arch.tied:
