@@ -430,3 +430,28 @@ def test_values_replaced_by_a_new_tensor_are_merged():
     assert not torch.equal(m(x), y0)
     y = torch.func.functional_call(m, {"values": torch.zeros_like(m.values)}, (x,))
     torch.testing.assert_close(y, y0)
+
+
+@pytest.mark.parametrize("kind", ["sparse_delta", "hft_row"])
+def test_masters_given_new_memory_through_data_reach_the_forward(kind, monkeypatch):
+    """`p.data = new` (vector_to_parameters, MeZO-style hand-written updates) keeps the Parameter and its version
+    counter: the forward kept the old merged weight, silently (found by audit: training did nothing). The layer
+    also watches the masters' memory now."""
+    from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+    from fusedtune import backend as fb
+    from fusedtune.nn import RowMaskedLinear
+    monkeypatch.setattr(fb, "_warned", set())
+    lin = torch.nn.Linear(16, 8)
+    w0 = lin.weight.detach().clone()
+    m = SparseDeltaLinear.from_linear(lin, density=0.25, seed=0) if kind == "sparse_delta" else \
+        RowMaskedLinear.from_linear(lin, torch.tensor([1, 4, 6]))
+    masters = [p for p in m.parameters() if p.requires_grad]
+    x = torch.randn(4, 16)
+    m(x)
+    vector_to_parameters(parameters_to_vector(masters) + 0.5, masters)
+    with pytest.warns(UserWarning, match="changed outside"):
+        y = m(x)
+    plain = m.to_linear()
+    torch.testing.assert_close(y, F.linear(x, plain.weight, plain.bias), rtol=0, atol=0)
+    assert not torch.equal(plain.weight, w0)

@@ -46,19 +46,23 @@ class Stamp:
     by functional_call or by assigning a new Parameter, starts at the old one's version) at the same versions.
     It holds the tensors themselves (a weak reference would block torch.utils.swap_tensors, which the swap
     conversion mode uses on the masters; the layer holds them anyway, and a replaced one only until the next
-    check). A pickled or deep-copied stamp matches nothing, so the copy checks its weight once, exactly."""
+    check). A pickled or deep-copied stamp matches nothing, so the copy checks its weight once, exactly.
+    The data pointer counts too: `p.data = new` (torch.nn.utils.vector_to_parameters, hand-written updates) keeps
+    the tensor and its version but changes its memory. An in-place write through `.data` (p.data.add_(...)) moves
+    neither and stays invisible: tell the layer (masters_written_elsewhere()).
+    """
     __slots__ = ("_ts", "_versions")
 
     def __init__(self, *ts: torch.Tensor):
         self._ts = ts
-        self._versions = tuple(version(t) for t in ts)
+        self._versions = tuple((version(t), t.data_ptr()) for t in ts)
 
     def matches(self, *ts: torch.Tensor) -> bool:
         # (a plain loop: checked on every forward of the layers, ~1 us; generators took 3-5)
         if len(ts) != len(self._ts):
             return False
-        for a, b, v in zip(self._ts, ts, self._versions):
-            if a is not b or version(b) != v:
+        for a, b, (v, ptr) in zip(self._ts, ts, self._versions):
+            if a is not b or version(b) != v or b.data_ptr() != ptr:
                 return False
         return True
 
