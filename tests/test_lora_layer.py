@@ -430,7 +430,7 @@ def test_model_level_mixed_batch_matches_per_adapter_runs():
     names = ["a", "__base__", "b"]
     with torch.no_grad(), adapter_names(m, names):
         mixed = m(ids).logits
-    assert all(not lay._forward_pre_hooks for lay in layers)       # the hooks are gone
+    assert all(lay._batch_names is None and not lay._forward_pre_hooks for lay in layers)   # the context is gone
     for i, n in enumerate(names):
         for lay in layers:
             lay.enable_adapters(n in lay.r)
@@ -442,6 +442,33 @@ def test_model_level_mixed_batch_matches_per_adapter_runs():
     with pytest.raises(KeyError, match=r"unknown adapters \['c'\]"):
         with adapter_names(m, ["a", "c", "b"]):
             pass
+
+
+def test_adapter_names_reach_a_model_compiled_before_the_context():
+    """Found by audit: the context added forward pre-hooks, which a graph compiled outside it does not guard on
+    (torch._dynamo skips hook guards by default): every sample got the active adapter, silently. The layers'
+    forward reads the names from an attribute now, which the compiled graph guards on."""
+    from fusedtune.lora import adapter_names, lora_layers
+    torch._dynamo.reset()
+    m = tiny_llama(seed=4).eval()
+    fusedtune.patch(m, "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    for lay in lora_layers(m).values():
+        lay.add_adapter("a", r=2, alpha=4, init_lora_weights=False)
+        lay.set_adapter("default")
+        nn.init.normal_(lay.lora_B["default"].weight, std=0.3)
+    ids = torch.randint(0, 64, (3, 6), generator=torch.Generator().manual_seed(6))
+    names = ["a", "__base__", "default"]
+    with torch.no_grad():
+        with adapter_names(m, names):
+            want = m(ids).logits
+        compiled = torch.compile(m, backend="aot_eager")
+        plain = compiled(ids).logits
+        with adapter_names(m, names):
+            got = compiled(ids).logits
+        again = compiled(ids).logits
+    assert not torch.allclose(want, plain, atol=1e-3)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(again, plain, rtol=0, atol=0)
 
 
 def test_mixed_batch_follows_generate_copies():

@@ -66,23 +66,14 @@ def adapter_names(model: torch.nn.Module, names: list[str]):
     if unknown:
         raise KeyError(f"adapter_names: unknown adapters {unknown}; the model has {sorted(known - {'__base__'})}")
 
-    expanded = {}       # (the layer's adapters, copies) -> the names it gets
-
-    def hook(module, args, kwargs):
-        x = args[0] if args else kwargs.get("x")
-        copies, rest = divmod(x.shape[0], len(names)) if torch.is_tensor(x) and x.dim() > 1 and names else (1, 0)
-        if rest or copies < 1:
-            copies = 1                 # the layer refuses the mismatch, naming both counts
-        key = (frozenset(module.r), copies)
-        if key not in expanded:
-            expanded[key] = [n if n in module.r else "__base__" for n in names for _ in range(copies)]
-        return args, {**kwargs, "adapter_names": expanded[key]}
-    handles = [m.register_forward_pre_hook(hook, with_kwargs=True) for m in layers.values()]
+    before = {m: m.__dict__.get("_batch_names") for m in layers.values()}
+    for m in layers.values():    # (an attribute its forward reads, so torch.compile guards on it: a forward
+        m.__dict__["_batch_names"] = tuple(names)   # pre-hook added after compiling went unseen, found by audit)
     try:
         yield model
     finally:
-        for h in handles:
-            h.remove()
+        for m, prev in before.items():
+            m.__dict__["_batch_names"] = prev
 
 
 def _pattern(patterns: dict, module: str, default):

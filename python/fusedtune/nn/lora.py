@@ -126,6 +126,7 @@ class LoRALinear(nn.Module):
     """y = base(x) + sum over active adapters of scaling * lora_B(lora_A(dropout(x))), fused."""
 
     fan_in_fan_out = False   # set per layer (a Conv1D base); the class default serves layers pickled before it
+    _batch_names: tuple | None = None   # per-sample adapters set by fusedtune.lora.adapter_names (a context)
     _waiting: frozenset = frozenset()   # adapters built on the meta device that have no values yet (see add_adapter)
 
     def __init__(self, base_layer: nn.Module, backend: str | None = None):
@@ -624,7 +625,19 @@ class LoRALinear(nn.Module):
         x, w, bias = _autocast.cast(dt, x, w, bias)
         return x, w, None, bias, dt
 
+    def _expanded_batch_names(self, x) -> list[str]:
+        """The adapter_names context's names for this input: an input of c * len(names) samples (generate's
+        num_beams / num_return_sequences copies) gives each copy its sample's adapter; a name this layer lacks
+        serves its samples with the base alone (fusedtune.lora.adapter_names)."""
+        names = self._batch_names
+        copies, rest = divmod(x.shape[0], len(names)) if x.dim() > 1 and names else (1, 0)
+        if rest or copies < 1:
+            copies = 1                 # the mixed forward refuses the mismatch, naming both counts
+        return [n if n in self.r else BASE for n in names for _ in range(copies)]
+
     def forward(self, x: torch.Tensor, adapter_names: list[str] | None = None) -> torch.Tensor:
+        if adapter_names is None and self._batch_names is not None:
+            adapter_names = self._expanded_batch_names(x)
         if self.disable_adapters or (adapter_names is None and (self.merged or not self.active_adapters)):
             if self.disable_adapters and self.merged:
                 self.unmerge()
