@@ -455,3 +455,24 @@ def test_masters_given_new_memory_through_data_reach_the_forward(kind, monkeypat
     plain = m.to_linear()
     torch.testing.assert_close(y, F.linear(x, plain.weight, plain.bias), rtol=0, atol=0)
     assert not torch.equal(plain.weight, w0)
+
+
+def test_an_optimizer_holding_replaced_deltas_is_refused():
+    """set_indices (keep_parameter=False) gives the layer a new `values` Parameter: the optimizer held the old one,
+    which gets no gradient, and skipped it -- the layer never trained again, silently (found by audit)."""
+    m = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 8), density=0.25, seed=0)
+    opt = SparseDeltaAdamW([m.values], lr=1e-2)
+    x = torch.randn(4, 8)
+    m(x).pow(2).sum().backward()
+    opt.step()
+    opt.zero_grad()
+    m.set_indices(torch.arange(0, 64, 4, dtype=torch.int32))
+    m(x).pow(2).sum().backward()
+    w = m.weight.detach().clone()
+    with pytest.raises(RuntimeError, match="SparseDeltaAdamW: it holds a parameter of shape \\(16,\\) that its "
+                                           "SparseDeltaLinear has replaced"):
+        opt.step()
+    assert torch.equal(m.weight, w)
+    opt = SparseDeltaAdamW([m.values], lr=1e-2)      # the cure
+    opt.step()
+    assert not torch.equal(m.weight, w)

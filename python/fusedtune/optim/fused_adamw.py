@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from ..nn.masters import owner_of
+
 from .copyable import CopyableOptimizer
 
 
@@ -40,6 +42,19 @@ def refuse_options(what: str, group: dict) -> None:
         raise TypeError(f"{what}: param group option decoupled_weight_decay=False with weight_decay="
                         f"{group['weight_decay']} (Adam's L2 penalty) is not supported: the fused pass decays as "
                         "AdamW does")
+
+
+def _refuse_replaced(opt, p) -> None:
+    """A master its layer has replaced (SparseDeltaLinear.set_indices without keep_parameter, an HFT stage change at
+    row granularity) gets no gradient any more: stepping on would silently leave the layer untrained (found by
+    audit). Refused, naming the cure."""
+    layer = owner_of(p)
+    if layer is not None and not any(q is p for q in layer.master_parameters()):
+        raise RuntimeError(f"{type(opt).__name__}: it holds a parameter of shape {tuple(p.shape)} that its "
+                           f"{type(layer).__name__} has replaced (set_indices without keep_parameter=True, or a stage "
+                           "change at row granularity): the layer's new masters are not in this optimizer and would "
+                           "never train. Build the optimizer again over the model's parameters (or add them with "
+                           "add_param_group); nothing was stepped")
 
 
 class FusedAdamW(CopyableOptimizer):
@@ -115,6 +130,7 @@ class FusedAdamW(CopyableOptimizer):
         for group in self.param_groups:
             buckets: dict = {}
             for p in group["params"]:
+                _refuse_replaced(self, p)
                 if p.grad is None:
                     continue
                 if p.grad.is_sparse:
