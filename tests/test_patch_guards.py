@@ -121,3 +121,21 @@ def test_a_model_on_the_meta_device_is_refused_where_values_are_made_now(method,
         fusedtune.patch(model, method, **opts)
     assert [type(m) for m in model.modules()] == kinds and fusedtune.report(model).method is None
     assert all(p.requires_grad for p in model.parameters())
+
+
+def test_report_step_refuses_trainable_parameters_its_optimizer_lacks():
+    """An adapter added after patch (add_adapter + set_adapter) trains, gets gradients, and report.step's optimizer
+    never held it: the loss stayed flat, silently (found by audit). Refused before anything runs."""
+    from fusedtune.lora import lora_layers
+    model = tied_qwen2()
+    rep = fusedtune.patch(model, "lora", r=4, target_modules=["q_proj"])
+    for lay in lora_layers(model).values():
+        lay.add_adapter("task2", r=2)           # (becomes the active, trainable one)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(PatchError, match=r"report.step: 2 parameter\(s\) of the model train .*lora_A.task2.weight"):
+        rep.step(lambda: model(input_ids=IDS, labels=IDS).loss)
+    assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
+    rep.optimizer.add_param_group({"params": [p for n, p in model.named_parameters() if "task2" in n]})
+    rep.step(lambda: model(input_ids=IDS, labels=IDS).loss)
+    assert not torch.equal(model.get_parameter(next(n for n in before if "lora_B.task2" in n)),
+                           before[next(n for n in before if "lora_B.task2" in n)])

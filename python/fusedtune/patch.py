@@ -116,6 +116,7 @@ class PatchReport:
     notes: list[str] = field(default_factory=list)
     _impl: Any = field(default=None, repr=False)
     _probe: Any = field(default=None, repr=False)     # (module, name, Parameter): one the optimizer steps
+    _model: Any = field(default=None, repr=False)     # the patched model (its trainable parameters, checked a step)
 
     def step(self, loss_fn: Callable[[], torch.Tensor]) -> torch.Tensor:
         """One training step of the method: loss_fn() runs the forward pass and returns the loss
@@ -135,11 +136,29 @@ class PatchReport:
                     "fusedtune.patch), so the step would train tensors the model does not use. Make an optimizer "
                     "over model.parameters() now (after fully_shard: torch.optim.AdamW for full, lora, qlora, fp8, "
                     "fp8_lora, roste, hft) and step it yourself")
+        self._check_trainables()
         return self._impl.train_step(self.optimizer, loss_fn)
+
+    def _check_trainables(self) -> None:
+        """Refuse parameters that train (requires_grad) but that the optimizer does not hold: a LoRA adapter added
+        after patch (add_adapter, load_adapter + set_adapter) or a parameter unfrozen since got gradients every
+        step and never changed, silently (found by audit)."""
+        if self._model is None or self.optimizer is None:
+            return
+        held = {id(p) for g in self.optimizer.param_groups for p in g["params"]}
+        missing = [n for n, p in self._model.named_parameters() if p.requires_grad and id(p) not in held]
+        if missing:
+            raise PatchError(f"report.step: {len(missing)} parameter(s) of the model train (requires_grad) but are not "
+                             f"in the report's optimizer ({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}"
+                             "): added or unfrozen after fusedtune.patch (a new adapter: add_adapter, or load_adapter "
+                             "and set_adapter), they would get gradients and never change. Add them "
+                             "(report.optimizer.add_param_group({'params': [...]})), freeze them, or make an optimizer "
+                             "over the trainable parameters and step it yourself; nothing was run")
 
     def _set_probe(self, model: nn.Module) -> None:
         """Remember where the optimizer's first parameter sits in the model: one identity test a step tells
         whether the model still holds it (fully_shard replaces every parameter with its own)."""
+        self._model = model
         first = None if self.optimizer is None else \
             next((p for g in self.optimizer.param_groups for p in g["params"]), None)
         if first is None:
