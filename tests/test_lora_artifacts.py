@@ -1,5 +1,6 @@
 """LoRA adapters as files in peft's format: bit-exact round trips, peft reads ours, we read peft's."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -186,3 +187,20 @@ def test_an_adapter_with_trained_biases_survives_load_and_save(tmp_path, bias):
     ids = torch.randint(0, 64, (2, 9))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, pm(ids).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_loading_a_file_that_covers_fewer_layers_warns_about_the_rest(tmp_path):
+    """A q/v-only file loaded into a model whose `default` adapter also covers down_proj: down_proj keeps its old
+    (trained) values, and a user comparing checkpoints got a mixture without a word (found by audit; peft warns of
+    missing adapter keys)."""
+    src = tiny_llama()
+    fusedtune.patch(src, "lora", r=4, alpha=8, target_modules=["q_proj", "v_proj"])
+    save_adapter(src, tmp_path)
+    b = _trained(_model())
+    with pytest.warns(UserWarning, match=r"no weights for adapter 'default' of 2 LoRALinear layer\(s\) "
+                                         r"\(model.layers.0.mlp.down_proj, model.layers.1.mlp.down_proj\)"):
+        load_adapter(b, tmp_path)
+    c = _trained(_model())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_adapter(c, tmp_path, adapter_name="other")    # a new name: nothing stale

@@ -30,6 +30,7 @@ import json
 import math
 import os
 import re
+import warnings
 
 import torch
 
@@ -364,4 +365,10 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             return any(mod == k or mod.endswith("." + k) or f".{k}." in f".{mod}." for k in kept)
         extras[adapter_name] = {"bias": bias, "params": sorted(n for n in full if n.endswith("bias")
                                                                and not trained_in_full(n))}
+    stale = sorted(n for n, m in layers.items() if adapter_name in m.r and n not in plan)
+    if stale:   # (peft warns "Found missing adapter keys" too)
+        warnings.warn(f"load_adapter: {path} has no weights for adapter {adapter_name!r} of {len(stale)} LoRALinear "
+                      f"layer(s) ({', '.join(stale[:3])}{', ...' if len(stale) > 3 else ''}): they keep the values "
+                      "they had (delete_adapter there, or load under a new adapter_name, to serve the file alone)",
+                      stacklevel=2)
     return sorted(plan) + sorted(full)
