@@ -152,3 +152,36 @@ def test_a_module_under_two_names_is_not_a_tie(tmp_path):
     assert m.head.weight.requires_grad
     save_adapter(m, tmp_path)
     assert load_adapter(m, tmp_path)[-2:] == ["head.bias", "head.weight"]
+
+
+def _peft_file(path, seed, save=("lm_head",)):
+    torch.manual_seed(seed)
+    pm = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+                                                           modules_to_save=list(save), init_lora_weights=False))
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "modules_to_save" in n:
+                p.add_(0.1 * (seed + 1))
+    pm.save_pretrained(str(path))
+    return pm
+
+
+def test_modules_loaded_in_full_are_saved_back_and_a_second_copy_is_refused(tmp_path):
+    """Found by audit: a peft file's modules_to_save loaded with load_adapter were left out of save_adapter (the
+    re-saved adapter was 1.2 off in logits, read by peft), and a second adapter's file overwrote the head of the
+    first (peft keeps one copy per adapter; fusedtune keeps one, so it refuses)."""
+    pm = _peft_file(tmp_path / "a", 0)
+    _peft_file(tmp_path / "b", 1)
+    ours = tiny_llama()
+    fusedtune.patch(ours, "lora", r=4, alpha=8, target_modules=TARGETS)
+    load_adapter(ours, tmp_path / "a")
+    cfg = save_adapter(ours, tmp_path / "again")
+    assert cfg["modules_to_save"] == ["lm_head"]
+    back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "again"))
+    torch.testing.assert_close(back(IDS).logits, pm(IDS).logits, atol=1e-5, rtol=1e-5)
+    head = ours.lm_head.weight.detach().clone()
+    with pytest.raises(fusedtune.lora.LoRAUnsupported, match=r"trains \['lm_head'\] in full .*adapter 'default'"):
+        load_adapter(ours, tmp_path / "b", adapter_name="other")
+    assert torch.equal(ours.lm_head.weight, head) and "other" not in next(iter(fusedtune.lora.lora_layers(ours).values())).r
+    load_adapter(ours, tmp_path / "b")                    # under the same name: the file's head replaces it
+    assert not torch.equal(ours.lm_head.weight, head)

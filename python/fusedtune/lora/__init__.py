@@ -104,7 +104,8 @@ def _saved_modules(model: torch.nn.Module, modules_to_save) -> tuple[list[str], 
     return outermost_modules(model, wanted), wanted
 
 
-_BIAS = "_fusedtune_adapter_bias"   # model.__dict__: {adapter: {"bias": peft's bias option, "params": [names]}}
+_BIAS = "_fusedtune_adapter_bias"   # model.__dict__: {adapter: {"bias": peft's bias option, "params": [names],
+#                                     "modules": [modules it trains in full, from the file load_adapter read]}}
 
 
 def _target_modules(model: torch.nn.Module, layers: dict) -> list[str]:
@@ -127,9 +128,12 @@ def save_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     if not layers:
         raise ValueError(f"save_adapter: the model has no LoRALinear layer with an adapter named {adapter_name!r}")
     saved, saved_cfg = _saved_modules(model, modules_to_save)
+    extra = model.__dict__.get(_BIAS, {}).get(adapter_name, {"bias": "none", "params": []})
+    if modules_to_save is None and extra.get("modules"):   # trained in full by the file load_adapter read
+        saved = saved + [m for m in extra["modules"] if m not in saved]
+        saved_cfg = (saved_cfg or []) + [m for m in extra["modules"] if m not in (saved_cfg or [])]
     tensors = {f"{PREFIX}{n}.{pn}": p.detach().to("cpu", copy=True).contiguous()   # copies: tied weights stay apart
                for n in saved for pn, p in model.get_submodule(n).named_parameters()}
-    extra = model.__dict__.get(_BIAS, {}).get(adapter_name, {"bias": "none", "params": []})
     params = dict(model.named_parameters(remove_duplicate=False))
     missing = [n for n in extra["params"] if n not in params]
     if missing:
@@ -230,6 +234,23 @@ def init_adapters(model: torch.nn.Module) -> list[str]:
     return done
 
 
+def _refuse_second_copy(model, adapter_name: str, modules: list[str], path) -> None:
+    """peft keeps a copy of each module trained in full (modules_to_save) per adapter and switches them with the
+    active adapter; fusedtune keeps the model's one. A file bringing such a module that another adapter already
+    trains in full (patch's modules_to_save for "default", or an earlier load_adapter) would overwrite that
+    adapter's module (found by audit): refused, before anything changes."""
+    owners = {m: a for a, e in model.__dict__.get(_BIAS, {}).items() if a != adapter_name for m in e.get("modules", ())}
+    st = model.__dict__.get("_fusedtune_patch")
+    if st and st.get("options", {}).get("modules_to_save") and adapter_name != "default":
+        owners.update({m: "default" for m in getattr(st["impl"], "saved", {})})
+    clash = sorted(m for m in modules if m in owners)
+    if clash:
+        raise LoRAUnsupported(f"load_adapter: {path} trains {clash} in full (modules_to_save), which adapter "
+                              f"{owners[clash[0]]!r} trains in full already: peft keeps one copy per adapter, fusedtune "
+                              "the model's one, so loading would overwrite it. Load the file into its own copy of the "
+                              f"model, or under adapter_name={owners[clash[0]]!r}; nothing was changed")
+
+
 def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:
     """Load the adapter in `path` (ours or peft's) into the model's LoRALinear layers as `adapter_name`:
     an existing adapter of that name is overwritten (its rank must match; its alpha, dropout and rslora
@@ -254,6 +275,12 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     tensors = load_file(os.path.join(path, WEIGHTS))
     layers = lora_layers(model)
     plan, full = {}, {}
+    kept = cfg.get("modules_to_save") or []
+    kept = [kept] if isinstance(kept, str) else kept
+
+    def trained_in_full(name):   # a parameter of a modules_to_save module (a bias of one comes with its module)
+        mod = name.rpartition(".")[0]
+        return any(mod == k or mod.endswith("." + k) or f".{k}." in f".{mod}." for k in kept)
     params = dict(model.named_parameters(remove_duplicate=False))
     for key, t in tensors.items():
         if ".lora_" not in key:        # a module trained in full (peft's modules_to_save)
@@ -273,6 +300,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
             raise KeyError(f"load_adapter: {key} has no LoRALinear at {mod!r} in the model "
                            f"(LoRALinear layers: {sorted(layers)[:5]}{' ...' if len(layers) > 5 else ''})")
         plan.setdefault(mod, {})[part] = t
+    kept_modules = sorted({n.rpartition(".")[0] for n in full if trained_in_full(n)})
+    _refuse_second_copy(model, adapter_name, kept_modules, path)
     tied = shared_outside(model, sorted({n.rpartition(".")[0] for n in full}))
     if tied:
         name, other = tied
@@ -357,14 +386,10 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     if bias == "none":
         extras.pop(adapter_name, None)
     else:      # peft's bias="lora_only" / "all" trained these biases: save_adapter writes them back, as peft
-        kept = cfg.get("modules_to_save") or []
-        kept = [kept] if isinstance(kept, str) else kept
-
-        def trained_in_full(name):   # a bias of a modules_to_save module comes with its module
-            mod = name.rpartition(".")[0]
-            return any(mod == k or mod.endswith("." + k) or f".{k}." in f".{mod}." for k in kept)
         extras[adapter_name] = {"bias": bias, "params": sorted(n for n in full if n.endswith("bias")
                                                                and not trained_in_full(n))}
+    if kept_modules:   # the modules it trained in full: save_adapter writes them back, as peft
+        extras.setdefault(adapter_name, {"bias": "none", "params": []})["modules"] = kept_modules
     stale = sorted(n for n, m in layers.items() if adapter_name in m.r and n not in plan)
     if stale:   # (peft warns "Found missing adapter keys" too)
         warnings.warn(f"load_adapter: {path} has no weights for adapter {adapter_name!r} of {len(stale)} LoRALinear "
