@@ -258,7 +258,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     module through alpha_pattern, matched as peft matches it), inactive and frozen where the layer has an
     active adapter, as peft's load_adapter adds it (set_adapter activates it; the active adapters and what
     trains stay as they were); weights of modules trained in full (peft's
-    modules_to_save) are copied into the model's parameters of those names. Refuses, before changing
+    modules_to_save) are copied into the model's parameters of those names (save_adapter writes them back; a
+    file that would overwrite modules another adapter trains in full is refused: peft keeps a copy per adapter). Refuses, before changing
     anything, a file whose modules the model lacks or whose shapes do not fit. Returns the LoRA module names
     loaded, then the names of the parameters loaded in full."""
     from safetensors.torch import load_file
