@@ -527,3 +527,30 @@ def test_a_gradient_penalty_inside_a_regrowth_window_is_refused():
     with pytest.raises(RuntimeError, match=r"double backward \(create_graph=True\) is not supported"):
         torch.autograd.grad(loss_of(net, x, y), x, create_graph=True)
     assert rg is not None
+
+
+@pytest.mark.parametrize("variant", ["ag", "ma"])
+def test_seeded_moments_do_not_shrink_with_gradient_accumulation(variant):
+    """Found by audit: the seed divided the score by the backward passes, not the optimizer steps, so 4 equal
+    micro-batches of 1/4 the loss (the same accumulated gradient) seeded exp_avg_sq 16x smaller and grown
+    entries' first updates ~4x larger. The same gradients now seed the same moments."""
+    seeds, grown = [], []
+    for micro in (1, 4):
+        net = Net(density=0.15)
+        opt = SparseDeltaAdamW(net.parameters(), lr=1e-2)
+        rg = Regrower(net, opt, every=3, rate=0.3, decay="constant", variant=variant, accumulate_steps=2,
+                      seed_moments="grad")
+        for x, y in batches(3):
+            opt.zero_grad(set_to_none=True)
+            for _ in range(micro):
+                (loss_of(net, x, y) / micro).backward()
+            opt.step()
+            before = {n: l.indices.long().clone() for n, l in layers(net).items()}
+            rg.step()
+        new = {n: sorted(set(l.indices.tolist()) - set(before[n].tolist())) for n, l in layers(net).items()}
+        grown.append(new)
+        seeds.append({n: opt.state[l.values]["exp_avg_sq"][torch.searchsorted(l.indices.long(), torch.tensor(new[n]))]
+                      for n, l in layers(net).items()})
+    assert grown[0] == grown[1] and all(len(v) for v in grown[0].values())
+    for n in seeds[0]:
+        torch.testing.assert_close(seeds[1][n], seeds[0][n], rtol=1e-4, atol=0)

@@ -15,7 +15,10 @@ n = floor(rate(t) * k) of them and grows n new ones, so k stays constant:
 Drop: the n entries with the smallest |delta| (their weights return exactly to W0). Grow: the n
 best-scoring positions outside the current indices, with delta 0, age 0, and seeded Adam moments
 (seed_moments="zero": zero moments, through optimizer.reset_state; "grad": exp_avg 0 and exp_avg_sq
-the mean squared gradient the score saw). Kept entries keep their delta, moments and age. With
+the squared gradient of an optimizer step, as the score saw it: AG (score / steps)^2, MA score * passes /
+steps^2, with `steps` the window's optimizer steps and `passes` its backward passes -- with gradient
+accumulation an upper bound of the step gradient's square, exact when the micro-batches agree, so a grown
+entry's first update is never larger than Adam's). Kept entries keep their delta, moments and age. With
 SparseDeltaAdamW's bias_correction="element" (its default), a zero-seeded entry's Adam step count
 restarts too, so its first update is Adam's first (lr * sign(g)), not 3.2x that.
 Ties (equal scores or equal |delta|) are broken by a seeded random draw: runs are deterministic.
@@ -144,6 +147,7 @@ class Regrower:
         self.history: list[dict] = []       # one dict per selection step
         self._acc: dict = {}                # name -> accumulator state of the current window
         self._seen: dict = {}               # name -> number of dense gradients accumulated in the window
+        self._steps: dict = {}              # name -> [optimizer steps those came in, the last one's t]
         self._dense: list = []              # (context manager, hook handle) per layer while in a window
         self._post_hook = None
         self.dense_grad_steps: list[int] = []   # steps on which dense gradients were formed
@@ -297,6 +301,7 @@ class Regrower:
         self._leave_dense()
         self._acc.clear()
         self._seen.clear()
+        self._steps.clear()
 
     def _update_mode(self) -> None:
         want = self.in_window(self.t + 1)
@@ -359,6 +364,9 @@ class Regrower:
         consume: it is overwritten in place (|g| or g^2), so a window step holds one dense buffer per layer
         at a time, plus the score state."""
         self._seen[name] = self._seen.get(name, 0) + 1
+        st = self._steps.setdefault(name, [0, None])
+        if st[1] != self.t:                  # (micro-batches of one optimizer step share t)
+            st[0], st[1] = st[0] + 1, self.t
         if self.variant == "ma":
             if name not in self._acc:
                 self._acc[name] = (torch.zeros(g.shape[0], device=g.device), torch.zeros(g.shape[1], device=g.device))
@@ -385,6 +393,7 @@ class Regrower:
         """(the sorted positions of the n best scores outside the current indices, and each one's mean
         squared-gradient estimate). No dense score is formed beyond the accumulator itself."""
         seen = max(1, self._seen.get(name, 0))
+        steps = max(1, self._steps.get(name, [seen])[0])
         gen = self._gen(name, 2)
         if self.variant == "ma":
             row, col = self._acc[name]
@@ -396,10 +405,10 @@ class Regrower:
             acc = acc.masked_fill(torch.isin(cand, layer.indices.long()), float("-inf"))
             at = top_n(acc, n, gen)
             grow, v = cand[at], acc[at]
-            return grow, (v / seen).square()
+            return grow, (v / steps).square()
         grow = pick(pos, vals, n, gen)
         v = vals[torch.searchsorted(pos, grow)]
-        return grow, (v / seen if self.variant == "ma" else (v / seen).square())
+        return grow, (v * seen / steps ** 2 if self.variant == "ma" else (v / steps).square())
 
     def _gen(self, name, salt) -> torch.Generator:
         i = next(j for j, (n, _) in enumerate(self.layers) if n == name)
@@ -422,6 +431,7 @@ class Regrower:
         if self.t % self.every == 0:
             self._acc.clear()
             self._seen.clear()
+            self._steps.clear()
         self._update_mode()
         return out
 
@@ -485,7 +495,8 @@ class Regrower:
         return {"t": self.t, "ages": {n: a.clone() for n, a in self.ages.items()},
                 "acc": {n: (tuple(x.clone() for x in v) if isinstance(v, tuple) else v.clone())
                         for n, v in self._acc.items()},
-                "seen": dict(self._seen), "history": list(self.history)}
+                "seen": dict(self._seen), "steps": {n: list(v) for n, v in self._steps.items()},
+                "history": list(self.history)}
 
     def load_state_dict(self, sd: dict) -> None:
         self._check_state(sd)
@@ -512,6 +523,7 @@ class Regrower:
         self._acc = {n: (tuple(x.to(dev[n]) for x in v) if isinstance(v, tuple) else v.to(dev[n]))
                      for n, v in sd.get("acc", {}).items() if n in dev}
         self._seen = dict(sd.get("seen", {}))
+        self._steps = {n: list(v) for n, v in sd.get("steps", {}).items()}   # (absent before: as many as seen)
         self.history = list(sd.get("history", []))
         self._update_mode()
 
