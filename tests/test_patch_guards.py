@@ -139,3 +139,18 @@ def test_report_step_refuses_trainable_parameters_its_optimizer_lacks():
     rep.step(lambda: model(input_ids=IDS, labels=IDS).loss)
     assert not torch.equal(model.get_parameter(next(n for n in before if "lora_B.task2" in n)),
                            before[next(n for n in before if "lora_B.task2" in n)])
+
+
+@pytest.mark.parametrize("method", ["full", "mezo"])
+def test_weight_decay_spares_biases_and_norms_as_trainer_does(method):
+    """patch(..., weight_decay=w) decayed every parameter, RMSNorm gains and q/k/v biases included (found by audit);
+    transformers.Trainer and MeZO's own code exempt them. The groups now are Trainer's own split."""
+    model = tied_qwen2()
+    want = set(transformers.Trainer.get_decay_parameter_names(None, model))
+    rep = fusedtune.patch(model, method, weight_decay=0.1, lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    groups = {g["weight_decay"]: {names[id(p)] for p in g["params"]} for g in rep.optimizer.param_groups}
+    want &= set(names.values())                  # (Trainer lists the tied lm_head.weight under both names)
+    assert set(groups) == {0.1, 0.0} and groups[0.1] == want
+    assert any("q_proj.bias" in n for n in groups[0.0]) and any("norm" in n for n in groups[0.0])
+    assert len(groups[0.0]) + len(want) == len(names)

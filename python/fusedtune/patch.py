@@ -433,6 +433,27 @@ def _weights(p: torch.Tensor) -> int:
     return p.numel()
 
 
+_NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\.)")   # transformers.Trainer's
+
+
+def decay_groups(model: nn.Module, params: list, weight_decay) -> list:
+    """`params` as an optimizer takes them: the list itself when weight_decay is 0, else transformers.Trainer's two
+    groups -- weight_decay for the rest, 0 for biases and norm weights (a name matching Trainer's patterns, or a
+    parameter of a LayerNorm / *Norm module), as Trainer and MeZO's own code exclude them; patch decayed them too
+    (found by audit: RMSNorm gains decayed towards 0)."""
+    if not weight_decay:
+        return params
+    exempt = set()
+    for mod_name, mod in model.named_modules():
+        norm = isinstance(mod, nn.LayerNorm) or "norm" in type(mod).__name__.lower()
+        for pn, p in mod.named_parameters(recurse=False, remove_duplicate=False):
+            if norm or _NO_DECAY.search(f"{mod_name}.{pn}".lower()):
+                exempt.add(id(p))
+    groups = [{"params": [p for p in params if id(p) not in exempt]},
+              {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
 def unique_params(params) -> list[nn.Parameter]:
     seen, out = set(), []
     for p in params:
@@ -675,7 +696,8 @@ class SwapMethod(Method):
                 trainable = unique_params([p for m in made for p in m.parameters() if p.requires_grad] + full)
                 self.freeze_except(model, trainable)
             rep = self.report(model)
-            rep.optimizer = self.make_optimizer(trainable, **options) if trainable else None   # may refuse options
+            rep.optimizer = self.make_optimizer(decay_groups(model, trainable, options.get("weight_decay")),
+                                                **options) if trainable else None   # may refuse options
         except Exception:                          # leave the model as it was: modules, weights, flags
             for name, orig in originals.items():
                 set_module(model, name, orig)
@@ -782,7 +804,8 @@ class ParamMethod(Method):
                              "keeps frozen parameters frozen; unfreeze what should train (model.requires_grad_(True))")
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
-        optimizer = self.make_optimizer(params, **options)  # may refuse options before anything changes
+        optimizer = self.make_optimizer(decay_groups(model, params, options.get("weight_decay")),
+                                        **options)  # may refuse options before anything changes
         self.freeze_except(model, params)
         self.optimizer = optimizer
         rep = self.report(model)

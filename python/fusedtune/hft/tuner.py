@@ -345,14 +345,17 @@ class HalfFineTuner:
         return [p for p in self.model.parameters() if p.requires_grad]
 
     def make_optimizer(self, lr: float = 1e-3, **kwargs):
-        """fusedtune.optim.MaskedAdamW over trainable_parameters(). Without MaskedAdamW (not built in
+        """fusedtune.optim.MaskedAdamW over trainable_parameters() (with weight_decay: biases and norm weights in a
+        group of their own without it, as transformers.Trainer's). Without MaskedAdamW (not built in
         this install) matrix granularity falls back to torch.optim.AdamW with a warning; row granularity
         refuses (plain AdamW would not write the trained rows into the full weights).
         Block granularity: torch.optim.AdamW (fused=True when every parameter is on CUDA), moments in
         the parameters' dtype; its trained rows are views of the weights, so any optimizer works."""
-        params = self.trainable_parameters()
+        from ..patch import decay_groups  # noqa: PLC0415  (biases and norms: no weight decay, as Trainer's)
+        flat = self.trainable_parameters()
+        params = decay_groups(self.model, flat, kwargs.get("weight_decay"))
         if self.granularity == "block" and not self._restored:
-            if all(p.is_cuda for p in params):
+            if all(p.is_cuda for p in flat):
                 kwargs.setdefault("fused", True)
             return torch.optim.AdamW(params, lr=lr, **kwargs)
         cls, why = _masked_adamw_class()
