@@ -469,6 +469,9 @@ def test_adapter_names_reach_a_model_compiled_before_the_context():
     assert not torch.allclose(want, plain, atol=1e-3)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(again, plain, rtol=0, atol=0)
+    with adapter_names(m, names):                  # a copy made inside the context is not inside it
+        copied = copy.deepcopy(m)
+    assert all(lay._batch_names is None for lay in lora_layers(copied).values())
 
 
 def test_mixed_batch_follows_generate_copies():

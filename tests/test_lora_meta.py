@@ -111,3 +111,27 @@ def test_load_adapter_into_a_meta_built_model_assigns_the_files_tensors(tmp_path
         assert torch.equal(lay.lora_B["default"].weight, want.lora_B["default"].weight)
         x = torch.randn(2, lay.in_features)
         assert torch.equal(lay(x), want(x))
+
+
+def test_a_copying_load_into_meta_adapters_and_to_empty_after_loading_leave_them_waiting(tmp_path):
+    """Found by review: load_state_dict without assign=True copies nothing into meta adapters (torch only warns),
+    yet they counted as loaded; and to_empty after load_adapter gave the loaded adapters new memory unseen. Both
+    left NaN/garbage outputs without an error; they wait (and are refused) instead."""
+    import warnings
+    torch.manual_seed(0)
+    ref = _llama(False)
+    fusedtune.patch(ref, "lora", backend="reference", init_lora_weights=False)
+    m = _llama(True)
+    fusedtune.patch(m, "lora", backend="reference")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")             # (torch: "copying from a non-meta parameter ... is a no-op")
+        m.load_state_dict(ref.state_dict())
+    q = m.model.layers[0].self_attn.q_proj
+    assert q._waiting == {"default"}
+    FL.save_adapter(ref, str(tmp_path))
+    FL.load_adapter(m, str(tmp_path))
+    assert not q._waiting and not q.lora_A["default"].weight.is_meta
+    m.to_empty(device="cpu")
+    assert q._waiting == {"default"}
+    with pytest.raises(ValueError, match="to_empty gave them uninitialised memory"):
+        q(torch.randn(2, 32))

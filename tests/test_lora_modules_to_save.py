@@ -180,8 +180,12 @@ def test_modules_loaded_in_full_are_saved_back_and_a_second_copy_is_refused(tmp_
     back = peft.PeftModel.from_pretrained(tiny_llama(), str(tmp_path / "again"))
     torch.testing.assert_close(back(IDS).logits, pm(IDS).logits, atol=1e-5, rtol=1e-5)
     head = ours.lm_head.weight.detach().clone()
-    with pytest.raises(fusedtune.lora.LoRAUnsupported, match=r"trains \['lm_head'\] in full .*adapter 'default'"):
+    with pytest.raises(fusedtune.lora.LoRAUnsupported, match=r"trains 'lm_head' in full .*adapter 'default'"):
         load_adapter(ours, tmp_path / "b", adapter_name="other")
     assert torch.equal(ours.lm_head.weight, head) and "other" not in next(iter(fusedtune.lora.lora_layers(ours).values())).r
     load_adapter(ours, tmp_path / "b")                    # under the same name: the file's head replaces it
     assert not torch.equal(ours.lm_head.weight, head)
+    for lay in fusedtune.lora.lora_layers(ours).values():   # a deleted adapter trains nothing in full any more
+        lay.add_adapter("keep", r=2)
+        lay.delete_adapter("default")
+    load_adapter(ours, tmp_path / "a", adapter_name="other")

@@ -132,8 +132,9 @@ def test_report_step_refuses_trainable_parameters_its_optimizer_lacks():
     for lay in lora_layers(model).values():
         lay.add_adapter("task2", r=2)           # (becomes the active, trainable one)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    with pytest.raises(PatchError, match=r"report.step: 2 parameter\(s\) of the model train .*lora_A.task2.weight"):
-        rep.step(lambda: model(input_ids=IDS, labels=IDS).loss)
+    for r in (rep, fusedtune.report(model)):       # (the report fusedtune.report gives checks it too)
+        with pytest.raises(PatchError, match=r"report.step: 2 parameter\(s\) of the model train .*lora_A.task2.weight"):
+            r.step(lambda: model(input_ids=IDS, labels=IDS).loss)
     assert all(torch.equal(p, before[n]) and p.grad is None for n, p in model.named_parameters())
     rep.optimizer.add_param_group({"params": [p for n, p in model.named_parameters() if "task2" in n]})
     rep.step(lambda: model(input_ids=IDS, labels=IDS).loss)
@@ -154,3 +155,26 @@ def test_weight_decay_spares_biases_and_norms_as_trainer_does(method):
     assert set(groups) == {0.1, 0.0} and groups[0.1] == want
     assert any("q_proj.bias" in n for n in groups[0.0]) and any("norm" in n for n in groups[0.0])
     assert len(groups[0.0]) + len(want) == len(names)
+    if method == "mezo":     # its report counts the parameters of each dtype (indices across the two groups)
+        fusedtune.unpatch(model)
+        model.to(torch.bfloat16)
+        for n, p in model.named_parameters():
+            if "norm" in n:
+                p.data = p.data.float()
+        rep = fusedtune.patch(model, method, weight_decay=0.1)
+        by_dtype = {}
+        for p in model.parameters():
+            by_dtype[str(p.dtype)] = by_dtype.get(str(p.dtype), 0) + p.numel()
+        got = {r.name.split(", ")[1]: r.params for r in rep.rows}
+        assert got == {k.replace("torch.", ""): v for k, v in by_dtype.items()}
+
+
+def test_half_fine_tuner_optimizer_spares_norms_with_its_default_weight_decay():
+    """Found by review: make_optimizer(lr=...) (weight_decay left to MaskedAdamW's default 0.01) decayed the norms."""
+    from fusedtune.hft import HalfFineTuner
+    model = tied_qwen2()
+    opt = HalfFineTuner(model).make_optimizer(lr=1e-3)
+    names = {id(p): n for n, p in model.named_parameters()}
+    wd = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
+    assert wd["model.norm.weight"] == 0.0 and wd["model.layers.0.self_attn.q_proj.bias"] == 0.0
+    assert {v for n, v in wd.items() if "norm" not in n and "bias" not in n} == {0.01}

@@ -141,6 +141,7 @@ def test_models_sharing_a_config_object_are_prepared_independently():
     fresh = transformers.LlamaForCausalLM(a.config)                # a config copied from a prepared model
     with pytest.raises(RuntimeError, match="K/V fake quantization, but its LlamaAttention modules have none set up"):
         fresh(IDS)
-    R.prepare(fresh, 8, 8, kv_bits=8)                              # wraps the base implementation, not itself
+    rep = R.prepare(fresh, 8, 8, kv_bits=8)                        # wraps the base implementation, not itself
+    assert rep.folded_norms == 0 and any("rotated already" in n for n in rep.notes)   # its config says so
     assert fresh.config._attn_implementation == a.config._attn_implementation
     assert torch.isfinite(fresh(IDS).logits).all() and torch.isfinite(b(IDS).logits).all()

@@ -438,16 +438,15 @@ _NO_DECAY = re.compile(r"bias|layernorm|rmsnorm|(?:^|\.)norm(?:$|\.)|_norm(?:$|\
 
 def decay_groups(model: nn.Module, params: list, weight_decay) -> list:
     """`params` as an optimizer takes them: the list itself when weight_decay is 0, else transformers.Trainer's two
-    groups -- weight_decay for the rest, 0 for biases and norm weights (a name matching Trainer's patterns, or a
-    parameter of a LayerNorm / *Norm module), as Trainer and MeZO's own code exclude them; patch decayed them too
-    (found by audit: RMSNorm gains decayed towards 0)."""
-    if not weight_decay:
+    groups (Trainer.get_decay_parameter_names: parameters of nn.LayerNorm modules and names matching its patterns,
+    biases and norm weights, get none), as Trainer and MeZO's own code exempt them; patch decayed them too (found by
+    audit: RMSNorm gains decayed towards 0). weight_decay None: the optimizer's default, on the first group."""
+    if weight_decay is not None and not weight_decay:
         return params
     exempt = set()
     for mod_name, mod in model.named_modules():
-        norm = isinstance(mod, nn.LayerNorm) or "norm" in type(mod).__name__.lower()
         for pn, p in mod.named_parameters(recurse=False, remove_duplicate=False):
-            if norm or _NO_DECAY.search(f"{mod_name}.{pn}".lower()):
+            if isinstance(mod, nn.LayerNorm) or _NO_DECAY.search(f"{mod_name}.{pn}".lower()):
                 exempt.add(id(p))
     groups = [{"params": [p for p in params if id(p) not in exempt]},
               {"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0}]
@@ -696,7 +695,7 @@ class SwapMethod(Method):
                 trainable = unique_params([p for m in made for p in m.parameters() if p.requires_grad] + full)
                 self.freeze_except(model, trainable)
             rep = self.report(model)
-            rep.optimizer = self.make_optimizer(decay_groups(model, trainable, options.get("weight_decay")),
+            rep.optimizer = self.make_optimizer(decay_groups(model, trainable, options.get("weight_decay", 0)),
                                                 **options) if trainable else None   # may refuse options
         except Exception:                          # leave the model as it was: modules, weights, flags
             for name, orig in originals.items():
@@ -804,7 +803,7 @@ class ParamMethod(Method):
                              "keeps frozen parameters frozen; unfreeze what should train (model.requires_grad_(True))")
         self.params, self.param_names = params, [names[id(p)] for p in params]
         self.options_used = options
-        optimizer = self.make_optimizer(decay_groups(model, params, options.get("weight_decay")),
+        optimizer = self.make_optimizer(decay_groups(model, params, options.get("weight_decay", 0)),
                                         **options)  # may refuse options before anything changes
         self.freeze_except(model, params)
         self.optimizer = optimizer
@@ -1007,4 +1006,5 @@ def report(model: nn.Module) -> PatchReport:
     rep = st["impl"].report(model)
     rep._impl = st["impl"]
     rep.optimizer = st["optimizer"]
+    rep._set_probe(model)
     return rep

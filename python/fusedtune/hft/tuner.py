@@ -353,7 +353,7 @@ class HalfFineTuner:
         the parameters' dtype; its trained rows are views of the weights, so any optimizer works."""
         from ..patch import decay_groups  # noqa: PLC0415  (biases and norms: no weight decay, as Trainer's)
         flat = self.trainable_parameters()
-        params = decay_groups(self.model, flat, kwargs.get("weight_decay"))
+        params = decay_groups(self.model, flat, kwargs.get("weight_decay"))   # (None: the optimizer's default)
         if self.granularity == "block" and not self._restored:
             if all(p.is_cuda for p in flat):
                 kwargs.setdefault("fused", True)

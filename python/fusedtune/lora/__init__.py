@@ -239,16 +239,22 @@ def _refuse_second_copy(model, adapter_name: str, modules: list[str], path) -> N
     active adapter; fusedtune keeps the model's one. A file bringing such a module that another adapter already
     trains in full (patch's modules_to_save for "default", or an earlier load_adapter) would overwrite that
     adapter's module (found by audit): refused, before anything changes."""
-    owners = {m: a for a, e in model.__dict__.get(_BIAS, {}).items() if a != adapter_name for m in e.get("modules", ())}
+    alive = set().union(*(set(m.r) for m in lora_layers(model).values()))   # (a deleted adapter owns nothing)
+    owners = {m: a for a, e in model.__dict__.get(_BIAS, {}).items() if a != adapter_name and a in alive
+              for m in e.get("modules", ())}
     st = model.__dict__.get("_fusedtune_patch")
     if st and st.get("options", {}).get("modules_to_save") and adapter_name != "default":
         owners.update({m: "default" for m in getattr(st["impl"], "saved", {})})
-    clash = sorted(m for m in modules if m in owners)
+
+    def within(a, b):   # one module inside the other (patch records outermost modules, a file its parameters')
+        return a == b or a.startswith(b + ".") or b.startswith(a + ".")
+    clash = sorted((m, o) for m in modules for o in owners if within(m, o))
     if clash:
-        raise LoRAUnsupported(f"load_adapter: {path} trains {clash} in full (modules_to_save), which adapter "
-                              f"{owners[clash[0]]!r} trains in full already: peft keeps one copy per adapter, fusedtune "
-                              "the model's one, so loading would overwrite it. Load the file into its own copy of the "
-                              f"model, or under adapter_name={owners[clash[0]]!r}; nothing was changed")
+        raise LoRAUnsupported(f"load_adapter: {path} trains {clash[0][0]!r} in full (modules_to_save), which adapter "
+                              f"{owners[clash[0][1]]!r} trains in full already ({clash[0][1]!r}): peft keeps one copy "
+                              "per adapter, fusedtune the model's one, so loading would overwrite it. Load the file into "
+                              f"its own copy of the model, or under adapter_name={owners[clash[0][1]]!r}; nothing was "
+                              "changed")
 
 
 def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default") -> list[str]:

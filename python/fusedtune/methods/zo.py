@@ -37,8 +37,9 @@ class MeZOMethod(ParamMethod):
             key = (str(r["device"]), str(r["dtype"]), r["backend"], why_not_text(r["why_not"]))
             groups.setdefault(key, []).append(r["param_index"])
         rows = []
+        flat = [p for g in self.optimizer.param_groups for p in g["params"]]   # (param_index: across groups)
         for (device, dtype, backend, why), idx in groups.items():
-            n = count(self.params[i] for i in idx)
+            n = count(flat[i] for i in idx)
             name = f"{self.scope}: {len(idx)} tensors, {dtype.replace('torch.', '')}, {device}"
             rows.append(ReportRow(name, self.name, str(backend), _PATHS.get(backend, str(backend)), why, n))
         return rows

@@ -176,6 +176,7 @@ class LoRALinear(nn.Module):
     def __getstate__(self):
         state = super().__getstate__()
         state["_dora_norms"] = {}       # a cache of weak references: not pickled (recomputed on use)
+        state.pop("_batch_names", None)  # (a copy made inside adapter_names(...) is not inside it)
         return state
 
     def base_weight(self) -> torch.Tensor:
@@ -464,17 +465,25 @@ class LoRALinear(nn.Module):
         if self.__dict__.get("keep_adapter_dtype"):
             from .masters import keep_dtype  # noqa: PLC0415
             fn = keep_dtype(fn, [p for n in self.r for p in self._adapter_params(n)])
-        return super()._apply(fn, recurse)
+        w = getattr(base, "weight", None)
+        was_meta = torch.is_tensor(w) and w.is_meta
+        out = super()._apply(fn, recurse)
+        w = getattr(base, "weight", None)
+        if was_meta and torch.is_tensor(w) and not w.is_meta:   # only to_empty gets off the meta device: every
+            self._waiting = frozenset(self.r)                   # adapter holds new, uninitialised memory now
+        return out
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         self.forget_dora_norms()   # (before the children swap or copy their parameters)
         self._load_quant_state(state_dict, prefix + "base_layer.weight.")
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        for n in self._waiting:    # values for every tensor of a waiting adapter (the children load them next)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+        assign = bool(local_metadata.get("assign_to_params_buffers", False))
+        for n in self._waiting:    # values for every tensor of a waiting adapter (the children load them next):
             ps = {f"{prefix}lora_A.{n}.weight": self.lora_A[n].weight, f"{prefix}lora_B.{n}.weight": self.lora_B[n].weight}
             if self.lora_B[n].bias is not None:
                 ps[f"{prefix}lora_B.{n}.bias"] = self.lora_B[n].bias
-            if all(k in state_dict and state_dict[k].shape == p.shape for k, p in ps.items()):
+            if all(k in state_dict and state_dict[k].shape == p.shape and not state_dict[k].is_meta   # real ones,
+                   and (assign or not p.is_meta) for k, p in ps.items()):   # that land (a copy into meta is lost)
                 self._waiting = self._waiting - {n}
 
     def _load_quant_state(self, state_dict, key: str) -> None:

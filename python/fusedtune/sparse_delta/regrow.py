@@ -523,7 +523,10 @@ class Regrower:
         self._acc = {n: (tuple(x.to(dev[n]) for x in v) if isinstance(v, tuple) else v.to(dev[n]))
                      for n, v in sd.get("acc", {}).items() if n in dev}
         self._seen = dict(sd.get("seen", {}))
-        self._steps = {n: list(v) for n, v in sd.get("steps", {}).items()}   # (absent before: as many as seen)
+        if "steps" in sd:
+            self._steps = {n: list(v) for n, v in sd["steps"].items()}
+        else:   # (a state saved before steps were counted: one step per pass, the last in the step before t)
+            self._steps = {n: [s, self.t - 1] for n, s in self._seen.items()}
         self.history = list(sd.get("history", []))
         self._update_mode()
 
