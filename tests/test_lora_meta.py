@@ -40,13 +40,13 @@ def test_a_patched_meta_model_runs_once_its_saved_state_dict_is_assigned():
     m = _llama(True)
     fusedtune.patch(m, "lora", backend="reference")
     q = m.model.layers[0].self_attn.q_proj
-    assert q._waiting == {"default"}
+    assert q.waiting_adapters() == ["default"]
     m.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" not in k}, assign=True, strict=False)
     with pytest.raises(ValueError, match=r"LoRALinear.forward: adapter\(s\) \['default'\] were built on the meta "
                                          r"device.*still on the meta device"):
         q(torch.randn(3, 32))
     m.load_state_dict(ref.state_dict(), assign=True)
-    assert not q._waiting
+    assert not q.waiting_adapters()
     for name, b in list(m.named_buffers()):   # rotary inv_freq is not in a state dict (transformers' own matter)
         if b.is_meta:
             mod, _, attr = name.rpartition(".")
@@ -64,9 +64,7 @@ def test_to_empty_memory_is_refused_until_init_adapters_gives_peft_initial_value
     layer.to_empty(device="cpu")
     with torch.no_grad():
         layer.base_layer.weight.normal_()
-        layer.base_layer.bias.normal_()
-        for p in layer._adapter_params("default"):
-            p.fill_(float("nan"))
+        layer.base_layer.bias.normal_()        # (the adapters keep to_empty's memory: unwritten)
     x, w0 = torch.randn(3, 24), layer.base_layer.weight.detach().clone()
     for call, what in [(lambda: layer(x), "forward"), (layer.merge, "merge"),
                        (lambda: layer.delta_weight("default"), "delta_weight")]:
@@ -85,14 +83,39 @@ def test_to_empty_memory_is_refused_until_init_adapters_gives_peft_initial_value
     assert FL.init_adapters(model) == []           # initialised once: a second call leaves trained values alone
 
 
-def test_init_adapters_while_still_meta_is_refused_and_changes_nothing():
+def test_init_adapters_while_the_base_is_meta_too_is_refused_and_changes_nothing():
     layer = _meta_layer()
-    with pytest.raises(ValueError, match=r"init_adapters: \['0.default'\] are on the meta device; call "
-                                         r"model.to_empty"):
+    with pytest.raises(ValueError, match=r"init_adapters \(0\): adapter 'default' and the base weight are on the "
+                                         r"meta device; load the base"):
         FL.init_adapters(nn.Sequential(layer))
-    assert layer._waiting == {"default"} and layer.lora_A["default"].weight.is_meta
+    assert layer.waiting_adapters() == ["default"] and layer.lora_A["default"].weight.is_meta
     y = layer(torch.randn(2, 24, device="meta"))     # a meta forward (shape inference) is not refused
     assert y.shape == (2, 20) and y.is_meta
+
+
+def test_meta_adapters_over_a_loaded_base_are_initialised_in_place_of_their_own():
+    """Found by review: with the base assigned and the adapters still meta, the cure the errors named was
+    model.to_empty, which wiped the loaded base. init_adapters gives the adapters memory of their own instead."""
+    layer = _meta_layer(bias=True)
+    w, b = torch.randn(20, 24), torch.randn(20)
+    layer.base_layer.load_state_dict({"weight": w, "bias": b}, assign=True)
+    assert FL.init_adapters(nn.Sequential(layer)) == ["0.default"]
+    assert torch.equal(layer.base_layer.weight, w) and not layer.waiting_adapters()
+    assert torch.count_nonzero(layer.lora_B["default"].weight) == 0 and not layer.lora_B["default"].bias.is_meta
+    x = torch.randn(3, 24)
+    torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, w, b), rtol=0, atol=1e-6)
+
+
+def test_adapters_given_new_tensors_by_any_loader_are_ready():
+    """Found by review: accelerate's loaders (set_module_tensor_to_device) and swap_tensors set parameters directly;
+    the adapters stayed 'waiting' and init_adapters, the cure the error named, reset the loaded values."""
+    layer = _meta_layer()
+    layer.base_layer.weight = nn.Parameter(torch.randn(20, 24), requires_grad=False)
+    A, B = torch.randn(4, 24), torch.randn(20, 4)
+    layer.lora_A["default"].weight = nn.Parameter(A)
+    layer.lora_B["default"].weight = nn.Parameter(B)
+    assert layer.waiting_adapters() == [] and FL.init_adapters(nn.Sequential(layer)) == []
+    assert torch.equal(layer.lora_B["default"].weight, B)
 
 
 def test_load_adapter_into_a_meta_built_model_assigns_the_files_tensors(tmp_path):
@@ -107,7 +130,7 @@ def test_load_adapter_into_a_meta_built_model_assigns_the_files_tensors(tmp_path
     m.load_state_dict({k: v for k, v in ref.state_dict().items() if "lora_" not in k}, assign=True, strict=False)
     for name, lay in FL.lora_layers(m).items():
         want = FL.lora_layers(ref)[name]
-        assert not lay._waiting
+        assert not lay.waiting_adapters()
         assert torch.equal(lay.lora_B["default"].weight, want.lora_B["default"].weight)
         x = torch.randn(2, lay.in_features)
         assert torch.equal(lay(x), want(x))
@@ -127,11 +150,11 @@ def test_a_copying_load_into_meta_adapters_and_to_empty_after_loading_leave_them
         warnings.simplefilter("ignore")             # (torch: "copying from a non-meta parameter ... is a no-op")
         m.load_state_dict(ref.state_dict())
     q = m.model.layers[0].self_attn.q_proj
-    assert q._waiting == {"default"}
+    assert q.waiting_adapters() == ["default"]
     FL.save_adapter(ref, str(tmp_path))
     FL.load_adapter(m, str(tmp_path))
-    assert not q._waiting and not q.lora_A["default"].weight.is_meta
+    assert not q.waiting_adapters() and not q.lora_A["default"].weight.is_meta
     m.to_empty(device="cpu")
-    assert q._waiting == {"default"}
+    assert q.waiting_adapters() == ["default"]
     with pytest.raises(ValueError, match="to_empty gave them uninitialised memory"):
         q(torch.randn(2, 32))

@@ -1,7 +1,8 @@
 """fusedtune.roste.prepare's guards (found by review): a pickled K/V-quantized model runs in a process that never
-registered its attention function; a checkpoint of a prepared model is not rotated a second time; models sharing a config object stay apart (which
-undid the rotation); models it would break -- offloaded weights, hooks on the projections, inference
-tensors, a backend RoSTE's ops cannot run -- are refused before anything changes."""
+registered its attention function; a checkpoint of a prepared model is not rotated a second time (which
+undid the rotation); models sharing a config object stay apart; models it would break -- offloaded weights,
+hooks on the projections, inference tensors, a backend RoSTE's ops cannot run -- are refused before anything
+changes."""
 import pickle
 
 import pytest

@@ -476,3 +476,21 @@ def test_an_optimizer_holding_replaced_deltas_is_refused():
     opt.add_param_group({"params": [m.values]})      # the cure (the old one, without a gradient, is skipped)
     opt.step()
     assert not torch.equal(m.weight, w)
+
+
+def test_a_row_stage_change_with_only_some_new_masters_added_is_refused():
+    """Found by review: RowMaskedLinear.set_rows replaces weight_rows and bias_rows; adding only the new weight_rows
+    to the optimizer left the new bias_rows untrained, silently."""
+    from fusedtune.nn import RowMaskedLinear
+    from fusedtune.optim import MaskedAdamW
+    m = RowMaskedLinear.from_linear(torch.nn.Linear(8, 6), torch.tensor([1, 3]))
+    opt = MaskedAdamW(m.master_parameters(), lr=1e-2)
+    m.set_rows(torch.tensor([0, 2, 4]))
+    opt.add_param_group({"params": [m.weight_rows]})
+    m(torch.randn(4, 8)).pow(2).sum().backward()
+    with pytest.raises(RuntimeError, match=r"MaskedAdamW: it holds a parameter of shape \(2, 8\) that its "
+                                           r"RowMaskedLinear has replaced"):
+        opt.step()
+    opt.add_param_group({"params": [m.bias_rows]})
+    opt.step()
+    assert len(opt.state) == 2      # the old masters' moments are dropped

@@ -216,22 +216,18 @@ def _put(layer: LoRALinear, module: torch.nn.Module, attr: str, t: torch.Tensor)
 
 
 def init_adapters(model: torch.nn.Module) -> list[str]:
-    """Initialise every LoRA adapter that was built on the meta device (patch or LoRALinear on a model made under
-    torch.device("meta") / init_empty_weights) and has been given no values since, once model.to_empty(device=...)
-    has given it memory: A kaiming-uniform and B zero (or as the adapter was made), as peft initialises. Run it
-    after your own initialisation loop (nn.Linear.reset_parameters would give lora_B random values). Returns
-    "<module>.<adapter>" for each adapter initialised."""
-    layers = lora_layers(model)
-    still = [f"{n}.{a}" for n, m in layers.items() for a in sorted(m._waiting) if m.lora_A[a].weight.is_meta]
-    if still:
-        raise ValueError(f"init_adapters: {still[:3]}{' ...' if len(still) > 3 else ''} are on the meta device; call "
-                         "model.to_empty(device=...) first (or load their weights); nothing was changed")
-    done = []
-    for n, m in layers.items():
-        for a in sorted(m._waiting):
-            m.reset_lora_parameters(a)
-            done.append(f"{n}.{a}")
-    return done
+    """Initialise every LoRA adapter that has no values yet (built on a meta-device model -- patch or LoRALinear
+    under torch.device("meta") / init_empty_weights -- and given none since, or given uninitialised memory by
+    model.to_empty): A kaiming-uniform and B zero (or as the adapter was made), as peft initialises; one still on
+    meta gets memory of its own on its base's device. Run it after your own initialisation loop
+    (nn.Linear.reset_parameters would give lora_B random values). Refused, with nothing changed, where a base is
+    still on the meta device too. Returns "<module>.<adapter>" for each adapter initialised."""
+    todo = [(n, m, a) for n, m in lora_layers(model).items() for a in m.waiting_adapters()]
+    for n, m, a in todo:
+        m._check_initialisable(a, f"init_adapters ({n})")
+    for n, m, a in todo:
+        m.reset_lora_parameters(a)
+    return [f"{n}.{a}" for n, _, a in todo]
 
 
 def _refuse_second_copy(model, adapter_name: str, modules: list[str], path) -> None:
@@ -252,8 +248,8 @@ def _refuse_second_copy(model, adapter_name: str, modules: list[str], path) -> N
     if clash:
         raise LoRAUnsupported(f"load_adapter: {path} trains {clash[0][0]!r} in full (modules_to_save), which adapter "
                               f"{owners[clash[0][1]]!r} trains in full already ({clash[0][1]!r}): peft keeps one copy "
-                              "per adapter, fusedtune the model's one, so loading would overwrite it. Load the file into "
-                              f"its own copy of the model, or under adapter_name={owners[clash[0][1]]!r}; nothing was "
+                              "per adapter, fusedtune the model's one, so loading would overwrite it. Load the file "
+                              f"into its own copy of the model, or under adapter_name={owners[clash[0][1]]!r}; nothing was "
                               "changed")
 
 
@@ -265,7 +261,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
     active adapter, as peft's load_adapter adds it (set_adapter activates it; the active adapters and what
     trains stay as they were); weights of modules trained in full (peft's
     modules_to_save) are copied into the model's parameters of those names (save_adapter writes them back; a
-    file that would overwrite modules another adapter trains in full is refused: peft keeps a copy per adapter). Refuses, before changing
+    file that would overwrite modules another adapter trains in full is refused: peft keeps a copy per adapter).
+    Refuses, before changing
     anything, a file whose modules the model lacks or whose shapes do not fit. Returns the LoRA module names
     loaded, then the names of the parameters loaded in full."""
     from safetensors.torch import load_file
@@ -297,8 +294,8 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                 raise KeyError(f"load_adapter: {key} (a modules_to_save weight {tuple(t.shape)}) fits no parameter of "
                                f"the model" + ("" if p is None else f": {name} is {tuple(p.shape)}"))
             if p.is_meta:
-                raise ValueError(f"load_adapter: {name} (a modules_to_save weight) is on the meta device; load the base "
-                                 "model's weights first; nothing was changed")
+                raise ValueError(f"load_adapter: {name} (a modules_to_save weight) is on the meta device; load the "
+                                 "base model's weights first; nothing was changed")
             full[name] = (p, t)
             continue
         mod, _, which = key.removeprefix(PREFIX).rpartition(".lora_")
@@ -384,7 +381,6 @@ def load_adapter(model: torch.nn.Module, path: str, adapter_name: str = "default
                 _put(m, m.lora_magnitude_vector[adapter_name], "weight", parts["magnitude_vector"])
             if biased:
                 _put(m, m.lora_B[adapter_name], "bias", parts["B.bias"])
-        m._waiting = m._waiting - {adapter_name}
     with torch.no_grad():
         for p, t in full.values():
             p.copy_(t)

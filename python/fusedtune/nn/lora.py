@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .. import _autocast
-from .._inference import cache_scope
+from .._inference import Stamp, cache_scope
 from ..ops import dora as dora_ops
 from ..ops import lora as lora_ops
 from ..ops.lora import LoRAUnsupported
@@ -127,7 +127,8 @@ class LoRALinear(nn.Module):
 
     fan_in_fan_out = False   # set per layer (a Conv1D base); the class default serves layers pickled before it
     _batch_names: tuple | None = None   # per-sample adapters set by fusedtune.lora.adapter_names (a context)
-    _waiting: frozenset = frozenset()   # adapters built on the meta device that have no values yet (see add_adapter)
+    _waiting: frozenset = frozenset()   # adapters that may have no values yet (waiting_adapters() tells)
+    _empty: dict = {}                   # adapter -> Stamp of the memory to_empty gave it (uninitialised until written)
 
     def __init__(self, base_layer: nn.Module, backend: str | None = None):
         super().__init__()
@@ -301,38 +302,60 @@ class LoRALinear(nn.Module):
 
     def reset_lora_parameters(self, adapter_name: str, init_lora_weights=None) -> None:
         """(peft's name) Give adapter `adapter_name` fresh initial values in place: init_lora_weights True (A
-        kaiming-uniform, B zero), "gaussian" or False; None: the way it was made. The cure for an adapter built
-        on the meta device once model.to_empty(...) has given it memory (fusedtune.lora.init_adapters(model)
-        does every such adapter). Refused for DoRA adapters and PiSSA / OLoRA (their values come from the base)
-        and while the adapter is still on the meta device."""
+        kaiming-uniform, B zero), "gaussian" or False; None: the way it was made. The cure for an adapter built on
+        the meta device that no load gave values (fusedtune.lora.init_adapters(model) does every such adapter): one
+        still on meta gets memory of its own first, on the base's device. Refused for DoRA adapters and PiSSA /
+        OLoRA (their values come from the base), and while the base is on the meta device too."""
         self._require(adapter_name)
         init = self.init_lora_weights.get(adapter_name, True) if init_lora_weights is None else init_lora_weights
         if self.use_dora[adapter_name] or _decomposition(init):
             raise LoRAUnsupported(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} "
                                   + ("is a DoRA adapter" if self.use_dora[adapter_name] else f"uses {init!r}")
                                   + ", whose initial values come from the base weight; add it again instead")
-        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
-        if A.weight.is_meta or B.weight.is_meta:
-            raise ValueError(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} is on the meta device and "
-                             "has no memory to write; call model.to_empty(device=...) first (or load its weights)")
+        self._check_initialisable(adapter_name, "LoRALinear.reset_lora_parameters")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"LoRALinear.reset_lora_parameters: adapter {adapter_name!r} is merged; unmerge() first")
+        A, B = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        if any(p.is_meta for p in self._adapter_params(adapter_name)):   # memory of its own, on the base's device
+            A.to_empty(device=self.base_layer.weight.device)
+            B.to_empty(device=self.base_layer.weight.device)
         with torch.no_grad():
             _init_factors(A, B, init, self.r[adapter_name])
         self.init_lora_weights[adapter_name] = init
         self._waiting = self._waiting - {adapter_name}
 
+    def _check_initialisable(self, name: str, what: str) -> None:
+        if any(p.is_meta for p in self._adapter_params(name)) and self.base_layer.weight.is_meta:
+            raise ValueError(f"{what}: adapter {name!r} and the base weight are on the meta device; load the base "
+                             "model's weights first (load_state_dict(..., assign=True)), or model.to_empty(device=...) "
+                             "when nothing is loaded yet; nothing was changed")
+
+    def waiting_adapters(self) -> list[str]:
+        """Adapters with no values yet: built on the meta device and still there (no load with assign=True,
+        load_adapter or init_adapters since), or given uninitialised memory by to_empty and not written since."""
+        out = []
+        for n in sorted(self._waiting):
+            ps = self._adapter_params(n) if n in self.r else []
+            stamp = self._empty.get(n)
+            if any(p.is_meta for p in ps) or (stamp is not None and stamp.matches(*ps)):
+                out.append(n)
+        ready = self._waiting - set(out)
+        if ready:   # (loaded since: any loader, accelerate's and swap_tensors included, gives new or written tensors)
+            self._waiting = self._waiting - ready
+            self._empty = {k: v for k, v in self._empty.items() if k not in ready}
+        return out
+
     def _check_ready(self, names, what: str) -> None:
         """Refuse adapters among `names` that were built on the meta device and have not been given values: still
         meta, they fail with a device error; after to_empty they hold uninitialised memory (garbage, silently)."""
-        waiting = sorted(self._waiting.intersection(names))
+        waiting = [n for n in self.waiting_adapters() if n in set(names)]
         if waiting:
-            meta = self.lora_A[waiting[0]].weight.is_meta
+            meta = any(p.is_meta for p in self._adapter_params(waiting[0]))
             raise ValueError(f"{what}: adapter(s) {waiting} were built on the meta device and have no values yet ("
                              + ("they are still on the meta device" if meta else
                                 "to_empty gave them uninitialised memory") + "). Load them (load_state_dict(..., "
-                             "assign=True) or fusedtune.lora.load_adapter), or initialise them "
-                             "(fusedtune.lora.init_adapters(model), after model.to_empty(device=...) if still meta)")
+                             "assign=True) or fusedtune.lora.load_adapter), or initialise them as peft does "
+                             "(fusedtune.lora.init_adapters(model))")
 
     def _check_decomposable(self, how: str, r: int) -> None:
         if self._quant_state() is not None or _is_fp8(self.base_layer):
@@ -420,6 +443,7 @@ class LoRALinear(nn.Module):
         self.init_lora_weights.pop(name, None)
         self._dora_norms.pop(name, None)
         self._waiting = self._waiting - {name}
+        self._empty = {k: v for k, v in self._empty.items() if k != name}
         del self.lora_A[name], self.lora_B[name], self.lora_dropout[name]
         if name in self.lora_magnitude_vector:
             del self.lora_magnitude_vector[name]
@@ -471,20 +495,13 @@ class LoRALinear(nn.Module):
         w = getattr(base, "weight", None)
         if was_meta and torch.is_tensor(w) and not w.is_meta:   # only to_empty gets off the meta device: every
             self._waiting = frozenset(self.r)                   # adapter holds new, uninitialised memory now
+            self._empty = {n: Stamp(*self._adapter_params(n)) for n in self.r}
         return out
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         self.forget_dora_norms()   # (before the children swap or copy their parameters)
         self._load_quant_state(state_dict, prefix + "base_layer.weight.")
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
-        assign = bool(local_metadata.get("assign_to_params_buffers", False))
-        for n in self._waiting:    # values for every tensor of a waiting adapter (the children load them next):
-            ps = {f"{prefix}lora_A.{n}.weight": self.lora_A[n].weight, f"{prefix}lora_B.{n}.weight": self.lora_B[n].weight}
-            if self.lora_B[n].bias is not None:
-                ps[f"{prefix}lora_B.{n}.bias"] = self.lora_B[n].bias
-            if all(k in state_dict and state_dict[k].shape == p.shape and not state_dict[k].is_meta   # real ones,
-                   and (assign or not p.is_meta) for k, p in ps.items()):   # that land (a copy into meta is lost)
-                self._waiting = self._waiting - {n}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _load_quant_state(self, state_dict, key: str) -> None:
         """An NF4 base's bitsandbytes quant state in the state dict (absmax, quant_map, nested ..., the

@@ -46,20 +46,20 @@ def refuse_options(what: str, group: dict) -> None:
 
 def _replaced(opt, p, held) -> bool:
     """Whether p is a master its layer has replaced (SparseDeltaLinear.set_indices without keep_parameter, an HFT
-    stage change at row granularity): it gets no gradient any more and is skipped. Refused, naming the cure, when
-    the optimizer holds none of the layer's current masters: stepping on would silently leave the layer untrained
-    (found by audit)."""
+    stage change at row granularity): it gets no gradient any more and is skipped, its state dropped. Refused,
+    naming the cure, while the optimizer lacks any of the layer's current trainable masters: stepping on would
+    silently leave them untrained (found by audit)."""
     layer = owner_of(p)
     if layer is None:
         return False
     masters = layer.master_parameters()
     if any(q is p for q in masters):
         return False
-    if not any(id(q) in held for q in masters):
+    if any(id(q) not in held for q in masters if q.requires_grad):
         raise RuntimeError(f"{type(opt).__name__}: it holds a parameter of shape {tuple(p.shape)} that its "
                            f"{type(layer).__name__} has replaced (set_indices without keep_parameter=True, or a stage "
-                           "change at row granularity): the layer's new masters are not in this optimizer and would "
-                           "never train. Build the optimizer again over the model's parameters (or add them with "
+                           "change at row granularity): the layer's new masters are not all in this optimizer and "
+                           "would never train. Build the optimizer again over the model's parameters (or add them with "
                            "add_param_group); nothing was stepped")
     return True
 
@@ -134,11 +134,14 @@ class FusedAdamW(CopyableOptimizer):
             with torch.enable_grad():
                 loss = closure()
         work = []      # every group's lists first: what _entries refuses is refused before anything changes
-        held = {id(p) for group in self.param_groups for p in group["params"]}
+        held, stale = {id(p) for group in self.param_groups for p in group["params"]}, []
         for group in self.param_groups:
             buckets: dict = {}
             for p in group["params"]:
-                if _replaced(self, p, held) or p.grad is None:
+                if _replaced(self, p, held):
+                    stale.append(p)
+                    continue
+                if p.grad is None:
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError(f"{type(self).__name__} does not take sparse gradients")
@@ -152,6 +155,8 @@ class FusedAdamW(CopyableOptimizer):
                     lst.append(val)
                 bucket[1].append(st)
             work.append((group, buckets))
+        for p in stale:   # (their moments belong to positions their layers no longer have)
+            self.state.pop(p, None)
         runs = [(group, step, lists, states) for group, buckets in work
                 for (_, step), (lists, states) in buckets.items()]
         if len(runs) > 1:
