@@ -3,7 +3,7 @@
     fusedtune.lora.save_adapter(model, "out_dir", adapter_name="default")   # adapter_model.safetensors
                                                                          # + adapter_config.json
     fusedtune.lora.load_adapter(model, "out_dir", adapter_name="default")   # into the model's LoRALinear layers
-    fusedtune.lora.init_adapters(model)       # after to_empty: adapters built on a meta-device model
+    fusedtune.lora.init_adapters(model)       # adapters built on a meta-device model and never loaded
     fusedtune.lora.fuse_peft(peft_model)      # a peft model's LoRA layers run the fused op (peft_model.py)
     with fusedtune.lora.adapter_names(model, ["default", "__base__", "task2"]):  # one adapter per sample,
         model(input_ids)                                                     # in every LoRALinear (peft's

@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 
 from ..nn.masters import owner_of
-
 from .copyable import CopyableOptimizer
 
 
