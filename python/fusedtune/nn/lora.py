@@ -348,7 +348,8 @@ class LoRALinear(nn.Module):
     def _check_ready(self, names, what: str) -> None:
         """Refuse adapters among `names` that were built on the meta device and have not been given values: still
         meta, they fail with a device error; after to_empty they hold uninitialised memory (garbage, silently)."""
-        waiting = [n for n in self.waiting_adapters() if n in set(names)]
+        names = set(names)
+        waiting = [n for n in self.waiting_adapters() if n in names]
         if waiting:
             meta = any(p.is_meta for p in self._adapter_params(waiting[0]))
             raise ValueError(f"{what}: adapter(s) {waiting} were built on the meta device and have no values yet ("
