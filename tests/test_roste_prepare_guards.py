@@ -65,6 +65,26 @@ def test_hooks_on_the_projections_are_refused():
     assert_unchanged(model, snap)
 
 
+@pytest.mark.parametrize("share", ["module", "norm"])
+def test_weights_shared_across_layers_are_refused(share):
+    """Folding each layer's norm and merging the rotation once per place would rotate a shared weight twice (before
+    the refusal: logits 0.3 off, silently)."""
+    model = tiny("llama", tie_word_embeddings=True)           # (a tied lm_head stays fine: it is untied)
+    a, b = model.model.layers[0], model.model.layers[1]
+    if share == "module":
+        b.mlp.down_proj = a.mlp.down_proj
+        want = "model.layers.1.mlp.down_proj.weight is the same parameter as model.layers.0.mlp.down_proj.weight"
+    else:
+        b.input_layernorm.weight = a.input_layernorm.weight
+        want = "model.layers.1.input_layernorm.weight is the same parameter as model.layers.0.input_layernorm.weight"
+    snap = snapshot(model)
+    for fn in (R.prepare, R.rotate_model):
+        with pytest.raises(TypeError, match=want.replace(".", r"\.") + r" \(shared across layers\)"):
+            fn(model)
+    assert_unchanged(model, snap)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+
+
 def test_inference_tensors_are_refused_before_the_lm_head_is_untied():
     with torch.inference_mode():
         model = tiny("llama", tie_word_embeddings=True)

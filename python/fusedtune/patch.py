@@ -374,6 +374,7 @@ class Swapped:
     tied: object = None
     tied_with: str = ""
     module: object = None
+    aliases: tuple = ()        # other names the module is registered under (one module, several places)
 
     @classmethod
     def of(cls, module: nn.Module) -> "Swapped":
@@ -595,6 +596,8 @@ class SwapMethod(Method):
     """
     swaps_layers = True
     trains_everything = False     # True: every parameter that requires grad trains, not only the new modules'
+    swaps_aliases = True          # a module registered under several names: the new module takes every place
+                                  # (False: the first name only, as peft wraps it; the others keep the module)
     refuses_tied = False          # True: a target whose weight another module shares (a tied lm_head) is refused
     options = {"lr": 1e-3, "weight_decay": 0.0}
 
@@ -644,6 +647,10 @@ class SwapMethod(Method):
         then keeps CPU copies of each target's parameters while swapping, to put them back on a failure."""
         return False
 
+    def _places(self, record: "Swapped | None") -> tuple:
+        """The other names where the swapped module takes the target's place."""
+        return record.aliases if record is not None and self.swaps_aliases else ()
+
     def apply(self, model, targets, **options):
         self._refuse_bases(model, targets)
         saved = self.saved_modules(model, targets, options)
@@ -652,7 +659,9 @@ class SwapMethod(Method):
         originals, made, backups = {}, [], []      # only while patching (to roll back)
         keep = self.rewrites_base(options)
         holders: dict[int, set] = {}              # parameter -> the modules holding it (tied weights: several)
+        places: dict[int, list] = {}              # module -> every name it is registered under
         for n, mod in model.named_modules(remove_duplicate=False):
+            places.setdefault(id(mod), []).append(n)
             for p in mod._parameters.values():
                 if p is not None:
                     holders.setdefault(id(p), set()).add(n)
@@ -662,7 +671,8 @@ class SwapMethod(Method):
                 if keep:
                     backups += [(p, p.detach().to("cpu", copy=True)) for p in orig.parameters()]
                 record = Swapped.of(orig)
-                others = sorted(holders.get(id(orig.weight), set()) - {name})
+                record.aliases = tuple(n for n in places[id(orig)] if n != name)
+                others = sorted(holders.get(id(orig.weight), set()) - {name, *self._places(record)})
                 if others:
                     if self.refuses_tied or self.rewrites_base(options):   # (PiSSA/OLoRA write the residual in)
                         raise PatchError(f"method {self.name!r}: target {name}'s weight is shared with {others[:3]} "
@@ -681,10 +691,11 @@ class SwapMethod(Method):
                         new._tied_weights_keys = {leaf: f"{record.tied_with}.weight" for leaf in leaves}
                 if record.kind in ("linear", "conv1d") and holds_own_parameters(orig, new):
                     record.module = orig
-                set_module(model, name, new)
-                new.__dict__[_MADE] = True
                 originals[name] = orig
                 self.swapped[name] = record
+                for place in (name, *self._places(record)):
+                    set_module(model, place, new)
+                new.__dict__[_MADE] = True
                 made.append(new)
             full = unique_params(p for n in saved for p in model.get_submodule(n).parameters())
             self.saved = {n: count(model.get_submodule(n).parameters()) for n in saved}
@@ -699,7 +710,8 @@ class SwapMethod(Method):
                                                 **options) if trainable else None   # may refuse options
         except Exception:                          # leave the model as it was: modules, weights, flags
             for name, orig in originals.items():
-                set_module(model, name, orig)
+                for place in (name, *self._places(self.swapped.get(name))):
+                    set_module(model, place, orig)
             with torch.no_grad():
                 for p, b in backups:
                     p.copy_(b)
@@ -741,7 +753,8 @@ class SwapMethod(Method):
                 new.weight.requires_grad_(orig.weight_requires_grad)
             if new.bias is not None and orig.bias_requires_grad is not None:   # (no method adds a bias: LoRA's
                 new.bias.requires_grad_(orig.bias_requires_grad)                 # lora_bias merge is refused)
-            set_module(model, name, new)
+            for place in (name, *self._places(orig)):
+                set_module(model, place, new)
         if not merge:   # after the write-backs: a tied embedding trained as a saved module gets its values back
             with torch.no_grad():
                 for p, orig in getattr(self, "saved_originals", []):
@@ -762,6 +775,11 @@ class SwapMethod(Method):
                      if self.trains_everything or getattr(self, "saved", None) else sum(r.params for r in rows))
         notes = ["every parameter that requires grad trains (not only the swapped layers')"] \
             if self.trains_everything else []
+        for name, rec in self.swapped.items():
+            if rec.aliases:
+                notes.append(f"{name} is also registered as {', '.join(rec.aliases)}: " + (
+                    "one layer serves every place" if self.swaps_aliases else
+                    "those places keep the original module, as peft wraps a module under its first name only"))
         return PatchReport(self.name, rows, trainable_params=trainable,
                            total_params=count(unique_params(model.parameters())), notes=notes, _impl=self)
 

@@ -155,6 +155,15 @@ def _layer_prefixes(modules: dict, schema: Schema) -> dict[tuple[str, int], str]
     return out
 
 
+def _why_missing(model: nn.Module, modules: dict, name: str, mod) -> str:
+    if mod is not None:
+        return type(mod).__name__
+    shared = dict(model.named_modules(remove_duplicate=False)).get(name)
+    first = next((n for n, m in modules.items() if m is shared), None) if shared is not None else None
+    return (f"the same module as {first}: a module shared across layers, which the per-layer halves cannot "
+            "select" if first else "absent")
+
+
 def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
     """Place every parameter of `model` in an HFT category, or raise HFTError saying what was expected.
 
@@ -196,7 +205,7 @@ def map_model(model: nn.Module, linear_types: tuple = (nn.Linear,)) -> ModelMap:
             name = schema.name(prefix, sub, short)
             mod = modules.get(name)
             if mod is None or not isinstance(mod, linear_types):
-                missing.append(f"{name} ({'absent' if mod is None else type(mod).__name__})")
+                missing.append(f"{name} ({_why_missing(model, modules, name, mod)})")
             else:
                 group[short] = name
         if missing:

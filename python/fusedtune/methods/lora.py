@@ -35,6 +35,7 @@ from ..patch import (PatchError, SwapMethod, is_bnb_4bit, is_conv1d, outermost_m
 
 
 class LoRAMethod(SwapMethod):
+    swaps_aliases = False   # peft's rule: a module under several names gets adapters under its first name only
     loose_options = ("init_lora_weights",)   # True, False or a name ("gaussian", "pissa", ...)
     options = {"r": 8, "alpha": 16, "dropout": 0.0, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
                "lora_bias": False,

@@ -38,6 +38,27 @@ def linear_names(model: nn.Module) -> list[str]:
     return out
 
 
+def _refuse_shared(model, what: str) -> None:
+    """Refuse a projection or norm whose parameters serve two places (a module shared across layers): each
+    layer's norm is folded into its readers and the rotations are merged once per place, which one shared weight
+    cannot hold. (A tied lm_head / embed_tokens is fine: rotate_model unties it.)"""
+    inner, seen = model.model, {}
+    places = [("model.embed_tokens", inner.embed_tokens), ("model.norm", inner.norm), ("lm_head", model.lm_head)]
+    for i, layer in enumerate(inner.layers):
+        places += [(f"model.layers.{i}.{nm}", getattr(layer, nm))
+                   for nm in ("input_layernorm", "post_attention_layernorm")]
+        places += [(f"model.layers.{i}.self_attn.{p}", getattr(layer.self_attn, p)) for p in ATTN]
+        places += [(f"model.layers.{i}.mlp.{p}", getattr(layer.mlp, p)) for p in MLP]
+    for place, mod in places:
+        for pn, p in mod.named_parameters():
+            here = f"{place}.{pn}"
+            first = seen.setdefault(id(p), here)
+            if first != here and {first, here} != {"model.embed_tokens.weight", "lm_head.weight"}:
+                raise _unsupported(what, model, f"{here} is the same parameter as {first} (shared across layers): "
+                                   "each layer's norm folds into its own projections and the rotations merge into "
+                                   "each place once, which a shared weight cannot hold; give each place its own copy")
+
+
 def inspect_model(model, what: str, linear_types: tuple = (nn.Linear,)) -> Architecture:
     """The architecture of a supported model; TypeError naming what is supported otherwise. The seven
     projections must be instances of linear_types (plain nn.Linear for prepare/rotate_model)."""
@@ -99,6 +120,7 @@ def inspect_model(model, what: str, linear_types: tuple = (nn.Linear,)) -> Archi
                                f"{type(norm).__name__}")
     if lm_head.in_features != hidden:
         raise _unsupported(what, model, f"lm_head.in_features {lm_head.in_features} != hidden size {hidden}")
+    _refuse_shared(model, what)
     return Architecture(arch, hidden, len(inner.layers), n_kv, head_dim, tuple(inter),
                         lm_head.weight is emb.weight)
 
