@@ -333,3 +333,13 @@ def test_row_masked_linear_refuses_a_non_contiguous_weight_by_name():
     lin.weight = torch.nn.Parameter(torch.randn(8, 4).t())
     with pytest.raises(ValueError, match="weight \\(or bias\\) is not contiguous"):
         RowMaskedLinear.from_linear(lin, torch.tensor([0, 2]))
+
+
+@pytest.mark.parametrize("betas", [(0.9, 0.999, 0.5), (0.9,), 0.9])
+def test_betas_other_than_two_numbers_are_refused(betas):
+    """(a third beta was taken and silently ignored)"""
+    layer = SparseDeltaLinear.from_linear(torch.nn.Linear(8, 8), density=0.5, seed=0)
+    for cls, params in ((MaskedAdamW, [torch.nn.Parameter(torch.zeros(3))]),
+                        (SparseDeltaAdamW, layer.master_parameters())):
+        with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
+            cls(params, lr=1e-3, betas=betas)

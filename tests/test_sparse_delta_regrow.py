@@ -554,3 +554,22 @@ def test_seeded_moments_do_not_shrink_with_gradient_accumulation(variant):
     assert grown[0] == grown[1] and all(len(v) for v in grown[0].values())
     for n in seeds[0]:
         torch.testing.assert_close(seeds[1][n], seeds[0][n], rtol=1e-4, atol=0)
+
+
+@pytest.mark.parametrize("rate", ["0.2", None, True])
+def test_a_rate_that_is_not_a_number_gets_the_regrowers_message(rate):
+    with pytest.raises(ValueError, match=r"Regrower: rate must be in \[0, 1\]"):
+        Regrower.check_settings(every=5, rate=rate, decay="constant", variant="ag", accumulate_steps=1,
+                                total_steps=None, candidates="auto", seed_moments="zero")
+
+
+@pytest.mark.parametrize("seed", [1.5, True])
+def test_a_seed_that_is_not_an_int_is_refused(seed):
+    """(seed=1.5 picked exactly the positions of seed=1)"""
+    import fusedtune
+    from fusedtune.patch import PatchError
+    from tiny_models import tiny_llama
+    model = tiny_llama()
+    with pytest.raises(PatchError, match=r"seed must be an int|seed=True: takes a number"):
+        fusedtune.patch(model, "sparse_delta", seed=seed)
+    assert all(type(m) is nn.Linear for n, m in model.named_modules() if n.endswith("proj"))

@@ -237,6 +237,10 @@ class HalfFineTuner:
                 if name in whole:
                     for p in model.get_submodule(name).parameters():
                         p.requires_grad_(True)
+            for name in owned:     # a gradient left from an earlier stage would count in clip_grad_norm_ over
+                for p in model.get_submodule(name).parameters():   # model.parameters() (an optimizer made
+                    if not p.requires_grad:                         # for the new stage does not hold them)
+                        p.grad = None
         if self._lazy:
             self._snapshot_trained()
 

@@ -19,6 +19,7 @@ delta_grad: "auto" (default), "sddmm" or "dense": how the deltas' gradient is fo
 from __future__ import annotations
 
 import inspect
+import numbers
 import zlib
 
 import torch
@@ -94,6 +95,8 @@ class SparseDeltaMethod(SwapMethod):
                 sync_group(bound.arguments["process_group"], "Regrower")
             except (RuntimeError, TypeError, ValueError) as e:
                 raise PatchError(f"method 'sparse_delta': regrow={options['regrow']!r}: {e}") from e
+        if isinstance(options["seed"], bool) or not isinstance(options["seed"], numbers.Integral):
+            raise PatchError(f"method 'sparse_delta': seed must be an int, got {options['seed']!r}")
         if not 0 < float(options["density"]) <= 1:
             raise PatchError(f"method 'sparse_delta': density must be in (0, 1], got {options['density']!r}")
         from ..optim.sparse_delta_adamw import BIAS_CORRECTIONS  # noqa: PLC0415

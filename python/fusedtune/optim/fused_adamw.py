@@ -73,8 +73,8 @@ class FusedAdamW(CopyableOptimizer):
         name = type(self).__name__
         if not lr >= 0:
             raise ValueError(f"{name}: lr must be >= 0, got {lr}")
-        if not (0 <= betas[0] < 1 and 0 <= betas[1] < 1):
-            raise ValueError(f"{name}: betas must be in [0, 1), got {betas}")
+        if not (isinstance(betas, (tuple, list)) and len(betas) == 2 and 0 <= betas[0] < 1 and 0 <= betas[1] < 1):
+            raise ValueError(f"{name}: betas must be two numbers in [0, 1), got {betas!r}")
         if not eps > 0:
             raise ValueError(f"{name}: eps must be > 0, got {eps}")
         if weight_decay < 0:

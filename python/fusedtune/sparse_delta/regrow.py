@@ -70,6 +70,7 @@ construction); `ages[name]` (int32 [k], aligned with the layer's indices).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import sys
 import warnings
@@ -170,7 +171,7 @@ class Regrower:
         `candidates` with "auto" resolved."""
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"Regrower: every must be a positive int, got {every!r}")
-        if not 0 <= rate <= 1:
+        if isinstance(rate, bool) or not isinstance(rate, numbers.Real) or not 0 <= rate <= 1:
             raise ValueError(f"Regrower: rate must be in [0, 1], got {rate!r}")
         if decay not in _DECAYS:
             raise ValueError(f"Regrower: decay must be one of {_DECAYS}, got {decay!r}")
