@@ -343,3 +343,21 @@ def test_betas_other_than_two_numbers_are_refused(betas):
                         (SparseDeltaAdamW, layer.master_parameters())):
         with pytest.raises(ValueError, match=r"betas must be two numbers in \[0, 1\)"):
             cls(params, lr=1e-3, betas=betas)
+
+
+def test_moments_of_another_shape_are_refused_at_the_load():
+    """The state dict of another selection (here another HFT seed) failed at the first step with a raw
+    'masked_adamw: tensors[1] differ in size'; now the load names it and leaves the optimizer as it was."""
+    import fusedtune
+    from tiny_models import tiny_llama
+    ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+    a, b = tiny_llama(), tiny_llama()
+    ra, rb = fusedtune.patch(a, "hft", seed=0), fusedtune.patch(b, "hft", seed=1)
+    ra.step(lambda: a(ids, labels=ids).loss)
+    rb.step(lambda: b(ids, labels=ids).loss)
+    params = [p for g in rb.optimizer.param_groups for p in g["params"]]
+    snap = _snapshot(rb.optimizer, params)
+    with pytest.raises(ValueError, match=r"MaskedAdamW.load_state_dict: the saved moments of parameter \d+ of group "
+                                         r"\d+ have shape .*another selection.*Nothing was loaded"):
+        rb.optimizer.load_state_dict(ra.optimizer.state_dict())
+    assert _unchanged(rb.optimizer, params, snap)

@@ -182,6 +182,7 @@ class FusedAdamW(CopyableOptimizer):
         def grab(sd):   # (a pre-hook: a refusal here leaves the optimizer as it was)
             for g in sd["param_groups"]:    # options the constructor refuses, from a torch.optim checkpoint
                 refuse_options(f"{type(self).__name__}.load_state_dict", g)
+            self._refuse_other_shapes(sd)
             final["sd"] = sd
 
         def restore():
@@ -198,6 +199,22 @@ class FusedAdamW(CopyableOptimizer):
                         self.state[p][key] = val.to(device=p.device, copy=True)
 
         self._load_around(state_dict, grab, restore)
+
+    def _refuse_other_shapes(self, sd: dict) -> None:
+        """Refuse moments of another shape than their parameter (torch would fail at the first step with a
+        raw size mismatch): the state dict of another selection of what trains."""
+        saved = [g["params"] for g in sd["param_groups"]]
+        if [len(ids) for ids in saved] != [len(g["params"]) for g in self.param_groups]:
+            return                          # torch refuses that with its own message
+        for gi, (ids, g) in enumerate(zip(saved, self.param_groups)):
+            for j, (i, p) in enumerate(zip(ids, g["params"])):
+                m = sd["state"].get(i, {}).get("exp_avg")
+                if torch.is_tensor(m) and m.shape != p.shape:
+                    raise ValueError(
+                        f"{type(self).__name__}.load_state_dict: the saved moments of parameter {j} of group {gi} "
+                        f"have shape {tuple(m.shape)}, the parameter {tuple(p.shape)}: the state dict is of another "
+                        "selection of what trains (another HFT seed or stage, sparse-delta density or target "
+                        "modules). Nothing was loaded")
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state (the moments)."""
