@@ -178,3 +178,15 @@ def test_half_fine_tuner_optimizer_spares_norms_with_its_default_weight_decay():
     wd = {names[id(p)]: g["weight_decay"] for g in opt.param_groups for p in g["params"]}
     assert wd["model.norm.weight"] == 0.0 and wd["model.layers.0.self_attn.q_proj.bias"] == 0.0
     assert {v for n, v in wd.items() if "norm" not in n and "bias" not in n} == {0.01}
+
+
+def test_roste_names_the_layer_it_cannot_rotate():
+    """(it raised the op's bare 'hadamard: size 200 ... not supported', naming no layer and no way out)"""
+    from tiny_models import tiny_llama
+    model = tiny_llama(hidden=200, intermediate=256)
+    with pytest.raises(PatchError, match=r"input size of model\.layers\.0\.self_attn\.q_proj 200 has no Hadamard "
+                                         r"construction.*rotate=False.*Nothing was changed"):
+        fusedtune.patch(model, "roste")
+    assert {type(m).__name__ for n, m in model.named_modules() if n.endswith("proj")} == {"Linear"}
+    rep = fusedtune.patch(model, "roste", rotate=False)
+    assert len(rep.rows) == 14

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..patch import SwapMethod, register_method
+from ..patch import PatchError, SwapMethod, register_method
 
 
 class RoSTEMethod(SwapMethod):
@@ -26,6 +26,13 @@ class RoSTEMethod(SwapMethod):
 
     def make(self, linear, name, w_bits, a_bits, rotate, clip_ratio, ste, backend, **_) -> nn.Module:
         from ..nn import RoSTELinear  # noqa: PLC0415
+        from ..roste.checks import check_hadamard  # noqa: PLC0415
+        if rotate:
+            try:
+                check_hadamard("method 'roste'", f"input size of {name}", linear.in_features)
+            except ValueError as e:
+                raise PatchError(f"{e}; pass rotate=False to quantize it unrotated, or leave {name} out of "
+                                 "target_modules. Nothing was changed") from None
         return RoSTELinear.from_linear(linear, w_bits, a_bits, rotate, clip_ratio, ste, backend)
 
     def merge(self, module) -> nn.Linear:
